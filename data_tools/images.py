@@ -1,0 +1,102 @@
+"""The one image loader used everywhere: RGB, EXIF orientation applied, size guards, errors that name the file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import (
+    EMPTY_IMAGE_FILE,
+    IMAGE_TOO_LARGE,
+    IMAGE_TOO_SMALL,
+    MISSING_IMAGE,
+    PATH_OUTSIDE_ROOT,
+    TRUNCATED_IMAGE,
+    UNREADABLE_IMAGE,
+    DataError,
+)
+
+# Decompression-bomb guard. We check the header size ourselves, before decoding, with a limit lower
+# than Pillow's (89.5 MP warns, 179 MP raises); no training image needs more than this.
+MAX_PIXELS = 50_000_000
+MIN_SIDE = 8
+
+# Pillow's own bomb check would raise its own error before ours; ours names the file and the limit.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def resolve_image_path(image: str, root: str | os.PathLike, *, allow_outside_root: bool = False) -> Path:
+    """Resolve a record's image path against the data root (the JSONL file's folder).
+
+    Absolute paths and paths that climb out of the root with `..` are refused unless allowed: a data
+    file should not be able to make a training job read arbitrary files.
+    """
+    root = Path(root).resolve()
+    candidate = Path(image)
+    if not allow_outside_root:
+        if candidate.is_absolute():
+            raise DataError(PATH_OUTSIDE_ROOT, f"absolute path {image!r} (use --allow-outside-root to permit)", field="image")
+        resolved = (root / candidate).resolve()
+        if resolved != root and root not in resolved.parents:
+            raise DataError(PATH_OUTSIDE_ROOT, f"{image!r} points outside {root} (use --allow-outside-root to permit)", field="image")
+        return resolved
+    return (root / candidate).resolve()
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB without the silent clipping of a plain `convert("RGB")`."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and 32-bit greyscale: `convert("L")` clips at 255, turning most pixels white. Scale instead.
+        a = np.asarray(im).astype(np.float64)
+        if im.mode.startswith("I;16"):
+            a = a / 257.0
+        elif a.size and a.max() > 255:
+            a = a * (255.0 / a.max())
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+    if im.mode == "P":
+        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        # Transparent pixels carry arbitrary colours; show them on white, as a viewer would.
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def load_image(
+    path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
+) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied. Raises `DataError` naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(MISSING_IMAGE, "image file does not exist", path=path, field="image") from None
+    except OSError as e:
+        raise DataError(UNREADABLE_IMAGE, f"cannot stat image file: {e}", path=path, field="image") from e
+    if size == 0:
+        raise DataError(EMPTY_IMAGE_FILE, "image file is empty (0 bytes)", path=path, field="image")
+    try:
+        im = Image.open(path)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(UNREADABLE_IMAGE, f"not a readable image: {e}", path=path, field="image") from e
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise DataError(
+                IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}", path=path, field="image"
+            )
+        if min(w, h) < min_side:
+            raise DataError(IMAGE_TOO_SMALL, f"image is {w}x{h}, a side is below {min_side} px", path=path, field="image")
+        try:
+            im.load()
+            rgb = _to_rgb(ImageOps.exif_transpose(im))
+        except OSError as e:
+            reason = TRUNCATED_IMAGE if "truncated" in str(e).lower() or "broken data stream" in str(e).lower() else UNREADABLE_IMAGE
+            raise DataError(reason, f"image cannot be decoded: {e}", path=path, field="image") from e
+        except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise DataError(UNREADABLE_IMAGE, f"image cannot be decoded: {e}", path=path, field="image") from e
+    return rgb

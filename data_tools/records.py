@@ -1,0 +1,143 @@
+"""Record schemas for the four tasks, and `normalize_record`, which checks a row and returns it canonical.
+
+Canonical records (image paths relative to the JSONL file):
+    caption:   {"image": "img/1.jpg", "captions": ["...", ...]}
+    vqa:       {"image": ..., "question_id": ..., "question": "...", "answers": ["...", ...]}
+               (optional: "answer_type", "question_type")
+    retrieval: {"image": ..., "captions": [...]}  (optional: "neg_captions": [...])
+    instruct:  {"image": ... or absent, "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
+Common aliases are accepted and rewritten: `image_path`/`file_name`/`filepath` for `image`;
+`caption`/`text` (one string) or `sentences` for `captions`; `answer` (one string) for `answers`;
+OpenAI-style `messages` ([{"role", "content"}]) for `conversations`. Other keys are kept as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import BAD_VALUE, EMPTY_TEXT, MISSING_FIELD, NOT_AN_OBJECT, WRONG_TYPE, DataError
+
+TASKS = ("caption", "vqa", "retrieval", "instruct")
+IMAGE_TOKEN = "<image>"
+
+IMAGE_ALIASES = ("image", "image_path", "file_name", "filepath", "img")
+CAPTION_ALIASES = ("captions", "sentences", "caption", "text")
+ROLE_TO_FROM = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt", "system": "system"}
+
+
+def _pop_alias(record: dict, aliases: tuple[str, ...]) -> tuple[str | None, Any]:
+    for key in aliases:
+        if key in record:
+            return key, record.pop(key)
+    return None, None
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(WRONG_TYPE, f"expected a string, got {type(value).__name__}", field=field)
+    if not value.strip():
+        raise DataError(EMPTY_TEXT, "is empty", field=field)
+    return value
+
+
+def _text_list(value: Any, field: str, *, allow_single_string: bool) -> list[str]:
+    if isinstance(value, str) and allow_single_string:
+        value = [value]
+    if not isinstance(value, list):
+        raise DataError(WRONG_TYPE, f"expected a list of strings, got {type(value).__name__}", field=field)
+    if not value:
+        raise DataError(EMPTY_TEXT, "is an empty list", field=field)
+    # COCO/Karpathy-style sentence objects: {"raw": "..."}.
+    value = [v.get("raw", v.get("caption")) if isinstance(v, dict) else v for v in value]
+    return [_text(v, f"{field}[{i}]") for i, v in enumerate(value)]
+
+
+def _image(record: dict, *, required: bool) -> None:
+    key, value = _pop_alias(record, IMAGE_ALIASES)
+    if key is None or value is None:
+        if required:
+            raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(IMAGE_ALIASES)})", field="image")
+        return
+    record["image"] = _text(value, key)
+
+
+def _conversations(record: dict) -> None:
+    if "conversations" in record:
+        turns = record["conversations"]
+        field = "conversations"
+    elif "messages" in record:
+        turns = record.pop("messages")
+        field = "messages"
+    else:
+        raise DataError(MISSING_FIELD, "is missing (or 'messages')", field="conversations")
+    if not isinstance(turns, list):
+        raise DataError(WRONG_TYPE, f"expected a list of turns, got {type(turns).__name__}", field=field)
+    out = []
+    for i, turn in enumerate(turns):
+        where = f"{field}[{i}]"
+        if not isinstance(turn, dict):
+            raise DataError(WRONG_TYPE, f"expected an object, got {type(turn).__name__}", field=where)
+        role = turn.get("from", turn.get("role"))
+        if role not in ROLE_TO_FROM:
+            raise DataError(BAD_VALUE, f"role {role!r} is not one of {sorted(ROLE_TO_FROM)}", field=f"{where}.from")
+        value = turn.get("value", turn.get("content"))
+        if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}, {"type": "image"}]
+            parts = []
+            for part in value:
+                if isinstance(part, dict) and part.get("type") == "image":
+                    parts.append(IMAGE_TOKEN)
+                elif isinstance(part, dict) and part.get("type") == "text":
+                    parts.append(part.get("text", ""))
+                else:
+                    raise DataError(WRONG_TYPE, f"unknown content part {part!r}", field=f"{where}.content")
+            value = "\n".join(parts)
+        out.append({"from": ROLE_TO_FROM[role], "value": _text(value, f"{where}.value")})
+    speakers = [t["from"] for t in out if t["from"] != "system"]
+    if not speakers:
+        raise DataError(EMPTY_TEXT, "has no user or assistant turn", field=field)
+    if "gpt" not in speakers:
+        raise DataError(BAD_VALUE, "has no assistant turn to learn from", field=field)
+    n_image_tokens = sum(t["value"].count(IMAGE_TOKEN) for t in out)
+    if "image" in record and n_image_tokens > 1:
+        raise DataError(BAD_VALUE, f"has {n_image_tokens} '{IMAGE_TOKEN}' tokens for one image", field=field)
+    if "image" not in record and n_image_tokens:
+        raise DataError(BAD_VALUE, f"has '{IMAGE_TOKEN}' but the record has no image", field=field)
+    record["conversations"] = out
+
+
+def normalize_record(record: Any, task: str) -> dict:
+    """Check one row against the task's schema; return it with aliases rewritten. Raises `DataError`."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if not isinstance(record, dict):
+        raise DataError(NOT_AN_OBJECT, f"a row must be a JSON object, got {type(record).__name__}")
+    record = dict(record)
+    _image(record, required=task != "instruct")
+    if task in ("caption", "retrieval"):
+        key, value = _pop_alias(record, CAPTION_ALIASES)
+        if key is None:
+            raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(CAPTION_ALIASES)})", field="captions")
+        record["captions"] = _text_list(value, key, allow_single_string=key in ("caption", "text"))
+        if task == "retrieval" and "neg_captions" in record:
+            record["neg_captions"] = _text_list(record["neg_captions"], "neg_captions", allow_single_string=True)
+    elif task == "vqa":
+        for field in ("question_id", "question"):
+            if field not in record:
+                raise DataError(MISSING_FIELD, "is missing", field=field)
+        qid = record["question_id"]
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)):
+            raise DataError(WRONG_TYPE, f"expected an int or string, got {type(qid).__name__}", field="question_id")
+        record["question"] = _text(record["question"], "question")
+        if "answers" in record:
+            answers = record["answers"]
+            # VQA v2 annotation style: [{"answer": "...", "answer_confidence": ..., "answer_id": ...}].
+            if isinstance(answers, list):
+                answers = [a.get("answer") if isinstance(a, dict) else a for a in answers]
+            record["answers"] = _text_list(answers, "answers", allow_single_string=True)
+        elif "answer" in record:
+            record["answers"] = [_text(record.pop("answer"), "answer")]
+        else:
+            raise DataError(MISSING_FIELD, "is missing (or 'answer')", field="answers")
+    else:
+        _conversations(record)
+    return record

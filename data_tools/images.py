@@ -55,7 +55,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
             a = a / 257.0
         elif a.size and a.max() > 255:
             a = a * (255.0 / a.max())
-        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))
     if im.mode == "P":
         im = im.convert("RGBA" if "transparency" in im.info else "RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
@@ -64,6 +64,12 @@ def _to_rgb(im: Image.Image) -> Image.Image:
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")
     return im.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV, RGB
+
+
+def _decode_reason(e: Exception) -> str:
+    # Pillow reports a cut-off file as an OSError whose text varies by format and by stage.
+    text = str(e).lower()
+    return TRUNCATED_IMAGE if "truncated" in text or "broken data stream" in text else UNREADABLE_IMAGE
 
 
 def load_image(
@@ -82,7 +88,7 @@ def load_image(
     try:
         im = Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(UNREADABLE_IMAGE, f"not a readable image: {e}", path=path, field="image") from e
+        raise DataError(_decode_reason(e), f"not a readable image: {e}", path=path, field="image") from e
     with im:
         w, h = im.size
         if w * h > max_pixels:
@@ -95,8 +101,7 @@ def load_image(
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(im))
         except OSError as e:
-            reason = TRUNCATED_IMAGE if "truncated" in str(e).lower() or "broken data stream" in str(e).lower() else UNREADABLE_IMAGE
-            raise DataError(reason, f"image cannot be decoded: {e}", path=path, field="image") from e
+            raise DataError(_decode_reason(e), f"image cannot be decoded: {e}", path=path, field="image") from e
         except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DataError(UNREADABLE_IMAGE, f"image cannot be decoded: {e}", path=path, field="image") from e
     return rgb

@@ -4,8 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= outputs
+# Scripts and `python -m` run from the repo root import data_tools, eval and recipes from here.
+export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup test demo eval bench clean-venv
+.PHONY: setup test demo bench clean-venv
 
 setup: $(STAMP)
 
@@ -18,13 +20,19 @@ test: setup
 	$(PY) -m pytest -q tests
 
 # Until the main recipe lands, the demo runs the data and eval tools on the synthetic set.
+DEMO := $(OUT)/demo_data
 demo: setup
-	$(PY) -m data_tools synth --task caption --n 300 --out-dir $(OUT)/demo_data --seed 0
-	$(PY) -m data_tools clean --task caption $(OUT)/demo_data/caption.jsonl --out $(OUT)/demo_data/clean.jsonl --rejects $(OUT)/demo_data/rejects.jsonl
-	$(PY) -m data_tools dedup --task caption $(OUT)/demo_data/clean.jsonl --out $(OUT)/demo_data/dedup.jsonl --report $(OUT)/demo_data/dedup_report.jsonl
-	$(PY) -m data_tools split $(OUT)/demo_data/dedup.jsonl --out-dir $(OUT)/demo_data/splits --ratios 0.8,0.1,0.1 --seed 0
-	$(PY) -m data_tools check-leakage $(OUT)/demo_data/splits/train.jsonl $(OUT)/demo_data/splits/val.jsonl $(OUT)/demo_data/splits/test.jsonl
-	$(PY) -m eval caption --predictions $(OUT)/demo_data/splits/test.jsonl --references $(OUT)/demo_data/splits/test.jsonl --prediction-field first-caption
+	$(PY) -m data_tools synth --task caption --n 500 --out-dir $(DEMO) --seed 0
+	$(PY) -m data_tools clean --task caption $(DEMO)/caption.jsonl --out $(DEMO)/clean.jsonl --rejects $(DEMO)/rejects.jsonl
+	$(PY) -m data_tools dedup --task caption $(DEMO)/clean.jsonl --out $(DEMO)/dedup.jsonl --report $(DEMO)/dedup_report.jsonl
+	$(PY) -m data_tools split $(DEMO)/dedup.jsonl --out-dir $(DEMO)/splits --ratios 0.8,0.1,0.1 --seed 0
+	$(PY) -m data_tools check-leakage $(DEMO)/splits/train.jsonl $(DEMO)/splits/val.jsonl $(DEMO)/splits/test.jsonl
+	$(PY) scripts/demo_baselines.py --train $(DEMO)/splits/train.jsonl --test $(DEMO)/splits/test.jsonl --out-dir $(DEMO)/baselines
+	@echo "== constant-caption baseline (floor) on the held-out split"
+	$(PY) -m eval caption --predictions $(DEMO)/baselines/constant_predictions.jsonl --references $(DEMO)/splits/test.jsonl
+	@echo "== one human caption against the others (ceiling)"
+	$(PY) -m eval caption --predictions $(DEMO)/baselines/human_predictions.jsonl --references $(DEMO)/baselines/human_references.jsonl
+	@echo "outputs in $(DEMO)"
 
 bench: setup
 	$(PY) -m bench.data_eval

@@ -25,11 +25,11 @@ demo: setup
 	$(PY) -m data_tools synth --task caption --n 500 --out-dir $(DEMO) --seed 0
 	$(PY) -m data_tools clean --task caption $(DEMO)/caption.jsonl --out $(DEMO)/clean.jsonl --rejects $(DEMO)/rejects.jsonl
 	$(PY) -m data_tools dedup --task caption $(DEMO)/clean.jsonl --out $(DEMO)/dedup.jsonl --report $(DEMO)/dedup_report.jsonl
-	$(PY) -m data_tools split $(DEMO)/dedup.jsonl --out-dir $(DEMO)/splits --ratios 0.8,0.1,0.1 --seed 0
-	$(PY) -m data_tools check-leakage $(DEMO)/splits/train.jsonl $(DEMO)/splits/val.jsonl $(DEMO)/splits/test.jsonl
-	$(PY) scripts/demo_baselines.py --train $(DEMO)/splits/train.jsonl --test $(DEMO)/splits/test.jsonl --out-dir $(DEMO)/baselines
+	$(PY) -m data_tools split $(DEMO)/dedup.jsonl --out-dir $(DEMO) --ratios 0.8,0.1,0.1 --seed 0
+	$(PY) -m data_tools check-leakage $(DEMO)/train.jsonl $(DEMO)/val.jsonl $(DEMO)/test.jsonl
+	$(PY) scripts/demo_baselines.py --train $(DEMO)/train.jsonl --test $(DEMO)/test.jsonl --out-dir $(DEMO)/baselines
 	@echo "== constant-caption baseline (floor) on the held-out split"
-	$(PY) -m eval caption --predictions $(DEMO)/baselines/constant_predictions.jsonl --references $(DEMO)/splits/test.jsonl
+	$(PY) -m eval caption --predictions $(DEMO)/baselines/constant_predictions.jsonl --references $(DEMO)/test.jsonl
 	@echo "== one human caption against the others (ceiling)"
 	$(PY) -m eval caption --predictions $(DEMO)/baselines/human_predictions.jsonl --references $(DEMO)/baselines/human_references.jsonl
 	@echo "outputs in $(DEMO)"

@@ -1,0 +1,468 @@
+"""`convert`: COCO captions, VQA v2, LLaVA, Karpathy splits and plain image-text JSON to our JSONL.
+
+    python -m data_tools convert --from coco-captions annotations/captions_train2014.json \\
+        --image-root coco/train2014 --out data/coco/train.jsonl
+    python -m data_tools convert --from vqav2 v2_OpenEnded_mscoco_train2014_questions.json \\
+        v2_mscoco_train2014_annotations.json --image-root coco/train2014 --out data/vqav2/train.jsonl
+    python -m data_tools convert --from llava llava_instruct_150k.json --image-root coco/train2017 --out data/llava.jsonl
+    python -m data_tools convert --from karpathy dataset_coco.json --split train,restval --image-root coco --out data/train.jsonl
+    python -m data_tools convert --from image-text-json pairs.json --out data/pairs.jsonl
+
+Image paths are written relative to the output file's folder (the convention of our JSONL): the input
+names an image, `--image-root` says where those names live (default: the output's folder, i.e. names
+are written unchanged). Images are not opened here; `clean` does that.
+
+Every input item that cannot be converted goes to the rejects file (default OUT.rejects.jsonl) with
+its reason, the input file and the JSON path of the item (e.g. `annotations[17]`); nothing is dropped
+silently. Caption, question and answer texts have their whitespace collapsed; conversations are kept
+as they are. Karpathy images outside `--split` are not rejects: they are counted as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import posixpath
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BAD_VALUE, EMPTY_TEXT, MALFORMED_JSON, MISSING_FIELD, NOT_AN_OBJECT, NOT_UTF8, WRONG_TYPE, DataError
+from .jsonl import JsonlWriter, iter_jsonl
+from .records import normalize_record
+
+FORMATS = {"coco-captions": "caption", "vqav2": "vqa", "llava": "instruct", "karpathy": "caption", "image-text-json": "caption"}
+DEFAULT_VQA_PATTERN = "COCO_{split}2014_{image_id:012d}.jpg"
+KARPATHY_SPLITS = ("train", "val", "test", "restval")
+KEY_ORDER = ("id", "image", "captions", "question_id", "question", "answers", "conversations")
+
+
+@dataclass
+class Conversion:
+    """Records and rejects of one conversion; image paths are made relative to `out_dir`."""
+
+    task: str
+    out_dir: Path
+    image_root: Path | None = None
+    records: list[dict] = field(default_factory=list)
+    rejects: list[dict] = field(default_factory=list)
+    skipped: int = 0  # filtered out on purpose (Karpathy --split), not an error
+
+    def image_path(self, *parts: str) -> str:
+        """`image_root/parts...` as a path relative to the output folder, with forward slashes."""
+        base = os.path.abspath(self.image_root if self.image_root is not None else self.out_dir)
+        full = os.path.normpath(os.path.join(base, posixpath.join(*parts)))
+        return Path(os.path.relpath(full, os.path.abspath(self.out_dir))).as_posix()
+
+    def add(self, record: dict, *, file: Path, item: str, row: Any) -> None:
+        """Keep `record` if it passes the task schema, else reject it naming the input item."""
+        try:
+            record = normalize_record(record, self.task)
+        except DataError as e:
+            self.reject(e, file=file, item=item, row=row)
+            return
+        # normalize_record re-inserts the fields it checks; put them back first, for readable files.
+        first = {k: record.pop(k) for k in KEY_ORDER if k in record}
+        self.records.append({**first, **record})
+
+    def reject(self, error: DataError, *, file: Path, item: str, row: Any) -> None:
+        self.rejects.append({**error.at(path=file).to_dict(), "item": item, "row": row})
+
+    @property
+    def rejected(self) -> Counter:
+        return Counter(r["reason"] for r in self.rejects)
+
+    @property
+    def outside_out_dir(self) -> int:
+        return sum(r.get("image", "").startswith("../") for r in self.records)
+
+
+# --- reading inputs ----------------------------------------------------------------------------------
+def _load_json(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise DataError(NOT_UTF8, f"is not UTF-8 ({e.reason} at byte {e.start})", path=path) from None
+    except json.JSONDecodeError as e:
+        raise DataError(MALFORMED_JSON, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", path=path) from None
+
+
+def _top_list(data: Any, key: str, path: Path) -> list:
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise DataError(
+            MISSING_FIELD, f"expected a JSON object with a list under {key!r}; is this the right --from format?", path=path
+        )
+    return data[key]
+
+
+def _items(path: Path, conv: Conversion) -> Iterator[tuple[str, Any]]:
+    """(item label, row) for a JSON list file, or for a JSONL file (bad lines go straight to rejects)."""
+    if path.suffix == ".jsonl":
+        for line, row, raw in iter_jsonl(path):
+            if isinstance(row, DataError):
+                conv.reject(row, file=path, item=f"line {line}", row=raw.decode("utf-8", errors="backslashreplace"))
+            else:
+                yield f"line {line}", row
+        return
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise DataError(WRONG_TYPE, f"expected a JSON list of rows, got {type(data).__name__}", path=path)
+    for i, row in enumerate(data):
+        yield f"[{i}]", row
+
+
+def _object(row: Any) -> dict:
+    if not isinstance(row, dict):
+        raise DataError(NOT_AN_OBJECT, f"expected a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _get(row: dict, key: str, types: type | tuple = object) -> Any:
+    if key not in row or row[key] is None:
+        raise DataError(MISSING_FIELD, "is missing", field=key)
+    value = row[key]
+    if not isinstance(value, types) or isinstance(value, bool):
+        raise DataError(WRONG_TYPE, f"has type {type(value).__name__}", field=key)
+    return value
+
+
+def _text(row: dict, key: str) -> str:
+    """A required text field with its whitespace collapsed (COCO captions carry stray newlines)."""
+    return _clean_text(_get(row, key, str), key)
+
+
+def _clean_text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(WRONG_TYPE, f"has type {type(value).__name__}", field=field)
+    value = " ".join(value.split())
+    if not value:
+        raise DataError(EMPTY_TEXT, "is empty", field=field)
+    return value
+
+
+def _id(row: dict, key: str) -> int | str:
+    return _get(row, key, (int, str))
+
+
+# --- formats -----------------------------------------------------------------------------------------
+def coco_captions(path: Path, conv: Conversion) -> None:
+    """COCO caption annotations -> one caption record per image, its captions in file order."""
+    data = _load_json(path)
+    images, annotations = _top_list(data, "images", path), _top_list(data, "annotations", path)
+    by_id: dict[int | str, dict] = {}
+    where: dict[int | str, tuple[str, Any]] = {}
+    for i, img in enumerate(images):
+        try:
+            image_id = _id(_object(img), "id")
+            if image_id in by_id:
+                raise DataError(BAD_VALUE, f"duplicate image id {image_id!r} (first at {where[image_id][0]})", field="id")
+            record = {"image": conv.image_path(_get(img, "file_name", str)), "captions": [], "image_id": image_id}
+        except DataError as e:
+            conv.reject(e, file=path, item=f"images[{i}]", row=img)
+            continue
+        by_id[image_id], where[image_id] = record, (f"images[{i}]", img)
+    for j, ann in enumerate(annotations):
+        try:
+            image_id = _id(_object(ann), "image_id")
+            if image_id not in by_id:
+                raise DataError(
+                    BAD_VALUE, f"image id {image_id!r} is not in 'images' (or its entry was rejected)", field="image_id"
+                )
+            by_id[image_id]["captions"].append(_text(ann, "caption"))
+        except DataError as e:
+            conv.reject(e, file=path, item=f"annotations[{j}]", row=ann)
+    for image_id, record in by_id.items():
+        item, img = where[image_id]
+        if not record["captions"]:
+            conv.reject(
+                DataError(MISSING_FIELD, "image has no caption in 'annotations'", field="captions"), file=path, item=item, row=img
+            )
+        else:
+            conv.add(record, file=path, item=item, row=img)
+
+
+def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_pattern: str) -> None:
+    """VQA v2 questions + annotations files (any number, told apart by their keys) -> vqa records."""
+    questions: list[tuple[Path, str, Any, dict]] = []
+    answers: dict[int | str, tuple[Path, str, dict]] = {}
+    for path in paths:
+        data = _load_json(path)
+        if isinstance(data, dict) and isinstance(data.get("questions"), list):
+            subtype = str(data.get("data_subtype") or "")
+            names = {"split": split or re.sub(r"\d+$", "", subtype), "data_subtype": subtype}
+            if "{split" in image_pattern and not names["split"]:
+                raise DataError(
+                    MISSING_FIELD, "has no 'data_subtype' to take the split from; pass --split (e.g. train)", path=path
+                )
+            try:
+                image_pattern.format(image_id=0, **names)
+            except (KeyError, IndexError, ValueError) as e:
+                raise DataError(
+                    BAD_VALUE,
+                    f"--image-pattern {image_pattern!r} is not usable ({e!r}); fields: {{image_id}}, {{split}}, {{data_subtype}}",
+                ) from None
+            questions += [(path, f"questions[{i}]", q, names) for i, q in enumerate(data["questions"])]
+        elif isinstance(data, dict) and isinstance(data.get("annotations"), list):
+            for i, ann in enumerate(data["annotations"]):
+                try:
+                    qid = _id(_object(ann), "question_id")
+                    if qid in answers:
+                        raise DataError(
+                            BAD_VALUE,
+                            f"duplicate question_id {qid!r} (first at {answers[qid][0]}: {answers[qid][1]})",
+                            field="question_id",
+                        )
+                except DataError as e:
+                    conv.reject(e, file=path, item=f"annotations[{i}]", row=ann)
+                    continue
+                answers[qid] = (path, f"annotations[{i}]", ann)
+        else:
+            raise DataError(
+                MISSING_FIELD,
+                "is neither a VQA questions file (a 'questions' list) nor an annotations file (an 'annotations' list)",
+                path=path,
+            )
+    if not questions or not answers:
+        missing = "questions" if not questions else "annotations (test splits have none: there is nothing to train or score on)"
+        raise DataError(MISSING_FIELD, f"vqav2 needs a questions file and an annotations file; no {missing} among the inputs")
+
+    matched = set()
+    for path, item, q, names in questions:
+        try:
+            qid = _id(_object(q), "question_id")
+            if qid in matched:
+                raise DataError(BAD_VALUE, f"duplicate question_id {qid!r} among the questions", field="question_id")
+            if qid not in answers:
+                raise DataError(
+                    MISSING_FIELD, f"question_id {qid!r} has no entry in the annotations file(s)", field="question_id"
+                )
+            matched.add(qid)
+            image_id = _get(q, "image_id", int)
+            ann = answers[qid][2]
+            if ann.get("image_id", image_id) != image_id:
+                raise DataError(
+                    BAD_VALUE, f"image_id {image_id} differs from the annotation's {ann['image_id']!r}", field="image_id"
+                )
+            raw = _get(ann, "answers", list)
+            texts = [
+                " ".join(a["answer"].split()) if isinstance(a, dict) and isinstance(a.get("answer"), str) else a for a in raw
+            ]
+            record = {
+                "image": conv.image_path(image_pattern.format(image_id=image_id, **names)),
+                "question_id": qid,
+                "question": _text(q, "question"),
+                "answers": texts,
+            }
+            record.update({k: ann[k] for k in ("answer_type", "question_type", "multiple_choice_answer") if k in ann})
+            record["image_id"] = image_id
+        except DataError as e:
+            conv.reject(e, file=path, item=item, row=q)
+            continue
+        conv.add(record, file=path, item=item, row=q)
+    for qid, (path, item, ann) in answers.items():
+        if qid not in matched:
+            conv.reject(
+                DataError(MISSING_FIELD, f"question_id {qid!r} has no entry in the questions file(s)", field="question_id"),
+                file=path,
+                item=item,
+                row=ann,
+            )
+
+
+def llava(path: Path, conv: Conversion) -> None:
+    """LLaVA instruction data (JSON list or JSONL) -> instruct records; rows without an image stay text-only."""
+    for item, row in _items(path, conv):
+        try:
+            record = dict(_object(row))
+            if isinstance(record.get("image"), list):
+                raise DataError(WRONG_TYPE, "is a list: multi-image rows are not supported", field="image")
+            if record.get("image") is not None:
+                record["image"] = conv.image_path(_get(record, "image", str))
+        except DataError as e:
+            conv.reject(e, file=path, item=item, row=row)
+            continue
+        conv.add(record, file=path, item=item, row=row)
+
+
+def karpathy(path: Path, conv: Conversion, *, splits: set[str] | None) -> None:
+    """Karpathy's dataset_{coco,flickr8k,flickr30k}.json -> caption records of the chosen splits."""
+    for i, img in enumerate(_top_list(_load_json(path), "images", path)):
+        item = f"images[{i}]"
+        try:
+            split = _get(_object(img), "split", str)
+            if splits is not None and split not in splits:
+                conv.skipped += 1
+                continue
+            parts = ([_get(img, "filepath", str)] if img.get("filepath") else []) + [_get(img, "filename", str)]
+            record = {"image": conv.image_path(*parts), "captions": [], "split": split}
+            for j, sentence in enumerate(_get(img, "sentences", list)):
+                try:
+                    record["captions"].append(_text(_object(sentence), "raw"))
+                except DataError as e:
+                    conv.reject(e, file=path, item=f"{item}.sentences[{j}]", row=sentence)
+            if not record["captions"]:
+                raise DataError(MISSING_FIELD, "has no usable sentence", field="sentences")
+            image_id = img.get("cocoid", img.get("imgid"))
+            if image_id is not None:
+                record["image_id"] = image_id
+        except DataError as e:
+            conv.reject(e, file=path, item=item, row=img)
+            continue
+        conv.add(record, file=path, item=item, row=img)
+
+
+IMAGE_KEYS = ("image_path", "image", "file_name", "filepath", "img")
+TEXT_KEYS = ("text", "caption", "captions")
+
+
+def image_text_json(paths: list[Path], conv: Conversion) -> None:
+    """`[{"image_path", "text"}, ...]` (JSON list or JSONL) -> caption records; rows of one image merge."""
+    merged: dict[str, tuple[dict, Path, str, Any]] = {}
+    for path in paths:
+        for item, row in _items(path, conv):
+            try:
+                _object(row)
+                image_key = next((k for k in IMAGE_KEYS if row.get(k) is not None), None)
+                text_key = next((k for k in TEXT_KEYS if row.get(k) is not None), None)
+                if image_key is None:
+                    raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(IMAGE_KEYS)})", field="image_path")
+                if text_key is None:
+                    raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(TEXT_KEYS)})", field="text")
+                image = conv.image_path(_get(row, image_key, str))
+                if isinstance(row[text_key], list):
+                    texts = [_clean_text(t, f"{text_key}[{i}]") for i, t in enumerate(row[text_key])]
+                else:
+                    texts = [_text(row, text_key)]
+            except DataError as e:
+                conv.reject(e, file=path, item=item, row=row)
+                continue
+            merged.setdefault(image, ({"image": image, "captions": []}, path, item, row))[0]["captions"].extend(texts)
+    for record, path, item, row in merged.values():
+        conv.add(record, file=path, item=item, row=row)
+
+
+# --- driver ------------------------------------------------------------------------------------------
+def convert_records(
+    fmt: str,
+    inputs: list[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    image_root: str | os.PathLike | None = None,
+    split: str | None = None,
+    image_pattern: str = DEFAULT_VQA_PATTERN,
+) -> Conversion:
+    """Convert input files in memory; image paths come out relative to `out_dir`. Raises `DataError` for unusable files."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
+    conv = Conversion(FORMATS[fmt], Path(out_dir), Path(image_root) if image_root is not None else None)
+    paths = [Path(p) for p in inputs]
+    for path in paths:
+        if not path.is_file():
+            raise DataError(MISSING_FIELD, "input file does not exist", path=path)
+    if fmt == "vqav2":
+        vqav2(paths, conv, split=split, image_pattern=image_pattern)
+    elif fmt == "image-text-json":
+        image_text_json(paths, conv)
+    else:
+        splits = None
+        if fmt == "karpathy" and split not in (None, "all"):
+            splits = set(split.split(","))
+            if splits - set(KARPATHY_SPLITS):
+                raise ValueError(
+                    f"unknown Karpathy split(s) {sorted(splits - set(KARPATHY_SPLITS))}; expected {KARPATHY_SPLITS} or 'all'"
+                )
+        for path in paths:
+            if fmt == "coco-captions":
+                coco_captions(path, conv)
+            elif fmt == "llava":
+                llava(path, conv)
+            else:
+                karpathy(path, conv, splits=splits)
+    return conv
+
+
+def default_rejects_path(out: str | os.PathLike) -> Path:
+    """OUT.jsonl -> OUT.rejects.jsonl."""
+    out = Path(out)
+    stem = out.name.removesuffix(".jsonl")
+    return out.with_name(stem + ".rejects.jsonl")
+
+
+def convert(
+    fmt: str, inputs: list[str | os.PathLike], out: str | os.PathLike, *, rejects: str | os.PathLike | None = None, **kwargs
+) -> Conversion:
+    """Convert `inputs` and write the records to `out` and every reject to `rejects` (default OUT.rejects.jsonl)."""
+    out = Path(out)
+    conv = convert_records(fmt, inputs, out.parent, **kwargs)
+    with JsonlWriter(out) as w:
+        for record in conv.records:
+            w.write(record)
+    # Written even when empty, so that a stale rejects file from an earlier run cannot mislead.
+    with JsonlWriter(rejects or default_rejects_path(out)) as w:
+        for reject in conv.rejects:
+            w.write(reject)
+    return conv
+
+
+def summary(conv: Conversion, out: Path, rejects: Path) -> str:
+    """Counts by reason, one example each, and a warning for image paths outside the output folder."""
+    lines = [f"converted {len(conv.records)} {conv.task} records -> {out}", f"rejected {len(conv.rejects)} -> {rejects}"]
+    for reason, n in conv.rejected.most_common():
+        first = next(r for r in conv.rejects if r["reason"] == reason)
+        what = f"field '{first['field']}': " if first["field"] else ""
+        lines.append(f"  {reason:<16} {n:>7}   e.g. {first['file']}: {first['item']}: {what}{first['message']}")
+    if conv.skipped:
+        lines.append(f"skipped {conv.skipped} images of other splits (--split)")
+    if conv.outside_out_dir:
+        lines.append(
+            f"warning: {conv.outside_out_dir} image paths climb out of '{out.parent}' ('../'); readers refuse those unless "
+            "given --allow-outside-root. Put the output file in a folder above the images to avoid it."
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m data_tools convert",
+        description="Convert COCO captions / VQA v2 / LLaVA / Karpathy / image-text JSON to our JSONL.",
+        epilog="Image paths are written relative to OUT's folder. Rows that cannot be converted go to the rejects file with a reason.",
+    )
+    p.add_argument("--from", dest="fmt", required=True, choices=sorted(FORMATS))
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="vqav2: the questions and the annotations files (any order)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--image-root", help="folder the input's image names are relative to (default: OUT's folder)")
+    p.add_argument("--split", help="karpathy: keep these splits (train, val, test, restval, comma-separated, or all: the default); "
+                   "vqav2: the {split} in --image-pattern (default: from the questions file's data_subtype)")  # fmt: skip
+    p.add_argument(
+        "--image-pattern",
+        default=DEFAULT_VQA_PATTERN,
+        help="vqav2: image file name from {image_id}, {split}, {data_subtype} (default: %(default)s)",
+    )
+    p.add_argument("--rejects", help="where rejected rows go (default: OUT.rejects.jsonl)")
+    args = p.parse_args(argv)
+    if args.split is not None and args.fmt not in ("karpathy", "vqav2"):
+        p.error("--split applies to --from karpathy and vqav2 only")
+    if args.image_pattern != DEFAULT_VQA_PATTERN and args.fmt != "vqav2":
+        p.error("--image-pattern applies to --from vqav2 only")
+    if args.fmt == "karpathy" and args.split not in (None, "all") and set(args.split.split(",")) - set(KARPATHY_SPLITS):
+        p.error(f"--split: expected a comma-separated list of {', '.join(KARPATHY_SPLITS)}, or all")
+    rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.out)
+    kwargs = {"image_root": args.image_root, "split": args.split}
+    if args.fmt == "vqav2":
+        kwargs["image_pattern"] = args.image_pattern
+    try:
+        conv = convert(args.fmt, args.inputs, args.out, rejects=rejects, **kwargs)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(summary(conv, Path(args.out), rejects))
+    if not conv.records:
+        print("error: nothing was converted; see the rejects file", file=sys.stderr)
+        return 1
+    return 0

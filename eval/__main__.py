@@ -1,0 +1,152 @@
+"""Score predictions from the command line.
+
+    python -m eval caption --predictions preds.jsonl --references refs.jsonl [--lang zh] [--json]
+    python -m eval caption --coco-annotations captions_val2014.json --coco-results results.json
+    python -m eval vqa --predictions preds.jsonl --references refs.jsonl [--json]
+    python -m eval vqa --vqa-annotations A.json --vqa-questions Q.json --vqa-results R.json
+    python -m eval retrieval --scores sims.npy --text-image-index t2i.npy [--k 1 5 10] [--json]
+
+With `--json`, stdout holds exactly one JSON object; progress and notes go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from data_tools.errors import DataError
+from data_tools.jsonl import write_jsonl
+
+from . import inputs
+from .caption import ALL_METRICS, caption_metrics
+from .retrieval import recall_at_k
+from .vqa import vqa_accuracy
+
+
+def _pair(args, parser, jsonl_flags: tuple, official_flags: tuple):
+    """Exactly one of the two input styles must be given in full."""
+    jsonl = [getattr(args, f) for f in jsonl_flags]
+    official = [getattr(args, f) for f in official_flags]
+    if all(jsonl) and not any(official):
+        return "jsonl"
+    if all(official) and not any(jsonl):
+        return "official"
+    flags = lambda fs: " ".join("--" + f.replace("_", "-") for f in fs)  # noqa: E731
+    parser.error(f"give either {flags(jsonl_flags)} or {flags(official_flags)}")
+
+
+def run_caption(args, parser) -> dict:
+    if _pair(args, parser, ("predictions", "references"), ("coco_annotations", "coco_results")) == "jsonl":
+        predictions = inputs.read_predictions(args.predictions)
+        references = inputs.read_caption_references(args.references)
+        names = (args.predictions, args.references)
+    else:
+        predictions, references = inputs.read_coco_captions(args.coco_annotations, args.coco_results)
+        names = (args.coco_results, args.coco_annotations)
+    inputs.check_same_keys(predictions, references, "image", *names)
+    result = caption_metrics(predictions, references, lang=args.lang, metrics=args.metrics,
+                             per_sample=bool(args.per_sample))
+    if args.per_sample:
+        per_sample = result.pop("per_sample")
+        write_jsonl(args.per_sample, ({"key": k, "prediction": predictions[k], "references": references[k], **scores}
+                                      for k, scores in per_sample.items()))
+    return result
+
+
+def run_vqa(args, parser) -> dict:
+    if _pair(args, parser, ("predictions", "references"), ("vqa_annotations", "vqa_questions", "vqa_results")) == "jsonl":
+        predictions = inputs.read_predictions(args.predictions, inputs.VQA_KEYS, inputs.VQA_TEXTS)
+        references = inputs.read_vqa_references(args.references)
+        names = (args.predictions, args.references)
+    else:
+        predictions, references = inputs.read_vqa_official(args.vqa_annotations, args.vqa_questions, args.vqa_results)
+        names = (args.vqa_results, args.vqa_annotations)
+    inputs.check_same_keys(predictions, references, "question_id", *names)
+    result = vqa_accuracy(predictions, references)
+    result["perQuestion"] = {str(k): v for k, v in result["perQuestion"].items()}
+    return result
+
+
+def _load_array(path: str, what: str) -> np.ndarray:
+    try:
+        if path.endswith(".npy"):
+            return np.load(path, allow_pickle=False)
+        with open(path, encoding="utf-8") as f:
+            return np.asarray(json.load(f))
+    except (OSError, ValueError) as e:
+        raise DataError("bad_value", f"cannot read {what} ({e}); give a .npy file or a JSON list", path=path) from e
+
+
+def run_retrieval(args, parser) -> dict:
+    scores = _load_array(args.scores, "the texts x images score matrix")
+    index = _load_array(args.text_image_index, "the text -> image index list")
+    try:
+        return recall_at_k(scores, index, ks=args.k)
+    except ValueError as e:
+        raise ValueError(f"{args.scores} / {args.text_image_index}: {e}") from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="task", required=True)
+
+    cap = sub.add_parser("caption", help="BLEU, METEOR, ROUGE-L, CIDEr (, SPICE) via pycocoevalcap")
+    cap.add_argument("--predictions", help="JSONL: {image|image_id|id, prediction|caption}")
+    cap.add_argument("--references", help="JSONL caption records: {image|image_id, captions: [...]}")
+    cap.add_argument("--coco-annotations", help="official COCO captions JSON ({'annotations': [...]})")
+    cap.add_argument("--coco-results", help="official COCO results JSON ([{image_id, caption}])")
+    cap.add_argument("--lang", default="en", help="language; zh, ja, th, ... are scored on characters")
+    cap.add_argument("--metrics", nargs="+", choices=ALL_METRICS, help="subset to compute (e.g. skip METEOR)")
+    cap.add_argument("--per-sample", metavar="OUT.jsonl", help="write per-image scores (CIDEr, ...) here")
+
+    vqa = sub.add_parser("vqa", help="official VQA v2 accuracy")
+    vqa.add_argument("--predictions", help="JSONL: {question_id, answer|prediction}")
+    vqa.add_argument("--references", help="JSONL VQA records: {question_id, answers: [...10], answer_type?, question_type?}")
+    vqa.add_argument("--vqa-annotations", help="official VQA v2 annotations JSON")
+    vqa.add_argument("--vqa-questions", help="official VQA v2 questions JSON")
+    vqa.add_argument("--vqa-results", help="official VQA results JSON ([{question_id, answer}])")
+
+    ret = sub.add_parser("retrieval", help="Recall@K and ranks, image->text and text->image")
+    ret.add_argument("--scores", required=True, help="texts x images similarity matrix (.npy or JSON)")
+    ret.add_argument("--text-image-index", required=True, help="image index of each text (.npy or JSON)")
+    ret.add_argument("--k", nargs="+", type=int, default=[1, 5, 10])
+
+    for p in (cap, vqa, ret):
+        p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+        p.set_defaults(subparser=p)  # so usage errors show the subcommand's usage
+    return parser
+
+
+def _print_human(result: dict) -> None:
+    for name, value in result.items():
+        if name == "perQuestion":
+            continue  # one line per question is too much for a terminal; use --json
+        if isinstance(value, dict):
+            for sub_name, sub_value in sorted(value.items()):
+                print(f"{name}/{sub_name}: {sub_value}")
+        else:
+            print(f"{name}: {value:.6g}" if isinstance(value, float) else f"{name}: {value}")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = {"caption": run_caption, "vqa": run_vqa, "retrieval": run_retrieval}[args.task]
+    try:
+        result = run(args, args.subparser)
+    except (DataError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        _print_human(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

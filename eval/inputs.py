@@ -1,0 +1,179 @@
+"""Reading predictions and references from JSONL and from the official COCO / VQA files.
+
+Every bad row raises a `DataError` naming file, line and field; a duplicated key is an error too,
+because silently keeping one of two predictions changes the score.
+"""
+
+from __future__ import annotations
+
+import json
+
+from data_tools.errors import BAD_VALUE, MISSING_FIELD, WRONG_TYPE, DataError
+from data_tools.jsonl import iter_jsonl
+
+CAPTION_KEYS = ("image", "image_id", "id")
+CAPTION_TEXTS = ("prediction", "caption")
+VQA_KEYS = ("question_id",)
+VQA_TEXTS = ("answer", "prediction")
+
+
+def _first_field(row: dict, names: tuple, path, line: int) -> tuple[str, object]:
+    for name in names:
+        if name in row:
+            return name, row[name]
+    raise DataError(MISSING_FIELD, f"row has none of the fields {', '.join(names)}; add one",
+                    path=path, line=line, field=names[0])
+
+
+def _check_key(key, field: str, path, line: int):
+    if isinstance(key, bool) or not isinstance(key, (str, int)):
+        raise DataError(WRONG_TYPE, f"must be a string or an integer, got {type(key).__name__}",
+                        path=path, line=line, field=field)
+    return key
+
+
+def _rows(path):
+    for line, row, _ in iter_jsonl(path):
+        if isinstance(row, DataError):
+            raise row
+        if not isinstance(row, dict):
+            raise DataError(WRONG_TYPE, "row must be a JSON object", path=path, line=line)
+        yield line, row
+
+
+def read_predictions(path, keys=CAPTION_KEYS, texts=CAPTION_TEXTS) -> dict:
+    """Read a predictions JSONL file into `{key: text}`; a repeated key is an error."""
+    predictions, seen_at = {}, {}
+    for line, row in _rows(path):
+        key_field, key = _first_field(row, keys, path, line)
+        key = _check_key(key, key_field, path, line)
+        text_field, text = _first_field(row, texts, path, line)
+        if not isinstance(text, str):
+            raise DataError(WRONG_TYPE, f"must be a string, got {type(text).__name__}", path=path, line=line,
+                            field=text_field)
+        if key in predictions:
+            raise DataError(BAD_VALUE, f"{key!r} already has a prediction at line {seen_at[key]}; keep one",
+                            path=path, line=line, field=key_field)
+        predictions[key], seen_at[key] = text, line
+    return predictions
+
+
+def read_caption_references(path) -> dict:
+    """Read caption records (`image` or `image_id`, `captions`) into `{key: [captions]}`.
+
+    Several records for one image are merged, so one-record-per-caption files work too.
+    """
+    references = {}
+    for line, row in _rows(path):
+        key_field, key = _first_field(row, CAPTION_KEYS, path, line)
+        key = _check_key(key, key_field, path, line)
+        captions = row.get("captions", row.get("caption"))
+        if isinstance(captions, str):
+            captions = [captions]
+        if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
+            raise DataError(WRONG_TYPE, "must be a non-empty list of strings", path=path, line=line, field="captions")
+        references.setdefault(key, []).extend(captions)
+    return references
+
+
+def read_vqa_references(path) -> dict:
+    """Read VQA records into `{question_id: {"answers", "answer_type", "question_type"}}`."""
+    references = {}
+    for line, row in _rows(path):
+        qid = _check_key(_first_field(row, VQA_KEYS, path, line)[1], "question_id", path, line)
+        answers = row.get("answers")
+        if isinstance(answers, list):  # official-style [{"answer": ...}] is accepted as well
+            answers = [a["answer"] if isinstance(a, dict) and "answer" in a else a for a in answers]
+        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
+            raise DataError(WRONG_TYPE, "must be a non-empty list of answer strings", path=path, line=line,
+                            field="answers")
+        if qid in references:
+            raise DataError(BAD_VALUE, f"question_id {qid!r} appears twice", path=path, line=line, field="question_id")
+        references[qid] = {"answers": answers, "answer_type": row.get("answer_type"),
+                           "question_type": row.get("question_type")}
+    return references
+
+
+def _load_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError("malformed_json", f"is not valid JSON ({e.msg})", path=path, line=e.lineno) from e
+
+
+def _records(path, data, container: str | None, fields: tuple, text_field: str | None = None) -> list[dict]:
+    """The list of objects in an official file (top level or under `container`), with fields checked."""
+    records = data.get(container) if container and isinstance(data, dict) else data
+    if not isinstance(records, list):
+        where = f"a '{container}' list" if container else "a list"
+        raise DataError(WRONG_TYPE, f"must hold {where} of objects", path=path, field=container)
+    for i, rec in enumerate(records):
+        missing = [f for f in fields if not isinstance(rec, dict) or f not in rec]
+        if missing:
+            raise DataError(MISSING_FIELD, f"entry {i} lacks {', '.join(missing)}", path=path,
+                            field=f"{container or ''}[{i}].{missing[0]}")
+        if text_field and not isinstance(rec[text_field], str):
+            raise DataError(WRONG_TYPE, f"entry {i} must be a string, got {type(rec[text_field]).__name__}",
+                            path=path, field=f"{container or ''}[{i}].{text_field}")
+    return records
+
+
+def read_coco_captions(annotations_path, results_path) -> tuple[dict, dict]:
+    """Official COCO caption files -> `(predictions, references)` keyed by `image_id`."""
+    references = {}
+    for ann in _records(annotations_path, _load_json(annotations_path), "annotations", ("image_id", "caption"),
+                        "caption"):
+        references.setdefault(ann["image_id"], []).append(ann["caption"])
+    predictions = {}
+    for i, res in enumerate(_records(results_path, _load_json(results_path), None, ("image_id", "caption"), "caption")):
+        if res["image_id"] in predictions:
+            raise DataError(BAD_VALUE, f"image_id {res['image_id']!r} has more than one caption (entry {i})",
+                            path=results_path, field="image_id")
+        predictions[res["image_id"]] = res["caption"]
+    return predictions, references
+
+
+def read_vqa_official(annotations_path, questions_path, results_path) -> tuple[dict, dict]:
+    """Official VQA v2 files -> `(predictions, references)` keyed by `question_id`."""
+    anns = _records(annotations_path, _load_json(annotations_path), "annotations",
+                    ("question_id", "answers", "answer_type", "question_type"))
+    questions = _records(questions_path, _load_json(questions_path), "questions", ("question_id",))
+    references = {a["question_id"]: {"answers": [x["answer"] for x in a["answers"]], "answer_type": a["answer_type"],
+                                     "question_type": a["question_type"]} for a in anns}
+    unknown = {q["question_id"] for q in questions} ^ set(references)
+    if unknown:
+        raise DataError(BAD_VALUE, f"questions and annotations disagree on {len(unknown)} question ids, e.g. "
+                        f"{sorted(unknown, key=str)[:5]}; use the matching pair of files", path=questions_path)
+    predictions = {}
+    for i, res in enumerate(_records(results_path, _load_json(results_path), None, ("question_id", "answer"), "answer")):
+        if res["question_id"] in predictions:
+            raise DataError(BAD_VALUE, f"question_id {res['question_id']!r} is answered twice (entry {i})",
+                            path=results_path, field="question_id")
+        predictions[res["question_id"]] = res["answer"]
+    return predictions, references
+
+
+def check_same_keys(predictions: dict, references: dict, what: str = "key",
+                    predictions_name="predictions", references_name="references") -> None:
+    """Raise `ValueError` naming the keys that have no reference and those that have no prediction."""
+    no_reference = [k for k in predictions if k not in references]
+    no_prediction = [k for k in references if k not in predictions]
+    problems = []
+    if no_reference:
+        problems.append(f"{len(no_reference)} {what}(s) in {predictions_name} have no reference in "
+                        f"{references_name}: {_preview(no_reference)}")
+    if no_prediction:
+        problems.append(f"{len(no_prediction)} {what}(s) in {references_name} have no prediction in "
+                        f"{predictions_name}: {_preview(no_prediction)}")
+    if not references:
+        problems.append(f"{references_name} is empty")
+    if problems:
+        raise ValueError("; ".join(problems) + ". Score the same set of items on both sides "
+                         "(keys must match exactly, 1 and '1' differ).")
+
+
+def _preview(keys: list, limit: int = 10) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+

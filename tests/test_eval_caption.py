@@ -1,0 +1,183 @@
+"""Caption metrics: equal to pycocoevalcap called directly; character scoring; CLI; input errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval import caption
+from eval.caption import caption_metrics, character_tokens
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "eval_caption"
+
+
+def _coco_inputs():
+    anns = json.loads((GOLDEN / "coco_annotations.json").read_text())["annotations"]
+    results = json.loads((GOLDEN / "coco_results.json").read_text())
+    references = {}
+    for a in anns:
+        references.setdefault(a["image_id"], []).append(a["caption"])
+    return {r["image_id"]: r["caption"] for r in results}, references
+
+
+@pytest.fixture(scope="module")
+def direct():
+    """pycocoevalcap run the usual way (as COCOEvalCap.evaluate does): PTB tokenizer, then each scorer."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    predictions, references = _coco_inputs()
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
+    res = tok.tokenize({k: [{"caption": predictions[k]}] for k in references})
+    out, per_image = {}, {}
+    for scorer, names in [(Bleu(4), ["Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"]), (Meteor(), ["METEOR"]),
+                          (Rouge(), ["ROUGE_L"]), (Cider(), ["CIDEr"])]:
+        score, scores = scorer.compute_score(gts, res)
+        if len(names) == 1:
+            score, scores = [score], [scores]
+        for name, s, ss in zip(names, score, scores):
+            out[name] = s
+            per_image[name] = dict(zip(gts.keys(), ss))
+    return out, per_image
+
+
+@pytest.fixture(scope="module")
+def ours():
+    predictions, references = _coco_inputs()
+    return caption_metrics(predictions, references, metrics=["Bleu", "METEOR", "ROUGE_L", "CIDEr"], per_sample=True)
+
+
+def test_equals_pycocoevalcap(direct, ours):
+    expected, _ = direct
+    assert set(ours) == set(expected) | {"per_sample"}
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, rel=1e-12, abs=1e-15), name
+    # Sanity: the case is not degenerate.
+    assert 0.3 < ours["CIDEr"] < 3 and ours["Bleu_4"] > 0.05 and 0.1 < ours["METEOR"] < 0.6
+
+
+def test_per_sample_equals_pycocoevalcap(direct, ours):
+    _, per_image = direct
+    for name in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
+        assert {k: v[name] for k, v in ours["per_sample"].items()} == pytest.approx(per_image[name], rel=1e-12)
+    assert len({round(v["CIDEr"], 6) for v in ours["per_sample"].values()}) == 4
+
+
+def test_character_tokens():
+    assert character_tokens("一只猫，坐在椅子上。") == "一 只 猫 坐 在 椅 子 上"
+    # Full-width Latin is folded by NFKC; Latin words and numbers stay whole; punctuation goes.
+    assert character_tokens("ＡＢＣ狗「3只」Dogs!") == "abc 狗 3 只 dogs"
+    assert character_tokens("ねこがいる") == "ね こ が い る"
+    # Thai combining vowels and tones stay on their base consonant.
+    assert character_tokens("แมวนั่ง") == "แ ม ว นั่ ง"
+
+
+def test_zh_scores_characters_like_pycocoevalcap_on_hand_tokens():
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+
+    predictions = {"a": "一只猫坐在椅子上。", "b": "两个人在公园里散步", "c": "桌子上有一碗米饭"}
+    references = {"a": ["一只猫坐在椅子上", "猫在椅子上睡觉。"], "b": ["两个人在公园散步！", "公园里有人"],
+                  "c": ["桌上有米饭和菜", "一碗饭放在桌子上"]}
+    gts = {"a": ["一 只 猫 坐 在 椅 子 上", "猫 在 椅 子 上 睡 觉"], "b": ["两 个 人 在 公 园 散 步", "公 园 里 有 人"],
+           "c": ["桌 上 有 米 饭 和 菜", "一 碗 饭 放 在 桌 子 上"]}
+    res = {"a": ["一 只 猫 坐 在 椅 子 上"], "b": ["两 个 人 在 公 园 里 散 步"], "c": ["桌 子 上 有 一 碗 米 饭"]}
+    ours = caption_metrics(predictions, references, lang="zh", per_sample=True)
+    assert set(ours) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", "per_sample"}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    cider, cider_per_image = Cider().compute_score(gts, res)
+    assert [ours[f"Bleu_{n}"] for n in range(1, 5)] == pytest.approx(bleu, rel=1e-12)
+    assert ours["CIDEr"] == pytest.approx(cider, rel=1e-12)
+    assert ours["per_sample"]["a"]["CIDEr"] == pytest.approx(cider_per_image[0], rel=1e-12)
+    assert ours["Bleu_1"] > 0.7  # characters overlap; sentence-level "words" would not
+
+
+def test_english_only_metrics_refused_for_zh():
+    with pytest.raises(ValueError, match="METEOR"):
+        caption_metrics({1: "猫"}, {1: ["猫"]}, lang="zh", metrics=["METEOR"])
+
+
+def test_spice_skipped_with_one_stderr_line(monkeypatch, capsys):
+    monkeypatch.setattr(caption, "spice_available", lambda: (False, "the jars are missing (test)"))
+    out = caption_metrics({1: "a cat sleeps"}, {1: ["a cat is sleeping"]}, metrics=["SPICE", "Bleu"])
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "SPICE" in line] == ["SPICE skipped: the jars are missing (test)"]
+    assert "SPICE" not in out and "Bleu_1" in out
+
+
+def test_spice_available_reports_missing_corenlp():
+    ok, why = caption.spice_available()
+    if ok:
+        pytest.skip("SPICE jars are installed here")
+    assert "stanford-corenlp" in why.lower() or "spice-1.0.jar" in why
+
+
+def test_missing_prediction_and_reference_named():
+    with pytest.raises(ValueError) as e:
+        caption_metrics({1: "x", 9: "y"}, {1: ["x"], 2: ["z"]}, metrics=["CIDEr"])
+    msg = str(e.value)
+    assert "9" in msg and "no reference" in msg and "2" in msg and "no prediction" in msg
+
+
+def _cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "eval", *map(str, args)], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_coco_files_json(direct):
+    expected, _ = direct
+    proc = _cli("caption", "--coco-annotations", GOLDEN / "coco_annotations.json",
+                "--coco-results", GOLDEN / "coco_results.json", "--metrics", "Bleu", "ROUGE_L", "CIDEr", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)  # exactly one JSON object, no progress text
+    assert set(result) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
+    for name, value in result.items():
+        assert value == pytest.approx(expected[name], rel=1e-12)
+
+
+def test_cli_jsonl_per_sample(tmp_path):
+    preds, refs = _coco_inputs()
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"image": f"img/{k}.jpg", "prediction": v}) + "\n"
+                                              for k, v in preds.items()))
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"image": f"img/{k}.jpg", "captions": v}) + "\n"
+                                              for k, v in refs.items()))
+    proc = _cli("caption", "--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl",
+                "--metrics", "CIDEr", "--json", "--per-sample", tmp_path / "per.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    lib = caption_metrics(preds, refs, metrics=["CIDEr"], per_sample=True)
+    assert json.loads(proc.stdout) == {"CIDEr": pytest.approx(lib["CIDEr"], rel=1e-12)}
+    rows = [json.loads(line) for line in (tmp_path / "per.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == [f"img/{k}.jpg" for k in refs]
+    assert [r["CIDEr"] for r in rows] == pytest.approx([lib["per_sample"][k]["CIDEr"] for k in refs], rel=1e-12)
+
+
+def test_cli_missing_prediction_names_file_and_key(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n')
+    (tmp_path / "r.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n{"image": "b.jpg", "captions": ["y"]}\n')
+    proc = _cli("caption", "--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl", "--json")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert "'b.jpg'" in proc.stderr and "no prediction" in proc.stderr and str(tmp_path / "p.jsonl") in proc.stderr
+
+
+def test_cli_bad_row_names_file_line_field(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n\n{"image": "b.jpg", "text": "y"}\n')
+    (tmp_path / "r.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n')
+    proc = _cli("caption", "--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl")
+    assert proc.returncode == 1
+    assert f"{tmp_path / 'p.jsonl'}:3: field 'prediction'" in proc.stderr
+
+
+def test_line_breaks_inside_captions_do_not_shift_images():
+    # pycocoevalcap's tokenizer works line by line; a "\r" inside a caption must not move later captions.
+    references = {1: ["a dog runs on grass"], 2: ["a red bus on a street"], 3: ["two cats sleep"]}
+    broken = caption_metrics({1: "a dog\rruns", 2: "a red\u2028bus", 3: "two cats"}, references,
+                             metrics=["CIDEr"], per_sample=True)
+    clean = caption_metrics({1: "a dog runs", 2: "a red bus", 3: "two cats"}, references,
+                            metrics=["CIDEr"], per_sample=True)
+    assert broken == clean and clean["per_sample"][3]["CIDEr"] > 0

@@ -1,0 +1,120 @@
+"""VQA accuracy: equal to the official VQA v2 evaluation on crafted quirk cases; normalisation; CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from eval.inputs import read_vqa_official
+from eval.vqa import normalize_answer, question_accuracy, round_half_away, vqa_accuracy
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = REPO / "tests" / "golden" / "eval_vqa"
+# expected_official.json is the output of the unmodified official vqaEval.py (GT-Vision-Lab/VQA @ a013f00,
+# Python 2.7) on annotations.json / questions.json / results.json.
+EXPECTED = json.loads((GOLDEN / "expected_official.json").read_text())
+
+
+def _official_inputs():
+    return read_vqa_official(GOLDEN / "annotations.json", GOLDEN / "questions.json", GOLDEN / "results.json")
+
+
+def test_matches_official_evaluation():
+    predictions, references = _official_inputs()
+    result = vqa_accuracy(predictions, references)
+    result["perQuestion"] = {str(k): v for k, v in result["perQuestion"].items()}
+    assert result == EXPECTED
+
+
+def test_quirks_in_fixture_are_exercised():
+    # The fixture is only useful if it contains cases where a naive scorer would differ.
+    pq = EXPECTED["perQuestion"]
+    assert pq["1001"] == 0.0  # "Yes" vs ten "yes": no normalisation when annotators all agree
+    assert pq["1005"] == 0.0 and pq["1006"] == 100.0  # "two": 0 vs ten "2", 100 when answers disagree
+    assert pq["1027"] == 0.0  # more than 32 trailing periods: only 32 are stripped
+    assert pq["1004"] == 30.0 and pq["1008"] == 60.0  # leave-one-out with 1 and 2 supporters
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("1,000.", "1000"), ("The Dog.", "dog"), ("(a) dog", "dog"), ("black/white", "black white"),
+    ("black / white", "black white"), ("dont know", "don't know"), ("Ten", "10"), ("none", "0"),
+    ("3.5", "3.5"), ("an apple", "apple"), ("yes!", "yes"), ("t-shirt", "t shirt"), ("whats up", "what's up"),
+])
+def test_normalize_answer(raw, expected):
+    assert normalize_answer(raw) == expected
+
+
+def test_leave_one_out_average():
+    answers = ["2"] * 5 + ["3"] * 3 + ["4"] * 2
+    assert question_accuracy("3", answers) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)
+    assert question_accuracy("4", answers) == pytest.approx((2 * 1 / 3 + 8 * 2 / 3) / 10)
+    assert question_accuracy("5", answers) == 0.0
+
+
+def test_single_reference_is_normalised_exact_match():
+    assert question_accuracy("Two dogs.", ["2 dogs"]) == 1.0
+    assert question_accuracy("three dogs", ["2 dogs"]) == 0.0
+
+
+def test_rounding_is_half_away_from_zero_like_python2():
+    assert round_half_away(0.125) == 0.13 and round(0.125, 2) == 0.12
+    assert round_half_away(2.675) == 2.67  # the binary value is below 2.675
+    assert round_half_away(100 / 3) == 33.33
+
+
+def test_types_are_optional_and_breakdowns_grouped():
+    refs = {1: {"answers": ["yes"] * 10, "answer_type": "yes/no"}, 2: {"answers": ["no"] * 10, "answer_type": "yes/no"},
+            3: {"answers": ["red"] * 10}}
+    out = vqa_accuracy({1: "yes", 2: "yes", 3: "red"}, refs)
+    assert out["overall"] == 66.67 and out["perAnswerType"] == {"yes/no": 50.0} and out["perQuestionType"] == {}
+
+
+def test_missing_prediction_is_an_error():
+    with pytest.raises(ValueError, match=r"1 question_id\(s\) in references have no prediction.*7"):
+        vqa_accuracy({1: "yes"}, {1: {"answers": ["yes"]}, 7: {"answers": ["no"]}})
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "eval", "vqa", *map(str, args)], cwd=REPO, capture_output=True, text=True)
+
+
+def test_cli_official_files_json():
+    proc = _cli("--vqa-annotations", GOLDEN / "annotations.json", "--vqa-questions", GOLDEN / "questions.json",
+                "--vqa-results", GOLDEN / "results.json", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == EXPECTED
+
+
+def test_cli_jsonl_json(tmp_path):
+    predictions, references = _official_inputs()
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"question_id": q, "prediction": a}) + "\n"
+                                              for q, a in predictions.items()))
+    (tmp_path / "r.jsonl").write_text("".join(json.dumps({"question_id": q, "question": "?", **r}) + "\n"
+                                              for q, r in references.items()))
+    proc = _cli("--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == EXPECTED
+
+
+def test_cli_extra_prediction_names_file(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"question_id": 1, "answer": "yes"}\n{"question_id": 2, "answer": "no"}\n')
+    (tmp_path / "r.jsonl").write_text('{"question_id": 1, "answers": ["yes"]}\n')
+    proc = _cli("--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl", "--json")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"in {tmp_path / 'p.jsonl'} have no reference" in proc.stderr and ": 2." in proc.stderr
+
+
+def test_cli_duplicate_question_names_line(tmp_path):
+    (tmp_path / "p.jsonl").write_text('{"question_id": 1, "answer": "yes"}\n{"question_id": 1, "answer": "no"}\n')
+    (tmp_path / "r.jsonl").write_text('{"question_id": 1, "answers": ["yes"]}\n')
+    proc = _cli("--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl")
+    assert proc.returncode == 1 and f"{tmp_path / 'p.jsonl'}:2: field 'question_id'" in proc.stderr
+
+
+def test_official_results_with_non_string_answer_rejected(tmp_path):
+    (tmp_path / "res.json").write_text('[{"question_id": 1000, "answer": 2}]')
+    proc = _cli("--vqa-annotations", GOLDEN / "annotations.json", "--vqa-questions", GOLDEN / "questions.json",
+                "--vqa-results", tmp_path / "res.json")
+    assert proc.returncode == 1 and "field '[0].answer'" in proc.stderr and str(tmp_path / "res.json") in proc.stderr

@@ -1,0 +1,106 @@
+"""Data for the recipes: JSONL records -> `datasets.Dataset` of paths (not pixels), and the embedded default.
+
+Rows are checked with the same code as `python -m data_tools validate`. A bad row is an error that
+names the file, line and field and points to `python -m data_tools clean`; with `skip_bad_rows` it
+is skipped instead, counted, and written with its reason to a rejects file. Images are opened later,
+by the collator, through `data_tools.images.load_image`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import datasets
+
+from data_tools.clean import check_rows
+from data_tools.errors import DataError
+from data_tools.jsonl import write_jsonl
+from data_tools.split import split_file
+from data_tools.synth import make_synthetic
+
+# The columns each task's collator reads; other keys in the records are dropped from the Dataset.
+COLUMNS = {
+    "caption": ("image", "captions"),
+    "vqa": ("image", "question_id", "question", "answers", "answer_type", "question_type"),
+    "retrieval": ("image", "captions", "neg_captions"),
+    "instruct": ("image", "conversations"),
+}
+
+
+class BadRowsError(DataError):
+    """Raised when a data file has invalid rows and `skip_bad_rows` is off."""
+
+
+def load_records(
+    path: str | os.PathLike,
+    task: str,
+    *,
+    skip_bad_rows: bool = False,
+    rejects_path: str | os.PathLike | None = None,
+    check_images: bool = False,
+    max_rows: int | None = None,
+) -> datasets.Dataset:
+    """Load a JSONL file of `task` records as a Dataset with absolute image paths.
+
+    `check_images` decodes every image up front (slow on large sets; the collator's errors name the
+    file anyway). Returns a Dataset whose `info.description` says how many rows were skipped.
+    """
+    rows, errors = [], []
+    for _, row, raw in check_rows(path, task, check_images=check_images, progress=False):
+        if isinstance(row, DataError):
+            errors.append((row, raw))
+        else:
+            rows.append({c: row.get(c) for c in COLUMNS[task]})
+            if max_rows is not None and len(rows) >= max_rows:
+                break
+    if errors and not skip_bad_rows:
+        shown = "\n".join(f"  {e}" for e, _ in errors[:10])
+        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        raise BadRowsError(
+            errors[0][0].reason,
+            f"{len(errors)} invalid row(s):\n{shown}{more}\n"
+            f"Fix them, drop them with `python -m data_tools clean --task {task} {path} --out CLEAN --rejects REJECTS`, "
+            "or pass --skip_bad_rows to skip and count them.",
+            path=path,
+        )
+    if errors:
+        rejects_path = Path(rejects_path or f"{path}.rejects.jsonl")
+        write_jsonl(rejects_path, ({**e.to_dict(), "raw": raw.decode("utf-8", "backslashreplace")} for e, raw in errors))
+        print(f"{path}: skipped {len(errors)} invalid row(s) of {len(errors) + len(rows)}; reasons in {rejects_path}")
+    if not rows:
+        raise DataError("empty", "has no valid rows", path=path)
+    if task == "vqa" and len({type(r["question_id"]) for r in rows}) > 1:
+        for r in rows:  # Arrow needs one type per column.
+            r["question_id"] = str(r["question_id"])
+    ds = datasets.Dataset.from_list(rows)
+    ds.info.description = f"{path}: {len(rows)} rows, {len(errors)} skipped"
+    return ds
+
+
+def cache_root() -> Path:
+    """Where tiny models and the embedded data set are built: `$VLM_RECIPES_CACHE` or ~/.cache/vlm-recipes."""
+    return Path(os.environ.get("VLM_RECIPES_CACHE", Path.home() / ".cache" / "vlm-recipes"))
+
+
+def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 0, image_size: int = 64) -> dict[str, Path]:
+    """The embedded default: synthetic shapes data for `task`, split by image 80/10/10; built on first use.
+
+    Returns {"train": path, "val": path, "test": path}. The folder name records every parameter, so a
+    different request never reuses a stale build.
+    """
+    folder = cache_root() / "data" / f"{task}-{lang}-n{n}-s{seed}-px{image_size}"
+    splits = {name: folder / f"{name}.jsonl" for name in ("train", "val", "test")}
+    if all(p.exists() for p in splits.values()):
+        return splits
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    source = make_synthetic(task, n, tmp, lang=lang, seed=seed, image_size=image_size, progress=False)
+    split_file(source, tmp, ratios=(0.8, 0.1, 0.1), names=("train", "val", "test"), seed=seed, task=task, progress=False)
+    try:
+        os.rename(tmp, folder)
+    except OSError:
+        # Another process (a second DDP rank) built it first; its copy is identical.
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return splits

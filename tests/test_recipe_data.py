@@ -1,0 +1,55 @@
+"""recipes.common.data: JSONL -> Dataset of absolute paths; bad rows refused or skipped and counted."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from data_tools.jsonl import read_jsonl
+from data_tools.split import find_leaks
+from recipes.common.data import BadRowsError, embedded_dataset, load_records
+
+
+def _write(tmp_path, rows):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_load_records_refuses_bad_rows_with_a_pointer_to_clean(tmp_path):
+    path = _write(tmp_path, [{"image": "a.png", "captions": ["ok"]}, "{broken", {"image": "a.png", "captions": []}])
+    with pytest.raises(BadRowsError) as e:
+        load_records(path, "caption")
+    text = str(e.value)
+    assert "2 invalid row(s)" in text and f"{path}:2:" in text and f"{path}:3: field 'captions'" in text
+    assert "python -m data_tools clean --task caption" in text and "--skip_bad_rows" in text
+
+
+def test_load_records_skips_counts_and_writes_rejects(tmp_path):
+    path = _write(tmp_path, [{"image": "a.png", "captions": ["ok"], "extra": 1}, "{broken", {"image": "a.png", "text": "alias"}])
+    ds = load_records(path, "caption", skip_bad_rows=True)
+    assert ds.column_names == ["image", "captions"]
+    assert ds["captions"] == [["ok"], ["alias"]]
+    assert ds["image"] == [str((tmp_path / "a.png").resolve())] * 2
+    assert "2 rows, 1 skipped" in ds.info.description
+    assert [(r["line"], r["reason"]) for r in read_jsonl(f"{path}.rejects.jsonl")] == [(2, "malformed_json")]
+
+
+def test_vqa_mixed_question_id_types_become_strings(tmp_path):
+    rows = [{"image": "a.png", "question_id": 1, "question": "q?", "answers": ["a"]},
+            {"image": "a.png", "question_id": "x2", "question": "q?", "answer": "b"}]
+    ds = load_records(_write(tmp_path, rows), "vqa")
+    assert ds["question_id"] == ["1", "x2"] and ds["answers"] == [["a"], ["b"]] and ds["answer_type"] == [None, None]
+
+
+def test_embedded_dataset_is_built_once_split_by_image_without_leakage(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path))
+    splits = embedded_dataset("caption", n=60, seed=3)
+    sizes = {k: len(read_jsonl(p)) for k, p in splits.items()}
+    assert sum(sizes.values()) == 60 and sizes["train"] >= 45
+    assert find_leaks([splits["train"], splits["val"], splits["test"]]) == []
+    mtime = splits["train"].stat().st_mtime_ns
+    assert embedded_dataset("caption", n=60, seed=3) == splits and splits["train"].stat().st_mtime_ns == mtime
+    ds = load_records(splits["train"], "caption", check_images=True)
+    assert len(ds) == sizes["train"]

@@ -69,3 +69,33 @@ class CaptionCollator:
             labels[i, :n] = torch.tensor(f["labels"])
             attention_mask[i, :n] = 1
         return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class CaptionPromptCollator:
+    """Eval records -> `generate` inputs: image tokens + bos + prompt (the same for all: no padding), and keys."""
+
+    image_processor: object
+    tokenizer: object
+    image_token_id: int
+    num_image_tokens: int
+    prompt: str | None = None
+
+    def __call__(self, records: list[dict]) -> dict:
+        prompt_ids = self.tokenizer(self.prompt or "", add_special_tokens=True)["input_ids"]
+        ids = [self.image_token_id] * self.num_image_tokens + prompt_ids
+        n = len(records)  # every record has the same prompt, so no padding is needed
+        return {
+            "pixel_values": self.image_processor([load_image(r["image"]) for r in records], return_tensors="pt")["pixel_values"],
+            "input_ids": torch.tensor([ids] * n),
+            "attention_mask": torch.ones((n, len(ids)), dtype=torch.long),
+            "keys": [r["image"] for r in records],
+        }
+
+
+def caption_scores(predictions: dict, records, lang: str = "en") -> dict:
+    """BLEU-1..4, ROUGE-L and CIDEr of the predictions against each record's captions (METEOR is slow)."""
+    from eval.caption import caption_metrics
+
+    references = {r["image"]: r["captions"] for r in records}
+    return caption_metrics(predictions, references, lang=lang, metrics=["Bleu", "ROUGE_L", "CIDEr"])

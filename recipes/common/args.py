@@ -1,0 +1,232 @@
+"""Argument dataclasses shared by the recipes, and `parse_args` for `--config file.yaml` + command-line flags.
+
+A YAML file only sets defaults; any flag given on the command line wins:
+
+    python recipes/blip2_lora_caption/train.py --config recipes/blip2_lora_caption/config.yaml --lora_r 8
+
+YAML keys are dataclass field names (including `TrainingArguments` fields when the recipe parses them).
+"""
+
+import argparse
+import dataclasses
+import difflib
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+
+@dataclass
+class ModelArguments:
+    """Which checkpoint to load and how (dtype, attention kernel, quantization)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local path of the checkpoint; None = the recipe's embedded tiny model."},
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata={"help": "dtype to load the weights in; 'auto' = the dtype stored in the checkpoint."}
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
+        default="sdpa", metadata={"help": "Attention kernel."}
+    )
+    load_in_4bit: bool = field(default=False, metadata={"help": "Load the weights 4-bit quantized (QLoRA; needs bitsandbytes)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the weights 8-bit quantized (needs bitsandbytes)."})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit quantization data type."})
+    bnb_4bit_use_double_quant: bool = field(
+        default=True, metadata={"help": "Also quantize the 4-bit quantization constants (saves ~0.4 bit per weight)."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow running modelling code shipped with the checkpoint. Only for sources you trust."}
+    )
+    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
+
+    def __post_init__(self):
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("load_in_4bit and load_in_8bit are both set: choose one of them.")
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and how long a sample may be."""
+
+    train_file: str | None = field(
+        default=None, metadata={"help": "Training JSONL file; None = the embedded synthetic data set."}
+    )
+    eval_file: str | None = field(
+        default=None, metadata={"help": "Evaluation JSONL file; None = the embedded synthetic data set."}
+    )
+    max_length: int = field(
+        default=128,
+        metadata={"help": "Maximum sample length in tokens, counting image / query tokens; longer samples are an error."},
+    )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Resize images to this many pixels per side; None = the processor's size."}
+    )
+    skip_bad_rows: bool = field(
+        default=False,
+        metadata={"help": "Drop unreadable rows / images (each written to a rejects file with a reason) instead of stopping."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
+    prompt: str | None = field(
+        default=None, metadata={"help": "Text prompt the caption continues, e.g. 'a photo of'; None = the recipe's default."}
+    )
+
+
+# Characters that only appear in a regular expression, never in a module name.
+_REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")
+
+
+@dataclass
+class PeftArguments:
+    """Parameter-efficient fine-tuning (LoRA) settings."""
+
+    peft_method: Literal["lora", "none"] = field(
+        default="lora", metadata={"help": "'lora' trains low-rank adapters; 'none' trains the unfrozen weights directly."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names to wrap with LoRA (e.g. q_proj v_proj), or one regular expression matched against full "
+            "module names, or 'all-linear'; None = the architecture's default (language-model projections only)."
+        },
+    )
+    modules_to_save: list[str] | None = field(
+        default=None,
+        metadata={"help": "Modules trained in full and saved next to the adapter, e.g. multi_modal_projector."},
+    )
+
+    def __post_init__(self):
+        # A regex given on the command line arrives as a one-element list (nargs="+"); peft only reads a regex
+        # from a plain string, so turn it into one here. A YAML string is already a string.
+        targets = self.lora_target_modules
+        if isinstance(targets, list) and len(targets) == 1 and (_REGEX_CHARS.search(targets[0]) or targets[0] == "all-linear"):
+            self.lora_target_modules = targets[0]
+
+
+@dataclass
+class FreezeArguments:
+    """Which parts of the model train, and at which learning rate.
+
+    None for a freeze flag leaves that part as the model has it: with LoRA, peft has already frozen every
+    base weight; without LoRA, every weight starts trainable.
+    """
+
+    freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision encoder."})
+    unfreeze_last_n_vision_layers: int = field(
+        default=0,
+        metadata={"help": "With a frozen vision tower, still train its last N encoder layers (the last N it actually uses)."},
+    )
+    freeze_bridge: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Freeze the vision-language bridge (BLIP-2 Q-Former + projection, LLaVA projector); "
+            "None = leave it as it is (frozen under LoRA, trained without); recipes set it in config.yaml."
+        },
+    )
+    freeze_language_model: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Freeze the language model (CLIP: the text tower) except its LoRA weights; "
+            "None = frozen with LoRA, trained without."
+        },
+    )
+    vision_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower; None = learning_rate."})
+    bridge_lr: float | None = field(default=None, metadata={"help": "Learning rate of the bridge; None = learning_rate."})
+    lm_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the language model / text tower; None = learning_rate."}
+    )
+
+    def __post_init__(self):
+        if self.unfreeze_last_n_vision_layers < 0:
+            raise ValueError(f"unfreeze_last_n_vision_layers must be >= 0, got {self.unfreeze_last_n_vision_layers}.")
+
+
+@dataclass
+class GenerationEvalArguments:
+    """Decoding settings of the generation-based evaluation (captioning, VQA, instruction following)."""
+
+    num_beams: int = field(default=1, metadata={"help": "Beam width; 1 = greedy (or sampling with do_sample)."})
+    max_new_tokens: int = field(default=20, metadata={"help": "Maximum number of generated tokens per sample."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam decoding."})
+    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; None = the model's default."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling threshold; None = the model's default."})
+    eval_max_samples: int | None = field(
+        default=None, metadata={"help": "Generate for at most this many evaluation samples (generation is slow)."}
+    )
+
+
+def _yaml_key_lines(text: str) -> dict[str, int]:
+    """Line number (1-based) of each top-level key in a YAML mapping, for error messages."""
+    node = yaml.compose(text)
+    if not isinstance(node, yaml.MappingNode):
+        return {}
+    return {key.value: key.start_mark.line + 1 for key, _ in node.value}
+
+
+def load_yaml_config(path: str | Path, known_fields: set[str]) -> dict:
+    """Read a YAML mapping of defaults and check that every key is a known field; errors name file, line and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config {path}: no such file.")
+    text = path.read_text()
+    values = yaml.safe_load(text) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of 'field: value' lines at the top level, got {type(values).__name__}.")
+    lines = _yaml_key_lines(text)
+    for key in values:
+        if key not in known_fields:
+            close = difflib.get_close_matches(str(key), sorted(known_fields), n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(
+                f"{path}:{lines.get(key, '?')}: unknown key {key!r}.{hint} Keys must be argument names "
+                f"(see --help); fix or remove the line."
+            )
+    return values
+
+
+def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
+    """Parse `argv` (default: sys.argv[1:]) into one instance per dataclass type, in the order given.
+
+    `--config file.yaml` supplies defaults; flags on the command line override them.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    dataclass_types = list(dataclass_types)
+
+    # Find --config first: its values must be in place as defaults before the real parse.
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", default=None)
+    config_args, remaining = config_parser.parse_known_args(argv)
+
+    parser = HfArgumentParser(dataclass_types)
+    # Registered only so that --help lists it; it was already taken out of `remaining`.
+    parser.add_argument("--config", default=None, help="YAML file of defaults for any of the arguments below.")
+
+    if config_args.config is not None:
+        known = {f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init}
+        values = load_yaml_config(config_args.config, known)
+        for action in parser._actions:
+            if action.dest not in values:
+                continue
+            # A value from the file satisfies a required argument, which argparse would otherwise still demand.
+            action.required = False
+            # argparse checks choices only for command-line values, so check file values here.
+            value = values[action.dest]
+            if action.choices is not None and value not in action.choices:
+                raise ValueError(
+                    f"{config_args.config}: {action.dest}: {value!r} is not one of {list(action.choices)}."
+                )
+        parser.set_defaults(**values)
+
+    # look_for_args_file=False: a stray `<script>.args` file next to the entry point must not change the run.
+    outputs = parser.parse_args_into_dataclasses(remaining, look_for_args_file=False)
+    # The last output is the namespace holding the --config placeholder; callers only want the dataclasses.
+    return tuple(outputs[: len(dataclass_types)])

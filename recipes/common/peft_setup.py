@@ -1,0 +1,354 @@
+"""LoRA, freezing and per-module learning rates for the vision-language models the recipes train.
+
+Every model is split into components by parameter-name prefix (names as in transformers 5.23):
+  vision    the image encoder            bridge    what feeds it to the LM      language  the LM (CLIP: text tower)
+Parameters outside all three (CLIP's logit_scale) are "other". Typical use in a train.py:
+
+    model = apply_peft(model, peft_args)           # LoRA on the LM projections; peft freezes the rest
+    apply_freezing(model, freeze_args)             # then (un)freeze vision tower / last N layers / bridge / LM
+    print(count_parameters(model))
+    # in the Trainer's create_optimizer: param_groups(model, freeze_args, args.learning_rate, args.weight_decay)
+"""
+
+import difflib
+import re
+from dataclasses import dataclass
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from recipes.common.args import FreezeArguments, PeftArguments
+
+COMPONENTS = ("vision", "bridge", "language")
+
+# Parameter-name prefixes of each component, keyed by config.model_type.
+COMPONENT_PREFIXES = {
+    "blip-2": {
+        "vision": ("vision_model",),
+        "bridge": ("query_tokens", "qformer", "language_projection"),
+        "language": ("language_model",),  # OPT / Flan-T5, with its (tied) lm_head inside
+    },
+    "llava": {
+        "vision": ("model.vision_tower",),
+        "bridge": ("model.multi_modal_projector",),
+        "language": ("model.language_model", "lm_head"),
+    },
+    "clip": {
+        "vision": ("vision_model", "visual_projection"),
+        "bridge": (),
+        "language": ("text_model", "text_projection"),
+    },
+}
+
+# The vision encoder's list of transformer layers, for "unfreeze the last N layers".
+VISION_LAYERS = {
+    "blip-2": "vision_model.encoder.layers",
+    "llava": "model.vision_tower.encoder.layers",
+    "clip": "vision_model.encoder.layers",
+}
+
+# Leaf names of the linear layers LoRA wraps by default, keyed by the model_type of the sub-model
+# (config.text_config / config.vision_config): decoder LMs get attention + MLP, encoders attention only.
+# The names recur in other components (BLIP-2's vision MLP has fc1/fc2, LLaVA's CLIP tower has q_proj),
+# so the default target is always a regex limited to the component's prefix.
+_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_LEAVES = {
+    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # BLIP-2 OPT
+    "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),  # BLIP-2 Flan-T5
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "clip_text_model": _CLIP_ATTENTION,
+    "clip_vision_model": _CLIP_ATTENTION,
+    "siglip_vision_model": _CLIP_ATTENTION,
+    "blip_2_vision_model": ("qkv", "projection"),
+}
+# Which sub-config describes a component.
+SUB_CONFIG = {"language": "text_config", "vision": "vision_config"}
+
+# Where LoRA goes when the caller names no component: the LM for generative models, both towers for CLIP.
+DEFAULT_LORA_COMPONENTS = {"blip-2": ("language",), "llava": ("language",), "clip": ("vision", "language")}
+
+# peft prefixes parameter names of a PeftModel with this; strip it to classify them like the base model's.
+PEFT_PREFIX = "base_model.model."
+
+
+def model_type(model: torch.nn.Module) -> str:
+    """config.model_type of a (possibly peft-wrapped) model, checked to be one this module knows."""
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    name = getattr(getattr(base, "config", None), "model_type", None)
+    if name not in COMPONENT_PREFIXES:
+        raise ValueError(
+            f"{type(base).__name__} (model_type={name!r}) has no component map; known model types: "
+            f"{sorted(COMPONENT_PREFIXES)}. Add its prefixes to COMPONENT_PREFIXES in recipes/common/peft_setup.py."
+        )
+    return name
+
+
+def _base_name(name: str) -> str:
+    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+
+
+def _has_prefix(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def component_of(name: str, arch: str) -> str:
+    """'vision', 'bridge', 'language' or 'other' for a parameter or module name of a model of type `arch`."""
+    name = _base_name(name)
+    for component, prefixes in COMPONENT_PREFIXES[arch].items():
+        if any(_has_prefix(name, p) for p in prefixes):
+            return component
+    return "other"
+
+
+# ----------------------------------------------------------------------------------------------------------------- LoRA
+
+
+def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | None = None) -> str:
+    """The default LoRA target for `model`: a regex over full module names, limited to `components`.
+
+    peft treats a string `target_modules` as a regex that must fullmatch the module name, which is what
+    keeps e.g. BLIP-2's vision fc1/fc2 out of an LM-only adapter.
+    """
+    arch = model_type(model)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    components = DEFAULT_LORA_COMPONENTS[arch] if components is None else tuple(components)
+    # Only prefixes that contain submodules can hold a target (not lm_head, visual_projection, query_tokens).
+    containers = {name.rsplit(".", 1)[0] for name, _ in base.named_modules() if "." in name}
+    prefixes, leaves = [], []
+    for component in components:
+        if component not in SUB_CONFIG:
+            raise ValueError(f"No default LoRA targets for component {component!r}; choose from {sorted(SUB_CONFIG)}.")
+        sub_type = getattr(base.config, SUB_CONFIG[component]).model_type
+        if sub_type not in LORA_LEAVES:
+            raise ValueError(
+                f"No default LoRA targets for a {component} model of type {sub_type!r}: set lora_target_modules. "
+                f"Linear layer names in this model: {_linear_leaf_names(base)}."
+            )
+        prefixes += [p for p in COMPONENT_PREFIXES[arch][component] if p in containers]
+        leaves += [leaf for leaf in LORA_LEAVES[sub_type] if leaf not in leaves]
+    prefix_re = "|".join(re.escape(p) for p in prefixes)
+    leaf_re = "|".join(re.escape(leaf) for leaf in leaves)
+    return rf"(?:{prefix_re})\..*\.(?:{leaf_re})"
+
+
+def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so quantized models are covered too.
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+
+
+def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modules") -> None:
+    """Raise ValueError unless every target name (or the regex) matches a module of `model`.
+
+    peft raises only when *no* target matches, so a typo next to a correct name would silently train less.
+    """
+    if targets is None or targets == "all-linear":
+        return
+    module_names = [name for name, _ in model.named_modules() if name]
+    linear_leaves = _linear_leaf_names(model)
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, name) for name in module_names):
+            raise ValueError(
+                f"{what}: the regex {targets!r} matches no module name (it must match the full dotted name, e.g. "
+                f"'.*language_model.*\\.q_proj'). Linear layer names in this model: {linear_leaves}."
+            )
+        return
+    for target in targets:
+        # peft's rule for a list entry: the full name equals it or ends with "." + it.
+        if not any(name == target or name.endswith("." + target) for name in module_names):
+            close = difflib.get_close_matches(target, linear_leaves, n=3, cutoff=0.5)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"{what}: {target!r} matches no module.{hint} Linear layer names in this model: {linear_leaves}.")
+
+
+def apply_peft(model: torch.nn.Module, peft_args: PeftArguments, components: tuple[str, ...] | None = None) -> torch.nn.Module:
+    """Wrap `model` with LoRA as `peft_args` says (returned unchanged for peft_method='none').
+
+    `components` picks where the default targets go (e.g. ("vision",) for CLIP's image tower only); it is
+    ignored when `peft_args.lora_target_modules` names the targets explicitly.
+    """
+    if peft_args.peft_method == "none":
+        return model
+    if peft_args.peft_method != "lora":
+        raise ValueError(f"peft_method={peft_args.peft_method!r}: expected 'lora' or 'none'.")
+    targets = peft_args.lora_target_modules
+    if targets is None:
+        targets = default_lora_targets(model, components)
+    check_targets(model, targets)
+    check_targets(model, peft_args.modules_to_save, what="modules_to_save")
+    config = LoraConfig(
+        r=peft_args.lora_r,
+        lora_alpha=peft_args.lora_alpha,
+        lora_dropout=peft_args.lora_dropout,
+        target_modules=targets,
+        modules_to_save=peft_args.modules_to_save,
+        bias="none",
+    )
+    return get_peft_model(model, config)
+
+
+def lora_module_names(model: torch.nn.Module) -> list[str]:
+    """Base-model names of the modules that carry a LoRA adapter."""
+    return sorted(_base_name(name[: -len(".lora_A")]) for name, _ in model.named_modules() if name.endswith(".lora_A"))
+
+
+# ------------------------------------------------------------------------------------------------------------ freezing
+
+
+def _is_adapter_param(name: str) -> bool:
+    # LoRA weights and the trained copies of modules_to_save: what the user asked peft to train.
+    return ".lora_" in name or ".modules_to_save." in name
+
+
+def _set_trainable(model: torch.nn.Module, names: set[str], trainable: bool) -> None:
+    for name, param in model.named_parameters():
+        if name not in names:
+            continue
+        if trainable:
+            # peft keeps the untouched original next to a modules_to_save copy; that original must stay frozen.
+            if ".original_module." in name:
+                continue
+            if not param.is_floating_point():
+                raise ValueError(
+                    f"Cannot train {name}: its weights are quantized ({param.dtype}). Load the model without "
+                    "load_in_4bit/load_in_8bit, or keep this part frozen and train it through LoRA."
+                )
+            param.requires_grad_(True)
+        elif not _is_adapter_param(name):
+            param.requires_grad_(False)
+
+
+def vision_layer_names(model: torch.nn.Module) -> list[str]:
+    """Base-model names of the vision encoder layers whose output the model uses, first to last.
+
+    LLaVA reads image features from `vision_feature_layer` (-2 by default), so the layers after it get no
+    gradient; they are left out so that "the last N layers" means the last N that matter.
+    """
+    arch = model_type(model)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    try:
+        layers = base.get_submodule(VISION_LAYERS[arch])
+    except AttributeError:
+        raise ValueError(
+            f"{type(base).__name__} has no {VISION_LAYERS[arch]} (a different vision tower?); "
+            "fix VISION_LAYERS in recipes/common/peft_setup.py."
+        ) from None
+    n_used = len(layers)
+    if arch == "llava":
+        feature_layers = base.config.vision_feature_layer
+        feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
+        # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k-1.
+        n_used = max(k if k >= 0 else len(layers) + 1 + k for k in feature_layers)
+    return [f"{VISION_LAYERS[arch]}.{i}" for i in range(n_used)]
+
+
+def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None:
+    """Set requires_grad per component as `freeze_args` says; LoRA weights always stay trainable.
+
+    A flag that is None leaves its component as it is (see FreezeArguments). Apply after `apply_peft`,
+    since peft freezes every base weight when it wraps the model.
+    """
+    arch = model_type(model)
+    by_component = {c: set() for c in (*COMPONENTS, "other")}
+    for name, _ in model.named_parameters():
+        by_component[component_of(name, arch)].add(name)
+
+    flags = {
+        "vision": freeze_args.freeze_vision_tower,
+        "bridge": freeze_args.freeze_bridge,
+        "language": freeze_args.freeze_language_model,
+    }
+    for component, freeze in flags.items():
+        if freeze is not None:
+            _set_trainable(model, by_component[component], trainable=not freeze)
+
+    n = freeze_args.unfreeze_last_n_vision_layers
+    if freeze_args.freeze_vision_tower and n > 0:
+        used = vision_layer_names(model)
+        if n > len(used):
+            raise ValueError(f"unfreeze_last_n_vision_layers={n}, but the vision tower uses only {len(used)} layers.")
+        last = used[-n:]
+        names = {name for name in by_component["vision"] if any(_has_prefix(_base_name(name), layer) for layer in last)}
+        _set_trainable(model, names, trainable=True)
+
+
+# ----------------------------------------------------------------------------------------------- learning rates, counts
+
+# Trainer.get_decay_parameter_names' rule (transformers 5.23): no weight decay on LayerNorm modules or on
+# names with bias / norm. We add logit_scale: decaying CLIP's temperature pulls it toward 0 (open_clip does the same).
+_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)", r"(?:^|\.)logit_scale$"]
+
+
+def _no_decay_names(model: torch.nn.Module) -> set[str]:
+    no_decay = set()
+    for module_name, module in model.named_modules():
+        for param_name, _ in module.named_parameters(recurse=False):
+            full = f"{module_name}.{param_name}" if module_name else param_name
+            if isinstance(module, torch.nn.LayerNorm) or any(re.search(p, full.lower()) for p in _NO_DECAY_PATTERNS):
+                no_decay.add(full)
+    return no_decay
+
+
+def param_groups(model: torch.nn.Module, freeze_args: FreezeArguments, base_lr: float, weight_decay: float) -> list[dict]:
+    """Optimizer parameter groups: one per (component, decay / no decay), each with its component's learning rate.
+
+    Only trainable parameters are included; empty groups are dropped. Each group has a "name" key
+    ("vision", "vision_no_decay", ...) for logging. Use in a Trainer's `create_optimizer` override.
+    """
+    arch = model_type(model)
+    lrs = {"vision": freeze_args.vision_lr, "bridge": freeze_args.bridge_lr, "language": freeze_args.lm_lr, "other": None}
+    no_decay = _no_decay_names(model)
+    groups = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        component = component_of(name, arch)
+        decays = name not in no_decay
+        key = component if decays else f"{component}_no_decay"
+        if key not in groups:
+            lr = lrs[component] if lrs[component] is not None else base_lr
+            groups[key] = {"name": key, "params": [], "lr": lr, "weight_decay": weight_decay if decays else 0.0}
+        groups[key]["params"].append(param)
+    return list(groups.values())
+
+
+def _numel(param: torch.nn.Parameter) -> int:
+    # bitsandbytes packs two 4-bit weights per byte of its storage dtype; count weights, not storage elements.
+    if param.__class__.__name__ == "Params4bit":
+        return param.numel() * 2 * param.quant_storage.itemsize
+    return param.numel()
+
+
+@dataclass
+class ParameterCounts:
+    """Trainable and total parameter counts per component; str() gives a small table."""
+
+    rows: dict[str, tuple[int, int]]  # component -> (trainable, total)
+
+    @property
+    def trainable(self) -> int:
+        return sum(t for t, _ in self.rows.values())
+
+    @property
+    def total(self) -> int:
+        return sum(n for _, n in self.rows.values())
+
+    def __str__(self) -> str:
+        lines = [f"{'component':<10} {'trainable':>14} {'total':>14} {'%':>7}"]
+        for name, (t, n) in [*self.rows.items(), ("all", (self.trainable, self.total))]:
+            lines.append(f"{name:<10} {t:>14,} {n:>14,} {100 * t / max(n, 1):>6.2f}%")
+        return "\n".join(lines)
+
+
+def count_parameters(model: torch.nn.Module) -> ParameterCounts:
+    """Trainable / total parameters per component (vision, bridge, language, other); tied weights count once."""
+    arch = model_type(model)
+    rows = {c: [0, 0] for c in (*COMPONENTS, "other")}
+    for name, param in model.named_parameters():
+        row = rows[component_of(name, arch)]
+        row[1] += _numel(param)
+        if param.requires_grad:
+            row[0] += _numel(param)
+    return ParameterCounts({c: (t, n) for c, (t, n) in rows.items()})

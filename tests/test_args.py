@@ -1,0 +1,158 @@
+"""Tests for recipes.common.args: YAML defaults, command-line precedence, bool / list / choice parsing."""
+
+import pytest
+from transformers import TrainingArguments
+
+from recipes.common.args import (
+    DataArguments,
+    FreezeArguments,
+    GenerationEvalArguments,
+    ModelArguments,
+    PeftArguments,
+    parse_args,
+)
+
+ALL = [ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments]
+
+
+def write_yaml(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_without_config():
+    model, data, peft, freeze, gen = parse_args(ALL, [])
+    assert model.model_name_or_path is None and model.dtype == "auto" and model.attn_implementation == "sdpa"
+    assert model.bnb_4bit_quant_type == "nf4" and model.bnb_4bit_use_double_quant is True and model.trust_remote_code is False
+    assert data.train_file is None and data.skip_bad_rows is False
+    assert (peft.peft_method, peft.lora_r, peft.lora_alpha, peft.lora_dropout) == ("lora", 16, 32, 0.05)
+    assert peft.lora_target_modules is None and peft.modules_to_save is None
+    assert freeze.freeze_vision_tower is True and freeze.freeze_bridge is None and freeze.freeze_language_model is None
+    assert (gen.num_beams, gen.max_new_tokens, gen.do_sample) == (1, 20, False)
+
+
+def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
+    config = write_yaml(
+        tmp_path,
+        "lora_r: 8\nlora_alpha: 16\nlearning_rate: 1e-4\noutput_dir: %s\nfreeze_vision_tower: false\n" % (tmp_path / "run"),
+    )
+    model, peft, freeze, training = parse_args(
+        [ModelArguments, PeftArguments, FreezeArguments, TrainingArguments],
+        ["--config", config, "--lora_r", "4", "--freeze_vision_tower", "true"],
+    )
+    assert peft.lora_r == 4  # command line wins
+    assert peft.lora_alpha == 16  # from the file
+    assert freeze.freeze_vision_tower is True
+    # PyYAML reads 1e-4 as a string; argparse converts string defaults with the field's type.
+    assert training.learning_rate == pytest.approx(1e-4)
+    assert training.output_dir == str(tmp_path / "run")
+
+
+def test_config_flag_may_come_after_other_flags(tmp_path):
+    config = write_yaml(tmp_path, "num_beams: 3\n")
+    (gen,) = parse_args([GenerationEvalArguments], ["--max_new_tokens", "5", "--config", config])
+    assert (gen.num_beams, gen.max_new_tokens) == (3, 5)
+
+
+def test_unknown_yaml_key_names_file_line_and_close_match(tmp_path):
+    config = write_yaml(tmp_path, "lora_r: 8\nlora_alhpa: 16\n")
+    with pytest.raises(ValueError) as error:
+        parse_args([PeftArguments], ["--config", config])
+    message = str(error.value)
+    assert f"{config}:2" in message and "'lora_alhpa'" in message and "'lora_alpha'" in message
+
+
+def test_yaml_may_set_training_arguments_only_when_parsed(tmp_path):
+    config = write_yaml(tmp_path, "learning_rate: 0.001\n")
+    with pytest.raises(ValueError, match="learning_rate"):
+        parse_args([PeftArguments], ["--config", config])
+
+
+def test_yaml_choice_is_checked(tmp_path):
+    config = write_yaml(tmp_path, "dtype: float64\n")
+    with pytest.raises(ValueError, match="dtype"):
+        parse_args([ModelArguments], ["--config", config])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        parse_args([ModelArguments], ["--config", str(tmp_path / "nope.yaml")])
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    config = write_yaml(tmp_path, "- lora_r\n")
+    with pytest.raises(ValueError, match="mapping"):
+        parse_args([PeftArguments], ["--config", config])
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--freeze_vision_tower", "false"], False),
+        (["--freeze_vision_tower", "no"], False),
+        (["--no_freeze_vision_tower"], False),
+        (["--freeze_vision_tower"], True),
+        ([], True),
+    ],
+)
+def test_bool_flags(argv, expected):
+    (freeze,) = parse_args([FreezeArguments], argv)
+    assert freeze.freeze_vision_tower is expected
+
+
+def test_optional_bool_flags():
+    (freeze,) = parse_args([FreezeArguments], ["--freeze_bridge", "false", "--freeze_language_model", "true"])
+    assert freeze.freeze_bridge is False and freeze.freeze_language_model is True
+
+
+def test_bare_bool_flag_and_yaml_bool(tmp_path):
+    (data,) = parse_args([DataArguments], ["--skip_bad_rows"])
+    assert data.skip_bad_rows is True
+    (freeze,) = parse_args([FreezeArguments], ["--config", write_yaml(tmp_path, "freeze_bridge: true\n")])
+    assert freeze.freeze_bridge is True
+
+
+def test_lists_from_command_line_and_yaml(tmp_path):
+    argv = ["--lora_target_modules", "q_proj", "v_proj", "--modules_to_save", "multi_modal_projector"]
+    (peft,) = parse_args([PeftArguments], argv)
+    assert peft.lora_target_modules == ["q_proj", "v_proj"] and peft.modules_to_save == ["multi_modal_projector"]
+    config = write_yaml(tmp_path, "lora_target_modules: [k_proj, o_proj]\n")
+    (peft,) = parse_args([PeftArguments], ["--config", config])
+    assert peft.lora_target_modules == ["k_proj", "o_proj"]
+    (peft,) = parse_args([PeftArguments], ["--config", config, "--lora_target_modules", "q_proj"])
+    assert peft.lora_target_modules == ["q_proj"]
+
+
+def test_regex_target_becomes_a_string(tmp_path):
+    (peft,) = parse_args([PeftArguments], ["--lora_target_modules", r".*language_model.*\.q_proj"])
+    assert peft.lora_target_modules == r".*language_model.*\.q_proj"
+    config = write_yaml(tmp_path, "lora_target_modules: '.*text_model.*(q_proj|v_proj)'\n")
+    (peft,) = parse_args([PeftArguments], ["--config", config])
+    assert peft.lora_target_modules == ".*text_model.*(q_proj|v_proj)"
+
+
+def test_numbers_optionals_and_choices():
+    model, data, gen = parse_args(
+        [ModelArguments, DataArguments, GenerationEvalArguments],
+        ["--dtype", "bfloat16", "--image_size", "224", "--temperature", "0.7", "--max_train_samples", "10"],
+    )
+    assert model.dtype == "bfloat16" and data.image_size == 224 and gen.temperature == 0.7 and data.max_train_samples == 10
+    with pytest.raises(SystemExit):
+        parse_args([ModelArguments], ["--dtype", "float64"])
+
+
+def test_unknown_command_line_flag_is_an_error():
+    with pytest.raises(ValueError, match="lora_rank"):
+        parse_args([PeftArguments], ["--lora_rank", "4"])
+
+
+def test_4bit_and_8bit_together_is_an_error():
+    with pytest.raises(ValueError, match="load_in_4bit"):
+        parse_args([ModelArguments], ["--load_in_4bit", "--load_in_8bit"])
+
+
+def test_all_recipe_dataclasses_parse_together_with_training_arguments(tmp_path):
+    # Field names must not collide across the dataclasses (argparse would refuse the duplicate flag).
+    *_, training = parse_args(ALL + [TrainingArguments], ["--output_dir", str(tmp_path), "--num_beams", "2"])
+    assert training.output_dir == str(tmp_path)

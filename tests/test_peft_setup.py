@@ -1,0 +1,298 @@
+"""Tests for recipes.common.peft_setup on tiny random BLIP-2 / LLaVA / CLIP models built from configs."""
+
+import pytest
+import torch
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    CLIPConfig,
+    CLIPModel,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    OPTConfig,
+    T5Config,
+)
+
+from recipes.common.args import FreezeArguments, PeftArguments
+from recipes.common.peft_setup import (
+    apply_freezing,
+    apply_peft,
+    component_of,
+    count_parameters,
+    default_lora_targets,
+    lora_module_names,
+    param_groups,
+    vision_layer_names,
+)
+
+LAYER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+VISION = dict(LAYER, image_size=32, patch_size=8)
+
+
+def tiny_blip2():
+    opt = OPTConfig(vocab_size=100, hidden_size=16, ffn_dim=32, num_hidden_layers=2, num_attention_heads=2,
+                    word_embed_proj_dim=16, max_position_embeddings=64)
+    config = Blip2Config(vision_config=VISION, qformer_config=dict(LAYER, encoder_hidden_size=16),
+                         text_config=opt.to_dict(), num_query_tokens=4)
+    return Blip2ForConditionalGeneration(config)
+
+
+def tiny_blip2_t5():
+    t5 = T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")
+    config = Blip2Config(vision_config=VISION, qformer_config=dict(LAYER, encoder_hidden_size=16),
+                         text_config=t5.to_dict(), num_query_tokens=4)
+    return Blip2ForConditionalGeneration(config)
+
+
+def tiny_llava():
+    llama = LlamaConfig(vocab_size=100, num_key_value_heads=2, max_position_embeddings=64, **LAYER)
+    config = LlavaConfig(vision_config=CLIPVisionConfig(**VISION), text_config=llama, image_token_index=99)
+    return LlavaForConditionalGeneration(config)
+
+
+def tiny_clip():
+    text = dict(LAYER, vocab_size=100, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16))
+
+
+def trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def params_under(model, prefix):
+    return {name for name, _ in model.named_parameters() if name.startswith(prefix)}
+
+
+def lora_params(model):
+    return {name for name, _ in model.named_parameters() if ".lora_" in name}
+
+
+# ---------------------------------------------------------------------------------------------------------- LoRA targets
+
+
+def test_blip2_default_lora_targets_are_the_opt_decoder_only():
+    model = apply_peft(tiny_blip2(), PeftArguments())
+    expected = {
+        f"language_model.model.decoder.layers.{i}.{leaf}"
+        for i in range(2)
+        for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
+    }
+    assert set(lora_module_names(model)) == expected  # in particular no vision_model...mlp.fc1
+    assert trainable(model) == lora_params(model)
+
+
+def test_llava_default_lora_targets_are_the_llama_decoder_only():
+    model = apply_peft(tiny_llava(), PeftArguments())
+    leaves = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+              "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    expected = {f"model.language_model.layers.{i}.{leaf}" for i in range(2) for leaf in leaves}
+    assert set(lora_module_names(model)) == expected  # the CLIP vision tower's q_proj... stay untouched
+
+
+@pytest.mark.parametrize(
+    "components, towers",
+    [(None, ("vision_model", "text_model")), (("vision",), ("vision_model",)), (("language",), ("text_model",))],
+)
+def test_clip_default_lora_targets_per_tower(components, towers):
+    model = apply_peft(tiny_clip(), PeftArguments(), components=components)
+    expected = {
+        f"{tower}.encoder.layers.{i}.self_attn.{proj}"
+        for tower in towers
+        for i in range(2)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+    }
+    assert set(lora_module_names(model)) == expected
+
+
+def test_default_targets_regex():
+    assert default_lora_targets(tiny_blip2()) == r"(?:language_model)\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+    # lm_head is a leaf, not a container of targets, so it is not part of the prefix.
+    assert default_lora_targets(tiny_llava()).startswith(r"(?:model\.language_model)\..*\.(?:q_proj|")
+    with pytest.raises(ValueError, match="'bridge'"):
+        default_lora_targets(tiny_llava(), components=("bridge",))
+
+
+def test_blip2_flan_t5_default_lora_targets():
+    model = apply_peft(tiny_blip2_t5(), PeftArguments())
+    names = lora_module_names(model)
+    assert {name.rsplit(".", 1)[-1] for name in names} == {"q", "k", "v", "o", "wi_0", "wi_1", "wo"}
+    assert all(name.startswith("language_model.") for name in names)
+    assert "language_model.decoder.block.0.layer.1.EncDecAttention.q" in names
+
+
+def test_explicit_target_names_and_regex():
+    model = apply_peft(tiny_clip(), PeftArguments(lora_target_modules=["visual_projection", "text_projection"]))
+    assert set(lora_module_names(model)) == {"visual_projection", "text_projection"}
+    model = apply_peft(tiny_blip2(), PeftArguments(lora_target_modules=r"qformer\..*\.query"))
+    assert set(lora_module_names(model)) == {
+        "qformer.encoder.layer.0.attention.attention.query",
+        "qformer.encoder.layer.0.crossattention.attention.query",
+        "qformer.encoder.layer.1.attention.attention.query",
+    }
+
+
+def test_typo_target_raises_with_suggestion():
+    with pytest.raises(ValueError) as error:
+        apply_peft(tiny_blip2(), PeftArguments(lora_target_modules=["q_prj"]))
+    message = str(error.value)
+    assert "'q_prj'" in message and "Did you mean 'q_proj'" in message and "'out_proj'" in message
+
+
+def test_typo_next_to_a_valid_target_is_still_an_error():
+    # peft alone would wrap q_proj and silently ignore the typo.
+    with pytest.raises(ValueError, match="'v_prj'"):
+        apply_peft(tiny_llava(), PeftArguments(lora_target_modules=["q_proj", "v_prj"]))
+
+
+def test_regex_matching_nothing_raises():
+    with pytest.raises(ValueError, match="matches no module"):
+        apply_peft(tiny_llava(), PeftArguments(lora_target_modules=r"language_model\..*\.out_proj"))
+
+
+def test_unknown_modules_to_save_raises():
+    with pytest.raises(ValueError, match="modules_to_save.*'projector'"):
+        apply_peft(tiny_llava(), PeftArguments(modules_to_save=["projector"]))
+
+
+def test_peft_method_none_returns_model_unchanged():
+    model = tiny_clip()
+    assert apply_peft(model, PeftArguments(peft_method="none")) is model
+
+
+# -------------------------------------------------------------------------------------------------------------- freezing
+
+
+def test_lora_plus_last_vision_layer_blip2():
+    model = apply_peft(tiny_blip2(), PeftArguments())
+    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, unfreeze_last_n_vision_layers=1, freeze_language_model=True))
+    last_layer = params_under(model, "base_model.model.vision_model.encoder.layers.1.")
+    assert last_layer and trainable(model) == lora_params(model) | last_layer
+
+
+def test_no_lora_train_bridge_only_blip2():
+    model = tiny_blip2()
+    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, freeze_bridge=False, freeze_language_model=True))
+    assert trainable(model) == params_under(model, "qformer.") | params_under(model, "language_projection.") | {"query_tokens"}
+
+
+def test_no_lora_defaults_train_everything_but_the_vision_tower():
+    model = tiny_llava()
+    apply_freezing(model, FreezeArguments())
+    assert trainable(model) == {n for n, _ in model.named_parameters()} - params_under(model, "model.vision_tower.")
+
+
+def test_llava_last_n_counts_from_the_feature_layer():
+    # vision_feature_layer=-2: the last layer's output is never used, so "last 1" is the one before it.
+    model = tiny_llava()
+    assert vision_layer_names(model) == ["model.vision_tower.encoder.layers.0"]
+    apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=1, freeze_bridge=True, freeze_language_model=True))
+    assert trainable(model) == params_under(model, "model.vision_tower.encoder.layers.0.")
+    with pytest.raises(ValueError, match="uses only 1 layers"):
+        apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=2))
+
+
+def test_llava_unfrozen_vision_layer_gets_gradients():
+    model = tiny_llava()
+    apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=1, freeze_bridge=True, freeze_language_model=True))
+    image_tokens = (32 // 8) ** 2  # "default" strategy drops the CLS token
+    input_ids = torch.tensor([[1] + [99] * image_tokens + [5, 6, 7]])
+    loss = model(input_ids=input_ids, pixel_values=torch.randn(1, 3, 32, 32), labels=input_ids).loss
+    loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    # Why the last layer is skipped: it gets no gradient at all (and would trip DDP's unused-parameter check).
+    assert all(p.grad is None for p in model.model.vision_tower.encoder.layers[1].parameters())
+
+
+def test_lora_stays_trainable_when_its_component_is_frozen():
+    model = apply_peft(tiny_clip(), PeftArguments(), components=("vision",))
+    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, freeze_language_model=True))
+    assert trainable(model) == lora_params(model) and lora_params(model)
+
+
+def test_modules_to_save_projector_trains_with_lora():
+    model = apply_peft(tiny_llava(), PeftArguments(modules_to_save=["multi_modal_projector"]))
+    apply_freezing(model, FreezeArguments())
+    projector_copy = params_under(model, "base_model.model.model.multi_modal_projector.modules_to_save.")
+    assert projector_copy and trainable(model) == lora_params(model) | projector_copy
+
+
+def test_component_of():
+    assert component_of("base_model.model.model.vision_tower.encoder.layers.0.mlp.fc1.weight", "llava") == "vision"
+    assert component_of("lm_head.weight", "llava") == "language"
+    assert component_of("query_tokens", "blip-2") == "bridge"
+    assert component_of("logit_scale", "clip") == "other"
+    assert component_of("text_projection.weight", "clip") == "language"
+
+
+def test_unknown_architecture_raises():
+    with pytest.raises(ValueError, match="no component map"):
+        apply_freezing(torch.nn.Linear(2, 2), FreezeArguments())
+
+
+# --------------------------------------------------------------------------------------------------- counts, param groups
+
+
+@pytest.mark.parametrize("build", [tiny_blip2, tiny_llava, tiny_clip])
+def test_counts_per_component_sum_to_total(build):
+    model = apply_peft(build(), PeftArguments())
+    apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=1))
+    counts = count_parameters(model)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert counts.rows["vision"][0] > 0 and counts.rows["language"][0] > 0
+    assert "language" in str(counts) and f"{counts.total:,}" in str(counts)
+
+
+def test_counts_exact_for_blip2_without_lora():
+    model = tiny_blip2()
+    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, freeze_bridge=True, freeze_language_model=False))
+    counts = count_parameters(model)
+    numel = lambda prefix: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))  # noqa: E731
+    bridge = numel("qformer.") + numel("language_projection.") + numel("query_tokens")
+    assert counts.rows == {
+        "vision": (0, numel("vision_model.")),
+        "bridge": (0, bridge),
+        "language": (numel("language_model."), numel("language_model.")),
+        "other": (0, 0),
+    }
+
+
+def test_param_groups_learning_rates_and_decay():
+    model = tiny_clip()
+    apply_freezing(model, FreezeArguments(freeze_vision_tower=False, freeze_language_model=False))
+    groups = param_groups(model, FreezeArguments(vision_lr=1e-5, lm_lr=2e-5), base_lr=1e-4, weight_decay=0.1)
+    by_name = {g["name"]: g for g in groups}
+    assert {name: (g["lr"], g["weight_decay"]) for name, g in by_name.items()} == {
+        "vision": (1e-5, 0.1), "vision_no_decay": (1e-5, 0.0),
+        "language": (2e-5, 0.1), "language_no_decay": (2e-5, 0.0),
+        "other_no_decay": (1e-4, 0.0),  # logit_scale: base lr, never decayed
+    }
+    names = {id(p): n for n, p in model.named_parameters()}
+    grouped = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(trainable(model))  # each trainable parameter exactly once
+    assert all("bias" in n or "norm" in n for n in map(lambda p: names[id(p)], by_name["vision_no_decay"]["params"]))
+    assert "vision_model.encoder.layers.0.layer_norm1.weight" in [names[id(p)] for p in by_name["vision_no_decay"]["params"]]
+    torch.optim.AdamW(groups)  # accepted as given
+
+
+def test_param_groups_only_trainable_and_bridge_lr():
+    model = apply_peft(tiny_llava(), PeftArguments(modules_to_save=["multi_modal_projector"]))
+    apply_freezing(model, FreezeArguments())
+    groups = param_groups(model, FreezeArguments(bridge_lr=3e-3), base_lr=1e-4, weight_decay=0.0)
+    assert {g["name"]: g["lr"] for g in groups} == {"bridge": 3e-3, "bridge_no_decay": 3e-3, "language": 1e-4}
+
+
+@pytest.mark.parametrize("build", [tiny_blip2, tiny_llava, tiny_clip])
+def test_no_decay_rule_matches_trainer(build):
+    from transformers import Trainer
+
+    model = apply_peft(build(), PeftArguments())
+    model.requires_grad_(True)
+    groups = param_groups(model, FreezeArguments(), base_lr=1e-4, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    # Trainer's method does not use `self`; logit_scale is our one deliberate difference.
+    expected = set(Trainer.get_decay_parameter_names(None, model)) & set(names.values())
+    assert decayed == expected - {"base_model.model.logit_scale"}

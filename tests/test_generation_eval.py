@@ -11,7 +11,8 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
 
 from eval.caption import caption_metrics
 from recipes.blip2_lora_caption.collator import CaptionCollator, CaptionPromptCollator, caption_scores, tokenize_captions
-from recipes.common.generation_eval import GenerationConfig, GenerationEvalTrainer
+from recipes.common.args import GenerationEvalArguments
+from recipes.common.generation_eval import GenerationEvalTrainer
 from tests.test_blip2_collator import IMG, PAD, VOCAB, tokenizer  # noqa: F401  (fixture)
 
 
@@ -41,7 +42,7 @@ def test_generation_metrics_are_logged_saved_and_pick_the_best_checkpoint(tokeni
     train, _ = tokenize_captions(ds, tokenizer, image_token_id=IMG, num_image_tokens=2)
     image_processor = BlipImageProcessor(size={"height": 16, "width": 16})
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, eval_strategy="steps",
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2, eval_strategy="steps",
         eval_steps=2, save_steps=2, metric_for_best_model="CIDEr", load_best_model_at_end=True, report_to=[],
         use_cpu=True, logging_steps=1, remove_unused_columns=False, seed=0,
     )
@@ -50,7 +51,7 @@ def test_generation_metrics_are_logged_saved_and_pick_the_best_checkpoint(tokeni
         data_collator=CaptionCollator(image_processor, PAD),
         generation_dataset=ds,
         generation_collator=CaptionPromptCollator(image_processor, tokenizer, IMG, 2),
-        score_fn=caption_scores, generation_config=GenerationConfig(max_new_tokens=4, batch_size=4),
+        score_fn=caption_scores, generation_args=GenerationEvalArguments(max_new_tokens=4),
         decode_tokenizer=tokenizer,
     )
     trainer.train()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -19,24 +18,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import Trainer
 
+from .args import GenerationEvalArguments
 
-@dataclass
-class GenerationConfig:
-    """Decode options for evaluation."""
 
-    max_new_tokens: int = 20
-    num_beams: int = 1
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 16
-
-    def generate_kwargs(self, pad_token_id: int, eos_token_id: int) -> dict:
-        kwargs = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=self.do_sample,
-                      pad_token_id=pad_token_id, eos_token_id=eos_token_id)
-        if self.do_sample:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p)
-        return kwargs
+def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_id: int) -> dict:
+    """`generate()` keyword arguments from the decode options."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+                  pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+    if args.do_sample:
+        kwargs.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p)) if v is not None})
+    return kwargs
 
 
 class GenerationEvalTrainer(Trainer):
@@ -48,12 +39,12 @@ class GenerationEvalTrainer(Trainer):
     """
 
     def __init__(self, *args, generation_dataset=None, generation_collator=None, score_fn: Callable | None = None,
-                 generation_config: GenerationConfig | None = None, decode_tokenizer=None, **kwargs):
+                 generation_args: GenerationEvalArguments | None = None, decode_tokenizer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_dataset = generation_dataset
         self.generation_collator = generation_collator
         self.score_fn = score_fn
-        self.generation_config = generation_config or GenerationConfig()
+        self.generation_args = generation_args or GenerationEvalArguments()
         self.decode_tokenizer = decode_tokenizer
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -82,9 +73,9 @@ class GenerationEvalTrainer(Trainer):
         was_training = model.training
         model.eval()
         shard = records.shard(num_shards=self.args.world_size, index=self.args.process_index, contiguous=True)
-        loader = DataLoader(shard, batch_size=self.generation_config.batch_size, collate_fn=self.generation_collator)
+        loader = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size, collate_fn=self.generation_collator)
         tok = self.decode_tokenizer
-        kwargs = self.generation_config.generate_kwargs(tok.pad_token_id, tok.eos_token_id)
+        kwargs = generate_kwargs(self.generation_args, tok.pad_token_id, tok.eos_token_id)
         out = []
         for batch in tqdm(loader, desc="generating", disable=not self.is_local_process_zero()):
             keys = batch.pop("keys")

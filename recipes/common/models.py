@@ -1,0 +1,72 @@
+"""Model + processor loading: dtype, attention kernel, 4/8-bit, and a clear error for a missing checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoProcessor, BitsAndBytesConfig
+
+from .args import ModelArguments
+
+
+def compute_dtype(model_args: ModelArguments) -> torch.dtype | str:
+    """The dtype to load in: what was asked, else bf16 on a GPU that has it, else float32."""
+    if model_args.dtype != "auto":
+        return getattr(torch, model_args.dtype)
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(model_args: ModelArguments, skip_modules: list[str] | None = None) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for --load_in_4bit / --load_in_8bit; `skip_modules` stay unquantized."""
+    if model_args.load_in_4bit:
+        dtype = compute_dtype(model_args)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
+            llm_int8_skip_modules=skip_modules,
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return None
+
+
+def _check_source(path: str) -> None:
+    # A local-looking path that does not exist would otherwise be sent to the Hub as a repo id and
+    # fail with a network error far from the cause.
+    # Hub ids are "name" or "org/name"; anything else is a local path.
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not Path(path).expanduser().exists():
+        raise FileNotFoundError(
+            f"model path {path!r} does not exist. Give a local checkpoint folder (one with config.json) or a Hub id "
+            "such as Salesforce/blip2-opt-2.7b; leave --model_name_or_path out to use the embedded tiny model."
+        )
+
+
+def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *, skip_quantization: list[str] | None = None):
+    """Load `model_cls` and its processor from a local folder or Hub id, the same way for tiny and real models."""
+    _check_source(path)
+    kwargs = dict(
+        dtype=compute_dtype(model_args),
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+        revision=model_args.revision,
+    )
+    quant = quantization_config(model_args, skip_quantization)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
+    try:
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code, revision=model_args.revision)
+        model = model_cls.from_pretrained(path, **kwargs)
+    except OSError as e:
+        raise OSError(
+            f"could not load {path!r}: {e}\nIf it is a Hub id, this machine needs network access or a local copy "
+            "(HF_HUB_OFFLINE=1 uses only the local cache)."
+        ) from e
+    return model, processor

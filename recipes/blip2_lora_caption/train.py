@@ -43,11 +43,13 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
         argv = ["--config", str(DEFAULT_CONFIG)] + argv
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # Before parsing: TrainingArguments sets up its device while parsing. Without it, a 2-process
+        # CPU launch would train two independent copies instead of one gloo job.
+        argv.append("--use_cpu")
     model_args, data_args, peft_args, freeze_args, gen_args, training_args = parse_args(
         (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, TrainingArguments), argv
     )
-    if not torch.cuda.is_available():
-        training_args.use_cpu = True  # so that a multi-process CPU launch uses gloo instead of 2 lone runs
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -116,7 +118,8 @@ def main(argv=None):
     if eval_records is not None:
         results["after"] = trainer.generation_metrics("eval")
     if trainer.is_world_process_zero():
-        results["model"], results["train_file"], results["eval_file"] = model_path, data_args.train_file, data_args.eval_file
+        results.update(model=model_path, train_file=data_args.train_file, eval_file=data_args.eval_file,
+                       global_step=trainer.state.global_step, world_size=training_args.world_size)
         with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=2)
         for when in ("before", "after"):

@@ -1,0 +1,140 @@
+"""blip2_lora_caption end to end on the tiny BLIP-2: train, metrics, merge equality, resume, bad input, 2 processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.jsonl import read_jsonl, write_jsonl
+from data_tools.synth import make_synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "recipes" / "blip2_lora_caption" / "train.py"
+MERGE = ROOT / "recipes" / "blip2_lora_caption" / "merge.py"
+FAST = ["--report_to", "none", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16",
+        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", "--max_new_tokens", "8",
+        "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A small caption set (40 train images, 8 eval) and a shared model cache."""
+    d = tmp_path_factory.mktemp("blip2")
+    src = read_jsonl(make_synthetic("caption", 48, d / "synth", seed=1, progress=False))
+    write_jsonl(d / "synth" / "train.jsonl", src[:40])
+    write_jsonl(d / "synth" / "eval.jsonl", src[40:])
+    e = dict(os.environ, PYTHONPATH=str(ROOT), VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
+    return d, e
+
+
+def _run(args, env, **kw):
+    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=600, **kw)
+
+
+def _data(d):
+    return ["--train_file", str(d / "synth" / "train.jsonl"), "--eval_file", str(d / "synth" / "eval.jsonl")]
+
+
+def test_train_saves_adapter_and_metrics_and_merge_equals_adapter_plus_base(env):
+    d, e = env
+    out = d / "run"
+    r = _run([*_data(d), "--output_dir", str(out), "--max_steps", "6", *FAST], e)
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"eval_CIDEr", "eval_Bleu_4", "eval_ROUGE_L"} <= set(metrics["before"]) and set(metrics["before"]) == set(metrics["after"])
+    assert "train length budget: 200 samples, 0 truncated" in r.stderr  # 40 images x 5 captions
+    assert (out / "adapter_model.safetensors").exists() and (out / "processor_config.json").exists()
+    assert "component" in r.stderr and "bridge" in r.stderr  # the parameter table
+
+    merged = d / "merged"
+    r = subprocess.run([sys.executable, str(MERGE), "--run", str(out), "--out", str(merged)], env=e, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+    from data_tools.images import load_image
+
+    base = Blip2ForConditionalGeneration.from_pretrained(PeftConfig.from_pretrained(out).base_model_name_or_path)
+    adapted = PeftModel.from_pretrained(base, out).eval()
+    full = Blip2ForConditionalGeneration.from_pretrained(merged).eval()
+    processor = AutoProcessor.from_pretrained(merged)
+    rows = read_jsonl(d / "synth" / "eval.jsonl")[:4]
+    inputs = processor(images=[load_image(d / "synth" / r["image"]) for r in rows], text=[r["captions"][0] for r in rows],
+                       return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a, b = adapted(**inputs).logits, full(**inputs).logits
+        assert not torch.allclose(a, Blip2ForConditionalGeneration.from_pretrained(
+            PeftConfig.from_pretrained(out).base_model_name_or_path)(**inputs).logits, atol=1e-3)  # training changed it
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        gen = dict(pixel_values=inputs["pixel_values"], max_new_tokens=6, do_sample=False)
+        assert torch.equal(adapted.generate(**gen), full.generate(**gen))
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env):
+    d, e = env
+    common = [*_data(d), "--max_steps", "30", *FAST, "--save_strategy", "steps", "--save_steps", "10", "--dataloader_num_workers", "0"]
+    r = _run([*common, "--output_dir", str(d / "whole")], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    out = d / "killed"
+    p = subprocess.Popen([sys.executable, str(TRAIN), *common, "--output_dir", str(out)], env=e,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while not (out / "checkpoint-10" / "trainer_state.json").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the checkpoint finish writing its last files
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    r = _run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    whole = json.loads((d / "whole" / "metrics.json").read_text())["after"]
+    resumed = json.loads((out / "metrics.json").read_text())["after"]
+    assert resumed == pytest.approx(whole, abs=1e-6)
+    loss = lambda run: [h["loss"] for h in json.loads((d / run / "checkpoint-30" / "trainer_state.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
+    assert loss("killed")[-5:] == pytest.approx(loss("whole")[-5:], rel=1e-4)
+
+
+def test_bad_inputs_are_clear_errors(env):
+    d, e = env
+    r = _run([*_data(d), "--output_dir", str(d / "x"), "--model_name_or_path", "./no/such/model", *FAST], e)
+    assert r.returncode != 0 and "model path './no/such/model' does not exist" in r.stderr
+
+    bad = d / "synth" / "bad.jsonl"
+    rows = read_jsonl(d / "synth" / "train.jsonl")[:10]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"image": "images/000000.png"}\n{oops\n')
+    args = ["--train_file", str(bad), "--eval_file", str(d / "synth" / "eval.jsonl"), "--output_dir", str(d / "y"), "--max_steps", "1", *FAST]
+    r = _run(args, e)
+    assert r.returncode != 0 and "2 invalid row(s)" in r.stderr and f"{bad}:11: field 'captions'" in r.stderr
+    assert "python -m data_tools clean" in r.stderr
+    r = _run([*args, "--skip_bad_rows"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"{bad}: skipped 2 invalid row(s) of 12" in r.stdout + r.stderr
+    assert [x["reason"] for x in read_jsonl(f"{bad}.rejects.jsonl")] == ["missing_field", "malformed_json"]
+
+    broken = d / "synth" / "broken.jsonl"
+    (d / "synth" / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    write_jsonl(broken, [{"image": "images/broken.png", "captions": ["a red circle"]}] * 8)
+    r = _run(["--train_file", str(broken), "--output_dir", str(d / "z"), "--max_steps", "1", *FAST], e)
+    assert r.returncode != 0 and "images/broken.png" in r.stderr and "unreadable_image" in r.stderr
+
+
+def test_two_process_cpu_training_shares_the_work(env):
+    d, e = env
+    out = d / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+           "--main_process_port", "29547", str(TRAIN), *_data(d), "--output_dir", str(out), "--num_train_epochs", "1", *FAST]
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 200 samples, batch 8 per process, 2 processes: 13 optimizer steps in one epoch (25 with one process).
+    assert (metrics["world_size"], metrics["global_step"]) == (2, 13)
+    assert set(metrics["after"]) == {"eval_Bleu_1", "eval_Bleu_2", "eval_Bleu_3", "eval_Bleu_4", "eval_ROUGE_L", "eval_CIDEr"}

@@ -36,7 +36,7 @@ def test_config_loads(name):
 
 
 WORKER = """
-import torch, torch.distributed as dist
+import sys, torch, torch.distributed as dist
 from accelerate import Accelerator
 acc = Accelerator(cpu=True)
 x = torch.tensor([float(acc.process_index + 1)], requires_grad=True)
@@ -44,7 +44,8 @@ total = acc.reduce(x.detach().clone(), reduction="sum")
 g = acc.gather(torch.tensor([acc.process_index]))
 model = acc.prepare(torch.nn.Linear(1, 1, bias=False))
 model(torch.tensor([[float(acc.process_index + 1)]])).sum().backward()
-print(f"rank={acc.process_index} world={acc.num_processes} backend={dist.get_backend()} sum={total.item()} "
+# One file per rank: lines that two processes print to one pipe can interleave.
+open(f"{sys.argv[1]}/rank{acc.process_index}.txt", "w").write(f"rank={acc.process_index} world={acc.num_processes} backend={dist.get_backend()} sum={total.item()} "
       f"gathered={g.tolist()} grad={model.module.weight.grad.item() if hasattr(model, 'module') else model.weight.grad.item()}")
 """
 
@@ -54,11 +55,11 @@ def test_multi_cpu_runs_two_gloo_processes(tmp_path):
     script.write_text(WORKER)
     r = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "multi_cpu.yaml"),
-         "--main_process_port", "29533", str(script)],
+         "--main_process_port", "29533", str(script), str(tmp_path)],
         capture_output=True, text=True, timeout=180,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    lines = sorted(line for line in r.stdout.splitlines() if line.startswith("rank="))
+    lines = [(tmp_path / f"rank{i}.txt").read_text() for i in range(2)]
     # DDP averages gradients: inputs 1 and 2 give d(w*x)/dw = 1.5 on both ranks.
     assert lines == [
         "rank=0 world=2 backend=gloo sum=3.0 gathered=[0, 1] grad=1.5",

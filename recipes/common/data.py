@@ -19,6 +19,8 @@ from data_tools.jsonl import write_jsonl
 from data_tools.split import split_file
 from data_tools.synth import make_synthetic
 
+from .tiny_models import cache_root
+
 # The columns each task's collator reads; other keys in the records are dropped from the Dataset.
 COLUMNS = {
     "caption": ("image", "captions"),
@@ -76,11 +78,6 @@ def load_records(
     ds = datasets.Dataset.from_list(rows)
     ds.info.description = f"{path}: {len(rows)} rows, {len(errors)} skipped"
     return ds
-
-
-def cache_root() -> Path:
-    """Where tiny models and the embedded data set are built: `$VLM_RECIPES_CACHE` or ~/.cache/vlm-recipes."""
-    return Path(os.environ.get("VLM_RECIPES_CACHE", Path.home() / ".cache" / "vlm-recipes"))
 
 
 def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 0, image_size: int = 64) -> dict[str, Path]:

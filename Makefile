@@ -7,7 +7,7 @@ OUT ?= outputs
 # Scripts and `python -m` run from the repo root import data_tools, eval and recipes from here.
 export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
-.PHONY: setup test demo bench clean-venv
+.PHONY: setup test demo eval bench new-recipe clean-venv
 
 setup: $(STAMP)
 
@@ -19,23 +19,30 @@ $(STAMP): requirements.txt scripts/setup_venv.sh
 test: setup
 	$(PY) -m pytest -q tests
 
-# Until the main recipe lands, the demo runs the data and eval tools on the synthetic set.
-DEMO := $(OUT)/demo_data
+# The main job on the embedded default: synthetic captions + tiny BLIP-2 (built and pre-trained on first
+# use), LoRA fine-tuning, held-out metrics before and after, then the report of `make eval`.
+ACCELERATE_CONFIG ?= accelerate_configs/$(if $(shell nvidia-smi -L 2>/dev/null),single_gpu,cpu).yaml
+DEMO_RUN := $(OUT)/blip2_lora_caption
 demo: setup
-	$(PY) -m data_tools synth --task caption --n 500 --out-dir $(DEMO) --seed 0
-	$(PY) -m data_tools clean --task caption $(DEMO)/caption.jsonl --out $(DEMO)/clean.jsonl --rejects $(DEMO)/rejects.jsonl
-	$(PY) -m data_tools dedup --task caption $(DEMO)/clean.jsonl --out $(DEMO)/dedup.jsonl --report $(DEMO)/dedup_report.jsonl
-	$(PY) -m data_tools split $(DEMO)/dedup.jsonl --out-dir $(DEMO) --ratios 0.8,0.1,0.1 --seed 0
-	$(PY) -m data_tools check-leakage $(DEMO)/train.jsonl $(DEMO)/val.jsonl $(DEMO)/test.jsonl
-	$(PY) scripts/demo_baselines.py --train $(DEMO)/train.jsonl --test $(DEMO)/test.jsonl --out-dir $(DEMO)/baselines
-	@echo "== constant-caption baseline (floor) on the held-out split"
-	$(PY) -m eval caption --predictions $(DEMO)/baselines/constant_predictions.jsonl --references $(DEMO)/test.jsonl
-	@echo "== one human caption against the others (ceiling)"
-	$(PY) -m eval caption --predictions $(DEMO)/baselines/human_predictions.jsonl --references $(DEMO)/baselines/human_references.jsonl
-	@echo "outputs in $(DEMO)"
+	$(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) recipes/blip2_lora_caption/train.py --output_dir $(DEMO_RUN)
+	$(PY) -m eval report $(DEMO_RUN)
+	$(PY) scripts/demo_summary.py $(DEMO_RUN)
+
+# Scores the latest run of every recipe under $(OUT)/ (or RUN=path): one table, report.md + gallery.html per run.
+eval: setup
+	$(PY) -m eval report $(if $(RUN),$(RUN),--outputs $(OUT))
 
 bench: setup
 	$(PY) -m bench.data_eval
+
+# Checked while the Makefile is read, so a missing argument fails before `setup` runs.
+ifneq ($(filter new-recipe,$(MAKECMDGOALS)),)
+ifeq ($(and $(FROM),$(NAME)),)
+$(error new-recipe needs FROM and NAME, e.g. make new-recipe FROM=blip2_lora_caption NAME=my_task)
+endif
+endif
+new-recipe: setup
+	$(PY) scripts/new_recipe.py --from $(FROM) --name $(NAME) --smoke
 
 clean-venv:
 	rm -rf $(VENV)

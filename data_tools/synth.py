@@ -533,6 +533,19 @@ def _records(
     return [{"id": f"synth-{index:06d}", "image": image, "conversations": turns, "objects": truth}]
 
 
+def scene_texts(task: str, index: int, lang: str = "en", seed: int = 0, questions_per_image: int = 3) -> list[str]:
+    """The texts `make_synthetic` writes for scene `index`, without drawing the image: captions, VQA
+    question + answer, instruction turns. A text corpus for pre-training a language model."""
+    objects = make_scene(seed, index)
+    texts = []
+    for r in _records(task, index, objects, None, lang, seed, questions_per_image):
+        texts += r.get("captions", [])
+        if "question" in r:
+            texts.append(f"{r['question']} {r['multiple_choice_answer']}")
+        texts += [t["value"].replace(IMAGE_TOKEN, "").strip() for t in r.get("conversations", [])]
+    return texts
+
+
 def hard_negatives(objects: list[dict], lang: str, rng: random.Random) -> list[str]:
     """Captions of the scene with one attribute changed: colour, shape and position of one object."""
     out = []

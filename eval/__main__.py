@@ -5,6 +5,7 @@
     python -m eval vqa --predictions preds.jsonl --references refs.jsonl [--json]
     python -m eval vqa --vqa-annotations A.json --vqa-questions Q.json --vqa-results R.json
     python -m eval retrieval --scores sims.npy --text-image-index t2i.npy [--k 1 5 10] [--json]
+    python -m eval report [RUN ...] [--outputs outputs]   # recipe runs: table, report.md, gallery.html
 
 With `--json`, stdout holds exactly one JSON object; progress and notes go to stderr.
 """
@@ -115,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("--text-image-index", required=True, help="image index of each text (.npy or JSON)")
     ret.add_argument("--k", nargs="+", type=int, default=[1, 5, 10])
 
+    sub.add_parser("report", help="score recipe runs: one table, report.md and gallery.html per run (see eval/report.py)")
+
     for p in (cap, vqa, ret):
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
         p.set_defaults(subparser=p)  # so usage errors show the subcommand's usage
@@ -133,6 +136,15 @@ def _print_human(result: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["report"]:  # its own parser: it takes run folders, not prediction files
+        from . import report
+
+        try:
+            return report.main(argv[1:])
+        except (DataError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     parser = build_parser()
     args = parser.parse_args(argv)
     run = {"caption": run_caption, "vqa": run_vqa, "retrieval": run_retrieval}[args.task]

@@ -13,6 +13,7 @@ processor, predictions/step-N.jsonl at every evaluation, and metrics.json (held-
 and after fine-tuning). Merge into a full checkpoint with merge.py.
 """
 
+import functools
 import json
 import logging
 import os
@@ -27,9 +28,8 @@ from transformers import Blip2ForConditionalGeneration, TrainingArguments, set_s
 
 from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records  # noqa: E402
-from recipes.common.models import load_model_and_processor  # noqa: E402
+from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters  # noqa: E402
-from recipes.common.tiny_models import tiny_model_path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
 from collator import CaptionCollator, CaptionPromptCollator, caption_scores, tokenize_captions  # noqa: E402
@@ -56,7 +56,7 @@ def main(argv=None):
 
     # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
     if data_args.train_file is None:
-        splits = embedded_dataset("caption", n=1000, seed=training_args.seed)
+        splits = embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed)
         data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
     train_records = load_records(data_args.train_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
                                  max_rows=data_args.max_train_samples)
@@ -65,8 +65,8 @@ def main(argv=None):
         eval_records = load_records(data_args.eval_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
                                     max_rows=data_args.max_eval_samples)
 
-    # Model: the embedded tiny BLIP-2 (real classes, built offline) unless a checkpoint is named.
-    model_path = model_args.model_name_or_path or str(tiny_model_path("blip2-opt"))
+    # Model: by default the embedded tiny BLIP-2 (real classes, built and pre-trained offline on first use).
+    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:blip2-opt-pretrained")
     model, processor = load_model_and_processor(Blip2ForConditionalGeneration, model_path, model_args)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     if data_args.image_size:
@@ -102,7 +102,7 @@ def main(argv=None):
         processing_class=processor,
         generation_dataset=eval_records,
         generation_collator=CaptionPromptCollator(image_processor, tokenizer, image_token_id, n_query, data_args.prompt),
-        score_fn=caption_scores,
+        score_fn=functools.partial(caption_scores, lang=data_args.lang),
         generation_args=gen_args,
         decode_tokenizer=tokenizer,
         freeze_args=freeze_args,
@@ -111,14 +111,19 @@ def main(argv=None):
     resume = training_args.resume_from_checkpoint
     resume = True if resume in ("last", "true", "True") else resume  # True: the newest checkpoint in output_dir
     results = {}
-    if eval_records is not None and not resume:
-        results["before"] = trainer.generation_metrics("eval")
+    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
+    if eval_records is not None and resume and before_file.exists():
+        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
+    elif eval_records is not None:
+        results["before"] = trainer.generation_metrics("eval", name="before")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # adapter (+ modules_to_save) as safetensors, and the processor
     if eval_records is not None:
-        results["after"] = trainer.generation_metrics("eval")
+        results["after"] = trainer.generation_metrics("eval", name="final")
     if trainer.is_world_process_zero():
-        results.update(model=model_path, train_file=data_args.train_file, eval_file=data_args.eval_file,
+        # recipe/task/eval_file/lang: what `python -m eval report` (make eval) needs to score this run again.
+        results.update(recipe=Path(__file__).resolve().parent.name, task="caption", lang=data_args.lang,
+                       model=model_path, train_file=data_args.train_file, eval_file=data_args.eval_file,
                        global_step=trainer.state.global_step, world_size=training_args.world_size)
         with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=2)

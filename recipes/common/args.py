@@ -76,6 +76,10 @@ class DataArguments:
     prompt: str | None = field(
         default=None, metadata={"help": "Text prompt the caption continues, e.g. 'a photo of'; None = the recipe's default."}
     )
+    lang: str = field(
+        default="en",
+        metadata={"help": "Language of the texts: zh, ja, th, ... are scored on characters; the embedded default is made in it."},
+    )
 
 
 # Characters that only appear in a regular expression, never in a module name.

@@ -55,13 +55,17 @@ class GenerationEvalTrainer(Trainer):
             output.metrics.update(self.generation_metrics(metric_key_prefix))
         return output
 
-    def generation_metrics(self, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Generate on the generation dataset, score it on rank 0, write predictions; the same dict on every rank."""
+    def generation_metrics(self, metric_key_prefix: str = "eval", name: str | None = None) -> dict[str, float]:
+        """Generate on the generation dataset, score it on rank 0, write predictions; the same dict on every rank.
+
+        The predictions go to `predictions/<name>.jsonl` (default `step-<global step>`); the recipes
+        name the ones before and after fine-tuning "before" and "final", which `python -m eval report` reads.
+        """
         predictions = self.generate_predictions(self.generation_dataset)
         scores = {}
         if self.is_world_process_zero():
             scores = {f"{metric_key_prefix}_{k}": float(v) for k, v in self.score_fn(predictions, self.generation_dataset).items()}
-            self._write_predictions(predictions, scores)
+            self._write_predictions(predictions, scores, name or f"step-{self.state.global_step}")
         if self.args.world_size > 1:
             scores = gather_object([scores])[0]  # rank 0's, so that every rank decides the same
         return scores
@@ -90,11 +94,11 @@ class GenerationEvalTrainer(Trainer):
             out = gather_object(out)
         return {k: text.strip() for k, text in out}
 
-    def _write_predictions(self, predictions: dict, scores: dict) -> None:
+    def _write_predictions(self, predictions: dict, scores: dict, name: str) -> None:
         folder = os.path.join(self.args.output_dir, "predictions")
         os.makedirs(folder, exist_ok=True)
-        with open(os.path.join(folder, f"step-{self.state.global_step}.jsonl"), "w", encoding="utf-8") as f:
+        with open(os.path.join(folder, f"{name}.jsonl"), "w", encoding="utf-8") as f:
             for key, text in predictions.items():
                 f.write(json.dumps({"key": key, "prediction": text}, ensure_ascii=False) + "\n")
-        with open(os.path.join(folder, f"step-{self.state.global_step}.metrics.json"), "w") as f:
+        with open(os.path.join(folder, f"{name}.metrics.json"), "w") as f:
             json.dump(scores, f, indent=2)

@@ -36,6 +36,30 @@ def quantization_config(model_args: ModelArguments, skip_modules: list[str] | No
     return None
 
 
+TINY_PREFIX = "tiny:"
+
+
+def resolve_model_path(path: str) -> str:
+    """`tiny:<name>` is a tiny model the project builds offline; anything else is returned unchanged.
+
+    `tiny:blip2-opt` (random weights, `tiny_models`) or `tiny:blip2-opt-pretrained` (its pre-trained
+    base, `tiny_pretrain`), built into the cache on first use. Both are ordinary `save_pretrained`
+    folders, loaded below exactly like a Hub checkpoint.
+    """
+    if not path.startswith(TINY_PREFIX):
+        return path
+    from .tiny_models import BUILDERS, tiny_model_path
+    from .tiny_pretrain import PRETRAINERS, pretrained_tiny_path
+
+    name = path[len(TINY_PREFIX):]
+    if name.endswith("-pretrained") and name[: -len("-pretrained")] in PRETRAINERS:
+        return str(pretrained_tiny_path(name[: -len("-pretrained")]))
+    if name in BUILDERS:
+        return str(tiny_model_path(name))
+    known = sorted(BUILDERS) + [f"{n}-pretrained" for n in sorted(PRETRAINERS)]
+    raise ValueError(f"unknown tiny model {path!r}; expected tiny: followed by one of {', '.join(known)}")
+
+
 def _check_source(path: str) -> None:
     # A local-looking path that does not exist would otherwise be sent to the Hub as a repo id and
     # fail with a network error far from the cause.

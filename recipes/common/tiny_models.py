@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 IMAGE_SIZE = 64  # matches data_tools.synth's default image size
 IMAGE_TOKEN = "<image>"
 # CLIP normalisation constants: the processors of every architecture here use them on the Hub.
@@ -155,6 +155,25 @@ def _clip_image_processor():
     )
 
 
+def sincos_position_init(weight: torch.Tensor, grid: int) -> None:
+    """Fill a ViT position embedding (cls + grid x grid patches; shape [1, N, D] or [N, D]) with fixed 2-D
+    sine-cosine values, in place; the cls position gets zeros.
+
+    Random N(0, 0.02) position embeddings are tiny next to the patch embeddings, and a tiny model
+    trained for minutes barely learns where anything is. 2-D sine-cosine initialisation is what MAE
+    uses for its ViTs (He et al., 2021, "Masked Autoencoders Are Scalable Vision Learners", sec. 3),
+    here as a starting value that still trains.
+    """
+    dim = weight.shape[-1]
+    quarter = torch.arange(dim // 4, dtype=torch.float64) / (dim // 4)
+    omega = 1.0 / 10000**quarter
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = [f(torch.outer(axis.flatten(), omega)) for axis in (ys, xs) for f in (torch.sin, torch.cos)]
+    table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat(parts, dim=1)])
+    with torch.no_grad():
+        weight.view(-1, dim)[:, : table.shape[1]].copy_(table.to(weight.dtype))
+
+
 def _clip_vision_config(hidden: int, layers: int, patch_size: int):
     from transformers import CLIPVisionConfig
 
@@ -171,7 +190,11 @@ def _clip_vision_config(hidden: int, layers: int, patch_size: int):
 
 def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=128, layers=2,
                     num_query_tokens=8, patch_size=8, vocab_size=1500):
-    """Blip2ForConditionalGeneration with an OPT language model and a Blip2Processor."""
+    """Blip2ForConditionalGeneration with an OPT language model and a Blip2Processor.
+
+    No dropout in the Q-Former and OPT (the real configs have 0.1): a tiny model trained for minutes
+    underfits, and dropout only slows it down.
+    """
     from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, Blip2QFormerConfig,
                               Blip2VisionConfig, BlipImageProcessor, OPTConfig)
 
@@ -186,15 +209,23 @@ def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=
                                image_size=IMAGE_SIZE, patch_size=patch_size)
     qformer = Blip2QFormerConfig(hidden_size=qformer_hidden, intermediate_size=2 * qformer_hidden,
                                  num_hidden_layers=layers, num_attention_heads=max(1, qformer_hidden // 32),
-                                 encoder_hidden_size=vision_hidden, vocab_size=len(tokenizer))
+                                 encoder_hidden_size=vision_hidden, vocab_size=len(tokenizer),
+                                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     text = OPTConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, word_embed_proj_dim=text_hidden,
                      ffn_dim=4 * text_hidden, num_hidden_layers=layers, num_attention_heads=max(1, text_hidden // 32),
-                     max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+                     max_position_embeddings=256, dropout=0.0, attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
                          num_query_tokens=num_query_tokens,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     model = Blip2ForConditionalGeneration(config)
+    sincos_position_init(model.vision_model.embeddings.position_embedding, IMAGE_SIZE // patch_size)
+    # transformers initialises the query tokens to zeros, which a Hub checkpoint overwrites. Left at zero,
+    # all queries are identical and the Q-Former's first LayerNorm sees a zero-variance input: a gradient
+    # norm of ~1e18 that, clipped, stalls every other weight. The BLIP-2 reference code (LAVIS,
+    # `Blip2Base.init_Qformer`) draws them from N(0, initializer_range), as done here.
+    with torch.no_grad():
+        model.query_tokens.normal_(mean=0.0, std=config.qformer_config.initializer_range)
     image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                          image_mean=CLIP_MEAN, image_std=CLIP_STD)
     processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
@@ -222,6 +253,7 @@ def build_llava(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_si
                          image_seq_length=num_image_tokens, vision_feature_select_strategy="default",
                          vision_feature_layer=-2)
     model = LlavaForConditionalGeneration(config)
+    sincos_position_init(model.model.vision_tower.vision_model.embeddings.position_embedding.weight, IMAGE_SIZE // patch_size)
     processor = LlavaProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=LLAVA_CHAT_TEMPLATE)
@@ -243,6 +275,7 @@ def build_clip(corpus, *, vision_hidden=64, text_hidden=64, projection_dim=64, l
     vision = _clip_vision_config(vision_hidden, layers, patch_size)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
     model = CLIPModel(config)
+    sincos_position_init(model.vision_model.embeddings.position_embedding.weight, IMAGE_SIZE // patch_size)
     return model, CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer)
 
 
@@ -250,7 +283,9 @@ def build_clip_vision(corpus, *, vision_hidden=64, layers=2, patch_size=8):
     """CLIPVisionModel and CLIPImageProcessor: the image encoder of a soft-prompt captioner."""
     from transformers import CLIPVisionModel
 
-    return CLIPVisionModel(_clip_vision_config(vision_hidden, layers, patch_size)), _clip_image_processor()
+    model = CLIPVisionModel(_clip_vision_config(vision_hidden, layers, patch_size))
+    sincos_position_init(model.vision_model.embeddings.position_embedding.weight, IMAGE_SIZE // patch_size)
+    return model, _clip_image_processor()
 
 
 def build_gpt2(corpus, *, hidden=128, layers=2, vocab_size=1500):
@@ -302,6 +337,34 @@ def cache_root() -> Path:
     return Path(os.environ.get("VLM_RECIPES_CACHE") or Path.home() / ".cache" / "vlm-recipes")
 
 
+def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
+    """Run `build(tmp_folder)` unless `final/marker` exists, then move the folder to `final`; return `final`.
+
+    Safe under concurrent callers (the ranks of a DDP launch): a file lock lets one process build while
+    the others wait, and the build happens in a private folder that is renamed into place (atomic), so a
+    reader never sees a half-written model, even after a crash.
+    """
+    import fcntl
+
+    if (final / marker).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with open(final.parent / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / marker).exists():  # built by another process while this one waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
+        try:
+            build(tmp)
+            if not (final / marker).exists():  # else a process that took no lock won: keep its build
+                if final.exists():  # a broken leftover (no marker)
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder of tiny model `name` (default sizes, seed 0), built on first use; safe under concurrent callers.
 
@@ -310,23 +373,7 @@ def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {name!r}; expected one of {sorted(BUILDERS)}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / "tiny" / f"{name}-v{BUILD_VERSION}"
-    if (final / "tiny_model.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a private folder, then rename: a rename is atomic, so a reader never sees a half-written
-    # model, and when two processes (a DDP launch) build at once, one rename wins and the other uses it.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        build_tiny(name, tmp)
-        try:
-            os.rename(tmp, final)
-        except OSError as e:  # another process renamed first (the folder is not empty), or a real error
-            if not (final / "tiny_model.json").exists():
-                raise OSError(f"cannot move the tiny model built in {tmp} to {final}: {e}; remove {final} and retry") from e
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return build_once(root / "tiny" / f"{name}-v{BUILD_VERSION}", lambda tmp: build_tiny(name, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,234 @@
+"""`python -m eval report`: score recipe runs, print one table, write report.md and gallery.html per run.
+
+    python -m eval report                          # the latest run of every recipe under outputs/
+    python -m eval report outputs/blip2_lora_caption outputs/other_run
+    make eval [RUN=outputs/blip2_lora_caption]
+
+A run folder is what a recipe's `train.py` writes to `--output_dir`:
+- `metrics.json` with at least `recipe`, `task` and `eval_file` (the references, JSONL) and `lang`;
+- `predictions/final.jsonl` (after fine-tuning) and `predictions/before.jsonl` (before), rows
+  `{"key": <image path or question id>, "prediction": <text>}`; `predictions/step-N.jsonl` are the
+  evaluations during training, and the newest is used when there is no `final.jsonl`.
+The predictions are scored again here from the files, with every metric (METEOR included), so the
+numbers do not depend on what the training run chose to log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import json
+import re
+import sys
+from pathlib import Path
+
+from data_tools.clean import check_rows
+from data_tools.errors import DataError
+from data_tools.images import load_image
+
+from .caption import caption_metrics
+from .inputs import read_predictions
+from .vqa import vqa_accuracy
+
+CAPTION_METRICS = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
+# The columns of the printed table and of report.md, per task: (label, key in the scores).
+COLUMNS = {
+    "caption": [("CIDEr", "CIDEr"), ("BLEU-4", "Bleu_4"), ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE_L")],
+    "vqa": [("VQA acc", "overall")],
+}
+MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall"}
+
+
+# --- finding runs -------------------------------------------------------------------------------------
+def read_run_info(run: Path) -> dict:
+    path = run / "metrics.json"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError("bad_value", f"not a recipe run folder: cannot read metrics.json ({e})", path=path) from e
+    for field in ("recipe", "task", "eval_file"):
+        if not info.get(field):
+            raise DataError("missing_field", "missing; written by the recipe's train.py (was the run finished?)",
+                            path=path, field=field)
+    return info
+
+
+def latest_runs(outputs: Path) -> list[Path]:
+    """The newest run folder (by its metrics.json) of each recipe under `outputs`, sorted by recipe."""
+    newest: dict[str, tuple[float, Path]] = {}
+    for metrics in outputs.rglob("metrics.json"):
+        if "predictions" in metrics.parts or metrics.parent.name.startswith("checkpoint-"):
+            continue
+        try:
+            recipe = json.loads(metrics.read_text(encoding="utf-8")).get("recipe")
+        except (OSError, ValueError):
+            continue
+        if recipe and (recipe not in newest or metrics.stat().st_mtime > newest[recipe][0]):
+            newest[recipe] = (metrics.stat().st_mtime, metrics.parent)
+    return [newest[r][1] for r in sorted(newest)]
+
+
+def predictions_file(run: Path, name: str = "final") -> Path | None:
+    """`predictions/<name>.jsonl`; for "final", the newest `step-N.jsonl` when there is no final file."""
+    path = run / "predictions" / f"{name}.jsonl"
+    if path.exists() or name != "final":
+        return path if path.exists() else None
+    steps = sorted(run.glob("predictions/step-*.jsonl"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+    return steps[-1] if steps else None
+
+
+def read_references(path: str, task: str) -> dict:
+    """Eval records keyed as the recipes key their predictions: absolute image path, or question id."""
+    records = {}
+    for _, row, _ in check_rows(path, task, check_images=False, progress=False):
+        if isinstance(row, DataError):
+            raise row
+        key = row["question_id"] if task == "vqa" else row["image"]
+        records[str(key) if task == "vqa" else key] = row
+    return records
+
+
+# --- scoring --------------------------------------------------------------------------------------------
+def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict, dict]:
+    """(overall scores, per-sample main score) of `predictions` against the records with the same keys."""
+    unknown = [k for k in predictions if k not in records]
+    if unknown:
+        raise DataError("bad_value", f"{len(unknown)} prediction key(s) are not in the eval file, e.g. {unknown[0]!r}",
+                        field="key")
+    if task == "caption":
+        refs = {k: records[k]["captions"] for k in predictions}
+        scores = caption_metrics(predictions, refs, lang=lang, metrics=CAPTION_METRICS, per_sample=True)
+        per_sample = {k: s["CIDEr"] for k, s in scores.pop("per_sample").items()}
+        return scores, per_sample
+    if task == "vqa":
+        refs = {k: {"answers": records[k]["answers"], "answer_type": records[k].get("answer_type"),
+                    "question_type": records[k].get("question_type")} for k in predictions}
+        scores = vqa_accuracy(predictions, refs)
+        return scores, {k: v / 100 for k, v in scores.pop("perQuestion").items()}
+    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa)", field="task")
+
+
+def report_run(run: Path, gallery_size: int = 100) -> dict:
+    """Score one run; write report.md and gallery.html into it; return the table row."""
+    info = read_run_info(run)
+    task, lang = info["task"], info.get("lang", "en")
+    records = read_references(info["eval_file"], task)
+    row = {"recipe": info["recipe"], "run": str(run), "task": task, "step": info.get("global_step")}
+    per_sample, final_predictions = {}, {}
+    for name in ("before", "final"):
+        path = predictions_file(run, name)
+        if path is None:
+            continue
+        predictions = read_predictions(path, keys=("key",), texts=("prediction",))
+        if task == "vqa":
+            predictions = {str(k): v for k, v in predictions.items()}
+        row[name], samples = score(task, predictions, records, lang)
+        row[f"{name}_file"], row["n"], row["n_eval"] = str(path), len(predictions), len(records)
+        if name == "final":
+            per_sample, final_predictions = samples, predictions
+    if "final" not in row:
+        raise DataError("missing_field", "no predictions/final.jsonl or predictions/step-N.jsonl: nothing to score",
+                        path=run)
+    (run / "report.md").write_text(render_markdown(row), encoding="utf-8")
+    (run / "gallery.html").write_text(
+        render_gallery(row, final_predictions, per_sample, records, gallery_size), encoding="utf-8"
+    )
+    return row
+
+
+# --- output -------------------------------------------------------------------------------------------
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    """One Markdown table: a line per run, the task's metrics after fine-tuning, and the main one before."""
+    labels = []
+    for r in rows:
+        labels += [label for label, _ in COLUMNS[r["task"]] if label not in labels]
+    head = ["recipe", "step", "samples", *labels, "before (main)", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        keys = dict(COLUMNS[r["task"]])
+        main = MAIN_METRIC[r["task"]]
+        before = r.get("before", {}).get(main)
+        cells = [r["recipe"], _fmt(r["step"]), f"{r['n']}/{r['n_eval']}",
+                 *(_fmt(r["final"].get(keys[label])) if label in keys else "" for label in labels),
+                 f"{main} {_fmt(before)}", r["run"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def render_markdown(row: dict) -> str:
+    main = MAIN_METRIC[row["task"]]
+    lines = [f"# {row['recipe']}: evaluation report", "",
+             f"Run `{row['run']}`, step {_fmt(row['step'])}, task {row['task']}; "
+             f"{row['n']} of {row['n_eval']} eval samples scored.", "", "| metric | before | after |", "|---|---|---|"]
+    for name, value in row["final"].items():
+        if isinstance(value, (int, float)):
+            lines.append(f"| {name} | {_fmt(row.get('before', {}).get(name))} | {_fmt(value)} |")
+    lines += ["", f"Predictions: `{row['final_file']}`" + (f", before: `{row['before_file']}`" if "before_file" in row else ""),
+              f"Gallery (image, prediction, references, per-sample {main}): `gallery.html`", ""]
+    return "\n".join(lines)
+
+
+def _thumbnail(path: str, side: int = 192) -> str:
+    """The image as an inline JPEG data URI (the gallery stays one self-contained file), or "" if unreadable."""
+    try:
+        image = load_image(path)
+    except DataError:
+        return ""
+    image.thumbnail((side, side))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def render_gallery(row: dict, predictions: dict, per_sample: dict, records: dict, limit: int) -> str:
+    main = "CIDEr" if row["task"] == "caption" else "accuracy"
+    keys = sorted(predictions, key=lambda k: (per_sample.get(k, 0.0), str(k)))[:limit]
+    cells = []
+    for k in keys:
+        rec = records[k]
+        refs = rec.get("captions") or rec.get("answers") or []
+        question = f"<p><b>Q:</b> {html.escape(rec['question'])}</p>" if rec.get("question") else ""
+        src = _thumbnail(rec["image"])
+        img = f'<img src="{src}" alt="{html.escape(str(rec["image"]))}">' if src else "<p>(image unreadable)</p>"
+        cells.append(
+            f"<tr><td>{img}</td><td>{question}<p><b>{html.escape(predictions[k])}</b></p>"
+            f"<p class=s>{main} {per_sample.get(k, 0.0):.3f}</p></td>"
+            f"<td><ul>{''.join(f'<li>{html.escape(r)}</li>' for r in refs)}</ul></td></tr>"
+        )
+    title = html.escape(f"{row['recipe']}: {row['run']}")
+    return (
+        f"<!doctype html><meta charset=utf-8><title>{title}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}"
+        "img{image-rendering:pixelated;width:128px}.s{color:#666}</style>"
+        f"<h1>{title}</h1><p>{len(keys)} of {len(predictions)} samples, lowest {main} first. "
+        f"Overall {MAIN_METRIC[row['task']]}: {_fmt(row['final'].get(MAIN_METRIC[row['task']]))}.</p>"
+        f"<table><tr><th>image</th><th>prediction</th><th>references</th></tr>{''.join(cells)}</table>"
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval report", description=__doc__.split("\n")[0])
+    p.add_argument("runs", nargs="*", help="run folders (default: the latest run of each recipe under --outputs)")
+    p.add_argument("--outputs", default="outputs", help="where recipe runs are (default: outputs)")
+    p.add_argument("--gallery-size", type=int, default=100, help="samples in gallery.html (default 100)")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table")
+    args = p.parse_args(argv)
+    runs = [Path(r) for r in args.runs] or latest_runs(Path(args.outputs))
+    if not runs:
+        print(f"no recipe runs under {args.outputs}/ (folders with a metrics.json from a recipe's train.py); "
+              "run one, e.g. `make demo`, or give RUN=path", file=sys.stderr)
+        return 1
+    rows = [report_run(run, args.gallery_size) for run in runs]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print("\n".join(table_lines(rows)))
+    for r in rows:
+        print(f"{r['run']}/report.md, {r['run']}/gallery.html")
+    return 0

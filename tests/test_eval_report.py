@@ -1,0 +1,119 @@
+"""`python -m eval report` (make eval): finds the latest run per recipe, rescores it, writes report.md and gallery.html."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_tools.jsonl import read_jsonl, write_jsonl
+from data_tools.synth import make_synthetic
+from eval.caption import caption_metrics
+from eval.report import latest_runs, report_run
+from eval.vqa import vqa_accuracy
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def make_run(folder: Path, recipe: str, task: str, eval_file: Path, final: dict, before: dict | None = None) -> Path:
+    """A run folder as a recipe's train.py leaves it."""
+    (folder / "predictions").mkdir(parents=True)
+    write_jsonl(folder / "predictions" / "final.jsonl", ({"key": k, "prediction": v} for k, v in final.items()))
+    if before is not None:
+        write_jsonl(folder / "predictions" / "before.jsonl", ({"key": k, "prediction": v} for k, v in before.items()))
+    (folder / "metrics.json").write_text(json.dumps(
+        {"recipe": recipe, "task": task, "eval_file": str(eval_file), "lang": "en", "global_step": 12}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def captions(tmp_path_factory):
+    d = tmp_path_factory.mktemp("report")
+    path = make_synthetic("caption", 6, d / "data", seed=3, progress=False)
+    rows = read_jsonl(path)
+    refs = {str(path.parent / r["image"]): r["captions"] for r in rows}
+    return d, path, refs
+
+
+def test_caption_run_is_rescored_and_reported(captions, tmp_path):
+    _, path, refs = captions
+    keys = sorted(refs)
+    # Two images get a reference caption (high CIDEr), the rest one wrong caption (low).
+    final = {k: (refs[k][0] if i < 2 else "a black cross on the left") for i, k in enumerate(keys)}
+    before = {k: "shape circle colour red" for k in keys}
+    run = make_run(tmp_path / "run", "blip2_lora_caption", "caption", path, final, before)
+
+    row = report_run(run, gallery_size=4)
+
+    expected = caption_metrics(final, refs, metrics=["Bleu", "METEOR", "ROUGE_L", "CIDEr"], per_sample=True)
+    assert row["final"]["CIDEr"] == pytest.approx(expected["CIDEr"])
+    assert row["final"]["METEOR"] == pytest.approx(expected["METEOR"])
+    assert row["before"]["CIDEr"] == pytest.approx(caption_metrics(before, refs, metrics=["CIDEr"])["CIDEr"])
+    assert (row["n"], row["n_eval"], row["step"]) == (6, 6, 12)
+
+    report = (run / "report.md").read_text()
+    assert f"| CIDEr | {row['before']['CIDEr']:.3f} | {row['final']['CIDEr']:.3f} |" in report
+    gallery = (run / "gallery.html").read_text()
+    assert gallery.count("data:image/jpeg;base64,") == 4  # gallery_size images, inlined
+    # Lowest per-sample CIDEr first: the wrong captions come before the correct ones, which are cut off.
+    per_sample = {k: s["CIDEr"] for k, s in expected["per_sample"].items()}
+    shown = sorted(keys, key=lambda k: (per_sample[k], k))[:4]
+    assert set(shown) == set(keys[2:]) and all(f"CIDEr {per_sample[k]:.3f}" in gallery for k in shown)
+    assert "a black cross on the left" in gallery and refs[keys[0]][0] not in gallery
+
+
+def test_partial_predictions_are_scored_on_their_images_and_unknown_keys_fail(captions, tmp_path):
+    _, path, refs = captions
+    keys = sorted(refs)[:3]
+    run = make_run(tmp_path / "part", "r", "caption", path, {k: refs[k][1] for k in keys})
+    row = report_run(run)
+    assert (row["n"], row["n_eval"]) == (3, 6) and "before" not in row
+    assert row["final"]["CIDEr"] == pytest.approx(caption_metrics({k: refs[k][1] for k in keys}, {k: refs[k] for k in keys},
+                                                                  metrics=["CIDEr"])["CIDEr"])
+    bad = make_run(tmp_path / "bad", "r", "caption", path, {"/no/such.png": "x"})
+    with pytest.raises(Exception, match="not in the eval file"):
+        report_run(bad)
+
+
+def test_vqa_run_uses_official_accuracy(tmp_path):
+    path = make_synthetic("vqa", 4, tmp_path / "data", seed=2, progress=False)
+    rows = read_jsonl(path)
+    final = {r["question_id"]: (r["answers"][0] if i % 2 else "purple") for i, r in enumerate(rows)}
+    run = make_run(tmp_path / "run", "qlora_vqa", "vqa", path, final)
+    row = report_run(run)
+    refs = {r["question_id"]: {"answers": r["answers"], "answer_type": r.get("answer_type"),
+                               "question_type": r.get("question_type")} for r in rows}
+    assert row["final"]["overall"] == vqa_accuracy(final, refs)["overall"]
+    assert "Q:" in (run / "gallery.html").read_text()
+
+
+def test_latest_run_of_each_recipe_and_the_cli_table(captions, tmp_path):
+    _, path, refs = captions
+    keys = sorted(refs)
+    outputs = tmp_path / "outputs"
+    old = make_run(outputs / "a_old", "recipe_a", "caption", path, {k: "a red circle" for k in keys})
+    new = make_run(outputs / "a_new", "recipe_a", "caption", path, {k: refs[k][0] for k in keys})
+    other = make_run(outputs / "nested" / "b", "recipe_b", "caption", path, {k: refs[k][2] for k in keys})
+    os.utime(old / "metrics.json", (1, 1))  # the oldest
+    (new / "checkpoint-5").mkdir()
+    (new / "checkpoint-5" / "metrics.json").write_text("{}")  # not a run
+    assert latest_runs(outputs) == [new, other]
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "eval", "report", "--outputs", str(outputs)], env=env,
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    table = [line for line in r.stdout.splitlines() if line.startswith("| recipe_")]
+    assert [line.split(" | ")[0] for line in table] == ["| recipe_a", "| recipe_b"]
+    assert str(new) in table[0] and str(old) not in r.stdout
+    assert (new / "report.md").exists() and not (old / "report.md").exists()
+
+    r = subprocess.run([sys.executable, "-m", "eval", "report", "--outputs", str(tmp_path / "empty")], env=env,
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "no recipe runs under" in r.stderr
+    (tmp_path / "notarun").mkdir()
+    r = subprocess.run([sys.executable, "-m", "eval", "report", str(tmp_path / "notarun")], env=env,
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1 and "metrics.json" in r.stderr

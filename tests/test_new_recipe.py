@@ -1,0 +1,94 @@
+"""scripts/new_recipe.py: the copy is renamed, bad requests are refused, and the copy trains from another repo root."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "new_recipe.py"
+SOURCE = ROOT / "recipes" / "blip2_lora_caption"
+
+
+@pytest.fixture
+def fake_root(tmp_path):
+    """A repo root holding only links to the shared code, so a copy can only run if it imports nothing else."""
+    (tmp_path / "recipes").mkdir()
+    for rel in ("data_tools", "eval", "recipes/common", "recipes/__init__.py"):
+        if (ROOT / rel).exists():
+            (tmp_path / rel).symlink_to(ROOT / rel)
+    return tmp_path
+
+
+def new_recipe(root, *args, env=None, source_dir=ROOT / "recipes"):
+    cmd = [sys.executable, str(SCRIPT), "--recipes-dir", str(root / "recipes"), "--source-dir", str(source_dir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+
+
+def test_copy_renames_every_mention_and_leaves_out_run_files(fake_root, tmp_path_factory):
+    source = tmp_path_factory.mktemp("src")
+    shutil.copytree(SOURCE, source / "blip2_lora_caption", ignore=shutil.ignore_patterns("__pycache__"))
+    expected = {p.name for p in (source / "blip2_lora_caption").iterdir()}
+    for leftover in ("__pycache__/train.cpython-312.pyc", "outputs/run/metrics.json", "checkpoint-2/model.safetensors"):
+        (source / "blip2_lora_caption" / leftover).parent.mkdir(parents=True, exist_ok=True)
+        (source / "blip2_lora_caption" / leftover).write_text("blip2_lora_caption")
+    r = new_recipe(fake_root, "--from", "blip2_lora_caption", "--name", "my_task", source_dir=source)
+    assert r.returncode == 0, r.stderr
+    copy = fake_root / "recipes" / "my_task"
+    assert {"train.py", "collator.py", "trainer.py", "config.yaml", "README.md"} <= expected
+    assert {p.name for p in copy.iterdir()} == expected  # no __pycache__, outputs or checkpoints
+    for path in copy.iterdir():
+        assert "blip2_lora_caption" not in path.read_text(), path
+    assert yaml.safe_load((copy / "config.yaml").read_text())["output_dir"] == "outputs/my_task"
+    assert (copy / "README.md").read_text().startswith("# my_task:")
+    assert "recipes/my_task/train.py" in (copy / "train.py").read_text()
+    assert "config.yaml  (" in r.stdout and "trainer.py\n" in r.stdout  # renamed files carry a count, the others none
+    assert "recipes/my_task/collator.py" in r.stdout and "recipes/my_task/README.md" in r.stdout  # next steps
+
+
+@pytest.mark.parametrize(
+    "src, name, message",
+    [
+        ("blip2_lora_caption", "My-Task", "'My-Task' is not a valid recipe name"),
+        ("blip2_lora_caption", "2task", "'2task' is not a valid recipe name"),
+        ("blip2_lora_caption", "existing", "already exists"),
+        ("no_such_recipe", "my_task", "--from 'no_such_recipe': no recipe"),
+        ("common", "my_task", "recipes/common is the shared library, not a recipe"),
+    ],
+)
+def test_bad_requests_are_refused_and_name_the_problem(fake_root, src, name, message):
+    (fake_root / "recipes" / "existing").mkdir()
+    r = new_recipe(fake_root, "--from", src, "--name", name)
+    assert r.returncode != 0 and message in r.stderr, r.stderr
+    assert not (fake_root / "recipes" / name).exists() or name == "existing"
+
+
+def test_a_recipe_importing_a_recipe_package_is_reported_and_not_copied(fake_root, tmp_path_factory):
+    source = tmp_path_factory.mktemp("src")
+    (source / "old_task").mkdir()
+    train = '"""old_task."""\nimport os\nfrom recipes.old_task.collator import CaptionCollator\n'
+    (source / "old_task" / "train.py").write_text(train)
+    r = new_recipe(fake_root, "--from", "old_task", "--name", "my_task", source_dir=source)
+    assert r.returncode == 1 and "nothing was copied" in r.stderr
+    assert f"{source / 'old_task' / 'train.py'}:3: imports the recipe package recipes.old_task" in r.stderr
+    assert not (fake_root / "recipes" / "my_task").exists()
+
+
+def test_copy_trains_two_steps_from_another_repo_root(fake_root, tmp_path_factory):
+    # One cache (tiny model + embedded data) for the whole pytest session; PYTHONPATH unset so that the
+    # copy can only find the shared code through its own parents[2].
+    cache = tmp_path_factory.getbasetemp() / "vlm-recipes-cache"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(VLM_RECIPES_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    r = new_recipe(fake_root, "--from", "blip2_lora_caption", "--name", "my_task", "--smoke", "--",
+                   "--model_name_or_path", "tiny:blip2-opt", env=env)  # random weights: no pre-training in tests
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "smoke run passed (exit code 0)" in r.stdout and "recipes/my_task is ready" in r.stdout
+    out = fake_root / "outputs" / "my_task-smoke"
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 2

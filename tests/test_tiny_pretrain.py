@@ -1,0 +1,82 @@
+"""Pre-training of the tiny BLIP-2 base: corpus, learning, reproducibility, caching, and no leak into the fine-tuning data."""
+
+import json
+
+import pytest
+import torch
+from transformers import Blip2ForConditionalGeneration
+
+from data_tools.hashing import content_hash
+from data_tools.synth import make_scene
+from recipes.common import tiny_pretrain
+from recipes.common.models import resolve_model_path
+from recipes.common.tiny_models import tiny_model_path
+from recipes.common.tiny_pretrain import annotation, corpus_batch, pretrain_blip2, pretrained_tiny_path, text_corpus
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_model_path("blip2-opt", tmp_path_factory.mktemp("cache"))
+
+
+def test_annotation_names_every_attribute_in_reading_order():
+    objects = [{"shape": "circle", "color": "red", "size": "small", "position": "top left"},
+               {"shape": "cross", "color": "blue", "size": "large", "position": "bottom right"}]
+    assert annotation(objects) == ("top-left: shape circle, colour red, size small; "
+                                   "bottom-right: shape cross, colour blue, size large")
+    images, texts = corpus_batch(3, 4)
+    assert len(images) == 4 and texts[1] == annotation(make_scene(tiny_pretrain.PRETRAIN_SEED, 13))
+    assert corpus_batch(3, 4)[1] == texts  # any batch can be redrawn
+
+
+def test_text_corpus_is_captions_questions_and_instructions_in_both_languages():
+    texts = text_corpus(n_scenes=20)
+    assert any(t.startswith("there are") or t.startswith("an image of") for t in texts)
+    assert any("?" in t for t in texts) and any("图" in t for t in texts)
+    assert text_corpus(n_scenes=20) == texts and text_corpus(n_scenes=20, seed=1) != texts
+
+
+def test_pretraining_learns_and_is_reproducible(base, tmp_path):
+    a = pretrain_blip2(tmp_path / "a", base=base, steps=40, batch_size=8, lr=2e-3, log=lambda m: None)
+    record = json.loads((a / "pretraining.json").read_text())
+    first, last = record["loss_curve"][0], record["loss_curve"][-1]
+    assert last["step"] == 39 and last["image_loss"] < first["image_loss"] / 2 and last["text_loss"] < first["text_loss"] / 2
+    model = Blip2ForConditionalGeneration.from_pretrained(a)  # an ordinary checkpoint
+    before = Blip2ForConditionalGeneration.from_pretrained(base)
+    for name in ("vision_model.embeddings.patch_embedding.weight", "query_tokens",
+                 "language_model.model.decoder.embed_tokens.weight"):  # every part trained
+        assert not torch.equal(model.state_dict()[name], before.state_dict()[name]), name
+    b = pretrain_blip2(tmp_path / "b", base=base, steps=40, batch_size=8, lr=2e-3, log=lambda m: None)
+    other = Blip2ForConditionalGeneration.from_pretrained(b).state_dict()
+    assert all(torch.equal(v, other[k]) for k, v in model.state_dict().items())
+
+
+def test_cached_base_is_built_once_and_named_tiny_pretrained(base, tmp_path, monkeypatch):
+    calls = []
+
+    def fake_pretrain(out, base, log):  # the cache logic, not the training, is under test here
+        calls.append(base)
+        pretrain_blip2(out, base=base, steps=2, batch_size=2, log=log)
+
+    monkeypatch.setitem(tiny_pretrain.PRETRAINERS, "blip2-opt", fake_pretrain)
+    monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path))
+    path = pretrained_tiny_path("blip2-opt")
+    assert path.name.startswith("blip2-opt-pretrained-v") and (path / "pretraining.json").exists()
+    assert resolve_model_path("tiny:blip2-opt-pretrained") == str(path) and len(calls) == 1
+    assert resolve_model_path("tiny:blip2-opt") == str(tmp_path / "tiny" / base.name)
+    assert resolve_model_path("Salesforce/blip2-opt-2.7b") == "Salesforce/blip2-opt-2.7b"
+    with pytest.raises(ValueError, match="tiny:blip2-opt-pretrained"):
+        resolve_model_path("tiny:blip3")
+
+
+def test_pretraining_images_are_not_fine_tuning_images(tmp_path):
+    """The embedded default's images (seed 0) never appear among the pre-training images."""
+    from data_tools.synth import make_synthetic
+
+    images, _ = corpus_batch(0, 1000)
+    pre = set()
+    for i, im in enumerate(images):
+        im.save(tmp_path / f"p{i}.png")
+        pre.add(content_hash(tmp_path / f"p{i}.png"))
+    fine = make_synthetic("caption", 1000, tmp_path / "fine", seed=0, progress=False).parent / "images"
+    assert len(pre) == 1000 and not pre & {content_hash(p) for p in fine.iterdir()}

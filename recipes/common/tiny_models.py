@@ -174,6 +174,16 @@ def sincos_position_init(weight: torch.Tensor, grid: int) -> None:
         weight.view(-1, dim)[:, : table.shape[1]].copy_(table.to(weight.dtype))
 
 
+def init_vision_positions(model, grid: int) -> None:
+    """`sincos_position_init` on the vision tower of `model`, wherever the architecture keeps it."""
+    for module in model.modules():
+        if hasattr(module, "patch_embedding") and hasattr(module, "position_embedding"):
+            pos = module.position_embedding
+            sincos_position_init(pos.weight if isinstance(pos, torch.nn.Embedding) else pos, grid)
+            return
+    raise ValueError(f"{type(model).__name__} has no vision embeddings")
+
+
 def _clip_vision_config(hidden: int, layers: int, patch_size: int):
     from transformers import CLIPVisionConfig
 
@@ -219,7 +229,7 @@ def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=
                          num_query_tokens=num_query_tokens,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     model = Blip2ForConditionalGeneration(config)
-    sincos_position_init(model.vision_model.embeddings.position_embedding, IMAGE_SIZE // patch_size)
+    init_vision_positions(model, IMAGE_SIZE // patch_size)
     # transformers initialises the query tokens to zeros, which a Hub checkpoint overwrites. Left at zero,
     # all queries are identical and the Q-Former's first LayerNorm sees a zero-variance input: a gradient
     # norm of ~1e18 that, clipped, stalls every other weight. The BLIP-2 reference code (LAVIS,
@@ -253,7 +263,7 @@ def build_llava(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_si
                          image_seq_length=num_image_tokens, vision_feature_select_strategy="default",
                          vision_feature_layer=-2)
     model = LlavaForConditionalGeneration(config)
-    sincos_position_init(model.model.vision_tower.vision_model.embeddings.position_embedding.weight, IMAGE_SIZE // patch_size)
+    init_vision_positions(model, IMAGE_SIZE // patch_size)
     processor = LlavaProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer, patch_size=patch_size,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                chat_template=LLAVA_CHAT_TEMPLATE)
@@ -275,7 +285,7 @@ def build_clip(corpus, *, vision_hidden=64, text_hidden=64, projection_dim=64, l
     vision = _clip_vision_config(vision_hidden, layers, patch_size)
     config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
     model = CLIPModel(config)
-    sincos_position_init(model.vision_model.embeddings.position_embedding.weight, IMAGE_SIZE // patch_size)
+    init_vision_positions(model, IMAGE_SIZE // patch_size)
     return model, CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer)
 
 
@@ -284,7 +294,7 @@ def build_clip_vision(corpus, *, vision_hidden=64, layers=2, patch_size=8):
     from transformers import CLIPVisionModel
 
     model = CLIPVisionModel(_clip_vision_config(vision_hidden, layers, patch_size))
-    sincos_position_init(model.vision_model.embeddings.position_embedding.weight, IMAGE_SIZE // patch_size)
+    init_vision_positions(model, IMAGE_SIZE // patch_size)
     return model, _clip_image_processor()
 
 

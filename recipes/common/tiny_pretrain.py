@@ -170,7 +170,7 @@ def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path
     final = root / "tiny" / f"{name}-pretrained-v{BUILD_VERSION}.{PRETRAIN_VERSION}"
 
     def build(tmp: Path) -> None:
-        print(f"pre-training the tiny {name} base into {final} (once; about 3 minutes on 2 CPU cores) ...",
+        print(f"pre-training the tiny {name} base into {final} (once; about 5 minutes on 2 CPU cores) ...",
               file=sys.stderr, flush=True)
         PRETRAINERS[name](tmp, base=tiny_model_path(name, cache_dir), log=lambda m: print(m, file=sys.stderr, flush=True))
 

@@ -35,12 +35,12 @@ from transformers import CLIPModel, TrainingArguments, set_seed  # noqa: E402
 from recipes.common.args import DataArguments, FreezeArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
 from recipes.common.data import load_records  # noqa: E402
 from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters  # noqa: E402
+from recipes.common.peft_setup import count_parameters  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
 from collator import ContrastiveCollator, PairDataset, embedded_retrieval, embedded_zero_shot, load_zero_shot  # noqa: E402
 from merge import load_clip, wise_ft  # noqa: E402
-from trainer import ContrastiveTrainer  # noqa: E402
+from trainer import ContrastiveTrainer, set_training_mode  # noqa: E402
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -86,37 +86,6 @@ class RetrievalArguments:
             raise ValueError(f"unfreeze_last_n_text_layers must be >= 0, got {self.unfreeze_last_n_text_layers}.")
 
 
-def set_training_mode(model, peft_args: PeftArguments, freeze_args: FreezeArguments, args: RetrievalArguments):
-    """LoRA on the chosen towers, or (un)freezing of whole towers and their last N layers; returns the model."""
-    if peft_args.peft_method != "none":
-        wanted = {"freeze_vision_tower": freeze_args.freeze_vision_tower is False,
-                  "freeze_language_model": freeze_args.freeze_language_model is False,
-                  "unfreeze_last_n_vision_layers": freeze_args.unfreeze_last_n_vision_layers > 0,
-                  "unfreeze_last_n_text_layers": args.unfreeze_last_n_text_layers > 0}
-        if any(wanted.values()):
-            # The adapter file holds the LoRA weights only: base weights trained beside it would be lost.
-            raise ValueError(f"--peft_method {peft_args.peft_method} trains adapters only; {', '.join(k for k, v in wanted.items() if v)} "
-                             "would train base weights that the adapter does not save. Use --peft_method none for them.")
-        towers = {"both": ("vision", "language"), "vision": ("vision",), "text": ("language",)}[args.lora_towers]
-        return apply_peft(model, peft_args, components=towers)
-    apply_freezing(model, freeze_args)
-    # A tower's last N layers feed its final norm and projection, which train with them.
-    tops = []
-    if freeze_args.freeze_vision_tower and freeze_args.unfreeze_last_n_vision_layers > 0:
-        tops += ["vision_model.post_layernorm", "visual_projection"]
-    n_text = args.unfreeze_last_n_text_layers
-    if n_text > 0:
-        layers = len(model.text_model.encoder.layers)
-        if n_text > layers:
-            raise ValueError(f"unfreeze_last_n_text_layers={n_text}, but the text tower has only {layers} layers.")
-        tops += [f"text_model.encoder.layers.{i}" for i in range(layers - n_text, layers)]
-        tops += ["text_model.final_layer_norm", "text_projection"]
-    for name, param in model.named_parameters():
-        if any(name == t or name.startswith(t + ".") for t in tops):
-            param.requires_grad_(True)
-    return model
-
-
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
@@ -156,7 +125,7 @@ def main(argv=None):
     if data_args.image_size and data_args.image_size != model.config.vision_config.image_size:
         raise ValueError(f"--image_size {data_args.image_size}: the vision tower's position embeddings are for "
                          f"{model.config.vision_config.image_size} px images; leave --image_size out.")
-    model = set_training_mode(model, peft_args, freeze_args, args)
+    model = set_training_mode(model, peft_args, freeze_args, args.lora_towers, args.unfreeze_last_n_text_layers)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Pairs: one caption per image per epoch (drawn by the sampler); every cut text is counted.

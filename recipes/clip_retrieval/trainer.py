@@ -7,9 +7,11 @@ averaged. CLIP clips the scale at 100 (sec. 2.5); so does `ClampLogitScale`, aft
 
 Across processes every rank gathers all features, puts its own (which carry gradients) in place of
 their gathered copy, and computes the loss of the whole global batch, as open_clip's `ClipLoss` does.
-Only the local slice carries a gradient, so each rank's backward gives the gradient through its own
-features; DDP then averages over ranks where the global batch needs the sum, which the loss makes up
-for (see `global_batch_loss`). Loss and gradients equal one process holding the global batch (tested).
+Only the local slice carries a gradient, so each rank's backward reaches only its own features: the
+full gradient through the features is the sum over ranks, and DDP averages. `gather_with_local_grad`
+multiplies the local features' gradient by the world size to make up for it; the logit scale, which
+every rank's loss uses whole, needs nothing. Loss and gradients equal one process holding the global
+batch (tested).
 
 Two items with the same image or the same caption text describe each other: they are left out of each
 other's negatives. Hard negatives (captions of the image with one attribute changed) are extra texts
@@ -19,7 +21,9 @@ vision-language models behave like bags-of-words").
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import math
 import os
 
@@ -28,22 +32,36 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils import gather_object
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import Trainer, TrainerCallback
 
 from eval.retrieval import recall_at_k
-from recipes.common.peft_setup import param_groups
+from recipes.common.peft_setup import apply_freezing, apply_peft, param_groups
 
+logger = logging.getLogger(__name__)
 LOGIT_SCALE_MAX = math.log(100)  # CLIP's clip on the logit scale (Radford et al. 2021, sec. 2.5)
 
 
 # --- loss ---------------------------------------------------------------------------------------------
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by `factor`."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' `x` concatenated in rank order; this rank's slice is `x` itself, so it keeps its gradient.
 
-    Ranks may hold different numbers of rows (a short last batch): rows are padded for the collective
-    and cut again.
+    That gradient is multiplied by the world size, so that DDP's average over ranks is the full gradient
+    (see the module docstring). Ranks may hold different numbers of rows (a short last batch): rows are
+    padded for the collective and cut again.
     """
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
@@ -56,7 +74,7 @@ def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded)
     parts = [p[:n] for p, n in zip(parts, sizes)]
-    parts[rank] = x
+    parts[rank] = _ScaleGrad.apply(x, world) if x.requires_grad else x
     return torch.cat(parts)
 
 
@@ -88,15 +106,8 @@ def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys) -> torc
     images = gather_with_local_grad(model_outputs.image_embeds)
     texts = gather_with_local_grad(model_outputs.text_embeds[:n])
     negatives = gather_with_local_grad(model_outputs.text_embeds[n:])
-    loss = contrastive_loss(images, texts, logit_scale, gather_with_local_grad(image_keys),
+    return contrastive_loss(images, texts, logit_scale, gather_with_local_grad(image_keys),
                             gather_with_local_grad(text_keys[:n]), negatives, gather_with_local_grad(text_keys[n:]))
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    if world > 1:
-        # Each rank's backward reaches only its own features, so the ranks' gradients sum to the full
-        # gradient, and DDP averages them. Scale the gradient (not the value: it is logged) by the world
-        # size so that the average is the full gradient.
-        loss = loss + (world - 1) * (loss - loss.detach())
-    return loss
 
 
 class ClampLogitScale(TrainerCallback):
@@ -146,6 +157,39 @@ def class_embeddings(prompt_embeds: list[np.ndarray]) -> np.ndarray:
     """One embedding per class: the normalised mean of its template embeddings (CLIP's prompt ensembling, sec. 3.1.4)."""
     means = np.stack([e.mean(axis=0) for e in prompt_embeds])
     return means / np.linalg.norm(means, axis=1, keepdims=True)
+
+
+# --- what trains ---------------------------------------------------------------------------------------
+def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both", unfreeze_last_n_text_layers: int = 0):
+    """LoRA on the chosen towers (every base weight frozen, the temperature too), or (un)freezing of whole
+    towers and of their last N layers; returns the model."""
+    if peft_args.peft_method != "none":
+        unfreeze = [f"--{k}" for k, n in (("unfreeze_last_n_vision_layers", freeze_args.unfreeze_last_n_vision_layers),
+                                          ("unfreeze_last_n_text_layers", unfreeze_last_n_text_layers)) if n > 0]
+        if unfreeze:
+            # The adapter file holds the LoRA weights only: base weights trained beside it would be lost.
+            raise ValueError(f"{', '.join(unfreeze)}: would train base weights, which a LoRA adapter does not save; "
+                             "unfreeze layers with --peft_method none.")
+        towers = {"both": ("vision", "language"), "vision": ("vision",), "text": ("language",)}[lora_towers]
+        logger.info("LoRA on the %s tower(s); every base weight stays frozen (the freeze_* flags apply to --peft_method none)",
+                    lora_towers)
+        return apply_peft(model, peft_args, components=towers)
+    apply_freezing(model, freeze_args)
+    # A tower's last N layers feed its final norm and projection, which train with them.
+    tops = []
+    if freeze_args.freeze_vision_tower and freeze_args.unfreeze_last_n_vision_layers > 0:
+        tops += ["vision_model.post_layernorm", "visual_projection"]
+    n_text = unfreeze_last_n_text_layers
+    if n_text > 0:
+        layers = len(model.text_model.encoder.layers)
+        if n_text > layers:
+            raise ValueError(f"unfreeze_last_n_text_layers={n_text}, but the text tower has only {layers} layers.")
+        tops += [f"text_model.encoder.layers.{i}" for i in range(layers - n_text, layers)]
+        tops += ["text_model.final_layer_norm", "text_projection"]
+    for name, param in model.named_parameters():
+        if any(name == t or name.startswith(t + ".") for t in tops):
+            param.requires_grad_(True)
+    return model
 
 
 # --- trainer --------------------------------------------------------------------------------------------
@@ -204,8 +248,8 @@ class ContrastiveTrainer(Trainer):
     def retrieval_metrics(self, metric_key_prefix: str = "eval", name: str | None = None, model=None) -> dict[str, float]:
         """Retrieval R@K / ranks on the eval records and zero-shot accuracy of `model` (default: the one training).
 
-        Rank 0 writes the embeddings to `predictions/<name>.npz` (default `step-<global step>`), which
-        `python -m eval report` scores again, and the metrics to `predictions/<name>.metrics.json`.
+        Rank 0 writes the embeddings to `predictions/<name>.npz` (default `step-<global step>`, the newest
+        step only), which `python -m eval report` scores again, and the metrics to `predictions/<name>.metrics.json`.
         """
         model = model if model is not None else self.accelerator.unwrap_model(self.model)
         was_training = model.training
@@ -229,8 +273,11 @@ class ContrastiveTrainer(Trainer):
         if self.is_world_process_zero():
             folder = os.path.join(self.args.output_dir, "predictions")
             os.makedirs(folder, exist_ok=True)
-            name = name or f"step-{self.state.global_step}"
+            step_eval, name = name is None, name or f"step-{self.state.global_step}"
             if arrays:
+                if step_eval:  # keep the newest step's embeddings only: on a large eval set each file is big
+                    for old in glob.glob(os.path.join(folder, "step-*.npz")):
+                        os.remove(old)
                 np.savez(os.path.join(folder, f"{name}.npz"), **arrays)
             with open(os.path.join(folder, f"{name}.metrics.json"), "w") as f:
                 json.dump(metrics, f, indent=2)

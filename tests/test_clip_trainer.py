@@ -1,4 +1,5 @@
-"""clip_retrieval's contrastive loss: equal to CLIP's on a plain batch, false negatives and hard negatives exact."""
+"""clip_retrieval's trainer parts: the loss (CLIP's on a plain batch; false and hard negatives exact), the
+temperature clamp, the zero-shot classifier, and which weights each training mode trains."""
 
 import math
 
@@ -13,8 +14,10 @@ from recipes.clip_retrieval.trainer import (
     class_embeddings,
     contrastive_loss,
     gather_with_local_grad,
+    set_training_mode,
     zero_shot_accuracy,
 )
+from recipes.common.args import FreezeArguments, PeftArguments
 
 
 def _features(n, d=8, seed=0):
@@ -99,3 +102,45 @@ def test_zero_shot_classifier_averages_templates_and_takes_the_nearest_class():
     np.testing.assert_allclose(classes, [[1, 0], [0, 1]], atol=1e-7)
     images = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
     assert zero_shot_accuracy(images, classes, [0, 1, 1]) == pytest.approx(2 / 3)
+
+
+def _tiny_clip():
+    from transformers import CLIPConfig, CLIPModel
+
+    layer = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
+    text = dict(layer, vocab_size=100, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=dict(layer, image_size=32, patch_size=8), projection_dim=16))
+
+
+def _trainable(model):
+    return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_full_fine_tune_trains_everything_and_frozen_towers_only_their_last_layers_and_heads():
+    model = _tiny_clip()
+    set_training_mode(model, PeftArguments(peft_method="none"), FreezeArguments(freeze_vision_tower=False, freeze_language_model=False))
+    assert _trainable(model) == {name for name, _ in model.named_parameters()}
+
+    model = _tiny_clip()
+    freeze = FreezeArguments(freeze_vision_tower=True, freeze_language_model=True, unfreeze_last_n_vision_layers=1)
+    set_training_mode(model, PeftArguments(peft_method="none"), freeze, unfreeze_last_n_text_layers=2)
+    tops = ("vision_model.encoder.layers.2.", "vision_model.post_layernorm.", "visual_projection.",
+            "text_model.encoder.layers.1.", "text_model.encoder.layers.2.", "text_model.final_layer_norm.", "text_projection.")
+    assert _trainable(model) == {n for n, _ in model.named_parameters() if n.startswith(tops)} | {"logit_scale"}
+    with pytest.raises(ValueError, match="the text tower has only 3 layers"):
+        set_training_mode(_tiny_clip(), PeftArguments(peft_method="none"), freeze, unfreeze_last_n_text_layers=4)
+
+
+@pytest.mark.parametrize("towers, prefix", [("vision", "vision_model."), ("text", "text_model."), ("both", "")])
+def test_lora_adapts_the_attention_of_the_chosen_towers_only(towers, prefix):
+    model = set_training_mode(_tiny_clip(), PeftArguments(), FreezeArguments(freeze_vision_tower=False), lora_towers=towers)
+    trained = _trainable(model)
+    assert trained and all(".lora_" in n and f"base_model.model.{prefix}" in n for n in trained)
+    assert {n.split(".")[-4] for n in trained} == {"q_proj", "k_proj", "v_proj", "out_proj"}  # ...q_proj.lora_A.default.weight
+    if towers == "both":
+        assert {n.split(".")[2] for n in trained} == {"vision_model", "text_model"}
+
+
+def test_lora_refuses_to_unfreeze_base_layers_it_would_not_save():
+    with pytest.raises(ValueError, match="--unfreeze_last_n_vision_layers: would train base weights, which a LoRA adapter does not save"):
+        set_training_mode(_tiny_clip(), PeftArguments(), FreezeArguments(unfreeze_last_n_vision_layers=1))

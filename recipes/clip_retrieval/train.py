@@ -116,7 +116,7 @@ def main(argv=None):
                                     max_rows=data_args.max_eval_samples)
 
     # Model: by default the embedded tiny CLIP (real classes, built offline on first use).
-    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:clip")
+    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:clip-pretrained")
     model, processor = load_model_and_processor(CLIPModel, model_path, model_args)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     positions = model.config.text_config.max_position_embeddings

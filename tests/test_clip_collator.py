@@ -1,9 +1,7 @@
 """clip_retrieval data: eos-keeping truncation, per-epoch caption sampling, collated rows and keys, the embedded data."""
 
 import datasets
-import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
@@ -30,7 +28,8 @@ def tokenizer():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", BOS), ("<eos>", EOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>")
 
 
 def _records(tmp_path, rows):
@@ -94,7 +93,8 @@ def test_collated_batch_holds_positives_then_negatives_with_their_keys(tokenizer
     # Without hard_negatives the records' negatives are not used, and an int index is the first caption.
     plain = PairDataset(records, tokenizer, max_length=16)
     assert plain[0]["input_ids"] == [BOS, 4, 5, 6, EOS] and plain[0]["neg_input_ids"] is None
-    assert plain.texts() == ([[BOS, 4, 5, 6, EOS], [BOS, 4, 9, 5, 6, EOS], [BOS, 4, 7, 8, EOS], [BOS, 4, 5, 6, EOS]], [0, 0, 1, 2])
+    ids, images = plain.texts()
+    assert ids == [[BOS, 4, 5, 6, EOS], [BOS, 4, 9, 5, 6, EOS], [BOS, 4, 7, 8, EOS], [BOS, 4, 5, 6, EOS]] and images == [0, 0, 1, 2]
 
 
 def test_size_words_are_dropped_and_articles_agree(tmp_path):

@@ -24,7 +24,8 @@ FAST = ["--model_name_or_path", "tiny:clip", "--report_to", "none", "--per_devic
         "--eval_strategy", "no", "--load_best_model_at_end", "false", "--logging_steps", "1", "--optim", "sgd",
         "--learning_rate", "2.0", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0",
         "--max_grad_norm", "0"]
-METRICS = {f"eval_{d}_{m}" for d in ("image_to_text", "text_to_image") for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")}
+METRICS = {f"eval_{d}_{m}" for d in ("image_to_text", "text_to_image")
+           for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")}
 
 
 @pytest.fixture(scope="module")

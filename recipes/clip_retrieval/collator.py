@@ -269,7 +269,8 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
     unknown = [(line, label) for line, label in names if label not in labels]
     if unknown:
         line, label = unknown[0]
-        raise DataError(BAD_VALUE, f"label {label!r} is not one of zero_shot_labels {labels}", path=path, line=line, field="label")
+        raise DataError(BAD_VALUE, f"label {label!r} is not one of zero_shot_labels {labels}", path=path, line=line,
+                        field="label")
     report = TextLengthReport()
     prompts = [tokenize_texts([t.format(label=label) for t in templates], tokenizer, max_length, report) for label in labels]
     return ZeroShotSet(images, [labels.index(label) for _, label in names], labels, prompts)

@@ -51,7 +51,8 @@ def main(argv=None) -> int:
     p.add_argument("--file", required=True, help="JSONL of retrieval or caption records")
     p.add_argument("--out", required=True, help="folder for images.npy, texts.npy and index.json")
     p.add_argument("--batch_size", type=int, default=256)
-    p.add_argument("--skip_bad_rows", action="store_true", help="skip invalid rows (written to FILE.rejects.jsonl) instead of stopping")
+    p.add_argument("--skip_bad_rows", action="store_true",
+                   help="skip invalid rows (written to FILE.rejects.jsonl) instead of stopping")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     records = load_records(args.file, "retrieval", skip_bad_rows=args.skip_bad_rows)

@@ -54,7 +54,8 @@ class RetrievalArguments:
         default="both", metadata={"help": "With --peft_method lora: LoRA on the attention projections of these towers."}
     )
     unfreeze_last_n_text_layers: int = field(
-        default=0, metadata={"help": "With a frozen text tower, still train its last N layers (and its final norm and projection)."}
+        default=0,
+        metadata={"help": "With a frozen text tower, still train its last N layers (and its final norm and projection)."},
     )
     hard_negatives: bool = field(
         default=False, metadata={"help": "Add one of each image's neg_captions (drawn per epoch) as an extra negative text."}
@@ -75,10 +76,13 @@ class RetrievalArguments:
         default_factory=lambda: ["a photo of a {label} shape."],
         metadata={"help": "Prompt templates; each class is the mean embedding of its prompts (CLIP's prompt ensembling)."},
     )
-    zero_shot_labels: list[str] | None = field(default=None, metadata={"help": "Class names and order; None = the labels in the file."})
+    zero_shot_labels: list[str] | None = field(
+        default=None, metadata={"help": "Class names and order; None = the labels in the file."}
+    )
     wise_ft_alpha: list[float] | None = field(
         default=None,
-        metadata={"help": "After training, write and evaluate wise_ft-<alpha>/: (1 - alpha) * base + alpha * fine-tuned weights."},
+        metadata={"help": "After training, write and evaluate wise_ft-<alpha>/: (1 - alpha) * base + alpha * "
+                  "fine-tuned weights."},
     )
 
     def __post_init__(self):
@@ -121,7 +125,8 @@ def main(argv=None):
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     positions = model.config.text_config.max_position_embeddings
     if data_args.max_length > positions:
-        raise ValueError(f"--max_length {data_args.max_length}: the text tower has {positions} positions; set --max_length {positions} or less.")
+        raise ValueError(f"--max_length {data_args.max_length}: the text tower has {positions} positions; "
+                         f"set --max_length {positions} or less.")
     if data_args.image_size and data_args.image_size != model.config.vision_config.image_size:
         raise ValueError(f"--image_size {data_args.image_size}: the vision tower's position embeddings are for "
                          f"{model.config.vision_config.image_size} px images; leave --image_size out.")

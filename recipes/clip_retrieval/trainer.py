@@ -266,7 +266,8 @@ class ContrastiveTrainer(Trainer):
         if self.zero_shot is not None:
             zs = self.zero_shot
             images = self._embed_shared(model, "images", zs.images)
-            classes = class_embeddings([embed_texts(model, self.data_collator, p, len(p), self.args.device) for p in zs.prompt_ids])
+            prompts = [embed_texts(model, self.data_collator, p, len(p), self.args.device) for p in zs.prompt_ids]
+            classes = class_embeddings(prompts)
             metrics["zero_shot_accuracy"] = zero_shot_accuracy(images, classes, zs.targets)
         model.train(was_training)
         metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in metrics.items()}

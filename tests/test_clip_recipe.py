@@ -42,7 +42,8 @@ def env(tmp_path_factory):
     data = ["--train_file", str(d / "synth" / "train.jsonl"), "--eval_file", str(d / "synth" / "eval.jsonl"),
             "--zero_shot_file", str(d / "synth" / "zs.jsonl"), "--hard_negatives", "true"]
     # 16 images, batch 8: 2 steps an epoch; 5 steps cross two epoch boundaries; checkpoint-3 is mid-epoch.
-    whole = [*data, "--max_steps", "5", "--save_strategy", "steps", "--save_steps", "3", *FAST]
+    whole = [*data, "--max_steps", "5", "--save_strategy", "steps", "--save_steps", "3", *FAST, "--eval_strategy", "steps",
+             "--eval_steps", "5"]
     r = _run([*whole, "--per_device_train_batch_size", "8", "--output_dir", str(d / "whole"), "--wise_ft_alpha", "0.5"], e)
     assert r.returncode == 0, r.stderr[-4000:]
     return d, e, data, whole
@@ -63,6 +64,10 @@ def test_run_writes_metrics_that_make_eval_reproduces_and_wise_ft_interpolates(e
     assert set(metrics["before"]) == set(metrics["after"]) == set(metrics["wise_ft"]["0.5"]) == METRICS | {"eval_zero_shot_accuracy"}
     assert (metrics["task"], metrics["global_step"], metrics["zero_shot_labels"]) == ("retrieval", 5, ["large", "small"])
     assert len(_losses(out)) == 5 and metrics["after"] != metrics["before"]
+    # The Trainer's evaluation at step 5 logs the loss and the same metrics (metric_for_best_model can use them).
+    logged = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in h]
+    assert [h["step"] for h in logged] == [5] and logged[0]["eval_loss"] > 0
+    assert {k: v for k, v in logged[0].items() if k in metrics["after"]} == pytest.approx(metrics["after"], abs=1e-6)
 
     from eval.report import report_run
 
@@ -84,7 +89,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     out = d / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
            "--main_process_port", "29561", str(RECIPE / "train.py"), *whole, "--per_device_train_batch_size", "4",
-           "--output_dir", str(out), "--save_strategy", "no"]
+           "--per_device_eval_batch_size", "4", "--output_dir", str(out), "--save_strategy", "no"]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     one, two = json.loads((d / "whole" / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
@@ -98,6 +103,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
         torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4)
     # The evaluation, split across the processes, gives the same numbers.
     assert two["before"] == pytest.approx(one["before"], abs=1e-6)
+    # The eval loss too: the 8 eval pairs are one global batch in both runs (4 per process here).
+    eval_loss = lambda run: [h["eval_loss"] for h in json.loads((run / "trainer_state.json").read_text())["log_history"]  # noqa: E731
+                             if "eval_loss" in h]
+    assert eval_loss(out) == pytest.approx(eval_loss(d / "whole"), abs=1e-5)
 
 
 def test_resumed_run_ends_like_the_uninterrupted_one(env):

@@ -101,6 +101,8 @@ def main(argv=None):
     model_args, data_args, peft_args, freeze_args, args, training_args = parse_args(
         (ModelArguments, DataArguments, PeftArguments, FreezeArguments, RetrievalArguments, TrainingArguments), argv
     )
+    if data_args.prompt:
+        raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; zero-shot prompts are --zero_shot_templates.")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -136,6 +138,9 @@ def main(argv=None):
     # Pairs: one caption per image per epoch (drawn by the sampler); every cut text is counted.
     train_dataset = PairDataset(train_records, tokenizer, data_args.max_length, hard_negatives=args.hard_negatives)
     logger.info("train %s", train_dataset.report)
+    if args.hard_negatives:
+        with_negatives = sum(bool(n) for n in train_dataset.negatives)
+        logger.info("hard negatives: %d of %d train images have neg_captions", with_negatives, len(train_dataset))
     eval_dataset = zero_shot = None
     if eval_records is not None:
         eval_dataset = PairDataset(eval_records, tokenizer, data_args.max_length)

@@ -69,6 +69,8 @@ def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
     dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
     sizes = [int(s) for s in sizes]
+    if max(sizes) == 0:  # e.g. no hard negatives anywhere in this step
+        return x
     padded = x.new_zeros((max(sizes), *x.shape[1:]))
     padded[: x.shape[0]] = x.detach()
     parts = [torch.empty_like(padded) for _ in range(world)]
@@ -207,6 +209,8 @@ class ContrastiveTrainer(Trainer):
         self.zero_shot = zero_shot
         self.freeze_args = freeze_args
         self.add_callback(ClampLogitScale())
+        # The loss needs no labels; without this, evaluation would run the model but skip eval_loss.
+        self.can_return_loss = True
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

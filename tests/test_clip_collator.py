@@ -127,3 +127,25 @@ def test_zero_shot_file_errors_name_file_line_and_field(tokenizer, tmp_path):
         load_zero_shot(good, ["{label}"], tokenizer, 16, labels=["large", "medium"])
     with pytest.raises(ValueError, match="must each contain"):
         load_zero_shot(good, ["a photo"], tokenizer, 16)
+
+
+def test_embedded_data_has_no_size_words_and_zero_shot_images_hold_one_object(tmp_path, monkeypatch):
+    from data_tools.synth import make_scene
+    from recipes.clip_retrieval.collator import ZERO_SHOT_SEED, embedded_retrieval, embedded_zero_shot
+
+    monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path))
+    splits = embedded_retrieval(n=20)
+    for name, path in splits.items():
+        original, rows = read_jsonl(path.with_name(f"{name}.jsonl")), read_jsonl(path)
+        assert [r["image"] for r in rows] == [r["image"] for r in original] and rows
+        for row, orig in zip(rows, original):
+            assert row["captions"] == list(dict.fromkeys(drop_size_words(c) for c in orig["captions"]))
+            assert not any(w in c.split() for c in row["captions"] for w in ("small", "little", "large", "big"))
+    assert embedded_retrieval(n=20) == splits and embedded_retrieval(n=20, without_size=False)["train"].name == "train.jsonl"
+
+    path = embedded_zero_shot("size", n=6)
+    rows = read_jsonl(path)
+    assert len(rows) == 6 and all((path.parent / r["image"]).exists() for r in rows)
+    for r in rows:
+        objects = make_scene(ZERO_SHOT_SEED, int(r["image"][7:13]))
+        assert len(objects) == 1 and r["label"] == objects[0]["size"]

@@ -193,7 +193,10 @@ def embedded_retrieval(lang: str = "en", seed: int = 0, n: int = 1000, without_s
             rows = read_jsonl(path)
             for row in rows:
                 row["captions"] = list(dict.fromkeys(drop_size_words(c, lang) for c in row["captions"]))
-            write_jsonl(out[name], rows)  # atomic: concurrent ranks write the same bytes
+            # A file of its own per process, then an atomic rename: DDP ranks build it at the same time.
+            tmp = out[name].with_name(f"{out[name].name}.{os.getpid()}")
+            write_jsonl(tmp, rows)
+            os.replace(tmp, out[name])
     return out
 
 

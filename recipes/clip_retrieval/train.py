@@ -102,7 +102,8 @@ def main(argv=None):
         (ModelArguments, DataArguments, PeftArguments, FreezeArguments, RetrievalArguments, TrainingArguments), argv
     )
     if data_args.prompt:
-        raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; zero-shot prompts are --zero_shot_templates.")
+        raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; "
+                         "zero-shot prompts are --zero_shot_templates.")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -121,7 +122,7 @@ def main(argv=None):
         eval_records = load_records(data_args.eval_file, "retrieval", skip_bad_rows=data_args.skip_bad_rows,
                                     max_rows=data_args.max_eval_samples)
 
-    # Model: by default the embedded tiny CLIP (real classes, built offline on first use).
+    # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(model_args.model_name_or_path or "tiny:clip-pretrained")
     model, processor = load_model_and_processor(CLIPModel, model_path, model_args)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor

@@ -86,6 +86,9 @@ def read_references(path: str, task: str) -> dict:
         if isinstance(row, DataError):
             raise row
         key = row["question_id"] if task == "vqa" else row["image"]
+        if task == "caption" and key in records:  # one row per caption: all of them are the image's references
+            records[key]["captions"] = records[key]["captions"] + row["captions"]
+            continue
         records[str(key) if task == "vqa" else key] = row
     return records
 

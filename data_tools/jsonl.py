@@ -131,7 +131,8 @@ def iter_json_list(path: str | os.PathLike) -> Iterator[tuple[int, object, bytes
                 break
             else:
                 raise fail(pos, "expected ',' or ']' after a row")
-    if _JSON_SPACE.match(text, pos).end() != len(text):
+    pos = _JSON_SPACE.match(text, pos).end()
+    if pos != len(text):
         raise fail(pos, "extra data after the list")
 
 

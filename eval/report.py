@@ -28,7 +28,7 @@ from data_tools.clean import check_rows
 from data_tools.errors import DataError
 from data_tools.images import load_image
 
-from .caption import caption_metrics
+from .caption import CHARACTER_LANGS, ENGLISH_ONLY, caption_metrics
 from .inputs import read_predictions
 from .vqa import vqa_accuracy
 
@@ -102,7 +102,9 @@ def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict,
                         field="key")
     if task == "caption":
         refs = {k: records[k]["captions"] for k in predictions}
-        scores = caption_metrics(predictions, refs, lang=lang, metrics=CAPTION_METRICS, per_sample=True)
+        # METEOR needs English resources: Chinese, Japanese, ... runs are scored without it (a "-" in the table).
+        metrics = [m for m in CAPTION_METRICS if not (lang in CHARACTER_LANGS and m in ENGLISH_ONLY)]
+        scores = caption_metrics(predictions, refs, lang=lang, metrics=metrics, per_sample=True)
         per_sample = {k: s["CIDEr"] for k, s in scores.pop("per_sample").items()}
         return scores, per_sample
     if task == "vqa":

@@ -110,8 +110,8 @@ def main(argv=None):
                                                             max_rows=data_args.max_eval_samples))
 
     # Model: the frozen parts from two checkpoints (by default the embedded tiny ones), fresh trained parts between.
-    vision_path = resolve_model_path(sp_args.vision_model or "tiny:clip-vision")
-    language_path = resolve_model_path(sp_args.language_model or "tiny:gpt2")
+    vision_path = resolve_model_path(sp_args.vision_model or "tiny:clip-vision-pretrained")
+    language_path = resolve_model_path(sp_args.language_model or "tiny:gpt2-pretrained")
     for path in (vision_path, language_path):
         check_model_source(path)
     tokenizer = AutoTokenizer.from_pretrained(language_path, revision=model_args.revision)

@@ -143,3 +143,21 @@ def test_frozen_parts_load_in_the_asked_dtype_and_trained_parts_stay_float32(bas
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     assert model.soft_prompt.grad.dtype == torch.float32 and model.soft_prompt.grad.abs().sum() > 0
+
+
+def test_a_full_clip_checkpoint_gives_its_vision_tower(bases, tmp_path):
+    from transformers import AutoImageProcessor, CLIPModel
+
+    clip = build_tiny("clip", tmp_path / "clip")  # both towers, as openai/clip-vit-base-patch32 on the Hub
+    model = SoftPromptCaptioner.from_parts(str(clip), bases[1])
+    tower = CLIPModel.from_pretrained(clip).vision_model.state_dict()
+    assert {k: v.shape for k, v in model.vision_model.state_dict().items()} == {k: v.shape for k, v in tower.items()}
+    assert all(torch.equal(v, tower[k]) for k, v in model.vision_model.state_dict().items())
+    assert AutoImageProcessor.from_pretrained(clip).crop_size["height"] == 64
+
+
+def test_bad_options_are_clear_errors(bases):
+    with pytest.raises(ValueError, match="prompt_length must be >= 0, got -1"):
+        SoftPromptCaptioner.from_parts(*bases, prompt_length=-1)
+    with pytest.raises(ValueError, match=r"projection must be one of \('linear', 'mlp'\), got 'conv'"):
+        SoftPromptCaptioner.from_parts(*bases, projection="conv")

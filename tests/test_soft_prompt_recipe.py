@@ -223,5 +223,3 @@ def test_plain_json_list_data_and_bad_input_errors(env):
     assert r.returncode != 0 and f"{d / 'synth' / 'bad.json'}:1: field '[4].captions': is missing" in r.stderr
     r = _run(TRAIN, [*_data(d), "--output_dir", str(d / "x"), *FAST, "--language_model", "./no/such/model"], e)
     assert r.returncode != 0 and "model path './no/such/model' does not exist" in r.stderr
-    r = _run(TRAIN, [*_data(d), "--output_dir", str(d / "x"), *FAST, "--prompt_length", "-1"], e)
-    assert r.returncode != 0 and "prompt_length must be >= 0, got -1" in r.stderr

@@ -63,6 +63,9 @@ class SoftPromptCaptionerConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.prompt_length < 0:
             raise ValueError(f"prompt_length must be >= 0, got {self.prompt_length}.")
+        for name, allowed in (("projection", ("linear", "mlp")), ("vision_features", ("pooled", "patches"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
 
     @property
     def num_vision_tokens(self) -> int:

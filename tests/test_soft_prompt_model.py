@@ -161,3 +161,17 @@ def test_bad_options_are_clear_errors(bases):
         SoftPromptCaptioner.from_parts(*bases, prompt_length=-1)
     with pytest.raises(ValueError, match=r"projection must be one of \('linear', 'mlp'\), got 'conv'"):
         SoftPromptCaptioner.from_parts(*bases, projection="conv")
+
+
+def test_sizes_for_clip_b32_and_gpt2():
+    """The issue's example: 10 x 768 + 768 x 768 (+ bias) with a linear projection; built on the meta device."""
+    from transformers import CLIPVisionConfig, GPT2Config
+
+    from recipes.soft_prompt_caption.modeling import SoftPromptCaptionerConfig
+
+    with torch.device("meta"):  # CLIPVisionConfig() and GPT2Config() are ViT-B/32 and GPT-2 small
+        model = SoftPromptCaptioner(SoftPromptCaptionerConfig(vision_config=CLIPVisionConfig(), text_config=GPT2Config()))
+    model.vision_model.requires_grad_(False)
+    model.language_model.requires_grad_(False)
+    assert trained_sizes(model) == "trained: soft_prompt 10 x 768 + projection.weight 768 x 768 + projection.bias 768 = 598,272 parameters"
+    assert count_parameters(model).total == 87_456_000 + 124_439_808 + 598_272

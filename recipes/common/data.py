@@ -104,7 +104,7 @@ def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 
 
 
 def merge_captions_by_image(ds: datasets.Dataset) -> datasets.Dataset:
-    """Caption records with one row per image: the captions of rows naming the same image are joined, in order.
+    """Caption records merged to one row per image: the captions of rows naming the same image, in order.
 
     Files with one row per caption (the `[{"image_path": ..., "text": ...}]` style) would otherwise give
     an image several predictions and keep only one row's references when scoring.

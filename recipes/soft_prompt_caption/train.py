@@ -52,10 +52,10 @@ class SoftPromptArguments:
     vision_model: str | None = field(
         default=None,
         metadata={"help": "CLIP checkpoint (Hub id or folder; a full CLIP or a vision-only one) whose vision encoder "
-                          "is used frozen, e.g. openai/clip-vit-base-patch32; None = the embedded tiny one."},
+                          "is used frozen, e.g. openai/clip-vit-base-patch32; None = the embedded pre-trained tiny one."},
     )
     language_model: str | None = field(
-        default=None, metadata={"help": "Causal LM used frozen, e.g. gpt2; None = the embedded tiny GPT-2."}
+        default=None, metadata={"help": "Causal LM used frozen, e.g. gpt2; None = the embedded pre-trained tiny GPT-2."}
     )
     prompt_length: int = field(default=10, metadata={"help": "Soft prompt vectors; 0 = projection only (the ablation)."})
     prompt_init_text: str | None = field(

@@ -35,7 +35,8 @@ def test_a_json_list_loads_like_jsonl_and_one_row_per_caption_merges(tmp_path):
 def test_bad_rows_of_a_list_name_file_line_and_index(tmp_path):
     _images(tmp_path)
     path = tmp_path / "pairs.json"
-    path.write_text(json.dumps([{"image_path": "a.png", "text": "ok"}, {"image_path": "a.png"}, 5, {"image_path": "b.png", "text": ""}]))
+    rows = [{"image_path": "a.png", "text": "ok"}, {"image_path": "a.png"}, 5, {"image_path": "b.png", "text": ""}]
+    path.write_text(json.dumps(rows))
     with pytest.raises(BadRowsError) as e:
         load_records(path, "caption")
     text = str(e.value)

@@ -29,7 +29,8 @@ def _pixels(n=2):
 def test_only_soft_prompt_and_projection_train_and_their_sizes_are_printed(bases):
     model = _model(bases)
     # Tiny sizes: GPT-2 hidden 128, CLIP vision hidden 64. CLIP-B/32 + GPT-2 would read 10 x 768 + 768 x 768 + 768.
-    assert trained_sizes(model) == "trained: soft_prompt 10 x 128 + projection.weight 128 x 64 + projection.bias 128 = 9,600 parameters"
+    assert trained_sizes(model) == ("trained: soft_prompt 10 x 128 + projection.weight 128 x 64 + projection.bias 128 "
+                                    "= 9,600 parameters")
     rows = count_parameters(model).rows
     assert rows["bridge"] == (9600, 9600) and rows["vision"][0] == 0 and rows["language"][0] == 0 and rows["other"] == (0, 0)
     assert model.soft_prompt.std().item() == pytest.approx(0.02, rel=0.1)  # N(0, 0.02)
@@ -100,7 +101,8 @@ def test_save_pretrained_round_trip_and_auto_model(bases, tmp_path):
     assert again.language_model.config._attn_implementation == "sdpa"
     ids = torch.tensor([[5, 6, 7]] * 2)
     with torch.no_grad():
-        assert torch.equal(model(pixel_values=_pixels(), input_ids=ids).logits, again(pixel_values=_pixels(), input_ids=ids).logits)
+        assert torch.equal(model(pixel_values=_pixels(), input_ids=ids).logits,
+                           again(pixel_values=_pixels(), input_ids=ids).logits)
     # GPT-2 ties its output layer to its input embeddings; still tied after loading.
     assert again.language_model.lm_head.weight.data_ptr() == again.language_model.transformer.wte.weight.data_ptr()
 
@@ -117,7 +119,8 @@ def test_trained_parts_alone_on_disk_and_back(bases, tmp_path):
     rebuilt = SoftPromptCaptioner.from_trained(tmp_path / "run").eval()
     ids = torch.tensor([[5, 6, 7]] * 2)
     with torch.no_grad():
-        assert torch.equal(model(pixel_values=_pixels(), input_ids=ids).logits, rebuilt(pixel_values=_pixels(), input_ids=ids).logits)
+        assert torch.equal(model(pixel_values=_pixels(), input_ids=ids).logits,
+                           rebuilt(pixel_values=_pixels(), input_ids=ids).logits)
     other = _model(bases, prompt_length=5)
     with pytest.raises(ValueError, match=r"trained.safetensors: soft_prompt has shape \(10, 128\), the model \(5, 128\)"):
         load_trained(other, tmp_path / "run")
@@ -173,5 +176,6 @@ def test_sizes_for_clip_b32_and_gpt2():
         model = SoftPromptCaptioner(SoftPromptCaptionerConfig(vision_config=CLIPVisionConfig(), text_config=GPT2Config()))
     model.vision_model.requires_grad_(False)
     model.language_model.requires_grad_(False)
-    assert trained_sizes(model) == "trained: soft_prompt 10 x 768 + projection.weight 768 x 768 + projection.bias 768 = 598,272 parameters"
+    assert trained_sizes(model) == ("trained: soft_prompt 10 x 768 + projection.weight 768 x 768 + projection.bias 768 "
+                                    "= 598,272 parameters")
     assert count_parameters(model).total == 87_456_000 + 124_439_808 + 598_272

@@ -61,7 +61,8 @@ def test_run_saves_only_trained_parts_and_the_export_equals_the_run(env):
                      "--save_steps", "2"], e)
     assert r.returncode == 0, r.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"eval_CIDEr", "eval_Bleu_4", "eval_ROUGE_L"} <= set(metrics["before"]) and set(metrics["before"]) == set(metrics["after"])
+    assert {"eval_CIDEr", "eval_Bleu_4", "eval_ROUGE_L"} <= set(metrics["before"])
+    assert set(metrics["before"]) == set(metrics["after"])
     assert (metrics["recipe"], metrics["prompt_length"], metrics["trained_parameters"]) == ("soft_prompt_caption", 10, 9600)
     assert SIZES in r.stderr and "train length budget: 200 samples, 0 truncated" in r.stderr  # 40 images x 5 captions
     # Only what trains is on disk; the bases are named in config.json.
@@ -115,8 +116,9 @@ def _trainer(d, bases, model, output_dir, **args):
     train, _ = collator.tokenize_captions(records, tok, prefix_length=11)
     args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, report_to=[], use_cpu=True,
                              remove_unused_columns=False, logging_steps=1, seed=0, **args)
+    data_collator = collator.CaptionCollator(AutoImageProcessor.from_pretrained(bases[0]), tok.pad_token_id)
     return SoftPromptTrainer(model=model, args=args, train_dataset=train, freeze_args=FreezeArguments(), processing_class=tok,
-                             data_collator=collator.CaptionCollator(AutoImageProcessor.from_pretrained(bases[0]), tok.pad_token_id))
+                             data_collator=data_collator)
 
 
 def test_training_leaves_frozen_weights_bit_identical(env, bases, tmp_path):
@@ -125,7 +127,8 @@ def test_training_leaves_frozen_weights_bit_identical(env, bases, tmp_path):
 
     d, _ = env
     torch.manual_seed(0)
-    model = get_peft_model(modeling.SoftPromptCaptioner.from_parts(*bases), LoraConfig(r=4, target_modules=r"language_model\..*\.c_attn"))
+    lora = LoraConfig(r=4, target_modules=r"language_model\..*\.c_attn")
+    model = get_peft_model(modeling.SoftPromptCaptioner.from_parts(*bases), lora)
     for name, p in model.named_parameters():
         if "soft_prompt" in name or "projection" in name:
             p.requires_grad_(True)
@@ -196,7 +199,8 @@ def _without_lora(run, folder):
     from safetensors.torch import save_file
 
     folder.mkdir(exist_ok=True)
-    tensors = {k.removeprefix("base_model.model."): v for k, v in load_file(run / "trained.safetensors").items() if ".lora_" not in k}
+    trained = load_file(run / "trained.safetensors")
+    tensors = {k.removeprefix("base_model.model."): v for k, v in trained.items() if ".lora_" not in k}
     save_file(tensors, folder / "trained.safetensors")
     return folder
 

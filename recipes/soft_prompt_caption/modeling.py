@@ -95,7 +95,9 @@ class SoftPromptCaptioner(PreTrainedModel):
         super().__init__(config)
         # Parts passed in (already loaded) are kept: post_init skips weights marked as loaded.
         self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
-        self.language_model = language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.language_model = language_model
         d_vision = config.vision_config.hidden_size
         d_text = self.language_model.get_input_embeddings().embedding_dim
         if config.projection == "linear":
@@ -289,9 +291,10 @@ def load_trained(model: nn.Module, folder: str | Path) -> None:
     unknown = sorted(set(tensors) - set(params))
     absent = sorted(set(trained_parameter_names(model)) - set(tensors))
     if unknown or absent:
+        lora = f" and {LORA_CONFIG}" if (path.parent / LORA_CONFIG).exists() else ""
         raise ValueError(f"{path} does not fit this model: {len(unknown)} unknown tensor(s) {unknown[:3]}, "
                          f"{len(absent)} trained parameter(s) not in the file {absent[:3]}. Build the model with the "
-                         f"settings of the run (its config.json{', ' + LORA_CONFIG if (path.parent / LORA_CONFIG).exists() else ''}).")
+                         f"settings of the run (its config.json{lora}).")
     with torch.no_grad():
         for name, value in tensors.items():
             if params[name].shape != value.shape:

@@ -33,7 +33,7 @@ from data_tools.clean import check_rows
 from data_tools.errors import DataError
 from data_tools.images import load_image
 
-from .caption import caption_metrics
+from .caption import CHARACTER_LANGS, ENGLISH_ONLY, caption_metrics
 from .inputs import read_predictions
 from .retrieval import recall_at_k, text_to_image_ranks
 from .vqa import vqa_accuracy
@@ -94,6 +94,9 @@ def read_references(path: str, task: str) -> dict:
         if isinstance(row, DataError):
             raise row
         key = row["question_id"] if task == "vqa" else row["image"]
+        if task == "caption" and key in records:  # one row per caption: all of them are the image's references
+            records[key]["captions"] = records[key]["captions"] + row["captions"]
+            continue
         records[str(key) if task == "vqa" else key] = row
     return records
 
@@ -107,7 +110,9 @@ def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict,
                         field="key")
     if task == "caption":
         refs = {k: records[k]["captions"] for k in predictions}
-        scores = caption_metrics(predictions, refs, lang=lang, metrics=CAPTION_METRICS, per_sample=True)
+        # METEOR needs English resources: Chinese, Japanese, ... runs are scored without it (a "-" in the table).
+        metrics = [m for m in CAPTION_METRICS if not (lang in CHARACTER_LANGS and m in ENGLISH_ONLY)]
+        scores = caption_metrics(predictions, refs, lang=lang, metrics=metrics, per_sample=True)
         per_sample = {k: s["CIDEr"] for k, s in scores.pop("per_sample").items()}
         return scores, per_sample
     if task == "vqa":

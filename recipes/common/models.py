@@ -72,6 +72,14 @@ def _check_source(path: str) -> None:
         )
 
 
+def check_model_source(path: str) -> None:
+    """Raise a clear FileNotFoundError for a local-looking path that does not exist, before it reaches the Hub.
+
+    For recipes that load their parts themselves instead of through `load_model_and_processor`.
+    """
+    _check_source(path)
+
+
 def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *, skip_quantization: list[str] | None = None):
     """Load `model_cls` and its processor from a local folder or Hub id, the same way for tiny and real models."""
     _check_source(path)

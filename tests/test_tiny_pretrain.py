@@ -80,3 +80,52 @@ def test_pretraining_images_are_not_fine_tuning_images(tmp_path):
         pre.add(content_hash(tmp_path / f"p{i}.png"))
     fine = make_synthetic("caption", 1000, tmp_path / "fine", seed=0, progress=False).parent / "images"
     assert len(pre) == 1000 and not pre & {content_hash(p) for p in fine.glob("*.png")}
+
+
+def test_clip_pretraining_learns_and_exports_its_vision_tower(tmp_path):
+    from transformers import CLIPModel, CLIPVisionModel
+
+    base = tiny_model_path("clip", tmp_path / "cache")
+    clip = tiny_pretrain.pretrain_clip(tmp_path / "clip", base=base, steps=60, batch_size=16, warmup=5,
+                                       log=lambda m: None)
+    curve = json.loads((clip / "pretraining.json").read_text())["loss_curve"]
+    assert curve[-1]["contrastive_loss"] < 0.85 * curve[0]["contrastive_loss"]  # from ln(16)
+    vision = tiny_pretrain.export_clip_vision(tmp_path / "vision", clip=clip, log=lambda m: None)
+    full, alone = CLIPModel.from_pretrained(clip).vision_model.state_dict(), CLIPVisionModel.from_pretrained(vision).state_dict()
+    assert full.keys() == alone.keys() and all(torch.equal(full[k], alone[k]) for k in full)
+    assert not torch.equal(alone["embeddings.patch_embedding.weight"],
+                           CLIPModel.from_pretrained(base).vision_model.state_dict()["embeddings.patch_embedding.weight"])
+
+
+def test_language_model_pretraining_gpt2_and_llava(tmp_path):
+    from transformers import AutoTokenizer, CLIPModel, GPT2LMHeadModel, LlavaForConditionalGeneration
+
+    cache = tmp_path / "cache"
+    gpt2 = tiny_pretrain.pretrain_gpt2(tmp_path / "gpt2", base=tiny_model_path("gpt2", cache), steps=30, batch_size=8,
+                                       lr=3e-3, warmup=5, log=lambda m: None)
+    curve = json.loads((gpt2 / "pretraining.json").read_text())["loss_curve"]
+    assert curve[-1]["text_loss"] < 0.7 * curve[0]["text_loss"]
+    GPT2LMHeadModel.from_pretrained(gpt2), AutoTokenizer.from_pretrained(gpt2)  # an ordinary checkpoint
+
+    clip = tiny_model_path("clip", cache)  # any CLIP with the same vision config will do here
+    base = tiny_model_path("llava", cache)
+    llava = tiny_pretrain.pretrain_llava(tmp_path / "llava", base=base, clip=clip, steps=10, batch_size=8, warmup=2,
+                                         log=lambda m: None)
+    after, before = (LlavaForConditionalGeneration.from_pretrained(p).state_dict() for p in (llava, base))
+    tower = CLIPModel.from_pretrained(clip).vision_model.state_dict()
+    assert all(torch.equal(after[f"model.vision_tower.{k}"], v) for k, v in tower.items())  # the CLIP tower, as is
+    projector = [k for k in after if k.startswith("model.multi_modal_projector.")]
+    assert projector and all(torch.equal(after[k], before[k]) for k in projector)  # left for stage 1
+    assert not torch.equal(after["model.language_model.embed_tokens.weight"], before["model.language_model.embed_tokens.weight"])
+
+
+def test_text_batches_start_with_bos_whatever_the_tokenizer():
+    from transformers import AutoTokenizer
+
+    for name in ("gpt2", "blip2-opt"):  # GPT-2's tokenizer adds no bos, OPT's does
+        tok = AutoTokenizer.from_pretrained(tiny_model_path(name))
+        batch = tiny_pretrain._text_batch(tok, ["a red circle", "a blue square in the middle"])
+        assert (batch["input_ids"][:, 0] == tok.bos_token_id).all()
+        n = int(batch["attention_mask"][0].sum())
+        assert batch["input_ids"][0, n - 1] == tok.eos_token_id and (batch["labels"][0, n:] == -100).all()
+        assert (batch["input_ids"][0, 1:n - 1] == torch.tensor(tok("a red circle", add_special_tokens=False)["input_ids"])).all()

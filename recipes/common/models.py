@@ -42,9 +42,9 @@ TINY_PREFIX = "tiny:"
 def resolve_model_path(path: str) -> str:
     """`tiny:<name>` is a tiny model the project builds offline; anything else is returned unchanged.
 
-    `tiny:blip2-opt` (random weights, `tiny_models`) or `tiny:blip2-opt-pretrained` (its pre-trained
-    base, `tiny_pretrain`), built into the cache on first use. Both are ordinary `save_pretrained`
-    folders, loaded below exactly like a Hub checkpoint.
+    `tiny:clip` (random weights, `tiny_models`) or `tiny:clip-pretrained` (a pre-trained base,
+    `tiny_pretrain`), built into the cache on first use. Both are ordinary `save_pretrained` folders,
+    loaded exactly like a Hub checkpoint.
     """
     if not path.startswith(TINY_PREFIX):
         return path

@@ -1,31 +1,39 @@
-"""Pre-train a tiny model: the small pre-trained base that the embedded default runs fine-tune.
+"""Pre-train tiny models: the small pre-trained bases that the embedded default runs fine-tune.
 
 A real fine-tuning run starts from a pre-trained checkpoint. A tiny model with random weights is no
 such start: fine-tuned with LoRA alone (frozen random embeddings and LM head), tiny BLIP-2 ends three
-epochs on the synthetic captions at a loss of 5.8 and a held-out CIDEr of 0.46. So the project
-pre-trains its own tiny base, as real models are pre-trained, and reproducibly:
+epochs on the synthetic captions at a loss of 5.8 and a held-out CIDEr of 0.46, and a frozen random
+CLIP or GPT-2 cannot be steered to caption at all. So the project pre-trains its own tiny bases, as
+real models are pre-trained, and reproducibly. Two corpora, neither of them a fine-tuning task:
 
-- every weight trains (vision encoder, Q-Former, language model), from the random tiny model of
-  `tiny_models` (seed 0), on two corpora at each step, neither of them the fine-tuning task:
-  1. images with attribute annotations in the style of region annotations (Visual Genome), not
-     captions: "top-left: shape circle, colour red, size small; center: shape square, colour blue,
-     size large". The images are synthetic shapes scenes from another seed (`PRETRAIN_SEED`), so none
-     is a fine-tuning image, though scenes can look alike, as web images do. The base learns what is
-     in an image and where. Perfect annotations score a CIDEr of 0.20 against the reference captions,
-     so the base's held-out CIDEr before fine-tuning stays low;
-  2. text alone for the language model: the captions, VQA questions and answers and instructions
-     (English and Chinese) that `synth` writes for the pre-training scenes, without their images,
-     as a language model first learns from web text. The base knows the words and grammar of the
-     domain but has never been shown which caption goes with which image;
-- a fixed recipe (AdamW, warm-up + cosine, batch 32 + 32, gradient clipping), seeded: the same
-  versions of torch and transformers on the same kind of CPU give the same weights.
+1. images with attribute annotations in the style of region annotations (Visual Genome), not
+   captions: "top-left: shape circle, colour red, size small; center: shape square, colour blue,
+   size large". The images are synthetic shapes scenes from another seed (`PRETRAIN_SEED`), so none
+   is a fine-tuning image, though scenes can look alike, as web images do. A base learns what is in
+   an image and where. Perfect annotations score a CIDEr of 0.20 against the reference captions, so a
+   base's held-out CIDEr before fine-tuning stays low;
+2. text alone: the captions, VQA questions and answers and instructions (English and Chinese) that
+   `synth` writes for the pre-training scenes, without their images, as a language model first learns
+   from web text. A base knows the words and grammar of the domain but has never been shown which
+   caption goes with which image.
+
+The bases (`tiny:<name>-pretrained` in a recipe's --model_name_or_path):
+- `blip2-opt`: every weight of the tiny BLIP-2 (vision, Q-Former, OPT) on corpus 1 (image -> text)
+  and its OPT on corpus 2, at each step;
+- `clip`: the tiny CLIP contrastively on corpus 1 (image, annotation) pairs;
+- `clip-vision`: the vision tower of the pre-trained `clip`, alone (a CLIPVisionModel);
+- `gpt2`: the tiny GPT-2 on corpus 2;
+- `llava`: LLaVA-1.5's starting point: the vision tower of the pre-trained `clip`, a Llama pre-trained
+  on corpus 2, and a projector that has not been trained (the llava_instruct recipe's stage 1 does it).
+
+Each is one fixed recipe (AdamW, warm-up + cosine, gradient clipping), seeded: the same versions of
+torch and transformers on the same kind of CPU give the same weights.
 
     python -m recipes.common.tiny_pretrain blip2-opt                 # into the cache (what recipes use)
-    python -m recipes.common.tiny_pretrain blip2-opt --out /tmp/base --steps 300
+    python -m recipes.common.tiny_pretrain clip --out /tmp/clip --steps 300
 
 The result is saved with `save_pretrained` (model and processor) plus `pretraining.json` (corpus,
-settings, loss curve, seconds), and loaded with `from_pretrained` like any checkpoint. Recipes name it
-`tiny:blip2-opt-pretrained`.
+settings, loss curve, seconds), and loaded with `from_pretrained` like any checkpoint.
 """
 
 from __future__ import annotations
@@ -43,9 +51,9 @@ from data_tools.synth import draw_scene, make_scene, scene_texts
 
 from .tiny_models import BUILD_VERSION, build_once, cache_root, tiny_model_path
 
-PRETRAIN_VERSION = 1  # bump when the corpus or the recipe below changes
+# Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
+PRETRAIN_VERSIONS = {"blip2-opt": 1, "clip": 1, "clip-vision": 1, "gpt2": 1, "llava": 1}
 PRETRAIN_SEED = 10_000  # synth seed of the pre-training images; the embedded fine-tuning data uses 0
-DEFAULTS = {"steps": 2000, "batch_size": 32, "lr": 1e-3, "warmup": 50, "weight_decay": 0.01, "seed": 0}
 
 
 def annotation(objects: list[dict]) -> str:
@@ -78,8 +86,14 @@ def text_corpus(n_scenes: int = 2000, seed: int = 0) -> list[str]:
 
 
 def _text_batch(tokenizer, texts: list[str]) -> dict[str, torch.Tensor]:
-    """Causal-LM inputs for the language model alone: bos + text + eos, right-padded; loss off on padding."""
-    ids = [tokenizer(t)["input_ids"] + [tokenizer.eos_token_id] for t in texts]
+    """Causal-LM inputs for the language model alone: bos + text + eos, right-padded; loss off on padding.
+
+    bos is put in front where the tokenizer adds none (GPT-2's: its `<|endoftext|>` then separates texts
+    as it separates GPT-2's training documents), so the first word is learned too.
+    """
+    bos = tokenizer.bos_token_id
+    ids = [tokenizer(t)["input_ids"] for t in texts]
+    ids = [(x if bos is None or x[:1] == [bos] else [bos] + x) + [tokenizer.eos_token_id] for x in ids]
     width = max(map(len, ids))
     input_ids = torch.full((len(ids), width), tokenizer.pad_token_id)
     attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -107,72 +121,200 @@ def _blip2_batch(model, processor, images, texts) -> dict[str, torch.Tensor]:
     return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
-def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = DEFAULTS["steps"],
-                   batch_size: int = DEFAULTS["batch_size"], lr: float = DEFAULTS["lr"], warmup: int = DEFAULTS["warmup"],
-                   weight_decay: float = DEFAULTS["weight_decay"], seed: int = DEFAULTS["seed"],
-                   log=print) -> Path:
+def _train(params, losses_at, *, steps: int, lr: float, warmup: int, weight_decay: float, seed: int, log,
+           what: str) -> tuple[list[dict], float]:
+    """The one pre-training loop: AdamW, linear warm-up then cosine to zero, gradients clipped at norm 1.
+
+    `params`: parameters, or optimizer parameter groups (dicts). `losses_at(step)` returns {name: loss
+    tensor}; their sum is minimised. Returns (loss curve, seconds).
+    """
+    groups = list(params)
+    if groups and not isinstance(groups[0], dict):
+        groups = [{"params": groups}]
+    params = [p for g in groups for p in g["params"]]
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+    def schedule(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    curve, start = [], time.time()
+    for step in range(steps):
+        losses = losses_at(step)
+        sum(losses.values()).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % 100 == 0 or step == steps - 1:
+            values = {k: round(v.item(), 4) for k, v in losses.items()}
+            curve.append({"step": step, **values})
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in values.items())
+            log(f"pre-training {what}: step {step + 1}/{steps}, {shown}, {time.time() - start:.0f} s")
+    return curve, round(time.time() - start, 1)
+
+
+def _save(model, processor, out_dir: str | Path, record: dict) -> Path:
+    """save_pretrained the model and its processor, plus pretraining.json (settings, loss curve, versions)."""
+    out_dir = Path(out_dir)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    record = {**record, "build_version": BUILD_VERSION,
+              "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    (out_dir / "pretraining.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
+    return out_dir
+
+
+def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 2000, batch_size: int = 32,
+                   lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, log=print) -> Path:
     """Pre-train every weight of a tiny Blip2ForConditionalGeneration on the annotation corpus; save to `out_dir`."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     base = Path(base) if base is not None else tiny_model_path("blip2-opt")
     model = Blip2ForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
     processor = Blip2Processor.from_pretrained(base)
-    torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-
-    def schedule(step: int) -> float:  # linear warm-up, then cosine to zero
-        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     texts = text_corpus(seed=seed)
     model.train()
-    curve, start = [], time.time()
-    for step in range(steps):
+
+    def losses_at(step: int) -> dict:
         # Each step: a batch of annotated images (every weight) and a batch of text for the language model.
         image_loss = model(**_blip2_batch(model, processor, *corpus_batch(step, batch_size))).loss
         first = step * batch_size % len(texts)
         text_loss = model.language_model(**_text_batch(processor.tokenizer, texts[first:first + batch_size])).loss
-        loss = image_loss + text_loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % 100 == 0 or step == steps - 1:
-            curve.append({"step": step, "image_loss": round(image_loss.item(), 4), "text_loss": round(text_loss.item(), 4)})
-            log(f"pre-training tiny BLIP-2: step {step + 1}/{steps}, image-annotation loss {image_loss.item():.3f}, "
-                f"text loss {text_loss.item():.3f}, {time.time() - start:.0f} s")
-    out_dir = Path(out_dir)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    record = {
+        return {"image_loss": image_loss, "text_loss": text_loss}
+
+    curve, seconds = _train(model.parameters(), losses_at, steps=steps, lr=lr, warmup=warmup,
+                            weight_decay=weight_decay, seed=seed, log=log, what="tiny BLIP-2")
+    return _save(model, processor, out_dir, {
         "base": str(base), "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, attribute annotations (see tiny_pretrain.py)",
         "example": corpus_batch(0, 1)[1][0], "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-        "weight_decay": weight_decay, "seed": seed, "seconds": round(time.time() - start, 1), "loss_curve": curve,
-        "pretrain_version": PRETRAIN_VERSION, "build_version": BUILD_VERSION,
-        "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-    }
-    (out_dir / "pretraining.json").write_text(json.dumps(record, indent=2))
-    return out_dir
+        "weight_decay": weight_decay, "seed": seed, "seconds": seconds, "loss_curve": curve})
 
 
-PRETRAINERS = {"blip2-opt": pretrain_blip2}
+def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 1500, batch_size: int = 64,
+                  lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.1, seed: int = 0, log=print) -> Path:
+    """Pre-train a tiny CLIPModel contrastively on (image, attribute annotation) pairs; save to `out_dir`.
+
+    CLIP's own loss (symmetric InfoNCE over the batch, learnable temperature; Radford et al. 2021,
+    "Learning Transferable Visual Models From Natural Language Supervision", sec. 2.3). Weight decay 0.1
+    as in that paper's ViT training (appendix F); none on the temperature.
+    """
+    from transformers import CLIPModel, CLIPProcessor
+
+    base = Path(base) if base is not None else tiny_model_path("clip")
+    model = CLIPModel.from_pretrained(base, dtype=torch.float32)
+    processor = CLIPProcessor.from_pretrained(base)
+    model.train()
+
+    def losses_at(step: int) -> dict:
+        images, texts = corpus_batch(step, batch_size)
+        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+        return {"contrastive_loss": model(**inputs, return_loss=True).loss}
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases, norms, logit_scale
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    curve, seconds = _train(groups, losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                                   seed=seed, log=log, what="tiny CLIP")
+    return _save(model, processor, out_dir, {
+        "base": str(base), "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, (image, attribute annotation) pairs",
+        "example": corpus_batch(0, 1)[1][0], "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+        "weight_decay": weight_decay, "seed": seed, "seconds": seconds, "loss_curve": curve,
+        "logit_scale": round(model.logit_scale.exp().item(), 2)})
+def _lm_losses(model, tokenizer, texts: list[str], batch_size: int):
+    """`losses_at` for a causal LM trained on `texts`, batch after batch."""
+    def losses_at(step: int) -> dict:
+        first = step * batch_size % len(texts)
+        return {"text_loss": model(**_text_batch(tokenizer, texts[first:first + batch_size])).loss}
+    return losses_at
+
+
+def pretrain_gpt2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 1500, batch_size: int = 32,
+                  lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, log=print) -> Path:
+    """Pre-train a tiny GPT2LMHeadModel on the text-only corpus (captions, questions, instructions); save to `out_dir`."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    base = Path(base) if base is not None else tiny_model_path("gpt2")
+    model = GPT2LMHeadModel.from_pretrained(base, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model.train()
+    losses_at = _lm_losses(model, tokenizer, text_corpus(seed=seed), batch_size)
+    curve, seconds = _train(model.parameters(), losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                            seed=seed, log=log, what="tiny GPT-2")
+    return _save(model, tokenizer, out_dir, {
+        "base": str(base), "corpus": f"texts of synthetic shapes scenes, seed {PRETRAIN_SEED}, no images",
+        "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
+        "seed": seed, "seconds": seconds, "loss_curve": curve})
+
+
+def export_clip_vision(out_dir: str | Path, *, clip: str | Path | None = None, log=print) -> Path:
+    """The vision tower of the pre-trained tiny CLIP as a standalone CLIPVisionModel + CLIPImageProcessor."""
+    from transformers import CLIPImageProcessor, CLIPModel, CLIPVisionModel
+
+    clip = Path(clip) if clip is not None else pretrained_tiny_path("clip")
+    full = CLIPModel.from_pretrained(clip, dtype=torch.float32)
+    vision = CLIPVisionModel(full.config.vision_config)
+    vision.load_state_dict(full.vision_model.state_dict())
+    return _save(vision, CLIPImageProcessor.from_pretrained(clip), out_dir, {
+        "base": str(clip), "corpus": "none: the vision tower of the pre-trained tiny CLIP, unchanged"})
+
+
+def pretrain_llava(out_dir: str | Path, *, base: str | Path | None = None, clip: str | Path | None = None,
+                   steps: int = 1500, batch_size: int = 32, lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01,
+                   seed: int = 0, log=print) -> Path:
+    """LLaVA-1.5's starting point at toy size: the pre-trained tiny CLIP's vision tower, a Llama language
+    model pre-trained here on the text-only corpus, and the untrained projector of the tiny LLaVA (Liu et
+    al. 2023, "Improved Baselines with Visual Instruction Tuning": stage 1 then trains the projector)."""
+    from transformers import CLIPModel, LlavaForConditionalGeneration, LlavaProcessor
+
+    base = Path(base) if base is not None else tiny_model_path("llava")
+    clip = Path(clip) if clip is not None else pretrained_tiny_path("clip")
+    model = LlavaForConditionalGeneration.from_pretrained(base, dtype=torch.float32)
+    processor = LlavaProcessor.from_pretrained(base)
+    tower = CLIPModel.from_pretrained(clip, dtype=torch.float32).vision_model
+    model.model.vision_tower.load_state_dict(tower.state_dict())  # same CLIPVisionConfig: an exact copy
+    lm_params = [p for n, p in model.named_parameters() if n.startswith(("model.language_model.", "lm_head."))]
+    model.train()
+    # A text-only forward (no pixel_values) runs the language model alone.
+    losses_at = _lm_losses(model, processor.tokenizer, text_corpus(seed=seed), batch_size)
+    curve, seconds = _train(lm_params, losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                            seed=seed, log=log, what="tiny LLaVA language model")
+    return _save(model, processor, out_dir, {
+        "base": str(base), "vision_tower": f"copied from {clip}",
+        "corpus": f"language model: texts of synthetic shapes scenes, seed {PRETRAIN_SEED}, no images; "
+                  "projector: untrained", "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+        "weight_decay": weight_decay, "seed": seed, "seconds": seconds, "loss_curve": curve})
+
+
+PRETRAINERS = {"blip2-opt": pretrain_blip2, "clip": pretrain_clip, "clip-vision": export_clip_vision,
+               "gpt2": pretrain_gpt2, "llava": pretrain_llava}
+# What each pre-trained base starts from: the random tiny model of `tiny_models`, or another pre-trained base.
+STARTS_FROM = {"blip2-opt": {"base": "blip2-opt"}, "clip": {"base": "clip"}, "clip-vision": {"clip": "clip-pretrained"},
+               "gpt2": {"base": "gpt2"}, "llava": {"base": "llava", "clip": "clip-pretrained"}}
+
+
+def _version(name: str) -> str:
+    return f"v{BUILD_VERSION}.{PRETRAIN_VERSIONS[name]}"
 
 
 def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path:
     """Folder of the pre-trained tiny model `name` (default settings), pre-trained on first use.
 
-    Concurrent callers (the ranks of a DDP launch) wait for one build instead of each pre-training.
+    What it starts from (STARTS_FROM) is built first, also on first use. Concurrent callers (the ranks
+    of a DDP launch) wait for one build instead of each pre-training.
     """
     if name not in PRETRAINERS:
         raise ValueError(f"no pre-training for tiny model {name!r}; expected one of {sorted(PRETRAINERS)}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / "tiny" / f"{name}-pretrained-v{BUILD_VERSION}.{PRETRAIN_VERSION}"
+    final = root / "tiny" / f"{name}-pretrained-{_version(name)}"
 
     def build(tmp: Path) -> None:
-        print(f"pre-training the tiny {name} base into {final} (once; about 5 minutes on 2 CPU cores) ...",
+        starts = {arg: (pretrained_tiny_path(dep[: -len("-pretrained")], cache_dir) if dep.endswith("-pretrained")
+                        else tiny_model_path(dep, cache_dir)) for arg, dep in STARTS_FROM[name].items()}
+        print(f"pre-training the tiny {name} base into {final} (once; a few minutes on 2 CPU cores) ...",
               file=sys.stderr, flush=True)
-        PRETRAINERS[name](tmp, base=tiny_model_path(name, cache_dir), log=lambda m: print(m, file=sys.stderr, flush=True))
+        PRETRAINERS[name](tmp, **starts, log=lambda m: print(m, file=sys.stderr, flush=True))
 
     return build_once(final, build, marker="pretraining.json")
 
@@ -181,13 +323,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recipes.common.tiny_pretrain", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(PRETRAINERS))
     p.add_argument("--out", help="pre-train into this folder (default: the cache, where recipes find it)")
-    for key, value in DEFAULTS.items():
-        p.add_argument(f"--{key}", type=type(value), default=value)
+    for key, kind in (("steps", int), ("batch_size", int), ("lr", float), ("warmup", int), ("weight_decay", float),
+                      ("seed", int)):
+        p.add_argument(f"--{key}", type=kind, help="default: the pre-trainer's own")
     args = p.parse_args(argv)
-    settings = {k: getattr(args, k) for k in DEFAULTS}
+    settings = {k: v for k, v in vars(args).items() if k not in ("name", "out") and v is not None}
     if args.out:
         path = PRETRAINERS[args.name](args.out, **settings)
-    elif settings != DEFAULTS:
+    elif settings:
         p.error("non-default settings need --out: the cache holds the default pre-training only")
     else:
         path = pretrained_tiny_path(args.name)

@@ -53,25 +53,19 @@ def vqa_items(records: datasets.Dataset, prompt: str | None = SHORT_ANSWER_PROMP
     ])  # fmt: skip
 
 
-def _references(items) -> dict:
-    return {it["key"]: {"answers": it["answers"], "answer_type": it.get("answer_type"),
-                        "question_type": it.get("question_type")} for it in items}
-
-
 def metric_name(answer_type: str) -> str:
     """Logged name of an answer type's accuracy: "yes/no" -> "VQA_accuracy_yes_no" (a "/" nests TensorBoard tags)."""
     return "VQA_accuracy_" + re.sub(r"\W+", "_", answer_type).strip("_")
 
 
-def vqa_breakdown(predictions: dict, items) -> dict:
-    """eval.vqa's official accuracy of `predictions` ({question_id: answer}) on the items with those keys."""
-    references = _references(it for it in items if it["key"] in predictions)
-    return vqa_accuracy(predictions, references)
-
-
 def vqa_scores(predictions: dict, items) -> dict:
-    """`VQA_accuracy` overall and one `VQA_accuracy_<answer type>` each, in percent (the metrics logged in training)."""
-    result = vqa_breakdown(predictions, items)
+    """`VQA_accuracy` overall and one `VQA_accuracy_<answer type>` each, in percent (the metrics logged in training).
+
+    Scored by eval.vqa (official VQA v2 accuracy) on the items whose keys `predictions` has.
+    """
+    references = {it["key"]: {k: it.get(k) for k in ("answers", "answer_type", "question_type")}
+                  for it in items if it["key"] in predictions}
+    result = vqa_accuracy(predictions, references)
     return {"VQA_accuracy": result["overall"], **{metric_name(t): v for t, v in sorted(result["perAnswerType"].items())}}
 
 

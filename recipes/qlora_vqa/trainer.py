@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+from eval.vqa import vqa_accuracy
 from recipes.common.generation_eval import GenerationEvalTrainer
 from recipes.common.peft_setup import param_groups
 from recipes.common.quantization import save_quantization_config
-
-from collator import vqa_breakdown
 
 
 class VqaTrainer(GenerationEvalTrainer):
@@ -46,8 +45,10 @@ class VqaTrainer(GenerationEvalTrainer):
         folder = os.path.join(self.args.output_dir, "predictions")
         with open(os.path.join(folder, f"{name}.results.json"), "w", encoding="utf-8") as f:
             json.dump([{"question_id": key, "answer": text} for key, text in predictions.items()], f, ensure_ascii=False)
-        breakdown = vqa_breakdown(predictions, self.generation_dataset)
-        breakdown.pop("perQuestion")  # in the predictions file already, as the answers
+        references = {it["key"]: {k: it[k] for k in ("answers", "answer_type", "question_type")}
+                      for it in self.generation_dataset if it["key"] in predictions}
+        breakdown = vqa_accuracy(predictions, references)
+        breakdown.pop("perQuestion")  # one number per question: see the predictions file
         with open(os.path.join(folder, f"{name}.vqa.json"), "w") as f:
             json.dump(breakdown, f, indent=2)
 

@@ -151,8 +151,10 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(env, run):
     shutil.copytree(out / "predictions", resumed / "predictions")
     r = _run([*_data(d), "--output_dir", str(resumed), *FAST, *STEPS, "--resume_from_checkpoint", "last"], e)
     assert r.returncode == 0, r.stderr[-3000:]
-    loss = lambda run: [h["loss"] for h in json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
-    assert loss(resumed)[-2:] == pytest.approx(loss(out)[-2:], rel=1e-5)
+    def losses(run):
+        return [h["loss"] for h in json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+    assert losses(resumed)[-2:] == pytest.approx(losses(out)[-2:], rel=1e-5)
     whole, again = (json.loads((run / "metrics.json").read_text()) for run in (out, resumed))
     assert again["before"] == whole["before"] and again["after"] == pytest.approx(whole["after"], abs=1e-6)
 

@@ -2,6 +2,7 @@
 
     python recipes/qlora_vqa/memory.py                                  # micro-batch 4 and 16, 704 tokens, r=16
     python recipes/qlora_vqa/memory.py --batch 8 --tokens 2048 --lora_r 64 --json
+    python recipes/qlora_vqa/memory.py --tiny    # measured: weight bytes of the tiny 4-bit LLaVA, ours vs peft's upcast
 
 What is exact and what is estimated:
 - parameter counts are exact: the llava-hf/llava-1.5-7b-hf architecture (CLIP ViT-L/14-336, 2-layer GELU
@@ -31,9 +32,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
-import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for --tiny
+
+import torch  # noqa: E402
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration  # noqa: E402
 
 GB = 1e9
 NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)
@@ -145,6 +150,28 @@ def peak_memory(batch: int, tokens: int, lora_r: int = 16, lora_dropout: float =
     }
 
 
+def tiny_weight_bytes(model: str = "tiny:llava-pretrained") -> dict:
+    """Weight bytes of `model` in 4-bit with bf16 compute, set up for training (LoRA + projector, as config.yaml)
+    by this recipe's `prepare_quantized_for_training` and by peft's `prepare_model_for_kbit_training`."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from recipes.common.args import FreezeArguments, ModelArguments, PeftArguments
+    from recipes.common.models import load_model_and_processor, resolve_model_path
+    from recipes.common.peft_setup import apply_freezing, apply_peft, trained_modules_to_save
+    from recipes.common.quantization import prepare_quantized_for_training, weight_bytes
+
+    skip = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]  # train.py's UNQUANTIZED
+    args, path = ModelArguments(load_in_4bit=True, dtype="bfloat16"), resolve_model_path(model)
+    ours, _ = load_model_and_processor(LlavaForConditionalGeneration, path, args, skip_quantization=skip)
+    modules = trained_modules_to_save(ours, FreezeArguments(freeze_bridge=False))
+    ours = apply_peft(ours, PeftArguments(modules_to_save=modules))
+    apply_freezing(ours, FreezeArguments(freeze_bridge=None))
+    prepare_quantized_for_training(ours)
+    theirs, _ = load_model_and_processor(LlavaForConditionalGeneration, path, args, skip_quantization=skip)
+    theirs = get_peft_model(prepare_model_for_kbit_training(theirs), ours.peft_config["default"])
+    return {"this recipe": weight_bytes(ours), "peft prepare_model_for_kbit_training": weight_bytes(theirs)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", default=[4, 16])
@@ -153,7 +180,11 @@ def main(argv=None) -> int:
     p.add_argument("--lora_dropout", type=float, default=0.05)
     p.add_argument("--optim", default="paged_adamw_8bit", choices=sorted(OPTIMIZER_BYTES))
     p.add_argument("--json", action="store_true")
+    p.add_argument("--tiny", action="store_true", help="measure the tiny 4-bit LLaVA's weight bytes instead")
     args = p.parse_args(argv)
+    if args.tiny:
+        print(json.dumps(tiny_weight_bytes(), indent=2))
+        return 0
     torch.manual_seed(0)
     per_token = layer_bytes_per_token(llava_7b_config().text_config, args.lora_r, args.lora_dropout)
     rows = [peak_memory(b, args.tokens, args.lora_r, args.lora_dropout, args.optim, per_token) for b in args.batch]
@@ -167,8 +198,10 @@ def main(argv=None) -> int:
     print("|---|" + "---|" * len(rows))
     for term in rows[-1]["terms_GB"]:
         print(f"| {term} | " + " | ".join(f"{r['terms_GB'][term]:.2f}" for r in rows) + " |")
-    for key, label in (("peak_GB", "**peak, QLoRA (this recipe): steady terms + the larger transient**"), ("peak_GB_with_peft_upcast", "peak, QLoRA with peft's fp32 upcast"),
-                       ("peak_GB_16bit_lora", "peak, 16-bit LoRA, same shapes")):
+    peaks = (("peak_GB", "**peak, QLoRA (this recipe): steady terms + the larger transient**"),
+             ("peak_GB_with_peft_upcast", "peak, QLoRA with peft's fp32 upcast"),
+             ("peak_GB_16bit_lora", "peak, 16-bit LoRA, same shapes"))
+    for key, label in peaks:
         print(f"| {label} | " + " | ".join(f"{r[key]:.2f}" for r in rows) + " |")
     return 0
 

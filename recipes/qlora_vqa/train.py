@@ -18,7 +18,6 @@ results format, + .vqa.json: accuracy per answer and question type) at every eva
 checkpoint with merge.py.
 """
 
-import functools
 import json
 import logging
 import os

@@ -7,7 +7,7 @@ weights in NF4 with double quantization, trains LoRA adapters on every linear la
 
 - `prepare_quantized_for_training`: peft's `prepare_model_for_kbit_training` casts every
   non-quantized weight to float32, frozen ones included: on LLaVA-1.5-7B the vision tower, embeddings,
-  LM head and projector (586 M weights) go from 2 to 4 bytes each, +1.2 GB that buys nothing, since
+  LM head and projector (587 M weights) go from 2 to 4 bytes each, +1.17 GB that buys nothing, since
   under bf16 autocast their matmuls run in bf16 anyway. Here only what the optimizer updates (LoRA
   weights, `modules_to_save` copies such as the projector) is float32; everything frozen stays in the
   compute dtype it was loaded in. Activation checkpointing is `TrainingArguments.activation_checkpointing`,
@@ -47,8 +47,8 @@ def keep_4bit_training_layout(model: torch.nn.Module) -> int:
     On a CPU with AVX512-BF16, bitsandbytes 0.50's `Linear4bit` rewrites its weight in place the first
     time it runs in eval mode without gradients: absmax rounded to bf16, double quantization undone,
     and from then on a matmul kernel without autograd. A training step after an evaluation then
-    computes with other weights and gets no gradient through the frozen base layers (a LoRA in layer
-    0 gets a wrong gradient; tests/test_qlora_quantization.py shows it).
+    computes with other weights, and no gradient flows back through the frozen 4-bit layers, so the
+    LoRA weights get wrong gradients (tests/test_qlora_quantization.py shows it for layer 0).
     """
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     for layer in layers:
@@ -60,8 +60,8 @@ def prepare_quantized_for_training(model: torch.nn.Module) -> int:
     """Make a (LoRA-wrapped) quantized model trainable without upcasting what stays frozen.
 
     Call after `apply_peft` and `apply_freezing`. Casts the trainable parameters to float32 and
-    returns how many tensors were cast: the optimizer keeps float32 state for them anyway, and a bf16
-    master weight would lose updates smaller than 2^-8 of the weight. Frozen weights only feed the
+    returns how many tensors were cast: a bf16 weight would lose every update smaller than 2^-8 of
+    its value, and there are few of them (40 M LoRA weights on a 7B LM). Frozen weights only feed the
     forward, where autocast decides the matmul dtype, so upcasting them costs memory and buys
     nothing. Also keeps the 4-bit layers in their training layout (`keep_4bit_training_layout`).
     """

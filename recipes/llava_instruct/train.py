@@ -110,8 +110,8 @@ def main(argv=None):
         eval_records = load_records(data_args.eval_file, task, skip_bad_rows=data_args.skip_bad_rows,
                                     max_rows=data_args.max_eval_samples)
 
-    # Model: by default the embedded tiny LLaVA (real classes, built offline on first use).
-    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava")
+    # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
+    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava-pretrained")
     model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, model_args)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -65,6 +65,9 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
     out, r = stage2
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"eval_VQA_accuracy", "eval_CIDEr", "eval_n_short", "eval_n_long"} <= set(metrics["after"])
+    assert set(metrics["after_shuffled_images"]) == set(metrics["after"])  # the same items, other images
+    shuffled = {row["key"] for row in read_jsonl(out / "predictions" / "final-shuffled-images.jsonl")}
+    assert shuffled == {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
     assert metrics["task"] == "instruct" and metrics["length_budget"]["train"]["samples"] == 40
     assert "length budget: 40 conversations, 0 cut" in r.stderr and "component" in r.stderr
     keys = {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
@@ -130,7 +133,7 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
     d, e = env
     out = d / "stage1"
     r = _run([*_data(d, "cap_"), "--output_dir", str(out), *FAST, "--stage", "pretrain", "--max_steps", "2",
-              "--metric_for_best_model", "VQA_accuracy"], e)
+              "--metric_for_best_model", "VQA_accuracy", "--shuffled_image_check", "false"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "length budget: 40 conversations" in r.stderr  # 8 images x 5 captions
     assert "metric_for_best_model is CIDEr instead" in r.stderr
@@ -159,7 +162,7 @@ def test_two_processes_with_text_only_batches(env):
     out = d / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
            "--main_process_port", "29561", str(TRAIN), *_data(d), "--output_dir", str(out), "--num_train_epochs", "1", *FAST,
-           "--eval_max_samples", "4"]
+           "--eval_max_samples", "4", "--shuffled_image_check", "false"]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())

@@ -67,3 +67,13 @@ def test_report_rescores_an_instruct_run(tmp_path):
     (run / "metrics.json").write_text(json.dumps({**info, "short_answer_words": 0}))  # nothing is short any more
     row = report_run(run)
     assert "VQA_accuracy" not in row["final"] and row["final"]["n_long"] == 4
+
+
+def test_shuffled_images_give_every_image_item_another_image():
+    import datasets
+
+    from recipes.llava_instruct.collator import with_shuffled_images
+
+    items = datasets.Dataset.from_list([{"key": "0:1", "image": "a"}, {"key": "0:3", "image": "a"}, {"key": "1:1", "image": None},
+                                        {"key": "2:1", "image": "b"}, {"key": "3:1", "image": "c"}])
+    assert with_shuffled_images(items)["image"] == ["b", "b", None, "c", "a"]

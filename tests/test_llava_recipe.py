@@ -65,6 +65,9 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
     out, r = stage2
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"eval_VQA_accuracy", "eval_CIDEr", "eval_n_short", "eval_n_long"} <= set(metrics["after"])
+    assert set(metrics["after_shuffled_images"]) == set(metrics["after"])  # the same items, other images
+    shuffled = {row["key"] for row in read_jsonl(out / "predictions" / "final-shuffled-images.jsonl")}
+    assert shuffled == {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
     assert metrics["task"] == "instruct" and metrics["length_budget"]["train"]["samples"] == 40
     assert "length budget: 40 conversations, 0 cut" in r.stderr and "component" in r.stderr
     keys = {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
@@ -130,7 +133,7 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
     d, e = env
     out = d / "stage1"
     r = _run([*_data(d, "cap_"), "--output_dir", str(out), *FAST, "--stage", "pretrain", "--max_steps", "2",
-              "--metric_for_best_model", "VQA_accuracy"], e)
+              "--metric_for_best_model", "VQA_accuracy", "--shuffled_image_check", "false"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "length budget: 40 conversations" in r.stderr  # 8 images x 5 captions
     assert "metric_for_best_model is CIDEr instead" in r.stderr
@@ -159,10 +162,35 @@ def test_two_processes_with_text_only_batches(env):
     out = d / "ddp"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
            "--main_process_port", "29561", str(TRAIN), *_data(d), "--output_dir", str(out), "--num_train_epochs", "1", *FAST,
-           "--eval_max_samples", "4"]
+           "--eval_max_samples", "4", "--shuffled_image_check", "false"]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     # 40 samples in batches of 4 per process (two of them text-only), 2 processes: 5 steps in one epoch.
     assert (metrics["world_size"], metrics["global_step"]) == (2, 5)
     assert len(read_jsonl(out / "predictions" / "final.jsonl")) == 4
+
+
+def test_trainer_gives_the_projector_its_learning_rate_and_batches_by_modality(tmp_path):
+    import datasets
+    from transformers import TrainingArguments
+
+    from recipes.common.args import FreezeArguments, PeftArguments
+    from recipes.common.peft_setup import apply_freezing, apply_peft, trained_modules_to_save
+    from recipes.common.sampling import ModalityLengthGroupedSampler
+    from recipes.llava_instruct.trainer import InstructTrainer
+    from tests.test_llava_chat import _tiny_llava
+
+    model = _tiny_llava()
+    freeze = FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1, bridge_lr=3e-3, vision_lr=1e-5)
+    model = apply_peft(model, PeftArguments(modules_to_save=trained_modules_to_save(model, freeze)))
+    freeze.freeze_bridge = None
+    apply_freezing(model, freeze)
+    data = datasets.Dataset.from_list([{"input_ids": [1] * n, "length": n, "has_image": n > 3} for n in range(1, 9)])
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.1, use_cpu=True, report_to=[],
+                             train_sampling_strategy="group_by_length", per_device_train_batch_size=2)
+    trainer = InstructTrainer(model=model, args=args, train_dataset=data, freeze_args=freeze)
+    lrs = {(round(g["lr"], 6), g["weight_decay"]) for g in trainer.create_optimizer().param_groups}
+    assert lrs == {(3e-3, 0.1), (3e-3, 0.0), (1e-5, 0.1), (1e-5, 0.0), (1e-4, 0.1)}  # projector, vision layer, LoRA
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, ModalityLengthGroupedSampler) and sampler.batch_size == 2

@@ -42,7 +42,7 @@ from recipes.common.models import load_model_and_processor, resolve_model_path  
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters, trained_modules_to_save  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
-from collator import caption_conversations, generation_items  # noqa: E402
+from collator import caption_conversations, generation_items, with_shuffled_images  # noqa: E402
 from trainer import InstructTrainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,11 @@ class InstructArguments:
     short_answer_words: int = field(
         default=SHORT_ANSWER_WORDS,
         metadata={"help": "Eval answers of at most this many words are scored with VQA accuracy, longer ones with CIDEr."},
+    )
+    shuffled_image_check: bool = field(
+        default=True,
+        metadata={"help": "After training, evaluate again with each eval image swapped for another one: a model that "
+                          "looks at the image scores lower; one that answers from the text alone scores the same."},
     )
 
 
@@ -110,8 +115,8 @@ def main(argv=None):
         eval_records = load_records(data_args.eval_file, task, skip_bad_rows=data_args.skip_bad_rows,
                                     max_rows=data_args.max_eval_samples)
 
-    # Model: by default the embedded tiny LLaVA (real classes, built offline on first use).
-    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava")
+    # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
+    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava-pretrained")
     model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, model_args)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -181,6 +186,10 @@ def main(argv=None):
     trainer.save_model()  # adapter (+ modules_to_save) as safetensors, or the full model; and the processor
     if eval_items is not None:
         results["after"] = trainer.generation_metrics("eval", name="final")
+        if inst_args.shuffled_image_check:
+            trainer.generation_dataset = with_shuffled_images(eval_items)
+            results["after_shuffled_images"] = trainer.generation_metrics("eval", name="final-shuffled-images")
+            trainer.generation_dataset = eval_items
     if trainer.is_world_process_zero():
         # recipe/task/eval_file/lang/short_answer_words: what `python -m eval report` (make eval) needs to score this run again.
         results.update(recipe=Path(__file__).resolve().parent.name, task=task, stage=inst_args.stage, lang=data_args.lang,
@@ -189,7 +198,7 @@ def main(argv=None):
                        world_size=training_args.world_size)
         with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
             json.dump(results, f, indent=2)
-        for when in ("before", "after"):
+        for when in ("before", "after", "after_shuffled_images"):
             if when in results:
                 logger.info("held-out %s training: %s", when, json.dumps(results[when]))
         logger.info("outputs in %s", training_args.output_dir)

@@ -35,6 +35,7 @@ from data_tools.images import load_image
 
 from .caption import CHARACTER_LANGS, ENGLISH_ONLY, caption_metrics
 from .inputs import read_predictions
+from .instruct import SHORT_ANSWER_WORDS, eval_items, instruct_scores
 from .retrieval import recall_at_k, text_to_image_ranks
 from .vqa import vqa_accuracy
 
@@ -43,10 +44,11 @@ CAPTION_METRICS = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
 COLUMNS = {
     "caption": [("CIDEr", "CIDEr"), ("BLEU-4", "Bleu_4"), ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE_L")],
     "vqa": [("VQA acc", "overall")],
+    "instruct": [("VQA acc", "VQA_accuracy"), ("CIDEr", "CIDEr")],  # short answers; descriptions
     "retrieval": [("T2I R@1", "text_to_image_R@1"), ("T2I R@5", "text_to_image_R@5"), ("I2T R@1", "image_to_text_R@1"),
                   ("I2T R@5", "image_to_text_R@5")],
 }
-MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "retrieval": "text_to_image_R@1"}
+MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "instruct": "VQA_accuracy", "retrieval": "text_to_image_R@1"}
 
 
 # --- finding runs -------------------------------------------------------------------------------------
@@ -87,17 +89,23 @@ def predictions_file(run: Path, name: str = "final", suffix: str = ".jsonl") -> 
     return steps[-1] if steps else None
 
 
-def read_references(path: str, task: str) -> dict:
-    """Eval records keyed as the recipes key their predictions: absolute image path, or question id."""
-    records = {}
+def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str = "en") -> dict:
+    """Eval records keyed as the recipes key their predictions: absolute image path, or question id;
+    for instruct, the items of `eval.instruct` (one per assistant turn, "<row>:<turn>")."""
+    rows, records = [], {}
     for _, row, _ in check_rows(path, task, check_images=False, progress=False):
         if isinstance(row, DataError):
             raise row
+        if task == "instruct":
+            rows.append(row)
+            continue
         key = row["question_id"] if task == "vqa" else row["image"]
         if task == "caption" and key in records:  # one row per caption: all of them are the image's references
             records[key]["captions"] = records[key]["captions"] + row["captions"]
             continue
         records[str(key) if task == "vqa" else key] = row
+    if task == "instruct":
+        return {it["key"]: it for it in eval_items(rows, short_answer_words, lang)}
     return records
 
 
@@ -120,7 +128,11 @@ def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict,
                     "question_type": records[k].get("question_type")} for k in predictions}
         scores = vqa_accuracy(predictions, refs)
         return scores, {k: v / 100 for k, v in scores.pop("perQuestion").items()}
-    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa, retrieval)", field="task")
+    if task == "instruct":
+        # The metrics computed during training (no METEOR: its Java start-up is slow, and descriptions are not captions).
+        scores = instruct_scores(predictions, [records[k] for k in predictions], lang=lang, per_sample=True)
+        return scores, scores.pop("per_sample")
+    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa, instruct, retrieval)", field="task")
 
 
 def score_retrieval(path: Path, records: dict) -> tuple[dict, dict, dict]:
@@ -161,7 +173,8 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
     """Score one run; write report.md and gallery.html into it; return the table row."""
     info = read_run_info(run)
     task, lang = info["task"], info.get("lang", "en")
-    records = read_references(info["eval_file"], task)
+    records = read_references(info["eval_file"], task, short_answer_words=info.get("short_answer_words", SHORT_ANSWER_WORDS),
+                              lang=lang)
     if task == "retrieval":
         return report_retrieval_run(run, info, records, gallery_size)
     row = {"recipe": info["recipe"], "run": str(run), "task": task, "step": info.get("global_step")}
@@ -238,15 +251,16 @@ def _thumbnail(path: str, side: int = 192) -> str:
 
 
 def render_gallery(row: dict, predictions: dict, per_sample: dict, records: dict, limit: int) -> str:
-    main = "CIDEr" if row["task"] == "caption" else "accuracy"
+    main = {"caption": "CIDEr", "vqa": "accuracy"}.get(row["task"], "score (accuracy or CIDEr)")
     keys = sorted(predictions, key=lambda k: (per_sample.get(k, 0.0), str(k)))[:limit]
     cells = []
     for k in keys:
         rec = records[k]
-        refs = rec.get("captions") or rec.get("answers") or []
+        refs = rec.get("captions") or rec.get("answers") or rec.get("references") or []
         question = f"<p><b>Q:</b> {html.escape(rec['question'])}</p>" if rec.get("question") else ""
-        src = _thumbnail(rec["image"])
-        img = f'<img src="{src}" alt="{html.escape(str(rec["image"]))}">' if src else "<p>(image unreadable)</p>"
+        src = _thumbnail(rec["image"]) if rec.get("image") else ""
+        img = (f'<img src="{src}" alt="{html.escape(str(rec["image"]))}">' if src
+               else "<p>(text only)</p>" if not rec.get("image") else "<p>(image unreadable)</p>")
         cells.append(
             f"<tr><td>{img}</td><td>{question}<p><b>{html.escape(predictions[k])}</b></p>"
             f"<p class=s>{main} {per_sample.get(k, 0.0):.3f}</p></td>"

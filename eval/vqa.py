@@ -150,3 +150,24 @@ def vqa_accuracy(predictions: dict, references: dict) -> dict:
         "perQuestionType": {k: _percent(v) for k, v in per_question_type.items()},
         "perQuestion": per_question,
     }
+
+
+def question_type_prior(records) -> dict:
+    """The "per Q-type prior" baseline of Antol et al. (2015, "VQA: Visual Question Answering", section 6):
+    the most popular human answer of each question type in `records` (the training set).
+
+    `records` have `answers` and optionally `question_type`. Returns {question_type: answer}, plus the
+    most popular answer over all records under the key None, for question types the training set lacks.
+    Ties go to the answer seen first.
+    """
+    counts: dict = {None: {}}
+    for record in records:
+        for answer in record["answers"]:
+            answer = _clean_whitespace(answer)
+            for key in {None, record.get("question_type")}:
+                counts.setdefault(key, {})
+                counts[key][answer] = counts[key].get(answer, 0) + 1
+    if not counts[None]:
+        raise ValueError("no answers to compute a question-type prior from")
+    # max() keeps the first of equal counts, and dicts keep insertion order: ties go to the answer seen first.
+    return {key: max(by_answer, key=by_answer.get) for key, by_answer in counts.items()}

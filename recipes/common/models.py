@@ -21,7 +21,11 @@ def compute_dtype(model_args: ModelArguments) -> torch.dtype | str:
 
 
 def quantization_config(model_args: ModelArguments, skip_modules: list[str] | None = None) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings for --load_in_4bit / --load_in_8bit; `skip_modules` stay unquantized."""
+    """bitsandbytes settings for --load_in_4bit / --load_in_8bit; `skip_modules` stay unquantized.
+
+    Give full module-name prefixes ("model.vision_tower"): transformers 5 matches a skip name from the
+    start of a module's name or as its suffix, so a bare "vision_tower" leaves the tower quantized.
+    """
     if model_args.load_in_4bit:
         dtype = compute_dtype(model_args)
         return BitsAndBytesConfig(

@@ -364,3 +364,27 @@ def count_parameters(model: torch.nn.Module) -> ParameterCounts:
         if param.requires_grad:
             row[0] += _numel(param)
     return ParameterCounts({c: (t, n) for c, (t, n) in rows.items()})
+
+
+def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments) -> list[str]:
+    """Full module names that `freeze_args` trains outside the language model, for LoRA's `modules_to_save`.
+
+    peft saves only the adapter and its `modules_to_save` copies; a base weight merely unfrozen would
+    train and then be lost at save. So a trained bridge (LLaVA's projector) and trained vision layers
+    go there instead. Parameters that are not in a submodule (BLIP-2's query_tokens) cannot.
+    """
+    arch = model_type(model)
+    base = model.get_base_model() if isinstance(model, PeftModel) else model
+    modules = {name for name, _ in base.named_modules()}
+    names = []
+    if freeze_args.freeze_bridge is False:
+        names += [p for p in COMPONENT_PREFIXES[arch]["bridge"] if p in modules]
+    if freeze_args.freeze_vision_tower is False:
+        names += [p for p in COMPONENT_PREFIXES[arch]["vision"] if p in modules]
+    elif freeze_args.unfreeze_last_n_vision_layers > 0:
+        used = vision_layer_names(model)
+        if freeze_args.unfreeze_last_n_vision_layers > len(used):
+            raise ValueError(f"unfreeze_last_n_vision_layers={freeze_args.unfreeze_last_n_vision_layers}, but the vision "
+                             f"tower uses only {len(used)} layers.")
+        names += used[-freeze_args.unfreeze_last_n_vision_layers:]
+    return names

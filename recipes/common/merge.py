@@ -1,0 +1,46 @@
+"""Load a trained run, and merge a LoRA run into a standalone checkpoint.
+
+A LoRA run folder holds the adapter (`adapter_config.json`, `adapter_model.safetensors`) with the
+full copies of what trained besides it (`modules_to_save`: a projector, vision layers), plus the
+processor; the base is named in the adapter config. Merging adds the LoRA deltas into the base
+weights and puts the trained copies in place of the base's, so the merged model gives the same
+outputs as base + adapter. A run trained without LoRA already is a full checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoProcessor
+
+
+def is_adapter_run(run: str | Path) -> bool:
+    """Whether `run` holds a peft adapter (rather than a full checkpoint)."""
+    return (Path(run) / "adapter_config.json").exists()
+
+
+def load_run(run: str | Path, model_cls, dtype: str = "float32"):
+    """(model in eval mode, processor) of a run folder or checkpoint-N: base + adapter, or the saved model."""
+    run = Path(run)
+    if not (run / "config.json").exists() and not is_adapter_run(run):
+        raise FileNotFoundError(f"{run}: no adapter_config.json or config.json; give a training output_dir or a checkpoint-N in it")
+    torch_dtype = getattr(torch, dtype)
+    if is_adapter_run(run):
+        base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path, dtype=torch_dtype)
+        model = PeftModel.from_pretrained(base, run)
+    else:
+        model = model_cls.from_pretrained(run, dtype=torch_dtype)
+    return model.eval(), AutoProcessor.from_pretrained(run)
+
+
+def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32") -> Path:
+    """Merge the adapter of LoRA run `run` into its base; save model and processor to `out`."""
+    if not is_adapter_run(run):
+        raise ValueError(f"{run} has no adapter_config.json: it was trained without LoRA and is already a full checkpoint")
+    model, processor = load_run(run, model_cls, dtype)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)
+    return Path(out)

@@ -1,0 +1,87 @@
+"""Ask a trained LLaVA run about an image: once with --prompt, or interactively (one message per line) without it.
+
+    python recipes/llava_instruct/chat.py --model outputs/llava_instruct --image photo.png --prompt "Describe the image."
+    python recipes/llava_instruct/chat.py --model outputs/llava_instruct --image photo.png     # empty line or Ctrl-D ends
+
+--model is a run folder (LoRA adapter + base, or a full checkpoint), a merged checkpoint, a Hub id or
+tiny:<name>. The prompt is built exactly as in training (recipes/common/chat.py: the processor's chat
+template); in the interactive mode earlier questions and answers stay in the conversation.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
+
+from data_tools.images import load_image  # noqa: E402
+from data_tools.records import IMAGE_TOKEN  # noqa: E402
+from recipes.common.chat import ChatEncoder, to_messages  # noqa: E402
+from recipes.common.merge import load_run  # noqa: E402
+from recipes.common.models import resolve_model_path  # noqa: E402
+
+
+def load(model: str, dtype: str = "float32"):
+    """(model, processor) of a run folder or checkpoint, or of a Hub id / tiny:<name>."""
+    path = resolve_model_path(model)
+    if Path(path).is_dir():
+        return load_run(path, LlavaForConditionalGeneration, dtype)
+    return (LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).eval(),
+            AutoProcessor.from_pretrained(path))
+
+
+@torch.no_grad()
+def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image, max_new_tokens: int = 128) -> str:
+    """Greedy answer to the last human turn of `turns` (LLaVA conversation format) about `image`."""
+    ids = encoder.encode_prompt(to_messages(turns, has_image=image is not None))
+    inputs = {"input_ids": torch.tensor([ids], device=model.device)}
+    if image is not None:
+        pixel_values = processor.image_processor([image], return_tensors="pt")["pixel_values"]
+        inputs["pixel_values"] = pixel_values.to(model.device, model.dtype)
+    tok = processor.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                         eos_token_id=tok.eos_token_id)
+    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="run folder, checkpoint, merged checkpoint, Hub id or tiny:<name>")
+    p.add_argument("--image", help="image file (omit for a text-only conversation)")
+    p.add_argument("--prompt", help="one message; without it, read messages from standard input until an empty line")
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args(argv)
+    model, processor = load(args.model, args.dtype)
+    if torch.cuda.is_available():
+        model.to("cuda")
+    encoder = ChatEncoder(processor)
+    image = load_image(args.image) if args.image else None
+    first = f"{IMAGE_TOKEN}\n" if image is not None else ""
+    if args.prompt is not None:
+        print(answer(model, processor, encoder, [{"from": "human", "value": first + args.prompt}], image, args.max_new_tokens))
+        return 0
+    turns = []
+    while True:
+        try:
+            message = input("you> ").strip()
+        except EOFError:
+            break
+        if not message:
+            break
+        turns.append({"from": "human", "value": (first if not turns else "") + message})
+        reply = answer(model, processor, encoder, turns, image, args.max_new_tokens)
+        if reply:
+            turns.append({"from": "gpt", "value": reply})
+        else:  # an empty answer cannot be a turn of the conversation: forget the question
+            turns.pop()
+        print(f"model> {reply or '(empty answer)'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

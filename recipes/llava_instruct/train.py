@@ -1,0 +1,209 @@
+"""Visual instruction tuning of a LLaVA model (CLIP vision tower + projector + Llama-style LM), in LLaVA-1.5's two stages.
+
+Embedded default (tiny LLaVA + synthetic multi-turn instructions, built on first use), on the CPU:
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py
+    # stage 1 first (projector only, on captions), then stage 2 from its output:
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py \
+        --stage pretrain --output_dir outputs/llava_instruct_pretrain
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py \
+        --model_name_or_path outputs/llava_instruct_pretrain
+
+A real checkpoint and LLaVA-Instruct data (`python -m data_tools convert --from llava ...`), on one GPU:
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/llava_instruct/train.py \
+        --model_name_or_path llava-hf/llava-1.5-7b-hf --train_file data/llava/train.jsonl \
+        --eval_file data/llava/val.jsonl --bf16 --max_length 2048 --lora_r 128 --lora_alpha 256 --learning_rate 2e-4
+
+Writes to --output_dir: checkpoints; the adapter with the trained projector (and vision layers) as
+safetensors, or the full model (stage pretrain, or --peft_method none); the processor;
+predictions/step-N.jsonl at every evaluation; metrics.json (held-out metrics before and after).
+Merge an adapter into a full checkpoint with merge.py; talk to a run with chat.py.
+"""
+
+import functools
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import LlavaForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
+
+from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores  # noqa: E402
+from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.chat import ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
+from recipes.common.data import embedded_dataset, load_records  # noqa: E402
+from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402
+from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters, trained_modules_to_save  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
+from collator import caption_conversations, generation_items, with_shuffled_images  # noqa: E402
+from trainer import InstructTrainer  # noqa: E402
+
+logger = logging.getLogger(__name__)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+# Stage 1's images are scenes drawn with another seed than the instruction data's, as LLaVA's stage-1
+# images (CC3M, LAION/CC/SBU) are not its instruction-tuning images: no held-out image is seen in stage 1.
+STAGE1_SEED_OFFSET = 1
+
+
+@dataclass
+class InstructArguments:
+    """Which LLaVA-1.5 training stage runs, and how its evaluation scores answers."""
+
+    stage: Literal["pretrain", "finetune"] = field(
+        default="finetune",
+        metadata={"help": "'pretrain': stage 1, the projector alone on caption data; 'finetune': stage 2, the projector "
+                          "with LoRA (or all of the LM with --peft_method none) on instruction data."},
+    )
+    data_task: Literal["instruct", "caption"] | None = field(
+        default=None,
+        metadata={"help": "Schema of --train_file/--eval_file: 'caption' records become single-turn conversations; "
+                          "None = caption for --stage pretrain, instruct for finetune."},
+    )
+    projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector (= bridge_lr)."})
+    short_answer_words: int = field(
+        default=SHORT_ANSWER_WORDS,
+        metadata={"help": "Eval answers of at most this many words are scored with VQA accuracy, longer ones with CIDEr."},
+    )
+    shuffled_image_check: bool = field(
+        default=True,
+        metadata={"help": "After training, evaluate again with each eval image swapped for another one: a model that "
+                          "looks at the image scores lower; one that answers from the text alone scores the same."},
+    )
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_CONFIG)] + argv
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # Before parsing: TrainingArguments sets up its device while parsing. Without it, a 2-process
+        # CPU launch would train two independent copies instead of one gloo job.
+        argv.append("--use_cpu")
+    model_args, data_args, peft_args, freeze_args, gen_args, inst_args, training_args = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, InstructArguments,
+         TrainingArguments), argv
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    if inst_args.projector_lr is not None:
+        if freeze_args.bridge_lr not in (None, inst_args.projector_lr):
+            raise ValueError(f"--projector_lr {inst_args.projector_lr} and --bridge_lr {freeze_args.bridge_lr} name the same "
+                             "learning rate; give one of them.")
+        freeze_args.bridge_lr = inst_args.projector_lr
+    if data_args.image_size:
+        raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own image size; "
+                         "images are resized to it by the processor.")
+    task = inst_args.data_task or ("caption" if inst_args.stage == "pretrain" else "instruct")
+
+    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
+    if data_args.train_file is None:
+        seed = training_args.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
+        splits = embedded_dataset(task, n=1000, lang=data_args.lang, seed=seed)
+        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
+    train_records = load_records(data_args.train_file, task, skip_bad_rows=data_args.skip_bad_rows,
+                                 max_rows=data_args.max_train_samples)
+    eval_records = None
+    if data_args.eval_file:
+        eval_records = load_records(data_args.eval_file, task, skip_bad_rows=data_args.skip_bad_rows,
+                                    max_rows=data_args.max_eval_samples)
+
+    # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
+    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava-pretrained")
+    model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, model_args)
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoder = ChatEncoder(processor)
+
+    # What trains. Stage 1: the projector alone. Stage 2: the projector with LoRA on the LM (or the whole
+    # LM); a trained projector / trained vision layers are saved with the adapter through modules_to_save.
+    if inst_args.stage == "pretrain":
+        peft_args.peft_method = "none"
+        freeze_args.freeze_vision_tower, freeze_args.unfreeze_last_n_vision_layers = True, 0
+        freeze_args.freeze_bridge, freeze_args.freeze_language_model = False, True
+        logger.info("stage pretrain: only the projector trains (LoRA and the vision/LM freeze flags are ignored)")
+    elif peft_args.peft_method != "none":
+        extra = trained_modules_to_save(model, freeze_args)
+        peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
+        if freeze_args.freeze_bridge is False:
+            freeze_args.freeze_bridge = None  # peft has made exactly those copies trainable
+    model = apply_peft(model, peft_args)
+    apply_freezing(model, freeze_args)
+    logger.info("parameters:\n%s", count_parameters(model))
+
+    # Samples: conversations rendered with the processor's chat template; the budget counts image tokens.
+    def samples(records, source):
+        conversations = caption_conversations(records, training_args.seed) if task == "caption" else records
+        dataset, report = tokenize_conversations(conversations, encoder, data_args.max_length, source=source)
+        logger.info("%s %s", source, report)
+        return dataset, report
+
+    train_dataset, train_report = samples(train_records, data_args.train_file)
+    eval_dataset = eval_items = None
+    reports = {"train": vars(train_report)}
+    if eval_records is not None:
+        eval_dataset, eval_report = samples(eval_records, data_args.eval_file)
+        reports["eval"] = vars(eval_report)
+        eval_items = generation_items(task, eval_records, inst_args.short_answer_words, data_args.lang)
+        if gen_args.eval_max_samples:
+            eval_items = eval_items.select(range(min(gen_args.eval_max_samples, len(eval_items))))
+        if training_args.metric_for_best_model == "VQA_accuracy" and not any(eval_items["short"]):
+            # Stage 1 evaluates captions only: there are no short answers to pick the best checkpoint by.
+            logger.warning("no eval answer is short enough for VQA accuracy: metric_for_best_model is CIDEr instead")
+            training_args.metric_for_best_model = "CIDEr"
+
+    trainer = InstructTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=ChatCollator(image_processor, pad_token_id),
+        processing_class=processor,
+        generation_dataset=eval_items,
+        generation_collator=ChatPromptCollator(encoder, image_processor, pad_token_id),
+        score_fn=functools.partial(instruct_scores, lang=data_args.lang),
+        generation_args=gen_args,
+        decode_tokenizer=tokenizer,
+        freeze_args=freeze_args,
+    )
+
+    resume = training_args.resume_from_checkpoint
+    resume = True if resume in ("last", "true", "True") else resume  # True: the newest checkpoint in output_dir
+    results = {}
+    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
+    if eval_items is not None and resume and before_file.exists():
+        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
+    elif eval_items is not None:
+        results["before"] = trainer.generation_metrics("eval", name="before")
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # adapter (+ modules_to_save) as safetensors, or the full model; and the processor
+    if eval_items is not None:
+        results["after"] = trainer.generation_metrics("eval", name="final")
+        if inst_args.shuffled_image_check:
+            trainer.generation_dataset = with_shuffled_images(eval_items)
+            results["after_shuffled_images"] = trainer.generation_metrics("eval", name="final-shuffled-images")
+            trainer.generation_dataset = eval_items
+    if trainer.is_world_process_zero():
+        # recipe/task/eval_file/lang/short_answer_words: what `python -m eval report` (make eval) needs to score this run again.
+        results.update(recipe=Path(__file__).resolve().parent.name, task=task, stage=inst_args.stage, lang=data_args.lang,
+                       short_answer_words=inst_args.short_answer_words, model=model_path, train_file=data_args.train_file,
+                       eval_file=data_args.eval_file, length_budget=reports, global_step=trainer.state.global_step,
+                       world_size=training_args.world_size)
+        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        for when in ("before", "after", "after_shuffled_images"):
+            if when in results:
+                logger.info("held-out %s training: %s", when, json.dumps(results[when]))
+        logger.info("outputs in %s", training_args.output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()

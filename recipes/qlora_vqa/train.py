@@ -1,0 +1,189 @@
+"""Fine-tune a LLaVA model for visual question answering with QLoRA: a 4-bit NF4 language model, LoRA on all of its
+linear layers, the vision tower, projector and LM head unquantized.
+
+Embedded default (tiny pre-trained LLaVA + synthetic shapes VQA, built on first use), on the CPU, where
+bitsandbytes' 4-bit kernels run too:
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/qlora_vqa/train.py
+
+A real checkpoint and VQA v2 (`python -m data_tools convert --from vqav2 ...`), on one GPU (bf16 autocast):
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/qlora_vqa/train.py \
+        --model_name_or_path llava-hf/llava-1.5-7b-hf --train_file data/vqav2/train.jsonl \
+        --eval_file data/vqav2/val.jsonl --eval_max_samples 2000 --max_length 704 \
+        --per_device_train_batch_size 16 --learning_rate 2e-4 --freeze_bridge true
+
+Writes to --output_dir: checkpoints; the adapter (+ the projector when it trains) as safetensors with the
+base's quantization config; the processor; predictions/step-N.jsonl (+ .results.json in the official VQA
+results format, + .vqa.json: accuracy per answer and question type) at every evaluation; metrics.json
+(held-out accuracy before and after, and of the per-question-type prior baseline). Export a merged bf16
+checkpoint with merge.py.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import LlavaForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
+
+from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.chat import ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
+from recipes.common.data import embedded_dataset, load_records  # noqa: E402
+from recipes.common.models import compute_dtype, load_model_and_processor, resolve_model_path  # noqa: E402
+from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_freezing, apply_peft, count_parameters, trained_modules_to_save  # noqa: E402
+from recipes.common.quantization import fall_back_to_cpu_optimizer, prepare_quantized_for_training, weight_bytes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
+from collator import SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items, vqa_scores  # noqa: E402
+from trainer import VqaTrainer  # noqa: E402
+
+logger = logging.getLogger(__name__)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+# Kept in 16/32-bit (QLoRA quantizes the LM only): the vision tower and projector are small next to a 7B LM
+# (4% and 0.3% of LLaVA-1.5-7B), and the LM head decides every output token. Full module-name prefixes:
+# transformers 5 matches skip names from the start of the name or as a suffix, not anywhere inside it.
+UNQUANTIZED = [*COMPONENT_PREFIXES["llava"]["vision"], *COMPONENT_PREFIXES["llava"]["bridge"], "lm_head"]
+MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass
+class VqaArguments:
+    """How questions are put to the model."""
+
+    answer_prompt: str | None = field(
+        default=SHORT_ANSWER_PROMPT,
+        metadata={"help": "Instruction after each question asking for a short answer (LLaVA-1.5's); empty = none."},
+    )
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_CONFIG)] + argv
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # Before parsing: TrainingArguments sets up its device while parsing. Without it, a 2-process
+        # CPU launch would train two independent copies instead of one gloo job.
+        argv.append("--use_cpu")
+    model_args, data_args, peft_args, freeze_args, gen_args, vqa_args, training_args = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, VqaArguments,
+         TrainingArguments), argv
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    quantized = model_args.load_in_4bit or model_args.load_in_8bit
+    if quantized and peft_args.peft_method == "none":
+        raise ValueError("--peft_method none with --load_in_4bit/--load_in_8bit: quantized weights cannot train. Use LoRA, "
+                         "or load the model unquantized (--load_in_4bit false).")
+    dtype = compute_dtype(model_args)
+    if dtype in MIXED_PRECISION and training_args.mixed_precision != MIXED_PRECISION[dtype]:
+        raise ValueError(f"the model computes in {dtype} but mixed precision is {training_args.mixed_precision!r}: the "
+                         f"float32 LoRA weights (and projector) need {MIXED_PRECISION[dtype]} autocast. Pass "
+                         f"--{MIXED_PRECISION[dtype]} (accelerate_configs/single_gpu.yaml sets bf16), or --dtype float32.")
+    if data_args.image_size:
+        raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own image size; "
+                         "images are resized to it by the processor.")
+    fall_back_to_cpu_optimizer(training_args)
+
+    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
+    if data_args.train_file is None:
+        splits = embedded_dataset("vqa", n=1000, lang=data_args.lang, seed=training_args.seed)
+        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
+    train_records = load_records(data_args.train_file, "vqa", skip_bad_rows=data_args.skip_bad_rows,
+                                 max_rows=data_args.max_train_samples)
+    eval_records = None
+    if data_args.eval_file:
+        eval_records = load_records(data_args.eval_file, "vqa", skip_bad_rows=data_args.skip_bad_rows,
+                                    max_rows=data_args.max_eval_samples)
+
+    # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny_pretrain.py).
+    # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml).
+    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava-pretrained")
+    model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, model_args,
+                                                skip_quantization=UNQUANTIZED)
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    encoder = ChatEncoder(processor)
+
+    # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are
+    # saved with the adapter through modules_to_save. Then only what trains is cast to float32.
+    if peft_args.peft_method != "none":
+        extra = trained_modules_to_save(model, freeze_args)
+        peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
+        if freeze_args.freeze_bridge is False:
+            freeze_args.freeze_bridge = None  # peft has made exactly those copies trainable
+    model = apply_peft(model, peft_args)
+    apply_freezing(model, freeze_args)
+    prepare_quantized_for_training(model)
+    logger.info("parameters:\n%s", count_parameters(model))
+    logger.info("weight bytes: %s", weight_bytes(model))
+
+    # Samples: one short-answer conversation per question, through the processor's chat template;
+    # loss on the answer tokens only; the length budget counts the image tokens.
+    train_dataset, train_report = tokenize_conversations(vqa_conversations(train_records, vqa_args.answer_prompt), encoder,
+                                                         data_args.max_length, source=data_args.train_file)
+    logger.info("train %s", train_report)
+    reports = {"train": vars(train_report)}
+    eval_dataset = eval_items = None
+    if eval_records is not None:
+        eval_dataset, eval_report = tokenize_conversations(vqa_conversations(eval_records, vqa_args.answer_prompt), encoder,
+                                                           data_args.max_length, source=data_args.eval_file)
+        logger.info("eval %s", eval_report)
+        reports["eval"] = vars(eval_report)
+        eval_items = vqa_items(eval_records, vqa_args.answer_prompt)
+        if gen_args.eval_max_samples:
+            eval_items = eval_items.select(range(min(gen_args.eval_max_samples, len(eval_items))))
+
+    trainer = VqaTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=ChatCollator(image_processor, pad_token_id),
+        processing_class=processor,
+        generation_dataset=eval_items,
+        generation_collator=ChatPromptCollator(encoder, image_processor, pad_token_id),
+        score_fn=vqa_scores,
+        generation_args=gen_args,
+        decode_tokenizer=tokenizer,
+        freeze_args=freeze_args,
+    )
+
+    resume = training_args.resume_from_checkpoint
+    resume = True if resume in ("last", "true", "True") else resume  # True: the newest checkpoint in output_dir
+    results = {}
+    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
+    if eval_items is not None:
+        # The per-question-type prior (the most popular training answer of each question type): what an
+        # answer needs to beat to show that the model looked at the image.
+        baseline = prior_predictions(train_records, eval_items)
+        results["baseline"] = {f"eval_{k}": v for k, v in vqa_scores(baseline, eval_items).items()}
+        if resume and before_file.exists():
+            results["before"] = json.loads(before_file.read_text())  # scored when the run first started
+        else:
+            results["before"] = trainer.generation_metrics("eval", name="before")
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # adapter (+ modules_to_save) as safetensors, the quantization config, and the processor
+    if eval_items is not None:
+        results["after"] = trainer.generation_metrics("eval", name="final")
+    if trainer.is_world_process_zero():
+        # recipe/task/eval_file/lang: what `python -m eval report` (make eval) needs to score this run again.
+        results.update(recipe=Path(__file__).resolve().parent.name, task="vqa", lang=data_args.lang, model=model_path,
+                       train_file=data_args.train_file, eval_file=data_args.eval_file, length_budget=reports,
+                       global_step=trainer.state.global_step, world_size=training_args.world_size)
+        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        for when in ("baseline", "before", "after"):
+            if when in results:
+                logger.info("held-out %s: %s", when, json.dumps(results[when]))
+        logger.info("outputs in %s", training_args.output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""eval.instruct (one item per held-out assistant turn; short answers by VQA accuracy, descriptions by CIDEr) and
+the "instruct" task of `python -m eval report`."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from data_tools.jsonl import write_jsonl
+from eval.caption import caption_metrics
+from eval.instruct import eval_items, instruct_scores, is_short
+from eval.report import report_run
+
+RECORDS = [
+    {"image": "a.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": "Red."},
+        {"from": "human", "value": "Describe the image."},
+        {"from": "gpt", "value": "A red circle in the top left of the image on a light background."}]},
+    {"conversations": [{"from": "human", "value": "How many sides does a triangle have?"}, {"from": "gpt", "value": "three"}]},
+    {"image": "b.png", "conversations": [
+        {"from": "system", "value": "Answer well."}, {"from": "human", "value": "<image>\nDescribe the image."},
+        {"from": "gpt", "value": "A blue square at the bottom of the image next to a green cross."}]},
+]
+PREDICTIONS = {"0:1": "red", "0:3": "a red circle in the top left of the image", "1:1": "four sides",
+               "2:2": "a blue square at the bottom of the image"}
+
+
+def test_items_are_assistant_turns_with_their_history():
+    items = eval_items(RECORDS, short_answer_words=3)
+    assert [it["key"] for it in items] == ["0:1", "0:3", "1:1", "2:2"]
+    assert [it["short"] for it in items] == [True, False, True, False]
+    assert items[1]["conversations"] == RECORDS[0]["conversations"][:3] and items[1]["question"] == "Describe the image."
+    assert items[0]["question"] == "What color is the circle?" and items[2]["image"] is None
+    assert is_short(["红色的圆形"], 5, lang="zh") and not is_short(["红色的圆形"], 4, lang="zh")  # characters
+
+
+def test_short_answers_by_vqa_accuracy_descriptions_by_cider():
+    items = eval_items(RECORDS, short_answer_words=3)
+    scores = instruct_scores(PREDICTIONS, items, per_sample=True)
+    assert scores["VQA_accuracy"] == 50.0  # "red" matches "Red." after VQA normalisation, "four sides" misses "three"
+    assert (scores["n_short"], scores["n_long"]) == (2, 2)
+    long = {k: PREDICTIONS[k] for k in ("0:3", "2:2")}
+    expected = caption_metrics(long, {"0:3": [RECORDS[0]["conversations"][3]["value"]], "2:2": [RECORDS[2]["conversations"][2]["value"]]},
+                               metrics=["Bleu", "ROUGE_L", "CIDEr"])
+    assert scores["CIDEr"] == pytest.approx(expected["CIDEr"]) and scores["CIDEr"] > 0
+    assert scores["per_sample"]["0:1"] == 1.0 and scores["per_sample"]["1:1"] == 0.0
+    with pytest.raises(KeyError, match="not eval items"):
+        instruct_scores({"9:1": "x"}, items)
+
+
+def test_report_rescores_an_instruct_run(tmp_path):
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (16, 16), color).save(tmp_path / name)
+    write_jsonl(tmp_path / "val.jsonl", RECORDS)
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    write_jsonl(run / "predictions" / "final.jsonl", ({"key": k, "prediction": v} for k, v in PREDICTIONS.items()))
+    write_jsonl(run / "predictions" / "before.jsonl", ({"key": k, "prediction": "no"} for k in PREDICTIONS))
+    info = {"recipe": "llava_instruct", "task": "instruct", "eval_file": str(tmp_path / "val.jsonl"), "lang": "en",
+            "short_answer_words": 3, "global_step": 5}
+    (run / "metrics.json").write_text(json.dumps(info))
+    row = report_run(run)
+    assert row["final"]["VQA_accuracy"] == 50.0 and row["before"]["VQA_accuracy"] == 0.0 and row["final"]["CIDEr"] > 0
+    assert "Bleu_4" in row["final"] and row["n"] == 4
+    gallery = (run / "gallery.html").read_text()
+    assert "(text only)" in gallery and "How many sides does a triangle have?" in gallery
+    (run / "metrics.json").write_text(json.dumps({**info, "short_answer_words": 0}))  # nothing is short any more
+    row = report_run(run)
+    assert "VQA_accuracy" not in row["final"] and row["final"]["n_long"] == 4
+
+
+def test_shuffled_images_give_every_image_item_another_image():
+    import datasets
+
+    from recipes.llava_instruct.collator import with_shuffled_images
+
+    items = datasets.Dataset.from_list([{"key": "0:1", "image": "a"}, {"key": "0:3", "image": "a"}, {"key": "1:1", "image": None},
+                                        {"key": "2:1", "image": "b"}, {"key": "3:1", "image": "c"}])
+    assert with_shuffled_images(items)["image"] == ["b", "b", None, "c", "a"]

@@ -1,0 +1,196 @@
+"""llava_instruct end to end on the random tiny LLaVA: stage 2 with trained projector + vision layer (merge equality,
+chat), resume, stage 1 (projector only), and a 2-process run with text-only batches."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from data_tools.jsonl import read_jsonl, write_jsonl
+from data_tools.synth import TEXT_ONLY, make_synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "recipes" / "llava_instruct" / "train.py"
+# tiny:llava has random weights: the tests check the code path, not what training buys.
+FAST = ["--model_name_or_path", "tiny:llava", "--report_to", "none", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "16", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "false", "--max_new_tokens", "6", "--logging_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """32 image conversations + 8 text-only ones for training, 7 held out (one text-only); 12 captioned images; a private model cache."""
+    d = tmp_path_factory.mktemp("llava")
+    src = [r for r in read_jsonl(make_synthetic("instruct", 40, d / "synth", seed=1, progress=False)) if "image" in r]
+    text_only = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in TEXT_ONLY["en"]]
+    write_jsonl(d / "synth" / "train.jsonl", src[:32] + text_only + text_only[:2])
+    write_jsonl(d / "synth" / "eval.jsonl", src[32:] + text_only[:1])
+    captions = read_jsonl(make_synthetic("caption", 12, d / "synth", seed=1, progress=False))
+    write_jsonl(d / "synth" / "cap_train.jsonl", captions[:8])
+    write_jsonl(d / "synth" / "cap_eval.jsonl", captions[8:])
+    e = dict(os.environ, PYTHONPATH=str(ROOT), VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
+             OMP_NUM_THREADS="1")
+    return d, e
+
+
+def _run(args, env):
+    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _data(d, prefix=""):
+    return ["--train_file", str(d / "synth" / f"{prefix}train.jsonl"), "--eval_file", str(d / "synth" / f"{prefix}eval.jsonl")]
+
+
+STAGE2 = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--unfreeze_last_n_vision_layers", "1",
+          "--projector_lr", "0.003"]
+
+
+@pytest.fixture(scope="module")
+def stage2(env):
+    d, e = env
+    out = d / "run"
+    r = _run([*_data(d), "--output_dir", str(out), *FAST, *STAGE2], e)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out, r
+
+
+def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equals_them(env, stage2):
+    d, e = env
+    out, r = stage2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"eval_VQA_accuracy", "eval_CIDEr", "eval_n_short", "eval_n_long"} <= set(metrics["after"])
+    assert set(metrics["after_shuffled_images"]) == set(metrics["after"])  # the same items, other images
+    shuffled = {row["key"] for row in read_jsonl(out / "predictions" / "final-shuffled-images.jsonl")}
+    assert shuffled == {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
+    assert metrics["task"] == "instruct" and metrics["length_budget"]["train"]["samples"] == 40
+    assert "length budget: 40 conversations, 0 cut" in r.stderr and "component" in r.stderr
+    keys = {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
+    assert "6:1" in keys and len(keys) == metrics["after"]["eval_n_short"] + metrics["after"]["eval_n_long"]
+    with safe_open(out / "adapter_model.safetensors", "pt") as f:
+        saved = [k for k in f.keys() if "lora_" not in k]
+    # The full copies: the projector and vision layer 0 (vision_feature_layer -2 of 2 layers: the last one LLaVA uses).
+    assert {k.split(".")[3] for k in saved} == {"multi_modal_projector", "vision_tower"}
+    assert {k.split("encoder.layers.")[1].split(".")[0] for k in saved if "vision_tower" in k} == {"0"}
+
+    from peft import PeftConfig, PeftModel
+    from transformers import LlavaForConditionalGeneration
+
+    from recipes.common.chat import ChatCollator, ChatEncoder, tokenize_conversations
+    from recipes.common.data import load_records
+    from recipes.common.merge import load_run, merge_run
+    from recipes.llava_instruct import chat
+
+    merged = merge_run(out, d / "merged", LlavaForConditionalGeneration)
+    adapted, processor = load_run(out, LlavaForConditionalGeneration)
+    full, _ = load_run(merged, LlavaForConditionalGeneration)
+    base = LlavaForConditionalGeneration.from_pretrained(PeftConfig.from_pretrained(out).base_model_name_or_path).eval()
+    assert isinstance(adapted, PeftModel) and not isinstance(full, PeftModel)
+    records = load_records(d / "synth" / "eval.jsonl", "instruct").select([0, 1, 6])  # two images, one text-only
+    samples, _ = tokenize_conversations(records, ChatEncoder(processor), None)
+    batch = ChatCollator(processor.image_processor, processor.tokenizer.pad_token_id)(list(samples))
+    batch.pop("labels")
+    with torch.no_grad():
+        a, b = adapted(**batch).logits, full(**batch).logits
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(a, base(**batch).logits, atol=1e-3)  # training changed it
+    for part in ("model.multi_modal_projector.linear_1.weight", "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+                 "model.vision_tower.encoder.layers.1.mlp.fc1.weight"):
+        changed = not torch.equal(full.state_dict()[part], base.state_dict()[part])
+        assert changed == ("layers.1" not in part), part  # the projector and layer 0 trained; layer 1 is unused
+
+    image = str(Path(records[0]["image"]))
+    answers = []
+    for model in (out, merged):
+        with pytest.MonkeyPatch.context() as mp:
+            printed = []
+            mp.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+            assert chat.main(["--model", str(model), "--image", image, "--prompt", "Describe the image.", "--max_new_tokens", "5"]) == 0
+        answers.append(printed)
+    assert answers[0] == answers[1] and len(answers[0]) == 1
+
+
+def test_a_resumed_run_ends_like_an_uninterrupted_one(env, stage2):
+    d, e = env
+    out, _ = stage2
+    resumed = d / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copytree(out / "predictions", resumed / "predictions")
+    r = _run([*_data(d), "--output_dir", str(resumed), *FAST, *STAGE2, "--resume_from_checkpoint", "last"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    loss = lambda run: [h["loss"] for h in json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
+    assert loss(resumed)[-2:] == pytest.approx(loss(out)[-2:], rel=1e-5)
+    whole, again = (json.loads((run / "metrics.json").read_text()) for run in (out, resumed))
+    assert again["before"] == whole["before"] and again["after"] == pytest.approx(whole["after"], abs=1e-6)
+
+
+def test_stage1_trains_the_projector_alone_on_captions(env):
+    d, e = env
+    out = d / "stage1"
+    r = _run([*_data(d, "cap_"), "--output_dir", str(out), *FAST, "--stage", "pretrain", "--max_steps", "2",
+              "--metric_for_best_model", "VQA_accuracy", "--shuffled_image_check", "false"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "length budget: 40 conversations" in r.stderr  # 8 images x 5 captions
+    assert "metric_for_best_model is CIDEr instead" in r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "caption" and metrics["stage"] == "pretrain" and "eval_VQA_accuracy" not in metrics["after"]
+    assert {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")} == {
+        str(d / "synth" / row["image"]) for row in read_jsonl(d / "synth" / "cap_eval.jsonl")}  # keyed as `eval report` keys captions
+
+    from transformers import LlavaForConditionalGeneration
+
+    from recipes.common.models import resolve_model_path
+
+    assert not (out / "adapter_config.json").exists()  # a full checkpoint: stage 2 starts from it
+    os.environ["VLM_RECIPES_CACHE"] = e["VLM_RECIPES_CACHE"]
+    try:
+        base = LlavaForConditionalGeneration.from_pretrained(resolve_model_path("tiny:llava")).state_dict()
+    finally:
+        del os.environ["VLM_RECIPES_CACHE"]
+    trained = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    changed = {k.split(".")[1] for k in base if not torch.equal(base[k], trained[k])}
+    assert changed == {"multi_modal_projector"}
+
+
+def test_two_processes_with_text_only_batches(env):
+    d, e = env
+    out = d / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+           "--main_process_port", "29561", str(TRAIN), *_data(d), "--output_dir", str(out), "--num_train_epochs", "1", *FAST,
+           "--eval_max_samples", "4", "--shuffled_image_check", "false"]
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    # 40 samples in batches of 4 per process (two of them text-only), 2 processes: 5 steps in one epoch.
+    assert (metrics["world_size"], metrics["global_step"]) == (2, 5)
+    assert len(read_jsonl(out / "predictions" / "final.jsonl")) == 4
+
+
+def test_trainer_gives_the_projector_its_learning_rate_and_batches_by_modality(tmp_path):
+    import datasets
+    from transformers import TrainingArguments
+
+    from recipes.common.args import FreezeArguments, PeftArguments
+    from recipes.common.peft_setup import apply_freezing, apply_peft, trained_modules_to_save
+    from recipes.common.sampling import ModalityLengthGroupedSampler
+    from recipes.llava_instruct.trainer import InstructTrainer
+    from tests.test_llava_chat import _tiny_llava
+
+    model = _tiny_llava()
+    freeze = FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1, bridge_lr=3e-3, vision_lr=1e-5)
+    model = apply_peft(model, PeftArguments(modules_to_save=trained_modules_to_save(model, freeze)))
+    freeze.freeze_bridge = None
+    apply_freezing(model, freeze)
+    data = datasets.Dataset.from_list([{"input_ids": [1] * n, "length": n, "has_image": n > 3} for n in range(1, 9)])
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.1, use_cpu=True, report_to=[],
+                             train_sampling_strategy="group_by_length", per_device_train_batch_size=2)
+    trainer = InstructTrainer(model=model, args=args, train_dataset=data, freeze_args=freeze)
+    lrs = {(round(g["lr"], 6), g["weight_decay"]) for g in trainer.create_optimizer().param_groups}
+    assert lrs == {(3e-3, 0.1), (3e-3, 0.0), (1e-5, 0.1), (1e-5, 0.0), (1e-4, 0.1)}  # projector, vision layer, LoRA
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, ModalityLengthGroupedSampler) and sampler.batch_size == 2

@@ -1,0 +1,120 @@
+"""qlora_vqa data: short-answer conversations with answer-only labels, generation items, VQA scores and the
+per-question-type prior baseline (eval.vqa.question_type_prior)."""
+
+import datasets
+import pytest
+from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+from eval.vqa import question_type_prior
+from recipes.common.chat import ChatEncoder, to_messages, tokenize_conversations
+from recipes.common.tiny_models import LLAVA_CHAT_TEMPLATE
+from recipes.qlora_vqa.collator import (metric_name, prior_predictions, training_answer, vqa_conversations, vqa_items,
+                                        vqa_scores)
+
+VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "what", "color", "is", "the", "circle",
+         "?", "answer", "briefly", ".", "red", "blue", "how", "many", "2", "two"]
+V = {w: i for i, w in enumerate(VOCAB)}
+BOS, EOS, IMG = V["<s>"], V["</s>"], V["<image>"]
+M = -100
+N_IMG = 4  # 16 px images, 8 px patches, CLS dropped
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    tok = Tokenizer(models.WordLevel(V, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=LLAVA_CHAT_TEMPLATE)
+    return ChatEncoder(processor)
+
+
+def ids(text):
+    return [V[w] for w in text.split()]
+
+
+RECORDS = [
+    {"image": "a.png", "question_id": 7, "question": "what color is the circle ?",
+     "answers": ["blue", "red", "red", "blue", "red", "red", "red", "red", "red", "blue"],
+     "answer_type": "other", "question_type": "what color is the"},
+    {"image": "b.png", "question_id": 8, "question": "how many ?", "answers": ["two", "2", "2", "two"],
+     "answer_type": "number", "question_type": "how many"},
+]
+
+
+def test_training_answer_is_the_most_frequent_first_on_ties():
+    assert training_answer(RECORDS[0]["answers"]) == "red"
+    assert training_answer(RECORDS[1]["answers"]) == "two"  # 2 against 2: the first seen
+    assert training_answer([" blue "]) == "blue"
+
+
+def test_labels_cover_the_answer_and_eos_only(encoder):
+    ds = vqa_conversations(datasets.Dataset.from_list(RECORDS), prompt="answer briefly .")
+    assert ds[0]["conversations"] == [{"from": "human", "value": "<image>\nwhat color is the circle ?\nanswer briefly ."},
+                                      {"from": "gpt", "value": "red"}]
+    samples, report = tokenize_conversations(ds, encoder, max_length=None)
+    prompt = [BOS] + ids("USER :") + [IMG] * N_IMG + ids("what color is the circle ? answer briefly . ASSISTANT :")
+    assert samples[0]["input_ids"] == prompt + [V["red"], EOS]
+    assert samples[0]["labels"] == [M] * len(prompt) + [V["red"], EOS]
+    assert samples[1]["labels"][-2:] == [V["two"], EOS] and samples[1]["labels"].count(M) == len(samples[1]["labels"]) - 2
+    assert (report.samples, report.dropped, report.cut) == (2, 0, 0)
+
+
+def test_a_sample_longer_than_the_budget_is_dropped_and_counted(encoder):
+    ds = vqa_conversations(datasets.Dataset.from_list(RECORDS), prompt=None)
+    full = len(tokenize_conversations(ds, encoder, None)[0][0]["input_ids"])  # the color question, the longer one
+    samples, report = tokenize_conversations(ds, encoder, max_length=full - 1)
+    assert len(samples) == 1 and report.dropped == 1  # never cut inside the answer of a one-turn conversation
+
+
+def test_generation_prompt_ends_where_the_answer_starts(encoder, tmp_path):
+    items = vqa_items(datasets.Dataset.from_list(RECORDS), prompt="answer briefly .")
+    assert items[0]["key"] == 7 and items[0]["conversations"] == [
+        {"from": "human", "value": "<image>\nwhat color is the circle ?\nanswer briefly ."}]
+    prompt = encoder.encode_prompt(to_messages(items[0]["conversations"], has_image=True))
+    train = tokenize_conversations(vqa_conversations(datasets.Dataset.from_list(RECORDS[:1]), "answer briefly ."), encoder, None)[0]
+    assert train[0]["input_ids"][: len(prompt)] == prompt  # answers are asked for exactly as they were trained
+
+
+def test_scores_are_official_accuracy_overall_and_per_answer_type():
+    items = vqa_items(datasets.Dataset.from_list(RECORDS))
+    # "red": 7 of 10 annotators -> 100; "2" vs ["two", "2", "2", "two"] (normalised: four "2") -> 100.
+    assert vqa_scores({7: "red", 8: "2"}, items) == {"VQA_accuracy": 100.0, "VQA_accuracy_number": 100.0,
+                                                      "VQA_accuracy_other": 100.0}
+    # "blue": 3 of 10, leave-one-out mean: (7 * min(1, 3/3) + 3 * min(1, 2/3)) / 10 = 0.9.
+    assert vqa_scores({7: "blue", 8: "three"}, items) == {"VQA_accuracy": 45.0, "VQA_accuracy_number": 0.0,
+                                                          "VQA_accuracy_other": 90.0}
+    assert vqa_scores({8: "2"}, items) == {"VQA_accuracy": 100.0, "VQA_accuracy_number": 100.0}  # a subset: only its keys
+    assert metric_name("yes/no") == "VQA_accuracy_yes_no"
+
+
+def test_question_type_prior_is_the_most_popular_training_answer_per_type():
+    train = [
+        {"answers": ["yes", "yes", "no"], "question_type": "is the"},
+        {"answers": ["no", "no", "no"], "question_type": "is the"},  # "no" 4 : "yes" 2
+        {"answers": ["2", "3"], "question_type": "how many"},  # a tie: the first seen
+        {"answers": ["red"] * 5},  # no question type: counts towards the overall answer only
+    ]
+    assert question_type_prior(train) == {None: "red", "is the": "no", "how many": "2"}
+    items = [{"key": 1, "question_type": "is the"}, {"key": 2, "question_type": "what shape is the"}, {"key": 3}]
+    assert prior_predictions(train, items) == {1: "no", 2: "red", 3: "red"}  # unseen types: the overall answer
+    with pytest.raises(ValueError, match="no answers"):
+        question_type_prior([])
+
+
+def test_collated_images_match_the_samples(encoder, tmp_path):
+    from recipes.common.chat import ChatCollator
+
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / name)
+    records = [{**r, "image": str(tmp_path / r["image"])} for r in RECORDS]
+    samples, _ = tokenize_conversations(vqa_conversations(datasets.Dataset.from_list(records)), encoder, None)
+    batch = ChatCollator(encoder.processor.image_processor, V["<pad>"])(list(samples))
+    assert batch["pixel_values"].shape == (2, 3, 16, 16)
+    assert (batch["input_ids"] == IMG).sum(dim=1).tolist() == [N_IMG, N_IMG]

@@ -40,8 +40,8 @@ def test_short_answers_by_vqa_accuracy_descriptions_by_cider():
     assert scores["VQA_accuracy"] == 50.0  # "red" matches "Red." after VQA normalisation, "four sides" misses "three"
     assert (scores["n_short"], scores["n_long"]) == (2, 2)
     long = {k: PREDICTIONS[k] for k in ("0:3", "2:2")}
-    expected = caption_metrics(long, {"0:3": [RECORDS[0]["conversations"][3]["value"]], "2:2": [RECORDS[2]["conversations"][2]["value"]]},
-                               metrics=["Bleu", "ROUGE_L", "CIDEr"])
+    references = {"0:3": [RECORDS[0]["conversations"][3]["value"]], "2:2": [RECORDS[2]["conversations"][2]["value"]]}
+    expected = caption_metrics(long, references, metrics=["Bleu", "ROUGE_L", "CIDEr"])
     assert scores["CIDEr"] == pytest.approx(expected["CIDEr"]) and scores["CIDEr"] > 0
     assert scores["per_sample"]["0:1"] == 1.0 and scores["per_sample"]["1:1"] == 0.0
     with pytest.raises(KeyError, match="not eval items"):

@@ -36,7 +36,8 @@ import transformers  # noqa: E402
 from transformers import LlavaForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores  # noqa: E402
-from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments,  # noqa: E402
+                                 PeftArguments, parse_args)
 from recipes.common.chat import ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records  # noqa: E402
 from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402

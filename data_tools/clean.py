@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .errors import DataError
 from .images import MAX_PIXELS, MIN_SIDE, load_image, resolve_image_path
-from .jsonl import JsonlWriter, iter_jsonl
+from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record
 
 
@@ -49,12 +49,14 @@ def check_rows(
 ) -> Iterator[tuple[int, dict | DataError, bytes]]:
     """Yield `(line, canonical_record_or_error, raw_line)` for every row; records get `image` made absolute.
 
-    Each distinct image is decoded once, however many rows name it.
+    The file is JSONL, or one JSON list of rows (then errors also name the row's index, as the field
+    `[i].<field>`: several rows can start on one line). Each distinct image is decoded once, however
+    many rows name it.
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     image_errors: dict[Path, DataError | None] = {}
-    for line, row, raw in tqdm(iter_jsonl(path), desc=f"checking {path.name}", unit=" rows", disable=not progress):
+    for line, row, raw, item in tqdm(iter_rows(path), desc=f"checking {path.name}", unit=" rows", disable=not progress):
         if isinstance(row, DataError):
             yield line, row, raw
             continue
@@ -74,6 +76,8 @@ def check_rows(
                         raise DataError(e.reason, f"{record['image']!r}: {e.message}", field="image")
                 record["image"] = str(image_path)
         except DataError as e:
+            if item is not None:
+                e.field = item + (f".{e.field}" if e.field else "")
             yield line, e.at(path=path, line=line), raw
             continue
         yield line, record, raw

@@ -1,9 +1,14 @@
-"""JSONL reading and writing with line numbers: every bad line becomes a `DataError` naming file and line."""
+"""JSONL reading and writing with line numbers: every bad line becomes a `DataError` naming file and line.
+
+`iter_rows` also reads a file holding one JSON list of rows (`[{"image_path": ..., "text": ...}, ...]`,
+as many tools write), naming each row by the line it starts on and its index.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -73,3 +78,68 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:
         for row in rows:
             w.write(row)
     return w.count
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def is_json_list(path: str | os.PathLike) -> bool:
+    """Whether the file holds one JSON list (its first non-blank character is `[`) rather than JSONL rows."""
+    with open(path, "rb") as f:
+        head = f.read(4096).removeprefix(b"\xef\xbb\xbf")
+        while head and not head.strip():
+            head = f.read(4096)
+    return head.lstrip()[:1] == b"["
+
+
+def iter_json_list(path: str | os.PathLike) -> Iterator[tuple[int, object, bytes, str]]:
+    """Yield `(line, row, raw, item)` for every element of a JSON list file; `item` is "[index]".
+
+    `line` is where the element starts. A syntax error cannot be skipped like a bad JSONL line (the
+    rest of the list cannot be found reliably), so it raises a `DataError` for the whole file.
+    """
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(NOT_UTF8, f"is not UTF-8 ({e.reason} at byte {e.start})", path=path) from None
+
+    def fail(pos: int, message: str) -> DataError:
+        column = pos - text.rfind("\n", 0, pos)
+        return DataError(MALFORMED_JSON, f"is not a valid JSON list of rows ({message} at column {column}); fix the file, "
+                         "or write one JSON object per line (JSONL)", path=path, line=text.count("\n", 0, pos) + 1)
+
+    decoder = json.JSONDecoder()
+    pos = _JSON_SPACE.match(text, _JSON_SPACE.match(text).end() + 1).end()  # past the opening bracket
+    line, counted, index = 1, 0, 0
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            try:
+                row, end = decoder.raw_decode(text, pos)
+            except json.JSONDecodeError as e:
+                raise fail(e.pos, e.msg) from None
+            line += text.count("\n", counted, pos)
+            counted = pos
+            yield line, row, text[pos:end].encode("utf-8"), f"[{index}]"
+            index += 1
+            pos = _JSON_SPACE.match(text, end).end()
+            if text.startswith(",", pos):
+                pos = _JSON_SPACE.match(text, pos + 1).end()
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise fail(pos, "expected ',' or ']' after a row")
+    pos = _JSON_SPACE.match(text, pos).end()
+    if pos != len(text):
+        raise fail(pos, "extra data after the list")
+
+
+def iter_rows(path: str | os.PathLike) -> Iterator[tuple[int, dict | DataError, bytes, str | None]]:
+    """`iter_jsonl` with an `item` (None) per row, or `iter_json_list` for a file holding one JSON list."""
+    if is_json_list(path):
+        yield from iter_json_list(path)
+    else:
+        for line, row, raw in iter_jsonl(path):
+            yield line, row, raw, None

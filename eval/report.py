@@ -9,6 +9,9 @@ A run folder is what a recipe's `train.py` writes to `--output_dir`:
 - `predictions/final.jsonl` (after fine-tuning) and `predictions/before.jsonl` (before), rows
   `{"key": <image path or question id>, "prediction": <text>}`; `predictions/step-N.jsonl` are the
   evaluations during training, and the newest is used when there is no `final.jsonl`.
+- retrieval runs write `predictions/<name>.npz` instead: the eval embeddings (`image_embeds`,
+  `text_embeds`), `image_keys` (image paths), `texts` and `text_to_image`. Each text is checked to be
+  a caption of its image in the eval file, and Recall@K is computed again from the embeddings.
 The predictions are scored again here from the files, with every metric (METEOR included), so the
 numbers do not depend on what the training run chose to log.
 """
@@ -24,13 +27,16 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from data_tools.clean import check_rows
 from data_tools.errors import DataError
 from data_tools.images import load_image
 
-from .caption import caption_metrics
+from .caption import CHARACTER_LANGS, ENGLISH_ONLY, caption_metrics
 from .inputs import read_predictions
 from .instruct import SHORT_ANSWER_WORDS, eval_items, instruct_scores
+from .retrieval import recall_at_k, text_to_image_ranks
 from .vqa import vqa_accuracy
 
 CAPTION_METRICS = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
@@ -38,9 +44,11 @@ CAPTION_METRICS = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
 COLUMNS = {
     "caption": [("CIDEr", "CIDEr"), ("BLEU-4", "Bleu_4"), ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE_L")],
     "vqa": [("VQA acc", "overall")],
+    "retrieval": [("T2I R@1", "text_to_image_R@1"), ("T2I R@5", "text_to_image_R@5"), ("I2T R@1", "image_to_text_R@1"),
+                  ("I2T R@5", "image_to_text_R@5")],
     "instruct": [("VQA acc", "VQA_accuracy"), ("CIDEr", "CIDEr")],  # short answers; descriptions
 }
-MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "instruct": "VQA_accuracy"}
+MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "retrieval": "text_to_image_R@1", "instruct": "VQA_accuracy"}
 
 
 # --- finding runs -------------------------------------------------------------------------------------
@@ -72,26 +80,33 @@ def latest_runs(outputs: Path) -> list[Path]:
     return [newest[r][1] for r in sorted(newest)]
 
 
-def predictions_file(run: Path, name: str = "final") -> Path | None:
-    """`predictions/<name>.jsonl`; for "final", the newest `step-N.jsonl` when there is no final file."""
-    path = run / "predictions" / f"{name}.jsonl"
+def predictions_file(run: Path, name: str = "final", suffix: str = ".jsonl") -> Path | None:
+    """`predictions/<name><suffix>`; for "final", the newest `step-N<suffix>` when there is no final file."""
+    path = run / "predictions" / f"{name}{suffix}"
     if path.exists() or name != "final":
         return path if path.exists() else None
-    steps = sorted(run.glob("predictions/step-*.jsonl"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
+    steps = sorted(run.glob(f"predictions/step-*{suffix}"), key=lambda p: int(re.findall(r"\d+", p.stem)[-1]))
     return steps[-1] if steps else None
 
 
 def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str = "en") -> dict:
     """Eval records keyed as the recipes key their predictions: absolute image path, or question id;
     for instruct, the items of `eval.instruct` (one per assistant turn, "<row>:<turn>")."""
-    rows = []
+    records, rows = {}, []
     for _, row, _ in check_rows(path, task, check_images=False, progress=False):
         if isinstance(row, DataError):
             raise row
-        rows.append(row)
+        if task == "instruct":
+            rows.append(row)
+            continue
+        key = row["question_id"] if task == "vqa" else row["image"]
+        if task == "caption" and key in records:  # one row per caption: all of them are the image's references
+            records[key]["captions"] = records[key]["captions"] + row["captions"]
+            continue
+        records[str(key) if task == "vqa" else key] = row
     if task == "instruct":
         return {it["key"]: it for it in eval_items(rows, short_answer_words, lang)}
-    return {str(row["question_id"]) if task == "vqa" else row["image"]: row for row in rows}
+    return records
 
 
 # --- scoring --------------------------------------------------------------------------------------------
@@ -103,7 +118,9 @@ def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict,
                         field="key")
     if task == "caption":
         refs = {k: records[k]["captions"] for k in predictions}
-        scores = caption_metrics(predictions, refs, lang=lang, metrics=CAPTION_METRICS, per_sample=True)
+        # METEOR needs English resources: Chinese, Japanese, ... runs are scored without it (a "-" in the table).
+        metrics = [m for m in CAPTION_METRICS if not (lang in CHARACTER_LANGS and m in ENGLISH_ONLY)]
+        scores = caption_metrics(predictions, refs, lang=lang, metrics=metrics, per_sample=True)
         per_sample = {k: s["CIDEr"] for k, s in scores.pop("per_sample").items()}
         return scores, per_sample
     if task == "vqa":
@@ -115,7 +132,41 @@ def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict,
         # The metrics computed during training (no METEOR: its Java start-up is slow, and descriptions are not captions).
         scores = instruct_scores(predictions, [records[k] for k in predictions], lang=lang, per_sample=True)
         return scores, scores.pop("per_sample")
-    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa, instruct)", field="task")
+    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa, retrieval, instruct)", field="task")
+
+
+def score_retrieval(path: Path, records: dict) -> tuple[dict, dict, dict]:
+    """(Recall@K and ranks, {text index: rank}, the arrays) of a run's eval embeddings, checked against the eval file."""
+    with np.load(path) as f:
+        data = {k: f[k] for k in ("image_embeds", "text_embeds", "image_keys", "texts", "text_to_image")}
+    keys, texts = [str(k) for k in data["image_keys"]], [str(t) for t in data["texts"]]
+    unknown = [k for k in keys if k not in records]
+    if unknown:
+        raise DataError("bad_value", f"{len(unknown)} image(s) are not in the eval file, e.g. {unknown[0]!r}", path=path,
+                        field="image_keys")
+    for t, (text, i) in enumerate(zip(texts, data["text_to_image"])):
+        if text not in records[keys[i]]["captions"]:
+            raise DataError("bad_value", f"text {t} {text!r} is not a caption of {keys[i]} in the eval file", path=path,
+                            field="texts")
+    scores = data["text_embeds"] @ data["image_embeds"].T
+    ranks = text_to_image_ranks(scores, data["text_to_image"])
+    return recall_at_k(scores, data["text_to_image"]), dict(enumerate(ranks.tolist())), {**data, "scores": scores}
+
+
+def report_retrieval_run(run: Path, info: dict, records: dict, gallery_size: int) -> dict:
+    """`report_run` for retrieval runs: Recall@K from the saved embeddings, a gallery of the worst text queries."""
+    row = {"recipe": info["recipe"], "run": str(run), "task": "retrieval", "step": info.get("global_step")}
+    for name in ("before", "final"):
+        path = predictions_file(run, name, ".npz")
+        if path is None:
+            continue
+        row[name], ranks, data = score_retrieval(path, records)
+        row[f"{name}_file"], row["n"], row["n_eval"] = str(path), len(data["image_keys"]), len(records)
+    if "final" not in row:
+        raise DataError("missing_field", "no predictions/final.npz or predictions/step-N.npz: nothing to score", path=run)
+    (run / "report.md").write_text(render_markdown(row), encoding="utf-8")
+    (run / "gallery.html").write_text(render_retrieval_gallery(row, data, ranks, gallery_size), encoding="utf-8")
+    return row
 
 
 def report_run(run: Path, gallery_size: int = 100) -> dict:
@@ -124,6 +175,8 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
     task, lang = info["task"], info.get("lang", "en")
     records = read_references(info["eval_file"], task, short_answer_words=info.get("short_answer_words", SHORT_ANSWER_WORDS),
                               lang=lang)
+    if task == "retrieval":
+        return report_retrieval_run(run, info, records, gallery_size)
     row = {"recipe": info["recipe"], "run": str(run), "task": task, "step": info.get("global_step")}
     per_sample, final_predictions = {}, {}
     for name in ("before", "final"):
@@ -178,8 +231,10 @@ def render_markdown(row: dict) -> str:
     for name, value in row["final"].items():
         if isinstance(value, (int, float)):
             lines.append(f"| {name} | {_fmt(row.get('before', {}).get(name))} | {_fmt(value)} |")
+    shown = ("text query, its image and the top 3 retrieved, worst rank first" if row["task"] == "retrieval"
+             else f"image, prediction, references, per-sample {main}")
     lines += ["", f"Predictions: `{row['final_file']}`" + (f", before: `{row['before_file']}`" if "before_file" in row else ""),
-              f"Gallery (image, prediction, references, per-sample {main}): `gallery.html`", ""]
+              f"Gallery ({shown}): `gallery.html`", ""]
     return "\n".join(lines)
 
 
@@ -219,6 +274,33 @@ def render_gallery(row: dict, predictions: dict, per_sample: dict, records: dict
         f"<h1>{title}</h1><p>{len(keys)} of {len(predictions)} samples, lowest {main} first. "
         f"Overall {MAIN_METRIC[row['task']]}: {_fmt(row['final'].get(MAIN_METRIC[row['task']]))}.</p>"
         f"<table><tr><th>image</th><th>prediction</th><th>references</th></tr>{''.join(cells)}</table>"
+    )
+
+
+def render_retrieval_gallery(row: dict, data: dict, ranks: dict, limit: int) -> str:
+    """Text queries with the highest (worst) rank of their image first: the query, its image, the top 3 retrieved."""
+    keys = [str(k) for k in data["image_keys"]]
+
+    def cell(i: int, score: float) -> str:
+        src = _thumbnail(keys[i])
+        img = f'<img src="{src}" alt="{html.escape(keys[i])}">' if src else "<p>(image unreadable)</p>"
+        return f"<td>{img}<p class=s>{score:.3f}</p></td>"
+
+    worst = sorted(ranks, key=lambda t: (-ranks[t], t))[:limit]
+    rows = []
+    for t in worst:
+        own = int(data["text_to_image"][t])
+        top = np.argsort(-data["scores"][t], kind="stable")[:3]
+        rows.append(f"<tr><td><b>{html.escape(str(data['texts'][t]))}</b><p class=s>rank {ranks[t]}</p></td>"
+                    f"{cell(own, data['scores'][t][own])}{''.join(cell(int(i), data['scores'][t][i]) for i in top)}</tr>")
+    title = html.escape(f"{row['recipe']}: {row['run']}")
+    return (
+        f"<!doctype html><meta charset=utf-8><title>{title}</title>"
+        "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}"
+        "img{image-rendering:pixelated;width:96px}.s{color:#666}</style>"
+        f"<h1>{title}</h1><p>{len(worst)} of {len(ranks)} text queries, worst rank of their image first. "
+        f"Overall text-to-image R@1: {_fmt(row['final'].get('text_to_image_R@1'))}.</p>"
+        f"<table><tr><th>query</th><th>its image</th><th colspan=3>top 3 retrieved (cosine)</th></tr>{''.join(rows)}</table>"
     )
 
 

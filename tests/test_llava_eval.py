@@ -77,3 +77,15 @@ def test_shuffled_images_give_every_image_item_another_image():
     items = datasets.Dataset.from_list([{"key": "0:1", "image": "a"}, {"key": "0:3", "image": "a"}, {"key": "1:1", "image": None},
                                         {"key": "2:1", "image": "b"}, {"key": "3:1", "image": "c"}])
     assert with_shuffled_images(items)["image"] == ["b", "b", None, "c", "a"]
+
+
+def test_caption_eval_items_merge_the_rows_of_one_image():
+    import datasets
+
+    from recipes.llava_instruct.collator import caption_eval_items
+
+    rows = datasets.Dataset.from_list([{"image": "a", "captions": ["x"]}, {"image": "b", "captions": ["y"]},
+                                       {"image": "a", "captions": ["z", "w"]}])
+    items = caption_eval_items(rows)
+    assert [(it["key"], it["references"]) for it in items] == [("a", ["x", "z", "w"]), ("b", ["y"])]
+    assert items[0]["conversations"] == [{"from": "human", "value": "<image>\nDescribe the image briefly."}]

@@ -27,7 +27,7 @@ import transformers  # noqa: E402
 from transformers import Blip2ForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
 
 from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
-from recipes.common.data import embedded_dataset, load_records  # noqa: E402
+from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
 from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters  # noqa: E402
 
@@ -62,8 +62,9 @@ def main(argv=None):
                                  max_rows=data_args.max_train_samples)
     eval_records = None
     if data_args.eval_file:
-        eval_records = load_records(data_args.eval_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
-                                    max_rows=data_args.max_eval_samples)
+        # One generation and one set of references per image, also for files with a row per caption.
+        eval_records = merge_captions_by_image(load_records(data_args.eval_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
+                                                            max_rows=data_args.max_eval_samples))
 
     # Model: by default the embedded tiny BLIP-2 (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(model_args.model_name_or_path or "tiny:blip2-opt-pretrained")

@@ -60,7 +60,8 @@ def resolve_model_path(path: str) -> str:
     raise ValueError(f"unknown tiny model {path!r}; expected tiny: followed by one of {', '.join(known)}")
 
 
-def _check_source(path: str) -> None:
+def check_model_source(path: str) -> None:
+    """Raise a clear FileNotFoundError for a local-looking path that does not exist, before it reaches the Hub."""
     # A local-looking path that does not exist would otherwise be sent to the Hub as a repo id and
     # fail with a network error far from the cause.
     # Hub ids are "name" or "org/name"; anything else is a local path.
@@ -74,7 +75,7 @@ def _check_source(path: str) -> None:
 
 def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *, skip_quantization: list[str] | None = None):
     """Load `model_cls` and its processor from a local folder or Hub id, the same way for tiny and real models."""
-    _check_source(path)
+    check_model_source(path)
     kwargs = dict(
         dtype=compute_dtype(model_args),
         attn_implementation=model_args.attn_implementation,

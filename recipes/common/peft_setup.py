@@ -38,6 +38,12 @@ COMPONENT_PREFIXES = {
         "bridge": (),
         "language": ("text_model", "text_projection"),
     },
+    # recipes/soft_prompt_caption: frozen CLIP vision + frozen causal LM; the soft prompt and projection train.
+    "soft-prompt-captioner": {
+        "vision": ("vision_model",),
+        "bridge": ("soft_prompt", "projection"),
+        "language": ("language_model",),
+    },
 }
 
 # The vision encoder's list of transformer layers, for "unfreeze the last N layers".
@@ -45,6 +51,7 @@ VISION_LAYERS = {
     "blip-2": "vision_model.encoder.layers",
     "llava": "model.vision_tower.encoder.layers",
     "clip": "vision_model.encoder.layers",
+    "soft-prompt-captioner": "vision_model.encoder.layers",  # a CLIPVisionModel keeps its encoder at the top
 }
 
 # Leaf names of the linear layers LoRA wraps by default, keyed by the model_type of the sub-model
@@ -59,6 +66,7 @@ LORA_LEAVES = {
     "llama": _LLAMA_LIKE,
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
+    "gpt2": ("c_attn", "c_proj", "c_fc"),  # fused qkv, attention and MLP output, MLP input (Conv1D layers)
     "clip_text_model": _CLIP_ATTENTION,
     "clip_vision_model": _CLIP_ATTENTION,
     "siglip_vision_model": _CLIP_ATTENTION,
@@ -68,7 +76,8 @@ LORA_LEAVES = {
 SUB_CONFIG = {"language": "text_config", "vision": "vision_config"}
 
 # Where LoRA goes when the caller names no component: the LM for generative models, both towers for CLIP.
-DEFAULT_LORA_COMPONENTS = {"blip-2": ("language",), "llava": ("language",), "clip": ("vision", "language")}
+DEFAULT_LORA_COMPONENTS = {"blip-2": ("language",), "llava": ("language",), "clip": ("vision", "language"),
+                           "soft-prompt-captioner": ("language",)}
 
 # peft prefixes parameter names of a PeftModel with this; strip it to classify them like the base model's.
 PEFT_PREFIX = "base_model.model."
@@ -135,8 +144,11 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
 
 
 def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
-    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so quantized models are covered too.
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so quantized models are covered too; GPT-2's
+    # linear layers are transformers' Conv1D (a transposed Linear), which LoRA wraps as well.
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
 def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modules") -> None:

@@ -20,7 +20,7 @@ real models are pre-trained, and reproducibly. Two corpora, neither of them a fi
 The bases (`tiny:<name>-pretrained` in a recipe's --model_name_or_path):
 - `blip2-opt`: every weight of the tiny BLIP-2 (vision, Q-Former, OPT) on corpus 1 (image -> text)
   and its OPT on corpus 2, at each step;
-- `clip`: the tiny CLIP contrastively on corpus 1 (image, annotation) pairs;
+- `clip`: the tiny CLIP contrastively on corpus 1 (image, annotation) pairs, with hard negatives;
 - `clip-vision`: the vision tower of the pre-trained `clip`, alone (a CLIPVisionModel);
 - `gpt2`: the tiny GPT-2 on corpus 2;
 - `llava`: LLaVA-1.5's starting point: the vision tower of the pre-trained `clip`, a Llama pre-trained
@@ -41,18 +41,19 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from data_tools.synth import draw_scene, make_scene, scene_texts
+from data_tools.synth import SHAPES, draw_scene, make_scene, scene_texts
 
 from .tiny_models import BUILD_VERSION, build_once, cache_root, tiny_model_path
 
 # Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
-PRETRAIN_VERSIONS = {"blip2-opt": 1, "clip": 1, "clip-vision": 1, "gpt2": 1, "llava": 1}
+PRETRAIN_VERSIONS = {"blip2-opt": 1, "clip": 2, "clip-vision": 2, "gpt2": 1, "llava": 2}
 PRETRAIN_SEED = 10_000  # synth seed of the pre-training images; the embedded fine-tuning data uses 0
 
 
@@ -77,8 +78,6 @@ def text_corpus(n_scenes: int = 2000, seed: int = 0) -> list[str]:
     """Text-only pre-training corpus: what `synth` writes (captions, VQA, instructions; English and
     Chinese) for `n_scenes` pre-training scenes, shuffled. Like the web text a language model is first
     trained on, it holds the words and grammar of the domain, but no image goes with it."""
-    import random
-
     texts = [t for i in range(n_scenes) for task in ("caption", "vqa", "instruct") for lang in ("en", "zh")
              for t in scene_texts(task, i, lang, PRETRAIN_SEED)]
     random.Random(seed).shuffle(texts)
@@ -166,6 +165,15 @@ def _save(model, processor, out_dir: str | Path, record: dict) -> Path:
     return out_dir
 
 
+def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE on `logits` [images, texts], text i being image i's; texts past the images are
+    extra negatives, in the image-to-text direction only."""
+    labels = torch.arange(logits.shape[0])
+    image_to_text = torch.nn.functional.cross_entropy(logits, labels)
+    text_to_image = torch.nn.functional.cross_entropy(logits[:, : len(labels)].T, labels)
+    return (image_to_text + text_to_image) / 2
+
+
 def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 2000, batch_size: int = 32,
                    lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, log=print) -> Path:
     """Pre-train every weight of a tiny Blip2ForConditionalGeneration on the annotation corpus; save to `out_dir`."""
@@ -192,13 +200,27 @@ def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps
         "weight_decay": weight_decay, "seed": seed, "seconds": seconds, "loss_curve": curve})
 
 
-def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 1500, batch_size: int = 64,
-                  lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.1, seed: int = 0, log=print) -> Path:
+def shape_negative(index: int) -> str:
+    """The annotation of pre-training scene `index` with one object's shape changed: a hard negative."""
+    objects = [dict(o) for o in make_scene(PRETRAIN_SEED, index)]
+    rng = random.Random(f"shape-negative:{index}")
+    o = rng.choice(objects)
+    o["shape"] = rng.choice([s for s in SHAPES if s != o["shape"]])
+    return annotation(objects)
+
+
+def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 3000, batch_size: int = 64,
+                  lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.1, hard_negatives: bool = True,
+                  seed: int = 0, log=print) -> Path:
     """Pre-train a tiny CLIPModel contrastively on (image, attribute annotation) pairs; save to `out_dir`.
 
-    CLIP's own loss (symmetric InfoNCE over the batch, learnable temperature; Radford et al. 2021,
+    CLIP's loss (symmetric InfoNCE over the batch, learnable temperature; Radford et al. 2021,
     "Learning Transferable Visual Models From Natural Language Supervision", sec. 2.3). Weight decay 0.1
-    as in that paper's ViT training (appendix F); none on the temperature.
+    as in that paper's ViT training (appendix F); none on the temperature. With `hard_negatives`, each
+    image also meets its own annotation with one shape changed (`shape_negative`), in the image-to-text
+    direction, as NegCLIP adds hard negative captions (Yuksekgonul et al. 2023, "When and why
+    vision-language models behave like bags-of-words"): colour, size and position tell a batch apart
+    long before shape is learned, and without them shape gets little gradient.
     """
     from transformers import CLIPModel, CLIPProcessor
 
@@ -209,19 +231,23 @@ def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps:
 
     def losses_at(step: int) -> dict:
         images, texts = corpus_batch(step, batch_size)
-        inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
-        return {"contrastive_loss": model(**inputs, return_loss=True).loss}
+        negatives = [shape_negative(i) for i in range(step * batch_size, (step + 1) * batch_size)] if hard_negatives else []
+        inputs = processor(text=texts + negatives, images=images, padding=True, return_tensors="pt")
+        # logits_per_image: images x (texts + negatives), scaled by the temperature
+        return {"contrastive_loss": contrastive_loss(model(**inputs).logits_per_image)}
 
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases, norms, logit_scale
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     curve, seconds = _train(groups, losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                                   seed=seed, log=log, what="tiny CLIP")
+                            seed=seed, log=log, what="tiny CLIP")
     return _save(model, processor, out_dir, {
         "base": str(base), "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, (image, attribute annotation) pairs",
-        "example": corpus_batch(0, 1)[1][0], "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-        "weight_decay": weight_decay, "seed": seed, "seconds": seconds, "loss_curve": curve,
-        "logit_scale": round(model.logit_scale.exp().item(), 2)})
+        "example": corpus_batch(0, 1)[1][0], "hard_negative_example": shape_negative(0) if hard_negatives else None,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
+        "seed": seed, "seconds": seconds, "loss_curve": curve, "logit_scale": round(model.logit_scale.exp().item(), 2)})
+
+
 def _lm_losses(model, tokenizer, texts: list[str], batch_size: int):
     """`losses_at` for a causal LM trained on `texts`, batch after batch."""
     def losses_at(step: int) -> dict:

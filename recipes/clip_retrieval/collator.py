@@ -1,0 +1,279 @@
+"""CLIP retrieval data: (image, caption) pairs, one caption per image per epoch, optional hard negatives.
+
+Captions are tokenized once, before training, as CLIP reads them: bos + text + eos. A text longer than
+`max_length` is cut before its eos, which is kept because CLIP pools the text at the eos token; every
+cut is counted and printed. Each epoch, `EpochPairSampler` draws an order of the images and, for each
+image, one of its captions (and one of its hard negatives), all from (seed, epoch) alone, so a resumed
+run and a multi-process run see the same pairs as an uninterrupted single process.
+
+The collator opens the images and pads the texts: the positives first (row i belongs to image i), then
+the hard negatives. Every text and image carries a key (hash of the normalised caption, index of the
+image file) so that the loss can tell false negatives from true ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_tools.errors import BAD_VALUE, MISSING_FIELD, WRONG_TYPE, DataError
+from data_tools.images import load_image, resolve_image_path
+from data_tools.jsonl import iter_jsonl, read_jsonl, write_jsonl
+from data_tools.synth import SIZES, WORDS, draw_scene, make_scene
+from recipes.common.data import embedded_dataset
+from recipes.common.tiny_models import cache_root
+
+
+# --- texts --------------------------------------------------------------------------------------------
+def caption_key(text: str) -> int:
+    """A 63-bit key of the caption up to case and spacing: equal keys mean the same caption."""
+    normal = " ".join(text.lower().split())
+    return int.from_bytes(hashlib.blake2b(normal.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass
+class TextLengthReport:
+    texts: int = 0
+    truncated: int = 0
+    tokens_cut: int = 0
+
+    def __str__(self) -> str:
+        return f"text length: {self.texts} texts, {self.truncated} cut to max_length ({self.tokens_cut} tokens cut, eos kept)"
+
+
+def tokenize_texts(texts: list[str], tokenizer, max_length: int, report: TextLengthReport | None = None) -> list[list[int]]:
+    """bos + text + eos token ids per text; a longer text than `max_length` loses tokens before its eos (counted)."""
+    report = report if report is not None else TextLengthReport()
+    out = []
+    for text, ids in zip(texts, tokenizer(list(texts))["input_ids"]):
+        if ids[-1] != tokenizer.eos_token_id:
+            raise ValueError(f"the tokenizer does not end {text!r} with its eos token, where CLIP pools the text: "
+                             f"got {ids[-3:]}, eos is {tokenizer.eos_token_id}")
+        report.texts += 1
+        if len(ids) > max_length:
+            report.truncated += 1
+            report.tokens_cut += len(ids) - max_length
+            ids = ids[: max_length - 1] + ids[-1:]
+        out.append(ids)
+    return out
+
+
+# --- pairs ----------------------------------------------------------------------------------------------
+class PairDataset(torch.utils.data.Dataset):
+    """Image records with their captions (and hard negatives) tokenized; one item per image.
+
+    `dataset[(i, j, k)]` is image i with caption j and hard negative k (-1: none), as `EpochPairSampler`
+    draws them; `dataset[i]` is image i with its first caption and no negative (evaluation).
+    """
+
+    def __init__(self, records, tokenizer, max_length: int, *, hard_negatives: bool = False):
+        self.images = list(records["image"])
+        self.report = TextLengthReport()
+        self.captions = [tokenize_texts(c, tokenizer, max_length, self.report) for c in records["captions"]]
+        self.caption_texts = [list(c) for c in records["captions"]]
+        self.caption_keys = [[caption_key(t) for t in c] for c in records["captions"]]
+        negatives = records["neg_captions"] if hard_negatives and "neg_captions" in records.column_names else None
+        negatives = [n or [] for n in negatives] if negatives is not None else [[] for _ in self.images]
+        self.negatives = [tokenize_texts(n, tokenizer, max_length, self.report) if n else [] for n in negatives]
+        self.negative_keys = [[caption_key(t) for t in n] for n in negatives]
+        # The same file named by two rows is one image: neither may be the other's negative.
+        index = {}
+        self.image_keys = [index.setdefault(path, len(index)) for path in self.images]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item) -> dict:
+        i, j, k = (item, 0, -1) if isinstance(item, (int, np.integer)) else item
+        return {
+            "image": self.images[i],
+            "image_key": self.image_keys[i],
+            "input_ids": self.captions[i][j],
+            "text_key": self.caption_keys[i][j],
+            "neg_input_ids": self.negatives[i][k] if k >= 0 else None,
+            "neg_key": self.negative_keys[i][k] if k >= 0 else None,
+        }
+
+    def texts(self) -> tuple[list[list[int]], list[int]]:
+        """Every caption's token ids and the index of its image (the retrieval evaluation's text side)."""
+        ids = [c for caps in self.captions for c in caps]
+        return ids, [i for i, caps in enumerate(self.captions) for _ in caps]
+
+    def epoch_sampler(self, seed: int) -> "EpochPairSampler":
+        return EpochPairSampler([len(c) for c in self.captions], [len(n) for n in self.negatives], seed)
+
+
+class EpochPairSampler(torch.utils.data.Sampler):
+    """Every image once per epoch, in a random order, each with one random caption (and hard negative).
+
+    A pure function of (seed, epoch). The Trainer (through accelerate) calls `set_epoch` before each epoch.
+    """
+
+    def __init__(self, n_captions: list[int], n_negatives: list[int], seed: int):
+        self.n_captions, self.n_negatives = np.asarray(n_captions), np.asarray(n_negatives)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.n_captions)
+
+    def __iter__(self):
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.n_captions))
+        caption = rng.integers(0, self.n_captions)
+        negative = np.where(self.n_negatives > 0, rng.integers(0, np.maximum(self.n_negatives, 1)), -1)
+        for i in order:
+            yield int(i), int(caption[i]), int(negative[i])
+
+
+@dataclass
+class ContrastiveCollator:
+    """Opens the images and right-pads the texts: input_ids rows are the positives (row i: image i), then the negatives."""
+
+    image_processor: object
+    pad_token_id: int
+
+    def images(self, paths: list[str]) -> torch.Tensor:
+        return self.image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+
+    def texts(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(map(len, ids))
+        input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, x in enumerate(ids):
+            input_ids[row, : len(x)] = torch.tensor(x)
+            attention_mask[row, : len(x)] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        negatives = [f for f in features if f["neg_input_ids"] is not None]
+        texts = self.texts([f["input_ids"] for f in features] + [f["neg_input_ids"] for f in negatives])
+        return {
+            "pixel_values": self.images([f["image"] for f in features]),
+            **texts,
+            "image_keys": torch.tensor([f["image_key"] for f in features]),
+            "text_keys": torch.tensor([f["text_key"] for f in features] + [f["neg_key"] for f in negatives]),
+        }
+
+
+# --- the embedded default -------------------------------------------------------------------------------
+def drop_size_words(caption: str, lang: str = "en") -> str:
+    """The synthetic caption without its size words ("a small red circle" -> "a red circle")."""
+    words = [w for size in SIZES for w in WORDS[lang]["size"][size]]
+    if lang == "zh":  # "左侧的一个小的红色圆形": the size is "<word>的" before the colour
+        return re.sub("|".join(f"{w}的" for w in words), "", caption)
+    # English sizes always follow an article, which must then agree with the next word.
+    pattern = rf"\b(?:a|an) (?:{'|'.join(words)}) (\w)"
+    return re.sub(pattern, lambda m: ("an " if m[1] in "aeiou" else "a ") + m[1], caption)
+
+
+def embedded_retrieval(lang: str = "en", seed: int = 0, n: int = 1000, without_size: bool = True) -> dict[str, Path]:
+    """The embedded default: synthetic retrieval records split 80/10/10 by image; built on first use.
+
+    `without_size` rewrites every caption without its size words (duplicates within a record merged),
+    into `<split>.nosize.jsonl` next to the originals: the fine-tuning task never names the size, the
+    attribute the zero-shot evaluation asks about (see README, "Forgetting").
+    """
+    splits = embedded_dataset("retrieval", n=n, lang=lang, seed=seed)
+    if not without_size:
+        return splits
+    out = {}
+    for name, path in splits.items():
+        out[name] = path.with_name(f"{name}.nosize.jsonl")
+        if not out[name].exists():
+            rows = read_jsonl(path)
+            for row in rows:
+                row["captions"] = list(dict.fromkeys(drop_size_words(c, lang) for c in row["captions"]))
+            # A file of its own per process, then an atomic rename: DDP ranks build it at the same time.
+            tmp = out[name].with_name(f"{out[name].name}.{os.getpid()}")
+            write_jsonl(tmp, rows)
+            os.replace(tmp, out[name])
+    return out
+
+
+ZERO_SHOT_SEED = 20_000  # synth seed of the zero-shot images: neither the fine-tuning (0) nor pre-training (10,000) scenes
+ZERO_SHOT_ATTRIBUTES = ("size", "color", "shape")
+
+
+def embedded_zero_shot(attribute: str = "size", n: int = 200, lang: str = "en", seed: int = ZERO_SHOT_SEED) -> Path:
+    """A zero-shot classification file of `n` one-object synthetic images labelled with the object's `attribute`.
+
+    Rows are `{"image": "images/000007.png", "label": "small"}`; the label is the attribute's first
+    word in `lang`. One object per image, so that the label is the image's and not one object's.
+    """
+    if attribute not in ZERO_SHOT_ATTRIBUTES:
+        raise ValueError(f"zero-shot attribute {attribute!r}: expected one of {ZERO_SHOT_ATTRIBUTES}")
+    folder = cache_root() / "data" / f"zero-shot-{attribute}-{lang}-n{n}-s{seed}-px64"
+    path = folder / "zero_shot.jsonl"
+    if path.exists():
+        return path
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    (tmp / "images").mkdir(parents=True, exist_ok=True)
+    rows, index = [], 0
+    while len(rows) < n:
+        objects = make_scene(seed, index)
+        if len(objects) == 1:
+            draw_scene(objects, seed, index).save(tmp / "images" / f"{index:06d}.png", compress_level=1)
+            rows.append({"image": f"images/{index:06d}.png", "label": WORDS[lang][attribute][objects[0][attribute]][0]})
+        index += 1
+    write_jsonl(tmp / "zero_shot.jsonl", rows)
+    try:
+        os.rename(tmp, folder)
+    except OSError:  # another rank built it first; its copy is identical
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+@dataclass
+class ZeroShotSet:
+    """Images with a class index each, and the token ids of every (class, template) prompt."""
+
+    images: list[str]
+    targets: list[int]
+    labels: list[str]
+    prompt_ids: list[list[list[int]]]  # [class][template] -> token ids
+
+
+def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max_length: int,
+                   labels: list[str] | None = None) -> ZeroShotSet:
+    """Read `{"image", "label"}` rows (image paths relative to the file) into a `ZeroShotSet`.
+
+    `labels` fixes the classes and their order (default: the labels found, sorted). Errors name the file,
+    line and field.
+    """
+    if not templates or any("{label}" not in t for t in templates):
+        raise ValueError(f"zero_shot_templates must each contain '{{label}}', got {templates!r}")
+    images, names = [], []
+    for line, row, _ in iter_jsonl(path):
+        if isinstance(row, DataError):
+            raise row
+        for field in ("image", "label"):
+            if field not in row:
+                raise DataError(MISSING_FIELD, "is missing", path=path, line=line, field=field)
+            if not isinstance(row[field], str) or not row[field].strip():
+                raise DataError(WRONG_TYPE, "expected a non-empty string", path=path, line=line, field=field)
+        try:
+            images.append(str(resolve_image_path(row["image"], Path(path).parent)))
+        except DataError as e:
+            raise e.at(path=path, line=line) from None
+        names.append((line, row["label"]))
+    if not images:
+        raise DataError("empty", "has no rows", path=path)
+    labels = list(labels) if labels else sorted({label for _, label in names})
+    unknown = [(line, label) for line, label in names if label not in labels]
+    if unknown:
+        line, label = unknown[0]
+        raise DataError(BAD_VALUE, f"label {label!r} is not one of zero_shot_labels {labels}", path=path, line=line,
+                        field="label")
+    report = TextLengthReport()
+    prompts = [tokenize_texts([t.format(label=label) for t in templates], tokenizer, max_length, report) for label in labels]
+    return ZeroShotSet(images, [labels.index(label) for _, label in names], labels, prompts)

@@ -1,0 +1,75 @@
+"""Embed the images and captions of a JSONL file with a CLIP model, for search.py or your own index.
+
+    python recipes/clip_retrieval/embed.py --model outputs/clip_retrieval --file data/val.jsonl --out outputs/clip_index
+
+--model: a run folder (full model or LoRA adapter), a wise_ft-* folder, a checkpoint, a Hub id or
+tiny:<name>. --file: retrieval or caption records (`{"image": ..., "captions": [...]}`). Writes to --out:
+images.npy and texts.npy (L2-normalised float32, one row per image / caption, so a dot product is the
+cosine similarity) and index.json (the model, the image paths, the captions and the image of each).
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoProcessor  # noqa: E402
+
+from recipes.common.data import load_records  # noqa: E402
+from recipes.common.models import resolve_model_path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
+from collator import ContrastiveCollator, TextLengthReport, tokenize_texts  # noqa: E402
+from merge import load_clip  # noqa: E402
+from trainer import embed_images, embed_texts  # noqa: E402
+
+
+def load(model: str, device: str = "cpu"):
+    """(CLIPModel in eval mode on `device`, processor, collator) for a run folder, checkpoint, Hub id or tiny:<name>."""
+    path = resolve_model_path(model)
+    clip = load_clip(path).to(device).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return clip, processor, ContrastiveCollator(processor.image_processor, processor.tokenizer.pad_token_id)
+
+
+def encode_texts(clip, processor, collator, texts: list[str], batch_size: int = 256, device: str = "cpu", progress: bool = False):
+    """L2-normalised embeddings of `texts`; texts longer than the text tower are cut before eos, with a warning."""
+    report = TextLengthReport()
+    ids = tokenize_texts(texts, processor.tokenizer, clip.config.text_config.max_position_embeddings, report)
+    if report.truncated:
+        print(f"warning: {report}", file=sys.stderr)
+    return embed_texts(clip, collator, ids, batch_size, device, progress)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True)
+    p.add_argument("--file", required=True, help="JSONL of retrieval or caption records")
+    p.add_argument("--out", required=True, help="folder for images.npy, texts.npy and index.json")
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--skip_bad_rows", action="store_true",
+                   help="skip invalid rows (written to FILE.rejects.jsonl) instead of stopping")
+    args = p.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    records = load_records(args.file, "retrieval", skip_bad_rows=args.skip_bad_rows)
+    clip, processor, collator = load(args.model, device)
+    texts = [t for caps in records["captions"] for t in caps]
+    text_to_image = [i for i, caps in enumerate(records["captions"]) for _ in caps]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with torch.inference_mode():
+        np.save(out / "images.npy", embed_images(clip, collator, list(records["image"]), args.batch_size, device, progress=True))
+        np.save(out / "texts.npy", encode_texts(clip, processor, collator, texts, args.batch_size, device, progress=True))
+    index = {"model": args.model, "file": str(args.file), "images": list(records["image"]), "texts": texts,
+             "text_to_image": text_to_image}
+    (out / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
+    print(f"{len(records)} images and {len(texts)} captions embedded into {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""Export a trained run as a full CLIP checkpoint, optionally interpolated with its base (WiSE-FT).
+
+    python recipes/clip_retrieval/merge.py --run outputs/clip_retrieval --out outputs/clip_merged
+    python recipes/clip_retrieval/merge.py --run outputs/clip_retrieval --out outputs/clip_wise05 --wise_ft_alpha 0.5
+
+A LoRA run is merged into its base (the adapter deltas added into the weights); a full or partial
+fine-tune is already a full checkpoint. `--wise_ft_alpha a` then writes (1 - a) * base + a * fine-tuned,
+weight by weight (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models", eq. 1): a = 1 is the
+fine-tuned model, a = 0 the base; values between trade the task for what the base knew.
+"""
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common
+
+import torch  # noqa: E402
+from transformers import AutoProcessor, CLIPModel  # noqa: E402
+
+from recipes.common.models import resolve_model_path  # noqa: E402
+
+
+def base_of(run: str | Path) -> str:
+    """The base checkpoint of a run folder (or of a checkpoint-N in it): from the adapter config or metrics.json."""
+    run = Path(run)
+    if (run / "adapter_config.json").exists():
+        return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    for folder in (run, run.parent):
+        if (folder / "metrics.json").exists():
+            return json.loads((folder / "metrics.json").read_text())["model"]
+    raise FileNotFoundError(f"{run}: no adapter_config.json or metrics.json says which base it was trained from; pass --base.")
+
+
+def load_clip(path: str | Path, dtype: torch.dtype = torch.float32) -> CLIPModel:
+    """A full CLIPModel from a checkpoint, a Hub id, `tiny:<name>`, or a run folder with a LoRA adapter (merged)."""
+    path = resolve_model_path(str(path))
+    if (Path(path) / "adapter_config.json").exists():
+        from peft import PeftModel
+
+        base = CLIPModel.from_pretrained(resolve_model_path(base_of(path)), dtype=dtype)
+        return PeftModel.from_pretrained(base, path).merge_and_unload()
+    return CLIPModel.from_pretrained(path, dtype=dtype)
+
+
+def wise_ft(base: CLIPModel, finetuned: CLIPModel, alpha: float) -> CLIPModel:
+    """`finetuned` with every floating-point weight replaced by (1 - alpha) * base + alpha * finetuned."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"wise_ft_alpha must be in [0, 1], got {alpha}")
+    base_state, state = base.state_dict(), finetuned.state_dict()
+    if base_state.keys() != state.keys() or any(base_state[k].shape != v.shape for k, v in state.items()):
+        raise ValueError("the base and the fine-tuned model have different weights; were they trained from each other?")
+    mixed = {k: torch.lerp(base_state[k].to(v.dtype), v, alpha) if v.is_floating_point() else v for k, v in state.items()}
+    model = copy.deepcopy(finetuned)
+    model.load_state_dict(mixed)
+    return model.eval()
+
+
+def export(run: str, out: str, alpha: float | None = None, base: str | None = None, dtype: str = "float32") -> Path:
+    """Write the run as a full checkpoint with its processor to `out`; with `alpha`, the WiSE-FT interpolation."""
+    model = load_clip(run, getattr(torch, dtype))
+    if alpha is not None:
+        model = wise_ft(load_clip(base or base_of(run), getattr(torch, dtype)), model, alpha)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(run).save_pretrained(out)
+    return Path(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the training output_dir, a checkpoint-N folder in it, or a wise_ft-* folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--wise_ft_alpha", type=float, default=None, help="interpolate with the base: 0 = base, 1 = fine-tuned")
+    p.add_argument("--base", default=None, help="the base checkpoint (default: the one the run was trained from)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = p.parse_args()
+    print(f"checkpoint written to {export(args.run, args.out, args.wise_ft_alpha, args.base, args.dtype)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Fine-tune CLIP for image-text retrieval with a contrastive loss over the global batch.
+
+Embedded default (tiny CLIP + synthetic shapes captions, built on first use), on the CPU:
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/clip_retrieval/train.py
+
+A real checkpoint and data set, on one GPU:
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/clip_retrieval/train.py \
+        --model_name_or_path openai/clip-vit-base-patch32 --train_file data/coco/train.jsonl \
+        --eval_file data/coco/val.jsonl --bf16 --per_device_train_batch_size 256 --learning_rate 1e-5
+
+Training modes: full fine-tune (the default); frozen towers with their last N layers trained
+(--freeze_vision_tower true --freeze_language_model true --unfreeze_last_n_vision_layers N
+--unfreeze_last_n_text_layers N); LoRA on the attention projections (--peft_method lora
+--lora_towers vision|text|both). --vision_lr / --lm_lr give each tower its own learning rate.
+
+Writes to --output_dir: checkpoints, the model (or the LoRA adapter) as safetensors with the processor,
+predictions/<name>.npz (eval embeddings) at every evaluation, wise_ft-<alpha>/ for each --wise_ft_alpha,
+and metrics.json (held-out retrieval and zero-shot metrics before and after fine-tuning, and per alpha).
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import CLIPModel, TrainingArguments, set_seed  # noqa: E402
+
+from recipes.common.args import DataArguments, FreezeArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.data import load_records  # noqa: E402
+from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402
+from recipes.common.peft_setup import count_parameters  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
+from collator import ContrastiveCollator, PairDataset, embedded_retrieval, embedded_zero_shot, load_zero_shot  # noqa: E402
+from merge import load_clip, wise_ft  # noqa: E402
+from trainer import ContrastiveTrainer, set_training_mode  # noqa: E402
+
+logger = logging.getLogger(__name__)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+
+@dataclass
+class RetrievalArguments:
+    """What this recipe adds: which tower LoRA adapts, hard negatives, zero-shot evaluation, WiSE-FT."""
+
+    lora_towers: Literal["both", "vision", "text"] = field(
+        default="both", metadata={"help": "With --peft_method lora: LoRA on the attention projections of these towers."}
+    )
+    unfreeze_last_n_text_layers: int = field(
+        default=0,
+        metadata={"help": "With a frozen text tower, still train its last N layers (and its final norm and projection)."},
+    )
+    hard_negatives: bool = field(
+        default=False, metadata={"help": "Add one of each image's neg_captions (drawn per epoch) as an extra negative text."}
+    )
+    embedded_images: int = field(default=1000, metadata={"help": "Images in the embedded synthetic data set (split 80/10/10)."})
+    embedded_without_size: bool = field(
+        default=True, metadata={"help": "Embedded default: captions without their size words (the held-out attribute)."}
+    )
+    zero_shot_file: str | None = field(
+        default=None,
+        metadata={"help": 'Zero-shot classification JSONL, rows {"image": ..., "label": ...}; None = the embedded '
+                  "one when training on the embedded default, else no zero-shot evaluation."},
+    )
+    zero_shot_attribute: Literal["size", "color", "shape", "none"] = field(
+        default="size", metadata={"help": "Embedded zero-shot set: the attribute of one-object images to classify ('none': off)."}
+    )
+    zero_shot_templates: list[str] = field(
+        default_factory=lambda: ["a photo of a {label} shape."],
+        metadata={"help": "Prompt templates; each class is the mean embedding of its prompts (CLIP's prompt ensembling)."},
+    )
+    zero_shot_labels: list[str] | None = field(
+        default=None, metadata={"help": "Class names and order; None = the labels in the file."}
+    )
+    wise_ft_alpha: list[float] | None = field(
+        default=None,
+        metadata={"help": "After training, write and evaluate wise_ft-<alpha>/: (1 - alpha) * base + alpha * "
+                  "fine-tuned weights."},
+    )
+
+    def __post_init__(self):
+        if self.unfreeze_last_n_text_layers < 0:
+            raise ValueError(f"unfreeze_last_n_text_layers must be >= 0, got {self.unfreeze_last_n_text_layers}.")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_CONFIG)] + argv
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # Before parsing: TrainingArguments sets up its device while parsing. Without it, a 2-process
+        # CPU launch would train two independent copies instead of one gloo job.
+        argv.append("--use_cpu")
+    model_args, data_args, peft_args, freeze_args, args, training_args = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, RetrievalArguments, TrainingArguments), argv
+    )
+    if data_args.prompt:
+        raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; "
+                         "zero-shot prompts are --zero_shot_templates.")
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+
+    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
+    embedded = data_args.train_file is None
+    if embedded:
+        splits = embedded_retrieval(data_args.lang, training_args.seed, args.embedded_images, args.embedded_without_size)
+        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
+        if args.zero_shot_file is None and args.zero_shot_attribute != "none":
+            args.zero_shot_file = str(embedded_zero_shot(args.zero_shot_attribute, lang=data_args.lang))
+    train_records = load_records(data_args.train_file, "retrieval", skip_bad_rows=data_args.skip_bad_rows,
+                                 max_rows=data_args.max_train_samples)
+    eval_records = None
+    if data_args.eval_file:
+        eval_records = load_records(data_args.eval_file, "retrieval", skip_bad_rows=data_args.skip_bad_rows,
+                                    max_rows=data_args.max_eval_samples)
+
+    # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
+    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:clip-pretrained")
+    model, processor = load_model_and_processor(CLIPModel, model_path, model_args)
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    positions = model.config.text_config.max_position_embeddings
+    if data_args.max_length > positions:
+        raise ValueError(f"--max_length {data_args.max_length}: the text tower has {positions} positions; "
+                         f"set --max_length {positions} or less.")
+    if data_args.image_size and data_args.image_size != model.config.vision_config.image_size:
+        raise ValueError(f"--image_size {data_args.image_size}: the vision tower's position embeddings are for "
+                         f"{model.config.vision_config.image_size} px images; leave --image_size out.")
+    model = set_training_mode(model, peft_args, freeze_args, args.lora_towers, args.unfreeze_last_n_text_layers)
+    logger.info("parameters:\n%s", count_parameters(model))
+
+    # Pairs: one caption per image per epoch (drawn by the sampler); every cut text is counted.
+    train_dataset = PairDataset(train_records, tokenizer, data_args.max_length, hard_negatives=args.hard_negatives)
+    logger.info("train %s", train_dataset.report)
+    if args.hard_negatives:
+        with_negatives = sum(bool(n) for n in train_dataset.negatives)
+        logger.info("hard negatives: %d of %d train images have neg_captions", with_negatives, len(train_dataset))
+    eval_dataset = zero_shot = None
+    if eval_records is not None:
+        eval_dataset = PairDataset(eval_records, tokenizer, data_args.max_length)
+        logger.info("eval %s", eval_dataset.report)
+    if args.zero_shot_file:
+        zero_shot = load_zero_shot(args.zero_shot_file, args.zero_shot_templates, tokenizer, data_args.max_length,
+                                   args.zero_shot_labels)
+        logger.info("zero-shot: %d images, classes %s", len(zero_shot.images), zero_shot.labels)
+
+    trainer = ContrastiveTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=ContrastiveCollator(image_processor, tokenizer.pad_token_id),
+        processing_class=processor,
+        retrieval_dataset=eval_dataset,
+        zero_shot=zero_shot,
+        freeze_args=freeze_args,
+    )
+
+    resume = training_args.resume_from_checkpoint
+    resume = True if resume in ("last", "true", "True") else resume  # True: the newest checkpoint in output_dir
+    evaluates = eval_dataset is not None or zero_shot is not None
+    results = {}
+    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
+    if evaluates and resume and before_file.exists():
+        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
+    elif evaluates:
+        results["before"] = trainer.retrieval_metrics("eval", name="before")
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # the model (or adapter) as safetensors, and the processor
+    trainer.save_state()
+    if evaluates:
+        results["after"] = trainer.retrieval_metrics("eval", name="final")
+
+    # WiSE-FT: weight-space interpolation between the base and the fine-tuned model, each alpha evaluated.
+    if args.wise_ft_alpha:
+        trainer.accelerator.wait_for_everyone()  # the saved model is complete on every rank
+        dtype = next(trainer.model.parameters()).dtype
+        base, finetuned = load_clip(model_path, dtype), load_clip(training_args.output_dir, dtype)
+        results["wise_ft"] = {}
+        for alpha in args.wise_ft_alpha:
+            mixed = wise_ft(base, finetuned, alpha).to(training_args.device)
+            folder = Path(training_args.output_dir) / f"wise_ft-{alpha:g}"
+            if trainer.is_world_process_zero():
+                mixed.save_pretrained(folder)
+                processor.save_pretrained(folder)
+            if evaluates:
+                results["wise_ft"][f"{alpha:g}"] = trainer.retrieval_metrics("eval", name=f"wise_ft-{alpha:g}", model=mixed)
+
+    if trainer.is_world_process_zero():
+        # recipe/task/eval_file/lang: what `python -m eval report` (make eval) needs to score this run again.
+        results.update(recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=data_args.lang,
+                       model=model_path, train_file=data_args.train_file, eval_file=data_args.eval_file,
+                       zero_shot_file=args.zero_shot_file, zero_shot_labels=zero_shot.labels if zero_shot else None,
+                       global_step=trainer.state.global_step, world_size=training_args.world_size)
+        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        for when in ("before", "after"):
+            if when in results:
+                logger.info("held-out %s fine-tuning: %s", when, json.dumps(results[when]))
+        for alpha, metrics in results.get("wise_ft", {}).items():
+            logger.info("held-out WiSE-FT alpha=%s: %s", alpha, json.dumps(metrics))
+        logger.info("outputs in %s", training_args.output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""The contrastive Trainer: symmetric InfoNCE over the global batch, and retrieval + zero-shot evaluation.
+
+Loss (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision",
+fig. 3): cosine similarities of the L2-normalised image and text embeddings, times a learned scale
+exp(logit_scale), cross-entropy of each image against all texts and of each text against all images,
+averaged. CLIP clips the scale at 100 (sec. 2.5); so does `ClampLogitScale`, after every optimizer step.
+
+Across processes every rank gathers all features, puts its own (which carry gradients) in place of
+their gathered copy, and computes the loss of the whole global batch, as open_clip's `ClipLoss` does.
+Only the local slice carries a gradient, so each rank's backward reaches only its own features: the
+full gradient through the features is the sum over ranks, and DDP averages. `gather_with_local_grad`
+multiplies the local features' gradient by the world size to make up for it; the logit scale, which
+every rank's loss uses whole, needs nothing. Loss and gradients equal one process holding the global
+batch (tested).
+
+Two items with the same image or the same caption text describe each other: they are left out of each
+other's negatives. Hard negatives (captions of the image with one attribute changed) are extra texts
+on the image -> text side only (as NegCLIP does: Yuksekgonul et al. 2023, "When and why
+vision-language models behave like bags-of-words").
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from tqdm import tqdm
+from transformers import Trainer, TrainerCallback
+
+from eval.retrieval import recall_at_k
+from recipes.common.peft_setup import apply_freezing, apply_peft, param_groups
+
+logger = logging.getLogger(__name__)
+LOGIT_SCALE_MAX = math.log(100)  # CLIP's clip on the logit scale (Radford et al. 2021, sec. 2.5)
+
+
+# --- loss ---------------------------------------------------------------------------------------------
+class _ScaleGrad(torch.autograd.Function):
+    """The identity, whose backward multiplies the gradient by `factor`."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
+    """All ranks' `x` concatenated in rank order; this rank's slice is `x` itself, so it keeps its gradient.
+
+    That gradient is multiplied by the world size, so that DDP's average over ranks is the full gradient
+    (see the module docstring). Ranks may hold different numbers of rows (a short last batch): rows are
+    padded for the collective and cut again.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+    sizes = [int(s) for s in sizes]
+    if max(sizes) == 0:  # e.g. no hard negatives anywhere in this step
+        return x
+    padded = x.new_zeros((max(sizes), *x.shape[1:]))
+    padded[: x.shape[0]] = x.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    parts = [p[:n] for p, n in zip(parts, sizes)]
+    parts[rank] = _ScaleGrad.apply(x, world) if x.requires_grad else x
+    return torch.cat(parts)
+
+
+def contrastive_loss(image_embeds, text_embeds, logit_scale, image_keys, text_keys, neg_embeds=None, neg_keys=None):
+    """Symmetric InfoNCE of N (image, text) pairs (pair k in row k of both), embeddings L2-normalised.
+
+    Pairs k != l are not each other's negatives when their image keys or their text keys are equal.
+    `neg_embeds` (M texts) are extra negatives of every image, except of an image whose own caption
+    has the same key.
+    """
+    n = image_embeds.shape[0]
+    scale = logit_scale.exp()
+    logits = scale * image_embeds @ text_embeds.T  # [images, texts]
+    eye = torch.eye(n, dtype=torch.bool, device=logits.device)
+    false_negative = (image_keys[:, None] == image_keys[None, :]) | (text_keys[:, None] == text_keys[None, :])
+    logits = logits.masked_fill(false_negative & ~eye, float("-inf"))
+    image_to_text = logits
+    if neg_embeds is not None and neg_embeds.shape[0] > 0:
+        neg_logits = scale * image_embeds @ neg_embeds.T
+        neg_logits = neg_logits.masked_fill(text_keys[:, None] == neg_keys[None, :], float("-inf"))
+        image_to_text = torch.cat([logits, neg_logits], dim=1)
+    target = torch.arange(n, device=logits.device)
+    return (F.cross_entropy(image_to_text, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys) -> torch.Tensor:
+    """The contrastive loss of the global batch from this rank's model outputs (positives first, then negatives)."""
+    n = image_keys.shape[0]
+    images = gather_with_local_grad(model_outputs.image_embeds)
+    texts = gather_with_local_grad(model_outputs.text_embeds[:n])
+    negatives = gather_with_local_grad(model_outputs.text_embeds[n:])
+    return contrastive_loss(images, texts, logit_scale, gather_with_local_grad(image_keys),
+                            gather_with_local_grad(text_keys[:n]), negatives, gather_with_local_grad(text_keys[n:]))
+
+
+class ClampLogitScale(TrainerCallback):
+    """Keep logit_scale <= ln(100) after every optimizer step, as CLIP does."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        scale = _logit_scale(model)
+        if scale.requires_grad:
+            with torch.no_grad():
+                scale.clamp_(max=LOGIT_SCALE_MAX)
+
+
+def _logit_scale(model) -> torch.nn.Parameter:
+    """The CLIPModel's logit_scale through DDP and peft wrappers."""
+    while not hasattr(model, "logit_scale"):
+        model = model.module if hasattr(model, "module") else model.get_base_model()
+    return model.logit_scale
+
+
+# --- embeddings -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def embed_images(model, collator, paths: list[str], batch_size: int, device, progress: bool = False) -> np.ndarray:
+    """L2-normalised image embeddings (float32 numpy), one row per path."""
+    out = []
+    for start in tqdm(range(0, len(paths), batch_size), desc="embedding images", disable=not progress):
+        pixels = collator.images(paths[start:start + batch_size]).to(device, model.dtype)
+        out.append(F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.projection_dim), np.float32)
+
+
+@torch.no_grad()
+def embed_texts(model, collator, ids: list[list[int]], batch_size: int, device, progress: bool = False) -> np.ndarray:
+    """L2-normalised text embeddings (float32 numpy), one row per token-id list."""
+    out = []
+    for start in tqdm(range(0, len(ids), batch_size), desc="embedding texts", disable=not progress):
+        batch = {k: v.to(device) for k, v in collator.texts(ids[start:start + batch_size]).items()}
+        out.append(F.normalize(model.get_text_features(**batch).pooler_output.float(), dim=-1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, model.config.projection_dim), np.float32)
+
+
+def zero_shot_accuracy(image_embeds: np.ndarray, class_embeds: np.ndarray, targets) -> float:
+    """Top-1 accuracy of the nearest class embedding (CLIP's zero-shot classifier)."""
+    return float(np.mean((image_embeds @ class_embeds.T).argmax(axis=1) == np.asarray(targets)))
+
+
+def class_embeddings(prompt_embeds: list[np.ndarray]) -> np.ndarray:
+    """One embedding per class: the normalised mean of its template embeddings (CLIP's prompt ensembling, sec. 3.1.4)."""
+    means = np.stack([e.mean(axis=0) for e in prompt_embeds])
+    return means / np.linalg.norm(means, axis=1, keepdims=True)
+
+
+# --- what trains ---------------------------------------------------------------------------------------
+def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both", unfreeze_last_n_text_layers: int = 0):
+    """LoRA on the chosen towers (every base weight frozen, the temperature too), or (un)freezing of whole
+    towers and of their last N layers; returns the model."""
+    if peft_args.peft_method != "none":
+        unfreeze = [f"--{k}" for k, n in (("unfreeze_last_n_vision_layers", freeze_args.unfreeze_last_n_vision_layers),
+                                          ("unfreeze_last_n_text_layers", unfreeze_last_n_text_layers)) if n > 0]
+        if unfreeze:
+            # The adapter file holds the LoRA weights only: base weights trained beside it would be lost.
+            raise ValueError(f"{', '.join(unfreeze)}: would train base weights, which a LoRA adapter does not save; "
+                             "unfreeze layers with --peft_method none.")
+        towers = {"both": ("vision", "language"), "vision": ("vision",), "text": ("language",)}[lora_towers]
+        logger.info("LoRA on the %s tower(s); every base weight stays frozen (the freeze_* flags apply to --peft_method none)",
+                    lora_towers)
+        return apply_peft(model, peft_args, components=towers)
+    apply_freezing(model, freeze_args)
+    # A tower's last N layers feed its final norm and projection, which train with them.
+    tops = []
+    if freeze_args.freeze_vision_tower and freeze_args.unfreeze_last_n_vision_layers > 0:
+        tops += ["vision_model.post_layernorm", "visual_projection"]
+    n_text = unfreeze_last_n_text_layers
+    if n_text > 0:
+        layers = len(model.text_model.encoder.layers)
+        if n_text > layers:
+            raise ValueError(f"unfreeze_last_n_text_layers={n_text}, but the text tower has only {layers} layers.")
+        tops += [f"text_model.encoder.layers.{i}" for i in range(layers - n_text, layers)]
+        tops += ["text_model.final_layer_norm", "text_projection"]
+    for name, param in model.named_parameters():
+        if any(name == t or name.startswith(t + ".") for t in tops):
+            param.requires_grad_(True)
+    return model
+
+
+# --- trainer --------------------------------------------------------------------------------------------
+class ContrastiveTrainer(Trainer):
+    """Trainer with the global-batch contrastive loss, per-tower learning rates and retrieval evaluation.
+
+    retrieval_dataset: a `PairDataset` of the eval records: every image and every caption is embedded,
+    and Recall@1/5/10 and mean rank both ways are logged as `eval_text_to_image_R@1`, ... (usable as
+    `metric_for_best_model`). zero_shot: a `ZeroShotSet`; its accuracy is logged as `eval_zero_shot_accuracy`.
+    """
+
+    def __init__(self, *args, retrieval_dataset=None, zero_shot=None, freeze_args=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.retrieval_dataset = retrieval_dataset
+        self.zero_shot = zero_shot
+        self.freeze_args = freeze_args
+        self.add_callback(ClampLogitScale())
+        # The loss needs no labels; without this, evaluation would run the model but skip eval_loss.
+        self.can_return_loss = True
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return dataset.epoch_sampler(seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        image_keys, text_keys = inputs.pop("image_keys"), inputs.pop("text_keys")
+        outputs = model(**inputs)
+        loss = global_batch_loss(outputs, _logit_scale(model), image_keys, text_keys)
+        return (loss, {}) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.freeze_args is not None:
+            groups = param_groups(self.model, self.freeze_args, self.args.learning_rate, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)  # each group carries its own
+            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs)
+        return super().create_optimizer()
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
+        # Hooked here, not in evaluate(): the Trainer logs these metrics, hands them to callbacks and
+        # picks the best checkpoint from them after this returns.
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if metric_key_prefix == "eval" and (self.retrieval_dataset is not None or self.zero_shot is not None):
+            output.metrics.update(self.retrieval_metrics(metric_key_prefix))
+        return output
+
+    def _embed_shared(self, model, kind: str, items: list) -> np.ndarray:
+        """Embed this rank's contiguous share of `items`; every rank gets all embeddings, in order."""
+        share = np.array_split(np.arange(len(items)), self.args.world_size)[self.args.process_index]
+        fn = embed_images if kind == "images" else embed_texts
+        part = fn(model, self.data_collator, [items[i] for i in share], self.args.per_device_eval_batch_size,
+                  self.args.device, progress=self.is_local_process_zero())
+        if self.args.world_size == 1:
+            return part
+        return np.concatenate(gather_object([part]))
+
+    def retrieval_metrics(self, metric_key_prefix: str = "eval", name: str | None = None, model=None) -> dict[str, float]:
+        """Retrieval R@K / ranks on the eval records and zero-shot accuracy of `model` (default: the one training).
+
+        Rank 0 writes the embeddings to `predictions/<name>.npz` (default `step-<global step>`, the newest
+        step only), which `python -m eval report` scores again, and the metrics to `predictions/<name>.metrics.json`.
+        """
+        model = model if model is not None else self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        metrics, arrays = {}, {}
+        if self.retrieval_dataset is not None:
+            data = self.retrieval_dataset
+            text_ids, text_to_image = data.texts()
+            arrays = {"image_embeds": self._embed_shared(model, "images", data.images),
+                      "text_embeds": self._embed_shared(model, "texts", text_ids),
+                      "text_to_image": np.asarray(text_to_image), "image_keys": np.asarray(data.images),
+                      "texts": np.asarray([t for caps in data.caption_texts for t in caps])}
+            metrics.update(recall_at_k(arrays["text_embeds"] @ arrays["image_embeds"].T, arrays["text_to_image"]))
+        if self.zero_shot is not None:
+            zs = self.zero_shot
+            images = self._embed_shared(model, "images", zs.images)
+            prompts = [embed_texts(model, self.data_collator, p, len(p), self.args.device) for p in zs.prompt_ids]
+            classes = class_embeddings(prompts)
+            metrics["zero_shot_accuracy"] = zero_shot_accuracy(images, classes, zs.targets)
+        model.train(was_training)
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in metrics.items()}
+        if self.is_world_process_zero():
+            folder = os.path.join(self.args.output_dir, "predictions")
+            os.makedirs(folder, exist_ok=True)
+            step_eval, name = name is None, name or f"step-{self.state.global_step}"
+            if arrays:
+                if step_eval:  # keep the newest step's embeddings only: on a large eval set each file is big
+                    for old in glob.glob(os.path.join(folder, "step-*.npz")):
+                        os.remove(old)
+                np.savez(os.path.join(folder, f"{name}.npz"), **arrays)
+            with open(os.path.join(folder, f"{name}.metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+        return metrics

@@ -1,0 +1,199 @@
+"""Train an image captioner made of a frozen CLIP vision encoder and a frozen GPT-2, joined by a learned soft
+prompt and a vision projection (the only trained parts; LoRA on the LM as an option).
+
+Embedded default (tiny CLIP vision + tiny GPT-2 + synthetic shapes captions, built on first use), on the CPU:
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/soft_prompt_caption/train.py
+
+Real checkpoints and data, on one GPU:
+    accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/soft_prompt_caption/train.py \
+        --config recipes/soft_prompt_caption/config.yaml \
+        --vision_model openai/clip-vit-base-patch32 --language_model gpt2 \
+        --train_file data/coco/train.jsonl --eval_file data/coco/val.jsonl --bf16 --per_device_train_batch_size 64
+
+Writes to --output_dir: trained.safetensors (soft prompt + projection [+ LoRA]) with config.json naming the
+frozen bases, the tokenizer and image processor, checkpoints (trained parts only), predictions/step-N.jsonl
+at every evaluation, and metrics.json (held-out metrics before and after training). export.py writes a
+full checkpoint.
+"""
+
+import functools
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
+
+from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
+from recipes.common.models import check_model_source, compute_dtype, resolve_model_path  # noqa: E402
+from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
+from collator import CaptionCollator, CaptionPromptCollator, caption_scores, tokenize_captions  # noqa: E402
+from modeling import TRAINED_WEIGHTS, SoftPromptCaptioner, trained_sizes  # noqa: E402
+from trainer import SoftPromptTrainer  # noqa: E402
+
+logger = logging.getLogger(__name__)
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+
+@dataclass
+class SoftPromptArguments:
+    """The frozen parts of the captioner and the shape of what trains between them."""
+
+    vision_model: str | None = field(
+        default=None,
+        metadata={"help": "CLIP checkpoint (Hub id or folder; a full CLIP or a vision-only one) whose vision encoder "
+                          "is used frozen, e.g. openai/clip-vit-base-patch32; None = the embedded pre-trained tiny one."},
+    )
+    language_model: str | None = field(
+        default=None, metadata={"help": "Causal LM used frozen, e.g. gpt2; None = the embedded pre-trained tiny GPT-2."}
+    )
+    prompt_length: int = field(default=10, metadata={"help": "Soft prompt vectors; 0 = projection only (the ablation)."})
+    prompt_init_text: str | None = field(
+        default=None,
+        metadata={"help": "Start the soft prompt at the LM's embeddings of this text (repeated to prompt_length); "
+                          "None = N(0, 0.02)."},
+    )
+    projection: Literal["linear", "mlp"] = field(
+        default="linear", metadata={"help": "Vision projection: one linear layer, or linear-GELU-linear."}
+    )
+    vision_features: Literal["pooled", "patches"] = field(
+        default="pooled",
+        metadata={"help": "'pooled': one vector per image (CLIP's pooled CLS); 'patches': one per patch (49 for B/32)."},
+    )
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_CONFIG)] + argv
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        # Before parsing: TrainingArguments sets up its device while parsing. Without it, a 2-process
+        # CPU launch would train two independent copies instead of one gloo job.
+        argv.append("--use_cpu")
+    model_args, data_args, sp_args, peft_args, freeze_args, gen_args, training_args = parse_args(
+        (ModelArguments, DataArguments, SoftPromptArguments, PeftArguments, FreezeArguments, GenerationEvalArguments,
+         TrainingArguments), argv
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+    set_seed(training_args.seed)
+    if model_args.model_name_or_path:
+        raise ValueError("--model_name_or_path is not used by soft_prompt_caption: name the frozen parts with "
+                         "--vision_model and --language_model.")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        raise ValueError("--load_in_4bit / --load_in_8bit are not supported by soft_prompt_caption: its frozen parts "
+                         "are loaded in --dtype (bfloat16 on a GPU by default).")
+    if data_args.image_size:
+        raise ValueError("--image_size is not used by soft_prompt_caption: images are resized to what the CLIP vision "
+                         "encoder was trained on (its image processor's size).")
+
+    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
+    if data_args.train_file is None:
+        splits = embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed)
+        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
+    train_records = load_records(data_args.train_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
+                                 max_rows=data_args.max_train_samples)
+    eval_records = None
+    if data_args.eval_file:
+        # One row per image for generation: files with one row per caption are merged.
+        eval_records = merge_captions_by_image(load_records(data_args.eval_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
+                                                            max_rows=data_args.max_eval_samples))
+
+    # Model: the frozen parts from two checkpoints (by default the embedded tiny ones), fresh trained parts between.
+    vision_path = resolve_model_path(sp_args.vision_model or "tiny:clip-vision-pretrained")
+    language_path = resolve_model_path(sp_args.language_model or "tiny:gpt2-pretrained")
+    for path in (vision_path, language_path):
+        check_model_source(path)
+    tokenizer = AutoTokenizer.from_pretrained(language_path, revision=model_args.revision)
+    if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked out of attention and loss anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    image_processor = AutoImageProcessor.from_pretrained(vision_path, revision=model_args.revision)
+    model = SoftPromptCaptioner.from_parts(
+        vision_path, language_path, dtype=compute_dtype(model_args), attn_implementation=model_args.attn_implementation,
+        revision=model_args.revision, prompt_length=sp_args.prompt_length, projection=sp_args.projection,
+        vision_features=sp_args.vision_features,
+    )
+    if sp_args.prompt_init_text:
+        model.init_soft_prompt_from_text(tokenizer, sp_args.prompt_init_text)
+    config = model.config
+    n_positions = getattr(config.text_config, "max_position_embeddings", None)
+    if n_positions and data_args.max_length > n_positions:
+        raise ValueError(f"--max_length {data_args.max_length} is more than the language model's {n_positions} positions.")
+
+    # Optional LoRA on the LM; then only the soft prompt and projection (+ LoRA) train.
+    model = apply_peft(model, peft_args)
+    apply_freezing(model, freeze_args)
+    logger.info("parameters:\n%s", count_parameters(model))
+    logger.info("%s (soft prompt %d + image %d = %d prefix positions)", trained_sizes(model), config.prompt_length,
+                config.num_vision_tokens, config.prefix_length)
+
+    # Samples: one per reference caption, text only; the length budget counts the prefix.
+    tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, prefix_length=config.prefix_length,
+                                 prompt=data_args.prompt, max_length=data_args.max_length, lang=data_args.lang)
+    train_dataset, report = tokenize(train_records)
+    logger.info("train %s", report)
+    eval_dataset = None
+    if eval_records is not None:
+        eval_dataset, report = tokenize(eval_records)
+        logger.info("eval %s", report)
+        if gen_args.eval_max_samples:
+            eval_records = eval_records.select(range(min(gen_args.eval_max_samples, len(eval_records))))
+
+    trainer = SoftPromptTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=CaptionCollator(image_processor, tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        image_processor=image_processor,
+        generation_dataset=eval_records,
+        generation_collator=CaptionPromptCollator(image_processor, tokenizer, data_args.prompt),
+        score_fn=functools.partial(caption_scores, lang=data_args.lang),
+        generation_args=gen_args,
+        decode_tokenizer=tokenizer,
+        freeze_args=freeze_args,
+    )
+
+    resume = training_args.resume_from_checkpoint
+    resume = True if resume in ("last", "true", "True") else resume  # True: the newest checkpoint in output_dir
+    results = {}
+    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
+    if eval_records is not None and resume and before_file.exists():
+        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
+    elif eval_records is not None:
+        results["before"] = trainer.generation_metrics("eval", name="before")
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()  # the trained parts as safetensors, config.json naming the bases, tokenizer, image processor
+    if eval_records is not None:
+        results["after"] = trainer.generation_metrics("eval", name="final")
+    if trainer.is_world_process_zero():
+        # recipe/task/eval_file/lang: what `python -m eval report` (make eval) needs to score this run again.
+        results.update(recipe=Path(__file__).resolve().parent.name, task="caption", lang=data_args.lang,
+                       model=f"{vision_path} + {language_path}", vision_model=vision_path, language_model=language_path,
+                       prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
+                       train_file=data_args.train_file, eval_file=data_args.eval_file,
+                       global_step=trainer.state.global_step, world_size=training_args.world_size)
+        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
+            json.dump(results, f, indent=2)
+        for when in ("before", "after"):
+            if when in results:
+                logger.info("held-out %s training: %s", when, json.dumps(results[when]))
+        weights = Path(training_args.output_dir) / TRAINED_WEIGHTS
+        logger.info("trained weights: %s (%.1f kB); full checkpoint: python %s/export.py --run %s --out OUT", weights,
+                    weights.stat().st_size / 1024, Path(__file__).resolve().parent, training_args.output_dir)
+    return results
+
+
+if __name__ == "__main__":
+    main()

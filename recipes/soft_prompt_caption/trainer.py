@@ -1,0 +1,56 @@
+"""The soft-prompt Trainer: generation-based evaluation, per-module learning rates, and checkpoints that hold
+only what trains (soft prompt, projection, LoRA), never the frozen bases."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers.trainer import TRAINING_ARGS_NAME
+
+from recipes.common.generation_eval import GenerationEvalTrainer
+from recipes.common.peft_setup import param_groups
+
+try:
+    from .modeling import load_trained, save_trained  # imported as the package recipes.<name> (tests)
+except ImportError:
+    from modeling import load_trained, save_trained  # train.py puts this folder on sys.path
+
+
+class SoftPromptTrainer(GenerationEvalTrainer):
+    """GenerationEvalTrainer that saves and loads the trained parts alone (run folders and checkpoint-N alike).
+
+    Trainer's own save/load handle full state dicts or peft adapters; here the soft prompt is a bare
+    parameter and the bases are large, so `_save`, `_load_from_checkpoint` (resume) and
+    `_load_best_model` go through `modeling.save_trained` / `load_trained`.
+    """
+
+    def __init__(self, *args, freeze_args=None, image_processor=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.freeze_args = freeze_args
+        self.image_processor = image_processor
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.freeze_args is not None:
+            # bridge_lr for the soft prompt and projection, lm_lr for LoRA on the LM.
+            groups = param_groups(self.model, self.freeze_args, self.args.learning_rate, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)  # each group carries its own
+            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs)
+        return super().create_optimizer()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        save_trained(self.accelerator.unwrap_model(self.model), output_dir, state_dict)
+        for processor in (self.processing_class, self.image_processor):
+            if processor is not None:
+                processor.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_trained(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -1,0 +1,228 @@
+"""soft_prompt_caption on tiny random CLIP vision + GPT-2: what a run saves, export, frozen weights, resume, LoRA,
+the JSON-list format, Chinese. Subprocess runs only where the command line itself is under test (each costs ~10 s
+of CPU to import torch and transformers); the Trainer-level checks run in this process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data_tools.jsonl import read_jsonl, write_jsonl
+from data_tools.synth import make_synthetic
+from recipes.soft_prompt_caption import collator, modeling
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPE = ROOT / "recipes" / "soft_prompt_caption"
+TRAIN, EXPORT = RECIPE / "train.py", RECIPE / "export.py"
+# Random tiny bases: the tests check the code path, not what pre-training buys.
+FAST = ["--vision_model", "tiny:clip-vision", "--language_model", "tiny:gpt2", "--report_to", "none",
+        "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--eval_strategy", "no",
+        "--save_strategy", "no", "--load_best_model_at_end", "false", "--max_new_tokens", "6", "--logging_steps", "1"]
+SIZES = "trained: soft_prompt 10 x 128 + projection.weight 128 x 64 + projection.bias 128 = 9,600 parameters"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A small caption set (40 train images, 8 eval) and a model cache of its own."""
+    d = tmp_path_factory.mktemp("softprompt")
+    src = read_jsonl(make_synthetic("caption", 48, d / "synth", seed=1, progress=False))
+    write_jsonl(d / "synth" / "train.jsonl", src[:40])
+    write_jsonl(d / "synth" / "eval.jsonl", src[40:])
+    e = dict(os.environ, PYTHONPATH=str(ROOT), VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
+    return d, e
+
+
+def _run(script, args, env):
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+def _data(d):
+    return ["--train_file", str(d / "synth" / "train.jsonl"), "--eval_file", str(d / "synth" / "eval.jsonl")]
+
+
+def _eval_inputs(d, run):
+    """`generate` inputs for the first 4 eval images, made as the run made them (its processors, no prompt)."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    records = [{"image": str(d / "synth" / r["image"])} for r in read_jsonl(d / "synth" / "eval.jsonl")[:4]]
+    return collator.CaptionPromptCollator(AutoImageProcessor.from_pretrained(run), AutoTokenizer.from_pretrained(run))(records)
+
+
+def test_run_saves_only_trained_parts_and_the_export_equals_the_run(env):
+    d, e = env
+    out = d / "run"
+    r = _run(TRAIN, [*_data(d), "--output_dir", str(out), "--max_steps", "4", *FAST, "--save_strategy", "steps",
+                     "--save_steps", "2"], e)
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"eval_CIDEr", "eval_Bleu_4", "eval_ROUGE_L"} <= set(metrics["before"])
+    assert set(metrics["before"]) == set(metrics["after"])
+    assert (metrics["recipe"], metrics["prompt_length"], metrics["trained_parameters"]) == ("soft_prompt_caption", 10, 9600)
+    assert SIZES in r.stderr and "train length budget: 200 samples, 0 truncated" in r.stderr  # 40 images x 5 captions
+    # Only what trains is on disk; the bases are named in config.json.
+    trained = load_file(out / "trained.safetensors")
+    assert {k: tuple(v.shape) for k, v in trained.items()} == {"soft_prompt": (10, 128), "projection.weight": (128, 64),
+                                                              "projection.bias": (128,)}
+    assert not list(out.rglob("model.safetensors")) and not (out / "adapter_config.json").exists()
+    assert not torch.equal(load_file(out / "checkpoint-2" / "trained.safetensors")["soft_prompt"], trained["soft_prompt"])
+
+    full = d / "full"
+    x = _run(EXPORT, ["--run", str(out), "--out", str(full)], e)
+    assert x.returncode == 0, x.stderr[-3000:]
+    from transformers import AutoModel
+
+    run_model = modeling.SoftPromptCaptioner.from_trained(out).eval()
+    exported = AutoModel.from_pretrained(full).eval()
+    inputs = _eval_inputs(d, out)
+    keys = inputs.pop("keys")
+    ids = torch.tensor([[5, 6, 7]] * 4)
+    with torch.no_grad():
+        assert torch.equal(run_model(pixel_values=inputs["pixel_values"], input_ids=ids).logits,
+                           exported(pixel_values=inputs["pixel_values"], input_ids=ids).logits)
+    gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(run_model.generate(**inputs, **gen), exported.generate(**inputs, **gen))
+    # What the run scored at the end is exactly bases + trained.safetensors: the same greedy captions.
+    final = {row["key"]: row["prediction"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
+    from transformers import AutoTokenizer
+
+    texts = AutoTokenizer.from_pretrained(out).batch_decode(run_model.generate(**inputs, **gen), skip_special_tokens=True)
+    assert [final[k] for k in keys] == [t.strip() for t in texts]
+
+
+@pytest.fixture(scope="module")
+def bases(env):
+    from recipes.common.tiny_models import build_tiny
+
+    d, _ = env
+    return build_tiny("clip-vision", d / "bases" / "vision"), build_tiny("gpt2", d / "bases" / "gpt2")
+
+
+def _trainer(d, bases, model, output_dir, **args):
+    """A SoftPromptTrainer as train.py builds it, in this process (no start-up cost), on 16 captions of 8 images."""
+    from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
+
+    from recipes.common.args import FreezeArguments
+    from recipes.common.data import load_records
+    from recipes.soft_prompt_caption.trainer import SoftPromptTrainer
+
+    tok = AutoTokenizer.from_pretrained(bases[1])
+    records = load_records(d / "synth" / "train.jsonl", "caption", max_rows=8).map(lambda r: {"captions": r["captions"][:2]})
+    train, _ = collator.tokenize_captions(records, tok, prefix_length=11)
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                             remove_unused_columns=False, logging_steps=1, seed=0, **args)
+    data_collator = collator.CaptionCollator(AutoImageProcessor.from_pretrained(bases[0]), tok.pad_token_id)
+    return SoftPromptTrainer(model=model, args=args, train_dataset=train, freeze_args=FreezeArguments(), processing_class=tok,
+                             data_collator=data_collator)
+
+
+def test_training_leaves_frozen_weights_bit_identical(env, bases, tmp_path):
+    """With weight decay on and LoRA: every weight but the soft prompt, projection and LoRA stays as it was, bit for bit."""
+    from peft import LoraConfig, get_peft_model
+
+    d, _ = env
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, target_modules=r"language_model\..*\.c_attn")
+    model = get_peft_model(modeling.SoftPromptCaptioner.from_parts(*bases), lora)
+    for name, p in model.named_parameters():
+        if "soft_prompt" in name or "projection" in name:
+            p.requires_grad_(True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _trainer(d, bases, model, tmp_path, max_steps=3, learning_rate=0.05, weight_decay=0.1, save_strategy="no").train()
+    after = model.state_dict()
+    changed = {k.removeprefix("base_model.model.") for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"soft_prompt", "projection.weight", "projection.bias"} | {
+        f"language_model.transformer.h.{i}.attn.c_attn.lora_{ab}.default.weight" for i in (0, 1) for ab in "AB"}
+
+
+def test_resumed_training_ends_like_an_uninterrupted_one(env, bases, tmp_path):
+    d, _ = env
+
+    def train(output_dir, init_seed, resume=None):
+        torch.manual_seed(init_seed)
+        model = modeling.SoftPromptCaptioner.from_parts(*bases)
+        trainer = _trainer(d, bases, model, output_dir, max_steps=12, learning_rate=0.01, save_strategy="steps", save_steps=4)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    whole, whole_losses = train(tmp_path / "whole", init_seed=0)
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")  # as if killed after step 4
+    # Another initialisation: only loading the checkpoint's trained parts can make the runs agree.
+    resumed, resumed_losses = train(tmp_path / "resumed", init_seed=1, resume=True)
+    assert resumed_losses[-8:] == pytest.approx(whole_losses[-8:], rel=1e-5) and len(resumed_losses) == 12
+    assert torch.equal(resumed.soft_prompt, whole.soft_prompt) and torch.equal(resumed.projection.weight, whole.projection.weight)
+    assert sorted(load_file(tmp_path / "whole" / "checkpoint-12" / "trained.safetensors")) == [
+        "projection.bias", "projection.weight", "soft_prompt"]
+
+
+def test_lora_run_on_a_plain_json_list_saves_lora_and_export_merges_it(env):
+    """`[{"image_path", "text"}]` data (one row per caption) and LoRA on the LM, in one run."""
+    d, e = env
+    pairs = [{"image_path": row["image"], "text": caption} for row in read_jsonl(d / "synth" / "train.jsonl")[:8]
+             for caption in row["captions"][:2]]
+    (d / "synth" / "pairs.json").write_text(json.dumps(pairs))
+    out = d / "lora"
+    r = _run(TRAIN, ["--train_file", str(d / "synth" / "pairs.json"), "--eval_file", str(d / "synth" / "pairs.json"),
+                     "--output_dir", str(out), "--max_steps", "3", *FAST, "--peft_method", "lora", "--learning_rate", "0.02"], e)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "train length budget: 16 samples" in r.stderr  # one sample per row
+    keys = [row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")]
+    assert len(keys) == len(set(keys)) == 8  # the rows of an image merged for generation: one prediction each
+    # r=8 on c_attn (128 -> 384), c_proj (128 -> 128), c_fc (128 -> 512), mlp c_proj (512 -> 128), 2 layers.
+    assert "projection.bias 128 + LoRA 32,768 = 42,368 parameters" in r.stderr
+    trained = load_file(out / "trained.safetensors")
+    assert len([k for k in trained if ".lora_" in k]) == 16 and "base_model.model.soft_prompt" in trained
+    assert (out / "adapter_config.json").exists()
+    from peft import LoraConfig, get_peft_model
+
+    merged = modeling.SoftPromptCaptioner.from_trained(out).eval()
+    config = json.loads((out / "config.json").read_text())
+    parts = config["vision_model_name_or_path"], config["language_model_name_or_path"]
+    unmerged = get_peft_model(modeling.SoftPromptCaptioner.from_parts(*parts), LoraConfig.from_pretrained(out))
+    modeling.load_trained(unmerged, out)
+    without_lora = modeling.SoftPromptCaptioner.from_parts(*parts)
+    modeling.load_trained(without_lora, _without_lora(out, d / "nolora"))
+    x, ids = torch.randn(2, 3, 64, 64), torch.tensor([[5, 6, 7]] * 2)
+    with torch.no_grad():
+        a, b = merged(pixel_values=x, input_ids=ids).logits, unmerged.eval()(pixel_values=x, input_ids=ids).logits
+        assert not torch.allclose(a, without_lora.eval()(pixel_values=x, input_ids=ids).logits, atol=1e-4)  # LoRA counts
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def _without_lora(run, folder):
+    """The run's soft prompt and projection alone, as a run without LoRA would have saved them."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(exist_ok=True)
+    trained = load_file(run / "trained.safetensors")
+    tensors = {k.removeprefix("base_model.model."): v for k, v in trained.items() if ".lora_" not in k}
+    save_file(tensors, folder / "trained.safetensors")
+    return folder
+
+
+def test_chinese_embedded_default_end_to_end_and_eval_report(env):
+    d, e = env
+    out = d / "zh"
+    r = _run(TRAIN, ["--lang", "zh", "--output_dir", str(out), "--max_steps", "2", *FAST, "--max_train_samples", "16",
+                     "--eval_max_samples", "8", "--prompt", "图片里"], e)
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["lang"] == "zh" and "caption-zh" in metrics["eval_file"]
+    assert all("\u4e00" <= ch <= "\u9fff" for ch in read_jsonl(metrics["eval_file"])[0]["captions"][0][:2])
+    # `python -m eval report` scores the run again, on characters, without METEOR (English only).
+    from eval.caption import caption_metrics
+    from eval.report import report_run
+
+    row = report_run(out)
+
+    predictions = {row["key"]: row["prediction"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
+    references = {row["image"]: row["captions"] for row in read_jsonl(metrics["eval_file"])}
+    references = {k: references[str(Path(k).relative_to(Path(metrics["eval_file"]).parent))] for k in predictions}
+    rescored = caption_metrics(predictions, references, lang="zh", metrics=["CIDEr"])
+    assert rescored["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"])
+    assert row["final"]["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"]) and "METEOR" not in row["final"]

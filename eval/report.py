@@ -44,11 +44,11 @@ CAPTION_METRICS = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
 COLUMNS = {
     "caption": [("CIDEr", "CIDEr"), ("BLEU-4", "Bleu_4"), ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE_L")],
     "vqa": [("VQA acc", "overall")],
-    "instruct": [("VQA acc", "VQA_accuracy"), ("CIDEr", "CIDEr")],  # short answers; descriptions
     "retrieval": [("T2I R@1", "text_to_image_R@1"), ("T2I R@5", "text_to_image_R@5"), ("I2T R@1", "image_to_text_R@1"),
                   ("I2T R@5", "image_to_text_R@5")],
+    "instruct": [("VQA acc", "VQA_accuracy"), ("CIDEr", "CIDEr")],  # short answers; descriptions
 }
-MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "instruct": "VQA_accuracy", "retrieval": "text_to_image_R@1"}
+MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "retrieval": "text_to_image_R@1", "instruct": "VQA_accuracy"}
 
 
 # --- finding runs -------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def predictions_file(run: Path, name: str = "final", suffix: str = ".jsonl") -> 
 def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str = "en") -> dict:
     """Eval records keyed as the recipes key their predictions: absolute image path, or question id;
     for instruct, the items of `eval.instruct` (one per assistant turn, "<row>:<turn>")."""
-    rows, records = [], {}
+    records, rows = {}, []
     for _, row, _ in check_rows(path, task, check_images=False, progress=False):
         if isinstance(row, DataError):
             raise row
@@ -132,7 +132,7 @@ def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict,
         # The metrics computed during training (no METEOR: its Java start-up is slow, and descriptions are not captions).
         scores = instruct_scores(predictions, [records[k] for k in predictions], lang=lang, per_sample=True)
         return scores, scores.pop("per_sample")
-    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa, instruct, retrieval)", field="task")
+    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa, retrieval, instruct)", field="task")
 
 
 def score_retrieval(path: Path, records: dict) -> tuple[dict, dict, dict]:

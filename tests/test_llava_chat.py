@@ -91,7 +91,8 @@ def test_image_placeholder_anywhere_in_the_first_turn_and_openai_messages(encode
     openai = normalize_record({"image": "a.png", "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image ."}]},
         {"role": "assistant", "content": "a red circle ."}]}, "instruct")
-    assert encoder.encode(to_messages(openai["conversations"], True)).input_ids == encoder.encode(to_messages(none, True)).input_ids
+    same = encoder.encode(to_messages(none, True)).input_ids
+    assert encoder.encode(to_messages(openai["conversations"], True)).input_ids == same
     text_only = encoder.encode(to_messages(none, has_image=False))
     assert IMG not in text_only.input_ids and text_only.image_end == 0
     with pytest.raises(ValueError, match="only allowed once, in a user turn"):
@@ -102,7 +103,8 @@ def test_a_template_without_end_of_turn_gets_eos_after_each_answer():
     encoder = ChatEncoder(make_processor(NO_EOS_TEMPLATE))
     enc = encoder.encode(to_messages(CONVERSATION[1:], has_image=True))
     prompt1 = [BOS] + ids("USER :") + [IMG] * N_IMG + ids("describe the image . ASSISTANT :")
-    assert enc.input_ids == prompt1 + ids("a red circle .") + [EOS] + ids("USER : where is it ? ASSISTANT :") + ids("top left .") + [EOS]
+    assert enc.input_ids == (prompt1 + ids("a red circle .") + [EOS] + ids("USER : where is it ? ASSISTANT :")
+                             + ids("top left .") + [EOS])
     assert enc.labels == [M] * len(prompt1) + ids("a red circle .") + [EOS] + [M] * 8 + ids("top left .") + [EOS]
     assert enc.eos_added == 2
     # The generation prompt is the training sequence up to the answer, token for token.
@@ -136,7 +138,8 @@ def test_tokenize_conversations_reports_and_names_the_record(encoder, tmp_path):
     ds, report = tokenize_conversations(records, encoder, max_length=22, source="train.jsonl")
     assert ds["has_image"] == [True, False] and ds["length"] == [len(x) for x in ds["input_ids"]]
     assert (report.samples, report.cut, report.dropped) == (2, 1, 0)
-    bad = datasets.Dataset.from_list([{"image": None, "conversations": [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "a"}]}])
+    turns = [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "a"}]
+    bad = datasets.Dataset.from_list([{"image": None, "conversations": turns}])
     with pytest.raises(ValueError, match="train.jsonl: record 0"):
         tokenize_conversations(bad, encoder, None, source="train.jsonl")
 
@@ -185,12 +188,14 @@ def test_collators_mix_text_only_and_image_samples_and_left_pad_prompts(encoder,
              {"key": "i", "image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:4]}]
     collate = ChatPromptCollator(encoder, encoder.processor.image_processor, PAD)
     batch = collate(items)
-    assert batch["keys"] == ["t", "i"] and batch["input_ids"][0, 0] == PAD and batch["input_ids"][:, -2:].tolist() == [ids("ASSISTANT :")] * 2
+    assert batch["keys"] == ["t", "i"] and batch["input_ids"][0, 0] == PAD
+    assert batch["input_ids"][:, -2:].tolist() == [ids("ASSISTANT :")] * 2
     with torch.no_grad():
-        together = model.generate(**{k: v for k, v in batch.items() if k != "keys"}, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+        greedy = dict(max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+        together = model.generate(**{k: v for k, v in batch.items() if k != "keys"}, **greedy)
         for row, item in enumerate(items):
             alone = collate([item])
-            single = model.generate(**{k: v for k, v in alone.items() if k != "keys"}, max_new_tokens=4, do_sample=False, pad_token_id=PAD)
+            single = model.generate(**{k: v for k, v in alone.items() if k != "keys"}, **greedy)
             assert together[row, -4:].tolist() == single[0, -4:].tolist()  # left padding changes no answer
 
 

@@ -40,8 +40,8 @@ def test_short_answers_by_vqa_accuracy_descriptions_by_cider():
     assert scores["VQA_accuracy"] == 50.0  # "red" matches "Red." after VQA normalisation, "four sides" misses "three"
     assert (scores["n_short"], scores["n_long"]) == (2, 2)
     long = {k: PREDICTIONS[k] for k in ("0:3", "2:2")}
-    expected = caption_metrics(long, {"0:3": [RECORDS[0]["conversations"][3]["value"]], "2:2": [RECORDS[2]["conversations"][2]["value"]]},
-                               metrics=["Bleu", "ROUGE_L", "CIDEr"])
+    references = {"0:3": [RECORDS[0]["conversations"][3]["value"]], "2:2": [RECORDS[2]["conversations"][2]["value"]]}
+    expected = caption_metrics(long, references, metrics=["Bleu", "ROUGE_L", "CIDEr"])
     assert scores["CIDEr"] == pytest.approx(expected["CIDEr"]) and scores["CIDEr"] > 0
     assert scores["per_sample"]["0:1"] == 1.0 and scores["per_sample"]["1:1"] == 0.0
     with pytest.raises(KeyError, match="not eval items"):
@@ -77,3 +77,15 @@ def test_shuffled_images_give_every_image_item_another_image():
     items = datasets.Dataset.from_list([{"key": "0:1", "image": "a"}, {"key": "0:3", "image": "a"}, {"key": "1:1", "image": None},
                                         {"key": "2:1", "image": "b"}, {"key": "3:1", "image": "c"}])
     assert with_shuffled_images(items)["image"] == ["b", "b", None, "c", "a"]
+
+
+def test_caption_eval_items_merge_the_rows_of_one_image():
+    import datasets
+
+    from recipes.llava_instruct.collator import caption_eval_items
+
+    rows = datasets.Dataset.from_list([{"image": "a", "captions": ["x"]}, {"image": "b", "captions": ["y"]},
+                                       {"image": "a", "captions": ["z", "w"]}])
+    items = caption_eval_items(rows)
+    assert [(it["key"], it["references"]) for it in items] == [("a", ["x", "z", "w"]), ("b", ["y"])]
+    assert items[0]["conversations"] == [{"from": "human", "value": "<image>\nDescribe the image briefly."}]

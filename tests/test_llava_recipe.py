@@ -25,7 +25,8 @@ FAST = ["--model_name_or_path", "tiny:llava", "--report_to", "none", "--per_devi
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """32 image conversations + 8 text-only ones for training, 7 held out (one text-only); 12 captioned images; a private model cache."""
+    """32 image conversations + 8 text-only ones for training, 7 held out (one text-only); 12 captioned images;
+    a private model cache."""
     d = tmp_path_factory.mktemp("llava")
     src = [r for r in read_jsonl(make_synthetic("instruct", 40, d / "synth", seed=1, progress=False)) if "image" in r]
     text_only = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in TEXT_ONLY["en"]]
@@ -110,7 +111,8 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
         with pytest.MonkeyPatch.context() as mp:
             printed = []
             mp.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
-            assert chat.main(["--model", str(model), "--image", image, "--prompt", "Describe the image.", "--max_new_tokens", "5"]) == 0
+            argv = ["--model", str(model), "--image", image, "--prompt", "Describe the image.", "--max_new_tokens", "5"]
+            assert chat.main(argv) == 0
         answers.append(printed)
     assert answers[0] == answers[1] and len(answers[0]) == 1
 
@@ -123,7 +125,10 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(env, stage2):
     shutil.copytree(out / "predictions", resumed / "predictions")
     r = _run([*_data(d), "--output_dir", str(resumed), *FAST, *STAGE2, "--resume_from_checkpoint", "last"], e)
     assert r.returncode == 0, r.stderr[-3000:]
-    loss = lambda run: [h["loss"] for h in json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
+    def loss(run):
+        history = json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        return [h["loss"] for h in history if "loss" in h]
+
     assert loss(resumed)[-2:] == pytest.approx(loss(out)[-2:], rel=1e-5)
     whole, again = (json.loads((run / "metrics.json").read_text()) for run in (out, resumed))
     assert again["before"] == whole["before"] and again["after"] == pytest.approx(whole["after"], abs=1e-6)
@@ -139,8 +144,9 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
     assert "metric_for_best_model is CIDEr instead" in r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "caption" and metrics["stage"] == "pretrain" and "eval_VQA_accuracy" not in metrics["after"]
+    # Keyed by image path, as `eval report` keys captions.
     assert {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")} == {
-        str(d / "synth" / row["image"]) for row in read_jsonl(d / "synth" / "cap_eval.jsonl")}  # keyed as `eval report` keys captions
+        str(d / "synth" / row["image"]) for row in read_jsonl(d / "synth" / "cap_eval.jsonl")}
 
     from transformers import LlavaForConditionalGeneration
 
@@ -160,7 +166,8 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
 def test_two_processes_with_text_only_batches(env):
     d, e = env
     out = d / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+    config = str(ROOT / "accelerate_configs" / "multi_cpu.yaml")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
            "--main_process_port", "29561", str(TRAIN), *_data(d), "--output_dir", str(out), "--num_train_epochs", "1", *FAST,
            "--eval_max_samples", "4", "--shuffled_image_check", "false"]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)

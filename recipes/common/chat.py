@@ -55,7 +55,8 @@ def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
         parts = []
         if IMAGE_TOKEN in text:
             if role != "user" or not has_image or placed:
-                raise ValueError(f"conversations[{i}]: '{IMAGE_TOKEN}' is only allowed once, in a user turn of a record with an image")
+                raise ValueError(f"conversations[{i}]: '{IMAGE_TOKEN}' is only allowed once, in a user turn of a record "
+                                 "with an image")
             before, after = text.split(IMAGE_TOKEN, 1)
             before, after = before.rstrip("\n"), after.lstrip("\n")
             parts += [{"type": "text", "text": before}] if before.strip() else []
@@ -158,7 +159,8 @@ class ChatEncoder:
             k = min(set(range(len(spans))) - set(last))
             raise ChatTemplateError(f"assistant turn {k} renders to no token of its own: {full[spans[k][0]:spans[k][2]]!r}")
         # Cut after answer k: before the first later token that starts at or after the end of its turn.
-        cut_at = [next((p for p in range(last[k] + 1, len(ids)) if starts[p] >= end), len(ids)) for k, (_, _, end) in enumerate(spans)]
+        cut_at = [next((p for p in range(last[k] + 1, len(ids)) if starts[p] >= end), len(ids))
+                  for k, (_, _, end) in enumerate(spans)]
         n_images = sum(part["type"] == "image" for m in messages for part in m["content"])
         if n_images > 1 or ids.count(self.image_token_id) != n_images:
             raise ValueError(f"{n_images} image(s) rendered as {ids.count(self.image_token_id)} '{IMAGE_TOKEN}' tokens; "
@@ -208,7 +210,8 @@ class ChatLengthReport:
         )
 
 
-def fit_conversation(enc: EncodedConversation, max_length: int | None, report: ChatLengthReport) -> tuple[list[int], list[int]] | None:
+def fit_conversation(enc: EncodedConversation, max_length: int | None,
+                     report: ChatLengthReport) -> tuple[list[int], list[int]] | None:
     """`(input_ids, labels)` within `max_length`, cut after the last whole assistant turn that fits; None: dropped."""
     report.samples += 1
     report.eos_added += enc.eos_added

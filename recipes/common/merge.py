@@ -25,7 +25,8 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
     """(model in eval mode, processor) of a run folder or checkpoint-N: base + adapter, or the saved model."""
     run = Path(run)
     if not (run / "config.json").exists() and not is_adapter_run(run):
-        raise FileNotFoundError(f"{run}: no adapter_config.json or config.json; give a training output_dir or a checkpoint-N in it")
+        raise FileNotFoundError(f"{run}: no adapter_config.json or config.json; give a training output_dir or a "
+                                "checkpoint-N in it")
     torch_dtype = getattr(torch, dtype)
     if is_adapter_run(run):
         base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path, dtype=torch_dtype)

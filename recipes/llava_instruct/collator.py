@@ -42,9 +42,13 @@ def caption_conversations(records: datasets.Dataset, seed: int) -> datasets.Data
 
 
 def caption_eval_items(records: datasets.Dataset) -> list[dict]:
-    """One eval item per image, keyed by its path (as `eval report` keys captions): the first request, all captions."""
-    return [{"key": r["image"], "image": r["image"], "conversations": _caption_turns(BRIEF_REQUESTS[0]),
-             "question": BRIEF_REQUESTS[0], "references": r["captions"], "short": False} for r in records]
+    """One eval item per image, keyed by its path (as `eval report` keys captions): the first request, and the
+    captions of every row of that image (files with one row per caption have several)."""
+    captions: dict[str, list[str]] = {}
+    for r in records:
+        captions.setdefault(r["image"], []).extend(r["captions"])
+    return [{"key": image, "image": image, "conversations": _caption_turns(BRIEF_REQUESTS[0]),
+             "question": BRIEF_REQUESTS[0], "references": refs, "short": False} for image, refs in captions.items()]
 
 
 def generation_items(task: str, records: datasets.Dataset, short_answer_words: int, lang: str) -> datasets.Dataset:

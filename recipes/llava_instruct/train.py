@@ -4,14 +4,15 @@ Embedded default (tiny LLaVA + synthetic multi-turn instructions, built on first
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py
     # stage 1 first (projector only, on captions), then stage 2 from its output:
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py \
-        --stage pretrain --output_dir outputs/llava_instruct_pretrain
+        --stage pretrain --num_train_epochs 1 --learning_rate 1e-3 --output_dir outputs/llava_instruct_pretrain
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py \
         --model_name_or_path outputs/llava_instruct_pretrain
 
 A real checkpoint and LLaVA-Instruct data (`python -m data_tools convert --from llava ...`), on one GPU:
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/llava_instruct/train.py \
         --model_name_or_path llava-hf/llava-1.5-7b-hf --train_file data/llava/train.jsonl \
-        --eval_file data/llava/val.jsonl --bf16 --max_length 2048 --lora_r 128 --lora_alpha 256 --learning_rate 2e-4
+        --eval_file data/llava/val.jsonl --bf16 --max_length 2048 --lora_r 128 --lora_alpha 256 --learning_rate 2e-4 \
+        --projector_lr 2e-5 --num_train_epochs 1 --unfreeze_last_n_vision_layers 0 --short_answer_words 3   # see README.md
 
 Writes to --output_dir: checkpoints; the adapter with the trained projector (and vision layers) as
 safetensors, or the full model (stage pretrain, or --peft_method none); the processor;
@@ -35,7 +36,8 @@ import transformers  # noqa: E402
 from transformers import LlavaForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores  # noqa: E402
-from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments,  # noqa: E402
+                                 PeftArguments, parse_args)
 from recipes.common.chat import ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records  # noqa: E402
 from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402

@@ -82,11 +82,12 @@ def test_blip2_opt(paths):
     assert out.shape[1] > n + 2
     out = model.generate(pixel_values=batch["pixel_values"][:1], max_new_tokens=4)  # no prompt at all
     assert out.shape[0] == 1
-    # Every part starts at a trainable scale: Blip2VisionConfig's default initializer_range (1e-10) would
-    # leave the vision encoder at zero, the image invisible to everything after it.
-    for name in ("vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.self_attn.qkv.weight",
-                 "qformer.encoder.layer.0.crossattention.attention.key.weight", "query_tokens"):
-        assert 0.01 < model.state_dict()[name].std() < 0.05, name
+    # The query tokens start at the scale LAVIS draws them from (transformers' zeros stall training); the
+    # vision layers at zero (Blip2VisionConfig's default, kept on purpose: see build_blip2_opt).
+    weights = model.state_dict()
+    assert 0.01 < weights["query_tokens"].std() < 0.05
+    assert 0.01 < weights["qformer.encoder.layer.0.crossattention.attention.key.weight"].std() < 0.05
+    assert weights["vision_model.encoder.layers.0.self_attn.qkv.weight"].abs().max() < 1e-6
 
 
 def test_llava(paths):

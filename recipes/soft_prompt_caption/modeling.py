@@ -128,11 +128,16 @@ class SoftPromptCaptioner(PreTrainedModel):
         vision_config = getattr(vision_config, "vision_config", vision_config)
         vision = AutoModel._model_mapping[type(vision_config)].from_pretrained(vision_model, **kwargs)
         language = AutoModelForCausalLM.from_pretrained(language_model, **kwargs)
+        return cls.from_models(vision, language, vision_model_name_or_path=str(vision_model),
+                               language_model_name_or_path=str(language_model), **options)
+
+    @classmethod
+    def from_models(cls, vision: PreTrainedModel, language: PreTrainedModel, **options) -> "SoftPromptCaptioner":
+        """The captioner around two models already built (loaded, or from configs as `bench/` does): both frozen,
+        fresh trained parts in float32. `options` are config fields (prompt_length, ..., the *_name_or_path)."""
         # A new config resets its sub-configs' attention kernel unless told; keep the one each part was loaded with.
         kernels = {"vision_config": vision.config._attn_implementation, "text_config": language.config._attn_implementation}
         config = SoftPromptCaptionerConfig(vision_config=vision.config, text_config=language.config,
-                                           vision_model_name_or_path=str(vision_model),
-                                           language_model_name_or_path=str(language_model),
                                            attn_implementation=kernels, **options)
         model = cls(config, vision_model=vision, language_model=language)
         model.vision_model.requires_grad_(False)

@@ -160,6 +160,7 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    set_seed(args.seed)  # dropout of the first step drawn from the seed alone (tests/test_bench.py checks that loss)
     trainer.train()
     if clock.seconds is None:
         raise RuntimeError(f"{who} {mode}: the Trainer stopped after {trainer.state.global_step} of "
@@ -197,8 +198,42 @@ def _precision(model, args) -> str:
     return f"weights {'/'.join(dtypes)}, trained weights {'/'.join(trained)}{autocast}"
 
 
+@dataclass
+class Prepared:
+    """Everything one mode's runs share: the parsed recipe arguments, the recipe's model (LoRA and freezing applied),
+    its tokenizer, image processor, dataset and collator, and (device mode) the premade batches on the device."""
+
+    a: object
+    model: object
+    tokenizer: object
+    image_processor: object
+    dataset: object
+    collator: object
+    batches: list[dict] | None
+
+
+def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_size: int) -> Prepared:
+    """Build the recipe's side of one mode, seeded as train.py seeds (the same seed gives the same model and batches)."""
+    a = adapter.parse(_recipe_argv(adapter, opts, output_dir, batch_size))
+    set_seed(a.TrainingArguments.seed)
+    model, tokenizer, image_processor = adapter.build(a, opts.size, opts.device)
+    image_size = adapter.image_size(opts.size) or image_processor_size(image_processor)
+    per_step = batch_size * a.TrainingArguments.gradient_accumulation_steps
+    n = per_step * (opts.warmup + opts.steps) if mode == "e2e" else batch_size * opts.device_batches
+    records = load_records(synthetic_jpeg_records(adapter.task, _records_for(adapter, n), image_size,
+                                                  distinct=opts.distinct_images), adapter.task)
+    model = adapter.setup(model, a)
+    dataset = adapter.dataset(records, tokenizer, model, a)
+    collator = adapter.collator(tokenizer, image_processor, model, a)
+    batches = None
+    if mode == "device":
+        batches = [_to(collator([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), opts.device)
+                   for k in range(opts.device_batches)]
+    return Prepared(a, model, tokenizer, image_processor, dataset, collator, batches)
+
+
 def run(opts: Options) -> dict:
-    """Bench one recipe as `opts` says; returns the JSON-ready result (see README section in bench/RESULTS.md)."""
+    """Bench one recipe as `opts` says; returns the JSON-ready result (fields: bench/RESULTS.md)."""
     if opts.recipe not in ADAPTERS:
         raise SystemExit(f"unknown recipe {opts.recipe!r}; benchable: {', '.join(sorted(ADAPTERS))}")
     if opts.device == "cuda" and not torch.cuda.is_available():
@@ -211,34 +246,20 @@ def run(opts: Options) -> dict:
     out = {"recipe": opts.recipe, "size": opts.size, "device": _device_name(opts.device), "batch_size": batch_size,
            "warmup_steps": opts.warmup, "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
            "versions": _versions(), "flop_convention": FLOP_CONVENTION, "tokens_counted": adapter.tokens_counted,
-           "baseline_loaded_as": adapter.baseline_loaded_as,
-           "runs": [], "notes": []}
+           "baseline_loaded_as": adapter.baseline_loaded_as, "runs": [], "notes": []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
-        a = adapter.parse(_recipe_argv(adapter, opts, tmp, batch_size))
-        out["gradient_accumulation_steps"] = a.TrainingArguments.gradient_accumulation_steps
         for mode in modes:
-            set_seed(a.TrainingArguments.seed)
-            model, tokenizer, image_processor = adapter.build(a, opts.size, opts.device)
-            image_size = adapter.image_size(opts.size) or image_processor_size(image_processor)
-            per_step = batch_size * a.TrainingArguments.gradient_accumulation_steps
-            n = per_step * (opts.warmup + opts.steps) if mode == "e2e" else batch_size * opts.device_batches
-            records = load_records(synthetic_jpeg_records(adapter.task, _records_for(adapter, n), image_size,
-                                                          distinct=opts.distinct_images), adapter.task)
-            model = adapter.setup(model, a)
-            dataset = adapter.dataset(records, tokenizer, model, a)
-            collator = adapter.collator(tokenizer, image_processor, model, a)
-            batches = None
-            if mode == "device":
-                batches = [_to(collator([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), opts.device)
-                           for k in range(opts.device_batches)]
-            kwargs = adapter.trainer_kwargs(tokenizer, image_processor, a)
-            out["runs"].append(_run(adapter, "recipe", mode, opts, a, model, dataset, collator, batches, kwargs))
+            p = prepare(adapter, opts, mode, tmp, batch_size)
+            out["gradient_accumulation_steps"] = p.a.TrainingArguments.gradient_accumulation_steps
+            kwargs = adapter.trainer_kwargs(p.tokenizer, p.image_processor, p.a)
+            model, p.model = p.model, None  # _run frees it
+            out["runs"].append(_run(adapter, "recipe", mode, opts, p.a, model, p.dataset, p.collator, p.batches, kwargs))
             del model
             _free(opts.device)
             if opts.baseline:
-                set_seed(a.TrainingArguments.seed)
-                base = adapter.baseline(a, opts.size, opts.device)
-                out["runs"].append(_run(adapter, "baseline", mode, opts, a, base, dataset, collator, batches, {}))
+                set_seed(p.a.TrainingArguments.seed)
+                base = adapter.baseline(p.a, opts.size, opts.device)
+                out["runs"].append(_run(adapter, "baseline", mode, opts, p.a, base, p.dataset, p.collator, p.batches, {}))
                 del base
                 _free(opts.device)
     if opts.baseline:

@@ -60,6 +60,24 @@ class PremadeBatches:
             yield dict(self.batches[i % len(self.batches)])
 
 
+class TextPadding:
+    """The recipe's collator, its text then right-padded to `width` positions (--pad-text-to), as collators that pad to a
+    fixed length do (CLIP's 77 positions in the issue's shape): more positions computed, no more tokens counted."""
+
+    FILL = {"input_ids": None, "attention_mask": 0, "labels": -100}
+
+    def __init__(self, collator, width: int, pad_token_id: int):
+        self.collator, self.width, self.pad_token_id = collator, width, pad_token_id
+
+    def __call__(self, features):
+        batch = self.collator(features)
+        for key, fill in self.FILL.items():
+            if key in batch and batch[key].shape[1] < self.width:
+                value = self.pad_token_id if fill is None else fill
+                batch[key] = torch.nn.functional.pad(batch[key], (0, self.width - batch[key].shape[1]), value=value)
+        return batch
+
+
 def timed_trainer(trainer_cls, adapter: Adapter):
     """`trainer_cls` recording, per micro-batch, its loss, token count and shapes without a host sync, and able to
     train on premade device batches instead of its DataLoader."""
@@ -117,6 +135,7 @@ class Options:
     batch_size: int | None = None
     baseline: bool = True
     device_batches: int = 2
+    pad_text_to: int | None = None
     distinct_images: int = 2048
     peak_tflops: float | None = None
     recipe_argv: list[str] = field(default_factory=list)
@@ -225,6 +244,8 @@ def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_s
     model = adapter.setup(model, a)
     dataset = adapter.dataset(records, tokenizer, model, a)
     collator = adapter.collator(tokenizer, image_processor, model, a)
+    if opts.pad_text_to:
+        collator = TextPadding(collator, opts.pad_text_to, tokenizer.pad_token_id)
     batches = None
     if mode == "device":
         batches = [_to(collator([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), opts.device)
@@ -244,6 +265,7 @@ def run(opts: Options) -> dict:
     batch_size = opts.batch_size or (adapter.real_batch_size if opts.size == "real" else 4)
     modes = ["device", "e2e"] if opts.mode == "both" else [opts.mode]
     out = {"recipe": opts.recipe, "size": opts.size, "device": _device_name(opts.device), "batch_size": batch_size,
+           "pad_text_to": opts.pad_text_to,
            "warmup_steps": opts.warmup, "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
            "versions": _versions(), "flop_convention": FLOP_CONVENTION, "tokens_counted": adapter.tokens_counted,
            "baseline_loaded_as": adapter.baseline_loaded_as, "runs": [], "notes": []}
@@ -346,12 +368,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time plain transformers.Trainer + PEFT defaults on the same batches")
     p.add_argument("--device-batches", type=int, default=2, help="device mode: distinct premade batches, cycled")
     p.add_argument("--distinct-images", type=int, default=2048, help="e2e mode: synthetic images drawn, then repeated")
+    p.add_argument("--pad-text-to", type=int, default=None,
+                   help="right-pad every batch's text to this many positions (the issue's CLIP shape: 77)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU (default: by its name)")
     p.add_argument("--json", default=None, help="also write the full result (per-step losses, shapes) to this file")
     ns = p.parse_args(argv)
     opts = Options(recipe=ns.recipe, device=ns.device, size=ns.size, mode=ns.mode, steps=ns.steps, warmup=ns.warmup,
                    batch_size=ns.batch_size, baseline=ns.baseline, device_batches=ns.device_batches,
-                   distinct_images=ns.distinct_images, peak_tflops=ns.peak_tflops, recipe_argv=recipe_argv)
+                   distinct_images=ns.distinct_images, peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to, recipe_argv=recipe_argv)
     result = run(opts)
     print(markdown(result))
     if ns.json:

@@ -16,7 +16,7 @@ RECIPES = sorted(ADAPTERS)
 RUN_FIELDS = {"who", "mode", "trainer", "trainable_parameters", "parameters", "precision", "loaded_as", "optimizer_steps",
               "seconds", "samples", "tokens", "samples_per_s", "tokens_per_s", "model_tflop_per_s", "mfu",
               "peak_allocated_gib", "peak_reserved_gib", "losses", "batch_tokens", "batch_shapes"}
-TOP_FIELDS = {"recipe", "size", "device", "batch_size", "warmup_steps", "gradient_accumulation_steps", "command", "versions",
+TOP_FIELDS = {"recipe", "size", "pad_text_to", "device", "batch_size", "warmup_steps", "gradient_accumulation_steps", "command", "versions",
               "flop_convention", "tokens_counted", "baseline_loaded_as", "runs", "notes"}
 
 
@@ -86,12 +86,14 @@ def test_the_recorded_loss_is_the_recipe_trainers_loss_and_the_baseline_saw_the_
             assert {"pixel_values", "input_ids", "attention_mask"} <= set(base_shapes)
 
 
-def test_e2e_mode_trains_through_the_dataloader_on_synthetic_jpegs():
-    result = harness.run(_opts("clip_retrieval", mode="e2e", baseline=False))
+def test_e2e_mode_trains_through_the_dataloader_on_synthetic_jpegs_with_text_padded_to_a_width():
+    result = harness.run(_opts("clip_retrieval", mode="e2e", baseline=False, pad_text_to=77))
     (r,) = result["runs"]
     assert r["mode"] == "e2e" and r["trainer"] == "ContrastiveTrainer" and len(r["losses"]) == 3
-    assert all(s["pixel_values"] == [4, 3, 64, 64] and s["image_keys"] == [4] for s in r["batch_shapes"])
-    assert r["tokens"] == sum(r["batch_tokens"][1:]) > 0 and result["notes"] == []
+    assert all(s["pixel_values"] == [4, 3, 64, 64] and s["input_ids"] == s["attention_mask"] == [4, 77]
+               for s in r["batch_shapes"])
+    assert 0 < r["tokens"] == sum(r["batch_tokens"][1:]) < 2 * 4 * 77 / 2  # padding is not counted
+    assert result["notes"] == []
 
 
 def test_flops_follow_6_4_2_nt_in_forward_order():

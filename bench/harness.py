@@ -231,7 +231,8 @@ class Prepared:
     batches: list[dict] | None
 
 
-def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_size: int) -> Prepared:
+def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_size: int,
+            batch_device: str | None = None) -> Prepared:
     """Build the recipe's side of one mode, seeded as train.py seeds (the same seed gives the same model and batches)."""
     a = adapter.parse(_recipe_argv(adapter, opts, output_dir, batch_size))
     set_seed(a.TrainingArguments.seed)
@@ -248,7 +249,7 @@ def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_s
         collator = TextPadding(collator, opts.pad_text_to, tokenizer.pad_token_id)
     batches = None
     if mode == "device":
-        batches = [_to(collator([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), opts.device)
+        batches = [_to(collator([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), batch_device or opts.device)
                    for k in range(opts.device_batches)]
     return Prepared(a, model, tokenizer, image_processor, dataset, collator, batches)
 
@@ -287,6 +288,26 @@ def run(opts: Options) -> dict:
     if opts.baseline:
         out["notes"].append(_trl_note())
     return out
+
+
+def count_flops(opts: Options) -> dict:
+    """Model FLOPs per sample of one step, per part, for the premade batches (bench/flops.py); nothing is trained.
+
+    At --size real the model is built on the meta device (no memory, no weights), so this runs anywhere.
+    """
+    adapter = ADAPTERS[opts.recipe]()
+    batch_size = opts.batch_size or (adapter.real_batch_size if opts.size == "real" else 4)
+    opts = Options(**{**vars(opts), "device": "meta" if opts.size == "real" else "cpu"})
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        p = prepare(adapter, opts, "device", tmp, batch_size, batch_device="cpu")
+    per_part = {}
+    for batch in p.batches:
+        for part, flops in step_flops(p.model, adapter.flop_chains(p.model, batch)).items():
+            per_part[part] = per_part.get(part, 0.0) + flops / adapter.samples(batch) / len(p.batches)
+    return {"recipe": opts.recipe, "size": opts.size, "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
+            "gflop_per_sample": {k: v / 1e9 for k, v in per_part.items()},
+            "tokens_per_sample": sum(int(adapter.tokens(b)) for b in p.batches) / (batch_size * len(p.batches)),
+            "flop_convention": FLOP_CONVENTION}
 
 
 def _records_for(adapter: Adapter, samples: int) -> int:
@@ -371,13 +392,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pad-text-to", type=int, default=None,
                    help="right-pad every batch's text to this many positions (the issue's CLIP shape: 77)")
     p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU (default: by its name)")
+    p.add_argument("--flops", action="store_true",
+                   help="only print the model FLOPs per sample of each part (the MFU numerator); trains nothing, needs no GPU")
     p.add_argument("--json", default=None, help="also write the full result (per-step losses, shapes) to this file")
     ns = p.parse_args(argv)
     opts = Options(recipe=ns.recipe, device=ns.device, size=ns.size, mode=ns.mode, steps=ns.steps, warmup=ns.warmup,
                    batch_size=ns.batch_size, baseline=ns.baseline, device_batches=ns.device_batches,
                    distinct_images=ns.distinct_images, peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to, recipe_argv=recipe_argv)
-    result = run(opts)
-    print(markdown(result))
+    if ns.flops:
+        result = count_flops(opts)
+        print(json.dumps(result, indent=2))
+    else:
+        result = run(opts)
+        print(markdown(result))
     if ns.json:
         with open(ns.json, "w") as f:
             json.dump(result, f, indent=2)

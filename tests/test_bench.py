@@ -144,3 +144,18 @@ def test_real_size_builds_on_the_device_and_trains_what_the_recipe_trains():
     assert all(".modules_to_save." in n and (".qformer." in n or ".language_projection." in n) for n in blip2 - lora)
     assert trained["clip_retrieval"] == every["clip_retrieval"]  # a full fine-tune, the temperature included
     assert trained["soft_prompt_caption"] == {"soft_prompt", "projection.weight", "projection.bias"}
+
+
+def test_flops_of_the_real_soft_prompt_captioner_are_2nt_vision_6nt_projection_4nt_lm():
+    from transformers import CLIPVisionModel, GPT2LMHeadModel
+
+    result = harness.count_flops(harness.Options("soft_prompt_caption", size="real", batch_size=8, device_batches=1))
+    with torch.device("meta"):
+        vision = CLIPVisionModel._from_config(real_configs.clip_vit_b32_vision())
+        lm = GPT2LMHeadModel._from_config(real_configs.gpt2_small())
+    matmul = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))  # noqa: E731
+                           or type(x).__name__ == "Conv1D")
+    text_tokens = result["tokens_per_sample"] + 11  # the prefix: 10 soft prompt vectors + 1 pooled image vector
+    expected = {"vision": 2 * matmul(vision) * 50, "bridge": 6 * 768 * 768, "language": 4 * matmul(lm) * text_tokens}
+    for part, flops in expected.items():
+        assert result["gflop_per_sample"][part] == pytest.approx(flops / 1e9, rel=1e-9), part

@@ -332,11 +332,12 @@ def _device_name(device: str) -> str:
 
 def _versions() -> dict:
     import accelerate
+    import datasets
     import peft
     import transformers
 
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__,
+            "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
 
 

@@ -159,3 +159,35 @@ def test_flops_of_the_real_soft_prompt_captioner_are_2nt_vision_6nt_projection_4
     expected = {"vision": 2 * matmul(vision) * 50, "bridge": 6 * 768 * 768, "language": 4 * matmul(lm) * text_tokens}
     for part, flops in expected.items():
         assert result["gflop_per_sample"][part] == pytest.approx(flops / 1e9, rel=1e-9), part
+
+
+@pytest.mark.parametrize("recipe", ["blip2_lora_caption", "soft_prompt_caption"])
+def test_a_frozen_vision_tower_records_no_graph_so_no_grad_would_save_nothing(recipe):
+    """The 2NT of bench/flops.py, and why wrapping the frozen tower in torch.no_grad is not a lever: autograd records
+    nothing there already, while the trained part after it does record (its output carries a grad_fn)."""
+    adapter, p = _prepared(recipe)
+    base = p.model.get_base_model() if hasattr(p.model, "get_base_model") else p.model
+    after = base.qformer if recipe == "blip2_lora_caption" else base.projection
+    outputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, key=key: outputs.setdefault(key, o))
+             for key, m in (("vision", base.vision_model), ("after", after))]
+    p.model.train()
+    loss = p.model(**p.batches[0]).loss
+    for h in hooks:
+        h.remove()
+    vision = outputs["vision"].last_hidden_state
+    after = outputs["after"] if torch.is_tensor(outputs["after"]) else outputs["after"].last_hidden_state
+    assert vision.grad_fn is None and not vision.requires_grad
+    assert after.grad_fn is not None and loss.requires_grad
+
+
+def test_fused_adamw_reaches_the_recipes_per_module_parameter_groups():
+    adapter = ADAPTERS["blip2_lora_caption"]()
+    opts = _opts("blip2_lora_caption", recipe_argv=["--optim", "adamw_torch_fused", "--bridge_lr", "0.0005"])
+    with tempfile.TemporaryDirectory() as tmp:
+        p = harness.prepare(adapter, opts, "device", tmp, batch_size=4)
+        trainer = adapter.trainer_class()(model=p.model, args=p.a.TrainingArguments, train_dataset=p.dataset,
+                                          data_collator=p.collator, **adapter.trainer_kwargs(None, None, p.a))
+        optimizer = trainer.create_optimizer()
+    assert optimizer.defaults["fused"] is True
+    assert sorted(g["lr"] for g in optimizer.param_groups) == [0.0005, 0.0005, 0.001]  # bridge, bridge no-decay, LM

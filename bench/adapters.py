@@ -344,7 +344,8 @@ class SoftPromptCaption(Adapter):
         return self.train.SoftPromptTrainer
 
     def trainer_kwargs(self, tokenizer, image_processor, a):
-        return {"freeze_args": a.FreezeArguments, "image_processor": image_processor}
+        return {"freeze_args": a.FreezeArguments, "image_processor": image_processor,
+                "loss_on_label_positions": a.SoftPromptArguments.loss_on_label_positions}
 
     def baseline(self, a, size, device):
         if a.PeftArguments.peft_method != "none":

@@ -32,6 +32,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
+from recipes.common.losses import label_positions_only
+
 # Hyphens, not the recipe's folder name: scripts/new_recipe.py renames every mention of that in a copy.
 MODEL_TYPE = "soft-prompt-captioner"
 TRAINED_WEIGHTS = "trained.safetensors"
@@ -217,17 +219,21 @@ class SoftPromptCaptioner(PreTrainedModel):
         return torch.cat([prefix, text], dim=1), mask
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                loss_on_label_positions: bool = False, **kwargs):
         """The LM's output over [prefix, text]. `input_ids`, `attention_mask` and `labels` cover the text only;
         labels get -100 over the prefix, so the first caption token is predicted from the last image vector.
 
-        `kwargs` reach the LM: `num_items_in_batch` from the Trainer (the count of labels that are not
-        -100, which are exactly the targets here) keeps the loss right under gradient accumulation.
+        `loss_on_label_positions`: logits (flattened) and the same loss at the caption positions only
+        (recipes/common/losses.py). `kwargs` reach the LM: `num_items_in_batch` from the Trainer (the count of
+        labels that are not -100, which are exactly the targets here) keeps the loss right under gradient accumulation.
         """
         embeds, mask = self._inputs(pixel_values, input_ids, attention_mask)
         if labels is not None:
             n_prefix = embeds.shape[1] - labels.shape[1]
             labels = torch.cat([labels.new_full((labels.shape[0], n_prefix), IGNORE_INDEX), labels], dim=1)
+            if loss_on_label_positions:
+                kwargs.update(label_positions_only(labels))
         return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
     @torch.no_grad()

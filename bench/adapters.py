@@ -51,7 +51,8 @@ def import_train_module(recipe: str):
 def on_device(cls, config, model_args: ModelArguments, device: str, dtype: torch.dtype | None = None):
     """`cls` with random weights, built directly on `device` in the recipe's dtype (never materialised on the CPU first)."""
     with torch.device(device):
-        return cls._from_config(config, dtype=dtype or compute_dtype(model_args), attn_implementation=model_args.attn_implementation)
+        return cls._from_config(config, dtype=dtype or compute_dtype(model_args),
+                                attn_implementation=model_args.attn_implementation)
 
 
 def vision_positions(vision_config) -> int:
@@ -139,8 +140,9 @@ class Blip2LoraCaption(Adapter):
     tiny_argv = ("--model_name_or_path", "tiny:blip2-opt")
     real_batch_size = 64
     tokens_counted = "LM positions with attention_mask 1: the 32 query (image) tokens, bos, prompt and caption; no padding"
-    baseline_loaded_as = ("Blip2ForConditionalGeneration in bf16 on a GPU (float32 on the CPU) + get_peft_model(LoraConfig(r=lora_r)): "
-                          "peft's default targets for blip-2 (the OPT's q_proj, v_proj), alpha 8, no dropout; Q-Former frozen")
+    baseline_loaded_as = ("Blip2ForConditionalGeneration in bf16 on a GPU (float32 on the CPU) + "
+                          "get_peft_model(LoraConfig(r=lora_r)): peft's default targets for blip-2 (the OPT's q_proj, "
+                          "v_proj), alpha 8, no dropout; Q-Former frozen")
 
     def image_size(self, size):
         return real_configs.blip2_opt_2_7b().vision_config.image_size if size == "real" else None
@@ -150,7 +152,8 @@ class Blip2LoraCaption(Adapter):
 
         m = a.ModelArguments
         if size == "tiny":
-            model, processor = load_model_and_processor(Blip2ForConditionalGeneration, resolve_model_path(m.model_name_or_path), m)
+            path = resolve_model_path(m.model_name_or_path)
+            model, processor = load_model_and_processor(Blip2ForConditionalGeneration, path, m)
         else:
             model = on_device(Blip2ForConditionalGeneration, real_configs.blip2_opt_2_7b(), m, device, dtype)
             processor = AutoProcessor.from_pretrained(resolve_model_path("tiny:blip2-opt"))
@@ -211,8 +214,8 @@ class ClipRetrieval(Adapter):
     tiny_argv = ("--model_name_or_path", "tiny:clip")
     real_batch_size = 1024
     tokens_counted = "text tokens with attention_mask 1 (bos, caption, eos); image patches not counted"
-    baseline_loaded_as = ("CLIPModel in float32 (the checkpoint's dtype), Trainer --bf16 (autocast) on a GPU; full fine-tune with "
-                          "CLIPModel's own loss (return_loss=True)")
+    baseline_loaded_as = ("CLIPModel in float32 (the checkpoint's dtype), Trainer --bf16 (autocast) on a GPU; full "
+                          "fine-tune with CLIPModel's own loss (return_loss=True)")
 
     @property
     def arg_types(self):
@@ -282,8 +285,8 @@ class SoftPromptCaption(Adapter):
     tiny_argv = ("--vision_model", "tiny:clip-vision", "--language_model", "tiny:gpt2")
     real_batch_size = 64
     tokens_counted = "caption tokens with attention_mask 1; the prefix (soft prompt + image vectors) not counted"
-    baseline_loaded_as = ("the same SoftPromptCaptioner with its frozen parts in float32 (the checkpoints' dtype), Trainer --bf16 "
-                          "(autocast) on a GPU; the same soft prompt and projection train")
+    baseline_loaded_as = ("the same SoftPromptCaptioner with its frozen parts in float32 (the checkpoints' dtype), "
+                          "Trainer --bf16 (autocast) on a GPU; the same soft prompt and projection train")
 
     @property
     def arg_types(self):

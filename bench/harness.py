@@ -351,23 +351,29 @@ def _trl_note() -> str:
 
 def markdown(result: dict) -> str:
     """The result as a Markdown table, one row per run, and the recipe / baseline ratios per mode."""
+    steps = result["runs"][0]["optimizer_steps"] if result["runs"] else 0
     lines = [f"{result['recipe']} ({result['size']} dims) on {result['device']}, batch {result['batch_size']}, "
-             f"{result['runs'][0]['optimizer_steps'] if result['runs'] else 0} timed steps after {result['warmup_steps']} warm-up",
-             "", "| mode | trainer | precision | trainable params | samples/s | tokens/s | MFU | peak alloc GiB | peak reserved GiB |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             f"{steps} timed steps after {result['warmup_steps']} warm-up", "",
+             "| mode | trainer | precision | trainable params | samples/s | tokens/s | MFU | peak alloc GiB "
+             "| peak reserved GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
+        trainer = r["trainer"] + (" (baseline)" if r["who"] == "baseline" else "")
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        mem = [f"{r[k]:.1f}" if r[k] is not None else "n/a" for k in ("peak_allocated_gib", "peak_reserved_gib")]
-        lines.append(f"| {r['mode']} | {r['trainer']}{' (baseline)' if r['who'] == 'baseline' else ''} | {r['precision']} | "
-                     f"{r['trainable_parameters']:,} | {r['samples_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
-                     f"{mem[0]} | {mem[1]} |")
+        alloc, reserved = (f"{r[k]:.1f}" if r[k] is not None else "n/a" for k in ("peak_allocated_gib", "peak_reserved_gib"))
+        lines.append(f"| {r['mode']} | {trainer} | {r['precision']} | {r['trainable_parameters']:,} | "
+                     f"{r['samples_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {alloc} | {reserved} |")
+    lines.append("")
     for mode in ("device", "e2e"):
         pair = {r["who"]: r for r in result["runs"] if r["mode"] == mode}
-        if len(pair) == 2:
-            lines.append(f"\n{mode}: recipe / baseline = {pair['recipe']['samples_per_s'] / pair['baseline']['samples_per_s']:.2f}x "
-                         "samples/s" + (f", {pair['recipe']['peak_allocated_gib'] / pair['baseline']['peak_allocated_gib']:.2f}x "
-                                        "peak allocated memory" if pair["recipe"]["peak_allocated_gib"] else ""))
-    lines += ["", f"baseline: {result['baseline_loaded_as']}"] if any(r["who"] == "baseline" for r in result["runs"]) else [""]
+        if len(pair) < 2:
+            continue
+        recipe, base = pair["recipe"], pair["baseline"]
+        ratio = f"{mode}: recipe / baseline = {recipe['samples_per_s'] / base['samples_per_s']:.2f}x samples/s"
+        if recipe["peak_allocated_gib"]:
+            ratio += f", {recipe['peak_allocated_gib'] / base['peak_allocated_gib']:.2f}x peak allocated memory"
+        lines.append(ratio)
+    if any(r["who"] == "baseline" for r in result["runs"]):
+        lines.append(f"baseline: {result['baseline_loaded_as']}")
     lines += [f"tokens: {result['tokens_counted']}", f"FLOPs: {result['flop_convention']}", *result["notes"]]
     return "\n".join(lines)
 
@@ -385,7 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["device", "e2e", "both"], default="both")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps before the clock starts")
-    p.add_argument("--batch-size", type=int, default=None, help="per-device micro-batch (default: the issue's shape; 4 at --size tiny)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="per-device micro-batch (default: the issue's shape; 4 at --size tiny)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time plain transformers.Trainer + PEFT defaults on the same batches")
     p.add_argument("--device-batches", type=int, default=2, help="device mode: distinct premade batches, cycled")
@@ -399,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     opts = Options(recipe=ns.recipe, device=ns.device, size=ns.size, mode=ns.mode, steps=ns.steps, warmup=ns.warmup,
                    batch_size=ns.batch_size, baseline=ns.baseline, device_batches=ns.device_batches,
-                   distinct_images=ns.distinct_images, peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to, recipe_argv=recipe_argv)
+                   distinct_images=ns.distinct_images, peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to,
+                   recipe_argv=recipe_argv)
     if ns.flops:
         result = count_flops(opts)
         print(json.dumps(result, indent=2))

@@ -16,8 +16,8 @@ RECIPES = sorted(ADAPTERS)
 RUN_FIELDS = {"who", "mode", "trainer", "trainable_parameters", "parameters", "precision", "loaded_as", "optimizer_steps",
               "seconds", "samples", "tokens", "samples_per_s", "tokens_per_s", "model_tflop_per_s", "mfu",
               "peak_allocated_gib", "peak_reserved_gib", "losses", "batch_tokens", "batch_shapes"}
-TOP_FIELDS = {"recipe", "size", "pad_text_to", "device", "batch_size", "warmup_steps", "gradient_accumulation_steps", "command", "versions",
-              "flop_convention", "tokens_counted", "baseline_loaded_as", "runs", "notes"}
+TOP_FIELDS = {"recipe", "size", "pad_text_to", "device", "batch_size", "warmup_steps", "gradient_accumulation_steps",
+              "command", "versions", "flop_convention", "tokens_counted", "baseline_loaded_as", "runs", "notes"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,8 +153,10 @@ def test_flops_of_the_real_soft_prompt_captioner_are_2nt_vision_6nt_projection_4
     with torch.device("meta"):
         vision = CLIPVisionModel._from_config(real_configs.clip_vit_b32_vision())
         lm = GPT2LMHeadModel._from_config(real_configs.gpt2_small())
-    matmul = lambda m: sum(x.weight.numel() for x in m.modules() if isinstance(x, (torch.nn.Linear, torch.nn.Conv2d))  # noqa: E731
-                           or type(x).__name__ == "Conv1D")
+    def matmul(model):  # Linear, patch-embedding Conv2d and GPT-2's Conv1D weights, the tied LM head included
+        kinds = (torch.nn.Linear, torch.nn.Conv2d)
+        return sum(m.weight.numel() for m in model.modules() if isinstance(m, kinds) or type(m).__name__ == "Conv1D")
+
     text_tokens = result["tokens_per_sample"] + 11  # the prefix: 10 soft prompt vectors + 1 pooled image vector
     expected = {"vision": 2 * matmul(vision) * 50, "bridge": 6 * 768 * 768, "language": 4 * matmul(lm) * text_tokens}
     for part, flops in expected.items():

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from recipes.common import tiny_models
-from recipes.common.tiny_models import BUILD_VERSION, build_tiny, tiny_model_path
+from recipes.common.tiny_models import BUILD_VERSIONS, build_tiny, tiny_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 # Chinese, accents and an emoji: byte-level BPE must cover all of it without an unknown token.
@@ -40,7 +40,7 @@ def red_square() -> Image.Image:
 
 def test_cache_layout(cache, paths):
     for name, path in paths.items():
-        assert path == cache / "tiny" / f"{name}-v{BUILD_VERSION}"
+        assert path == cache / "tiny" / f"{name}-v{BUILD_VERSIONS[name]}"
         assert json.loads((path / "tiny_model.json").read_text())["name"] == name
     # Temp build folders are renamed or removed, never left behind.
     built = sorted(p.name for p in (cache / "tiny").iterdir() if not p.name.endswith(".lock"))
@@ -82,6 +82,11 @@ def test_blip2_opt(paths):
     assert out.shape[1] > n + 2
     out = model.generate(pixel_values=batch["pixel_values"][:1], max_new_tokens=4)  # no prompt at all
     assert out.shape[0] == 1
+    # Every part starts at a trainable scale: Blip2VisionConfig's default initializer_range (1e-10) would
+    # leave the vision encoder at zero, the image invisible to everything after it.
+    for name in ("vision_model.embeddings.patch_embedding.weight", "vision_model.encoder.layers.0.self_attn.qkv.weight",
+                 "qformer.encoder.layer.0.crossattention.attention.key.weight", "query_tokens"):
+        assert 0.01 < model.state_dict()[name].std() < 0.05, name
 
 
 def test_llava(paths):
@@ -163,14 +168,14 @@ def test_concurrent_builds_share_one_folder(tmp_path):
     results = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
     printed = {out.strip().splitlines()[-1] for out, _ in results}
-    assert printed == {str(tmp_path / "tiny" / f"clip-vision-v{BUILD_VERSION}")}
-    assert [p.name for p in (tmp_path / "tiny").iterdir() if not p.name.endswith(".lock")] == [f"clip-vision-v{BUILD_VERSION}"]
+    assert printed == {str(tmp_path / "tiny" / f"clip-vision-v{BUILD_VERSIONS['clip-vision']}")}
+    assert [p.name for p in (tmp_path / "tiny").iterdir() if not p.name.endswith(".lock")] == [f"clip-vision-v{BUILD_VERSIONS['clip-vision']}"]
     assert AutoModel.from_pretrained(printed.pop()).config.model_type == "clip_vision_model"
 
 
 def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
     """If another process renamed its build into place first, ours is dropped and theirs returned."""
-    final = tmp_path / "tiny" / f"clip-vision-v{BUILD_VERSION}"
+    final = tmp_path / "tiny" / f"clip-vision-v{BUILD_VERSIONS['clip-vision']}"
 
     def build_while_another_process_wins(name, out_dir, seed=0):
         build_tiny(name, final, seed=seed)  # the other process, finishing first

@@ -13,8 +13,8 @@ processor classes a Hub checkpoint uses) at toy size, with random weights:
    the processor via `save_pretrained`. Callers load it with `from_pretrained`, exactly as they would
    load a Hub checkpoint, so the recipe code path is the same.
 
-Models are built on first use into `$VLM_RECIPES_CACHE/tiny/<name>-v<BUILD_VERSION>` (default cache
-root `~/.cache/vlm-recipes`). Bump `BUILD_VERSION` whenever a builder changes so old caches are not
+Models are built on first use into `$VLM_RECIPES_CACHE/tiny/<name>-v<BUILD_VERSIONS[name]>` (default cache
+root `~/.cache/vlm-recipes`). Bump a model's version whenever its builder changes so old caches are not
 reused. To rebuild one by hand (e.g. to inspect it):
 
     python -m recipes.common.tiny_models blip2-opt --out /tmp/tiny-blip2
@@ -37,7 +37,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-BUILD_VERSION = 2
+# Per model: bump one whenever its builder changes (every cached base built from it is rebuilt then).
+BUILD_VERSIONS = {"blip2-opt": 3, "llava": 2, "clip": 2, "clip-vision": 2, "gpt2": 2}
 IMAGE_SIZE = 64  # matches data_tools.synth's default image size
 IMAGE_TOKEN = "<image>"
 # CLIP normalisation constants: the processors of every architecture here use them on the Hub.
@@ -214,9 +215,12 @@ def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=
     # string a saved tokenizer gives back, and registers "<image>" itself (here already id 3).
     tokenizer = _fast_tokenizer(bpe, "</s>", bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
                                 model_max_length=256)
+    # initializer_range: Blip2VisionConfig's default is 1e-10 (real BLIP-2 always loads a pre-trained image
+    # encoder), which leaves a tiny model's vision weights at zero: no image content, uniform attention.
+    # 0.02 is what the Q-Former and OPT use, and ViTs generally.
     vision = Blip2VisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                num_hidden_layers=layers, num_attention_heads=max(1, vision_hidden // 32),
-                               image_size=IMAGE_SIZE, patch_size=patch_size)
+                               image_size=IMAGE_SIZE, patch_size=patch_size, initializer_range=0.02)
     qformer = Blip2QFormerConfig(hidden_size=qformer_hidden, intermediate_size=2 * qformer_hidden,
                                  num_hidden_layers=layers, num_attention_heads=max(1, qformer_hidden // 32),
                                  encoder_hidden_size=vision_hidden, vocab_size=len(tokenizer),
@@ -337,7 +341,7 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0, **overrides
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / "tiny_model.json").write_text(
-        json.dumps({"name": name, "build_version": BUILD_VERSION, "seed": seed, "overrides": overrides}, indent=2)
+        json.dumps({"name": name, "build_version": BUILD_VERSIONS[name], "seed": seed, "overrides": overrides}, indent=2)
     )
     return out_dir
 
@@ -383,7 +387,7 @@ def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
     if name not in BUILDERS:
         raise ValueError(f"unknown tiny model {name!r}; expected one of {sorted(BUILDERS)}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    return build_once(root / "tiny" / f"{name}-v{BUILD_VERSION}", lambda tmp: build_tiny(name, tmp))
+    return build_once(root / "tiny" / f"{name}-v{BUILD_VERSIONS[name]}", lambda tmp: build_tiny(name, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:

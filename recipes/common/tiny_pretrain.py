@@ -50,7 +50,7 @@ import torch
 
 from data_tools.synth import SHAPES, draw_scene, make_scene, scene_texts
 
-from .tiny_models import BUILD_VERSION, build_once, cache_root, tiny_model_path
+from .tiny_models import BUILD_VERSIONS, build_once, cache_root, tiny_model_path
 
 # Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
 PRETRAIN_VERSIONS = {"blip2-opt": 1, "clip": 2, "clip-vision": 2, "gpt2": 1, "llava": 2}
@@ -159,8 +159,7 @@ def _save(model, processor, out_dir: str | Path, record: dict) -> Path:
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    record = {**record, "build_version": BUILD_VERSION,
-              "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    record = {**record, "torch": torch.__version__, "transformers": __import__("transformers").__version__}
     (out_dir / "pretraining.json").write_text(json.dumps(record, indent=2, ensure_ascii=False))
     return out_dir
 
@@ -321,7 +320,7 @@ STARTS_FROM = {"blip2-opt": {"base": "blip2-opt"}, "clip": {"base": "clip"}, "cl
 
 
 def _version(name: str) -> str:
-    return f"v{BUILD_VERSION}.{PRETRAIN_VERSIONS[name]}"
+    return f"v{BUILD_VERSIONS[name]}.{PRETRAIN_VERSIONS[name]}"
 
 
 def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path:

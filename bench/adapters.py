@@ -17,7 +17,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import TrainingArguments
 
 from bench import real_configs
 from bench.flops import Part
@@ -117,7 +117,8 @@ class Adapter:
         """The model a user would train with a plain `transformers.Trainer` and PEFT's defaults (None: no baseline)."""
         return None
 
-    def baseline_batch(self, batch: dict) -> dict:
+    @staticmethod
+    def baseline_batch(batch: dict) -> dict:
         """A recipe batch as the plain model takes it (the same tensors)."""
         return batch
 
@@ -264,7 +265,8 @@ class ClipRetrieval(Adapter):
         model, _ = self._model(a, size, device, dtype=torch.float32)
         return model
 
-    def baseline_batch(self, batch):
+    @staticmethod
+    def baseline_batch(batch):
         if batch["input_ids"].shape[0] != batch["pixel_values"].shape[0]:
             raise ValueError("the plain CLIP loss takes one text per image: bench --hard_negatives with --no-baseline.")
         return {"pixel_values": batch["pixel_values"], "input_ids": batch["input_ids"],
@@ -367,8 +369,3 @@ class SoftPromptCaption(Adapter):
 
 
 ADAPTERS = {a.name: a for a in (Blip2LoraCaption, ClipRetrieval, SoftPromptCaption)}
-
-
-def plain_trainer_class():
-    """The baseline's Trainer: transformers' own, unchanged."""
-    return Trainer

@@ -33,9 +33,9 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PrinterCallback, TrainerCallback, set_seed
+from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 
-from bench.adapters import ADAPTERS, Adapter, plain_trainer_class
+from bench.adapters import ADAPTERS, Adapter
 from bench.data import synthetic_jpeg_records
 from bench.flops import peak_tflops, step_flops
 from recipes.common.data import load_records
@@ -78,28 +78,50 @@ class TextPadding:
         return batch
 
 
+@dataclass
+class BaselineCollator:
+    """The recipe's collator, its batches turned into what the plain model takes (picklable, for DataLoader workers)."""
+
+    collator: object
+    to_baseline: object  # a static method of the adapter
+
+    def __call__(self, features):
+        return self.to_baseline(self.collator(features))
+
+
+@dataclass
+class MicroBatch:
+    """What a timed Trainer records of one micro-batch, as device tensors (no host sync while the clock runs)."""
+
+    step: int  # optimizer steps completed before it
+    loss: torch.Tensor | None
+    tokens: torch.Tensor
+    samples: int
+    shapes: dict[str, list[int]]
+    light: dict[str, torch.Tensor]  # the attention mask, and every other tensor as a meta tensor of its shape (FLOPs)
+
+
 def timed_trainer(trainer_cls, adapter: Adapter):
-    """`trainer_cls` recording, per micro-batch, its loss, token count and shapes without a host sync, and able to
-    train on premade device batches instead of its DataLoader."""
+    """`trainer_cls` recording a MicroBatch per training step, and able to train on premade device batches instead of
+    its DataLoader."""
 
     class Timed(trainer_cls):
         def __init__(self, *args, premade: PremadeBatches | None = None, **kwargs):
             super().__init__(*args, **kwargs)
             self.bench_premade = premade
-            self.bench_steps = []  # (global step, loss, tokens, samples, shapes, light batch) per micro-batch
+            self.bench_steps: list[MicroBatch] = []
 
         def get_train_dataloader(self):
             return self.bench_premade if self.bench_premade is not None else super().get_train_dataloader()
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
-            # The attention mask is kept (small) to count tokens and FLOPs after the clock stops; the rest by shape only.
-            light = {k: v if k == "attention_mask" else v.to("meta") for k, v in tensors.items()}
-            record = [self.state.global_step, None, adapter.tokens(inputs), adapter.samples(inputs),
-                      {k: list(v.shape) for k, v in tensors.items()}, light]
-            record[1] = super().training_step(model, inputs, num_items_in_batch)
+            tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}  # before compute_loss may pop some
+            record = MicroBatch(self.state.global_step, None, adapter.tokens(inputs), adapter.samples(inputs),
+                                {k: list(v.shape) for k, v in tensors.items()},
+                                {k: v if k == "attention_mask" else v.to("meta") for k, v in tensors.items()})
+            record.loss = super().training_step(model, inputs, num_items_in_batch)
             self.bench_steps.append(record)
-            return record[1]
+            return record.loss
 
     Timed.__name__ = trainer_cls.__name__
     return Timed
@@ -166,9 +188,9 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
     """Train `model` for warmup + steps optimizer steps with the recipe's Trainer (who="recipe") or the plain one."""
     args = a.TrainingArguments
     cuda = opts.device == "cuda"
-    cls = timed_trainer(adapter.trainer_class() if who == "recipe" else plain_trainer_class(), adapter)
+    cls = timed_trainer(adapter.trainer_class() if who == "recipe" else Trainer, adapter)
     if who == "baseline":
-        collator = (lambda c: lambda features: adapter.baseline_batch(c(features)))(collator)
+        collator = BaselineCollator(collator, type(adapter).baseline_batch)
         batches = [adapter.baseline_batch(b) for b in batches] if batches is not None else None
     micro_steps = (opts.warmup + opts.steps) * args.gradient_accumulation_steps
     premade = PremadeBatches(batches, micro_steps) if mode == "device" else None
@@ -184,10 +206,10 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
     if clock.seconds is None:
         raise RuntimeError(f"{who} {mode}: the Trainer stopped after {trainer.state.global_step} of "
                            f"{opts.warmup + opts.steps} optimizer steps (too few samples?)")
-    timed = [r for r in trainer.bench_steps if r[0] >= opts.warmup]
-    samples = sum(r[3] for r in timed)
-    tokens = int(sum(r[2] for r in timed))
-    flops = sum(step_flops(trainer.model, adapter.flop_chains(trainer.model, r[5]))["total"] for r in timed)
+    timed = [r for r in trainer.bench_steps if r.step >= opts.warmup]
+    samples = sum(r.samples for r in timed)
+    tokens = int(sum(r.tokens for r in timed))
+    flops = sum(step_flops(trainer.model, adapter.flop_chains(trainer.model, r.light))["total"] for r in timed)
     peak = opts.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if cuda else None)
     trainable, total = _parameters(trainer.model)
     result = {
@@ -201,9 +223,9 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
         "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         # Per micro-batch, warm-up included: what tests/test_bench.py checks against the batches.
-        "losses": [float(r[1]) for r in trainer.bench_steps],
-        "batch_tokens": [int(r[2]) for r in trainer.bench_steps],
-        "batch_shapes": [r[4] for r in trainer.bench_steps],
+        "losses": [float(r.loss) for r in trainer.bench_steps],
+        "batch_tokens": [int(r.tokens) for r in trainer.bench_steps],
+        "batch_shapes": [r.shapes for r in trainer.bench_steps],
     }
     del trainer, model
     _free(opts.device)

@@ -80,3 +80,32 @@ def test_soft_prompt_trainer_option_gives_the_same_loss_and_gradients(tiny_cache
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=0)
     for a, b in zip(out[True][1], out[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_blip2_gives_the_same_loss_from_logits_kept_at_label_positions(tiny_cache):
+    """BLIP-2 takes `logits_to_keep` but slices full-length logits for its own loss: run it without labels and
+    compute the loss with `loss_at_label_positions` (what a CaptionTrainer.compute_loss override would do)."""
+    from transformers import Blip2ForConditionalGeneration
+
+    from recipes.common.losses import loss_at_label_positions
+
+    model = Blip2ForConditionalGeneration.from_pretrained(resolve_model_path("tiny:blip2-opt")).eval()
+    n_query = model.config.num_query_tokens
+    torch.manual_seed(0)
+    text = torch.randint(4, 1000, (2, 7))
+    ids = torch.cat([torch.full((2, n_query), model.config.image_token_id), text], dim=1)
+    labels = ids.clone()
+    labels[:, : n_query + 2] = -100  # image tokens and a prompt
+    labels[1, -2:] = -100  # padding
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    n = (labels != -100).sum()
+    params = [model.language_projection.weight, model.language_model.lm_head.weight]
+    full, full_grads = _loss_and_grads(model, params, **inputs, labels=labels, num_items_in_batch=n)
+    model.zero_grad()
+    out = model(**inputs, logits_to_keep=label_positions_only(labels)["logits_to_keep"])
+    loss = loss_at_label_positions(out.logits, labels, num_items_in_batch=n)
+    loss.backward()
+    assert out.logits.shape[0] == int((labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, full.loss, rtol=1e-6, atol=0)
+    for p, g in zip(params, full_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)

@@ -27,3 +27,18 @@ def label_positions_only(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
     shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:]
     keep = shifted != ignore_index
     return {"logits_to_keep": keep, "shift_labels": shifted[keep]}
+
+
+def loss_at_label_positions(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
+                            ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """The causal-LM loss from logits a model computed with `logits_to_keep=label_positions_only(labels)[...]`.
+
+    For models that take `logits_to_keep` but compute their loss from full-length logits themselves (BLIP-2
+    slices them by the labels' length): call the model without labels, then this. It is transformers'
+    `ForCausalLMLoss` on the kept rows: the mean over labels, or the sum / `num_items_in_batch` as the Trainer asks.
+    """
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    shift_labels = label_positions_only(labels, ignore_index)["shift_labels"]
+    return ForCausalLMLoss(logits, None, logits.shape[-1], num_items_in_batch=num_items_in_batch,
+                           ignore_index=ignore_index, shift_labels=shift_labels)

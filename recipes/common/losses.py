@@ -6,7 +6,7 @@ in float32 for the loss, until the backward pass. transformers 5 causal LMs take
 positions reach the LM head; a boolean [batch, length] mask keeps each row's own) and pass `shift_labels`
 to their loss function (`ForCausalLMLoss`), so the model's own loss runs on exactly the rows that
 contribute to it: positions whose next token is a label. Every other row has target -100 and adds nothing
-to the sum or to the count, so the loss, and its gradients, are those of the full logits (tests/test_bench.py).
+to the sum or to the count, so the loss, and its gradients, are those of the full logits (tests/test_losses.py).
 """
 
 from __future__ import annotations

@@ -32,6 +32,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrained
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
+from recipes.common.losses import label_positions_only
+
 # Hyphens, not the recipe's folder name: scripts/new_recipe.py renames every mention of that in a copy.
 MODEL_TYPE = "soft-prompt-captioner"
 TRAINED_WEIGHTS = "trained.safetensors"
@@ -128,11 +130,16 @@ class SoftPromptCaptioner(PreTrainedModel):
         vision_config = getattr(vision_config, "vision_config", vision_config)
         vision = AutoModel._model_mapping[type(vision_config)].from_pretrained(vision_model, **kwargs)
         language = AutoModelForCausalLM.from_pretrained(language_model, **kwargs)
+        return cls.from_models(vision, language, vision_model_name_or_path=str(vision_model),
+                               language_model_name_or_path=str(language_model), **options)
+
+    @classmethod
+    def from_models(cls, vision: PreTrainedModel, language: PreTrainedModel, **options) -> "SoftPromptCaptioner":
+        """The captioner around two models already built (loaded, or from configs as `bench/` does): both frozen,
+        fresh trained parts in float32. `options` are config fields (prompt_length, ..., the *_name_or_path)."""
         # A new config resets its sub-configs' attention kernel unless told; keep the one each part was loaded with.
         kernels = {"vision_config": vision.config._attn_implementation, "text_config": language.config._attn_implementation}
         config = SoftPromptCaptionerConfig(vision_config=vision.config, text_config=language.config,
-                                           vision_model_name_or_path=str(vision_model),
-                                           language_model_name_or_path=str(language_model),
                                            attn_implementation=kernels, **options)
         model = cls(config, vision_model=vision, language_model=language)
         model.vision_model.requires_grad_(False)
@@ -212,17 +219,21 @@ class SoftPromptCaptioner(PreTrainedModel):
         return torch.cat([prefix, text], dim=1), mask
 
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                loss_on_label_positions: bool = False, **kwargs):
         """The LM's output over [prefix, text]. `input_ids`, `attention_mask` and `labels` cover the text only;
         labels get -100 over the prefix, so the first caption token is predicted from the last image vector.
 
-        `kwargs` reach the LM: `num_items_in_batch` from the Trainer (the count of labels that are not
-        -100, which are exactly the targets here) keeps the loss right under gradient accumulation.
+        `loss_on_label_positions`: logits (flattened) and the same loss at the caption positions only
+        (recipes/common/losses.py). `kwargs` reach the LM: `num_items_in_batch` from the Trainer (the count of
+        labels that are not -100, which are exactly the targets here) keeps the loss right under gradient accumulation.
         """
         embeds, mask = self._inputs(pixel_values, input_ids, attention_mask)
         if labels is not None:
             n_prefix = embeds.shape[1] - labels.shape[1]
             labels = torch.cat([labels.new_full((labels.shape[0], n_prefix), IGNORE_INDEX), labels], dim=1)
+            if loss_on_label_positions:
+                kwargs.update(label_positions_only(labels))
         return self.language_model(inputs_embeds=embeds, attention_mask=mask, labels=labels, **kwargs)
 
     @torch.no_grad()

@@ -25,10 +25,16 @@ class SoftPromptTrainer(GenerationEvalTrainer):
     `_load_best_model` go through `modeling.save_trained` / `load_trained`.
     """
 
-    def __init__(self, *args, freeze_args=None, image_processor=None, **kwargs):
+    def __init__(self, *args, freeze_args=None, image_processor=None, loss_on_label_positions: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.freeze_args = freeze_args
         self.image_processor = image_processor
+        self.loss_on_label_positions = loss_on_label_positions
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_on_label_positions and "labels" in inputs:
+            inputs = {**inputs, "loss_on_label_positions": True}  # SoftPromptCaptioner.forward: the same loss, fewer logits
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.freeze_args is not None:

@@ -1,0 +1,371 @@
+"""One adapter per recipe: how the harness builds the recipe's model, data, collator and Trainer as its train.py does,
+and the baseline a user would otherwise run on the same batches.
+
+An adapter reads the recipe's own config.yaml with the recipe's own argument dataclasses (`parse_args`, as
+train.py does), so a flag after `--` on the bench command line reaches the recipe exactly as it would reach
+train.py (`-- --lora_r 8 --optim adamw_torch_fused`). The recipe's model set-up lines (LoRA, freezing) are
+repeated here from its train.py, each marked; tests/test_bench.py checks that the parameters that train are
+the ones train.py trains. Adding a recipe is a subclass with its `build`, `setup`, `dataset`, `trainer_kwargs`,
+`baseline` and `flop_chains`, and an entry in ADAPTERS.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from transformers import TrainingArguments
+
+from bench import real_configs
+from bench.flops import Part
+from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments,
+                                 parse_args)
+from recipes.common.models import compute_dtype, load_model_and_processor, resolve_model_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_train_module(recipe: str):
+    """`recipes/<recipe>/train.py` as a module, with the sibling modules it imports by bare name (collator, trainer).
+
+    train.py puts its folder first on sys.path and imports `collator`, `trainer`, ... by those names, which
+    recipes share; the bare names are taken out of sys.modules afterwards (and sys.path restored), so that the
+    next recipe's train.py imports its own siblings, not these.
+    """
+    folder = ROOT / "recipes" / recipe
+    siblings = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+    saved = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
+    path = list(sys.path)
+    try:
+        return importlib.import_module(f"recipes.{recipe}.train")
+    finally:
+        for name in siblings:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+        sys.path[:] = path
+
+
+def on_device(cls, config, model_args: ModelArguments, device: str, dtype: torch.dtype | None = None):
+    """`cls` with random weights, built directly on `device` in the recipe's dtype (never materialised on the CPU first)."""
+    with torch.device(device):
+        return cls._from_config(config, dtype=dtype or compute_dtype(model_args),
+                                attn_implementation=model_args.attn_implementation)
+
+
+def vision_positions(vision_config) -> int:
+    """Tokens a ViT computes per image: one per patch and the class token."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+
+
+def resize_image_processor(image_processor, side: int) -> None:
+    """The tiny processor at the real model's image size (e2e mode of --size real): same class, same steps, bigger images."""
+    if getattr(image_processor, "crop_size", None) is not None and getattr(image_processor, "do_center_crop", False):
+        image_processor.size = {"shortest_edge": side}
+        image_processor.crop_size = {"height": side, "width": side}
+    else:
+        image_processor.size = {"height": side, "width": side}
+
+
+class Adapter:
+    """What the harness needs from a recipe. `a` below is the parsed arguments: a namespace of the recipe's dataclasses."""
+
+    name: str  # folder under recipes/
+    task: str  # record schema of its data (data_tools)
+    arg_types: tuple = ()  # the dataclasses train.py parses, TrainingArguments last
+    tiny_argv: tuple = ()  # --size tiny: the random tiny model(s), fast to build (train.py defaults to pre-trained ones)
+    real_batch_size = 64  # the issue's shape
+    tokens_counted = ""  # what tokens/s counts, in words
+    baseline_loaded_as = ""  # the baseline's model and what trains in it, in words
+
+    def __init__(self):
+        self.train = import_train_module(self.name)
+
+    def parse(self, argv: list[str]) -> SimpleNamespace:
+        """The recipe's arguments from its config.yaml, then `argv` (later flags win)."""
+        parsed = parse_args(self.arg_types, ["--config", str(self.train.DEFAULT_CONFIG), *argv])
+        return SimpleNamespace(**{type(p).__name__: p for p in parsed})
+
+    def image_size(self, size: str) -> int:
+        raise NotImplementedError
+
+    def build(self, a, size: str, device: str):
+        """(model, tokenizer, image processor) as the recipe loads them: --size tiny through the recipe's loader,
+        --size real from the real config with random weights on `device`. No LoRA or freezing yet."""
+        raise NotImplementedError
+
+    def setup(self, model, a):
+        """The recipe's LoRA and freezing, as its train.py applies them; returns the model."""
+        return model
+
+    def dataset(self, records, tokenizer, model, a):
+        """The recipe's training dataset from records (its own tokenization and length budget)."""
+        raise NotImplementedError
+
+    def collator(self, tokenizer, image_processor, model, a):
+        raise NotImplementedError
+
+    def trainer_class(self):
+        raise NotImplementedError
+
+    def trainer_kwargs(self, tokenizer, image_processor, a) -> dict:
+        return {}
+
+    def baseline(self, a, size: str, device: str):
+        """The model a user would train with a plain `transformers.Trainer` and PEFT's defaults (None: no baseline)."""
+        return None
+
+    @staticmethod
+    def baseline_batch(batch: dict) -> dict:
+        """A recipe batch as the plain model takes it (the same tensors)."""
+        return batch
+
+    def samples(self, batch: dict) -> int:
+        return batch["pixel_values"].shape[0]
+
+    def tokens(self, batch: dict) -> torch.Tensor:
+        """Non-pad tokens of a batch (a tensor on the batch's device, summed without a host sync)."""
+        return batch["attention_mask"].sum()
+
+    def flop_chains(self, model, batch: dict) -> list[list[Part]]:
+        """The model's parts in forward order with the tokens each processes in this batch (see bench.flops)."""
+        raise NotImplementedError
+
+
+# --- blip2_lora_caption -----------------------------------------------------------------------------------------
+class Blip2LoraCaption(Adapter):
+    name, task = "blip2_lora_caption", "caption"
+    arg_types = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, TrainingArguments)
+    tiny_argv = ("--model_name_or_path", "tiny:blip2-opt")
+    real_batch_size = 64
+    tokens_counted = "LM positions with attention_mask 1: the 32 query (image) tokens, bos, prompt and caption; no padding"
+    baseline_loaded_as = ("Blip2ForConditionalGeneration in bf16 on a GPU (float32 on the CPU) + "
+                          "get_peft_model(LoraConfig(r=lora_r)): peft's default targets for blip-2 (the OPT's q_proj, "
+                          "v_proj), alpha 8, no dropout; Q-Former frozen")
+
+    def image_size(self, size):
+        return real_configs.blip2_opt_2_7b().vision_config.image_size if size == "real" else None
+
+    def _model(self, a, size, device, dtype=None):
+        from transformers import AutoProcessor, Blip2ForConditionalGeneration
+
+        m = a.ModelArguments
+        if size == "tiny":
+            path = resolve_model_path(m.model_name_or_path)
+            model, processor = load_model_and_processor(Blip2ForConditionalGeneration, path, m)
+        else:
+            model = on_device(Blip2ForConditionalGeneration, real_configs.blip2_opt_2_7b(), m, device, dtype)
+            processor = AutoProcessor.from_pretrained(resolve_model_path("tiny:blip2-opt"))
+            resize_image_processor(processor.image_processor, self.image_size(size))
+        if a.DataArguments.image_size:  # train.py: --image_size resizes the processor's output
+            resize_image_processor(processor.image_processor, a.DataArguments.image_size)
+        return model, processor
+
+    def build(self, a, size, device):
+        model, processor = self._model(a, size, device)
+        return model, processor.tokenizer, processor.image_processor
+
+    def setup(self, model, a):
+        from recipes.common.peft_setup import apply_freezing, apply_peft
+
+        peft_args, freeze_args = a.PeftArguments, a.FreezeArguments
+        # As train.py: LoRA on the LM; a trained Q-Former is saved with the adapter through modules_to_save.
+        if peft_args.peft_method != "none" and freeze_args.freeze_bridge is False:
+            peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | {"qformer", "language_projection"})
+            freeze_args.freeze_bridge = None
+        model = apply_peft(model, peft_args)
+        apply_freezing(model, freeze_args)
+        return model
+
+    def dataset(self, records, tokenizer, model, a):
+        config = model.config
+        ds, _ = self.train.tokenize_captions(records, tokenizer, image_token_id=config.image_token_id,
+                                             num_image_tokens=config.num_query_tokens, prompt=a.DataArguments.prompt,
+                                             max_length=a.DataArguments.max_length)
+        return ds
+
+    def collator(self, tokenizer, image_processor, model, a):
+        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)
+
+    def trainer_class(self):
+        return self.train.CaptionTrainer
+
+    def trainer_kwargs(self, tokenizer, image_processor, a):
+        return {"freeze_args": a.FreezeArguments}
+
+    def baseline(self, a, size, device):
+        from peft import LoraConfig, get_peft_model
+
+        model, _ = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r))  # peft's default targets for blip-2: q_proj, v_proj
+
+    def flop_chains(self, model, batch):
+        config = model.config
+        n = batch["pixel_values"].shape[0]
+        return [[Part("vision", ("vision_model",), n * vision_positions(config.vision_config)),
+                 Part("bridge", ("qformer", "language_projection"), n * config.num_query_tokens),
+                 Part("language", ("language_model",), int(batch["attention_mask"].sum()))]]
+
+
+# --- clip_retrieval ---------------------------------------------------------------------------------------------
+class ClipRetrieval(Adapter):
+    name, task = "clip_retrieval", "retrieval"
+    tiny_argv = ("--model_name_or_path", "tiny:clip")
+    real_batch_size = 1024
+    tokens_counted = "text tokens with attention_mask 1 (bos, caption, eos); image patches not counted"
+    baseline_loaded_as = ("CLIPModel in float32 (the checkpoint's dtype), Trainer --bf16 (autocast) on a GPU; full "
+                          "fine-tune with CLIPModel's own loss (return_loss=True)")
+
+    @property
+    def arg_types(self):
+        return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, self.train.RetrievalArguments, TrainingArguments)
+
+    def image_size(self, size):
+        return real_configs.clip_vit_b32().vision_config.image_size if size == "real" else None
+
+    def _model(self, a, size, device, dtype=None):
+        from transformers import AutoProcessor, CLIPModel
+
+        m = a.ModelArguments
+        if size == "tiny":
+            return load_model_and_processor(CLIPModel, resolve_model_path(m.model_name_or_path), m)
+        model = on_device(CLIPModel, real_configs.clip_vit_b32(), m, device, dtype)
+        processor = AutoProcessor.from_pretrained(resolve_model_path("tiny:clip"))
+        resize_image_processor(processor.image_processor, self.image_size(size))
+        return model, processor
+
+    def build(self, a, size, device):
+        model, processor = self._model(a, size, device)
+        return model, processor.tokenizer, processor.image_processor
+
+    def setup(self, model, a):
+        # As train.py: LoRA on the chosen towers, or (un)freezing of whole towers and their last layers.
+        return self.train.set_training_mode(model, a.PeftArguments, a.FreezeArguments, a.RetrievalArguments.lora_towers,
+                                            a.RetrievalArguments.unfreeze_last_n_text_layers)
+
+    def dataset(self, records, tokenizer, model, a):
+        return self.train.PairDataset(records, tokenizer, a.DataArguments.max_length,
+                                      hard_negatives=a.RetrievalArguments.hard_negatives)
+
+    def collator(self, tokenizer, image_processor, model, a):
+        return self.train.ContrastiveCollator(image_processor, tokenizer.pad_token_id)
+
+    def trainer_class(self):
+        return self.train.ContrastiveTrainer
+
+    def trainer_kwargs(self, tokenizer, image_processor, a):
+        return {"freeze_args": a.FreezeArguments}
+
+    def baseline(self, a, size, device):
+        if a.PeftArguments.peft_method != "none":
+            raise ValueError("the clip_retrieval baseline is a full fine-tune (as the issue's); bench the recipe's LoRA "
+                             "mode with --no-baseline.")
+        model, _ = self._model(a, size, device, dtype=torch.float32)
+        return model
+
+    @staticmethod
+    def baseline_batch(batch):
+        if batch["input_ids"].shape[0] != batch["pixel_values"].shape[0]:
+            raise ValueError("the plain CLIP loss takes one text per image: bench --hard_negatives with --no-baseline.")
+        return {"pixel_values": batch["pixel_values"], "input_ids": batch["input_ids"],
+                "attention_mask": batch["attention_mask"], "return_loss": True}
+
+    def flop_chains(self, model, batch):
+        config = model.config
+        n_images, n_texts = batch["pixel_values"].shape[0], batch["input_ids"].shape[0]
+        return [[Part("vision", ("vision_model",), n_images * vision_positions(config.vision_config)),
+                 Part("vision_projection", ("visual_projection",), n_images)],
+                [Part("text", ("text_model",), int(batch["attention_mask"].sum())),
+                 Part("text_projection", ("text_projection",), n_texts)]]
+
+
+# --- soft_prompt_caption ----------------------------------------------------------------------------------------
+class SoftPromptCaption(Adapter):
+    name, task = "soft_prompt_caption", "caption"
+    tiny_argv = ("--vision_model", "tiny:clip-vision", "--language_model", "tiny:gpt2")
+    real_batch_size = 64
+    tokens_counted = "caption tokens with attention_mask 1; the prefix (soft prompt + image vectors) not counted"
+    baseline_loaded_as = ("the same SoftPromptCaptioner with its frozen parts in float32 (the checkpoints' dtype), "
+                          "Trainer --bf16 (autocast) on a GPU; the same soft prompt and projection train")
+
+    @property
+    def arg_types(self):
+        return (ModelArguments, DataArguments, self.train.SoftPromptArguments, PeftArguments, FreezeArguments,
+                GenerationEvalArguments, TrainingArguments)
+
+    def image_size(self, size):
+        return real_configs.clip_vit_b32_vision().image_size if size == "real" else None
+
+    def _model(self, a, size, device, dtype=None):
+        from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, GPT2LMHeadModel
+
+        sp, m = a.SoftPromptArguments, a.ModelArguments
+        options = dict(prompt_length=sp.prompt_length, projection=sp.projection, vision_features=sp.vision_features)
+        if size == "tiny":
+            vision_path, language_path = resolve_model_path(sp.vision_model), resolve_model_path(sp.language_model)
+            model = self.train.SoftPromptCaptioner.from_parts(
+                vision_path, language_path, dtype=dtype or compute_dtype(m), attn_implementation=m.attn_implementation,
+                revision=m.revision, **options)
+        else:
+            vision_path, language_path = resolve_model_path("tiny:clip-vision"), resolve_model_path("tiny:gpt2")
+            vision = on_device(CLIPVisionModel, real_configs.clip_vit_b32_vision(), m, device, dtype)
+            language = on_device(GPT2LMHeadModel, real_configs.gpt2_small(), m, device, dtype)
+            with torch.device(device):
+                model = self.train.SoftPromptCaptioner.from_models(vision, language, **options)
+        # As train.py: GPT-2 has no pad token; padding is masked out of attention and loss anyway.
+        tokenizer = AutoTokenizer.from_pretrained(language_path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        image_processor = AutoImageProcessor.from_pretrained(vision_path)
+        if size == "real":
+            resize_image_processor(image_processor, self.image_size(size))
+        if sp.prompt_init_text:
+            model.init_soft_prompt_from_text(tokenizer, sp.prompt_init_text)
+        return model, tokenizer, image_processor
+
+    def build(self, a, size, device):
+        return self._model(a, size, device)
+
+    def setup(self, model, a):
+        from recipes.common.peft_setup import apply_freezing, apply_peft
+
+        # As train.py: optional LoRA on the LM; then only the soft prompt and projection (+ LoRA) train.
+        model = apply_peft(model, a.PeftArguments)
+        apply_freezing(model, a.FreezeArguments)
+        return model
+
+    def dataset(self, records, tokenizer, model, a):
+        d = a.DataArguments
+        ds, _ = self.train.tokenize_captions(records, tokenizer, prefix_length=model.config.prefix_length, prompt=d.prompt,
+                                             max_length=d.max_length, lang=d.lang)
+        return ds
+
+    def collator(self, tokenizer, image_processor, model, a):
+        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)
+
+    def trainer_class(self):
+        return self.train.SoftPromptTrainer
+
+    def trainer_kwargs(self, tokenizer, image_processor, a):
+        return {"freeze_args": a.FreezeArguments, "image_processor": image_processor,
+                "loss_on_label_positions": a.SoftPromptArguments.loss_on_label_positions}
+
+    def baseline(self, a, size, device):
+        if a.PeftArguments.peft_method != "none":
+            raise ValueError("the soft_prompt_caption baseline trains the soft prompt and projection only; bench the "
+                             "recipe's LoRA option with --no-baseline.")
+        model, _, _ = self._model(a, size, device, dtype=torch.float32)
+        return model
+
+    def flop_chains(self, model, batch):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        config = base.config
+        n = batch["pixel_values"].shape[0]
+        return [[Part("vision", ("vision_model",), n * vision_positions(config.vision_config)),
+                 Part("bridge", ("soft_prompt", "projection"), n * config.num_vision_tokens),
+                 Part("language", ("language_model",), int(batch["attention_mask"].sum()) + n * config.prefix_length)]]
+
+
+ADAPTERS = {a.name: a for a in (Blip2LoraCaption, ClipRetrieval, SoftPromptCaption)}

@@ -23,7 +23,7 @@ from bench import real_configs
 from bench.flops import Part
 from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments,
                                  parse_args)
-from recipes.common.models import compute_dtype, load_model_and_processor, resolve_model_path
+from recipes.common.models import compute_dtype, load_model_and_processor, quantization_config, resolve_model_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,6 +55,16 @@ def on_device(cls, config, model_args: ModelArguments, device: str, dtype: torch
                                 attn_implementation=model_args.attn_implementation)
 
 
+def load_quantized(model, model_args: ModelArguments, skip_modules: list[str], device: str):
+    """`model` loaded again by `from_pretrained` with the recipe's BitsAndBytesConfig, from its weights in memory instead
+    of a checkpoint's files: the same quantization of the same weights as `load_model_and_processor` with
+    --load_in_4bit (tests/test_bench.py checks it weight for weight). The caller drops `model` afterwards."""
+    return type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
+                                       quantization_config=quantization_config(model_args, skip_modules),
+                                       dtype=compute_dtype(model_args), attn_implementation=model_args.attn_implementation,
+                                       device_map={"": device})
+
+
 def vision_positions(vision_config) -> int:
     """Tokens a ViT computes per image: one per patch and the class token."""
     return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
@@ -76,6 +86,7 @@ class Adapter:
     task: str  # record schema of its data (data_tools)
     arg_types: tuple = ()  # the dataclasses train.py parses, TrainingArguments last
     tiny_argv: tuple = ()  # --size tiny: the random tiny model(s), fast to build (train.py defaults to pre-trained ones)
+    real_argv: tuple = ()  # --size real: recipe flags that give the issue's shape (before the user's flags after --)
     real_batch_size = 64  # the issue's shape
     tokens_counted = ""  # what tokens/s counts, in words
     baseline_loaded_as = ""  # the baseline's model and what trains in it, in words
@@ -368,4 +379,188 @@ class SoftPromptCaption(Adapter):
                  Part("language", ("language_model",), int(batch["attention_mask"].sum()) + n * config.prefix_length)]]
 
 
-ADAPTERS = {a.name: a for a in (Blip2LoraCaption, ClipRetrieval, SoftPromptCaption)}
+# --- llava_instruct and qlora_vqa ----------------------------------------------------------------------------------
+# LoRA on every linear layer of the Llama LM and nowhere else (the issue's shape): peft has no default targets for
+# LLaVA, and "all-linear" would put LoRA on the CLIP tower and the projector too.
+LLAMA_LINEARS = r"model\.language_model\..*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class _Llava(Adapter):
+    """What the two LLaVA recipes share: the model (the recipe's tiny one, or LLaVA-1.5-7B's dims), the chat samples
+    filled to the length budget (bench.data.fill_conversations), the collator and the FLOP chain."""
+
+    real_batch_size = 8  # the issue's micro-batch
+    tokens_counted = ("LM positions with attention_mask 1: the image tokens (576 per image; 64 at --size tiny), the chat "
+                      "template, questions and answers; no padding")
+    unquantized = None  # skip_quantization of the recipe's loader (train.py passes none)
+
+    @property
+    def arg_types(self):
+        extra = self.train.InstructArguments if self.name == "llava_instruct" else self.train.VqaArguments
+        return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, extra,
+                TrainingArguments)
+
+    def image_size(self, size):
+        return real_configs.llava_1_5_7b().vision_config.image_size if size == "real" else None
+
+    def _model(self, a, size, device, dtype=None):
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        from recipes.common.chat import image_token_id
+
+        m = a.ModelArguments
+        if size == "tiny":
+            return load_model_and_processor(LlavaForConditionalGeneration, resolve_model_path(m.model_name_or_path), m,
+                                            skip_quantization=self.unquantized)
+        processor = AutoProcessor.from_pretrained(resolve_model_path("tiny:llava"))
+        config = real_configs.llava_1_5_7b()
+        # The tiny tokenizer's `<image>` id (inside the real vocabulary): the model finds the image positions by it.
+        config.image_token_id = image_token_id(processor)
+        model = on_device(LlavaForConditionalGeneration, config, m, device, dtype)
+        # 336 px in patches of 14: the processor expands `<image>` into the 576 tokens the model fills.
+        processor.patch_size = config.vision_config.patch_size
+        resize_image_processor(processor.image_processor, config.vision_config.image_size)
+        processor.tokenizer.model_max_length = config.text_config.max_position_embeddings
+        return model, processor
+
+    def build(self, a, size, device):
+        from recipes.common.chat import ChatEncoder
+
+        model, processor = self._model(a, size, device)
+        self.encoder = ChatEncoder(processor)  # dataset() renders conversations with it, as train.py does
+        return model, processor.tokenizer, processor.image_processor
+
+    def setup(self, model, a):
+        from recipes.common.peft_setup import apply_freezing, apply_peft, trained_modules_to_save
+
+        # As train.py (stage 2): LoRA on the LM; a trained projector / vision layers go to modules_to_save.
+        peft_args, freeze_args = a.PeftArguments, a.FreezeArguments
+        if peft_args.peft_method != "none":
+            extra = trained_modules_to_save(model, freeze_args)
+            peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
+            if freeze_args.freeze_bridge is False:
+                freeze_args.freeze_bridge = None
+        model = apply_peft(model, peft_args)
+        apply_freezing(model, freeze_args)
+        return model
+
+    def conversations(self, records, a):
+        """The recipe's conversations of its training records."""
+        raise NotImplementedError
+
+    def dataset(self, records, tokenizer, model, a):
+        from bench.data import fill_conversations
+        from recipes.common.chat import tokenize_conversations
+
+        max_length = a.DataArguments.max_length
+        filled = fill_conversations(self.conversations(records, a), self.encoder, max_length)
+        ds, _ = tokenize_conversations(filled, self.encoder, max_length)
+        return ds
+
+    def collator(self, tokenizer, image_processor, model, a):
+        from recipes.common.chat import ChatCollator
+
+        return ChatCollator(image_processor, tokenizer.pad_token_id)
+
+    def trainer_kwargs(self, tokenizer, image_processor, a):
+        return {"freeze_args": a.FreezeArguments}
+
+    def _baseline_lora(self, model, a):
+        """LoRA on the LM's linears with PEFT's defaults (alpha 8, no dropout), the recipe's r, and in full what the
+        recipe trains in full (the projector: the modules_to_save its set-up chose, setup() having run first)."""
+        from peft import LoraConfig, get_peft_model
+
+        if a.PeftArguments.peft_method != "lora":
+            raise ValueError(f"the {self.name} baseline is LoRA; bench --peft_method {a.PeftArguments.peft_method} with "
+                             "--no-baseline.")
+        return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r, target_modules=LLAMA_LINEARS,
+                                                modules_to_save=a.PeftArguments.modules_to_save or None))
+
+    def samples(self, batch):
+        return batch["input_ids"].shape[0]  # text-only samples have no pixel_values
+
+    def flop_chains(self, model, batch):
+        config = model.config
+        n_images = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+        positions = vision_positions(config.vision_config)
+        # The whole tower runs (LLaVA reads layer -2, the last layer is computed all the same); the projector and LM
+        # see the patches alone ("default" feature strategy: no class token).
+        return [[Part("vision", ("model.vision_tower",), n_images * positions),
+                 Part("bridge", ("model.multi_modal_projector",), n_images * (positions - 1)),
+                 Part("language", ("model.language_model", "lm_head"), int(batch["attention_mask"].sum()))]]
+
+
+class LlavaInstruct(_Llava):
+    name, task = "llava_instruct", "instruct"
+    # Stage 2 as in the issue's shape: the projector and LoRA on the LM train, the whole vision tower is frozen (the
+    # recipe's config.yaml also trains the last CLIP layer it reads, for the tiny model).
+    tiny_argv = ("--model_name_or_path", "tiny:llava", "--unfreeze_last_n_vision_layers", "0")
+    real_argv = ("--max_length", "832", "--unfreeze_last_n_vision_layers", "0")
+    baseline_loaded_as = ("LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) + get_peft_model(LoraConfig("
+                          "r=lora_r, target_modules=the LM's q/k/v/o/gate/up/down_proj, modules_to_save=[projector])): "
+                          "PEFT's defaults otherwise (alpha 8, no dropout); vision tower frozen")
+
+    def conversations(self, records, a):
+        return records  # instruct records are conversations already (stage 2)
+
+    def trainer_class(self):
+        return self.train.InstructTrainer
+
+    def baseline(self, a, size, device):
+        model, _ = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        return self._baseline_lora(model, a)
+
+
+class QloraVqa(_Llava):
+    name, task = "qlora_vqa", "vqa"
+    tiny_argv = ("--model_name_or_path", "tiny:llava")
+    real_argv = ("--max_length", "832")
+    baseline_loaded_as = ("plain QLoRA: the same 4-bit LlavaForConditionalGeneration (NF4, double quant, the LM's "
+                          "linears only), peft's prepare_model_for_kbit_training (every other weight to float32, "
+                          "checkpointing with the input-gradient hook) + get_peft_model(LoraConfig(r=lora_r, "
+                          "target_modules=the LM's q/k/v/o/gate/up/down_proj, modules_to_save=[projector])): PEFT's "
+                          "defaults otherwise (alpha 8, no dropout)")
+
+    @property
+    def unquantized(self):
+        return self.train.UNQUANTIZED  # the vision tower, projector and LM head stay 16-bit
+
+    def parse(self, argv):
+        from recipes.common.quantization import fall_back_to_cpu_optimizer
+
+        a = super().parse(argv)
+        fall_back_to_cpu_optimizer(a.TrainingArguments)  # as train.py: paged 8-bit AdamW needs CUDA
+        return a
+
+    def _model(self, a, size, device, dtype=None):
+        model, processor = super()._model(a, size, device, dtype)
+        m = a.ModelArguments
+        # At --size real the weights are random and in memory: quantize them as from_pretrained quantizes a checkpoint.
+        # The meta device has no values to quantize: its LM stays nn.Linear, of the same shapes (FLOPs, what trains).
+        if size == "real" and device != "meta" and (m.load_in_4bit or m.load_in_8bit):
+            model = load_quantized(model, m, self.train.UNQUANTIZED, device)
+            if device == "cuda":
+                torch.cuda.empty_cache()  # the 16-bit copy's blocks are not the training's reserved memory
+        return model, processor
+
+    def setup(self, model, a):
+        from recipes.common.quantization import prepare_quantized_for_training
+
+        model = super().setup(model, a)
+        prepare_quantized_for_training(model)  # as train.py: only what trains goes to float32
+        return model
+
+    def conversations(self, records, a):
+        return self.train.vqa_conversations(records, a.VqaArguments.answer_prompt)
+
+    def trainer_class(self):
+        return self.train.VqaTrainer
+
+    def baseline(self, a, size, device):
+        from peft import prepare_model_for_kbit_training
+
+        model, _ = self._model(a, size, device)
+        return self._baseline_lora(prepare_model_for_kbit_training(model), a)
+
+
+ADAPTERS = {a.name: a for a in (Blip2LoraCaption, ClipRetrieval, SoftPromptCaption, LlavaInstruct, QloraVqa)}

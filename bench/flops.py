@@ -12,8 +12,9 @@ et al. 2022, "PaLM", app. B): a weight matrix of N entries applied to T tokens c
 "Before" is the forward order: the parts of a chain in the order the adapter lists them, and modules in
 registration order inside a part (which is their forward order in these models). Counted: every Linear,
 GPT-2 Conv1D and patch-embedding Conv2d (per token, an im2col'd convolution is a matmul with its weight), the
-LM head included. Not counted: attention scores (12·L·d·T per token in PaLM's formula: a few percent at these
-lengths), embeddings, norms, the loss, and the optimizer. T counts real tokens only (no padding), so padding
+LM head included; a 4-bit Linear counts its full in x out (its dequantization is not counted). Not counted:
+attention scores (12·L·d·T per token in PaLM's formula: a few percent at these lengths), embeddings, norms,
+the loss, and the optimizer. T counts real tokens only (no padding), so padding
 lowers MFU, as it should. A Q-Former's cross-attention reads image tokens, but its key/value projections are
 counted at the query count, which undercounts (conservative).
 """
@@ -60,7 +61,9 @@ def step_flops(model: torch.nn.Module, chains: list[list[Part]]) -> dict[str, fl
                 if isinstance(module, MATMULS):
                     trains = module.weight.requires_grad
                     factor = 6 if trains else 4 if upstream_trains else 2
-                    flops += factor * module.weight.numel() * part.tokens
+                    # in x out, not weight.numel(): a bitsandbytes 4-bit Linear packs two weights per stored byte.
+                    n = module.in_features * module.out_features if isinstance(module, torch.nn.Linear) else module.weight.numel()
+                    flops += factor * n * part.tokens
                 if any(p.requires_grad for p in module.parameters(recurse=False)):
                     upstream_trains = True
             out[part.name] = out.get(part.name, 0.0) + flops

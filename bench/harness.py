@@ -165,7 +165,7 @@ class Options:
 
 def _recipe_argv(adapter: Adapter, opts: Options, output_dir: str, batch_size: int) -> list[str]:
     """The recipe's command line: bench defaults, then the user's flags after `--`, then what the harness needs."""
-    argv = list(adapter.tiny_argv) if opts.size == "tiny" else []
+    argv = list(adapter.tiny_argv if opts.size == "tiny" else adapter.real_argv)
     argv += ["--bf16", "true"] if opts.device == "cuda" else ["--use_cpu", "true"]  # the recipes' GPU launch lines use --bf16
     argv += ["--logging_strategy", "no", "--disable_tqdm", "true"]
     argv += opts.recipe_argv
@@ -180,8 +180,13 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
+def _numel(p: torch.Tensor) -> int:
+    state = getattr(p, "quant_state", None)  # a bitsandbytes 4-bit weight holds two values per byte
+    return state.shape.numel() if state is not None else p.numel()
+
+
 def _parameters(model) -> tuple[int, int]:
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters()))
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(_numel(p) for p in model.parameters()))
 
 
 def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset, collator, batches, trainer_kwargs) -> dict:

@@ -10,7 +10,10 @@ import torch
 
 from bench import harness, real_configs
 from bench.adapters import ADAPTERS
+from bench.data import synthetic_jpeg_records
 from bench.flops import Part, peak_tflops, step_flops
+from data_tools.jsonl import read_jsonl
+from recipes.common.data import load_records
 
 RECIPES = sorted(ADAPTERS)
 RUN_FIELDS = {"who", "mode", "trainer", "trainable_parameters", "parameters", "precision", "loaded_as", "optimizer_steps",
@@ -124,6 +127,10 @@ def test_real_configs_have_the_published_parameter_counts():
         with torch.device("meta"):
             model = cls._from_config(getattr(real_configs, name)())
         assert sum(p.numel() for p in model.parameters()) == count, name
+    # qlora_vqa's memory report computes from its own copy of the LLaVA-1.5-7B config (a recipe imports no bench code).
+    from recipes.qlora_vqa.memory import llava_7b_config, parameter_counts
+
+    assert parameter_counts(llava_7b_config(), lora_r=16)["total"] == 7_063_427_072
 
 
 def test_real_size_builds_on_the_device_and_trains_what_the_recipe_trains():
@@ -134,16 +141,27 @@ def test_real_size_builds_on_the_device_and_trains_what_the_recipe_trains():
         a = adapter.parse(harness._recipe_argv(adapter, harness.Options(recipe, device="meta"), "/nonexistent", 64))
         model, _, image_processor = adapter.build(a, "real", "meta")
         assert {p.device.type for p in model.parameters()} == {"meta"}
-        assert harness.image_processor_size(image_processor) == 224
+        assert harness.image_processor_size(image_processor) == (336 if "llava" in model.config.model_type else 224)
         model = adapter.setup(model, a)
         trained[recipe] = {n for n, p in model.named_parameters() if p.requires_grad}
         every[recipe] = {n for n, _ in model.named_parameters()}
+        if recipe in ("llava_instruct", "qlora_vqa"):
+            # LLaVA-1.5's 576 image tokens, at the id the tiny tokenizer gives `<image>`; the baseline trains the same.
+            assert adapter.encoder.num_image_tokens == 576 and model.config.image_token_id == adapter.encoder.image_token_id
+            baseline = adapter.baseline(a, "real", "meta")
+            assert {n for n, p in baseline.named_parameters() if p.requires_grad} == trained[recipe]
     blip2 = trained["blip2_lora_caption"]
     lora = {n for n in blip2 if ".lora_" in n}
     assert lora and all(".language_model." in n for n in lora)
     assert all(".modules_to_save." in n and (".qformer." in n or ".language_projection." in n) for n in blip2 - lora)
     assert trained["clip_retrieval"] == every["clip_retrieval"]  # a full fine-tune, the temperature included
     assert trained["soft_prompt_caption"] == {"soft_prompt", "projection.weight", "projection.bias"}
+    # Stage 2 at the issue's shape: LoRA r=16 on the 7 linears of each of the 32 Llama layers, and the projector.
+    for recipe in ("llava_instruct", "qlora_vqa"):
+        lora = {n for n in trained[recipe] if ".lora_" in n}
+        assert len(lora) == 32 * 7 * 2 and all(".model.language_model.layers." in n for n in lora)
+        assert trained[recipe] - lora == {f"base_model.model.model.multi_modal_projector.modules_to_save.default.{n}"
+                                          for n in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")}
 
 
 def test_flops_of_the_real_soft_prompt_captioner_are_2nt_vision_6nt_projection_4nt_lm():
@@ -193,3 +211,64 @@ def test_fused_adamw_reaches_the_recipes_per_module_parameter_groups():
         optimizer = trainer.create_optimizer()
     assert optimizer.defaults["fused"] is True
     assert sorted(g["lr"] for g in optimizer.param_groups) == [0.0005, 0.0005, 0.001]  # bridge, bridge no-decay, LM
+
+
+def test_the_real_size_4bit_path_quantizes_as_the_recipes_loader_and_counts_flops_unpacked():
+    """qlora_vqa at --size real quantizes random weights in memory (bench.adapters.load_quantized); on the tiny LLaVA the
+    same path gives the recipe's 4-bit model (its loader, from the checkpoint's files) weight for weight."""
+    from transformers import LlavaForConditionalGeneration
+
+    from bench.adapters import load_quantized
+    from recipes.common.args import ModelArguments
+    from recipes.common.models import load_model_and_processor, resolve_model_path
+
+    adapter = ADAPTERS["qlora_vqa"]()
+    args, path = ModelArguments(load_in_4bit=True), resolve_model_path("tiny:llava")
+    recipes_own, _ = load_model_and_processor(LlavaForConditionalGeneration, path, args, skip_quantization=adapter.unquantized)
+    plain, _ = load_model_and_processor(LlavaForConditionalGeneration, path, ModelArguments())
+    ours = load_quantized(plain, args, adapter.unquantized, "cpu")
+    theirs = dict(recipes_own.named_parameters())
+    assert {n: (p.dtype, p.shape) for n, p in ours.named_parameters()} == {n: (p.dtype, p.shape) for n, p in theirs.items()}
+    assert all(torch.equal(p, theirs[n]) for n, p in ours.named_parameters())
+    q_proj = ours.model.language_model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.nested  # NF4 with double quantization
+    assert type(ours.model.multi_modal_projector.linear_1) is torch.nn.Linear  # the recipe's skip list
+    # 6NT/4NT/2NT count a 4-bit weight at its full in x out, not its packed bytes.
+    chain = [[Part("language", ("model.language_model",), 100)]]
+    ours.requires_grad_(False)
+    plain.requires_grad_(False)
+    assert step_flops(ours, chain) == step_flops(plain, chain) == {"language": 2 * 100 * 2 * (4 * 128 * 128 + 3 * 128 * 256),
+                                                                   "total": 2 * 100 * 2 * (4 * 128 * 128 + 3 * 128 * 256)}
+    assert harness._parameters(ours)[1] == harness._parameters(plain)[1]
+
+
+def test_chat_samples_are_filled_to_the_length_budget_with_the_next_conversations():
+    from bench.data import fill_conversations
+    from data_tools.records import IMAGE_TOKEN
+    from recipes.common.chat import tokenize_conversations
+
+    adapter, p = _prepared("llava_instruct")
+    records = adapter.conversations(load_records(synthetic_jpeg_records("instruct", 6, 64), "instruct"), p.a)
+    max_length = p.a.DataArguments.max_length
+    filled = fill_conversations(records, adapter.encoder, max_length)
+    for i, row in enumerate(filled):
+        n = len(records[i]["conversations"])
+        assert row["image"] == records[i]["image"] and row["conversations"][:n] == records[i]["conversations"]
+        after = records[(i + 1) % len(records)]["conversations"]
+        assert [t["from"] for t in row["conversations"][n:n + len(after)]] == [t["from"] for t in after]
+        assert all(IMAGE_TOKEN not in t["value"] for t in row["conversations"][n:])
+    # Every filled conversation runs over the budget, and the recipe's budget cuts each after its last whole turn that
+    # fits: never shorter than the conversation alone (which fits), at most max_length.
+    dataset, report = tokenize_conversations(filled, adapter.encoder, max_length)
+    alone = tokenize_conversations(records, adapter.encoder, max_length)[0]["length"]
+    assert report.cut == report.samples == 6 and report.dropped == 0
+    assert all(a <= n <= max_length for a, n in zip(alone, dataset["length"])) and sum(dataset["length"]) > sum(alone)
+
+
+def test_vqa_records_that_share_an_image_get_one_jpeg():
+    from pathlib import Path
+
+    path = synthetic_jpeg_records("vqa", 6, 64)
+    rows = read_jsonl(path)
+    assert len({r["image"] for r in rows}) == 2  # 3 questions per image
+    assert all((Path(path).parent / r["image"]).is_file() and r["image"].endswith(".jpg") for r in rows)

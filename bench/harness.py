@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import json
 import math
 import platform
@@ -237,6 +238,14 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
     return result
 
 
+def _unless_out_of_memory(who: str, mode: str, trainer: str, train) -> dict:
+    """`train()`'s result, or a row saying that it ran out of GPU memory, so that the other runs still happen."""
+    try:
+        return train()
+    except torch.OutOfMemoryError as e:
+        return {"who": who, "mode": mode, "trainer": trainer, "error": "out of memory: " + str(e).split("\n")[0]}
+
+
 def _precision(model, args) -> str:
     dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()})
     trained = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
@@ -303,13 +312,15 @@ def run(opts: Options) -> dict:
             out["gradient_accumulation_steps"] = p.a.TrainingArguments.gradient_accumulation_steps
             kwargs = adapter.trainer_kwargs(p.tokenizer, p.image_processor, p.a)
             model, p.model = p.model, None  # _run frees it
-            out["runs"].append(_run(adapter, "recipe", mode, opts, p.a, model, p.dataset, p.collator, p.batches, kwargs))
+            out["runs"].append(_unless_out_of_memory("recipe", mode, adapter.trainer_class().__name__, lambda: _run(
+                adapter, "recipe", mode, opts, p.a, model, p.dataset, p.collator, p.batches, kwargs)))
             del model
             _free(opts.device)
             if opts.baseline:
                 set_seed(p.a.TrainingArguments.seed)
                 base = adapter.baseline(p.a, opts.size, opts.device)
-                out["runs"].append(_run(adapter, "baseline", mode, opts, p.a, base, p.dataset, p.collator, p.batches, {}))
+                out["runs"].append(_unless_out_of_memory("baseline", mode, "Trainer", lambda: _run(
+                    adapter, "baseline", mode, opts, p.a, base, p.dataset, p.collator, p.batches, {})))
                 del base
                 _free(opts.device)
     if opts.baseline:
@@ -363,8 +374,15 @@ def _versions() -> dict:
     import peft
     import transformers
 
+    def installed(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "bitsandbytes": installed("bitsandbytes"), "trl": installed("trl"),
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
 
 
@@ -378,20 +396,23 @@ def _trl_note() -> str:
 
 def markdown(result: dict) -> str:
     """The result as a Markdown table, one row per run, and the recipe / baseline ratios per mode."""
-    steps = result["runs"][0]["optimizer_steps"] if result["runs"] else 0
+    steps = next((r["optimizer_steps"] for r in result["runs"] if "error" not in r), 0)
     lines = [f"{result['recipe']} ({result['size']} dims) on {result['device']}, batch {result['batch_size']}, "
              f"{steps} timed steps after {result['warmup_steps']} warm-up", "",
              "| mode | trainer | precision | trainable params | samples/s | tokens/s | MFU | peak alloc GiB "
              "| peak reserved GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
         trainer = r["trainer"] + (" (baseline)" if r["who"] == "baseline" else "")
+        if "error" in r:
+            lines.append(f"| {r['mode']} | {trainer} | {r['error']} |" + " |" * 6)
+            continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         alloc, reserved = (f"{r[k]:.1f}" if r[k] is not None else "n/a" for k in ("peak_allocated_gib", "peak_reserved_gib"))
         lines.append(f"| {r['mode']} | {trainer} | {r['precision']} | {r['trainable_parameters']:,} | "
                      f"{r['samples_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {alloc} | {reserved} |")
     lines.append("")
     for mode in ("device", "e2e"):
-        pair = {r["who"]: r for r in result["runs"] if r["mode"] == mode}
+        pair = {r["who"]: r for r in result["runs"] if r["mode"] == mode and "error" not in r}
         if len(pair) < 2:
             continue
         recipe, base = pair["recipe"], pair["baseline"]

@@ -272,3 +272,21 @@ def test_vqa_records_that_share_an_image_get_one_jpeg():
     rows = read_jsonl(path)
     assert len({r["image"] for r in rows}) == 2  # 3 questions per image
     assert all((Path(path).parent / r["image"]).is_file() and r["image"].endswith(".jpg") for r in rows)
+
+
+def test_a_run_out_of_gpu_memory_is_a_row_and_the_other_runs_still_happen(monkeypatch):
+    def run(adapter, who, *args):
+        if who == "recipe":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore")
+        return dict(device_run, who=who)
+
+    device_run = {**{k: 0 for k in RUN_FIELDS}, "mode": "device", "trainer": "Trainer", "optimizer_steps": 2,
+                  "samples_per_s": 1.0, "mfu": None, "peak_allocated_gib": None, "peak_reserved_gib": None}
+    monkeypatch.setattr(harness, "_run", run)
+    result = harness.run(_opts("clip_retrieval", mode="device"))
+    assert result["runs"][0] == {"who": "recipe", "mode": "device", "trainer": "ContrastiveTrainer",
+                                 "error": "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"}
+    assert result["runs"][1]["who"] == "baseline"
+    table = harness.markdown(result)
+    assert "| device | ContrastiveTrainer | out of memory: CUDA out of memory. Tried to allocate 20.00 GiB | | | | | | |" in table
+    assert "recipe / baseline" not in table  # no ratio without both

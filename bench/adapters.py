@@ -11,6 +11,7 @@ the ones train.py trains. Adding a recipe is a subclass with its `build`, `setup
 
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 from pathlib import Path
@@ -540,6 +541,7 @@ class QloraVqa(_Llava):
         if size == "real" and device != "meta" and (m.load_in_4bit or m.load_in_8bit):
             model = load_quantized(model, m, self.train.UNQUANTIZED, device)
             if device == "cuda":
+                gc.collect()
                 torch.cuda.empty_cache()  # the 16-bit copy's blocks are not the training's reserved memory
         return model, processor
 

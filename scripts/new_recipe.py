@@ -27,7 +27,7 @@ IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "outputs", "checkpoints"
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # A recipe imports recipes.common and its own siblings (by file name), never a recipe package.
 RECIPE_IMPORT_RE = re.compile(r"^\s*(?:from|import)\s+recipes\.(?!common\b)(\w+)", re.MULTILINE)
-SMOKE_ARGS = ["--max_steps", "2", "--max_train_samples", "16", "--eval_max_samples", "8", "--max_new_tokens", "8",
+SMOKE_ARGS = ["--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "8",
               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--eval_strategy", "no",
               "--save_strategy", "no", "--load_best_model_at_end", "false", "--logging_steps", "1", "--report_to", "none"]
 

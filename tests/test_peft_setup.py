@@ -296,3 +296,32 @@ def test_no_decay_rule_matches_trainer(build):
     # Trainer's method does not use `self`; logit_scale is our one deliberate difference.
     expected = set(Trainer.get_decay_parameter_names(None, model)) & set(names.values())
     assert decayed == expected - {"base_model.model.logit_scale"}
+
+
+def test_lora_and_freezing_saves_every_trained_module(tmp_path):
+    """Vision layers unfrozen under LoRA go into modules_to_save, so the adapter folder holds what trained."""
+    from peft import PeftModel
+    from transformers import Blip2ForConditionalGeneration
+
+    from recipes.common.peft_setup import apply_lora_and_freezing
+    from recipes.common.tiny_models import tiny_model_path
+
+    path = tiny_model_path("blip2-opt")
+    peft_args, freeze_args = PeftArguments(lora_r=4), FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1)
+    model = apply_lora_and_freezing(Blip2ForConditionalGeneration.from_pretrained(path), peft_args, freeze_args)
+    assert peft_args.modules_to_save == ["language_projection", "qformer", "vision_model.encoder.layers.1"]
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(".lora_" in n or ".modules_to_save." in n for n in trained)
+    assert any("vision_model.encoder.layers.1." in n for n in trained)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "vision_model.encoder.layers.1." in n and p.requires_grad:
+                p.add_(1.0)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(Blip2ForConditionalGeneration.from_pretrained(path), tmp_path)
+    got, want = reloaded.state_dict(), model.state_dict()
+    changed = [k for k in want if "vision_model.encoder.layers.1." in k and ".modules_to_save." in k]
+    assert changed and all(torch.equal(got[k], want[k]) for k in changed)
+    with pytest.raises(ValueError, match="peft_method none"):
+        apply_lora_and_freezing(Blip2ForConditionalGeneration.from_pretrained(path), PeftArguments(),
+                                FreezeArguments(freeze_language_model=False))

@@ -28,8 +28,8 @@ from transformers import Blip2ForConditionalGeneration, TrainingArguments, set_s
 
 from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
-from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters  # noqa: E402
+from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
+from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
 from collator import CaptionCollator, CaptionPromptCollator, caption_scores, tokenize_captions  # noqa: E402
@@ -53,6 +53,7 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_mixed_precision(model_args, training_args)
 
     # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
     if data_args.train_file is None:
@@ -74,12 +75,9 @@ def main(argv=None):
         image_processor.size = {"height": data_args.image_size, "width": data_args.image_size}
     image_token_id, n_query = model.config.image_token_id, model.config.num_query_tokens
 
-    # LoRA on the language model; a trained Q-Former is saved with the adapter through modules_to_save.
-    if peft_args.peft_method != "none" and freeze_args.freeze_bridge is False:
-        peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | {"qformer", "language_projection"})
-        freeze_args.freeze_bridge = None  # peft has made exactly those copies trainable
-    model = apply_peft(model, peft_args)
-    apply_freezing(model, freeze_args)
+    # LoRA on the language model; a trained Q-Former (and any trained vision layers) is saved with the
+    # adapter through modules_to_save.
+    model = apply_lora_and_freezing(model, peft_args, freeze_args)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: one per reference caption; the length budget counts the query tokens.

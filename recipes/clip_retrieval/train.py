@@ -34,7 +34,7 @@ from transformers import CLIPModel, TrainingArguments, set_seed  # noqa: E402
 
 from recipes.common.args import DataArguments, FreezeArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
 from recipes.common.data import load_records  # noqa: E402
-from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402
+from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import count_parameters  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
@@ -107,6 +107,7 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_mixed_precision(model_args, training_args)
 
     # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
     embedded = data_args.train_file is None

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import Trainer, TrainerCallback
 
 from eval.retrieval import recall_at_k
-from recipes.common.peft_setup import apply_freezing, apply_peft, param_groups
+from recipes.common.peft_setup import apply_freezing, apply_peft, param_groups, trainable_in_float32
 
 logger = logging.getLogger(__name__)
 LOGIT_SCALE_MAX = math.log(100)  # CLIP's clip on the logit scale (Radford et al. 2021, sec. 2.5)
@@ -175,7 +175,9 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both", 
         towers = {"both": ("vision", "language"), "vision": ("vision",), "text": ("language",)}[lora_towers]
         logger.info("LoRA on the %s tower(s); every base weight stays frozen (the freeze_* flags apply to --peft_method none)",
                     lora_towers)
-        return apply_peft(model, peft_args, components=towers)
+        model = apply_peft(model, peft_args, components=towers)
+        trainable_in_float32(model)
+        return model
     apply_freezing(model, freeze_args)
     # A tower's last N layers feed its final norm and projection, which train with them.
     tops = []
@@ -191,6 +193,7 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both", 
     for name, param in model.named_parameters():
         if any(name == t or name.startswith(t + ".") for t in tops):
             param.requires_grad_(True)
+    trainable_in_float32(model)
     return model
 
 

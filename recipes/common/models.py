@@ -40,6 +40,23 @@ def quantization_config(model_args: ModelArguments, skip_modules: list[str] | No
     return None
 
 
+MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
+    """Refuse half-precision weights without the matching autocast, before anything is loaded.
+
+    The recipes keep what trains in float32 (`peft_setup.trainable_in_float32`: a bf16 weight loses every
+    update below 2^-8 of its value); those float32 weights meet the frozen half-precision ones only
+    under autocast. accelerate_configs/single_gpu.yaml (and the other GPU configs) set bf16.
+    """
+    dtype = compute_dtype(model_args)
+    if dtype in MIXED_PRECISION and training_args.mixed_precision != MIXED_PRECISION[dtype]:
+        raise ValueError(f"the model computes in {dtype} but mixed precision is {training_args.mixed_precision!r}: the "
+                         f"float32 trained weights need {MIXED_PRECISION[dtype]} autocast. Pass --{MIXED_PRECISION[dtype]} "
+                         "(accelerate_configs/single_gpu.yaml sets bf16), or --dtype float32.")
+
+
 TINY_PREFIX = "tiny:"
 
 

@@ -388,3 +388,44 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
                              f"tower uses only {len(used)} layers.")
         names += used[-freeze_args.unfreeze_last_n_vision_layers:]
     return names
+
+
+def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments, freeze_args: FreezeArguments) -> torch.nn.Module:
+    """`apply_peft` then `apply_freezing`, with everything that trains also saved.
+
+    Under LoRA, what `freeze_args` trains outside the adapter (a bridge, vision layers) goes into
+    `modules_to_save` (`trained_modules_to_save`), so the adapter folder holds it and a merge includes it.
+    `peft_args` and `freeze_args` are updated to say what was done.
+    """
+    if peft_args.peft_method != "none":
+        if freeze_args.freeze_language_model is False:
+            raise ValueError("freeze_language_model=false with LoRA: the language model trains through its adapter, and "
+                             "its base weights would train without being saved. Use --peft_method none to train it in full.")
+        extra = trained_modules_to_save(model, freeze_args)
+        peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
+        if freeze_args.freeze_bridge is False:
+            freeze_args.freeze_bridge = None  # peft has made exactly those copies trainable
+    model = apply_peft(model, peft_args)
+    apply_freezing(model, freeze_args)
+    trainable_in_float32(model)
+    return model
+
+
+def trainable_in_float32(model: torch.nn.Module) -> int:
+    """Cast the trainable parameters to float32; return how many tensors were cast.
+
+    A bf16 weight loses every update smaller than 2^-8 of its value, and what trains is small next to
+    what stays frozen (a Q-Former or LoRA next to a 2.7B LM). Frozen weights only feed the forward,
+    where autocast picks the matmul dtype, so they stay in the dtype they were loaded in.
+    """
+    cast = 0
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if not param.is_floating_point() or param.__class__.__name__ in ("Params4bit", "Int8Params"):
+            raise ValueError(f"{name} is quantized and cannot train; freeze it and train it through LoRA.")
+        if param.dtype != torch.float32:
+            param.data = param.data.float()
+            cast += 1
+    return cast
+

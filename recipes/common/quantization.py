@@ -30,6 +30,8 @@ import torch
 from peft import PeftConfig, PeftModel
 from transformers import AutoProcessor, BitsAndBytesConfig
 
+from .peft_setup import trainable_in_float32
+
 logger = logging.getLogger(__name__)
 
 # Written next to the adapter of every checkpoint: the base must be re-quantized the same way to merge or reload it.
@@ -66,16 +68,7 @@ def prepare_quantized_for_training(model: torch.nn.Module) -> int:
     nothing. Also keeps the 4-bit layers in their training layout (`keep_4bit_training_layout`).
     """
     keep_4bit_training_layout(model)
-    cast = 0
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if is_quantized(param):  # apply_freezing refuses this; a hand-made model might not
-            raise ValueError(f"{name} is quantized and cannot train; freeze it and train it through LoRA.")
-        if param.dtype != torch.float32:
-            param.data = param.data.float()
-            cast += 1
-    return cast
+    return trainable_in_float32(model)
 
 
 def weight_bytes(model: torch.nn.Module) -> dict[str, int]:

@@ -40,8 +40,8 @@ from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalA
                                  PeftArguments, parse_args)
 from recipes.common.chat import ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records  # noqa: E402
-from recipes.common.models import load_model_and_processor, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters, trained_modules_to_save  # noqa: E402
+from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
+from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
 from collator import caption_conversations, generation_items, with_shuffled_images  # noqa: E402
@@ -95,6 +95,7 @@ def main(argv=None):
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_mixed_precision(model_args, training_args)
     if inst_args.projector_lr is not None:
         if freeze_args.bridge_lr not in (None, inst_args.projector_lr):
             raise ValueError(f"--projector_lr {inst_args.projector_lr} and --bridge_lr {freeze_args.bridge_lr} name the same "
@@ -131,13 +132,7 @@ def main(argv=None):
         freeze_args.freeze_vision_tower, freeze_args.unfreeze_last_n_vision_layers = True, 0
         freeze_args.freeze_bridge, freeze_args.freeze_language_model = False, True
         logger.info("stage pretrain: only the projector trains (LoRA and the vision/LM freeze flags are ignored)")
-    elif peft_args.peft_method != "none":
-        extra = trained_modules_to_save(model, freeze_args)
-        peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
-        if freeze_args.freeze_bridge is False:
-            freeze_args.freeze_bridge = None  # peft has made exactly those copies trainable
-    model = apply_peft(model, peft_args)
-    apply_freezing(model, freeze_args)
+    model = apply_lora_and_freezing(model, peft_args, freeze_args)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: conversations rendered with the processor's chat template; the budget counts image tokens.

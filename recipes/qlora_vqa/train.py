@@ -34,8 +34,8 @@ from transformers import LlavaForConditionalGeneration, TrainingArguments, set_s
 from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
 from recipes.common.chat import ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records  # noqa: E402
-from recipes.common.models import compute_dtype, load_model_and_processor, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_freezing, apply_peft, count_parameters, trained_modules_to_save  # noqa: E402
+from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
+from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_lora_and_freezing, count_parameters  # noqa: E402
 from recipes.common.quantization import fall_back_to_cpu_optimizer, prepare_quantized_for_training, weight_bytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
@@ -48,7 +48,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 # (4% and 0.3% of LLaVA-1.5-7B), and the LM head decides every output token. Full module-name prefixes:
 # transformers 5 matches skip names from the start of the name or as a suffix, not anywhere inside it.
 UNQUANTIZED = [*COMPONENT_PREFIXES["llava"]["vision"], *COMPONENT_PREFIXES["llava"]["bridge"], "lm_head"]
-MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass
@@ -80,11 +79,7 @@ def main(argv=None):
     if quantized and peft_args.peft_method == "none":
         raise ValueError("--peft_method none with --load_in_4bit/--load_in_8bit: quantized weights cannot train. Use LoRA, "
                          "or load the model unquantized (--load_in_4bit false).")
-    dtype = compute_dtype(model_args)
-    if dtype in MIXED_PRECISION and training_args.mixed_precision != MIXED_PRECISION[dtype]:
-        raise ValueError(f"the model computes in {dtype} but mixed precision is {training_args.mixed_precision!r}: the "
-                         f"float32 LoRA weights (and projector) need {MIXED_PRECISION[dtype]} autocast. Pass "
-                         f"--{MIXED_PRECISION[dtype]} (accelerate_configs/single_gpu.yaml sets bf16), or --dtype float32.")
+    check_mixed_precision(model_args, training_args)
     if data_args.image_size:
         raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own image size; "
                          "images are resized to it by the processor.")
@@ -112,13 +107,7 @@ def main(argv=None):
 
     # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are
     # saved with the adapter through modules_to_save. Then only what trains is cast to float32.
-    if peft_args.peft_method != "none":
-        extra = trained_modules_to_save(model, freeze_args)
-        peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
-        if freeze_args.freeze_bridge is False:
-            freeze_args.freeze_bridge = None  # peft has made exactly those copies trainable
-    model = apply_peft(model, peft_args)
-    apply_freezing(model, freeze_args)
+    model = apply_lora_and_freezing(model, peft_args, freeze_args)
     prepare_quantized_for_training(model)
     logger.info("parameters:\n%s", count_parameters(model))
     logger.info("weight bytes: %s", weight_bytes(model))

@@ -28,7 +28,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
@@ -330,5 +330,9 @@ def trained_sizes(model: nn.Module) -> str:
     return f"trained: {' + '.join(parts)} = {total:,} parameters"
 
 
-AutoConfig.register(MODEL_TYPE, SoftPromptCaptionerConfig, exist_ok=True)
-AutoModel.register(SoftPromptCaptionerConfig, SoftPromptCaptioner, exist_ok=True)
+# The first import registers. This file can be imported twice in one process, as `modeling` (train.py puts
+# its folder on sys.path) and as `recipes.soft_prompt_caption.modeling`; a second registration would point
+# the Auto classes at the other copy's classes.
+if MODEL_TYPE not in CONFIG_MAPPING:
+    AutoConfig.register(MODEL_TYPE, SoftPromptCaptionerConfig)
+    AutoModel.register(SoftPromptCaptionerConfig, SoftPromptCaptioner)

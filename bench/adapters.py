@@ -24,7 +24,8 @@ from bench import real_configs
 from bench.flops import Part
 from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments,
                                  parse_args)
-from recipes.common.models import compute_dtype, load_model_and_processor, quantization_config, resolve_model_path
+from recipes.common.models import (check_mixed_precision, compute_dtype, load_model_and_processor, quantization_config,
+                                   resolve_model_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,9 +97,11 @@ class Adapter:
         self.train = import_train_module(self.name)
 
     def parse(self, argv: list[str]) -> SimpleNamespace:
-        """The recipe's arguments from its config.yaml, then `argv` (later flags win)."""
+        """The recipe's arguments from its config.yaml, then `argv` (later flags win), checked as train.py checks them."""
         parsed = parse_args(self.arg_types, ["--config", str(self.train.DEFAULT_CONFIG), *argv])
-        return SimpleNamespace(**{type(p).__name__: p for p in parsed})
+        a = SimpleNamespace(**{type(p).__name__: p for p in parsed})
+        check_mixed_precision(a.ModelArguments, a.TrainingArguments)
+        return a
 
     def image_size(self, size: str) -> int:
         raise NotImplementedError
@@ -180,16 +183,10 @@ class Blip2LoraCaption(Adapter):
         return model, processor.tokenizer, processor.image_processor
 
     def setup(self, model, a):
-        from recipes.common.peft_setup import apply_freezing, apply_peft
+        from recipes.common.peft_setup import apply_lora_and_freezing
 
-        peft_args, freeze_args = a.PeftArguments, a.FreezeArguments
         # As train.py: LoRA on the LM; a trained Q-Former is saved with the adapter through modules_to_save.
-        if peft_args.peft_method != "none" and freeze_args.freeze_bridge is False:
-            peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | {"qformer", "language_projection"})
-            freeze_args.freeze_bridge = None
-        model = apply_peft(model, peft_args)
-        apply_freezing(model, freeze_args)
-        return model
+        return apply_lora_and_freezing(model, a.PeftArguments, a.FreezeArguments)
 
     def dataset(self, records, tokenizer, model, a):
         config = model.config
@@ -432,18 +429,10 @@ class _Llava(Adapter):
         return model, processor.tokenizer, processor.image_processor
 
     def setup(self, model, a):
-        from recipes.common.peft_setup import apply_freezing, apply_peft, trained_modules_to_save
+        from recipes.common.peft_setup import apply_lora_and_freezing
 
         # As train.py (stage 2): LoRA on the LM; a trained projector / vision layers go to modules_to_save.
-        peft_args, freeze_args = a.PeftArguments, a.FreezeArguments
-        if peft_args.peft_method != "none":
-            extra = trained_modules_to_save(model, freeze_args)
-            peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
-            if freeze_args.freeze_bridge is False:
-                freeze_args.freeze_bridge = None
-        model = apply_peft(model, peft_args)
-        apply_freezing(model, freeze_args)
-        return model
+        return apply_lora_and_freezing(model, a.PeftArguments, a.FreezeArguments)
 
     def conversations(self, records, a):
         """The recipe's conversations of its training records."""

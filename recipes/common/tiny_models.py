@@ -199,7 +199,7 @@ def _clip_vision_config(hidden: int, layers: int, patch_size: int):
     )
 
 
-def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=128, layers=2, text_layers=None,
+def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=128, layers=2,
                     num_query_tokens=8, patch_size=8, vocab_size=1500):
     """Blip2ForConditionalGeneration with an OPT language model and a Blip2Processor.
 
@@ -227,7 +227,7 @@ def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=
                                  encoder_hidden_size=vision_hidden, vocab_size=len(tokenizer),
                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     text = OPTConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, word_embed_proj_dim=text_hidden,
-                     ffn_dim=4 * text_hidden, num_hidden_layers=text_layers or layers,
+                     ffn_dim=4 * text_hidden, num_hidden_layers=layers,
                      num_attention_heads=max(1, text_hidden // 32),
                      max_position_embeddings=256, dropout=0.0, attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)

@@ -168,6 +168,12 @@ def test_embed_and_search_use_the_trained_model(env):
     assert [h["image"] for h in hits] == [meta["images"][i] for i in best]
     assert [h["score"] for h in hits] == pytest.approx([round(float(cosines[i]), 4) for i in best], abs=1e-4)
 
+    r = _run(["--index", str(index), "--image", meta["images"][2], "--k", "3", "--json"], e, "search.py")  # the reverse
+    assert r.returncode == 0, r.stderr[-3000:]
+    cosines = texts @ images[2]
+    best = np.argsort(-cosines, kind="stable")[:3]
+    assert [h["text"] for h in json.loads(r.stdout)] == [meta["texts"][i] for i in best]
+
 
 def test_bad_rows_are_a_clear_error(env):
     d, e, _, _ = env

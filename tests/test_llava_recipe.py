@@ -116,6 +116,15 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
         answers.append(printed)
     assert answers[0] == answers[1] and len(answers[0]) == 1
 
+    # Interactive: messages from standard input until an empty line; the first answer is the --prompt one.
+    with pytest.MonkeyPatch.context() as mp:
+        printed, messages = [], iter(["Describe the image.", "How many shapes are there?", ""])
+        mp.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+        mp.setattr("builtins.input", lambda prompt="": next(messages))
+        assert chat.main(["--model", str(out), "--image", image, "--max_new_tokens", "5"]) == 0
+    assert len(printed) == 2 and all(line.startswith("model> ") for line in printed)
+    assert printed[0] == "model> " + (answers[0][0] or "(empty answer)")
+
 
 def test_a_resumed_run_ends_like_an_uninterrupted_one(env, stage2):
     d, e = env

@@ -74,8 +74,10 @@ def test_vqa_metrics_official_results_and_what_a_4bit_run_saves(env, run):
     eval_rows, train_rows = read_jsonl(d / "synth" / "eval.jsonl"), read_jsonl(d / "synth" / "train.jsonl")
     refs = {r["question_id"]: r for r in eval_rows}
     prior = question_type_prior(train_rows)
-    assert metrics["baseline"]["eval_VQA_accuracy"] == vqa_accuracy(
-        {q: prior.get(r["question_type"], prior[None]) for q, r in refs.items()}, refs)["overall"]
+    prior_scores = vqa_accuracy({q: prior.get(r["question_type"], prior[None]) for q, r in refs.items()}, refs)
+    assert metrics["baseline"]["eval_VQA_accuracy"] == prior_scores["overall"]
+    baseline_breakdown = json.loads((out / "predictions" / "baseline.vqa.json").read_text())
+    assert baseline_breakdown["perQuestionType"] == prior_scores["perQuestionType"]
 
     final = {row["key"]: row["prediction"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
     official = json.loads((out / "predictions" / "final.results.json").read_text())

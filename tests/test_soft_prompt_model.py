@@ -179,3 +179,26 @@ def test_sizes_for_clip_b32_and_gpt2():
     assert trained_sizes(model) == ("trained: soft_prompt 10 x 768 + projection.weight 768 x 768 + projection.bias 768 "
                                     "= 598,272 parameters")
     assert count_parameters(model).total == 87_456_000 + 124_439_808 + 598_272
+
+
+def test_any_causal_lm_works_in_place_of_gpt2(bases, tmp_path):
+    # A Llama (rotary positions, untied head, other hidden size) in place of GPT-2: the same prefix, loss and decoding.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=1500, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
+                                 num_attention_heads=2, tie_word_embeddings=False)).save_pretrained(tmp_path / "llama")
+    model = _model((bases[0], str(tmp_path / "llama")), prompt_length=2)
+    assert type(model.language_model).__name__ == "LlamaForCausalLM"
+    assert count_parameters(model).trainable == 2 * 96 + 96 * 64 + 96
+    input_ids, labels = torch.tensor([[7, 8, 9]]), torch.tensor([[7, 8, 9]])
+    out = model(pixel_values=_pixels(1), input_ids=input_ids, labels=labels)
+    logp = out.logits.log_softmax(-1)
+    torch.testing.assert_close(out.loss, -torch.stack([logp[0, 3 + j - 1, labels[0, j]] for j in range(3)]).mean())
+    greedy = model.generate(pixel_values=_pixels(1), input_ids=input_ids, max_new_tokens=3, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    ids = input_ids
+    with torch.no_grad():
+        for _ in range(3):
+            ids = torch.cat([ids, model(pixel_values=_pixels(1), input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, ids)

@@ -14,7 +14,8 @@ A real checkpoint and VQA v2 (`python -m data_tools convert --from vqav2 ...`), 
 Writes to --output_dir: checkpoints; the adapter (+ the projector when it trains) as safetensors with the
 base's quantization config; the processor; predictions/step-N.jsonl (+ .results.json in the official VQA
 results format, + .vqa.json: accuracy per answer and question type) at every evaluation; metrics.json
-(held-out accuracy before and after, and of the per-question-type prior baseline). Export a merged bf16
+(held-out accuracy before and after, and of the per-question-type prior baseline, whose answers and
+breakdown are predictions/baseline.*). Export a merged bf16
 checkpoint with merge.py.
 """
 
@@ -152,6 +153,8 @@ def main(argv=None):
         # answer needs to beat to show that the model looked at the image.
         baseline = prior_predictions(train_records, eval_items)
         results["baseline"] = {f"eval_{k}": v for k, v in vqa_scores(baseline, eval_items).items()}
+        if trainer.is_world_process_zero():  # predictions/baseline.*: its answers and per-question-type accuracy
+            trainer._write_predictions(baseline, results["baseline"], "baseline")
         if resume and before_file.exists():
             results["before"] = json.loads(before_file.read_text())  # scored when the run first started
         else:

@@ -11,7 +11,7 @@ from data_tools.synth import make_scene
 from recipes.common import tiny_pretrain
 from recipes.common.models import resolve_model_path
 from recipes.common.tiny_models import tiny_model_path
-from recipes.common.tiny_pretrain import annotation, corpus_batch, pretrain_blip2, pretrained_tiny_path, text_corpus
+from recipes.common.tiny_pretrain import _train, annotation, corpus_batch, pretrain_blip2, pretrained_tiny_path, text_corpus
 
 
 @pytest.fixture(scope="module")
@@ -37,18 +37,33 @@ def test_text_corpus_is_captions_questions_and_instructions_in_both_languages():
 
 
 def test_pretraining_learns_and_is_reproducible(base, tmp_path):
-    a = pretrain_blip2(tmp_path / "a", base=base, steps=40, batch_size=8, lr=2e-3, log=lambda m: None)
+    a = pretrain_blip2(tmp_path / "a", base=base, steps=40, text_steps=20, batch_size=8, lr=2e-3, warmup=5,
+                       log=lambda m: None)
     record = json.loads((a / "pretraining.json").read_text())
-    first, last = record["loss_curve"][0], record["loss_curve"][-1]
-    assert last["step"] == 39 and last["image_loss"] < 0.7 * first["image_loss"] and last["text_loss"] < 0.85 * first["text_loss"]
+    text_first, text_last = record["text_loss_curve"][0], record["text_loss_curve"][-1]  # stage 1: the LM on text
+    assert text_last["step"] == 19 and set(text_last) == {"step", "text_loss"}
+    assert text_last["text_loss"] < 0.85 * text_first["text_loss"]
+    first, last = record["loss_curve"][0], record["loss_curve"][-1]  # stage 2: images, text loss at 0.2
+    assert last["step"] == 39 and last["image_loss"] < 0.7 * first["image_loss"] and last["text_loss"] < text_first["text_loss"]
+    assert (record["text_steps"], record["steps"], record["text_weight"]) == (20, 40, 0.2)
     model = Blip2ForConditionalGeneration.from_pretrained(a)  # an ordinary checkpoint
     before = Blip2ForConditionalGeneration.from_pretrained(base)
     for name in ("vision_model.embeddings.patch_embedding.weight", "query_tokens",
                  "language_model.model.decoder.embed_tokens.weight"):  # every part trained
         assert not torch.equal(model.state_dict()[name], before.state_dict()[name]), name
-    b = pretrain_blip2(tmp_path / "b", base=base, steps=40, batch_size=8, lr=2e-3, log=lambda m: None)
+    b = pretrain_blip2(tmp_path / "b", base=base, steps=40, text_steps=20, batch_size=8, lr=2e-3, warmup=5,
+                       log=lambda m: None)
     other = Blip2ForConditionalGeneration.from_pretrained(b).state_dict()
     assert all(torch.equal(v, other[k]) for k, v in model.state_dict().items())
+
+
+def test_train_loop_minimises_the_weighted_sum_and_records_the_losses_unweighted():
+    w = torch.nn.Parameter(torch.tensor([1.0]))
+    losses = lambda step: {"a": (w - 3).pow(2).sum(), "b": (w + 3).pow(2).sum()}  # noqa: E731
+    curve, _ = _train([w], losses, steps=400, lr=0.05, warmup=1, weight_decay=0.0, seed=0, log=lambda m: None,
+                      what="test", weights={"b": 0.25})
+    assert curve[0] == {"step": 0, "a": 4.0, "b": 16.0}
+    assert w.item() == pytest.approx(1.8, abs=0.02)  # argmin of (w - 3)^2 + 0.25 (w + 3)^2 = (3 - 0.75) / 1.25
 
 
 def test_cached_base_is_built_once_and_named_tiny_pretrained(base, tmp_path, monkeypatch):

@@ -18,8 +18,8 @@ real models are pre-trained, and reproducibly. Two corpora, neither of them a fi
    caption goes with which image.
 
 The bases (`tiny:<name>-pretrained` in a recipe's --model_name_or_path):
-- `blip2-opt`: every weight of the tiny BLIP-2 (vision, Q-Former, OPT) on corpus 1 (image -> text)
-  and its OPT on corpus 2, at each step;
+- `blip2-opt`: its OPT on corpus 2 alone first, then every weight of the tiny BLIP-2 (vision,
+  Q-Former, OPT) on corpus 1 (image -> text) with a down-weighted corpus 2 loss at each step;
 - `clip`: the tiny CLIP contrastively on corpus 1 (image, annotation) pairs, with hard negatives;
 - `clip-vision`: the vision tower of the pre-trained `clip`, alone (a CLIPVisionModel);
 - `gpt2`: the tiny GPT-2 on corpus 2;
@@ -39,6 +39,7 @@ settings, loss curve, seconds), and loaded with `from_pretrained` like any check
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import random
@@ -53,7 +54,7 @@ from data_tools.synth import SHAPES, draw_scene, make_scene, scene_texts
 from .tiny_models import BUILD_VERSIONS, build_once, cache_root, tiny_model_path
 
 # Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
-PRETRAIN_VERSIONS = {"blip2-opt": 1, "clip": 2, "clip-vision": 2, "gpt2": 1, "llava": 2}
+PRETRAIN_VERSIONS = {"blip2-opt": 2, "clip": 2, "clip-vision": 2, "gpt2": 1, "llava": 2}
 PRETRAIN_SEED = 10_000  # synth seed of the pre-training images; the embedded fine-tuning data uses 0
 
 
@@ -121,12 +122,14 @@ def _blip2_batch(model, processor, images, texts) -> dict[str, torch.Tensor]:
 
 
 def _train(params, losses_at, *, steps: int, lr: float, warmup: int, weight_decay: float, seed: int, log,
-           what: str) -> tuple[list[dict], float]:
+           what: str, weights: dict[str, float] | None = None) -> tuple[list[dict], float]:
     """The one pre-training loop: AdamW, linear warm-up then cosine to zero, gradients clipped at norm 1.
 
     `params`: parameters, or optimizer parameter groups (dicts). `losses_at(step)` returns {name: loss
-    tensor}; their sum is minimised. Returns (loss curve, seconds).
+    tensor}; their sum, each times its `weights` entry (default 1), is minimised. The curve records
+    the losses unweighted. Returns (loss curve, seconds).
     """
+    weights = weights or {}
     groups = list(params)
     if groups and not isinstance(groups[0], dict):
         groups = [{"params": groups}]
@@ -141,7 +144,7 @@ def _train(params, losses_at, *, steps: int, lr: float, warmup: int, weight_deca
     curve, start = [], time.time()
     for step in range(steps):
         losses = losses_at(step)
-        sum(losses.values()).backward()
+        sum(weights.get(k, 1.0) * v for k, v in losses.items()).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
@@ -173,9 +176,28 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     return (image_to_text + text_to_image) / 2
 
 
-def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 2000, batch_size: int = 32,
-                   lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, log=print) -> Path:
-    """Pre-train every weight of a tiny Blip2ForConditionalGeneration on the annotation corpus; save to `out_dir`."""
+def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 2000, text_steps: int = 500,
+                   text_weight: float = 0.2, text_batch_size: int = 32, batch_size: int = 32, lr: float = 1e-3,
+                   warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, log=print) -> Path:
+    """Pre-train a tiny Blip2ForConditionalGeneration in two stages; save to `out_dir`.
+
+    1. `text_steps` steps of its OPT alone on the text corpus (a language model is trained on text
+       before it meets images);
+    2. `steps` steps of every weight on annotated images (`batch_size` a step), plus the text loss on
+       `text_batch_size` texts times `text_weight`, so that the LM keeps the words of captions, which
+       the annotations do not use.
+
+    Why this mix (measured: teacher-forced accuracy of the attribute words on unseen pre-training
+    scenes, and held-out CIDEr after fine-tuning with the recipe's config.yaml): with the text loss at
+    full weight from the first step (version 1), the LM predicts annotations from their words and
+    hardly from the image (colour 0.21, shape 0.26; fine-tuned CIDEr 0.83 to 1.01 depending on the
+    run); with no text loss at all, colour is read (0.98) but the LM forgets the caption words that
+    annotations lack and fine-tuning starts at a loss of 10 (CIDEr 0.80). Text first, then images with
+    the text loss at 0.2 on 32 texts a step (these defaults): colour 0.96, size 0.97, shape 0.23 (about
+    chance: the tiny vision tower does not learn shapes in this budget); fine-tuned CIDEr 0.99 after one
+    epoch, 1.26 after six. It is a narrow road: with 8 texts a step instead of 32, colour 0.33 and CIDEr
+    0.83; with 1,500 image steps, CIDEr 1.09; with the text loss only in the last 500 steps, 0.99.
+    """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
     base = Path(base) if base is not None else tiny_model_path("blip2-opt")
@@ -184,19 +206,28 @@ def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps
     texts = text_corpus(seed=seed)
     model.train()
 
+    def text_loss(first: int, size: int) -> torch.Tensor:
+        first %= len(texts)
+        return model.language_model(**_text_batch(processor.tokenizer, texts[first:first + size])).loss
+
+    settings = dict(lr=lr, warmup=warmup, weight_decay=weight_decay, seed=seed, log=log)
+    text_curve, text_seconds = _train(model.language_model.parameters(),
+                                      lambda step: {"text_loss": text_loss(step * batch_size, batch_size)},
+                                      steps=text_steps, what="tiny BLIP-2, stage 1 (text)", **settings)
+
     def losses_at(step: int) -> dict:
         # Each step: a batch of annotated images (every weight) and a batch of text for the language model.
         image_loss = model(**_blip2_batch(model, processor, *corpus_batch(step, batch_size))).loss
-        first = step * batch_size % len(texts)
-        text_loss = model.language_model(**_text_batch(processor.tokenizer, texts[first:first + batch_size])).loss
-        return {"image_loss": image_loss, "text_loss": text_loss}
+        texts_seen = text_steps * batch_size + step * text_batch_size
+        return {"image_loss": image_loss, "text_loss": text_loss(texts_seen, text_batch_size)}
 
-    curve, seconds = _train(model.parameters(), losses_at, steps=steps, lr=lr, warmup=warmup,
-                            weight_decay=weight_decay, seed=seed, log=log, what="tiny BLIP-2")
+    curve, seconds = _train(model.parameters(), losses_at, steps=steps, weights={"text_loss": text_weight},
+                            what="tiny BLIP-2, stage 2 (images)", **settings)
     return _save(model, processor, out_dir, {
         "base": str(base), "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, attribute annotations (see tiny_pretrain.py)",
-        "example": corpus_batch(0, 1)[1][0], "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-        "weight_decay": weight_decay, "seed": seed, "seconds": seconds, "loss_curve": curve})
+        "example": corpus_batch(0, 1)[1][0], "text_steps": text_steps, "steps": steps, "text_weight": text_weight,
+        "text_batch_size": text_batch_size, "batch_size": batch_size, "lr": lr, "warmup": warmup,
+        "weight_decay": weight_decay, "seed": seed, "seconds": round(text_seconds + seconds, 1), "text_loss_curve": text_curve, "loss_curve": curve})
 
 
 def shape_negative(index: int) -> str:
@@ -348,11 +379,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recipes.common.tiny_pretrain", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(PRETRAINERS))
     p.add_argument("--out", help="pre-train into this folder (default: the cache, where recipes find it)")
-    for key, kind in (("steps", int), ("batch_size", int), ("lr", float), ("warmup", int), ("weight_decay", float),
-                      ("seed", int)):
+    for key, kind in (("steps", int), ("text_steps", int), ("text_weight", float), ("text_batch_size", int),
+                      ("batch_size", int), ("lr", float), ("warmup", int), ("weight_decay", float), ("seed", int)):
         p.add_argument(f"--{key}", type=kind, help="default: the pre-trainer's own")
     args = p.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k not in ("name", "out") and v is not None}
+    known = inspect.signature(PRETRAINERS[args.name]).parameters
+    if unknown := [k for k in settings if k not in known]:
+        p.error(f"{args.name} takes no --{' --'.join(unknown)}")
     if args.out:
         path = PRETRAINERS[args.name](args.out, **settings)
     elif settings:

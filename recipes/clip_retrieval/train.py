@@ -60,7 +60,7 @@ class RetrievalArguments:
     hard_negatives: bool = field(
         default=False, metadata={"help": "Add one of each image's neg_captions (drawn per epoch) as an extra negative text."}
     )
-    embedded_images: int = field(default=1000, metadata={"help": "Images in the embedded synthetic data set (split 80/10/10)."})
+    embedded_images: int = field(default=5000, metadata={"help": "Images in the embedded synthetic data set (split 80/10/10)."})
     embedded_without_size: bool = field(
         default=True, metadata={"help": "Embedded default: captions without their size words (the held-out attribute)."}
     )

@@ -172,6 +172,29 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
     assert changed == {"multi_modal_projector"}
 
 
+def test_stage2_can_train_the_whole_language_model_instead_of_lora(env):
+    d, e = env
+    out = d / "full_lm"
+    r = _run([*_data(d), "--output_dir", str(out), *FAST, "--peft_method", "none", "--max_steps", "2",
+              "--unfreeze_last_n_vision_layers", "0", "--eval_max_samples", "2", "--shuffled_image_check", "false"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "adapter_config.json").exists()  # a full checkpoint
+
+    from transformers import LlavaForConditionalGeneration
+
+    from recipes.common.models import resolve_model_path
+
+    os.environ["VLM_RECIPES_CACHE"] = e["VLM_RECIPES_CACHE"]
+    try:
+        base = LlavaForConditionalGeneration.from_pretrained(resolve_model_path("tiny:llava")).state_dict()
+    finally:
+        del os.environ["VLM_RECIPES_CACHE"]
+    trained = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
+    changed = {k.split(".")[1] if k.startswith("model.") else k.split(".")[0]
+               for k in base if not torch.equal(base[k], trained[k])}
+    assert {"multi_modal_projector", "language_model"} <= changed and "vision_tower" not in changed, changed
+
+
 def test_two_processes_with_text_only_batches(env):
     d, e = env
     out = d / "ddp"

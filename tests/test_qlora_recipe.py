@@ -175,3 +175,15 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16_and_needs_autocast(env, run):
 
     r = _run([*_data(d), *FAST, "--max_steps", "1", "--output_dir", str(d / "x"), "--peft_method", "none"], e)
     assert r.returncode != 0 and "quantized weights cannot train" in r.stderr
+
+
+def test_8bit_option_trains_lora_on_int8_weights(env, run):
+    d, e = env
+    _, four_bit = run
+    r = _run([*_data(d), *FAST, "--max_steps", "2", "--eval_max_samples", "4", "--output_dir", str(d / "int8"),
+              "--load_in_4bit", "false", "--load_in_8bit", "true"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    int8, nf4 = _weight_bytes(r.stderr), _weight_bytes(four_bit.stderr)
+    # The same LM linears, one byte a weight instead of half a byte (+ each format's constants).
+    assert 1.7 * nf4["quantized"] < int8["quantized"] < 2.3 * nf4["quantized"] and int8["trainable"] == nf4["trainable"]
+    assert set(json.loads((d / "int8" / "metrics.json").read_text())["after"]) == METRICS

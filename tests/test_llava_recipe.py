@@ -157,19 +157,25 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
     assert {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")} == {
         str(d / "synth" / row["image"]) for row in read_jsonl(d / "synth" / "cap_eval.jsonl")}
 
+    assert not (out / "adapter_config.json").exists()  # a full checkpoint: stage 2 starts from it
+    assert _changed_parts(out, e) == {"multi_modal_projector"}
+
+
+def _changed_parts(run, e) -> set[str]:
+    """Parts of the full checkpoint `run` (multi_modal_projector, language_model, vision_tower, lm_head) that differ
+    from the tiny:llava base in the test's model cache."""
     from transformers import LlavaForConditionalGeneration
 
     from recipes.common.models import resolve_model_path
 
-    assert not (out / "adapter_config.json").exists()  # a full checkpoint: stage 2 starts from it
     os.environ["VLM_RECIPES_CACHE"] = e["VLM_RECIPES_CACHE"]
     try:
         base = LlavaForConditionalGeneration.from_pretrained(resolve_model_path("tiny:llava")).state_dict()
     finally:
         del os.environ["VLM_RECIPES_CACHE"]
-    trained = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
-    changed = {k.split(".")[1] for k in base if not torch.equal(base[k], trained[k])}
-    assert changed == {"multi_modal_projector"}
+    trained = LlavaForConditionalGeneration.from_pretrained(run).state_dict()
+    return {k.split(".")[1] if k.startswith("model.") else k.split(".")[0]
+            for k in base if not torch.equal(base[k], trained[k])}
 
 
 def test_stage2_can_train_the_whole_language_model_instead_of_lora(env):
@@ -179,19 +185,7 @@ def test_stage2_can_train_the_whole_language_model_instead_of_lora(env):
               "--unfreeze_last_n_vision_layers", "0", "--eval_max_samples", "2", "--shuffled_image_check", "false"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "adapter_config.json").exists()  # a full checkpoint
-
-    from transformers import LlavaForConditionalGeneration
-
-    from recipes.common.models import resolve_model_path
-
-    os.environ["VLM_RECIPES_CACHE"] = e["VLM_RECIPES_CACHE"]
-    try:
-        base = LlavaForConditionalGeneration.from_pretrained(resolve_model_path("tiny:llava")).state_dict()
-    finally:
-        del os.environ["VLM_RECIPES_CACHE"]
-    trained = LlavaForConditionalGeneration.from_pretrained(out).state_dict()
-    changed = {k.split(".")[1] if k.startswith("model.") else k.split(".")[0]
-               for k in base if not torch.equal(base[k], trained[k])}
+    changed = _changed_parts(out, e)
     assert {"multi_modal_projector", "language_model"} <= changed and "vision_tower" not in changed, changed
 
 

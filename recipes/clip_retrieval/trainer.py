@@ -36,7 +36,7 @@ from tqdm import tqdm
 from transformers import Trainer, TrainerCallback
 
 from eval.retrieval import recall_at_k
-from recipes.common.peft_setup import apply_freezing, apply_peft, param_groups, trainable_in_float32
+from recipes.common.peft_setup import PerModuleLearningRates, apply_freezing, apply_peft, trainable_in_float32
 
 logger = logging.getLogger(__name__)
 LOGIT_SCALE_MAX = math.log(100)  # CLIP's clip on the logit scale (Radford et al. 2021, sec. 2.5)
@@ -198,7 +198,7 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both", 
 
 
 # --- trainer --------------------------------------------------------------------------------------------
-class ContrastiveTrainer(Trainer):
+class ContrastiveTrainer(PerModuleLearningRates, Trainer):
     """Trainer with the global-batch contrastive loss, per-tower learning rates and retrieval evaluation.
 
     retrieval_dataset: a `PairDataset` of the eval records: every image and every caption is embedded,
@@ -206,11 +206,10 @@ class ContrastiveTrainer(Trainer):
     `metric_for_best_model`). zero_shot: a `ZeroShotSet`; its accuracy is logged as `eval_zero_shot_accuracy`.
     """
 
-    def __init__(self, *args, retrieval_dataset=None, zero_shot=None, freeze_args=None, **kwargs):
+    def __init__(self, *args, retrieval_dataset=None, zero_shot=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.retrieval_dataset = retrieval_dataset
         self.zero_shot = zero_shot
-        self.freeze_args = freeze_args
         self.add_callback(ClampLogitScale())
         # The loss needs no labels; without this, evaluation would run the model but skip eval_loss.
         self.can_return_loss = True
@@ -225,14 +224,6 @@ class ContrastiveTrainer(Trainer):
         outputs = model(**inputs)
         loss = global_batch_loss(outputs, _logit_scale(model), image_keys, text_keys)
         return (loss, {}) if return_outputs else loss
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None and self.freeze_args is not None:
-            groups = param_groups(self.model, self.freeze_args, self.args.learning_rate, self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            optimizer_kwargs.pop("lr", None)  # each group carries its own
-            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs)
-        return super().create_optimizer()
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
         # Hooked here, not in evaluate(): the Trainer logs these metrics, hands them to callbacks and

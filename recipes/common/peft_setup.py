@@ -307,7 +307,7 @@ def param_groups(model: torch.nn.Module, freeze_args: FreezeArguments, base_lr: 
     """Optimizer parameter groups: one per (component, decay / no decay), each with its component's learning rate.
 
     Only trainable parameters are included; empty groups are dropped. Each group has a "name" key
-    ("vision", "vision_no_decay", ...) for logging. Use in a Trainer's `create_optimizer` override.
+    ("vision", "vision_no_decay", ...) for logging. `PerModuleLearningRates` puts them into a Trainer.
     """
     arch = model_type(model)
     lrs = {"vision": freeze_args.vision_lr, "bridge": freeze_args.bridge_lr, "language": freeze_args.lm_lr, "other": None}
@@ -324,6 +324,24 @@ def param_groups(model: torch.nn.Module, freeze_args: FreezeArguments, base_lr: 
             groups[key] = {"name": key, "params": [], "lr": lr, "weight_decay": weight_decay if decays else 0.0}
         groups[key]["params"].append(param)
     return list(groups.values())
+
+
+class PerModuleLearningRates:
+    """Trainer mixin (list it before the Trainer class): `freeze_args=` in the constructor, and an optimizer of
+    `param_groups`, so that --vision_lr / --bridge_lr / --lm_lr reach their components. The Trainer's own
+    optimizer choice (--optim and its arguments) is kept; only the parameter groups are ours."""
+
+    def __init__(self, *args, freeze_args=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.freeze_args = freeze_args
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.freeze_args is not None:
+            groups = param_groups(self.model, self.freeze_args, self.args.learning_rate, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)  # each group carries its own
+            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs)
+        return super().create_optimizer()
 
 
 def _numel(param: torch.nn.Parameter) -> int:

@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 from recipes.common.generation_eval import GenerationEvalTrainer
-from recipes.common.peft_setup import param_groups
+from recipes.common.peft_setup import PerModuleLearningRates
 from recipes.common.sampling import ModalityLengthGroupedSampler
 
 
-class InstructTrainer(GenerationEvalTrainer):
+class InstructTrainer(PerModuleLearningRates, GenerationEvalTrainer):
     """GenerationEvalTrainer whose optimizer gives the vision tower, projector and LM their own learning rates,
     and whose `train_sampling_strategy: group_by_length` keeps image and text-only samples in separate batches."""
-
-    def __init__(self, *args, freeze_args=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.freeze_args = freeze_args
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None and self.freeze_args is not None:
-            groups = param_groups(self.model, self.freeze_args, self.args.learning_rate, self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            optimizer_kwargs.pop("lr", None)  # each group carries its own
-            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs)
-        return super().create_optimizer()
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -7,11 +7,11 @@ import os
 
 from eval.vqa import vqa_accuracy
 from recipes.common.generation_eval import GenerationEvalTrainer
-from recipes.common.peft_setup import param_groups
+from recipes.common.peft_setup import PerModuleLearningRates
 from recipes.common.quantization import save_quantization_config
 
 
-class VqaTrainer(GenerationEvalTrainer):
+class VqaTrainer(PerModuleLearningRates, GenerationEvalTrainer):
     """GenerationEvalTrainer for short answers on a quantized base.
 
     - the optimizer gives the vision tower, projector and LM their own learning rates;
@@ -23,18 +23,6 @@ class VqaTrainer(GenerationEvalTrainer):
       and per question type);
     - every save writes the base's quantization config next to the adapter, for merge.py.
     """
-
-    def __init__(self, *args, freeze_args=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.freeze_args = freeze_args
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None and self.freeze_args is not None:
-            groups = param_groups(self.model, self.freeze_args, self.args.learning_rate, self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            optimizer_kwargs.pop("lr", None)  # each group carries its own
-            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs)
-        return super().create_optimizer()
 
     def generate_predictions(self, records) -> dict:
         with self.accelerator.autocast():

@@ -9,7 +9,7 @@ import torch
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from recipes.common.generation_eval import GenerationEvalTrainer
-from recipes.common.peft_setup import param_groups
+from recipes.common.peft_setup import PerModuleLearningRates
 
 try:
     from .modeling import load_trained, save_trained  # imported as the package recipes.<name> (tests)
@@ -17,17 +17,17 @@ except ImportError:
     from modeling import load_trained, save_trained  # train.py puts this folder on sys.path
 
 
-class SoftPromptTrainer(GenerationEvalTrainer):
+class SoftPromptTrainer(PerModuleLearningRates, GenerationEvalTrainer):
     """GenerationEvalTrainer that saves and loads the trained parts alone (run folders and checkpoint-N alike).
 
     Trainer's own save/load handle full state dicts or peft adapters; here the soft prompt is a bare
     parameter and the bases are large, so `_save`, `_load_from_checkpoint` (resume) and
-    `_load_best_model` go through `modeling.save_trained` / `load_trained`.
+    `_load_best_model` go through `modeling.save_trained` / `load_trained`. Learning rates: --bridge_lr
+    for the soft prompt and projection, --lm_lr for LoRA on the LM.
     """
 
-    def __init__(self, *args, freeze_args=None, image_processor=None, loss_on_label_positions: bool = False, **kwargs):
+    def __init__(self, *args, image_processor=None, loss_on_label_positions: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.freeze_args = freeze_args
         self.image_processor = image_processor
         self.loss_on_label_positions = loss_on_label_positions
 
@@ -35,15 +35,6 @@ class SoftPromptTrainer(GenerationEvalTrainer):
         if self.loss_on_label_positions and "labels" in inputs:
             inputs = {**inputs, "loss_on_label_positions": True}  # SoftPromptCaptioner.forward: the same loss, fewer logits
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None and self.freeze_args is not None:
-            # bridge_lr for the soft prompt and projection, lm_lr for LoRA on the LM.
-            groups = param_groups(self.model, self.freeze_args, self.args.learning_rate, self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            optimizer_kwargs.pop("lr", None)  # each group carries its own
-            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs)
-        return super().create_optimizer()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

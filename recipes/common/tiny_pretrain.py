@@ -193,9 +193,10 @@ def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps
     hardly from the image (colour 0.21, shape 0.26; fine-tuned CIDEr 0.83 to 1.01 depending on the
     run); with no text loss at all, colour is read (0.98) but the LM forgets the caption words that
     annotations lack and fine-tuning starts at a loss of 10 (CIDEr 0.80). Text first, then images with
-    the text loss at 0.2 on 32 texts a step (these defaults): colour 0.96, size 0.97, shape 0.23 (about
-    chance: the tiny vision tower does not learn shapes in this budget); fine-tuned CIDEr 0.99 after one
-    epoch, 1.26 after six. It is a narrow road: with 8 texts a step instead of 32, colour 0.33 and CIDEr
+    the text loss at 0.2 on 32 texts a step (these defaults), with 1 thread: colour 0.96, size 0.97, shape
+    0.23 (about chance: the tiny vision tower does not learn shapes in this budget), fine-tuned CIDEr 0.99
+    after one epoch, 1.26 after six; with 2 threads (another order of float sums, `make demo`): colour
+    0.79, size 0.90, shape 0.27, CIDEr 1.12. It is a narrow road: with 8 texts a step instead of 32, colour 0.33 and CIDEr
     0.83; with 1,500 image steps, CIDEr 1.09; with the text loss only in the last 500 steps, 0.99.
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor

@@ -10,6 +10,7 @@ from recipes.common.args import (
     ModelArguments,
     PeftArguments,
     parse_args,
+    resume_checkpoint,
 )
 
 ALL = [ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments]
@@ -156,3 +157,28 @@ def test_all_recipe_dataclasses_parse_together_with_training_arguments(tmp_path)
     # Field names must not collide across the dataclasses (argparse would refuse the duplicate flag).
     *_, training = parse_args(ALL + [TrainingArguments], ["--output_dir", str(tmp_path), "--num_beams", "2"])
     assert training.output_dir == str(tmp_path)
+
+
+def test_resume_last_is_the_newest_complete_checkpoint(tmp_path):
+    for step, state in [(5, "{}"), (10, "{}"), (20, "{}"), (30, None), (40, '{"log_hist')]:  # 5 < 20 though '5' > '20'; 30: no state; 40: cut
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "adapter_model.safetensors").write_bytes(b"")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+    (tmp_path / "checkpoint-99.tmp").mkdir()  # not a checkpoint name
+    (tmp_path / "checkpoint-100").write_text("")  # a file, not a folder
+    assert resume_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-20")
+    assert resume_checkpoint(True, tmp_path) == str(tmp_path / "checkpoint-20")
+    assert resume_checkpoint("true", tmp_path) == str(tmp_path / "checkpoint-20")
+    assert resume_checkpoint(None, tmp_path) is None and resume_checkpoint("false", tmp_path) is None
+    assert resume_checkpoint(str(tmp_path / "checkpoint-10"), "elsewhere") == str(tmp_path / "checkpoint-10")
+
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        resume_checkpoint(str(tmp_path / "checkpoint-7"), tmp_path)
+    for step in (5, 10, 20):
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no complete checkpoint-N folder in .* \(5 incomplete\)"):
+        resume_checkpoint("last", tmp_path)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint-N folder"):
+        resume_checkpoint("last", tmp_path / "never_ran")

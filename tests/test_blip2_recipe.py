@@ -95,6 +95,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env):
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    (out / "checkpoint-99").mkdir()  # what a kill while saving leaves: weights, no trainer_state.json; 'last' skips it
+    (out / "checkpoint-99" / "adapter_config.json").write_text("{}")
     r = _run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"], e)
     assert r.returncode == 0, r.stderr[-3000:]
 

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import Blip2ForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
 
-from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, resume_checkpoint  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
 from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters  # noqa: E402
@@ -107,8 +107,7 @@ def main(argv=None):
         freeze_args=freeze_args,
     )
 
-    resume = training_args.resume_from_checkpoint
-    resume = True if resume in ("last", "true", "True") else resume  # True: the newest checkpoint in output_dir
+    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one
     results = {}
     before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
     if eval_records is not None and resume and before_file.exists():

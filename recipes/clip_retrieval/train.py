@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import CLIPModel, TrainingArguments, set_seed  # noqa: E402
 
-from recipes.common.args import DataArguments, FreezeArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.args import DataArguments, FreezeArguments, ModelArguments, PeftArguments, parse_args, resume_checkpoint  # noqa: E402
 from recipes.common.data import load_records  # noqa: E402
 from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import count_parameters  # noqa: E402
@@ -164,8 +164,7 @@ def main(argv=None):
         freeze_args=freeze_args,
     )
 
-    resume = training_args.resume_from_checkpoint
-    resume = True if resume in ("last", "true", "True") else resume  # True: the newest checkpoint in output_dir
+    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one
     evaluates = eval_dataset is not None or zero_shot is not None
     results = {}
     before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"

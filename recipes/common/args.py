@@ -10,6 +10,8 @@ YAML keys are dataclass field names (including `TrainingArguments` fields when t
 import argparse
 import dataclasses
 import difflib
+import json
+import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from typing import Literal
 
 import yaml
 from transformers import HfArgumentParser
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -234,3 +238,42 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
     outputs = parser.parse_args_into_dataclasses(remaining, look_for_args_file=False)
     # The last output is the namespace holding the --config placeholder; callers only want the dataclasses.
     return tuple(outputs[: len(dataclass_types)])
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _is_complete(folder: Path) -> bool:
+    """Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states)."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str | None:
+    """What `--resume_from_checkpoint` names: None (start afresh) or the checkpoint folder to resume from.
+
+    'last' (or 'true') is the newest *complete* checkpoint-N in output_dir: a run killed while it was
+    saving leaves a folder without trainer_state.json, which Trainer would pick and then fail to load.
+    """
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value in (True, "last", "true", "True"):
+        root = Path(output_dir)
+        found = sorted(
+            (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else []) if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
+        )
+        for _, folder in reversed(found):
+            if _is_complete(folder):
+                return str(folder)
+            logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving it)", folder)
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {root}"
+            + (f" ({len(found)} incomplete)" if found else "")
+            + "; leave the flag out to start afresh."
+        )
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder.")
+    return str(value)

@@ -31,7 +31,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
 
-from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args  # noqa: E402
+from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, resume_checkpoint  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
 from recipes.common.models import check_model_source, compute_dtype, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters  # noqa: E402
@@ -171,8 +171,7 @@ def main(argv=None):
         loss_on_label_positions=sp_args.loss_on_label_positions,
     )
 
-    resume = training_args.resume_from_checkpoint
-    resume = True if resume in ("last", "true", "True") else resume  # True: the newest checkpoint in output_dir
+    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one
     results = {}
     before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
     if eval_records is not None and resume and before_file.exists():

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gc
 import importlib
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +23,7 @@ from transformers import TrainingArguments
 
 from bench import real_configs
 from bench.flops import Part
+from data_tools.records import IMAGE_TOKEN
 from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments,
                                  parse_args)
 from recipes.common.models import (check_mixed_precision, compute_dtype, load_model_and_processor, quantization_config,
@@ -81,6 +83,16 @@ def resize_image_processor(image_processor, side: int) -> None:
         image_processor.size = {"height": side, "width": side}
 
 
+@dataclass
+class SftBaseline:
+    """What `trl.SFTTrainer(model, processing_class=processor, train_dataset=rows, peft_config=peft_config)` takes."""
+
+    model: object
+    processor: object
+    rows: list[dict]  # {"images": [path], "prompt"/"completion" or "messages": ...}; the harness makes them a Dataset
+    peft_config: object
+
+
 class Adapter:
     """What the harness needs from a recipe. `a` below is the parsed arguments: a namespace of the recipe's dataclasses."""
 
@@ -131,6 +143,14 @@ class Adapter:
     def baseline(self, a, size: str, device: str):
         """The model a user would train with a plain `transformers.Trainer` and PEFT's defaults (None: no baseline)."""
         return None
+
+    sft_loaded_as: str | None = None  # TRL's SFTTrainer baseline in words; None: the recipe has none (sft_note says why)
+    sft_note = ""
+
+    def sft(self, a, size: str, device: str, records) -> SftBaseline:
+        """TRL's SFTTrainer baseline: the model as a TRL user loads it (no LoRA yet: SFTTrainer applies `peft_config`),
+        its processor, and the recipe's samples as TRL's vision rows, in the order of the recipe's dataset."""
+        raise NotImplementedError
 
     @staticmethod
     def baseline_batch(batch: dict) -> dict:
@@ -209,6 +229,25 @@ class Blip2LoraCaption(Adapter):
 
         model, _ = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r))  # peft's default targets for blip-2: q_proj, v_proj
+
+    sft_loaded_as = ("trl.SFTTrainer on Blip2ForConditionalGeneration in bf16 on a GPU (float32 on the CPU) with its "
+                     "AutoProcessor, rows {images, prompt: the recipe's prompt, completion: caption + eos} (TRL's "
+                     "default for them: loss on the completion only), peft_config=LoraConfig(r=lora_r): peft's "
+                     "default targets (the OPT's q_proj, v_proj)")
+
+    def sft(self, a, size, device, records):
+        from peft import LoraConfig
+
+        model, processor = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        # The processor writes num_query_tokens `<image>` tokens before the text; the model fills the positions of its
+        # config's image token id. At --size real the tokenizer is the tiny one: make both the real model's.
+        processor.num_query_tokens = model.config.num_query_tokens
+        model.config.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token.content)
+        prompt, eos = a.DataArguments.prompt, processor.tokenizer.eos_token
+        # As the recipe's tokenize_captions: one sample per caption, a space after a prompt, eos after the caption.
+        rows = [{"images": [r["image"]], "prompt": prompt or "", "completion": (f" {c.strip()}" if prompt else c.strip()) + eos}
+                for r in records for c in r["captions"]]
+        return SftBaseline(model, processor, rows, LoraConfig(r=a.PeftArguments.lora_r))
 
     def flop_chains(self, model, batch):
         config = model.config
@@ -298,6 +337,9 @@ class SoftPromptCaption(Adapter):
     tokens_counted = "caption tokens with attention_mask 1; the prefix (soft prompt + image vectors) not counted"
     baseline_loaded_as = ("the same SoftPromptCaptioner with its frozen parts in float32 (the checkpoints' dtype), "
                           "Trainer --bf16 (autocast) on a GPU; the same soft prompt and projection train")
+    sft_note = ("no TRL SFTTrainer baseline: its model is the recipe's own module (a CLIP vision tower, a GPT-2 and "
+                "the soft prompt between them), which SFTTrainer's vision path (a transformers vision-language model "
+                "and its processor) does not take")
 
     @property
     def arg_types(self):
@@ -466,6 +508,23 @@ class _Llava(Adapter):
         return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r, target_modules=LLAMA_LINEARS,
                                                 modules_to_save=a.PeftArguments.modules_to_save or None))
 
+    def _sft_rows(self, records, a) -> list[dict]:
+        """The recipe's samples (its conversations filled to the length budget, as dataset() makes them) as TRL's
+        conversational rows: string contents, the image (if any) placed by TRL before the first user text."""
+        from bench.data import fill_conversations
+        from recipes.common.chat import ROLES
+
+        filled = fill_conversations(self.conversations(records, a), self.encoder, a.DataArguments.max_length)
+        return [{"images": [r["image"]] if r.get("image") else [],
+                 "messages": [{"role": ROLES[t["from"]], "content": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")}
+                              for t in r["conversations"]]} for r in filled]
+
+    def _sft_lora(self, a):
+        from peft import LoraConfig
+
+        return LoraConfig(r=a.PeftArguments.lora_r, target_modules=LLAMA_LINEARS,
+                          modules_to_save=a.PeftArguments.modules_to_save or None)
+
     def samples(self, batch):
         return batch["input_ids"].shape[0]  # text-only samples have no pixel_values
 
@@ -499,6 +558,15 @@ class LlavaInstruct(_Llava):
     def baseline(self, a, size, device):
         model, _ = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
         return self._baseline_lora(model, a)
+
+    sft_loaded_as = ("trl.SFTTrainer on LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) with its "
+                     "AutoProcessor and chat template, rows {images, messages} (TRL's default for them: loss on every "
+                     "non-pad token, image tokens included), peft_config=LoraConfig(r=lora_r, target_modules=the LM's "
+                     "q/k/v/o/gate/up/down_proj, modules_to_save=[projector])")
+
+    def sft(self, a, size, device, records):
+        model, processor = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        return SftBaseline(model, processor, self._sft_rows(records, a), self._sft_lora(a))
 
 
 class QloraVqa(_Llava):
@@ -552,6 +620,16 @@ class QloraVqa(_Llava):
 
         model, _ = self._model(a, size, device)
         return self._baseline_lora(prepare_model_for_kbit_training(model), a)
+
+    sft_loaded_as = ("trl.SFTTrainer on the same 4-bit LlavaForConditionalGeneration (NF4, double quant, the LM's "
+                     "linears only) with its AutoProcessor and chat template, rows {images, messages} (TRL's default: "
+                     "loss on every non-pad token, image tokens included), peft_config=LoraConfig(r=lora_r, "
+                     "target_modules=the LM's q/k/v/o/gate/up/down_proj, modules_to_save=[projector]); TRL casts the "
+                     "LoRA weights to bf16")
+
+    def sft(self, a, size, device, records):
+        model, processor = self._model(a, size, device)
+        return SftBaseline(model, processor, self._sft_rows(records, a), self._sft_lora(a))
 
 
 ADAPTERS = {a.name: a for a in (Blip2LoraCaption, ClipRetrieval, SoftPromptCaption, LlavaInstruct, QloraVqa)}

@@ -17,7 +17,9 @@ after `--` go to the recipe's own argument parser, as they would to its train.py
 The clock starts when the warm-up optimizer steps have ended and stops after `--steps` more (torch.cuda
 .synchronize() at both ends, none in between). Peak memory is over the whole `train()` call, weights included.
 The baseline (plain `transformers.Trainer`, the model loaded as a user would, PEFT's defaults) runs in the same
-process on the same batches, after the recipe's model is freed; compare numbers from one run only.
+process on the same batches, after the recipe's model is freed; compare numbers from one run only. For the generative
+recipes whose model is a transformers VLM, TRL's SFTTrainer follows as a second baseline on the same samples, through
+its own collator, PEFT set-up and loss (bench/RESULTS.md, "Baselines").
 """
 
 from __future__ import annotations
@@ -203,6 +205,41 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
     clock = StepClock(opts.warmup, opts.steps, cuda)
     trainer = cls(model=model, args=args, train_dataset=dataset, data_collator=collator, premade=premade,
                   callbacks=[clock], **(trainer_kwargs if who == "recipe" else {}))
+    result = _measure(trainer, clock, adapter, who, mode, opts)
+    del trainer, model
+    _free(opts.device)
+    return result
+
+
+def _run_sft(adapter: Adapter, mode: str, opts: Options, a, sft, batch_size: int) -> dict:
+    """Train TRL's SFTTrainer as a TRL user would (its collator, its PEFT set-up, its loss) on the recipe's samples."""
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    args = a.TrainingArguments
+    # The recipe's TrainingArguments as TRL converts them itself, but no truncation: the samples are within the recipe's
+    # length budget already, and a cut through the image tokens would be an error.
+    sft_args = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token, "max_length": None})
+    rows = datasets.Dataset.from_list(sft.rows).cast_column("images", datasets.Sequence(datasets.Image()))
+    cls = timed_trainer(SFTTrainer, adapter)
+    clock = StepClock(opts.warmup, opts.steps, opts.device == "cuda")
+    trainer = cls(model=sft.model, args=sft_args, train_dataset=rows, processing_class=sft.processor,
+                  peft_config=sft.peft_config, callbacks=[clock])
+    if mode == "device":  # TRL's collator over the samples the recipe's premade batches hold
+        batches = [_to(trainer.data_collator([dict(rows[i]) for i in range(k * batch_size, (k + 1) * batch_size)]), opts.device)
+                   for k in range(opts.device_batches)]
+        trainer.bench_premade = PremadeBatches(batches, (opts.warmup + opts.steps) * args.gradient_accumulation_steps)
+    sft.model = None
+    result = _measure(trainer, clock, adapter, "trl", mode, opts, loaded_as=adapter.sft_loaded_as)
+    del trainer
+    _free(opts.device)
+    return result
+
+
+def _measure(trainer, clock: StepClock, adapter: Adapter, who: str, mode: str, opts: Options, loaded_as: str | None = None) -> dict:
+    """Run `trainer.train()` and measure it: throughput over the timed steps, MFU, peak memory, per-step records."""
+    args = trainer.args
+    cuda = opts.device == "cuda"
     trainer.remove_callback(PrinterCallback)  # its end-of-training summary would interleave with the table
     if cuda:
         torch.cuda.synchronize()
@@ -219,9 +256,9 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
     peak = opts.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if cuda else None)
     trainable, total = _parameters(trainer.model)
     result = {
-        "who": who, "mode": mode, "trainer": cls.__name__, "trainable_parameters": trainable, "parameters": total,
+        "who": who, "mode": mode, "trainer": type(trainer).__name__, "trainable_parameters": trainable, "parameters": total,
         "precision": _precision(trainer.model, args),
-        "loaded_as": "by the recipe's own code" if who == "recipe" else adapter.baseline_loaded_as,
+        "loaded_as": loaded_as or ("by the recipe's own code" if who == "recipe" else adapter.baseline_loaded_as),
         "optimizer_steps": opts.steps, "seconds": clock.seconds, "samples": samples, "tokens": tokens,
         "samples_per_s": samples / clock.seconds, "tokens_per_s": tokens / clock.seconds,
         "model_tflop_per_s": flops / clock.seconds / 1e12,
@@ -233,8 +270,6 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
         "batch_tokens": [int(r.tokens) for r in trainer.bench_steps],
         "batch_shapes": [r.shapes for r in trainer.bench_steps],
     }
-    del trainer, model
-    _free(opts.device)
     return result
 
 
@@ -244,6 +279,15 @@ def _unless_out_of_memory(who: str, mode: str, trainer: str, train) -> dict:
         return train()
     except torch.OutOfMemoryError as e:
         return {"who": who, "mode": mode, "trainer": trainer, "error": "out of memory: " + str(e).split("\n")[0]}
+
+
+def _unless_failed(who: str, mode: str, trainer: str, train) -> dict:
+    """For a third-party baseline (TRL): any error it raises on the recipe's model is a row saying so, not a crash."""
+    try:
+        return _unless_out_of_memory(who, mode, trainer, train)
+    except Exception as e:  # noqa: BLE001 (the message is the result: which model TRL cannot train, and why)
+        _free("cuda" if torch.cuda.is_available() else "cpu")
+        return {"who": who, "mode": mode, "trainer": trainer, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
 
 
 def _precision(model, args) -> str:
@@ -265,6 +309,7 @@ class Prepared:
     dataset: object
     collator: object
     batches: list[dict] | None
+    records: object  # the synthetic records the dataset was made of (TRL's baseline makes its rows of them)
 
 
 def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_size: int,
@@ -287,7 +332,7 @@ def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_s
     if mode == "device":
         batches = [_to(collator([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), batch_device or opts.device)
                    for k in range(opts.device_batches)]
-    return Prepared(a, model, tokenizer, image_processor, dataset, collator, batches)
+    return Prepared(a, model, tokenizer, image_processor, dataset, collator, batches, records)
 
 
 def run(opts: Options) -> dict:
@@ -305,7 +350,7 @@ def run(opts: Options) -> dict:
            "pad_text_to": opts.pad_text_to,
            "warmup_steps": opts.warmup, "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
            "versions": _versions(), "flop_convention": FLOP_CONVENTION, "tokens_counted": adapter.tokens_counted,
-           "baseline_loaded_as": adapter.baseline_loaded_as, "runs": [], "notes": []}
+           "baseline_loaded_as": adapter.baseline_loaded_as, "sft_loaded_as": adapter.sft_loaded_as, "runs": [], "notes": []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for mode in modes:
             p = prepare(adapter, opts, mode, tmp, batch_size)
@@ -323,8 +368,18 @@ def run(opts: Options) -> dict:
                     adapter, "baseline", mode, opts, p.a, base, p.dataset, p.collator, p.batches, {})))
                 del base
                 _free(opts.device)
+                if adapter.sft_loaded_as and _trl_installed():
+                    set_seed(p.a.TrainingArguments.seed)
+                    sft = adapter.sft(p.a, opts.size, opts.device, p.records)
+                    out["runs"].append(_unless_failed("trl", mode, "SFTTrainer", lambda: _run_sft(
+                        adapter, mode, opts, p.a, sft, batch_size)))
+                    del sft
+                    _free(opts.device)
     if opts.baseline:
-        out["notes"].append(_trl_note())
+        if not adapter.sft_loaded_as and adapter.sft_note:  # (clip_retrieval is not generative: no SFT baseline to name)
+            out["notes"].append(adapter.sft_note)
+        elif not _trl_installed():
+            out["notes"].append("TRL's SFTTrainer baseline skipped: trl is not installed (bench/requirements.txt lists it).")
     return out
 
 
@@ -386,12 +441,10 @@ def _versions() -> dict:
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
 
 
-def _trl_note() -> str:
+def _trl_installed() -> bool:
     import importlib.util
 
-    if importlib.util.find_spec("trl") is None:
-        return "TRL's SFTTrainer baseline skipped: trl is not installed (bench/requirements.txt lists it)."
-    return "TRL's SFTTrainer baseline: not implemented yet (trl is installed here; see bench/RESULTS.md)."
+    return importlib.util.find_spec("trl") is not None
 
 
 def markdown(result: dict) -> str:
@@ -402,7 +455,7 @@ def markdown(result: dict) -> str:
              "| mode | trainer | precision | trainable params | samples/s | tokens/s | MFU | peak alloc GiB "
              "| peak reserved GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
-        trainer = r["trainer"] + (" (baseline)" if r["who"] == "baseline" else "")
+        trainer = r["trainer"] + {"recipe": "", "baseline": " (baseline)", "trl": " (TRL baseline)"}[r["who"]]
         if "error" in r:
             lines.append(f"| {r['mode']} | {trainer} | {r['error']} |" + " |" * 6)
             continue
@@ -412,16 +465,19 @@ def markdown(result: dict) -> str:
                      f"{r['samples_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {alloc} | {reserved} |")
     lines.append("")
     for mode in ("device", "e2e"):
-        pair = {r["who"]: r for r in result["runs"] if r["mode"] == mode and "error" not in r}
-        if len(pair) < 2:
-            continue
-        recipe, base = pair["recipe"], pair["baseline"]
-        ratio = f"{mode}: recipe / baseline = {recipe['samples_per_s'] / base['samples_per_s']:.2f}x samples/s"
-        if recipe["peak_allocated_gib"]:
-            ratio += f", {recipe['peak_allocated_gib'] / base['peak_allocated_gib']:.2f}x peak allocated memory"
-        lines.append(ratio)
+        ok = {r["who"]: r for r in result["runs"] if r["mode"] == mode and "error" not in r}
+        for who, name in (("baseline", "baseline"), ("trl", "TRL baseline")):
+            if "recipe" not in ok or who not in ok:
+                continue
+            recipe, base = ok["recipe"], ok[who]
+            ratio = f"{mode}: recipe / {name} = {recipe['samples_per_s'] / base['samples_per_s']:.2f}x samples/s"
+            if recipe["peak_allocated_gib"]:
+                ratio += f", {recipe['peak_allocated_gib'] / base['peak_allocated_gib']:.2f}x peak allocated memory"
+            lines.append(ratio)
     if any(r["who"] == "baseline" for r in result["runs"]):
         lines.append(f"baseline: {result['baseline_loaded_as']}")
+    if any(r["who"] == "trl" for r in result["runs"]):
+        lines.append(f"TRL baseline: {result['sft_loaded_as']}")
     lines += [f"tokens: {result['tokens_counted']}", f"FLOPs: {result['flop_convention']}", *result["notes"]]
     return "\n".join(lines)
 

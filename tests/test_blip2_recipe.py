@@ -142,3 +142,30 @@ def test_two_process_cpu_training_shares_the_work(env):
     # 200 samples, batch 8 per process, 2 processes: 13 optimizer steps in one epoch (25 with one process).
     assert (metrics["world_size"], metrics["global_step"]) == (2, 13)
     assert set(metrics["after"]) == {"eval_Bleu_1", "eval_Bleu_2", "eval_Bleu_3", "eval_Bleu_4", "eval_ROUGE_L", "eval_CIDEr"}
+
+
+def test_cached_vision_features_train_exactly_as_the_live_tower(env):
+    """--cache_vision_features: the same losses and held-out metrics as running the frozen tower every step."""
+    d, e = env
+    common = [*_data(d), "--max_steps", "4", *FAST, "--save_strategy", "steps", "--save_steps", "4"]
+    runs = {}
+    for cached in ("false", "true"):
+        out = d / f"features-{cached}"
+        r = _run([*common, "--output_dir", str(out), "--cache_vision_features", cached], e)
+        assert r.returncode == 0, r.stderr[-3000:]
+        history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+        runs[cached] = ([h["loss"] for h in history if "loss" in h], json.loads((out / "metrics.json").read_text())["after"])
+    assert "vision features of 48 images" in r.stderr  # 40 training + 8 evaluation images, each once
+    (folder,) = [p for p in (d / "features-true" / "vision_features").iterdir() if p.is_dir()]
+    meta = json.loads((folder / "features.json").read_text())
+    assert meta["shape"] == [65, 64] and meta["dtype"] == "float32"  # tiny ViT: 8 x 8 patches + class token, 64 wide
+    assert len(runs["true"][0]) == 4 and runs["true"][0] == pytest.approx(runs["false"][0], rel=1e-5)
+    assert runs["true"][1] == pytest.approx(runs["false"][1], abs=1e-6)
+
+    # A second run with the same model, processor and images reuses the features; a trained tower refuses them.
+    r = _run([*common, "--output_dir", str(d / "features-again"), "--cache_vision_features", "true",
+              "--vision_feature_dir", str(d / "features-true" / "vision_features")], e)
+    assert r.returncode == 0 and "vision features: " not in r.stderr and str(folder) in r.stderr
+    r = _run([*common, "--output_dir", str(d / "features-bad"), "--cache_vision_features", "true",
+              "--unfreeze_last_n_vision_layers", "1"], e)
+    assert r.returncode != 0 and "parameters of the vision tower train" in r.stderr

@@ -14,6 +14,7 @@ import datasets
 import torch
 
 from data_tools.images import load_image
+from recipes.common.feature_cache import VisionFeatureCache
 from recipes.common.lengths import IGNORE_INDEX, LengthReport, fit_to_budget
 
 
@@ -52,13 +53,21 @@ def tokenize_captions(
 
 @dataclass
 class CaptionCollator:
-    """Opens the images (RGB, EXIF-aware, errors naming the file) and right-pads the token sequences."""
+    """Opens the images (RGB, EXIF-aware, errors naming the file) and right-pads the token sequences.
+
+    With a `feature_cache`, `pixel_values` holds the frozen vision tower's cached output for each image
+    instead (batch, positions, hidden), which the tower passes through (recipes/common/feature_cache.py).
+    """
 
     image_processor: object
     pad_token_id: int
+    feature_cache: VisionFeatureCache | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        pixel_values = self.image_processor([load_image(f["image"]) for f in features], return_tensors="pt")["pixel_values"]
+        if self.feature_cache is not None:
+            pixel_values = self.feature_cache.get([f["image"] for f in features])
+        else:
+            pixel_values = self.image_processor([load_image(f["image"]) for f in features], return_tensors="pt")["pixel_values"]
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)

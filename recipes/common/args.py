@@ -147,6 +147,16 @@ class FreezeArguments:
             "None = frozen with LoRA, trained without."
         },
     )
+    cache_vision_features: bool = field(
+        default=False,
+        metadata={"help": "With a frozen vision tower, run it once per image before training and train on its stored "
+                  "output (recipes/common/feature_cache.py); blip2_lora_caption."},
+    )
+    vision_feature_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the cached features go (a subfolder per model, processor and image set, reused by "
+                  "later runs); None = <output_dir>/vision_features."},
+    )
     vision_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower; None = learning_rate."})
     bridge_lr: float | None = field(default=None, metadata={"help": "Learning rate of the bridge; None = learning_rate."})
     lm_lr: float | None = field(

@@ -107,6 +107,7 @@ class Adapter:
 
     def __init__(self):
         self.train = import_train_module(self.name)
+        self.notes: list[str] = []  # what setting up the recipe's side did that the result should say (harness adds them)
 
     def parse(self, argv: list[str]) -> SimpleNamespace:
         """The recipe's arguments from its config.yaml, then `argv` (later flags win), checked as train.py checks them."""
@@ -133,6 +134,11 @@ class Adapter:
 
     def collator(self, tokenizer, image_processor, model, a):
         raise NotImplementedError
+
+    def baseline_collator(self, tokenizer, image_processor, model, a):
+        """The collator whose batches the plain baseline is given (None: the recipe's). A recipe option that changes what
+        its batches hold (cached vision features instead of pixels) needs the plain batches here."""
+        return None
 
     def trainer_class(self):
         raise NotImplementedError
@@ -213,10 +219,30 @@ class Blip2LoraCaption(Adapter):
         ds, _ = self.train.tokenize_captions(records, tokenizer, image_token_id=config.image_token_id,
                                              num_image_tokens=config.num_query_tokens, prompt=a.DataArguments.prompt,
                                              max_length=a.DataArguments.max_length)
+        self.images = list(ds["image"])  # what collator() caches the vision features of
         return ds
 
     def collator(self, tokenizer, image_processor, model, a):
-        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)
+        from recipes.common.feature_cache import VisionFeatureCache, check_frozen, serve_cached_features, vision_tower
+
+        cache, f = None, a.FreezeArguments
+        if f.cache_vision_features:  # as train.py; the one pass over the images is not in the timed steps, but noted
+            tower = vision_tower(model)
+            if next(tower.parameters()).device.type == "meta":
+                raise ValueError("--flops with --cache_vision_features: a cached tower does no work in a step (its FLOPs "
+                                 "are 0); count without the option, which gives the tower's share too.")
+            check_frozen(tower)
+            cache = VisionFeatureCache.build(tower, image_processor, self.images,
+                                             f.vision_feature_dir or Path(a.TrainingArguments.output_dir) / "vision_features",
+                                             batch_size=a.TrainingArguments.per_device_eval_batch_size)
+            if cache.seconds is not None:
+                self.notes.append(f"vision features of {len(cache)} distinct images computed before training in "
+                                  f"{cache.seconds:.1f} s (not in the timed steps)")
+            serve_cached_features(tower)
+        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id, cache)
+
+    def baseline_collator(self, tokenizer, image_processor, model, a):
+        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)  # pixels, whatever the recipe's option
 
     def trainer_class(self):
         return self.train.CaptionTrainer
@@ -252,7 +278,8 @@ class Blip2LoraCaption(Adapter):
     def flop_chains(self, model, batch):
         config = model.config
         n = batch["pixel_values"].shape[0]
-        return [[Part("vision", ("vision_model",), n * vision_positions(config.vision_config)),
+        cached = batch["pixel_values"].dim() == 3  # --cache_vision_features: the tower's output, the tower not run
+        return [[Part("vision", ("vision_model",), 0 if cached else n * vision_positions(config.vision_config)),
                  Part("bridge", ("qformer", "language_projection"), n * config.num_query_tokens),
                  Part("language", ("language_model",), int(batch["attention_mask"].sum()))]]
 

@@ -310,6 +310,8 @@ class Prepared:
     collator: object
     batches: list[dict] | None
     records: object  # the synthetic records the dataset was made of (TRL's baseline makes its rows of them)
+    baseline_collator: object  # the plain baseline's: the recipe's collator unless a recipe option changes its batches
+    baseline_batches: list[dict] | None
 
 
 def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_size: int,
@@ -328,11 +330,18 @@ def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_s
     collator = adapter.collator(tokenizer, image_processor, model, a)
     if opts.pad_text_to:
         collator = TextPadding(collator, opts.pad_text_to, tokenizer.pad_token_id)
-    batches = None
-    if mode == "device":
-        batches = [_to(collator([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), batch_device or opts.device)
-                   for k in range(opts.device_batches)]
-    return Prepared(a, model, tokenizer, image_processor, dataset, collator, batches, records)
+    base_collator = adapter.baseline_collator(tokenizer, image_processor, model, a)
+    if base_collator is not None and opts.pad_text_to:
+        base_collator = TextPadding(base_collator, opts.pad_text_to, tokenizer.pad_token_id)
+
+    def premade(collate):
+        return [_to(collate([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), batch_device or opts.device)
+                for k in range(opts.device_batches)]
+
+    batches = premade(collator) if mode == "device" else None
+    base_batches = premade(base_collator) if mode == "device" and base_collator is not None else batches
+    return Prepared(a, model, tokenizer, image_processor, dataset, collator, batches, records,
+                    base_collator or collator, base_batches)
 
 
 def run(opts: Options) -> dict:
@@ -365,7 +374,7 @@ def run(opts: Options) -> dict:
                 set_seed(p.a.TrainingArguments.seed)
                 base = adapter.baseline(p.a, opts.size, opts.device)
                 out["runs"].append(_unless_out_of_memory("baseline", mode, "Trainer", lambda: _run(
-                    adapter, "baseline", mode, opts, p.a, base, p.dataset, p.collator, p.batches, {})))
+                    adapter, "baseline", mode, opts, p.a, base, p.dataset, p.baseline_collator, p.baseline_batches, {})))
                 del base
                 _free(opts.device)
                 if adapter.sft_loaded_as and _trl_installed():
@@ -375,6 +384,7 @@ def run(opts: Options) -> dict:
                         adapter, mode, opts, p.a, sft, batch_size)))
                     del sft
                     _free(opts.device)
+    out["notes"] += list(dict.fromkeys(adapter.notes))  # once each, though both modes set the recipe up
     if opts.baseline:
         if not adapter.sft_loaded_as and adapter.sft_note:  # (clip_retrieval is not generative: no SFT baseline to name)
             out["notes"].append(adapter.sft_note)

@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +64,7 @@ class VisionFeatureCache:
         self.index = {path: i for i, path in enumerate(self.images)}
         self.shape, self.dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
         self._array = None  # opened on first use, in each DataLoader worker
+        self.seconds: float | None = None  # build(): how long computing them took; None when found from an earlier run
 
     def __getstate__(self):  # a worker gets the path, not the mapped file
         return {**self.__dict__, "_array": None}
@@ -120,8 +122,10 @@ class VisionFeatureCache:
             (tmp / "features.json").write_text(json.dumps(
                 {"images": images, "shape": list(shape), "dtype": str(dtype).removeprefix("torch.")}))
 
+        start, computed = time.perf_counter(), not (folder / "features.json").exists()
         build_once(folder, compute, marker="features.json")
         cache = cls(folder)
+        cache.seconds = time.perf_counter() - start if computed else None
         size = cache.array.nbytes / 2**20
         logger.info("vision features of %d images in %s (%.1f MiB)", len(cache), folder, size)
         return cache

@@ -140,6 +140,24 @@ class Adapter:
         its batches hold (cached vision features instead of pixels) needs the plain batches here."""
         return None
 
+    def feature_cache(self, tower, image_processor, a, **encode):
+        """--cache_vision_features as train.py builds it, over the images of the last dataset() (self.images); the one
+        pass over them is not in the timed steps, but noted in the result."""
+        from recipes.common.feature_cache import VisionFeatureCache, check_frozen
+
+        if next(tower.parameters()).device.type == "meta":
+            raise ValueError("--flops with --cache_vision_features: a cached tower does no work in a step (its FLOPs are "
+                             "0); count without the option, which gives the tower's share too.")
+        check_frozen(tower)
+        f = a.FreezeArguments
+        cache = VisionFeatureCache.build(tower, image_processor, self.images,
+                                         f.vision_feature_dir or Path(a.TrainingArguments.output_dir) / "vision_features",
+                                         batch_size=a.TrainingArguments.per_device_eval_batch_size, **encode)
+        if cache.seconds is not None:
+            self.notes.append(f"vision features of {len(cache)} distinct images computed before training in "
+                              f"{cache.seconds:.1f} s (not in the timed steps)")
+        return cache
+
     def trainer_class(self):
         raise NotImplementedError
 
@@ -223,22 +241,12 @@ class Blip2LoraCaption(Adapter):
         return ds
 
     def collator(self, tokenizer, image_processor, model, a):
-        from recipes.common.feature_cache import VisionFeatureCache, check_frozen, serve_cached_features, vision_tower
+        from recipes.common.feature_cache import serve_cached_features, vision_tower
 
-        cache, f = None, a.FreezeArguments
-        if f.cache_vision_features:  # as train.py; the one pass over the images is not in the timed steps, but noted
-            tower = vision_tower(model)
-            if next(tower.parameters()).device.type == "meta":
-                raise ValueError("--flops with --cache_vision_features: a cached tower does no work in a step (its FLOPs "
-                                 "are 0); count without the option, which gives the tower's share too.")
-            check_frozen(tower)
-            cache = VisionFeatureCache.build(tower, image_processor, self.images,
-                                             f.vision_feature_dir or Path(a.TrainingArguments.output_dir) / "vision_features",
-                                             batch_size=a.TrainingArguments.per_device_eval_batch_size)
-            if cache.seconds is not None:
-                self.notes.append(f"vision features of {len(cache)} distinct images computed before training in "
-                                  f"{cache.seconds:.1f} s (not in the timed steps)")
-            serve_cached_features(tower)
+        cache = None
+        if a.FreezeArguments.cache_vision_features:  # as train.py
+            cache = self.feature_cache(vision_tower(model), image_processor, a)
+            serve_cached_features(vision_tower(model))
         return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id, cache)
 
     def baseline_collator(self, tokenizer, image_processor, model, a):
@@ -418,10 +426,19 @@ class SoftPromptCaption(Adapter):
         d = a.DataArguments
         ds, _ = self.train.tokenize_captions(records, tokenizer, prefix_length=model.config.prefix_length, prompt=d.prompt,
                                              max_length=d.max_length, lang=d.lang)
+        self.images = list(ds["image"])  # what collator() caches the vision features of
         return ds
 
     def collator(self, tokenizer, image_processor, model, a):
-        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)
+        cache = None
+        if a.FreezeArguments.cache_vision_features:  # as train.py: the model's image_features, which it takes back as given
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            cache = self.feature_cache(base.vision_model, image_processor, a, encode=base.image_features,
+                                       tag=f"image_features:{base.config.vision_features}")
+        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id, cache)
+
+    def baseline_collator(self, tokenizer, image_processor, model, a):
+        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)  # pixels, whatever the recipe's option
 
     def trainer_class(self):
         return self.train.SoftPromptTrainer
@@ -441,7 +458,8 @@ class SoftPromptCaption(Adapter):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config
         n = batch["pixel_values"].shape[0]
-        return [[Part("vision", ("vision_model",), n * vision_positions(config.vision_config)),
+        cached = batch["pixel_values"].dim() == 3  # --cache_vision_features: image_features given, the tower not run
+        return [[Part("vision", ("vision_model",), 0 if cached else n * vision_positions(config.vision_config)),
                  Part("bridge", ("soft_prompt", "projection"), n * config.num_vision_tokens),
                  Part("language", ("language_model",), int(batch["attention_mask"].sum()) + n * config.prefix_length)]]
 

@@ -355,21 +355,23 @@ def test_trl_rows_at_real_size_have_the_real_models_image_tokens():
         assert ((batch["input_ids"] == sft.model.config.image_token_id).sum(1) == n_image_tokens).all(), recipe
 
 
-def test_cached_vision_features_the_recipe_trains_on_them_and_the_baselines_on_pixels(tmp_path):
-    result = harness.run(_opts("blip2_lora_caption", mode="device", recipe_argv=[
+@pytest.mark.parametrize("recipe, cached_shape", [("blip2_lora_caption", [4, 65, 64]),  # the tiny tower's output
+                                                  ("soft_prompt_caption", [4, 1, 64])])  # its pooled image_features
+def test_cached_vision_features_the_recipe_trains_on_them_and_the_baselines_on_pixels(tmp_path, recipe, cached_shape):
+    result = harness.run(_opts(recipe, mode="device", recipe_argv=[
         "--cache_vision_features", "true", "--vision_feature_dir", str(tmp_path)]))
     recipe_run, baseline_run = result["runs"][:2]
-    assert recipe_run["batch_shapes"][0]["pixel_values"] == [4, 65, 64]  # the tiny tower's output: 8 x 8 patches + class
+    assert recipe_run["batch_shapes"][0]["pixel_values"] == cached_shape
     assert baseline_run["batch_shapes"][0]["pixel_values"] == [4, 3, 64, 64]
     assert recipe_run["batch_tokens"] == baseline_run["batch_tokens"]  # the same samples
     # The same first loss as the plain model running its tower on the pixels (LoRA starts at zero).
     assert recipe_run["losses"][0] == pytest.approx(baseline_run["losses"][0], rel=1e-5)
     assert any(n.startswith("vision features of 2 distinct images computed") for n in result["notes"])
     # The tower does no work in a step: no vision FLOPs for the recipe; the rest is the same per sample.
-    adapter = ADAPTERS["blip2_lora_caption"]()
+    adapter = ADAPTERS[recipe]()
     model, _, _ = adapter.build(adapter.parse([*adapter.tiny_argv, "--use_cpu", "true"]), "tiny", "cpu")
     live = {"pixel_values": torch.zeros(4, 3, 64, 64), "attention_mask": torch.ones(4, 20)}
-    cached = {**live, "pixel_values": torch.zeros(4, 65, 64)}
+    cached = {**live, "pixel_values": torch.zeros(cached_shape)}
     live_parts, cached_parts = (step_flops(model, adapter.flop_chains(model, b)) for b in (live, cached))
     assert cached_parts["vision"] == 0 < live_parts["vision"]
     assert cached_parts["total"] == pytest.approx(live_parts["total"] - live_parts["vision"])

@@ -226,3 +226,23 @@ def test_chinese_embedded_default_end_to_end_and_eval_report(env):
     rescored = caption_metrics(predictions, references, lang="zh", metrics=["CIDEr"])
     assert rescored["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"])
     assert row["final"]["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"]) and "METEOR" not in row["final"]
+
+
+@pytest.mark.parametrize("features", ["pooled", "patches"])
+def test_cached_vision_features_train_exactly_as_the_live_tower(env, features):
+    """--cache_vision_features stores what the model reads (image_features): the same losses and metrics."""
+    d, e = env
+    common = [*_data(d), "--max_steps", "3", *FAST, "--save_strategy", "steps", "--save_steps", "3",
+              "--vision_features", features]
+    runs = {}
+    for cached in ("false", "true"):
+        out = d / f"features-{features}-{cached}"
+        r = _run(TRAIN, [*common, "--output_dir", str(out), "--cache_vision_features", cached], e)
+        assert r.returncode == 0, r.stderr[-3000:]
+        history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+        runs[cached] = ([h["loss"] for h in history if "loss" in h], json.loads((out / "metrics.json").read_text())["after"])
+    (folder,) = [p for p in (d / f"features-{features}-true" / "vision_features").iterdir() if p.is_dir()]
+    # pooled: one vector an image (CLIP's pooled output); patches: the tiny tower's 64 patch vectors, no class token.
+    assert json.loads((folder / "features.json").read_text())["shape"] == ([1, 64] if features == "pooled" else [64, 64])
+    assert len(runs["true"][0]) == 3 and runs["true"][0] == pytest.approx(runs["false"][0], rel=1e-5)
+    assert runs["true"][1] == pytest.approx(runs["false"][1], abs=1e-6)

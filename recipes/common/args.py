@@ -150,7 +150,7 @@ class FreezeArguments:
     cache_vision_features: bool = field(
         default=False,
         metadata={"help": "With a frozen vision tower, run it once per image before training and train on its stored "
-                  "output (recipes/common/feature_cache.py); blip2_lora_caption."},
+                  "output (recipes/common/feature_cache.py); blip2_lora_caption, soft_prompt_caption."},
     )
     vision_feature_dir: str | None = field(
         default=None,

@@ -12,7 +12,8 @@ values an image, 0.7 MB in bf16; COCO's 118K training images: 85 GB).
 
 The model's own forward is unchanged: it calls its tower with `pixel_values`; a 3-D tensor there is the
 tower's cached `last_hidden_state` (batch, positions, hidden) and comes back as it is, while 4-D pixel
-values (generation, evaluation) still run the tower. The features are the tower's output in eval mode
+values (generation, evaluation) still run the tower. A model of the project's own (soft_prompt_caption)
+caches what it reads instead (`encode=model.image_features`) and takes 3-D input as those features. The features are the tower's output in eval mode
 (no dropout), under `torch.inference_mode`, in the tower's dtype, stored in one memory-mapped file that
 DataLoader workers open on their own.
 """
@@ -40,9 +41,10 @@ logger = logging.getLogger(__name__)
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
-def cache_key(tower: torch.nn.Module, image_processor, images: list[str], dtype: torch.dtype) -> str:
-    """What the features depend on: the tower's config and weights, the image processing, the images, the dtype."""
-    h = hashlib.sha256()
+def cache_key(tower: torch.nn.Module, image_processor, images: list[str], dtype: torch.dtype, tag: str = "") -> str:
+    """What the features depend on: the tower's config and weights, the image processing, the images, the dtype, and
+    `tag` (which of the tower's outputs is kept)."""
+    h = hashlib.sha256(tag.encode())
     h.update(json.dumps(tower.config.to_dict(), sort_keys=True, default=str).encode())
     h.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
     h.update(str(dtype).encode())
@@ -89,17 +91,19 @@ class VisionFeatureCache:
 
     @classmethod
     def build(cls, tower: torch.nn.Module, image_processor, images: list[str], root: str | Path, *,
-              batch_size: int = 64) -> VisionFeatureCache:
+              batch_size: int = 64, encode=None, tag: str = "last_hidden_state") -> VisionFeatureCache:
         """Run `tower` over the distinct `images` (in eval mode, no gradients) into `root/<key>`, unless that is there.
 
-        The key covers the tower's config and weights, the processor, the images (path, size, mtime) and dtype,
-        so a second run on the same data reuses the features, and anything that changes them makes new ones.
+        What is kept is `encode(pixel_values)` (default: the tower's last_hidden_state), which `tag` names. The key
+        covers the tower's config and weights, the processor, the images (path, size, mtime), dtype and tag, so a
+        second run on the same data reuses the features, and anything that changes them makes new ones.
         """
         images = sorted(set(images))
         if not images:
             raise ValueError("no images to compute vision features of")
         param = next(tower.parameters())
-        folder = Path(root) / cache_key(tower, image_processor, images, param.dtype)
+        encode = encode or (lambda pixels: tower(pixel_values=pixels).last_hidden_state)
+        folder = Path(root) / cache_key(tower, image_processor, images, param.dtype, tag)
 
         def compute(tmp: Path) -> None:
             was_training = tower.training
@@ -109,7 +113,7 @@ class VisionFeatureCache:
                 for start in range(0, len(images), batch_size):
                     chunk = images[start:start + batch_size]
                     pixels = image_processor([load_image(p) for p in chunk], return_tensors="pt")["pixel_values"]
-                    out = tower(pixel_values=pixels.to(param.device, param.dtype)).last_hidden_state
+                    out = encode(pixels.to(param.device, param.dtype))
                     if array is None:
                         shape, dtype = tuple(out.shape[1:]), out.dtype
                         array = np.memmap(tmp / "features.bin", dtype=_NUMPY[dtype], mode="w+", shape=(len(images), *shape))

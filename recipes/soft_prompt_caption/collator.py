@@ -18,6 +18,7 @@ import torch
 
 from data_tools.images import load_image
 from eval.caption import CHARACTER_LANGS
+from recipes.common.feature_cache import VisionFeatureCache
 from recipes.common.lengths import IGNORE_INDEX, LengthReport, fit_to_budget
 
 
@@ -55,10 +56,15 @@ def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
 
 @dataclass
 class CaptionCollator:
-    """Training batches: pixel values and the right-padded text (padding is -100 in labels, 0 in the mask)."""
+    """Training batches: pixel values and the right-padded text (padding is -100 in labels, 0 in the mask).
+
+    With a `feature_cache`, `pixel_values` holds each image's cached `image_features` instead (3-D), which the
+    model takes as they are (recipes/common/feature_cache.py).
+    """
 
     image_processor: object
     pad_token_id: int
+    feature_cache: VisionFeatureCache | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         width = max(len(f["input_ids"]) for f in features)
@@ -70,8 +76,9 @@ class CaptionCollator:
             input_ids[i, :n] = torch.tensor(f["input_ids"])
             labels[i, :n] = torch.tensor(f["labels"])
             attention_mask[i, :n] = 1
-        return {"pixel_values": pixel_values(self.image_processor, [f["image"] for f in features]),
-                "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        paths = [f["image"] for f in features]
+        images = self.feature_cache.get(paths) if self.feature_cache is not None else pixel_values(self.image_processor, paths)
+        return {"pixel_values": images, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 @dataclass

@@ -191,7 +191,12 @@ class SoftPromptCaptioner(PreTrainedModel):
 
     # --- forward ------------------------------------------------------------------------------------------
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Vision vectors before the projection: [batch, num_vision_tokens, vision hidden size]."""
+        """Vision vectors before the projection: [batch, num_vision_tokens, vision hidden size].
+
+        A 3-D `pixel_values` is these vectors already, from the cache of a frozen tower (--cache_vision_features).
+        """
+        if pixel_values.dim() == 3:
+            return pixel_values
         dtype = next(self.vision_model.parameters()).dtype
         out = self.vision_model(pixel_values=pixel_values.to(dtype))
         if self.config.vision_features == "pooled":

@@ -10,6 +10,7 @@ from recipes.common.args import (
     ModelArguments,
     PeftArguments,
     parse_args,
+    recipe_argv,
     resume_checkpoint,
 )
 
@@ -182,3 +183,13 @@ def test_resume_last_is_the_newest_complete_checkpoint(tmp_path):
         resume_checkpoint("last", tmp_path)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint-N folder"):
         resume_checkpoint("last", tmp_path / "never_ran")
+
+
+def test_recipe_argv_adds_the_default_config_and_use_cpu_without_a_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert recipe_argv(["--lora_r", "8"], "r/config.yaml") == ["--config", "r/config.yaml", "--lora_r", "8", "--use_cpu"]
+    assert recipe_argv(["--config", "mine.yaml", "--use_cpu"], "r/config.yaml") == ["--config", "mine.yaml", "--use_cpu"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert recipe_argv([], "r/config.yaml") == ["--config", "r/config.yaml"]

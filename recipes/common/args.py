@@ -211,6 +211,20 @@ def load_yaml_config(path: str | Path, known_fields: set[str]) -> dict:
     return values
 
 
+def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
+    """A recipe's command line (default: sys.argv[1:]) with its config.yaml unless `--config` is given, and `--use_cpu`
+    when no GPU is visible: added before parsing, since TrainingArguments sets up its device while parsing; without
+    it a 2-process CPU launch would train two independent copies instead of one gloo job."""
+    import torch
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(default_config), *argv]
+    if not torch.cuda.is_available() and "--use_cpu" not in argv:
+        argv.append("--use_cpu")
+    return argv
+
+
 def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
     """Parse `argv` (default: sys.argv[1:]) into one instance per dataclass type, in the order given.
 

@@ -28,11 +28,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
 
-import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import LlavaForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
 
-from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, resume_checkpoint  # noqa: E402
+from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, recipe_argv, resume_checkpoint  # noqa: E402
 from recipes.common.chat import ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records  # noqa: E402
 from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
@@ -62,13 +61,7 @@ class VqaArguments:
 
 
 def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_CONFIG)] + argv
-    if not torch.cuda.is_available() and "--use_cpu" not in argv:
-        # Before parsing: TrainingArguments sets up its device while parsing. Without it, a 2-process
-        # CPU launch would train two independent copies instead of one gloo job.
-        argv.append("--use_cpu")
+    argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
     model_args, data_args, peft_args, freeze_args, gen_args, vqa_args, training_args = parse_args(
         (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, VqaArguments,
          TrainingArguments), argv

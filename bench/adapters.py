@@ -69,6 +69,11 @@ def load_quantized(model, model_args: ModelArguments, skip_modules: list[str], d
                                        device_map={"": device})
 
 
+def user_dtype(device: str) -> torch.dtype:
+    """The dtype a user loads a checkpoint in for a baseline: bf16 on a GPU, float32 on the CPU."""
+    return torch.bfloat16 if device == "cuda" else torch.float32
+
+
 def vision_positions(vision_config) -> int:
     """Tokens a ViT computes per image: one per patch and the class token."""
     return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
@@ -261,7 +266,7 @@ class Blip2LoraCaption(Adapter):
     def baseline(self, a, size, device):
         from peft import LoraConfig, get_peft_model
 
-        model, _ = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model, _ = self._model(a, size, device, dtype=user_dtype(device))
         return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r))  # peft's default targets for blip-2: q_proj, v_proj
 
     sft_loaded_as = ("trl.SFTTrainer on Blip2ForConditionalGeneration in bf16 on a GPU (float32 on the CPU) with its "
@@ -272,7 +277,7 @@ class Blip2LoraCaption(Adapter):
     def sft(self, a, size, device, records):
         from peft import LoraConfig
 
-        model, processor = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model, processor = self._model(a, size, device, dtype=user_dtype(device))
         # The processor writes num_query_tokens `<image>` tokens before the text; the model fills the positions of its
         # config's image token id. At --size real the tokenizer is the tiny one: make both the real model's.
         processor.num_query_tokens = model.config.num_query_tokens
@@ -601,7 +606,7 @@ class LlavaInstruct(_Llava):
         return self.train.InstructTrainer
 
     def baseline(self, a, size, device):
-        model, _ = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model, _ = self._model(a, size, device, dtype=user_dtype(device))
         return self._baseline_lora(model, a)
 
     sft_loaded_as = ("trl.SFTTrainer on LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) with its "
@@ -610,7 +615,7 @@ class LlavaInstruct(_Llava):
                      "q/k/v/o/gate/up/down_proj, modules_to_save=[projector])")
 
     def sft(self, a, size, device, records):
-        model, processor = self._model(a, size, device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model, processor = self._model(a, size, device, dtype=user_dtype(device))
         return SftBaseline(model, processor, self._sft_rows(records, a), self._sft_lora(a))
 
 

@@ -174,6 +174,38 @@ def test_concurrent_builds_share_one_folder(tmp_path):
     assert AutoModel.from_pretrained(printed.pop()).config.model_type == "clip_vision_model"
 
 
+RANK_CODE = """
+import sys, torch.distributed as dist
+from recipes.common.tiny_models import tiny_model_path
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
+if rank == 0:
+    dist.barrier()  # rank 1 builds first
+print(tiny_model_path("clip-vision"))
+if rank == 1:
+    dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_a_rank_other_than_0_of_a_process_group_builds_a_complete_model(tmp_path):
+    """transformers' save_pretrained writes weights on global rank 0 only once a process group is up; the rank that
+    builds first (here rank 1) still leaves a folder with the weights."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    env = {**os.environ, "VLM_RECIPES_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_CODE, str(rank), port], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    results = [p.communicate(timeout=180) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    folder = Path(results[1][0].strip().splitlines()[-1])
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert AutoModel.from_pretrained(folder).config.model_type == "clip_vision_model"
+
+
 def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
     """If another process renamed its build into place first, ours is dropped and theirs returned."""
     final = tmp_path / "tiny" / f"clip-vision-v{BUILD_VERSIONS['clip-vision']}"

@@ -29,6 +29,7 @@ from typing import Literal
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
 
 import transformers  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from transformers import CLIPModel, TrainingArguments, set_seed  # noqa: E402
 
 from recipes.common.args import DataArguments, FreezeArguments, ModelArguments, PeftArguments, parse_args, recipe_argv, resume_checkpoint  # noqa: E402
@@ -205,3 +206,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    PartialState().destroy_process_group()  # every rank of a multi-process launch exits cleanly

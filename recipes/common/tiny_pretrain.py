@@ -51,7 +51,7 @@ import torch
 
 from data_tools.synth import SHAPES, draw_scene, make_scene, scene_texts
 
-from .tiny_models import BUILD_VERSIONS, build_once, cache_root, tiny_model_path
+from .tiny_models import BUILD_VERSIONS, build_once, build_outside_process_group, cache_root, tiny_model_path
 
 # Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
 PRETRAIN_VERSIONS = {"blip2-opt": 2, "clip": 2, "clip-vision": 2, "gpt2": 1, "llava": 2}
@@ -373,6 +373,7 @@ def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path
               file=sys.stderr, flush=True)
         PRETRAINERS[name](tmp, **starts, log=lambda m: print(m, file=sys.stderr, flush=True))
 
+    build_outside_process_group("recipes.common.tiny_pretrain", name, final, "pretraining.json", root)
     return build_once(final, build, marker="pretraining.json")
 
 

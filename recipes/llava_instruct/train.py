@@ -32,6 +32,7 @@ from typing import Literal
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
 
 import transformers  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from transformers import LlavaForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores  # noqa: E402
@@ -196,3 +197,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    PartialState().destroy_process_group()  # every rank of a multi-process launch exits cleanly

@@ -148,16 +148,12 @@ class Adapter:
     def feature_cache(self, tower, image_processor, a, **encode):
         """--cache_vision_features as train.py builds it, over the images of the last dataset() (self.images); the one
         pass over them is not in the timed steps, but noted in the result."""
-        from recipes.common.feature_cache import VisionFeatureCache, check_frozen
+        from recipes.common.feature_cache import cache_for_run
 
         if next(tower.parameters()).device.type == "meta":
             raise ValueError("--flops with --cache_vision_features: a cached tower does no work in a step (its FLOPs are "
                              "0); count without the option, which gives the tower's share too.")
-        check_frozen(tower)
-        f = a.FreezeArguments
-        cache = VisionFeatureCache.build(tower, image_processor, self.images,
-                                         f.vision_feature_dir or Path(a.TrainingArguments.output_dir) / "vision_features",
-                                         batch_size=a.TrainingArguments.per_device_eval_batch_size, **encode)
+        cache = cache_for_run(tower, image_processor, self.images, a.FreezeArguments, a.TrainingArguments, **encode)
         if cache.seconds is not None:
             self.notes.append(f"vision features of {len(cache)} distinct images computed before training in "
                               f"{cache.seconds:.1f} s (not in the timed steps)")

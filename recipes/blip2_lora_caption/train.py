@@ -28,7 +28,7 @@ from transformers import Blip2ForConditionalGeneration, TrainingArguments, set_s
 
 from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, recipe_argv, resume_checkpoint  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
-from recipes.common.feature_cache import VisionFeatureCache, check_frozen, serve_cached_features, vision_tower  # noqa: E402
+from recipes.common.feature_cache import cache_for_run, serve_cached_features, vision_tower  # noqa: E402
 from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters  # noqa: E402
 
@@ -91,12 +91,8 @@ def main(argv=None):
     feature_cache = None
     if freeze_args.cache_vision_features:
         tower = vision_tower(model)
-        check_frozen(tower)
         images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset is not None else [])
-        feature_cache = VisionFeatureCache.build(
-            tower.to(training_args.device), image_processor, images,
-            freeze_args.vision_feature_dir or Path(training_args.output_dir) / "vision_features",
-            batch_size=training_args.per_device_eval_batch_size)
+        feature_cache = cache_for_run(tower, image_processor, images, freeze_args, training_args)
         serve_cached_features(tower)  # generation (4-D pixels) still runs the tower
 
     trainer = CaptionTrainer(

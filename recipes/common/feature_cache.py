@@ -135,6 +135,17 @@ class VisionFeatureCache:
         return cache
 
 
+def cache_for_run(tower: torch.nn.Module, image_processor, images: list[str], freeze_args, training_args,
+                  **encode) -> VisionFeatureCache:
+    """--cache_vision_features as a recipe runs it: a tower that trains is refused; the features of `images` are
+    computed on the training device into --vision_feature_dir (default <output_dir>/vision_features), or found there.
+    `encode` (encode=, tag=) as for VisionFeatureCache.build."""
+    check_frozen(tower)
+    return VisionFeatureCache.build(tower.to(training_args.device), image_processor, images,
+                                    freeze_args.vision_feature_dir or Path(training_args.output_dir) / "vision_features",
+                                    batch_size=training_args.per_device_eval_batch_size, **encode)
+
+
 def serve_cached_features(tower: torch.nn.Module) -> None:
     """Make `tower` return a 3-D `pixel_values` (its own cached last_hidden_state) as its output, uncomputed.
 

@@ -33,7 +33,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments, s
 
 from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, recipe_argv, resume_checkpoint  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
-from recipes.common.feature_cache import VisionFeatureCache, check_frozen  # noqa: E402
+from recipes.common.feature_cache import cache_for_run  # noqa: E402
 from recipes.common.models import check_model_source, compute_dtype, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters  # noqa: E402
 
@@ -153,13 +153,9 @@ def main(argv=None):
     feature_cache = None
     if freeze_args.cache_vision_features:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        check_frozen(base.vision_model)
         images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset is not None else [])
-        feature_cache = VisionFeatureCache.build(
-            base.to(training_args.device).vision_model, image_processor, images,
-            freeze_args.vision_feature_dir or Path(training_args.output_dir) / "vision_features",
-            batch_size=training_args.per_device_eval_batch_size, encode=base.image_features,
-            tag=f"image_features:{config.vision_features}")
+        feature_cache = cache_for_run(base.vision_model, image_processor, images, freeze_args, training_args,
+                                      encode=base.image_features, tag=f"image_features:{config.vision_features}")
 
     trainer = SoftPromptTrainer(
         model=model,

@@ -217,3 +217,25 @@ def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
     monkeypatch.setattr(tiny_models, "build_tiny", build_while_another_process_wins)
     assert tiny_model_path("clip-vision", cache_dir=tmp_path) == final
     assert [p.name for p in final.parent.iterdir() if not p.name.endswith(".lock")] == [final.name]  # ours was removed
+
+
+def test_a_build_leaves_the_callers_random_states_as_they_were(tmp_path):
+    """A recipe seeds, then finds or builds its base (pre-training seeds and draws), then initialises what it trains:
+    a first run on a fresh machine must train like every later one."""
+    import random
+
+    import numpy as np
+
+    def build(folder: Path) -> None:
+        torch.manual_seed(123), random.seed(123), np.random.seed(123)
+        torch.rand(5), random.random(), np.random.rand()
+        (folder / "tiny_model.json").write_text("{}")
+
+    def draws():
+        return torch.rand(3).tolist(), random.random(), float(np.random.rand())
+
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    expected = draws()
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    tiny_models.build_once(tmp_path / "model", build)
+    assert (tmp_path / "model" / "tiny_model.json").exists() and draws() == expected

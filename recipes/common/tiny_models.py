@@ -26,6 +26,7 @@ Names: `blip2-opt`, `llava`, `clip`, `clip-vision`, `gpt2`. Sizes are keyword ov
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -353,6 +354,20 @@ def cache_root() -> Path:
     return Path(os.environ.get("VLM_RECIPES_CACHE") or Path.home() / ".cache" / "vlm-recipes")
 
 
+@contextlib.contextmanager
+def _caller_rng_kept():
+    """Restore torch's CPU, Python's and NumPy's random states on exit (pre-training seeds and draws from them)."""
+    import random
+
+    import numpy as np
+
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        yield
+    random.setstate(python_state)
+    np.random.set_state(numpy_state)
+
+
 def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
     """Run `build(tmp_folder)` unless `final/marker` exists, then move the folder to `final`; return `final`.
 
@@ -371,7 +386,8 @@ def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            build(tmp)
+            with _caller_rng_kept():  # a run that builds its base first trains exactly like one that finds it built
+                build(tmp)
             if not (final / marker).exists():  # else a process that took no lock won: keep its build
                 if final.exists():  # a broken leftover (no marker)
                     shutil.rmtree(final)

@@ -163,7 +163,11 @@ class Adapter:
         raise NotImplementedError
 
     def trainer_kwargs(self, tokenizer, image_processor, a) -> dict:
-        return {}
+        """The recipe Trainer's own constructor arguments, as its train.py passes them."""
+        kwargs = {"freeze_args": a.FreezeArguments}
+        if self.task != "retrieval":  # the generative recipes' Trainers (recipes/common/losses.py LabelPositionLoss)
+            kwargs["loss_on_label_positions"] = a.ModelArguments.loss_on_label_positions
+        return kwargs
 
     def baseline(self, a, size: str, device: str):
         """The model a user would train with a plain `transformers.Trainer` and PEFT's defaults (None: no baseline)."""
@@ -256,9 +260,6 @@ class Blip2LoraCaption(Adapter):
     def trainer_class(self):
         return self.train.CaptionTrainer
 
-    def trainer_kwargs(self, tokenizer, image_processor, a):
-        return {"freeze_args": a.FreezeArguments}
-
     def baseline(self, a, size, device):
         from peft import LoraConfig, get_peft_model
 
@@ -338,9 +339,6 @@ class ClipRetrieval(Adapter):
 
     def trainer_class(self):
         return self.train.ContrastiveTrainer
-
-    def trainer_kwargs(self, tokenizer, image_processor, a):
-        return {"freeze_args": a.FreezeArguments}
 
     def baseline(self, a, size, device):
         if a.PeftArguments.peft_method != "none":
@@ -445,8 +443,7 @@ class SoftPromptCaption(Adapter):
         return self.train.SoftPromptTrainer
 
     def trainer_kwargs(self, tokenizer, image_processor, a):
-        return {"freeze_args": a.FreezeArguments, "image_processor": image_processor,
-                "loss_on_label_positions": a.SoftPromptArguments.loss_on_label_positions}
+        return {**super().trainer_kwargs(tokenizer, image_processor, a), "image_processor": image_processor}
 
     def baseline(self, a, size, device):
         if a.PeftArguments.peft_method != "none":
@@ -539,9 +536,6 @@ class _Llava(Adapter):
         from recipes.common.chat import ChatCollator
 
         return ChatCollator(image_processor, tokenizer.pad_token_id)
-
-    def trainer_kwargs(self, tokenizer, image_processor, a):
-        return {"freeze_args": a.FreezeArguments}
 
     def _baseline_lora(self, model, a):
         """LoRA on the LM's linears with PEFT's defaults (alpha 8, no dropout), the recipe's r, and in full what the

@@ -2,7 +2,6 @@
 
 import datasets
 import pytest
-import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BlipImageProcessor, PreTrainedTokenizerFast

@@ -1,5 +1,5 @@
 """recipes/common/losses.py: logits at label positions only give the same loss and gradients, through a plain causal LM
-and through soft_prompt_caption's --loss_on_label_positions."""
+and through the generative recipes' Trainers with --loss_on_label_positions (recipes/common/losses.py LabelPositionLoss)."""
 
 import pytest
 import torch
@@ -14,6 +14,12 @@ def tiny_cache(tmp_path_factory):
     mp.setenv("VLM_RECIPES_CACHE", str(tmp_path_factory.mktemp("cache")))
     yield
     mp.undo()
+
+
+def _assert_grads_close(a: torch.Tensor, b: torch.Tensor) -> None:
+    # Sums over other rows in another order (and thread split): float32 rounding relative to the gradient's scale.
+    assert b.abs().max() > 0
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
 
 
 def _loss_and_grads(model, params, **inputs):
@@ -51,12 +57,34 @@ def test_a_causal_lm_gives_the_same_loss_and_gradients_from_fewer_logits(tiny_ca
     # The same sum over the same rows, added in another order: equal to float32 rounding.
     torch.testing.assert_close(kept.loss, full.loss, rtol=1e-6, atol=0)
     for a, b in zip(kept_grads, full_grads):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        _assert_grads_close(a, b)
+
+
+def _trainer_loss_and_grads(trainer_class, model, inputs: dict, params, tmp_path, **trainer_kwargs) -> dict:
+    """The recipe Trainer's `compute_loss` (the training step's loss) and gradients, without and with the option."""
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    n = (inputs["labels"] != -100).sum()  # the Trainer's num_items_in_batch for causal LMs
+    out = {}
+    for flag in (False, True):
+        trainer = trainer_class(model=model, args=args, loss_on_label_positions=flag, **trainer_kwargs)
+        model.eval()  # no dropout: both passes see the same network
+        model.zero_grad()
+        loss, outputs = trainer.compute_loss(model, dict(inputs), return_outputs=True, num_items_in_batch=n)
+        loss.backward()
+        out[flag] = (loss.detach(), [p.grad.clone() for p in params])
+        # On: one row of logits per position whose next token is a label (flattened; every label here has a
+        # position before it, image or prefix tokens at least); off: [batch, length, vocab].
+        n_label_rows = int((inputs["labels"] != -100).sum())
+        assert outputs.logits.shape[:-1] == ((n_label_rows,) if flag else (2, outputs.logits.shape[1]))
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=0)
+    for a, b in zip(out[True][1], out[False][1]):
+        _assert_grads_close(a, b)
+    return out
 
 
 def test_soft_prompt_trainer_option_gives_the_same_loss_and_gradients(tiny_cache, tmp_path):
-    from transformers import TrainingArguments
-
     from recipes.soft_prompt_caption.modeling import SoftPromptCaptioner
     from recipes.soft_prompt_caption.trainer import SoftPromptTrainer
 
@@ -68,44 +96,43 @@ def test_soft_prompt_trainer_option_gives_the_same_loss_and_gradients(tiny_cache
     labels[0, :2], labels[1, 6:] = -100, -100  # a prompt; padding
     inputs = {"pixel_values": torch.randn(2, 3, 64, 64), "input_ids": ids, "attention_mask": torch.ones_like(ids),
               "labels": labels}
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    out = {}
-    for flag in (False, True):
-        trainer = SoftPromptTrainer(model=model, args=args, loss_on_label_positions=flag)
-        model.eval()  # no dropout: both passes see the same network
-        model.zero_grad()
-        loss = trainer.compute_loss(model, dict(inputs), num_items_in_batch=(labels != -100).sum())
-        loss.backward()
-        out[flag] = (loss.detach(), [model.soft_prompt.grad.clone(), model.projection.weight.grad.clone()])
-    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-6, atol=0)
-    for a, b in zip(out[True][1], out[False][1]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    _trainer_loss_and_grads(SoftPromptTrainer, model, inputs, [model.soft_prompt, model.projection.weight], tmp_path)
 
 
-def test_blip2_gives_the_same_loss_from_logits_kept_at_label_positions(tiny_cache):
-    """BLIP-2 takes `logits_to_keep` but slices full-length logits for its own loss: run it without labels and
-    compute the loss with `loss_at_label_positions` (what a CaptionTrainer.compute_loss override would do)."""
+def _image_text_batch(image_token_id: int, n_image: int, text_length: int = 7) -> dict:
+    """Two samples: the image tokens, a prompt of 2 tokens, an answer; the second right-padded by 2."""
+    torch.manual_seed(0)
+    text = torch.randint(4, 1000, (2, text_length))
+    ids = torch.cat([torch.full((2, n_image), image_token_id), text], dim=1)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : n_image + 2] = -100
+    return {"pixel_values": torch.randn(2, 3, 64, 64), "input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_blip2_caption_trainer_option_gives_the_same_loss_and_gradients(tiny_cache, tmp_path):
+    """BLIP-2 slices full-length logits for its own loss: the CaptionTrainer computes it from the kept ones."""
     from transformers import Blip2ForConditionalGeneration
 
-    from recipes.common.losses import loss_at_label_positions
+    from recipes.blip2_lora_caption.trainer import CaptionTrainer
 
-    model = Blip2ForConditionalGeneration.from_pretrained(resolve_model_path("tiny:blip2-opt")).eval()
-    n_query = model.config.num_query_tokens
-    torch.manual_seed(0)
-    text = torch.randint(4, 1000, (2, 7))
-    ids = torch.cat([torch.full((2, n_query), model.config.image_token_id), text], dim=1)
-    labels = ids.clone()
-    labels[:, : n_query + 2] = -100  # image tokens and a prompt
-    labels[1, -2:] = -100  # padding
-    inputs = {"pixel_values": torch.randn(2, 3, 64, 64), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    n = (labels != -100).sum()
-    params = [model.language_projection.weight, model.language_model.lm_head.weight]
-    full, full_grads = _loss_and_grads(model, params, **inputs, labels=labels, num_items_in_batch=n)
-    model.zero_grad()
-    out = model(**inputs, logits_to_keep=label_positions_only(labels)["logits_to_keep"])
-    loss = loss_at_label_positions(out.logits, labels, num_items_in_batch=n)
-    loss.backward()
-    assert out.logits.shape[0] == int((labels[:, 1:] != -100).sum())
-    torch.testing.assert_close(loss, full.loss, rtol=1e-6, atol=0)
-    for p, g in zip(params, full_grads):
-        torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    model = Blip2ForConditionalGeneration.from_pretrained(resolve_model_path("tiny:blip2-opt"))
+    inputs = _image_text_batch(model.config.image_token_id, model.config.num_query_tokens)
+    params = [model.language_projection.weight, model.language_model.lm_head.weight, model.qformer.layernorm.weight]
+    _trainer_loss_and_grads(CaptionTrainer, model, inputs, params, tmp_path)
+
+
+def test_llava_instruct_trainer_option_gives_the_same_loss_and_gradients(tiny_cache, tmp_path):
+    """LLaVA under LoRA: its own loss on the kept logits (`shift_labels`), through PEFT's wrapper."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlavaForConditionalGeneration
+
+    from recipes.llava_instruct.trainer import InstructTrainer
+
+    base = LlavaForConditionalGeneration.from_pretrained(resolve_model_path("tiny:llava"))
+    n_image = base.config.image_seq_length
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    params = [p for name, p in model.named_parameters() if p.requires_grad][:2]
+    _trainer_loss_and_grads(InstructTrainer, model, _image_text_batch(base.config.image_token_id, n_image), params,
+                            tmp_path)

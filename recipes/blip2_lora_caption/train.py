@@ -108,6 +108,7 @@ def main(argv=None):
         generation_args=gen_args,
         decode_tokenizer=tokenizer,
         freeze_args=freeze_args,
+        loss_on_label_positions=model_args.loss_on_label_positions,
     )
 
     resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one

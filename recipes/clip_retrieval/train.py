@@ -98,6 +98,8 @@ def main(argv=None):
     if data_args.prompt:
         raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; "
                          "zero-shot prompts are --zero_shot_templates.")
+    if model_args.loss_on_label_positions:
+        raise ValueError("--loss_on_label_positions is for the generative recipes: CLIP's contrastive loss has no labels.")
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)

@@ -48,6 +48,12 @@ class ModelArguments:
         default=False, metadata={"help": "Allow running modelling code shipped with the checkpoint. Only for sources you trust."}
     )
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
+    loss_on_label_positions: bool = field(
+        default=False,
+        metadata={"help": "Generative recipes: compute the LM's logits and loss at the label (answer, caption) positions "
+                          "only: the same loss with less LM-head work and memory (recipes/common/losses.py). Off until "
+                          "measured on a GPU (bench/RESULTS.md)."},
+    )
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:

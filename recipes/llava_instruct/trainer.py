@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from recipes.common.generation_eval import GenerationEvalTrainer
+from recipes.common.losses import LabelPositionLoss
 from recipes.common.peft_setup import PerModuleLearningRates
 from recipes.common.sampling import ModalityLengthGroupedSampler
 
 
-class InstructTrainer(PerModuleLearningRates, GenerationEvalTrainer):
+class InstructTrainer(LabelPositionLoss, PerModuleLearningRates, GenerationEvalTrainer):
     """GenerationEvalTrainer whose optimizer gives the vision tower, projector and LM their own learning rates,
-    and whose `train_sampling_strategy: group_by_length` keeps image and text-only samples in separate batches."""
+    and whose `train_sampling_strategy: group_by_length` keeps image and text-only samples in separate batches. `loss_on_label_positions`: LLaVA's own loss on the
+    logits of the answer positions only (recipes/common/losses.py)."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

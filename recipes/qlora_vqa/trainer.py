@@ -7,11 +7,12 @@ import os
 
 from eval.vqa import vqa_accuracy
 from recipes.common.generation_eval import GenerationEvalTrainer
+from recipes.common.losses import LabelPositionLoss
 from recipes.common.peft_setup import PerModuleLearningRates
 from recipes.common.quantization import save_quantization_config
 
 
-class VqaTrainer(PerModuleLearningRates, GenerationEvalTrainer):
+class VqaTrainer(LabelPositionLoss, PerModuleLearningRates, GenerationEvalTrainer):
     """GenerationEvalTrainer for short answers on a quantized base.
 
     - the optimizer gives the vision tower, projector and LM their own learning rates;
@@ -21,7 +22,8 @@ class VqaTrainer(PerModuleLearningRates, GenerationEvalTrainer):
     - every evaluation also writes `predictions/<name>.results.json` in the official VQA results
       format ([{"question_id", "answer"}]) and `<name>.vqa.json` (accuracy overall, per answer type
       and per question type);
-    - every save writes the base's quantization config next to the adapter, for merge.py.
+    - every save writes the base's quantization config next to the adapter, for merge.py;
+    - `loss_on_label_positions`: LLaVA's own loss on the logits of the answer positions only.
     """
 
     def generate_predictions(self, records) -> dict:

@@ -71,11 +71,6 @@ class SoftPromptArguments:
         default="pooled",
         metadata={"help": "'pooled': one vector per image (CLIP's pooled CLS); 'patches': one per patch (49 for B/32)."},
     )
-    loss_on_label_positions: bool = field(
-        default=False,
-        metadata={"help": "Compute the LM's logits and loss at the caption positions only: the same loss with less LM-head "
-                          "work and memory (recipes/common/losses.py). Off until measured on a GPU (bench/RESULTS.md)."},
-    )
 
 
 def main(argv=None):
@@ -171,7 +166,7 @@ def main(argv=None):
         generation_args=gen_args,
         decode_tokenizer=tokenizer,
         freeze_args=freeze_args,
-        loss_on_label_positions=sp_args.loss_on_label_positions,
+        loss_on_label_positions=model_args.loss_on_label_positions,
     )
 
     resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one

@@ -9,6 +9,7 @@ import torch
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from recipes.common.generation_eval import GenerationEvalTrainer
+from recipes.common.losses import LabelPositionLoss
 from recipes.common.peft_setup import PerModuleLearningRates
 
 try:
@@ -17,7 +18,7 @@ except ImportError:
     from modeling import load_trained, save_trained  # train.py puts this folder on sys.path
 
 
-class SoftPromptTrainer(PerModuleLearningRates, GenerationEvalTrainer):
+class SoftPromptTrainer(LabelPositionLoss, PerModuleLearningRates, GenerationEvalTrainer):
     """GenerationEvalTrainer that saves and loads the trained parts alone (run folders and checkpoint-N alike).
 
     Trainer's own save/load handle full state dicts or peft adapters; here the soft prompt is a bare
@@ -26,15 +27,13 @@ class SoftPromptTrainer(PerModuleLearningRates, GenerationEvalTrainer):
     for the soft prompt and projection, --lm_lr for LoRA on the LM.
     """
 
-    def __init__(self, *args, image_processor=None, loss_on_label_positions: bool = False, **kwargs):
+    def __init__(self, *args, image_processor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_processor = image_processor
-        self.loss_on_label_positions = loss_on_label_positions
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.loss_on_label_positions and "labels" in inputs:
-            inputs = {**inputs, "loss_on_label_positions": True}  # SoftPromptCaptioner.forward: the same loss, fewer logits
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+    def label_position_inputs(self, inputs: dict) -> dict:
+        # SoftPromptCaptioner.forward puts the prefix in front of the labels first, then keeps their positions.
+        return {**inputs, "loss_on_label_positions": True}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir if output_dir is not None else self.args.output_dir

@@ -142,7 +142,7 @@ class Adapter:
 
     def baseline_collator(self, tokenizer, image_processor, model, a):
         """The collator whose batches the plain baseline is given (None: the recipe's). A recipe option that changes what
-        its batches hold (cached vision features instead of pixels) needs the plain batches here."""
+        its batches hold (cached vision features instead of pixels, padding-free rows) needs the plain batches here."""
         return None
 
     def feature_cache(self, tower, image_processor, a, **encode):
@@ -190,7 +190,10 @@ class Adapter:
         return batch["pixel_values"].shape[0]
 
     def tokens(self, batch: dict) -> torch.Tensor:
-        """Non-pad tokens of a batch (a tensor on the batch's device, summed without a host sync)."""
+        """Non-pad tokens of a batch (a tensor on the batch's device, summed without a host sync); a padding-free
+        batch (no attention_mask) has no padding: its length, known on the host."""
+        if "attention_mask" not in batch:
+            return torch.tensor(batch["input_ids"].numel())
         return batch["attention_mask"].sum()
 
     def flop_chains(self, model, batch: dict) -> list[list[Part]]:
@@ -473,15 +476,17 @@ class _Llava(Adapter):
     filled to the length budget (bench.data.fill_conversations), the collator and the FLOP chain."""
 
     real_batch_size = 8  # the issue's micro-batch
-    tokens_counted = ("LM positions with attention_mask 1: the image tokens (576 per image; 64 at --size tiny), the chat "
+    tokens_counted = ("LM positions that are not padding: the image tokens (576 per image; 64 at --size tiny), the chat "
                       "template, questions and answers; no padding")
     unquantized = None  # skip_quantization of the recipe's loader (train.py passes none)
 
     @property
     def arg_types(self):
         extra = self.train.InstructArguments if self.name == "llava_instruct" else self.train.VqaArguments
+        from recipes.common.chat import ChatBatchArguments
+
         return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, extra,
-                TrainingArguments)
+                ChatBatchArguments, TrainingArguments)
 
     def image_size(self, size):
         return real_configs.llava_1_5_7b().vision_config.image_size if size == "real" else None
@@ -535,7 +540,12 @@ class _Llava(Adapter):
     def collator(self, tokenizer, image_processor, model, a):
         from recipes.common.chat import ChatCollator
 
-        return ChatCollator(image_processor, tokenizer.pad_token_id)
+        return ChatCollator(image_processor, tokenizer.pad_token_id, a.ChatBatchArguments.padding_free)
+
+    def baseline_collator(self, tokenizer, image_processor, model, a):
+        from recipes.common.chat import ChatCollator
+
+        return ChatCollator(image_processor, tokenizer.pad_token_id)  # right-padded, whatever the recipe's option
 
     def _baseline_lora(self, model, a):
         """LoRA on the LM's linears with PEFT's defaults (alpha 8, no dropout), the recipe's r, and in full what the
@@ -576,7 +586,7 @@ class _Llava(Adapter):
         # see the patches alone ("default" feature strategy: no class token).
         return [[Part("vision", ("model.vision_tower",), n_images * positions),
                  Part("bridge", ("model.multi_modal_projector",), n_images * (positions - 1)),
-                 Part("language", ("model.language_model", "lm_head"), int(batch["attention_mask"].sum()))]]
+                 Part("language", ("model.language_model", "lm_head"), int(self.tokens(batch)))]]
 
 
 class LlavaInstruct(_Llava):

@@ -218,8 +218,10 @@ def _run_sft(adapter: Adapter, mode: str, opts: Options, a, sft, batch_size: int
 
     args = a.TrainingArguments
     # The recipe's TrainingArguments as TRL converts them itself, but no truncation: the samples are within the recipe's
-    # length budget already, and a cut through the image tokens would be an error.
-    sft_args = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token, "max_length": None})
+    # length budget already, and a cut through the image tokens would be an error. The random sampler: TRL's vision rows
+    # have no token lengths until its collator runs, so transformers' length grouping cannot read them (ValueError).
+    sft_args = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token, "max_length": None,
+                            "train_sampling_strategy": "random"})
     rows = datasets.Dataset.from_list(sft.rows).cast_column("images", datasets.Sequence(datasets.Image()))
     cls = timed_trainer(SFTTrainer, adapter)
     clock = StepClock(opts.warmup, opts.steps, opts.device == "cuda")

@@ -375,3 +375,20 @@ def test_cached_vision_features_the_recipe_trains_on_them_and_the_baselines_on_p
     live_parts, cached_parts = (step_flops(model, adapter.flop_chains(model, b)) for b in (live, cached))
     assert cached_parts["vision"] == 0 < live_parts["vision"]
     assert cached_parts["total"] == pytest.approx(live_parts["total"] - live_parts["vision"])
+
+
+def test_padding_free_label_position_recipe_batches_against_padded_baselines_and_trl_e2e():
+    """llava_instruct with both batch levers: the recipe trains on one-row batches and logits of the label positions,
+    the baselines on the padded batches of the same samples; same tokens, same first loss (LoRA B = 0). In e2e mode
+    TRL's SFTTrainer trains too (the recipe's group_by_length sampler cannot read TRL's rows: it gets the random one)."""
+    levers = ["--padding_free", "true", "--loss_on_label_positions", "true"]
+    device = harness.run(_opts("llava_instruct", mode="device", recipe_argv=levers))
+    recipe_run, baseline_run, trl_run = device["runs"]
+    assert "error" not in trl_run
+    assert all(s["input_ids"] == s["position_ids"] == [1, n] and "attention_mask" not in s
+               for s, n in zip(recipe_run["batch_shapes"], recipe_run["batch_tokens"]))
+    assert all(s["input_ids"][0] == 4 for s in baseline_run["batch_shapes"])
+    assert recipe_run["batch_tokens"] == baseline_run["batch_tokens"]  # no padding counted on either side
+    assert recipe_run["losses"][0] == pytest.approx(baseline_run["losses"][0], rel=1e-5)
+    e2e = harness.run(_opts("llava_instruct", mode="e2e"))
+    assert [(r["who"], "error" in r) for r in e2e["runs"]] == [("recipe", False), ("baseline", False), ("trl", False)]

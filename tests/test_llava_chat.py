@@ -199,6 +199,44 @@ def test_collators_mix_text_only_and_image_samples_and_left_pad_prompts(encoder,
             assert together[row, -4:].tolist() == single[0, -4:].tolist()  # left padding changes no answer
 
 
+
+def test_padding_free_batches_give_the_padded_batches_logits_loss_and_gradients(encoder, tmp_path):
+    """--padding_free: one row, position_ids restarting per sample, no attention_mask; no sample sees another."""
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "r.png")
+    Image.new("RGB", (16, 16), "blue").save(tmp_path / "b.png")
+    records = datasets.Dataset.from_list([
+        {"image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:]},
+        {"image": None, "conversations": [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "blue ."}]},
+        {"image": str(tmp_path / "b.png"), "conversations": CONVERSATION[1:3]},
+    ])
+    ds, _ = tokenize_conversations(records, encoder, None)
+    features = [ds[i] for i in range(3)]
+    padded = ChatCollator(encoder.processor.image_processor, PAD)(features)
+    packed = ChatCollator(encoder.processor.image_processor, PAD, padding_free=True)(features)
+    lengths = ds["length"]
+    assert set(packed) == {"input_ids", "position_ids", "labels", "pixel_values", "use_cache"} and packed["input_ids"].shape == (1, sum(lengths))
+    assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
+    assert packed["input_ids"][0].tolist() == [t for f in features for t in f["input_ids"]]
+    starts = [sum(lengths[:k]) for k in range(3)]
+    assert packed["labels"][0, starts].eq(M).all()
+    assert packed["labels"].ne(M).sum() == padded["labels"].ne(M).sum()  # each sample's first label was -100 already
+
+    torch.manual_seed(0)
+    model = _tiny_llava()
+    params = [model.lm_head.weight, model.model.multi_modal_projector.linear_1.weight]
+    out = {}
+    for name, batch in (("padded", padded), ("packed", packed)):
+        model.zero_grad()
+        result = model(**batch)
+        result.loss.backward()
+        out[name] = result, [p.grad.clone() for p in params]
+    rows = torch.cat([out["padded"][0].logits[k, :n] for k, n in enumerate(lengths)])
+    torch.testing.assert_close(out["packed"][0].logits[0], rows, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["packed"][0].loss, out["padded"][0].loss, rtol=1e-6, atol=0)
+    for a, b in zip(out["packed"][1], out["padded"][1]):
+        assert b.abs().max() > 0
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
 def test_sampler_batches_one_modality_of_similar_length_reproducibly():
     lengths = [100 + i for i in range(50)] + [10 + i for i in range(13)]
     has_image = [True] * 50 + [False] * 13

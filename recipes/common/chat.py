@@ -26,7 +26,7 @@ tokens its features fill (no image-feature/token mismatch).
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import datasets
 import torch
@@ -258,17 +258,42 @@ def _pixel_values(image_processor, features: list[dict]) -> torch.Tensor | None:
 
 
 @dataclass
+class ChatBatchArguments:
+    """How the LLaVA recipes batch their training samples."""
+
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Put each micro-batch's samples end to end in one row, no padding, position_ids restarting "
+                          "at each sample (the same loss). Fast with --attn_implementation flash_attention_2 "
+                          "(variable-length kernels); with sdpa or eager the row gets a block-diagonal mask, and the "
+                          "attention over it is as dense as over one sequence that long."},
+    )
+
+
+@dataclass
 class ChatCollator:
     """Training batches: right-padded ids and labels; pixel_values for the samples that have an image, in order.
 
     LLaVA fills the image tokens of the whole batch with the image features in order, so text-only
     samples simply contribute no image; a batch without any image has no pixel_values.
+
+    `padding_free`: the samples end to end in a batch of one row, with `position_ids` that restart at 0 at
+    each sample, no attention_mask and `use_cache=False`. transformers reads the restarts as sequence
+    boundaries (its mask functions build a block-diagonal causal mask; FlashAttention-2 runs
+    variable-length sequences) and RoPE sees each sample's own positions. It does so only without a KV
+    cache, and a Llama forward makes one whenever `use_cache` is on (its config's default, in training too):
+    the samples would then attend to the ones before them, silently. Each sample's first label is -100, so the last token of a sample
+    does not learn to predict the next sample; that label is the sample's first token, which nothing
+    predicts in a padded batch either. Same loss as padded (tests/test_llava_chat.py).
     """
 
     image_processor: object
     pad_token_id: int
+    padding_free: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        if self.padding_free:
+            return self._packed(features)
         width = max(len(f["input_ids"]) for f in features)
         input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
@@ -278,7 +303,18 @@ class ChatCollator:
             input_ids[i, :n] = torch.tensor(f["input_ids"])
             labels[i, :n] = torch.tensor(f["labels"])
             attention_mask[i, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return self._with_pixels({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, features)
+
+    def _packed(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        labels = [torch.tensor(f["labels"]) for f in features]
+        for row in labels:
+            row[0] = IGNORE_INDEX
+        batch = {"input_ids": torch.cat([torch.tensor(f["input_ids"]) for f in features])[None],
+                 "position_ids": torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None],
+                 "labels": torch.cat(labels)[None], "use_cache": False}
+        return self._with_pixels(batch, features)
+
+    def _with_pixels(self, batch: dict, features: list[dict]) -> dict[str, torch.Tensor]:
         pixel_values = _pixel_values(self.image_processor, features)
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values

@@ -38,7 +38,7 @@ from transformers import LlavaForConditionalGeneration, TrainingArguments, set_s
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores  # noqa: E402
 from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments,  # noqa: E402
                                  PeftArguments, parse_args, recipe_argv, resume_checkpoint)
-from recipes.common.chat import ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
+from recipes.common.chat import ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
 from recipes.common.data import embedded_dataset, load_records  # noqa: E402
 from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters  # noqa: E402
@@ -82,9 +82,9 @@ class InstructArguments:
 
 def main(argv=None):
     argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    model_args, data_args, peft_args, freeze_args, gen_args, inst_args, training_args = parse_args(
+    model_args, data_args, peft_args, freeze_args, gen_args, inst_args, batch_args, training_args = parse_args(
         (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, InstructArguments,
-         TrainingArguments), argv
+         ChatBatchArguments, TrainingArguments), argv
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
@@ -155,7 +155,7 @@ def main(argv=None):
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=ChatCollator(image_processor, pad_token_id),
+        data_collator=ChatCollator(image_processor, pad_token_id, batch_args.padding_free),
         processing_class=processor,
         generation_dataset=eval_items,
         generation_collator=ChatPromptCollator(encoder, image_processor, pad_token_id),

@@ -476,15 +476,15 @@ class _Llava(Adapter):
     filled to the length budget (bench.data.fill_conversations), the collator and the FLOP chain."""
 
     real_batch_size = 8  # the issue's micro-batch
-    tokens_counted = ("LM positions that are not padding: the image tokens (576 per image; 64 at --size tiny), the chat "
-                      "template, questions and answers; no padding")
+    tokens_counted = ("LM positions but padding: the image tokens (576 per image; 64 at --size tiny), the chat template, "
+                      "questions and answers")
     unquantized = None  # skip_quantization of the recipe's loader (train.py passes none)
 
     @property
     def arg_types(self):
-        extra = self.train.InstructArguments if self.name == "llava_instruct" else self.train.VqaArguments
         from recipes.common.chat import ChatBatchArguments
 
+        extra = self.train.InstructArguments if self.name == "llava_instruct" else self.train.VqaArguments
         return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, extra,
                 ChatBatchArguments, TrainingArguments)
 

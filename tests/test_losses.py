@@ -136,3 +136,34 @@ def test_llava_instruct_trainer_option_gives_the_same_loss_and_gradients(tiny_ca
     params = [p for name, p in model.named_parameters() if p.requires_grad][:2]
     _trainer_loss_and_grads(InstructTrainer, model, _image_text_batch(base.config.image_token_id, n_image), params,
                             tmp_path)
+
+
+def test_blip2_option_trains_to_the_same_weights_under_gradient_accumulation(tiny_cache, tmp_path):
+    """The BLIP-2 loss computed by the Trainer (compute_loss_func) is normalised over the whole accumulated batch, as the
+    model's own: two optimizer steps of two micro-batches of unequal label counts end at the same weights."""
+    from transformers import Blip2ForConditionalGeneration, TrainingArguments
+
+    from recipes.blip2_lora_caption.trainer import CaptionTrainer
+
+    base = Blip2ForConditionalGeneration.from_pretrained(resolve_model_path("tiny:blip2-opt"))
+    batch = _image_text_batch(base.config.image_token_id, base.config.num_query_tokens)
+    samples = [{k: v[i] for k, v in batch.items()} for i in range(2)] * 2  # 4 samples, 5 and 3 labels
+
+    def collate(features):
+        return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+
+    weights = {}
+    for flag in (False, True):
+        model = Blip2ForConditionalGeneration.from_pretrained(resolve_model_path("tiny:blip2-opt"))
+        model.requires_grad_(False)
+        model.language_projection.requires_grad_(True)
+        args = TrainingArguments(output_dir=str(tmp_path / str(flag)), use_cpu=True, report_to="none", max_steps=2,
+                                 per_device_train_batch_size=1, gradient_accumulation_steps=2, learning_rate=0.1,
+                                 optim="sgd", lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
+                                 remove_unused_columns=False, dataloader_drop_last=True, seed=0)
+        CaptionTrainer(model=model, args=args, train_dataset=samples, data_collator=collate,
+                       loss_on_label_positions=flag).train()
+        weights[flag] = model.language_projection.weight.detach().clone()
+    start = base.language_projection.weight.detach()
+    assert not torch.allclose(weights[False], start)
+    torch.testing.assert_close(weights[True] - start, weights[False] - start, rtol=1e-4, atol=1e-7)

@@ -281,10 +281,11 @@ class ChatCollator:
     each sample, no attention_mask and `use_cache=False`. transformers reads the restarts as sequence
     boundaries (its mask functions build a block-diagonal causal mask; FlashAttention-2 runs
     variable-length sequences) and RoPE sees each sample's own positions. It does so only without a KV
-    cache, and a Llama forward makes one whenever `use_cache` is on (its config's default, in training too):
-    the samples would then attend to the ones before them, silently. Each sample's first label is -100, so the last token of a sample
-    does not learn to predict the next sample; that label is the sample's first token, which nothing
-    predicts in a padded batch either. Same loss as padded (tests/test_llava_chat.py).
+    cache, and a Llama forward makes one whenever `use_cache` is on (its config's default, in training
+    too): the samples would then attend to the ones before them, silently. Each sample's first label is
+    -100, so the last token of a sample does not learn to predict the next sample; that label is the
+    sample's first token, which nothing predicts in a padded batch either. Same loss as padded
+    (tests/test_llava_chat.py).
     """
 
     image_processor: object

@@ -11,9 +11,11 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 setup: $(STAMP)
 
-# Re-runs only when requirements.txt or the setup script change: fast when already done.
-$(STAMP): requirements.txt scripts/setup_venv.sh
-	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/setup_venv.sh
+# Re-runs only when the requirements, constraints or setup script change: fast when already done.
+# CONSTRAINTS= (empty) installs the newest versions requirements.txt allows instead of constraints.txt's.
+CONSTRAINTS ?= constraints.txt
+$(STAMP): requirements.txt constraints.txt scripts/setup_venv.sh
+	VENV=$(VENV) PYTHON=$(PYTHON) CONSTRAINTS=$(CONSTRAINTS) bash scripts/setup_venv.sh
 	touch $(STAMP)
 
 test: setup

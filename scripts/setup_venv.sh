@@ -35,7 +35,8 @@ else
   fi
 fi
 
-"${pip[@]}" -r requirements.txt
+constraints=${CONSTRAINTS-constraints.txt}  # empty: the newest versions requirements.txt allows
+"${pip[@]}" -r requirements.txt ${constraints:+-c "$constraints"}
 
 if ! java -version >/dev/null 2>&1; then
   cat >&2 <<'MSG'

@@ -3,14 +3,15 @@
 #   bash bench/gpu_run.sh core     clip_retrieval, blip2_lora_caption, soft_prompt_caption (recipe, baseline, TRL)
 #   bash bench/gpu_run.sh llava    llava_instruct at LLaVA-1.5-7B dims: mb 8, then mb 16 with activation checkpointing
 #   bash bench/gpu_run.sh qlora    qlora_vqa at LLaVA-1.5-7B dims, LM in NF4
-#   bash bench/gpu_run.sh levers   each lever of RESULTS.md's table on or off against the recipe's default, device mode
+#   bash bench/gpu_run.sh levers   the levers of RESULTS.md's table for the BLIP-2, soft-prompt and CLIP recipes, device mode
+#   bash bench/gpu_run.sh llava-levers   the same for llava_instruct at LLaVA-1.5-7B dims
 # on the device machine with `carry: [".whl"]` (bench/gpu_wheels.sh makes .whl/ here). Each run writes
 # $OUT/<name>.json (the harness's JSON: device, versions, command, rows) and $OUT/<name>.log, and a line to
 # $OUT/summary.txt; a run that fails or outlasts its share is a line too, and the next one starts. Run the groups by
 # priority, one device call each. BENCH adds harness flags to every run: BENCH="--size tiny --device cpu --steps 1
 # --warmup 1" runs the whole script on the tiny models here (a smoke run of the script, no figures).
 set -u
-group=${1:?usage: bash bench/gpu_run.sh core|llava|qlora|levers}
+group=${1:?usage: bash bench/gpu_run.sh core|llava|qlora|levers|llava-levers}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -53,11 +54,17 @@ case $group in
     run softprompt-cache 60 soft_prompt_caption --mode device --no-baseline -- --cache_vision_features true
     run softprompt-labelpos 50 soft_prompt_caption --mode device --no-baseline -- --loss_on_label_positions true
     run clip-fused 50 clip_retrieval --pad-text-to 77 --mode device --no-baseline -- --optim adamw_torch_fused
+    run clip-compile 150 clip_retrieval --pad-text-to 77 --mode device --no-baseline -- --torch_compile true
+    ;;
+  llava-levers)
     run llava-labelpos 110 llava_instruct --mode device --no-baseline -- --loss_on_label_positions true
     run llava-dropout0 110 llava_instruct --mode device --no-baseline -- --lora_dropout 0
+    run llava-liger 110 llava_instruct --mode device --no-baseline -- --use_liger_kernel true
+    run llava-fused 110 llava_instruct --mode device --no-baseline -- --optim adamw_torch_fused
+    run llava-paddingfree 110 llava_instruct --mode device --no-baseline -- --padding_free true
     ;;
   *)
-    echo "unknown group $group: core, llava, qlora or levers" >&2
+    echo "unknown group $group: core, llava, qlora, levers or llava-levers" >&2
     exit 2
     ;;
 esac

@@ -264,9 +264,9 @@ class ChatBatchArguments:
     padding_free: bool = field(
         default=False,
         metadata={"help": "Put each micro-batch's samples end to end in one row, no padding, position_ids restarting "
-                          "at each sample (the same loss). Fast with --attn_implementation flash_attention_2 "
-                          "(variable-length kernels); with sdpa or eager the row gets a block-diagonal mask, and the "
-                          "attention over it is as dense as over one sequence that long."},
+                          "at each sample (the same loss). Meant for --attn_implementation flash_attention_2 "
+                          "(variable-length kernels attend within each sample); with sdpa or eager the row gets a "
+                          "block-diagonal mask, and the attention over it is as dense as over one sequence that long."},
     )
 
 

@@ -10,8 +10,8 @@ from recipes.common.sampling import ModalityLengthGroupedSampler
 
 class InstructTrainer(LabelPositionLoss, PerModuleLearningRates, GenerationEvalTrainer):
     """GenerationEvalTrainer whose optimizer gives the vision tower, projector and LM their own learning rates,
-    and whose `train_sampling_strategy: group_by_length` keeps image and text-only samples in separate batches. `loss_on_label_positions`: LLaVA's own loss on the
-    logits of the answer positions only (recipes/common/losses.py)."""
+    and whose `train_sampling_strategy: group_by_length` keeps image and text-only samples in separate batches.
+    `loss_on_label_positions`: LLaVA's own loss on the logits of the answer positions only (recipes/common/losses.py)."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -4,8 +4,6 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= outputs
-# Scripts and `python -m` run from the repo root import data_tools, eval and recipes from here.
-export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 
 .PHONY: setup test demo eval bench new-recipe clean-venv
 
@@ -14,7 +12,7 @@ setup: $(STAMP)
 # Re-runs only when the requirements, constraints or setup script change: fast when already done.
 # CONSTRAINTS= (empty) installs the newest versions requirements.txt allows instead of constraints.txt's.
 CONSTRAINTS ?= constraints.txt
-$(STAMP): requirements.txt constraints.txt scripts/setup_venv.sh
+$(STAMP): requirements.txt constraints.txt pyproject.toml scripts/setup_venv.sh
 	VENV=$(VENV) PYTHON=$(PYTHON) CONSTRAINTS=$(CONSTRAINTS) bash scripts/setup_venv.sh
 	touch $(STAMP)
 

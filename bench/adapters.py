@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import importlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,8 +23,8 @@ from transformers import TrainingArguments
 from bench import real_configs
 from bench.flops import Part
 from data_tools.records import IMAGE_TOKEN
-from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments,
-                                 parse_args)
+from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments, GenerationEvalArguments,
+                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments, parse_args)
 from recipes.common.models import (check_mixed_precision, compute_dtype, load_model_and_processor, quantization_config,
                                    resolve_model_path)
 
@@ -33,23 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def import_train_module(recipe: str):
-    """`recipes/<recipe>/train.py` as a module, with the sibling modules it imports by bare name (collator, trainer).
-
-    train.py puts its folder first on sys.path and imports `collator`, `trainer`, ... by those names, which
-    recipes share; the bare names are taken out of sys.modules afterwards (and sys.path restored), so that the
-    next recipe's train.py imports its own siblings, not these.
-    """
-    folder = ROOT / "recipes" / recipe
-    siblings = {p.stem for p in folder.glob("*.py")} - {"__init__"}
-    saved = {name: sys.modules.pop(name) for name in siblings if name in sys.modules}
-    path = list(sys.path)
-    try:
-        return importlib.import_module(f"recipes.{recipe}.train")
-    finally:
-        for name in siblings:
-            sys.modules.pop(name, None)
-        sys.modules.update(saved)
-        sys.path[:] = path
+    """`recipes/<recipe>/train.py` as a module."""
+    return importlib.import_module(f"recipes.{recipe}.train")
 
 
 def on_device(cls, config, model_args: ModelArguments, device: str, dtype: torch.dtype | None = None):
@@ -153,7 +137,8 @@ class Adapter:
         if next(tower.parameters()).device.type == "meta":
             raise ValueError("--flops with --cache_vision_features: a cached tower does no work in a step (its FLOPs are "
                              "0); count without the option, which gives the tower's share too.")
-        cache = cache_for_run(tower, image_processor, self.images, a.FreezeArguments, a.TrainingArguments, **encode)
+        cache = cache_for_run(tower, image_processor, self.images, a.FeatureCacheArguments, a.TrainingArguments,
+                              **encode)
         if cache.seconds is not None:
             self.notes.append(f"vision features of {len(cache)} distinct images computed before training in "
                               f"{cache.seconds:.1f} s (not in the timed steps)")
@@ -164,9 +149,9 @@ class Adapter:
 
     def trainer_kwargs(self, tokenizer, image_processor, a) -> dict:
         """The recipe Trainer's own constructor arguments, as its train.py passes them."""
-        kwargs = {"freeze_args": a.FreezeArguments}
-        if self.task != "retrieval":  # the generative recipes' Trainers (recipes/common/losses.py LabelPositionLoss)
-            kwargs["loss_on_label_positions"] = a.ModelArguments.loss_on_label_positions
+        kwargs = {"learning_rates": a.LearningRateArguments}
+        if self.task != "retrieval":  # the generative recipes' label-position loss (recipes/common/trainer.py)
+            kwargs["loss_on_label_positions"] = a.LossArguments.loss_on_label_positions
         return kwargs
 
     def baseline(self, a, size: str, device: str):
@@ -204,7 +189,8 @@ class Adapter:
 # --- blip2_lora_caption -----------------------------------------------------------------------------------------
 class Blip2LoraCaption(Adapter):
     name, task = "blip2_lora_caption", "caption"
-    arg_types = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, TrainingArguments)
+    arg_types = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
+                 FeatureCacheArguments, GenerationEvalArguments, TrainingArguments)
     tiny_argv = ("--model_name_or_path", "tiny:blip2-opt")
     real_batch_size = 64
     tokens_counted = "LM positions with attention_mask 1: the 32 query (image) tokens, bos, prompt and caption; no padding"
@@ -252,7 +238,7 @@ class Blip2LoraCaption(Adapter):
         from recipes.common.feature_cache import serve_cached_features, vision_tower
 
         cache = None
-        if a.FreezeArguments.cache_vision_features:  # as train.py
+        if a.FeatureCacheArguments.cache_vision_features:  # as train.py
             cache = self.feature_cache(vision_tower(model), image_processor, a)
             serve_cached_features(vision_tower(model))
         return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id, cache)
@@ -308,7 +294,8 @@ class ClipRetrieval(Adapter):
 
     @property
     def arg_types(self):
-        return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, self.train.RetrievalArguments, TrainingArguments)
+        return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
+                self.train.RetrievalArguments, TrainingArguments)
 
     def image_size(self, size):
         return real_configs.clip_vit_b32().vision_config.image_size if size == "real" else None
@@ -381,7 +368,7 @@ class SoftPromptCaption(Adapter):
     @property
     def arg_types(self):
         return (ModelArguments, DataArguments, self.train.SoftPromptArguments, PeftArguments, FreezeArguments,
-                GenerationEvalArguments, TrainingArguments)
+                LearningRateArguments, LossArguments, FeatureCacheArguments, GenerationEvalArguments, TrainingArguments)
 
     def image_size(self, size):
         return real_configs.clip_vit_b32_vision().image_size if size == "real" else None
@@ -433,7 +420,7 @@ class SoftPromptCaption(Adapter):
 
     def collator(self, tokenizer, image_processor, model, a):
         cache = None
-        if a.FreezeArguments.cache_vision_features:  # as train.py: the model's image_features, which it takes back as given
+        if a.FeatureCacheArguments.cache_vision_features:  # as train.py: the model's image_features, which it takes back as given
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             cache = self.feature_cache(base.vision_model, image_processor, a, encode=base.image_features,
                                        tag=f"image_features:{base.config.vision_features}")
@@ -485,8 +472,8 @@ class _Llava(Adapter):
         from recipes.common.chat import ChatBatchArguments
 
         extra = self.train.InstructArguments if self.name == "llava_instruct" else self.train.VqaArguments
-        return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, extra,
-                ChatBatchArguments, TrainingArguments)
+        return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
+                GenerationEvalArguments, extra, ChatBatchArguments, TrainingArguments)
 
     def image_size(self, size):
         return real_configs.llava_1_5_7b().vision_config.image_size if size == "real" else None

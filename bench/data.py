@@ -20,7 +20,7 @@ from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.records import IMAGE_TOKEN
 from data_tools.synth import make_synthetic
 from recipes.common.chat import to_messages
-from recipes.common.tiny_models import build_once, cache_root
+from recipes.common.cache import build_once, cache_root
 
 JPEG_QUALITY = 95  # a high quality keeps the shapes' colours close to the drawn ones; decode cost hardly depends on it
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from .errors import MALFORMED_JSON, NOT_UTF8, DataError
+from .files import atomic_write
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | DataError, bytes]]:
@@ -48,28 +49,23 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 class JsonlWriter:
-    """Streams rows to a JSONL file that appears only when the `with` block ends without an error."""
+    """Streams rows to a JSONL file that appears, whole, only when the `with` block ends without an error."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.count = 0
 
     def __enter__(self) -> "JsonlWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._f = open(self._tmp, "w", encoding="utf-8")
+        self._open = atomic_write(self.path)
+        self._f = self._open.__enter__()
         return self
 
     def write(self, row: dict) -> None:
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.count += 1
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        self._f.close()
-        if exc_type is None:
-            os.replace(self._tmp, self.path)
-        else:
-            os.unlink(self._tmp)
+    def __exit__(self, exc_type, exc, tb) -> bool | None:
+        return self._open.__exit__(exc_type, exc, tb)
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> int:

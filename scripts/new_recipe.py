@@ -4,17 +4,18 @@
     make new-recipe FROM=blip2_lora_caption NAME=my_task          # the same, with --smoke
 
 The copy leaves out __pycache__, outputs and checkpoints. Every occurrence of FROM in its .py, .yaml,
-.yml, .md, .txt and .json files becomes NAME (output_dir, launch lines, README title). Recipes import
-shared code from the repo root and their own modules from their own folder, so the copy runs unchanged;
-an import of a recipe package (`recipes.<name>`, anything but `recipes.common`) in FROM is reported
+.yml, .md, .txt and .json files becomes NAME (output_dir, launch lines, README title, and the imports of
+its own modules, `recipes.FROM.collator` -> `recipes.NAME.collator`), so the copy runs its own code. An
+import of another recipe's package (anything but `recipes.common` and `recipes.FROM`) in FROM is reported
 as an error and nothing is copied. `--smoke` then trains the copy for 2 steps on the embedded default,
-writing to `outputs/NAME-smoke` next to the recipes folder.
+from the repo root the recipes folder is in, writing to `outputs/NAME-smoke` there.
 """
 
 from __future__ import annotations
 
 import argparse
 import keyword
+import os
 import re
 import shutil
 import subprocess
@@ -25,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TEXT_SUFFIXES = {".py", ".yaml", ".yml", ".md", ".txt", ".json"}
 IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", "outputs", "checkpoints", "checkpoint-*")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
-# A recipe imports recipes.common and its own siblings (by file name), never a recipe package.
+# A recipe imports recipes.common and its own package, never another recipe's.
 RECIPE_IMPORT_RE = re.compile(r"^\s*(?:from|import)\s+recipes\.(?!common\b)(\w+)", re.MULTILINE)
 SMOKE_ARGS = ["--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "8",
               "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--eval_strategy", "no",
@@ -67,25 +68,29 @@ def copy_recipe(src_dir: Path, dst_dir: Path, old: str, new: str) -> tuple[list[
 
 
 def recipe_imports(src_dir: Path) -> list[str]:
-    """Imports of recipe packages (anything but recipes.common) in a recipe's .py files, as 'file:line: ...'."""
+    """Imports of other recipes' packages in a recipe's .py files, as 'file:line: ...'."""
     problems = []
     for path in sorted(src_dir.rglob("*.py")):
         text = path.read_text(encoding="utf-8")
         for m in RECIPE_IMPORT_RE.finditer(text):
+            if m.group(1) == src_dir.name:
+                continue
             line = text.count("\n", 0, m.start()) + 1
-            problems.append(f"{path}:{line}: imports the recipe package recipes.{m.group(1)}; "
-                            f"a recipe imports its own modules from its folder (`from collator import ...`) and shared code "
-                            f"from recipes.common, so that a copy runs unchanged.")
+            problems.append(f"{path}:{line}: imports the recipe package recipes.{m.group(1)}; a recipe imports its "
+                            f"own modules (recipes.{src_dir.name}.*) and shared code from recipes.common, so that "
+                            f"a copy runs its own code.")
     return problems
 
 
 def smoke(dst_dir: Path, name: str, extra: list[str]) -> tuple[int, Path]:
-    """Train the copy for 2 steps on the embedded default, from the repo root; returns (exit code, output_dir)."""
+    """Train the copy for 2 steps on the embedded default, from its repo root; returns (exit code, output_dir)."""
     root = dst_dir.parent.parent
     out = root / "outputs" / f"{name}-smoke"
     cmd = [sys.executable, str(dst_dir / "train.py"), *SMOKE_ARGS, "--output_dir", str(out), *extra]
     print(f"smoke run: {' '.join(cmd)}", flush=True)
-    return subprocess.run(cmd, cwd=root).returncode, out
+    # The copy's repo root first, so that `recipes.<name>` is the copy wherever the project is installed from.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    return subprocess.run(cmd, cwd=root, env=env).returncode, out
 
 
 def main(argv: list[str] | None = None) -> int:

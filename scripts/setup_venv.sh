@@ -46,3 +46,6 @@ in `python -m eval caption`). Install it with:
   macOS:         brew install openjdk
 MSG
 fi
+
+# The repo itself, editable: `import recipes.<recipe>.collator`, `data_tools`, `eval` work from any folder.
+"${pip[@]}" --no-deps -e .

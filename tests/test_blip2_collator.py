@@ -6,7 +6,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import BlipImageProcessor, PreTrainedTokenizerFast
 
-from recipes.blip2_lora_caption.collator import CaptionCollator, tokenize_captions
+from recipes.blip2_lora_caption.collator import tokenize_captions
+from recipes.common.captions import CaptionCollator
 from recipes.common.lengths import LengthReport
 
 VOCAB = ["<pad>", "</s>", "<unk>", "<image>", "a", "photo", "of", "red", "circle", "blue", "square"]

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from data_tools.jsonl import read_jsonl, write_jsonl
-from data_tools.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "recipes" / "blip2_lora_caption" / "train.py"
@@ -25,14 +24,9 @@ FAST = ["--model_name_or_path", "tiny:blip2-opt", "--report_to", "none", "--per_
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """A small caption set (40 train images, 8 eval) and a shared model cache."""
-    d = tmp_path_factory.mktemp("blip2")
-    src = read_jsonl(make_synthetic("caption", 48, d / "synth", seed=1, progress=False))
-    write_jsonl(d / "synth" / "train.jsonl", src[:40])
-    write_jsonl(d / "synth" / "eval.jsonl", src[40:])
-    e = dict(os.environ, PYTHONPATH=str(ROOT), VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
-    return d, e
+def env(recipe_env):
+    """A small caption set (40 train images, 8 eval) and a model cache of the module's own."""
+    return recipe_env("blip2", "caption", 48, 40)
 
 
 def _run(args, env, **kw):

@@ -38,7 +38,7 @@ def env(tmp_path_factory):
     write_jsonl(d / "synth" / "train.jsonl", src[:16])
     write_jsonl(d / "synth" / "eval.jsonl", src[16:])
     write_jsonl(d / "synth" / "zs.jsonl", [{"image": r["image"], "label": r["objects"][0]["size"]} for r in src[16:]])
-    e = dict(os.environ, PYTHONPATH=str(ROOT), VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
+    e = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
     data = ["--train_file", str(d / "synth" / "train.jsonl"), "--eval_file", str(d / "synth" / "eval.jsonl"),
             "--zero_shot_file", str(d / "synth" / "zs.jsonl"), "--hard_negatives", "true"]
     # 16 images, batch 8: 2 steps an epoch; 5 steps cross two epoch boundaries; checkpoint-3 is mid-epoch.

@@ -101,7 +101,7 @@ def test_latest_run_of_each_recipe_and_the_cli_table(captions, tmp_path):
     (new / "checkpoint-5" / "metrics.json").write_text("{}")  # not a run
     assert latest_runs(outputs) == [new, other]
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     r = subprocess.run([sys.executable, "-m", "eval", "report", "--outputs", str(outputs)], env=env,
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr

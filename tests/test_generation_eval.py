@@ -1,4 +1,4 @@
-"""GenerationEvalTrainer on a tiny BLIP-2: eval_CIDEr etc. logged, usable for the best checkpoint, predictions written."""
+"""RecipeTrainer's generation-based evaluation on a tiny BLIP-2: eval_CIDEr etc. logged, usable for the best checkpoint, predictions written."""
 
 import json
 
@@ -10,9 +10,10 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
                           BlipImageProcessor, OPTConfig, TrainingArguments)
 
 from eval.caption import caption_metrics
-from recipes.blip2_lora_caption.collator import CaptionCollator, CaptionPromptCollator, caption_scores, tokenize_captions
+from recipes.blip2_lora_caption.collator import CaptionPromptCollator, tokenize_captions
+from recipes.common.captions import CaptionCollator, caption_eval_records, caption_scores
 from recipes.common.args import GenerationEvalArguments
-from recipes.common.generation_eval import GenerationEvalTrainer
+from recipes.common.trainer import RecipeTrainer
 from tests.test_blip2_collator import IMG, PAD, VOCAB, tokenizer  # noqa: F401  (fixture)
 
 
@@ -46,10 +47,10 @@ def test_generation_metrics_are_logged_saved_and_pick_the_best_checkpoint(tokeni
         eval_steps=2, save_steps=2, metric_for_best_model="CIDEr", load_best_model_at_end=True, report_to=[],
         use_cpu=True, logging_steps=1, remove_unused_columns=False, seed=0,
     )
-    trainer = GenerationEvalTrainer(
+    trainer = RecipeTrainer(
         model=_tiny_blip2(), args=args, train_dataset=train, eval_dataset=train,
         data_collator=CaptionCollator(image_processor, PAD),
-        generation_dataset=ds,
+        generation_dataset=caption_eval_records(ds),
         generation_collator=CaptionPromptCollator(image_processor, tokenizer, IMG, 2),
         score_fn=caption_scores, generation_args=GenerationEvalArguments(max_new_tokens=4),
         decode_tokenizer=tokenizer,

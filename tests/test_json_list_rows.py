@@ -9,7 +9,8 @@ from data_tools.clean import clean
 from data_tools.errors import DataError
 from data_tools.jsonl import iter_rows, read_jsonl
 from eval.report import read_references
-from recipes.common.data import BadRowsError, load_records, merge_captions_by_image
+from recipes.common.captions import caption_eval_records
+from recipes.common.data import BadRowsError, load_records
 
 
 def _images(tmp_path):
@@ -26,8 +27,8 @@ def test_a_json_list_loads_like_jsonl_and_one_row_per_caption_merges(tmp_path):
     assert [(line, item) for line, _, _, item in iter_rows(path)] == [(2, "[0]"), (6, "[1]"), (10, "[2]")]
     ds = load_records(path, "caption")
     assert ds["captions"] == [["a red square"], ["blue"], ["red"]]
-    merged = merge_captions_by_image(ds)
-    assert merged["image"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    merged = caption_eval_records(ds)
+    assert merged["image"] == merged["key"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     assert merged["captions"] == [["a red square", "red"], ["blue"]]
     assert read_references(str(path), "caption")[str(tmp_path / "a.png")]["captions"] == ["a red square", "red"]
 

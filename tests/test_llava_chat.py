@@ -13,7 +13,7 @@ from data_tools.records import normalize_record
 from recipes.common.chat import (ChatCollator, ChatEncoder, ChatLengthReport, ChatPromptCollator, ChatTemplateError,
                                  fit_conversation, to_messages, tokenize_conversations)
 from recipes.common.sampling import ModalityLengthGroupedSampler
-from recipes.common.tiny_models import LLAVA_CHAT_TEMPLATE
+from recipes.common.tiny.models import LLAVA_CHAT_TEMPLATE
 
 VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "describe", "the", "image", ".", "a", "red",
          "circle", "where", "is", "it", "?", "top", "left", "be", "brief", "what", "color", "blue"]

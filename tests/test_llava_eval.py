@@ -72,11 +72,12 @@ def test_report_rescores_an_instruct_run(tmp_path):
 def test_shuffled_images_give_every_image_item_another_image():
     import datasets
 
-    from recipes.llava_instruct.collator import with_shuffled_images
+    from recipes.common.run import shuffled_images
 
     items = datasets.Dataset.from_list([{"key": "0:1", "image": "a"}, {"key": "0:3", "image": "a"}, {"key": "1:1", "image": None},
                                         {"key": "2:1", "image": "b"}, {"key": "3:1", "image": "c"}])
-    assert with_shuffled_images(items)["image"] == ["b", "b", None, "c", "a"]
+    shuffled = shuffled_images(items)
+    assert shuffled["image"] == ["b", "b", None, "c", "a"] and shuffled["key"] == items["key"]
 
 
 def test_caption_eval_items_merge_the_rows_of_one_image():

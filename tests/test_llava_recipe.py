@@ -35,7 +35,7 @@ def env(tmp_path_factory):
     captions = read_jsonl(make_synthetic("caption", 12, d / "synth", seed=1, progress=False))
     write_jsonl(d / "synth" / "cap_train.jsonl", captions[:8])
     write_jsonl(d / "synth" / "cap_eval.jsonl", captions[8:])
-    e = dict(os.environ, PYTHONPATH=str(ROOT), VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
+    e = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
              OMP_NUM_THREADS="1")
     return d, e
 
@@ -208,21 +208,22 @@ def test_trainer_gives_the_projector_its_learning_rate_and_batches_by_modality(t
     import datasets
     from transformers import TrainingArguments
 
-    from recipes.common.args import FreezeArguments, PeftArguments
+    from recipes.common.args import FreezeArguments, LearningRateArguments, PeftArguments
     from recipes.common.peft_setup import apply_freezing, apply_peft, trained_modules_to_save
     from recipes.common.sampling import ModalityLengthGroupedSampler
     from recipes.llava_instruct.trainer import InstructTrainer
     from tests.test_llava_chat import _tiny_llava
 
     model = _tiny_llava()
-    freeze = FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1, bridge_lr=3e-3, vision_lr=1e-5)
+    freeze = FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1)
     model = apply_peft(model, PeftArguments(modules_to_save=trained_modules_to_save(model, freeze)))
     freeze.freeze_bridge = None
     apply_freezing(model, freeze)
     data = datasets.Dataset.from_list([{"input_ids": [1] * n, "length": n, "has_image": n > 3} for n in range(1, 9)])
     args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.1, use_cpu=True, report_to=[],
                              train_sampling_strategy="group_by_length", per_device_train_batch_size=2)
-    trainer = InstructTrainer(model=model, args=args, train_dataset=data, freeze_args=freeze)
+    trainer = InstructTrainer(model=model, args=args, train_dataset=data,
+                              learning_rates=LearningRateArguments(bridge_lr=3e-3, vision_lr=1e-5))
     lrs = {(round(g["lr"], 6), g["weight_decay"]) for g in trainer.create_optimizer().param_groups}
     assert lrs == {(3e-3, 0.1), (3e-3, 0.0), (1e-5, 0.1), (1e-5, 0.0), (1e-4, 0.1)}  # projector, vision layer, LoRA
     sampler = trainer._get_train_sampler()

@@ -1,5 +1,5 @@
 """recipes/common/losses.py: logits at label positions only give the same loss and gradients, through a plain causal LM
-and through the generative recipes' Trainers with --loss_on_label_positions (recipes/common/losses.py LabelPositionLoss)."""
+and through the generative recipes' Trainers with --loss_on_label_positions (recipes/common/trainer.py RecipeTrainer)."""
 
 import pytest
 import torch

@@ -47,6 +47,7 @@ def test_copy_renames_every_mention_and_leaves_out_run_files(fake_root, tmp_path
     assert yaml.safe_load((copy / "config.yaml").read_text())["output_dir"] == "outputs/my_task"
     assert (copy / "README.md").read_text().startswith("# my_task:")
     assert "recipes/my_task/train.py" in (copy / "train.py").read_text()
+    assert "from recipes.my_task.collator import" in (copy / "train.py").read_text()  # its own modules
     assert "config.yaml  (" in r.stdout and "trainer.py\n" in r.stdout  # renamed files carry a count, the others none
     assert "recipes/my_task/collator.py" in r.stdout and "recipes/my_task/README.md" in r.stdout  # next steps
 
@@ -68,20 +69,22 @@ def test_bad_requests_are_refused_and_name_the_problem(fake_root, src, name, mes
     assert not (fake_root / "recipes" / name).exists() or name == "existing"
 
 
-def test_a_recipe_importing_a_recipe_package_is_reported_and_not_copied(fake_root, tmp_path_factory):
+def test_a_recipe_importing_another_recipe_package_is_reported_and_not_copied(fake_root, tmp_path_factory):
     source = tmp_path_factory.mktemp("src")
     (source / "old_task").mkdir()
-    train = '"""old_task."""\nimport os\nfrom recipes.old_task.collator import CaptionCollator\n'
+    train = ('"""old_task."""\nimport os\nfrom recipes.old_task.collator import CaptionCollator\n'
+             'from recipes.other_task.trainer import OtherTrainer\n')
     (source / "old_task" / "train.py").write_text(train)
     r = new_recipe(fake_root, "--from", "old_task", "--name", "my_task", source_dir=source)
     assert r.returncode == 1 and "nothing was copied" in r.stderr
-    assert f"{source / 'old_task' / 'train.py'}:3: imports the recipe package recipes.old_task" in r.stderr
+    assert f"{source / 'old_task' / 'train.py'}:4: imports the recipe package recipes.other_task" in r.stderr
+    assert ":3:" not in r.stderr  # its own package is what a recipe imports
     assert not (fake_root / "recipes" / "my_task").exists()
 
 
 def test_copy_trains_two_steps_from_another_repo_root(fake_root, tmp_path_factory):
-    # One cache (tiny model + embedded data) for the whole pytest session; PYTHONPATH unset so that the
-    # copy can only find the shared code through its own parents[2].
+    # One cache (tiny model + embedded data) for the whole pytest session; PYTHONPATH unset: the smoke run
+    # puts the copy's repo root first, so `recipes.my_task` is the copy, and recipes.common its links.
     cache = tmp_path_factory.getbasetemp() / "vlm-recipes-cache"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(VLM_RECIPES_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")

@@ -15,7 +15,7 @@ from transformers import (
     T5Config,
 )
 
-from recipes.common.args import FreezeArguments, PeftArguments
+from recipes.common.args import FreezeArguments, LearningRateArguments, PeftArguments
 from recipes.common.peft_setup import (
     apply_freezing,
     apply_peft,
@@ -262,7 +262,7 @@ def test_counts_exact_for_blip2_without_lora():
 def test_param_groups_learning_rates_and_decay():
     model = tiny_clip()
     apply_freezing(model, FreezeArguments(freeze_vision_tower=False, freeze_language_model=False))
-    groups = param_groups(model, FreezeArguments(vision_lr=1e-5, lm_lr=2e-5), base_lr=1e-4, weight_decay=0.1)
+    groups = param_groups(model, LearningRateArguments(vision_lr=1e-5, lm_lr=2e-5), base_lr=1e-4, weight_decay=0.1)
     by_name = {g["name"]: g for g in groups}
     assert {name: (g["lr"], g["weight_decay"]) for name, g in by_name.items()} == {
         "vision": (1e-5, 0.1), "vision_no_decay": (1e-5, 0.0),
@@ -280,7 +280,7 @@ def test_param_groups_learning_rates_and_decay():
 def test_param_groups_only_trainable_and_bridge_lr():
     model = apply_peft(tiny_llava(), PeftArguments(modules_to_save=["multi_modal_projector"]))
     apply_freezing(model, FreezeArguments())
-    groups = param_groups(model, FreezeArguments(bridge_lr=3e-3), base_lr=1e-4, weight_decay=0.0)
+    groups = param_groups(model, LearningRateArguments(bridge_lr=3e-3), base_lr=1e-4, weight_decay=0.0)
     assert {g["name"]: g["lr"] for g in groups} == {"bridge": 3e-3, "bridge_no_decay": 3e-3, "language": 1e-4}
 
 
@@ -290,7 +290,7 @@ def test_no_decay_rule_matches_trainer(build):
 
     model = apply_peft(build(), PeftArguments())
     model.requires_grad_(True)
-    groups = param_groups(model, FreezeArguments(), base_lr=1e-4, weight_decay=0.1)
+    groups = param_groups(model, LearningRateArguments(), base_lr=1e-4, weight_decay=0.1)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     # Trainer's method does not use `self`; logit_scale is our one deliberate difference.
@@ -304,7 +304,7 @@ def test_lora_and_freezing_saves_every_trained_module(tmp_path):
     from transformers import Blip2ForConditionalGeneration
 
     from recipes.common.peft_setup import apply_lora_and_freezing
-    from recipes.common.tiny_models import tiny_model_path
+    from recipes.common.tiny.models import tiny_model_path
 
     path = tiny_model_path("blip2-opt")
     peft_args, freeze_args = PeftArguments(lora_r=4), FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1)

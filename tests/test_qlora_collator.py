@@ -9,7 +9,7 @@ from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizer
 
 from eval.vqa import question_type_prior
 from recipes.common.chat import ChatEncoder, to_messages, tokenize_conversations
-from recipes.common.tiny_models import LLAVA_CHAT_TEMPLATE
+from recipes.common.tiny.models import LLAVA_CHAT_TEMPLATE
 from recipes.qlora_vqa.collator import (metric_name, prior_predictions, training_answer, vqa_conversations, vqa_items,
                                         vqa_scores)
 

@@ -32,7 +32,7 @@ def env(tmp_path_factory):
     rows = read_jsonl(make_synthetic("vqa", 12, d / "synth", seed=1, progress=False))
     write_jsonl(d / "synth" / "train.jsonl", [r for r in rows if r["image_id"] < 8])
     write_jsonl(d / "synth" / "eval.jsonl", [r for r in rows if r["image_id"] >= 8])
-    e = dict(os.environ, PYTHONPATH=str(ROOT), VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
+    e = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
              OMP_NUM_THREADS="1")
     return d, e
 

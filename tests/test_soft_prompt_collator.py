@@ -7,7 +7,8 @@ from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 
-from recipes.soft_prompt_caption.collator import CaptionCollator, CaptionPromptCollator, tokenize_captions
+from recipes.common.captions import CaptionCollator
+from recipes.soft_prompt_caption.collator import CaptionPromptCollator, tokenize_captions
 
 VOCAB = ["<|endoftext|>", "a", "photo", "of", "red", "circle", "blue", "square", "红", "色", "圆", "一张", "照片"]
 EOS = PAD = 0
@@ -63,7 +64,7 @@ def test_collators_pad_right_and_give_generate_an_empty_prompt_as_long_ids(token
     assert batch["input_ids"].tolist() == [[1, 4, 5, EOS], [6, 7, EOS, PAD]]
     assert batch["labels"].tolist() == [[1, 4, 5, EOS], [6, 7, EOS, M]]  # eos learned, padding (the same id) not
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
-    records = [{"image": str(tmp_path / "r.png"), "captions": ["x"]}] * 3
+    records = [{"key": str(tmp_path / "r.png"), "image": str(tmp_path / "r.png"), "captions": ["x"]}] * 3
     gen = CaptionPromptCollator(processor, tokenizer)(records)
     assert gen["input_ids"].shape == (3, 0) and gen["input_ids"].dtype == torch.long and gen["attention_mask"].shape == (3, 0)
     gen = CaptionPromptCollator(processor, tokenizer, prompt="a photo of")(records)

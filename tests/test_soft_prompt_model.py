@@ -5,7 +5,7 @@ import torch
 from transformers import AutoModel, AutoTokenizer
 
 from recipes.common.peft_setup import count_parameters
-from recipes.common.tiny_models import build_tiny
+from recipes.common.tiny.models import build_tiny
 from recipes.soft_prompt_caption.modeling import (SoftPromptCaptioner, load_trained, save_trained, trained_sizes)
 
 M = -100

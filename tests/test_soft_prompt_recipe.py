@@ -3,7 +3,6 @@ the JSON-list format, Chinese. Subprocess runs only where the command line itsel
 of CPU to import torch and transformers); the Trainer-level checks run in this process."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -13,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data_tools.jsonl import read_jsonl, write_jsonl
-from data_tools.synth import make_synthetic
+from data_tools.jsonl import read_jsonl
 from recipes.soft_prompt_caption import collator, modeling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,14 +26,9 @@ SIZES = "trained: soft_prompt 10 x 128 + projection.weight 128 x 64 + projection
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(recipe_env):
     """A small caption set (40 train images, 8 eval) and a model cache of its own."""
-    d = tmp_path_factory.mktemp("softprompt")
-    src = read_jsonl(make_synthetic("caption", 48, d / "synth", seed=1, progress=False))
-    write_jsonl(d / "synth" / "train.jsonl", src[:40])
-    write_jsonl(d / "synth" / "eval.jsonl", src[40:])
-    e = dict(os.environ, PYTHONPATH=str(ROOT), VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
-    return d, e
+    return recipe_env("softprompt", "caption", 48, 40)
 
 
 def _run(script, args, env):
@@ -97,7 +90,7 @@ def test_run_saves_only_trained_parts_and_the_export_equals_the_run(env):
 
 @pytest.fixture(scope="module")
 def bases(env):
-    from recipes.common.tiny_models import build_tiny
+    from recipes.common.tiny.models import build_tiny
 
     d, _ = env
     return build_tiny("clip-vision", d / "bases" / "vision"), build_tiny("gpt2", d / "bases" / "gpt2")
@@ -107,7 +100,8 @@ def _trainer(d, bases, model, output_dir, **args):
     """A SoftPromptTrainer as train.py builds it, in this process (no start-up cost), on 16 captions of 8 images."""
     from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 
-    from recipes.common.args import FreezeArguments
+    from recipes.common.args import LearningRateArguments
+    from recipes.common.captions import CaptionCollator
     from recipes.common.data import load_records
     from recipes.soft_prompt_caption.trainer import SoftPromptTrainer
 
@@ -116,8 +110,9 @@ def _trainer(d, bases, model, output_dir, **args):
     train, _ = collator.tokenize_captions(records, tok, prefix_length=11)
     args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, report_to=[], use_cpu=True,
                              remove_unused_columns=False, logging_steps=1, seed=0, **args)
-    data_collator = collator.CaptionCollator(AutoImageProcessor.from_pretrained(bases[0]), tok.pad_token_id)
-    return SoftPromptTrainer(model=model, args=args, train_dataset=train, freeze_args=FreezeArguments(), processing_class=tok,
+    data_collator = CaptionCollator(AutoImageProcessor.from_pretrained(bases[0]), tok.pad_token_id)
+    return SoftPromptTrainer(model=model, args=args, train_dataset=train, learning_rates=LearningRateArguments(),
+                             processing_class=tok,
                              data_collator=data_collator)
 
 

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
-from recipes.common import tiny_models
-from recipes.common.tiny_models import BUILD_VERSIONS, build_tiny, tiny_model_path
+from recipes.common.cache import build_once
+from recipes.common.tiny import models as tiny_models
+from recipes.common.tiny.models import BUILD_VERSIONS, build_tiny, tiny_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 # Chinese, accents and an emoji: byte-level BPE must cover all of it without an unknown token.
@@ -162,8 +163,8 @@ def test_same_seed_same_model(paths, tmp_path):
 
 def test_concurrent_builds_share_one_folder(tmp_path):
     """Two processes (a 2-process DDP launch) racing into an empty cache both get the same, complete folder."""
-    code = "from recipes.common.tiny_models import tiny_model_path; print(tiny_model_path('clip-vision'))"
-    env = {**os.environ, "VLM_RECIPES_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    code = "from recipes.common.tiny.models import tiny_model_path; print(tiny_model_path('clip-vision'))"
+    env = {**os.environ, "VLM_RECIPES_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [p.communicate(timeout=120) for p in procs]
@@ -176,7 +177,7 @@ def test_concurrent_builds_share_one_folder(tmp_path):
 
 RANK_CODE = """
 import sys, torch.distributed as dist
-from recipes.common.tiny_models import tiny_model_path
+from recipes.common.tiny.models import tiny_model_path
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + sys.argv[2], rank=rank, world_size=2)
 if rank == 0:
@@ -196,7 +197,7 @@ def test_a_rank_other_than_0_of_a_process_group_builds_a_complete_model(tmp_path
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    env = {**os.environ, "VLM_RECIPES_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "VLM_RECIPES_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", RANK_CODE, str(rank), port], env=env, cwd=REPO, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     results = [p.communicate(timeout=180) for p in procs]
@@ -237,5 +238,5 @@ def test_a_build_leaves_the_callers_random_states_as_they_were(tmp_path):
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
     expected = draws()
     torch.manual_seed(0), random.seed(0), np.random.seed(0)
-    tiny_models.build_once(tmp_path / "model", build)
+    build_once(tmp_path / "model", build)
     assert (tmp_path / "model" / "tiny_model.json").exists() and draws() == expected

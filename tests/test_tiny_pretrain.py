@@ -8,10 +8,10 @@ from transformers import Blip2ForConditionalGeneration
 
 from data_tools.hashing import content_hash
 from data_tools.synth import make_scene
-from recipes.common import tiny_pretrain
+from recipes.common.tiny import pretrain as tiny_pretrain
 from recipes.common.models import resolve_model_path
-from recipes.common.tiny_models import tiny_model_path
-from recipes.common.tiny_pretrain import _train, annotation, corpus_batch, pretrain_blip2, pretrained_tiny_path, text_corpus
+from recipes.common.tiny.models import tiny_model_path
+from recipes.common.tiny.pretrain import _train, annotation, corpus_batch, pretrain_blip2, pretrained_tiny_path, text_corpus
 
 
 @pytest.fixture(scope="module")

@@ -14,27 +14,23 @@ and after fine-tuning). Merge into a full checkpoint with merge.py.
 """
 
 import functools
-import json
 import logging
-import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+from accelerate import PartialState
+from transformers import Blip2ForConditionalGeneration, TrainingArguments
 
-import transformers  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from transformers import Blip2ForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
-
-from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, recipe_argv, resume_checkpoint  # noqa: E402
-from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
-from recipes.common.feature_cache import cache_for_run, serve_cached_features, vision_tower  # noqa: E402
-from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
-from collator import CaptionCollator, CaptionPromptCollator, caption_scores, tokenize_captions  # noqa: E402
-from trainer import CaptionTrainer  # noqa: E402
+from recipes.blip2_lora_caption.collator import CaptionPromptCollator, tokenize_captions
+from recipes.blip2_lora_caption.trainer import CaptionTrainer
+from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments, GenerationEvalArguments,
+                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments, parse_args,
+                                 recipe_argv)
+from recipes.common.captions import CaptionCollator, caption_eval_records, caption_scores
+from recipes.common.data import embedded_dataset
+from recipes.common.feature_cache import cache_for_run, serve_cached_features, vision_tower
+from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
+from recipes.common.run import load_data, setup_run, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -42,25 +38,17 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 def main(argv=None):
     argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    model_args, data_args, peft_args, freeze_args, gen_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, TrainingArguments), argv
+    model_args, data_args, peft_args, freeze_args, lr_args, loss_args, cache_args, gen_args, training_args = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
+         FeatureCacheArguments, GenerationEvalArguments, TrainingArguments), argv
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
-    check_mixed_precision(model_args, training_args)
+    setup_run(training_args, model_args)
 
-    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
-    if data_args.train_file is None:
-        splits = embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed)
-        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
-    train_records = load_records(data_args.train_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
-                                 max_rows=data_args.max_train_samples)
-    eval_records = None
-    if data_args.eval_file:
-        # One generation and one set of references per image, also for files with a row per caption.
-        eval_records = merge_captions_by_image(load_records(data_args.eval_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
-                                                            max_rows=data_args.max_eval_samples))
+    # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
+    train_records, eval_records = load_data(
+        data_args, "caption", lambda: embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed))
+    if eval_records is not None:
+        eval_records = caption_eval_records(eval_records)
 
     # Model: by default the embedded tiny BLIP-2 (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(model_args.model_name_or_path or "tiny:blip2-opt-pretrained")
@@ -76,23 +64,23 @@ def main(argv=None):
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: one per reference caption; the length budget counts the query tokens.
-    train_dataset, report = tokenize_captions(train_records, tokenizer, image_token_id=image_token_id,
-                                              num_image_tokens=n_query, prompt=data_args.prompt, max_length=data_args.max_length)
+    tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, image_token_id=image_token_id,
+                                 num_image_tokens=n_query, prompt=data_args.prompt, max_length=data_args.max_length)
+    train_dataset, report = tokenize(train_records)
     logger.info("train %s", report)
     eval_dataset = None
     if eval_records is not None:
-        eval_dataset, report = tokenize_captions(eval_records, tokenizer, image_token_id=image_token_id,
-                                                 num_image_tokens=n_query, prompt=data_args.prompt, max_length=data_args.max_length)
+        eval_dataset, report = tokenize(eval_records)
         logger.info("eval %s", report)
         if gen_args.eval_max_samples:
             eval_records = eval_records.select(range(min(gen_args.eval_max_samples, len(eval_records))))
 
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
     feature_cache = None
-    if freeze_args.cache_vision_features:
+    if cache_args.cache_vision_features:
         tower = vision_tower(model)
         images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset is not None else [])
-        feature_cache = cache_for_run(tower, image_processor, images, freeze_args, training_args)
+        feature_cache = cache_for_run(tower, image_processor, images, cache_args, training_args)
         serve_cached_features(tower)  # generation (4-D pixels) still runs the tower
 
     trainer = CaptionTrainer(
@@ -103,37 +91,18 @@ def main(argv=None):
         data_collator=CaptionCollator(image_processor, tokenizer.pad_token_id, feature_cache),
         processing_class=processor,
         generation_dataset=eval_records,
-        generation_collator=CaptionPromptCollator(image_processor, tokenizer, image_token_id, n_query, data_args.prompt),
+        generation_collator=CaptionPromptCollator(image_processor, tokenizer, image_token_id, n_query,
+                                                  data_args.prompt),
         score_fn=functools.partial(caption_scores, lang=data_args.lang),
         generation_args=gen_args,
         decode_tokenizer=tokenizer,
-        freeze_args=freeze_args,
-        loss_on_label_positions=model_args.loss_on_label_positions,
+        learning_rates=lr_args,
+        loss_on_label_positions=loss_args.loss_on_label_positions,
     )
-
-    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one
-    results = {}
-    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
-    if eval_records is not None and resume and before_file.exists():
-        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
-    elif eval_records is not None:
-        results["before"] = trainer.generation_metrics("eval", name="before")
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # adapter (+ modules_to_save) as safetensors, and the processor
-    if eval_records is not None:
-        results["after"] = trainer.generation_metrics("eval", name="final")
-    if trainer.is_world_process_zero():
-        # recipe/task/eval_file/lang: what `python -m eval report` (make eval) needs to score this run again.
-        results.update(recipe=Path(__file__).resolve().parent.name, task="caption", lang=data_args.lang,
-                       model=model_path, train_file=data_args.train_file, eval_file=data_args.eval_file,
-                       global_step=trainer.state.global_step, world_size=training_args.world_size)
-        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        for when in ("before", "after"):
-            if when in results:
-                logger.info("held-out %s fine-tuning: %s", when, json.dumps(results[when]))
-        logger.info("outputs in %s", training_args.output_dir)
-    return results
+    return train_and_evaluate(trainer, dict(
+        recipe=Path(__file__).resolve().parent.name, task="caption", lang=data_args.lang, model=model_path,
+        train_file=data_args.train_file, eval_file=data_args.eval_file,
+    ), shuffled_image_check=gen_args.shuffled_image_check)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,26 @@
-"""The captioning Trainer: generation-based evaluation (CIDEr, BLEU, ROUGE-L) and per-module learning rates."""
+"""The captioning Trainer: the common RecipeTrainer, with BLIP-2's own way to the label-position loss."""
 
 from __future__ import annotations
 
-from recipes.common.generation_eval import GenerationEvalTrainer
-from recipes.common.losses import LabelPositionLoss
-from recipes.common.peft_setup import PerModuleLearningRates
+from recipes.common.losses import label_positions_only, loss_at_label_positions
+from recipes.common.trainer import RecipeTrainer
 
 
-class CaptionTrainer(LabelPositionLoss, PerModuleLearningRates, GenerationEvalTrainer):
-    """GenerationEvalTrainer whose optimizer gives the vision tower, Q-Former and LM their own learning rates.
-    `loss_on_label_positions`: BLIP-2 slices full-length logits for its own loss, so the loss from the kept
-    logits is computed by the Trainer (recipes/common/losses.py)."""
+def _loss_from_kept_logits(outputs, labels, num_items_in_batch=None):
+    return loss_at_label_positions(outputs.logits, labels, num_items_in_batch=num_items_in_batch)
 
-    loss_in_model = False
+
+class CaptionTrainer(RecipeTrainer):
+    """RecipeTrainer for BLIP-2. BLIP-2 slices full-length logits by the labels' length for its own loss, so
+    with `loss_on_label_positions` the model gets `logits_to_keep` without labels and the loss of the kept
+    logits is the Trainer's `compute_loss_func` (its gradient-accumulation and multi-device scaling hold)."""
+
+    def __init__(self, *args, loss_on_label_positions: bool = False, **kwargs):
+        if loss_on_label_positions:
+            if kwargs.get("compute_loss_func") is not None:
+                raise ValueError("loss_on_label_positions sets compute_loss_func; pass one or the other.")
+            kwargs["compute_loss_func"] = _loss_from_kept_logits
+        super().__init__(*args, loss_on_label_positions=loss_on_label_positions, **kwargs)
+
+    def label_position_inputs(self, inputs: dict) -> dict:
+        return {**inputs, "logits_to_keep": label_positions_only(inputs["labels"])["logits_to_keep"]}

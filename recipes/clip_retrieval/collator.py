@@ -28,7 +28,7 @@ from data_tools.images import load_image, resolve_image_path
 from data_tools.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from data_tools.synth import SIZES, WORDS, draw_scene, make_scene
 from recipes.common.data import embedded_dataset
-from recipes.common.tiny_models import cache_root
+from recipes.common.cache import cache_root
 
 
 # --- texts --------------------------------------------------------------------------------------------

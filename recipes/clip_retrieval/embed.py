@@ -13,19 +13,16 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+import numpy as np
+import torch
+from transformers import AutoProcessor
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoProcessor  # noqa: E402
+from recipes.common.data import load_records
+from recipes.common.models import resolve_model_path
 
-from recipes.common.data import load_records  # noqa: E402
-from recipes.common.models import resolve_model_path  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
-from collator import ContrastiveCollator, TextLengthReport, tokenize_texts  # noqa: E402
-from merge import load_clip  # noqa: E402
-from trainer import embed_images, embed_texts  # noqa: E402
+from recipes.clip_retrieval.collator import ContrastiveCollator, TextLengthReport, tokenize_texts
+from recipes.clip_retrieval.merge import load_clip
+from recipes.clip_retrieval.trainer import embed_images, embed_texts
 
 
 def load(model: str, device: str = "cpu"):

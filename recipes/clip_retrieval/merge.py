@@ -9,18 +9,15 @@ weight by weight (Wortsman et al. 2022, "Robust fine-tuning of zero-shot models"
 fine-tuned model, a = 0 the base; values between trade the task for what the base knew.
 """
 
-import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common
+import torch
+from transformers import AutoProcessor, CLIPModel
 
-import torch  # noqa: E402
-from transformers import AutoProcessor, CLIPModel  # noqa: E402
-
-from recipes.common.models import resolve_model_path  # noqa: E402
+from recipes.common.merge import merge_cli
+from recipes.common.models import resolve_model_path
 
 
 def base_of(run: str | Path) -> str:
@@ -68,15 +65,13 @@ def export(run: str, out: str, alpha: float | None = None, base: str | None = No
     return Path(out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the training output_dir, a checkpoint-N folder in it, or a wise_ft-* folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--wise_ft_alpha", type=float, default=None, help="interpolate with the base: 0 = base, 1 = fine-tuned")
-    p.add_argument("--base", default=None, help="the base checkpoint (default: the one the run was trained from)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = p.parse_args()
-    print(f"checkpoint written to {export(args.run, args.out, args.wise_ft_alpha, args.base, args.dtype)}")
+def main(argv=None):
+    def add_arguments(p):
+        p.add_argument("--wise_ft_alpha", type=float, default=None, help="interpolate with the base: 0 = base, 1 = fine-tuned")
+        p.add_argument("--base", default=None, help="the base checkpoint (default: the one the run was trained from)")
+
+    return merge_cli(__doc__, lambda a: export(a.run, a.out, a.wise_ft_alpha, a.base, a.dtype), argv,
+                     add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
-from embed import encode_texts, load  # noqa: E402
-from trainer import embed_images  # noqa: E402
+from recipes.clip_retrieval.embed import encode_texts, load
+from recipes.clip_retrieval.trainer import embed_images
 
 
 def top_k(query: np.ndarray, bank: np.ndarray, k: int) -> list[tuple[int, float]]:

@@ -18,29 +18,23 @@ predictions/<name>.npz (eval embeddings) at every evaluation, wise_ft-<alpha>/ f
 and metrics.json (held-out retrieval and zero-shot metrics before and after fine-tuning, and per alpha).
 """
 
-import json
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+from accelerate import PartialState
+from transformers import CLIPModel, TrainingArguments
 
-import transformers  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from transformers import CLIPModel, TrainingArguments, set_seed  # noqa: E402
-
-from recipes.common.args import DataArguments, FreezeArguments, ModelArguments, PeftArguments, parse_args, recipe_argv, resume_checkpoint  # noqa: E402
-from recipes.common.data import load_records  # noqa: E402
-from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import count_parameters  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
-from collator import ContrastiveCollator, PairDataset, embedded_retrieval, embedded_zero_shot, load_zero_shot  # noqa: E402
-from merge import load_clip, wise_ft  # noqa: E402
-from trainer import ContrastiveTrainer, set_training_mode  # noqa: E402
+from recipes.clip_retrieval.collator import (ContrastiveCollator, PairDataset, embedded_retrieval, embedded_zero_shot,
+                                             load_zero_shot)
+from recipes.clip_retrieval.merge import load_clip, wise_ft
+from recipes.clip_retrieval.trainer import ContrastiveTrainer, set_training_mode
+from recipes.common.args import (DataArguments, FreezeArguments, LearningRateArguments, ModelArguments, PeftArguments,
+                                 parse_args, recipe_argv)
+from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.peft_setup import count_parameters
+from recipes.common.run import load_data, setup_run, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -92,32 +86,23 @@ class RetrievalArguments:
 
 def main(argv=None):
     argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    model_args, data_args, peft_args, freeze_args, args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, RetrievalArguments, TrainingArguments), argv
+    model_args, data_args, peft_args, freeze_args, lr_args, args, training_args = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, RetrievalArguments,
+         TrainingArguments), argv
     )
     if data_args.prompt:
         raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; "
                          "zero-shot prompts are --zero_shot_templates.")
-    if model_args.loss_on_label_positions:
-        raise ValueError("--loss_on_label_positions is for the generative recipes: CLIP's contrastive loss has no labels.")
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
-    check_mixed_precision(model_args, training_args)
+    setup_run(training_args, model_args)
 
-    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
-    embedded = data_args.train_file is None
-    if embedded:
+    # Data: the embedded synthetic set (and its zero-shot set) unless files are given.
+    def embedded():
         splits = embedded_retrieval(data_args.lang, training_args.seed, args.embedded_images, args.embedded_without_size)
-        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
         if args.zero_shot_file is None and args.zero_shot_attribute != "none":
             args.zero_shot_file = str(embedded_zero_shot(args.zero_shot_attribute, lang=data_args.lang))
-    train_records = load_records(data_args.train_file, "retrieval", skip_bad_rows=data_args.skip_bad_rows,
-                                 max_rows=data_args.max_train_samples)
-    eval_records = None
-    if data_args.eval_file:
-        eval_records = load_records(data_args.eval_file, "retrieval", skip_bad_rows=data_args.skip_bad_rows,
-                                    max_rows=data_args.max_eval_samples)
+        return splits
+
+    train_records, eval_records = load_data(data_args, "retrieval", embedded)
 
     # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(model_args.model_name_or_path or "tiny:clip-pretrained")
@@ -157,25 +142,14 @@ def main(argv=None):
         processing_class=processor,
         retrieval_dataset=eval_dataset,
         zero_shot=zero_shot,
-        freeze_args=freeze_args,
+        learning_rates=lr_args,
     )
 
-    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one
-    evaluates = eval_dataset is not None or zero_shot is not None
-    results = {}
-    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
-    if evaluates and resume and before_file.exists():
-        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
-    elif evaluates:
-        results["before"] = trainer.retrieval_metrics("eval", name="before")
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # the model (or adapter) as safetensors, and the processor
-    trainer.save_state()
-    if evaluates:
-        results["after"] = trainer.retrieval_metrics("eval", name="final")
-
-    # WiSE-FT: weight-space interpolation between the base and the fine-tuned model, each alpha evaluated.
-    if args.wise_ft_alpha:
+    def after_training(results: dict) -> None:
+        # WiSE-FT: weight-space interpolation between the base and the fine-tuned model, each alpha evaluated.
+        trainer.save_state()
+        if not args.wise_ft_alpha:
+            return
         trainer.accelerator.wait_for_everyone()  # the saved model is complete on every rank
         dtype = next(trainer.model.parameters()).dtype
         base, finetuned = load_clip(model_path, dtype), load_clip(training_args.output_dir, dtype)
@@ -186,25 +160,15 @@ def main(argv=None):
             if trainer.is_world_process_zero():
                 mixed.save_pretrained(folder)
                 processor.save_pretrained(folder)
-            if evaluates:
-                results["wise_ft"][f"{alpha:g}"] = trainer.retrieval_metrics("eval", name=f"wise_ft-{alpha:g}", model=mixed)
+            if trainer.evaluates_heldout():
+                results["wise_ft"][f"{alpha:g}"] = trainer.retrieval_metrics("eval", name=f"wise_ft-{alpha:g}",
+                                                                             model=mixed)
 
-    if trainer.is_world_process_zero():
-        # recipe/task/eval_file/lang: what `python -m eval report` (make eval) needs to score this run again.
-        results.update(recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=data_args.lang,
-                       model=model_path, train_file=data_args.train_file, eval_file=data_args.eval_file,
-                       zero_shot_file=args.zero_shot_file, zero_shot_labels=zero_shot.labels if zero_shot else None,
-                       global_step=trainer.state.global_step, world_size=training_args.world_size)
-        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        for when in ("before", "after"):
-            if when in results:
-                logger.info("held-out %s fine-tuning: %s", when, json.dumps(results[when]))
-        for alpha, metrics in results.get("wise_ft", {}).items():
-            logger.info("held-out WiSE-FT alpha=%s: %s", alpha, json.dumps(metrics))
-        logger.info("outputs in %s", training_args.output_dir)
-    return results
-
+    return train_and_evaluate(trainer, dict(
+        recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=data_args.lang, model=model_path,
+        train_file=data_args.train_file, eval_file=data_args.eval_file, zero_shot_file=args.zero_shot_file,
+        zero_shot_labels=zero_shot.labels if zero_shot else None,
+    ), after_training=after_training)
 
 if __name__ == "__main__":
     main()

@@ -33,10 +33,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from accelerate.utils import gather_object
 from tqdm import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import TrainerCallback
 
+from data_tools.files import atomic_write, atomic_write_text
 from eval.retrieval import recall_at_k
-from recipes.common.peft_setup import PerModuleLearningRates, apply_freezing, apply_peft, trainable_in_float32
+from recipes.common.peft_setup import apply_freezing, apply_peft, trainable_in_float32
+from recipes.common.trainer import RecipeTrainer
 
 logger = logging.getLogger(__name__)
 LOGIT_SCALE_MAX = math.log(100)  # CLIP's clip on the logit scale (Radford et al. 2021, sec. 2.5)
@@ -198,8 +200,8 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both", 
 
 
 # --- trainer --------------------------------------------------------------------------------------------
-class ContrastiveTrainer(PerModuleLearningRates, Trainer):
-    """Trainer with the global-batch contrastive loss, per-tower learning rates and retrieval evaluation.
+class ContrastiveTrainer(RecipeTrainer):
+    """RecipeTrainer with the global-batch contrastive loss and retrieval evaluation.
 
     retrieval_dataset: a `PairDataset` of the eval records: every image and every caption is embedded,
     and Recall@1/5/10 and mean rank both ways are logged as `eval_text_to_image_R@1`, ... (usable as
@@ -225,13 +227,11 @@ class ContrastiveTrainer(PerModuleLearningRates, Trainer):
         loss = global_batch_loss(outputs, _logit_scale(model), image_keys, text_keys)
         return (loss, {}) if return_outputs else loss
 
-    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"):
-        # Hooked here, not in evaluate(): the Trainer logs these metrics, hands them to callbacks and
-        # picks the best checkpoint from them after this returns.
-        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
-        if metric_key_prefix == "eval" and (self.retrieval_dataset is not None or self.zero_shot is not None):
-            output.metrics.update(self.retrieval_metrics(metric_key_prefix))
-        return output
+    def evaluates_heldout(self) -> bool:
+        return self.retrieval_dataset is not None or self.zero_shot is not None
+
+    def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None) -> dict[str, float]:
+        return self.retrieval_metrics(metric_key_prefix, name)
 
     def _embed_shared(self, model, kind: str, items: list) -> np.ndarray:
         """Embed this rank's contiguous share of `items`; every rank gets all embeddings, in order."""
@@ -277,7 +277,7 @@ class ContrastiveTrainer(PerModuleLearningRates, Trainer):
                 if step_eval:  # keep the newest step's embeddings only: on a large eval set each file is big
                     for old in glob.glob(os.path.join(folder, "step-*.npz")):
                         os.remove(old)
-                np.savez(os.path.join(folder, f"{name}.npz"), **arrays)
-            with open(os.path.join(folder, f"{name}.metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
+                with atomic_write(os.path.join(folder, f"{name}.npz"), "wb") as f:
+                    np.savez(f, **arrays)
+            atomic_write_text(os.path.join(folder, f"{name}.metrics.json"), json.dumps(metrics, indent=2))
         return metrics

@@ -48,13 +48,6 @@ class ModelArguments:
         default=False, metadata={"help": "Allow running modelling code shipped with the checkpoint. Only for sources you trust."}
     )
     revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
-    loss_on_label_positions: bool = field(
-        default=False,
-        metadata={"help": "Generative recipes: compute the LM's logits and loss at the label (answer, caption) positions "
-                          "only: the same loss with less LM-head work and memory (recipes/common/losses.py). Off until "
-                          "measured on a GPU (bench/RESULTS.md)."},
-    )
-
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both set: choose one of them.")
@@ -128,7 +121,7 @@ class PeftArguments:
 
 @dataclass
 class FreezeArguments:
-    """Which parts of the model train, and at which learning rate.
+    """Which parts of the model train.
 
     None for a freeze flag leaves that part as the model has it: with LoRA, peft has already frozen every
     base weight; without LoRA, every weight starts trainable.
@@ -153,25 +146,48 @@ class FreezeArguments:
             "None = frozen with LoRA, trained without."
         },
     )
-    cache_vision_features: bool = field(
-        default=False,
-        metadata={"help": "With a frozen vision tower, run it once per image before training and train on its stored "
-                  "output (recipes/common/feature_cache.py); blip2_lora_caption, soft_prompt_caption."},
-    )
-    vision_feature_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where the cached features go (a subfolder per model, processor and image set, reused by "
-                  "later runs); None = <output_dir>/vision_features."},
-    )
+
+    def __post_init__(self):
+        if self.unfreeze_last_n_vision_layers < 0:
+            raise ValueError(f"unfreeze_last_n_vision_layers must be >= 0, got {self.unfreeze_last_n_vision_layers}.")
+
+
+@dataclass
+class LearningRateArguments:
+    """A learning rate per component of the model (the optimizer's parameter groups)."""
+
     vision_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower; None = learning_rate."})
     bridge_lr: float | None = field(default=None, metadata={"help": "Learning rate of the bridge; None = learning_rate."})
     lm_lr: float | None = field(
         default=None, metadata={"help": "Learning rate of the language model / text tower; None = learning_rate."}
     )
 
-    def __post_init__(self):
-        if self.unfreeze_last_n_vision_layers < 0:
-            raise ValueError(f"unfreeze_last_n_vision_layers must be >= 0, got {self.unfreeze_last_n_vision_layers}.")
+
+@dataclass
+class LossArguments:
+    """How the generative recipes compute their loss."""
+
+    loss_on_label_positions: bool = field(
+        default=False,
+        metadata={"help": "Compute the LM's logits and loss at the label (answer, caption) positions only: the same "
+                          "loss with less LM-head work and memory (recipes/common/losses.py)."},
+    )
+
+
+@dataclass
+class FeatureCacheArguments:
+    """Cached outputs of a frozen vision tower (blip2_lora_caption, soft_prompt_caption)."""
+
+    cache_vision_features: bool = field(
+        default=False,
+        metadata={"help": "With a frozen vision tower, run it once per image before training and train on its stored "
+                  "output (recipes/common/feature_cache.py)."},
+    )
+    vision_feature_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the cached features go (a subfolder per model, processor and image set, reused by "
+                  "later runs); None = <output_dir>/vision_features."},
+    )
 
 
 @dataclass
@@ -185,6 +201,11 @@ class GenerationEvalArguments:
     top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling threshold; None = the model's default."})
     eval_max_samples: int | None = field(
         default=None, metadata={"help": "Generate for at most this many evaluation samples (generation is slow)."}
+    )
+    shuffled_image_check: bool = field(
+        default=False,
+        metadata={"help": "After training, evaluate again with each eval image swapped for another one: a model that "
+                          "looks at the image scores lower; one that answers from the text alone scores the same."},
     )
 
 

@@ -35,7 +35,7 @@ from PIL import Image
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 
-from .lengths import IGNORE_INDEX
+from .lengths import IGNORE_INDEX, pad_batch
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -295,16 +295,7 @@ class ChatCollator:
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         if self.padding_free:
             return self._packed(features)
-        width = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            attention_mask[i, :n] = 1
-        return self._with_pixels({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, features)
+        return self._with_pixels(pad_batch(features, self.pad_token_id), features)
 
     def _packed(self, features: list[dict]) -> dict[str, torch.Tensor]:
         labels = [torch.tensor(f["labels"]) for f in features]
@@ -337,13 +328,8 @@ class ChatPromptCollator:
     def __call__(self, items: list[dict]) -> dict:
         prompts = [self.encoder.encode_prompt(to_messages(it["conversations"], has_image=it.get("image") is not None))
                    for it in items]
-        width = max(map(len, prompts))
-        input_ids = torch.full((len(items), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), width), dtype=torch.long)
-        for i, p in enumerate(prompts):
-            input_ids[i, width - len(p):] = torch.tensor(p)
-            attention_mask[i, width - len(p):] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "keys": [it["key"] for it in items]}
+        batch = {**pad_batch([{"input_ids": p} for p in prompts], self.pad_token_id, left=True),
+                 "keys": [it["key"] for it in items]}
         pixel_values = _pixel_values(self.image_processor, items)
         if pixel_values is not None:
             batch["pixel_values"] = pixel_values

@@ -19,7 +19,7 @@ from data_tools.jsonl import write_jsonl
 from data_tools.split import split_file
 from data_tools.synth import make_synthetic
 
-from .tiny_models import cache_root
+from .cache import cache_root
 
 # The columns each task's collator reads; other keys in the records are dropped from the Dataset.
 COLUMNS = {
@@ -101,19 +101,3 @@ def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 
 
         shutil.rmtree(tmp, ignore_errors=True)
     return splits
-
-
-def merge_captions_by_image(ds: datasets.Dataset) -> datasets.Dataset:
-    """Caption records merged to one row per image: the captions of rows naming the same image, in order.
-
-    Files with one row per caption (the `[{"image_path": ..., "text": ...}]` style) would otherwise give
-    an image several predictions and keep only one row's references when scoring.
-    """
-    merged: dict[str, list[str]] = {}
-    for row in ds:
-        merged.setdefault(row["image"], []).extend(row["captions"])
-    if len(merged) == len(ds):
-        return ds
-    out = datasets.Dataset.from_list([{"image": image, "captions": captions} for image, captions in merged.items()])
-    out.info.description = f"{ds.info.description}; {len(ds)} rows merged into {len(merged)} images"
-    return out

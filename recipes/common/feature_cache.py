@@ -33,7 +33,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from data_tools.images import load_image
 
-from .tiny_models import build_once
+from .cache import build_once
 
 logger = logging.getLogger(__name__)
 
@@ -135,14 +135,14 @@ class VisionFeatureCache:
         return cache
 
 
-def cache_for_run(tower: torch.nn.Module, image_processor, images: list[str], freeze_args, training_args,
+def cache_for_run(tower: torch.nn.Module, image_processor, images: list[str], cache_args, training_args,
                   **encode) -> VisionFeatureCache:
     """--cache_vision_features as a recipe runs it: a tower that trains is refused; the features of `images` are
     computed on the training device into --vision_feature_dir (default <output_dir>/vision_features), or found there.
     `encode` (encode=, tag=) as for VisionFeatureCache.build."""
     check_frozen(tower)
     return VisionFeatureCache.build(tower.to(training_args.device), image_processor, images,
-                                    freeze_args.vision_feature_dir or Path(training_args.output_dir) / "vision_features",
+                                    cache_args.vision_feature_dir or Path(training_args.output_dir) / "vision_features",
                                     batch_size=training_args.per_device_eval_batch_size, **encode)
 
 

@@ -1,4 +1,5 @@
-"""Sample-length budgeting that counts image tokens: text is cut on the text side only, and every cut is counted.
+"""Sample-length budgeting that counts image tokens (text is cut on the text side only, and every cut is counted),
+and the padding of tokenized samples into a batch.
 
 A sample is `[image tokens] + prompt (not learned) + target (learned)`. `max_length` covers all of
 it. When it does not fit, the target is truncated; when not even one target token fits after the
@@ -9,6 +10,8 @@ both, and the recipes print it before training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 IGNORE_INDEX = -100
 
@@ -48,3 +51,22 @@ def fit_to_budget(
         report.target_tokens_cut += len(target_ids) - budget
         target_ids = target_ids[:budget]
     return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + list(target_ids)
+
+
+def pad_batch(features: list[dict], pad_token_id: int, *, left: bool = False) -> dict[str, torch.Tensor]:
+    """`input_ids` (padded with `pad_token_id`), `attention_mask` (0 over padding) and, when the features have
+    them, `labels` (-100 over padding) as [batch, longest] tensors. Training pads on the right; generation
+    prompts on the left, so that every answer starts at the same position."""
+    width = max(len(f["input_ids"]) for f in features)
+    batch = {"input_ids": torch.full((len(features), width), pad_token_id, dtype=torch.long),
+             "attention_mask": torch.zeros((len(features), width), dtype=torch.long)}
+    if "labels" in features[0]:
+        batch["labels"] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        span = slice(width - n, width) if left else slice(0, n)
+        batch["input_ids"][i, span] = torch.tensor(f["input_ids"], dtype=torch.long)
+        batch["attention_mask"][i, span] = 1
+        if "labels" in batch:
+            batch["labels"][i, span] = torch.tensor(f["labels"], dtype=torch.long)
+    return batch

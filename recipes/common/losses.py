@@ -8,7 +8,7 @@ to their loss function (`ForCausalLMLoss`), so the model's own loss runs on exac
 contribute to it: positions whose next token is a label. Every other row has target -100 and adds nothing
 to the sum or to the count, so the loss, and its gradients, are those of the full logits (tests/test_losses.py).
 
-The generative recipes' `--loss_on_label_positions` is `LabelPositionLoss`, a Trainer mixin.
+The generative recipes' `--loss_on_label_positions` is an option of `RecipeTrainer` (recipes/common/trainer.py).
 """
 
 from __future__ import annotations
@@ -44,38 +44,3 @@ def loss_at_label_positions(logits: torch.Tensor, labels: torch.Tensor, num_item
     shift_labels = label_positions_only(labels, ignore_index)["shift_labels"]
     return ForCausalLMLoss(logits, None, logits.shape[-1], num_items_in_batch=num_items_in_batch,
                            ignore_index=ignore_index, shift_labels=shift_labels)
-
-
-def _loss_from_kept_logits(outputs, labels, num_items_in_batch=None):
-    return loss_at_label_positions(outputs.logits, labels, num_items_in_batch=num_items_in_batch)
-
-
-class LabelPositionLoss:
-    """Trainer mixin (list it before the Trainer class): `loss_on_label_positions=True` in the constructor makes
-    every loss (training and eval) come from logits at the label positions only; off, the Trainer is unchanged.
-
-    `loss_in_model = True` (transformers causal LMs, LLaVA): the model gets `labels` and `label_positions_only`'s
-    `logits_to_keep` and `shift_labels`, and its own loss runs on the kept rows. `False` (BLIP-2, which slices
-    full-length logits for its loss): the model gets `logits_to_keep` without labels, and the loss is computed
-    here, through the Trainer's `compute_loss_func` (so its gradient-accumulation and multi-device scaling hold).
-    A model that needs its own flag instead overrides `label_position_inputs`.
-    """
-
-    loss_in_model = True
-
-    def __init__(self, *args, loss_on_label_positions: bool = False, **kwargs):
-        if loss_on_label_positions and not self.loss_in_model:
-            kwargs["compute_loss_func"] = _loss_from_kept_logits
-        super().__init__(*args, **kwargs)
-        self.loss_on_label_positions = loss_on_label_positions
-
-    def label_position_inputs(self, inputs: dict) -> dict:
-        kept = label_positions_only(inputs["labels"])
-        if self.loss_in_model:
-            return {**inputs, **kept}
-        return {**inputs, "logits_to_keep": kept["logits_to_keep"]}
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.loss_on_label_positions and inputs.get("labels") is not None:
-            inputs = self.label_position_inputs(inputs)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)

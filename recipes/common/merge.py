@@ -9,7 +9,9 @@ outputs as base + adapter. A run trained without LoRA already is a full checkpoi
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Callable
 
 import torch
 from peft import PeftConfig, PeftModel
@@ -45,3 +47,18 @@ def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32
     merged.save_pretrained(out)
     processor.save_pretrained(out)
     return Path(out)
+
+
+def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[str] | None = None, *,
+              dtype: str = "float32", add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Path:
+    """The command line of a recipe's merge/export script: --run, --out, --dtype (+ `add_arguments`'s), then
+    `merge(args)`; prints and returns the folder written."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True, help="the training output_dir (or a checkpoint-N folder in it)")
+    p.add_argument("--out", required=True, help="the folder to write the full checkpoint to")
+    p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
+    if add_arguments is not None:
+        add_arguments(p)
+    out = merge(p.parse_args(argv))
+    print(f"full checkpoint written to {out}")
+    return out

@@ -63,14 +63,14 @@ TINY_PREFIX = "tiny:"
 def resolve_model_path(path: str) -> str:
     """`tiny:<name>` is a tiny model the project builds offline; anything else is returned unchanged.
 
-    `tiny:clip` (random weights, `tiny_models`) or `tiny:clip-pretrained` (a pre-trained base,
-    `tiny_pretrain`), built into the cache on first use. Both are ordinary `save_pretrained` folders,
+    `tiny:clip` (random weights, `tiny.models`) or `tiny:clip-pretrained` (a pre-trained base,
+    `tiny.pretrain`), built into the cache on first use. Both are ordinary `save_pretrained` folders,
     loaded exactly like a Hub checkpoint.
     """
     if not path.startswith(TINY_PREFIX):
         return path
-    from .tiny_models import BUILDERS, tiny_model_path
-    from .tiny_pretrain import PRETRAINERS, pretrained_tiny_path
+    from .tiny.models import BUILDERS, tiny_model_path
+    from .tiny.pretrain import PRETRAINERS, pretrained_tiny_path
 
     name = path[len(TINY_PREFIX):]
     if name.endswith("-pretrained") and name[: -len("-pretrained")] in PRETRAINERS:

@@ -7,7 +7,7 @@ Parameters outside all three (CLIP's logit_scale) are "other". Typical use in a 
     model = apply_peft(model, peft_args)           # LoRA on the LM projections; peft freezes the rest
     apply_freezing(model, freeze_args)             # then (un)freeze vision tower / last N layers / bridge / LM
     print(count_parameters(model))
-    # in the Trainer's create_optimizer: param_groups(model, freeze_args, args.learning_rate, args.weight_decay)
+    # RecipeTrainer(learning_rates=...) builds its optimizer from param_groups(model, learning_rates, ...)
 """
 
 import difflib
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from recipes.common.args import FreezeArguments, PeftArguments
+from .args import FreezeArguments, LearningRateArguments, PeftArguments
 
 COMPONENTS = ("vision", "bridge", "language")
 
@@ -303,14 +303,16 @@ def _no_decay_names(model: torch.nn.Module) -> set[str]:
     return no_decay
 
 
-def param_groups(model: torch.nn.Module, freeze_args: FreezeArguments, base_lr: float, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, base_lr: float,
+                 weight_decay: float) -> list[dict]:
     """Optimizer parameter groups: one per (component, decay / no decay), each with its component's learning rate.
 
     Only trainable parameters are included; empty groups are dropped. Each group has a "name" key
-    ("vision", "vision_no_decay", ...) for logging. `PerModuleLearningRates` puts them into a Trainer.
+    ("vision", "vision_no_decay", ...) for logging. `RecipeTrainer` puts them into its optimizer.
     """
     arch = model_type(model)
-    lrs = {"vision": freeze_args.vision_lr, "bridge": freeze_args.bridge_lr, "language": freeze_args.lm_lr, "other": None}
+    lrs = {"vision": learning_rates.vision_lr, "bridge": learning_rates.bridge_lr, "language": learning_rates.lm_lr,
+           "other": None}
     no_decay = _no_decay_names(model)
     groups = {}
     for name, param in model.named_parameters():
@@ -324,24 +326,6 @@ def param_groups(model: torch.nn.Module, freeze_args: FreezeArguments, base_lr: 
             groups[key] = {"name": key, "params": [], "lr": lr, "weight_decay": weight_decay if decays else 0.0}
         groups[key]["params"].append(param)
     return list(groups.values())
-
-
-class PerModuleLearningRates:
-    """Trainer mixin (list it before the Trainer class): `freeze_args=` in the constructor, and an optimizer of
-    `param_groups`, so that --vision_lr / --bridge_lr / --lm_lr reach their components. The Trainer's own
-    optimizer choice (--optim and its arguments) is kept; only the parameter groups are ours."""
-
-    def __init__(self, *args, freeze_args=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.freeze_args = freeze_args
-
-    def create_optimizer(self, model=None):
-        if self.optimizer is None and self.freeze_args is not None:
-            groups = param_groups(self.model, self.freeze_args, self.args.learning_rate, self.args.weight_decay)
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            optimizer_kwargs.pop("lr", None)  # each group carries its own
-            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups], **optimizer_kwargs)
-        return super().create_optimizer()
 
 
 def _numel(param: torch.nn.Parameter) -> int:

@@ -12,16 +12,14 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-import torch  # noqa: E402
-from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
-
-from data_tools.images import load_image  # noqa: E402
-from data_tools.records import IMAGE_TOKEN  # noqa: E402
-from recipes.common.chat import ChatEncoder, to_messages  # noqa: E402
-from recipes.common.merge import load_run  # noqa: E402
-from recipes.common.models import resolve_model_path  # noqa: E402
+from data_tools.images import load_image
+from data_tools.records import IMAGE_TOKEN
+from recipes.common.chat import ChatEncoder, to_messages
+from recipes.common.merge import load_run
+from recipes.common.models import resolve_model_path
 
 
 def load(model: str, dtype: str = "float32"):

@@ -57,13 +57,3 @@ def generation_items(task: str, records: datasets.Dataset, short_answer_words: i
     if not items:
         raise ValueError("the eval file has no assistant turn that answers a user turn: nothing to evaluate")
     return datasets.Dataset.from_list(items)
-
-
-def with_shuffled_images(items: datasets.Dataset) -> datasets.Dataset:
-    """The items with every image replaced by another eval image (the distinct images rotated by one), text-only
-    items unchanged: the "does it look at the image?" check."""
-    images = sorted({im for im in items["image"] if im is not None})
-    if len(images) < 2:
-        return items
-    other = dict(zip(images, images[1:] + images[:1]))
-    return items.map(lambda it: {"image": other.get(it["image"])})

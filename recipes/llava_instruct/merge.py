@@ -7,24 +7,13 @@ as base + adapter (recipes/common/merge.py). Runs trained without LoRA (stage pr
 --peft_method none) are full checkpoints already.
 """
 
-import argparse
-import sys
-from pathlib import Path
+from transformers import LlavaForConditionalGeneration
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from transformers import LlavaForConditionalGeneration  # noqa: E402
-
-from recipes.common.merge import merge_run  # noqa: E402
+from recipes.common.merge import merge_cli, merge_run
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the training output_dir (or a checkpoint-N folder in it)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    args = p.parse_args()
-    print(f"merged checkpoint written to {merge_run(args.run, args.out, LlavaForConditionalGeneration, args.dtype)}")
+def main(argv=None):
+    return merge_cli(__doc__, lambda a: merge_run(a.run, a.out, LlavaForConditionalGeneration, a.dtype), argv)
 
 
 if __name__ == "__main__":

@@ -21,31 +21,25 @@ Merge an adapter into a full checkpoint with merge.py; talk to a run with chat.p
 """
 
 import functools
-import json
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+from accelerate import PartialState
+from transformers import LlavaForConditionalGeneration, TrainingArguments
 
-import transformers  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from transformers import LlavaForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
-
-from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores  # noqa: E402
-from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments,  # noqa: E402
-                                 PeftArguments, parse_args, recipe_argv, resume_checkpoint)
-from recipes.common.chat import ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
-from recipes.common.data import embedded_dataset, load_records  # noqa: E402
-from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
-from collator import caption_conversations, generation_items, with_shuffled_images  # noqa: E402
-from trainer import InstructTrainer  # noqa: E402
+from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
+from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, LearningRateArguments,
+                                 LossArguments, ModelArguments, PeftArguments, parse_args, recipe_argv)
+from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
+                                 tokenize_conversations)
+from recipes.common.data import embedded_dataset
+from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
+from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.llava_instruct.collator import caption_conversations, generation_items
+from recipes.llava_instruct.trainer import InstructTrainer
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -73,44 +67,30 @@ class InstructArguments:
         default=SHORT_ANSWER_WORDS,
         metadata={"help": "Eval answers of at most this many words are scored with VQA accuracy, longer ones with CIDEr."},
     )
-    shuffled_image_check: bool = field(
-        default=True,
-        metadata={"help": "After training, evaluate again with each eval image swapped for another one: a model that "
-                          "looks at the image scores lower; one that answers from the text alone scores the same."},
-    )
 
 
 def main(argv=None):
     argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    model_args, data_args, peft_args, freeze_args, gen_args, inst_args, batch_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, InstructArguments,
-         ChatBatchArguments, TrainingArguments), argv
+    (model_args, data_args, peft_args, freeze_args, lr_args, loss_args, gen_args, inst_args, batch_args,
+     training_args) = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
+         GenerationEvalArguments, InstructArguments, ChatBatchArguments, TrainingArguments), argv
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
-    check_mixed_precision(model_args, training_args)
+    setup_run(training_args, model_args)
     if inst_args.projector_lr is not None:
-        if freeze_args.bridge_lr not in (None, inst_args.projector_lr):
-            raise ValueError(f"--projector_lr {inst_args.projector_lr} and --bridge_lr {freeze_args.bridge_lr} name the same "
-                             "learning rate; give one of them.")
-        freeze_args.bridge_lr = inst_args.projector_lr
+        if lr_args.bridge_lr not in (None, inst_args.projector_lr):
+            raise ValueError(f"--projector_lr {inst_args.projector_lr} and --bridge_lr {lr_args.bridge_lr} name the "
+                             "same learning rate; give one of them.")
+        lr_args.bridge_lr = inst_args.projector_lr
     if data_args.image_size:
         raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own image size; "
                          "images are resized to it by the processor.")
     task = inst_args.data_task or ("caption" if inst_args.stage == "pretrain" else "instruct")
 
-    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
-    if data_args.train_file is None:
-        seed = training_args.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
-        splits = embedded_dataset(task, n=1000, lang=data_args.lang, seed=seed)
-        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
-    train_records = load_records(data_args.train_file, task, skip_bad_rows=data_args.skip_bad_rows,
-                                 max_rows=data_args.max_train_samples)
-    eval_records = None
-    if data_args.eval_file:
-        eval_records = load_records(data_args.eval_file, task, skip_bad_rows=data_args.skip_bad_rows,
-                                    max_rows=data_args.max_eval_samples)
+    # Data: the embedded synthetic set unless files are given. Stage 1's images are scenes of another seed.
+    seed = training_args.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
+    train_records, eval_records = load_data(
+        data_args, task, lambda: embedded_dataset(task, n=1000, lang=data_args.lang, seed=seed))
 
     # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava-pretrained")
@@ -162,39 +142,15 @@ def main(argv=None):
         score_fn=functools.partial(instruct_scores, lang=data_args.lang),
         generation_args=gen_args,
         decode_tokenizer=tokenizer,
-        freeze_args=freeze_args,
-        loss_on_label_positions=model_args.loss_on_label_positions,
+        learning_rates=lr_args,
+        loss_on_label_positions=loss_args.loss_on_label_positions,
     )
 
-    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one
-    results = {}
-    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
-    if eval_items is not None and resume and before_file.exists():
-        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
-    elif eval_items is not None:
-        results["before"] = trainer.generation_metrics("eval", name="before")
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # adapter (+ modules_to_save) as safetensors, or the full model; and the processor
-    if eval_items is not None:
-        results["after"] = trainer.generation_metrics("eval", name="final")
-        if inst_args.shuffled_image_check:
-            trainer.generation_dataset = with_shuffled_images(eval_items)
-            results["after_shuffled_images"] = trainer.generation_metrics("eval", name="final-shuffled-images")
-            trainer.generation_dataset = eval_items
-    if trainer.is_world_process_zero():
-        # recipe/task/eval_file/lang/short_answer_words: what `python -m eval report` (make eval) needs to score this run again.
-        results.update(recipe=Path(__file__).resolve().parent.name, task=task, stage=inst_args.stage, lang=data_args.lang,
-                       short_answer_words=inst_args.short_answer_words, model=model_path, train_file=data_args.train_file,
-                       eval_file=data_args.eval_file, length_budget=reports, global_step=trainer.state.global_step,
-                       world_size=training_args.world_size)
-        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        for when in ("before", "after", "after_shuffled_images"):
-            if when in results:
-                logger.info("held-out %s training: %s", when, json.dumps(results[when]))
-        logger.info("outputs in %s", training_args.output_dir)
-    return results
-
+    return train_and_evaluate(trainer, dict(
+        recipe=Path(__file__).resolve().parent.name, task=task, stage=inst_args.stage, lang=data_args.lang,
+        short_answer_words=inst_args.short_answer_words, model=model_path, train_file=data_args.train_file,
+        eval_file=data_args.eval_file, length_budget=reports,
+    ), shuffled_image_check=gen_args.shuffled_image_check)
 
 if __name__ == "__main__":
     main()

@@ -1,17 +1,14 @@
-"""The instruction-tuning Trainer: generation-based evaluation, per-module learning rates, modality-grouped batches."""
+"""The instruction-tuning Trainer: the common RecipeTrainer with modality-grouped batches."""
 
 from __future__ import annotations
 
-from recipes.common.generation_eval import GenerationEvalTrainer
-from recipes.common.losses import LabelPositionLoss
-from recipes.common.peft_setup import PerModuleLearningRates
 from recipes.common.sampling import ModalityLengthGroupedSampler
+from recipes.common.trainer import RecipeTrainer
 
 
-class InstructTrainer(LabelPositionLoss, PerModuleLearningRates, GenerationEvalTrainer):
-    """GenerationEvalTrainer whose optimizer gives the vision tower, projector and LM their own learning rates,
-    and whose `train_sampling_strategy: group_by_length` keeps image and text-only samples in separate batches.
-    `loss_on_label_positions`: LLaVA's own loss on the logits of the answer positions only (recipes/common/losses.py)."""
+class InstructTrainer(RecipeTrainer):
+    """RecipeTrainer whose `train_sampling_strategy: group_by_length` keeps image and text-only samples in
+    separate batches (LLaVA-1.5's modality-grouped sampler)."""
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset

@@ -11,26 +11,21 @@ needed) and gives the outputs of the quantized base + adapter, up to the roundin
 unquantized base (--load_in_4bit false) has no quantization_config.json and is merged as it is.
 """
 
-import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from transformers import LlavaForConditionalGeneration
 
-from transformers import LlavaForConditionalGeneration  # noqa: E402
-
-from recipes.common.merge import merge_run  # noqa: E402
-from recipes.common.quantization import QUANTIZATION_FILE, merge_quantized_run  # noqa: E402
+from recipes.common.merge import merge_cli, merge_run
+from recipes.common.quantization import QUANTIZATION_FILE, merge_quantized_run
 
 
-def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the training output_dir (or a checkpoint-N folder in it)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    args = p.parse_args(argv)
-    merge = merge_quantized_run if (Path(args.run) / QUANTIZATION_FILE).exists() else merge_run
-    print(f"merged checkpoint written to {merge(args.run, args.out, LlavaForConditionalGeneration, args.dtype)}")
+def merge(args) -> Path:
+    merge_fn = merge_quantized_run if (Path(args.run) / QUANTIZATION_FILE).exists() else merge_run
+    return merge_fn(args.run, args.out, LlavaForConditionalGeneration, args.dtype)
+
+
+def main(argv=None):
+    return merge_cli(__doc__, merge, argv, dtype="bfloat16")
 
 
 if __name__ == "__main__":

@@ -19,29 +19,25 @@ breakdown are predictions/baseline.*). Export a merged bf16
 checkpoint with merge.py.
 """
 
-import json
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+from accelerate import PartialState
+from transformers import LlavaForConditionalGeneration, TrainingArguments
 
-import transformers  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from transformers import LlavaForConditionalGeneration, TrainingArguments, set_seed  # noqa: E402
-
-from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, recipe_argv, resume_checkpoint  # noqa: E402
-from recipes.common.chat import ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator, tokenize_conversations  # noqa: E402
-from recipes.common.data import embedded_dataset, load_records  # noqa: E402
-from recipes.common.models import check_mixed_precision, load_model_and_processor, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_lora_and_freezing, count_parameters  # noqa: E402
-from recipes.common.quantization import fall_back_to_cpu_optimizer, prepare_quantized_for_training, weight_bytes  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
-from collator import SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items, vqa_scores  # noqa: E402
-from trainer import VqaTrainer  # noqa: E402
+from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, LearningRateArguments,
+                                 LossArguments, ModelArguments, PeftArguments, parse_args, recipe_argv)
+from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
+                                 tokenize_conversations)
+from recipes.common.data import embedded_dataset
+from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_lora_and_freezing, count_parameters
+from recipes.common.quantization import fall_back_to_cpu_optimizer, prepare_quantized_for_training, weight_bytes
+from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.qlora_vqa.collator import (SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items,
+                                        vqa_scores)
+from recipes.qlora_vqa.trainer import VqaTrainer
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -63,35 +59,26 @@ class VqaArguments:
 
 def main(argv=None):
     argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    model_args, data_args, peft_args, freeze_args, gen_args, vqa_args, batch_args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments, VqaArguments,
-         ChatBatchArguments, TrainingArguments), argv
+    (model_args, data_args, peft_args, freeze_args, lr_args, loss_args, gen_args, vqa_args, batch_args,
+     training_args) = parse_args(
+        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
+         GenerationEvalArguments, VqaArguments, ChatBatchArguments, TrainingArguments), argv
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    setup_run(training_args, model_args)
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     if quantized and peft_args.peft_method == "none":
         raise ValueError("--peft_method none with --load_in_4bit/--load_in_8bit: quantized weights cannot train. Use LoRA, "
                          "or load the model unquantized (--load_in_4bit false).")
-    check_mixed_precision(model_args, training_args)
     if data_args.image_size:
         raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own image size; "
                          "images are resized to it by the processor.")
     fall_back_to_cpu_optimizer(training_args)
 
-    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
-    if data_args.train_file is None:
-        splits = embedded_dataset("vqa", n=1000, lang=data_args.lang, seed=training_args.seed)
-        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
-    train_records = load_records(data_args.train_file, "vqa", skip_bad_rows=data_args.skip_bad_rows,
-                                 max_rows=data_args.max_train_samples)
-    eval_records = None
-    if data_args.eval_file:
-        eval_records = load_records(data_args.eval_file, "vqa", skip_bad_rows=data_args.skip_bad_rows,
-                                    max_rows=data_args.max_eval_samples)
+    # Data: the embedded synthetic set unless files are given.
+    train_records, eval_records = load_data(
+        data_args, "vqa", lambda: embedded_dataset("vqa", n=1000, lang=data_args.lang, seed=training_args.seed))
 
-    # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny_pretrain.py).
+    # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny/pretrain.py).
     # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml).
     model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava-pretrained")
     model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, model_args,
@@ -135,41 +122,22 @@ def main(argv=None):
         score_fn=vqa_scores,
         generation_args=gen_args,
         decode_tokenizer=tokenizer,
-        freeze_args=freeze_args,
-        loss_on_label_positions=model_args.loss_on_label_positions,
+        learning_rates=lr_args,
+        loss_on_label_positions=loss_args.loss_on_label_positions,
     )
 
-    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one
     results = {}
-    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
     if eval_items is not None:
         # The per-question-type prior (the most popular training answer of each question type): what an
         # answer needs to beat to show that the model looked at the image.
         baseline = prior_predictions(train_records, eval_items)
         results["baseline"] = {f"eval_{k}": v for k, v in vqa_scores(baseline, eval_items).items()}
         if trainer.is_world_process_zero():  # predictions/baseline.*: its answers and per-question-type accuracy
-            trainer._write_predictions(baseline, results["baseline"], "baseline")
-        if resume and before_file.exists():
-            results["before"] = json.loads(before_file.read_text())  # scored when the run first started
-        else:
-            results["before"] = trainer.generation_metrics("eval", name="before")
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # adapter (+ modules_to_save) as safetensors, the quantization config, and the processor
-    if eval_items is not None:
-        results["after"] = trainer.generation_metrics("eval", name="final")
-    if trainer.is_world_process_zero():
-        # recipe/task/eval_file/lang: what `python -m eval report` (make eval) needs to score this run again.
-        results.update(recipe=Path(__file__).resolve().parent.name, task="vqa", lang=data_args.lang, model=model_path,
-                       train_file=data_args.train_file, eval_file=data_args.eval_file, length_budget=reports,
-                       global_step=trainer.state.global_step, world_size=training_args.world_size)
-        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        for when in ("baseline", "before", "after"):
-            if when in results:
-                logger.info("held-out %s: %s", when, json.dumps(results[when]))
-        logger.info("outputs in %s", training_args.output_dir)
-    return results
-
+            trainer.write_predictions(baseline, results["baseline"], "baseline")
+    return train_and_evaluate(trainer, dict(
+        recipe=Path(__file__).resolve().parent.name, task="vqa", lang=data_args.lang, model=model_path,
+        train_file=data_args.train_file, eval_file=data_args.eval_file, length_budget=reports,
+    ), results=results, shuffled_image_check=gen_args.shuffled_image_check)
 
 if __name__ == "__main__":
     main()

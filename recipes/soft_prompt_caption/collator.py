@@ -6,7 +6,8 @@ hold the text only:
     labels    = -100 over the prompt; the caption and eos are learned
 and the model adds -100 labels over the prefix. The length budget still counts the prefix
 (`prefix_length` = prompt_length + image vectors). Tokenization happens once, before training, so
-every truncated or dropped sample is counted; the collator only opens images and pads.
+every truncated or dropped sample is counted; the training collator (recipes/common/captions.py) only opens
+images and pads.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from dataclasses import dataclass
 import datasets
 import torch
 
-from data_tools.images import load_image
 from eval.caption import CHARACTER_LANGS
-from recipes.common.feature_cache import VisionFeatureCache
-from recipes.common.lengths import IGNORE_INDEX, LengthReport, fit_to_budget
+from recipes.common.captions import pixel_values
+from recipes.common.lengths import LengthReport, fit_to_budget
 
 
 def tokenize_captions(
@@ -49,38 +49,6 @@ def tokenize_captions(
     return datasets.Dataset.from_list(rows), report
 
 
-def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
-    """Open the images (RGB, EXIF-aware, errors naming the file) and preprocess them."""
-    return image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
-
-
-@dataclass
-class CaptionCollator:
-    """Training batches: pixel values and the right-padded text (padding is -100 in labels, 0 in the mask).
-
-    With a `feature_cache`, `pixel_values` holds each image's cached `image_features` instead (3-D), which the
-    model takes as they are (recipes/common/feature_cache.py).
-    """
-
-    image_processor: object
-    pad_token_id: int
-    feature_cache: VisionFeatureCache | None = None
-
-    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), width), dtype=torch.long)
-        for i, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            attention_mask[i, :n] = 1
-        paths = [f["image"] for f in features]
-        images = self.feature_cache.get(paths) if self.feature_cache is not None else pixel_values(self.image_processor, paths)
-        return {"pixel_values": images, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
 @dataclass
 class CaptionPromptCollator:
     """Eval records -> `generate` inputs: pixel values, the prompt ids (the same for all: no padding), keys."""
@@ -97,13 +65,5 @@ class CaptionPromptCollator:
             # dtype given: with no prompt the ids are empty, and torch.tensor([[]]) would be float.
             "input_ids": torch.tensor([ids] * n, dtype=torch.long).reshape(n, len(ids)),
             "attention_mask": torch.ones((n, len(ids)), dtype=torch.long),
-            "keys": [r["image"] for r in records],
+            "keys": [r["key"] for r in records],
         }
-
-
-def caption_scores(predictions: dict, records, lang: str = "en") -> dict:
-    """BLEU-1..4, ROUGE-L and CIDEr of the predictions against each record's captions (METEOR is slow)."""
-    from eval.caption import caption_metrics
-
-    references = {r["image"]: r["captions"] for r in records}
-    return caption_metrics(predictions, references, lang=lang, metrics=["Bleu", "ROUGE_L", "CIDEr"])

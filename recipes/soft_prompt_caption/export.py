@@ -5,22 +5,17 @@
 The folder holds every weight (LoRA merged into the LM), the config, tokenizer and image processor, and
 needs neither base any more. It gives the same outputs as the run:
 
-    import sys; sys.path.insert(0, "recipes/soft_prompt_caption")
-    from modeling import SoftPromptCaptioner          # also registers it with AutoConfig / AutoModel
+    from recipes.soft_prompt_caption.modeling import SoftPromptCaptioner   # also registers it with AutoModel
     model = SoftPromptCaptioner.from_pretrained("outputs/soft_prompt_full")
 """
 
-import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer
 
-import torch  # noqa: E402
-from transformers import AutoImageProcessor, AutoTokenizer  # noqa: E402
-
-from modeling import SoftPromptCaptioner  # noqa: E402
+from recipes.common.merge import merge_cli
+from recipes.soft_prompt_caption.modeling import SoftPromptCaptioner
 
 
 def export(run: str, out: str, dtype: str = "float32", vision_model: str | None = None,
@@ -33,16 +28,13 @@ def export(run: str, out: str, dtype: str = "float32", vision_model: str | None 
     return Path(out)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the training output_dir (or a checkpoint-N folder in it)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--vision_model", help="where the vision base is now, if not where the run's config.json says")
-    p.add_argument("--language_model", help="where the language model base is now, if not where config.json says")
-    args = p.parse_args()
-    out = export(args.run, args.out, args.dtype, args.vision_model, args.language_model)
-    print(f"full checkpoint written to {out}")
+def main(argv=None):
+    def add_arguments(p):
+        p.add_argument("--vision_model", help="where the vision base is now, if not where the run's config.json says")
+        p.add_argument("--language_model", help="where the language model base is now, if not where config.json says")
+
+    return merge_cli(__doc__, lambda a: export(a.run, a.out, a.dtype, a.vision_model, a.language_model), argv,
+                     add_arguments=add_arguments)
 
 
 if __name__ == "__main__":

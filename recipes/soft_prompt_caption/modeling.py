@@ -335,9 +335,8 @@ def trained_sizes(model: nn.Module) -> str:
     return f"trained: {' + '.join(parts)} = {total:,} parameters"
 
 
-# The first import registers. This file can be imported twice in one process, as `modeling` (train.py puts
-# its folder on sys.path) and as `recipes.soft_prompt_caption.modeling`; a second registration would point
-# the Auto classes at the other copy's classes.
+# The first import registers: a copy of this recipe imported in the same process (recipes/<copy>/modeling.py)
+# must not point the Auto classes at its own classes.
 if MODEL_TYPE not in CONFIG_MAPPING:
     AutoConfig.register(MODEL_TYPE, SoftPromptCaptionerConfig)
     AutoModel.register(SoftPromptCaptionerConfig, SoftPromptCaptioner)

@@ -17,30 +17,26 @@ full checkpoint.
 """
 
 import functools
-import json
 import logging
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root: recipes.common, data_tools, eval
+from accelerate import PartialState
+from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 
-import transformers  # noqa: E402
-from accelerate import PartialState  # noqa: E402
-from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments, set_seed  # noqa: E402
-
-from recipes.common.args import DataArguments, FreezeArguments, GenerationEvalArguments, ModelArguments, PeftArguments, parse_args, recipe_argv, resume_checkpoint  # noqa: E402
-from recipes.common.data import embedded_dataset, load_records, merge_captions_by_image  # noqa: E402
-from recipes.common.feature_cache import cache_for_run  # noqa: E402
-from recipes.common.models import check_model_source, compute_dtype, resolve_model_path  # noqa: E402
-from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # this recipe's own modules, wherever it was copied
-from collator import CaptionCollator, CaptionPromptCollator, caption_scores, tokenize_captions  # noqa: E402
-from modeling import TRAINED_WEIGHTS, SoftPromptCaptioner, trained_sizes  # noqa: E402
-from trainer import SoftPromptTrainer  # noqa: E402
+from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments, GenerationEvalArguments,
+                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments, parse_args,
+                                 recipe_argv)
+from recipes.common.captions import CaptionCollator, caption_eval_records, caption_scores
+from recipes.common.data import embedded_dataset
+from recipes.common.feature_cache import cache_for_run
+from recipes.common.models import check_model_source, compute_dtype, resolve_model_path
+from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters
+from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.soft_prompt_caption.collator import CaptionPromptCollator, tokenize_captions
+from recipes.soft_prompt_caption.modeling import TRAINED_WEIGHTS, SoftPromptCaptioner, trained_sizes
+from recipes.soft_prompt_caption.trainer import SoftPromptTrainer
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -75,13 +71,12 @@ class SoftPromptArguments:
 
 def main(argv=None):
     argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    model_args, data_args, sp_args, peft_args, freeze_args, gen_args, training_args = parse_args(
-        (ModelArguments, DataArguments, SoftPromptArguments, PeftArguments, FreezeArguments, GenerationEvalArguments,
-         TrainingArguments), argv
+    (model_args, data_args, sp_args, peft_args, freeze_args, lr_args, loss_args, cache_args, gen_args,
+     training_args) = parse_args(
+        (ModelArguments, DataArguments, SoftPromptArguments, PeftArguments, FreezeArguments, LearningRateArguments,
+         LossArguments, FeatureCacheArguments, GenerationEvalArguments, TrainingArguments), argv
     )
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    transformers.utils.logging.set_verbosity_warning()
-    set_seed(training_args.seed)
+    setup_run(training_args)
     if model_args.model_name_or_path:
         raise ValueError("--model_name_or_path is not used by soft_prompt_caption: name the frozen parts with "
                          "--vision_model and --language_model.")
@@ -92,17 +87,11 @@ def main(argv=None):
         raise ValueError("--image_size is not used by soft_prompt_caption: images are resized to what the CLIP vision "
                          "encoder was trained on (its image processor's size).")
 
-    # Data: the embedded synthetic set unless files are given. Rows hold image paths, not pixels.
-    if data_args.train_file is None:
-        splits = embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed)
-        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
-    train_records = load_records(data_args.train_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
-                                 max_rows=data_args.max_train_samples)
-    eval_records = None
-    if data_args.eval_file:
-        # One row per image for generation: files with one row per caption are merged.
-        eval_records = merge_captions_by_image(load_records(data_args.eval_file, "caption", skip_bad_rows=data_args.skip_bad_rows,
-                                                            max_rows=data_args.max_eval_samples))
+    # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
+    train_records, eval_records = load_data(
+        data_args, "caption", lambda: embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed))
+    if eval_records is not None:
+        eval_records = caption_eval_records(eval_records)
 
     # Model: the frozen parts from two checkpoints (by default the embedded tiny ones), fresh trained parts between.
     vision_path = resolve_model_path(sp_args.vision_model or "tiny:clip-vision-pretrained")
@@ -146,10 +135,10 @@ def main(argv=None):
 
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
     feature_cache = None
-    if freeze_args.cache_vision_features:
+    if cache_args.cache_vision_features:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset is not None else [])
-        feature_cache = cache_for_run(base.vision_model, image_processor, images, freeze_args, training_args,
+        feature_cache = cache_for_run(base.vision_model, image_processor, images, cache_args, training_args,
                                       encode=base.image_features, tag=f"image_features:{config.vision_features}")
 
     trainer = SoftPromptTrainer(
@@ -165,38 +154,21 @@ def main(argv=None):
         score_fn=functools.partial(caption_scores, lang=data_args.lang),
         generation_args=gen_args,
         decode_tokenizer=tokenizer,
-        freeze_args=freeze_args,
-        loss_on_label_positions=model_args.loss_on_label_positions,
+        learning_rates=lr_args,
+        loss_on_label_positions=loss_args.loss_on_label_positions,
     )
 
-    resume = resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)  # 'last': newest complete one
-    results = {}
-    before_file = Path(training_args.output_dir) / "predictions" / "before.metrics.json"
-    if eval_records is not None and resume and before_file.exists():
-        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
-    elif eval_records is not None:
-        results["before"] = trainer.generation_metrics("eval", name="before")
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()  # the trained parts as safetensors, config.json naming the bases, tokenizer, image processor
-    if eval_records is not None:
-        results["after"] = trainer.generation_metrics("eval", name="final")
+    results = train_and_evaluate(trainer, dict(
+        recipe=Path(__file__).resolve().parent.name, task="caption", lang=data_args.lang,
+        model=f"{vision_path} + {language_path}", vision_model=vision_path, language_model=language_path,
+        prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
+        train_file=data_args.train_file, eval_file=data_args.eval_file,
+    ), shuffled_image_check=gen_args.shuffled_image_check)
     if trainer.is_world_process_zero():
-        # recipe/task/eval_file/lang: what `python -m eval report` (make eval) needs to score this run again.
-        results.update(recipe=Path(__file__).resolve().parent.name, task="caption", lang=data_args.lang,
-                       model=f"{vision_path} + {language_path}", vision_model=vision_path, language_model=language_path,
-                       prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
-                       train_file=data_args.train_file, eval_file=data_args.eval_file,
-                       global_step=trainer.state.global_step, world_size=training_args.world_size)
-        with open(os.path.join(training_args.output_dir, "metrics.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        for when in ("before", "after"):
-            if when in results:
-                logger.info("held-out %s training: %s", when, json.dumps(results[when]))
         weights = Path(training_args.output_dir) / TRAINED_WEIGHTS
         logger.info("trained weights: %s (%.1f kB); full checkpoint: python %s/export.py --run %s --out OUT", weights,
                     weights.stat().st_size / 1024, Path(__file__).resolve().parent, training_args.output_dir)
     return results
-
 
 if __name__ == "__main__":
     main()

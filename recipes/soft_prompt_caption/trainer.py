@@ -1,5 +1,5 @@
-"""The soft-prompt Trainer: generation-based evaluation, per-module learning rates, and checkpoints that hold
-only what trains (soft prompt, projection, LoRA), never the frozen bases."""
+"""The soft-prompt Trainer: checkpoints that hold only what trains (soft prompt, projection, LoRA), never the
+frozen bases."""
 
 from __future__ import annotations
 
@@ -8,18 +8,12 @@ import os
 import torch
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from recipes.common.generation_eval import GenerationEvalTrainer
-from recipes.common.losses import LabelPositionLoss
-from recipes.common.peft_setup import PerModuleLearningRates
-
-try:
-    from .modeling import load_trained, save_trained  # imported as the package recipes.<name> (tests)
-except ImportError:
-    from modeling import load_trained, save_trained  # train.py puts this folder on sys.path
+from recipes.common.trainer import RecipeTrainer
+from recipes.soft_prompt_caption.modeling import load_trained, save_trained
 
 
-class SoftPromptTrainer(LabelPositionLoss, PerModuleLearningRates, GenerationEvalTrainer):
-    """GenerationEvalTrainer that saves and loads the trained parts alone (run folders and checkpoint-N alike).
+class SoftPromptTrainer(RecipeTrainer):
+    """RecipeTrainer that saves and loads the trained parts alone (run folders and checkpoint-N alike).
 
     Trainer's own save/load handle full state dicts or peft adapters; here the soft prompt is a bare
     parameter and the bases are large, so `_save`, `_load_from_checkpoint` (resume) and

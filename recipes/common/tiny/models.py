@@ -17,7 +17,7 @@ Models are built on first use into `$VLM_RECIPES_CACHE/tiny/<name>-v<BUILD_VERSI
 root `~/.cache/vlm-recipes`). Bump a model's version whenever its builder changes so old caches are not
 reused. To rebuild one by hand (e.g. to inspect it):
 
-    python -m recipes.common.tiny_models blip2-opt --out /tmp/tiny-blip2
+    python -m recipes.common.tiny.models blip2-opt --out /tmp/tiny-blip2
 
 Names: `blip2-opt`, `llava`, `clip`, `clip-vision`, `gpt2`. Sizes are keyword overrides of
 `build_tiny(name, out_dir, **overrides)` (see each builder's defaults).
@@ -26,17 +26,17 @@ Names: `blip2-opt`, `llava`, `clip`, `clip-vision`, `gpt2`. Sizes are keyword ov
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from ..cache import build_once, build_outside_process_group, cache_root
 
 # Per model: bump one whenever its builder changes (every cached base built from it is rebuilt then).
 BUILD_VERSIONS = {"blip2-opt": 2, "llava": 2, "clip": 2, "clip-vision": 2, "gpt2": 2}
@@ -349,79 +349,6 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0, **overrides
     return out_dir
 
 
-def cache_root() -> Path:
-    """`$VLM_RECIPES_CACHE`, or `~/.cache/vlm-recipes`."""
-    return Path(os.environ.get("VLM_RECIPES_CACHE") or Path.home() / ".cache" / "vlm-recipes")
-
-
-@contextlib.contextmanager
-def _caller_rng_kept():
-    """Restore torch's CPU, Python's and NumPy's random states on exit (pre-training seeds and draws from them)."""
-    import random
-
-    import numpy as np
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        yield
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
-
-
-def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
-    """Run `build(tmp_folder)` unless `final/marker` exists, then move the folder to `final`; return `final`.
-
-    Safe under concurrent callers (the ranks of a DDP launch): a file lock lets one process build while
-    the others wait, and the build happens in a private folder that is renamed into place (atomic), so a
-    reader never sees a half-written model, even after a crash.
-    """
-    import fcntl
-
-    if (final / marker).exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (final / marker).exists():  # built by another process while this one waited
-            return final
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-        try:
-            with _caller_rng_kept():  # a run that builds its base first trains exactly like one that finds it built
-                build(tmp)
-            if not (final / marker).exists():  # else a process that took no lock won: keep its build
-                if final.exists():  # a broken leftover (no marker)
-                    shutil.rmtree(final)
-                os.rename(tmp, final)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-# What a distributed launcher tells its ranks; a child process that builds a cache entry must not see it.
-_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-                     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
-
-
-def build_outside_process_group(module: str, name: str, final: Path, marker: str, root: Path) -> None:
-    """In a rank of a distributed launch, build cache entry `final` with `python -m <module> <name>` in a child process.
-
-    Once a process group is up, transformers' `save_pretrained` writes the weights on global rank 0 only, while
-    build_once lets whichever rank takes the lock first build (and on a node with a cache of its own, no rank is
-    0): a rank would save a model folder without its weights. The child has no process group, and its own
-    build_once keeps the ranks' children from building twice. Outside a launch, or once built, nothing happens.
-    """
-    import subprocess
-
-    import torch.distributed as dist
-
-    if (final / marker).exists() or not (dist.is_available() and dist.is_initialized()):
-        return
-    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
-    repo = str(Path(__file__).resolve().parents[2])
-    env.update(VLM_RECIPES_CACHE=str(root), PYTHONPATH=os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")])))
-    subprocess.run([sys.executable, "-m", module, name], env=env, check=True)
-
-
 def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """Folder of tiny model `name` (default sizes, seed 0), built on first use; safe under concurrent callers.
 
@@ -431,12 +358,12 @@ def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
         raise ValueError(f"unknown tiny model {name!r}; expected one of {sorted(BUILDERS)}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     final = root / "tiny" / f"{name}-v{BUILD_VERSIONS[name]}"
-    build_outside_process_group("recipes.common.tiny_models", name, final, "tiny_model.json", root)
+    build_outside_process_group("recipes.common.tiny.models", name, final, "tiny_model.json", root)
     return build_once(final, lambda tmp: build_tiny(name, tmp))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.common.tiny_models", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.common.tiny.models", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(BUILDERS))
     p.add_argument("--out", help="build into this folder (default: the cache, $VLM_RECIPES_CACHE/tiny/...)")
     p.add_argument("--seed", type=int, default=0)

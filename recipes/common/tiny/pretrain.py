@@ -29,8 +29,8 @@ The bases (`tiny:<name>-pretrained` in a recipe's --model_name_or_path):
 Each is one fixed recipe (AdamW, warm-up + cosine, gradient clipping), seeded: the same versions of
 torch and transformers on the same kind of CPU give the same weights.
 
-    python -m recipes.common.tiny_pretrain blip2-opt                 # into the cache (what recipes use)
-    python -m recipes.common.tiny_pretrain clip --out /tmp/clip --steps 300
+    python -m recipes.common.tiny.pretrain blip2-opt                 # into the cache (what recipes use)
+    python -m recipes.common.tiny.pretrain clip --out /tmp/clip --steps 300
 
 The result is saved with `save_pretrained` (model and processor) plus `pretraining.json` (corpus,
 settings, loss curve, seconds), and loaded with `from_pretrained` like any checkpoint.
@@ -51,7 +51,8 @@ import torch
 
 from data_tools.synth import SHAPES, draw_scene, make_scene, scene_texts
 
-from .tiny_models import BUILD_VERSIONS, build_once, build_outside_process_group, cache_root, tiny_model_path
+from ..cache import build_once, build_outside_process_group, cache_root
+from .models import BUILD_VERSIONS, tiny_model_path
 
 # Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
 PRETRAIN_VERSIONS = {"blip2-opt": 2, "clip": 2, "clip-vision": 2, "gpt2": 1, "llava": 2}
@@ -225,7 +226,7 @@ def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps
     curve, seconds = _train(model.parameters(), losses_at, steps=steps, weights={"text_loss": text_weight},
                             what="tiny BLIP-2, stage 2 (images)", **settings)
     return _save(model, processor, out_dir, {
-        "base": str(base), "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, attribute annotations (see tiny_pretrain.py)",
+        "base": str(base), "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, attribute annotations (see recipes/common/tiny/pretrain.py)",
         "example": corpus_batch(0, 1)[1][0], "text_steps": text_steps, "steps": steps, "text_weight": text_weight,
         "text_batch_size": text_batch_size, "batch_size": batch_size, "lr": lr, "warmup": warmup,
         "weight_decay": weight_decay, "seed": seed, "seconds": round(text_seconds + seconds, 1), "text_loss_curve": text_curve, "loss_curve": curve})
@@ -346,7 +347,7 @@ def pretrain_llava(out_dir: str | Path, *, base: str | Path | None = None, clip:
 
 PRETRAINERS = {"blip2-opt": pretrain_blip2, "clip": pretrain_clip, "clip-vision": export_clip_vision,
                "gpt2": pretrain_gpt2, "llava": pretrain_llava}
-# What each pre-trained base starts from: the random tiny model of `tiny_models`, or another pre-trained base.
+# What each pre-trained base starts from: the random tiny model of `tiny.models`, or another pre-trained base.
 STARTS_FROM = {"blip2-opt": {"base": "blip2-opt"}, "clip": {"base": "clip"}, "clip-vision": {"clip": "clip-pretrained"},
                "gpt2": {"base": "gpt2"}, "llava": {"base": "llava", "clip": "clip-pretrained"}}
 
@@ -373,12 +374,12 @@ def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path
               file=sys.stderr, flush=True)
         PRETRAINERS[name](tmp, **starts, log=lambda m: print(m, file=sys.stderr, flush=True))
 
-    build_outside_process_group("recipes.common.tiny_pretrain", name, final, "pretraining.json", root)
+    build_outside_process_group("recipes.common.tiny.pretrain", name, final, "pretraining.json", root)
     return build_once(final, build, marker="pretraining.json")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.common.tiny_pretrain", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.common.tiny.pretrain", description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(PRETRAINERS))
     p.add_argument("--out", help="pre-train into this folder (default: the cache, where recipes find it)")
     for key, kind in (("steps", int), ("text_steps", int), ("text_weight", float), ("text_batch_size", int),

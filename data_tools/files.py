@@ -1,0 +1,43 @@
+"""Atomic file writes: a unique temp file in the target's folder, flushed and fsynced, then renamed over it.
+
+Readers see the old file or the new one, never a partial one; two writers of one path never mix their
+lines (the last rename wins whole); a killed writer leaves at most its own temp file, which the next
+`atomic_write` of that path does not reuse, and an exception removes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator
+
+_UMASK = os.umask(0o022)  # read once: os.umask can only be read by setting it
+os.umask(_UMASK)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Open a temp file beside `path` for writing; on a clean exit it replaces `path` (folders are made)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically (UTF-8)."""
+    with atomic_write(path) as f:
+        f.write(text)
+    return Path(path)

@@ -1,0 +1,66 @@
+"""What the two captioning recipes share: eval records per image, training batches, and scoring.
+
+A caption sample is tokenized once before training (each recipe's `tokenize_captions`); `CaptionCollator`
+only opens the images (or looks up their cached vision features) and pads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import torch
+
+from data_tools.images import load_image
+from eval.caption import caption_metrics
+
+from .feature_cache import VisionFeatureCache
+from .lengths import pad_batch
+
+
+def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
+    """Open the images (RGB, EXIF-aware, errors naming the file) and preprocess them."""
+    return image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+
+
+def caption_eval_records(ds: datasets.Dataset) -> datasets.Dataset:
+    """One eval record per image, {"key", "image", "captions"}: the captions of all rows naming the image.
+
+    Files with one row per caption (the `[{"image_path": ..., "text": ...}]` style) would otherwise give
+    an image several predictions and keep only one row's references when scoring. The key (the image
+    path) names the predictions and their references, whatever image a check swaps in.
+    """
+    merged: dict[str, list[str]] = {}
+    for row in ds:
+        merged.setdefault(row["image"], []).extend(row["captions"])
+    out = datasets.Dataset.from_list([{"key": image, "image": image, "captions": captions}
+                                      for image, captions in merged.items()])
+    out.info.description = ds.info.description
+    if len(merged) != len(ds):
+        out.info.description = f"{ds.info.description}; {len(ds)} rows merged into {len(merged)} images"
+    return out
+
+
+@dataclass
+class CaptionCollator:
+    """Training batches: pixel values and the right-padded text (padding is -100 in labels, 0 in the mask).
+
+    With a `feature_cache`, `pixel_values` holds each image's cached vision features instead (3-D), which
+    the model takes as they are (recipes/common/feature_cache.py).
+    """
+
+    image_processor: object
+    pad_token_id: int
+    feature_cache: VisionFeatureCache | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        paths = [f["image"] for f in features]
+        cache = self.feature_cache
+        images = cache.get(paths) if cache is not None else pixel_values(self.image_processor, paths)
+        return {"pixel_values": images, **pad_batch(features, self.pad_token_id)}
+
+
+def caption_scores(predictions: dict, records, lang: str = "en") -> dict:
+    """BLEU-1..4, ROUGE-L and CIDEr of the predictions against each record's captions (METEOR is slow)."""
+    references = {r["key"]: r["captions"] for r in records}
+    return caption_metrics(predictions, references, lang=lang, metrics=["Bleu", "ROUGE_L", "CIDEr"])

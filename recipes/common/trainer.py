@@ -1,0 +1,158 @@
+"""`RecipeTrainer`: the one `transformers.Trainer` subclass every recipe's own Trainer builds on.
+
+Three options, each off unless given to the constructor:
+- generation-based evaluation (`generation_dataset`, `generation_collator`, `score_fn`): after the loss
+  evaluation, generate on the eval records (split across processes), score the texts, log the metrics as
+  `eval_<name>` (so `metric_for_best_model: CIDEr` works) and write `predictions/step-<N>.jsonl`;
+- per-module learning rates (`learning_rates`): the optimizer gets one parameter group per component
+  (vision, bridge, language; decay / no decay), each at its own learning rate;
+- the label-position loss (`loss_on_label_positions`): logits and loss at the label positions only
+  (recipes/common/losses.py): the model's own loss on the kept rows.
+
+`heldout_metrics(name)` is what the run loop (recipes/common/run.py) scores before and after training;
+a recipe whose evaluation is not generation (retrieval) overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable
+
+import torch
+from accelerate.utils import gather_object
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+from transformers import Trainer
+
+from data_tools.files import atomic_write_text
+from data_tools.jsonl import write_jsonl
+
+from .args import GenerationEvalArguments, LearningRateArguments
+from .losses import label_positions_only
+from .peft_setup import param_groups
+
+
+def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_id: int) -> dict:
+    """`generate()` keyword arguments from the decode options."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
+                  pad_token_id=pad_token_id, eos_token_id=eos_token_id)
+    if args.do_sample:
+        kwargs.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p))
+                       if v is not None})
+    return kwargs
+
+
+class RecipeTrainer(Trainer):
+    """A Trainer with generation-based evaluation, per-module learning rates and the label-position loss.
+
+    generation_dataset: the eval records to generate for (one per image or question), each with a "key".
+    generation_collator: records -> `generate` inputs (left-padded prompts) plus their "keys".
+    score_fn: (predictions {key: text}, records) -> {metric: value}.
+    decode_tokenizer: decodes the generated tokens.
+    learning_rates: --vision_lr / --bridge_lr / --lm_lr; None = one learning rate for all.
+    loss_on_label_positions: the loss from the logits at the label positions only.
+    """
+
+    def __init__(self, *args, generation_dataset=None, generation_collator=None, score_fn: Callable | None = None,
+                 generation_args: GenerationEvalArguments | None = None, decode_tokenizer=None,
+                 learning_rates: LearningRateArguments | None = None, loss_on_label_positions: bool = False,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.generation_dataset = generation_dataset
+        self.generation_collator = generation_collator
+        self.score_fn = score_fn
+        self.generation_args = generation_args or GenerationEvalArguments()
+        self.decode_tokenizer = decode_tokenizer
+        self.learning_rates = learning_rates
+        self.loss_on_label_positions = loss_on_label_positions
+
+    # --- loss ------------------------------------------------------------------------------------------
+    def label_position_inputs(self, inputs: dict) -> dict:
+        """The model inputs that make its loss come from the label positions' logits alone.
+
+        transformers causal LMs (LLaVA and the other image-text-to-text models) take `logits_to_keep`
+        and pass `shift_labels` to their loss; a model that computes its loss otherwise overrides this.
+        """
+        return {**inputs, **label_positions_only(inputs["labels"])}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_on_label_positions and inputs.get("labels") is not None:
+            inputs = self.label_position_inputs(inputs)
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    # --- optimizer -------------------------------------------------------------------------------------
+    def create_optimizer(self, model=None):
+        # Only the parameter groups are ours: the optimizer class and its arguments stay --optim's.
+        if self.optimizer is None and self.learning_rates is not None:
+            groups = param_groups(self.model, self.learning_rates, self.args.learning_rate, self.args.weight_decay)
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            optimizer_kwargs.pop("lr", None)  # each group carries its own
+            self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups],
+                                           **optimizer_kwargs)
+        return super().create_optimizer()
+
+    # --- evaluation ------------------------------------------------------------------------------------
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        # Hooked here, not in evaluate(): Trainer logs these metrics, passes them to callbacks (early
+        # stopping) and picks the best checkpoint from them, all after this returns.
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                         metric_key_prefix)
+        if metric_key_prefix == "eval" and self.evaluates_heldout():
+            output.metrics.update(self.heldout_metrics(metric_key_prefix))
+        return output
+
+    def evaluates_heldout(self) -> bool:
+        """Whether `heldout_metrics` has anything to score."""
+        return self.generation_dataset is not None
+
+    def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None) -> dict[str, float]:
+        """The task metrics on the eval records, written to `predictions/<name>.*` (default `step-<N>`)."""
+        return self.generation_metrics(metric_key_prefix, name)
+
+    def generation_metrics(self, metric_key_prefix: str = "eval", name: str | None = None) -> dict[str, float]:
+        """Generate on the generation dataset, score on rank 0, write predictions; the same dict on every rank."""
+        predictions = self.generate_predictions(self.generation_dataset)
+        scores = {}
+        if self.is_world_process_zero():
+            scores = {f"{metric_key_prefix}_{k}": float(v)
+                      for k, v in self.score_fn(predictions, self.generation_dataset).items()}
+            self.write_predictions(predictions, scores, name or f"step-{self.state.global_step}")
+        if self.args.world_size > 1:
+            scores = gather_object([scores])[0]  # rank 0's, so that every rank decides the same
+        return scores
+
+    @torch.no_grad()
+    def generate_predictions(self, records) -> dict:
+        """Generate one text per record on every process's share; return {key: text} gathered on all ranks."""
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        shard = records.shard(num_shards=self.args.world_size, index=self.args.process_index, contiguous=True)
+        loader = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size,
+                            collate_fn=self.generation_collator)
+        tok = self.decode_tokenizer
+        kwargs = generate_kwargs(self.generation_args, tok.pad_token_id, tok.eos_token_id)
+        out = []
+        for batch in tqdm(loader, desc="generating", disable=not self.is_local_process_zero()):
+            keys = batch.pop("keys")
+            batch = {k: v.to(self.args.device) for k, v in batch.items()}
+            if "pixel_values" in batch:
+                batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+            generated = model.generate(**batch, **kwargs)
+            new_tokens = generated[:, batch["input_ids"].shape[1]:]  # generate returns prompt + continuation
+            out += list(zip(keys, tok.batch_decode(new_tokens, skip_special_tokens=True)))
+        model.train(was_training)
+        if self.args.world_size > 1:
+            out = gather_object(out)
+        return {k: text.strip() for k, text in out}
+
+    def write_predictions(self, predictions: dict, scores: dict, name: str) -> None:
+        """`predictions/<name>.jsonl` ({"key", "prediction"} rows) and `<name>.metrics.json`."""
+        folder = os.path.join(self.args.output_dir, "predictions")
+        os.makedirs(folder, exist_ok=True)
+        write_jsonl(os.path.join(folder, f"{name}.jsonl"),
+                    ({"key": key, "prediction": text} for key, text in predictions.items()))
+        atomic_write_text(os.path.join(folder, f"{name}.metrics.json"), json.dumps(scores, indent=2))

@@ -27,7 +27,6 @@ from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArg
                                  recipe_argv)
 from recipes.common.captions import CaptionCollator, caption_eval_records, caption_scores
 from recipes.common.data import embedded_dataset
-from recipes.common.feature_cache import cache_for_run, serve_cached_features, vision_tower
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import load_data, setup_run, train_and_evaluate
@@ -78,6 +77,8 @@ def main(argv=None):
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
     feature_cache = None
     if cache_args.cache_vision_features:
+        from recipes.common.feature_cache import cache_for_run, serve_cached_features, vision_tower
+
         tower = vision_tower(model)
         images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset is not None else [])
         feature_cache = cache_for_run(tower, image_processor, images, cache_args, training_args)

@@ -7,6 +7,7 @@ only opens the images (or looks up their cached vision features) and pads.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import datasets
 import torch
@@ -14,8 +15,10 @@ import torch
 from data_tools.images import load_image
 from eval.caption import caption_metrics
 
-from .feature_cache import VisionFeatureCache
 from .lengths import pad_batch
+
+if TYPE_CHECKING:  # the cache is an option: its module is read only by runs that use it
+    from .feature_cache import VisionFeatureCache
 
 
 def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
@@ -51,7 +54,7 @@ class CaptionCollator:
 
     image_processor: object
     pad_token_id: int
-    feature_cache: VisionFeatureCache | None = None
+    feature_cache: "VisionFeatureCache | None" = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         paths = [f["image"] for f in features]

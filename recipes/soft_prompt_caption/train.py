@@ -30,7 +30,6 @@ from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArg
                                  recipe_argv)
 from recipes.common.captions import CaptionCollator, caption_eval_records, caption_scores
 from recipes.common.data import embedded_dataset
-from recipes.common.feature_cache import cache_for_run
 from recipes.common.models import check_model_source, compute_dtype, resolve_model_path
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters
 from recipes.common.run import load_data, setup_run, train_and_evaluate
@@ -136,6 +135,8 @@ def main(argv=None):
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
     feature_cache = None
     if cache_args.cache_vision_features:
+        from recipes.common.feature_cache import cache_for_run
+
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset is not None else [])
         feature_cache = cache_for_run(base.vision_model, image_processor, images, cache_args, training_args,

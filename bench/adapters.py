@@ -1,12 +1,12 @@
-"""One adapter per recipe: how the harness builds the recipe's model, data, collator and Trainer as its train.py does,
-and the baseline a user would otherwise run on the same batches.
+"""One adapter per recipe: how the harness builds the recipe's model, data, collator and Trainer as its
+train.py does, and the baseline a user would otherwise run on the same batches.
 
 An adapter reads the recipe's own config.yaml with the recipe's own argument dataclasses (`parse_args`, as
 train.py does), so a flag after `--` on the bench command line reaches the recipe exactly as it would reach
 train.py (`-- --lora_r 8 --optim adamw_torch_fused`). The recipe's model set-up lines (LoRA, freezing) are
 repeated here from its train.py, each marked; tests/test_bench.py checks that the parameters that train are
-the ones train.py trains. Adding a recipe is a subclass with its `build`, `setup`, `dataset`, `trainer_kwargs`,
-`baseline` and `flop_chains`, and an entry in ADAPTERS.
+the ones train.py trains. Adding a recipe is a subclass with its `build`, `setup`, `dataset`,
+`trainer_kwargs`, `baseline` and `flop_chains`, and an entry in ADAPTERS.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from transformers import TrainingArguments
 from bench import real_configs
 from bench.flops import Part
 from data_tools.records import IMAGE_TOKEN
-from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments, GenerationEvalArguments,
-                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments, parse_args)
-from recipes.common.models import (check_mixed_precision, compute_dtype, load_model_and_processor, quantization_config,
-                                   resolve_model_path)
+from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments,
+                                 GenerationEvalArguments, LearningRateArguments, LossArguments,
+                                 ModelArguments, PeftArguments, parse_args)
+from recipes.common.models import (check_mixed_precision, compute_dtype, load_model_and_processor,
+                                   quantization_config, resolve_model_path)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,19 +38,22 @@ def import_train_module(recipe: str):
 
 
 def on_device(cls, config, model_args: ModelArguments, device: str, dtype: torch.dtype | None = None):
-    """`cls` with random weights, built directly on `device` in the recipe's dtype (never materialised on the CPU first)."""
+    """`cls` with random weights, built directly on `device` in the recipe's dtype (never materialised on the
+    CPU first)."""
     with torch.device(device):
         return cls._from_config(config, dtype=dtype or compute_dtype(model_args),
                                 attn_implementation=model_args.attn_implementation)
 
 
 def load_quantized(model, model_args: ModelArguments, skip_modules: list[str], device: str):
-    """`model` loaded again by `from_pretrained` with the recipe's BitsAndBytesConfig, from its weights in memory instead
-    of a checkpoint's files: the same quantization of the same weights as `load_model_and_processor` with
-    --load_in_4bit (tests/test_bench.py checks it weight for weight). The caller drops `model` afterwards."""
+    """`model` loaded again by `from_pretrained` with the recipe's BitsAndBytesConfig, from its weights in
+    memory instead of a checkpoint's files: the same quantization of the same weights as
+    `load_model_and_processor` with --load_in_4bit (tests/test_bench.py checks it weight for weight). The
+    caller drops `model` afterwards."""
     return type(model).from_pretrained(None, config=model.config, state_dict=model.state_dict(),
                                        quantization_config=quantization_config(model_args, skip_modules),
-                                       dtype=compute_dtype(model_args), attn_implementation=model_args.attn_implementation,
+                                       dtype=compute_dtype(model_args),
+                                       attn_implementation=model_args.attn_implementation,
                                        device_map={"": device})
 
 
@@ -64,8 +68,10 @@ def vision_positions(vision_config) -> int:
 
 
 def resize_image_processor(image_processor, side: int) -> None:
-    """The tiny processor at the real model's image size (e2e mode of --size real): same class, same steps, bigger images."""
-    if getattr(image_processor, "crop_size", None) is not None and getattr(image_processor, "do_center_crop", False):
+    """The tiny processor at the real model's image size (e2e mode of --size real): same class, same steps,
+    bigger images."""
+    if (getattr(image_processor, "crop_size", None) is not None
+            and getattr(image_processor, "do_center_crop", False)):
         image_processor.size = {"shortest_edge": side}
         image_processor.crop_size = {"height": side, "width": side}
     else:
@@ -74,32 +80,39 @@ def resize_image_processor(image_processor, side: int) -> None:
 
 @dataclass
 class SftBaseline:
-    """What `trl.SFTTrainer(model, processing_class=processor, train_dataset=rows, peft_config=peft_config)` takes."""
+    """What `trl.SFTTrainer(model, processing_class=processor, train_dataset=rows, peft_config=peft_config)`
+    takes."""
 
     model: object
     processor: object
-    rows: list[dict]  # {"images": [path], "prompt"/"completion" or "messages": ...}; the harness makes them a Dataset
+    # {"images": [path], "prompt"/"completion" or "messages": ...}; the harness makes them a Dataset
+    rows: list[dict]
     peft_config: object
 
 
 class Adapter:
-    """What the harness needs from a recipe. `a` below is the parsed arguments: a namespace of the recipe's dataclasses."""
+    """What the harness needs from a recipe. `a` below is the parsed arguments: a namespace of the recipe's
+    dataclasses."""
 
     name: str  # folder under recipes/
     task: str  # record schema of its data (data_tools)
     arg_types: tuple = ()  # the dataclasses train.py parses, TrainingArguments last
-    tiny_argv: tuple = ()  # --size tiny: the random tiny model(s), fast to build (train.py defaults to pre-trained ones)
-    real_argv: tuple = ()  # --size real: recipe flags that give the issue's shape (before the user's flags after --)
+    # --size tiny: the random tiny model(s), fast to build (train.py defaults to pre-trained ones)
+    tiny_argv: tuple = ()
+    # --size real: recipe flags that give the issue's shape (before the user's flags after --)
+    real_argv: tuple = ()
     real_batch_size = 64  # the issue's shape
     tokens_counted = ""  # what tokens/s counts, in words
     baseline_loaded_as = ""  # the baseline's model and what trains in it, in words
 
     def __init__(self):
         self.train = import_train_module(self.name)
-        self.notes: list[str] = []  # what setting up the recipe's side did that the result should say (harness adds them)
+        # what setting up the recipe's side did that the result should say (harness adds them)
+        self.notes: list[str] = []
 
     def parse(self, argv: list[str]) -> SimpleNamespace:
-        """The recipe's arguments from its config.yaml, then `argv` (later flags win), checked as train.py checks them."""
+        """The recipe's arguments from its config.yaml, then `argv` (later flags win), checked as train.py
+        checks them."""
         parsed = parse_args(self.arg_types, ["--config", str(self.train.DEFAULT_CONFIG), *argv])
         a = SimpleNamespace(**{type(p).__name__: p for p in parsed})
         check_mixed_precision(a.ModelArguments, a.TrainingArguments)
@@ -109,8 +122,8 @@ class Adapter:
         raise NotImplementedError
 
     def build(self, a, size: str, device: str):
-        """(model, tokenizer, image processor) as the recipe loads them: --size tiny through the recipe's loader,
-        --size real from the real config with random weights on `device`. No LoRA or freezing yet."""
+        """(model, tokenizer, image processor) as the recipe loads them: --size tiny through the recipe's
+        loader, --size real from the real config with random weights on `device`. No LoRA or freezing yet."""
         raise NotImplementedError
 
     def setup(self, model, a):
@@ -125,20 +138,22 @@ class Adapter:
         raise NotImplementedError
 
     def baseline_collator(self, tokenizer, image_processor, model, a):
-        """The collator whose batches the plain baseline is given (None: the recipe's). A recipe option that changes what
-        its batches hold (cached vision features instead of pixels, padding-free rows) needs the plain batches here."""
+        """The collator whose batches the plain baseline is given (None: the recipe's). A recipe option that
+        changes what its batches hold (cached vision features instead of pixels, padding-free rows) needs the
+        plain batches here."""
         return None
 
     def feature_cache(self, tower, image_processor, a, **encode):
-        """--cache_vision_features as train.py builds it, over the images of the last dataset() (self.images); the one
-        pass over them is not in the timed steps, but noted in the result."""
+        """--cache_vision_features as train.py builds it, over the images of the last dataset() (self.images);
+        the one pass over them is not in the timed steps, but noted in the result."""
         from recipes.common.feature_cache import cache_for_run
 
         if next(tower.parameters()).device.type == "meta":
-            raise ValueError("--flops with --cache_vision_features: a cached tower does no work in a step (its FLOPs are "
-                             "0); count without the option, which gives the tower's share too.")
-        cache = cache_for_run(tower, image_processor, self.images, a.FeatureCacheArguments, a.TrainingArguments,
-                              **encode)
+            raise ValueError("--flops with --cache_vision_features: a cached tower does no work in a step "
+                             "(its FLOPs are 0); count without the option, which gives the tower's share "
+                             "too.")
+        cache = cache_for_run(tower, image_processor, self.images, a.FeatureCacheArguments,
+                              a.TrainingArguments, **encode)
         if cache.seconds is not None:
             self.notes.append(f"vision features of {len(cache)} distinct images computed before training in "
                               f"{cache.seconds:.1f} s (not in the timed steps)")
@@ -150,20 +165,24 @@ class Adapter:
     def trainer_kwargs(self, tokenizer, image_processor, a) -> dict:
         """The recipe Trainer's own constructor arguments, as its train.py passes them."""
         kwargs = {"learning_rates": a.LearningRateArguments}
-        if self.task != "retrieval":  # the generative recipes' label-position loss (recipes/common/trainer.py)
+        # the generative recipes' label-position loss (recipes/common/trainer.py)
+        if self.task != "retrieval":
             kwargs["loss_on_label_positions"] = a.LossArguments.loss_on_label_positions
         return kwargs
 
     def baseline(self, a, size: str, device: str):
-        """The model a user would train with a plain `transformers.Trainer` and PEFT's defaults (None: no baseline)."""
+        """The model a user would train with a plain `transformers.Trainer` and PEFT's defaults (None: no
+        baseline)."""
         return None
 
-    sft_loaded_as: str | None = None  # TRL's SFTTrainer baseline in words; None: the recipe has none (sft_note says why)
+    # TRL's SFTTrainer baseline in words; None: the recipe has none (sft_note says why)
+    sft_loaded_as: str | None = None
     sft_note = ""
 
     def sft(self, a, size: str, device: str, records) -> SftBaseline:
-        """TRL's SFTTrainer baseline: the model as a TRL user loads it (no LoRA yet: SFTTrainer applies `peft_config`),
-        its processor, and the recipe's samples as TRL's vision rows, in the order of the recipe's dataset."""
+        """TRL's SFTTrainer baseline: the model as a TRL user loads it (no LoRA yet: SFTTrainer applies
+        `peft_config`), its processor, and the recipe's samples as TRL's vision rows, in the order of the
+        recipe's dataset."""
         raise NotImplementedError
 
     @staticmethod
@@ -175,28 +194,30 @@ class Adapter:
         return batch["pixel_values"].shape[0]
 
     def tokens(self, batch: dict) -> torch.Tensor:
-        """Non-pad tokens of a batch (a tensor on the batch's device, summed without a host sync); a padding-free
-        batch (no attention_mask) has no padding: its length, known on the host."""
+        """Non-pad tokens of a batch (a tensor on the batch's device, summed without a host sync); a
+        padding-free batch (no attention_mask) has no padding: its length, known on the host."""
         if "attention_mask" not in batch:
             return torch.tensor(batch["input_ids"].numel())
         return batch["attention_mask"].sum()
 
     def flop_chains(self, model, batch: dict) -> list[list[Part]]:
-        """The model's parts in forward order with the tokens each processes in this batch (see bench.flops)."""
+        """The model's parts in forward order with the tokens each processes in this batch (see
+        bench.flops)."""
         raise NotImplementedError
 
 
-# --- blip2_lora_caption -----------------------------------------------------------------------------------------
+# --- blip2_lora_caption -------------------------------------------------------------------------------------
 class Blip2LoraCaption(Adapter):
     name, task = "blip2_lora_caption", "caption"
-    arg_types = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
-                 FeatureCacheArguments, GenerationEvalArguments, TrainingArguments)
+    arg_types = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
+                 LossArguments, FeatureCacheArguments, GenerationEvalArguments, TrainingArguments)
     tiny_argv = ("--model_name_or_path", "tiny:blip2-opt")
     real_batch_size = 64
-    tokens_counted = "LM positions with attention_mask 1: the 32 query (image) tokens, bos, prompt and caption; no padding"
+    tokens_counted = ("LM positions with attention_mask 1: the 32 query (image) tokens, bos, prompt and "
+                      "caption; no padding")
     baseline_loaded_as = ("Blip2ForConditionalGeneration in bf16 on a GPU (float32 on the CPU) + "
-                          "get_peft_model(LoraConfig(r=lora_r)): peft's default targets for blip-2 (the OPT's q_proj, "
-                          "v_proj), alpha 8, no dropout; Q-Former frozen")
+                          "get_peft_model(LoraConfig(r=lora_r)): peft's default targets for blip-2 (the "
+                          "OPT's q_proj, v_proj), alpha 8, no dropout; Q-Former frozen")
 
     def image_size(self, size):
         return real_configs.blip2_opt_2_7b().vision_config.image_size if size == "real" else None
@@ -229,7 +250,8 @@ class Blip2LoraCaption(Adapter):
     def dataset(self, records, tokenizer, model, a):
         config = model.config
         ds, _ = self.train.tokenize_captions(records, tokenizer, image_token_id=config.image_token_id,
-                                             num_image_tokens=config.num_query_tokens, prompt=a.DataArguments.prompt,
+                                             num_image_tokens=config.num_query_tokens,
+                                             prompt=a.DataArguments.prompt,
                                              max_length=a.DataArguments.max_length)
         self.images = list(ds["image"])  # what collator() caches the vision features of
         return ds
@@ -244,7 +266,8 @@ class Blip2LoraCaption(Adapter):
         return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id, cache)
 
     def baseline_collator(self, tokenizer, image_processor, model, a):
-        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)  # pixels, whatever the recipe's option
+        # pixels, whatever the recipe's option
+        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)
 
     def trainer_class(self):
         return self.train.CaptionTrainer
@@ -253,44 +276,50 @@ class Blip2LoraCaption(Adapter):
         from peft import LoraConfig, get_peft_model
 
         model, _ = self._model(a, size, device, dtype=user_dtype(device))
-        return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r))  # peft's default targets for blip-2: q_proj, v_proj
+        # peft's default targets for blip-2: q_proj, v_proj
+        return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r))
 
-    sft_loaded_as = ("trl.SFTTrainer on Blip2ForConditionalGeneration in bf16 on a GPU (float32 on the CPU) with its "
-                     "AutoProcessor, rows {images, prompt: the recipe's prompt, completion: caption + eos} (TRL's "
-                     "default for them: loss on the completion only), peft_config=LoraConfig(r=lora_r): peft's "
-                     "default targets (the OPT's q_proj, v_proj)")
+    sft_loaded_as = ("trl.SFTTrainer on Blip2ForConditionalGeneration in bf16 on a GPU (float32 on the CPU) "
+                     "with its AutoProcessor, rows {images, prompt: the recipe's prompt, completion: caption "
+                     "+ eos} (TRL's default for them: loss on the completion only), "
+                     "peft_config=LoraConfig(r=lora_r): peft's default targets (the OPT's q_proj, v_proj)")
 
     def sft(self, a, size, device, records):
         from peft import LoraConfig
 
         model, processor = self._model(a, size, device, dtype=user_dtype(device))
-        # The processor writes num_query_tokens `<image>` tokens before the text; the model fills the positions of its
-        # config's image token id. At --size real the tokenizer is the tiny one: make both the real model's.
+        # The processor writes num_query_tokens `<image>` tokens before the text; the model fills the
+        # positions of its config's image token id. At --size real the tokenizer is the tiny one: make both
+        # the real model's.
         processor.num_query_tokens = model.config.num_query_tokens
         model.config.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token.content)
         prompt, eos = a.DataArguments.prompt, processor.tokenizer.eos_token
-        # As the recipe's tokenize_captions: one sample per caption, a space after a prompt, eos after the caption.
-        rows = [{"images": [r["image"]], "prompt": prompt or "", "completion": (f" {c.strip()}" if prompt else c.strip()) + eos}
+        # As the recipe's tokenize_captions: one sample per caption, a space after a prompt, eos after the
+        # caption.
+        rows = [{"images": [r["image"]], "prompt": prompt or "",
+                 "completion": (f" {c.strip()}" if prompt else c.strip()) + eos}
                 for r in records for c in r["captions"]]
         return SftBaseline(model, processor, rows, LoraConfig(r=a.PeftArguments.lora_r))
 
     def flop_chains(self, model, batch):
         config = model.config
         n = batch["pixel_values"].shape[0]
-        cached = batch["pixel_values"].dim() == 3  # --cache_vision_features: the tower's output, the tower not run
-        return [[Part("vision", ("vision_model",), 0 if cached else n * vision_positions(config.vision_config)),
+        # --cache_vision_features: the tower's output, the tower not run
+        cached = batch["pixel_values"].dim() == 3
+        return [[Part("vision", ("vision_model",),
+                      0 if cached else n * vision_positions(config.vision_config)),
                  Part("bridge", ("qformer", "language_projection"), n * config.num_query_tokens),
                  Part("language", ("language_model",), int(batch["attention_mask"].sum()))]]
 
 
-# --- clip_retrieval ---------------------------------------------------------------------------------------------
+# --- clip_retrieval -----------------------------------------------------------------------------------------
 class ClipRetrieval(Adapter):
     name, task = "clip_retrieval", "retrieval"
     tiny_argv = ("--model_name_or_path", "tiny:clip")
     real_batch_size = 1024
     tokens_counted = "text tokens with attention_mask 1 (bos, caption, eos); image patches not counted"
-    baseline_loaded_as = ("CLIPModel in float32 (the checkpoint's dtype), Trainer --bf16 (autocast) on a GPU; full "
-                          "fine-tune with CLIPModel's own loss (return_loss=True)")
+    baseline_loaded_as = ("CLIPModel in float32 (the checkpoint's dtype), Trainer --bf16 (autocast) on a "
+                          "GPU; full fine-tune with CLIPModel's own loss (return_loss=True)")
 
     @property
     def arg_types(self):
@@ -317,7 +346,8 @@ class ClipRetrieval(Adapter):
 
     def setup(self, model, a):
         # As train.py: LoRA on the chosen towers, or (un)freezing of whole towers and their last layers.
-        return self.train.set_training_mode(model, a.PeftArguments, a.FreezeArguments, a.RetrievalArguments.lora_towers,
+        return self.train.set_training_mode(model, a.PeftArguments, a.FreezeArguments,
+                                            a.RetrievalArguments.lora_towers,
                                             a.RetrievalArguments.unfreeze_last_n_text_layers)
 
     def dataset(self, records, tokenizer, model, a):
@@ -332,15 +362,16 @@ class ClipRetrieval(Adapter):
 
     def baseline(self, a, size, device):
         if a.PeftArguments.peft_method != "none":
-            raise ValueError("the clip_retrieval baseline is a full fine-tune (as the issue's); bench the recipe's LoRA "
-                             "mode with --no-baseline.")
+            raise ValueError("the clip_retrieval baseline is a full fine-tune (as the issue's); bench the "
+                             "recipe's LoRA mode with --no-baseline.")
         model, _ = self._model(a, size, device, dtype=torch.float32)
         return model
 
     @staticmethod
     def baseline_batch(batch):
         if batch["input_ids"].shape[0] != batch["pixel_values"].shape[0]:
-            raise ValueError("the plain CLIP loss takes one text per image: bench --hard_negatives with --no-baseline.")
+            raise ValueError("the plain CLIP loss takes one text per image: bench --hard_negatives with "
+                             "--no-baseline.")
         return {"pixel_values": batch["pixel_values"], "input_ids": batch["input_ids"],
                 "attention_mask": batch["attention_mask"], "return_loss": True}
 
@@ -353,22 +384,25 @@ class ClipRetrieval(Adapter):
                  Part("text_projection", ("text_projection",), n_texts)]]
 
 
-# --- soft_prompt_caption ----------------------------------------------------------------------------------------
+# --- soft_prompt_caption ------------------------------------------------------------------------------------
 class SoftPromptCaption(Adapter):
     name, task = "soft_prompt_caption", "caption"
     tiny_argv = ("--vision_model", "tiny:clip-vision", "--language_model", "tiny:gpt2")
     real_batch_size = 64
-    tokens_counted = "caption tokens with attention_mask 1; the prefix (soft prompt + image vectors) not counted"
-    baseline_loaded_as = ("the same SoftPromptCaptioner with its frozen parts in float32 (the checkpoints' dtype), "
-                          "Trainer --bf16 (autocast) on a GPU; the same soft prompt and projection train")
-    sft_note = ("no TRL SFTTrainer baseline: its model is the recipe's own module (a CLIP vision tower, a GPT-2 and "
-                "the soft prompt between them), which SFTTrainer's vision path (a transformers vision-language model "
-                "and its processor) does not take")
+    tokens_counted = ("caption tokens with attention_mask 1; the prefix (soft prompt + image vectors) not "
+                      "counted")
+    baseline_loaded_as = ("the same SoftPromptCaptioner with its frozen parts in float32 (the checkpoints' "
+                          "dtype), Trainer --bf16 (autocast) on a GPU; the same soft prompt and projection "
+                          "train")
+    sft_note = ("no TRL SFTTrainer baseline: its model is the recipe's own module (a CLIP vision tower, a "
+                "GPT-2 and the soft prompt between them), which SFTTrainer's vision path (a transformers "
+                "vision-language model and its processor) does not take")
 
     @property
     def arg_types(self):
         return (ModelArguments, DataArguments, self.train.SoftPromptArguments, PeftArguments, FreezeArguments,
-                LearningRateArguments, LossArguments, FeatureCacheArguments, GenerationEvalArguments, TrainingArguments)
+                LearningRateArguments, LossArguments, FeatureCacheArguments, GenerationEvalArguments,
+                TrainingArguments)
 
     def image_size(self, size):
         return real_configs.clip_vit_b32_vision().image_size if size == "real" else None
@@ -377,14 +411,17 @@ class SoftPromptCaption(Adapter):
         from transformers import AutoImageProcessor, AutoTokenizer, CLIPVisionModel, GPT2LMHeadModel
 
         sp, m = a.SoftPromptArguments, a.ModelArguments
-        options = dict(prompt_length=sp.prompt_length, projection=sp.projection, vision_features=sp.vision_features)
+        options = dict(prompt_length=sp.prompt_length, projection=sp.projection,
+                       vision_features=sp.vision_features)
         if size == "tiny":
-            vision_path, language_path = resolve_model_path(sp.vision_model), resolve_model_path(sp.language_model)
+            vision_path, language_path = (resolve_model_path(sp.vision_model),
+                                          resolve_model_path(sp.language_model))
             model = self.train.SoftPromptCaptioner.from_parts(
-                vision_path, language_path, dtype=dtype or compute_dtype(m), attn_implementation=m.attn_implementation,
-                revision=m.revision, **options)
+                vision_path, language_path, dtype=dtype or compute_dtype(m),
+                attn_implementation=m.attn_implementation, revision=m.revision, **options)
         else:
-            vision_path, language_path = resolve_model_path("tiny:clip-vision"), resolve_model_path("tiny:gpt2")
+            vision_path, language_path = (resolve_model_path("tiny:clip-vision"),
+                                          resolve_model_path("tiny:gpt2"))
             vision = on_device(CLIPVisionModel, real_configs.clip_vit_b32_vision(), m, device, dtype)
             language = on_device(GPT2LMHeadModel, real_configs.gpt2_small(), m, device, dtype)
             with torch.device(device):
@@ -413,21 +450,23 @@ class SoftPromptCaption(Adapter):
 
     def dataset(self, records, tokenizer, model, a):
         d = a.DataArguments
-        ds, _ = self.train.tokenize_captions(records, tokenizer, prefix_length=model.config.prefix_length, prompt=d.prompt,
-                                             max_length=d.max_length, lang=d.lang)
+        ds, _ = self.train.tokenize_captions(records, tokenizer, prefix_length=model.config.prefix_length,
+                                             prompt=d.prompt, max_length=d.max_length, lang=d.lang)
         self.images = list(ds["image"])  # what collator() caches the vision features of
         return ds
 
     def collator(self, tokenizer, image_processor, model, a):
         cache = None
-        if a.FeatureCacheArguments.cache_vision_features:  # as train.py: the model's image_features, which it takes back as given
+        # as train.py: the model's image_features, which it takes back as given
+        if a.FeatureCacheArguments.cache_vision_features:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             cache = self.feature_cache(base.vision_model, image_processor, a, encode=base.image_features,
                                        tag=f"image_features:{base.config.vision_features}")
         return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id, cache)
 
     def baseline_collator(self, tokenizer, image_processor, model, a):
-        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)  # pixels, whatever the recipe's option
+        # pixels, whatever the recipe's option
+        return self.train.CaptionCollator(image_processor, tokenizer.pad_token_id)
 
     def trainer_class(self):
         return self.train.SoftPromptTrainer
@@ -437,8 +476,8 @@ class SoftPromptCaption(Adapter):
 
     def baseline(self, a, size, device):
         if a.PeftArguments.peft_method != "none":
-            raise ValueError("the soft_prompt_caption baseline trains the soft prompt and projection only; bench the "
-                             "recipe's LoRA option with --no-baseline.")
+            raise ValueError("the soft_prompt_caption baseline trains the soft prompt and projection only; "
+                             "bench the recipe's LoRA option with --no-baseline.")
         model, _, _ = self._model(a, size, device, dtype=torch.float32)
         return model
 
@@ -446,25 +485,28 @@ class SoftPromptCaption(Adapter):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         config = base.config
         n = batch["pixel_values"].shape[0]
-        cached = batch["pixel_values"].dim() == 3  # --cache_vision_features: image_features given, the tower not run
-        return [[Part("vision", ("vision_model",), 0 if cached else n * vision_positions(config.vision_config)),
+        # --cache_vision_features: image_features given, the tower not run
+        cached = batch["pixel_values"].dim() == 3
+        return [[Part("vision", ("vision_model",),
+                      0 if cached else n * vision_positions(config.vision_config)),
                  Part("bridge", ("soft_prompt", "projection"), n * config.num_vision_tokens),
-                 Part("language", ("language_model",), int(batch["attention_mask"].sum()) + n * config.prefix_length)]]
+                 Part("language", ("language_model",),
+                      int(batch["attention_mask"].sum()) + n * config.prefix_length)]]
 
 
-# --- llava_instruct and qlora_vqa ----------------------------------------------------------------------------------
-# LoRA on every linear layer of the Llama LM and nowhere else (the issue's shape): peft has no default targets for
-# LLaVA, and "all-linear" would put LoRA on the CLIP tower and the projector too.
+# --- llava_instruct and qlora_vqa ---------------------------------------------------------------------------
+# LoRA on every linear layer of the Llama LM and nowhere else (the issue's shape): peft has no default targets
+# for LLaVA, and "all-linear" would put LoRA on the CLIP tower and the projector too.
 LLAMA_LINEARS = r"model\.language_model\..*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 class _Llava(Adapter):
-    """What the two LLaVA recipes share: the model (the recipe's tiny one, or LLaVA-1.5-7B's dims), the chat samples
-    filled to the length budget (bench.data.fill_conversations), the collator and the FLOP chain."""
+    """What the two LLaVA recipes share: the model (the recipe's tiny one, or LLaVA-1.5-7B's dims), the chat
+    samples filled to the length budget (bench.data.fill_conversations), the collator and the FLOP chain."""
 
     real_batch_size = 8  # the issue's micro-batch
-    tokens_counted = ("LM positions but padding: the image tokens (576 per image; 64 at --size tiny), the chat template, "
-                      "questions and answers")
+    tokens_counted = ("LM positions but padding: the image tokens (576 per image; 64 at --size tiny), the "
+                      "chat template, questions and answers")
     unquantized = None  # skip_quantization of the recipe's loader (train.py passes none)
 
     @property
@@ -472,8 +514,8 @@ class _Llava(Adapter):
         from recipes.common.chat import ChatBatchArguments
 
         extra = self.train.InstructArguments if self.name == "llava_instruct" else self.train.VqaArguments
-        return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
-                GenerationEvalArguments, extra, ChatBatchArguments, TrainingArguments)
+        return (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
+                LossArguments, GenerationEvalArguments, extra, ChatBatchArguments, TrainingArguments)
 
     def image_size(self, size):
         return real_configs.llava_1_5_7b().vision_config.image_size if size == "real" else None
@@ -485,11 +527,13 @@ class _Llava(Adapter):
 
         m = a.ModelArguments
         if size == "tiny":
-            return load_model_and_processor(LlavaForConditionalGeneration, resolve_model_path(m.model_name_or_path), m,
+            return load_model_and_processor(LlavaForConditionalGeneration,
+                                            resolve_model_path(m.model_name_or_path), m,
                                             skip_quantization=self.unquantized)
         processor = AutoProcessor.from_pretrained(resolve_model_path("tiny:llava"))
         config = real_configs.llava_1_5_7b()
-        # The tiny tokenizer's `<image>` id (inside the real vocabulary): the model finds the image positions by it.
+        # The tiny tokenizer's `<image>` id (inside the real vocabulary): the model finds the image positions
+        # by it.
         config.image_token_id = image_token_id(processor)
         model = on_device(LlavaForConditionalGeneration, config, m, device, dtype)
         # 336 px in patches of 14: the processor expands `<image>` into the 576 tokens the model fills.
@@ -532,28 +576,32 @@ class _Llava(Adapter):
     def baseline_collator(self, tokenizer, image_processor, model, a):
         from recipes.common.chat import ChatCollator
 
-        return ChatCollator(image_processor, tokenizer.pad_token_id)  # right-padded, whatever the recipe's option
+        # right-padded, whatever the recipe's option
+        return ChatCollator(image_processor, tokenizer.pad_token_id)
 
     def _baseline_lora(self, model, a):
-        """LoRA on the LM's linears with PEFT's defaults (alpha 8, no dropout), the recipe's r, and in full what the
-        recipe trains in full (the projector: the modules_to_save its set-up chose, setup() having run first)."""
+        """LoRA on the LM's linears with PEFT's defaults (alpha 8, no dropout), the recipe's r, and in full
+        what the recipe trains in full (the projector: the modules_to_save its set-up chose, setup() having
+        run first)."""
         from peft import LoraConfig, get_peft_model
 
         if a.PeftArguments.peft_method != "lora":
-            raise ValueError(f"the {self.name} baseline is LoRA; bench --peft_method {a.PeftArguments.peft_method} with "
-                             "--no-baseline.")
+            raise ValueError(f"the {self.name} baseline is LoRA; bench --peft_method "
+                             f"{a.PeftArguments.peft_method} with --no-baseline.")
         return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r, target_modules=LLAMA_LINEARS,
                                                 modules_to_save=a.PeftArguments.modules_to_save or None))
 
     def _sft_rows(self, records, a) -> list[dict]:
-        """The recipe's samples (its conversations filled to the length budget, as dataset() makes them) as TRL's
-        conversational rows: string contents, the image (if any) placed by TRL before the first user text."""
+        """The recipe's samples (its conversations filled to the length budget, as dataset() makes them) as
+        TRL's conversational rows: string contents, the image (if any) placed by TRL before the first user
+        text."""
         from bench.data import fill_conversations
         from recipes.common.chat import ROLES
 
         filled = fill_conversations(self.conversations(records, a), self.encoder, a.DataArguments.max_length)
         return [{"images": [r["image"]] if r.get("image") else [],
-                 "messages": [{"role": ROLES[t["from"]], "content": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")}
+                 "messages": [{"role": ROLES[t["from"]],
+                               "content": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")}
                               for t in r["conversations"]]} for r in filled]
 
     def _sft_lora(self, a):
@@ -569,8 +617,8 @@ class _Llava(Adapter):
         config = model.config
         n_images = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
         positions = vision_positions(config.vision_config)
-        # The whole tower runs (LLaVA reads layer -2, the last layer is computed all the same); the projector and LM
-        # see the patches alone ("default" feature strategy: no class token).
+        # The whole tower runs (LLaVA reads layer -2, the last layer is computed all the same); the projector
+        # and LM see the patches alone ("default" feature strategy: no class token).
         return [[Part("vision", ("model.vision_tower",), n_images * positions),
                  Part("bridge", ("model.multi_modal_projector",), n_images * (positions - 1)),
                  Part("language", ("model.language_model", "lm_head"), int(self.tokens(batch)))]]
@@ -578,13 +626,14 @@ class _Llava(Adapter):
 
 class LlavaInstruct(_Llava):
     name, task = "llava_instruct", "instruct"
-    # Stage 2 as in the issue's shape: the projector and LoRA on the LM train, the whole vision tower is frozen (the
-    # recipe's config.yaml also trains the last CLIP layer it reads, for the tiny model).
+    # Stage 2 as in the issue's shape: the projector and LoRA on the LM train, the whole vision tower is
+    # frozen (the recipe's config.yaml also trains the last CLIP layer it reads, for the tiny model).
     tiny_argv = ("--model_name_or_path", "tiny:llava", "--unfreeze_last_n_vision_layers", "0")
     real_argv = ("--max_length", "832", "--unfreeze_last_n_vision_layers", "0")
-    baseline_loaded_as = ("LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) + get_peft_model(LoraConfig("
-                          "r=lora_r, target_modules=the LM's q/k/v/o/gate/up/down_proj, modules_to_save=[projector])): "
-                          "PEFT's defaults otherwise (alpha 8, no dropout); vision tower frozen")
+    baseline_loaded_as = ("LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) + "
+                          "get_peft_model(LoraConfig(r=lora_r, target_modules=the LM's "
+                          "q/k/v/o/gate/up/down_proj, modules_to_save=[projector])): PEFT's defaults "
+                          "otherwise (alpha 8, no dropout); vision tower frozen")
 
     def conversations(self, records, a):
         return records  # instruct records are conversations already (stage 2)
@@ -596,10 +645,11 @@ class LlavaInstruct(_Llava):
         model, _ = self._model(a, size, device, dtype=user_dtype(device))
         return self._baseline_lora(model, a)
 
-    sft_loaded_as = ("trl.SFTTrainer on LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) with its "
-                     "AutoProcessor and chat template, rows {images, messages} (TRL's default for them: loss on every "
-                     "non-pad token, image tokens included), peft_config=LoraConfig(r=lora_r, target_modules=the LM's "
-                     "q/k/v/o/gate/up/down_proj, modules_to_save=[projector])")
+    sft_loaded_as = ("trl.SFTTrainer on LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) "
+                     "with its AutoProcessor and chat template, rows {images, messages} (TRL's default for "
+                     "them: loss on every non-pad token, image tokens included), "
+                     "peft_config=LoraConfig(r=lora_r, target_modules=the LM's q/k/v/o/gate/up/down_proj, "
+                     "modules_to_save=[projector])")
 
     def sft(self, a, size, device, records):
         model, processor = self._model(a, size, device, dtype=user_dtype(device))
@@ -610,11 +660,12 @@ class QloraVqa(_Llava):
     name, task = "qlora_vqa", "vqa"
     tiny_argv = ("--model_name_or_path", "tiny:llava")
     real_argv = ("--max_length", "832")
-    baseline_loaded_as = ("plain QLoRA: the same 4-bit LlavaForConditionalGeneration (NF4, double quant, the LM's "
-                          "linears only), peft's prepare_model_for_kbit_training (every other weight to float32, "
-                          "checkpointing with the input-gradient hook) + get_peft_model(LoraConfig(r=lora_r, "
-                          "target_modules=the LM's q/k/v/o/gate/up/down_proj, modules_to_save=[projector])): PEFT's "
-                          "defaults otherwise (alpha 8, no dropout)")
+    baseline_loaded_as = ("plain QLoRA: the same 4-bit LlavaForConditionalGeneration (NF4, double quant, the "
+                          "LM's linears only), peft's prepare_model_for_kbit_training (every other weight to "
+                          "float32, checkpointing with the input-gradient hook) + "
+                          "get_peft_model(LoraConfig(r=lora_r, target_modules=the LM's "
+                          "q/k/v/o/gate/up/down_proj, modules_to_save=[projector])): PEFT's defaults "
+                          "otherwise (alpha 8, no dropout)")
 
     @property
     def unquantized(self):
@@ -630,8 +681,9 @@ class QloraVqa(_Llava):
     def _model(self, a, size, device, dtype=None):
         model, processor = super()._model(a, size, device, dtype)
         m = a.ModelArguments
-        # At --size real the weights are random and in memory: quantize them as from_pretrained quantizes a checkpoint.
-        # The meta device has no values to quantize: its LM stays nn.Linear, of the same shapes (FLOPs, what trains).
+        # At --size real the weights are random and in memory: quantize them as from_pretrained quantizes a
+        # checkpoint. The meta device has no values to quantize: its LM stays nn.Linear, of the same shapes
+        # (FLOPs, what trains).
         if size == "real" and device != "meta" and (m.load_in_4bit or m.load_in_8bit):
             model = load_quantized(model, m, self.train.UNQUANTIZED, device)
             if device == "cuda":
@@ -658,11 +710,11 @@ class QloraVqa(_Llava):
         model, _ = self._model(a, size, device)
         return self._baseline_lora(prepare_model_for_kbit_training(model), a)
 
-    sft_loaded_as = ("trl.SFTTrainer on the same 4-bit LlavaForConditionalGeneration (NF4, double quant, the LM's "
-                     "linears only) with its AutoProcessor and chat template, rows {images, messages} (TRL's default: "
-                     "loss on every non-pad token, image tokens included), peft_config=LoraConfig(r=lora_r, "
-                     "target_modules=the LM's q/k/v/o/gate/up/down_proj, modules_to_save=[projector]); TRL casts the "
-                     "LoRA weights to bf16")
+    sft_loaded_as = ("trl.SFTTrainer on the same 4-bit LlavaForConditionalGeneration (NF4, double quant, the "
+                     "LM's linears only) with its AutoProcessor and chat template, rows {images, messages} "
+                     "(TRL's default: loss on every non-pad token, image tokens included), "
+                     "peft_config=LoraConfig(r=lora_r, target_modules=the LM's q/k/v/o/gate/up/down_proj, "
+                     "modules_to_save=[projector]); TRL casts the LoRA weights to bf16")
 
     def sft(self, a, size, device, records):
         model, processor = self._model(a, size, device)

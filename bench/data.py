@@ -1,4 +1,5 @@
-"""Synthetic data for the harness: JPEG images at the model's image size, and conversations filled to a length budget.
+"""Synthetic data for the harness: JPEG images at the model's image size, and conversations filled to a length
+budget.
 
 The end-to-end mode decodes JPEGs: `data_tools.synth` scenes at the model's image size, saved as JPEG.
 
@@ -22,7 +23,8 @@ from data_tools.synth import make_synthetic
 from recipes.common.chat import to_messages
 from recipes.common.cache import build_once, cache_root
 
-JPEG_QUALITY = 95  # a high quality keeps the shapes' colours close to the drawn ones; decode cost hardly depends on it
+# a high quality keeps the shapes' colours close to the drawn ones; decode cost hardly depends on it
+JPEG_QUALITY = 95
 
 
 def _draw(task: str, n: int, image_size: int, seed: int, folder: Path) -> None:
@@ -39,8 +41,10 @@ def _draw(task: str, n: int, image_size: int, seed: int, folder: Path) -> None:
     write_jsonl(folder / "records.jsonl", rows)
 
 
-def synthetic_jpeg_records(task: str, n_records: int, image_size: int, *, distinct: int = 2048, seed: int = 0) -> Path:
-    """A JSONL file of `n_records` synthetic `task` records whose images are JPEGs of `image_size` px (cached).
+def synthetic_jpeg_records(task: str, n_records: int, image_size: int, *, distinct: int = 2048,
+                           seed: int = 0) -> Path:
+    """A JSONL file of `n_records` synthetic `task` records whose images are JPEGs of `image_size` px
+    (cached).
 
     At most `distinct` images are drawn; record i is drawn record i mod that number.
     """
@@ -57,14 +61,16 @@ def synthetic_jpeg_records(task: str, n_records: int, image_size: int, *, distin
 
 
 def _without_image(turns: list[dict]) -> list[dict]:
-    return [{**t, "value": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")} for t in turns]
+    return [{**t, "value": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")}
+            for t in turns]
 
 
 def fill_conversations(conversations: datasets.Dataset, encoder, max_length: int) -> datasets.Dataset:
-    """Each conversation followed by the turns of the next ones (their `<image>` taken out, wrapping around) until it
-    encodes to more than `max_length` tokens: the recipe's length budget then cuts it after the last whole turn that
-    fits, so that every sample is about `max_length` long (the issue's shapes: 832 tokens, where the synthetic
-    conversations alone are ~650 with LLaVA-1.5's 576 image tokens). `encoder` is the recipe's ChatEncoder."""
+    """Each conversation followed by the turns of the next ones (their `<image>` taken out, wrapping around)
+    until it encodes to more than `max_length` tokens: the recipe's length budget then cuts it after the last
+    whole turn that fits, so that every sample is about `max_length` long (the issue's shapes: 832 tokens,
+    where the synthetic conversations alone are ~650 with LLaVA-1.5's 576 image tokens). `encoder` is the
+    recipe's ChatEncoder."""
     rows = list(conversations)
     extra = [_without_image(r["conversations"]) for r in rows]
     # Each one's own length: a cheap guess of what appending it adds (one bos too many), measured again below.

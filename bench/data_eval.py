@@ -30,12 +30,15 @@ def bench_caption(n_images: int) -> list[tuple[str, float]]:
     from eval.caption import caption_metrics
 
     rng = random.Random(0)
-    words = "a the red blue green small large circle square triangle on left right top of image there is".split()
-    refs = {i: [" ".join(rng.choices(words, k=rng.randint(4, 10))) for _ in range(5)] for i in range(n_images)}
+    words = ("a the red blue green small large circle square triangle on left right top of image "
+             "there is").split()
+    refs = {i: [" ".join(rng.choices(words, k=rng.randint(4, 10))) for _ in range(5)]
+            for i in range(n_images)}
     preds = {i: " ".join(rng.choices(words, k=rng.randint(4, 10))) for i in range(n_images)}
     rows = []
     t, _ = _timed(lambda: caption_metrics(preds, refs, metrics=["Bleu", "ROUGE_L", "CIDEr"]))
-    rows.append((f"caption metrics, {n_images:,} images x 5 refs: BLEU + ROUGE-L + CIDEr (PTB tokenizer incl.)", t))
+    rows.append(((f"caption metrics, {n_images:,} images x 5 refs: BLEU + ROUGE-L + CIDEr "
+                  "(PTB tokenizer incl.)"), t))
     t, _ = _timed(lambda: caption_metrics(preds, refs))
     rows.append((f"caption metrics, {n_images:,} images x 5 refs: all incl. METEOR", t))
     return rows
@@ -56,9 +59,12 @@ def bench_dedup(n_images: int) -> list[tuple[str, float]]:
     from data_tools.synth import make_synthetic
 
     with tempfile.TemporaryDirectory() as d:
-        t_synth, path = _timed(lambda: make_synthetic("caption", n_images, Path(d) / "shapes", seed=0, progress=False))
-        t, _ = _timed(lambda: dedup_file(path, Path(d) / "dedup.jsonl", "caption", report_path=Path(d) / "report.jsonl", progress=False))
-    return [(f"synth, {n_images:,} caption images", t_synth), (f"dedup, {n_images:,} images (pixel + perceptual hash, Hamming <= 4)", t)]
+        t_synth, path = _timed(lambda: make_synthetic("caption", n_images, Path(d) / "shapes", seed=0,
+                                                      progress=False))
+        t, _ = _timed(lambda: dedup_file(path, Path(d) / "dedup.jsonl", "caption",
+                                         report_path=Path(d) / "report.jsonl", progress=False))
+    return [(f"synth, {n_images:,} caption images", t_synth),
+            (f"dedup, {n_images:,} images (pixel + perceptual hash, Hamming <= 4)", t)]
 
 
 def main() -> None:
@@ -72,8 +78,9 @@ def main() -> None:
     import torch
 
     table = [
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python {platform.python_version()}, "
-        f"numpy {np.__version__}, Pillow {PIL.__version__}, torch {torch.__version__}",
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
+        f"{platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}, torch "
+        f"{torch.__version__}",
         "",
         "| step | seconds |",
         "|---|---:|",

@@ -7,7 +7,8 @@ et al. 2022, "PaLM", app. B): a weight matrix of N entries applied to T tokens c
 - that trains costs 6NT;
 - that is frozen but sits after something that trains, so the backward pass goes through it, costs 4NT
   (a frozen LM under LoRA, or the LM a soft prompt feeds);
-- that is frozen with nothing trained before it costs 2NT: autograd records nothing there (a frozen vision tower).
+- that is frozen with nothing trained before it costs 2NT: autograd records nothing there (a frozen vision
+  tower).
 
 "Before" is the forward order: the parts of a chain in the order the adapter lists them, and modules in
 registration order inside a part (which is their forward order in these models). Counted: every Linear,
@@ -48,8 +49,10 @@ def _in(name: str, prefixes: tuple[str, ...]) -> bool:
 
 
 def step_flops(model: torch.nn.Module, chains: list[list[Part]]) -> dict[str, float]:
-    """Model FLOPs per part for one step (one micro-batch) under the convention above; keys are part names and "total"."""
-    modules = [(_base(n), m) for n, m in model.named_modules() if ".original_module" not in n]  # peft's unused copy
+    """Model FLOPs per part for one step (one micro-batch) under the convention above; keys are part names and
+    "total"."""
+    # peft's unused copy
+    modules = [(_base(n), m) for n, m in model.named_modules() if ".original_module" not in n]
     out = {}
     for chain in chains:
         upstream_trains = False
@@ -61,8 +64,10 @@ def step_flops(model: torch.nn.Module, chains: list[list[Part]]) -> dict[str, fl
                 if isinstance(module, MATMULS):
                     trains = module.weight.requires_grad
                     factor = 6 if trains else 4 if upstream_trains else 2
-                    # in x out, not weight.numel(): a bitsandbytes 4-bit Linear packs two weights per stored byte.
-                    n = module.in_features * module.out_features if isinstance(module, torch.nn.Linear) else module.weight.numel()
+                    # in x out, not weight.numel(): a bitsandbytes 4-bit Linear packs two weights per stored
+                    # byte.
+                    n = (module.in_features * module.out_features if isinstance(module, torch.nn.Linear)
+                         else module.weight.numel())
                     flops += factor * n * part.tokens
                 if any(p.requires_grad for p in module.parameters(recurse=False)):
                     upstream_trains = True
@@ -74,7 +79,8 @@ def step_flops(model: torch.nn.Module, chains: list[list[Part]]) -> dict[str, fl
 # Dense bf16 tensor-core peaks (TFLOP/s) from NVIDIA's data sheets (the "with sparsity" figures halved):
 # H100 SXM5 989.4 and PCIe 756 (H100 Tensor Core GPU data sheet), H100 NVL 835, H200 989 (H200 data sheet,
 # same compute as H100 SXM), A100 312 (A100 data sheet). Matched against torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4), ("A100", 312.0))
+PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H100", 989.4),
+                    ("A100", 312.0))
 
 
 def peak_tflops(device_name: str) -> float | None:

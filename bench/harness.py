@@ -1,9 +1,11 @@
-"""Training throughput and memory of a recipe's own code, and of the plain-Trainer baseline on the same batches.
+"""Training throughput and memory of a recipe's own code, and of the plain-Trainer baseline on the same \
+batches.
 
-    python -m bench clip_retrieval                       # real ViT-B/32 dims, random weights, on the GPU, both modes
+    python -m bench clip_retrieval      # real ViT-B/32 dims, random weights, on the GPU, both modes
     python -m bench blip2_lora_caption --mode device --steps 20 --batch-size 64
     python -m bench soft_prompt_caption -- --optim adamw_torch_fused --torch_compile true
-    python -m bench clip_retrieval --size tiny --device cpu --steps 2 --warmup 1   # the CPU smoke (tests/test_bench.py)
+    python -m bench clip_retrieval --size tiny --device cpu --steps 2 --warmup 1
+        # the CPU smoke (tests/test_bench.py)
 
 What runs is the recipe's Trainer subclass (its loss, per-module learning rates, callbacks) inside
 `Trainer.train`, on batches made by the recipe's collator from records tokenized by the recipe's code; flags
@@ -16,10 +18,10 @@ after `--` go to the recipe's own argument parser, as they would to its train.py
 
 The clock starts when the warm-up optimizer steps have ended and stops after `--steps` more (torch.cuda
 .synchronize() at both ends, none in between). Peak memory is over the whole `train()` call, weights included.
-The baseline (plain `transformers.Trainer`, the model loaded as a user would, PEFT's defaults) runs in the same
-process on the same batches, after the recipe's model is freed; compare numbers from one run only. For the generative
-recipes whose model is a transformers VLM, TRL's SFTTrainer follows as a second baseline on the same samples, through
-its own collator, PEFT set-up and loss (bench/RESULTS.md, "Baselines").
+The baseline (plain `transformers.Trainer`, the model loaded as a user would, PEFT's defaults) runs in the
+same process on the same batches, after the recipe's model is freed; compare numbers from one run only. For
+the generative recipes whose model is a transformers VLM, TRL's SFTTrainer follows as a second baseline on the
+same samples, through its own collator, PEFT set-up and loss (bench/RESULTS.md, "Baselines").
 """
 
 from __future__ import annotations
@@ -43,14 +45,14 @@ from bench.data import synthetic_jpeg_records
 from bench.flops import peak_tflops, step_flops
 from recipes.common.data import load_records
 
-FLOP_CONVENTION = ("6NT for trained weights, 4NT for frozen weights after a trained one (backward through them), "
-                   "2NT for frozen weights with nothing trained before them; N per weight matrix, T real tokens; "
-                   "attention scores not counted (bench/flops.py)")
+FLOP_CONVENTION = ("6NT for trained weights, 4NT for frozen weights after a trained one (backward through "
+                   "them), 2NT for frozen weights with nothing trained before them; N per weight matrix, T "
+                   "real tokens; attention scores not counted (bench/flops.py)")
 
 
 class PremadeBatches:
-    """`n` micro-batches cycled from `batches` (already on the device); a fresh dict each time, since a recipe's
-    compute_loss may pop keys from the one it is given."""
+    """`n` micro-batches cycled from `batches` (already on the device); a fresh dict each time, since a
+    recipe's compute_loss may pop keys from the one it is given."""
 
     def __init__(self, batches: list[dict], n: int):
         self.batches, self.n = batches, n
@@ -64,8 +66,9 @@ class PremadeBatches:
 
 
 class TextPadding:
-    """The recipe's collator, its text then right-padded to `width` positions (--pad-text-to), as collators that pad to a
-    fixed length do (CLIP's 77 positions in the issue's shape): more positions computed, no more tokens counted."""
+    """The recipe's collator, its text then right-padded to `width` positions (--pad-text-to), as collators
+    that pad to a fixed length do (CLIP's 77 positions in the issue's shape): more positions computed, no more
+    tokens counted."""
 
     FILL = {"input_ids": None, "attention_mask": 0, "labels": -100}
 
@@ -77,13 +80,15 @@ class TextPadding:
         for key, fill in self.FILL.items():
             if key in batch and batch[key].shape[1] < self.width:
                 value = self.pad_token_id if fill is None else fill
-                batch[key] = torch.nn.functional.pad(batch[key], (0, self.width - batch[key].shape[1]), value=value)
+                batch[key] = torch.nn.functional.pad(batch[key], (0, self.width - batch[key].shape[1]),
+                                                     value=value)
         return batch
 
 
 @dataclass
 class BaselineCollator:
-    """The recipe's collator, its batches turned into what the plain model takes (picklable, for DataLoader workers)."""
+    """The recipe's collator, its batches turned into what the plain model takes (picklable, for DataLoader
+    workers)."""
 
     collator: object
     to_baseline: object  # a static method of the adapter
@@ -94,19 +99,21 @@ class BaselineCollator:
 
 @dataclass
 class MicroBatch:
-    """What a timed Trainer records of one micro-batch, as device tensors (no host sync while the clock runs)."""
+    """What a timed Trainer records of one micro-batch, as device tensors (no host sync while the clock
+    runs)."""
 
     step: int  # optimizer steps completed before it
     loss: torch.Tensor | None
     tokens: torch.Tensor
     samples: int
     shapes: dict[str, list[int]]
-    light: dict[str, torch.Tensor]  # the attention mask, and every other tensor as a meta tensor of its shape (FLOPs)
+    # the attention mask, and every other tensor as a meta tensor of its shape (FLOPs)
+    light: dict[str, torch.Tensor]
 
 
 def timed_trainer(trainer_cls, adapter: Adapter):
-    """`trainer_cls` recording a MicroBatch per training step, and able to train on premade device batches instead of
-    its DataLoader."""
+    """`trainer_cls` recording a MicroBatch per training step, and able to train on premade device batches
+    instead of its DataLoader."""
 
     class Timed(trainer_cls):
         def __init__(self, *args, premade: PremadeBatches | None = None, **kwargs):
@@ -118,7 +125,8 @@ def timed_trainer(trainer_cls, adapter: Adapter):
             return self.bench_premade if self.bench_premade is not None else super().get_train_dataloader()
 
         def training_step(self, model, inputs, num_items_in_batch=None):
-            tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}  # before compute_loss may pop some
+            # before compute_loss may pop some
+            tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
             record = MicroBatch(self.state.global_step, None, adapter.tokens(inputs), adapter.samples(inputs),
                                 {k: list(v.shape) for k, v in tensors.items()},
                                 {k: v if k == "attention_mask" else v.to("meta") for k, v in tensors.items()})
@@ -131,7 +139,8 @@ def timed_trainer(trainer_cls, adapter: Adapter):
 
 
 class StepClock(TrainerCallback):
-    """Starts after optimizer step `warmup`, stops after step `warmup + steps`; synchronizes the GPU at both ends only."""
+    """Starts after optimizer step `warmup`, stops after step `warmup + steps`; synchronizes the GPU at both
+    ends only."""
 
     def __init__(self, warmup: int, steps: int, cuda: bool):
         self.warmup, self.steps, self.cuda = warmup, steps, cuda
@@ -167,14 +176,16 @@ class Options:
 
 
 def _recipe_argv(adapter: Adapter, opts: Options, output_dir: str, batch_size: int) -> list[str]:
-    """The recipe's command line: bench defaults, then the user's flags after `--`, then what the harness needs."""
+    """The recipe's command line: bench defaults, then the user's flags after `--`, then what the harness
+    needs."""
     argv = list(adapter.tiny_argv if opts.size == "tiny" else adapter.real_argv)
-    argv += ["--bf16", "true"] if opts.device == "cuda" else ["--use_cpu", "true"]  # the recipes' GPU launch lines use --bf16
+    # the recipes' GPU launch lines use --bf16
+    argv += ["--bf16", "true"] if opts.device == "cuda" else ["--use_cpu", "true"]
     argv += ["--logging_strategy", "no", "--disable_tqdm", "true"]
     argv += opts.recipe_argv
-    return argv + ["--output_dir", output_dir, "--max_steps", str(opts.warmup + opts.steps), "--per_device_train_batch_size",
-                   str(batch_size), "--report_to", "none", "--eval_strategy", "no", "--save_strategy", "no",
-                   "--load_best_model_at_end", "false"]
+    return argv + ["--output_dir", output_dir, "--max_steps", str(opts.warmup + opts.steps),
+                   "--per_device_train_batch_size", str(batch_size), "--report_to", "none", "--eval_strategy",
+                   "no", "--save_strategy", "no", "--load_best_model_at_end", "false"]
 
 
 def _free(device: str) -> None:
@@ -189,11 +200,14 @@ def _numel(p: torch.Tensor) -> int:
 
 
 def _parameters(model) -> tuple[int, int]:
-    return (sum(p.numel() for p in model.parameters() if p.requires_grad), sum(_numel(p) for p in model.parameters()))
+    return (sum(p.numel() for p in model.parameters() if p.requires_grad),
+            sum(_numel(p) for p in model.parameters()))
 
 
-def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset, collator, batches, trainer_kwargs) -> dict:
-    """Train `model` for warmup + steps optimizer steps with the recipe's Trainer (who="recipe") or the plain one."""
+def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset, collator, batches,
+         trainer_kwargs) -> dict:
+    """Train `model` for warmup + steps optimizer steps with the recipe's Trainer (who="recipe") or the plain
+    one."""
     args = a.TrainingArguments
     cuda = opts.device == "cuda"
     cls = timed_trainer(adapter.trainer_class() if who == "recipe" else Trainer, adapter)
@@ -212,14 +226,16 @@ def _run(adapter: Adapter, who: str, mode: str, opts: Options, a, model, dataset
 
 
 def _run_sft(adapter: Adapter, mode: str, opts: Options, a, sft, batch_size: int) -> dict:
-    """Train TRL's SFTTrainer as a TRL user would (its collator, its PEFT set-up, its loss) on the recipe's samples."""
+    """Train TRL's SFTTrainer as a TRL user would (its collator, its PEFT set-up, its loss) on the recipe's
+    samples."""
     import datasets
     from trl import SFTConfig, SFTTrainer
 
     args = a.TrainingArguments
-    # The recipe's TrainingArguments as TRL converts them itself, but no truncation: the samples are within the recipe's
-    # length budget already, and a cut through the image tokens would be an error. The random sampler: TRL's vision rows
-    # have no token lengths until its collator runs, so transformers' length grouping cannot read them (ValueError).
+    # The recipe's TrainingArguments as TRL converts them itself, but no truncation: the samples are within
+    # the recipe's length budget already, and a cut through the image tokens would be an error. The random
+    # sampler: TRL's vision rows have no token lengths until its collator runs, so transformers' length
+    # grouping cannot read them (ValueError).
     sft_args = SFTConfig(**{**args.to_dict(), "hub_token": args.hub_token, "max_length": None,
                             "train_sampling_strategy": "random"})
     rows = datasets.Dataset.from_list(sft.rows).cast_column("images", datasets.Sequence(datasets.Image()))
@@ -228,9 +244,12 @@ def _run_sft(adapter: Adapter, mode: str, opts: Options, a, sft, batch_size: int
     trainer = cls(model=sft.model, args=sft_args, train_dataset=rows, processing_class=sft.processor,
                   peft_config=sft.peft_config, callbacks=[clock])
     if mode == "device":  # TRL's collator over the samples the recipe's premade batches hold
-        batches = [_to(trainer.data_collator([dict(rows[i]) for i in range(k * batch_size, (k + 1) * batch_size)]), opts.device)
+        batches = [_to(trainer.data_collator([dict(rows[i])
+                                              for i in range(k * batch_size, (k + 1) * batch_size)]),
+                       opts.device)
                    for k in range(opts.device_batches)]
-        trainer.bench_premade = PremadeBatches(batches, (opts.warmup + opts.steps) * args.gradient_accumulation_steps)
+        trainer.bench_premade = PremadeBatches(batches,
+                                               (opts.warmup + opts.steps) * args.gradient_accumulation_steps)
     sft.model = None
     result = _measure(trainer, clock, adapter, "trl", mode, opts, loaded_as=adapter.sft_loaded_as)
     del trainer
@@ -238,15 +257,18 @@ def _run_sft(adapter: Adapter, mode: str, opts: Options, a, sft, batch_size: int
     return result
 
 
-def _measure(trainer, clock: StepClock, adapter: Adapter, who: str, mode: str, opts: Options, loaded_as: str | None = None) -> dict:
-    """Run `trainer.train()` and measure it: throughput over the timed steps, MFU, peak memory, per-step records."""
+def _measure(trainer, clock: StepClock, adapter: Adapter, who: str, mode: str, opts: Options,
+             loaded_as: str | None = None) -> dict:
+    """Run `trainer.train()` and measure it: throughput over the timed steps, MFU, peak memory, per-step
+    records."""
     args = trainer.args
     cuda = opts.device == "cuda"
     trainer.remove_callback(PrinterCallback)  # its end-of-training summary would interleave with the table
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    set_seed(args.seed)  # dropout of the first step drawn from the seed alone (tests/test_bench.py checks that loss)
+    # dropout of the first step drawn from the seed alone (tests/test_bench.py checks that loss)
+    set_seed(args.seed)
     trainer.train()
     if clock.seconds is None:
         raise RuntimeError(f"{who} {mode}: the Trainer stopped after {trainer.state.global_step} of "
@@ -254,13 +276,15 @@ def _measure(trainer, clock: StepClock, adapter: Adapter, who: str, mode: str, o
     timed = [r for r in trainer.bench_steps if r.step >= opts.warmup]
     samples = sum(r.samples for r in timed)
     tokens = int(sum(r.tokens for r in timed))
-    flops = sum(step_flops(trainer.model, adapter.flop_chains(trainer.model, r.light))["total"] for r in timed)
+    flops = sum(step_flops(trainer.model, adapter.flop_chains(trainer.model, r.light))["total"]
+                for r in timed)
     peak = opts.peak_tflops or (peak_tflops(torch.cuda.get_device_name()) if cuda else None)
     trainable, total = _parameters(trainer.model)
     result = {
-        "who": who, "mode": mode, "trainer": type(trainer).__name__, "trainable_parameters": trainable, "parameters": total,
-        "precision": _precision(trainer.model, args),
-        "loaded_as": loaded_as or ("by the recipe's own code" if who == "recipe" else adapter.baseline_loaded_as),
+        "who": who, "mode": mode, "trainer": type(trainer).__name__, "trainable_parameters": trainable,
+        "parameters": total, "precision": _precision(trainer.model, args),
+        "loaded_as": loaded_as or ("by the recipe's own code" if who == "recipe"
+                                   else adapter.baseline_loaded_as),
         "optimizer_steps": opts.steps, "seconds": clock.seconds, "samples": samples, "tokens": tokens,
         "samples_per_s": samples / clock.seconds, "tokens_per_s": tokens / clock.seconds,
         "model_tflop_per_s": flops / clock.seconds / 1e12,
@@ -276,20 +300,24 @@ def _measure(trainer, clock: StepClock, adapter: Adapter, who: str, mode: str, o
 
 
 def _unless_out_of_memory(who: str, mode: str, trainer: str, train) -> dict:
-    """`train()`'s result, or a row saying that it ran out of GPU memory, so that the other runs still happen."""
+    """`train()`'s result, or a row saying that it ran out of GPU memory, so that the other runs still
+    happen."""
     try:
         return train()
     except torch.OutOfMemoryError as e:
-        return {"who": who, "mode": mode, "trainer": trainer, "error": "out of memory: " + str(e).split("\n")[0]}
+        return {"who": who, "mode": mode, "trainer": trainer,
+                "error": "out of memory: " + str(e).split("\n")[0]}
 
 
 def _unless_failed(who: str, mode: str, trainer: str, train) -> dict:
-    """For a third-party baseline (TRL): any error it raises on the recipe's model is a row saying so, not a crash."""
+    """For a third-party baseline (TRL): any error it raises on the recipe's model is a row saying so, not a
+    crash."""
     try:
         return _unless_out_of_memory(who, mode, trainer, train)
     except Exception as e:  # noqa: BLE001 (the message is the result: which model TRL cannot train, and why)
         _free("cuda" if torch.cuda.is_available() else "cpu")
-        return {"who": who, "mode": mode, "trainer": trainer, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
+        return {"who": who, "mode": mode, "trainer": trainer,
+                "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"}
 
 
 def _precision(model, args) -> str:
@@ -301,8 +329,9 @@ def _precision(model, args) -> str:
 
 @dataclass
 class Prepared:
-    """Everything one mode's runs share: the parsed recipe arguments, the recipe's model (LoRA and freezing applied),
-    its tokenizer, image processor, dataset and collator, and (device mode) the premade batches on the device."""
+    """Everything one mode's runs share: the parsed recipe arguments, the recipe's model (LoRA and freezing
+    applied), its tokenizer, image processor, dataset and collator, and (device mode) the premade batches on
+    the device."""
 
     a: object
     model: object
@@ -312,13 +341,15 @@ class Prepared:
     collator: object
     batches: list[dict] | None
     records: object  # the synthetic records the dataset was made of (TRL's baseline makes its rows of them)
-    baseline_collator: object  # the plain baseline's: the recipe's collator unless a recipe option changes its batches
+    # the plain baseline's: the recipe's collator unless a recipe option changes its batches
+    baseline_collator: object
     baseline_batches: list[dict] | None
 
 
 def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_size: int,
             batch_device: str | None = None) -> Prepared:
-    """Build the recipe's side of one mode, seeded as train.py seeds (the same seed gives the same model and batches)."""
+    """Build the recipe's side of one mode, seeded as train.py seeds (the same seed gives the same model and
+    batches)."""
     a = adapter.parse(_recipe_argv(adapter, opts, output_dir, batch_size))
     set_seed(a.TrainingArguments.seed)
     model, tokenizer, image_processor = adapter.build(a, opts.size, opts.device)
@@ -337,7 +368,8 @@ def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_s
         base_collator = TextPadding(base_collator, opts.pad_text_to, tokenizer.pad_token_id)
 
     def premade(collate):
-        return [_to(collate([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]), batch_device or opts.device)
+        return [_to(collate([dataset[i] for i in range(k * batch_size, (k + 1) * batch_size)]),
+                    batch_device or opts.device)
                 for k in range(opts.device_batches)]
 
     batches = premade(collator) if mode == "device" else None
@@ -351,32 +383,38 @@ def run(opts: Options) -> dict:
     if opts.recipe not in ADAPTERS:
         raise SystemExit(f"unknown recipe {opts.recipe!r}; benchable: {', '.join(sorted(ADAPTERS))}")
     if opts.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU is visible here; use --device cpu (with --size tiny for a quick check)")
+        raise SystemExit("--device cuda: no GPU is visible here; use --device cpu (with --size tiny for a "
+                         "quick check)")
     if opts.warmup < 1 or opts.steps < 1:
-        raise SystemExit("--warmup and --steps must be at least 1 (the clock starts at the end of a warm-up step)")
+        raise SystemExit("--warmup and --steps must be at least 1 (the clock starts at the end of a warm-up "
+                         "step)")
     adapter = ADAPTERS[opts.recipe]()
     batch_size = opts.batch_size or (adapter.real_batch_size if opts.size == "real" else 4)
     modes = ["device", "e2e"] if opts.mode == "both" else [opts.mode]
-    out = {"recipe": opts.recipe, "size": opts.size, "device": _device_name(opts.device), "batch_size": batch_size,
-           "pad_text_to": opts.pad_text_to,
-           "warmup_steps": opts.warmup, "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
-           "versions": _versions(), "flop_convention": FLOP_CONVENTION, "tokens_counted": adapter.tokens_counted,
-           "baseline_loaded_as": adapter.baseline_loaded_as, "sft_loaded_as": adapter.sft_loaded_as, "runs": [], "notes": []}
+    out = {"recipe": opts.recipe, "size": opts.size, "device": _device_name(opts.device),
+           "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
+           "warmup_steps": opts.warmup,
+           "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
+           "versions": _versions(), "flop_convention": FLOP_CONVENTION,
+           "tokens_counted": adapter.tokens_counted, "baseline_loaded_as": adapter.baseline_loaded_as,
+           "sft_loaded_as": adapter.sft_loaded_as, "runs": [], "notes": []}
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         for mode in modes:
             p = prepare(adapter, opts, mode, tmp, batch_size)
             out["gradient_accumulation_steps"] = p.a.TrainingArguments.gradient_accumulation_steps
             kwargs = adapter.trainer_kwargs(p.tokenizer, p.image_processor, p.a)
             model, p.model = p.model, None  # _run frees it
-            out["runs"].append(_unless_out_of_memory("recipe", mode, adapter.trainer_class().__name__, lambda: _run(
-                adapter, "recipe", mode, opts, p.a, model, p.dataset, p.collator, p.batches, kwargs)))
+            out["runs"].append(_unless_out_of_memory("recipe", mode, adapter.trainer_class().__name__,
+                                                     lambda: _run(adapter, "recipe", mode, opts, p.a, model,
+                                                                  p.dataset, p.collator, p.batches, kwargs)))
             del model
             _free(opts.device)
             if opts.baseline:
                 set_seed(p.a.TrainingArguments.seed)
                 base = adapter.baseline(p.a, opts.size, opts.device)
                 out["runs"].append(_unless_out_of_memory("baseline", mode, "Trainer", lambda: _run(
-                    adapter, "baseline", mode, opts, p.a, base, p.dataset, p.baseline_collator, p.baseline_batches, {})))
+                    adapter, "baseline", mode, opts, p.a, base, p.dataset, p.baseline_collator,
+                    p.baseline_batches, {})))
                 del base
                 _free(opts.device)
                 if adapter.sft_loaded_as and _trl_installed():
@@ -388,15 +426,18 @@ def run(opts: Options) -> dict:
                     _free(opts.device)
     out["notes"] += list(dict.fromkeys(adapter.notes))  # once each, though both modes set the recipe up
     if opts.baseline:
-        if not adapter.sft_loaded_as and adapter.sft_note:  # (clip_retrieval is not generative: no SFT baseline to name)
+        # (clip_retrieval is not generative: no SFT baseline to name)
+        if not adapter.sft_loaded_as and adapter.sft_note:
             out["notes"].append(adapter.sft_note)
         elif not _trl_installed():
-            out["notes"].append("TRL's SFTTrainer baseline skipped: trl is not installed (bench/requirements.txt lists it).")
+            out["notes"].append("TRL's SFTTrainer baseline skipped: trl is not installed "
+                                "(bench/requirements.txt lists it).")
     return out
 
 
 def count_flops(opts: Options) -> dict:
-    """Model FLOPs per sample of one step, per part, for the premade batches (bench/flops.py); nothing is trained.
+    """Model FLOPs per sample of one step, per part, for the premade batches (bench/flops.py); nothing is
+    trained.
 
     At --size real the model is built on the meta device (no memory, no weights), so this runs anywhere.
     """
@@ -409,9 +450,10 @@ def count_flops(opts: Options) -> dict:
     for batch in p.batches:
         for part, flops in step_flops(p.model, adapter.flop_chains(p.model, batch)).items():
             per_part[part] = per_part.get(part, 0.0) + flops / adapter.samples(batch) / len(p.batches)
-    return {"recipe": opts.recipe, "size": opts.size, "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
-            "gflop_per_sample": {k: v / 1e9 for k, v in per_part.items()},
-            "tokens_per_sample": sum(int(adapter.tokens(b)) for b in p.batches) / (batch_size * len(p.batches)),
+    return {"recipe": opts.recipe, "size": opts.size, "batch_size": batch_size,
+            "pad_text_to": opts.pad_text_to, "gflop_per_sample": {k: v / 1e9 for k, v in per_part.items()},
+            "tokens_per_sample": (sum(int(adapter.tokens(b)) for b in p.batches)
+                                  / (batch_size * len(p.batches))),
             "flop_convention": FLOP_CONVENTION}
 
 
@@ -421,7 +463,8 @@ def _records_for(adapter: Adapter, samples: int) -> int:
 
 
 def image_processor_size(image_processor) -> int:
-    size = image_processor.crop_size if getattr(image_processor, "do_center_crop", False) else image_processor.size
+    size = (image_processor.crop_size if getattr(image_processor, "do_center_crop", False)
+            else image_processor.size)
     return int(size["height"])
 
 
@@ -447,10 +490,11 @@ def _versions() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__,
-            "bitsandbytes": installed("bitsandbytes"), "trl": installed("trl"),
-            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__,
+            "accelerate": accelerate.__version__, "datasets": datasets.__version__,
+            "bitsandbytes": installed("bitsandbytes"), "trl": installed("trl"), "cuda": torch.version.cuda,
+            "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else None}
 
 
 def _trl_installed() -> bool:
@@ -462,8 +506,8 @@ def _trl_installed() -> bool:
 def markdown(result: dict) -> str:
     """The result as a Markdown table, one row per run, and the recipe / baseline ratios per mode."""
     steps = next((r["optimizer_steps"] for r in result["runs"] if "error" not in r), 0)
-    lines = [f"{result['recipe']} ({result['size']} dims) on {result['device']}, batch {result['batch_size']}, "
-             f"{steps} timed steps after {result['warmup_steps']} warm-up", "",
+    lines = [f"{result['recipe']} ({result['size']} dims) on {result['device']}, batch "
+             f"{result['batch_size']}, {steps} timed steps after {result['warmup_steps']} warm-up", "",
              "| mode | trainer | precision | trainable params | samples/s | tokens/s | MFU | peak alloc GiB "
              "| peak reserved GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:
@@ -472,7 +516,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['mode']} | {trainer} | {r['error']} |" + " |" * 6)
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        alloc, reserved = (f"{r[k]:.1f}" if r[k] is not None else "n/a" for k in ("peak_allocated_gib", "peak_reserved_gib"))
+        alloc, reserved = (f"{r[k]:.1f}" if r[k] is not None else "n/a"
+                           for k in ("peak_allocated_gib", "peak_reserved_gib"))
         lines.append(f"| {r['mode']} | {trainer} | {r['precision']} | {r['trainable_parameters']:,} | "
                      f"{r['samples_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | {mfu} | {alloc} | {reserved} |")
     lines.append("")
@@ -482,9 +527,11 @@ def markdown(result: dict) -> str:
             if "recipe" not in ok or who not in ok:
                 continue
             recipe, base = ok["recipe"], ok[who]
-            ratio = f"{mode}: recipe / {name} = {recipe['samples_per_s'] / base['samples_per_s']:.2f}x samples/s"
+            ratio = (f"{mode}: recipe / {name} = "
+                     f"{recipe['samples_per_s'] / base['samples_per_s']:.2f}x samples/s")
             if recipe["peak_allocated_gib"]:
-                ratio += f", {recipe['peak_allocated_gib'] / base['peak_allocated_gib']:.2f}x peak allocated memory"
+                ratio += (f", {recipe['peak_allocated_gib'] / base['peak_allocated_gib']:.2f}x peak "
+                          "allocated memory")
             lines.append(ratio)
     if any(r["who"] == "baseline" for r in result["runs"]):
         lines.append(f"baseline: {result['baseline_loaded_as']}")
@@ -499,11 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     recipe_argv = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0],
-                                epilog="Flags after -- go to the recipe's own parser, e.g. -- --optim adamw_torch_fused.")
+                                epilog="Flags after -- go to the recipe's own parser, e.g. -- --optim "
+                                       "adamw_torch_fused.")
     p.add_argument("recipe", help=f"one of {', '.join(sorted(ADAPTERS))}")
-    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", choices=["cuda", "cpu"],
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", choices=["real", "tiny"], default="real",
-                   help="real: the real architecture, random weights, built on the device; tiny: the recipe's random tiny model")
+                   help="real: the real architecture, random weights, built on the device; tiny: the "
+                        "recipe's random tiny model")
     p.add_argument("--mode", choices=["device", "e2e", "both"], default="both")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps before the clock starts")
@@ -511,19 +561,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="per-device micro-batch (default: the issue's shape; 4 at --size tiny)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time plain transformers.Trainer + PEFT defaults on the same batches")
-    p.add_argument("--device-batches", type=int, default=2, help="device mode: distinct premade batches, cycled")
-    p.add_argument("--distinct-images", type=int, default=2048, help="e2e mode: synthetic images drawn, then repeated")
+    p.add_argument("--device-batches", type=int, default=2,
+                   help="device mode: distinct premade batches, cycled")
+    p.add_argument("--distinct-images", type=int, default=2048,
+                   help="e2e mode: synthetic images drawn, then repeated")
     p.add_argument("--pad-text-to", type=int, default=None,
                    help="right-pad every batch's text to this many positions (the issue's CLIP shape: 77)")
-    p.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU (default: by its name)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the GPU's dense bf16 peak, for MFU (default: by its name)")
     p.add_argument("--flops", action="store_true",
-                   help="only print the model FLOPs per sample of each part (the MFU numerator); trains nothing, needs no GPU")
-    p.add_argument("--json", default=None, help="also write the full result (per-step losses, shapes) to this file")
+                   help="only print the model FLOPs per sample of each part (the MFU numerator); trains "
+                        "nothing, needs no GPU")
+    p.add_argument("--json", default=None,
+                   help="also write the full result (per-step losses, shapes) to this file")
     ns = p.parse_args(argv)
-    opts = Options(recipe=ns.recipe, device=ns.device, size=ns.size, mode=ns.mode, steps=ns.steps, warmup=ns.warmup,
-                   batch_size=ns.batch_size, baseline=ns.baseline, device_batches=ns.device_batches,
-                   distinct_images=ns.distinct_images, peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to,
-                   recipe_argv=recipe_argv)
+    opts = Options(recipe=ns.recipe, device=ns.device, size=ns.size, mode=ns.mode, steps=ns.steps,
+                   warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
+                   device_batches=ns.device_batches, distinct_images=ns.distinct_images,
+                   peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to, recipe_argv=recipe_argv)
     if ns.flops:
         result = count_flops(opts)
         print(json.dumps(result, indent=2))

@@ -1,8 +1,10 @@
-"""The real architectures the recipes fine-tune, as configs for `python -m bench <recipe> --size real` (random weights).
+"""The real architectures the recipes fine-tune, as configs for `python -m bench <recipe> --size real` (random
+weights).
 
-Every number comes from the checkpoint's config.json on the Hugging Face Hub; where a field is not in that file
-the checkpoint uses transformers' default, and the default is what these configs leave in place (checked against
-the installed transformers 5 classes by tests/test_bench.py: hidden sizes, layer counts, parameter counts).
+Every number comes from the checkpoint's config.json on the Hugging Face Hub; where a field is not in that
+file the checkpoint uses transformers' default, and the default is what these configs leave in place (checked
+against the installed transformers 5 classes by tests/test_bench.py: hidden sizes, layer counts, parameter
+counts).
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ def blip2_opt_2_7b():
     """
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig, OPTConfig
 
-    text = OPTConfig(vocab_size=50304, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32, num_attention_heads=32,
-                     word_embed_proj_dim=2560, eos_token_id=50118)
-    return Blip2Config(vision_config=Blip2VisionConfig().to_dict(), qformer_config=Blip2QFormerConfig().to_dict(),
-                       text_config=text.to_dict(), num_query_tokens=32, image_token_index=50265)
+    text = OPTConfig(vocab_size=50304, hidden_size=2560, ffn_dim=10240, num_hidden_layers=32,
+                     num_attention_heads=32, word_embed_proj_dim=2560, eos_token_id=50118)
+    return Blip2Config(vision_config=Blip2VisionConfig().to_dict(),
+                       qformer_config=Blip2QFormerConfig().to_dict(), text_config=text.to_dict(),
+                       num_query_tokens=32, image_token_index=50265)
 
 
 def clip_vit_b32():
-    """openai/clip-vit-base-patch32: ViT-B/32 at 224 px, a 12-layer 512-wide text tower over 77 positions, 512-d embeddings.
+    """openai/clip-vit-base-patch32: ViT-B/32 at 224 px, a 12-layer 512-wide text tower over 77 positions,
+    512-d embeddings.
 
     transformers' CLIPConfig defaults are this checkpoint's dims. Its config.json keeps the legacy text ids
     bos 0, pad 1, eos 2; with eos 2 the text tower pools at the largest token id (argmax), which for CLIP's
@@ -40,31 +44,34 @@ def clip_vit_b32():
 
 
 def clip_vit_b32_vision():
-    """The vision tower of openai/clip-vit-base-patch32 (CLIPVisionConfig's defaults: 768 wide, 12 layers, patch 32, 224 px)."""
+    """The vision tower of openai/clip-vit-base-patch32 (CLIPVisionConfig's defaults: 768 wide, 12 layers,
+    patch 32, 224 px)."""
     from transformers import CLIPVisionConfig
 
     return CLIPVisionConfig()
 
 
 def gpt2_small():
-    """gpt2 (124M): GPT2Config's defaults are its config.json (768 wide, 12 layers, 12 heads, 1024 positions, vocab 50257)."""
+    """gpt2 (124M): GPT2Config's defaults are its config.json (768 wide, 12 layers, 12 heads, 1024 positions,
+    vocab 50257)."""
     from transformers import GPT2Config
 
     return GPT2Config()
 
 
 def llava_1_5_7b():
-    """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 image tokens from layer -2), a 2-layer GELU projector, Vicuna-7B.
+    """llava-hf/llava-1.5-7b-hf: CLIP ViT-L/14 at 336 px (576 image tokens from layer -2), a 2-layer GELU
+    projector, Vicuna-7B.
 
     config.json: image_token_index 32000, pad 32001, projector gelu, vision_feature_layer -2, strategy
     "default"; vision 1024 wide, MLP 4096, 24 layers, 16 heads, patch 14, 336 px, projection_dim 768; text
-    (lmsys/vicuna-7b-v1.5, a Llama-2-7B) vocab 32064, 4096 positions, rms_norm_eps 1e-5, the rest LlamaConfig's
-    defaults (4096 wide, MLP 11008, 32 layers, 32 heads).
+    (lmsys/vicuna-7b-v1.5, a Llama-2-7B) vocab 32064, 4096 positions, rms_norm_eps 1e-5, the rest
+    LlamaConfig's defaults (4096 wide, MLP 11008, 32 layers, 32 heads).
     """
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
     text = LlamaConfig(vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5, pad_token_id=32001)
     return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
                        pad_token_id=32001, projector_hidden_act="gelu", vision_feature_layer=-2,

@@ -5,19 +5,25 @@ import sys
 
 # command -> (module, function); each function takes the remaining argv and returns an exit code.
 COMMANDS = {
-    "validate": ("data_tools.clean", "main_validate", "exit non-zero on any invalid row, listing file:line, field, reason"),
+    "validate": ("data_tools.clean", "main_validate",
+                 "exit non-zero on any invalid row, listing file:line, field, reason"),
     "clean": ("data_tools.clean", "main_clean", "keep valid rows, write every dropped row with its reason"),
-    "dedup": ("data_tools.dedup", "main", "merge exact and near-duplicate images, keeping their captions together"),
-    "split": ("data_tools.split", "main_split", "split by image (near duplicates together), deterministic for a seed"),
-    "check-leakage": ("data_tools.split", "main_check_leakage", "fail when an image (or near duplicate) is in two files"),
-    "convert": ("data_tools.convert", "main", "convert COCO / VQA v2 / LLaVA / Karpathy / image-text JSON to our JSONL"),
+    "dedup": ("data_tools.dedup", "main",
+              "merge exact and near-duplicate images, keeping their captions together"),
+    "split": ("data_tools.split", "main_split",
+              "split by image (near duplicates together), deterministic for a seed"),
+    "check-leakage": ("data_tools.split", "main_check_leakage",
+                      "fail when an image (or near duplicate) is in two files"),
+    "convert": ("data_tools.convert", "main",
+                "convert COCO / VQA v2 / LLaVA / Karpathy / image-text JSON to our JSONL"),
     "synth": ("data_tools.synth", "main", "make the procedural shapes data set"),
 }
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m data_tools <command> [args]   (<command> --help for its options)\n", file=sys.stderr)
+        print("usage: python -m data_tools <command> [args]   (<command> --help for its options)\n",
+              file=sys.stderr)
         for name, (_, _, help_) in COMMANDS.items():
             print(f"  {name:<14} {help_}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

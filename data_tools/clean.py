@@ -56,7 +56,8 @@ def check_rows(
     path = Path(path)
     root = Path(root) if root is not None else path.parent
     image_errors: dict[Path, DataError | None] = {}
-    for line, row, raw, item in tqdm(iter_rows(path), desc=f"checking {path.name}", unit=" rows", disable=not progress):
+    for line, row, raw, item in tqdm(iter_rows(path), desc=f"checking {path.name}", unit=" rows",
+                                     disable=not progress):
         if isinstance(row, DataError):
             yield line, row, raw
             continue
@@ -89,9 +90,11 @@ def validate(path: str | os.PathLike, task: str, **kwargs) -> list[DataError]:
 
 
 def clean(
-    in_path: str | os.PathLike, task: str, out_path: str | os.PathLike, rejects_path: str | os.PathLike, **kwargs
+    in_path: str | os.PathLike, task: str, out_path: str | os.PathLike, rejects_path: str | os.PathLike,
+    **kwargs
 ) -> CleanReport:
-    """Write the valid rows to `out_path` and every dropped row, with its line and reason, to `rejects_path`."""
+    """Write the valid rows to `out_path` and every dropped row, with its line and reason, to
+    `rejects_path`."""
     out_dir = Path(out_path).resolve().parent
     report = CleanReport()
     with JsonlWriter(out_path) as kept, JsonlWriter(rejects_path) as rejects:
@@ -113,10 +116,13 @@ def clean(
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--root", help="folder image paths are relative to (default: the JSONL file's folder)")
-    p.add_argument("--allow-outside-root", action="store_true", help="accept absolute paths and paths with '..'")
-    p.add_argument("--no-check-images", dest="check_images", action="store_false", help="check the rows only, do not open images")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept absolute paths and paths with '..'")
+    p.add_argument("--no-check-images", dest="check_images", action="store_false",
+                   help="check the rows only, do not open images")
     p.add_argument("--min-side", type=int, default=MIN_SIDE, help="reject images with a side below this (px)")
-    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS, help="reject images above this many pixels (decompression-bomb guard)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help="reject images above this many pixels (decompression-bomb guard)")
 
 
 def _kwargs(args: argparse.Namespace) -> dict:
@@ -130,7 +136,8 @@ def _kwargs(args: argparse.Namespace) -> dict:
 
 
 def main_validate(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools validate", description="Exit non-zero if any row is invalid.")
+    p = argparse.ArgumentParser(prog="python -m data_tools validate",
+                                description="Exit non-zero if any row is invalid.")
     _add_common(p)
     p.add_argument("files", nargs="+")
     args = p.parse_args(argv)
@@ -140,14 +147,16 @@ def main_validate(argv: list[str]) -> int:
             print(error, file=sys.stderr)
             n_bad += 1
     if n_bad:
-        print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task} IN --out OUT --rejects REJECTS", file=sys.stderr)
+        print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task} IN "
+              "--out OUT --rejects REJECTS", file=sys.stderr)
         return 1
     print(f"all rows valid ({', '.join(args.files)})")
     return 0
 
 
 def main_clean(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools clean", description="Keep valid rows; write every dropped row with its reason.")
+    p = argparse.ArgumentParser(prog="python -m data_tools clean",
+                                description="Keep valid rows; write every dropped row with its reason.")
     _add_common(p)
     p.add_argument("input")
     p.add_argument("--out", required=True)

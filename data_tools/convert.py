@@ -4,8 +4,10 @@
         --image-root coco/train2014 --out data/coco/train.jsonl
     python -m data_tools convert --from vqav2 v2_OpenEnded_mscoco_train2014_questions.json \\
         v2_mscoco_train2014_annotations.json --image-root coco/train2014 --out data/vqav2/train.jsonl
-    python -m data_tools convert --from llava llava_instruct_150k.json --image-root coco/train2017 --out data/llava.jsonl
-    python -m data_tools convert --from karpathy dataset_coco.json --split train,restval --image-root coco --out data/train.jsonl
+    python -m data_tools convert --from llava llava_instruct_150k.json --image-root coco/train2017 \
+--out data/llava.jsonl
+    python -m data_tools convert --from karpathy dataset_coco.json --split train,restval --image-root coco \
+--out data/train.jsonl
     python -m data_tools convert --from image-text-json pairs.json --out data/pairs.jsonl
 
 Image paths are written relative to the output file's folder (the convention of our JSONL): the input
@@ -32,11 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BAD_VALUE, EMPTY_TEXT, MALFORMED_JSON, MISSING_FIELD, NOT_AN_OBJECT, NOT_UTF8, WRONG_TYPE, DataError
+from .errors import (BAD_VALUE, EMPTY_TEXT, MALFORMED_JSON, MISSING_FIELD, NOT_AN_OBJECT, NOT_UTF8,
+                     WRONG_TYPE, DataError)
 from .jsonl import JsonlWriter, iter_jsonl
 from .records import normalize_record
 
-FORMATS = {"coco-captions": "caption", "vqav2": "vqa", "llava": "instruct", "karpathy": "caption", "image-text-json": "caption"}
+FORMATS = {"coco-captions": "caption", "vqav2": "vqa", "llava": "instruct", "karpathy": "caption",
+           "image-text-json": "caption"}
 DEFAULT_VQA_PATTERN = "COCO_{split}2014_{image_id:012d}.jpg"
 KARPATHY_SPLITS = ("train", "val", "test", "restval")
 KEY_ORDER = ("id", "image", "captions", "question_id", "question", "answers", "conversations")
@@ -90,13 +94,15 @@ def _load_json(path: Path) -> Any:
     except UnicodeDecodeError as e:
         raise DataError(NOT_UTF8, f"is not UTF-8 ({e.reason} at byte {e.start})", path=path) from None
     except json.JSONDecodeError as e:
-        raise DataError(MALFORMED_JSON, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", path=path) from None
+        raise DataError(MALFORMED_JSON, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
+                        path=path) from None
 
 
 def _top_list(data: Any, key: str, path: Path) -> list:
     if not isinstance(data, dict) or not isinstance(data.get(key), list):
         raise DataError(
-            MISSING_FIELD, f"expected a JSON object with a list under {key!r}; is this the right --from format?", path=path
+            MISSING_FIELD,
+            f"expected a JSON object with a list under {key!r}; is this the right --from format?", path=path
         )
     return data[key]
 
@@ -106,7 +112,8 @@ def _items(path: Path, conv: Conversion) -> Iterator[tuple[str, Any]]:
     if path.suffix == ".jsonl":
         for line, row, raw in iter_jsonl(path):
             if isinstance(row, DataError):
-                conv.reject(row, file=path, item=f"line {line}", row=raw.decode("utf-8", errors="backslashreplace"))
+                conv.reject(row, file=path, item=f"line {line}",
+                            row=raw.decode("utf-8", errors="backslashreplace"))
             else:
                 yield f"line {line}", row
         return
@@ -161,8 +168,10 @@ def coco_captions(path: Path, conv: Conversion) -> None:
         try:
             image_id = _id(_object(img), "id")
             if image_id in by_id:
-                raise DataError(BAD_VALUE, f"duplicate image id {image_id!r} (first at {where[image_id][0]})", field="id")
-            record = {"image": conv.image_path(_get(img, "file_name", str)), "captions": [], "image_id": image_id}
+                raise DataError(BAD_VALUE, f"duplicate image id {image_id!r} (first at {where[image_id][0]})",
+                                field="id")
+            record = {"image": conv.image_path(_get(img, "file_name", str)), "captions": [],
+                      "image_id": image_id}
         except DataError as e:
             conv.reject(e, file=path, item=f"images[{i}]", row=img)
             continue
@@ -172,7 +181,8 @@ def coco_captions(path: Path, conv: Conversion) -> None:
             image_id = _id(_object(ann), "image_id")
             if image_id not in by_id:
                 raise DataError(
-                    BAD_VALUE, f"image id {image_id!r} is not in 'images' (or its entry was rejected)", field="image_id"
+                    BAD_VALUE, f"image id {image_id!r} is not in 'images' (or its entry was rejected)",
+                    field="image_id"
                 )
             by_id[image_id]["captions"].append(_text(ann, "caption"))
         except DataError as e:
@@ -181,7 +191,8 @@ def coco_captions(path: Path, conv: Conversion) -> None:
         item, img = where[image_id]
         if not record["captions"]:
             conv.reject(
-                DataError(MISSING_FIELD, "image has no caption in 'annotations'", field="captions"), file=path, item=item, row=img
+                DataError(MISSING_FIELD, "image has no caption in 'annotations'", field="captions"),
+                file=path, item=item, row=img
             )
         else:
             conv.add(record, file=path, item=item, row=img)
@@ -198,14 +209,16 @@ def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_patte
             names = {"split": split or re.sub(r"\d+$", "", subtype), "data_subtype": subtype}
             if "{split" in image_pattern and not names["split"]:
                 raise DataError(
-                    MISSING_FIELD, "has no 'data_subtype' to take the split from; pass --split (e.g. train)", path=path
+                    MISSING_FIELD, "has no 'data_subtype' to take the split from; pass --split (e.g. train)",
+                    path=path
                 )
             try:
                 image_pattern.format(image_id=0, **names)
             except (KeyError, IndexError, ValueError) as e:
                 raise DataError(
                     BAD_VALUE,
-                    f"--image-pattern {image_pattern!r} is not usable ({e!r}); fields: {{image_id}}, {{split}}, {{data_subtype}}",
+                    f"--image-pattern {image_pattern!r} is not usable ({e!r}); fields: {{image_id}}, "
+                    f"{{split}}, {{data_subtype}}",
                 ) from None
             questions += [(path, f"questions[{i}]", q, names) for i, q in enumerate(data["questions"])]
         elif isinstance(data, dict) and isinstance(data.get("annotations"), list):
@@ -225,33 +238,42 @@ def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_patte
         else:
             raise DataError(
                 MISSING_FIELD,
-                "is neither a VQA questions file (a 'questions' list) nor an annotations file (an 'annotations' list)",
+                "is neither a VQA questions file (a 'questions' list) nor an annotations file (an "
+                "'annotations' list)",
                 path=path,
             )
     if not questions or not answers:
-        missing = "questions" if not questions else "annotations (test splits have none: there is nothing to train or score on)"
-        raise DataError(MISSING_FIELD, f"vqav2 needs a questions file and an annotations file; no {missing} among the inputs")
+        missing = ("questions" if not questions
+                   else "annotations (test splits have none: there is nothing to train or score on)")
+        raise DataError(MISSING_FIELD,
+                        f"vqav2 needs a questions file and an annotations file; no {missing} among the "
+                        "inputs")
 
     matched = set()
     for path, item, q, names in questions:
         try:
             qid = _id(_object(q), "question_id")
             if qid in matched:
-                raise DataError(BAD_VALUE, f"duplicate question_id {qid!r} among the questions", field="question_id")
+                raise DataError(BAD_VALUE, f"duplicate question_id {qid!r} among the questions",
+                                field="question_id")
             if qid not in answers:
                 raise DataError(
-                    MISSING_FIELD, f"question_id {qid!r} has no entry in the annotations file(s)", field="question_id"
+                    MISSING_FIELD, f"question_id {qid!r} has no entry in the annotations file(s)",
+                    field="question_id"
                 )
             matched.add(qid)
             image_id = _get(q, "image_id", int)
             ann = answers[qid][2]
             if ann.get("image_id", image_id) != image_id:
                 raise DataError(
-                    BAD_VALUE, f"image_id {image_id} differs from the annotation's {ann['image_id']!r}", field="image_id"
+                    BAD_VALUE, f"image_id {image_id} differs from the annotation's {ann['image_id']!r}",
+                    field="image_id"
                 )
             raw = _get(ann, "answers", list)
             texts = [
-                " ".join(a["answer"].split()) if isinstance(a, dict) and isinstance(a.get("answer"), str) else a for a in raw
+                " ".join(a["answer"].split())
+                if isinstance(a, dict) and isinstance(a.get("answer"), str) else a
+                for a in raw
             ]
             record = {
                 "image": conv.image_path(image_pattern.format(image_id=image_id, **names)),
@@ -259,7 +281,8 @@ def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_patte
                 "question": _text(q, "question"),
                 "answers": texts,
             }
-            record.update({k: ann[k] for k in ("answer_type", "question_type", "multiple_choice_answer") if k in ann})
+            record.update({k: ann[k] for k in ("answer_type", "question_type", "multiple_choice_answer")
+                           if k in ann})
             record["image_id"] = image_id
         except DataError as e:
             conv.reject(e, file=path, item=item, row=q)
@@ -268,7 +291,8 @@ def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_patte
     for qid, (path, item, ann) in answers.items():
         if qid not in matched:
             conv.reject(
-                DataError(MISSING_FIELD, f"question_id {qid!r} has no entry in the questions file(s)", field="question_id"),
+                DataError(MISSING_FIELD, f"question_id {qid!r} has no entry in the questions file(s)",
+                          field="question_id"),
                 file=path,
                 item=item,
                 row=ann,
@@ -276,7 +300,8 @@ def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_patte
 
 
 def llava(path: Path, conv: Conversion) -> None:
-    """LLaVA instruction data (JSON list or JSONL) -> instruct records; rows without an image stay text-only."""
+    """LLaVA instruction data (JSON list or JSONL) -> instruct records; rows without an image stay
+    text-only."""
     for item, row in _items(path, conv):
         try:
             record = dict(_object(row))
@@ -299,7 +324,8 @@ def karpathy(path: Path, conv: Conversion, *, splits: set[str] | None) -> None:
             if splits is not None and split not in splits:
                 conv.skipped += 1
                 continue
-            parts = ([_get(img, "filepath", str)] if img.get("filepath") else []) + [_get(img, "filename", str)]
+            parts = (([_get(img, "filepath", str)] if img.get("filepath") else [])
+                     + [_get(img, "filename", str)])
             record = {"image": conv.image_path(*parts), "captions": [], "split": split}
             for j, sentence in enumerate(_get(img, "sentences", list)):
                 try:
@@ -331,9 +357,11 @@ def image_text_json(paths: list[Path], conv: Conversion) -> None:
                 image_key = next((k for k in IMAGE_KEYS if row.get(k) is not None), None)
                 text_key = next((k for k in TEXT_KEYS if row.get(k) is not None), None)
                 if image_key is None:
-                    raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(IMAGE_KEYS)})", field="image_path")
+                    raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(IMAGE_KEYS)})",
+                                    field="image_path")
                 if text_key is None:
-                    raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(TEXT_KEYS)})", field="text")
+                    raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(TEXT_KEYS)})",
+                                    field="text")
                 image = conv.image_path(_get(row, image_key, str))
                 if isinstance(row[text_key], list):
                     texts = [_clean_text(t, f"{text_key}[{i}]") for i, t in enumerate(row[text_key])]
@@ -342,7 +370,8 @@ def image_text_json(paths: list[Path], conv: Conversion) -> None:
             except DataError as e:
                 conv.reject(e, file=path, item=item, row=row)
                 continue
-            merged.setdefault(image, ({"image": image, "captions": []}, path, item, row))[0]["captions"].extend(texts)
+            merged.setdefault(image, ({"image": image, "captions": []}, path, item, row))[0][
+                "captions"].extend(texts)
     for record, path, item, row in merged.values():
         conv.add(record, file=path, item=item, row=row)
 
@@ -357,7 +386,8 @@ def convert_records(
     split: str | None = None,
     image_pattern: str = DEFAULT_VQA_PATTERN,
 ) -> Conversion:
-    """Convert input files in memory; image paths come out relative to `out_dir`. Raises `DataError` for unusable files."""
+    """Convert input files in memory; image paths come out relative to `out_dir`. Raises `DataError` for
+    unusable files."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
     conv = Conversion(FORMATS[fmt], Path(out_dir), Path(image_root) if image_root is not None else None)
@@ -375,7 +405,8 @@ def convert_records(
             splits = set(split.split(","))
             if splits - set(KARPATHY_SPLITS):
                 raise ValueError(
-                    f"unknown Karpathy split(s) {sorted(splits - set(KARPATHY_SPLITS))}; expected {KARPATHY_SPLITS} or 'all'"
+                    f"unknown Karpathy split(s) {sorted(splits - set(KARPATHY_SPLITS))}; expected "
+                    f"{KARPATHY_SPLITS} or 'all'"
                 )
         for path in paths:
             if fmt == "coco-captions":
@@ -395,9 +426,11 @@ def default_rejects_path(out: str | os.PathLike) -> Path:
 
 
 def convert(
-    fmt: str, inputs: list[str | os.PathLike], out: str | os.PathLike, *, rejects: str | os.PathLike | None = None, **kwargs
+    fmt: str, inputs: list[str | os.PathLike], out: str | os.PathLike, *,
+    rejects: str | os.PathLike | None = None, **kwargs
 ) -> Conversion:
-    """Convert `inputs` and write the records to `out` and every reject to `rejects` (default OUT.rejects.jsonl)."""
+    """Convert `inputs` and write the records to `out` and every reject to `rejects` (default
+    OUT.rejects.jsonl)."""
     out = Path(out)
     conv = convert_records(fmt, inputs, out.parent, **kwargs)
     with JsonlWriter(out) as w:
@@ -412,17 +445,20 @@ def convert(
 
 def summary(conv: Conversion, out: Path, rejects: Path) -> str:
     """Counts by reason, one example each, and a warning for image paths outside the output folder."""
-    lines = [f"converted {len(conv.records)} {conv.task} records -> {out}", f"rejected {len(conv.rejects)} -> {rejects}"]
+    lines = [f"converted {len(conv.records)} {conv.task} records -> {out}",
+             f"rejected {len(conv.rejects)} -> {rejects}"]
     for reason, n in conv.rejected.most_common():
         first = next(r for r in conv.rejects if r["reason"] == reason)
         what = f"field '{first['field']}': " if first["field"] else ""
-        lines.append(f"  {reason:<16} {n:>7}   e.g. {first['file']}: {first['item']}: {what}{first['message']}")
+        lines.append(f"  {reason:<16} {n:>7}   e.g. {first['file']}: {first['item']}: "
+                     f"{what}{first['message']}")
     if conv.skipped:
         lines.append(f"skipped {conv.skipped} images of other splits (--split)")
     if conv.outside_out_dir:
         lines.append(
-            f"warning: {conv.outside_out_dir} image paths climb out of '{out.parent}' ('../'); readers refuse those unless "
-            "given --allow-outside-root. Put the output file in a folder above the images to avoid it."
+            f"warning: {conv.outside_out_dir} image paths climb out of '{out.parent}' ('../'); readers "
+            "refuse those unless given --allow-outside-root. Put the output file in a folder above the "
+            "images to avoid it."
         )
     return "\n".join(lines)
 
@@ -431,14 +467,20 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="python -m data_tools convert",
         description="Convert COCO captions / VQA v2 / LLaVA / Karpathy / image-text JSON to our JSONL.",
-        epilog="Image paths are written relative to OUT's folder. Rows that cannot be converted go to the rejects file with a reason.",
+        epilog="Image paths are written relative to OUT's folder. Rows that cannot be converted go to the "
+               "rejects file with a reason.",
     )
     p.add_argument("--from", dest="fmt", required=True, choices=sorted(FORMATS))
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="vqav2: the questions and the annotations files (any order)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="vqav2: the questions and the annotations files (any order)")
     p.add_argument("--out", required=True)
-    p.add_argument("--image-root", help="folder the input's image names are relative to (default: OUT's folder)")
-    p.add_argument("--split", help="karpathy: keep these splits (train, val, test, restval, comma-separated, or all: the default); "
-                   "vqav2: the {split} in --image-pattern (default: from the questions file's data_subtype)")  # fmt: skip
+    p.add_argument("--image-root",
+                   help="folder the input's image names are relative to (default: OUT's folder)")
+    p.add_argument("--split",
+                   help="karpathy: keep these splits (train, val, test, restval, comma-separated, or all: "
+                        "the default); "
+                        "vqav2: the {split} in --image-pattern (default: from the questions file's "
+                        "data_subtype)")  # fmt: skip
     p.add_argument(
         "--image-pattern",
         default=DEFAULT_VQA_PATTERN,
@@ -450,7 +492,8 @@ def main(argv: list[str]) -> int:
         p.error("--split applies to --from karpathy and vqav2 only")
     if args.image_pattern != DEFAULT_VQA_PATTERN and args.fmt != "vqav2":
         p.error("--image-pattern applies to --from vqav2 only")
-    if args.fmt == "karpathy" and args.split not in (None, "all") and set(args.split.split(",")) - set(KARPATHY_SPLITS):
+    if (args.fmt == "karpathy" and args.split not in (None, "all")
+            and set(args.split.split(",")) - set(KARPATHY_SPLITS)):
         p.error(f"--split: expected a comma-separated list of {', '.join(KARPATHY_SPLITS)}, or all")
     rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.out)
     kwargs = {"image_root": args.image_root, "split": args.split}

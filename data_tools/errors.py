@@ -22,7 +22,8 @@ PATH_OUTSIDE_ROOT = "path_outside_root"
 class DataError(ValueError):
     """A bad row or image. `str()` reads `file:line: field 'f': message` and says what to do."""
 
-    def __init__(self, reason: str, message: str, *, path=None, line: int | None = None, field: str | None = None):
+    def __init__(self, reason: str, message: str, *, path=None, line: int | None = None,
+                 field: str | None = None):
         self.reason = reason
         self.message = message
         self.path = str(path) if path is not None else None
@@ -49,4 +50,5 @@ class DataError(ValueError):
         return self
 
     def to_dict(self) -> dict:
-        return {"reason": self.reason, "message": self.message, "file": self.path, "line": self.line, "field": self.field}
+        return {"reason": self.reason, "message": self.message, "file": self.path, "line": self.line,
+                "field": self.field}

@@ -1,4 +1,5 @@
-"""The one image loader used everywhere: RGB, EXIF orientation applied, size guards, errors that name the file."""
+"""The one image loader used everywhere: RGB, EXIF orientation applied, size guards, errors that name the
+file."""
 
 from __future__ import annotations
 
@@ -38,10 +39,13 @@ def resolve_image_path(image: str, root: str | os.PathLike, *, allow_outside_roo
     candidate = Path(image)
     if not allow_outside_root:
         if candidate.is_absolute():
-            raise DataError(PATH_OUTSIDE_ROOT, f"absolute path {image!r} (use --allow-outside-root to permit)", field="image")
+            raise DataError(PATH_OUTSIDE_ROOT,
+                            f"absolute path {image!r} (use --allow-outside-root to permit)", field="image")
         resolved = (root / candidate).resolve()
         if resolved != root and root not in resolved.parents:
-            raise DataError(PATH_OUTSIDE_ROOT, f"{image!r} points outside {root} (use --allow-outside-root to permit)", field="image")
+            raise DataError(PATH_OUTSIDE_ROOT,
+                            f"{image!r} points outside {root} (use --allow-outside-root to permit)",
+                            field="image")
         return resolved
     return (root / candidate).resolve()
 
@@ -93,15 +97,19 @@ def load_image(
         w, h = im.size
         if w * h > max_pixels:
             raise DataError(
-                IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}", path=path, field="image"
+                IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}",
+                path=path, field="image"
             )
         if min(w, h) < min_side:
-            raise DataError(IMAGE_TOO_SMALL, f"image is {w}x{h}, a side is below {min_side} px", path=path, field="image")
+            raise DataError(IMAGE_TOO_SMALL, f"image is {w}x{h}, a side is below {min_side} px", path=path,
+                            field="image")
         try:
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(im))
         except OSError as e:
-            raise DataError(_decode_reason(e), f"image cannot be decoded: {e}", path=path, field="image") from e
+            raise DataError(_decode_reason(e), f"image cannot be decoded: {e}", path=path,
+                            field="image") from e
         except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise DataError(UNREADABLE_IMAGE, f"image cannot be decoded: {e}", path=path, field="image") from e
+            raise DataError(UNREADABLE_IMAGE, f"image cannot be decoded: {e}", path=path,
+                            field="image") from e
     return rgb

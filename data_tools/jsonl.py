@@ -30,12 +30,14 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict | DataError,
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                yield line_no, DataError(NOT_UTF8, f"is not UTF-8 ({e.reason} at byte {e.start})", path=path, line=line_no), raw
+                yield line_no, DataError(NOT_UTF8, f"is not UTF-8 ({e.reason} at byte {e.start})", path=path,
+                                         line=line_no), raw
                 continue
             try:
                 yield line_no, json.loads(text), raw
             except json.JSONDecodeError as e:
-                yield line_no, DataError(MALFORMED_JSON, f"is not valid JSON ({e.msg} at column {e.colno})", path=path, line=line_no), raw
+                yield line_no, DataError(MALFORMED_JSON, f"is not valid JSON ({e.msg} at column {e.colno})",
+                                         path=path, line=line_no), raw
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -101,8 +103,10 @@ def iter_json_list(path: str | os.PathLike) -> Iterator[tuple[int, object, bytes
 
     def fail(pos: int, message: str) -> DataError:
         column = pos - text.rfind("\n", 0, pos)
-        return DataError(MALFORMED_JSON, f"is not a valid JSON list of rows ({message} at column {column}); fix the file, "
-                         "or write one JSON object per line (JSONL)", path=path, line=text.count("\n", 0, pos) + 1)
+        return DataError(MALFORMED_JSON,
+                         f"is not a valid JSON list of rows ({message} at column {column}); fix the file, "
+                         "or write one JSON object per line (JSONL)", path=path,
+                         line=text.count("\n", 0, pos) + 1)
 
     decoder = json.JSONDecoder()
     pos = _JSON_SPACE.match(text, _JSON_SPACE.match(text).end() + 1).end()  # past the opening bracket

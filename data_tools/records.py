@@ -5,7 +5,8 @@ Canonical records (image paths relative to the JSONL file):
     vqa:       {"image": ..., "question_id": ..., "question": "...", "answers": ["...", ...]}
                (optional: "answer_type", "question_type")
     retrieval: {"image": ..., "captions": [...]}  (optional: "neg_captions": [...])
-    instruct:  {"image": ... or absent, "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
+    instruct:  {"image": ... or absent,
+                "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
 Common aliases are accepted and rewritten: `image_path`/`file_name`/`filepath` for `image`;
 `caption`/`text` (one string) or `sentences` for `captions`; `answer` (one string) for `answers`;
 OpenAI-style `messages` ([{"role", "content"}]) for `conversations`. Other keys are kept as they are.
@@ -79,9 +80,11 @@ def _conversations(record: dict) -> None:
             raise DataError(WRONG_TYPE, f"expected an object, got {type(turn).__name__}", field=where)
         role = turn.get("from", turn.get("role"))
         if role not in ROLE_TO_FROM:
-            raise DataError(BAD_VALUE, f"role {role!r} is not one of {sorted(ROLE_TO_FROM)}", field=f"{where}.from")
+            raise DataError(BAD_VALUE, f"role {role!r} is not one of {sorted(ROLE_TO_FROM)}",
+                            field=f"{where}.from")
         value = turn.get("value", turn.get("content"))
-        if isinstance(value, list):  # OpenAI content parts: [{"type": "text", "text": ...}, {"type": "image"}]
+        # OpenAI content parts: [{"type": "text", "text": ...}, {"type": "image"}]
+        if isinstance(value, list):
             parts = []
             for part in value:
                 if isinstance(part, dict) and part.get("type") == "image":
@@ -116,17 +119,20 @@ def normalize_record(record: Any, task: str) -> dict:
     if task in ("caption", "retrieval"):
         key, value = _pop_alias(record, CAPTION_ALIASES)
         if key is None:
-            raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(CAPTION_ALIASES)})", field="captions")
+            raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(CAPTION_ALIASES)})",
+                            field="captions")
         record["captions"] = _text_list(value, key, allow_single_string=key in ("caption", "text"))
         if task == "retrieval" and "neg_captions" in record:
-            record["neg_captions"] = _text_list(record["neg_captions"], "neg_captions", allow_single_string=True)
+            record["neg_captions"] = _text_list(record["neg_captions"], "neg_captions",
+                                                allow_single_string=True)
     elif task == "vqa":
         for field in ("question_id", "question"):
             if field not in record:
                 raise DataError(MISSING_FIELD, "is missing", field=field)
         qid = record["question_id"]
         if isinstance(qid, bool) or not isinstance(qid, (int, str)):
-            raise DataError(WRONG_TYPE, f"expected an int or string, got {type(qid).__name__}", field="question_id")
+            raise DataError(WRONG_TYPE, f"expected an int or string, got {type(qid).__name__}",
+                            field="question_id")
         record["question"] = _text(record["question"], "question")
         if "answers" in record:
             answers = record["answers"]

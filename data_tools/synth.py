@@ -42,7 +42,8 @@ COLORS = {
 }
 SIZES = ("small", "large")
 # Row-major 3x3 grid: POSITIONS[row * 3 + col].
-POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+POSITIONS = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom",
+             "bottom right")
 BACKGROUNDS = ((245, 245, 245), (235, 235, 230), (240, 238, 225), (228, 236, 240), (238, 230, 238))
 NOISE_STD = 6.0
 MIN_IMAGE_SIZE = 48  # below this a small circle and a small cross are the same 5x5 blob
@@ -59,7 +60,8 @@ EN = {
         "diamond": ["diamond", "rhombus"],
         "cross": ["cross", "plus sign"],
     },
-    "plural": {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds", "cross": "crosses"},
+    "plural": {"circle": "circles", "square": "squares", "triangle": "triangles", "diamond": "diamonds",
+               "cross": "crosses"},
     "size": {"small": ["small", "little"], "large": ["large", "big"]},
     "pos": {
         "top left": ["in the top left", "in the top left corner of the image", "at the upper left"],
@@ -70,7 +72,8 @@ EN = {
         "right": ["on the right", "on the right side of the image", "at the right"],
         "bottom left": ["in the bottom left", "in the bottom left corner of the image", "at the lower left"],
         "bottom": ["at the bottom", "at the bottom of the image", "near the bottom"],
-        "bottom right": ["in the bottom right", "in the bottom right corner of the image", "at the lower right"],
+        "bottom right": ["in the bottom right", "in the bottom right corner of the image",
+                         "at the lower right"],
     },
     "number": ["zero", "one", "two", "three"],
     "answer_variants": {
@@ -170,7 +173,8 @@ TEXT_ONLY = {
         ("蓝色和黄色混合会得到什么颜色？", "蓝色和黄色混合会得到绿色。"),
         ("圆形有角吗？", "没有，圆形没有角。"),
         ("说出彩虹中的三种颜色。", "红色、黄色和蓝色都是彩虹中的颜色。"),
-        ("正方形和菱形有什么区别？", "菱形可以看成是旋转了45度的正方形，它以一个角朝下。"),
+        ("正方形和菱形有什么区别？",
+         "菱形可以看成是旋转了45度的正方形，它以一个角朝下。"),
     ],
 }
 
@@ -258,13 +262,15 @@ def _join_zh(parts: list[str]) -> str:
     return parts[0] if len(parts) == 1 else "、".join(parts[:-1]) + "和" + parts[-1]
 
 
-def _noun_phrase(o: dict, lang: str, rng: random.Random, *, size: bool, pos: bool, article: bool = True) -> str:
+def _noun_phrase(o: dict, lang: str, rng: random.Random, *, size: bool, pos: bool,
+                 article: bool = True) -> str:
     """ "a small red circle on the left" / "左侧的一个小的红色圆形" with random synonyms."""
     w = WORDS[lang]
     color, shape = rng.choice(w["color"][o["color"]]), rng.choice(w["shape"][o["shape"]])
     if lang == "zh":
         core = (rng.choice(w["size"][o["size"]]) + "的" if size else "") + color + shape
-        return (rng.choice(w["pos"][o["position"]]) + "的" if pos else "") + ("一个" if article else "") + core
+        return ((rng.choice(w["pos"][o["position"]]) + "的" if pos else "") + ("一个" if article else "")
+                + core)
     words = ([rng.choice(w["size"][o["size"]])] if size else []) + [color, shape]
     phrase = " ".join(words)
     if article:
@@ -292,21 +298,25 @@ def caption(objects: list[dict], lang: str, rng: random.Random, template: int) -
         if template == 3:
             return "an image of " + _join_en([np_(o, True, False) for o in objects])
         if template == 4:
-            return "a picture showing " + _join_en([np_(o, True, True) for o in objects]) + " on a light background"
+            return ("a picture showing " + _join_en([np_(o, True, True) for o in objects])
+                    + " on a light background")
         return _join_en([np_(o, True, True) for o in objects])
     if template == 0:
         return _join_zh([np_(o, False, True) for o in objects])
     if template == 1:
         if n == 1:
             o = objects[0]
-            return f"图中有{_noun_phrase(o, 'zh', rng, size=True, pos=False)}，位于{rng.choice(ZH['pos'][o['position']])}。"
-        return f"图中有{ZH['number'][n]}个图形：" + _join_zh([np_(o, True, True) for o in objects]) + "。"
+            return (f"图中有{_noun_phrase(o, 'zh', rng, size=True, pos=False)}，"
+                    f"位于{rng.choice(ZH['pos'][o['position']])}。")
+        return (f"图中有{ZH['number'][n]}个图形：" + _join_zh([np_(o, True, True) for o in objects])
+                + "。")
     if template == 2:
         return _join_zh([np_(o, False, False) for o in objects])
     if template == 3:
         return "一张有" + _join_zh([np_(o, True, False) for o in objects]) + "的图片"
     if template == 4:
-        parts = [rng.choice(ZH["pos"][o["position"]]) + "有" + _noun_phrase(o, "zh", rng, size=True, pos=False) for o in objects]
+        parts = [rng.choice(ZH["pos"][o["position"]]) + "有"
+                 + _noun_phrase(o, "zh", rng, size=True, pos=False) for o in objects]
         return "，".join(parts) + "。"
     return "浅色背景上有" + _join_zh([np_(o, True, True) for o in objects])
 
@@ -325,12 +335,14 @@ def canonical_caption(objects: list[dict], lang: str) -> str:
     if lang == "en":
         return _join_en(
             [
-                f"{_article(w['color'][o['color']][0])} {w['color'][o['color']][0]} {w['shape'][o['shape']][0]} {w['pos'][o['position']][0]}"
+                f"{_article(w['color'][o['color']][0])} {w['color'][o['color']][0]} "
+                f"{w['shape'][o['shape']][0]} {w['pos'][o['position']][0]}"
                 for o in objects
             ]
         )
     return _join_zh(
-        [f"{w['pos'][o['position']][0]}的一个{w['color'][o['color']][0]}{w['shape'][o['shape']][0]}" for o in objects]
+        [f"{w['pos'][o['position']][0]}的一个{w['color'][o['color']][0]}{w['shape'][o['shape']][0]}"
+         for o in objects]
     )
 
 
@@ -369,7 +381,8 @@ def _ref(o: dict, objects: list[dict], lang: str, *, by: str) -> str:
     return (w["pos"][o["position"]][0] + "的" if len(same) > 1 else "") + noun
 
 
-def vqa_question(objects: list[dict], lang: str, rng: random.Random, kind: str) -> tuple[str, str, str, str, list[str]]:
+def vqa_question(objects: list[dict], lang: str, rng: random.Random,
+                 kind: str) -> tuple[str, str, str, str, list[str]]:
     """(question, truth, answer_type, question_type, wrong-answer pool) for one question kind."""
     w = WORDS[lang]
     o = rng.choice(objects)
@@ -393,15 +406,18 @@ def vqa_question(objects: list[dict], lang: str, rng: random.Random, kind: str) 
     if kind == "count":
         which = rng.choice(("all", "color", "shape"))
         if which == "all":
-            n, q = len(objects), ("how many shapes are there?" if lang == "en" else "图中有几个图形？")
+            n, q = len(objects), ("how many shapes are there?" if lang == "en"
+                                  else "图中有几个图形？")
         elif which == "color":
             c = rng.choice(list(COLORS))
             n = sum(p["color"] == c for p in objects)
-            q = f"how many {c} shapes are there?" if lang == "en" else f"图中有几个{w['color'][c][0]}的图形？"
+            q = (f"how many {c} shapes are there?" if lang == "en"
+                 else f"图中有几个{w['color'][c][0]}的图形？")
         else:
             s = rng.choice(SHAPES)
             n = sum(p["shape"] == s for p in objects)
-            q = f"how many {EN['plural'][s]} are there?" if lang == "en" else f"图中有几个{w['shape'][s][0]}？"
+            q = (f"how many {EN['plural'][s]} are there?" if lang == "en"
+                 else f"图中有几个{w['shape'][s][0]}？")
         return q, str(n), "number", "how many", [str(k) for k in range(4) if k != n]
     if kind == "exists":
         if rng.random() < 0.5:
@@ -412,9 +428,11 @@ def vqa_question(objects: list[dict], lang: str, rng: random.Random, kind: str) 
             c, s = rng.choice([pair for pair in near if pair not in present])
         yes = (c, s) in {(p["color"], p["shape"]) for p in objects}
         if lang == "en":
-            return f"is there {_article(c)} {c} {s}?", "yes" if yes else "no", "yes/no", "is there a", ["no" if yes else "yes"]
+            return (f"is there {_article(c)} {c} {s}?", "yes" if yes else "no", "yes/no", "is there a",
+                    ["no" if yes else "yes"])
         truth = "有" if yes else "没有"
-        return f"图中有{w['color'][c][0]}的{w['shape'][s][0]}吗？", truth, "yes/no", "is there a", ["没有" if yes else "有"]
+        return (f"图中有{w['color'][c][0]}的{w['shape'][s][0]}吗？", truth, "yes/no", "is there a",
+                ["没有" if yes else "有"])
     if kind == "where":
         pool = [p for p in POSITIONS if p != o["position"]]
         if lang == "en":
@@ -438,7 +456,8 @@ def vqa_question(objects: list[dict], lang: str, rng: random.Random, kind: str) 
             ["no" if yes else "yes"],
         )
     truth = "是" if yes else "不是"
-    return f"{color}的{shape}在{w['pos'][asked][0]}吗？", truth, "yes/no", "is the", ["不是" if yes else "是"]
+    return (f"{color}的{shape}在{w['pos'][asked][0]}吗？", truth, "yes/no", "is the",
+            ["不是" if yes else "是"])
 
 
 VQA_KINDS = ("color", "shape", "count", "exists", "where", "is_at")
@@ -447,7 +466,8 @@ VQA_KINDS = ("color", "shape", "count", "exists", "where", "is_at")
 # --- instruct ----------------------------------------------------------------------------------------
 def _describe(objects: list[dict], lang: str, rng: random.Random) -> str:
     if lang == "en":
-        return "The image shows " + _join_en([_noun_phrase(o, "en", rng, size=True, pos=True) for o in objects]) + "."
+        return ("The image shows "
+                + _join_en([_noun_phrase(o, "en", rng, size=True, pos=True) for o in objects]) + ".")
     return "图中有" + _join_zh([_noun_phrase(o, "zh", rng, size=True, pos=True) for o in objects]) + "。"
 
 
@@ -462,20 +482,24 @@ def instruct_turn(objects: list[dict], lang: str, rng: random.Random, kind: str)
         q = rng.choice(
             ["Describe the image.", "What do you see in this picture?", "Describe this image briefly."]
             if en
-            else ["描述一下这张图片。", "你在图中看到了什么？", "简要描述这张图片。"]
+            else ["描述一下这张图片。", "你在图中看到了什么？",
+                  "简要描述这张图片。"]
         )
         return q, _describe(objects, lang, rng)
     if kind == "count":
         if en:
-            return "How many shapes are in the image?", ("There is one shape." if n == 1 else f"There are {_count_en(n)} shapes.")
+            return "How many shapes are in the image?", ("There is one shape." if n == 1
+                                                         else f"There are {_count_en(n)} shapes.")
         return "图中有几个图形？", f"图中有{ZH['number'][n]}个图形。"
     if kind == "color":
         ref = _ref(o, objects, lang, by="shape")
-        return (f"What color is the {ref}?", f"The {ref} is {color}.") if en else (f"{ref}是什么颜色的？", f"{ref}是{color}的。")
+        return ((f"What color is the {ref}?", f"The {ref} is {color}.") if en
+                else (f"{ref}是什么颜色的？", f"{ref}是{color}的。"))
     if kind == "shape":
         ref = _ref(o, objects, lang, by="color")
         return (
-            (f"What shape is the {ref}?", f"It is {_article(shape)} {shape}.") if en else (f"{ref}是什么形状？", f"它是{shape}。")
+            (f"What shape is the {ref}?", f"It is {_article(shape)} {shape}.") if en
+            else (f"{ref}是什么形状？", f"它是{shape}。")
         )
     # kind == "where"
     pos = w["pos"][o["position"]][0]
@@ -491,12 +515,15 @@ INSTRUCT_KINDS = ("describe", "count", "color", "shape", "where")
 
 # --- records -----------------------------------------------------------------------------------------
 def _records(
-    task: str, index: int, objects: list[dict] | None, image: str | None, lang: str, seed: int, questions_per_image: int
+    task: str, index: int, objects: list[dict] | None, image: str | None, lang: str, seed: int,
+    questions_per_image: int
 ) -> list[dict]:
     rng = random.Random(f"synth-text:{task}:{lang}:{seed}:{index}")
-    truth = [{k: o[k] for k in ("shape", "color", "size", "position", "bbox")} for o in objects] if objects else None
+    truth = ([{k: o[k] for k in ("shape", "color", "size", "position", "bbox")} for o in objects]
+             if objects else None)
     if task == "caption":
-        return [{"id": f"synth-{index:06d}", "image": image, "captions": captions(objects, lang, rng), "objects": truth}]
+        return [{"id": f"synth-{index:06d}", "image": image, "captions": captions(objects, lang, rng),
+                 "objects": truth}]
     if task == "retrieval":
         return [
             {
@@ -513,8 +540,9 @@ def _records(
             q, truth_answer, answer_type, question_type, pool = vqa_question(objects, lang, rng, kind)
             rows.append({
                 "image": image, "image_id": index, "question_id": index * 100 + j, "question": q,
-                "answers": annotator_answers(truth_answer, pool, lang, rng), "multiple_choice_answer": truth_answer,
-                "answer_type": answer_type, "question_type": question_type, "objects": truth,
+                "answers": annotator_answers(truth_answer, pool, lang, rng),
+                "multiple_choice_answer": truth_answer, "answer_type": answer_type,
+                "question_type": question_type, "objects": truth,
             })  # fmt: skip
         return rows
     # instruct
@@ -529,11 +557,13 @@ def _records(
     turns = []
     for i, kind in enumerate(kinds):
         q, a = instruct_turn(objects, lang, rng, kind)
-        turns += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q}, {"from": "gpt", "value": a}]
+        turns += [{"from": "human", "value": f"{IMAGE_TOKEN}\n{q}" if i == 0 else q},
+                  {"from": "gpt", "value": a}]
     return [{"id": f"synth-{index:06d}", "image": image, "conversations": turns, "objects": truth}]
 
 
-def scene_texts(task: str, index: int, lang: str = "en", seed: int = 0, questions_per_image: int = 3) -> list[str]:
+def scene_texts(task: str, index: int, lang: str = "en", seed: int = 0,
+                questions_per_image: int = 3) -> list[str]:
     """The texts `make_synthetic` writes for scene `index`, without drawing the image: captions, VQA
     question + answer, instruction turns. A text corpus for pre-training a language model."""
     objects = make_scene(seed, index)
@@ -587,19 +617,22 @@ def make_synthetic(
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} (shapes must stay recognisable)")
     if not 1 <= questions_per_image <= len(VQA_KINDS):
-        raise ValueError(f"questions_per_image must be between 1 and {len(VQA_KINDS)} (one question of each kind)")
+        raise ValueError(f"questions_per_image must be between 1 and {len(VQA_KINDS)} (one question of each "
+                         "kind)")
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     # Tasks share images (they depend on seed and size only); other settings would overwrite them
     # under the records of an earlier run.
     stamp, settings = out_dir / "images" / "synth.json", {"seed": seed, "image_size": image_size}
     if stamp.exists() and json.loads(stamp.read_text()) != settings:
-        raise ValueError(f"{out_dir}/images holds images made with {stamp.read_text()}, not {settings}; use another out_dir")
+        raise ValueError(f"{out_dir}/images holds images made with {stamp.read_text()}, not {settings}; use "
+                         "another out_dir")
     stamp.write_text(json.dumps(settings))
     jsonl_path = out_dir / f"{task}.jsonl"
     with JsonlWriter(jsonl_path) as writer:
         for index in tqdm(range(n), desc=f"synth {task} ({lang})", unit=" img", disable=not progress):
-            text_only = task == "instruct" and random.Random(f"synth-textonly:{seed}:{index}").random() < TEXT_ONLY_FRACTION
+            text_only = (task == "instruct"
+                         and random.Random(f"synth-textonly:{seed}:{index}").random() < TEXT_ONLY_FRACTION)
             objects = image = None
             if not text_only:
                 objects = make_scene(seed, index, image_size)
@@ -613,9 +646,11 @@ def make_synthetic(
 
 
 def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools synth", description="Make the procedural shapes data set.")
+    p = argparse.ArgumentParser(prog="python -m data_tools synth",
+                                description="Make the procedural shapes data set.")
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--n", type=int, required=True, help="number of images (instruct: records, ~5%% text-only)")
+    p.add_argument("--n", type=int, required=True,
+                   help="number of images (instruct: records, ~5%% text-only)")
     p.add_argument("--out-dir", required=True, help="writes OUT_DIR/images/*.png and OUT_DIR/<task>.jsonl")
     p.add_argument("--lang", default="en", choices=sorted(WORDS))
     p.add_argument("--seed", type=int, default=0)

@@ -52,18 +52,21 @@ def run_caption(args, parser) -> dict:
                              per_sample=bool(args.per_sample))
     if args.per_sample:
         per_sample = result.pop("per_sample")
-        write_jsonl(args.per_sample, ({"key": k, "prediction": predictions[k], "references": references[k], **scores}
-                                      for k, scores in per_sample.items()))
+        write_jsonl(args.per_sample,
+                    ({"key": k, "prediction": predictions[k], "references": references[k], **scores}
+                     for k, scores in per_sample.items()))
     return result
 
 
 def run_vqa(args, parser) -> dict:
-    if _pair(args, parser, ("predictions", "references"), ("vqa_annotations", "vqa_questions", "vqa_results")) == "jsonl":
+    if _pair(args, parser, ("predictions", "references"),
+             ("vqa_annotations", "vqa_questions", "vqa_results")) == "jsonl":
         predictions = inputs.read_predictions(args.predictions, inputs.VQA_KEYS, inputs.VQA_TEXTS)
         references = inputs.read_vqa_references(args.references)
         names = (args.predictions, args.references)
     else:
-        predictions, references = inputs.read_vqa_official(args.vqa_annotations, args.vqa_questions, args.vqa_results)
+        predictions, references = inputs.read_vqa_official(args.vqa_annotations, args.vqa_questions,
+                                                           args.vqa_results)
         names = (args.vqa_results, args.vqa_annotations)
     inputs.check_same_keys(predictions, references, "question_id", *names)
     result = vqa_accuracy(predictions, references)
@@ -78,7 +81,8 @@ def _load_array(path: str, what: str) -> np.ndarray:
         with open(path, encoding="utf-8") as f:
             return np.asarray(json.load(f))
     except (OSError, ValueError) as e:
-        raise DataError("bad_value", f"cannot read {what} ({e}); give a .npy file or a JSON list", path=path) from e
+        raise DataError("bad_value", f"cannot read {what} ({e}); give a .npy file or a JSON list",
+                        path=path) from e
 
 
 def run_retrieval(args, parser) -> dict:
@@ -106,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     vqa = sub.add_parser("vqa", help="official VQA v2 accuracy")
     vqa.add_argument("--predictions", help="JSONL: {question_id, answer|prediction}")
-    vqa.add_argument("--references", help="JSONL VQA records: {question_id, answers: [...10], answer_type?, question_type?}")
+    vqa.add_argument("--references",
+                     help="JSONL VQA records: {question_id, answers: [...10], answer_type?, question_type?}")
     vqa.add_argument("--vqa-annotations", help="official VQA v2 annotations JSON")
     vqa.add_argument("--vqa-questions", help="official VQA v2 questions JSON")
     vqa.add_argument("--vqa-results", help="official VQA results JSON ([{question_id, answer}])")
@@ -116,7 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("--text-image-index", required=True, help="image index of each text (.npy or JSON)")
     ret.add_argument("--k", nargs="+", type=int, default=[1, 5, 10])
 
-    sub.add_parser("report", help="score recipe runs: one table, report.md and gallery.html per run (see eval/report.py)")
+    sub.add_parser("report",
+                   help="score recipe runs: one table, report.md and gallery.html per run (see "
+                        "eval/report.py)")
 
     for p in (cap, vqa, ret):
         p.add_argument("--json", action="store_true", help="print one JSON object on stdout")

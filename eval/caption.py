@@ -85,8 +85,9 @@ def spice_available() -> tuple[bool, str]:
     if not os.path.exists(os.path.join(spice_dir, "spice-1.0.jar")):
         return False, f"spice-1.0.jar is missing from {spice_dir}"
     if not glob.glob(os.path.join(spice_dir, "lib", "stanford-corenlp-*.jar")):
-        return False, (f"the Stanford CoreNLP jars are missing from {spice_dir}/lib (pycocoevalcap would download "
-                       "them; copy stanford-corenlp-3.6.0.jar and -models.jar there to enable SPICE)")
+        return False, (f"the Stanford CoreNLP jars are missing from {spice_dir}/lib (pycocoevalcap would "
+                       "download them; copy stanford-corenlp-3.6.0.jar and -models.jar there to enable "
+                       "SPICE)")
     return True, ""
 
 
@@ -148,7 +149,8 @@ def _scorer(name: str):
 
 def caption_metrics(predictions: dict, references: dict, lang: str = "en", metrics=None,
                     per_sample: bool = False) -> dict:
-    """Corpus-level caption metrics under pycocoevalcap's names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE`).
+    """Corpus-level caption metrics under pycocoevalcap's names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`,
+    `CIDEr`, `SPICE`).
 
     `predictions` maps a key to one caption, `references` the same keys to lists of captions.
     `metrics` picks from `ALL_METRICS` (default: all that apply; SPICE only when its jars are
@@ -163,7 +165,8 @@ def caption_metrics(predictions: dict, references: dict, lang: str = "en", metri
     if unknown:
         raise ValueError(f"unknown caption metric(s) {unknown}; choose from {list(ALL_METRICS)}")
     if unsegmented and ENGLISH_ONLY & set(metrics):
-        raise ValueError(f"{sorted(ENGLISH_ONLY & set(metrics))} need English resources and cannot score lang={lang!r}")
+        raise ValueError(f"{sorted(ENGLISH_ONLY & set(metrics))} need English resources and cannot score "
+                         f"lang={lang!r}")
     if "SPICE" in metrics:
         ok, why = spice_available()
         if not ok:

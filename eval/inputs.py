@@ -71,7 +71,8 @@ def read_caption_references(path) -> dict:
         if isinstance(captions, str):
             captions = [captions]
         if not isinstance(captions, list) or not captions or not all(isinstance(c, str) for c in captions):
-            raise DataError(WRONG_TYPE, "must be a non-empty list of strings", path=path, line=line, field="captions")
+            raise DataError(WRONG_TYPE, "must be a non-empty list of strings", path=path, line=line,
+                            field="captions")
         references.setdefault(key, []).extend(captions)
     return references
 
@@ -88,7 +89,8 @@ def read_vqa_references(path) -> dict:
             raise DataError(WRONG_TYPE, "must be a non-empty list of answer strings", path=path, line=line,
                             field="answers")
         if qid in references:
-            raise DataError(BAD_VALUE, f"question_id {qid!r} appears twice", path=path, line=line, field="question_id")
+            raise DataError(BAD_VALUE, f"question_id {qid!r} appears twice", path=path, line=line,
+                            field="question_id")
         references[qid] = {"answers": answers, "answer_type": row.get("answer_type"),
                            "question_type": row.get("question_type")}
     return references
@@ -122,11 +124,12 @@ def _records(path, data, container: str | None, fields: tuple, text_field: str |
 def read_coco_captions(annotations_path, results_path) -> tuple[dict, dict]:
     """Official COCO caption files -> `(predictions, references)` keyed by `image_id`."""
     references = {}
-    for ann in _records(annotations_path, _load_json(annotations_path), "annotations", ("image_id", "caption"),
-                        "caption"):
+    for ann in _records(annotations_path, _load_json(annotations_path), "annotations",
+                        ("image_id", "caption"), "caption"):
         references.setdefault(ann["image_id"], []).append(ann["caption"])
     predictions = {}
-    for i, res in enumerate(_records(results_path, _load_json(results_path), None, ("image_id", "caption"), "caption")):
+    for i, res in enumerate(_records(results_path, _load_json(results_path), None, ("image_id", "caption"),
+                                     "caption")):
         if res["image_id"] in predictions:
             raise DataError(BAD_VALUE, f"image_id {res['image_id']!r} has more than one caption (entry {i})",
                             path=results_path, field="image_id")
@@ -139,14 +142,17 @@ def read_vqa_official(annotations_path, questions_path, results_path) -> tuple[d
     anns = _records(annotations_path, _load_json(annotations_path), "annotations",
                     ("question_id", "answers", "answer_type", "question_type"))
     questions = _records(questions_path, _load_json(questions_path), "questions", ("question_id",))
-    references = {a["question_id"]: {"answers": [x["answer"] for x in a["answers"]], "answer_type": a["answer_type"],
+    references = {a["question_id"]: {"answers": [x["answer"] for x in a["answers"]],
+                                     "answer_type": a["answer_type"],
                                      "question_type": a["question_type"]} for a in anns}
     unknown = {q["question_id"] for q in questions} ^ set(references)
     if unknown:
         raise DataError(BAD_VALUE, f"questions and annotations disagree on {len(unknown)} question ids, e.g. "
-                        f"{sorted(unknown, key=str)[:5]}; use the matching pair of files", path=questions_path)
+                        f"{sorted(unknown, key=str)[:5]}; use the matching pair of files",
+                        path=questions_path)
     predictions = {}
-    for i, res in enumerate(_records(results_path, _load_json(results_path), None, ("question_id", "answer"), "answer")):
+    for i, res in enumerate(_records(results_path, _load_json(results_path), None, ("question_id", "answer"),
+                                     "answer")):
         if res["question_id"] in predictions:
             raise DataError(BAD_VALUE, f"question_id {res['question_id']!r} is answered twice (entry {i})",
                             path=results_path, field="question_id")

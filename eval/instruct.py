@@ -45,13 +45,14 @@ def eval_items(records, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str 
                 continue
             items.append({
                 "key": f"{row}:{t}", "image": record.get("image"), "conversations": turns[:t],
-                "question": turns[t - 1]["value"].replace("<image>", "").strip(), "references": [turn["value"]],
-                "short": is_short([turn["value"]], short_answer_words, lang),
+                "question": turns[t - 1]["value"].replace("<image>", "").strip(),
+                "references": [turn["value"]], "short": is_short([turn["value"]], short_answer_words, lang),
             })  # fmt: skip
     return items
 
 
-def instruct_scores(predictions: dict, items, lang: str = "en", metrics=None, per_sample: bool = False) -> dict:
+def instruct_scores(predictions: dict, items, lang: str = "en", metrics=None,
+                    per_sample: bool = False) -> dict:
     """`VQA_accuracy` (percent) over the short items, caption metrics over the others, and both counts.
 
     `items` are dicts with "key", "references" and "short" (those of `eval_items`); every prediction
@@ -65,12 +66,13 @@ def instruct_scores(predictions: dict, items, lang: str = "en", metrics=None, pe
     long = [k for k in predictions if not by_key[k]["short"]]
     scores, samples = {"n_short": len(short), "n_long": len(long)}, {}
     if short:
-        acc = vqa_accuracy({k: predictions[k] for k in short}, {k: {"answers": by_key[k]["references"]} for k in short})
+        acc = vqa_accuracy({k: predictions[k] for k in short},
+                           {k: {"answers": by_key[k]["references"]} for k in short})
         scores["VQA_accuracy"] = acc["overall"]
         samples.update({k: v / 100 for k, v in acc["perQuestion"].items()})
     if long:
-        caps = caption_metrics({k: predictions[k] for k in long}, {k: by_key[k]["references"] for k in long}, lang=lang,
-                               metrics=metrics or CAPTION_METRICS, per_sample=per_sample)
+        caps = caption_metrics({k: predictions[k] for k in long}, {k: by_key[k]["references"] for k in long},
+                               lang=lang, metrics=metrics or CAPTION_METRICS, per_sample=per_sample)
         samples.update({k: s["CIDEr"] for k, s in caps.pop("per_sample", {}).items()})
         scores.update(caps)
     if per_sample:

@@ -44,11 +44,12 @@ CAPTION_METRICS = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
 COLUMNS = {
     "caption": [("CIDEr", "CIDEr"), ("BLEU-4", "Bleu_4"), ("METEOR", "METEOR"), ("ROUGE-L", "ROUGE_L")],
     "vqa": [("VQA acc", "overall")],
-    "retrieval": [("T2I R@1", "text_to_image_R@1"), ("T2I R@5", "text_to_image_R@5"), ("I2T R@1", "image_to_text_R@1"),
-                  ("I2T R@5", "image_to_text_R@5")],
+    "retrieval": [("T2I R@1", "text_to_image_R@1"), ("T2I R@5", "text_to_image_R@5"),
+                  ("I2T R@1", "image_to_text_R@1"), ("I2T R@5", "image_to_text_R@5")],
     "instruct": [("VQA acc", "VQA_accuracy"), ("CIDEr", "CIDEr")],  # short answers; descriptions
 }
-MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "retrieval": "text_to_image_R@1", "instruct": "VQA_accuracy"}
+MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "retrieval": "text_to_image_R@1",
+               "instruct": "VQA_accuracy"}
 
 
 # --- finding runs -------------------------------------------------------------------------------------
@@ -57,10 +58,12 @@ def read_run_info(run: Path) -> dict:
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        raise DataError("bad_value", f"not a recipe run folder: cannot read metrics.json ({e})", path=path) from e
+        raise DataError("bad_value", f"not a recipe run folder: cannot read metrics.json ({e})",
+                        path=path) from e
     for field in ("recipe", "task", "eval_file"):
         if not info.get(field):
-            raise DataError("missing_field", "missing; written by the recipe's train.py (was the run finished?)",
+            raise DataError("missing_field",
+                            "missing; written by the recipe's train.py (was the run finished?)",
                             path=path, field=field)
     return info
 
@@ -89,7 +92,8 @@ def predictions_file(run: Path, name: str = "final", suffix: str = ".jsonl") -> 
     return steps[-1] if steps else None
 
 
-def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str = "en") -> dict:
+def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANSWER_WORDS,
+                    lang: str = "en") -> dict:
     """Eval records keyed as the recipes key their predictions: absolute image path, or question id;
     for instruct, the items of `eval.instruct` (one per assistant turn, "<row>:<turn>")."""
     records, rows = {}, []
@@ -100,7 +104,8 @@ def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANS
             rows.append(row)
             continue
         key = row["question_id"] if task == "vqa" else row["image"]
-        if task == "caption" and key in records:  # one row per caption: all of them are the image's references
+        # one row per caption: all of them are the image's references
+        if task == "caption" and key in records:
             records[key]["captions"] = records[key]["captions"] + row["captions"]
             continue
         records[str(key) if task == "vqa" else key] = row
@@ -114,11 +119,13 @@ def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict,
     """(overall scores, per-sample main score) of `predictions` against the records with the same keys."""
     unknown = [k for k in predictions if k not in records]
     if unknown:
-        raise DataError("bad_value", f"{len(unknown)} prediction key(s) are not in the eval file, e.g. {unknown[0]!r}",
+        raise DataError("bad_value",
+                        f"{len(unknown)} prediction key(s) are not in the eval file, e.g. {unknown[0]!r}",
                         field="key")
     if task == "caption":
         refs = {k: records[k]["captions"] for k in predictions}
-        # METEOR needs English resources: Chinese, Japanese, ... runs are scored without it (a "-" in the table).
+        # METEOR needs English resources: Chinese, Japanese, ... runs are scored without it (a "-" in the
+        # table).
         metrics = [m for m in CAPTION_METRICS if not (lang in CHARACTER_LANGS and m in ENGLISH_ONLY)]
         scores = caption_metrics(predictions, refs, lang=lang, metrics=metrics, per_sample=True)
         per_sample = {k: s["CIDEr"] for k, s in scores.pop("per_sample").items()}
@@ -129,32 +136,37 @@ def score(task: str, predictions: dict, records: dict, lang: str) -> tuple[dict,
         scores = vqa_accuracy(predictions, refs)
         return scores, {k: v / 100 for k, v in scores.pop("perQuestion").items()}
     if task == "instruct":
-        # The metrics computed during training (no METEOR: its Java start-up is slow, and descriptions are not captions).
+        # The metrics computed during training (no METEOR: its Java start-up is slow, and descriptions are not
+        # captions).
         scores = instruct_scores(predictions, [records[k] for k in predictions], lang=lang, per_sample=True)
         return scores, scores.pop("per_sample")
-    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa, retrieval, instruct)", field="task")
+    raise DataError("bad_value", f"no report for task {task!r} yet (caption, vqa, retrieval, instruct)",
+                    field="task")
 
 
 def score_retrieval(path: Path, records: dict) -> tuple[dict, dict, dict]:
-    """(Recall@K and ranks, {text index: rank}, the arrays) of a run's eval embeddings, checked against the eval file."""
+    """(Recall@K and ranks, {text index: rank}, the arrays) of a run's eval embeddings, checked against the
+    eval file."""
     with np.load(path) as f:
         data = {k: f[k] for k in ("image_embeds", "text_embeds", "image_keys", "texts", "text_to_image")}
     keys, texts = [str(k) for k in data["image_keys"]], [str(t) for t in data["texts"]]
     unknown = [k for k in keys if k not in records]
     if unknown:
-        raise DataError("bad_value", f"{len(unknown)} image(s) are not in the eval file, e.g. {unknown[0]!r}", path=path,
-                        field="image_keys")
+        raise DataError("bad_value", f"{len(unknown)} image(s) are not in the eval file, e.g. {unknown[0]!r}",
+                        path=path, field="image_keys")
     for t, (text, i) in enumerate(zip(texts, data["text_to_image"])):
         if text not in records[keys[i]]["captions"]:
-            raise DataError("bad_value", f"text {t} {text!r} is not a caption of {keys[i]} in the eval file", path=path,
-                            field="texts")
+            raise DataError("bad_value", f"text {t} {text!r} is not a caption of {keys[i]} in the eval file",
+                            path=path, field="texts")
     scores = data["text_embeds"] @ data["image_embeds"].T
     ranks = text_to_image_ranks(scores, data["text_to_image"])
-    return recall_at_k(scores, data["text_to_image"]), dict(enumerate(ranks.tolist())), {**data, "scores": scores}
+    return (recall_at_k(scores, data["text_to_image"]), dict(enumerate(ranks.tolist())),
+            {**data, "scores": scores})
 
 
 def report_retrieval_run(run: Path, info: dict, records: dict, gallery_size: int) -> dict:
-    """`report_run` for retrieval runs: Recall@K from the saved embeddings, a gallery of the worst text queries."""
+    """`report_run` for retrieval runs: Recall@K from the saved embeddings, a gallery of the worst text
+    queries."""
     row = {"recipe": info["recipe"], "run": str(run), "task": "retrieval", "step": info.get("global_step")}
     for name in ("before", "final"):
         path = predictions_file(run, name, ".npz")
@@ -163,9 +175,11 @@ def report_retrieval_run(run: Path, info: dict, records: dict, gallery_size: int
         row[name], ranks, data = score_retrieval(path, records)
         row[f"{name}_file"], row["n"], row["n_eval"] = str(path), len(data["image_keys"]), len(records)
     if "final" not in row:
-        raise DataError("missing_field", "no predictions/final.npz or predictions/step-N.npz: nothing to score", path=run)
+        raise DataError("missing_field",
+                        "no predictions/final.npz or predictions/step-N.npz: nothing to score", path=run)
     (run / "report.md").write_text(render_markdown(row), encoding="utf-8")
-    (run / "gallery.html").write_text(render_retrieval_gallery(row, data, ranks, gallery_size), encoding="utf-8")
+    (run / "gallery.html").write_text(render_retrieval_gallery(row, data, ranks, gallery_size),
+                                      encoding="utf-8")
     return row
 
 
@@ -173,7 +187,8 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
     """Score one run; write report.md and gallery.html into it; return the table row."""
     info = read_run_info(run)
     task, lang = info["task"], info.get("lang", "en")
-    records = read_references(info["eval_file"], task, short_answer_words=info.get("short_answer_words", SHORT_ANSWER_WORDS),
+    records = read_references(info["eval_file"], task,
+                              short_answer_words=info.get("short_answer_words", SHORT_ANSWER_WORDS),
                               lang=lang)
     if task == "retrieval":
         return report_retrieval_run(run, info, records, gallery_size)
@@ -191,8 +206,8 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
         if name == "final":
             per_sample, final_predictions = samples, predictions
     if "final" not in row:
-        raise DataError("missing_field", "no predictions/final.jsonl or predictions/step-N.jsonl: nothing to score",
-                        path=run)
+        raise DataError("missing_field",
+                        "no predictions/final.jsonl or predictions/step-N.jsonl: nothing to score", path=run)
     (run / "report.md").write_text(render_markdown(row), encoding="utf-8")
     (run / "gallery.html").write_text(
         render_gallery(row, final_predictions, per_sample, records, gallery_size), encoding="utf-8"
@@ -227,19 +242,23 @@ def render_markdown(row: dict) -> str:
     main = MAIN_METRIC[row["task"]]
     lines = [f"# {row['recipe']}: evaluation report", "",
              f"Run `{row['run']}`, step {_fmt(row['step'])}, task {row['task']}; "
-             f"{row['n']} of {row['n_eval']} eval samples scored.", "", "| metric | before | after |", "|---|---|---|"]
+             f"{row['n']} of {row['n_eval']} eval samples scored.", "", "| metric | before | after |",
+             "|---|---|---|"]
     for name, value in row["final"].items():
         if isinstance(value, (int, float)):
             lines.append(f"| {name} | {_fmt(row.get('before', {}).get(name))} | {_fmt(value)} |")
     shown = ("text query, its image and the top 3 retrieved, worst rank first" if row["task"] == "retrieval"
              else f"image, prediction, references, per-sample {main}")
-    lines += ["", f"Predictions: `{row['final_file']}`" + (f", before: `{row['before_file']}`" if "before_file" in row else ""),
+    lines += ["",
+              f"Predictions: `{row['final_file']}`"
+              + (f", before: `{row['before_file']}`" if "before_file" in row else ""),
               f"Gallery ({shown}): `gallery.html`", ""]
     return "\n".join(lines)
 
 
 def _thumbnail(path: str, side: int = 192) -> str:
-    """The image as an inline JPEG data URI (the gallery stays one self-contained file), or "" if unreadable."""
+    """The image as an inline JPEG data URI (the gallery stays one self-contained file), or "" if
+    unreadable."""
     try:
         image = load_image(path)
     except DataError:
@@ -269,8 +288,8 @@ def render_gallery(row: dict, predictions: dict, per_sample: dict, records: dict
     title = html.escape(f"{row['recipe']}: {row['run']}")
     return (
         f"<!doctype html><meta charset=utf-8><title>{title}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}"
-        "img{image-rendering:pixelated;width:128px}.s{color:#666}</style>"
+        "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:6px;border-bottom:1px "
+        "solid #ddd}img{image-rendering:pixelated;width:128px}.s{color:#666}</style>"
         f"<h1>{title}</h1><p>{len(keys)} of {len(predictions)} samples, lowest {main} first. "
         f"Overall {MAIN_METRIC[row['task']]}: {_fmt(row['final'].get(MAIN_METRIC[row['task']]))}.</p>"
         f"<table><tr><th>image</th><th>prediction</th><th>references</th></tr>{''.join(cells)}</table>"
@@ -278,7 +297,8 @@ def render_gallery(row: dict, predictions: dict, per_sample: dict, records: dict
 
 
 def render_retrieval_gallery(row: dict, data: dict, ranks: dict, limit: int) -> str:
-    """Text queries with the highest (worst) rank of their image first: the query, its image, the top 3 retrieved."""
+    """Text queries with the highest (worst) rank of their image first: the query, its image, the top 3
+    retrieved."""
     keys = [str(k) for k in data["image_keys"]]
 
     def cell(i: int, score: float) -> str:
@@ -292,21 +312,24 @@ def render_retrieval_gallery(row: dict, data: dict, ranks: dict, limit: int) -> 
         own = int(data["text_to_image"][t])
         top = np.argsort(-data["scores"][t], kind="stable")[:3]
         rows.append(f"<tr><td><b>{html.escape(str(data['texts'][t]))}</b><p class=s>rank {ranks[t]}</p></td>"
-                    f"{cell(own, data['scores'][t][own])}{''.join(cell(int(i), data['scores'][t][i]) for i in top)}</tr>")
+                    f"{cell(own, data['scores'][t][own])}"
+                    f"{''.join(cell(int(i), data['scores'][t][i]) for i in top)}</tr>")
     title = html.escape(f"{row['recipe']}: {row['run']}")
     return (
         f"<!doctype html><meta charset=utf-8><title>{title}</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:6px;border-bottom:1px solid #ddd}"
-        "img{image-rendering:pixelated;width:96px}.s{color:#666}</style>"
+        "<style>body{font-family:sans-serif;margin:2em}td{vertical-align:top;padding:6px;border-bottom:1px "
+        "solid #ddd}img{image-rendering:pixelated;width:96px}.s{color:#666}</style>"
         f"<h1>{title}</h1><p>{len(worst)} of {len(ranks)} text queries, worst rank of their image first. "
         f"Overall text-to-image R@1: {_fmt(row['final'].get('text_to_image_R@1'))}.</p>"
-        f"<table><tr><th>query</th><th>its image</th><th colspan=3>top 3 retrieved (cosine)</th></tr>{''.join(rows)}</table>"
+        "<table><tr><th>query</th><th>its image</th><th colspan=3>top 3 retrieved "
+        f"(cosine)</th></tr>{''.join(rows)}</table>"
     )
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval report", description=__doc__.split("\n")[0])
-    p.add_argument("runs", nargs="*", help="run folders (default: the latest run of each recipe under --outputs)")
+    p.add_argument("runs", nargs="*",
+                   help="run folders (default: the latest run of each recipe under --outputs)")
     p.add_argument("--outputs", default="outputs", help="where recipe runs are (default: outputs)")
     p.add_argument("--gallery-size", type=int, default=100, help="samples in gallery.html (default 100)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table")

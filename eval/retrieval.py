@@ -34,7 +34,8 @@ def _check(scores: np.ndarray, text_to_image: np.ndarray) -> None:
         raise ValueError(f"scores must be a 2-D texts x images matrix, got shape {scores.shape}")
     n_texts, n_images = scores.shape
     if text_to_image.shape != (n_texts,):
-        raise ValueError(f"text_to_image must hold one image index per text ({n_texts}), got shape {text_to_image.shape}")
+        raise ValueError(f"text_to_image must hold one image index per text ({n_texts}), got shape "
+                         f"{text_to_image.shape}")
     if not np.issubdtype(text_to_image.dtype, np.integer):
         raise ValueError(f"text_to_image must hold integer image indices, got dtype {text_to_image.dtype}")
     if n_texts and (text_to_image.min() < 0 or text_to_image.max() >= n_images):
@@ -52,7 +53,8 @@ def text_to_image_ranks(scores, text_to_image) -> np.ndarray:
     step = max(1, _CHUNK_ELEMENTS // max(n_images, 1))
     for start in range(0, n_texts, step):
         block = scores[start:start + step]
-        # Every image scoring at least as high as the correct one (the correct one included) is ahead or level.
+        # Every image scoring at least as high as the correct one (the correct one included) is ahead or
+        # level.
         ranks[start:start + step] = (block >= target[start:start + step, None]).sum(axis=1)
     return ranks
 
@@ -91,7 +93,8 @@ def recall_at_k(scores, text_to_image, ks=(1, 5, 10)) -> dict:
     text_to_image = _to_numpy(text_to_image)
     if scores.dtype.kind not in "fiub":
         raise ValueError(f"scores must be numeric, got dtype {scores.dtype}")
-    if text_to_image.dtype.kind == "f" and text_to_image.size and np.all(text_to_image == np.round(text_to_image)):
+    if (text_to_image.dtype.kind == "f" and text_to_image.size
+            and np.all(text_to_image == np.round(text_to_image))):
         text_to_image = text_to_image.astype(np.int64)  # JSON or float arrays of whole numbers
     _check(scores, text_to_image)
     ks = [int(k) for k in ks]

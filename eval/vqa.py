@@ -63,7 +63,8 @@ NUMBER_WORDS = {
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }
 ARTICLES = {"a", "an", "the"}
-PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!"]
+PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+               "?", "!"]
 
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 # A period is dropped unless a digit follows it ("3.5" keeps its point, "dog." loses it).
@@ -104,7 +105,8 @@ def normalize_answer(text: str) -> str:
 
 
 def round_half_away(value: float, ndigits: int = 2) -> float:
-    """Round like Python 2's `round` (half away from zero, on the exact binary value), as the official code ran."""
+    """Round like Python 2's `round` (half away from zero, on the exact binary value), as the official code
+    ran."""
     return float(Decimal(value).quantize(Decimal(1).scaleb(-ndigits), rounding=ROUND_HALF_UP))
 
 

@@ -1,4 +1,5 @@
-"""Print a run's held-out metrics before and after fine-tuning and where its outputs are (end of `make demo`)."""
+"""Print a run's held-out metrics before and after fine-tuning and where its outputs are (end of
+`make demo`)."""
 
 import json
 import sys
@@ -9,7 +10,8 @@ def main(run: str) -> int:
     run = Path(run)
     metrics = json.loads((run / "metrics.json").read_text())
     before, after = metrics.get("before", {}), metrics["after"]
-    print(f"\n== {metrics['recipe']}: held-out metrics ({metrics['eval_file']}), {metrics['global_step']} steps")
+    print(f"\n== {metrics['recipe']}: held-out metrics ({metrics['eval_file']}), {metrics['global_step']} "
+          "steps")
     print(f"{'metric':<12}{'before':>10}{'after':>10}")
     for name in sorted(after):
         print(f"{name.removeprefix('eval_'):<12}{before.get(name, float('nan')):>10.3f}{after[name]:>10.3f}")

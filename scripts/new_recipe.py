@@ -1,6 +1,7 @@
 """Copy a recipe folder as the starting point of a new recipe, renaming FROM to NAME in its text files.
 
-    python scripts/new_recipe.py --from blip2_lora_caption --name my_task [--recipes-dir recipes] [--smoke [-- ARGS]]
+    python scripts/new_recipe.py --from blip2_lora_caption --name my_task [--recipes-dir recipes] \
+[--smoke [-- ARGS]]
     make new-recipe FROM=blip2_lora_caption NAME=my_task          # the same, with --smoke
 
 The copy leaves out __pycache__, outputs and checkpoints. Every occurrence of FROM in its .py, .yaml,
@@ -29,8 +30,9 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 # A recipe imports recipes.common and its own package, never another recipe's.
 RECIPE_IMPORT_RE = re.compile(r"^\s*(?:from|import)\s+recipes\.(?!common\b)(\w+)", re.MULTILINE)
 SMOKE_ARGS = ["--max_steps", "2", "--max_train_samples", "16", "--max_eval_samples", "8",
-              "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--eval_strategy", "no",
-              "--save_strategy", "no", "--load_best_model_at_end", "false", "--logging_steps", "1", "--report_to", "none"]
+              "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--eval_strategy",
+              "no", "--save_strategy", "no", "--load_best_model_at_end", "false", "--logging_steps", "1",
+              "--report_to", "none"]
 
 
 def check_names(source_dir: Path, recipes_dir: Path, src: str, name: str) -> str | None:
@@ -41,17 +43,21 @@ def check_names(source_dir: Path, recipes_dir: Path, src: str, name: str) -> str
     if name == "common":
         return "--name common is reserved for the shared code in recipes/common."
     if src == "common":
-        return "--from common: recipes/common is the shared library, not a recipe; copy a recipe such as blip2_lora_caption."
+        return ("--from common: recipes/common is the shared library, not a recipe; copy a recipe such as "
+                "blip2_lora_caption.")
     if not (source_dir / src / "train.py").is_file():
         available = sorted(p.parent.name for p in source_dir.glob("*/train.py"))
-        return f"--from {src!r}: no recipe {source_dir / src}/train.py. Recipes there: {', '.join(available) or 'none'}."
+        return (f"--from {src!r}: no recipe {source_dir / src}/train.py. Recipes there: "
+                f"{', '.join(available) or 'none'}.")
     if (recipes_dir / name).exists():
-        return f"--name {name!r}: {recipes_dir / name} already exists; pick another name or remove that folder."
+        return (f"--name {name!r}: {recipes_dir / name} already exists; pick another name or remove that "
+                "folder.")
     return None
 
 
 def copy_recipe(src_dir: Path, dst_dir: Path, old: str, new: str) -> tuple[list[Path], dict[Path, int]]:
-    """Copy src_dir to dst_dir and replace `old` with `new` in file names and text files; returns (files, renames)."""
+    """Copy src_dir to dst_dir and replace `old` with `new` in file names and text files; returns (files,
+    renames)."""
     shutil.copytree(src_dir, dst_dir, ignore=IGNORE)
     files, renamed = [], {}
     for path in sorted(p for p in dst_dir.rglob("*") if p.is_file()):
@@ -76,20 +82,22 @@ def recipe_imports(src_dir: Path) -> list[str]:
             if m.group(1) == src_dir.name:
                 continue
             line = text.count("\n", 0, m.start()) + 1
-            problems.append(f"{path}:{line}: imports the recipe package recipes.{m.group(1)}; a recipe imports its "
-                            f"own modules (recipes.{src_dir.name}.*) and shared code from recipes.common, so that "
-                            f"a copy runs its own code.")
+            problems.append(f"{path}:{line}: imports the recipe package recipes.{m.group(1)}; a recipe "
+                            f"imports its own modules (recipes.{src_dir.name}.*) and shared code from "
+                            "recipes.common, so that a copy runs its own code.")
     return problems
 
 
 def smoke(dst_dir: Path, name: str, extra: list[str]) -> tuple[int, Path]:
-    """Train the copy for 2 steps on the embedded default, from its repo root; returns (exit code, output_dir)."""
+    """Train the copy for 2 steps on the embedded default, from its repo root; returns (exit code,
+    output_dir)."""
     root = dst_dir.parent.parent
     out = root / "outputs" / f"{name}-smoke"
     cmd = [sys.executable, str(dst_dir / "train.py"), *SMOKE_ARGS, "--output_dir", str(out), *extra]
     print(f"smoke run: {' '.join(cmd)}", flush=True)
     # The copy's repo root first, so that `recipes.<name>` is the copy wherever the project is installed from.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     return subprocess.run(cmd, cwd=root, env=env).returncode, out
 
 
@@ -97,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--from", dest="src", required=True, help="the recipe to copy, e.g. blip2_lora_caption")
     p.add_argument("--name", required=True, help="the new recipe's folder name, e.g. my_task")
-    p.add_argument("--recipes-dir", type=Path, default=REPO_ROOT / "recipes", help="where the copy goes (default: recipes/)")
+    p.add_argument("--recipes-dir", type=Path, default=REPO_ROOT / "recipes",
+                   help="where the copy goes (default: recipes/)")
     p.add_argument("--source-dir", type=Path, default=None, help="where FROM is (default: --recipes-dir)")
     p.add_argument("--smoke", action="store_true", help="train the copy for 2 steps on the embedded default")
     p.add_argument("smoke_args", nargs="*", help="after --: more arguments for the smoke run's train.py")
@@ -111,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     problems = recipe_imports(source_dir / args.src)
     if problems:
-        print(f"error: a copy of {args.src} would not run unchanged; nothing was copied. Fix the recipe first:", file=sys.stderr)
+        print(f"error: a copy of {args.src} would not run unchanged; nothing was copied. Fix the recipe "
+              "first:", file=sys.stderr)
         print("\n".join(f"  {problem}" for problem in problems), file=sys.stderr)
         return 1
 
@@ -119,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
     files, renamed = copy_recipe(source_dir / args.src, dst, args.src, args.name)
     print(f"copied {source_dir / args.src} -> {dst}:")
     for f in files:
-        print(f"  {f.relative_to(dst)}" + (f"  ({renamed[f]} x {args.src} -> {args.name})" if f in renamed else ""))
+        print(f"  {f.relative_to(dst)}"
+              + (f"  ({renamed[f]} x {args.src} -> {args.name})" if f in renamed else ""))
     for f in files:
         if args.src.encode() in f.read_bytes():
-            print(f"warning: {f} still mentions {args.src!r} (only {', '.join(sorted(TEXT_SUFFIXES))} files are rewritten)")
+            print(f"warning: {f} still mentions {args.src!r} (only {', '.join(sorted(TEXT_SUFFIXES))} files "
+                  "are rewritten)")
 
     rel = dst.relative_to(recipes_dir.parent)  # e.g. recipes/my_task, as typed from the repo root
     launch = f"accelerate launch --config_file accelerate_configs/cpu.yaml {rel}/train.py"

@@ -68,5 +68,5 @@ class CaptionPromptCollator:
             "pixel_values": pixel_values(self.image_processor, [r["image"] for r in records]),
             "input_ids": torch.tensor([ids] * n),
             "attention_mask": torch.ones((n, len(ids)), dtype=torch.long),
-            "keys": [r["key"] for r in records],
+            "keys": [r.get("key", r["image"]) for r in records],
         }

@@ -25,7 +25,7 @@ from recipes.blip2_lora_caption.trainer import CaptionTrainer
 from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments, GenerationEvalArguments,
                                  LearningRateArguments, LossArguments, ModelArguments, PeftArguments, parse_args,
                                  recipe_argv)
-from recipes.common.captions import CaptionCollator, caption_eval_records, caption_scores
+from recipes.common.captions import CaptionCollator, caption_eval_records, caption_samples, caption_scores
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
@@ -65,14 +65,8 @@ def main(argv=None):
     # Samples: one per reference caption; the length budget counts the query tokens.
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, image_token_id=image_token_id,
                                  num_image_tokens=n_query, prompt=data_args.prompt, max_length=data_args.max_length)
-    train_dataset, report = tokenize(train_records)
-    logger.info("train %s", report)
-    eval_dataset = None
-    if eval_records is not None:
-        eval_dataset, report = tokenize(eval_records)
-        logger.info("eval %s", report)
-        if gen_args.eval_max_samples:
-            eval_records = eval_records.select(range(min(gen_args.eval_max_samples, len(eval_records))))
+    train_dataset, eval_dataset, eval_records = caption_samples(tokenize, train_records, eval_records,
+                                                                gen_args.eval_max_samples)
 
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
     feature_cache = None

@@ -6,6 +6,7 @@ only opens the images (or looks up their cached vision features) and pads.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -17,6 +18,8 @@ from eval.caption import caption_metrics
 
 from .lengths import pad_batch
 
+logger = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # the cache is an option: its module is read only by runs that use it
     from .feature_cache import VisionFeatureCache
 
@@ -24,6 +27,20 @@ if TYPE_CHECKING:  # the cache is an option: its module is read only by runs tha
 def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
     """Open the images (RGB, EXIF-aware, errors naming the file) and preprocess them."""
     return image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+
+
+def caption_samples(tokenize, train_records, eval_records, eval_max_samples: int | None = None):
+    """(train samples, eval samples or None, eval records to generate for) from `tokenize(records)` ->
+    (samples, LengthReport); each report is logged, and at most `eval_max_samples` records generate."""
+    train, report = tokenize(train_records)
+    logger.info("train %s", report)
+    if eval_records is None:
+        return train, None, None
+    evaluation, report = tokenize(eval_records)
+    logger.info("eval %s", report)
+    if eval_max_samples:
+        eval_records = eval_records.select(range(min(eval_max_samples, len(eval_records))))
+    return train, evaluation, eval_records
 
 
 def caption_eval_records(ds: datasets.Dataset) -> datasets.Dataset:

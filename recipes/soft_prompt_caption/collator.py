@@ -65,5 +65,5 @@ class CaptionPromptCollator:
             # dtype given: with no prompt the ids are empty, and torch.tensor([[]]) would be float.
             "input_ids": torch.tensor([ids] * n, dtype=torch.long).reshape(n, len(ids)),
             "attention_mask": torch.ones((n, len(ids)), dtype=torch.long),
-            "keys": [r["key"] for r in records],
+            "keys": [r.get("key", r["image"]) for r in records],
         }

@@ -28,7 +28,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments, GenerationEvalArguments,
                                  LearningRateArguments, LossArguments, ModelArguments, PeftArguments, parse_args,
                                  recipe_argv)
-from recipes.common.captions import CaptionCollator, caption_eval_records, caption_scores
+from recipes.common.captions import CaptionCollator, caption_eval_records, caption_samples, caption_scores
 from recipes.common.data import embedded_dataset
 from recipes.common.models import check_model_source, compute_dtype, resolve_model_path
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters
@@ -123,14 +123,8 @@ def main(argv=None):
     # Samples: one per reference caption, text only; the length budget counts the prefix.
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, prefix_length=config.prefix_length,
                                  prompt=data_args.prompt, max_length=data_args.max_length, lang=data_args.lang)
-    train_dataset, report = tokenize(train_records)
-    logger.info("train %s", report)
-    eval_dataset = None
-    if eval_records is not None:
-        eval_dataset, report = tokenize(eval_records)
-        logger.info("eval %s", report)
-        if gen_args.eval_max_samples:
-            eval_records = eval_records.select(range(min(gen_args.eval_max_samples, len(eval_records))))
+    train_dataset, eval_dataset, eval_records = caption_samples(tokenize, train_records, eval_records,
+                                                                gen_args.eval_max_samples)
 
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
     feature_cache = None

@@ -36,7 +36,8 @@ def tokenize_captions(
     target_ids = tokenizer(captions, add_special_tokens=False)["input_ids"]
     report, rows = LengthReport(), []
     for image, ids in zip(images, target_ids):
-        fitted = fit_to_budget(num_image_tokens, prompt_ids, ids + [tokenizer.eos_token_id], max_length, report)
+        fitted = fit_to_budget(num_image_tokens, prompt_ids, ids + [tokenizer.eos_token_id], max_length,
+                               report)
         if fitted is None:
             continue
         text_ids, labels = fitted
@@ -52,7 +53,8 @@ def tokenize_captions(
 
 @dataclass
 class CaptionPromptCollator:
-    """Eval records -> `generate` inputs: image tokens + bos + prompt (the same for all: no padding), and keys."""
+    """Eval records -> `generate` inputs: image tokens + bos + prompt (the same for all: no padding), and
+    keys."""
 
     image_processor: object
     tokenizer: object

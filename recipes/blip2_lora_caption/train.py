@@ -22,9 +22,9 @@ from transformers import Blip2ForConditionalGeneration, TrainingArguments
 
 from recipes.blip2_lora_caption.collator import CaptionPromptCollator, tokenize_captions
 from recipes.blip2_lora_caption.trainer import CaptionTrainer
-from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments, GenerationEvalArguments,
-                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments, parse_args,
-                                 recipe_argv)
+from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments,
+                                 GenerationEvalArguments, LearningRateArguments, LossArguments,
+                                 ModelArguments, PeftArguments, parse_args, recipe_argv)
 from recipes.common.captions import CaptionCollator, caption_eval_records, caption_samples, caption_scores
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
@@ -37,7 +37,8 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 def main(argv=None):
     argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    model_args, data_args, peft_args, freeze_args, lr_args, loss_args, cache_args, gen_args, training_args = parse_args(
+    (model_args, data_args, peft_args, freeze_args, lr_args, loss_args, cache_args, gen_args,
+     training_args) = parse_args(
         (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
          FeatureCacheArguments, GenerationEvalArguments, TrainingArguments), argv
     )
@@ -45,7 +46,8 @@ def main(argv=None):
 
     # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
     train_records, eval_records = load_data(
-        data_args, "caption", lambda: embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed))
+        data_args, "caption",
+        lambda: embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed))
     if eval_records is not None:
         eval_records = caption_eval_records(eval_records)
 
@@ -64,7 +66,8 @@ def main(argv=None):
 
     # Samples: one per reference caption; the length budget counts the query tokens.
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, image_token_id=image_token_id,
-                                 num_image_tokens=n_query, prompt=data_args.prompt, max_length=data_args.max_length)
+                                 num_image_tokens=n_query, prompt=data_args.prompt,
+                                 max_length=data_args.max_length)
     train_dataset, eval_dataset, eval_records = caption_samples(tokenize, train_records, eval_records,
                                                                 gen_args.eval_max_samples)
 
@@ -74,7 +77,8 @@ def main(argv=None):
         from recipes.common.feature_cache import cache_for_run, serve_cached_features, vision_tower
 
         tower = vision_tower(model)
-        images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset is not None else [])
+        images = list(train_dataset["image"]) + (list(eval_dataset["image"])
+                                                 if eval_dataset is not None else [])
         feature_cache = cache_for_run(tower, image_processor, images, cache_args, training_args)
         serve_cached_features(tower)  # generation (4-D pixels) still runs the tower
 

@@ -45,17 +45,20 @@ class TextLengthReport:
     tokens_cut: int = 0
 
     def __str__(self) -> str:
-        return f"text length: {self.texts} texts, {self.truncated} cut to max_length ({self.tokens_cut} tokens cut, eos kept)"
+        return (f"text length: {self.texts} texts, {self.truncated} cut to max_length ({self.tokens_cut} "
+                "tokens cut, eos kept)")
 
 
-def tokenize_texts(texts: list[str], tokenizer, max_length: int, report: TextLengthReport | None = None) -> list[list[int]]:
-    """bos + text + eos token ids per text; a longer text than `max_length` loses tokens before its eos (counted)."""
+def tokenize_texts(texts: list[str], tokenizer, max_length: int,
+                   report: TextLengthReport | None = None) -> list[list[int]]:
+    """bos + text + eos token ids per text; a longer text than `max_length` loses tokens before its eos
+    (counted)."""
     report = report if report is not None else TextLengthReport()
     out = []
     for text, ids in zip(texts, tokenizer(list(texts))["input_ids"]):
         if ids[-1] != tokenizer.eos_token_id:
-            raise ValueError(f"the tokenizer does not end {text!r} with its eos token, where CLIP pools the text: "
-                             f"got {ids[-3:]}, eos is {tokenizer.eos_token_id}")
+            raise ValueError(f"the tokenizer does not end {text!r} with its eos token, where CLIP pools the "
+                             f"text: got {ids[-3:]}, eos is {tokenizer.eos_token_id}")
         report.texts += 1
         if len(ids) > max_length:
             report.truncated += 1
@@ -79,9 +82,11 @@ class PairDataset(torch.utils.data.Dataset):
         self.captions = [tokenize_texts(c, tokenizer, max_length, self.report) for c in records["captions"]]
         self.caption_texts = [list(c) for c in records["captions"]]
         self.caption_keys = [[caption_key(t) for t in c] for c in records["captions"]]
-        negatives = records["neg_captions"] if hard_negatives and "neg_captions" in records.column_names else None
+        negatives = (records["neg_captions"] if hard_negatives and "neg_captions" in records.column_names
+                     else None)
         negatives = [n or [] for n in negatives] if negatives is not None else [[] for _ in self.images]
-        self.negatives = [tokenize_texts(n, tokenizer, max_length, self.report) if n else [] for n in negatives]
+        self.negatives = [tokenize_texts(n, tokenizer, max_length, self.report) if n else []
+                          for n in negatives]
         self.negative_keys = [[caption_key(t) for t in n] for n in negatives]
         # The same file named by two rows is one image: neither may be the other's negative.
         index = {}
@@ -137,7 +142,8 @@ class EpochPairSampler(torch.utils.data.Sampler):
 
 @dataclass
 class ContrastiveCollator:
-    """Opens the images and right-pads the texts: input_ids rows are the positives (row i: image i), then the negatives."""
+    """Opens the images and right-pads the texts: input_ids rows are the positives (row i: image i), then the
+    negatives."""
 
     image_processor: object
     pad_token_id: int
@@ -176,7 +182,8 @@ def drop_size_words(caption: str, lang: str = "en") -> str:
     return re.sub(pattern, lambda m: ("an " if m[1] in "aeiou" else "a ") + m[1], caption)
 
 
-def embedded_retrieval(lang: str = "en", seed: int = 0, n: int = 1000, without_size: bool = True) -> dict[str, Path]:
+def embedded_retrieval(lang: str = "en", seed: int = 0, n: int = 1000,
+                       without_size: bool = True) -> dict[str, Path]:
     """The embedded default: synthetic retrieval records split 80/10/10 by image; built on first use.
 
     `without_size` rewrites every caption without its size words (duplicates within a record merged),
@@ -200,12 +207,15 @@ def embedded_retrieval(lang: str = "en", seed: int = 0, n: int = 1000, without_s
     return out
 
 
-ZERO_SHOT_SEED = 20_000  # synth seed of the zero-shot images: neither the fine-tuning (0) nor pre-training (10,000) scenes
+# synth seed of the zero-shot images: neither the fine-tuning (0) nor pre-training (10,000) scenes
+ZERO_SHOT_SEED = 20_000
 ZERO_SHOT_ATTRIBUTES = ("size", "color", "shape")
 
 
-def embedded_zero_shot(attribute: str = "size", n: int = 200, lang: str = "en", seed: int = ZERO_SHOT_SEED) -> Path:
-    """A zero-shot classification file of `n` one-object synthetic images labelled with the object's `attribute`.
+def embedded_zero_shot(attribute: str = "size", n: int = 200, lang: str = "en",
+                       seed: int = ZERO_SHOT_SEED) -> Path:
+    """A zero-shot classification file of `n` one-object synthetic images labelled with the object's
+    `attribute`.
 
     Rows are `{"image": "images/000007.png", "label": "small"}`; the label is the attribute's first
     word in `lang`. One object per image, so that the label is the image's and not one object's.
@@ -223,7 +233,8 @@ def embedded_zero_shot(attribute: str = "size", n: int = 200, lang: str = "en", 
         objects = make_scene(seed, index)
         if len(objects) == 1:
             draw_scene(objects, seed, index).save(tmp / "images" / f"{index:06d}.png", compress_level=1)
-            rows.append({"image": f"images/{index:06d}.png", "label": WORDS[lang][attribute][objects[0][attribute]][0]})
+            rows.append({"image": f"images/{index:06d}.png",
+                         "label": WORDS[lang][attribute][objects[0][attribute]][0]})
         index += 1
     write_jsonl(tmp / "zero_shot.jsonl", rows)
     try:
@@ -272,8 +283,9 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
     unknown = [(line, label) for line, label in names if label not in labels]
     if unknown:
         line, label = unknown[0]
-        raise DataError(BAD_VALUE, f"label {label!r} is not one of zero_shot_labels {labels}", path=path, line=line,
-                        field="label")
+        raise DataError(BAD_VALUE, f"label {label!r} is not one of zero_shot_labels {labels}", path=path,
+                        line=line, field="label")
     report = TextLengthReport()
-    prompts = [tokenize_texts([t.format(label=label) for t in templates], tokenizer, max_length, report) for label in labels]
+    prompts = [tokenize_texts([t.format(label=label) for t in templates], tokenizer, max_length, report)
+               for label in labels]
     return ZeroShotSet(images, [labels.index(label) for _, label in names], labels, prompts)

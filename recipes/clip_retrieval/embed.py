@@ -1,6 +1,7 @@
 """Embed the images and captions of a JSONL file with a CLIP model, for search.py or your own index.
 
-    python recipes/clip_retrieval/embed.py --model outputs/clip_retrieval --file data/val.jsonl --out outputs/clip_index
+    python recipes/clip_retrieval/embed.py --model outputs/clip_retrieval --file data/val.jsonl --out \
+outputs/clip_index
 
 --model: a run folder (full model or LoRA adapter), a wise_ft-* folder, a checkpoint, a Hub id or
 tiny:<name>. --file: retrieval or caption records (`{"image": ..., "captions": [...]}`). Writes to --out:
@@ -26,15 +27,18 @@ from recipes.clip_retrieval.trainer import embed_images, embed_texts
 
 
 def load(model: str, device: str = "cpu"):
-    """(CLIPModel in eval mode on `device`, processor, collator) for a run folder, checkpoint, Hub id or tiny:<name>."""
+    """(CLIPModel in eval mode on `device`, processor, collator) for a run folder, checkpoint, Hub id or
+    tiny:<name>."""
     path = resolve_model_path(model)
     clip = load_clip(path).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     return clip, processor, ContrastiveCollator(processor.image_processor, processor.tokenizer.pad_token_id)
 
 
-def encode_texts(clip, processor, collator, texts: list[str], batch_size: int = 256, device: str = "cpu", progress: bool = False):
-    """L2-normalised embeddings of `texts`; texts longer than the text tower are cut before eos, with a warning."""
+def encode_texts(clip, processor, collator, texts: list[str], batch_size: int = 256, device: str = "cpu",
+                 progress: bool = False):
+    """L2-normalised embeddings of `texts`; texts longer than the text tower are cut before eos, with a
+    warning."""
     report = TextLengthReport()
     ids = tokenize_texts(texts, processor.tokenizer, clip.config.text_config.max_position_embeddings, report)
     if report.truncated:
@@ -59,8 +63,10 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
-        np.save(out / "images.npy", embed_images(clip, collator, list(records["image"]), args.batch_size, device, progress=True))
-        np.save(out / "texts.npy", encode_texts(clip, processor, collator, texts, args.batch_size, device, progress=True))
+        np.save(out / "images.npy",
+                embed_images(clip, collator, list(records["image"]), args.batch_size, device, progress=True))
+        np.save(out / "texts.npy",
+                encode_texts(clip, processor, collator, texts, args.batch_size, device, progress=True))
     index = {"model": args.model, "file": str(args.file), "images": list(records["image"]), "texts": texts,
              "text_to_image": text_to_image}
     (out / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")

@@ -1,7 +1,8 @@
 """Export a trained run as a full CLIP checkpoint, optionally interpolated with its base (WiSE-FT).
 
     python recipes/clip_retrieval/merge.py --run outputs/clip_retrieval --out outputs/clip_merged
-    python recipes/clip_retrieval/merge.py --run outputs/clip_retrieval --out outputs/clip_wise05 --wise_ft_alpha 0.5
+    python recipes/clip_retrieval/merge.py --run outputs/clip_retrieval --out outputs/clip_wise05 \
+--wise_ft_alpha 0.5
 
 A LoRA run is merged into its base (the adapter deltas added into the weights); a full or partial
 fine-tune is already a full checkpoint. `--wise_ft_alpha a` then writes (1 - a) * base + a * fine-tuned,
@@ -21,18 +22,21 @@ from recipes.common.models import resolve_model_path
 
 
 def base_of(run: str | Path) -> str:
-    """The base checkpoint of a run folder (or of a checkpoint-N in it): from the adapter config or metrics.json."""
+    """The base checkpoint of a run folder (or of a checkpoint-N in it): from the adapter config or
+    metrics.json."""
     run = Path(run)
     if (run / "adapter_config.json").exists():
         return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
     for folder in (run, run.parent):
         if (folder / "metrics.json").exists():
             return json.loads((folder / "metrics.json").read_text())["model"]
-    raise FileNotFoundError(f"{run}: no adapter_config.json or metrics.json says which base it was trained from; pass --base.")
+    raise FileNotFoundError(f"{run}: no adapter_config.json or metrics.json says which base it was trained "
+                            "from; pass --base.")
 
 
 def load_clip(path: str | Path, dtype: torch.dtype = torch.float32) -> CLIPModel:
-    """A full CLIPModel from a checkpoint, a Hub id, `tiny:<name>`, or a run folder with a LoRA adapter (merged)."""
+    """A full CLIPModel from a checkpoint, a Hub id, `tiny:<name>`, or a run folder with a LoRA adapter
+    (merged)."""
     path = resolve_model_path(str(path))
     if (Path(path) / "adapter_config.json").exists():
         from peft import PeftModel
@@ -48,15 +52,19 @@ def wise_ft(base: CLIPModel, finetuned: CLIPModel, alpha: float) -> CLIPModel:
         raise ValueError(f"wise_ft_alpha must be in [0, 1], got {alpha}")
     base_state, state = base.state_dict(), finetuned.state_dict()
     if base_state.keys() != state.keys() or any(base_state[k].shape != v.shape for k, v in state.items()):
-        raise ValueError("the base and the fine-tuned model have different weights; were they trained from each other?")
-    mixed = {k: torch.lerp(base_state[k].to(v.dtype), v, alpha) if v.is_floating_point() else v for k, v in state.items()}
+        raise ValueError("the base and the fine-tuned model have different weights; were they trained from "
+                         "each other?")
+    mixed = {k: torch.lerp(base_state[k].to(v.dtype), v, alpha) if v.is_floating_point() else v
+             for k, v in state.items()}
     model = copy.deepcopy(finetuned)
     model.load_state_dict(mixed)
     return model.eval()
 
 
-def export(run: str, out: str, alpha: float | None = None, base: str | None = None, dtype: str = "float32") -> Path:
-    """Write the run as a full checkpoint with its processor to `out`; with `alpha`, the WiSE-FT interpolation."""
+def export(run: str, out: str, alpha: float | None = None, base: str | None = None,
+           dtype: str = "float32") -> Path:
+    """Write the run as a full checkpoint with its processor to `out`; with `alpha`, the WiSE-FT
+    interpolation."""
     model = load_clip(run, getattr(torch, dtype))
     if alpha is not None:
         model = wise_ft(load_clip(base or base_of(run), getattr(torch, dtype)), model, alpha)
@@ -67,8 +75,10 @@ def export(run: str, out: str, alpha: float | None = None, base: str | None = No
 
 def main(argv=None):
     def add_arguments(p):
-        p.add_argument("--wise_ft_alpha", type=float, default=None, help="interpolate with the base: 0 = base, 1 = fine-tuned")
-        p.add_argument("--base", default=None, help="the base checkpoint (default: the one the run was trained from)")
+        p.add_argument("--wise_ft_alpha", type=float, default=None,
+                       help="interpolate with the base: 0 = base, 1 = fine-tuned")
+        p.add_argument("--base", default=None,
+                       help="the base checkpoint (default: the one the run was trained from)")
 
     return merge_cli(__doc__, lambda a: export(a.run, a.out, a.wise_ft_alpha, a.base, a.dtype), argv,
                      add_arguments=add_arguments)

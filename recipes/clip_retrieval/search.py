@@ -1,6 +1,8 @@
-"""Search embeddings written by embed.py: the top-k images for a text query, or the top-k captions for an image.
+"""Search embeddings written by embed.py: the top-k images for a text query, or the top-k captions for an \
+image.
 
-    python recipes/clip_retrieval/search.py --index outputs/clip_index --query "a red circle on the left" --k 5
+    python recipes/clip_retrieval/search.py --index outputs/clip_index --query "a red circle on the left" \
+--k 5
     python recipes/clip_retrieval/search.py --index outputs/clip_index --image photo.png --k 5 --json
 
 The query is embedded with the model that made the index (recorded in index.json; --model overrides),
@@ -50,8 +52,10 @@ def main(argv=None) -> int:
             q = embed_images(clip, collator, [args.image], 1, device)[0]
             bank, names, what = np.load(index_dir / "texts.npy"), index["texts"], "text"
     if bank.shape[1] != q.shape[0]:
-        p.error(f"the index holds {bank.shape[1]}-d embeddings, the model makes {q.shape[0]}-d ones: not the model that made it")
-    hits = [{"rank": r + 1, "score": round(s, 4), what: names[i]} for r, (i, s) in enumerate(top_k(q, bank, args.k))]
+        p.error(f"the index holds {bank.shape[1]}-d embeddings, the model makes {q.shape[0]}-d ones: not the "
+                "model that made it")
+    hits = [{"rank": r + 1, "score": round(s, 4), what: names[i]}
+            for r, (i, s) in enumerate(top_k(q, bank, args.k))]
     if args.json:
         print(json.dumps(hits, ensure_ascii=False))
     else:

@@ -26,12 +26,12 @@ from typing import Literal
 from accelerate import PartialState
 from transformers import CLIPModel, TrainingArguments
 
-from recipes.clip_retrieval.collator import (ContrastiveCollator, PairDataset, embedded_retrieval, embedded_zero_shot,
-                                             load_zero_shot)
+from recipes.clip_retrieval.collator import (ContrastiveCollator, PairDataset, embedded_retrieval,
+                                             embedded_zero_shot, load_zero_shot)
 from recipes.clip_retrieval.merge import load_clip, wise_ft
 from recipes.clip_retrieval.trainer import ContrastiveTrainer, set_training_mode
-from recipes.common.args import (DataArguments, FreezeArguments, LearningRateArguments, ModelArguments, PeftArguments,
-                                 parse_args, recipe_argv)
+from recipes.common.args import (DataArguments, FreezeArguments, LearningRateArguments, ModelArguments,
+                                 PeftArguments, parse_args, recipe_argv)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import count_parameters
 from recipes.common.run import load_data, setup_run, train_and_evaluate
@@ -45,30 +45,39 @@ class RetrievalArguments:
     """What this recipe adds: which tower LoRA adapts, hard negatives, zero-shot evaluation, WiSE-FT."""
 
     lora_towers: Literal["both", "vision", "text"] = field(
-        default="both", metadata={"help": "With --peft_method lora: LoRA on the attention projections of these towers."}
+        default="both", metadata={"help": "With --peft_method lora: LoRA on the attention projections of "
+                                          "these towers."}
     )
     unfreeze_last_n_text_layers: int = field(
         default=0,
-        metadata={"help": "With a frozen text tower, still train its last N layers (and its final norm and projection)."},
+        metadata={"help": "With a frozen text tower, still train its last N layers (and its final norm and "
+                          "projection)."},
     )
     hard_negatives: bool = field(
-        default=False, metadata={"help": "Add one of each image's neg_captions (drawn per epoch) as an extra negative text."}
+        default=False, metadata={"help": "Add one of each image's neg_captions (drawn per epoch) as an extra "
+                                         "negative text."}
     )
-    embedded_images: int = field(default=5000, metadata={"help": "Images in the embedded synthetic data set (split 80/10/10)."})
+    embedded_images: int = field(default=5000,
+                                 metadata={"help": "Images in the embedded synthetic data set (split "
+                                                   "80/10/10)."})
     embedded_without_size: bool = field(
-        default=True, metadata={"help": "Embedded default: captions without their size words (the held-out attribute)."}
+        default=True, metadata={"help": "Embedded default: captions without their size words (the held-out "
+                                        "attribute)."}
     )
     zero_shot_file: str | None = field(
         default=None,
-        metadata={"help": 'Zero-shot classification JSONL, rows {"image": ..., "label": ...}; None = the embedded '
+        metadata={"help": 'Zero-shot classification JSONL, rows {"image": ..., "label": ...}; None = the '
+                          'embedded '
                   "one when training on the embedded default, else no zero-shot evaluation."},
     )
     zero_shot_attribute: Literal["size", "color", "shape", "none"] = field(
-        default="size", metadata={"help": "Embedded zero-shot set: the attribute of one-object images to classify ('none': off)."}
+        default="size", metadata={"help": "Embedded zero-shot set: the attribute of one-object images to "
+                                          "classify ('none': off)."}
     )
     zero_shot_templates: list[str] = field(
         default_factory=lambda: ["a photo of a {label} shape."],
-        metadata={"help": "Prompt templates; each class is the mean embedding of its prompts (CLIP's prompt ensembling)."},
+        metadata={"help": "Prompt templates; each class is the mean embedding of its prompts (CLIP's prompt "
+                          "ensembling)."},
     )
     zero_shot_labels: list[str] | None = field(
         default=None, metadata={"help": "Class names and order; None = the labels in the file."}
@@ -81,14 +90,15 @@ class RetrievalArguments:
 
     def __post_init__(self):
         if self.unfreeze_last_n_text_layers < 0:
-            raise ValueError(f"unfreeze_last_n_text_layers must be >= 0, got {self.unfreeze_last_n_text_layers}.")
+            raise ValueError("unfreeze_last_n_text_layers must be >= 0, got "
+                             f"{self.unfreeze_last_n_text_layers}.")
 
 
 def main(argv=None):
     argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
     model_args, data_args, peft_args, freeze_args, lr_args, args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, RetrievalArguments,
-         TrainingArguments), argv
+        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
+         RetrievalArguments, TrainingArguments), argv
     )
     if data_args.prompt:
         raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; "
@@ -97,7 +107,8 @@ def main(argv=None):
 
     # Data: the embedded synthetic set (and its zero-shot set) unless files are given.
     def embedded():
-        splits = embedded_retrieval(data_args.lang, training_args.seed, args.embedded_images, args.embedded_without_size)
+        splits = embedded_retrieval(data_args.lang, training_args.seed, args.embedded_images,
+                                    args.embedded_without_size)
         if args.zero_shot_file is None and args.zero_shot_attribute != "none":
             args.zero_shot_file = str(embedded_zero_shot(args.zero_shot_attribute, lang=data_args.lang))
         return splits
@@ -113,24 +124,27 @@ def main(argv=None):
         raise ValueError(f"--max_length {data_args.max_length}: the text tower has {positions} positions; "
                          f"set --max_length {positions} or less.")
     if data_args.image_size and data_args.image_size != model.config.vision_config.image_size:
-        raise ValueError(f"--image_size {data_args.image_size}: the vision tower's position embeddings are for "
-                         f"{model.config.vision_config.image_size} px images; leave --image_size out.")
-    model = set_training_mode(model, peft_args, freeze_args, args.lora_towers, args.unfreeze_last_n_text_layers)
+        raise ValueError(f"--image_size {data_args.image_size}: the vision tower's position embeddings are "
+                         f"for {model.config.vision_config.image_size} px images; leave --image_size out.")
+    model = set_training_mode(model, peft_args, freeze_args, args.lora_towers,
+                              args.unfreeze_last_n_text_layers)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Pairs: one caption per image per epoch (drawn by the sampler); every cut text is counted.
-    train_dataset = PairDataset(train_records, tokenizer, data_args.max_length, hard_negatives=args.hard_negatives)
+    train_dataset = PairDataset(train_records, tokenizer, data_args.max_length,
+                                hard_negatives=args.hard_negatives)
     logger.info("train %s", train_dataset.report)
     if args.hard_negatives:
         with_negatives = sum(bool(n) for n in train_dataset.negatives)
-        logger.info("hard negatives: %d of %d train images have neg_captions", with_negatives, len(train_dataset))
+        logger.info("hard negatives: %d of %d train images have neg_captions", with_negatives,
+                    len(train_dataset))
     eval_dataset = zero_shot = None
     if eval_records is not None:
         eval_dataset = PairDataset(eval_records, tokenizer, data_args.max_length)
         logger.info("eval %s", eval_dataset.report)
     if args.zero_shot_file:
-        zero_shot = load_zero_shot(args.zero_shot_file, args.zero_shot_templates, tokenizer, data_args.max_length,
-                                   args.zero_shot_labels)
+        zero_shot = load_zero_shot(args.zero_shot_file, args.zero_shot_templates, tokenizer,
+                                   data_args.max_length, args.zero_shot_labels)
         logger.info("zero-shot: %d images, classes %s", len(zero_shot.images), zero_shot.labels)
 
     trainer = ContrastiveTrainer(
@@ -161,7 +175,8 @@ def main(argv=None):
                 mixed.save_pretrained(folder)
                 processor.save_pretrained(folder)
             if trainer.evaluates_heldout():
-                results["wise_ft"][f"{alpha:g}"] = trainer.retrieval_metrics("eval", name=f"wise_ft-{alpha:g}",
+                results["wise_ft"][f"{alpha:g}"] = trainer.retrieval_metrics("eval",
+                                                                             name=f"wise_ft-{alpha:g}",
                                                                              model=mixed)
 
     return train_and_evaluate(trainer, dict(

@@ -82,7 +82,8 @@ def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def contrastive_loss(image_embeds, text_embeds, logit_scale, image_keys, text_keys, neg_embeds=None, neg_keys=None):
+def contrastive_loss(image_embeds, text_embeds, logit_scale, image_keys, text_keys, neg_embeds=None,
+                     neg_keys=None):
     """Symmetric InfoNCE of N (image, text) pairs (pair k in row k of both), embeddings L2-normalised.
 
     Pairs k != l are not each other's negatives when their image keys or their text keys are equal.
@@ -105,13 +106,15 @@ def contrastive_loss(image_embeds, text_embeds, logit_scale, image_keys, text_ke
 
 
 def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys) -> torch.Tensor:
-    """The contrastive loss of the global batch from this rank's model outputs (positives first, then negatives)."""
+    """The contrastive loss of the global batch from this rank's model outputs (positives first, then
+    negatives)."""
     n = image_keys.shape[0]
     images = gather_with_local_grad(model_outputs.image_embeds)
     texts = gather_with_local_grad(model_outputs.text_embeds[:n])
     negatives = gather_with_local_grad(model_outputs.text_embeds[n:])
     return contrastive_loss(images, texts, logit_scale, gather_with_local_grad(image_keys),
-                            gather_with_local_grad(text_keys[:n]), negatives, gather_with_local_grad(text_keys[n:]))
+                            gather_with_local_grad(text_keys[:n]), negatives,
+                            gather_with_local_grad(text_keys[n:]))
 
 
 class ClampLogitScale(TrainerCallback):
@@ -133,17 +136,20 @@ def _logit_scale(model) -> torch.nn.Parameter:
 
 # --- embeddings -----------------------------------------------------------------------------------------
 @torch.no_grad()
-def embed_images(model, collator, paths: list[str], batch_size: int, device, progress: bool = False) -> np.ndarray:
+def embed_images(model, collator, paths: list[str], batch_size: int, device,
+                 progress: bool = False) -> np.ndarray:
     """L2-normalised image embeddings (float32 numpy), one row per path."""
     out = []
     for start in tqdm(range(0, len(paths), batch_size), desc="embedding images", disable=not progress):
         pixels = collator.images(paths[start:start + batch_size]).to(device, model.dtype)
-        out.append(F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(), dim=-1).cpu())
+        out.append(F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(),
+                               dim=-1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.config.projection_dim), np.float32)
 
 
 @torch.no_grad()
-def embed_texts(model, collator, ids: list[list[int]], batch_size: int, device, progress: bool = False) -> np.ndarray:
+def embed_texts(model, collator, ids: list[list[int]], batch_size: int, device,
+                progress: bool = False) -> np.ndarray:
     """L2-normalised text embeddings (float32 numpy), one row per token-id list."""
     out = []
     for start in tqdm(range(0, len(ids), batch_size), desc="embedding texts", disable=not progress):
@@ -158,24 +164,29 @@ def zero_shot_accuracy(image_embeds: np.ndarray, class_embeds: np.ndarray, targe
 
 
 def class_embeddings(prompt_embeds: list[np.ndarray]) -> np.ndarray:
-    """One embedding per class: the normalised mean of its template embeddings (CLIP's prompt ensembling, sec. 3.1.4)."""
+    """One embedding per class: the normalised mean of its template embeddings (CLIP's prompt ensembling, sec.
+    3.1.4)."""
     means = np.stack([e.mean(axis=0) for e in prompt_embeds])
     return means / np.linalg.norm(means, axis=1, keepdims=True)
 
 
 # --- what trains ---------------------------------------------------------------------------------------
-def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both", unfreeze_last_n_text_layers: int = 0):
+def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both",
+                      unfreeze_last_n_text_layers: int = 0):
     """LoRA on the chosen towers (every base weight frozen, the temperature too), or (un)freezing of whole
     towers and of their last N layers; returns the model."""
     if peft_args.peft_method != "none":
-        unfreeze = [f"--{k}" for k, n in (("unfreeze_last_n_vision_layers", freeze_args.unfreeze_last_n_vision_layers),
-                                          ("unfreeze_last_n_text_layers", unfreeze_last_n_text_layers)) if n > 0]
+        unfreeze = [f"--{k}" for k, n in (("unfreeze_last_n_vision_layers",
+                                           freeze_args.unfreeze_last_n_vision_layers),
+                                          ("unfreeze_last_n_text_layers", unfreeze_last_n_text_layers))
+                    if n > 0]
         if unfreeze:
             # The adapter file holds the LoRA weights only: base weights trained beside it would be lost.
-            raise ValueError(f"{', '.join(unfreeze)}: would train base weights, which a LoRA adapter does not save; "
-                             "unfreeze layers with --peft_method none.")
+            raise ValueError(f"{', '.join(unfreeze)}: would train base weights, which a LoRA adapter does "
+                             "not save; unfreeze layers with --peft_method none.")
         towers = {"both": ("vision", "language"), "vision": ("vision",), "text": ("language",)}[lora_towers]
-        logger.info("LoRA on the %s tower(s); every base weight stays frozen (the freeze_* flags apply to --peft_method none)",
+        logger.info("LoRA on the %s tower(s); every base weight stays frozen (the freeze_* flags apply to "
+                    "--peft_method none)",
                     lora_towers)
         model = apply_peft(model, peft_args, components=towers)
         trainable_in_float32(model)
@@ -189,7 +200,8 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both", 
     if n_text > 0:
         layers = len(model.text_model.encoder.layers)
         if n_text > layers:
-            raise ValueError(f"unfreeze_last_n_text_layers={n_text}, but the text tower has only {layers} layers.")
+            raise ValueError(f"unfreeze_last_n_text_layers={n_text}, but the text tower has only {layers} "
+                             "layers.")
         tops += [f"text_model.encoder.layers.{i}" for i in range(layers - n_text, layers)]
         tops += ["text_model.final_layer_norm", "text_projection"]
     for name, param in model.named_parameters():
@@ -243,11 +255,14 @@ class ContrastiveTrainer(RecipeTrainer):
             return part
         return np.concatenate(gather_object([part]))
 
-    def retrieval_metrics(self, metric_key_prefix: str = "eval", name: str | None = None, model=None) -> dict[str, float]:
-        """Retrieval R@K / ranks on the eval records and zero-shot accuracy of `model` (default: the one training).
+    def retrieval_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
+                          model=None) -> dict[str, float]:
+        """Retrieval R@K / ranks on the eval records and zero-shot accuracy of `model` (default: the one
+        training).
 
         Rank 0 writes the embeddings to `predictions/<name>.npz` (default `step-<global step>`, the newest
-        step only), which `python -m eval report` scores again, and the metrics to `predictions/<name>.metrics.json`.
+        step only), which `python -m eval report` scores again, and the metrics to
+        `predictions/<name>.metrics.json`.
         """
         model = model if model is not None else self.accelerator.unwrap_model(self.model)
         was_training = model.training
@@ -260,11 +275,13 @@ class ContrastiveTrainer(RecipeTrainer):
                       "text_embeds": self._embed_shared(model, "texts", text_ids),
                       "text_to_image": np.asarray(text_to_image), "image_keys": np.asarray(data.images),
                       "texts": np.asarray([t for caps in data.caption_texts for t in caps])}
-            metrics.update(recall_at_k(arrays["text_embeds"] @ arrays["image_embeds"].T, arrays["text_to_image"]))
+            metrics.update(recall_at_k(arrays["text_embeds"] @ arrays["image_embeds"].T,
+                                       arrays["text_to_image"]))
         if self.zero_shot is not None:
             zs = self.zero_shot
             images = self._embed_shared(model, "images", zs.images)
-            prompts = [embed_texts(model, self.data_collator, p, len(p), self.args.device) for p in zs.prompt_ids]
+            prompts = [embed_texts(model, self.data_collator, p, len(p), self.args.device)
+                       for p in zs.prompt_ids]
             classes = class_embeddings(prompts)
             metrics["zero_shot_accuracy"] = zero_shot_accuracy(images, classes, zs.targets)
         model.train(was_training)

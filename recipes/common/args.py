@@ -33,21 +33,29 @@ class ModelArguments:
         metadata={"help": "Hub id or local path of the checkpoint; None = the recipe's embedded tiny model."},
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "dtype to load the weights in; 'auto' = the dtype stored in the checkpoint."}
+        default="auto", metadata={"help": "dtype to load the weights in; 'auto' = the dtype stored in the "
+                                          "checkpoint."}
     )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
         default="sdpa", metadata={"help": "Attention kernel."}
     )
-    load_in_4bit: bool = field(default=False, metadata={"help": "Load the weights 4-bit quantized (QLoRA; needs bitsandbytes)."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the weights 8-bit quantized (needs bitsandbytes)."})
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4", metadata={"help": "4-bit quantization data type."})
+    load_in_4bit: bool = field(default=False,
+                               metadata={"help": "Load the weights 4-bit quantized (QLoRA; needs "
+                                                 "bitsandbytes)."})
+    load_in_8bit: bool = field(default=False,
+                               metadata={"help": "Load the weights 8-bit quantized (needs bitsandbytes)."})
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4",
+                                                       metadata={"help": "4-bit quantization data type."})
     bnb_4bit_use_double_quant: bool = field(
-        default=True, metadata={"help": "Also quantize the 4-bit quantization constants (saves ~0.4 bit per weight)."}
+        default=True, metadata={"help": "Also quantize the 4-bit quantization constants (saves ~0.4 bit per "
+                                        "weight)."}
     )
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow running modelling code shipped with the checkpoint. Only for sources you trust."}
+        default=False, metadata={"help": "Allow running modelling code shipped with the checkpoint. Only for "
+                                         "sources you trust."}
     )
-    revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
+    revision: str | None = field(default=None,
+                                 metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both set: choose one of them.")
@@ -65,23 +73,30 @@ class DataArguments:
     )
     max_length: int = field(
         default=128,
-        metadata={"help": "Maximum sample length in tokens, counting image / query tokens; longer samples are an error."},
+        metadata={"help": "Maximum sample length in tokens, counting image / query tokens; longer samples "
+                          "are an error."},
     )
     image_size: int | None = field(
-        default=None, metadata={"help": "Resize images to this many pixels per side; None = the processor's size."}
+        default=None, metadata={"help": "Resize images to this many pixels per side; None = the processor's "
+                                        "size."}
     )
     skip_bad_rows: bool = field(
         default=False,
-        metadata={"help": "Drop unreadable rows / images (each written to a rejects file with a reason) instead of stopping."},
+        metadata={"help": "Drop unreadable rows / images (each written to a rejects file with a reason) "
+                          "instead of stopping."},
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use at most this many training samples."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use at most this many evaluation samples."})
+    max_train_samples: int | None = field(default=None,
+                                          metadata={"help": "Use at most this many training samples."})
+    max_eval_samples: int | None = field(default=None,
+                                         metadata={"help": "Use at most this many evaluation samples."})
     prompt: str | None = field(
-        default=None, metadata={"help": "Text prompt the caption continues, e.g. 'a photo of'; None = the recipe's default."}
+        default=None, metadata={"help": "Text prompt the caption continues, e.g. 'a photo of'; None = the "
+                                        "recipe's default."}
     )
     lang: str = field(
         default="en",
-        metadata={"help": "Language of the texts: zh, ja, th, ... are scored on characters; the embedded default is made in it."},
+        metadata={"help": "Language of the texts: zh, ja, th, ... are scored on characters; the embedded "
+                          "default is made in it."},
     )
 
 
@@ -94,28 +109,35 @@ class PeftArguments:
     """Parameter-efficient fine-tuning (LoRA) settings."""
 
     peft_method: Literal["lora", "none"] = field(
-        default="lora", metadata={"help": "'lora' trains low-rank adapters; 'none' trains the unfrozen weights directly."}
+        default="lora", metadata={"help": "'lora' trains low-rank adapters; 'none' trains the unfrozen "
+                                          "weights directly."}
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
+    lora_alpha: int = field(default=32,
+                            metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": "Module names to wrap with LoRA (e.g. q_proj v_proj), or one regular expression matched against full "
-            "module names, or 'all-linear'; None = the architecture's default (language-model projections only)."
+            "help": "Module names to wrap with LoRA (e.g. q_proj v_proj), or one regular expression matched "
+                    "against full "
+            "module names, or 'all-linear'; None = the architecture's default (language-model projections "
+            "only)."
         },
     )
     modules_to_save: list[str] | None = field(
         default=None,
-        metadata={"help": "Modules trained in full and saved next to the adapter, e.g. multi_modal_projector."},
+        metadata={"help": "Modules trained in full and saved next to the adapter, e.g. "
+                          "multi_modal_projector."},
     )
 
     def __post_init__(self):
         # A regex given on the command line arrives as a one-element list (nargs="+"); peft only reads a regex
         # from a plain string, so turn it into one here. A YAML string is already a string.
         targets = self.lora_target_modules
-        if isinstance(targets, list) and len(targets) == 1 and (_REGEX_CHARS.search(targets[0]) or targets[0] == "all-linear"):
+        if isinstance(targets,
+                      list) and len(targets) == 1 and (_REGEX_CHARS.search(targets[0])
+                                                       or targets[0] == "all-linear"):
             self.lora_target_modules = targets[0]
 
 
@@ -130,7 +152,8 @@ class FreezeArguments:
     freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision encoder."})
     unfreeze_last_n_vision_layers: int = field(
         default=0,
-        metadata={"help": "With a frozen vision tower, still train its last N encoder layers (the last N it actually uses)."},
+        metadata={"help": "With a frozen vision tower, still train its last N encoder layers (the last N it "
+                          "actually uses)."},
     )
     freeze_bridge: bool | None = field(
         default=None,
@@ -149,17 +172,22 @@ class FreezeArguments:
 
     def __post_init__(self):
         if self.unfreeze_last_n_vision_layers < 0:
-            raise ValueError(f"unfreeze_last_n_vision_layers must be >= 0, got {self.unfreeze_last_n_vision_layers}.")
+            raise ValueError("unfreeze_last_n_vision_layers must be >= 0, got "
+                             f"{self.unfreeze_last_n_vision_layers}.")
 
 
 @dataclass
 class LearningRateArguments:
     """A learning rate per component of the model (the optimizer's parameter groups)."""
 
-    vision_lr: float | None = field(default=None, metadata={"help": "Learning rate of the vision tower; None = learning_rate."})
-    bridge_lr: float | None = field(default=None, metadata={"help": "Learning rate of the bridge; None = learning_rate."})
+    vision_lr: float | None = field(default=None,
+                                    metadata={"help": "Learning rate of the vision tower; None = "
+                                                      "learning_rate."})
+    bridge_lr: float | None = field(default=None,
+                                    metadata={"help": "Learning rate of the bridge; None = learning_rate."})
     lm_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the language model / text tower; None = learning_rate."}
+        default=None, metadata={"help": "Learning rate of the language model / text tower; None = "
+                                        "learning_rate."}
     )
 
 
@@ -169,8 +197,8 @@ class LossArguments:
 
     loss_on_label_positions: bool = field(
         default=False,
-        metadata={"help": "Compute the LM's logits and loss at the label (answer, caption) positions only: the same "
-                          "loss with less LM-head work and memory (recipes/common/losses.py)."},
+        metadata={"help": "Compute the LM's logits and loss at the label (answer, caption) positions only: "
+                          "the same loss with less LM-head work and memory (recipes/common/losses.py)."},
     )
 
 
@@ -180,12 +208,14 @@ class FeatureCacheArguments:
 
     cache_vision_features: bool = field(
         default=False,
-        metadata={"help": "With a frozen vision tower, run it once per image before training and train on its stored "
+        metadata={"help": "With a frozen vision tower, run it once per image before training and train on "
+                          "its stored "
                   "output (recipes/common/feature_cache.py)."},
     )
     vision_feature_dir: str | None = field(
         default=None,
-        metadata={"help": "Where the cached features go (a subfolder per model, processor and image set, reused by "
+        metadata={"help": "Where the cached features go (a subfolder per model, processor and image set, "
+                          "reused by "
                   "later runs); None = <output_dir>/vision_features."},
     )
 
@@ -194,18 +224,24 @@ class FeatureCacheArguments:
 class GenerationEvalArguments:
     """Decoding settings of the generation-based evaluation (captioning, VQA, instruction following)."""
 
-    num_beams: int = field(default=1, metadata={"help": "Beam width; 1 = greedy (or sampling with do_sample)."})
-    max_new_tokens: int = field(default=20, metadata={"help": "Maximum number of generated tokens per sample."})
+    num_beams: int = field(default=1,
+                           metadata={"help": "Beam width; 1 = greedy (or sampling with do_sample)."})
+    max_new_tokens: int = field(default=20,
+                                metadata={"help": "Maximum number of generated tokens per sample."})
     do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam decoding."})
-    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature; None = the model's default."})
-    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling threshold; None = the model's default."})
+    temperature: float | None = field(default=None,
+                                      metadata={"help": "Sampling temperature; None = the model's default."})
+    top_p: float | None = field(default=None,
+                                metadata={"help": "Nucleus sampling threshold; None = the model's default."})
     eval_max_samples: int | None = field(
-        default=None, metadata={"help": "Generate for at most this many evaluation samples (generation is slow)."}
+        default=None, metadata={"help": "Generate for at most this many evaluation samples (generation is "
+                                        "slow)."}
     )
     shuffled_image_check: bool = field(
         default=False,
-        metadata={"help": "After training, evaluate again with each eval image swapped for another one: a model that "
-                          "looks at the image scores lower; one that answers from the text alone scores the same."},
+        metadata={"help": "After training, evaluate again with each eval image swapped for another one: a "
+                          "model that looks at the image scores lower; one that answers from the text alone "
+                          "scores the same."},
     )
 
 
@@ -218,14 +254,16 @@ def _yaml_key_lines(text: str) -> dict[str, int]:
 
 
 def load_yaml_config(path: str | Path, known_fields: set[str]) -> dict:
-    """Read a YAML mapping of defaults and check that every key is a known field; errors name file, line and key."""
+    """Read a YAML mapping of defaults and check that every key is a known field; errors name file, line and
+    key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
     text = path.read_text()
     values = yaml.safe_load(text) or {}
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of 'field: value' lines at the top level, got {type(values).__name__}.")
+        raise ValueError(f"{path}: expected a mapping of 'field: value' lines at the top level, got "
+                         f"{type(values).__name__}.")
     lines = _yaml_key_lines(text)
     for key in values:
         if key not in known_fields:
@@ -239,9 +277,9 @@ def load_yaml_config(path: str | Path, known_fields: set[str]) -> dict:
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
-    """A recipe's command line (default: sys.argv[1:]) with its config.yaml unless `--config` is given, and `--use_cpu`
-    when no GPU is visible: added before parsing, since TrainingArguments sets up its device while parsing; without
-    it a 2-process CPU launch would train two independent copies instead of one gloo job."""
+    """A recipe's command line (default: sys.argv[1:]) with its config.yaml unless `--config` is given, and
+    `--use_cpu` when no GPU is visible: added before parsing, since TrainingArguments sets up its device while
+    parsing; without it a 2-process CPU launch would train two independent copies instead of one gloo job."""
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -267,7 +305,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
 
     parser = HfArgumentParser(dataclass_types)
     # Registered only so that --help lists it; it was already taken out of `remaining`.
-    parser.add_argument("--config", default=None, help="YAML file of defaults for any of the arguments below.")
+    parser.add_argument("--config", default=None,
+                        help="YAML file of defaults for any of the arguments below.")
 
     if config_args.config is not None:
         known = {f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init}
@@ -275,7 +314,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
         for action in parser._actions:
             if action.dest not in values:
                 continue
-            # A value from the file satisfies a required argument, which argparse would otherwise still demand.
+            # A value from the file satisfies a required argument, which argparse would otherwise still
+            # demand.
             action.required = False
             # argparse checks choices only for command-line values, so check file values here.
             value = values[action.dest]
@@ -314,12 +354,14 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
     if value in (True, "last", "true", "True"):
         root = Path(output_dir)
         found = sorted(
-            (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else []) if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
+            (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
+            if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
         )
         for _, folder in reversed(found):
             if _is_complete(folder):
                 return str(folder)
-            logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving it)", folder)
+            logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving it)",
+                           folder)
         raise FileNotFoundError(
             f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {root}"
             + (f" ({len(found)} incomplete)" if found else "")

@@ -23,7 +23,8 @@ def cache_root() -> Path:
 
 @contextlib.contextmanager
 def _caller_rng_kept():
-    """Restore torch's CPU, Python's and NumPy's random states on exit (pre-training seeds and draws from them)."""
+    """Restore torch's CPU, Python's and NumPy's random states on exit (pre-training seeds and draws from
+    them)."""
     import random
 
     import numpy as np
@@ -53,7 +54,8 @@ def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            with _caller_rng_kept():  # a run that builds its base first trains exactly like one that finds it built
+            # a run that builds its base first trains exactly like one that finds it built
+            with _caller_rng_kept():
                 build(tmp)
             if not (final / marker).exists():  # else a process that took no lock won: keep its build
                 if final.exists():  # a broken leftover (no marker)
@@ -65,17 +67,19 @@ def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
 
 
 # What a distributed launcher tells its ranks; a child process that builds a cache entry must not see it.
-_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE",
-                     "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                     "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
 
 
 def build_outside_process_group(module: str, name: str, final: Path, marker: str, root: Path) -> None:
-    """In a rank of a distributed launch, build cache entry `final` with `python -m <module> <name>` in a child process.
+    """In a rank of a distributed launch, build cache entry `final` with `python -m <module> <name>` in a
+    child process.
 
-    Once a process group is up, transformers' `save_pretrained` writes the weights on global rank 0 only, while
-    build_once lets whichever rank takes the lock first build (and on a node with a cache of its own, no rank is
-    0): a rank would save a model folder without its weights. The child has no process group, and its own
-    build_once keeps the ranks' children from building twice. Outside a launch, or once built, nothing happens.
+    Once a process group is up, transformers' `save_pretrained` writes the weights on global rank 0 only,
+    while build_once lets whichever rank takes the lock first build (and on a node with a cache of its own, no
+    rank is 0): a rank would save a model folder without its weights. The child has no process group, and its
+    own build_once keeps the ranks' children from building twice. Outside a launch, or once built, nothing
+    happens.
     """
     import subprocess
 
@@ -85,5 +89,6 @@ def build_outside_process_group(module: str, name: str, final: Path, marker: str
         return
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
     repo = str(Path(__file__).resolve().parents[2])
-    env.update(VLM_RECIPES_CACHE=str(root), PYTHONPATH=os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")])))
+    env.update(VLM_RECIPES_CACHE=str(root),
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")])))
     subprocess.run([sys.executable, "-m", module, name], env=env, check=True)

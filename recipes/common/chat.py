@@ -1,4 +1,5 @@
-"""Chat-template conversations for LLaVA-style models: prompts, assistant-only labels, image-aware length budget.
+"""Chat-template conversations for LLaVA-style models: prompts, assistant-only labels, image-aware length
+budget.
 
 A conversation record (`data_tools` instruct schema: LLaVA `conversations`, or OpenAI `messages` that
 `data_tools.records` normalises into them) becomes one training sample:
@@ -55,8 +56,8 @@ def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
         parts = []
         if IMAGE_TOKEN in text:
             if role != "user" or not has_image or placed:
-                raise ValueError(f"conversations[{i}]: '{IMAGE_TOKEN}' is only allowed once, in a user turn of a record "
-                                 "with an image")
+                raise ValueError(f"conversations[{i}]: '{IMAGE_TOKEN}' is only allowed once, in a user turn "
+                                 "of a record with an image")
             before, after = text.split(IMAGE_TOKEN, 1)
             before, after = before.rstrip("\n"), after.lstrip("\n")
             parts += [{"type": "text", "text": before}] if before.strip() else []
@@ -102,17 +103,19 @@ def image_token_id(processor) -> int:
 
 
 class ChatEncoder:
-    """Renders, tokenizes and labels conversations with `processor`'s chat template (see the module docstring)."""
+    """Renders, tokenizes and labels conversations with `processor`'s chat template (see the module
+    docstring)."""
 
     def __init__(self, processor, num_image_tokens: int | None = None):
         if not getattr(processor, "chat_template", None):
             raise ChatTemplateError(
-                f"{type(processor).__name__} has no chat template: set processor.chat_template (a Jinja string, as on "
-                "the Hub in chat_template.json) before training a chat model."
+                f"{type(processor).__name__} has no chat template: set processor.chat_template (a Jinja "
+                "string, as on the Hub in chat_template.json) before training a chat model."
             )
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.image_token_id = image_token_id(processor)
-        self.num_image_tokens = num_image_tokens if num_image_tokens is not None else count_image_tokens(processor)
+        self.num_image_tokens = (num_image_tokens if num_image_tokens is not None
+                                 else count_image_tokens(processor))
         self.eos_token_id = self.tokenizer.eos_token_id
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
@@ -120,18 +123,22 @@ class ChatEncoder:
         from jinja2 import TemplateError
 
         try:
-            return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                      tokenize=False)
         except TemplateError as e:  # e.g. a template that insists on alternating user/assistant turns
             raise ChatTemplateError(f"the chat template refused the conversation: {e}") from e
 
     def _tokenize(self, text: str) -> tuple[list[int], list[int]]:
-        # As processor.apply_chat_template(tokenize=True) does: the tokenizer adds bos unless the template wrote it.
+        # As processor.apply_chat_template(tokenize=True) does: the tokenizer adds bos unless the template
+        # wrote it.
         bos = self.tokenizer.bos_token
-        enc = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)), return_offsets_mapping=True)
+        enc = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)),
+                             return_offsets_mapping=True)
         return enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
 
     def _assistant_spans(self, messages: list[dict], full: str) -> list[tuple[int, int, int]]:
-        """(first char, end of the answer without trailing whitespace, end of the turn) of each assistant turn."""
+        """(first char, end of the answer without trailing whitespace, end of the turn) of each assistant
+        turn."""
         spans = []
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
@@ -140,15 +147,16 @@ class ChatEncoder:
             upto = self.render(messages[: i + 1])
             if not (upto.startswith(before) and full.startswith(upto)):
                 raise ChatTemplateError(
-                    "the chat template does not render a conversation as the rendering of its first turns followed by "
-                    f"the rest (turn {i}), so the assistant turns cannot be located from it. Rendered:\n{before!r}\n"
-                    f"then\n{upto!r}\nUse a template that renders turn by turn."
+                    "the chat template does not render a conversation as the rendering of its first turns "
+                    f"followed by the rest (turn {i}), so the assistant turns cannot be located from it. "
+                    f"Rendered:\n{before!r}\nthen\n{upto!r}\nUse a template that renders turn by turn."
                 )
             spans.append((len(before), len(upto.rstrip()), len(upto)))
         return spans
 
     def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> EncodedConversation:
-        """Tokens and assistant-only labels of a conversation; with `add_generation_prompt`, a prompt to answer."""
+        """Tokens and assistant-only labels of a conversation; with `add_generation_prompt`, a prompt to
+        answer."""
         full = self.render(messages, add_generation_prompt=add_generation_prompt)
         spans = self._assistant_spans(messages, full)
         ids, starts = self._tokenize(full)
@@ -157,14 +165,16 @@ class ChatEncoder:
         last = {k: pos for pos, k in enumerate(answer_of) if k is not None}
         if len(last) < len(spans):
             k = min(set(range(len(spans))) - set(last))
-            raise ChatTemplateError(f"assistant turn {k} renders to no token of its own: {full[spans[k][0]:spans[k][2]]!r}")
+            raise ChatTemplateError(f"assistant turn {k} renders to no token of its own: "
+                                    f"{full[spans[k][0]:spans[k][2]]!r}")
         # Cut after answer k: before the first later token that starts at or after the end of its turn.
         cut_at = [next((p for p in range(last[k] + 1, len(ids)) if starts[p] >= end), len(ids))
                   for k, (_, _, end) in enumerate(spans)]
         n_images = sum(part["type"] == "image" for m in messages for part in m["content"])
         if n_images > 1 or ids.count(self.image_token_id) != n_images:
-            raise ValueError(f"{n_images} image(s) rendered as {ids.count(self.image_token_id)} '{IMAGE_TOKEN}' tokens; "
-                             "one image per conversation, written once by the template")
+            raise ValueError(f"{n_images} image(s) rendered as {ids.count(self.image_token_id)} "
+                             f"'{IMAGE_TOKEN}' tokens; one image per conversation, written once by the "
+                             "template")
         out = EncodedConversation([], [], [], 0)
         for pos in range(len(ids) + 1):
             out.turn_ends += [len(out.input_ids)] * cut_at.count(pos)
@@ -180,8 +190,10 @@ class ChatEncoder:
                 continue
             out.input_ids.append(token)
             out.labels.append(token if k is not None else IGNORE_INDEX)
-            if k is not None and pos == last[k] and token != self.eos_token_id and self.eos_token_id is not None:
-                out.input_ids.append(self.eos_token_id)  # the template writes no end of turn: see the module docstring
+            if (k is not None and pos == last[k] and token != self.eos_token_id
+                    and self.eos_token_id is not None):
+                # the template writes no end of turn: see the module docstring
+                out.input_ids.append(self.eos_token_id)
                 out.labels.append(self.eos_token_id)
                 out.eos_added += 1
         return out
@@ -204,15 +216,17 @@ class ChatLengthReport:
 
     def __str__(self) -> str:
         return (
-            f"length budget: {self.samples} conversations, {self.cut} cut at a turn boundary ({self.turns_cut} assistant "
-            f"turns, {self.tokens_cut} tokens removed), {self.dropped} dropped (first answer with its image tokens over "
-            f"budget); image tokens are never cut; {self.eos_added} answers got the eos the template does not write"
+            f"length budget: {self.samples} conversations, {self.cut} cut at a turn boundary "
+            f"({self.turns_cut} assistant turns, {self.tokens_cut} tokens removed), {self.dropped} dropped "
+            f"(first answer with its image tokens over budget); image tokens are never cut; {self.eos_added} "
+            "answers got the eos the template does not write"
         )
 
 
 def fit_conversation(enc: EncodedConversation, max_length: int | None,
                      report: ChatLengthReport) -> tuple[list[int], list[int]] | None:
-    """`(input_ids, labels)` within `max_length`, cut after the last whole assistant turn that fits; None: dropped."""
+    """`(input_ids, labels)` within `max_length`, cut after the last whole assistant turn that fits; None:
+    dropped."""
     report.samples += 1
     report.eos_added += enc.eos_added
     n = len(enc.input_ids)
@@ -231,7 +245,8 @@ def fit_conversation(enc: EncodedConversation, max_length: int | None,
 
 def tokenize_conversations(records: datasets.Dataset, encoder: ChatEncoder, max_length: int | None,
                            source: str = "data") -> tuple[datasets.Dataset, ChatLengthReport]:
-    """Instruct records -> training samples (image, input_ids, labels, length, has_image), and the length report.
+    """Instruct records -> training samples (image, input_ids, labels, length, has_image), and the length
+    report.
 
     `length` and `has_image` are what `ModalityLengthGroupedSampler` groups by.
     """
@@ -246,9 +261,11 @@ def tokenize_conversations(records: datasets.Dataset, encoder: ChatEncoder, max_
         if fitted is None:
             continue
         ids, labels = fitted
-        rows.append({"image": image, "input_ids": ids, "labels": labels, "length": len(ids), "has_image": image is not None})
+        rows.append({"image": image, "input_ids": ids, "labels": labels, "length": len(ids),
+                     "has_image": image is not None})
     if not rows:
-        raise ValueError(f"{source}: no conversation fits in max_length={max_length} ({report}); raise --max_length")
+        raise ValueError(f"{source}: no conversation fits in max_length={max_length} ({report}); raise "
+                         "--max_length")
     return datasets.Dataset.from_list(rows), report
 
 
@@ -263,16 +280,18 @@ class ChatBatchArguments:
 
     padding_free: bool = field(
         default=False,
-        metadata={"help": "Put each micro-batch's samples end to end in one row, no padding, position_ids restarting "
-                          "at each sample (the same loss). Meant for --attn_implementation flash_attention_2 "
-                          "(variable-length kernels attend within each sample); with sdpa or eager the row gets a "
-                          "block-diagonal mask, and the attention over it is as dense as over one sequence that long."},
+        metadata={"help": "Put each micro-batch's samples end to end in one row, no padding, position_ids "
+                          "restarting at each sample (the same loss). Meant for --attn_implementation "
+                          "flash_attention_2 (variable-length kernels attend within each sample); with sdpa "
+                          "or eager the row gets a block-diagonal mask, and the attention over it is as "
+                          "dense as over one sequence that long."},
     )
 
 
 @dataclass
 class ChatCollator:
-    """Training batches: right-padded ids and labels; pixel_values for the samples that have an image, in order.
+    """Training batches: right-padded ids and labels; pixel_values for the samples that have an image, in
+    order.
 
     LLaVA fills the image tokens of the whole batch with the image features in order, so text-only
     samples simply contribute no image; a batch without any image has no pixel_values.
@@ -326,7 +345,8 @@ class ChatPromptCollator:
     pad_token_id: int
 
     def __call__(self, items: list[dict]) -> dict:
-        prompts = [self.encoder.encode_prompt(to_messages(it["conversations"], has_image=it.get("image") is not None))
+        prompts = [self.encoder.encode_prompt(to_messages(it["conversations"],
+                                                          has_image=it.get("image") is not None))
                    for it in items]
         batch = {**pad_batch([{"input_ids": p} for p in prompts], self.pad_token_id, left=True),
                  "keys": [it["key"] for it in items]}

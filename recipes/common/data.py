@@ -62,14 +62,16 @@ def load_records(
         raise BadRowsError(
             errors[0][0].reason,
             f"{len(errors)} invalid row(s):\n{shown}{more}\n"
-            f"Fix them, drop them with `python -m data_tools clean --task {task} {path} --out CLEAN --rejects REJECTS`, "
-            "or pass --skip_bad_rows to skip and count them.",
+            f"Fix them, drop them with `python -m data_tools clean --task {task} {path} --out CLEAN "
+            "--rejects REJECTS`, or pass --skip_bad_rows to skip and count them.",
             path=path,
         )
     if errors:
         rejects_path = Path(rejects_path or f"{path}.rejects.jsonl")
-        write_jsonl(rejects_path, ({**e.to_dict(), "raw": raw.decode("utf-8", "backslashreplace")} for e, raw in errors))
-        print(f"{path}: skipped {len(errors)} invalid row(s) of {len(errors) + len(rows)}; reasons in {rejects_path}")
+        write_jsonl(rejects_path,
+                    ({**e.to_dict(), "raw": raw.decode("utf-8", "backslashreplace")} for e, raw in errors))
+        print(f"{path}: skipped {len(errors)} invalid row(s) of {len(errors) + len(rows)}; reasons in "
+              f"{rejects_path}")
     if not rows:
         raise DataError("empty", "has no valid rows", path=path)
     if task == "vqa" and len({type(r["question_id"]) for r in rows}) > 1:
@@ -80,7 +82,8 @@ def load_records(
     return ds
 
 
-def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 0, image_size: int = 64) -> dict[str, Path]:
+def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 0,
+                     image_size: int = 64) -> dict[str, Path]:
     """The embedded default: synthetic shapes data for `task`, split by image 80/10/10; built on first use.
 
     Returns {"train": path, "val": path, "test": path}. The folder name records every parameter, so a
@@ -92,7 +95,8 @@ def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 
         return splits
     tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
     source = make_synthetic(task, n, tmp, lang=lang, seed=seed, image_size=image_size, progress=False)
-    split_file(source, tmp, ratios=(0.8, 0.1, 0.1), names=("train", "val", "test"), seed=seed, task=task, progress=False)
+    split_file(source, tmp, ratios=(0.8, 0.1, 0.1), names=("train", "val", "test"), seed=seed, task=task,
+               progress=False)
     try:
         os.rename(tmp, folder)
     except OSError:

@@ -13,9 +13,9 @@ values an image, 0.7 MB in bf16; COCO's 118K training images: 85 GB).
 The model's own forward is unchanged: it calls its tower with `pixel_values`; a 3-D tensor there is the
 tower's cached `last_hidden_state` (batch, positions, hidden) and comes back as it is, while 4-D pixel
 values (generation, evaluation) still run the tower. A model of the project's own (soft_prompt_caption)
-caches what it reads instead (`encode=model.image_features`) and takes 3-D input as those features. The features are the tower's output in eval mode
-(no dropout), under `torch.inference_mode`, in the tower's dtype, stored in one memory-mapped file that
-DataLoader workers open on their own.
+caches what it reads instead (`encode=model.image_features`) and takes 3-D input as those features. The
+features are the tower's output in eval mode (no dropout), under `torch.inference_mode`, in the tower's dtype,
+stored in one memory-mapped file that DataLoader workers open on their own.
 """
 
 from __future__ import annotations
@@ -41,9 +41,10 @@ logger = logging.getLogger(__name__)
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
 
-def cache_key(tower: torch.nn.Module, image_processor, images: list[str], dtype: torch.dtype, tag: str = "") -> str:
-    """What the features depend on: the tower's config and weights, the image processing, the images, the dtype, and
-    `tag` (which of the tower's outputs is kept)."""
+def cache_key(tower: torch.nn.Module, image_processor, images: list[str], dtype: torch.dtype,
+              tag: str = "") -> str:
+    """What the features depend on: the tower's config and weights, the image processing, the images, the
+    dtype, and `tag` (which of the tower's outputs is kept)."""
     h = hashlib.sha256(tag.encode())
     h.update(json.dumps(tower.config.to_dict(), sort_keys=True, default=str).encode())
     h.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
@@ -57,7 +58,8 @@ def cache_key(tower: torch.nn.Module, image_processor, images: list[str], dtype:
 
 
 class VisionFeatureCache:
-    """The frozen tower's `last_hidden_state` of every distinct image, in one memory-mapped file, looked up by path."""
+    """The frozen tower's `last_hidden_state` of every distinct image, in one memory-mapped file, looked up by
+    path."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
@@ -66,7 +68,8 @@ class VisionFeatureCache:
         self.index = {path: i for i, path in enumerate(self.images)}
         self.shape, self.dtype = tuple(meta["shape"]), getattr(torch, meta["dtype"])
         self._array = None  # opened on first use, in each DataLoader worker
-        self.seconds: float | None = None  # build(): how long computing them took; None when found from an earlier run
+        # build(): how long computing them took; None when found from an earlier run
+        self.seconds: float | None = None
 
     def __getstate__(self):  # a worker gets the path, not the mapped file
         return {**self.__dict__, "_array": None}
@@ -85,18 +88,21 @@ class VisionFeatureCache:
         """Features of `paths` stacked: (len(paths), positions, hidden)."""
         missing = [p for p in paths if p not in self.index]
         if missing:
-            raise KeyError(f"{missing[0]}: not in the vision feature cache {self.folder} (built for other images)")
+            raise KeyError(f"{missing[0]}: not in the vision feature cache {self.folder} (built for other "
+                           "images)")
         values = torch.from_numpy(np.stack([self.array[self.index[p]] for p in paths]))
         return values.view(self.dtype) if self.dtype == torch.bfloat16 else values
 
     @classmethod
     def build(cls, tower: torch.nn.Module, image_processor, images: list[str], root: str | Path, *,
               batch_size: int = 64, encode=None, tag: str = "last_hidden_state") -> VisionFeatureCache:
-        """Run `tower` over the distinct `images` (in eval mode, no gradients) into `root/<key>`, unless that is there.
+        """Run `tower` over the distinct `images` (in eval mode, no gradients) into `root/<key>`, unless that
+        is there.
 
-        What is kept is `encode(pixel_values)` (default: the tower's last_hidden_state), which `tag` names. The key
-        covers the tower's config and weights, the processor, the images (path, size, mtime), dtype and tag, so a
-        second run on the same data reuses the features, and anything that changes them makes new ones.
+        What is kept is `encode(pixel_values)` (default: the tower's last_hidden_state), which `tag` names.
+        The key covers the tower's config and weights, the processor, the images (path, size, mtime), dtype
+        and tag, so a second run on the same data reuses the features, and anything that changes them makes
+        new ones.
         """
         images = sorted(set(images))
         if not images:
@@ -112,13 +118,16 @@ class VisionFeatureCache:
             with torch.inference_mode():
                 for start in range(0, len(images), batch_size):
                     chunk = images[start:start + batch_size]
-                    pixels = image_processor([load_image(p) for p in chunk], return_tensors="pt")["pixel_values"]
+                    pixels = image_processor([load_image(p) for p in chunk],
+                                             return_tensors="pt")["pixel_values"]
                     out = encode(pixels.to(param.device, param.dtype))
                     if array is None:
                         shape, dtype = tuple(out.shape[1:]), out.dtype
-                        array = np.memmap(tmp / "features.bin", dtype=_NUMPY[dtype], mode="w+", shape=(len(images), *shape))
+                        array = np.memmap(tmp / "features.bin", dtype=_NUMPY[dtype], mode="w+",
+                                          shape=(len(images), *shape))
                     values = out.cpu()
-                    array[start:start + len(chunk)] = (values.view(torch.uint16) if dtype == torch.bfloat16 else values).numpy()
+                    array[start:start + len(chunk)] = (values.view(torch.uint16) if dtype == torch.bfloat16
+                                                       else values).numpy()
                     if start // batch_size % 50 == 0:
                         logger.info("vision features: %d / %d images", start + len(chunk), len(images))
             array.flush()
@@ -137,12 +146,13 @@ class VisionFeatureCache:
 
 def cache_for_run(tower: torch.nn.Module, image_processor, images: list[str], cache_args, training_args,
                   **encode) -> VisionFeatureCache:
-    """--cache_vision_features as a recipe runs it: a tower that trains is refused; the features of `images` are
-    computed on the training device into --vision_feature_dir (default <output_dir>/vision_features), or found there.
-    `encode` (encode=, tag=) as for VisionFeatureCache.build."""
+    """--cache_vision_features as a recipe runs it: a tower that trains is refused; the features of `images`
+    are computed on the training device into --vision_feature_dir (default <output_dir>/vision_features), or
+    found there. `encode` (encode=, tag=) as for VisionFeatureCache.build."""
     check_frozen(tower)
     return VisionFeatureCache.build(tower.to(training_args.device), image_processor, images,
-                                    cache_args.vision_feature_dir or Path(training_args.output_dir) / "vision_features",
+                                    cache_args.vision_feature_dir
+                                    or Path(training_args.output_dir) / "vision_features",
                                     batch_size=training_args.per_device_eval_batch_size, **encode)
 
 
@@ -169,17 +179,18 @@ def check_frozen(tower: torch.nn.Module, what: str = "--cache_vision_features") 
     """Cached features are only right for a tower that does not train and draws no dropout."""
     trained = sum(p.numel() for p in tower.parameters() if p.requires_grad)
     if trained:
-        raise ValueError(f"{what}: {trained:,} parameters of the vision tower train (unfrozen layers or LoRA on it), "
-                         "so its features change every step; freeze it (--freeze_vision_tower true "
+        raise ValueError(f"{what}: {trained:,} parameters of the vision tower train (unfrozen layers or LoRA "
+                         "on it), so its features change every step; freeze it (--freeze_vision_tower true "
                          "--unfreeze_last_n_vision_layers 0, no LoRA targets in it) or leave the cache off.")
     dropout = [m for m in tower.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
     rate = getattr(tower.config, "attention_dropout", 0.0) or 0.0
     if dropout or rate > 0:
-        logger.warning("%s: the vision tower has dropout (p > 0), which training would draw each step; the cached "
-                       "features are its eval-mode output, without it.", what)
+        logger.warning("%s: the vision tower has dropout (p > 0), which training would draw each step; the "
+                       "cached features are its eval-mode output, without it.", what)
 
 
 def vision_tower(model: torch.nn.Module) -> torch.nn.Module:
-    """The vision encoder of a BLIP-2 (or any model keeping it as `vision_model`), under a PEFT wrapper or not."""
+    """The vision encoder of a BLIP-2 (or any model keeping it as `vision_model`), under a PEFT wrapper or
+    not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return base.vision_model

@@ -1,5 +1,5 @@
-"""Sample-length budgeting that counts image tokens (text is cut on the text side only, and every cut is counted),
-and the padding of tokenized samples into a batch.
+"""Sample-length budgeting that counts image tokens (text is cut on the text side only, and every cut is
+counted), and the padding of tokenized samples into a batch.
 
 A sample is `[image tokens] + prompt (not learned) + target (learned)`. `max_length` covers all of
 it. When it does not fit, the target is truncated; when not even one target token fits after the
@@ -29,12 +29,14 @@ class LengthReport:
     def __str__(self) -> str:
         return (
             f"length budget: {self.samples} samples, {self.truncated} truncated on the text side "
-            f"({self.target_tokens_cut} target tokens cut), {self.dropped} dropped (prompt + image tokens alone over budget)"
+            f"({self.target_tokens_cut} target tokens cut), {self.dropped} dropped (prompt + image tokens "
+            "alone over budget)"
         )
 
 
 def fit_to_budget(
-    n_image_tokens: int, prompt_ids: list[int], target_ids: list[int], max_length: int | None, report: LengthReport
+    n_image_tokens: int, prompt_ids: list[int], target_ids: list[int], max_length: int | None,
+    report: LengthReport
 ) -> tuple[list[int], list[int]] | None:
     """Return `(text_ids, labels)` for the text after the image tokens, or None when the sample is dropped.
 

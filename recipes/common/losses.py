@@ -6,9 +6,11 @@ in float32 for the loss, until the backward pass. transformers 5 causal LMs take
 positions reach the LM head; a boolean [batch, length] mask keeps each row's own) and pass `shift_labels`
 to their loss function (`ForCausalLMLoss`), so the model's own loss runs on exactly the rows that
 contribute to it: positions whose next token is a label. Every other row has target -100 and adds nothing
-to the sum or to the count, so the loss, and its gradients, are those of the full logits (tests/test_losses.py).
+to the sum or to the count, so the loss, and its gradients, are those of the full logits
+(tests/test_losses.py).
 
-The generative recipes' `--loss_on_label_positions` is an option of `RecipeTrainer` (recipes/common/trainer.py).
+The generative recipes' `--loss_on_label_positions` is an option of `RecipeTrainer`
+(recipes/common/trainer.py).
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ def label_positions_only(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
 
         outputs = language_model(inputs_embeds=..., labels=labels, **label_positions_only(labels))
 
-    `outputs.logits` is then [number of label positions, vocab] (flattened across the batch), `outputs.loss` the
-    same loss as without these arguments. `labels` are unshifted, as the model takes them.
+    `outputs.logits` is then [number of label positions, vocab] (flattened across the batch), `outputs.loss`
+    the same loss as without these arguments. `labels` are unshifted, as the model takes them.
     """
     shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[:, 1:]
     keep = shifted != ignore_index
@@ -33,11 +35,13 @@ def label_positions_only(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX)
 
 def loss_at_label_positions(logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None,
                             ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """The causal-LM loss from logits a model computed with `logits_to_keep=label_positions_only(labels)[...]`.
+    """The causal-LM loss from logits a model computed with
+    `logits_to_keep=label_positions_only(labels)[...]`.
 
     For models that take `logits_to_keep` but compute their loss from full-length logits themselves (BLIP-2
     slices them by the labels' length): call the model without labels, then this. It is transformers'
-    `ForCausalLMLoss` on the kept rows: the mean over labels, or the sum / `num_items_in_batch` as the Trainer asks.
+    `ForCausalLMLoss` on the kept rows: the mean over labels, or the sum / `num_items_in_batch` as the Trainer
+    asks.
     """
     from transformers.loss.loss_utils import ForCausalLMLoss
 

@@ -27,11 +27,12 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
     """(model in eval mode, processor) of a run folder or checkpoint-N: base + adapter, or the saved model."""
     run = Path(run)
     if not (run / "config.json").exists() and not is_adapter_run(run):
-        raise FileNotFoundError(f"{run}: no adapter_config.json or config.json; give a training output_dir or a "
-                                "checkpoint-N in it")
+        raise FileNotFoundError(f"{run}: no adapter_config.json or config.json; give a training output_dir "
+                                "or a checkpoint-N in it")
     torch_dtype = getattr(torch, dtype)
     if is_adapter_run(run):
-        base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path, dtype=torch_dtype)
+        base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path,
+                                         dtype=torch_dtype)
         model = PeftModel.from_pretrained(base, run)
     else:
         model = model_cls.from_pretrained(run, dtype=torch_dtype)
@@ -41,7 +42,8 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
 def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32") -> Path:
     """Merge the adapter of LoRA run `run` into its base; save model and processor to `out`."""
     if not is_adapter_run(run):
-        raise ValueError(f"{run} has no adapter_config.json: it was trained without LoRA and is already a full checkpoint")
+        raise ValueError(f"{run} has no adapter_config.json: it was trained without LoRA and is already a "
+                         "full checkpoint")
     model, processor = load_run(run, model_cls, dtype)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
@@ -50,7 +52,8 @@ def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32
 
 
 def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[str] | None = None, *,
-              dtype: str = "float32", add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Path:
+              dtype: str = "float32",
+              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Path:
     """The command line of a recipe's merge/export script: --run, --out, --dtype (+ `add_arguments`'s), then
     `merge(args)`; prints and returns the folder written."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -20,7 +20,8 @@ def compute_dtype(model_args: ModelArguments) -> torch.dtype | str:
     return torch.float32
 
 
-def quantization_config(model_args: ModelArguments, skip_modules: list[str] | None = None) -> BitsAndBytesConfig | None:
+def quantization_config(model_args: ModelArguments,
+                        skip_modules: list[str] | None = None) -> BitsAndBytesConfig | None:
     """bitsandbytes settings for --load_in_4bit / --load_in_8bit; `skip_modules` stay unquantized.
 
     Give full module-name prefixes ("model.vision_tower"): transformers 5 matches a skip name from the
@@ -52,8 +53,9 @@ def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
     """
     dtype = compute_dtype(model_args)
     if dtype in MIXED_PRECISION and training_args.mixed_precision != MIXED_PRECISION[dtype]:
-        raise ValueError(f"the model computes in {dtype} but mixed precision is {training_args.mixed_precision!r}: the "
-                         f"float32 trained weights need {MIXED_PRECISION[dtype]} autocast. Pass --{MIXED_PRECISION[dtype]} "
+        raise ValueError(f"the model computes in {dtype} but mixed precision is "
+                         f"{training_args.mixed_precision!r}: the float32 trained weights need "
+                         f"{MIXED_PRECISION[dtype]} autocast. Pass --{MIXED_PRECISION[dtype]} "
                          "(accelerate_configs/single_gpu.yaml sets bf16), or --dtype float32.")
 
 
@@ -82,20 +84,24 @@ def resolve_model_path(path: str) -> str:
 
 
 def check_model_source(path: str) -> None:
-    """Raise a clear FileNotFoundError for a local-looking path that does not exist, before it reaches the Hub."""
+    """Raise a clear FileNotFoundError for a local-looking path that does not exist, before it reaches the
+    Hub."""
     # A local-looking path that does not exist would otherwise be sent to the Hub as a repo id and
     # fail with a network error far from the cause.
     # Hub ids are "name" or "org/name"; anything else is a local path.
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not Path(path).expanduser().exists():
         raise FileNotFoundError(
-            f"model path {path!r} does not exist. Give a local checkpoint folder (one with config.json) or a Hub id "
-            "such as Salesforce/blip2-opt-2.7b; leave --model_name_or_path out to use the embedded tiny model."
+            f"model path {path!r} does not exist. Give a local checkpoint folder (one with config.json) or a "
+            "Hub id such as Salesforce/blip2-opt-2.7b; leave --model_name_or_path out to use the embedded "
+            "tiny model."
         )
 
 
-def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *, skip_quantization: list[str] | None = None):
-    """Load `model_cls` and its processor from a local folder or Hub id, the same way for tiny and real models."""
+def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *,
+                             skip_quantization: list[str] | None = None):
+    """Load `model_cls` and its processor from a local folder or Hub id, the same way for tiny and real
+    models."""
     check_model_source(path)
     kwargs = dict(
         dtype=compute_dtype(model_args),
@@ -106,13 +112,15 @@ def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *
     quant = quantization_config(model_args, skip_quantization)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
+        kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available()
+                                else {"": "cpu"})
     try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code, revision=model_args.revision)
+        processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                                  revision=model_args.revision)
         model = model_cls.from_pretrained(path, **kwargs)
     except OSError as e:
         raise OSError(
-            f"could not load {path!r}: {e}\nIf it is a Hub id, this machine needs network access or a local copy "
-            "(HF_HUB_OFFLINE=1 uses only the local cache)."
+            f"could not load {path!r}: {e}\nIf it is a Hub id, this machine needs network access or a local "
+            "copy (HF_HUB_OFFLINE=1 uses only the local cache)."
         ) from e
     return model, processor

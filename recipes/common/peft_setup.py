@@ -1,11 +1,11 @@
 """LoRA, freezing and per-module learning rates for the vision-language models the recipes train.
 
 Every model is split into components by parameter-name prefix (names as in transformers 5.23):
-  vision    the image encoder            bridge    what feeds it to the LM      language  the LM (CLIP: text tower)
+  vision    the image encoder        bridge    what feeds it to the LM    language  the LM (CLIP: text tower)
 Parameters outside all three (CLIP's logit_scale) are "other". Typical use in a train.py:
 
-    model = apply_peft(model, peft_args)           # LoRA on the LM projections; peft freezes the rest
-    apply_freezing(model, freeze_args)             # then (un)freeze vision tower / last N layers / bridge / LM
+    model = apply_peft(model, peft_args)    # LoRA on the LM projections; peft freezes the rest
+    apply_freezing(model, freeze_args)      # then (un)freeze vision tower / last N layers / bridge / LM
     print(count_parameters(model))
     # RecipeTrainer(learning_rates=...) builds its optimizer from param_groups(model, learning_rates, ...)
 """
@@ -38,7 +38,8 @@ COMPONENT_PREFIXES = {
         "bridge": (),
         "language": ("text_model", "text_projection"),
     },
-    # recipes/soft_prompt_caption: frozen CLIP vision + frozen causal LM; the soft prompt and projection train.
+    # recipes/soft_prompt_caption: frozen CLIP vision + frozen causal LM; the soft prompt and projection
+    # train.
     "soft-prompt-captioner": {
         "vision": ("vision_model",),
         "bridge": ("soft_prompt", "projection"),
@@ -90,7 +91,8 @@ def model_type(model: torch.nn.Module) -> str:
     if name not in COMPONENT_PREFIXES:
         raise ValueError(
             f"{type(base).__name__} (model_type={name!r}) has no component map; known model types: "
-            f"{sorted(COMPONENT_PREFIXES)}. Add its prefixes to COMPONENT_PREFIXES in recipes/common/peft_setup.py."
+            f"{sorted(COMPONENT_PREFIXES)}. Add its prefixes to COMPONENT_PREFIXES in "
+            "recipes/common/peft_setup.py."
         )
     return name
 
@@ -112,7 +114,7 @@ def component_of(name: str, arch: str) -> str:
     return "other"
 
 
-# ----------------------------------------------------------------------------------------------------------------- LoRA
+# ------------------------------------------------------------------------------------------------------- LoRA
 
 
 def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | None = None) -> str:
@@ -129,12 +131,13 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
     prefixes, leaves = [], []
     for component in components:
         if component not in SUB_CONFIG:
-            raise ValueError(f"No default LoRA targets for component {component!r}; choose from {sorted(SUB_CONFIG)}.")
+            raise ValueError(f"No default LoRA targets for component {component!r}; choose from "
+                             f"{sorted(SUB_CONFIG)}.")
         sub_type = getattr(base.config, SUB_CONFIG[component]).model_type
         if sub_type not in LORA_LEAVES:
             raise ValueError(
-                f"No default LoRA targets for a {component} model of type {sub_type!r}: set lora_target_modules. "
-                f"Linear layer names in this model: {_linear_leaf_names(base)}."
+                f"No default LoRA targets for a {component} model of type {sub_type!r}: set "
+                f"lora_target_modules. Linear layer names in this model: {_linear_leaf_names(base)}."
             )
         prefixes += [p for p in COMPONENT_PREFIXES[arch][component] if p in containers]
         leaves += [leaf for leaf in LORA_LEAVES[sub_type] if leaf not in leaves]
@@ -148,7 +151,8 @@ def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
     # linear layers are transformers' Conv1D (a transposed Linear), which LoRA wraps as well.
     from transformers.pytorch_utils import Conv1D
 
-    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))})
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, (torch.nn.Linear, Conv1D))})
 
 
 def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modules") -> None:
@@ -163,8 +167,8 @@ def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modu
     if isinstance(targets, str):
         if not any(re.fullmatch(targets, name) for name in module_names):
             raise ValueError(
-                f"{what}: the regex {targets!r} matches no module name (it must match the full dotted name, e.g. "
-                f"'.*language_model.*\\.q_proj'). Linear layer names in this model: {linear_leaves}."
+                f"{what}: the regex {targets!r} matches no module name (it must match the full dotted name, "
+                f"e.g. '.*language_model.*\\.q_proj'). Linear layer names in this model: {linear_leaves}."
             )
         return
     for target in targets:
@@ -172,10 +176,12 @@ def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modu
         if not any(name == target or name.endswith("." + target) for name in module_names):
             close = difflib.get_close_matches(target, linear_leaves, n=3, cutoff=0.5)
             hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-            raise ValueError(f"{what}: {target!r} matches no module.{hint} Linear layer names in this model: {linear_leaves}.")
+            raise ValueError(f"{what}: {target!r} matches no module.{hint} Linear layer names in this model: "
+                             f"{linear_leaves}.")
 
 
-def apply_peft(model: torch.nn.Module, peft_args: PeftArguments, components: tuple[str, ...] | None = None) -> torch.nn.Module:
+def apply_peft(model: torch.nn.Module, peft_args: PeftArguments,
+               components: tuple[str, ...] | None = None) -> torch.nn.Module:
     """Wrap `model` with LoRA as `peft_args` says (returned unchanged for peft_method='none').
 
     `components` picks where the default targets go (e.g. ("vision",) for CLIP's image tower only); it is
@@ -203,10 +209,11 @@ def apply_peft(model: torch.nn.Module, peft_args: PeftArguments, components: tup
 
 def lora_module_names(model: torch.nn.Module) -> list[str]:
     """Base-model names of the modules that carry a LoRA adapter."""
-    return sorted(_base_name(name[: -len(".lora_A")]) for name, _ in model.named_modules() if name.endswith(".lora_A"))
+    return sorted(_base_name(name[: -len(".lora_A")]) for name, _ in model.named_modules()
+                  if name.endswith(".lora_A"))
 
 
-# ------------------------------------------------------------------------------------------------------------ freezing
+# --------------------------------------------------------------------------------------------------- freezing
 
 
 def _is_adapter_param(name: str) -> bool:
@@ -219,7 +226,8 @@ def _set_trainable(model: torch.nn.Module, names: set[str], trainable: bool) -> 
         if name not in names:
             continue
         if trainable:
-            # peft keeps the untouched original next to a modules_to_save copy; that original must stay frozen.
+            # peft keeps the untouched original next to a modules_to_save copy; that original must stay
+            # frozen.
             if ".original_module." in name:
                 continue
             if not param.is_floating_point():
@@ -280,17 +288,21 @@ def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None
     if freeze_args.freeze_vision_tower and n > 0:
         used = vision_layer_names(model)
         if n > len(used):
-            raise ValueError(f"unfreeze_last_n_vision_layers={n}, but the vision tower uses only {len(used)} layers.")
+            raise ValueError(f"unfreeze_last_n_vision_layers={n}, but the vision tower uses only {len(used)} "
+                             "layers.")
         last = used[-n:]
-        names = {name for name in by_component["vision"] if any(_has_prefix(_base_name(name), layer) for layer in last)}
+        names = {name for name in by_component["vision"]
+                 if any(_has_prefix(_base_name(name), layer) for layer in last)}
         _set_trainable(model, names, trainable=True)
 
 
-# ----------------------------------------------------------------------------------------------- learning rates, counts
+# ------------------------------------------------------------------------------------- learning rates, counts
 
 # Trainer.get_decay_parameter_names' rule (transformers 5.23): no weight decay on LayerNorm modules or on
-# names with bias / norm. We add logit_scale: decaying CLIP's temperature pulls it toward 0 (open_clip does the same).
-_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)", r"(?:^|\.)logit_scale$"]
+# names with bias / norm. We add logit_scale: decaying CLIP's temperature pulls it toward 0 (open_clip does
+# the same).
+_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)",
+                      r"(?:^|\.)logit_scale$"]
 
 
 def _no_decay_names(model: torch.nn.Module) -> set[str]:
@@ -298,21 +310,23 @@ def _no_decay_names(model: torch.nn.Module) -> set[str]:
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             full = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module, torch.nn.LayerNorm) or any(re.search(p, full.lower()) for p in _NO_DECAY_PATTERNS):
+            if isinstance(module,
+                          torch.nn.LayerNorm) or any(re.search(p, full.lower()) for p in _NO_DECAY_PATTERNS):
                 no_decay.add(full)
     return no_decay
 
 
 def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, base_lr: float,
                  weight_decay: float) -> list[dict]:
-    """Optimizer parameter groups: one per (component, decay / no decay), each with its component's learning rate.
+    """Optimizer parameter groups: one per (component, decay / no decay), each with its component's learning
+    rate.
 
     Only trainable parameters are included; empty groups are dropped. Each group has a "name" key
     ("vision", "vision_no_decay", ...) for logging. `RecipeTrainer` puts them into its optimizer.
     """
     arch = model_type(model)
-    lrs = {"vision": learning_rates.vision_lr, "bridge": learning_rates.bridge_lr, "language": learning_rates.lm_lr,
-           "other": None}
+    lrs = {"vision": learning_rates.vision_lr, "bridge": learning_rates.bridge_lr,
+           "language": learning_rates.lm_lr, "other": None}
     no_decay = _no_decay_names(model)
     groups = {}
     for name, param in model.named_parameters():
@@ -323,7 +337,8 @@ def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, 
         key = component if decays else f"{component}_no_decay"
         if key not in groups:
             lr = lrs[component] if lrs[component] is not None else base_lr
-            groups[key] = {"name": key, "params": [], "lr": lr, "weight_decay": weight_decay if decays else 0.0}
+            groups[key] = {"name": key, "params": [], "lr": lr,
+                           "weight_decay": weight_decay if decays else 0.0}
         groups[key]["params"].append(param)
     return list(groups.values())
 
@@ -357,7 +372,8 @@ class ParameterCounts:
 
 
 def count_parameters(model: torch.nn.Module) -> ParameterCounts:
-    """Trainable / total parameters per component (vision, bridge, language, other); tied weights count once."""
+    """Trainable / total parameters per component (vision, bridge, language, other); tied weights count
+    once."""
     arch = model_type(model)
     rows = {c: [0, 0] for c in (*COMPONENTS, "other")}
     for name, param in model.named_parameters():
@@ -386,13 +402,14 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
     elif freeze_args.unfreeze_last_n_vision_layers > 0:
         used = vision_layer_names(model)
         if freeze_args.unfreeze_last_n_vision_layers > len(used):
-            raise ValueError(f"unfreeze_last_n_vision_layers={freeze_args.unfreeze_last_n_vision_layers}, but the vision "
-                             f"tower uses only {len(used)} layers.")
+            raise ValueError(f"unfreeze_last_n_vision_layers={freeze_args.unfreeze_last_n_vision_layers}, "
+                             f"but the vision tower uses only {len(used)} layers.")
         names += used[-freeze_args.unfreeze_last_n_vision_layers:]
     return names
 
 
-def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments, freeze_args: FreezeArguments) -> torch.nn.Module:
+def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments,
+                            freeze_args: FreezeArguments) -> torch.nn.Module:
     """`apply_peft` then `apply_freezing`, with everything that trains also saved.
 
     Under LoRA, what `freeze_args` trains outside the adapter (a bridge, vision layers) goes into
@@ -401,8 +418,9 @@ def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments, fr
     """
     if peft_args.peft_method != "none":
         if freeze_args.freeze_language_model is False:
-            raise ValueError("freeze_language_model=false with LoRA: the language model trains through its adapter, and "
-                             "its base weights would train without being saved. Use --peft_method none to train it in full.")
+            raise ValueError("freeze_language_model=false with LoRA: the language model trains through its "
+                             "adapter, and its base weights would train without being saved. Use "
+                             "--peft_method none to train it in full.")
         extra = trained_modules_to_save(model, freeze_args)
         peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
         if freeze_args.freeze_bridge is False:

@@ -34,7 +34,8 @@ from .peft_setup import trainable_in_float32
 
 logger = logging.getLogger(__name__)
 
-# Written next to the adapter of every checkpoint: the base must be re-quantized the same way to merge or reload it.
+# Written next to the adapter of every checkpoint: the base must be re-quantized the same way to merge or
+# reload it.
 QUANTIZATION_FILE = "quantization_config.json"
 
 
@@ -138,11 +139,13 @@ def save_quantization_config(model: torch.nn.Module, folder: str | os.PathLike) 
 def _load_kwargs(run: Path) -> dict:
     """from_pretrained keyword arguments that load the base of `run` as training loaded it."""
     if not (run / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{run}: no adapter_config.json; give a training output_dir or a checkpoint-N in it")
+        raise FileNotFoundError(f"{run}: no adapter_config.json; give a training output_dir or a "
+                                "checkpoint-N in it")
     path = run / QUANTIZATION_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{path}: missing, so the base cannot be quantized as in training. Was the run trained "
-                                "on a 4/8-bit base? If not, merge it with recipes/common/merge.py's merge_run.")
+        raise FileNotFoundError(f"{path}: missing, so the base cannot be quantized as in training. Was the "
+                                "run trained on a 4/8-bit base? If not, merge it with "
+                                "recipes/common/merge.py's merge_run.")
     saved = json.loads(path.read_text())
     device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
     return dict(quantization_config=BitsAndBytesConfig.from_dict(saved["quantization_config"]),
@@ -150,22 +153,29 @@ def _load_kwargs(run: Path) -> dict:
 
 
 def load_quantized_run(run: str | os.PathLike, model_cls):
-    """(base quantized as in training + adapter, in eval mode; processor) of a QLoRA run folder or checkpoint-N."""
+    """(base quantized as in training + adapter, in eval mode; processor) of a QLoRA run folder or
+    checkpoint-N."""
     run = Path(run)
-    base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path, **_load_kwargs(run))
-    keep_4bit_training_layout(base)  # the weights training used, not bitsandbytes' CPU-inference rounding of them
+    base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path,
+                                     **_load_kwargs(run))
+    # the weights training used, not bitsandbytes' CPU-inference rounding of them
+    keep_4bit_training_layout(base)
     return PeftModel.from_pretrained(base, run).eval(), AutoProcessor.from_pretrained(run)
 
 
-def merge_quantized_run(run: str | os.PathLike, out: str | os.PathLike, model_cls, dtype: str = "bfloat16") -> Path:
-    """Dequantize the base of QLoRA run `run`, merge the adapter into it, and save a `dtype` checkpoint to `out`.
+def merge_quantized_run(run: str | os.PathLike, out: str | os.PathLike, model_cls,
+                        dtype: str = "bfloat16") -> Path:
+    """Dequantize the base of QLoRA run `run`, merge the adapter into it, and save a `dtype` checkpoint to
+    `out`.
 
     The base is quantized exactly as in training (the saved config and dtype), so the dequantized
     weights the adapter is added to are the ones it was trained against.
     """
     run, torch_dtype = Path(run), getattr(torch, dtype)
-    base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path, **_load_kwargs(run))
-    # Dequantized in the dtype the forward used, then cast: bf16 NF4 values cast to float32 stay what training saw.
+    base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path,
+                                     **_load_kwargs(run))
+    # Dequantized in the dtype the forward used, then cast: bf16 NF4 values cast to float32 stay what training
+    # saw.
     base = base.dequantize(dtype=torch_dtype)
     merged = PeftModel.from_pretrained(base, run).merge_and_unload().to(torch_dtype)
     merged.save_pretrained(out)

@@ -35,7 +35,8 @@ def setup_run(training_args, model_args=None) -> None:
         check_mixed_precision(model_args, training_args)
 
 
-def load_data(data_args, task: str, embedded: Callable[[], dict]) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def load_data(data_args, task: str,
+              embedded: Callable[[], dict]) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """(train records, eval records or None) from --train_file / --eval_file.
 
     Without --train_file the embedded default is made (`embedded()` -> {"train": path, "val": path, ...})
@@ -44,7 +45,8 @@ def load_data(data_args, task: str, embedded: Callable[[], dict]) -> tuple[datas
     """
     if data_args.train_file is None:
         splits = embedded()
-        data_args.train_file, data_args.eval_file = str(splits["train"]), data_args.eval_file or str(splits["val"])
+        data_args.train_file, data_args.eval_file = (str(splits["train"]),
+                                                     data_args.eval_file or str(splits["val"]))
     train = load_records(data_args.train_file, task, skip_bad_rows=data_args.skip_bad_rows,
                          max_rows=data_args.max_train_samples)
     evaluation = None
@@ -64,9 +66,11 @@ def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
     return records.map(lambda r: {"image": other.get(r["image"])})
 
 
-def train_and_evaluate(trainer, metadata: dict, *, results: dict | None = None, shuffled_image_check: bool = False,
+def train_and_evaluate(trainer, metadata: dict, *, results: dict | None = None,
+                       shuffled_image_check: bool = False,
                        after_training: Callable[[dict], None] | None = None) -> dict:
-    """Score the eval set, train (resuming per --resume_from_checkpoint), save, score again; write metrics.json.
+    """Score the eval set, train (resuming per --resume_from_checkpoint), save, score again; write
+    metrics.json.
 
     `results` may hold figures the recipe computed before (a baseline). With `shuffled_image_check`, the
     final model is scored again on the eval records with their images swapped ("after_shuffled_images").
@@ -75,7 +79,8 @@ def train_and_evaluate(trainer, metadata: dict, *, results: dict | None = None, 
     """
     args = trainer.args
     results = dict(results or {})
-    resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)  # 'last': the newest complete one
+    # 'last': the newest complete one
+    resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     evaluates = trainer.evaluates_heldout()
     before_file = Path(args.output_dir) / "predictions" / "before.metrics.json"
     if evaluates and resume and before_file.exists():

@@ -23,7 +23,8 @@ class ModalityLengthGroupedSampler(Sampler[int]):
     in turn, so `batch_size` is the per-device batch size.
     """
 
-    def __init__(self, lengths: list[int], has_image: list[bool], batch_size: int, seed: int = 0, mega_batch_mult: int = 50):
+    def __init__(self, lengths: list[int], has_image: list[bool], batch_size: int, seed: int = 0,
+                 mega_batch_mult: int = 50):
         if len(lengths) != len(has_image):
             raise ValueError(f"{len(lengths)} lengths for {len(has_image)} has_image flags")
         self.lengths, self.has_image = np.asarray(lengths), np.asarray(has_image, dtype=bool)

@@ -54,10 +54,10 @@ class RecipeTrainer(Trainer):
     loss_on_label_positions: the loss from the logits at the label positions only.
     """
 
-    def __init__(self, *args, generation_dataset=None, generation_collator=None, score_fn: Callable | None = None,
-                 generation_args: GenerationEvalArguments | None = None, decode_tokenizer=None,
-                 learning_rates: LearningRateArguments | None = None, loss_on_label_positions: bool = False,
-                 **kwargs):
+    def __init__(self, *args, generation_dataset=None, generation_collator=None,
+                 score_fn: Callable | None = None, generation_args: GenerationEvalArguments | None = None,
+                 decode_tokenizer=None, learning_rates: LearningRateArguments | None = None,
+                 loss_on_label_positions: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.generation_dataset = generation_dataset
         self.generation_collator = generation_collator
@@ -86,7 +86,8 @@ class RecipeTrainer(Trainer):
     def create_optimizer(self, model=None):
         # Only the parameter groups are ours: the optimizer class and its arguments stay --optim's.
         if self.optimizer is None and self.learning_rates is not None:
-            groups = param_groups(self.model, self.learning_rates, self.args.learning_rate, self.args.weight_decay)
+            groups = param_groups(self.model, self.learning_rates, self.args.learning_rate,
+                                  self.args.weight_decay)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             optimizer_kwargs.pop("lr", None)  # each group carries its own
             self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups],
@@ -112,8 +113,10 @@ class RecipeTrainer(Trainer):
         """The task metrics on the eval records, written to `predictions/<name>.*` (default `step-<N>`)."""
         return self.generation_metrics(metric_key_prefix, name)
 
-    def generation_metrics(self, metric_key_prefix: str = "eval", name: str | None = None) -> dict[str, float]:
-        """Generate on the generation dataset, score on rank 0, write predictions; the same dict on every rank."""
+    def generation_metrics(self, metric_key_prefix: str = "eval",
+                           name: str | None = None) -> dict[str, float]:
+        """Generate on the generation dataset, score on rank 0, write predictions; the same dict on every
+        rank."""
         predictions = self.generate_predictions(self.generation_dataset)
         scores = {}
         if self.is_world_process_zero():

@@ -1,7 +1,10 @@
-"""Ask a trained LLaVA run about an image: once with --prompt, or interactively (one message per line) without it.
+"""Ask a trained LLaVA run about an image: once with --prompt, or interactively (one message per line) \
+without it.
 
-    python recipes/llava_instruct/chat.py --model outputs/llava_instruct --image photo.png --prompt "Describe the image."
-    python recipes/llava_instruct/chat.py --model outputs/llava_instruct --image photo.png     # empty line or Ctrl-D ends
+    python recipes/llava_instruct/chat.py --model outputs/llava_instruct --image photo.png --prompt \
+"Describe the image."
+    python recipes/llava_instruct/chat.py --model outputs/llava_instruct --image photo.png     # empty line \
+or Ctrl-D ends
 
 --model is a run folder (LoRA adapter + base, or a full checkpoint), a merged checkpoint, a Hub id or
 tiny:<name>. The prompt is built exactly as in training (recipes/common/chat.py: the processor's chat
@@ -32,7 +35,8 @@ def load(model: str, dtype: str = "float32"):
 
 
 @torch.no_grad()
-def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image, max_new_tokens: int = 128) -> str:
+def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image,
+           max_new_tokens: int = 128) -> str:
     """Greedy answer to the last human turn of `turns` (LLaVA conversation format) about `image`."""
     ids = encoder.encode_prompt(to_messages(turns, has_image=image is not None))
     inputs = {"input_ids": torch.tensor([ids], device=model.device)}
@@ -48,9 +52,11 @@ def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image, max
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="run folder, checkpoint, merged checkpoint, Hub id or tiny:<name>")
+    p.add_argument("--model", required=True,
+                   help="run folder, checkpoint, merged checkpoint, Hub id or tiny:<name>")
     p.add_argument("--image", help="image file (omit for a text-only conversation)")
-    p.add_argument("--prompt", help="one message; without it, read messages from standard input until an empty line")
+    p.add_argument("--prompt",
+                   help="one message; without it, read messages from standard input until an empty line")
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
@@ -61,7 +67,8 @@ def main(argv=None) -> int:
     image = load_image(args.image) if args.image else None
     first = f"{IMAGE_TOKEN}\n" if image is not None else ""
     if args.prompt is not None:
-        print(answer(model, processor, encoder, [{"from": "human", "value": first + args.prompt}], image, args.max_new_tokens))
+        print(answer(model, processor, encoder, [{"from": "human", "value": first + args.prompt}], image,
+                     args.max_new_tokens))
         return 0
     turns = []
     while True:

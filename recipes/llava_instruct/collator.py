@@ -48,12 +48,16 @@ def caption_eval_items(records: datasets.Dataset) -> list[dict]:
     for r in records:
         captions.setdefault(r["image"], []).extend(r["captions"])
     return [{"key": image, "image": image, "conversations": _caption_turns(BRIEF_REQUESTS[0]),
-             "question": BRIEF_REQUESTS[0], "references": refs, "short": False} for image, refs in captions.items()]
+             "question": BRIEF_REQUESTS[0], "references": refs, "short": False}
+            for image, refs in captions.items()]
 
 
-def generation_items(task: str, records: datasets.Dataset, short_answer_words: int, lang: str) -> datasets.Dataset:
-    """The eval items to generate for: per assistant turn (instruct records) or per image (caption records)."""
-    items = caption_eval_items(records) if task == "caption" else eval_items(records, short_answer_words, lang)
+def generation_items(task: str, records: datasets.Dataset, short_answer_words: int,
+                     lang: str) -> datasets.Dataset:
+    """The eval items to generate for: per assistant turn (instruct records) or per image (caption
+    records)."""
+    items = (caption_eval_items(records) if task == "caption"
+             else eval_items(records, short_answer_words, lang))
     if not items:
         raise ValueError("the eval file has no assistant turn that answers a user turn: nothing to evaluate")
     return datasets.Dataset.from_list(items)

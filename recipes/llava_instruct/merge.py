@@ -1,4 +1,5 @@
-"""Merge a trained LoRA run (adapter + trained projector, and vision layers when they trained) into a full LLaVA checkpoint.
+"""Merge a trained LoRA run (adapter + trained projector, and vision layers when they trained) into a full \
+LLaVA checkpoint.
 
     python recipes/llava_instruct/merge.py --run outputs/llava_instruct --out outputs/llava_merged
 

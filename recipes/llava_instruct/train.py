@@ -1,18 +1,21 @@
-"""Visual instruction tuning of a LLaVA model (CLIP vision tower + projector + Llama-style LM), in LLaVA-1.5's two stages.
+"""Visual instruction tuning of a LLaVA model (CLIP vision tower + projector + Llama-style LM), in LLaVA-1.5's
+two stages.
 
 Embedded default (tiny LLaVA + synthetic multi-turn instructions, built on first use), on the CPU:
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py
     # stage 1 first (projector only, on captions), then stage 2 from its output:
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py \
-        --stage pretrain --num_train_epochs 1 --learning_rate 1e-3 --output_dir outputs/llava_instruct_pretrain
+        --stage pretrain --num_train_epochs 1 --learning_rate 1e-3 --output_dir
+        outputs/llava_instruct_pretrain
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/llava_instruct/train.py \
         --model_name_or_path outputs/llava_instruct_pretrain
 
 A real checkpoint and LLaVA-Instruct data (`python -m data_tools convert --from llava ...`), on one GPU:
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/llava_instruct/train.py \
         --model_name_or_path llava-hf/llava-1.5-7b-hf --train_file data/llava/train.jsonl \
-        --eval_file data/llava/val.jsonl --bf16 --max_length 2048 --lora_r 128 --lora_alpha 256 --learning_rate 2e-4 \
-        --projector_lr 2e-5 --num_train_epochs 1 --unfreeze_last_n_vision_layers 0 --short_answer_words 3   # see README.md
+        --eval_file data/llava/val.jsonl --bf16 --max_length 2048 --lora_r 128 --lora_alpha 256 \
+        --learning_rate 2e-4 --projector_lr 2e-5 --num_train_epochs 1 --unfreeze_last_n_vision_layers 0 \
+        --short_answer_words 3   # see README.md
 
 Writes to --output_dir: checkpoints; the adapter with the trained projector (and vision layers) as
 safetensors, or the full model (stage pretrain, or --peft_method none); the processor;
@@ -30,8 +33,9 @@ from accelerate import PartialState
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
-from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, LearningRateArguments,
-                                 LossArguments, ModelArguments, PeftArguments, parse_args, recipe_argv)
+from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments,
+                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments,
+                                 parse_args, recipe_argv)
 from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
                                  tokenize_conversations)
 from recipes.common.data import embedded_dataset
@@ -54,18 +58,21 @@ class InstructArguments:
 
     stage: Literal["pretrain", "finetune"] = field(
         default="finetune",
-        metadata={"help": "'pretrain': stage 1, the projector alone on caption data; 'finetune': stage 2, the projector "
-                          "with LoRA (or all of the LM with --peft_method none) on instruction data."},
+        metadata={"help": "'pretrain': stage 1, the projector alone on caption data; 'finetune': stage 2, "
+                          "the projector with LoRA (or all of the LM with --peft_method none) on instruction "
+                          "data."},
     )
     data_task: Literal["instruct", "caption"] | None = field(
         default=None,
-        metadata={"help": "Schema of --train_file/--eval_file: 'caption' records become single-turn conversations; "
-                          "None = caption for --stage pretrain, instruct for finetune."},
+        metadata={"help": "Schema of --train_file/--eval_file: 'caption' records become single-turn "
+                          "conversations; None = caption for --stage pretrain, instruct for finetune."},
     )
-    projector_lr: float | None = field(default=None, metadata={"help": "Learning rate of the projector (= bridge_lr)."})
+    projector_lr: float | None = field(default=None,
+                                       metadata={"help": "Learning rate of the projector (= bridge_lr)."})
     short_answer_words: int = field(
         default=SHORT_ANSWER_WORDS,
-        metadata={"help": "Eval answers of at most this many words are scored with VQA accuracy, longer ones with CIDEr."},
+        metadata={"help": "Eval answers of at most this many words are scored with VQA accuracy, longer ones "
+                          "with CIDEr."},
     )
 
 
@@ -79,12 +86,12 @@ def main(argv=None):
     setup_run(training_args, model_args)
     if inst_args.projector_lr is not None:
         if lr_args.bridge_lr not in (None, inst_args.projector_lr):
-            raise ValueError(f"--projector_lr {inst_args.projector_lr} and --bridge_lr {lr_args.bridge_lr} name the "
-                             "same learning rate; give one of them.")
+            raise ValueError(f"--projector_lr {inst_args.projector_lr} and --bridge_lr {lr_args.bridge_lr} "
+                             "name the same learning rate; give one of them.")
         lr_args.bridge_lr = inst_args.projector_lr
     if data_args.image_size:
-        raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own image size; "
-                         "images are resized to it by the processor.")
+        raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own "
+                         "image size; images are resized to it by the processor.")
     task = inst_args.data_task or ("caption" if inst_args.stage == "pretrain" else "instruct")
 
     # Data: the embedded synthetic set unless files are given. Stage 1's images are scenes of another seed.
@@ -105,7 +112,8 @@ def main(argv=None):
         peft_args.peft_method = "none"
         freeze_args.freeze_vision_tower, freeze_args.unfreeze_last_n_vision_layers = True, 0
         freeze_args.freeze_bridge, freeze_args.freeze_language_model = False, True
-        logger.info("stage pretrain: only the projector trains (LoRA and the vision/LM freeze flags are ignored)")
+        logger.info("stage pretrain: only the projector trains (LoRA and the vision/LM freeze flags are "
+                    "ignored)")
     model = apply_lora_and_freezing(model, peft_args, freeze_args)
     logger.info("parameters:\n%s", count_parameters(model))
 
@@ -127,7 +135,8 @@ def main(argv=None):
             eval_items = eval_items.select(range(min(gen_args.eval_max_samples, len(eval_items))))
         if training_args.metric_for_best_model == "VQA_accuracy" and not any(eval_items["short"]):
             # Stage 1 evaluates captions only: there are no short answers to pick the best checkpoint by.
-            logger.warning("no eval answer is short enough for VQA accuracy: metric_for_best_model is CIDEr instead")
+            logger.warning("no eval answer is short enough for VQA accuracy: metric_for_best_model is CIDEr "
+                           "instead")
             training_args.metric_for_best_model = "CIDEr"
 
     trainer = InstructTrainer(

@@ -13,7 +13,8 @@ class InstructTrainer(RecipeTrainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy == "group_by_length" and "has_image" in dataset.column_names:
-            # Per-device batch size: accelerate hands each process whole batches of the sampler's order in turn.
+            # Per-device batch size: accelerate hands each process whole batches of the sampler's order in
+            # turn.
             return ModalityLengthGroupedSampler(dataset[self.args.length_column_name], dataset["has_image"],
                                                 self._train_batch_size, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)

@@ -23,7 +23,8 @@ SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 
 
 def training_answer(answers: list[str]) -> str:
-    """The answer to learn: the most frequent of the human answers (VQA v2's `multiple_choice_answer`), first on ties."""
+    """The answer to learn: the most frequent of the human answers (VQA v2's `multiple_choice_answer`), first
+    on ties."""
     answers = [a.strip() for a in answers]
     return max(answers, key=answers.count)  # max() keeps the first of equal counts
 
@@ -34,7 +35,8 @@ def question_turn(question: str, prompt: str | None) -> dict:
     return {"from": "human", "value": f"{text}\n{prompt}" if prompt else text}
 
 
-def vqa_conversations(records: datasets.Dataset, prompt: str | None = SHORT_ANSWER_PROMPT) -> datasets.Dataset:
+def vqa_conversations(records: datasets.Dataset,
+                      prompt: str | None = SHORT_ANSWER_PROMPT) -> datasets.Dataset:
     """VQA records -> one conversation per question, answered with its training answer."""
     return datasets.Dataset.from_list([
         {"image": r["image"], "conversations": [question_turn(r["question"], prompt),
@@ -46,30 +48,35 @@ def vqa_conversations(records: datasets.Dataset, prompt: str | None = SHORT_ANSW
 def vqa_items(records: datasets.Dataset, prompt: str | None = SHORT_ANSWER_PROMPT) -> datasets.Dataset:
     """Held-out VQA records -> generation items keyed by question_id, with what scoring needs."""
     return datasets.Dataset.from_list([
-        {"key": r["question_id"], "image": r["image"], "conversations": [question_turn(r["question"], prompt)],
-         "question": r["question"], "answers": r["answers"], "answer_type": r.get("answer_type"),
+        {"key": r["question_id"], "image": r["image"],
+         "conversations": [question_turn(r["question"], prompt)], "question": r["question"],
+         "answers": r["answers"], "answer_type": r.get("answer_type"),
          "question_type": r.get("question_type")}
         for r in records
     ])  # fmt: skip
 
 
 def metric_name(answer_type: str) -> str:
-    """Logged name of an answer type's accuracy: "yes/no" -> "VQA_accuracy_yes_no" (a "/" nests TensorBoard tags)."""
+    """Logged name of an answer type's accuracy: "yes/no" -> "VQA_accuracy_yes_no" (a "/" nests TensorBoard
+    tags)."""
     return "VQA_accuracy_" + re.sub(r"\W+", "_", answer_type).strip("_")
 
 
 def vqa_scores(predictions: dict, items) -> dict:
-    """`VQA_accuracy` overall and one `VQA_accuracy_<answer type>` each, in percent (the metrics logged in training).
+    """`VQA_accuracy` overall and one `VQA_accuracy_<answer type>` each, in percent (the metrics logged in
+    training).
 
     Scored by eval.vqa (official VQA v2 accuracy) on the items whose keys `predictions` has.
     """
     references = {it["key"]: {k: it.get(k) for k in ("answers", "answer_type", "question_type")}
                   for it in items if it["key"] in predictions}
     result = vqa_accuracy(predictions, references)
-    return {"VQA_accuracy": result["overall"], **{metric_name(t): v for t, v in sorted(result["perAnswerType"].items())}}
+    return {"VQA_accuracy": result["overall"],
+            **{metric_name(t): v for t, v in sorted(result["perAnswerType"].items())}}
 
 
 def prior_predictions(train_records, items) -> dict:
-    """The per-question-type prior baseline's answer to every item (eval.vqa.question_type_prior of the training set)."""
+    """The per-question-type prior baseline's answer to every item (eval.vqa.question_type_prior of the
+    training set)."""
     prior = question_type_prior(train_records)
     return {it["key"]: prior.get(it.get("question_type"), prior[None]) for it in items}

@@ -1,8 +1,10 @@
 """Peak GPU memory of one QLoRA training step on LLaVA-1.5-7B: computed, not measured on a GPU.
 
-    python recipes/qlora_vqa/memory.py                                  # micro-batch 4 and 16, 704 tokens, r=16
+    python recipes/qlora_vqa/memory.py                                  # micro-batch 4 and 16, 704 tokens, \
+r=16
     python recipes/qlora_vqa/memory.py --batch 8 --tokens 2048 --lora_r 64 --json
-    python recipes/qlora_vqa/memory.py --tiny    # measured: weight bytes of the tiny 4-bit LLaVA, ours vs peft's upcast
+    python recipes/qlora_vqa/memory.py --tiny    # measured: weight bytes of the tiny 4-bit LLaVA, ours vs \
+peft's upcast
 
 What is exact and what is estimated:
 - parameter counts are exact: the llava-hf/llava-1.5-7b-hf architecture (CLIP ViT-L/14-336, 2-layer GELU
@@ -45,22 +47,27 @@ OPTIMIZER_BYTES = {"paged_adamw_8bit": 2, "adamw_torch": 8}
 
 
 def llava_7b_config() -> LlavaConfig:
-    """The llava-hf/llava-1.5-7b-hf architecture (its config.json; the text config is Llama-2-7B's defaults)."""
+    """The llava-hf/llava-1.5-7b-hf architecture (its config.json; the text config is Llama-2-7B's
+    defaults)."""
     text = LlamaConfig(vocab_size=32064, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000, projector_hidden_act="gelu",
-                       vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False)
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5)
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_index=32000,
+                       projector_hidden_act="gelu", vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", tie_word_embeddings=False)
 
 
 def parameter_counts(config: LlavaConfig, lora_r: int) -> dict[str, int]:
-    """Exact weight counts: the quantized LM linear layers, everything else (unquantized), and the LoRA weights."""
+    """Exact weight counts: the quantized LM linear layers, everything else (unquantized), and the LoRA
+    weights."""
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     counts = {"quantized": 0, "unquantized": 0, "vision": 0, "projector": 0, "lora": 0}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.startswith("model.language_model.") and name.endswith(LORA_TARGETS):
+        if (isinstance(module, torch.nn.Linear) and name.startswith("model.language_model.")
+                and name.endswith(LORA_TARGETS)):
             counts["quantized"] += module.weight.numel()
             counts["lora"] += lora_r * (module.in_features + module.out_features)
     total = sum(p.numel() for p in model.parameters())
@@ -72,7 +79,8 @@ def parameter_counts(config: LlavaConfig, lora_r: int) -> dict[str, int]:
 
 
 def _saved_bytes(n_layers: int, text: LlamaConfig, tokens: int, lora_r: int, lora_dropout: float) -> int:
-    """Bytes autograd saves in a forward of an `n_layers` Llama (frozen bf16 base, LoRA on all linears, bf16 autocast)."""
+    """Bytes autograd saves in a forward of an `n_layers` Llama (frozen bf16 base, LoRA on all linears, bf16
+    autocast)."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaModel
 
@@ -96,18 +104,21 @@ def _saved_bytes(n_layers: int, text: LlamaConfig, tokens: int, lora_r: int, lor
         return t
 
     embeds = torch.randn(1, tokens, text.hidden_size, dtype=torch.bfloat16, requires_grad=True)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.autograd.graph.saved_tensors_hooks(pack,
+                                                                                               lambda t: t):
         model(inputs_embeds=embeds)
     return sum(seen.values())
 
 
-def layer_bytes_per_token(text: LlamaConfig, lora_r: int, lora_dropout: float, tokens: tuple[int, int] = (16, 48)) -> float:
+def layer_bytes_per_token(text: LlamaConfig, lora_r: int, lora_dropout: float,
+                          tokens: tuple[int, int] = (16, 48)) -> float:
     """Activation bytes one decoder layer keeps for backward, per token.
 
     One layer = a 2-layer minus a 1-layer model; per token = the slope between two lengths, which
     leaves out what does not grow with tokens (the bf16 copies autocast makes of the LoRA weights).
     """
-    layer = [_saved_bytes(2, text, t, lora_r, lora_dropout) - _saved_bytes(1, text, t, lora_r, lora_dropout) for t in tokens]
+    layer = [_saved_bytes(2, text, t, lora_r, lora_dropout) - _saved_bytes(1, text, t, lora_r, lora_dropout)
+             for t in tokens]
     return (layer[1] - layer[0]) / (tokens[1] - tokens[0])
 
 
@@ -139,16 +150,18 @@ def peak_memory(batch: int, tokens: int, lora_r: int = 16, lora_dropout: float =
         "layer_activation_bytes_per_token": per_token_layer,
         "terms_GB": {k: v / GB for k, v in terms.items()},
         "peak_GB": peak / GB,
-        # Same step with every weight in bf16 (plain 16-bit LoRA), and with peft's prepare_model_for_kbit_training,
-        # which upcasts every non-quantized weight to float32 (+2 bytes each).
+        # Same step with every weight in bf16 (plain 16-bit LoRA), and with peft's
+        # prepare_model_for_kbit_training, which upcasts every non-quantized weight to float32 (+2 bytes
+        # each).
         "peak_GB_16bit_lora": (peak - quantized - 2 * counts["unquantized"] + weights_16bit) / GB,
         "peak_GB_with_peft_upcast": (peak + 2 * counts["unquantized"]) / GB,
     }
 
 
 def tiny_weight_bytes(model: str = "tiny:llava-pretrained") -> dict:
-    """Weight bytes of `model` in 4-bit with bf16 compute, set up for training (LoRA + projector, as config.yaml)
-    by this recipe's `prepare_quantized_for_training` and by peft's `prepare_model_for_kbit_training`."""
+    """Weight bytes of `model` in 4-bit with bf16 compute, set up for training (LoRA + projector, as
+    config.yaml) by this recipe's `prepare_quantized_for_training` and by peft's
+    `prepare_model_for_kbit_training`."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     from recipes.common.args import FreezeArguments, ModelArguments, PeftArguments
@@ -183,13 +196,15 @@ def main(argv=None) -> int:
         return 0
     torch.manual_seed(0)
     per_token = layer_bytes_per_token(llava_7b_config().text_config, args.lora_r, args.lora_dropout)
-    rows = [peak_memory(b, args.tokens, args.lora_r, args.lora_dropout, args.optim, per_token) for b in args.batch]
+    rows = [peak_memory(b, args.tokens, args.lora_r, args.lora_dropout, args.optim, per_token)
+            for b in args.batch]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     counts = rows[0]["parameters"]
-    print(f"LLaVA-1.5-7B: {counts['total']:,} weights, {counts['quantized']:,} in 4-bit, LoRA r={args.lora_r}: "
-          f"{counts['lora']:,}; one decoder layer keeps {per_token / 1024:.1f} KiB per token for backward")
+    print(f"LLaVA-1.5-7B: {counts['total']:,} weights, {counts['quantized']:,} in 4-bit, LoRA "
+          f"r={args.lora_r}: {counts['lora']:,}; one decoder layer keeps {per_token / 1024:.1f} KiB per "
+          "token for backward")
     print("| term (GB) | " + " | ".join(f"micro-batch {r['batch']}" for r in rows) + " |")
     print("|---|" + "---|" * len(rows))
     for term in rows[-1]["terms_GB"]:

@@ -1,4 +1,5 @@
-"""Export a QLoRA run: dequantize the 4-bit base, merge the adapter (and the trained projector), save a full checkpoint.
+"""Export a QLoRA run: dequantize the 4-bit base, merge the adapter (and the trained projector), save a full \
+checkpoint.
 
     python recipes/qlora_vqa/merge.py --run outputs/qlora_vqa --out outputs/qlora_vqa_merged            # bf16
     python recipes/qlora_vqa/merge.py --run outputs/qlora_vqa/checkpoint-150 --out merged --dtype float32

@@ -1,5 +1,5 @@
-"""Fine-tune a LLaVA model for visual question answering with QLoRA: a 4-bit NF4 language model, LoRA on all of its
-linear layers, the vision tower, projector and LM head unquantized.
+"""Fine-tune a LLaVA model for visual question answering with QLoRA: a 4-bit NF4 language model, LoRA on all
+of its linear layers, the vision tower, projector and LM head unquantized.
 
 Embedded default (tiny pre-trained LLaVA + synthetic shapes VQA, built on first use), on the CPU, where
 bitsandbytes' 4-bit kernels run too:
@@ -26,14 +26,16 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
-from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments, LearningRateArguments,
-                                 LossArguments, ModelArguments, PeftArguments, parse_args, recipe_argv)
+from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments,
+                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments,
+                                 parse_args, recipe_argv)
 from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
                                  tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_lora_and_freezing, count_parameters
-from recipes.common.quantization import fall_back_to_cpu_optimizer, prepare_quantized_for_training, weight_bytes
+from recipes.common.quantization import (fall_back_to_cpu_optimizer, prepare_quantized_for_training,
+                                         weight_bytes)
 from recipes.common.run import load_data, setup_run, train_and_evaluate
 from recipes.qlora_vqa.collator import (SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items,
                                         vqa_scores)
@@ -53,7 +55,8 @@ class VqaArguments:
 
     answer_prompt: str | None = field(
         default=SHORT_ANSWER_PROMPT,
-        metadata={"help": "Instruction after each question asking for a short answer (LLaVA-1.5's); empty = none."},
+        metadata={"help": "Instruction after each question asking for a short answer (LLaVA-1.5's); empty = "
+                          "none."},
     )
 
 
@@ -67,16 +70,17 @@ def main(argv=None):
     setup_run(training_args, model_args)
     quantized = model_args.load_in_4bit or model_args.load_in_8bit
     if quantized and peft_args.peft_method == "none":
-        raise ValueError("--peft_method none with --load_in_4bit/--load_in_8bit: quantized weights cannot train. Use LoRA, "
-                         "or load the model unquantized (--load_in_4bit false).")
+        raise ValueError("--peft_method none with --load_in_4bit/--load_in_8bit: quantized weights cannot "
+                         "train. Use LoRA, or load the model unquantized (--load_in_4bit false).")
     if data_args.image_size:
-        raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own image size; "
-                         "images are resized to it by the processor.")
+        raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own "
+                         "image size; images are resized to it by the processor.")
     fall_back_to_cpu_optimizer(training_args)
 
     # Data: the embedded synthetic set unless files are given.
     train_records, eval_records = load_data(
-        data_args, "vqa", lambda: embedded_dataset("vqa", n=1000, lang=data_args.lang, seed=training_args.seed))
+        data_args, "vqa",
+        lambda: embedded_dataset("vqa", n=1000, lang=data_args.lang, seed=training_args.seed))
 
     # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny/pretrain.py).
     # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml).
@@ -96,13 +100,15 @@ def main(argv=None):
 
     # Samples: one short-answer conversation per question, through the processor's chat template;
     # loss on the answer tokens only; the length budget counts the image tokens.
-    train_dataset, train_report = tokenize_conversations(vqa_conversations(train_records, vqa_args.answer_prompt), encoder,
+    train_dataset, train_report = tokenize_conversations(vqa_conversations(train_records,
+                                                                           vqa_args.answer_prompt), encoder,
                                                          data_args.max_length, source=data_args.train_file)
     logger.info("train %s", train_report)
     reports = {"train": vars(train_report)}
     eval_dataset = eval_items = None
     if eval_records is not None:
-        eval_dataset, eval_report = tokenize_conversations(vqa_conversations(eval_records, vqa_args.answer_prompt), encoder,
+        eval_dataset, eval_report = tokenize_conversations(vqa_conversations(eval_records,
+                                                                             vqa_args.answer_prompt), encoder,
                                                            data_args.max_length, source=data_args.eval_file)
         logger.info("eval %s", eval_report)
         reports["eval"] = vars(eval_report)
@@ -132,7 +138,8 @@ def main(argv=None):
         # answer needs to beat to show that the model looked at the image.
         baseline = prior_predictions(train_records, eval_items)
         results["baseline"] = {f"eval_{k}": v for k, v in vqa_scores(baseline, eval_items).items()}
-        if trainer.is_world_process_zero():  # predictions/baseline.*: its answers and per-question-type accuracy
+        # predictions/baseline.*: its answers and per-question-type accuracy
+        if trainer.is_world_process_zero():
             trainer.write_predictions(baseline, results["baseline"], "baseline")
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="vqa", lang=data_args.lang, model=model_path,

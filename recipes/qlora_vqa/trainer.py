@@ -31,7 +31,8 @@ class VqaTrainer(RecipeTrainer):
         super().write_predictions(predictions, scores, name)
         folder = os.path.join(self.args.output_dir, "predictions")
         results = [{"question_id": key, "answer": text} for key, text in predictions.items()]
-        atomic_write_text(os.path.join(folder, f"{name}.results.json"), json.dumps(results, ensure_ascii=False))
+        atomic_write_text(os.path.join(folder, f"{name}.results.json"),
+                          json.dumps(results, ensure_ascii=False))
         references = {it["key"]: {k: it[k] for k in ("answers", "answer_type", "question_type")}
                       for it in self.generation_dataset if it["key"] in predictions}
         breakdown = vqa_accuracy(predictions, references)

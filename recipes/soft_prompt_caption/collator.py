@@ -51,7 +51,8 @@ def tokenize_captions(
 
 @dataclass
 class CaptionPromptCollator:
-    """Eval records -> `generate` inputs: pixel values, the prompt ids (the same for all: no padding), keys."""
+    """Eval records -> `generate` inputs: pixel values, the prompt ids (the same for all: no padding),
+    keys."""
 
     image_processor: object
     tokenizer: object

@@ -1,6 +1,7 @@
 """The soft-prompt captioner: a frozen CLIP vision encoder and a frozen causal LM, joined by what is trained.
 
-    [soft prompt: prompt_length vectors] + [projection(CLIP features): 1 pooled or all patch vectors] + [text embeddings]
+    [soft prompt: prompt_length vectors] + [projection(CLIP features): 1 pooled or all patch vectors] + [text
+    embeddings]
         -> the frozen language model (GPT-2 by default) -> next-token loss on the caption tokens only
 
 Only `soft_prompt` and `projection` train (plus LoRA on the LM when asked). The idea is prefix tuning
@@ -28,7 +29,8 @@ import torch
 from huggingface_hub.dataclasses import strict
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers import (CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig,
+                          PreTrainedModel)
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
@@ -84,7 +86,8 @@ class SoftPromptCaptionerConfig(PreTrainedConfig):
 
 
 class SoftPromptCaptioner(PreTrainedModel):
-    """Frozen vision encoder -> projection, learned soft prompt, frozen causal LM; `generate()` writes captions."""
+    """Frozen vision encoder -> projection, learned soft prompt, frozen causal LM; `generate()` writes
+    captions."""
 
     config_class = SoftPromptCaptionerConfig
     main_input_name = "pixel_values"
@@ -96,7 +99,8 @@ class SoftPromptCaptioner(PreTrainedModel):
                  language_model: PreTrainedModel | None = None):
         super().__init__(config)
         # Parts passed in (already loaded) are kept: post_init skips weights marked as loaded.
-        self.vision_model = vision_model if vision_model is not None else AutoModel.from_config(config.vision_config)
+        self.vision_model = (vision_model if vision_model is not None
+                             else AutoModel.from_config(config.vision_config))
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.language_model = language_model
@@ -104,7 +108,9 @@ class SoftPromptCaptioner(PreTrainedModel):
         d_text = self.language_model.get_input_embeddings().embedding_dim
         if config.projection == "linear":
             self.projection = nn.Linear(d_vision, d_text)
-        else:  # LLaVA-1.5's "mlp2x_gelu" projector (Liu et al., 2023, "Improved Baselines with Visual Instruction Tuning")
+        # LLaVA-1.5's "mlp2x_gelu" projector (Liu et al., 2023, "Improved Baselines with Visual Instruction
+        # Tuning")
+        else:
             self.projection = nn.Sequential(nn.Linear(d_vision, d_text), nn.GELU(), nn.Linear(d_text, d_text))
         self.soft_prompt = nn.Parameter(torch.empty(config.prompt_length, d_text))
         self.post_init()
@@ -116,15 +122,16 @@ class SoftPromptCaptioner(PreTrainedModel):
 
     # --- building -----------------------------------------------------------------------------------------
     @classmethod
-    def from_parts(cls, vision_model: str, language_model: str, *, dtype=None, attn_implementation: str | None = None,
-                   revision: str | None = None, **options) -> "SoftPromptCaptioner":
+    def from_parts(cls, vision_model: str, language_model: str, *, dtype=None,
+                   attn_implementation: str | None = None, revision: str | None = None,
+                   **options) -> "SoftPromptCaptioner":
         """Load the frozen parts from two checkpoints (a full CLIP one is fine) and add fresh trained parts.
 
         `options` are config fields: prompt_length, projection, vision_features. The trained parts stay
         float32 whatever `dtype` the frozen parts are loaded in: they are what the optimizer updates.
         """
-        kwargs = {k: v for k, v in dict(dtype=dtype, attn_implementation=attn_implementation, revision=revision).items()
-                  if v is not None}
+        kwargs = {k: v for k, v in dict(dtype=dtype, attn_implementation=attn_implementation,
+                                        revision=revision).items() if v is not None}
         vision_config = AutoConfig.from_pretrained(vision_model, revision=revision)
         # A CLIP checkpoint holds both towers; its vision_config names the vision-only class.
         vision_config = getattr(vision_config, "vision_config", vision_config)
@@ -134,11 +141,15 @@ class SoftPromptCaptioner(PreTrainedModel):
                                language_model_name_or_path=str(language_model), **options)
 
     @classmethod
-    def from_models(cls, vision: PreTrainedModel, language: PreTrainedModel, **options) -> "SoftPromptCaptioner":
-        """The captioner around two models already built (loaded, or from configs as `bench/` does): both frozen,
-        fresh trained parts in float32. `options` are config fields (prompt_length, ..., the *_name_or_path)."""
-        # A new config resets its sub-configs' attention kernel unless told; keep the one each part was loaded with.
-        kernels = {"vision_config": vision.config._attn_implementation, "text_config": language.config._attn_implementation}
+    def from_models(cls, vision: PreTrainedModel, language: PreTrainedModel,
+                    **options) -> "SoftPromptCaptioner":
+        """The captioner around two models already built (loaded, or from configs as `bench/` does): both
+        frozen, fresh trained parts in float32. `options` are config fields (prompt_length, ..., the
+        *_name_or_path)."""
+        # A new config resets its sub-configs' attention kernel unless told; keep the one each part was loaded
+        # with.
+        kernels = {"vision_config": vision.config._attn_implementation,
+                   "text_config": language.config._attn_implementation}
         config = SoftPromptCaptionerConfig(vision_config=vision.config, text_config=language.config,
                                            attn_implementation=kernels, **options)
         model = cls(config, vision_model=vision, language_model=language)
@@ -149,8 +160,8 @@ class SoftPromptCaptioner(PreTrainedModel):
         return model
 
     @classmethod
-    def from_trained(cls, run: str | Path, *, vision_model: str | None = None, language_model: str | None = None,
-                     dtype=None) -> "SoftPromptCaptioner":
+    def from_trained(cls, run: str | Path, *, vision_model: str | None = None,
+                     language_model: str | None = None, dtype=None) -> "SoftPromptCaptioner":
         """A training run (or checkpoint-N) as a model: the frozen bases from the paths in its config.json,
         the trained weights from trained.safetensors, LoRA merged into the LM when the run used it.
 
@@ -158,8 +169,8 @@ class SoftPromptCaptioner(PreTrainedModel):
         """
         run = Path(run)
         if not (run / TRAINED_WEIGHTS).is_file():
-            raise FileNotFoundError(f"{run}: no {TRAINED_WEIGHTS}; give the output_dir (or a checkpoint-N folder) of a "
-                                    "soft_prompt_caption training run.")
+            raise FileNotFoundError(f"{run}: no {TRAINED_WEIGHTS}; give the output_dir (or a checkpoint-N "
+                                    "folder) of a soft_prompt_caption training run.")
         config = SoftPromptCaptionerConfig.from_pretrained(run)
         options = dict(prompt_length=config.prompt_length, projection=config.projection,
                        vision_features=config.vision_features)
@@ -184,7 +195,8 @@ class SoftPromptCaptioner(PreTrainedModel):
         """
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if not ids:
-            raise ValueError(f"prompt_init_text {text!r} has no tokens: give some words, or leave it out for N(0, 0.02).")
+            raise ValueError(f"prompt_init_text {text!r} has no tokens: give some words, or leave it out for "
+                             "N(0, 0.02).")
         ids = torch.tensor([ids[i % len(ids)] for i in range(self.config.prompt_length)], dtype=torch.long)
         embeddings = self.language_model.get_input_embeddings().weight
         self.soft_prompt.copy_(embeddings[ids.to(embeddings.device)].to(self.soft_prompt.dtype))
@@ -193,7 +205,8 @@ class SoftPromptCaptioner(PreTrainedModel):
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision vectors before the projection: [batch, num_vision_tokens, vision hidden size].
 
-        A 3-D `pixel_values` is these vectors already, from the cache of a frozen tower (--cache_vision_features).
+        A 3-D `pixel_values` is these vectors already, from the cache of a frozen tower
+        (--cache_vision_features).
         """
         if pixel_values.dim() == 3:
             return pixel_values
@@ -201,10 +214,12 @@ class SoftPromptCaptioner(PreTrainedModel):
         out = self.vision_model(pixel_values=pixel_values.to(dtype))
         if self.config.vision_features == "pooled":
             return out.pooler_output.unsqueeze(1)
-        return out.last_hidden_state[:, -self.config.num_vision_tokens:]  # the patches; CLIP's CLS comes first
+        # the patches; CLIP's CLS comes first
+        return out.last_hidden_state[:, -self.config.num_vision_tokens:]
 
     def prefix_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[soft prompt, projected image] for each image: [batch, prefix_length, LM hidden size], in the LM's dtype."""
+        """[soft prompt, projected image] for each image: [batch, prefix_length, LM hidden size], in the LM's
+        dtype."""
         features = self.image_features(pixel_values)
         vision = self.projection(features.to(next(self.projection.parameters()).dtype))
         prompt = self.soft_prompt.unsqueeze(0).expand(vision.shape[0], -1, -1).to(vision.dtype)
@@ -226,12 +241,14 @@ class SoftPromptCaptioner(PreTrainedModel):
     def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 loss_on_label_positions: bool = False, **kwargs):
-        """The LM's output over [prefix, text]. `input_ids`, `attention_mask` and `labels` cover the text only;
-        labels get -100 over the prefix, so the first caption token is predicted from the last image vector.
+        """The LM's output over [prefix, text]. `input_ids`, `attention_mask` and `labels` cover the text
+        only; labels get -100 over the prefix, so the first caption token is predicted from the last image
+        vector.
 
         `loss_on_label_positions`: logits (flattened) and the same loss at the caption positions only
         (recipes/common/losses.py). `kwargs` reach the LM: `num_items_in_batch` from the Trainer (the count of
-        labels that are not -100, which are exactly the targets here) keeps the loss right under gradient accumulation.
+        labels that are not -100, which are exactly the targets here) keeps the loss right under gradient
+        accumulation.
         """
         embeds, mask = self._inputs(pixel_values, input_ids, attention_mask)
         if labels is not None:
@@ -262,7 +279,8 @@ class SoftPromptCaptioner(PreTrainedModel):
         return out
 
 
-# --- the trained parts on disk --------------------------------------------------------------------------------
+# --- the trained parts on disk
+# --------------------------------------------------------------------------------
 def trained_parameter_names(model: nn.Module) -> list[str]:
     """Names of the parameters that train (soft prompt, projection, LoRA), as `model` names them."""
     return [name for name, p in model.named_parameters() if p.requires_grad]
@@ -309,12 +327,13 @@ def load_trained(model: nn.Module, folder: str | Path) -> None:
     if unknown or absent:
         lora = f" and {LORA_CONFIG}" if (path.parent / LORA_CONFIG).exists() else ""
         raise ValueError(f"{path} does not fit this model: {len(unknown)} unknown tensor(s) {unknown[:3]}, "
-                         f"{len(absent)} trained parameter(s) not in the file {absent[:3]}. Build the model with the "
-                         f"settings of the run (its config.json{lora}).")
+                         f"{len(absent)} trained parameter(s) not in the file {absent[:3]}. Build the model "
+                         f"with the settings of the run (its config.json{lora}).")
     with torch.no_grad():
         for name, value in tensors.items():
             if params[name].shape != value.shape:
-                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model {tuple(params[name].shape)}.")
+                raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model "
+                                 f"{tuple(params[name].shape)}.")
             params[name].copy_(value)
 
 

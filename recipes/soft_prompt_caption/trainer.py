@@ -26,7 +26,8 @@ class SoftPromptTrainer(RecipeTrainer):
         self.image_processor = image_processor
 
     def label_position_inputs(self, inputs: dict) -> dict:
-        # SoftPromptCaptioner.forward puts the prefix in front of the labels first, then keeps their positions.
+        # SoftPromptCaptioner.forward puts the prefix in front of the labels first, then keeps their
+        # positions.
         return {**inputs, "loss_on_label_positions": True}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
@@ -40,7 +41,8 @@ class SoftPromptTrainer(RecipeTrainer):
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        load_trained(self.accelerator.unwrap_model(model if model is not None else self.model), resume_from_checkpoint)
+        load_trained(self.accelerator.unwrap_model(model if model is not None else self.model),
+                     resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -1,1 +1,2 @@
-"""Tiny models of the real architectures (`models`) and their pre-trained bases (`pretrain`), built offline."""
+"""Tiny models of the real architectures (`models`) and their pre-trained bases (`pretrain`), built
+offline."""

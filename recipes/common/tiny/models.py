@@ -81,7 +81,8 @@ def synthetic_corpus(n: int = 300, seed: int = 0) -> tuple[str, ...]:
                     texts += record.get("captions", [])
                     if "question" in record:
                         texts += [record["question"], *record["answers"]]
-                    texts += [turn["value"].replace(IMAGE_TOKEN, "") for turn in record.get("conversations", [])]
+                    texts += [turn["value"].replace(IMAGE_TOKEN, "")
+                              for turn in record.get("conversations", [])]
     return tuple(texts)
 
 
@@ -102,7 +103,8 @@ def train_byte_bpe(corpus: tuple[str, ...], specials: list[str], vocab_size: int
 
 
 def _fast_tokenizer(tok: Tokenizer, bos: str | None, **special_tokens):
-    """Wrap a trained tokenizer; prepend `bos` (if given) to every sequence, as OPT and Llama tokenizers do."""
+    """Wrap a trained tokenizer; prepend `bos` (if given) to every sequence, as OPT and Llama tokenizers
+    do."""
     from transformers import PreTrainedTokenizerFast
 
     if bos is not None:
@@ -169,7 +171,8 @@ def sincos_position_init(weight: torch.Tensor, grid: int) -> None:
     dim = weight.shape[-1]
     quarter = torch.arange(dim // 4, dtype=torch.float64) / (dim // 4)
     omega = 1.0 / 10000**quarter
-    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64),
+                            indexing="ij")
     parts = [f(torch.outer(axis.flatten(), omega)) for axis in (ys, xs) for f in (torch.sin, torch.cos)]
     table = torch.cat([torch.zeros(1, dim, dtype=torch.float64), torch.cat(parts, dim=1)])
     with torch.no_grad():
@@ -214,8 +217,8 @@ def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=
     bpe = train_byte_bpe(corpus, ["<pad>", "</s>", "<unk>", IMAGE_TOKEN], vocab_size)
     # No `image_token` attribute on the tokenizer: Blip2Processor 5.x expects an AddedToken there, not the
     # string a saved tokenizer gives back, and registers "<image>" itself (here already id 3).
-    tokenizer = _fast_tokenizer(bpe, "</s>", bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                model_max_length=256)
+    tokenizer = _fast_tokenizer(bpe, "</s>", bos_token="</s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>", model_max_length=256)
     # Blip2VisionConfig's default initializer_range, 1e-10 (real BLIP-2 always loads a pre-trained image
     # encoder), is kept on purpose: the vision layers start at zero, so the encoder begins as a linear
     # read of each patch (plus its position) and its layers grow from there. Measured: with 0.02 instead,
@@ -230,10 +233,11 @@ def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=
     text = OPTConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, word_embed_proj_dim=text_hidden,
                      ffn_dim=4 * text_hidden, num_hidden_layers=layers,
                      num_attention_heads=max(1, text_hidden // 32),
-                     max_position_embeddings=256, dropout=0.0, attention_dropout=0.0, pad_token_id=tokenizer.pad_token_id,
-                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(), text_config=text.to_dict(),
-                         num_query_tokens=num_query_tokens,
+                     max_position_embeddings=256, dropout=0.0, attention_dropout=0.0,
+                     pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                     eos_token_id=tokenizer.eos_token_id)
+    config = Blip2Config(vision_config=vision.to_dict(), qformer_config=qformer.to_dict(),
+                         text_config=text.to_dict(), num_query_tokens=num_query_tokens,
                          image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     model = Blip2ForConditionalGeneration(config)
     init_vision_positions(model, IMAGE_SIZE // patch_size)
@@ -245,7 +249,8 @@ def build_blip2_opt(corpus, *, vision_hidden=64, qformer_hidden=64, text_hidden=
         model.query_tokens.normal_(mean=0.0, std=config.qformer_config.initializer_range)
     image_processor = BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
                                          image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer, num_query_tokens=num_query_tokens)
+    processor = Blip2Processor(image_processor=image_processor, tokenizer=tokenizer,
+                               num_query_tokens=num_query_tokens)
     return model, processor
 
 
@@ -254,8 +259,9 @@ def build_llava(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_si
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     bpe = train_byte_bpe(corpus, ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN], vocab_size)
-    tokenizer = _fast_tokenizer(bpe, "<s>", bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
-                                model_max_length=512, extra_special_tokens={"image_token": IMAGE_TOKEN})
+    tokenizer = _fast_tokenizer(bpe, "<s>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                unk_token="<unk>", model_max_length=512,
+                                extra_special_tokens={"image_token": IMAGE_TOKEN})
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     vision = _clip_vision_config(vision_hidden, layers, patch_size)
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
@@ -271,9 +277,9 @@ def build_llava(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_si
                          vision_feature_layer=-2)
     model = LlavaForConditionalGeneration(config)
     init_vision_positions(model, IMAGE_SIZE // patch_size)
-    processor = LlavaProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_CHAT_TEMPLATE)
+    processor = LlavaProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer,
+                               patch_size=patch_size, vision_feature_select_strategy="default",
+                               num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
     return model, processor
 
 
@@ -284,13 +290,14 @@ def build_clip(corpus, *, vision_hidden=64, text_hidden=64, projection_dim=64, l
 
     tokenizer = clip_tokenizer(corpus, vocab_size)
     tokenizer.model_max_length = 77
-    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=2 * text_hidden,
-                          num_hidden_layers=layers, num_attention_heads=max(1, text_hidden // 32),
-                          max_position_embeddings=77, projection_dim=projection_dim,
-                          pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                          eos_token_id=tokenizer.eos_token_id)
+    text = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=text_hidden,
+                          intermediate_size=2 * text_hidden, num_hidden_layers=layers,
+                          num_attention_heads=max(1, text_hidden // 32), max_position_embeddings=77,
+                          projection_dim=projection_dim, pad_token_id=tokenizer.pad_token_id,
+                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     vision = _clip_vision_config(vision_hidden, layers, patch_size)
-    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=projection_dim)
+    config = CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                        projection_dim=projection_dim)
     model = CLIPModel(config)
     init_vision_positions(model, IMAGE_SIZE // patch_size)
     return model, CLIPProcessor(image_processor=_clip_image_processor(), tokenizer=tokenizer)
@@ -315,8 +322,8 @@ def build_gpt2(corpus, *, hidden=128, layers=2, vocab_size=1500):
     tokenizer = _fast_tokenizer(bpe, None, bos_token=eot, eos_token=eot, pad_token=eot, unk_token=eot,
                                 model_max_length=256)
     config = GPT2Config(vocab_size=len(tokenizer), n_embd=hidden, n_layer=layers, n_head=max(1, hidden // 32),
-                        n_positions=256, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
+                        n_positions=256, bos_token_id=tokenizer.bos_token_id,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return GPT2LMHeadModel(config), tokenizer
 
 
@@ -344,7 +351,8 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0, **overrides
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     (out_dir / "tiny_model.json").write_text(
-        json.dumps({"name": name, "build_version": BUILD_VERSIONS[name], "seed": seed, "overrides": overrides}, indent=2)
+        json.dumps({"name": name, "build_version": BUILD_VERSIONS[name], "seed": seed,
+                    "overrides": overrides}, indent=2)
     )
     return out_dir
 
@@ -363,7 +371,8 @@ def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.common.tiny.models", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.common.tiny.models",
+                                description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(BUILDERS))
     p.add_argument("--out", help="build into this folder (default: the cache, $VLM_RECIPES_CACHE/tiny/...)")
     p.add_argument("--seed", type=int, default=0)

@@ -62,12 +62,14 @@ PRETRAIN_SEED = 10_000  # synth seed of the pre-training images; the embedded fi
 def annotation(objects: list[dict]) -> str:
     """Region-annotation style text of a scene: every attribute of every object, in reading order."""
     return "; ".join(
-        f"{o['position'].replace(' ', '-')}: shape {o['shape']}, colour {o['color']}, size {o['size']}" for o in objects
+        f"{o['position'].replace(' ', '-')}: shape {o['shape']}, colour {o['color']}, size {o['size']}"
+        for o in objects
     )
 
 
 def corpus_batch(step: int, batch_size: int, image_size: int = 64) -> tuple[list, list[str]]:
-    """Images and annotations of batch `step`: a pure function of (step, index), so any step can be redrawn."""
+    """Images and annotations of batch `step`: a pure function of (step, index), so any step can be
+    redrawn."""
     images, texts = [], []
     for i in range(step * batch_size, (step + 1) * batch_size):
         objects = make_scene(PRETRAIN_SEED, i, image_size)
@@ -119,7 +121,8 @@ def _blip2_batch(model, processor, images, texts) -> dict[str, torch.Tensor]:
         labels[i, n_query + 1:n_query + len(x)] = torch.tensor(x[1:])  # not bos: it is always given
         attention_mask[i, :n_query + len(x)] = 1
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-    return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"pixel_values": pixel_values, "input_ids": input_ids, "attention_mask": attention_mask,
+            "labels": labels}
 
 
 def _train(params, losses_at, *, steps: int, lr: float, warmup: int, weight_decay: float, seed: int, log,
@@ -177,9 +180,10 @@ def contrastive_loss(logits: torch.Tensor) -> torch.Tensor:
     return (image_to_text + text_to_image) / 2
 
 
-def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 2000, text_steps: int = 500,
-                   text_weight: float = 0.2, text_batch_size: int = 32, batch_size: int = 32, lr: float = 1e-3,
-                   warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, log=print) -> Path:
+def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 2000,
+                   text_steps: int = 500, text_weight: float = 0.2, text_batch_size: int = 32,
+                   batch_size: int = 32, lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01,
+                   seed: int = 0, log=print) -> Path:
     """Pre-train a tiny Blip2ForConditionalGeneration in two stages; save to `out_dir`.
 
     1. `text_steps` steps of its OPT alone on the text corpus (a language model is trained on text
@@ -197,7 +201,8 @@ def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps
     the text loss at 0.2 on 32 texts a step (these defaults), with 1 thread: colour 0.96, size 0.97, shape
     0.23 (about chance: the tiny vision tower does not learn shapes in this budget), fine-tuned CIDEr 0.99
     after one epoch, 1.26 after six; with 2 threads (another order of float sums, `make demo`): colour
-    0.79, size 0.90, shape 0.27, CIDEr 1.12. It is a narrow road: with 8 texts a step instead of 32, colour 0.33 and CIDEr
+    0.79, size 0.90, shape 0.27, CIDEr 1.12. It is a narrow road: with 8 texts a step instead of 32, colour
+    0.33 and CIDEr
     0.83; with 1,500 image steps, CIDEr 1.09; with the text loss only in the last 500 steps, 0.99.
     """
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
@@ -226,10 +231,13 @@ def pretrain_blip2(out_dir: str | Path, *, base: str | Path | None = None, steps
     curve, seconds = _train(model.parameters(), losses_at, steps=steps, weights={"text_loss": text_weight},
                             what="tiny BLIP-2, stage 2 (images)", **settings)
     return _save(model, processor, out_dir, {
-        "base": str(base), "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, attribute annotations (see recipes/common/tiny/pretrain.py)",
-        "example": corpus_batch(0, 1)[1][0], "text_steps": text_steps, "steps": steps, "text_weight": text_weight,
+        "base": str(base),
+        "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, attribute annotations (see "
+                  "recipes/common/tiny/pretrain.py)", "example": corpus_batch(0, 1)[1][0],
+        "text_steps": text_steps, "steps": steps, "text_weight": text_weight,
         "text_batch_size": text_batch_size, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-        "weight_decay": weight_decay, "seed": seed, "seconds": round(text_seconds + seconds, 1), "text_loss_curve": text_curve, "loss_curve": curve})
+        "weight_decay": weight_decay, "seed": seed, "seconds": round(text_seconds + seconds, 1),
+        "text_loss_curve": text_curve, "loss_curve": curve})
 
 
 def shape_negative(index: int) -> str:
@@ -241,9 +249,9 @@ def shape_negative(index: int) -> str:
     return annotation(objects)
 
 
-def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 3000, batch_size: int = 64,
-                  lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.1, hard_negatives: bool = True,
-                  seed: int = 0, log=print) -> Path:
+def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 3000,
+                  batch_size: int = 64, lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.1,
+                  hard_negatives: bool = True, seed: int = 0, log=print) -> Path:
     """Pre-train a tiny CLIPModel contrastively on (image, attribute annotation) pairs; save to `out_dir`.
 
     CLIP's loss (symmetric InfoNCE over the batch, learnable temperature; Radford et al. 2021,
@@ -263,7 +271,8 @@ def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps:
 
     def losses_at(step: int) -> dict:
         images, texts = corpus_batch(step, batch_size)
-        negatives = [shape_negative(i) for i in range(step * batch_size, (step + 1) * batch_size)] if hard_negatives else []
+        negatives = ([shape_negative(i) for i in range(step * batch_size, (step + 1) * batch_size)]
+                     if hard_negatives else [])
         inputs = processor(text=texts + negatives, images=images, padding=True, return_tensors="pt")
         # logits_per_image: images x (texts + negatives), scaled by the temperature
         return {"contrastive_loss": contrastive_loss(model(**inputs).logits_per_image)}
@@ -274,10 +283,12 @@ def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps:
     curve, seconds = _train(groups, losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
                             seed=seed, log=log, what="tiny CLIP")
     return _save(model, processor, out_dir, {
-        "base": str(base), "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, (image, attribute annotation) pairs",
-        "example": corpus_batch(0, 1)[1][0], "hard_negative_example": shape_negative(0) if hard_negatives else None,
-        "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
-        "seed": seed, "seconds": seconds, "loss_curve": curve, "logit_scale": round(model.logit_scale.exp().item(), 2)})
+        "base": str(base),
+        "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, (image, attribute annotation) pairs",
+        "example": corpus_batch(0, 1)[1][0],
+        "hard_negative_example": shape_negative(0) if hard_negatives else None, "steps": steps,
+        "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "seed": seed,
+        "seconds": seconds, "loss_curve": curve, "logit_scale": round(model.logit_scale.exp().item(), 2)})
 
 
 def _lm_losses(model, tokenizer, texts: list[str], batch_size: int):
@@ -288,9 +299,11 @@ def _lm_losses(model, tokenizer, texts: list[str], batch_size: int):
     return losses_at
 
 
-def pretrain_gpt2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 1500, batch_size: int = 32,
-                  lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01, seed: int = 0, log=print) -> Path:
-    """Pre-train a tiny GPT2LMHeadModel on the text-only corpus (captions, questions, instructions); save to `out_dir`."""
+def pretrain_gpt2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 1500,
+                  batch_size: int = 32, lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01,
+                  seed: int = 0, log=print) -> Path:
+    """Pre-train a tiny GPT2LMHeadModel on the text-only corpus (captions, questions, instructions); save to
+    `out_dir`."""
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
     base = Path(base) if base is not None else tiny_model_path("gpt2")
@@ -298,8 +311,8 @@ def pretrain_gpt2(out_dir: str | Path, *, base: str | Path | None = None, steps:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model.train()
     losses_at = _lm_losses(model, tokenizer, text_corpus(seed=seed), batch_size)
-    curve, seconds = _train(model.parameters(), losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                            seed=seed, log=log, what="tiny GPT-2")
+    curve, seconds = _train(model.parameters(), losses_at, steps=steps, lr=lr, warmup=warmup,
+                            weight_decay=weight_decay, seed=seed, log=log, what="tiny GPT-2")
     return _save(model, tokenizer, out_dir, {
         "base": str(base), "corpus": f"texts of synthetic shapes scenes, seed {PRETRAIN_SEED}, no images",
         "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
@@ -319,8 +332,8 @@ def export_clip_vision(out_dir: str | Path, *, clip: str | Path | None = None, l
 
 
 def pretrain_llava(out_dir: str | Path, *, base: str | Path | None = None, clip: str | Path | None = None,
-                   steps: int = 1500, batch_size: int = 32, lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.01,
-                   seed: int = 0, log=print) -> Path:
+                   steps: int = 1500, batch_size: int = 32, lr: float = 1e-3, warmup: int = 50,
+                   weight_decay: float = 0.01, seed: int = 0, log=print) -> Path:
     """LLaVA-1.5's starting point at toy size: the pre-trained tiny CLIP's vision tower, a Llama language
     model pre-trained here on the text-only corpus, and the untrained projector of the tiny LLaVA (Liu et
     al. 2023, "Improved Baselines with Visual Instruction Tuning": stage 1 then trains the projector)."""
@@ -332,24 +345,27 @@ def pretrain_llava(out_dir: str | Path, *, base: str | Path | None = None, clip:
     processor = LlavaProcessor.from_pretrained(base)
     tower = CLIPModel.from_pretrained(clip, dtype=torch.float32).vision_model
     model.model.vision_tower.load_state_dict(tower.state_dict())  # same CLIPVisionConfig: an exact copy
-    lm_params = [p for n, p in model.named_parameters() if n.startswith(("model.language_model.", "lm_head."))]
+    lm_params = [p for n, p in model.named_parameters()
+                 if n.startswith(("model.language_model.", "lm_head."))]
     model.train()
     # A text-only forward (no pixel_values) runs the language model alone.
     losses_at = _lm_losses(model, processor.tokenizer, text_corpus(seed=seed), batch_size)
-    curve, seconds = _train(lm_params, losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
-                            seed=seed, log=log, what="tiny LLaVA language model")
+    curve, seconds = _train(lm_params, losses_at, steps=steps, lr=lr, warmup=warmup,
+                            weight_decay=weight_decay, seed=seed, log=log, what="tiny LLaVA language model")
     return _save(model, processor, out_dir, {
         "base": str(base), "vision_tower": f"copied from {clip}",
         "corpus": f"language model: texts of synthetic shapes scenes, seed {PRETRAIN_SEED}, no images; "
-                  "projector: untrained", "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup,
-        "weight_decay": weight_decay, "seed": seed, "seconds": seconds, "loss_curve": curve})
+                  "projector: untrained", "steps": steps, "batch_size": batch_size, "lr": lr,
+        "warmup": warmup, "weight_decay": weight_decay, "seed": seed, "seconds": seconds,
+        "loss_curve": curve})
 
 
 PRETRAINERS = {"blip2-opt": pretrain_blip2, "clip": pretrain_clip, "clip-vision": export_clip_vision,
                "gpt2": pretrain_gpt2, "llava": pretrain_llava}
 # What each pre-trained base starts from: the random tiny model of `tiny.models`, or another pre-trained base.
-STARTS_FROM = {"blip2-opt": {"base": "blip2-opt"}, "clip": {"base": "clip"}, "clip-vision": {"clip": "clip-pretrained"},
-               "gpt2": {"base": "gpt2"}, "llava": {"base": "llava", "clip": "clip-pretrained"}}
+STARTS_FROM = {"blip2-opt": {"base": "blip2-opt"}, "clip": {"base": "clip"},
+               "clip-vision": {"clip": "clip-pretrained"}, "gpt2": {"base": "gpt2"},
+               "llava": {"base": "llava", "clip": "clip-pretrained"}}
 
 
 def _version(name: str) -> str:
@@ -368,8 +384,9 @@ def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path
     final = root / "tiny" / f"{name}-pretrained-{_version(name)}"
 
     def build(tmp: Path) -> None:
-        starts = {arg: (pretrained_tiny_path(dep[: -len("-pretrained")], cache_dir) if dep.endswith("-pretrained")
-                        else tiny_model_path(dep, cache_dir)) for arg, dep in STARTS_FROM[name].items()}
+        starts = {arg: (pretrained_tiny_path(dep[: -len("-pretrained")], cache_dir)
+                        if dep.endswith("-pretrained") else tiny_model_path(dep, cache_dir))
+                  for arg, dep in STARTS_FROM[name].items()}
         print(f"pre-training the tiny {name} base into {final} (once; a few minutes on 2 CPU cores) ...",
               file=sys.stderr, flush=True)
         PRETRAINERS[name](tmp, **starts, log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -379,11 +396,13 @@ def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m recipes.common.tiny.pretrain", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.common.tiny.pretrain",
+                                description=__doc__.split("\n")[0])
     p.add_argument("name", choices=sorted(PRETRAINERS))
     p.add_argument("--out", help="pre-train into this folder (default: the cache, where recipes find it)")
     for key, kind in (("steps", int), ("text_steps", int), ("text_weight", float), ("text_batch_size", int),
-                      ("batch_size", int), ("lr", float), ("warmup", int), ("weight_decay", float), ("seed", int)):
+                      ("batch_size", int), ("lr", float), ("warmup", int), ("weight_decay", float),
+                      ("seed", int)):
         p.add_argument(f"--{key}", type=kind, help="default: the pre-trainer's own")
     args = p.parse_args(argv)
     settings = {k: v for k, v in vars(args).items() if k not in ("name", "out") and v is not None}

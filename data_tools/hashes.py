@@ -26,6 +26,7 @@ import os
 import sys
 import tempfile
 import warnings
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,7 +131,7 @@ class HashTable:
                 blob = z["paths"].tobytes().decode("utf-8", "surrogateescape")
                 stored = blob.split("\0") if n else []
                 arrays = {k: z[k] for k in _ARRAYS}
-        except (OSError, KeyError, ValueError, EOFError, zlib.error) as e:
+        except (OSError, KeyError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: unreadable image hash file ({e})") from None
         for k, (dtype, shape) in _ARRAYS.items():
             if arrays[k].dtype != dtype or arrays[k].shape != (n, *shape):
@@ -242,8 +243,8 @@ class ImageHasher:
             try:
                 table = HashTable.load(self.cache_path)
             except ValueError as e:
+                # Never trusted: hashed again, and the file is replaced on save.
                 warnings.warn(f"ignoring the image hash cache: {e}", stacklevel=3)
-                print(f"warning: ignoring the image hash cache: {e}", file=sys.stderr)
         return table, {(p, int(m)): i for i, (p, m) in enumerate(zip(table.paths, table.mode.tolist()))}
 
     def hash(self, paths: list[str]) -> tuple[HashTable, np.ndarray]:

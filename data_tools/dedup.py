@@ -299,13 +299,39 @@ def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_
     return {**record, key: Path(relative).as_posix()}
 
 
-def iter_images(path: str | os.PathLike, task: str | None = None, *, allow_outside_root: bool = False):
+class _Resolver:
+    """`resolve_image_path` with the same results, resolving each folder once rather than every path in full.
+
+    A file name that is a symlink, or anything unusual, goes through `resolve_image_path` itself.
+    """
+
+    def __init__(self, root: Path, allow_outside_root: bool):
+        self.root, self.allow = root, allow_outside_root
+        self.folders: dict[str, Path] = {}
+
+    def __call__(self, image: str) -> Path:
+        head, name = os.path.split(image)
+        if not name or name in (".", ".."):
+            return resolve_image_path(image, self.root, allow_outside_root=self.allow)
+        folder = self.folders.get(head)
+        if folder is None:
+            try:
+                folder = self.folders[head] = resolve_image_path(head or ".", self.root, allow_outside_root=self.allow)
+            except DataError:
+                return resolve_image_path(image, self.root, allow_outside_root=self.allow)  # its own message
+        full = folder / name
+        return resolve_image_path(image, self.root, allow_outside_root=self.allow) if os.path.islink(full) else full
+
+
+def iter_images(path: str | os.PathLike, task: str | None = None, *, allow_outside_root: bool = False,
+                resolve: bool = True):
     """Stream a clean JSONL file as (line, record, absolute image path or None); records normalised for a task.
 
-    Raises a `DataError` naming the file and line at the first bad row.
+    With `resolve=False` the image path is not resolved (None). Raises a `DataError` naming the file and
+    line at the first bad row.
     """
     path = Path(path)
-    root = path.parent.resolve()
+    resolver = _Resolver(path.parent.resolve(), allow_outside_root)
     for line, row, _ in iter_jsonl(path):
         if isinstance(row, DataError):
             raise _clean_first(row)
@@ -314,9 +340,9 @@ def iter_images(path: str | os.PathLike, task: str | None = None, *, allow_outsi
                 row = normalize_record(row, task)
             except DataError as e:
                 raise _clean_first(e.at(path=path, line=line)) from None
-        image = image_field(row)
+        image = image_field(row) if resolve else None
         try:
-            resolved = None if image is None else resolve_image_path(image, root, allow_outside_root=allow_outside_root)
+            resolved = None if image is None else resolver(image)
         except DataError as e:
             raise e.at(path=path, line=line) from None
         yield line, row, resolved
@@ -422,7 +448,7 @@ def dedup_file(
     report: list[dict] | Counter = [] if keep_report else Counter()
     writer = JsonlWriter(report_path) if report_path is not None else nullcontext()
     with writer as w:
-        for i, (_, record, _) in enumerate(iter_images(path, task, allow_outside_root=allow_outside_root)):
+        for i, (_, record, _) in enumerate(iter_images(path, task, resolve=False)):
             for e in merger.feed(i, record, image_field(record)):
                 if w is not None:
                     w.write(e)
@@ -433,7 +459,7 @@ def dedup_file(
                     report["dropped_captions"] += len(e.get("dropped_captions", []))
     n_out = 0
     with JsonlWriter(out) as w:
-        for i, (line, record, _) in enumerate(iter_images(path, task, allow_outside_root=allow_outside_root)):
+        for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
             kept = merger.output(i, record)
             if kept is not None:
                 try:

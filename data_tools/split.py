@@ -98,7 +98,7 @@ def split_file(
     split_of = split_rows(group, ratios, seed)
     with ExitStack() as stack:
         writers = [stack.enter_context(JsonlWriter(out_dir / f"{name}.jsonl")) for name in names]
-        for i, (line, record, _) in enumerate(iter_images(path, task, allow_outside_root=allow_outside_root)):
+        for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
             try:
                 writers[split_of[i]].write(rebase_image(record, path.parent, out_dir, allow_outside_root=allow_outside_root))
             except DataError as e:

@@ -195,3 +195,28 @@ def test_cli_second_run_reports_cache_hits(dataset, capsys):
     assert dedup.main(argv) == 0
     assert "0 hashed, 40 from the cache" in capsys.readouterr().out
     assert (dataset / hashes.CACHE_NAME).exists()
+
+
+def test_folder_resolver_equals_resolve_image_path(tmp_path):
+    from data_tools.dedup import _Resolver
+    from data_tools.errors import DataError
+    from data_tools.images import resolve_image_path
+
+    (tmp_path / "img/sub").mkdir(parents=True)
+    (tmp_path / "img/a.png").write_bytes(b"x")
+    (tmp_path / "img/link.png").symlink_to(tmp_path / "img/sub")
+    (tmp_path / "img/out.png").symlink_to("/etc/hostname")
+    cases = ["img/a.png", "img/./a.png", "img/sub/../a.png", "a.png", "img/missing.png", "img/link.png", "img/out.png",
+             "../x.png", "img/../../x.png", "/etc/hostname", "img/sub/..", "img/"]
+    for allow in (False, True):
+        resolver = _Resolver(tmp_path.resolve(), allow)
+        for image in cases:
+            try:
+                expected = resolve_image_path(image, tmp_path, allow_outside_root=allow)
+            except DataError as e:
+                expected = str(e)
+            try:
+                got = resolver(image)
+            except DataError as e:
+                got = str(e)
+            assert got == expected, (image, allow)

@@ -24,16 +24,23 @@ Input must be clean (`python -m data_tools clean`): a bad row or image stops the
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import string
 import sys
+from array import array
 from collections import Counter
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .errors import PATH_OUTSIDE_ROOT, DataError
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming, hash_images, image_groups
 from .images import resolve_image_path
-from .jsonl import iter_jsonl, write_jsonl
+from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
+from .jsonl import JsonlWriter, iter_jsonl, write_jsonl
 from .records import IMAGE_ALIASES, TASKS, normalize_record
 
 _END_PUNCTUATION = string.punctuation + string.whitespace
@@ -133,6 +140,110 @@ def _append_new(target: list[str], texts: list[str], seen: set[str]) -> list[str
     return dropped
 
 
+class _Merger:
+    """The per-row decisions of `dedup_records`, one row at a time, holding state only for merge targets.
+
+    Inputs are per-row arrays: `twin` (first row with the same image content and text, itself if none) and
+    `group` (first row of the row's image group, -1 without image); `same(i, k)` and `distance(i, k)` compare
+    two rows' images. `feed` is called for rows in order and returns the row's report entries; `output`
+    then gives the record to write for a row, or None. Report entries name earlier rows only, so each row's
+    line and image as written are kept just for the rows that entries will name (`referenced`).
+    """
+
+    def __init__(self, task: str, twin: np.ndarray, group: np.ndarray, same, distance, lines):
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        n = len(twin)
+        rows = np.arange(n)
+        self.task, self.twin, self.group, self.same, self.distance, self.lines = task, twin, group, same, distance, lines
+        self.merge = task in ("caption", "retrieval")
+        grouped = (group >= 0) & (group != rows)
+        unique = twin == rows
+        self.kept = unique & (~grouped | (not self.merge))
+        self.targets = set(np.unique(group[unique & grouped]).tolist()) if self.merge else set()
+        into = np.where((group >= 0) & self.merge, group, twin)
+        self.referenced = set(np.unique(np.concatenate([into[~unique], group[unique & grouped]])).tolist())
+        self.image_of: dict[int, str | None] = {}
+        self.state: dict[int, dict] = {}
+
+    def _entry(self, i: int, image: str | None, kept: int, action: str, reason: str) -> dict:
+        e = {"line": int(self.lines[i]), "action": action, "reason": reason}
+        e["merged_into" if action != "kept" else "grouped_with"] = int(self.lines[kept])
+        if image is not None:
+            e["image"], e["kept_image"] = image, self.image_of[kept]
+            e["hamming"] = self.distance(i, kept)
+        return e
+
+    def feed(self, i: int, record: dict, image: str | None) -> list[dict]:
+        if i in self.referenced:
+            self.image_of[i] = image
+        twin, g = int(self.twin[i]), int(self.group[i])
+        kept = g if g >= 0 else i
+        if twin != i:
+            # Where the twin's content ended up: its own record, or the record it was merged into.
+            into = g if self.merge and g >= 0 else twin
+            e = self._entry(i, image, into, "dropped", "exact_duplicate")
+            if self.merge:
+                e["dropped_captions"] = list(record["captions"])
+            return [e]
+        if kept == i or not self.merge:
+            if i in self.targets:
+                self.state[i] = {
+                    "captions": list(record["captions"]),
+                    "neg_captions": list(record["neg_captions"]) if "neg_captions" in record else None,
+                    "seen": {normalize_text(c) for c in record["captions"]},
+                    "seen_neg": {normalize_text(c) for c in record.get("neg_captions", [])},
+                }
+            elif not self.merge and kept != i and image != self.image_of[kept]:
+                return [self._entry(i, image, kept, "kept", "same_image" if self.same(i, kept) else "near_duplicate_image")]
+            return []
+        target = self.state[kept]
+        e = self._entry(i, image, kept, "merged", "same_image" if self.same(i, kept) else "near_duplicate_image")
+        e["dropped_captions"] = _append_new(target["captions"], record["captions"], target["seen"])
+        if record.get("neg_captions"):
+            # A negative that is a positive of the merged record would contradict it.
+            if target["neg_captions"] is None:
+                target["neg_captions"] = []
+            dropped = _append_new(target["neg_captions"], record["neg_captions"], target["seen_neg"] | target["seen"])
+            target["seen_neg"] |= {normalize_text(c) for c in target["neg_captions"]}
+            if dropped:
+                e["dropped_neg_captions"] = dropped
+        return [e]
+
+    def output(self, i: int, record: dict) -> dict | None:
+        if not self.kept[i]:
+            return None
+        state = self.state.get(i)
+        if state is None:
+            return record
+        out = {**record, "captions": state["captions"]}
+        if state["neg_captions"] is not None:
+            out["neg_captions"] = state["neg_captions"]
+        return out
+
+
+def _first_rows(keys: np.ndarray) -> np.ndarray:
+    """For each row of a 2-D uint8 array, the first row equal to it."""
+    if not len(keys):
+        return np.zeros(0, np.int64)
+    view = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel()
+    _, first, inverse = np.unique(view, return_index=True, return_inverse=True)
+    return first[inverse.ravel()].astype(np.int64)
+
+
+def _text_digest(record: dict, task: str) -> bytes:
+    # 128-bit digests stand for the texts, so that a million rows' texts need not stay in memory.
+    return hashlib.blake2b(repr(_text_key(record, task)).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def _twins(content: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """First row with the same content id (-1: no image) and text digest, per row."""
+    keys = np.zeros((len(content), 24), np.uint8)
+    keys[:, :8] = content.astype("<i8").view(np.uint8).reshape(-1, 8)
+    keys[:, 8:] = digests.reshape(len(content), 16)
+    return _first_rows(keys)
+
+
 def dedup_records(
     records: list[dict],
     task: str,
@@ -145,68 +256,28 @@ def dedup_records(
     """Deduplicate canonical records given each row's image hash and image group (see `hash_rows`).
 
     Returns (output records, report entries). Report entries name input line numbers (`lines`, default
-    1..n) and image paths as written in the rows (`images`).
+    1..n) and images as written (`images`, default each record's "image").
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    lines = lines or list(range(1, len(records) + 1))
+    n = len(records)
+    lines = np.asarray(lines or list(range(1, n + 1)), np.int64)
     images = images or [r.get("image") for r in records]
-    merge = task in ("caption", "retrieval")
-    report: list[dict] = []
-    out: dict[int, dict] = {}  # row index of the kept row -> its output record
-    seen_captions: dict[int, set[str]] = {}
-    seen_negatives: dict[int, set[str]] = {}
-    first_of_key: dict[tuple, int] = {}
-    kept_of_group: dict[int, int] = {}
-
-    def entry(i: int, kept: int, action: str, reason: str) -> dict:
-        e = {"line": lines[i], "action": action, "reason": reason}
-        e["merged_into" if action != "kept" else "grouped_with"] = lines[kept]
-        if images[i] is not None:
-            e["image"], e["kept_image"] = images[i], images[kept]
-            e["hamming"] = hamming(hashes[i].phash, hashes[kept].phash)
-        return e
-
-    for i, record in enumerate(records):
-        h, g = hashes[i], groups[i]
-        key = (h.content if h else None, _text_key(record, task))
-        twin = first_of_key.setdefault(key, i)
-        kept = kept_of_group.setdefault(g, i) if g is not None else i
-        if twin != i:
-            # Where the twin's content ended up: its own record, or the record it was merged into.
-            into = kept_of_group[groups[twin]] if merge and groups[twin] is not None else twin
-            e = entry(i, into, "dropped", "exact_duplicate")
-            if merge:
-                e["dropped_captions"] = list(record["captions"])
-            report.append(e)
-            continue
-        if kept == i or not merge:
-            out[i] = record
-            if merge:
-                seen_captions[i] = {normalize_text(c) for c in record["captions"]}
-                seen_negatives[i] = {normalize_text(c) for c in record.get("neg_captions", [])}
-            elif kept != i and images[i] != images[kept]:
-                same = h.content == hashes[kept].content
-                report.append(entry(i, kept, "kept", "same_image" if same else "near_duplicate_image"))
-            continue
-        target = out[kept]
-        if target is records[kept]:
-            target = out[kept] = {**records[kept], "captions": list(records[kept]["captions"])}
-            if "neg_captions" in target:
-                target["neg_captions"] = list(target["neg_captions"])
-        same = h.content == hashes[kept].content
-        e = entry(i, kept, "merged", "same_image" if same else "near_duplicate_image")
-        e["dropped_captions"] = _append_new(target["captions"], record["captions"], seen_captions[kept])
-        if record.get("neg_captions"):
-            # A negative that is a positive of the merged record would contradict it.
-            negatives = target.setdefault("neg_captions", [])
-            blocked = seen_negatives[kept] | seen_captions[kept]
-            dropped = _append_new(negatives, record["neg_captions"], blocked)
-            seen_negatives[kept] |= {normalize_text(c) for c in negatives}
-            if dropped:
-                e["dropped_neg_captions"] = dropped
-        report.append(e)
-    return [out[i] for i in sorted(out)], report
+    # Group labels -> the first row with that label, which is what `_Merger` expects.
+    first_of_label: dict = {}
+    group = np.array([-1 if g is None else first_of_label.setdefault(g, i) for i, g in enumerate(groups)], np.int64)
+    content_id: dict = {}
+    content = np.array([-1 if h is None else content_id.setdefault(h.content, len(content_id)) for h in hashes], np.int64)
+    digests = np.frombuffer(b"".join(_text_digest(r, task) for r in records), np.uint8).reshape(n, 16)
+    merger = _Merger(
+        task, _twins(content, digests), group,
+        same=lambda i, k: hashes[i].content == hashes[k].content,
+        distance=lambda i, k: hamming(hashes[i].phash, hashes[k].phash),
+        lines=lines,
+    )
+    report = [e for i, r in enumerate(records) for e in merger.feed(i, r, images[i])]
+    out = [merger.output(i, r) for i, r in enumerate(records)]
+    return [r for r in out if r is not None], report
 
 
 def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_root: bool = False) -> dict:
@@ -228,6 +299,120 @@ def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_
     return {**record, key: Path(relative).as_posix()}
 
 
+class _Resolver:
+    """`resolve_image_path` with the same results, resolving each folder once rather than every path in full.
+
+    A file name that is a symlink, or anything unusual, goes through `resolve_image_path` itself.
+    """
+
+    def __init__(self, root: Path, allow_outside_root: bool):
+        self.root, self.allow = root, allow_outside_root
+        self.folders: dict[str, Path] = {}
+
+    def __call__(self, image: str) -> Path:
+        head, name = os.path.split(image)
+        if not name or name in (".", ".."):
+            return resolve_image_path(image, self.root, allow_outside_root=self.allow)
+        folder = self.folders.get(head)
+        if folder is None:
+            try:
+                folder = self.folders[head] = resolve_image_path(head or ".", self.root, allow_outside_root=self.allow)
+            except DataError:
+                return resolve_image_path(image, self.root, allow_outside_root=self.allow)  # its own message
+        full = folder / name
+        return resolve_image_path(image, self.root, allow_outside_root=self.allow) if os.path.islink(full) else full
+
+
+def iter_images(path: str | os.PathLike, task: str | None = None, *, allow_outside_root: bool = False,
+                resolve: bool = True):
+    """Stream a clean JSONL file as (line, record, absolute image path or None); records normalised for a task.
+
+    With `resolve=False` the image path is not resolved (None). Raises a `DataError` naming the file and
+    line at the first bad row.
+    """
+    path = Path(path)
+    resolver = _Resolver(path.parent.resolve(), allow_outside_root)
+    for line, row, _ in iter_jsonl(path):
+        if isinstance(row, DataError):
+            raise _clean_first(row)
+        if task is not None:
+            try:
+                row = normalize_record(row, task)
+            except DataError as e:
+                raise _clean_first(e.at(path=path, line=line)) from None
+        image = image_field(row) if resolve else None
+        try:
+            resolved = None if image is None else resolver(image)
+        except DataError as e:
+            raise e.at(path=path, line=line) from None
+        yield line, row, resolved
+
+
+@dataclass
+class ScannedRows:
+    """What one pass over a JSONL file keeps: per row its line, image index (-1: none) and text digest; and
+    the distinct images (absolute paths) with the first line using each. No records are kept."""
+
+    lines: np.ndarray
+    image: np.ndarray
+    digests: np.ndarray | None
+    paths: list[str]
+    first_line: list[int]
+
+
+def scan_rows(path, task: str | None = None, *, digests: bool = False, allow_outside_root: bool = False) -> ScannedRows:
+    """First pass over a JSONL file: see `ScannedRows`."""
+    lines, image, digest = array("q"), array("q"), bytearray()
+    index: dict[str, int] = {}
+    first_line: list[int] = []
+    for line, record, resolved in iter_images(path, task, allow_outside_root=allow_outside_root):
+        lines.append(line)
+        if resolved is None:
+            image.append(-1)
+        else:
+            key = str(resolved)
+            k = index.setdefault(key, len(index))
+            if k == len(first_line):
+                first_line.append(line)
+            image.append(k)
+        if digests:
+            digest += _text_digest(record, task)
+    n = len(lines)
+    return ScannedRows(np.frombuffer(lines, np.int64) if n else np.zeros(0, np.int64),
+                       np.frombuffer(image, np.int64) if n else np.zeros(0, np.int64),
+                       np.frombuffer(bytes(digest), np.uint8).reshape(n, 16) if digests else None,
+                       list(index), first_line)
+
+
+def group_rows(scan: ScannedRows, near_threshold: int | None, hasher: ImageHasher, path) -> tuple:
+    """Hash and group the images of scanned rows: returns (grouping by image, hash table, table entry per image,
+    content id per row (-1: no image), image group per row = its first row (-1: no image)).
+
+    An image that fails to load is reported with the first line using it.
+    """
+    try:
+        table, entry = hasher.hash(scan.paths)
+        grouping = group_images(table, near_threshold, hasher, entry)
+    except DataError as e:
+        where = {p: k for k, p in enumerate(scan.paths)}.get(e.path) if e.path is not None else None
+        if where is not None:
+            e.message += f"; first used at {path}:{scan.first_line[where]}"
+            e.at()
+        raise
+    finally:
+        hasher.save()
+    n = len(scan.image)
+    has = np.flatnonzero(scan.image >= 0)
+    content = np.full(n, -1, np.int64)
+    content[has] = grouping.content[scan.image[has]]
+    group = np.full(n, -1, np.int64)
+    if len(has):
+        image_group = grouping.group[scan.image[has]]
+        _, first, inverse = np.unique(image_group, return_index=True, return_inverse=True)
+        group[has] = has[first][inverse.ravel()]
+    return grouping, table, entry, content, group
+
+
 def dedup_file(
     path: str | os.PathLike,
     out: str | os.PathLike,
@@ -237,19 +422,52 @@ def dedup_file(
     near_threshold: int | None = DEFAULT_NEAR_THRESHOLD,
     allow_outside_root: bool = False,
     progress: bool = True,
-) -> tuple[int, int, list[dict]]:
-    """Deduplicate a JSONL file into `out` (and the report into `report_path`); return (rows in, rows out, report)."""
+    hasher: ImageHasher | None = None,
+    keep_report: bool = True,
+) -> tuple[int, int, list[dict] | Counter]:
+    """Deduplicate a JSONL file into `out` (and the report into `report_path`); return (rows in, rows out, report).
+
+    Rows stream through three passes (scan, report, output), so memory holds the image hashes and a few
+    numbers per row, not the rows. The report is returned as a list of entries, or with `keep_report=False`
+    (only with a `report_path`, which has them) as a Counter of (action, reason) and "dropped_captions". `hasher` defaults to fast hashes with the cache next to
+    the file (see `data_tools.hashes`).
+    """
     path, out = Path(path), Path(out)
-    rows = read_rows(path, task)
-    records = [r for _, r in rows]
-    paths = resolve_images(rows, path.parent, path, allow_outside_root=allow_outside_root)
-    hashes, groups = hash_rows(paths, near_threshold, progress=progress, rows=rows, path=path)
-    kept, report = dedup_records(records, task, hashes, groups, lines=[line for line, _ in rows], images=[image_field(r) for r in records])
-    kept = [rebase_image(r, path.parent, out.parent, allow_outside_root=allow_outside_root) for r in kept]
-    write_jsonl(out, kept)
-    if report_path is not None:
-        write_jsonl(report_path, report)
-    return len(rows), len(kept), report
+    hasher = hasher or ImageHasher(cache=default_cache(path), progress=progress)
+    scan = scan_rows(path, task, digests=True, allow_outside_root=allow_outside_root)
+    grouping, table, entry, content, group = group_rows(scan, near_threshold, hasher, path)
+    phash = table.phash[entry] if len(entry) else np.zeros(0, np.uint64)
+    image = scan.image
+
+    def distance(i: int, k: int) -> int:
+        return 0 if content[i] == content[k] else hamming(int(phash[image[i]]), int(phash[image[k]]))
+
+    merger = _Merger(task, _twins(content, scan.digests), group, same=lambda i, k: content[i] == content[k],
+                     distance=distance, lines=scan.lines)
+    keep_report = keep_report or report_path is None
+    report: list[dict] | Counter = [] if keep_report else Counter()
+    writer = JsonlWriter(report_path) if report_path is not None else nullcontext()
+    with writer as w:
+        for i, (_, record, _) in enumerate(iter_images(path, task, resolve=False)):
+            for e in merger.feed(i, record, image_field(record)):
+                if w is not None:
+                    w.write(e)
+                if keep_report:
+                    report.append(e)
+                else:
+                    report[(e["action"], e["reason"])] += 1
+                    report["dropped_captions"] += len(e.get("dropped_captions", []))
+    n_out = 0
+    with JsonlWriter(out) as w:
+        for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
+            kept = merger.output(i, record)
+            if kept is not None:
+                try:
+                    w.write(rebase_image(kept, path.parent, out.parent, allow_outside_root=allow_outside_root))
+                except DataError as e:
+                    raise e.at(path=path, line=line) from None
+                n_out += 1
+    return len(scan.lines), n_out, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,19 +479,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD, help="max pHash Hamming distance of near duplicates (default %(default)s)")
     parser.add_argument("--no-near", action="store_true", help="only identical images count as the same image")
     parser.add_argument("--allow-outside-root", action="store_true", help="allow image paths outside the JSONL file's folder")
+    add_hash_arguments(parser)
     args = parser.parse_args(argv)
     try:
+        hasher = hasher_from_args(args, args.input)
         n_in, n_out, report = dedup_file(
             args.input, args.out, args.task, report_path=args.report,
             near_threshold=None if args.no_near else args.near_threshold, allow_outside_root=args.allow_outside_root,
+            hasher=hasher, keep_report=False,
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{args.input}: {n_in} rows in, {n_out} rows out -> {args.out}")
-    for (action, reason), n in sorted(Counter((e["action"], e["reason"]) for e in report).items()):
+    if isinstance(report, list):
+        counts = Counter((e["action"], e["reason"]) for e in report)
+        n_dropped_captions = sum(len(e.get("dropped_captions", [])) for e in report)
+    else:
+        n_dropped_captions = report.pop("dropped_captions", 0)
+        counts = report
+    for (action, reason), n in sorted(counts.items()):
         print(f"  {action} ({reason}): {n}")
-    n_dropped_captions = sum(len(e.get("dropped_captions", [])) for e in report)
+    print(f"  images: {hasher.stats['hashed']} hashed, {hasher.stats['cached']} from the cache or hash files "
+          f"({hasher.mode} mode)")
     if n_dropped_captions:
         print(f"  captions not repeated in merged records (listed in the report): {n_dropped_captions}")
     if args.report:

@@ -16,14 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import defaultdict
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from .dedup import hash_rows, image_field, read_rows, rebase_image, resolve_images
+from .dedup import group_rows, image_field, iter_images, rebase_image, scan_rows
 from .errors import DataError
-from .hashing import DEFAULT_NEAR_THRESHOLD, colours_match, hash_images, near_pairs
-from .jsonl import write_jsonl
+from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
+from .hashing import DEFAULT_NEAR_THRESHOLD
+from .jsonl import JsonlWriter
 from .records import TASKS
 
 DEFAULT_NAMES = ("train", "val", "test")
@@ -34,16 +36,16 @@ def assign_groups(group_sizes: list[int], ratios: list[float], seed: int) -> lis
     ratios = np.asarray(ratios, dtype=np.float64)
     if len(ratios) == 0 or (ratios < 0).any() or ratios.sum() <= 0:
         raise ValueError(f"ratios must be non-negative with a positive sum, got {ratios.tolist()}")
-    bounds = np.cumsum(ratios / ratios.sum()) * sum(group_sizes)
-    order = np.random.default_rng(seed).permutation(len(group_sizes))
-    assignment = [0] * len(group_sizes)
-    start = 0
-    for g in order.tolist():
-        middle = start + group_sizes[g] / 2
-        # searchsorted: the first split whose upper bound lies beyond the group's middle row.
-        assignment[g] = min(int(np.searchsorted(bounds, middle, side="right")), len(ratios) - 1)
-        start += group_sizes[g]
-    return assignment
+    sizes = np.asarray(group_sizes, dtype=np.int64)
+    bounds = np.cumsum(ratios / ratios.sum()) * int(sizes.sum())
+    order = np.random.default_rng(seed).permutation(len(sizes))
+    ordered = sizes[order]
+    # The group's middle row: rows before it in the shuffled order, plus half its own.
+    middle = (np.cumsum(ordered) - ordered) + ordered / 2
+    # searchsorted: the first split whose upper bound lies beyond the group's middle row.
+    assignment = np.empty(len(sizes), np.int64)
+    assignment[order] = np.minimum(np.searchsorted(bounds, middle, side="right"), len(ratios) - 1)
+    return assignment.tolist()
 
 
 def split_records(groups: list[int | None], ratios: list[float], seed: int) -> list[int]:
@@ -58,6 +60,16 @@ def split_records(groups: list[int | None], ratios: list[float], seed: int) -> l
     return [per_group[index[g]] for g in group_of_row]
 
 
+def split_rows(group: np.ndarray, ratios: list[float], seed: int) -> np.ndarray:
+    """`split_records` for a group array in which a group id is its first row and -1 a row without image."""
+    rows = np.arange(len(group))
+    first = np.where(group >= 0, group, rows)  # a row without image is a group of its own
+    # Group ids are first rows, so sorting them gives first-appearance order.
+    ids, inverse, sizes = np.unique(first, return_inverse=True, return_counts=True)
+    per_group = np.asarray(assign_groups(sizes, ratios, seed), np.int64)
+    return per_group[inverse.ravel()]
+
+
 def split_file(
     path,
     out_dir,
@@ -69,66 +81,80 @@ def split_file(
     near_threshold: int | None = DEFAULT_NEAR_THRESHOLD,
     allow_outside_root: bool = False,
     progress: bool = True,
+    hasher: ImageHasher | None = None,
 ) -> dict[str, tuple[int, int]]:
-    """Split a JSONL file into out_dir/<name>.jsonl; return {name: (rows, distinct images)}."""
+    """Split a JSONL file into out_dir/<name>.jsonl; return {name: (rows, distinct images)}.
+
+    Rows stream through two passes (scan, write), so memory holds the image hashes and a few numbers per row.
+    `hasher` defaults to fast hashes with the cache next to the file (see `data_tools.hashes`).
+    """
     names = list(names or DEFAULT_NAMES[: len(ratios)])
     if len(names) != len(ratios) or len(set(names)) != len(names):
         raise ValueError(f"need {len(ratios)} distinct split names for ratios {ratios}, got {names}")
     path, out_dir = Path(path), Path(out_dir)
-    rows = read_rows(path, task)
-    images = resolve_images(rows, path.parent, path, allow_outside_root=allow_outside_root)
-    _, groups = hash_rows(images, near_threshold, progress=progress, rows=rows, path=path)
-    split_of = split_records(groups, ratios, seed)
-    counts = {}
-    for k, name in enumerate(names):
-        chosen = [i for i, s in enumerate(split_of) if s == k]
-        records = []
-        for i in chosen:
-            line, record = rows[i]
+    hasher = hasher or ImageHasher(cache=default_cache(path), progress=progress)
+    scan = scan_rows(path, task, allow_outside_root=allow_outside_root)
+    _, _, _, _, group = group_rows(scan, near_threshold, hasher, path)
+    split_of = split_rows(group, ratios, seed)
+    with ExitStack() as stack:
+        writers = [stack.enter_context(JsonlWriter(out_dir / f"{name}.jsonl")) for name in names]
+        for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
             try:
-                records.append(rebase_image(record, path.parent, out_dir, allow_outside_root=allow_outside_root))
+                writers[split_of[i]].write(rebase_image(record, path.parent, out_dir, allow_outside_root=allow_outside_root))
             except DataError as e:
                 raise e.at(path=path, line=line) from None
-        write_jsonl(out_dir / f"{name}.jsonl", records)
-        counts[name] = (len(chosen), len({images[i] for i in chosen if images[i] is not None}))
+    counts = {}
+    for k, name in enumerate(names):
+        chosen = split_of == k
+        images = scan.image[chosen]
+        counts[name] = (int(chosen.sum()), len(np.unique(images[images >= 0])))
     return counts
 
 
-def find_leaks(paths, *, near_threshold: int | None = DEFAULT_NEAR_THRESHOLD, allow_outside_root: bool = False, progress: bool = True) -> list[dict]:
+def find_leaks(paths, *, near_threshold: int | None = DEFAULT_NEAR_THRESHOLD, allow_outside_root: bool = False,
+               progress: bool = True, hasher: ImageHasher | None = None) -> list[dict]:
     """Images shared by two files, exactly or as near duplicates: one entry per pair of images in two files.
 
     Each entry gives both files, the first line at which each image appears in its file, both image
     paths as written, and the pHash Hamming distance (0 and "exact": true for identical content).
     """
     paths = [Path(p) for p in paths]
-    # first[(file index, absolute image)] = (line, image as written): one entry per image and file.
-    first: dict[tuple[int, Path], tuple[int, str]] = {}
+    hasher = hasher or ImageHasher(cache=default_cache(paths[0]), progress=progress)
+    # first[(file index, image index)] = (line, image as written): one entry per image and file.
+    first: dict[tuple[int, int], tuple[int, str]] = {}
+    image_index: dict[str, int] = {}
+    first_use: list[tuple[Path, int]] = []
     for f, path in enumerate(paths):
-        rows = read_rows(path)
-        for (line, record), image in zip(rows, resolve_images(rows, path.parent, path, allow_outside_root=allow_outside_root)):
+        for line, record, image in iter_images(path, allow_outside_root=allow_outside_root):
             if image is not None:
-                first.setdefault((f, image), (line, image_field(record)))
-    hashes = hash_images([image for _, image in first], progress=progress)
-    # Identical files under different names are one content.
-    contents = list(dict.fromkeys(h.content for h in hashes.values()))
-    content_index = {c: k for k, c in enumerate(contents)}
-    rep = {}
-    for image, h in hashes.items():
-        rep.setdefault(h.content, h)
-    where = defaultdict(list)  # content index -> [(file index, absolute image)]
-    for f, image in first:
-        where[content_index[hashes[image].content]].append((f, image))
+                k = image_index.setdefault(str(image), len(image_index))
+                if k == len(first_use):
+                    first_use.append((path, line))
+                first.setdefault((f, k), (line, image_field(record)))
+    images = list(image_index)
+    try:
+        table, entry = hasher.hash(images)
+        grouping = group_images(table, near_threshold, hasher, entry)
+    except DataError as e:
+        k = image_index.get(e.path) if e.path is not None else None
+        if k is not None:
+            e.message += f"; first used at {first_use[k][0]}:{first_use[k][1]}"
+            e.at()
+        raise
+    finally:
+        hasher.save()
+    content = grouping.content  # per image: the first image with the same pixels
+    where = defaultdict(list)  # content -> [(file index, image index)]
+    for f, k in first:
+        where[int(content[k])].append((f, k))
 
-    pairs = [(k, k, 0) for k in range(len(contents))]  # a content against itself: exact leaks
-    if near_threshold is not None and near_threshold >= 0:
-        ii, jj, dd = near_pairs([rep[c].phash for c in contents], near_threshold)
-        pairs += [
-            (a, b, d)
-            for a, b, d in zip(ii.tolist(), jj.tolist(), dd.tolist())
-            if colours_match(rep[contents[a]].colours, rep[contents[b]].colours)
-        ]
+    pairs = {(c, c): 0 for c in where}  # a content against itself: exact leaks
+    for a, b, d in zip(grouping.near_i.tolist(), grouping.near_j.tolist(), grouping.near_d.tolist()):
+        a, b = sorted((int(content[a]), int(content[b])))
+        # Fast hashes of one content can differ a little: keep the nearest pair of images.
+        pairs[(a, b)] = min(d, pairs.get((a, b), d))
     leaks = []
-    for a, b, d in pairs:
+    for (a, b), d in pairs.items():
         for fa, image_a in where[a]:
             for fb, image_b in where[b]:
                 if fa == fb or (a == b and fa > fb):
@@ -160,6 +186,7 @@ def _near_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD, help="max pHash Hamming distance of near duplicates (default %(default)s)")
     parser.add_argument("--no-near", action="store_true", help="only identical images count as the same image")
     parser.add_argument("--allow-outside-root", action="store_true", help="allow image paths outside the JSONL file's folder")
+    add_hash_arguments(parser)
 
 
 def main_split(argv: list[str] | None = None) -> int:
@@ -181,6 +208,7 @@ def main_split(argv: list[str] | None = None) -> int:
         counts = split_file(
             args.input, args.out_dir, args.ratios, seed=args.seed, names=names, task=args.task,
             near_threshold=None if args.no_near else args.near_threshold, allow_outside_root=args.allow_outside_root,
+            hasher=hasher_from_args(args, args.input),
         )
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -205,7 +233,8 @@ def main_check_leakage(argv: list[str] | None = None) -> int:
     if len({Path(f).resolve() for f in args.files}) < 2:
         parser.error("give at least two different files")
     try:
-        leaks = find_leaks(args.files, near_threshold=None if args.no_near else args.near_threshold, allow_outside_root=args.allow_outside_root)
+        leaks = find_leaks(args.files, near_threshold=None if args.no_near else args.near_threshold,
+                           allow_outside_root=args.allow_outside_root, hasher=hasher_from_args(args, args.files[0]))
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def recipe_env(tmp_path_factory):
-    """A factory: (folder, environment) for subprocess runs of a recipe, with a model cache of the module's own
-    (tiny models are built there once per module) and the first `n_train` of `n` synthetic `task` rows written
-    to synth/train.jsonl, the rest to synth/eval.jsonl. `extra` adds environment variables."""
+    """A factory: (folder, environment) for subprocess runs of a recipe, with a model cache of the module's
+    own (tiny models are built there once per module) and the first `n_train` of `n` synthetic `task` rows
+    written to synth/train.jsonl, the rest to synth/eval.jsonl. `extra` adds environment variables."""
 
     def make(name: str, task: str, n: int, n_train: int, **extra):
         d = tmp_path_factory.mktemp(name)
@@ -25,7 +25,7 @@ def recipe_env(tmp_path_factory):
         write_jsonl(d / "synth" / "train.jsonl", rows[:n_train])
         write_jsonl(d / "synth" / "eval.jsonl", rows[n_train:])
         env = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false", **extra)
-        env.pop("PYTHONPATH", None)  # the project is found as installed (`pip install -e .`), as a user's is
+        env.pop("PYTHONPATH", None)  # the project is found as installed (pip install -e .), as a user's is
         return d, env
 
     return make
@@ -33,5 +33,5 @@ def recipe_env(tmp_path_factory):
 
 def run_script(script, args, env, timeout: int = 600) -> subprocess.CompletedProcess:
     """`python script args...` with `env`, output captured."""
-    return subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=timeout)

@@ -10,10 +10,10 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
                           BlipImageProcessor, OPTConfig, TrainingArguments)
 
 from eval.caption import caption_metrics
-from recipes.blip2_lora_caption.collator import CaptionPromptCollator, tokenize_captions
-from recipes.common.captions import CaptionCollator, caption_eval_records, caption_scores
+from recipes.blip2_lora_caption.collator import tokenize_captions
+from recipes.common.captions import CaptionCollator, CaptionPromptCollator, caption_eval_records, caption_scores
 from recipes.common.args import GenerationEvalArguments
-from recipes.common.trainer import RecipeTrainer
+from recipes.common.trainer import GenerationEval, RecipeTrainer
 from tests.test_blip2_collator import IMG, PAD, VOCAB, tokenizer  # noqa: F401  (fixture)
 
 
@@ -50,10 +50,9 @@ def test_generation_metrics_are_logged_saved_and_pick_the_best_checkpoint(tokeni
     trainer = RecipeTrainer(
         model=_tiny_blip2(), args=args, train_dataset=train, eval_dataset=train,
         data_collator=CaptionCollator(image_processor, PAD),
-        generation_dataset=caption_eval_records(ds),
-        generation_collator=CaptionPromptCollator(image_processor, tokenizer, IMG, 2),
-        score_fn=caption_scores, generation_args=GenerationEvalArguments(max_new_tokens=4),
-        decode_tokenizer=tokenizer,
+        generation=GenerationEval(caption_eval_records(ds),
+                                  CaptionPromptCollator(image_processor, tokenizer, prefix_ids=(IMG, IMG)),
+                                  caption_scores, GenerationEvalArguments(max_new_tokens=4), tokenizer),
     )
     trainer.train()
     evals = [h for h in trainer.state.log_history if "eval_CIDEr" in h]

@@ -8,7 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
 
 from recipes.common.captions import CaptionCollator
-from recipes.soft_prompt_caption.collator import CaptionPromptCollator, tokenize_captions
+from recipes.common.captions import CaptionPromptCollator
+from recipes.soft_prompt_caption.collator import tokenize_captions
 
 VOCAB = ["<|endoftext|>", "a", "photo", "of", "red", "circle", "blue", "square", "红", "色", "圆", "一张", "照片"]
 EOS = PAD = 0

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from data_tools.jsonl import read_jsonl
+from recipes.common.captions import CaptionPromptCollator
 from recipes.soft_prompt_caption import collator, modeling
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,7 +45,7 @@ def _eval_inputs(d, run):
     from transformers import AutoImageProcessor, AutoTokenizer
 
     records = [{"image": str(d / "synth" / r["image"])} for r in read_jsonl(d / "synth" / "eval.jsonl")[:4]]
-    return collator.CaptionPromptCollator(AutoImageProcessor.from_pretrained(run), AutoTokenizer.from_pretrained(run))(records)
+    return CaptionPromptCollator(AutoImageProcessor.from_pretrained(run), AutoTokenizer.from_pretrained(run))(records)
 
 
 def test_run_saves_only_trained_parts_and_the_export_equals_the_run(env):

@@ -8,12 +8,9 @@ sample is counted exactly; the training collator (recipes/common/captions.py) on
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import datasets
-import torch
 
-from recipes.common.captions import pixel_values
 from recipes.common.lengths import IGNORE_INDEX, LengthReport, fit_to_budget
 
 
@@ -49,26 +46,3 @@ def tokenize_captions(
             }
         )
     return datasets.Dataset.from_list(rows), report
-
-
-@dataclass
-class CaptionPromptCollator:
-    """Eval records -> `generate` inputs: image tokens + bos + prompt (the same for all: no padding), and
-    keys."""
-
-    image_processor: object
-    tokenizer: object
-    image_token_id: int
-    num_image_tokens: int
-    prompt: str | None = None
-
-    def __call__(self, records: list[dict]) -> dict:
-        prompt_ids = self.tokenizer(self.prompt or "", add_special_tokens=True)["input_ids"]
-        ids = [self.image_token_id] * self.num_image_tokens + prompt_ids
-        n = len(records)  # every record has the same prompt, so no padding is needed
-        return {
-            "pixel_values": pixel_values(self.image_processor, [r["image"] for r in records]),
-            "input_ids": torch.tensor([ids] * n),
-            "attention_mask": torch.ones((n, len(ids)), dtype=torch.long),
-            "keys": [r.get("key", r["image"]) for r in records],
-        }

@@ -20,88 +20,73 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import Blip2ForConditionalGeneration, TrainingArguments
 
-from recipes.blip2_lora_caption.collator import CaptionPromptCollator, tokenize_captions
+from recipes.blip2_lora_caption.collator import tokenize_captions
 from recipes.blip2_lora_caption.trainer import CaptionTrainer
-from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments,
-                                 GenerationEvalArguments, LearningRateArguments, LossArguments,
-                                 ModelArguments, PeftArguments, parse_args, recipe_argv)
-from recipes.common.captions import CaptionCollator, caption_eval_records, caption_samples, caption_scores
-from recipes.common.data import embedded_dataset
+from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
+from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, caption_samples, caption_scores,
+                                     load_caption_data)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
-from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.common.run import setup_run, train_and_evaluate
+from recipes.common.trainer import GenerationEval
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 
 def main(argv=None):
-    argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    (model_args, data_args, peft_args, freeze_args, lr_args, loss_args, cache_args, gen_args,
-     training_args) = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
-         FeatureCacheArguments, GenerationEvalArguments, TrainingArguments), argv
-    )
-    setup_run(training_args, model_args)
+    # config.yaml unless --config is given, then the command line; --use_cpu without a GPU.
+    args = parse_recipe_args(argv, DEFAULT_CONFIG,
+                             (*GENERATIVE_ARGUMENTS, FeatureCacheArguments, TrainingArguments))
+    setup_run(args.training, args.model)
 
     # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
-    train_records, eval_records = load_data(
-        data_args, "caption",
-        lambda: embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed))
-    if eval_records is not None:
-        eval_records = caption_eval_records(eval_records)
+    train_records, eval_records = load_caption_data(args.data, args.training.seed)
 
     # Model: by default the embedded tiny BLIP-2 (real classes, built and pre-trained offline on first use).
-    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:blip2-opt-pretrained")
-    model, processor = load_model_and_processor(Blip2ForConditionalGeneration, model_path, model_args)
+    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:blip2-opt-pretrained")
+    model, processor = load_model_and_processor(Blip2ForConditionalGeneration, model_path, args.model)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    if data_args.image_size:
-        image_processor.size = {"height": data_args.image_size, "width": data_args.image_size}
+    if args.data.image_size:
+        image_processor.size = {"height": args.data.image_size, "width": args.data.image_size}
     image_token_id, n_query = model.config.image_token_id, model.config.num_query_tokens
 
     # LoRA on the language model; a trained Q-Former (and any trained vision layers) is saved with the
     # adapter through modules_to_save.
-    model = apply_lora_and_freezing(model, peft_args, freeze_args)
+    model = apply_lora_and_freezing(model, args.peft, args.freeze)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: one per reference caption; the length budget counts the query tokens.
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, image_token_id=image_token_id,
-                                 num_image_tokens=n_query, prompt=data_args.prompt,
-                                 max_length=data_args.max_length)
+                                 num_image_tokens=n_query, prompt=args.data.prompt,
+                                 max_length=args.data.max_length)
     train_dataset, eval_dataset, eval_records = caption_samples(tokenize, train_records, eval_records,
-                                                                gen_args.eval_max_samples)
+                                                                args.generation_eval.eval_max_samples)
 
-    # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
+    # Optional: the frozen vision tower runs once per image now, not once per sample and epoch.
     feature_cache = None
-    if cache_args.cache_vision_features:
+    if args.feature_cache.cache_vision_features:
         from recipes.common.feature_cache import cache_for_run, serve_cached_features, vision_tower
 
         tower = vision_tower(model)
-        images = list(train_dataset["image"]) + (list(eval_dataset["image"])
-                                                 if eval_dataset is not None else [])
-        feature_cache = cache_for_run(tower, image_processor, images, cache_args, training_args)
+        images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset else [])
+        feature_cache = cache_for_run(tower, image_processor, images, args.feature_cache, args.training)
         serve_cached_features(tower)  # generation (4-D pixels) still runs the tower
 
+    prompts = CaptionPromptCollator(image_processor, tokenizer, args.data.prompt, (image_token_id,) * n_query)
     trainer = CaptionTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=CaptionCollator(image_processor, tokenizer.pad_token_id, feature_cache),
         processing_class=processor,
-        generation_dataset=eval_records,
-        generation_collator=CaptionPromptCollator(image_processor, tokenizer, image_token_id, n_query,
-                                                  data_args.prompt),
-        score_fn=functools.partial(caption_scores, lang=data_args.lang),
-        generation_args=gen_args,
-        decode_tokenizer=tokenizer,
-        learning_rates=lr_args,
-        loss_on_label_positions=loss_args.loss_on_label_positions,
+        generation=None if eval_records is None else GenerationEval(
+            eval_records, prompts, functools.partial(caption_scores, lang=args.data.lang),
+            args.generation_eval, tokenizer),
+        learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
     return train_and_evaluate(trainer, dict(
-        recipe=Path(__file__).resolve().parent.name, task="caption", lang=data_args.lang, model=model_path,
-        train_file=data_args.train_file, eval_file=data_args.eval_file,
-    ), shuffled_image_check=gen_args.shuffled_image_check)
+        recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang, model=model_path,
+        train_file=args.data.train_file, eval_file=args.data.eval_file,
+    ), shuffled_image_check=args.generation_eval.shuffled_image_check)
 
 
 if __name__ == "__main__":

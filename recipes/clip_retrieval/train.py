@@ -31,7 +31,7 @@ from recipes.clip_retrieval.collator import (ContrastiveCollator, PairDataset, e
 from recipes.clip_retrieval.merge import load_clip, wise_ft
 from recipes.clip_retrieval.trainer import ContrastiveTrainer, set_training_mode
 from recipes.common.args import (DataArguments, FreezeArguments, LearningRateArguments, ModelArguments,
-                                 PeftArguments, parse_args, recipe_argv)
+                                 PeftArguments, parse_recipe_args)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import count_parameters
 from recipes.common.run import load_data, setup_run, train_and_evaluate
@@ -95,82 +95,82 @@ class RetrievalArguments:
 
 
 def main(argv=None):
-    argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    model_args, data_args, peft_args, freeze_args, lr_args, args, training_args = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
-         RetrievalArguments, TrainingArguments), argv
-    )
-    if data_args.prompt:
+    # config.yaml unless --config is given, then the command line; --use_cpu without a GPU.
+    types = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
+             RetrievalArguments, TrainingArguments)
+    args = parse_recipe_args(argv, DEFAULT_CONFIG, types)
+    if args.data.prompt:
         raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; "
                          "zero-shot prompts are --zero_shot_templates.")
-    setup_run(training_args, model_args)
+    setup_run(args.training, args.model)
 
     # Data: the embedded synthetic set (and its zero-shot set) unless files are given.
     def embedded():
-        splits = embedded_retrieval(data_args.lang, training_args.seed, args.embedded_images,
-                                    args.embedded_without_size)
-        if args.zero_shot_file is None and args.zero_shot_attribute != "none":
-            args.zero_shot_file = str(embedded_zero_shot(args.zero_shot_attribute, lang=data_args.lang))
+        splits = embedded_retrieval(args.data.lang, args.training.seed, args.retrieval.embedded_images,
+                                    args.retrieval.embedded_without_size)
+        if args.retrieval.zero_shot_file is None and args.retrieval.zero_shot_attribute != "none":
+            args.retrieval.zero_shot_file = str(embedded_zero_shot(args.retrieval.zero_shot_attribute,
+                                                                   lang=args.data.lang))
         return splits
 
-    train_records, eval_records = load_data(data_args, "retrieval", embedded)
+    train_records, eval_records = load_data(args.data, "retrieval", embedded)
 
     # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
-    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:clip-pretrained")
-    model, processor = load_model_and_processor(CLIPModel, model_path, model_args)
+    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")
+    model, processor = load_model_and_processor(CLIPModel, model_path, args.model)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     positions = model.config.text_config.max_position_embeddings
-    if data_args.max_length > positions:
-        raise ValueError(f"--max_length {data_args.max_length}: the text tower has {positions} positions; "
+    if args.data.max_length > positions:
+        raise ValueError(f"--max_length {args.data.max_length}: the text tower has {positions} positions; "
                          f"set --max_length {positions} or less.")
-    if data_args.image_size and data_args.image_size != model.config.vision_config.image_size:
-        raise ValueError(f"--image_size {data_args.image_size}: the vision tower's position embeddings are "
+    if args.data.image_size and args.data.image_size != model.config.vision_config.image_size:
+        raise ValueError(f"--image_size {args.data.image_size}: the vision tower's position embeddings are "
                          f"for {model.config.vision_config.image_size} px images; leave --image_size out.")
-    model = set_training_mode(model, peft_args, freeze_args, args.lora_towers,
-                              args.unfreeze_last_n_text_layers)
+    model = set_training_mode(model, args.peft, args.freeze, args.retrieval.lora_towers,
+                              args.retrieval.unfreeze_last_n_text_layers)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Pairs: one caption per image per epoch (drawn by the sampler); every cut text is counted.
-    train_dataset = PairDataset(train_records, tokenizer, data_args.max_length,
-                                hard_negatives=args.hard_negatives)
+    train_dataset = PairDataset(train_records, tokenizer, args.data.max_length,
+                                hard_negatives=args.retrieval.hard_negatives)
     logger.info("train %s", train_dataset.report)
-    if args.hard_negatives:
+    if args.retrieval.hard_negatives:
         with_negatives = sum(bool(n) for n in train_dataset.negatives)
         logger.info("hard negatives: %d of %d train images have neg_captions", with_negatives,
                     len(train_dataset))
     eval_dataset = zero_shot = None
     if eval_records is not None:
-        eval_dataset = PairDataset(eval_records, tokenizer, data_args.max_length)
+        eval_dataset = PairDataset(eval_records, tokenizer, args.data.max_length)
         logger.info("eval %s", eval_dataset.report)
-    if args.zero_shot_file:
-        zero_shot = load_zero_shot(args.zero_shot_file, args.zero_shot_templates, tokenizer,
-                                   data_args.max_length, args.zero_shot_labels)
+    if args.retrieval.zero_shot_file:
+        zero_shot = load_zero_shot(args.retrieval.zero_shot_file, args.retrieval.zero_shot_templates,
+                                   tokenizer, args.data.max_length, args.retrieval.zero_shot_labels)
         logger.info("zero-shot: %d images, classes %s", len(zero_shot.images), zero_shot.labels)
 
     trainer = ContrastiveTrainer(
         model=model,
-        args=training_args,
+        args=args.training,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=ContrastiveCollator(image_processor, tokenizer.pad_token_id),
         processing_class=processor,
         retrieval_dataset=eval_dataset,
         zero_shot=zero_shot,
-        learning_rates=lr_args,
+        learning_rates=args.learning_rate,
     )
 
     def after_training(results: dict) -> None:
         # WiSE-FT: weight-space interpolation between the base and the fine-tuned model, each alpha evaluated.
         trainer.save_state()
-        if not args.wise_ft_alpha:
+        if not args.retrieval.wise_ft_alpha:
             return
         trainer.accelerator.wait_for_everyone()  # the saved model is complete on every rank
         dtype = next(trainer.model.parameters()).dtype
-        base, finetuned = load_clip(model_path, dtype), load_clip(training_args.output_dir, dtype)
+        base, finetuned = load_clip(model_path, dtype), load_clip(args.training.output_dir, dtype)
         results["wise_ft"] = {}
-        for alpha in args.wise_ft_alpha:
-            mixed = wise_ft(base, finetuned, alpha).to(training_args.device)
-            folder = Path(training_args.output_dir) / f"wise_ft-{alpha:g}"
+        for alpha in args.retrieval.wise_ft_alpha:
+            mixed = wise_ft(base, finetuned, alpha).to(args.training.device)
+            folder = Path(args.training.output_dir) / f"wise_ft-{alpha:g}"
             if trainer.is_world_process_zero():
                 mixed.save_pretrained(folder)
                 processor.save_pretrained(folder)
@@ -180,8 +180,9 @@ def main(argv=None):
                                                                              model=mixed)
 
     return train_and_evaluate(trainer, dict(
-        recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=data_args.lang, model=model_path,
-        train_file=data_args.train_file, eval_file=data_args.eval_file, zero_shot_file=args.zero_shot_file,
+        recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=args.data.lang, model=model_path,
+        train_file=args.data.train_file, eval_file=args.data.eval_file,
+        zero_shot_file=args.retrieval.zero_shot_file,
         zero_shot_labels=zero_shot.labels if zero_shot else None,
     ), after_training=after_training)
 

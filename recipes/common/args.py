@@ -16,6 +16,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Literal
 
 import yaml
@@ -245,6 +246,11 @@ class GenerationEvalArguments:
     )
 
 
+# What every generative recipe parses (then its own dataclasses, and TrainingArguments last).
+GENERATIVE_ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
+                        LossArguments, GenerationEvalArguments)
+
+
 def _yaml_key_lines(text: str) -> dict[str, int]:
     """Line number (1-based) of each top-level key in a YAML mapping, for error messages."""
     node = yaml.compose(text)
@@ -288,6 +294,18 @@ def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]
     if not torch.cuda.is_available() and "--use_cpu" not in argv:
         argv.append("--use_cpu")
     return argv
+
+
+def _attribute(cls) -> str:
+    """ModelArguments -> model, LearningRateArguments -> learning_rate, TrainingArguments -> training."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__.removesuffix("Arguments")).lower()
+
+
+def parse_recipe_args(argv: list[str] | None, default_config: str | Path, types) -> SimpleNamespace:
+    """A recipe's arguments (`recipe_argv`, then `parse_args`), one attribute per dataclass, named after it:
+    `args.model`, `args.data`, `args.learning_rate`, `args.training`, ..."""
+    parsed = parse_args(types, recipe_argv(argv, default_config))
+    return SimpleNamespace(**{_attribute(cls): value for cls, value in zip(types, parsed)})
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:

@@ -16,7 +16,9 @@ import torch
 from data_tools.images import load_image
 from eval.caption import caption_metrics
 
+from .data import embedded_dataset
 from .lengths import pad_batch
+from .run import load_data
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +29,14 @@ if TYPE_CHECKING:  # the cache is an option: its module is read only by runs tha
 def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
     """Open the images (RGB, EXIF-aware, errors naming the file) and preprocess them."""
     return image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+
+
+def load_caption_data(data_args, seed: int):
+    """(train records, eval records: one per image, with all its captions, or None) from --train_file /
+    --eval_file, or the embedded synthetic captions."""
+    train, evaluation = load_data(data_args, "caption",
+                                  lambda: embedded_dataset("caption", n=1000, lang=data_args.lang, seed=seed))
+    return train, caption_eval_records(evaluation) if evaluation is not None else None
 
 
 def caption_samples(tokenize, train_records, eval_records, eval_max_samples: int | None = None):
@@ -84,3 +94,25 @@ def caption_scores(predictions: dict, records, lang: str = "en") -> dict:
     """BLEU-1..4, ROUGE-L and CIDEr of the predictions against each record's captions (METEOR is slow)."""
     references = {r["key"]: r["captions"] for r in records}
     return caption_metrics(predictions, references, lang=lang, metrics=["Bleu", "ROUGE_L", "CIDEr"])
+
+
+@dataclass
+class CaptionPromptCollator:
+    """Eval records -> `generate` inputs: pixel values, `prefix_ids` (e.g. image tokens) + the prompt's ids
+    (the same for every record: no padding), and the records' keys."""
+
+    image_processor: object
+    tokenizer: object
+    prompt: str | None = None
+    prefix_ids: tuple[int, ...] = ()
+
+    def __call__(self, records: list[dict]) -> dict:
+        ids = [*self.prefix_ids, *self.tokenizer(self.prompt or "", add_special_tokens=True)["input_ids"]]
+        n = len(records)
+        return {
+            "pixel_values": pixel_values(self.image_processor, [r["image"] for r in records]),
+            # dtype given: with no prefix and no prompt the ids are empty, and torch.tensor([[]]) is float.
+            "input_ids": torch.tensor([ids] * n, dtype=torch.long).reshape(n, len(ids)),
+            "attention_mask": torch.ones((n, len(ids)), dtype=torch.long),
+            "keys": [r.get("key", r["image"]) for r in records],
+        }

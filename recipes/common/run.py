@@ -91,11 +91,11 @@ def train_and_evaluate(trainer, metadata: dict, *, results: dict | None = None,
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     if evaluates:
         results["after"] = trainer.heldout_metrics("eval", name="final")
-        if shuffled_image_check and trainer.generation_dataset is not None:
-            records = trainer.generation_dataset
-            trainer.generation_dataset = shuffled_images(records)
+        if shuffled_image_check and trainer.generation is not None:
+            records = trainer.generation.records
+            trainer.generation.records = shuffled_images(records)
             results["after_shuffled_images"] = trainer.heldout_metrics("eval", name="final-shuffled-images")
-            trainer.generation_dataset = records
+            trainer.generation.records = records
     if after_training is not None:
         after_training(results)
     if trainer.is_world_process_zero():

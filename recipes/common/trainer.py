@@ -1,9 +1,9 @@
 """`RecipeTrainer`: the one `transformers.Trainer` subclass every recipe's own Trainer builds on.
 
 Three options, each off unless given to the constructor:
-- generation-based evaluation (`generation_dataset`, `generation_collator`, `score_fn`): after the loss
-  evaluation, generate on the eval records (split across processes), score the texts, log the metrics as
-  `eval_<name>` (so `metric_for_best_model: CIDEr` works) and write `predictions/step-<N>.jsonl`;
+- generation-based evaluation (`generation`, a `GenerationEval`): after the loss evaluation, generate on
+  the eval records (split across processes), score the texts, log the metrics as `eval_<name>` (so
+  `metric_for_best_model: CIDEr` works) and write `predictions/step-<N>.jsonl`;
 - per-module learning rates (`learning_rates`): the optimizer gets one parameter group per component
   (vision, bridge, language; decay / no decay), each at its own learning rate;
 - the label-position loss (`loss_on_label_positions`): logits and loss at the label positions only
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -43,27 +44,36 @@ def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_
     return kwargs
 
 
+@dataclass
+class GenerationEval:
+    """What generation-based evaluation needs.
+
+    records: the eval records to generate for (one per image or question), each with a "key".
+    collator: records -> `generate` inputs (left-padded prompts) plus their "keys".
+    score: (predictions {key: text}, records) -> {metric: value}.
+    args: the decode options; tokenizer: decodes the generated tokens.
+    """
+
+    records: object
+    collator: Callable
+    score: Callable
+    args: GenerationEvalArguments
+    tokenizer: object
+
+
 class RecipeTrainer(Trainer):
     """A Trainer with generation-based evaluation, per-module learning rates and the label-position loss.
 
-    generation_dataset: the eval records to generate for (one per image or question), each with a "key".
-    generation_collator: records -> `generate` inputs (left-padded prompts) plus their "keys".
-    score_fn: (predictions {key: text}, records) -> {metric: value}.
-    decode_tokenizer: decodes the generated tokens.
+    generation: what to generate and how to score it; None = the loss evaluation only.
     learning_rates: --vision_lr / --bridge_lr / --lm_lr; None = one learning rate for all.
     loss_on_label_positions: the loss from the logits at the label positions only.
     """
 
-    def __init__(self, *args, generation_dataset=None, generation_collator=None,
-                 score_fn: Callable | None = None, generation_args: GenerationEvalArguments | None = None,
-                 decode_tokenizer=None, learning_rates: LearningRateArguments | None = None,
-                 loss_on_label_positions: bool = False, **kwargs):
+    def __init__(self, *args, generation: GenerationEval | None = None,
+                 learning_rates: LearningRateArguments | None = None, loss_on_label_positions: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.generation_dataset = generation_dataset
-        self.generation_collator = generation_collator
-        self.score_fn = score_fn
-        self.generation_args = generation_args or GenerationEvalArguments()
-        self.decode_tokenizer = decode_tokenizer
+        self.generation = generation
         self.learning_rates = learning_rates
         self.loss_on_label_positions = loss_on_label_positions
 
@@ -107,7 +117,7 @@ class RecipeTrainer(Trainer):
 
     def evaluates_heldout(self) -> bool:
         """Whether `heldout_metrics` has anything to score."""
-        return self.generation_dataset is not None
+        return self.generation is not None
 
     def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None) -> dict[str, float]:
         """The task metrics on the eval records, written to `predictions/<name>.*` (default `step-<N>`)."""
@@ -117,11 +127,12 @@ class RecipeTrainer(Trainer):
                            name: str | None = None) -> dict[str, float]:
         """Generate on the generation dataset, score on rank 0, write predictions; the same dict on every
         rank."""
-        predictions = self.generate_predictions(self.generation_dataset)
+        records = self.generation.records
+        predictions = self.generate_predictions(records)
         scores = {}
         if self.is_world_process_zero():
             scores = {f"{metric_key_prefix}_{k}": float(v)
-                      for k, v in self.score_fn(predictions, self.generation_dataset).items()}
+                      for k, v in self.generation.score(predictions, records).items()}
             self.write_predictions(predictions, scores, name or f"step-{self.state.global_step}")
         if self.args.world_size > 1:
             scores = gather_object([scores])[0]  # rank 0's, so that every rank decides the same
@@ -135,9 +146,9 @@ class RecipeTrainer(Trainer):
         model.eval()
         shard = records.shard(num_shards=self.args.world_size, index=self.args.process_index, contiguous=True)
         loader = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size,
-                            collate_fn=self.generation_collator)
-        tok = self.decode_tokenizer
-        kwargs = generate_kwargs(self.generation_args, tok.pad_token_id, tok.eos_token_id)
+                            collate_fn=self.generation.collator)
+        tok = self.generation.tokenizer
+        kwargs = generate_kwargs(self.generation.args, tok.pad_token_id, tok.eos_token_id)
         out = []
         for batch in tqdm(loader, desc="generating", disable=not self.is_local_process_zero()):
             keys = batch.pop("keys")

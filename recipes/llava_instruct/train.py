@@ -33,15 +33,14 @@ from accelerate import PartialState
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
-from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments,
-                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments,
-                                 parse_args, recipe_argv)
+from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
                                  tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.common.trainer import GenerationEval
 from recipes.llava_instruct.collator import caption_conversations, generation_items
 from recipes.llava_instruct.trainer import InstructTrainer
 
@@ -67,99 +66,90 @@ class InstructArguments:
         metadata={"help": "Schema of --train_file/--eval_file: 'caption' records become single-turn "
                           "conversations; None = caption for --stage pretrain, instruct for finetune."},
     )
-    projector_lr: float | None = field(default=None,
-                                       metadata={"help": "Learning rate of the projector (= bridge_lr)."})
     short_answer_words: int = field(
         default=SHORT_ANSWER_WORDS,
         metadata={"help": "Eval answers of at most this many words are scored with VQA accuracy, longer ones "
                           "with CIDEr."},
     )
+    projector_lr: float | None = field(default=None,
+                                       metadata={"help": "Learning rate of the projector (= bridge_lr)."})
 
 
 def main(argv=None):
-    argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    (model_args, data_args, peft_args, freeze_args, lr_args, loss_args, gen_args, inst_args, batch_args,
-     training_args) = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
-         GenerationEvalArguments, InstructArguments, ChatBatchArguments, TrainingArguments), argv
-    )
-    setup_run(training_args, model_args)
-    if inst_args.projector_lr is not None:
-        if lr_args.bridge_lr not in (None, inst_args.projector_lr):
-            raise ValueError(f"--projector_lr {inst_args.projector_lr} and --bridge_lr {lr_args.bridge_lr} "
-                             "name the same learning rate; give one of them.")
-        lr_args.bridge_lr = inst_args.projector_lr
-    if data_args.image_size:
+    # config.yaml unless --config is given, then the command line; --use_cpu without a GPU.
+    args = parse_recipe_args(argv, DEFAULT_CONFIG, (*GENERATIVE_ARGUMENTS, InstructArguments,
+                                                     ChatBatchArguments, TrainingArguments))
+    setup_run(args.training, args.model)
+    if args.instruct.projector_lr is not None:
+        if args.learning_rate.bridge_lr not in (None, args.instruct.projector_lr):
+            raise ValueError(f"--projector_lr {args.instruct.projector_lr} and --bridge_lr "
+                             f"{args.learning_rate.bridge_lr} name the same learning rate; give one of them.")
+        args.learning_rate.bridge_lr = args.instruct.projector_lr
+    if args.data.image_size:
         raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own "
                          "image size; images are resized to it by the processor.")
-    task = inst_args.data_task or ("caption" if inst_args.stage == "pretrain" else "instruct")
+    task = args.instruct.data_task or ("caption" if args.instruct.stage == "pretrain" else "instruct")
 
     # Data: the embedded synthetic set unless files are given. Stage 1's images are scenes of another seed.
-    seed = training_args.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
+    seed = args.training.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
     train_records, eval_records = load_data(
-        data_args, task, lambda: embedded_dataset(task, n=1000, lang=data_args.lang, seed=seed))
+        args.data, task, lambda: embedded_dataset(task, n=1000, lang=args.data.lang, seed=seed))
 
     # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
-    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava-pretrained")
-    model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, model_args)
+    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
+    model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, args.model)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     encoder = ChatEncoder(processor)
 
     # What trains. Stage 1: the projector alone. Stage 2: the projector with LoRA on the LM (or the whole
     # LM); a trained projector / trained vision layers are saved with the adapter through modules_to_save.
-    if inst_args.stage == "pretrain":
-        peft_args.peft_method = "none"
-        freeze_args.freeze_vision_tower, freeze_args.unfreeze_last_n_vision_layers = True, 0
-        freeze_args.freeze_bridge, freeze_args.freeze_language_model = False, True
+    if args.instruct.stage == "pretrain":
+        args.peft.peft_method = "none"
+        args.freeze.freeze_vision_tower, args.freeze.unfreeze_last_n_vision_layers = True, 0
+        args.freeze.freeze_bridge, args.freeze.freeze_language_model = False, True
         logger.info("stage pretrain: only the projector trains (LoRA and the vision/LM freeze flags are "
                     "ignored)")
-    model = apply_lora_and_freezing(model, peft_args, freeze_args)
+    model = apply_lora_and_freezing(model, args.peft, args.freeze)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: conversations rendered with the processor's chat template; the budget counts image tokens.
     def samples(records, source):
-        conversations = caption_conversations(records, training_args.seed) if task == "caption" else records
-        dataset, report = tokenize_conversations(conversations, encoder, data_args.max_length, source=source)
+        conversations = caption_conversations(records, args.training.seed) if task == "caption" else records
+        dataset, report = tokenize_conversations(conversations, encoder, args.data.max_length, source=source)
         logger.info("%s %s", source, report)
         return dataset, report
 
-    train_dataset, train_report = samples(train_records, data_args.train_file)
+    train_dataset, train_report = samples(train_records, args.data.train_file)
     eval_dataset = eval_items = None
     reports = {"train": vars(train_report)}
     if eval_records is not None:
-        eval_dataset, eval_report = samples(eval_records, data_args.eval_file)
+        eval_dataset, eval_report = samples(eval_records, args.data.eval_file)
         reports["eval"] = vars(eval_report)
-        eval_items = generation_items(task, eval_records, inst_args.short_answer_words, data_args.lang)
-        if gen_args.eval_max_samples:
-            eval_items = eval_items.select(range(min(gen_args.eval_max_samples, len(eval_items))))
-        if training_args.metric_for_best_model == "VQA_accuracy" and not any(eval_items["short"]):
+        eval_items = generation_items(task, eval_records, args.instruct.short_answer_words, args.data.lang)
+        if args.generation_eval.eval_max_samples:
+            eval_items = eval_items.select(range(min(args.generation_eval.eval_max_samples, len(eval_items))))
+        if args.training.metric_for_best_model == "VQA_accuracy" and not any(eval_items["short"]):
             # Stage 1 evaluates captions only: there are no short answers to pick the best checkpoint by.
             logger.warning("no eval answer is short enough for VQA accuracy: metric_for_best_model is CIDEr "
                            "instead")
-            training_args.metric_for_best_model = "CIDEr"
+            args.training.metric_for_best_model = "CIDEr"
 
     trainer = InstructTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=ChatCollator(image_processor, pad_token_id, batch_args.padding_free),
+        model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=ChatCollator(image_processor, pad_token_id, args.chat_batch.padding_free),
         processing_class=processor,
-        generation_dataset=eval_items,
-        generation_collator=ChatPromptCollator(encoder, image_processor, pad_token_id),
-        score_fn=functools.partial(instruct_scores, lang=data_args.lang),
-        generation_args=gen_args,
-        decode_tokenizer=tokenizer,
-        learning_rates=lr_args,
-        loss_on_label_positions=loss_args.loss_on_label_positions,
+        generation=None if eval_items is None else GenerationEval(
+            eval_items, ChatPromptCollator(encoder, image_processor, pad_token_id),
+            functools.partial(instruct_scores, lang=args.data.lang), args.generation_eval, tokenizer),
+        learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
-
     return train_and_evaluate(trainer, dict(
-        recipe=Path(__file__).resolve().parent.name, task=task, stage=inst_args.stage, lang=data_args.lang,
-        short_answer_words=inst_args.short_answer_words, model=model_path, train_file=data_args.train_file,
-        eval_file=data_args.eval_file, length_budget=reports,
-    ), shuffled_image_check=gen_args.shuffled_image_check)
+        recipe=Path(__file__).resolve().parent.name, task=task, stage=args.instruct.stage,
+        lang=args.data.lang, short_answer_words=args.instruct.short_answer_words, model=model_path,
+        train_file=args.data.train_file, eval_file=args.data.eval_file, length_budget=reports,
+    ), shuffled_image_check=args.generation_eval.shuffled_image_check)
+
 
 if __name__ == "__main__":
     main()

@@ -26,9 +26,7 @@ from pathlib import Path
 from accelerate import PartialState
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
-from recipes.common.args import (DataArguments, FreezeArguments, GenerationEvalArguments,
-                                 LearningRateArguments, LossArguments, ModelArguments, PeftArguments,
-                                 parse_args, recipe_argv)
+from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
                                  tokenize_conversations)
 from recipes.common.data import embedded_dataset
@@ -37,6 +35,7 @@ from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_lora_and_freezin
 from recipes.common.quantization import (fall_back_to_cpu_optimizer, prepare_quantized_for_training,
                                          weight_bytes)
 from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.common.trainer import GenerationEval
 from recipes.qlora_vqa.collator import (SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items,
                                         vqa_scores)
 from recipes.qlora_vqa.trainer import VqaTrainer
@@ -61,31 +60,28 @@ class VqaArguments:
 
 
 def main(argv=None):
-    argv = recipe_argv(argv, DEFAULT_CONFIG)  # config.yaml unless --config is given; --use_cpu without a GPU
-    (model_args, data_args, peft_args, freeze_args, lr_args, loss_args, gen_args, vqa_args, batch_args,
-     training_args) = parse_args(
-        (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments, LossArguments,
-         GenerationEvalArguments, VqaArguments, ChatBatchArguments, TrainingArguments), argv
-    )
-    setup_run(training_args, model_args)
-    quantized = model_args.load_in_4bit or model_args.load_in_8bit
-    if quantized and peft_args.peft_method == "none":
+    # config.yaml unless --config is given, then the command line; --use_cpu without a GPU.
+    args = parse_recipe_args(argv, DEFAULT_CONFIG, (*GENERATIVE_ARGUMENTS, VqaArguments,
+                                                     ChatBatchArguments, TrainingArguments))
+    setup_run(args.training, args.model)
+    quantized = args.model.load_in_4bit or args.model.load_in_8bit
+    if quantized and args.peft.peft_method == "none":
         raise ValueError("--peft_method none with --load_in_4bit/--load_in_8bit: quantized weights cannot "
                          "train. Use LoRA, or load the model unquantized (--load_in_4bit false).")
-    if data_args.image_size:
+    if args.data.image_size:
         raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own "
                          "image size; images are resized to it by the processor.")
-    fall_back_to_cpu_optimizer(training_args)
+    fall_back_to_cpu_optimizer(args.training)
 
     # Data: the embedded synthetic set unless files are given.
     train_records, eval_records = load_data(
-        data_args, "vqa",
-        lambda: embedded_dataset("vqa", n=1000, lang=data_args.lang, seed=training_args.seed))
+        args.data, "vqa",
+        lambda: embedded_dataset("vqa", n=1000, lang=args.data.lang, seed=args.training.seed))
 
     # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny/pretrain.py).
     # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml).
-    model_path = resolve_model_path(model_args.model_name_or_path or "tiny:llava-pretrained")
-    model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, model_args,
+    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
+    model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, args.model,
                                                 skip_quantization=UNQUANTIZED)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -93,7 +89,7 @@ def main(argv=None):
 
     # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are
     # saved with the adapter through modules_to_save. Then only what trains is cast to float32.
-    model = apply_lora_and_freezing(model, peft_args, freeze_args)
+    model = apply_lora_and_freezing(model, args.peft, args.freeze)
     prepare_quantized_for_training(model)
     logger.info("parameters:\n%s", count_parameters(model))
     logger.info("weight bytes: %s", weight_bytes(model))
@@ -101,35 +97,29 @@ def main(argv=None):
     # Samples: one short-answer conversation per question, through the processor's chat template;
     # loss on the answer tokens only; the length budget counts the image tokens.
     train_dataset, train_report = tokenize_conversations(vqa_conversations(train_records,
-                                                                           vqa_args.answer_prompt), encoder,
-                                                         data_args.max_length, source=data_args.train_file)
+                                                                           args.vqa.answer_prompt), encoder,
+                                                         args.data.max_length, source=args.data.train_file)
     logger.info("train %s", train_report)
     reports = {"train": vars(train_report)}
     eval_dataset = eval_items = None
     if eval_records is not None:
         eval_dataset, eval_report = tokenize_conversations(vqa_conversations(eval_records,
-                                                                             vqa_args.answer_prompt), encoder,
-                                                           data_args.max_length, source=data_args.eval_file)
+                                                                             args.vqa.answer_prompt), encoder,
+                                                           args.data.max_length, source=args.data.eval_file)
         logger.info("eval %s", eval_report)
         reports["eval"] = vars(eval_report)
-        eval_items = vqa_items(eval_records, vqa_args.answer_prompt)
-        if gen_args.eval_max_samples:
-            eval_items = eval_items.select(range(min(gen_args.eval_max_samples, len(eval_items))))
+        eval_items = vqa_items(eval_records, args.vqa.answer_prompt)
+        if args.generation_eval.eval_max_samples:
+            eval_items = eval_items.select(range(min(args.generation_eval.eval_max_samples, len(eval_items))))
 
     trainer = VqaTrainer(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=ChatCollator(image_processor, pad_token_id, batch_args.padding_free),
+        model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=ChatCollator(image_processor, pad_token_id, args.chat_batch.padding_free),
         processing_class=processor,
-        generation_dataset=eval_items,
-        generation_collator=ChatPromptCollator(encoder, image_processor, pad_token_id),
-        score_fn=vqa_scores,
-        generation_args=gen_args,
-        decode_tokenizer=tokenizer,
-        learning_rates=lr_args,
-        loss_on_label_positions=loss_args.loss_on_label_positions,
+        generation=None if eval_items is None else GenerationEval(
+            eval_items, ChatPromptCollator(encoder, image_processor, pad_token_id), vqa_scores,
+            args.generation_eval, tokenizer),
+        learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
 
     results = {}
@@ -142,9 +132,10 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             trainer.write_predictions(baseline, results["baseline"], "baseline")
     return train_and_evaluate(trainer, dict(
-        recipe=Path(__file__).resolve().parent.name, task="vqa", lang=data_args.lang, model=model_path,
-        train_file=data_args.train_file, eval_file=data_args.eval_file, length_budget=reports,
-    ), results=results, shuffled_image_check=gen_args.shuffled_image_check)
+        recipe=Path(__file__).resolve().parent.name, task="vqa", lang=args.data.lang, model=model_path,
+        train_file=args.data.train_file, eval_file=args.data.eval_file, length_budget=reports,
+    ), results=results, shuffled_image_check=args.generation_eval.shuffled_image_check)
+
 
 if __name__ == "__main__":
     main()

@@ -34,7 +34,7 @@ class VqaTrainer(RecipeTrainer):
         atomic_write_text(os.path.join(folder, f"{name}.results.json"),
                           json.dumps(results, ensure_ascii=False))
         references = {it["key"]: {k: it[k] for k in ("answers", "answer_type", "question_type")}
-                      for it in self.generation_dataset if it["key"] in predictions}
+                      for it in self.generation.records if it["key"] in predictions}
         breakdown = vqa_accuracy(predictions, references)
         breakdown.pop("perQuestion")  # one number per question: see the predictions file
         atomic_write_text(os.path.join(folder, f"{name}.vqa.json"), json.dumps(breakdown, indent=2))

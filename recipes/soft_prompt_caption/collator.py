@@ -12,13 +12,10 @@ images and pads.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import datasets
-import torch
 
 from eval.caption import CHARACTER_LANGS
-from recipes.common.captions import pixel_values
 from recipes.common.lengths import LengthReport, fit_to_budget
 
 
@@ -47,24 +44,3 @@ def tokenize_captions(
         if fitted is not None:
             rows.append({"image": image, "input_ids": fitted[0], "labels": fitted[1]})
     return datasets.Dataset.from_list(rows), report
-
-
-@dataclass
-class CaptionPromptCollator:
-    """Eval records -> `generate` inputs: pixel values, the prompt ids (the same for all: no padding),
-    keys."""
-
-    image_processor: object
-    tokenizer: object
-    prompt: str | None = None
-
-    def __call__(self, records: list[dict]) -> dict:
-        ids = self.tokenizer(self.prompt or "", add_special_tokens=True)["input_ids"]
-        n = len(records)
-        return {
-            "pixel_values": pixel_values(self.image_processor, [r["image"] for r in records]),
-            # dtype given: with no prompt the ids are empty, and torch.tensor([[]]) would be float.
-            "input_ids": torch.tensor([ids] * n, dtype=torch.long).reshape(n, len(ids)),
-            "attention_mask": torch.ones((n, len(ids)), dtype=torch.long),
-            "keys": [r.get("key", r["image"]) for r in records],
-        }

@@ -113,3 +113,52 @@ def load_image(
             raise DataError(UNREADABLE_IMAGE, f"image cannot be decoded: {e}", path=path,
                             field="image") from e
     return rgb
+
+
+def _complete(path: Path, fmt: str | None, size: int) -> bool:
+    """Whether a file of `size` bytes ends as its format says a whole file ends (without decoding it)."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if fmt == "JPEG":  # the end-of-image marker, possibly followed by padding
+        return b"\xff\xd9" in tail
+    if fmt == "PNG":  # the IEND chunk closes every PNG
+        return b"IEND" in tail[-16:]
+    if fmt == "WEBP":  # the RIFF header states the size of what follows it
+        return size >= int.from_bytes(head[4:8], "little") + 8
+    if fmt == "BMP":  # the file header states the file's size
+        return size >= int.from_bytes(head[2:6], "little")
+    if fmt == "GIF":  # the trailer byte closes every GIF
+        return tail.rstrip(b"\x00").endswith(b"\x3b")
+    return True  # other formats: the header check only
+
+
+def check_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE) -> None:
+    """The fast check of an image file, for every image of a data set before training: it exists, is not
+    empty, its header names a known format and a size within the limits, and (JPEG, PNG, WebP, GIF, BMP)
+    its last bytes are those of a whole file, so a cut-off download is caught. Decodes no pixels: `load_image`
+    does. Raises `DataError` naming the file, as `load_image` does."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(MISSING_IMAGE, "image file does not exist", path=path, field="image") from None
+    except OSError as e:
+        raise DataError(UNREADABLE_IMAGE, f"cannot stat image file: {e}", path=path, field="image") from e
+    if size == 0:
+        raise DataError(EMPTY_IMAGE_FILE, "image file is empty (0 bytes)", path=path, field="image")
+    try:
+        with Image.open(path) as im:
+            (w, h), fmt = im.size, im.format
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DataError(_decode_reason(e), f"not a readable image: {e}", path=path, field="image") from e
+    if w * h > max_pixels:
+        raise DataError(IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h:,} pixels, above the limit of "
+                        f"{max_pixels:,}", path=path, field="image")
+    if min(w, h) < min_side:
+        raise DataError(IMAGE_TOO_SMALL, f"image is {w}x{h}, a side is below {min_side} px", path=path,
+                        field="image")
+    if not _complete(path, fmt, size):
+        raise DataError(TRUNCATED_IMAGE, f"the {fmt} file ends before its end marker (cut off?)", path=path,
+                        field="image")

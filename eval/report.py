@@ -187,7 +187,8 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
     """Score one run; write report.md and gallery.html into it; return the table row."""
     info = read_run_info(run)
     task, lang = info["task"], info.get("lang", "en")
-    records = read_references(info["eval_file"], task,
+    # The split the before/final predictions are on: the test file when the run had one, else eval_file.
+    records = read_references(info.get("heldout_file") or info["eval_file"], task,
                               short_answer_words=info.get("short_answer_words", SHORT_ANSWER_WORDS),
                               lang=lang)
     if task == "retrieval":

@@ -10,8 +10,9 @@ def main(run: str) -> int:
     run = Path(run)
     metrics = json.loads((run / "metrics.json").read_text())
     before, after = metrics.get("before", {}), metrics["after"]
-    print(f"\n== {metrics['recipe']}: held-out metrics ({metrics['eval_file']}), {metrics['global_step']} "
-          "steps")
+    split, file = metrics.get("heldout", "val"), metrics.get("heldout_file") or metrics["eval_file"]
+    print(f"\n== {metrics['recipe']}: held-out {split} split ({file}), {metrics['global_step']} steps "
+          "(checkpoints are chosen on the val split)")
     print(f"{'metric':<12}{'before':>10}{'after':>10}")
     for name in sorted(after):
         print(f"{name.removeprefix('eval_'):<12}{before.get(name, float('nan')):>10.3f}{after[name]:>10.3f}")

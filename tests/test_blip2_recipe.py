@@ -125,13 +125,46 @@ def test_bad_inputs_are_clear_errors(env):
     r = _run([*args, "--skip_bad_rows"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{bad}: skipped 2 invalid row(s) of 12" in r.stdout + r.stderr
-    assert [x["reason"] for x in read_jsonl(f"{bad}.rejects.jsonl")] == ["missing_field", "malformed_json"]
+    rejects = d / "y" / "rejects" / "bad.rejects.jsonl"  # under the run, not beside the user's data
+    assert [x["reason"] for x in read_jsonl(rejects)] == ["missing_field", "malformed_json"]
+    assert not (d / "synth" / "bad.jsonl.rejects.jsonl").exists()
 
     broken = d / "synth" / "broken.jsonl"
     (d / "synth" / "images" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     write_jsonl(broken, [{"image": "images/broken.png", "captions": ["a red circle"]}] * 8)
     r = _run(["--train_file", str(broken), "--output_dir", str(d / "z"), "--max_steps", "1", *FAST], e)
-    assert r.returncode != 0 and "images/broken.png" in r.stderr and "unreadable_image" in r.stderr
+    assert r.returncode == 2 and "images/broken.png" in r.stderr and "unreadable_image" in r.stderr
+    assert "Traceback" not in r.stderr and f"{broken}:1: field 'image'" in r.stderr
+
+
+def test_a_cut_off_image_is_found_before_the_first_step_and_the_headline_is_on_the_test_split(env):
+    """A truncated image: an error naming file:line before training, or with --skip_bad_rows a counted reject
+    and a run that ends; with --test_file the before/after numbers are on it, the val split's apart."""
+    d, e = env
+    rows = read_jsonl(d / "synth" / "train.jsonl")[:12]
+    whole = (d / "synth" / rows[0]["image"]).read_bytes()
+    (d / "synth" / "images" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    rows[5] = {**rows[5], "image": "images/cut.png"}
+    write_jsonl(d / "synth" / "cut.jsonl", rows)
+    held = read_jsonl(d / "synth" / "eval.jsonl")
+    write_jsonl(d / "synth" / "val.jsonl", held[:4])
+    write_jsonl(d / "synth" / "test.jsonl", held[4:])
+    args = ["--train_file", str(d / "synth" / "cut.jsonl"), "--eval_file", str(d / "synth" / "val.jsonl"),
+            "--test_file", str(d / "synth" / "test.jsonl"), "--max_steps", "3", *FAST]
+    r = _run([*args, "--output_dir", str(d / "cut")], e)
+    assert r.returncode == 2 and f"{d / 'synth' / 'cut.jsonl'}:6: field 'image'" in r.stderr, r.stderr[-3000:]
+    assert "truncated_image" in r.stderr and "Traceback" not in r.stderr and "{'loss'" not in r.stderr
+    out = d / "cut-skip"
+    r = _run([*args, "--output_dir", str(out), "--skip_bad_rows"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [x["reason"] for x in read_jsonl(out / "rejects" / "cut.rejects.jsonl")] == ["truncated_image"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["heldout"] == "test" and metrics["heldout_file"] == str(d / "synth" / "test.jsonl")
+    assert set(metrics["val"]) == {"before", "after"} and set(metrics["val"]["after"]) == set(metrics["after"])
+    keys = {x["key"] for x in read_jsonl(out / "predictions" / "final.jsonl")}
+    assert keys == {str((d / "synth" / x["image"]).resolve()) for x in held[4:]}  # the test images
+    keys = {x["key"] for x in read_jsonl(out / "predictions" / "val-final.jsonl")}
+    assert keys == {str((d / "synth" / x["image"]).resolve()) for x in held[:4]}
 
 
 def test_two_process_cpu_training_shares_the_work(env):

@@ -51,5 +51,47 @@ def test_embedded_dataset_is_built_once_split_by_image_without_leakage(tmp_path,
     assert find_leaks([splits["train"], splits["val"], splits["test"]]) == []
     mtime = splits["train"].stat().st_mtime_ns
     assert embedded_dataset("caption", n=60, seed=3) == splits and splits["train"].stat().st_mtime_ns == mtime
-    ds = load_records(splits["train"], "caption", check_images=True)
+    ds = load_records(splits["train"], "caption", check_images="decode")
     assert len(ds) == sizes["train"]
+
+
+def _images_apart(tmp_path):
+    """A user's layout: annotations in data/, images in images/ (one whole, one cut off, one missing)."""
+    (tmp_path / "images").mkdir()
+    (tmp_path / "data").mkdir()
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "images" / "good.jpg")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "images" / "cut.jpg")
+    data = (tmp_path / "images" / "cut.jpg").read_bytes()
+    (tmp_path / "images" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    rows = [{"image": "good.jpg", "captions": ["red"]}, {"image": "cut.jpg", "captions": ["blue"]},
+            {"image": "gone.jpg", "captions": ["none"]}, {"image": "good.jpg", "captions": ["again"]}]
+    path = tmp_path / "data" / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_image_root_resolves_paths_and_every_image_is_checked_before_training(tmp_path):
+    path = _images_apart(tmp_path)
+    with pytest.raises(BadRowsError) as e:  # without the root, the images are not next to the file
+        load_records(path, "caption")
+    assert "4 invalid row(s)" in str(e.value) and "missing_image" in str(e.value)
+    with pytest.raises(BadRowsError) as e:
+        load_records(path, "caption", image_root=tmp_path / "images")
+    text = str(e.value)
+    assert "2 invalid row(s)" in text and f"{path}:2: field 'image'" in text and "truncated_image" in text
+    assert f"{path}:3: field 'image'" in text and "missing_image" in text
+    rejects = tmp_path / "run" / "rejects" / "train.rejects.jsonl"
+    ds = load_records(path, "caption", image_root=tmp_path / "images", skip_bad_rows=True, rejects_path=rejects)
+    assert ds["captions"] == [["red"], ["again"]] and "2 rows, 2 skipped" in ds.info.description
+    assert [(r["line"], r["reason"]) for r in read_jsonl(rejects)] == [(2, "truncated_image"), (3, "missing_image")]
+    assert not list((tmp_path / "data").glob("*.rejects.jsonl"))  # nothing written into the user's data folder
+    ds = load_records(path, "caption", image_root=tmp_path / "images", check_images="none", skip_bad_rows=True)
+    assert len(ds) == 4  # unchecked: the collator would meet the bad images
+
+
+def test_image_root_is_a_guard_too(tmp_path):
+    path = _images_apart(tmp_path)
+    (tmp_path / "data" / "up.jsonl").write_text(json.dumps({"image": "../good.jpg", "captions": ["x"]}) + "\n")
+    with pytest.raises(BadRowsError) as e:
+        load_records(tmp_path / "data" / "up.jsonl", "caption", image_root=tmp_path / "images" / "sub")
+    assert "path_outside_root" in str(e.value)

@@ -17,7 +17,6 @@ import functools
 import logging
 from pathlib import Path
 
-from accelerate import PartialState
 from transformers import Blip2ForConditionalGeneration, TrainingArguments
 
 from recipes.blip2_lora_caption.collator import tokenize_captions
@@ -27,7 +26,7 @@ from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cap
                                      load_caption_data)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
-from recipes.common.run import setup_run, train_and_evaluate
+from recipes.common.run import first, run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
 
 logger = logging.getLogger(__name__)
@@ -41,7 +40,7 @@ def main(argv=None):
     setup_run(args.training, args.model)
 
     # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
-    train_records, eval_records = load_caption_data(args.data, args.training.seed)
+    train_records, eval_records, test_records = load_caption_data(args.data, args.training)
 
     # Model: by default the embedded tiny BLIP-2 (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:blip2-opt-pretrained")
@@ -62,6 +61,7 @@ def main(argv=None):
                                  max_length=args.data.max_length)
     train_dataset, eval_dataset, eval_records = caption_samples(tokenize, train_records, eval_records,
                                                                 args.generation_eval.eval_max_samples)
+    test_records = first(test_records, args.generation_eval.eval_max_samples)
 
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch.
     feature_cache = None
@@ -85,10 +85,9 @@ def main(argv=None):
     )
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang, model=model_path,
-        train_file=args.data.train_file, eval_file=args.data.eval_file,
-    ), shuffled_image_check=args.generation_eval.shuffled_image_check)
+        train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
+    ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check)
 
 
 if __name__ == "__main__":
-    main()
-    PartialState().destroy_process_group()  # every rank of a multi-process launch exits cleanly
+    run_main(main)  # a bad input or option: its message, exit code 2

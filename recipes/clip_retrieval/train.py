@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from accelerate import PartialState
 from transformers import CLIPModel, TrainingArguments
 
 from recipes.clip_retrieval.collator import (ContrastiveCollator, PairDataset, embedded_retrieval,
@@ -34,7 +33,7 @@ from recipes.common.args import (DataArguments, FreezeArguments, LearningRateArg
                                  PeftArguments, parse_recipe_args)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import count_parameters
-from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -113,7 +112,8 @@ def main(argv=None):
                                                                    lang=args.data.lang))
         return splits
 
-    train_records, eval_records = load_data(args.data, "retrieval", embedded)
+    train_records, eval_records, test_records = load_data(args.data, "retrieval", embedded,
+                                                          args.training.output_dir)
 
     # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")
@@ -138,10 +138,13 @@ def main(argv=None):
         with_negatives = sum(bool(n) for n in train_dataset.negatives)
         logger.info("hard negatives: %d of %d train images have neg_captions", with_negatives,
                     len(train_dataset))
-    eval_dataset = zero_shot = None
+    eval_dataset = test_dataset = zero_shot = None
     if eval_records is not None:
         eval_dataset = PairDataset(eval_records, tokenizer, args.data.max_length)
         logger.info("eval %s", eval_dataset.report)
+    if test_records is not None:
+        test_dataset = PairDataset(test_records, tokenizer, args.data.max_length)
+        logger.info("test %s", test_dataset.report)
     if args.retrieval.zero_shot_file:
         zero_shot = load_zero_shot(args.retrieval.zero_shot_file, args.retrieval.zero_shot_templates,
                                    tokenizer, args.data.max_length, args.retrieval.zero_shot_labels)
@@ -174,18 +177,17 @@ def main(argv=None):
             if trainer.is_world_process_zero():
                 mixed.save_pretrained(folder)
                 processor.save_pretrained(folder)
-            if trainer.evaluates_heldout():
-                results["wise_ft"][f"{alpha:g}"] = trainer.retrieval_metrics("eval",
-                                                                             name=f"wise_ft-{alpha:g}",
-                                                                             model=mixed)
+            if trainer.evaluates_heldout():  # on the headline split, as "after"
+                results["wise_ft"][f"{alpha:g}"] = trainer.retrieval_metrics(
+                    "eval", name=f"wise_ft-{alpha:g}", model=mixed, dataset=test_dataset)
 
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=args.data.lang, model=model_path,
-        train_file=args.data.train_file, eval_file=args.data.eval_file,
+        train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         zero_shot_file=args.retrieval.zero_shot_file,
         zero_shot_labels=zero_shot.labels if zero_shot else None,
-    ), after_training=after_training)
+    ), test=test_dataset, after_training=after_training)
+
 
 if __name__ == "__main__":
-    main()
-    PartialState().destroy_process_group()  # every rank of a multi-process launch exits cleanly
+    run_main(main)  # a bad input or option: its message, exit code 2

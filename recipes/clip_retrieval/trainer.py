@@ -242,8 +242,9 @@ class ContrastiveTrainer(RecipeTrainer):
     def evaluates_heldout(self) -> bool:
         return self.retrieval_dataset is not None or self.zero_shot is not None
 
-    def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None) -> dict[str, float]:
-        return self.retrieval_metrics(metric_key_prefix, name)
+    def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
+                        data=None) -> dict[str, float]:
+        return self.retrieval_metrics(metric_key_prefix, name, dataset=data)
 
     def _embed_shared(self, model, kind: str, items: list) -> np.ndarray:
         """Embed this rank's contiguous share of `items`; every rank gets all embeddings, in order."""
@@ -256,9 +257,9 @@ class ContrastiveTrainer(RecipeTrainer):
         return np.concatenate(gather_object([part]))
 
     def retrieval_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
-                          model=None) -> dict[str, float]:
-        """Retrieval R@K / ranks on the eval records and zero-shot accuracy of `model` (default: the one
-        training).
+                          model=None, dataset=None) -> dict[str, float]:
+        """Retrieval R@K / ranks on `dataset` (a PairDataset; default: the eval records) and zero-shot
+        accuracy of `model` (default: the one training).
 
         Rank 0 writes the embeddings to `predictions/<name>.npz` (default `step-<global step>`, the newest
         step only), which `python -m eval report` scores again, and the metrics to
@@ -268,8 +269,8 @@ class ContrastiveTrainer(RecipeTrainer):
         was_training = model.training
         model.eval()
         metrics, arrays = {}, {}
-        if self.retrieval_dataset is not None:
-            data = self.retrieval_dataset
+        data = dataset if dataset is not None else self.retrieval_dataset
+        if data is not None:
             text_ids, text_to_image = data.texts()
             arrays = {"image_embeds": self._embed_shared(model, "images", data.images),
                       "text_embeds": self._embed_shared(model, "texts", text_ids),

@@ -57,6 +57,7 @@ class ModelArguments:
     )
     revision: str | None = field(default=None,
                                  metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
+
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both set: choose one of them.")
@@ -70,7 +71,27 @@ class DataArguments:
         default=None, metadata={"help": "Training JSONL file; None = the embedded synthetic data set."}
     )
     eval_file: str | None = field(
-        default=None, metadata={"help": "Evaluation JSONL file; None = the embedded synthetic data set."}
+        default=None, metadata={"help": "Validation JSONL file: evaluations during training and the best "
+                                        "checkpoint; None = the embedded data set's val split."}
+    )
+    test_file: str | None = field(
+        default=None, metadata={"help": "Test JSONL file, seen by neither training nor checkpoint selection: "
+                                        "the headline before/after numbers; None = the embedded data set's "
+                                        "test split (with your own --train_file: none, and the validation "
+                                        "file gives them)."}
+    )
+    image_root: str | None = field(
+        default=None,
+        metadata={"help": "Folder the records' image paths are relative to (train and eval files), e.g. "
+                          "coco/train2017; None = each JSONL file's own folder. Paths that leave it are "
+                          "refused."},
+    )
+    check_images: Literal["header", "decode", "none"] = field(
+        default="header",
+        metadata={"help": "Before the first step, check every image: 'header' (it exists, its header reads, "
+                          "its size is within limits, it is not cut off; fast), 'decode' (decode each one; "
+                          "slow), 'none'. A bad image is an error naming file:line, or a counted reject "
+                          "with --skip_bad_rows."},
     )
     max_length: int = field(
         default=128,
@@ -83,8 +104,8 @@ class DataArguments:
     )
     skip_bad_rows: bool = field(
         default=False,
-        metadata={"help": "Drop unreadable rows / images (each written to a rejects file with a reason) "
-                          "instead of stopping."},
+        metadata={"help": "Drop invalid rows and rows whose image fails --check_images, counted, each "
+                          "written with its reason to <output_dir>/rejects/, instead of stopping."},
     )
     max_train_samples: int | None = field(default=None,
                                           metadata={"help": "Use at most this many training samples."})

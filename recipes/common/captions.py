@@ -31,12 +31,14 @@ def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
     return image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
 
 
-def load_caption_data(data_args, seed: int):
-    """(train records, eval records: one per image, with all its captions, or None) from --train_file /
-    --eval_file, or the embedded synthetic captions."""
-    train, evaluation = load_data(data_args, "caption",
-                                  lambda: embedded_dataset("caption", n=1000, lang=data_args.lang, seed=seed))
-    return train, caption_eval_records(evaluation) if evaluation is not None else None
+def load_caption_data(data_args, training_args):
+    """(train, validation, test) records from the data files or the embedded synthetic captions
+    (`run.load_data`); validation and test (or None) with one record per image and all its captions."""
+    def embedded():
+        return embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed)
+
+    train, *held_out = load_data(data_args, "caption", embedded, training_args.output_dir)
+    return train, *(caption_eval_records(r) if r is not None else None for r in held_out)
 
 
 def caption_samples(tokenize, train_records, eval_records, eval_max_samples: int | None = None):

@@ -1,9 +1,10 @@
 """Data for the recipes: JSONL records -> `datasets.Dataset` of paths (not pixels), and the embedded default.
 
-Rows are checked with the same code as `python -m data_tools validate`. A bad row is an error that
-names the file, line and field and points to `python -m data_tools clean`; with `skip_bad_rows` it
-is skipped instead, counted, and written with its reason to a rejects file. Images are opened later,
-by the collator, through `data_tools.images.load_image`.
+Rows are checked with the same code as `python -m data_tools validate`, and every image before the first
+step (`check_images`: its header and end, or a full decode), so a bad image never stops a run at step N.
+A bad row is an error that names the file, line and field and points to `python -m data_tools clean`;
+with `skip_bad_rows` it is skipped instead, counted, and written with its reason to a rejects file.
+Images are opened for training by the collator, through `data_tools.images.load_image`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import datasets
 
 from data_tools.clean import check_rows
 from data_tools.errors import DataError
+from data_tools.images import check_image
 from data_tools.jsonl import write_jsonl
 from data_tools.split import split_file
 from data_tools.synth import make_synthetic
@@ -38,18 +40,32 @@ def load_records(
     path: str | os.PathLike,
     task: str,
     *,
+    image_root: str | os.PathLike | None = None,
     skip_bad_rows: bool = False,
     rejects_path: str | os.PathLike | None = None,
-    check_images: bool = False,
+    check_images: str = "header",
     max_rows: int | None = None,
 ) -> datasets.Dataset:
     """Load a JSONL file of `task` records as a Dataset with absolute image paths.
 
-    `check_images` decodes every image up front (slow on large sets; the collator's errors name the
-    file anyway). Returns a Dataset whose `info.description` says how many rows were skipped.
+    Image paths are relative to `image_root` (default: the file's folder). `check_images`: "header"
+    (`data_tools.images.check_image`, fast), "decode" (every image decoded) or "none". Rejected rows go to
+    `rejects_path` (default `<path>.rejects.jsonl`). Returns a Dataset whose `info.description` says how
+    many rows were skipped.
     """
     rows, errors = [], []
-    for _, row, raw in check_rows(path, task, check_images=check_images, progress=False):
+    checked: dict[str, DataError | None] = {}  # each distinct image once
+    for line, row, raw in check_rows(path, task, root=image_root, check_images=check_images == "decode",
+                                     progress=False):
+        if not isinstance(row, DataError) and check_images == "header" and row.get("image") is not None:
+            if row["image"] not in checked:
+                try:
+                    check_image(row["image"])
+                    checked[row["image"]] = None
+                except DataError as e:
+                    checked[row["image"]] = e
+            if (e := checked[row["image"]]) is not None:
+                row = DataError(e.reason, f"{row['image']}: {e.message}", path=path, line=line, field="image")
         if isinstance(row, DataError):
             errors.append((row, raw))
         else:

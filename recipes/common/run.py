@@ -1,15 +1,20 @@
 """The run loop every train.py shares: set-up, data files, then before -> train -> after -> metrics.json.
 
     setup_run(training_args, model_args)                 # logging, seed, dtype vs mixed-precision check
-    train_records, eval_records = load_data(data_args, "caption", embedded=...)
+    train_records, eval_records, test_records = load_data(data_args, "caption", embedded, output_dir)
     ...                                                   # the recipe's own: model, samples, Trainer
     results = train_and_evaluate(trainer, {"recipe": ..., "task": "caption", ...})
+
+    if __name__ == "__main__":
+        run_main(main)                                    # a bad input ends the run with its message
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +22,7 @@ import datasets
 import transformers
 from transformers import set_seed
 
+from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
 
 from .args import resume_checkpoint
@@ -35,25 +41,36 @@ def setup_run(training_args, model_args=None) -> None:
         check_mixed_precision(model_args, training_args)
 
 
-def load_data(data_args, task: str,
-              embedded: Callable[[], dict]) -> tuple[datasets.Dataset, datasets.Dataset | None]:
-    """(train records, eval records or None) from --train_file / --eval_file.
+def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: str | Path):
+    """(train, validation or None, test or None) records from --train_file / --eval_file / --test_file, image
+    paths under --image_root.
 
-    Without --train_file the embedded default is made (`embedded()` -> {"train": path, "val": path, ...})
-    and its files are put into `data_args`, so that metrics.json names them. Rows hold image paths, not
-    pixels.
+    Without --train_file the embedded default is made (`embedded()` -> {"train", "val", "test": path}) and
+    its files are put into `data_args`, so that metrics.json names them. Rows hold image paths, not
+    pixels; every image is checked now (--check_images). Rows skipped with --skip_bad_rows are written to
+    `<output_dir>/rejects/<file>.rejects.jsonl`, not into the user's data folder.
     """
     if data_args.train_file is None:
         splits = embedded()
-        data_args.train_file, data_args.eval_file = (str(splits["train"]),
-                                                     data_args.eval_file or str(splits["val"]))
-    train = load_records(data_args.train_file, task, skip_bad_rows=data_args.skip_bad_rows,
-                         max_rows=data_args.max_train_samples)
-    evaluation = None
-    if data_args.eval_file:
-        evaluation = load_records(data_args.eval_file, task, skip_bad_rows=data_args.skip_bad_rows,
-                                  max_rows=data_args.max_eval_samples)
-    return train, evaluation
+        data_args.train_file = str(splits["train"])
+        data_args.eval_file = data_args.eval_file or str(splits["val"])
+        data_args.test_file = data_args.test_file or str(splits["test"])
+
+    def load(path, max_rows):
+        if not path:
+            return None
+        rejects = Path(output_dir) / "rejects" / f"{Path(path).stem}.rejects.jsonl"
+        return load_records(path, task, image_root=data_args.image_root, check_images=data_args.check_images,
+                            skip_bad_rows=data_args.skip_bad_rows, rejects_path=rejects, max_rows=max_rows)
+
+    return (load(data_args.train_file, data_args.max_train_samples),
+            load(data_args.eval_file, data_args.max_eval_samples),
+            load(data_args.test_file, data_args.max_eval_samples))
+
+
+def first(records, n: int | None):
+    """The first `n` records (all for None or 0; None stays None): --eval_max_samples."""
+    return records.select(range(min(n, len(records)))) if records is not None and n else records
 
 
 def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
@@ -66,43 +83,79 @@ def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
     return records.map(lambda r: {"image": other.get(r["image"])})
 
 
-def train_and_evaluate(trainer, metadata: dict, *, results: dict | None = None,
+def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | None = None,
                        shuffled_image_check: bool = False,
                        after_training: Callable[[dict], None] | None = None) -> dict:
-    """Score the eval set, train (resuming per --resume_from_checkpoint), save, score again; write
+    """Score the held-out data, train (resuming per --resume_from_checkpoint), save, score again; write
     metrics.json.
 
-    `results` may hold figures the recipe computed before (a baseline). With `shuffled_image_check`, the
-    final model is scored again on the eval records with their images swapped ("after_shuffled_images").
-    `after_training(results)` adds the recipe's own post-training figures. `metadata` (recipe, task,
-    model, files, ...) goes into metrics.json, which `python -m eval report` (make eval) reads.
+    The eval data (the trainer's own: what evaluations during training and the best checkpoint are chosen
+    on) is scored before and after as "val"; `test` (records the trainer's `heldout_metrics` takes), which
+    nothing else looks at, gives the headline "before" and "after". Without `test` the eval data gives
+    them. `results` may hold figures the recipe computed before (a baseline). With
+    `shuffled_image_check`, the final model is scored again on the headline data with its images swapped
+    ("after_shuffled_images"). `after_training(results)` adds the recipe's own post-training figures.
+    `metadata` (recipe, task, model, files, ...) goes into metrics.json, which `python -m eval report`
+    (make eval) reads; "heldout" says which split the headline is on.
     """
     args = trainer.args
     results = dict(results or {})
-    # 'last': the newest complete one
+    # 'last': the newest complete checkpoint
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    folder = Path(args.output_dir) / "predictions"
+    # (result key, predictions name prefix, data): the headline split first.
+    splits = [("", "", test), ("val", "val-", None)] if test is not None else [("", "", None)]
+
+    def score(when: str, name: str) -> None:
+        for key, prefix, data in splits:
+            target = results.setdefault(key, {}) if key else results
+            saved = folder / f"{prefix}{name}.metrics.json"
+            if when == "before" and resume and saved.exists():
+                target[when] = json.loads(saved.read_text())  # scored when the run first started
+            else:
+                target[when] = trainer.heldout_metrics("eval", name=f"{prefix}{name}", data=data)
+
     evaluates = trainer.evaluates_heldout()
-    before_file = Path(args.output_dir) / "predictions" / "before.metrics.json"
-    if evaluates and resume and before_file.exists():
-        results["before"] = json.loads(before_file.read_text())  # scored when the run first started
-    elif evaluates:
-        results["before"] = trainer.heldout_metrics("eval", name="before")
+    if evaluates:
+        score("before", "before")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     if evaluates:
-        results["after"] = trainer.heldout_metrics("eval", name="final")
+        score("after", "final")
         if shuffled_image_check and trainer.generation is not None:
-            records = trainer.generation.records
-            trainer.generation.records = shuffled_images(records)
-            results["after_shuffled_images"] = trainer.heldout_metrics("eval", name="final-shuffled-images")
-            trainer.generation.records = records
+            records = test if test is not None else trainer.generation.records
+            results["after_shuffled_images"] = trainer.heldout_metrics(
+                "eval", name="final-shuffled-images", data=shuffled_images(records))
     if after_training is not None:
         after_training(results)
     if trainer.is_world_process_zero():
-        results.update(metadata, global_step=trainer.state.global_step, world_size=args.world_size)
+        heldout = "test" if test is not None else "val"
+        results.update(metadata, heldout=heldout,
+                       heldout_file=metadata.get("test_file" if test is not None else "eval_file"),
+                       global_step=trainer.state.global_step, world_size=args.world_size)
         atomic_write_text(Path(args.output_dir) / "metrics.json", json.dumps(results, indent=2))
-        for when, metrics in results.items():
-            if isinstance(metrics, dict) and when != "length_budget":
-                logger.info("held-out %s: %s", when, json.dumps(metrics))
+        for when in ("before", "after", "after_shuffled_images"):
+            if when in results:
+                logger.info("held-out %s (%s split): %s", when, results["heldout"], json.dumps(results[when]))
         logger.info("outputs in %s", args.output_dir)
     return results
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """A train.py's entry point: `main()`, then the process group's end (each rank of a launch exits cleanly).
+
+    A bad data file, option or path (`DataError`, `ValueError`, `FileNotFoundError`: what the recipes
+    raise for their users' input, with the file, line and field) ends the run with its message on stderr
+    and exit code 2, not a traceback; VLM_RECIPES_DEBUG=1 shows the traceback too.
+    """
+    from accelerate import PartialState
+
+    try:
+        main()
+    except (DataError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("VLM_RECIPES_DEBUG"):
+            raise
+        print(f"error: {e}\n(VLM_RECIPES_DEBUG=1 shows where it was raised)", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        PartialState().destroy_process_group()

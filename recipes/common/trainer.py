@@ -119,21 +119,23 @@ class RecipeTrainer(Trainer):
         """Whether `heldout_metrics` has anything to score."""
         return self.generation is not None
 
-    def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None) -> dict[str, float]:
-        """The task metrics on the eval records, written to `predictions/<name>.*` (default `step-<N>`)."""
-        return self.generation_metrics(metric_key_prefix, name)
+    def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
+                        data=None) -> dict[str, float]:
+        """The task metrics on `data` (default: the eval records), written to `predictions/<name>.*`
+        (default `step-<N>`)."""
+        return self.generation_metrics(metric_key_prefix, name, data)
 
-    def generation_metrics(self, metric_key_prefix: str = "eval",
-                           name: str | None = None) -> dict[str, float]:
-        """Generate on the generation dataset, score on rank 0, write predictions; the same dict on every
-        rank."""
-        records = self.generation.records
+    def generation_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
+                           records=None) -> dict[str, float]:
+        """Generate for `records` (default: the generation records), score on rank 0, write predictions;
+        the same dict on every rank."""
+        records = records if records is not None else self.generation.records
         predictions = self.generate_predictions(records)
         scores = {}
         if self.is_world_process_zero():
             scores = {f"{metric_key_prefix}_{k}": float(v)
                       for k, v in self.generation.score(predictions, records).items()}
-            self.write_predictions(predictions, scores, name or f"step-{self.state.global_step}")
+            self.write_predictions(predictions, scores, name or f"step-{self.state.global_step}", records)
         if self.args.world_size > 1:
             scores = gather_object([scores])[0]  # rank 0's, so that every rank decides the same
         return scores
@@ -163,8 +165,9 @@ class RecipeTrainer(Trainer):
             out = gather_object(out)
         return {k: text.strip() for k, text in out}
 
-    def write_predictions(self, predictions: dict, scores: dict, name: str) -> None:
-        """`predictions/<name>.jsonl` ({"key", "prediction"} rows) and `<name>.metrics.json`."""
+    def write_predictions(self, predictions: dict, scores: dict, name: str, records=None) -> None:
+        """`predictions/<name>.jsonl` ({"key", "prediction"} rows) and `<name>.metrics.json`; `records`
+        are what the predictions answer (for a subclass that writes more)."""
         folder = os.path.join(self.args.output_dir, "predictions")
         os.makedirs(folder, exist_ok=True)
         write_jsonl(os.path.join(folder, f"{name}.jsonl"),

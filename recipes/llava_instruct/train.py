@@ -29,7 +29,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from accelerate import PartialState
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
@@ -39,7 +38,7 @@ from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, 
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
-from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
 from recipes.llava_instruct.collator import caption_conversations, generation_items
 from recipes.llava_instruct.trainer import InstructTrainer
@@ -92,8 +91,9 @@ def main(argv=None):
 
     # Data: the embedded synthetic set unless files are given. Stage 1's images are scenes of another seed.
     seed = args.training.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
-    train_records, eval_records = load_data(
-        args.data, task, lambda: embedded_dataset(task, n=1000, lang=args.data.lang, seed=seed))
+    train_records, eval_records, test_records = load_data(
+        args.data, task, lambda: embedded_dataset(task, n=1000, lang=args.data.lang, seed=seed),
+        args.training.output_dir)
 
     # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
@@ -126,14 +126,18 @@ def main(argv=None):
     if eval_records is not None:
         eval_dataset, eval_report = samples(eval_records, args.data.eval_file)
         reports["eval"] = vars(eval_report)
-        eval_items = generation_items(task, eval_records, args.instruct.short_answer_words, args.data.lang)
-        if args.generation_eval.eval_max_samples:
-            eval_items = eval_items.select(range(min(args.generation_eval.eval_max_samples, len(eval_items))))
+        eval_items = first(
+            generation_items(task, eval_records, args.instruct.short_answer_words, args.data.lang),
+            args.generation_eval.eval_max_samples)
         if args.training.metric_for_best_model == "VQA_accuracy" and not any(eval_items["short"]):
             # Stage 1 evaluates captions only: there are no short answers to pick the best checkpoint by.
             logger.warning("no eval answer is short enough for VQA accuracy: metric_for_best_model is CIDEr "
                            "instead")
             args.training.metric_for_best_model = "CIDEr"
+
+    test_items = None if test_records is None else first(
+        generation_items(task, test_records, args.instruct.short_answer_words, args.data.lang),
+        args.generation_eval.eval_max_samples)
 
     trainer = InstructTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -147,10 +151,10 @@ def main(argv=None):
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task=task, stage=args.instruct.stage,
         lang=args.data.lang, short_answer_words=args.instruct.short_answer_words, model=model_path,
-        train_file=args.data.train_file, eval_file=args.data.eval_file, length_budget=reports,
-    ), shuffled_image_check=args.generation_eval.shuffled_image_check)
+        train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
+        length_budget=reports,
+    ), test=test_items, shuffled_image_check=args.generation_eval.shuffled_image_check)
 
 
 if __name__ == "__main__":
-    main()
-    PartialState().destroy_process_group()  # every rank of a multi-process launch exits cleanly
+    run_main(main)  # a bad input or option: its message, exit code 2

@@ -23,7 +23,6 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from accelerate import PartialState
 from transformers import LlavaForConditionalGeneration, TrainingArguments
 
 from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
@@ -34,7 +33,7 @@ from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_lora_and_freezing, count_parameters
 from recipes.common.quantization import (fall_back_to_cpu_optimizer, prepare_quantized_for_training,
                                          weight_bytes)
-from recipes.common.run import load_data, setup_run, train_and_evaluate
+from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
 from recipes.qlora_vqa.collator import (SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items,
                                         vqa_scores)
@@ -74,9 +73,11 @@ def main(argv=None):
     fall_back_to_cpu_optimizer(args.training)
 
     # Data: the embedded synthetic set unless files are given.
-    train_records, eval_records = load_data(
-        args.data, "vqa",
-        lambda: embedded_dataset("vqa", n=1000, lang=args.data.lang, seed=args.training.seed))
+    def embedded():
+        return embedded_dataset("vqa", n=1000, lang=args.data.lang, seed=args.training.seed)
+
+    train_records, eval_records, test_records = load_data(args.data, "vqa", embedded,
+                                                          args.training.output_dir)
 
     # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny/pretrain.py).
     # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml).
@@ -108,9 +109,10 @@ def main(argv=None):
                                                            args.data.max_length, source=args.data.eval_file)
         logger.info("eval %s", eval_report)
         reports["eval"] = vars(eval_report)
-        eval_items = vqa_items(eval_records, args.vqa.answer_prompt)
-        if args.generation_eval.eval_max_samples:
-            eval_items = eval_items.select(range(min(args.generation_eval.eval_max_samples, len(eval_items))))
+        eval_items = first(vqa_items(eval_records, args.vqa.answer_prompt),
+                           args.generation_eval.eval_max_samples)
+    test_items = None if test_records is None else first(vqa_items(test_records, args.vqa.answer_prompt),
+                                                         args.generation_eval.eval_max_samples)
 
     trainer = VqaTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -123,20 +125,21 @@ def main(argv=None):
     )
 
     results = {}
-    if eval_items is not None:
+    headline = test_items if test_items is not None else eval_items
+    if headline is not None:
         # The per-question-type prior (the most popular training answer of each question type): what an
-        # answer needs to beat to show that the model looked at the image.
-        baseline = prior_predictions(train_records, eval_items)
-        results["baseline"] = {f"eval_{k}": v for k, v in vqa_scores(baseline, eval_items).items()}
+        # answer needs to beat to show that the model looked at the image. On the headline split.
+        baseline = prior_predictions(train_records, headline)
+        results["baseline"] = {f"eval_{k}": v for k, v in vqa_scores(baseline, headline).items()}
         # predictions/baseline.*: its answers and per-question-type accuracy
         if trainer.is_world_process_zero():
-            trainer.write_predictions(baseline, results["baseline"], "baseline")
+            trainer.write_predictions(baseline, results["baseline"], "baseline", headline)
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="vqa", lang=args.data.lang, model=model_path,
-        train_file=args.data.train_file, eval_file=args.data.eval_file, length_budget=reports,
-    ), results=results, shuffled_image_check=args.generation_eval.shuffled_image_check)
+        train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
+        length_budget=reports,
+    ), test=test_items, results=results, shuffled_image_check=args.generation_eval.shuffled_image_check)
 
 
 if __name__ == "__main__":
-    main()
-    PartialState().destroy_process_group()  # every rank of a multi-process launch exits cleanly
+    run_main(main)  # a bad input or option: its message, exit code 2

@@ -27,14 +27,15 @@ class VqaTrainer(RecipeTrainer):
         with self.accelerator.autocast():
             return super().generate_predictions(records)
 
-    def write_predictions(self, predictions: dict, scores: dict, name: str) -> None:
-        super().write_predictions(predictions, scores, name)
+    def write_predictions(self, predictions: dict, scores: dict, name: str, records=None) -> None:
+        super().write_predictions(predictions, scores, name, records)
         folder = os.path.join(self.args.output_dir, "predictions")
         results = [{"question_id": key, "answer": text} for key, text in predictions.items()]
         atomic_write_text(os.path.join(folder, f"{name}.results.json"),
                           json.dumps(results, ensure_ascii=False))
+        records = records if records is not None else self.generation.records
         references = {it["key"]: {k: it[k] for k in ("answers", "answer_type", "question_type")}
-                      for it in self.generation.records if it["key"] in predictions}
+                      for it in records if it["key"] in predictions}
         breakdown = vqa_accuracy(predictions, references)
         breakdown.pop("perQuestion")  # one number per question: see the predictions file
         atomic_write_text(os.path.join(folder, f"{name}.vqa.json"), json.dumps(breakdown, indent=2))

@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from accelerate import PartialState
 from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 
 from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
@@ -31,7 +30,7 @@ from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cap
                                      load_caption_data)
 from recipes.common.models import check_model_source, compute_dtype, resolve_model_path
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters
-from recipes.common.run import setup_run, train_and_evaluate
+from recipes.common.run import first, run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
 from recipes.soft_prompt_caption.collator import tokenize_captions
 from recipes.soft_prompt_caption.modeling import TRAINED_WEIGHTS, SoftPromptCaptioner, trained_sizes
@@ -88,7 +87,7 @@ def main(argv=None):
                          "CLIP vision encoder was trained on (its image processor's size).")
 
     # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
-    train_records, eval_records = load_caption_data(args.data, args.training.seed)
+    train_records, eval_records, test_records = load_caption_data(args.data, args.training)
 
     # Model: the frozen parts from two checkpoints (by default the embedded tiny ones), fresh trained parts
     # between.
@@ -127,6 +126,7 @@ def main(argv=None):
                                  lang=args.data.lang)
     train_dataset, eval_dataset, eval_records = caption_samples(tokenize, train_records, eval_records,
                                                                 args.generation_eval.eval_max_samples)
+    test_records = first(test_records, args.generation_eval.eval_max_samples)
 
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
     feature_cache = None
@@ -154,8 +154,8 @@ def main(argv=None):
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang,
         model=f"{vision_path} + {language_path}", vision_model=vision_path, language_model=language_path,
         prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
-        train_file=args.data.train_file, eval_file=args.data.eval_file,
-    ), shuffled_image_check=args.generation_eval.shuffled_image_check)
+        train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
+    ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check)
     if trainer.is_world_process_zero():
         weights = Path(args.training.output_dir) / TRAINED_WEIGHTS
         logger.info("trained weights: %s (%.1f kB); full checkpoint: python %s/export.py --run %s --out OUT",
@@ -164,5 +164,4 @@ def main(argv=None):
     return results
 
 if __name__ == "__main__":
-    main()
-    PartialState().destroy_process_group()  # every rank of a multi-process launch exits cleanly
+    run_main(main)  # a bad input or option: its message, exit code 2

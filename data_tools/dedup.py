@@ -40,7 +40,7 @@ from .errors import PATH_OUTSIDE_ROOT, DataError
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming, hash_images, image_groups
 from .images import resolve_image_path
 from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
-from .jsonl import JsonlWriter, iter_jsonl, write_jsonl
+from .jsonl import JsonlWriter, iter_jsonl
 from .records import IMAGE_ALIASES, TASKS, normalize_record
 
 _END_PUNCTUATION = string.punctuation + string.whitespace
@@ -155,7 +155,8 @@ class _Merger:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
         n = len(twin)
         rows = np.arange(n)
-        self.task, self.twin, self.group, self.same, self.distance, self.lines = task, twin, group, same, distance, lines
+        self.task, self.twin, self.group, self.lines = task, twin, group, lines
+        self.same, self.distance = same, distance
         self.merge = task in ("caption", "retrieval")
         grouped = (group >= 0) & (group != rows)
         unique = twin == rows
@@ -195,16 +196,19 @@ class _Merger:
                     "seen_neg": {normalize_text(c) for c in record.get("neg_captions", [])},
                 }
             elif not self.merge and kept != i and image != self.image_of[kept]:
-                return [self._entry(i, image, kept, "kept", "same_image" if self.same(i, kept) else "near_duplicate_image")]
+                reason = "same_image" if self.same(i, kept) else "near_duplicate_image"
+                return [self._entry(i, image, kept, "kept", reason)]
             return []
         target = self.state[kept]
-        e = self._entry(i, image, kept, "merged", "same_image" if self.same(i, kept) else "near_duplicate_image")
+        reason = "same_image" if self.same(i, kept) else "near_duplicate_image"
+        e = self._entry(i, image, kept, "merged", reason)
         e["dropped_captions"] = _append_new(target["captions"], record["captions"], target["seen"])
         if record.get("neg_captions"):
             # A negative that is a positive of the merged record would contradict it.
             if target["neg_captions"] is None:
                 target["neg_captions"] = []
-            dropped = _append_new(target["neg_captions"], record["neg_captions"], target["seen_neg"] | target["seen"])
+            blocked = target["seen_neg"] | target["seen"]
+            dropped = _append_new(target["neg_captions"], record["neg_captions"], blocked)
             target["seen_neg"] |= {normalize_text(c) for c in target["neg_captions"]}
             if dropped:
                 e["dropped_neg_captions"] = dropped
@@ -233,7 +237,8 @@ def _first_rows(keys: np.ndarray) -> np.ndarray:
 
 def _text_digest(record: dict, task: str) -> bytes:
     # 128-bit digests stand for the texts, so that a million rows' texts need not stay in memory.
-    return hashlib.blake2b(repr(_text_key(record, task)).encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    text = repr(_text_key(record, task)).encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(text, digest_size=16).digest()
 
 
 def _twins(content: np.ndarray, digests: np.ndarray) -> np.ndarray:
@@ -265,9 +270,11 @@ def dedup_records(
     images = images or [r.get("image") for r in records]
     # Group labels -> the first row with that label, which is what `_Merger` expects.
     first_of_label: dict = {}
-    group = np.array([-1 if g is None else first_of_label.setdefault(g, i) for i, g in enumerate(groups)], np.int64)
+    group = [-1 if g is None else first_of_label.setdefault(g, i) for i, g in enumerate(groups)]
+    group = np.array(group, np.int64)
     content_id: dict = {}
-    content = np.array([-1 if h is None else content_id.setdefault(h.content, len(content_id)) for h in hashes], np.int64)
+    content = [-1 if h is None else content_id.setdefault(h.content, len(content_id)) for h in hashes]
+    content = np.array(content, np.int64)
     digests = np.frombuffer(b"".join(_text_digest(r, task) for r in records), np.uint8).reshape(n, 16)
     merger = _Merger(
         task, _twins(content, digests), group,
@@ -316,16 +323,19 @@ class _Resolver:
         folder = self.folders.get(head)
         if folder is None:
             try:
-                folder = self.folders[head] = resolve_image_path(head or ".", self.root, allow_outside_root=self.allow)
+                folder = resolve_image_path(head or ".", self.root, allow_outside_root=self.allow)
+                self.folders[head] = folder
             except DataError:
                 return resolve_image_path(image, self.root, allow_outside_root=self.allow)  # its own message
         full = folder / name
-        return resolve_image_path(image, self.root, allow_outside_root=self.allow) if os.path.islink(full) else full
+        if os.path.islink(full):
+            return resolve_image_path(image, self.root, allow_outside_root=self.allow)
+        return full
 
 
 def iter_images(path: str | os.PathLike, task: str | None = None, *, allow_outside_root: bool = False,
                 resolve: bool = True):
-    """Stream a clean JSONL file as (line, record, absolute image path or None); records normalised for a task.
+    """Stream a clean JSONL file as (line, record, absolute image path or None), normalised for a task.
 
     With `resolve=False` the image path is not resolved (None). Raises a `DataError` naming the file and
     line at the first bad row.
@@ -360,7 +370,9 @@ class ScannedRows:
     first_line: list[int]
 
 
-def scan_rows(path, task: str | None = None, *, digests: bool = False, allow_outside_root: bool = False) -> ScannedRows:
+def scan_rows(
+    path, task: str | None = None, *, digests: bool = False, allow_outside_root: bool = False
+) -> ScannedRows:
     """First pass over a JSONL file: see `ScannedRows`."""
     lines, image, digest = array("q"), array("q"), bytearray()
     index: dict[str, int] = {}
@@ -385,8 +397,8 @@ def scan_rows(path, task: str | None = None, *, digests: bool = False, allow_out
 
 
 def group_rows(scan: ScannedRows, near_threshold: int | None, hasher: ImageHasher, path) -> tuple:
-    """Hash and group the images of scanned rows: returns (grouping by image, hash table, table entry per image,
-    content id per row (-1: no image), image group per row = its first row (-1: no image)).
+    """Hash and group the images of scanned rows: returns (grouping by image, hash table, table entry per
+    image, content id per row (-1: no image), image group per row = its first row (-1: no image)).
 
     An image that fails to load is reported with the first line using it.
     """
@@ -425,12 +437,13 @@ def dedup_file(
     hasher: ImageHasher | None = None,
     keep_report: bool = True,
 ) -> tuple[int, int, list[dict] | Counter]:
-    """Deduplicate a JSONL file into `out` (and the report into `report_path`); return (rows in, rows out, report).
+    """Deduplicate a JSONL file into `out` (and the report into `report_path`); return (rows in, rows out,
+    report).
 
     Rows stream through three passes (scan, report, output), so memory holds the image hashes and a few
     numbers per row, not the rows. The report is returned as a list of entries, or with `keep_report=False`
-    (only with a `report_path`, which has them) as a Counter of (action, reason) and "dropped_captions". `hasher` defaults to fast hashes with the cache next to
-    the file (see `data_tools.hashes`).
+    (only with a `report_path`, which has them) as a Counter of (action, reason) and "dropped_captions".
+    `hasher` defaults to fast hashes with the cache next to the file (see `data_tools.hashes`).
     """
     path, out = Path(path), Path(out)
     hasher = hasher or ImageHasher(cache=default_cache(path), progress=progress)
@@ -463,7 +476,8 @@ def dedup_file(
             kept = merger.output(i, record)
             if kept is not None:
                 try:
-                    w.write(rebase_image(kept, path.parent, out.parent, allow_outside_root=allow_outside_root))
+                    kept = rebase_image(kept, path.parent, out.parent, allow_outside_root=allow_outside_root)
+                    w.write(kept)
                 except DataError as e:
                     raise e.at(path=path, line=line) from None
                 n_out += 1

@@ -1,7 +1,7 @@
 """Image hashes at data-set scale: hashing in parallel, a per-file cache, shard files, and grouping.
 
-    python -m data_tools.hashes data/clean.jsonl --shard 3/64 --out hashes/hashes-3.npz   # one job of an array
-    python -m data_tools dedup --task caption data/clean.jsonl --hashes 'hashes/hashes-*.npz' --out data/dedup.jsonl
+    python -m data_tools.hashes data/clean.jsonl --shard 3/64 --out hashes/h-3.npz   # one job of an array
+    python -m data_tools dedup --task caption data/clean.jsonl --hashes 'hashes/h-*.npz' --out data/d.jsonl
 
 A hash table holds, per image file: its path, size and modification time, the hash mode, the 64-bit
 perceptual hash, the 16x16 colour grid, and the SHA-256 of its pixels (exact mode, or where computed) and of
@@ -55,8 +55,13 @@ COLOUR_BYTES = COLOUR_GRID * COLOUR_GRID * 3
 # Below this many images a process pool costs more than it saves.
 MIN_PARALLEL = 64
 _ARRAYS = {  # name -> (dtype, shape after n)
-    "mode": (np.uint8, ()), "size": (np.int64, ()), "mtime_ns": (np.int64, ()), "phash": (np.uint64, ()),
-    "colours": (np.uint8, (COLOUR_BYTES,)), "file_sha256": (np.uint8, (32,)), "pixel_sha256": (np.uint8, (32,)),
+    "mode": (np.uint8, ()),
+    "size": (np.int64, ()),
+    "mtime_ns": (np.int64, ()),
+    "phash": (np.uint64, ()),
+    "colours": (np.uint8, (COLOUR_BYTES,)),
+    "file_sha256": (np.uint8, (32,)),
+    "pixel_sha256": (np.uint8, (32,)),
     "has_pixels": (np.bool_, ()),
 }
 
@@ -74,7 +79,9 @@ class HashTable:
     """Hashes of n image files, as arrays (see the module docstring); `paths` are absolute."""
 
     paths: list[str] = field(default_factory=list)
-    arrays: dict[str, np.ndarray] = field(default_factory=lambda: {k: np.zeros((0, *s), t) for k, (t, s) in _ARRAYS.items()})
+    arrays: dict[str, np.ndarray] = field(
+        default_factory=lambda: {k: np.zeros((0, *s), t) for k, (t, s) in _ARRAYS.items()}
+    )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -87,14 +94,18 @@ class HashTable:
     def take(self, index) -> "HashTable":
         """The entries at `index`, in that order."""
         index = np.asarray(index, np.int64)
-        return HashTable([self.paths[i] for i in index.tolist()], {k: v[index] for k, v in self.arrays.items()})
+        return HashTable(
+            [self.paths[i] for i in index.tolist()], {k: v[index] for k, v in self.arrays.items()}
+        )
 
     @staticmethod
     def concat(tables: list["HashTable"]) -> "HashTable":
         """All entries of several tables, in order."""
         tables = [t for t in tables if len(t)] or [HashTable()]
-        return HashTable([p for t in tables for p in t.paths],
-                         {k: np.concatenate([t.arrays[k] for t in tables]) for k in _ARRAYS})
+        return HashTable(
+            [p for t in tables for p in t.paths],
+            {k: np.concatenate([t.arrays[k] for t in tables]) for k in _ARRAYS},
+        )
 
     def save(self, path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
         """Write the table atomically: a unique temporary file in the same folder, fsync, then rename.
@@ -109,9 +120,12 @@ class HashTable:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.frombuffer(meta.encode(), np.uint8),
-                         paths=np.frombuffer("\0".join(stored).encode("utf-8", "surrogateescape"), np.uint8),
-                         **self.arrays)
+                np.savez(
+                    f,
+                    meta=np.frombuffer(meta.encode(), np.uint8),
+                    paths=np.frombuffer("\0".join(stored).encode("utf-8", "surrogateescape"), np.uint8),
+                    **self.arrays,
+                )
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -135,11 +149,15 @@ class HashTable:
             raise ValueError(f"{path}: unreadable image hash file ({e})") from None
         for k, (dtype, shape) in _ARRAYS.items():
             if arrays[k].dtype != dtype or arrays[k].shape != (n, *shape):
-                raise ValueError(f"{path}: array {k!r} is {arrays[k].dtype}{arrays[k].shape}, expected {(n, *shape)}")
+                raise ValueError(
+                    f"{path}: array {k!r} is {arrays[k].dtype}{arrays[k].shape}, expected {(n, *shape)}"
+                )
         if len(stored) != n or not np.isin(arrays["mode"], (0, 1)).all():
             raise ValueError(f"{path}: {len(stored)} paths for {n} entries, or an unknown hash mode")
         root = meta.get("root") or ""
-        return HashTable([p if os.path.isabs(p) or not root else os.path.join(root, p) for p in stored], arrays)
+        return HashTable(
+            [p if os.path.isabs(p) or not root else os.path.join(root, p) for p in stored], arrays
+        )
 
 
 def _relative(path: str, root: str) -> str:
@@ -165,14 +183,17 @@ def load_hash_files(patterns: list[str]) -> HashTable:
     table = HashTable.concat(tables)
     modes = set(np.unique(table.mode).tolist())
     if len(modes) > 1:
-        raise DataError(NOT_IN_HASHES, "the hash files mix fast and exact hashes; make them all with one mode",
-                        path=files[0])
+        raise DataError(
+            NOT_IN_HASHES,
+            "the hash files mix fast and exact hashes; make them all with one mode",
+            path=files[0],
+        )
     last = {p: i for i, p in enumerate(table.paths)}
     return table.take(sorted(last.values())) if len(last) < len(table) else table
 
 
 def _hash_one(job: tuple[str, int]) -> tuple:
-    """Worker: hash one file in a mode; returns ("ok", size, mtime_ns, phash, colours, file_sha, pixel_sha) or an error."""
+    """Worker: hash one file; ("ok", size, mtime_ns, phash, colours, file_sha, pixel_sha) or an error."""
     path, mode = job
     try:
         st = os.stat(path)
@@ -219,8 +240,15 @@ class ImageHasher:
     `stats` counts the files hashed, the cache hits and the pixel hashes computed, for the report and tests.
     """
 
-    def __init__(self, mode: str = "fast", *, workers: int | None = None, cache: str | os.PathLike | None = None,
-                 hash_files: HashTable | None = None, progress: bool = True):
+    def __init__(
+        self,
+        mode: str = "fast",
+        *,
+        workers: int | None = None,
+        cache: str | os.PathLike | None = None,
+        hash_files: HashTable | None = None,
+        progress: bool = True,
+    ):
         if mode not in MODES:
             raise ValueError(f"hash mode must be one of {MODES}, got {mode!r}")
         self.mode, self.code = mode, MODES.index(mode) ^ 1  # stored codes: 0 exact, 1 fast
@@ -285,8 +313,9 @@ class ImageHasher:
         arrays = {k: np.zeros((n, *shape), dtype) for k, (dtype, shape) in _ARRAYS.items()}
         arrays["mode"][:] = self.code
         # Results go straight into the arrays: a list of a million results would hold ~1 GB.
-        for k, r in enumerate(_run(_hash_one, [(p, self.code) for p in paths], self.workers, self.progress,
-                                   "hashing images")):
+        for k, r in enumerate(
+            _run(_hash_one, [(p, self.code) for p in paths], self.workers, self.progress, "hashing images")
+        ):
             _raise(r)
             _, arrays["size"][k], arrays["mtime_ns"][k], arrays["phash"][k] = r[:4]
             arrays["colours"][k] = np.frombuffer(r[4], np.uint8)
@@ -305,20 +334,31 @@ class ImageHasher:
         for k, p in enumerate(paths):
             i = self._index.get(p)
             if i is None:
-                raise DataError(NOT_IN_HASHES, "image is in none of the --hashes files (hash it with "
-                                "python -m data_tools.hashes)", path=p, field="image")
+                raise DataError(
+                    NOT_IN_HASHES,
+                    "image is in none of the --hashes files (hash it with python -m data_tools.hashes)",
+                    path=p,
+                    field="image",
+                )
             rows[k] = i
         self.stats["cached"] += len(paths)
         return given, rows
 
     def add_pixels(self, table: HashTable, index: np.ndarray) -> None:
-        """Compute the pixel SHA-256 (full decode) of the entries at `index` that lack it, in place and in the cache."""
+        """Pixel SHA-256 (full decode) of the entries at `index` that lack it, here and in the cache."""
         index = np.asarray(index, np.int64)
         index = index[~table.has_pixels[index]]
         if not len(index):
             return
-        results = list(_run(_pixels_one, [table.paths[i] for i in index.tolist()], self.workers, self.progress,
-                            "pixel hashes of near duplicates"))
+        results = list(
+            _run(
+                _pixels_one,
+                [table.paths[i] for i in index.tolist()],
+                self.workers,
+                self.progress,
+                "pixel hashes of near duplicates",
+            )
+        )
         for r in results:
             _raise(r)
         self.stats["pixels_hashed"] += len(index)
@@ -370,8 +410,12 @@ def _near(table: HashTable, index: np.ndarray, among: np.ndarray, threshold: int
     return i[ok], j[ok], dd[ok]
 
 
-def group_images(table: HashTable, threshold: int | None, hasher: ImageHasher | None = None,
-                 index: np.ndarray | None = None) -> Grouping:
+def group_images(
+    table: HashTable,
+    threshold: int | None,
+    hasher: ImageHasher | None = None,
+    index: np.ndarray | None = None,
+) -> Grouping:
     """Identical and near-duplicate images among the entries `index` of a table (default: all), as
     `hashing.image_groups` defines them; the result is by position in `index`.
 
@@ -402,7 +446,9 @@ def group_images(table: HashTable, threshold: int | None, hasher: ImageHasher | 
         rep_cand = is_cand[by_bytes]
         keys = np.zeros((n, 33), np.uint8)
         keys[:, 0] = rep_cand
-        keys[:, 1:] = np.where(rep_cand[:, None], table.pixel_sha256[index[by_bytes]], table.file_sha256[index])
+        keys[:, 1:] = np.where(
+            rep_cand[:, None], table.pixel_sha256[index[by_bytes]], table.file_sha256[index]
+        )
         content = _first_index(keys)
         near = cand if threshold is not None and threshold >= 0 else None
     if near is None:
@@ -423,23 +469,39 @@ def default_cache(jsonl: str | os.PathLike) -> Path:
 
 def add_hash_arguments(parser: argparse.ArgumentParser, *, consumer: bool = True) -> None:
     """The hashing options shared by dedup, split, check-leakage and the hash command."""
-    parser.add_argument("--workers", type=int, default=None, help="processes hashing images (default: all cores)")
-    parser.add_argument("--exact-hash", action="store_true",
-                        help="decode every image in full (the hashes of a full decode; slower on JPEGs)")
-    parser.add_argument("--hash-cache", help=f"hash cache file (default: {CACHE_NAME} next to the JSONL file)")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="processes hashing images (default: all cores)"
+    )
+    parser.add_argument(
+        "--exact-hash",
+        action="store_true",
+        help="decode every image in full (the hashes of a full decode; slower on JPEGs)",
+    )
+    parser.add_argument(
+        "--hash-cache", help=f"hash cache file (default: {CACHE_NAME} next to the JSONL file)"
+    )
     parser.add_argument("--no-hash-cache", action="store_true", help="neither read nor write a hash cache")
     if consumer:
-        parser.add_argument("--hashes", action="append", metavar="FILE",
-                            help="hash files from python -m data_tools.hashes (glob patterns allowed, repeatable): "
-                                 "use them instead of hashing; every image must be in one")
+        parser.add_argument(
+            "--hashes",
+            action="append",
+            metavar="FILE",
+            help="hash files from python -m data_tools.hashes (glob patterns allowed, repeatable): "
+            "use them instead of hashing; every image must be in one",
+        )
 
 
 def hasher_from_args(args, jsonl, *, progress: bool = True) -> ImageHasher:
     """An `ImageHasher` for the parsed options of `add_hash_arguments`."""
     given = load_hash_files(args.hashes) if getattr(args, "hashes", None) else None
     cache = None if args.no_hash_cache or given is not None else (args.hash_cache or default_cache(jsonl))
-    return ImageHasher("exact" if args.exact_hash else "fast", workers=args.workers, cache=cache,
-                       hash_files=given, progress=progress)
+    return ImageHasher(
+        "exact" if args.exact_hash else "fast",
+        workers=args.workers,
+        cache=cache,
+        hash_files=given,
+        progress=progress,
+    )
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -453,23 +515,34 @@ def _shard(text: str) -> tuple[int, int]:
 
 
 def shard_of(relative_path: str, n: int) -> int:
-    """The shard of an image: a hash of its path relative to the image root, so any job computes the same split."""
+    """The shard of an image: a hash of its path relative to the image root, the same in every job."""
     return zlib.crc32(relative_path.encode("utf-8", "surrogateescape")) % n
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m data_tools.hashes`: hash the images of JSONL files (or one shard of them) into a hash file."""
+    """`python -m data_tools.hashes`: hash the images of JSONL files (or a shard of them) into a hash file."""
     from .dedup import iter_images  # the row reader lives with dedup; imported here to avoid a cycle
 
-    parser = argparse.ArgumentParser(prog="python -m data_tools.hashes",
-                                     description="Hash the images of JSONL files into a file that dedup, split and "
-                                                 "check-leakage read with --hashes.")
+    parser = argparse.ArgumentParser(
+        prog="python -m data_tools.hashes",
+        description="Hash the images of JSONL files into a file that dedup, split and "
+        "check-leakage read with --hashes.",
+    )
     parser.add_argument("inputs", nargs="+", metavar="IN", help="clean JSONL files")
     parser.add_argument("--out", required=True, help="hash file to write (.npz)")
-    parser.add_argument("--shard", type=_shard, default=(0, 1), metavar="i/N",
-                        help="hash only shard i of N (by a hash of the image path), e.g. $SLURM_ARRAY_TASK_ID/64")
-    parser.add_argument("--image-root", help="folder the stored paths are relative to (default: the first JSONL's folder)")
-    parser.add_argument("--allow-outside-root", action="store_true", help="allow image paths outside the JSONL file's folder")
+    parser.add_argument(
+        "--shard",
+        type=_shard,
+        default=(0, 1),
+        metavar="i/N",
+        help="hash only shard i of N (by a hash of the image path), e.g. $SLURM_ARRAY_TASK_ID/64",
+    )
+    parser.add_argument(
+        "--image-root", help="folder the stored paths are relative to (default: the first JSONL's folder)"
+    )
+    parser.add_argument(
+        "--allow-outside-root", action="store_true", help="allow image paths outside the JSONL file's folder"
+    )
     add_hash_arguments(parser, consumer=False)
     args = parser.parse_args(argv)
     root = Path(args.image_root or Path(args.inputs[0]).parent).resolve()
@@ -489,8 +562,10 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"shard {i}/{n}: {len(table)} of {len(paths)} images ({hasher.stats['hashed']} hashed, "
-          f"{hasher.stats['cached']} from the cache, {hasher.mode} mode) -> {args.out}")
+    print(
+        f"shard {i}/{n}: {len(table)} of {len(paths)} images ({hasher.stats['hashed']} hashed, "
+        f"{hasher.stats['cached']} from the cache, {hasher.mode} mode) -> {args.out}"
+    )
     return 0
 
 

@@ -101,10 +101,12 @@ class FastHash:
 
     phash: int
     colours: bytes
-    file_sha256: bytes  # SHA-256 of the file's bytes (32 bytes): equal bytes, equal pixels, no decoding needed
+    file_sha256: bytes  # SHA-256 of the file's bytes: equal bytes, equal pixels, no decoding needed
 
 
-def load_image_draft(path: str | os.PathLike, data: bytes | None = None, *, min_side: int | None = None) -> Image.Image:
+def load_image_draft(
+    path: str | os.PathLike, data: bytes | None = None, *, min_side: int | None = None
+) -> Image.Image:
     """`load_image` (same checks, errors and RGB conversion), but a JPEG is decoded reduced in the DCT domain.
 
     The result is at least `min_side` on its short side, or the full image when that is smaller than
@@ -133,10 +135,11 @@ def load_image_draft(path: str | os.PathLike, data: bytes | None = None, *, min_
     with im:
         w, h = im.size
         if w * h > MAX_PIXELS:
-            raise DataError(IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h:,} pixels, above the limit of {MAX_PIXELS:,}",
-                            path=path, field="image")
+            message = f"image is {w}x{h} = {w * h:,} pixels, above the limit of {MAX_PIXELS:,}"
+            raise DataError(IMAGE_TOO_LARGE, message, path=path, field="image")
         if min(w, h) < MIN_SIDE:
-            raise DataError(IMAGE_TOO_SMALL, f"image is {w}x{h}, a side is below {MIN_SIDE} px", path=path, field="image")
+            message = f"image is {w}x{h}, a side is below {MIN_SIDE} px"
+            raise DataError(IMAGE_TOO_SMALL, message, path=path, field="image")
         try:
             if im.format == "JPEG":
                 scale = next((s for s in (8, 4, 2) if min(w, h) // s >= min_side), 1)
@@ -145,9 +148,11 @@ def load_image_draft(path: str | os.PathLike, data: bytes | None = None, *, min_
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(im))
         except OSError as e:
-            raise DataError(_decode_reason(e), f"image cannot be decoded: {e}", path=path, field="image") from e
+            message = f"image cannot be decoded: {e}"
+            raise DataError(_decode_reason(e), message, path=path, field="image") from e
         except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise DataError(UNREADABLE_IMAGE, f"image cannot be decoded: {e}", path=path, field="image") from e
+            message = f"image cannot be decoded: {e}"
+            raise DataError(UNREADABLE_IMAGE, message, path=path, field="image") from e
     return rgb
 
 
@@ -198,7 +203,7 @@ MIH_MAX_THRESHOLD = 7
 
 
 def near_pairs(hashes, threshold: int = DEFAULT_NEAR_THRESHOLD, *, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """All pairs i < j with Hamming(hashes[i], hashes[j]) <= threshold, as arrays (i, j, distance), sorted by (i, j).
+    """All pairs i < j with Hamming(hashes[i], hashes[j]) <= threshold: arrays (i, j, distance), by (i, j).
 
     Exact, and below O(n^2) for thresholds up to `MIH_MAX_THRESHOLD` (see `near_pairs_mih`); above it, and
     when `chunk` is given, it compares every pair (`near_pairs_all`). Both return the same arrays.
@@ -215,7 +220,9 @@ def _as_uint64(hashes) -> np.ndarray:
     return np.asarray([int(x) for x in hashes], dtype=np.uint64)
 
 
-def near_pairs_all(hashes, threshold: int = DEFAULT_NEAR_THRESHOLD, *, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_pairs_all(
+    hashes, threshold: int = DEFAULT_NEAR_THRESHOLD, *, chunk: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`near_pairs` by comparing every pair: the reference for `near_pairs_mih`, O(n^2).
 
     uint64 XOR and a popcount, `chunk` rows at a time (by default as many as keep a block near 2 M
@@ -247,7 +254,9 @@ def _chunk_layout(threshold: int) -> list[tuple[int, int]]:
     return [(s, (1 << w) - 1) for s, w in zip(shifts, widths)]
 
 
-def near_pairs_mih(hashes, threshold: int = DEFAULT_NEAR_THRESHOLD) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_pairs_mih(
+    hashes, threshold: int = DEFAULT_NEAR_THRESHOLD
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`near_pairs` by multi-index hashing: exact, and far below O(n^2) for small thresholds.
 
     Split the 64 bits into threshold + 1 fields: two hashes at most `threshold` bits apart agree exactly
@@ -310,8 +319,8 @@ def colours_match_pairs(colours: np.ndarray, i: np.ndarray, j: np.ndarray, toler
 
 
 def group_ids(n: int, i, j) -> np.ndarray:
-    """Connected components of n items joined by pairs (i[k], j[k]): each item's group id, the smallest index in
-    its group (as `union_find_groups`), for millions of items and pairs."""
+    """Connected components of n items joined by pairs (i[k], j[k]): each item's group id, the smallest
+    index in its group (as `union_find_groups`), for millions of items and pairs."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -363,7 +372,8 @@ def image_groups(hashes: list[ImageHash], threshold: int | None = DEFAULT_NEAR_T
         reps = np.asarray(sorted(first_of_content.values()), np.int64)
         ii, jj, dd = near_pairs([hashes[r].phash for r in reps], threshold)
         if len(ii):
-            colours = np.frombuffer(b"".join(hashes[r].colours for r in reps), np.uint8).reshape(len(reps), -1)
+            colours = np.frombuffer(b"".join(hashes[r].colours for r in reps), np.uint8)
+            colours = colours.reshape(len(reps), -1)
             ok = colours_match_pairs(colours, ii, jj)
             near = list(zip(reps[ii[ok]].tolist(), reps[jj[ok]].tolist(), dd[ok].tolist()))
     links = pairs + near

@@ -100,7 +100,8 @@ def split_file(
         writers = [stack.enter_context(JsonlWriter(out_dir / f"{name}.jsonl")) for name in names]
         for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
             try:
-                writers[split_of[i]].write(rebase_image(record, path.parent, out_dir, allow_outside_root=allow_outside_root))
+                record = rebase_image(record, path.parent, out_dir, allow_outside_root=allow_outside_root)
+                writers[split_of[i]].write(record)
             except DataError as e:
                 raise e.at(path=path, line=line) from None
     counts = {}
@@ -111,8 +112,14 @@ def split_file(
     return counts
 
 
-def find_leaks(paths, *, near_threshold: int | None = DEFAULT_NEAR_THRESHOLD, allow_outside_root: bool = False,
-               progress: bool = True, hasher: ImageHasher | None = None) -> list[dict]:
+def find_leaks(
+    paths,
+    *,
+    near_threshold: int | None = DEFAULT_NEAR_THRESHOLD,
+    allow_outside_root: bool = False,
+    progress: bool = True,
+    hasher: ImageHasher | None = None,
+) -> list[dict]:
     """Images shared by two files, exactly or as near duplicates: one entry per pair of images in two files.
 
     Each entry gives both files, the first line at which each image appears in its file, both image
@@ -233,8 +240,10 @@ def main_check_leakage(argv: list[str] | None = None) -> int:
     if len({Path(f).resolve() for f in args.files}) < 2:
         parser.error("give at least two different files")
     try:
-        leaks = find_leaks(args.files, near_threshold=None if args.no_near else args.near_threshold,
-                           allow_outside_root=args.allow_outside_root, hasher=hasher_from_args(args, args.files[0]))
+        leaks = find_leaks(
+            args.files, near_threshold=None if args.no_near else args.near_threshold,
+            allow_outside_root=args.allow_outside_root, hasher=hasher_from_args(args, args.files[0]),
+        )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

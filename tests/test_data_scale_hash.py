@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -36,7 +35,11 @@ def photo(seed: int, w: int, h: int) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-SIZES = [(640, 480)] * 12 + [(64, 64)] * 4 + [(100, 75), (128, 128), (300, 200), (481, 333), (1024, 768), (1280, 720)]
+SIZES = (
+    [(640, 480)] * 12
+    + [(64, 64)] * 4
+    + [(100, 75), (128, 128), (300, 200), (481, 333), (1024, 768), (1280, 720)]
+)
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +58,14 @@ def test_fast_hash_within_tolerance_and_exact_on_small_images(jpegs):
     for p in jpegs:
         exact, fast = hash_image(p), hash_image_fast(p)
         bits = hamming(exact.phash, fast.phash)
-        colour = int(np.abs(np.frombuffer(exact.colours, np.uint8).astype(int) - np.frombuffer(fast.colours, np.uint8)).max())
-        if "_64x64" in p.name or "_100x75" in p.name:  # below 2 x DRAFT_MIN_SIDE: decoded in full, same hashes
+        colour = int(
+            np.abs(
+                np.frombuffer(exact.colours, np.uint8).astype(int) - np.frombuffer(fast.colours, np.uint8)
+            ).max()
+        )
+        if (
+            "_64x64" in p.name or "_100x75" in p.name
+        ):  # below 2 x DRAFT_MIN_SIDE: decoded in full, same hashes
             assert (bits, colour) == (0, 0), p.name
         worst_bits, worst_colour = max(worst_bits, bits), max(worst_colour, colour)
         assert fast.file_sha256 == __import__("hashlib").sha256(p.read_bytes()).digest()
@@ -117,7 +126,9 @@ def test_workers_give_the_same_hashes_as_one(tmp_path):
 def test_fast_mode_confirms_identical_pixels_only_where_needed(tmp_path):
     a, b, c = photo(1, 320, 240), photo(2, 320, 240), photo(3, 320, 240)
     a.save(tmp_path / "a.jpg", quality=90)
-    (tmp_path / "a_copy.jpg").write_bytes((tmp_path / "a.jpg").read_bytes())  # equal bytes: no decoding needed
+    (tmp_path / "a_copy.jpg").write_bytes(
+        (tmp_path / "a.jpg").read_bytes()
+    )  # equal bytes: no decoding needed
     Image.open(tmp_path / "a.jpg").save(tmp_path / "a_pixels.png")  # same pixels, another file format
     b.save(tmp_path / "b.jpg", quality=90)
     c.save(tmp_path / "c.jpg", quality=90)
@@ -144,17 +155,38 @@ def dataset(tmp_path) -> Path:
     for k in range(30, 40):  # near duplicates (re-encoded) and copies of the first ten
         src = Image.open(tmp_path / f"img/{k - 30}.jpg")
         src.save(tmp_path / f"img/{k}.jpg", quality=70) if k % 2 else src.save(tmp_path / f"img/{k}.png")
-    rows = [dict(r, image=r["image"].replace(".jpg", ".png")) if k >= 30 and k % 2 == 0 else r for k, r in enumerate(ROWS)]
+    rows = [
+        dict(r, image=r["image"].replace(".jpg", ".png")) if k >= 30 and k % 2 == 0 else r
+        for k, r in enumerate(ROWS)
+    ]
     write_lines(tmp_path / "all.jsonl", rows)
     return tmp_path
 
 
 def test_shards_merge_to_the_same_dedup_split_and_leakage(dataset, capsys):
-    base = ["--task", "caption", str(dataset / "all.jsonl"), "--report", str(dataset / "r1.jsonl"), "--no-hash-cache"]
+    base = [
+        "--task",
+        "caption",
+        str(dataset / "all.jsonl"),
+        "--report",
+        str(dataset / "r1.jsonl"),
+        "--no-hash-cache",
+    ]
     assert dedup.main(base + ["--out", str(dataset / "d1.jsonl")]) == 0
     for i in range(3):
-        assert hashes.main([str(dataset / "all.jsonl"), "--shard", f"{i}/3", "--out", str(dataset / f"h/hashes-{i}.npz"),
-                            "--no-hash-cache"]) == 0
+        assert (
+            hashes.main(
+                [
+                    str(dataset / "all.jsonl"),
+                    "--shard",
+                    f"{i}/3",
+                    "--out",
+                    str(dataset / f"h/hashes-{i}.npz"),
+                    "--no-hash-cache",
+                ]
+            )
+            == 0
+        )
     sizes = [len(HashTable.load(dataset / f"h/hashes-{i}.npz")) for i in range(3)]
     assert sum(sizes) == 40 and all(sizes)
     sharded = ["--hashes", str(dataset / "h/hashes-*.npz")]
@@ -167,8 +199,23 @@ def test_shards_merge_to_the_same_dedup_split_and_leakage(dataset, capsys):
     out = {}
     for name, extra in (("plain", ["--no-hash-cache"]), ("sharded", sharded)):
         (dataset / name).mkdir()
-        assert split.main_split([str(dataset / "all.jsonl"), "--out-dir", str(dataset), "--seed", "0",
-                                 "--names", f"{name}_a,{name}_b", "--ratios", "0.5,0.5"] + extra) == 0
+        assert (
+            split.main_split(
+                [
+                    str(dataset / "all.jsonl"),
+                    "--out-dir",
+                    str(dataset),
+                    "--seed",
+                    "0",
+                    "--names",
+                    f"{name}_a,{name}_b",
+                    "--ratios",
+                    "0.5,0.5",
+                ]
+                + extra
+            )
+            == 0
+        )
         out[name] = [(dataset / f"{name}_{s}.jsonl").read_bytes() for s in "ab"]
         files = [str(dataset / f"{name}_{s}.jsonl") for s in "ab"]
         assert split.main_check_leakage(files + extra) == 0
@@ -177,19 +224,62 @@ def test_shards_merge_to_the_same_dedup_split_and_leakage(dataset, capsys):
 
 
 def test_image_missing_from_hash_files_names_the_line(dataset, capsys):
-    assert hashes.main([str(dataset / "all.jsonl"), "--shard", "0/2", "--out", str(dataset / "h0.npz"), "--no-hash-cache"]) == 0
-    code = dedup.main(["--task", "caption", str(dataset / "all.jsonl"), "--out", str(dataset / "o.jsonl"),
-                       "--hashes", str(dataset / "h0.npz")])
+    assert (
+        hashes.main(
+            [
+                str(dataset / "all.jsonl"),
+                "--shard",
+                "0/2",
+                "--out",
+                str(dataset / "h0.npz"),
+                "--no-hash-cache",
+            ]
+        )
+        == 0
+    )
+    code = dedup.main(
+        [
+            "--task",
+            "caption",
+            str(dataset / "all.jsonl"),
+            "--out",
+            str(dataset / "o.jsonl"),
+            "--hashes",
+            str(dataset / "h0.npz"),
+        ]
+    )
     err = capsys.readouterr().err
-    assert code == 2 and "none of the --hashes files" in err and "all.jsonl:" in err and "Traceback" not in err
+    assert (
+        code == 2 and "none of the --hashes files" in err and "all.jsonl:" in err and "Traceback" not in err
+    )
     (dataset / "bad.npz").write_bytes(b"junk")
-    assert dedup.main(["--task", "caption", str(dataset / "all.jsonl"), "--out", str(dataset / "o.jsonl"),
-                       "--hashes", str(dataset / "bad.npz")]) == 2
+    assert (
+        dedup.main(
+            [
+                "--task",
+                "caption",
+                str(dataset / "all.jsonl"),
+                "--out",
+                str(dataset / "o.jsonl"),
+                "--hashes",
+                str(dataset / "bad.npz"),
+            ]
+        )
+        == 2
+    )
     assert "unreadable image hash file" in capsys.readouterr().err
 
 
 def test_cli_second_run_reports_cache_hits(dataset, capsys):
-    argv = ["--task", "caption", str(dataset / "all.jsonl"), "--out", str(dataset / "o.jsonl"), "--workers", "1"]
+    argv = [
+        "--task",
+        "caption",
+        str(dataset / "all.jsonl"),
+        "--out",
+        str(dataset / "o.jsonl"),
+        "--workers",
+        "1",
+    ]
     assert dedup.main(argv) == 0
     assert "40 hashed, 0 from the cache" in capsys.readouterr().out
     assert dedup.main(argv) == 0
@@ -206,8 +296,20 @@ def test_folder_resolver_equals_resolve_image_path(tmp_path):
     (tmp_path / "img/a.png").write_bytes(b"x")
     (tmp_path / "img/link.png").symlink_to(tmp_path / "img/sub")
     (tmp_path / "img/out.png").symlink_to("/etc/hostname")
-    cases = ["img/a.png", "img/./a.png", "img/sub/../a.png", "a.png", "img/missing.png", "img/link.png", "img/out.png",
-             "../x.png", "img/../../x.png", "/etc/hostname", "img/sub/..", "img/"]
+    cases = [
+        "img/a.png",
+        "img/./a.png",
+        "img/sub/../a.png",
+        "a.png",
+        "img/missing.png",
+        "img/link.png",
+        "img/out.png",
+        "../x.png",
+        "img/../../x.png",
+        "/etc/hostname",
+        "img/sub/..",
+        "img/",
+    ]
     for allow in (False, True):
         resolver = _Resolver(tmp_path.resolve(), allow)
         for image in cases:

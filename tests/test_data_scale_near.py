@@ -17,7 +17,7 @@ from data_tools.hashing import (
 
 
 def planted_hashes(seed: int, n_random: int = 3000) -> np.ndarray:
-    """Random hashes, near duplicates of some at 0..8 flipped bits, and chains (each a few bits from the last)."""
+    """Random hashes, near duplicates of some at 0..8 flipped bits, and chains (a few bits per link)."""
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 2**64 - 1, n_random, dtype=np.uint64, endpoint=True)
     out = [base]
@@ -70,7 +70,8 @@ def test_group_ids_equal_union_find():
 def test_image_groups_chains_and_colour_check():
     grey, other = bytes(768), bytes([200]) * 768
     hashes = [
-        ImageHash("a", 0b0000, grey), ImageHash("b", 0b0111, grey),  # 3 bits apart
+        ImageHash("a", 0b0000, grey),
+        ImageHash("b", 0b0111, grey),  # 3 bits apart
         ImageHash("c", 0b111111, grey),  # 3 from b, 6 from a: a chain joins all three
         ImageHash("d", 0b0001, other),  # near a, but other colours
         ImageHash("a", 0b0000, grey),  # same content as the first

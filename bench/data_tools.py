@@ -1,0 +1,459 @@
+"""Data tools at data-set scale: hashing, near-pair search, dedup + split, beside the baseline, in one run.
+
+    python -m bench.data_tools [--images 400] [--e2e-images 10000] [--e2e-rows 100000] [--big-rows 1000000]
+                               [--json bench_data_tools.json]
+
+- hashing: 640x480 JPEGs made here (a smooth random colour field, sharp ellipses, noise; quality 90),
+  images/s for the baseline hash (full decode, `hashing.hash_image`, one process), imagehash's pHash
+  (full decode, one process) and the fast hash (1 worker and all workers), and exact mode on all workers;
+- near pairs: random 64-bit hashes with planted near duplicates at 10 k / 100 k / 1 M; the multi-index
+  search beside the all-pairs baseline (measured at 10 k and 40 k; larger sizes are an n^2 extrapolation,
+  labelled so) and faiss-cpu's IndexBinaryMultiHash (exact with nflip=0 and radius threshold + 1);
+- dedup + split: rows over generated JPEGs, each command in a fresh process (wall time and peak RSS):
+  the baseline commit's code (checked out of git into a temporary package) and this code, cold and with the
+  cache; and dedup + split of `--big-rows` rows from a hash file (memory at a million rows, no images).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+# The commit whose data_tools this bench compares against ("baseline"): hashing by full decode in one
+# process, all-pairs near-duplicate search, rows held in memory.
+BASELINE_COMMIT = "363a035ca9793e0547d8584c7a28fb08ef5ba0f0"
+
+
+def make_jpeg(path: Path, seed: int, w: int = 640, h: int = 480, quality: int = 90) -> None:
+    rng = np.random.default_rng(seed)
+    a = rng.normal(size=(h // 16, w // 16, 3)).cumsum(0).cumsum(1)
+    a = (a - a.min()) / (a.max() - a.min()) * 255
+    im = Image.fromarray(a.astype(np.uint8)).resize((w, h), Image.BICUBIC)
+    draw = ImageDraw.Draw(im)
+    for _ in range(8):
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        draw.ellipse(
+            [x, y, x + int(rng.integers(10, w // 3)), y + int(rng.integers(10, h // 3))],
+            fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+        )
+    noisy = np.asarray(im, np.float32) + rng.normal(0, 4, (h, w, 3)).astype(np.float32)
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=quality)
+
+
+def _rate(fn, items, repeats: int = 3) -> float:
+    """Items per second, the best of `repeats` runs (other work on the machine only slows a run down)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(items)
+        best = min(best, time.perf_counter() - t)
+    return len(items) / best
+
+
+def bench_hashing(n_images: int, folder: Path) -> list[tuple[str, str, str]]:
+    from data_tools.hashes import ImageHasher, default_workers
+    from data_tools.hashing import hash_image
+
+    paths = []
+    for k in range(n_images):
+        p = folder / f"{k}.jpg"
+        make_jpeg(p, k)
+        paths.append(str(p))
+    kb = sum(os.path.getsize(p) for p in paths) / len(paths) / 1024
+    workers = default_workers()
+    rows = []
+    for p in paths[:20]:  # warm the page cache and imports, so that no method pays for them
+        hash_image(p)
+    base = _rate(lambda ps: [hash_image(p) for p in ps], paths)
+    rows.append(
+        (
+            "baseline: full decode, pixel SHA-256 + pHash + colours (hash_image), 1 process",
+            f"{base:,.0f}",
+            "1.0x",
+        )
+    )
+    try:
+        import imagehash
+
+        rate = _rate(lambda ps: [imagehash.phash(Image.open(p)) for p in ps], paths)
+        rows.append(("imagehash.phash (full decode), 1 process", f"{rate:,.0f}", f"{rate / base:.1f}x"))
+    except ImportError:
+        rows.append(("imagehash.phash", "not installed", ""))
+    for mode, w in (("fast", 1), ("fast", workers), ("exact", workers)):
+        rate = _rate(lambda ps: ImageHasher(mode, workers=w, progress=False).hash(ps), paths)
+        label = "fast: DCT-domain reduced decode + file SHA-256" if mode == "fast" else "exact (--exact-hash)"
+        rows.append((f"{label}, {w} worker{'s' if w > 1 else ''}", f"{rate:,.0f}", f"{rate / base:.1f}x"))
+    return [(f"hashing {n_images} JPEGs 640x480 (mean {kb:.0f} KB), images/s", "", "")] + rows
+
+
+def planted(n: int, seed: int = 0, *, sources: bool = False):
+    """n hashes: 90% random, 10% near copies (0 to 4 bits flipped) of random ones (and their sources)."""
+    rng = np.random.default_rng(seed)
+    h = rng.integers(0, 2**64 - 1, n, dtype=np.uint64, endpoint=True)
+    k = n // 10
+    src = rng.integers(0, n - k, k)
+    near = h[src].copy()
+    for _ in range(4):
+        flip = rng.random(k) < 0.75
+        near[flip] ^= np.uint64(1) << rng.integers(0, 64, int(flip.sum())).astype(np.uint64)
+    h[n - k :] = near
+    return (h, src) if sources else h
+
+
+def _faiss_pairs(h: np.ndarray, t: int):
+    import faiss
+
+    faiss.omp_set_num_threads(1)
+    codes = h.astype(">u8").view(np.uint8).reshape(-1, 8)
+    index = faiss.IndexBinaryMultiHash(64, t + 1, 64 // (t + 1))
+    index.nflip = 0
+    index.add(codes)
+    lims, dist, ids = index.range_search(codes, t + 1)  # faiss keeps distances < radius
+    q = np.repeat(np.arange(len(h)), np.diff(lims).astype(np.int64))
+    keep = ids > q
+    i, j, d = q[keep], ids[keep], dist[keep].astype(np.uint8)
+    order = np.lexsort((j, i))
+    return i[order], j[order], d[order]
+
+
+def bench_near(sizes: list[int], threshold: int = 4) -> list[tuple[str, str, str]]:
+    from data_tools.hashing import near_pairs_all, near_pairs_mih
+
+    try:
+        import faiss  # noqa: F401
+
+        have_faiss = True
+    except ImportError:
+        have_faiss = False
+    rows = [(f"near pairs, Hamming <= {threshold}, one core, seconds", "", "")]
+    brute = {}
+    for n in (10_000, 40_000):
+        h = planted(n)
+        t = time.perf_counter()
+        expected = near_pairs_all(h, threshold)
+        brute[n] = time.perf_counter() - t
+        same = all(np.array_equal(a, b) for a, b in zip(near_pairs_mih(h, threshold), expected))
+        rows.append(
+            (
+                f"baseline all-pairs, {n:,} hashes (measured; {len(expected[0]):,} pairs; "
+                f"multi-index identical: {same})",
+                f"{brute[n]:.2f}",
+                "",
+            )
+        )
+    per_pair = brute[40_000] / (40_000**2)
+    for n in sizes:
+        h = planted(n)
+        t = time.perf_counter()
+        found = near_pairs_mih(h, threshold)
+        mih = time.perf_counter() - t
+        base = brute.get(n, per_pair * n * n)
+        kind = "measured" if n in brute else "extrapolated n^2 from 40k"
+        rows.append(
+            (
+                f"multi-index (numpy), {n:,} hashes ({len(found[0]):,} pairs)",
+                f"{mih:.2f}",
+                f"baseline {base:,.1f} s ({kind}): {base / mih:,.0f}x",
+            )
+        )
+        if have_faiss:
+            t = time.perf_counter()
+            other = _faiss_pairs(h, threshold)
+            tf = time.perf_counter() - t
+            same = all(np.array_equal(a, b) for a, b in zip(found, other))
+            rows.append((f"faiss IndexBinaryMultiHash, {n:,} hashes (same pairs: {same})", f"{tf:.2f}", ""))
+    return rows
+
+
+_CHILD = """
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+module, fn = sys.argv[2].split(":")
+main = getattr(__import__(module, fromlist=[fn]), fn)
+t = time.perf_counter()
+rc = main(sys.argv[3:])
+wall = time.perf_counter() - t
+# VmHWM is this process's own peak: ru_maxrss also counts the forking parent's peak, carried over exec.
+try:
+    status = open("/proc/self/status").read().split("VmHWM:")[1]
+    rss = int(status.split()[0]) / 1024
+except (OSError, IndexError):
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print("BENCH_CHILD " + json.dumps({"rc": rc, "wall": wall, "maxrss_mb": rss}))
+"""
+
+
+def _child(path: Path, entry: str, argv: list[str]) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(path), entry, *argv], capture_output=True, text=True
+    )
+    line = [x for x in out.stdout.splitlines() if x.startswith("BENCH_CHILD ")]
+    if not line:
+        raise RuntimeError(f"{entry} {argv} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    result = json.loads(line[-1].removeprefix("BENCH_CHILD "))
+    if result["rc"] != 0:
+        raise RuntimeError(f"{entry} {argv} exited {result['rc']}:\n{out.stderr[-2000:]}")
+    return result
+
+
+def baseline_package(folder: Path) -> Path | None:
+    """The baseline commit's data_tools as package `data_tools_baseline` under folder; None without git."""
+    pkg = folder / "data_tools_baseline"
+    pkg.mkdir(parents=True)
+    try:
+        names = subprocess.run(
+            ["git", "-C", str(REPO), "ls-tree", "--name-only", BASELINE_COMMIT, "data_tools/"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.split()
+        for name in names:
+            text = subprocess.run(
+                ["git", "-C", str(REPO), "show", f"{BASELINE_COMMIT}:{name}"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            (pkg / Path(name).name).write_text(text)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return folder
+
+
+def bench_e2e(n_images: int, n_rows: int, folder: Path) -> list[tuple[str, str, str]]:
+    img = folder / "img"
+    img.mkdir()
+    for k in range(n_images):
+        make_jpeg(img / f"{k}.jpg", 10_000 + k, quality=90)
+    # A tenth of the images get a near duplicate (re-encoded at quality 75) among the images.
+    for k in range(0, n_images // 10):
+        Image.open(img / f"{k}.jpg").save(img / f"{k}_near.jpg", quality=75)
+    names = [f"{k}.jpg" for k in range(n_images)] + [f"{k}_near.jpg" for k in range(n_images // 10)]
+    rng = np.random.default_rng(0)
+    with open(folder / "all.jsonl", "w") as f:
+        for r in range(n_rows):
+            name = names[r % len(names)] if r < len(names) else names[int(rng.integers(len(names)))]
+            f.write(
+                json.dumps(
+                    {
+                        "image": f"img/{name}",
+                        "question_id": r,
+                        "question": f"Q{r % 50}?",
+                        "answers": [f"a{r % 7}"],
+                    }
+                )
+                + "\n"
+            )
+    src = str(folder / "all.jsonl")
+    rows = [
+        (
+            f"dedup + split (vqa), {n_rows:,} rows over {len(names):,} JPEGs 640x480, fresh process each",
+            "seconds",
+            "peak RSS MB, main process",
+        )
+    ]
+    base = baseline_package(folder / "baseline")
+
+    def run(label: str, path: Path, pkg: str, extra: list[str]) -> None:
+        out = folder / f"out_{pkg}_{len(rows)}"
+        d = _child(
+            path, f"{pkg}.dedup:main", ["--task", "vqa", src, "--out", str(folder / "d.jsonl"), *extra]
+        )
+        s = _child(
+            path,
+            f"{pkg}.split:main_split",
+            [
+                src,
+                "--out-dir",
+                str(folder),
+                "--seed",
+                "0",
+                "--names",
+                f"{out.name}_tr,{out.name}_va,{out.name}_te",
+                *extra,
+            ],
+        )
+        rows.append(
+            (
+                f"{label}: dedup / split",
+                f"{d['wall']:.1f} / {s['wall']:.1f}",
+                f"{d['maxrss_mb']:.0f} / {s['maxrss_mb']:.0f}",
+            )
+        )
+
+    if base is not None:
+        run("baseline (full decode, 1 process, all pairs, rows in memory)", base, "data_tools_baseline", [])
+    else:
+        rows.append(("baseline: git or the baseline commit is not available", "", ""))
+    cache = str(folder / "cache.npz")
+    run("fast hash, all workers, cold cache then cache (split)", REPO, "data_tools", ["--hash-cache", cache])
+    run("fast hash, all workers, both from the cache", REPO, "data_tools", ["--hash-cache", cache])
+    run(
+        "exact hash, all workers, cold cache then cache (split)",
+        REPO,
+        "data_tools",
+        ["--exact-hash", "--hash-cache", str(folder / "cache_exact.npz")],
+    )
+    return rows
+
+
+def bench_big(n_rows: int, folder: Path) -> list[tuple[str, str, str]]:
+    """dedup + split of n_rows caption rows whose hashes come from a hash file (exact mode, no images)."""
+    from data_tools.hashes import COLOUR_BYTES, HashTable, _ARRAYS
+
+    n = n_rows
+    h, src = planted(n, seed=1, sources=True)
+    arrays = {k: np.zeros((n, *s), t) for k, (t, s) in _ARRAYS.items()}
+    arrays["phash"] = h
+    rng = np.random.default_rng(1)
+    # Colours: one random grey level per image; three quarters of the planted near copies keep their source's,
+    # the rest fail the colour check.
+    level = rng.integers(0, 256, n).astype(np.uint8)
+    k = n // 10
+    same = rng.random(k) < 0.75
+    level[n - k :][same] = level[src[same]]
+    arrays["colours"] = np.repeat(level[:, None], COLOUR_BYTES, axis=1)
+    arrays["pixel_sha256"][:, :8] = np.arange(n, dtype="<u8").view(np.uint8).reshape(n, 8)
+    arrays["has_pixels"][:] = True
+    (folder / "img").mkdir(exist_ok=True)
+    root = folder.resolve()
+    table = HashTable([str(root / f"img/{i}.jpg") for i in range(n)], arrays)
+    table.save(folder / "big.npz", root=root)
+    del table, arrays
+    with open(folder / "big.jsonl", "w") as f:
+        for i in range(n):
+            f.write(
+                json.dumps(
+                    {"image": f"img/{i}.jpg", "captions": [f"caption {i % 1000}", f"another {i % 37}"]}
+                )
+                + "\n"
+            )
+    hashes = ["--hashes", str(folder / "big.npz")]
+    d = _child(
+        REPO,
+        "data_tools.dedup:main",
+        [
+            "--task",
+            "caption",
+            str(folder / "big.jsonl"),
+            "--out",
+            str(folder / "big_d.jsonl"),
+            "--report",
+            str(folder / "big_r.jsonl"),
+            *hashes,
+        ],
+    )
+    s = _child(
+        REPO,
+        "data_tools.split:main_split",
+        [
+            str(folder / "big.jsonl"),
+            "--out-dir",
+            str(folder),
+            "--seed",
+            "0",
+            "--names",
+            "big_tr,big_va,big_te",
+            *hashes,
+        ],
+    )
+    return [
+        (
+            f"dedup + split (caption), {n:,} rows, hashes from a hash file, fresh process each",
+            "seconds",
+            "peak RSS MB, main process",
+        ),
+        (
+            "this code: dedup / split",
+            f"{d['wall']:.1f} / {s['wall']:.1f}",
+            f"{d['maxrss_mb']:.0f} / {s['maxrss_mb']:.0f}",
+        ),
+    ]
+
+
+def hardware() -> str:
+    model = ""
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    import PIL
+
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores ({model or 'unknown model'}); "
+        f"Python {platform.python_version()}, "
+        f"numpy {np.__version__}, Pillow {PIL.__version__}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.data_tools", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=400, help="JPEGs for the hashing rates")
+    parser.add_argument("--near-sizes", default="10000,100000,1000000")
+    parser.add_argument("--e2e-images", type=int, default=10_000)
+    parser.add_argument("--e2e-rows", type=int, default=100_000)
+    parser.add_argument(
+        "--big-rows", type=int, default=1_000_000, help="rows of the hash-file dedup + split (0: skip)"
+    )
+    parser.add_argument("--parts", default="hash,near,e2e,big", help="comma-separated parts to run")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    started = time.perf_counter()
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        d = Path(d)
+        for name, fn in (
+            ("hash", lambda: bench_hashing(args.images, _mk(d / "hash"))),
+            ("near", lambda: bench_near([int(x) for x in args.near_sizes.split(",")])),
+            (
+                "e2e",
+                lambda: bench_e2e(args.e2e_images, args.e2e_rows, _mk(d / "e2e")) if args.e2e_rows else [],
+            ),
+            ("big", lambda: bench_big(args.big_rows, _mk(d / "big")) if args.big_rows else []),
+        ):
+            if name not in args.parts.split(","):
+                continue
+            part = fn()
+            rows += part
+            for r in part:
+                print(" | ".join(r), flush=True)
+    lines = [
+        f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; machine: {hardware()}",
+        "",
+        "| measurement | value | vs baseline / note |",
+        "|---|---:|---|",
+    ]
+    lines += [
+        f"| **{a}** | {b} | {c} |" if not b or b == "seconds" else f"| {a} | {b} | {c} |" for a, b, c in rows
+    ]
+    lines.append(f"\nWhole command: {time.perf_counter() - started:.0f} s wall.")
+    print("\n".join(lines))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1))
+    return 0
+
+
+def _mk(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -264,3 +264,20 @@ def test_clean_interrupted_mid_write_keeps_the_old_output(tmp_path, monkeypatch)
         clean(data, "caption", out, tmp_path / "r.jsonl", progress=False)
     assert out.read_text() == '{"old": true}\n' and not (tmp_path / "r.jsonl").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "d.jsonl", "o.jsonl"]
+
+
+def test_synth_language_aliases_and_one_line_errors(tmp_path, capsys):
+    from data_tools.synth import main as synth_main
+
+    assert synth_main(["--task", "caption", "--n", "2", "--out-dir", str(tmp_path), "--lang", "zh-CN",
+                       "--no-progress"]) == 0
+    assert all("a" not in c for r in read_jsonl(tmp_path / "caption.jsonl") for c in r["captions"])
+    capsys.readouterr()
+    assert synth_main(["--task", "caption", "--n", "2", "--out-dir", str(tmp_path), "--lang", "fr"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'fr'" in err[0]
+    (tmp_path / "images/synth.json").write_bytes(b"\xff garbage")
+    assert synth_main(["--task", "caption", "--n", "2", "--out-dir", str(tmp_path), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unreadable" in err[0]
+    assert not [p for p in (tmp_path / "images").iterdir() if p.name.startswith(".")]

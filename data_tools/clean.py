@@ -24,6 +24,7 @@ from .images import MAX_PIXELS, MIN_SIDE, load_image, relative_image_path, resol
 from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record
 
+
 @dataclass
 class CleanReport:
     rows: int = 0
@@ -103,8 +104,9 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
                 qid = record["question_id"]
                 if str(qid) in question_ids:
                     first_line, first = question_ids[str(qid)]
-                    raise DataError(DUPLICATE_ID, f"question_id {qid!r} is already used at line {first_line} "
-                                    f"({first!r}); question ids must be unique, and 1 and '1' are the same id",
+                    raise DataError(DUPLICATE_ID,
+                                    f"question_id {qid!r} is already used at line {first_line} ({first!r}); "
+                                    "question ids must be unique, and 1 and '1' are the same id",
                                     field="question_id")
             if "image" in record:
                 rel = relative_image_path(record["image"], allow_outside_root=allow_outside_root,
@@ -151,8 +153,8 @@ def output_prefix(in_path: str | os.PathLike, out_path: str | os.PathLike) -> st
     prefix = Path(os.path.relpath(in_dir, out_dir)).as_posix()
     if prefix == ".." or prefix.startswith("../"):
         raise DataError(BAD_VALUE, f"is not in {in_dir} or a folder above it, so the image paths of the rows "
-                        "(relative to the input's folder) cannot be written relative to it; write it there, or "
-                        "give an image root that its readers will be given too", path=out_path)
+                        "(relative to the input's folder) cannot be written relative to it; write it there, "
+                        "or give an image root that its readers will be given too", path=out_path)
     return prefix
 
 
@@ -261,8 +263,8 @@ def main_validate(argv: list[str]) -> int:
             n_bad += 1
     if n_bad:
         root = f" --image-root {args.image_root}" if args.image_root else ""
-        print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task}{root} IN "
-              "--out OUT --rejects REJECTS", file=sys.stderr)
+        print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task}{root} "
+              "IN --out OUT --rejects REJECTS", file=sys.stderr)
         return 1
     print(f"all rows valid ({', '.join(args.files)})")
     return 0

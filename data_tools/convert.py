@@ -25,7 +25,6 @@ as they are. Karpathy images outside `--split` are not rejects: they are counted
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import posixpath
 import re
@@ -37,8 +36,16 @@ from pathlib import Path
 from typing import Any
 
 from .clean import check_outputs, user_errors
-from .errors import (BAD_VALUE, EMPTY_TEXT, MISSING_FIELD, MULTIPLE_IMAGES, NOT_AN_OBJECT, UNREADABLE_FILE,
-                     WRONG_TYPE, DataError)
+from .errors import (
+    BAD_VALUE,
+    EMPTY_TEXT,
+    MISSING_FIELD,
+    MULTIPLE_IMAGES,
+    NOT_AN_OBJECT,
+    UNREADABLE_FILE,
+    WRONG_TYPE,
+    DataError,
+)
 from .images import relative_image_path
 from .jsonl import JsonlWriter, check_text, is_json_list, iter_json_list, iter_jsonl, load_json
 from .records import normalize_record
@@ -401,8 +408,8 @@ def convert_records(
     paths = [Path(p) for p in inputs]
     for path in paths:
         if not path.is_file():
-            raise DataError(UNREADABLE_FILE, "is a folder, not a file" if path.is_dir() else "file does not exist",
-                            path=path)
+            raise DataError(UNREADABLE_FILE,
+                            "is a folder, not a file" if path.is_dir() else "file does not exist", path=path)
     if fmt == "vqav2":
         vqav2(paths, conv, split=split, image_pattern=image_pattern)
     elif fmt == "image-text-json":

@@ -49,8 +49,9 @@ def relative_image_path(image: str, *, allow_outside_root: bool = False, flag: s
     how = f" (pass {flag} to permit)" if flag else ""
     if os.path.isabs(image) or posixpath.isabs(image.replace("\\", "/")):
         if not allow_outside_root:
-            raise DataError(PATH_OUTSIDE_ROOT, f"absolute path {image!r}: image paths are relative to the image "
-                            f"root{how}", field="image")
+            raise DataError(PATH_OUTSIDE_ROOT,
+                            f"absolute path {image!r}: image paths are relative to the image root{how}",
+                            field="image")
         return os.path.normpath(image)
     norm = posixpath.normpath(image.replace(os.sep, "/"))
     if (norm == ".." or norm.startswith("../")) and not allow_outside_root:
@@ -113,7 +114,8 @@ def load_image(
 ) -> Image.Image:
     """Open an image file as RGB with its EXIF orientation applied. Raises `DataError` naming the file."""
     if "\x00" in str(path):
-        raise DataError(BAD_VALUE, f"{str(path)!r} holds a NUL character, which no file name can", field="image")
+        raise DataError(BAD_VALUE, f"{str(path)!r} holds a NUL character, which no file name can",
+                        field="image")
     path = Path(path)
     try:
         size = path.stat().st_size

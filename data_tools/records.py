@@ -20,8 +20,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import (BAD_VALUE, EMPTY_TEXT, MISSING_FIELD, MULTIPLE_IMAGES, NOT_AN_OBJECT, WRONG_TYPE,
-                     DataError)
+from .errors import (
+    BAD_VALUE,
+    EMPTY_TEXT,
+    MISSING_FIELD,
+    MULTIPLE_IMAGES,
+    NOT_AN_OBJECT,
+    WRONG_TYPE,
+    DataError,
+)
 
 TASKS = ("caption", "vqa", "retrieval", "instruct")
 IMAGE_TOKEN = "<image>"

@@ -673,7 +673,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--n", type=int, required=True,
                    help="number of images (instruct: records, ~5%% text-only)")
     p.add_argument("--out-dir", required=True, help="writes OUT_DIR/images/*.png and OUT_DIR/<task>.jsonl")
-    p.add_argument("--lang", default="en", help=f"one of {', '.join(sorted(WORDS))} (zh-CN, zh-Hans, ... are zh)")
+    p.add_argument("--lang", default="en",
+                   help=f"one of {', '.join(sorted(WORDS))} (zh-CN, zh-Hans, ... are zh)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help=f"side in pixels (at least {MIN_IMAGE_SIZE})")
     p.add_argument("--questions-per-image", type=int, default=3, help="vqa only (at most 6)")

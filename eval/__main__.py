@@ -46,11 +46,13 @@ def run_caption(args, parser) -> dict:
     except ValueError as e:
         raise ValueError(f"--lang: {e}") from None
     if args.per_sample:  # checked before scoring, which can take minutes
-        inputs_given = [getattr(args, f) for f in ("predictions", "references", "coco_annotations", "coco_results")]
+        inputs_given = [getattr(args, f)
+                        for f in ("predictions", "references", "coco_annotations", "coco_results")]
         if os.path.isdir(args.per_sample):
             raise ValueError(f"--per-sample {args.per_sample} is a folder; give a file name")
         if any(f and os.path.realpath(f) == os.path.realpath(args.per_sample) for f in inputs_given):
-            raise ValueError(f"--per-sample {args.per_sample} is one of the input files; it would be overwritten")
+            raise ValueError(f"--per-sample {args.per_sample} is one of the input files; it would be "
+                             "overwritten")
     if _pair(args, parser, ("predictions", "references"), ("coco_annotations", "coco_results")) == "jsonl":
         predictions = inputs.read_predictions(args.predictions)
         references = inputs.read_caption_references(args.references)

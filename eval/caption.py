@@ -64,9 +64,9 @@ def normalize_lang(lang: str) -> str:
     primary = re.split(r"[-_]", lang.strip().lower(), maxsplit=1)[0]
     primary = _LANG_ALIASES.get(primary, primary)
     if primary not in LANGS:
-        raise ValueError(f"language {lang!r} is not supported; use one of {', '.join(LANGS)} (zh, ja, th, lo, "
-                         "km, my are scored on characters; other languages written with spaces can be scored "
-                         "as en, without METEOR and SPICE, which are English-only)")
+        raise ValueError(f"language {lang!r} is not supported; use one of {', '.join(LANGS)} (zh, ja, th, "
+                         "lo, km, my are scored on characters; other languages written with spaces can be "
+                         "scored as en, without METEOR and SPICE, which are English-only)")
     return primary
 
 

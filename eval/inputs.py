@@ -89,9 +89,10 @@ def read_vqa_references(path) -> dict:
                             field="answers")
         if str(qid) in seen_at:
             first_line, first = seen_at[str(qid)]
-            raise DataError(DUPLICATE_ID, f"question_id {qid!r} is already used at line {first_line} ({first!r}); "
-                            "question ids must be unique, and 1 and '1' are the same id", path=path, line=line,
-                            field="question_id")
+            raise DataError(DUPLICATE_ID,
+                            f"question_id {qid!r} is already used at line {first_line} ({first!r}); "
+                            "question ids must be unique, and 1 and '1' are the same id", path=path,
+                            line=line, field="question_id")
         seen_at[str(qid)] = (line, qid)
         references[qid] = {"answers": answers, "answer_type": row.get("answer_type"),
                            "question_type": row.get("question_type")}
@@ -149,8 +150,9 @@ def read_vqa_official(annotations_path, questions_path, results_path) -> tuple[d
                             path=annotations_path, field=where)
         for k, x in enumerate(answers):
             if not isinstance(x, dict) or not isinstance(x.get("answer"), str):
-                raise DataError(WRONG_TYPE, f"entry {i}: expected an object with an 'answer' string (the official "
-                                f"VQA format), got {str(x)[:60]}", path=annotations_path, field=f"{where}[{k}]")
+                raise DataError(WRONG_TYPE, f"entry {i}: expected an object with an 'answer' string (the "
+                                f"official VQA format), got {str(x)[:60]}", path=annotations_path,
+                                field=f"{where}[{k}]")
         qid = _check_key(a["question_id"], f"annotations[{i}].question_id", annotations_path, None)
         if qid in references:
             raise DataError(DUPLICATE_ID, f"question_id {qid!r} is annotated twice (entry {i})",

@@ -1,4 +1,4 @@
-"""`python -m eval` on bad input: a one-line error naming the file (and line), never a traceback or a wrong score."""
+"""`python -m eval` on bad input: a one-line error naming the file (and line), no traceback or wrong score."""
 
 import json
 import os
@@ -16,8 +16,10 @@ FAST = ["--metrics", "Bleu", "CIDEr"]  # no Java start-up
 
 
 def _jsonl(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
-                    encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -32,10 +34,17 @@ def _one_line(capsys, code, *needles):
 
 @pytest.fixture()
 def caption_files(tmp_path):
-    preds = _jsonl(tmp_path / "preds.jsonl", [{"image": "a.png", "prediction": "a red square"},
-                                              {"image": "b.png", "prediction": "a blue circle"}])
-    refs = _jsonl(tmp_path / "refs.jsonl", [{"image": "a.png", "captions": ["a red square", "red box"]},
-                                            {"image": "b.png", "captions": ["a blue circle", "blue disc"]}])
+    preds = _jsonl(
+        tmp_path / "preds.jsonl",
+        [{"image": "a.png", "prediction": "a red square"}, {"image": "b.png", "prediction": "a blue circle"}],
+    )
+    refs = _jsonl(
+        tmp_path / "refs.jsonl",
+        [
+            {"image": "a.png", "captions": ["a red square", "red box"]},
+            {"image": "b.png", "captions": ["a blue circle", "blue disc"]},
+        ],
+    )
     return preds, refs
 
 
@@ -68,11 +77,26 @@ def test_official_files_malformed_or_deep(tmp_path, capsys):
     (tmp_path / "bad.json").write_text('[{"image_id": 1, "caption": "a cat"},\n {"image_id": ')
     (tmp_path / "deep.json").write_text("[" * 100_000)
     for bad in ("bad.json", "deep.json", "missing.json"):
-        code = main(["caption", "--coco-annotations", str(tmp_path / "ann.json"), "--coco-results",
-                     str(tmp_path / bad), *FAST])
+        code = main(
+            [
+                "caption",
+                "--coco-annotations",
+                str(tmp_path / "ann.json"),
+                "--coco-results",
+                str(tmp_path / bad),
+                *FAST,
+            ]
+        )
         _one_line(capsys, code, tmp_path / bad)
-    code = main(["retrieval", "--scores", str(tmp_path / "deep.json"), "--text-image-index",
-                 str(tmp_path / "bad.json")])
+    code = main(
+        [
+            "retrieval",
+            "--scores",
+            str(tmp_path / "deep.json"),
+            "--text-image-index",
+            str(tmp_path / "bad.json"),
+        ]
+    )
     _one_line(capsys, code, tmp_path / "deep.json")
 
 
@@ -83,31 +107,61 @@ def test_malformed_official_vqa_answers(tmp_path, capsys):
     r.write_text(json.dumps([{"question_id": 1, "answer": "yes"}]))
     for answers in (["yes", "no"], "yes", [{"answer_id": 1}], []):
         a = tmp_path / "a.json"
-        a.write_text(json.dumps({"annotations": [{"question_id": 1, "image_id": 1, "answers": answers,
-                                                  "answer_type": "yes/no", "question_type": "is"}]}))
+        a.write_text(
+            json.dumps(
+                {
+                    "annotations": [
+                        {
+                            "question_id": 1,
+                            "image_id": 1,
+                            "answers": answers,
+                            "answer_type": "yes/no",
+                            "question_type": "is",
+                        }
+                    ]
+                }
+            )
+        )
         code = main(["vqa", "--vqa-annotations", str(a), "--vqa-questions", str(q), "--vqa-results", str(r)])
         _one_line(capsys, code, a, "answers")
 
 
 def test_duplicate_question_ids_in_references_name_both_lines(tmp_path, capsys):
-    refs = _jsonl(tmp_path / "refs.jsonl", [{"question_id": 1, "answers": ["yes"] * 10},
-                                            {"question_id": "1", "answers": ["no"] * 10}])
+    refs = _jsonl(
+        tmp_path / "refs.jsonl",
+        [{"question_id": 1, "answers": ["yes"] * 10}, {"question_id": "1", "answers": ["no"] * 10}],
+    )
     preds = _jsonl(tmp_path / "preds.jsonl", [{"question_id": 1, "answer": "yes"}])
     code = main(["vqa", "--predictions", str(preds), "--references", str(refs)])
     _one_line(capsys, code, f"{refs}:2", "line 1")
 
 
 def test_lang_values(tmp_path, caption_files, capsys):
-    assert [normalize_lang(x) for x in ("en", "EN-us", "zh-CN", "zh_Hans", "zh-Hant-TW", "cmn", "ja-JP", "th")] == [
-        "en", "en", "zh", "zh", "zh", "zh", "ja", "th"]
+    assert [
+        normalize_lang(x) for x in ("en", "EN-us", "zh-CN", "zh_Hans", "zh-Hant-TW", "cmn", "ja-JP", "th")
+    ] == ["en", "en", "zh", "zh", "zh", "zh", "ja", "th"]
     for bad in ("fr", "klingon", "", "zh!"):
         with pytest.raises(ValueError, match="not supported"):
             normalize_lang(bad)
     preds, refs = caption_files
     code = main(["caption", "--predictions", str(preds), "--references", str(refs), "--lang", "fr", *FAST])
     _one_line(capsys, code, "--lang", "'fr'")
-    assert main(["caption", "--predictions", str(preds), "--references", str(refs), "--lang", "zh-CN",
-                 "--metrics", "CIDEr"]) == 0
+    assert (
+        main(
+            [
+                "caption",
+                "--predictions",
+                str(preds),
+                "--references",
+                str(refs),
+                "--lang",
+                "zh-CN",
+                "--metrics",
+                "CIDEr",
+            ]
+        )
+        == 0
+    )
 
 
 def test_cjk_scored_as_english_warns_once(capsys):
@@ -124,22 +178,52 @@ def test_cjk_scored_as_english_warns_once(capsys):
 
 def test_per_sample_output_checks(tmp_path, caption_files, capsys):
     preds, refs = caption_files
-    code = main(["caption", "--predictions", str(preds), "--references", str(refs), *FAST,
-                 "--per-sample", str(preds)])
+    code = main(
+        ["caption", "--predictions", str(preds), "--references", str(refs), *FAST, "--per-sample", str(preds)]
+    )
     _one_line(capsys, code, "overwritten")
-    code = main(["caption", "--predictions", str(preds), "--references", str(refs), *FAST,
-                 "--per-sample", str(tmp_path)])
+    code = main(
+        [
+            "caption",
+            "--predictions",
+            str(preds),
+            "--references",
+            str(refs),
+            *FAST,
+            "--per-sample",
+            str(tmp_path),
+        ]
+    )
     _one_line(capsys, code, "folder")
 
 
 def test_cli_subprocess_has_no_traceback(tmp_path, caption_files):
-    preds, refs = caption_files
+    _, refs = caption_files
     (tmp_path / "deep.jsonl").write_text("[" * 100_000)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, "-m", "eval", "caption", "--predictions", str(tmp_path / "deep.jsonl"),
-                        "--references", str(refs)], capture_output=True, text=True, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "eval",
+            "caption",
+            "--predictions",
+            str(tmp_path / "deep.jsonl"),
+            "--references",
+            str(refs),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert f"{tmp_path / 'deep.jsonl'}:1:" in r.stderr
-    r = subprocess.run([sys.executable, "-m", "eval", "report", str(tmp_path / "no_run")], capture_output=True,
-                       text=True, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "eval", "report", str(tmp_path / "no_run")],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,4 +1,4 @@
-"""Strict JSON reading: what json.loads lets through silently is a row error (or a file error), never a crash."""
+"""Strict JSON reading: what json.loads lets through silently is a row (or file) error, never a crash."""
 
 import json
 import threading
@@ -53,10 +53,16 @@ def test_duplicate_keys_nan_overflow_surrogates_and_depth_are_row_errors(tmp_pat
 def test_json_list_rows_are_refused_one_by_one(tmp_path):
     path = tmp_path / "rows.json"
     path.write_text('[{"a": 1},\n {"a": 1, "a": 2},\n {"b": NaN},\n {"c": 3}]')
-    rows = [(line, item, row.reason if isinstance(row, DataError) else row)
-            for line, row, _, item in iter_json_list(path)]
-    assert rows == [(1, "[0]", {"a": 1}), (2, "[1]", E.DUPLICATE_KEY), (3, "[2]", E.MALFORMED_JSON),
-                    (4, "[3]", {"c": 3})]
+    rows = [
+        (line, item, row.reason if isinstance(row, DataError) else row)
+        for line, row, _, item in iter_json_list(path)
+    ]
+    assert rows == [
+        (1, "[0]", {"a": 1}),
+        (2, "[1]", E.DUPLICATE_KEY),
+        (3, "[2]", E.MALFORMED_JSON),
+        (4, "[3]", {"c": 3}),
+    ]
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000)
     with pytest.raises(DataError, match="nested too deeply"):
@@ -106,15 +112,13 @@ def test_writers_never_write_non_json(tmp_path):
 def test_an_exception_mid_write_keeps_the_old_file_and_no_temp_file(tmp_path):
     out = tmp_path / "o.jsonl"
     write_jsonl(out, [{"old": 1}])
-    with pytest.raises(RuntimeError):
-        with JsonlWriter(out) as w:
-            w.write({"new": 1})
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), JsonlWriter(out) as w:
+        w.write({"new": 1})
+        raise RuntimeError("killed mid-write")
     assert read_jsonl(out) == [{"old": 1}]
-    with pytest.raises(RuntimeError):
-        with atomic_write(tmp_path / "t.txt") as f:
-            f.write("partial")
-            raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_write(tmp_path / "t.txt") as f:
+        f.write("partial")
+        raise RuntimeError
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]
 
 

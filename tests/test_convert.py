@@ -57,7 +57,8 @@ def test_coco_captions(tmp_path):
             "captions": ["A man riding a wave on top of a surfboard.", "A surfer on a big wave."],
             "image_id": 1,
         },
-        {"image": "COCO_val2014_000000000002.jpg", "captions": ["Un café près de la fenêtre."], "image_id": 2},
+        {"image": "COCO_val2014_000000000002.jpg", "captions": ["Un café près de la fenêtre."],
+         "image_id": 2},
     ]
     assert _rejects(out) == [
         ("images[2]", "missing_field", "file_name"),
@@ -81,8 +82,8 @@ def test_image_root_and_default_write_the_names_relative_to_the_root(tmp_path):
     conv = convert("coco-captions", [ann], tmp_path / "out/train.jsonl")  # default: names unchanged
     assert [r["image"] for r in conv.records] == ["a/b.jpg"]
     assert [(r["item"], r["reason"]) for r in read_jsonl(tmp_path / "out/train.rejects.jsonl")] == [
-        ("images[1]", "path_outside_root"), ("images[2]", "path_outside_root"), ("annotations[1]", "bad_value"),
-        ("annotations[2]", "bad_value")]
+        ("images[1]", "path_outside_root"), ("images[2]", "path_outside_root"),
+        ("annotations[1]", "bad_value"), ("annotations[2]", "bad_value")]
 
 
 def _vqa_inputs(tmp_path):

@@ -3,6 +3,8 @@
 import importlib
 import sys
 
+from .errors import DataError
+
 # command -> (module, function); each function takes the remaining argv and returns an exit code.
 COMMANDS = {
     "validate": ("data_tools.clean", "main_validate",
@@ -21,6 +23,7 @@ COMMANDS = {
 
 
 def main(argv: list[str]) -> int:
+    """Run one command with the remaining arguments; return its exit code."""
     if not argv or argv[0] not in COMMANDS:
         print("usage: python -m data_tools <command> [args]   (<command> --help for its options)\n",
               file=sys.stderr)
@@ -28,7 +31,11 @@ def main(argv: list[str]) -> int:
             print(f"  {name:<14} {help_}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, function, _ = COMMANDS[argv[0]]
-    return getattr(importlib.import_module(module), function)(argv[1:])
+    try:
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    except (DataError, OSError) as e:  # bad user input: one line, not a traceback (bugs still raise)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

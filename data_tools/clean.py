@@ -1,14 +1,16 @@
 """`validate` and `clean`: check every row of a JSONL file and every image it names.
 
-clean keeps the valid rows (canonical form, image paths rewritten relative to the output file) and
-writes every dropped row to the rejects file with its line number and reason, so that
-kept + rejected = input rows, always. Blank lines are not rows.
+Image paths in a record are relative to the image root: `image_root` / `--image-root`, by default the
+JSONL file's own folder. clean keeps the valid rows (canonical form) and writes every dropped row to
+the rejects file with its line number and reason, so that kept + rejected = input rows, always. Blank
+lines are not rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import posixpath
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,8 +19,8 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from .errors import DataError
-from .images import MAX_PIXELS, MIN_SIDE, load_image, resolve_image_path
+from .errors import BAD_VALUE, DUPLICATE_ID, UNREADABLE_FILE, DataError
+from .images import MAX_PIXELS, MIN_SIDE, load_image, relative_image_path, resolve_image_path
 from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record
 
@@ -36,35 +38,81 @@ class CleanReport:
         return "\n".join(lines)
 
 
+def _image_root(path: Path, image_root, root) -> Path:
+    if image_root is not None and root is not None and Path(image_root) != Path(root):
+        raise ValueError("give image_root or its older name root, not both")
+    given = image_root if image_root is not None else root
+    if given is None:
+        return path.parent
+    if not Path(given).is_dir():
+        raise DataError(UNREADABLE_FILE, "the image root is not a folder", path=given)
+    return Path(given)
+
+
 def check_rows(
     path: str | os.PathLike,
     task: str,
     *,
+    image_root: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
     check_images: bool = True,
     min_side: int = MIN_SIDE,
     max_pixels: int = MAX_PIXELS,
     progress: bool = True,
+    outside_root_flag: str | None = None,
 ) -> Iterator[tuple[int, dict | DataError, bytes]]:
     """Yield `(line, canonical_record_or_error, raw_line)` for every row; records get `image` made absolute.
 
-    The file is JSONL, or one JSON list of rows (then errors also name the row's index, as the field
-    `[i].<field>`: several rows can start on one line). Each distinct image is decoded once, however
-    many rows name it.
+    `image_root` is the folder the records' image paths are relative to (default None: the file's own
+    folder; `root` is its older name). `outside_root_flag` is the caller's option that permits paths
+    outside it, named in the reject message (None: no option is named). The file is JSONL, or one JSON
+    list of rows (then errors also name the row's index, as the field `[i].<field>`: several rows can
+    start on one line). Each distinct image is decoded once, however many rows name it. For vqa, a
+    row without a `question_id` gets `"<file name>:<line>"`, and a question id used twice (`1` and `"1"`
+    count as the same) is an error naming both lines. A missing or unreadable file raises `DataError`.
     """
+    for line, row, raw, _ in _check_rows(
+            path, task, image_root=image_root, root=root, allow_outside_root=allow_outside_root,
+            check_images=check_images, min_side=min_side, max_pixels=max_pixels, progress=progress,
+            outside_root_flag=outside_root_flag):
+        yield line, row, raw
+
+
+def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=False, check_images=True,
+                min_side=MIN_SIDE, max_pixels=MAX_PIXELS, progress=True, outside_root_flag=None):
+    """`check_rows`, also yielding each record's image path relative to the image root (None if none)."""
     path = Path(path)
-    root = Path(root) if root is not None else path.parent
+    image_root = _image_root(path, image_root, root)
     image_errors: dict[Path, DataError | None] = {}
+    question_ids: dict[str, tuple[int, int | str]] = {}
+    # Progress only on a terminal: in a log or a pipe its lines would bury the messages that matter.
     for line, row, raw, item in tqdm(iter_rows(path), desc=f"checking {path.name}", unit=" rows",
-                                     disable=not progress):
+                                     disable=None if progress else True):
         if isinstance(row, DataError):
-            yield line, row, raw
+            if item is not None and not (row.field or "").startswith(item):
+                row.field = item + (f".{row.field}" if row.field else "")
+                row.at()
+            yield line, row, raw, None
             continue
+        rel = None
         try:
             record = normalize_record(row, task)
+            if task == "vqa":
+                if "question_id" not in record:
+                    record["question_id"] = f"{path.name}:{line}" if item is None else f"{path.name}{item}"
+                qid = record["question_id"]
+                if str(qid) in question_ids:
+                    first_line, first = question_ids[str(qid)]
+                    raise DataError(DUPLICATE_ID,
+                                    f"question_id {qid!r} is already used at line {first_line} ({first!r}); "
+                                    "question ids must be unique, and 1 and '1' are the same id",
+                                    field="question_id")
             if "image" in record:
-                image_path = resolve_image_path(record["image"], root, allow_outside_root=allow_outside_root)
+                rel = relative_image_path(record["image"], allow_outside_root=allow_outside_root,
+                                          flag=outside_root_flag)
+                image_path = resolve_image_path(record["image"], image_root,
+                                                allow_outside_root=allow_outside_root, flag=outside_root_flag)
                 if check_images:
                     if image_path not in image_errors:
                         try:
@@ -76,37 +124,81 @@ def check_rows(
                         e = image_errors[image_path]
                         raise DataError(e.reason, f"{record['image']!r}: {e.message}", field="image")
                 record["image"] = str(image_path)
+            if task == "vqa":
+                question_ids[str(record["question_id"])] = (line, record["question_id"])
         except DataError as e:
             if item is not None:
                 e.field = item + (f".{e.field}" if e.field else "")
-            yield line, e.at(path=path, line=line), raw
+            yield line, e.at(path=path, line=line), raw, None
             continue
-        yield line, record, raw
+        yield line, record, raw, rel
 
 
 def validate(path: str | os.PathLike, task: str, **kwargs) -> list[DataError]:
-    """Every problem in a JSONL file, one `DataError` per bad row (empty list: the file is valid)."""
+    """Every problem in a JSONL file, one `DataError` per bad row (empty list: the file is valid).
+    Takes `check_rows`'s keyword arguments (`image_root`, ...)."""
     return [row for _, row, _ in check_rows(path, task, **kwargs) if isinstance(row, DataError)]
+
+
+def output_prefix(in_path: str | os.PathLike, out_path: str | os.PathLike) -> str | None:
+    """How image paths relative to the input's folder are rewritten for an output file in another folder:
+    None (same folder: unchanged) or the prefix that leads from the output's folder to the input's.
+
+    Raises `DataError` when the output's folder is not the input's or above it: its paths would have to
+    climb out with '..', which readers refuse.
+    """
+    in_dir, out_dir = Path(in_path).resolve().parent, Path(out_path).resolve().parent
+    if in_dir == out_dir:
+        return None
+    prefix = Path(os.path.relpath(in_dir, out_dir)).as_posix()
+    if prefix == ".." or prefix.startswith("../"):
+        raise DataError(BAD_VALUE, f"is not in {in_dir} or a folder above it, so the image paths of the rows "
+                        "(relative to the input's folder) cannot be written relative to it; write it there, "
+                        "or give an image root that its readers will be given too", path=out_path)
+    return prefix
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
+    """Refuse output paths that are folders, or one file named twice (one output would overwrite the
+    other). `outputs` maps how the caller names each output (e.g. its option, `--out`) to its path."""
+    seen: dict[str, str] = {}
+    for name, p in outputs.items():
+        if p is None:
+            continue
+        if Path(p).is_dir():
+            raise DataError(BAD_VALUE, f"{name} is a folder; give a file name", path=p)
+        real = os.path.realpath(p)
+        if real in seen:
+            raise DataError(BAD_VALUE, f"{seen[real]} and {name} name the same file; one would overwrite "
+                            "the other", path=p)
+        seen[real] = name
 
 
 def clean(
     in_path: str | os.PathLike, task: str, out_path: str | os.PathLike, rejects_path: str | os.PathLike,
-    **kwargs
+    *, image_root: str | os.PathLike | None = None, root: str | os.PathLike | None = None, **kwargs
 ) -> CleanReport:
     """Write the valid rows to `out_path` and every dropped row, with its line and reason, to
-    `rejects_path`."""
-    out_dir = Path(out_path).resolve().parent
+    `rejects_path`. Takes `check_rows`'s keyword arguments.
+
+    Kept image paths stay relative to the image root. With no `image_root` that is the input's folder,
+    so an output in another folder gets them rewritten (`output_prefix`), or a `DataError` when they
+    cannot be. Both outputs are written atomically: readers see the old file or the whole new one.
+    """
+    check_outputs({"the output": out_path, "the rejects file": rejects_path})
+    given_root = image_root if image_root is not None else root
+    prefix = output_prefix(in_path, out_path) if given_root is None else None
     report = CleanReport()
     with JsonlWriter(out_path) as kept, JsonlWriter(rejects_path) as rejects:
-        for _, row, raw in check_rows(in_path, task, **kwargs):
+        for _, row, raw, rel in _check_rows(in_path, task, image_root=given_root, **kwargs):
             report.rows += 1
             if isinstance(row, DataError):
                 report.rejected[row.reason] += 1
                 rejects.write({**row.to_dict(), "raw": raw.decode("utf-8", errors="backslashreplace")})
                 continue
-            if "image" in row:
-                # Paths in our JSONL are relative to the JSONL file, and the output may live elsewhere.
-                row["image"] = os.path.relpath(row["image"], out_dir)
+            if rel is not None:
+                row["image"] = rel if prefix is None or os.path.isabs(rel) else posixpath.normpath(
+                    posixpath.join(prefix, rel))
             kept.write(row)
     report.kept = kept.count
     assert report.kept + sum(report.rejected.values()) == report.rows
@@ -115,9 +207,11 @@ def clean(
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
-    p.add_argument("--root", help="folder image paths are relative to (default: the JSONL file's folder)")
+    p.add_argument("--image-root", "--root", dest="image_root", metavar="DIR",
+                   help="folder the records' image paths are relative to (default: the JSONL file's folder)")
     p.add_argument("--allow-outside-root", action="store_true",
-                   help="accept absolute paths and paths with '..'")
+                   help="accept absolute paths, '..' above the image root, and symlinked files pointing "
+                        "outside it")
     p.add_argument("--no-check-images", dest="check_images", action="store_false",
                    help="check the rows only, do not open images")
     p.add_argument("--min-side", type=int, default=MIN_SIDE, help="reject images with a side below this (px)")
@@ -127,15 +221,36 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _kwargs(args: argparse.Namespace) -> dict:
     return dict(
-        root=args.root,
+        image_root=args.image_root,
         allow_outside_root=args.allow_outside_root,
         check_images=args.check_images,
         min_side=args.min_side,
         max_pixels=args.max_pixels,
+        outside_root_flag="--allow-outside-root",
     )
 
 
+def user_errors(main):
+    """Wrap a CLI `main(argv) -> int`: a user-input error (`DataError`, `OSError`) prints one line to
+    stderr and returns 2, instead of a traceback. Other exceptions are bugs and still raise."""
+
+    def wrapped(argv: list[str]) -> int:
+        try:
+            return main(argv)
+        except (DataError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("interrupted; outputs were not replaced", file=sys.stderr)
+            return 130
+
+    wrapped.__doc__, wrapped.__name__ = main.__doc__, main.__name__
+    return wrapped
+
+
+@user_errors
 def main_validate(argv: list[str]) -> int:
+    """`python -m data_tools validate`: exit 1 if any row is invalid, 2 on a file that cannot be read."""
     p = argparse.ArgumentParser(prog="python -m data_tools validate",
                                 description="Exit non-zero if any row is invalid.")
     _add_common(p)
@@ -147,14 +262,17 @@ def main_validate(argv: list[str]) -> int:
             print(error, file=sys.stderr)
             n_bad += 1
     if n_bad:
-        print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task} IN "
-              "--out OUT --rejects REJECTS", file=sys.stderr)
+        root = f" --image-root {args.image_root}" if args.image_root else ""
+        print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task}{root} "
+              "IN --out OUT --rejects REJECTS", file=sys.stderr)
         return 1
     print(f"all rows valid ({', '.join(args.files)})")
     return 0
 
 
+@user_errors
 def main_clean(argv: list[str]) -> int:
+    """`python -m data_tools clean`: keep the valid rows, write every dropped row with its reason."""
     p = argparse.ArgumentParser(prog="python -m data_tools clean",
                                 description="Keep valid rows; write every dropped row with its reason.")
     _add_common(p)
@@ -162,7 +280,20 @@ def main_clean(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", required=True)
     args = p.parse_args(argv)
+    check_outputs({"--out": args.out, "--rejects": args.rejects})
+    if args.image_root is None:
+        try:
+            output_prefix(args.input, args.out)
+        except DataError as e:
+            print(f"error: {e.path}: is not in the input's folder or a folder above it, so the rows' image "
+                  f"paths cannot be rewritten for it; write it there, or pass --image-root "
+                  f"{Path(args.input).parent or '.'} (and give readers of {e.path} the same --image-root)",
+                  file=sys.stderr)
+            return 2
     report = clean(args.input, args.task, args.out, args.rejects, **_kwargs(args))
     print(report.summary())
     print(f"kept {report.kept} -> {args.out}; rejected {report.rows - report.kept} -> {args.rejects}")
+    if args.image_root:
+        print(f"image paths in {args.out} are relative to {args.image_root}: give its readers "
+              f"--image-root {args.image_root}")
     return 0

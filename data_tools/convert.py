@@ -10,9 +10,11 @@
 --out data/train.jsonl
     python -m data_tools convert --from image-text-json pairs.json --out data/pairs.jsonl
 
-Image paths are written relative to the output file's folder (the convention of our JSONL): the input
-names an image, `--image-root` says where those names live (default: the output's folder, i.e. names
-are written unchanged). Images are not opened here; `clean` does that.
+Image paths are written relative to the image root, `--image-root` (default: the output file's
+folder), as every reader takes them: the input names an image relative to that folder, and the name
+is written normalised (forward slashes, no `.` parts). Give readers of the output the same
+`--image-root`. A name that is absolute or climbs out with `..` is rejected (`path_outside_root`).
+Images are not opened here; `clean` does that.
 
 Every input item that cannot be converted goes to the rejects file (default OUT.rejects.jsonl) with
 its reason, the input file and the JSON path of the item (e.g. `annotations[17]`); nothing is dropped
@@ -23,7 +25,6 @@ as they are. Karpathy images outside `--split` are not rejects: they are counted
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import posixpath
 import re
@@ -34,9 +35,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import (BAD_VALUE, EMPTY_TEXT, MALFORMED_JSON, MISSING_FIELD, NOT_AN_OBJECT, NOT_UTF8,
-                     WRONG_TYPE, DataError)
-from .jsonl import JsonlWriter, iter_jsonl
+from .clean import check_outputs, user_errors
+from .errors import (
+    BAD_VALUE,
+    EMPTY_TEXT,
+    MISSING_FIELD,
+    MULTIPLE_IMAGES,
+    NOT_AN_OBJECT,
+    UNREADABLE_FILE,
+    WRONG_TYPE,
+    DataError,
+)
+from .images import relative_image_path
+from .jsonl import JsonlWriter, check_text, is_json_list, iter_json_list, iter_jsonl, load_json
 from .records import normalize_record
 
 FORMATS = {"coco-captions": "caption", "vqav2": "vqa", "llava": "instruct", "karpathy": "caption",
@@ -48,7 +59,7 @@ KEY_ORDER = ("id", "image", "captions", "question_id", "question", "answers", "c
 
 @dataclass
 class Conversion:
-    """Records and rejects of one conversion; image paths are made relative to `out_dir`."""
+    """Records and rejects of one conversion; image paths are relative to the image root."""
 
     task: str
     out_dir: Path
@@ -58,14 +69,16 @@ class Conversion:
     skipped: int = 0  # filtered out on purpose (Karpathy --split), not an error
 
     def image_path(self, *parts: str) -> str:
-        """`image_root/parts...` as a path relative to the output folder, with forward slashes."""
-        base = os.path.abspath(self.image_root if self.image_root is not None else self.out_dir)
-        full = os.path.normpath(os.path.join(base, posixpath.join(*parts)))
-        return Path(os.path.relpath(full, os.path.abspath(self.out_dir))).as_posix()
+        """The input's image name (joined from `parts`), relative to the image root, normalised with
+        forward slashes. A name readers would refuse (absolute, `..` above the root) raises `DataError`."""
+        for part in parts:
+            relative_image_path(part, allow_outside_root=True)  # NUL, empty
+        return relative_image_path(posixpath.join(*parts))
 
     def add(self, record: dict, *, file: Path, item: str, row: Any) -> None:
         """Keep `record` if it passes the task schema, else reject it naming the input item."""
         try:
+            check_text(record)
             record = normalize_record(record, self.task)
         except DataError as e:
             self.reject(e, file=file, item=item, row=row)
@@ -81,21 +94,11 @@ class Conversion:
     def rejected(self) -> Counter:
         return Counter(r["reason"] for r in self.rejects)
 
-    @property
-    def outside_out_dir(self) -> int:
-        return sum(r.get("image", "").startswith("../") for r in self.records)
 
 
 # --- reading inputs ----------------------------------------------------------------------------------
 def _load_json(path: Path) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except UnicodeDecodeError as e:
-        raise DataError(NOT_UTF8, f"is not UTF-8 ({e.reason} at byte {e.start})", path=path) from None
-    except json.JSONDecodeError as e:
-        raise DataError(MALFORMED_JSON, f"is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})",
-                        path=path) from None
+    return load_json(path)
 
 
 def _top_list(data: Any, key: str, path: Path) -> list:
@@ -117,11 +120,14 @@ def _items(path: Path, conv: Conversion) -> Iterator[tuple[str, Any]]:
             else:
                 yield f"line {line}", row
         return
-    data = _load_json(path)
-    if not isinstance(data, list):
+    if not is_json_list(path):
+        data = _load_json(path)  # a file error if it is not JSON at all
         raise DataError(WRONG_TYPE, f"expected a JSON list of rows, got {type(data).__name__}", path=path)
-    for i, row in enumerate(data):
-        yield f"[{i}]", row
+    for _, row, raw, item in iter_json_list(path):
+        if isinstance(row, DataError):  # this row alone (a duplicate key, NaN, ...): the rest is read
+            conv.reject(row, file=path, item=item, row=raw.decode("utf-8"))
+        else:
+            yield item, row
 
 
 def _object(row: Any) -> dict:
@@ -269,12 +275,13 @@ def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_patte
                     BAD_VALUE, f"image_id {image_id} differs from the annotation's {ann['image_id']!r}",
                     field="image_id"
                 )
-            raw = _get(ann, "answers", list)
-            texts = [
-                " ".join(a["answer"].split())
-                if isinstance(a, dict) and isinstance(a.get("answer"), str) else a
-                for a in raw
-            ]
+            texts = []
+            for k, a in enumerate(_get(ann, "answers", list)):
+                if not isinstance(a, dict) or not isinstance(a.get("answer"), str):
+                    raise DataError(WRONG_TYPE, f"annotation {answers[qid][1]}: expected an object with an "
+                                    f"'answer' string (the official VQA format), got {str(a)[:60]}",
+                                    field=f"answers[{k}]")
+                texts.append(" ".join(a["answer"].split()))
             record = {
                 "image": conv.image_path(image_pattern.format(image_id=image_id, **names)),
                 "question_id": qid,
@@ -305,8 +312,15 @@ def llava(path: Path, conv: Conversion) -> None:
     for item, row in _items(path, conv):
         try:
             record = dict(_object(row))
-            if isinstance(record.get("image"), list):
-                raise DataError(WRONG_TYPE, "is a list: multi-image rows are not supported", field="image")
+            # LLaMA-Factory / ms-swift: {"messages" or "conversations": [...], "images": ["a.jpg"]}
+            key = "images" if "image" not in record and "images" in record else "image"
+            if isinstance(record.get(key), list):
+                images = record.pop(key)
+                if len(images) > 1:
+                    raise DataError(MULTIPLE_IMAGES, f"has {len(images)} images; no recipe accepts several "
+                                    "images in one row yet (keep one image per row)", field=key)
+                if images:
+                    record["image"] = images[0]
             if record.get("image") is not None:
                 record["image"] = conv.image_path(_get(record, "image", str))
         except DataError as e:
@@ -386,15 +400,16 @@ def convert_records(
     split: str | None = None,
     image_pattern: str = DEFAULT_VQA_PATTERN,
 ) -> Conversion:
-    """Convert input files in memory; image paths come out relative to `out_dir`. Raises `DataError` for
-    unusable files."""
+    """Convert input files in memory; image paths come out relative to the image root (`image_root`, by
+    default `out_dir`: either way the input's names). Raises `DataError` for unusable files."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; expected one of {sorted(FORMATS)}")
     conv = Conversion(FORMATS[fmt], Path(out_dir), Path(image_root) if image_root is not None else None)
     paths = [Path(p) for p in inputs]
     for path in paths:
         if not path.is_file():
-            raise DataError(MISSING_FIELD, "input file does not exist", path=path)
+            raise DataError(UNREADABLE_FILE,
+                            "is a folder, not a file" if path.is_dir() else "file does not exist", path=path)
     if fmt == "vqav2":
         vqav2(paths, conv, split=split, image_pattern=image_pattern)
     elif fmt == "image-text-json":
@@ -430,8 +445,9 @@ def convert(
     rejects: str | os.PathLike | None = None, **kwargs
 ) -> Conversion:
     """Convert `inputs` and write the records to `out` and every reject to `rejects` (default
-    OUT.rejects.jsonl)."""
+    OUT.rejects.jsonl), each atomically."""
     out = Path(out)
+    check_outputs({"the output": out, "the rejects file": rejects or default_rejects_path(out)})
     conv = convert_records(fmt, inputs, out.parent, **kwargs)
     with JsonlWriter(out) as w:
         for record in conv.records:
@@ -444,7 +460,7 @@ def convert(
 
 
 def summary(conv: Conversion, out: Path, rejects: Path) -> str:
-    """Counts by reason, one example each, and a warning for image paths outside the output folder."""
+    """Counts by reason, one example each, and where the image paths are relative to."""
     lines = [f"converted {len(conv.records)} {conv.task} records -> {out}",
              f"rejected {len(conv.rejects)} -> {rejects}"]
     for reason, n in conv.rejected.most_common():
@@ -454,28 +470,28 @@ def summary(conv: Conversion, out: Path, rejects: Path) -> str:
                      f"{what}{first['message']}")
     if conv.skipped:
         lines.append(f"skipped {conv.skipped} images of other splits (--split)")
-    if conv.outside_out_dir:
-        lines.append(
-            f"warning: {conv.outside_out_dir} image paths climb out of '{out.parent}' ('../'); readers "
-            "refuse those unless given --allow-outside-root. Put the output file in a folder above the "
-            "images to avoid it."
-        )
+    if conv.image_root is not None and Path(conv.image_root).resolve() != out.parent.resolve():
+        lines.append(f"image paths are relative to {conv.image_root}: give readers of {out} --image-root "
+                     f"{conv.image_root} (e.g. python -m data_tools validate --image-root {conv.image_root})")
     return "\n".join(lines)
 
 
+@user_errors
 def main(argv: list[str]) -> int:
+    """`python -m data_tools convert`: 0 when records were written, 1 when none, 2 on a user error."""
     p = argparse.ArgumentParser(
         prog="python -m data_tools convert",
         description="Convert COCO captions / VQA v2 / LLaVA / Karpathy / image-text JSON to our JSONL.",
-        epilog="Image paths are written relative to OUT's folder. Rows that cannot be converted go to the "
-               "rejects file with a reason.",
+        epilog="Image paths are written relative to the image root (--image-root, default OUT's folder). "
+               "Rows that cannot be converted go to the rejects file with a reason.",
     )
     p.add_argument("--from", dest="fmt", required=True, choices=sorted(FORMATS))
     p.add_argument("inputs", nargs="+", metavar="INPUT",
                    help="vqav2: the questions and the annotations files (any order)")
     p.add_argument("--out", required=True)
     p.add_argument("--image-root",
-                   help="folder the input's image names are relative to (default: OUT's folder)")
+                   help="folder the input's image names are relative to; the written paths are too, so "
+                        "give readers the same --image-root (default: OUT's folder)")
     p.add_argument("--split",
                    help="karpathy: keep these splits (train, val, test, restval, comma-separated, or all: "
                         "the default); "
@@ -496,6 +512,10 @@ def main(argv: list[str]) -> int:
             and set(args.split.split(",")) - set(KARPATHY_SPLITS)):
         p.error(f"--split: expected a comma-separated list of {', '.join(KARPATHY_SPLITS)}, or all")
     rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.out)
+    check_outputs({"--out": args.out, "--rejects": rejects})
+    if args.image_root is not None and not Path(args.image_root).is_dir():
+        print(f"warning: --image-root {args.image_root} is not a folder (yet); its images cannot be found",
+              file=sys.stderr)
     kwargs = {"image_root": args.image_root, "split": args.split}
     if args.fmt == "vqav2":
         kwargs["image_pattern"] = args.image_pattern

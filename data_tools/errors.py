@@ -17,6 +17,11 @@ TRUNCATED_IMAGE = "truncated_image"
 IMAGE_TOO_SMALL = "image_too_small"
 IMAGE_TOO_LARGE = "image_too_large"
 PATH_OUTSIDE_ROOT = "path_outside_root"
+DUPLICATE_KEY = "duplicate_key"
+DUPLICATE_ID = "duplicate_id"
+MULTIPLE_IMAGES = "multiple_images"
+# Not a row's reason: the whole file cannot be read (missing, a folder, no permission).
+UNREADABLE_FILE = "unreadable_file"
 
 
 class DataError(ValueError):

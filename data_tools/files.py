@@ -8,6 +8,7 @@ lines (the last rename wins whole); a killed writer leaves at most its own temp 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from pathlib import Path
@@ -21,6 +22,9 @@ os.umask(_UMASK)
 def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
     """Open a temp file beside `path` for writing; on a clean exit it replaces `path` (folders are made)."""
     path = Path(path)
+    if path.is_dir():
+        # Checked first: os.replace would fail only at the end, after all the work.
+        raise IsADirectoryError(errno.EISDIR, "is a folder; give a file name", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

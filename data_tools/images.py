@@ -4,19 +4,23 @@ file."""
 from __future__ import annotations
 
 import os
+import posixpath
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import (
+    BAD_VALUE,
     EMPTY_IMAGE_FILE,
+    EMPTY_TEXT,
     IMAGE_TOO_LARGE,
     IMAGE_TOO_SMALL,
     MISSING_IMAGE,
     PATH_OUTSIDE_ROOT,
     TRUNCATED_IMAGE,
     UNREADABLE_IMAGE,
+    WRONG_TYPE,
     DataError,
 )
 
@@ -29,25 +33,54 @@ MIN_SIDE = 8
 Image.MAX_IMAGE_PIXELS = None
 
 
-def resolve_image_path(image: str, root: str | os.PathLike, *, allow_outside_root: bool = False) -> Path:
-    """Resolve a record's image path against the data root (the JSONL file's folder).
+def relative_image_path(image: str, *, allow_outside_root: bool = False, flag: str | None = None) -> str:
+    """A record's image path normalised (forward slashes, no `.` or `..` parts) and checked, not resolved.
 
-    Absolute paths and paths that climb out of the root with `..` are refused unless allowed: a data
-    file should not be able to make a training job read arbitrary files.
+    Absolute paths and paths whose `..` climbs above the image root are refused unless allowed (a data file
+    must not make a training job read arbitrary files). `flag` is the caller's option that allows them,
+    named in the message; without one the message names no option.
     """
-    root = Path(root).resolve()
-    candidate = Path(image)
-    if not allow_outside_root:
-        if candidate.is_absolute():
+    if not isinstance(image, str):
+        raise DataError(WRONG_TYPE, f"expected a path string, got {type(image).__name__}", field="image")
+    if "\x00" in image:
+        raise DataError(BAD_VALUE, f"{image!r} holds a NUL character, which no file name can", field="image")
+    if not image.strip():
+        raise DataError(EMPTY_TEXT, "is an empty path", field="image")
+    how = f" (pass {flag} to permit)" if flag else ""
+    if os.path.isabs(image) or posixpath.isabs(image.replace("\\", "/")):
+        if not allow_outside_root:
             raise DataError(PATH_OUTSIDE_ROOT,
-                            f"absolute path {image!r} (use --allow-outside-root to permit)", field="image")
-        resolved = (root / candidate).resolve()
-        if resolved != root and root not in resolved.parents:
-            raise DataError(PATH_OUTSIDE_ROOT,
-                            f"{image!r} points outside {root} (use --allow-outside-root to permit)",
+                            f"absolute path {image!r}: image paths are relative to the image root{how}",
                             field="image")
+        return os.path.normpath(image)
+    norm = posixpath.normpath(image.replace(os.sep, "/"))
+    if (norm == ".." or norm.startswith("../")) and not allow_outside_root:
+        raise DataError(PATH_OUTSIDE_ROOT, f"{image!r} points outside the image root{how}", field="image")
+    return norm
+
+
+def resolve_image_path(image: str, root: str | os.PathLike, *, allow_outside_root: bool = False,
+                       flag: str | None = None) -> Path:
+    """Resolve a record's image path against the image root (by default the JSONL file's folder).
+
+    The path itself is checked by `relative_image_path` (`..` is applied to the text, so `a/../b` is `b`,
+    even if `a` is a symlink). Symlinked folders are followed wherever they point: whoever can put a
+    symlink in the image root chose where the images live. A symlinked file must point inside the image
+    root or inside the folder holding the link; elsewhere it is refused like an absolute path, unless
+    allowed, since a data set unpacked from an archive may carry such links.
+    """
+    norm = relative_image_path(image, allow_outside_root=allow_outside_root, flag=flag)
+    root = Path(root).resolve()
+    candidate = root / norm
+    resolved = candidate.resolve()
+    if allow_outside_root or not candidate.is_symlink() or resolved.is_dir():
         return resolved
-    return (root / candidate).resolve()
+    folder = candidate.parent.resolve()
+    if any(base == resolved or base in resolved.parents for base in (root, folder)):
+        return resolved
+    how = f" (pass {flag} to permit)" if flag else ""
+    raise DataError(PATH_OUTSIDE_ROOT, f"{image!r} is a symlink to {resolved}, outside the image root{how}",
+                    field="image")
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
@@ -80,6 +113,9 @@ def load_image(
     path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
 ) -> Image.Image:
     """Open an image file as RGB with its EXIF orientation applied. Raises `DataError` naming the file."""
+    if "\x00" in str(path):
+        raise DataError(BAD_VALUE, f"{str(path)!r} holds a NUL character, which no file name can",
+                        field="image")
     path = Path(path)
     try:
         size = path.stat().st_size

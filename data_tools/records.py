@@ -1,27 +1,39 @@
 """Record schemas for the four tasks, and `normalize_record`, which checks a row and returns it canonical.
 
-Canonical records (image paths relative to the JSONL file):
+Canonical records (image paths relative to the image root, by default the JSONL file's folder):
     caption:   {"image": "img/1.jpg", "captions": ["...", ...]}
     vqa:       {"image": ..., "question_id": ..., "question": "...", "answers": ["...", ...]}
-               (optional: "answer_type", "question_type")
+               (optional: "answer_type", "question_type"; `data_tools.clean.check_rows` gives a row
+               without "question_id" one made of the file name and line, e.g. "train.jsonl:7")
     retrieval: {"image": ..., "captions": [...]}  (optional: "neg_captions": [...])
     instruct:  {"image": ... or absent,
                 "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
-Common aliases are accepted and rewritten: `image_path`/`file_name`/`filepath` for `image`;
-`caption`/`text` (one string) or `sentences` for `captions`; `answer` (one string) for `answers`;
-OpenAI-style `messages` ([{"role", "content"}]) for `conversations`. Other keys are kept as they are.
+Common aliases are accepted and rewritten: `image_path`/`file_name`/`filepath` for `image`, and a
+list of one image (`"images": ["a.jpg"]`, LLaMA-Factory / ms-swift); `caption`/`text` (one string)
+or `sentences` for `captions`; `answer` (one string) for `answers`; OpenAI-style `messages`
+([{"role", "content"}]) for `conversations`, and `instruction` (+ `input`) with `response` or `output`
+for a one-exchange conversation. Other keys are kept as they are. A row with several images is refused
+(`multiple_images`): no recipe trains on several images per sample yet.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .errors import BAD_VALUE, EMPTY_TEXT, MISSING_FIELD, NOT_AN_OBJECT, WRONG_TYPE, DataError
+from .errors import (
+    BAD_VALUE,
+    EMPTY_TEXT,
+    MISSING_FIELD,
+    MULTIPLE_IMAGES,
+    NOT_AN_OBJECT,
+    WRONG_TYPE,
+    DataError,
+)
 
 TASKS = ("caption", "vqa", "retrieval", "instruct")
 IMAGE_TOKEN = "<image>"
 
-IMAGE_ALIASES = ("image", "image_path", "file_name", "filepath", "img")
+IMAGE_ALIASES = ("image", "image_path", "file_name", "filepath", "img", "images")
 CAPTION_ALIASES = ("captions", "sentences", "caption", "text")
 ROLE_TO_FROM = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt", "system": "system"}
 
@@ -55,11 +67,30 @@ def _text_list(value: Any, field: str, *, allow_single_string: bool) -> list[str
 
 def _image(record: dict, *, required: bool) -> None:
     key, value = _pop_alias(record, IMAGE_ALIASES)
+    if isinstance(value, list):  # LLaMA-Factory / ms-swift: "images": ["a.jpg"]
+        if len(value) > 1:
+            raise DataError(MULTIPLE_IMAGES, f"has {len(value)} images; no recipe accepts several images in "
+                            "one row yet (keep one image per row)", field=key)
+        value = value[0] if value else None
     if key is None or value is None:
         if required:
             raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(IMAGE_ALIASES)})", field="image")
         return
     record["image"] = _text(value, key)
+
+
+def _instruction_turns(record: dict) -> list[dict]:
+    """`{"instruction", "input"?, "response"|"output"}` (Alpaca style) -> one human turn and one gpt turn."""
+    instruction = _text(record.pop("instruction"), "instruction")
+    extra = record.pop("input", None)
+    if extra is not None and _text(extra, "input"):
+        instruction = f"{instruction}\n{extra}"
+    key, response = _pop_alias(record, ("response", "output"))
+    if key is None:
+        raise DataError(MISSING_FIELD, "is missing (or 'output')", field="response")
+    if "image" in record and IMAGE_TOKEN not in instruction:
+        instruction = f"{IMAGE_TOKEN}\n{instruction}"
+    return [{"from": "human", "value": instruction}, {"from": "gpt", "value": _text(response, key)}]
 
 
 def _conversations(record: dict) -> None:
@@ -69,8 +100,12 @@ def _conversations(record: dict) -> None:
     elif "messages" in record:
         turns = record.pop("messages")
         field = "messages"
+    elif "instruction" in record:
+        turns = _instruction_turns(record)
+        field = "instruction"
     else:
-        raise DataError(MISSING_FIELD, "is missing (or 'messages')", field="conversations")
+        raise DataError(MISSING_FIELD, "is missing (or 'messages', or 'instruction' and 'response')",
+                        field="conversations")
     if not isinstance(turns, list):
         raise DataError(WRONG_TYPE, f"expected a list of turns, got {type(turns).__name__}", field=field)
     out = []
@@ -126,10 +161,9 @@ def normalize_record(record: Any, task: str) -> dict:
             record["neg_captions"] = _text_list(record["neg_captions"], "neg_captions",
                                                 allow_single_string=True)
     elif task == "vqa":
-        for field in ("question_id", "question"):
-            if field not in record:
-                raise DataError(MISSING_FIELD, "is missing", field=field)
-        qid = record["question_id"]
+        if "question" not in record:
+            raise DataError(MISSING_FIELD, "is missing", field="question")
+        qid = record.get("question_id", "")  # optional: check_rows names a row without one by its line
         if isinstance(qid, bool) or not isinstance(qid, (int, str)):
             raise DataError(WRONG_TYPE, f"expected an int or string, got {type(qid).__name__}",
                             field="question_id")

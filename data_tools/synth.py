@@ -20,12 +20,15 @@ import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from .clean import user_errors
+from .files import atomic_write, atomic_write_text
 from .jsonl import JsonlWriter
 from .records import IMAGE_TOKEN, TASKS, normalize_record
 
@@ -612,8 +615,7 @@ def make_synthetic(
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    if lang not in WORDS:
-        raise ValueError(f"unknown language {lang!r}; expected one of {sorted(WORDS)}")
+    lang = synth_lang(lang)
     if image_size < MIN_IMAGE_SIZE:
         raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} (shapes must stay recognisable)")
     if not 1 <= questions_per_image <= len(VQA_KINDS):
@@ -624,10 +626,15 @@ def make_synthetic(
     # Tasks share images (they depend on seed and size only); other settings would overwrite them
     # under the records of an earlier run.
     stamp, settings = out_dir / "images" / "synth.json", {"seed": seed, "image_size": image_size}
-    if stamp.exists() and json.loads(stamp.read_text()) != settings:
-        raise ValueError(f"{out_dir}/images holds images made with {stamp.read_text()}, not {settings}; use "
-                         "another out_dir")
-    stamp.write_text(json.dumps(settings))
+    if stamp.exists():
+        try:
+            made_with = json.loads(stamp.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            made_with = "unknown settings (its synth.json is unreadable)"
+        if made_with != settings:
+            raise ValueError(f"{out_dir}/images holds images made with {made_with}, not {settings}; use "
+                             "another out_dir")
+    atomic_write_text(stamp, json.dumps(settings))
     jsonl_path = out_dir / f"{task}.jsonl"
     with JsonlWriter(jsonl_path) as writer:
         for index in tqdm(range(n), desc=f"synth {task} ({lang})", unit=" img", disable=not progress):
@@ -637,22 +644,37 @@ def make_synthetic(
             if not text_only:
                 objects = make_scene(seed, index, image_size)
                 image = f"images/{index:06d}.png"
-                # PNG, not JPEG: lossless, so the stored pixels are exactly the drawn colours.
-                draw_scene(objects, seed, index, image_size).save(out_dir / image, compress_level=1)
+                # PNG, not JPEG: lossless, so the stored pixels are exactly the drawn colours. Atomic, so
+                # that an interrupted run never leaves a truncated image for the next one to reuse.
+                with atomic_write(out_dir / image, "wb") as f:
+                    draw_scene(objects, seed, index, image_size).save(f, format="PNG", compress_level=1)
             for record in _records(task, index, objects, image, lang, seed, questions_per_image):
                 normalize_record(record, task)  # a generator bug should fail here, not in training
                 writer.write(record)
     return jsonl_path
 
 
+def synth_lang(lang: str) -> str:
+    """`lang` as a key of `WORDS`, case-insensitive, a region or script subtag dropped (`zh-CN` -> `zh`).
+    Raises `ValueError` naming the supported languages."""
+    primary = str(lang).strip().lower().replace("_", "-").split("-")[0]
+    primary = {"cmn": "zh", "zho": "zh", "eng": "en"}.get(primary, primary)
+    if primary not in WORDS:
+        raise ValueError(f"language {lang!r} is not supported; use one of {', '.join(sorted(WORDS))}")
+    return primary
+
+
+@user_errors
 def main(argv: list[str]) -> int:
+    """`python -m data_tools synth`: write the shapes data set; 2 on a user error."""
     p = argparse.ArgumentParser(prog="python -m data_tools synth",
                                 description="Make the procedural shapes data set.")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--n", type=int, required=True,
                    help="number of images (instruct: records, ~5%% text-only)")
     p.add_argument("--out-dir", required=True, help="writes OUT_DIR/images/*.png and OUT_DIR/<task>.jsonl")
-    p.add_argument("--lang", default="en", choices=sorted(WORDS))
+    p.add_argument("--lang", default="en",
+                   help=f"one of {', '.join(sorted(WORDS))} (zh-CN, zh-Hans, ... are zh)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=64, help=f"side in pixels (at least {MIN_IMAGE_SIZE})")
     p.add_argument("--questions-per-image", type=int, default=3, help="vqa only (at most 6)")
@@ -671,7 +693,8 @@ def main(argv: list[str]) -> int:
             questions_per_image=args.questions_per_image,
             progress=args.progress,
         )
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:  # make_synthetic's checks of the arguments
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {path}")
     return 0

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
 
 from data_tools.errors import DataError
-from data_tools.jsonl import write_jsonl
+from data_tools.jsonl import load_json, open_input, write_jsonl
 
 from . import inputs
-from .caption import ALL_METRICS, caption_metrics
+from .caption import ALL_METRICS, LANGS, caption_metrics, normalize_lang
 from .retrieval import recall_at_k
 from .vqa import vqa_accuracy
 
@@ -40,6 +41,18 @@ def _pair(args, parser, jsonl_flags: tuple, official_flags: tuple):
 
 
 def run_caption(args, parser) -> dict:
+    try:
+        lang = normalize_lang(args.lang)
+    except ValueError as e:
+        raise ValueError(f"--lang: {e}") from None
+    if args.per_sample:  # checked before scoring, which can take minutes
+        inputs_given = [getattr(args, f)
+                        for f in ("predictions", "references", "coco_annotations", "coco_results")]
+        if os.path.isdir(args.per_sample):
+            raise ValueError(f"--per-sample {args.per_sample} is a folder; give a file name")
+        if any(f and os.path.realpath(f) == os.path.realpath(args.per_sample) for f in inputs_given):
+            raise ValueError(f"--per-sample {args.per_sample} is one of the input files; it would be "
+                             "overwritten")
     if _pair(args, parser, ("predictions", "references"), ("coco_annotations", "coco_results")) == "jsonl":
         predictions = inputs.read_predictions(args.predictions)
         references = inputs.read_caption_references(args.references)
@@ -48,7 +61,7 @@ def run_caption(args, parser) -> dict:
         predictions, references = inputs.read_coco_captions(args.coco_annotations, args.coco_results)
         names = (args.coco_results, args.coco_annotations)
     inputs.check_same_keys(predictions, references, "image", *names)
-    result = caption_metrics(predictions, references, lang=args.lang, metrics=args.metrics,
+    result = caption_metrics(predictions, references, lang=lang, metrics=args.metrics,
                              per_sample=bool(args.per_sample))
     if args.per_sample:
         per_sample = result.pop("per_sample")
@@ -75,12 +88,17 @@ def run_vqa(args, parser) -> dict:
 
 
 def _load_array(path: str, what: str) -> np.ndarray:
+    if not path.endswith(".npy"):
+        data = load_json(path)  # its errors name the file
+        try:
+            return np.asarray(data)
+        except ValueError as e:
+            raise DataError("bad_value", f"cannot read {what} ({e}); give a .npy file or a JSON list",
+                            path=path) from e
     try:
-        if path.endswith(".npy"):
-            return np.load(path, allow_pickle=False)
-        with open(path, encoding="utf-8") as f:
-            return np.asarray(json.load(f))
-    except (OSError, ValueError) as e:
+        with open_input(path) as f:
+            return np.load(f, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
         raise DataError("bad_value", f"cannot read {what} ({e}); give a .npy file or a JSON list",
                         path=path) from e
 
@@ -104,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--references", help="JSONL caption records: {image|image_id, captions: [...]}")
     cap.add_argument("--coco-annotations", help="official COCO captions JSON ({'annotations': [...]})")
     cap.add_argument("--coco-results", help="official COCO results JSON ([{image_id, caption}])")
-    cap.add_argument("--lang", default="en", help="language; zh, ja, th, ... are scored on characters")
+    cap.add_argument("--lang", default="en",
+                     help=f"one of {', '.join(LANGS)} (case-insensitive; zh-CN, zh-Hans, ... are zh); "
+                          "zh, ja, th, ... are scored on characters")
     cap.add_argument("--metrics", nargs="+", choices=ALL_METRICS, help="subset to compute (e.g. skip METEOR)")
     cap.add_argument("--per-sample", metavar="OUT.jsonl", help="write per-image scores (CIDEr, ...) here")
 
@@ -161,7 +181,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(result, ensure_ascii=False))
+        print(json.dumps(result, ensure_ascii=False, allow_nan=False))
     else:
         _print_human(result)
     return 0

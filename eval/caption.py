@@ -11,6 +11,11 @@ is NFKC-normalised, punctuation is removed, and each character of those scripts 
 (runs of Latin letters or digits stay one token); the PTB tokenizer is bypassed. METEOR and SPICE
 rely on English resources (stemmer, synonyms, parser) and are refused for these languages.
 
+`lang` takes `en` or one of `CHARACTER_LANGS`, case-insensitive, with a region or script tag
+(`zh-CN`, `zh_Hans`, `ja-JP` and `cmn` are `zh`/`ja`); anything else is refused (`normalize_lang`).
+References mostly in those scripts scored with `lang="en"` print a one-line warning: the PTB tokenizer
+leaves such a sentence as one "word", so BLEU/CIDEr come out near 0.
+
 CIDEr's IDF weights come from the references being scored, so CIDEr on a few dozen images is not
 comparable with a number computed over the full COCO test split (on a single image it is always 0);
 compare models on the same set.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import sys
 import unicodedata
 
@@ -29,6 +35,10 @@ from .inputs import check_same_keys
 ALL_METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
 BLEU_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 CHARACTER_LANGS = {"zh", "ja", "th", "lo", "km", "my"}
+LANGS = ("en", *sorted(CHARACTER_LANGS))
+# Other names of a supported language (ISO 639-3, Chinese varieties written in Han characters).
+_LANG_ALIASES = {"cmn": "zh", "yue": "zh", "wuu": "zh", "zho": "zh", "chi": "zh", "jpn": "ja", "tha": "th",
+                 "eng": "en", "lao": "lo", "khm": "km", "mya": "my", "bur": "my"}
 ENGLISH_ONLY = {"METEOR", "SPICE"}
 
 # Code point ranges whose scripts write words without spaces; each character is a token.
@@ -44,6 +54,31 @@ _UNSEGMENTED_RANGES = (
     (0xF900, 0xFAFF),  # CJK compatibility ideographs
     (0x20000, 0x3FFFF),  # CJK extensions B and later
 )
+
+
+def normalize_lang(lang: str) -> str:
+    """`lang` as one of `LANGS`: case-insensitive, a region or script subtag dropped (`zh-CN`, `zh_Hans`,
+    `en-US`). Raises `ValueError` naming the supported values for anything else."""
+    if not isinstance(lang, str) or not lang.strip():
+        raise ValueError(f"language {lang!r} is not supported; use one of {', '.join(LANGS)}")
+    primary = re.split(r"[-_]", lang.strip().lower(), maxsplit=1)[0]
+    primary = _LANG_ALIASES.get(primary, primary)
+    if primary not in LANGS:
+        raise ValueError(f"language {lang!r} is not supported; use one of {', '.join(LANGS)} (zh, ja, th, "
+                         "lo, km, my are scored on characters; other languages written with spaces can be "
+                         "scored as en, without METEOR and SPICE, which are English-only)")
+    return primary
+
+
+def unsegmented_share(texts) -> float:
+    """The share of letters in `texts` that belong to scripts written without spaces (Chinese, ...)."""
+    letters = unsegmented = 0
+    for text in texts:
+        for ch in text:
+            if ch.isalpha():
+                letters += 1
+                unsegmented += _is_unsegmented(ch)
+    return unsegmented / letters if letters else 0.0
 
 
 def _is_unsegmented(ch: str) -> bool:
@@ -158,7 +193,12 @@ def caption_metrics(predictions: dict, references: dict, lang: str = "en", metri
     result also holds `per_sample: {key: {metric: score}}`.
     """
     check_same_keys(predictions, references)
+    lang = normalize_lang(lang)
     unsegmented = lang in CHARACTER_LANGS
+    if not unsegmented and unsegmented_share(c for refs in references.values() for c in refs) > 0.5:
+        print(f"warning: the references are mostly Chinese, Japanese or Thai text, but the language is "
+              f"{lang!r}: the PTB tokenizer does not split it into words, so BLEU/CIDEr score it as ~0; "
+              "score it as zh, ja or th", file=sys.stderr)
     if metrics is None:
         metrics = [m for m in ALL_METRICS if not (unsegmented and m in ENGLISH_ONLY)]
     unknown = [m for m in metrics if m not in ALL_METRICS]

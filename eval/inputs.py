@@ -6,10 +6,8 @@ because silently keeping one of two predictions changes the score.
 
 from __future__ import annotations
 
-import json
-
-from data_tools.errors import BAD_VALUE, MISSING_FIELD, WRONG_TYPE, DataError
-from data_tools.jsonl import iter_jsonl
+from data_tools.errors import BAD_VALUE, DUPLICATE_ID, MISSING_FIELD, WRONG_TYPE, DataError
+from data_tools.jsonl import iter_jsonl, load_json
 
 CAPTION_KEYS = ("image", "image_id", "id")
 CAPTION_TEXTS = ("prediction", "caption")
@@ -78,8 +76,9 @@ def read_caption_references(path) -> dict:
 
 
 def read_vqa_references(path) -> dict:
-    """Read VQA records into `{question_id: {"answers", "answer_type", "question_type"}}`."""
-    references = {}
+    """Read VQA records into `{question_id: {"answers", "answer_type", "question_type"}}`. A question id
+    used twice is an error naming both lines (`1` and `"1"` count as the same: scores key by either)."""
+    references, seen_at = {}, {}
     for line, row in _rows(path):
         qid = _check_key(_first_field(row, VQA_KEYS, path, line)[1], "question_id", path, line)
         answers = row.get("answers")
@@ -88,20 +87,20 @@ def read_vqa_references(path) -> dict:
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
             raise DataError(WRONG_TYPE, "must be a non-empty list of answer strings", path=path, line=line,
                             field="answers")
-        if qid in references:
-            raise DataError(BAD_VALUE, f"question_id {qid!r} appears twice", path=path, line=line,
-                            field="question_id")
+        if str(qid) in seen_at:
+            first_line, first = seen_at[str(qid)]
+            raise DataError(DUPLICATE_ID,
+                            f"question_id {qid!r} is already used at line {first_line} ({first!r}); "
+                            "question ids must be unique, and 1 and '1' are the same id", path=path,
+                            line=line, field="question_id")
+        seen_at[str(qid)] = (line, qid)
         references[qid] = {"answers": answers, "answer_type": row.get("answer_type"),
                            "question_type": row.get("question_type")}
     return references
 
 
 def _load_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError("malformed_json", f"is not valid JSON ({e.msg})", path=path, line=e.lineno) from e
+    return load_json(path)
 
 
 def _records(path, data, container: str | None, fields: tuple, text_field: str | None = None) -> list[dict]:
@@ -142,9 +141,24 @@ def read_vqa_official(annotations_path, questions_path, results_path) -> tuple[d
     anns = _records(annotations_path, _load_json(annotations_path), "annotations",
                     ("question_id", "answers", "answer_type", "question_type"))
     questions = _records(questions_path, _load_json(questions_path), "questions", ("question_id",))
-    references = {a["question_id"]: {"answers": [x["answer"] for x in a["answers"]],
-                                     "answer_type": a["answer_type"],
-                                     "question_type": a["question_type"]} for a in anns}
+    references = {}
+    for i, a in enumerate(anns):
+        answers = a["answers"]
+        where = f"annotations[{i}].answers"
+        if not isinstance(answers, list) or not answers:
+            raise DataError(WRONG_TYPE, f"entry {i} must hold a non-empty list of {{'answer': ...}} objects",
+                            path=annotations_path, field=where)
+        for k, x in enumerate(answers):
+            if not isinstance(x, dict) or not isinstance(x.get("answer"), str):
+                raise DataError(WRONG_TYPE, f"entry {i}: expected an object with an 'answer' string (the "
+                                f"official VQA format), got {str(x)[:60]}", path=annotations_path,
+                                field=f"{where}[{k}]")
+        qid = _check_key(a["question_id"], f"annotations[{i}].question_id", annotations_path, None)
+        if qid in references:
+            raise DataError(DUPLICATE_ID, f"question_id {qid!r} is annotated twice (entry {i})",
+                            path=annotations_path, field=f"annotations[{i}].question_id")
+        references[qid] = {"answers": [x["answer"] for x in answers], "answer_type": a["answer_type"],
+                           "question_type": a["question_type"]}
     unknown = {q["question_id"] for q in questions} ^ set(references)
     if unknown:
         raise DataError(BAD_VALUE, f"questions and annotations disagree on {len(unknown)} question ids, e.g. "

@@ -31,9 +31,11 @@ import numpy as np
 
 from data_tools.clean import check_rows
 from data_tools.errors import DataError
+from data_tools.files import atomic_write_text
 from data_tools.images import load_image
+from data_tools.jsonl import load_json
 
-from .caption import CHARACTER_LANGS, ENGLISH_ONLY, caption_metrics
+from .caption import CHARACTER_LANGS, ENGLISH_ONLY, caption_metrics, normalize_lang
 from .inputs import read_predictions
 from .instruct import SHORT_ANSWER_WORDS, eval_items, instruct_scores
 from .retrieval import recall_at_k, text_to_image_ranks
@@ -56,10 +58,16 @@ MAIN_METRIC = {"caption": "CIDEr", "vqa": "overall", "retrieval": "text_to_image
 def read_run_info(run: Path) -> dict:
     path = run / "metrics.json"
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError("bad_value", f"not a recipe run folder: cannot read metrics.json ({e})",
-                        path=path) from e
+        info = load_json(path)
+    except DataError as e:
+        raise DataError(e.reason, f"not a recipe run folder: cannot read metrics.json ({e.message})",
+                        path=path, line=e.line) from None
+    if not isinstance(info, dict):
+        raise DataError("wrong_type", "not a recipe run folder: metrics.json is not a JSON object", path=path)
+    try:
+        info["lang"] = normalize_lang(info.get("lang") or "en")
+    except ValueError as e:
+        raise DataError("bad_value", str(e), path=path, field="lang") from None
     for field in ("recipe", "task", "eval_file"):
         if not info.get(field):
             raise DataError("missing_field",
@@ -93,11 +101,12 @@ def predictions_file(run: Path, name: str = "final", suffix: str = ".jsonl") -> 
 
 
 def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANSWER_WORDS,
-                    lang: str = "en") -> dict:
+                    lang: str = "en", image_root: str | None = None) -> dict:
     """Eval records keyed as the recipes key their predictions: absolute image path, or question id;
-    for instruct, the items of `eval.instruct` (one per assistant turn, "<row>:<turn>")."""
+    for instruct, the items of `eval.instruct` (one per assistant turn, "<row>:<turn>"). `image_root`:
+    the folder the records' image paths are relative to (default: the file's folder)."""
     records, rows = {}, []
-    for _, row, _ in check_rows(path, task, check_images=False, progress=False):
+    for _, row, _ in check_rows(path, task, image_root=image_root, check_images=False, progress=False):
         if isinstance(row, DataError):
             raise row
         if task == "instruct":
@@ -177,9 +186,8 @@ def report_retrieval_run(run: Path, info: dict, records: dict, gallery_size: int
     if "final" not in row:
         raise DataError("missing_field",
                         "no predictions/final.npz or predictions/step-N.npz: nothing to score", path=run)
-    (run / "report.md").write_text(render_markdown(row), encoding="utf-8")
-    (run / "gallery.html").write_text(render_retrieval_gallery(row, data, ranks, gallery_size),
-                                      encoding="utf-8")
+    atomic_write_text(run / "report.md", render_markdown(row))
+    atomic_write_text(run / "gallery.html", render_retrieval_gallery(row, data, ranks, gallery_size))
     return row
 
 
@@ -190,7 +198,7 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
     # The split the before/final predictions are on: the test file when the run had one, else eval_file.
     records = read_references(info.get("heldout_file") or info["eval_file"], task,
                               short_answer_words=info.get("short_answer_words", SHORT_ANSWER_WORDS),
-                              lang=lang)
+                              lang=lang, image_root=info.get("image_root"))
     if task == "retrieval":
         return report_retrieval_run(run, info, records, gallery_size)
     row = {"recipe": info["recipe"], "run": str(run), "task": task, "step": info.get("global_step")}
@@ -209,10 +217,9 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
     if "final" not in row:
         raise DataError("missing_field",
                         "no predictions/final.jsonl or predictions/step-N.jsonl: nothing to score", path=run)
-    (run / "report.md").write_text(render_markdown(row), encoding="utf-8")
-    (run / "gallery.html").write_text(
-        render_gallery(row, final_predictions, per_sample, records, gallery_size), encoding="utf-8"
-    )
+    atomic_write_text(run / "report.md", render_markdown(row))
+    atomic_write_text(run / "gallery.html",
+                      render_gallery(row, final_predictions, per_sample, records, gallery_size))
     return row
 
 
@@ -342,7 +349,7 @@ def main(argv=None) -> int:
         return 1
     rows = [report_run(run, args.gallery_size) for run in runs]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, allow_nan=False))
         return 0
     print("\n".join(table_lines(rows)))
     for r in rows:

@@ -53,11 +53,12 @@ def test_coco_captions(tmp_path):
     rows = read_jsonl(out)
     assert rows == [
         {
-            "image": "../../coco/val2014/COCO_val2014_000000000001.jpg",
+            "image": "COCO_val2014_000000000001.jpg",  # relative to the image root, as readers take it
             "captions": ["A man riding a wave on top of a surfboard.", "A surfer on a big wave."],
             "image_id": 1,
         },
-        {"image": "../../coco/val2014/COCO_val2014_000000000002.jpg", "captions": ["Un café près de la fenêtre."], "image_id": 2},
+        {"image": "COCO_val2014_000000000002.jpg", "captions": ["Un café près de la fenêtre."],
+         "image_id": 2},
     ]
     assert _rejects(out) == [
         ("images[2]", "missing_field", "file_name"),
@@ -71,15 +72,18 @@ def test_coco_captions(tmp_path):
     assert first["file"] == str(ann) and first["row"] == {"id": 3}
 
 
-def test_image_root_inside_out_folder_and_default(tmp_path):
-    ann = _write(
-        tmp_path / "ann.json", {"images": [{"id": 7, "file_name": "a/b.jpg"}], "annotations": [{"image_id": 7, "caption": "x"}]}
-    )
+def test_image_root_and_default_write_the_names_relative_to_the_root(tmp_path):
+    ann = _write(tmp_path / "ann.json", {
+        "images": [{"id": 7, "file_name": "a/./b.jpg"}, {"id": 8, "file_name": "../up.jpg"},
+                   {"id": 9, "file_name": "/abs.jpg"}],
+        "annotations": [{"image_id": i, "caption": "x"} for i in (7, 8, 9)]})
     conv = convert("coco-captions", [ann], tmp_path / "out/train.jsonl", image_root=tmp_path / "out/images")
-    assert conv.records[0]["image"] == "images/a/b.jpg" and conv.outside_out_dir == 0
+    assert [r["image"] for r in conv.records] == ["a/b.jpg"]
     conv = convert("coco-captions", [ann], tmp_path / "out/train.jsonl")  # default: names unchanged
-    assert conv.records[0]["image"] == "a/b.jpg"
-    assert read_jsonl(tmp_path / "out/train.rejects.jsonl") == []
+    assert [r["image"] for r in conv.records] == ["a/b.jpg"]
+    assert [(r["item"], r["reason"]) for r in read_jsonl(tmp_path / "out/train.rejects.jsonl")] == [
+        ("images[1]", "path_outside_root"), ("images[2]", "path_outside_root"),
+        ("annotations[1]", "bad_value"), ("annotations[2]", "bad_value")]
 
 
 def _vqa_inputs(tmp_path):
@@ -131,12 +135,12 @@ def test_vqav2(tmp_path):
     )
     rows = read_jsonl(out)
     assert rows == [
-        {"image": "val2014/COCO_val2014_000000000042.jpg", "question_id": 42000, "question": "What color is the bus?",
+        {"image": "COCO_val2014_000000000042.jpg", "question_id": 42000, "question": "What color is the bus?",
          "answers": ["red"] * 8 + ["dark red", "orange"], "answer_type": "other", "question_type": "what color is the",
          "multiple_choice_answer": "red", "image_id": 42},
-        {"image": "val2014/COCO_val2014_000000000042.jpg", "question_id": 42001, "question": "How many people?",
+        {"image": "COCO_val2014_000000000042.jpg", "question_id": 42001, "question": "How many people?",
          "answers": ["2"] * 9 + ["two"], "answer_type": "number", "question_type": "how many", "multiple_choice_answer": "2", "image_id": 42},
-        {"image": "val2014/COCO_val2014_000000000045.jpg", "question_id": 45000, "question": "何色ですか？",
+        {"image": "COCO_val2014_000000000045.jpg", "question_id": 45000, "question": "何色ですか？",
          "answers": ["赤"] * 10, "answer_type": "other", "question_type": "what color", "image_id": 45},
     ]  # fmt: skip
     _all_valid(rows, "vqa")
@@ -180,7 +184,7 @@ def test_llava(tmp_path):
     assert rows == [
         {
             "id": "000000033471",
-            "image": "coco/train2017/000000033471.jpg",
+            "image": "000000033471.jpg",
             "conversations": json.loads(src.read_text())[0]["conversations"],
         },
         {
@@ -192,7 +196,7 @@ def test_llava(tmp_path):
     assert _rejects(out) == [
         ("[2]", "bad_value", "conversations[0].from"),
         ("[3]", "missing_field", "conversations"),
-        ("[4]", "wrong_type", "image"),
+        ("[4]", "multiple_images", "image"),
         ("[5]", "not_an_object", None),
     ]
 
@@ -322,5 +326,5 @@ def test_cli_summary(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "converted 1 caption records" in proc.stdout and "missing_field" in proc.stdout and "annotations[1]" in proc.stdout
-    assert "warning: 1 image paths climb out" in proc.stdout
-    assert read_jsonl(out) == [{"image": "../a.jpg", "captions": ["x"], "image_id": 1}]
+    assert f"give readers of {out} --image-root {tmp_path}" in proc.stdout
+    assert read_jsonl(out) == [{"image": "a.jpg", "captions": ["x"], "image_id": 1}]

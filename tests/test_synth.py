@@ -237,7 +237,7 @@ def test_cli(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert load_image(tmp_path / "b" / "images" / "000002.png").size == (80, 80)
-    with pytest.raises(SystemExit):
-        main(["--task", "caption", "--n", "3", "--out-dir", str(tmp_path / "c"), "--image-size", "16"])
-    with pytest.raises(SystemExit):  # images of another seed already there: refuse to overwrite them
-        main(["--task", "vqa", "--n", "3", "--out-dir", str(tmp_path / "a"), "--seed", "1"])
+    # A user error: one line on stderr and exit code 2.
+    assert main(["--task", "caption", "--n", "3", "--out-dir", str(tmp_path / "c"), "--image-size", "16"]) == 2
+    # Images of another seed already there: refuse to overwrite them.
+    assert main(["--task", "vqa", "--n", "3", "--out-dir", str(tmp_path / "a"), "--seed", "1"]) == 2

@@ -1,4 +1,4 @@
-"""`python -m data_tools <command> ...`: validate, clean, dedup, split, check-leakage, convert, synth."""
+"""`python -m data_tools <command> ...`: validate, clean, dedup, split, check-leakage, convert, hash, synth."""
 
 import importlib
 import sys
@@ -18,6 +18,8 @@ COMMANDS = {
                       "fail when an image (or near duplicate) is in two files"),
     "convert": ("data_tools.convert", "main",
                 "convert COCO / VQA v2 / LLaVA / Karpathy / image-text JSON to our JSONL"),
+    "hash": ("data_tools.hashes", "main",
+             "hash a file's images (or one shard of them) into a file that dedup/split/check-leakage merge"),
     "synth": ("data_tools.synth", "main", "make the procedural shapes data set"),
 }
 

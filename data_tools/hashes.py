@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     from .dedup import iter_images  # the row reader lives with dedup; imported here to avoid a cycle
 
     parser = argparse.ArgumentParser(
-        prog="python -m data_tools.hashes",
+        prog="python -m data_tools hash",
         description="Hash the images of JSONL files into a file that dedup, split and "
         "check-leakage read with --hashes.",
     )

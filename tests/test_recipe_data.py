@@ -5,6 +5,7 @@ import json
 import pytest
 from PIL import Image
 
+from data_tools.errors import DataError
 from data_tools.jsonl import read_jsonl
 from data_tools.split import find_leaks
 from recipes.common.data import BadRowsError, embedded_dataset, load_records
@@ -92,6 +93,9 @@ def test_image_root_resolves_paths_and_every_image_is_checked_before_training(tm
 def test_image_root_is_a_guard_too(tmp_path):
     path = _images_apart(tmp_path)
     (tmp_path / "data" / "up.jsonl").write_text(json.dumps({"image": "../good.jpg", "captions": ["x"]}) + "\n")
+    with pytest.raises(DataError, match="not a folder|does not exist|no such"):  # a root that is not there
+        load_records(tmp_path / "data" / "up.jsonl", "caption", image_root=tmp_path / "images" / "sub")
+    (tmp_path / "images" / "sub").mkdir()
     with pytest.raises(BadRowsError) as e:
         load_records(tmp_path / "data" / "up.jsonl", "caption", image_root=tmp_path / "images" / "sub")
     assert "path_outside_root" in str(e.value)

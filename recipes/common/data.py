@@ -55,7 +55,7 @@ def load_records(
     """
     rows, errors = [], []
     checked: dict[str, DataError | None] = {}  # each distinct image once
-    for line, row, raw in check_rows(path, task, root=image_root, check_images=check_images == "decode",
+    for line, row, raw in check_rows(path, task, image_root=image_root, check_images=check_images == "decode",
                                      progress=False):
         if not isinstance(row, DataError) and check_images == "header" and row.get("image") is not None:
             if row["image"] not in checked:

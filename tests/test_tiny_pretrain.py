@@ -6,12 +6,20 @@ import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from data_tools.hashing import content_hash
 from data_tools.synth import make_scene
 from recipes.common.tiny import pretrain as tiny_pretrain
 from recipes.common.models import resolve_model_path
 from recipes.common.tiny.models import tiny_model_path
 from recipes.common.tiny.pretrain import _train, annotation, corpus_batch, pretrain_blip2, pretrained_tiny_path, text_corpus
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache(tmp_path_factory):
+    """A cache of the module's own: nothing is built into the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VLM_RECIPES_CACHE", str(tmp_path_factory.mktemp("vlm-cache")))
+    yield
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +33,8 @@ def test_annotation_names_every_attribute_in_reading_order():
     assert annotation(objects) == ("top-left: shape circle, colour red, size small; "
                                    "bottom-right: shape cross, colour blue, size large")
     images, texts = corpus_batch(3, 4)
-    assert len(images) == 4 and texts[1] == annotation(make_scene(tiny_pretrain.PRETRAIN_SEED, 13))
+    scene = tiny_pretrain.pretraining_scenes(16)[13]
+    assert len(images) == 4 and texts[1] == annotation(make_scene(tiny_pretrain.PRETRAIN_SEED, scene))
     assert corpus_batch(3, 4)[1] == texts  # any batch can be redrawn
 
 
@@ -75,6 +84,8 @@ def test_cached_base_is_built_once_and_named_tiny_pretrained(base, tmp_path, mon
 
     monkeypatch.setitem(tiny_pretrain.PRETRAINERS, "blip2-opt", fake_pretrain)
     monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path))
+    shipped = tiny_pretrain.shipped_base  # the cache path is under test: no shipped base (the scene list stays)
+    monkeypatch.setattr(tiny_pretrain, "shipped_base", lambda name: shipped(name) if "scenes" in name else None)
     path = pretrained_tiny_path("blip2-opt")
     assert path.name.startswith("blip2-opt-pretrained-v") and (path / "pretraining.json").exists()
     assert resolve_model_path("tiny:blip2-opt-pretrained") == str(path) and len(calls) == 1
@@ -84,17 +95,63 @@ def test_cached_base_is_built_once_and_named_tiny_pretrained(base, tmp_path, mon
         resolve_model_path("tiny:blip3")
 
 
-def test_pretraining_images_are_not_fine_tuning_images(tmp_path):
-    """The embedded default's images (seed 0) never appear among the pre-training images."""
-    from data_tools.synth import make_synthetic
+def test_no_pretraining_scene_shows_a_val_or_test_image_of_an_embedded_default():
+    """The scenes every base pre-trains on (each pre-trainer's default steps x batch) against every val and
+    test image of the recipes' embedded defaults, read from their split files: none has the same objects
+    (all 192,000 of CLIP's), and by the rule of `dedup` and `split` (pHash within 4 bits and colours
+    within tolerance, data_tools.hashing) none is a near duplicate: all 64,000 scenes the BLIP-2, GPT-2
+    and LLaVA bases see, and 8,000 drawn at random from the rest of CLIP's."""
+    import inspect
+    import random
 
-    images, _ = corpus_batch(0, 1000)
-    pre = set()
-    for i, im in enumerate(images):
-        im.save(tmp_path / f"p{i}.png")
-        pre.add(content_hash(tmp_path / f"p{i}.png"))
-    fine = make_synthetic("caption", 1000, tmp_path / "fine", seed=0, progress=False).parent / "images"
-    assert len(pre) == 1000 and not pre & {content_hash(p) for p in fine.glob("*.png")}
+    import numpy as np
+    from PIL import Image
+
+    from data_tools.hashing import colours_match_pairs, colours_of, near_pairs, phash_of
+    from data_tools.jsonl import read_jsonl
+    from data_tools.synth import draw_scene
+    from recipes.clip_retrieval.train import RetrievalArguments
+    from recipes.common.data import embedded_dataset
+    from recipes.llava_instruct.train import STAGE1_SEED_OFFSET
+
+    # The defaults the recipes make (train.py): the list the pre-training avoids must be theirs.
+    assert RetrievalArguments().embedded_images == 5000 and STAGE1_SEED_OFFSET == 1
+    defaults = [("caption", 1000, 0), ("vqa", 1000, 0), ("instruct", 1000, 0), ("caption", 1000, 1),
+                ("retrieval", 5000, 0)]
+    assert set(defaults) == set(tiny_pretrain.HELD_OUT_DEFAULTS)
+    held_out, held = set(), []
+    for task, n, seed in defaults:
+        splits = embedded_dataset(task, n=n, seed=seed)
+        for split in ("val", "test"):
+            for r in read_jsonl(splits[split]):
+                if "objects" in r:
+                    held_out.add(tuple((o["shape"], o["color"], o["size"], o["position"]) for o in r["objects"]))
+                    held.append(Image.open(splits[split].parent / r["image"]).convert("RGB"))
+    counts = {}
+    for name, fn in tiny_pretrain.PRETRAINERS.items():
+        defaults_of = {k: v.default for k, v in inspect.signature(fn).parameters.items()}
+        if "steps" in defaults_of and "batch_size" in defaults_of:
+            counts[name] = defaults_of["steps"] * defaults_of["batch_size"]
+    assert counts["clip"] == 192_000 and max(n for k, n in counts.items() if k != "clip") == 64_000
+    seed = tiny_pretrain.PRETRAIN_SEED
+    scenes = tiny_pretrain.pretraining_scenes(counts["clip"])
+    assert len(set(scenes)) == len(scenes)
+    shown = {tuple((o["shape"], o["color"], o["size"], o["position"]) for o in make_scene(seed, i)) for i in scenes}
+    assert not shown & held_out and len(held_out) > 1000
+
+    checked = scenes[:64_000] + random.Random(0).sample(scenes[64_000:], 8_000)
+    held_hashes = np.array([phash_of(im) for im in held], np.uint64)
+    held_colours = np.frombuffer(b"".join(colours_of(im) for im in held), np.uint8).reshape(len(held), -1)
+    near = 0
+    for start in range(0, len(checked), 8_000):
+        pre = [draw_scene(make_scene(seed, i), seed, i) for i in checked[start:start + 8_000]]
+        hashes = np.concatenate([held_hashes, np.array([phash_of(im) for im in pre], np.uint64)])
+        colours = np.concatenate([held_colours, np.frombuffer(b"".join(colours_of(im) for im in pre),
+                                                              np.uint8).reshape(len(pre), -1)])
+        ii, jj, _ = near_pairs(hashes, 4)
+        ok = colours_match_pairs(colours, ii, jj)
+        near += sum((i < len(held)) != (j < len(held)) for i, j in zip(ii[ok].tolist(), jj[ok].tolist()))
+    assert len(held) > 2000 and near == 0
 
 
 def test_clip_pretraining_learns_and_exports_its_vision_tower(tmp_path):

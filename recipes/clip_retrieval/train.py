@@ -164,7 +164,6 @@ def main(argv=None):
 
     def after_training(results: dict) -> None:
         # WiSE-FT: weight-space interpolation between the base and the fine-tuned model, each alpha evaluated.
-        trainer.save_state()
         if not args.retrieval.wise_ft_alpha:
             return
         trainer.accelerator.wait_for_everyone()  # the saved model is complete on every rank

@@ -120,6 +120,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         score("before", "before")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
+    trainer.save_state()  # trainer_state.json: the log of every step and evaluation
     if evaluates:
         score("after", "final")
         if shuffled_image_check and trainer.generation is not None:

@@ -9,8 +9,11 @@ real models are pre-trained, and reproducibly. Two corpora, neither of them a fi
 1. images with attribute annotations in the style of region annotations (Visual Genome), not
    captions: "top-left: shape circle, colour red, size small; center: shape square, colour blue,
    size large". The images are synthetic shapes scenes from another seed (`PRETRAIN_SEED`), so none
-   is a fine-tuning image, though scenes can look alike, as web images do. A base learns what is in
-   an image and where. Perfect annotations score a CIDEr of 0.20 against the reference captions, so a
+   is a fine-tuning image, and no scene shows an image of the val or test split of any recipe's embedded
+   default (`HELD_OUT_DEFAULTS`, `pretraining_scenes`): not the same objects (shape, colour, size and
+   place of each), and not a near duplicate by the rule of `dedup` and `split`. Held-out numbers are on
+   scenes a base has never seen. A base learns what is
+   in an image and where. Perfect annotations score a CIDEr of 0.20 against the reference captions, so a
    base's held-out CIDEr before fine-tuning stays low;
 2. text alone: the captions, VQA questions and answers and instructions (English and Chinese) that
    `synth` writes for the pre-training scenes, without their images, as a language model first learns
@@ -39,24 +42,113 @@ settings, loss curve, seconds), and loaded with `from_pretrained` like any check
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import inspect
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+from data_tools.files import atomic_write_text
+from data_tools.hashing import COLOUR_TOLERANCE, DEFAULT_NEAR_THRESHOLD, colours_of, phash_of
+from data_tools.jsonl import read_jsonl
 from data_tools.synth import SHAPES, draw_scene, make_scene, scene_texts
 
 from ..cache import build_once, build_outside_process_group, cache_root
 from .models import BUILD_VERSIONS, tiny_model_path
 
 # Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
-PRETRAIN_VERSIONS = {"blip2-opt": 2, "clip": 2, "clip-vision": 2, "gpt2": 1, "llava": 2}
-PRETRAIN_SEED = 10_000  # synth seed of the pre-training images; the embedded fine-tuning data uses 0
+PRETRAIN_VERSIONS = {"blip2-opt": 3, "clip": 3, "clip-vision": 3, "gpt2": 2, "llava": 3}
+PRETRAIN_SEED = 10_000  # synth seed of the pre-training images; the embedded fine-tuning data uses 0 and 1
+# The recipes' embedded defaults, (task, images, seed) as their train.py makes them: llava_instruct's
+# stage 1 captions use seed 1, clip_retrieval has 5,000 images (--embedded_images).
+HELD_OUT_DEFAULTS = (("caption", 1000, 0), ("vqa", 1000, 0), ("instruct", 1000, 0), ("caption", 1000, 1),
+                     ("retrieval", 5000, 0))
+
+
+def scene_signature(objects: list[dict]) -> tuple:
+    """What a scene shows: each object's shape, colour, size and grid position (not its pixel jitter)."""
+    return tuple((o["shape"], o["color"], o["size"], o["position"]) for o in objects)
+
+
+@functools.lru_cache(maxsize=2)
+def held_out_images(root: Path) -> tuple[frozenset, np.ndarray, np.ndarray]:
+    """Every val and test image of the embedded defaults in cache `root` (built on first use): their
+    scene signatures, perceptual hashes and colour grids (`data_tools.hashing`: the rule of `dedup`)."""
+    from ..data import embedded_dataset
+
+    signatures, hashes, colours = set(), [], []
+    for task, n, seed in HELD_OUT_DEFAULTS:
+        splits = embedded_dataset(task, n=n, seed=seed)
+        for split in ("val", "test"):
+            for r in read_jsonl(splits[split]):
+                if "objects" not in r:  # a text-only conversation
+                    continue
+                signatures.add(scene_signature(r["objects"]))
+                with Image.open(splits[split].parent / r["image"]) as im:
+                    rgb = im.convert("RGB")
+                hashes.append(phash_of(rgb))
+                colours.append(colours_of(rgb))
+    return (frozenset(signatures), np.array(hashes, np.uint64),
+            np.frombuffer(b"".join(colours), np.uint8).reshape(len(colours), -1))
+
+
+def _near_held_out(images: list, hashes: np.ndarray, colours: np.ndarray) -> np.ndarray:
+    """For each image, whether it is a near duplicate of a held-out image (pHash within 4 bits and the
+    colour grids within tolerance)."""
+    mine = np.array([phash_of(im) for im in images], np.uint64)
+    near = np.bitwise_count(mine[:, None] ^ hashes[None, :]) <= DEFAULT_NEAR_THRESHOLD
+    out = np.zeros(len(images), bool)
+    for i, j in zip(*np.nonzero(near)):
+        a = np.frombuffer(colours_of(images[i]), np.uint8).astype(np.int16)
+        out[i] |= bool(np.abs(a - colours[j].astype(np.int16)).max() <= COLOUR_TOLERANCE)
+    return out
+
+
+def _scan(count: int, start: int = 0, root: Path | None = None) -> list[int]:
+    """The first `count` scene indices of `PRETRAIN_SEED` from `start` on that show no held-out image: not
+    the same objects, and not a near duplicate (drawn and hashed, 2,048 at a time)."""
+    signatures, hashes, colours = held_out_images(root or cache_root())
+    found: list[int] = []
+    while len(found) < count:
+        batch = [i for i in range(start, start + 2048)
+                 if scene_signature(make_scene(PRETRAIN_SEED, i)) not in signatures]
+        images = [draw_scene(make_scene(PRETRAIN_SEED, i), PRETRAIN_SEED, i) for i in batch]
+        found.extend(i for i, near in zip(batch, _near_held_out(images, hashes, colours)) if not near)
+        start += 2048
+    return found[:count]
+
+
+POOL_SIZE = 192_000  # the most scenes a default pre-training draws: CLIP's 3,000 steps x 64
+POOL_VERSION = 1  # bump when the held-out defaults or the rule change
+
+
+@functools.lru_cache(maxsize=2)
+def _pool(root: Path) -> list[int]:
+    """The first POOL_SIZE pre-training scenes: shipped with the project (`ship_pool`), or found once into
+    the cache."""
+    name = f"pretraining-scenes-v{POOL_VERSION}"
+    folder = shipped_base(name) or root / "tiny" / name
+    build_once(folder, lambda tmp: np.save(tmp / "scenes.npy", np.array(_scan(POOL_SIZE, root=root))),
+               marker="scenes.npy")
+    return np.load(folder / "scenes.npy").tolist()
+
+
+def pretraining_scenes(count: int) -> list[int]:
+    """The first `count` scene indices of `PRETRAIN_SEED` that show no val or test image of an embedded
+    default (`_scan`); the first `POOL_SIZE` are found once and cached."""
+    pool = _pool(cache_root())
+    if count > len(pool):
+        pool = pool + _scan(count - len(pool), start=pool[-1] + 1)
+    return pool[:count]
 
 
 def annotation(objects: list[dict]) -> str:
@@ -71,7 +163,7 @@ def corpus_batch(step: int, batch_size: int, image_size: int = 64) -> tuple[list
     """Images and annotations of batch `step`: a pure function of (step, index), so any step can be
     redrawn."""
     images, texts = [], []
-    for i in range(step * batch_size, (step + 1) * batch_size):
+    for i in pretraining_scenes((step + 1) * batch_size)[step * batch_size:]:
         objects = make_scene(PRETRAIN_SEED, i, image_size)
         images.append(draw_scene(objects, PRETRAIN_SEED, i, image_size))
         texts.append(annotation(objects))
@@ -82,8 +174,8 @@ def text_corpus(n_scenes: int = 2000, seed: int = 0) -> list[str]:
     """Text-only pre-training corpus: what `synth` writes (captions, VQA, instructions; English and
     Chinese) for `n_scenes` pre-training scenes, shuffled. Like the web text a language model is first
     trained on, it holds the words and grammar of the domain, but no image goes with it."""
-    texts = [t for i in range(n_scenes) for task in ("caption", "vqa", "instruct") for lang in ("en", "zh")
-             for t in scene_texts(task, i, lang, PRETRAIN_SEED)]
+    texts = [t for i in pretraining_scenes(n_scenes) for task in ("caption", "vqa", "instruct")
+             for lang in ("en", "zh") for t in scene_texts(task, i, lang, PRETRAIN_SEED)]
     random.Random(seed).shuffle(texts)
     return texts
 
@@ -271,8 +363,8 @@ def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps:
 
     def losses_at(step: int) -> dict:
         images, texts = corpus_batch(step, batch_size)
-        negatives = ([shape_negative(i) for i in range(step * batch_size, (step + 1) * batch_size)]
-                     if hard_negatives else [])
+        scenes = pretraining_scenes((step + 1) * batch_size)[step * batch_size:]
+        negatives = [shape_negative(i) for i in scenes] if hard_negatives else []
         inputs = processor(text=texts + negatives, images=images, padding=True, return_tensors="pt")
         # logits_per_image: images x (texts + negatives), scaled by the temperature
         return {"contrastive_loss": contrastive_loss(model(**inputs).logits_per_image)}
@@ -286,7 +378,8 @@ def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps:
         "base": str(base),
         "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, (image, attribute annotation) pairs",
         "example": corpus_batch(0, 1)[1][0],
-        "hard_negative_example": shape_negative(0) if hard_negatives else None, "steps": steps,
+        "hard_negative_example": shape_negative(pretraining_scenes(1)[0]) if hard_negatives else None,
+        "steps": steps,
         "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay, "seed": seed,
         "seconds": seconds, "loss_curve": curve, "logit_scale": round(model.logit_scale.exp().item(), 2)})
 
@@ -372,19 +465,72 @@ def _version(name: str) -> str:
     return f"v{BUILD_VERSIONS[name]}.{PRETRAIN_VERSIONS[name]}"
 
 
-def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path:
-    """Folder of the pre-trained tiny model `name` (default settings), pre-trained on first use.
+# Bases shipped with the project (exact copies of `pretrained_tiny_path`'s builds, checked by SHA-256), so
+# that every machine fine-tunes the same weights: pre-training is thousands of steps, and CPUs with other
+# vector units (AVX2, AVX-512) round their sums differently, which that many steps turn into other weights.
+SHIPPED = Path(__file__).resolve().parent / "bases"
+
+
+def shipped_base(folder_name: str) -> Path | None:
+    """The shipped copy of a pre-trained base (or of the scene list), after checking every file's SHA-256
+    against MANIFEST.json; None when the project ships none of that name and version."""
+    return _verified(SHIPPED / folder_name)
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(folder: Path) -> Path | None:
+    manifest = folder.parent / "MANIFEST.json"
+    if not folder.is_dir() or not manifest.exists():
+        return None
+    expected = json.loads(manifest.read_text()).get(folder.name) or {}
+    found = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+             for p in sorted(folder.iterdir()) if p.is_file()}
+    if found != expected:
+        bad = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
+        raise ValueError(f"{folder}: {', '.join(bad)} do not match {manifest} (a damaged or edited copy); "
+                         "restore them with git, or delete the folder to pre-train the base again.")
+    return folder
+
+
+def ship(name: str) -> Path:
+    """Copy the cache's pre-trained base `name` (or "scenes": the pre-training scenes) into SHIPPED, its
+    files' SHA-256 into MANIFEST.json."""
+    if name == "scenes":
+        _pool(cache_root())
+        source = cache_root() / "tiny" / f"pretraining-scenes-v{POOL_VERSION}"
+    else:
+        source = pretrained_tiny_path(name, shipped=False)
+    target = SHIPPED / source.name
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(source, target)
+    manifest_path = SHIPPED / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest = {k: v for k, v in manifest.items() if k.rsplit("-v", 1)[0] != source.name.rsplit("-v", 1)[0]}
+    manifest[target.name] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                             for p in sorted(target.iterdir()) if p.is_file()}
+    atomic_write_text(manifest_path, json.dumps(dict(sorted(manifest.items())), indent=2) + "\n")
+    _verified.cache_clear()
+    return target
+
+
+def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None, *, shipped: bool = True) -> Path:
+    """Folder of the pre-trained tiny model `name` (default settings): the project's shipped copy, or the
+    cache's, pre-trained on first use.
 
     What it starts from (STARTS_FROM) is built first, also on first use. Concurrent callers (the ranks
     of a DDP launch) wait for one build instead of each pre-training.
     """
     if name not in PRETRAINERS:
         raise ValueError(f"no pre-training for tiny model {name!r}; expected one of {sorted(PRETRAINERS)}")
+    folder_name = f"{name}-pretrained-{_version(name)}"
+    if shipped and (copy := shipped_base(folder_name)) is not None:
+        return copy
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    final = root / "tiny" / f"{name}-pretrained-{_version(name)}"
+    final = root / "tiny" / folder_name
 
     def build(tmp: Path) -> None:
-        starts = {arg: (pretrained_tiny_path(dep[: -len("-pretrained")], cache_dir)
+        starts = {arg: (pretrained_tiny_path(dep[: -len("-pretrained")], cache_dir, shipped=shipped)
                         if dep.endswith("-pretrained") else tiny_model_path(dep, cache_dir))
                   for arg, dep in STARTS_FROM[name].items()}
         print(f"pre-training the tiny {name} base into {final} (once; a few minutes on 2 CPU cores) ...",
@@ -398,14 +544,23 @@ def pretrained_tiny_path(name: str, cache_dir: str | Path | None = None) -> Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m recipes.common.tiny.pretrain",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=sorted(PRETRAINERS))
+    p.add_argument("name", choices=[*sorted(PRETRAINERS), "scenes"],
+                   help="a base, or 'scenes' (with --ship: the list of pre-training scenes)")
     p.add_argument("--out", help="pre-train into this folder (default: the cache, where recipes find it)")
+    p.add_argument("--ship", action="store_true",
+                   help="pre-train into the cache (if not there), then copy it into "
+                        "recipes/common/tiny/bases with its SHA-256 sums: the base every clone then uses")
     for key, kind in (("steps", int), ("text_steps", int), ("text_weight", float), ("text_batch_size", int),
                       ("batch_size", int), ("lr", float), ("warmup", int), ("weight_decay", float),
                       ("seed", int)):
         p.add_argument(f"--{key}", type=kind, help="default: the pre-trainer's own")
     args = p.parse_args(argv)
-    settings = {k: v for k, v in vars(args).items() if k not in ("name", "out") and v is not None}
+    if args.name == "scenes":
+        if not args.ship:
+            p.error("scenes goes with --ship")
+        print(ship("scenes"))
+        return 0
+    settings = {k: v for k, v in vars(args).items() if k not in ("name", "out", "ship") and v is not None}
     known = inspect.signature(PRETRAINERS[args.name]).parameters
     if unknown := [k for k in settings if k not in known]:
         p.error(f"{args.name} takes no --{' --'.join(unknown)}")
@@ -413,6 +568,8 @@ def main(argv: list[str] | None = None) -> int:
         path = PRETRAINERS[args.name](args.out, **settings)
     elif settings:
         p.error("non-default settings need --out: the cache holds the default pre-training only")
+    elif args.ship:
+        path = ship(args.name)
     else:
         path = pretrained_tiny_path(args.name)
     print(path)

@@ -28,6 +28,7 @@ import glob
 import os
 import re
 import sys
+import tempfile
 import unicodedata
 
 from .inputs import check_same_keys
@@ -126,24 +127,43 @@ def spice_available() -> tuple[bool, str]:
     return True, ""
 
 
+# What pycocoevalcap's Java tokenizer writes to stderr on every call: progress, not a problem.
+_CHATTER = re.compile(r"^PTBTokenizer tokenized \d+ tokens at [\d.]+ tokens per second\.$")
+
+
 @contextlib.contextmanager
-def _stdout_to_stderr():
-    """Send everything written to stdout (Python prints and Java child processes alike) to stderr."""
+def _quiet_pycocoevalcap():
+    """Drop pycocoevalcap's chatter: all it writes to stdout (Python prints and its Java child processes
+    alike: the tokenizer's progress, BLEU's length ratios) and the tokenizer's progress line on stderr,
+    which would bury a caller's own output. Anything else on stderr is passed on."""
     sys.stdout.flush()
+    sys.stderr.flush()
     try:
-        saved = os.dup(1)
-    except OSError:  # no file descriptor 1 (some daemons): only Python-level output can be moved
+        saved = os.dup(1), os.dup(2)
+    except OSError:  # no file descriptors 1 and 2 (some daemons): only Python-level output can be moved
         saved = None
+    devnull = open(os.devnull, "w")
+    err = tempfile.TemporaryFile("w+")
     try:
         if saved is not None:
-            os.dup2(2, 1)
-        with contextlib.redirect_stdout(sys.stderr):
+            os.dup2(devnull.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+        with contextlib.redirect_stdout(devnull):
             yield
     finally:
         sys.stdout.flush()
+        sys.stderr.flush()
         if saved is not None:
-            os.dup2(saved, 1)
-            os.close(saved)
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+        err.seek(0)
+        kept = [line for line in err.read().splitlines() if not _CHATTER.match(line.strip())]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)
+        devnull.close()
+        err.close()
 
 
 def _tokenize(predictions: dict, references: dict, keys: list, lang: str) -> tuple[dict, dict]:
@@ -215,7 +235,7 @@ def caption_metrics(predictions: dict, references: dict, lang: str = "en", metri
 
     keys = list(references)
     result, per_key = {}, {k: {} for k in keys}
-    with _stdout_to_stderr():
+    with _quiet_pycocoevalcap():
         gts, res = _tokenize(predictions, references, keys, lang)
         for name in metrics:
             scorer = _scorer(name)

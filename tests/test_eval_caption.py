@@ -136,6 +136,8 @@ def test_cli_coco_files_json(direct):
                 "--coco-results", GOLDEN / "coco_results.json", "--metrics", "Bleu", "ROUGE_L", "CIDEr", "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # exactly one JSON object, no progress text
+    # pycocoevalcap's chatter (the tokenizer's progress, BLEU's length ratios) is dropped, not moved to stderr.
+    assert "testlen" not in proc.stderr and "ratio" not in proc.stderr and "tokeniz" not in proc.stderr.lower()
     assert set(result) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
     for name, value in result.items():
         assert value == pytest.approx(expected[name], rel=1e-12)

@@ -109,10 +109,9 @@ def _decode_reason(e: Exception) -> str:
     return TRUNCATED_IMAGE if "truncated" in text or "broken data stream" in text else UNREADABLE_IMAGE
 
 
-def load_image(
-    path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
-) -> Image.Image:
-    """Open an image file as RGB with its EXIF orientation applied. Raises `DataError` naming the file."""
+def _open_checked(path: str | os.PathLike, max_pixels: int, min_side: int) -> tuple[Path, int, Image.Image]:
+    """(path, file size, opened image) after the checks every image gets before its pixels are decoded:
+    a file name, an existing non-empty file, a known format, a size within the limits."""
     if "\x00" in str(path):
         raise DataError(BAD_VALUE, f"{str(path)!r} holds a NUL character, which no file name can",
                         field="image")
@@ -129,16 +128,24 @@ def load_image(
         im = Image.open(path)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(_decode_reason(e), f"not a readable image: {e}", path=path, field="image") from e
+    w, h = im.size
+    if w * h > max_pixels:
+        im.close()
+        raise DataError(IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h:,} pixels, above the limit of "
+                        f"{max_pixels:,}", path=path, field="image")
+    if min(w, h) < min_side:
+        im.close()
+        raise DataError(IMAGE_TOO_SMALL, f"image is {w}x{h}, a side is below {min_side} px", path=path,
+                        field="image")
+    return path, size, im
+
+
+def load_image(
+    path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_side: int = MIN_SIDE
+) -> Image.Image:
+    """Open an image file as RGB with its EXIF orientation applied. Raises `DataError` naming the file."""
+    path, _, im = _open_checked(path, max_pixels, min_side)
     with im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise DataError(
-                IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}",
-                path=path, field="image"
-            )
-        if min(w, h) < min_side:
-            raise DataError(IMAGE_TOO_SMALL, f"image is {w}x{h}, a side is below {min_side} px", path=path,
-                            field="image")
         try:
             im.load()
             rgb = _to_rgb(ImageOps.exif_transpose(im))
@@ -175,26 +182,9 @@ def check_image(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, min_si
     empty, its header names a known format and a size within the limits, and (JPEG, PNG, WebP, GIF, BMP)
     its last bytes are those of a whole file, so a cut-off download is caught. Decodes no pixels: `load_image`
     does. Raises `DataError` naming the file, as `load_image` does."""
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise DataError(MISSING_IMAGE, "image file does not exist", path=path, field="image") from None
-    except OSError as e:
-        raise DataError(UNREADABLE_IMAGE, f"cannot stat image file: {e}", path=path, field="image") from e
-    if size == 0:
-        raise DataError(EMPTY_IMAGE_FILE, "image file is empty (0 bytes)", path=path, field="image")
-    try:
-        with Image.open(path) as im:
-            (w, h), fmt = im.size, im.format
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise DataError(_decode_reason(e), f"not a readable image: {e}", path=path, field="image") from e
-    if w * h > max_pixels:
-        raise DataError(IMAGE_TOO_LARGE, f"image is {w}x{h} = {w * h:,} pixels, above the limit of "
-                        f"{max_pixels:,}", path=path, field="image")
-    if min(w, h) < min_side:
-        raise DataError(IMAGE_TOO_SMALL, f"image is {w}x{h}, a side is below {min_side} px", path=path,
-                        field="image")
+    path, size, im = _open_checked(path, max_pixels, min_side)
+    with im:
+        fmt = im.format
     if not _complete(path, fmt, size):
         raise DataError(TRUNCATED_IMAGE, f"the {fmt} file ends before its end marker (cut off?)", path=path,
                         field="image")

@@ -99,3 +99,22 @@ def test_image_root_is_a_guard_too(tmp_path):
     with pytest.raises(BadRowsError) as e:
         load_records(tmp_path / "data" / "up.jsonl", "caption", image_root=tmp_path / "images" / "sub")
     assert "path_outside_root" in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "GIF", "BMP"])
+def test_check_image_finds_a_cut_off_file_without_decoding_it(tmp_path, fmt):
+    import numpy as np
+
+    from data_tools.images import check_image
+
+    path = tmp_path / f"a.{fmt.lower()}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, fmt)
+    check_image(path)  # whole: no error
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError) as e:
+        check_image(path)
+    assert e.value.reason in ("truncated_image", "unreadable_image") and str(path) in str(e.value)
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match="empty"):
+        check_image(path)

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import PATH_OUTSIDE_ROOT, DataError
-from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming, hash_images, image_groups
+from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
 from .images import resolve_image_path
 from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
 from .jsonl import JsonlWriter, iter_jsonl
@@ -57,64 +57,10 @@ def image_field(record: dict) -> str | None:
     return None if key is None else record[key]
 
 
-def read_rows(path: str | os.PathLike, task: str | None = None) -> list[tuple[int, dict]]:
-    """Read a clean JSONL file as (line number, record); with a task, records are normalised. Raises on a bad row."""
-    rows = []
-    for line, row, _ in iter_jsonl(path):
-        if isinstance(row, DataError):
-            raise _clean_first(row)
-        if task is not None:
-            try:
-                row = normalize_record(row, task)
-            except DataError as e:
-                raise _clean_first(e.at(path=path, line=line)) from None
-        rows.append((line, row))
-    return rows
-
-
 def _clean_first(e: DataError) -> DataError:
     if CLEAN_FIRST not in e.message:
         e.message += f" ({CLEAN_FIRST})"
     return e.at()
-
-
-def resolve_images(rows: list[tuple[int, dict]], root: Path, path, *, allow_outside_root: bool = False) -> list[Path | None]:
-    """Absolute image path of each row (None for a row without image), errors naming file and line."""
-    out = []
-    for line, record in rows:
-        image = image_field(record)
-        try:
-            out.append(None if image is None else resolve_image_path(image, root, allow_outside_root=allow_outside_root))
-        except DataError as e:
-            raise e.at(path=path, line=line) from None
-    return out
-
-
-def hash_rows(images: list[Path | None], near_threshold: int | None, *, progress: bool = True, rows=None, path=None):
-    """Hash the distinct images of the rows; return (hash per row, image group id per row, both None without image).
-
-    A group id is the index of the group's first row, so rows of one image or of near-duplicate images share it.
-    Given the rows (line, record) and their file, an image that fails to load is reported with the first line using it.
-    """
-    try:
-        by_path = hash_images([p for p in images if p is not None], progress=progress)
-    except DataError as e:
-        if rows is not None and e.path is not None and Path(e.path) in images:
-            e.message += f"; first used at {path}:{rows[images.index(Path(e.path))][0]}"
-            e.at()
-        raise
-    paths = list(by_path)
-    groups, _ = image_groups([by_path[p] for p in paths], near_threshold)
-    # Image-level group ids -> the first row that shows any image of the group.
-    first_row_of_group: dict[int, int] = {}
-    index_of = {p: i for i, p in enumerate(paths)}
-    row_groups: list[int | None] = []
-    for row, p in enumerate(images):
-        if p is None:
-            row_groups.append(None)
-            continue
-        row_groups.append(first_row_of_group.setdefault(groups[index_of[p]], row))
-    return [None if p is None else by_path[p] for p in images], row_groups
 
 
 def _text_key(record: dict, task: str):
@@ -258,7 +204,7 @@ def dedup_records(
     lines: list[int] | None = None,
     images: list[str | None] | None = None,
 ) -> tuple[list[dict], list[dict]]:
-    """Deduplicate canonical records given each row's image hash and image group (see `hash_rows`).
+    """Deduplicate canonical records given each row's image hash and image group (see `group_rows`).
 
     Returns (output records, report entries). Report entries name input line numbers (`lines`, default
     1..n) and images as written (`images`, default each record's "image").

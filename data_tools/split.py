@@ -49,7 +49,7 @@ def assign_groups(group_sizes: list[int], ratios: list[float], seed: int) -> lis
 
 
 def split_records(groups: list[int | None], ratios: list[float], seed: int) -> list[int]:
-    """Split index for each row, given each row's image group id (None: a group of its own; see `dedup.hash_rows`)."""
+    """Split index for each row, given each row's image group id (None: a group of its own; see `dedup.group_rows`)."""
     group_of_row = [g if g is not None else ("row", i) for i, g in enumerate(groups)]
     ids = list(dict.fromkeys(group_of_row))  # first-appearance order, so the result depends only on the input
     index = {g: k for k, g in enumerate(ids)}

@@ -1,4 +1,5 @@
-"""`python -m data_tools <command> ...`: validate, clean, dedup, split, check-leakage, convert, hash, synth."""
+"""`python -m data_tools <command> ...`: validate, clean, dedup, split, check-leakage, convert, hash, \
+synth."""
 
 import importlib
 import sys

@@ -1,6 +1,8 @@
-"""Remove exact duplicates and merge rows of the same or near-duplicate images, with a report row for every change.
+"""Remove exact duplicates and merge rows of the same or near-duplicate images, with a report row for \
+every change.
 
-    python -m data_tools dedup --task caption data/clean.jsonl --out data/dedup.jsonl --report data/dedup_report.jsonl
+    python -m data_tools dedup --task caption data/clean.jsonl --out data/dedup.jsonl \
+--report data/dedup_report.jsonl
 
 What happens, by task:
 - every task: a row with the same image content (`hashing.content_hash`) and the same normalised text as
@@ -47,7 +49,8 @@ _END_PUNCTUATION = string.punctuation + string.whitespace
 
 
 def normalize_text(text: str) -> str:
-    """Lowercase, collapse whitespace, strip punctuation at both ends: "A dog. " and "a  dog" compare equal."""
+    """Lowercase, collapse whitespace, strip punctuation at both ends:
+    "A dog. " and "a  dog" compare equal."""
     return " ".join(text.lower().split()).strip(_END_PUNCTUATION)
 
 
@@ -66,7 +69,8 @@ def _clean_first(e: DataError) -> DataError:
 def _text_key(record: dict, task: str):
     if task in ("caption", "retrieval"):
         # Negatives count too, so that a row with other negatives is merged (negatives kept), not dropped.
-        return tuple(normalize_text(c) for c in record["captions"]), tuple(normalize_text(c) for c in record.get("neg_captions", []))
+        return (tuple(normalize_text(c) for c in record["captions"]),
+                tuple(normalize_text(c) for c in record.get("neg_captions", [])))
     if task == "vqa":
         # Annotator order carries no meaning, so answers compare as a multiset.
         return normalize_text(record["question"]), tuple(sorted(normalize_text(a) for a in record["answers"]))
@@ -234,7 +238,8 @@ def dedup_records(
 
 
 def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_root: bool = False) -> dict:
-    """Rewrite the record's image path, relative to src_root, to be relative to dst_root (where it is written)."""
+    """Rewrite the record's image path, relative to src_root, to be relative to dst_root (where it is
+    written)."""
     src_root, dst_root = Path(src_root).resolve(), Path(dst_root).resolve()
     key = next((k for k in IMAGE_ALIASES if isinstance(record.get(k), str)), None)
     if src_root == dst_root or key is None:
@@ -244,9 +249,9 @@ def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_
     if relative.split(os.sep)[0] == ".." and not allow_outside_root:
         raise DataError(
             PATH_OUTSIDE_ROOT,
-            f"image {record[key]!r} would be outside the output folder {dst_root}, and image paths are relative "
-            f"to the JSONL file: write the output next to the input ({src_root}) or to a folder that contains the images "
-            "(or pass --allow-outside-root)",
+            f"image {record[key]!r} would be outside the output folder {dst_root}, and image paths are "
+            f"relative to the JSONL file: write the output next to the input ({src_root}) or to a folder "
+            "that contains the images (or pass --allow-outside-root)",
             field=key,
         )
     return {**record, key: Path(relative).as_posix()}
@@ -436,16 +441,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--out", required=True, help="output JSONL file")
     parser.add_argument("--report", help="JSONL file with one row per dropped, merged or grouped row")
-    parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD, help="max pHash Hamming distance of near duplicates (default %(default)s)")
-    parser.add_argument("--no-near", action="store_true", help="only identical images count as the same image")
-    parser.add_argument("--allow-outside-root", action="store_true", help="allow image paths outside the JSONL file's folder")
+    parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD,
+                        help="max pHash Hamming distance of near duplicates (default %(default)s)")
+    parser.add_argument("--no-near", action="store_true",
+                        help="only identical images count as the same image")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="allow image paths outside the JSONL file's folder")
     add_hash_arguments(parser)
     args = parser.parse_args(argv)
     try:
         hasher = hasher_from_args(args, args.input)
         n_in, n_out, report = dedup_file(
             args.input, args.out, args.task, report_path=args.report,
-            near_threshold=None if args.no_near else args.near_threshold, allow_outside_root=args.allow_outside_root,
+            near_threshold=None if args.no_near else args.near_threshold,
+            allow_outside_root=args.allow_outside_root,
             hasher=hasher, keep_report=False,
         )
     except DataError as e:

@@ -177,7 +177,8 @@ def hash_image_fast(path: str | os.PathLike) -> FastHash:
 
 
 def content_hash(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of an image's size and decoded RGB pixels: same picture, same hash, whatever the file format details."""
+    """Hex SHA-256 of an image's size and decoded RGB pixels: same picture, same hash, whatever the
+    file format details."""
     return hash_image(path).content
 
 
@@ -186,10 +187,12 @@ def phash(path: str | os.PathLike) -> int:
     return hash_image(path).phash
 
 
-def hash_images(paths: Iterable[str | os.PathLike], *, progress: bool = True, desc: str = "hashing images") -> dict[Path, ImageHash]:
+def hash_images(paths: Iterable[str | os.PathLike], *, progress: bool = True,
+                desc: str = "hashing images") -> dict[Path, ImageHash]:
     """Hash each distinct file once (many rows may share an image, as in VQA); return {path: ImageHash}."""
     unique = list(dict.fromkeys(Path(p) for p in paths))
-    return {p: hash_image(p) for p in tqdm(unique, desc=desc, unit="img", disable=not progress or len(unique) < 100)}
+    return {p: hash_image(p)
+            for p in tqdm(unique, desc=desc, unit="img", disable=not progress or len(unique) < 100)}
 
 
 def hamming(a: int, b: int) -> int:
@@ -202,7 +205,8 @@ def hamming(a: int, b: int) -> int:
 MIH_MAX_THRESHOLD = 7
 
 
-def near_pairs(hashes, threshold: int = DEFAULT_NEAR_THRESHOLD, *, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_pairs(hashes, threshold: int = DEFAULT_NEAR_THRESHOLD, *,
+               chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """All pairs i < j with Hamming(hashes[i], hashes[j]) <= threshold: arrays (i, j, distance), by (i, j).
 
     Exact, and below O(n^2) for thresholds up to `MIH_MAX_THRESHOLD` (see `near_pairs_mih`); above it, and
@@ -337,7 +341,8 @@ def group_ids(n: int, i, j) -> np.ndarray:
 
 
 def union_find_groups(n: int, pairs: Iterable[tuple[int, int]]) -> list[int]:
-    """Connected components of n items joined by pairs: returns each item's group id, the smallest index in its group."""
+    """Connected components of n items joined by pairs: returns each item's group id, the smallest
+    index in its group."""
     parent = list(range(n))
 
     def root(x: int) -> int:
@@ -354,7 +359,9 @@ def union_find_groups(n: int, pairs: Iterable[tuple[int, int]]) -> list[int]:
     return [root(x) for x in range(n)]
 
 
-def image_groups(hashes: list[ImageHash], threshold: int | None = DEFAULT_NEAR_THRESHOLD) -> tuple[list[int], list[tuple[int, int, int]]]:
+def image_groups(
+    hashes: list[ImageHash], threshold: int | None = DEFAULT_NEAR_THRESHOLD,
+) -> tuple[list[int], list[tuple[int, int, int]]]:
     """Group images that are identical or near duplicates (chains join: a~b and b~c put a, b, c together).
 
     Returns (group id per image = index of the group's first image, near pairs (i, j, distance) that

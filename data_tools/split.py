@@ -1,4 +1,5 @@
-"""Split a data set by image, so that no image (or near duplicate of one) is in two splits; and check for leakage.
+"""Split a data set by image, so that no image (or near duplicate of one) is in two splits; and check \
+for leakage.
 
     python -m data_tools split data/dedup.jsonl --out-dir data --ratios 0.8,0.1,0.1 --seed 0
     python -m data_tools check-leakage data/train.jsonl data/val.jsonl data/test.jsonl
@@ -49,7 +50,8 @@ def assign_groups(group_sizes: list[int], ratios: list[float], seed: int) -> lis
 
 
 def split_records(groups: list[int | None], ratios: list[float], seed: int) -> list[int]:
-    """Split index for each row, given each row's image group id (None: a group of its own; see `dedup.group_rows`)."""
+    """Split index for each row, given each row's image group id (None: a group of its own; see
+    `dedup.group_rows`)."""
     group_of_row = [g if g is not None else ("row", i) for i, g in enumerate(groups)]
     ids = list(dict.fromkeys(group_of_row))  # first-appearance order, so the result depends only on the input
     index = {g: k for k, g in enumerate(ids)}
@@ -183,27 +185,34 @@ def _ratios(text: str) -> list[float]:
     try:
         ratios = [float(x) for x in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 0.8,0.1,0.1, got {text!r}") from None
+        raise argparse.ArgumentTypeError("expected comma-separated numbers such as 0.8,0.1,0.1, "
+                                         f"got {text!r}") from None
     if any(r < 0 for r in ratios) or sum(ratios) <= 0:
         raise argparse.ArgumentTypeError(f"ratios must be non-negative with a positive sum, got {text!r}")
     return ratios
 
 
 def _near_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD, help="max pHash Hamming distance of near duplicates (default %(default)s)")
-    parser.add_argument("--no-near", action="store_true", help="only identical images count as the same image")
-    parser.add_argument("--allow-outside-root", action="store_true", help="allow image paths outside the JSONL file's folder")
+    parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD,
+                        help="max pHash Hamming distance of near duplicates (default %(default)s)")
+    parser.add_argument("--no-near", action="store_true",
+                        help="only identical images count as the same image")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="allow image paths outside the JSONL file's folder")
     add_hash_arguments(parser)
 
 
 def main_split(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools split", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", metavar="IN", help="clean (ideally deduplicated) JSONL file")
-    parser.add_argument("--out-dir", required=True, help="folder for <name>.jsonl per split; it must contain the images")
-    parser.add_argument("--ratios", type=_ratios, default=[0.8, 0.1, 0.1], help="row shares, normalised to sum 1 (default 0.8,0.1,0.1)")
+    parser.add_argument("--out-dir", required=True,
+                        help="folder for <name>.jsonl per split; it must contain the images")
+    parser.add_argument("--ratios", type=_ratios, default=[0.8, 0.1, 0.1],
+                        help="row shares, normalised to sum 1 (default 0.8,0.1,0.1)")
     parser.add_argument("--names", help="comma-separated split names (default train,val,test)")
     parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--task", choices=TASKS, help="validate rows against this task's schema and write them canonical")
+    parser.add_argument("--task", choices=TASKS,
+                        help="validate rows against this task's schema and write them canonical")
     _near_arguments(parser)
     args = parser.parse_args(argv)
     names = args.names.split(",") if args.names else None
@@ -214,7 +223,8 @@ def main_split(argv: list[str] | None = None) -> int:
     try:
         counts = split_file(
             args.input, args.out_dir, args.ratios, seed=args.seed, names=names, task=args.task,
-            near_threshold=None if args.no_near else args.near_threshold, allow_outside_root=args.allow_outside_root,
+            near_threshold=None if args.no_near else args.near_threshold,
+            allow_outside_root=args.allow_outside_root,
             hasher=hasher_from_args(args, args.input),
         )
     except (DataError, ValueError) as e:
@@ -223,7 +233,8 @@ def main_split(argv: list[str] | None = None) -> int:
     total = sum(rows for rows, _ in counts.values())
     for name, (rows, images) in counts.items():
         share = rows / total if total else 0.0
-        print(f"{name}: {rows} rows ({share:.1%}), {images} images -> {Path(args.out_dir) / (name + '.jsonl')}")
+        print(f"{name}: {rows} rows ({share:.1%}), {images} images "
+              f"-> {Path(args.out_dir) / (name + '.jsonl')}")
         if rows == 0:
             print(f"warning: split {name!r} is empty", file=sys.stderr)
     return 0
@@ -232,7 +243,8 @@ def main_split(argv: list[str] | None = None) -> int:
 def main_check_leakage(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_tools check-leakage",
-        description="Exit 1 when an image, or a near duplicate of it, appears in two of the files; 0 otherwise.",
+        description="Exit 1 when an image, or a near duplicate of it, appears in two of the files; "
+                    "0 otherwise.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="two or more JSONL files (splits)")
     _near_arguments(parser)
@@ -252,7 +264,9 @@ def main_check_leakage(argv: list[str] | None = None) -> int:
         return 0
     for e in leaks:
         kind = "identical" if e["exact"] else f"near duplicate, hamming {e['hamming']}"
-        print(f"{e['file_a']}:{e['line_a']} <-> {e['file_b']}:{e['line_b']}  {e['image_a']} <-> {e['image_b']}  ({kind})")
+        print(f"{e['file_a']}:{e['line_a']} <-> {e['file_b']}:{e['line_b']}  "
+              f"{e['image_a']} <-> {e['image_b']}  ({kind})")
     n_exact = sum(e["exact"] for e in leaks)
-    print(f"LEAKAGE: {len(leaks)} image pairs in two files ({n_exact} identical, {len(leaks) - n_exact} near duplicates)")
+    print(f"LEAKAGE: {len(leaks)} image pairs in two files "
+          f"({n_exact} identical, {len(leaks) - n_exact} near duplicates)")
     return 1

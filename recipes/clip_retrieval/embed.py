@@ -18,12 +18,13 @@ import numpy as np
 import torch
 from transformers import AutoProcessor
 
-from recipes.common.data import load_records
-from recipes.common.models import resolve_model_path
-
+from data_tools.files import atomic_write, atomic_write_text
 from recipes.clip_retrieval.collator import ContrastiveCollator, TextLengthReport, tokenize_texts
 from recipes.clip_retrieval.merge import load_clip
 from recipes.clip_retrieval.trainer import embed_images, embed_texts
+from recipes.common.data import load_records
+from recipes.common.models import resolve_model_path
+from recipes.common.run import run_main
 
 
 def load(model: str, device: str = "cpu"):
@@ -52,27 +53,33 @@ def main(argv=None) -> int:
     p.add_argument("--file", required=True, help="JSONL of retrieval or caption records")
     p.add_argument("--out", required=True, help="folder for images.npy, texts.npy and index.json")
     p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--image_root", default=None,
+                   help="folder the file's image paths are relative to (default: the file's own folder)")
     p.add_argument("--skip_bad_rows", action="store_true",
-                   help="skip invalid rows (written to FILE.rejects.jsonl) instead of stopping")
+                   help="skip invalid rows and images (written to OUT/rejects.jsonl) instead of stopping")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    records = load_records(args.file, "retrieval", skip_bad_rows=args.skip_bad_rows)
+    records = load_records(args.file, "retrieval", image_root=args.image_root,
+                           skip_bad_rows=args.skip_bad_rows, rejects_path=Path(args.out) / "rejects.jsonl")
     clip, processor, collator = load(args.model, device)
     texts = [t for caps in records["captions"] for t in caps]
     text_to_image = [i for i, caps in enumerate(records["captions"]) for _ in caps]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
-        np.save(out / "images.npy",
-                embed_images(clip, collator, list(records["image"]), args.batch_size, device, progress=True))
-        np.save(out / "texts.npy",
-                encode_texts(clip, processor, collator, texts, args.batch_size, device, progress=True))
+        arrays = {"images.npy": embed_images(clip, collator, list(records["image"]), args.batch_size, device,
+                                             progress=True),
+                  "texts.npy": encode_texts(clip, processor, collator, texts, args.batch_size, device,
+                                            progress=True)}
+    for name, array in arrays.items():
+        with atomic_write(out / name, "wb") as f:
+            np.save(f, array)
     index = {"model": args.model, "file": str(args.file), "images": list(records["image"]), "texts": texts,
              "text_to_image": text_to_image}
-    (out / "index.json").write_text(json.dumps(index, ensure_ascii=False, indent=1), encoding="utf-8")
+    atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     print(f"{len(records)} images and {len(texts)} captions embedded into {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)  # a bad file, path or option: its message, exit code 2

@@ -183,6 +183,7 @@ def main(argv=None):
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=args.data.lang, model=model_path,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
+        image_root=args.data.image_root,
         zero_shot_file=args.retrieval.zero_shot_file,
         zero_shot_labels=zero_shot.labels if zero_shot else None,
     ), test=test_dataset, after_training=after_training)

@@ -130,6 +130,8 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if after_training is not None:
         after_training(results)
     if trainer.is_world_process_zero():
+        if metadata.get("image_root"):  # absolute, so that `make eval` finds the images from any folder
+            metadata = {**metadata, "image_root": str(Path(metadata["image_root"]).resolve())}
         heldout = "test" if test is not None else "val"
         results.update(metadata, heldout=heldout,
                        heldout_file=metadata.get("test_file" if test is not None else "eval_file"),

@@ -20,6 +20,9 @@ What happens, by task:
 Near duplicates chain (a~b, b~c makes one group); the reported "hamming" is the distance to the kept
 row's image, which a chain can make larger than the threshold.
 
+Image paths are relative to the image root, `--image-root` (default: the input's folder). With
+`--image-root` the output keeps them as they are; without it they are rewritten relative to --out's folder.
+
 Input must be clean (`python -m data_tools clean`): a bad row or image stops the run with its file and line.
 """
 
@@ -237,6 +240,17 @@ def dedup_records(
     return [r for r in out if r is not None], report
 
 
+def _outside_output(image: str, src_root: Path, dst_root: Path) -> DataError:
+    return DataError(
+        PATH_OUTSIDE_ROOT,
+        f"image {image!r} would be outside the output folder {dst_root}, to which the output's image paths "
+        f"would be rewritten: write the output next to the input ({src_root}) or to a folder that contains "
+        f"the images, or pass --image-root {src_root} to keep the paths as they are (and give the output's "
+        "readers the same --image-root), or --allow-outside-root",
+        field="image",
+    )
+
+
 def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_root: bool = False) -> dict:
     """Rewrite the record's image path, relative to src_root, to be relative to dst_root (where it is
     written)."""
@@ -247,14 +261,15 @@ def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_
     absolute = resolve_image_path(record[key], src_root, allow_outside_root=allow_outside_root)
     relative = os.path.relpath(absolute, dst_root)
     if relative.split(os.sep)[0] == ".." and not allow_outside_root:
-        raise DataError(
-            PATH_OUTSIDE_ROOT,
-            f"image {record[key]!r} would be outside the output folder {dst_root}, and image paths are "
-            f"relative to the JSONL file: write the output next to the input ({src_root}) or to a folder "
-            "that contains the images (or pass --allow-outside-root)",
-            field=key,
-        )
+        e = _outside_output(record[key], src_root, dst_root)
+        e.field = key
+        raise e
     return {**record, key: Path(relative).as_posix()}
+
+
+def _image_root(path: Path, image_root) -> Path:
+    """The folder a file's image paths are relative to: `image_root`, by default the file's own folder."""
+    return Path(image_root if image_root is not None else path.parent).resolve()
 
 
 class _Resolver:
@@ -284,15 +299,16 @@ class _Resolver:
         return full
 
 
-def iter_images(path: str | os.PathLike, task: str | None = None, *, allow_outside_root: bool = False,
+def iter_images(path: str | os.PathLike, task: str | None = None, *,
+                image_root: str | os.PathLike | None = None, allow_outside_root: bool = False,
                 resolve: bool = True):
     """Stream a clean JSONL file as (line, record, absolute image path or None), normalised for a task.
 
-    With `resolve=False` the image path is not resolved (None). Raises a `DataError` naming the file and
-    line at the first bad row.
+    Image paths resolve against `image_root` (default: the file's folder). With `resolve=False` the image
+    path is not resolved (None). Raises a `DataError` naming the file and line at the first bad row.
     """
     path = Path(path)
-    resolver = _Resolver(path.parent.resolve(), allow_outside_root)
+    resolver = _Resolver(_image_root(path, image_root), allow_outside_root)
     for line, row, _ in iter_jsonl(path):
         if isinstance(row, DataError):
             raise _clean_first(row)
@@ -322,13 +338,24 @@ class ScannedRows:
 
 
 def scan_rows(
-    path, task: str | None = None, *, digests: bool = False, allow_outside_root: bool = False
+    path, task: str | None = None, *, digests: bool = False, image_root: str | os.PathLike | None = None,
+    allow_outside_root: bool = False, out_folder: str | os.PathLike | None = None,
 ) -> ScannedRows:
-    """First pass over a JSONL file: see `ScannedRows`."""
+    """First pass over a JSONL file: see `ScannedRows`. Image paths resolve against `image_root` (default:
+    the file's folder).
+
+    With `out_folder` (where the rows will be written with paths rewritten relative to it, see
+    `rebase_image`), an image outside it stops the scan, before any hashing, unless `allow_outside_root`.
+    """
+    path = Path(path)
+    src = _image_root(path, image_root)
+    dst = Path(out_folder).resolve() if out_folder is not None else None
+    check_out = dst is not None and dst != src and not allow_outside_root
     lines, image, digest = array("q"), array("q"), bytearray()
     index: dict[str, int] = {}
     first_line: list[int] = []
-    for line, record, resolved in iter_images(path, task, allow_outside_root=allow_outside_root):
+    for line, record, resolved in iter_images(path, task, image_root=image_root,
+                                              allow_outside_root=allow_outside_root):
         lines.append(line)
         if resolved is None:
             image.append(-1)
@@ -337,6 +364,8 @@ def scan_rows(
             k = index.setdefault(key, len(index))
             if k == len(first_line):
                 first_line.append(line)
+                if check_out and os.path.relpath(key, dst).split(os.sep)[0] == "..":
+                    raise _outside_output(image_field(record), src, dst).at(path=path, line=line)
             image.append(k)
         if digests:
             digest += _text_digest(record, task)
@@ -383,6 +412,7 @@ def dedup_file(
     *,
     report_path: str | os.PathLike | None = None,
     near_threshold: int | None = DEFAULT_NEAR_THRESHOLD,
+    image_root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
     progress: bool = True,
     hasher: ImageHasher | None = None,
@@ -395,10 +425,15 @@ def dedup_file(
     numbers per row, not the rows. The report is returned as a list of entries, or with `keep_report=False`
     (only with a `report_path`, which has them) as a Counter of (action, reason) and "dropped_captions".
     `hasher` defaults to fast hashes with the cache next to the file (see `data_tools.hashes`).
+
+    Image paths are relative to `image_root`. Given, the output keeps them as they are (relative to the same
+    root); by default (None: the input's folder) they are rewritten relative to `out`'s folder.
     """
     path, out = Path(path), Path(out)
     hasher = hasher or ImageHasher(cache=default_cache(path), progress=progress)
-    scan = scan_rows(path, task, digests=True, allow_outside_root=allow_outside_root)
+    rebase = image_root is None
+    scan = scan_rows(path, task, digests=True, image_root=image_root, allow_outside_root=allow_outside_root,
+                     out_folder=out.parent if rebase else None)
     grouping, table, entry, content, group = group_rows(scan, near_threshold, hasher, path)
     phash = table.phash[entry] if len(entry) else np.zeros(0, np.uint64)
     image = scan.image
@@ -427,7 +462,9 @@ def dedup_file(
             kept = merger.output(i, record)
             if kept is not None:
                 try:
-                    kept = rebase_image(kept, path.parent, out.parent, allow_outside_root=allow_outside_root)
+                    if rebase:
+                        kept = rebase_image(kept, path.parent, out.parent,
+                                            allow_outside_root=allow_outside_root)
                     w.write(kept)
                 except DataError as e:
                     raise e.at(path=path, line=line) from None
@@ -445,8 +482,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="max pHash Hamming distance of near duplicates (default %(default)s)")
     parser.add_argument("--no-near", action="store_true",
                         help="only identical images count as the same image")
+    parser.add_argument("--image-root", metavar="DIR",
+                        help="folder the image paths are relative to, in IN and (unchanged) in OUT; default: "
+                             "IN's folder, the paths then rewritten relative to OUT's folder")
     parser.add_argument("--allow-outside-root", action="store_true",
-                        help="allow image paths outside the JSONL file's folder")
+                        help="allow image paths outside the image root")
     add_hash_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -454,7 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         n_in, n_out, report = dedup_file(
             args.input, args.out, args.task, report_path=args.report,
             near_threshold=None if args.no_near else args.near_threshold,
-            allow_outside_root=args.allow_outside_root,
+            image_root=args.image_root, allow_outside_root=args.allow_outside_root,
             hasher=hasher, keep_report=False,
         )
     except DataError as e:
@@ -475,4 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  captions not repeated in merged records (listed in the report): {n_dropped_captions}")
     if args.report:
         print(f"report: {args.report}")
+    if args.image_root:
+        print(f"image paths in {args.out} are relative to {args.image_root}: give its readers "
+              f"--image-root {args.image_root}")
     return 0

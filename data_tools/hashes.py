@@ -134,8 +134,12 @@ class HashTable:
             raise
 
     @staticmethod
-    def load(path: str | os.PathLike) -> "HashTable":
-        """Read a table written by `save`; raises ValueError naming what is wrong with the file."""
+    def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> "HashTable":
+        """Read a table written by `save`; raises ValueError naming what is wrong with the file.
+
+        Stored relative paths are joined with `root` when given (the image root wherever the data now is),
+        else with the root they were saved under.
+        """
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes().decode())
@@ -154,7 +158,7 @@ class HashTable:
                 )
         if len(stored) != n or not np.isin(arrays["mode"], (0, 1)).all():
             raise ValueError(f"{path}: {len(stored)} paths for {n} entries, or an unknown hash mode")
-        root = meta.get("root") or ""
+        root = str(Path(root).resolve()) if root is not None else meta.get("root") or ""
         return HashTable(
             [p if os.path.isabs(p) or not root else os.path.join(root, p) for p in stored], arrays
         )
@@ -166,8 +170,11 @@ def _relative(path: str, root: str) -> str:
     return path
 
 
-def load_hash_files(patterns: list[str]) -> HashTable:
-    """Merge hash files (glob patterns allowed) into one table; a later file's entry for a path wins."""
+def load_hash_files(patterns: list[str], root: str | os.PathLike | None = None) -> HashTable:
+    """Merge hash files (glob patterns allowed) into one table; a later file's entry for a path wins.
+
+    `root`: the image root the stored relative paths are joined with (default: the root each file was
+    written with; see `HashTable.load`)."""
     files = []
     for pattern in patterns:
         found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
@@ -177,7 +184,7 @@ def load_hash_files(patterns: list[str]) -> HashTable:
     tables = []
     for f in files:
         try:
-            tables.append(HashTable.load(f))
+            tables.append(HashTable.load(f, root))
         except ValueError as e:
             raise DataError(NOT_IN_HASHES, str(e).removeprefix(f"{f}: "), path=f) from None
     table = HashTable.concat(tables)
@@ -492,8 +499,10 @@ def add_hash_arguments(parser: argparse.ArgumentParser, *, consumer: bool = True
 
 
 def hasher_from_args(args, jsonl, *, progress: bool = True) -> ImageHasher:
-    """An `ImageHasher` for the parsed options of `add_hash_arguments`."""
-    given = load_hash_files(args.hashes) if getattr(args, "hashes", None) else None
+    """An `ImageHasher` for the parsed options of `add_hash_arguments`; a hash file's relative paths are
+    joined with `--image-root` where the command has one and it is given."""
+    root = getattr(args, "image_root", None)
+    given = load_hash_files(args.hashes, root) if getattr(args, "hashes", None) else None
     cache = None if args.no_hash_cache or given is not None else (args.hash_cache or default_cache(jsonl))
     return ImageHasher(
         "exact" if args.exact_hash else "fast",
@@ -538,10 +547,14 @@ def main(argv: list[str] | None = None) -> int:
         help="hash only shard i of N (by a hash of the image path), e.g. $SLURM_ARRAY_TASK_ID/64",
     )
     parser.add_argument(
-        "--image-root", help="folder the stored paths are relative to (default: the first JSONL's folder)"
+        "--image-root",
+        metavar="DIR",
+        help="folder the rows' image paths are relative to, and the stored paths too; give dedup, split and "
+        "check-leakage the same --image-root (default: each JSONL's own folder, paths stored relative to "
+        "the first JSONL's folder)",
     )
     parser.add_argument(
-        "--allow-outside-root", action="store_true", help="allow image paths outside the JSONL file's folder"
+        "--allow-outside-root", action="store_true", help="allow image paths outside the image root"
     )
     add_hash_arguments(parser, consumer=False)
     args = parser.parse_args(argv)
@@ -550,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = {}
         for f in args.inputs:
-            for _, _, image in iter_images(f, allow_outside_root=args.allow_outside_root):
+            rows = iter_images(f, image_root=args.image_root, allow_outside_root=args.allow_outside_root)
+            for _, _, image in rows:
                 if image is not None:
                     paths.setdefault(str(image), None)
         mine = [p for p in paths if shard_of(_relative(p, str(root)), n) == i]

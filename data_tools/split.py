@@ -9,7 +9,11 @@ Split: rows are grouped by image, identical and near-duplicate images joining on
 laid end to end and cut by ROW count at the ratios: a group goes to the split in which its middle row
 falls. Each split is thus within one group's size of its share of the rows, and the same input and seed
 always give byte-identical files. Rows keep their input order inside a split; a row without image is a
-group of its own. Image paths are rewritten relative to --out-dir, which must therefore contain the images.
+group of its own.
+
+Image paths are relative to the image root, `--image-root` (default: each JSONL file's folder). With
+`--image-root` the splits keep them as they are; without it they are rewritten relative to --out-dir, which
+must then contain the images.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ def split_file(
     names: list[str] | None = None,
     task: str | None = None,
     near_threshold: int | None = DEFAULT_NEAR_THRESHOLD,
+    image_root=None,
     allow_outside_root: bool = False,
     progress: bool = True,
     hasher: ImageHasher | None = None,
@@ -89,20 +94,25 @@ def split_file(
 
     Rows stream through two passes (scan, write), so memory holds the image hashes and a few numbers per row.
     `hasher` defaults to fast hashes with the cache next to the file (see `data_tools.hashes`).
+    Image paths are relative to `image_root`. Given, the splits keep them as they are; by default (None: the
+    input's folder) they are rewritten relative to `out_dir`.
     """
     names = list(names or DEFAULT_NAMES[: len(ratios)])
     if len(names) != len(ratios) or len(set(names)) != len(names):
         raise ValueError(f"need {len(ratios)} distinct split names for ratios {ratios}, got {names}")
     path, out_dir = Path(path), Path(out_dir)
     hasher = hasher or ImageHasher(cache=default_cache(path), progress=progress)
-    scan = scan_rows(path, task, allow_outside_root=allow_outside_root)
+    rebase = image_root is None
+    scan = scan_rows(path, task, image_root=image_root, allow_outside_root=allow_outside_root,
+                     out_folder=out_dir if rebase else None)
     _, _, _, _, group = group_rows(scan, near_threshold, hasher, path)
     split_of = split_rows(group, ratios, seed)
     with ExitStack() as stack:
         writers = [stack.enter_context(JsonlWriter(out_dir / f"{name}.jsonl")) for name in names]
         for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
             try:
-                record = rebase_image(record, path.parent, out_dir, allow_outside_root=allow_outside_root)
+                if rebase:
+                    record = rebase_image(record, path.parent, out_dir, allow_outside_root=allow_outside_root)
                 writers[split_of[i]].write(record)
             except DataError as e:
                 raise e.at(path=path, line=line) from None
@@ -118,11 +128,13 @@ def find_leaks(
     paths,
     *,
     near_threshold: int | None = DEFAULT_NEAR_THRESHOLD,
+    image_root=None,
     allow_outside_root: bool = False,
     progress: bool = True,
     hasher: ImageHasher | None = None,
 ) -> list[dict]:
     """Images shared by two files, exactly or as near duplicates: one entry per pair of images in two files.
+    Image paths resolve against `image_root` (default: each file's own folder).
 
     Each entry gives both files, the first line at which each image appears in its file, both image
     paths as written, and the pHash Hamming distance (0 and "exact": true for identical content).
@@ -134,7 +146,8 @@ def find_leaks(
     image_index: dict[str, int] = {}
     first_use: list[tuple[Path, int]] = []
     for f, path in enumerate(paths):
-        for line, record, image in iter_images(path, allow_outside_root=allow_outside_root):
+        rows = iter_images(path, image_root=image_root, allow_outside_root=allow_outside_root)
+        for line, record, image in rows:
             if image is not None:
                 k = image_index.setdefault(str(image), len(image_index))
                 if k == len(first_use):
@@ -192,13 +205,14 @@ def _ratios(text: str) -> list[float]:
     return ratios
 
 
-def _near_arguments(parser: argparse.ArgumentParser) -> None:
+def _near_arguments(parser: argparse.ArgumentParser, image_root_help: str) -> None:
     parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD,
                         help="max pHash Hamming distance of near duplicates (default %(default)s)")
     parser.add_argument("--no-near", action="store_true",
                         help="only identical images count as the same image")
+    parser.add_argument("--image-root", metavar="DIR", help=image_root_help)
     parser.add_argument("--allow-outside-root", action="store_true",
-                        help="allow image paths outside the JSONL file's folder")
+                        help="allow image paths outside the image root")
     add_hash_arguments(parser)
 
 
@@ -206,14 +220,16 @@ def main_split(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_tools split", description=__doc__.split("\n\n")[0])
     parser.add_argument("input", metavar="IN", help="clean (ideally deduplicated) JSONL file")
     parser.add_argument("--out-dir", required=True,
-                        help="folder for <name>.jsonl per split; it must contain the images")
+                        help="folder for <name>.jsonl per split; without --image-root it must contain "
+                             "the images")
     parser.add_argument("--ratios", type=_ratios, default=[0.8, 0.1, 0.1],
                         help="row shares, normalised to sum 1 (default 0.8,0.1,0.1)")
     parser.add_argument("--names", help="comma-separated split names (default train,val,test)")
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--task", choices=TASKS,
                         help="validate rows against this task's schema and write them canonical")
-    _near_arguments(parser)
+    _near_arguments(parser, "folder the image paths are relative to, in IN and (unchanged) in the splits; "
+                    "default: IN's folder, the paths then rewritten relative to --out-dir")
     args = parser.parse_args(argv)
     names = args.names.split(",") if args.names else None
     if names is None and len(args.ratios) > len(DEFAULT_NAMES):
@@ -224,7 +240,7 @@ def main_split(argv: list[str] | None = None) -> int:
         counts = split_file(
             args.input, args.out_dir, args.ratios, seed=args.seed, names=names, task=args.task,
             near_threshold=None if args.no_near else args.near_threshold,
-            allow_outside_root=args.allow_outside_root,
+            image_root=args.image_root, allow_outside_root=args.allow_outside_root,
             hasher=hasher_from_args(args, args.input),
         )
     except (DataError, ValueError) as e:
@@ -237,6 +253,9 @@ def main_split(argv: list[str] | None = None) -> int:
               f"-> {Path(args.out_dir) / (name + '.jsonl')}")
         if rows == 0:
             print(f"warning: split {name!r} is empty", file=sys.stderr)
+    if args.image_root:
+        print(f"image paths in the splits are relative to {args.image_root}: give their readers "
+              f"--image-root {args.image_root}")
     return 0
 
 
@@ -247,14 +266,16 @@ def main_check_leakage(argv: list[str] | None = None) -> int:
                     "0 otherwise.",
     )
     parser.add_argument("files", nargs="+", metavar="FILE", help="two or more JSONL files (splits)")
-    _near_arguments(parser)
+    _near_arguments(parser, "folder the image paths of every FILE are relative to "
+                    "(default: each file's own folder)")
     args = parser.parse_args(argv)
     if len({Path(f).resolve() for f in args.files}) < 2:
         parser.error("give at least two different files")
     try:
         leaks = find_leaks(
             args.files, near_threshold=None if args.no_near else args.near_threshold,
-            allow_outside_root=args.allow_outside_root, hasher=hasher_from_args(args, args.files[0]),
+            image_root=args.image_root, allow_outside_root=args.allow_outside_root,
+            hasher=hasher_from_args(args, args.files[0]),
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

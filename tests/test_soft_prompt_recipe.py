@@ -216,9 +216,11 @@ def test_chinese_embedded_default_end_to_end_and_eval_report(env):
 
     row = report_run(out)
 
+    # The embedded default has a test split: the final predictions and the headline "after" are on it.
+    assert metrics["heldout"] == "test" and metrics["heldout_file"] == metrics["test_file"]
     predictions = {row["key"]: row["prediction"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
-    references = {row["image"]: row["captions"] for row in read_jsonl(metrics["eval_file"])}
-    references = {k: references[str(Path(k).relative_to(Path(metrics["eval_file"]).parent))] for k in predictions}
+    references = {row["image"]: row["captions"] for row in read_jsonl(metrics["heldout_file"])}
+    references = {k: references[str(Path(k).relative_to(Path(metrics["heldout_file"]).parent))] for k in predictions}
     rescored = caption_metrics(predictions, references, lang="zh", metrics=["CIDEr"])
     assert rescored["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"])
     assert row["final"]["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"]) and "METEOR" not in row["final"]

@@ -118,3 +118,13 @@ def test_check_image_finds_a_cut_off_file_without_decoding_it(tmp_path, fmt):
     path.write_bytes(b"")
     with pytest.raises(DataError, match="empty"):
         check_image(path)
+
+
+def test_a_test_file_without_a_validation_file_is_refused():
+    from types import SimpleNamespace
+
+    from recipes.common.run import load_data
+
+    args = SimpleNamespace(train_file="train.jsonl", eval_file=None, test_file="test.jsonl")
+    with pytest.raises(ValueError, match="--test_file needs an --eval_file"):
+        load_data(args, "caption", embedded=lambda: {}, output_dir="out")

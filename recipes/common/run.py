@@ -50,6 +50,10 @@ def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: st
     pixels; every image is checked now (--check_images). Rows skipped with --skip_bad_rows are written to
     `<output_dir>/rejects/<file>.rejects.jsonl`, not into the user's data folder.
     """
+    if data_args.test_file and not data_args.eval_file and data_args.train_file is not None:
+        raise ValueError("--test_file needs an --eval_file as well: the validation file picks the checkpoint "
+                         "and is what evaluations during training score; the test file is scored before and "
+                         "after only.")
     if data_args.train_file is None:
         splits = embedded()
         data_args.train_file = str(splits["train"])

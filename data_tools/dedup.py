@@ -44,7 +44,8 @@ import numpy as np
 from .errors import PATH_OUTSIDE_ROOT, DataError
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
 from .images import resolve_image_path
-from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
+from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
+                     hasher_from_args)
 from .jsonl import JsonlWriter, iter_jsonl
 from .records import IMAGE_ALIASES, TASKS, normalize_record
 
@@ -179,15 +180,6 @@ class _Merger:
         return out
 
 
-def _first_rows(keys: np.ndarray) -> np.ndarray:
-    """For each row of a 2-D uint8 array, the first row equal to it."""
-    if not len(keys):
-        return np.zeros(0, np.int64)
-    view = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel()
-    _, first, inverse = np.unique(view, return_index=True, return_inverse=True)
-    return first[inverse.ravel()].astype(np.int64)
-
-
 def _text_digest(record: dict, task: str) -> bytes:
     # 128-bit digests stand for the texts, so that a million rows' texts need not stay in memory.
     text = repr(_text_key(record, task)).encode("utf-8", "surrogatepass")
@@ -199,7 +191,7 @@ def _twins(content: np.ndarray, digests: np.ndarray) -> np.ndarray:
     keys = np.zeros((len(content), 24), np.uint8)
     keys[:, :8] = content.astype("<i8").view(np.uint8).reshape(-1, 8)
     keys[:, 8:] = digests.reshape(len(content), 16)
-    return _first_rows(keys)
+    return first_index(keys)
 
 
 def dedup_records(

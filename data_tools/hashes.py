@@ -401,7 +401,7 @@ class Grouping:
     near_d: np.ndarray
 
 
-def _first_index(keys: np.ndarray) -> np.ndarray:
+def first_index(keys: np.ndarray) -> np.ndarray:
     """For each row of a 2-D uint8 array, the index of the first row equal to it."""
     if not len(keys):
         return np.zeros(0, np.int64)
@@ -434,11 +434,11 @@ def group_images(
     n = len(index)
     fast = n > 0 and int(table.mode[index[0]]) == 1
     if not fast:
-        content = _first_index(table.pixel_sha256[index])
+        content = first_index(table.pixel_sha256[index])
         reps = np.flatnonzero(content == np.arange(n))
         near = _near(table, index, reps, threshold) if threshold is not None and threshold >= 0 else None
     else:
-        by_bytes = _first_index(table.file_sha256[index])
+        by_bytes = first_index(table.file_sha256[index])
         reps = np.flatnonzero(by_bytes == np.arange(n))
         radius = threshold if threshold is not None and threshold >= 0 else DEFAULT_NEAR_THRESHOLD
         cand = _near(table, index, reps, radius)
@@ -456,7 +456,7 @@ def group_images(
         keys[:, 1:] = np.where(
             rep_cand[:, None], table.pixel_sha256[index[by_bytes]], table.file_sha256[index]
         )
-        content = _first_index(keys)
+        content = first_index(keys)
         near = cand if threshold is not None and threshold >= 0 else None
     if near is None:
         near = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8))

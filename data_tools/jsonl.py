@@ -173,15 +173,20 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def load_json(path: str | os.PathLike) -> Any:
-    """Read a whole JSON file (COCO / VQA annotations, ...) strictly; every problem is a `DataError` naming
-    the file (and the line of a syntax error)."""
+def _read_text(path: str | os.PathLike) -> str:
+    """A whole file as text (UTF-8, a byte order mark skipped); a `DataError` naming the file otherwise."""
     with open_input(path) as f:
         data = f.read()
     try:
-        text = data.decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise DataError(NOT_UTF8, f"is not UTF-8 ({e.reason} at byte {e.start})", path=path) from None
+
+
+def load_json(path: str | os.PathLike) -> Any:
+    """Read a whole JSON file (COCO / VQA annotations, ...) strictly; every problem is a `DataError` naming
+    the file (and the line of a syntax error)."""
+    text = _read_text(path)
     try:
         return StrictJson().loads(text)
     except json.JSONDecodeError as e:
@@ -250,12 +255,7 @@ def iter_json_list(path: str | os.PathLike) -> Iterator[tuple[int, object, bytes
     `line` is where the element starts. A syntax error cannot be skipped like a bad JSONL line (the
     rest of the list cannot be found reliably), so it raises a `DataError` for the whole file.
     """
-    with open_input(path) as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(NOT_UTF8, f"is not UTF-8 ({e.reason} at byte {e.start})", path=path) from None
+    text = _read_text(path)
 
     def fail(pos: int, message: str) -> DataError:
         column = pos - text.rfind("\n", 0, pos)

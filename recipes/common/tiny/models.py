@@ -37,6 +37,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from ..cache import build_once, build_outside_process_group, cache_root
+from . import families
 
 # Per model: bump one whenever its builder changes (every cached base built from it is rebuilt then).
 BUILD_VERSIONS = {"blip2-opt": 2, "llava": 2, "clip": 2, "clip-vision": 2, "gpt2": 2}
@@ -334,6 +335,10 @@ BUILDERS = {
     "clip-vision": build_clip_vision,
     "gpt2": build_gpt2,
 }
+# The VLM families of `tiny.families`, named by their model_type.
+for _family in families.available():
+    BUILDERS[_family] = families.builder(_family)
+    BUILD_VERSIONS[_family] = families.build_version(_family)
 
 
 def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0, **overrides) -> Path:

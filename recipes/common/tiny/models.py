@@ -338,7 +338,7 @@ BUILDERS = {
 # The VLM families of `tiny.families`, named by their model_type.
 for _family in families.available():
     BUILDERS[_family] = families.builder(_family)
-    BUILD_VERSIONS[_family] = families.build_version(_family)
+    BUILD_VERSIONS[_family] = families.VERSIONS[_family]
 
 
 def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0, **overrides) -> Path:

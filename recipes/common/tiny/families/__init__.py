@@ -5,8 +5,8 @@ processor and image processor classes, and a byte-level BPE tokenizer with the f
 and a chat template that writes the family's conversation format. `tiny:<model_type>` names them
 (`tiny:qwen2_5_vl`, ...), built into the cache on first use like the other tiny models.
 
-A module defines `BUILD_VERSION` (bump when its builder changes) and
-`build(corpus, **overrides) -> (model, processor)`.
+A module defines `build(corpus, **overrides) -> (model, processor)`; its build version is in VERSIONS
+(bump it whenever the builder changes, so cached copies are rebuilt).
 """
 
 from __future__ import annotations
@@ -14,22 +14,17 @@ from __future__ import annotations
 import importlib
 import importlib.util
 
-FAMILIES = ("llava_onevision", "qwen2_5_vl", "qwen3_vl", "smolvlm", "gemma3", "paligemma", "mllama",
-            "internvl")
-
-
-def _module(model_type: str):
-    return importlib.import_module(f"{__name__}.{model_type}")
+VERSIONS = {"llava_onevision": 1, "qwen2_5_vl": 1, "qwen3_vl": 1, "smolvlm": 1, "gemma3": 1, "paligemma": 1,
+            "mllama": 1, "internvl": 1}
 
 
 def available() -> tuple[str, ...]:
     """The families whose builder module is present."""
-    return tuple(f for f in FAMILIES if importlib.util.find_spec(f"{__name__}.{f}") is not None)
-
-
-def build_version(model_type: str) -> int:
-    return _module(model_type).BUILD_VERSION
+    return tuple(f for f in VERSIONS if importlib.util.find_spec(f"{__name__}.{f}") is not None)
 
 
 def builder(model_type: str):
-    return _module(model_type).build
+    """`build(corpus, **overrides)` of a family; its module is imported on first call."""
+    def build(corpus, **overrides):
+        return importlib.import_module(f"{__name__}.{model_type}").build(corpus, **overrides)
+    return build

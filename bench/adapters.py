@@ -23,11 +23,24 @@ from transformers import TrainingArguments
 from bench import real_configs
 from bench.flops import Part
 from data_tools.records import IMAGE_TOKEN
-from recipes.common.args import (DataArguments, FeatureCacheArguments, FreezeArguments,
-                                 GenerationEvalArguments, LearningRateArguments, LossArguments,
-                                 ModelArguments, PeftArguments, parse_args)
-from recipes.common.models import (check_mixed_precision, compute_dtype, load_model_and_processor,
-                                   quantization_config, resolve_model_path)
+from recipes.common.args import (
+    DataArguments,
+    FeatureCacheArguments,
+    FreezeArguments,
+    GenerationEvalArguments,
+    LearningRateArguments,
+    LossArguments,
+    ModelArguments,
+    PeftArguments,
+    parse_args,
+)
+from recipes.common.models import (
+    check_mixed_precision,
+    compute_dtype,
+    load_model_and_processor,
+    quantization_config,
+    resolve_model_path,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -523,8 +536,6 @@ class _Llava(Adapter):
     def _model(self, a, size, device, dtype=None):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        from recipes.common.chat import image_token_id
-
         m = a.ModelArguments
         if size == "tiny":
             return load_model_and_processor(LlavaForConditionalGeneration,
@@ -534,7 +545,7 @@ class _Llava(Adapter):
         config = real_configs.llava_1_5_7b()
         # The tiny tokenizer's `<image>` id (inside the real vocabulary): the model finds the image positions
         # by it.
-        config.image_token_id = image_token_id(processor)
+        config.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
         model = on_device(LlavaForConditionalGeneration, config, m, device, dtype)
         # 336 px in patches of 14: the processor expands `<image>` into the 576 tokens the model fills.
         processor.patch_size = config.vision_config.patch_size
@@ -571,13 +582,13 @@ class _Llava(Adapter):
     def collator(self, tokenizer, image_processor, model, a):
         from recipes.common.chat import ChatCollator
 
-        return ChatCollator(image_processor, tokenizer.pad_token_id, a.ChatBatchArguments.padding_free)
+        return ChatCollator(self.encoder, a.ChatBatchArguments.padding_free)
 
     def baseline_collator(self, tokenizer, image_processor, model, a):
         from recipes.common.chat import ChatCollator
 
         # right-padded, whatever the recipe's option
-        return ChatCollator(image_processor, tokenizer.pad_token_id)
+        return ChatCollator(self.encoder)
 
     def _baseline_lora(self, model, a):
         """LoRA on the LM's linears with PEFT's defaults (alpha 8, no dropout), the recipe's r, and in full
@@ -669,7 +680,8 @@ class QloraVqa(_Llava):
 
     @property
     def unquantized(self):
-        return self.train.UNQUANTIZED  # the vision tower, projector and LM head stay 16-bit
+        # the vision tower, projector and LM head stay 16-bit, as train.py finds them
+        return ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 
     def parse(self, argv):
         from recipes.common.quantization import fall_back_to_cpu_optimizer
@@ -685,7 +697,7 @@ class QloraVqa(_Llava):
         # checkpoint. The meta device has no values to quantize: its LM stays nn.Linear, of the same shapes
         # (FLOPs, what trains).
         if size == "real" and device != "meta" and (m.load_in_4bit or m.load_in_8bit):
-            model = load_quantized(model, m, self.train.UNQUANTIZED, device)
+            model = load_quantized(model, m, self.unquantized, device)
             if device == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()  # the 16-bit copy's blocks are not the training's reserved memory

@@ -17,11 +17,12 @@ from pathlib import Path
 import datasets
 from PIL import Image
 
+from data_tools.images import load_image
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.records import IMAGE_TOKEN
 from data_tools.synth import make_synthetic
-from recipes.common.chat import to_messages
 from recipes.common.cache import build_once, cache_root
+from recipes.common.chat import to_messages
 
 # a high quality keeps the shapes' colours close to the drawn ones; decode cost hardly depends on it
 JPEG_QUALITY = 95
@@ -74,11 +75,12 @@ def fill_conversations(conversations: datasets.Dataset, encoder, max_length: int
     rows = list(conversations)
     extra = [_without_image(r["conversations"]) for r in rows]
     # Each one's own length: a cheap guess of what appending it adds (one bos too many), measured again below.
-    cost = [len(encoder.encode(to_messages(turns, has_image=False)).input_ids) for turns in extra]
+    cost = [len(encoder.encode(to_messages(turns)).input_ids) for turns in extra]
     out = []
     for i, row in enumerate(rows):
-        turns, j, has_image = list(row["conversations"]), i + 1, row.get("image") is not None
-        while (length := len(encoder.encode(to_messages(turns, has_image)).input_ids)) <= max_length:
+        turns, j = list(row["conversations"]), i + 1
+        images = [] if row.get("image") is None else [load_image(row["image"])]
+        while (length := len(encoder.encode(to_messages(turns, len(images)), images).input_ids)) <= max_length:
             while length <= max_length:
                 turns += extra[j % len(rows)]
                 length += cost[j % len(rows)]

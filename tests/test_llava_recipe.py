@@ -94,7 +94,7 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
     assert isinstance(adapted, PeftModel) and not isinstance(full, PeftModel)
     records = load_records(d / "synth" / "eval.jsonl", "instruct").select([0, 1, 6])  # two images, one text-only
     samples, _ = tokenize_conversations(records, ChatEncoder(processor), None)
-    batch = ChatCollator(processor.image_processor, processor.tokenizer.pad_token_id)(list(samples))
+    batch = ChatCollator(ChatEncoder(processor))(list(samples))
     batch.pop("labels")
     with torch.no_grad():
         a, b = adapted(**batch).logits, full(**batch).logits

@@ -19,9 +19,9 @@ from recipes.common.args import FreezeArguments, LearningRateArguments, PeftArgu
 from recipes.common.peft_setup import (
     apply_freezing,
     apply_peft,
-    component_of,
     count_parameters,
     default_lora_targets,
+    find_components,
     lora_module_names,
     param_groups,
     vision_layer_names,
@@ -107,7 +107,7 @@ def test_clip_default_lora_targets_per_tower(components, towers):
 
 
 def test_default_targets_regex():
-    assert default_lora_targets(tiny_blip2()) == r"(?:language_model)\..*\.(?:q_proj|k_proj|v_proj|out_proj|fc1|fc2)"
+    assert default_lora_targets(tiny_blip2()) == r"(?:language_model)\..*\.(?:k_proj|v_proj|q_proj|out_proj|fc1|fc2)"
     # lm_head is a leaf, not a container of targets, so it is not part of the prefix.
     assert default_lora_targets(tiny_llava()).startswith(r"(?:model\.language_model)\..*\.(?:q_proj|")
     with pytest.raises(ValueError, match="'bridge'"):
@@ -218,16 +218,21 @@ def test_modules_to_save_projector_trains_with_lora():
     assert projector_copy and trainable(model) == lora_params(model) | projector_copy
 
 
-def test_component_of():
-    assert component_of("base_model.model.model.vision_tower.encoder.layers.0.mlp.fc1.weight", "llava") == "vision"
-    assert component_of("lm_head.weight", "llava") == "language"
-    assert component_of("query_tokens", "blip-2") == "bridge"
-    assert component_of("logit_scale", "clip") == "other"
-    assert component_of("text_projection.weight", "clip") == "language"
+def test_components_from_structure():
+    llava = find_components(apply_peft(tiny_llava(), PeftArguments()))
+    assert llava.of("base_model.model.model.vision_tower.encoder.layers.0.mlp.fc1.weight") == "vision"
+    assert llava.of("lm_head.weight") == "language" and llava.output == "lm_head"
+    assert llava.bridge == ("model.multi_modal_projector",)
+    blip2 = find_components(tiny_blip2())
+    assert blip2.bridge == ("query_tokens", "qformer", "language_projection")
+    assert blip2.of("language_model.lm_head.weight") == "language"
+    clip = find_components(tiny_clip())
+    assert (clip.of("logit_scale"), clip.of("text_projection.weight")) == ("other", "language")
+    assert clip.output is None and clip.bridge == ()
 
 
 def test_unknown_architecture_raises():
-    with pytest.raises(ValueError, match="no component map"):
+    with pytest.raises(ValueError, match="no transformers config"):
         apply_freezing(torch.nn.Linear(2, 2), FreezeArguments())
 
 

@@ -39,6 +39,19 @@ def ids(text):
     return [V[w] for w in text.split()]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def images_in_cwd(tmp_path_factory):
+    """RECORDS name a.png and b.png relative to the working folder: the encoder opens each image."""
+    import os
+
+    folder, before = tmp_path_factory.mktemp("images"), os.getcwd()
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        Image.new("RGB", (16, 16), colour).save(folder / name)
+    os.chdir(folder)
+    yield
+    os.chdir(before)
+
+
 RECORDS = [
     {"image": "a.png", "question_id": 7, "question": "what color is the circle ?",
      "answers": ["blue", "red", "red", "blue", "red", "red", "red", "red", "red", "blue"],
@@ -77,7 +90,7 @@ def test_generation_prompt_ends_where_the_answer_starts(encoder, tmp_path):
     items = vqa_items(datasets.Dataset.from_list(RECORDS), prompt="answer briefly .")
     assert items[0]["key"] == 7 and items[0]["conversations"] == [
         {"from": "human", "value": "<image>\nwhat color is the circle ?\nanswer briefly ."}]
-    prompt = encoder.encode_prompt(to_messages(items[0]["conversations"], has_image=True))
+    prompt = encoder.encode_prompt(to_messages(items[0]["conversations"], n_images=1), [Image.open("a.png")])
     train = tokenize_conversations(vqa_conversations(datasets.Dataset.from_list(RECORDS[:1]), "answer briefly ."), encoder, None)[0]
     assert train[0]["input_ids"][: len(prompt)] == prompt  # answers are asked for exactly as they were trained
 
@@ -115,6 +128,6 @@ def test_collated_images_match_the_samples(encoder, tmp_path):
         Image.new("RGB", (16, 16), colour).save(tmp_path / name)
     records = [{**r, "image": str(tmp_path / r["image"])} for r in RECORDS]
     samples, _ = tokenize_conversations(vqa_conversations(datasets.Dataset.from_list(records)), encoder, None)
-    batch = ChatCollator(encoder.processor.image_processor, V["<pad>"])(list(samples))
+    batch = ChatCollator(encoder)(list(samples))
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
     assert (batch["input_ids"] == IMG).sum(dim=1).tolist() == [N_IMG, N_IMG]

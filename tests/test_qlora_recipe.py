@@ -128,7 +128,7 @@ def test_export_equals_quantized_base_plus_adapter_and_merging_into_the_original
 
     records = load_records(d / "synth" / "eval.jsonl", "vqa").select(range(4))
     samples, _ = tokenize_conversations(vqa_conversations(records), ChatEncoder(processor), None)
-    batch = ChatCollator(processor.image_processor, processor.tokenizer.pad_token_id)(list(samples))
+    batch = ChatCollator(ChatEncoder(processor))(list(samples))
     batch.pop("labels")
     with torch.no_grad():
         reference = adapted(**batch).logits

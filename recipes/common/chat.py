@@ -1,42 +1,45 @@
-"""Chat-template conversations for LLaVA-style models: prompts, assistant-only labels, image-aware length
-budget.
+"""Chat-template conversations for image-text-to-text models: prompts, assistant-only labels, an
+image-aware length budget. Any family whose processor has a chat template: LLaVA, LLaVA-OneVision,
+Qwen2.5/3-VL, SmolVLM, Gemma 3, Mllama, InternVL, ...
 
 A conversation record (`data_tools` instruct schema: LLaVA `conversations`, or OpenAI `messages` that
 `data_tools.records` normalises into them) becomes one training sample:
 
-1. `to_messages`: turns -> chat messages whose content is a list of parts; the `<image>` placeholder
-   becomes an image part where it stands (or leads the first user turn when the text has none);
+1. `to_messages`: turns -> chat messages whose content is a list of parts; each `<image>` placeholder
+   becomes an image part where it stands (images without one lead the first user turn);
 2. `ChatEncoder.encode`: the processor's own chat template renders the conversation (never string
-   concatenation, so a real checkpoint's template is used as is), the tokenizer tokenizes the whole
-   text once, and the image placeholder is expanded to the processor's number of image tokens. The
-   labels come from the template too: an assistant turn is the text that rendering the turn adds
-   after rendering the conversation before it with the generation prompt. Tokens whose first
-   character lies there are learned (the trailing whitespace that separates turns is not); system,
-   user, image and padding tokens are -100. A template that renders no end-of-turn token (the
-   llava-hf LLaVA-1.5 one) gets the tokenizer's eos after each answer, which is how LLaVA-1.5 was
-   trained (its `conv_vicuna_v1` separator is `</s>`), so that the model learns to stop;
+   concatenation, so a real checkpoint's template is used as is). The assistant turns are found from the
+   template too: an assistant turn is the text that rendering the turn adds after rendering the
+   conversation before it with the generation prompt; its tokens (the end-of-turn token included) are
+   learned, nothing else (system, user, image tokens, separators, padding). A template that renders no
+   end-of-turn token (the llava-hf LLaVA-1.5 one) gets the tokenizer's eos after each answer, which is
+   how LLaVA-1.5 was trained (its `conv_vicuna_v1` separator is `</s>`), so that the model learns to stop.
+   The processor then tokenizes the text with the images, expanding each image placeholder into the
+   family's image tokens for that image (Qwen's grid, SmolVLM's tiles, Gemma 3's fixed count; Mllama's
+   cross-attention has none in the text); the labels are carried over to its tokens by aligning them with
+   the plain tokenization, and an answer token that cannot be carried over exactly is an error;
 3. `fit_conversation`: a conversation over `max_length` (image tokens counted) is cut after the last
-   whole assistant turn that fits, never inside the image tokens; when not even the first exchange
-   (with the image) fits, it is dropped. `ChatLengthReport` counts every cut and drop.
+   whole assistant turn that fits, never inside an image's tokens; when not even the first exchange (with
+   its images) fits, it is dropped. `ChatLengthReport` counts every cut and drop.
 
-Because the whole sequence is tokenized at once, input_ids equal what the processor itself gives for
-the rendered text and image (no tokenization mismatch), and an image sample has exactly the image
-tokens its features fill (no image-feature/token mismatch).
+The collators give the processor the same (cut) text and images, so a batch holds exactly what the
+processor makes of them, with every extra input the family needs (image_grid_thw, pixel_attention_mask,
+token_type_ids, cross_attention_mask, ...).
 """
 
 from __future__ import annotations
 
 import bisect
+import difflib
 from dataclasses import dataclass, field
 
 import datasets
 import torch
-from PIL import Image
 
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 
-from .lengths import IGNORE_INDEX, pad_batch
+from .lengths import IGNORE_INDEX
 
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
@@ -45,78 +48,109 @@ class ChatTemplateError(ValueError):
     """The processor's chat template cannot be used to find the assistant turns."""
 
 
-def to_messages(conversations: list[dict], has_image: bool) -> list[dict]:
+def to_messages(conversations: list[dict], n_images: int = 0) -> list[dict]:
     """LLaVA turns ({"from", "value"}) -> chat messages with content parts ({"type": "text"|"image"}).
 
-    The newline LLaVA data puts between `<image>` and the text is dropped: templates render their own.
+    Each `<image>` in a user turn is an image part, in order; images the text does not place lead the
+    first user turn. The newline LLaVA data puts around `<image>` is dropped: templates render their own.
     """
-    messages, placed = [], False
+    messages, placed = [], 0
     for i, turn in enumerate(conversations):
         role, text = ROLES[turn["from"]], turn["value"]
-        parts = []
-        if IMAGE_TOKEN in text:
-            if role != "user" or not has_image or placed:
-                raise ValueError(f"conversations[{i}]: '{IMAGE_TOKEN}' is only allowed once, in a user turn "
-                                 "of a record with an image")
-            before, after = text.split(IMAGE_TOKEN, 1)
-            before, after = before.rstrip("\n"), after.lstrip("\n")
-            parts += [{"type": "text", "text": before}] if before.strip() else []
-            parts.append({"type": "image"})
-            parts += [{"type": "text", "text": after}] if after.strip() else []
-            placed = True
-        else:
-            parts.append({"type": "text", "text": text})
+        if IMAGE_TOKEN in text and role != "user":
+            raise ValueError(f"conversations[{i}]: '{IMAGE_TOKEN}' is only allowed in a user turn")
+        pieces, parts = text.split(IMAGE_TOKEN), []
+        for k, piece in enumerate(pieces):
+            piece = piece.lstrip("\n") if k > 0 else piece
+            piece = piece.rstrip("\n") if k < len(pieces) - 1 else piece
+            if piece.strip():
+                parts.append({"type": "text", "text": piece})
+            if k < len(pieces) - 1:
+                parts.append({"type": "image"})
+                placed += 1
         messages.append({"role": role, "content": parts})
-    if has_image and not placed:
+    if placed > n_images:
+        raise ValueError(f"conversations: {placed} '{IMAGE_TOKEN}' placeholders for {n_images} image(s)")
+    if placed < n_images:
         first_user = next((m for m in messages if m["role"] == "user"), None)
         if first_user is None:
             raise ValueError("conversations: a record with an image needs a user turn to put it in")
-        first_user["content"].insert(0, {"type": "image"})
+        first_user["content"][:0] = [{"type": "image"}] * (n_images - placed)
     return messages
 
 
 @dataclass
 class EncodedConversation:
-    """Token ids (image placeholder expanded), labels, and where the sequence may be cut.
+    """The processor's token ids, labels, and where the sequence may be cut.
 
-    turn_ends[k]: the length of the sequence that ends with assistant turn k (its separator included).
-    image_end: the length up to the last image token (0 without an image): a cut must keep it.
+    turn_ends[k]: the length of the sequence that ends with assistant turn k (its separator included), and
+    turn_chars[k] the length of the text that ends there. image_end: the length up to the last image token
+    (0 without an image): a cut must keep it.
     """
 
+    text: str
     input_ids: list[int]
     labels: list[int]
     turn_ends: list[int]
+    turn_chars: list[int]
     image_end: int
     eos_added: int = 0
 
 
-def count_image_tokens(processor) -> int:
-    """How many tokens the processor expands one `<image>` into, measured by calling it on a blank image."""
-    image = Image.new("RGB", (64, 64), "white")
-    ids = processor(text=processor.image_token, images=[image], return_tensors="pt")["input_ids"][0]
-    return int((ids == image_token_id(processor)).sum())
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """(token, start, length) of each run of equal tokens."""
+    runs = []
+    for pos, token in enumerate(ids):
+        if runs and runs[-1][0] == token:
+            runs[-1] = (token, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((token, pos, 1))
+    return runs
 
 
-def image_token_id(processor) -> int:
-    """Id of the processor's image placeholder token."""
-    return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+def align(plain: list[int], expanded: list[int]) -> list[int]:
+    """For each token of `expanded` (the processor's ids), the index of the same token in `plain` (the
+    tokenizer's ids of the same text, image placeholders unexpanded), or -1 where the processor inserted it.
+
+    Runs of a repeated token are compared whole (an image's hundreds of equal tokens are one item), so the
+    diff stays fast; a run whose length changed (the placeholder expanded) maps nowhere.
+    """
+    a, b = _runs(plain), _runs(expanded)
+    matcher = difflib.SequenceMatcher(None, [t for t, _, _ in a], [t for t, _, _ in b], autojunk=False)
+    mapping = [-1] * len(expanded)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag != "equal":
+            continue
+        for (_, start_a, n_a), (_, start_b, n_b) in zip(a[i1:i2], b[j1:j2], strict=True):
+            if n_a == n_b:
+                mapping[start_b:start_b + n_b] = range(start_a, start_a + n_a)
+    return mapping
+
+
+def image_token_ids(processor) -> set[int]:
+    """Ids of the tokens that stand for images in the processor's output (placeholder and image tokens)."""
+    tokenizer = processor.tokenizer
+    names = [getattr(processor, k, None) for k in ("image_token", "boi_token", "eoi_token", "image_start_token",
+                                                   "image_end_token", "fake_image_token", "global_image_token")]
+    ids = {tokenizer.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
+    ids |= {getattr(processor, "image_token_id", None)}
+    return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
 
 
 class ChatEncoder:
     """Renders, tokenizes and labels conversations with `processor`'s chat template (see the module
     docstring)."""
 
-    def __init__(self, processor, num_image_tokens: int | None = None):
+    def __init__(self, processor):
         if not getattr(processor, "chat_template", None):
             raise ChatTemplateError(
                 f"{type(processor).__name__} has no chat template: set processor.chat_template (a Jinja "
                 "string, as on the Hub in chat_template.json) before training a chat model."
             )
         self.processor, self.tokenizer = processor, processor.tokenizer
-        self.image_token_id = image_token_id(processor)
-        self.num_image_tokens = (num_image_tokens if num_image_tokens is not None
-                                 else count_image_tokens(processor))
+        self.image_ids = image_token_ids(processor)
         self.eos_token_id = self.tokenizer.eos_token_id
+        self.specials = tuple(t for t in self.tokenizer.all_special_tokens if t)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as the chat template writes it, with one image placeholder per image."""
@@ -128,13 +162,22 @@ class ChatEncoder:
         except TemplateError as e:  # e.g. a template that insists on alternating user/assistant turns
             raise ChatTemplateError(f"the chat template refused the conversation: {e}") from e
 
-    def _tokenize(self, text: str) -> tuple[list[int], list[int]]:
+    def add_special_tokens(self, text: str) -> bool:
         # As processor.apply_chat_template(tokenize=True) does: the tokenizer adds bos unless the template
         # wrote it.
         bos = self.tokenizer.bos_token
-        enc = self.tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)),
-                             return_offsets_mapping=True)
-        return enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
+        return not (bos and text.startswith(bos))
+
+    def process(self, texts: list[str], images: list[list], padding_side: str = "right") -> dict:
+        """The processor's batch for `texts` and each text's images (a list per text), padded."""
+        kwargs = {}
+        if any(images):
+            kwargs["images"] = images if len(texts) > 1 else images[0]
+        try:
+            return self.processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt",
+                                  add_special_tokens=self.add_special_tokens(texts[0]), **kwargs)
+        except ValueError as e:
+            raise ValueError(f"{type(self.processor).__name__}: {e}") from None
 
     def _assistant_spans(self, messages: list[dict], full: str) -> list[tuple[int, int, int]]:
         """(first char, end of the answer without trailing whitespace, end of the turn) of each assistant
@@ -154,53 +197,81 @@ class ChatEncoder:
             spans.append((len(before), len(upto.rstrip()), len(upto)))
         return spans
 
-    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> EncodedConversation:
-        """Tokens and assistant-only labels of a conversation; with `add_generation_prompt`, a prompt to
-        answer."""
+    def _with_eos(self, full: str, spans: list) -> tuple[str, list, int]:
+        """`full` with the eos written after every answer that ends in no special token (see the module
+        docstring)."""
+        eos = self.tokenizer.eos_token
+        if eos is None:
+            return full, spans, 0
+        out, shift, added, pos = [], 0, 0, 0
+        new_spans = []
+        for a, b, end in spans:
+            if full[a:b].endswith(self.specials):
+                new_spans.append((a + shift, b + shift, end + shift))
+                continue
+            out.append(full[pos:b] + eos)
+            pos = b
+            new_spans.append((a + shift, b + shift + len(eos), end + shift + len(eos)))
+            shift += len(eos)
+            added += 1
+        return "".join(out) + full[pos:], new_spans, added
+
+    def _text(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list, int]:
+        """The rendered text with the eos written where the template has none, the assistant spans in it,
+        and how many eos were written."""
         full = self.render(messages, add_generation_prompt=add_generation_prompt)
         spans = self._assistant_spans(messages, full)
-        ids, starts = self._tokenize(full)
-        # A token belongs to the answer its first character is in.
-        answer_of = [next((k for k, (a, b, _) in enumerate(spans) if a <= s < b), None) for s in starts]
-        last = {k: pos for pos, k in enumerate(answer_of) if k is not None}
-        if len(last) < len(spans):
-            k = min(set(range(len(spans))) - set(last))
+        if add_generation_prompt:
+            # A prompt that ends in a space would end in a token that training never saw there (the
+            # tokenizer joins the space to the answer's first word): the model gets it from the answer.
+            full = full.rstrip(" ")
+        return self._with_eos(full, spans)
+
+    def encode(self, messages: list[dict], images: list | None = None,
+               add_generation_prompt: bool = False) -> EncodedConversation:
+        """Tokens and assistant-only labels of a conversation with its images (PIL images, in order); with
+        `add_generation_prompt`, a prompt to answer."""
+        images = list(images or [])
+        n_parts = sum(part["type"] == "image" for m in messages for part in m["content"])
+        if n_parts != len(images):
+            raise ValueError(f"{n_parts} image part(s) in the conversation for {len(images)} image(s)")
+        full, spans, eos_added = self._text(messages, add_generation_prompt)
+        enc = self.tokenizer(full, add_special_tokens=self.add_special_tokens(full), return_offsets_mapping=True)
+        plain, offsets = enc["input_ids"], enc["offset_mapping"]
+        # A token belongs to an answer when it overlaps it (a token joining the prompt's trailing space to
+        # the first word included).
+        answer_of = [next((k for k, (a, b, _) in enumerate(spans) if s < b and e > a), None) for s, e in offsets]
+        missing = set(range(len(spans))) - set(answer_of)
+        if missing:
+            k = min(missing)
             raise ChatTemplateError(f"assistant turn {k} renders to no token of its own: "
                                     f"{full[spans[k][0]:spans[k][2]]!r}")
-        # Cut after answer k: before the first later token that starts at or after the end of its turn.
-        cut_at = [next((p for p in range(last[k] + 1, len(ids)) if starts[p] >= end), len(ids))
-                  for k, (_, _, end) in enumerate(spans)]
-        n_images = sum(part["type"] == "image" for m in messages for part in m["content"])
-        if n_images > 1 or ids.count(self.image_token_id) != n_images:
-            raise ValueError(f"{n_images} image(s) rendered as {ids.count(self.image_token_id)} "
-                             f"'{IMAGE_TOKEN}' tokens; one image per conversation, written once by the "
-                             "template")
-        out = EncodedConversation([], [], [], 0)
-        for pos in range(len(ids) + 1):
-            out.turn_ends += [len(out.input_ids)] * cut_at.count(pos)
-            if pos == len(ids):
-                break
-            token, k = ids[pos], answer_of[pos]
-            if token == self.image_token_id:
-                if k is not None:
-                    raise ValueError(f"'{IMAGE_TOKEN}' inside an assistant answer")
-                out.input_ids += [token] * self.num_image_tokens
-                out.labels += [IGNORE_INDEX] * self.num_image_tokens
-                out.image_end = len(out.input_ids)
-                continue
-            out.input_ids.append(token)
-            out.labels.append(token if k is not None else IGNORE_INDEX)
-            if (k is not None and pos == last[k] and token != self.eos_token_id
-                    and self.eos_token_id is not None):
-                # the template writes no end of turn: see the module docstring
-                out.input_ids.append(self.eos_token_id)
-                out.labels.append(self.eos_token_id)
-                out.eos_added += 1
-        return out
+        ids = self.process([full], [images])["input_ids"][0].tolist()
+        mapping = align(plain, ids)
+        labels = [IGNORE_INDEX if m < 0 or answer_of[m] is None else plain[m] for m in mapping]
+        if sum(label != IGNORE_INDEX for label in labels) != sum(k is not None for k in answer_of):
+            raise ChatTemplateError(
+                f"{type(self.processor).__name__} tokenizes an answer differently with the images expanded "
+                "than without: its labels cannot be placed exactly.")
+        # Cut after answer k: before the first token that starts at or after the end of its turn.
+        position = {m: pos for pos, m in enumerate(mapping) if m >= 0}
+        turn_ends = []
+        for _, _, end in spans:
+            first_after = next((p for p, (s, _) in enumerate(offsets) if s >= end and p in position), None)
+            turn_ends.append(len(ids) if first_after is None else position[first_after])
+        image_positions = [pos for pos, (m, t) in enumerate(zip(mapping, ids, strict=True))
+                           if m < 0 or t in self.image_ids]
+        image_end = image_positions[-1] + 1 if images and image_positions else 0
+        return EncodedConversation(full, ids, labels, turn_ends, [end for _, _, end in spans], image_end,
+                                   eos_added)
 
-    def encode_prompt(self, messages: list[dict]) -> list[int]:
+    def prompt_text(self, messages: list[dict]) -> str:
+        """The text that asks the model to answer the last user turn, formatted exactly as in training."""
+        return self._text(messages, add_generation_prompt=True)[0]
+
+    def encode_prompt(self, messages: list[dict], images: list | None = None) -> list[int]:
         """Token ids that ask the model to answer the last user turn, formatted exactly as in training."""
-        return self.encode(messages, add_generation_prompt=True).input_ids
+        return self.process([self.prompt_text(messages)], [list(images or [])])["input_ids"][0].tolist()
 
 
 @dataclass
@@ -224,14 +295,14 @@ class ChatLengthReport:
 
 
 def fit_conversation(enc: EncodedConversation, max_length: int | None,
-                     report: ChatLengthReport) -> tuple[list[int], list[int]] | None:
-    """`(input_ids, labels)` within `max_length`, cut after the last whole assistant turn that fits; None:
-    dropped."""
+                     report: ChatLengthReport) -> tuple[str, list[int], list[int]] | None:
+    """`(text, input_ids, labels)` within `max_length`, cut after the last whole assistant turn that fits;
+    None: dropped."""
     report.samples += 1
     report.eos_added += enc.eos_added
     n = len(enc.input_ids)
     if max_length is None or n <= max_length:
-        return enc.input_ids, enc.labels
+        return enc.text, enc.input_ids, enc.labels
     k = bisect.bisect_right(enc.turn_ends, max_length) - 1  # the last turn that ends within the budget
     if k < 0 or enc.turn_ends[k] < enc.image_end:
         report.dropped += 1
@@ -240,43 +311,50 @@ def fit_conversation(enc: EncodedConversation, max_length: int | None,
     report.cut += 1
     report.turns_cut += len(enc.turn_ends) - 1 - k
     report.tokens_cut += n - end
-    return enc.input_ids[:end], enc.labels[:end]
+    return enc.text[: enc.turn_chars[k]], enc.input_ids[:end], enc.labels[:end]
+
+
+def record_images(record: dict) -> list[str]:
+    """The image paths of a record: its `images` list, or its one `image` (None: a text-only record)."""
+    if record.get("images") is not None:
+        return list(record["images"])
+    return [] if record.get("image") is None else [record["image"]]
 
 
 def tokenize_conversations(records: datasets.Dataset, encoder: ChatEncoder, max_length: int | None,
                            source: str = "data") -> tuple[datasets.Dataset, ChatLengthReport]:
-    """Instruct records -> training samples (image, input_ids, labels, length, has_image), and the length
-    report.
+    """Instruct records -> training samples (images, text, input_ids, labels, length, has_image), and the
+    length report. Each image is opened once here: the processor's image token count depends on its size.
 
     `length` and `has_image` are what `ModalityLengthGroupedSampler` groups by.
     """
     report, rows = ChatLengthReport(), []
     for i, record in enumerate(records):
-        image = record.get("image")
+        paths = record_images(record)
         try:
-            enc = encoder.encode(to_messages(record["conversations"], has_image=image is not None))
+            messages = to_messages(record["conversations"], n_images=len(paths))
+            enc = encoder.encode(messages, [load_image(p) for p in paths])
         except ValueError as e:
             raise type(e)(f"{source}: record {i} (counting valid rows from 0): {e}") from None
         fitted = fit_conversation(enc, max_length, report)
         if fitted is None:
             continue
-        ids, labels = fitted
-        rows.append({"image": image, "input_ids": ids, "labels": labels, "length": len(ids),
-                     "has_image": image is not None})
+        text, ids, labels = fitted
+        rows.append({"images": paths, "text": text, "input_ids": ids, "labels": labels, "length": len(ids),
+                     "has_image": bool(paths)})
     if not rows:
         raise ValueError(f"{source}: no conversation fits in max_length={max_length} ({report}); raise "
                          "--max_length")
     return datasets.Dataset.from_list(rows), report
 
 
-def _pixel_values(image_processor, features: list[dict]) -> torch.Tensor | None:
-    images = [load_image(f["image"]) for f in features if f.get("image") is not None]
-    return image_processor(images, return_tensors="pt")["pixel_values"] if images else None
+def _images(items: list[dict]) -> list[list]:
+    return [[load_image(p) for p in record_images(it)] for it in items]
 
 
 @dataclass
 class ChatBatchArguments:
-    """How the LLaVA recipes batch their training samples."""
+    """How the chat recipes batch their training samples."""
 
     padding_free: bool = field(
         default=False,
@@ -284,17 +362,20 @@ class ChatBatchArguments:
                           "restarting at each sample (the same loss). Meant for --attn_implementation "
                           "flash_attention_2 (variable-length kernels attend within each sample); with sdpa "
                           "or eager the row gets a block-diagonal mask, and the attention over it is as "
-                          "dense as over one sequence that long."},
+                          "dense as over one sequence that long. For families whose inputs are input_ids "
+                          "and pixel_values alone (LLaVA-style, InternVL); not for M-RoPE (Qwen) or "
+                          "per-token image inputs (Gemma 3, Mllama, SmolVLM)."},
     )
+
+
+# What a padding-free row may carry: per-token inputs other than these would need packing of their own.
+PADDING_FREE_KEYS = {"input_ids", "attention_mask", "pixel_values"}
 
 
 @dataclass
 class ChatCollator:
-    """Training batches: right-padded ids and labels; pixel_values for the samples that have an image, in
-    order.
-
-    LLaVA fills the image tokens of the whole batch with the image features in order, so text-only
-    samples simply contribute no image; a batch without any image has no pixel_values.
+    """Training batches: the processor's batch for the samples' (cut) texts and images, right-padded, with
+    the samples' labels. The processor's ids are checked against the ones the labels were made for.
 
     `padding_free`: the samples end to end in a batch of one row, with `position_ids` that restart at 0 at
     each sample, no attention_mask and `use_cache=False`. transformers reads the restarts as sequence
@@ -307,50 +388,50 @@ class ChatCollator:
     (tests/test_llava_chat.py).
     """
 
-    image_processor: object
-    pad_token_id: int
+    encoder: ChatEncoder
     padding_free: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        if self.padding_free:
-            return self._packed(features)
-        return self._with_pixels(pad_batch(features, self.pad_token_id), features)
+        batch = dict(self.encoder.process([f["text"] for f in features], _images(features)))
+        ids = batch["input_ids"]
+        width = ids.shape[1]
+        labels = torch.full_like(ids, IGNORE_INDEX)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            if ids[row, :n].tolist() != f["input_ids"] or (n < width and batch["attention_mask"][row, n]):
+                raise ValueError("the processor tokenized a sample differently from when it was encoded; "
+                                 "was the processor changed between the two?")
+            labels[row, :n] = torch.tensor(f["labels"])
+        batch["labels"] = labels
+        return self._packed(batch) if self.padding_free else batch
 
-    def _packed(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        labels = [torch.tensor(f["labels"]) for f in features]
-        for row in labels:
-            row[0] = IGNORE_INDEX
-        batch = {"input_ids": torch.cat([torch.tensor(f["input_ids"]) for f in features])[None],
-                 "position_ids": torch.cat([torch.arange(len(f["input_ids"])) for f in features])[None],
-                 "labels": torch.cat(labels)[None], "use_cache": False}
-        return self._with_pixels(batch, features)
-
-    def _with_pixels(self, batch: dict, features: list[dict]) -> dict[str, torch.Tensor]:
-        pixel_values = _pixel_values(self.image_processor, features)
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values
-        return batch
+    def _packed(self, batch: dict) -> dict:
+        extra = set(batch) - PADDING_FREE_KEYS - {"labels"}
+        if extra:
+            raise ValueError(f"--padding_free: this processor's batches also hold {sorted(extra)}, which a "
+                             "packed row cannot carry; train with padding (leave --padding_free out).")
+        keep = batch.pop("attention_mask").bool()
+        lengths = keep.sum(1).tolist()
+        labels = batch["labels"].clone()
+        labels[:, 0] = IGNORE_INDEX
+        packed = {"input_ids": batch["input_ids"][keep][None], "labels": labels[keep][None],
+                  "position_ids": torch.cat([torch.arange(n) for n in lengths])[None], "use_cache": False}
+        return {**batch, **packed}
 
 
 @dataclass
 class ChatPromptCollator:
-    """Eval items -> `generate` inputs: left-padded generation prompts (so every answer starts at the same
-    position), pixel_values of the items with an image, and the items' "key"s.
+    """Eval items -> `generate` inputs: the processor's left-padded batch of generation prompts (so every
+    answer starts at the same position) with the items' images, and the items' "key"s.
 
-    An item is {"key", "image" (or None), "conversations": the turns up to the user turn to answer}.
+    An item is {"key", "image" (or None) or "images", "conversations": the turns up to the user turn to
+    answer}.
     """
 
     encoder: ChatEncoder
-    image_processor: object
-    pad_token_id: int
 
     def __call__(self, items: list[dict]) -> dict:
-        prompts = [self.encoder.encode_prompt(to_messages(it["conversations"],
-                                                          has_image=it.get("image") is not None))
-                   for it in items]
-        batch = {**pad_batch([{"input_ids": p} for p in prompts], self.pad_token_id, left=True),
-                 "keys": [it["key"] for it in items]}
-        pixel_values = _pixel_values(self.image_processor, items)
-        if pixel_values is not None:
-            batch["pixel_values"] = pixel_values
-        return batch
+        images = _images(items)
+        texts = [self.encoder.prompt_text(to_messages(it["conversations"], n_images=len(imgs)))
+                 for it, imgs in zip(items, images, strict=True)]
+        return {**self.encoder.process(texts, images, padding_side="left"), "keys": [it["key"] for it in items]}

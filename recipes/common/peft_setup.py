@@ -1,10 +1,10 @@
 """LoRA, freezing and per-module learning rates for the vision-language models the recipes train.
 
-Every model is split into components by parameter-name prefix (names as in transformers 5.23):
+Every model is split into components, found from its structure (`find_components`):
   vision    the image encoder        bridge    what feeds it to the LM    language  the LM (CLIP: text tower)
 Parameters outside all three (CLIP's logit_scale) are "other". Typical use in a train.py:
 
-    model = apply_peft(model, peft_args)    # LoRA on the LM projections; peft freezes the rest
+    model = apply_peft(model, peft_args)    # LoRA on the LM's linear layers; peft freezes the rest
     apply_freezing(model, freeze_args)      # then (un)freeze vision tower / last N layers / bridge / LM
     print(count_parameters(model))
     # RecipeTrainer(learning_rates=...) builds its optimizer from param_groups(model, learning_rates, ...)
@@ -21,97 +21,106 @@ from .args import FreezeArguments, LearningRateArguments, PeftArguments
 
 COMPONENTS = ("vision", "bridge", "language")
 
-# Parameter-name prefixes of each component, keyed by config.model_type.
-COMPONENT_PREFIXES = {
-    "blip-2": {
-        "vision": ("vision_model",),
-        "bridge": ("query_tokens", "qformer", "language_projection"),
-        "language": ("language_model",),  # OPT / Flan-T5, with its (tied) lm_head inside
-    },
-    "llava": {
-        "vision": ("model.vision_tower",),
-        "bridge": ("model.multi_modal_projector",),
-        "language": ("model.language_model", "lm_head"),
-    },
-    "clip": {
-        "vision": ("vision_model", "visual_projection"),
-        "bridge": (),
-        "language": ("text_model", "text_projection"),
-    },
-    # recipes/soft_prompt_caption: frozen CLIP vision + frozen causal LM; the soft prompt and projection
-    # train.
-    "soft-prompt-captioner": {
-        "vision": ("vision_model",),
-        "bridge": ("soft_prompt", "projection"),
-        "language": ("language_model",),
-    },
-}
-
-# The vision encoder's list of transformer layers, for "unfreeze the last N layers".
-VISION_LAYERS = {
-    "blip-2": "vision_model.encoder.layers",
-    "llava": "model.vision_tower.encoder.layers",
-    "clip": "vision_model.encoder.layers",
-    "soft-prompt-captioner": "vision_model.encoder.layers",  # a CLIPVisionModel keeps its encoder at the top
-}
-
-# Leaf names of the linear layers LoRA wraps by default, keyed by the model_type of the sub-model
-# (config.text_config / config.vision_config): decoder LMs get attention + MLP, encoders attention only.
-# The names recur in other components (BLIP-2's vision MLP has fc1/fc2, LLaVA's CLIP tower has q_proj),
-# so the default target is always a regex limited to the component's prefix.
-_LLAMA_LIKE = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-_CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
-LORA_LEAVES = {
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),  # BLIP-2 OPT
-    "t5": ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),  # BLIP-2 Flan-T5
-    "llama": _LLAMA_LIKE,
-    "mistral": _LLAMA_LIKE,
-    "qwen2": _LLAMA_LIKE,
-    "gpt2": ("c_attn", "c_proj", "c_fc"),  # fused qkv, attention and MLP output, MLP input (Conv1D layers)
-    "clip_text_model": _CLIP_ATTENTION,
-    "clip_vision_model": _CLIP_ATTENTION,
-    "siglip_vision_model": _CLIP_ATTENTION,
-    "blip_2_vision_model": ("qkv", "projection"),
-}
-# Which sub-config describes a component.
-SUB_CONFIG = {"language": "text_config", "vision": "vision_config"}
-
-# Where LoRA goes when the caller names no component: the LM for generative models, both towers for CLIP.
-DEFAULT_LORA_COMPONENTS = {"blip-2": ("language",), "llava": ("language",), "clip": ("vision", "language"),
-                           "soft-prompt-captioner": ("language",)}
+# Where a family keeps its projector inside the vision tower's module (keyed by config.model_type): Qwen's
+# patch merger(s) map vision features to the LM's width, the job other families give a separate projector.
+BRIDGE_INSIDE_VISION = {"qwen2_vl": ("merger",), "qwen2_5_vl": ("merger",),
+                        "qwen3_vl": ("merger", "deepstack_merger_list")}
+# A dual encoder's projection heads belong to their towers; its other top-level parameters (temperature,
+# bias) are "other".
+TOWER_HEADS = {"visual_projection": "vision", "text_projection": "language"}
 
 # peft prefixes parameter names of a PeftModel with this; strip it to classify them like the base model's.
 PEFT_PREFIX = "base_model.model."
 
 
-def model_type(model: torch.nn.Module) -> str:
-    """config.model_type of a (possibly peft-wrapped) model, checked to be one this module knows."""
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    name = getattr(getattr(base, "config", None), "model_type", None)
-    if name not in COMPONENT_PREFIXES:
-        raise ValueError(
-            f"{type(base).__name__} (model_type={name!r}) has no component map; known model types: "
-            f"{sorted(COMPONENT_PREFIXES)}. Add its prefixes to COMPONENT_PREFIXES in "
-            "recipes/common/peft_setup.py."
-        )
-    return name
+def _base(model: torch.nn.Module) -> torch.nn.Module:
+    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def _base_name(name: str) -> str:
-    return name[len(PEFT_PREFIX) :] if name.startswith(PEFT_PREFIX) else name
+    return name.removeprefix(PEFT_PREFIX)
 
 
 def _has_prefix(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
 
-def component_of(name: str, arch: str) -> str:
-    """'vision', 'bridge', 'language' or 'other' for a parameter or module name of a model of type `arch`."""
-    name = _base_name(name)
-    for component, prefixes in COMPONENT_PREFIXES[arch].items():
-        if any(_has_prefix(name, p) for p in prefixes):
-            return component
-    return "other"
+@dataclass(frozen=True)
+class Components:
+    """Module-name prefixes (base-model names) of a model's vision tower, bridge and language model."""
+
+    vision: tuple[str, ...]
+    bridge: tuple[str, ...]
+    language: tuple[str, ...]
+    output: str | None  # the LM head of a generative model (None: a dual encoder)
+
+    def of(self, name: str) -> str:
+        """'vision', 'bridge', 'language' or 'other' for a parameter or module name (peft's names too)."""
+        name = _base_name(name)
+        for component in ("bridge", "vision", "language"):  # a bridge may sit inside the vision tower
+            if any(_has_prefix(name, p) for p in getattr(self, component)):
+                return component
+        return "other"
+
+
+def find_components(model: torch.nn.Module) -> Components:
+    """The components of `model`, from its structure: the submodule built from `config.vision_config` is the
+    vision tower, the one built from `config.text_config` (with the output embeddings) the language model,
+    and what else the model holds the bridge (generative models) or "other" (dual encoders, TOWER_HEADS
+    aside). One table, BRIDGE_INSIDE_VISION, names the families whose projector lives inside the tower.
+    """
+    base = _base(model)
+    config = getattr(base, "config", None)
+    if config is None:
+        raise ValueError(f"{type(base).__name__} has no transformers config: its components cannot be found.")
+    sub = {"vision": getattr(config, "vision_config", None), "language": getattr(config, "text_config", None)}
+    found = {"vision": [], "language": []}
+    for name, module in base.named_modules():
+        if not name or any(_has_prefix(name, p) for p in found["vision"] + found["language"]):
+            continue
+        for component, sub_config in sub.items():
+            if sub_config is not None and getattr(module, "config", None) is sub_config:
+                found[component].append(name)
+    if not found["vision"] or not found["language"]:
+        raise ValueError(
+            f"{type(base).__name__} (model_type={config.model_type!r}): no submodule built from its "
+            "config.vision_config and config.text_config, so its vision tower and language model cannot be "
+            "told apart. The recipes train vision-language models with both sub-configs."
+        )
+    output = getattr(base, "get_output_embeddings", lambda: None)()
+    output_name = next((n for n, m in base.named_modules() if output is not None and m is output), None)
+    if output_name is not None and not any(_has_prefix(output_name, p) for p in found["language"]):
+        found["language"].append(output_name)
+    inside = [f"{v}.{leaf}" for v in found["vision"] for leaf in BRIDGE_INSIDE_VISION.get(config.model_type, ())]
+    modules = dict(base.named_modules())
+    bridge = [n for n in inside if n in modules]
+    rest = _outside(base, found["vision"] + found["language"])
+    if output_name is None:  # a dual encoder
+        for name in rest:
+            if name in TOWER_HEADS:
+                found[TOWER_HEADS[name]].append(name)
+    else:
+        bridge += rest
+    return Components(tuple(found["vision"]), tuple(bridge), tuple(found["language"]), output_name)
+
+
+def _outside(base: torch.nn.Module, taken: list[str]) -> list[str]:
+    """The largest submodules and the parameters of `base` outside every prefix in `taken`."""
+    out = []
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        out.extend(f"{prefix}{n}" for n, _ in module.named_parameters(recurse=False))
+        for n, child in module.named_children():
+            full = f"{prefix}{n}"
+            if full in taken:
+                continue
+            if any(t.startswith(full + ".") for t in taken):
+                walk(full + ".", child)
+            elif any(True for _ in child.parameters()):
+                out.append(full)
+
+    walk("", base)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------- LoRA
@@ -120,30 +129,44 @@ def component_of(name: str, arch: str) -> str:
 def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | None = None) -> str:
     """The default LoRA target for `model`: a regex over full module names, limited to `components`.
 
-    peft treats a string `target_modules` as a regex that must fullmatch the module name, which is what
-    keeps e.g. BLIP-2's vision fc1/fc2 out of an LM-only adapter.
+    By structure: in a generative model's language model, every linear layer but the LM head; in an
+    encoder (a vision tower, a dual encoder's text tower), the linear layers of its attention modules.
+    Default components: the LM of a generative model, both towers of a dual encoder. peft treats a string
+    `target_modules` as a regex that must fullmatch the module name.
     """
-    arch = model_type(model)
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    components = DEFAULT_LORA_COMPONENTS[arch] if components is None else tuple(components)
-    # Only prefixes that contain submodules can hold a target (not lm_head, visual_projection, query_tokens).
-    containers = {name.rsplit(".", 1)[0] for name, _ in base.named_modules() if "." in name}
-    prefixes, leaves = [], []
+    from transformers.pytorch_utils import Conv1D
+
+    base = _base(model)
+    parts = find_components(base)
+    generative = parts.output is not None
+    if components is None:
+        components = ("language",) if generative else ("vision", "language")
     for component in components:
-        if component not in SUB_CONFIG:
+        if component not in ("vision", "language"):
             raise ValueError(f"No default LoRA targets for component {component!r}; choose from "
-                             f"{sorted(SUB_CONFIG)}.")
-        sub_type = getattr(base.config, SUB_CONFIG[component]).model_type
-        if sub_type not in LORA_LEAVES:
-            raise ValueError(
-                f"No default LoRA targets for a {component} model of type {sub_type!r}: set "
-                f"lora_target_modules. Linear layer names in this model: {_linear_leaf_names(base)}."
-            )
-        prefixes += [p for p in COMPONENT_PREFIXES[arch][component] if p in containers]
-        leaves += [leaf for leaf in LORA_LEAVES[sub_type] if leaf not in leaves]
-    prefix_re = "|".join(re.escape(p) for p in prefixes)
-    leaf_re = "|".join(re.escape(leaf) for leaf in leaves)
-    return rf"(?:{prefix_re})\..*\.(?:{leaf_re})"
+                             "['language', 'vision'].")
+    modules = dict(base.named_modules())
+    targets = []
+    for name, module in modules.items():
+        if not isinstance(module, (torch.nn.Linear, Conv1D)) or name == parts.output:
+            continue
+        component = parts.of(name)
+        if component not in components:
+            continue
+        parent = modules[name.rsplit(".", 1)[0]] if "." in name else base
+        if (component == "language" and generative) or type(parent).__name__.endswith("Attention"):
+            targets.append(name)
+    if not targets:
+        raise ValueError(f"no linear layer found for LoRA in {components} of {type(base).__name__}: set "
+                         f"lora_target_modules. Linear layer names in this model: {_linear_leaf_names(base)}.")
+    # A compact regex (component prefixes x leaf names) when it selects exactly these modules, else the names.
+    prefixes = [p for c in components for p in getattr(parts, c) if any(_has_prefix(t, p) for t in targets)]
+    leaves = list(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))
+    compact = (rf"(?:{'|'.join(re.escape(p) for p in prefixes)})\..*\."
+               rf"(?:{'|'.join(re.escape(leaf) for leaf in leaves)})")
+    if {n for n in modules if re.fullmatch(compact, n)} == set(targets):
+        return compact
+    return "|".join(re.escape(t) for t in targets)
 
 
 def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
@@ -243,25 +266,24 @@ def _set_trainable(model: torch.nn.Module, names: set[str], trainable: bool) -> 
 def vision_layer_names(model: torch.nn.Module) -> list[str]:
     """Base-model names of the vision encoder layers whose output the model uses, first to last.
 
-    LLaVA reads image features from `vision_feature_layer` (-2 by default), so the layers after it get no
-    gradient; they are left out so that "the last N layers" means the last N that matter.
+    The layers are the vision tower's longest list of blocks. Models that read image features from an
+    earlier layer (`vision_feature_layer`, -2 in LLaVA) give the layers after it no gradient; they are
+    left out so that "the last N layers" means the last N that matter.
     """
-    arch = model_type(model)
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    try:
-        layers = base.get_submodule(VISION_LAYERS[arch])
-    except AttributeError:
-        raise ValueError(
-            f"{type(base).__name__} has no {VISION_LAYERS[arch]} (a different vision tower?); "
-            "fix VISION_LAYERS in recipes/common/peft_setup.py."
-        ) from None
+    base = _base(model)
+    parts = find_components(base)
+    lists = [(name, m) for name, m in base.named_modules()
+             if isinstance(m, torch.nn.ModuleList) and parts.of(name) == "vision" and len(m) > 0]
+    if not lists:
+        raise ValueError(f"{type(base).__name__}: no list of layers in its vision tower {parts.vision}.")
+    prefix, layers = max(lists, key=lambda item: len(item[1]))
     n_used = len(layers)
-    if arch == "llava":
-        feature_layers = base.config.vision_feature_layer
+    feature_layers = getattr(base.config, "vision_feature_layer", None)
+    if feature_layers is not None:
         feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
         # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k-1.
         n_used = max(k if k >= 0 else len(layers) + 1 + k for k in feature_layers)
-    return [f"{VISION_LAYERS[arch]}.{i}" for i in range(n_used)]
+    return [f"{prefix}.{i}" for i in range(n_used)]
 
 
 def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None:
@@ -270,10 +292,10 @@ def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None
     A flag that is None leaves its component as it is (see FreezeArguments). Apply after `apply_peft`,
     since peft freezes every base weight when it wraps the model.
     """
-    arch = model_type(model)
+    parts = find_components(model)
     by_component = {c: set() for c in (*COMPONENTS, "other")}
     for name, _ in model.named_parameters():
-        by_component[component_of(name, arch)].add(name)
+        by_component[parts.of(name)].add(name)
 
     flags = {
         "vision": freeze_args.freeze_vision_tower,
@@ -324,7 +346,7 @@ def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, 
     Only trainable parameters are included; empty groups are dropped. Each group has a "name" key
     ("vision", "vision_no_decay", ...) for logging. `RecipeTrainer` puts them into its optimizer.
     """
-    arch = model_type(model)
+    parts = find_components(model)
     lrs = {"vision": learning_rates.vision_lr, "bridge": learning_rates.bridge_lr,
            "language": learning_rates.lm_lr, "other": None}
     no_decay = _no_decay_names(model)
@@ -332,7 +354,7 @@ def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, 
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        component = component_of(name, arch)
+        component = parts.of(name)
         decays = name not in no_decay
         key = component if decays else f"{component}_no_decay"
         if key not in groups:
@@ -374,10 +396,10 @@ class ParameterCounts:
 def count_parameters(model: torch.nn.Module) -> ParameterCounts:
     """Trainable / total parameters per component (vision, bridge, language, other); tied weights count
     once."""
-    arch = model_type(model)
+    parts = find_components(model)
     rows = {c: [0, 0] for c in (*COMPONENTS, "other")}
     for name, param in model.named_parameters():
-        row = rows[component_of(name, arch)]
+        row = rows[parts.of(name)]
         row[1] += _numel(param)
         if param.requires_grad:
             row[0] += _numel(param)
@@ -391,14 +413,13 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
     train and then be lost at save. So a trained bridge (LLaVA's projector) and trained vision layers
     go there instead. Parameters that are not in a submodule (BLIP-2's query_tokens) cannot.
     """
-    arch = model_type(model)
-    base = model.get_base_model() if isinstance(model, PeftModel) else model
-    modules = {name for name, _ in base.named_modules()}
+    parts = find_components(model)
+    modules = {name for name, _ in _base(model).named_modules()}
     names = []
     if freeze_args.freeze_bridge is False:
-        names += [p for p in COMPONENT_PREFIXES[arch]["bridge"] if p in modules]
+        names += [p for p in parts.bridge if p in modules]
     if freeze_args.freeze_vision_tower is False:
-        names += [p for p in COMPONENT_PREFIXES[arch]["vision"] if p in modules]
+        names += [p for p in parts.vision if p in modules]
     elif freeze_args.unfreeze_last_n_vision_layers > 0:
         used = vision_layer_names(model)
         if freeze_args.unfreeze_last_n_vision_layers > len(used):

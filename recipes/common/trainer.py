@@ -34,7 +34,15 @@ from .losses import label_positions_only
 from .peft_setup import param_groups
 
 
-def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_id: int) -> dict:
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokenizer's eos and the model's generation_config eos (chat models often add their end-of-turn
+    token there, e.g. Gemma's <end_of_turn>): generation stops at any of them."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    return list(dict.fromkeys([i for i in [tokenizer.eos_token_id, *configured] if i is not None]))
+
+
+def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_id: int | list[int]) -> dict:
     """`generate()` keyword arguments from the decode options."""
     kwargs = dict(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.do_sample,
                   pad_token_id=pad_token_id, eos_token_id=eos_token_id)
@@ -150,7 +158,7 @@ class RecipeTrainer(Trainer):
         loader = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size,
                             collate_fn=self.generation.collator)
         tok = self.generation.tokenizer
-        kwargs = generate_kwargs(self.generation.args, tok.pad_token_id, tok.eos_token_id)
+        kwargs = generate_kwargs(self.generation.args, tok.pad_token_id, stop_token_ids(model, tok))
         out = []
         for batch in tqdm(loader, desc="generating", disable=not self.is_local_process_zero()):
             keys = batch.pop("keys")

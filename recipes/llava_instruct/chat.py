@@ -16,38 +16,39 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.chat import ChatEncoder, to_messages
 from recipes.common.merge import load_run
 from recipes.common.models import resolve_model_path
+from recipes.common.trainer import stop_token_ids
 
 
 def load(model: str, dtype: str = "float32"):
     """(model, processor) of a run folder or checkpoint, or of a Hub id / tiny:<name>."""
     path = resolve_model_path(model)
     if Path(path).is_dir():
-        return load_run(path, LlavaForConditionalGeneration, dtype)
-    return (LlavaForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, dtype)).eval(),
+        return load_run(path, AutoModelForImageTextToText, dtype)
+    return (AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval(),
             AutoProcessor.from_pretrained(path))
 
 
 @torch.no_grad()
 def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image,
            max_new_tokens: int = 128) -> str:
-    """Greedy answer to the last human turn of `turns` (LLaVA conversation format) about `image`."""
-    ids = encoder.encode_prompt(to_messages(turns, has_image=image is not None))
-    inputs = {"input_ids": torch.tensor([ids], device=model.device)}
-    if image is not None:
-        pixel_values = processor.image_processor([image], return_tensors="pt")["pixel_values"]
-        inputs["pixel_values"] = pixel_values.to(model.device, model.dtype)
+    """Greedy answer to the last human turn of `turns` (LLaVA conversation format) about `image` (or None)."""
+    images = [] if image is None else [image]
+    prompt = encoder.prompt_text(to_messages(turns, n_images=len(images)))
+    inputs = encoder.process([prompt], [images], padding_side="left").to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     tok = processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                         eos_token_id=tok.eos_token_id)
-    return tok.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+                         eos_token_id=stop_token_ids(model, tok))
+    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def main(argv=None) -> int:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import LlavaForConditionalGeneration, TrainingArguments
+from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
 from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
@@ -85,8 +85,8 @@ def main(argv=None):
                              f"{args.learning_rate.bridge_lr} name the same learning rate; give one of them.")
         args.learning_rate.bridge_lr = args.instruct.projector_lr
     if args.data.image_size:
-        raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own "
-                         "image size; images are resized to it by the processor.")
+        raise ValueError("--image_size: the model's processor sizes the images for its vision tower; set "
+                         "its options in the checkpoint's preprocessor_config.json instead.")
     task = args.instruct.data_task or ("caption" if args.instruct.stage == "pretrain" else "instruct")
 
     # Data: the embedded synthetic set unless files are given. Stage 1's images are scenes of another seed.
@@ -97,9 +97,7 @@ def main(argv=None):
 
     # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
-    model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, args.model)
-    tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model, processor = load_model_and_processor(AutoModelForImageTextToText, model_path, args.model)
     encoder = ChatEncoder(processor)
 
     # What trains. Stage 1: the projector alone. Stage 2: the projector with LoRA on the LM (or the whole
@@ -141,11 +139,11 @@ def main(argv=None):
 
     trainer = InstructTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=ChatCollator(image_processor, pad_token_id, args.chat_batch.padding_free),
+        data_collator=ChatCollator(encoder, args.chat_batch.padding_free),
         processing_class=processor,
         generation=None if eval_items is None else GenerationEval(
-            eval_items, ChatPromptCollator(encoder, image_processor, pad_token_id),
-            functools.partial(instruct_scores, lang=args.data.lang), args.generation_eval, tokenizer),
+            eval_items, ChatPromptCollator(encoder),
+            functools.partial(instruct_scores, lang=args.data.lang), args.generation_eval, processor.tokenizer),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
     return train_and_evaluate(trainer, dict(

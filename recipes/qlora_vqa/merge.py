@@ -6,7 +6,7 @@ checkpoint.
 
 The base is quantized as in training (the run's quantization_config.json) and dequantized, so the
 LoRA deltas are added to the weights they were trained against, not to the original 16-bit ones.
-The merged folder loads with `LlavaForConditionalGeneration.from_pretrained` (no bitsandbytes
+The merged folder loads with `AutoModelForImageTextToText.from_pretrained` (no bitsandbytes
 needed) and gives the outputs of the quantized base + adapter, up to the rounding of --dtype
 (recipes/common/quantization.py; tests/test_qlora_recipe.py checks it). A run trained on an
 unquantized base (--load_in_4bit false) has no quantization_config.json and is merged as it is.
@@ -14,7 +14,7 @@ unquantized base (--load_in_4bit false) has no quantization_config.json and is m
 
 from pathlib import Path
 
-from transformers import LlavaForConditionalGeneration
+from transformers import AutoModelForImageTextToText
 
 from recipes.common.merge import merge_cli, merge_run
 from recipes.common.quantization import QUANTIZATION_FILE, merge_quantized_run
@@ -22,7 +22,7 @@ from recipes.common.quantization import QUANTIZATION_FILE, merge_quantized_run
 
 def merge(args) -> Path:
     merge_fn = merge_quantized_run if (Path(args.run) / QUANTIZATION_FILE).exists() else merge_run
-    return merge_fn(args.run, args.out, LlavaForConditionalGeneration, args.dtype)
+    return merge_fn(args.run, args.out, AutoModelForImageTextToText, args.dtype)
 
 
 def main(argv=None):

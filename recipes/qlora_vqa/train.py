@@ -23,14 +23,14 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import LlavaForConditionalGeneration, TrainingArguments
+from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
                                  tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model_and_processor, resolve_model_path
-from recipes.common.peft_setup import COMPONENT_PREFIXES, apply_lora_and_freezing, count_parameters
+from recipes.common.models import load_model_and_processor, resolve_model_path, unquantized_modules
+from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.quantization import (fall_back_to_cpu_optimizer, prepare_quantized_for_training,
                                          weight_bytes)
 from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
@@ -41,10 +41,6 @@ from recipes.qlora_vqa.trainer import VqaTrainer
 
 logger = logging.getLogger(__name__)
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
-# Kept in 16/32-bit (QLoRA quantizes the LM only): the vision tower and projector are small next to a 7B LM
-# (4% and 0.3% of LLaVA-1.5-7B), and the LM head decides every output token. Full module-name prefixes:
-# transformers 5 matches skip names from the start of the name or as a suffix, not anywhere inside it.
-UNQUANTIZED = [*COMPONENT_PREFIXES["llava"]["vision"], *COMPONENT_PREFIXES["llava"]["bridge"], "lm_head"]
 
 
 @dataclass
@@ -68,8 +64,8 @@ def main(argv=None):
         raise ValueError("--peft_method none with --load_in_4bit/--load_in_8bit: quantized weights cannot "
                          "train. Use LoRA, or load the model unquantized (--load_in_4bit false).")
     if args.data.image_size:
-        raise ValueError("--image_size: LLaVA's vision tower has one position embedding per patch of its own "
-                         "image size; images are resized to it by the processor.")
+        raise ValueError("--image_size: the model's processor sizes the images for its vision tower; set "
+                         "its options in the checkpoint's preprocessor_config.json instead.")
     fall_back_to_cpu_optimizer(args.training)
 
     # Data: the embedded synthetic set unless files are given.
@@ -82,10 +78,10 @@ def main(argv=None):
     # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny/pretrain.py).
     # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
-    model, processor = load_model_and_processor(LlavaForConditionalGeneration, model_path, args.model,
-                                                skip_quantization=UNQUANTIZED)
-    tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # QLoRA quantizes the LM only: vision tower, projector and LM head stay in 16/32-bit.
+    model, processor = load_model_and_processor(
+        AutoModelForImageTextToText, model_path, args.model,
+        skip_quantization=unquantized_modules(AutoModelForImageTextToText, model_path, args.model))
     encoder = ChatEncoder(processor)
 
     # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are
@@ -116,11 +112,11 @@ def main(argv=None):
 
     trainer = VqaTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=ChatCollator(image_processor, pad_token_id, args.chat_batch.padding_free),
+        data_collator=ChatCollator(encoder, args.chat_batch.padding_free),
         processing_class=processor,
         generation=None if eval_items is None else GenerationEval(
-            eval_items, ChatPromptCollator(encoder, image_processor, pad_token_id), vqa_scores,
-            args.generation_eval, tokenizer),
+            eval_items, ChatPromptCollator(encoder), vqa_scores,
+            args.generation_eval, processor.tokenizer),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
 

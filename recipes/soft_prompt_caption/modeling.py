@@ -202,6 +202,10 @@ class SoftPromptCaptioner(PreTrainedModel):
         self.soft_prompt.copy_(embeddings[ids.to(embeddings.device)].to(self.soft_prompt.dtype))
 
     # --- forward ------------------------------------------------------------------------------------------
+    def get_output_embeddings(self) -> torch.nn.Module:
+        """The language model's head: what makes this a generative model to the shared LoRA set-up."""
+        return self.language_model.get_output_embeddings()
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Vision vectors before the projection: [batch, num_vision_tokens, vision hidden size].
 

@@ -19,8 +19,6 @@ the generation config stops on `<eos>` and `<end_of_turn>`.
 
 from __future__ import annotations
 
-import torch
-
 from ..models import _fast_tokenizer, train_byte_bpe
 from .smolvlm import init_patch_positions
 
@@ -97,10 +95,6 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_size=8, 
     model = Gemma3ForConditionalGeneration(config)
     init_patch_positions(model.model.vision_tower.embeddings.position_embedding,
                          IMAGE_SIZE // patch_size)
-    # transformers starts the projection at zero (a checkpoint overwrites it); at zero the image adds
-    # nothing and the vision tower gets no gradient until the projection has moved.
-    with torch.no_grad():
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=config.initializer_range)
     model.generation_config = GenerationConfig(bos_token_id=ids["<bos>"], pad_token_id=ids["<pad>"],
                                                eos_token_id=[ids["<eos>"], ids["<end_of_turn>"]])
     image_processor = Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},

@@ -95,6 +95,7 @@ class EncodedConversation:
     turn_chars: list[int]
     image_end: int
     eos_added: int = 0
+    suffix: str | None = None  # the answer, for processors that take it apart (PrefixSuffixEncoder)
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
@@ -150,7 +151,10 @@ class ChatEncoder:
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.image_ids = image_token_ids(processor)
         self.eos_token_id = self.tokenizer.eos_token_id
-        self.specials = tuple(t for t in self.tokenizer.all_special_tokens if t)
+        # Tokens that can end a turn: the special tokens, and the added ones marked special (<end_of_turn>).
+        added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
+        self.specials = tuple({*filter(None, self.tokenizer.all_special_tokens),
+                               *(t.content for t in added if t.special)})
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as the chat template writes it, with one image placeholder per image."""
@@ -168,9 +172,10 @@ class ChatEncoder:
         bos = self.tokenizer.bos_token
         return not (bos and text.startswith(bos))
 
-    def process(self, texts: list[str], images: list[list], padding_side: str = "right") -> dict:
+    def process(self, texts: list[str], images: list[list], padding_side: str = "right",
+                suffixes: list[str] | None = None) -> dict:
         """The processor's batch for `texts` and each text's images (a list per text), padded."""
-        kwargs = {}
+        kwargs = {} if suffixes is None else {"suffix": suffixes}
         if any(images):
             kwargs["images"] = images if len(texts) > 1 else images[0]
         try:
@@ -274,6 +279,63 @@ class ChatEncoder:
         return self.process([self.prompt_text(messages)], [list(images or [])])["input_ids"][0].tolist()
 
 
+class PrefixSuffixEncoder(ChatEncoder):
+    """For a processor that takes a prefix and the answer as `suffix=` instead of a chat template (PaliGemma):
+    it writes the image tokens, bos, the prefix and a newline, then the suffix and eos, and labels the
+    suffix alone. A conversation becomes one sample: the prefix is the text of every turn before the last
+    answer (earlier answers are context), the suffix the last answer.
+    """
+
+    def __init__(self, processor):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.image_ids = image_token_ids(processor)
+
+    @staticmethod
+    def _split(messages: list[dict]) -> tuple[str, str | None, int]:
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        context = messages if last is None or messages[-1]["role"] != "assistant" else messages[:last]
+        prefix = "\n".join(p["text"] for m in context for p in m["content"] if p["type"] == "text")
+        n_images = sum(p["type"] == "image" for m in messages for p in m["content"])
+        return prefix, None if context is messages else _answer(messages[last]), n_images
+
+    def add_special_tokens(self, text: str) -> bool:
+        return True
+
+    def prompt_text(self, messages: list[dict]) -> str:
+        prefix, _, n_images = self._split(messages)
+        return self.processor.image_token * n_images + prefix
+
+    def encode(self, messages: list[dict], images: list | None = None,
+               add_generation_prompt: bool = False) -> EncodedConversation:
+        images = list(images or [])
+        prefix, suffix, n_images = self._split(messages)
+        if not images or n_images != len(images):
+            raise ValueError(f"{type(self.processor).__name__} needs every sample to have its image(s): "
+                             f"{n_images} image part(s) for {len(images)} image(s)")
+        if suffix is None or add_generation_prompt:
+            raise ValueError("a training sample needs an answer after the last user turn")
+        text = self.processor.image_token * n_images + prefix
+        batch = self.process([text], [images], suffixes=[suffix])
+        ids = batch["input_ids"][0].tolist()
+        labels = [t if kind else IGNORE_INDEX for t, kind in zip(ids, batch["token_type_ids"][0].tolist(),
+                                                                  strict=True)]
+        image_end = max((i + 1 for i, t in enumerate(ids) if t in self.image_ids), default=0)
+        return EncodedConversation(text, ids, labels, [len(ids)], [len(text)], image_end, suffix=suffix)
+
+
+def _answer(message: dict) -> str:
+    return "\n".join(p["text"] for p in message["content"] if p["type"] == "text")
+
+
+def chat_encoder(processor) -> ChatEncoder:
+    """The encoder for `processor`: its chat template, or its prefix + `suffix=` (PaliGemma)."""
+    import inspect
+
+    if getattr(processor, "chat_template", None) or "suffix" not in inspect.signature(processor.__call__).parameters:
+        return ChatEncoder(processor)  # raises for a processor without a chat template
+    return PrefixSuffixEncoder(processor)
+
+
 @dataclass
 class ChatLengthReport:
     """What the length budget did to a set of conversations; printed before training."""
@@ -341,7 +403,7 @@ def tokenize_conversations(records: datasets.Dataset, encoder: ChatEncoder, max_
             continue
         text, ids, labels = fitted
         rows.append({"images": paths, "text": text, "input_ids": ids, "labels": labels, "length": len(ids),
-                     "has_image": bool(paths)})
+                     "has_image": bool(paths), **({} if enc.suffix is None else {"suffix": enc.suffix})})
     if not rows:
         raise ValueError(f"{source}: no conversation fits in max_length={max_length} ({report}); raise "
                          "--max_length")
@@ -392,7 +454,8 @@ class ChatCollator:
     padding_free: bool = False
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        batch = dict(self.encoder.process([f["text"] for f in features], _images(features)))
+        suffixes = [f["suffix"] for f in features] if "suffix" in features[0] else None
+        batch = dict(self.encoder.process([f["text"] for f in features], _images(features), suffixes=suffixes))
         ids = batch["input_ids"]
         width = ids.shape[1]
         labels = torch.full_like(ids, IGNORE_INDEX)

@@ -20,7 +20,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
-from recipes.common.chat import ChatEncoder, to_messages
+from recipes.common.chat import ChatEncoder, chat_encoder, to_messages
 from recipes.common.merge import load_run
 from recipes.common.models import resolve_model_path
 from recipes.common.trainer import stop_token_ids
@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     model, processor = load(args.model, args.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
-    encoder = ChatEncoder(processor)
+    encoder = chat_encoder(processor)
     image = load_image(args.image) if args.image else None
     first = f"{IMAGE_TOKEN}\n" if image is not None else ""
     if args.prompt is not None:

@@ -33,8 +33,13 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
 from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
-from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
-                                 tokenize_conversations)
+from recipes.common.chat import (
+    ChatBatchArguments,
+    ChatCollator,
+    ChatPromptCollator,
+    chat_encoder,
+    tokenize_conversations,
+)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
@@ -98,7 +103,7 @@ def main(argv=None):
     # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
     model, processor = load_model_and_processor(AutoModelForImageTextToText, model_path, args.model)
-    encoder = ChatEncoder(processor)
+    encoder = chat_encoder(processor)
 
     # What trains. Stage 1: the projector alone. Stage 2: the projector with LoRA on the LM (or the whole
     # LM); a trained projector / trained vision layers are saved with the adapter through modules_to_save.

@@ -26,17 +26,30 @@ from pathlib import Path
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
-from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatEncoder, ChatPromptCollator,
-                                 tokenize_conversations)
+from recipes.common.chat import (
+    ChatBatchArguments,
+    ChatCollator,
+    ChatPromptCollator,
+    chat_encoder,
+    tokenize_conversations,
+)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path, unquantized_modules
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
-from recipes.common.quantization import (fall_back_to_cpu_optimizer, prepare_quantized_for_training,
-                                         weight_bytes)
+from recipes.common.quantization import (
+    fall_back_to_cpu_optimizer,
+    prepare_quantized_for_training,
+    weight_bytes,
+)
 from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
-from recipes.qlora_vqa.collator import (SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items,
-                                        vqa_scores)
+from recipes.qlora_vqa.collator import (
+    SHORT_ANSWER_PROMPT,
+    prior_predictions,
+    vqa_conversations,
+    vqa_items,
+    vqa_scores,
+)
 from recipes.qlora_vqa.trainer import VqaTrainer
 
 logger = logging.getLogger(__name__)
@@ -82,7 +95,7 @@ def main(argv=None):
     model, processor = load_model_and_processor(
         AutoModelForImageTextToText, model_path, args.model,
         skip_quantization=unquantized_modules(AutoModelForImageTextToText, model_path, args.model))
-    encoder = ChatEncoder(processor)
+    encoder = chat_encoder(processor)
 
     # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are
     # saved with the adapter through modules_to_save. Then only what trains is cast to float32.

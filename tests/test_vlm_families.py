@@ -1,0 +1,186 @@
+"""The chat recipes on every VLM family they support, through the same code: tiny models of the real classes
+(`tiny:<model_type>`), loaded with AutoModelForImageTextToText + AutoProcessor.
+
+Per family: the labels are exactly each answer and its end-of-turn token (checked against the answers' own
+text, not the masking code); a padded batch gives every sample the logits it gets alone (position ids,
+M-RoPE and image inputs right under padding); over-fitting one batch lowers the loss; LoRA lands on the
+language model's linear layers only, and a merged model generates what adapter + base generate; QLoRA
+keeps the vision tower, projector and LM head unquantized; `chat.answer` gives the eval collator's answer.
+"""
+
+import copy
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from recipes.common.args import ModelArguments, PeftArguments
+from recipes.common.chat import (ChatCollator, ChatPromptCollator, PrefixSuffixEncoder, chat_encoder, to_messages,
+                                 tokenize_conversations)
+from recipes.common.models import load_model_and_processor, resolve_model_path, unquantized_modules
+from recipes.common.peft_setup import apply_peft, find_components, lora_module_names, vision_layer_names
+from recipes.common.tiny import families
+
+FAMILIES = ["llava", *families.available()]
+# What each family's processor accepts beyond one image per sample.
+TEXT_ONLY = {f for f in FAMILIES if f != "paligemma"}  # PaliGemma's processor needs an image per sample
+MULTI_IMAGE = {f for f in FAMILIES if f != "paligemma"}
+
+CONVERSATION = [
+    {"from": "human", "value": "<image>\nwhat shape is it?"},
+    {"from": "gpt", "value": "a red circle."},
+    {"from": "human", "value": "where is it?"},
+    {"from": "gpt", "value": "top left."},
+]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    paths = {}
+    for name, size, colour in (("red", (64, 64), "red"), ("blue", (128, 96), "blue"), ("green", (96, 64), "green")):
+        paths[name] = str(folder / f"{name}.png")
+        Image.new("RGB", size, colour).save(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request):
+    name = request.param
+    try:
+        path = resolve_model_path(f"tiny:{name}")
+    except ImportError as e:  # a processor that needs a package this machine lacks (e.g. torchvision)
+        pytest.skip(f"tiny:{name} cannot be built here: {e}")
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_pretrained(path).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return name, path, model, processor, chat_encoder(processor)
+
+
+def _records(name, images, n=3):
+    rows = [{"image": images["red"], "conversations": CONVERSATION},
+            {"image": images["blue"], "conversations": CONVERSATION[:2]}]
+    if name in TEXT_ONLY:
+        rows.append({"image": None, "conversations": CONVERSATION[2:]})
+    if name in MULTI_IMAGE:
+        two = [{"from": "human", "value": "<image><image>\nsame colour?"}, {"from": "gpt", "value": "no."}]
+        rows.append({"images": [images["red"], images["green"]], "conversations": two})
+    return rows[:n] if n else rows
+
+
+def _runs(ids, labels):
+    runs, current = [], []
+    for token, label in zip(ids, labels):
+        if label != -100:
+            assert label == token
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    return runs + ([current] if current else [])
+
+
+def test_labels_are_each_answer_and_its_end_of_turn(family, images):
+    name, _, _, processor, encoder = family
+    tok = processor.tokenizer
+    samples, _ = tokenize_conversations(_records(name, images, n=None), encoder, None)
+    for sample, record in zip(samples, _records(name, images, n=None)):
+        answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+        if isinstance(encoder, PrefixSuffixEncoder):
+            answers = answers[-1:]  # the last answer is the suffix; earlier ones are context
+        learned = [tok.decode(run) for run in _runs(sample["input_ids"], sample["labels"])]
+        # Each learned span is the answer followed by exactly one end-of-turn token (special, not text).
+        assert len(learned) == len(answers)
+        for text, answer in zip(learned, answers):
+            assert text.strip().startswith(answer)
+            end = text.strip()[len(answer):]
+            assert end in encoder.specials if hasattr(encoder, "specials") else end == tok.eos_token, (text, answer)
+        image_tokens = [i for i, t in enumerate(sample["input_ids"]) if t in encoder.image_ids]
+        assert all(sample["labels"][i] == -100 for i in image_tokens)
+        assert bool(image_tokens) == bool(sample["images"]) or name == "mllama"
+
+
+def test_padded_batch_gives_each_sample_its_own_logits(family, images):
+    name, _, model, _, encoder = family
+    samples, _ = tokenize_conversations(_records(name, images, n=None), encoder, None)
+    features = list(samples)
+    batch = ChatCollator(encoder)(features)
+    with torch.no_grad():
+        together = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        for row, feature in enumerate(features):
+            alone = ChatCollator(encoder)([feature])
+            logits = model(**{k: v for k, v in alone.items() if k != "labels"}).logits[0]
+            n = len(feature["input_ids"])
+            torch.testing.assert_close(together[row, :n], logits[:n], atol=2e-4, rtol=1e-4)
+
+
+def test_overfitting_one_batch_lowers_the_loss(family, images):
+    name, _, model, _, encoder = family
+    samples, _ = tokenize_conversations(_records(name, images), encoder, None)
+    batch = ChatCollator(encoder)(list(samples))
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_lora_on_the_language_model_and_merge_generates_the_same(family, images):
+    name, _, model, _, encoder = family
+    parts = find_components(model)
+    assert parts.vision and parts.bridge and parts.output and vision_layer_names(model)
+    peft_model = apply_peft(copy.deepcopy(model), PeftArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0))
+    names = lora_module_names(peft_model)
+    assert names and all(parts.of(n) == "language" and n != parts.output for n in names)
+    torch.manual_seed(1)
+    for n, p in peft_model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # a trained-looking adapter: its effect is visible
+    items = [{"key": i, **r, "conversations": r["conversations"][:1]} for i, r in enumerate(_records(name, images))]
+    batch = ChatPromptCollator(encoder)(items)
+    batch.pop("keys")
+    greedy = {"max_new_tokens": 6, "do_sample": False, "min_new_tokens": 6}
+    with torch.no_grad():
+        adapted = peft_model.generate(**batch, **greedy)
+        merged_model = peft_model.merge_and_unload().eval()
+        merged = merged_model.generate(**batch, **greedy)
+        base = model.generate(**batch, **greedy)
+    assert torch.equal(adapted, merged)
+    assert not torch.equal(adapted, base)  # the adapter changed the answers
+
+
+def test_chat_answer_is_the_eval_collators_greedy_answer(family, images):
+    from recipes.llava_instruct.chat import answer
+    from recipes.common.trainer import stop_token_ids
+
+    name, _, model, processor, encoder = family
+    item = {"key": 0, "image": images["blue"], "conversations": CONVERSATION[:3]}
+    batch = ChatPromptCollator(encoder)([item])
+    batch.pop("keys")
+    tok = processor.tokenizer
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=stop_token_ids(model, tok))
+    expected = tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    got = answer(model, processor, encoder, CONVERSATION[:3], Image.open(images["blue"]).convert("RGB"),
+                 max_new_tokens=5)
+    assert got == expected
+
+
+def test_qlora_keeps_vision_projector_and_head_unquantized(family):
+    name, path, model, _, _ = family
+    parts = find_components(model)
+    args = ModelArguments(load_in_4bit=True)
+    keep = unquantized_modules(AutoModelForImageTextToText, path, args)
+    assert set(keep) == {*parts.vision, *parts.bridge, parts.output}
+    quantized, _ = load_model_and_processor(AutoModelForImageTextToText, path, args, skip_quantization=keep)
+    linears = {n: type(m).__name__ for n, m in quantized.named_modules() if isinstance(m, torch.nn.Linear)}
+    four_bit = {n for n, kind in linears.items() if kind == "Linear4bit"}
+    assert four_bit and all(parts.of(n) == "language" and n != parts.output for n in four_bit)
+    assert all(n in four_bit for n in linears if parts.of(n) == "language" and n != parts.output)

@@ -229,3 +229,23 @@ def test_positions_need_mm_token_type_ids(family):
         else:
             assert not torch.allclose(model(**inputs).logits, full, atol=1e-4)
     assert math.isfinite(full.sum().item())
+
+
+def test_left_padded_batch_generates_as_single_rows(family):
+    """Generation-based evaluation batches left-padded prompts: each row's greedy continuation is the row's
+    own (with an image of another size and a text-only row beside it)."""
+    name, model, processor = family
+    rows = [("What is this?", image(SMALL)), ("What shape is in the picture here?", image(LARGE, (20, 20, 220))),
+            ("Say hello.", None)]
+    texts = [processor.apply_chat_template(user_turn(t, images=int(img is not None)), add_generation_prompt=True,
+                                           tokenize=False) for t, img in rows]
+    images = [img for _, img in rows if img is not None]
+    if name == "llava_onevision":
+        images = [[img] if img is not None else [] for _, img in rows]
+    batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    width = batch["input_ids"].shape[1]
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, width:]
+    for i, (text, (_, img)) in enumerate(zip(texts, rows)):
+        alone = processor(text=text, images=None if img is None else [img], return_tensors="pt")
+        own = model.generate(**alone, max_new_tokens=4, do_sample=False)[0, alone["input_ids"].shape[1]:]
+        assert out[i, : len(own)].tolist() == own.tolist(), (name, i)

@@ -10,9 +10,10 @@ Image tokens ("anyres"): the image is resized to the best of `image_grid_pinpoin
 vision tower's `image_size`, plus one tile of the whole image. A lone image in its sample gives
 `base + unpadded + newlines` tokens, where base = (image_size / patch_size)^2 for the whole-image tile and the
 tile grid's features are cropped back to the image's aspect ratio with one newline token per row; each image
-of a sample with several images gives base + 1 tokens (the whole-image tile and one newline). So the
-processor must be given the images nested per sample (`images=[[a, b], [c]]`) for it and the model to agree
-on which samples have several; the model needs the processor's `image_sizes` and `batch_num_images`.
+of a sample with several images gives base + 1 tokens (the whole-image tile and one newline), as the
+checkpoints were trained on multi-image data. The processor knows which samples have several images only when
+it is given them nested per sample (`images=[[a, b], [c], []]`); given a flat list it treats every image as
+alone. The model needs the processor's `image_sizes` and `batch_num_images` to agree with it.
 """
 
 from __future__ import annotations

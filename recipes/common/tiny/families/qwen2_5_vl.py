@@ -10,6 +10,10 @@ eos is `<|im_end|>` (the end of an assistant turn), pad `<|endoftext|>`.
 
 Training needs `mm_token_type_ids` (the processor returns it) passed to the model, with `image_grid_thw`:
 without it the model cannot build its 3-D (M-RoPE) position ids and falls back to 1-D ones.
+
+The ChatML template, tokenizer and eos helpers here serve the other ChatML families too (Qwen3-VL,
+LLaVA-OneVision, InternVL). Like theirs, this family's transformers processor holds a video processor, which
+needs torchvision.
 """
 
 from __future__ import annotations

@@ -15,29 +15,18 @@ less than twice the image's area), plus a thumbnail tile when there is more than
 
 from __future__ import annotations
 
-from ..models import _fast_tokenizer, train_byte_bpe
+from .qwen2_5_vl import chatml_template, chatml_tokenizer, require_torchvision, set_generation_eos
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>", "<video>"]
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<IMG_CONTEXT>\n' }}"
-    "{%- elif part['type'] == 'video' -%}{{ '<video>\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
+CHAT_TEMPLATE = chatml_template("<IMG_CONTEXT>\n", "<video>\n")
 
 
 def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, image_size=32, patch_size=8, heads=4,
           max_patches=6, vocab_size=1500):
     """InternVL at toy size: 32 px tiles of 4 tokens each; 64x64 image -> 2 x 2 tiles + thumbnail = 20 image
     tokens, 128x96 -> 3 x 2 tiles + thumbnail = 28."""
+    require_torchvision("internvl")
     from transformers import (
         GotOcr2ImageProcessor,
         InternVLConfig,
@@ -48,13 +37,10 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, image_size=32,
     )
     from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
 
-    bpe = train_byte_bpe(corpus, SPECIALS, vocab_size)
-    tokenizer = _fast_tokenizer(bpe, None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                model_max_length=1024,
-                                extra_special_tokens={"start_image_token": "<img>", "end_image_token": "</img>",
-                                                      "context_image_token": "<IMG_CONTEXT>",
-                                                      "video_token": "<video>"})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    # The attributes InternVLProcessor reads from the tokenizer, as the InternVL-hf tokenizers have them.
+    tokenizer = chatml_tokenizer(corpus, SPECIALS, vocab_size, CHAT_TEMPLATE, start_image_token="<img>",
+                                 end_image_token="</img>", context_image_token="<IMG_CONTEXT>",
+                                 video_token="<video>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
     downsample_ratio = 0.5
     image_seq_length = int((image_size // patch_size) ** 2 * downsample_ratio**2)
@@ -71,8 +57,7 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, image_size=32,
                             vision_feature_layer=-1, vision_feature_select_strategy="default",
                             tie_word_embeddings=True)
     model = InternVLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    set_generation_eos(model, tokenizer)
     size = {"height": image_size, "width": image_size}
     # InternVL's processors normalise with ImageNet statistics.
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

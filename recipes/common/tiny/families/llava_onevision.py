@@ -10,38 +10,28 @@ Image tokens ("anyres"): the image is resized to the best of `image_grid_pinpoin
 vision tower's `image_size`, plus one tile of the whole image. A lone image in its sample gives
 `base + unpadded + newlines` tokens, where base = (image_size / patch_size)^2 for the whole-image tile and the
 tile grid's features are cropped back to the image's aspect ratio with one newline token per row; each image
-of a sample with several images gives base + 1 tokens (the whole-image tile and one newline). So the
-processor must be given the images nested per sample (`images=[[a, b], [c]]`) for it and the model to agree
-on which samples have several; the model needs the processor's `image_sizes` and `batch_num_images`.
+of a sample with several images gives base + 1 tokens (the whole-image tile and one newline), as the
+checkpoints were trained on multi-image data. The processor knows which samples have several images only when
+it is given them nested per sample (`images=[[a, b], [c], []]`); given a flat list it treats every image as
+alone. The model needs the processor's `image_sizes` and `batch_num_images` to agree with it.
 """
 
 from __future__ import annotations
 
-from ..models import _fast_tokenizer, train_byte_bpe
+from .qwen2_5_vl import chatml_template, chatml_tokenizer, require_torchvision, set_generation_eos
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
 # SigLIP's normalisation, as the OneVision checkpoints' processors have it.
 HALF = [0.5, 0.5, 0.5]
 
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['content'] is string -%}{{ message['content'] }}"
-    "{%- else -%}{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{{ '<image>\n' }}"
-    "{%- elif part['type'] == 'video' -%}{{ '<video>\n' }}"
-    "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<|im_end|>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\n' }}{%- endif -%}"
-)
+CHAT_TEMPLATE = chatml_template("<image>\n", "<video>\n")
 
 
 def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, image_size=64, patch_size=16, heads=4,
           vocab_size=1500):
     """LLaVA-OneVision at toy size: 64 px tiles of 4 x 4 patches; a lone 64x64 image -> 36 image tokens,
     128x96 -> 70, an image among several -> 17."""
+    require_torchvision("llava_onevision")
     from transformers import (
         LlavaOnevisionConfig,
         LlavaOnevisionForConditionalGeneration,
@@ -54,11 +44,8 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, image_size=64,
         LlavaOnevisionVideoProcessor,
     )
 
-    bpe = train_byte_bpe(corpus, SPECIALS, vocab_size)
-    tokenizer = _fast_tokenizer(bpe, None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                model_max_length=1024,
-                                extra_special_tokens={"image_token": "<image>", "video_token": "<video>"})
-    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer = chatml_tokenizer(corpus, SPECIALS, vocab_size, CHAT_TEMPLATE, image_token="<image>",
+                                 video_token="<video>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
     vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
                                 num_hidden_layers=layers, num_attention_heads=max(1, vision_hidden // 32),
@@ -76,8 +63,7 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, image_size=64,
                                   image_grid_pinpoints=pinpoints, vision_aspect_ratio="anyres_max_9",
                                   tie_word_embeddings=False)
     model = LlavaOnevisionForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    set_generation_eos(model, tokenizer)
     size = {"height": image_size, "width": image_size}
     image_processor = LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=pinpoints, do_pad=True,
                                                    image_mean=HALF, image_std=HALF)

@@ -10,6 +10,10 @@ eos is `<|im_end|>` (the end of an assistant turn), pad `<|endoftext|>`.
 
 Training needs `mm_token_type_ids` (the processor returns it) passed to the model, with `image_grid_thw`:
 without it the model cannot build its 3-D (M-RoPE) position ids and falls back to 1-D ones.
+
+The ChatML template, tokenizer and eos helpers here serve the other ChatML families too (Qwen3-VL,
+LLaVA-OneVision, InternVL). Like theirs, this family's transformers processor holds a video processor, which
+needs torchvision.
 """
 
 from __future__ import annotations
@@ -19,11 +23,24 @@ from ..models import CLIP_MEAN, CLIP_STD, _fast_tokenizer, train_byte_bpe
 # In the order of Qwen's vocabulary (151643 onward), so ids keep the same relative layout.
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+QWEN_VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 
 
-def chatml_template(default_system: str | None) -> str:
-    """A ChatML chat template with Qwen-VL image and video parts; `default_system` opens a conversation
-    that has no system turn (Qwen2.5-VL does, Qwen3-VL does not)."""
+def require_torchvision(model_type: str) -> None:
+    """Fail with what to do: transformers builds this family's processor with its video processor, and its
+    video processors need torchvision."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is None:
+        raise RuntimeError(f"tiny:{model_type} needs torchvision: the {model_type} processor of transformers "
+                           "holds a video processor, which needs it; install torchvision built for your torch")
+
+
+def chatml_template(image: str, video: str, default_system: str | None = None) -> str:
+    """A ChatML chat template (`<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn, `add_generation_prompt`
+    opens an assistant turn); an image part renders as `image`, a video part as `video`, where they stand.
+    `default_system` opens a conversation that has no system turn (Qwen2.5-VL has one, the others not)."""
     opening = ""
     if default_system is not None:
         opening = ("{%- if messages[0]['role'] != 'system' -%}"
@@ -35,8 +52,8 @@ def chatml_template(default_system: str | None) -> str:
         "{{ '<|im_start|>' + message['role'] + '\n' }}"
         "{%- if message['content'] is string -%}{{ message['content'] }}"
         "{%- else -%}{%- for part in message['content'] -%}"
-        "{%- if part['type'] == 'image' -%}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
-        "{%- elif part['type'] == 'video' -%}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+        "{%- if part['type'] == 'image' -%}{{ '" + image + "' }}"
+        "{%- elif part['type'] == 'video' -%}{{ '" + video + "' }}"
         "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
         "{%- endfor -%}{%- endif -%}"
         "{{ '<|im_end|>\n' }}"
@@ -45,17 +62,22 @@ def chatml_template(default_system: str | None) -> str:
     )
 
 
-def qwen_tokenizer(corpus, vocab_size: int, chat_template: str):
-    """Byte-level BPE with Qwen's special tokens; eos `<|im_end|>`, pad `<|endoftext|>`, no bos (as Qwen)."""
-    bpe = train_byte_bpe(corpus, SPECIALS, vocab_size)
+def chatml_tokenizer(corpus, specials: list[str], vocab_size: int, chat_template: str, **extra_special_tokens):
+    """Byte-level BPE with `specials` first; eos `<|im_end|>` (the end of an assistant turn), pad
+    `<|endoftext|>`, no bos, as the Qwen tokenizers these families use."""
+    bpe = train_byte_bpe(corpus, specials, vocab_size)
     tokenizer = _fast_tokenizer(bpe, None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                model_max_length=1024,
-                                extra_special_tokens={"image_token": "<|image_pad|>",
-                                                      "video_token": "<|video_pad|>",
-                                                      "vision_bos_token": "<|vision_start|>",
-                                                      "vision_eos_token": "<|vision_end|>"})
+                                model_max_length=1024, extra_special_tokens=extra_special_tokens)
     tokenizer.chat_template = chat_template
     return tokenizer
+
+
+def set_generation_eos(model, tokenizer) -> None:
+    """Generation stops at `<|im_end|>` or `<|endoftext|>`, as in the chat checkpoints' generation_config."""
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    model.generation_config.eos_token_id = ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
 
 def qwen_image_processor_options(patch_size: int, merge_size: int, max_side: int, mean, std) -> dict:
@@ -67,17 +89,10 @@ def qwen_image_processor_options(patch_size: int, merge_size: int, max_side: int
             "image_mean": mean, "image_std": std}
 
 
-def set_generation_eos(model, tokenizer) -> None:
-    """Generation stops at `<|im_end|>` or `<|endoftext|>`, as the Instruct checkpoints' generation_config."""
-    ids = [tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
-    model.generation_config.eos_token_id = ids
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.bos_token_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-
-
 def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_size=8, merge_size=2, heads=4,
           max_side=128, vocab_size=1500):
     """Qwen2.5-VL at toy size: 64x64 image -> 16 image tokens, 128x96 -> 48."""
+    require_torchvision("qwen2_5_vl")
     from transformers import (
         Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
@@ -88,8 +103,9 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_size=8, 
     )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    template = chatml_template("You are a helpful assistant.")
-    tokenizer = qwen_tokenizer(corpus, vocab_size, template)
+    template = chatml_template(QWEN_IMAGE, QWEN_VIDEO, default_system="You are a helpful assistant.")
+    tokenizer = chatml_tokenizer(corpus, SPECIALS, vocab_size, template, image_token="<|image_pad|>",
+                                 video_token="<|video_pad|>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
     head_dim = text_hidden // heads
     # Qwen2.5-VL splits the rotary half-dimension 16:24:24 over (time, height, width); same ratio here.

@@ -15,10 +15,13 @@ passed to the model, as Qwen2.5-VL.
 from __future__ import annotations
 
 from .qwen2_5_vl import (
+    QWEN_IMAGE,
+    QWEN_VIDEO,
     SPECIALS,
     chatml_template,
+    chatml_tokenizer,
     qwen_image_processor_options,
-    qwen_tokenizer,
+    require_torchvision,
     set_generation_eos,
 )
 
@@ -29,6 +32,7 @@ HALF = [0.5, 0.5, 0.5]
 def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_size=8, merge_size=2, heads=4,
           max_side=128, vocab_size=1500):
     """Qwen3-VL at toy size: 64x64 image -> 16 image tokens, 128x96 -> 48."""
+    require_torchvision("qwen3_vl")
     from transformers import (
         Qwen2VLImageProcessor,
         Qwen3VLConfig,
@@ -39,8 +43,9 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_size=8, 
     )
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    template = chatml_template(None)
-    tokenizer = qwen_tokenizer(corpus, vocab_size, template)
+    template = chatml_template(QWEN_IMAGE, QWEN_VIDEO)
+    tokenizer = chatml_tokenizer(corpus, SPECIALS, vocab_size, template, image_token="<|image_pad|>",
+                                 video_token="<|video_pad|>")
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
     head_dim = text_hidden // heads
     # Qwen3-VL splits the rotary half-dimension 24:20:20 over (time, height, width), interleaved.

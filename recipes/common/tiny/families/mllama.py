@@ -3,7 +3,9 @@
 Format (Llama 3.2 Vision Instruct, https://huggingface.co/docs/transformers/model_doc/mllama):
 `<|begin_of_text|>`, then per turn `<|start_header_id|>{role}<|end_header_id|>\\n\\n`, the turn's parts
 (an image part is `<|image|>`), `<|eot_id|>`; the generation prompt is
-`<|start_header_id|>assistant<|end_header_id|>\\n\\n`. `<|image|>` stays one token in the text: the
+`<|start_header_id|>assistant<|end_header_id|>\\n\\n`. (The Instruct checkpoints' template also writes a
+system turn with a knowledge-cutoff date for text-only chats; this one writes a system turn only for a
+system message, and without the date.) `<|image|>` stays one token in the text: the
 image reaches the language model only through the cross-attention layers, so no image tokens take text
 positions. The processor returns `cross_attention_mask` (which text tokens see which image's tiles:
 from an image's `<|image|>` on), `aspect_ratio_ids`, `aspect_ratio_mask` and `pixel_values` of shape

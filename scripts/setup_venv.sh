@@ -9,6 +9,7 @@ set -euo pipefail
 venv=${VENV:-.venv}
 python=${PYTHON:-python3}
 torch_version=${TORCH_VERSION:-2.13.0}
+torchvision_version=${TORCHVISION_VERSION:-0.28.0}  # the release built for torch 2.13
 torch_cpu_index=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
 if [ ! -x "$venv/bin/python" ]; then
@@ -21,16 +22,18 @@ if "$venv/bin/python" -c "import torch" 2>/dev/null; then
   echo "torch $("$venv/bin/python" -c 'import torch; print(torch.__version__)') already installed: kept"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   echo "NVIDIA GPU found: installing torch==$torch_version (CUDA build)"
-  "${pip[@]}" "torch==$torch_version"
+  "${pip[@]}" "torch==$torch_version" "torchvision==$torchvision_version"
 else
   echo "no NVIDIA GPU: installing torch==$torch_version (CPU build)"
   # Where the PyTorch CPU index cannot be reached (an offline mirror, a local wheelhouse in pip's
   # find-links), pip's own configuration must provide the CPU wheel; we skip the index rather than
   # let pip retry it for every package.
   if "$venv/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" "$torch_cpu_index" 2>/dev/null; then
-    "${pip[@]}" "torch==$torch_version" --extra-index-url "$torch_cpu_index"
+    "${pip[@]}" "torch==$torch_version" "torchvision==$torchvision_version" --extra-index-url "$torch_cpu_index"
   else
-    echo "  ($torch_cpu_index unreachable: using pip's configured indexes and find-links)"
+    # torchvision on PyPI is a CUDA build that does not load against a CPU torch, so none is installed:
+    # the families whose processors need it (Qwen-VL, InternVL, LLaVA-OneVision) are then unavailable.
+    echo "  ($torch_cpu_index unreachable: using pip's configured indexes and find-links; no torchvision)"
     "${pip[@]}" "torch==$torch_version"
   fi
 fi

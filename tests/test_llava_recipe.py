@@ -189,34 +189,36 @@ def test_stage2_can_train_the_whole_language_model_instead_of_lora(env):
     assert {"multi_modal_projector", "language_model"} <= changed and "vision_tower" not in changed, changed
 
 
-def test_two_processes_equal_one_process_with_the_same_global_batch(env):
+@pytest.mark.parametrize("model", ["tiny:llava", "tiny:gemma3"])  # Gemma 3: token_type_ids, another family
+def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
     """2 CPU processes x 4 samples (image and text-only ones mixed) train as 1 process x 8: the same losses,
     adapter and trained projector, and the same held-out metrics."""
     d, e = env
+    out = d / model.replace(":", "_")
     # The random sampler: batches by modality are made per process; LoRA dropout would draw per process.
-    common = [*_data(d), *FAST, "--max_steps", "3", "--lora_dropout", "0", "--train_sampling_strategy", "random",
-              "--eval_max_samples", "4", "--shuffled_image_check", "false"]
-    r = _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(d / "one")], e)
+    common = [*_data(d), *FAST, "--model_name_or_path", model, "--max_steps", "3", "--lora_dropout", "0",
+              "--train_sampling_strategy", "random", "--eval_max_samples", "4", "--shuffled_image_check", "false"]
+    r = _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(out / "one")], e)
     assert r.returncode == 0, r.stderr[-4000:]
     config = str(ROOT / "accelerate_configs" / "multi_cpu.yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
            "--main_process_port", "29561", str(TRAIN), *common, "--per_device_train_batch_size", "4",
-           "--output_dir", str(d / "two")]
+           "--output_dir", str(out / "two")]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    one, two = (json.loads((d / run / "metrics.json").read_text()) for run in ("one", "two"))
+    one, two = (json.loads((out / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert (one["world_size"], two["world_size"], one["global_step"], two["global_step"]) == (1, 2, 3, 3)
-    losses = [[h["loss"] for h in json.loads((d / run / "trainer_state.json").read_text())["log_history"]
+    losses = [[h["loss"] for h in json.loads((out / run / "trainer_state.json").read_text())["log_history"]
                if "loss" in h] for run in ("one", "two")]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], abs=1e-5)
     from safetensors.torch import load_file
 
-    ref, got = (load_file(d / run / "adapter_model.safetensors") for run in ("one", "two"))
+    ref, got = (load_file(out / run / "adapter_model.safetensors") for run in ("one", "two"))
     assert ref.keys() == got.keys() and any("multi_modal_projector" in k for k in ref)
     for k in ref:
         torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4)
     assert two["after"] == pytest.approx(one["after"], abs=1e-6)
-    assert len(read_jsonl(d / "two" / "predictions" / "final.jsonl")) == 4
+    assert len(read_jsonl(out / "two" / "predictions" / "final.jsonl")) == 4
 
 
 def test_trainer_gives_the_projector_its_learning_rate_and_batches_by_modality(tmp_path):

@@ -37,8 +37,9 @@ class ModelArguments:
         default="auto", metadata={"help": "dtype to load the weights in; 'auto' = the dtype stored in the "
                                           "checkpoint."}
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = field(
-        default="sdpa", metadata={"help": "Attention kernel."}
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = field(
+        default=None, metadata={"help": "Attention kernel; default: the model's own choice (sdpa where the "
+                                        "architecture has it, e.g. not Gemma 2, which needs eager)."}
     )
     load_in_4bit: bool = field(default=False,
                                metadata={"help": "Load the weights 4-bit quantized (QLoRA; needs "

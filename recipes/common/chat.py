@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import logging
 from dataclasses import dataclass, field
 
 import datasets
@@ -41,7 +42,12 @@ from data_tools.records import IMAGE_TOKEN
 
 from .lengths import IGNORE_INDEX
 
+logger = logging.getLogger(__name__)
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
+
+
+class NeedsImageError(ValueError):
+    """The model takes no text-only samples (PaliGemma): such a sample is skipped and counted."""
 
 
 class ChatTemplateError(ValueError):
@@ -177,7 +183,7 @@ class ChatEncoder:
         """The processor's batch for `texts` and each text's images (a list per text), padded."""
         kwargs = {} if suffixes is None else {"suffix": suffixes}
         if any(images):
-            kwargs["images"] = images if len(texts) > 1 else images[0]
+            kwargs["images"] = images  # nested per text: LLaVA-OneVision sizes a multi-image sample's tiles apart
         try:
             return self.processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt",
                                   add_special_tokens=self.add_special_tokens(texts[0]), **kwargs)
@@ -270,6 +276,10 @@ class ChatEncoder:
         return EncodedConversation(full, ids, labels, turn_ends, [end for _, _, end in spans], image_end,
                                    eos_added)
 
+    def usable(self, items: datasets.Dataset) -> datasets.Dataset:
+        """The eval items this model can answer: all of them."""
+        return items
+
     def prompt_text(self, messages: list[dict]) -> str:
         """The text that asks the model to answer the last user turn, formatted exactly as in training."""
         return self._text(messages, add_generation_prompt=True)[0]
@@ -301,6 +311,14 @@ class PrefixSuffixEncoder(ChatEncoder):
     def add_special_tokens(self, text: str) -> bool:
         return True
 
+    def usable(self, items: datasets.Dataset) -> datasets.Dataset:
+        """The eval items with an image (a text-only one cannot be asked); says how many were left out."""
+        kept = items.filter(lambda it: bool(record_images(it)))
+        if len(kept) < len(items):
+            logger.warning("%d text-only eval items left out: %s takes no text-only input",
+                           len(items) - len(kept), type(self.processor).__name__)
+        return kept
+
     def prompt_text(self, messages: list[dict]) -> str:
         prefix, _, n_images = self._split(messages)
         return self.processor.image_token * n_images + prefix
@@ -309,9 +327,10 @@ class PrefixSuffixEncoder(ChatEncoder):
                add_generation_prompt: bool = False) -> EncodedConversation:
         images = list(images or [])
         prefix, suffix, n_images = self._split(messages)
-        if not images or n_images != len(images):
-            raise ValueError(f"{type(self.processor).__name__} needs every sample to have its image(s): "
-                             f"{n_images} image part(s) for {len(images)} image(s)")
+        if not images:
+            raise NeedsImageError(f"{type(self.processor).__name__} takes no text-only sample")
+        if n_images != len(images):
+            raise ValueError(f"{n_images} image part(s) in the conversation for {len(images)} image(s)")
         if suffix is None or add_generation_prompt:
             raise ValueError("a training sample needs an answer after the last user turn")
         text = self.processor.image_token * n_images + prefix
@@ -345,6 +364,7 @@ class ChatLengthReport:
     turns_cut: int = 0  # assistant turns removed by those cuts
     tokens_cut: int = 0
     dropped: int = 0  # not even the first answer (with the image tokens) fits
+    text_only_skipped: int = 0  # a model that takes no text-only sample (PaliGemma)
     eos_added: int = 0  # answers that got an eos the template does not write
 
     def __str__(self) -> str:
@@ -353,6 +373,8 @@ class ChatLengthReport:
             f"({self.turns_cut} assistant turns, {self.tokens_cut} tokens removed), {self.dropped} dropped "
             f"(first answer with its image tokens over budget); image tokens are never cut; {self.eos_added} "
             "answers got the eos the template does not write"
+            + (f"; {self.text_only_skipped} text-only skipped (the model takes none)"
+               if self.text_only_skipped else "")
         )
 
 
@@ -396,6 +418,9 @@ def tokenize_conversations(records: datasets.Dataset, encoder: ChatEncoder, max_
         try:
             messages = to_messages(record["conversations"], n_images=len(paths))
             enc = encoder.encode(messages, [load_image(p) for p in paths])
+        except NeedsImageError:
+            report.text_only_skipped += 1
+            continue
         except ValueError as e:
             raise type(e)(f"{source}: record {i} (counting valid rows from 0): {e}") from None
         fitted = fit_conversation(enc, max_length, report)

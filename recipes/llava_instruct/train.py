@@ -129,8 +129,8 @@ def main(argv=None):
     if eval_records is not None:
         eval_dataset, eval_report = samples(eval_records, args.data.eval_file)
         reports["eval"] = vars(eval_report)
-        eval_items = first(
-            generation_items(task, eval_records, args.instruct.short_answer_words, args.data.lang),
+        eval_items = first(encoder.usable(
+            generation_items(task, eval_records, args.instruct.short_answer_words, args.data.lang)),
             args.generation_eval.eval_max_samples)
         if args.training.metric_for_best_model == "VQA_accuracy" and not any(eval_items["short"]):
             # Stage 1 evaluates captions only: there are no short answers to pick the best checkpoint by.
@@ -138,8 +138,8 @@ def main(argv=None):
                            "instead")
             args.training.metric_for_best_model = "CIDEr"
 
-    test_items = None if test_records is None else first(
-        generation_items(task, test_records, args.instruct.short_answer_words, args.data.lang),
+    test_items = None if test_records is None else first(encoder.usable(
+        generation_items(task, test_records, args.instruct.short_answer_words, args.data.lang)),
         args.generation_eval.eval_max_samples)
 
     trainer = InstructTrainer(

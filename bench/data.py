@@ -80,7 +80,8 @@ def fill_conversations(conversations: datasets.Dataset, encoder, max_length: int
     for i, row in enumerate(rows):
         turns, j = list(row["conversations"]), i + 1
         images = [] if row.get("image") is None else [load_image(row["image"])]
-        while (length := len(encoder.encode(to_messages(turns, len(images)), images).input_ids)) <= max_length:
+        while (length := len(encoder.encode(to_messages(turns, len(images)), images).input_ids)) \
+                <= max_length:
             while length <= max_length:
                 turns += extra[j % len(rows)]
                 length += cost[j % len(rows)]

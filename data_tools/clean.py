@@ -81,7 +81,8 @@ def check_rows(
 
 def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=False, check_images=True,
                 min_side=MIN_SIDE, max_pixels=MAX_PIXELS, progress=True, outside_root_flag=None):
-    """`check_rows`, also yielding each record's image path relative to the image root (None if none)."""
+    """`check_rows`, also yielding each record's image path relative to the image root (None if none; a list
+    for a row with several images)."""
     path = Path(path)
     image_root = _image_root(path, image_root, root)
     image_errors: dict[Path, DataError | None] = {}
@@ -108,22 +109,30 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
                                     f"question_id {qid!r} is already used at line {first_line} ({first!r}); "
                                     "question ids must be unique, and 1 and '1' are the same id",
                                     field="question_id")
-            if "image" in record:
-                rel = relative_image_path(record["image"], allow_outside_root=allow_outside_root,
-                                          flag=outside_root_flag)
-                image_path = resolve_image_path(record["image"], image_root,
-                                                allow_outside_root=allow_outside_root, flag=outside_root_flag)
-                if check_images:
-                    if image_path not in image_errors:
-                        try:
-                            load_image(image_path, max_pixels=max_pixels, min_side=min_side)
-                            image_errors[image_path] = None
-                        except DataError as e:
-                            image_errors[image_path] = e
-                    if image_errors[image_path] is not None:
-                        e = image_errors[image_path]
-                        raise DataError(e.reason, f"{record['image']!r}: {e.message}", field="image")
-                record["image"] = str(image_path)
+            for key in ("image", "images"):
+                if key not in record:
+                    continue
+                names = record[key] if key == "images" else [record[key]]
+                rels, paths = [], []
+                for i, name in enumerate(names):
+                    where = f"images[{i}]" if key == "images" else "image"
+                    rels.append(relative_image_path(name, allow_outside_root=allow_outside_root,
+                                                    flag=outside_root_flag))
+                    image_path = resolve_image_path(name, image_root, allow_outside_root=allow_outside_root,
+                                                    flag=outside_root_flag)
+                    if check_images:
+                        if image_path not in image_errors:
+                            try:
+                                load_image(image_path, max_pixels=max_pixels, min_side=min_side)
+                                image_errors[image_path] = None
+                            except DataError as e:
+                                image_errors[image_path] = e
+                        if image_errors[image_path] is not None:
+                            e = image_errors[image_path]
+                            raise DataError(e.reason, f"{name!r}: {e.message}", field=where)
+                    paths.append(str(image_path))
+                record[key] = paths if key == "images" else paths[0]
+                rel = rels if key == "images" else rels[0]
             if task == "vqa":
                 question_ids[str(record["question_id"])] = (line, record["question_id"])
         except DataError as e:
@@ -197,8 +206,13 @@ def clean(
                 rejects.write({**row.to_dict(), "raw": raw.decode("utf-8", errors="backslashreplace")})
                 continue
             if rel is not None:
-                row["image"] = rel if prefix is None or os.path.isabs(rel) else posixpath.normpath(
-                    posixpath.join(prefix, rel))
+                rebased = [r if prefix is None or os.path.isabs(r)
+                           else posixpath.normpath(posixpath.join(prefix, r))
+                           for r in (rel if isinstance(rel, list) else [rel])]
+                if isinstance(rel, list):
+                    row["images"] = rebased
+                else:
+                    row["image"] = rebased[0]
             kept.write(row)
     report.kept = kept.count
     assert report.kept + sum(report.rejected.values()) == report.rows

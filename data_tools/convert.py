@@ -40,7 +40,6 @@ from .errors import (
     BAD_VALUE,
     EMPTY_TEXT,
     MISSING_FIELD,
-    MULTIPLE_IMAGES,
     NOT_AN_OBJECT,
     UNREADABLE_FILE,
     WRONG_TYPE,
@@ -316,10 +315,10 @@ def llava(path: Path, conv: Conversion) -> None:
             key = "images" if "image" not in record and "images" in record else "image"
             if isinstance(record.get(key), list):
                 images = record.pop(key)
-                if len(images) > 1:
-                    raise DataError(MULTIPLE_IMAGES, f"has {len(images)} images; no recipe accepts several "
-                                    "images in one row yet (keep one image per row)", field=key)
-                if images:
+                if len(images) > 1:  # a multi-image conversation: each `<image>` in the turns, in order
+                    record["images"] = [conv.image_path(_get({f"{key}[{i}]": v}, f"{key}[{i}]", str))
+                                        for i, v in enumerate(images)]
+                elif images:
                     record["image"] = images[0]
             if record.get("image") is not None:
                 record["image"] = conv.image_path(_get(record, "image", str))

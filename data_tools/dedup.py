@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import PATH_OUTSIDE_ROOT, DataError
+from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, DataError
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
 from .images import resolve_image_path
 from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
@@ -309,6 +309,10 @@ def iter_images(path: str | os.PathLike, task: str | None = None, *,
                 row = normalize_record(row, task)
             except DataError as e:
                 raise _clean_first(e.at(path=path, line=line)) from None
+        if isinstance(row.get("images"), list) and len(row["images"]) > 1:
+            # Grouping by image would leave a row's other images free to leak into another split.
+            raise DataError(MULTIPLE_IMAGES, f"has {len(row['images'])} images; dedup, split and check-leakage "
+                            "group rows by their one image", field="images").at(path=path, line=line)
         image = image_field(row) if resolve else None
         try:
             resolved = None if image is None else resolver(image)

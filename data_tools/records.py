@@ -6,14 +6,15 @@ Canonical records (image paths relative to the image root, by default the JSONL 
                (optional: "answer_type", "question_type"; `data_tools.clean.check_rows` gives a row
                without "question_id" one made of the file name and line, e.g. "train.jsonl:7")
     retrieval: {"image": ..., "captions": [...]}  (optional: "neg_captions": [...])
-    instruct:  {"image": ... or absent,
+    instruct:  {"image": ... or absent (or "images": [...], several, each placed by an `<image>` in the
+                turns, in order, or leading the first user turn),
                 "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
 Common aliases are accepted and rewritten: `image_path`/`file_name`/`filepath` for `image`, and a
 list of one image (`"images": ["a.jpg"]`, LLaMA-Factory / ms-swift); `caption`/`text` (one string)
 or `sentences` for `captions`; `answer` (one string) for `answers`; OpenAI-style `messages`
 ([{"role", "content"}]) for `conversations`, and `instruction` (+ `input`) with `response` or `output`
-for a one-exchange conversation. Other keys are kept as they are. A row with several images is refused
-(`multiple_images`): no recipe trains on several images per sample yet.
+for a one-exchange conversation. Other keys are kept as they are. A caption, vqa or retrieval row with
+several images is refused (`multiple_images`).
 """
 
 from __future__ import annotations
@@ -65,12 +66,15 @@ def _text_list(value: Any, field: str, *, allow_single_string: bool) -> list[str
     return [_text(v, f"{field}[{i}]") for i, v in enumerate(value)]
 
 
-def _image(record: dict, *, required: bool) -> None:
+def _image(record: dict, *, required: bool, several: bool = False) -> None:
     key, value = _pop_alias(record, IMAGE_ALIASES)
-    if isinstance(value, list):  # LLaMA-Factory / ms-swift: "images": ["a.jpg"]
+    if isinstance(value, list):  # LLaMA-Factory / ms-swift: "images": ["a.jpg", ...]
+        if len(value) > 1 and not several:
+            raise DataError(MULTIPLE_IMAGES, f"has {len(value)} images; a {'/'.join(TASKS[:3])} row has one "
+                            "image (instruct rows may have several)", field=key)
         if len(value) > 1:
-            raise DataError(MULTIPLE_IMAGES, f"has {len(value)} images; no recipe accepts several images in "
-                            "one row yet (keep one image per row)", field=key)
+            record["images"] = [_text(v, f"{key}[{i}]") for i, v in enumerate(value)]
+            return
         value = value[0] if value else None
     if key is None or value is None:
         if required:
@@ -136,10 +140,10 @@ def _conversations(record: dict) -> None:
     if "gpt" not in speakers:
         raise DataError(BAD_VALUE, "has no assistant turn to learn from", field=field)
     n_image_tokens = sum(t["value"].count(IMAGE_TOKEN) for t in out)
-    if "image" in record and n_image_tokens > 1:
-        raise DataError(BAD_VALUE, f"has {n_image_tokens} '{IMAGE_TOKEN}' tokens for one image", field=field)
-    if "image" not in record and n_image_tokens:
-        raise DataError(BAD_VALUE, f"has '{IMAGE_TOKEN}' but the record has no image", field=field)
+    n_images = len(record["images"]) if "images" in record else int("image" in record)
+    if n_image_tokens > n_images:
+        raise DataError(BAD_VALUE, f"has {n_image_tokens} '{IMAGE_TOKEN}' tokens for {n_images} image(s)"
+                        if n_images else f"has '{IMAGE_TOKEN}' but the record has no image", field=field)
     record["conversations"] = out
 
 
@@ -150,7 +154,7 @@ def normalize_record(record: Any, task: str) -> dict:
     if not isinstance(record, dict):
         raise DataError(NOT_AN_OBJECT, f"a row must be a JSON object, got {type(record).__name__}")
     record = dict(record)
-    _image(record, required=task != "instruct")
+    _image(record, required=task != "instruct", several=task == "instruct")
     if task in ("caption", "retrieval"):
         key, value = _pop_alias(record, CAPTION_ALIASES)
         if key is None:

@@ -177,6 +177,7 @@ def test_llava(tmp_path):
         {"id": "no-conv", "image": "2.jpg"},
         {"id": "multi", "image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
         "not an object",
+        {"id": "3-for-2", "images": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image>" * 3}, {"from": "gpt", "value": "x"}]},
     ])  # fmt: skip
     out = tmp_path / "data/llava.jsonl"
     assert main(["--from", "llava", str(src), "--image-root", str(tmp_path / "data/coco/train2017"), "--out", str(out)]) == 0
@@ -191,13 +192,16 @@ def test_llava(tmp_path):
             "id": "text-1",
             "conversations": [{"from": "human", "value": "写一首关于秋天的短诗。"}, {"from": "gpt", "value": "秋风起，落叶黄。"}],
         },
+        # several images: the `<image>` in the turns places the first, the second leads the first user turn
+        {"id": "multi", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+         "images": ["a.jpg", "b.jpg"]},
     ]
     _all_valid(rows, "instruct")
     assert _rejects(out) == [
         ("[2]", "bad_value", "conversations[0].from"),
         ("[3]", "missing_field", "conversations"),
-        ("[4]", "multiple_images", "image"),
         ("[5]", "not_an_object", None),
+        ("[6]", "bad_value", "conversations"),
     ]
 
 

@@ -137,8 +137,9 @@ def align(plain: list[int], expanded: list[int]) -> list[int]:
 def image_token_ids(processor) -> set[int]:
     """Ids of the tokens that stand for images in the processor's output (placeholder and image tokens)."""
     tokenizer = processor.tokenizer
-    names = [getattr(processor, k, None) for k in ("image_token", "boi_token", "eoi_token", "image_start_token",
-                                                   "image_end_token", "fake_image_token", "global_image_token")]
+    attributes = ("image_token", "boi_token", "eoi_token", "image_start_token", "image_end_token",
+                  "fake_image_token", "global_image_token")
+    names = [getattr(processor, k, None) for k in attributes]
     ids = {tokenizer.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
     ids |= {getattr(processor, "image_token_id", None)}
     return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
@@ -183,7 +184,8 @@ class ChatEncoder:
         """The processor's batch for `texts` and each text's images (a list per text), padded."""
         kwargs = {} if suffixes is None else {"suffix": suffixes}
         if any(images):
-            kwargs["images"] = images  # nested per text: LLaVA-OneVision sizes a multi-image sample's tiles apart
+            # nested per text: LLaVA-OneVision sizes the tiles of a multi-image sample's images apart
+            kwargs["images"] = images
         try:
             return self.processor(text=texts, padding=True, padding_side=padding_side, return_tensors="pt",
                                   add_special_tokens=self.add_special_tokens(texts[0]), **kwargs)
@@ -247,11 +249,13 @@ class ChatEncoder:
         if n_parts != len(images):
             raise ValueError(f"{n_parts} image part(s) in the conversation for {len(images)} image(s)")
         full, spans, eos_added = self._text(messages, add_generation_prompt)
-        enc = self.tokenizer(full, add_special_tokens=self.add_special_tokens(full), return_offsets_mapping=True)
+        enc = self.tokenizer(full, add_special_tokens=self.add_special_tokens(full),
+                             return_offsets_mapping=True)
         plain, offsets = enc["input_ids"], enc["offset_mapping"]
         # A token belongs to an answer when it overlaps it (a token joining the prompt's trailing space to
         # the first word included).
-        answer_of = [next((k for k, (a, b, _) in enumerate(spans) if s < b and e > a), None) for s, e in offsets]
+        answer_of = [next((k for k, (a, b, _) in enumerate(spans) if s < b and e > a), None)
+                     for s, e in offsets]
         missing = set(range(len(spans))) - set(answer_of)
         if missing:
             k = min(missing)
@@ -350,7 +354,8 @@ def chat_encoder(processor) -> ChatEncoder:
     """The encoder for `processor`: its chat template, or its prefix + `suffix=` (PaliGemma)."""
     import inspect
 
-    if getattr(processor, "chat_template", None) or "suffix" not in inspect.signature(processor.__call__).parameters:
+    takes_suffix = "suffix" in inspect.signature(processor.__call__).parameters
+    if getattr(processor, "chat_template", None) or not takes_suffix:
         return ChatEncoder(processor)  # raises for a processor without a chat template
     return PrefixSuffixEncoder(processor)
 
@@ -480,7 +485,8 @@ class ChatCollator:
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         suffixes = [f["suffix"] for f in features] if "suffix" in features[0] else None
-        batch = dict(self.encoder.process([f["text"] for f in features], _images(features), suffixes=suffixes))
+        batch = dict(self.encoder.process([f["text"] for f in features], _images(features),
+                                          suffixes=suffixes))
         ids = batch["input_ids"]
         width = ids.shape[1]
         labels = torch.full_like(ids, IGNORE_INDEX)
@@ -522,4 +528,5 @@ class ChatPromptCollator:
         images = _images(items)
         texts = [self.encoder.prompt_text(to_messages(it["conversations"], n_images=len(imgs)))
                  for it, imgs in zip(items, images, strict=True)]
-        return {**self.encoder.process(texts, images, padding_side="left"), "keys": [it["key"] for it in items]}
+        batch = self.encoder.process(texts, images, padding_side="left")
+        return {**batch, "keys": [it["key"] for it in items]}

@@ -28,7 +28,7 @@ COLUMNS = {
     "caption": ("image", "captions"),
     "vqa": ("image", "question_id", "question", "answers", "answer_type", "question_type"),
     "retrieval": ("image", "captions", "neg_captions"),
-    "instruct": ("image", "conversations"),
+    "instruct": ("image", "images", "conversations"),
 }
 
 
@@ -57,15 +57,21 @@ def load_records(
     checked: dict[str, DataError | None] = {}  # each distinct image once
     for line, row, raw in check_rows(path, task, image_root=image_root, check_images=check_images == "decode",
                                      progress=False):
-        if not isinstance(row, DataError) and check_images == "header" and row.get("image") is not None:
-            if row["image"] not in checked:
-                try:
-                    check_image(row["image"])
-                    checked[row["image"]] = None
-                except DataError as e:
-                    checked[row["image"]] = e
-            if (e := checked[row["image"]]) is not None:
-                row = DataError(e.reason, f"{row['image']}: {e.message}", path=path, line=line, field="image")
+        if not isinstance(row, DataError) and check_images == "header":
+            several = row.get("images") is not None
+            for i, image in enumerate(row["images"] if several else [row.get("image")]):
+                if image is None:
+                    continue
+                if image not in checked:
+                    try:
+                        check_image(image)
+                        checked[image] = None
+                    except DataError as e:
+                        checked[image] = e
+                if (e := checked[image]) is not None:
+                    row = DataError(e.reason, f"{image}: {e.message}", path=path, line=line,
+                                    field=f"images[{i}]" if several else "image")
+                    break
         if isinstance(row, DataError):
             errors.append((row, raw))
         else:

@@ -91,7 +91,8 @@ def find_components(model: torch.nn.Module) -> Components:
     output_name = next((n for n, m in base.named_modules() if output is not None and m is output), None)
     if output_name is not None and not any(_has_prefix(output_name, p) for p in found["language"]):
         found["language"].append(output_name)
-    inside = [f"{v}.{leaf}" for v in found["vision"] for leaf in BRIDGE_INSIDE_VISION.get(config.model_type, ())]
+    leaves = BRIDGE_INSIDE_VISION.get(config.model_type, ())
+    inside = [f"{v}.{leaf}" for v in found["vision"] for leaf in leaves]
     modules = dict(base.named_modules())
     bridge = [n for n in inside if n in modules]
     rest = _outside(base, found["vision"] + found["language"])
@@ -158,7 +159,8 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
             targets.append(name)
     if not targets:
         raise ValueError(f"no linear layer found for LoRA in {components} of {type(base).__name__}: set "
-                         f"lora_target_modules. Linear layer names in this model: {_linear_leaf_names(base)}.")
+                         "lora_target_modules. Linear layer names in this model: "
+                         f"{_linear_leaf_names(base)}.")
     # A compact regex (component prefixes x leaf names) when it selects exactly these modules, else the names.
     prefixes = [p for c in components for p in getattr(parts, c) if any(_has_prefix(t, p) for t in targets)]
     leaves = list(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))

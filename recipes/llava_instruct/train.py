@@ -148,7 +148,8 @@ def main(argv=None):
         processing_class=processor,
         generation=None if eval_items is None else GenerationEval(
             eval_items, ChatPromptCollator(encoder),
-            functools.partial(instruct_scores, lang=args.data.lang), args.generation_eval, processor.tokenizer),
+            functools.partial(instruct_scores, lang=args.data.lang), args.generation_eval,
+            processor.tokenizer),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
     return train_and_evaluate(trainer, dict(

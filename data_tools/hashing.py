@@ -22,7 +22,7 @@ import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 from PIL import Image
@@ -229,14 +229,21 @@ def _simplejpeg_reduced(data: bytes, min_side: int) -> np.ndarray | None:
 
 @functools.lru_cache(maxsize=4096)
 def _resample_matrix(n_in: int, n_out: int, kernel: str) -> np.ndarray:
-    """(n_out, n_in) weights of Pillow's separable resampling of one axis ("lanczos" or "box"), in float."""
+    """(n_out, n_in) weights of Pillow's resampling of one axis ("lanczos" or "box"), in float: the same
+    filter centres, windows and sample points as Pillow's resize, so that only its rounding differs."""
     scale = n_in / n_out
-    support_scale = max(scale, 1.0)
-    x = (np.arange(n_in)[None, :] + 0.5 - (np.arange(n_out)[:, None] + 0.5) * scale) / support_scale
+    filter_scale = max(scale, 1.0)
+    support = (3.0 if kernel == "lanczos" else 0.5) * filter_scale
+    centre = (np.arange(n_out) + 0.5) * scale
+    j = np.arange(n_in, dtype=np.float64)
+    x = (j[None, :] - centre[:, None] + 0.5) * (1.0 / filter_scale)
     if kernel == "lanczos":
-        w = np.where(np.abs(x) < 3, np.sinc(x) * np.sinc(x / 3), 0.0)
+        w = np.where((x > -3) & (x < 3), np.sinc(x) * np.sinc(x / 3), 0.0)
     else:
-        w = ((x >= -0.5) & (x < 0.5)).astype(np.float64)
+        w = ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum((centre + support + 0.5).astype(np.int64), n_in)
+    w[(j[None, :] < lo[:, None]) | (j[None, :] >= hi[:, None])] = 0.0
     return w / w.sum(axis=1, keepdims=True)
 
 

@@ -32,8 +32,11 @@ def jpeg_bytes(image: Image.Image, **save) -> bytes:
 
 
 CASES = [
-    (f"{w}x{h} q{q} {sub}{' progressive' if prog else ''}", photo(k, w, h), dict(quality=q, subsampling=sub,
-                                                                               progressive=prog))
+    (
+        f"{w}x{h} q{q} {sub}{' progressive' if prog else ''}",
+        photo(k, w, h),
+        {"quality": q, "subsampling": sub, "progressive": prog},
+    )
     for k, ((w, h), q, sub, prog) in enumerate(
         zip(SIZES[10:], [75, 90, 95] * 4, [0, 1, 2] * 4, [False, False, True, False] * 3)
     )

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import multiprocessing
 import os
@@ -100,15 +101,14 @@ class StoredRows:
         self.dtype = np.dtype(np.uint8)
 
     @staticmethod
-    def open(path: str | os.PathLike, member: str, n: int, width: int) -> "StoredRows":
+    def open(path: str | os.PathLike, member: str, n: int, width: int) -> StoredRows:
         """The array `member` (e.g. "colours") of an .npz file written by `np.savez`; ValueError if it is not an
         uncompressed (n, width) uint8 array there."""
         with zipfile.ZipFile(path) as z:
             info = z.getinfo(member + ".npy")
         if info.compress_type != zipfile.ZIP_STORED:
             raise ValueError(f"array {member!r} is compressed")
-        f = open(path, "rb")
-        with f:
+        with open(path, "rb") as f:
             f.seek(info.header_offset)
             local = f.read(30)  # a zip local file header: name and extra field lengths at bytes 26-29
             if local[:4] != b"PK\x03\x04":
@@ -133,14 +133,16 @@ class StoredRows:
         index = np.asarray(index, np.int64).ravel()
         wanted, where = np.unique(index, return_inverse=True)
         out = np.empty((len(wanted), self.width), np.uint8)
-        if len(wanted) and (wanted[0] < 0 or wanted[-1] >= len(self)):
+        if not len(wanted):
+            return out
+        if wanted[0] < 0 or wanted[-1] >= len(self):
             raise IndexError("row index out of range")
         # One read per run of consecutive rows, within one file.
         breaks = np.flatnonzero((np.diff(wanted) != 1)
                                 | (np.searchsorted(self.starts, wanted[1:], "right")
                                    != np.searchsorted(self.starts, wanted[:-1], "right"))) + 1
         bounds = np.concatenate(([0], breaks, [len(wanted)])).tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             part = int(np.searchsorted(self.starts, wanted[a], "right")) - 1
             name, fd, offset = self.parts[part][:3]
             first = int(wanted[a] - self.starts[part])
@@ -156,7 +158,7 @@ class StoredRows:
         return whole if dtype is None else whole.astype(dtype)
 
     @staticmethod
-    def join(parts: list["StoredRows"]) -> "StoredRows":
+    def join(parts: list[StoredRows]) -> StoredRows:
         return StoredRows([p for rows in parts for p in rows.parts], parts[0].width)
 
 
@@ -177,7 +179,7 @@ class HashTable:
             return self.__dict__["arrays"][name]
         raise AttributeError(name)
 
-    def take(self, index) -> "HashTable":
+    def take(self, index) -> HashTable:
         """The entries at `index`, in that order."""
         index = np.asarray(index, np.int64)
         return HashTable(
@@ -185,7 +187,7 @@ class HashTable:
         )
 
     @staticmethod
-    def concat(tables: list["HashTable"]) -> "HashTable":
+    def concat(tables: list[HashTable]) -> HashTable:
         """All entries of several tables, in order."""
         tables = [t for t in tables if len(t)] or [HashTable()]
         if len(tables) == 1:
@@ -224,7 +226,7 @@ class HashTable:
             raise
 
     @staticmethod
-    def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> "HashTable":
+    def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> HashTable:
         """Read a table written by `save`; raises ValueError naming what is wrong with the file.
 
         Stored relative paths are joined with `root` when given (the image root wherever the data now is),

@@ -440,13 +440,15 @@ def near_pairs_mih(
 
 
 def colours_match_pairs(colours: np.ndarray, i: np.ndarray, j: np.ndarray, tolerance: int = COLOUR_TOLERANCE,
-                        *, block: int = 65_536) -> np.ndarray:
-    """`colours_match` for many pairs at once: colours is an (n, 768) uint8 array; returns a bool per pair."""
+                        *, block: int = 8_192) -> np.ndarray:
+    """`colours_match` for many pairs at once: colours is an (n, 768) uint8 array (or anything that gives
+    rows for an index array, such as `hashes.StoredRows`); returns a bool per pair. Memory: a few blocks of
+    `block` rows."""
     out = np.zeros(len(i), bool)
     for s in range(0, len(i), block):
-        a = colours[i[s : s + block]].astype(np.int16)
-        b = colours[j[s : s + block]].astype(np.int16)
-        out[s : s + block] = np.abs(a - b).max(axis=1) <= tolerance
+        a, b = colours[i[s : s + block]], colours[j[s : s + block]]
+        # |a - b| in uint8 without a wider copy: the larger minus the smaller never wraps.
+        out[s : s + block] = (np.maximum(a, b) - np.minimum(a, b)).max(axis=1) <= tolerance
     return out
 
 

@@ -91,10 +91,31 @@ def bench_hashing(n_images: int, folder: Path) -> list[tuple[str, str, str]]:
         rows.append(("imagehash.phash (full decode), 1 process", f"{rate:,.0f}", f"{rate / base:.1f}x"))
     except ImportError:
         rows.append(("imagehash.phash", "not installed", ""))
-    for mode, w in (("fast", 1), ("fast", workers), ("exact", workers)):
-        rate = _rate(lambda ps: ImageHasher(mode, workers=w, progress=False).hash(ps), paths)
-        label = "fast: DCT-domain reduced decode + file SHA-256" if mode == "fast" else "exact (--exact-hash)"
-        rows.append((f"{label}, {w} worker{'s' if w > 1 else ''}", f"{rate:,.0f}", f"{rate / base:.1f}x"))
+    from data_tools import hashing
+
+    decoder = "simplejpeg" if hashing.simplejpeg is not None else "Pillow draft: simplejpeg not installed"
+    one = None
+    for mode, w, label in (
+        ("fast", 1, f"fast: 1/8 DCT-scaled decode ({decoder}), float hash, file SHA-256"),
+        ("pillow", 1, "fast with Pillow's draft decoding instead of simplejpeg (same hashes)"),
+        ("fast", workers, "fast"),
+        ("exact", workers, "exact (--exact-hash)"),
+    ):
+        saved = hashing.simplejpeg
+        try:
+            if mode == "pillow":
+                hashing.simplejpeg = None
+            hasher_mode = "exact" if mode == "exact" else "fast"
+            rate = _rate(
+                lambda ps, m=hasher_mode, w=w: ImageHasher(m, workers=w, progress=False).hash(ps), paths
+            )
+        finally:
+            hashing.simplejpeg = saved
+        one = rate if one is None else one
+        note = f"{rate / base:.1f}x"
+        if w > 1:
+            note += f"; {rate / base / w:.1f}x per worker" + (f"; {rate / one:.2f}x 1 worker" if mode == "fast" else "")
+        rows.append((f"{label}, {w} worker{'s' if w > 1 else ''}", f"{rate:,.0f}", note))
     return [(f"hashing {n_images} JPEGs 640x480 (mean {kb:.0f} KB), images/s", "", "")] + rows
 
 
@@ -398,7 +419,7 @@ def hardware() -> str:
     return (
         f"{platform.machine()}, {os.cpu_count()} cores ({model or 'unknown model'}); "
         f"Python {platform.python_version()}, "
-        f"numpy {np.__version__}, Pillow {PIL.__version__}"
+        f"numpy {np.__version__}, Pillow {PIL.__version__}, simplejpeg {_version('simplejpeg')}"
     )
 
 
@@ -416,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     started = time.perf_counter()
+    load_start = _load()
     rows = []
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
@@ -435,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
             for r in part:
                 print(" | ".join(r), flush=True)
     lines = [
-        f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; machine: {hardware()}",
+        (
+            f"date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; machine: {hardware()}; "
+            f"load average (1, 5, 15 min) at the start {load_start}, at the end {_load()}"
+        ),
         "",
         "| measurement | value | vs baseline / note |",
         "|---|---:|---|",
@@ -448,6 +473,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1))
     return 0
+
+
+def _version(module: str) -> str:
+    try:
+        return __import__(module).__version__
+    except ImportError:
+        return "not installed"
+
+
+def _load() -> str:
+    """The load average: other work on the machine slows every row, so ratios in one run are the fair ones."""
+    try:
+        return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
 
 
 def _mk(path: Path) -> Path:

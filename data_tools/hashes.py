@@ -9,10 +9,11 @@ its bytes (fast mode). The same file format serves as the cache (`.data_tools_ha
 JSONL file by default) and as the shard files that `dedup`, `split` and `check-leakage` merge (`--hashes`).
 
 Hash modes (`--exact-hash` picks the second):
-- fast (default): JPEGs are decoded reduced in the DCT domain (`hashing.load_image_draft`), other formats in
-  full. Exact duplicates keep their meaning, identical decoded pixels: files with equal bytes are identical
-  without decoding, and the pixel SHA-256 is computed (full decode) only for images whose fast hashes are
-  near duplicates of another's, the only ones that can have the same pixels as another file.
+- fast (default): JPEGs are decoded reduced in the DCT domain (`hashing.hash_image_fast`: libjpeg-turbo
+  through simplejpeg, or Pillow's draft mode), other formats in full. Exact duplicates keep their meaning,
+  identical decoded pixels: files with equal bytes are identical without decoding, and the pixel SHA-256 is
+  computed (full decode) only for images whose fast hashes are near duplicates of another's, the only ones
+  that can have the same pixels as another file.
 - exact: `hashing.hash_image` for every image, the hashes of a full decode.
 """
 

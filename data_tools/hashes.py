@@ -297,16 +297,16 @@ def _hash_one(job: tuple[str, int]) -> tuple:
     """Worker: hash one file; ("ok", size, mtime_ns, phash, colours, file_sha, pixel_sha) or an error."""
     path, mode = job
     try:
-        st = os.stat(path)
-        size, mtime = st.st_size, st.st_mtime_ns
-    except OSError:
-        size, mtime = -1, -1  # the hash function reports the problem
-    try:
         if mode == 0:
+            try:
+                st = os.stat(path)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1  # hash_image reports the problem
             h = hash_image(path)
             return "ok", size, mtime, h.phash, h.colours, bytes(32), bytes.fromhex(h.content)
         f = hash_image_fast(path)
-        return "ok", size, mtime, f.phash, f.colours, f.file_sha256, None
+        return "ok", f.size, f.mtime_ns, f.phash, f.colours, f.file_sha256, None
     except DataError as e:
         # DataError does not survive pickling across processes; send its parts.
         return "error", e.reason, e.message, e.path, e.field

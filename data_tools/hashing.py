@@ -110,6 +110,8 @@ class FastHash:
     phash: int
     colours: bytes
     file_sha256: bytes  # SHA-256 of the file's bytes: equal bytes, equal pixels, no decoding needed
+    size: int = -1  # the file's size and modification time when it was read (the cache's key)
+    mtime_ns: int = -1
 
 
 def draft_scale(width: int, height: int, min_side: int = DRAFT_MIN_SIDE) -> int:
@@ -155,9 +157,12 @@ def _load_draft(path: Path, data: bytes, min_side: int) -> tuple[Image.Image, in
     return rgb, scale
 
 
-def _read(path: Path) -> bytes:
+def _read(path: Path) -> tuple[bytes, os.stat_result]:
+    """The file's bytes, and its stat from the same open file (so it describes the bytes read)."""
     try:
-        return path.read_bytes()
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            return f.readall(), st
     except FileNotFoundError:
         raise DataError(MISSING_IMAGE, "image file does not exist", path=path, field="image") from None
     except OSError as e:
@@ -174,7 +179,7 @@ def load_image_draft(
     2 * min_side. Formats other than JPEG are decoded in full, as by `load_image`.
     """
     path = Path(path)
-    data = _read(path) if data is None else data
+    data = _read(path)[0] if data is None else data
     return _load_draft(path, data, DRAFT_MIN_SIDE if min_side is None else min_side)[0]
 
 
@@ -290,7 +295,7 @@ def hash_image_fast(path: str | os.PathLike) -> FastHash:
     """
     path = Path(path)
     try:
-        data = _read(path)
+        data, st = _read(path)
         rgb = _simplejpeg_reduced(data, DRAFT_MIN_SIDE)
         if rgb is None:
             image, scale = _load_draft(path, data, DRAFT_MIN_SIDE)
@@ -300,8 +305,8 @@ def hash_image_fast(path: str | os.PathLike) -> FastHash:
         raise e.at()
     digest = hashlib.sha256(data).digest()
     if rgb is None:
-        return FastHash(phash_of(image), colours_of(image), digest)
-    return FastHash(*hashes_of_reduced(rgb), digest)
+        return FastHash(phash_of(image), colours_of(image), digest, st.st_size, st.st_mtime_ns)
+    return FastHash(*hashes_of_reduced(rgb), digest, st.st_size, st.st_mtime_ns)
 
 
 def content_hash(path: str | os.PathLike) -> str:

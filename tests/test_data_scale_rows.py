@@ -1,4 +1,4 @@
-"""Hash files keep their colour grids on disk: rows read on demand equal the rows saved, across shard files."""
+"""Hash files keep their colour grids on disk: rows read on demand equal the saved rows, across shards."""
 
 from __future__ import annotations
 
@@ -35,7 +35,8 @@ def test_stored_rows_equal_the_saved_rows_across_files(tmp_path):
     # Saving a table whose rows are on disk over its own file (the cache does) keeps them.
     one = HashTable.load(tmp_path / "h-0.npz")
     one.save(tmp_path / "h-0.npz")
-    np.testing.assert_array_equal(HashTable.load(tmp_path / "h-0.npz").colours[np.arange(300)], parts[0].colours)
+    again = HashTable.load(tmp_path / "h-0.npz")
+    np.testing.assert_array_equal(again.colours[np.arange(300)], parts[0].colours)
 
 
 def test_colour_check_of_pairs_equals_one_pair_at_a_time(tmp_path):

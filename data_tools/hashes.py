@@ -9,10 +9,11 @@ its bytes (fast mode). The same file format serves as the cache (`.data_tools_ha
 JSONL file by default) and as the shard files that `dedup`, `split` and `check-leakage` merge (`--hashes`).
 
 Hash modes (`--exact-hash` picks the second):
-- fast (default): JPEGs are decoded reduced in the DCT domain (`hashing.load_image_draft`), other formats in
-  full. Exact duplicates keep their meaning, identical decoded pixels: files with equal bytes are identical
-  without decoding, and the pixel SHA-256 is computed (full decode) only for images whose fast hashes are
-  near duplicates of another's, the only ones that can have the same pixels as another file.
+- fast (default): JPEGs are decoded reduced in the DCT domain (`hashing.hash_image_fast`: libjpeg-turbo
+  through simplejpeg, or Pillow's draft mode), other formats in full. Exact duplicates keep their meaning,
+  identical decoded pixels: files with equal bytes are identical without decoding, and the pixel SHA-256 is
+  computed (full decode) only for images whose fast hashes are near duplicates of another's, the only ones
+  that can have the same pixels as another file.
 - exact: `hashing.hash_image` for every image, the hashes of a full decode.
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import itertools
 import json
 import multiprocessing
 import os
@@ -48,7 +50,7 @@ from .hashing import (
 
 MODES = ("fast", "exact")
 FORMAT = "data_tools.image_hashes"
-VERSION = 1
+VERSION = 2
 CACHE_NAME = ".data_tools_hashes.npz"
 NOT_IN_HASHES = "not_in_hashes"
 COLOUR_BYTES = COLOUR_GRID * COLOUR_GRID * 3
@@ -74,6 +76,93 @@ def default_workers() -> int:
         return os.cpu_count() or 1
 
 
+class _Descriptor:
+    """Closes a file descriptor when no table refers to it any more."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __del__(self):
+        os.close(self.fd)
+
+
+class StoredRows:
+    """A 2-D uint8 array kept in the uncompressed .npz files it was loaded from, of which rows are read on
+    demand (`rows[index]`): a million 768-byte colour grids need not be in memory to check a few near pairs.
+
+    The files stay open, so a file replaced meanwhile (the cache, saved again) is still read as it was.
+    `np.asarray(rows)` reads it all.
+    """
+
+    def __init__(self, parts: list[tuple], width: int):
+        self.parts = parts  # (file name, descriptor, offset of row 0, rows, _Descriptor closing it)
+        self.width = width
+        self.starts = np.cumsum([0] + [p[3] for p in parts])
+        self.shape = (int(self.starts[-1]), width)
+        self.dtype = np.dtype(np.uint8)
+
+    @staticmethod
+    def open(path: str | os.PathLike, member: str, n: int, width: int) -> StoredRows:
+        """The array `member` (e.g. "colours") of an .npz file written by `np.savez`; ValueError if it is not an
+        uncompressed (n, width) uint8 array there."""
+        with zipfile.ZipFile(path) as z:
+            info = z.getinfo(member + ".npy")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"array {member!r} is compressed")
+        with open(path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)  # a zip local file header: name and extra field lengths at bytes 26-29
+            if local[:4] != b"PK\x03\x04":
+                raise ValueError(f"array {member!r}: bad zip entry")
+            f.seek(info.header_offset + 30 + int.from_bytes(local[26:28], "little")
+                   + int.from_bytes(local[28:30], "little"))
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if shape != (n, width) or dtype != np.uint8 or fortran:
+                raise ValueError(f"array {member!r} is {dtype}{shape}, expected {(n, width)}")
+            offset = f.tell()
+            fd = os.dup(f.fileno())
+        return StoredRows([(str(path), fd, offset, n, _Descriptor(fd))], width)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index) -> np.ndarray:
+        """Rows at an integer array (or list) of indices, in that order, as an (len(index), width) array."""
+        index = np.asarray(index, np.int64).ravel()
+        wanted, where = np.unique(index, return_inverse=True)
+        out = np.empty((len(wanted), self.width), np.uint8)
+        if not len(wanted):
+            return out
+        if wanted[0] < 0 or wanted[-1] >= len(self):
+            raise IndexError("row index out of range")
+        # One read per run of consecutive rows, within one file.
+        breaks = np.flatnonzero((np.diff(wanted) != 1)
+                                | (np.searchsorted(self.starts, wanted[1:], "right")
+                                   != np.searchsorted(self.starts, wanted[:-1], "right"))) + 1
+        bounds = np.concatenate(([0], breaks, [len(wanted)])).tolist()
+        for a, b in itertools.pairwise(bounds):
+            part = int(np.searchsorted(self.starts, wanted[a], "right")) - 1
+            name, fd, offset = self.parts[part][:3]
+            first = int(wanted[a] - self.starts[part])
+            size = (b - a) * self.width
+            data = os.pread(fd, size, offset + first * self.width)
+            if len(data) != size:
+                raise ValueError(f"{name}: the file is shorter than its header says")
+            out[a:b] = np.frombuffer(data, np.uint8).reshape(b - a, self.width)
+        return out[where.ravel()]
+
+    def __array__(self, dtype=None, copy=None):
+        whole = self[np.arange(len(self))]
+        return whole if dtype is None else whole.astype(dtype)
+
+    @staticmethod
+    def join(parts: list[StoredRows]) -> StoredRows:
+        return StoredRows([p for rows in parts for p in rows.parts], parts[0].width)
+
+
 @dataclass
 class HashTable:
     """Hashes of n image files, as arrays (see the module docstring); `paths` are absolute."""
@@ -91,7 +180,7 @@ class HashTable:
             return self.__dict__["arrays"][name]
         raise AttributeError(name)
 
-    def take(self, index) -> "HashTable":
+    def take(self, index) -> HashTable:
         """The entries at `index`, in that order."""
         index = np.asarray(index, np.int64)
         return HashTable(
@@ -99,13 +188,17 @@ class HashTable:
         )
 
     @staticmethod
-    def concat(tables: list["HashTable"]) -> "HashTable":
+    def concat(tables: list[HashTable]) -> HashTable:
         """All entries of several tables, in order."""
         tables = [t for t in tables if len(t)] or [HashTable()]
-        return HashTable(
-            [p for t in tables for p in t.paths],
-            {k: np.concatenate([t.arrays[k] for t in tables]) for k in _ARRAYS},
-        )
+        if len(tables) == 1:
+            return tables[0]
+        arrays = {}
+        for k in _ARRAYS:
+            parts = [t.arrays[k] for t in tables]
+            stored = all(isinstance(a, StoredRows) for a in parts)
+            arrays[k] = StoredRows.join(parts) if stored else np.concatenate([np.asarray(a) for a in parts])
+        return HashTable([p for t in tables for p in t.paths], arrays)
 
     def save(self, path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
         """Write the table atomically: a unique temporary file in the same folder, fsync, then rename.
@@ -134,7 +227,7 @@ class HashTable:
             raise
 
     @staticmethod
-    def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> "HashTable":
+    def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> HashTable:
         """Read a table written by `save`; raises ValueError naming what is wrong with the file.
 
         Stored relative paths are joined with `root` when given (the image root wherever the data now is),
@@ -148,7 +241,8 @@ class HashTable:
                 n = int(meta["n"])
                 blob = z["paths"].tobytes().decode("utf-8", "surrogateescape")
                 stored = blob.split("\0") if n else []
-                arrays = {k: z[k] for k in _ARRAYS}
+                arrays = {k: z[k] for k in _ARRAYS if k != "colours"}
+            arrays["colours"] = StoredRows.open(path, "colours", n, COLOUR_BYTES)
         except (OSError, KeyError, ValueError, EOFError, zlib.error, zipfile.BadZipFile) as e:
             raise ValueError(f"{path}: unreadable image hash file ({e})") from None
         for k, (dtype, shape) in _ARRAYS.items():
@@ -203,16 +297,16 @@ def _hash_one(job: tuple[str, int]) -> tuple:
     """Worker: hash one file; ("ok", size, mtime_ns, phash, colours, file_sha, pixel_sha) or an error."""
     path, mode = job
     try:
-        st = os.stat(path)
-        size, mtime = st.st_size, st.st_mtime_ns
-    except OSError:
-        size, mtime = -1, -1  # the hash function reports the problem
-    try:
         if mode == 0:
+            try:
+                st = os.stat(path)
+                size, mtime = st.st_size, st.st_mtime_ns
+            except OSError:
+                size, mtime = -1, -1  # hash_image reports the problem
             h = hash_image(path)
             return "ok", size, mtime, h.phash, h.colours, bytes(32), bytes.fromhex(h.content)
         f = hash_image_fast(path)
-        return "ok", size, mtime, f.phash, f.colours, f.file_sha256, None
+        return "ok", f.size, f.mtime_ns, f.phash, f.colours, f.file_sha256, None
     except DataError as e:
         # DataError does not survive pickling across processes; send its parts.
         return "error", e.reason, e.message, e.path, e.field

@@ -16,19 +16,25 @@ cannot be loaded raises its `DataError`: these tools expect input that `python -
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
 from scipy.fft import dctn
 from tqdm import tqdm
 
-from .errors import DataError
+try:  # libjpeg-turbo with DCT scaling, without Pillow's per-image overhead
+    import simplejpeg
+except ImportError:  # Pillow's draft mode decodes the same pixels, a little slower
+    simplejpeg = None
+
+from .errors import MISSING_IMAGE, UNREADABLE_IMAGE, DataError
 from .images import load_image
 
 DEFAULT_NEAR_THRESHOLD = 4
@@ -89,10 +95,12 @@ def hash_image(path: str | os.PathLike) -> ImageHash:
     return ImageHash(digest.hexdigest(), phash_of(image), colours_of(image))
 
 
-# Fast mode decodes a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT-domain scaling, `Image.draft`), the
-# largest reduction that keeps the short side at least this long: the 32x32 hash and the 16x16 colour grid
-# need no more, and images under 2x this side (64x64 thumbnails) are decoded in full, unchanged.
+# Fast mode decodes a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT-domain scaling), the largest reduction
+# that keeps the short side at least this long: the 32x32 hash and the 16x16 colour grid need no more, and
+# images under 2x this side (64x64 thumbnails) are decoded in full, unchanged.
 DRAFT_MIN_SIDE = 48
+# ITU-R 601-2 luma, the weights of Pillow's convert("L").
+_LUMA = np.array([0.299, 0.587, 0.114])
 
 
 @dataclass(frozen=True)
@@ -102,36 +110,29 @@ class FastHash:
     phash: int
     colours: bytes
     file_sha256: bytes  # SHA-256 of the file's bytes: equal bytes, equal pixels, no decoding needed
+    size: int = -1  # the file's size and modification time when it was read (the cache's key)
+    mtime_ns: int = -1
 
 
-def load_image_draft(
-    path: str | os.PathLike, data: bytes | None = None, *, min_side: int | None = None
-) -> Image.Image:
-    """`load_image` (same checks, errors and RGB conversion), but a JPEG is decoded reduced in the DCT domain.
+def draft_scale(width: int, height: int, min_side: int = DRAFT_MIN_SIDE) -> int:
+    """The JPEG reduction fast mode decodes at: 8, 4 or 2, the largest keeping the short side >= min_side; else 1."""
+    return next((s for s in (8, 4, 2) if min(width, height) // s >= min_side), 1)
 
-    The result is at least `min_side` on its short side, or the full image when that is smaller than
-    2 * min_side. Formats other than JPEG are decoded in full, as by `load_image`.
-    """
+
+def _load_draft(path: Path, data: bytes, min_side: int) -> tuple[Image.Image, int]:
+    """`load_image_draft` and the reduction it decoded at (1: in full)."""
     from PIL import ImageOps, UnidentifiedImageError
 
-    from .errors import EMPTY_IMAGE_FILE, IMAGE_TOO_LARGE, IMAGE_TOO_SMALL, MISSING_IMAGE, UNREADABLE_IMAGE
+    from .errors import EMPTY_IMAGE_FILE, IMAGE_TOO_LARGE, IMAGE_TOO_SMALL
     from .images import MAX_PIXELS, MIN_SIDE, _decode_reason, _to_rgb
 
-    path = Path(path)
-    min_side = DRAFT_MIN_SIDE if min_side is None else min_side
-    if data is None:
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(MISSING_IMAGE, "image file does not exist", path=path, field="image") from None
-        except OSError as e:
-            raise DataError(UNREADABLE_IMAGE, f"cannot read image file: {e}", path=path, field="image") from e
     if not data:
         raise DataError(EMPTY_IMAGE_FILE, "image file is empty (0 bytes)", path=path, field="image")
     try:
         im = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(_decode_reason(e), f"not a readable image: {e}", path=path, field="image") from e
+    scale = 1
     with im:
         w, h = im.size
         if w * h > MAX_PIXELS:
@@ -142,7 +143,7 @@ def load_image_draft(
             raise DataError(IMAGE_TOO_SMALL, message, path=path, field="image")
         try:
             if im.format == "JPEG":
-                scale = next((s for s in (8, 4, 2) if min(w, h) // s >= min_side), 1)
+                scale = draft_scale(w, h, min_side)
                 if scale > 1:
                     im.draft(im.mode, (w // scale, h // scale))
             im.load()
@@ -153,27 +154,159 @@ def load_image_draft(
         except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
             message = f"image cannot be decoded: {e}"
             raise DataError(UNREADABLE_IMAGE, message, path=path, field="image") from e
-    return rgb
+    return rgb, scale
+
+
+def _read(path: Path) -> tuple[bytes, os.stat_result]:
+    """The file's bytes, and its stat from the same open file (so it describes the bytes read)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            st = os.fstat(f.fileno())
+            return f.readall(), st
+    except FileNotFoundError:
+        raise DataError(MISSING_IMAGE, "image file does not exist", path=path, field="image") from None
+    except OSError as e:
+        raise DataError(UNREADABLE_IMAGE, f"cannot read image file: {e}", path=path, field="image") from e
+
+
+def load_image_draft(
+    path: str | os.PathLike, data: bytes | None = None, *, min_side: int | None = None
+) -> Image.Image:
+    """`load_image` (same checks, errors and RGB conversion), but a JPEG is decoded reduced in the DCT domain
+    with Pillow (`Image.draft`).
+
+    The result is at least `min_side` on its short side, or the full image when that is smaller than
+    2 * min_side. Formats other than JPEG are decoded in full, as by `load_image`.
+    """
+    path = Path(path)
+    data = _read(path)[0] if data is None else data
+    return _load_draft(path, data, DRAFT_MIN_SIDE if min_side is None else min_side)[0]
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """True for a JPEG whose segments before the first scan hold no APP1 block (EXIF or XMP, which can rotate
+    the image) and no multi-picture index (APP2 "MPF", which Pillow opens as MPO and decodes in full)."""
+    if data[:2] != b"\xff\xd8":
+        return False
+    pos, end = 2, len(data) - 4
+    while pos <= end:
+        if data[pos] != 0xFF:
+            return False
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker == 0xDA:  # start of scan: the header is over
+            return True
+        if marker == 0xE1 or (marker == 0xE2 and data[pos + 4 : pos + 8] == b"MPF\0"):
+            return False
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return False
+
+
+def _simplejpeg_reduced(data: bytes, min_side: int) -> np.ndarray | None:
+    """The RGB pixels `load_image_draft` gives, decoded by libjpeg-turbo through simplejpeg without Pillow's
+    per-image overhead; None where that is not sure to be the same (then `load_image_draft` decodes it).
+
+    Taken: a plain YCbCr or greyscale JPEG (`_plain_jpeg`) within the size limits that fast mode reduces
+    (scale > 1), decoding without a libjpeg warning (`strict`). The same
+    libjpeg-turbo scaled decode gives the same pixels as Pillow's draft mode (tests/test_data_scale_hash.py).
+    """
+    if simplejpeg is None or not _plain_jpeg(data):
+        return None
+    from .images import MAX_PIXELS, MIN_SIDE
+
+    try:
+        h, w, colourspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    if colourspace not in ("YCbCr", "Gray") or w * h > MAX_PIXELS or min(w, h) < MIN_SIDE:
+        return None
+    scale = draft_scale(w, h, min_side)
+    if scale == 1:
+        return None
+    try:
+        # The smallest libjpeg scaling M/8 that keeps these sizes is 1/scale: what Pillow's draft asks for.
+        return simplejpeg.decode_jpeg(data, "rgb", min_height=-(-h // scale), min_width=-(-w // scale))
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _resample_matrix(n_in: int, n_out: int, kernel: str) -> np.ndarray:
+    """(n_out, n_in) weights of Pillow's resampling of one axis ("lanczos" or "box"), in float: the same
+    filter centres, windows and sample points as Pillow's resize, so that only its rounding differs."""
+    scale = n_in / n_out
+    filter_scale = max(scale, 1.0)
+    support = (3.0 if kernel == "lanczos" else 0.5) * filter_scale
+    centre = (np.arange(n_out) + 0.5) * scale
+    j = np.arange(n_in, dtype=np.float64)
+    x = (j[None, :] - centre[:, None] + 0.5) * (1.0 / filter_scale)
+    if kernel == "lanczos":
+        w = np.where((x > -3) & (x < 3), np.sinc(x) * np.sinc(x / 3), 0.0)
+    else:
+        w = ((x > -0.5) & (x <= 0.5)).astype(np.float64)
+    lo = np.maximum((centre - support + 0.5).astype(np.int64), 0)
+    hi = np.minimum((centre + support + 0.5).astype(np.int64), n_in)
+    w[(j[None, :] < lo[:, None]) | (j[None, :] >= hi[:, None])] = 0.0
+    return w / w.sum(axis=1, keepdims=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _dct_matrix(n_in: int) -> np.ndarray:
+    """(8, n_in): the 32-point lowest-frequency orthonormal DCT-II rows after a Lanczos resize to 32."""
+    k = np.arange(32)
+    dct = np.sqrt(2 / 32) * np.cos(np.pi * (2 * k[None, :] + 1) * np.arange(8)[:, None] / 64)
+    dct[0] /= np.sqrt(2)
+    return dct @ _resample_matrix(n_in, 32, "lanczos")
+
+
+def _bits_of(low: np.ndarray) -> int:
+    """The phash bits of the 8x8 lowest DCT coefficients (see `phash_of`)."""
+    low = np.round(low.ravel(), 6)
+    # The median of the 63 non-DC coefficients is the 32nd smallest.
+    bits = low > np.sort(low[1:])[31]
+    bits[0] = False
+    return int.from_bytes(np.packbits(bits).tobytes(), "big")
+
+
+def hashes_of_reduced(rgb: np.ndarray) -> tuple[int, bytes]:
+    """`phash_of` and `colours_of` of a small (reduced-decoded) RGB array, in floating point throughout.
+
+    The same resize filters and DCT as a linear map from the pixels, without Pillow's rounding to 8 bits
+    between steps: several times faster at these sizes, and within the fast mode's tested tolerance.
+    """
+    h, w = rgb.shape[:2]
+    pixels = rgb.astype(np.float64)
+    low = _dct_matrix(h) @ (pixels @ _LUMA) @ _dct_matrix(w).T
+    rows = _resample_matrix(h, COLOUR_GRID, "box") @ pixels.reshape(h, w * 3)
+    grid = _resample_matrix(w, COLOUR_GRID, "box") @ rows.reshape(COLOUR_GRID, w, 3)
+    colours = np.clip(np.floor(grid + 0.5), 0, 255).astype(np.uint8)
+    return _bits_of(low), colours.tobytes()
 
 
 def hash_image_fast(path: str | os.PathLike) -> FastHash:
     """Perceptual hash and colour grid of a JPEG decoded at reduced size, and the SHA-256 of the file's bytes.
 
     Several times faster than `hash_image` on photos; the hashes differ from `hash_image`'s by the
-    reduced decoding (tests/test_data_scale_hash.py bounds it). It has no pixel hash: identical pixels
-    are confirmed with `content_hash` only for images whose fast hashes are near (`data_tools.hashes`).
+    reduced decoding (tests/test_data_scale_hash.py bounds it). Images decoded in full (not JPEG, or too
+    small to reduce) get `hash_image`'s hashes. It has no pixel hash: identical pixels are confirmed with
+    `content_hash` only for images whose fast hashes are near (`data_tools.hashes`).
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError:
-        data = None  # load_image_draft names the problem
-    try:
-        image = load_image_draft(path, data)
+        data, st = _read(path)
+        rgb = _simplejpeg_reduced(data, DRAFT_MIN_SIDE)
+        if rgb is None:
+            image, scale = _load_draft(path, data, DRAFT_MIN_SIDE)
+            rgb = np.asarray(image) if scale > 1 else None
     except DataError as e:
         e.message += f" ({CLEAN_FIRST})"
         raise e.at()
-    return FastHash(phash_of(image), colours_of(image), hashlib.sha256(data).digest())
+    digest = hashlib.sha256(data).digest()
+    if rgb is None:
+        return FastHash(phash_of(image), colours_of(image), digest, st.st_size, st.st_mtime_ns)
+    return FastHash(*hashes_of_reduced(rgb), digest, st.st_size, st.st_mtime_ns)
 
 
 def content_hash(path: str | os.PathLike) -> str:
@@ -312,13 +445,15 @@ def near_pairs_mih(
 
 
 def colours_match_pairs(colours: np.ndarray, i: np.ndarray, j: np.ndarray, tolerance: int = COLOUR_TOLERANCE,
-                        *, block: int = 65_536) -> np.ndarray:
-    """`colours_match` for many pairs at once: colours is an (n, 768) uint8 array; returns a bool per pair."""
+                        *, block: int = 8_192) -> np.ndarray:
+    """`colours_match` for many pairs at once: colours is an (n, 768) uint8 array (or anything that gives
+    rows for an index array, such as `hashes.StoredRows`); returns a bool per pair. Memory: a few blocks of
+    `block` rows."""
     out = np.zeros(len(i), bool)
     for s in range(0, len(i), block):
-        a = colours[i[s : s + block]].astype(np.int16)
-        b = colours[j[s : s + block]].astype(np.int16)
-        out[s : s + block] = np.abs(a - b).max(axis=1) <= tolerance
+        a, b = colours[i[s : s + block]], colours[j[s : s + block]]
+        # |a - b| in uint8 without a wider copy: the larger minus the smaller never wraps.
+        out[s : s + block] = (np.maximum(a, b) - np.minimum(a, b)).max(axis=1) <= tolerance
     return out
 
 

@@ -38,6 +38,9 @@ COMPONENT_PREFIXES = {
         "bridge": (),
         "language": ("text_model", "text_projection"),
     },
+    # SigLIP / SigLIP 2: each tower ends in its own head (vision_model.head, text_model.head).
+    "siglip": {"vision": ("vision_model",), "bridge": (), "language": ("text_model",)},
+    "siglip2": {"vision": ("vision_model",), "bridge": (), "language": ("text_model",)},
     # recipes/soft_prompt_caption: frozen CLIP vision + frozen causal LM; the soft prompt and projection
     # train.
     "soft-prompt-captioner": {
@@ -52,6 +55,8 @@ VISION_LAYERS = {
     "blip-2": "vision_model.encoder.layers",
     "llava": "model.vision_tower.encoder.layers",
     "clip": "vision_model.encoder.layers",
+    "siglip": "vision_model.encoder.layers",
+    "siglip2": "vision_model.encoder.layers",
     "soft-prompt-captioner": "vision_model.encoder.layers",  # a CLIPVisionModel keeps its encoder at the top
 }
 
@@ -71,6 +76,9 @@ LORA_LEAVES = {
     "clip_text_model": _CLIP_ATTENTION,
     "clip_vision_model": _CLIP_ATTENTION,
     "siglip_vision_model": _CLIP_ATTENTION,
+    "siglip_text_model": _CLIP_ATTENTION,
+    "siglip2_vision_model": _CLIP_ATTENTION,
+    "siglip2_text_model": _CLIP_ATTENTION,
     "blip_2_vision_model": ("qkv", "projection"),
 }
 # Which sub-config describes a component.
@@ -78,6 +86,7 @@ SUB_CONFIG = {"language": "text_config", "vision": "vision_config"}
 
 # Where LoRA goes when the caller names no component: the LM for generative models, both towers for CLIP.
 DEFAULT_LORA_COMPONENTS = {"blip-2": ("language",), "llava": ("language",), "clip": ("vision", "language"),
+                           "siglip": ("vision", "language"), "siglip2": ("vision", "language"),
                            "soft-prompt-captioner": ("language",)}
 
 # peft prefixes parameter names of a PeftModel with this; strip it to classify them like the base model's.

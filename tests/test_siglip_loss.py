@@ -182,3 +182,14 @@ def test_tiny_models_load_through_auto_classes_and_the_collator_pads_as_the_proc
     long = tokenize_texts([" ".join(captions)], processor.tokenizer, 8, report, pooled_at_eos=False)
     assert long == processor.tokenizer([" ".join(captions)], truncation=True, max_length=8)["input_ids"]
     assert len(long[0]) == 8 and report.truncated == 1 and report.tokens_cut > 0
+
+
+def test_siglip2_base_real_config_has_its_parameter_count():
+    from transformers import SiglipModel
+
+    from bench import real_configs
+
+    with torch.device("meta"):
+        model = SiglipModel._from_config(real_configs.siglip2_base_patch16_224())
+    assert sum(p.numel() for p in model.parameters()) == 375_187_970  # the model card's 375M
+    assert model.config.text_config.max_position_embeddings == 64 and model.config.vision_config.image_size == 224

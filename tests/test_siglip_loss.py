@@ -2,6 +2,7 @@
 hard negatives term by term), the loss a checkpoint defaults to, a fresh sigmoid head on CLIP, the tiny SigLIP /
 SigLIP 2 models and the collator's padding rule against their processors, and what each training mode trains."""
 
+import json
 import math
 
 import pytest
@@ -193,3 +194,21 @@ def test_siglip2_base_real_config_has_its_parameter_count():
         model = SiglipModel._from_config(real_configs.siglip2_base_patch16_224())
     assert sum(p.numel() for p in model.parameters()) == 375_187_970  # the model card's 375M
     assert model.config.text_config.max_position_embeddings == 64 and model.config.vision_config.image_size == 224
+
+
+def test_siglip2_pretraining_learns_with_the_sigmoid_loss(tmp_path):
+    from transformers import AutoModel
+
+    from recipes.common.tiny import pretrain as tiny_pretrain
+    from recipes.common.tiny.models import tiny_model_path
+
+    base = tiny_model_path("siglip2", tmp_path / "cache")
+    out = tiny_pretrain.pretrain_siglip2(tmp_path / "siglip2", base=base, steps=25, batch_size=8, warmup=3,
+                                         log=lambda m: None)
+    record = json.loads((out / "pretraining.json").read_text())
+    curve = record["loss_curve"]
+    # 8 images x (8 annotations + 8 hard negatives) at b = -10: about 1 (the match) x 10 per image at first.
+    assert curve[0]["sigmoid_loss"] > 8 and curve[-1]["sigmoid_loss"] < 0.6 * curve[0]["sigmoid_loss"]
+    model = AutoModel.from_pretrained(out)
+    assert type(model).__name__ == "Siglip2Model" and model.logit_bias.item() != -10.0
+    assert tiny_pretrain.STARTS_FROM["siglip2"] == {"base": "siglip2"}

@@ -393,8 +393,8 @@ def sigmoid_loss(logits: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
     return -torch.nn.functional.logsigmoid(sign * logits).sum() / logits.shape[0]
 
 
-def pretrain_siglip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 400,
-                     batch_size: int = 64, lr: float = 1e-3, warmup: int = 50, weight_decay: float = 0.1,
+def pretrain_siglip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 200,
+                     batch_size: int = 64, lr: float = 1e-3, warmup: int = 20, weight_decay: float = 0.1,
                      hard_negatives: bool = True, seed: int = 0, log=print) -> Path:
     """Pre-train a tiny Siglip2Model (NaFlex) with the sigmoid loss on (image, attribute annotation) pairs,
     with the shape hard negatives of `pretrain_clip`; save to `out_dir`.

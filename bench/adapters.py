@@ -364,7 +364,9 @@ class ClipRetrieval(Adapter):
                                             a.RetrievalArguments.unfreeze_last_n_text_layers)
 
     def dataset(self, records, tokenizer, model, a):
-        return self.train.PairDataset(records, tokenizer, a.DataArguments.max_length,
+        # config.yaml's max_length is null: the text tower's length, as train.py reads it
+        max_length = a.DataArguments.max_length or model.config.text_config.max_position_embeddings
+        return self.train.PairDataset(records, tokenizer, max_length,
                                       hard_negatives=a.RetrievalArguments.hard_negatives)
 
     def collator(self, tokenizer, image_processor, model, a):

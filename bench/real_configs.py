@@ -76,3 +76,20 @@ def llava_1_5_7b():
     return LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=32000,
                        pad_token_id=32001, projector_hidden_act="gelu", vision_feature_layer=-2,
                        vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
+def siglip2_base_patch16_224():
+    """google/siglip2-base-patch16-224: SigLIP 2's fixed-resolution ViT-B/16 at 224 px (196 patches, an
+    attention-pooling head) and a 12-layer 768-wide text tower over 64 positions with Gemma's 256k vocabulary;
+    768-d embeddings.
+
+    The fixed-resolution SigLIP 2 checkpoints are SiglipModel (model_type "siglip"), the NaFlex ones
+    Siglip2Model. The dims are SigLIP 2's B/16 (Tschannen et al. 2025, "SigLIP 2", sec. 2 and table 1: ViT-B,
+    Gemma tokenizer, text length 64); the rest are SiglipConfig's defaults (768 wide, MLP 3072, 12 layers, 12
+    heads, gelu_pytorch_tanh, patch 16, 224 px), which are also SigLIP's B/16. Gemma's ids: pad 0, eos 1.
+    """
+    from transformers import SiglipConfig, SiglipTextConfig, SiglipVisionConfig
+
+    text = SiglipTextConfig(vocab_size=256_000, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
+                            bos_token_id=2)
+    return SiglipConfig(text_config=text.to_dict(), vision_config=SiglipVisionConfig().to_dict())

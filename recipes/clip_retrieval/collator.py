@@ -1,10 +1,14 @@
-"""CLIP retrieval data: (image, caption) pairs, one caption per image per epoch, optional hard negatives.
+"""Retrieval data: (image, caption) pairs, one caption per image per epoch, optional hard negatives.
 
-Captions are tokenized once, before training, as CLIP reads them: bos + text + eos. A text longer than
-`max_length` is cut before its eos, which is kept because CLIP pools the text at the eos token; every
-cut is counted and printed. Each epoch, `EpochPairSampler` draws an order of the images and, for each
-image, one of its captions (and one of its hard negatives), all from (seed, epoch) alone, so a resumed
-run and a multi-process run see the same pairs as an uninterrupted single process.
+Captions are tokenized once, before training, as the text tower reads them. CLIP: bos + text + eos; a
+text longer than `max_length` is cut before its eos, which is kept because CLIP pools the text at the eos
+token. SigLIP and SigLIP 2 pool the text at its last position and were trained on texts padded to a fixed
+length (64): their tokenizer's own truncation applies, and the collator pads every text to that length on
+the tokenizer's padding side (`pad_to`), as their processors do. Every cut is counted and printed.
+
+Each epoch, `EpochPairSampler` draws an order of the images and, for each image, one of its captions (and
+one of its hard negatives), all from (seed, epoch) alone, so a resumed run and a multi-process run see the
+same pairs as an uninterrupted single process.
 
 The collator opens the images and pads the texts: the positives first (row i belongs to image i), then
 the hard negatives. Every text and image carries a key (hash of the normalised caption, index of the
@@ -13,6 +17,7 @@ image file) so that the loss can tell false negatives from true ones.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -27,8 +32,8 @@ from data_tools.errors import BAD_VALUE, MISSING_FIELD, WRONG_TYPE, DataError
 from data_tools.images import load_image, resolve_image_path
 from data_tools.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from data_tools.synth import SIZES, WORDS, draw_scene, make_scene
-from recipes.common.data import embedded_dataset
 from recipes.common.cache import cache_root
+from recipes.common.data import embedded_dataset
 
 
 # --- texts --------------------------------------------------------------------------------------------
@@ -50,10 +55,18 @@ class TextLengthReport:
 
 
 def tokenize_texts(texts: list[str], tokenizer, max_length: int,
-                   report: TextLengthReport | None = None) -> list[list[int]]:
-    """bos + text + eos token ids per text; a longer text than `max_length` loses tokens before its eos
-    (counted)."""
+                   report: TextLengthReport | None = None, *, pooled_at_eos: bool = True) -> list[list[int]]:
+    """Token ids per text with the tokenizer's special tokens; longer texts than `max_length` are cut
+    (counted): before their eos when the tower pools at eos (CLIP), else as the tokenizer truncates."""
     report = report if report is not None else TextLengthReport()
+    if not pooled_at_eos:
+        full = tokenizer(list(texts))["input_ids"]
+        cut = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+        for a, b in zip(full, cut):
+            report.texts += 1
+            report.truncated += len(a) > len(b)
+            report.tokens_cut += len(a) - len(b)
+        return cut
     out = []
     for text, ids in zip(texts, tokenizer(list(texts))["input_ids"]):
         if ids[-1] != tokenizer.eos_token_id:
@@ -76,17 +89,19 @@ class PairDataset(torch.utils.data.Dataset):
     draws them; `dataset[i]` is image i with its first caption and no negative (evaluation).
     """
 
-    def __init__(self, records, tokenizer, max_length: int, *, hard_negatives: bool = False):
+    def __init__(self, records, tokenizer, max_length: int, *, hard_negatives: bool = False,
+                 pooled_at_eos: bool = True):
         self.images = list(records["image"])
         self.report = TextLengthReport()
-        self.captions = [tokenize_texts(c, tokenizer, max_length, self.report) for c in records["captions"]]
+        tokenize = functools.partial(tokenize_texts, tokenizer=tokenizer, max_length=max_length,
+                                     report=self.report, pooled_at_eos=pooled_at_eos)
+        self.captions = [tokenize(c) for c in records["captions"]]
         self.caption_texts = [list(c) for c in records["captions"]]
         self.caption_keys = [[caption_key(t) for t in c] for c in records["captions"]]
         negatives = (records["neg_captions"] if hard_negatives and "neg_captions" in records.column_names
                      else None)
         negatives = [n or [] for n in negatives] if negatives is not None else [[] for _ in self.images]
-        self.negatives = [tokenize_texts(n, tokenizer, max_length, self.report) if n else []
-                          for n in negatives]
+        self.negatives = [tokenize(n) if n else [] for n in negatives]
         self.negative_keys = [[caption_key(t) for t in n] for n in negatives]
         # The same file named by two rows is one image: neither may be the other's negative.
         index = {}
@@ -111,7 +126,7 @@ class PairDataset(torch.utils.data.Dataset):
         ids = [c for caps in self.captions for c in caps]
         return ids, [i for i, caps in enumerate(self.captions) for _ in caps]
 
-    def epoch_sampler(self, seed: int) -> "EpochPairSampler":
+    def epoch_sampler(self, seed: int) -> EpochPairSampler:
         return EpochPairSampler([len(c) for c in self.captions], [len(n) for n in self.negatives], seed)
 
 
@@ -140,18 +155,45 @@ class EpochPairSampler(torch.utils.data.Sampler):
             yield int(i), int(caption[i]), int(negative[i])
 
 
+# Text towers that pool at the last position and were trained on texts padded to their full length.
+PADDED_TEXT_MODEL_TYPES = ("siglip", "siglip2")
+
+
+def pools_at_eos(model) -> bool:
+    """Whether the text tower reads the text at its eos token (CLIP), not at its last padded position."""
+    return model.config.model_type not in PADDED_TEXT_MODEL_TYPES
+
+
+def collator_for(model, processor) -> ContrastiveCollator:
+    """The collator with the padding rule of `model`'s text tower (SigLIP: to its full length)."""
+    tokenizer = processor.tokenizer
+    pad_to = None if pools_at_eos(model) else model.config.text_config.max_position_embeddings
+    return ContrastiveCollator(processor.image_processor, tokenizer.pad_token_id, tokenizer, pad_to)
+
+
 @dataclass
 class ContrastiveCollator:
-    """Opens the images and right-pads the texts: input_ids rows are the positives (row i: image i), then the
-    negatives."""
+    """Opens the images and pads the texts: input_ids rows are the positives (row i: image i), then the
+    negatives.
+
+    Texts are right-padded to the longest, or, with `pad_to` (SigLIP), padded by `tokenizer` to that fixed
+    length on its own padding side, with an attention mask where its processor returns one. The images
+    are whatever the image processor returns: `pixel_values`, and for SigLIP 2 NaFlex also
+    `pixel_attention_mask` and `spatial_shapes`.
+    """
 
     image_processor: object
     pad_token_id: int
+    tokenizer: object = None
+    pad_to: int | None = None
 
-    def images(self, paths: list[str]) -> torch.Tensor:
-        return self.image_processor([load_image(p) for p in paths], return_tensors="pt")["pixel_values"]
+    def images(self, paths: list[str]) -> dict[str, torch.Tensor]:
+        return dict(self.image_processor([load_image(p) for p in paths], return_tensors="pt"))
 
     def texts(self, ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        if self.pad_to is not None:
+            return dict(self.tokenizer.pad({"input_ids": ids}, padding="max_length", max_length=self.pad_to,
+                                           return_tensors="pt"))
         width = max(map(len, ids))
         input_ids = torch.full((len(ids), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
@@ -164,7 +206,7 @@ class ContrastiveCollator:
         negatives = [f for f in features if f["neg_input_ids"] is not None]
         texts = self.texts([f["input_ids"] for f in features] + [f["neg_input_ids"] for f in negatives])
         return {
-            "pixel_values": self.images([f["image"] for f in features]),
+            **self.images([f["image"] for f in features]),
             **texts,
             "image_keys": torch.tensor([f["image_key"] for f in features]),
             "text_keys": torch.tensor([f["text_key"] for f in features] + [f["neg_key"] for f in negatives]),
@@ -255,7 +297,7 @@ class ZeroShotSet:
 
 
 def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max_length: int,
-                   labels: list[str] | None = None) -> ZeroShotSet:
+                   labels: list[str] | None = None, *, pooled_at_eos: bool = True) -> ZeroShotSet:
     """Read `{"image", "label"}` rows (image paths relative to the file) into a `ZeroShotSet`.
 
     `labels` fixes the classes and their order (default: the labels found, sorted). Errors name the file,
@@ -286,6 +328,7 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
         raise DataError(BAD_VALUE, f"label {label!r} is not one of zero_shot_labels {labels}", path=path,
                         line=line, field="label")
     report = TextLengthReport()
-    prompts = [tokenize_texts([t.format(label=label) for t in templates], tokenizer, max_length, report)
+    prompts = [tokenize_texts([t.format(label=label) for t in templates], tokenizer, max_length, report,
+                              pooled_at_eos=pooled_at_eos)
                for label in labels]
     return ZeroShotSet(images, [labels.index(label) for _, label in names], labels, prompts)

@@ -1,4 +1,4 @@
-"""Embed the images and captions of a JSONL file with a CLIP model, for search.py or your own index.
+"""Embed the images and captions of a JSONL file with a CLIP or SigLIP model, for search.py or your own index.
 
     python recipes/clip_retrieval/embed.py --model outputs/clip_retrieval --file data/val.jsonl --out \
 outputs/clip_index
@@ -19,8 +19,8 @@ import torch
 from transformers import AutoProcessor
 
 from data_tools.files import atomic_write, atomic_write_text
-from recipes.clip_retrieval.collator import ContrastiveCollator, TextLengthReport, tokenize_texts
-from recipes.clip_retrieval.merge import load_clip
+from recipes.clip_retrieval.collator import TextLengthReport, collator_for, pools_at_eos, tokenize_texts
+from recipes.clip_retrieval.merge import load_dual_encoder
 from recipes.clip_retrieval.trainer import embed_images, embed_texts
 from recipes.common.data import load_records
 from recipes.common.models import resolve_model_path
@@ -28,12 +28,12 @@ from recipes.common.run import run_main
 
 
 def load(model: str, device: str = "cpu"):
-    """(CLIPModel in eval mode on `device`, processor, collator) for a run folder, checkpoint, Hub id or
+    """(dual encoder in eval mode on `device`, processor, collator) for a run folder, checkpoint, Hub id or
     tiny:<name>."""
     path = resolve_model_path(model)
-    clip = load_clip(path).to(device).eval()
+    clip = load_dual_encoder(path).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
-    return clip, processor, ContrastiveCollator(processor.image_processor, processor.tokenizer.pad_token_id)
+    return clip, processor, collator_for(clip, processor)
 
 
 def encode_texts(clip, processor, collator, texts: list[str], batch_size: int = 256, device: str = "cpu",
@@ -41,7 +41,8 @@ def encode_texts(clip, processor, collator, texts: list[str], batch_size: int = 
     """L2-normalised embeddings of `texts`; texts longer than the text tower are cut before eos, with a
     warning."""
     report = TextLengthReport()
-    ids = tokenize_texts(texts, processor.tokenizer, clip.config.text_config.max_position_embeddings, report)
+    ids = tokenize_texts(texts, processor.tokenizer, clip.config.text_config.max_position_embeddings, report,
+                         pooled_at_eos=pools_at_eos(clip))
     if report.truncated:
         print(f"warning: {report}", file=sys.stderr)
     return embed_texts(clip, collator, ids, batch_size, device, progress)

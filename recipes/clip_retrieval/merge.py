@@ -1,4 +1,5 @@
-"""Export a trained run as a full CLIP checkpoint, optionally interpolated with its base (WiSE-FT).
+"""Export a trained run as a full checkpoint (CLIP, SigLIP, SigLIP 2), optionally interpolated with its base
+(WiSE-FT).
 
     python recipes/clip_retrieval/merge.py --run outputs/clip_retrieval --out outputs/clip_merged
     python recipes/clip_retrieval/merge.py --run outputs/clip_retrieval --out outputs/clip_wise05 \
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, CLIPModel
+from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
 from recipes.common.merge import merge_cli
 from recipes.common.models import resolve_model_path
@@ -34,19 +35,19 @@ def base_of(run: str | Path) -> str:
                             "from; pass --base.")
 
 
-def load_clip(path: str | Path, dtype: torch.dtype = torch.float32) -> CLIPModel:
-    """A full CLIPModel from a checkpoint, a Hub id, `tiny:<name>`, or a run folder with a LoRA adapter
-    (merged)."""
+def load_dual_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A full dual encoder (`AutoModel`: CLIPModel, SiglipModel, Siglip2Model) from a checkpoint, a Hub id,
+    `tiny:<name>`, or a run folder with a LoRA adapter (merged)."""
     path = resolve_model_path(str(path))
     if (Path(path) / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = CLIPModel.from_pretrained(resolve_model_path(base_of(path)), dtype=dtype)
+        base = AutoModel.from_pretrained(resolve_model_path(base_of(path)), dtype=dtype)
         return PeftModel.from_pretrained(base, path).merge_and_unload()
-    return CLIPModel.from_pretrained(path, dtype=dtype)
+    return AutoModel.from_pretrained(path, dtype=dtype)
 
 
-def wise_ft(base: CLIPModel, finetuned: CLIPModel, alpha: float) -> CLIPModel:
+def wise_ft(base: PreTrainedModel, finetuned: PreTrainedModel, alpha: float) -> PreTrainedModel:
     """`finetuned` with every floating-point weight replaced by (1 - alpha) * base + alpha * finetuned."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"wise_ft_alpha must be in [0, 1], got {alpha}")
@@ -65,9 +66,9 @@ def export(run: str, out: str, alpha: float | None = None, base: str | None = No
            dtype: str = "float32") -> Path:
     """Write the run as a full checkpoint with its processor to `out`; with `alpha`, the WiSE-FT
     interpolation."""
-    model = load_clip(run, getattr(torch, dtype))
+    model = load_dual_encoder(run, getattr(torch, dtype))
     if alpha is not None:
-        model = wise_ft(load_clip(base or base_of(run), getattr(torch, dtype)), model, alpha)
+        model = wise_ft(load_dual_encoder(base or base_of(run), getattr(torch, dtype)), model, alpha)
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(run).save_pretrained(out)
     return Path(out)

@@ -1,12 +1,17 @@
-"""Fine-tune CLIP for image-text retrieval with a contrastive loss over the global batch.
+"""Fine-tune a dual encoder (CLIP, SigLIP, SigLIP 2) for image-text retrieval with a contrastive loss over
+the global batch: CLIP's softmax or SigLIP's sigmoid loss (--loss; default: the checkpoint's own).
 
 Embedded default (tiny CLIP + synthetic shapes captions, built on first use), on the CPU:
     accelerate launch --config_file accelerate_configs/cpu.yaml recipes/clip_retrieval/train.py
+The same with a tiny SigLIP 2 (NaFlex) and the sigmoid loss:
+    accelerate launch --config_file accelerate_configs/cpu.yaml recipes/clip_retrieval/train.py \
+        --model_name_or_path tiny:siglip2-pretrained
 
 A real checkpoint and data set, on one GPU:
     accelerate launch --config_file accelerate_configs/single_gpu.yaml recipes/clip_retrieval/train.py \
         --model_name_or_path openai/clip-vit-base-patch32 --train_file data/coco/train.jsonl \
         --eval_file data/coco/val.jsonl --bf16 --per_device_train_batch_size 256 --learning_rate 1e-5
+    (SigLIP 2: --model_name_or_path google/siglip2-base-patch16-224, the same otherwise.)
 
 Training modes: full fine-tune (the default); frozen towers with their last N layers trained
 (--freeze_vision_tower true --freeze_language_model true --unfreeze_last_n_vision_layers N
@@ -23,12 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from transformers import CLIPModel, TrainingArguments
+from transformers import AutoModel, TrainingArguments
 
-from recipes.clip_retrieval.collator import (ContrastiveCollator, PairDataset, embedded_retrieval,
-                                             embedded_zero_shot, load_zero_shot)
-from recipes.clip_retrieval.merge import load_clip, wise_ft
-from recipes.clip_retrieval.trainer import ContrastiveTrainer, set_training_mode
+from recipes.clip_retrieval.collator import (PairDataset, collator_for, embedded_retrieval,
+                                             embedded_zero_shot, load_zero_shot, pools_at_eos)
+from recipes.clip_retrieval.merge import load_dual_encoder, wise_ft
+from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head, default_loss,
+                                            set_training_mode)
 from recipes.common.args import (DataArguments, FreezeArguments, LearningRateArguments, ModelArguments,
                                  PeftArguments, parse_recipe_args)
 from recipes.common.models import load_model_and_processor, resolve_model_path
@@ -41,7 +47,14 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 @dataclass
 class RetrievalArguments:
-    """What this recipe adds: which tower LoRA adapts, hard negatives, zero-shot evaluation, WiSE-FT."""
+    """What this recipe adds: the loss, which tower LoRA adapts, hard negatives, zero-shot evaluation,
+    WiSE-FT."""
+
+    loss: str | None = field(
+        default=None,
+        metadata={"help": "softmax (CLIP's InfoNCE) or sigmoid (SigLIP's); None = the one the checkpoint was "
+                          "trained with (sigmoid for SigLIP and SigLIP 2, softmax otherwise)."},
+    )
 
     lora_towers: Literal["both", "vision", "text"] = field(
         default="both", metadata={"help": "With --peft_method lora: LoRA on the attention projections of "
@@ -88,6 +101,8 @@ class RetrievalArguments:
     )
 
     def __post_init__(self):
+        if self.loss not in (None, "softmax", "sigmoid"):
+            raise ValueError(f"--loss {self.loss}: expected softmax or sigmoid.")
         if self.unfreeze_last_n_text_layers < 0:
             raise ValueError("unfreeze_last_n_text_layers must be >= 0, got "
                              f"{self.unfreeze_last_n_text_layers}.")
@@ -117,22 +132,33 @@ def main(argv=None):
 
     # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")
-    model, processor = load_model_and_processor(CLIPModel, model_path, args.model)
-    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    model, processor = load_model_and_processor(AutoModel, model_path, args.model)
+    if not all(hasattr(model, f) for f in ("get_image_features", "get_text_features", "logit_scale")):
+        raise ValueError(f"{model_path}: {type(model).__name__} is not a dual encoder (no "
+                         "get_image_features, get_text_features and logit_scale); give a CLIP, SigLIP or "
+                         "SigLIP 2 checkpoint.")
+    tokenizer = processor.tokenizer
     positions = model.config.text_config.max_position_embeddings
-    if args.data.max_length > positions:
-        raise ValueError(f"--max_length {args.data.max_length}: the text tower has {positions} positions; "
+    max_length = args.data.max_length or positions  # config.yaml: none, the text tower's length
+    if max_length > positions:
+        raise ValueError(f"--max_length {max_length}: the text tower has {positions} positions; "
                          f"set --max_length {positions} or less.")
-    if args.data.image_size and args.data.image_size != model.config.vision_config.image_size:
+    trained_size = getattr(model.config.vision_config, "image_size", None)  # NaFlex: none, any size
+    if args.data.image_size and args.data.image_size != trained_size:
         raise ValueError(f"--image_size {args.data.image_size}: the vision tower's position embeddings are "
-                         f"for {model.config.vision_config.image_size} px images; leave --image_size out.")
+                         f"for {trained_size} px images; leave --image_size out.")
+    loss = args.retrieval.loss or default_loss(model)
+    if loss == "sigmoid" and add_sigmoid_head(model):
+        logger.info("sigmoid loss on a checkpoint without a logit bias: a fresh head, t' = log 10, b = -10")
+    logger.info("loss: %s", loss)
     model = set_training_mode(model, args.peft, args.freeze, args.retrieval.lora_towers,
                               args.retrieval.unfreeze_last_n_text_layers)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Pairs: one caption per image per epoch (drawn by the sampler); every cut text is counted.
-    train_dataset = PairDataset(train_records, tokenizer, args.data.max_length,
-                                hard_negatives=args.retrieval.hard_negatives)
+    text = {"pooled_at_eos": pools_at_eos(model)}
+    train_dataset = PairDataset(train_records, tokenizer, max_length,
+                                hard_negatives=args.retrieval.hard_negatives, **text)
     logger.info("train %s", train_dataset.report)
     if args.retrieval.hard_negatives:
         with_negatives = sum(bool(n) for n in train_dataset.negatives)
@@ -140,14 +166,14 @@ def main(argv=None):
                     len(train_dataset))
     eval_dataset = test_dataset = zero_shot = None
     if eval_records is not None:
-        eval_dataset = PairDataset(eval_records, tokenizer, args.data.max_length)
+        eval_dataset = PairDataset(eval_records, tokenizer, max_length, **text)
         logger.info("eval %s", eval_dataset.report)
     if test_records is not None:
-        test_dataset = PairDataset(test_records, tokenizer, args.data.max_length)
+        test_dataset = PairDataset(test_records, tokenizer, max_length, **text)
         logger.info("test %s", test_dataset.report)
     if args.retrieval.zero_shot_file:
         zero_shot = load_zero_shot(args.retrieval.zero_shot_file, args.retrieval.zero_shot_templates,
-                                   tokenizer, args.data.max_length, args.retrieval.zero_shot_labels)
+                                   tokenizer, max_length, args.retrieval.zero_shot_labels, **text)
         logger.info("zero-shot: %d images, classes %s", len(zero_shot.images), zero_shot.labels)
 
     trainer = ContrastiveTrainer(
@@ -155,8 +181,9 @@ def main(argv=None):
         args=args.training,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=ContrastiveCollator(image_processor, tokenizer.pad_token_id),
+        data_collator=collator_for(model, processor),
         processing_class=processor,
+        loss=loss,
         retrieval_dataset=eval_dataset,
         zero_shot=zero_shot,
         learning_rates=args.learning_rate,
@@ -168,7 +195,8 @@ def main(argv=None):
             return
         trainer.accelerator.wait_for_everyone()  # the saved model is complete on every rank
         dtype = next(trainer.model.parameters()).dtype
-        base, finetuned = load_clip(model_path, dtype), load_clip(args.training.output_dir, dtype)
+        base = load_dual_encoder(model_path, dtype)
+        finetuned = load_dual_encoder(args.training.output_dir, dtype)
         results["wise_ft"] = {}
         for alpha in args.retrieval.wise_ft_alpha:
             mixed = wise_ft(base, finetuned, alpha).to(args.training.device)
@@ -182,6 +210,7 @@ def main(argv=None):
 
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=args.data.lang, model=model_path,
+        loss=loss,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root,
         zero_shot_file=args.retrieval.zero_shot_file,

@@ -1,9 +1,15 @@
-"""The contrastive Trainer: symmetric InfoNCE over the global batch, and retrieval + zero-shot evaluation.
+"""The contrastive Trainer: CLIP's softmax or SigLIP's sigmoid loss over the global batch, and retrieval +
+zero-shot evaluation.
 
 Loss (Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision",
 fig. 3): cosine similarities of the L2-normalised image and text embeddings, times a learned scale
 exp(logit_scale), cross-entropy of each image against all texts and of each text against all images,
 averaged. CLIP clips the scale at 100 (sec. 2.5); so does `ClampLogitScale`, after every optimizer step.
+
+Sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", eq. 1 and sec. 3.2):
+every (image, text) pair of the global batch is its own binary question, "do they match?", with logit
+t * cos + b (t = exp(logit_scale), learned, and a learned bias b); the loss is -sum over pairs of
+log sigmoid(z * logit), z = +1 for a match and -1 otherwise, divided by the number of images |B|.
 
 Across processes every rank gathers all features, puts its own (which carry gradients) in place of
 their gathered copy, and computes the loss of the whole global batch, as open_clip's `ClipLoss` does.
@@ -13,14 +19,16 @@ multiplies the local features' gradient by the world size to make up for it; the
 every rank's loss uses whole, needs nothing. Loss and gradients equal one process holding the global
 batch (tested).
 
-Two items with the same image or the same caption text describe each other: they are left out of each
-other's negatives. Hard negatives (captions of the image with one attribute changed) are extra texts
-on the image -> text side only (as NegCLIP does: Yuksekgonul et al. 2023, "When and why
-vision-language models behave like bags-of-words").
+Two items with the same image or the same caption text describe each other. The softmax loss leaves them
+out of each other's negatives (it has one target per row); the sigmoid loss, which asks about each pair on
+its own, counts them as matches (z = +1). Hard negatives (captions of the image with one attribute
+changed) are extra texts on the image -> text side only (as NegCLIP does: Yuksekgonul et al. 2023, "When
+and why vision-language models behave like bags-of-words"); in the sigmoid loss, extra pairs with z = -1.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import logging
@@ -105,13 +113,36 @@ def contrastive_loss(image_embeds, text_embeds, logit_scale, image_keys, text_ke
     return (F.cross_entropy(image_to_text, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys) -> torch.Tensor:
+def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_keys, text_keys, neg_embeds=None,
+                 neg_keys=None):
+    """SigLIP's loss of N (image, text) pairs (pair k in row k of both), embeddings L2-normalised: every image
+    against every text, -sum log sigmoid(z * (exp(logit_scale) * cos + logit_bias)) / N.
+
+    z = +1 for pair (i, j) when i == j or their image keys or their text keys are equal (the text describes
+    the image), else -1. `neg_embeds` (M texts) are extra texts, z = -1 against every image except one whose
+    own caption has the same key.
+    """
+    texts, match = text_embeds, ((image_keys[:, None] == image_keys[None, :])
+                                 | (text_keys[:, None] == text_keys[None, :]))
+    if neg_embeds is not None and neg_embeds.shape[0] > 0:
+        texts = torch.cat([text_embeds, neg_embeds])
+        match = torch.cat([match, text_keys[:, None] == neg_keys[None, :]], dim=1)
+    logits = logit_scale.exp() * image_embeds @ texts.T + logit_bias  # [images, texts]
+    sign = match.to(logits.dtype) * 2 - 1
+    return -F.logsigmoid(sign * logits).sum() / image_embeds.shape[0]
+
+
+def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys, logit_bias=None) -> torch.Tensor:
     """The contrastive loss of the global batch from this rank's model outputs (positives first, then
-    negatives)."""
+    negatives): the sigmoid loss with a `logit_bias`, else the softmax loss."""
     n = image_keys.shape[0]
     images = gather_with_local_grad(model_outputs.image_embeds)
     texts = gather_with_local_grad(model_outputs.text_embeds[:n])
     negatives = gather_with_local_grad(model_outputs.text_embeds[n:])
+    if logit_bias is not None:
+        return sigmoid_loss(images, texts, logit_scale, logit_bias, gather_with_local_grad(image_keys),
+                            gather_with_local_grad(text_keys[:n]), negatives,
+                            gather_with_local_grad(text_keys[n:]))
     return contrastive_loss(images, texts, logit_scale, gather_with_local_grad(image_keys),
                             gather_with_local_grad(text_keys[:n]), negatives,
                             gather_with_local_grad(text_keys[n:]))
@@ -127,11 +158,40 @@ class ClampLogitScale(TrainerCallback):
                 scale.clamp_(max=LOGIT_SCALE_MAX)
 
 
-def _logit_scale(model) -> torch.nn.Parameter:
-    """The CLIPModel's logit_scale through DDP and peft wrappers."""
+def _unwrapped(model):
+    """The dual encoder inside DDP and peft wrappers."""
     while not hasattr(model, "logit_scale"):
         model = model.module if hasattr(model, "module") else model.get_base_model()
-    return model.logit_scale
+    return model
+
+
+def _logit_scale(model) -> torch.nn.Parameter:
+    """The dual encoder's logit_scale through DDP and peft wrappers."""
+    return _unwrapped(model).logit_scale
+
+
+SIGMOID_MODEL_TYPES = ("siglip", "siglip2")  # trained with the sigmoid loss; everything else with softmax
+
+
+def default_loss(model) -> str:
+    """The loss a checkpoint was trained with: sigmoid for SigLIP and SigLIP 2, softmax otherwise (CLIP)."""
+    return "sigmoid" if model.config.model_type in SIGMOID_MODEL_TYPES else "softmax"
+
+
+def add_sigmoid_head(model) -> bool:
+    """Give a dual encoder without a logit bias (CLIP) a fresh sigmoid head: logit_scale = log 10 and a new
+    `logit_bias` parameter = -10, the initialisation of Zhai et al. 2023 (sec. 3.2). Returns whether it did.
+
+    The bias is saved with the weights (and restored on resume); loading the checkpoint as a CLIPModel later
+    drops it, which changes no embedding or ranking.
+    """
+    if hasattr(model, "logit_bias"):
+        return False
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10))
+    model.logit_bias = torch.nn.Parameter(torch.full((1,), -10.0, dtype=model.logit_scale.dtype,
+                                                     device=model.logit_scale.device))
+    return True
 
 
 # --- embeddings -----------------------------------------------------------------------------------------
@@ -141,10 +201,16 @@ def embed_images(model, collator, paths: list[str], batch_size: int, device,
     """L2-normalised image embeddings (float32 numpy), one row per path."""
     out = []
     for start in tqdm(range(0, len(paths), batch_size), desc="embedding images", disable=not progress):
-        pixels = collator.images(paths[start:start + batch_size]).to(device, model.dtype)
-        out.append(F.normalize(model.get_image_features(pixel_values=pixels).pooler_output.float(),
-                               dim=-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.config.projection_dim), np.float32)
+        inputs = {k: v.to(device) for k, v in collator.images(paths[start:start + batch_size]).items()}
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+        out.append(F.normalize(model.get_image_features(**inputs).pooler_output.float(), dim=-1).cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, embedding_size(model)), np.float32)
+
+
+def embedding_size(model) -> int:
+    """Width of the joint embedding: CLIP's projection_dim, SigLIP's text head size."""
+    config = model.config
+    return getattr(config, "projection_dim", None) or config.text_config.projection_size
 
 
 @torch.no_grad()
@@ -155,7 +221,7 @@ def embed_texts(model, collator, ids: list[list[int]], batch_size: int, device,
     for start in tqdm(range(0, len(ids), batch_size), desc="embedding texts", disable=not progress):
         batch = {k: v.to(device) for k, v in collator.texts(ids[start:start + batch_size]).items()}
         out.append(F.normalize(model.get_text_features(**batch).pooler_output.float(), dim=-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, model.config.projection_dim), np.float32)
+    return torch.cat(out).numpy() if out else np.zeros((0, embedding_size(model)), np.float32)
 
 
 def zero_shot_accuracy(image_embeds: np.ndarray, class_embeds: np.ndarray, targets) -> float:
@@ -188,14 +254,22 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both",
         logger.info("LoRA on the %s tower(s); every base weight stays frozen (the freeze_* flags apply to "
                     "--peft_method none)",
                     lora_towers)
+        if peft_args.lora_target_modules is None:
+            # The encoder layers' attention only: SigLIP's attention-pooling head is an nn.MultiheadAttention,
+            # which reads its out_proj weight directly, past any LoRA wrapper.
+            prefixes = {"both": "vision_model|text_model", "vision": "vision_model",
+                        "text": "text_model"}[lora_towers]
+            peft_args = dataclasses.replace(peft_args, lora_target_modules=(
+                rf"(?:{prefixes})\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj)"))
         model = apply_peft(model, peft_args, components=towers)
         trainable_in_float32(model)
         return model
     apply_freezing(model, freeze_args)
     # A tower's last N layers feed its final norm and projection, which train with them.
     tops = []
+    # (CLIP's projections, SigLIP's heads: names a model does not have match nothing.)
     if freeze_args.freeze_vision_tower and freeze_args.unfreeze_last_n_vision_layers > 0:
-        tops += ["vision_model.post_layernorm", "visual_projection"]
+        tops += ["vision_model.post_layernorm", "visual_projection", "vision_model.head"]
     n_text = unfreeze_last_n_text_layers
     if n_text > 0:
         layers = len(model.text_model.encoder.layers)
@@ -203,7 +277,7 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both",
             raise ValueError(f"unfreeze_last_n_text_layers={n_text}, but the text tower has only {layers} "
                              "layers.")
         tops += [f"text_model.encoder.layers.{i}" for i in range(layers - n_text, layers)]
-        tops += ["text_model.final_layer_norm", "text_projection"]
+        tops += ["text_model.final_layer_norm", "text_projection", "text_model.head"]
     for name, param in model.named_parameters():
         if any(name == t or name.startswith(t + ".") for t in tops):
             param.requires_grad_(True)
@@ -215,16 +289,22 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both",
 class ContrastiveTrainer(RecipeTrainer):
     """RecipeTrainer with the global-batch contrastive loss and retrieval evaluation.
 
+    loss: "softmax" (CLIP's; the temperature clamped at ln 100) or "sigmoid" (SigLIP's; the model needs a
+    `logit_bias`, see `add_sigmoid_head`).
     retrieval_dataset: a `PairDataset` of the eval records: every image and every caption is embedded,
     and Recall@1/5/10 and mean rank both ways are logged as `eval_text_to_image_R@1`, ... (usable as
     `metric_for_best_model`). zero_shot: a `ZeroShotSet`; its accuracy is logged as `eval_zero_shot_accuracy`.
     """
 
-    def __init__(self, *args, retrieval_dataset=None, zero_shot=None, **kwargs):
+    def __init__(self, *args, loss: str = "softmax", retrieval_dataset=None, zero_shot=None, **kwargs):
         super().__init__(*args, **kwargs)
+        if loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"loss must be 'softmax' or 'sigmoid', got {loss!r}")
+        self.loss = loss
         self.retrieval_dataset = retrieval_dataset
         self.zero_shot = zero_shot
-        self.add_callback(ClampLogitScale())
+        if loss == "softmax":
+            self.add_callback(ClampLogitScale())
         # The loss needs no labels; without this, evaluation would run the model but skip eval_loss.
         self.can_return_loss = True
 
@@ -236,7 +316,9 @@ class ContrastiveTrainer(RecipeTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         image_keys, text_keys = inputs.pop("image_keys"), inputs.pop("text_keys")
         outputs = model(**inputs)
-        loss = global_batch_loss(outputs, _logit_scale(model), image_keys, text_keys)
+        encoder = _unwrapped(model)
+        bias = encoder.logit_bias if self.loss == "sigmoid" else None
+        loss = global_batch_loss(outputs, encoder.logit_scale, image_keys, text_keys, logit_bias=bias)
         return (loss, {}) if return_outputs else loss
 
     def evaluates_heldout(self) -> bool:

@@ -19,8 +19,8 @@ reused. To rebuild one by hand (e.g. to inspect it):
 
     python -m recipes.common.tiny.models blip2-opt --out /tmp/tiny-blip2
 
-Names: `blip2-opt`, `llava`, `clip`, `clip-vision`, `gpt2`. Sizes are keyword overrides of
-`build_tiny(name, out_dir, **overrides)` (see each builder's defaults).
+Names: `blip2-opt`, `llava`, `clip`, `clip-vision`, `gpt2`, `siglip`, `siglip2`. Sizes are keyword
+overrides of `build_tiny(name, out_dir, **overrides)` (see each builder's defaults).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import sys
 import tempfile
@@ -41,6 +42,7 @@ from . import families
 
 # Per model: bump one whenever its builder changes (every cached base built from it is rebuilt then).
 BUILD_VERSIONS = {"blip2-opt": 2, "llava": 2, "clip": 2, "clip-vision": 2, "gpt2": 2}
+BUILD_VERSIONS |= {"siglip": 1, "siglip2": 1}
 IMAGE_SIZE = 64  # matches data_tools.synth's default image size
 IMAGE_TOKEN = "<image>"
 # CLIP normalisation constants: the processors of every architecture here use them on the Hub.
@@ -328,12 +330,124 @@ def build_gpt2(corpus, *, hidden=128, layers=2, vocab_size=1500):
     return GPT2LMHeadModel(config), tokenizer
 
 
+# --- SigLIP and SigLIP 2 (sigmoid-loss dual encoders) ---------------------------------------------------
+SIGLIP_TEXT_LENGTH = 64  # SigLIP and SigLIP 2 read 64 text positions, trained with texts padded to 64
+
+
+def siglip_tokenizer(corpus: tuple[str, ...], vocab_size: int):
+    """A `SiglipTokenizer` (SentencePiece, T5-style: text + `</s>`, `</s>` also pads; lower-cased,
+    punctuation removed) with a unigram model trained on `corpus`; byte fallback, so no text needs `<unk>`."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import SiglipTokenizer
+
+    model = io.BytesIO()
+    # SigLIP's own vocabulary: pad 0, eos 1, unk 2, no bos. One thread: the same pieces on every machine.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(t.lower() for t in corpus), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", byte_fallback=True, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", num_threads=1, character_coverage=1.0,
+        minloglevel=2)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "spiece.model"
+        path.write_bytes(model.getvalue())
+        return SiglipTokenizer(vocab_file=str(path), model_max_length=SIGLIP_TEXT_LENGTH)
+
+
+def siglip2_tokenizer(corpus: tuple[str, ...], vocab_size: int):
+    """A `Siglip2Tokenizer` (Gemma's BPE with byte fallback, lower-cased), its merges trained on `corpus`.
+
+    The vocabulary starts as Gemma's: pad 0, eos 1, bos 2, unk 3, mask 4, then the 256 byte tokens
+    `<0x00>`..`<0xFF>` that byte fallback needs, then the learned pieces.
+    """
+    from transformers import Siglip2Tokenizer
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))
+    tok.normalizer = Siglip2Tokenizer().backend_tokenizer.normalizer  # lower-case, " " -> "▁"
+    # Trained word by word ("a", "▁small", "▁red"), as Gemma's SentencePiece pieces never span words; the
+    # tokenizer itself then applies the merges to the whole text, as Gemma's does.
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="▁", behavior="merged_with_next")
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"] + [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    tok.train_from_iterator(corpus, trainer=trainer)
+    trained = json.loads(tok.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in trained["merges"]]
+    return Siglip2Tokenizer(vocab=trained["vocab"], merges=merges, model_max_length=SIGLIP_TEXT_LENGTH)
+
+
+def _siglip_text_config(config_cls, tokenizer, hidden: int, layers: int, projection: int):
+    return config_cls(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_hidden_layers=layers, num_attention_heads=max(1, hidden // 32),
+                      max_position_embeddings=SIGLIP_TEXT_LENGTH, projection_size=projection,
+                      pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                      eos_token_id=tokenizer.eos_token_id)
+
+
+def init_patch_positions(weight: torch.Tensor, grid: int) -> None:
+    """`sincos_position_init` for a ViT without a cls token (SigLIP's grid x grid position table)."""
+    table = torch.zeros(grid * grid + 1, weight.shape[-1], dtype=weight.dtype)
+    sincos_position_init(table, grid)
+    with torch.no_grad():
+        weight.copy_(table[1:].view_as(weight))
+
+
+def init_sigmoid_head(model) -> None:
+    """The sigmoid loss's starting temperature and bias: t' = log 10, b = -10 (Zhai et al. 2023, "Sigmoid
+    Loss for Language Image Pre-Training", sec. 3.2); transformers initialises both to 0, which a Hub
+    checkpoint overwrites."""
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(10))
+        model.logit_bias.fill_(-10.0)
+
+
+def build_siglip(corpus, *, vision_hidden=64, text_hidden=64, layers=2, patch_size=8, vocab_size=1500):
+    """SiglipModel (fixed resolution, 64 px) and a SiglipProcessor: SiglipImageProcessor (mean = std =
+    0.5) and the SentencePiece SiglipTokenizer; the text is pooled at its last position."""
+    from transformers import (SiglipConfig, SiglipImageProcessor, SiglipModel, SiglipProcessor,
+                              SiglipTextConfig, SiglipVisionConfig)
+
+    tokenizer = siglip_tokenizer(corpus, vocab_size)
+    text = _siglip_text_config(SiglipTextConfig, tokenizer, text_hidden, layers, vision_hidden)
+    vision = SiglipVisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                num_hidden_layers=layers, num_attention_heads=max(1, vision_hidden // 32),
+                                image_size=IMAGE_SIZE, patch_size=patch_size)
+    model = SiglipModel(SiglipConfig(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    init_patch_positions(model.vision_model.embeddings.position_embedding.weight, IMAGE_SIZE // patch_size)
+    init_sigmoid_head(model)
+    image_processor = SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return model, SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_siglip2(corpus, *, vision_hidden=64, text_hidden=64, layers=2, patch_size=8, vocab_size=1500):
+    """Siglip2Model (NaFlex: each image resized to at most 64 patches at its own aspect ratio, with
+    `pixel_attention_mask` and `spatial_shapes`) and a Siglip2Processor (Siglip2ImageProcessor,
+    Siglip2Tokenizer); the text is pooled at its last position."""
+    from transformers import (Siglip2Config, Siglip2ImageProcessor, Siglip2Model, Siglip2Processor,
+                              Siglip2TextConfig, Siglip2VisionConfig)
+
+    tokenizer = siglip2_tokenizer(corpus, vocab_size)
+    grid = IMAGE_SIZE // patch_size
+    text = _siglip_text_config(Siglip2TextConfig, tokenizer, text_hidden, layers, vision_hidden)
+    vision = Siglip2VisionConfig(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+                                 num_hidden_layers=layers, num_attention_heads=max(1, vision_hidden // 32),
+                                 num_patches=grid * grid, patch_size=patch_size)
+    model = Siglip2Model(Siglip2Config(text_config=text.to_dict(), vision_config=vision.to_dict()))
+    # NaFlex resizes this grid x grid table to each image's own patch grid.
+    init_patch_positions(model.vision_model.embeddings.position_embedding.weight, grid)
+    init_sigmoid_head(model)
+    image_processor = Siglip2ImageProcessor(patch_size=patch_size, max_num_patches=grid * grid)
+    return model, Siglip2Processor(image_processor=image_processor, tokenizer=tokenizer)
+
+
 BUILDERS = {
     "blip2-opt": build_blip2_opt,
     "llava": build_llava,
     "clip": build_clip,
     "clip-vision": build_clip_vision,
     "gpt2": build_gpt2,
+    "siglip": build_siglip,
+    "siglip2": build_siglip2,
 }
 # The VLM families of `tiny.families`, named by their model_type.
 for _family in families.available():

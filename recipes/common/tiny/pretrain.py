@@ -25,6 +25,7 @@ The bases (`tiny:<name>-pretrained` in a recipe's --model_name_or_path):
   Q-Former, OPT) on corpus 1 (image -> text) with a down-weighted corpus 2 loss at each step;
 - `clip`: the tiny CLIP contrastively on corpus 1 (image, annotation) pairs, with hard negatives;
 - `clip-vision`: the vision tower of the pre-trained `clip`, alone (a CLIPVisionModel);
+- `siglip2`: the tiny SigLIP 2 (NaFlex) on corpus 1 with SigLIP's sigmoid loss, with hard negatives;
 - `gpt2`: the tiny GPT-2 on corpus 2;
 - `llava`: LLaVA-1.5's starting point: the vision tower of the pre-trained `clip`, a Llama pre-trained
   on corpus 2, and a projector that has not been trained (the llava_instruct recipe's stage 1 does it).
@@ -67,6 +68,7 @@ from .models import BUILD_VERSIONS, tiny_model_path
 
 # Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
 PRETRAIN_VERSIONS = {"blip2-opt": 3, "clip": 3, "clip-vision": 3, "gpt2": 2, "llava": 3}
+PRETRAIN_VERSIONS["siglip2"] = 1
 PRETRAIN_SEED = 10_000  # synth seed of the pre-training images; the embedded fine-tuning data uses 0 and 1
 # The recipes' embedded defaults, (task, images, seed) as their train.py makes them: llava_instruct's
 # stage 1 captions use seed 1, clip_retrieval has 5,000 images (--embedded_images).
@@ -384,6 +386,60 @@ def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps:
         "seconds": seconds, "loss_curve": curve, "logit_scale": round(model.logit_scale.exp().item(), 2)})
 
 
+def sigmoid_loss(logits: torch.Tensor, match: torch.Tensor) -> torch.Tensor:
+    """SigLIP's loss on `logits` [images, texts] (t * cos + b): -sum log sigmoid(z * logit) / images, z = +1
+    where `match`, else -1 (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training", eq. 1)."""
+    sign = match.to(logits.dtype) * 2 - 1
+    return -torch.nn.functional.logsigmoid(sign * logits).sum() / logits.shape[0]
+
+
+def pretrain_siglip2(out_dir: str | Path, *, base: str | Path | None = None, steps: int = 200,
+                     batch_size: int = 64, lr: float = 1e-3, warmup: int = 20, weight_decay: float = 0.1,
+                     hard_negatives: bool = True, seed: int = 0, log=print) -> Path:
+    """Pre-train a tiny Siglip2Model (NaFlex) with the sigmoid loss on (image, attribute annotation) pairs,
+    with the shape hard negatives of `pretrain_clip`; save to `out_dir`.
+
+    Every image against every annotation of the batch and every hard negative; an annotation is a match of
+    each image it describes (identical annotations of two scenes are both matches). Temperature and bias
+    start at the paper's t' = log 10, b = -10 (the tiny model's own) and train, without weight decay.
+    Texts are padded to 64 on the tokenizer's side, as the Siglip2Processor pads them; images go through the
+    checkpoint's image processor (8 px patches, at most 64).
+    """
+    from transformers import Siglip2Model, Siglip2Processor
+
+    base = Path(base) if base is not None else tiny_model_path("siglip2")
+    model = Siglip2Model.from_pretrained(base, dtype=torch.float32)
+    processor = Siglip2Processor.from_pretrained(base)
+    length = model.config.text_config.max_position_embeddings
+    model.train()
+
+    def losses_at(step: int) -> dict:
+        images, texts = corpus_batch(step, batch_size)
+        scenes = pretraining_scenes((step + 1) * batch_size)[step * batch_size:]
+        negatives = [shape_negative(i) for i in scenes] if hard_negatives else []
+        tokens = processor.tokenizer(texts + negatives, padding="max_length", max_length=length,
+                                     truncation=True, return_tensors="pt")
+        out = model(**processor.image_processor(images, return_tensors="pt"), **tokens)
+        everything = texts + negatives
+        match = torch.tensor([[a == b for b in everything] for a in texts])
+        return {"sigmoid_loss": sigmoid_loss(out.logits_per_image, match)}
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases, norms, logit scale and bias
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    curve, seconds = _train(groups, losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
+                            seed=seed, log=log, what="tiny SigLIP 2")
+    return _save(model, processor, out_dir, {
+        "base": str(base),
+        "corpus": f"synthetic shapes, seed {PRETRAIN_SEED}, (image, attribute annotation) pairs",
+        "example": corpus_batch(0, 1)[1][0],
+        "hard_negative_example": shape_negative(pretraining_scenes(1)[0]) if hard_negatives else None,
+        "steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "weight_decay": weight_decay,
+        "seed": seed, "seconds": seconds, "loss_curve": curve,
+        "logit_scale": round(model.logit_scale.exp().item(), 2),
+        "logit_bias": round(model.logit_bias.item(), 2)})
+
+
 def _lm_losses(model, tokenizer, texts: list[str], batch_size: int):
     """`losses_at` for a causal LM trained on `texts`, batch after batch."""
     def losses_at(step: int) -> dict:
@@ -455,10 +511,12 @@ def pretrain_llava(out_dir: str | Path, *, base: str | Path | None = None, clip:
 
 PRETRAINERS = {"blip2-opt": pretrain_blip2, "clip": pretrain_clip, "clip-vision": export_clip_vision,
                "gpt2": pretrain_gpt2, "llava": pretrain_llava}
+PRETRAINERS["siglip2"] = pretrain_siglip2
 # What each pre-trained base starts from: the random tiny model of `tiny.models`, or another pre-trained base.
 STARTS_FROM = {"blip2-opt": {"base": "blip2-opt"}, "clip": {"base": "clip"},
                "clip-vision": {"clip": "clip-pretrained"}, "gpt2": {"base": "gpt2"},
                "llava": {"base": "llava", "clip": "clip-pretrained"}}
+STARTS_FROM["siglip2"] = {"base": "siglip2"}
 
 
 def _version(name: str) -> str:

@@ -133,8 +133,10 @@ def test_overfitting_one_batch_lowers_the_loss(family, images):
     assert losses[-1] < 0.7 * losses[0], losses
 
 
-def test_lora_on_the_language_model_and_merge_generates_the_same(family, images):
-    name, _, model, _, encoder = family
+def test_lora_on_the_language_model_and_merge_generates_the_same(family, images, tmp_path):
+    from recipes.common.merge import load_run, merge_run
+
+    name, _, model, processor, encoder = family
     parts = find_components(model)
     assert parts.vision and parts.bridge and parts.output and vision_layer_names(model)
     peft_model = apply_peft(copy.deepcopy(model), PeftArguments(lora_r=4, lora_alpha=8, lora_dropout=0.0))
@@ -148,9 +150,14 @@ def test_lora_on_the_language_model_and_merge_generates_the_same(family, images)
     batch = ChatPromptCollator(encoder)(items)
     batch.pop("keys")
     greedy = {"max_new_tokens": 6, "do_sample": False, "min_new_tokens": 6}
+    # A run folder as train.py leaves it (adapter + processor); merged by the recipes' merge, loaded back.
+    peft_model.save_pretrained(tmp_path / "run")
+    processor.save_pretrained(tmp_path / "run")
+    merge_run(tmp_path / "run", tmp_path / "merged", AutoModelForImageTextToText)
+    adapter_run, _ = load_run(tmp_path / "run", AutoModelForImageTextToText)
+    merged_model = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
     with torch.no_grad():
-        adapted = peft_model.generate(**batch, **greedy)
-        merged_model = peft_model.merge_and_unload().eval()
+        adapted = adapter_run.generate(**batch, **greedy)
         merged = merged_model.generate(**batch, **greedy)
         base = model.generate(**batch, **greedy)
     assert torch.equal(adapted, merged)
@@ -204,3 +211,27 @@ def test_length_budget_cuts_after_a_whole_turn_never_inside_an_image(family, ima
     image_tokens = max(i for i, t in enumerate(whole[0]["input_ids"]) if t in encoder.image_ids)
     with pytest.raises(ValueError, match="no conversation fits"):
         tokenize_conversations([record], encoder, image_tokens)  # inside the image: dropped, never cut there
+
+
+@pytest.mark.parametrize("recipe, task, model", [("qlora_vqa", "vqa", "tiny:paligemma"),
+                                                 ("llava_instruct", "instruct", "tiny:mllama")])
+def test_the_recipes_train_and_evaluate_other_families(recipe_env, recipe, task, model):
+    """train.py end to end: PaliGemma (prefix + suffix, 4-bit LM) through qlora_vqa, Mllama (cross-attention)
+    through llava_instruct."""
+    import json
+
+    from tests.conftest import ROOT, run_script
+
+    d, env = recipe_env(f"{recipe}-{model[5:]}", task, 24, 16)
+    out = d / "run"
+    r = run_script(ROOT / "recipes" / recipe / "train.py", [
+        "--model_name_or_path", model, "--train_file", d / "synth" / "train.jsonl", "--eval_file",
+        d / "synth" / "eval.jsonl", "--output_dir", out, "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--max_new_tokens", "3", "--eval_max_samples", "4", "--report_to", "none"], env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"].endswith(model[5:] + "-v1") and metrics["global_step"] == 2
+    assert "eval_VQA_accuracy" in metrics["after"]
+    predictions = [json.loads(line) for line in (out / "predictions" / "final.jsonl").read_text().splitlines()]
+    assert len(predictions) == 4 and (out / "adapter_model.safetensors").exists()

@@ -33,7 +33,7 @@ class ClientError(Exception):
 
 def _remote_bytes(url: str, max_bytes: int, timeout: float, param: str) -> bytes:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http(s) checked by caller
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read(max_bytes + 1)
     except (OSError, ValueError) as e:
         raise ClientError(400, f"cannot fetch the image URL: {e}", param=param, code="image_fetch_failed") from e

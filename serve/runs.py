@@ -12,8 +12,8 @@ exported checkpoint all load:
   qlora_vqa and every family those recipes take), a captioner when it has none (BLIP-2).
 
 Adapter runs on the same base share one copy of the base: the first is loaded with the recipes' own
-`load_run`, the others are added to it with peft's `load_adapter` and chosen per batch with
-`set_adapter`.
+`load_run` (`load_quantized_run` for a QLoRA run, whose base is quantized as in training), the others are
+added to it with peft's `load_adapter` and chosen per batch with `set_adapter`.
 
 Generation inputs are built by the recipes' own eval collators (`CaptionPromptCollator`,
 `ChatPromptCollator`) and decode options (`generate_kwargs`), so a greedy answer is the one the recipe's
@@ -34,6 +34,7 @@ from recipes.common.args import GenerationEvalArguments
 from recipes.common.captions import CaptionPromptCollator
 from recipes.common.chat import ChatEncoder, ChatPromptCollator, to_messages
 from recipes.common.merge import is_adapter_run, load_run
+from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
 from recipes.common.trainer import generate_kwargs
 
 SOFT_PROMPT_WEIGHTS = "trained.safetensors"
@@ -177,7 +178,7 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     runs: dict[str, GenerativeRun | SearchRun] = {}
-    shared: dict[str, object] = {}  # base path -> the PeftModel holding every adapter on it
+    shared: dict[tuple, object] = {}  # (base path, quantization) -> the PeftModel holding its adapters
     for p in paths:
         path = Path(p)
         if not path.is_dir():
@@ -193,14 +194,18 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
         elif (path / SOFT_PROMPT_WEIGHTS).is_file() or config.get("model_type") == "soft_prompt_captioner":
             runs[rid] = _load_soft_prompt(path, rid)
         elif is_adapter_run(path):
-            base = str(Path(PeftConfig.from_pretrained(path).base_model_name_or_path).resolve())
+            # a QLoRA run's base is quantized as in training; it is shared only with runs quantized alike
+            quantization = path / QUANTIZATION_FILE
+            base = (str(Path(PeftConfig.from_pretrained(path).base_model_name_or_path).resolve()),
+                    quantization.read_text() if quantization.is_file() else None)
             if base in shared:
                 model, adapter = shared[base], rid
                 model.load_adapter(path, adapter_name=adapter)
                 model.eval()
                 processor = AutoProcessor.from_pretrained(path)
-            else:  # load_run names the adapter "default"
-                (model, processor), adapter = load_run(path, AutoModelForImageTextToText), "default"
+            else:  # load_run and load_quantized_run name the adapter "default"
+                load = load_quantized_run if quantization.is_file() else load_run
+                (model, processor), adapter = load(path, AutoModelForImageTextToText), "default"
                 shared[base] = model
             runs[rid] = _image_text_run(path, rid, model, processor, adapter)
         elif config.get("model_type") in ("clip", "siglip", "siglip2"):

@@ -489,3 +489,27 @@ def test_web_page_in_headless_chromium_shows_the_apis_caption_and_refuses_a_non_
         browser.quit()
     assert (tmp_path / "page-caption.png").stat().st_size > 1000
     print(f"screenshots: {tmp_path}")
+
+
+def test_timeout_is_a_504_and_shutdown_finishes_the_requests_in_flight(loaded, trained):
+    from serve.app import ServeOptions, create_app
+
+    _, files = trained
+    image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[0]["image"]
+    quick = Server(create_app(loaded, ServeOptions(timeout_s=0.001)))
+    try:
+        status, body = quick.json("/v1/chat/completions", {"model": "blip2_lora_caption", "max_tokens": 8,
+                                                           "messages": [message(image, None)]})
+        assert status == 504 and body["error"]["code"] == "timeout"
+    finally:
+        quick.stop()
+
+    server = Server(create_app(loaded, ServeOptions(max_wait_ms=300)))  # requests wait in the batcher a while
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        asks = [pool.submit(server.chat, "blip2_lora_caption", image, None, max_tokens=8) for _ in range(4)]
+        time.sleep(0.2)
+        server.server.should_exit = True  # what SIGTERM sets
+        answers = [a.result() for a in asks]
+    server.thread.join(timeout=30)
+    assert not server.thread.is_alive()
+    assert answers == [_predictions(trained[0]["blip2_lora_caption"])[str(image.resolve())]] * 4

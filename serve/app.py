@@ -212,9 +212,11 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         return await asyncio.to_thread(save_checked_image, data, scratch, max_pixels=options.max_image_pixels,
                                        param=param)
 
-    async def conversation(req: ChatRequest) -> tuple[list[dict], str | None]:
-        """OpenAI messages -> LLaVA turns (the image part as `<image>` where it stands) and the image file."""
-        turns, image = [], None
+    async def conversation(req: ChatRequest, saved: list[str]) -> tuple[list[dict], str | None]:
+        """OpenAI messages -> LLaVA turns (the image part as `<image>` where it stands) and the image file,
+        which is also put in `saved` as soon as it is written (for the caller to remove if the request fails)."""
+        turns = []
+        image = None
         for i, message in enumerate(req.messages):
             parts = message.content if isinstance(message.content, list) else [
                 ContentPart(type="text", text=message.content or "")]
@@ -233,6 +235,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                                       param=param, code="too_many_images")
                 url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
                 image = await checked_image(url, f"{param}.image_url")
+                saved.append(image)
                 texts.append(IMAGE_TOKEN)
             text = "\n".join(texts)
             turns.append({"from": ROLES[message.role], "value": text})
@@ -240,7 +243,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "models": len(runs), "queue_depth": metrics.queue_depth._value.get()}
+        return {"status": "ok", "models": len(runs), "queue_depth": batcher.depth}
 
     @app.get("/metrics")
     async def prometheus():
@@ -264,8 +267,9 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         if max_tokens > options.max_tokens_limit:
             raise ClientError(400, f"max_tokens {max_tokens} is over this server's limit of "
                               f"{options.max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
-        turns, image = await conversation(req)
+        saved = []
         try:
+            turns, image = await conversation(req, saved)
             if turns[-1]["from"] != "human":
                 raise ClientError(400, "the last message must be the user's, to be answered", param="messages")
             prompt = None
@@ -277,17 +281,22 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 prompt = turns[-1]["value"].replace(IMAGE_TOKEN, "").strip() or None
                 item = {"key": 0, "image": image}
             else:
-                try:
-                    await asyncio.to_thread(run.check_conversation, turns, image is not None)
-                except ValueError as e:
-                    raise ClientError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
                 item = {"key": 0, "image": image, "conversations": turns}
+            try:
+                positions = await asyncio.to_thread(run.prompt_positions, item, prompt)
+            except ValueError as e:
+                raise ClientError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
+            limit = run.max_positions
+            if limit is not None and positions + max_tokens > limit:
+                raise ClientError(400, f"the prompt takes {positions} positions and max_tokens asks for "
+                                  f"{max_tokens} more: over {req.model!r}'s context length of {limit}",
+                                  param="messages", code="context_length_exceeded")
             loop = asyncio.get_running_loop()
             job = Job(run, item, prompt, max_tokens, req.temperature, req.top_p, loop, loop.create_future(),
                       asyncio.Queue() if req.stream else None)
         except BaseException:
-            if image is not None:
-                os.unlink(image)
+            for path in saved:
+                os.unlink(path)
             raise
         batcher.submit(job)  # from here the batcher owns the image file
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"

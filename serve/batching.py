@@ -94,6 +94,8 @@ class Batcher:
         self.waiting: deque[Job] = deque()  # taken from the queue, not batchable with the last batch
         self.thread = threading.Thread(target=self._loop, name="serve-batcher", daemon=True)
         self._stopping = False
+        self.depth = 0  # jobs submitted and not yet in a batch
+        self._depth_lock = threading.Lock()  # the event loop and the worker both change it
 
     def start(self) -> None:
         self.thread.start()
@@ -104,9 +106,14 @@ class Batcher:
         self.thread.join()
 
     def submit(self, job: Job) -> None:
-        if self.metrics is not None:
-            self.metrics.queue_depth.inc()
+        self._count(1)
         self.queue.put(job)
+
+    def _count(self, change: int) -> None:
+        with self._depth_lock:
+            self.depth += change
+        if self.metrics is not None:
+            self.metrics.queue_depth.inc(change)
 
     def _take(self, timeout: float) -> Job | None:
         """The next queued job within `timeout` seconds (<= 0: only one already there); None: none, or stop."""
@@ -142,8 +149,7 @@ class Batcher:
                     break
                 (batch if job.key == first.key else skipped).append(job)
             self.waiting.extend(skipped)
-            if self.metrics is not None:
-                self.metrics.queue_depth.dec(len(batch))
+            self._count(-len(batch))
             try:
                 self._run([job for job in batch if not job.cancelled])
             finally:  # the jobs' image files, written by the request handlers, are done with

@@ -57,6 +57,7 @@ class GenerativeRun:
     adapter: str | None = None  # the peft adapter to activate; None: the model as loaded
     encoder: ChatEncoder | None = None  # chat runs
     prefix_ids: tuple[int, ...] = ()  # captioners: image placeholder tokens before the prompt (BLIP-2)
+    extra_positions: int = 0  # positions before the ids, as embeddings (the soft prompt and image vectors)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time on a shared model
 
     @property
@@ -79,10 +80,21 @@ class GenerativeRun:
                                        top_p=top_p if sample else None)
         return generate_kwargs(args, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
 
-    def check_conversation(self, turns: list[dict], has_image: bool) -> None:
-        """Raise ValueError when the chat template cannot render `turns` (the client's message order)."""
+    def prompt_positions(self, item: dict, prompt: str | None = None) -> int:
+        """Positions the prompt of `item` takes in the language model (image tokens and any soft prefix
+        included); ValueError when the chat template cannot render the conversation."""
         if self.encoder is not None:
-            self.encoder.encode_prompt(to_messages(turns, has_image=has_image))
+            messages = to_messages(item["conversations"], has_image=item.get("image") is not None)
+            return len(self.encoder.encode_prompt(messages))
+        ids = self.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
+        return self.extra_positions + len(self.prefix_ids) + len(ids)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The language model's context length, where it has one."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "max_position_embeddings", None)
 
 
 @dataclass
@@ -156,7 +168,8 @@ def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # as training set it: GPT-2 has none
         tokenizer.pad_token = tokenizer.eos_token
-    return GenerativeRun(rid, path, "caption", model.eval(), tokenizer, AutoImageProcessor.from_pretrained(path))
+    return GenerativeRun(rid, path, "caption", model.eval(), tokenizer, AutoImageProcessor.from_pretrained(path),
+                         extra_positions=model.config.prefix_length)
 
 
 def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None) -> GenerativeRun:

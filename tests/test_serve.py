@@ -205,7 +205,7 @@ def test_models_health_and_tasks(server):
     assert {m["id"]: m["task"] for m in body["data"]} == {
         "blip2_lora_caption": "caption", "llava_instruct": "chat", "llava_second": "chat",
         "clip_index": "retrieval"}
-    assert server.json("/health") == (200, {"status": "ok", "models": 4, "queue_depth": 0.0})
+    assert server.json("/health") == (200, {"status": "ok", "models": 4, "queue_depth": 0})
 
 
 def test_captions_equal_the_recipes_eval_predictions(server, trained):
@@ -353,6 +353,16 @@ def _bomb_png() -> bytes:
         chunk(b"IEND", b"")
 
 
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 BAD = [  # (what, body or raw bytes, status, error code)
     ("malformed JSON", b"{not json", 400, "invalid_json"),
     ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
@@ -375,6 +385,12 @@ BAD = [  # (what, body or raw bytes, status, error code)
     ("two images", {"model": "llava_instruct", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 2}]}, 400, None),
     ("assistant last", {"model": "llava_instruct", "messages": [{"role": "assistant", "content": "hi"}]}, 400, None),
+    ("prompt over the context length", {"model": "llava_instruct", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "shape " * 600}]}, 400, "context_length_exceeded"),
+    ("caption prompt over the context length", {"model": "blip2_lora_caption", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+         + base64.b64encode(_tiny_png()).decode()}}, {"type": "text", "text": "shape " * 600}]}]},
+     400, "context_length_exceeded"),
     ("search on a chat run", {"model": "llava_instruct", "query": "x"}, 400, "wrong_model_type"),
     ("huge body", b"{" + b" " * 3_000_000 + b"}", 413, "body_too_large"),
 ]

@@ -73,28 +73,30 @@ def _second_adapter(run: Path, out: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """{name: run folder}: blip2_lora_caption and llava_instruct trained for one step, llava_second (another
-    adapter on llava_instruct's base) and clip_index (an embed.py index of tiny:clip); and the data files."""
+    """{name: run folder}: blip2_lora_caption, soft_prompt_caption and llava_instruct trained for one step,
+    llava_second (another adapter on llava_instruct's base) and clip_index (an embed.py index of tiny:clip); and the data files."""
     d = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
     files = {"caption": _data(d / "data", "caption", 8, 4), "instruct": _data(d / "data", "instruct", 6, 3),
              "retrieval": _data(d / "data", "retrieval", 6, 0)}
-    runs = {name: d / "runs" / name for name in ("blip2_lora_caption", "llava_instruct", "llava_second",
-                                                 "clip_index")}
+    runs = {name: d / "runs" / name for name in ("blip2_lora_caption", "soft_prompt_caption", "llava_instruct",
+                                                 "llava_second", "clip_index")}
     with pytest.MonkeyPatch.context() as mp:  # tiny models built into the module's own cache
         mp.setenv("VLM_RECIPES_CACHE", env["VLM_RECIPES_CACHE"])
         bases = {"caption": _scaled_base("tiny:blip2-opt", d / "blip2-base"),
                  "instruct": _scaled_base("tiny:llava", d / "llava-base")}
 
-        def train(recipe, task):
+        def train(recipe, task, *model):
             train_file, eval_file = files[task]
             return subprocess.Popen(
                 [sys.executable, str(ROOT / "recipes" / recipe / "train.py"), "--train_file", str(train_file),
                  "--eval_file", str(eval_file), "--output_dir", str(runs[recipe]), *FAST,
-                 "--model_name_or_path", str(bases[task])],
+                 *(model or ("--model_name_or_path", str(bases[task])))],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-        procs = [train("blip2_lora_caption", "caption"), train("llava_instruct", "instruct")]
+        procs = [train("blip2_lora_caption", "caption"), train("llava_instruct", "instruct"),
+                 train("soft_prompt_caption", "caption", "--vision_model", "tiny:clip-vision",
+                       "--language_model", "tiny:gpt2")]
         from recipes.clip_retrieval.embed import main as embed
 
         embed(["--model", "tiny:clip", "--file", str(files["retrieval"][1]), "--out", str(runs["clip_index"])])
@@ -203,9 +205,9 @@ def test_models_health_and_tasks(server):
     status, body = server.json("/v1/models")
     assert status == 200 and body["object"] == "list"
     assert {m["id"]: m["task"] for m in body["data"]} == {
-        "blip2_lora_caption": "caption", "llava_instruct": "chat", "llava_second": "chat",
+        "blip2_lora_caption": "caption", "soft_prompt_caption": "caption", "llava_instruct": "chat", "llava_second": "chat",
         "clip_index": "retrieval"}
-    assert server.json("/health") == (200, {"status": "ok", "models": 4, "queue_depth": 0})
+    assert server.json("/health") == (200, {"status": "ok", "models": 5, "queue_depth": 0})
 
 
 def test_captions_equal_the_recipes_eval_predictions(server, trained):
@@ -215,6 +217,14 @@ def test_captions_equal_the_recipes_eval_predictions(server, trained):
     assert len(set(predictions.values())) > 1  # the answers depend on the image: a mix-up would show
     for image in images:
         assert server.chat("blip2_lora_caption", image, None, max_tokens=8) == predictions[str(image.resolve())]
+
+
+def test_soft_prompt_captions_equal_the_recipes_eval_predictions(server, trained):
+    runs, files = trained
+    predictions = _predictions(runs["soft_prompt_caption"])
+    for row in _eval_rows(files, "caption"):
+        image = Path(files["caption"][1]).parent / row["image"]
+        assert server.chat("soft_prompt_caption", image, None, max_tokens=8) == predictions[str(image.resolve())]
 
 
 def test_chat_answers_equal_the_eval_predictions_and_chat_py(server, trained):
@@ -441,6 +451,9 @@ def test_unknown_run_folder_is_one_line_and_exit_2(tmp_path, capsys):
 
 
 # --- the web page in a real browser -------------------------------------------------------------------------
+ANSWER = "return document.getElementById('answer').textContent"  # as shown, whitespace and all
+
+
 def _browser(tmp_path):
     try:
         from selenium import webdriver
@@ -465,7 +478,7 @@ def _browser(tmp_path):
         pytest.fail(f"chromium is installed but did not start: {e.msg}")
 
 
-def test_web_page_in_headless_chromium_shows_the_apis_caption_and_refuses_a_non_image(server, trained, tmp_path):
+def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_image(server, trained, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -481,8 +494,8 @@ def test_web_page_in_headless_chromium_shows_the_apis_caption_and_refuses_a_non_
         max_tokens = int(browser.find_element(By.ID, "max_tokens").get_attribute("value"))
         browser.find_element(By.ID, "file").send_keys(str(image))  # a captioner captions on upload
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
-        shown = browser.find_element(By.ID, "answer").text
-        assert shown and shown == server.chat("blip2_lora_caption", image, None, max_tokens=max_tokens).strip()
+        shown = browser.execute_script(ANSWER)
+        assert shown and shown == server.chat("blip2_lora_caption", image, None, max_tokens=max_tokens)
         browser.save_screenshot(str(tmp_path / "page-caption.png"))
 
         not_image = tmp_path / "notes.png"  # named like an image: the server reads the bytes
@@ -490,7 +503,16 @@ def test_web_page_in_headless_chromium_shows_the_apis_caption_and_refuses_a_non_
         browser.find_element(By.ID, "file").send_keys(str(not_image))
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "refused"))
         assert browser.find_element(By.ID, "error").text.startswith("not an image the server takes")
-        assert browser.find_element(By.ID, "answer").text == ""
+        assert browser.execute_script(ANSWER) == ""
+
+        Select(browser.find_element(By.ID, "model")).select_by_value("llava_instruct")
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        browser.find_element(By.ID, "prompt").send_keys("What is in the image?")
+        browser.find_element(By.ID, "ask").click()  # the answer streams in
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+        shown = browser.execute_script(ANSWER)
+        assert shown and shown == server.chat("llava_instruct", image, "What is in the image?", max_tokens=max_tokens)
+        browser.save_screenshot(str(tmp_path / "page-chat.png"))
 
         Select(browser.find_element(By.ID, "model")).select_by_value("clip_index")
         browser.find_element(By.ID, "query").send_keys("a red circle")

@@ -1,8 +1,9 @@
 """Dynamic batching: requests that arrive close together are generated as one batch.
 
 One worker thread takes the oldest waiting job, then gathers up to `max_batch_size - 1` more jobs that
-can share its `generate` call (same run, same prompt for a captioner, same sampling options), waiting at
-most `max_wait_ms` for them; jobs that cannot join wait for a later batch in arrival order. Greedy
+can share its `generate` call (the same run, or adapters that peft can mix on one base; the same prompt for
+a captioner; the same sampling options), waiting at most `max_wait_ms` for them; jobs that cannot join
+wait for a later batch in arrival order. Greedy
 answers do not depend on the batch: each job's tokens are cut at its own `max_tokens` and at its first
 eos. A streaming job gets each of its tokens as the batch makes it.
 """
@@ -39,7 +40,8 @@ class Job:
 
     @property
     def key(self) -> tuple:
-        return (self.run.id, self.prompt, self.temperature, self.top_p)
+        return (self.run.batch_group(self.item.get("image") is not None), self.prompt, self.temperature,
+                self.top_p)
 
 
 @dataclass
@@ -185,7 +187,7 @@ def _set(job: Job, result, error) -> None:
 
 @torch.no_grad()
 def generate_batch(jobs: list[Job]) -> list[Completion]:
-    """One `generate` call for jobs of the same run and options; each answer cut at its own max_tokens."""
+    """One `generate` call for jobs of one batch group and options; each answer cut at its own max_tokens."""
     run, first = jobs[0].run, jobs[0]
     tok = run.tokenizer
     batch = run.collate([job.item for job in jobs], first.prompt)
@@ -194,7 +196,9 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
     kwargs = run.generate_kwargs(longest, first.temperature, first.top_p)
     with run.lock:
         model = run.model
-        if run.adapter is not None:
+        if run.mixable:  # each request with its own run's adapter
+            kwargs["adapter_names"] = [job.run.adapter for job in jobs]
+        elif run.adapter is not None:
             model.set_adapter(run.adapter)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         if "pixel_values" in batch:

@@ -22,6 +22,7 @@ evaluation writes to its predictions file for the same image and prompt.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ class GenerativeRun:
     encoder: ChatEncoder | None = None  # chat runs
     prefix_ids: tuple[int, ...] = ()  # captioners: image placeholder tokens before the prompt (BLIP-2)
     extra_positions: int = 0  # positions before the ids, as embeddings (the soft prompt and image vectors)
+    mixable: bool = False  # its adapter can share a batch with other adapters on the model (see load_runs)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time on a shared model
 
     @property
@@ -79,6 +81,19 @@ class GenerativeRun:
                                        temperature=temperature if sample else None,
                                        top_p=top_p if sample else None)
         return generate_kwargs(args, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+
+    def batch_group(self, has_image: bool) -> tuple:
+        """Requests whose runs give the same group can be generated in one call: one run's, or for mixable
+        adapters those of every run on the model whose processor prepares inputs alike (with or without
+        an image: an adapter on the vision tower needs one image per request of the batch)."""
+        if not self.mixable:
+            return ("run", self.id)
+        return ("model", id(self.model), self._inputs_signature, has_image)
+
+    @functools.cached_property
+    def _inputs_signature(self) -> tuple:
+        return (self.encoder.processor.chat_template if self.encoder is not None else None, len(self.tokenizer),
+                self.image_processor.to_json_string(), self.prefix_ids)
 
     def prompt_positions(self, item: dict, prompt: str | None = None) -> int:
         """Positions the prompt of `item` takes in the language model (image tokens and any soft prefix
@@ -236,5 +251,9 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
     locks: dict[int, threading.Lock] = {}
     for run in runs.values():
         run.lock = locks.setdefault(id(run.model), run.lock)
+        # peft mixes adapters in one batch (generate(adapter_names=...)) only for LoRA layers; a trained full
+        # copy of another module (modules_to_save: a projector, a Q-Former) anywhere on the model rules it out
+        if isinstance(run, GenerativeRun) and run.adapter is not None:
+            run.mixable = not any(c.modules_to_save for c in run.model.peft_config.values())
     return runs
 

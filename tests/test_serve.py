@@ -71,10 +71,29 @@ def _second_adapter(run: Path, out: Path) -> Path:
     return out
 
 
+def _pure_lora(base: Path, out: Path, seed: int) -> Path:
+    """An untrained LoRA adapter (random B) on the language model of `base`, nothing else: one that peft can
+    mix with others in a batch."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = get_peft_model(AutoModelForImageTextToText.from_pretrained(base),
+                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(base).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """{name: run folder}: blip2_lora_caption, soft_prompt_caption and llava_instruct trained for one step,
-    llava_second (another adapter on llava_instruct's base) and clip_index (an embed.py index of tiny:clip); and the data files."""
+    llava_second (another adapter on llava_instruct's base), lora_a and lora_b (untrained LoRA-only adapters on
+    that base, which peft can mix in one batch) and clip_index (an embed.py index of tiny:clip); and the data files."""
     d = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
     files = {"caption": _data(d / "data", "caption", 8, 4), "instruct": _data(d / "data", "instruct", 6, 3),
@@ -104,6 +123,9 @@ def trained(tmp_path_factory):
         out = p.communicate(timeout=600)[0]
         assert p.returncode == 0, f"{' '.join(p.args)}\n{out[-3000:]}"
     _second_adapter(runs["llava_instruct"], runs["llava_second"])
+    other_base = shutil.copytree(bases["instruct"], d / "llava-base-2")  # not shared with llava_instruct's
+    runs["lora_a"] = _pure_lora(other_base, d / "runs" / "lora_a", 1)
+    runs["lora_b"] = _pure_lora(other_base, d / "runs" / "lora_b", 2)
     return runs, files
 
 
@@ -206,8 +228,8 @@ def test_models_health_and_tasks(server):
     assert status == 200 and body["object"] == "list"
     assert {m["id"]: m["task"] for m in body["data"]} == {
         "blip2_lora_caption": "caption", "soft_prompt_caption": "caption", "llava_instruct": "chat", "llava_second": "chat",
-        "clip_index": "retrieval"}
-    assert server.json("/health") == (200, {"status": "ok", "models": 5, "queue_depth": 0})
+        "clip_index": "retrieval", "lora_a": "chat", "lora_b": "chat"}
+    assert server.json("/health") == (200, {"status": "ok", "models": 7, "queue_depth": 0})
 
 
 def test_captions_equal_the_recipes_eval_predictions(server, trained):
@@ -286,6 +308,36 @@ def test_adapters_share_one_base_and_each_answers_as_its_own_run(server, loaded,
         names = ["llava_second", "llava_instruct"] * 4
         answers = list(pool.map(lambda name: server.chat(name, image, question), names))
     assert answers == [references[name] for name in names]
+
+
+def test_lora_only_adapters_share_a_batch_and_each_answers_as_alone(server, loaded, trained):
+    import asyncio
+
+    from serve.batching import Job, generate_batch
+
+    a, b = loaded["lora_a"], loaded["lora_b"]
+    assert a.model is b.model and a.mixable and b.mixable
+    assert not loaded["llava_instruct"].mixable  # its adapter carries a trained projector: one run per batch
+    assert a.batch_group(True) == b.batch_group(True) != a.batch_group(False)
+    _, files = trained
+    folder = Path(files["instruct"][1]).parent
+    images = [folder / r["image"] for r in _eval_rows(files, "instruct")]
+    loop = asyncio.new_event_loop()
+    try:
+        def job(run, image):
+            item = {"key": 0, "image": str(image), "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+            return Job(run, item, None, 8, None, None, loop, loop.create_future())
+
+        plan = [(run, image) for image in images for run in (a, b)]
+        mixed = [c.text for c in generate_batch([job(run, image) for run, image in plan])]  # one generate call
+        alone = [generate_batch([job(run, image)])[0].text for run, image in plan]
+    finally:
+        loop.close()
+    assert mixed == alone
+    assert alone[0::2] != alone[1::2]  # the adapters answer differently: a mix-up would show
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(lambda p: server.chat(p[0].id, p[1], "What?"), plan))
+    assert served == alone
 
 
 def test_stream_sends_the_same_answer_as_server_sent_events(server, trained):
@@ -520,8 +572,8 @@ def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
         thumbs = browser.find_elements(By.CSS_SELECTOR, "#results img")
         assert len(thumbs) == 6
-        assert browser.execute_script("return [...document.querySelectorAll('#results img')]"
-                                      ".every(i => i.complete && i.naturalWidth > 0)")
+        wait.until(lambda b: b.execute_script("return [...document.querySelectorAll('#results img')]"
+                                              ".every(i => i.complete && i.naturalWidth > 0)"))  # decoded
         browser.save_screenshot(str(tmp_path / "page-search.png"))
     finally:
         browser.quit()

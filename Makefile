@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= outputs
 
-.PHONY: setup test demo eval bench new-recipe clean-venv
+.PHONY: setup test demo eval bench serve new-recipe clean-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,13 @@ demo: setup
 # Scores the latest run of every recipe under $(OUT)/ (or RUN=path): one table, report.md + gallery.html per run.
 eval: setup
 	$(PY) -m eval report $(if $(RUN),$(RUN),--outputs $(OUT))
+
+# HTTP API (OpenAI-style) + web page for trained runs: RUN is one or more run folders (default: the demo run).
+RUN_TO_SERVE = $(if $(RUN),$(RUN),$(DEMO_RUN))
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: setup
+	$(PY) -m serve $(RUN_TO_SERVE) --host $(HOST) --port $(PORT)
 
 bench: setup
 	$(PY) -m bench.data_eval

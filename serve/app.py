@@ -1,0 +1,378 @@
+"""The FastAPI app: OpenAI-style chat completions, models and search over trained runs, /health, /metrics
+and the web page at /.
+
+Every refusal is a 4xx with OpenAI's error body ({"error": {"message", "type", "param", "code"}}); a 5xx
+means the server failed (it is logged with its traceback), never that a request was bad.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from data_tools.records import IMAGE_TOKEN
+
+from .batching import Batcher, Job
+from .images import ClientError, image_bytes, save_checked_image
+
+logger = logging.getLogger("serve")
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+@dataclass
+class ServeOptions:
+    """Limits and batching; the command line's options (python -m serve --help)."""
+
+    max_body_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 25_000_000
+    max_tokens_limit: int = 512
+    default_max_tokens: int = 64
+    timeout_s: float = 120.0
+    allow_remote_images: bool = False
+    max_batch_size: int = 16
+    max_wait_ms: float = 10.0
+    max_search_k: int = 100
+
+
+class Metrics:
+    """The Prometheus series /metrics shows, in a registry of the app's own."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("serve_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("serve_request_seconds", "Time to the response's headers, by route", ["route"],
+                                 registry=self.registry,
+                                 buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.batch_size = Histogram("serve_batch_size", "Requests per generate call", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64))
+        self.queue_depth = Gauge("serve_queue_depth", "Chat completions waiting for generation",
+                                 registry=self.registry)
+
+
+# --- request bodies (extra fields of OpenAI clients are accepted and ignored) ------------------------------
+class ImageURL(BaseModel):
+    url: str
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text", "image_url"]
+    text: str | None = None
+    image_url: ImageURL | str | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=1)
+    stream: bool = False
+
+
+class SearchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model: str
+    query: str | None = Field(default=None, min_length=1)
+    image: str | None = None  # a data: URL
+    k: int = Field(default=5, ge=1)
+
+
+def _validation_error(e: ValidationError) -> ClientError:
+    first = e.errors()[0]
+    where = ".".join(str(p) for p in first["loc"])
+    return ClientError(400, f"{where}: {first['msg']}" if where else first["msg"], param=where or None,
+                       code="invalid_value")
+
+
+ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
+
+
+def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
+    """The app serving `runs` ({id: run} from serve.runs.load_runs)."""
+    options = options or ServeOptions()
+    metrics = Metrics()
+    batcher = Batcher(options.max_batch_size, options.max_wait_ms, metrics)
+    scratch = Path(tempfile.mkdtemp(prefix="serve-images-"))
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        # Uvicorn stops taking connections and waits for the open requests before this runs.
+        await asyncio.to_thread(batcher.stop)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    app = FastAPI(title="vlm-recipes serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.runs, app.state.options, app.state.metrics = runs, options, metrics
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        start = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # a server fault: logged with its traceback, answered in the same error shape
+            logger.exception("error serving %s %s", request.method, request.url.path)
+            response = JSONResponse({"error": {"message": "internal server error", "type": "server_error",
+                                               "param": None, "code": None}}, status_code=500)
+        route = request.scope.get("route")
+        name = getattr(route, "path", "unmatched")
+        metrics.requests.labels(name, str(response.status_code)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - start)
+        return response
+
+    @app.exception_handler(ClientError)
+    async def client_error(request, e: ClientError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, e: StarletteHTTPException):
+        return JSONResponse(ClientError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404
+                                        else None).body(), status_code=e.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def query_error(request, e: RequestValidationError):
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        return JSONResponse(ClientError(400, f"{where}: {first['msg']}", param=where,
+                                        code="invalid_value").body(), status_code=400)
+
+    async def read_json(request: Request, schema):
+        declared = request.headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > options.max_body_bytes):
+            raise ClientError(413, f"request body over the limit of {options.max_body_bytes:,} bytes",
+                              code="body_too_large")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > options.max_body_bytes:
+                raise ClientError(413, f"request body over the limit of {options.max_body_bytes:,} bytes",
+                                  code="body_too_large")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ClientError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            raise _validation_error(e) from None
+
+    def find_run(model: str, task: str | None = None):
+        run = runs.get(model)
+        if run is None:
+            raise ClientError(404, f"the model {model!r} does not exist; GET /v1/models lists them", param="model",
+                              code="model_not_found")
+        if task == "search" and run.task != "retrieval":
+            raise ClientError(400, f"{model!r} is a {run.task} run; /v1/search takes a retrieval run",
+                              param="model", code="wrong_model_type")
+        if task == "chat" and run.task == "retrieval":
+            raise ClientError(400, f"{model!r} is a retrieval run; use POST /v1/search", param="model",
+                              code="wrong_model_type")
+        return run
+
+    async def checked_image(url: str, param: str) -> str:
+        data = await asyncio.to_thread(image_bytes, url, allow_remote=options.allow_remote_images,
+                                       max_bytes=options.max_body_bytes, timeout=options.timeout_s, param=param)
+        return await asyncio.to_thread(save_checked_image, data, scratch, max_pixels=options.max_image_pixels,
+                                       param=param)
+
+    async def conversation(req: ChatRequest, saved: list[str]) -> tuple[list[dict], str | None]:
+        """OpenAI messages -> LLaVA turns (the image part as `<image>` where it stands) and the image file,
+        which is also put in `saved` as soon as it is written (for the caller to remove if the request fails)."""
+        turns = []
+        image = None
+        for i, message in enumerate(req.messages):
+            parts = message.content if isinstance(message.content, list) else [
+                ContentPart(type="text", text=message.content or "")]
+            texts = []
+            for j, part in enumerate(parts):
+                param = f"messages.{i}.content.{j}"
+                if part.type == "text":
+                    if part.text is None:
+                        raise ClientError(400, f"{param}: a text part needs 'text'", param=param)
+                    texts.append(part.text)
+                    continue
+                if part.image_url is None:
+                    raise ClientError(400, f"{param}: an image_url part needs 'image_url'", param=param)
+                if image is not None or message.role != "user":
+                    raise ClientError(400, f"{param}: one image per conversation, in a user message",
+                                      param=param, code="too_many_images")
+                url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
+                image = await checked_image(url, f"{param}.image_url")
+                saved.append(image)
+                texts.append(IMAGE_TOKEN)
+            text = "\n".join(texts)
+            turns.append({"from": ROLES[message.role], "value": text})
+        return turns, image
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "models": len(runs), "queue_depth": batcher.depth}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [
+            {"id": rid, "object": "model", "created": int(os.path.getmtime(run.path)), "owned_by": "vlm-recipes",
+             "task": run.task} for rid, run in runs.items()]}
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = await read_json(request, ChatRequest)
+        run = find_run(req.model, "chat")
+        max_tokens = req.max_completion_tokens or req.max_tokens or options.default_max_tokens
+        if max_tokens > options.max_tokens_limit:
+            raise ClientError(400, f"max_tokens {max_tokens} is over this server's limit of "
+                              f"{options.max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
+        saved = []
+        try:
+            turns, image = await conversation(req, saved)
+            if turns[-1]["from"] != "human":
+                raise ClientError(400, "the last message must be the user's, to be answered", param="messages")
+            prompt = None
+            if run.task == "caption":
+                if image is None:
+                    raise ClientError(400, f"{req.model!r} is a captioner: send an image_url part",
+                                      param="messages", code="image_required")
+                # the caption's prompt: the text of the last user message, if any
+                prompt = turns[-1]["value"].replace(IMAGE_TOKEN, "").strip() or None
+                item = {"key": 0, "image": image}
+            else:
+                item = {"key": 0, "image": image, "conversations": turns}
+            try:
+                positions = await asyncio.to_thread(run.prompt_positions, item, prompt)
+            except ValueError as e:
+                raise ClientError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
+            limit = run.max_positions
+            if limit is not None and positions + max_tokens > limit:
+                raise ClientError(400, f"the prompt takes {positions} positions and max_tokens asks for "
+                                  f"{max_tokens} more: over {req.model!r}'s context length of {limit}",
+                                  param="messages", code="context_length_exceeded")
+            loop = asyncio.get_running_loop()
+            job = Job(run, item, prompt, max_tokens, req.temperature, req.top_p, loop, loop.create_future(),
+                      asyncio.Queue() if req.stream else None)
+        except BaseException:
+            for path in saved:
+                os.unlink(path)
+            raise
+        batcher.submit(job)  # from here the batcher owns the image file
+        created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
+
+        async def result():
+            try:
+                return await asyncio.wait_for(asyncio.shield(job.future), options.timeout_s)
+            except asyncio.TimeoutError:
+                job.cancelled = True
+                raise ClientError(504, f"no answer within the server's timeout of {options.timeout_s:g} s",
+                                  type_="timeout", code="timeout") from None
+
+        if not req.stream:
+            done = await result()
+            return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                                 "finish_reason": done.finish_reason}],
+                    "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                              "total_tokens": done.prompt_tokens + done.completion_tokens}}
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+        async def events():
+            yield chunk({"role": "assistant", "content": ""})
+            sent = ""
+            deadline = time.monotonic() + options.timeout_s
+            while True:
+                try:
+                    delta = await asyncio.wait_for(job.stream.get(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+                if delta is None:
+                    break
+                sent += delta
+                yield chunk({"content": delta})
+            try:
+                done = await result()
+            except ClientError as e:
+                yield f"data: {json.dumps(e.body())}\n\n"
+                return
+            if done.text.startswith(sent) and len(done.text) > len(sent):
+                yield chunk({"content": done.text[len(sent):]})
+            yield chunk({}, done.finish_reason)
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/search")
+    async def search(request: Request):
+        req = await read_json(request, SearchRequest)
+        run = find_run(req.model, "search")
+        if (req.query is None) == (req.image is None):
+            raise ClientError(400, "give one of 'query' (a text: finds images) or 'image' (a data: URL: finds "
+                              "captions)", param="query")
+        k = min(req.k, options.max_search_k)
+        if req.query is not None:
+            hits = await asyncio.to_thread(run.search_text, req.query, k)
+            for hit in hits:
+                hit["url"] = f"/v1/gallery?model={req.model}&index={hit['index']}"
+        else:
+            path = await checked_image(req.image, "image")
+            try:
+                hits = await asyncio.to_thread(run.search_image, path, k)
+            finally:
+                os.unlink(path)
+        return {"object": "list", "model": req.model, "data": hits}
+
+    @app.get("/v1/gallery")
+    async def gallery(model: str, index: int):
+        run = find_run(model, "search")
+        if not 0 <= index < len(run.images):
+            raise ClientError(404, f"index {index} is not in {model!r}'s gallery of {len(run.images)} images",
+                              param="index", code="not_found")
+        return FileResponse(run.images[index])
+
+    return app

@@ -1,0 +1,219 @@
+"""Dynamic batching: requests that arrive close together are generated as one batch.
+
+One worker thread takes the oldest waiting job, then gathers up to `max_batch_size - 1` more jobs that
+can share its `generate` call (the same run, or adapters that peft can mix on one base; the same prompt for
+a captioner; the same sampling options), waiting at most `max_wait_ms` for them; jobs that cannot join
+wait for a later batch in arrival order. Greedy
+answers do not depend on the batch: each job's tokens are cut at its own `max_tokens` and at its first
+eos. A streaming job gets each of its tokens as the batch makes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+
+@dataclass
+class Job:
+    """One chat completion waiting for generation."""
+
+    run: object  # serve.runs.GenerativeRun
+    item: dict  # {"key", "image", "conversations"}
+    prompt: str | None
+    max_tokens: int
+    temperature: float | None
+    top_p: float | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    stream: asyncio.Queue | None = None  # text deltas, then None
+    cancelled: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> tuple:
+        return (self.run.batch_group(self.item.get("image") is not None), self.prompt, self.temperature,
+                self.top_p)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (eos) or "length" (max_tokens)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class _RowStreamer(BaseStreamer):
+    """Hands each row's new token to its job's stream, as text deltas decoded so far."""
+
+    def __init__(self, jobs: list[Job], tokenizer, eos_token_id):
+        self.jobs, self.tokenizer, self.eos = jobs, tokenizer, eos_token_id
+        self.tokens = [[] for _ in jobs]
+        self.sent = ["" for _ in jobs]
+        self.done = [job.stream is None for job in jobs]
+        self.prompt_seen = False
+
+    def put(self, value):
+        if not self.prompt_seen:  # generate() first hands over the prompt
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[row]:
+                continue
+            job = self.jobs[row]
+            if token == self.eos:
+                self.done[row] = True
+                continue
+            self.tokens[row].append(token)
+            if len(self.tokens[row]) >= job.max_tokens:
+                self.done[row] = True
+            # held back: trailing whitespace (the final text is stripped) and a half-decoded character
+            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True).strip()
+            if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]) and "\ufffd" not in text:
+                delta, self.sent[row] = text[len(self.sent[row]):], text
+                job.loop.call_soon_threadsafe(job.stream.put_nowait, delta)
+
+    def end(self):
+        pass
+
+
+class Batcher:
+    """The worker thread that runs jobs in batches (see the module docstring)."""
+
+    def __init__(self, max_batch_size: int = 16, max_wait_ms: float = 10.0, metrics=None):
+        self.max_batch_size, self.max_wait = max(1, max_batch_size), max_wait_ms / 1000
+        self.metrics = metrics
+        self.queue: queue.Queue = queue.Queue()
+        self.waiting: deque[Job] = deque()  # taken from the queue, not batchable with the last batch
+        self.thread = threading.Thread(target=self._loop, name="serve-batcher", daemon=True)
+        self._stopping = False
+        self.depth = 0  # jobs submitted and not yet in a batch
+        self._depth_lock = threading.Lock()  # the event loop and the worker both change it
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Finish every queued job, then end the thread."""
+        self.queue.put(None)
+        self.thread.join()
+
+    def submit(self, job: Job) -> None:
+        self._count(1)
+        self.queue.put(job)
+
+    def _count(self, change: int) -> None:
+        with self._depth_lock:
+            self.depth += change
+        if self.metrics is not None:
+            self.metrics.queue_depth.inc(change)
+
+    def _take(self, timeout: float) -> Job | None:
+        """The next queued job within `timeout` seconds (<= 0: only one already there); None: none, or stop."""
+        try:
+            job = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
+        except queue.Empty:
+            return None
+        if job is None:
+            self._stopping = True
+        return job
+
+    def _loop(self) -> None:
+        while True:
+            if self.waiting:
+                first = self.waiting.popleft()
+            elif self._stopping:  # finish what was queued before stop(), then end
+                first = self._take(0)
+                if first is None:
+                    return
+            else:
+                first = self.queue.get()
+                if first is None:
+                    self._stopping = True
+                    continue
+            batch, skipped = [first], []
+            earlier, self.waiting = self.waiting, deque()  # jobs passed over by an earlier batch go first
+            for job in earlier:
+                (batch if job.key == first.key and len(batch) < self.max_batch_size else skipped).append(job)
+            deadline = time.monotonic() + self.max_wait
+            while len(batch) < self.max_batch_size:
+                job = self._take(0 if self._stopping else deadline - time.monotonic())
+                if job is None:
+                    break
+                (batch if job.key == first.key else skipped).append(job)
+            self.waiting.extend(skipped)
+            self._count(-len(batch))
+            try:
+                self._run([job for job in batch if not job.cancelled])
+            finally:  # the jobs' image files, written by the request handlers, are done with
+                for job in batch:
+                    if job.item.get("image"):
+                        Path(job.item["image"]).unlink(missing_ok=True)
+
+    def _run(self, jobs: list[Job]) -> None:
+        if not jobs:
+            return
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(jobs))
+        try:
+            results = generate_batch(jobs)
+        except Exception as e:  # noqa: BLE001 - handed to the waiting requests, which answer 500 and log it
+            for job in jobs:
+                job.loop.call_soon_threadsafe(_set, job, None, e)
+            return
+        for job, result in zip(jobs, results):
+            job.loop.call_soon_threadsafe(_set, job, result, None)
+
+
+def _set(job: Job, result, error) -> None:
+    if job.stream is not None:
+        job.stream.put_nowait(None)
+    if job.future.done():  # the request timed out or its client left
+        return
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(result)
+
+
+@torch.no_grad()
+def generate_batch(jobs: list[Job]) -> list[Completion]:
+    """One `generate` call for jobs of one batch group and options; each answer cut at its own max_tokens."""
+    run, first = jobs[0].run, jobs[0]
+    tok = run.tokenizer
+    batch = run.collate([job.item for job in jobs], first.prompt)
+    batch.pop("keys")
+    longest = max(job.max_tokens for job in jobs)
+    kwargs = run.generate_kwargs(longest, first.temperature, first.top_p)
+    with run.lock:
+        model = run.model
+        if run.mixable:  # each request with its own run's adapter
+            kwargs["adapter_names"] = [job.run.adapter for job in jobs]
+        elif run.adapter is not None:
+            model.set_adapter(run.adapter)
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        if any(job.stream is not None for job in jobs):
+            kwargs["streamer"] = _RowStreamer(jobs, tok, tok.eos_token_id)
+        generated = model.generate(**batch, **kwargs)
+    new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
+    prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
+    out = []
+    for job, tokens, n_prompt in zip(jobs, new_tokens, prompt_tokens):
+        tokens = tokens[:job.max_tokens]
+        finish = "length"
+        if tok.eos_token_id in tokens:
+            tokens, finish = tokens[:tokens.index(tok.eos_token_id) + 1], "stop"
+        out.append(Completion(tok.decode(tokens, skip_special_tokens=True).strip(), finish, int(n_prompt),
+                              len(tokens)))
+    return out

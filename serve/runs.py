@@ -1,0 +1,259 @@
+"""Trained runs as servable models: what a run folder is, how it loads, and how a batch of requests becomes
+`generate` inputs.
+
+A folder is recognised by what it holds, so a training output_dir, a checkpoint-N in it and a merged or
+exported checkpoint all load:
+- `index.json` (written by recipes/clip_retrieval/embed.py): retrieval over that index, with the model it
+  names (a clip_retrieval run, SigLIP included);
+- `trained.safetensors`, or a config of model_type `soft_prompt_captioner`: a soft_prompt_caption run
+  (or its export.py folder);
+- otherwise an image-text-to-text model (a peft adapter on its base, or a full checkpoint) loaded through
+  `AutoModelForImageTextToText`: a chat model when its processor has a chat template (llava_instruct,
+  qlora_vqa and every family those recipes take), a captioner when it has none (BLIP-2).
+
+Adapter runs on the same base share one copy of the base: the first is loaded with the recipes' own
+`load_run` (`load_quantized_run` for a QLoRA run, whose base is quantized as in training), the others are
+added to it with peft's `load_adapter` and chosen per batch with `set_adapter`.
+
+Generation inputs are built by the recipes' own eval collators (`CaptionPromptCollator`,
+`ChatPromptCollator`) and decode options (`generate_kwargs`), so a greedy answer is the one the recipe's
+evaluation writes to its predictions file for the same image and prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recipes.common.args import GenerationEvalArguments
+from recipes.common.captions import CaptionPromptCollator
+from recipes.common.chat import ChatEncoder, ChatPromptCollator, to_messages
+from recipes.common.merge import is_adapter_run, load_run
+from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
+from recipes.common.trainer import generate_kwargs
+
+SOFT_PROMPT_WEIGHTS = "trained.safetensors"
+
+
+class RunLoadError(ValueError):
+    """A RUN_DIR that cannot be served: the message says what the folder lacks."""
+
+
+@dataclass
+class GenerativeRun:
+    """A captioner or chat run: its model (possibly shared with other adapters), processors and collator."""
+
+    id: str
+    path: Path
+    task: str  # "caption" or "chat"
+    model: object
+    tokenizer: object
+    image_processor: object
+    adapter: str | None = None  # the peft adapter to activate; None: the model as loaded
+    encoder: ChatEncoder | None = None  # chat runs
+    prefix_ids: tuple[int, ...] = ()  # captioners: image placeholder tokens before the prompt (BLIP-2)
+    extra_positions: int = 0  # positions before the ids, as embeddings (the soft prompt and image vectors)
+    mixable: bool = False  # its adapter can share a batch with other adapters on the model (see load_runs)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time on a shared model
+
+    @property
+    def pad_token_id(self) -> int:
+        tok = self.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def collate(self, items: list[dict], prompt: str | None = None) -> dict:
+        """`generate` inputs (+ "keys") for items {"key", "image": path or None, "conversations"}, as the
+        recipe's evaluation builds them; captioners take one `prompt` for the whole batch."""
+        if self.task == "caption":
+            return CaptionPromptCollator(self.image_processor, self.tokenizer, prompt, self.prefix_ids)(items)
+        return ChatPromptCollator(self.encoder, self.image_processor, self.pad_token_id)(items)
+
+    def generate_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None) -> dict:
+        """The recipes' decode options: greedy unless a temperature above 0 asks for sampling."""
+        sample = bool(temperature)
+        args = GenerationEvalArguments(max_new_tokens=max_new_tokens, do_sample=sample,
+                                       temperature=temperature if sample else None,
+                                       top_p=top_p if sample else None)
+        return generate_kwargs(args, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+
+    def batch_group(self, has_image: bool) -> tuple:
+        """Requests whose runs give the same group can be generated in one call: one run's, or for mixable
+        adapters those of every run on the model whose processor prepares inputs alike (with or without
+        an image: an adapter on the vision tower needs one image per request of the batch)."""
+        if not self.mixable:
+            return ("run", self.id)
+        return ("model", id(self.model), self._inputs_signature, has_image)
+
+    @functools.cached_property
+    def _inputs_signature(self) -> tuple:
+        return (self.encoder.processor.chat_template if self.encoder is not None else None, len(self.tokenizer),
+                self.image_processor.to_json_string(), self.prefix_ids)
+
+    def prompt_positions(self, item: dict, prompt: str | None = None) -> int:
+        """Positions the prompt of `item` takes in the language model (image tokens and any soft prefix
+        included); ValueError when the chat template cannot render the conversation."""
+        if self.encoder is not None:
+            messages = to_messages(item["conversations"], has_image=item.get("image") is not None)
+            return len(self.encoder.encode_prompt(messages))
+        ids = self.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
+        return self.extra_positions + len(self.prefix_ids) + len(ids)
+
+    @property
+    def max_positions(self) -> int | None:
+        """The language model's context length, where it has one."""
+        config = self.model.config
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "max_position_embeddings", None)
+
+
+@dataclass
+class SearchRun:
+    """A retrieval index (embed.py's folder) and the dual encoder that made it."""
+
+    id: str
+    path: Path
+    model: object
+    processor: object
+    collator: object
+    images: list[str]
+    texts: list[str]
+    image_bank: np.ndarray
+    text_bank: np.ndarray
+    task: str = "retrieval"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def search_text(self, text: str, k: int) -> list[dict]:
+        from recipes.clip_retrieval.embed import encode_texts
+        from recipes.clip_retrieval.search import top_k
+
+        with self.lock, torch.inference_mode():
+            q = encode_texts(self.model, self.processor, self.collator, [text])[0]
+        return [{"rank": r + 1, "score": s, "image": self.images[i], "index": i}
+                for r, (i, s) in enumerate(top_k(q, self.image_bank, k))]
+
+    def search_image(self, path: str, k: int) -> list[dict]:
+        from recipes.clip_retrieval.search import top_k
+        from recipes.clip_retrieval.trainer import embed_images
+
+        with self.lock, torch.inference_mode():
+            q = embed_images(self.model, self.collator, [path], 1, "cpu")[0]
+        return [{"rank": r + 1, "score": s, "text": self.texts[i], "index": i}
+                for r, (i, s) in enumerate(top_k(q, self.text_bank, k))]
+
+
+def run_id(path: Path) -> str:
+    """The id clients name a run by: its folder's name (checkpoint-N: `<run>/checkpoint-N`)."""
+    path = path.resolve()
+    return f"{path.parent.name}/{path.name}" if path.name.startswith("checkpoint-") else path.name
+
+
+def _config(path: Path) -> dict:
+    f = path / "config.json"
+    return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+
+
+def _load_search(path: Path, rid: str) -> SearchRun:
+    from recipes.clip_retrieval.embed import load
+
+    index = json.loads((path / "index.json").read_text(encoding="utf-8"))
+    clip, processor, collator = load(index["model"], "cpu")
+    image_bank, text_bank = np.load(path / "images.npy"), np.load(path / "texts.npy")
+    if image_bank.shape[0] != len(index["images"]) or text_bank.shape[0] != len(index["texts"]):
+        raise RunLoadError(f"{path}: images.npy/texts.npy do not match index.json's lists; re-run embed.py")
+    root = Path(index["file"]).parent
+    images = [str(p if Path(p).is_absolute() else root / p) for p in index["images"]]
+    return SearchRun(rid, path, clip, processor, collator, images, index["texts"], image_bank, text_bank)
+
+
+def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from recipes.soft_prompt_caption.modeling import SoftPromptCaptioner
+
+    if (path / SOFT_PROMPT_WEIGHTS).is_file():
+        model = SoftPromptCaptioner.from_trained(path)
+    else:
+        model = SoftPromptCaptioner.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:  # as training set it: GPT-2 has none
+        tokenizer.pad_token = tokenizer.eos_token
+    return GenerativeRun(rid, path, "caption", model.eval(), tokenizer, AutoImageProcessor.from_pretrained(path),
+                         extra_positions=model.config.prefix_length)
+
+
+def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None) -> GenerativeRun:
+    tokenizer, image_processor = processor.tokenizer, processor.image_processor
+    if getattr(processor, "chat_template", None):
+        return GenerativeRun(rid, path, "chat", model, tokenizer, image_processor, adapter,
+                             encoder=ChatEncoder(processor))
+    config = model.config
+    if getattr(config, "num_query_tokens", None) is None or getattr(config, "image_token_id", None) is None:
+        raise RunLoadError(f"{path}: {config.model_type} has neither a chat template nor BLIP-2's query tokens; "
+                           "give its processor a chat template (chat_template.json)")
+    prefix = (config.image_token_id,) * config.num_query_tokens  # as blip2_lora_caption/train.py
+    return GenerativeRun(rid, path, "caption", model, tokenizer, image_processor, adapter, prefix_ids=prefix)
+
+
+def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
+    """{id: run} for the RUN_DIRs; adapter runs on the same base share the base's weights."""
+    from peft import PeftConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    runs: dict[str, GenerativeRun | SearchRun] = {}
+    shared: dict[tuple, object] = {}  # (base path, quantization) -> the PeftModel holding its adapters
+    for p in paths:
+        path = Path(p)
+        if not path.is_dir():
+            raise RunLoadError(f"{path}: no such folder; give a training output_dir, a checkpoint-N, a merged "
+                               "checkpoint or an embed.py index folder")
+        rid = run_id(path)
+        if rid in runs:
+            raise RunLoadError(f"{path}: a second run named {rid!r}; serve runs whose folders have different "
+                               "names")
+        config = _config(path)
+        if (path / "index.json").is_file():
+            runs[rid] = _load_search(path, rid)
+        elif (path / SOFT_PROMPT_WEIGHTS).is_file() or config.get("model_type") == "soft_prompt_captioner":
+            runs[rid] = _load_soft_prompt(path, rid)
+        elif is_adapter_run(path):
+            # a QLoRA run's base is quantized as in training; it is shared only with runs quantized alike
+            quantization = path / QUANTIZATION_FILE
+            base = (str(Path(PeftConfig.from_pretrained(path).base_model_name_or_path).resolve()),
+                    quantization.read_text() if quantization.is_file() else None)
+            if base in shared:
+                model, adapter = shared[base], rid
+                model.load_adapter(path, adapter_name=adapter)
+                model.eval()
+                processor = AutoProcessor.from_pretrained(path)
+            else:  # load_run and load_quantized_run name the adapter "default"
+                load = load_quantized_run if quantization.is_file() else load_run
+                (model, processor), adapter = load(path, AutoModelForImageTextToText), "default"
+                shared[base] = model
+            runs[rid] = _image_text_run(path, rid, model, processor, adapter)
+        elif config.get("model_type") in ("clip", "siglip", "siglip2"):
+            raise RunLoadError(f"{path}: a retrieval run; serve an index of it instead: python "
+                               f"recipes/clip_retrieval/embed.py --model {path} --file IMAGES.jsonl --out INDEX, "
+                               "then python -m serve INDEX")
+        elif config:
+            model, processor = load_run(path, AutoModelForImageTextToText)
+            runs[rid] = _image_text_run(path, rid, model, processor, None)
+        else:
+            raise RunLoadError(f"{path}: no adapter_config.json, config.json, trained.safetensors or index.json; "
+                               "give a training output_dir, a checkpoint-N, a merged checkpoint or an embed.py "
+                               "index folder")
+    # runs sharing a model share its lock, so that one batch at a time sets the adapter and generates
+    locks: dict[int, threading.Lock] = {}
+    for run in runs.values():
+        run.lock = locks.setdefault(id(run.model), run.lock)
+        # peft mixes adapters in one batch (generate(adapter_names=...)) only for LoRA layers; a trained full
+        # copy of another module (modules_to_save: a projector, a Q-Former) anywhere on the model rules it out
+        if isinstance(run, GenerativeRun) and run.adapter is not None:
+            run.mixable = not any(c.modules_to_save for c in run.model.peft_config.values())
+    return runs
+

@@ -1,0 +1,144 @@
+// The page speaks the same API as any client: GET /v1/models, POST /v1/chat/completions (streamed),
+// POST /v1/search. The server decides what is an image (it reads the bytes), so any file is sent and
+// the server's message is shown when it refuses one.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let models = [];
+let imageUrl = null; // the chosen file as a data: URL
+
+function task() {
+  const m = models.find((x) => x.id === $("model").value);
+  return m ? m.task : null;
+}
+
+function setStatus(text) { $("status").textContent = text; }
+function setError(text) { $("error").textContent = text; }
+
+function showTask() {
+  const t = task();
+  const caption = t === "caption";
+  $("task").textContent = t === "caption" ? "A captioner: it describes the image (the text, if any, is its prompt)."
+    : t === "chat" ? "A chat model: ask about the image." : t === "retrieval" ? "Retrieval: search its gallery." : "";
+  $("generate").hidden = t === "retrieval";
+  $("search").hidden = t !== "retrieval";
+  $("prompt-label").textContent = caption ? "Prompt (optional)" : "Question";
+  $("ask").textContent = caption ? "Caption" : "Ask";
+}
+
+async function errorMessage(response) {
+  try {
+    const body = await response.json();
+    return body.error ? body.error.message : `HTTP ${response.status}`;
+  } catch (e) {
+    return `HTTP ${response.status}`;
+  }
+}
+
+async function ask() {
+  setError("");
+  $("answer").textContent = "";
+  if (!imageUrl) { setError("Choose an image first."); return; }
+  const text = $("prompt").value.trim();
+  const content = [{ type: "image_url", image_url: { url: imageUrl } }];
+  if (text) content.push({ type: "text", text });
+  const body = {
+    model: $("model").value, stream: true, max_tokens: parseInt($("max_tokens").value, 10) || 48,
+    messages: [{ role: "user", content }],
+  };
+  setStatus("generating...");
+  const response = await fetch("/v1/chat/completions", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+  });
+  if (!response.ok) {
+    setError(await errorMessage(response));
+    setStatus("refused");
+    return;
+  }
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) break;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      if (!event.startsWith("data: ")) continue;
+      const data = event.slice(6);
+      if (data === "[DONE]") { setStatus("done"); return; }
+      const chunk = JSON.parse(data);
+      if (chunk.error) { setError(chunk.error.message); setStatus("failed"); return; }
+      const delta = chunk.choices[0].delta;
+      if (delta.content) $("answer").textContent += delta.content;
+    }
+  }
+  setStatus("done");
+}
+
+async function search() {
+  setError("");
+  $("results").textContent = "";
+  const query = $("query").value.trim();
+  if (!query) { setError("Type a text to search for."); return; }
+  setStatus("searching...");
+  const response = await fetch("/v1/search", {
+    method: "POST", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ model: $("model").value, query, k: 8 }),
+  });
+  if (!response.ok) { setError(await errorMessage(response)); setStatus("refused"); return; }
+  const hits = (await response.json()).data;
+  for (const hit of hits) {
+    const figure = document.createElement("figure");
+    const img = document.createElement("img");
+    img.src = hit.url;
+    img.alt = hit.image;
+    const caption = document.createElement("figcaption");
+    caption.textContent = `${hit.rank}. ${hit.score.toFixed(3)}`;
+    figure.append(img, caption);
+    $("results").append(figure);
+  }
+  setStatus("done");
+}
+
+function useFile(file) {
+  if (!file) return;
+  const reader = new FileReader();
+  reader.onload = () => {
+    imageUrl = reader.result;
+    const preview = $("preview");
+    preview.src = imageUrl;
+    preview.style.display = file.type.startsWith("image/") ? "block" : "none";
+    if (task() === "caption") ask();
+  };
+  reader.readAsDataURL(file);
+}
+
+async function init() {
+  const response = await fetch("/v1/models");
+  models = (await response.json()).data;
+  for (const m of models) {
+    const option = document.createElement("option");
+    option.value = m.id;
+    option.textContent = `${m.id} (${m.task})`;
+    $("model").append(option);
+  }
+  showTask();
+  $("model").addEventListener("change", showTask);
+  $("file").addEventListener("change", (e) => useFile(e.target.files[0]));
+  $("ask").addEventListener("click", ask);
+  $("search-button").addEventListener("click", search);
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    useFile(e.dataTransfer.files[0]);
+  });
+  setStatus("ready");
+}
+
+init();

@@ -1,0 +1,605 @@
+"""serve/ on tiny trained runs over a real Uvicorn server on 127.0.0.1: answers equal the recipes' own
+generation, streaming, dynamic batching, adapters sharing a base, search, limits and errors, /metrics, and
+the web page in a real headless Chromium.
+
+The runs are trained once for the module (one step each: the tests check the serving path, not what
+training buys) on bases whose random weights are scaled up, so that an answer depends on the image and the
+prompt and a mix-up of either shows.
+"""
+
+import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.jsonl import read_jsonl, write_jsonl
+from data_tools.synth import make_synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+FAST = ["--report_to", "none", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", "1",
+        "--max_new_tokens", "8"]
+
+
+def _data(d: Path, task: str, n: int, n_train: int) -> tuple[Path, Path]:
+    rows = read_jsonl(make_synthetic(task, n, d / task, seed=3, progress=False))
+    write_jsonl(d / task / "train.jsonl", rows[:n_train])
+    write_jsonl(d / task / "eval.jsonl", rows[n_train:])
+    return d / task / "train.jsonl", d / task / "eval.jsonl"
+
+
+def _scaled_base(name: str, out: Path) -> Path:
+    """tiny:<name> with N(0, 0.3^2) added to every weight matrix: a random model whose answers vary with the input."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from recipes.common.models import resolve_model_path
+
+    path = resolve_model_path(name)
+    model = AutoModelForImageTextToText.from_pretrained(path)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(path).save_pretrained(out)
+    return out
+
+
+def _second_adapter(run: Path, out: Path) -> Path:
+    """A copy of LoRA run `run` with N(0, 0.1^2) added to its LoRA B matrices: another adapter on the same
+    base, without training one."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(run, out)
+    weights = load_file(out / "adapter_model.safetensors")
+    g = torch.Generator().manual_seed(1)
+    save_file({k: v + torch.randn(v.shape, generator=g) * 0.1 if "lora_B" in k else v for k, v in weights.items()},
+              out / "adapter_model.safetensors")
+    return out
+
+
+def _pure_lora(base: Path, out: Path, seed: int) -> Path:
+    """An untrained LoRA adapter (random B) on the language model of `base`, nothing else: one that peft can
+    mix with others in a batch."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = get_peft_model(AutoModelForImageTextToText.from_pretrained(base),
+                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)"))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    model.save_pretrained(out)
+    AutoProcessor.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """{name: run folder}: blip2_lora_caption, soft_prompt_caption and llava_instruct trained for one step,
+    llava_second (another adapter on llava_instruct's base), lora_a and lora_b (untrained LoRA-only adapters on
+    that base, which peft can mix in one batch) and clip_index (an embed.py index of tiny:clip); and the data files."""
+    d = tmp_path_factory.mktemp("serve")
+    env = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
+    files = {"caption": _data(d / "data", "caption", 8, 4), "instruct": _data(d / "data", "instruct", 6, 3),
+             "retrieval": _data(d / "data", "retrieval", 6, 0)}
+    runs = {name: d / "runs" / name for name in ("blip2_lora_caption", "soft_prompt_caption", "llava_instruct",
+                                                 "llava_second", "clip_index")}
+    with pytest.MonkeyPatch.context() as mp:  # tiny models built into the module's own cache
+        mp.setenv("VLM_RECIPES_CACHE", env["VLM_RECIPES_CACHE"])
+        bases = {"caption": _scaled_base("tiny:blip2-opt", d / "blip2-base"),
+                 "instruct": _scaled_base("tiny:llava", d / "llava-base")}
+
+        def train(recipe, task, *model):
+            train_file, eval_file = files[task]
+            return subprocess.Popen(
+                [sys.executable, str(ROOT / "recipes" / recipe / "train.py"), "--train_file", str(train_file),
+                 "--eval_file", str(eval_file), "--output_dir", str(runs[recipe]), *FAST,
+                 *(model or ("--model_name_or_path", str(bases[task])))],
+                env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+        procs = [train("blip2_lora_caption", "caption"), train("llava_instruct", "instruct"),
+                 train("soft_prompt_caption", "caption", "--vision_model", "tiny:clip-vision",
+                       "--language_model", "tiny:gpt2")]
+        from recipes.clip_retrieval.embed import main as embed
+
+        embed(["--model", "tiny:clip", "--file", str(files["retrieval"][1]), "--out", str(runs["clip_index"])])
+    for p in procs:
+        out = p.communicate(timeout=600)[0]
+        assert p.returncode == 0, f"{' '.join(p.args)}\n{out[-3000:]}"
+    _second_adapter(runs["llava_instruct"], runs["llava_second"])
+    other_base = shutil.copytree(bases["instruct"], d / "llava-base-2")  # not shared with llava_instruct's
+    runs["lora_a"] = _pure_lora(other_base, d / "runs" / "lora_a", 1)
+    runs["lora_b"] = _pure_lora(other_base, d / "runs" / "lora_b", 2)
+    return runs, files
+
+
+class Server:
+    """A real Uvicorn server on 127.0.0.1 in a thread, and a small JSON client for it."""
+
+    def __init__(self, app):
+        import uvicorn
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.05)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+    def request(self, path: str, body=None, *, raw: bytes | None = None, headers=None) -> tuple[int, str]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.url + path, data=data,
+                                     headers={"Content-Type": "application/json", **(headers or {})})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def send_huge(self, path: str, body: bytes) -> tuple[int, str]:
+        """POST `body`, reading the answer even when the server answers and closes before it is all sent."""
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            try:
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server refused the body part way: its answer is waiting
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            conn.close()
+
+    def json(self, path: str, body=None, **kw) -> tuple[int, dict]:
+        status, text = self.request(path, body, **kw)
+        return status, json.loads(text)
+
+    def chat(self, model: str, image: Path | None, text: str | None, max_tokens: int = 8, **extra) -> str:
+        status, body = self.json("/v1/chat/completions", {"model": model, "messages": [message(image, text)],
+                                                           "max_tokens": max_tokens, **extra})
+        assert status == 200, body
+        return body["choices"][0]["message"]["content"]
+
+
+def data_url(path: Path, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def message(image: Path | None, text: str | None) -> dict:
+    content = ([{"type": "image_url", "image_url": {"url": data_url(image)}}] if image is not None else [])
+    return {"role": "user", "content": content + ([{"type": "text", "text": text}] if text else [])}
+
+
+@pytest.fixture(scope="module")
+def loaded(trained):
+    from serve.runs import load_runs
+
+    runs, _ = trained
+    return load_runs(list(runs.values()))
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+    from serve.app import ServeOptions, create_app
+
+    s = Server(create_app(loaded, ServeOptions(max_batch_size=8, max_wait_ms=50, max_body_bytes=2_000_000,
+                                               max_image_pixels=1_000_000, max_tokens_limit=64)))
+    yield s
+    s.stop()
+
+
+def _predictions(run: Path) -> dict:
+    return {r["key"]: r["prediction"] for r in read_jsonl(run / "predictions" / "final.jsonl")}
+
+
+def _eval_rows(files, task):
+    return read_jsonl(files[task][1])
+
+
+# --- the answers are the recipes' ---------------------------------------------------------------------------
+def test_models_health_and_tasks(server):
+    status, body = server.json("/v1/models")
+    assert status == 200 and body["object"] == "list"
+    assert {m["id"]: m["task"] for m in body["data"]} == {
+        "blip2_lora_caption": "caption", "soft_prompt_caption": "caption", "llava_instruct": "chat", "llava_second": "chat",
+        "clip_index": "retrieval", "lora_a": "chat", "lora_b": "chat"}
+    assert server.json("/health") == (200, {"status": "ok", "models": 7, "queue_depth": 0})
+
+
+def test_captions_equal_the_recipes_eval_predictions(server, trained):
+    runs, files = trained
+    predictions = _predictions(runs["blip2_lora_caption"])
+    images = [Path(files["caption"][1]).parent / r["image"] for r in _eval_rows(files, "caption")]
+    assert len(set(predictions.values())) > 1  # the answers depend on the image: a mix-up would show
+    for image in images:
+        assert server.chat("blip2_lora_caption", image, None, max_tokens=8) == predictions[str(image.resolve())]
+
+
+def test_soft_prompt_captions_equal_the_recipes_eval_predictions(server, trained):
+    runs, files = trained
+    predictions = _predictions(runs["soft_prompt_caption"])
+    for row in _eval_rows(files, "caption"):
+        image = Path(files["caption"][1]).parent / row["image"]
+        assert server.chat("soft_prompt_caption", image, None, max_tokens=8) == predictions[str(image.resolve())]
+
+
+def test_chat_answers_equal_the_eval_predictions_and_chat_py(server, trained):
+    from data_tools.images import load_image
+    from data_tools.records import IMAGE_TOKEN
+    from recipes.common.chat import ChatEncoder
+    from recipes.common.data import load_records
+    from recipes.llava_instruct.chat import answer, load
+    from recipes.llava_instruct.collator import generation_items
+
+    runs, files = trained
+    predictions = _predictions(runs["llava_instruct"])
+    records = load_records(files["instruct"][1], "instruct")
+    items = list(generation_items("instruct", records, 8, "en"))[:4]
+    assert len({predictions[it["key"]] for it in items}) > 1
+    model, processor = load(str(runs["llava_instruct"]))
+    encoder = ChatEncoder(processor)
+    for it in items:
+        roles = {"human": "user", "gpt": "assistant", "system": "system"}
+        messages = []
+        for turn in it["conversations"]:
+            if IMAGE_TOKEN in turn["value"]:
+                text = turn["value"].replace(IMAGE_TOKEN, "").strip()
+                messages.append({"role": "user", "content": [
+                    {"type": "image_url", "image_url": {"url": data_url(it["image"])}}, {"type": "text", "text": text}]})
+            else:
+                messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+        status, body = server.json("/v1/chat/completions",
+                                   {"model": "llava_instruct", "messages": messages, "max_tokens": 8})
+        assert status == 200, body
+        served = body["choices"][0]["message"]["content"]
+        assert served == predictions[it["key"]]
+        assert served == answer(model, processor, encoder, it["conversations"], load_image(it["image"]), 8)
+
+
+def test_adapters_share_one_base_and_each_answers_as_its_own_run(server, loaded, trained):
+    from transformers import AutoModelForImageTextToText
+
+    from recipes.common.merge import load_run
+
+    assert loaded["llava_instruct"].model is loaded["llava_second"].model
+    assert set(loaded["llava_second"].model.peft_config) == {"default", "llava_second"}
+    runs, files = trained
+    image = Path(files["instruct"][1]).parent / _eval_rows(files, "instruct")[0]["image"]
+    question = "What is in the image?"
+
+    def alone(name: str) -> str:  # the reference: the run loaded by itself, asked through the same collator
+        model, processor = load_run(runs[name], AutoModelForImageTextToText)
+        run = loaded[name]
+        batch = run.collate([{"key": 0, "image": str(image),
+                              "conversations": [{"from": "human", "value": f"<image>\n{question}"}]}])
+        batch.pop("keys")
+        out = model.generate(**batch, **run.generate_kwargs(8, None, None))
+        return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    references = {name: alone(name) for name in ("llava_instruct", "llava_second")}
+    assert references["llava_instruct"] != references["llava_second"]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # the two adapters asked at once, interleaved
+        names = ["llava_second", "llava_instruct"] * 4
+        answers = list(pool.map(lambda name: server.chat(name, image, question), names))
+    assert answers == [references[name] for name in names]
+
+
+def test_lora_only_adapters_share_a_batch_and_each_answers_as_alone(server, loaded, trained):
+    import asyncio
+
+    from serve.batching import Job, generate_batch
+
+    a, b = loaded["lora_a"], loaded["lora_b"]
+    assert a.model is b.model and a.mixable and b.mixable
+    assert not loaded["llava_instruct"].mixable  # its adapter carries a trained projector: one run per batch
+    assert a.batch_group(True) == b.batch_group(True) != a.batch_group(False)
+    _, files = trained
+    folder = Path(files["instruct"][1]).parent
+    images = [folder / r["image"] for r in _eval_rows(files, "instruct")]
+    loop = asyncio.new_event_loop()
+    try:
+        def job(run, image):
+            item = {"key": 0, "image": str(image), "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+            return Job(run, item, None, 8, None, None, loop, loop.create_future())
+
+        plan = [(run, image) for image in images for run in (a, b)]
+        mixed = [c.text for c in generate_batch([job(run, image) for run, image in plan])]  # one generate call
+        alone = [generate_batch([job(run, image)])[0].text for run, image in plan]
+    finally:
+        loop.close()
+    assert mixed == alone
+    assert alone[0::2] != alone[1::2]  # the adapters answer differently: a mix-up would show
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(lambda p: server.chat(p[0].id, p[1], "What?"), plan))
+    assert served == alone
+
+
+def test_stream_sends_the_same_answer_as_server_sent_events(server, trained):
+    _, files = trained
+    image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[0]["image"]
+    for model, text in (("blip2_lora_caption", None), ("llava_instruct", "What is in the image?")):
+        whole = server.chat(model, image, text, max_tokens=12)
+        status, events = server.request("/v1/chat/completions", {"model": model, "messages": [message(image, text)],
+                                                                 "max_tokens": 12, "stream": True})
+        assert status == 200
+        lines = [e for e in events.split("\n\n") if e]
+        assert all(e.startswith("data: ") for e in lines) and lines[-1] == "data: [DONE]"
+        chunks = [json.loads(e[6:]) for e in lines[:-1]]
+        assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+        assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+        assert len(chunks) > 3  # token by token, not one piece
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == whole
+
+
+def test_concurrent_requests_are_batched_and_answer_as_alone(server, trained):
+    _, files = trained
+    folder = Path(files["caption"][1]).parent
+    images = [folder / r["image"] for r in _eval_rows(files, "caption")] * 4
+    alone = {str(i): server.chat("blip2_lora_caption", i, None) for i in images[:4]}
+
+    def batches() -> tuple[float, float]:
+        text = server.request("/metrics")[1]
+        count = float(text.split("serve_batch_size_count ")[1].split()[0])
+        total = float(text.split("serve_batch_size_sum ")[1].split()[0])
+        return count, total
+
+    before = batches()
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda i: server.chat("blip2_lora_caption", i, None), images))
+    after = batches()
+    assert answers == [alone[str(i)] for i in images]
+    generate_calls, requests = after[0] - before[0], after[1] - before[1]
+    assert requests == 16 and generate_calls < 16  # some requests shared a generate call
+
+
+def test_search_ranks_the_index_as_search_py_does(server, trained):
+    import numpy as np
+
+    from recipes.clip_retrieval.embed import encode_texts, load
+
+    runs, files = trained
+    index = json.loads((runs["clip_index"] / "index.json").read_text())
+    clip, processor, collator = load(index["model"])
+    status, body = server.json("/v1/search", {"model": "clip_index", "query": "a red circle", "k": 3})
+    assert status == 200
+    q = encode_texts(clip, processor, collator, ["a red circle"])[0]
+    scores = np.load(runs["clip_index"] / "images.npy") @ q
+    order = np.argsort(-scores, kind="stable")[:3]
+    assert [h["index"] for h in body["data"]] == order.tolist()
+    np.testing.assert_allclose([h["score"] for h in body["data"]], scores[order], rtol=1e-5)
+    image = Path(files["retrieval"][1]).parent / index["images"][body["data"][0]["index"]]
+    with urllib.request.urlopen(server.url + body["data"][0]["url"]) as r:
+        assert r.read() == image.read_bytes()
+    status, body = server.json("/v1/search", {"model": "clip_index", "image": data_url(image), "k": 2})
+    assert status == 200 and len(body["data"]) == 2 and body["data"][0]["score"] >= body["data"][1]["score"]
+
+
+# --- limits and errors ---------------------------------------------------------------------------------------
+def _bomb_png() -> bytes:
+    """A valid PNG header claiming 4000 x 4000 pixels (over the test server's 1,000,000): the guard's case."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 4000, 4000, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + \
+        chunk(b"IEND", b"")
+
+
+def _tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (16, 16), "red").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+BAD = [  # (what, body or raw bytes, status, error code)
+    ("malformed JSON", b"{not json", 400, "invalid_json"),
+    ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    ("no messages", {"model": "llava_instruct", "messages": []}, 400, "invalid_value"),
+    ("bad role", {"model": "llava_instruct", "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value"),
+    ("not an image", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"%PDF-1.4 hi").decode()}}
+    ]}]}, 400, "unreadable_image"),
+    ("decompression bomb", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_bomb_png()).decode()}}
+    ]}]}, 413, "image_too_large"),
+    ("not base64", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "invalid_image_url"),
+    ("remote URL", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}}]}]}, 400, "remote_images_disabled"),
+    ("captioner without image", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": "hi"}]},
+     400, "image_required"),
+    ("max_tokens over the limit", {"model": "llava_instruct", "max_tokens": 65,
+                                   "messages": [{"role": "user", "content": "hi"}]}, 400, "max_tokens_too_large"),
+    ("two images", {"model": "llava_instruct", "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 2}]}, 400, None),
+    ("assistant last", {"model": "llava_instruct", "messages": [{"role": "assistant", "content": "hi"}]}, 400, None),
+    ("prompt over the context length", {"model": "llava_instruct", "max_tokens": 8, "messages": [
+        {"role": "user", "content": "shape " * 600}]}, 400, "context_length_exceeded"),
+    ("caption prompt over the context length", {"model": "blip2_lora_caption", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+         + base64.b64encode(_tiny_png()).decode()}}, {"type": "text", "text": "shape " * 600}]}]},
+     400, "context_length_exceeded"),
+    ("search on a chat run", {"model": "llava_instruct", "query": "x"}, 400, "wrong_model_type"),
+    ("huge body", b"{" + b" " * 3_000_000 + b"}", 413, "body_too_large"),
+]
+
+
+@pytest.mark.parametrize("what,body,status,code", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_a_4xx_in_openais_error_shape(server, what, body, status, code):
+    path = "/v1/search" if what.startswith("search") else "/v1/chat/completions"
+    if what == "huge body":
+        got, text = server.send_huge(path, body)
+    else:
+        got, text = server.request(path, raw=body) if isinstance(body, bytes) else server.request(path, body)
+    error = json.loads(text)["error"]
+    assert got == status, text
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if code is not None:
+        assert error["code"] == code
+    assert "serve-images" not in error["message"]  # the server's own paths are not shown
+
+
+def test_the_server_keeps_serving_and_metrics_are_prometheus_text(server, trained):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _, files = trained
+    image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[0]["image"]
+    assert server.chat("blip2_lora_caption", image, None)
+    status, text = server.request("/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert {"serve_requests", "serve_request_seconds", "serve_batch_size", "serve_queue_depth"} <= set(families)
+    by_status = {}
+    for sample in families["serve_requests"].samples:
+        if sample.name == "serve_requests_total":
+            key = (sample.labels["route"], sample.labels["status"])
+            by_status[key] = by_status.get(key, 0) + sample.value
+    assert by_status.get(("/v1/chat/completions", "200"), 0) > 0
+    assert by_status.get(("/v1/chat/completions", "400"), 0) > 0
+    assert not [k for k in by_status if k[1].startswith("5")]
+    assert not list(Path(__import__("tempfile").gettempdir()).glob("serve-images-*/*.img"))  # no image left
+
+
+def test_unknown_run_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    from serve.__main__ import main
+
+    assert main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such folder" in err
+
+
+# --- the web page in a real browser -------------------------------------------------------------------------
+ANSWER = "return document.getElementById('answer').textContent"  # as shown, whitespace and all
+
+
+def _browser(tmp_path):
+    try:
+        from selenium import webdriver
+        from selenium.common.exceptions import WebDriverException
+    except ImportError:
+        pytest.skip("SKIPPED LOUDLY: selenium is not installed (pip install selenium); the web page is untested")
+    driver_path = shutil.which("chromedriver")
+    binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    if driver_path is None or binary is None:
+        pytest.skip("SKIPPED LOUDLY: no chromium + chromedriver on this machine (apt-get install chromium "
+                    "chromium-driver; .ci/run does it); the web page is untested")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}", "--window-size=1200,900"):
+        options.add_argument(flag)
+    try:
+        return webdriver.Chrome(service=Service(driver_path), options=options)
+    except WebDriverException as e:
+        pytest.fail(f"chromium is installed but did not start: {e.msg}")
+
+
+def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_image(server, trained, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    _, files = trained
+    image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[1]["image"]
+    browser = _browser(tmp_path)
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        Select(browser.find_element(By.ID, "model")).select_by_value("blip2_lora_caption")
+        max_tokens = int(browser.find_element(By.ID, "max_tokens").get_attribute("value"))
+        browser.find_element(By.ID, "file").send_keys(str(image))  # a captioner captions on upload
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+        shown = browser.execute_script(ANSWER)
+        assert shown and shown == server.chat("blip2_lora_caption", image, None, max_tokens=max_tokens)
+        browser.save_screenshot(str(tmp_path / "page-caption.png"))
+
+        not_image = tmp_path / "notes.png"  # named like an image: the server reads the bytes
+        not_image.write_text("these are notes, not pixels")
+        browser.find_element(By.ID, "file").send_keys(str(not_image))
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "refused"))
+        assert browser.find_element(By.ID, "error").text.startswith("not an image the server takes")
+        assert browser.execute_script(ANSWER) == ""
+
+        Select(browser.find_element(By.ID, "model")).select_by_value("llava_instruct")
+        browser.find_element(By.ID, "file").send_keys(str(image))
+        browser.find_element(By.ID, "prompt").send_keys("What is in the image?")
+        browser.find_element(By.ID, "ask").click()  # the answer streams in
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+        shown = browser.execute_script(ANSWER)
+        assert shown and shown == server.chat("llava_instruct", image, "What is in the image?", max_tokens=max_tokens)
+        browser.save_screenshot(str(tmp_path / "page-chat.png"))
+
+        Select(browser.find_element(By.ID, "model")).select_by_value("clip_index")
+        browser.find_element(By.ID, "query").send_keys("a red circle")
+        browser.find_element(By.ID, "search-button").click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+        thumbs = browser.find_elements(By.CSS_SELECTOR, "#results img")
+        assert len(thumbs) == 6
+        wait.until(lambda b: b.execute_script("return [...document.querySelectorAll('#results img')]"
+                                              ".every(i => i.complete && i.naturalWidth > 0)"))  # decoded
+        browser.save_screenshot(str(tmp_path / "page-search.png"))
+    finally:
+        browser.quit()
+    assert (tmp_path / "page-caption.png").stat().st_size > 1000
+    print(f"screenshots: {tmp_path}")
+
+
+def test_timeout_is_a_504_and_shutdown_finishes_the_requests_in_flight(loaded, trained):
+    from serve.app import ServeOptions, create_app
+
+    _, files = trained
+    image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[0]["image"]
+    quick = Server(create_app(loaded, ServeOptions(timeout_s=0.001)))
+    try:
+        status, body = quick.json("/v1/chat/completions", {"model": "blip2_lora_caption", "max_tokens": 8,
+                                                           "messages": [message(image, None)]})
+        assert status == 504 and body["error"]["code"] == "timeout"
+    finally:
+        quick.stop()
+
+    server = Server(create_app(loaded, ServeOptions(max_wait_ms=300)))  # requests wait in the batcher a while
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        asks = [pool.submit(server.chat, "blip2_lora_caption", image, None, max_tokens=8) for _ in range(4)]
+        time.sleep(0.2)
+        server.server.should_exit = True  # what SIGTERM sets
+        answers = [a.result() for a in asks]
+    server.thread.join(timeout=30)
+    assert not server.thread.is_alive()
+    assert answers == [_predictions(trained[0]["blip2_lora_caption"])[str(image.resolve())]] * 4

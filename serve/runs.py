@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_tools.images import load_image
 from recipes.common.args import GenerationEvalArguments
 from recipes.common.captions import CaptionPromptCollator
-from recipes.common.chat import ChatEncoder, ChatPromptCollator, to_messages
+from recipes.common.chat import ChatEncoder, ChatPromptCollator, ChatTemplateError, chat_encoder, to_messages
 from recipes.common.merge import is_adapter_run, load_run
 from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
-from recipes.common.trainer import generate_kwargs
+from recipes.common.trainer import generate_kwargs, stop_token_ids
 
 SOFT_PROMPT_WEIGHTS = "trained.safetensors"
 
@@ -72,7 +73,7 @@ class GenerativeRun:
         recipe's evaluation builds them; captioners take one `prompt` for the whole batch."""
         if self.task == "caption":
             return CaptionPromptCollator(self.image_processor, self.tokenizer, prompt, self.prefix_ids)(items)
-        return ChatPromptCollator(self.encoder, self.image_processor, self.pad_token_id)(items)
+        return ChatPromptCollator(self.encoder)(items)
 
     def generate_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None) -> dict:
         """The recipes' decode options: greedy unless a temperature above 0 asks for sampling."""
@@ -80,7 +81,7 @@ class GenerativeRun:
         args = GenerationEvalArguments(max_new_tokens=max_new_tokens, do_sample=sample,
                                        temperature=temperature if sample else None,
                                        top_p=top_p if sample else None)
-        return generate_kwargs(args, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        return generate_kwargs(args, self.tokenizer.pad_token_id, stop_token_ids(self.model, self.tokenizer))
 
     def batch_group(self, has_image: bool) -> tuple:
         """Requests whose runs give the same group can be generated in one call: one run's, or for mixable
@@ -99,8 +100,9 @@ class GenerativeRun:
         """Positions the prompt of `item` takes in the language model (image tokens and any soft prefix
         included); ValueError when the chat template cannot render the conversation."""
         if self.encoder is not None:
-            messages = to_messages(item["conversations"], has_image=item.get("image") is not None)
-            return len(self.encoder.encode_prompt(messages))
+            images = [] if item.get("image") is None else [load_image(item["image"])]
+            messages = to_messages(item["conversations"], n_images=len(images))
+            return len(self.encoder.encode_prompt(messages, images))
         ids = self.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
         return self.extra_positions + len(self.prefix_ids) + len(ids)
 
@@ -189,9 +191,12 @@ def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
 
 def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None) -> GenerativeRun:
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    if getattr(processor, "chat_template", None):
-        return GenerativeRun(rid, path, "chat", model, tokenizer, image_processor, adapter,
-                             encoder=ChatEncoder(processor))
+    try:
+        encoder = chat_encoder(processor)  # its chat template, or its prefix + suffix (PaliGemma)
+    except ChatTemplateError:
+        encoder = None
+    if encoder is not None:
+        return GenerativeRun(rid, path, "chat", model, tokenizer, image_processor, adapter, encoder=encoder)
     config = model.config
     if getattr(config, "num_query_tokens", None) is None or getattr(config, "image_token_id", None) is None:
         raise RunLoadError(f"{path}: {config.model_type} has neither a chat template nor BLIP-2's query tokens; "

@@ -370,7 +370,7 @@ class ClipRetrieval(Adapter):
                                       hard_negatives=a.RetrievalArguments.hard_negatives)
 
     def collator(self, tokenizer, image_processor, model, a):
-        return self.train.ContrastiveCollator(image_processor, tokenizer.pad_token_id)
+        return self.train.collator_for(model, tokenizer, image_processor)  # SigLIP: texts padded to 64
 
     def trainer_class(self):
         return self.train.ContrastiveTrainer

@@ -154,7 +154,7 @@ def test_tiny_models_load_through_auto_classes_and_the_collator_pads_as_the_proc
     assert not pools_at_eos(model)
 
     paths, captions = _synthetic(tmp_path)
-    collator = collator_for(model, processor)
+    collator = collator_for(model, processor.tokenizer, processor.image_processor)
     ids = tokenize_texts(captions, processor.tokenizer, 64, pooled_at_eos=False)
     texts = collator.texts(ids)
     expected = processor.tokenizer(captions, padding="max_length", max_length=64, truncation=True, return_tensors="pt")

@@ -164,11 +164,10 @@ def pools_at_eos(model) -> bool:
     return model.config.model_type not in PADDED_TEXT_MODEL_TYPES
 
 
-def collator_for(model, processor) -> ContrastiveCollator:
+def collator_for(model, tokenizer, image_processor) -> ContrastiveCollator:
     """The collator with the padding rule of `model`'s text tower (SigLIP: to its full length)."""
-    tokenizer = processor.tokenizer
     pad_to = None if pools_at_eos(model) else model.config.text_config.max_position_embeddings
-    return ContrastiveCollator(processor.image_processor, tokenizer.pad_token_id, tokenizer, pad_to)
+    return ContrastiveCollator(image_processor, tokenizer.pad_token_id, tokenizer, pad_to)
 
 
 @dataclass

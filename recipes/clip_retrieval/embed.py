@@ -33,7 +33,7 @@ def load(model: str, device: str = "cpu"):
     path = resolve_model_path(model)
     clip = load_dual_encoder(path).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
-    return clip, processor, collator_for(clip, processor)
+    return clip, processor, collator_for(clip, processor.tokenizer, processor.image_processor)
 
 
 def encode_texts(clip, processor, collator, texts: list[str], batch_size: int = 256, device: str = "cpu",

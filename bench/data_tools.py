@@ -150,7 +150,9 @@ def bench_hashing(n_images: int, folder: Path, rounds: int = 5) -> list[tuple[st
             f"{mine / theirs:.1f}x",
         )
     )
-    title = f"hashing {n_images} JPEGs 640x480 (mean {kb:.0f} KB), images/s (wall, best of {rounds} interleaved)"
+    title = (
+        f"hashing {n_images} JPEGs 640x480 (mean {kb:.0f} KB), images/s (wall, best of {rounds} interleaved)"
+    )
     return [(title, "", "")] + rows
 
 

@@ -103,8 +103,8 @@ class StoredRows:
 
     @staticmethod
     def open(path: str | os.PathLike, member: str, n: int, width: int) -> StoredRows:
-        """The array `member` (e.g. "colours") of an .npz file written by `np.savez`; ValueError if it is not an
-        uncompressed (n, width) uint8 array there."""
+        """The array `member` (e.g. "colours") of an .npz file written by `np.savez`; ValueError if it is
+        not an uncompressed (n, width) uint8 array there."""
         with zipfile.ZipFile(path) as z:
             info = z.getinfo(member + ".npy")
         if info.compress_type != zipfile.ZIP_STORED:

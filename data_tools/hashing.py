@@ -95,9 +95,9 @@ def hash_image(path: str | os.PathLike) -> ImageHash:
     return ImageHash(digest.hexdigest(), phash_of(image), colours_of(image))
 
 
-# Fast mode decodes a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT-domain scaling), the largest reduction
-# that keeps the short side at least this long: the 32x32 hash and the 16x16 colour grid need no more, and
-# images under 2x this side (64x64 thumbnails) are decoded in full, unchanged.
+# Fast mode decodes a JPEG at 1/2, 1/4 or 1/8 of its size (libjpeg's DCT-domain scaling), the largest
+# reduction that keeps the short side at least this long: the 32x32 hash and the 16x16 colour grid need no
+# more, and images under 2x this side (64x64 thumbnails) are decoded in full, unchanged.
 DRAFT_MIN_SIDE = 48
 # ITU-R 601-2 luma, the weights of Pillow's convert("L").
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -115,7 +115,8 @@ class FastHash:
 
 
 def draft_scale(width: int, height: int, min_side: int = DRAFT_MIN_SIDE) -> int:
-    """The JPEG reduction fast mode decodes at: 8, 4 or 2, the largest keeping the short side >= min_side; else 1."""
+    """The JPEG reduction fast mode decodes at: 8, 4 or 2, the largest keeping the short side >= min_side;
+    else 1."""
     return next((s for s in (8, 4, 2) if min(width, height) // s >= min_side), 1)
 
 

@@ -25,7 +25,7 @@ def write_yaml(tmp_path, text):
 
 def test_defaults_without_config():
     model, data, peft, freeze, gen = parse_args(ALL, [])
-    assert model.model_name_or_path is None and model.dtype == "auto" and model.attn_implementation == "sdpa"
+    assert model.model_name_or_path is None and model.dtype == "auto" and model.attn_implementation is None
     assert model.bnb_4bit_quant_type == "nf4" and model.bnb_4bit_use_double_quant is True and model.trust_remote_code is False
     assert data.train_file is None and data.skip_bad_rows is False
     assert (peft.peft_method, peft.lora_r, peft.lora_alpha, peft.lora_dropout) == ("lora", 16, 32, 0.05)

@@ -403,7 +403,8 @@ def pretrain_siglip2(out_dir: str | Path, *, base: str | Path | None = None, ste
     each image it describes (identical annotations of two scenes are both matches). Temperature and bias
     start at the paper's t' = log 10, b = -10 (the tiny model's own) and train, without weight decay.
     Texts are padded to 64 on the tokenizer's side, as the Siglip2Processor pads them; images go through the
-    checkpoint's image processor (8 px patches, at most 64).
+    checkpoint's image processor (8 px patches, at most 64). The shipped base: 200 steps, sigmoid loss 11.84
+    -> 3.63, 799 s on 2 CPU cores shared with other jobs (load average about 9; 4.5 min of CPU time).
     """
     from transformers import Siglip2Model, Siglip2Processor
 

@@ -156,7 +156,7 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
             continue
         parent = modules[name.rsplit(".", 1)[0]] if "." in name else base
         if isinstance(parent, torch.nn.MultiheadAttention):
-            continue  # torch's fused attention reads its projections' weights directly: LoRA would be bypassed
+            continue  # torch's fused attention reads its projections' weights directly, past LoRA
         if (component == "language" and generative) or type(parent).__name__.endswith("Attention"):
             targets.append(name)
     if not targets:

@@ -255,6 +255,13 @@ def _train(params, losses_at, *, steps: int, lr: float, warmup: int, weight_deca
     return curve, round(time.time() - start, 1)
 
 
+def _decay_groups(model) -> list[dict]:
+    """Weight decay on the matrices only: not on biases, norms, a temperature or a logit bias."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
 def _save(model, processor, out_dir: str | Path, record: dict) -> Path:
     """save_pretrained the model and its processor, plus pretraining.json (settings, loss curve, versions)."""
     out_dir = Path(out_dir)
@@ -371,9 +378,7 @@ def pretrain_clip(out_dir: str | Path, *, base: str | Path | None = None, steps:
         # logits_per_image: images x (texts + negatives), scaled by the temperature
         return {"contrastive_loss": contrastive_loss(model(**inputs).logits_per_image)}
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases, norms, logit_scale
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = _decay_groups(model)
     curve, seconds = _train(groups, losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
                             seed=seed, log=log, what="tiny CLIP")
     return _save(model, processor, out_dir, {
@@ -425,9 +430,7 @@ def pretrain_siglip2(out_dir: str | Path, *, base: str | Path | None = None, ste
         match = torch.tensor([[a == b for b in everything] for a in texts])
         return {"sigmoid_loss": sigmoid_loss(out.logits_per_image, match)}
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # biases, norms, logit scale and bias
-    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = _decay_groups(model)
     curve, seconds = _train(groups, losses_at, steps=steps, lr=lr, warmup=warmup, weight_decay=weight_decay,
                             seed=seed, log=log, what="tiny SigLIP 2")
     return _save(model, processor, out_dir, {

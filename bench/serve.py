@@ -120,7 +120,8 @@ def measure(server: Served, bodies: list[bytes], concurrency: int, n: int) -> di
         latencies = np.array(list(pool.map(one, range(n))))
         elapsed = time.perf_counter() - start
     return {"concurrency": concurrency, "requests": n, "req_per_s": n / elapsed,
-            "p50_ms": float(np.percentile(latencies, 50) * 1000), "p99_ms": float(np.percentile(latencies, 99) * 1000)}
+            "p50_ms": float(np.percentile(latencies, 50) * 1000),
+            "p99_ms": float(np.percentile(latencies, 99) * 1000)}
 
 
 def load_test(server: Served, model: str, image: bytes, n: int, concurrency: int, max_tokens: int,
@@ -172,7 +173,8 @@ def tiny_run(folder: Path) -> Path:
     root = Path(__file__).resolve().parent.parent
     out = folder / "blip2_lora_caption"
     subprocess.run([sys.executable, str(root / "recipes" / "blip2_lora_caption" / "train.py"),
-                    "--model_name_or_path", "tiny:blip2-opt", "--train_file", str(folder / "data" / "train.jsonl"),
+                    "--model_name_or_path", "tiny:blip2-opt",
+                    "--train_file", str(folder / "data" / "train.jsonl"),
                     "--output_dir", str(out), "--max_steps", "1", "--per_device_train_batch_size", "4",
                     "--report_to", "none", "--eval_strategy", "no", "--save_strategy", "no",
                     "--load_best_model_at_end", "false"], check=True, capture_output=True)
@@ -188,7 +190,8 @@ def _images(folder: Path, n: int = 8) -> list[bytes]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="a captioner run (default: a tiny one, trained first)")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR",
+                   help="a captioner run (default: a tiny one, trained first)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=96, help="timed requests per concurrency level")
     p.add_argument("--max-tokens", type=int, default=16)
@@ -216,7 +219,8 @@ def main(argv=None) -> int:
                 results["levels"][mode] = [measure(server, bodies, c, max(args.requests, 2 * c))
                                            for c in args.concurrency]
                 for row in results["levels"][mode]:
-                    print(f"batching {mode:>3}  concurrency {row['concurrency']:>3}: {row['req_per_s']:7.2f} req/s  "
+                    print(f"batching {mode:>3}  concurrency {row['concurrency']:>3}: "
+                          f"{row['req_per_s']:7.2f} req/s  "
                           f"p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms", flush=True)
                 if mode == "on" and args.load_requests:
                     results["load"] = load_test(server, model, images[0], args.load_requests,
@@ -227,7 +231,8 @@ def main(argv=None) -> int:
         results["load_average_end"] = os.getloadavg()
         off = {r["concurrency"]: r["req_per_s"] for r in results["levels"]["off"]}
         for r in results["levels"]["on"]:
-            print(f"concurrency {r['concurrency']}: batching gives {r['req_per_s'] / off[r['concurrency']]:.2f}x "
+            ratio = r["req_per_s"] / off[r["concurrency"]]
+            print(f"concurrency {r['concurrency']}: batching gives {ratio:.2f}x "
                   "the requests/s")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=1))

@@ -311,8 +311,9 @@ def iter_images(path: str | os.PathLike, task: str | None = None, *,
                 raise _clean_first(e.at(path=path, line=line)) from None
         if isinstance(row.get("images"), list) and len(row["images"]) > 1:
             # Grouping by image would leave a row's other images free to leak into another split.
-            raise DataError(MULTIPLE_IMAGES, f"has {len(row['images'])} images; dedup, split and check-leakage "
-                            "group rows by their one image", field="images").at(path=path, line=line)
+            raise DataError(MULTIPLE_IMAGES, f"has {len(row['images'])} images; dedup, split and "
+                            "check-leakage group rows by their one image",
+                            field="images").at(path=path, line=line)
         image = image_field(row) if resolve else None
         try:
             resolved = None if image is None else resolver(image)

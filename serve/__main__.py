@@ -25,7 +25,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="most requests generated together; 1 turns dynamic batching off")
     p.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
                    help="how long the first request of a batch waits for others to join it")
-    p.add_argument("--timeout", type=float, default=d.timeout_s, help="seconds a request may take (504 after)")
+    p.add_argument("--timeout", type=float, default=d.timeout_s,
+                   help="seconds a request may take (504 after)")
     p.add_argument("--max-tokens-limit", type=int, default=d.max_tokens_limit,
                    help="largest max_tokens a request may ask for (400 above)")
     p.add_argument("--default-max-tokens", type=int, default=d.default_max_tokens,
@@ -35,20 +36,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="largest image, width x height, checked before decoding (413 above)")
     p.add_argument("--allow-remote-images", action="store_true",
-                   help="fetch http(s) image URLs (refused by default: the server would fetch what clients name)")
+                   help="fetch http(s) image URLs (refused by default: the server would fetch what "
+                        "clients name)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
 
     from .app import create_app
     from .runs import RunLoadError, load_runs
 
-    options = ServeOptions(max_body_bytes=int(args.max_body_mb * 2**20), max_image_pixels=args.max_image_pixels,
+    options = ServeOptions(max_body_bytes=int(args.max_body_mb * 2**20),
+                           max_image_pixels=args.max_image_pixels,
                            max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                            timeout_s=args.timeout, allow_remote_images=args.allow_remote_images,
                            max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)

@@ -66,7 +66,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.requests = Counter("serve_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=self.registry)
-        self.latency = Histogram("serve_request_seconds", "Time to the response's headers, by route", ["route"],
+        self.latency = Histogram("serve_request_seconds", "Time to the response's headers, by route",
+                                 ["route"],
                                  registry=self.registry,
                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.batch_size = Histogram("serve_batch_size", "Requests per generate call", registry=self.registry,
@@ -196,8 +197,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     def find_run(model: str, task: str | None = None):
         run = runs.get(model)
         if run is None:
-            raise ClientError(404, f"the model {model!r} does not exist; GET /v1/models lists them", param="model",
-                              code="model_not_found")
+            raise ClientError(404, f"the model {model!r} does not exist; GET /v1/models lists them",
+                              param="model", code="model_not_found")
         if task == "search" and run.task != "retrieval":
             raise ClientError(400, f"{model!r} is a {run.task} run; /v1/search takes a retrieval run",
                               param="model", code="wrong_model_type")
@@ -208,13 +209,15 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
 
     async def checked_image(url: str, param: str) -> str:
         data = await asyncio.to_thread(image_bytes, url, allow_remote=options.allow_remote_images,
-                                       max_bytes=options.max_body_bytes, timeout=options.timeout_s, param=param)
+                                       max_bytes=options.max_body_bytes, timeout=options.timeout_s,
+                                       param=param)
         return await asyncio.to_thread(save_checked_image, data, scratch, max_pixels=options.max_image_pixels,
                                        param=param)
 
     async def conversation(req: ChatRequest, saved: list[str]) -> tuple[list[dict], str | None]:
         """OpenAI messages -> LLaVA turns (the image part as `<image>` where it stands) and the image file,
-        which is also put in `saved` as soon as it is written (for the caller to remove if the request fails)."""
+        which is also put in `saved` as soon as it is written (for the caller to remove if the request
+        fails)."""
         turns = []
         image = None
         for i, message in enumerate(req.messages):
@@ -252,8 +255,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [
-            {"id": rid, "object": "model", "created": int(os.path.getmtime(run.path)), "owned_by": "vlm-recipes",
-             "task": run.task} for rid, run in runs.items()]}
+            {"id": rid, "object": "model", "created": int(os.path.getmtime(run.path)),
+             "owned_by": "vlm-recipes", "task": run.task} for rid, run in runs.items()]}
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -271,7 +274,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         try:
             turns, image = await conversation(req, saved)
             if turns[-1]["from"] != "human":
-                raise ClientError(400, "the last message must be the user's, to be answered", param="messages")
+                raise ClientError(400, "the last message must be the user's, to be answered",
+                                  param="messages")
             prompt = None
             if run.task == "caption":
                 if image is None:
@@ -285,7 +289,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             try:
                 positions = await asyncio.to_thread(run.prompt_positions, item, prompt)
             except ValueError as e:
-                raise ClientError(400, f"messages: {e}", param="messages", code="invalid_conversation") from None
+                raise ClientError(400, f"messages: {e}", param="messages",
+                                  code="invalid_conversation") from None
             limit = run.max_positions
             if limit is not None and positions + max_tokens > limit:
                 raise ClientError(400, f"the prompt takes {positions} positions and max_tokens asks for "
@@ -314,7 +319,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                                  "finish_reason": done.finish_reason}],
-                    "usage": {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                    "usage": {"prompt_tokens": done.prompt_tokens,
+                              "completion_tokens": done.completion_tokens,
                               "total_tokens": done.prompt_tokens + done.completion_tokens}}
 
         def chunk(delta: dict, finish: str | None = None) -> str:
@@ -352,8 +358,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         req = await read_json(request, SearchRequest)
         run = find_run(req.model, "search")
         if (req.query is None) == (req.image is None):
-            raise ClientError(400, "give one of 'query' (a text: finds images) or 'image' (a data: URL: finds "
-                              "captions)", param="query")
+            raise ClientError(400, "give one of 'query' (a text: finds images) or 'image' (a data: URL: "
+                              "finds captions)", param="query")
         k = min(req.k, options.max_search_k)
         if req.query is not None:
             hits = await asyncio.to_thread(run.search_text, req.query, k)

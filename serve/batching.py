@@ -118,7 +118,8 @@ class Batcher:
             self.metrics.queue_depth.inc(change)
 
     def _take(self, timeout: float) -> Job | None:
-        """The next queued job within `timeout` seconds (<= 0: only one already there); None: none, or stop."""
+        """The next queued job within `timeout` seconds (<= 0: only one already there); None: none, or
+        stop."""
         try:
             job = self.queue.get(timeout=timeout) if timeout > 0 else self.queue.get_nowait()
         except queue.Empty:

@@ -36,7 +36,8 @@ def _remote_bytes(url: str, max_bytes: int, timeout: float, param: str) -> bytes
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read(max_bytes + 1)
     except (OSError, ValueError) as e:
-        raise ClientError(400, f"cannot fetch the image URL: {e}", param=param, code="image_fetch_failed") from e
+        raise ClientError(400, f"cannot fetch the image URL: {e}", param=param,
+                          code="image_fetch_failed") from e
     if len(data) > max_bytes:
         raise ClientError(413, f"the image at the URL is over {max_bytes:,} bytes", param=param,
                           code="image_too_large")

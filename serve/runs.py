@@ -93,8 +93,8 @@ class GenerativeRun:
 
     @functools.cached_property
     def _inputs_signature(self) -> tuple:
-        return (self.encoder.processor.chat_template if self.encoder is not None else None, len(self.tokenizer),
-                self.image_processor.to_json_string(), self.prefix_ids)
+        template = self.encoder.processor.chat_template if self.encoder is not None else None
+        return (template, len(self.tokenizer), self.image_processor.to_json_string(), self.prefix_ids)
 
     def prompt_positions(self, item: dict, prompt: str | None = None) -> int:
         """Positions the prompt of `item` takes in the language model (image tokens and any soft prefix
@@ -185,8 +185,8 @@ def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:  # as training set it: GPT-2 has none
         tokenizer.pad_token = tokenizer.eos_token
-    return GenerativeRun(rid, path, "caption", model.eval(), tokenizer, AutoImageProcessor.from_pretrained(path),
-                         extra_positions=model.config.prefix_length)
+    return GenerativeRun(rid, path, "caption", model.eval(), tokenizer,
+                         AutoImageProcessor.from_pretrained(path), extra_positions=model.config.prefix_length)
 
 
 def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None) -> GenerativeRun:
@@ -199,8 +199,8 @@ def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None)
         return GenerativeRun(rid, path, "chat", model, tokenizer, image_processor, adapter, encoder=encoder)
     config = model.config
     if getattr(config, "num_query_tokens", None) is None or getattr(config, "image_token_id", None) is None:
-        raise RunLoadError(f"{path}: {config.model_type} has neither a chat template nor BLIP-2's query tokens; "
-                           "give its processor a chat template (chat_template.json)")
+        raise RunLoadError(f"{path}: {config.model_type} has neither a chat template nor BLIP-2's query "
+                           "tokens; give its processor a chat template (chat_template.json)")
     prefix = (config.image_token_id,) * config.num_query_tokens  # as blip2_lora_caption/train.py
     return GenerativeRun(rid, path, "caption", model, tokenizer, image_processor, adapter, prefix_ids=prefix)
 
@@ -215,8 +215,8 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
     for p in paths:
         path = Path(p)
         if not path.is_dir():
-            raise RunLoadError(f"{path}: no such folder; give a training output_dir, a checkpoint-N, a merged "
-                               "checkpoint or an embed.py index folder")
+            raise RunLoadError(f"{path}: no such folder; give a training output_dir, a checkpoint-N, a "
+                               "merged checkpoint or an embed.py index folder")
         rid = run_id(path)
         if rid in runs:
             raise RunLoadError(f"{path}: a second run named {rid!r}; serve runs whose folders have different "
@@ -243,15 +243,15 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
             runs[rid] = _image_text_run(path, rid, model, processor, adapter)
         elif config.get("model_type") in ("clip", "siglip", "siglip2"):
             raise RunLoadError(f"{path}: a retrieval run; serve an index of it instead: python "
-                               f"recipes/clip_retrieval/embed.py --model {path} --file IMAGES.jsonl --out INDEX, "
-                               "then python -m serve INDEX")
+                               f"recipes/clip_retrieval/embed.py --model {path} --file IMAGES.jsonl "
+                               "--out INDEX, then python -m serve INDEX")
         elif config:
             model, processor = load_run(path, AutoModelForImageTextToText)
             runs[rid] = _image_text_run(path, rid, model, processor, None)
         else:
-            raise RunLoadError(f"{path}: no adapter_config.json, config.json, trained.safetensors or index.json; "
-                               "give a training output_dir, a checkpoint-N, a merged checkpoint or an embed.py "
-                               "index folder")
+            raise RunLoadError(f"{path}: no adapter_config.json, config.json, trained.safetensors or "
+                               "index.json; give a training output_dir, a checkpoint-N, a merged checkpoint "
+                               "or an embed.py index folder")
     # runs sharing a model share its lock, so that one batch at a time sets the adapter and generates
     locks: dict[int, threading.Lock] = {}
     for run in runs.values():

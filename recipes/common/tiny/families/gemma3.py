@@ -83,7 +83,8 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_size=8, 
                             num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=32,
                             query_pre_attn_scalar=32, sliding_window=256, max_position_embeddings=2048,
                             # Gemma 3 mixes local (sliding) and global layers; alternate them here.
-                            layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)],
+                            layer_types=[("sliding_attention", "full_attention")[i % 2]
+                                         for i in range(layers)],
                             pad_token_id=ids["<pad>"], bos_token_id=ids["<bos>"], eos_token_id=ids["<eos>"])
     # The pooling kernel is (image_size / patch_size) / sqrt(mm_tokens_per_image): 8 / 4 = 2.
     if (IMAGE_SIZE // patch_size) % int(mm_tokens_per_image**0.5):

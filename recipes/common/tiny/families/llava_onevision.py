@@ -71,6 +71,7 @@ def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, image_size=64,
     processor = LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                         video_processor=video_processor,
                                         num_image_tokens=(image_size // patch_size) ** 2,
-                                        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9",
+                                        vision_feature_select_strategy="full",
+                                        vision_aspect_ratio="anyres_max_9",
                                         chat_template=CHAT_TEMPLATE)
     return model, processor

@@ -34,7 +34,8 @@ def require_torchvision(model_type: str) -> None:
 
     if importlib.util.find_spec("torchvision") is None:
         raise RuntimeError(f"tiny:{model_type} needs torchvision: the {model_type} processor of transformers "
-                           "holds a video processor, which needs it; install torchvision built for your torch")
+                           "holds a video processor, which needs it; install torchvision built for your "
+                           "torch")
 
 
 def chatml_template(image: str, video: str, default_system: str | None = None) -> str:
@@ -62,7 +63,8 @@ def chatml_template(image: str, video: str, default_system: str | None = None) -
     )
 
 
-def chatml_tokenizer(corpus, specials: list[str], vocab_size: int, chat_template: str, **extra_special_tokens):
+def chatml_tokenizer(corpus, specials: list[str], vocab_size: int, chat_template: str,
+                     **extra_special_tokens):
     """Byte-level BPE with `specials` first; eos `<|im_end|>` (the end of an assistant turn), pad
     `<|endoftext|>`, no bos, as the Qwen tokenizers these families use."""
     bpe = train_byte_bpe(corpus, specials, vocab_size)

@@ -1,4 +1,5 @@
-"""Tiny SmolVLM (`SmolVLMForConditionalGeneration`: SigLIP-style vision tower, pixel-shuffle connector, Llama).
+"""Tiny SmolVLM (`SmolVLMForConditionalGeneration`: SigLIP-style vision tower, pixel-shuffle connector,
+Llama).
 
 Format (SmolVLM2 Instruct, https://huggingface.co/docs/transformers/model_doc/smolvlm): one
 `<|im_start|>` at the start, then per turn `User:` / `Assistant:` / `System:`, a space before text that
@@ -54,7 +55,8 @@ def init_patch_positions(embedding: torch.nn.Embedding, grid: int) -> None:
 
 def build(corpus, *, vision_hidden=64, text_hidden=128, layers=2, patch_size=8, scale_factor=4,
           longest_edge=2 * TILE, vocab_size=1500):
-    """SmolVLMForConditionalGeneration, an Idefics3Processor with SmolVLMImageProcessor and a chat template."""
+    """SmolVLMForConditionalGeneration, an Idefics3Processor with SmolVLMImageProcessor and a chat
+    template."""
     from transformers import (
         GenerationConfig,
         Idefics3Processor,

@@ -20,7 +20,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from .errors import BAD_VALUE, DUPLICATE_ID, UNREADABLE_FILE, DataError
-from .images import MAX_PIXELS, MIN_SIDE, load_image, relative_image_path, resolve_image_path
+from .images import MAX_PIXELS, MIN_SIDE, check_image, load_image, relative_image_path, resolve_image_path
 from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record
 
@@ -56,7 +56,7 @@ def check_rows(
     image_root: str | os.PathLike | None = None,
     root: str | os.PathLike | None = None,
     allow_outside_root: bool = False,
-    check_images: bool = True,
+    check_images: bool | str = True,
     min_side: int = MIN_SIDE,
     max_pixels: int = MAX_PIXELS,
     progress: bool = True,
@@ -65,10 +65,12 @@ def check_rows(
     """Yield `(line, canonical_record_or_error, raw_line)` for every row; records get `image` made absolute.
 
     `image_root` is the folder the records' image paths are relative to (default None: the file's own
-    folder; `root` is its older name). `outside_root_flag` is the caller's option that permits paths
-    outside it, named in the reject message (None: no option is named). The file is JSONL, or one JSON
-    list of rows (then errors also name the row's index, as the field `[i].<field>`: several rows can
-    start on one line). Each distinct image is decoded once, however many rows name it. For vqa, a
+    folder; `root` is its older name). `check_images`: "decode" (or True) decodes every image, "header"
+    only checks its header, size and end (`images.check_image`, fast), "none" (or False) opens none.
+    `outside_root_flag` is the caller's option that permits paths outside it, named in the reject message
+    (None: no option is named). The file is JSONL, or one JSON list of rows (then errors also name the
+    row's index, as the field `[i].<field>`: several rows can start on one line). Each distinct image is
+    checked once, however many rows name it. For vqa, a
     row without a `question_id` gets `"<file name>:<line>"`, and a question id used twice (`1` and `"1"`
     count as the same) is an error naming both lines. A missing or unreadable file raises `DataError`.
     """
@@ -85,6 +87,9 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
     for a row with several images)."""
     path = Path(path)
     image_root = _image_root(path, image_root, root)
+    if check_images not in (True, False, "decode", "header", "none"):
+        raise ValueError(f"check_images={check_images!r}: expected 'decode', 'header' or 'none'.")
+    check = {True: load_image, "decode": load_image, "header": check_image}.get(check_images)
     image_errors: dict[Path, DataError | None] = {}
     question_ids: dict[str, tuple[int, int | str]] = {}
     # Progress only on a terminal: in a log or a pipe its lines would bury the messages that matter.
@@ -120,10 +125,10 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
                                                     flag=outside_root_flag))
                     image_path = resolve_image_path(name, image_root, allow_outside_root=allow_outside_root,
                                                     flag=outside_root_flag)
-                    if check_images:
+                    if check is not None:
                         if image_path not in image_errors:
                             try:
-                                load_image(image_path, max_pixels=max_pixels, min_side=min_side)
+                                check(image_path, max_pixels=max_pixels, min_side=min_side)
                                 image_errors[image_path] = None
                             except DataError as e:
                                 image_errors[image_path] = e

@@ -11,8 +11,8 @@ from recipes.common.args import (
     PeftArguments,
     parse_args,
     recipe_argv,
-    resume_checkpoint,
 )
+from recipes.common.run import resume_checkpoint
 
 ALL = [ModelArguments, DataArguments, PeftArguments, FreezeArguments, GenerationEvalArguments]
 

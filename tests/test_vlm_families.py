@@ -16,10 +16,17 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from recipes.common.args import ModelArguments, PeftArguments
-from recipes.common.chat import (ChatCollator, ChatPromptCollator, PrefixSuffixEncoder, chat_encoder, to_messages,
-                                 tokenize_conversations)
-from recipes.common.models import load_model_and_processor, resolve_model_path, unquantized_modules
+from recipes.common.chat import (
+    ChatCollator,
+    ChatPromptCollator,
+    PrefixSuffixEncoder,
+    chat_encoder,
+    to_messages,
+    tokenize_conversations,
+)
+from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_peft, find_components, lora_module_names, vision_layer_names
+from recipes.common.quantization import unquantized_modules
 from recipes.common.tiny import families
 
 FAMILIES = ["llava", *families.available()]
@@ -165,8 +172,8 @@ def test_lora_on_the_language_model_and_merge_generates_the_same(family, images,
 
 
 def test_chat_answer_is_the_eval_collators_greedy_answer(family, images):
-    from recipes.llava_instruct.chat import answer
     from recipes.common.trainer import stop_token_ids
+    from recipes.llava_instruct.chat import answer
 
     name, _, model, processor, encoder = family
     item = {"key": 0, "image": images["blue"], "conversations": CONVERSATION[:3]}

@@ -10,8 +10,6 @@ YAML keys are dataclass field names (including `TrainingArguments` fields when t
 import argparse
 import dataclasses
 import difflib
-import json
-import logging
 import re
 import sys
 from dataclasses import dataclass, field
@@ -22,42 +20,31 @@ from typing import Literal
 import yaml
 from transformers import HfArgumentParser
 
-logger = logging.getLogger(__name__)
+
+def arg(default, help: str):
+    """A dataclass field with its --help text."""
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelArguments:
     """Which checkpoint to load and how (dtype, attention kernel, quantization)."""
 
-    model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Hub id or local path of the checkpoint; None = the recipe's embedded tiny model."},
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata={"help": "dtype to load the weights in; 'auto' = the dtype stored in the "
-                                          "checkpoint."}
-    )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = field(
-        default=None, metadata={"help": "Attention kernel; default: the model's own choice (sdpa where the "
-                                        "architecture has it, e.g. not Gemma 2, which needs eager)."}
-    )
-    load_in_4bit: bool = field(default=False,
-                               metadata={"help": "Load the weights 4-bit quantized (QLoRA; needs "
-                                                 "bitsandbytes)."})
-    load_in_8bit: bool = field(default=False,
-                               metadata={"help": "Load the weights 8-bit quantized (needs bitsandbytes)."})
-    bnb_4bit_quant_type: Literal["nf4", "fp4"] = field(default="nf4",
-                                                       metadata={"help": "4-bit quantization data type."})
-    bnb_4bit_use_double_quant: bool = field(
-        default=True, metadata={"help": "Also quantize the 4-bit quantization constants (saves ~0.4 bit per "
-                                        "weight)."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow running modelling code shipped with the checkpoint. Only for "
-                                         "sources you trust."}
-    )
-    revision: str | None = field(default=None,
-                                 metadata={"help": "Branch, tag or commit of the checkpoint on the Hub."})
+    model_name_or_path: str | None = arg(
+        None, "Hub id or local path of the checkpoint; None = the recipe's embedded tiny model.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
+        "auto", "dtype to load the weights in; 'auto' = the dtype stored in the checkpoint.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = arg(
+        None, "Attention kernel; default: the model's own choice (sdpa where the architecture has it, "
+        "e.g. not Gemma 2, which needs eager).")
+    load_in_4bit: bool = arg(False, "Load the weights 4-bit quantized (QLoRA; needs bitsandbytes).")
+    load_in_8bit: bool = arg(False, "Load the weights 8-bit quantized (needs bitsandbytes).")
+    bnb_4bit_quant_type: Literal["nf4", "fp4"] = arg("nf4", "4-bit quantization data type.")
+    bnb_4bit_use_double_quant: bool = arg(
+        True, "Also quantize the 4-bit quantization constants (saves ~0.4 bit per weight).")
+    trust_remote_code: bool = arg(
+        False, "Allow running modelling code shipped with the checkpoint. Only for sources you trust.")
+    revision: str | None = arg(None, "Branch, tag or commit of the checkpoint on the Hub.")
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
@@ -68,59 +55,35 @@ class ModelArguments:
 class DataArguments:
     """Which data to train and evaluate on, and how long a sample may be."""
 
-    train_file: str | None = field(
-        default=None, metadata={"help": "Training JSONL file; None = the embedded synthetic data set."}
-    )
-    eval_file: str | None = field(
-        default=None, metadata={"help": "Validation JSONL file: evaluations during training and the best "
-                                        "checkpoint; None = the embedded data set's val split."}
-    )
-    test_file: str | None = field(
-        default=None, metadata={"help": "Test JSONL file, seen by neither training nor checkpoint selection: "
-                                        "the headline before/after numbers; None = the embedded data set's "
-                                        "test split (with your own --train_file: none, and the validation "
-                                        "file gives them)."}
-    )
-    image_root: str | None = field(
-        default=None,
-        metadata={"help": "Folder the records' image paths are relative to (train and eval files), e.g. "
-                          "coco/train2017; None = each JSONL file's own folder. Paths that leave it are "
-                          "refused."},
-    )
-    check_images: Literal["header", "decode", "none"] = field(
-        default="header",
-        metadata={"help": "Before the first step, check every image: 'header' (it exists, its header reads, "
-                          "its size is within limits, it is not cut off; fast), 'decode' (decode each one; "
-                          "slow), 'none'. A bad image is an error naming file:line, or a counted reject "
-                          "with --skip_bad_rows."},
-    )
-    max_length: int = field(
-        default=128,
-        metadata={"help": "Maximum sample length in tokens, counting image / query tokens; longer samples "
-                          "are an error."},
-    )
-    image_size: int | None = field(
-        default=None, metadata={"help": "Resize images to this many pixels per side; None = the processor's "
-                                        "size."}
-    )
-    skip_bad_rows: bool = field(
-        default=False,
-        metadata={"help": "Drop invalid rows and rows whose image fails --check_images, counted, each "
-                          "written with its reason to <output_dir>/rejects/, instead of stopping."},
-    )
-    max_train_samples: int | None = field(default=None,
-                                          metadata={"help": "Use at most this many training samples."})
-    max_eval_samples: int | None = field(default=None,
-                                         metadata={"help": "Use at most this many evaluation samples."})
-    prompt: str | None = field(
-        default=None, metadata={"help": "Text prompt the caption continues, e.g. 'a photo of'; None = the "
-                                        "recipe's default."}
-    )
-    lang: str = field(
-        default="en",
-        metadata={"help": "Language of the texts: zh, ja, th, ... are scored on characters; the embedded "
-                          "default is made in it."},
-    )
+    train_file: str | None = arg(None, "Training JSONL file; None = the embedded synthetic data set.")
+    eval_file: str | None = arg(
+        None, "Validation JSONL file: evaluations during training and the best checkpoint; None = the "
+        "embedded data set's val split.")
+    test_file: str | None = arg(
+        None, "Test JSONL file, seen by neither training nor checkpoint selection: the headline "
+        "before/after numbers; None = the embedded data set's test split (with your own --train_file: "
+        "none, and the validation file gives them).")
+    image_root: str | None = arg(
+        None, "Folder the records' image paths are relative to (train and eval files), e.g. "
+        "coco/train2017; None = each JSONL file's own folder. Paths that leave it are refused.")
+    check_images: Literal["header", "decode", "none"] = arg(
+        "header", "Before the first step, check every image: 'header' (it exists, its header reads, its "
+        "size is within limits, it is not cut off; fast), 'decode' (decode each one; slow), 'none'. A bad "
+        "image is an error naming file:line, or a counted reject with --skip_bad_rows.")
+    max_length: int = arg(
+        128, "Maximum sample length in tokens, counting image / query tokens; longer samples are an error.")
+    image_size: int | None = arg(
+        None, "Resize images to this many pixels per side; None = the processor's size.")
+    skip_bad_rows: bool = arg(
+        False, "Drop invalid rows and rows whose image fails --check_images, counted, each written with "
+        "its reason to <output_dir>/rejects/, instead of stopping.")
+    max_train_samples: int | None = arg(None, "Use at most this many training samples.")
+    max_eval_samples: int | None = arg(None, "Use at most this many evaluation samples.")
+    prompt: str | None = arg(
+        None, "Text prompt the caption continues, e.g. 'a photo of'; None = the recipe's default.")
+    lang: str = arg(
+        "en", "Language of the texts: zh, ja, th, ... are scored on characters; the embedded default is "
+        "made in it.")
 
 
 # Characters that only appear in a regular expression, never in a module name.
@@ -131,36 +94,24 @@ _REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")
 class PeftArguments:
     """Parameter-efficient fine-tuning (LoRA) settings."""
 
-    peft_method: Literal["lora", "none"] = field(
-        default="lora", metadata={"help": "'lora' trains low-rank adapters; 'none' trains the unfrozen "
-                                          "weights directly."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32,
-                            metadata={"help": "LoRA scaling numerator (scale = lora_alpha / lora_r)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
-    lora_target_modules: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "Module names to wrap with LoRA (e.g. q_proj v_proj), or one regular expression matched "
-                    "against full "
-            "module names, or 'all-linear'; None = the architecture's default (language-model projections "
-            "only)."
-        },
-    )
-    modules_to_save: list[str] | None = field(
-        default=None,
-        metadata={"help": "Modules trained in full and saved next to the adapter, e.g. "
-                          "multi_modal_projector."},
-    )
+    peft_method: Literal["lora", "none"] = arg(
+        "lora", "'lora' trains low-rank adapters; 'none' trains the unfrozen weights directly.")
+    lora_r: int = arg(16, "LoRA rank.")
+    lora_alpha: int = arg(32, "LoRA scaling numerator (scale = lora_alpha / lora_r).")
+    lora_dropout: float = arg(0.05, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] | None = arg(
+        None, "Module names to wrap with LoRA (e.g. q_proj v_proj), or one regular expression matched "
+        "against full module names, or 'all-linear'; None = the architecture's default (every linear "
+        "layer of a generative model's language model, the attention projections of an encoder).")
+    modules_to_save: list[str] | None = arg(
+        None, "Modules trained in full and saved next to the adapter, e.g. multi_modal_projector.")
 
     def __post_init__(self):
         # A regex given on the command line arrives as a one-element list (nargs="+"); peft only reads a regex
         # from a plain string, so turn it into one here. A YAML string is already a string.
         targets = self.lora_target_modules
-        if isinstance(targets,
-                      list) and len(targets) == 1 and (_REGEX_CHARS.search(targets[0])
-                                                       or targets[0] == "all-linear"):
+        if isinstance(targets, list) and len(targets) == 1 and (
+                _REGEX_CHARS.search(targets[0]) or targets[0] == "all-linear"):
             self.lora_target_modules = targets[0]
 
 
@@ -172,26 +123,15 @@ class FreezeArguments:
     base weight; without LoRA, every weight starts trainable.
     """
 
-    freeze_vision_tower: bool = field(default=True, metadata={"help": "Freeze the vision encoder."})
-    unfreeze_last_n_vision_layers: int = field(
-        default=0,
-        metadata={"help": "With a frozen vision tower, still train its last N encoder layers (the last N it "
-                          "actually uses)."},
-    )
-    freeze_bridge: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Freeze the vision-language bridge (BLIP-2 Q-Former + projection, LLaVA projector); "
-            "None = leave it as it is (frozen under LoRA, trained without); recipes set it in config.yaml."
-        },
-    )
-    freeze_language_model: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Freeze the language model (CLIP: the text tower) except its LoRA weights; "
-            "None = frozen with LoRA, trained without."
-        },
-    )
+    freeze_vision_tower: bool = arg(True, "Freeze the vision encoder.")
+    unfreeze_last_n_vision_layers: int = arg(
+        0, "With a frozen vision tower, still train its last N encoder layers (the last N it actually uses).")
+    freeze_bridge: bool | None = arg(
+        None, "Freeze the vision-language bridge (BLIP-2 Q-Former + projection, LLaVA projector); None = "
+        "leave it as it is (frozen under LoRA, trained without); recipes set it in config.yaml.")
+    freeze_language_model: bool | None = arg(
+        None, "Freeze the language model (CLIP: the text tower) except its LoRA weights; None = frozen "
+        "with LoRA, trained without.")
 
     def __post_init__(self):
         if self.unfreeze_last_n_vision_layers < 0:
@@ -203,69 +143,46 @@ class FreezeArguments:
 class LearningRateArguments:
     """A learning rate per component of the model (the optimizer's parameter groups)."""
 
-    vision_lr: float | None = field(default=None,
-                                    metadata={"help": "Learning rate of the vision tower; None = "
-                                                      "learning_rate."})
-    bridge_lr: float | None = field(default=None,
-                                    metadata={"help": "Learning rate of the bridge; None = learning_rate."})
-    lm_lr: float | None = field(
-        default=None, metadata={"help": "Learning rate of the language model / text tower; None = "
-                                        "learning_rate."}
-    )
+    vision_lr: float | None = arg(None, "Learning rate of the vision tower; None = learning_rate.")
+    bridge_lr: float | None = arg(None, "Learning rate of the bridge; None = learning_rate.")
+    lm_lr: float | None = arg(None, "Learning rate of the language model / text tower; None = learning_rate.")
 
 
 @dataclass
 class LossArguments:
     """How the generative recipes compute their loss."""
 
-    loss_on_label_positions: bool = field(
-        default=False,
-        metadata={"help": "Compute the LM's logits and loss at the label (answer, caption) positions only: "
-                          "the same loss with less LM-head work and memory (recipes/common/losses.py)."},
-    )
+    loss_on_label_positions: bool = arg(
+        False, "Compute the LM's logits and loss at the label (answer, caption) positions only: the same "
+        "loss with less LM-head work and memory (recipes/common/losses.py).")
 
 
 @dataclass
 class FeatureCacheArguments:
     """Cached outputs of a frozen vision tower (blip2_lora_caption, soft_prompt_caption)."""
 
-    cache_vision_features: bool = field(
-        default=False,
-        metadata={"help": "With a frozen vision tower, run it once per image before training and train on "
-                          "its stored "
-                  "output (recipes/common/feature_cache.py)."},
-    )
-    vision_feature_dir: str | None = field(
-        default=None,
-        metadata={"help": "Where the cached features go (a subfolder per model, processor and image set, "
-                          "reused by "
-                  "later runs); None = <output_dir>/vision_features."},
-    )
+    cache_vision_features: bool = arg(
+        False, "With a frozen vision tower, run it once per image before training and train on its stored "
+        "output (recipes/common/feature_cache.py).")
+    vision_feature_dir: str | None = arg(
+        None, "Where the cached features go (a subfolder per model, processor and image set, reused by "
+        "later runs); None = <output_dir>/vision_features.")
 
 
 @dataclass
 class GenerationEvalArguments:
     """Decoding settings of the generation-based evaluation (captioning, VQA, instruction following)."""
 
-    num_beams: int = field(default=1,
-                           metadata={"help": "Beam width; 1 = greedy (or sampling with do_sample)."})
-    max_new_tokens: int = field(default=20,
-                                metadata={"help": "Maximum number of generated tokens per sample."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam decoding."})
-    temperature: float | None = field(default=None,
-                                      metadata={"help": "Sampling temperature; None = the model's default."})
-    top_p: float | None = field(default=None,
-                                metadata={"help": "Nucleus sampling threshold; None = the model's default."})
-    eval_max_samples: int | None = field(
-        default=None, metadata={"help": "Generate for at most this many evaluation samples (generation is "
-                                        "slow)."}
-    )
-    shuffled_image_check: bool = field(
-        default=False,
-        metadata={"help": "After training, evaluate again with each eval image swapped for another one: a "
-                          "model that looks at the image scores lower; one that answers from the text alone "
-                          "scores the same."},
-    )
+    num_beams: int = arg(1, "Beam width; 1 = greedy (or sampling with do_sample).")
+    max_new_tokens: int = arg(20, "Maximum number of generated tokens per sample.")
+    do_sample: bool = arg(False, "Sample instead of greedy / beam decoding.")
+    temperature: float | None = arg(None, "Sampling temperature; None = the model's default.")
+    top_p: float | None = arg(None, "Nucleus sampling threshold; None = the model's default.")
+    eval_max_samples: int | None = arg(
+        None, "Generate for at most this many evaluation samples (generation is slow).")
+    shuffled_image_check: bool = arg(
+        False, "After training, evaluate again with each eval image swapped for another one: a model that "
+        "looks at the image scores lower; one that answers from the text alone scores the same.")
 
 
 # What every generative recipe parses (then its own dataclasses, and TrainingArguments last).
@@ -369,44 +286,3 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
     outputs = parser.parse_args_into_dataclasses(remaining, look_for_args_file=False)
     # The last output is the namespace holding the --config placeholder; callers only want the dataclasses.
     return tuple(outputs[: len(dataclass_types)])
-
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
-
-
-def _is_complete(folder: Path) -> bool:
-    """Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states)."""
-    try:
-        json.loads((folder / "trainer_state.json").read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
-def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str | None:
-    """What `--resume_from_checkpoint` names: None (start afresh) or the checkpoint folder to resume from.
-
-    'last' (or 'true') is the newest *complete* checkpoint-N in output_dir: a run killed while it was
-    saving leaves a folder without trainer_state.json, which Trainer would pick and then fail to load.
-    """
-    if value in (None, False, "", "false", "False"):
-        return None
-    if value in (True, "last", "true", "True"):
-        root = Path(output_dir)
-        found = sorted(
-            (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
-            if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
-        )
-        for _, folder in reversed(found):
-            if _is_complete(folder):
-                return str(folder)
-            logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving it)",
-                           folder)
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {root}"
-            + (f" ({len(found)} incomplete)" if found else "")
-            + "; leave the flag out to start afresh."
-        )
-    if not Path(value).is_dir():
-        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder.")
-    return str(value)

@@ -16,12 +16,11 @@ import datasets
 
 from data_tools.clean import check_rows
 from data_tools.errors import DataError
-from data_tools.images import check_image
 from data_tools.jsonl import write_jsonl
 from data_tools.split import split_file
 from data_tools.synth import make_synthetic
 
-from .cache import cache_root
+from .cache import build_once, cache_root
 
 # The columns each task's collator reads; other keys in the records are dropped from the Dataset.
 COLUMNS = {
@@ -54,24 +53,8 @@ def load_records(
     many rows were skipped.
     """
     rows, errors = [], []
-    checked: dict[str, DataError | None] = {}  # each distinct image once
-    for line, row, raw in check_rows(path, task, image_root=image_root, check_images=check_images == "decode",
+    for line, row, raw in check_rows(path, task, image_root=image_root, check_images=check_images,
                                      progress=False):
-        if not isinstance(row, DataError) and check_images == "header":
-            several = row.get("images") is not None
-            for i, image in enumerate(row["images"] if several else [row.get("image")]):
-                if image is None:
-                    continue
-                if image not in checked:
-                    try:
-                        check_image(image)
-                        checked[image] = None
-                    except DataError as e:
-                        checked[image] = e
-                if (e := checked[image]) is not None:
-                    row = DataError(e.reason, f"{image}: {e.message}", path=path, line=line,
-                                    field=f"images[{i}]" if several else "image")
-                    break
         if isinstance(row, DataError):
             errors.append((row, raw))
         else:
@@ -112,18 +95,11 @@ def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 
     different request never reuses a stale build.
     """
     folder = cache_root() / "data" / f"{task}-{lang}-n{n}-s{seed}-px{image_size}"
-    splits = {name: folder / f"{name}.jsonl" for name in ("train", "val", "test")}
-    if all(p.exists() for p in splits.values()):
-        return splits
-    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-    source = make_synthetic(task, n, tmp, lang=lang, seed=seed, image_size=image_size, progress=False)
-    split_file(source, tmp, ratios=(0.8, 0.1, 0.1), names=("train", "val", "test"), seed=seed, task=task,
-               progress=False)
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        # Another process (a second DDP rank) built it first; its copy is identical.
-        import shutil
 
-        shutil.rmtree(tmp, ignore_errors=True)
-    return splits
+    def build(tmp: Path) -> None:
+        source = make_synthetic(task, n, tmp, lang=lang, seed=seed, image_size=image_size, progress=False)
+        split_file(source, tmp, ratios=(0.8, 0.1, 0.1), names=("train", "val", "test"), seed=seed, task=task,
+                   progress=False)
+
+    build_once(folder, build, marker="test.jsonl")
+    return {name: folder / f"{name}.jsonl" for name in ("train", "val", "test")}

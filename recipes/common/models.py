@@ -41,26 +41,6 @@ def quantization_config(model_args: ModelArguments,
     return None
 
 
-def unquantized_modules(model_cls, path: str, model_args: ModelArguments) -> list[str]:
-    """Full module names QLoRA keeps in 16/32-bit: the vision tower, the bridge and the LM head, found from
-    the model's structure (`peft_setup.find_components`) on an empty copy built on the meta device.
-
-    They are small next to the LM (4% and 0.3% of LLaVA-1.5-7B for the tower and projector), and the LM head
-    decides every output token.
-    """
-    from transformers import AutoConfig
-
-    from .peft_setup import find_components
-
-    check_model_source(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
-                                        revision=model_args.revision)
-    with torch.device("meta"):
-        empty = model_cls.from_config(config, trust_remote_code=model_args.trust_remote_code)
-    parts = find_components(empty)
-    return [*parts.vision, *parts.bridge, parts.output]
-
-
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 

@@ -28,15 +28,33 @@ from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel
-from transformers import AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig
 
-from .peft_setup import trainable_in_float32
+from .args import ModelArguments
+from .models import check_model_source
+from .peft_setup import find_components, trainable_in_float32
 
 logger = logging.getLogger(__name__)
 
 # Written next to the adapter of every checkpoint: the base must be re-quantized the same way to merge or
 # reload it.
 QUANTIZATION_FILE = "quantization_config.json"
+
+
+def unquantized_modules(model_cls, path: str, model_args: ModelArguments) -> list[str]:
+    """Full module names QLoRA keeps in 16/32-bit: the vision tower, the bridge and the LM head, found from
+    the model's structure (`peft_setup.find_components`) on an empty copy built on the meta device.
+
+    They are small next to the LM (4% and 0.3% of LLaVA-1.5-7B for the tower and projector), and the LM head
+    decides every output token.
+    """
+    check_model_source(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                        revision=model_args.revision)
+    with torch.device("meta"):
+        empty = model_cls.from_config(config, trust_remote_code=model_args.trust_remote_code)
+    parts = find_components(empty)
+    return [*parts.vision, *parts.bridge, parts.output]
 
 
 def is_quantized(param: torch.Tensor) -> bool:

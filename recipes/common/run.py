@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Callable
@@ -25,7 +26,6 @@ from transformers import set_seed
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
 
-from .args import resume_checkpoint
 from .data import load_records
 from .models import check_mixed_precision
 
@@ -85,6 +85,47 @@ def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
         return records
     other = dict(zip(images, images[1:] + images[:1]))
     return records.map(lambda r: {"image": other.get(r["image"])})
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def _is_complete(folder: Path) -> bool:
+    """Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states)."""
+    try:
+        json.loads((folder / "trainer_state.json").read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str | None:
+    """What `--resume_from_checkpoint` names: None (start afresh) or the checkpoint folder to resume from.
+
+    'last' (or 'true') is the newest *complete* checkpoint-N in output_dir: a run killed while it was
+    saving leaves a folder without trainer_state.json, which Trainer would pick and then fail to load.
+    """
+    if value in (None, False, "", "false", "False"):
+        return None
+    if value in (True, "last", "true", "True"):
+        root = Path(output_dir)
+        found = sorted(
+            (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
+            if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
+        )
+        for _, folder in reversed(found):
+            if _is_complete(folder):
+                return str(folder)
+            logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving it)",
+                           folder)
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {root}"
+            + (f" ({len(found)} incomplete)" if found else "")
+            + "; leave the flag out to start afresh."
+        )
+    if not Path(value).is_dir():
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder.")
+    return str(value)
 
 
 def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | None = None,

@@ -34,11 +34,12 @@ from recipes.common.chat import (
     tokenize_conversations,
 )
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model_and_processor, resolve_model_path, unquantized_modules
+from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.quantization import (
     fall_back_to_cpu_optimizer,
     prepare_quantized_for_training,
+    unquantized_modules,
     weight_bytes,
 )
 from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from ..cache import build_once, build_outside_process_group, cache_root
+from ..cache import build_once, cache_root
 from . import families
 
 # Per model: bump one whenever its builder changes (every cached base built from it is rebuilt then).
@@ -474,6 +474,34 @@ def build_tiny(name: str, out_dir: str | os.PathLike, seed: int = 0, **overrides
                     "overrides": overrides}, indent=2)
     )
     return out_dir
+
+
+# What a distributed launcher tells its ranks; a child process that builds a cache entry must not see it.
+_LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                     "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def build_outside_process_group(module: str, name: str, final: Path, marker: str, root: Path) -> None:
+    """In a rank of a distributed launch, build cache entry `final` with `python -m <module> <name>` in a
+    child process.
+
+    Once a process group is up, transformers' `save_pretrained` writes the weights on global rank 0 only,
+    while build_once lets whichever rank takes the lock first build (and on a node with a cache of its own, no
+    rank is 0): a rank would save a model folder without its weights. The child has no process group, and its
+    own build_once keeps the ranks' children from building twice. Outside a launch, or once built, nothing
+    happens.
+    """
+    import subprocess
+
+    import torch.distributed as dist
+
+    if (final / marker).exists() or not (dist.is_available() and dist.is_initialized()):
+        return
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARIABLES}
+    repo = str(Path(__file__).resolve().parents[3])
+    env.update(VLM_RECIPES_CACHE=str(root),
+               PYTHONPATH=os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")])))
+    subprocess.run([sys.executable, "-m", module, name], env=env, check=True)
 
 
 def tiny_model_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:

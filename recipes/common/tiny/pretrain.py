@@ -63,8 +63,8 @@ from data_tools.hashing import COLOUR_TOLERANCE, DEFAULT_NEAR_THRESHOLD, colours
 from data_tools.jsonl import read_jsonl
 from data_tools.synth import SHAPES, draw_scene, make_scene, scene_texts
 
-from ..cache import build_once, build_outside_process_group, cache_root
-from .models import BUILD_VERSIONS, tiny_model_path
+from ..cache import build_once, cache_root
+from .models import BUILD_VERSIONS, build_outside_process_group, tiny_model_path
 
 # Bump a base's version when its corpus or recipe changes, and the versions of the bases that start from it.
 PRETRAIN_VERSIONS = {"blip2-opt": 3, "clip": 3, "clip-vision": 3, "gpt2": 2, "llava": 3}

@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= outputs
 
-.PHONY: setup test demo eval bench serve new-recipe clean-venv
+.PHONY: setup test test-families demo eval bench serve new-recipe clean-venv
 
 setup: $(STAMP)
 
@@ -17,7 +17,20 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml scripts/setup_venv.sh
 	touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not matrix" tests
+
+# Every image-text-to-text family: their tests, and each family through llava_instruct and qlora_vqa on 1 and
+# 2 processes with merge and chat (tests/test_family_matrix.py, ~10 min). Four families' processors need
+# torchvision, and PyPI's torchvision loads only beside PyPI's (CUDA) torch: so a second environment,
+# $(FAMILIES_VENV) (~6.5 GB), with torch 2.14.1 + torchvision 0.29.1, which run on the CPU too.
+FAMILIES_VENV ?= .venv-torchvision
+FAMILY_TESTS := tests/test_vlm_families.py tests/test_tiny_families_a.py tests/test_tiny_families_b.py \
+	tests/test_family_matrix.py
+test-families:
+	test -x $(FAMILIES_VENV)/bin/python || $(PYTHON) -m venv $(FAMILIES_VENV)
+	$(FAMILIES_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
+	VENV=$(FAMILIES_VENV) PYTHON=$(PYTHON) CONSTRAINTS=$(CONSTRAINTS) bash scripts/setup_venv.sh
+	VLM_RECIPES_CACHE=$(FAMILIES_VENV)/cache $(FAMILIES_VENV)/bin/python -m pytest -q $(FAMILY_TESTS)
 
 # The main job on the embedded default: synthetic captions + tiny BLIP-2 (built and pre-trained on first
 # use), LoRA fine-tuning, held-out metrics before and after, then the report of `make eval`.
@@ -52,4 +65,5 @@ new-recipe: setup
 	$(PY) scripts/new_recipe.py --from $(FROM) --name $(NAME) --smoke
 
 clean-venv:
+	rm -rf $(FAMILIES_VENV)
 	rm -rf $(VENV)

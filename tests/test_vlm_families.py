@@ -1,5 +1,5 @@
 """The chat recipes on every VLM family they support, through the same code: tiny models of the real classes
-(`tiny:<model_type>`), loaded with AutoModelForImageTextToText + AutoProcessor.
+(`tiny:<model_type>`), loaded with AutoModelForImageTextToText + AutoProcessor (`models.load_processor`).
 
 Per family: the labels are exactly each answer and its end-of-turn token (checked against the answers' own
 text, not the masking code); a padded batch gives every sample the logits it gets alone (position ids,
@@ -13,7 +13,7 @@ import copy
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from recipes.common.args import ModelArguments, PeftArguments
 from recipes.common.chat import (
@@ -24,7 +24,7 @@ from recipes.common.chat import (
     to_messages,
     tokenize_conversations,
 )
-from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.models import load_model_and_processor, load_processor, resolve_model_path
 from recipes.common.peft_setup import apply_peft, find_components, lora_module_names, vision_layer_names
 from recipes.common.quantization import unquantized_modules
 from recipes.common.tiny import families
@@ -57,7 +57,7 @@ def family(request):
     name = request.param
     try:
         path = resolve_model_path(f"tiny:{name}")
-        processor = AutoProcessor.from_pretrained(path)
+        processor = load_processor(path, name)
     except (RuntimeError, ImportError) as e:  # a processor that needs torchvision, which this torch lacks
         if "torchvision" not in str(e).lower():
             raise

@@ -15,7 +15,8 @@ from typing import Callable
 
 import torch
 from peft import PeftConfig, PeftModel
-from transformers import AutoProcessor
+
+from .models import load_processor
 
 
 def is_adapter_run(run: str | Path) -> bool:
@@ -36,7 +37,7 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
         model = PeftModel.from_pretrained(base, run)
     else:
         model = model_cls.from_pretrained(run, dtype=torch_dtype)
-    return model.eval(), AutoProcessor.from_pretrained(run)
+    return model.eval(), load_processor(run, model.config.model_type)
 
 
 def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32") -> Path:

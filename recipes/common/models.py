@@ -98,6 +98,18 @@ def check_model_source(path: str) -> None:
         )
 
 
+# transformers 5.25's torchvision image processor of these families breaks on a batch whose first or last
+# sample has no image (a text-only row): they get the PIL one, as where torchvision is not installed.
+PIL_IMAGE_PROCESSORS = ("mllama",)
+
+
+def load_processor(path: str | Path, model_type: str, **kwargs):
+    """`AutoProcessor.from_pretrained(path, **kwargs)`; the PIL image processor for PIL_IMAGE_PROCESSORS."""
+    if model_type in PIL_IMAGE_PROCESSORS:
+        kwargs["backend"] = "pil"
+    return AutoProcessor.from_pretrained(path, **kwargs)
+
+
 def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *,
                              skip_quantization: list[str] | None = None):
     """Load `model_cls` and its processor from a local folder or Hub id, the same way for tiny and real
@@ -115,9 +127,9 @@ def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *
         kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available()
                                 else {"": "cpu"})
     try:
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
-                                                  revision=model_args.revision)
         model = model_cls.from_pretrained(path, **kwargs)
+        processor = load_processor(path, model.config.model_type, revision=model_args.revision,
+                                   trust_remote_code=model_args.trust_remote_code)
     except OSError as e:
         raise OSError(
             f"could not load {path!r}: {e}\nIf it is a Hub id, this machine needs network access or a local "

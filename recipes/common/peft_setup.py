@@ -290,6 +290,15 @@ def vision_layer_names(model: torch.nn.Module) -> list[str]:
     return [f"{prefix}.{i}" for i in range(n_used)]
 
 
+def last_vision_layers(model: torch.nn.Module, n: int) -> list[str]:
+    """The last `n` of `vision_layer_names`; an error when the tower uses fewer."""
+    used = vision_layer_names(model)
+    if n > len(used):
+        raise ValueError(f"unfreeze_last_n_vision_layers={n}, but the vision tower uses only {len(used)} "
+                         "layers.")
+    return used[-n:]
+
+
 def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None:
     """Set requires_grad per component as `freeze_args` says; LoRA weights always stay trainable.
 
@@ -310,13 +319,8 @@ def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None
         if freeze is not None:
             _set_trainable(model, by_component[component], trainable=not freeze)
 
-    n = freeze_args.unfreeze_last_n_vision_layers
-    if freeze_args.freeze_vision_tower and n > 0:
-        used = vision_layer_names(model)
-        if n > len(used):
-            raise ValueError(f"unfreeze_last_n_vision_layers={n}, but the vision tower uses only {len(used)} "
-                             "layers.")
-        last = used[-n:]
+    if freeze_args.freeze_vision_tower and freeze_args.unfreeze_last_n_vision_layers > 0:
+        last = last_vision_layers(model, freeze_args.unfreeze_last_n_vision_layers)
         names = {name for name in by_component["vision"]
                  if any(_has_prefix(_base_name(name), layer) for layer in last)}
         _set_trainable(model, names, trainable=True)
@@ -425,11 +429,7 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
     if freeze_args.freeze_vision_tower is False:
         names += [p for p in parts.vision if p in modules]
     elif freeze_args.unfreeze_last_n_vision_layers > 0:
-        used = vision_layer_names(model)
-        if freeze_args.unfreeze_last_n_vision_layers > len(used):
-            raise ValueError(f"unfreeze_last_n_vision_layers={freeze_args.unfreeze_last_n_vision_layers}, "
-                             f"but the vision tower uses only {len(used)} layers.")
-        names += used[-freeze_args.unfreeze_last_n_vision_layers:]
+        names += last_vision_layers(model, freeze_args.unfreeze_last_n_vision_layers)
     return names
 
 

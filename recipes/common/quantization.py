@@ -28,10 +28,10 @@ from pathlib import Path
 
 import torch
 from peft import PeftConfig, PeftModel
-from transformers import AutoConfig, AutoProcessor, BitsAndBytesConfig
+from transformers import AutoConfig, BitsAndBytesConfig
 
 from .args import ModelArguments
-from .models import check_model_source
+from .models import check_model_source, load_processor
 from .peft_setup import find_components, trainable_in_float32
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def load_quantized_run(run: str | os.PathLike, model_cls):
                                      **_load_kwargs(run))
     # the weights training used, not bitsandbytes' CPU-inference rounding of them
     keep_4bit_training_layout(base)
-    return PeftModel.from_pretrained(base, run).eval(), AutoProcessor.from_pretrained(run)
+    return PeftModel.from_pretrained(base, run).eval(), load_processor(run, base.config.model_type)
 
 
 def merge_quantized_run(run: str | os.PathLike, out: str | os.PathLike, model_cls,
@@ -197,5 +197,5 @@ def merge_quantized_run(run: str | os.PathLike, out: str | os.PathLike, model_cl
     base = base.dequantize(dtype=torch_dtype)
     merged = PeftModel.from_pretrained(base, run).merge_and_unload().to(torch_dtype)
     merged.save_pretrained(out)
-    AutoProcessor.from_pretrained(run).save_pretrained(out)
+    load_processor(run, merged.config.model_type).save_pretrained(out)
     return Path(out)

@@ -129,15 +129,9 @@ class RecipeTrainer(Trainer):
 
     def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
                         data=None) -> dict[str, float]:
-        """The task metrics on `data` (default: the eval records), written to `predictions/<name>.*`
-        (default `step-<N>`)."""
-        return self.generation_metrics(metric_key_prefix, name, data)
-
-    def generation_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
-                           records=None) -> dict[str, float]:
-        """Generate for `records` (default: the generation records), score on rank 0, write predictions;
-        the same dict on every rank."""
-        records = records if records is not None else self.generation.records
+        """The task metrics on `data` (default: the eval records): generate, score on rank 0, write
+        `predictions/<name>.*` (default `step-<N>`); the same dict on every rank."""
+        records = data if data is not None else self.generation.records
         predictions = self.generate_predictions(records)
         scores = {}
         if self.is_world_process_zero():

@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText
 
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.chat import ChatEncoder, chat_encoder, to_messages
 from recipes.common.merge import load_run
-from recipes.common.models import resolve_model_path
+from recipes.common.models import load_processor, resolve_model_path
 from recipes.common.trainer import stop_token_ids
 
 
@@ -31,8 +31,8 @@ def load(model: str, dtype: str = "float32"):
     path = resolve_model_path(model)
     if Path(path).is_dir():
         return load_run(path, AutoModelForImageTextToText, dtype)
-    return (AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval(),
-            AutoProcessor.from_pretrained(path))
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    return model, load_processor(path, model.config.model_type)
 
 
 @torch.no_grad()

@@ -167,3 +167,50 @@ def test_blip2_option_trains_to_the_same_weights_under_gradient_accumulation(tin
     start = base.language_projection.weight.detach()
     assert not torch.allclose(weights[False], start)
     torch.testing.assert_close(weights[True] - start, weights[False] - start, rtol=1e-4, atol=1e-7)
+
+
+def _tiny_qwen2_5_vl():
+    """A random Qwen2.5-VL of toy size (text-only batches need no processor): a model whose class sets
+    `accepts_loss_kwargs = False`."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rope_scaling={"type": "mrope", "mrope_section": [2, 1, 1]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=14)
+    torch.manual_seed(0)
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+
+
+def test_a_model_that_takes_no_token_count_trains_as_one_batch_under_gradient_accumulation(tmp_path):
+    """Qwen2.5-VL returns each micro-batch's mean loss (its class sets accepts_loss_kwargs = False), which
+    accumulation would weight per micro-batch: RecipeTrainer computes the loss itself (`causal_lm_loss`), so two
+    micro-batches of 6 and 2 labels take the step that one batch of both takes."""
+    from transformers import TrainingArguments
+
+    from recipes.common.losses import causal_lm_loss
+    from recipes.common.trainer import RecipeTrainer
+
+    ids = torch.randint(4, 1000, (2, 8), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :2], labels[1, :6] = -100, -100  # 6 and 2 labels
+    samples = [{"input_ids": ids[i], "attention_mask": torch.ones(8, dtype=torch.long), "labels": labels[i]}
+               for i in range(2)]
+
+    def collate(features):
+        return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+
+    start = _tiny_qwen2_5_vl().lm_head.weight.detach().clone()
+    steps = {}
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        model = _tiny_qwen2_5_vl()
+        args = TrainingArguments(output_dir=str(tmp_path / str(batch_size)), use_cpu=True, report_to="none",
+                                 max_steps=1, per_device_train_batch_size=batch_size,
+                                 gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd",
+                                 lr_scheduler_type="constant", logging_strategy="no", save_strategy="no",
+                                 remove_unused_columns=False, seed=0)
+        trainer = RecipeTrainer(model=model, args=args, train_dataset=samples, data_collator=collate)
+        assert trainer.compute_loss_func is causal_lm_loss
+        trainer.train()
+        steps[batch_size] = model.lm_head.weight.detach() - start
+    assert steps[2].abs().max() > 0
+    torch.testing.assert_close(steps[1], steps[2], rtol=1e-4, atol=1e-7)

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from recipes.common.losses import label_positions_only, loss_at_label_positions
+from recipes.common.losses import causal_lm_loss
 from recipes.common.trainer import RecipeTrainer
-
-
-def _loss_from_kept_logits(outputs, labels, num_items_in_batch=None):
-    return loss_at_label_positions(outputs.logits, labels, num_items_in_batch=num_items_in_batch)
 
 
 class CaptionTrainer(RecipeTrainer):
@@ -19,8 +15,5 @@ class CaptionTrainer(RecipeTrainer):
         if loss_on_label_positions:
             if kwargs.get("compute_loss_func") is not None:
                 raise ValueError("loss_on_label_positions sets compute_loss_func; pass one or the other.")
-            kwargs["compute_loss_func"] = _loss_from_kept_logits
+            kwargs["compute_loss_func"] = causal_lm_loss
         super().__init__(*args, loss_on_label_positions=loss_on_label_positions, **kwargs)
-
-    def label_position_inputs(self, inputs: dict) -> dict:
-        return {**inputs, "logits_to_keep": label_positions_only(inputs["labels"])["logits_to_keep"]}

@@ -48,3 +48,15 @@ def loss_at_label_positions(logits: torch.Tensor, labels: torch.Tensor, num_item
     shift_labels = label_positions_only(labels, ignore_index)["shift_labels"]
     return ForCausalLMLoss(logits, None, logits.shape[-1], num_items_in_batch=num_items_in_batch,
                            ignore_index=ignore_index, shift_labels=shift_labels)
+
+
+def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """A `Trainer.compute_loss_func` for causal LMs: transformers' `ForCausalLMLoss` of the model's logits,
+    full ([batch, length, vocab]) or kept at the label positions ([positions, vocab], `label_positions_only`):
+    the mean over labels, or the sum / `num_items_in_batch` as the Trainer asks."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    logits = outputs.logits
+    if logits.dim() == 2:
+        return loss_at_label_positions(logits, labels, num_items_in_batch)
+    return ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch=num_items_in_batch)

@@ -30,7 +30,7 @@ from data_tools.files import atomic_write_text
 from data_tools.jsonl import write_jsonl
 
 from .args import GenerationEvalArguments, LearningRateArguments
-from .losses import label_positions_only
+from .losses import causal_lm_loss, label_positions_only
 from .peft_setup import param_groups
 
 
@@ -84,15 +84,26 @@ class RecipeTrainer(Trainer):
         self.generation = generation
         self.learning_rates = learning_rates
         self.loss_on_label_positions = loss_on_label_positions
+        # A generative model that does not take the Trainer's token count (Qwen-VL: accepts_loss_kwargs False)
+        # returns each micro-batch's mean loss, which gradient accumulation and the processes then average:
+        # the tokens of short batches weigh more. The Trainer computes its loss instead: the token mean of the
+        # global batch, as for every other model.
+        if (not self.model_accepts_loss_kwargs and self.compute_loss_func is None
+                and getattr(self.model, "get_output_embeddings", lambda: None)() is not None):
+            self.compute_loss_func = causal_lm_loss
 
     # --- loss ------------------------------------------------------------------------------------------
     def label_position_inputs(self, inputs: dict) -> dict:
         """The model inputs that make its loss come from the label positions' logits alone.
 
         transformers causal LMs (LLaVA and the other image-text-to-text models) take `logits_to_keep`
-        and pass `shift_labels` to their loss; a model that computes its loss otherwise overrides this.
+        and pass `shift_labels` to their loss; where the Trainer computes the loss (`compute_loss_func`), from
+        the kept logits, the model gets `logits_to_keep` alone.
         """
-        return {**inputs, **label_positions_only(inputs["labels"])}
+        kept = label_positions_only(inputs["labels"])
+        if self.compute_loss_func is not None:
+            return {**inputs, "logits_to_keep": kept["logits_to_keep"]}
+        return {**inputs, **kept}
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_on_label_positions and inputs.get("labels") is not None:

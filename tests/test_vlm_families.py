@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
-from recipes.common.args import ModelArguments, PeftArguments
+from recipes.common.args import FreezeArguments, ModelArguments, PeftArguments
 from recipes.common.chat import (
     ChatCollator,
     ChatPromptCollator,
@@ -25,7 +25,8 @@ from recipes.common.chat import (
     tokenize_conversations,
 )
 from recipes.common.models import load_model_and_processor, load_processor, resolve_model_path
-from recipes.common.peft_setup import apply_peft, find_components, lora_module_names, vision_layer_names
+from recipes.common.peft_setup import (apply_lora_and_freezing, apply_peft, find_components, lora_module_names,
+                                       vision_layer_names)
 from recipes.common.quantization import unquantized_modules
 from recipes.common.tiny import families
 
@@ -138,6 +139,23 @@ def test_overfitting_one_batch_lowers_the_loss(family, images):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+def test_a_trained_projector_and_vision_layer_train_through_their_saved_copies(family):
+    """--freeze_bridge false --unfreeze_last_n_vision_layers 1 under LoRA: every weight of the bridge's
+    modules (Qwen3-VL's deepstack mergers are a ModuleList: its items) and of the last used vision layer trains
+    as a modules_to_save copy, which the adapter folder holds; nothing else of the base trains."""
+    name, _, model, _, _ = family
+    parts = find_components(model)
+    peft_model = apply_lora_and_freezing(copy.deepcopy(model), PeftArguments(lora_r=4),
+                                         FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1))
+    copies = {n.replace("base_model.model.", "").replace(".modules_to_save.default", "")
+              for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    modules = dict(model.named_modules())
+    last_layer = vision_layer_names(model)[-1]
+    expected = {n for n, _ in model.named_parameters()
+                if any(n.startswith(f"{p}.") for p in (*[b for b in parts.bridge if b in modules], last_layer))}
+    assert expected and copies == expected
 
 
 def test_lora_on_the_language_model_and_merge_generates_the_same(family, images, tmp_path):

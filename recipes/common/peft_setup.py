@@ -419,15 +419,24 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
 
     peft saves only the adapter and its `modules_to_save` copies; a base weight merely unfrozen would
     train and then be lost at save. So a trained bridge (LLaVA's projector) and trained vision layers
-    go there instead. Parameters that are not in a submodule (BLIP-2's query_tokens) cannot.
+    go there instead. Parameters that are not in a submodule (BLIP-2's query_tokens) cannot. peft copies
+    modules, not containers: a ModuleList (Qwen3-VL's deepstack mergers) goes in as its items.
     """
     parts = find_components(model)
-    modules = {name for name, _ in _base(model).named_modules()}
+    modules = dict(_base(model).named_modules())
+
+    def copies(prefixes):
+        out = []
+        for p in (p for p in prefixes if p in modules):
+            container = isinstance(modules[p], (torch.nn.ModuleList, torch.nn.ModuleDict))
+            out += [f"{p}.{child}" for child, _ in modules[p].named_children()] if container else [p]
+        return out
+
     names = []
     if freeze_args.freeze_bridge is False:
-        names += [p for p in parts.bridge if p in modules]
+        names += copies(parts.bridge)
     if freeze_args.freeze_vision_tower is False:
-        names += [p for p in parts.vision if p in modules]
+        names += copies(parts.vision)
     elif freeze_args.unfreeze_last_n_vision_layers > 0:
         names += last_vision_layers(model, freeze_args.unfreeze_last_n_vision_layers)
     return names

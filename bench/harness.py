@@ -388,16 +388,22 @@ def make_adapter(opts: Options) -> Adapter:
     """The recipe's adapter, on the architecture --model names (the chat recipes only)."""
     if opts.recipe not in ADAPTERS:
         raise SystemExit(f"unknown recipe {opts.recipe!r}; benchable: {', '.join(sorted(ADAPTERS))}")
-    cls = ADAPTERS[opts.recipe]
-    if opts.model is None:
-        return cls()
-    if not issubclass(cls, ChatAdapter):
+    if (error := model_error(opts.recipe, opts.model)) is not None:
+        raise SystemExit(error)
+    return ADAPTERS[opts.recipe]() if opts.model is None else ADAPTERS[opts.recipe](opts.model)
+
+
+def model_error(recipe: str, model: str | None) -> str | None:
+    """What is wrong with --model for `recipe` (None: nothing)."""
+    if model is None:
+        return None
+    if not issubclass(ADAPTERS[recipe], ChatAdapter):
         chat = sorted(n for n, c in ADAPTERS.items() if issubclass(c, ChatAdapter))
-        raise SystemExit(f"--model is for the chat recipes ({', '.join(chat)}); {opts.recipe} benches the "
-                         "architecture of its own train.py")
-    if opts.model not in CHAT_MODELS:
-        raise SystemExit(f"--model {opts.model}: expected one of {', '.join(CHAT_MODELS)}")
-    return cls(opts.model)
+        return (f"--model is for the chat recipes ({', '.join(chat)}); {recipe} benches the architecture of "
+                "its own train.py")
+    if model not in CHAT_MODELS:
+        return f"--model {model}: expected one of {', '.join(CHAT_MODELS)}"
+    return None
 
 
 def _model_name(adapter: Adapter) -> str | None:
@@ -603,6 +609,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None,
                    help="also write the full result (per-step losses, shapes) to this file")
     ns = p.parse_args(argv)
+    if ns.recipe in ADAPTERS and (error := model_error(ns.recipe, ns.model)) is not None:
+        p.error(error)  # exit 2, one line
     opts = Options(recipe=ns.recipe, model=ns.model, device=ns.device, size=ns.size, mode=ns.mode, steps=ns.steps,
                    warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
                    device_batches=ns.device_batches, distinct_images=ns.distinct_images,

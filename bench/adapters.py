@@ -594,11 +594,13 @@ class Qwen2_5_VL:
         # The tiny tokenizer's ids (inside the real vocabulary): the model finds the images by them.
         ids = processor.tokenizer.convert_tokens_to_ids
         config.image_token_id, config.video_token_id = ids("<|image_pad|>"), ids("<|video_pad|>")
-        config.vision_start_token_id, config.vision_end_token_id = ids("<|vision_start|>"), ids("<|vision_end|>")
+        config.vision_start_token_id = ids("<|vision_start|>")
+        config.vision_end_token_id = ids("<|vision_end|>")
         v, old = config.vision_config, processor.image_processor
         # min_pixels 3136 and max_pixels 12845056: the checkpoint's preprocessor_config.json
         processor.image_processor = type(old)(
-            size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=v.patch_size, temporal_patch_size=v.temporal_patch_size,
+            size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size,
             merge_size=v.spatial_merge_size, image_mean=old.image_mean, image_std=old.image_std)
         return config
 

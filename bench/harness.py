@@ -421,8 +421,8 @@ def run(opts: Options) -> dict:
     adapter = make_adapter(opts)
     batch_size = opts.batch_size or (adapter.real_batch_size if opts.size == "real" else 4)
     modes = ["device", "e2e"] if opts.mode == "both" else [opts.mode]
-    out = {"recipe": opts.recipe, "model": _model_name(adapter), "size": opts.size, "device": _device_name(opts.device),
-           "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
+    out = {"recipe": opts.recipe, "model": _model_name(adapter), "size": opts.size,
+           "device": _device_name(opts.device), "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
            "warmup_steps": opts.warmup,
            "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
            "versions": _versions(), "flop_convention": FLOP_CONVENTION,
@@ -480,8 +480,9 @@ def count_flops(opts: Options) -> dict:
     for batch in p.batches:
         for part, flops in step_flops(p.model, adapter.flop_chains(p.model, batch)).items():
             per_part[part] = per_part.get(part, 0.0) + flops / adapter.samples(batch) / len(p.batches)
-    return {"recipe": opts.recipe, "model": _model_name(adapter), "size": opts.size, "batch_size": batch_size,
-            "pad_text_to": opts.pad_text_to, "gflop_per_sample": {k: v / 1e9 for k, v in per_part.items()},
+    return {"recipe": opts.recipe, "model": _model_name(adapter), "size": opts.size,
+            "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
+            "gflop_per_sample": {k: v / 1e9 for k, v in per_part.items()},
             "tokens_per_sample": (sum(int(adapter.tokens(b)) for b in p.batches)
                                   / (batch_size * len(p.batches))),
             "flop_convention": FLOP_CONVENTION}
@@ -582,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("recipe", help=f"one of {', '.join(sorted(ADAPTERS))}")
     p.add_argument("--model", choices=sorted(CHAT_MODELS), default=None,
                    help="llava_instruct and qlora_vqa only: the architecture, llava (LLaVA-1.5-7B, the "
-                        "default) or qwen2_5_vl (Qwen2.5-VL-7B-Instruct); the tiny model of it at --size tiny")
+                        "default) or qwen2_5_vl (Qwen2.5-VL-7B-Instruct); the tiny model of it at --size "
+                        "tiny")
     p.add_argument("--device", choices=["cuda", "cpu"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", choices=["real", "tiny"], default="real",
@@ -611,8 +613,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.recipe in ADAPTERS and (error := model_error(ns.recipe, ns.model)) is not None:
         p.error(error)  # exit 2, one line
-    opts = Options(recipe=ns.recipe, model=ns.model, device=ns.device, size=ns.size, mode=ns.mode, steps=ns.steps,
-                   warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
+    opts = Options(recipe=ns.recipe, model=ns.model, device=ns.device, size=ns.size, mode=ns.mode,
+                   steps=ns.steps, warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
                    device_batches=ns.device_batches, distinct_images=ns.distinct_images,
                    peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to, recipe_argv=recipe_argv)
     if ns.flops:

@@ -111,8 +111,9 @@ def qwen2_5_vl_7b():
 
     vision = Qwen2_5_VLVisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
                                     out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
-                                    temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
-                                    tokens_per_second=2, hidden_act="silu")
+                                    temporal_patch_size=2, window_size=112,
+                                    fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
+                                    hidden_act="silu")
     text = Qwen2_5_VLTextConfig(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
                                 rms_norm_eps=1e-6, max_position_embeddings=128000,

@@ -6,7 +6,8 @@ train.py does), so a flag after `--` on the bench command line reaches the recip
 train.py (`-- --lora_r 8 --optim adamw_torch_fused`). The recipe's model set-up lines (LoRA, freezing) are
 repeated here from its train.py, each marked; tests/test_bench.py checks that the parameters that train are
 the ones train.py trains. Adding a recipe is a subclass with its `build`, `setup`, `dataset`,
-`trainer_kwargs`, `baseline` and `flop_chains`, and an entry in ADAPTERS.
+`trainer_kwargs`, `baseline` and `flop_chains`, and an entry in ADAPTERS. The chat recipes run on several
+architectures (`--model`): each is a class in CHAT_MODELS with its real config, image size and FLOP chain.
 """
 
 from __future__ import annotations
@@ -569,7 +570,8 @@ class Qwen2_5_VL:
 
     Qwen's processor sizes each image to a multiple of 28 px (patch 14, merged 2 x 2) between min_pixels and
     max_pixels, so the image tokens follow the image. The bench's images are 448 x 448 px: 32 x 32 patches,
-    256 LM tokens per image, the count of a typical VQA photo at Qwen's defaults (LLaVA-1.5 has 576).
+    256 LM tokens per image (a 640 x 480 px photo gives 391 at the checkpoint's settings; LLaVA-1.5 gives
+    576 for any image).
     """
 
     name, tiny = "qwen2_5_vl", "tiny:qwen2_5_vl"

@@ -4,6 +4,7 @@ batches.
     python -m bench clip_retrieval      # real ViT-B/32 dims, random weights, on the GPU, both modes
     python -m bench blip2_lora_caption --mode device --steps 20 --batch-size 64
     python -m bench soft_prompt_caption -- --optim adamw_torch_fused --torch_compile true
+    python -m bench llava_instruct --model qwen2_5_vl   # Qwen2.5-VL-7B-Instruct dims instead of LLaVA-1.5-7B
     python -m bench clip_retrieval --size tiny --device cpu --steps 2 --warmup 1
         # the CPU smoke (tests/test_bench.py)
 

@@ -1,6 +1,7 @@
 """bench/ on Qwen2.5-VL (`python -m bench llava_instruct --model qwen2_5_vl`): the real size's FLOPs per part
-against a count by hand from the published dims, what trains at real size, and a tiny CPU run in which the
-recipe's Trainer, the plain Trainer and TRL's SFTTrainer each train every micro-batch.
+against a count by hand from the published dims, what trains at real size, the real size's 4-bit path, and
+a tiny CPU run in which the recipe's Trainer, the plain Trainer and TRL's SFTTrainer each train every
+micro-batch.
 
 transformers' Qwen2.5-VL processor holds a video processor, which needs torchvision: without it these tests
 skip, loudly (`make test-families` runs them in a venv that has it).
@@ -109,3 +110,29 @@ def test_tiny_run_the_recipe_the_baseline_and_trl_train_every_micro_batch(tiny_r
                  if n.startswith(("base_model.model.model.visual.patch_embed",
                                   "base_model.model.model.visual.blocks")) and isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)))
     assert parts["vision"] == 2 * vision * 4 * 64
+
+
+def test_the_real_size_4bit_path_on_qwen_keeps_what_train_py_keeps_16_bit():
+    """qlora_vqa --model qwen2_5_vl at --size real quantizes random weights in memory: on the tiny Qwen2.5-VL
+    that gives the recipe loader's 4-bit model weight for weight, the ViT, its merger and the LM head 16-bit."""
+    from transformers import AutoModelForImageTextToText
+
+    from bench.adapters import load_quantized, unquantized
+    from recipes.common.args import ModelArguments
+    from recipes.common.models import load_model_and_processor, resolve_model_path
+
+    adapter = ADAPTERS["qlora_vqa"](QWEN)
+    args, path = ModelArguments(load_in_4bit=True), resolve_model_path("tiny:qwen2_5_vl")
+    skip = adapter.skip_quantization(path, args)
+    assert skip == ["model.visual", "model.visual.merger", "lm_head"]
+    recipes_own, _ = load_model_and_processor(AutoModelForImageTextToText, path, args, skip_quantization=skip)
+    plain, _ = load_model_and_processor(AutoModelForImageTextToText, path, ModelArguments())
+    assert unquantized(plain) == skip
+    ours = load_quantized(plain, args, skip, "cpu")
+    theirs = dict(recipes_own.named_parameters())
+    assert {n: (p.dtype, p.shape) for n, p in ours.named_parameters()} == {
+        n: (p.dtype, p.shape) for n, p in theirs.items()}
+    assert all(torch.equal(p, theirs[n]) for n, p in ours.named_parameters())
+    assert type(ours.model.language_model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert type(ours.model.visual.merger.mlp[0]) is torch.nn.Linear
+    assert type(ours.model.visual.blocks[0].attn.qkv) is torch.nn.Linear

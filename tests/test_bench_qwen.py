@@ -106,15 +106,16 @@ def test_tiny_run_the_recipe_the_baseline_and_trl_train_every_micro_batch(tiny_r
                for i, s in enumerate(trl_run["batch_shapes"]))
     # The recipe's FLOP chain reads the image grid: 64 patches per image in the tower, 16 in the merger.
     parts = step_flops(p.model, adapter.flop_chains(p.model, p.batches[0]))
+    tower = ("base_model.model.model.visual.patch_embed", "base_model.model.model.visual.blocks")
     vision = sum(m.weight.numel() for n, m in p.model.named_modules()
-                 if n.startswith(("base_model.model.model.visual.patch_embed",
-                                  "base_model.model.model.visual.blocks")) and isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)))
+                 if n.startswith(tower) and isinstance(m, (torch.nn.Linear, torch.nn.Conv3d)))
     assert parts["vision"] == 2 * vision * 4 * 64
 
 
 def test_the_real_size_4bit_path_on_qwen_keeps_what_train_py_keeps_16_bit():
     """qlora_vqa --model qwen2_5_vl at --size real quantizes random weights in memory: on the tiny Qwen2.5-VL
-    that gives the recipe loader's 4-bit model weight for weight, the ViT, its merger and the LM head 16-bit."""
+    that gives the recipe loader's 4-bit model weight for weight, the ViT, its merger and the LM head
+    16-bit."""
     from transformers import AutoModelForImageTextToText
 
     from bench.adapters import load_quantized, unquantized

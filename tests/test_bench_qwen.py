@@ -12,15 +12,16 @@ import math
 import tempfile
 
 import pytest
+
+if importlib.util.find_spec("torchvision") is None:  # before the imports below, which take seconds
+    pytest.skip("SKIPPED LOUDLY: the Qwen2.5-VL bench needs torchvision (its processor's video processor); "
+                "make test-families runs these tests", allow_module_level=True)
+
 import torch
 
 from bench import harness
 from bench.adapters import ADAPTERS
 from bench.flops import step_flops
-
-if importlib.util.find_spec("torchvision") is None:
-    pytest.skip("SKIPPED LOUDLY: the Qwen2.5-VL bench needs torchvision (its processor's video processor); "
-                "make test-families runs these tests", allow_module_level=True)
 
 QWEN = "qwen2_5_vl"
 # Qwen2.5-VL-7B-Instruct's dims (config.json): LM, ViT and merger

@@ -6,7 +6,8 @@ train.py does), so a flag after `--` on the bench command line reaches the recip
 train.py (`-- --lora_r 8 --optim adamw_torch_fused`). The recipe's model set-up lines (LoRA, freezing) are
 repeated here from its train.py, each marked; tests/test_bench.py checks that the parameters that train are
 the ones train.py trains. Adding a recipe is a subclass with its `build`, `setup`, `dataset`,
-`trainer_kwargs`, `baseline` and `flop_chains`, and an entry in ADAPTERS.
+`trainer_kwargs`, `baseline` and `flop_chains`, and an entry in ADAPTERS. The chat recipes run on several
+architectures (`--model`): each is a class in CHAT_MODELS with its real config, image size and FLOP chain.
 """
 
 from __future__ import annotations
@@ -510,19 +511,132 @@ class SoftPromptCaption(Adapter):
 
 
 # --- llava_instruct and qlora_vqa ---------------------------------------------------------------------------
-# LoRA on every linear layer of the Llama LM and nowhere else (the issue's shape): peft has no default targets
-# for LLaVA, and "all-linear" would put LoRA on the CLIP tower and the projector too.
-LLAMA_LINEARS = r"model\.language_model\..*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# LoRA on every linear layer of the LM and nowhere else (the issue's shape): peft has no default targets for
+# these models, and "all-linear" would put LoRA on the vision tower and the projector too. LLaVA's Llama and
+# Qwen2.5-VL's Qwen2 name them alike (model.language_model.layers.N.self_attn.q_proj, ...).
+LM_LINEARS = r"model\.language_model\..*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-class _Llava(Adapter):
-    """What the two LLaVA recipes share: the model (the recipe's tiny one, or LLaVA-1.5-7B's dims), the chat
-    samples filled to the length budget (bench.data.fill_conversations), the collator and the FLOP chain."""
+def unquantized(model) -> list[str]:
+    """What QLoRA keeps 16-bit, found from the model's structure as train.py finds it
+    (`recipes.common.quantization.unquantized_modules`): the vision tower, the bridge and the LM head."""
+    from recipes.common.peft_setup import find_components
+
+    parts = find_components(model)
+    return [*parts.vision, *parts.bridge, parts.output]
+
+
+class Llava15:
+    """`--model llava` (the default): LLaVA-1.5-7B, CLIP ViT-L/14 at 336 px (576 image tokens), Vicuna-7B."""
+
+    name, tiny = "llava", "tiny:llava"
+    image_tokens = "576 per image; 64 at --size tiny"
+    bridge = "projector"
+
+    @staticmethod
+    def model_class():
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    def image_size(self, size):
+        return real_configs.llava_1_5_7b().vision_config.image_size if size == "real" else None
+
+    def real_config(self, processor):
+        """The real config, and the tiny processor made to write and fill its image tokens."""
+        config = real_configs.llava_1_5_7b()
+        # The tiny tokenizer's `<image>` id (inside the real vocabulary): the model finds the image positions
+        # by it.
+        config.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        # 336 px in patches of 14: the processor expands `<image>` into the 576 tokens the model fills.
+        processor.patch_size = config.vision_config.patch_size
+        resize_image_processor(processor.image_processor, config.vision_config.image_size)
+        return config
+
+    def flop_chains(self, model, batch, tokens: int):
+        config = model.config
+        n_images = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
+        positions = vision_positions(config.vision_config)
+        # The whole tower runs (LLaVA reads layer -2, the last layer is computed all the same); the projector
+        # and LM see the patches alone ("default" feature strategy: no class token).
+        return [[Part("vision", ("model.vision_tower",), n_images * positions),
+                 Part("bridge", ("model.multi_modal_projector",), n_images * (positions - 1)),
+                 Part("language", ("model.language_model", "lm_head"), tokens)]]
+
+
+class Qwen2_5_VL:
+    """`--model qwen2_5_vl`: Qwen2.5-VL-7B-Instruct, a window-attention ViT over images at their own
+    resolution, its 2 x 2 patch merger, Qwen2.5-7B.
+
+    Qwen's processor sizes each image to a multiple of 28 px (patch 14, merged 2 x 2) between min_pixels and
+    max_pixels, so the image tokens follow the image. The bench's images are 448 x 448 px: 32 x 32 patches,
+    256 LM tokens per image (a 640 x 480 px photo gives 391 at the checkpoint's settings; LLaVA-1.5 gives
+    576 for any image).
+    """
+
+    name, tiny = "qwen2_5_vl", "tiny:qwen2_5_vl"
+    image_tokens = "256 per 448 x 448 px image; 16 at --size tiny (64 x 64 px)"
+    bridge = "patch merger"
+    REAL_SIDE = 448
+
+    @staticmethod
+    def model_class():
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        return Qwen2_5_VLForConditionalGeneration
+
+    def image_size(self, size):
+        from recipes.common.tiny.models import IMAGE_SIZE
+
+        return self.REAL_SIDE if size == "real" else IMAGE_SIZE
+
+    def real_config(self, processor):
+        """The real config, and the tiny processor made to cut images into its patches."""
+        config = real_configs.qwen2_5_vl_7b()
+        # The tiny tokenizer's ids (inside the real vocabulary): the model finds the images by them.
+        ids = processor.tokenizer.convert_tokens_to_ids
+        config.image_token_id, config.video_token_id = ids("<|image_pad|>"), ids("<|video_pad|>")
+        config.vision_start_token_id = ids("<|vision_start|>")
+        config.vision_end_token_id = ids("<|vision_end|>")
+        v, old = config.vision_config, processor.image_processor
+        # min_pixels 3136 and max_pixels 12845056: the checkpoint's preprocessor_config.json
+        processor.image_processor = type(old)(
+            size={"shortest_edge": 3136, "longest_edge": 12845056}, patch_size=v.patch_size,
+            temporal_patch_size=v.temporal_patch_size,
+            merge_size=v.spatial_merge_size, image_mean=old.image_mean, image_std=old.image_std)
+        return config
+
+    def flop_chains(self, model, batch, tokens: int):
+        merge = model.config.vision_config.spatial_merge_size
+        # t x h x w patches per image; the merger's MLP runs once per 2 x 2 of them
+        patches = int(batch["image_grid_thw"].prod(-1).sum()) if "image_grid_thw" in batch else 0
+        return [[Part("vision", ("model.visual.patch_embed", "model.visual.blocks"), patches),
+                 Part("bridge", ("model.visual.merger",), patches // merge**2),
+                 Part("language", ("model.language_model", "lm_head"), tokens)]]
+
+
+CHAT_MODELS = {m.name: m for m in (Llava15, Qwen2_5_VL)}
+
+
+class ChatAdapter(Adapter):
+    """What the two chat recipes share: the model (the recipe's tiny one of the architecture, or its real
+    dims: LLaVA-1.5-7B or Qwen2.5-VL-7B-Instruct), the chat samples filled to the length budget
+    (bench.data.fill_conversations), the collator and the FLOP chain."""
 
     real_batch_size = 8  # the issue's micro-batch
-    tokens_counted = ("LM positions but padding: the image tokens (576 per image; 64 at --size tiny), the "
-                      "chat template, questions and answers")
-    unquantized = None  # skip_quantization of the recipe's loader (train.py passes none)
+
+    def __init__(self, model: str = "llava"):
+        super().__init__()
+        self.chat = CHAT_MODELS[model]()
+
+    @property
+    def tiny_argv(self):
+        return ("--model_name_or_path", self.chat.tiny)
+
+    @property
+    def tokens_counted(self):
+        return (f"LM positions but padding: the image tokens ({self.chat.image_tokens}), the chat template, "
+                "questions and answers")
 
     @property
     def arg_types(self):
@@ -533,33 +647,31 @@ class _Llava(Adapter):
                 LossArguments, GenerationEvalArguments, extra, ChatBatchArguments, TrainingArguments)
 
     def image_size(self, size):
-        return real_configs.llava_1_5_7b().vision_config.image_size if size == "real" else None
+        return self.chat.image_size(size)
+
+    def skip_quantization(self, path: str, m: ModelArguments) -> list[str] | None:
+        """skip_quantization of the recipe's loader at --size tiny (train.py passes none)."""
+        return None
 
     def _model(self, a, size, device, dtype=None):
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         m = a.ModelArguments
         if size == "tiny":
-            return load_model_and_processor(LlavaForConditionalGeneration,
-                                            resolve_model_path(m.model_name_or_path), m,
-                                            skip_quantization=self.unquantized)
-        processor = AutoProcessor.from_pretrained(resolve_model_path("tiny:llava"))
-        config = real_configs.llava_1_5_7b()
-        # The tiny tokenizer's `<image>` id (inside the real vocabulary): the model finds the image positions
-        # by it.
-        config.image_token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
-        model = on_device(LlavaForConditionalGeneration, config, m, device, dtype)
-        # 336 px in patches of 14: the processor expands `<image>` into the 576 tokens the model fills.
-        processor.patch_size = config.vision_config.patch_size
-        resize_image_processor(processor.image_processor, config.vision_config.image_size)
+            path = resolve_model_path(m.model_name_or_path)
+            return load_model_and_processor(AutoModelForImageTextToText, path, m,
+                                            skip_quantization=self.skip_quantization(path, m))
+        processor = AutoProcessor.from_pretrained(resolve_model_path(self.chat.tiny))
+        config = self.chat.real_config(processor)
+        model = on_device(self.chat.model_class(), config, m, device, dtype)
         processor.tokenizer.model_max_length = config.text_config.max_position_embeddings
         return model, processor
 
     def build(self, a, size, device):
-        from recipes.common.chat import ChatEncoder
+        from recipes.common.chat import chat_encoder
 
         model, processor = self._model(a, size, device)
-        self.encoder = ChatEncoder(processor)  # dataset() renders conversations with it, as train.py does
+        self.encoder = chat_encoder(processor)  # dataset() renders conversations with it, as train.py does
         return model, processor.tokenizer, processor.image_processor
 
     def setup(self, model, a):
@@ -601,7 +713,7 @@ class _Llava(Adapter):
         if a.PeftArguments.peft_method != "lora":
             raise ValueError(f"the {self.name} baseline is LoRA; bench --peft_method "
                              f"{a.PeftArguments.peft_method} with --no-baseline.")
-        return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r, target_modules=LLAMA_LINEARS,
+        return get_peft_model(model, LoraConfig(r=a.PeftArguments.lora_r, target_modules=LM_LINEARS,
                                                 modules_to_save=a.PeftArguments.modules_to_save or None))
 
     def _sft_rows(self, records, a) -> list[dict]:
@@ -620,33 +732,32 @@ class _Llava(Adapter):
     def _sft_lora(self, a):
         from peft import LoraConfig
 
-        return LoraConfig(r=a.PeftArguments.lora_r, target_modules=LLAMA_LINEARS,
+        return LoraConfig(r=a.PeftArguments.lora_r, target_modules=LM_LINEARS,
                           modules_to_save=a.PeftArguments.modules_to_save or None)
 
     def samples(self, batch):
         return batch["input_ids"].shape[0]  # text-only samples have no pixel_values
 
     def flop_chains(self, model, batch):
-        config = model.config
-        n_images = batch["pixel_values"].shape[0] if "pixel_values" in batch else 0
-        positions = vision_positions(config.vision_config)
-        # The whole tower runs (LLaVA reads layer -2, the last layer is computed all the same); the projector
-        # and LM see the patches alone ("default" feature strategy: no class token).
-        return [[Part("vision", ("model.vision_tower",), n_images * positions),
-                 Part("bridge", ("model.multi_modal_projector",), n_images * (positions - 1)),
-                 Part("language", ("model.language_model", "lm_head"), int(self.tokens(batch)))]]
+        return self.chat.flop_chains(model, batch, int(self.tokens(batch)))
 
 
-class LlavaInstruct(_Llava):
+class LlavaInstruct(ChatAdapter):
     name, task = "llava_instruct", "instruct"
-    # Stage 2 as in the issue's shape: the projector and LoRA on the LM train, the whole vision tower is
-    # frozen (the recipe's config.yaml also trains the last CLIP layer it reads, for the tiny model).
-    tiny_argv = ("--model_name_or_path", "tiny:llava", "--unfreeze_last_n_vision_layers", "0")
     real_argv = ("--max_length", "832", "--unfreeze_last_n_vision_layers", "0")
-    baseline_loaded_as = ("LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) + "
-                          "get_peft_model(LoraConfig(r=lora_r, target_modules=the LM's "
-                          "q/k/v/o/gate/up/down_proj, modules_to_save=[projector])): PEFT's defaults "
-                          "otherwise (alpha 8, no dropout); vision tower frozen")
+
+    @property
+    def tiny_argv(self):
+        # Stage 2 as in the issue's shape: the projector and LoRA on the LM train, the whole vision tower is
+        # frozen (the recipe's config.yaml also trains the last vision layer it reads, for the tiny model).
+        return (*super().tiny_argv, "--unfreeze_last_n_vision_layers", "0")
+
+    @property
+    def baseline_loaded_as(self):
+        return (f"{self.chat.model_class().__name__} in bf16 on a GPU (float32 on the CPU) + "
+                "get_peft_model(LoraConfig(r=lora_r, target_modules=the LM's "
+                f"q/k/v/o/gate/up/down_proj, modules_to_save=[{self.chat.bridge}])): PEFT's defaults "
+                "otherwise (alpha 8, no dropout); vision tower frozen")
 
     def conversations(self, records, a):
         return records  # instruct records are conversations already (stage 2)
@@ -658,32 +769,39 @@ class LlavaInstruct(_Llava):
         model, _ = self._model(a, size, device, dtype=user_dtype(device))
         return self._baseline_lora(model, a)
 
-    sft_loaded_as = ("trl.SFTTrainer on LlavaForConditionalGeneration in bf16 on a GPU (float32 on the CPU) "
-                     "with its AutoProcessor and chat template, rows {images, messages} (TRL's default for "
-                     "them: loss on every non-pad token, image tokens included), "
-                     "peft_config=LoraConfig(r=lora_r, target_modules=the LM's q/k/v/o/gate/up/down_proj, "
-                     "modules_to_save=[projector])")
+    @property
+    def sft_loaded_as(self):
+        return (f"trl.SFTTrainer on {self.chat.model_class().__name__} in bf16 on a GPU (float32 on the CPU) "
+                "with its AutoProcessor and chat template, rows {images, messages} (TRL's default for "
+                "them: loss on every non-pad token, image tokens included), "
+                "peft_config=LoraConfig(r=lora_r, target_modules=the LM's q/k/v/o/gate/up/down_proj, "
+                f"modules_to_save=[{self.chat.bridge}])")
 
     def sft(self, a, size, device, records):
         model, processor = self._model(a, size, device, dtype=user_dtype(device))
         return SftBaseline(model, processor, self._sft_rows(records, a), self._sft_lora(a))
 
 
-class QloraVqa(_Llava):
+class QloraVqa(ChatAdapter):
     name, task = "qlora_vqa", "vqa"
-    tiny_argv = ("--model_name_or_path", "tiny:llava")
     real_argv = ("--max_length", "832")
-    baseline_loaded_as = ("plain QLoRA: the same 4-bit LlavaForConditionalGeneration (NF4, double quant, the "
-                          "LM's linears only), peft's prepare_model_for_kbit_training (every other weight to "
-                          "float32, checkpointing with the input-gradient hook) + "
-                          "get_peft_model(LoraConfig(r=lora_r, target_modules=the LM's "
-                          "q/k/v/o/gate/up/down_proj, modules_to_save=[projector])): PEFT's defaults "
-                          "otherwise (alpha 8, no dropout)")
 
     @property
-    def unquantized(self):
-        # the vision tower, projector and LM head stay 16-bit, as train.py finds them
-        return ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    def baseline_loaded_as(self):
+        return (f"plain QLoRA: the same 4-bit {self.chat.model_class().__name__} (NF4, double quant, the "
+                "LM's linears only), peft's prepare_model_for_kbit_training (every other weight to "
+                "float32, checkpointing with the input-gradient hook) + "
+                "get_peft_model(LoraConfig(r=lora_r, target_modules=the LM's "
+                f"q/k/v/o/gate/up/down_proj, modules_to_save=[{self.chat.bridge}])): PEFT's defaults "
+                "otherwise (alpha 8, no dropout)")
+
+    def skip_quantization(self, path, m):
+        from transformers import AutoModelForImageTextToText
+
+        from recipes.common.quantization import unquantized_modules
+
+        # as train.py: the vision tower, bridge and LM head stay 16-bit
+        return unquantized_modules(AutoModelForImageTextToText, path, m)
 
     def parse(self, argv):
         from recipes.common.quantization import fall_back_to_cpu_optimizer
@@ -696,10 +814,10 @@ class QloraVqa(_Llava):
         model, processor = super()._model(a, size, device, dtype)
         m = a.ModelArguments
         # At --size real the weights are random and in memory: quantize them as from_pretrained quantizes a
-        # checkpoint. The meta device has no values to quantize: its LM stays nn.Linear, of the same shapes
-        # (FLOPs, what trains).
+        # checkpoint, the same modules left 16-bit. The meta device has no values to quantize: its LM stays
+        # nn.Linear, of the same shapes (FLOPs, what trains).
         if size == "real" and device != "meta" and (m.load_in_4bit or m.load_in_8bit):
-            model = load_quantized(model, m, self.unquantized, device)
+            model = load_quantized(model, m, unquantized(model), device)
             if device == "cuda":
                 gc.collect()
                 torch.cuda.empty_cache()  # the 16-bit copy's blocks are not the training's reserved memory
@@ -724,11 +842,13 @@ class QloraVqa(_Llava):
         model, _ = self._model(a, size, device)
         return self._baseline_lora(prepare_model_for_kbit_training(model), a)
 
-    sft_loaded_as = ("trl.SFTTrainer on the same 4-bit LlavaForConditionalGeneration (NF4, double quant, the "
-                     "LM's linears only) with its AutoProcessor and chat template, rows {images, messages} "
-                     "(TRL's default: loss on every non-pad token, image tokens included), "
-                     "peft_config=LoraConfig(r=lora_r, target_modules=the LM's q/k/v/o/gate/up/down_proj, "
-                     "modules_to_save=[projector]); TRL casts the LoRA weights to bf16")
+    @property
+    def sft_loaded_as(self):
+        return (f"trl.SFTTrainer on the same 4-bit {self.chat.model_class().__name__} (NF4, double quant, "
+                "the LM's linears only) with its AutoProcessor and chat template, rows {images, messages} "
+                "(TRL's default: loss on every non-pad token, image tokens included), "
+                "peft_config=LoraConfig(r=lora_r, target_modules=the LM's q/k/v/o/gate/up/down_proj, "
+                f"modules_to_save=[{self.chat.bridge}]); TRL casts the LoRA weights to bf16")
 
     def sft(self, a, size, device, records):
         model, processor = self._model(a, size, device)

@@ -12,8 +12,9 @@ et al. 2022, "PaLM", app. B): a weight matrix of N entries applied to T tokens c
 
 "Before" is the forward order: the parts of a chain in the order the adapter lists them, and modules in
 registration order inside a part (which is their forward order in these models). Counted: every Linear,
-GPT-2 Conv1D and patch-embedding Conv2d (per token, an im2col'd convolution is a matmul with its weight), the
-LM head included; a 4-bit Linear counts its full in x out (its dequantization is not counted). Not counted:
+GPT-2 Conv1D and patch-embedding Conv2d or Conv3d (Qwen's, over 2 frames x 14 x 14 px; per token, an
+im2col'd convolution is a matmul with its weight), the LM head included; a 4-bit Linear counts its full in x
+out (its dequantization is not counted). Not counted:
 attention scores (12·L·d·T per token in PaLM's formula: a few percent at these lengths), embeddings, norms,
 the loss, and the optimizer. T counts real tokens only (no padding), so padding
 lowers MFU, as it should. A Q-Former's cross-attention reads image tokens, but its key/value projections are
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from transformers.pytorch_utils import Conv1D
 
-MATMULS = (torch.nn.Linear, Conv1D, torch.nn.Conv2d)
+MATMULS = (torch.nn.Linear, Conv1D, torch.nn.Conv2d, torch.nn.Conv3d)
 PEFT_PREFIX = "base_model.model."
 
 

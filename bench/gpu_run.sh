@@ -5,13 +5,15 @@
 #   bash bench/gpu_run.sh qlora    qlora_vqa at LLaVA-1.5-7B dims, LM in NF4
 #   bash bench/gpu_run.sh levers   the levers of RESULTS.md's table for the BLIP-2, soft-prompt and CLIP recipes, device mode
 #   bash bench/gpu_run.sh llava-levers   the same for llava_instruct at LLaVA-1.5-7B dims
+#   bash bench/gpu_run.sh qwen     llava_instruct at Qwen2.5-VL-7B-Instruct dims (--model qwen2_5_vl)
+#   bash bench/gpu_run.sh qwen-qlora   qlora_vqa at Qwen2.5-VL-7B-Instruct dims, LM in NF4
 # on the device machine with `carry: [".whl"]` (bench/gpu_wheels.sh makes .whl/ here). Each run writes
 # $OUT/<name>.json (the harness's JSON: device, versions, command, rows) and $OUT/<name>.log, and a line to
 # $OUT/summary.txt; a run that fails or outlasts its share is a line too, and the next one starts. Run the groups by
 # priority, one device call each. BENCH adds harness flags to every run: BENCH="--size tiny --device cpu --steps 1
 # --warmup 1" runs the whole script on the tiny models here (a smoke run of the script, no figures).
 set -u
-group=${1:?usage: bash bench/gpu_run.sh core|llava|qlora|levers|llava-levers}
+group=${1:?usage: bash bench/gpu_run.sh core|llava|qlora|levers|llava-levers|qwen|qwen-qlora}
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -63,8 +65,14 @@ case $group in
     run llava-fused 110 llava_instruct --mode device --no-baseline -- --optim adamw_torch_fused
     run llava-paddingfree 110 llava_instruct --mode device --no-baseline -- --padding_free true
     ;;
+  qwen)
+    run qwen 540 llava_instruct --model qwen2_5_vl
+    ;;
+  qwen-qlora)
+    run qwen-qlora 540 qlora_vqa --model qwen2_5_vl
+    ;;
   *)
-    echo "unknown group $group: core, llava, qlora, levers or llava-levers" >&2
+    echo "unknown group $group: core, llava, qlora, levers, llava-levers, qwen or qwen-qlora" >&2
     exit 2
     ;;
 esac

@@ -4,6 +4,7 @@ batches.
     python -m bench clip_retrieval      # real ViT-B/32 dims, random weights, on the GPU, both modes
     python -m bench blip2_lora_caption --mode device --steps 20 --batch-size 64
     python -m bench soft_prompt_caption -- --optim adamw_torch_fused --torch_compile true
+    python -m bench llava_instruct --model qwen2_5_vl   # Qwen2.5-VL-7B-Instruct dims instead of LLaVA-1.5-7B
     python -m bench clip_retrieval --size tiny --device cpu --steps 2 --warmup 1
         # the CPU smoke (tests/test_bench.py)
 
@@ -40,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 
-from bench.adapters import ADAPTERS, Adapter
+from bench.adapters import ADAPTERS, CHAT_MODELS, Adapter, ChatAdapter
 from bench.data import synthetic_jpeg_records
 from bench.flops import peak_tflops, step_flops
 from recipes.common.data import load_records
@@ -48,6 +49,10 @@ from recipes.common.data import load_records
 FLOP_CONVENTION = ("6NT for trained weights, 4NT for frozen weights after a trained one (backward through "
                    "them), 2NT for frozen weights with nothing trained before them; N per weight matrix, T "
                    "real tokens; attention scores not counted (bench/flops.py)")
+
+
+# What a FLOP count reads the values of (bench.adapters' flop_chains); the rest it reads the shapes of.
+KEPT_FOR_FLOPS = ("attention_mask", "image_grid_thw")
 
 
 class PremadeBatches:
@@ -107,7 +112,8 @@ class MicroBatch:
     tokens: torch.Tensor
     samples: int
     shapes: dict[str, list[int]]
-    # the attention mask, and every other tensor as a meta tensor of its shape (FLOPs)
+    # the attention mask and Qwen's image grid (t, h, w per image), every other tensor as a meta tensor of its
+    # shape (FLOPs)
     light: dict[str, torch.Tensor]
 
 
@@ -129,7 +135,7 @@ def timed_trainer(trainer_cls, adapter: Adapter):
             tensors = {k: v for k, v in inputs.items() if torch.is_tensor(v)}
             record = MicroBatch(self.state.global_step, None, adapter.tokens(inputs), adapter.samples(inputs),
                                 {k: list(v.shape) for k, v in tensors.items()},
-                                {k: v if k == "attention_mask" else v.to("meta") for k, v in tensors.items()})
+                                {k: v if k in KEPT_FOR_FLOPS else v.to("meta") for k, v in tensors.items()})
             record.loss = super().training_step(model, inputs, num_items_in_batch)
             self.bench_steps.append(record)
             return record.loss
@@ -162,6 +168,7 @@ class StepClock(TrainerCallback):
 class Options:
     recipe: str
     device: str = "cuda"
+    model: str | None = None  # the chat recipes' architecture (bench.adapters.CHAT_MODELS); None: llava
     size: str = "real"
     mode: str = "both"
     steps: int = 20
@@ -378,21 +385,45 @@ def prepare(adapter: Adapter, opts: Options, mode: str, output_dir: str, batch_s
                     base_collator or collator, base_batches)
 
 
-def run(opts: Options) -> dict:
-    """Bench one recipe as `opts` says; returns the JSON-ready result (fields: bench/RESULTS.md)."""
+def make_adapter(opts: Options) -> Adapter:
+    """The recipe's adapter, on the architecture --model names (the chat recipes only)."""
     if opts.recipe not in ADAPTERS:
         raise SystemExit(f"unknown recipe {opts.recipe!r}; benchable: {', '.join(sorted(ADAPTERS))}")
+    if (error := model_error(opts.recipe, opts.model)) is not None:
+        raise SystemExit(error)
+    return ADAPTERS[opts.recipe]() if opts.model is None else ADAPTERS[opts.recipe](opts.model)
+
+
+def model_error(recipe: str, model: str | None) -> str | None:
+    """What is wrong with --model for `recipe` (None: nothing)."""
+    if model is None:
+        return None
+    if not issubclass(ADAPTERS[recipe], ChatAdapter):
+        chat = sorted(n for n, c in ADAPTERS.items() if issubclass(c, ChatAdapter))
+        return (f"--model is for the chat recipes ({', '.join(chat)}); {recipe} benches the architecture of "
+                "its own train.py")
+    if model not in CHAT_MODELS:
+        return f"--model {model}: expected one of {', '.join(CHAT_MODELS)}"
+    return None
+
+
+def _model_name(adapter: Adapter) -> str | None:
+    return adapter.chat.name if isinstance(adapter, ChatAdapter) else None
+
+
+def run(opts: Options) -> dict:
+    """Bench one recipe as `opts` says; returns the JSON-ready result (fields: bench/RESULTS.md)."""
     if opts.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no GPU is visible here; use --device cpu (with --size tiny for a "
                          "quick check)")
     if opts.warmup < 1 or opts.steps < 1:
         raise SystemExit("--warmup and --steps must be at least 1 (the clock starts at the end of a warm-up "
                          "step)")
-    adapter = ADAPTERS[opts.recipe]()
+    adapter = make_adapter(opts)
     batch_size = opts.batch_size or (adapter.real_batch_size if opts.size == "real" else 4)
     modes = ["device", "e2e"] if opts.mode == "both" else [opts.mode]
-    out = {"recipe": opts.recipe, "size": opts.size, "device": _device_name(opts.device),
-           "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
+    out = {"recipe": opts.recipe, "model": _model_name(adapter), "size": opts.size,
+           "device": _device_name(opts.device), "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
            "warmup_steps": opts.warmup,
            "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
            "versions": _versions(), "flop_convention": FLOP_CONVENTION,
@@ -441,7 +472,7 @@ def count_flops(opts: Options) -> dict:
 
     At --size real the model is built on the meta device (no memory, no weights), so this runs anywhere.
     """
-    adapter = ADAPTERS[opts.recipe]()
+    adapter = make_adapter(opts)
     batch_size = opts.batch_size or (adapter.real_batch_size if opts.size == "real" else 4)
     opts = Options(**{**vars(opts), "device": "meta" if opts.size == "real" else "cpu"})
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -450,8 +481,9 @@ def count_flops(opts: Options) -> dict:
     for batch in p.batches:
         for part, flops in step_flops(p.model, adapter.flop_chains(p.model, batch)).items():
             per_part[part] = per_part.get(part, 0.0) + flops / adapter.samples(batch) / len(p.batches)
-    return {"recipe": opts.recipe, "size": opts.size, "batch_size": batch_size,
-            "pad_text_to": opts.pad_text_to, "gflop_per_sample": {k: v / 1e9 for k, v in per_part.items()},
+    return {"recipe": opts.recipe, "model": _model_name(adapter), "size": opts.size,
+            "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
+            "gflop_per_sample": {k: v / 1e9 for k, v in per_part.items()},
             "tokens_per_sample": (sum(int(adapter.tokens(b)) for b in p.batches)
                                   / (batch_size * len(p.batches))),
             "flop_convention": FLOP_CONVENTION}
@@ -506,7 +538,8 @@ def _trl_installed() -> bool:
 def markdown(result: dict) -> str:
     """The result as a Markdown table, one row per run, and the recipe / baseline ratios per mode."""
     steps = next((r["optimizer_steps"] for r in result["runs"] if "error" not in r), 0)
-    lines = [f"{result['recipe']} ({result['size']} dims) on {result['device']}, batch "
+    model = f" on {result['model']}" if result["model"] else ""
+    lines = [f"{result['recipe']}{model} ({result['size']} dims) on {result['device']}, batch "
              f"{result['batch_size']}, {steps} timed steps after {result['warmup_steps']} warm-up", "",
              "| mode | trainer | precision | trainable params | samples/s | tokens/s | MFU | peak alloc GiB "
              "| peak reserved GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -549,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
                                 epilog="Flags after -- go to the recipe's own parser, e.g. -- --optim "
                                        "adamw_torch_fused.")
     p.add_argument("recipe", help=f"one of {', '.join(sorted(ADAPTERS))}")
+    p.add_argument("--model", choices=sorted(CHAT_MODELS), default=None,
+                   help="llava_instruct and qlora_vqa only: the architecture, llava (LLaVA-1.5-7B, the "
+                        "default) or qwen2_5_vl (Qwen2.5-VL-7B-Instruct); the tiny model of it at --size "
+                        "tiny")
     p.add_argument("--device", choices=["cuda", "cpu"],
                    default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--size", choices=["real", "tiny"], default="real",
@@ -575,8 +612,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None,
                    help="also write the full result (per-step losses, shapes) to this file")
     ns = p.parse_args(argv)
-    opts = Options(recipe=ns.recipe, device=ns.device, size=ns.size, mode=ns.mode, steps=ns.steps,
-                   warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
+    if ns.recipe in ADAPTERS and (error := model_error(ns.recipe, ns.model)) is not None:
+        p.error(error)  # exit 2, one line
+    opts = Options(recipe=ns.recipe, model=ns.model, device=ns.device, size=ns.size, mode=ns.mode,
+                   steps=ns.steps, warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
                    device_batches=ns.device_batches, distinct_images=ns.distinct_images,
                    peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to, recipe_argv=recipe_argv)
     if ns.flops:

@@ -93,3 +93,33 @@ def siglip2_base_patch16_224():
     text = SiglipTextConfig(vocab_size=256_000, max_position_embeddings=64, pad_token_id=0, eos_token_id=1,
                             bos_token_id=2)
     return SiglipConfig(text_config=text.to_dict(), vision_config=SiglipVisionConfig().to_dict())
+
+
+def qwen2_5_vl_7b():
+    """Qwen/Qwen2.5-VL-7B-Instruct: a 32-block window-attention ViT (patch 14, 2 x 2 patch merger) over images
+    at their own resolution, and a 28-layer Qwen2.5-7B LM with M-RoPE.
+
+    config.json, text: hidden 3584, MLP 18944, 28 layers, 28 heads, 4 key/value heads, vocab 152064,
+    rms_norm_eps 1e-6, rope_theta 1e6, 128000 positions, rope_scaling {"type": "mrope", "mrope_section":
+    [16, 24, 24]}, tie_word_embeddings false, bos 151643, eos 151645; vision_start 151652, vision_end 151653,
+    image 151655, video 151656. vision_config: depth 32, hidden 1280, MLP 3420, 16 heads, out_hidden_size
+    3584, patch 14, spatial_merge_size 2, temporal_patch_size 2, window_size 112, full attention in blocks
+    7, 15, 23 and 31, tokens_per_second 2, silu. transformers 5 takes the text fields as a text_config and
+    the mrope rope_scaling as rope_parameters of type "default" with the mrope_section.
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig
+
+    vision = Qwen2_5_VLVisionConfig(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
+                                    out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                                    temporal_patch_size=2, window_size=112,
+                                    fullatt_block_indexes=[7, 15, 23, 31], tokens_per_second=2,
+                                    hidden_act="silu")
+    text = Qwen2_5_VLTextConfig(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                                num_attention_heads=28, num_key_value_heads=4, vocab_size=152064,
+                                rms_norm_eps=1e-6, max_position_embeddings=128000,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                                 "mrope_section": [16, 24, 24]},
+                                bos_token_id=151643, eos_token_id=151645)
+    return Qwen2_5_VLConfig(vision_config=vision.to_dict(), text_config=text.to_dict(),
+                            vision_start_token_id=151652, vision_end_token_id=151653, image_token_id=151655,
+                            video_token_id=151656, tie_word_embeddings=False)

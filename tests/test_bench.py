@@ -20,7 +20,8 @@ RECIPES = sorted(ADAPTERS)
 RUN_FIELDS = {"who", "mode", "trainer", "trainable_parameters", "parameters", "precision", "loaded_as", "optimizer_steps",
               "seconds", "samples", "tokens", "samples_per_s", "tokens_per_s", "model_tflop_per_s", "mfu",
               "peak_allocated_gib", "peak_reserved_gib", "losses", "batch_tokens", "batch_shapes"}
-TOP_FIELDS = {"recipe", "size", "pad_text_to", "device", "batch_size", "warmup_steps", "gradient_accumulation_steps",
+TOP_FIELDS = {"recipe", "model", "size", "pad_text_to", "device", "batch_size", "warmup_steps",
+              "gradient_accumulation_steps",
               "command", "versions", "flop_convention", "tokens_counted", "baseline_loaded_as", "sft_loaded_as", "runs",
               "notes"}
 # The recipes with TRL's SFTTrainer as a second baseline (the generative ones whose model is a transformers VLM).
@@ -124,9 +125,25 @@ def test_flops_follow_6_4_2_nt_in_forward_order():
     assert peak_tflops("Tesla T4") is None
 
 
+def _qwen2_5_vl_7b_parameters():
+    """Qwen2.5-VL-7B-Instruct's parameters summed from the tensor shapes its safetensors hold (config.json's
+    dims: the LM 3584 wide, MLP 18944, 28 layers, 28 query and 4 key/value heads of 128, vocab 152064, untied
+    head; the ViT 1280 wide, MLP 3420, 32 blocks, patch 2 x 14 x 14, merger 4 x 1280 -> 3584)."""
+    d, ffn, kv, vocab = 3584, 18944, 4 * 128, 152064
+    attention = (d * d + d) + 2 * (d * kv + kv) + d * d  # q, k, v with biases, o without
+    layer = attention + 3 * d * ffn + 2 * d  # gate/up/down, two RMSNorms
+    lm = 2 * vocab * d + 28 * layer + d  # embeddings, LM head, final norm
+    w, vffn = 1280, 3420
+    block = 2 * w + (w * 3 * w + 3 * w) + (w * w + w) + 2 * (w * vffn + vffn) + (vffn * w + w)
+    merger = w + (4 * w * 4 * w + 4 * w) + (4 * w * d + d)  # RMSNorm, then the MLP over 2 x 2 patches
+    vision = w * 3 * 2 * 14 * 14 + 32 * block + merger  # Conv3d patch embedding (no bias)
+    assert lm + vision == 8_292_166_656  # "8.29B" on the model card
+    return lm + vision
+
+
 def test_real_configs_have_the_published_parameter_counts():
     from transformers import (Blip2ForConditionalGeneration, CLIPModel, CLIPVisionModel, GPT2LMHeadModel,
-                              LlavaForConditionalGeneration)
+                              LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)
 
     expected = {  # the checkpoints' model cards / safetensors metadata
         "blip2_opt_2_7b": (Blip2ForConditionalGeneration, 3_744_761_856),
@@ -134,6 +151,7 @@ def test_real_configs_have_the_published_parameter_counts():
         "clip_vit_b32_vision": (CLIPVisionModel, 87_456_000),
         "gpt2_small": (GPT2LMHeadModel, 124_439_808),
         "llava_1_5_7b": (LlavaForConditionalGeneration, 7_063_427_072),
+        "qwen2_5_vl_7b": (Qwen2_5_VLForConditionalGeneration, _qwen2_5_vl_7b_parameters()),
     }
     for name, (cls, count) in expected.items():
         with torch.device("meta"):
@@ -230,15 +248,19 @@ def test_the_real_size_4bit_path_quantizes_as_the_recipes_loader_and_counts_flop
     same path gives the recipe's 4-bit model (its loader, from the checkpoint's files) weight for weight."""
     from transformers import LlavaForConditionalGeneration
 
-    from bench.adapters import load_quantized
+    from bench.adapters import load_quantized, unquantized
     from recipes.common.args import ModelArguments
     from recipes.common.models import load_model_and_processor, resolve_model_path
 
     adapter = ADAPTERS["qlora_vqa"]()
     args, path = ModelArguments(load_in_4bit=True), resolve_model_path("tiny:llava")
-    recipes_own, _ = load_model_and_processor(LlavaForConditionalGeneration, path, args, skip_quantization=adapter.unquantized)
+    skip = adapter.skip_quantization(path, args)  # train.py's: found from the model's structure
+    assert skip == ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
+    recipes_own, _ = load_model_and_processor(LlavaForConditionalGeneration, path, args,
+                                              skip_quantization=skip)
     plain, _ = load_model_and_processor(LlavaForConditionalGeneration, path, ModelArguments())
-    ours = load_quantized(plain, args, adapter.unquantized, "cpu")
+    assert unquantized(plain) == skip  # what --size real keeps 16-bit
+    ours = load_quantized(plain, args, skip, "cpu")
     theirs = dict(recipes_own.named_parameters())
     assert {n: (p.dtype, p.shape) for n, p in ours.named_parameters()} == {n: (p.dtype, p.shape) for n, p in theirs.items()}
     assert all(torch.equal(p, theirs[n]) for n, p in ours.named_parameters())
@@ -392,3 +414,14 @@ def test_padding_free_label_position_recipe_batches_against_padded_baselines_and
     assert recipe_run["losses"][0] == pytest.approx(baseline_run["losses"][0], rel=1e-5)
     e2e = harness.run(_opts("llava_instruct", mode="e2e"))
     assert [(r["who"], "error" in r) for r in e2e["runs"]] == [("recipe", False), ("baseline", False), ("trl", False)]
+
+
+def test_model_is_for_the_chat_recipes_only():
+    with pytest.raises(SystemExit) as e:
+        harness.main(["clip_retrieval", "--model", "qwen2_5_vl", "--flops"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit, match="--model is for the chat recipes"):
+        harness.make_adapter(harness.Options("blip2_lora_caption", model="llava"))
+    assert harness.make_adapter(harness.Options("qlora_vqa")).chat.name == "llava"  # the default
+    assert harness.make_adapter(harness.Options("llava_instruct", model="qwen2_5_vl")).tiny_argv[:2] == (
+        "--model_name_or_path", "tiny:qwen2_5_vl")

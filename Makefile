@@ -25,7 +25,7 @@ test: setup
 # $(FAMILIES_VENV) (~6.5 GB), with torch 2.14.1 + torchvision 0.29.1, which run on the CPU too.
 FAMILIES_VENV ?= .venv-torchvision
 FAMILY_TESTS := tests/test_vlm_families.py tests/test_tiny_families_a.py tests/test_tiny_families_b.py \
-	tests/test_family_matrix.py
+	tests/test_family_matrix.py tests/test_bench_qwen.py
 test-families:
 	test -x $(FAMILIES_VENV)/bin/python || $(PYTHON) -m venv $(FAMILIES_VENV)
 	$(FAMILIES_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1

@@ -717,17 +717,34 @@ class ChatAdapter(Adapter):
                                                 modules_to_save=a.PeftArguments.modules_to_save or None))
 
     def _sft_rows(self, records, a) -> list[dict]:
-        """The recipe's samples (its conversations filled to the length budget, as dataset() makes them) as
-        TRL's conversational rows: string contents, the image (if any) placed by TRL before the first user
-        text."""
+        """The recipe's samples (its conversations filled to the length budget and cut to the whole turns that
+        fit, as dataset() makes them) as TRL's conversational rows: string contents, the image (if any) placed
+        by TRL before the first user text."""
         from bench.data import fill_conversations
-        from recipes.common.chat import ROLES
+        from data_tools.images import load_image
+        from recipes.common.chat import ROLES, ChatLengthReport, fit_conversation, record_images, to_messages
 
-        filled = fill_conversations(self.conversations(records, a), self.encoder, a.DataArguments.max_length)
-        return [{"images": [r["image"]] if r.get("image") else [],
-                 "messages": [{"role": ROLES[t["from"]],
-                               "content": t["value"].replace(IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")}
-                              for t in r["conversations"]]} for r in filled]
+        max_length, rows = a.DataArguments.max_length, []
+        for r in fill_conversations(self.conversations(records, a), self.encoder, max_length):
+            paths = record_images(r)
+            enc = self.encoder.encode(to_messages(r["conversations"], n_images=len(paths)),
+                                      [load_image(p) for p in paths])
+            fitted = fit_conversation(enc, max_length, ChatLengthReport())
+            if fitted is None:
+                continue
+            # each kept answer (with its end of turn) is one run of labels
+            labels = fitted[2]
+            kept = sum(1 for i, x in enumerate(labels) if x != -100 and (i == 0 or labels[i - 1] == -100))
+            turns = []
+            for t in r["conversations"]:
+                if kept == 0:
+                    break
+                turns.append(t)
+                kept -= t["from"] == "gpt"
+            rows.append({"images": [r["image"]] if r.get("image") else [],
+                         "messages": [{"role": ROLES[t["from"]], "content": t["value"].replace(
+                             IMAGE_TOKEN + "\n", "").replace(IMAGE_TOKEN, "")} for t in turns]})
+        return rows
 
     def _sft_lora(self, a):
         from peft import LoraConfig

@@ -341,6 +341,8 @@ def test_trl_sft_baseline_trains_the_recipes_samples_through_trls_own_collator_a
     rows = datasets.Dataset.from_list(sft.rows).cast_column("images", datasets.Sequence(datasets.Image()))
     collate = DataCollatorForVisionLanguageModeling(sft.processor)
     batches = [collate([dict(rows[i]) for i in range(k * 4, k * 4 + 4)]) for k in range(2)]
+    # Cut as the recipe cuts, to the whole turns that fit: TRL's rows are within the length budget too.
+    assert all(int(n) <= p.a.DataArguments.max_length for b in batches for n in b["attention_mask"].sum(1))
     assert trl_run["batch_tokens"] == [int(batches[i % 2]["attention_mask"].sum()) for i in range(3)]
     # TRL labels every non-pad token, so its batches are not the recipe's, but hold the same image tokens.
     image_id = sft.model.config.image_token_id

@@ -113,9 +113,10 @@ class Adapter:
     arg_types: tuple = ()  # the dataclasses train.py parses, TrainingArguments last
     # --size tiny: the random tiny model(s), fast to build (train.py defaults to pre-trained ones)
     tiny_argv: tuple = ()
-    # --size real: recipe flags that give the issue's shape (before the user's flags after --)
+    # --size real: recipe flags that give the benchmark shape (bench/RESULTS.md, "Shapes"), before the user's
+    # flags after --
     real_argv: tuple = ()
-    real_batch_size = 64  # the issue's shape
+    real_batch_size = 64  # the benchmark shape
     tokens_counted = ""  # what tokens/s counts, in words
     baseline_loaded_as = ""  # the baseline's model and what trains in it, in words
 
@@ -378,7 +379,7 @@ class ClipRetrieval(Adapter):
 
     def baseline(self, a, size, device):
         if a.PeftArguments.peft_method != "none":
-            raise ValueError("the clip_retrieval baseline is a full fine-tune (as the issue's); bench the "
+            raise ValueError("the clip_retrieval baseline is a full fine-tune; bench the "
                              "recipe's LoRA mode with --no-baseline.")
         model, _ = self._model(a, size, device, dtype=torch.float32)
         return model
@@ -511,7 +512,7 @@ class SoftPromptCaption(Adapter):
 
 
 # --- llava_instruct and qlora_vqa ---------------------------------------------------------------------------
-# LoRA on every linear layer of the LM and nowhere else (the issue's shape): peft has no default targets for
+# LoRA on every linear layer of the LM and nowhere else (the benchmark shape): peft has no default targets for
 # these models, and "all-linear" would put LoRA on the vision tower and the projector too. LLaVA's Llama and
 # Qwen2.5-VL's Qwen2 name them alike (model.language_model.layers.N.self_attn.q_proj, ...).
 LM_LINEARS = r"model\.language_model\..*\.(?:q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -623,7 +624,7 @@ class ChatAdapter(Adapter):
     dims: LLaVA-1.5-7B or Qwen2.5-VL-7B-Instruct), the chat samples filled to the length budget
     (bench.data.fill_conversations), the collator and the FLOP chain."""
 
-    real_batch_size = 8  # the issue's micro-batch
+    real_batch_size = 8  # the benchmark shape's micro-batch
 
     def __init__(self, model: str = "llava"):
         super().__init__()
@@ -765,7 +766,7 @@ class LlavaInstruct(ChatAdapter):
 
     @property
     def tiny_argv(self):
-        # Stage 2 as in the issue's shape: the projector and LoRA on the LM train, the whole vision tower is
+        # Stage 2 as in the benchmark shape: the projector and LoRA on the LM train, the whole vision tower is
         # frozen (the recipe's config.yaml also trains the last vision layer it reads, for the tiny model).
         return (*super().tiny_argv, "--unfreeze_last_n_vision_layers", "0")
 

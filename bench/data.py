@@ -69,7 +69,7 @@ def _without_image(turns: list[dict]) -> list[dict]:
 def fill_conversations(conversations: datasets.Dataset, encoder, max_length: int) -> datasets.Dataset:
     """Each conversation followed by the turns of the next ones (their `<image>` taken out, wrapping around)
     until it encodes to more than `max_length` tokens: the recipe's length budget then cuts it after the last
-    whole turn that fits, so that every sample is about `max_length` long (the issue's shapes: 832 tokens,
+    whole turn that fits, so that every sample is about `max_length` long (the benchmark shapes: 832 tokens,
     where the synthetic conversations alone are ~650 with LLaVA-1.5's 576 image tokens). `encoder` is the
     recipe's ChatEncoder."""
     rows = list(conversations)

@@ -1,4 +1,5 @@
-"""Timings of the data tools and metrics at the sizes the issue names; prints a Markdown table.
+"""Timings of the data tools and metrics at data-set sizes (5,000 images; 10,000 for dedup); prints a
+Markdown table.
 
     python -m bench.data_eval [--images 5000] [--dedup-images 10000] [--out bench/RESULTS.md]
 

@@ -72,8 +72,8 @@ class PremadeBatches:
 
 class TextPadding:
     """The recipe's collator, its text then right-padded to `width` positions (--pad-text-to), as collators
-    that pad to a fixed length do (CLIP's 77 positions in the issue's shape): more positions computed, no more
-    tokens counted."""
+    that pad to a fixed length do (CLIP's 77 positions in the benchmark shape): more positions computed, no
+    more tokens counted."""
 
     FILL = {"input_ids": None, "attention_mask": 0, "labels": -100}
 
@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps before the clock starts")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="per-device micro-batch (default: the issue's shape; 4 at --size tiny)")
+                   help="per-device micro-batch (default: the benchmark shape; 4 at --size tiny)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time plain transformers.Trainer + PEFT defaults on the same batches")
     p.add_argument("--device-batches", type=int, default=2,
@@ -603,7 +603,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--distinct-images", type=int, default=2048,
                    help="e2e mode: synthetic images drawn, then repeated")
     p.add_argument("--pad-text-to", type=int, default=None,
-                   help="right-pad every batch's text to this many positions (the issue's CLIP shape: 77)")
+                   help="right-pad every batch's text to this many positions (CLIP's benchmark shape: 77)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="the GPU's dense bf16 peak, for MFU (default: by its name)")
     p.add_argument("--flops", action="store_true",

@@ -186,7 +186,7 @@ def test_real_size_builds_on_the_device_and_trains_what_the_recipe_trains():
     assert all(".modules_to_save." in n and (".qformer." in n or ".language_projection." in n) for n in blip2 - lora)
     assert trained["clip_retrieval"] == every["clip_retrieval"]  # a full fine-tune, the temperature included
     assert trained["soft_prompt_caption"] == {"soft_prompt", "projection.weight", "projection.bias"}
-    # Stage 2 at the shape: LoRA r=16 on the 7 linears of each of the 32 Llama layers, and the projector.
+    # Stage 2 at the benchmark shape: LoRA r=16 on the 7 linears of each of the 32 Llama layers, and the projector.
     for recipe in ("llava_instruct", "qlora_vqa"):
         lora = {n for n in trained[recipe] if ".lora_" in n}
         assert len(lora) == 32 * 7 * 2 and all(".model.language_model.layers." in n for n in lora)

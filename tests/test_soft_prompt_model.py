@@ -167,7 +167,7 @@ def test_bad_options_are_clear_errors(bases):
 
 
 def test_sizes_for_clip_b32_and_gpt2():
-    """The issue's example: 10 x 768 + 768 x 768 (+ bias) with a linear projection; built on the meta device."""
+    """The documented example: 10 x 768 + 768 x 768 (+ bias) with a linear projection; built on the meta device."""
     from transformers import CLIPVisionConfig, GPT2Config
 
     from recipes.soft_prompt_caption.modeling import SoftPromptCaptionerConfig

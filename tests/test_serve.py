@@ -12,6 +12,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -444,6 +445,76 @@ def test_sampling_follows_temperature_top_p_and_seed(server, trained):
     assert status == 200
     chunks = [json.loads(e[6:]) for e in events.split("\n\n") if e and e != "data: [DONE]"]
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == sampled[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_transformers_serve_answers_a_merged_run_as_this_server(trained, tmp_path):
+    """`transformers serve` (transformers' own OpenAI-style server) on llava_instruct merged by its merge.py,
+    offline on the CPU: the same greedy answers to image chat requests as this server on the same folder,
+    and the same seeded samples."""
+    from transformers.utils.import_utils import is_serve_available
+
+    from serve.app import create_app
+    from serve.runs import load_runs
+
+    if not is_serve_available():
+        pytest.skip("SKIPPED LOUDLY: `transformers serve` needs the transformers[serving] extra (openai is "
+                    "missing: pip install -r requirements.txt); its comparison with this server is untested")
+    runs, files = trained
+    merged = tmp_path / "llava_merged"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "llava_instruct" / "merge.py"), "--run",
+                        str(runs["llava_instruct"]), "--out", str(merged)], env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    port = _free_port()
+    log = tmp_path / "transformers-serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(merged),
+                                 "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    ours = Server(create_app(load_runs([merged])))
+    try:
+        theirs = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(theirs + "/v1/models", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+
+        def ask(url: str, model: str, image: Path, **options) -> dict:
+            body = {"model": model, "max_tokens": 8, "messages": [message(image, "What is in the image?")],
+                    **options}
+            request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answer = json.loads(response.read())
+            return {"text": answer["choices"][0]["message"]["content"],
+                    "finish_reason": answer["choices"][0]["finish_reason"], "usage": answer["usage"]}
+
+        folder = Path(files["instruct"][1]).parent
+        images = [folder / r["image"] for r in _eval_rows(files, "instruct")]
+        # transformers serve samples only when the generation config says do_sample (a merged run's does
+        # not, whatever the temperature): the request's `generation_config` says it; this server ignores it
+        sampled = {"temperature": 1.5, "seed": 7, "generation_config": json.dumps({"do_sample": True})}
+        for options in ({"temperature": 0}, sampled):
+            served = [ask(ours.url, "llava_merged", image, **options) for image in images]
+            assert len({a["text"] for a in served}) > 1  # the answers depend on the image
+            assert [ask(theirs, str(merged), image, **options) for image in images] == served, options
+    finally:
+        ours.stop()
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the model process it started
+        proc.wait(timeout=30)
 
 
 def test_adapters_share_one_base_and_each_answers_as_its_own_run(server, loaded, trained):

@@ -453,10 +453,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_transformers_serve_answers_a_merged_run_as_this_server(trained, tmp_path):
-    """`transformers serve` (transformers' own OpenAI-style server) on llava_instruct merged by its merge.py,
-    offline on the CPU: the same greedy answers to image chat requests as this server on the same folder,
-    and the same seeded samples."""
+def test_transformers_serve_answers_merged_runs_as_this_server(trained, tmp_path):
+    """`transformers serve` (transformers' own OpenAI-style server), offline on the CPU, on llava_instruct
+    runs of LLaVA and Gemma 3 merged by merge.py: the same greedy answers to image chat requests as this
+    server on the same folders, and the same seeded samples. A merged PaliGemma run it refuses: its
+    processor has no chat template."""
     from transformers.utils.import_utils import is_serve_available
 
     from serve.app import create_app
@@ -466,19 +467,24 @@ def test_transformers_serve_answers_a_merged_run_as_this_server(trained, tmp_pat
         pytest.skip("SKIPPED LOUDLY: `transformers serve` needs the transformers[serving] extra (openai is "
                     "missing: pip install -r requirements.txt); its comparison with this server is untested")
     runs, files = trained
-    merged = tmp_path / "llava_merged"
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "llava_instruct" / "merge.py"), "--run",
-                        str(runs["llava_instruct"]), "--out", str(merged)], env=env, capture_output=True,
-                       text=True, timeout=300, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
     port = _free_port()
     log = tmp_path / "transformers-serve.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", str(merged),
-                                 "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+    with open(log, "w") as out:  # no model named: it loads the folder a request names
+        proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", "--device",
+                                 "cpu", "--host", "127.0.0.1", "--port", str(port)],
                                 env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    ours = Server(create_app(load_runs([merged])))
+    merged = {"llava_merged": ("llava_instruct", "llava_instruct"),
+              "gemma3_merged": ("llava_instruct", "gemma3_instruct"),
+              "paligemma_merged": ("qlora_vqa", "paligemma_vqa")}
+    merges = [subprocess.Popen([sys.executable, str(ROOT / "recipes" / recipe / "merge.py"), "--run",
+                                str(runs[run]), "--out", str(tmp_path / name)],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+              for name, (recipe, run) in merged.items()]
+    for m in merges:
+        out = m.communicate(timeout=300)[0]
+        assert m.returncode == 0, out[-3000:]
+    ours = Server(create_app(load_runs([tmp_path / "llava_merged", tmp_path / "gemma3_merged"])))
     try:
         theirs = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 180
@@ -486,7 +492,7 @@ def test_transformers_serve_answers_a_merged_run_as_this_server(trained, tmp_pat
             assert proc.poll() is None, log.read_text()[-3000:]
             assert time.monotonic() < deadline, log.read_text()[-3000:]
             try:
-                with urllib.request.urlopen(theirs + "/v1/models", timeout=5) as response:
+                with urllib.request.urlopen(theirs + "/health", timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:
@@ -507,10 +513,15 @@ def test_transformers_serve_answers_a_merged_run_as_this_server(trained, tmp_pat
         # transformers serve samples only when the generation config says do_sample (a merged run's does
         # not, whatever the temperature): the request's `generation_config` says it; this server ignores it
         sampled = {"temperature": 1.5, "seed": 7, "generation_config": json.dumps({"do_sample": True})}
-        for options in ({"temperature": 0}, sampled):
-            served = [ask(ours.url, "llava_merged", image, **options) for image in images]
-            assert len({a["text"] for a in served}) > 1  # the answers depend on the image
-            assert [ask(theirs, str(merged), image, **options) for image in images] == served, options
+        for name in ("llava_merged", "gemma3_merged"):
+            for options in ({"temperature": 0}, sampled):
+                served = [ask(ours.url, name, image, **options) for image in images]
+                assert len({a["text"] for a in served}) > 1  # the answers depend on the image
+                assert [ask(theirs, str(tmp_path / name), image, **options) for image in images] == served, \
+                    (name, options)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            ask(theirs, str(tmp_path / "paligemma_merged"), images[0], temperature=0)
+        assert refused.value.code == 400 and "does not have a chat template" in refused.value.read().decode()
     finally:
         ours.stop()
         os.killpg(proc.pid, signal.SIGTERM)  # the server and the model process it started

@@ -1,6 +1,7 @@
 """serve/ on tiny trained runs over a real Uvicorn server on 127.0.0.1: answers equal the recipes' own
-generation, streaming, dynamic batching, adapters sharing a base, search, limits and errors, /metrics, and
-the web page in a real headless Chromium.
+generation (LLaVA, Gemma 3, PaliGemma 2), seeded sampling equals transformers' own, streaming, dynamic
+batching, adapters sharing a base, search, limits and errors, /metrics, `transformers serve` on merged runs
+against this server, and the web page in a real headless Chromium.
 
 The runs are trained once for the module (one step each: the tests check the serving path, not what
 training buys) on bases whose random weights are scaled up, so that an answer depends on the image and the

@@ -102,6 +102,7 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
 
@@ -277,10 +278,11 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 raise ClientError(400, "the last message must be the user's, to be answered",
                                   param="messages")
             prompt = None
+            if image is None and run.needs_image:
+                what = "a captioner" if run.task == "caption" else "a model that takes no text-only input"
+                raise ClientError(400, f"{req.model!r} is {what}: send an image_url part", param="messages",
+                                  code="image_required")
             if run.task == "caption":
-                if image is None:
-                    raise ClientError(400, f"{req.model!r} is a captioner: send an image_url part",
-                                      param="messages", code="image_required")
                 # the caption's prompt: the text of the last user message, if any
                 prompt = turns[-1]["value"].replace(IMAGE_TOKEN, "").strip() or None
                 item = {"key": 0, "image": image}
@@ -298,7 +300,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                                   param="messages", code="context_length_exceeded")
             loop = asyncio.get_running_loop()
             job = Job(run, item, prompt, max_tokens, req.temperature, req.top_p, loop, loop.create_future(),
-                      asyncio.Queue() if req.stream else None)
+                      asyncio.Queue() if req.stream else None, seed=req.seed)
         except BaseException:
             for path in saved:
                 os.unlink(path)

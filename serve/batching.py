@@ -5,12 +5,16 @@ can share its `generate` call (the same run, or adapters that peft can mix on on
 a captioner; the same sampling options), waiting at most `max_wait_ms` for them; jobs that cannot join
 wait for a later batch in arrival order. Greedy
 answers do not depend on the batch: each job's tokens are cut at its own `max_tokens` and at its first
-eos. A streaming job gets each of its tokens as the batch makes it.
+stop token (the eos, or an end-of-turn token the model's generation config names). A sampled job with a
+`seed` is generated in a batch of its own, with the random generator seeded for that call, so that its
+answer depends on its seed and not on what it was batched with. A streaming job gets each of its tokens
+as the batch makes it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -37,11 +41,17 @@ class Job:
     stream: asyncio.Queue | None = None  # text deltas, then None
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
+    seed: int | None = None  # sampled jobs: seeds the random generator for the job's own generate call
+
+    @property
+    def seeded(self) -> bool:
+        return self.seed is not None and bool(self.temperature)
 
     @property
     def key(self) -> tuple:
+        alone = id(self) if self.seeded else None  # a seeded sample shares its generate call with no other
         return (self.run.batch_group(self.item.get("image") is not None), self.prompt, self.temperature,
-                self.top_p)
+                self.top_p, alone)
 
 
 @dataclass
@@ -55,8 +65,8 @@ class Completion:
 class _RowStreamer(BaseStreamer):
     """Hands each row's new token to its job's stream, as text deltas decoded so far."""
 
-    def __init__(self, jobs: list[Job], tokenizer, eos_token_id):
-        self.jobs, self.tokenizer, self.eos = jobs, tokenizer, eos_token_id
+    def __init__(self, jobs: list[Job], tokenizer, stop_ids: set[int]):
+        self.jobs, self.tokenizer, self.stops = jobs, tokenizer, stop_ids
         self.tokens = [[] for _ in jobs]
         self.sent = ["" for _ in jobs]
         self.done = [job.stream is None for job in jobs]
@@ -70,7 +80,7 @@ class _RowStreamer(BaseStreamer):
             if self.done[row]:
                 continue
             job = self.jobs[row]
-            if token == self.eos:
+            if token in self.stops:
                 self.done[row] = True
                 continue
             self.tokens[row].append(token)
@@ -186,16 +196,30 @@ def _set(job: Job, result, error) -> None:
         job.future.set_result(result)
 
 
+@contextlib.contextmanager
+def seeded(seed: int | None, device: torch.device):
+    """The random generator of the CPU (and of `device`, a GPU) seeded with `seed` inside the block, and
+    put back as it was after it; nothing when `seed` is None."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 @torch.no_grad()
 def generate_batch(jobs: list[Job]) -> list[Completion]:
-    """One `generate` call for jobs of one batch group and options; each answer cut at its own max_tokens."""
+    """One `generate` call for jobs of one batch group and options; each answer cut at its own max_tokens
+    and its first stop token."""
     run, first = jobs[0].run, jobs[0]
     tok = run.tokenizer
     batch = run.collate([job.item for job in jobs], first.prompt)
     batch.pop("keys")
     longest = max(job.max_tokens for job in jobs)
     kwargs = run.generate_kwargs(longest, first.temperature, first.top_p)
-    with run.lock:
+    stops = set(kwargs["eos_token_id"])
+    with run.lock, seeded(first.seed if first.seeded else None, run.model.device):
         model = run.model
         if run.mixable:  # each request with its own run's adapter
             kwargs["adapter_names"] = [job.run.adapter for job in jobs]
@@ -205,7 +229,7 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         if any(job.stream is not None for job in jobs):
-            kwargs["streamer"] = _RowStreamer(jobs, tok, tok.eos_token_id)
+            kwargs["streamer"] = _RowStreamer(jobs, tok, stops)
         generated = model.generate(**batch, **kwargs)
     new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
@@ -213,8 +237,9 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
     for job, tokens, n_prompt in zip(jobs, new_tokens, prompt_tokens):
         tokens = tokens[:job.max_tokens]
         finish = "length"
-        if tok.eos_token_id in tokens:
-            tokens, finish = tokens[:tokens.index(tok.eos_token_id) + 1], "stop"
+        end = next((i for i, t in enumerate(tokens) if t in stops), None)
+        if end is not None:
+            tokens, finish = tokens[:end + 1], "stop"
         out.append(Completion(tok.decode(tokens, skip_special_tokens=True).strip(), finish, int(n_prompt),
                               len(tokens)))
     return out

@@ -34,7 +34,14 @@ import torch
 from data_tools.images import load_image
 from recipes.common.args import GenerationEvalArguments
 from recipes.common.captions import CaptionPromptCollator
-from recipes.common.chat import ChatEncoder, ChatPromptCollator, ChatTemplateError, chat_encoder, to_messages
+from recipes.common.chat import (
+    ChatEncoder,
+    ChatPromptCollator,
+    ChatTemplateError,
+    PrefixSuffixEncoder,
+    chat_encoder,
+    to_messages,
+)
 from recipes.common.merge import is_adapter_run, load_run
 from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
@@ -105,6 +112,11 @@ class GenerativeRun:
             return len(self.encoder.encode_prompt(messages, images))
         ids = self.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
         return self.extra_positions + len(self.prefix_ids) + len(ids)
+
+    @property
+    def needs_image(self) -> bool:
+        """A captioner, or a chat model that takes no text-only input (PaliGemma's prefix + suffix)."""
+        return self.task == "caption" or isinstance(self.encoder, PrefixSuffixEncoder)
 
     @property
     def max_positions(self) -> int | None:

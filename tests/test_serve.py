@@ -1,6 +1,7 @@
 """serve/ on tiny trained runs over a real Uvicorn server on 127.0.0.1: answers equal the recipes' own
-generation, streaming, dynamic batching, adapters sharing a base, search, limits and errors, /metrics, and
-the web page in a real headless Chromium.
+generation (LLaVA, Gemma 3, PaliGemma 2), seeded sampling equals transformers' own, streaming, dynamic
+batching, adapters sharing a base, search, limits and errors, /metrics, `transformers serve` on merged runs
+against this server, and the web page in a real headless Chromium.
 
 The runs are trained once for the module (one step each: the tests check the serving path, not what
 training buys) on bases whose random weights are scaled up, so that an answer depends on the image and the
@@ -12,6 +13,7 @@ import concurrent.futures
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,8 +42,10 @@ def _data(d: Path, task: str, n: int, n_train: int) -> tuple[Path, Path]:
     return d / task / "train.jsonl", d / task / "eval.jsonl"
 
 
-def _scaled_base(name: str, out: Path) -> Path:
-    """tiny:<name> with N(0, 0.3^2) added to every weight matrix: a random model whose answers vary with the input."""
+def _scaled_base(name: str, out: Path, embeddings: bool = True) -> Path:
+    """tiny:<name> with N(0, 0.3^2) added to every weight matrix: a random model whose answers vary with the
+    input. `embeddings=False` leaves the token embeddings as they are: Gemma scales them by sqrt(hidden size),
+    and noise there makes one token (a newline) win after any prompt."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from recipes.common.models import resolve_model_path
@@ -50,8 +54,8 @@ def _scaled_base(name: str, out: Path) -> Path:
     model = AutoModelForImageTextToText.from_pretrained(path)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
+        for key, p in model.named_parameters():
+            if p.dim() >= 2 and (embeddings or "embed_tokens" not in key):
                 p.add_(torch.randn(p.shape, generator=g) * 0.3)
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(path).save_pretrained(out)
@@ -93,29 +97,41 @@ def _pure_lora(base: Path, out: Path, seed: int) -> Path:
 def trained(tmp_path_factory):
     """{name: run folder}: blip2_lora_caption, soft_prompt_caption and llava_instruct trained for one step,
     llava_second (another adapter on llava_instruct's base), lora_a and lora_b (untrained LoRA-only adapters on
-    that base, which peft can mix in one batch) and clip_index (an embed.py index of tiny:clip); and the data files."""
+    that base, which peft can mix in one batch), clip_index (an embed.py index of tiny:clip), gemma3_instruct
+    (llava_instruct on Gemma 3: chat template, <end_of_turn>) and paligemma_vqa (qlora_vqa on PaliGemma 2:
+    prefix + suffix, no chat template, 4-bit base); and the data files."""
     d = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
     files = {"caption": _data(d / "data", "caption", 8, 4), "instruct": _data(d / "data", "instruct", 6, 3),
-             "retrieval": _data(d / "data", "retrieval", 6, 0)}
+             "retrieval": _data(d / "data", "retrieval", 6, 0), "vqa": _data(d / "data", "vqa", 4, 2)}
     runs = {name: d / "runs" / name for name in ("blip2_lora_caption", "soft_prompt_caption", "llava_instruct",
-                                                 "llava_second", "clip_index")}
+                                                 "llava_second", "clip_index", "gemma3_instruct",
+                                                 "paligemma_vqa")}
     with pytest.MonkeyPatch.context() as mp:  # tiny models built into the module's own cache
         mp.setenv("VLM_RECIPES_CACHE", env["VLM_RECIPES_CACHE"])
         bases = {"caption": _scaled_base("tiny:blip2-opt", d / "blip2-base"),
-                 "instruct": _scaled_base("tiny:llava", d / "llava-base")}
+                 "instruct": _scaled_base("tiny:llava", d / "llava-base"),
+                 "gemma3": _scaled_base("tiny:gemma3", d / "gemma3-base", embeddings=False),
+                 "paligemma": _scaled_base("tiny:paligemma", d / "paligemma-base", embeddings=False)}
 
-        def train(recipe, task, *model):
+        def train(name, recipe, task, *args):
             train_file, eval_file = files[task]
+            if "--model_name_or_path" not in args and "--vision_model" not in args:
+                args = ("--model_name_or_path", str(bases[task]), *args)
             return subprocess.Popen(
                 [sys.executable, str(ROOT / "recipes" / recipe / "train.py"), "--train_file", str(train_file),
-                 "--eval_file", str(eval_file), "--output_dir", str(runs[recipe]), *FAST,
-                 *(model or ("--model_name_or_path", str(bases[task])))],
+                 "--eval_file", str(eval_file), "--output_dir", str(runs[name]), *FAST, *args],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-        procs = [train("blip2_lora_caption", "caption"), train("llava_instruct", "instruct"),
-                 train("soft_prompt_caption", "caption", "--vision_model", "tiny:clip-vision",
-                       "--language_model", "tiny:gpt2")]
+        procs = [train("blip2_lora_caption", "blip2_lora_caption", "caption"),
+                 train("llava_instruct", "llava_instruct", "instruct"),
+                 train("soft_prompt_caption", "soft_prompt_caption", "caption", "--vision_model",
+                       "tiny:clip-vision", "--language_model", "tiny:gpt2"),
+                 train("gemma3_instruct", "llava_instruct", "instruct", "--model_name_or_path",
+                       str(bases["gemma3"])),
+                 # no answer prompt: the question alone, as a client asks it
+                 train("paligemma_vqa", "qlora_vqa", "vqa", "--model_name_or_path", str(bases["paligemma"]),
+                       "--answer_prompt", "")]
         from recipes.clip_retrieval.embed import main as embed
 
         embed(["--model", "tiny:clip", "--file", str(files["retrieval"][1]), "--out", str(runs["clip_index"])])
@@ -227,9 +243,10 @@ def test_models_health_and_tasks(server):
     status, body = server.json("/v1/models")
     assert status == 200 and body["object"] == "list"
     assert {m["id"]: m["task"] for m in body["data"]} == {
-        "blip2_lora_caption": "caption", "soft_prompt_caption": "caption", "llava_instruct": "chat", "llava_second": "chat",
-        "clip_index": "retrieval", "lora_a": "chat", "lora_b": "chat"}
-    assert server.json("/health") == (200, {"status": "ok", "models": 7, "queue_depth": 0})
+        "blip2_lora_caption": "caption", "soft_prompt_caption": "caption", "llava_instruct": "chat",
+        "llava_second": "chat", "clip_index": "retrieval", "lora_a": "chat", "lora_b": "chat",
+        "gemma3_instruct": "chat", "paligemma_vqa": "chat"}
+    assert server.json("/health") == (200, {"status": "ok", "models": 9, "queue_depth": 0})
 
 
 def test_captions_equal_the_recipes_eval_predictions(server, trained):
@@ -249,9 +266,25 @@ def test_soft_prompt_captions_equal_the_recipes_eval_predictions(server, trained
         assert server.chat("soft_prompt_caption", image, None, max_tokens=8) == predictions[str(image.resolve())]
 
 
+def _openai_messages(item: dict) -> list[dict]:
+    """An eval item's LLaVA turns as OpenAI messages, its image as a data URL where `<image>` stands."""
+    from data_tools.records import IMAGE_TOKEN
+
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    messages = []
+    for turn in item["conversations"]:
+        if IMAGE_TOKEN in turn["value"]:
+            text = turn["value"].replace(IMAGE_TOKEN, "").strip()
+            messages.append({"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": data_url(item["image"])}},
+                {"type": "text", "text": text}]})
+        else:
+            messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+    return messages
+
+
 def test_chat_answers_equal_the_eval_predictions_and_chat_py(server, trained):
     from data_tools.images import load_image
-    from data_tools.records import IMAGE_TOKEN
     from recipes.common.chat import ChatEncoder
     from recipes.common.data import load_records
     from recipes.llava_instruct.chat import answer, load
@@ -265,21 +298,233 @@ def test_chat_answers_equal_the_eval_predictions_and_chat_py(server, trained):
     model, processor = load(str(runs["llava_instruct"]))
     encoder = ChatEncoder(processor)
     for it in items:
-        roles = {"human": "user", "gpt": "assistant", "system": "system"}
-        messages = []
-        for turn in it["conversations"]:
-            if IMAGE_TOKEN in turn["value"]:
-                text = turn["value"].replace(IMAGE_TOKEN, "").strip()
-                messages.append({"role": "user", "content": [
-                    {"type": "image_url", "image_url": {"url": data_url(it["image"])}}, {"type": "text", "text": text}]})
-            else:
-                messages.append({"role": roles[turn["from"]], "content": turn["value"]})
+        messages = _openai_messages(it)
         status, body = server.json("/v1/chat/completions",
                                    {"model": "llava_instruct", "messages": messages, "max_tokens": 8})
         assert status == 200, body
         served = body["choices"][0]["message"]["content"]
         assert served == predictions[it["key"]]
         assert served == answer(model, processor, encoder, it["conversations"], load_image(it["image"]), 8)
+
+
+def _family_items(name: str, files) -> list[dict]:
+    """The eval items of gemma3_instruct (llava_instruct's) or paligemma_vqa (qlora_vqa's, no answer
+    prompt)."""
+    from recipes.common.data import load_records
+    from recipes.llava_instruct.collator import generation_items
+    from recipes.qlora_vqa.collator import vqa_items
+
+    if name == "gemma3_instruct":
+        return list(generation_items("instruct", load_records(files["instruct"][1], "instruct"), 8, "en"))
+    return list(vqa_items(load_records(files["vqa"][1], "vqa"), None))[:6]
+
+
+@pytest.mark.parametrize("name", ["gemma3_instruct", "paligemma_vqa"])
+def test_other_families_answer_as_their_recipes_eval(server, loaded, trained, name):
+    """Gemma 3 (chat template, <end_of_turn>) and PaliGemma (prefix + suffix, a 4-bit base) through the same
+    code: each answer is the recipe's eval prediction, and its usage and finish_reason those of the run's
+    model asked alone (generate stopping at the run's stop tokens itself)."""
+    from recipes.common.trainer import stop_token_ids
+
+    runs, files = trained
+    run = loaded[name]
+    predictions = _predictions(runs[name])
+    items = _family_items(name, files)
+    assert len({predictions[it["key"]] for it in items}) > 1  # the answers depend on the input
+    stops = stop_token_ids(run.model, run.tokenizer)
+    for it in items:
+        status, body = server.json("/v1/chat/completions", {"model": name, "messages": _openai_messages(it),
+                                                            "max_tokens": 8})
+        assert status == 200, body
+        assert body["choices"][0]["message"]["content"] == predictions[it["key"]]
+        batch = run.collate([it])
+        batch.pop("keys")
+        with run.lock, torch.no_grad():
+            out = run.model.generate(**batch, **run.generate_kwargs(8, None, None))
+        new = out[0, batch["input_ids"].shape[1]:]
+        assert body["usage"] == {"prompt_tokens": batch["input_ids"].shape[1], "completion_tokens": len(new),
+                                 "total_tokens": batch["input_ids"].shape[1] + len(new)}
+        assert body["choices"][0]["finish_reason"] == ("stop" if new[-1].item() in stops else "length")
+
+
+def test_an_end_of_turn_token_of_the_generation_config_ends_the_answer(server, loaded, trained):
+    """Gemma's generation_config names <end_of_turn> next to the eos: the answer ends at whichever comes
+    first (finish_reason "stop", usage counting it), streamed or not. The tiny model says no end-of-turn
+    token within 8 tokens, so one of the tokens it does say is named one for this test."""
+    run = loaded["gemma3_instruct"]
+    item = _family_items("gemma3_instruct", trained[1])[0]
+    body = {"model": "gemma3_instruct", "messages": _openai_messages(item), "max_tokens": 8}
+    batch = run.collate([item])
+    batch.pop("keys")
+    with run.lock, torch.no_grad():
+        out = run.model.generate(**batch, **run.generate_kwargs(8, None, None))
+    tokens = out[0, batch["input_ids"].shape[1]:].tolist()
+    assert len(tokens) == 8
+    k = next(k for k in range(2, 8) if tokens[k] not in tokens[:k])  # its first appearance
+    config = run.model.generation_config
+    before = config.eos_token_id
+    config.eos_token_id = [*before, tokens[k]]
+    try:
+        status, answer = server.json("/v1/chat/completions", body)
+        _, events = server.request("/v1/chat/completions", {**body, "stream": True})
+    finally:
+        config.eos_token_id = before
+    assert status == 200
+    assert answer["choices"][0]["finish_reason"] == "stop"
+    assert answer["usage"]["completion_tokens"] == k + 1
+    expected = run.tokenizer.decode(tokens[:k + 1], skip_special_tokens=True).strip()
+    assert answer["choices"][0]["message"]["content"] == expected
+    chunks = [json.loads(e[6:]) for e in events.split("\n\n") if e and e != "data: [DONE]"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == expected
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_paligemma_without_an_image_is_a_400(server):
+    status, body = server.json("/v1/chat/completions", {"model": "paligemma_vqa",
+                                                        "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 400 and body["error"]["code"] == "image_required", body
+
+
+# --- sampling -----------------------------------------------------------------------------------------------
+def test_sampling_follows_temperature_top_p_and_seed(server, trained):
+    """temperature 0 is greedy; a sampled request with a seed is the run's own `generate(do_sample=True)`
+    after torch.manual_seed(seed), whatever it is sent with; different seeds give different answers; a top_p
+    that keeps one token is greedy again; max_tokens holds."""
+    from transformers import AutoModelForImageTextToText
+
+    from recipes.common.chat import ChatPromptCollator, chat_encoder
+    from recipes.common.merge import load_run
+    from recipes.common.trainer import stop_token_ids
+
+    runs, files = trained
+    image = Path(files["instruct"][1]).parent / _eval_rows(files, "instruct")[0]["image"]
+    question = "What is in the image?"
+
+    def ask(**options) -> dict:
+        status, body = server.json("/v1/chat/completions", {
+            "model": "llava_instruct", "max_tokens": 8, "messages": [message(image, question)], **options})
+        assert status == 200, body
+        return body
+
+    def text(body: dict) -> str:
+        return body["choices"][0]["message"]["content"]
+
+    greedy = text(ask())
+    assert {text(ask(temperature=0)) for _ in range(2)} | {text(ask(temperature=0, seed=3))} == {greedy}
+    seeds = [0, 1, 2, 3]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:  # sent at once, among greedy requests
+        mixed = list(pool.map(lambda s: text(ask(temperature=1.5, seed=s)) if s >= 0 else text(ask()),
+                              [0, -1, 1, -1, 2, -1, 3, -1]))
+    sampled = {s: text(ask(temperature=1.5, seed=s)) for s in seeds}
+    assert mixed == [sampled[0], greedy, sampled[1], greedy, sampled[2], greedy, sampled[3], greedy]
+    assert len(set(sampled.values())) > 1
+
+    # the reference: the run loaded alone, the recipes' prompt, transformers' sampling after manual_seed
+    model, processor = load_run(runs["llava_instruct"], AutoModelForImageTextToText)
+    tok = processor.tokenizer
+    turn = {"from": "human", "value": f"<image>\n{question}"}
+    batch = ChatPromptCollator(chat_encoder(processor))([{"key": 0, "image": str(image),
+                                                          "conversations": [turn]}])
+    batch.pop("keys")
+
+    def reference(seed: int, max_new_tokens: int, **options) -> str:
+        torch.manual_seed(seed)
+        stops = stop_token_ids(model, tok)
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=True, temperature=1.5,
+                             **options, pad_token_id=tok.pad_token_id, eos_token_id=stops)
+        return tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+    assert sampled == {seed: reference(seed, 8) for seed in seeds}
+    short = ask(temperature=1.5, seed=0, max_tokens=3)
+    assert short["usage"]["completion_tokens"] <= 3 and text(short) == reference(0, 3)
+    top = ask(temperature=1.5, top_p=0.3, seed=1)
+    assert text(top) == reference(1, 8, top_p=0.3)
+    assert text(ask(temperature=1.5, top_p=1e-6, seed=0)) == greedy  # one token kept: greedy
+    status, events = server.request("/v1/chat/completions", {
+        "model": "llava_instruct", "max_tokens": 8, "messages": [message(image, question)], "stream": True,
+        "temperature": 1.5, "seed": 2})
+    assert status == 200
+    chunks = [json.loads(e[6:]) for e in events.split("\n\n") if e and e != "data: [DONE]"]
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == sampled[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_transformers_serve_answers_merged_runs_as_this_server(trained, tmp_path):
+    """`transformers serve` (transformers' own OpenAI-style server), offline on the CPU, on llava_instruct
+    runs of LLaVA and Gemma 3 merged by merge.py: the same greedy answers to image chat requests as this
+    server on the same folders, and the same seeded samples. A merged PaliGemma run it refuses: its
+    processor has no chat template."""
+    from transformers.utils.import_utils import is_serve_available
+
+    from serve.app import create_app
+    from serve.runs import load_runs
+
+    if not is_serve_available():
+        pytest.skip("SKIPPED LOUDLY: `transformers serve` needs the transformers[serving] extra (openai is "
+                    "missing: pip install -r requirements.txt); its comparison with this server is untested")
+    runs, files = trained
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    port = _free_port()
+    log = tmp_path / "transformers-serve.log"
+    with open(log, "w") as out:  # no model named: it loads the folder a request names
+        proc = subprocess.Popen([sys.executable, "-m", "transformers.cli.transformers", "serve", "--device",
+                                 "cpu", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    # merged by the recipes' merge.py, in this process while transformers serve starts
+    from recipes.llava_instruct.merge import main as merge_llava
+    from recipes.qlora_vqa.merge import main as merge_qlora
+
+    for merge, run, name in ((merge_llava, "llava_instruct", "llava_merged"),
+                             (merge_llava, "gemma3_instruct", "gemma3_merged"),
+                             (merge_qlora, "paligemma_vqa", "paligemma_merged")):
+        assert merge(["--run", str(runs[run]), "--out", str(tmp_path / name)]) == tmp_path / name
+    ours = Server(create_app(load_runs([tmp_path / "llava_merged", tmp_path / "gemma3_merged"])))
+    try:
+        theirs = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(theirs + "/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+
+        def ask(url: str, model: str, image: Path, **options) -> dict:
+            body = {"model": model, "max_tokens": 8, "messages": [message(image, "What is in the image?")],
+                    **options}
+            request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as response:
+                answer = json.loads(response.read())
+            return {"text": answer["choices"][0]["message"]["content"],
+                    "finish_reason": answer["choices"][0]["finish_reason"], "usage": answer["usage"]}
+
+        folder = Path(files["instruct"][1]).parent
+        images = [folder / r["image"] for r in _eval_rows(files, "instruct")]
+        # transformers serve samples only when the generation config says do_sample (a merged run's does
+        # not, whatever the temperature): the request's `generation_config` says it; this server ignores it
+        sampled = {"temperature": 1.5, "seed": 7, "generation_config": json.dumps({"do_sample": True})}
+        for name in ("llava_merged", "gemma3_merged"):
+            for options in ({"temperature": 0}, sampled):
+                served = [ask(ours.url, name, image, **options) for image in images]
+                assert len({a["text"] for a in served}) > 1  # the answers depend on the image
+                assert [ask(theirs, str(tmp_path / name), image, **options) for image in images] == served, \
+                    (name, options)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            ask(theirs, str(tmp_path / "paligemma_merged"), images[0], temperature=0)
+        assert refused.value.code == 400 and "does not have a chat template" in refused.value.read().decode()
+    finally:
+        ours.stop()
+        os.killpg(proc.pid, signal.SIGTERM)  # the server and the model process it started
+        proc.wait(timeout=30)
 
 
 def test_adapters_share_one_base_and_each_answers_as_its_own_run(server, loaded, trained):

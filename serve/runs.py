@@ -43,6 +43,7 @@ from recipes.common.chat import (
     to_messages,
 )
 from recipes.common.merge import is_adapter_run, load_run
+from recipes.common.models import load_processor
 from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
 
@@ -220,7 +221,7 @@ def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None)
 def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
     """{id: run} for the RUN_DIRs; adapter runs on the same base share the base's weights."""
     from peft import PeftConfig
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     runs: dict[str, GenerativeRun | SearchRun] = {}
     shared: dict[tuple, object] = {}  # (base path, quantization) -> the PeftModel holding its adapters
@@ -247,7 +248,7 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
                 model, adapter = shared[base], rid
                 model.load_adapter(path, adapter_name=adapter)
                 model.eval()
-                processor = AutoProcessor.from_pretrained(path)
+                processor = load_processor(path, model.config.model_type)
             else:  # load_run and load_quantized_run name the adapter "default"
                 load = load_quantized_run if quantization.is_file() else load_run
                 (model, processor), adapter = load(path, AutoModelForImageTextToText), "default"

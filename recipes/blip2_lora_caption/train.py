@@ -22,11 +22,11 @@ from transformers import Blip2ForConditionalGeneration, TrainingArguments
 from recipes.blip2_lora_caption.collator import tokenize_captions
 from recipes.blip2_lora_caption.trainer import CaptionTrainer
 from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
-from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, caption_samples, caption_scores,
-                                     load_caption_data)
+from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
+                                     caption_samples, caption_scores, load_caption_data)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
-from recipes.common.run import first, run_main, setup_run, train_and_evaluate
+from recipes.common.run import run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
 
 logger = logging.getLogger(__name__)
@@ -59,19 +59,12 @@ def main(argv=None):
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, image_token_id=image_token_id,
                                  num_image_tokens=n_query, prompt=args.data.prompt,
                                  max_length=args.data.max_length)
-    train_dataset, eval_dataset, eval_records = caption_samples(tokenize, train_records, eval_records,
-                                                                args.generation_eval.eval_max_samples)
-    test_records = first(test_records, args.generation_eval.eval_max_samples)
+    train_dataset, eval_dataset, eval_records, test_records = caption_samples(
+        tokenize, train_records, eval_records, test_records, args.generation_eval.eval_max_samples)
 
     # Optional: the frozen vision tower runs once per image now, not once per sample and epoch.
-    feature_cache = None
-    if args.feature_cache.cache_vision_features:
-        from recipes.common.feature_cache import cache_for_run, serve_cached_features, vision_tower
-
-        tower = vision_tower(model)
-        images = list(train_dataset["image"]) + (list(eval_dataset["image"]) if eval_dataset else [])
-        feature_cache = cache_for_run(tower, image_processor, images, args.feature_cache, args.training)
-        serve_cached_features(tower)  # generation (4-D pixels) still runs the tower
+    feature_cache = cached_vision_features(model, image_processor, (train_dataset, eval_dataset),
+                                           args.feature_cache, args.training, serve=True)
 
     prompts = CaptionPromptCollator(image_processor, tokenizer, args.data.prompt, (image_token_id,) * n_query)
     trainer = CaptionTrainer(

@@ -18,7 +18,7 @@ from eval.caption import caption_metrics
 
 from .data import embedded_dataset
 from .lengths import pad_batch
-from .run import load_data
+from .run import first, load_data
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +41,36 @@ def load_caption_data(data_args, training_args):
     return train, *(caption_eval_records(r) if r is not None else None for r in held_out)
 
 
-def caption_samples(tokenize, train_records, eval_records, eval_max_samples: int | None = None):
-    """(train samples, eval samples or None, eval records to generate for) from `tokenize(records)` ->
-    (samples, LengthReport); each report is logged, and at most `eval_max_samples` records generate."""
+def caption_samples(tokenize, train_records, eval_records, test_records, eval_max_samples: int | None = None):
+    """(train samples, eval samples or None, eval records to generate for, test records) from
+    `tokenize(records)` -> (samples, LengthReport); each report is logged, and at most `eval_max_samples`
+    eval and test records generate."""
     train, report = tokenize(train_records)
     logger.info("train %s", report)
+    test_records = first(test_records, eval_max_samples)
     if eval_records is None:
-        return train, None, None
+        return train, None, None, test_records
     evaluation, report = tokenize(eval_records)
     logger.info("eval %s", report)
-    if eval_max_samples:
-        eval_records = eval_records.select(range(min(eval_max_samples, len(eval_records))))
-    return train, evaluation, eval_records
+    return train, evaluation, first(eval_records, eval_max_samples), test_records
+
+
+def cached_vision_features(model, image_processor, samples, cache_args, training_args, *, serve: bool = False,
+                           **encode) -> VisionFeatureCache | None:
+    """--cache_vision_features: the features of the `samples` datasets' images from the model's frozen vision
+    tower (its `vision_model`), computed once before training (recipes/common/feature_cache.py); None when
+    the option is off. `serve`: the tower then takes a cached feature in place of pixels (BLIP-2, whose
+    generation still gives it pixels); `encode` (encode=, tag=) as for `feature_cache.cache_for_run`."""
+    if not cache_args.cache_vision_features:
+        return None
+    from .feature_cache import cache_for_run, serve_cached_features, vision_tower  # read only when caching
+
+    tower = vision_tower(model)
+    images = [image for ds in samples if ds is not None for image in ds["image"]]
+    cache = cache_for_run(tower, image_processor, images, cache_args, training_args, **encode)
+    if serve:
+        serve_cached_features(tower)
+    return cache
 
 
 def caption_eval_records(ds: datasets.Dataset) -> datasets.Dataset:

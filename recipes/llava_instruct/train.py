@@ -33,13 +33,8 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
 from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
-from recipes.common.chat import (
-    ChatBatchArguments,
-    ChatCollator,
-    ChatPromptCollator,
-    chat_encoder,
-    tokenize_conversations,
-)
+from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatPromptCollator, chat_encoder,
+                                 tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters

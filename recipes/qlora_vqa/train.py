@@ -20,12 +20,12 @@ checkpoint with merge.py.
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
-from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
+from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (
     ChatBatchArguments,
     ChatCollator,
@@ -44,13 +44,8 @@ from recipes.common.quantization import (
 )
 from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
-from recipes.qlora_vqa.collator import (
-    SHORT_ANSWER_PROMPT,
-    prior_predictions,
-    vqa_conversations,
-    vqa_items,
-    vqa_scores,
-)
+from recipes.qlora_vqa.collator import (SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items,
+                                        vqa_scores)
 from recipes.qlora_vqa.trainer import VqaTrainer
 
 logger = logging.getLogger(__name__)
@@ -61,11 +56,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 class VqaArguments:
     """How questions are put to the model."""
 
-    answer_prompt: str | None = field(
-        default=SHORT_ANSWER_PROMPT,
-        metadata={"help": "Instruction after each question asking for a short answer (LLaVA-1.5's); empty = "
-                          "none."},
-    )
+    answer_prompt: str | None = arg(
+        SHORT_ANSWER_PROMPT, "Instruction after each question asking for a short answer (LLaVA-1.5's); empty "
+        "= none.")
 
 
 def main(argv=None):

@@ -26,11 +26,11 @@ from typing import Literal
 from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 
 from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
-from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, caption_samples, caption_scores,
-                                     load_caption_data)
+from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
+                                     caption_samples, caption_scores, load_caption_data)
 from recipes.common.models import check_model_source, compute_dtype, resolve_model_path
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters
-from recipes.common.run import first, run_main, setup_run, train_and_evaluate
+from recipes.common.run import run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
 from recipes.soft_prompt_caption.collator import tokenize_captions
 from recipes.soft_prompt_caption.modeling import TRAINED_WEIGHTS, SoftPromptCaptioner, trained_sizes
@@ -124,21 +124,15 @@ def main(argv=None):
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, prefix_length=config.prefix_length,
                                  prompt=args.data.prompt, max_length=args.data.max_length,
                                  lang=args.data.lang)
-    train_dataset, eval_dataset, eval_records = caption_samples(tokenize, train_records, eval_records,
-                                                                args.generation_eval.eval_max_samples)
-    test_records = first(test_records, args.generation_eval.eval_max_samples)
+    train_dataset, eval_dataset, eval_records, test_records = caption_samples(
+        tokenize, train_records, eval_records, test_records, args.generation_eval.eval_max_samples)
 
-    # Optional: the frozen vision tower runs once per image now, not once per sample and epoch while training.
-    feature_cache = None
-    if args.feature_cache.cache_vision_features:
-        from recipes.common.feature_cache import cache_for_run
-
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        images = list(train_dataset["image"]) + (list(eval_dataset["image"])
-                                                 if eval_dataset is not None else [])
-        feature_cache = cache_for_run(base.vision_model, image_processor, images, args.feature_cache,
-                                      args.training, encode=base.image_features,
-                                      tag=f"image_features:{config.vision_features}")
+    # Optional: the frozen vision encoder's image features (the projection's input) are computed once per
+    # image now, not once per sample and epoch while training.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    feature_cache = cached_vision_features(model, image_processor, (train_dataset, eval_dataset),
+                                           args.feature_cache, args.training, encode=base.image_features,
+                                           tag=f"image_features:{config.vision_features}")
 
     trainer = SoftPromptTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,

@@ -20,12 +20,14 @@ test: setup
 	$(PY) -m pytest -q -m "not matrix" tests
 
 # Every image-text-to-text family: their tests, and each family through llava_instruct and qlora_vqa on 1 and
-# 2 processes with merge and chat (tests/test_family_matrix.py, ~10 min). Four families' processors need
-# torchvision, and PyPI's torchvision loads only beside PyPI's (CUDA) torch: so a second environment,
-# $(FAMILIES_VENV) (~6.5 GB), with torch 2.14.1 + torchvision 0.29.1, which run on the CPU too.
+# 2 processes with merge and chat (tests/test_family_matrix.py and the other tests marked `matrix`, ~12 min).
+# Four families' processors need torchvision, and PyPI's torchvision loads only beside PyPI's (CUDA) torch:
+# so a second environment, $(FAMILIES_VENV) (~6.5 GB), with torch 2.14.1 + torchvision 0.29.1, which run on
+# the CPU too.
 FAMILIES_VENV ?= .venv-torchvision
 FAMILY_TESTS := tests/test_vlm_families.py tests/test_tiny_families_a.py tests/test_tiny_families_b.py \
-	tests/test_family_matrix.py tests/test_bench_qwen.py
+	tests/test_family_matrix.py tests/test_bench_qwen.py \
+	tests/test_llava_recipe.py::test_two_processes_equal_one_process_with_the_same_global_batch
 test-families:
 	test -x $(FAMILIES_VENV)/bin/python || $(PYTHON) -m venv $(FAMILIES_VENV)
 	$(FAMILIES_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1

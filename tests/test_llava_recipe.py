@@ -189,7 +189,8 @@ def test_stage2_can_train_the_whole_language_model_instead_of_lora(env):
     assert {"multi_modal_projector", "language_model"} <= changed and "vision_tower" not in changed, changed
 
 
-@pytest.mark.parametrize("model", ["tiny:llava", "tiny:gemma3"])  # Gemma 3: token_type_ids, another family
+# Gemma 3 (token_type_ids, another family) with the family matrix, in `make test-families` (CI)
+@pytest.mark.parametrize("model", ["tiny:llava", pytest.param("tiny:gemma3", marks=pytest.mark.matrix)])
 def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
     """2 CPU processes x 4 samples (image and text-only ones mixed) train as 1 process x 8: the same losses,
     adapter and trained projector, and the same held-out metrics."""

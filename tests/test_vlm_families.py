@@ -238,6 +238,7 @@ def test_length_budget_cuts_after_a_whole_turn_never_inside_an_image(family, ima
         tokenize_conversations([record], encoder, image_tokens)  # inside the image: dropped, never cut there
 
 
+@pytest.mark.matrix  # with the family matrix (tests/test_family_matrix.py), in `make test-families` (CI)
 @pytest.mark.parametrize("recipe, task, model", [("qlora_vqa", "vqa", "tiny:paligemma"),
                                                  ("llava_instruct", "instruct", "tiny:mllama")])
 def test_the_recipes_train_and_evaluate_other_families(recipe_env, recipe, task, model):

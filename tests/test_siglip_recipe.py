@@ -96,6 +96,12 @@ def _run(args, env, script="train.py"):
     )
 
 
+def _short_run(data, out, env, *extra):
+    """train.py for 2 steps of batch 8 on the data into `out`, with `extra` flags."""
+    return _run([*data, "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8", *FAST,
+                 *extra], env)
+
+
 def _losses(run):
     return [
         h["loss"] for h in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in h
@@ -160,25 +166,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
 def test_lora_merge_embed_and_search(env):
     d, e, data, _ = env
     out = d / "lora"
-    r = _run(
-        [
-            *data,
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "8",
-            *FAST,
-            "--peft_method",
-            "lora",
-            "--lora_towers",
-            "vision",
-            "--learning_rate",
-            "2.0",
-        ],
-        e,
-    )
+    r = _short_run(data, out, e, "--peft_method", "lora", "--lora_towers", "vision", "--learning_rate", "2.0")
     assert r.returncode == 0, r.stderr[-4000:]
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all(".vision_model.encoder.layers." in k and ".lora_" in k for k in adapter)
@@ -224,31 +212,9 @@ def test_lora_merge_embed_and_search(env):
 def test_siglip_frozen_towers_last_layers_and_softmax_on_request(env):
     d, e, data, _ = env
     out = d / "last"
-    r = _run(
-        [
-            *data,
-            "--output_dir",
-            str(out),
-            "--max_steps",
-            "2",
-            "--per_device_train_batch_size",
-            "8",
-            *FAST,
-            "--model_name_or_path",
-            "tiny:siglip",
-            "--freeze_vision_tower",
-            "true",
-            "--freeze_language_model",
-            "true",
-            "--unfreeze_last_n_vision_layers",
-            "1",
-            "--unfreeze_last_n_text_layers",
-            "1",
-            "--loss",
-            "softmax",
-        ],
-        e,
-    )
+    r = _short_run(data, out, e, "--model_name_or_path", "tiny:siglip", "--freeze_vision_tower", "true",
+                   "--freeze_language_model", "true", "--unfreeze_last_n_vision_layers", "1",
+                   "--unfreeze_last_n_text_layers", "1", "--loss", "softmax")
     assert r.returncode == 0, r.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["loss"] == "softmax" and "eval_zero_shot_accuracy" in metrics["after"]

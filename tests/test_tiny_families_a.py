@@ -186,6 +186,17 @@ def test_two_images_train_and_generate(family):
     assert torch.equal(out[:, : inputs["input_ids"].shape[1]], inputs["input_ids"])
 
 
+def _mixed_batch(name, processor, rows, padding_side):
+    """(the rows' generation prompts, the processor's padded batch of them) for (text, image or None) rows."""
+    texts = [processor.apply_chat_template(user_turn(t, images=int(img is not None)), add_generation_prompt=True,
+                                           tokenize=False) for t, img in rows]
+    images = [img for _, img in rows if img is not None]
+    if name == "llava_onevision":
+        images = [[img] if img is not None else [] for _, img in rows]
+    return texts, processor(text=texts, images=images, padding=True, padding_side=padding_side,
+                            return_tensors="pt")
+
+
 @pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_padded_batch_matches_single_samples(family, padding_side):
     """Images of different sizes and a text-only row in one padded batch: each row's logits equal those of
@@ -194,12 +205,7 @@ def test_padded_batch_matches_single_samples(family, padding_side):
     name, model, processor = family
     rows = [("What is this?", image(SMALL)), ("What shape is in the picture here?", image(LARGE)),
             ("Say hello.", None)]
-    texts = [processor.apply_chat_template(user_turn(t, images=int(img is not None)), add_generation_prompt=True,
-                                           tokenize=False) for t, img in rows]
-    images = [img for _, img in rows if img is not None]
-    if name == "llava_onevision":
-        images = [[img] if img is not None else [] for _, img in rows]
-    batch = processor(text=texts, images=images, padding=True, padding_side=padding_side, return_tensors="pt")
+    texts, batch = _mixed_batch(name, processor, rows, padding_side)
     lengths = batch["attention_mask"].sum(1)
     assert len(set(lengths.tolist())) == 3  # every row is padded but the longest
     with torch.no_grad():
@@ -237,12 +243,7 @@ def test_left_padded_batch_generates_as_single_rows(family):
     name, model, processor = family
     rows = [("What is this?", image(SMALL)), ("What shape is in the picture here?", image(LARGE, (20, 20, 220))),
             ("Say hello.", None)]
-    texts = [processor.apply_chat_template(user_turn(t, images=int(img is not None)), add_generation_prompt=True,
-                                           tokenize=False) for t, img in rows]
-    images = [img for _, img in rows if img is not None]
-    if name == "llava_onevision":
-        images = [[img] if img is not None else [] for _, img in rows]
-    batch = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    texts, batch = _mixed_batch(name, processor, rows, "left")
     width = batch["input_ids"].shape[1]
     out = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, width:]
     for i, (text, (_, img)) in enumerate(zip(texts, rows)):

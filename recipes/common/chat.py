@@ -41,6 +41,7 @@ from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 
 from .lengths import IGNORE_INDEX
+from .trainer import GenerationEval
 
 logger = logging.getLogger(__name__)
 ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -530,3 +531,11 @@ class ChatPromptCollator:
                  for it, imgs in zip(items, images, strict=True)]
         batch = self.encoder.process(texts, images, padding_side="left")
         return {**batch, "keys": [it["key"] for it in items]}
+
+
+def chat_generation(items, encoder: ChatEncoder, score, eval_args) -> GenerationEval | None:
+    """The generation-based evaluation of a chat recipe: its eval `items` (None: none) prompted through the
+    chat template, the answers scored by `score(predictions, items)`."""
+    if items is None:
+        return None
+    return GenerationEval(items, ChatPromptCollator(encoder), score, eval_args, encoder.tokenizer)

@@ -33,13 +33,12 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
 from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
-from recipes.common.chat import (ChatBatchArguments, ChatCollator, ChatPromptCollator, chat_encoder,
+from recipes.common.chat import (ChatBatchArguments, ChatCollator, chat_encoder, chat_generation,
                                  tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
-from recipes.common.trainer import GenerationEval
 from recipes.llava_instruct.collator import caption_conversations, generation_items
 from recipes.llava_instruct.trainer import InstructTrainer
 
@@ -137,14 +136,11 @@ def main(argv=None):
         generation_items(task, test_records, args.instruct.short_answer_words, args.data.lang)),
         args.generation_eval.eval_max_samples)
 
+    scores = functools.partial(instruct_scores, lang=args.data.lang)
     trainer = InstructTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=ChatCollator(encoder, args.chat_batch.padding_free),
-        processing_class=processor,
-        generation=None if eval_items is None else GenerationEval(
-            eval_items, ChatPromptCollator(encoder),
-            functools.partial(instruct_scores, lang=args.data.lang), args.generation_eval,
-            processor.tokenizer),
+        data_collator=ChatCollator(encoder, args.chat_batch.padding_free), processing_class=processor,
+        generation=chat_generation(eval_items, encoder, scores, args.generation_eval),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
     return train_and_evaluate(trainer, dict(

@@ -26,13 +26,8 @@ from pathlib import Path
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
-from recipes.common.chat import (
-    ChatBatchArguments,
-    ChatCollator,
-    ChatPromptCollator,
-    chat_encoder,
-    tokenize_conversations,
-)
+from recipes.common.chat import (ChatBatchArguments, ChatCollator, chat_encoder, chat_generation,
+                                 tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
@@ -43,7 +38,6 @@ from recipes.common.quantization import (
     weight_bytes,
 )
 from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
-from recipes.common.trainer import GenerationEval
 from recipes.qlora_vqa.collator import (SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items,
                                         vqa_scores)
 from recipes.qlora_vqa.trainer import VqaTrainer
@@ -119,11 +113,8 @@ def main(argv=None):
 
     trainer = VqaTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=ChatCollator(encoder, args.chat_batch.padding_free),
-        processing_class=processor,
-        generation=None if eval_items is None else GenerationEval(
-            eval_items, ChatPromptCollator(encoder), vqa_scores,
-            args.generation_eval, processor.tokenizer),
+        data_collator=ChatCollator(encoder, args.chat_batch.padding_free), processing_class=processor,
+        generation=chat_generation(eval_items, encoder, vqa_scores, args.generation_eval),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
 

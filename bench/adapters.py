@@ -35,13 +35,9 @@ from recipes.common.args import (
     PeftArguments,
     parse_args,
 )
-from recipes.common.models import (
-    check_mixed_precision,
-    compute_dtype,
-    load_model_and_processor,
-    quantization_config,
-    resolve_model_path,
-)
+from recipes.common.models import (check_mixed_precision, compute_dtype, load_model_and_processor,
+                                   resolve_model_path)
+from recipes.common.quantization import quantization_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -308,6 +308,10 @@ class ContrastiveTrainer(RecipeTrainer):
         # The loss needs no labels; without this, evaluation would run the model but skip eval_loss.
         self.can_return_loss = True
 
+    def get_decay_parameter_names(self, model) -> list[str]:
+        # Decaying the temperature pulls it toward 0, flattening every similarity (open_clip does not decay it).
+        return [n for n in super().get_decay_parameter_names(model) if n.rsplit(".", 1)[-1] != "logit_scale"]
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor, BitsAndBytesConfig
+from transformers import AutoProcessor
 
 from .args import ModelArguments
 
@@ -18,27 +18,6 @@ def compute_dtype(model_args: ModelArguments) -> torch.dtype | str:
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def quantization_config(model_args: ModelArguments,
-                        skip_modules: list[str] | None = None) -> BitsAndBytesConfig | None:
-    """bitsandbytes settings for --load_in_4bit / --load_in_8bit; `skip_modules` stay unquantized.
-
-    Give full module-name prefixes ("model.vision_tower"): transformers 5 matches a skip name from the
-    start of a module's name or as its suffix, so a bare "vision_tower" leaves the tower quantized.
-    """
-    if model_args.load_in_4bit:
-        dtype = compute_dtype(model_args)
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=dtype if isinstance(dtype, torch.dtype) else torch.float32,
-            llm_int8_skip_modules=skip_modules,
-        )
-    if model_args.load_in_8bit:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
-    return None
 
 
 MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -121,9 +100,10 @@ def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *
         trust_remote_code=model_args.trust_remote_code,
         revision=model_args.revision,
     )
-    quant = quantization_config(model_args, skip_quantization)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        from .quantization import quantization_config  # bitsandbytes: read only by quantized runs
+
+        kwargs["quantization_config"] = quantization_config(model_args, skip_quantization)
         kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available()
                                 else {"": "cpu"})
     try:

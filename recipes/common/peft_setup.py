@@ -328,42 +328,20 @@ def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None
 
 # ------------------------------------------------------------------------------------- learning rates, counts
 
-# Trainer.get_decay_parameter_names' rule (transformers 5.23): no weight decay on LayerNorm modules or on
-# names with bias / norm. We add logit_scale: decaying CLIP's temperature pulls it toward 0 (open_clip does
-# the same).
-_NO_DECAY_PATTERNS = [r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)",
-                      r"(?:^|\.)logit_scale$"]
-
-
-def _no_decay_names(model: torch.nn.Module) -> set[str]:
-    no_decay = set()
-    for module_name, module in model.named_modules():
-        for param_name, _ in module.named_parameters(recurse=False):
-            full = f"{module_name}.{param_name}" if module_name else param_name
-            if isinstance(module,
-                          torch.nn.LayerNorm) or any(re.search(p, full.lower()) for p in _NO_DECAY_PATTERNS):
-                no_decay.add(full)
-    return no_decay
-
-
 def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, base_lr: float,
-                 weight_decay: float) -> list[dict]:
-    """Optimizer parameter groups: one per (component, decay / no decay), each with its component's learning
-    rate.
-
-    Only trainable parameters are included; empty groups are dropped. Each group has a "name" key
-    ("vision", "vision_no_decay", ...) for logging. `RecipeTrainer` puts them into its optimizer.
-    """
+                 weight_decay: float, decay: set[str]) -> list[dict]:
+    """Optimizer parameter groups of the trainable parameters: one per (component, decay / no decay), each
+    at its component's learning rate; `decay`: the names that get weight decay (the Trainer's rule).
+    Each group has a "name" ("vision", "vision_no_decay", ...)."""
     parts = find_components(model)
     lrs = {"vision": learning_rates.vision_lr, "bridge": learning_rates.bridge_lr,
            "language": learning_rates.lm_lr, "other": None}
-    no_decay = _no_decay_names(model)
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         component = parts.of(name)
-        decays = name not in no_decay
+        decays = name in decay
         key = component if decays else f"{component}_no_decay"
         if key not in groups:
             lr = lrs[component] if lrs[component] is not None else base_lr

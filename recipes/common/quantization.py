@@ -31,7 +31,7 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, BitsAndBytesConfig
 
 from .args import ModelArguments
-from .models import check_model_source, load_processor
+from .models import check_model_source, compute_dtype, load_processor
 from .peft_setup import find_components, trainable_in_float32
 
 logger = logging.getLogger(__name__)
@@ -39,6 +39,26 @@ logger = logging.getLogger(__name__)
 # Written next to the adapter of every checkpoint: the base must be re-quantized the same way to merge or
 # reload it.
 QUANTIZATION_FILE = "quantization_config.json"
+
+
+def quantization_config(model_args: ModelArguments,
+                        skip_modules: list[str] | None = None) -> BitsAndBytesConfig | None:
+    """bitsandbytes settings for --load_in_4bit / --load_in_8bit; `skip_modules` stay unquantized.
+
+    Give full module-name prefixes ("model.vision_tower"): transformers 5 matches a skip name from the
+    start of a module's name or as its suffix, so a bare "vision_tower" leaves the tower quantized.
+    """
+    if model_args.load_in_4bit:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=model_args.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=model_args.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype(model_args),
+            llm_int8_skip_modules=skip_modules,
+        )
+    if model_args.load_in_8bit:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return None
 
 
 def unquantized_modules(model_cls, path: str, model_args: ModelArguments) -> list[str]:

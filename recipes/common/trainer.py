@@ -116,7 +116,7 @@ class RecipeTrainer(Trainer):
         # Only the parameter groups are ours: the optimizer class and its arguments stay --optim's.
         if self.optimizer is None and self.learning_rates is not None:
             groups = param_groups(self.model, self.learning_rates, self.args.learning_rate,
-                                  self.args.weight_decay)
+                                  self.args.weight_decay, set(self.get_decay_parameter_names(self.model)))
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             optimizer_kwargs.pop("lr", None)  # each group carries its own
             self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups],

@@ -2,12 +2,10 @@
 
 input_ids = [<image>] * num_query_tokens + bos + prompt + caption + eos
 labels    = -100 over the image tokens, bos and prompt; the caption and eos are learned.
-Tokenization (and the length budget) happens once, before training, so every truncated or dropped
-sample is counted exactly; the training collator (recipes/common/captions.py) only opens images and pads.
+Tokenized once, before training, so every cut is counted; the collator only opens images and pads.
 """
 
 from __future__ import annotations
-
 
 import datasets
 

@@ -7,9 +7,8 @@ from recipes.common.trainer import RecipeTrainer
 
 
 class CaptionTrainer(RecipeTrainer):
-    """RecipeTrainer for BLIP-2. BLIP-2 slices full-length logits by the labels' length for its own loss, so
-    with `loss_on_label_positions` the model gets `logits_to_keep` without labels and the loss of the kept
-    logits is the Trainer's `compute_loss_func` (its gradient-accumulation and multi-device scaling hold)."""
+    """BLIP-2 slices full-length logits by the labels' length for its own loss: with
+    `loss_on_label_positions`, the loss of the kept logits is the Trainer's `compute_loss_func`."""
 
     def __init__(self, *args, loss_on_label_positions: bool = False, **kwargs):
         if loss_on_label_positions:

@@ -309,7 +309,7 @@ class ContrastiveTrainer(RecipeTrainer):
         self.can_return_loss = True
 
     def get_decay_parameter_names(self, model) -> list[str]:
-        # Decaying the temperature pulls it toward 0, flattening every similarity (open_clip does not decay it).
+        # Decaying the temperature would pull it toward 0, flattening every similarity (open_clip spares it).
         return [n for n in super().get_decay_parameter_names(model) if n.rsplit(".", 1)[-1] != "logit_scale"]
 
     def _get_train_sampler(self, train_dataset=None):

@@ -1,11 +1,5 @@
-"""Argument dataclasses shared by the recipes, and `parse_args` for `--config file.yaml` + command-line flags.
-
-A YAML file only sets defaults; any flag given on the command line wins:
-
-    python recipes/blip2_lora_caption/train.py --config recipes/blip2_lora_caption/config.yaml --lora_r 8
-
-YAML keys are dataclass field names (including `TrainingArguments` fields when the recipe parses them).
-"""
+"""The recipes' argument dataclasses, and `parse_args`: `--config file.yaml` sets defaults (keys are field
+names, TrainingArguments' too), flags on the command line win."""
 
 import argparse
 import dataclasses
@@ -86,7 +80,6 @@ class DataArguments:
         "made in it.")
 
 
-# Characters that only appear in a regular expression, never in a module name.
 _REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")
 
 
@@ -107,8 +100,7 @@ class PeftArguments:
         None, "Modules trained in full and saved next to the adapter, e.g. multi_modal_projector.")
 
     def __post_init__(self):
-        # A regex given on the command line arrives as a one-element list (nargs="+"); peft only reads a regex
-        # from a plain string, so turn it into one here. A YAML string is already a string.
+        # A regex flag arrives as a one-element list (nargs="+"); peft reads a regex from a plain string.
         targets = self.lora_target_modules
         if isinstance(targets, list) and len(targets) == 1 and (
                 _REGEX_CHARS.search(targets[0]) or targets[0] == "all-linear"):
@@ -117,11 +109,7 @@ class PeftArguments:
 
 @dataclass
 class FreezeArguments:
-    """Which parts of the model train.
-
-    None for a freeze flag leaves that part as the model has it: with LoRA, peft has already frozen every
-    base weight; without LoRA, every weight starts trainable.
-    """
+    """Which parts of the model train; None leaves a part as it is (frozen under LoRA, trained without)."""
 
     freeze_vision_tower: bool = arg(True, "Freeze the vision encoder.")
     unfreeze_last_n_vision_layers: int = arg(
@@ -191,7 +179,6 @@ GENERATIVE_ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, FreezeArgu
 
 
 def _yaml_key_lines(text: str) -> dict[str, int]:
-    """Line number (1-based) of each top-level key in a YAML mapping, for error messages."""
     node = yaml.compose(text)
     if not isinstance(node, yaml.MappingNode):
         return {}
@@ -199,8 +186,7 @@ def _yaml_key_lines(text: str) -> dict[str, int]:
 
 
 def load_yaml_config(path: str | Path, known_fields: set[str]) -> dict:
-    """Read a YAML mapping of defaults and check that every key is a known field; errors name file, line and
-    key."""
+    """A YAML mapping of defaults whose keys are all known fields; errors name the file, line and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
@@ -222,9 +208,8 @@ def load_yaml_config(path: str | Path, known_fields: set[str]) -> dict:
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
-    """A recipe's command line (default: sys.argv[1:]) with its config.yaml unless `--config` is given, and
-    `--use_cpu` when no GPU is visible: added before parsing, since TrainingArguments sets up its device while
-    parsing; without it a 2-process CPU launch would train two independent copies instead of one gloo job."""
+    """A recipe's command line with its config.yaml unless `--config` is given, and `--use_cpu` without a
+    GPU (TrainingArguments sets up its device while parsing: else 2 CPU processes train two copies)."""
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -236,32 +221,26 @@ def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]
 
 
 def _attribute(cls) -> str:
-    """ModelArguments -> model, LearningRateArguments -> learning_rate, TrainingArguments -> training."""
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__.removesuffix("Arguments")).lower()
 
 
 def parse_recipe_args(argv: list[str] | None, default_config: str | Path, types) -> SimpleNamespace:
-    """A recipe's arguments (`recipe_argv`, then `parse_args`), one attribute per dataclass, named after it:
-    `args.model`, `args.data`, `args.learning_rate`, `args.training`, ..."""
+    """A recipe's arguments, an attribute per dataclass: `args.model`, `args.learning_rate`, ..."""
     parsed = parse_args(types, recipe_argv(argv, default_config))
     return SimpleNamespace(**{_attribute(cls): value for cls, value in zip(types, parsed)})
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
-    """Parse `argv` (default: sys.argv[1:]) into one instance per dataclass type, in the order given.
-
-    `--config file.yaml` supplies defaults; flags on the command line override them.
-    """
+    """One instance per dataclass type, in order, from `--config file.yaml` defaults and `argv`'s flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
     dataclass_types = list(dataclass_types)
 
-    # Find --config first: its values must be in place as defaults before the real parse.
     config_parser = argparse.ArgumentParser(add_help=False)
     config_parser.add_argument("--config", default=None)
     config_args, remaining = config_parser.parse_known_args(argv)
 
     parser = HfArgumentParser(dataclass_types)
-    # Registered only so that --help lists it; it was already taken out of `remaining`.
+    # For --help only; it was taken out of `remaining`.
     parser.add_argument("--config", default=None,
                         help="YAML file of defaults for any of the arguments below.")
 
@@ -271,10 +250,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
         for action in parser._actions:
             if action.dest not in values:
                 continue
-            # A value from the file satisfies a required argument, which argparse would otherwise still
-            # demand.
             action.required = False
-            # argparse checks choices only for command-line values, so check file values here.
+            # argparse checks choices only for command-line values.
             value = values[action.dest]
             if action.choices is not None and value not in action.choices:
                 raise ValueError(
@@ -282,7 +259,6 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
                 )
         parser.set_defaults(**values)
 
-    # look_for_args_file=False: a stray `<script>.args` file next to the entry point must not change the run.
+    # look_for_args_file=False: a stray `<script>.args` file must not change the run.
     outputs = parser.parse_args_into_dataclasses(remaining, look_for_args_file=False)
-    # The last output is the namespace holding the --config placeholder; callers only want the dataclasses.
     return tuple(outputs[: len(dataclass_types)])

@@ -1,8 +1,5 @@
-"""The project's file cache: where built things live, and building each once, safely under concurrency.
-
-Tiny models, pre-trained tiny bases, the embedded data sets and cached vision features are built on first
-use into `$VLM_RECIPES_CACHE` (default `~/.cache/vlm-recipes`) and reused by later runs.
-"""
+"""The file cache of what is built on first use (tiny models, the embedded data, cached vision features),
+each built once, safely under concurrency."""
 
 from __future__ import annotations
 
@@ -22,8 +19,7 @@ def cache_root() -> Path:
 
 @contextlib.contextmanager
 def _caller_rng_kept():
-    """Restore torch's CPU, Python's and NumPy's random states on exit (pre-training seeds and draws from
-    them)."""
+    """Restore torch's CPU, Python's and NumPy's random states on exit."""
     import random
 
     import numpy as np
@@ -36,12 +32,8 @@ def _caller_rng_kept():
 
 
 def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
-    """Run `build(tmp_folder)` unless `final/marker` exists, then move the folder to `final`; return `final`.
-
-    Safe under concurrent callers (the ranks of a DDP launch): a file lock lets one process build while
-    the others wait, and the build happens in a private folder that is renamed into place (atomic), so a
-    reader never sees a half-written model, even after a crash.
-    """
+    """`final`, built by `build(tmp_folder)` unless `final/marker` exists: under a file lock (one rank of a
+    launch builds, the others wait), in a private folder renamed into place, never seen half-written."""
     import fcntl
 
     if (final / marker).exists():

@@ -1,8 +1,4 @@
-"""What the two captioning recipes share: eval records per image, training batches, and scoring.
-
-A caption sample is tokenized once before training (each recipe's `tokenize_captions`); `CaptionCollator`
-only opens the images (or looks up their cached vision features) and pads.
-"""
+"""What the two captioning recipes share: records, samples, batches, prompts and scores."""
 
 from __future__ import annotations
 
@@ -42,9 +38,8 @@ def load_caption_data(data_args, training_args):
 
 
 def caption_samples(tokenize, train_records, eval_records, test_records, eval_max_samples: int | None = None):
-    """(train samples, eval samples or None, eval records to generate for, test records) from
-    `tokenize(records)` -> (samples, LengthReport); each report is logged, and at most `eval_max_samples`
-    eval and test records generate."""
+    """(train samples, eval samples, eval records, test records) from `tokenize(records)` -> (samples,
+    LengthReport), reports logged; at most `eval_max_samples` eval and test records generate."""
     train, report = tokenize(train_records)
     logger.info("train %s", report)
     test_records = first(test_records, eval_max_samples)
@@ -57,10 +52,9 @@ def caption_samples(tokenize, train_records, eval_records, test_records, eval_ma
 
 def cached_vision_features(model, image_processor, samples, cache_args, training_args, *, serve: bool = False,
                            **encode) -> VisionFeatureCache | None:
-    """--cache_vision_features: the features of the `samples` datasets' images from the model's frozen vision
-    tower (its `vision_model`), computed once before training (recipes/common/feature_cache.py); None when
-    the option is off. `serve`: the tower then takes a cached feature in place of pixels (BLIP-2, whose
-    generation still gives it pixels); `encode` (encode=, tag=) as for `feature_cache.cache_for_run`."""
+    """--cache_vision_features: the frozen tower's features of the `samples`' images, computed once before
+    training (recipes/common/feature_cache.py), else None. `serve`: the tower then takes a cached feature
+    in place of pixels (BLIP-2); `encode` as for `feature_cache.cache_for_run`."""
     if not cache_args.cache_vision_features:
         return None
     from .feature_cache import cache_for_run, serve_cached_features, vision_tower  # read only when caching
@@ -74,12 +68,8 @@ def cached_vision_features(model, image_processor, samples, cache_args, training
 
 
 def caption_eval_records(ds: datasets.Dataset) -> datasets.Dataset:
-    """One eval record per image, {"key", "image", "captions"}: the captions of all rows naming the image.
-
-    Files with one row per caption (the `[{"image_path": ..., "text": ...}]` style) would otherwise give
-    an image several predictions and keep only one row's references when scoring. The key (the image
-    path) names the predictions and their references, whatever image a check swaps in.
-    """
+    """One eval record per image, {"key", "image", "captions"}: all captions of the rows naming it (a file
+    with a row per caption would otherwise score an image several times against one caption each)."""
     merged: dict[str, list[str]] = {}
     for row in ds:
         merged.setdefault(row["image"], []).extend(row["captions"])
@@ -93,11 +83,8 @@ def caption_eval_records(ds: datasets.Dataset) -> datasets.Dataset:
 
 @dataclass
 class CaptionCollator:
-    """Training batches: pixel values and the right-padded text (padding is -100 in labels, 0 in the mask).
-
-    With a `feature_cache`, `pixel_values` holds each image's cached vision features instead (3-D), which
-    the model takes as they are (recipes/common/feature_cache.py).
-    """
+    """Training batches: pixel values (or, with a `feature_cache`, each image's cached vision features) and
+    the right-padded text."""
 
     image_processor: object
     pad_token_id: int
@@ -118,8 +105,8 @@ def caption_scores(predictions: dict, records, lang: str = "en") -> dict:
 
 @dataclass
 class CaptionPromptCollator:
-    """Eval records -> `generate` inputs: pixel values, `prefix_ids` (e.g. image tokens) + the prompt's ids
-    (the same for every record: no padding), and the records' keys."""
+    """Eval records -> `generate` inputs: pixel values, `prefix_ids` (image tokens) + the prompt's ids (the
+    same for every record: no padding), and the records' keys."""
 
     image_processor: object
     tokenizer: object

@@ -1,11 +1,6 @@
-"""Data for the recipes: JSONL records -> `datasets.Dataset` of paths (not pixels), and the embedded default.
-
-Rows are checked with the same code as `python -m data_tools validate`, and every image before the first
-step (`check_images`: its header and end, or a full decode), so a bad image never stops a run at step N.
-A bad row is an error that names the file, line and field and points to `python -m data_tools clean`;
-with `skip_bad_rows` it is skipped instead, counted, and written with its reason to a rejects file.
-Images are opened for training by the collator, through `data_tools.images.load_image`.
-"""
+"""JSONL records -> a `datasets.Dataset` of image paths, checked before the first step with the code of
+`python -m data_tools validate` (every image too), so that bad input never stops a run at step N; and the
+embedded default data set."""
 
 from __future__ import annotations
 
@@ -22,7 +17,7 @@ from data_tools.synth import make_synthetic
 
 from .cache import build_once, cache_root
 
-# The columns each task's collator reads; other keys in the records are dropped from the Dataset.
+# The columns each task's collator reads.
 COLUMNS = {
     "caption": ("image", "captions"),
     "vqa": ("image", "question_id", "question", "answers", "answer_type", "question_type"),
@@ -45,13 +40,9 @@ def load_records(
     check_images: str = "header",
     max_rows: int | None = None,
 ) -> datasets.Dataset:
-    """Load a JSONL file of `task` records as a Dataset with absolute image paths.
-
-    Image paths are relative to `image_root` (default: the file's folder). `check_images`: "header"
-    (`data_tools.images.check_image`, fast), "decode" (every image decoded) or "none". Rejected rows go to
-    `rejects_path` (default `<path>.rejects.jsonl`). Returns a Dataset whose `info.description` says how
-    many rows were skipped.
-    """
+    """A JSONL file of `task` records as a Dataset with absolute image paths (relative to `image_root`,
+    default the file's folder). A bad row is an error naming file, line and field, or with `skip_bad_rows`
+    a counted reject written to `rejects_path`; `info.description` says how many."""
     rows, errors = [], []
     for line, row, raw in check_rows(path, task, image_root=image_root, check_images=check_images,
                                      progress=False):
@@ -89,11 +80,8 @@ def load_records(
 
 def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 0,
                      image_size: int = 64) -> dict[str, Path]:
-    """The embedded default: synthetic shapes data for `task`, split by image 80/10/10; built on first use.
-
-    Returns {"train": path, "val": path, "test": path}. The folder name records every parameter, so a
-    different request never reuses a stale build.
-    """
+    """{"train", "val", "test": path}: synthetic shapes data for `task`, split by image 80/10/10, built on
+    first use into a folder named by every parameter."""
     folder = cache_root() / "data" / f"{task}-{lang}-n{n}-s{seed}-px{image_size}"
 
     def build(tmp: Path) -> None:

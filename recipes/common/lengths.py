@@ -1,11 +1,5 @@
-"""Sample-length budgeting that counts image tokens (text is cut on the text side only, and every cut is
-counted), and the padding of tokenized samples into a batch.
-
-A sample is `[image tokens] + prompt (not learned) + target (learned)`. `max_length` covers all of
-it. When it does not fit, the target is truncated; when not even one target token fits after the
-image tokens and the prompt, the sample is dropped. Nothing is cut silently: `LengthReport` counts
-both, and the recipes print it before training.
-"""
+"""The length budget of `[image tokens] + prompt + target` samples (the target is cut to fit; a sample
+whose image tokens and prompt leave no room is dropped; `LengthReport` counts both), and padding."""
 
 from __future__ import annotations
 
@@ -38,11 +32,8 @@ def fit_to_budget(
     n_image_tokens: int, prompt_ids: list[int], target_ids: list[int], max_length: int | None,
     report: LengthReport
 ) -> tuple[list[int], list[int]] | None:
-    """Return `(text_ids, labels)` for the text after the image tokens, or None when the sample is dropped.
-
-    `labels` cover the target tokens only; the prompt is -100. The image tokens are not part of
-    `text_ids`: the caller puts them in front, and they always fit whole.
-    """
+    """`(text_ids, labels)` of the text after the image tokens (labels: the target's only), or None when
+    the sample is dropped."""
     report.samples += 1
     budget = None if max_length is None else max_length - n_image_tokens - len(prompt_ids)
     if budget is not None and budget < 1:
@@ -56,9 +47,8 @@ def fit_to_budget(
 
 
 def pad_batch(features: list[dict], pad_token_id: int, *, left: bool = False) -> dict[str, torch.Tensor]:
-    """`input_ids` (padded with `pad_token_id`), `attention_mask` (0 over padding) and, when the features have
-    them, `labels` (-100 over padding) as [batch, longest] tensors. Training pads on the right; generation
-    prompts on the left, so that every answer starts at the same position."""
+    """`input_ids`, `attention_mask` and (when the features have them) `labels` (-100 over padding) as
+    [batch, longest] tensors, padded on the right (training) or left (generation prompts)."""
     width = max(len(f["input_ids"]) for f in features)
     batch = {"input_ids": torch.full((len(features), width), pad_token_id, dtype=torch.long),
              "attention_mask": torch.zeros((len(features), width), dtype=torch.long)}

@@ -24,12 +24,8 @@ MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
-    """Refuse half-precision weights without the matching autocast, before anything is loaded.
-
-    The recipes keep what trains in float32 (`peft_setup.trainable_in_float32`: a bf16 weight loses every
-    update below 2^-8 of its value); those float32 weights meet the frozen half-precision ones only
-    under autocast. accelerate_configs/single_gpu.yaml (and the other GPU configs) set bf16.
-    """
+    """Refuse half-precision weights without the matching autocast, before anything is loaded: the float32
+    trained weights (`peft_setup.trainable_in_float32`) meet the frozen half-precision ones only under it."""
     dtype = compute_dtype(model_args)
     if dtype in MIXED_PRECISION and training_args.mixed_precision != MIXED_PRECISION[dtype]:
         raise ValueError(f"the model computes in {dtype} but mixed precision is "
@@ -42,12 +38,8 @@ TINY_PREFIX = "tiny:"
 
 
 def resolve_model_path(path: str) -> str:
-    """`tiny:<name>` is a tiny model the project builds offline; anything else is returned unchanged.
-
-    `tiny:clip` (random weights, `tiny.models`) or `tiny:clip-pretrained` (a pre-trained base,
-    `tiny.pretrain`), built into the cache on first use. Both are ordinary `save_pretrained` folders,
-    loaded exactly like a Hub checkpoint.
-    """
+    """The folder of `tiny:<name>` (e.g. `tiny:clip`: random weights; `tiny:clip-pretrained`), a tiny model
+    built on first use and loaded like any checkpoint; anything else unchanged."""
     if not path.startswith(TINY_PREFIX):
         return path
     from .tiny.models import BUILDERS, tiny_model_path
@@ -63,11 +55,8 @@ def resolve_model_path(path: str) -> str:
 
 
 def check_model_source(path: str) -> None:
-    """Raise a clear FileNotFoundError for a local-looking path that does not exist, before it reaches the
-    Hub."""
-    # A local-looking path that does not exist would otherwise be sent to the Hub as a repo id and
-    # fail with a network error far from the cause.
-    # Hub ids are "name" or "org/name"; anything else is a local path.
+    """A FileNotFoundError for a local-looking missing path, which would else go to the Hub as a repo id and
+    fail with a network error (Hub ids are "name" or "org/name")."""
     looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
     if looks_local and not Path(path).expanduser().exists():
         raise FileNotFoundError(
@@ -91,8 +80,7 @@ def load_processor(path: str | Path, model_type: str, **kwargs):
 
 def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *,
                              skip_quantization: list[str] | None = None):
-    """Load `model_cls` and its processor from a local folder or Hub id, the same way for tiny and real
-    models."""
+    """`model_cls` and its processor from a local folder or Hub id, tiny and real models alike."""
     check_model_source(path)
     kwargs = dict(
         dtype=compute_dtype(model_args),

@@ -1,13 +1,7 @@
-"""LoRA, freezing and per-module learning rates for the vision-language models the recipes train.
-
-Every model is split into components, found from its structure (`find_components`):
-  vision    the image encoder        bridge    what feeds it to the LM    language  the LM (CLIP: text tower)
-Parameters outside all three (CLIP's logit_scale) are "other". Typical use in a train.py:
-
-    model = apply_peft(model, peft_args)    # LoRA on the LM's linear layers; peft freezes the rest
-    apply_freezing(model, freeze_args)      # then (un)freeze vision tower / last N layers / bridge / LM
-    print(count_parameters(model))
-    # RecipeTrainer(learning_rates=...) builds its optimizer from param_groups(model, learning_rates, ...)
+"""LoRA, freezing and per-module learning rates, by component, found from the model's structure
+(`find_components`): "vision" (the image encoder), "bridge" (what feeds it to the LM), "language" (the LM;
+CLIP: the text tower) and "other" (CLIP's logit_scale). A train.py calls `apply_lora_and_freezing` and
+logs `count_parameters`; RecipeTrainer(learning_rates=...) builds its optimizer from `param_groups`.
 """
 
 import difflib
@@ -21,15 +15,12 @@ from .args import FreezeArguments, LearningRateArguments, PeftArguments
 
 COMPONENTS = ("vision", "bridge", "language")
 
-# Where a family keeps its projector inside the vision tower's module (keyed by config.model_type): Qwen's
-# patch merger(s) map vision features to the LM's width, the job other families give a separate projector.
+# Families whose projector lives inside the vision tower (Qwen's patch mergers map to the LM's width).
 BRIDGE_INSIDE_VISION = {"qwen2_vl": ("merger",), "qwen2_5_vl": ("merger",),
                         "qwen3_vl": ("merger", "deepstack_merger_list")}
-# A dual encoder's projection heads belong to their towers; its other top-level parameters (temperature,
-# bias) are "other".
+# A dual encoder's projection heads belong to their towers; its temperature and bias are "other".
 TOWER_HEADS = {"visual_projection": "vision", "text_projection": "language"}
 
-# peft prefixes parameter names of a PeftModel with this; strip it to classify them like the base model's.
 PEFT_PREFIX = "base_model.model."
 
 
@@ -64,11 +55,9 @@ class Components:
 
 
 def find_components(model: torch.nn.Module) -> Components:
-    """The components of `model`, from its structure: the submodule built from `config.vision_config` is the
-    vision tower, the one built from `config.text_config` (with the output embeddings) the language model,
-    and what else the model holds the bridge (generative models) or "other" (dual encoders, TOWER_HEADS
-    aside). One table, BRIDGE_INSIDE_VISION, names the families whose projector lives inside the tower.
-    """
+    """The components of `model`: the submodule built from `config.vision_config` is the vision tower, the
+    one built from `config.text_config` (with the output embeddings) the LM, the rest the bridge
+    (generative models) or "other" (dual encoders, TOWER_HEADS aside)."""
     base = _base(model)
     config = getattr(base, "config", None)
     if config is None:
@@ -128,13 +117,9 @@ def _outside(base: torch.nn.Module, taken: list[str]) -> list[str]:
 
 
 def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | None = None) -> str:
-    """The default LoRA target for `model`: a regex over full module names, limited to `components`.
-
-    By structure: in a generative model's language model, every linear layer but the LM head; in an
-    encoder (a vision tower, a dual encoder's text tower), the linear layers of its attention modules.
-    Default components: the LM of a generative model, both towers of a dual encoder. peft treats a string
-    `target_modules` as a regex that must fullmatch the module name.
-    """
+    """The default LoRA targets in `components` (default: a generative model's LM, both towers of a dual
+    encoder), as a regex peft fullmatches against module names: every linear layer of a generative LM but
+    its head; the linear layers of an encoder's attention modules."""
     from transformers.pytorch_utils import Conv1D
 
     base = _base(model)
@@ -142,10 +127,6 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
     generative = parts.output is not None
     if components is None:
         components = ("language",) if generative else ("vision", "language")
-    for component in components:
-        if component not in ("vision", "language"):
-            raise ValueError(f"No default LoRA targets for component {component!r}; choose from "
-                             "['language', 'vision'].")
     modules = dict(base.named_modules())
     targets = []
     for name, module in modules.items():
@@ -163,7 +144,7 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
         raise ValueError(f"no linear layer found for LoRA in {components} of {type(base).__name__}: set "
                          "lora_target_modules. Linear layer names in this model: "
                          f"{_linear_leaf_names(base)}.")
-    # A compact regex (component prefixes x leaf names) when it selects exactly these modules, else the names.
+    # A compact regex (prefixes x leaf names) when it selects exactly these modules, else the names.
     prefixes = [p for c in components for p in getattr(parts, c) if any(_has_prefix(t, p) for t in targets)]
     leaves = list(dict.fromkeys(t.rsplit(".", 1)[-1] for t in targets))
     compact = (rf"(?:{'|'.join(re.escape(p) for p in prefixes)})\..*\."
@@ -174,8 +155,7 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
 
 
 def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
-    # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear, so quantized models are covered too; GPT-2's
-    # linear layers are transformers' Conv1D (a transposed Linear), which LoRA wraps as well.
+    # bitsandbytes' linear layers subclass nn.Linear; GPT-2's are transformers' Conv1D, which LoRA wraps too.
     from transformers.pytorch_utils import Conv1D
 
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
@@ -183,10 +163,8 @@ def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
 
 
 def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modules") -> None:
-    """Raise ValueError unless every target name (or the regex) matches a module of `model`.
-
-    peft raises only when *no* target matches, so a typo next to a correct name would silently train less.
-    """
+    """Raise ValueError unless every target name (or the regex) matches a module of `model`: peft raises
+    only when *no* target matches, so a typo next to a correct name would silently train less."""
     if targets is None or targets == "all-linear":
         return
     module_names = [name for name, _ in model.named_modules() if name]
@@ -209,15 +187,10 @@ def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modu
 
 def apply_peft(model: torch.nn.Module, peft_args: PeftArguments,
                components: tuple[str, ...] | None = None) -> torch.nn.Module:
-    """Wrap `model` with LoRA as `peft_args` says (returned unchanged for peft_method='none').
-
-    `components` picks where the default targets go (e.g. ("vision",) for CLIP's image tower only); it is
-    ignored when `peft_args.lora_target_modules` names the targets explicitly.
-    """
+    """`model` with LoRA as `peft_args` says (unchanged for peft_method='none'); `components` picks where
+    the default targets go (e.g. ("vision",): CLIP's image tower only)."""
     if peft_args.peft_method == "none":
         return model
-    if peft_args.peft_method != "lora":
-        raise ValueError(f"peft_method={peft_args.peft_method!r}: expected 'lora' or 'none'.")
     targets = peft_args.lora_target_modules
     if targets is None:
         targets = default_lora_targets(model, components)
@@ -244,7 +217,6 @@ def lora_module_names(model: torch.nn.Module) -> list[str]:
 
 
 def _is_adapter_param(name: str) -> bool:
-    # LoRA weights and the trained copies of modules_to_save: what the user asked peft to train.
     return ".lora_" in name or ".modules_to_save." in name
 
 
@@ -253,8 +225,7 @@ def _set_trainable(model: torch.nn.Module, names: set[str], trainable: bool) -> 
         if name not in names:
             continue
         if trainable:
-            # peft keeps the untouched original next to a modules_to_save copy; that original must stay
-            # frozen.
+            # peft keeps the original next to a modules_to_save copy: the original stays frozen.
             if ".original_module." in name:
                 continue
             if not param.is_floating_point():
@@ -268,12 +239,8 @@ def _set_trainable(model: torch.nn.Module, names: set[str], trainable: bool) -> 
 
 
 def vision_layer_names(model: torch.nn.Module) -> list[str]:
-    """Base-model names of the vision encoder layers whose output the model uses, first to last.
-
-    The layers are the vision tower's longest list of blocks. Models that read image features from an
-    earlier layer (`vision_feature_layer`, -2 in LLaVA) give the layers after it no gradient; they are
-    left out so that "the last N layers" means the last N that matter.
-    """
+    """Names of the vision tower's layers (its longest list of blocks) whose output the model uses, first to
+    last: with `vision_feature_layer` (-2 in LLaVA) the layers after it get no gradient and are left out."""
     base = _base(model)
     parts = find_components(base)
     lists = [(name, m) for name, m in base.named_modules()
@@ -300,11 +267,8 @@ def last_vision_layers(model: torch.nn.Module, n: int) -> list[str]:
 
 
 def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None:
-    """Set requires_grad per component as `freeze_args` says; LoRA weights always stay trainable.
-
-    A flag that is None leaves its component as it is (see FreezeArguments). Apply after `apply_peft`,
-    since peft freezes every base weight when it wraps the model.
-    """
+    """Set requires_grad per component as `freeze_args` says (None: as it is); LoRA weights stay trainable.
+    Apply after `apply_peft`, which freezes every base weight."""
     parts = find_components(model)
     by_component = {c: set() for c in (*COMPONENTS, "other")}
     for name, _ in model.named_parameters():
@@ -352,7 +316,7 @@ def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, 
 
 
 def _numel(param: torch.nn.Parameter) -> int:
-    # bitsandbytes packs two 4-bit weights per byte of its storage dtype; count weights, not storage elements.
+    # bitsandbytes packs two 4-bit weights per byte of its storage dtype.
     if param.__class__.__name__ == "Params4bit":
         return param.numel() * 2 * param.quant_storage.itemsize
     return param.numel()
@@ -380,8 +344,7 @@ class ParameterCounts:
 
 
 def count_parameters(model: torch.nn.Module) -> ParameterCounts:
-    """Trainable / total parameters per component (vision, bridge, language, other); tied weights count
-    once."""
+    """Trainable / total parameters per component; tied weights count once."""
     parts = find_components(model)
     rows = {c: [0, 0] for c in (*COMPONENTS, "other")}
     for name, param in model.named_parameters():
@@ -393,13 +356,9 @@ def count_parameters(model: torch.nn.Module) -> ParameterCounts:
 
 
 def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments) -> list[str]:
-    """Full module names that `freeze_args` trains outside the language model, for LoRA's `modules_to_save`.
-
-    peft saves only the adapter and its `modules_to_save` copies; a base weight merely unfrozen would
-    train and then be lost at save. So a trained bridge (LLaVA's projector) and trained vision layers
-    go there instead. Parameters that are not in a submodule (BLIP-2's query_tokens) cannot. peft copies
-    modules, not containers: a ModuleList (Qwen3-VL's deepstack mergers) goes in as its items.
-    """
+    """What `freeze_args` trains outside the LM, for LoRA's `modules_to_save`: peft saves only the adapter
+    and those copies, so a base weight merely unfrozen would be lost at save. Containers (Qwen3-VL's
+    deepstack mergers) go in as their items, which peft can copy."""
     parts = find_components(model)
     modules = dict(_base(model).named_modules())
 
@@ -422,12 +381,8 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
 
 def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments,
                             freeze_args: FreezeArguments) -> torch.nn.Module:
-    """`apply_peft` then `apply_freezing`, with everything that trains also saved.
-
-    Under LoRA, what `freeze_args` trains outside the adapter (a bridge, vision layers) goes into
-    `modules_to_save` (`trained_modules_to_save`), so the adapter folder holds it and a merge includes it.
-    `peft_args` and `freeze_args` are updated to say what was done.
-    """
+    """`apply_peft` then `apply_freezing`; under LoRA, what trains outside the adapter goes into
+    `modules_to_save`, so that the adapter folder and a merge hold it. The arguments are updated to match."""
     if peft_args.peft_method != "none":
         if freeze_args.freeze_language_model is False:
             raise ValueError("freeze_language_model=false with LoRA: the language model trains through its "
@@ -444,12 +399,8 @@ def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments,
 
 
 def trainable_in_float32(model: torch.nn.Module) -> int:
-    """Cast the trainable parameters to float32; return how many tensors were cast.
-
-    A bf16 weight loses every update smaller than 2^-8 of its value, and what trains is small next to
-    what stays frozen (a Q-Former or LoRA next to a 2.7B LM). Frozen weights only feed the forward,
-    where autocast picks the matmul dtype, so they stay in the dtype they were loaded in.
-    """
+    """Cast the trainable parameters to float32 (a bf16 weight loses every update below 2^-8 of its value);
+    frozen ones stay as loaded, autocast picks their matmul dtype. Returns how many tensors were cast."""
     cast = 0
     for name, param in model.named_parameters():
         if not param.requires_grad:

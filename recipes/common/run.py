@@ -42,14 +42,9 @@ def setup_run(training_args, model_args=None) -> None:
 
 
 def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: str | Path):
-    """(train, validation or None, test or None) records from --train_file / --eval_file / --test_file, image
-    paths under --image_root.
-
-    Without --train_file the embedded default is made (`embedded()` -> {"train", "val", "test": path}) and
-    its files are put into `data_args`, so that metrics.json names them. Rows hold image paths, not
-    pixels; every image is checked now (--check_images). Rows skipped with --skip_bad_rows are written to
-    `<output_dir>/rejects/<file>.rejects.jsonl`, not into the user's data folder.
-    """
+    """(train, validation or None, test or None) records of the data files, or of the embedded default
+    (`embedded()` -> {"train", "val", "test": path}, whose files then go into `data_args` for metrics.json).
+    Rows skipped with --skip_bad_rows go to `<output_dir>/rejects/`, not into the user's data folder."""
     if data_args.test_file and not data_args.eval_file and data_args.train_file is not None:
         raise ValueError("--test_file needs an --eval_file as well: the validation file picks the checkpoint "
                          "and is what evaluations during training score; the test file is scored before and "
@@ -78,8 +73,8 @@ def first(records, n: int | None):
 
 
 def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
-    """The records with every image replaced by another eval image (the distinct images rotated by one),
-    text-only records unchanged: the "does it look at the image?" check. Keys and references stay."""
+    """The records with each image swapped for another eval image (rotated by one), keys and references
+    kept: the "does it look at the image?" check."""
     images = sorted({im for im in records["image"] if im is not None})
     if len(images) < 2:
         return records
@@ -100,11 +95,8 @@ def _is_complete(folder: Path) -> bool:
 
 
 def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str | None:
-    """What `--resume_from_checkpoint` names: None (start afresh) or the checkpoint folder to resume from.
-
-    'last' (or 'true') is the newest *complete* checkpoint-N in output_dir: a run killed while it was
-    saving leaves a folder without trainer_state.json, which Trainer would pick and then fail to load.
-    """
+    """The checkpoint folder `--resume_from_checkpoint` names, or None. 'last' (or 'true') is the newest
+    *complete* checkpoint-N in output_dir: a run killed while saving leaves one without trainer_state.json."""
     if value in (None, False, "", "false", "False"):
         return None
     if value in (True, "last", "true", "True"):
@@ -131,21 +123,15 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
 def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | None = None,
                        shuffled_image_check: bool = False,
                        after_training: Callable[[dict], None] | None = None) -> dict:
-    """Score the held-out data, train (resuming per --resume_from_checkpoint), save, score again; write
-    metrics.json.
+    """Score the held-out data, train (resuming per --resume_from_checkpoint), save, score again, and write
+    metrics.json (read by `make eval`) with `metadata` and the recipe's own `results` (a baseline).
 
-    The eval data (the trainer's own: what evaluations during training and the best checkpoint are chosen
-    on) is scored before and after as "val"; `test` (records the trainer's `heldout_metrics` takes), which
-    nothing else looks at, gives the headline "before" and "after". Without `test` the eval data gives
-    them. `results` may hold figures the recipe computed before (a baseline). With
-    `shuffled_image_check`, the final model is scored again on the headline data with its images swapped
-    ("after_shuffled_images"). `after_training(results)` adds the recipe's own post-training figures.
-    `metadata` (recipe, task, model, files, ...) goes into metrics.json, which `python -m eval report`
-    (make eval) reads; "heldout" says which split the headline is on.
+    `test`, which nothing else sees, gives the headline "before" and "after"; the eval data (what picks
+    the checkpoint) is scored as "val". Without `test` the eval data is the headline. Options: the
+    shuffled-image check ("after_shuffled_images"), `after_training(results)` for a recipe's own figures.
     """
     args = trainer.args
     results = dict(results or {})
-    # 'last': the newest complete checkpoint
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     folder = Path(args.output_dir) / "predictions"
     # (result key, predictions name prefix, data): the headline split first.
@@ -190,12 +176,9 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """A train.py's entry point: `main()`, then the process group's end (each rank of a launch exits cleanly).
-
-    A bad data file, option or path (`DataError`, `ValueError`, `FileNotFoundError`: what the recipes
-    raise for their users' input, with the file, line and field) ends the run with its message on stderr
-    and exit code 2, not a traceback; VLM_RECIPES_DEBUG=1 shows the traceback too.
-    """
+    """A train.py's entry point: `main()`, then the process group's end. A bad data file, option or path
+    (`DataError`, `ValueError`, `FileNotFoundError`) ends the run with its message and exit code 2, no
+    traceback (VLM_RECIPES_DEBUG=1 shows it)."""
     from accelerate import PartialState
 
     try:

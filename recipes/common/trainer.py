@@ -1,16 +1,10 @@
 """`RecipeTrainer`: the one `transformers.Trainer` subclass every recipe's own Trainer builds on.
 
-Three options, each off unless given to the constructor:
-- generation-based evaluation (`generation`, a `GenerationEval`): after the loss evaluation, generate on
-  the eval records (split across processes), score the texts, log the metrics as `eval_<name>` (so
-  `metric_for_best_model: CIDEr` works) and write `predictions/step-<N>.jsonl`;
-- per-module learning rates (`learning_rates`): the optimizer gets one parameter group per component
-  (vision, bridge, language; decay / no decay), each at its own learning rate;
-- the label-position loss (`loss_on_label_positions`): logits and loss at the label positions only
-  (recipes/common/losses.py): the model's own loss on the kept rows.
-
-`heldout_metrics(name)` is what the run loop (recipes/common/run.py) scores before and after training;
-a recipe whose evaluation is not generation (retrieval) overrides it.
+Its options, each off unless given: `generation` (after the loss evaluation, generate on the eval records,
+score the texts, log them as `eval_<metric>` so that `metric_for_best_model: CIDEr` works, and write
+`predictions/step-<N>.jsonl`), `learning_rates` (one optimizer group per component, each at its own rate)
+and `loss_on_label_positions` (recipes/common/losses.py). `heldout_metrics` is what the run loop
+(recipes/common/run.py) scores before and after training.
 """
 
 from __future__ import annotations
@@ -54,13 +48,9 @@ def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_
 
 @dataclass
 class GenerationEval:
-    """What generation-based evaluation needs.
-
-    records: the eval records to generate for (one per image or question), each with a "key".
-    collator: records -> `generate` inputs (left-padded prompts) plus their "keys".
-    score: (predictions {key: text}, records) -> {metric: value}.
-    args: the decode options; tokenizer: decodes the generated tokens.
-    """
+    """What generation-based evaluation needs: the eval `records` (each with a "key"), a `collator` of
+    records -> `generate` inputs (left-padded prompts) and their "keys", `score(predictions {key: text},
+    records)` -> {metric: value}, the decode options `args` and the `tokenizer` that decodes."""
 
     records: object
     collator: Callable
@@ -70,12 +60,8 @@ class GenerationEval:
 
 
 class RecipeTrainer(Trainer):
-    """A Trainer with generation-based evaluation, per-module learning rates and the label-position loss.
-
-    generation: what to generate and how to score it; None = the loss evaluation only.
-    learning_rates: --vision_lr / --bridge_lr / --lm_lr; None = one learning rate for all.
-    loss_on_label_positions: the loss from the logits at the label positions only.
-    """
+    """A Trainer with generation-based evaluation (`generation`; None: the loss only), per-module learning
+    rates (`learning_rates`: --vision_lr / --bridge_lr / --lm_lr) and the label-position loss."""
 
     def __init__(self, *args, generation: GenerationEval | None = None,
                  learning_rates: LearningRateArguments | None = None, loss_on_label_positions: bool = False,
@@ -84,22 +70,16 @@ class RecipeTrainer(Trainer):
         self.generation = generation
         self.learning_rates = learning_rates
         self.loss_on_label_positions = loss_on_label_positions
-        # A generative model that does not take the Trainer's token count (Qwen-VL: accepts_loss_kwargs False)
-        # returns each micro-batch's mean loss, which gradient accumulation and the processes then average:
-        # the tokens of short batches weigh more. The Trainer computes its loss instead: the token mean of the
-        # global batch, as for every other model.
+        # A generative model that does not take the Trainer's token count (Qwen-VL) returns each micro-batch's
+        # mean loss, which accumulation and processes then average: the Trainer computes the loss instead.
         if (not self.model_accepts_loss_kwargs and self.compute_loss_func is None
                 and getattr(self.model, "get_output_embeddings", lambda: None)() is not None):
             self.compute_loss_func = causal_lm_loss
 
     # --- loss ------------------------------------------------------------------------------------------
     def label_position_inputs(self, inputs: dict) -> dict:
-        """The model inputs that make its loss come from the label positions' logits alone.
-
-        transformers causal LMs (LLaVA and the other image-text-to-text models) take `logits_to_keep`
-        and pass `shift_labels` to their loss; where the Trainer computes the loss (`compute_loss_func`), from
-        the kept logits, the model gets `logits_to_keep` alone.
-        """
+        """The model inputs that make its loss come from the label positions' logits alone; where the Trainer
+        computes the loss (`compute_loss_func`), the model only keeps those logits."""
         kept = label_positions_only(inputs["labels"])
         if self.compute_loss_func is not None:
             return {**inputs, "logits_to_keep": kept["logits_to_keep"]}

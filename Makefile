@@ -16,8 +16,12 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml scripts/setup_venv.sh
 	VENV=$(VENV) PYTHON=$(PYTHON) CONSTRAINTS=$(CONSTRAINTS) bash scripts/setup_venv.sh
 	touch $(STAMP)
 
+# Test files run in parallel, TEST_WORKERS at a time (each file in one worker, so that its fixtures' runs are
+# shared); TEST_WORKERS=0 runs them one after another.
+TEST_WORKERS ?= 2
+PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup
-	$(PY) -m pytest -q -m "not matrix" tests
+	$(PY) $(PYTEST) -m "not matrix" tests
 
 # Every image-text-to-text family: their tests, and each family through llava_instruct and qlora_vqa on 1 and
 # 2 processes with merge and chat (tests/test_family_matrix.py and the other tests marked `matrix`, ~12 min).
@@ -32,7 +36,7 @@ test-families:
 	test -x $(FAMILIES_VENV)/bin/python || $(PYTHON) -m venv $(FAMILIES_VENV)
 	$(FAMILIES_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 	VENV=$(FAMILIES_VENV) PYTHON=$(PYTHON) CONSTRAINTS=$(CONSTRAINTS) bash scripts/setup_venv.sh
-	VLM_RECIPES_CACHE=$(abspath $(FAMILIES_VENV))/cache $(FAMILIES_VENV)/bin/python -m pytest -q $(FAMILY_TESTS)
+	VLM_RECIPES_CACHE=$(abspath $(FAMILIES_VENV))/cache $(FAMILIES_VENV)/bin/python $(PYTEST) $(FAMILY_TESTS)
 
 # The main job on the embedded default: synthetic captions + tiny BLIP-2 (built and pre-trained on first
 # use), LoRA fine-tuning, held-out metrics before and after, then the report of `make eval`.

@@ -203,7 +203,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
     assert r.returncode == 0, r.stderr[-4000:]
     config = str(ROOT / "accelerate_configs" / "multi_cpu.yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
-           "--main_process_port", "29561", str(TRAIN), *common, "--per_device_train_batch_size", "4",
+           "--main_process_port", "29581", str(TRAIN), *common, "--per_device_train_batch_size", "4",
            "--output_dir", str(out / "two")]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]

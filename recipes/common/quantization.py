@@ -2,9 +2,9 @@
 
 QLoRA (Dettmers et al., 2023, "QLoRA: Efficient Finetuning of Quantized LLMs") stores the frozen LM
 weights in NF4 with double quantization, trains LoRA adapters on every linear layer of the LM in
-16/32-bit, and pages the optimizer state. The pieces a recipe needs beyond loading the model with a
-`BitsAndBytesConfig` (recipes/common/models.py):
+16/32-bit, and pages the optimizer state. The pieces a recipe needs:
 
+- `quantization_config`: the `BitsAndBytesConfig` that `models.load_model_and_processor` loads with;
 - `prepare_quantized_for_training`: peft's `prepare_model_for_kbit_training` casts every
   non-quantized weight to float32, frozen ones included: on LLaVA-1.5-7B the vision tower, embeddings,
   LM head and projector (587 M weights) go from 2 to 4 bytes each, +1.17 GB that buys nothing, since

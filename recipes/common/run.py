@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -189,4 +190,5 @@ def run_main(main: Callable[[], object]) -> None:
         print(f"error: {e}\n(VLM_RECIPES_DEBUG=1 shows where it was raised)", file=sys.stderr)
         sys.exit(2)
     finally:
+        gc.collect()  # the run's DDP model holds the process group: free it first, so that the group ends now
         PartialState().destroy_process_group()

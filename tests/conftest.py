@@ -35,3 +35,9 @@ def run_script(script, args, env, timeout: int = 600) -> subprocess.CompletedPro
     """`python script args...` with `env`, output captured."""
     return subprocess.run([sys.executable, str(script), *map(str, args)], env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def lora_module_names(model) -> list[str]:
+    """Base-model names of the modules of a peft model that carry a LoRA adapter."""
+    return sorted(name.removeprefix("base_model.model.").removesuffix(".lora_A")
+                  for name, _ in model.named_modules() if name.endswith(".lora_A"))

@@ -22,10 +22,10 @@ from recipes.common.peft_setup import (
     count_parameters,
     default_lora_targets,
     find_components,
-    lora_module_names,
     param_groups,
     vision_layer_names,
 )
+from tests.conftest import lora_module_names
 
 LAYER = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
 VISION = dict(LAYER, image_size=32, patch_size=8)

@@ -25,10 +25,11 @@ from recipes.common.chat import (
     tokenize_conversations,
 )
 from recipes.common.models import load_model_and_processor, load_processor, resolve_model_path
-from recipes.common.peft_setup import (apply_lora_and_freezing, apply_peft, find_components, lora_module_names,
+from recipes.common.peft_setup import (apply_lora_and_freezing, apply_peft, find_components,
                                        vision_layer_names)
 from recipes.common.quantization import unquantized_modules
 from recipes.common.tiny import families
+from tests.conftest import lora_module_names
 
 FAMILIES = ["llava", *families.available()]
 # What each family's processor accepts beyond one image per sample.

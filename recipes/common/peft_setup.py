@@ -207,12 +207,6 @@ def apply_peft(model: torch.nn.Module, peft_args: PeftArguments,
     return get_peft_model(model, config)
 
 
-def lora_module_names(model: torch.nn.Module) -> list[str]:
-    """Base-model names of the modules that carry a LoRA adapter."""
-    return sorted(_base_name(name[: -len(".lora_A")]) for name, _ in model.named_modules()
-                  if name.endswith(".lora_A"))
-
-
 # --------------------------------------------------------------------------------------------------- freezing
 
 

@@ -43,11 +43,12 @@ test-families:
 ACCELERATE_CONFIG ?= accelerate_configs/$(if $(shell nvidia-smi -L 2>/dev/null),single_gpu,cpu).yaml
 DEMO_RUN := $(OUT)/blip2_lora_caption
 demo: setup
-	$(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) recipes/blip2_lora_caption/train.py --output_dir $(DEMO_RUN)
+	$(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) recipes/blip2_lora_caption/train.py \
+		--output_dir $(DEMO_RUN)
 	$(PY) -m eval report $(DEMO_RUN)
 	$(PY) scripts/demo_summary.py $(DEMO_RUN)
 
-# Scores the latest run of every recipe under $(OUT)/ (or RUN=path): one table, report.md + gallery.html per run.
+# Scores the latest run of each recipe under $(OUT)/ (or RUN=path): a table; report.md + gallery.html per run.
 eval: setup
 	$(PY) -m eval report $(if $(RUN),$(RUN),--outputs $(OUT))
 

@@ -28,8 +28,10 @@ else
   # Where the PyTorch CPU index cannot be reached (an offline mirror, a local wheelhouse in pip's
   # find-links), pip's own configuration must provide the CPU wheel; we skip the index rather than
   # let pip retry it for every package.
-  if "$venv/bin/python" -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)" "$torch_cpu_index" 2>/dev/null; then
-    "${pip[@]}" "torch==$torch_version" "torchvision==$torchvision_version" --extra-index-url "$torch_cpu_index"
+  reachable="import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=5)"
+  if "$venv/bin/python" -c "$reachable" "$torch_cpu_index" 2>/dev/null; then
+    "${pip[@]}" "torch==$torch_version" "torchvision==$torchvision_version" \
+      --extra-index-url "$torch_cpu_index"
   else
     # torchvision on PyPI is a CUDA build that does not load against a CPU torch, so none is installed:
     # the families whose processors need it (Qwen-VL, InternVL, LLaVA-OneVision) are then unavailable.

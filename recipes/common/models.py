@@ -11,7 +11,7 @@ from transformers import AutoProcessor
 from .args import ModelArguments
 
 
-def compute_dtype(model_args: ModelArguments) -> torch.dtype | str:
+def compute_dtype(model_args: ModelArguments) -> torch.dtype:
     """The dtype to load in: what was asked, else bf16 on a GPU that has it, else float32."""
     if model_args.dtype != "auto":
         return getattr(torch, model_args.dtype)

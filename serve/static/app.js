@@ -18,8 +18,10 @@ function setError(text) { $("error").textContent = text; }
 function showTask() {
   const t = task();
   const caption = t === "caption";
-  $("task").textContent = t === "caption" ? "A captioner: it describes the image (the text, if any, is its prompt)."
-    : t === "chat" ? "A chat model: ask about the image." : t === "retrieval" ? "Retrieval: search its gallery." : "";
+  $("task").textContent = t === "caption"
+    ? "A captioner: it describes the image (the text, if any, is its prompt)."
+    : t === "chat" ? "A chat model: ask about the image."
+    : t === "retrieval" ? "Retrieval: search its gallery." : "";
   $("generate").hidden = t === "retrieval";
   $("search").hidden = t !== "retrieval";
   $("prompt-label").textContent = caption ? "Prompt (optional)" : "Question";

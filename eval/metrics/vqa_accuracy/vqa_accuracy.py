@@ -1,32 +1,16 @@
 """`evaluate` wrapper of `eval.vqa.vqa_accuracy` (official VQA v2 accuracy, in percent)."""
 
 import importlib
-import json
-import sys
-from pathlib import Path
 
 import datasets
 import evaluate
 
 
-def _library(name):
-    """Import `eval.<name>` from this repository, also when `evaluate` runs a cached copy of this file."""
-    try:
-        return importlib.import_module(f"eval.{name}")
-    except ImportError:
-        pass
-    # evaluate records the original location of the file it copied in a JSON next to the copy.
-    note = Path(__file__).with_suffix(".json")
-    origin = json.loads(note.read_text())["original file path"] if note.exists() else __file__
-    root = Path(origin).resolve().parents[3]
-    if not (root / "eval" / f"{name}.py").exists():
-        raise ImportError(f"cannot find the vlm-recipes `eval` package (looked in {root}); "
-                          "run from the repository root or add it to PYTHONPATH")
-    sys.path.insert(0, str(root))
-    return importlib.import_module(f"eval.{name}")
-
-
-vqa = _library("vqa")
+try:  # by name: a plain `from eval import` would make evaluate ask for `pip install eval`, another package
+    vqa = importlib.import_module("eval.vqa")
+except ImportError as e:
+    raise ImportError("this metric runs the vlm-recipes `eval` package: install the repository in this "
+                      "environment (`make setup`, or `pip install -e <repository>`)") from e
 
 _KWARGS_DESCRIPTION = """
 Args:

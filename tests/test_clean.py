@@ -73,7 +73,8 @@ def test_odd_but_valid_images_load_as_correct_rgb(odd_images):
 
 
 def _make_corpus(tmp_path):
-    """A caption JSONL with one row per reject reason, plus valid rows; returns (path, expected reasons by line)."""
+    """A caption JSONL with one row per reject reason, plus valid rows; returns
+    (path, expected reasons by line)."""
     d = tmp_path / "data"
     (d / "img").mkdir(parents=True)
     _png(d / "img" / "ok.png")
@@ -149,7 +150,8 @@ def test_clean_keeps_plus_rejects_equals_rows(tmp_path):
 
     rej = read_jsonl(rejects)
     assert [(r["line"], r["reason"]) for r in rej] == [(line, r) for line, r in expected.items() if r]
-    assert rej[1]["raw"] == '{"image": "img/ok.png", "captions": ["caf\\xe9"]}'  # undecodable byte kept visible
+    # undecodable byte kept visible
+    assert rej[1]["raw"] == '{"image": "img/ok.png", "captions": ["caf\\xe9"]}'
 
 
 def test_allow_outside_root(tmp_path):
@@ -160,24 +162,30 @@ def test_allow_outside_root(tmp_path):
 
 def test_cli_validate_exit_codes_and_clean_summary(tmp_path):
     path, expected = _make_corpus(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "data_tools", "validate", "--task", "caption", str(path)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "data_tools", "validate", "--task", "caption", str(path)],
+                       capture_output=True, text=True)
     assert r.returncode == 1
     assert f"{path}:2:" in r.stderr and "python -m data_tools clean" in r.stderr
     out, rej = tmp_path / "c.jsonl", tmp_path / "r.jsonl"
     r = subprocess.run(
-        [sys.executable, "-m", "data_tools", "clean", "--task", "caption", str(path), "--out", str(out), "--rejects", str(rej)],
+        [sys.executable, "-m", "data_tools", "clean", "--task", "caption", str(path), "--out", str(out),
+         "--rejects", str(rej)],
         capture_output=True, text=True,
     )
     assert r.returncode == 0, r.stderr
-    summary = {" ".join(line.split()[:-1]): line.split()[-1] for line in r.stdout.splitlines()[:-1] if line.strip()}
+    summary = {" ".join(line.split()[:-1]): line.split()[-1] for line in r.stdout.splitlines()[:-1]
+               if line.strip()}
     assert summary["input rows"] == "20" and summary["kept"] == "3" and summary["path_outside_root"] == "2"
-    r = subprocess.run([sys.executable, "-m", "data_tools", "validate", "--task", "caption", str(out)], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "data_tools", "validate", "--task", "caption", str(out)],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
 
 
 def test_schemas_vqa_instruct_and_aliases():
-    assert normalize_record({"image": "a.png", "question_id": 3, "question": "what?", "answer": "red"}, "vqa")["answers"] == ["red"]
-    vqa2 = {"image": "a.png", "question_id": "q1", "question": "what?", "answers": [{"answer": "red", "answer_id": 1}]}
+    assert normalize_record({"image": "a.png", "question_id": 3, "question": "what?", "answer": "red"},
+                            "vqa")["answers"] == ["red"]
+    vqa2 = {"image": "a.png", "question_id": "q1", "question": "what?",
+            "answers": [{"answer": "red", "answer_id": 1}]}
     assert normalize_record(vqa2, "vqa")["answers"] == ["red"]
     with pytest.raises(DataError) as e:
         normalize_record({"image": "a.png", "question_id": True, "question": "q", "answers": ["a"]}, "vqa")
@@ -200,7 +208,8 @@ def test_schemas_vqa_instruct_and_aliases():
     text_only = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
     assert "image" not in normalize_record(text_only, "instruct")
     with pytest.raises(DataError) as e:
-        normalize_record({"conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]}, "instruct")
+        normalize_record({"conversations": [{"from": "human", "value": "<image>\nhi"},
+                                            {"from": "gpt", "value": "x"}]}, "instruct")
     assert e.value.reason == E.BAD_VALUE
     with pytest.raises(DataError) as e:
         normalize_record({"image": "a.png", "conversations": [{"from": "human", "value": "hi"}]}, "instruct")

@@ -166,7 +166,8 @@ CAPTION_ROWS = [
 
 def test_caption_dedup_merges_and_reports(images):
     write_lines(images / "in.jsonl", CAPTION_ROWS)
-    n_in, n_out, report = dedup_file(images / "in.jsonl", images / "out.jsonl", "caption", report_path=images / "report.jsonl", progress=False)
+    n_in, n_out, report = dedup_file(images / "in.jsonl", images / "out.jsonl", "caption",
+                                     report_path=images / "report.jsonl", progress=False)
     assert (n_in, n_out) == (9, 5)
     assert read(images / "out.jsonl") == [
         {"image": "img/a.png", "captions": ["A dog on grass.", "A brown dog.", "Dog lying outside."]},
@@ -183,10 +184,12 @@ def test_caption_dedup_merges_and_reports(images):
          "kept_image": "img/a.png", "hamming": 0, "dropped_captions": ["a dog  on grass"]},
         {"line": 5, "action": "dropped", "reason": "exact_duplicate", "merged_into": 1, "image": "img/a.png",
          "kept_image": "img/a.png", "hamming": 0, "dropped_captions": ["A dog on grass."]},
-        {"line": 6, "action": "merged", "reason": "near_duplicate_image", "merged_into": 1, "image": "img/a_near.jpg",
-         "kept_image": "img/a.png", "hamming": near_hamming, "dropped_captions": ["A brown dog"]},
-        {"line": 8, "action": "dropped", "reason": "exact_duplicate", "merged_into": 2, "image": "img/b_meta.png",
-         "kept_image": "img/b.png", "hamming": 0, "dropped_captions": ["a red car!"]},
+        {"line": 6, "action": "merged", "reason": "near_duplicate_image", "merged_into": 1,
+         "image": "img/a_near.jpg", "kept_image": "img/a.png", "hamming": near_hamming,
+         "dropped_captions": ["A brown dog"]},
+        {"line": 8, "action": "dropped", "reason": "exact_duplicate", "merged_into": 2,
+         "image": "img/b_meta.png", "kept_image": "img/b.png", "hamming": 0,
+         "dropped_captions": ["a red car!"]},
     ]
 
 
@@ -205,29 +208,36 @@ def test_every_input_caption_survives_or_is_reported(images):
 
 def test_no_near_merges_identical_images_only(images):
     write_lines(images / "in.jsonl", CAPTION_ROWS)
-    _, n_out, report = dedup_file(images / "in.jsonl", images / "out.jsonl", "caption", near_threshold=None, progress=False)
+    _, n_out, report = dedup_file(images / "in.jsonl", images / "out.jsonl", "caption", near_threshold=None,
+                                  progress=False)
     assert n_out == 6
-    assert [(e["line"], e["reason"]) for e in report] == [(4, "same_image"), (5, "exact_duplicate"), (8, "exact_duplicate")]
+    assert [(e["line"], e["reason"]) for e in report] == [(4, "same_image"), (5, "exact_duplicate"),
+                                                          (8, "exact_duplicate")]
 
 
 def test_retrieval_merges_negatives_without_contradiction(images):
     rows = [
         {"image": "img/a.png", "captions": ["A dog."], "neg_captions": ["A cat."]},
-        {"image": "img/a_copy.png", "captions": ["A brown dog."], "neg_captions": ["a cat", "A brown dog", "A car."]},
+        {"image": "img/a_copy.png", "captions": ["A brown dog."],
+         "neg_captions": ["a cat", "A brown dog", "A car."]},
     ]
     write_lines(images / "in.jsonl", rows)
     _, _, report = dedup_file(images / "in.jsonl", images / "out.jsonl", "retrieval", progress=False)
-    assert read(images / "out.jsonl") == [{"image": "img/a.png", "captions": ["A dog.", "A brown dog."], "neg_captions": ["A cat.", "A car."]}]
+    assert read(images / "out.jsonl") == [{"image": "img/a.png", "captions": ["A dog.", "A brown dog."],
+                                           "neg_captions": ["A cat.", "A car."]}]
     assert report[0]["dropped_neg_captions"] == ["a cat", "A brown dog"]
 
 
 def test_vqa_drops_exact_duplicates_and_keeps_near_image_rows(images):
     rows = [
-        {"image": "img/a.png", "question_id": 1, "question": "What animal?", "answers": ["dog", "dog", "puppy"]},
-        {"image": "img/a.png", "question_id": 2, "question": "what  animal", "answers": ["puppy", "Dog", "dog."]},
+        {"image": "img/a.png", "question_id": 1, "question": "What animal?",
+         "answers": ["dog", "dog", "puppy"]},
+        {"image": "img/a.png", "question_id": 2, "question": "what  animal",
+         "answers": ["puppy", "Dog", "dog."]},
         {"image": "img/a.png", "question_id": 3, "question": "What colour?", "answers": ["brown"]},
         {"image": "img/a_small.png", "question_id": 4, "question": "What animal?", "answers": ["dog"]},
-        {"image": "img/b.png", "question_id": 5, "question": "What animal?", "answers": ["dog", "dog", "puppy"]},
+        {"image": "img/b.png", "question_id": 5, "question": "What animal?",
+         "answers": ["dog", "dog", "puppy"]},
     ]
     write_lines(images / "in.jsonl", rows)
     _, n_out, report = dedup_file(images / "in.jsonl", images / "out.jsonl", "vqa", progress=False)
@@ -255,25 +265,31 @@ def test_instruct_drops_exact_duplicates_with_and_without_image(images):
     write_lines(images / "in.jsonl", rows)
     _, n_out, report = dedup_file(images / "in.jsonl", images / "out.jsonl", "instruct", progress=False)
     assert n_out == 4
-    assert [(e["line"], e["reason"], e["merged_into"]) for e in report] == [(2, "exact_duplicate", 1), (5, "exact_duplicate", 4)]
+    assert [(e["line"], e["reason"], e["merged_into"]) for e in report] == [(2, "exact_duplicate", 1),
+                                                                            (5, "exact_duplicate", 4)]
 
 
 def test_cli_summary_and_rebased_paths(images, capsys):
     write_lines(images / "in.jsonl", CAPTION_ROWS)
-    code = dedup.main(["--task", "caption", str(images / "in.jsonl"), "--out", str(images / "out.jsonl"), "--report", str(images / "r.jsonl")])
+    code = dedup.main(["--task", "caption", str(images / "in.jsonl"), "--out", str(images / "out.jsonl"),
+                       "--report", str(images / "r.jsonl")])
     assert code == 0
     out = capsys.readouterr().out
     assert "9 rows in, 5 rows out" in out
-    assert "dropped (exact_duplicate): 2" in out and "merged (near_duplicate_image): 1" in out and "merged (same_image): 1" in out
+    assert ("dropped (exact_duplicate): 2" in out and "merged (near_duplicate_image): 1" in out
+            and "merged (same_image): 1" in out)
     assert len(read(images / "r.jsonl")) == 4
     # An output folder that contains the images gets paths relative to it; one that does not is refused.
     (images / "img" / "sub").mkdir(exist_ok=True)
-    assert dedup.main(["--task", "caption", str(images / "in.jsonl"), "--out", str(images / "img/sub/out.jsonl")]) == 2
+    assert dedup.main(["--task", "caption", str(images / "in.jsonl"),
+                       "--out", str(images / "img/sub/out.jsonl")]) == 2
     assert "outside the output folder" in capsys.readouterr().err
 
 
 def test_cli_bad_image_fails_naming_line(images, capsys):
-    write_lines(images / "in.jsonl", [{"image": "img/a.png", "caption": "x"}, {"image": "img/missing.png", "caption": "y"}])
-    assert dedup.main(["--task", "caption", str(images / "in.jsonl"), "--out", str(images / "out.jsonl")]) == 2
+    write_lines(images / "in.jsonl",
+                [{"image": "img/a.png", "caption": "x"}, {"image": "img/missing.png", "caption": "y"}])
+    assert dedup.main(["--task", "caption", str(images / "in.jsonl"),
+                       "--out", str(images / "out.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "missing.png" in err and "clean first" in err and "in.jsonl:2" in err

@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-SCRIPT = r"""
+SCRIPT = (r"""
 import json, sys
 import evaluate
 root = sys.argv[1]
@@ -19,14 +19,16 @@ out = {
     "vqa": vqa.compute(predictions=["two", "Yes", "red"],
                        references=[["2"] * 5 + ["3"] * 5, ["yes"] * 10, ["red", "blue"] + ["green"] * 8],
                        answer_types=["number", "yes/no", "other"]),
-    "recall": recall.compute(predictions=[[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]], references=[0, 0, 1], ks=[1, 2]),
+    "recall": recall.compute(predictions=[[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]], references=[0, 0, 1],"""
+    r""" ks=[1, 2]),
     "caption": cap.compute(predictions=["a dog runs on grass", "two cats sleep"],
-                           references=[["A dog is running on the grass.", "a dog runs"], ["Two cats are sleeping.", "cats asleep"]],
+                           references=[["A dog is running on the grass.", "a dog runs"],"""
+    r""" ["Two cats are sleeping.", "cats asleep"]],
                            metrics=["Bleu", "CIDEr"]),
     "eval_from": sys.modules["eval"].__file__,
 }
 print(json.dumps(out))
-"""
+""")
 
 
 def test_modules_load_offline_from_outside_the_repo(tmp_path):

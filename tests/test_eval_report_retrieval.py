@@ -1,4 +1,5 @@
-"""`python -m eval report` on retrieval runs: Recall@K again from the saved embeddings, checked against the eval file."""
+"""`python -m eval report` on retrieval runs: Recall@K again from the saved embeddings, checked against the
+eval file."""
 
 import json
 
@@ -30,19 +31,23 @@ def test_retrieval_run_is_rescored_from_its_embeddings(tmp_path):
     embeds = [[1, 0, 0], [0, 0.2, 0.9], [0, 1, 0], [0, 0, 1]]
     run = _run(tmp_path / "run", path, "step-3", keys, texts, [0, 0, 1, 2], embeds)
     row = report_run(run, gallery_size=2)
-    # text -> image: ranks 1, 3, 1, 1; image -> text: image 0's best own text (text 0) ranks 1, image 1's and 2's too.
-    assert row["final"]["text_to_image_R@1"] == pytest.approx(0.75) and row["final"]["text_to_image_mean_rank"] == pytest.approx(1.5)
+    # text -> image: ranks 1, 3, 1, 1; image -> text: image 0's best own text (text 0) ranks 1,
+    # image 1's and 2's too.
+    assert (row["final"]["text_to_image_R@1"] == pytest.approx(0.75)
+            and row["final"]["text_to_image_mean_rank"] == pytest.approx(1.5))
     assert row["final"]["image_to_text_R@1"] == pytest.approx(1.0)
     assert (row["n"], row["n_eval"], row["step"]) == (3, 3, 7) and row["final_file"].endswith("step-3.npz")
     gallery = (run / "gallery.html").read_text()
-    assert gallery.count("data:image/png;base64,") + gallery.count("data:image/jpeg;base64,") == 2 * 4  # 2 worst queries
+    # 2 worst queries
+    assert gallery.count("data:image/png;base64,") + gallery.count("data:image/jpeg;base64,") == 2 * 4
     assert gallery.index(texts[1]) < gallery.index("rank 1")  # the worst query first
     assert "| text_to_image_R@1 | - | 0.750 |" in (run / "report.md").read_text()
 
-    wrong = _run(tmp_path / "wrong", path, "final", keys, [texts[0], rows[1]["captions"][1], texts[2], texts[3]],
-                 [0, 0, 1, 2], embeds)
+    wrong = _run(tmp_path / "wrong", path, "final", keys,
+                 [texts[0], rows[1]["captions"][1], texts[2], texts[3]], [0, 0, 1, 2], embeds)
     with pytest.raises(DataError, match="text 1 .* is not a caption of .* in the eval file"):
         report_run(wrong)
-    stranger = _run(tmp_path / "stranger", path, "final", [keys[0], keys[1], "/elsewhere.png"], texts, [0, 0, 1, 2], embeds)
+    stranger = _run(tmp_path / "stranger", path, "final", [keys[0], keys[1], "/elsewhere.png"], texts,
+                    [0, 0, 1, 2], embeds)
     with pytest.raises(DataError, match="1 image\\(s\\) are not in the eval file"):
         report_run(stranger)

@@ -27,7 +27,8 @@ QUESTION = "what colour is the shape?"
 
 @pytest.fixture(scope="module")
 def data(recipe_env):
-    """One folder and model cache for the module (each tiny model is built once), with instruct and vqa data."""
+    """One folder and model cache for the module (each tiny model is built once), with instruct and vqa
+    data."""
     d, env = recipe_env("matrix", "instruct", 24, 16)
     vqa, _ = recipe_env("matrix-vqa", "vqa", 24, 16)
     return {"instruct": d / "synth", "vqa": vqa / "synth"}, d, env
@@ -46,8 +47,9 @@ def _losses(run) -> list[float]:
 
 
 def _chat_cli(model, image, env) -> str:
-    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "llava_instruct" / "chat.py"), "--model", str(model),
-                        "--image", str(image), "--prompt", QUESTION, "--max_new_tokens", "6"],
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / "llava_instruct" / "chat.py"),
+                        "--model", str(model), "--image", str(image), "--prompt", QUESTION,
+                        "--max_new_tokens", "6"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return r.stdout.strip()
@@ -85,11 +87,11 @@ def test_train_on_one_and_two_processes_merge_and_chat(data, name, recipe, monke
     common = ["--model_name_or_path", f"tiny:{name}", "--train_file", folders[task] / "train.jsonl",
               "--eval_file", folders[task] / "eval.jsonl", "--max_steps", "3", "--logging_steps", "1",
               "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
-              "--max_new_tokens", "4", "--eval_max_samples", "4", "--report_to", "none", "--lora_dropout", "0",
-              "--train_sampling_strategy", "random", "--shuffled_image_check", "false"]
+              "--max_new_tokens", "4", "--eval_max_samples", "4", "--report_to", "none",
+              "--lora_dropout", "0", "--train_sampling_strategy", "random", "--shuffled_image_check", "false"]
     port = 29600 + 2 * FAMILIES.index(name) + list(RECIPES).index(recipe) * 20
-    one = _launch("cpu.yaml", recipe, [*common, "--per_device_train_batch_size", "2", "--output_dir", out / "one"],
-                  env, port)
+    one = _launch("cpu.yaml", recipe,
+                  [*common, "--per_device_train_batch_size", "2", "--output_dir", out / "one"], env, port)
     assert one.returncode == 0, one.stderr[-4000:]
     two = _launch("multi_cpu.yaml", recipe,
                   [*common, "--per_device_train_batch_size", "1", "--output_dir", out / "two"], env, port + 1)
@@ -99,8 +101,8 @@ def test_train_on_one_and_two_processes_merge_and_chat(data, name, recipe, monke
     losses = [_losses(out / run) for run in ("one", "two")]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4), losses
 
-    r = subprocess.run([sys.executable, str(ROOT / "recipes" / recipe / "merge.py"), "--run", str(out / "one"),
-                        "--out", str(out / "merged"), "--dtype", "float32"],
+    r = subprocess.run([sys.executable, str(ROOT / "recipes" / recipe / "merge.py"),
+                        "--run", str(out / "one"), "--out", str(out / "merged"), "--dtype", "float32"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "merged" / "config.json").exists() and not (out / "merged" / "adapter_config.json").exists()

@@ -1,4 +1,5 @@
-"""A plain `[{"image_path": ..., "text": ...}]` JSON list is read as rows, with errors naming line and index."""
+"""A plain `[{"image_path": ..., "text": ...}]` JSON list is read as rows, with errors naming line and
+index."""
 
 import json
 
@@ -30,19 +31,22 @@ def test_a_json_list_loads_like_jsonl_and_one_row_per_caption_merges(tmp_path):
     merged = caption_eval_records(ds)
     assert merged["image"] == merged["key"] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
     assert merged["captions"] == [["a red square", "red"], ["blue"]]
-    assert read_references(str(path), "caption")[str(tmp_path / "a.png")]["captions"] == ["a red square", "red"]
+    assert (read_references(str(path), "caption")[str(tmp_path / "a.png")]["captions"]
+            == ["a red square", "red"])
 
 
 def test_bad_rows_of_a_list_name_file_line_and_index(tmp_path):
     _images(tmp_path)
     path = tmp_path / "pairs.json"
-    rows = [{"image_path": "a.png", "text": "ok"}, {"image_path": "a.png"}, 5, {"image_path": "b.png", "text": ""}]
+    rows = [{"image_path": "a.png", "text": "ok"}, {"image_path": "a.png"}, 5,
+            {"image_path": "b.png", "text": ""}]
     path.write_text(json.dumps(rows))
     with pytest.raises(BadRowsError) as e:
         load_records(path, "caption")
     text = str(e.value)
     assert "3 invalid row(s)" in text and f"{path}:1: field '[1].captions': is missing" in text
-    assert f"{path}:1: field '[2]': a row must be a JSON object" in text and f"{path}:1: field '[3].text[0]': is empty" in text
+    assert (f"{path}:1: field '[2]': a row must be a JSON object" in text
+            and f"{path}:1: field '[3].text[0]': is empty" in text)
     ds = load_records(path, "caption", skip_bad_rows=True)
     assert ds["captions"] == [["ok"]]
     rejects = read_jsonl(f"{path}.rejects.jsonl")
@@ -55,7 +59,8 @@ def test_bad_rows_of_a_list_name_file_line_and_index(tmp_path):
 
 
 @pytest.mark.parametrize("text, line, message", [
-    ('[{"image_path": "a.png", "text": "x"},\n {"image_path": "a.png" "text": "y"}]', 2, "Expecting ',' delimiter"),
+    ('[{"image_path": "a.png", "text": "x"},\n {"image_path": "a.png" "text": "y"}]', 2,
+     "Expecting ',' delimiter"),
     ('[{"image_path": "a.png", "text": "x"} {"image_path": "a.png"}]', 1, "expected ',' or ']' after a row"),
     ('[{"image_path": "a.png", "text": "x"}]\n[]', 2, "extra data after the list"),
 ])
@@ -63,7 +68,9 @@ def test_a_broken_json_list_is_one_error_for_the_file(tmp_path, text, line, mess
     _images(tmp_path)
     path = tmp_path / "broken.json"
     path.write_text(text)
-    with pytest.raises(DataError, match=rf"{path}:{line}: is not a valid JSON list of rows \({message}.*\[malformed_json\]"):
+    with pytest.raises(DataError,
+                       match=rf"{path}:{line}: is not a valid JSON list of rows "
+                             rf"\({message}.*\[malformed_json\]"):
         load_records(path, "caption", skip_bad_rows=True)
 
 
@@ -71,5 +78,6 @@ def test_empty_list_and_jsonl_are_unchanged(tmp_path):
     _images(tmp_path)
     (tmp_path / "empty.json").write_text(" \n[ ]\n")
     assert list(iter_rows(tmp_path / "empty.json")) == []
-    (tmp_path / "rows.jsonl").write_text('{"image": "a.png", "captions": ["x"]}\n\n{"image": "b.png", "caption": "y"}\n')
+    (tmp_path / "rows.jsonl").write_text('{"image": "a.png", "captions": ["x"]}\n\n'
+                                         '{"image": "b.png", "caption": "y"}\n')
     assert [(line, item) for line, _, _, item in iter_rows(tmp_path / "rows.jsonl")] == [(1, None), (3, None)]

@@ -1,29 +1,30 @@
-"""recipes.common.chat: prompts from the chat template, exact assistant-only labels, image-aware length budget,
-collators, and the modality-grouped sampler (recipes.common.sampling)."""
+"""recipes.common.chat: prompts from the chat template, exact assistant-only labels, image-aware length
+budget, collators, and the modality-grouped sampler (recipes.common.sampling)."""
 
 import datasets
 import pytest
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
-                          LlavaProcessor, PreTrainedTokenizerFast)
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
 
 from data_tools.records import normalize_record
-from recipes.common.chat import (ChatCollator, ChatEncoder, ChatLengthReport, ChatPromptCollator, ChatTemplateError,
-                                 fit_conversation, to_messages, tokenize_conversations)
+from recipes.common.chat import (ChatCollator, ChatEncoder, ChatLengthReport, ChatPromptCollator,
+                                 ChatTemplateError, fit_conversation, to_messages, tokenize_conversations)
 from recipes.common.sampling import ModalityLengthGroupedSampler
 from recipes.common.tiny.models import LLAVA_CHAT_TEMPLATE
 
-VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "describe", "the", "image", ".", "a", "red",
-         "circle", "where", "is", "it", "?", "top", "left", "be", "brief", "what", "color", "blue"]
+VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "describe", "the",
+         "image", ".", "a", "red", "circle", "where", "is", "it", "?", "top", "left", "be", "brief", "what",
+         "color", "blue"]
 V = {w: i for i, w in enumerate(VOCAB)}
 BOS, EOS, PAD, IMG = V["<s>"], V["</s>"], V["<pad>"], V["<image>"]
 M = -100
 N_IMG = 4  # 16 px images, 8 px patches, CLS dropped
 
-# LLaVA-1.5 style as the llava-hf checkpoints render it (our own wording of that format): the image first in its
-# turn, " " after every message and no end-of-turn token.
+# LLaVA-1.5 style as the llava-hf checkpoints render it (our own wording of that format): the image first in
+# its turn, " " after every message and no end-of-turn token.
 NO_EOS_TEMPLATE = (
     "{%- for m in messages -%}"
     "{%- if m['role'] != 'system' -%}{{ m['role'].upper() + ': ' }}{%- endif -%}"
@@ -38,11 +39,13 @@ def make_processor(template=LLAVA_CHAT_TEMPLATE):
     tok = Tokenizer(models.WordLevel(V, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        extra_special_tokens={"image_token": "<image>"})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=template)
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=template)
 
 
 @pytest.fixture(scope="module")
@@ -69,27 +72,34 @@ def ids(text):
 def test_exact_labels_on_a_multi_turn_conversation(encoder):
     enc = encoder.encode(to_messages(CONVERSATION, n_images=1), RED)
     system, user1 = ids("be brief ."), ids("USER :")
-    expected = ([BOS] + system + user1 + [IMG] * N_IMG + ids("describe the image . ASSISTANT :") + ids("a red circle .") + [EOS]
+    expected = ([BOS] + system + user1 + [IMG] * N_IMG + ids("describe the image . ASSISTANT :")
+                + ids("a red circle .") + [EOS]
                 + ids("USER : where is it ? ASSISTANT :") + ids("top left .") + [EOS])
     assert enc.input_ids == expected
     n_prompt1 = 1 + 3 + 2 + N_IMG + 6
     n_prompt2 = 8
-    assert enc.labels == ([M] * n_prompt1 + ids("a red circle .") + [EOS] + [M] * n_prompt2 + ids("top left .") + [EOS])
-    assert enc.turn_ends == [n_prompt1 + 5, len(expected)] and enc.image_end == 6 + N_IMG and enc.eos_added == 0
+    assert enc.labels == ([M] * n_prompt1 + ids("a red circle .") + [EOS]
+                          + [M] * n_prompt2 + ids("top left .") + [EOS])
+    assert (enc.turn_ends == [n_prompt1 + 5, len(expected)] and enc.image_end == 6 + N_IMG
+            and enc.eos_added == 0)
 
 
 def test_tokens_equal_what_the_processor_itself_gives(encoder, tmp_path):
     # No tokenization mismatch: the same ids as processor(rendered text, image), image tokens expanded by it.
     messages = to_messages(CONVERSATION, n_images=1)
-    reference = encoder.processor(text=encoder.render(messages), images=[Image.new("RGB", (20, 16), "red")])["input_ids"][0]
+    reference = encoder.processor(text=encoder.render(messages),
+                                  images=[Image.new("RGB", (20, 16), "red")])["input_ids"][0]
     assert encoder.encode(messages, RED).input_ids == list(reference)
 
 
 def test_image_placeholder_anywhere_in_the_first_turn_and_openai_messages(encoder):
-    last = [{"from": "human", "value": "describe the image .\n<image>"}, {"from": "gpt", "value": "a red circle ."}]
-    assert to_messages(last, True)[0]["content"] == [{"type": "text", "text": "describe the image ."}, {"type": "image"}]
+    last = [{"from": "human", "value": "describe the image .\n<image>"},
+            {"from": "gpt", "value": "a red circle ."}]
+    assert to_messages(last, True)[0]["content"] == [{"type": "text", "text": "describe the image ."},
+                                                     {"type": "image"}]
     none = [{"from": "human", "value": "describe the image ."}, {"from": "gpt", "value": "a red circle ."}]
-    assert to_messages(none, True)[0]["content"] == [{"type": "image"}, {"type": "text", "text": "describe the image ."}]
+    assert to_messages(none, True)[0]["content"] == [{"type": "image"},
+                                                     {"type": "text", "text": "describe the image ."}]
     openai = normalize_record({"image": "a.png", "messages": [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "describe the image ."}]},
         {"role": "assistant", "content": "a red circle ."}]}, "instruct")
@@ -107,7 +117,8 @@ def test_a_template_without_end_of_turn_gets_eos_after_each_answer():
     prompt1 = [BOS] + ids("USER :") + [IMG] * N_IMG + ids("describe the image . ASSISTANT :")
     assert enc.input_ids == (prompt1 + ids("a red circle .") + [EOS] + ids("USER : where is it ? ASSISTANT :")
                              + ids("top left .") + [EOS])
-    assert enc.labels == [M] * len(prompt1) + ids("a red circle .") + [EOS] + [M] * 8 + ids("top left .") + [EOS]
+    assert enc.labels == ([M] * len(prompt1) + ids("a red circle .") + [EOS]
+                          + [M] * 8 + ids("top left .") + [EOS])
     assert enc.eos_added == 2
     # The generation prompt is the training sequence up to the answer, token for token.
     prompt = encoder.encode_prompt(to_messages(CONVERSATION[1:4], n_images=1), RED)
@@ -119,14 +130,17 @@ def test_length_budget_cuts_at_a_turn_boundary_never_inside_the_image(encoder):
     first_turn = enc.turn_ends[0]  # bos + USER : + image + question + ASSISTANT : + answer + eos
     report = ChatLengthReport()
     assert fit_conversation(enc, len(enc.input_ids), report) [1:] == (enc.input_ids, enc.labels)
-    assert fit_conversation(enc, len(enc.input_ids) - 1, report) [1:] == (enc.input_ids[:first_turn], enc.labels[:first_turn])
+    assert fit_conversation(enc, len(enc.input_ids) - 1, report) [1:] == (enc.input_ids[:first_turn],
+                                                                          enc.labels[:first_turn])
     assert fit_conversation(enc, first_turn - 1, report) is None  # the first answer would be cut: dropped
     assert fit_conversation(enc, 3, report) is None  # inside the image tokens: dropped, never cut there
     assert (report.samples, report.cut, report.turns_cut, report.dropped) == (4, 1, 1, 2)
     assert report.tokens_cut == len(enc.input_ids) - first_turn
-    # An image in a later turn: a cut before it would leave pixel values without image tokens, so none is made.
+    # An image in a later turn: a cut before it would leave pixel values without image tokens,
+    # so none is made.
     late = [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "red ."},
-            {"from": "human", "value": "<image>\ndescribe the image ."}, {"from": "gpt", "value": "a red circle ."}]
+            {"from": "human", "value": "<image>\ndescribe the image ."},
+            {"from": "gpt", "value": "a red circle ."}]
     enc = encoder.encode(to_messages(late, n_images=1), RED)
     assert fit_conversation(enc, len(enc.input_ids) - 1, ChatLengthReport()) is None
 
@@ -135,7 +149,8 @@ def test_tokenize_conversations_reports_and_names_the_record(encoder, tmp_path):
     Image.new("RGB", (16, 16), "red").save(tmp_path / "r.png")
     records = datasets.Dataset.from_list([
         {"image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:]},
-        {"image": None, "conversations": [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "blue ."}]},
+        {"image": None,
+         "conversations": [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "blue ."}]},
     ])
     ds, report = tokenize_conversations(records, encoder, max_length=22, source="train.jsonl")
     assert ds["has_image"] == [True, False] and ds["length"] == [len(x) for x in ds["input_ids"]]
@@ -148,7 +163,8 @@ def test_tokenize_conversations_reports_and_names_the_record(encoder, tmp_path):
 
 def test_a_template_that_does_not_render_turn_by_turn_is_refused():
     # Renders the last message differently from the same message inside a longer conversation.
-    odd = ("{%- for m in messages -%}{{ m['role'].upper() + ': ' }}{%- for p in m['content'] if p['type'] == 'text' -%}"
+    odd = ("{%- for m in messages -%}{{ m['role'].upper() + ': ' }}"
+           "{%- for p in m['content'] if p['type'] == 'text' -%}"
            "{{ p['text'] }}{%- endfor -%}{%- if not loop.last -%}{{ ' . ' }}{%- endif -%}{%- endfor -%}"
            "{%- if add_generation_prompt -%}{{ ' ASSISTANT:' }}{%- endif -%}")
     with pytest.raises(ChatTemplateError, match="turn by turn"):
@@ -157,12 +173,14 @@ def test_a_template_that_does_not_render_turn_by_turn_is_refused():
 
 def _tiny_llava():
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=16,
-                              patch_size=8)
-    text = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       num_key_value_heads=2, max_position_embeddings=128, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=16, patch_size=8)
+    text = LlamaConfig(vocab_size=len(VOCAB), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                       pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
     config = LlavaConfig(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMG,
-                         image_seq_length=N_IMG, vision_feature_select_strategy="default", vision_feature_layer=-2)
+                         image_seq_length=N_IMG, vision_feature_select_strategy="default",
+                         vision_feature_layer=-2)
     return LlavaForConditionalGeneration(config).eval()
 
 
@@ -170,19 +188,24 @@ def test_collators_mix_text_only_and_image_samples_and_left_pad_prompts(encoder,
     Image.new("RGB", (16, 16), "red").save(tmp_path / "r.png")
     Image.new("RGB", (16, 16), "blue").save(tmp_path / "b.png")
     records = datasets.Dataset.from_list([
-        {"image": None, "conversations": [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "blue ."}]},
+        {"image": None,
+         "conversations": [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "blue ."}]},
         {"image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:]},
         {"image": str(tmp_path / "b.png"), "conversations": CONVERSATION[1:3]},
     ])
     ds, _ = tokenize_conversations(records, encoder, None)
     batch = ChatCollator(encoder)([ds[i] for i in range(3)])
     width = max(ds["length"])
-    assert batch["input_ids"].shape == (3, width) and batch["pixel_values"].shape[0] == 2  # text-only: no image
-    assert batch["labels"][0, ds["length"][0]:].eq(M).all() and batch["attention_mask"].sum(1).tolist() == ds["length"]
-    assert batch["pixel_values"][0, 0, 0, 0] > batch["pixel_values"][1, 0, 0, 0]  # the images in sample order: red, then blue
+    # text-only: no image
+    assert batch["input_ids"].shape == (3, width) and batch["pixel_values"].shape[0] == 2
+    assert (batch["labels"][0, ds["length"][0]:].eq(M).all()
+            and batch["attention_mask"].sum(1).tolist() == ds["length"])
+    # the images in sample order: red, then blue
+    assert batch["pixel_values"][0, 0, 0, 0] > batch["pixel_values"][1, 0, 0, 0]
     model = _tiny_llava()
     with torch.no_grad():
-        assert torch.isfinite(model(**batch).loss)  # image features fill exactly the image tokens of the mixed batch
+        # image features fill exactly the image tokens of the mixed batch
+        assert torch.isfinite(model(**batch).loss)
         only_text = ChatCollator(encoder)([ds[0]])
         assert "pixel_values" not in only_text and torch.isfinite(model(**only_text).loss)
 
@@ -203,12 +226,14 @@ def test_collators_mix_text_only_and_image_samples_and_left_pad_prompts(encoder,
 
 
 def test_padding_free_batches_give_the_padded_batches_logits_loss_and_gradients(encoder, tmp_path):
-    """--padding_free: one row, position_ids restarting per sample, no attention_mask; no sample sees another."""
+    """--padding_free: one row, position_ids restarting per sample, no attention_mask; no sample sees
+    another."""
     Image.new("RGB", (16, 16), "red").save(tmp_path / "r.png")
     Image.new("RGB", (16, 16), "blue").save(tmp_path / "b.png")
     records = datasets.Dataset.from_list([
         {"image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:]},
-        {"image": None, "conversations": [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "blue ."}]},
+        {"image": None,
+         "conversations": [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "blue ."}]},
         {"image": str(tmp_path / "b.png"), "conversations": CONVERSATION[1:3]},
     ])
     ds, _ = tokenize_conversations(records, encoder, None)
@@ -216,12 +241,14 @@ def test_padding_free_batches_give_the_padded_batches_logits_loss_and_gradients(
     padded = ChatCollator(encoder)(features)
     packed = ChatCollator(encoder, padding_free=True)(features)
     lengths = ds["length"]
-    assert set(packed) == {"input_ids", "position_ids", "labels", "pixel_values", "use_cache"} and packed["input_ids"].shape == (1, sum(lengths))
+    assert (set(packed) == {"input_ids", "position_ids", "labels", "pixel_values", "use_cache"}
+            and packed["input_ids"].shape == (1, sum(lengths)))
     assert packed["position_ids"][0].tolist() == [p for n in lengths for p in range(n)]
     assert packed["input_ids"][0].tolist() == [t for f in features for t in f["input_ids"]]
     starts = [sum(lengths[:k]) for k in range(3)]
     assert packed["labels"][0, starts].eq(M).all()
-    assert packed["labels"].ne(M).sum() == padded["labels"].ne(M).sum()  # each sample's first label was -100 already
+    # each sample's first label was -100 already
+    assert packed["labels"].ne(M).sum() == padded["labels"].ne(M).sum()
 
     torch.manual_seed(0)
     model = _tiny_llava()
@@ -244,11 +271,14 @@ def test_sampler_batches_one_modality_of_similar_length_reproducibly():
     has_image = [True] * 50 + [False] * 13
     sampler = ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, seed=3, mega_batch_mult=2)
     batches = sampler.batches()
-    assert sorted(i for b in batches for i in b) == list(range(63)) and list(sampler) == [i for b in batches for i in b]
+    assert (sorted(i for b in batches for i in b) == list(range(63))
+            and list(sampler) == [i for b in batches for i in b])
     assert all(len({has_image[i] for i in b}) == 1 for b in batches[:-1])  # only the last batch may mix
-    assert all(len(b) == 4 for b in batches[:-1]) and max(lengths[i] for i in batches[0]) == 149  # longest first
+    # longest first
+    assert all(len(b) == 4 for b in batches[:-1]) and max(lengths[i] for i in batches[0]) == 149
     # One mega-batch per modality: every full batch is 4 neighbours in length.
-    whole = ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, seed=3, mega_batch_mult=50).batches()
+    whole = ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, seed=3,
+                                         mega_batch_mult=50).batches()
     assert [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in whole[:-1]] == [3] * 15
     again = ModalityLengthGroupedSampler(lengths, has_image, batch_size=4, seed=3, mega_batch_mult=2)
     assert again.batches() == batches

@@ -1,5 +1,5 @@
-"""llava_instruct end to end on the random tiny LLaVA: stage 2 with trained projector + vision layer (merge equality,
-chat), resume, stage 1 (projector only), and a 2-process run with text-only batches."""
+"""llava_instruct end to end on the random tiny LLaVA: stage 2 with trained projector + vision layer (merge
+equality, chat), resume, stage 1 (projector only), and a 2-process run with text-only batches."""
 
 import json
 import os
@@ -25,11 +25,13 @@ FAST = ["--model_name_or_path", "tiny:llava", "--report_to", "none", "--per_devi
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """32 image conversations + 8 text-only ones for training, 7 held out (one text-only); 12 captioned images;
-    a private model cache."""
+    """32 image conversations + 8 text-only ones for training, 7 held out (one text-only); 12 captioned
+    images; a private model cache."""
     d = tmp_path_factory.mktemp("llava")
-    src = [r for r in read_jsonl(make_synthetic("instruct", 40, d / "synth", seed=1, progress=False)) if "image" in r]
-    text_only = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]} for q, a in TEXT_ONLY["en"]]
+    src = [r for r in read_jsonl(make_synthetic("instruct", 40, d / "synth", seed=1, progress=False))
+           if "image" in r]
+    text_only = [{"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+                 for q, a in TEXT_ONLY["en"]]
     write_jsonl(d / "synth" / "train.jsonl", src[:32] + text_only + text_only[:2])
     write_jsonl(d / "synth" / "eval.jsonl", src[32:] + text_only[:1])
     captions = read_jsonl(make_synthetic("caption", 12, d / "synth", seed=1, progress=False))
@@ -41,15 +43,17 @@ def env(tmp_path_factory):
 
 
 def _run(args, env):
-    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def _data(d, prefix=""):
-    return ["--train_file", str(d / "synth" / f"{prefix}train.jsonl"), "--eval_file", str(d / "synth" / f"{prefix}eval.jsonl")]
+    return ["--train_file", str(d / "synth" / f"{prefix}train.jsonl"),
+            "--eval_file", str(d / "synth" / f"{prefix}eval.jsonl")]
 
 
-STAGE2 = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2", "--unfreeze_last_n_vision_layers", "1",
-          "--projector_lr", "0.003"]
+STAGE2 = ["--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2",
+          "--unfreeze_last_n_vision_layers", "1", "--projector_lr", "0.003"]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +79,8 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
     assert "6:1" in keys and len(keys) == metrics["after"]["eval_n_short"] + metrics["after"]["eval_n_long"]
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
         saved = [k for k in f.keys() if "lora_" not in k]
-    # The full copies: the projector and vision layer 0 (vision_feature_layer -2 of 2 layers: the last one LLaVA uses).
+    # The full copies: the projector and vision layer 0 (vision_feature_layer -2 of 2 layers:
+    # the last one LLaVA uses).
     assert {k.split(".")[3] for k in saved} == {"multi_modal_projector", "vision_tower"}
     assert {k.split("encoder.layers.")[1].split(".")[0] for k in saved if "vision_tower" in k} == {"0"}
 
@@ -90,9 +95,11 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
     merged = merge_run(out, d / "merged", LlavaForConditionalGeneration)
     adapted, processor = load_run(out, LlavaForConditionalGeneration)
     full, _ = load_run(merged, LlavaForConditionalGeneration)
-    base = LlavaForConditionalGeneration.from_pretrained(PeftConfig.from_pretrained(out).base_model_name_or_path).eval()
+    base = LlavaForConditionalGeneration.from_pretrained(
+        PeftConfig.from_pretrained(out).base_model_name_or_path).eval()
     assert isinstance(adapted, PeftModel) and not isinstance(full, PeftModel)
-    records = load_records(d / "synth" / "eval.jsonl", "instruct").select([0, 1, 6])  # two images, one text-only
+    # two images, one text-only
+    records = load_records(d / "synth" / "eval.jsonl", "instruct").select([0, 1, 6])
     samples, _ = tokenize_conversations(records, ChatEncoder(processor), None)
     batch = ChatCollator(ChatEncoder(processor))(list(samples))
     batch.pop("labels")
@@ -100,10 +107,12 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
         a, b = adapted(**batch).logits, full(**batch).logits
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(a, base(**batch).logits, atol=1e-3)  # training changed it
-    for part in ("model.multi_modal_projector.linear_1.weight", "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
+    for part in ("model.multi_modal_projector.linear_1.weight",
+                 "model.vision_tower.encoder.layers.0.mlp.fc1.weight",
                  "model.vision_tower.encoder.layers.1.mlp.fc1.weight"):
         changed = not torch.equal(full.state_dict()[part], base.state_dict()[part])
-        assert changed == ("layers.1" not in part), part  # the projector and layer 0 trained; layer 1 is unused
+        # the projector and layer 0 trained; layer 1 is unused
+        assert changed == ("layers.1" not in part), part
 
     image = str(Path(records[0]["image"]))
     answers = []
@@ -111,7 +120,8 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
         with pytest.MonkeyPatch.context() as mp:
             printed = []
             mp.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
-            argv = ["--model", str(model), "--image", image, "--prompt", "Describe the image.", "--max_new_tokens", "5"]
+            argv = ["--model", str(model), "--image", image, "--prompt", "Describe the image.",
+                    "--max_new_tokens", "5"]
             assert chat.main(argv) == 0
         answers.append(printed)
     assert answers[0] == answers[1] and len(answers[0]) == 1
@@ -152,7 +162,8 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
     assert "length budget: 40 conversations" in r.stderr  # 8 images x 5 captions
     assert "metric_for_best_model is CIDEr instead" in r.stderr
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["task"] == "caption" and metrics["stage"] == "pretrain" and "eval_VQA_accuracy" not in metrics["after"]
+    assert (metrics["task"] == "caption" and metrics["stage"] == "pretrain"
+            and "eval_VQA_accuracy" not in metrics["after"])
     # Keyed by image path, as `eval report` keys captions.
     assert {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")} == {
         str(d / "synth" / row["image"]) for row in read_jsonl(d / "synth" / "cap_eval.jsonl")}
@@ -162,8 +173,8 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
 
 
 def _changed_parts(run, e) -> set[str]:
-    """Parts of the full checkpoint `run` (multi_modal_projector, language_model, vision_tower, lm_head) that differ
-    from the tiny:llava base in the test's model cache."""
+    """Parts of the full checkpoint `run` (multi_modal_projector, language_model, vision_tower, lm_head) that
+    differ from the tiny:llava base in the test's model cache."""
     from transformers import LlavaForConditionalGeneration
 
     from recipes.common.models import resolve_model_path
@@ -182,7 +193,8 @@ def test_stage2_can_train_the_whole_language_model_instead_of_lora(env):
     d, e = env
     out = d / "full_lm"
     r = _run([*_data(d), "--output_dir", str(out), *FAST, "--peft_method", "none", "--max_steps", "2",
-              "--unfreeze_last_n_vision_layers", "0", "--eval_max_samples", "2", "--shuffled_image_check", "false"], e)
+              "--unfreeze_last_n_vision_layers", "0", "--eval_max_samples", "2",
+              "--shuffled_image_check", "false"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "adapter_config.json").exists()  # a full checkpoint
     changed = _changed_parts(out, e)
@@ -198,7 +210,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
     out = d / model.replace(":", "_")
     # The random sampler: batches by modality are made per process; LoRA dropout would draw per process.
     common = [*_data(d), *FAST, "--model_name_or_path", model, "--max_steps", "3", "--lora_dropout", "0",
-              "--train_sampling_strategy", "random", "--eval_max_samples", "4", "--shuffled_image_check", "false"]
+              "--train_sampling_strategy", "random", "--eval_max_samples", "4",
+              "--shuffled_image_check", "false"]
     r = _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(out / "one")], e)
     assert r.returncode == 0, r.stderr[-4000:]
     config = str(ROOT / "accelerate_configs" / "multi_cpu.yaml")
@@ -237,12 +250,15 @@ def test_trainer_gives_the_projector_its_learning_rate_and_batches_by_modality(t
     model = apply_peft(model, PeftArguments(modules_to_save=trained_modules_to_save(model, freeze)))
     freeze.freeze_bridge = None
     apply_freezing(model, freeze)
-    data = datasets.Dataset.from_list([{"input_ids": [1] * n, "length": n, "has_image": n > 3} for n in range(1, 9)])
-    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.1, use_cpu=True, report_to=[],
-                             train_sampling_strategy="group_by_length", per_device_train_batch_size=2)
+    data = datasets.Dataset.from_list([{"input_ids": [1] * n, "length": n, "has_image": n > 3}
+                                       for n in range(1, 9)])
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-4, weight_decay=0.1, use_cpu=True,
+                             report_to=[], train_sampling_strategy="group_by_length",
+                             per_device_train_batch_size=2)
     trainer = InstructTrainer(model=model, args=args, train_dataset=data,
                               learning_rates=LearningRateArguments(bridge_lr=3e-3, vision_lr=1e-5))
     lrs = {(round(g["lr"], 6), g["weight_decay"]) for g in trainer.create_optimizer().param_groups}
-    assert lrs == {(3e-3, 0.1), (3e-3, 0.0), (1e-5, 0.1), (1e-5, 0.0), (1e-4, 0.1)}  # projector, vision layer, LoRA
+    # projector, vision layer, LoRA
+    assert lrs == {(3e-3, 0.1), (3e-3, 0.0), (1e-5, 0.1), (1e-5, 0.0), (1e-4, 0.1)}
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, ModalityLengthGroupedSampler) and sampler.batch_size == 2

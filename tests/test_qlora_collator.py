@@ -10,11 +10,11 @@ from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizer
 from eval.vqa import question_type_prior
 from recipes.common.chat import ChatEncoder, to_messages, tokenize_conversations
 from recipes.common.tiny.models import LLAVA_CHAT_TEMPLATE
-from recipes.qlora_vqa.collator import (metric_name, prior_predictions, training_answer, vqa_conversations, vqa_items,
-                                        vqa_scores)
+from recipes.qlora_vqa.collator import (metric_name, prior_predictions, training_answer, vqa_conversations,
+                                        vqa_items, vqa_scores)
 
-VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "what", "color", "is", "the", "circle",
-         "?", "answer", "briefly", ".", "red", "blue", "how", "many", "2", "two"]
+VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "what", "color", "is", "the",
+         "circle", "?", "answer", "briefly", ".", "red", "blue", "how", "many", "2", "two"]
 V = {w: i for i, w in enumerate(VOCAB)}
 BOS, EOS, IMG = V["<s>"], V["</s>"], V["<image>"]
 M = -100
@@ -26,8 +26,9 @@ def encoder():
     tok = Tokenizer(models.WordLevel(V, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        extra_special_tokens={"image_token": "<image>"})
     image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -69,19 +70,23 @@ def test_training_answer_is_the_most_frequent_first_on_ties():
 
 def test_labels_cover_the_answer_and_eos_only(encoder):
     ds = vqa_conversations(datasets.Dataset.from_list(RECORDS), prompt="answer briefly .")
-    assert ds[0]["conversations"] == [{"from": "human", "value": "<image>\nwhat color is the circle ?\nanswer briefly ."},
-                                      {"from": "gpt", "value": "red"}]
+    assert ds[0]["conversations"] == [
+        {"from": "human", "value": "<image>\nwhat color is the circle ?\nanswer briefly ."},
+        {"from": "gpt", "value": "red"}]
     samples, report = tokenize_conversations(ds, encoder, max_length=None)
-    prompt = [BOS] + ids("USER :") + [IMG] * N_IMG + ids("what color is the circle ? answer briefly . ASSISTANT :")
+    prompt = ([BOS] + ids("USER :") + [IMG] * N_IMG
+              + ids("what color is the circle ? answer briefly . ASSISTANT :"))
     assert samples[0]["input_ids"] == prompt + [V["red"], EOS]
     assert samples[0]["labels"] == [M] * len(prompt) + [V["red"], EOS]
-    assert samples[1]["labels"][-2:] == [V["two"], EOS] and samples[1]["labels"].count(M) == len(samples[1]["labels"]) - 2
+    assert (samples[1]["labels"][-2:] == [V["two"], EOS]
+            and samples[1]["labels"].count(M) == len(samples[1]["labels"]) - 2)
     assert (report.samples, report.dropped, report.cut) == (2, 0, 0)
 
 
 def test_a_sample_longer_than_the_budget_is_dropped_and_counted(encoder):
     ds = vqa_conversations(datasets.Dataset.from_list(RECORDS), prompt=None)
-    full = len(tokenize_conversations(ds, encoder, None)[0][0]["input_ids"])  # the color question, the longer one
+    # the color question, the longer one
+    full = len(tokenize_conversations(ds, encoder, None)[0][0]["input_ids"])
     samples, report = tokenize_conversations(ds, encoder, max_length=full - 1)
     assert len(samples) == 1 and report.dropped == 1  # never cut inside the answer of a one-turn conversation
 
@@ -91,8 +96,10 @@ def test_generation_prompt_ends_where_the_answer_starts(encoder, tmp_path):
     assert items[0]["key"] == 7 and items[0]["conversations"] == [
         {"from": "human", "value": "<image>\nwhat color is the circle ?\nanswer briefly ."}]
     prompt = encoder.encode_prompt(to_messages(items[0]["conversations"], n_images=1), [Image.open("a.png")])
-    train = tokenize_conversations(vqa_conversations(datasets.Dataset.from_list(RECORDS[:1]), "answer briefly ."), encoder, None)[0]
-    assert train[0]["input_ids"][: len(prompt)] == prompt  # answers are asked for exactly as they were trained
+    train = tokenize_conversations(vqa_conversations(datasets.Dataset.from_list(RECORDS[:1]),
+                                                     "answer briefly ."), encoder, None)[0]
+    # answers are asked for exactly as they were trained
+    assert train[0]["input_ids"][: len(prompt)] == prompt
 
 
 def test_scores_are_official_accuracy_overall_and_per_answer_type():
@@ -103,7 +110,8 @@ def test_scores_are_official_accuracy_overall_and_per_answer_type():
     # "blue": 3 of 10, leave-one-out mean: (7 * min(1, 3/3) + 3 * min(1, 2/3)) / 10 = 0.9.
     assert vqa_scores({7: "blue", 8: "three"}, items) == {"VQA_accuracy": 45.0, "VQA_accuracy_number": 0.0,
                                                           "VQA_accuracy_other": 90.0}
-    assert vqa_scores({8: "2"}, items) == {"VQA_accuracy": 100.0, "VQA_accuracy_number": 100.0}  # a subset: only its keys
+    # a subset: only its keys
+    assert vqa_scores({8: "2"}, items) == {"VQA_accuracy": 100.0, "VQA_accuracy_number": 100.0}
     assert metric_name("yes/no") == "VQA_accuracy_yes_no"
 
 
@@ -115,8 +123,10 @@ def test_question_type_prior_is_the_most_popular_training_answer_per_type():
         {"answers": ["red"] * 5},  # no question type: counts towards the overall answer only
     ]
     assert question_type_prior(train) == {None: "red", "is the": "no", "how many": "2"}
-    items = [{"key": 1, "question_type": "is the"}, {"key": 2, "question_type": "what shape is the"}, {"key": 3}]
-    assert prior_predictions(train, items) == {1: "no", 2: "red", 3: "red"}  # unseen types: the overall answer
+    items = [{"key": 1, "question_type": "is the"},
+             {"key": 2, "question_type": "what shape is the"}, {"key": 3}]
+    # unseen types: the overall answer
+    assert prior_predictions(train, items) == {1: "no", 2: "red", 3: "red"}
     with pytest.raises(ValueError, match="no answers"):
         question_type_prior([])
 

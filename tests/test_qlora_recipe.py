@@ -1,5 +1,5 @@
-"""qlora_vqa end to end on the random tiny LLaVA, 4-bit through bitsandbytes' CPU kernels: VQA metrics and files,
-export (dequantized base + adapter) equality, resume, the bf16 autocast path, and clear errors."""
+"""qlora_vqa end to end on the random tiny LLaVA, 4-bit through bitsandbytes' CPU kernels: VQA metrics and
+files, export (dequantized base + adapter) equality, resume, the bf16 autocast path, and clear errors."""
 
 import json
 import os
@@ -22,12 +22,14 @@ MERGE = ROOT / "recipes" / "qlora_vqa" / "merge.py"
 FAST = ["--model_name_or_path", "tiny:llava", "--report_to", "none", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "16", "--eval_strategy", "no", "--save_strategy", "no",
         "--load_best_model_at_end", "false", "--max_new_tokens", "4", "--logging_steps", "1"]
-METRICS = {"eval_VQA_accuracy", "eval_VQA_accuracy_number", "eval_VQA_accuracy_other", "eval_VQA_accuracy_yes_no"}
+METRICS = {"eval_VQA_accuracy", "eval_VQA_accuracy_number", "eval_VQA_accuracy_other",
+           "eval_VQA_accuracy_yes_no"}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """VQA on 12 synthetic images, 3 questions each: 8 images for training, 4 held out; a private model cache."""
+    """VQA on 12 synthetic images, 3 questions each: 8 images for training, 4 held out; a private model
+    cache."""
     d = tmp_path_factory.mktemp("qlora")
     rows = read_jsonl(make_synthetic("vqa", 12, d / "synth", seed=1, progress=False))
     write_jsonl(d / "synth" / "train.jsonl", [r for r in rows if r["image_id"] < 8])
@@ -38,7 +40,8 @@ def env(tmp_path_factory):
 
 
 def _run(args, env):
-    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def _data(d):
@@ -67,14 +70,16 @@ def test_vqa_metrics_official_results_and_what_a_4bit_run_saves(env, run):
 
     d, _ = env
     out, r = run
-    assert "optim paged_adamw_8bit needs CUDA" in r.stderr and "length budget: 24 conversations, 0 cut" in r.stderr
+    assert ("optim paged_adamw_8bit needs CUDA" in r.stderr
+            and "length budget: 24 conversations, 0 cut" in r.stderr)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "vqa" and metrics["global_step"] == 4
     assert set(metrics["baseline"]) == set(metrics["before"]) == set(metrics["after"]) == METRICS
     eval_rows, train_rows = read_jsonl(d / "synth" / "eval.jsonl"), read_jsonl(d / "synth" / "train.jsonl")
     refs = {r["question_id"]: r for r in eval_rows}
     prior = question_type_prior(train_rows)
-    prior_scores = vqa_accuracy({q: prior.get(r["question_type"], prior[None]) for q, r in refs.items()}, refs)
+    prior_scores = vqa_accuracy({q: prior.get(r["question_type"], prior[None]) for q, r in refs.items()},
+                                refs)
     assert metrics["baseline"]["eval_VQA_accuracy"] == prior_scores["overall"]
     baseline_breakdown = json.loads((out / "predictions" / "baseline.vqa.json").read_text())
     assert baseline_breakdown["perQuestionType"] == prior_scores["perQuestionType"]
@@ -86,13 +91,14 @@ def test_vqa_metrics_official_results_and_what_a_4bit_run_saves(env, run):
     assert breakdown == {k: v for k, v in vqa_accuracy(final, refs).items() if k != "perQuestion"}
     assert set(breakdown["perQuestionType"]) == {r["question_type"] for r in eval_rows}
     assert breakdown["overall"] == metrics["after"]["eval_VQA_accuracy"]
-    assert report_run(out)["final"]["overall"] == metrics["after"]["eval_VQA_accuracy"]  # what `make eval` shows
+    # what `make eval` shows
+    assert report_run(out)["final"]["overall"] == metrics["after"]["eval_VQA_accuracy"]
 
     for folder in (out, out / "checkpoint-2", out / "checkpoint-4"):
         saved = json.loads((folder / "quantization_config.json").read_text())
         q = saved["quantization_config"]
-        assert (saved["dtype"], q["load_in_4bit"], q["bnb_4bit_quant_type"], q["bnb_4bit_use_double_quant"]) == (
-            "float32", True, "nf4", True)
+        assert ((saved["dtype"], q["load_in_4bit"], q["bnb_4bit_quant_type"], q["bnb_4bit_use_double_quant"])
+                == ("float32", True, "nf4", True))
 
 
 def test_export_equals_quantized_base_plus_adapter_and_merging_into_the_original_weights_would_not(env, run):
@@ -108,15 +114,19 @@ def test_export_equals_quantized_base_plus_adapter_and_merging_into_the_original
     d, e = env
     out, _ = run
     with safe_open(out / "adapter_model.safetensors", "pt") as f:
-        assert {k.split(".")[3] for k in f.keys() if "lora_" not in k} == {"multi_modal_projector"}  # trained with LoRA
-    r = subprocess.run([sys.executable, str(MERGE), "--run", str(out), "--out", str(d / "merged32"), "--dtype", "float32"],
+        # trained with LoRA
+        assert {k.split(".")[3] for k in f.keys() if "lora_" not in k} == {"multi_modal_projector"}
+    r = subprocess.run([sys.executable, str(MERGE), "--run", str(out), "--out", str(d / "merged32"),
+                        "--dtype", "float32"],
                        env=e, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
-    os.environ["VLM_RECIPES_CACHE"] = e["VLM_RECIPES_CACHE"]  # the base path in the adapter config points there
+    # the base path in the adapter config points there
+    os.environ["VLM_RECIPES_CACHE"] = e["VLM_RECIPES_CACHE"]
     try:
         merge_quantized_run(out, d / "merged16", LlavaForConditionalGeneration)  # the default: bf16
         adapted, processor = load_quantized_run(out, LlavaForConditionalGeneration)
-        original, _ = load_run(out, LlavaForConditionalGeneration)  # the adapter on the unquantized base weights
+        # the adapter on the unquantized base weights
+        original, _ = load_run(out, LlavaForConditionalGeneration)
     finally:
         del os.environ["VLM_RECIPES_CACHE"]
     quantized = {n for n, m in adapted.named_modules() if type(m).__name__ == "Linear4bit"}
@@ -133,7 +143,8 @@ def test_export_equals_quantized_base_plus_adapter_and_merging_into_the_original
     with torch.no_grad():
         reference = adapted(**batch).logits
         err32 = (merged32(**batch).logits - reference).abs().max().item()
-        err16 = (merged16(**{**batch, "pixel_values": batch["pixel_values"].bfloat16()}).logits.float() - reference).abs().max().item()
+        err16 = (merged16(**{**batch, "pixel_values": batch["pixel_values"].bfloat16()}).logits.float()
+                 - reference).abs().max().item()
         err_original = (original(**batch).logits - reference).abs().max().item()
         gen = dict(input_ids=batch["input_ids"][:1], attention_mask=batch["attention_mask"][:1],
                    pixel_values=batch["pixel_values"][:1], max_new_tokens=5, do_sample=False)
@@ -154,7 +165,9 @@ def test_a_resumed_run_ends_like_an_uninterrupted_one(env, run):
     r = _run([*_data(d), "--output_dir", str(resumed), *FAST, *STEPS, "--resume_from_checkpoint", "last"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     def losses(run):
-        return [h["loss"] for h in json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+        return [h["loss"]
+                for h in json.loads((run / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+                if "loss" in h]
 
     assert losses(resumed)[-2:] == pytest.approx(losses(out)[-2:], rel=1e-5)
     whole, again = (json.loads((run / "metrics.json").read_text()) for run in (out, resumed))
@@ -169,9 +182,11 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16_and_needs_autocast(env, run):
     assert r.returncode != 0 and "need bf16 autocast. Pass --bf16" in r.stderr
     r = _run([*args, "--output_dir", str(d / "bf16"), "--bf16"], e)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert set(json.loads((d / "bf16" / "metrics.json").read_text())["after"]) == METRICS  # generation under autocast
+    # generation under autocast
+    assert set(json.loads((d / "bf16" / "metrics.json").read_text())["after"]) == METRICS
     ours, full = _weight_bytes(r.stderr), _weight_bytes(fp32.stderr)
-    assert ours["frozen"] * 2 == full["frozen"] and ours["trainable"] == full["trainable"]  # trainable: float32 in both
+    # trainable: float32 in both
+    assert ours["frozen"] * 2 == full["frozen"] and ours["trainable"] == full["trainable"]
 
     r = _run([*_data(d), *FAST, "--max_steps", "1", "--output_dir", str(d / "x"), "--peft_method", "none"], e)
     assert r.returncode != 0 and "quantized weights cannot train" in r.stderr
@@ -180,10 +195,11 @@ def test_bf16_compute_keeps_frozen_weights_in_bf16_and_needs_autocast(env, run):
 def test_8bit_option_trains_lora_on_int8_weights(env, run):
     d, e = env
     _, four_bit = run
-    r = _run([*_data(d), *FAST, "--max_steps", "2", "--eval_max_samples", "4", "--output_dir", str(d / "int8"),
-              "--load_in_4bit", "false", "--load_in_8bit", "true"], e)
+    r = _run([*_data(d), *FAST, "--max_steps", "2", "--eval_max_samples", "4",
+              "--output_dir", str(d / "int8"), "--load_in_4bit", "false", "--load_in_8bit", "true"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     int8, nf4 = _weight_bytes(r.stderr), _weight_bytes(four_bit.stderr)
     # The same LM linears, one byte a weight instead of half a byte (+ each format's constants).
-    assert 1.7 * nf4["quantized"] < int8["quantized"] < 2.3 * nf4["quantized"] and int8["trainable"] == nf4["trainable"]
+    assert (1.7 * nf4["quantized"] < int8["quantized"] < 2.3 * nf4["quantized"]
+            and int8["trainable"] == nf4["trainable"])
     assert set(json.loads((d / "int8" / "metrics.json").read_text())["after"]) == METRICS

@@ -46,7 +46,8 @@ TINY = {  # the real checkpoints cannot be downloaded here: tiny models of the s
 def bash_blocks(markdown: Path) -> list[str]:
     """The ```bash blocks of a Markdown file (indented ones too, dedented), in order."""
     blocks = []
-    for m in re.finditer(r"^([ \t]*)```bash\n(.*?)^[ \t]*```", markdown.read_text(), re.MULTILINE | re.DOTALL):
+    for m in re.finditer(r"^([ \t]*)```bash\n(.*?)^[ \t]*```", markdown.read_text(),
+                         re.MULTILINE | re.DOTALL):
         indent = len(m.group(1))
         blocks.append("".join(line[indent:] if line[:indent].isspace() else line
                               for line in m.group(2).splitlines(keepends=True)))
@@ -285,8 +286,8 @@ def user(tmp_path_factory) -> Path:
 def test_commands_are_found():
     """Each README still documents the commands this module runs (else it would pass by running nothing)."""
     main = commands(ROOT / "README.md")
-    assert {words(c)[3] for c in main if is_data_tool(c)} >= {"convert", "validate", "clean", "dedup", "split",
-                                                              "check-leakage", "hash"}
+    assert {words(c)[3] for c in main if is_data_tool(c)} >= {"convert", "validate", "clean", "dedup",
+                                                              "split", "check-leakage", "hash"}
     assert "make eval" in " ".join(main)
     for recipe in RECIPES:
         found = commands(ROOT / "recipes" / recipe / "README.md")

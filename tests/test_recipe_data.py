@@ -19,7 +19,8 @@ def _write(tmp_path, rows):
 
 
 def test_load_records_refuses_bad_rows_with_a_pointer_to_clean(tmp_path):
-    path = _write(tmp_path, [{"image": "a.png", "captions": ["ok"]}, "{broken", {"image": "a.png", "captions": []}])
+    path = _write(tmp_path, [{"image": "a.png", "captions": ["ok"]}, "{broken",
+                             {"image": "a.png", "captions": []}])
     with pytest.raises(BadRowsError) as e:
         load_records(path, "caption")
     text = str(e.value)
@@ -28,7 +29,8 @@ def test_load_records_refuses_bad_rows_with_a_pointer_to_clean(tmp_path):
 
 
 def test_load_records_skips_counts_and_writes_rejects(tmp_path):
-    path = _write(tmp_path, [{"image": "a.png", "captions": ["ok"], "extra": 1}, "{broken", {"image": "a.png", "text": "alias"}])
+    path = _write(tmp_path, [{"image": "a.png", "captions": ["ok"], "extra": 1}, "{broken",
+                             {"image": "a.png", "text": "alias"}])
     ds = load_records(path, "caption", skip_bad_rows=True)
     assert ds.column_names == ["image", "captions"]
     assert ds["captions"] == [["ok"], ["alias"]]
@@ -41,7 +43,8 @@ def test_vqa_mixed_question_id_types_become_strings(tmp_path):
     rows = [{"image": "a.png", "question_id": 1, "question": "q?", "answers": ["a"]},
             {"image": "a.png", "question_id": "x2", "question": "q?", "answer": "b"}]
     ds = load_records(_write(tmp_path, rows), "vqa")
-    assert ds["question_id"] == ["1", "x2"] and ds["answers"] == [["a"], ["b"]] and ds["answer_type"] == [None, None]
+    assert (ds["question_id"] == ["1", "x2"] and ds["answers"] == [["a"], ["b"]]
+            and ds["answer_type"] == [None, None])
 
 
 def test_embedded_dataset_is_built_once_split_by_image_without_leakage(tmp_path, monkeypatch):
@@ -82,17 +85,22 @@ def test_image_root_resolves_paths_and_every_image_is_checked_before_training(tm
     assert "2 invalid row(s)" in text and f"{path}:2: field 'image'" in text and "truncated_image" in text
     assert f"{path}:3: field 'image'" in text and "missing_image" in text
     rejects = tmp_path / "run" / "rejects" / "train.rejects.jsonl"
-    ds = load_records(path, "caption", image_root=tmp_path / "images", skip_bad_rows=True, rejects_path=rejects)
+    ds = load_records(path, "caption", image_root=tmp_path / "images", skip_bad_rows=True,
+                      rejects_path=rejects)
     assert ds["captions"] == [["red"], ["again"]] and "2 rows, 2 skipped" in ds.info.description
-    assert [(r["line"], r["reason"]) for r in read_jsonl(rejects)] == [(2, "truncated_image"), (3, "missing_image")]
-    assert not list((tmp_path / "data").glob("*.rejects.jsonl"))  # nothing written into the user's data folder
-    ds = load_records(path, "caption", image_root=tmp_path / "images", check_images="none", skip_bad_rows=True)
+    assert [(r["line"], r["reason"]) for r in read_jsonl(rejects)] == [(2, "truncated_image"),
+                                                                       (3, "missing_image")]
+    # nothing written into the user's data folder
+    assert not list((tmp_path / "data").glob("*.rejects.jsonl"))
+    ds = load_records(path, "caption", image_root=tmp_path / "images", check_images="none",
+                      skip_bad_rows=True)
     assert len(ds) == 4  # unchecked: the collator would meet the bad images
 
 
 def test_image_root_is_a_guard_too(tmp_path):
     path = _images_apart(tmp_path)
-    (tmp_path / "data" / "up.jsonl").write_text(json.dumps({"image": "../good.jpg", "captions": ["x"]}) + "\n")
+    (tmp_path / "data" / "up.jsonl").write_text(
+        json.dumps({"image": "../good.jpg", "captions": ["x"]}) + "\n")
     with pytest.raises(DataError, match="not a folder|does not exist|no such"):  # a root that is not there
         load_records(tmp_path / "data" / "up.jsonl", "caption", image_root=tmp_path / "images" / "sub")
     (tmp_path / "images" / "sub").mkdir()

@@ -30,9 +30,9 @@ from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--report_to", "none", "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4", "--max_steps", "1",
-        "--max_new_tokens", "8"]
+FAST = ["--report_to", "none", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "false", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "4", "--max_steps", "1", "--max_new_tokens", "8"]
 
 
 def _data(d: Path, task: str, n: int, n_train: int) -> tuple[Path, Path]:
@@ -70,7 +70,8 @@ def _second_adapter(run: Path, out: Path) -> Path:
     shutil.copytree(run, out)
     weights = load_file(out / "adapter_model.safetensors")
     g = torch.Generator().manual_seed(1)
-    save_file({k: v + torch.randn(v.shape, generator=g) * 0.1 if "lora_B" in k else v for k, v in weights.items()},
+    save_file({k: v + torch.randn(v.shape, generator=g) * 0.1 if "lora_B" in k else v
+               for k, v in weights.items()},
               out / "adapter_model.safetensors")
     return out
 
@@ -96,17 +97,17 @@ def _pure_lora(base: Path, out: Path, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """{name: run folder}: blip2_lora_caption, soft_prompt_caption and llava_instruct trained for one step,
-    llava_second (another adapter on llava_instruct's base), lora_a and lora_b (untrained LoRA-only adapters on
-    that base, which peft can mix in one batch), clip_index (an embed.py index of tiny:clip), gemma3_instruct
-    (llava_instruct on Gemma 3: chat template, <end_of_turn>) and paligemma_vqa (qlora_vqa on PaliGemma 2:
-    prefix + suffix, no chat template, 4-bit base); and the data files."""
+    llava_second (another adapter on llava_instruct's base), lora_a and lora_b (untrained LoRA-only adapters
+    on that base, which peft can mix in one batch), clip_index (an embed.py index of tiny:clip),
+    gemma3_instruct (llava_instruct on Gemma 3: chat template, <end_of_turn>) and paligemma_vqa (qlora_vqa on
+    PaliGemma 2: prefix + suffix, no chat template, 4-bit base); and the data files."""
     d = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
     files = {"caption": _data(d / "data", "caption", 8, 4), "instruct": _data(d / "data", "instruct", 6, 3),
              "retrieval": _data(d / "data", "retrieval", 6, 0), "vqa": _data(d / "data", "vqa", 4, 2)}
-    runs = {name: d / "runs" / name for name in ("blip2_lora_caption", "soft_prompt_caption", "llava_instruct",
-                                                 "llava_second", "clip_index", "gemma3_instruct",
-                                                 "paligemma_vqa")}
+    runs = {name: d / "runs" / name for name in ("blip2_lora_caption", "soft_prompt_caption",
+                                                 "llava_instruct", "llava_second", "clip_index",
+                                                 "gemma3_instruct", "paligemma_vqa")}
     with pytest.MonkeyPatch.context() as mp:  # tiny models built into the module's own cache
         mp.setenv("VLM_RECIPES_CACHE", env["VLM_RECIPES_CACHE"])
         bases = {"caption": _scaled_base("tiny:blip2-opt", d / "blip2-base"),
@@ -134,7 +135,8 @@ def trained(tmp_path_factory):
                        "--answer_prompt", "")]
         from recipes.clip_retrieval.embed import main as embed
 
-        embed(["--model", "tiny:clip", "--file", str(files["retrieval"][1]), "--out", str(runs["clip_index"])])
+        embed(["--model", "tiny:clip", "--file", str(files["retrieval"][1]),
+               "--out", str(runs["clip_index"])])
     for p in procs:
         out = p.communicate(timeout=600)[0]
         assert p.returncode == 0, f"{' '.join(p.args)}\n{out[-3000:]}"
@@ -155,7 +157,8 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -255,7 +258,8 @@ def test_captions_equal_the_recipes_eval_predictions(server, trained):
     images = [Path(files["caption"][1]).parent / r["image"] for r in _eval_rows(files, "caption")]
     assert len(set(predictions.values())) > 1  # the answers depend on the image: a mix-up would show
     for image in images:
-        assert server.chat("blip2_lora_caption", image, None, max_tokens=8) == predictions[str(image.resolve())]
+        assert (server.chat("blip2_lora_caption", image, None, max_tokens=8)
+                == predictions[str(image.resolve())])
 
 
 def test_soft_prompt_captions_equal_the_recipes_eval_predictions(server, trained):
@@ -263,7 +267,8 @@ def test_soft_prompt_captions_equal_the_recipes_eval_predictions(server, trained
     predictions = _predictions(runs["soft_prompt_caption"])
     for row in _eval_rows(files, "caption"):
         image = Path(files["caption"][1]).parent / row["image"]
-        assert server.chat("soft_prompt_caption", image, None, max_tokens=8) == predictions[str(image.resolve())]
+        assert (server.chat("soft_prompt_caption", image, None, max_tokens=8)
+                == predictions[str(image.resolve())])
 
 
 def _openai_messages(item: dict) -> list[dict]:
@@ -545,7 +550,8 @@ def test_adapters_share_one_base_and_each_answers_as_its_own_run(server, loaded,
                               "conversations": [{"from": "human", "value": f"<image>\n{question}"}]}])
         batch.pop("keys")
         out = model.generate(**batch, **run.generate_kwargs(8, None, None))
-        return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:],
+                                          skip_special_tokens=True).strip()
 
     references = {name: alone(name) for name in ("llava_instruct", "llava_second")}
     assert references["llava_instruct"] != references["llava_second"]
@@ -570,11 +576,13 @@ def test_lora_only_adapters_share_a_batch_and_each_answers_as_alone(server, load
     loop = asyncio.new_event_loop()
     try:
         def job(run, image):
-            item = {"key": 0, "image": str(image), "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+            item = {"key": 0, "image": str(image),
+                    "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
             return Job(run, item, None, 8, None, None, loop, loop.create_future())
 
         plan = [(run, image) for image in images for run in (a, b)]
-        mixed = [c.text for c in generate_batch([job(run, image) for run, image in plan])]  # one generate call
+        # one generate call
+        mixed = [c.text for c in generate_batch([job(run, image) for run, image in plan])]
         alone = [generate_batch([job(run, image)])[0].text for run, image in plan]
     finally:
         loop.close()
@@ -590,8 +598,9 @@ def test_stream_sends_the_same_answer_as_server_sent_events(server, trained):
     image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[0]["image"]
     for model, text in (("blip2_lora_caption", None), ("llava_instruct", "What is in the image?")):
         whole = server.chat(model, image, text, max_tokens=12)
-        status, events = server.request("/v1/chat/completions", {"model": model, "messages": [message(image, text)],
-                                                                 "max_tokens": 12, "stream": True})
+        status, events = server.request("/v1/chat/completions",
+                                        {"model": model, "messages": [message(image, text)],
+                                         "max_tokens": 12, "stream": True})
         assert status == 200
         lines = [e for e in events.split("\n\n") if e]
         assert all(e.startswith("data: ") for e in lines) and lines[-1] == "data: [DONE]"
@@ -646,7 +655,7 @@ def test_search_ranks_the_index_as_search_py_does(server, trained):
     assert status == 200 and len(body["data"]) == 2 and body["data"][0]["score"] >= body["data"][1]["score"]
 
 
-# --- limits and errors ---------------------------------------------------------------------------------------
+# --- limits and errors --------------------------------------------------------------------------------------
 def _bomb_png() -> bytes:
     """A valid PNG header claiming 4000 x 4000 pixels (over the test server's 1,000,000): the guard's case."""
     import struct
@@ -672,26 +681,35 @@ def _tiny_png() -> bytes:
 
 BAD = [  # (what, body or raw bytes, status, error code)
     ("malformed JSON", b"{not json", 400, "invalid_json"),
-    ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "model_not_found"),
+    ("unknown model", {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
+     404, "model_not_found"),
     ("no messages", {"model": "llava_instruct", "messages": []}, 400, "invalid_value"),
-    ("bad role", {"model": "llava_instruct", "messages": [{"role": "robot", "content": "hi"}]}, 400, "invalid_value"),
+    ("bad role", {"model": "llava_instruct", "messages": [{"role": "robot", "content": "hi"}]},
+     400, "invalid_value"),
     ("not an image", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"%PDF-1.4 hi").decode()}}
+        {"type": "image_url",
+         "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"%PDF-1.4 hi").decode()}}
     ]}]}, 400, "unreadable_image"),
     ("decompression bomb", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(_bomb_png()).decode()}}
+        {"type": "image_url",
+         "image_url": {"url": "data:image/png;base64," + base64.b64encode(_bomb_png()).decode()}}
     ]}]}, 413, "image_too_large"),
     ("not base64", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400, "invalid_image_url"),
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]},
+     400, "invalid_image_url"),
     ("remote URL", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}}]}]}, 400, "remote_images_disabled"),
-    ("captioner without image", {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": "hi"}]},
+        {"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}}]}]},
+     400, "remote_images_disabled"),
+    ("captioner without image",
+     {"model": "blip2_lora_caption", "messages": [{"role": "user", "content": "hi"}]},
      400, "image_required"),
     ("max_tokens over the limit", {"model": "llava_instruct", "max_tokens": 65,
-                                   "messages": [{"role": "user", "content": "hi"}]}, 400, "max_tokens_too_large"),
+                                   "messages": [{"role": "user", "content": "hi"}]},
+     400, "max_tokens_too_large"),
     ("two images", {"model": "llava_instruct", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 2}]}, 400, None),
-    ("assistant last", {"model": "llava_instruct", "messages": [{"role": "assistant", "content": "hi"}]}, 400, None),
+    ("assistant last", {"model": "llava_instruct", "messages": [{"role": "assistant", "content": "hi"}]},
+     400, None),
     ("prompt over the context length", {"model": "llava_instruct", "max_tokens": 8, "messages": [
         {"role": "user", "content": "shape " * 600}]}, 400, "context_length_exceeded"),
     ("caption prompt over the context length", {"model": "blip2_lora_caption", "messages": [
@@ -727,7 +745,8 @@ def test_the_server_keeps_serving_and_metrics_are_prometheus_text(server, traine
     status, text = server.request("/metrics")
     assert status == 200
     families = {f.name: f for f in text_string_to_metric_families(text)}
-    assert {"serve_requests", "serve_request_seconds", "serve_batch_size", "serve_queue_depth"} <= set(families)
+    assert ({"serve_requests", "serve_request_seconds", "serve_batch_size", "serve_queue_depth"}
+            <= set(families))
     by_status = {}
     for sample in families["serve_requests"].samples:
         if sample.name == "serve_requests_total":
@@ -756,7 +775,8 @@ def _browser(tmp_path):
         from selenium import webdriver
         from selenium.common.exceptions import WebDriverException
     except ImportError:
-        pytest.skip("SKIPPED LOUDLY: selenium is not installed (pip install selenium); the web page is untested")
+        pytest.skip("SKIPPED LOUDLY: selenium is not installed (pip install selenium); "
+                    "the web page is untested")
     driver_path = shutil.which("chromedriver")
     binary = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if driver_path is None or binary is None:
@@ -775,7 +795,8 @@ def _browser(tmp_path):
         pytest.fail(f"chromium is installed but did not start: {e.msg}")
 
 
-def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_image(server, trained, tmp_path):
+def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_image(server, trained,
+                                                                                      tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import Select, WebDriverWait
@@ -808,7 +829,8 @@ def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_
         browser.find_element(By.ID, "ask").click()  # the answer streams in
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
         shown = browser.execute_script(ANSWER)
-        assert shown and shown == server.chat("llava_instruct", image, "What is in the image?", max_tokens=max_tokens)
+        assert shown and shown == server.chat("llava_instruct", image, "What is in the image?",
+                                              max_tokens=max_tokens)
         browser.save_screenshot(str(tmp_path / "page-chat.png"))
 
         Select(browser.find_element(By.ID, "model")).select_by_value("clip_index")

@@ -1,4 +1,5 @@
-"""Split by image group and the leakage check: groups never straddle splits, ratios, determinism, exit codes."""
+"""Split by image group and the leakage check: groups never straddle splits, ratios, determinism, exit
+codes."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def dataset(tmp_path_factory) -> Path:
     for k in range(60):
         natural_image(100 + k).save(root / f"img/{k}.png")
         for q in range(1 + k % 4):
-            rows.append({"image": f"img/{k}.png", "question_id": f"{k}-{q}", "question": f"Q{q}?", "answers": ["a"]})
+            rows.append({"image": f"img/{k}.png", "question_id": f"{k}-{q}", "question": f"Q{q}?",
+                         "answers": ["a"]})
     # Rows of other files of images 0 and 1 must land with them.
     shutil.copy(root / "img/0.png", root / "img/0_copy.png")
     natural_image(101).save(root / "img/1_near.jpg", quality=90)
@@ -55,7 +57,8 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def run_split(dataset: Path, out: Path, seed: int, capsys=None) -> dict[str, list[dict]]:
-    argv = [str(dataset / "all.jsonl"), "--out-dir", str(out), "--ratios", "0.8,0.1,0.1", "--seed", str(seed), "--task", "vqa"]
+    argv = [str(dataset / "all.jsonl"), "--out-dir", str(out), "--ratios", "0.8,0.1,0.1", "--seed", str(seed),
+            "--task", "vqa"]
     assert main_split(argv) == 0
     return {name: read(out / f"{name}.jsonl") for name in ("train", "val", "test")}
 
@@ -94,7 +97,8 @@ def test_split_by_image_ratios_determinism_and_no_leakage(dataset, capsys):
 
 
 def test_split_into_subfolder_needs_images_inside_it(dataset, capsys):
-    argv = [str(dataset / "all.jsonl"), "--out-dir", str(dataset / "splits"), "--ratios", "0.5,0.5", "--seed", "0"]
+    argv = [str(dataset / "all.jsonl"), "--out-dir", str(dataset / "splits"), "--ratios", "0.5,0.5",
+            "--seed", "0"]
     assert main_split(argv) == 2
     assert "outside the output folder" in capsys.readouterr().err
     # A parent folder of the input is fine: paths are rewritten relative to it.
@@ -102,8 +106,10 @@ def test_split_into_subfolder_needs_images_inside_it(dataset, capsys):
     (nested / "img").mkdir(parents=True, exist_ok=True)
     shutil.copy(dataset / "img/0.png", nested / "img/0.png")
     write_lines(nested / "x.jsonl", [{"image_path": "img/0.png", "caption": "a"}])
-    assert main_split([str(nested / "x.jsonl"), "--out-dir", str(dataset / "up"), "--ratios", "1", "--names", "all", "--seed", "0"]) == 2
-    assert main_split([str(nested / "x.jsonl"), "--out-dir", str(dataset), "--ratios", "1", "--names", "only", "--seed", "0"]) == 0
+    assert main_split([str(nested / "x.jsonl"), "--out-dir", str(dataset / "up"), "--ratios", "1",
+                       "--names", "all", "--seed", "0"]) == 2
+    assert main_split([str(nested / "x.jsonl"), "--out-dir", str(dataset), "--ratios", "1",
+                       "--names", "only", "--seed", "0"]) == 0
     assert read(dataset / "only.jsonl") == [{"image_path": "nested/img/0.png", "caption": "a"}]
 
 
@@ -121,10 +127,12 @@ def test_check_leakage_finds_exact_and_near(tmp_path, capsys):
         {"image": "img/a_small.png", "caption": "x"},
         {"image": "img/a_small.png", "caption": "y"},
     ])
-    write_lines(tmp_path / "val.jsonl", [{"image": "img/blue.png", "caption": "x"}, {"image": "img/a_copy.png", "caption": "x"}])
+    write_lines(tmp_path / "val.jsonl",
+                [{"image": "img/blue.png", "caption": "x"}, {"image": "img/a_copy.png", "caption": "x"}])
     files = [tmp_path / "train.jsonl", tmp_path / "test.jsonl", tmp_path / "val.jsonl"]
     leaks = find_leaks(files, progress=False)
-    found = [(Path(e["file_a"]).stem, e["line_a"], Path(e["file_b"]).stem, e["line_b"], e["exact"]) for e in leaks]
+    found = [(Path(e["file_a"]).stem, e["line_a"], Path(e["file_b"]).stem, e["line_b"], e["exact"])
+             for e in leaks]
     assert found == [
         ("test", 4, "val", 2, False),
         ("train", 1, "test", 4, False),
@@ -145,5 +153,6 @@ def test_check_leakage_finds_exact_and_near(tmp_path, capsys):
     assert main_check_leakage([str(tmp_path / "val.jsonl"), str(tmp_path / "test.jsonl"), "--no-near"]) == 0
     # Red and blue circles share a grey-level hash but are different images: no leakage.
     write_lines(tmp_path / "val.jsonl", [{"image": "img/blue.png", "caption": "x"}])
-    write_lines(tmp_path / "test.jsonl", [{"image": "img/red.png", "caption": "x"}, {"image": "img/red.png", "caption": "z"}])
+    write_lines(tmp_path / "test.jsonl",
+                [{"image": "img/red.png", "caption": "x"}, {"image": "img/red.png", "caption": "z"}])
     assert main_check_leakage([str(tmp_path / "val.jsonl"), str(tmp_path / "test.jsonl")]) == 0

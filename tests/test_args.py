@@ -26,18 +26,21 @@ def write_yaml(tmp_path, text):
 def test_defaults_without_config():
     model, data, peft, freeze, gen = parse_args(ALL, [])
     assert model.model_name_or_path is None and model.dtype == "auto" and model.attn_implementation is None
-    assert model.bnb_4bit_quant_type == "nf4" and model.bnb_4bit_use_double_quant is True and model.trust_remote_code is False
+    assert (model.bnb_4bit_quant_type == "nf4" and model.bnb_4bit_use_double_quant is True
+            and model.trust_remote_code is False)
     assert data.train_file is None and data.skip_bad_rows is False
     assert (peft.peft_method, peft.lora_r, peft.lora_alpha, peft.lora_dropout) == ("lora", 16, 32, 0.05)
     assert peft.lora_target_modules is None and peft.modules_to_save is None
-    assert freeze.freeze_vision_tower is True and freeze.freeze_bridge is None and freeze.freeze_language_model is None
+    assert (freeze.freeze_vision_tower is True and freeze.freeze_bridge is None
+            and freeze.freeze_language_model is None)
     assert (gen.num_beams, gen.max_new_tokens, gen.do_sample) == (1, 20, False)
 
 
 def test_yaml_sets_defaults_and_command_line_overrides(tmp_path):
     config = write_yaml(
         tmp_path,
-        "lora_r: 8\nlora_alpha: 16\nlearning_rate: 1e-4\noutput_dir: %s\nfreeze_vision_tower: false\n" % (tmp_path / "run"),
+        "lora_r: 8\nlora_alpha: 16\nlearning_rate: 1e-4\noutput_dir: %s\nfreeze_vision_tower: false\n"
+        % (tmp_path / "run"),
     )
     model, peft, freeze, training = parse_args(
         [ModelArguments, PeftArguments, FreezeArguments, TrainingArguments],
@@ -118,7 +121,8 @@ def test_bare_bool_flag_and_yaml_bool(tmp_path):
 def test_lists_from_command_line_and_yaml(tmp_path):
     argv = ["--lora_target_modules", "q_proj", "v_proj", "--modules_to_save", "multi_modal_projector"]
     (peft,) = parse_args([PeftArguments], argv)
-    assert peft.lora_target_modules == ["q_proj", "v_proj"] and peft.modules_to_save == ["multi_modal_projector"]
+    assert (peft.lora_target_modules == ["q_proj", "v_proj"]
+            and peft.modules_to_save == ["multi_modal_projector"])
     config = write_yaml(tmp_path, "lora_target_modules: [k_proj, o_proj]\n")
     (peft,) = parse_args([PeftArguments], ["--config", config])
     assert peft.lora_target_modules == ["k_proj", "o_proj"]
@@ -139,7 +143,8 @@ def test_numbers_optionals_and_choices():
         [ModelArguments, DataArguments, GenerationEvalArguments],
         ["--dtype", "bfloat16", "--image_size", "224", "--temperature", "0.7", "--max_train_samples", "10"],
     )
-    assert model.dtype == "bfloat16" and data.image_size == 224 and gen.temperature == 0.7 and data.max_train_samples == 10
+    assert (model.dtype == "bfloat16" and data.image_size == 224 and gen.temperature == 0.7
+            and data.max_train_samples == 10)
     with pytest.raises(SystemExit):
         parse_args([ModelArguments], ["--dtype", "float64"])
 
@@ -161,7 +166,8 @@ def test_all_recipe_dataclasses_parse_together_with_training_arguments(tmp_path)
 
 
 def test_resume_last_is_the_newest_complete_checkpoint(tmp_path):
-    for step, state in [(5, "{}"), (10, "{}"), (20, "{}"), (30, None), (40, '{"log_hist')]:  # 5 < 20 though '5' > '20'; 30: no state; 40: cut
+    # 5 < 20 though '5' > '20'; 30: no state; 40: cut
+    for step, state in [(5, "{}"), (10, "{}"), (20, "{}"), (30, None), (40, '{"log_hist')]:
         folder = tmp_path / f"checkpoint-{step}"
         folder.mkdir()
         (folder / "adapter_model.safetensors").write_bytes(b"")
@@ -189,7 +195,9 @@ def test_recipe_argv_adds_the_default_config_and_use_cpu_without_a_gpu(monkeypat
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert recipe_argv(["--lora_r", "8"], "r/config.yaml") == ["--config", "r/config.yaml", "--lora_r", "8", "--use_cpu"]
-    assert recipe_argv(["--config", "mine.yaml", "--use_cpu"], "r/config.yaml") == ["--config", "mine.yaml", "--use_cpu"]
+    assert recipe_argv(["--lora_r", "8"], "r/config.yaml") == [
+        "--config", "r/config.yaml", "--lora_r", "8", "--use_cpu"]
+    assert recipe_argv(["--config", "mine.yaml", "--use_cpu"], "r/config.yaml") == [
+        "--config", "mine.yaml", "--use_cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert recipe_argv([], "r/config.yaml") == ["--config", "r/config.yaml"]

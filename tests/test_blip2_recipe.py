@@ -1,4 +1,5 @@
-"""blip2_lora_caption end to end on the tiny BLIP-2: train, metrics, merge equality, resume, bad input, 2 processes."""
+"""blip2_lora_caption end to end on the tiny BLIP-2: train, metrics, merge equality, resume, bad input, 2
+processes."""
 
 import json
 import os
@@ -19,8 +20,8 @@ MERGE = ROOT / "recipes" / "blip2_lora_caption" / "merge.py"
 # tiny:blip2-opt has random weights: the tests check the code path, not what pre-training buys.
 FAST = ["--model_name_or_path", "tiny:blip2-opt", "--report_to", "none", "--per_device_train_batch_size", "8",
         "--per_device_eval_batch_size", "16",
-        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false", "--max_new_tokens", "8",
-        "--logging_steps", "1"]
+        "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
+        "--max_new_tokens", "8", "--logging_steps", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,8 @@ def env(recipe_env):
 
 
 def _run(args, env, **kw):
-    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run([sys.executable, str(TRAIN), *args], env=env, capture_output=True, text=True,
+                          timeout=600, **kw)
 
 
 def _data(d):
@@ -43,13 +45,15 @@ def test_train_saves_adapter_and_metrics_and_merge_equals_adapter_plus_base(env)
     r = _run([*_data(d), "--output_dir", str(out), "--max_steps", "6", *FAST], e)
     assert r.returncode == 0, r.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"eval_CIDEr", "eval_Bleu_4", "eval_ROUGE_L"} <= set(metrics["before"]) and set(metrics["before"]) == set(metrics["after"])
+    assert ({"eval_CIDEr", "eval_Bleu_4", "eval_ROUGE_L"} <= set(metrics["before"])
+            and set(metrics["before"]) == set(metrics["after"]))
     assert "train length budget: 200 samples, 0 truncated" in r.stderr  # 40 images x 5 captions
     assert (out / "adapter_model.safetensors").exists() and (out / "processor_config.json").exists()
     assert "component" in r.stderr and "bridge" in r.stderr  # the parameter table
 
     merged = d / "merged"
-    r = subprocess.run([sys.executable, str(MERGE), "--run", str(out), "--out", str(merged)], env=e, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, str(MERGE), "--run", str(out), "--out", str(merged)], env=e,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
     from peft import PeftConfig, PeftModel
@@ -57,17 +61,19 @@ def test_train_saves_adapter_and_metrics_and_merge_equals_adapter_plus_base(env)
 
     from data_tools.images import load_image
 
-    base = Blip2ForConditionalGeneration.from_pretrained(PeftConfig.from_pretrained(out).base_model_name_or_path)
+    base = Blip2ForConditionalGeneration.from_pretrained(
+        PeftConfig.from_pretrained(out).base_model_name_or_path)
     adapted = PeftModel.from_pretrained(base, out).eval()
     full = Blip2ForConditionalGeneration.from_pretrained(merged).eval()
     processor = AutoProcessor.from_pretrained(merged)
     rows = read_jsonl(d / "synth" / "eval.jsonl")[:4]
-    inputs = processor(images=[load_image(d / "synth" / r["image"]) for r in rows], text=[r["captions"][0] for r in rows],
-                       return_tensors="pt", padding=True)
+    inputs = processor(images=[load_image(d / "synth" / r["image"]) for r in rows],
+                       text=[r["captions"][0] for r in rows], return_tensors="pt", padding=True)
     with torch.no_grad():
         a, b = adapted(**inputs).logits, full(**inputs).logits
         assert not torch.allclose(a, Blip2ForConditionalGeneration.from_pretrained(
-            PeftConfig.from_pretrained(out).base_model_name_or_path)(**inputs).logits, atol=1e-3)  # training changed it
+            PeftConfig.from_pretrained(out).base_model_name_or_path)(**inputs).logits,
+            atol=1e-3)  # training changed it
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         gen = dict(pixel_values=inputs["pixel_values"], max_new_tokens=6, do_sample=False)
         assert torch.equal(adapted.generate(**gen), full.generate(**gen))
@@ -83,7 +89,8 @@ def _parses(path) -> bool:
 
 def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env):
     d, e = env
-    common = [*_data(d), "--max_steps", "30", *FAST, "--save_strategy", "steps", "--save_steps", "10", "--dataloader_num_workers", "0"]
+    common = [*_data(d), "--max_steps", "30", *FAST, "--save_strategy", "steps", "--save_steps", "10",
+              "--dataloader_num_workers", "0"]
     r = _run([*common, "--output_dir", str(d / "whole")], e)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -91,14 +98,16 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env):
     p = subprocess.Popen([sys.executable, str(TRAIN), *common, "--output_dir", str(out)], env=e,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
-    # Killed as soon as checkpoint-10 is complete (trainer_state.json, its last file, parses): the 20 steps left and
-    # the final evaluation keep the run from finishing first even on a fast machine.
-    while not _parses(out / "checkpoint-10" / "trainer_state.json") and p.poll() is None and time.time() < deadline:
+    # Killed as soon as checkpoint-10 is complete (trainer_state.json, its last file, parses): the 20 steps
+    # left and the final evaluation keep the run from finishing first even on a fast machine.
+    while (not _parses(out / "checkpoint-10" / "trainer_state.json") and p.poll() is None
+           and time.time() < deadline):
         time.sleep(0.02)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    (out / "checkpoint-99").mkdir()  # what a kill while saving leaves: weights, no trainer_state.json; 'last' skips it
+    # what a kill while saving leaves: weights, no trainer_state.json; 'last' skips it
+    (out / "checkpoint-99").mkdir()
     (out / "checkpoint-99" / "adapter_config.json").write_text("{}")
     r = _run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"], e)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -106,7 +115,8 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env):
     whole = json.loads((d / "whole" / "metrics.json").read_text())["after"]
     resumed = json.loads((out / "metrics.json").read_text())["after"]
     assert resumed == pytest.approx(whole, abs=1e-6)
-    loss = lambda run: [h["loss"] for h in json.loads((d / run / "checkpoint-30" / "trainer_state.json").read_text())["log_history"] if "loss" in h]  # noqa: E731
+    loss = lambda run: [h["loss"] for h in json.loads(  # noqa: E731
+        (d / run / "checkpoint-30" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert loss("killed")[-5:] == pytest.approx(loss("whole")[-5:], rel=1e-4)
 
 
@@ -118,9 +128,11 @@ def test_bad_inputs_are_clear_errors(env):
     bad = d / "synth" / "bad.jsonl"
     rows = read_jsonl(d / "synth" / "train.jsonl")[:10]
     bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"image": "images/000000.png"}\n{oops\n')
-    args = ["--train_file", str(bad), "--eval_file", str(d / "synth" / "eval.jsonl"), "--output_dir", str(d / "y"), "--max_steps", "1", *FAST]
+    args = ["--train_file", str(bad), "--eval_file", str(d / "synth" / "eval.jsonl"),
+            "--output_dir", str(d / "y"), "--max_steps", "1", *FAST]
     r = _run(args, e)
-    assert r.returncode != 0 and "2 invalid row(s)" in r.stderr and f"{bad}:11: field 'captions'" in r.stderr
+    assert (r.returncode != 0 and "2 invalid row(s)" in r.stderr
+            and f"{bad}:11: field 'captions'" in r.stderr)
     assert "python -m data_tools clean" in r.stderr
     r = _run([*args, "--skip_bad_rows"], e)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -152,7 +164,8 @@ def test_a_cut_off_image_is_found_before_the_first_step_and_the_headline_is_on_t
     args = ["--train_file", str(d / "synth" / "cut.jsonl"), "--eval_file", str(d / "synth" / "val.jsonl"),
             "--test_file", str(d / "synth" / "test.jsonl"), "--max_steps", "3", *FAST]
     r = _run([*args, "--output_dir", str(d / "cut")], e)
-    assert r.returncode == 2 and f"{d / 'synth' / 'cut.jsonl'}:6: field 'image'" in r.stderr, r.stderr[-3000:]
+    assert (r.returncode == 2
+            and f"{d / 'synth' / 'cut.jsonl'}:6: field 'image'" in r.stderr), r.stderr[-3000:]
     assert "truncated_image" in r.stderr and "Traceback" not in r.stderr and "{'loss'" not in r.stderr
     out = d / "cut-skip"
     r = _run([*args, "--output_dir", str(out), "--skip_bad_rows"], e)
@@ -160,7 +173,8 @@ def test_a_cut_off_image_is_found_before_the_first_step_and_the_headline_is_on_t
     assert [x["reason"] for x in read_jsonl(out / "rejects" / "cut.rejects.jsonl")] == ["truncated_image"]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["heldout"] == "test" and metrics["heldout_file"] == str(d / "synth" / "test.jsonl")
-    assert set(metrics["val"]) == {"before", "after"} and set(metrics["val"]["after"]) == set(metrics["after"])
+    assert (set(metrics["val"]) == {"before", "after"}
+            and set(metrics["val"]["after"]) == set(metrics["after"]))
     keys = {x["key"] for x in read_jsonl(out / "predictions" / "final.jsonl")}
     assert keys == {str((d / "synth" / x["image"]).resolve()) for x in held[4:]}  # the test images
     keys = {x["key"] for x in read_jsonl(out / "predictions" / "val-final.jsonl")}
@@ -168,7 +182,8 @@ def test_a_cut_off_image_is_found_before_the_first_step_and_the_headline_is_on_t
 
 
 def _losses(run):
-    return [h["loss"] for h in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    return [h["loss"] for h in json.loads((run / "trainer_state.json").read_text())["log_history"]
+            if "loss" in h]
 
 
 def test_two_processes_equal_one_process_with_the_same_global_batch(env):
@@ -184,7 +199,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     assert r.returncode == 0, r.stderr[-4000:]
     one, two = (json.loads((d / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert (one["world_size"], two["world_size"], one["global_step"], two["global_step"]) == (1, 2, 3, 3)
-    assert _losses(d / "two") == pytest.approx(_losses(d / "one"), abs=1e-5) and len(_losses(d / "one")) == 3
+    assert (_losses(d / "two") == pytest.approx(_losses(d / "one"), abs=1e-5)
+            and len(_losses(d / "one")) == 3)
     from safetensors.torch import load_file
 
     ref, got = (load_file(d / run / "adapter_model.safetensors") for run in ("one", "two"))
@@ -196,7 +212,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
 
 
 def test_cached_vision_features_train_exactly_as_the_live_tower(env):
-    """--cache_vision_features: the same losses and held-out metrics as running the frozen tower every step."""
+    """--cache_vision_features: the same losses and held-out metrics as running the frozen tower every
+    step."""
     d, e = env
     common = [*_data(d), "--max_steps", "4", *FAST, "--save_strategy", "steps", "--save_steps", "4"]
     runs = {}
@@ -205,15 +222,18 @@ def test_cached_vision_features_train_exactly_as_the_live_tower(env):
         r = _run([*common, "--output_dir", str(out), "--cache_vision_features", cached], e)
         assert r.returncode == 0, r.stderr[-3000:]
         history = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
-        runs[cached] = ([h["loss"] for h in history if "loss" in h], json.loads((out / "metrics.json").read_text())["after"])
+        runs[cached] = ([h["loss"] for h in history if "loss" in h],
+                        json.loads((out / "metrics.json").read_text())["after"])
     assert "vision features of 48 images" in r.stderr  # 40 training + 8 evaluation images, each once
     (folder,) = [p for p in (d / "features-true" / "vision_features").iterdir() if p.is_dir()]
     meta = json.loads((folder / "features.json").read_text())
-    assert meta["shape"] == [65, 64] and meta["dtype"] == "float32"  # tiny ViT: 8 x 8 patches + class token, 64 wide
+    # tiny ViT: 8 x 8 patches + class token, 64 wide
+    assert meta["shape"] == [65, 64] and meta["dtype"] == "float32"
     assert len(runs["true"][0]) == 4 and runs["true"][0] == pytest.approx(runs["false"][0], rel=1e-5)
     assert runs["true"][1] == pytest.approx(runs["false"][1], abs=1e-6)
 
-    # A second run with the same model, processor and images reuses the features; a trained tower refuses them.
+    # A second run with the same model, processor and images reuses the features; a trained tower refuses
+    # them.
     r = _run([*common, "--output_dir", str(d / "features-again"), "--cache_vision_features", "true",
               "--vision_feature_dir", str(d / "features-true" / "vision_features")], e)
     assert r.returncode == 0 and "vision features: " not in r.stderr and str(folder) in r.stderr

@@ -22,7 +22,8 @@ from recipes.common.args import FreezeArguments, PeftArguments
 
 def _features(n, d=8, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g), dim=-1), F.normalize(torch.randn(n, d, generator=g), dim=-1)
+    return (F.normalize(torch.randn(n, d, generator=g), dim=-1),
+            F.normalize(torch.randn(n, d, generator=g), dim=-1))
 
 
 def _reference(images, texts, scale, image_keys, text_keys, negs=(), neg_keys=()):
@@ -35,7 +36,8 @@ def _reference(images, texts, scale, image_keys, text_keys, negs=(), neg_keys=()
 
     total = 0.0
     for k in range(n):
-        allowed = [l for l in range(n) if l == k or (image_keys[l] != image_keys[k] and text_keys[l] != text_keys[k])]
+        allowed = [l for l in range(n)
+                   if l == k or (image_keys[l] != image_keys[k] and text_keys[l] != text_keys[k])]
         extra = [negs[m] for m in range(len(negs)) if neg_keys[m] != text_keys[k]]
         total += term(images[k], [texts[l] for l in allowed] + extra, allowed.index(k))  # image -> texts
         total += term(texts[k], [images[l] for l in allowed], allowed.index(k))  # text -> images
@@ -59,9 +61,11 @@ def test_same_caption_or_same_image_is_not_a_negative():
     ours = contrastive_loss(images, texts, scale, image_keys, text_keys)
     expected = _reference(images, texts, math.exp(2.0), image_keys.tolist(), text_keys.tolist())
     assert ours.item() == pytest.approx(expected, rel=1e-5)
-    assert ours.item() != pytest.approx(contrastive_loss(images, texts, scale, torch.arange(5), torch.arange(5)).item(), rel=1e-3)
+    assert ours.item() != pytest.approx(
+        contrastive_loss(images, texts, scale, torch.arange(5), torch.arange(5)).item(), rel=1e-3)
     # Every caption the same: nothing is left to contrast with, the loss is exactly 0.
-    assert contrastive_loss(images, texts, scale, torch.arange(5), torch.zeros(5, dtype=torch.long)).item() == 0.0
+    assert contrastive_loss(images, texts, scale, torch.arange(5),
+                            torch.zeros(5, dtype=torch.long)).item() == 0.0
 
 
 def test_hard_negatives_add_to_the_image_side_only_and_never_a_positive():
@@ -69,9 +73,11 @@ def test_hard_negatives_add_to_the_image_side_only_and_never_a_positive():
     negs, _ = _features(3, seed=3)
     scale = torch.tensor(1.5)
     image_keys, text_keys = torch.arange(4), torch.tensor([10, 11, 12, 13])
-    neg_keys = torch.tensor([20, 12, 21])  # the second negative is item 2's own caption: not a negative of image 2
+    # the second negative is item 2's own caption: not a negative of image 2
+    neg_keys = torch.tensor([20, 12, 21])
     ours = contrastive_loss(images, texts, scale, image_keys, text_keys, negs, neg_keys)
-    expected = _reference(images, texts, math.exp(1.5), image_keys.tolist(), text_keys.tolist(), list(negs), neg_keys.tolist())
+    expected = _reference(images, texts, math.exp(1.5), image_keys.tolist(), text_keys.tolist(), list(negs),
+                          neg_keys.tolist())
     assert ours.item() == pytest.approx(expected, rel=1e-5)
     assert ours.item() > contrastive_loss(images, texts, scale, image_keys, text_keys).item()
 
@@ -108,8 +114,10 @@ def _tiny_clip():
     from transformers import CLIPConfig, CLIPModel
 
     layer = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=3, num_attention_heads=2)
-    text = dict(layer, vocab_size=100, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return CLIPModel(CLIPConfig(text_config=text, vision_config=dict(layer, image_size=32, patch_size=8), projection_dim=16))
+    text = dict(layer, vocab_size=100, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=dict(layer, image_size=32, patch_size=8),
+                                projection_dim=16))
 
 
 def _trainable(model):
@@ -118,29 +126,38 @@ def _trainable(model):
 
 def test_full_fine_tune_trains_everything_and_frozen_towers_only_their_last_layers_and_heads():
     model = _tiny_clip()
-    set_training_mode(model, PeftArguments(peft_method="none"), FreezeArguments(freeze_vision_tower=False, freeze_language_model=False))
+    set_training_mode(model, PeftArguments(peft_method="none"),
+                      FreezeArguments(freeze_vision_tower=False, freeze_language_model=False))
     assert _trainable(model) == {name for name, _ in model.named_parameters()}
 
     model = _tiny_clip()
-    freeze = FreezeArguments(freeze_vision_tower=True, freeze_language_model=True, unfreeze_last_n_vision_layers=1)
+    freeze = FreezeArguments(freeze_vision_tower=True, freeze_language_model=True,
+                             unfreeze_last_n_vision_layers=1)
     set_training_mode(model, PeftArguments(peft_method="none"), freeze, unfreeze_last_n_text_layers=2)
     tops = ("vision_model.encoder.layers.2.", "vision_model.post_layernorm.", "visual_projection.",
-            "text_model.encoder.layers.1.", "text_model.encoder.layers.2.", "text_model.final_layer_norm.", "text_projection.")
-    assert _trainable(model) == {n for n, _ in model.named_parameters() if n.startswith(tops)} | {"logit_scale"}
+            "text_model.encoder.layers.1.", "text_model.encoder.layers.2.", "text_model.final_layer_norm.",
+            "text_projection.")
+    assert _trainable(model) == ({n for n, _ in model.named_parameters() if n.startswith(tops)}
+                                 | {"logit_scale"})
     with pytest.raises(ValueError, match="the text tower has only 3 layers"):
-        set_training_mode(_tiny_clip(), PeftArguments(peft_method="none"), freeze, unfreeze_last_n_text_layers=4)
+        set_training_mode(_tiny_clip(), PeftArguments(peft_method="none"), freeze,
+                          unfreeze_last_n_text_layers=4)
 
 
-@pytest.mark.parametrize("towers, prefix", [("vision", "vision_model."), ("text", "text_model."), ("both", "")])
+@pytest.mark.parametrize("towers, prefix",
+                         [("vision", "vision_model."), ("text", "text_model."), ("both", "")])
 def test_lora_adapts_the_attention_of_the_chosen_towers_only(towers, prefix):
-    model = set_training_mode(_tiny_clip(), PeftArguments(), FreezeArguments(freeze_vision_tower=False), lora_towers=towers)
+    model = set_training_mode(_tiny_clip(), PeftArguments(), FreezeArguments(freeze_vision_tower=False),
+                              lora_towers=towers)
     trained = _trainable(model)
     assert trained and all(".lora_" in n and f"base_model.model.{prefix}" in n for n in trained)
-    assert {n.split(".")[-4] for n in trained} == {"q_proj", "k_proj", "v_proj", "out_proj"}  # ...q_proj.lora_A.default.weight
+    assert {n.split(".")[-4] for n in trained} == {
+        "q_proj", "k_proj", "v_proj", "out_proj"}  # ...q_proj.lora_A.default.weight
     if towers == "both":
         assert {n.split(".")[2] for n in trained} == {"vision_model", "text_model"}
 
 
 def test_lora_refuses_to_unfreeze_base_layers_it_would_not_save():
-    with pytest.raises(ValueError, match="--unfreeze_last_n_vision_layers: would train base weights, which a LoRA adapter does not save"):
+    with pytest.raises(ValueError, match="--unfreeze_last_n_vision_layers: would train base weights, "
+                                         "which a LoRA adapter does not save"):
         set_training_mode(_tiny_clip(), PeftArguments(), FreezeArguments(unfreeze_last_n_vision_layers=1))

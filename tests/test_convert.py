@@ -49,7 +49,8 @@ def test_coco_captions(tmp_path):
         ],
     })  # fmt: skip
     out = tmp_path / "data/coco/val.jsonl"
-    assert main(["--from", "coco-captions", str(ann), "--image-root", str(tmp_path / "coco/val2014"), "--out", str(out)]) == 0
+    assert main(["--from", "coco-captions", str(ann), "--image-root", str(tmp_path / "coco/val2014"),
+                 "--out", str(out)]) == 0
     rows = read_jsonl(out)
     assert rows == [
         {
@@ -101,13 +102,17 @@ def _vqa_inputs(tmp_path):
     ten = lambda *a: [{"answer": x, "answer_confidence": "yes", "answer_id": i + 1} for i, x in enumerate(a)]
     annotations = _write(tmp_path / "v2_mscoco_val2014_annotations.json", {
         "annotations": [
-            {"question_id": 42000, "image_id": 42, "answers": ten(*["red"] * 8, "dark red", "orange"), "answer_type": "other",
+            {"question_id": 42000, "image_id": 42, "answers": ten(*["red"] * 8, "dark red", "orange"),
+             "answer_type": "other",
              "question_type": "what color is the", "multiple_choice_answer": "red"},
             {"question_id": 42001, "image_id": 42, "answers": ten(*["2"] * 9, "two"), "answer_type": "number",
              "question_type": "how many", "multiple_choice_answer": "2"},
-            {"question_id": 43000, "image_id": 43, "answers": ten(*["yes"] * 10), "answer_type": "yes/no", "question_type": "is the"},
-            {"question_id": 45000, "image_id": 45, "answers": ten(*["赤"] * 10), "answer_type": "other", "question_type": "what color"},
-            {"question_id": 99000, "image_id": 99, "answers": ten("no"), "answer_type": "yes/no", "question_type": "is"},  # no question
+            {"question_id": 43000, "image_id": 43, "answers": ten(*["yes"] * 10), "answer_type": "yes/no",
+             "question_type": "is the"},
+            {"question_id": 45000, "image_id": 45, "answers": ten(*["赤"] * 10), "answer_type": "other",
+             "question_type": "what color"},
+            {"question_id": 99000, "image_id": 99, "answers": ten("no"), "answer_type": "yes/no",
+             "question_type": "is"},  # no question
             {"question_id": 42001, "image_id": 42, "answers": ten("3")},  # duplicate
         ],
     })  # fmt: skip
@@ -136,10 +141,12 @@ def test_vqav2(tmp_path):
     rows = read_jsonl(out)
     assert rows == [
         {"image": "COCO_val2014_000000000042.jpg", "question_id": 42000, "question": "What color is the bus?",
-         "answers": ["red"] * 8 + ["dark red", "orange"], "answer_type": "other", "question_type": "what color is the",
+         "answers": ["red"] * 8 + ["dark red", "orange"], "answer_type": "other",
+         "question_type": "what color is the",
          "multiple_choice_answer": "red", "image_id": 42},
         {"image": "COCO_val2014_000000000042.jpg", "question_id": 42001, "question": "How many people?",
-         "answers": ["2"] * 9 + ["two"], "answer_type": "number", "question_type": "how many", "multiple_choice_answer": "2", "image_id": 42},
+         "answers": ["2"] * 9 + ["two"], "answer_type": "number", "question_type": "how many",
+         "multiple_choice_answer": "2", "image_id": 42},
         {"image": "COCO_val2014_000000000045.jpg", "question_id": 45000, "question": "何色ですか？",
          "answers": ["赤"] * 10, "answer_type": "other", "question_type": "what color", "image_id": 45},
     ]  # fmt: skip
@@ -156,7 +163,8 @@ def test_vqav2(tmp_path):
 def test_vqav2_pattern_and_split(tmp_path):
     questions, annotations = _vqa_inputs(tmp_path)
     conv = convert_records(
-        "vqav2", [questions, annotations], tmp_path, split="train", image_pattern="{split}2017/{image_id:012d}.jpg"
+        "vqav2", [questions, annotations], tmp_path, split="train",
+        image_pattern="{split}2017/{image_id:012d}.jpg"
     )
     assert conv.records[0]["image"] == "train2017/000000000042.jpg"
     with pytest.raises(DataError, match="image-pattern"):
@@ -172,15 +180,20 @@ def test_llava(tmp_path):
             {"from": "gpt", "value": "The bus in the image is white and red."},
             {"from": "human", "value": "What feature can be seen on the back of the bus?"},
             {"from": "gpt", "value": "The back of the bus features an advertisement."}]},
-        {"id": "text-1", "conversations": [{"from": "human", "value": "写一首关于秋天的短诗。"}, {"from": "gpt", "value": "秋风起，落叶黄。"}]},
-        {"id": "bad-role", "image": "1.jpg", "conversations": [{"from": "bot", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]},
+        {"id": "text-1", "conversations": [{"from": "human", "value": "写一首关于秋天的短诗。"},
+                                           {"from": "gpt", "value": "秋风起，落叶黄。"}]},
+        {"id": "bad-role", "image": "1.jpg", "conversations": [{"from": "bot", "value": "<image>\nhi"},
+                                                               {"from": "gpt", "value": "x"}]},
         {"id": "no-conv", "image": "2.jpg"},
-        {"id": "multi", "image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]},
+        {"id": "multi", "image": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image>"},
+                                                                       {"from": "gpt", "value": "x"}]},
         "not an object",
-        {"id": "3-for-2", "images": ["a.jpg", "b.jpg"], "conversations": [{"from": "human", "value": "<image>" * 3}, {"from": "gpt", "value": "x"}]},
+        {"id": "3-for-2", "images": ["a.jpg", "b.jpg"],
+         "conversations": [{"from": "human", "value": "<image>" * 3}, {"from": "gpt", "value": "x"}]},
     ])  # fmt: skip
     out = tmp_path / "data/llava.jsonl"
-    assert main(["--from", "llava", str(src), "--image-root", str(tmp_path / "data/coco/train2017"), "--out", str(out)]) == 0
+    assert main(["--from", "llava", str(src), "--image-root", str(tmp_path / "data/coco/train2017"),
+                 "--out", str(out)]) == 0
     rows = read_jsonl(out)
     assert rows == [
         {
@@ -190,10 +203,12 @@ def test_llava(tmp_path):
         },
         {
             "id": "text-1",
-            "conversations": [{"from": "human", "value": "写一首关于秋天的短诗。"}, {"from": "gpt", "value": "秋风起，落叶黄。"}],
+            "conversations": [{"from": "human", "value": "写一首关于秋天的短诗。"},
+                              {"from": "gpt", "value": "秋风起，落叶黄。"}],
         },
         # several images: the `<image>` in the turns places the first, the second leads the first user turn
-        {"id": "multi", "conversations": [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}],
+        {"id": "multi", "conversations": [{"from": "human", "value": "<image>"},
+                                          {"from": "gpt", "value": "x"}],
          "images": ["a.jpg", "b.jpg"]},
     ]
     _all_valid(rows, "instruct")
@@ -208,7 +223,8 @@ def test_llava(tmp_path):
 def test_llava_jsonl_input_with_bad_line(tmp_path):
     src = tmp_path / "chat.jsonl"
     src.write_text(
-        '{"id": 1, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n{broken\n',
+        '{"id": 1, "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n'
+        '{broken\n',
         encoding="utf-8",
     )
     conv = convert("llava", [src], tmp_path / "out.jsonl")
@@ -218,14 +234,20 @@ def test_llava_jsonl_input_with_bad_line(tmp_path):
 
 def _karpathy(tmp_path):
     return _write(tmp_path / "dataset_coco.json", {"dataset": "coco", "images": [
-        {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0, "split": "test", "cocoid": 391895,
-         "sentences": [{"raw": "A man with a red helmet on a small moped on a dirt road. ", "tokens": ["a"], "imgid": 0, "sentid": 0},
-                       {"raw": "Man riding a motor bike on a dirt road on the countryside.", "imgid": 0, "sentid": 1}]},
-        {"filepath": "train2014", "filename": "COCO_train2014_000000318556.jpg", "imgid": 1, "split": "train", "cocoid": 318556,
+        {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "imgid": 0, "split": "test",
+         "cocoid": 391895,
+         "sentences": [{"raw": "A man with a red helmet on a small moped on a dirt road. ", "tokens": ["a"],
+                        "imgid": 0, "sentid": 0},
+                       {"raw": "Man riding a motor bike on a dirt road on the countryside.", "imgid": 0,
+                        "sentid": 1}]},
+        {"filepath": "train2014", "filename": "COCO_train2014_000000318556.jpg", "imgid": 1, "split": "train",
+         "cocoid": 318556,
          "sentences": [{"raw": "A very clean and well decorated empty bathroom"}, {"tokens": ["no", "raw"]}]},
-        {"filepath": "val2014", "filename": "COCO_val2014_000000000002.jpg", "imgid": 2, "split": "restval", "cocoid": 2,
+        {"filepath": "val2014", "filename": "COCO_val2014_000000000002.jpg", "imgid": 2, "split": "restval",
+         "cocoid": 2,
          "sentences": [{"raw": "A cat."}]},
-        {"filename": "1000092795.jpg", "imgid": 3, "split": "train", "sentences": [{"raw": "Two young guys with shaggy hair."}]},
+        {"filename": "1000092795.jpg", "imgid": 3, "split": "train",
+         "sentences": [{"raw": "Two young guys with shaggy hair."}]},
         {"filepath": "val2014", "filename": "x.jpg", "imgid": 4, "split": "train", "sentences": []},
         {"filename": "y.jpg", "imgid": 5, "sentences": [{"raw": "no split"}]},
     ]})  # fmt: skip
@@ -257,8 +279,10 @@ def test_karpathy_split_filter(tmp_path):
             "split": "train",
             "image_id": 318556,
         },
-        {"image": "val2014/COCO_val2014_000000000002.jpg", "captions": ["A cat."], "split": "restval", "image_id": 2},
-        {"image": "1000092795.jpg", "captions": ["Two young guys with shaggy hair."], "split": "train", "image_id": 3},
+        {"image": "val2014/COCO_val2014_000000000002.jpg", "captions": ["A cat."], "split": "restval",
+         "image_id": 2},
+        {"image": "1000092795.jpg", "captions": ["Two young guys with shaggy hair."], "split": "train",
+         "image_id": 3},
     ]
     assert _rejects(out) == [
         ("images[1].sentences[1]", "missing_field", "raw"),
@@ -321,14 +345,17 @@ def test_fatal_input_errors(tmp_path, capsys):
 def test_cli_summary(tmp_path):
     ann = _write(
         tmp_path / "ann.json",
-        {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 1}]},
+        {"images": [{"id": 1, "file_name": "a.jpg"}],
+         "annotations": [{"image_id": 1, "caption": "x"}, {"image_id": 1}]},
     )
     out = tmp_path / "sub/out.jsonl"
     proc = subprocess.run(
-        [sys.executable, "-m", "data_tools", "convert", "--from", "coco-captions", str(ann), "--image-root", str(tmp_path), "--out", str(out)],
+        [sys.executable, "-m", "data_tools", "convert", "--from", "coco-captions", str(ann),
+         "--image-root", str(tmp_path), "--out", str(out)],
         check=False, cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "converted 1 caption records" in proc.stdout and "missing_field" in proc.stdout and "annotations[1]" in proc.stdout
+    assert ("converted 1 caption records" in proc.stdout and "missing_field" in proc.stdout
+            and "annotations[1]" in proc.stdout)
     assert f"give readers of {out} --image-root {tmp_path}" in proc.stdout
     assert read_jsonl(out) == [{"image": "a.jpg", "captions": ["x"], "image_id": 1}]

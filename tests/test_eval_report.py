@@ -1,4 +1,5 @@
-"""`python -m eval report` (make eval): finds the latest run per recipe, rescores it, writes report.md and gallery.html."""
+"""`python -m eval report` (make eval): finds the latest run per recipe, rescores it, writes report.md and
+gallery.html."""
 
 import json
 import os
@@ -17,12 +18,15 @@ from eval.vqa import vqa_accuracy
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def make_run(folder: Path, recipe: str, task: str, eval_file: Path, final: dict, before: dict | None = None) -> Path:
+def make_run(folder: Path, recipe: str, task: str, eval_file: Path, final: dict,
+             before: dict | None = None) -> Path:
     """A run folder as a recipe's train.py leaves it."""
     (folder / "predictions").mkdir(parents=True)
-    write_jsonl(folder / "predictions" / "final.jsonl", ({"key": k, "prediction": v} for k, v in final.items()))
+    write_jsonl(folder / "predictions" / "final.jsonl",
+                ({"key": k, "prediction": v} for k, v in final.items()))
     if before is not None:
-        write_jsonl(folder / "predictions" / "before.jsonl", ({"key": k, "prediction": v} for k, v in before.items()))
+        write_jsonl(folder / "predictions" / "before.jsonl",
+                    ({"key": k, "prediction": v} for k, v in before.items()))
     (folder / "metrics.json").write_text(json.dumps(
         {"recipe": recipe, "task": task, "eval_file": str(eval_file), "lang": "en", "global_step": 12}))
     return folder
@@ -70,7 +74,8 @@ def test_partial_predictions_are_scored_on_their_images_and_unknown_keys_fail(ca
     run = make_run(tmp_path / "part", "r", "caption", path, {k: refs[k][1] for k in keys})
     row = report_run(run)
     assert (row["n"], row["n_eval"]) == (3, 6) and "before" not in row
-    assert row["final"]["CIDEr"] == pytest.approx(caption_metrics({k: refs[k][1] for k in keys}, {k: refs[k] for k in keys},
+    assert row["final"]["CIDEr"] == pytest.approx(caption_metrics({k: refs[k][1] for k in keys},
+                                                                  {k: refs[k] for k in keys},
                                                                   metrics=["CIDEr"])["CIDEr"])
     bad = make_run(tmp_path / "bad", "r", "caption", path, {"/no/such.png": "x"})
     with pytest.raises(Exception, match="not in the eval file"):
@@ -110,8 +115,8 @@ def test_latest_run_of_each_recipe_and_the_cli_table(captions, tmp_path):
     assert str(new) in table[0] and str(old) not in r.stdout
     assert (new / "report.md").exists() and not (old / "report.md").exists()
 
-    r = subprocess.run([sys.executable, "-m", "eval", "report", "--outputs", str(tmp_path / "empty")], env=env,
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run([sys.executable, "-m", "eval", "report", "--outputs", str(tmp_path / "empty")],
+                       env=env, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "no recipe runs under" in r.stderr
     (tmp_path / "notarun").mkdir()
     r = subprocess.run([sys.executable, "-m", "eval", "report", str(tmp_path / "notarun")], env=env,

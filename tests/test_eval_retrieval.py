@@ -1,4 +1,5 @@
-"""Recall@K: hand-computed cases (ties, several captions per image, K > candidates) and a brute-force reference."""
+"""Recall@K: hand-computed cases (ties, several captions per image, K > candidates) and a brute-force
+reference."""
 
 import json
 import subprocess
@@ -83,7 +84,8 @@ def test_matches_brute_force_on_random_matrices(seed, monkeypatch):
     n_texts = int(rng.integers(1, 40))
     t2i = rng.integers(0, n_images, n_texts)  # some images may have no text
     # Few distinct values, so ties are common.
-    scores = rng.integers(0, 4, (n_texts, n_images)).astype(np.float32) if seed % 2 else rng.random((n_texts, n_images))
+    scores = (rng.integers(0, 4, (n_texts, n_images)).astype(np.float32) if seed % 2
+              else rng.random((n_texts, n_images)))
     ks = (1, 2, 5, 50)
     expected = brute_force(scores, t2i, ks)
     assert recall_at_k(scores, t2i, ks) == pytest.approx(expected)
@@ -111,7 +113,8 @@ def test_large_matrix_is_fast():
     assert 0 <= r["text_to_image_R@10"] < 0.01
 
 
-@pytest.mark.parametrize("t2i, match", [([0, 3], "outside"), ([0], "one image index per text"), ([0.5, 1], "integer")])
+@pytest.mark.parametrize("t2i, match",
+                         [([0, 3], "outside"), ([0], "one image index per text"), ([0.5, 1], "integer")])
 def test_bad_index_rejected(t2i, match):
     with pytest.raises(ValueError, match=match):
         recall_at_k(np.zeros((2, 3)), np.array(t2i))

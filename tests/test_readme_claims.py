@@ -22,7 +22,8 @@ RUNS = {
     "llava_instruct": ("instruct", 48, 40, ["--model_name_or_path", "tiny:llava-pretrained",
                                            "--shuffled_image_check", "false"]),
 }
-CLAIM = re.compile(r"Short run \(tested\): .*?`([\w@]+)` (\d+\.\d+) -> (\d+\.\d+), at least \+(\d+(?:\.\d+)?)")
+CLAIM = re.compile(r"Short run \(tested\): .*?`([\w@]+)` (\d+\.\d+) -> (\d+\.\d+), "
+                   r"at least \+(\d+(?:\.\d+)?)")
 
 
 @pytest.mark.parametrize("recipe", sorted(RUNS))
@@ -34,7 +35,8 @@ def test_a_short_run_from_the_shipped_base_moves_the_metric_as_the_readme_says(r
     task, n, n_train, flags = RUNS[recipe]
     rows = read_jsonl(make_synthetic(task, n, tmp_path / "synth", seed=1, progress=False))
     if task == "vqa":  # split by image: 3 questions per image
-        train, held = [r for r in rows if r["image_id"] < n_train], [r for r in rows if r["image_id"] >= n_train]
+        train, held = ([r for r in rows if r["image_id"] < n_train],
+                       [r for r in rows if r["image_id"] >= n_train])
     else:
         train, held = rows[:n_train], rows[n_train:]
     write_jsonl(tmp_path / "synth" / "train.jsonl", train)

@@ -1,4 +1,5 @@
-"""Soft-prompt caption samples: text-only sequences, exact labels, and a length budget that counts the prefix."""
+"""Soft-prompt caption samples: text-only sequences, exact labels, and a length budget that counts the
+prefix."""
 
 import datasets
 import pytest
@@ -40,12 +41,15 @@ def test_samples_hold_the_text_only_with_labels_on_caption_and_eos(tokenizer, tm
 
 
 def test_budget_counts_the_prefix_and_cuts_only_the_caption(tokenizer, tmp_path):
-    # 11 prefix positions (10 soft prompt + 1 image) + 3 prompt tokens leave 2 of "a red circle <eos>" within 16.
-    ds, report = tokenize_captions(_ds(tmp_path), tokenizer, prefix_length=11, prompt="a photo of", max_length=16)
+    # 11 prefix positions (10 soft prompt + 1 image) + 3 prompt tokens leave 2 of "a red circle <eos>" within
+    # 16.
+    ds, report = tokenize_captions(_ds(tmp_path), tokenizer, prefix_length=11, prompt="a photo of",
+                                   max_length=16)
     assert ds[0]["input_ids"] == [1, 2, 3, 1, 4] and ds[0]["labels"] == [M, M, M, 1, 4]
     assert (report.truncated, report.target_tokens_cut, report.dropped) == (2, 3, 0)
     # The prefix and prompt alone fill the budget: dropped and counted.
-    ds, report = tokenize_captions(_ds(tmp_path), tokenizer, prefix_length=11, prompt="a photo of", max_length=14)
+    ds, report = tokenize_captions(_ds(tmp_path), tokenizer, prefix_length=11, prompt="a photo of",
+                                   max_length=14)
     assert len(ds) == 0 and (report.samples, report.dropped) == (2, 2)
     # With all 64 patches as image vectors, the same budget drops everything.
     _, report = tokenize_captions(_ds(tmp_path), tokenizer, prefix_length=74, max_length=64)
@@ -63,11 +67,13 @@ def test_collators_pad_right_and_give_generate_an_empty_prompt_as_long_ids(token
     batch = CaptionCollator(processor, PAD)([ds[0], ds[1]])
     assert batch["pixel_values"].shape == (2, 3, 16, 16)
     assert batch["input_ids"].tolist() == [[1, 4, 5, EOS], [6, 7, EOS, PAD]]
-    assert batch["labels"].tolist() == [[1, 4, 5, EOS], [6, 7, EOS, M]]  # eos learned, padding (the same id) not
+    # eos learned, padding (the same id) not
+    assert batch["labels"].tolist() == [[1, 4, 5, EOS], [6, 7, EOS, M]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
     records = [{"key": str(tmp_path / "r.png"), "image": str(tmp_path / "r.png"), "captions": ["x"]}] * 3
     gen = CaptionPromptCollator(processor, tokenizer)(records)
-    assert gen["input_ids"].shape == (3, 0) and gen["input_ids"].dtype == torch.long and gen["attention_mask"].shape == (3, 0)
+    assert (gen["input_ids"].shape == (3, 0) and gen["input_ids"].dtype == torch.long
+            and gen["attention_mask"].shape == (3, 0))
     gen = CaptionPromptCollator(processor, tokenizer, prompt="a photo of")(records)
     assert gen["input_ids"].tolist() == [[1, 2, 3]] * 3 and gen["keys"] == [str(tmp_path / "r.png")] * 3
 

@@ -1,4 +1,5 @@
-"""SoftPromptCaptioner on the tiny CLIP vision + GPT-2: prefix layout, exact loss, generation, save/load, what trains."""
+"""SoftPromptCaptioner on the tiny CLIP vision + GPT-2: prefix layout, exact loss, generation, save/load, what
+trains."""
 
 import pytest
 import torch
@@ -6,7 +7,8 @@ from transformers import AutoModel, AutoTokenizer
 
 from recipes.common.peft_setup import count_parameters
 from recipes.common.tiny.models import build_tiny
-from recipes.soft_prompt_caption.modeling import (SoftPromptCaptioner, load_trained, save_trained, trained_sizes)
+from recipes.soft_prompt_caption.modeling import (SoftPromptCaptioner, load_trained, save_trained,
+                                                  trained_sizes)
 
 M = -100
 
@@ -28,14 +30,17 @@ def _pixels(n=2):
 
 def test_only_soft_prompt_and_projection_train_and_their_sizes_are_printed(bases):
     model = _model(bases)
-    # Tiny sizes: GPT-2 hidden 128, CLIP vision hidden 64. CLIP-B/32 + GPT-2 would read 10 x 768 + 768 x 768 + 768.
-    assert trained_sizes(model) == ("trained: soft_prompt 10 x 128 + projection.weight 128 x 64 + projection.bias 128 "
-                                    "= 9,600 parameters")
+    # Tiny sizes: GPT-2 hidden 128, CLIP vision hidden 64. CLIP-B/32 + GPT-2 would read 10 x 768 + 768 x 768
+    # + 768.
+    assert trained_sizes(model) == ("trained: soft_prompt 10 x 128 + projection.weight 128 x 64 "
+                                    "+ projection.bias 128 = 9,600 parameters")
     rows = count_parameters(model).rows
-    assert rows["bridge"] == (9600, 9600) and rows["vision"][0] == 0 and rows["language"][0] == 0 and rows["other"] == (0, 0)
+    assert (rows["bridge"] == (9600, 9600) and rows["vision"][0] == 0 and rows["language"][0] == 0
+            and rows["other"] == (0, 0))
     assert model.soft_prompt.std().item() == pytest.approx(0.02, rel=0.1)  # N(0, 0.02)
     mlp = _model(bases, projection="mlp", prompt_length=0)
-    assert count_parameters(mlp).trainable == (64 * 128 + 128) + (128 * 128 + 128)  # linear-GELU-linear, no prompt
+    assert count_parameters(mlp).trainable == (
+        (64 * 128 + 128) + (128 * 128 + 128))  # linear-GELU-linear, no prompt
 
 
 def test_prefix_is_soft_prompt_then_image_vectors(bases):
@@ -46,14 +51,16 @@ def test_prefix_is_soft_prompt_then_image_vectors(bases):
     pooled = model.vision_model(pixel_values=_pixels()).pooler_output
     torch.testing.assert_close(prefix[:, 3], model.projection(pooled))
     patches = _model(bases, prompt_length=0, vision_features="patches")
-    assert patches.config.prefix_length == 64 and patches.prefix_embeddings(_pixels()).shape == (2, 64, 128)  # (64 / 8)^2, no CLS
+    assert (patches.config.prefix_length == 64
+            and patches.prefix_embeddings(_pixels()).shape == (2, 64, 128))  # (64 / 8)^2, no CLS
 
 
 def test_loss_is_cross_entropy_over_the_caption_tokens_only(bases):
     model = _model(bases, prompt_length=3)
     input_ids = torch.tensor([[7, 8, 9, 10, 0], [11, 12, 13, 0, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
-    labels = torch.tensor([[M, 8, 9, 10, M], [11, 12, 13, M, M]])  # row 0: a one-token caption prompt, then padding
+    labels = torch.tensor([[M, 8, 9, 10, M],
+                           [11, 12, 13, M, M]])  # row 0: a one-token caption prompt, then padding
     out = model(pixel_values=_pixels(), input_ids=input_ids, attention_mask=attention_mask, labels=labels)
     assert out.logits.shape == (2, 4 + 5, 1500)
     logp = out.logits.log_softmax(-1)
@@ -72,16 +79,18 @@ def test_greedy_and_beam_generation_continue_the_prefix(bases):
     with torch.no_grad():
         model.soft_prompt.normal_(0, 1.0)  # make the prefix matter for the random LM
     pixels, prompt = _pixels(), torch.tensor([[5, 6], [5, 6]])
-    greedy = model.generate(pixel_values=pixels, input_ids=prompt, max_new_tokens=5, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)
+    greedy = model.generate(pixel_values=pixels, input_ids=prompt, max_new_tokens=5, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
     ids = prompt
     with torch.no_grad():
         for _ in range(5):  # greedy by hand, a full forward pass per token
-            ids = torch.cat([ids, model(pixel_values=pixels, input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            ids = torch.cat([
+                ids, model(pixel_values=pixels, input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(greedy, ids) and torch.equal(greedy[:, :2], prompt)
 
-    beam = model.generate(pixel_values=pixels, input_ids=prompt, max_new_tokens=5, num_beams=3, do_sample=False,
-                          eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    beam = model.generate(pixel_values=pixels, input_ids=prompt, max_new_tokens=5, num_beams=3,
+                          do_sample=False, eos_token_id=None, pad_token_id=0, output_scores=True,
+                          return_dict_in_generate=True)
     with torch.no_grad():
         logp = model(pixel_values=pixels, input_ids=beam.sequences).logits.log_softmax(-1)
     new = beam.sequences[:, 2:]
@@ -89,7 +98,8 @@ def test_greedy_and_beam_generation_continue_the_prefix(bases):
     ours = torch.stack([sum(logp[b, 4 + 2 + j - 1, new[b, j]] for j in range(5)) / 5 for b in range(2)])
     torch.testing.assert_close(beam.sequences_scores, ours, atol=1e-4, rtol=1e-4)
 
-    bare = model.generate(pixel_values=pixels, max_new_tokens=3, do_sample=False, eos_token_id=None, pad_token_id=0)
+    bare = model.generate(pixel_values=pixels, max_new_tokens=3, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
     assert bare.shape == (2, 3)  # no prompt ids: only the caption
 
 
@@ -97,14 +107,16 @@ def test_save_pretrained_round_trip_and_auto_model(bases, tmp_path):
     model = _model(bases, prompt_length=4, projection="mlp")
     model.save_pretrained(tmp_path / "full")
     again = AutoModel.from_pretrained(tmp_path / "full").eval()
-    assert type(again) is SoftPromptCaptioner and (again.config.prompt_length, again.config.projection) == (4, "mlp")
+    assert (type(again) is SoftPromptCaptioner
+            and (again.config.prompt_length, again.config.projection) == (4, "mlp"))
     assert again.language_model.config._attn_implementation == "sdpa"
     ids = torch.tensor([[5, 6, 7]] * 2)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=_pixels(), input_ids=ids).logits,
                            again(pixel_values=_pixels(), input_ids=ids).logits)
     # GPT-2 ties its output layer to its input embeddings; still tied after loading.
-    assert again.language_model.lm_head.weight.data_ptr() == again.language_model.transformer.wte.weight.data_ptr()
+    assert (again.language_model.lm_head.weight.data_ptr()
+            == again.language_model.transformer.wte.weight.data_ptr())
 
 
 def test_trained_parts_alone_on_disk_and_back(bases, tmp_path):
@@ -115,14 +127,16 @@ def test_trained_parts_alone_on_disk_and_back(bases, tmp_path):
     save_trained(model, tmp_path / "run")
     from safetensors.torch import load_file
 
-    assert sorted(load_file(tmp_path / "run" / "trained.safetensors")) == ["projection.bias", "projection.weight", "soft_prompt"]
+    assert sorted(load_file(tmp_path / "run" / "trained.safetensors")) == [
+        "projection.bias", "projection.weight", "soft_prompt"]
     rebuilt = SoftPromptCaptioner.from_trained(tmp_path / "run").eval()
     ids = torch.tensor([[5, 6, 7]] * 2)
     with torch.no_grad():
         assert torch.equal(model(pixel_values=_pixels(), input_ids=ids).logits,
                            rebuilt(pixel_values=_pixels(), input_ids=ids).logits)
     other = _model(bases, prompt_length=5)
-    with pytest.raises(ValueError, match=r"trained.safetensors: soft_prompt has shape \(10, 128\), the model \(5, 128\)"):
+    with pytest.raises(ValueError, match=r"trained.safetensors: soft_prompt has shape \(10, 128\), "
+                                         r"the model \(5, 128\)"):
         load_trained(other, tmp_path / "run")
 
 
@@ -142,7 +156,8 @@ def test_frozen_parts_load_in_the_asked_dtype_and_trained_parts_stay_float32(bas
     model = SoftPromptCaptioner.from_parts(*bases, dtype=torch.bfloat16)
     assert model.vision_model.dtype == model.language_model.dtype == torch.bfloat16
     assert model.soft_prompt.dtype == model.projection.weight.dtype == torch.float32
-    out = model(pixel_values=_pixels(), input_ids=torch.tensor([[5, 6]] * 2), labels=torch.tensor([[5, 6]] * 2))
+    out = model(pixel_values=_pixels(), input_ids=torch.tensor([[5, 6]] * 2),
+                labels=torch.tensor([[5, 6]] * 2))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
     out.loss.backward()
     assert model.soft_prompt.grad.dtype == torch.float32 and model.soft_prompt.grad.abs().sum() > 0
@@ -154,7 +169,8 @@ def test_a_full_clip_checkpoint_gives_its_vision_tower(bases, tmp_path):
     clip = build_tiny("clip", tmp_path / "clip")  # both towers, as openai/clip-vit-base-patch32 on the Hub
     model = SoftPromptCaptioner.from_parts(str(clip), bases[1])
     tower = CLIPModel.from_pretrained(clip).vision_model.state_dict()
-    assert {k: v.shape for k, v in model.vision_model.state_dict().items()} == {k: v.shape for k, v in tower.items()}
+    assert ({k: v.shape for k, v in model.vision_model.state_dict().items()}
+            == {k: v.shape for k, v in tower.items()})
     assert all(torch.equal(v, tower[k]) for k, v in model.vision_model.state_dict().items())
     assert AutoImageProcessor.from_pretrained(clip).crop_size["height"] == 64
 
@@ -167,38 +183,44 @@ def test_bad_options_are_clear_errors(bases):
 
 
 def test_sizes_for_clip_b32_and_gpt2():
-    """The documented example: 10 x 768 + 768 x 768 (+ bias) with a linear projection; built on the meta device."""
+    """The documented example: 10 x 768 + 768 x 768 (+ bias) with a linear projection; built on the meta
+    device."""
     from transformers import CLIPVisionConfig, GPT2Config
 
     from recipes.soft_prompt_caption.modeling import SoftPromptCaptionerConfig
 
     with torch.device("meta"):  # CLIPVisionConfig() and GPT2Config() are ViT-B/32 and GPT-2 small
-        model = SoftPromptCaptioner(SoftPromptCaptionerConfig(vision_config=CLIPVisionConfig(), text_config=GPT2Config()))
+        model = SoftPromptCaptioner(SoftPromptCaptionerConfig(vision_config=CLIPVisionConfig(),
+                                                              text_config=GPT2Config()))
     model.vision_model.requires_grad_(False)
     model.language_model.requires_grad_(False)
-    assert trained_sizes(model) == ("trained: soft_prompt 10 x 768 + projection.weight 768 x 768 + projection.bias 768 "
-                                    "= 598,272 parameters")
+    assert trained_sizes(model) == ("trained: soft_prompt 10 x 768 + projection.weight 768 x 768 "
+                                    "+ projection.bias 768 = 598,272 parameters")
     assert count_parameters(model).total == 87_456_000 + 124_439_808 + 598_272
 
 
 def test_any_causal_lm_works_in_place_of_gpt2(bases, tmp_path):
-    # A Llama (rotary positions, untied head, other hidden size) in place of GPT-2: the same prefix, loss and decoding.
+    # A Llama (rotary positions, untied head, other hidden size) in place of GPT-2: the same prefix, loss and
+    # decoding.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(vocab_size=1500, hidden_size=96, intermediate_size=192, num_hidden_layers=1,
-                                 num_attention_heads=2, tie_word_embeddings=False)).save_pretrained(tmp_path / "llama")
+                                 num_attention_heads=2,
+                                 tie_word_embeddings=False)).save_pretrained(tmp_path / "llama")
     model = _model((bases[0], str(tmp_path / "llama")), prompt_length=2)
     assert type(model.language_model).__name__ == "LlamaForCausalLM"
     assert count_parameters(model).trainable == 2 * 96 + 96 * 64 + 96
     input_ids, labels = torch.tensor([[7, 8, 9]]), torch.tensor([[7, 8, 9]])
     out = model(pixel_values=_pixels(1), input_ids=input_ids, labels=labels)
     logp = out.logits.log_softmax(-1)
-    torch.testing.assert_close(out.loss, -torch.stack([logp[0, 3 + j - 1, labels[0, j]] for j in range(3)]).mean())
+    torch.testing.assert_close(out.loss,
+                               -torch.stack([logp[0, 3 + j - 1, labels[0, j]] for j in range(3)]).mean())
     greedy = model.generate(pixel_values=_pixels(1), input_ids=input_ids, max_new_tokens=3, do_sample=False,
                             eos_token_id=None, pad_token_id=0)
     ids = input_ids
     with torch.no_grad():
         for _ in range(3):
-            ids = torch.cat([ids, model(pixel_values=_pixels(1), input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            ids = torch.cat([
+                ids, model(pixel_values=_pixels(1), input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(greedy, ids)

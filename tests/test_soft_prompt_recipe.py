@@ -1,6 +1,6 @@
-"""soft_prompt_caption on tiny random CLIP vision + GPT-2: what a run saves, export, frozen weights, resume, LoRA,
-the JSON-list format, Chinese. Subprocess runs only where the command line itself is under test (each costs ~10 s
-of CPU to import torch and transformers); the Trainer-level checks run in this process."""
+"""soft_prompt_caption on tiny random CLIP vision + GPT-2: what a run saves, export, frozen weights, resume,
+LoRA, the JSON-list format, Chinese. Subprocess runs only where the command line itself is under test (each
+costs ~10 s of CPU to import torch and transformers); the Trainer-level checks run in this process."""
 
 import json
 import shutil
@@ -22,7 +22,8 @@ TRAIN, EXPORT = RECIPE / "train.py", RECIPE / "export.py"
 # Random tiny bases: the tests check the code path, not what pre-training buys.
 FAST = ["--vision_model", "tiny:clip-vision", "--language_model", "tiny:gpt2", "--report_to", "none",
         "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "16", "--eval_strategy", "no",
-        "--save_strategy", "no", "--load_best_model_at_end", "false", "--max_new_tokens", "6", "--logging_steps", "1"]
+        "--save_strategy", "no", "--load_best_model_at_end", "false", "--max_new_tokens", "6",
+        "--logging_steps", "1"]
 SIZES = "trained: soft_prompt 10 x 128 + projection.weight 128 x 64 + projection.bias 128 = 9,600 parameters"
 
 
@@ -33,7 +34,8 @@ def env(recipe_env):
 
 
 def _run(script, args, env):
-    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=600)
 
 
 def _data(d):
@@ -41,30 +43,36 @@ def _data(d):
 
 
 def _eval_inputs(d, run):
-    """`generate` inputs for the first 4 eval images, made as the run made them (its processors, no prompt)."""
+    """`generate` inputs for the first 4 eval images, made as the run made them (its processors, no
+    prompt)."""
     from transformers import AutoImageProcessor, AutoTokenizer
 
     records = [{"image": str(d / "synth" / r["image"])} for r in read_jsonl(d / "synth" / "eval.jsonl")[:4]]
-    return CaptionPromptCollator(AutoImageProcessor.from_pretrained(run), AutoTokenizer.from_pretrained(run))(records)
+    return CaptionPromptCollator(AutoImageProcessor.from_pretrained(run),
+                                 AutoTokenizer.from_pretrained(run))(records)
 
 
 def test_run_saves_only_trained_parts_and_the_export_equals_the_run(env):
     d, e = env
     out = d / "run"
-    r = _run(TRAIN, [*_data(d), "--output_dir", str(out), "--max_steps", "4", *FAST, "--save_strategy", "steps",
-                     "--save_steps", "2"], e)
+    r = _run(TRAIN, [*_data(d), "--output_dir", str(out), "--max_steps", "4", *FAST,
+                     "--save_strategy", "steps", "--save_steps", "2"], e)
     assert r.returncode == 0, r.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"eval_CIDEr", "eval_Bleu_4", "eval_ROUGE_L"} <= set(metrics["before"])
     assert set(metrics["before"]) == set(metrics["after"])
-    assert (metrics["recipe"], metrics["prompt_length"], metrics["trained_parameters"]) == ("soft_prompt_caption", 10, 9600)
-    assert SIZES in r.stderr and "train length budget: 200 samples, 0 truncated" in r.stderr  # 40 images x 5 captions
+    assert (metrics["recipe"], metrics["prompt_length"], metrics["trained_parameters"]) == (
+        "soft_prompt_caption", 10, 9600)
+    assert (SIZES in r.stderr
+            and "train length budget: 200 samples, 0 truncated" in r.stderr)  # 40 images x 5 captions
     # Only what trains is on disk; the bases are named in config.json.
     trained = load_file(out / "trained.safetensors")
-    assert {k: tuple(v.shape) for k, v in trained.items()} == {"soft_prompt": (10, 128), "projection.weight": (128, 64),
+    assert {k: tuple(v.shape) for k, v in trained.items()} == {"soft_prompt": (10, 128),
+                                                              "projection.weight": (128, 64),
                                                               "projection.bias": (128,)}
     assert not list(out.rglob("model.safetensors")) and not (out / "adapter_config.json").exists()
-    assert not torch.equal(load_file(out / "checkpoint-2" / "trained.safetensors")["soft_prompt"], trained["soft_prompt"])
+    assert not torch.equal(load_file(out / "checkpoint-2" / "trained.safetensors")["soft_prompt"],
+                           trained["soft_prompt"])
 
     full = d / "full"
     x = _run(EXPORT, ["--run", str(out), "--out", str(full)], e)
@@ -85,7 +93,8 @@ def test_run_saves_only_trained_parts_and_the_export_equals_the_run(env):
     final = {row["key"]: row["prediction"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
     from transformers import AutoTokenizer
 
-    texts = AutoTokenizer.from_pretrained(out).batch_decode(run_model.generate(**inputs, **gen), skip_special_tokens=True)
+    texts = AutoTokenizer.from_pretrained(out).batch_decode(run_model.generate(**inputs, **gen),
+                                                            skip_special_tokens=True)
     assert [final[k] for k in keys] == [t.strip() for t in texts]
 
 
@@ -98,7 +107,8 @@ def bases(env):
 
 
 def _trainer(d, bases, model, output_dir, **args):
-    """A SoftPromptTrainer as train.py builds it, in this process (no start-up cost), on 16 captions of 8 images."""
+    """A SoftPromptTrainer as train.py builds it, in this process (no start-up cost), on 16 captions of 8
+    images."""
     from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 
     from recipes.common.args import LearningRateArguments
@@ -107,18 +117,21 @@ def _trainer(d, bases, model, output_dir, **args):
     from recipes.soft_prompt_caption.trainer import SoftPromptTrainer
 
     tok = AutoTokenizer.from_pretrained(bases[1])
-    records = load_records(d / "synth" / "train.jsonl", "caption", max_rows=8).map(lambda r: {"captions": r["captions"][:2]})
+    records = load_records(d / "synth" / "train.jsonl", "caption", max_rows=8).map(
+        lambda r: {"captions": r["captions"][:2]})
     train, _ = collator.tokenize_captions(records, tok, prefix_length=11)
-    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                             remove_unused_columns=False, logging_steps=1, seed=0, **args)
+    args = TrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=4, report_to=[],
+                             use_cpu=True, remove_unused_columns=False, logging_steps=1, seed=0, **args)
     data_collator = CaptionCollator(AutoImageProcessor.from_pretrained(bases[0]), tok.pad_token_id)
-    return SoftPromptTrainer(model=model, args=args, train_dataset=train, learning_rates=LearningRateArguments(),
+    return SoftPromptTrainer(model=model, args=args, train_dataset=train,
+                             learning_rates=LearningRateArguments(),
                              processing_class=tok,
                              data_collator=data_collator)
 
 
 def test_training_leaves_frozen_weights_bit_identical(env, bases, tmp_path):
-    """With weight decay on and LoRA: every weight but the soft prompt, projection and LoRA stays as it was, bit for bit."""
+    """With weight decay on and LoRA: every weight but the soft prompt, projection and LoRA stays as it was,
+    bit for bit."""
     from peft import LoraConfig, get_peft_model
 
     d, _ = env
@@ -129,11 +142,13 @@ def test_training_leaves_frozen_weights_bit_identical(env, bases, tmp_path):
         if "soft_prompt" in name or "projection" in name:
             p.requires_grad_(True)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _trainer(d, bases, model, tmp_path, max_steps=3, learning_rate=0.05, weight_decay=0.1, save_strategy="no").train()
+    _trainer(d, bases, model, tmp_path, max_steps=3, learning_rate=0.05, weight_decay=0.1,
+             save_strategy="no").train()
     after = model.state_dict()
     changed = {k.removeprefix("base_model.model.") for k in before if not torch.equal(before[k], after[k])}
     assert changed == {"soft_prompt", "projection.weight", "projection.bias"} | {
-        f"language_model.transformer.h.{i}.attn.c_attn.lora_{ab}.default.weight" for i in (0, 1) for ab in "AB"}
+        f"language_model.transformer.h.{i}.attn.c_attn.lora_{ab}.default.weight"
+        for i in (0, 1) for ab in "AB"}
 
 
 def test_resumed_training_ends_like_an_uninterrupted_one(env, bases, tmp_path):
@@ -142,16 +157,19 @@ def test_resumed_training_ends_like_an_uninterrupted_one(env, bases, tmp_path):
     def train(output_dir, init_seed, resume=None):
         torch.manual_seed(init_seed)
         model = modeling.SoftPromptCaptioner.from_parts(*bases)
-        trainer = _trainer(d, bases, model, output_dir, max_steps=12, learning_rate=0.01, save_strategy="steps", save_steps=4)
+        trainer = _trainer(d, bases, model, output_dir, max_steps=12, learning_rate=0.01,
+                           save_strategy="steps", save_steps=4)
         trainer.train(resume_from_checkpoint=resume)
         return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
     whole, whole_losses = train(tmp_path / "whole", init_seed=0)
-    shutil.copytree(tmp_path / "whole" / "checkpoint-4", tmp_path / "resumed" / "checkpoint-4")  # as if killed after step 4
+    shutil.copytree(tmp_path / "whole" / "checkpoint-4",
+                    tmp_path / "resumed" / "checkpoint-4")  # as if killed after step 4
     # Another initialisation: only loading the checkpoint's trained parts can make the runs agree.
     resumed, resumed_losses = train(tmp_path / "resumed", init_seed=1, resume=True)
     assert resumed_losses[-8:] == pytest.approx(whole_losses[-8:], rel=1e-5) and len(resumed_losses) == 12
-    assert torch.equal(resumed.soft_prompt, whole.soft_prompt) and torch.equal(resumed.projection.weight, whole.projection.weight)
+    assert (torch.equal(resumed.soft_prompt, whole.soft_prompt)
+            and torch.equal(resumed.projection.weight, whole.projection.weight))
     assert sorted(load_file(tmp_path / "whole" / "checkpoint-12" / "trained.safetensors")) == [
         "projection.bias", "projection.weight", "soft_prompt"]
 
@@ -159,12 +177,14 @@ def test_resumed_training_ends_like_an_uninterrupted_one(env, bases, tmp_path):
 def test_lora_run_on_a_plain_json_list_saves_lora_and_export_merges_it(env):
     """`[{"image_path", "text"}]` data (one row per caption) and LoRA on the LM, in one run."""
     d, e = env
-    pairs = [{"image_path": row["image"], "text": caption} for row in read_jsonl(d / "synth" / "train.jsonl")[:8]
-             for caption in row["captions"][:2]]
+    pairs = [{"image_path": row["image"], "text": caption}
+             for row in read_jsonl(d / "synth" / "train.jsonl")[:8] for caption in row["captions"][:2]]
     (d / "synth" / "pairs.json").write_text(json.dumps(pairs))
     out = d / "lora"
-    r = _run(TRAIN, ["--train_file", str(d / "synth" / "pairs.json"), "--eval_file", str(d / "synth" / "pairs.json"),
-                     "--output_dir", str(out), "--max_steps", "3", *FAST, "--peft_method", "lora", "--learning_rate", "0.02"], e)
+    r = _run(TRAIN, ["--train_file", str(d / "synth" / "pairs.json"),
+                     "--eval_file", str(d / "synth" / "pairs.json"),
+                     "--output_dir", str(out), "--max_steps", "3", *FAST, "--peft_method", "lora",
+                     "--learning_rate", "0.02"], e)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "train length budget: 16 samples" in r.stderr  # one sample per row
     keys = [row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")]
@@ -179,14 +199,17 @@ def test_lora_run_on_a_plain_json_list_saves_lora_and_export_merges_it(env):
     merged = modeling.SoftPromptCaptioner.from_trained(out).eval()
     config = json.loads((out / "config.json").read_text())
     parts = config["vision_model_name_or_path"], config["language_model_name_or_path"]
-    unmerged = get_peft_model(modeling.SoftPromptCaptioner.from_parts(*parts), LoraConfig.from_pretrained(out))
+    unmerged = get_peft_model(modeling.SoftPromptCaptioner.from_parts(*parts),
+                              LoraConfig.from_pretrained(out))
     modeling.load_trained(unmerged, out)
     without_lora = modeling.SoftPromptCaptioner.from_parts(*parts)
     modeling.load_trained(without_lora, _without_lora(out, d / "nolora"))
     x, ids = torch.randn(2, 3, 64, 64), torch.tensor([[5, 6, 7]] * 2)
     with torch.no_grad():
-        a, b = merged(pixel_values=x, input_ids=ids).logits, unmerged.eval()(pixel_values=x, input_ids=ids).logits
-        assert not torch.allclose(a, without_lora.eval()(pixel_values=x, input_ids=ids).logits, atol=1e-4)  # LoRA counts
+        a, b = (merged(pixel_values=x, input_ids=ids).logits,
+                unmerged.eval()(pixel_values=x, input_ids=ids).logits)
+        assert not torch.allclose(a, without_lora.eval()(pixel_values=x, input_ids=ids).logits,
+                                  atol=1e-4)  # LoRA counts
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
@@ -204,8 +227,8 @@ def _without_lora(run, folder):
 def test_chinese_embedded_default_end_to_end_and_eval_report(env):
     d, e = env
     out = d / "zh"
-    r = _run(TRAIN, ["--lang", "zh", "--output_dir", str(out), "--max_steps", "2", *FAST, "--max_train_samples", "16",
-                     "--eval_max_samples", "8", "--prompt", "图片里"], e)
+    r = _run(TRAIN, ["--lang", "zh", "--output_dir", str(out), "--max_steps", "2", *FAST,
+                     "--max_train_samples", "16", "--eval_max_samples", "8", "--prompt", "图片里"], e)
     assert r.returncode == 0, r.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["lang"] == "zh" and "caption-zh" in metrics["eval_file"]
@@ -220,10 +243,12 @@ def test_chinese_embedded_default_end_to_end_and_eval_report(env):
     assert metrics["heldout"] == "test" and metrics["heldout_file"] == metrics["test_file"]
     predictions = {row["key"]: row["prediction"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
     references = {row["image"]: row["captions"] for row in read_jsonl(metrics["heldout_file"])}
-    references = {k: references[str(Path(k).relative_to(Path(metrics["heldout_file"]).parent))] for k in predictions}
+    references = {k: references[str(Path(k).relative_to(Path(metrics["heldout_file"]).parent))]
+                  for k in predictions}
     rescored = caption_metrics(predictions, references, lang="zh", metrics=["CIDEr"])
     assert rescored["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"])
-    assert row["final"]["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"]) and "METEOR" not in row["final"]
+    assert (row["final"]["CIDEr"] == pytest.approx(metrics["after"]["eval_CIDEr"])
+            and "METEOR" not in row["final"])
 
 
 @pytest.mark.parametrize("features", ["pooled", "patches"])
@@ -238,9 +263,12 @@ def test_cached_vision_features_train_exactly_as_the_live_tower(env, features):
         r = _run(TRAIN, [*common, "--output_dir", str(out), "--cache_vision_features", cached], e)
         assert r.returncode == 0, r.stderr[-3000:]
         history = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
-        runs[cached] = ([h["loss"] for h in history if "loss" in h], json.loads((out / "metrics.json").read_text())["after"])
+        runs[cached] = ([h["loss"] for h in history if "loss" in h],
+                        json.loads((out / "metrics.json").read_text())["after"])
     (folder,) = [p for p in (d / f"features-{features}-true" / "vision_features").iterdir() if p.is_dir()]
-    # pooled: one vector an image (CLIP's pooled output); patches: the tiny tower's 64 patch vectors, no class token.
-    assert json.loads((folder / "features.json").read_text())["shape"] == ([1, 64] if features == "pooled" else [64, 64])
+    # pooled: one vector an image (CLIP's pooled output); patches: the tiny tower's 64 patch vectors, no
+    # class token.
+    assert json.loads((folder / "features.json").read_text())["shape"] == (
+        [1, 64] if features == "pooled" else [64, 64])
     assert len(runs["true"][0]) == 3 and runs["true"][0] == pytest.approx(runs["false"][0], rel=1e-5)
     assert runs["true"][1] == pytest.approx(runs["false"][1], abs=1e-6)

@@ -38,7 +38,8 @@ def sets(tmp_path_factory):
 
 def _tree_digest(folder: Path) -> dict[str, str]:
     return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*")) if p.is_file()
     }
 
 
@@ -72,7 +73,8 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     a, b, c = (_tree_digest(tmp_path / d) for d in "abc")
     assert a == b and len(a) == 44  # 40 images, their settings stamp, 3 JSONL files
     assert a["caption.jsonl"] != c["caption.jsonl"]
-    assert a["images/000000.png"] != c["images/000000.png"] or a["images/000001.png"] != c["images/000001.png"]
+    assert (a["images/000000.png"] != c["images/000000.png"]
+            or a["images/000001.png"] != c["images/000001.png"])
 
 
 def test_record_does_not_depend_on_n(tmp_path):
@@ -80,7 +82,8 @@ def test_record_does_not_depend_on_n(tmp_path):
     short = read_jsonl(make_synthetic("caption", 10, tmp_path / "short", seed=1, progress=False))
     long = read_jsonl(make_synthetic("caption", 30, tmp_path / "long", seed=1, progress=False))
     assert long[:10] == short
-    assert (tmp_path / "short/images/000009.png").read_bytes() == (tmp_path / "long/images/000009.png").read_bytes()
+    assert ((tmp_path / "short/images/000009.png").read_bytes()
+            == (tmp_path / "long/images/000009.png").read_bytes())
 
 
 @pytest.mark.parametrize("task", ["caption", "retrieval"])
@@ -97,7 +100,8 @@ def test_captions_name_every_object(sets, task):
     for row in read_jsonl(sets[task, "zh"]):
         for cap in row["captions"]:
             for o in row["objects"]:
-                assert ZH["color"][o["color"]][0] in cap and any(w in cap for w in ZH["shape"][o["shape"]]), (cap, o)
+                assert (ZH["color"][o["color"]][0] in cap
+                        and any(w in cap for w in ZH["shape"][o["shape"]])), (cap, o)
 
 
 def test_retrieval_negatives_describe_something_else(sets):
@@ -109,7 +113,8 @@ def test_retrieval_negatives_describe_something_else(sets):
         for neg in row["neg_captions"]:
             described = set(
                 re.findall(
-                    rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) (?:in the |on the |at the )({'|'.join(sorted(POSITIONS, key=len, reverse=True))})",
+                    rf"({'|'.join(COLORS)}) ({'|'.join(SHAPES)}) (?:in the |on the |at the )"
+                    rf"({'|'.join(sorted(POSITIONS, key=len, reverse=True))})",
                     neg,
                 )
             )
@@ -125,14 +130,17 @@ def _expected_answer(question: str, objects: list[dict]) -> str:
         hits = [
             o
             for o in objects
-            if (color in (None, o["color"])) and (shape in (None, o["shape"])) and (position in (None, o["position"]))
+            if ((color in (None, o["color"])) and (shape in (None, o["shape"]))
+                and (position in (None, o["position"])))
         ]
         assert len(hits) == 1, (question, objects)
         return hits[0]
 
-    if m := re.fullmatch(rf"what color is the ({shapes})(?: (?:in the|on the|at the) ({pos_re}))?\?", question):
+    if m := re.fullmatch(rf"what color is the ({shapes})(?: (?:in the|on the|at the) ({pos_re}))?\?",
+                         question):
         return find(shape=m[1], position=m[2])["color"]
-    if m := re.fullmatch(rf"what shape is the ({colors}) object(?: (?:in the|on the|at the) ({pos_re}))?\?", question):
+    if m := re.fullmatch(rf"what shape is the ({colors}) object(?: (?:in the|on the|at the) ({pos_re}))?\?",
+                         question):
         return find(color=m[1], position=m[2])["shape"]
     if question == "how many shapes are there?":
         return str(len(objects))
@@ -167,7 +175,8 @@ def test_vqa_answers_majority_is_truth(sets, lang):
         if lang == "en":
             assert top == _expected_answer(row["question"], row["objects"])
         types[row["question_type"]] += 1
-    assert set(types) == {"what color is the", "what shape is the", "how many", "is there a", "where is the", "is the"}
+    assert set(types) == {"what color is the", "what shape is the", "how many", "is there a", "where is the",
+                          "is the"}
     assert 0.2 < disagreement / len(rows) < 0.9  # realistic: some rows unanimous, many not
 
 
@@ -229,15 +238,18 @@ def test_pixels_match_attributes(tmp_path, image_size):
 
 
 def test_cli(tmp_path):
-    assert main(["--task", "vqa", "--n", "5", "--out-dir", str(tmp_path / "a"), "--lang", "zh", "--no-progress"]) == 0
+    assert main(["--task", "vqa", "--n", "5", "--out-dir", str(tmp_path / "a"), "--lang", "zh",
+                 "--no-progress"]) == 0
     assert len(read_jsonl(tmp_path / "a" / "vqa.jsonl")) == 15
     proc = subprocess.run(
-        [sys.executable, "-m", "data_tools", "synth", "--task", "caption", "--n", "3", "--out-dir", str(tmp_path / "b"), "--image-size", "80"],
+        [sys.executable, "-m", "data_tools", "synth", "--task", "caption", "--n", "3",
+         "--out-dir", str(tmp_path / "b"), "--image-size", "80"],
         check=False, cwd=REPO, capture_output=True, text=True,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert load_image(tmp_path / "b" / "images" / "000002.png").size == (80, 80)
     # A user error: one line on stderr and exit code 2.
-    assert main(["--task", "caption", "--n", "3", "--out-dir", str(tmp_path / "c"), "--image-size", "16"]) == 2
+    assert main(["--task", "caption", "--n", "3", "--out-dir", str(tmp_path / "c"),
+                 "--image-size", "16"]) == 2
     # Images of another seed already there: refuse to overwrite them.
     assert main(["--task", "vqa", "--n", "3", "--out-dir", str(tmp_path / "a"), "--seed", "1"]) == 2

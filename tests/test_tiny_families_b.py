@@ -163,7 +163,8 @@ def test_image_token_counts(built, name):
         if name == "mllama":
             # Tiles of 64 px on a canvas of at most 2: a square 64 px image fits one tile, 128x96 needs two.
             assert inputs["aspect_ratio_mask"].sum().item() == {(64, 64): 1, (128, 96): 2}[size]
-            assert inputs["pixel_values"].shape == (1, 1, processor.image_processor.max_image_tiles, 3, 64, 64)
+            assert inputs["pixel_values"].shape == (
+                1, 1, processor.image_processor.max_image_tiles, 3, 64, 64)
         if name == "smolvlm":
             views = inputs["pixel_attention_mask"].flatten(2).any(-1).sum().item()
             assert views * 4 == count  # 4 tokens per 64 px view
@@ -187,7 +188,8 @@ def _samples(name):
     two = [_image((64, 64), "red"), _image((128, 96), "blue")]
     one = [_image((64, 64), "green")]
     if name == "paligemma":
-        return [("<image><image>answer en what is left?", two, "a red circle"), ("<image>caption en", one, "green")]
+        return [("<image><image>answer en what is left?", two, "a red circle"),
+                ("<image>caption en", one, "green")]
     short = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
              {"role": "assistant", "content": [{"type": "text", "text": "Green."}]}]
     return [(CONVERSATION, two, None), (short, one, None)]

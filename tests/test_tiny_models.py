@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+from transformers import (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor,
+                          AutoTokenizer)
 
 from recipes.common.cache import build_once
 from recipes.common.tiny import models as tiny_models
@@ -103,7 +104,8 @@ def test_llava(paths):
     ]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     assert prompt == (
-        "You describe images.\nUSER: <image>\nWhat is there?\nASSISTANT: A red square.</s>\nUSER: 什么颜色？\nASSISTANT:"
+        "You describe images.\nUSER: <image>\nWhat is there?\nASSISTANT: A red square.</s>\n"
+        "USER: 什么颜色？\nASSISTANT:"
     )
     assert not processor.apply_chat_template(messages[:2]).endswith("ASSISTANT:")
     batch = processor(images=[red_square()], text=[prompt], return_tensors="pt")
@@ -126,7 +128,8 @@ def test_clip(paths):
     batch = processor(images=[red_square()] * 2, text=["a red square", "一个红色的圆 on the left"], padding=True,
                       return_tensors="pt")
     image_features = model.get_image_features(pixel_values=batch["pixel_values"]).pooler_output
-    text_features = model.get_text_features(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    text_features = model.get_text_features(input_ids=batch["input_ids"],
+                                            attention_mask=batch["attention_mask"])
     assert image_features.shape == text_features.pooler_output.shape == (2, model.config.projection_dim)
     text_out = model.text_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     first_eos = (batch["input_ids"] == tok.eos_token_id).int().argmax(-1)
@@ -162,7 +165,8 @@ def test_same_seed_same_model(paths, tmp_path):
 
 
 def test_concurrent_builds_share_one_folder(tmp_path):
-    """Two processes (a 2-process DDP launch) racing into an empty cache both get the same, complete folder."""
+    """Two processes (a 2-process DDP launch) racing into an empty cache both get the same, complete
+    folder."""
     code = "from recipes.common.tiny.models import tiny_model_path; print(tiny_model_path('clip-vision'))"
     env = {**os.environ, "VLM_RECIPES_CACHE": str(tmp_path)}
     procs = [subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdout=subprocess.PIPE,
@@ -171,7 +175,8 @@ def test_concurrent_builds_share_one_folder(tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
     printed = {out.strip().splitlines()[-1] for out, _ in results}
     assert printed == {str(tmp_path / "tiny" / f"clip-vision-v{BUILD_VERSIONS['clip-vision']}")}
-    assert [p.name for p in (tmp_path / "tiny").iterdir() if not p.name.endswith(".lock")] == [f"clip-vision-v{BUILD_VERSIONS['clip-vision']}"]
+    assert [p.name for p in (tmp_path / "tiny").iterdir() if not p.name.endswith(".lock")] == [
+        f"clip-vision-v{BUILD_VERSIONS['clip-vision']}"]
     assert AutoModel.from_pretrained(printed.pop()).config.model_type == "clip_vision_model"
 
 
@@ -190,16 +195,16 @@ dist.destroy_process_group()
 
 
 def test_a_rank_other_than_0_of_a_process_group_builds_a_complete_model(tmp_path):
-    """transformers' save_pretrained writes weights on global rank 0 only once a process group is up; the rank that
-    builds first (here rank 1) still leaves a folder with the weights."""
+    """transformers' save_pretrained writes weights on global rank 0 only once a process group is up; the
+    rank that builds first (here rank 1) still leaves a folder with the weights."""
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     env = {**os.environ, "VLM_RECIPES_CACHE": str(tmp_path)}
-    procs = [subprocess.Popen([sys.executable, "-c", RANK_CODE, str(rank), port], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_CODE, str(rank), port], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
     results = [p.communicate(timeout=180) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
     folder = Path(results[1][0].strip().splitlines()[-1])
@@ -217,12 +222,13 @@ def test_losing_the_rename_race_uses_the_winner(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tiny_models, "build_tiny", build_while_another_process_wins)
     assert tiny_model_path("clip-vision", cache_dir=tmp_path) == final
-    assert [p.name for p in final.parent.iterdir() if not p.name.endswith(".lock")] == [final.name]  # ours was removed
+    assert [p.name for p in final.parent.iterdir()
+            if not p.name.endswith(".lock")] == [final.name]  # ours was removed
 
 
 def test_a_build_leaves_the_callers_random_states_as_they_were(tmp_path):
-    """A recipe seeds, then finds or builds its base (pre-training seeds and draws), then initialises what it trains:
-    a first run on a fresh machine must train like every later one."""
+    """A recipe seeds, then finds or builds its base (pre-training seeds and draws), then initialises what it
+    trains: a first run on a fresh machine must train like every later one."""
     import random
 
     import numpy as np

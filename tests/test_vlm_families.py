@@ -48,7 +48,8 @@ CONVERSATION = [
 def images(tmp_path_factory):
     folder = tmp_path_factory.mktemp("images")
     paths = {}
-    for name, size, colour in (("red", (64, 64), "red"), ("blue", (128, 96), "blue"), ("green", (96, 64), "green")):
+    for name, size, colour in (("red", (64, 64), "red"), ("blue", (128, 96), "blue"),
+                               ("green", (96, 64), "green")):
         paths[name] = str(folder / f"{name}.png")
         Image.new("RGB", size, colour).save(paths[name])
     return paths
@@ -106,7 +107,8 @@ def test_labels_are_each_answer_and_its_end_of_turn(family, images):
         for text, answer in zip(learned, answers):
             assert text.strip().startswith(answer)
             end = text.strip()[len(answer):]
-            assert end in encoder.specials if hasattr(encoder, "specials") else end == tok.eos_token, (text, answer)
+            assert (end in encoder.specials if hasattr(encoder, "specials")
+                    else end == tok.eos_token), (text, answer)
         image_tokens = [i for i, t in enumerate(sample["input_ids"]) if t in encoder.image_ids]
         assert all(sample["labels"][i] == -100 for i in image_tokens)
         assert bool(image_tokens) == bool(sample["images"]) or name == "mllama"
@@ -144,18 +146,20 @@ def test_overfitting_one_batch_lowers_the_loss(family, images):
 
 def test_a_trained_projector_and_vision_layer_train_through_their_saved_copies(family):
     """--freeze_bridge false --unfreeze_last_n_vision_layers 1 under LoRA: every weight of the bridge's
-    modules (Qwen3-VL's deepstack mergers are a ModuleList: its items) and of the last used vision layer trains
-    as a modules_to_save copy, which the adapter folder holds; nothing else of the base trains."""
+    modules (Qwen3-VL's deepstack mergers are a ModuleList: its items) and of the last used vision layer
+    trains as a modules_to_save copy, which the adapter folder holds; nothing else of the base trains."""
     name, _, model, _, _ = family
     parts = find_components(model)
     peft_model = apply_lora_and_freezing(copy.deepcopy(model), PeftArguments(lora_r=4),
-                                         FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1))
+                                         FreezeArguments(freeze_bridge=False,
+                                                         unfreeze_last_n_vision_layers=1))
     copies = {n.replace("base_model.model.", "").replace(".modules_to_save.default", "")
               for n, p in peft_model.named_parameters() if p.requires_grad and ".lora_" not in n}
     modules = dict(model.named_modules())
     last_layer = vision_layer_names(model)[-1]
     expected = {n for n, _ in model.named_parameters()
-                if any(n.startswith(f"{p}.") for p in (*[b for b in parts.bridge if b in modules], last_layer))}
+                if any(n.startswith(f"{p}.")
+                       for p in (*[b for b in parts.bridge if b in modules], last_layer))}
     assert expected and copies == expected
 
 
@@ -172,7 +176,8 @@ def test_lora_on_the_language_model_and_merge_generates_the_same(family, images,
     for n, p in peft_model.named_parameters():
         if "lora_B" in n:
             torch.nn.init.normal_(p, std=0.5)  # a trained-looking adapter: its effect is visible
-    items = [{"key": i, **r, "conversations": r["conversations"][:1]} for i, r in enumerate(_records(name, images))]
+    items = [{"key": i, **r, "conversations": r["conversations"][:1]}
+             for i, r in enumerate(_records(name, images))]
     batch = ChatPromptCollator(encoder)(items)
     batch.pop("keys")
     greedy = {"max_new_tokens": 6, "do_sample": False, "min_new_tokens": 6}
@@ -253,12 +258,14 @@ def test_the_recipes_train_and_evaluate_other_families(recipe_env, recipe, task,
     out = d / "run"
     r = run_script(ROOT / "recipes" / recipe / "train.py", [
         "--model_name_or_path", model, "--train_file", d / "synth" / "train.jsonl", "--eval_file",
-        d / "synth" / "eval.jsonl", "--output_dir", out, "--max_steps", "2", "--per_device_train_batch_size", "4",
+        d / "synth" / "eval.jsonl", "--output_dir", out, "--max_steps", "2",
+        "--per_device_train_batch_size", "4",
         "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
         "--max_new_tokens", "3", "--eval_max_samples", "4", "--report_to", "none"], env)
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"].endswith(model[5:] + "-v1") and metrics["global_step"] == 2
     assert "eval_VQA_accuracy" in metrics["after"]
-    predictions = [json.loads(line) for line in (out / "predictions" / "final.jsonl").read_text().splitlines()]
+    predictions = [json.loads(line)
+                   for line in (out / "predictions" / "final.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and (out / "adapter_model.safetensors").exists()

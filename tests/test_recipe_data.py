@@ -98,7 +98,7 @@ def test_image_root_resolves_paths_and_every_image_is_checked_before_training(tm
 
 
 def test_image_root_is_a_guard_too(tmp_path):
-    path = _images_apart(tmp_path)
+    _images_apart(tmp_path)  # data/ and images/ side by side
     (tmp_path / "data" / "up.jsonl").write_text(
         json.dumps({"image": "../good.jpg", "captions": ["x"]}) + "\n")
     with pytest.raises(DataError, match="not a folder|does not exist|no such"):  # a root that is not there

@@ -16,14 +16,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from recipes.common.args import FreezeArguments, ModelArguments, PeftArguments
-from recipes.common.chat import (
-    ChatCollator,
-    ChatPromptCollator,
-    PrefixSuffixEncoder,
-    chat_encoder,
-    to_messages,
-    tokenize_conversations,
-)
+from recipes.common.chat import (ChatCollator, ChatPromptCollator, PrefixSuffixEncoder, chat_encoder,
+                                 tokenize_conversations)
 from recipes.common.models import load_model_and_processor, load_processor, resolve_model_path
 from recipes.common.peft_setup import (apply_lora_and_freezing, apply_peft, find_components,
                                        vision_layer_names)

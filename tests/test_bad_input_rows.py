@@ -188,7 +188,8 @@ def test_llama_factory_and_swift_messages_with_images():
         ],
         "images": ["a.jpg", "b.jpg"],
     }
-    assert normalize_record(several, "instruct")["images"] == ["a.jpg", "b.jpg"]  # instruct rows may have several
+    # instruct rows may have several
+    assert normalize_record(several, "instruct")["images"] == ["a.jpg", "b.jpg"]
     with pytest.raises(DataError) as e:
         normalize_record({**several, "images": ["a.jpg"]}, "instruct")
     assert e.value.reason == E.BAD_VALUE and "2 '<image>' tokens for 1 image(s)" in e.value.message

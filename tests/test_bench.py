@@ -1,6 +1,6 @@
-"""bench/ on the tiny models, on the CPU: the harness trains with each recipe's own Trainer on the batches it reports,
-the baseline on the same batches, every JSON field is there; the FLOP convention; the real configs. Timings are
-never asserted (this is a smoke test, not a benchmark)."""
+"""bench/ on the tiny models, on the CPU: the harness trains with each recipe's own Trainer on the batches it
+reports, the baseline on the same batches, every JSON field is there; the FLOP convention; the real configs.
+Timings are never asserted (this is a smoke test, not a benchmark)."""
 
 import json
 import tempfile
@@ -17,14 +17,16 @@ from data_tools.jsonl import read_jsonl
 from recipes.common.data import load_records
 
 RECIPES = sorted(ADAPTERS)
-RUN_FIELDS = {"who", "mode", "trainer", "trainable_parameters", "parameters", "precision", "loaded_as", "optimizer_steps",
-              "seconds", "samples", "tokens", "samples_per_s", "tokens_per_s", "model_tflop_per_s", "mfu",
-              "peak_allocated_gib", "peak_reserved_gib", "losses", "batch_tokens", "batch_shapes"}
+RUN_FIELDS = {"who", "mode", "trainer", "trainable_parameters", "parameters", "precision", "loaded_as",
+              "optimizer_steps", "seconds", "samples", "tokens", "samples_per_s", "tokens_per_s",
+              "model_tflop_per_s", "mfu", "peak_allocated_gib", "peak_reserved_gib", "losses", "batch_tokens",
+              "batch_shapes"}
 TOP_FIELDS = {"recipe", "model", "size", "pad_text_to", "device", "batch_size", "warmup_steps",
               "gradient_accumulation_steps",
-              "command", "versions", "flop_convention", "tokens_counted", "baseline_loaded_as", "sft_loaded_as", "runs",
-              "notes"}
-# The recipes with TRL's SFTTrainer as a second baseline (the generative ones whose model is a transformers VLM).
+              "command", "versions", "flop_convention", "tokens_counted", "baseline_loaded_as",
+              "sft_loaded_as", "runs", "notes"}
+# The recipes with TRL's SFTTrainer as a second baseline (the generative ones whose model is a transformers
+# VLM).
 SFT_RECIPES = {"blip2_lora_caption", "llava_instruct", "qlora_vqa"}
 
 
@@ -57,19 +59,23 @@ def test_every_field_is_in_the_json_and_both_trainers_ran_every_micro_batch(devi
     for recipe, result in device_runs.items():
         assert set(result) == TOP_FIELDS and json.loads(json.dumps(result)) == result
         trl = [("trl", "device")] if recipe in SFT_RECIPES else []
-        assert [(r["who"], r["mode"]) for r in result["runs"]] == [("recipe", "device"), ("baseline", "device"), *trl]
+        assert [(r["who"], r["mode"]) for r in result["runs"]] == [("recipe", "device"),
+                                                                   ("baseline", "device"), *trl]
         for r in result["runs"]:
-            if r["who"] == "trl" and "error" in r:  # TRL 1.16 cannot train BLIP-2, nor its QLoRA in float32: a row says so
+            # TRL 1.16 cannot train BLIP-2, nor its QLoRA in float32: a row says so
+            if r["who"] == "trl" and "error" in r:
                 assert recipe != "llava_instruct" and set(r) == {"who", "mode", "trainer", "error"}, r
                 continue
             assert set(r) == RUN_FIELDS, recipe
-            assert len(r["losses"]) == len(r["batch_tokens"]) == len(r["batch_shapes"]) == 3  # 1 warm-up + 2 timed
+            # 1 warm-up + 2 timed
+            assert len(r["losses"]) == len(r["batch_tokens"]) == len(r["batch_shapes"]) == 3
             assert r["samples"] == 8 and r["tokens"] == sum(r["batch_tokens"][1:])  # the timed steps only
             assert r["mfu"] is None and r["peak_allocated_gib"] is None  # the CPU has neither
         assert result["runs"][0]["trainer"] == ADAPTERS[recipe]().trainer_class().__name__
         assert result["runs"][1]["trainer"] == "Trainer"
         assert (result["sft_loaded_as"] is not None) == (recipe in SFT_RECIPES)
-        assert result["notes"] == (["no TRL SFTTrainer baseline: " + ADAPTERS[recipe].sft_note.split(": ", 1)[1]]
+        assert result["notes"] == (["no TRL SFTTrainer baseline: "
+                                    + ADAPTERS[recipe].sft_note.split(": ", 1)[1]]
                                    if recipe == "soft_prompt_caption" else [])
 
 
@@ -87,15 +93,18 @@ def test_the_recorded_loss_is_the_recipe_trainers_loss_and_the_baseline_saw_the_
     for recipe, result in device_runs.items():
         adapter, p = _prepared(recipe)
         trainer = adapter.trainer_class()(model=p.model, args=p.a.TrainingArguments, train_dataset=p.dataset,
-                                          data_collator=p.collator, **adapter.trainer_kwargs(p.tokenizer, p.image_processor, p.a))
-        # The harness's first loss, before any update, in train mode: dropout draws from the seed set before train().
+                                          data_collator=p.collator,
+                                          **adapter.trainer_kwargs(p.tokenizer, p.image_processor, p.a))
+        # The harness's first loss, before any update, in train mode: dropout draws from the seed set before
+        # train().
         torch.manual_seed(p.a.TrainingArguments.seed)
         trainer.model.train()
         loss = trainer.compute_loss(trainer.model, dict(p.batches[0])).item()
         recipe_run, baseline_run = result["runs"][:2]
         assert recipe_run["losses"][0] == pytest.approx(loss, rel=1e-5), recipe
-        # Same batches, same starting weights (LoRA starts at zero), same loss: BLIP-2's and GPT-2's causal LM loss,
-        # and CLIP's own loss, which is the recipe's symmetric InfoNCE when no two captions in a batch are equal.
+        # Same batches, same starting weights (LoRA starts at zero), same loss: BLIP-2's and GPT-2's causal LM
+        # loss, and CLIP's own loss, which is the recipe's symmetric InfoNCE when no two captions in a batch
+        # are equal.
         assert baseline_run["losses"][0] == pytest.approx(recipe_run["losses"][0], rel=1e-5), recipe
         for shapes, base_shapes in zip(recipe_run["batch_shapes"], baseline_run["batch_shapes"]):
             assert base_shapes == {k: v for k, v in shapes.items() if k in base_shapes}
@@ -113,7 +122,8 @@ def test_e2e_mode_trains_through_the_dataloader_on_synthetic_jpegs_with_text_pad
 
 
 def test_flops_follow_6_4_2_nt_in_forward_order():
-    # frozen -> trained -> frozen: 2NT (nothing trains before it), 6NT, 4NT (the backward pass goes through it).
+    # frozen -> trained -> frozen: 2NT (nothing trains before it), 6NT, 4NT (the backward pass goes through
+    # it).
     model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Linear(5, 7), torch.nn.Linear(7, 11))
     model[0].requires_grad_(False)
     model[2].requires_grad_(False)
@@ -157,7 +167,8 @@ def test_real_configs_have_the_published_parameter_counts():
         with torch.device("meta"):
             model = cls._from_config(getattr(real_configs, name)())
         assert sum(p.numel() for p in model.parameters()) == count, name
-    # qlora_vqa's memory report computes from its own copy of the LLaVA-1.5-7B config (a recipe imports no bench code).
+    # qlora_vqa's memory report computes from its own copy of the LLaVA-1.5-7B config (a recipe imports no
+    # bench code).
     from recipes.qlora_vqa.memory import llava_7b_config, parameter_counts
 
     assert parameter_counts(llava_7b_config(), lora_r=16)["total"] == 7_063_427_072
@@ -168,53 +179,64 @@ def test_real_size_builds_on_the_device_and_trains_what_the_recipe_trains():
     trained, every = {}, {}
     for recipe in RECIPES:
         adapter = ADAPTERS[recipe]()
-        a = adapter.parse(harness._recipe_argv(adapter, harness.Options(recipe, device="meta"), "/nonexistent", 64))
+        a = adapter.parse(harness._recipe_argv(adapter, harness.Options(recipe, device="meta"),
+                                               "/nonexistent", 64))
         model, _, image_processor = adapter.build(a, "real", "meta")
         assert {p.device.type for p in model.parameters()} == {"meta"}
-        assert harness.image_processor_size(image_processor) == (336 if "llava" in model.config.model_type else 224)
+        assert harness.image_processor_size(image_processor) == (336 if "llava" in model.config.model_type
+                                                                 else 224)
         model = adapter.setup(model, a)
         trained[recipe] = {n for n, p in model.named_parameters() if p.requires_grad}
         every[recipe] = {n for n, _ in model.named_parameters()}
         if recipe in ("llava_instruct", "qlora_vqa"):
-            # LLaVA-1.5's 576 image tokens, at the id the tiny tokenizer gives `<image>`; the baseline trains the same.
+            # LLaVA-1.5's 576 image tokens, at the id the tiny tokenizer gives `<image>`; the baseline trains
+            # the same.
             assert model.config.image_token_id in adapter.encoder.image_ids
             baseline = adapter.baseline(a, "real", "meta")
             assert {n for n, p in baseline.named_parameters() if p.requires_grad} == trained[recipe]
     blip2 = trained["blip2_lora_caption"]
     lora = {n for n in blip2 if ".lora_" in n}
     assert lora and all(".language_model." in n for n in lora)
-    assert all(".modules_to_save." in n and (".qformer." in n or ".language_projection." in n) for n in blip2 - lora)
+    assert all(".modules_to_save." in n and (".qformer." in n or ".language_projection." in n)
+               for n in blip2 - lora)
     assert trained["clip_retrieval"] == every["clip_retrieval"]  # a full fine-tune, the temperature included
     assert trained["soft_prompt_caption"] == {"soft_prompt", "projection.weight", "projection.bias"}
-    # Stage 2 at the benchmark shape: LoRA r=16 on the 7 linears of each of the 32 Llama layers, and the projector.
+    # Stage 2 at the benchmark shape: LoRA r=16 on the 7 linears of each of the 32 Llama layers, and the
+    # projector.
     for recipe in ("llava_instruct", "qlora_vqa"):
         lora = {n for n in trained[recipe] if ".lora_" in n}
         assert len(lora) == 32 * 7 * 2 and all(".model.language_model.layers." in n for n in lora)
-        assert trained[recipe] - lora == {f"base_model.model.model.multi_modal_projector.modules_to_save.default.{n}"
-                                          for n in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")}
+        assert trained[recipe] - lora == {
+            f"base_model.model.model.multi_modal_projector.modules_to_save.default.{n}"
+            for n in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")}
 
 
 def test_flops_of_the_real_soft_prompt_captioner_are_2nt_vision_6nt_projection_4nt_lm():
     from transformers import CLIPVisionModel, GPT2LMHeadModel
 
-    result = harness.count_flops(harness.Options("soft_prompt_caption", size="real", batch_size=8, device_batches=1))
+    result = harness.count_flops(harness.Options("soft_prompt_caption", size="real", batch_size=8,
+                                                 device_batches=1))
     with torch.device("meta"):
         vision = CLIPVisionModel._from_config(real_configs.clip_vit_b32_vision())
         lm = GPT2LMHeadModel._from_config(real_configs.gpt2_small())
     def matmul(model):  # Linear, patch-embedding Conv2d and GPT-2's Conv1D weights, the tied LM head included
         kinds = (torch.nn.Linear, torch.nn.Conv2d)
-        return sum(m.weight.numel() for m in model.modules() if isinstance(m, kinds) or type(m).__name__ == "Conv1D")
+        return sum(m.weight.numel() for m in model.modules()
+                   if isinstance(m, kinds) or type(m).__name__ == "Conv1D")
 
-    text_tokens = result["tokens_per_sample"] + 11  # the prefix: 10 soft prompt vectors + 1 pooled image vector
-    expected = {"vision": 2 * matmul(vision) * 50, "bridge": 6 * 768 * 768, "language": 4 * matmul(lm) * text_tokens}
+    # the prefix: 10 soft prompt vectors + 1 pooled image vector
+    text_tokens = result["tokens_per_sample"] + 11
+    expected = {"vision": 2 * matmul(vision) * 50, "bridge": 6 * 768 * 768,
+                "language": 4 * matmul(lm) * text_tokens}
     for part, flops in expected.items():
         assert result["gflop_per_sample"][part] == pytest.approx(flops / 1e9, rel=1e-9), part
 
 
 @pytest.mark.parametrize("recipe", ["blip2_lora_caption", "soft_prompt_caption"])
 def test_a_frozen_vision_tower_records_no_graph_so_no_grad_would_save_nothing(recipe):
-    """The 2NT of bench/flops.py, and why wrapping the frozen tower in torch.no_grad is not a lever: autograd records
-    nothing there already, while the trained part after it does record (its output carries a grad_fn)."""
+    """The 2NT of bench/flops.py, and why wrapping the frozen tower in torch.no_grad is not a lever: autograd
+    records nothing there already, while the trained part after it does record (its output carries a
+    grad_fn)."""
     adapter, p = _prepared(recipe)
     base = p.model.get_base_model() if hasattr(p.model, "get_base_model") else p.model
     after = base.qformer if recipe == "blip2_lora_caption" else base.projection
@@ -240,12 +262,14 @@ def test_fused_adamw_reaches_the_recipes_per_module_parameter_groups():
                                           data_collator=p.collator, **adapter.trainer_kwargs(None, None, p.a))
         optimizer = trainer.create_optimizer()
     assert optimizer.defaults["fused"] is True
-    assert sorted(g["lr"] for g in optimizer.param_groups) == [0.0005, 0.0005, 0.001]  # bridge, bridge no-decay, LM
+    # bridge, bridge no-decay, LM
+    assert sorted(g["lr"] for g in optimizer.param_groups) == [0.0005, 0.0005, 0.001]
 
 
 def test_the_real_size_4bit_path_quantizes_as_the_recipes_loader_and_counts_flops_unpacked():
-    """qlora_vqa at --size real quantizes random weights in memory (bench.adapters.load_quantized); on the tiny LLaVA the
-    same path gives the recipe's 4-bit model (its loader, from the checkpoint's files) weight for weight."""
+    """qlora_vqa at --size real quantizes random weights in memory (bench.adapters.load_quantized); on the
+    tiny LLaVA the same path gives the recipe's 4-bit model (its loader, from the checkpoint's files) weight
+    for weight."""
     from transformers import LlavaForConditionalGeneration
 
     from bench.adapters import load_quantized, unquantized
@@ -262,17 +286,20 @@ def test_the_real_size_4bit_path_quantizes_as_the_recipes_loader_and_counts_flop
     assert unquantized(plain) == skip  # what --size real keeps 16-bit
     ours = load_quantized(plain, args, skip, "cpu")
     theirs = dict(recipes_own.named_parameters())
-    assert {n: (p.dtype, p.shape) for n, p in ours.named_parameters()} == {n: (p.dtype, p.shape) for n, p in theirs.items()}
+    assert ({n: (p.dtype, p.shape) for n, p in ours.named_parameters()}
+            == {n: (p.dtype, p.shape) for n, p in theirs.items()})
     assert all(torch.equal(p, theirs[n]) for n, p in ours.named_parameters())
     q_proj = ours.model.language_model.layers[0].self_attn.q_proj
-    assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.nested  # NF4 with double quantization
+    # NF4 with double quantization
+    assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_state.nested
     assert type(ours.model.multi_modal_projector.linear_1) is torch.nn.Linear  # the recipe's skip list
     # 6NT/4NT/2NT count a 4-bit weight at its full in x out, not its packed bytes.
     chain = [[Part("language", ("model.language_model",), 100)]]
     ours.requires_grad_(False)
     plain.requires_grad_(False)
-    assert step_flops(ours, chain) == step_flops(plain, chain) == {"language": 2 * 100 * 2 * (4 * 128 * 128 + 3 * 128 * 256),
-                                                                   "total": 2 * 100 * 2 * (4 * 128 * 128 + 3 * 128 * 256)}
+    assert step_flops(ours, chain) == step_flops(plain, chain) == {
+        "language": 2 * 100 * 2 * (4 * 128 * 128 + 3 * 128 * 256),
+        "total": 2 * 100 * 2 * (4 * 128 * 128 + 3 * 128 * 256)}
     assert harness._parameters(ours)[1] == harness._parameters(plain)[1]
 
 
@@ -291,12 +318,13 @@ def test_chat_samples_are_filled_to_the_length_budget_with_the_next_conversation
         after = records[(i + 1) % len(records)]["conversations"]
         assert [t["from"] for t in row["conversations"][n:n + len(after)]] == [t["from"] for t in after]
         assert all(IMAGE_TOKEN not in t["value"] for t in row["conversations"][n:])
-    # Every filled conversation runs over the budget, and the recipe's budget cuts each after its last whole turn that
-    # fits: never shorter than the conversation alone (which fits), at most max_length.
+    # Every filled conversation runs over the budget, and the recipe's budget cuts each after its last whole
+    # turn that fits: never shorter than the conversation alone (which fits), at most max_length.
     dataset, report = tokenize_conversations(filled, adapter.encoder, max_length)
     alone = tokenize_conversations(records, adapter.encoder, max_length)[0]["length"]
     assert report.cut == report.samples == 6 and report.dropped == 0
-    assert all(a <= n <= max_length for a, n in zip(alone, dataset["length"])) and sum(dataset["length"]) > sum(alone)
+    assert (all(a <= n <= max_length for a, n in zip(alone, dataset["length"]))
+            and sum(dataset["length"]) > sum(alone))
 
 
 def test_vqa_records_that_share_an_image_get_one_jpeg():
@@ -322,7 +350,8 @@ def test_a_run_out_of_gpu_memory_is_a_row_and_the_other_runs_still_happen(monkey
                                  "error": "out of memory: CUDA out of memory. Tried to allocate 20.00 GiB"}
     assert result["runs"][1]["who"] == "baseline"
     table = harness.markdown(result)
-    assert "| device | ContrastiveTrainer | out of memory: CUDA out of memory. Tried to allocate 20.00 GiB | | | | | | |" in table
+    assert ("| device | ContrastiveTrainer | out of memory: CUDA out of memory. Tried to allocate 20.00 GiB "
+            "| | | | | | |" in table)
     assert "recipe / baseline" not in table  # no ratio without both
 
 
@@ -333,7 +362,8 @@ def test_trl_sft_baseline_trains_the_recipes_samples_through_trls_own_collator_a
     result = device_runs["llava_instruct"]
     recipe_run, baseline_run, trl_run = result["runs"]
     assert trl_run["trainer"] == "SFTTrainer" and trl_run["loaded_as"] == result["sft_loaded_as"]
-    assert trl_run["trainable_parameters"] == baseline_run["trainable_parameters"]  # the same LoRA targets and projector
+    # the same LoRA targets and projector
+    assert trl_run["trainable_parameters"] == baseline_run["trainable_parameters"]
     adapter, p = _prepared("llava_instruct")
     sft = adapter.sft(p.a, "tiny", "cpu", p.records)
     # The recipe's samples (filled conversations) in the recipe's order: the same images and the same answers.
@@ -348,7 +378,8 @@ def test_trl_sft_baseline_trains_the_recipes_samples_through_trls_own_collator_a
     image_id = sft.model.config.image_token_id
     assert all(int((b["input_ids"] == image_id).sum()) == int((q["input_ids"] == image_id).sum())
                for b, q in zip(batches, p.batches))
-    # The first recorded loss is TRL's fused-head loss on the first batch: the model's own mean token loss (LoRA B = 0).
+    # The first recorded loss is TRL's fused-head loss on the first batch: the model's own mean token loss
+    # (LoRA B = 0).
     with torch.no_grad():
         loss = sft.model(**batches[0]).loss.item()
     assert trl_run["losses"][0] == pytest.approx(loss, rel=1e-4)
@@ -358,30 +389,37 @@ def test_without_trl_the_sft_baseline_is_a_note(monkeypatch):
     monkeypatch.setattr(harness, "_trl_installed", lambda: False)
     result = harness.run(_opts("blip2_lora_caption", mode="device"))
     assert [r["who"] for r in result["runs"]] == ["recipe", "baseline"]
-    assert result["notes"] == ["TRL's SFTTrainer baseline skipped: trl is not installed (bench/requirements.txt lists it)."]
+    assert result["notes"] == ["TRL's SFTTrainer baseline skipped: trl is not installed "
+                               "(bench/requirements.txt lists it)."]
 
 
 def test_trl_rows_at_real_size_have_the_real_models_image_tokens():
-    """--size real on the meta device: TRL's collator, through the processor, writes as many image tokens as the real
-    model fills (BLIP-2 OPT-2.7B's 32 queries, LLaVA-1.5's 576 patches), at the id its config looks for."""
+    """--size real on the meta device: TRL's collator, through the processor, writes as many image tokens as
+    the real model fills (BLIP-2 OPT-2.7B's 32 queries, LLaVA-1.5's 576 patches), at the id its config looks
+    for."""
     from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
     for recipe, n_image_tokens in [("blip2_lora_caption", 32), ("llava_instruct", 576)]:
         adapter = ADAPTERS[recipe]()
-        a = adapter.parse(harness._recipe_argv(adapter, harness.Options(recipe, device="meta"), "/nonexistent", 2))
+        a = adapter.parse(harness._recipe_argv(adapter, harness.Options(recipe, device="meta"),
+                                               "/nonexistent", 2))
         adapter.build(a, "real", "meta")  # llava: the encoder its rows are filled with
         records = load_records(synthetic_jpeg_records(adapter.task, 2, 64), adapter.task)
         sft = adapter.sft(a, "real", "meta", records)
         rows = [{**r, "images": [Image.open(p) for p in r["images"]]} for r in sft.rows[:2]]
-        batch = DataCollatorForVisionLanguageModeling(sft.processor, completion_only_loss="prompt" in rows[0])(rows)
+        batch = DataCollatorForVisionLanguageModeling(sft.processor,
+                                                      completion_only_loss="prompt" in rows[0])(rows)
         side = sft.model.config.vision_config.image_size
         assert batch["pixel_values"].shape[-2:] == (side, side)
-        assert ((batch["input_ids"] == sft.model.config.image_token_id).sum(1) == n_image_tokens).all(), recipe
+        assert ((batch["input_ids"] == sft.model.config.image_token_id).sum(1)
+                == n_image_tokens).all(), recipe
 
 
-@pytest.mark.parametrize("recipe, cached_shape", [("blip2_lora_caption", [4, 65, 64]),  # the tiny tower's output
-                                                  ("soft_prompt_caption", [4, 1, 64])])  # its pooled image_features
-def test_cached_vision_features_the_recipe_trains_on_them_and_the_baselines_on_pixels(tmp_path, recipe, cached_shape):
+@pytest.mark.parametrize("recipe, cached_shape", [
+    ("blip2_lora_caption", [4, 65, 64]),  # the tiny tower's output
+    ("soft_prompt_caption", [4, 1, 64])])  # its pooled image_features
+def test_cached_vision_features_the_recipe_trains_on_them_and_the_baselines_on_pixels(tmp_path, recipe,
+                                                                                      cached_shape):
     result = harness.run(_opts(recipe, mode="device", recipe_argv=[
         "--cache_vision_features", "true", "--vision_feature_dir", str(tmp_path)]))
     recipe_run, baseline_run = result["runs"][:2]
@@ -402,9 +440,10 @@ def test_cached_vision_features_the_recipe_trains_on_them_and_the_baselines_on_p
 
 
 def test_padding_free_label_position_recipe_batches_against_padded_baselines_and_trl_e2e():
-    """llava_instruct with both batch levers: the recipe trains on one-row batches and logits of the label positions,
-    the baselines on the padded batches of the same samples; same tokens, same first loss (LoRA B = 0). In e2e mode
-    TRL's SFTTrainer trains too (the recipe's group_by_length sampler cannot read TRL's rows: it gets the random one)."""
+    """llava_instruct with both batch levers: the recipe trains on one-row batches and logits of the label
+    positions, the baselines on the padded batches of the same samples; same tokens, same first loss (LoRA
+    B = 0). In e2e mode TRL's SFTTrainer trains too (the recipe's group_by_length sampler cannot read TRL's
+    rows: it gets the random one)."""
     levers = ["--padding_free", "true", "--loss_on_label_positions", "true"]
     device = harness.run(_opts("llava_instruct", mode="device", recipe_argv=levers))
     recipe_run, baseline_run, trl_run = device["runs"]
@@ -415,7 +454,8 @@ def test_padding_free_label_position_recipe_batches_against_padded_baselines_and
     assert recipe_run["batch_tokens"] == baseline_run["batch_tokens"]  # no padding counted on either side
     assert recipe_run["losses"][0] == pytest.approx(baseline_run["losses"][0], rel=1e-5)
     e2e = harness.run(_opts("llava_instruct", mode="e2e"))
-    assert [(r["who"], "error" in r) for r in e2e["runs"]] == [("recipe", False), ("baseline", False), ("trl", False)]
+    assert [(r["who"], "error" in r) for r in e2e["runs"]] == [("recipe", False), ("baseline", False),
+                                                               ("trl", False)]
 
 
 def test_model_is_for_the_chat_recipes_only():

@@ -1,4 +1,5 @@
-"""clip_retrieval data: eos-keeping truncation, per-epoch caption sampling, collated rows and keys, the embedded data."""
+"""clip_retrieval data: eos-keeping truncation, per-epoch caption sampling, collated rows and keys, the
+embedded data."""
 
 import datasets
 import pytest
@@ -19,7 +20,8 @@ from recipes.clip_retrieval.collator import (
     tokenize_texts,
 )
 
-VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "red", "circle", "blue", "square", "small", "large", "shape", "photo", "of"]
+VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "red", "circle", "blue", "square", "small", "large",
+         "shape", "photo", "of"]
 PAD, BOS, EOS = 0, 2, 3
 
 
@@ -27,9 +29,10 @@ PAD, BOS, EOS = 0, 2, 3
 def tokenizer():
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=[("<bos>", BOS), ("<eos>", EOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
+                                                       special_tokens=[("<bos>", BOS), ("<eos>", EOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")
 
 
 def _records(tmp_path, rows):
@@ -43,7 +46,8 @@ def test_long_texts_lose_tokens_before_the_eos_and_are_counted(tokenizer):
     from recipes.clip_retrieval.collator import TextLengthReport
 
     report = TextLengthReport()
-    ids = tokenize_texts(["a red circle", "a small red circle a blue square"], tokenizer, max_length=5, report=report)
+    ids = tokenize_texts(["a red circle", "a small red circle a blue square"], tokenizer, max_length=5,
+                         report=report)
     assert ids == [[BOS, 4, 5, 6, EOS], [BOS, 4, 9, 5, EOS]]
     assert (report.texts, report.truncated, report.tokens_cut) == (2, 1, 4)
     assert "1 cut to max_length (4 tokens cut, eos kept)" in str(report)
@@ -54,7 +58,8 @@ def test_sampler_draws_every_image_once_per_epoch_from_seed_and_epoch_alone():
     s = EpochPairSampler(n_captions, n_negatives, seed=7)
     epoch0 = list(s)
     assert sorted(i for i, _, _ in epoch0) == list(range(6))
-    assert all(0 <= j < n_captions[i] and (k == -1 if n_negatives[i] == 0 else 0 <= k < n_negatives[i]) for i, j, k in epoch0)
+    assert all(0 <= j < n_captions[i] and (k == -1 if n_negatives[i] == 0 else 0 <= k < n_negatives[i])
+               for i, j, k in epoch0)
     again = EpochPairSampler(n_captions, n_negatives, seed=7)
     assert list(again) == epoch0  # a fresh sampler (a resumed run, another rank) draws the same pairs
     s.set_epoch(1)
@@ -72,29 +77,34 @@ def test_sampler_draws_every_image_once_per_epoch_from_seed_and_epoch_alone():
 
 def test_collated_batch_holds_positives_then_negatives_with_their_keys(tokenizer, tmp_path):
     records = _records(tmp_path, [
-        {"image": "a.png", "captions": ["a red circle", "a small red circle"], "neg_captions": ["a blue circle"]},
+        {"image": "a.png", "captions": ["a red circle", "a small red circle"],
+         "neg_captions": ["a blue circle"]},
         {"image": "b.png", "captions": ["a blue square"], "neg_captions": None},
         {"image": "a.png", "captions": ["a  red circle"], "neg_captions": ["a red square"]},
     ])
     data = PairDataset(records, tokenizer, max_length=16, hard_negatives=True)
     assert data.image_keys == [0, 1, 0]  # the same file twice is one image
-    collate = ContrastiveCollator(CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8}), PAD)
+    collate = ContrastiveCollator(CLIPImageProcessor(size={"shortest_edge": 8},
+                                                     crop_size={"height": 8, "width": 8}), PAD)
     batch = collate([data[(0, 1, 0)], data[(1, 0, -1)], data[(2, 0, 0)]])
     assert batch["pixel_values"].shape == (3, 3, 8, 8)
     assert batch["input_ids"].tolist() == [
-        [BOS, 4, 9, 5, 6, EOS], [BOS, 4, 7, 8, EOS, PAD], [BOS, 4, 5, 6, EOS, PAD],  # positives, one per image
+        # positives, one per image
+        [BOS, 4, 9, 5, 6, EOS], [BOS, 4, 7, 8, EOS, PAD], [BOS, 4, 5, 6, EOS, PAD],
         [BOS, 4, 7, 6, EOS, PAD], [BOS, 4, 5, 8, EOS, PAD],  # hard negatives of items 0 and 2
     ]
     assert batch["attention_mask"].sum(1).tolist() == [6, 5, 5, 5, 5]
     assert batch["image_keys"].tolist() == [0, 1, 0]
-    keys = [caption_key(t) for t in ("a small red circle", "a blue square", "a red circle", "a blue circle", "a red square")]
+    keys = [caption_key(t) for t in ("a small red circle", "a blue square", "a red circle", "a blue circle",
+                                     "a red square")]
     assert batch["text_keys"].tolist() == keys
     assert caption_key("A  Red circle") == caption_key("a red circle") != caption_key("a red circles")
     # Without hard_negatives the records' negatives are not used, and an int index is the first caption.
     plain = PairDataset(records, tokenizer, max_length=16)
     assert plain[0]["input_ids"] == [BOS, 4, 5, 6, EOS] and plain[0]["neg_input_ids"] is None
     ids, images = plain.texts()
-    assert ids == [[BOS, 4, 5, 6, EOS], [BOS, 4, 9, 5, 6, EOS], [BOS, 4, 7, 8, EOS], [BOS, 4, 5, 6, EOS]] and images == [0, 0, 1, 2]
+    assert (ids == [[BOS, 4, 5, 6, EOS], [BOS, 4, 9, 5, 6, EOS], [BOS, 4, 7, 8, EOS], [BOS, 4, 5, 6, EOS]]
+            and images == [0, 0, 1, 2])
 
 
 def test_size_words_are_dropped_and_articles_agree(tmp_path):
@@ -106,9 +116,10 @@ def test_size_words_are_dropped_and_articles_agree(tmp_path):
             dropped = drop_size_words(c, lang)
             assert not any(s in dropped.split() if lang == "en" else s in dropped for s in sizes), dropped
             assert drop_size_words(dropped, lang) == dropped
-        assert lang == "zh" or not any(" a orange" in drop_size_words(c) or c.startswith("a orange") for c in captions)
-    assert drop_size_words("there are two shapes: a little orange cross at the top and a big blue circle") == \
-        "there are two shapes: an orange cross at the top and a blue circle"
+        assert lang == "zh" or not any(" a orange" in drop_size_words(c) or c.startswith("a orange")
+                                       for c in captions)
+    assert (drop_size_words("there are two shapes: a little orange cross at the top and a big blue circle")
+            == "there are two shapes: an orange cross at the top and a blue circle")
     assert drop_size_words("左侧的一个小的红色圆形", "zh") == "左侧的一个红色圆形"
 
 
@@ -140,8 +151,10 @@ def test_embedded_data_has_no_size_words_and_zero_shot_images_hold_one_object(tm
         assert [r["image"] for r in rows] == [r["image"] for r in original] and rows
         for row, orig in zip(rows, original):
             assert row["captions"] == list(dict.fromkeys(drop_size_words(c) for c in orig["captions"]))
-            assert not any(w in c.split() for c in row["captions"] for w in ("small", "little", "large", "big"))
-    assert embedded_retrieval(n=20) == splits and embedded_retrieval(n=20, without_size=False)["train"].name == "train.jsonl"
+            assert not any(w in c.split() for c in row["captions"]
+                           for w in ("small", "little", "large", "big"))
+    assert (embedded_retrieval(n=20) == splits
+            and embedded_retrieval(n=20, without_size=False)["train"].name == "train.jsonl")
 
     path = embedded_zero_shot("size", n=6)
     rows = read_jsonl(path)

@@ -21,53 +21,63 @@ RECIPE = ROOT / "recipes" / "clip_retrieval"
 # SGD without clipping: a parameter's change is lr x its gradient, so equal parameters mean equal gradients
 # (Adam's first step is ~lr x sign(gradient) and would hide a wrong gradient scale).
 FAST = ["--model_name_or_path", "tiny:clip", "--report_to", "none", "--per_device_eval_batch_size", "16",
-        "--eval_strategy", "no", "--load_best_model_at_end", "false", "--logging_steps", "1", "--optim", "sgd",
-        "--learning_rate", "2.0", "--lr_scheduler_type", "constant", "--warmup_steps", "0", "--weight_decay", "0",
-        "--max_grad_norm", "0"]
+        "--eval_strategy", "no", "--load_best_model_at_end", "false", "--logging_steps", "1",
+        "--optim", "sgd", "--learning_rate", "2.0", "--lr_scheduler_type", "constant", "--warmup_steps", "0",
+        "--weight_decay", "0", "--max_grad_norm", "0"]
 METRICS = {f"eval_{d}_{m}" for d in ("image_to_text", "text_to_image")
            for m in ("R@1", "R@5", "R@10", "mean_rank", "median_rank")}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """16 train images (most with hard negatives) and 8 eval images, a zero-shot file, a shared model cache, one full run."""
+    """16 train images (most with hard negatives) and 8 eval images, a zero-shot file, a shared model cache,
+    one full run."""
     d = tmp_path_factory.mktemp("clip")
     src = read_jsonl(make_synthetic("retrieval", 24, d / "synth", seed=1, progress=False))
     for r in src[:16:3]:  # images without hard negatives: the processes gather different numbers of texts
         del r["neg_captions"]
     write_jsonl(d / "synth" / "train.jsonl", src[:16])
     write_jsonl(d / "synth" / "eval.jsonl", src[16:])
-    write_jsonl(d / "synth" / "zs.jsonl", [{"image": r["image"], "label": r["objects"][0]["size"]} for r in src[16:]])
+    write_jsonl(d / "synth" / "zs.jsonl", [{"image": r["image"], "label": r["objects"][0]["size"]}
+                                           for r in src[16:]])
     e = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
     data = ["--train_file", str(d / "synth" / "train.jsonl"), "--eval_file", str(d / "synth" / "eval.jsonl"),
             "--zero_shot_file", str(d / "synth" / "zs.jsonl"), "--hard_negatives", "true"]
     # 16 images, batch 8: 2 steps an epoch; 5 steps cross two epoch boundaries; checkpoint-3 is mid-epoch.
-    whole = [*data, "--max_steps", "5", "--save_strategy", "steps", "--save_steps", "3", *FAST, "--eval_strategy", "steps",
-             "--eval_steps", "5"]
-    r = _run([*whole, "--per_device_train_batch_size", "8", "--output_dir", str(d / "whole"), "--wise_ft_alpha", "0.5"], e)
+    whole = [*data, "--max_steps", "5", "--save_strategy", "steps", "--save_steps", "3", *FAST,
+             "--eval_strategy", "steps", "--eval_steps", "5"]
+    r = _run([*whole, "--per_device_train_batch_size", "8", "--output_dir", str(d / "whole"),
+              "--wise_ft_alpha", "0.5"], e)
     assert r.returncode == 0, r.stderr[-4000:]
     return d, e, data, whole
 
 
 def _run(args, env, script="train.py", **kw):
-    return subprocess.run([sys.executable, str(RECIPE / script), *args], env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run([sys.executable, str(RECIPE / script), *args], env=env, capture_output=True,
+                          text=True, timeout=600, **kw)
 
 
 def _losses(run):
-    return [h["loss"] for h in json.loads((run / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    return [h["loss"] for h in json.loads((run / "trainer_state.json").read_text())["log_history"]
+            if "loss" in h]
 
 
 def test_run_writes_metrics_that_make_eval_reproduces_and_wise_ft_interpolates(env):
     d, _, _, _ = env
     out = d / "whole"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics["before"]) == set(metrics["after"]) == set(metrics["wise_ft"]["0.5"]) == METRICS | {"eval_zero_shot_accuracy"}
-    assert (metrics["task"], metrics["global_step"], metrics["zero_shot_labels"]) == ("retrieval", 5, ["large", "small"])
+    assert (set(metrics["before"]) == set(metrics["after"]) == set(metrics["wise_ft"]["0.5"])
+            == METRICS | {"eval_zero_shot_accuracy"})
+    assert ((metrics["task"], metrics["global_step"], metrics["zero_shot_labels"])
+            == ("retrieval", 5, ["large", "small"]))
     assert len(_losses(out)) == 5 and metrics["after"] != metrics["before"]
-    # The Trainer's evaluation at step 5 logs the loss and the same metrics (metric_for_best_model can use them).
-    logged = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "eval_loss" in h]
+    # The Trainer's evaluation at step 5 logs the loss and the same metrics (metric_for_best_model can use
+    # them).
+    logged = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"]
+              if "eval_loss" in h]
     assert [h["step"] for h in logged] == [5] and logged[0]["eval_loss"] > 0
-    assert {k: v for k, v in logged[0].items() if k in metrics["after"]} == pytest.approx(metrics["after"], abs=1e-6)
+    assert ({k: v for k, v in logged[0].items() if k in metrics["after"]}
+            == pytest.approx(metrics["after"], abs=1e-6))
 
     from eval.report import report_run
 
@@ -87,12 +97,15 @@ def test_run_writes_metrics_that_make_eval_reproduces_and_wise_ft_interpolates(e
 def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     d, e, _, whole = env
     out = d / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
-           "--main_process_port", "29561", str(RECIPE / "train.py"), *whole, "--per_device_train_batch_size", "4",
-           "--per_device_eval_batch_size", "4", "--output_dir", str(out), "--save_strategy", "no"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+           "--main_process_port", "29561", str(RECIPE / "train.py"), *whole,
+           "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "4",
+           "--output_dir", str(out), "--save_strategy", "no"]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
-    one, two = json.loads((d / "whole" / "metrics.json").read_text()), json.loads((out / "metrics.json").read_text())
+    one, two = (json.loads((d / "whole" / "metrics.json").read_text()),
+                json.loads((out / "metrics.json").read_text()))
     assert (two["world_size"], two["global_step"]) == (2, 5)
     # The loss of every step (each over the 8 pairs of the global batch) and the weights after them.
     assert _losses(out) == pytest.approx(_losses(d / "whole"), abs=1e-5)
@@ -104,7 +117,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     # The evaluation, split across the processes, gives the same numbers.
     assert two["before"] == pytest.approx(one["before"], abs=1e-6)
     # The eval loss too: the 8 eval pairs are one global batch in both runs (4 per process here).
-    eval_loss = lambda run: [h["eval_loss"] for h in json.loads((run / "trainer_state.json").read_text())["log_history"]  # noqa: E731
+    eval_loss = lambda run: [h["eval_loss"]  # noqa: E731
+                             for h in json.loads((run / "trainer_state.json").read_text())["log_history"]
                              if "eval_loss" in h]
     assert eval_loss(out) == pytest.approx(eval_loss(d / "whole"), abs=1e-5)
 
@@ -113,9 +127,11 @@ def test_resumed_run_ends_like_the_uninterrupted_one(env):
     d, e, _, whole = env
     out = d / "resumed"
     shutil.copytree(d / "whole" / "checkpoint-3", out / "checkpoint-3")
-    r = _run([*whole, "--per_device_train_batch_size", "8", "--output_dir", str(out), "--resume_from_checkpoint", "last"], e)
+    r = _run([*whole, "--per_device_train_batch_size", "8", "--output_dir", str(out),
+              "--resume_from_checkpoint", "last"], e)
     assert r.returncode == 0, r.stderr[-4000:]
-    # Steps 4 and 5: the rest of epoch 1 (its first batch skipped) and the first of epoch 2, with their captions.
+    # Steps 4 and 5: the rest of epoch 1 (its first batch skipped) and the first of epoch 2, with their
+    # captions.
     assert _losses(out)[-2:] == pytest.approx(_losses(d / "whole")[-2:], abs=1e-6)
     ref, got = load_file(d / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
     for k in ref:
@@ -125,8 +141,9 @@ def test_resumed_run_ends_like_the_uninterrupted_one(env):
 def test_lora_on_the_vision_tower_only_and_its_merge(env):
     d, e, data, _ = env
     out = d / "lora"
-    r = _run([*data, "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8", *FAST,
-              "--save_strategy", "no", "--peft_method", "lora", "--lora_towers", "vision", "--learning_rate", "0.5"], e)
+    r = _run([*data, "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8",
+              *FAST, "--save_strategy", "no", "--peft_method", "lora", "--lora_towers", "vision",
+              "--learning_rate", "0.5"], e)
     assert r.returncode == 0, r.stderr[-4000:]
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all(".vision_model.encoder.layers." in k and ".lora_" in k for k in adapter)
@@ -146,13 +163,15 @@ def test_lora_on_the_vision_tower_only_and_its_merge(env):
         a, m, b = (x.get_image_features(pixel_values=pixels).pooler_output for x in (adapted, merged, base))
         torch.testing.assert_close(m, a, atol=1e-5, rtol=1e-5)
         assert not torch.allclose(a, b, atol=1e-4)  # training changed the image tower ...
-        assert torch.equal(merged.get_text_features(input_ids=ids).pooler_output, base.get_text_features(input_ids=ids).pooler_output)
+        assert torch.equal(merged.get_text_features(input_ids=ids).pooler_output,
+                           base.get_text_features(input_ids=ids).pooler_output)
 
 
 def test_embed_and_search_use_the_trained_model(env):
     d, e, _, _ = env
     index = d / "index"
-    r = _run(["--model", str(d / "whole"), "--file", str(d / "synth" / "eval.jsonl"), "--out", str(index)], e, "embed.py")
+    r = _run(["--model", str(d / "whole"), "--file", str(d / "synth" / "eval.jsonl"), "--out", str(index)], e,
+             "embed.py")
     assert r.returncode == 0, r.stderr[-3000:]
     final = np.load(d / "whole" / "predictions" / "final.npz")
     images, texts = np.load(index / "images.npy"), np.load(index / "texts.npy")
@@ -168,7 +187,8 @@ def test_embed_and_search_use_the_trained_model(env):
     assert [h["image"] for h in hits] == [meta["images"][i] for i in best]
     assert [h["score"] for h in hits] == pytest.approx([round(float(cosines[i]), 4) for i in best], abs=1e-4)
 
-    r = _run(["--index", str(index), "--image", meta["images"][2], "--k", "3", "--json"], e, "search.py")  # the reverse
+    # the reverse
+    r = _run(["--index", str(index), "--image", meta["images"][2], "--k", "3", "--json"], e, "search.py")
     assert r.returncode == 0, r.stderr[-3000:]
     cosines = texts @ images[2]
     best = np.argsort(-cosines, kind="stable")[:3]
@@ -179,7 +199,9 @@ def test_bad_rows_are_a_clear_error(env):
     d, e, _, _ = env
     bad = d / "synth" / "bad.jsonl"
     rows = read_jsonl(d / "synth" / "train.jsonl")[:6]
-    bad.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"image": "images/000000.png", "captions": []}\n')
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows)
+                   + '{"image": "images/000000.png", "captions": []}\n')
     r = _run(["--train_file", str(bad), "--output_dir", str(d / "x"), "--max_steps", "1", *FAST], e)
-    assert r.returncode != 0 and f"{bad}:7: field 'captions': is an empty list" in r.stderr and "--skip_bad_rows" in r.stderr
+    assert (r.returncode != 0 and f"{bad}:7: field 'captions': is an empty list" in r.stderr
+            and "--skip_bad_rows" in r.stderr)
 

@@ -51,7 +51,8 @@ def direct():
 @pytest.fixture(scope="module")
 def ours():
     predictions, references = _coco_inputs()
-    return caption_metrics(predictions, references, metrics=["Bleu", "METEOR", "ROUGE_L", "CIDEr"], per_sample=True)
+    return caption_metrics(predictions, references, metrics=["Bleu", "METEOR", "ROUGE_L", "CIDEr"],
+                           per_sample=True)
 
 
 def test_equals_pycocoevalcap(direct, ours):
@@ -66,7 +67,8 @@ def test_equals_pycocoevalcap(direct, ours):
 def test_per_sample_equals_pycocoevalcap(direct, ours):
     _, per_image = direct
     for name in ("CIDEr", "Bleu_4", "METEOR", "ROUGE_L"):
-        assert {k: v[name] for k, v in ours["per_sample"].items()} == pytest.approx(per_image[name], rel=1e-12)
+        assert ({k: v[name] for k, v in ours["per_sample"].items()}
+                == pytest.approx(per_image[name], rel=1e-12))
     assert len({round(v["CIDEr"], 6) for v in ours["per_sample"].values()}) == 4
 
 
@@ -108,7 +110,8 @@ def test_spice_skipped_with_one_stderr_line(monkeypatch, capsys):
     monkeypatch.setattr(caption, "spice_available", lambda: (False, "the jars are missing (test)"))
     out = caption_metrics({1: "a cat sleeps"}, {1: ["a cat is sleeping"]}, metrics=["SPICE", "Bleu"])
     err = capsys.readouterr().err
-    assert [line for line in err.splitlines() if "SPICE" in line] == ["SPICE skipped: the jars are missing (test)"]
+    assert [line for line in err.splitlines() if "SPICE" in line] == [
+        "SPICE skipped: the jars are missing (test)"]
     assert "SPICE" not in out and "Bleu_1" in out
 
 
@@ -127,17 +130,21 @@ def test_missing_prediction_and_reference_named():
 
 
 def _cli(*args, cwd=REPO):
-    return subprocess.run([sys.executable, "-m", "eval", *map(str, args)], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "eval", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True)
 
 
 def test_cli_coco_files_json(direct):
     expected, _ = direct
     proc = _cli("caption", "--coco-annotations", GOLDEN / "coco_annotations.json",
-                "--coco-results", GOLDEN / "coco_results.json", "--metrics", "Bleu", "ROUGE_L", "CIDEr", "--json")
+                "--coco-results", GOLDEN / "coco_results.json", "--metrics", "Bleu", "ROUGE_L", "CIDEr",
+                "--json")
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)  # exactly one JSON object, no progress text
-    # pycocoevalcap's chatter (the tokenizer's progress, BLEU's length ratios) is dropped, not moved to stderr.
-    assert "testlen" not in proc.stderr and "ratio" not in proc.stderr and "tokeniz" not in proc.stderr.lower()
+    # pycocoevalcap's chatter (the tokenizer's progress, BLEU's length ratios) is dropped, not moved to
+    # stderr.
+    assert ("testlen" not in proc.stderr and "ratio" not in proc.stderr
+            and "tokeniz" not in proc.stderr.lower())
     assert set(result) == {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr"}
     for name, value in result.items():
         assert value == pytest.approx(expected[name], rel=1e-12)
@@ -156,19 +163,24 @@ def test_cli_jsonl_per_sample(tmp_path):
     assert json.loads(proc.stdout) == {"CIDEr": pytest.approx(lib["CIDEr"], rel=1e-12)}
     rows = [json.loads(line) for line in (tmp_path / "per.jsonl").read_text().splitlines()]
     assert [r["key"] for r in rows] == [f"img/{k}.jpg" for k in refs]
-    assert [r["CIDEr"] for r in rows] == pytest.approx([lib["per_sample"][k]["CIDEr"] for k in refs], rel=1e-12)
+    assert [r["CIDEr"] for r in rows] == pytest.approx([lib["per_sample"][k]["CIDEr"] for k in refs],
+                                                       rel=1e-12)
 
 
 def test_cli_missing_prediction_names_file_and_key(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n')
-    (tmp_path / "r.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n{"image": "b.jpg", "captions": ["y"]}\n')
-    proc = _cli("caption", "--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl", "--json")
+    (tmp_path / "r.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n'
+                                      '{"image": "b.jpg", "captions": ["y"]}\n')
+    proc = _cli("caption", "--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl",
+                "--json")
     assert proc.returncode == 1 and proc.stdout == ""
-    assert "'b.jpg'" in proc.stderr and "no prediction" in proc.stderr and str(tmp_path / "p.jsonl") in proc.stderr
+    assert ("'b.jpg'" in proc.stderr and "no prediction" in proc.stderr
+            and str(tmp_path / "p.jsonl") in proc.stderr)
 
 
 def test_cli_bad_row_names_file_line_field(tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n\n{"image": "b.jpg", "text": "y"}\n')
+    (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "caption": "x"}\n\n'
+                                      '{"image": "b.jpg", "text": "y"}\n')
     (tmp_path / "r.jsonl").write_text('{"image": "a.jpg", "captions": ["x"]}\n')
     proc = _cli("caption", "--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl")
     assert proc.returncode == 1

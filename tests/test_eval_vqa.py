@@ -65,10 +65,11 @@ def test_rounding_is_half_away_from_zero_like_python2():
 
 
 def test_types_are_optional_and_breakdowns_grouped():
-    refs = {1: {"answers": ["yes"] * 10, "answer_type": "yes/no"}, 2: {"answers": ["no"] * 10, "answer_type": "yes/no"},
-            3: {"answers": ["red"] * 10}}
+    refs = {1: {"answers": ["yes"] * 10, "answer_type": "yes/no"},
+            2: {"answers": ["no"] * 10, "answer_type": "yes/no"}, 3: {"answers": ["red"] * 10}}
     out = vqa_accuracy({1: "yes", 2: "yes", 3: "red"}, refs)
-    assert out["overall"] == 66.67 and out["perAnswerType"] == {"yes/no": 50.0} and out["perQuestionType"] == {}
+    assert (out["overall"] == 66.67 and out["perAnswerType"] == {"yes/no": 50.0}
+            and out["perQuestionType"] == {})
 
 
 def test_missing_prediction_is_an_error():
@@ -77,12 +78,14 @@ def test_missing_prediction_is_an_error():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "eval", "vqa", *map(str, args)], cwd=REPO, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "eval", "vqa", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True)
 
 
 def test_cli_official_files_json():
-    proc = _cli("--vqa-annotations", GOLDEN / "annotations.json", "--vqa-questions", GOLDEN / "questions.json",
-                "--vqa-results", GOLDEN / "results.json", "--json")
+    proc = _cli("--vqa-annotations", GOLDEN / "annotations.json",
+                "--vqa-questions", GOLDEN / "questions.json", "--vqa-results", GOLDEN / "results.json",
+                "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout) == EXPECTED
 
@@ -99,7 +102,8 @@ def test_cli_jsonl_json(tmp_path):
 
 
 def test_cli_extra_prediction_names_file(tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"question_id": 1, "answer": "yes"}\n{"question_id": 2, "answer": "no"}\n')
+    (tmp_path / "p.jsonl").write_text('{"question_id": 1, "answer": "yes"}\n'
+                                      '{"question_id": 2, "answer": "no"}\n')
     (tmp_path / "r.jsonl").write_text('{"question_id": 1, "answers": ["yes"]}\n')
     proc = _cli("--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl", "--json")
     assert proc.returncode == 1 and proc.stdout == ""
@@ -107,7 +111,8 @@ def test_cli_extra_prediction_names_file(tmp_path):
 
 
 def test_cli_duplicate_question_names_line(tmp_path):
-    (tmp_path / "p.jsonl").write_text('{"question_id": 1, "answer": "yes"}\n{"question_id": 1, "answer": "no"}\n')
+    (tmp_path / "p.jsonl").write_text('{"question_id": 1, "answer": "yes"}\n'
+                                      '{"question_id": 1, "answer": "no"}\n')
     (tmp_path / "r.jsonl").write_text('{"question_id": 1, "answers": ["yes"]}\n')
     proc = _cli("--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl")
     assert proc.returncode == 1 and f"{tmp_path / 'p.jsonl'}:2: field 'question_id'" in proc.stderr
@@ -115,6 +120,7 @@ def test_cli_duplicate_question_names_line(tmp_path):
 
 def test_official_results_with_non_string_answer_rejected(tmp_path):
     (tmp_path / "res.json").write_text('[{"question_id": 1000, "answer": 2}]')
-    proc = _cli("--vqa-annotations", GOLDEN / "annotations.json", "--vqa-questions", GOLDEN / "questions.json",
-                "--vqa-results", tmp_path / "res.json")
-    assert proc.returncode == 1 and "field '[0].answer'" in proc.stderr and str(tmp_path / "res.json") in proc.stderr
+    proc = _cli("--vqa-annotations", GOLDEN / "annotations.json",
+                "--vqa-questions", GOLDEN / "questions.json", "--vqa-results", tmp_path / "res.json")
+    assert (proc.returncode == 1 and "field '[0].answer'" in proc.stderr
+            and str(tmp_path / "res.json") in proc.stderr)

@@ -1,4 +1,5 @@
-"""recipes.common.feature_cache: stored features equal the tower's output, in its dtype; the tower serves them back."""
+"""recipes.common.feature_cache: stored features equal the tower's output, in its dtype; the tower serves them
+back."""
 
 import pickle
 
@@ -33,7 +34,8 @@ def _live(tower, processor, paths):
 def test_features_are_the_towers_output_looked_up_by_path(setup, dtype):
     tower, processor, paths, root = setup
     tower.to(dtype)
-    cache = VisionFeatureCache.build(tower, processor, paths + paths[:1], root, batch_size=2)  # duplicates stored once
+    # duplicates stored once
+    cache = VisionFeatureCache.build(tower, processor, paths + paths[:1], root, batch_size=2)
     assert len(cache) == 3 and cache.dtype == dtype
     got = cache.get([paths[2], paths[0], paths[2]])
     assert got.shape == (3, 5, 16) and got.dtype == dtype  # 2 x 2 patches + class token

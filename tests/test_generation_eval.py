@@ -1,4 +1,5 @@
-"""RecipeTrainer's generation-based evaluation on a tiny BLIP-2: eval_CIDEr etc. logged, usable for the best checkpoint, predictions written."""
+"""RecipeTrainer's generation-based evaluation on a tiny BLIP-2: eval_CIDEr etc. logged, usable for the best
+checkpoint, predictions written."""
 
 import json
 
@@ -11,7 +12,8 @@ from transformers import (Blip2Config, Blip2ForConditionalGeneration, Blip2QForm
 
 from eval.caption import caption_metrics
 from recipes.blip2_lora_caption.collator import tokenize_captions
-from recipes.common.captions import CaptionCollator, CaptionPromptCollator, caption_eval_records, caption_scores
+from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, caption_eval_records,
+                                     caption_scores)
 from recipes.common.args import GenerationEvalArguments
 from recipes.common.trainer import GenerationEval, RecipeTrainer
 from tests.test_blip2_collator import IMG, PAD, VOCAB, tokenizer  # noqa: F401  (fixture)
@@ -20,13 +22,13 @@ from tests.test_blip2_collator import IMG, PAD, VOCAB, tokenizer  # noqa: F401  
 def _tiny_blip2():
     torch.manual_seed(0)
     config = Blip2Config(
-        vision_config=Blip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                        image_size=16, patch_size=8).to_dict(),
-        qformer_config=Blip2QFormerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
-                                          encoder_hidden_size=16).to_dict(),
-        text_config=OPTConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, ffn_dim=64, num_attention_heads=2,
-                              max_position_embeddings=64, word_embed_proj_dim=32, pad_token_id=0, bos_token_id=1,
-                              eos_token_id=1).to_dict(),
+        vision_config=Blip2VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=16, patch_size=8).to_dict(),
+        qformer_config=Blip2QFormerConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, encoder_hidden_size=16).to_dict(),
+        text_config=OPTConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, ffn_dim=64,
+                              num_attention_heads=2, max_position_embeddings=64, word_embed_proj_dim=32,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=1).to_dict(),
         num_query_tokens=2, image_token_index=IMG,
     )
     return Blip2ForConditionalGeneration(config)
@@ -38,12 +40,14 @@ def test_generation_metrics_are_logged_saved_and_pick_the_best_checkpoint(tokeni
     for i in range(6):
         color = ["red", "blue"][i % 2]
         Image.new("RGB", (16, 16), color).save(tmp_path / f"{i}.png")
-        records.append({"image": str(tmp_path / f"{i}.png"), "captions": [colors[color], "a photo of " + colors[color]]})
+        records.append({"image": str(tmp_path / f"{i}.png"),
+                        "captions": [colors[color], "a photo of " + colors[color]]})
     ds = datasets.Dataset.from_list(records)
     train, _ = tokenize_captions(ds, tokenizer, image_token_id=IMG, num_image_tokens=2)
     image_processor = BlipImageProcessor(size={"height": 16, "width": 16})
     args = TrainingArguments(
-        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2, eval_strategy="steps",
+        output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+        per_device_eval_batch_size=4, learning_rate=1e-2, eval_strategy="steps",
         eval_steps=2, save_steps=2, metric_for_best_model="CIDEr", load_best_model_at_end=True, report_to=[],
         use_cpu=True, logging_steps=1, remove_unused_columns=False, seed=0,
     )
@@ -61,8 +65,8 @@ def test_generation_metrics_are_logged_saved_and_pick_the_best_checkpoint(tokeni
     # What was logged is what the written predictions score.
     lines = [json.loads(line) for line in open(tmp_path / "run" / "predictions" / "step-4.jsonl")]
     assert sorted(r["key"] for r in lines) == sorted(r["image"] for r in records)
-    rescored = caption_metrics({r["key"]: r["prediction"] for r in lines}, {r["image"]: r["captions"] for r in records},
-                               metrics=["CIDEr"])
+    rescored = caption_metrics({r["key"]: r["prediction"] for r in lines},
+                               {r["image"]: r["captions"] for r in records}, metrics=["CIDEr"])
     assert rescored["CIDEr"] == pytest.approx(evals[-1]["eval_CIDEr"])
     best = max(evals, key=lambda h: h["eval_CIDEr"])["step"]
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")

@@ -1,5 +1,5 @@
-"""eval.instruct (one item per held-out assistant turn; short answers by VQA accuracy, descriptions by CIDEr) and
-the "instruct" task of `python -m eval report`."""
+"""eval.instruct (one item per held-out assistant turn; short answers by VQA accuracy, descriptions by CIDEr)
+and the "instruct" task of `python -m eval report`."""
 
 import json
 
@@ -16,9 +16,11 @@ RECORDS = [
         {"from": "human", "value": "<image>\nWhat color is the circle?"}, {"from": "gpt", "value": "Red."},
         {"from": "human", "value": "Describe the image."},
         {"from": "gpt", "value": "A red circle in the top left of the image on a light background."}]},
-    {"conversations": [{"from": "human", "value": "How many sides does a triangle have?"}, {"from": "gpt", "value": "three"}]},
+    {"conversations": [{"from": "human", "value": "How many sides does a triangle have?"},
+                       {"from": "gpt", "value": "three"}]},
     {"image": "b.png", "conversations": [
-        {"from": "system", "value": "Answer well."}, {"from": "human", "value": "<image>\nDescribe the image."},
+        {"from": "system", "value": "Answer well."},
+        {"from": "human", "value": "<image>\nDescribe the image."},
         {"from": "gpt", "value": "A blue square at the bottom of the image next to a green cross."}]},
 ]
 PREDICTIONS = {"0:1": "red", "0:3": "a red circle in the top left of the image", "1:1": "four sides",
@@ -29,7 +31,8 @@ def test_items_are_assistant_turns_with_their_history():
     items = eval_items(RECORDS, short_answer_words=3)
     assert [it["key"] for it in items] == ["0:1", "0:3", "1:1", "2:2"]
     assert [it["short"] for it in items] == [True, False, True, False]
-    assert items[1]["conversations"] == RECORDS[0]["conversations"][:3] and items[1]["question"] == "Describe the image."
+    assert (items[1]["conversations"] == RECORDS[0]["conversations"][:3]
+            and items[1]["question"] == "Describe the image.")
     assert items[0]["question"] == "What color is the circle?" and items[2]["image"] is None
     assert is_short(["红色的圆形"], 5, lang="zh") and not is_short(["红色的圆形"], 4, lang="zh")  # characters
 
@@ -37,10 +40,12 @@ def test_items_are_assistant_turns_with_their_history():
 def test_short_answers_by_vqa_accuracy_descriptions_by_cider():
     items = eval_items(RECORDS, short_answer_words=3)
     scores = instruct_scores(PREDICTIONS, items, per_sample=True)
-    assert scores["VQA_accuracy"] == 50.0  # "red" matches "Red." after VQA normalisation, "four sides" misses "three"
+    # "red" matches "Red." after VQA normalisation, "four sides" misses "three"
+    assert scores["VQA_accuracy"] == 50.0
     assert (scores["n_short"], scores["n_long"]) == (2, 2)
     long = {k: PREDICTIONS[k] for k in ("0:3", "2:2")}
-    references = {"0:3": [RECORDS[0]["conversations"][3]["value"]], "2:2": [RECORDS[2]["conversations"][2]["value"]]}
+    references = {"0:3": [RECORDS[0]["conversations"][3]["value"]],
+                  "2:2": [RECORDS[2]["conversations"][2]["value"]]}
     expected = caption_metrics(long, references, metrics=["Bleu", "ROUGE_L", "CIDEr"])
     assert scores["CIDEr"] == pytest.approx(expected["CIDEr"]) and scores["CIDEr"] > 0
     assert scores["per_sample"]["0:1"] == 1.0 and scores["per_sample"]["1:1"] == 0.0
@@ -54,17 +59,20 @@ def test_report_rescores_an_instruct_run(tmp_path):
     write_jsonl(tmp_path / "val.jsonl", RECORDS)
     run = tmp_path / "run"
     (run / "predictions").mkdir(parents=True)
-    write_jsonl(run / "predictions" / "final.jsonl", ({"key": k, "prediction": v} for k, v in PREDICTIONS.items()))
+    write_jsonl(run / "predictions" / "final.jsonl",
+                ({"key": k, "prediction": v} for k, v in PREDICTIONS.items()))
     write_jsonl(run / "predictions" / "before.jsonl", ({"key": k, "prediction": "no"} for k in PREDICTIONS))
-    info = {"recipe": "llava_instruct", "task": "instruct", "eval_file": str(tmp_path / "val.jsonl"), "lang": "en",
-            "short_answer_words": 3, "global_step": 5}
+    info = {"recipe": "llava_instruct", "task": "instruct", "eval_file": str(tmp_path / "val.jsonl"),
+            "lang": "en", "short_answer_words": 3, "global_step": 5}
     (run / "metrics.json").write_text(json.dumps(info))
     row = report_run(run)
-    assert row["final"]["VQA_accuracy"] == 50.0 and row["before"]["VQA_accuracy"] == 0.0 and row["final"]["CIDEr"] > 0
+    assert (row["final"]["VQA_accuracy"] == 50.0 and row["before"]["VQA_accuracy"] == 0.0
+            and row["final"]["CIDEr"] > 0)
     assert "Bleu_4" in row["final"] and row["n"] == 4
     gallery = (run / "gallery.html").read_text()
     assert "(text only)" in gallery and "How many sides does a triangle have?" in gallery
-    (run / "metrics.json").write_text(json.dumps({**info, "short_answer_words": 0}))  # nothing is short any more
+    # nothing is short any more
+    (run / "metrics.json").write_text(json.dumps({**info, "short_answer_words": 0}))
     row = report_run(run)
     assert "VQA_accuracy" not in row["final"] and row["final"]["n_long"] == 4
 
@@ -74,8 +82,9 @@ def test_shuffled_images_give_every_image_item_another_image():
 
     from recipes.common.run import shuffled_images
 
-    items = datasets.Dataset.from_list([{"key": "0:1", "image": "a"}, {"key": "0:3", "image": "a"}, {"key": "1:1", "image": None},
-                                        {"key": "2:1", "image": "b"}, {"key": "3:1", "image": "c"}])
+    items = datasets.Dataset.from_list([{"key": "0:1", "image": "a"}, {"key": "0:3", "image": "a"},
+                                        {"key": "1:1", "image": None}, {"key": "2:1", "image": "b"},
+                                        {"key": "3:1", "image": "c"}])
     shuffled = shuffled_images(items)
     assert shuffled["image"] == ["b", "b", None, "c", "a"] and shuffled["key"] == items["key"]
 

@@ -1,4 +1,5 @@
-"""scripts/new_recipe.py: the copy is renamed, bad requests are refused, and the copy trains from another repo root."""
+"""scripts/new_recipe.py: the copy is renamed, bad requests are refused, and the copy trains from another
+repo root."""
 
 import json
 import os
@@ -17,7 +18,8 @@ SOURCE = ROOT / "recipes" / "blip2_lora_caption"
 
 @pytest.fixture
 def fake_root(tmp_path):
-    """A repo root holding only links to the shared code, so a copy can only run if it imports nothing else."""
+    """A repo root holding only links to the shared code, so a copy can only run if it imports nothing
+    else."""
     (tmp_path / "recipes").mkdir()
     for rel in ("data_tools", "eval", "recipes/common", "recipes/__init__.py"):
         if (ROOT / rel).exists():
@@ -26,7 +28,8 @@ def fake_root(tmp_path):
 
 
 def new_recipe(root, *args, env=None, source_dir=ROOT / "recipes"):
-    cmd = [sys.executable, str(SCRIPT), "--recipes-dir", str(root / "recipes"), "--source-dir", str(source_dir), *args]
+    cmd = [sys.executable, str(SCRIPT), "--recipes-dir", str(root / "recipes"),
+           "--source-dir", str(source_dir), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
 
 
@@ -34,7 +37,8 @@ def test_copy_renames_every_mention_and_leaves_out_run_files(fake_root, tmp_path
     source = tmp_path_factory.mktemp("src")
     shutil.copytree(SOURCE, source / "blip2_lora_caption", ignore=shutil.ignore_patterns("__pycache__"))
     expected = {p.name for p in (source / "blip2_lora_caption").iterdir()}
-    for leftover in ("__pycache__/train.cpython-312.pyc", "outputs/run/metrics.json", "checkpoint-2/model.safetensors"):
+    for leftover in ("__pycache__/train.cpython-312.pyc", "outputs/run/metrics.json",
+                     "checkpoint-2/model.safetensors"):
         (source / "blip2_lora_caption" / leftover).parent.mkdir(parents=True, exist_ok=True)
         (source / "blip2_lora_caption" / leftover).write_text("blip2_lora_caption")
     r = new_recipe(fake_root, "--from", "blip2_lora_caption", "--name", "my_task", source_dir=source)
@@ -48,7 +52,8 @@ def test_copy_renames_every_mention_and_leaves_out_run_files(fake_root, tmp_path
     assert (copy / "README.md").read_text().startswith("# my_task:")
     assert "recipes/my_task/train.py" in (copy / "train.py").read_text()
     assert "from recipes.my_task.collator import" in (copy / "train.py").read_text()  # its own modules
-    assert "config.yaml  (" in r.stdout and "trainer.py\n" in r.stdout  # renamed files carry a count, the others none
+    # renamed files carry a count, the others none
+    assert "config.yaml  (" in r.stdout and "trainer.py\n" in r.stdout
     assert "recipes/my_task/collator.py" in r.stdout and "recipes/my_task/README.md" in r.stdout  # next steps
 
 
@@ -88,8 +93,9 @@ def test_copy_trains_two_steps_from_another_repo_root(fake_root, tmp_path_factor
     cache = tmp_path_factory.getbasetemp() / "vlm-recipes-cache"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(VLM_RECIPES_CACHE=str(cache), TOKENIZERS_PARALLELISM="false")
+    # random weights: no pre-training in tests
     r = new_recipe(fake_root, "--from", "blip2_lora_caption", "--name", "my_task", "--smoke", "--",
-                   "--model_name_or_path", "tiny:blip2-opt", env=env)  # random weights: no pre-training in tests
+                   "--model_name_or_path", "tiny:blip2-opt", env=env)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "smoke run passed (exit code 0)" in r.stdout and "recipes/my_task is ready" in r.stdout
     out = fake_root / "outputs" / "my_task-smoke"

@@ -40,7 +40,8 @@ def tiny_blip2():
 
 
 def tiny_blip2_t5():
-    t5 = T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")
+    t5 = T5Config(vocab_size=100, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                  feed_forward_proj="gated-gelu")
     config = Blip2Config(vision_config=VISION, qformer_config=dict(LAYER, encoder_hidden_size=16),
                          text_config=t5.to_dict(), num_query_tokens=4)
     return Blip2ForConditionalGeneration(config)
@@ -53,7 +54,8 @@ def tiny_llava():
 
 
 def tiny_clip():
-    text = dict(LAYER, vocab_size=100, max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text = dict(LAYER, vocab_size=100, max_position_embeddings=32, bos_token_id=0, eos_token_id=1,
+                pad_token_id=1)
     return CLIPModel(CLIPConfig(text_config=text, vision_config=VISION, projection_dim=16))
 
 
@@ -69,7 +71,7 @@ def lora_params(model):
     return {name for name, _ in model.named_parameters() if ".lora_" in name}
 
 
-# ---------------------------------------------------------------------------------------------------------- LoRA targets
+# ----------------------------------------------------------------------------------------------- LoRA targets
 
 
 def test_blip2_default_lora_targets_are_the_opt_decoder_only():
@@ -77,7 +79,8 @@ def test_blip2_default_lora_targets_are_the_opt_decoder_only():
     expected = {
         f"language_model.model.decoder.layers.{i}.{leaf}"
         for i in range(2)
-        for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2")
+        for leaf in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                     "fc1", "fc2")
     }
     assert set(lora_module_names(model)) == expected  # in particular no vision_model...mlp.fc1
     assert trainable(model) == lora_params(model)
@@ -93,7 +96,8 @@ def test_llava_default_lora_targets_are_the_llama_decoder_only():
 
 @pytest.mark.parametrize(
     "components, towers",
-    [(None, ("vision_model", "text_model")), (("vision",), ("vision_model",)), (("language",), ("text_model",))],
+    [(None, ("vision_model", "text_model")), (("vision",), ("vision_model",)),
+     (("language",), ("text_model",))],
 )
 def test_clip_default_lora_targets_per_tower(components, towers):
     model = apply_peft(tiny_clip(), PeftArguments(), components=components)
@@ -107,7 +111,8 @@ def test_clip_default_lora_targets_per_tower(components, towers):
 
 
 def test_default_targets_regex():
-    assert default_lora_targets(tiny_blip2()) == r"(?:language_model)\..*\.(?:k_proj|v_proj|q_proj|out_proj|fc1|fc2)"
+    assert default_lora_targets(tiny_blip2()) == (r"(?:language_model)\..*\."
+                                                  r"(?:k_proj|v_proj|q_proj|out_proj|fc1|fc2)")
     # lm_head is a leaf, not a container of targets, so it is not part of the prefix.
     assert default_lora_targets(tiny_llava()).startswith(r"(?:model\.language_model)\..*\.(?:q_proj|")
     with pytest.raises(ValueError, match="'bridge'"):
@@ -123,7 +128,8 @@ def test_blip2_flan_t5_default_lora_targets():
 
 
 def test_explicit_target_names_and_regex():
-    model = apply_peft(tiny_clip(), PeftArguments(lora_target_modules=["visual_projection", "text_projection"]))
+    model = apply_peft(tiny_clip(), PeftArguments(lora_target_modules=["visual_projection",
+                                                                       "text_projection"]))
     assert set(lora_module_names(model)) == {"visual_projection", "text_projection"}
     model = apply_peft(tiny_blip2(), PeftArguments(lora_target_modules=r"qformer\..*\.query"))
     assert set(lora_module_names(model)) == {
@@ -161,33 +167,38 @@ def test_peft_method_none_returns_model_unchanged():
     assert apply_peft(model, PeftArguments(peft_method="none")) is model
 
 
-# -------------------------------------------------------------------------------------------------------------- freezing
+# --------------------------------------------------------------------------------------------------- freezing
 
 
 def test_lora_plus_last_vision_layer_blip2():
     model = apply_peft(tiny_blip2(), PeftArguments())
-    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, unfreeze_last_n_vision_layers=1, freeze_language_model=True))
+    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, unfreeze_last_n_vision_layers=1,
+                                          freeze_language_model=True))
     last_layer = params_under(model, "base_model.model.vision_model.encoder.layers.1.")
     assert last_layer and trainable(model) == lora_params(model) | last_layer
 
 
 def test_no_lora_train_bridge_only_blip2():
     model = tiny_blip2()
-    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, freeze_bridge=False, freeze_language_model=True))
-    assert trainable(model) == params_under(model, "qformer.") | params_under(model, "language_projection.") | {"query_tokens"}
+    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, freeze_bridge=False,
+                                          freeze_language_model=True))
+    assert trainable(model) == (params_under(model, "qformer.") | params_under(model, "language_projection.")
+                                | {"query_tokens"})
 
 
 def test_no_lora_defaults_train_everything_but_the_vision_tower():
     model = tiny_llava()
     apply_freezing(model, FreezeArguments())
-    assert trainable(model) == {n for n, _ in model.named_parameters()} - params_under(model, "model.vision_tower.")
+    assert trainable(model) == ({n for n, _ in model.named_parameters()}
+                                - params_under(model, "model.vision_tower."))
 
 
 def test_llava_last_n_counts_from_the_feature_layer():
     # vision_feature_layer=-2: the last layer's output is never used, so "last 1" is the one before it.
     model = tiny_llava()
     assert vision_layer_names(model) == ["model.vision_tower.encoder.layers.0"]
-    apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=1, freeze_bridge=True, freeze_language_model=True))
+    apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=1, freeze_bridge=True,
+                                          freeze_language_model=True))
     assert trainable(model) == params_under(model, "model.vision_tower.encoder.layers.0.")
     with pytest.raises(ValueError, match="uses only 1 layers"):
         apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=2))
@@ -195,7 +206,8 @@ def test_llava_last_n_counts_from_the_feature_layer():
 
 def test_llava_unfrozen_vision_layer_gets_gradients():
     model = tiny_llava()
-    apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=1, freeze_bridge=True, freeze_language_model=True))
+    apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=1, freeze_bridge=True,
+                                          freeze_language_model=True))
     image_tokens = (32 // 8) ** 2  # "default" strategy drops the CLS token
     input_ids = torch.tensor([[1] + [99] * image_tokens + [5, 6, 7]])
     loss = model(input_ids=input_ids, pixel_values=torch.randn(1, 3, 32, 32), labels=input_ids).loss
@@ -236,7 +248,7 @@ def test_unknown_architecture_raises():
         apply_freezing(torch.nn.Linear(2, 2), FreezeArguments())
 
 
-# --------------------------------------------------------------------------------------------------- counts, param groups
+# --------------------------------------------------------------------------------------- counts, param groups
 
 
 @pytest.mark.parametrize("build", [tiny_blip2, tiny_llava, tiny_clip])
@@ -252,9 +264,11 @@ def test_counts_per_component_sum_to_total(build):
 
 def test_counts_exact_for_blip2_without_lora():
     model = tiny_blip2()
-    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, freeze_bridge=True, freeze_language_model=False))
+    apply_freezing(model, FreezeArguments(freeze_vision_tower=True, freeze_bridge=True,
+                                          freeze_language_model=False))
     counts = count_parameters(model)
-    numel = lambda prefix: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))  # noqa: E731
+    numel = lambda prefix: sum(p.numel() for n, p in model.named_parameters()  # noqa: E731
+                               if n.startswith(prefix))
     bridge = numel("qformer.") + numel("language_projection.") + numel("query_tokens")
     assert counts.rows == {
         "vision": (0, numel("vision_model.")),
@@ -292,10 +306,13 @@ def test_param_groups_learning_rates_and_decay(tmp_path):
     names = {id(p): n for n, p in model.named_parameters()}
     grouped = [names[id(p)] for g in groups for p in g["params"]]
     assert sorted(grouped) == sorted(trainable(model))  # each trainable parameter exactly once
-    assert all("bias" in n or "norm" in n for n in map(lambda p: names[id(p)], by_name["vision_no_decay"]["params"]))
-    assert "vision_model.encoder.layers.0.layer_norm1.weight" in [names[id(p)] for p in by_name["vision_no_decay"]["params"]]
+    assert all("bias" in n or "norm" in n
+               for n in map(lambda p: names[id(p)], by_name["vision_no_decay"]["params"]))
+    assert ("vision_model.encoder.layers.0.layer_norm1.weight"
+            in [names[id(p)] for p in by_name["vision_no_decay"]["params"]])
     # The trainer's optimizer holds exactly these groups' settings, parameter by parameter.
-    settings = {id(p): (g["lr"], g["weight_decay"]) for g in trainer.create_optimizer().param_groups for p in g["params"]}
+    settings = {id(p): (g["lr"], g["weight_decay"]) for g in trainer.create_optimizer().param_groups
+                for p in g["params"]}
     assert settings == {id(p): (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
 
 
@@ -316,8 +333,10 @@ def test_lora_and_freezing_saves_every_trained_module(tmp_path):
     from recipes.common.tiny.models import tiny_model_path
 
     path = tiny_model_path("blip2-opt")
-    peft_args, freeze_args = PeftArguments(lora_r=4), FreezeArguments(freeze_bridge=False, unfreeze_last_n_vision_layers=1)
-    model = apply_lora_and_freezing(Blip2ForConditionalGeneration.from_pretrained(path), peft_args, freeze_args)
+    peft_args, freeze_args = PeftArguments(lora_r=4), FreezeArguments(freeze_bridge=False,
+                                                                      unfreeze_last_n_vision_layers=1)
+    model = apply_lora_and_freezing(Blip2ForConditionalGeneration.from_pretrained(path), peft_args,
+                                    freeze_args)
     assert peft_args.modules_to_save == ["language_projection", "qformer", "vision_model.encoder.layers.1"]
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all(".lora_" in n or ".modules_to_save." in n for n in trained)

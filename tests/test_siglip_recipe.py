@@ -98,8 +98,8 @@ def _run(args, env, script="train.py"):
 
 def _short_run(data, out, env, *extra):
     """train.py for 2 steps of batch 8 on the data into `out`, with `extra` flags."""
-    return _run([*data, "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8", *FAST,
-                 *extra], env)
+    return _run([*data, "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8",
+                 *FAST, *extra], env)
 
 
 def _losses(run):

@@ -87,7 +87,8 @@ def count(inputs, processor, token: str) -> int:
 
 
 def expected_image_tokens(name: str, config, size: tuple[int, int]) -> int:
-    """Image tokens of one image alone in its sample, from the config (and the tile grids worked out by hand)."""
+    """Image tokens of one image alone in its sample, from the config (and the tile grids worked out by
+    hand)."""
     width, height = size
     vision = config.vision_config
     if name in ("qwen2_5_vl", "qwen3_vl"):
@@ -129,7 +130,8 @@ def test_loads_with_auto_classes(family):
 
 def test_chat_template_renders_family_format(family):
     name, _, processor = family
-    assert processor.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False) == RENDERED[name]
+    assert (processor.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+            == RENDERED[name])
     # Without the generation prompt the text ends with the last turn's end.
     assert processor.apply_chat_template(CONVERSATION, tokenize=False).endswith("And this?<|im_end|>\n")
     # Every special token of the format is one token, not split by the BPE.
@@ -154,7 +156,8 @@ def test_image_token_count(family, size):
 
 def test_image_counts_differ_by_size(family):
     name, model, _ = family
-    assert expected_image_tokens(name, model.config, SMALL) != expected_image_tokens(name, model.config, LARGE)
+    assert (expected_image_tokens(name, model.config, SMALL)
+            != expected_image_tokens(name, model.config, LARGE))
 
 
 def test_two_images_train_and_generate(family):
@@ -163,7 +166,8 @@ def test_two_images_train_and_generate(family):
     images = [image(SMALL), image(LARGE, (20, 20, 220))]
     # LLaVA-OneVision: images nested per sample, so the processor and the model both treat a sample with
     # several images as such (whole-image tile and a newline per image).
-    inputs = processor(text=text, images=[images] if name == "llava_onevision" else images, return_tensors="pt")
+    inputs = processor(text=text, images=[images] if name == "llava_onevision" else images,
+                       return_tensors="pt")
     if name == "llava_onevision":
         n = model.config.vision_config.image_size // model.config.vision_config.patch_size
         assert count(inputs, processor, "<image>") == 2 * (n * n + 1)
@@ -179,7 +183,8 @@ def test_two_images_train_and_generate(family):
     assert vision_grads and any(g.abs().sum() > 0 for g in vision_grads)  # the loss reaches the vision tower
     model.zero_grad()
 
-    prompt = processor.apply_chat_template(user_turn("What is this?"), add_generation_prompt=True, tokenize=False)
+    prompt = processor.apply_chat_template(user_turn("What is this?"), add_generation_prompt=True,
+                                           tokenize=False)
     inputs = processor(text=prompt, images=[image(LARGE)], return_tensors="pt")
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert inputs["input_ids"].shape[1] < out.shape[1] <= inputs["input_ids"].shape[1] + 3
@@ -188,8 +193,8 @@ def test_two_images_train_and_generate(family):
 
 def _mixed_batch(name, processor, rows, padding_side):
     """(the rows' generation prompts, the processor's padded batch of them) for (text, image or None) rows."""
-    texts = [processor.apply_chat_template(user_turn(t, images=int(img is not None)), add_generation_prompt=True,
-                                           tokenize=False) for t, img in rows]
+    texts = [processor.apply_chat_template(user_turn(t, images=int(img is not None)),
+                                           add_generation_prompt=True, tokenize=False) for t, img in rows]
     images = [img for _, img in rows if img is not None]
     if name == "llava_onevision":
         images = [[img] if img is not None else [] for _, img in rows]
@@ -224,7 +229,8 @@ def test_positions_need_mm_token_type_ids(family):
     name, model, processor = family
     if name not in ("qwen2_5_vl", "qwen3_vl"):
         pytest.skip("no M-RoPE")
-    text = processor.apply_chat_template(user_turn("What is this?"), add_generation_prompt=True, tokenize=False)
+    text = processor.apply_chat_template(user_turn("What is this?"), add_generation_prompt=True,
+                                         tokenize=False)
     inputs = processor(text=text, images=[image(LARGE)], return_tensors="pt")
     with torch.no_grad():
         full = model(**inputs).logits
@@ -241,8 +247,8 @@ def test_left_padded_batch_generates_as_single_rows(family):
     """Generation-based evaluation batches left-padded prompts: each row's greedy continuation is the row's
     own (with an image of another size and a text-only row beside it)."""
     name, model, processor = family
-    rows = [("What is this?", image(SMALL)), ("What shape is in the picture here?", image(LARGE, (20, 20, 220))),
-            ("Say hello.", None)]
+    rows = [("What is this?", image(SMALL)),
+            ("What shape is in the picture here?", image(LARGE, (20, 20, 220))), ("Say hello.", None)]
     texts, batch = _mixed_batch(name, processor, rows, "left")
     width = batch["input_ids"].shape[1]
     out = model.generate(**batch, max_new_tokens=4, do_sample=False)[:, width:]

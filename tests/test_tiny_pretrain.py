@@ -1,4 +1,5 @@
-"""Pre-training of the tiny BLIP-2 base: corpus, learning, reproducibility, caching, and no leak into the fine-tuning data."""
+"""Pre-training of the tiny BLIP-2 base: corpus, learning, reproducibility, caching, and no leak into the
+fine-tuning data."""
 
 import json
 
@@ -10,7 +11,8 @@ from data_tools.synth import make_scene
 from recipes.common.tiny import pretrain as tiny_pretrain
 from recipes.common.models import resolve_model_path
 from recipes.common.tiny.models import tiny_model_path
-from recipes.common.tiny.pretrain import _train, annotation, corpus_batch, pretrain_blip2, pretrained_tiny_path, text_corpus
+from recipes.common.tiny.pretrain import (_train, annotation, corpus_batch, pretrain_blip2,
+                                          pretrained_tiny_path, text_corpus)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -49,11 +51,13 @@ def test_pretraining_learns_and_is_reproducible(base, tmp_path):
     a = pretrain_blip2(tmp_path / "a", base=base, steps=40, text_steps=20, batch_size=8, lr=2e-3, warmup=5,
                        log=lambda m: None)
     record = json.loads((a / "pretraining.json").read_text())
-    text_first, text_last = record["text_loss_curve"][0], record["text_loss_curve"][-1]  # stage 1: the LM on text
+    # stage 1: the LM on text
+    text_first, text_last = record["text_loss_curve"][0], record["text_loss_curve"][-1]
     assert text_last["step"] == 19 and set(text_last) == {"step", "text_loss"}
     assert text_last["text_loss"] < 0.85 * text_first["text_loss"]
     first, last = record["loss_curve"][0], record["loss_curve"][-1]  # stage 2: images, text loss at 0.2
-    assert last["step"] == 39 and last["image_loss"] < 0.7 * first["image_loss"] and last["text_loss"] < text_first["text_loss"]
+    assert (last["step"] == 39 and last["image_loss"] < 0.7 * first["image_loss"]
+            and last["text_loss"] < text_first["text_loss"])
     assert (record["text_steps"], record["steps"], record["text_weight"]) == (20, 40, 0.2)
     model = Blip2ForConditionalGeneration.from_pretrained(a)  # an ordinary checkpoint
     before = Blip2ForConditionalGeneration.from_pretrained(base)
@@ -72,7 +76,8 @@ def test_train_loop_minimises_the_weighted_sum_and_records_the_losses_unweighted
     curve, _ = _train([w], losses, steps=400, lr=0.05, warmup=1, weight_decay=0.0, seed=0, log=lambda m: None,
                       what="test", weights={"b": 0.25})
     assert curve[0] == {"step": 0, "a": 4.0, "b": 16.0}
-    assert w.item() == pytest.approx(1.8, abs=0.02)  # argmin of (w - 3)^2 + 0.25 (w + 3)^2 = (3 - 0.75) / 1.25
+    # argmin of (w - 3)^2 + 0.25 (w + 3)^2 = (3 - 0.75) / 1.25
+    assert w.item() == pytest.approx(1.8, abs=0.02)
 
 
 def test_cached_base_is_built_once_and_named_tiny_pretrained(base, tmp_path, monkeypatch):
@@ -84,8 +89,10 @@ def test_cached_base_is_built_once_and_named_tiny_pretrained(base, tmp_path, mon
 
     monkeypatch.setitem(tiny_pretrain.PRETRAINERS, "blip2-opt", fake_pretrain)
     monkeypatch.setenv("VLM_RECIPES_CACHE", str(tmp_path))
-    shipped = tiny_pretrain.shipped_base  # the cache path is under test: no shipped base (the scene list stays)
-    monkeypatch.setattr(tiny_pretrain, "shipped_base", lambda name: shipped(name) if "scenes" in name else None)
+    # the cache path is under test: no shipped base (the scene list stays)
+    shipped = tiny_pretrain.shipped_base
+    monkeypatch.setattr(tiny_pretrain, "shipped_base",
+                        lambda name: shipped(name) if "scenes" in name else None)
     path = pretrained_tiny_path("blip2-opt")
     assert path.name.startswith("blip2-opt-pretrained-v") and (path / "pretraining.json").exists()
     assert resolve_model_path("tiny:blip2-opt-pretrained") == str(path) and len(calls) == 1
@@ -125,7 +132,8 @@ def test_no_pretraining_scene_shows_a_val_or_test_image_of_an_embedded_default()
         for split in ("val", "test"):
             for r in read_jsonl(splits[split]):
                 if "objects" in r:
-                    held_out.add(tuple((o["shape"], o["color"], o["size"], o["position"]) for o in r["objects"]))
+                    held_out.add(tuple((o["shape"], o["color"], o["size"], o["position"])
+                                       for o in r["objects"]))
                     held.append(Image.open(splits[split].parent / r["image"]).convert("RGB"))
     counts = {}
     for name, fn in tiny_pretrain.PRETRAINERS.items():
@@ -136,7 +144,8 @@ def test_no_pretraining_scene_shows_a_val_or_test_image_of_an_embedded_default()
     seed = tiny_pretrain.PRETRAIN_SEED
     scenes = tiny_pretrain.pretraining_scenes(counts["clip"])
     assert len(set(scenes)) == len(scenes)
-    shown = {tuple((o["shape"], o["color"], o["size"], o["position"]) for o in make_scene(seed, i)) for i in scenes}
+    shown = {tuple((o["shape"], o["color"], o["size"], o["position"]) for o in make_scene(seed, i))
+             for i in scenes}
     assert not shown & held_out and len(held_out) > 1000
 
     checked = scenes[:64_000] + random.Random(0).sample(scenes[64_000:], 8_000)
@@ -161,34 +170,39 @@ def test_clip_pretraining_learns_and_exports_its_vision_tower(tmp_path):
     clip = tiny_pretrain.pretrain_clip(tmp_path / "clip", base=base, steps=80, batch_size=16, warmup=5,
                                        log=lambda m: None)
     curve = json.loads((clip / "pretraining.json").read_text())["loss_curve"]
-    assert curve[-1]["contrastive_loss"] < 0.85 * curve[0]["contrastive_loss"]  # from (ln 32 + ln 16) / 2: 16 texts + 16 hard negatives
+    # from (ln 32 + ln 16) / 2: 16 texts + 16 hard negatives
+    assert curve[-1]["contrastive_loss"] < 0.85 * curve[0]["contrastive_loss"]
     vision = tiny_pretrain.export_clip_vision(tmp_path / "vision", clip=clip, log=lambda m: None)
-    full, alone = CLIPModel.from_pretrained(clip).vision_model.state_dict(), CLIPVisionModel.from_pretrained(vision).state_dict()
+    full, alone = (CLIPModel.from_pretrained(clip).vision_model.state_dict(),
+                   CLIPVisionModel.from_pretrained(vision).state_dict())
     assert full.keys() == alone.keys() and all(torch.equal(full[k], alone[k]) for k in full)
-    assert not torch.equal(alone["embeddings.patch_embedding.weight"],
-                           CLIPModel.from_pretrained(base).vision_model.state_dict()["embeddings.patch_embedding.weight"])
+    assert not torch.equal(
+        alone["embeddings.patch_embedding.weight"],
+        CLIPModel.from_pretrained(base).vision_model.state_dict()["embeddings.patch_embedding.weight"])
 
 
 def test_language_model_pretraining_gpt2_and_llava(tmp_path):
     from transformers import AutoTokenizer, CLIPModel, GPT2LMHeadModel, LlavaForConditionalGeneration
 
     cache = tmp_path / "cache"
-    gpt2 = tiny_pretrain.pretrain_gpt2(tmp_path / "gpt2", base=tiny_model_path("gpt2", cache), steps=30, batch_size=8,
-                                       lr=3e-3, warmup=5, log=lambda m: None)
+    gpt2 = tiny_pretrain.pretrain_gpt2(tmp_path / "gpt2", base=tiny_model_path("gpt2", cache), steps=30,
+                                       batch_size=8, lr=3e-3, warmup=5, log=lambda m: None)
     curve = json.loads((gpt2 / "pretraining.json").read_text())["loss_curve"]
     assert curve[-1]["text_loss"] < 0.7 * curve[0]["text_loss"]
     GPT2LMHeadModel.from_pretrained(gpt2), AutoTokenizer.from_pretrained(gpt2)  # an ordinary checkpoint
 
     clip = tiny_model_path("clip", cache)  # any CLIP with the same vision config will do here
     base = tiny_model_path("llava", cache)
-    llava = tiny_pretrain.pretrain_llava(tmp_path / "llava", base=base, clip=clip, steps=10, batch_size=8, warmup=2,
-                                         log=lambda m: None)
+    llava = tiny_pretrain.pretrain_llava(tmp_path / "llava", base=base, clip=clip, steps=10, batch_size=8,
+                                         warmup=2, log=lambda m: None)
     after, before = (LlavaForConditionalGeneration.from_pretrained(p).state_dict() for p in (llava, base))
     tower = CLIPModel.from_pretrained(clip).vision_model.state_dict()
-    assert all(torch.equal(after[f"model.vision_tower.{k}"], v) for k, v in tower.items())  # the CLIP tower, as is
+    # the CLIP tower, as is
+    assert all(torch.equal(after[f"model.vision_tower.{k}"], v) for k, v in tower.items())
     projector = [k for k in after if k.startswith("model.multi_modal_projector.")]
     assert projector and all(torch.equal(after[k], before[k]) for k in projector)  # left for stage 1
-    assert not torch.equal(after["model.language_model.embed_tokens.weight"], before["model.language_model.embed_tokens.weight"])
+    assert not torch.equal(after["model.language_model.embed_tokens.weight"],
+                           before["model.language_model.embed_tokens.weight"])
 
 
 def test_text_batches_start_with_bos_whatever_the_tokenizer():
@@ -200,7 +214,8 @@ def test_text_batches_start_with_bos_whatever_the_tokenizer():
         assert (batch["input_ids"][:, 0] == tok.bos_token_id).all()
         n = int(batch["attention_mask"][0].sum())
         assert batch["input_ids"][0, n - 1] == tok.eos_token_id and (batch["labels"][0, n:] == -100).all()
-        assert (batch["input_ids"][0, 1:n - 1] == torch.tensor(tok("a red circle", add_special_tokens=False)["input_ids"])).all()
+        assert (batch["input_ids"][0, 1:n - 1]
+                == torch.tensor(tok("a red circle", add_special_tokens=False)["input_ids"])).all()
 
 
 def test_shape_negative_changes_exactly_one_shape():
@@ -210,5 +225,6 @@ def test_shape_negative_changes_exactly_one_shape():
         changed = [(a, b) for a, b in zip(positive.split("; "), negative.split("; ")) if a != b]
         assert len(negative.split("; ")) == len(objects) and len(changed) == 1
         a, b = changed[0]
-        assert a.split(", ")[1:] == b.split(", ")[1:] and a.split(": ")[0] == b.split(": ")[0]  # colour, size, place kept
+        # colour, size, place kept
+        assert a.split(", ")[1:] == b.split(", ")[1:] and a.split(": ")[0] == b.split(": ")[0]
         assert tiny_pretrain.shape_negative(i) == negative  # a pure function of the index

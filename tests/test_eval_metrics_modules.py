@@ -27,6 +27,10 @@ out = {
                            metrics=["Bleu", "CIDEr"]),
     "eval_from": sys.modules["eval"].__file__,
 }
+try:
+    vqa.compute(predictions=["2", "yes"], references=[["2"] * 10, ["yes"] * 10], answer_types=["number"])
+except ValueError as e:
+    out["vqa_types_mismatch"] = str(e)
 print(json.dumps(out))
 """)
 
@@ -52,6 +56,8 @@ def test_modules_load_offline_from_outside_the_repo(tmp_path):
     expected_vqa["perQuestion"] = {str(k): v for k, v in expected_vqa["perQuestion"].items()}
     assert out["vqa"] == expected_vqa
     assert out["vqa"]["overall"] == 43.33  # 100, 0 (no normalisation when all agree), 30
+    assert out["vqa_types_mismatch"] == ("answer_types: 1 values for 2 predictions; give one per "
+                                         "prediction")
 
     assert out["recall"] == recall_at_k([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]], [0, 0, 1], ks=[1, 2])
     assert out["recall"]["text_to_image_R@1"] == 2 / 3
@@ -60,3 +66,4 @@ def test_modules_load_offline_from_outside_the_repo(tmp_path):
                                    {0: ["A dog is running on the grass.", "a dog runs"],
                                     1: ["Two cats are sleeping.", "cats asleep"]}, metrics=["Bleu", "CIDEr"])
     assert out["caption"] == expected_cap and out["caption"]["CIDEr"] > 0
+

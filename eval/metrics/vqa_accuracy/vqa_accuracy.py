@@ -38,6 +38,9 @@ class VqaAccuracy(evaluate.Metric):
         n = len(predictions)
         answer_types = answer_types or [None] * n
         question_types = question_types or [None] * n
+        for name, values in (("answer_types", answer_types), ("question_types", question_types)):
+            if len(values) != n:
+                raise ValueError(f"{name}: {len(values)} values for {n} predictions; give one per prediction")
         refs = {i: {"answers": list(a), "answer_type": at, "question_type": qt}
                 for i, (a, at, qt) in enumerate(zip(references, answer_types, question_types))}
         return vqa.vqa_accuracy(dict(enumerate(predictions)), refs)

@@ -2,7 +2,8 @@
 
 Readers see the old file or the new one, never a partial one; two writers of one path never mix their
 lines (the last rename wins whole); a killed writer leaves at most its own temp file, which the next
-`atomic_write` of that path does not reuse, and an exception removes it.
+`atomic_write` of that path does not reuse, and an exception removes it. `atomic_folder` does the same
+for a new folder (a merged checkpoint): it appears whole or not at all.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -45,3 +47,22 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     with atomic_write(path) as f:
         f.write(text)
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside `path` to fill; on a clean exit it is renamed to `path`, else removed. `path`
+    must not exist yet (or be an empty folder): a folder that holds anything is never overwritten."""
+    path = Path(path)
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):
+        raise FileExistsError(f"{path}: exists and is not an empty folder; give a new one (nothing is "
+                              "overwritten)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the folder the usual permissions
+        os.rename(tmp, path)  # onto nothing or an empty folder: atomic
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -7,7 +7,7 @@ import pytest
 
 from data_tools import errors as E
 from data_tools.errors import DataError
-from data_tools.files import atomic_write
+from data_tools.files import atomic_folder, atomic_write
 from data_tools.jsonl import JsonlWriter, iter_json_list, iter_jsonl, load_json, read_jsonl, write_jsonl
 
 
@@ -120,6 +120,27 @@ def test_an_exception_mid_write_keeps_the_old_file_and_no_temp_file(tmp_path):
         f.write("partial")
         raise RuntimeError
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o.jsonl"]
+
+
+def test_a_folder_appears_whole_or_not_at_all_and_is_never_overwritten(tmp_path):
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("a")
+        assert tmp.parent == tmp_path and not (tmp_path / "out").exists()  # not there until complete
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "a.txt").read_text() == "a"
+    (tmp_path / "ref").mkdir()  # the permissions a folder made the usual way gets
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "ref").stat().st_mode
+    (tmp_path / "ref").rmdir()
+    with pytest.raises(FileExistsError, match="out: exists and is not an empty folder"):
+        with atomic_folder(tmp_path / "out"):
+            raise AssertionError("not reached")
+    with pytest.raises(RuntimeError), atomic_folder(tmp_path / "new") as tmp:
+        (tmp / "partial").write_text("x")
+        raise RuntimeError("killed mid-write")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    (tmp_path / "empty").mkdir()
+    with atomic_folder(tmp_path / "empty") as tmp:
+        (tmp / "b.txt").write_text("b")
+    assert (tmp_path / "empty" / "b.txt").read_text() == "b"
 
 
 def test_concurrent_writers_of_one_path_never_mix(tmp_path):

@@ -55,6 +55,19 @@ def test_train_saves_adapter_and_metrics_and_merge_equals_adapter_plus_base(env)
     r = subprocess.run([sys.executable, str(MERGE), "--run", str(out), "--out", str(merged)], env=e,
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert not [p for p in d.iterdir() if p.name.startswith(".merged.")]  # its temp folder, renamed
+    # a folder that holds anything is never written into; a failed merge leaves no folder behind
+    saved = sorted((p.name, p.stat().st_mtime_ns) for p in merged.iterdir())
+    for run, target in ((out, merged), (d / "no-such-run", d / "merged2")):
+        r = subprocess.run([sys.executable, str(MERGE), "--run", str(run), "--out", str(target)], env=e,
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert len([line for line in r.stderr.splitlines() if line.startswith("error: ")]) == 1, r.stderr
+    assert "merged: exists and is not an empty folder" in subprocess.run(
+        [sys.executable, str(MERGE), "--run", str(out), "--out", str(merged)], env=e, capture_output=True,
+        text=True).stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in merged.iterdir()) == saved
+    assert not (d / "merged2").exists() and not [p for p in d.iterdir() if p.name.startswith(".merged2.")]
 
     from peft import PeftConfig, PeftModel
     from transformers import AutoProcessor, Blip2ForConditionalGeneration

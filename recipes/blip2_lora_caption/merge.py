@@ -10,6 +10,7 @@ outputs as base + adapter: LoRA deltas are added into the base weights, and the 
 from transformers import Blip2ForConditionalGeneration
 
 from recipes.common.merge import merge_cli, merge_run
+from recipes.common.run import run_main
 
 
 def main(argv=None):
@@ -17,4 +18,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a bad --run or --out: its message, exit code 2

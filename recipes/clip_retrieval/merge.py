@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
 from recipes.common.merge import merge_cli
 from recipes.common.models import resolve_model_path
+from recipes.common.run import run_main
 
 
 def base_of(run: str | Path) -> str:
@@ -86,4 +87,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a bad --run or --out: its message, exit code 2

@@ -16,6 +16,8 @@ from typing import Callable
 import torch
 from peft import PeftConfig, PeftModel
 
+from data_tools.files import atomic_folder
+
 from .models import load_processor
 
 
@@ -56,13 +58,18 @@ def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[
               dtype: str = "float32",
               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Path:
     """The command line of a recipe's merge/export script: --run, --out, --dtype (+ `add_arguments`'s), then
-    `merge(args)`; prints and returns the folder written."""
+    `merge(args)`, which writes to a temp folder renamed to --out when complete (--out must be new); prints
+    and returns the folder written."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the training output_dir (or a checkpoint-N folder in it)")
-    p.add_argument("--out", required=True, help="the folder to write the full checkpoint to")
+    p.add_argument("--out", required=True, help="a new folder for the full checkpoint")
     p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
     if add_arguments is not None:
         add_arguments(p)
-    out = merge(p.parse_args(argv))
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    with atomic_folder(out) as tmp:  # beside `out`, renamed to it when complete
+        args.out = str(tmp)
+        merge(args)
     print(f"full checkpoint written to {out}")
     return out

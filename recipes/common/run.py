@@ -177,14 +177,14 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """A train.py's entry point: `main()`, then the process group's end. A bad data file, option or path
-    (`DataError`, `ValueError`, `FileNotFoundError`) ends the run with its message and exit code 2, no
-    traceback (VLM_RECIPES_DEBUG=1 shows it)."""
+    """A script's entry point: `main()`, then the process group's end. A bad data file, option or path
+    (`DataError`, `ValueError`, `FileNotFoundError`, `FileExistsError`) ends the run with its message and
+    exit code 2, no traceback (VLM_RECIPES_DEBUG=1 shows it)."""
     from accelerate import PartialState
 
     try:
         main()
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("VLM_RECIPES_DEBUG"):
             raise
         print(f"error: {e}\n(VLM_RECIPES_DEBUG=1 shows where it was raised)", file=sys.stderr)

@@ -11,6 +11,7 @@ as base + adapter (recipes/common/merge.py). Runs trained without LoRA (stage pr
 from transformers import AutoModelForImageTextToText
 
 from recipes.common.merge import merge_cli, merge_run
+from recipes.common.run import run_main
 
 
 def main(argv=None):
@@ -18,4 +19,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a bad --run or --out: its message, exit code 2

@@ -18,6 +18,7 @@ from transformers import AutoModelForImageTextToText
 
 from recipes.common.merge import merge_cli, merge_run
 from recipes.common.quantization import QUANTIZATION_FILE, merge_quantized_run
+from recipes.common.run import run_main
 
 
 def merge(args) -> Path:
@@ -30,4 +31,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a bad --run or --out: its message, exit code 2

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from recipes.common.merge import merge_cli
+from recipes.common.run import run_main
 from recipes.soft_prompt_caption.modeling import SoftPromptCaptioner
 
 
@@ -43,4 +44,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)  # a bad --run or --out: its message, exit code 2

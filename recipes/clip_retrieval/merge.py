@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
 from recipes.common.merge import merge_cli
-from recipes.common.models import resolve_model_path
+from recipes.common.models import loading, resolve_model_path
 from recipes.common.run import run_main
 
 
@@ -43,9 +43,12 @@ def load_dual_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> P
     if (Path(path) / "adapter_config.json").exists():
         from peft import PeftModel
 
-        base = AutoModel.from_pretrained(resolve_model_path(base_of(path)), dtype=dtype)
+        base_path = resolve_model_path(base_of(path))
+        with loading(base_path):
+            base = AutoModel.from_pretrained(base_path, dtype=dtype)
         return PeftModel.from_pretrained(base, path).merge_and_unload()
-    return AutoModel.from_pretrained(path, dtype=dtype)
+    with loading(path):
+        return AutoModel.from_pretrained(path, dtype=dtype)
 
 
 def wise_ft(base: PreTrainedModel, finetuned: PreTrainedModel, alpha: float) -> PreTrainedModel:

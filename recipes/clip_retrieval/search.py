@@ -11,7 +11,6 @@ so query and index live in the same space. Scores are cosine similarities.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 
 from recipes.clip_retrieval.embed import encode_texts, load
 from recipes.clip_retrieval.trainer import embed_images
+from recipes.common.run import run_main
 
 
 def top_k(query: np.ndarray, bank: np.ndarray, k: int) -> list[tuple[int, float]]:
@@ -65,4 +65,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)  # a bad --index, --model or --image: its message, exit code 2

@@ -18,7 +18,7 @@ from peft import PeftConfig, PeftModel
 
 from data_tools.files import atomic_folder
 
-from .models import load_processor
+from .models import load_processor, loading
 
 
 def is_adapter_run(run: str | Path) -> bool:
@@ -34,8 +34,9 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
                                 "or a checkpoint-N in it")
     torch_dtype = getattr(torch, dtype)
     if is_adapter_run(run):
-        base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path,
-                                         dtype=torch_dtype)
+        base_path = PeftConfig.from_pretrained(run).base_model_name_or_path
+        with loading(base_path):
+            base = model_cls.from_pretrained(base_path, dtype=torch_dtype)
         model = PeftModel.from_pretrained(base, run)
     else:
         model = model_cls.from_pretrained(run, dtype=torch_dtype)
@@ -44,6 +45,8 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
 
 def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32") -> Path:
     """Merge the adapter of LoRA run `run` into its base; save model and processor to `out`."""
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"{run}: no such folder; give a training output_dir or a checkpoint-N in it")
     if not is_adapter_run(run):
         raise ValueError(f"{run} has no adapter_config.json: it was trained without LoRA and is already a "
                          "full checkpoint")

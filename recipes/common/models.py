@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -54,16 +55,25 @@ def resolve_model_path(path: str) -> str:
     raise ValueError(f"unknown tiny model {path!r}; expected tiny: followed by one of {', '.join(known)}")
 
 
-def check_model_source(path: str) -> None:
-    """A FileNotFoundError for a local-looking missing path, which would else go to the Hub as a repo id and
-    fail with a network error (Hub ids are "name" or "org/name")."""
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
-    if looks_local and not Path(path).expanduser().exists():
+@contextlib.contextmanager
+def loading(*paths: str):
+    """Around the loading of checkpoints `paths`: a local-looking path that does not exist (else it would go
+    to the Hub as a repo id: "name" or "org/name"), or one that fails to load, is a one-line
+    FileNotFoundError."""
+    for path in paths:
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+        if looks_local and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"model path {path!r} does not exist: give a checkpoint or run folder, "
+                                    "or a Hub id such as Salesforce/blip2-opt-2.7b")
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise FileNotFoundError(
-            f"model path {path!r} does not exist. Give a local checkpoint folder (one with config.json) or a "
-            "Hub id such as Salesforce/blip2-opt-2.7b; leave --model_name_or_path out to use the embedded "
-            "tiny model."
-        )
+            f"could not load {' or '.join(map(repr, paths))}: {detail} (a Hub id needs network access or a "
+            "local copy; HF_HUB_OFFLINE=1 uses the local cache only)") from e
 
 
 # transformers 5.25's torchvision image processor of these families breaks on a batch whose first or last
@@ -81,7 +91,6 @@ def load_processor(path: str | Path, model_type: str, **kwargs):
 def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *,
                              skip_quantization: list[str] | None = None):
     """`model_cls` and its processor from a local folder or Hub id, tiny and real models alike."""
-    check_model_source(path)
     kwargs = dict(
         dtype=compute_dtype(model_args),
         attn_implementation=model_args.attn_implementation,
@@ -94,13 +103,8 @@ def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *
         kwargs["quantization_config"] = quantization_config(model_args, skip_quantization)
         kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available()
                                 else {"": "cpu"})
-    try:
+    with loading(path):
         model = model_cls.from_pretrained(path, **kwargs)
         processor = load_processor(path, model.config.model_type, revision=model_args.revision,
                                    trust_remote_code=model_args.trust_remote_code)
-    except OSError as e:
-        raise OSError(
-            f"could not load {path!r}: {e}\nIf it is a Hub id, this machine needs network access or a local "
-            "copy (HF_HUB_OFFLINE=1 uses only the local cache)."
-        ) from e
     return model, processor

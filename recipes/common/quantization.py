@@ -31,7 +31,7 @@ from peft import PeftConfig, PeftModel
 from transformers import AutoConfig, BitsAndBytesConfig
 
 from .args import ModelArguments
-from .models import check_model_source, compute_dtype, load_processor
+from .models import compute_dtype, load_processor, loading
 from .peft_setup import find_components, trainable_in_float32
 
 logger = logging.getLogger(__name__)
@@ -68,9 +68,9 @@ def unquantized_modules(model_cls, path: str, model_args: ModelArguments) -> lis
     They are small next to the LM (4% and 0.3% of LLaVA-1.5-7B for the tower and projector), and the LM head
     decides every output token.
     """
-    check_model_source(path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
-                                        revision=model_args.revision)
+    with loading(path):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_args.trust_remote_code,
+                                            revision=model_args.revision)
     with torch.device("meta"):
         empty = model_cls.from_config(config, trust_remote_code=model_args.trust_remote_code)
     parts = find_components(empty)
@@ -174,6 +174,14 @@ def save_quantization_config(model: torch.nn.Module, folder: str | os.PathLike) 
     return path
 
 
+def _quantized_base(run: Path, model_cls):
+    """The base of QLoRA run `run`, loaded as training loaded it."""
+    kwargs = _load_kwargs(run)
+    path = PeftConfig.from_pretrained(run).base_model_name_or_path
+    with loading(path):
+        return model_cls.from_pretrained(path, **kwargs)
+
+
 def _load_kwargs(run: Path) -> dict:
     """from_pretrained keyword arguments that load the base of `run` as training loaded it."""
     if not (run / "adapter_config.json").exists():
@@ -194,8 +202,7 @@ def load_quantized_run(run: str | os.PathLike, model_cls):
     """(base quantized as in training + adapter, in eval mode; processor) of a QLoRA run folder or
     checkpoint-N."""
     run = Path(run)
-    base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path,
-                                     **_load_kwargs(run))
+    base = _quantized_base(run, model_cls)
     # the weights training used, not bitsandbytes' CPU-inference rounding of them
     keep_4bit_training_layout(base)
     return PeftModel.from_pretrained(base, run).eval(), load_processor(run, base.config.model_type)
@@ -210,8 +217,7 @@ def merge_quantized_run(run: str | os.PathLike, out: str | os.PathLike, model_cl
     weights the adapter is added to are the ones it was trained against.
     """
     run, torch_dtype = Path(run), getattr(torch, dtype)
-    base = model_cls.from_pretrained(PeftConfig.from_pretrained(run).base_model_name_or_path,
-                                     **_load_kwargs(run))
+    base = _quantized_base(run, model_cls)
     # Dequantized in the dtype the forward used, then cast: bf16 NF4 values cast to float32 stay what training
     # saw.
     base = base.dequantize(dtype=torch_dtype)

@@ -12,7 +12,6 @@ template); in the interactive mode earlier questions and answers stay in the con
 """
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -22,7 +21,8 @@ from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.chat import ChatEncoder, chat_encoder, to_messages
 from recipes.common.merge import load_run
-from recipes.common.models import load_processor, resolve_model_path
+from recipes.common.models import load_processor, loading, resolve_model_path
+from recipes.common.run import run_main
 from recipes.common.trainer import stop_token_ids
 
 
@@ -31,8 +31,9 @@ def load(model: str, dtype: str = "float32"):
     path = resolve_model_path(model)
     if Path(path).is_dir():
         return load_run(path, AutoModelForImageTextToText, dtype)
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
-    return model, load_processor(path, model.config.model_type)
+    with loading(path):
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        return model, load_processor(path, model.config.model_type)
 
 
 @torch.no_grad()
@@ -61,11 +62,11 @@ def main(argv=None) -> int:
     p.add_argument("--max_new_tokens", type=int, default=128)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
+    image = load_image(args.image) if args.image else None  # a bad image: an error before the model loads
     model, processor = load(args.model, args.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
     encoder = chat_encoder(processor)
-    image = load_image(args.image) if args.image else None
     first = f"{IMAGE_TOKEN}\n" if image is not None else ""
     if args.prompt is not None:
         print(answer(model, processor, encoder, [{"from": "human", "value": first + args.prompt}], image,
@@ -90,4 +91,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)  # a bad --model or --image: its message, exit code 2

@@ -28,7 +28,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
                                      caption_samples, caption_scores, load_caption_data)
-from recipes.common.models import check_model_source, compute_dtype, resolve_model_path
+from recipes.common.models import compute_dtype, loading, resolve_model_path
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters
 from recipes.common.run import run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
@@ -93,18 +93,17 @@ def main(argv=None):
     # between.
     vision_path = resolve_model_path(args.soft_prompt.vision_model or "tiny:clip-vision-pretrained")
     language_path = resolve_model_path(args.soft_prompt.language_model or "tiny:gpt2-pretrained")
-    for path in (vision_path, language_path):
-        check_model_source(path)
-    tokenizer = AutoTokenizer.from_pretrained(language_path, revision=args.model.revision)
+    with loading(vision_path, language_path):
+        tokenizer = AutoTokenizer.from_pretrained(language_path, revision=args.model.revision)
+        image_processor = AutoImageProcessor.from_pretrained(vision_path, revision=args.model.revision)
+        model = SoftPromptCaptioner.from_parts(
+            vision_path, language_path, dtype=compute_dtype(args.model),
+            attn_implementation=args.model.attn_implementation, revision=args.model.revision,
+            prompt_length=args.soft_prompt.prompt_length, projection=args.soft_prompt.projection,
+            vision_features=args.soft_prompt.vision_features,
+        )
     if tokenizer.pad_token is None:  # GPT-2 has none; padding is masked out of attention and loss anyway
         tokenizer.pad_token = tokenizer.eos_token
-    image_processor = AutoImageProcessor.from_pretrained(vision_path, revision=args.model.revision)
-    model = SoftPromptCaptioner.from_parts(
-        vision_path, language_path, dtype=compute_dtype(args.model),
-        attn_implementation=args.model.attn_implementation, revision=args.model.revision,
-        prompt_length=args.soft_prompt.prompt_length, projection=args.soft_prompt.projection,
-        vision_features=args.soft_prompt.vision_features,
-    )
     if args.soft_prompt.prompt_init_text:
         model.init_soft_prompt_from_text(tokenizer, args.soft_prompt.prompt_init_text)
     config = model.config

@@ -1,0 +1,39 @@
+"""The recipes' command-line tools end a bad path with a one-line error and exit code 2, no traceback, and
+write nothing: merge/export, chat, search, and train.py given a model that is not there."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = {
+    "merge, run missing": ("recipes/qlora_vqa/merge.py --run {tmp}/none --out {tmp}/out",
+                           "none: no such folder"),
+    "merge, run not LoRA": ("recipes/blip2_lora_caption/merge.py --run {tmp} --out {tmp}/out",
+                            "has no adapter_config.json"),
+    "export, run missing": ("recipes/soft_prompt_caption/export.py --run {tmp}/none --out {tmp}/out",
+                            "no trained.safetensors"),
+    "clip export, run missing": ("recipes/clip_retrieval/merge.py --run {tmp}/none --out {tmp}/out",
+                                 "none' does not exist"),
+    "chat, image missing": ("recipes/llava_instruct/chat.py --model tiny:llava --image {tmp}/a.png --prompt hi",
+                            "a.png: field 'image': image file does not exist"),
+    "chat, model missing": ("recipes/llava_instruct/chat.py --model {tmp}/none --prompt hi",
+                            "none' does not exist"),
+    "chat, Hub id offline": ("recipes/llava_instruct/chat.py --model no-such-org/no-such-model --prompt hi",
+                             "could not load 'no-such-org/no-such-model': "),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_path_is_one_line_and_exit_code_2(case, tmp_path):
+    command, message = CASES[case]
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, *command.format(tmp=tmp_path).split()], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".cache") == []

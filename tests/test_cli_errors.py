@@ -18,8 +18,8 @@ CASES = {
                             "no trained.safetensors"),
     "clip export, run missing": ("recipes/clip_retrieval/merge.py --run {tmp}/none --out {tmp}/out",
                                  "none' does not exist"),
-    "chat, image missing": ("recipes/llava_instruct/chat.py --model tiny:llava --image {tmp}/a.png --prompt hi",
-                            "a.png: field 'image': image file does not exist"),
+    "chat, image missing": ("recipes/llava_instruct/chat.py --model tiny:llava --image {tmp}/a.png "
+                            "--prompt hi", "a.png: field 'image': image file does not exist"),
     "chat, model missing": ("recipes/llava_instruct/chat.py --model {tmp}/none --prompt hi",
                             "none' does not exist"),
     "chat, Hub id offline": ("recipes/llava_instruct/chat.py --model no-such-org/no-such-model --prompt hi",

@@ -38,7 +38,7 @@ print(json.dumps(out))
 def test_modules_load_offline_from_outside_the_repo(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
-    # cwd outside the repository: `eval` is not importable until the module finds its origin.
+    # cwd outside the repository, no PYTHONPATH: `eval` comes from the installed package (make setup).
     proc = subprocess.run([sys.executable, "-c", SCRIPT, str(REPO)], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

@@ -27,13 +27,27 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-def test_a_bad_path_is_one_line_and_exit_code_2(case, tmp_path):
-    command, message = CASES[case]
+def _error_line(command: str, tmp_path: Path) -> str:
+    """The one `error:` line of `command` (run offline, HOME in tmp_path), which must exit with code 2."""
     env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     r = subprocess.run([sys.executable, *command.format(tmp=tmp_path).split()], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=300)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert r.returncode == 2 and len(errors) == 1 and message in errors[0], r.stderr[-3000:]
-    assert "Traceback" not in r.stderr
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_bad_path_is_one_line_and_exit_code_2(case, tmp_path):
+    command, message = CASES[case]
+    assert message in _error_line(command, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != ".cache") == []
+
+
+def test_a_checkpoint_folder_without_weights_is_one_line(tmp_path):
+    from transformers import LlavaConfig
+
+    LlavaConfig().save_pretrained(tmp_path / "ckpt")
+    error = _error_line("recipes/llava_instruct/chat.py --model {tmp}/ckpt --prompt hi", tmp_path)
+    assert f"could not load '{tmp_path}/ckpt': " in error and "model.safetensors" in error, error
+    assert "Hub id" not in error  # a local folder: no hint about network access

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 IGNORE_INDEX = -100
 
@@ -16,9 +17,6 @@ class LengthReport:
     truncated: int = 0
     dropped: int = 0
     target_tokens_cut: int = 0
-
-    def add(self, other: "LengthReport") -> "LengthReport":
-        return LengthReport(*(a + b for a, b in zip(vars(self).values(), vars(other).values())))
 
     def __str__(self) -> str:
         return (
@@ -46,19 +44,12 @@ def fit_to_budget(
     return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + list(target_ids)
 
 
-def pad_batch(features: list[dict], pad_token_id: int, *, left: bool = False) -> dict[str, torch.Tensor]:
-    """`input_ids`, `attention_mask` and (when the features have them) `labels` (-100 over padding) as
-    [batch, longest] tensors, padded on the right (training) or left (generation prompts)."""
-    width = max(len(f["input_ids"]) for f in features)
-    batch = {"input_ids": torch.full((len(features), width), pad_token_id, dtype=torch.long),
-             "attention_mask": torch.zeros((len(features), width), dtype=torch.long)}
-    if "labels" in features[0]:
-        batch["labels"] = torch.full((len(features), width), IGNORE_INDEX, dtype=torch.long)
-    for i, f in enumerate(features):
-        n = len(f["input_ids"])
-        span = slice(width - n, width) if left else slice(0, n)
-        batch["input_ids"][i, span] = torch.tensor(f["input_ids"], dtype=torch.long)
-        batch["attention_mask"][i, span] = 1
-        if "labels" in batch:
-            batch["labels"][i, span] = torch.tensor(f["labels"], dtype=torch.long)
-    return batch
+def pad_batch(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """`input_ids`, `attention_mask` and `labels` (-100 over padding), right-padded to the longest."""
+    def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+        return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True,
+                            padding_value=value)
+
+    ids = [f["input_ids"] for f in features]
+    return {"input_ids": pad(ids, pad_token_id), "attention_mask": pad([[1] * len(r) for r in ids], 0),
+            "labels": pad([f["labels"] for f in features], IGNORE_INDEX)}

@@ -39,8 +39,11 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
             base = model_cls.from_pretrained(base_path, dtype=torch_dtype)
         model = PeftModel.from_pretrained(base, run)
     else:
-        model = model_cls.from_pretrained(run, dtype=torch_dtype)
-    return model.eval(), load_processor(run, model.config.model_type)
+        with loading(str(run)):
+            model = model_cls.from_pretrained(run, dtype=torch_dtype)
+    with loading(str(run)):
+        processor = load_processor(run, model.config.model_type)
+    return model.eval(), processor
 
 
 def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32") -> Path:

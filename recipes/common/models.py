@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 from pathlib import Path
 
 import torch
@@ -71,9 +70,9 @@ def loading(*paths: str):
         raise
     except OSError as e:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FileNotFoundError(
-            f"could not load {' or '.join(map(repr, paths))}: {detail} (a Hub id needs network access or a "
-            "local copy; HF_HUB_OFFLINE=1 uses the local cache only)") from e
+        hub = ("" if all(Path(p).expanduser().exists() for p in paths) else
+               " (a Hub id needs network access or a local copy; HF_HUB_OFFLINE=1 uses the local cache only)")
+        raise FileNotFoundError(f"could not load {' or '.join(map(repr, paths))}: {detail}{hub}") from e
 
 
 # transformers 5.25's torchvision image processor of these families breaks on a batch whose first or last
@@ -98,11 +97,10 @@ def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *
         revision=model_args.revision,
     )
     if model_args.load_in_4bit or model_args.load_in_8bit:
-        from .quantization import quantization_config  # bitsandbytes: read only by quantized runs
+        from .quantization import quantization_config, quantized_device_map  # read by quantized runs only
 
         kwargs["quantization_config"] = quantization_config(model_args, skip_quantization)
-        kwargs["device_map"] = ({"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available()
-                                else {"": "cpu"})
+        kwargs["device_map"] = quantized_device_map()
     with loading(path):
         model = model_cls.from_pretrained(path, **kwargs)
         processor = load_processor(path, model.config.model_type, revision=model_args.revision,

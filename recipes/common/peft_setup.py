@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from transformers.pytorch_utils import Conv1D
 
 from .args import FreezeArguments, LearningRateArguments, PeftArguments
 
@@ -120,8 +121,6 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
     """The default LoRA targets in `components` (default: a generative model's LM, both towers of a dual
     encoder), as a regex peft fullmatches against module names: every linear layer of a generative LM but
     its head; the linear layers of an encoder's attention modules."""
-    from transformers.pytorch_utils import Conv1D
-
     base = _base(model)
     parts = find_components(base)
     generative = parts.output is not None
@@ -156,8 +155,6 @@ def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | N
 
 def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
     # bitsandbytes' linear layers subclass nn.Linear; GPT-2's are transformers' Conv1D, which LoRA wraps too.
-    from transformers.pytorch_utils import Conv1D
-
     return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
                    if isinstance(m, (torch.nn.Linear, Conv1D))})
 
@@ -196,15 +193,9 @@ def apply_peft(model: torch.nn.Module, peft_args: PeftArguments,
         targets = default_lora_targets(model, components)
     check_targets(model, targets)
     check_targets(model, peft_args.modules_to_save, what="modules_to_save")
-    config = LoraConfig(
-        r=peft_args.lora_r,
-        lora_alpha=peft_args.lora_alpha,
-        lora_dropout=peft_args.lora_dropout,
-        target_modules=targets,
-        modules_to_save=peft_args.modules_to_save,
-        bias="none",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, LoraConfig(
+        r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
+        target_modules=targets, modules_to_save=peft_args.modules_to_save, bias="none"))
 
 
 # --------------------------------------------------------------------------------------------------- freezing
@@ -268,11 +259,8 @@ def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None
     for name, _ in model.named_parameters():
         by_component[parts.of(name)].add(name)
 
-    flags = {
-        "vision": freeze_args.freeze_vision_tower,
-        "bridge": freeze_args.freeze_bridge,
-        "language": freeze_args.freeze_language_model,
-    }
+    flags = {"vision": freeze_args.freeze_vision_tower, "bridge": freeze_args.freeze_bridge,
+             "language": freeze_args.freeze_language_model}
     for component, freeze in flags.items():
         if freeze is not None:
             _set_trainable(model, by_component[component], trainable=not freeze)

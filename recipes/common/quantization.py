@@ -193,9 +193,13 @@ def _load_kwargs(run: Path) -> dict:
                                 "run trained on a 4/8-bit base? If not, merge it with "
                                 "recipes/common/merge.py's merge_run.")
     saved = json.loads(path.read_text())
-    device_map = {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
     return dict(quantization_config=BitsAndBytesConfig.from_dict(saved["quantization_config"]),
-                dtype=getattr(torch, saved["dtype"]), device_map=device_map)
+                dtype=getattr(torch, saved["dtype"]), device_map=quantized_device_map())
+
+
+def quantized_device_map() -> dict:
+    """The whole quantized model on this process's GPU (bitsandbytes quantizes while loading), or the CPU."""
+    return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
 
 
 def load_quantized_run(run: str | os.PathLike, model_cls):

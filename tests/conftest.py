@@ -14,6 +14,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
+def module_cache(tmp_path_factory):
+    """A model and data cache (VLM_RECIPES_CACHE) of the test module's own: what the module builds is built
+    once, and never into the user's cache. Yields its folder."""
+    root = tmp_path_factory.mktemp("vlm-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLM_RECIPES_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
 def recipe_env(tmp_path_factory):
     """A factory: (folder, environment) for subprocess runs of a recipe, with a model cache of the module's
     own (tiny models are built there once per module) and the first `n_train` of `n` synthetic `task` rows
@@ -41,3 +51,22 @@ def lora_module_names(model) -> list[str]:
     """Base-model names of the modules of a peft model that carry a LoRA adapter."""
     return sorted(name.removeprefix("base_model.model.").removesuffix(".lora_A")
                   for name, _ in model.named_modules() if name.endswith(".lora_A"))
+
+
+def word_llava_processor(vocab: dict[str, int], chat_template: str):
+    """A LLaVA processor over a word-level `vocab` ({word: id} with <unk>, <s>, </s>, <pad> and <image>): a
+    16 px image is 4 image tokens (8 px patches, CLS dropped), and every text starts with <s>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>",
+                                        extra_special_tokens={"image_token": "<image>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=chat_template)

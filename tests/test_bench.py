@@ -30,13 +30,7 @@ TOP_FIELDS = {"recipe", "model", "size", "pad_text_to", "device", "batch_size", 
 SFT_RECIPES = {"blip2_lora_caption", "llava_instruct", "qlora_vqa"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """A model and data cache of this module's own: the tiny models and synthetic JPEGs are built into it."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VLM_RECIPES_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache")  # the tiny models and synthetic JPEGs are built there
 
 
 def _opts(recipe, **kw):

@@ -5,15 +5,14 @@ import datasets
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 from data_tools.records import normalize_record
 from recipes.common.chat import (ChatCollator, ChatEncoder, ChatLengthReport, ChatPromptCollator,
                                  ChatTemplateError, fit_conversation, to_messages, tokenize_conversations)
 from recipes.common.sampling import ModalityLengthGroupedSampler
 from recipes.common.tiny.models import LLAVA_CHAT_TEMPLATE
+from tests.conftest import word_llava_processor
 
 VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "describe", "the",
          "image", ".", "a", "red", "circle", "where", "is", "it", "?", "top", "left", "be", "brief", "what",
@@ -36,16 +35,7 @@ NO_EOS_TEMPLATE = (
 
 
 def make_processor(template=LLAVA_CHAT_TEMPLATE):
-    tok = Tokenizer(models.WordLevel(V, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=template)
+    return word_llava_processor(V, template)
 
 
 @pytest.fixture(scope="module")

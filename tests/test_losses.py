@@ -9,12 +9,7 @@ from recipes.common.losses import label_positions_only
 from recipes.common.models import resolve_model_path
 
 
-@pytest.fixture(scope="module")
-def tiny_cache(tmp_path_factory):
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VLM_RECIPES_CACHE", str(tmp_path_factory.mktemp("cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 def _assert_grads_close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -40,7 +35,7 @@ def test_the_mask_keeps_the_positions_whose_next_token_is_a_label():
 
 
 @pytest.mark.parametrize("num_items_in_batch", [None, 17])  # mean over labels, or the Trainer's sum / count
-def test_a_causal_lm_gives_the_same_loss_and_gradients_from_fewer_logits(tiny_cache, num_items_in_batch):
+def test_a_causal_lm_gives_the_same_loss_and_gradients_from_fewer_logits(num_items_in_batch):
     from transformers import GPT2LMHeadModel
 
     model = GPT2LMHeadModel.from_pretrained(resolve_model_path("tiny:gpt2"), resid_pdrop=0.0, embd_pdrop=0.0,
@@ -90,7 +85,7 @@ def _trainer_loss_and_grads(trainer_class, model, inputs: dict, params, tmp_path
     return out
 
 
-def test_soft_prompt_trainer_option_gives_the_same_loss_and_gradients(tiny_cache, tmp_path):
+def test_soft_prompt_trainer_option_gives_the_same_loss_and_gradients(tmp_path):
     from recipes.soft_prompt_caption.modeling import SoftPromptCaptioner
     from recipes.soft_prompt_caption.trainer import SoftPromptTrainer
 
@@ -119,7 +114,7 @@ def _image_text_batch(image_token_id: int, n_image: int, text_length: int = 7) -
             "labels": labels}
 
 
-def test_blip2_caption_trainer_option_gives_the_same_loss_and_gradients(tiny_cache, tmp_path):
+def test_blip2_caption_trainer_option_gives_the_same_loss_and_gradients(tmp_path):
     """BLIP-2 slices full-length logits for its own loss: the CaptionTrainer computes it from the kept
     ones."""
     from transformers import Blip2ForConditionalGeneration
@@ -133,7 +128,7 @@ def test_blip2_caption_trainer_option_gives_the_same_loss_and_gradients(tiny_cac
     _trainer_loss_and_grads(CaptionTrainer, model, inputs, params, tmp_path)
 
 
-def test_llava_instruct_trainer_option_gives_the_same_loss_and_gradients(tiny_cache, tmp_path):
+def test_llava_instruct_trainer_option_gives_the_same_loss_and_gradients(tmp_path):
     """LLaVA under LoRA: its own loss on the kept logits (`shift_labels`), through PEFT's wrapper."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlavaForConditionalGeneration
@@ -149,7 +144,7 @@ def test_llava_instruct_trainer_option_gives_the_same_loss_and_gradients(tiny_ca
                             params, tmp_path)
 
 
-def test_blip2_option_trains_to_the_same_weights_under_gradient_accumulation(tiny_cache, tmp_path):
+def test_blip2_option_trains_to_the_same_weights_under_gradient_accumulation(tmp_path):
     """The BLIP-2 loss computed by the Trainer (compute_loss_func) is normalised over the whole accumulated
     batch, as the model's own: two optimizer steps of two micro-batches of unequal label counts end at the
     same weights."""

@@ -4,14 +4,13 @@ per-question-type prior baseline (eval.vqa.question_type_prior)."""
 import datasets
 import pytest
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
 
 from eval.vqa import question_type_prior
 from recipes.common.chat import ChatEncoder, to_messages, tokenize_conversations
 from recipes.common.tiny.models import LLAVA_CHAT_TEMPLATE
 from recipes.qlora_vqa.collator import (metric_name, prior_predictions, training_answer, vqa_conversations,
                                         vqa_items, vqa_scores)
+from tests.conftest import word_llava_processor
 
 VOCAB = ["<unk>", "<s>", "</s>", "<pad>", "<image>", "USER", ":", "ASSISTANT", "what", "color", "is", "the",
          "circle", "?", "answer", "briefly", ".", "red", "blue", "how", "many", "2", "two"]
@@ -23,17 +22,7 @@ N_IMG = 4  # 16 px images, 8 px patches, CLS dropped
 
 @pytest.fixture(scope="module")
 def encoder():
-    tok = Tokenizer(models.WordLevel(V, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                        pad_token="<pad>", unk_token="<unk>",
-                                        extra_special_tokens={"image_token": "<image>"})
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                               chat_template=LLAVA_CHAT_TEMPLATE)
-    return ChatEncoder(processor)
+    return ChatEncoder(word_llava_processor(V, LLAVA_CHAT_TEMPLATE))
 
 
 def ids(text):

@@ -57,17 +57,8 @@ RENDERED = {  # CONVERSATION with add_generation_prompt=True, in each family's f
 SMALL, LARGE = (64, 64), (128, 96)  # PIL sizes: (width, height)
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private cache root for the module, so each family is built once."""
-    root = tmp_path_factory.mktemp("vlm-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_RECIPES_CACHE", str(root))
-        yield root
-
-
 @pytest.fixture(scope="module", params=FAMILIES)
-def family(request, cache):
+def family(request, module_cache):
     name = request.param
     path = tiny_model_path(name)
     model = AutoModelForImageTextToText.from_pretrained(path).eval()

@@ -22,16 +22,7 @@ TEXTS = ["左上角有一个红色的圆。", "a big blue square on the left", "
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A private cache root for the whole module, so each model is built once."""
-    root = tmp_path_factory.mktemp("vlm-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLM_RECIPES_CACHE", str(root))
-        yield root
-
-
-@pytest.fixture(scope="module")
-def paths(cache):
+def paths(module_cache):
     names = ["blip2-opt", "llava", "clip", "clip-vision", "gpt2"]
     return {name: tiny_model_path(name) for name in names}
 
@@ -40,12 +31,12 @@ def red_square() -> Image.Image:
     return Image.new("RGB", (64, 64), (220, 20, 20))
 
 
-def test_cache_layout(cache, paths):
+def test_cache_layout(module_cache, paths):
     for name, path in paths.items():
-        assert path == cache / "tiny" / f"{name}-v{BUILD_VERSIONS[name]}"
+        assert path == module_cache / "tiny" / f"{name}-v{BUILD_VERSIONS[name]}"
         assert json.loads((path / "tiny_model.json").read_text())["name"] == name
     # Temp build folders are renamed or removed, never left behind.
-    built = sorted(p.name for p in (cache / "tiny").iterdir() if not p.name.endswith(".lock"))
+    built = sorted(p.name for p in (module_cache / "tiny").iterdir() if not p.name.endswith(".lock"))
     assert built == sorted(p.name for p in paths.values())
     assert tiny_model_path("gpt2") == paths["gpt2"]  # second call: cached, not rebuilt
 

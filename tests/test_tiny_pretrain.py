@@ -15,13 +15,7 @@ from recipes.common.tiny.pretrain import (_train, annotation, corpus_batch, pret
                                           pretrained_tiny_path, text_corpus)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache(tmp_path_factory):
-    """A cache of the module's own: nothing is built into the user's."""
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VLM_RECIPES_CACHE", str(tmp_path_factory.mktemp("vlm-cache")))
-    yield
-    mp.undo()
+pytestmark = pytest.mark.usefixtures("module_cache")
 
 
 @pytest.fixture(scope="module")

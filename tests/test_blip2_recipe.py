@@ -161,6 +161,12 @@ def test_bad_inputs_are_clear_errors(env):
     assert r.returncode == 2 and "images/broken.png" in r.stderr and "unreadable_image" in r.stderr
     assert "Traceback" not in r.stderr and f"{broken}:1: field 'image'" in r.stderr
 
+    # A length budget that the image tokens alone exceed: said before any generation, not at the sampler.
+    r = _run([*_data(d), "--output_dir", str(d / "w"), *FAST, "--max_length", "2"], e)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "error: no train sample fits: length budget: " in r.stderr and "raise --max_length" in r.stderr
+    assert not (d / "w" / "predictions").exists()
+
 
 def test_a_cut_off_image_is_found_before_the_first_step_and_the_headline_is_on_the_test_split(env):
     """A truncated image: an error naming file:line before training, or with --skip_bad_rows a counted reject

@@ -40,14 +40,18 @@ def load_caption_data(data_args, training_args):
 def caption_samples(tokenize, train_records, eval_records, test_records, eval_max_samples: int | None = None):
     """(train samples, eval samples, eval records, test records) from `tokenize(records)` -> (samples,
     LengthReport), reports logged; at most `eval_max_samples` eval and test records generate."""
-    train, report = tokenize(train_records)
-    logger.info("train %s", report)
+    def samples(records, split: str):
+        out, report = tokenize(records)
+        logger.info("%s %s", split, report)
+        if len(out) == 0:
+            raise ValueError(f"no {split} sample fits: {report}; raise --max_length")
+        return out
+
     test_records = first(test_records, eval_max_samples)
     if eval_records is None:
-        return train, None, None, test_records
-    evaluation, report = tokenize(eval_records)
-    logger.info("eval %s", report)
-    return train, evaluation, first(eval_records, eval_max_samples), test_records
+        return samples(train_records, "train"), None, None, test_records
+    return (samples(train_records, "train"), samples(eval_records, "eval"),
+            first(eval_records, eval_max_samples), test_records)
 
 
 def cached_vision_features(model, image_processor, samples, cache_args, training_args, *, serve: bool = False,

@@ -65,7 +65,9 @@ class DataArguments:
         "size is within limits, it is not cut off; fast), 'decode' (decode each one; slow), 'none'. A bad "
         "image is an error naming file:line, or a counted reject with --skip_bad_rows.")
     max_length: int = arg(
-        128, "Maximum sample length in tokens, counting image / query tokens; longer samples are an error.")
+        128, "Length budget of a sample in tokens, image / query tokens included. Over it, a caption is "
+        "cut, a conversation is cut after its last whole exchange that fits (CLIP: the text is cut before "
+        "its eos); a sample with no room left is dropped. The logged length report counts both.")
     image_size: int | None = arg(
         None, "Resize images to this many pixels per side; None = the processor's size.")
     skip_bad_rows: bool = arg(

@@ -80,6 +80,29 @@ def test_yaml_choice_is_checked(tmp_path):
         parse_args([ModelArguments], ["--config", config])
 
 
+@pytest.mark.parametrize("line, expected", [
+    ("learning_rate: abc", "learning_rate: 'abc' is not a valid value: expected float."),
+    ("lora_r: 8.5", "lora_r: 8.5 is not a valid value: expected int."),
+    ("freeze_bridge: maybe", "freeze_bridge: 'maybe' is not a valid value: Truthy value expected"),
+    ("dtype: float64", "dtype: 'float64' is not one of ['auto', 'float32', 'bfloat16', 'float16']."),
+])
+def test_a_yaml_value_of_the_wrong_type_names_the_file_line_and_key(tmp_path, line, expected):
+    config = write_yaml(tmp_path, f"seed: 1\n{line}\n")
+    with pytest.raises(ValueError) as error:
+        parse_args([ModelArguments, PeftArguments, FreezeArguments, TrainingArguments], ["--config", config])
+    assert str(error.value).startswith(f"{config}:2: {expected}"), str(error.value)
+
+
+def test_yaml_values_are_typed_as_on_the_command_line(tmp_path):
+    config = write_yaml(tmp_path, "lora_target_modules: q_proj\nlora_dropout: 0\nfreeze_bridge: 'false'\n"
+                        "num_beams: '3'\n")
+    peft, freeze, gen = parse_args([PeftArguments, FreezeArguments, GenerationEvalArguments],
+                                   ["--config", config])
+    assert peft.lora_target_modules == ["q_proj"]  # a list of one name, not a regex
+    assert peft.lora_dropout == 0.0 and isinstance(peft.lora_dropout, float)
+    assert freeze.freeze_bridge is False and gen.num_beams == 3
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         parse_args([ModelArguments], ["--config", str(tmp_path / "nope.yaml")])

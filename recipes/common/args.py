@@ -187,8 +187,31 @@ def _yaml_key_lines(text: str) -> dict[str, int]:
     return {key.value: key.start_mark.line + 1 for key, _ in node.value}
 
 
-def load_yaml_config(path: str | Path, known_fields: set[str]) -> dict:
-    """A YAML mapping of defaults whose keys are all known fields; errors name the file, line and key."""
+def _typed(action: argparse.Action, value, where: str):
+    """`value` from YAML read as the flag reads the same text on the command line (argparse checks only
+    command-line values): converted by the flag's type, checked against its choices; a scalar for a list
+    flag is a list of one."""
+    if value is None or isinstance(value, dict) or action.type is None:
+        return value
+    listed = action.nargs in ("+", "*")
+    if isinstance(value, list) and not listed:
+        return value  # a list for a field read from one string (report_to, fsdp): the field takes it as is
+    items = value if isinstance(value, list) else [value]
+    try:
+        items = [action.type(str(item)) for item in items]
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
+        expected = str(e) if isinstance(e, argparse.ArgumentTypeError) else f"expected {action.type.__name__}"
+        raise ValueError(f"{where}: {value!r} is not a valid value: {expected}.") from None
+    for item in items:
+        if action.choices is not None and item not in action.choices:
+            raise ValueError(f"{where}: {item!r} is not one of {list(action.choices)}.")
+    return items if listed else items[0]
+
+
+def load_yaml_config(path: str | Path, known_fields: set[str],
+                     actions: dict[str, argparse.Action] | None = None) -> dict:
+    """A YAML mapping of defaults whose keys are all known fields, each value read by its flag's action in
+    `actions`; errors name the file, line and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
@@ -206,7 +229,8 @@ def load_yaml_config(path: str | Path, known_fields: set[str]) -> dict:
                 f"{path}:{lines.get(key, '?')}: unknown key {key!r}.{hint} Keys must be argument names "
                 f"(see --help); fix or remove the line."
             )
-    return values
+    return {key: _typed(actions[key], value, f"{path}:{lines.get(key, '?')}: {key}")
+            if actions and key in actions else value for key, value in values.items()}
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
@@ -248,17 +272,10 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
 
     if config_args.config is not None:
         known = {f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init}
-        values = load_yaml_config(config_args.config, known)
-        for action in parser._actions:
-            if action.dest not in values:
-                continue
-            action.required = False
-            # argparse checks choices only for command-line values.
-            value = values[action.dest]
-            if action.choices is not None and value not in action.choices:
-                raise ValueError(
-                    f"{config_args.config}: {action.dest}: {value!r} is not one of {list(action.choices)}."
-                )
+        actions = {action.dest: action for action in parser._actions}
+        values = load_yaml_config(config_args.config, known, actions)
+        for key in values:
+            actions[key].required = False
         parser.set_defaults(**values)
 
     # look_for_args_file=False: a stray `<script>.args` file must not change the run.

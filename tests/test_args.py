@@ -177,6 +177,17 @@ def test_unknown_command_line_flag_is_an_error():
         parse_args([PeftArguments], ["--lora_rank", "4"])
 
 
+@pytest.mark.parametrize("flag, value, minimum", [
+    ("--max_train_samples", "0", 1), ("--max_eval_samples", "-1", 1), ("--max_length", "0", 1),
+    ("--image_size", "0", 1), ("--eval_max_samples", "0", 1), ("--num_beams", "0", 1),
+    ("--max_new_tokens", "0", 1), ("--unfreeze_last_n_vision_layers", "-1", 0),
+])
+def test_a_count_below_its_minimum_is_an_error(flag, value, minimum):
+    with pytest.raises(ValueError, match=f"^{flag[2:]} must be >= {minimum}, got {value}.$"):
+        parse_args(ALL, [flag, value])
+    parse_args(ALL, [flag, str(minimum)])  # the minimum itself is fine
+
+
 def test_4bit_and_8bit_together_is_an_error():
     with pytest.raises(ValueError, match="load_in_4bit"):
         parse_args([ModelArguments], ["--load_in_4bit", "--load_in_8bit"])

@@ -20,6 +20,15 @@ def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def check_at_least(args, minimum: int, *names: str) -> None:
+    """Raise ValueError for a count option below `minimum` (None: not set), which would run silently on
+    less than asked (e.g. --max_train_samples 0 reads one row)."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+
+
 @dataclass
 class ModelArguments:
     """Which checkpoint to load and how (dtype, attention kernel, quantization)."""
@@ -81,6 +90,9 @@ class DataArguments:
         "en", "Language of the texts: zh, ja, th, ... are scored on characters; the embedded default is "
         "made in it.")
 
+    def __post_init__(self):
+        check_at_least(self, 1, "max_length", "image_size", "max_train_samples", "max_eval_samples")
+
 
 _REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")
 
@@ -124,9 +136,7 @@ class FreezeArguments:
         "with LoRA, trained without.")
 
     def __post_init__(self):
-        if self.unfreeze_last_n_vision_layers < 0:
-            raise ValueError("unfreeze_last_n_vision_layers must be >= 0, got "
-                             f"{self.unfreeze_last_n_vision_layers}.")
+        check_at_least(self, 0, "unfreeze_last_n_vision_layers")
 
 
 @dataclass
@@ -173,6 +183,9 @@ class GenerationEvalArguments:
     shuffled_image_check: bool = arg(
         False, "After training, evaluate again with each eval image swapped for another one: a model that "
         "looks at the image scores lower; one that answers from the text alone scores the same.")
+
+    def __post_init__(self):
+        check_at_least(self, 1, "num_beams", "max_new_tokens", "eval_max_samples")
 
 
 # What every generative recipe parses (then its own dataclasses, and TrainingArguments last).

@@ -1,5 +1,6 @@
-"""The recipes' command-line tools end a bad path with a one-line error and exit code 2, no traceback, and
-write nothing: merge/export and chat (train.py's are in the recipes' own tests)."""
+"""The recipes' command-line tools end a bad path or option with a one-line error and exit code 2, no
+traceback, and write nothing: merge/export, chat, and two recipe options (train.py's data errors are in the
+recipes' own tests)."""
 
 import subprocess
 import sys
@@ -22,6 +23,11 @@ CASES = {
                             "--prompt hi", "a.png: field 'image': image file does not exist"),
     "chat, model missing": ("recipes/llava_instruct/chat.py --model {tmp}/none --prompt hi",
                             "none' does not exist"),
+    "clip, a negative layer count": ("recipes/clip_retrieval/train.py --output_dir {tmp}/out "
+                                     "--unfreeze_last_n_text_layers -1",
+                                     "unfreeze_last_n_text_layers must be >= 0, got -1."),
+    "soft prompt, a negative length": ("recipes/soft_prompt_caption/train.py --output_dir {tmp}/out "
+                                       "--prompt_length -1", "prompt_length must be >= 0, got -1."),
     "chat, Hub id offline": ("recipes/llava_instruct/chat.py --model no-such-org/no-such-model --prompt hi",
                              "could not load 'no-such-org/no-such-model': "),
 }

@@ -36,7 +36,7 @@ from recipes.clip_retrieval.merge import load_dual_encoder, wise_ft
 from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head, default_loss,
                                             set_training_mode)
 from recipes.common.args import (DataArguments, FreezeArguments, LearningRateArguments, ModelArguments,
-                                 PeftArguments, parse_recipe_args)
+                                 PeftArguments, check_at_least, parse_recipe_args)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
@@ -103,9 +103,8 @@ class RetrievalArguments:
     def __post_init__(self):
         if self.loss not in (None, "softmax", "sigmoid"):
             raise ValueError(f"--loss {self.loss}: expected softmax or sigmoid.")
-        if self.unfreeze_last_n_text_layers < 0:
-            raise ValueError("unfreeze_last_n_text_layers must be >= 0, got "
-                             f"{self.unfreeze_last_n_text_layers}.")
+        check_at_least(self, 0, "unfreeze_last_n_text_layers")
+        check_at_least(self, 1, "embedded_images")
 
 
 def main(argv=None):

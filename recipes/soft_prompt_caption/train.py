@@ -25,7 +25,8 @@ from typing import Literal
 
 from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 
-from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
+from recipes.common.args import (GENERATIVE_ARGUMENTS, FeatureCacheArguments, check_at_least,
+                                 parse_recipe_args)
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
                                      caption_samples, caption_scores, load_caption_data)
 from recipes.common.models import compute_dtype, loading, resolve_model_path
@@ -69,6 +70,9 @@ class SoftPromptArguments:
         metadata={"help": "'pooled': one vector per image (CLIP's pooled CLS); 'patches': one per patch (49 "
                           "for B/32)."},
     )
+
+    def __post_init__(self):
+        check_at_least(self, 0, "prompt_length")
 
 
 def main(argv=None):

@@ -93,6 +93,18 @@ def test_a_yaml_value_of_the_wrong_type_names_the_file_line_and_key(tmp_path, li
     assert str(error.value).startswith(f"{config}:2: {expected}"), str(error.value)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("lora_r: 4\nseed: 1\nlora_r: 8\n", ":3: 'lora_r' is set twice (first on line 1); keep one of them."),
+    ("seed: 1\nlora_r: [1\n", ":3: not valid YAML: expected ',' or ']', but got '<stream end>'."),
+    ("seed: 1\nlora_r: a: b\n", ":2: not valid YAML: mapping values are not allowed here."),
+])
+def test_a_yaml_file_that_does_not_parse_once_names_the_line(tmp_path, text, expected):
+    config = write_yaml(tmp_path, text)
+    with pytest.raises(ValueError) as error:
+        parse_args([PeftArguments, TrainingArguments], ["--config", config])
+    assert str(error.value) == config + expected
+
+
 def test_yaml_values_are_typed_as_on_the_command_line(tmp_path):
     config = write_yaml(tmp_path, "lora_target_modules: q_proj\nlora_dropout: 0\nfreeze_bridge: 'false'\n"
                         "num_beams: '3'\n")

@@ -193,11 +193,16 @@ GENERATIVE_ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, FreezeArgu
                         LossArguments, GenerationEvalArguments)
 
 
-def _yaml_key_lines(text: str) -> dict[str, int]:
+def _yaml_key_lines(path: Path, text: str) -> dict[str, int]:
+    """The line of each top-level key; a key given twice is an error (YAML would keep the last silently)."""
     node = yaml.compose(text)
-    if not isinstance(node, yaml.MappingNode):
-        return {}
-    return {key.value: key.start_mark.line + 1 for key, _ in node.value}
+    lines = {}
+    for key, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+        if key.value in lines:
+            raise ValueError(f"{path}:{key.start_mark.line + 1}: {key.value!r} is set twice (first on line "
+                             f"{lines[key.value]}); keep one of them.")
+        lines[key.value] = key.start_mark.line + 1
+    return lines
 
 
 def _typed(action: argparse.Action, value, where: str):
@@ -229,11 +234,16 @@ def load_yaml_config(path: str | Path, known_fields: set[str],
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
     text = path.read_text()
-    values = yaml.safe_load(text) or {}
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ValueError(f"{where}: not valid YAML: {getattr(e, 'problem', None) or e}.") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of 'field: value' lines at the top level, got "
                          f"{type(values).__name__}.")
-    lines = _yaml_key_lines(text)
+    lines = _yaml_key_lines(path, text)
     for key in values:
         if key not in known_fields:
             close = difflib.get_close_matches(str(key), sorted(known_fields), n=3, cutoff=0.6)

@@ -84,6 +84,8 @@ def test_yaml_choice_is_checked(tmp_path):
     ("learning_rate: abc", "learning_rate: 'abc' is not a valid value: expected float."),
     ("lora_r: 8.5", "lora_r: 8.5 is not a valid value: expected int."),
     ("freeze_bridge: maybe", "freeze_bridge: 'maybe' is not a valid value: Truthy value expected"),
+    ("freeze_vision_tower: maybe",  # a bool whose default is true: its --no_ flag shares the name
+     "freeze_vision_tower: 'maybe' is not a valid value: Truthy value expected"),
     ("dtype: float64", "dtype: 'float64' is not one of ['auto', 'float32', 'bfloat16', 'float16']."),
 ])
 def test_a_yaml_value_of_the_wrong_type_names_the_file_line_and_key(tmp_path, line, expected):
@@ -91,6 +93,7 @@ def test_a_yaml_value_of_the_wrong_type_names_the_file_line_and_key(tmp_path, li
     with pytest.raises(ValueError) as error:
         parse_args([ModelArguments, PeftArguments, FreezeArguments, TrainingArguments], ["--config", config])
     assert str(error.value).startswith(f"{config}:2: {expected}"), str(error.value)
+    assert not str(error.value).endswith("..")
 
 
 @pytest.mark.parametrize("text, expected", [

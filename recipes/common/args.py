@@ -2,7 +2,6 @@
 names, TrainingArguments' too), flags on the command line win."""
 
 import argparse
-import dataclasses
 import difflib
 import re
 import sys
@@ -219,17 +218,16 @@ def _typed(action: argparse.Action, value, where: str):
         items = [action.type(str(item)) for item in items]
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         expected = str(e) if isinstance(e, argparse.ArgumentTypeError) else f"expected {action.type.__name__}"
-        raise ValueError(f"{where}: {value!r} is not a valid value: {expected}.") from None
+        raise ValueError(f"{where}: {value!r} is not a valid value: {expected.rstrip('.')}.") from None
     for item in items:
         if action.choices is not None and item not in action.choices:
             raise ValueError(f"{where}: {item!r} is not one of {list(action.choices)}.")
     return items if listed else items[0]
 
 
-def load_yaml_config(path: str | Path, known_fields: set[str],
-                     actions: dict[str, argparse.Action] | None = None) -> dict:
-    """A YAML mapping of defaults whose keys are all known fields, each value read by its flag's action in
-    `actions`; errors name the file, line and key."""
+def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action]) -> dict:
+    """A YAML mapping of defaults, each key an argument name in `actions` and each value read as its flag
+    reads it; errors name the file, line and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
@@ -245,15 +243,14 @@ def load_yaml_config(path: str | Path, known_fields: set[str],
                          f"{type(values).__name__}.")
     lines = _yaml_key_lines(path, text)
     for key in values:
-        if key not in known_fields:
-            close = difflib.get_close_matches(str(key), sorted(known_fields), n=3, cutoff=0.6)
+        if key not in actions:
+            close = difflib.get_close_matches(str(key), sorted(actions), n=3, cutoff=0.6)
             hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
             raise ValueError(
                 f"{path}:{lines.get(key, '?')}: unknown key {key!r}.{hint} Keys must be argument names "
                 f"(see --help); fix or remove the line."
             )
-    return {key: _typed(actions[key], value, f"{path}:{lines.get(key, '?')}: {key}")
-            if actions and key in actions else value for key, value in values.items()}
+    return {key: _typed(actions[key], value, f"{path}:{lines[key]}: {key}") for key, value in values.items()}
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
@@ -294,9 +291,11 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
                         help="YAML file of defaults for any of the arguments below.")
 
     if config_args.config is not None:
-        known = {f.name for dc in dataclass_types for f in dataclasses.fields(dc) if f.init}
-        actions = {action.dest: action for action in parser._actions}
-        values = load_yaml_config(config_args.config, known, actions)
+        actions = {}
+        for action in parser._actions:
+            if action.dest not in ("help", "config"):
+                actions.setdefault(action.dest, action)  # not a bool's --no_<name>, which comes second
+        values = load_yaml_config(config_args.config, actions)
         for key in values:
             actions[key].required = False
         parser.set_defaults(**values)

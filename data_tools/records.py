@@ -19,6 +19,8 @@ several images is refused (`multiple_images`).
 
 from __future__ import annotations
 
+import json
+
 from typing import Any
 
 from .errors import (
@@ -185,3 +187,19 @@ def normalize_record(record: Any, task: str) -> dict:
     else:
         _conversations(record)
     return record
+
+
+def tasks_of_line(raw: bytes) -> list[str]:
+    """The tasks whose schema the JSON object on line `raw` fits ([] for one that is not JSON)."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return []
+    fits = []
+    for task in TASKS:
+        try:
+            normalize_record(record, task)
+            fits.append(task)
+        except DataError:
+            pass
+    return fits

@@ -7,6 +7,7 @@ from PIL import Image
 
 from data_tools.errors import DataError
 from data_tools.jsonl import read_jsonl
+from data_tools.records import tasks_of_line
 from data_tools.split import find_leaks
 from recipes.common.data import BadRowsError, embedded_dataset, load_records
 
@@ -37,6 +38,25 @@ def test_load_records_skips_counts_and_writes_rejects(tmp_path):
     assert ds["image"] == [str((tmp_path / "a.png").resolve())] * 2
     assert "2 rows, 1 skipped" in ds.info.description
     assert [(r["line"], r["reason"]) for r in read_jsonl(f"{path}.rejects.jsonl")] == [(2, "malformed_json")]
+
+
+def test_a_file_of_another_task_says_which_task_its_rows_fit(tmp_path):
+    caption = {"image": "a.png", "captions": ["a red square"]}
+    conversation = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                        {"from": "gpt", "value": "A square."}]}
+    assert tasks_of_line(json.dumps(caption).encode()) == ["caption", "retrieval"]
+    assert tasks_of_line(json.dumps(conversation).encode()) == ["instruct"]
+    assert tasks_of_line(b"{broken") == [] and tasks_of_line(b"[1]") == []
+    hint = "Line 1 is a valid record for task caption, not instruct."
+    path = _write(tmp_path, [caption, caption])
+    with pytest.raises(BadRowsError, match=hint):
+        load_records(path, "instruct")
+    with pytest.raises(DataError, match=f"has no valid rows. {hint}"):
+        load_records(path, "instruct", skip_bad_rows=True)
+    # Once any row fits the task, the bad ones are only bad rows.
+    with pytest.raises(BadRowsError) as error:
+        load_records(_write(tmp_path, [conversation, caption]), "instruct")
+    assert "valid record for task" not in str(error.value)
 
 
 def test_vqa_mixed_question_id_types_become_strings(tmp_path):

@@ -12,6 +12,7 @@ import datasets
 from data_tools.clean import check_rows
 from data_tools.errors import DataError
 from data_tools.jsonl import write_jsonl
+from data_tools.records import tasks_of_line
 from data_tools.split import split_file
 from data_tools.synth import make_synthetic
 
@@ -52,6 +53,8 @@ def load_records(
             rows.append({c: row.get(c) for c in COLUMNS[task]})
             if max_rows is not None and len(rows) >= max_rows:
                 break
+    other = [t for t in tasks_of_line(errors[0][1]) if t != task] if errors and not rows else []
+    hint = f" Line {errors[0][0].line} is a valid record for task {other[0]}, not {task}." if other else ""
     if errors and not skip_bad_rows:
         shown = "\n".join(f"  {e}" for e, _ in errors[:10])
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
@@ -59,7 +62,7 @@ def load_records(
             errors[0][0].reason,
             f"{len(errors)} invalid row(s):\n{shown}{more}\n"
             f"Fix them, drop them with `python -m data_tools clean --task {task} {path} --out CLEAN "
-            "--rejects REJECTS`, or pass --skip_bad_rows to skip and count them.",
+            f"--rejects REJECTS`, or pass --skip_bad_rows to skip and count them.{hint}",
             path=path,
         )
     if errors:
@@ -69,7 +72,7 @@ def load_records(
         print(f"{path}: skipped {len(errors)} invalid row(s) of {len(errors) + len(rows)}; reasons in "
               f"{rejects_path}")
     if not rows:
-        raise DataError("empty", "has no valid rows", path=path)
+        raise DataError("empty", f"has no valid rows.{hint}", path=path)
     if task == "vqa" and len({type(r["question_id"]) for r in rows}) > 1:
         for r in rows:  # Arrow needs one type per column.
             r["question_id"] = str(r["question_id"])

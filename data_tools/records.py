@@ -20,7 +20,6 @@ several images is refused (`multiple_images`).
 from __future__ import annotations
 
 import json
-
 from typing import Any
 
 from .errors import (

@@ -87,6 +87,7 @@ def test_yaml_choice_is_checked(tmp_path):
     ("freeze_vision_tower: maybe",  # a bool whose default is true: its --no_ flag shares the name
      "freeze_vision_tower: 'maybe' is not a valid value: Truthy value expected"),
     ("dtype: float64", "dtype: 'float64' is not one of ['auto', 'float32', 'bfloat16', 'float16']."),
+    ("learning_rate: null", "learning_rate: null is not a value this field takes; give one, or remove"),
 ])
 def test_a_yaml_value_of_the_wrong_type_names_the_file_line_and_key(tmp_path, line, expected):
     config = write_yaml(tmp_path, f"seed: 1\n{line}\n")
@@ -116,6 +117,9 @@ def test_yaml_values_are_typed_as_on_the_command_line(tmp_path):
     assert peft.lora_target_modules == ["q_proj"]  # a list of one name, not a regex
     assert peft.lora_dropout == 0.0 and isinstance(peft.lora_dropout, float)
     assert freeze.freeze_bridge is False and gen.num_beams == 3
+    config = write_yaml(tmp_path, "max_length: null\nprompt: null\nmodel_name_or_path: null\n")
+    model, data = parse_args([ModelArguments, DataArguments], ["--config", config])
+    assert data.max_length is None and data.prompt is None and model.model_name_or_path is None
 
 
 def test_missing_config_file(tmp_path):

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal
+from typing import Literal, get_args, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
@@ -72,10 +72,11 @@ class DataArguments:
         "header", "Before the first step, check every image: 'header' (it exists, its header reads, its "
         "size is within limits, it is not cut off; fast), 'decode' (decode each one; slow), 'none'. A bad "
         "image is an error naming file:line, or a counted reject with --skip_bad_rows.")
-    max_length: int = arg(
+    max_length: int | None = arg(
         128, "Length budget of a sample in tokens, image / query tokens included. Over it, a caption is "
         "cut, a conversation is cut after its last whole exchange that fits (CLIP: the text is cut before "
-        "its eos); a sample with no room left is dropped. The logged length report counts both.")
+        "its eos); a sample with no room left is dropped. The logged length report counts both. None (in "
+        "YAML: null) = no budget; CLIP: the text tower's length.")
     image_size: int | None = arg(
         None, "Resize images to this many pixels per side; None = the processor's size.")
     skip_bad_rows: bool = arg(
@@ -204,10 +205,12 @@ def _yaml_key_lines(path: Path, text: str) -> dict[str, int]:
     return lines
 
 
-def _typed(action: argparse.Action, value, where: str):
+def _typed(action: argparse.Action, value, where: str, nullable: bool):
     """`value` from YAML read as the flag reads the same text on the command line (argparse checks only
     command-line values): converted by the flag's type, checked against its choices; a scalar for a list
-    flag is a list of one."""
+    flag is a list of one; null only where the field may be None."""
+    if value is None and not nullable:
+        raise ValueError(f"{where}: null is not a value this field takes; give one, or remove the line.")
     if value is None or isinstance(value, dict) or action.type is None:
         return value
     listed = action.nargs in ("+", "*")
@@ -225,9 +228,9 @@ def _typed(action: argparse.Action, value, where: str):
     return items if listed else items[0]
 
 
-def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action]) -> dict:
+def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action], nullable: set[str]) -> dict:
     """A YAML mapping of defaults, each key an argument name in `actions` and each value read as its flag
-    reads it; errors name the file, line and key."""
+    reads it (null only for the names in `nullable`); errors name the file, line and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
@@ -250,7 +253,8 @@ def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action]) -> d
                 f"{path}:{lines.get(key, '?')}: unknown key {key!r}.{hint} Keys must be argument names "
                 f"(see --help); fix or remove the line."
             )
-    return {key: _typed(actions[key], value, f"{path}:{lines[key]}: {key}") for key, value in values.items()}
+    return {key: _typed(actions[key], value, f"{path}:{lines[key]}: {key}", key in nullable)
+            for key, value in values.items()}
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
@@ -295,7 +299,9 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
         for action in parser._actions:
             if action.dest not in ("help", "config"):
                 actions.setdefault(action.dest, action)  # not a bool's --no_<name>, which comes second
-        values = load_yaml_config(config_args.config, actions)
+        nullable = {name for dc in dataclass_types for name, hint in get_type_hints(dc).items()
+                    if type(None) in get_args(hint)}
+        values = load_yaml_config(config_args.config, actions, nullable)
         for key in values:
             actions[key].required = False
         parser.set_defaults(**values)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .errors import BAD_VALUE, DUPLICATE_ID, UNREADABLE_FILE, DataError
 from .images import MAX_PIXELS, MIN_SIDE, check_image, load_image, relative_image_path, resolve_image_path
 from .jsonl import JsonlWriter, iter_rows
-from .records import TASKS, normalize_record
+from .records import TASKS, normalize_record, other_task_hint
 
 
 @dataclass
@@ -277,9 +277,17 @@ def main_validate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     n_bad = 0
     for f in args.files:
-        for error in validate(f, args.task, **_kwargs(args)):
-            print(error, file=sys.stderr)
-            n_bad += 1
+        first_bad, n_valid = None, 0
+        for _, row, raw in check_rows(f, args.task, **_kwargs(args)):
+            if isinstance(row, DataError):
+                print(row, file=sys.stderr)
+                n_bad += 1
+                first_bad = first_bad or (row, raw)
+            else:
+                n_valid += 1
+        if first_bad is not None and n_valid == 0:
+            print(f"{f}: no valid row.{other_task_hint(first_bad[1], first_bad[0].line, args.task)}",
+                  file=sys.stderr)
     if n_bad:
         root = f" --image-root {args.image_root}" if args.image_root else ""
         print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task}{root} "

@@ -202,3 +202,12 @@ def tasks_of_line(raw: bytes) -> list[str]:
         except DataError:
             pass
     return fits
+
+
+def other_task_hint(raw: bytes, line: int, task: str) -> str:
+    """" Line N is a valid record for task X, not T." when line `line` (`raw`) fits another task's schema
+    and not `task`'s (records of another task were given), else "" (e.g. a bad image, not a wrong task)."""
+    fits = tasks_of_line(raw)
+    if not fits or task in fits:
+        return ""
+    return f" Line {line} is a valid record for task {fits[0]}, not {task}."

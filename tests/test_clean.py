@@ -181,6 +181,19 @@ def test_cli_validate_exit_codes_and_clean_summary(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+def test_cli_validate_names_the_task_a_file_of_another_task_fits(tmp_path):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    path = tmp_path / "captions.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "captions": ["a red square"]}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "data_tools", "validate", "--task", "instruct", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert f"{path}: no valid row. Line 1 is a valid record for task caption, not instruct." in r.stderr
+    r = subprocess.run([sys.executable, "-m", "data_tools", "validate", "--task", "caption", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "no valid row" not in r.stderr, r.stderr
+
+
 def test_schemas_vqa_instruct_and_aliases():
     assert normalize_record({"image": "a.png", "question_id": 3, "question": "what?", "answer": "red"},
                             "vqa")["answers"] == ["red"]

@@ -59,6 +59,15 @@ def test_a_file_of_another_task_says_which_task_its_rows_fit(tmp_path):
     assert "valid record for task" not in str(error.value)
 
 
+def test_a_row_of_its_own_task_with_a_bad_image_gets_no_task_hint(tmp_path):
+    # {"image", "captions"} fits retrieval too: a missing image is not a record of another task.
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps({"image": "missing.png", "captions": ["a cat"]}) + "\n")
+    with pytest.raises(BadRowsError) as error:
+        load_records(path, "caption")
+    assert "[missing_image]" in str(error.value) and "valid record for task" not in str(error.value)
+
+
 def test_vqa_mixed_question_id_types_become_strings(tmp_path):
     rows = [{"image": "a.png", "question_id": 1, "question": "q?", "answers": ["a"]},
             {"image": "a.png", "question_id": "x2", "question": "q?", "answer": "b"}]

@@ -12,7 +12,7 @@ import datasets
 from data_tools.clean import check_rows
 from data_tools.errors import DataError
 from data_tools.jsonl import write_jsonl
-from data_tools.records import tasks_of_line
+from data_tools.records import other_task_hint
 from data_tools.split import split_file
 from data_tools.synth import make_synthetic
 
@@ -53,8 +53,7 @@ def load_records(
             rows.append({c: row.get(c) for c in COLUMNS[task]})
             if max_rows is not None and len(rows) >= max_rows:
                 break
-    other = [t for t in tasks_of_line(errors[0][1]) if t != task] if errors and not rows else []
-    hint = f" Line {errors[0][0].line} is a valid record for task {other[0]}, not {task}." if other else ""
+    hint = other_task_hint(errors[0][1], errors[0][0].line, task) if errors and not rows else ""
     if errors and not skip_bad_rows:
         shown = "\n".join(f"  {e}" for e, _ in errors[:10])
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""

@@ -196,7 +196,12 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
     info = read_run_info(run)
     task, lang = info["task"], info.get("lang", "en")
     # The split the before/final predictions are on: the test file when the run had one, else eval_file.
-    records = read_references(info.get("heldout_file") or info["eval_file"], task,
+    references = info.get("heldout_file") or info["eval_file"]
+    if not Path(references).is_file():
+        raise DataError("unreadable_file", f"the references file {references!r} does not exist (a relative "
+                        "path is read from the current folder)", path=run / "metrics.json",
+                        field="heldout_file" if info.get("heldout_file") else "eval_file")
+    records = read_references(references, task,
                               short_answer_words=info.get("short_answer_words", SHORT_ANSWER_WORDS),
                               lang=lang, image_root=info.get("image_root"))
     if task == "retrieval":

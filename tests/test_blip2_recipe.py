@@ -150,7 +150,7 @@ def test_bad_inputs_are_clear_errors(env):
     r = _run([*args, "--skip_bad_rows"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"{bad}: skipped 2 invalid row(s) of 12" in r.stdout + r.stderr
-    rejects = d / "y" / "rejects" / "bad.rejects.jsonl"  # under the run, not beside the user's data
+    rejects = d / "y" / "rejects" / "train.rejects.jsonl"  # under the run, not beside the user's data
     assert [x["reason"] for x in read_jsonl(rejects)] == ["missing_field", "malformed_json"]
     assert not (d / "synth" / "bad.jsonl.rejects.jsonl").exists()
 
@@ -186,12 +186,18 @@ def test_a_cut_off_image_is_found_before_the_first_step_and_the_headline_is_on_t
     assert (r.returncode == 2
             and f"{d / 'synth' / 'cut.jsonl'}:6: field 'image'" in r.stderr), r.stderr[-3000:]
     assert "truncated_image" in r.stderr and "Traceback" not in r.stderr and "{'loss'" not in r.stderr
+    # Relative paths, from the data's folder: metrics.json holds them absolute, for `make eval` anywhere.
     out = d / "cut-skip"
-    r = _run([*args, "--output_dir", str(out), "--skip_bad_rows"], e)
+    relative = ["--train_file", "cut.jsonl", "--eval_file", "val.jsonl", "--test_file", "test.jsonl",
+                *args[6:]]
+    r = _run([*relative, "--output_dir", str(out), "--skip_bad_rows"], e, cwd=d / "synth")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert [x["reason"] for x in read_jsonl(out / "rejects" / "cut.rejects.jsonl")] == ["truncated_image"]
+    assert [x["reason"] for x in read_jsonl(out / "rejects" / "train.rejects.jsonl")] == ["truncated_image"]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["heldout"] == "test" and metrics["heldout_file"] == str(d / "synth" / "test.jsonl")
+    synth = (d / "synth").resolve()
+    assert metrics["heldout"] == "test" and metrics["heldout_file"] == str(synth / "test.jsonl")
+    assert metrics["train_file"] == str(synth / "cut.jsonl")
+    assert metrics["eval_file"] == str(synth / "val.jsonl")
     assert (set(metrics["val"]) == {"before", "after"}
             and set(metrics["val"]["after"]) == set(metrics["after"]))
     keys = {x["key"] for x in read_jsonl(out / "predictions" / "final.jsonl")}

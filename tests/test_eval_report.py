@@ -82,6 +82,15 @@ def test_partial_predictions_are_scored_on_their_images_and_unknown_keys_fail(ca
         report_run(bad)
 
 
+def test_a_references_file_that_is_not_there_is_an_error_naming_the_run(captions, tmp_path):
+    _, path, refs = captions
+    run = make_run(tmp_path / "moved", "r", "caption", Path("data/captions.jsonl"), {})
+    with pytest.raises(Exception) as error:
+        report_run(run)
+    assert str(error.value).startswith(f"{run / 'metrics.json'}: field 'eval_file': the references file "
+                                       "'data/captions.jsonl' does not exist")
+
+
 def test_vqa_run_uses_official_accuracy(tmp_path):
     path = make_synthetic("vqa", 4, tmp_path / "data", seed=2, progress=False)
     rows = read_jsonl(path)

@@ -9,7 +9,9 @@ from data_tools.errors import DataError
 from data_tools.jsonl import read_jsonl
 from data_tools.records import tasks_of_line
 from data_tools.split import find_leaks
+from recipes.common.captions import caption_eval_records
 from recipes.common.data import BadRowsError, embedded_dataset, load_records
+from recipes.common.run import load_data
 
 
 def _write(tmp_path, rows):
@@ -113,6 +115,7 @@ def test_image_root_resolves_paths_and_every_image_is_checked_before_training(tm
     text = str(e.value)
     assert "2 invalid row(s)" in text and f"{path}:2: field 'image'" in text and "truncated_image" in text
     assert f"{path}:3: field 'image'" in text and "missing_image" in text
+    assert f"data_tools clean --task caption --image-root {tmp_path / 'images'} {path}" in text
     rejects = tmp_path / "run" / "rejects" / "train.rejects.jsonl"
     ds = load_records(path, "caption", image_root=tmp_path / "images", skip_bad_rows=True,
                       rejects_path=rejects)
@@ -157,11 +160,48 @@ def test_check_image_finds_a_cut_off_file_without_decoding_it(tmp_path, fmt):
         check_image(path)
 
 
-def test_a_test_file_without_a_validation_file_is_refused():
+def _data_args(**files):
     from types import SimpleNamespace
 
-    from recipes.common.run import load_data
+    return SimpleNamespace(**{"train_file": None, "eval_file": None, "test_file": None, "image_root": None,
+                              "check_images": "header", "skip_bad_rows": True, "max_train_samples": None,
+                              "max_eval_samples": None, **files})
 
-    args = SimpleNamespace(train_file="train.jsonl", eval_file=None, test_file="test.jsonl")
+
+def test_a_test_file_without_a_validation_file_or_a_training_file_is_refused():
+    args = _data_args(train_file="train.jsonl", test_file="test.jsonl")
     with pytest.raises(ValueError, match="--test_file needs an --eval_file"):
         load_data(args, "caption", embedded=lambda: {}, output_dir="out")
+    # Else the embedded synthetic set would train, and the user's file only be scored.
+    for files in ({"eval_file": "val.jsonl"}, {"eval_file": "val.jsonl", "test_file": "test.jsonl"}):
+        with pytest.raises(ValueError, match="without --train_file"):
+            load_data(_data_args(**files), "caption", embedded=lambda: {}, output_dir="out")
+
+
+def test_rejects_of_files_with_one_name_in_two_folders_are_kept_apart(tmp_path):
+    # e.g. train/metadata.jsonl and val/metadata.jsonl
+    for split, n_bad in (("train", 2), ("val", 1)):
+        (tmp_path / split).mkdir()
+        _write(tmp_path / split, [{"image": "a.png", "captions": ["ok"]}] + ["{broken"] * n_bad).rename(
+            tmp_path / split / "metadata.jsonl")
+    args = _data_args(train_file=str(tmp_path / "train" / "metadata.jsonl"),
+                      eval_file=str(tmp_path / "val" / "metadata.jsonl"))
+    load_data(args, "caption", embedded=lambda: {}, output_dir=tmp_path / "run")
+    assert [r["line"] for r in read_jsonl(tmp_path / "run" / "rejects" / "train.rejects.jsonl")] == [2, 3]
+    assert [r["line"] for r in read_jsonl(tmp_path / "run" / "rejects" / "eval.rejects.jsonl")] == [2]
+
+
+def test_max_eval_samples_keeps_every_caption_row_of_the_images_it_keeps(tmp_path):
+    for name in ("b.png", "c.png"):
+        Image.new("RGB", (16, 16), "blue").save(tmp_path / name)
+    rows = [{"image": "a.png", "captions": ["a1"]}, {"image": "b.png", "captions": ["b1"]},
+            {"image": "a.png", "captions": ["a2"]}, {"image": "c.png", "captions": ["c1"]},
+            {"image": "b.png", "captions": ["b2"]}]
+    val = _write(tmp_path, rows).rename(tmp_path / "val.jsonl")
+    train = _write(tmp_path, rows)
+    args = _data_args(train_file=str(train), eval_file=str(val), max_eval_samples=2)
+    for task in ("caption", "retrieval"):
+        _, held_out, _ = load_data(args, task, embedded=lambda: {}, output_dir=tmp_path / "run")
+        assert held_out["captions"] == [["a1"], ["b1"], ["a2"], ["b2"]]  # 2 images, all their rows
+    _, held_out, _ = load_data(args, "caption", embedded=lambda: {}, output_dir=tmp_path / "run")
+    assert caption_eval_records(held_out)["captions"] == [["a1", "a2"], ["b1", "b2"]]

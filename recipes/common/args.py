@@ -82,8 +82,10 @@ class DataArguments:
     skip_bad_rows: bool = arg(
         False, "Drop invalid rows and rows whose image fails --check_images, counted, each written with "
         "its reason to <output_dir>/rejects/, instead of stopping.")
-    max_train_samples: int | None = arg(None, "Use at most this many training samples.")
-    max_eval_samples: int | None = arg(None, "Use at most this many evaluation samples.")
+    max_train_samples: int | None = arg(None, "Read at most this many rows of the training file.")
+    max_eval_samples: int | None = arg(
+        None, "Use at most this many records of the eval and test files: rows, or for caption and retrieval "
+        "images (each with all its captions).")
     prompt: str | None = arg(
         None, "Text prompt the caption continues, e.g. 'a photo of'; None = the recipe's default.")
     lang: str = arg(

@@ -57,10 +57,11 @@ def load_records(
     if errors and not skip_bad_rows:
         shown = "\n".join(f"  {e}" for e, _ in errors[:10])
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+        root = f" --image-root {image_root}" if image_root is not None else ""
         raise BadRowsError(
             errors[0][0].reason,
             f"{len(errors)} invalid row(s):\n{shown}{more}\n"
-            f"Fix them, drop them with `python -m data_tools clean --task {task} {path} --out CLEAN "
+            f"Fix them, drop them with `python -m data_tools clean --task {task}{root} {path} --out CLEAN "
             f"--rejects REJECTS`, or pass --skip_bad_rows to skip and count them.{hint}",
             path=path,
         )
@@ -78,6 +79,22 @@ def load_records(
     ds = datasets.Dataset.from_list(rows)
     ds.info.description = f"{path}: {len(rows)} rows, {len(errors)} skipped"
     return ds
+
+
+def first_records(ds: datasets.Dataset | None, n: int | None, task: str) -> datasets.Dataset | None:
+    """The first `n` eval records (all for None): rows for vqa and instruct; for caption and retrieval, whose
+    eval record is an image with all its captions, every row of the first `n` images (a cut by rows would
+    leave an image split over rows with part of its references)."""
+    if ds is None or n is None:
+        return ds
+    if task not in ("caption", "retrieval"):
+        return ds.select(range(min(n, len(ds))))
+    kept, rows = set(), []
+    for i, image in enumerate(ds["image"]):
+        if image in kept or len(kept) < n:
+            kept.add(image)
+            rows.append(i)
+    return ds.select(rows)
 
 
 def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 0,

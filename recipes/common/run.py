@@ -27,7 +27,7 @@ from transformers import set_seed
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
 
-from .data import load_records
+from .data import first_records, load_records
 from .models import check_mixed_precision
 
 logger = logging.getLogger(__name__)
@@ -45,27 +45,30 @@ def setup_run(training_args, model_args=None) -> None:
 def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: str | Path):
     """(train, validation or None, test or None) records of the data files, or of the embedded default
     (`embedded()` -> {"train", "val", "test": path}, whose files then go into `data_args` for metrics.json).
-    Rows skipped with --skip_bad_rows go to `<output_dir>/rejects/`, not into the user's data folder."""
-    if data_args.test_file and not data_args.eval_file and data_args.train_file is not None:
+    Rows skipped with --skip_bad_rows go to `<output_dir>/rejects/<split>.rejects.jsonl`, not into the
+    user's data folder."""
+    if data_args.train_file is None and (data_args.eval_file or data_args.test_file):
+        raise ValueError("--eval_file / --test_file without --train_file: give the training file too "
+                         "(without any of the three the recipe runs on its embedded synthetic data set).")
+    if data_args.test_file and not data_args.eval_file:
         raise ValueError("--test_file needs an --eval_file as well: the validation file picks the checkpoint "
                          "and is what evaluations during training score; the test file is scored before and "
                          "after only.")
     if data_args.train_file is None:
         splits = embedded()
-        data_args.train_file = str(splits["train"])
-        data_args.eval_file = data_args.eval_file or str(splits["val"])
-        data_args.test_file = data_args.test_file or str(splits["test"])
+        data_args.train_file, data_args.eval_file, data_args.test_file = (
+            str(splits[name]) for name in ("train", "val", "test"))
 
-    def load(path, max_rows):
+    def load(path, split, max_rows=None):
         if not path:
             return None
-        rejects = Path(output_dir) / "rejects" / f"{Path(path).stem}.rejects.jsonl"
+        rejects = Path(output_dir) / "rejects" / f"{split}.rejects.jsonl"
         return load_records(path, task, image_root=data_args.image_root, check_images=data_args.check_images,
                             skip_bad_rows=data_args.skip_bad_rows, rejects_path=rejects, max_rows=max_rows)
 
-    return (load(data_args.train_file, data_args.max_train_samples),
-            load(data_args.eval_file, data_args.max_eval_samples),
-            load(data_args.test_file, data_args.max_eval_samples))
+    return (load(data_args.train_file, "train", data_args.max_train_samples),
+            first_records(load(data_args.eval_file, "eval"), data_args.max_eval_samples, task),
+            first_records(load(data_args.test_file, "test"), data_args.max_eval_samples, task))
 
 
 def first(records, n: int | None):
@@ -162,8 +165,9 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if after_training is not None:
         after_training(results)
     if trainer.is_world_process_zero():
-        if metadata.get("image_root"):  # absolute, so that `make eval` finds the images from any folder
-            metadata = {**metadata, "image_root": str(Path(metadata["image_root"]).resolve())}
+        # Absolute, so that `make eval` finds the data files and images from any folder.
+        metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
+                    for k, v in metadata.items()}
         heldout = "test" if test is not None else "val"
         results.update(metadata, heldout=heldout,
                        heldout_file=metadata.get("test_file" if test is not None else "eval_file"),

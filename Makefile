@@ -43,6 +43,7 @@ test-families:
 ACCELERATE_CONFIG ?= accelerate_configs/$(if $(shell nvidia-smi -L 2>/dev/null),single_gpu,cpu).yaml
 DEMO_RUN := $(OUT)/blip2_lora_caption
 demo: setup
+	rm -rf $(DEMO_RUN)  # a fresh demo: a run refuses a folder that holds an earlier run's checkpoints
 	$(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) recipes/blip2_lora_caption/train.py \
 		--output_dir $(DEMO_RUN)
 	$(PY) -m eval report $(DEMO_RUN)

@@ -205,3 +205,25 @@ def test_max_eval_samples_keeps_every_caption_row_of_the_images_it_keeps(tmp_pat
         assert held_out["captions"] == [["a1"], ["b1"], ["a2"], ["b2"]]  # 2 images, all their rows
     _, held_out, _ = load_data(args, "caption", embedded=lambda: {}, output_dir=tmp_path / "run")
     assert caption_eval_records(held_out)["captions"] == [["a1", "a2"], ["b1", "b2"]]
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints_and_a_resume_needs_the_same_settings(tmp_path):
+    from recipes.common.run import check_output_dir, check_same_run
+
+    out = tmp_path / "run"
+    check_output_dir(out, None)  # no folder yet
+    (out / "vision_features").mkdir(parents=True)
+    check_output_dir(out, None)  # no checkpoint: a fresh run may write there
+    for step in (2, 10):
+        (out / f"checkpoint-{step}").mkdir()
+    with pytest.raises(FileExistsError, match=r"holds an earlier run \(checkpoint-10, 2 checkpoint\(s\)\)"):
+        check_output_dir(out, None)
+    check_output_dir(out, "last")  # resuming it is what the folder is for
+
+    started = {"train_file": "/d/a.jsonl", "model": "tiny:blip2-opt", "labels": ("x", "y")}
+    check_same_run(out, None, started)
+    assert json.loads((out / "run.json").read_text())["labels"] == ["x", "y"]
+    check_same_run(out, str(out / "checkpoint-10"), dict(started))  # the same settings
+    with pytest.raises(ValueError, match="train_file '/d/a.jsonl' -> '/d/b.jsonl'"):
+        check_same_run(out, str(out / "checkpoint-10"), {**started, "train_file": "/d/b.jsonl"})
+    assert json.loads((out / "run.json").read_text())["train_file"] == "/d/a.jsonl"  # kept as it was

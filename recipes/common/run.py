@@ -31,15 +31,48 @@ from .data import first_records, load_records
 from .models import check_mixed_precision
 
 logger = logging.getLogger(__name__)
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+NO_RESUME = (None, False, "", "false", "False")  # --resume_from_checkpoint values that start afresh
 
 
 def setup_run(training_args, model_args=None) -> None:
-    """Logging, the seed, and (given `model_args`) the check that the load dtype has its autocast."""
+    """Logging, the seed, the output folder's check (`check_output_dir`) and (given `model_args`) the check
+    that the load dtype has its autocast."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     if model_args is not None:
         check_mixed_precision(model_args, training_args)
+
+
+def check_output_dir(output_dir: str | Path, resume) -> None:
+    """A run that does not resume refuses a folder holding an earlier run's checkpoint-N folders: its own
+    would mix with them, and `--resume_from_checkpoint last` would later pick theirs."""
+    if resume not in NO_RESUME or not Path(output_dir).is_dir():
+        return
+    old = sorted((int(m.group(1)) for p in Path(output_dir).iterdir() if (m := _CHECKPOINT.match(p.name))))
+    if old:
+        raise FileExistsError(f"--output_dir {output_dir} holds an earlier run (checkpoint-{old[-1]}, "
+                              f"{len(old)} checkpoint(s)): pass --resume_from_checkpoint last to continue "
+                              "it, or give another --output_dir (or delete that folder) to start afresh.")
+
+
+def check_same_run(output_dir: str | Path, resume: str | None, metadata: dict, write: bool = True) -> None:
+    """`<output_dir>/run.json` holds what a run started with (data files, model, ...); a resumed run must
+    have the same, else its checkpoint and the saved "before" scores belong to another experiment.
+    `write`: (re)write run.json (the main process)."""
+    path = Path(output_dir) / "run.json"
+    metadata = json.loads(json.dumps(metadata))  # as it reads back (tuples are lists)
+    if resume is not None and path.is_file():
+        started = json.loads(path.read_text())
+        changed = [f"{k} {started.get(k)!r} -> {v!r}" for k, v in metadata.items() if started.get(k) != v]
+        if changed:
+            raise ValueError(f"--resume_from_checkpoint: {output_dir} was started with other settings ("
+                             f"{'; '.join(changed)}). Resume with the same ones, or give another "
+                             "--output_dir.")
+    if write:
+        atomic_write_text(path, json.dumps(metadata, indent=2))
 
 
 def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: str | Path):
@@ -86,7 +119,6 @@ def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
     return records.map(lambda r: {"image": other.get(r["image"])})
 
 
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _is_complete(folder: Path) -> bool:
@@ -101,7 +133,7 @@ def _is_complete(folder: Path) -> bool:
 def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str | None:
     """The checkpoint folder `--resume_from_checkpoint` names, or None. 'last' (or 'true') is the newest
     *complete* checkpoint-N in output_dir: a run killed while saving leaves one without trainer_state.json."""
-    if value in (None, False, "", "false", "False"):
+    if value in NO_RESUME:
         return None
     if value in (True, "last", "true", "True"):
         root = Path(output_dir)
@@ -137,6 +169,10 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     args = trainer.args
     results = dict(results or {})
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    # Absolute, so that `make eval` finds the data files and images from any folder.
+    metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
+                for k, v in metadata.items()}
+    check_same_run(args.output_dir, resume, metadata, write=trainer.is_world_process_zero())
     folder = Path(args.output_dir) / "predictions"
     # (result key, predictions name prefix, data): the headline split first.
     splits = [("", "", test), ("val", "val-", None)] if test is not None else [("", "", None)]
@@ -165,9 +201,6 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if after_training is not None:
         after_training(results)
     if trainer.is_world_process_zero():
-        # Absolute, so that `make eval` finds the data files and images from any folder.
-        metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
-                    for k, v in metadata.items()}
         heldout = "test" if test is not None else "val"
         results.update(metadata, heldout=heldout,
                        heldout_file=metadata.get("test_file" if test is not None else "eval_file"),

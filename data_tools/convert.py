@@ -252,7 +252,7 @@ def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_patte
                    else "annotations (test splits have none: there is nothing to train or score on)")
         raise DataError(MISSING_FIELD,
                         f"vqav2 needs a questions file and an annotations file; no {missing} among the "
-                        "inputs")
+                        "inputs", path=", ".join(map(str, paths)))
 
     matched = set()
     for path, item, q, names in questions:

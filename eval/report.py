@@ -215,7 +215,10 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
         predictions = read_predictions(path, keys=("key",), texts=("prediction",))
         if task == "vqa":
             predictions = {str(k): v for k, v in predictions.items()}
-        row[name], samples = score(task, predictions, records, lang)
+        try:
+            row[name], samples = score(task, predictions, records, lang)
+        except DataError as e:
+            raise e.at(path=path) from None
         row[f"{name}_file"], row["n"], row["n_eval"] = str(path), len(predictions), len(records)
         if name == "final":
             per_sample, final_predictions = samples, predictions

@@ -169,8 +169,9 @@ def test_vqav2_pattern_and_split(tmp_path):
     assert conv.records[0]["image"] == "train2017/000000000042.jpg"
     with pytest.raises(DataError, match="image-pattern"):
         convert_records("vqav2", [questions, annotations], tmp_path, image_pattern="{nope}.jpg")
-    with pytest.raises(DataError, match="annotations"):  # a test split: questions only
+    with pytest.raises(DataError, match="annotations") as error:  # a test split: questions only
         convert_records("vqav2", [questions], tmp_path)
+    assert str(error.value).startswith(f"{questions}: vqav2 needs a questions file and an annotations file")
 
 
 def test_llava(tmp_path):

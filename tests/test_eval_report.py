@@ -78,8 +78,10 @@ def test_partial_predictions_are_scored_on_their_images_and_unknown_keys_fail(ca
                                                                   {k: refs[k] for k in keys},
                                                                   metrics=["CIDEr"])["CIDEr"])
     bad = make_run(tmp_path / "bad", "r", "caption", path, {"/no/such.png": "x"})
-    with pytest.raises(Exception, match="not in the eval file"):
+    with pytest.raises(Exception, match="not in the eval file") as error:
         report_run(bad)
+    final = bad / "predictions" / "final.jsonl"
+    assert str(error.value).startswith(f"{final}: field 'key': 1 prediction key(s) are not in the eval file")
 
 
 def test_a_references_file_that_is_not_there_is_an_error_naming_the_run(captions, tmp_path):

@@ -277,17 +277,18 @@ def main_validate(argv: list[str]) -> int:
     args = p.parse_args(argv)
     n_bad = 0
     for f in args.files:
-        first_bad, n_valid = None, 0
+        # Read to the end first: a file that cannot be read is one error, with no row errors before it.
+        errors, n_valid = [], 0
         for _, row, raw in check_rows(f, args.task, **_kwargs(args)):
             if isinstance(row, DataError):
-                print(row, file=sys.stderr)
-                n_bad += 1
-                first_bad = first_bad or (row, raw)
+                errors.append((row, raw))
             else:
                 n_valid += 1
-        if first_bad is not None and n_valid == 0:
-            print(f"{f}: no valid row.{other_task_hint(first_bad[1], first_bad[0].line, args.task)}",
-                  file=sys.stderr)
+        for error, _ in errors:
+            print(error, file=sys.stderr)
+        n_bad += len(errors)
+        if errors and not n_valid and (hint := other_task_hint(errors[0][1], errors[0][0].line, args.task)):
+            print(f"{f}: no valid row.{hint}", file=sys.stderr)
     if n_bad:
         root = f" --image-root {args.image_root}" if args.image_root else ""
         print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task}{root} "

@@ -38,9 +38,9 @@ def is_short(references: list[str], short_answer_words: int = SHORT_ANSWER_WORDS
 def eval_items(records, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str = "en") -> list[dict]:
     """Instruct records -> one item per assistant turn that follows a user turn.
 
-    Item: {"key", "image" (or None), "conversations" (the turns before the answer), "question" (the
-    last user turn), "references" ([the answer]), "short"}. A record's row is its `ROW` field, or without
-    one its position among `records`.
+    Item: {"key", "image" (or None), "images" (a row's several images, or None), "conversations" (the
+    turns before the answer), "question" (the last user turn), "references" ([the answer]), "short"}.
+    A record's row is its `ROW` field, or without one its position among `records`.
     """
     items = []
     for position, record in enumerate(records):
@@ -51,7 +51,8 @@ def eval_items(records, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str 
             if turn["from"] != "gpt" or t == 0 or turns[t - 1]["from"] != "human":
                 continue
             items.append({
-                "key": f"{row}:{t}", "image": record.get("image"), "conversations": turns[:t],
+                "key": f"{row}:{t}", "image": record.get("image"), "images": record.get("images"),
+                "conversations": turns[:t],
                 "question": turns[t - 1]["value"].replace("<image>", "").strip(),
                 "references": [turn["value"]], "short": is_short([turn["value"]], short_answer_words, lang),
             })  # fmt: skip

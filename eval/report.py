@@ -291,9 +291,9 @@ def render_gallery(row: dict, predictions: dict, per_sample: dict, records: dict
         rec = records[k]
         refs = rec.get("captions") or rec.get("answers") or rec.get("references") or []
         question = f"<p><b>Q:</b> {html.escape(rec['question'])}</p>" if rec.get("question") else ""
-        src = _thumbnail(rec["image"]) if rec.get("image") else ""
-        img = (f'<img src="{src}" alt="{html.escape(str(rec["image"]))}">' if src
-               else "<p>(text only)</p>" if not rec.get("image") else "<p>(image unreadable)</p>")
+        paths = rec.get("images") or ([rec["image"]] if rec.get("image") else [])  # instruct: several
+        img = "".join(f'<img src="{src}" alt="{html.escape(str(p))}">' if (src := _thumbnail(p))
+                      else "<p>(image unreadable)</p>" for p in paths) or "<p>(text only)</p>"
         cells.append(
             f"<tr><td>{img}</td><td>{question}<p><b>{html.escape(predictions[k])}</b></p>"
             f"<p class=s>{main} {per_sample.get(k, 0.0):.3f}</p></td>"

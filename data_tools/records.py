@@ -8,7 +8,8 @@ Canonical records (image paths relative to the image root, by default the JSONL 
     retrieval: {"image": ..., "captions": [...]}  (optional: "neg_captions": [...])
     instruct:  {"image": ... or absent (or "images": [...], several, each placed by an `<image>` in the
                 turns, in order, or leading the first user turn),
-                "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}
+                "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}: the first
+                turn after any system turns is from "human"
 Common aliases are accepted and rewritten: `image_path`/`file_name`/`filepath` for `image`, and a
 list of one image (`"images": ["a.jpg"]`, LLaMA-Factory / ms-swift); `caption`/`text` (one string)
 or `sentences` for `captions`; `answer` (one string) for `answers`; OpenAI-style `messages`
@@ -140,6 +141,12 @@ def _conversations(record: dict) -> None:
         raise DataError(EMPTY_TEXT, "has no user or assistant turn", field=field)
     if "gpt" not in speakers:
         raise DataError(BAD_VALUE, "has no assistant turn to learn from", field=field)
+    if speakers[0] == "gpt":
+        # Chat templates render an answer after the turns before it: with none (or only a system turn,
+        # which e.g. Gemma 3 folds into the first user turn) there is no prompt to answer.
+        first = next(i for i, t in enumerate(out) if t["from"] == "gpt")
+        raise DataError(BAD_VALUE, f"turn {first} is an assistant turn before any user turn; a conversation "
+                        "starts with a user turn (after any system turns)", field=field)
     n_image_tokens = sum(t["value"].count(IMAGE_TOKEN) for t in out)
     n_images = len(record["images"]) if "images" in record else int("image" in record)
     if n_image_tokens > n_images:

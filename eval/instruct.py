@@ -6,8 +6,9 @@ answer (at most `short_answer_words` words in every reference) is scored with VQ
 reference that is exact match after the official VQA normalisation (`eval.vqa`). A longer one (a
 description) is scored with CIDEr, BLEU and ROUGE-L (`eval.caption`), corpus-level over the long items.
 
-Item keys are "<row>:<turn>": the row among the valid rows of the eval file, counted from 0, and the
-turn's index in its conversation. `python -m eval report` rebuilds the same items from the eval file.
+Item keys are "<row>:<turn>": the row's index in the eval file, counted from 0 over every row (blank lines
+are not rows; invalid rows count, so a row skipped with --skip_bad_rows shifts no key), and the turn's
+index in its conversation. `python -m eval report` rebuilds the same items from the eval file.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from .vqa import vqa_accuracy
 # 2023, "Improved Baselines with Visual Instruction Tuning"): three words cover such phrases.
 SHORT_ANSWER_WORDS = 3
 CAPTION_METRICS = ["Bleu", "ROUGE_L", "CIDEr"]
+# The record field that holds the row's index in its file (`recipes.common.data.load_records` and
+# `eval.report.read_references` set it), which item keys are made of.
+ROW = "row"
 
 
 def word_count(text: str, lang: str = "en") -> int:
@@ -34,17 +38,21 @@ def is_short(references: list[str], short_answer_words: int = SHORT_ANSWER_WORDS
 def eval_items(records, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str = "en") -> list[dict]:
     """Instruct records -> one item per assistant turn that follows a user turn.
 
-    Item: {"key", "image" (or None), "conversations" (the turns before the answer), "question" (the
-    last user turn), "references" ([the answer]), "short"}.
+    Item: {"key", "image" (or None), "images" (a row's several images, or None), "conversations" (the
+    turns before the answer), "question" (the last user turn), "references" ([the answer]), "short"}.
+    A record's row is its `ROW` field, or without one its position among `records`.
     """
     items = []
-    for row, record in enumerate(records):
+    for position, record in enumerate(records):
+        row = record.get(ROW)
+        row = position if row is None else row
         turns = record["conversations"]
         for t, turn in enumerate(turns):
             if turn["from"] != "gpt" or t == 0 or turns[t - 1]["from"] != "human":
                 continue
             items.append({
-                "key": f"{row}:{t}", "image": record.get("image"), "conversations": turns[:t],
+                "key": f"{row}:{t}", "image": record.get("image"), "images": record.get("images"),
+                "conversations": turns[:t],
                 "question": turns[t - 1]["value"].replace("<image>", "").strip(),
                 "references": [turn["value"]], "short": is_short([turn["value"]], short_answer_words, lang),
             })  # fmt: skip

@@ -37,7 +37,7 @@ from data_tools.jsonl import load_json
 
 from .caption import CHARACTER_LANGS, ENGLISH_ONLY, caption_metrics, normalize_lang
 from .inputs import read_predictions
-from .instruct import SHORT_ANSWER_WORDS, eval_items, instruct_scores
+from .instruct import ROW, SHORT_ANSWER_WORDS, eval_items, instruct_scores
 from .retrieval import recall_at_k, text_to_image_ranks
 from .vqa import vqa_accuracy
 
@@ -104,13 +104,16 @@ def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANS
                     lang: str = "en", image_root: str | None = None) -> dict:
     """Eval records keyed as the recipes key their predictions: absolute image path, or question id;
     for instruct, the items of `eval.instruct` (one per assistant turn, "<row>:<turn>"). `image_root`:
-    the folder the records' image paths are relative to (default: the file's folder)."""
-    records, rows = {}, []
-    for _, row, _ in check_rows(path, task, image_root=image_root, check_images=False, progress=False):
+    the folder the records' image paths are relative to (default: the file's folder). Invalid rows are
+    left out, as the run (--skip_bad_rows) left them: a prediction for one is then an unknown key."""
+    records, rows, invalid = {}, [], []
+    for index, (_, row, _) in enumerate(check_rows(path, task, image_root=image_root, check_images=False,
+                                                   progress=False)):
         if isinstance(row, DataError):
-            raise row
+            invalid.append(row)
+            continue
         if task == "instruct":
-            rows.append(row)
+            rows.append({**row, ROW: index})
             continue
         key = row["question_id"] if task == "vqa" else row["image"]
         # one row per caption: all of them are the image's references
@@ -118,6 +121,9 @@ def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANS
             records[key]["captions"] = records[key]["captions"] + row["captions"]
             continue
         records[str(key) if task == "vqa" else key] = row
+    if invalid:
+        print(f"{path}: {len(invalid)} invalid row(s) left out of the references, as a run with "
+              f"--skip_bad_rows leaves them out; the first: {invalid[0]}", file=sys.stderr)
     if task == "instruct":
         return {it["key"]: it for it in eval_items(rows, short_answer_words, lang)}
     return records
@@ -293,9 +299,9 @@ def render_gallery(row: dict, predictions: dict, per_sample: dict, records: dict
         rec = records[k]
         refs = rec.get("captions") or rec.get("answers") or rec.get("references") or []
         question = f"<p><b>Q:</b> {html.escape(rec['question'])}</p>" if rec.get("question") else ""
-        src = _thumbnail(rec["image"]) if rec.get("image") else ""
-        img = (f'<img src="{src}" alt="{html.escape(str(rec["image"]))}">' if src
-               else "<p>(text only)</p>" if not rec.get("image") else "<p>(image unreadable)</p>")
+        paths = rec.get("images") or ([rec["image"]] if rec.get("image") else [])  # instruct: several
+        img = "".join(f'<img src="{src}" alt="{html.escape(str(p))}">' if (src := _thumbnail(p))
+                      else "<p>(image unreadable)</p>" for p in paths) or "<p>(text only)</p>"
         cells.append(
             f"<tr><td>{img}</td><td>{question}<p><b>{html.escape(predictions[k])}</b></p>"
             f"<p class=s>{main} {per_sample.get(k, 0.0):.3f}</p></td>"

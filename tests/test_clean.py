@@ -227,3 +227,20 @@ def test_schemas_vqa_instruct_and_aliases():
     with pytest.raises(DataError) as e:
         normalize_record({"image": "a.png", "conversations": [{"from": "human", "value": "hi"}]}, "instruct")
     assert "no assistant turn" in e.value.message
+
+
+@pytest.mark.parametrize("first", [[], [{"role": "system", "content": "be brief"}]])
+def test_a_conversation_that_opens_with_an_answer_is_refused(first):
+    """Chat templates render an answer after the turns before it: the recipes cannot train on an answer
+    to nothing (or, with Gemma 3's template, to a system turn folded into it), so validate refuses it."""
+    answer_first = [{"from": "gpt", "value": "hello"}, {"from": "human", "value": "hi"},
+                    {"from": "gpt", "value": "hello"}]
+    turns = [{"from": "system", "value": t["content"]} for t in first] + answer_first
+    with pytest.raises(DataError) as e:
+        normalize_record({"conversations": turns}, "instruct")
+    assert (e.value.reason, e.value.field) == (E.BAD_VALUE, "conversations")
+    assert f"turn {len(first)} is an assistant turn before any user turn" in e.value.message
+    messages = [*first, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"}]
+    with pytest.raises(DataError) as e:
+        normalize_record({"messages": messages}, "instruct")
+    assert (e.value.reason, e.value.field) == (E.BAD_VALUE, "messages")

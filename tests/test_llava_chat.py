@@ -274,3 +274,33 @@ def test_sampler_batches_one_modality_of_similar_length_reproducibly():
     assert again.batches() == batches
     again.set_epoch(1)
     assert again.batches() != batches
+
+
+H, G, S = ({"from": who, "value": text} for who, text in (("human", "what color ?"), ("gpt", "red ."),
+                                                          ("system", "be brief .")))
+# Turn orders that validate accepts: the chat templates render them, each answer learned.
+ACCEPTED = [[H, G, S, H, G], [S, S, H, G], [H, H, G], [H, G, G], [H, G, H], [H, S, G], [H, G, S]]
+
+
+@pytest.mark.parametrize("template", [LLAVA_CHAT_TEMPLATE, NO_EOS_TEMPLATE])
+def test_every_turn_order_validate_accepts_trains_and_one_opening_with_an_answer_is_skipped(tmp_path,
+                                                                                           template):
+    from data_tools.jsonl import read_jsonl, write_jsonl
+    from recipes.common.data import load_records
+
+    path = tmp_path / "train.jsonl"
+    write_jsonl(path, [{"conversations": turns} for turns in [[G, H, G], *ACCEPTED, [S, G, H, G]]])
+    records = load_records(path, "instruct", skip_bad_rows=True, rejects_path=tmp_path / "rejects.jsonl")
+    rejects = read_jsonl(tmp_path / "rejects.jsonl")
+    assert [(r["line"], r["reason"], r["field"]) for r in rejects] == [
+        (1, "bad_value", "conversations"), (len(ACCEPTED) + 2, "bad_value", "conversations")]
+    dataset, report = tokenize_conversations(records, ChatEncoder(make_processor(template)), None)
+    assert report.samples == len(ACCEPTED)
+    for turns, labels in zip(ACCEPTED, dataset["labels"], strict=True):
+        answers = sum(t["from"] == "gpt" for t in turns)
+        assert [t for t in labels if t != M] == (ids("red .") + [EOS]) * answers
+
+
+def test_an_answer_before_any_user_turn_is_a_clear_error_not_an_index_error(encoder):
+    with pytest.raises(ValueError, match="an assistant turn before any user turn"):
+        encoder.encode(to_messages([G, H, G]))

@@ -99,3 +99,37 @@ def test_caption_eval_items_merge_the_rows_of_one_image():
     items = caption_eval_items(rows)
     assert [(it["key"], it["references"]) for it in items] == [("a", ["x", "z", "w"]), ("b", ["y"])]
     assert items[0]["conversations"] == [{"from": "human", "value": "<image>\nDescribe the image briefly."}]
+
+
+def test_keys_name_the_file_row_whatever_rows_the_run_skipped(tmp_path, capsys):
+    """A run with --skip_bad_rows leaves out a row with a missing image (valid for the report, which opens
+    no image) and one the schema refuses: each key still names its own row, so the references copied in
+    as predictions score 100, and a prediction for the refused row is an unknown key."""
+    from recipes.common.data import load_records
+    from recipes.llava_instruct.collator import generation_items
+
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "a.png")
+    rows = [{**RECORDS[0], "image": "missing.png"},
+            {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}]},
+            {**RECORDS[0], "image": "a.png"}, RECORDS[1], {**RECORDS[2], "image": "a.png"}]
+    write_jsonl(tmp_path / "val.jsonl", rows)
+    records = load_records(tmp_path / "val.jsonl", "instruct", skip_bad_rows=True,
+                           rejects_path=tmp_path / "rejects.jsonl")
+    items = list(generation_items("instruct", records, 3, "en"))
+    assert [it["key"] for it in items] == ["2:1", "2:3", "3:1", "4:2"]
+    assert [it["references"][0] for it in items] == ["Red.", RECORDS[0]["conversations"][3]["value"],
+                                                     "three", RECORDS[2]["conversations"][2]["value"]]
+    run = tmp_path / "run"
+    (run / "predictions").mkdir(parents=True)
+    write_jsonl(run / "predictions" / "final.jsonl",
+                ({"key": it["key"], "prediction": it["references"][0]} for it in items))
+    (run / "metrics.json").write_text(json.dumps({"recipe": "llava_instruct", "task": "instruct",
+                                                  "eval_file": str(tmp_path / "val.jsonl"),
+                                                  "short_answer_words": 3}))
+    row = report_run(run)
+    assert (row["final"]["VQA_accuracy"] == 100.0 and row["n"] == 4
+            and row["n_eval"] == 6)  # row 0 (its image is not opened) and rows 2 to 4
+    assert "1 invalid row(s) left out" in capsys.readouterr().err
+    write_jsonl(run / "predictions" / "final.jsonl", [{"key": "1:1", "prediction": "red"}])
+    with pytest.raises(Exception, match="not in the eval file"):
+        report_run(run)

@@ -200,6 +200,8 @@ class ChatEncoder:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
+            if i == 0:  # processors cannot render the empty conversation before it (an IndexError)
+                raise ValueError("an assistant turn before any user turn: there is no prompt to answer")
             before = self.render(messages[:i], add_generation_prompt=True)
             upto = self.render(messages[: i + 1])
             if not (upto.startswith(before) and full.startswith(upto)):

@@ -23,7 +23,7 @@ COLUMNS = {
     "caption": ("image", "captions"),
     "vqa": ("image", "question_id", "question", "answers", "answer_type", "question_type"),
     "retrieval": ("image", "captions", "neg_captions"),
-    "instruct": ("image", "images", "conversations"),
+    "instruct": ("image", "images", "conversations", "row"),  # row: its index in the file (eval keys)
 }
 
 
@@ -45,11 +45,13 @@ def load_records(
     default the file's folder). A bad row is an error naming file, line and field, or with `skip_bad_rows`
     a counted reject written to `rejects_path`; `info.description` says how many."""
     rows, errors = [], []
-    for line, row, raw in check_rows(path, task, image_root=image_root, check_images=check_images,
-                                     progress=False):
+    for index, (line, row, raw) in enumerate(check_rows(path, task, image_root=image_root,
+                                                        check_images=check_images, progress=False)):
         if isinstance(row, DataError):
             errors.append((row, raw))
         else:
+            # its index in the file, bad rows counted: instruct eval keys stay put when rows are skipped
+            row["row"] = index
             rows.append({c: row.get(c) for c in COLUMNS[task]})
             if max_rows is not None and len(rows) >= max_rows:
                 break

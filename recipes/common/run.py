@@ -110,13 +110,18 @@ def first(records, n: int | None):
 
 
 def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
-    """The records with each image swapped for another eval image (rotated by one), keys and references
-    kept: the "does it look at the image?" check."""
-    images = sorted({im for im in records["image"] if im is not None})
+    """The records with each image (each of `images` too) swapped for another eval image (rotated by one),
+    keys and references kept: the "does it look at the image?" check."""
+    several = list(records["images"]) if "images" in records.column_names else []
+    images = sorted({im for im in records["image"] if im is not None}
+                    | {im for ims in several for im in ims or ()})
     if len(images) < 2:
         return records
     other = dict(zip(images, images[1:] + images[:1]))
-    return records.map(lambda r: {"image": other.get(r["image"])})
+    if "images" not in records.column_names:
+        return records.map(lambda r: {"image": other.get(r["image"])})
+    return records.map(lambda r: {"image": other.get(r["image"]),
+                                  "images": r["images"] and [other[im] for im in r["images"]]})
 
 
 

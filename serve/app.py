@@ -276,7 +276,12 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             turns, image = await conversation(req, saved)
             if turns[-1]["from"] != "human":
                 raise ClientError(400, "the last message must be the user's, to be answered",
-                                  param="messages")
+                                  param="messages", code="invalid_conversation")
+            first = next(i for i, turn in enumerate(turns) if turn["from"] != "system")
+            if turns[first]["from"] != "human":  # an answer to no question: templates cannot place it
+                raise ClientError(400, f"messages.{first}: the first message after the system messages must "
+                                  "be the user's (drop a greeting sent before the user's first message)",
+                                  param=f"messages.{first}", code="invalid_conversation")
             prompt = None
             if image is None and run.needs_image:
                 what = "a captioner" if run.task == "caption" else "a model that takes no text-only input"
@@ -290,9 +295,9 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 item = {"key": 0, "image": image, "conversations": turns}
             try:
                 positions = await asyncio.to_thread(run.prompt_positions, item, prompt)
-            except ValueError as e:
-                raise ClientError(400, f"messages: {e}", param="messages",
-                                  code="invalid_conversation") from None
+            except (ValueError, IndexError, TypeError) as e:  # what the template or tokenizer cannot take
+                raise ClientError(400, f"messages: the model cannot render this conversation: {e}",
+                                  param="messages", code="invalid_conversation") from None
             limit = run.max_positions
             if limit is not None and positions + max_tokens > limit:
                 raise ClientError(400, f"the prompt takes {positions} positions and max_tokens asks for "

@@ -709,7 +709,10 @@ BAD = [  # (what, body or raw bytes, status, error code)
     ("two images", {"model": "llava_instruct", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 2}]}, 400, None),
     ("assistant last", {"model": "llava_instruct", "messages": [{"role": "assistant", "content": "hi"}]},
-     400, None),
+     400, "invalid_conversation"),
+    ("a greeting before the user's first message", {"model": "llava_instruct", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello! Ask me."},
+        {"role": "user", "content": "What is in the image?"}]}, 400, "invalid_conversation"),
     ("prompt over the context length", {"model": "llava_instruct", "max_tokens": 8, "messages": [
         {"role": "user", "content": "shape " * 600}]}, 400, "context_length_exceeded"),
     ("caption prompt over the context length", {"model": "blip2_lora_caption", "messages": [

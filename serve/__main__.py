@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="max_tokens of a request that names none")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
                    help="largest request body, images included (413 above)")
+    p.add_argument("--max-messages", type=int, default=d.max_messages,
+                   help="most messages in one chat completion (400 above)")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="largest image, width x height, checked before decoding (413 above)")
     p.add_argument("--allow-remote-images", action="store_true",
@@ -55,7 +57,8 @@ def main(argv=None) -> int:
                            max_image_pixels=args.max_image_pixels,
                            max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                            timeout_s=args.timeout, allow_remote_images=args.allow_remote_images,
-                           max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+                           max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                           max_messages=args.max_messages)
     try:
         runs = load_runs(args.runs)
     except (RunLoadError, FileNotFoundError, ValueError, OSError) as e:

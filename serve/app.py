@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,6 +58,7 @@ class ServeOptions:
     max_batch_size: int = 16
     max_wait_ms: float = 10.0
     max_search_k: int = 100
+    max_messages: int = 256
 
 
 class Metrics:
@@ -131,6 +133,9 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     metrics = Metrics()
     batcher = Batcher(options.max_batch_size, options.max_wait_ms, metrics)
     scratch = Path(tempfile.mkdtemp(prefix="serve-images-"))
+    # Counting a prompt renders the chat template: threads of its own, so that slow renders never hold up
+    # image decoding, search or the shutdown, which use asyncio's default threads.
+    prompt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-prompt")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -138,6 +143,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         yield
         # Uvicorn stops taking connections and waits for the open requests before this runs.
         await asyncio.to_thread(batcher.stop)
+        prompt_pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
     app = FastAPI(title="vlm-recipes serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -194,6 +200,10 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             return schema.model_validate(data)
         except ValidationError as e:
             raise _validation_error(e) from None
+
+    def timed_out() -> ClientError:
+        return ClientError(504, f"no answer within the server's timeout of {options.timeout_s:g} s",
+                           type_="timeout", code="timeout")
 
     def find_run(model: str, task: str | None = None):
         run = runs.get(model)
@@ -266,7 +276,12 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await read_json(request, ChatRequest)
+        deadline = time.monotonic() + options.timeout_s  # for all the request's work, before generation too
         run = find_run(req.model, "chat")
+        if len(req.messages) > options.max_messages:
+            raise ClientError(400, f"{len(req.messages)} messages: over this server's limit of "
+                              f"{options.max_messages} per request", param="messages",
+                              code="too_many_messages")
         max_tokens = req.max_completion_tokens or req.max_tokens or options.default_max_tokens
         if max_tokens > options.max_tokens_limit:
             raise ClientError(400, f"max_tokens {max_tokens} is over this server's limit of "
@@ -293,8 +308,13 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 item = {"key": 0, "image": image}
             else:
                 item = {"key": 0, "image": image, "conversations": turns}
+            loop = asyncio.get_running_loop()
             try:
-                positions = await asyncio.to_thread(run.prompt_positions, item, prompt)
+                positions = await asyncio.wait_for(
+                    loop.run_in_executor(prompt_pool, run.prompt_positions, item, prompt),
+                    max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise timed_out() from None
             except (ValueError, IndexError, TypeError) as e:  # what the template or tokenizer cannot take
                 raise ClientError(400, f"messages: the model cannot render this conversation: {e}",
                                   param="messages", code="invalid_conversation") from None
@@ -303,7 +323,6 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 raise ClientError(400, f"the prompt takes {positions} positions and max_tokens asks for "
                                   f"{max_tokens} more: over {req.model!r}'s context length of {limit}",
                                   param="messages", code="context_length_exceeded")
-            loop = asyncio.get_running_loop()
             job = Job(run, item, prompt, max_tokens, req.temperature, req.top_p, loop, loop.create_future(),
                       asyncio.Queue() if req.stream else None, seed=req.seed)
         except BaseException:
@@ -315,11 +334,11 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
 
         async def result():
             try:
-                return await asyncio.wait_for(asyncio.shield(job.future), options.timeout_s)
+                return await asyncio.wait_for(asyncio.shield(job.future),
+                                              max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
                 job.cancelled = True
-                raise ClientError(504, f"no answer within the server's timeout of {options.timeout_s:g} s",
-                                  type_="timeout", code="timeout") from None
+                raise timed_out() from None
 
         if not req.stream:
             done = await result()
@@ -338,7 +357,6 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         async def events():
             yield chunk({"role": "assistant", "content": ""})
             sent = ""
-            deadline = time.monotonic() + options.timeout_s
             while True:
                 try:
                     delta = await asyncio.wait_for(job.stream.get(), max(0.0, deadline - time.monotonic()))

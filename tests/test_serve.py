@@ -873,3 +873,50 @@ def test_timeout_is_a_504_and_shutdown_finishes_the_requests_in_flight(loaded, t
     server.thread.join(timeout=30)
     assert not server.thread.is_alive()
     assert answers == [_predictions(trained[0]["blip2_lora_caption"])[str(image.resolve())]] * 4
+
+
+def _text_chat(model: str, n_messages: int, **extra) -> dict:
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "What shape?"}
+             for i in range(n_messages)]
+    return {"model": model, "max_tokens": 4, "messages": turns, **extra}
+
+
+def test_messages_over_the_limit_are_a_400_and_the_timeout_covers_counting_the_prompt(loaded):
+    from serve.app import ServeOptions, create_app
+
+    server = Server(create_app(loaded, ServeOptions(max_messages=601, timeout_s=0.3)))
+    try:
+        status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 603))
+        assert status == 400 and body["error"]["code"] == "too_many_messages"
+        start = time.monotonic()  # 601 messages: seconds of template rendering to count the prompt
+        status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 601))
+        assert status == 504 and body["error"]["code"] == "timeout"
+        assert time.monotonic() - start < 2.0
+        assert server.json("/health")[0] == 200
+    finally:
+        server.stop()
+
+
+def _stream_events(server: Server, body: dict) -> list:
+    status, text = server.request("/v1/chat/completions", {**body, "stream": True})
+    assert status == 200
+    return [json.loads(e[6:]) if e != "data: [DONE]" else "[DONE]" for e in text.split("\n\n") if e]
+
+
+def test_a_stream_ends_at_the_same_deadline_as_a_plain_request(loaded):
+    from serve.app import ServeOptions, create_app
+
+    # the batcher waits 5 s for a batch to fill: past the 1.5 s timeout
+    server = Server(create_app(loaded, ServeOptions(timeout_s=1.5, max_wait_ms=5000)))
+    try:
+        for stream in (False, True):
+            start = time.monotonic()
+            if stream:
+                events = _stream_events(server, _text_chat("llava_instruct", 1))
+                assert events[-1]["error"]["code"] == "timeout"
+            else:
+                status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 1))
+                assert status == 504 and body["error"]["code"] == "timeout"
+            assert 1.4 < time.monotonic() - start < 2.4
+    finally:
+        server.stop()

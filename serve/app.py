@@ -35,6 +35,7 @@ from prometheus_client import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from data_tools.records import IMAGE_TOKEN
 
@@ -187,11 +188,14 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             raise ClientError(413, f"request body over the limit of {options.max_body_bytes:,} bytes",
                               code="body_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > options.max_body_bytes:
-                raise ClientError(413, f"request body over the limit of {options.max_body_bytes:,} bytes",
-                                  code="body_too_large")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > options.max_body_bytes:
+                    raise ClientError(413, f"request body over the limit of {options.max_body_bytes:,} bytes",
+                                      code="body_too_large")
+        except ClientDisconnect:  # nobody to answer; counted as 499 (nginx's "client closed request")
+            raise client_gone() from None
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -200,6 +204,14 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             return schema.model_validate(data)
         except ValidationError as e:
             raise _validation_error(e) from None
+
+    def client_gone() -> ClientError:
+        return ClientError(499, "the client closed the connection", code="client_closed_request")
+
+    async def disconnected(request: Request) -> None:
+        """Returns when the client of `request`, whose body has been read, closes the connection."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
 
     def timed_out() -> ClientError:
         return ClientError(504, f"no answer within the server's timeout of {options.timeout_s:g} s",
@@ -332,16 +344,25 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         batcher.submit(job)  # from here the batcher owns the image file
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
 
-        async def result():
+        async def result(watch: bool):
+            """The job's completion; 504 at the deadline; with `watch`, 499 when the client leaves first (a
+            stream's response watches the connection itself). The batcher drops a job it no longer needs."""
+            left = asyncio.ensure_future(disconnected(request)) if watch else None
             try:
-                return await asyncio.wait_for(asyncio.shield(job.future),
-                                              max(0.0, deadline - time.monotonic()))
-            except asyncio.TimeoutError:
-                job.cancelled = True
-                raise timed_out() from None
+                await asyncio.wait([job.future] + ([left] if watch else []),
+                                   timeout=max(0.0, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if left is not None:
+                    left.cancel()
+                if not job.future.done():
+                    job.cancelled = True
+            if job.future.done():
+                return job.future.result()
+            raise client_gone() if left is not None and left.done() and not left.cancelled() else timed_out()
 
         if not req.stream:
-            done = await result()
+            done = await result(watch=True)
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                                  "finish_reason": done.finish_reason}],
@@ -355,22 +376,27 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            sent = ""
-            while True:
-                try:
-                    delta = await asyncio.wait_for(job.stream.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    break
-                if delta is None:
-                    break
-                sent += delta
-                yield chunk({"content": delta})
             try:
-                done = await result()
-            except ClientError as e:
-                yield f"data: {json.dumps(e.body())}\n\n"
-                return
+                yield chunk({"role": "assistant", "content": ""})
+                sent = ""
+                while True:
+                    try:
+                        delta = await asyncio.wait_for(job.stream.get(),
+                                                       max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        break
+                    if delta is None:
+                        break
+                    sent += delta
+                    yield chunk({"content": delta})
+                try:
+                    done = await result(watch=False)
+                except ClientError as e:
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                    return
+            finally:  # also when the client leaves: the response cancels this generator
+                if not job.future.done():
+                    job.cancelled = True
             if done.text.startswith(sent) and len(done.text) > len(sent):
                 yield chunk({"content": done.text[len(sent):]})
             yield chunk({}, done.finish_reason)

@@ -8,7 +8,8 @@ answers do not depend on the batch: each job's tokens are cut at its own `max_to
 stop token (the eos, or an end-of-turn token the model's generation config names). A sampled job with a
 `seed` is generated in a batch of its own, with the random generator seeded for that call, so that its
 answer depends on its seed and not on what it was batched with. A streaming job gets each of its tokens
-as the batch makes it.
+as the batch makes it. A job whose client left (or whose request timed out) is not started, and a
+batch ends as soon as all its jobs are.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -94,6 +96,16 @@ class _RowStreamer(BaseStreamer):
 
     def end(self):
         pass
+
+
+class _Abandoned(StoppingCriteria):
+    """Ends the rows of jobs whose clients left or timed out; generate() returns once every row ended."""
+
+    def __init__(self, jobs: list[Job]):
+        self.jobs = jobs
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.tensor([job.cancelled for job in self.jobs], device=input_ids.device)
 
 
 class Batcher:
@@ -230,6 +242,7 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         if any(job.stream is not None for job in jobs):
             kwargs["streamer"] = _RowStreamer(jobs, tok, stops)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Abandoned(jobs)])
         generated = model.generate(**batch, **kwargs)
     new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()

@@ -920,3 +920,45 @@ def test_a_stream_ends_at_the_same_deadline_as_a_plain_request(loaded):
             assert 1.4 < time.monotonic() - start < 2.4
     finally:
         server.stop()
+
+
+def _leave_early(port: int, body: bytes, declared: int, wait: float) -> None:
+    """Send the headers and `body` of a POST declaring `declared` bytes, wait, and close the connection."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {declared}\r\n\r\n".encode() + body)
+        time.sleep(wait)
+
+
+def _requests_by_status(server: Server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for family in text_string_to_metric_families(server.request("/metrics")[1]):
+        for sample in family.samples:
+            if sample.name == "serve_requests_total":
+                counts[sample.labels["status"]] = counts.get(sample.labels["status"], 0) + sample.value
+            if sample.name == "serve_batch_size_count":
+                counts["batches"] = sample.value
+    return counts
+
+
+def test_a_client_that_leaves_is_no_server_error_and_its_request_is_not_generated(loaded):
+    from serve.app import ServeOptions, create_app
+
+    # a batch waits 2 s to fill: time for the clients to leave before it would be generated
+    server = Server(create_app(loaded, ServeOptions(max_wait_ms=2000)))
+    try:
+        _leave_early(server.port, b'{"model": "llava', 1000, 0.2)  # part of the body, then gone
+        for stream in (False, True):
+            body = json.dumps(_text_chat("llava_instruct", 1, stream=stream)).encode()
+            _leave_early(server.port, body, len(body), 0.5)
+        deadline = time.monotonic() + 10
+        while _requests_by_status(server).get("499", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.5)  # past the batch's wait
+        counts = _requests_by_status(server)
+        assert counts.get("499") == 2 and not [k for k in counts if k.startswith("5")], counts
+        assert counts.get("batches", 0) == 0  # neither request was generated
+    finally:
+        server.stop()

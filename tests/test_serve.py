@@ -962,3 +962,20 @@ def test_a_client_that_leaves_is_no_server_error_and_its_request_is_not_generate
         assert counts.get("batches", 0) == 0  # neither request was generated
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("--default-max-tokens", "1000", ("--default-max-tokens 1000 is over --max-tokens-limit 512: every "
+                                      "request without max_tokens would be refused")),
+    ("--max-batch-size", "0", "--max-batch-size must be at least 1, not 0"),
+    ("--max-wait-ms", "-5", "--max-wait-ms must be 0 or more, not -5"),
+    ("--timeout", "0", "--timeout must be a number of more than 0, not 0"),
+    ("--timeout", "nan", "--timeout must be a number of more than 0, not nan"),
+    ("--max-messages", "0", "--max-messages must be at least 1, not 0"),
+])
+def test_an_option_out_of_range_is_one_line_and_exit_2_before_loading(tmp_path, capsys, option, value, says):
+    from serve.__main__ import main
+
+    assert main([str(tmp_path / "missing"), option, value]) == 2  # the runs are not loaded: no folder error
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m serve: {says}"

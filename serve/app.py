@@ -33,7 +33,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -97,17 +97,42 @@ class Message(BaseModel):
     content: str | list[ContentPart] | None = None
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
-    n: int = Field(default=1, ge=1, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+
+
+# OpenAI fields this server cannot honour, each with the test of a value that leaves the answer unchanged
+# (clients often send the defaults); any other value is refused rather than silently ignored.
+UNSUPPORTED = {
+    "logprobs": lambda v: not v,
+    "top_logprobs": lambda v: not v,
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: not v,
+    "frequency_penalty": lambda v: not v,
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v is None or v == ["text"],
+}
 
 
 class SearchRequest(BaseModel):
@@ -294,6 +319,14 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             raise ClientError(400, f"{len(req.messages)} messages: over this server's limit of "
                               f"{options.max_messages} per request", param="messages",
                               code="too_many_messages")
+        for name, value in (req.model_extra or {}).items():
+            if name in UNSUPPORTED and not UNSUPPORTED[name](value):
+                raise ClientError(400, f"{name}: not supported by this server (see GET /docs and "
+                                  "serve/README.md for the fields it takes)", param=name,
+                                  code="unsupported_field")
+        stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if len(stops) > 4 or not all(stops):
+            raise ClientError(400, "stop: up to 4 strings, none empty", param="stop", code="invalid_value")
         max_tokens = req.max_completion_tokens or req.max_tokens or options.default_max_tokens
         if max_tokens > options.max_tokens_limit:
             raise ClientError(400, f"max_tokens {max_tokens} is over this server's limit of "
@@ -336,7 +369,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                                   f"{max_tokens} more: over {req.model!r}'s context length of {limit}",
                                   param="messages", code="context_length_exceeded")
             job = Job(run, item, prompt, max_tokens, req.temperature, req.top_p, loop, loop.create_future(),
-                      asyncio.Queue() if req.stream else None, seed=req.seed)
+                      asyncio.Queue() if req.stream else None, seed=req.seed, stop=stops)
         except BaseException:
             for path in saved:
                 os.unlink(path)
@@ -361,18 +394,24 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 return job.future.result()
             raise client_gone() if left is not None and left.done() and not left.cancelled() else timed_out()
 
+        def usage(done) -> dict:
+            return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                    "total_tokens": done.prompt_tokens + done.completion_tokens}
+
         if not req.stream:
             done = await result(watch=True)
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                                  "finish_reason": done.finish_reason}],
-                    "usage": {"prompt_tokens": done.prompt_tokens,
-                              "completion_tokens": done.completion_tokens,
-                              "total_tokens": done.prompt_tokens + done.completion_tokens}}
+                    "usage": usage(done)}
+        with_usage = req.stream_options is not None and req.stream_options.include_usage
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
+        def chunk(delta: dict | None, finish: str | None = None, done=None) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "choices": [] if delta is None else [{"index": 0, "delta": delta,
+                                                          "finish_reason": finish}]}
+            if with_usage:  # as OpenAI: null in every chunk but the last, which has no choice
+                body["usage"] = None if done is None else usage(done)
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events():
@@ -400,6 +439,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             if done.text.startswith(sent) and len(done.text) > len(sent):
                 yield chunk({"content": done.text[len(sent):]})
             yield chunk({}, done.finish_reason)
+            if with_usage:
+                yield chunk(None, done=done)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")

@@ -979,3 +979,56 @@ def test_an_option_out_of_range_is_one_line_and_exit_2_before_loading(tmp_path, 
     assert main([str(tmp_path / "missing"), option, value]) == 2  # the runs are not loaded: no folder error
     err = capsys.readouterr().err.strip()
     assert err == f"python -m serve: {says}"
+
+
+def test_stop_strings_end_the_answer_before_them_streamed_or_not(server, trained):
+    _, files = trained
+    image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[0]["image"]
+    for model, text in (("llava_instruct", "What is in the image?"), ("blip2_lora_caption", None)):
+        ask = {"model": model, "messages": [message(image, text)], "max_tokens": 16}
+        status, whole = server.json("/v1/chat/completions", ask)
+        assert status == 200
+        answer = whole["choices"][0]["message"]["content"]
+        # a stop string first found as far into the answer as can be, of characters decoded whole
+        at = max(i for i in range(1, len(answer) - 1) if answer.find(answer[i:i + 2]) == i
+                 and not {answer[i], answer[i + 1]} & {"\ufffd", " ", "\n"})
+        stop = answer[at:at + 2]
+        expected = answer[:answer.find(stop)].strip()
+        status, body = server.json("/v1/chat/completions", {**ask, "stop": [stop, "never in it"]})
+        assert status == 200
+        assert body["choices"][0]["message"]["content"] == expected
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] < whole["usage"]["completion_tokens"]
+        events = _stream_events(server, {**ask, "stop": stop})
+        deltas = [e["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+        assert "".join(deltas) == expected and events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_stream_with_include_usage_ends_with_the_usage(server):
+    ask = _text_chat("llava_instruct", 1)
+    status, whole = server.json("/v1/chat/completions", ask)
+    assert status == 200
+    events = _stream_events(server, {**ask, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]
+    assert all(e["usage"] is None for e in events[:-2])
+    assert "usage" not in _stream_events(server, ask)[-2]  # only when asked, as OpenAI
+
+
+@pytest.mark.parametrize("field,value", [
+    ("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"), ("presence_penalty", 0.5), ("logit_bias", {"5": 10}),
+])
+def test_an_option_that_would_change_the_answer_and_is_not_supported_is_a_400(server, field, value):
+    status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 1, **{field: value}))
+    assert status == 400 and body["error"]["code"] == "unsupported_field" and body["error"]["param"] == field
+
+
+def test_default_values_of_unsupported_options_are_accepted(server):
+    ask = _text_chat("llava_instruct", 1)
+    defaults = {"logprobs": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+                "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
+    status, body = server.json("/v1/chat/completions", {**ask, **defaults})
+    assert status == 200
+    assert body["choices"] == server.json("/v1/chat/completions", ask)[1]["choices"]

@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.parse
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -93,7 +94,7 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
 
 
@@ -150,7 +151,8 @@ def _validation_error(e: ValidationError) -> ClientError:
                        code="invalid_value")
 
 
-ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
+# `developer` is what newer OpenAI clients call the system message
+ROLES = {"user": "human", "assistant": "gpt", "system": "system", "developer": "system"}
 
 
 def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
@@ -281,9 +283,12 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                     continue
                 if part.image_url is None:
                     raise ClientError(400, f"{param}: an image_url part needs 'image_url'", param=param)
-                if image is not None or message.role != "user":
+                if image is not None:
                     raise ClientError(400, f"{param}: one image per conversation, in a user message",
                                       param=param, code="too_many_images")
+                if message.role != "user":
+                    raise ClientError(400, f"{param}: an image goes in a user message, not in one of role "
+                                      f"{message.role!r}", param=param, code="image_not_in_user_message")
                 url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
                 image = await checked_image(url, f"{param}.image_url")
                 saved.append(image)
@@ -300,11 +305,19 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_object(rid: str) -> dict:
+        run = runs[rid]
+        return {"id": rid, "object": "model", "created": int(os.path.getmtime(run.path)),
+                "owned_by": "vlm-recipes", "task": run.task}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": rid, "object": "model", "created": int(os.path.getmtime(run.path)),
-             "owned_by": "vlm-recipes", "task": run.task} for rid, run in runs.items()]}
+        return {"object": "list", "data": [model_object(rid) for rid in runs]}
+
+    @app.get("/v1/models/{model:path}")  # a checkpoint's id has a slash: <run>/checkpoint-N
+    async def model(model: str):
+        find_run(model)
+        return model_object(model)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -456,7 +469,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         if req.query is not None:
             hits = await asyncio.to_thread(run.search_text, req.query, k)
             for hit in hits:
-                hit["url"] = f"/v1/gallery?model={req.model}&index={hit['index']}"
+                query = urllib.parse.urlencode({"model": req.model, "index": hit["index"]})
+                hit["url"] = f"/v1/gallery?{query}"
         else:
             path = await checked_image(req.image, "image")
             try:

@@ -707,7 +707,19 @@ BAD = [  # (what, body or raw bytes, status, error code)
                                    "messages": [{"role": "user", "content": "hi"}]},
      400, "max_tokens_too_large"),
     ("two images", {"model": "llava_instruct", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 2}]}, 400, None),
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+         + base64.b64encode(_tiny_png()).decode()}}] * 2}]}, 400, "too_many_images"),
+    ("the only image in an assistant message", {"model": "llava_instruct", "messages": [
+        {"role": "user", "content": "Draw a shape."},
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                           + base64.b64encode(_tiny_png()).decode()}}]},
+        {"role": "user", "content": "What is it?"}]}, 400, "image_not_in_user_message"),
+    ("max_tokens as a string", {"model": "llava_instruct", "max_tokens": "8",
+                                "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value"),
+    ("max_tokens as a float", {"model": "llava_instruct", "max_tokens": 8.0,
+                               "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value"),
+    ("max_tokens as a bool", {"model": "llava_instruct", "max_tokens": True,
+                              "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value"),
     ("assistant last", {"model": "llava_instruct", "messages": [{"role": "assistant", "content": "hi"}]},
      400, "invalid_conversation"),
     ("a greeting before the user's first message", {"model": "llava_instruct", "messages": [
@@ -1032,3 +1044,39 @@ def test_default_values_of_unsupported_options_are_accepted(server):
     status, body = server.json("/v1/chat/completions", {**ask, **defaults})
     assert status == 200
     assert body["choices"] == server.json("/v1/chat/completions", ask)[1]["choices"]
+
+
+def test_a_developer_message_is_a_system_message(server):
+    def ask(role: str) -> tuple[int, dict]:
+        return server.json("/v1/chat/completions", {"model": "llava_instruct", "max_tokens": 8, "messages": [
+            {"role": role, "content": "Answer in one word."}, {"role": "user", "content": "What shape?"}]})
+
+    status, body = ask("developer")
+    assert status == 200 and body["choices"] == ask("system")[1]["choices"]
+
+
+def test_a_model_is_retrieved_by_its_id(server):
+    listed = {m["id"]: m for m in server.json("/v1/models")[1]["data"]}
+    for rid in ("llava_instruct", "clip_index"):
+        assert server.json(f"/v1/models/{rid}") == (200, listed[rid])
+    status, body = server.json("/v1/models/nope")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def test_gallery_urls_of_a_run_whose_name_needs_escaping_fetch_its_images(trained, tmp_path):
+    from serve.app import create_app
+    from serve.runs import load_runs
+
+    runs, files = trained
+    odd = shutil.copytree(runs["clip_index"], tmp_path / "clip idx+&#1")
+    server = Server(create_app(load_runs([odd])))
+    try:
+        status, body = server.json("/v1/search", {"model": odd.name, "query": "a red circle", "k": 2})
+        assert status == 200 and len(body["data"]) == 2
+        index = json.loads((odd / "index.json").read_text())
+        for hit in body["data"]:
+            image = Path(files["retrieval"][1]).parent / index["images"][hit["index"]]
+            with urllib.request.urlopen(server.url + hit["url"]) as r:
+                assert r.read() == image.read_bytes()
+    finally:
+        server.stop()

@@ -1080,3 +1080,41 @@ def test_gallery_urls_of_a_run_whose_name_needs_escaping_fetch_its_images(traine
                 assert r.read() == image.read_bytes()
     finally:
         server.stop()
+
+
+def test_web_page_asks_a_chat_run_without_an_image_and_shows_bad_max_tokens_and_a_lost_server(loaded,
+                                                                                              tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from serve.app import create_app
+
+    browser = _browser(tmp_path)
+    server = Server(create_app(loaded))
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        Select(browser.find_element(By.ID, "model")).select_by_value("llava_instruct")
+        browser.find_element(By.ID, "prompt").send_keys("What shape?")
+
+        def ask(max_tokens: str, status: str) -> str:
+            field = browser.find_element(By.ID, "max_tokens")
+            field.clear()
+            field.send_keys(max_tokens)
+            browser.execute_script("document.getElementById('status').textContent = ''")
+            browser.find_element(By.ID, "ask").click()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), status))
+            return browser.find_element(By.ID, "error").text
+
+        assert ask("6", "done") == ""  # text alone: a chat model answers it
+        shown = browser.execute_script(ANSWER)
+        assert shown and shown == server.chat("llava_instruct", None, "What shape?", max_tokens=6)
+        assert ask("abc", "refused") == "Max tokens must be a whole number (or empty: the server's default)."
+        assert ask("0", "refused") == "max_tokens: Input should be greater than or equal to 1"  # the server's
+        server.stop()
+        assert ask("6", "failed").startswith("cannot reach the server: ")
+    finally:
+        browser.quit()
+        server.stop()

@@ -127,8 +127,9 @@ class _RowStops(StoppingCriteria):
     """Ends the rows whose answer reached one of its job's stop strings, and those of jobs whose clients left
     or timed out; generate() returns once every row ended."""
 
-    def __init__(self, jobs: list[Job], tokenizer, prompt_length: int, stop_ids: set[int]):
-        self.jobs, self.tokenizer, self.start, self.stop_ids = jobs, tokenizer, prompt_length, stop_ids
+    def __init__(self, jobs: list[Job], tokenizer, stop_ids: set[int]):
+        self.jobs, self.tokenizer, self.stop_ids = jobs, tokenizer, stop_ids
+        self.steps = 0  # one call per new token: the sequences may or may not hold the prompt (soft prompt)
 
     def _stopped(self, job: Job, tokens: list[int]) -> bool:
         if job.cancelled:
@@ -139,7 +140,8 @@ class _RowStops(StoppingCriteria):
         return cut_at_stop(self.tokenizer.decode(tokens[:end], skip_special_tokens=True), job.stop)[1]
 
     def __call__(self, input_ids, scores, **kwargs):
-        new = input_ids[:, self.start:].tolist()
+        self.steps += 1
+        new = input_ids[:, -self.steps:].tolist()
         return torch.tensor([self._stopped(job, tokens) for job, tokens in zip(self.jobs, new)],
                             device=input_ids.device)
 
@@ -278,8 +280,7 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         if any(job.stream is not None for job in jobs):
             kwargs["streamer"] = _RowStreamer(jobs, tok, stops)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_RowStops(jobs, tok, batch["input_ids"].shape[1],
-                                                                      stops)])
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_RowStops(jobs, tok, stops)])
         generated = model.generate(**batch, **kwargs)
     new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()

@@ -996,7 +996,8 @@ def test_an_option_out_of_range_is_one_line_and_exit_2_before_loading(tmp_path, 
 def test_stop_strings_end_the_answer_before_them_streamed_or_not(server, trained):
     _, files = trained
     image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[0]["image"]
-    for model, text in (("llava_instruct", "What is in the image?"), ("blip2_lora_caption", None)):
+    for model, text in (("llava_instruct", "What is in the image?"), ("blip2_lora_caption", None),
+                        ("soft_prompt_caption", None)):  # its language model generates from embeddings alone
         ask = {"model": model, "messages": [message(image, text)], "max_tokens": 16}
         status, whole = server.json("/v1/chat/completions", ask)
         assert status == 200

@@ -1119,3 +1119,24 @@ def test_web_page_asks_a_chat_run_without_an_image_and_shows_bad_max_tokens_and_
     finally:
         browser.quit()
         server.stop()
+
+
+def test_rows_of_abandoned_jobs_and_of_reached_stop_strings_end(loaded):
+    from serve.batching import Job, _RowStops
+
+    tok = loaded["llava_instruct"].tokenizer
+
+    def job(**kw) -> Job:
+        return Job(loaded["llava_instruct"], {}, None, 8, None, None, None, None, **kw)
+
+    gone, stopping, going = job(), job(stop=("red",)), job(stop=("blue",))
+    gone.cancelled = True
+    stops = _RowStops([gone, stopping, going], tok, {tok.eos_token_id})
+    rows = [tok("a red circle", add_special_tokens=False)["input_ids"]] * 3
+    n = len(rows[0])
+    prompt = [[tok.eos_token_id] * 5] * 3  # the sequences hold the prompt before the new tokens
+    for step in range(1, n + 1):
+        ended = stops(torch.tensor([p + r[:step] for p, r in zip(prompt, rows)]), None).tolist()
+        assert ended[0] and not ended[2]
+        assert ended[1] == ("red" in tok.decode(rows[1][:step]))
+    assert ended == [True, True, False]

@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="max_tokens of a request that names none")
     p.add_argument("--max-body-mb", type=float, default=d.max_body_bytes / 2**20,
                    help="largest request body, images included (413 above)")
+    p.add_argument("--max-messages", type=int, default=d.max_messages,
+                   help="most messages in one chat completion (400 above)")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
                    help="largest image, width x height, checked before decoding (413 above)")
     p.add_argument("--allow-remote-images", action="store_true",
@@ -42,8 +44,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def option_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options' values, if anything: checked at start, not at the first request."""
+    at_least_1 = {"--port": args.port, "--max-batch-size": args.max_batch_size,
+                  "--max-tokens-limit": args.max_tokens_limit,
+                  "--default-max-tokens": args.default_max_tokens,
+                  "--max-image-pixels": args.max_image_pixels, "--max-messages": args.max_messages}
+    for name, value in at_least_1.items():
+        if value < 1:
+            return f"{name} must be at least 1, not {value}"
+    if args.port > 65535:
+        return f"--port must be at most 65535, not {args.port}"
+    if args.default_max_tokens > args.max_tokens_limit:
+        return (f"--default-max-tokens {args.default_max_tokens} is over --max-tokens-limit "
+                f"{args.max_tokens_limit}: every request without max_tokens would be refused")
+    for name, value in (("--timeout", args.timeout), ("--max-body-mb", args.max_body_mb)):
+        if not value > 0 or value == float("inf"):
+            return f"{name} must be a number of more than 0, not {value:g}"
+    if not 0 <= args.max_wait_ms < float("inf"):
+        return f"--max-wait-ms must be 0 or more, not {args.max_wait_ms:g}"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    error = option_error(args)
+    if error is not None:
+        print(f"python -m serve: {error}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import uvicorn
@@ -55,7 +83,8 @@ def main(argv=None) -> int:
                            max_image_pixels=args.max_image_pixels,
                            max_tokens_limit=args.max_tokens_limit, default_max_tokens=args.default_max_tokens,
                            timeout_s=args.timeout, allow_remote_images=args.allow_remote_images,
-                           max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms)
+                           max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                           max_messages=args.max_messages)
     try:
         runs = load_runs(args.runs)
     except (RunLoadError, FileNotFoundError, ValueError, OSError) as e:

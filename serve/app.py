@@ -14,7 +14,9 @@ import os
 import shutil
 import tempfile
 import time
+import urllib.parse
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +34,9 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from data_tools.records import IMAGE_TOKEN
 
@@ -57,6 +60,7 @@ class ServeOptions:
     max_batch_size: int = 16
     max_wait_ms: float = 10.0
     max_search_k: int = 100
+    max_messages: int = 256
 
 
 class Metrics:
@@ -90,21 +94,46 @@ class ContentPart(BaseModel):
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
-    n: int = Field(default=1, ge=1, le=1)
+    n: StrictInt = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+
+
+# OpenAI fields this server cannot honour, each with the test of a value that leaves the answer unchanged
+# (clients often send the defaults); any other value is refused rather than silently ignored.
+UNSUPPORTED = {
+    "logprobs": lambda v: not v,
+    "top_logprobs": lambda v: not v,
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "functions": lambda v: not v,
+    "function_call": lambda v: v in (None, "none"),
+    "response_format": lambda v: v is None or (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": lambda v: not v,
+    "presence_penalty": lambda v: not v,
+    "frequency_penalty": lambda v: not v,
+    "audio": lambda v: v is None,
+    "modalities": lambda v: v is None or v == ["text"],
+}
 
 
 class SearchRequest(BaseModel):
@@ -122,7 +151,8 @@ def _validation_error(e: ValidationError) -> ClientError:
                        code="invalid_value")
 
 
-ROLES = {"user": "human", "assistant": "gpt", "system": "system"}
+# `developer` is what newer OpenAI clients call the system message
+ROLES = {"user": "human", "assistant": "gpt", "system": "system", "developer": "system"}
 
 
 def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
@@ -131,6 +161,9 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     metrics = Metrics()
     batcher = Batcher(options.max_batch_size, options.max_wait_ms, metrics)
     scratch = Path(tempfile.mkdtemp(prefix="serve-images-"))
+    # Counting a prompt renders the chat template: threads of its own, so that slow renders never hold up
+    # image decoding, search or the shutdown, which use asyncio's default threads.
+    prompt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-prompt")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -138,6 +171,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         yield
         # Uvicorn stops taking connections and waits for the open requests before this runs.
         await asyncio.to_thread(batcher.stop)
+        prompt_pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
     app = FastAPI(title="vlm-recipes serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -181,11 +215,14 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             raise ClientError(413, f"request body over the limit of {options.max_body_bytes:,} bytes",
                               code="body_too_large")
         body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > options.max_body_bytes:
-                raise ClientError(413, f"request body over the limit of {options.max_body_bytes:,} bytes",
-                                  code="body_too_large")
+        try:
+            async for chunk in request.stream():
+                body += chunk
+                if len(body) > options.max_body_bytes:
+                    raise ClientError(413, f"request body over the limit of {options.max_body_bytes:,} bytes",
+                                      code="body_too_large")
+        except ClientDisconnect:  # nobody to answer; counted as 499 (nginx's "client closed request")
+            raise client_gone() from None
         try:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
@@ -194,6 +231,18 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             return schema.model_validate(data)
         except ValidationError as e:
             raise _validation_error(e) from None
+
+    def client_gone() -> ClientError:
+        return ClientError(499, "the client closed the connection", code="client_closed_request")
+
+    async def disconnected(request: Request) -> None:
+        """Returns when the client of `request`, whose body has been read, closes the connection."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    def timed_out() -> ClientError:
+        return ClientError(504, f"no answer within the server's timeout of {options.timeout_s:g} s",
+                           type_="timeout", code="timeout")
 
     def find_run(model: str, task: str | None = None):
         run = runs.get(model)
@@ -234,9 +283,12 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                     continue
                 if part.image_url is None:
                     raise ClientError(400, f"{param}: an image_url part needs 'image_url'", param=param)
-                if image is not None or message.role != "user":
+                if image is not None:
                     raise ClientError(400, f"{param}: one image per conversation, in a user message",
                                       param=param, code="too_many_images")
+                if message.role != "user":
+                    raise ClientError(400, f"{param}: an image goes in a user message, not in one of role "
+                                      f"{message.role!r}", param=param, code="image_not_in_user_message")
                 url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
                 image = await checked_image(url, f"{param}.image_url")
                 saved.append(image)
@@ -253,11 +305,19 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     async def prometheus():
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    def model_object(rid: str) -> dict:
+        run = runs[rid]
+        return {"id": rid, "object": "model", "created": int(os.path.getmtime(run.path)),
+                "owned_by": "vlm-recipes", "task": run.task}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [
-            {"id": rid, "object": "model", "created": int(os.path.getmtime(run.path)),
-             "owned_by": "vlm-recipes", "task": run.task} for rid, run in runs.items()]}
+        return {"object": "list", "data": [model_object(rid) for rid in runs]}
+
+    @app.get("/v1/models/{model:path}")  # a checkpoint's id has a slash: <run>/checkpoint-N
+    async def model(model: str):
+        find_run(model)
+        return model_object(model)
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -266,7 +326,20 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await read_json(request, ChatRequest)
+        deadline = time.monotonic() + options.timeout_s  # for all the request's work, before generation too
         run = find_run(req.model, "chat")
+        if len(req.messages) > options.max_messages:
+            raise ClientError(400, f"{len(req.messages)} messages: over this server's limit of "
+                              f"{options.max_messages} per request", param="messages",
+                              code="too_many_messages")
+        for name, value in (req.model_extra or {}).items():
+            if name in UNSUPPORTED and not UNSUPPORTED[name](value):
+                raise ClientError(400, f"{name}: not supported by this server (see GET /docs and "
+                                  "serve/README.md for the fields it takes)", param=name,
+                                  code="unsupported_field")
+        stops = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+        if len(stops) > 4 or not all(stops):
+            raise ClientError(400, "stop: up to 4 strings, none empty", param="stop", code="invalid_value")
         max_tokens = req.max_completion_tokens or req.max_tokens or options.default_max_tokens
         if max_tokens > options.max_tokens_limit:
             raise ClientError(400, f"max_tokens {max_tokens} is over this server's limit of "
@@ -276,7 +349,12 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             turns, image = await conversation(req, saved)
             if turns[-1]["from"] != "human":
                 raise ClientError(400, "the last message must be the user's, to be answered",
-                                  param="messages")
+                                  param="messages", code="invalid_conversation")
+            first = next(i for i, turn in enumerate(turns) if turn["from"] != "system")
+            if turns[first]["from"] != "human":  # an answer to no question: templates cannot place it
+                raise ClientError(400, f"messages.{first}: the first message after the system messages must "
+                                  "be the user's (drop a greeting sent before the user's first message)",
+                                  param=f"messages.{first}", code="invalid_conversation")
             prompt = None
             if image is None and run.needs_image:
                 what = "a captioner" if run.task == "caption" else "a model that takes no text-only input"
@@ -288,19 +366,23 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 item = {"key": 0, "image": image}
             else:
                 item = {"key": 0, "image": image, "conversations": turns}
+            loop = asyncio.get_running_loop()
             try:
-                positions = await asyncio.to_thread(run.prompt_positions, item, prompt)
-            except ValueError as e:
-                raise ClientError(400, f"messages: {e}", param="messages",
-                                  code="invalid_conversation") from None
+                positions = await asyncio.wait_for(
+                    loop.run_in_executor(prompt_pool, run.prompt_positions, item, prompt),
+                    max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise timed_out() from None
+            except (ValueError, IndexError, TypeError) as e:  # what the template or tokenizer cannot take
+                raise ClientError(400, f"messages: the model cannot render this conversation: {e}",
+                                  param="messages", code="invalid_conversation") from None
             limit = run.max_positions
             if limit is not None and positions + max_tokens > limit:
                 raise ClientError(400, f"the prompt takes {positions} positions and max_tokens asks for "
                                   f"{max_tokens} more: over {req.model!r}'s context length of {limit}",
                                   param="messages", code="context_length_exceeded")
-            loop = asyncio.get_running_loop()
             job = Job(run, item, prompt, max_tokens, req.temperature, req.top_p, loop, loop.create_future(),
-                      asyncio.Queue() if req.stream else None, seed=req.seed)
+                      asyncio.Queue() if req.stream else None, seed=req.seed, stop=stops)
         except BaseException:
             for path in saved:
                 os.unlink(path)
@@ -308,49 +390,70 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         batcher.submit(job)  # from here the batcher owns the image file
         created, cid = int(time.time()), f"chatcmpl-{uuid.uuid4().hex}"
 
-        async def result():
+        async def result(watch: bool):
+            """The job's completion; 504 at the deadline; with `watch`, 499 when the client leaves first (a
+            stream's response watches the connection itself). The batcher drops a job it no longer needs."""
+            left = asyncio.ensure_future(disconnected(request)) if watch else None
             try:
-                return await asyncio.wait_for(asyncio.shield(job.future), options.timeout_s)
-            except asyncio.TimeoutError:
-                job.cancelled = True
-                raise ClientError(504, f"no answer within the server's timeout of {options.timeout_s:g} s",
-                                  type_="timeout", code="timeout") from None
+                await asyncio.wait([job.future] + ([left] if watch else []),
+                                   timeout=max(0.0, deadline - time.monotonic()),
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if left is not None:
+                    left.cancel()
+                if not job.future.done():
+                    job.cancelled = True
+            if job.future.done():
+                return job.future.result()
+            raise client_gone() if left is not None and left.done() and not left.cancelled() else timed_out()
+
+        def usage(done) -> dict:
+            return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+                    "total_tokens": done.prompt_tokens + done.completion_tokens}
 
         if not req.stream:
-            done = await result()
+            done = await result(watch=True)
             return {"id": cid, "object": "chat.completion", "created": created, "model": req.model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
                                  "finish_reason": done.finish_reason}],
-                    "usage": {"prompt_tokens": done.prompt_tokens,
-                              "completion_tokens": done.completion_tokens,
-                              "total_tokens": done.prompt_tokens + done.completion_tokens}}
+                    "usage": usage(done)}
+        with_usage = req.stream_options is not None and req.stream_options.include_usage
 
-        def chunk(delta: dict, finish: str | None = None) -> str:
+        def chunk(delta: dict | None, finish: str | None = None, done=None) -> str:
             body = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+                    "choices": [] if delta is None else [{"index": 0, "delta": delta,
+                                                          "finish_reason": finish}]}
+            if with_usage:  # as OpenAI: null in every chunk but the last, which has no choice
+                body["usage"] = None if done is None else usage(done)
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
         async def events():
-            yield chunk({"role": "assistant", "content": ""})
-            sent = ""
-            deadline = time.monotonic() + options.timeout_s
-            while True:
-                try:
-                    delta = await asyncio.wait_for(job.stream.get(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
-                    break
-                if delta is None:
-                    break
-                sent += delta
-                yield chunk({"content": delta})
             try:
-                done = await result()
-            except ClientError as e:
-                yield f"data: {json.dumps(e.body())}\n\n"
-                return
+                yield chunk({"role": "assistant", "content": ""})
+                sent = ""
+                while True:
+                    try:
+                        delta = await asyncio.wait_for(job.stream.get(),
+                                                       max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        break
+                    if delta is None:
+                        break
+                    sent += delta
+                    yield chunk({"content": delta})
+                try:
+                    done = await result(watch=False)
+                except ClientError as e:
+                    yield f"data: {json.dumps(e.body())}\n\n"
+                    return
+            finally:  # also when the client leaves: the response cancels this generator
+                if not job.future.done():
+                    job.cancelled = True
             if done.text.startswith(sent) and len(done.text) > len(sent):
                 yield chunk({"content": done.text[len(sent):]})
             yield chunk({}, done.finish_reason)
+            if with_usage:
+                yield chunk(None, done=done)
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -366,7 +469,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         if req.query is not None:
             hits = await asyncio.to_thread(run.search_text, req.query, k)
             for hit in hits:
-                hit["url"] = f"/v1/gallery?model={req.model}&index={hit['index']}"
+                query = urllib.parse.urlencode({"model": req.model, "index": hit["index"]})
+                hit["url"] = f"/v1/gallery?{query}"
         else:
             path = await checked_image(req.image, "image")
             try:

@@ -3,12 +3,13 @@
 One worker thread takes the oldest waiting job, then gathers up to `max_batch_size - 1` more jobs that
 can share its `generate` call (the same run, or adapters that peft can mix on one base; the same prompt for
 a captioner; the same sampling options), waiting at most `max_wait_ms` for them; jobs that cannot join
-wait for a later batch in arrival order. Greedy
-answers do not depend on the batch: each job's tokens are cut at its own `max_tokens` and at its first
-stop token (the eos, or an end-of-turn token the model's generation config names). A sampled job with a
+wait for a later batch in arrival order. Greedy answers do not depend on the batch: each job's tokens are
+cut at its own `max_tokens`, at its first stop token (the eos, or an end-of-turn token the model's
+generation config names) and before its first stop string (its row then ends). A sampled job with a
 `seed` is generated in a batch of its own, with the random generator seeded for that call, so that its
 answer depends on its seed and not on what it was batched with. A streaming job gets each of its tokens
-as the batch makes it.
+as the batch makes it. A job whose client left (or whose request timed out) is not started, and a
+batch ends as soon as all its jobs are.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 
@@ -42,6 +44,7 @@ class Job:
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
     seed: int | None = None  # sampled jobs: seeds the random generator for the job's own generate call
+    stop: tuple[str, ...] = ()  # OpenAI's `stop`: the answer ends before the first of these
 
     @property
     def seeded(self) -> bool:
@@ -60,6 +63,25 @@ class Completion:
     finish_reason: str  # "stop" (eos) or "length" (max_tokens)
     prompt_tokens: int
     completion_tokens: int
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """`text` up to the first of the stop strings in it (which is left out, as OpenAI does), and whether
+    there was one."""
+    ends = [i for i in (text.find(stop) for stop in stops) if i >= 0]
+    return (text[:min(ends)], True) if ends else (text, False)
+
+
+def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest end of `text` that begins a stop string: held back from a stream until the
+    next tokens tell whether the stop string follows."""
+    longest = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:k]):
+                longest = k
+                break
+    return longest
 
 
 class _RowStreamer(BaseStreamer):
@@ -86,14 +108,42 @@ class _RowStreamer(BaseStreamer):
             self.tokens[row].append(token)
             if len(self.tokens[row]) >= job.max_tokens:
                 self.done[row] = True
-            # held back: trailing whitespace (the final text is stripped) and a half-decoded character
-            text = self.tokenizer.decode(self.tokens[row], skip_special_tokens=True).strip()
+            # held back: trailing whitespace (the final text is stripped), a half-decoded character and
+            # what may be the start of a stop string
+            text, stopped = cut_at_stop(self.tokenizer.decode(self.tokens[row], skip_special_tokens=True),
+                                        job.stop)
+            if stopped:
+                self.done[row] = True
+            text = text[:len(text) - _partial_stop(text, job.stop)].strip()
             if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]) and "\ufffd" not in text:
                 delta, self.sent[row] = text[len(self.sent[row]):], text
                 job.loop.call_soon_threadsafe(job.stream.put_nowait, delta)
 
     def end(self):
         pass
+
+
+class _RowStops(StoppingCriteria):
+    """Ends the rows whose answer reached one of its job's stop strings, and those of jobs whose clients left
+    or timed out; generate() returns once every row ended."""
+
+    def __init__(self, jobs: list[Job], tokenizer, stop_ids: set[int]):
+        self.jobs, self.tokenizer, self.stop_ids = jobs, tokenizer, stop_ids
+        self.steps = 0  # one call per new token: the sequences may or may not hold the prompt (soft prompt)
+
+    def _stopped(self, job: Job, tokens: list[int]) -> bool:
+        if job.cancelled:
+            return True
+        if not job.stop:
+            return False
+        end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
+        return cut_at_stop(self.tokenizer.decode(tokens[:end], skip_special_tokens=True), job.stop)[1]
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self.steps += 1
+        new = input_ids[:, -self.steps:].tolist()
+        return torch.tensor([self._stopped(job, tokens) for job, tokens in zip(self.jobs, new)],
+                            device=input_ids.device)
 
 
 class Batcher:
@@ -230,6 +280,7 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         if any(job.stream is not None for job in jobs):
             kwargs["streamer"] = _RowStreamer(jobs, tok, stops)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_RowStops(jobs, tok, stops)])
         generated = model.generate(**batch, **kwargs)
     new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()
@@ -240,6 +291,10 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
         end = next((i for i, t in enumerate(tokens) if t in stops), None)
         if end is not None:
             tokens, finish = tokens[:end + 1], "stop"
-        out.append(Completion(tok.decode(tokens, skip_special_tokens=True).strip(), finish, int(n_prompt),
-                              len(tokens)))
+        text, stopped = cut_at_stop(tok.decode(tokens, skip_special_tokens=True), job.stop)
+        if stopped:  # the answer's tokens: up to the one that completed the stop string
+            finish = "stop"
+            tokens = tokens[:next(k for k in range(1, len(tokens) + 1) if cut_at_stop(
+                tok.decode(tokens[:k], skip_special_tokens=True), job.stop)[1])]
+        out.append(Completion(text.strip(), finish, int(n_prompt), len(tokens)))
     return out

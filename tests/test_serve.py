@@ -707,9 +707,24 @@ BAD = [  # (what, body or raw bytes, status, error code)
                                    "messages": [{"role": "user", "content": "hi"}]},
      400, "max_tokens_too_large"),
     ("two images", {"model": "llava_instruct", "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}] * 2}]}, 400, None),
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+         + base64.b64encode(_tiny_png()).decode()}}] * 2}]}, 400, "too_many_images"),
+    ("the only image in an assistant message", {"model": "llava_instruct", "messages": [
+        {"role": "user", "content": "Draw a shape."},
+        {"role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                           + base64.b64encode(_tiny_png()).decode()}}]},
+        {"role": "user", "content": "What is it?"}]}, 400, "image_not_in_user_message"),
+    ("max_tokens as a string", {"model": "llava_instruct", "max_tokens": "8",
+                                "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value"),
+    ("max_tokens as a float", {"model": "llava_instruct", "max_tokens": 8.0,
+                               "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value"),
+    ("max_tokens as a bool", {"model": "llava_instruct", "max_tokens": True,
+                              "messages": [{"role": "user", "content": "hi"}]}, 400, "invalid_value"),
     ("assistant last", {"model": "llava_instruct", "messages": [{"role": "assistant", "content": "hi"}]},
-     400, None),
+     400, "invalid_conversation"),
+    ("a greeting before the user's first message", {"model": "llava_instruct", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello! Ask me."},
+        {"role": "user", "content": "What is in the image?"}]}, 400, "invalid_conversation"),
     ("prompt over the context length", {"model": "llava_instruct", "max_tokens": 8, "messages": [
         {"role": "user", "content": "shape " * 600}]}, 400, "context_length_exceeded"),
     ("caption prompt over the context length", {"model": "blip2_lora_caption", "messages": [
@@ -870,3 +885,258 @@ def test_timeout_is_a_504_and_shutdown_finishes_the_requests_in_flight(loaded, t
     server.thread.join(timeout=30)
     assert not server.thread.is_alive()
     assert answers == [_predictions(trained[0]["blip2_lora_caption"])[str(image.resolve())]] * 4
+
+
+def _text_chat(model: str, n_messages: int, **extra) -> dict:
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "What shape?"}
+             for i in range(n_messages)]
+    return {"model": model, "max_tokens": 4, "messages": turns, **extra}
+
+
+def test_messages_over_the_limit_are_a_400_and_the_timeout_covers_counting_the_prompt(loaded):
+    from serve.app import ServeOptions, create_app
+
+    server = Server(create_app(loaded, ServeOptions(max_messages=601, timeout_s=0.3)))
+    try:
+        status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 603))
+        assert status == 400 and body["error"]["code"] == "too_many_messages"
+        start = time.monotonic()  # 601 messages: seconds of template rendering to count the prompt
+        status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 601))
+        assert status == 504 and body["error"]["code"] == "timeout"
+        assert time.monotonic() - start < 2.0
+        assert server.json("/health")[0] == 200
+    finally:
+        server.stop()
+
+
+def _stream_events(server: Server, body: dict) -> list:
+    status, text = server.request("/v1/chat/completions", {**body, "stream": True})
+    assert status == 200
+    return [json.loads(e[6:]) if e != "data: [DONE]" else "[DONE]" for e in text.split("\n\n") if e]
+
+
+def test_a_stream_ends_at_the_same_deadline_as_a_plain_request(loaded):
+    from serve.app import ServeOptions, create_app
+
+    # the batcher waits 5 s for a batch to fill: past the 1.5 s timeout
+    server = Server(create_app(loaded, ServeOptions(timeout_s=1.5, max_wait_ms=5000)))
+    try:
+        for stream in (False, True):
+            start = time.monotonic()
+            if stream:
+                events = _stream_events(server, _text_chat("llava_instruct", 1))
+                assert events[-1]["error"]["code"] == "timeout"
+            else:
+                status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 1))
+                assert status == 504 and body["error"]["code"] == "timeout"
+            assert 1.4 < time.monotonic() - start < 2.4
+    finally:
+        server.stop()
+
+
+def _leave_early(port: int, body: bytes, declared: int, wait: float) -> None:
+    """Send the headers and `body` of a POST declaring `declared` bytes, wait, and close the connection."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  + f"Content-Length: {declared}\r\n\r\n".encode() + body)
+        time.sleep(wait)
+
+
+def _requests_by_status(server: Server) -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counts = {}
+    for family in text_string_to_metric_families(server.request("/metrics")[1]):
+        for sample in family.samples:
+            if sample.name == "serve_requests_total":
+                counts[sample.labels["status"]] = counts.get(sample.labels["status"], 0) + sample.value
+            if sample.name == "serve_batch_size_count":
+                counts["batches"] = sample.value
+    return counts
+
+
+def test_a_client_that_leaves_is_no_server_error_and_its_request_is_not_generated(loaded):
+    from serve.app import ServeOptions, create_app
+
+    # a batch waits 2 s to fill: time for the clients to leave before it would be generated
+    server = Server(create_app(loaded, ServeOptions(max_wait_ms=2000)))
+    try:
+        _leave_early(server.port, b'{"model": "llava', 1000, 0.2)  # part of the body, then gone
+        for stream in (False, True):
+            body = json.dumps(_text_chat("llava_instruct", 1, stream=stream)).encode()
+            _leave_early(server.port, body, len(body), 0.5)
+        deadline = time.monotonic() + 10
+        while _requests_by_status(server).get("499", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(2.5)  # past the batch's wait
+        counts = _requests_by_status(server)
+        assert counts.get("499") == 2 and not [k for k in counts if k.startswith("5")], counts
+        assert counts.get("batches", 0) == 0  # neither request was generated
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("option,value,says", [
+    ("--default-max-tokens", "1000", ("--default-max-tokens 1000 is over --max-tokens-limit 512: every "
+                                      "request without max_tokens would be refused")),
+    ("--max-batch-size", "0", "--max-batch-size must be at least 1, not 0"),
+    ("--max-wait-ms", "-5", "--max-wait-ms must be 0 or more, not -5"),
+    ("--timeout", "0", "--timeout must be a number of more than 0, not 0"),
+    ("--timeout", "nan", "--timeout must be a number of more than 0, not nan"),
+    ("--max-messages", "0", "--max-messages must be at least 1, not 0"),
+])
+def test_an_option_out_of_range_is_one_line_and_exit_2_before_loading(tmp_path, capsys, option, value, says):
+    from serve.__main__ import main
+
+    assert main([str(tmp_path / "missing"), option, value]) == 2  # the runs are not loaded: no folder error
+    err = capsys.readouterr().err.strip()
+    assert err == f"python -m serve: {says}"
+
+
+def test_stop_strings_end_the_answer_before_them_streamed_or_not(server, trained):
+    _, files = trained
+    image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[0]["image"]
+    for model, text in (("llava_instruct", "What is in the image?"), ("blip2_lora_caption", None),
+                        ("soft_prompt_caption", None)):  # its language model generates from embeddings alone
+        ask = {"model": model, "messages": [message(image, text)], "max_tokens": 16}
+        status, whole = server.json("/v1/chat/completions", ask)
+        assert status == 200
+        answer = whole["choices"][0]["message"]["content"]
+        # a stop string first found as far into the answer as can be, of characters decoded whole
+        at = max(i for i in range(1, len(answer) - 1) if answer.find(answer[i:i + 2]) == i
+                 and not {answer[i], answer[i + 1]} & {"\ufffd", " ", "\n"})
+        stop = answer[at:at + 2]
+        expected = answer[:answer.find(stop)].strip()
+        status, body = server.json("/v1/chat/completions", {**ask, "stop": [stop, "never in it"]})
+        assert status == 200
+        assert body["choices"][0]["message"]["content"] == expected
+        assert body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] < whole["usage"]["completion_tokens"]
+        events = _stream_events(server, {**ask, "stop": stop})
+        deltas = [e["choices"][0]["delta"].get("content", "") for e in events[:-1]]
+        assert "".join(deltas) == expected and events[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+def test_a_stream_with_include_usage_ends_with_the_usage(server):
+    ask = _text_chat("llava_instruct", 1)
+    status, whole = server.json("/v1/chat/completions", ask)
+    assert status == 200
+    events = _stream_events(server, {**ask, "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    assert events[-2]["choices"] == [] and events[-2]["usage"] == whole["usage"]
+    assert all(e["usage"] is None for e in events[:-2])
+    assert "usage" not in _stream_events(server, ask)[-2]  # only when asked, as OpenAI
+
+
+@pytest.mark.parametrize("field,value", [
+    ("logprobs", True), ("top_logprobs", 2), ("response_format", {"type": "json_object"}),
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("tool_choice", "required"), ("presence_penalty", 0.5), ("logit_bias", {"5": 10}),
+])
+def test_an_option_that_would_change_the_answer_and_is_not_supported_is_a_400(server, field, value):
+    status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 1, **{field: value}))
+    assert status == 400 and body["error"]["code"] == "unsupported_field" and body["error"]["param"] == field
+
+
+def test_default_values_of_unsupported_options_are_accepted(server):
+    ask = _text_chat("llava_instruct", 1)
+    defaults = {"logprobs": False, "tools": [], "tool_choice": "none", "response_format": {"type": "text"},
+                "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}}
+    status, body = server.json("/v1/chat/completions", {**ask, **defaults})
+    assert status == 200
+    assert body["choices"] == server.json("/v1/chat/completions", ask)[1]["choices"]
+
+
+def test_a_developer_message_is_a_system_message(server):
+    def ask(role: str) -> tuple[int, dict]:
+        return server.json("/v1/chat/completions", {"model": "llava_instruct", "max_tokens": 8, "messages": [
+            {"role": role, "content": "Answer in one word."}, {"role": "user", "content": "What shape?"}]})
+
+    status, body = ask("developer")
+    assert status == 200 and body["choices"] == ask("system")[1]["choices"]
+
+
+def test_a_model_is_retrieved_by_its_id(server):
+    listed = {m["id"]: m for m in server.json("/v1/models")[1]["data"]}
+    for rid in ("llava_instruct", "clip_index"):
+        assert server.json(f"/v1/models/{rid}") == (200, listed[rid])
+    status, body = server.json("/v1/models/nope")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+def test_gallery_urls_of_a_run_whose_name_needs_escaping_fetch_its_images(trained, tmp_path):
+    from serve.app import create_app
+    from serve.runs import load_runs
+
+    runs, files = trained
+    odd = shutil.copytree(runs["clip_index"], tmp_path / "clip idx+&#1")
+    server = Server(create_app(load_runs([odd])))
+    try:
+        status, body = server.json("/v1/search", {"model": odd.name, "query": "a red circle", "k": 2})
+        assert status == 200 and len(body["data"]) == 2
+        index = json.loads((odd / "index.json").read_text())
+        for hit in body["data"]:
+            image = Path(files["retrieval"][1]).parent / index["images"][hit["index"]]
+            with urllib.request.urlopen(server.url + hit["url"]) as r:
+                assert r.read() == image.read_bytes()
+    finally:
+        server.stop()
+
+
+def test_web_page_asks_a_chat_run_without_an_image_and_shows_bad_max_tokens_and_a_lost_server(loaded,
+                                                                                              tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    from serve.app import create_app
+
+    browser = _browser(tmp_path)
+    server = Server(create_app(loaded))
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        Select(browser.find_element(By.ID, "model")).select_by_value("llava_instruct")
+        browser.find_element(By.ID, "prompt").send_keys("What shape?")
+
+        def ask(max_tokens: str, status: str) -> str:
+            field = browser.find_element(By.ID, "max_tokens")
+            field.clear()
+            field.send_keys(max_tokens)
+            browser.execute_script("document.getElementById('status').textContent = ''")
+            browser.find_element(By.ID, "ask").click()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), status))
+            return browser.find_element(By.ID, "error").text
+
+        assert ask("6", "done") == ""  # text alone: a chat model answers it
+        shown = browser.execute_script(ANSWER)
+        assert shown and shown == server.chat("llava_instruct", None, "What shape?", max_tokens=6)
+        assert ask("abc", "refused") == "Max tokens must be a whole number (or empty: the server's default)."
+        assert ask("0", "refused") == "max_tokens: Input should be greater than or equal to 1"  # the server's
+        server.stop()
+        assert ask("6", "failed").startswith("cannot reach the server: ")
+    finally:
+        browser.quit()
+        server.stop()
+
+
+def test_rows_of_abandoned_jobs_and_of_reached_stop_strings_end(loaded):
+    from serve.batching import Job, _RowStops
+
+    tok = loaded["llava_instruct"].tokenizer
+
+    def job(**kw) -> Job:
+        return Job(loaded["llava_instruct"], {}, None, 8, None, None, None, None, **kw)
+
+    gone, stopping, going = job(), job(stop=("red",)), job(stop=("blue",))
+    gone.cancelled = True
+    stops = _RowStops([gone, stopping, going], tok, {tok.eos_token_id})
+    rows = [tok("a red circle", add_special_tokens=False)["input_ids"]] * 3
+    n = len(rows[0])
+    prompt = [[tok.eos_token_id] * 5] * 3  # the sequences hold the prompt before the new tokens
+    for step in range(1, n + 1):
+        ended = stops(torch.tensor([p + r[:step] for p, r in zip(prompt, rows)]), None).tolist()
+        assert ended[0] and not ended[2]
+        assert ended[1] == ("red" in tok.decode(rows[1][:step]))
+    assert ended == [True, True, False]

@@ -20,7 +20,7 @@ function showTask() {
   const caption = t === "caption";
   $("task").textContent = t === "caption"
     ? "A captioner: it describes the image (the text, if any, is its prompt)."
-    : t === "chat" ? "A chat model: ask about the image."
+    : t === "chat" ? "A chat model: ask a question, about an image if you choose one."
     : t === "retrieval" ? "Retrieval: search its gallery." : "";
   $("generate").hidden = t === "retrieval";
   $("search").hidden = t !== "retrieval";
@@ -37,26 +37,43 @@ async function errorMessage(response) {
   }
 }
 
+function refuse(text) { setError(text); setStatus("refused"); }
+
+// A failed fetch or a connection lost mid-stream: said on the page, not left at "generating...".
+function unreachable(e) {
+  setError(`cannot reach the server: ${e.message}`);
+  setStatus("failed");
+}
+
 async function ask() {
   setError("");
   $("answer").textContent = "";
-  if (!imageUrl) { setError("Choose an image first."); return; }
   const text = $("prompt").value.trim();
-  const content = [{ type: "image_url", image_url: { url: imageUrl } }];
+  // A chat model answers text alone (the server says so when a model needs an image); a captioner needs one.
+  if (!imageUrl && task() !== "chat") { refuse("Choose an image first."); return; }
+  if (!imageUrl && !text) { refuse("Type a question, or choose an image."); return; }
+  const content = imageUrl ? [{ type: "image_url", image_url: { url: imageUrl } }] : [];
   if (text) content.push({ type: "text", text });
-  const body = {
-    model: $("model").value, stream: true, max_tokens: parseInt($("max_tokens").value, 10) || 48,
-    messages: [{ role: "user", content }],
-  };
+  const body = { model: $("model").value, stream: true, messages: [{ role: "user", content }] };
+  const maxTokens = $("max_tokens").value.trim();
+  if (maxTokens && !/^[0-9]+$/.test(maxTokens)) {
+    refuse("Max tokens must be a whole number (or empty: the server's default).");
+    return;
+  }
+  if (maxTokens) body.max_tokens = Number(maxTokens); // out of range: the server's message is shown
   setStatus("generating...");
+  try {
+    await generate(body);
+  } catch (e) {
+    unreachable(e);
+  }
+}
+
+async function generate(body) {
   const response = await fetch("/v1/chat/completions", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
   });
-  if (!response.ok) {
-    setError(await errorMessage(response));
-    setStatus("refused");
-    return;
-  }
+  if (!response.ok) { refuse(await errorMessage(response)); return; }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -73,11 +90,12 @@ async function ask() {
       if (data === "[DONE]") { setStatus("done"); return; }
       const chunk = JSON.parse(data);
       if (chunk.error) { setError(chunk.error.message); setStatus("failed"); return; }
-      const delta = chunk.choices[0].delta;
-      if (delta.content) $("answer").textContent += delta.content;
+      const choice = chunk.choices[0];
+      if (choice && choice.delta.content) $("answer").textContent += choice.delta.content;
     }
   }
-  setStatus("done");
+  setError("the connection closed before the answer ended");
+  setStatus("failed");
 }
 
 async function search() {
@@ -86,12 +104,18 @@ async function search() {
   const query = $("query").value.trim();
   if (!query) { setError("Type a text to search for."); return; }
   setStatus("searching...");
-  const response = await fetch("/v1/search", {
-    method: "POST", headers: { "Content-Type": "application/json" },
-    body: JSON.stringify({ model: $("model").value, query, k: 8 }),
-  });
-  if (!response.ok) { setError(await errorMessage(response)); setStatus("refused"); return; }
-  const hits = (await response.json()).data;
+  let hits;
+  try {
+    const response = await fetch("/v1/search", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ model: $("model").value, query, k: 8 }),
+    });
+    if (!response.ok) { refuse(await errorMessage(response)); return; }
+    hits = (await response.json()).data;
+  } catch (e) {
+    unreachable(e);
+    return;
+  }
   for (const hit of hits) {
     const figure = document.createElement("figure");
     const img = document.createElement("img");
@@ -119,8 +143,12 @@ function useFile(file) {
 }
 
 async function init() {
-  const response = await fetch("/v1/models");
-  models = (await response.json()).data;
+  try {
+    models = (await (await fetch("/v1/models")).json()).data;
+  } catch (e) {
+    unreachable(e);
+    return;
+  }
   for (const m of models) {
     const option = document.createElement("option");
     option.value = m.id;

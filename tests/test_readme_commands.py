@@ -352,7 +352,7 @@ def test_recipe_readme_real_data(user, recipe):
     check(p, train)
     out = user / "outputs" / recipe
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["train_file"] == option(w, "--train_file")
+    assert metrics["train_file"] == str((user / option(w, "--train_file")).resolve())
     assert metrics["heldout"] == ("test" if "--test_file" in w else "val")
     assert metrics["global_step"] == 2
     assert (out / "predictions").is_dir()

@@ -253,9 +253,10 @@ def table_lines(rows: list[dict]) -> list[str]:
         keys = dict(COLUMNS[r["task"]])
         main = MAIN_METRIC[r["task"]]
         before = r.get("before", {}).get(main)
+        main_label = next(label for label, key in COLUMNS[r["task"]] if key == main)  # as its column says
         cells = [r["recipe"], _fmt(r["step"]), f"{r['n']}/{r['n_eval']}",
                  *(_fmt(r["final"].get(keys[label])) if label in keys else "" for label in labels),
-                 f"{main} {_fmt(before)}", r["run"]]
+                 f"{main_label} {_fmt(before)}", r["run"]]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

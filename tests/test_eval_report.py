@@ -105,6 +105,17 @@ def test_vqa_run_uses_official_accuracy(tmp_path):
     assert "Q:" in (run / "gallery.html").read_text()
 
 
+def test_the_before_column_names_the_main_metric_as_its_column_does():
+    from eval.report import table_lines
+
+    rows = [{"recipe": "qlora_vqa", "task": "vqa", "step": 2, "n": 4, "n_eval": 4, "run": "q",
+             "final": {"overall": 50.0}, "before": {"overall": 25.0}},
+            {"recipe": "llava_instruct", "task": "instruct", "step": 2, "n": 4, "n_eval": 4, "run": "l",
+             "final": {"VQA_accuracy": 40.0}, "before": {"VQA_accuracy": 20.0}}]
+    befores = [line.split(" | ")[-2] for line in table_lines(rows)[2:]]
+    assert befores[0].startswith("VQA acc 25") and befores[1].startswith("VQA acc 20")
+
+
 def test_latest_run_of_each_recipe_and_the_cli_table(captions, tmp_path):
     _, path, refs = captions
     keys = sorted(refs)

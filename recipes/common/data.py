@@ -83,22 +83,6 @@ def load_records(
     return ds
 
 
-def first_records(ds: datasets.Dataset | None, n: int | None, task: str) -> datasets.Dataset | None:
-    """The first `n` eval records (all for None): rows for vqa and instruct; for caption and retrieval, whose
-    eval record is an image with all its captions, every row of the first `n` images (a cut by rows would
-    leave an image split over rows with part of its references)."""
-    if ds is None or n is None:
-        return ds
-    if task not in ("caption", "retrieval"):
-        return ds.select(range(min(n, len(ds))))
-    kept, rows = set(), []
-    for i, image in enumerate(ds["image"]):
-        if image in kept or len(kept) < n:
-            kept.add(image)
-            rows.append(i)
-    return ds.select(rows)
-
-
 def embedded_dataset(task: str, *, n: int = 1000, lang: str = "en", seed: int = 0,
                      image_size: int = 64) -> dict[str, Path]:
     """{"train", "val", "test": path}: synthetic shapes data for `task`, split by image 80/10/10, built on

@@ -27,7 +27,7 @@ from transformers import set_seed
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
 
-from .data import first_records, load_records
+from .data import load_records
 from .models import check_mixed_precision
 
 logger = logging.getLogger(__name__)
@@ -109,21 +109,37 @@ def first(records, n: int | None):
     return records.select(range(min(n, len(records)))) if records is not None and n else records
 
 
+def first_records(records, n: int | None, task: str):
+    """`first`, but for caption and retrieval, whose eval record is an image with all its captions, every
+    row of the first `n` images (a cut by rows would leave an image split over rows with part of its
+    references): --max_eval_samples."""
+    if records is None or not n or task not in ("caption", "retrieval"):
+        return first(records, n)
+    kept, rows = set(), []
+    for i, image in enumerate(records["image"]):
+        if image in kept or len(kept) < n:
+            kept.add(image)
+            rows.append(i)
+    return records.select(rows)
+
+
 def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
     """The records with each image (each of `images` too) swapped for another eval image (rotated by one),
     keys and references kept: the "does it look at the image?" check."""
-    several = list(records["images"]) if "images" in records.column_names else []
+    several = "images" in records.column_names
     images = sorted({im for im in records["image"] if im is not None}
-                    | {im for ims in several for im in ims or ()})
+                    | {im for ims in (records["images"] if several else []) for im in ims or ()})
     if len(images) < 2:
         return records
     other = dict(zip(images, images[1:] + images[:1]))
-    if "images" not in records.column_names:
-        return records.map(lambda r: {"image": other.get(r["image"])})
-    return records.map(lambda r: {"image": other.get(r["image"]),
-                                  "images": r["images"] and [other[im] for im in r["images"]]})
 
+    def swap(r: dict) -> dict:
+        out = {"image": other.get(r["image"])}
+        if several:
+            out["images"] = r["images"] and [other[im] for im in r["images"]]
+        return out
 
+    return records.map(swap)
 
 
 def _is_complete(folder: Path) -> bool:

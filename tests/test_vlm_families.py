@@ -9,6 +9,9 @@ keeps the vision tower, projector and LM head unquantized; `chat.answer` gives t
 """
 
 import copy
+import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +21,7 @@ from transformers import AutoModelForImageTextToText
 from recipes.common.args import FreezeArguments, ModelArguments, PeftArguments
 from recipes.common.chat import (ChatCollator, ChatPromptCollator, PrefixSuffixEncoder, chat_encoder,
                                  tokenize_conversations)
+from recipes.common.data import load_records
 from recipes.common.models import load_model_and_processor, load_processor, resolve_model_path
 from recipes.common.peft_setup import (apply_lora_and_freezing, apply_peft, find_components,
                                        vision_layer_names)
@@ -236,6 +240,29 @@ def test_length_budget_cuts_after_a_whole_turn_never_inside_an_image(family, ima
     image_tokens = max(i for i, t in enumerate(whole[0]["input_ids"]) if t in encoder.image_ids)
     with pytest.raises(ValueError, match="no conversation fits"):
         tokenize_conversations([record], encoder, image_tokens)  # inside the image: dropped, never cut there
+
+
+def test_a_question_after_the_last_answer_changes_nothing_learned(family, images):
+    name, _, _, processor, encoder = family
+    record = _records(name, images)[0]
+    asked = {**record, "conversations": [*record["conversations"], {"from": "human", "value": "and now?"}]}
+    (plain, _), (open_, _) = (tokenize_conversations([r], encoder, None) for r in (record, asked))
+    learned = [_runs(s[0]["input_ids"], s[0]["labels"]) for s in (plain, open_)]
+    assert learned[0] == learned[1]
+    if isinstance(encoder, PrefixSuffixEncoder):  # the sample ends with its answer: the question is left out
+        assert open_[0]["input_ids"] == plain[0]["input_ids"]
+
+
+def test_a_conversation_the_processor_cannot_take_is_an_error_naming_its_line(images, tmp_path):
+    encoder = chat_encoder(load_processor(resolve_model_path("tiny:paligemma"), "paligemma"))
+    last_has_image = [*CONVERSATION, {"from": "human", "value": "<image>\nand this one?"}]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(["", json.dumps({"image": "red.png", "conversations": CONVERSATION}),
+                               json.dumps({"images": ["red.png", "blue.png"],
+                                           "conversations": last_has_image})]))
+    records = load_records(path, "instruct", image_root=Path(images["red"]).parent)
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}:3: a training sample needs an answer"):
+        tokenize_conversations(records, encoder, None, source=str(path))
 
 
 @pytest.mark.matrix  # with the family matrix (tests/test_family_matrix.py), in `make test-families` (CI)

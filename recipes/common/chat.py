@@ -333,6 +333,10 @@ class PrefixSuffixEncoder(ChatEncoder):
     def encode(self, messages: list[dict], images: list | None = None,
                add_generation_prompt: bool = False) -> EncodedConversation:
         images = list(images or [])
+        # A question after the last answer teaches nothing (chat templates give it no label): left out.
+        while (not add_generation_prompt and messages and messages[-1]["role"] == "user"
+               and all(p["type"] != "image" for p in messages[-1]["content"])):
+            messages = messages[:-1]
         prefix, suffix, n_images = self._split(messages)
         if not images:
             raise NeedsImageError(f"{type(self.processor).__name__} takes no text-only sample")
@@ -430,7 +434,8 @@ def tokenize_conversations(records: datasets.Dataset, encoder: ChatEncoder, max_
             report.text_only_skipped += 1
             continue
         except ValueError as e:
-            raise type(e)(f"{source}: record {i} (counting valid rows from 0): {e}") from None
+            where = f"{source}:{record['line']}" if record.get("line") else f"{source}: record {i}"
+            raise type(e)(f"{where}: {e}") from None
         fitted = fit_conversation(enc, max_length, report)
         if fitted is None:
             continue

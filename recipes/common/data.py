@@ -23,7 +23,8 @@ COLUMNS = {
     "caption": ("image", "captions"),
     "vqa": ("image", "question_id", "question", "answers", "answer_type", "question_type"),
     "retrieval": ("image", "captions", "neg_captions"),
-    "instruct": ("image", "images", "conversations", "row"),  # row: its index in the file (eval keys)
+    # row: its index in the file (eval keys); line: where it starts (errors)
+    "instruct": ("image", "images", "conversations", "row", "line"),
 }
 
 
@@ -51,7 +52,7 @@ def load_records(
             errors.append((row, raw))
         else:
             # its index in the file, bad rows counted: instruct eval keys stay put when rows are skipped
-            row["row"] = index
+            row["row"], row["line"] = index, line
             rows.append({c: row.get(c) for c in COLUMNS[task]})
             if max_rows is not None and len(rows) >= max_rows:
                 break

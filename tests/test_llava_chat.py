@@ -151,6 +151,26 @@ def test_tokenize_conversations_reports_and_names_the_record(encoder, tmp_path):
         tokenize_conversations(bad, encoder, None, source="train.jsonl")
 
 
+def test_tokenize_conversations_in_two_processes_gives_the_same_samples_and_report(encoder, tmp_path):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "r.png")
+    text_only = [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "blue ."}]
+    long_question = [{"from": "human", "value": "<image>\n" + "describe the image . " * 6}, CONVERSATION[2]]
+    rows = [{"image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:]},  # cut after one answer
+            {"image": None, "conversations": text_only},
+            {"image": str(tmp_path / "r.png"), "conversations": long_question}] * 3  # dropped
+    records = datasets.Dataset.from_list(rows)
+    one, one_report = tokenize_conversations(records, encoder, max_length=22)
+    two, two_report = tokenize_conversations(records, encoder, max_length=22, num_proc=2)
+    assert (one_report.samples, one_report.cut, one_report.dropped) == (9, 3, 3)
+    assert vars(two_report) == vars(one_report)
+    assert two.to_list() == one.to_list() and len(one) == 6
+    bad_turns = [{"from": "human", "value": "<image> hi"}, {"from": "gpt", "value": "a"}]
+    bad = datasets.Dataset.from_list([{**rows[0], "line": 3}, {**rows[1], "line": 5},
+                                      {"image": None, "line": 7, "conversations": bad_turns}])
+    with pytest.raises(ValueError, match=r"^train.jsonl:7: conversations: 1 '<image>' placeholders"):
+        tokenize_conversations(bad, encoder, None, source="train.jsonl", num_proc=2)
+
+
 def test_a_template_that_does_not_render_turn_by_turn_is_refused():
     # Renders the last message differently from the same message inside a longer conversation.
     odd = ("{%- for m in messages -%}{{ m['role'].upper() + ': ' }}"

@@ -36,10 +36,12 @@ from dataclasses import dataclass, field
 
 import datasets
 import torch
+from datasets.fingerprint import generate_random_fingerprint
 
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 
+from .args import check_at_least
 from .lengths import IGNORE_INDEX
 from .trainer import GenerationEval
 
@@ -417,36 +419,59 @@ def record_images(record: dict) -> list[str]:
     return [] if record.get("image") is None else [record["image"]]
 
 
-def tokenize_conversations(records: datasets.Dataset, encoder: ChatEncoder, max_length: int | None,
-                           source: str = "data") -> tuple[datasets.Dataset, ChatLengthReport]:
+# The columns of `tokenize_conversations`' samples; "report": what each row adds to the ChatLengthReport.
+_IDS = datasets.Sequence(datasets.Value("int64"))
+SAMPLE_FEATURES = datasets.Features({
+    "images": datasets.Sequence(datasets.Value("string")), "text": datasets.Value("string"),
+    "input_ids": _IDS, "labels": _IDS, "length": datasets.Value("int64"), "has_image": datasets.Value("bool"),
+    "suffix": datasets.Value("string"),
+    "report": {name: datasets.Value("int64") for name in ChatLengthReport.__dataclass_fields__},
+})
+
+
+def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None, source: str = "data",
+                           num_proc: int | None = None) -> tuple[datasets.Dataset, ChatLengthReport]:
     """Instruct records -> training samples (images, text, input_ids, labels, length, has_image), and the
-    length report. Each image is opened once here: the processor's image token count depends on its size.
+    length report. Each image is opened here, the slow part on a large data set: the processor's image token
+    count depends on its size. `num_proc` processes share the work (None: this one).
 
     `length` and `has_image` are what `ModalityLengthGroupedSampler` groups by.
     """
-    report, rows = ChatLengthReport(), []
-    for i, record in enumerate(records):
+    def encode(record: dict, i: int) -> dict:
+        report = ChatLengthReport()
+        sample = {"images": [], "text": "", "input_ids": [], "labels": [], "length": 0, "has_image": False,
+                  "suffix": None}
         paths = record_images(record)
         try:
             messages = to_messages(record["conversations"], n_images=len(paths))
             enc = encoder.encode(messages, [load_image(p) for p in paths])
         except NeedsImageError:
             report.text_only_skipped += 1
-            continue
+            return {**sample, "report": vars(report)}
         except ValueError as e:
             where = f"{source}:{record['line']}" if record.get("line") else f"{source}: record {i}"
             raise type(e)(f"{where}: {e}") from None
         fitted = fit_conversation(enc, max_length, report)
-        if fitted is None:
-            continue
-        text, ids, labels = fitted
-        rows.append({"images": paths, "text": text, "input_ids": ids, "labels": labels, "length": len(ids),
-                     "has_image": bool(paths), **({} if enc.suffix is None else {"suffix": enc.suffix})})
-    if not rows:
+        if fitted is not None:
+            text, ids, labels = fitted
+            sample = {"images": paths, "text": text, "input_ids": ids, "labels": labels, "length": len(ids),
+                      "has_image": bool(paths), "suffix": enc.suffix}
+        return {**sample, "report": vars(report)}
+
+    if isinstance(records, list):
+        records = datasets.Dataset.from_list(records)
+    encoded = records.map(encode, with_indices=True, num_proc=num_proc, features=SAMPLE_FEATURES,
+                          remove_columns=records.column_names, desc=f"encoding {source}",
+                          new_fingerprint=generate_random_fingerprint())  # in memory: nothing to cache
+    report = ChatLengthReport(**{name: sum(r[name] for r in encoded["report"])
+                                 for name in ChatLengthReport.__dataclass_fields__})
+    samples = encoded.select([i for i, n in enumerate(encoded["length"]) if n]).remove_columns("report")
+    if len(samples) == 0:
         raise ValueError(f"{source}: no conversation fits in max_length={max_length} ({report}); raise "
                          "--max_length")
-    return datasets.Dataset.from_list(rows), report
-
+    if all(suffix is None for suffix in samples["suffix"]):  # the collator passes suffixes only where given
+        samples = samples.remove_columns("suffix")
+    return samples, report
 
 def _images(items: list[dict]) -> list[list]:
     return [[load_image(p) for p in record_images(it)] for it in items]
@@ -454,7 +479,17 @@ def _images(items: list[dict]) -> list[list]:
 
 @dataclass
 class ChatBatchArguments:
-    """How the chat recipes batch their training samples."""
+    """How the chat recipes make and batch their training samples."""
+
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Processes that encode the conversations before training: each image is opened "
+                          "then to count its tokens, the slow part on a large data set (a progress bar shows "
+                          "it). None = the main process alone."},
+    )
+
+    def __post_init__(self):
+        check_at_least(self, 1, "preprocessing_num_workers")
 
     padding_free: bool = field(
         default=False,

@@ -113,7 +113,8 @@ def main(argv=None):
     # Samples: conversations rendered with the processor's chat template; the budget counts image tokens.
     def samples(records, source):
         conversations = caption_conversations(records, args.training.seed) if task == "caption" else records
-        dataset, report = tokenize_conversations(conversations, encoder, args.data.max_length, source=source)
+        dataset, report = tokenize_conversations(conversations, encoder, args.data.max_length, source=source,
+                                                 num_proc=args.chat_batch.preprocessing_num_workers)
         logger.info("%s %s", source, report)
         return dataset, report
 

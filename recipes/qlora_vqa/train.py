@@ -94,16 +94,19 @@ def main(argv=None):
 
     # Samples: one short-answer conversation per question, through the processor's chat template;
     # loss on the answer tokens only; the length budget counts the image tokens.
+    workers = args.chat_batch.preprocessing_num_workers
     train_dataset, train_report = tokenize_conversations(vqa_conversations(train_records,
                                                                            args.vqa.answer_prompt), encoder,
-                                                         args.data.max_length, source=args.data.train_file)
+                                                         args.data.max_length, source=args.data.train_file,
+                                                         num_proc=workers)
     logger.info("train %s", train_report)
     reports = {"train": vars(train_report)}
     eval_dataset = eval_items = None
     if eval_records is not None:
         eval_dataset, eval_report = tokenize_conversations(vqa_conversations(eval_records,
                                                                              args.vqa.answer_prompt), encoder,
-                                                           args.data.max_length, source=args.data.eval_file)
+                                                           args.data.max_length, source=args.data.eval_file,
+                                                           num_proc=workers)
         logger.info("eval %s", eval_report)
         reports["eval"] = vars(eval_report)
         eval_items = first(vqa_items(eval_records, args.vqa.answer_prompt),

@@ -70,3 +70,26 @@ def test_generation_metrics_are_logged_saved_and_pick_the_best_checkpoint(tokeni
     assert rescored["CIDEr"] == pytest.approx(evals[-1]["eval_CIDEr"])
     best = max(evals, key=lambda h: h["eval_CIDEr"])["step"]
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best}")
+
+
+def test_generation_reads_its_images_in_the_dataloader_workers(tokenizer, tmp_path):
+    records = []
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (16, 16), color).save(tmp_path / f"{i}.png")
+        records.append({"image": str(tmp_path / f"{i}.png"), "captions": [f"a {color} circle"]})
+    prompts = CaptionPromptCollator(BlipImageProcessor(size={"height": 16, "width": 16}), tokenizer,
+                                    prefix_ids=(IMG, IMG))
+
+    def in_a_worker(batch):
+        assert torch.utils.data.get_worker_info() is not None, "collated in the main process"
+        return prompts(batch)
+
+    predictions = {}
+    for workers, collator in ((0, prompts), (2, in_a_worker)):
+        args = TrainingArguments(output_dir=str(tmp_path / "run"), per_device_eval_batch_size=2, report_to=[],
+                                 use_cpu=True, dataloader_num_workers=workers)
+        trainer = RecipeTrainer(model=_tiny_blip2(), args=args, generation=GenerationEval(
+            caption_eval_records(datasets.Dataset.from_list(records)), collator, caption_scores,
+            GenerationEvalArguments(max_new_tokens=4), tokenizer))
+        predictions[workers] = trainer.generate_predictions(trainer.generation.records)
+    assert predictions[2] == predictions[0] and len(predictions[0]) == 3

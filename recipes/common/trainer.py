@@ -141,7 +141,7 @@ class RecipeTrainer(Trainer):
         model.eval()
         shard = records.shard(num_shards=self.args.world_size, index=self.args.process_index, contiguous=True)
         loader = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size,
-                            collate_fn=self.generation.collator)
+                            collate_fn=self.generation.collator, num_workers=self.args.dataloader_num_workers)
         tok = self.generation.tokenizer
         kwargs = generate_kwargs(self.generation.args, tok.pad_token_id, stop_token_ids(model, tok))
         out = []

@@ -162,3 +162,21 @@ def test_embedded_data_has_no_size_words_and_zero_shot_images_hold_one_object(tm
     for r in rows:
         objects = make_scene(ZERO_SHOT_SEED, int(r["image"][7:13]))
         assert len(objects) == 1 and r["label"] == objects[0]["size"]
+
+
+def test_rows_of_one_image_merge_into_one_record_with_all_their_texts(tmp_path):
+    from recipes.clip_retrieval.collator import records_by_image
+
+    records = _records(tmp_path, [
+        {"image": "a.png", "captions": ["a red circle"], "neg_captions": None},
+        {"image": "b.png", "captions": ["a blue square"], "neg_captions": ["a red square"]},
+        {"image": "a.png", "captions": ["a small red circle"], "neg_captions": ["a blue circle"]},
+        {"image": "a.png", "captions": ["a large red circle"], "neg_captions": ["a red square"]},
+    ])
+    merged = records_by_image(records)
+    assert [r["image"] for r in merged] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert merged["captions"] == [["a red circle", "a small red circle", "a large red circle"],
+                                  ["a blue square"]]
+    assert merged["neg_captions"] == [["a blue circle", "a red square"], ["a red square"]]
+    unique = records.select([0, 1])
+    assert records_by_image(unique) is unique  # one row per image: the records as they are

@@ -205,3 +205,34 @@ def test_bad_rows_are_a_clear_error(env):
     assert (r.returncode != 0 and f"{bad}:7: field 'captions': is an empty list" in r.stderr
             and "--skip_bad_rows" in r.stderr)
 
+
+
+def test_a_file_with_a_row_per_caption_is_one_record_per_image(env):
+    """Eval rows naming one image are one retrieval item with all their captions, not copies of the image
+    that tie with each other (text->image R@1 would be 0); train rows likewise (each image once an epoch)."""
+    d, e, _, _ = env
+    by_caption = lambda src: [{"image_path": r["image"], "text": c}  # noqa: E731
+                              for r in read_jsonl(src) for c in r["captions"][:2]]
+    (d / "synth" / "train_list.json").write_text(json.dumps(by_caption(d / "synth" / "train.jsonl")))
+    (d / "synth" / "eval_list.json").write_text(json.dumps(by_caption(d / "synth" / "eval.jsonl")))
+    out = d / "by_caption"
+    r = _run(["--train_file", str(d / "synth" / "train_list.json"), "--eval_file",
+              str(d / "synth" / "eval_list.json"), "--num_train_epochs", "1", "--per_device_train_batch_size",
+              "8", "--output_dir", str(out), *FAST], e)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "32 rows merged into 16 images" in r.stderr and "16 rows merged into 8 images" in r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 2  # 16 images at 8 a step, not 32 rows
+    # The same 8 images and their first two captions, as one record each: the base model's scores.
+    records = [{**r, "captions": r["captions"][:2]} for r in read_jsonl(d / "synth" / "eval.jsonl")]
+    texts = [t for r in records for t in r["captions"]]
+    before = np.load(out / "predictions" / "before.npz")
+    assert before["image_embeds"].shape[0] == 8 and list(before["texts"]) == texts
+    assert list(before["text_to_image"]) == [i for i in range(8) for _ in range(2)]
+
+    from eval.report import report_run
+
+    row = report_run(out)  # `make eval` reads the list file's rows as the same 8 images
+    assert row["n_eval"] == 8
+    logged = {k: metrics["before"][f"eval_{k}"] for k in row["before"]}
+    assert row["before"] == pytest.approx(logged, abs=1e-6)

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
@@ -34,6 +36,8 @@ from data_tools.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from data_tools.synth import SIZES, WORDS, draw_scene, make_scene
 from recipes.common.cache import cache_root
 from recipes.common.data import embedded_dataset
+
+logger = logging.getLogger(__name__)
 
 
 # --- texts --------------------------------------------------------------------------------------------
@@ -82,6 +86,28 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int,
 
 
 # --- pairs ----------------------------------------------------------------------------------------------
+def records_by_image(records):
+    """One record per image, with the captions (and neg_captions) of every row naming it, in file order.
+
+    A file with a row per caption would otherwise be a retrieval set with each image several times: in
+    evaluation its copies tie, and every text query misses the top 1. Records with one row per image are
+    returned as they are."""
+    images = list(records["image"])
+    if len(set(images)) == len(images):
+        return records
+    has_negatives = "neg_captions" in records.column_names
+    merged: dict[str, dict] = {}
+    for row in records:
+        out = merged.setdefault(row["image"], {"image": row["image"], "captions": [], "neg_captions": None})
+        out["captions"] += row["captions"]
+        if has_negatives and row["neg_captions"]:
+            out["neg_captions"] = (out["neg_captions"] or []) + row["neg_captions"]
+    out = datasets.Dataset.from_list(list(merged.values()))
+    out.info.description = f"{records.info.description}; {len(images)} rows merged into {len(merged)} images"
+    logger.info("%s", out.info.description)
+    return out
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Image records with their captions (and hard negatives) tokenized; one item per image.
 

@@ -31,7 +31,8 @@ from typing import Literal
 from transformers import AutoModel, TrainingArguments
 
 from recipes.clip_retrieval.collator import (PairDataset, collator_for, embedded_retrieval,
-                                             embedded_zero_shot, load_zero_shot, pools_at_eos)
+                                             embedded_zero_shot, load_zero_shot, pools_at_eos,
+                                             records_by_image)
 from recipes.clip_retrieval.merge import load_dual_encoder, wise_ft
 from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head, default_loss,
                                             set_training_mode)
@@ -126,8 +127,10 @@ def main(argv=None):
                                                                    lang=args.data.lang))
         return splits
 
-    train_records, eval_records, test_records = load_data(args.data, "retrieval", embedded,
-                                                          args.training.output_dir)
+    # One record per image: a file with a row per caption would otherwise hold each image several times.
+    train_records, eval_records, test_records = (
+        records_by_image(r) if r is not None else None
+        for r in load_data(args.data, "retrieval", embedded, args.training.output_dir))
 
     # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")

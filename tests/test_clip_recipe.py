@@ -170,14 +170,16 @@ def test_lora_on_the_vision_tower_only_and_its_merge(env):
 def test_embed_and_search_use_the_trained_model(env):
     d, e, _, _ = env
     index = d / "index"
-    r = _run(["--model", str(d / "whole"), "--file", str(d / "synth" / "eval.jsonl"), "--out", str(index)], e,
-             "embed.py")
+    # Paths relative to the folder it runs in; search.py runs in another one.
+    r = _run(["--model", "whole", "--file", "synth/eval.jsonl", "--out", "index"], e, "embed.py", cwd=d)
     assert r.returncode == 0, r.stderr[-3000:]
     final = np.load(d / "whole" / "predictions" / "final.npz")
     images, texts = np.load(index / "images.npy"), np.load(index / "texts.npy")
     np.testing.assert_allclose(images, final["image_embeds"], atol=1e-5)  # the same model, the same eval set
     np.testing.assert_allclose(texts, final["text_embeds"], atol=1e-5)
     meta = json.loads((index / "index.json").read_text())
+    assert (meta["model"], meta["file"]) == (str((d / "whole").resolve()),
+                                             str((d / "synth" / "eval.jsonl").resolve()))
     query = meta["texts"][3]
     r = _run(["--index", str(index), "--query", query, "--k", "3", "--json"], e, "search.py")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -193,6 +195,8 @@ def test_embed_and_search_use_the_trained_model(env):
     cosines = texts @ images[2]
     best = np.argsort(-cosines, kind="stable")[:3]
     assert [h["text"] for h in json.loads(r.stdout)] == [meta["texts"][i] for i in best]
+    r = _run(["--index", str(index), "--query", query, "--k", "-1"], e, "search.py")
+    assert r.returncode == 2 and "--k -1: give at least 1" in r.stderr  # not every row but the last
 
 
 def test_bad_rows_are_a_clear_error(env):

@@ -77,7 +77,9 @@ def main(argv=None) -> int:
     for name, array in arrays.items():
         with atomic_write(out / name, "wb") as f:
             np.save(f, array)
-    index = {"model": args.model, "file": str(args.file), "images": list(records["image"]),
+    # A model folder as an absolute path: search.py and serve read the index from any working folder.
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    index = {"model": model, "file": str(Path(args.file).resolve()), "images": list(records["image"]),
              "texts": texts, "text_to_image": text_to_image}
     atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     print(f"{len(records)} images and {len(texts)} captions embedded into {out}")

@@ -141,10 +141,14 @@ def test_resumed_run_ends_like_the_uninterrupted_one(env):
 def test_lora_on_the_vision_tower_only_and_its_merge(env):
     d, e, data, _ = env
     out = d / "lora"
+    # The base as a user's local checkpoint, relative to the folder the run starts in; merged from another.
     r = _run([*data, "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8",
-              *FAST, "--save_strategy", "no", "--peft_method", "lora", "--lora_towers", "vision",
-              "--learning_rate", "0.5"], e)
+              *FAST, "--model_name_or_path", "cache/tiny/clip-v2", "--save_strategy", "no",
+              "--peft_method", "lora", "--lora_towers", "vision", "--learning_rate", "0.5"], e, cwd=d)
     assert r.returncode == 0, r.stderr[-4000:]
+    base_path = (d / "cache" / "tiny" / "clip-v2").resolve()
+    assert (json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+            == json.loads((out / "metrics.json").read_text())["model"] == str(base_path))
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all(".vision_model.encoder.layers." in k and ".lora_" in k for k in adapter)
     assert {k.split(".")[-3] for k in adapter} == {"q_proj", "k_proj", "v_proj", "out_proj"}
@@ -155,7 +159,6 @@ def test_lora_on_the_vision_tower_only_and_its_merge(env):
     from recipes.clip_retrieval.merge import export
 
     merged = CLIPModel.from_pretrained(export(str(out), str(d / "lora_merged"))).eval()
-    base_path = d / "cache" / "tiny" / "clip-v2"
     adapted = PeftModel.from_pretrained(CLIPModel.from_pretrained(base_path), out).eval()
     base = CLIPModel.from_pretrained(base_path).eval()
     pixels, ids = torch.randn(3, 3, 64, 64), torch.tensor([[1699, 320, 666, 1700], [1699, 343, 1700, 1700]])

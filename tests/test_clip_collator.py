@@ -138,6 +138,13 @@ def test_zero_shot_file_errors_name_file_line_and_field(tokenizer, tmp_path):
         load_zero_shot(good, ["{label}"], tokenizer, 16, labels=["large", "medium"])
     with pytest.raises(ValueError, match="must each contain"):
         load_zero_shot(good, ["a photo"], tokenizer, 16)
+    # A missing image when the file is read, not a traceback at the first evaluation; a template with a
+    # field other than {label} likewise.
+    write_jsonl(bad, [{"image": "x.png", "label": "small"}, {"image": "gone.png", "label": "large"}])
+    with pytest.raises(DataError, match=rf"{bad}:2: field 'image': 'gone.png': image file does not exist"):
+        load_zero_shot(bad, ["{label}"], tokenizer, 16)
+    with pytest.raises(ValueError, match=r"template 'a \{label\} \{kind\}': \{label\} is its only field"):
+        load_zero_shot(good, ["a {label} {kind}"], tokenizer, 16)
 
 
 def test_embedded_data_has_no_size_words_and_zero_shot_images_hold_one_object(tmp_path, monkeypatch):

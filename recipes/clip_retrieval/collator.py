@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from data_tools.errors import BAD_VALUE, MISSING_FIELD, WRONG_TYPE, DataError
-from data_tools.images import load_image, resolve_image_path
+from data_tools.images import check_image, load_image, resolve_image_path
 from data_tools.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from data_tools.synth import SIZES, WORDS, draw_scene, make_scene
 from recipes.common.cache import cache_root
@@ -330,6 +330,12 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
     """
     if not templates or any("{label}" not in t for t in templates):
         raise ValueError(f"zero_shot_templates must each contain '{{label}}', got {templates!r}")
+    for t in templates:
+        try:
+            t.format(label="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"zero_shot template {t!r}: {{label}} is its only field (a literal brace is "
+                             f"written {{{{ or }}}}); format error {e!r}") from None
     images, names = [], []
     for line, row, _ in iter_jsonl(path):
         if isinstance(row, DataError):
@@ -343,6 +349,11 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
             images.append(str(resolve_image_path(row["image"], Path(path).parent)))
         except DataError as e:
             raise e.at(path=path, line=line) from None
+        try:
+            check_image(images[-1])  # now, not when the first evaluation opens it
+        except DataError as e:
+            raise DataError(e.reason, f"{row['image']!r}: {e.message}", path=path, line=line,
+                            field="image") from None
         names.append((line, row["label"]))
     if not images:
         raise DataError("empty", "has no rows", path=path)

@@ -243,3 +243,12 @@ def test_a_file_with_a_row_per_caption_is_one_record_per_image(env):
     assert row["n_eval"] == 8
     logged = {k: metrics["before"][f"eval_{k}"] for k in row["before"]}
     assert row["before"] == pytest.approx(logged, abs=1e-6)
+
+
+def test_a_wise_ft_alpha_outside_0_1_is_refused_before_training():
+    from recipes.clip_retrieval.train import main
+
+    # Refused while parsing: with no output folder made, and before any model or data is loaded.
+    with pytest.raises(ValueError, match=r"--wise_ft_alpha 50: each alpha must be in \[0, 1\]"):
+        main(["--wise_ft_alpha", "0.5", "50", "--train_file", "/nonexistent/train.jsonl", "--output_dir",
+              "/nonexistent/out"])

@@ -106,6 +106,11 @@ class RetrievalArguments:
             raise ValueError(f"--loss {self.loss}: expected softmax or sigmoid.")
         check_at_least(self, 0, "unfreeze_last_n_text_layers")
         check_at_least(self, 1, "embedded_images")
+        # Checked now: WiSE-FT runs after training, which a typo (50 for 0.5) would otherwise waste.
+        bad = [a for a in self.wise_ft_alpha or [] if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"--wise_ft_alpha {bad[0]:g}: each alpha must be in [0, 1] (0 = the base, 1 = "
+                             "the fine-tuned model).")
 
 
 def main(argv=None):

@@ -187,3 +187,16 @@ def test_rows_of_one_image_merge_into_one_record_with_all_their_texts(tmp_path):
     assert merged["neg_captions"] == [["a blue circle", "a red square"], ["a red square"]]
     unique = records.select([0, 1])
     assert records_by_image(unique) is unique  # one row per image: the records as they are
+
+
+def test_an_empty_neg_captions_list_is_a_row_without_negatives(tmp_path, tokenizer):
+    from recipes.common.data import load_records
+
+    Image.new("RGB", (20, 10), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (20, 10), "blue").save(tmp_path / "b.png")
+    write_jsonl(tmp_path / "r.jsonl", [{"image": "a.png", "captions": ["a red circle"], "neg_captions": []},
+                                       {"image": "b.png", "captions": ["a blue square"],
+                                        "neg_captions": ["a red square"]}])
+    records = load_records(tmp_path / "r.jsonl", "retrieval")  # both rows kept, none rejected
+    assert records["captions"] == [["a red circle"], ["a blue square"]]
+    assert PairDataset(records, tokenizer, 16, hard_negatives=True).negatives == [[], [[BOS, 4, 5, 8, EOS]]]

@@ -169,6 +169,8 @@ def normalize_record(record: Any, task: str) -> dict:
             raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(CAPTION_ALIASES)})",
                             field="captions")
         record["captions"] = _text_list(value, key, allow_single_string=key in ("caption", "text"))
+        if task == "retrieval" and record.get("neg_captions") == []:
+            del record["neg_captions"]  # an empty list of the optional negatives: none, as if left out
         if task == "retrieval" and "neg_captions" in record:
             record["neg_captions"] = _text_list(record["neg_captions"], "neg_captions",
                                                 allow_single_string=True)

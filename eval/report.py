@@ -116,8 +116,8 @@ def read_references(path: str, task: str, *, short_answer_words: int = SHORT_ANS
             rows.append({**row, ROW: index})
             continue
         key = row["question_id"] if task == "vqa" else row["image"]
-        # one row per caption: all of them are the image's references
-        if task == "caption" and key in records:
+        # one row per caption: all of them are the image's references (retrieval: its texts)
+        if task in ("caption", "retrieval") and key in records:
             records[key]["captions"] = records[key]["captions"] + row["captions"]
             continue
         records[str(key) if task == "vqa" else key] = row

@@ -138,6 +138,13 @@ def test_zero_shot_file_errors_name_file_line_and_field(tokenizer, tmp_path):
         load_zero_shot(good, ["{label}"], tokenizer, 16, labels=["large", "medium"])
     with pytest.raises(ValueError, match="must each contain"):
         load_zero_shot(good, ["a photo"], tokenizer, 16)
+    # A missing image when the file is read, not a traceback at the first evaluation; a template with a
+    # field other than {label} likewise.
+    write_jsonl(bad, [{"image": "x.png", "label": "small"}, {"image": "gone.png", "label": "large"}])
+    with pytest.raises(DataError, match=rf"{bad}:2: field 'image': 'gone.png': image file does not exist"):
+        load_zero_shot(bad, ["{label}"], tokenizer, 16)
+    with pytest.raises(ValueError, match=r"template 'a \{label\} \{kind\}': \{label\} is its only field"):
+        load_zero_shot(good, ["a {label} {kind}"], tokenizer, 16)
 
 
 def test_embedded_data_has_no_size_words_and_zero_shot_images_hold_one_object(tmp_path, monkeypatch):
@@ -162,3 +169,34 @@ def test_embedded_data_has_no_size_words_and_zero_shot_images_hold_one_object(tm
     for r in rows:
         objects = make_scene(ZERO_SHOT_SEED, int(r["image"][7:13]))
         assert len(objects) == 1 and r["label"] == objects[0]["size"]
+
+
+def test_rows_of_one_image_merge_into_one_record_with_all_their_texts(tmp_path):
+    from recipes.clip_retrieval.collator import records_by_image
+
+    records = _records(tmp_path, [
+        {"image": "a.png", "captions": ["a red circle"], "neg_captions": None},
+        {"image": "b.png", "captions": ["a blue square"], "neg_captions": ["a red square"]},
+        {"image": "a.png", "captions": ["a small red circle"], "neg_captions": ["a blue circle"]},
+        {"image": "a.png", "captions": ["a large red circle"], "neg_captions": ["a red square"]},
+    ])
+    merged = records_by_image(records)
+    assert [r["image"] for r in merged] == [str(tmp_path / "a.png"), str(tmp_path / "b.png")]
+    assert merged["captions"] == [["a red circle", "a small red circle", "a large red circle"],
+                                  ["a blue square"]]
+    assert merged["neg_captions"] == [["a blue circle", "a red square"], ["a red square"]]
+    unique = records.select([0, 1])
+    assert records_by_image(unique) is unique  # one row per image: the records as they are
+
+
+def test_an_empty_neg_captions_list_is_a_row_without_negatives(tmp_path, tokenizer):
+    from recipes.common.data import load_records
+
+    Image.new("RGB", (20, 10), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (20, 10), "blue").save(tmp_path / "b.png")
+    write_jsonl(tmp_path / "r.jsonl", [{"image": "a.png", "captions": ["a red circle"], "neg_captions": []},
+                                       {"image": "b.png", "captions": ["a blue square"],
+                                        "neg_captions": ["a red square"]}])
+    records = load_records(tmp_path / "r.jsonl", "retrieval")  # both rows kept, none rejected
+    assert records["captions"] == [["a red circle"], ["a blue square"]]
+    assert PairDataset(records, tokenizer, 16, hard_negatives=True).negatives == [[], [[BOS, 4, 5, 8, EOS]]]

@@ -141,10 +141,14 @@ def test_resumed_run_ends_like_the_uninterrupted_one(env):
 def test_lora_on_the_vision_tower_only_and_its_merge(env):
     d, e, data, _ = env
     out = d / "lora"
+    # The base as a user's local checkpoint, relative to the folder the run starts in; merged from another.
     r = _run([*data, "--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "8",
-              *FAST, "--save_strategy", "no", "--peft_method", "lora", "--lora_towers", "vision",
-              "--learning_rate", "0.5"], e)
+              *FAST, "--model_name_or_path", "cache/tiny/clip-v2", "--save_strategy", "no",
+              "--peft_method", "lora", "--lora_towers", "vision", "--learning_rate", "0.5"], e, cwd=d)
     assert r.returncode == 0, r.stderr[-4000:]
+    base_path = (d / "cache" / "tiny" / "clip-v2").resolve()
+    assert (json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+            == json.loads((out / "metrics.json").read_text())["model"] == str(base_path))
     adapter = load_file(out / "adapter_model.safetensors")
     assert adapter and all(".vision_model.encoder.layers." in k and ".lora_" in k for k in adapter)
     assert {k.split(".")[-3] for k in adapter} == {"q_proj", "k_proj", "v_proj", "out_proj"}
@@ -155,7 +159,6 @@ def test_lora_on_the_vision_tower_only_and_its_merge(env):
     from recipes.clip_retrieval.merge import export
 
     merged = CLIPModel.from_pretrained(export(str(out), str(d / "lora_merged"))).eval()
-    base_path = d / "cache" / "tiny" / "clip-v2"
     adapted = PeftModel.from_pretrained(CLIPModel.from_pretrained(base_path), out).eval()
     base = CLIPModel.from_pretrained(base_path).eval()
     pixels, ids = torch.randn(3, 3, 64, 64), torch.tensor([[1699, 320, 666, 1700], [1699, 343, 1700, 1700]])
@@ -170,14 +173,16 @@ def test_lora_on_the_vision_tower_only_and_its_merge(env):
 def test_embed_and_search_use_the_trained_model(env):
     d, e, _, _ = env
     index = d / "index"
-    r = _run(["--model", str(d / "whole"), "--file", str(d / "synth" / "eval.jsonl"), "--out", str(index)], e,
-             "embed.py")
+    # Paths relative to the folder it runs in; search.py runs in another one.
+    r = _run(["--model", "whole", "--file", "synth/eval.jsonl", "--out", "index"], e, "embed.py", cwd=d)
     assert r.returncode == 0, r.stderr[-3000:]
     final = np.load(d / "whole" / "predictions" / "final.npz")
     images, texts = np.load(index / "images.npy"), np.load(index / "texts.npy")
     np.testing.assert_allclose(images, final["image_embeds"], atol=1e-5)  # the same model, the same eval set
     np.testing.assert_allclose(texts, final["text_embeds"], atol=1e-5)
     meta = json.loads((index / "index.json").read_text())
+    assert (meta["model"], meta["file"]) == (str((d / "whole").resolve()),
+                                             str((d / "synth" / "eval.jsonl").resolve()))
     query = meta["texts"][3]
     r = _run(["--index", str(index), "--query", query, "--k", "3", "--json"], e, "search.py")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -193,6 +198,8 @@ def test_embed_and_search_use_the_trained_model(env):
     cosines = texts @ images[2]
     best = np.argsort(-cosines, kind="stable")[:3]
     assert [h["text"] for h in json.loads(r.stdout)] == [meta["texts"][i] for i in best]
+    r = _run(["--index", str(index), "--query", query, "--k", "-1"], e, "search.py")
+    assert r.returncode == 2 and "--k -1: give at least 1" in r.stderr  # not every row but the last
 
 
 def test_bad_rows_are_a_clear_error(env):
@@ -205,3 +212,43 @@ def test_bad_rows_are_a_clear_error(env):
     assert (r.returncode != 0 and f"{bad}:7: field 'captions': is an empty list" in r.stderr
             and "--skip_bad_rows" in r.stderr)
 
+
+
+def test_a_file_with_a_row_per_caption_is_one_record_per_image(env):
+    """Eval rows naming one image are one retrieval item with all their captions, not copies of the image
+    that tie with each other (text->image R@1 would be 0); train rows likewise (each image once an epoch)."""
+    d, e, _, _ = env
+    by_caption = lambda src: [{"image_path": r["image"], "text": c}  # noqa: E731
+                              for r in read_jsonl(src) for c in r["captions"][:2]]
+    (d / "synth" / "train_list.json").write_text(json.dumps(by_caption(d / "synth" / "train.jsonl")))
+    (d / "synth" / "eval_list.json").write_text(json.dumps(by_caption(d / "synth" / "eval.jsonl")))
+    out = d / "by_caption"
+    r = _run(["--train_file", str(d / "synth" / "train_list.json"), "--eval_file",
+              str(d / "synth" / "eval_list.json"), "--num_train_epochs", "1", "--per_device_train_batch_size",
+              "8", "--output_dir", str(out), *FAST], e)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "32 rows merged into 16 images" in r.stderr and "16 rows merged into 8 images" in r.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 2  # 16 images at 8 a step, not 32 rows
+    # The same 8 images and their first two captions, as one record each: the base model's scores.
+    records = [{**r, "captions": r["captions"][:2]} for r in read_jsonl(d / "synth" / "eval.jsonl")]
+    texts = [t for r in records for t in r["captions"]]
+    before = np.load(out / "predictions" / "before.npz")
+    assert before["image_embeds"].shape[0] == 8 and list(before["texts"]) == texts
+    assert list(before["text_to_image"]) == [i for i in range(8) for _ in range(2)]
+
+    from eval.report import report_run
+
+    row = report_run(out)  # `make eval` reads the list file's rows as the same 8 images
+    assert row["n_eval"] == 8
+    logged = {k: metrics["before"][f"eval_{k}"] for k in row["before"]}
+    assert row["before"] == pytest.approx(logged, abs=1e-6)
+
+
+def test_a_wise_ft_alpha_outside_0_1_is_refused_before_training():
+    from recipes.clip_retrieval.train import main
+
+    # Refused while parsing: with no output folder made, and before any model or data is loaded.
+    with pytest.raises(ValueError, match=r"--wise_ft_alpha 50: each alpha must be in \[0, 1\]"):
+        main(["--wise_ft_alpha", "0.5", "50", "--train_file", "/nonexistent/train.jsonl", "--output_dir",
+              "/nonexistent/out"])

@@ -51,3 +51,17 @@ def test_retrieval_run_is_rescored_from_its_embeddings(tmp_path):
                     [0, 0, 1, 2], embeds)
     with pytest.raises(DataError, match="1 image\\(s\\) are not in the eval file"):
         report_run(stranger)
+
+
+def test_an_eval_file_with_a_row_per_caption_holds_every_caption_of_the_image(tmp_path):
+    path = make_synthetic("retrieval", 2, tmp_path / "data", seed=5, progress=False)
+    rows = read_jsonl(path)
+    by_caption = tmp_path / "data" / "by_caption.jsonl"
+    by_caption.write_text("".join(json.dumps({"image": r["image"], "caption": c}) + "\n"
+                                  for r in rows for c in r["captions"][:2]))
+    keys = [str(path.parent / r["image"]) for r in rows]
+    texts = [c for r in rows for c in r["captions"][:2]]
+    run = _run(tmp_path / "run", by_caption, "final", keys, texts, [0, 0, 1, 1],
+               [[1, 0], [1, 0], [0, 1], [0, 1]])
+    row = report_run(run)
+    assert row["n_eval"] == 2 and row["final"]["text_to_image_R@1"] == 1.0

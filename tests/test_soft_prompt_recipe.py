@@ -272,3 +272,24 @@ def test_cached_vision_features_train_exactly_as_the_live_tower(env, features):
         [1, 64] if features == "pooled" else [64, 64])
     assert len(runs["true"][0]) == 3 and runs["true"][0] == pytest.approx(runs["false"][0], rel=1e-5)
     assert runs["true"][1] == pytest.approx(runs["false"][1], abs=1e-6)
+
+
+def test_bases_in_local_folders_are_recorded_by_absolute_path_for_export_from_anywhere(env, bases):
+    """config.json names bases given as relative folders by their absolute path, so export.py (and
+    from_trained) find them from any working folder; a base that moved is a one-line error."""
+    d, e = env
+    args = ["--train_file", "synth/train.jsonl", "--output_dir", "rel", "--max_steps", "1", *FAST,
+            "--vision_model", "bases/vision", "--language_model", "bases/gpt2"]
+    r = subprocess.run([sys.executable, str(TRAIN), *args], env=e, cwd=d, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    config = json.loads((d / "rel" / "config.json").read_text())
+    assert (config["vision_model_name_or_path"], config["language_model_name_or_path"]) == (
+        str(bases[0].resolve()), str(bases[1].resolve()))
+    x = _run(EXPORT, ["--run", str(d / "rel"), "--out", str(d / "rel_full")], e)  # from the tests' folder
+    assert x.returncode == 0, x.stderr[-3000:]
+
+    config["vision_model_name_or_path"] = str(d / "moved" / "vision")
+    (d / "rel" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError, match="moved/vision' does not exist.*export.py --vision_model"):
+        modeling.SoftPromptCaptioner.from_trained(d / "rel")

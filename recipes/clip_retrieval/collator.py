@@ -19,21 +19,25 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 
 from data_tools.errors import BAD_VALUE, MISSING_FIELD, WRONG_TYPE, DataError
-from data_tools.images import load_image, resolve_image_path
+from data_tools.images import check_image, load_image, resolve_image_path
 from data_tools.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from data_tools.synth import SIZES, WORDS, draw_scene, make_scene
 from recipes.common.cache import cache_root
 from recipes.common.data import embedded_dataset
+
+logger = logging.getLogger(__name__)
 
 
 # --- texts --------------------------------------------------------------------------------------------
@@ -82,6 +86,28 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int,
 
 
 # --- pairs ----------------------------------------------------------------------------------------------
+def records_by_image(records):
+    """One record per image, with the captions (and neg_captions) of every row naming it, in file order.
+
+    A file with a row per caption would otherwise be a retrieval set with each image several times: in
+    evaluation its copies tie, and every text query misses the top 1. Records with one row per image are
+    returned as they are."""
+    images = list(records["image"])
+    if len(set(images)) == len(images):
+        return records
+    has_negatives = "neg_captions" in records.column_names
+    merged: dict[str, dict] = {}
+    for row in records:
+        out = merged.setdefault(row["image"], {"image": row["image"], "captions": [], "neg_captions": None})
+        out["captions"] += row["captions"]
+        if has_negatives and row["neg_captions"]:
+            out["neg_captions"] = (out["neg_captions"] or []) + row["neg_captions"]
+    out = datasets.Dataset.from_list(list(merged.values()))
+    out.info.description = f"{records.info.description}; {len(images)} rows merged into {len(merged)} images"
+    logger.info("%s", out.info.description)
+    return out
+
+
 class PairDataset(torch.utils.data.Dataset):
     """Image records with their captions (and hard negatives) tokenized; one item per image.
 
@@ -304,6 +330,12 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
     """
     if not templates or any("{label}" not in t for t in templates):
         raise ValueError(f"zero_shot_templates must each contain '{{label}}', got {templates!r}")
+    for t in templates:
+        try:
+            t.format(label="x")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"zero_shot template {t!r}: {{label}} is its only field (a literal brace is "
+                             f"written {{{{ or }}}}); format error {e!r}") from None
     images, names = [], []
     for line, row, _ in iter_jsonl(path):
         if isinstance(row, DataError):
@@ -317,6 +349,11 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
             images.append(str(resolve_image_path(row["image"], Path(path).parent)))
         except DataError as e:
             raise e.at(path=path, line=line) from None
+        try:
+            check_image(images[-1])  # now, not when the first evaluation opens it
+        except DataError as e:
+            raise DataError(e.reason, f"{row['image']!r}: {e.message}", path=path, line=line,
+                            field="image") from None
         names.append((line, row["label"]))
     if not images:
         raise DataError("empty", "has no rows", path=path)

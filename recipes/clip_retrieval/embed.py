@@ -19,7 +19,8 @@ import torch
 from transformers import AutoProcessor
 
 from data_tools.files import atomic_write, atomic_write_text
-from recipes.clip_retrieval.collator import TextLengthReport, collator_for, pools_at_eos, tokenize_texts
+from recipes.clip_retrieval.collator import (TextLengthReport, collator_for, pools_at_eos, records_by_image,
+                                             tokenize_texts)
 from recipes.clip_retrieval.merge import load_dual_encoder
 from recipes.clip_retrieval.trainer import embed_images, embed_texts
 from recipes.common.data import load_records
@@ -60,8 +61,9 @@ def main(argv=None) -> int:
                    help="skip invalid rows and images (written to OUT/rejects.jsonl) instead of stopping")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    records = load_records(args.file, "retrieval", image_root=args.image_root,
-                           skip_bad_rows=args.skip_bad_rows, rejects_path=Path(args.out) / "rejects.jsonl")
+    records = records_by_image(load_records(args.file, "retrieval", image_root=args.image_root,
+                                            skip_bad_rows=args.skip_bad_rows,
+                                            rejects_path=Path(args.out) / "rejects.jsonl"))
     clip, processor, collator = load(args.model, device)
     texts = [t for caps in records["captions"] for t in caps]
     text_to_image = [i for i, caps in enumerate(records["captions"]) for _ in caps]
@@ -75,8 +77,10 @@ def main(argv=None) -> int:
     for name, array in arrays.items():
         with atomic_write(out / name, "wb") as f:
             np.save(f, array)
-    index = {"model": args.model, "file": str(args.file), "images": list(records["image"]), "texts": texts,
-             "text_to_image": text_to_image}
+    # A model folder as an absolute path: search.py and serve read the index from any working folder.
+    model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    index = {"model": model, "file": str(Path(args.file).resolve()), "images": list(records["image"]),
+             "texts": texts, "text_to_image": text_to_image}
     atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     print(f"{len(records)} images and {len(texts)} captions embedded into {out}")
     return 0

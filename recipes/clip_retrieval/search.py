@@ -38,6 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="embed the query with this model (default: the index's)")
     p.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     args = p.parse_args(argv)
+    if args.k < 1:
+        p.error(f"--k {args.k}: give at least 1")
     index_dir = Path(args.index)
     if not (index_dir / "index.json").exists():
         p.error(f"--index {index_dir}: no index.json there; write one with embed.py")

@@ -31,7 +31,8 @@ from typing import Literal
 from transformers import AutoModel, TrainingArguments
 
 from recipes.clip_retrieval.collator import (PairDataset, collator_for, embedded_retrieval,
-                                             embedded_zero_shot, load_zero_shot, pools_at_eos)
+                                             embedded_zero_shot, load_zero_shot, pools_at_eos,
+                                             records_by_image)
 from recipes.clip_retrieval.merge import load_dual_encoder, wise_ft
 from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head, default_loss,
                                             set_training_mode)
@@ -105,6 +106,11 @@ class RetrievalArguments:
             raise ValueError(f"--loss {self.loss}: expected softmax or sigmoid.")
         check_at_least(self, 0, "unfreeze_last_n_text_layers")
         check_at_least(self, 1, "embedded_images")
+        # Checked now: WiSE-FT runs after training, which a typo (50 for 0.5) would otherwise waste.
+        bad = [a for a in self.wise_ft_alpha or [] if not 0.0 <= a <= 1.0]
+        if bad:
+            raise ValueError(f"--wise_ft_alpha {bad[0]:g}: each alpha must be in [0, 1] (0 = the base, 1 = "
+                             "the fine-tuned model).")
 
 
 def main(argv=None):
@@ -126,11 +132,15 @@ def main(argv=None):
                                                                    lang=args.data.lang))
         return splits
 
-    train_records, eval_records, test_records = load_data(args.data, "retrieval", embedded,
-                                                          args.training.output_dir)
+    # One record per image: a file with a row per caption would otherwise hold each image several times.
+    train_records, eval_records, test_records = (
+        records_by_image(r) if r is not None else None
+        for r in load_data(args.data, "retrieval", embedded, args.training.output_dir))
 
     # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")
+    # A local folder as an absolute path: the adapter and metrics.json name the base that merge.py loads.
+    model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else model_path
     model, processor = load_model_and_processor(AutoModel, model_path, args.model)
     if not all(hasattr(model, f) for f in ("get_image_features", "get_text_features", "logit_scale")):
         raise ValueError(f"{model_path}: {type(model).__name__} is not a dual encoder (no "

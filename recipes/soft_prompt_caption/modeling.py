@@ -35,6 +35,7 @@ from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
 from recipes.common.losses import label_positions_only
+from recipes.common.models import loading
 
 # Hyphens, not the recipe's folder name: scripts/new_recipe.py renames every mention of that in a copy.
 MODEL_TYPE = "soft-prompt-captioner"
@@ -174,8 +175,15 @@ class SoftPromptCaptioner(PreTrainedModel):
         config = SoftPromptCaptionerConfig.from_pretrained(run)
         options = dict(prompt_length=config.prompt_length, projection=config.projection,
                        vision_features=config.vision_features)
-        model = cls.from_parts(vision_model or config.vision_model_name_or_path,
-                               language_model or config.language_model_name_or_path, dtype=dtype, **options)
+        bases = (vision_model or config.vision_model_name_or_path,
+                 language_model or config.language_model_name_or_path)
+        try:
+            with loading(*bases):  # a base that moved: one line naming it, not a traceback
+                model = cls.from_parts(*bases, dtype=dtype, **options)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e}. {run / 'config.json'} names the bases the run was trained on; if "
+                                    "they moved, give where they are now (export.py --vision_model ... "
+                                    "--language_model ...).") from None
         if (run / LORA_CONFIG).is_file():
             from peft import LoraConfig, get_peft_model
 

@@ -223,13 +223,19 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         after_training(results)
     if trainer.is_world_process_zero():
         heldout = "test" if test is not None else "val"
+        # "after" scores the best checkpoint's weights when --load_best_model_at_end loaded them.
+        state = trainer.state
+        best_loaded = args.load_best_model_at_end and state.best_model_checkpoint
+        after_step = state.best_global_step if best_loaded else state.global_step
         results.update(metadata, heldout=heldout,
                        heldout_file=metadata.get("test_file" if test is not None else "eval_file"),
-                       global_step=trainer.state.global_step, world_size=args.world_size)
+                       global_step=state.global_step, after_step=after_step, world_size=args.world_size)
         atomic_write_text(Path(args.output_dir) / "metrics.json", json.dumps(results, indent=2))
         for when in ("before", "after", "after_shuffled_images"):
             if when in results:
-                logger.info("held-out %s (%s split): %s", when, results["heldout"], json.dumps(results[when]))
+                logger.info("held-out %s (%s split%s): %s", when, results["heldout"],
+                            f", step {after_step} of {state.global_step}" if when != "before" else "",
+                            json.dumps(results[when]))
         logger.info("outputs in %s", args.output_dir)
     return results
 

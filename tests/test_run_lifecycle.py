@@ -1,0 +1,61 @@
+"""A run's life cycle as a user meets it: the weights that metrics.json and `make eval` report on, resumed
+runs, and recipe folders copied by hand."""
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+from data_tools.jsonl import read_jsonl, write_jsonl
+from data_tools.synth import make_synthetic
+from eval.report import report_run, table_lines
+from recipes.common.run import train_and_evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeTrainer:
+    """What train_and_evaluate asks of a Trainer: a run of 12 steps whose best checkpoint is step 8."""
+
+    def __init__(self, output_dir: Path, load_best: bool):
+        self.args = SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=None, world_size=1,
+                                    load_best_model_at_end=load_best)
+        self.state = SimpleNamespace(global_step=0, best_global_step=None, best_model_checkpoint=None)
+        self.generation = None
+
+    def is_world_process_zero(self):
+        return True
+
+    def evaluates_heldout(self):
+        return True
+
+    def heldout_metrics(self, prefix, name, data=None):
+        return {"eval_CIDEr": 0.5}
+
+    def train(self, resume_from_checkpoint=None):
+        self.state.global_step, self.state.best_global_step = 12, 8
+        self.state.best_model_checkpoint = str(Path(self.args.output_dir) / "checkpoint-8")
+
+    def save_model(self):
+        pass
+
+    def save_state(self):
+        pass
+
+
+def test_metrics_json_and_make_eval_name_the_step_of_the_weights_scored_after(tmp_path):
+    data = make_synthetic("caption", 3, tmp_path / "data", seed=3, progress=False)
+    metadata = dict(recipe="blip2_lora_caption", task="caption", lang="en", eval_file=str(data))
+    for load_best, step in ((True, "8 of 12"), (False, 12)):
+        run = tmp_path / f"run-{load_best}"
+        train_and_evaluate(FakeTrainer(run, load_best), metadata)
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert (metrics["global_step"], metrics["after_step"]) == (12, 8 if load_best else 12)
+
+        rows = read_jsonl(data)
+        (run / "predictions").mkdir()
+        write_jsonl(run / "predictions" / "final.jsonl",
+                    ({"key": str(data.parent / r["image"]), "prediction": r["captions"][0]} for r in rows))
+        row = report_run(run)
+        assert row["step"] == step
+        assert f"| blip2_lora_caption | {step} | 3/3 |" in table_lines([row])[2]
+        assert f", step {step}, task caption" in (run / "report.md").read_text()

@@ -2,6 +2,10 @@
 runs, and recipe folders copied by hand."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -59,3 +63,27 @@ def test_metrics_json_and_make_eval_name_the_step_of_the_weights_scored_after(tm
         assert row["step"] == step
         assert f"| blip2_lora_caption | {step} | 3/3 |" in table_lines([row])[2]
         assert f", step {step}, task caption" in (run / "report.md").read_text()
+
+
+def _train(script: Path, *args: str):
+    # PYTHONPATH: this checkout's code, as the installed project would be
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_a_recipe_folder_copied_by_hand_is_refused_before_it_runs_the_originals_code(tmp_path):
+    copy = tmp_path / "recipes" / "my_task"
+    shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", copy)
+    r = _train(copy / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (f"error: {copy / 'train.py'} imports the modules of recipes/blip2_lora_caption, not its own"
+            in r.stderr and "Rename recipes.blip2_lora_caption to recipes.my_task" in r.stderr)
+    assert not (tmp_path / "out").exists()
+
+    # a recipe of another copy of the project than the installed one: a warning, then the run goes on
+    other = tmp_path / "clone" / "recipes" / "blip2_lora_caption"
+    shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", other)
+    r = _train(other / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl")
+    assert (f"{other / 'train.py'} runs the recipes package of {ROOT}, another copy of the project"
+            in r.stderr and "error: missing.jsonl" in r.stderr), r.stderr[-3000:]

@@ -41,9 +41,29 @@ def setup_run(training_args, model_args=None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_recipe_code()
     check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     if model_args is not None:
         check_mixed_precision(model_args, training_args)
+
+
+def check_recipe_code() -> None:
+    """A recipe's train.py runs the modules beside it: a folder copied by hand (cp -r) still imports the
+    original's (`recipes.<original>.collator`), and edits to the copy's own would change nothing."""
+    script = Path(getattr(sys.modules["__main__"], "__file__", None) or ".").resolve()
+    if script.name != "train.py" or script.parent.parent.name != "recipes":
+        return
+    mine = script.parent.name
+    others = sorted({n.split(".")[1] for n in sys.modules if n.startswith("recipes.")} - {"common", mine})
+    if others:
+        raise ValueError(f"{script} imports the modules of recipes/{others[0]}, not its own: a recipe folder "
+                         "copied by hand still runs the original's code. Rename "
+                         f"recipes.{others[0]} to recipes.{mine} in its .py files, or copy it with "
+                         f"`make new-recipe FROM={others[0]} NAME=...`, which does that.")
+    installed = Path(sys.modules["recipes"].__file__).parent
+    if installed != script.parent.parent:
+        logger.warning("%s runs the recipes package of %s, another copy of the project (the installed one): "
+                       "`pip install -e .` in this one, or set PYTHONPATH to it", script, installed.parent)
 
 
 def check_output_dir(output_dir: str | Path, resume) -> None:

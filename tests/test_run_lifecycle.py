@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
+
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
 from eval.report import report_run, table_lines
@@ -20,11 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 class FakeTrainer:
     """What train_and_evaluate asks of a Trainer: a run of 12 steps whose best checkpoint is step 8."""
 
-    def __init__(self, output_dir: Path, load_best: bool):
-        self.args = SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=None, world_size=1,
+    def __init__(self, output_dir: Path, load_best: bool = True, resume: str | None = None, keys=("a", "b")):
+        self.args = SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=resume, world_size=1,
                                     load_best_model_at_end=load_best)
         self.state = SimpleNamespace(global_step=0, best_global_step=None, best_model_checkpoint=None)
-        self.generation = None
+        self.generation = SimpleNamespace(records=datasets.Dataset.from_dict({"key": list(keys)}))
 
     def is_world_process_zero(self):
         return True
@@ -51,7 +53,7 @@ def test_metrics_json_and_make_eval_name_the_step_of_the_weights_scored_after(tm
     metadata = dict(recipe="blip2_lora_caption", task="caption", lang="en", eval_file=str(data))
     for load_best, step in ((True, "8 of 12"), (False, 12)):
         run = tmp_path / f"run-{load_best}"
-        train_and_evaluate(FakeTrainer(run, load_best), metadata)
+        train_and_evaluate(FakeTrainer(run, load_best=load_best), metadata)
         metrics = json.loads((run / "metrics.json").read_text())
         assert (metrics["global_step"], metrics["after_step"]) == (12, 8 if load_best else 12)
 
@@ -87,3 +89,16 @@ def test_a_recipe_folder_copied_by_hand_is_refused_before_it_runs_the_originals_
     r = _train(other / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl")
     assert (f"{other / 'train.py'} runs the recipes package of {ROOT}, another copy of the project"
             in r.stderr and "error: missing.jsonl" in r.stderr), r.stderr[-3000:]
+
+
+def test_a_run_resumed_with_other_eval_samples_scores_before_again_on_them(tmp_path):
+    """"before" is reused from the run's start only when it scored the records that "after" scores."""
+    for keys, before in ((("a", "b"), 0.1), (("a", "b", "c"), 0.5), (("a",), 0.5)):
+        run = tmp_path / "-".join(keys)
+        (run / "checkpoint-4").mkdir(parents=True)
+        (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        (run / "predictions").mkdir()
+        write_jsonl(run / "predictions" / "before.jsonl", ({"key": k, "prediction": "x"} for k in "ab"))
+        (run / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
+        results = train_and_evaluate(FakeTrainer(run, resume="last", keys=keys), {"recipe": "r"})
+        assert results["before"] == {"eval_CIDEr": before}

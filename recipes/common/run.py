@@ -26,6 +26,7 @@ from transformers import set_seed
 
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
+from data_tools.jsonl import read_jsonl
 
 from .data import load_records
 from .models import check_mixed_precision
@@ -197,6 +198,15 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
     return str(value)
 
 
+def _same_keys(predictions: Path, trainer, data) -> bool:
+    """Whether saved predictions are of `data` (None: the eval records): a run resumed with another
+    --eval_max_samples or --max_eval_samples scores "before" again, on what "after" will score."""
+    if not predictions.is_file():  # retrieval runs save embeddings: their set is the whole eval file
+        return True
+    records = data if data is not None else trainer.generation.records
+    return {str(r["key"]) for r in read_jsonl(predictions)} == {str(k) for k in records["key"]}
+
+
 def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | None = None,
                        shuffled_image_check: bool = False,
                        after_training: Callable[[dict], None] | None = None) -> dict:
@@ -222,7 +232,8 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         for key, prefix, data in splits:
             target = results.setdefault(key, {}) if key else results
             saved = folder / f"{prefix}{name}.metrics.json"
-            if when == "before" and resume and saved.exists():
+            if (when == "before" and resume and saved.exists()
+                    and _same_keys(folder / f"{prefix}{name}.jsonl", trainer, data)):
                 target[when] = json.loads(saved.read_text())  # scored when the run first started
             else:
                 target[when] = trainer.heldout_metrics("eval", name=f"{prefix}{name}", data=data)

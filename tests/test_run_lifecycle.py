@@ -10,6 +10,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import pytest
 
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
@@ -22,9 +23,12 @@ ROOT = Path(__file__).resolve().parent.parent
 class FakeTrainer:
     """What train_and_evaluate asks of a Trainer: a run of 12 steps whose best checkpoint is step 8."""
 
-    def __init__(self, output_dir: Path, load_best: bool = True, resume: str | None = None, keys=("a", "b")):
+    def __init__(self, output_dir: Path, load_best: bool = True, resume: str | None = None, keys=("a", "b"),
+                 metric: str | None = None):
         self.args = SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=resume, world_size=1,
-                                    load_best_model_at_end=load_best)
+                                    load_best_model_at_end=load_best, metric_for_best_model=metric,
+                                    eval_strategy="epoch")
+        self.trained = False
         self.state = SimpleNamespace(global_step=0, best_global_step=None, best_model_checkpoint=None)
         self.generation = SimpleNamespace(records=datasets.Dataset.from_dict({"key": list(keys)}))
 
@@ -38,6 +42,7 @@ class FakeTrainer:
         return {"eval_CIDEr": 0.5}
 
     def train(self, resume_from_checkpoint=None):
+        self.trained = True
         self.state.global_step, self.state.best_global_step = 12, 8
         self.state.best_model_checkpoint = str(Path(self.args.output_dir) / "checkpoint-8")
 
@@ -102,3 +107,12 @@ def test_a_run_resumed_with_other_eval_samples_scores_before_again_on_them(tmp_p
         (run / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
         results = train_and_evaluate(FakeTrainer(run, resume="last", keys=keys), {"recipe": "r"})
         assert results["before"] == {"eval_CIDEr": before}
+
+
+def test_a_metric_for_best_model_the_evaluations_do_not_log_is_an_error_before_training(tmp_path):
+    for metric in ("CIDEr", "eval_CIDEr", "loss"):
+        train_and_evaluate(FakeTrainer(tmp_path / metric, metric=metric), {"recipe": "r"})
+    trainer = FakeTrainer(tmp_path / "cider", metric="cider")
+    with pytest.raises(ValueError, match=r"^--metric_for_best_model cider: the evaluations log loss, CIDEr "):
+        train_and_evaluate(trainer, {"recipe": "r"})
+    assert not trainer.trained

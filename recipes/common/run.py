@@ -207,6 +207,18 @@ def _same_keys(predictions: Path, trainer, data) -> bool:
     return {str(r["key"]) for r in read_jsonl(predictions)} == {str(k) for k in records["key"]}
 
 
+def check_best_metric(args, scores: dict) -> None:
+    """--metric_for_best_model must be a metric the evaluations log (the Trainer's loss or one of `scores`,
+    the eval data's "before"): else Trainer stops with a KeyError at the first evaluation, after training."""
+    metric = args.metric_for_best_model
+    if metric is None or args.eval_strategy == "no":
+        return
+    known = ["loss", *(k.removeprefix("eval_") for k in scores)]
+    if metric.removeprefix("eval_") not in known:
+        raise ValueError(f"--metric_for_best_model {metric}: the evaluations log {', '.join(known)} "
+                         "(names are case-sensitive).")
+
+
 def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | None = None,
                        shuffled_image_check: bool = False,
                        after_training: Callable[[dict], None] | None = None) -> dict:
@@ -241,6 +253,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     evaluates = trainer.evaluates_heldout()
     if evaluates:
         score("before", "before")
+        check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation

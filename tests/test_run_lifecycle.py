@@ -120,7 +120,8 @@ def test_a_metric_for_best_model_the_evaluations_do_not_log_is_an_error_before_t
 
 def test_the_demo_summary_names_the_step_of_the_weights_scored_after(tmp_path):
     metrics = {"recipe": "blip2_lora_caption", "heldout": "test", "heldout_file": "test.jsonl",
-               "global_step": 12, "after_step": 8, "before": {"eval_CIDEr": 0.2}, "after": {"eval_CIDEr": 0.6}}
+               "global_step": 12, "after_step": 8, "before": {"eval_CIDEr": 0.2},
+               "after": {"eval_CIDEr": 0.6}}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     out = subprocess.run([sys.executable, str(ROOT / "scripts" / "demo_summary.py"), str(tmp_path)],
                          capture_output=True, text=True).stdout

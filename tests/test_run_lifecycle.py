@@ -127,3 +127,13 @@ def test_the_demo_summary_names_the_step_of_the_weights_scored_after(tmp_path):
                          capture_output=True, text=True).stdout
     assert "(test.jsonl), 12 steps; after: step 8, the best checkpoint (checkpoints are chosen" in out
     assert "CIDEr            0.200     0.600" in out
+
+
+def test_bench_refuses_a_json_file_in_no_folder_before_it_runs(tmp_path, capsys):
+    from bench import harness
+
+    target = tmp_path / "no" / "result.json"
+    with pytest.raises(SystemExit) as exit_:
+        harness.main(["blip2_lora_caption", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
+                      "--mode", "device", "--no-baseline", "--json", str(target)])
+    assert exit_.value.code == 2 and f"--json {target}: no folder {target.parent}" in capsys.readouterr().err

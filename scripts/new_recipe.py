@@ -40,6 +40,9 @@ def check_names(source_dir: Path, recipes_dir: Path, src: str, name: str) -> str
     if not NAME_RE.match(name) or keyword.iskeyword(name):
         return (f"--name {name!r} is not a valid recipe name: use lowercase letters, digits and underscores, "
                 f"starting with a letter (e.g. my_task).")
+    if recipes_dir.name != "recipes":
+        return (f"--recipes-dir {recipes_dir}: a recipe imports its own modules as recipes.{name}.*, so the "
+                "copy must go into a folder named recipes (beside recipes/common).")
     if name == "common":
         return "--name common is reserved for the shared code in recipes/common."
     if src == "common":

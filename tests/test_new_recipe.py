@@ -101,3 +101,12 @@ def test_copy_trains_two_steps_from_another_repo_root(fake_root, tmp_path_factor
     out = fake_root / "outputs" / "my_task-smoke"
     assert (out / "adapter_model.safetensors").stat().st_size > 0
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+
+
+def test_a_recipes_dir_not_named_recipes_is_refused_before_copying(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--recipes-dir", str(tmp_path / "mine"), "--source-dir",
+                        str(ROOT / "recipes"), "--from", "blip2_lora_caption", "--name", "my_task"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--recipes-dir {tmp_path / 'mine'}: a recipe imports its own modules as recipes.my_task" in r.stderr
+    assert not (tmp_path / "mine").exists()

@@ -61,7 +61,7 @@ def check_recipe_code() -> None:
                          "copied by hand still runs the original's code. Rename "
                          f"recipes.{others[0]} to recipes.{mine} in its .py files, or copy it with "
                          f"`make new-recipe FROM={others[0]} NAME=...`, which does that.")
-    installed = Path(sys.modules["recipes"].__file__).parent
+    installed = Path(sys.modules["recipes"].__file__).parent.resolve()
     if installed != script.parent.parent:
         logger.warning("%s runs the recipes package of %s, another copy of the project (the installed one): "
                        "`pip install -e .` in this one, or set PYTHONPATH to it", script, installed.parent)

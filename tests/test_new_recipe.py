@@ -108,5 +108,6 @@ def test_a_recipes_dir_not_named_recipes_is_refused_before_copying(tmp_path):
                         str(ROOT / "recipes"), "--from", "blip2_lora_caption", "--name", "my_task"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert f"--recipes-dir {tmp_path / 'mine'}: a recipe imports its own modules as recipes.my_task" in r.stderr
+    assert f"--recipes-dir {tmp_path / 'mine'}: a recipe imports its own modules as recipes.my_task" \
+        in r.stderr
     assert not (tmp_path / "mine").exists()

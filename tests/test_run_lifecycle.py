@@ -134,6 +134,6 @@ def test_bench_refuses_a_json_file_in_no_folder_before_it_runs(tmp_path, capsys)
 
     target = tmp_path / "no" / "result.json"
     with pytest.raises(SystemExit) as exit_:
-        harness.main(["blip2_lora_caption", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1",
-                      "--mode", "device", "--no-baseline", "--json", str(target)])
+        harness.main(["blip2_lora_caption", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup",
+                      "1", "--mode", "device", "--no-baseline", "--json", str(target)])
     assert exit_.value.code == 2 and f"--json {target}: no folder {target.parent}" in capsys.readouterr().err

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {f.relative_to(dst)}"
               + (f"  ({renamed[f]} x {args.src} -> {args.name})" if f in renamed else ""))
     for f in files:
-        if args.src.encode() in f.read_bytes():
+        # NAME may contain FROM (my_qlora_vqa): only a mention outside NAME is one left over
+        if args.src.encode() in f.read_bytes().replace(args.name.encode(), b""):
             print(f"warning: {f} still mentions {args.src!r} (only {', '.join(sorted(TEXT_SUFFIXES))} files "
                   "are rewritten)")
 

@@ -111,3 +111,17 @@ def test_a_recipes_dir_not_named_recipes_is_refused_before_copying(tmp_path):
     assert f"--recipes-dir {tmp_path / 'mine'}: a recipe imports its own modules as recipes.my_task" \
         in r.stderr
     assert not (tmp_path / "mine").exists()
+
+
+def test_a_name_containing_the_original_one_warns_only_of_files_left_unrenamed(fake_root, tmp_path_factory):
+    source = tmp_path_factory.mktemp("src")
+    shutil.copytree(SOURCE, source / "blip2_lora_caption", ignore=shutil.ignore_patterns("__pycache__"))
+    (source / "blip2_lora_caption" / "notes.cfg").write_text("blip2_lora_caption")  # not a text suffix
+    r = new_recipe(fake_root, "--from", "blip2_lora_caption", "--name", "my_blip2_lora_caption",
+                   source_dir=source)
+    assert r.returncode == 0, r.stderr
+    copy = fake_root / "recipes" / "my_blip2_lora_caption"
+    assert "from recipes.my_blip2_lora_caption.collator import" in (copy / "train.py").read_text()
+    assert [line for line in r.stdout.splitlines() if line.startswith("warning:")] == [
+        f"warning: {copy / 'notes.cfg'} still mentions 'blip2_lora_caption' (only .json, .md, .py, .txt, "
+        ".yaml, .yml files are rewritten)"]

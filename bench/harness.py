@@ -37,6 +37,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
@@ -44,6 +45,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from bench.adapters import ADAPTERS, CHAT_MODELS, Adapter, ChatAdapter
 from bench.data import synthetic_jpeg_records
 from bench.flops import peak_tflops, step_flops
+from data_tools.files import atomic_write_text
 from recipes.common.data import load_records
 
 FLOP_CONVENTION = ("6NT for trained weights, 4NT for frozen weights after a trained one (backward through "
@@ -614,6 +616,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.recipe in ADAPTERS and (error := model_error(ns.recipe, ns.model)) is not None:
         p.error(error)  # exit 2, one line
+    if ns.json and not Path(ns.json).resolve().parent.is_dir():  # known now, not after minutes of runs
+        p.error(f"--json {ns.json}: no folder {Path(ns.json).resolve().parent}")
     opts = Options(recipe=ns.recipe, model=ns.model, device=ns.device, size=ns.size, mode=ns.mode,
                    steps=ns.steps, warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
                    device_batches=ns.device_batches, distinct_images=ns.distinct_images,
@@ -625,6 +629,5 @@ def main(argv: list[str] | None = None) -> int:
         result = run(opts)
         print(markdown(result))
     if ns.json:
-        with open(ns.json, "w") as f:
-            json.dump(result, f, indent=2)
+        atomic_write_text(ns.json, json.dumps(result, indent=2))
     return 0

@@ -91,6 +91,12 @@ def latest_runs(outputs: Path) -> list[Path]:
     return [newest[r][1] for r in sorted(newest)]
 
 
+def scored_step(info: dict) -> int | str | None:
+    """The training step of the weights "after" scores: "8 of 12" when the run loaded its best checkpoint."""
+    step, trained = info.get("after_step", info.get("global_step")), info.get("global_step")
+    return step if step == trained else f"{step} of {trained}"
+
+
 def predictions_file(run: Path, name: str = "final", suffix: str = ".jsonl") -> Path | None:
     """`predictions/<name><suffix>`; for "final", the newest `step-N<suffix>` when there is no final file."""
     path = run / "predictions" / f"{name}{suffix}"
@@ -182,7 +188,7 @@ def score_retrieval(path: Path, records: dict) -> tuple[dict, dict, dict]:
 def report_retrieval_run(run: Path, info: dict, records: dict, gallery_size: int) -> dict:
     """`report_run` for retrieval runs: Recall@K from the saved embeddings, a gallery of the worst text
     queries."""
-    row = {"recipe": info["recipe"], "run": str(run), "task": "retrieval", "step": info.get("global_step")}
+    row = {"recipe": info["recipe"], "run": str(run), "task": "retrieval", "step": scored_step(info)}
     for name in ("before", "final"):
         path = predictions_file(run, name, ".npz")
         if path is None:
@@ -212,7 +218,7 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
                               lang=lang, image_root=info.get("image_root"))
     if task == "retrieval":
         return report_retrieval_run(run, info, records, gallery_size)
-    row = {"recipe": info["recipe"], "run": str(run), "task": task, "step": info.get("global_step")}
+    row = {"recipe": info["recipe"], "run": str(run), "task": task, "step": scored_step(info)}
     per_sample, final_predictions = {}, {}
     for name in ("before", "final"):
         path = predictions_file(run, name)

@@ -40,6 +40,9 @@ def check_names(source_dir: Path, recipes_dir: Path, src: str, name: str) -> str
     if not NAME_RE.match(name) or keyword.iskeyword(name):
         return (f"--name {name!r} is not a valid recipe name: use lowercase letters, digits and underscores, "
                 f"starting with a letter (e.g. my_task).")
+    if recipes_dir.name != "recipes":
+        return (f"--recipes-dir {recipes_dir}: a recipe imports its own modules as recipes.{name}.*, so the "
+                "copy must go into a folder named recipes (beside recipes/common).")
     if name == "common":
         return "--name common is reserved for the shared code in recipes/common."
     if src == "common":
@@ -132,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {f.relative_to(dst)}"
               + (f"  ({renamed[f]} x {args.src} -> {args.name})" if f in renamed else ""))
     for f in files:
-        if args.src.encode() in f.read_bytes():
+        # NAME may contain FROM (my_qlora_vqa): only a mention outside NAME is one left over
+        if args.src.encode() in f.read_bytes().replace(args.name.encode(), b""):
             print(f"warning: {f} still mentions {args.src!r} (only {', '.join(sorted(TEXT_SUFFIXES))} files "
                   "are rewritten)")
 

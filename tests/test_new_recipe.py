@@ -101,3 +101,27 @@ def test_copy_trains_two_steps_from_another_repo_root(fake_root, tmp_path_factor
     out = fake_root / "outputs" / "my_task-smoke"
     assert (out / "adapter_model.safetensors").stat().st_size > 0
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 2
+
+
+def test_a_recipes_dir_not_named_recipes_is_refused_before_copying(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), "--recipes-dir", str(tmp_path / "mine"), "--source-dir",
+                        str(ROOT / "recipes"), "--from", "blip2_lora_caption", "--name", "my_task"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert f"--recipes-dir {tmp_path / 'mine'}: a recipe imports its own modules as recipes.my_task" \
+        in r.stderr
+    assert not (tmp_path / "mine").exists()
+
+
+def test_a_name_containing_the_original_one_warns_only_of_files_left_unrenamed(fake_root, tmp_path_factory):
+    source = tmp_path_factory.mktemp("src")
+    shutil.copytree(SOURCE, source / "blip2_lora_caption", ignore=shutil.ignore_patterns("__pycache__"))
+    (source / "blip2_lora_caption" / "notes.cfg").write_text("blip2_lora_caption")  # not a text suffix
+    r = new_recipe(fake_root, "--from", "blip2_lora_caption", "--name", "my_blip2_lora_caption",
+                   source_dir=source)
+    assert r.returncode == 0, r.stderr
+    copy = fake_root / "recipes" / "my_blip2_lora_caption"
+    assert "from recipes.my_blip2_lora_caption.collator import" in (copy / "train.py").read_text()
+    assert [line for line in r.stdout.splitlines() if line.startswith("warning:")] == [
+        f"warning: {copy / 'notes.cfg'} still mentions 'blip2_lora_caption' (only .json, .md, .py, .txt, "
+        ".yaml, .yml files are rewritten)"]

@@ -26,6 +26,7 @@ from transformers import set_seed
 
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
+from data_tools.jsonl import read_jsonl
 
 from .data import load_records
 from .models import check_mixed_precision
@@ -41,9 +42,29 @@ def setup_run(training_args, model_args=None) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
+    check_recipe_code()
     check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     if model_args is not None:
         check_mixed_precision(model_args, training_args)
+
+
+def check_recipe_code() -> None:
+    """A recipe's train.py runs the modules beside it: a folder copied by hand (cp -r) still imports the
+    original's (`recipes.<original>.collator`), and edits to the copy's own would change nothing."""
+    script = Path(getattr(sys.modules["__main__"], "__file__", None) or ".").resolve()
+    if script.name != "train.py" or script.parent.parent.name != "recipes":
+        return
+    mine = script.parent.name
+    others = sorted({n.split(".")[1] for n in sys.modules if n.startswith("recipes.")} - {"common", mine})
+    if others:
+        raise ValueError(f"{script} imports the modules of recipes/{others[0]}, not its own: a recipe folder "
+                         "copied by hand still runs the original's code. Rename "
+                         f"recipes.{others[0]} to recipes.{mine} in its .py files, or copy it with "
+                         f"`make new-recipe FROM={others[0]} NAME=...`, which does that.")
+    installed = Path(sys.modules["recipes"].__file__).parent.resolve()
+    if installed != script.parent.parent:
+        logger.warning("%s runs the recipes package of %s, another copy of the project (the installed one): "
+                       "`pip install -e .` in this one, or set PYTHONPATH to it", script, installed.parent)
 
 
 def check_output_dir(output_dir: str | Path, resume) -> None:
@@ -177,6 +198,27 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
     return str(value)
 
 
+def _same_keys(predictions: Path, trainer, data) -> bool:
+    """Whether saved predictions are of `data` (None: the eval records): a run resumed with another
+    --eval_max_samples or --max_eval_samples scores "before" again, on what "after" will score."""
+    if not predictions.is_file():  # retrieval runs save embeddings: their set is the whole eval file
+        return True
+    records = data if data is not None else trainer.generation.records
+    return {str(r["key"]) for r in read_jsonl(predictions)} == {str(k) for k in records["key"]}
+
+
+def check_best_metric(args, scores: dict) -> None:
+    """--metric_for_best_model must be a metric the evaluations log (the Trainer's loss or one of `scores`,
+    the eval data's "before"): else Trainer stops with a KeyError at the first evaluation, after training."""
+    metric = args.metric_for_best_model
+    if metric is None or args.eval_strategy == "no":
+        return
+    known = ["loss", *(k.removeprefix("eval_") for k in scores)]
+    if metric.removeprefix("eval_") not in known:
+        raise ValueError(f"--metric_for_best_model {metric}: the evaluations log {', '.join(known)} "
+                         "(names are case-sensitive).")
+
+
 def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | None = None,
                        shuffled_image_check: bool = False,
                        after_training: Callable[[dict], None] | None = None) -> dict:
@@ -202,7 +244,8 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         for key, prefix, data in splits:
             target = results.setdefault(key, {}) if key else results
             saved = folder / f"{prefix}{name}.metrics.json"
-            if when == "before" and resume and saved.exists():
+            if (when == "before" and resume and saved.exists()
+                    and _same_keys(folder / f"{prefix}{name}.jsonl", trainer, data)):
                 target[when] = json.loads(saved.read_text())  # scored when the run first started
             else:
                 target[when] = trainer.heldout_metrics("eval", name=f"{prefix}{name}", data=data)
@@ -210,6 +253,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     evaluates = trainer.evaluates_heldout()
     if evaluates:
         score("before", "before")
+        check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation
@@ -223,13 +267,19 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         after_training(results)
     if trainer.is_world_process_zero():
         heldout = "test" if test is not None else "val"
+        # "after" scores the best checkpoint's weights when --load_best_model_at_end loaded them.
+        state = trainer.state
+        best_loaded = args.load_best_model_at_end and state.best_model_checkpoint
+        after_step = state.best_global_step if best_loaded else state.global_step
         results.update(metadata, heldout=heldout,
                        heldout_file=metadata.get("test_file" if test is not None else "eval_file"),
-                       global_step=trainer.state.global_step, world_size=args.world_size)
+                       global_step=state.global_step, after_step=after_step, world_size=args.world_size)
         atomic_write_text(Path(args.output_dir) / "metrics.json", json.dumps(results, indent=2))
         for when in ("before", "after", "after_shuffled_images"):
             if when in results:
-                logger.info("held-out %s (%s split): %s", when, results["heldout"], json.dumps(results[when]))
+                logger.info("held-out %s (%s split%s): %s", when, results["heldout"],
+                            f", step {after_step} of {state.global_step}" if when != "before" else "",
+                            json.dumps(results[when]))
         logger.info("outputs in %s", args.output_dir)
     return results
 

@@ -20,7 +20,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from .errors import BAD_VALUE, DUPLICATE_ID, UNREADABLE_FILE, DataError
-from .images import MAX_PIXELS, MIN_SIDE, check_image, load_image, relative_image_path, resolve_image_path
+from .images import MAX_PIXELS, MIN_SIDE, ImagePathResolver, check_image, load_image, relative_image_path
 from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record, other_task_hint
 
@@ -90,6 +90,7 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
     if check_images not in (True, False, "decode", "header", "none"):
         raise ValueError(f"check_images={check_images!r}: expected 'decode', 'header' or 'none'.")
     check = {True: load_image, "decode": load_image, "header": check_image}.get(check_images)
+    resolve = ImagePathResolver(image_root, allow_outside_root=allow_outside_root, flag=outside_root_flag)
     image_errors: dict[Path, DataError | None] = {}
     question_ids: dict[str, tuple[int, int | str]] = {}
     # Progress only on a terminal: in a log or a pipe its lines would bury the messages that matter.
@@ -123,8 +124,7 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
                     where = f"images[{i}]" if key == "images" else "image"
                     rels.append(relative_image_path(name, allow_outside_root=allow_outside_root,
                                                     flag=outside_root_flag))
-                    image_path = resolve_image_path(name, image_root, allow_outside_root=allow_outside_root,
-                                                    flag=outside_root_flag)
+                    image_path = resolve(name)
                     if check is not None:
                         if image_path not in image_errors:
                             try:

@@ -43,7 +43,7 @@ import numpy as np
 
 from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, DataError
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
-from .images import resolve_image_path
+from .images import ImagePathResolver, resolve_image_path
 from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
                      hasher_from_args)
 from .jsonl import JsonlWriter, iter_jsonl
@@ -264,33 +264,6 @@ def _image_root(path: Path, image_root) -> Path:
     return Path(image_root if image_root is not None else path.parent).resolve()
 
 
-class _Resolver:
-    """`resolve_image_path` with the same results, resolving each folder once rather than every path in full.
-
-    A file name that is a symlink, or anything unusual, goes through `resolve_image_path` itself.
-    """
-
-    def __init__(self, root: Path, allow_outside_root: bool):
-        self.root, self.allow = root, allow_outside_root
-        self.folders: dict[str, Path] = {}
-
-    def __call__(self, image: str) -> Path:
-        head, name = os.path.split(image)
-        if not name or name in (".", ".."):
-            return resolve_image_path(image, self.root, allow_outside_root=self.allow)
-        folder = self.folders.get(head)
-        if folder is None:
-            try:
-                folder = resolve_image_path(head or ".", self.root, allow_outside_root=self.allow)
-                self.folders[head] = folder
-            except DataError:
-                return resolve_image_path(image, self.root, allow_outside_root=self.allow)  # its own message
-        full = folder / name
-        if os.path.islink(full):
-            return resolve_image_path(image, self.root, allow_outside_root=self.allow)
-        return full
-
-
 def iter_images(path: str | os.PathLike, task: str | None = None, *,
                 image_root: str | os.PathLike | None = None, allow_outside_root: bool = False,
                 resolve: bool = True):
@@ -300,7 +273,7 @@ def iter_images(path: str | os.PathLike, task: str | None = None, *,
     path is not resolved (None). Raises a `DataError` naming the file and line at the first bad row.
     """
     path = Path(path)
-    resolver = _Resolver(_image_root(path, image_root), allow_outside_root)
+    resolver = ImagePathResolver(_image_root(path, image_root), allow_outside_root=allow_outside_root)
     for line, row, _ in iter_jsonl(path):
         if isinstance(row, DataError):
             raise _clean_first(row)

@@ -83,6 +83,34 @@ def resolve_image_path(image: str, root: str | os.PathLike, *, allow_outside_roo
                     field="image")
 
 
+class ImagePathResolver:
+    """`resolve_image_path` against one root with the same results, resolving each folder once rather than
+    every path in full (a file's rows name few folders). A file name that is a symlink, or anything
+    unusual, goes through `resolve_image_path` itself."""
+
+    def __init__(self, root: str | os.PathLike, *, allow_outside_root: bool = False, flag: str | None = None):
+        self.root, self.allow, self.flag = Path(root).resolve(), allow_outside_root, flag
+        self.folders: dict[str, Path] = {}
+
+    def _full(self, image: str) -> Path:
+        return resolve_image_path(image, self.root, allow_outside_root=self.allow, flag=self.flag)
+
+    def __call__(self, image: str) -> Path:
+        head, name = os.path.split(image)
+        if not name or name in (".", ".."):
+            return self._full(image)
+        folder = self.folders.get(head)
+        if folder is None:
+            try:
+                folder = self.folders[head] = self._full(head or ".")
+            except DataError:
+                return self._full(image)  # its own message
+        full = folder / name
+        if os.path.islink(full):
+            return self._full(image)
+        return full
+
+
 def _to_rgb(im: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB without the silent clipping of a plain `convert("RGB")`."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):

@@ -41,12 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, DataError
+from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, WRONG_TYPE, DataError
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
 from .images import ImagePathResolver, resolve_image_path
 from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
                      hasher_from_args)
-from .jsonl import JsonlWriter, iter_jsonl
+from .jsonl import JsonlWriter, is_json_list, iter_jsonl
 from .records import IMAGE_ALIASES, TASKS, normalize_record
 
 _END_PUNCTUATION = string.punctuation + string.whitespace
@@ -273,6 +273,10 @@ def iter_images(path: str | os.PathLike, task: str | None = None, *,
     path is not resolved (None). Raises a `DataError` naming the file and line at the first bad row.
     """
     path = Path(path)
+    if is_json_list(path):
+        # Rows are named by their line, and a JSON list can hold many rows on one line.
+        raise DataError(WRONG_TYPE, f"holds one JSON list of rows; dedup, split, check-leakage and hash read "
+                        f"JSONL (one row per line): {CLEAN_FIRST}, which writes JSONL", path=path)
     resolver = ImagePathResolver(_image_root(path, image_root), allow_outside_root=allow_outside_root)
     for line, row, _ in iter_jsonl(path):
         if isinstance(row, DataError):

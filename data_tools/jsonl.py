@@ -29,10 +29,24 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# A compressed file read as text gives a not_utf8 error per "line" of binary; one error says what it is.
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"BZh": ("bzip2", "bunzip2 -k"),
+               b"\xfd7zXZ\x00": ("xz", "unxz -k"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
+               b"PK\x03\x04": ("zip", "unzip")}
+
+
 def open_input(path: str | os.PathLike, mode: str = "rb", **kwargs) -> IO:
-    """`open` for reading, with a `DataError` naming the file when it is missing, a folder or unreadable."""
+    """`open` for reading, with a `DataError` naming the file when it is missing, a folder, unreadable or
+    (in binary mode) compressed."""
     try:
-        return open(path, mode, **kwargs)
+        f = open(path, mode, **kwargs)
+        head = f.peek(8)[:8] if mode == "rb" else b""
+        for magic, (kind, command) in _COMPRESSED.items():
+            if head.startswith(magic):
+                f.close()
+                raise DataError(UNREADABLE_FILE, f"is a {kind}-compressed file, not JSON text; decompress it "
+                                f"first ({command} {path})", path=path)
+        return f
     except FileNotFoundError:
         raise DataError(UNREADABLE_FILE, "file does not exist", path=path) from None
     except IsADirectoryError:

@@ -1,13 +1,25 @@
 """data_tools on real-world files: path checks that stay fast on big files, and inputs that are not plain
 JSONL (compressed, a JSON list, JSONL under another name) told apart with one clear message."""
 
+import bz2
+import gzip
 import json
+import lzma
+import os
 import pathlib
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from data_tools.clean import check_rows
+from data_tools.convert import convert_records
+from data_tools.errors import DataError
+from data_tools.jsonl import read_jsonl
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _png(path: Path, color="red") -> Path:
@@ -32,3 +44,59 @@ def test_check_rows_resolves_each_folder_once_not_each_row(tmp_path, monkeypatch
     got = [r for _, r, _ in check_rows(tmp_path / "d.jsonl", "caption", check_images="none")]
     assert [r["image"] for r in got] == expected
     assert len(calls) < 10
+
+
+def _cli(*args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "data_tools", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, check=False)
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def test_a_compressed_input_is_one_error_not_a_reject_per_line(tmp_path, compress):
+    _png(tmp_path / "a.png")
+    row = json.dumps({"image": "a.png", "captions": ["x"]}) + "\n"
+    (tmp_path / "d.jsonl").write_bytes(compress((row * 2000).encode()))
+    for args in (["validate", "--task", "caption", "d.jsonl"],
+                 ["clean", "--task", "caption", "d.jsonl", "--out", "c.jsonl", "--rejects", "r.jsonl"],
+                 ["dedup", "--task", "caption", "d.jsonl", "--out", "o.jsonl"],
+                 ["convert", "--from", "llava", "d.jsonl", "--out", "o.jsonl"]):
+        r = _cli(*args, cwd=tmp_path)
+        assert r.returncode == 2, args
+        assert r.stderr.count("\n") == 1 and "d.jsonl: is a " in r.stderr and "-compressed" in r.stderr, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "d.jsonl"]  # no output, no temp file
+
+
+def test_dedup_split_check_leakage_name_a_json_list_file_as_such(tmp_path):
+    _png(tmp_path / "a.png")
+    (tmp_path / "d.json").write_text(json.dumps([{"image": "a.png", "captions": ["x"]}] * 3))
+    (tmp_path / "e.jsonl").write_text(json.dumps({"image": "a.png", "captions": ["y"]}) + "\n")
+    for args in (["dedup", "--task", "caption", "d.json", "--out", "o.jsonl"],
+                 ["split", "d.json", "--out-dir", "s", "--seed", "0"],
+                 ["check-leakage", "e.jsonl", "d.json"],
+                 ["hash", "d.json", "--out", "h.npz"]):
+        r = _cli(*args, cwd=tmp_path)
+        assert r.returncode == 2, args
+        assert "d.json: holds one JSON list of rows" in r.stderr and "clean first" in r.stderr, args
+    # clean reads it and writes JSONL, which dedup takes
+    assert _cli("clean", "--task", "caption", "d.json", "--out", "c.jsonl", "--rejects", "r.jsonl",
+                cwd=tmp_path).returncode == 0
+    assert _cli("dedup", "--task", "caption", "c.jsonl", "--out", "o.jsonl", cwd=tmp_path).returncode == 0
+    assert read_jsonl(tmp_path / "o.jsonl") == [{"image": "a.png", "captions": ["x"]}]
+
+
+@pytest.mark.parametrize("name", ["llava.json", "llava.ndjson", "llava.jsonl"])
+def test_convert_reads_jsonl_whatever_its_suffix(tmp_path, name):
+    rows = [{"image": f"{k}.jpg", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                     {"from": "gpt", "value": f"A{k}"}]} for k in range(3)]
+    (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows) + "{bad\n")
+    conv = convert_records("llava", [tmp_path / name], tmp_path)
+    assert [r["image"] for r in conv.records] == ["0.jpg", "1.jpg", "2.jpg"]
+    assert [(r["reason"], r["item"]) for r in conv.rejects] == [("malformed_json", "line 4")]
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_convert_refuses_one_json_object_as_rows(tmp_path, indent):
+    (tmp_path / "coco.json").write_text(json.dumps({"images": [], "annotations": []}, indent=indent))
+    with pytest.raises(DataError, match="coco.json: expected a JSON list of rows or JSONL, got one JSON obj"):
+        convert_records("llava", [tmp_path / "coco.json"], tmp_path)

@@ -7,6 +7,7 @@ import json
 import lzma
 import os
 import pathlib
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,20 @@ def test_convert_refuses_one_json_object_as_rows(tmp_path, indent):
     (tmp_path / "coco.json").write_text(json.dumps({"images": [], "annotations": []}, indent=indent))
     with pytest.raises(DataError, match="coco.json: expected a JSON list of rows or JSONL, got one JSON obj"):
         convert_records("llava", [tmp_path / "coco.json"], tmp_path)
+
+
+def test_hash_cache_and_hash_files_get_the_usual_permissions(tmp_path):
+    # Beside a shared data set, a cache only its writer could read would be hashed again by everyone else.
+    _png(tmp_path / "a.png")
+    _png(tmp_path / "b.png", "blue")
+    (tmp_path / "d.jsonl").write_text("".join(
+        json.dumps({"image": f"{k}.png", "captions": [k]}) + "\n" for k in "ab"))
+    umask = os.umask(0o022)
+    try:
+        assert _cli("dedup", "--task", "caption", "d.jsonl", "--out", "o.jsonl", cwd=tmp_path).returncode == 0
+        assert _cli("hash", "d.jsonl", "--out", "h/h-0.npz", cwd=tmp_path).returncode == 0
+    finally:
+        os.umask(umask)
+    for name in (".data_tools_hashes.npz", "h/h-0.npz", "o.jsonl"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
+    assert [p.name for p in (tmp_path / "h").iterdir()] == ["h-0.npz"]

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from .errors import BAD_VALUE, DUPLICATE_ID, UNREADABLE_FILE, DataError
+from .errors import BAD_VALUE, DUPLICATE_ID, MISSING_IMAGE, UNREADABLE_FILE, DataError
 from .images import MAX_PIXELS, MIN_SIDE, ImagePathResolver, check_image, load_image, relative_image_path
 from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record, other_task_hint
@@ -134,7 +134,10 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
                                 image_errors[image_path] = e
                         if image_errors[image_path] is not None:
                             e = image_errors[image_path]
-                            raise DataError(e.reason, f"{name!r}: {e.message}", field=where)
+                            hint, posix = "", name.replace("\\", "/")
+                            if e.reason == MISSING_IMAGE and posix != name:  # written on Windows
+                                hint = f"; a backslash is not a folder separator here: write {posix!r}"
+                            raise DataError(e.reason, f"{name!r}: {e.message}{hint}", field=where)
                     paths.append(str(image_path))
                 record[key] = paths if key == "images" else paths[0]
                 rel = rels if key == "images" else rels[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ MIN_SIDE = 8
 Image.MAX_IMAGE_PIXELS = None
 
 
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")  # C:\data\a.jpg: absolute on Windows, where it was written
+
+
 def relative_image_path(image: str, *, allow_outside_root: bool = False, flag: str | None = None) -> str:
     """A record's image path normalised (forward slashes, no `.` or `..` parts) and checked, not resolved.
 
@@ -47,7 +51,7 @@ def relative_image_path(image: str, *, allow_outside_root: bool = False, flag: s
     if not image.strip():
         raise DataError(EMPTY_TEXT, "is an empty path", field="image")
     how = f" (pass {flag} to permit)" if flag else ""
-    if os.path.isabs(image) or posixpath.isabs(image.replace("\\", "/")):
+    if os.path.isabs(image) or posixpath.isabs(image.replace("\\", "/")) or _WINDOWS_DRIVE.match(image):
         if not allow_outside_root:
             raise DataError(PATH_OUTSIDE_ROOT,
                             f"absolute path {image!r}: image paths are relative to the image root{how}",

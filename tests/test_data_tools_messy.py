@@ -118,3 +118,14 @@ def test_hash_cache_and_hash_files_get_the_usual_permissions(tmp_path):
     for name in (".data_tools_hashes.npz", "h/h-0.npz", "o.jsonl"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644, name
     assert [p.name for p in (tmp_path / "h").iterdir()] == ["h-0.npz"]
+
+
+def test_windows_paths_are_named_as_such(tmp_path):
+    _png(tmp_path / "sub" / "a.png")
+    rows = [{"image": "sub\\a.png", "captions": ["x"]}, {"image": "C:\\data\\a.png", "captions": ["x"]},
+            {"image": "d:/a.png", "captions": ["x"]}, {"image": "sub/a.png", "captions": ["x"]}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [r for _, r, _ in check_rows(tmp_path / "d.jsonl", "caption")]
+    assert [getattr(r, "reason", "ok") for r in got] == [
+        "missing_image", "path_outside_root", "path_outside_root", "ok"]
+    assert "a backslash is not a folder separator here: write 'sub/a.png'" in str(got[0])

@@ -7,8 +7,9 @@ Parsing is stricter than `json.loads`, because what it lets through silently cor
 a key repeated in one object (the last value wins, the first is lost), `NaN`/`Infinity` and numbers
 too large for a float (not JSON; other tools cannot read them back), lone UTF-16 surrogates such as
 `"\\ud800"` (valid JSON syntax, but not text: writing them as UTF-8 fails) and nesting too deep to
-parse. Each is a row error; in a whole-file read (`load_json`), a file error. A UTF-8 byte order mark
-is skipped, and a line ends at LF, CRLF or a lone CR.
+parse. Each is a row error; in a whole-file read (`load_json`), a file error naming the item (e.g.
+`annotations[17]`) and its line. A UTF-8 byte order mark is skipped, and a line ends at LF, CRLF or a
+lone CR.
 """
 
 from __future__ import annotations
@@ -206,8 +207,53 @@ def load_json(path: str | os.PathLike) -> Any:
     except json.JSONDecodeError as e:
         raise DataError(MALFORMED_JSON, f"is not valid JSON ({e.msg} at column {e.colno})", path=path,
                         line=e.lineno) from None
-    except DataError as e:
+    except NestingError as e:
         raise e.at(path=path) from None
+    except DataError as e:
+        # Say which item it is in: an annotations file is often one line of a hundred megabytes.
+        item, pos = _locate(text) or (None, None)
+        if item is not None:
+            e.field = item + (f".{e.field}" if e.field else "")
+            e.at(line=text.count("\n", 0, pos) + 1)
+        raise e.at(path=path) from None
+
+
+def _locate(text: str) -> tuple[str, int] | None:
+    """(`"annotations[17]"`, its position) of the first value the strict checks refuse in a JSON list, or
+    in a list or value of a JSON object (COCO and VQA annotations); None if not found there. Only called on
+    text whose syntax is valid."""
+    decoder = StrictJson()
+
+    def space(pos: int) -> int:
+        return _JSON_SPACE.match(text, pos).end()
+
+    def value(pos: int, label: str) -> tuple[tuple[str, int] | None, int]:
+        if not text.startswith("[", pos):
+            try:
+                return None, decoder.raw_decode(text, pos)[1]
+            except DataError:
+                return (label, pos), pos
+        pos, index = space(pos + 1), 0
+        while not text.startswith("]", pos):
+            try:
+                pos = space(decoder.raw_decode(text, pos)[1])
+            except DataError:
+                return (f"{label}[{index}]", pos), pos
+            pos, index = (space(pos + 1), index + 1) if text.startswith(",", pos) else (pos, index)
+        return None, pos + 1
+
+    pos = space(0)
+    if not text.startswith("{", pos):
+        return value(pos, "")[0]
+    pos = space(pos + 1)
+    while text.startswith('"', pos):
+        key, pos = json.decoder.scanstring(text, pos + 1)
+        found, pos = value(space(space(pos) + 1), key)  # past the colon
+        if found is not None:
+            return found
+        pos = space(pos)
+        pos = space(pos + 1) if text.startswith(",", pos) else pos
+    return None
 
 
 def dumps(value: Any) -> str:

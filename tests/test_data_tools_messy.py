@@ -18,7 +18,7 @@ from PIL import Image
 from data_tools.clean import check_rows
 from data_tools.convert import convert_records
 from data_tools.errors import DataError
-from data_tools.jsonl import read_jsonl
+from data_tools.jsonl import load_json, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,3 +129,20 @@ def test_windows_paths_are_named_as_such(tmp_path):
     assert [getattr(r, "reason", "ok") for r in got] == [
         "missing_image", "path_outside_root", "path_outside_root", "ok"]
     assert "a backslash is not a folder separator here: write 'sub/a.png'" in str(got[0])
+
+
+def test_a_refused_value_in_a_big_annotations_file_is_named_by_its_item(tmp_path):
+    anns = [{"image_id": 0, "caption": f"c{k}"} for k in range(300)]
+    data = {"info": {"v": 1}, "images": [{"id": 0, "file_name": "0.jpg"}], "annotations": anns}
+    text = json.dumps(data)  # one line, as COCO's files are
+    cases = {'"c250"}': ('"c250", "caption": "again"}', "annotations[250]", 1),
+             '"c7"}': ('"c7", "score": NaN}', "annotations[7]", 1),
+             '{"v": 1}': ('{"v": Infinity}', "info", 1)}
+    for old, (new, field, line) in cases.items():
+        (tmp_path / "c.json").write_text(text.replace(old, new, 1))
+        with pytest.raises(DataError) as e:
+            load_json(tmp_path / "c.json")
+        assert (e.value.path, e.value.line, e.value.field) == (str(tmp_path / "c.json"), line, field)
+    (tmp_path / "l.json").write_text('[{"a": 1},\n {"b": 2},\n {"c": {"d": 1, "d": 2}}]')
+    with pytest.raises(DataError, match=r"l.json:3: field '\[2\]': key 'd' appears twice"):
+        load_json(tmp_path / "l.json")

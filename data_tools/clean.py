@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import posixpath
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -281,16 +283,20 @@ def main_validate(argv: list[str]) -> int:
     n_bad = 0
     for f in args.files:
         # Read to the end first: a file that cannot be read is one error, with no row errors before it.
-        errors, n_valid = [], 0
-        for _, row, raw in check_rows(f, args.task, **_kwargs(args)):
-            if isinstance(row, DataError):
-                errors.append((row, raw))
-            else:
-                n_valid += 1
-        for error, _ in errors:
-            print(error, file=sys.stderr)
-        n_bad += len(errors)
-        if errors and not n_valid and (hint := other_task_hint(errors[0][1], errors[0][0].line, args.task)):
+        # The row errors wait in a temp file: a wrong --image-root makes every one of millions of rows bad.
+        first, n_errors, n_valid = None, 0, 0
+        with tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace") as errors:
+            for _, row, raw in check_rows(f, args.task, **_kwargs(args)):
+                if isinstance(row, DataError):
+                    first = first or (row, raw)
+                    n_errors += 1
+                    errors.write(f"{row}\n")
+                else:
+                    n_valid += 1
+            errors.seek(0)
+            shutil.copyfileobj(errors, sys.stderr)
+        n_bad += n_errors
+        if first and not n_valid and (hint := other_task_hint(first[1], first[0].line, args.task)):
             print(f"{f}: no valid row.{hint}", file=sys.stderr)
     if n_bad:
         root = f" --image-root {args.image_root}" if args.image_root else ""

@@ -10,12 +10,13 @@ import pathlib
 import stat
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from data_tools.clean import check_rows
+from data_tools.clean import check_rows, main_validate
 from data_tools.convert import convert_records
 from data_tools.errors import DataError
 from data_tools.jsonl import load_json, read_jsonl
@@ -146,3 +147,21 @@ def test_a_refused_value_in_a_big_annotations_file_is_named_by_its_item(tmp_path
     (tmp_path / "l.json").write_text('[{"a": 1},\n {"b": 2},\n {"c": {"d": 1, "d": 2}}]')
     with pytest.raises(DataError, match=r"l.json:3: field '\[2\]': key 'd' appears twice"):
         load_json(tmp_path / "l.json")
+
+
+def test_validate_does_not_hold_every_bad_row_in_memory(tmp_path, capsys):
+    # A wrong --image-root makes every row bad: millions of errors must not all wait in memory.
+    n = 20_000
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": f"{k}.png", "text": ""}) + "\n"
+                                              for k in range(n)))
+    tracemalloc.start()
+    try:
+        rc = main_validate(["--task", "caption", "--no-check-images", str(tmp_path / "d.jsonl")])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err.splitlines()
+    assert rc == 1 and len(err) == n + 1
+    assert err[0] == f"{tmp_path / 'd.jsonl'}:1: field 'text[0]': is empty [empty_text]"
+    assert err[n - 1].startswith(f"{tmp_path / 'd.jsonl'}:{n}: ")
+    assert peak < 8_000_000, peak  # holding them all: ~55 MB

@@ -236,8 +236,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside-root", action="store_true",
                    help="accept absolute paths, '..' above the image root, and symlinked files pointing "
                         "outside it")
-    p.add_argument("--no-check-images", dest="check_images", action="store_false",
-                   help="check the rows only, do not open images")
+    p.add_argument("--check-images", choices=("decode", "header", "none"), default="decode",
+                   help="decode every image (default), check only its header, size and end (fast: what "
+                        "the recipes check by default), or open none")
+    p.add_argument("--no-check-images", dest="check_images", action="store_const", const="none",
+                   help="the same as --check-images none")
     p.add_argument("--min-side", type=int, default=MIN_SIDE, help="reject images with a side below this (px)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="reject images above this many pixels (decompression-bomb guard)")

@@ -22,6 +22,7 @@ from typing import Iterator
 from tqdm import tqdm
 
 from .errors import BAD_VALUE, DUPLICATE_ID, MISSING_IMAGE, UNREADABLE_FILE, DataError
+from .files import replaced_together
 from .images import MAX_PIXELS, MIN_SIDE, ImagePathResolver, check_image, load_image, relative_image_path
 from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record, other_task_hint
@@ -208,7 +209,8 @@ def clean(
     given_root = image_root if image_root is not None else root
     prefix = output_prefix(in_path, out_path) if given_root is None else None
     report = CleanReport()
-    with JsonlWriter(out_path) as kept, JsonlWriter(rejects_path) as rejects:
+    with replaced_together() as both, JsonlWriter(out_path, together=both) as kept, \
+            JsonlWriter(rejects_path, together=both) as rejects:
         for _, row, raw, rel in _check_rows(in_path, task, image_root=given_root, **kwargs):
             report.rows += 1
             if isinstance(row, DataError):

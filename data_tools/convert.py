@@ -46,6 +46,7 @@ from .errors import (
     WRONG_TYPE,
     DataError,
 )
+from .files import replaced_together
 from .images import relative_image_path
 from .jsonl import JsonlWriter, check_text, is_json_list, iter_json_list, iter_jsonl, load_json
 from .records import normalize_record
@@ -455,13 +456,14 @@ def convert(
     out = Path(out)
     check_outputs({"the output": out, "the rejects file": rejects or default_rejects_path(out)})
     conv = convert_records(fmt, inputs, out.parent, **kwargs)
-    with JsonlWriter(out) as w:
-        for record in conv.records:
-            w.write(record)
-    # Written even when empty, so that a stale rejects file from an earlier run cannot mislead.
-    with JsonlWriter(rejects or default_rejects_path(out)) as w:
-        for reject in conv.rejects:
-            w.write(reject)
+    with replaced_together() as together:
+        with JsonlWriter(out, together=together) as w:
+            for record in conv.records:
+                w.write(record)
+        # Written even when empty, so that a stale rejects file from an earlier run cannot mislead.
+        with JsonlWriter(rejects or default_rejects_path(out), together=together) as w:
+            for reject in conv.rejects:
+                w.write(reject)
     return conv
 
 

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, WRONG_TYPE, DataError
+from .files import replaced_together
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
 from .images import ImagePathResolver, resolve_image_path
 from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
@@ -419,30 +420,31 @@ def dedup_file(
                      distance=distance, lines=scan.lines)
     keep_report = keep_report or report_path is None
     report: list[dict] | Counter = [] if keep_report else Counter()
-    writer = JsonlWriter(report_path) if report_path is not None else nullcontext()
-    with writer as w:
-        for i, (_, record, _) in enumerate(iter_images(path, task, resolve=False)):
-            for e in merger.feed(i, record, image_field(record)):
-                if w is not None:
-                    w.write(e)
-                if keep_report:
-                    report.append(e)
-                else:
-                    report[(e["action"], e["reason"])] += 1
-                    report["dropped_captions"] += len(e.get("dropped_captions", []))
-    n_out = 0
-    with JsonlWriter(out) as w:
-        for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
-            kept = merger.output(i, record)
-            if kept is not None:
-                try:
-                    if rebase:
-                        kept = rebase_image(kept, path.parent, out.parent,
-                                            allow_outside_root=allow_outside_root)
-                    w.write(kept)
-                except DataError as e:
-                    raise e.at(path=path, line=line) from None
-                n_out += 1
+    with replaced_together() as together:  # the report and the output: both new, or both old
+        writer = JsonlWriter(report_path, together=together) if report_path is not None else nullcontext()
+        with writer as w:
+            for i, (_, record, _) in enumerate(iter_images(path, task, resolve=False)):
+                for e in merger.feed(i, record, image_field(record)):
+                    if w is not None:
+                        w.write(e)
+                    if keep_report:
+                        report.append(e)
+                    else:
+                        report[(e["action"], e["reason"])] += 1
+                        report["dropped_captions"] += len(e.get("dropped_captions", []))
+        n_out = 0
+        with JsonlWriter(out, together=together) as w:
+            for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
+                kept = merger.output(i, record)
+                if kept is not None:
+                    try:
+                        if rebase:
+                            kept = rebase_image(kept, path.parent, out.parent,
+                                                allow_outside_root=allow_outside_root)
+                        w.write(kept)
+                    except DataError as e:
+                        raise e.at(path=path, line=line) from None
+                    n_out += 1
     return len(scan.lines), n_out, report
 
 

@@ -268,12 +268,13 @@ def dumps(value: Any) -> str:
 class JsonlWriter:
     """Streams rows to a JSONL file that appears, whole, only when the `with` block ends without an error."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, together: list | None = None):
         self.path = Path(path)
         self.count = 0
+        self._together = together  # see files.replaced_together
 
     def __enter__(self) -> "JsonlWriter":
-        self._open = atomic_write(self.path)
+        self._open = atomic_write(self.path, together=self._together)
         self._f = self._open.__enter__()
         return self
 

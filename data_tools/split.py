@@ -28,6 +28,7 @@ import numpy as np
 
 from .dedup import group_rows, image_field, iter_images, rebase_image, scan_rows
 from .errors import DataError
+from .files import replaced_together
 from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
 from .hashing import DEFAULT_NEAR_THRESHOLD
 from .jsonl import JsonlWriter
@@ -107,8 +108,9 @@ def split_file(
                      out_folder=out_dir if rebase else None)
     _, _, _, _, group = group_rows(scan, near_threshold, hasher, path)
     split_of = split_rows(group, ratios, seed)
-    with ExitStack() as stack:
-        writers = [stack.enter_context(JsonlWriter(out_dir / f"{name}.jsonl")) for name in names]
+    with replaced_together() as together, ExitStack() as stack:
+        writers = [stack.enter_context(JsonlWriter(out_dir / f"{name}.jsonl", together=together))
+                   for name in names]
         for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
             try:
                 if rebase:

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from data_tools.clean import check_rows, main_clean, main_validate
+from data_tools.clean import check_rows, clean, main_clean, main_validate
 from data_tools.convert import convert_records
 from data_tools.errors import DataError
+from data_tools.hashes import ImageHasher
 from data_tools.jsonl import load_json, read_jsonl
+from data_tools.split import split_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -182,3 +184,38 @@ def test_validate_and_clean_take_check_images_header(tmp_path, monkeypatch, caps
     assert main_clean(["--task", "caption", "--check-images", "header", d, "--out", str(tmp_path / "c.jsonl"),
                        "--rejects", str(tmp_path / "r.jsonl")]) == 0
     assert read_jsonl(tmp_path / "c.jsonl") == [{"image": "a.png", "captions": ["x"]}]
+
+
+def _fail_fsync_of(monkeypatch, name: str) -> None:
+    fsync = os.fsync
+
+    def failing(fd):
+        if os.path.basename(os.readlink(f"/proc/self/fd/{fd}")).startswith(f".{name}."):
+            raise OSError(28, "No space left on device")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+
+
+def test_outputs_that_belong_together_are_all_replaced_or_none(tmp_path, monkeypatch):
+    # Splits of two runs side by side would leak images between train and test.
+    for k in range(12):
+        _png(tmp_path / f"{k}.png", (20 * k, 0, 255 - 20 * k))
+    rows = [{"image": f"{k}.png", "captions": [f"c{k}"]} for k in range(12)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = ("train", "val", "test")
+    for name in names:
+        (tmp_path / f"{name}.jsonl").write_text("old\n")
+    _fail_fsync_of(monkeypatch, "train.jsonl")  # the last to be closed
+    with pytest.raises(OSError, match="No space left"):
+        split_file(tmp_path / "d.jsonl", tmp_path, [0.5, 0.25, 0.25], seed=0, near_threshold=None,
+                   hasher=ImageHasher(progress=False))
+    assert [(tmp_path / f"{n}.jsonl").read_text() for n in names] == ["old\n"] * 3
+    (tmp_path / "c.jsonl").write_text("old\n")
+    (tmp_path / "r.jsonl").write_text("old\n")
+    _fail_fsync_of(monkeypatch, "c.jsonl")
+    with pytest.raises(OSError, match="No space left"):
+        clean(tmp_path / "d.jsonl", "caption", tmp_path / "c.jsonl", tmp_path / "r.jsonl")
+    assert [(tmp_path / n).read_text() for n in ("c.jsonl", "r.jsonl")] == ["old\n"] * 2
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".png") == [
+        "c.jsonl", "d.jsonl", "r.jsonl", "test.jsonl", "train.jsonl", "val.jsonl"]  # no temp file left

@@ -7,6 +7,7 @@ import json
 import lzma
 import os
 import pathlib
+import signal
 import stat
 import subprocess
 import sys
@@ -219,3 +220,30 @@ def test_outputs_that_belong_together_are_all_replaced_or_none(tmp_path, monkeyp
     assert [(tmp_path / n).read_text() for n in ("c.jsonl", "r.jsonl")] == ["old\n"] * 2
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".png") == [
         "c.jsonl", "d.jsonl", "r.jsonl", "test.jsonl", "train.jsonl", "val.jsonl"]  # no temp file left
+
+
+def test_sigterm_removes_unfinished_outputs_and_says_so(tmp_path, monkeypatch, capsys):
+    # A SLURM time limit sends SIGTERM: temp files as big as the outputs must not stay in the data folder.
+    import data_tools.clean
+    from data_tools.__main__ import main
+
+    _png(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text((json.dumps({"image": "a.png", "captions": ["x"]}) + "\n") * 50)
+    (tmp_path / "c.jsonl").write_text("old\n")
+    seen = []
+    normalize = data_tools.clean.normalize_record
+
+    def terminated_at_row_10(row, task):
+        seen.append(row)
+        if len(seen) == 10:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return normalize(row, task)
+
+    monkeypatch.setattr(data_tools.clean, "normalize_record", terminated_at_row_10)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["clean", "--task", "caption", str(tmp_path / "d.jsonl"), "--out", str(tmp_path / "c.jsonl"),
+                 "--rejects", str(tmp_path / "r.jsonl")]) == 130
+    assert capsys.readouterr().err == "interrupted; outputs were not replaced\n"
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert len(seen) == 10 and (tmp_path / "c.jsonl").read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.jsonl", "d.jsonl"]

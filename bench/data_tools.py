@@ -466,7 +466,8 @@ def bench_check(n_rows: int, folder: Path) -> list[tuple[str, str, str]]:
         bad = _child(path, f"{pkg}.clean:main_validate", ["--task", "caption", str(folder / "bad.jsonl")],
                      ok=(1,))
         rows.append((f"{label}: valid rows, images not opened / every image missing",
-                     f"{ok['wall']:.1f} / {bad['wall']:.1f}", f"{ok['maxrss_mb']:.0f} / {bad['maxrss_mb']:.0f}"))
+                     f"{ok['wall']:.1f} / {bad['wall']:.1f}",
+                     f"{ok['maxrss_mb']:.0f} / {bad['maxrss_mb']:.0f}"))
     return rows
 
 

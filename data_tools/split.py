@@ -19,6 +19,7 @@ must then contain the images.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import defaultdict
 from contextlib import ExitStack
@@ -202,8 +203,9 @@ def _ratios(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError("expected comma-separated numbers such as 0.8,0.1,0.1, "
                                          f"got {text!r}") from None
-    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise argparse.ArgumentTypeError(f"ratios must be non-negative with a positive sum, got {text!r}")
+    if not all(math.isfinite(r) and r >= 0 for r in ratios) or sum(ratios) <= 0:
+        raise argparse.ArgumentTypeError(f"ratios must be finite, non-negative, with a positive sum, "
+                                         f"got {text!r}")
     return ratios
 
 

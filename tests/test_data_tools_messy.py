@@ -22,7 +22,7 @@ from data_tools.convert import convert_records
 from data_tools.errors import DataError
 from data_tools.hashes import ImageHasher
 from data_tools.jsonl import load_json, read_jsonl
-from data_tools.split import split_file
+from data_tools.split import main_split, split_file
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -247,3 +247,10 @@ def test_sigterm_removes_unfinished_outputs_and_says_so(tmp_path, monkeypatch, c
     assert signal.getsignal(signal.SIGTERM) == before
     assert len(seen) == 10 and (tmp_path / "c.jsonl").read_text() == "old\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "c.jsonl", "d.jsonl"]
+
+
+@pytest.mark.parametrize("ratios", ["nan,0.5,0.5", "inf,1,1", "1e309,1,1"])
+def test_split_refuses_ratios_that_are_not_finite(tmp_path, ratios, capsys):
+    with pytest.raises(SystemExit) as e:
+        main_split([str(tmp_path / "d.jsonl"), "--out-dir", str(tmp_path), "--seed", "0", "--ratios", ratios])
+    assert e.value.code == 2 and "ratios must be finite, non-negative" in capsys.readouterr().err

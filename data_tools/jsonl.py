@@ -30,23 +30,26 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-# A compressed file read as text gives a not_utf8 error per "line" of binary; one error says what it is.
-_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip -k"), b"BZh": ("bzip2", "bunzip2 -k"),
-               b"\xfd7zXZ\x00": ("xz", "unxz -k"), b"\x28\xb5\x2f\xfd": ("zstd", "unzstd"),
-               b"PK\x03\x04": ("zip", "unzip")}
+# A binary file read as text gives a not_utf8 error per "line"; one error says what it is instead.
+_BINARY = {b"\x1f\x8b": ("a gzip-compressed file", "decompress it first (gunzip -k {})"),
+           b"BZh": ("a bzip2-compressed file", "decompress it first (bunzip2 -k {})"),
+           b"\xfd7zXZ\x00": ("an xz-compressed file", "decompress it first (unxz -k {})"),
+           b"\x28\xb5\x2f\xfd": ("a zstd-compressed file", "decompress it first (unzstd {})"),
+           b"PK\x03\x04": ("a zip archive", "unpack it first (unzip {})"),
+           b"PAR1": ("a Parquet file", "write it as JSONL first (pandas.read_parquet('{}').to_json(OUT, "
+                     "orient='records', lines=True, force_ascii=False))")}
 
 
 def open_input(path: str | os.PathLike, mode: str = "rb", **kwargs) -> IO:
     """`open` for reading, with a `DataError` naming the file when it is missing, a folder, unreadable or
-    (in binary mode) compressed."""
+    (in binary mode) compressed or Parquet."""
     try:
         f = open(path, mode, **kwargs)
         head = f.peek(8)[:8] if mode == "rb" else b""
-        for magic, (kind, command) in _COMPRESSED.items():
+        for magic, (what, todo) in _BINARY.items():
             if head.startswith(magic):
                 f.close()
-                raise DataError(UNREADABLE_FILE, f"is a {kind}-compressed file, not JSON text; decompress it "
-                                f"first ({command} {path})", path=path)
+                raise DataError(UNREADABLE_FILE, f"is {what}, not JSON text; {todo.format(path)}", path=path)
         return f
     except FileNotFoundError:
         raise DataError(UNREADABLE_FILE, "file does not exist", path=path) from None

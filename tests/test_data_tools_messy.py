@@ -57,7 +57,11 @@ def _cli(*args, cwd):
                           capture_output=True, text=True, check=False)
 
 
-@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress])
+def _parquet_like(data: bytes) -> bytes:
+    return b"PAR1\x15\x04" + data[:100] + b"\n\x00\xff" * 50 + b"PAR1"
+
+
+@pytest.mark.parametrize("compress", [gzip.compress, bz2.compress, lzma.compress, _parquet_like])
 def test_a_compressed_input_is_one_error_not_a_reject_per_line(tmp_path, compress):
     _png(tmp_path / "a.png")
     row = json.dumps({"image": "a.png", "captions": ["x"]}) + "\n"
@@ -68,7 +72,8 @@ def test_a_compressed_input_is_one_error_not_a_reject_per_line(tmp_path, compres
                  ["convert", "--from", "llava", "d.jsonl", "--out", "o.jsonl"]):
         r = _cli(*args, cwd=tmp_path)
         assert r.returncode == 2, args
-        assert r.stderr.count("\n") == 1 and "d.jsonl: is a " in r.stderr and "-compressed" in r.stderr, args
+        assert r.stderr.count("\n") == 1 and "d.jsonl: is a" in r.stderr, args
+        assert "file, not JSON text; " in r.stderr, args
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "d.jsonl"]  # no output, no temp file
 
 

@@ -94,7 +94,7 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
         raise ValueError(f"check_images={check_images!r}: expected 'decode', 'header' or 'none'.")
     check = {True: load_image, "decode": load_image, "header": check_image}.get(check_images)
     resolve = ImagePathResolver(image_root, allow_outside_root=allow_outside_root, flag=outside_root_flag)
-    image_errors: dict[Path, DataError | None] = {}
+    image_errors: dict[str, tuple[str, str] | None] = {}  # checked image -> None or (reason, message)
     question_ids: dict[str, tuple[int, int | str]] = {}
     # Progress only on a terminal: in a log or a pipe its lines would bury the messages that matter.
     for line, row, raw, item in tqdm(iter_rows(path), desc=f"checking {path.name}", unit=" rows",
@@ -127,21 +127,22 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
                     where = f"images[{i}]" if key == "images" else "image"
                     rels.append(relative_image_path(name, allow_outside_root=allow_outside_root,
                                                     flag=outside_root_flag))
-                    image_path = resolve(name)
+                    image_path = str(resolve(name))
                     if check is not None:
                         if image_path not in image_errors:
                             try:
                                 check(image_path, max_pixels=max_pixels, min_side=min_side)
                                 image_errors[image_path] = None
                             except DataError as e:
-                                image_errors[image_path] = e
+                                # Not the error itself (~2.5 KB): a wrong image root fails millions of images.
+                                image_errors[image_path] = (e.reason, e.message)
                         if image_errors[image_path] is not None:
-                            e = image_errors[image_path]
+                            reason, message = image_errors[image_path]
                             hint, posix = "", name.replace("\\", "/")
-                            if e.reason == MISSING_IMAGE and posix != name:  # written on Windows
+                            if reason == MISSING_IMAGE and posix != name:  # written on Windows
                                 hint = f"; a backslash is not a folder separator here: write {posix!r}"
-                            raise DataError(e.reason, f"{name!r}: {e.message}{hint}", field=where)
-                    paths.append(str(image_path))
+                            raise DataError(reason, f"{name!r}: {message}{hint}", field=where)
+                    paths.append(image_path)
                 record[key] = paths if key == "images" else paths[0]
                 rel = rels if key == "images" else rels[0]
             if task == "vqa":

@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import tracemalloc
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,18 @@ def test_split_refuses_ratios_that_are_not_finite(tmp_path, ratios, capsys):
     with pytest.raises(SystemExit) as e:
         main_split([str(tmp_path / "d.jsonl"), "--out-dir", str(tmp_path), "--seed", "0", "--ratios", ratios])
     assert e.value.code == 2 and "ratios must be finite, non-negative" in capsys.readouterr().err
+
+
+def test_check_rows_keeps_little_per_failed_image(tmp_path):
+    # A wrong --image-root: every one of a data set's distinct images is missing.
+    n = 20_000
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"image": f"img/{k}.png", "captions": ["x"]}) + "\n"
+                                              for k in range(n)))
+    tracemalloc.start()
+    try:
+        reasons = Counter(r.reason for _, r, _ in check_rows(tmp_path / "d.jsonl", "caption", progress=False))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert reasons == {"missing_image": n}
+    assert peak < 12_000_000, peak  # a DataError kept per image: ~53 MB

@@ -1,7 +1,7 @@
 """Data tools at data-set scale: hashing, near-pair search, dedup + split, beside the baseline, in one run.
 
     python -m bench.data_tools [--images 400] [--e2e-images 10000] [--e2e-rows 100000] [--big-rows 1000000]
-                               [--json bench_data_tools.json]
+                               [--check-rows 500000] [--json bench_data_tools.json]
 
 - hashing: 640x480 JPEGs made here (a smooth random colour field, sharp ellipses, noise; quality 90),
   images/s for the baseline hash (full decode, `hashing.hash_image`, one process), imagehash's pHash
@@ -9,6 +9,8 @@
 - near pairs: random 64-bit hashes with planted near duplicates at 10 k / 100 k / 1 M; the multi-index
   search beside the all-pairs baseline (measured at 10 k and 40 k; larger sizes are an n^2 extrapolation,
   labelled so) and faiss-cpu's IndexBinaryMultiHash (exact with nflip=0 and radius threshold + 1);
+- validate: the row and image-path checks of `--check-rows` rows (images not opened), and the same rows
+  with every image missing (memory with an error per row); this code and the baseline commit's;
 - dedup + split: rows over generated JPEGs, each command in a fresh process (wall time and peak RSS):
   the baseline commit's code (checked out of git into a temporary package) and this code, cold and with the
   cache; and dedup + split of `--big-rows` rows from a hash file (memory at a million rows, no images).
@@ -253,7 +255,7 @@ print("BENCH_CHILD " + json.dumps({"rc": rc, "wall": wall, "maxrss_mb": rss}))
 """
 
 
-def _child(path: Path, entry: str, argv: list[str]) -> dict:
+def _child(path: Path, entry: str, argv: list[str], ok: tuple[int, ...] = (0,)) -> dict:
     out = subprocess.run(
         [sys.executable, "-c", _CHILD, str(path), entry, *argv], capture_output=True, text=True
     )
@@ -261,7 +263,7 @@ def _child(path: Path, entry: str, argv: list[str]) -> dict:
     if not line:
         raise RuntimeError(f"{entry} {argv} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
     result = json.loads(line[-1].removeprefix("BENCH_CHILD "))
-    if result["rc"] != 0:
+    if result["rc"] not in ok:
         raise RuntimeError(f"{entry} {argv} exited {result['rc']}:\n{out.stderr[-2000:]}")
     return result
 
@@ -441,6 +443,34 @@ def bench_big(n_rows: int, folder: Path) -> list[tuple[str, str, str]]:
     ]
 
 
+def bench_check(n_rows: int, folder: Path) -> list[tuple[str, str, str]]:
+    """validate of n_rows caption rows over 1,000 images in 10 folders, images not opened (the row and path
+    checks alone), then of the same rows with every image missing (every row an error line)."""
+    for k in range(1000):
+        (folder / f"img{k % 10}").mkdir(exist_ok=True)
+        (folder / f"img{k % 10}" / f"{k}.jpg").write_bytes(b"x")
+    for name, fmt in (("ok.jsonl", "img{}/{}.jpg"), ("bad.jsonl", "missing{}/{}.jpg")):
+        with open(folder / name, "w") as f:
+            for r in range(n_rows):
+                k = r % 1000
+                f.write(json.dumps({"image": fmt.format(k % 10, k), "captions": [f"caption {r}"]}) + "\n")
+    rows = [(f"validate, {n_rows:,} caption rows over 1,000 images, fresh process each", "seconds",
+             "peak RSS MB, main process")]
+    base = baseline_package(folder / "baseline")
+    for label, path, pkg in (("baseline", base, "data_tools_baseline"), ("this code", REPO, "data_tools")):
+        if path is None:
+            rows.append(("baseline: git or the baseline commit is not available", "", ""))
+            continue
+        ok = _child(path, f"{pkg}.clean:main_validate", ["--task", "caption", "--no-check-images",
+                                                         str(folder / "ok.jsonl")])
+        bad = _child(path, f"{pkg}.clean:main_validate", ["--task", "caption", str(folder / "bad.jsonl")],
+                     ok=(1,))
+        rows.append((f"{label}: valid rows, images not opened / every image missing",
+                     f"{ok['wall']:.1f} / {bad['wall']:.1f}",
+                     f"{ok['maxrss_mb']:.0f} / {bad['maxrss_mb']:.0f}"))
+    return rows
+
+
 def hardware() -> str:
     model = ""
     try:
@@ -469,7 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--big-rows", type=int, default=1_000_000, help="rows of the hash-file dedup + split (0: skip)"
     )
-    parser.add_argument("--parts", default="hash,near,e2e,big", help="comma-separated parts to run")
+    parser.add_argument("--check-rows", type=int, default=500_000, help="rows of the validate part")
+    parser.add_argument("--parts", default="hash,near,e2e,big,check", help="comma-separated parts to run")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
@@ -486,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
                 lambda: bench_e2e(args.e2e_images, args.e2e_rows, _mk(d / "e2e")) if args.e2e_rows else [],
             ),
             ("big", lambda: bench_big(args.big_rows, _mk(d / "big")) if args.big_rows else []),
+            ("check", lambda: bench_check(args.check_rows, _mk(d / "check"))),
         ):
             if name not in args.parts.split(","):
                 continue

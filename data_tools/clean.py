@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import posixpath
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +21,9 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from .errors import BAD_VALUE, DUPLICATE_ID, UNREADABLE_FILE, DataError
-from .images import MAX_PIXELS, MIN_SIDE, check_image, load_image, relative_image_path, resolve_image_path
+from .errors import BAD_VALUE, DUPLICATE_ID, MISSING_IMAGE, UNREADABLE_FILE, DataError
+from .files import replaced_together
+from .images import MAX_PIXELS, MIN_SIDE, ImagePathResolver, check_image, load_image, relative_image_path
 from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record, other_task_hint
 
@@ -90,7 +93,8 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
     if check_images not in (True, False, "decode", "header", "none"):
         raise ValueError(f"check_images={check_images!r}: expected 'decode', 'header' or 'none'.")
     check = {True: load_image, "decode": load_image, "header": check_image}.get(check_images)
-    image_errors: dict[Path, DataError | None] = {}
+    resolve = ImagePathResolver(image_root, allow_outside_root=allow_outside_root, flag=outside_root_flag)
+    image_errors: dict[str, tuple[str, str] | None] = {}  # checked image -> None or (reason, message)
     question_ids: dict[str, tuple[int, int | str]] = {}
     # Progress only on a terminal: in a log or a pipe its lines would bury the messages that matter.
     for line, row, raw, item in tqdm(iter_rows(path), desc=f"checking {path.name}", unit=" rows",
@@ -123,19 +127,22 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
                     where = f"images[{i}]" if key == "images" else "image"
                     rels.append(relative_image_path(name, allow_outside_root=allow_outside_root,
                                                     flag=outside_root_flag))
-                    image_path = resolve_image_path(name, image_root, allow_outside_root=allow_outside_root,
-                                                    flag=outside_root_flag)
+                    image_path = str(resolve(name))
                     if check is not None:
                         if image_path not in image_errors:
                             try:
                                 check(image_path, max_pixels=max_pixels, min_side=min_side)
                                 image_errors[image_path] = None
                             except DataError as e:
-                                image_errors[image_path] = e
+                                # Not the error itself (~2.5 KB): a wrong image root fails millions of images.
+                                image_errors[image_path] = (e.reason, e.message)
                         if image_errors[image_path] is not None:
-                            e = image_errors[image_path]
-                            raise DataError(e.reason, f"{name!r}: {e.message}", field=where)
-                    paths.append(str(image_path))
+                            reason, message = image_errors[image_path]
+                            hint, posix = "", name.replace("\\", "/")
+                            if reason == MISSING_IMAGE and posix != name:  # written on Windows
+                                hint = f"; a backslash is not a folder separator here: write {posix!r}"
+                            raise DataError(reason, f"{name!r}: {message}{hint}", field=where)
+                    paths.append(image_path)
                 record[key] = paths if key == "images" else paths[0]
                 rel = rels if key == "images" else rels[0]
             if task == "vqa":
@@ -203,7 +210,8 @@ def clean(
     given_root = image_root if image_root is not None else root
     prefix = output_prefix(in_path, out_path) if given_root is None else None
     report = CleanReport()
-    with JsonlWriter(out_path) as kept, JsonlWriter(rejects_path) as rejects:
+    with replaced_together() as both, JsonlWriter(out_path, together=both) as kept, \
+            JsonlWriter(rejects_path, together=both) as rejects:
         for _, row, raw, rel in _check_rows(in_path, task, image_root=given_root, **kwargs):
             report.rows += 1
             if isinstance(row, DataError):
@@ -231,8 +239,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-outside-root", action="store_true",
                    help="accept absolute paths, '..' above the image root, and symlinked files pointing "
                         "outside it")
-    p.add_argument("--no-check-images", dest="check_images", action="store_false",
-                   help="check the rows only, do not open images")
+    p.add_argument("--check-images", choices=("decode", "header", "none"), default="decode",
+                   help="decode every image (default), check only its header, size and end (fast: what "
+                        "the recipes check by default), or open none")
+    p.add_argument("--no-check-images", dest="check_images", action="store_const", const="none",
+                   help="the same as --check-images none")
     p.add_argument("--min-side", type=int, default=MIN_SIDE, help="reject images with a side below this (px)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="reject images above this many pixels (decompression-bomb guard)")
@@ -278,16 +289,20 @@ def main_validate(argv: list[str]) -> int:
     n_bad = 0
     for f in args.files:
         # Read to the end first: a file that cannot be read is one error, with no row errors before it.
-        errors, n_valid = [], 0
-        for _, row, raw in check_rows(f, args.task, **_kwargs(args)):
-            if isinstance(row, DataError):
-                errors.append((row, raw))
-            else:
-                n_valid += 1
-        for error, _ in errors:
-            print(error, file=sys.stderr)
-        n_bad += len(errors)
-        if errors and not n_valid and (hint := other_task_hint(errors[0][1], errors[0][0].line, args.task)):
+        # The row errors wait in a temp file: a wrong --image-root makes every one of millions of rows bad.
+        first, n_errors, n_valid = None, 0, 0
+        with tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace") as errors:
+            for _, row, raw in check_rows(f, args.task, **_kwargs(args)):
+                if isinstance(row, DataError):
+                    first = first or (row, raw)
+                    n_errors += 1
+                    errors.write(f"{row}\n")
+                else:
+                    n_valid += 1
+            errors.seek(0)
+            shutil.copyfileobj(errors, sys.stderr)
+        n_bad += n_errors
+        if first and not n_valid and (hint := other_task_hint(first[1], first[0].line, args.task)):
             print(f"{f}: no valid row.{hint}", file=sys.stderr)
     if n_bad:
         root = f" --image-root {args.image_root}" if args.image_root else ""

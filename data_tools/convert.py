@@ -25,6 +25,7 @@ as they are. Karpathy images outside `--split` are not rejects: they are counted
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import posixpath
 import re
@@ -45,6 +46,7 @@ from .errors import (
     WRONG_TYPE,
     DataError,
 )
+from .files import replaced_together
 from .images import relative_image_path
 from .jsonl import JsonlWriter, check_text, is_json_list, iter_json_list, iter_jsonl, load_json
 from .records import normalize_record
@@ -111,22 +113,28 @@ def _top_list(data: Any, key: str, path: Path) -> list:
 
 def _items(path: Path, conv: Conversion) -> Iterator[tuple[str, Any]]:
     """(item label, row) for a JSON list file, or for a JSONL file (bad lines go straight to rejects)."""
-    if path.suffix == ".jsonl":
-        for line, row, raw in iter_jsonl(path):
-            if isinstance(row, DataError):
-                conv.reject(row, file=path, item=f"line {line}",
-                            row=raw.decode("utf-8", errors="backslashreplace"))
+    if is_json_list(path):
+        for _, row, raw, item in iter_json_list(path):
+            if isinstance(row, DataError):  # this row alone (a duplicate key, NaN, ...): the rest is read
+                conv.reject(row, file=path, item=item, row=raw.decode("utf-8"))
             else:
-                yield f"line {line}", row
+                yield item, row
         return
-    if not is_json_list(path):
+    rows = iter_jsonl(path)
+    head = list(itertools.islice(rows, 2))
+    # JSONL is often named .json or .ndjson: it is JSONL when one of its first two lines is a row. One
+    # object in the whole file is another format (COCO annotations given to --from llava, ...).
+    if path.suffix != ".jsonl" and (len(head) < 2 or all(isinstance(r, DataError) for _, r, _ in head)):
         data = _load_json(path)  # a file error if it is not JSON at all
-        raise DataError(WRONG_TYPE, f"expected a JSON list of rows, got {type(data).__name__}", path=path)
-    for _, row, raw, item in iter_json_list(path):
-        if isinstance(row, DataError):  # this row alone (a duplicate key, NaN, ...): the rest is read
-            conv.reject(row, file=path, item=item, row=raw.decode("utf-8"))
+        raise DataError(WRONG_TYPE, f"expected a JSON list of rows or JSONL, got one JSON "
+                        f"{'object' if isinstance(data, dict) else type(data).__name__}; is this the right "
+                        "--from format?", path=path)
+    for line, row, raw in itertools.chain(head, rows):
+        if isinstance(row, DataError):
+            conv.reject(row, file=path, item=f"line {line}",
+                        row=raw.decode("utf-8", errors="backslashreplace"))
         else:
-            yield item, row
+            yield f"line {line}", row
 
 
 def _object(row: Any) -> dict:
@@ -448,13 +456,14 @@ def convert(
     out = Path(out)
     check_outputs({"the output": out, "the rejects file": rejects or default_rejects_path(out)})
     conv = convert_records(fmt, inputs, out.parent, **kwargs)
-    with JsonlWriter(out) as w:
-        for record in conv.records:
-            w.write(record)
-    # Written even when empty, so that a stale rejects file from an earlier run cannot mislead.
-    with JsonlWriter(rejects or default_rejects_path(out)) as w:
-        for reject in conv.rejects:
-            w.write(reject)
+    with replaced_together() as together:
+        with JsonlWriter(out, together=together) as w:
+            for record in conv.records:
+                w.write(record)
+        # Written even when empty, so that a stale rejects file from an earlier run cannot mislead.
+        with JsonlWriter(rejects or default_rejects_path(out), together=together) as w:
+            for reject in conv.rejects:
+                w.write(reject)
     return conv
 
 

@@ -41,12 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, DataError
+from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, WRONG_TYPE, DataError
+from .files import replaced_together
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
-from .images import resolve_image_path
+from .images import ImagePathResolver, resolve_image_path
 from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
                      hasher_from_args)
-from .jsonl import JsonlWriter, iter_jsonl
+from .jsonl import JsonlWriter, is_json_list, iter_jsonl
 from .records import IMAGE_ALIASES, TASKS, normalize_record
 
 _END_PUNCTUATION = string.punctuation + string.whitespace
@@ -264,33 +265,6 @@ def _image_root(path: Path, image_root) -> Path:
     return Path(image_root if image_root is not None else path.parent).resolve()
 
 
-class _Resolver:
-    """`resolve_image_path` with the same results, resolving each folder once rather than every path in full.
-
-    A file name that is a symlink, or anything unusual, goes through `resolve_image_path` itself.
-    """
-
-    def __init__(self, root: Path, allow_outside_root: bool):
-        self.root, self.allow = root, allow_outside_root
-        self.folders: dict[str, Path] = {}
-
-    def __call__(self, image: str) -> Path:
-        head, name = os.path.split(image)
-        if not name or name in (".", ".."):
-            return resolve_image_path(image, self.root, allow_outside_root=self.allow)
-        folder = self.folders.get(head)
-        if folder is None:
-            try:
-                folder = resolve_image_path(head or ".", self.root, allow_outside_root=self.allow)
-                self.folders[head] = folder
-            except DataError:
-                return resolve_image_path(image, self.root, allow_outside_root=self.allow)  # its own message
-        full = folder / name
-        if os.path.islink(full):
-            return resolve_image_path(image, self.root, allow_outside_root=self.allow)
-        return full
-
-
 def iter_images(path: str | os.PathLike, task: str | None = None, *,
                 image_root: str | os.PathLike | None = None, allow_outside_root: bool = False,
                 resolve: bool = True):
@@ -300,7 +274,11 @@ def iter_images(path: str | os.PathLike, task: str | None = None, *,
     path is not resolved (None). Raises a `DataError` naming the file and line at the first bad row.
     """
     path = Path(path)
-    resolver = _Resolver(_image_root(path, image_root), allow_outside_root)
+    if is_json_list(path):
+        # Rows are named by their line, and a JSON list can hold many rows on one line.
+        raise DataError(WRONG_TYPE, f"holds one JSON list of rows; dedup, split, check-leakage and hash read "
+                        f"JSONL (one row per line): {CLEAN_FIRST}, which writes JSONL", path=path)
+    resolver = ImagePathResolver(_image_root(path, image_root), allow_outside_root=allow_outside_root)
     for line, row, _ in iter_jsonl(path):
         if isinstance(row, DataError):
             raise _clean_first(row)
@@ -442,30 +420,31 @@ def dedup_file(
                      distance=distance, lines=scan.lines)
     keep_report = keep_report or report_path is None
     report: list[dict] | Counter = [] if keep_report else Counter()
-    writer = JsonlWriter(report_path) if report_path is not None else nullcontext()
-    with writer as w:
-        for i, (_, record, _) in enumerate(iter_images(path, task, resolve=False)):
-            for e in merger.feed(i, record, image_field(record)):
-                if w is not None:
-                    w.write(e)
-                if keep_report:
-                    report.append(e)
-                else:
-                    report[(e["action"], e["reason"])] += 1
-                    report["dropped_captions"] += len(e.get("dropped_captions", []))
-    n_out = 0
-    with JsonlWriter(out) as w:
-        for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
-            kept = merger.output(i, record)
-            if kept is not None:
-                try:
-                    if rebase:
-                        kept = rebase_image(kept, path.parent, out.parent,
-                                            allow_outside_root=allow_outside_root)
-                    w.write(kept)
-                except DataError as e:
-                    raise e.at(path=path, line=line) from None
-                n_out += 1
+    with replaced_together() as together:  # the report and the output: both new, or both old
+        writer = JsonlWriter(report_path, together=together) if report_path is not None else nullcontext()
+        with writer as w:
+            for i, (_, record, _) in enumerate(iter_images(path, task, resolve=False)):
+                for e in merger.feed(i, record, image_field(record)):
+                    if w is not None:
+                        w.write(e)
+                    if keep_report:
+                        report.append(e)
+                    else:
+                        report[(e["action"], e["reason"])] += 1
+                        report["dropped_captions"] += len(e.get("dropped_captions", []))
+        n_out = 0
+        with JsonlWriter(out, together=together) as w:
+            for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
+                kept = merger.output(i, record)
+                if kept is not None:
+                    try:
+                        if rebase:
+                            kept = rebase_image(kept, path.parent, out.parent,
+                                                allow_outside_root=allow_outside_root)
+                        w.write(kept)
+                    except DataError as e:
+                        raise e.at(path=path, line=line) from None
+                    n_out += 1
     return len(scan.lines), n_out, report
 
 

@@ -21,8 +21,10 @@ os.umask(_UMASK)
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
-    """Open a temp file beside `path` for writing; on a clean exit it replaces `path` (folders are made)."""
+def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None = "utf-8", *,
+                 together: list | None = None) -> Iterator[IO]:
+    """Open a temp file beside `path` for writing; on a clean exit it replaces `path` (folders are made).
+    With `together` (from `replaced_together`) the complete temp file waits there to be renamed."""
     path = Path(path)
     if path.is_dir():
         # Checked first: os.replace would fail only at the end, after all the work.
@@ -35,10 +37,30 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
+        if together is None:
+            os.replace(tmp, path)
+        else:
+            together.append((tmp, path))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def replaced_together() -> Iterator[list]:
+    """Outputs that belong together (a data set's splits, kept rows and rejects): pass the list it yields
+    as `together` to their `atomic_write`s. Each is written and fsynced in full before any replaces its
+    target, so a failure or a kill during the writing leaves every old file, never a mix of two runs."""
+    pending: list[tuple[str, Path]] = []
+    try:
+        yield pending
+        for tmp, path in pending:
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp, _ in pending:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 

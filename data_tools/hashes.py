@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 import warnings
 import zipfile
 import zlib
@@ -37,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
+from .files import atomic_write
 from .hashing import (
     COLOUR_GRID,
     DEFAULT_NEAR_THRESHOLD,
@@ -210,21 +210,13 @@ class HashTable:
         root_text = str(Path(root).resolve()) if root is not None else ""
         stored = [_relative(p, root_text) for p in self.paths]
         meta = json.dumps({"format": FORMAT, "version": VERSION, "root": root_text, "n": len(self)})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    meta=np.frombuffer(meta.encode(), np.uint8),
-                    paths=np.frombuffer("\0".join(stored).encode("utf-8", "surrogateescape"), np.uint8),
-                    **self.arrays,
-                )
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "wb") as f:
+            np.savez(
+                f,
+                meta=np.frombuffer(meta.encode(), np.uint8),
+                paths=np.frombuffer("\0".join(stored).encode("utf-8", "surrogateescape"), np.uint8),
+                **self.arrays,
+            )
 
     @staticmethod
     def load(path: str | os.PathLike, root: str | os.PathLike | None = None) -> HashTable:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,9 @@ MIN_SIDE = 8
 Image.MAX_IMAGE_PIXELS = None
 
 
+_WINDOWS_DRIVE = re.compile(r"[A-Za-z]:[\\/]")  # C:\data\a.jpg: absolute on Windows, where it was written
+
+
 def relative_image_path(image: str, *, allow_outside_root: bool = False, flag: str | None = None) -> str:
     """A record's image path normalised (forward slashes, no `.` or `..` parts) and checked, not resolved.
 
@@ -47,7 +51,7 @@ def relative_image_path(image: str, *, allow_outside_root: bool = False, flag: s
     if not image.strip():
         raise DataError(EMPTY_TEXT, "is an empty path", field="image")
     how = f" (pass {flag} to permit)" if flag else ""
-    if os.path.isabs(image) or posixpath.isabs(image.replace("\\", "/")):
+    if os.path.isabs(image) or posixpath.isabs(image.replace("\\", "/")) or _WINDOWS_DRIVE.match(image):
         if not allow_outside_root:
             raise DataError(PATH_OUTSIDE_ROOT,
                             f"absolute path {image!r}: image paths are relative to the image root{how}",
@@ -81,6 +85,34 @@ def resolve_image_path(image: str, root: str | os.PathLike, *, allow_outside_roo
     how = f" (pass {flag} to permit)" if flag else ""
     raise DataError(PATH_OUTSIDE_ROOT, f"{image!r} is a symlink to {resolved}, outside the image root{how}",
                     field="image")
+
+
+class ImagePathResolver:
+    """`resolve_image_path` against one root with the same results, resolving each folder once rather than
+    every path in full (a file's rows name few folders). A file name that is a symlink, or anything
+    unusual, goes through `resolve_image_path` itself."""
+
+    def __init__(self, root: str | os.PathLike, *, allow_outside_root: bool = False, flag: str | None = None):
+        self.root, self.allow, self.flag = Path(root).resolve(), allow_outside_root, flag
+        self.folders: dict[str, Path] = {}
+
+    def _full(self, image: str) -> Path:
+        return resolve_image_path(image, self.root, allow_outside_root=self.allow, flag=self.flag)
+
+    def __call__(self, image: str) -> Path:
+        head, name = os.path.split(image)
+        if not name or name in (".", ".."):
+            return self._full(image)
+        folder = self.folders.get(head)
+        if folder is None:
+            try:
+                folder = self.folders[head] = self._full(head or ".")
+            except DataError:
+                return self._full(image)  # its own message
+        full = folder / name
+        if os.path.islink(full):
+            return self._full(image)
+        return full
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:

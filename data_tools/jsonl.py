@@ -7,8 +7,9 @@ Parsing is stricter than `json.loads`, because what it lets through silently cor
 a key repeated in one object (the last value wins, the first is lost), `NaN`/`Infinity` and numbers
 too large for a float (not JSON; other tools cannot read them back), lone UTF-16 surrogates such as
 `"\\ud800"` (valid JSON syntax, but not text: writing them as UTF-8 fails) and nesting too deep to
-parse. Each is a row error; in a whole-file read (`load_json`), a file error. A UTF-8 byte order mark
-is skipped, and a line ends at LF, CRLF or a lone CR.
+parse. Each is a row error; in a whole-file read (`load_json`), a file error naming the item (e.g.
+`annotations[17]`) and its line. A UTF-8 byte order mark is skipped, and a line ends at LF, CRLF or a
+lone CR.
 """
 
 from __future__ import annotations
@@ -29,10 +30,27 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# A binary file read as text gives a not_utf8 error per "line"; one error says what it is instead.
+_BINARY = {b"\x1f\x8b": ("a gzip-compressed file", "decompress it first (gunzip -k {})"),
+           b"BZh": ("a bzip2-compressed file", "decompress it first (bunzip2 -k {})"),
+           b"\xfd7zXZ\x00": ("an xz-compressed file", "decompress it first (unxz -k {})"),
+           b"\x28\xb5\x2f\xfd": ("a zstd-compressed file", "decompress it first (unzstd {})"),
+           b"PK\x03\x04": ("a zip archive", "unpack it first (unzip {})"),
+           b"PAR1": ("a Parquet file", "write it as JSONL first (pandas.read_parquet('{}').to_json(OUT, "
+                     "orient='records', lines=True, force_ascii=False))")}
+
+
 def open_input(path: str | os.PathLike, mode: str = "rb", **kwargs) -> IO:
-    """`open` for reading, with a `DataError` naming the file when it is missing, a folder or unreadable."""
+    """`open` for reading, with a `DataError` naming the file when it is missing, a folder, unreadable or
+    (in binary mode) compressed or Parquet."""
     try:
-        return open(path, mode, **kwargs)
+        f = open(path, mode, **kwargs)
+        head = f.peek(8)[:8] if mode == "rb" else b""
+        for magic, (what, todo) in _BINARY.items():
+            if head.startswith(magic):
+                f.close()
+                raise DataError(UNREADABLE_FILE, f"is {what}, not JSON text; {todo.format(path)}", path=path)
+        return f
     except FileNotFoundError:
         raise DataError(UNREADABLE_FILE, "file does not exist", path=path) from None
     except IsADirectoryError:
@@ -192,8 +210,53 @@ def load_json(path: str | os.PathLike) -> Any:
     except json.JSONDecodeError as e:
         raise DataError(MALFORMED_JSON, f"is not valid JSON ({e.msg} at column {e.colno})", path=path,
                         line=e.lineno) from None
-    except DataError as e:
+    except NestingError as e:
         raise e.at(path=path) from None
+    except DataError as e:
+        # Say which item it is in: an annotations file is often one line of a hundred megabytes.
+        item, pos = _locate(text) or (None, None)
+        if item is not None:
+            e.field = item + (f".{e.field}" if e.field else "")
+            e.at(line=text.count("\n", 0, pos) + 1)
+        raise e.at(path=path) from None
+
+
+def _locate(text: str) -> tuple[str, int] | None:
+    """(`"annotations[17]"`, its position) of the first value the strict checks refuse in a JSON list, or
+    in a list or value of a JSON object (COCO and VQA annotations); None if not found there. Only called on
+    text whose syntax is valid."""
+    decoder = StrictJson()
+
+    def space(pos: int) -> int:
+        return _JSON_SPACE.match(text, pos).end()
+
+    def value(pos: int, label: str) -> tuple[tuple[str, int] | None, int]:
+        if not text.startswith("[", pos):
+            try:
+                return None, decoder.raw_decode(text, pos)[1]
+            except DataError:
+                return (label, pos), pos
+        pos, index = space(pos + 1), 0
+        while not text.startswith("]", pos):
+            try:
+                pos = space(decoder.raw_decode(text, pos)[1])
+            except DataError:
+                return (f"{label}[{index}]", pos), pos
+            pos, index = (space(pos + 1), index + 1) if text.startswith(",", pos) else (pos, index)
+        return None, pos + 1
+
+    pos = space(0)
+    if not text.startswith("{", pos):
+        return value(pos, "")[0]
+    pos = space(pos + 1)
+    while text.startswith('"', pos):
+        key, pos = json.decoder.scanstring(text, pos + 1)
+        found, pos = value(space(space(pos) + 1), key)  # past the colon
+        if found is not None:
+            return found
+        pos = space(pos)
+        pos = space(pos + 1) if text.startswith(",", pos) else pos
+    return None
 
 
 def dumps(value: Any) -> str:
@@ -208,12 +271,13 @@ def dumps(value: Any) -> str:
 class JsonlWriter:
     """Streams rows to a JSONL file that appears, whole, only when the `with` block ends without an error."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, together: list | None = None):
         self.path = Path(path)
         self.count = 0
+        self._together = together  # see files.replaced_together
 
     def __enter__(self) -> "JsonlWriter":
-        self._open = atomic_write(self.path)
+        self._open = atomic_write(self.path, together=self._together)
         self._f = self._open.__enter__()
         return self
 

@@ -19,6 +19,7 @@ must then contain the images.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections import defaultdict
 from contextlib import ExitStack
@@ -28,6 +29,7 @@ import numpy as np
 
 from .dedup import group_rows, image_field, iter_images, rebase_image, scan_rows
 from .errors import DataError
+from .files import replaced_together
 from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
 from .hashing import DEFAULT_NEAR_THRESHOLD
 from .jsonl import JsonlWriter
@@ -107,8 +109,9 @@ def split_file(
                      out_folder=out_dir if rebase else None)
     _, _, _, _, group = group_rows(scan, near_threshold, hasher, path)
     split_of = split_rows(group, ratios, seed)
-    with ExitStack() as stack:
-        writers = [stack.enter_context(JsonlWriter(out_dir / f"{name}.jsonl")) for name in names]
+    with replaced_together() as together, ExitStack() as stack:
+        writers = [stack.enter_context(JsonlWriter(out_dir / f"{name}.jsonl", together=together))
+                   for name in names]
         for i, (line, record, _) in enumerate(iter_images(path, task, resolve=False)):
             try:
                 if rebase:
@@ -200,8 +203,9 @@ def _ratios(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError("expected comma-separated numbers such as 0.8,0.1,0.1, "
                                          f"got {text!r}") from None
-    if any(r < 0 for r in ratios) or sum(ratios) <= 0:
-        raise argparse.ArgumentTypeError(f"ratios must be non-negative with a positive sum, got {text!r}")
+    if not all(math.isfinite(r) and r >= 0 for r in ratios) or sum(ratios) <= 0:
+        raise argparse.ArgumentTypeError(f"ratios must be finite, non-negative, with a positive sum, "
+                                         f"got {text!r}")
     return ratios
 
 

@@ -288,9 +288,8 @@ def test_cli_second_run_reports_cache_hits(dataset, capsys):
 
 
 def test_folder_resolver_equals_resolve_image_path(tmp_path):
-    from data_tools.dedup import _Resolver
     from data_tools.errors import DataError
-    from data_tools.images import resolve_image_path
+    from data_tools.images import ImagePathResolver, resolve_image_path
 
     (tmp_path / "img/sub").mkdir(parents=True)
     (tmp_path / "img/a.png").write_bytes(b"x")
@@ -311,10 +310,11 @@ def test_folder_resolver_equals_resolve_image_path(tmp_path):
         "img/",
     ]
     for allow in (False, True):
-        resolver = _Resolver(tmp_path.resolve(), allow)
+        resolver = ImagePathResolver(tmp_path, allow_outside_root=allow, flag="--allow-outside-root")
         for image in cases:
             try:
-                expected = resolve_image_path(image, tmp_path, allow_outside_root=allow)
+                expected = resolve_image_path(image, tmp_path, allow_outside_root=allow,
+                                              flag="--allow-outside-root")
             except DataError as e:
                 expected = str(e)
             try:

@@ -458,8 +458,9 @@ def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None
                       "has_image": bool(paths), "suffix": enc.suffix}
         return {**sample, "report": vars(report)}
 
-    if isinstance(records, list):
-        records = datasets.Dataset.from_list(records)
+    if isinstance(records, list):  # every row with every key: from_list keeps only the first row's keys
+        keys = dict.fromkeys(k for r in records for k in r)
+        records = datasets.Dataset.from_list([{k: r.get(k) for k in keys} for r in records])
     encoded = records.map(encode, with_indices=True, num_proc=num_proc, features=SAMPLE_FEATURES,
                           remove_columns=records.column_names, desc=f"encoding {source}",
                           new_fingerprint=generate_random_fingerprint())  # in memory: nothing to cache

@@ -15,6 +15,7 @@ from recipes.blip2_lora_caption.collator import tokenize_captions
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, caption_eval_records,
                                      caption_scores)
 from recipes.common.args import GenerationEvalArguments
+from recipes.common.run import train_and_evaluate
 from recipes.common.trainer import GenerationEval, RecipeTrainer
 from tests.test_blip2_collator import IMG, PAD, VOCAB, tokenizer  # noqa: F401  (fixture)
 
@@ -93,3 +94,18 @@ def test_generation_reads_its_images_in_the_dataloader_workers(tokenizer, tmp_pa
             GenerationEvalArguments(max_new_tokens=4), tokenizer))
         predictions[workers] = trainer.generate_predictions(trainer.generation.records)
     assert predictions[2] == predictions[0] and len(predictions[0]) == 3
+
+
+def test_a_run_where_nothing_trains_stops_before_it_scores_anything(tokenizer, tmp_path):
+    model = _tiny_blip2().requires_grad_(False)  # e.g. every part frozen and no LoRA
+
+    def never(batch):
+        raise AssertionError("'before' was scored")
+
+    records = datasets.Dataset.from_list([{"key": "a", "image": "a.png", "captions": ["a"]}])
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True)
+    trainer = RecipeTrainer(model=model, args=args, generation=GenerationEval(
+        records, never, caption_scores, GenerationEvalArguments(), tokenizer))
+    with pytest.raises(ValueError, match="nothing would train: every parameter is frozen"):
+        train_and_evaluate(trainer, {"recipe": "test"})
+    assert not (tmp_path / "run" / "predictions").exists() and not (tmp_path / "run" / "run.json").exists()

@@ -230,6 +230,9 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     shuffled-image check ("after_shuffled_images"), `after_training(results)` for a recipe's own figures.
     """
     args = trainer.args
+    if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error after "before"
+        raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
+                         "flags) or add LoRA (--peft_method lora).")
     results = dict(results or {})
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     # Absolute, so that `make eval` finds the data files and images from any folder.

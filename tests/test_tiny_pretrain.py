@@ -92,6 +92,8 @@ def test_cached_base_is_built_once_and_named_tiny_pretrained(base, tmp_path, mon
     assert resolve_model_path("tiny:blip2-opt-pretrained") == str(path) and len(calls) == 1
     assert resolve_model_path("tiny:blip2-opt") == str(tmp_path / "tiny" / base.name)
     assert resolve_model_path("Salesforce/blip2-opt-2.7b") == "Salesforce/blip2-opt-2.7b"
+    monkeypatch.chdir(tmp_path)  # a local folder: by its absolute path, which merge finds from anywhere
+    assert resolve_model_path("tiny") == str(tmp_path / "tiny") and resolve_model_path("./none") == "./none"
     with pytest.raises(ValueError, match="blip2-opt-pretrained"):
         resolve_model_path("tiny:blip3")
 

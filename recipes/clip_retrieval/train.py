@@ -139,8 +139,6 @@ def main(argv=None):
 
     # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")
-    # A local folder as an absolute path: the adapter and metrics.json name the base that merge.py loads.
-    model_path = str(Path(model_path).resolve()) if Path(model_path).exists() else model_path
     model, processor = load_model_and_processor(AutoModel, model_path, args.model)
     if not all(hasattr(model, f) for f in ("get_image_features", "get_text_features", "logit_scale")):
         raise ValueError(f"{model_path}: {type(model).__name__} is not a dual encoder (no "

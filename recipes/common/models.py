@@ -39,9 +39,10 @@ TINY_PREFIX = "tiny:"
 
 def resolve_model_path(path: str) -> str:
     """The folder of `tiny:<name>` (e.g. `tiny:clip`: random weights; `tiny:clip-pretrained`), a tiny model
-    built on first use and loaded like any checkpoint; anything else unchanged."""
+    built on first use and loaded like any checkpoint; a local folder by its absolute path (what a run
+    records as its base, for merge and export from any folder); a Hub id unchanged."""
     if not path.startswith(TINY_PREFIX):
-        return path
+        return str(Path(path).resolve()) if Path(path).exists() else path
     from .tiny.models import BUILDERS, tiny_model_path
     from .tiny.pretrain import PRETRAINERS, pretrained_tiny_path
 

@@ -75,12 +75,6 @@ class SoftPromptArguments:
         check_at_least(self, 0, "prompt_length")
 
 
-def absolute_if_local(path: str) -> str:
-    """A base in a local folder as an absolute path: config.json records it, and `from_trained` / export.py
-    load it from any working folder."""
-    return str(Path(path).resolve()) if Path(path).exists() else path
-
-
 def main(argv=None):
     # config.yaml unless --config is given, then the command line; --use_cpu without a GPU.
     args = parse_recipe_args(argv, DEFAULT_CONFIG, (*GENERATIVE_ARGUMENTS, SoftPromptArguments,
@@ -101,10 +95,8 @@ def main(argv=None):
 
     # Model: the frozen parts from two checkpoints (by default the embedded tiny ones), fresh trained parts
     # between.
-    vision_path = absolute_if_local(resolve_model_path(args.soft_prompt.vision_model
-                                                       or "tiny:clip-vision-pretrained"))
-    language_path = absolute_if_local(resolve_model_path(args.soft_prompt.language_model
-                                                         or "tiny:gpt2-pretrained"))
+    vision_path = resolve_model_path(args.soft_prompt.vision_model or "tiny:clip-vision-pretrained")
+    language_path = resolve_model_path(args.soft_prompt.language_model or "tiny:gpt2-pretrained")
     with loading(vision_path, language_path):
         tokenizer = AutoTokenizer.from_pretrained(language_path, revision=args.model.revision)
         image_processor = AutoImageProcessor.from_pretrained(vision_path, revision=args.model.revision)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import datasets
 import pytest
+import torch
 
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
@@ -29,6 +30,7 @@ class FakeTrainer:
                                     load_best_model_at_end=load_best, metric_for_best_model=metric,
                                     eval_strategy="epoch")
         self.trained = False
+        self.model = torch.nn.Linear(1, 1)  # something to train
         self.state = SimpleNamespace(global_step=0, best_global_step=None, best_model_checkpoint=None)
         self.generation = SimpleNamespace(records=datasets.Dataset.from_dict({"key": list(keys)}))
 

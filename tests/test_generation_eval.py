@@ -14,7 +14,7 @@ from eval.caption import caption_metrics
 from recipes.blip2_lora_caption.collator import tokenize_captions
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, caption_eval_records,
                                      caption_scores)
-from recipes.common.args import GenerationEvalArguments
+from recipes.common.args import EarlyStoppingArguments, GenerationEvalArguments
 from recipes.common.run import train_and_evaluate
 from recipes.common.trainer import GenerationEval, RecipeTrainer
 from tests.test_blip2_collator import IMG, PAD, VOCAB, tokenizer  # noqa: F401  (fixture)
@@ -109,3 +109,34 @@ def test_a_run_where_nothing_trains_stops_before_it_scores_anything(tokenizer, t
     with pytest.raises(ValueError, match="nothing would train: every parameter is frozen"):
         train_and_evaluate(trainer, {"recipe": "test"})
     assert not (tmp_path / "run" / "predictions").exists() and not (tmp_path / "run" / "run.json").exists()
+
+
+def test_early_stopping_ends_training_when_the_metric_stops_improving(tokenizer, tmp_path):
+    records = []
+    for i, color in enumerate(["red", "blue"]):
+        Image.new("RGB", (16, 16), color).save(tmp_path / f"{i}.png")
+        records.append({"image": str(tmp_path / f"{i}.png"), "captions": [f"a {color} circle"]})
+    ds = datasets.Dataset.from_list(records)
+    train, _ = tokenize_captions(ds, tokenizer, image_token_id=IMG, num_image_tokens=2)
+    image_processor = BlipImageProcessor(size={"height": 16, "width": 16})
+
+    def trainer(eval_strategy):
+        args = TrainingArguments(
+            output_dir=str(tmp_path / eval_strategy), max_steps=8, per_device_train_batch_size=2,
+            learning_rate=1e-2, eval_strategy=eval_strategy, eval_steps=1, save_strategy=eval_strategy,
+            save_steps=1, metric_for_best_model="CIDEr", load_best_model_at_end=eval_strategy != "no",
+            report_to=[], use_cpu=True, remove_unused_columns=False)
+        return RecipeTrainer(
+            model=_tiny_blip2(), args=args, train_dataset=train, eval_dataset=train,
+            data_collator=CaptionCollator(image_processor, PAD),
+            generation=GenerationEval(caption_eval_records(ds), CaptionPromptCollator(
+                image_processor, tokenizer, prefix_ids=(IMG, IMG)), caption_scores,
+                GenerationEvalArguments(max_new_tokens=4), tokenizer))
+
+    # No evaluation can beat the best by 1e9: the first sets it, the second is one without improvement.
+    stop = EarlyStoppingArguments(early_stopping_patience=1, early_stopping_threshold=1e9)
+    stopped = trainer("steps")
+    train_and_evaluate(stopped, {"recipe": "test"}, early_stopping=stop)
+    assert stopped.state.global_step == 2
+    with pytest.raises(ValueError, match="--early_stopping_patience needs evaluations during training"):
+        train_and_evaluate(trainer("no"), {"recipe": "test"}, early_stopping=stop)

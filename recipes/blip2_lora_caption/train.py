@@ -80,7 +80,8 @@ def main(argv=None):
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang, model=model_path,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root,
-    ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check)
+    ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check,
+       early_stopping=args.early_stopping)
 
 
 if __name__ == "__main__":

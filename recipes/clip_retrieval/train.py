@@ -36,8 +36,9 @@ from recipes.clip_retrieval.collator import (PairDataset, collator_for, embedded
 from recipes.clip_retrieval.merge import load_dual_encoder, wise_ft
 from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head, default_loss,
                                             set_training_mode)
-from recipes.common.args import (DataArguments, FreezeArguments, LearningRateArguments, ModelArguments,
-                                 PeftArguments, check_at_least, parse_recipe_args)
+from recipes.common.args import (DataArguments, EarlyStoppingArguments, FreezeArguments,
+                                 LearningRateArguments, ModelArguments, PeftArguments, check_at_least,
+                                 parse_recipe_args)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
@@ -116,7 +117,7 @@ class RetrievalArguments:
 def main(argv=None):
     # config.yaml unless --config is given, then the command line; --use_cpu without a GPU.
     types = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
-             RetrievalArguments, TrainingArguments)
+             EarlyStoppingArguments, RetrievalArguments, TrainingArguments)
     args = parse_recipe_args(argv, DEFAULT_CONFIG, types)
     if args.data.prompt:
         raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; "
@@ -222,7 +223,7 @@ def main(argv=None):
         image_root=args.data.image_root,
         zero_shot_file=args.retrieval.zero_shot_file,
         zero_shot_labels=zero_shot.labels if zero_shot else None,
-    ), test=test_dataset, after_training=after_training)
+    ), test=test_dataset, after_training=after_training, early_stopping=args.early_stopping)
 
 
 if __name__ == "__main__":

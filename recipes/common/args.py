@@ -190,9 +190,22 @@ class GenerationEvalArguments:
         check_at_least(self, 1, "num_beams", "max_new_tokens", "eval_max_samples")
 
 
+@dataclass
+class EarlyStoppingArguments:
+    """Stopping when the evaluations stop improving (transformers' EarlyStoppingCallback)."""
+
+    early_stopping_patience: int | None = arg(
+        None, "Stop after this many evaluations in a row that do not beat the best --metric_for_best_model "
+        "by more than --early_stopping_threshold; None = train to the end.")
+    early_stopping_threshold: float = arg(0.0, "How much an evaluation must beat the best by to count.")
+
+    def __post_init__(self):
+        check_at_least(self, 1, "early_stopping_patience")
+
+
 # What every generative recipe parses (then its own dataclasses, and TrainingArguments last).
 GENERATIVE_ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, FreezeArguments, LearningRateArguments,
-                        LossArguments, GenerationEvalArguments)
+                        LossArguments, GenerationEvalArguments, EarlyStoppingArguments)
 
 
 def _yaml_key_lines(path: Path, text: str) -> dict[str, int]:

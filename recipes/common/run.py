@@ -22,7 +22,7 @@ from typing import Callable
 
 import datasets
 import transformers
-from transformers import set_seed
+from transformers import EarlyStoppingCallback, set_seed
 
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
@@ -220,19 +220,26 @@ def check_best_metric(args, scores: dict) -> None:
 
 
 def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | None = None,
-                       shuffled_image_check: bool = False,
+                       shuffled_image_check: bool = False, early_stopping=None,
                        after_training: Callable[[dict], None] | None = None) -> dict:
     """Score the held-out data, train (resuming per --resume_from_checkpoint), save, score again, and write
     metrics.json (read by `make eval`) with `metadata` and the recipe's own `results` (a baseline).
 
     `test`, which nothing else sees, gives the headline "before" and "after"; the eval data (what picks
     the checkpoint) is scored as "val". Without `test` the eval data is the headline. Options: the
-    shuffled-image check ("after_shuffled_images"), `after_training(results)` for a recipe's own figures.
+    shuffled-image check ("after_shuffled_images"), `early_stopping` (`args.EarlyStoppingArguments`),
+    `after_training(results)` for a recipe's own figures.
     """
     args = trainer.args
     if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error after "before"
         raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
                          "flags) or add LoRA (--peft_method lora).")
+    patience = early_stopping.early_stopping_patience if early_stopping is not None else None
+    if patience:
+        if args.eval_strategy == "no" or args.metric_for_best_model is None:
+            raise ValueError("--early_stopping_patience needs evaluations during training (--eval_strategy) "
+                             "and the metric they compare (--metric_for_best_model).")
+        trainer.add_callback(EarlyStoppingCallback(patience, early_stopping.early_stopping_threshold))
     results = dict(results or {})
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     # Absolute, so that `make eval` finds the data files and images from any folder.

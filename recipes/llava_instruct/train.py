@@ -150,7 +150,8 @@ def main(argv=None):
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root,
         length_budget=reports,
-    ), test=test_items, shuffled_image_check=args.generation_eval.shuffled_image_check)
+    ), test=test_items, shuffled_image_check=args.generation_eval.shuffled_image_check,
+       early_stopping=args.early_stopping)
 
 
 if __name__ == "__main__":

@@ -153,7 +153,8 @@ def main(argv=None):
         prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root,
-    ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check)
+    ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check,
+       early_stopping=args.early_stopping)
     if trainer.is_world_process_zero():
         weights = Path(args.training.output_dir) / TRAINED_WEIGHTS
         logger.info("trained weights: %s (%.1f kB); full checkpoint: python %s/export.py --run %s --out OUT",

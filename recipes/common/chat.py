@@ -474,6 +474,7 @@ def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None
         samples = samples.remove_columns("suffix")
     return samples, report
 
+
 def _images(items: list[dict]) -> list[list]:
     return [[load_image(p) for p in record_images(it)] for it in items]
 
@@ -489,9 +490,6 @@ class ChatBatchArguments:
                           "it). None = the main process alone."},
     )
 
-    def __post_init__(self):
-        check_at_least(self, 1, "preprocessing_num_workers")
-
     padding_free: bool = field(
         default=False,
         metadata={"help": "Put each micro-batch's samples end to end in one row, no padding, position_ids "
@@ -502,6 +500,9 @@ class ChatBatchArguments:
                           "and pixel_values alone (LLaVA-style, InternVL); not for M-RoPE (Qwen) or "
                           "per-token image inputs (Gemma 3, Mllama, SmolVLM)."},
     )
+
+    def __post_init__(self):
+        check_at_least(self, 1, "preprocessing_num_workers")
 
 
 # What a padding-free row may carry: per-token inputs other than these would need packing of their own.

@@ -234,12 +234,12 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error after "before"
         raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
                          "flags) or add LoRA (--peft_method lora).")
-    patience = early_stopping.early_stopping_patience if early_stopping is not None else None
-    if patience:
+    if early_stopping is not None and early_stopping.early_stopping_patience:
         if args.eval_strategy == "no" or args.metric_for_best_model is None:
             raise ValueError("--early_stopping_patience needs evaluations during training (--eval_strategy) "
                              "and the metric they compare (--metric_for_best_model).")
-        trainer.add_callback(EarlyStoppingCallback(patience, early_stopping.early_stopping_threshold))
+        trainer.add_callback(EarlyStoppingCallback(early_stopping.early_stopping_patience,
+                                                   early_stopping.early_stopping_threshold))
     results = dict(results or {})
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     # Absolute, so that `make eval` finds the data files and images from any folder.

@@ -205,7 +205,7 @@ def test_stage2_can_train_the_whole_language_model_instead_of_lora(env):
 @pytest.mark.parametrize("model", ["tiny:llava", pytest.param("tiny:gemma3", marks=pytest.mark.matrix)])
 def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
     """2 CPU processes x 4 samples (image and text-only ones mixed) train as 1 process x 8: the same losses,
-    adapter and trained projector, and the same held-out metrics."""
+    adapter and trained projector, and the same held-out metrics; one process encodes the data."""
     d, e = env
     out = d / model.replace(":", "_")
     # The random sampler: batches by modality are made per process; LoRA dropout would draw per process.
@@ -220,6 +220,10 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
            "--output_dir", str(out / "two")]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+    # Rank 0 alone encoded the data (opening every image); rank 1 read its samples, and they are removed.
+    for split in ("train", "eval"):
+        assert r.stderr.count(f"reading the {split} samples the main process encoded") == 1, r.stderr[-4000:]
+    assert not list((out / "two").glob(".encoded-*"))
     one, two = (json.loads((out / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert (one["world_size"], two["world_size"], one["global_step"], two["global_step"]) == (1, 2, 3, 3)
     losses = [[h["loss"] for h in json.loads((out / run / "trainer_state.json").read_text())["log_history"]

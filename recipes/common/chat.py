@@ -31,13 +31,18 @@ from __future__ import annotations
 
 import bisect
 import difflib
+import json
 import logging
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import datasets
 import torch
 from datasets.fingerprint import generate_random_fingerprint
 
+from data_tools.files import atomic_write_text
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 
@@ -472,6 +477,37 @@ def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None
                          "--max_length")
     if all(suffix is None for suffix in samples["suffix"]):  # the collator passes suffixes only where given
         samples = samples.remove_columns("suffix")
+    return samples, report
+
+
+def encoded_once(encode: Callable[[], tuple[datasets.Dataset, ChatLengthReport]], split: str,
+                 training_args) -> tuple[datasets.Dataset, ChatLengthReport]:
+    """`encode()` once per launch, not once per process (each would open every image of the data set):
+    the process that writes files (rank 0; each node's first with --save_on_each_node) encodes and saves
+    the samples to `<output_dir>/.encoded-<split>` while the others wait (up to --ddp_timeout) and then
+    read them into memory; the folder is removed once all have."""
+    if training_args.world_size == 1:
+        return encode()
+    folder = Path(training_args.output_dir) / f".encoded-{split}"
+    with training_args.main_process_first(local=training_args.save_on_each_node, desc=f"encoding {split}"):
+        if training_args.should_save:
+            shutil.rmtree(folder, ignore_errors=True)  # a stopped run's
+            samples, report = encode()
+            tmp = folder.with_name(f"{folder.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            samples.save_to_disk(str(tmp))
+            atomic_write_text(tmp / "report.json", json.dumps(vars(report)))
+            tmp.rename(folder)
+        elif not (folder / "report.json").is_file():
+            raise ValueError(f"{folder}: the process that encodes the {split} data stopped (its error is "
+                             "above)")
+        else:
+            logger.info("reading the %s samples the main process encoded", split)
+            samples = datasets.load_from_disk(str(folder), keep_in_memory=True)
+            report = ChatLengthReport(**json.loads((folder / "report.json").read_text()))
+    training_args.distributed_state.wait_for_everyone()  # every process has read them
+    if training_args.should_save:
+        shutil.rmtree(folder)
     return samples, report
 
 

@@ -34,7 +34,7 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
 from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, ChatCollator, chat_encoder, chat_generation,
-                                 tokenize_conversations)
+                                 encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
@@ -111,18 +111,20 @@ def main(argv=None):
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: conversations rendered with the processor's chat template; the budget counts image tokens.
-    def samples(records, source):
+    # Encoded by one process of a launch, which the others read.
+    def samples(records, split, source):
         conversations = caption_conversations(records, args.training.seed) if task == "caption" else records
-        dataset, report = tokenize_conversations(conversations, encoder, args.data.max_length, source=source,
-                                                 num_proc=args.chat_batch.preprocessing_num_workers)
+        dataset, report = encoded_once(lambda: tokenize_conversations(
+            conversations, encoder, args.data.max_length, source=source,
+            num_proc=args.chat_batch.preprocessing_num_workers), split, args.training)
         logger.info("%s %s", source, report)
         return dataset, report
 
-    train_dataset, train_report = samples(train_records, args.data.train_file)
+    train_dataset, train_report = samples(train_records, "train", args.data.train_file)
     eval_dataset = eval_items = None
     reports = {"train": vars(train_report)}
     if eval_records is not None:
-        eval_dataset, eval_report = samples(eval_records, args.data.eval_file)
+        eval_dataset, eval_report = samples(eval_records, "eval", args.data.eval_file)
         reports["eval"] = vars(eval_report)
         eval_items = first(encoder.usable(
             generation_items(task, eval_records, args.instruct.short_answer_words, args.data.lang)),

@@ -27,7 +27,7 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, ChatCollator, chat_encoder, chat_generation,
-                                 tokenize_conversations)
+                                 encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
@@ -93,20 +93,19 @@ def main(argv=None):
     logger.info("weight bytes: %s", weight_bytes(model))
 
     # Samples: one short-answer conversation per question, through the processor's chat template;
-    # loss on the answer tokens only; the length budget counts the image tokens.
+    # loss on the answer tokens only; the length budget counts the image tokens. Encoded by one process of a
+    # launch, which the others read.
     workers = args.chat_batch.preprocessing_num_workers
-    train_dataset, train_report = tokenize_conversations(vqa_conversations(train_records,
-                                                                           args.vqa.answer_prompt), encoder,
-                                                         args.data.max_length, source=args.data.train_file,
-                                                         num_proc=workers)
+    train_dataset, train_report = encoded_once(lambda: tokenize_conversations(
+        vqa_conversations(train_records, args.vqa.answer_prompt), encoder, args.data.max_length,
+        source=args.data.train_file, num_proc=workers), "train", args.training)
     logger.info("train %s", train_report)
     reports = {"train": vars(train_report)}
     eval_dataset = eval_items = None
     if eval_records is not None:
-        eval_dataset, eval_report = tokenize_conversations(vqa_conversations(eval_records,
-                                                                             args.vqa.answer_prompt), encoder,
-                                                           args.data.max_length, source=args.data.eval_file,
-                                                           num_proc=workers)
+        eval_dataset, eval_report = encoded_once(lambda: tokenize_conversations(
+            vqa_conversations(eval_records, args.vqa.answer_prompt), encoder, args.data.max_length,
+            source=args.data.eval_file, num_proc=workers), "eval", args.training)
         logger.info("eval %s", eval_report)
         reports["eval"] = vars(eval_report)
         eval_items = first(vqa_items(eval_records, args.vqa.answer_prompt),

@@ -2,6 +2,7 @@
 checkpoint, predictions written."""
 
 import json
+import shutil
 
 import datasets
 import pytest
@@ -120,9 +121,9 @@ def test_early_stopping_ends_training_when_the_metric_stops_improving(tokenizer,
     train, _ = tokenize_captions(ds, tokenizer, image_token_id=IMG, num_image_tokens=2)
     image_processor = BlipImageProcessor(size={"height": 16, "width": 16})
 
-    def trainer(eval_strategy):
+    def trainer(eval_strategy, folder=None, resume=None):
         args = TrainingArguments(
-            output_dir=str(tmp_path / eval_strategy), max_steps=8, per_device_train_batch_size=2,
+            output_dir=str(tmp_path / (folder or eval_strategy)), resume_from_checkpoint=resume, max_steps=8, per_device_train_batch_size=2,
             learning_rate=1e-2, eval_strategy=eval_strategy, eval_steps=1, save_strategy=eval_strategy,
             save_steps=1, metric_for_best_model="CIDEr", load_best_model_at_end=eval_strategy != "no",
             report_to=[], use_cpu=True, remove_unused_columns=False)
@@ -138,5 +139,14 @@ def test_early_stopping_ends_training_when_the_metric_stops_improving(tokenizer,
     stopped = trainer("steps")
     train_and_evaluate(stopped, {"recipe": "test"}, early_stopping=stop)
     assert stopped.state.global_step == 2
+    # Patience 2: evaluations 2 and 3 do not improve, so it stops at step 3; resumed from step 2 too.
+    stop.early_stopping_patience = 2
+    run = trainer("steps", "patience")
+    train_and_evaluate(run, {"recipe": "test"}, early_stopping=stop)
+    assert run.state.global_step == 3
+    shutil.copytree(tmp_path / "patience" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = trainer("steps", "resumed", resume="last")
+    train_and_evaluate(resumed, {"recipe": "test"}, early_stopping=stop)
+    assert resumed.state.global_step == 3
     with pytest.raises(ValueError, match="--early_stopping_patience needs evaluations during training"):
         train_and_evaluate(trainer("no"), {"recipe": "test"}, early_stopping=stop)

@@ -234,14 +234,19 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error after "before"
         raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
                          "flags) or add LoRA (--peft_method lora).")
+    resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if early_stopping is not None and early_stopping.early_stopping_patience:
         if args.eval_strategy == "no" or args.metric_for_best_model is None:
             raise ValueError("--early_stopping_patience needs evaluations during training (--eval_strategy) "
                              "and the metric they compare (--metric_for_best_model).")
-        trainer.add_callback(EarlyStoppingCallback(early_stopping.early_stopping_patience,
-                                                   early_stopping.early_stopping_threshold))
+        stopper = EarlyStoppingCallback(early_stopping.early_stopping_patience,
+                                        early_stopping.early_stopping_threshold)
+        if resume:  # the count of evaluations without progress goes on, at this run's patience
+            saved = json.loads((Path(resume) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
+            stopper.early_stopping_patience_counter = saved.get("EarlyStoppingCallback", {}).get(
+                "attributes", {}).get("early_stopping_patience_counter", 0)
+        trainer.add_callback(stopper)
     results = dict(results or {})
-    resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     # Absolute, so that `make eval` finds the data files and images from any folder.
     metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
                 for k, v in metadata.items()}

@@ -242,9 +242,9 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         stopper = EarlyStoppingCallback(early_stopping.early_stopping_patience,
                                         early_stopping.early_stopping_threshold)
         if resume:  # the count of evaluations without progress goes on, at this run's patience
-            saved = json.loads((Path(resume) / "trainer_state.json").read_text()).get("stateful_callbacks", {})
-            stopper.early_stopping_patience_counter = saved.get("EarlyStoppingCallback", {}).get(
-                "attributes", {}).get("early_stopping_patience_counter", 0)
+            state = json.loads((Path(resume) / "trainer_state.json").read_text())
+            saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback", {}).get("attributes", {})
+            stopper.early_stopping_patience_counter = saved.get("early_stopping_patience_counter", 0)
         trainer.add_callback(stopper)
     results = dict(results or {})
     # Absolute, so that `make eval` finds the data files and images from any folder.

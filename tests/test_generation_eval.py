@@ -125,8 +125,8 @@ def test_early_stopping_ends_training_when_the_metric_stops_improving(tokenizer,
         args = TrainingArguments(
             output_dir=str(tmp_path / (folder or eval_strategy)), resume_from_checkpoint=resume, max_steps=8,
             per_device_train_batch_size=2, learning_rate=1e-2, eval_strategy=eval_strategy, eval_steps=1,
-            save_strategy=eval_strategy, save_steps=1, metric_for_best_model="CIDEr",
-            load_best_model_at_end=eval_strategy != "no", report_to=[], use_cpu=True, remove_unused_columns=False)
+            save_strategy=eval_strategy, save_steps=1, metric_for_best_model="CIDEr", report_to=[],
+            load_best_model_at_end=eval_strategy != "no", use_cpu=True, remove_unused_columns=False)
         return RecipeTrainer(
             model=_tiny_blip2(), args=args, train_dataset=train, eval_dataset=train,
             data_collator=CaptionCollator(image_processor, PAD),

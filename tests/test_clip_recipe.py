@@ -252,3 +252,13 @@ def test_a_wise_ft_alpha_outside_0_1_is_refused_before_training():
     with pytest.raises(ValueError, match=r"--wise_ft_alpha 50: each alpha must be in \[0, 1\]"):
         main(["--wise_ft_alpha", "0.5", "50", "--train_file", "/nonexistent/train.jsonl", "--output_dir",
               "/nonexistent/out"])
+
+
+def test_the_base_of_an_unfinished_runs_checkpoint_is_read_from_the_run(tmp_path):
+    from recipes.clip_retrieval.merge import base_of
+
+    (tmp_path / "run" / "checkpoint-4").mkdir(parents=True)
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"model": "/models/clip"}))
+    assert base_of(tmp_path / "run" / "checkpoint-4") == base_of(tmp_path / "run") == "/models/clip"
+    with pytest.raises(FileNotFoundError, match="pass --base"):
+        base_of(tmp_path)

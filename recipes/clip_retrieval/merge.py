@@ -24,16 +24,16 @@ from recipes.common.run import run_main
 
 
 def base_of(run: str | Path) -> str:
-    """The base checkpoint of a run folder (or of a checkpoint-N in it): from the adapter config or
-    metrics.json."""
+    """The base checkpoint of a run folder (or of a checkpoint-N in it, the run unfinished): from the adapter
+    config, or the run.json a run writes at its start."""
     run = Path(run)
     if (run / "adapter_config.json").exists():
         return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
-    for folder in (run, run.parent):
-        if (folder / "metrics.json").exists():
-            return json.loads((folder / "metrics.json").read_text())["model"]
-    raise FileNotFoundError(f"{run}: no adapter_config.json or metrics.json says which base it was trained "
-                            "from; pass --base.")
+    for saved in (run / "run.json", run.parent / "run.json", run / "metrics.json"):
+        if saved.exists():
+            return json.loads(saved.read_text())["model"]
+    raise FileNotFoundError(f"{run}: no adapter_config.json or run.json says which base it was trained from; "
+                            "pass --base.")
 
 
 def load_dual_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -224,3 +224,18 @@ def test_any_causal_lm_works_in_place_of_gpt2(bases, tmp_path):
             ids = torch.cat([
                 ids, model(pixel_values=_pixels(1), input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(greedy, ids)
+
+
+def test_activation_checkpointing_recomputes_the_layers_of_both_parts_with_the_same_gradients(bases):
+    ids, labels = torch.tensor([[7, 8, 9]]), torch.tensor([[M, 8, 9]])
+    grads = []
+    for checkpointing in (False, True):
+        model = _model(bases, prompt_length=3).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+            assert {type(m).__name__ for m in layers} >= {"CLIPEncoderLayer", "GPT2Block"}
+        model(pixel_values=_pixels(1), input_ids=ids, labels=labels).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain)

@@ -95,6 +95,7 @@ class SoftPromptCaptioner(PreTrainedModel):
     base_model_prefix = ""
     _supports_sdpa = True  # the attention kernel is the sub-models' own
     _supports_flash_attn = True
+    supports_gradient_checkpointing = True  # the sub-models' layers are checkpointed
 
     def __init__(self, config: SoftPromptCaptionerConfig, vision_model: PreTrainedModel | None = None,
                  language_model: PreTrainedModel | None = None):

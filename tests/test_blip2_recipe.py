@@ -214,7 +214,9 @@ def _losses(run):
 def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     """2 CPU processes x 4 samples train as 1 process x 8: the same losses, weights and held-out metrics."""
     d, e = env
-    common = [*_data(d), "--max_steps", "3", *FAST, "--lora_dropout", "0"]  # dropout would draw per process
+    # Dropout would draw per process; 7 eval images: rank 1 pads its 3 to rank 0's 4 (as many batches).
+    common = [*_data(d), "--max_steps", "3", *FAST, "--lora_dropout", "0", "--eval_max_samples", "7",
+              "--per_device_eval_batch_size", "2"]
     r = _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(d / "one")], e)
     assert r.returncode == 0, r.stderr[-4000:]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -234,6 +236,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
         torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4)
     # Generation split across the processes: the same predictions and scores.
     assert two["after"] == pytest.approx(one["after"], abs=1e-6)
+    predictions = [read_jsonl(d / run / "predictions" / "final.jsonl") for run in ("one", "two")]
+    assert len(predictions[0]) == 7 and sorted(predictions[1], key=str) == sorted(predictions[0], key=str)
 
 
 def test_cached_vision_features_train_exactly_as_the_live_tower(env):

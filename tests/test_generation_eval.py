@@ -17,7 +17,7 @@ from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cap
                                      caption_scores)
 from recipes.common.args import EarlyStoppingArguments, GenerationEvalArguments
 from recipes.common.run import train_and_evaluate
-from recipes.common.trainer import GenerationEval, RecipeTrainer
+from recipes.common.trainer import GenerationEval, RecipeTrainer, rank_share
 from tests.test_blip2_collator import IMG, PAD, VOCAB, tokenizer  # noqa: F401  (fixture)
 
 
@@ -150,3 +150,11 @@ def test_early_stopping_ends_training_when_the_metric_stops_improving(tokenizer,
     assert resumed.state.global_step == 3
     with pytest.raises(ValueError, match="--early_stopping_patience needs evaluations during training"):
         train_and_evaluate(trainer("no"), {"recipe": "test"}, early_stopping=stop)
+
+
+@pytest.mark.parametrize("n,world", [(33, 2), (5, 4), (1, 2), (0, 2), (7, 1), (10, 3)])
+def test_every_rank_gets_as_many_items_and_their_own_shares_are_the_items_in_order(n, world):
+    shares = [rank_share(n, world, rank) for rank in range(world)]
+    assert len({len(indices) for indices, _ in shares}) == 1  # as many batches on every rank
+    assert [i for indices, own in shares for i in indices[:own]] == list(range(n))
+    assert all(set(indices) <= set(range(max(n, 1))) for indices, _ in shares)

@@ -46,7 +46,7 @@ from transformers import TrainerCallback
 from data_tools.files import atomic_write, atomic_write_text
 from eval.retrieval import recall_at_k
 from recipes.common.peft_setup import apply_freezing, apply_peft, trainable_in_float32
-from recipes.common.trainer import RecipeTrainer
+from recipes.common.trainer import RecipeTrainer, rank_share
 
 logger = logging.getLogger(__name__)
 LOGIT_SCALE_MAX = math.log(100)  # CLIP's clip on the logit scale (Radford et al. 2021, sec. 2.5)
@@ -333,11 +333,12 @@ class ContrastiveTrainer(RecipeTrainer):
         return self.retrieval_metrics(metric_key_prefix, name, dataset=data)
 
     def _embed_shared(self, model, kind: str, items: list) -> np.ndarray:
-        """Embed this rank's contiguous share of `items`; every rank gets all embeddings, in order."""
-        share = np.array_split(np.arange(len(items)), self.args.world_size)[self.args.process_index]
+        """Embed this rank's contiguous share of `items` (`rank_share`: every rank runs as many batches);
+        every rank gets all embeddings, in order."""
+        share, own = rank_share(len(items), self.args.world_size, self.args.process_index)
         fn = embed_images if kind == "images" else embed_texts
         part = fn(model, self.data_collator, [items[i] for i in share], self.args.per_device_eval_batch_size,
-                  self.args.device, progress=self.is_local_process_zero())
+                  self.args.device, progress=self.is_local_process_zero())[:own]
         if self.args.world_size == 1:
             return part
         return np.concatenate(gather_object([part]))

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
@@ -34,6 +35,14 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = [configured] if isinstance(configured, int) else list(configured or [])
     return list(dict.fromkeys([i for i in [tokenizer.eos_token_id, *configured] if i is not None]))
+
+
+def rank_share(n: int, world_size: int, rank: int) -> tuple[list[int], int]:
+    """This rank's contiguous share of `n` items, padded with repeats to the same length on every rank, and
+    how many of them are its own: under FSDP or ZeRO-3 each forward pass gathers weights from every rank,
+    so every rank must run as many batches (transformers' `generate` keeps them in step within a call)."""
+    own = np.array_split(np.arange(n), world_size)[rank].tolist()
+    return own + [own[-1] if own else 0] * (-(-n // world_size) - len(own)), len(own)
 
 
 def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_id: int | list[int]) -> dict:
@@ -139,8 +148,8 @@ class RecipeTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
-        shard = records.shard(num_shards=self.args.world_size, index=self.args.process_index, contiguous=True)
-        loader = DataLoader(shard, batch_size=self.args.per_device_eval_batch_size,
+        indices, own = rank_share(len(records), self.args.world_size, self.args.process_index)
+        loader = DataLoader(records.select(indices), batch_size=self.args.per_device_eval_batch_size,
                             collate_fn=self.generation.collator, num_workers=self.args.dataloader_num_workers)
         tok = self.generation.tokenizer
         kwargs = generate_kwargs(self.generation.args, tok.pad_token_id, stop_token_ids(model, tok))
@@ -154,6 +163,7 @@ class RecipeTrainer(Trainer):
             new_tokens = generated[:, batch["input_ids"].shape[1]:]  # generate returns prompt + continuation
             out += list(zip(keys, tok.batch_decode(new_tokens, skip_special_tokens=True)))
         model.train(was_training)
+        out = out[:own]
         if self.args.world_size > 1:
             out = gather_object(out)
         return {k: text.strip() for k, text in out}

@@ -290,3 +290,22 @@ def test_the_recipes_train_and_evaluate_other_families(recipe_env, recipe, task,
     predictions = [json.loads(line)
                    for line in (out / "predictions" / "final.jsonl").read_text().splitlines()]
     assert len(predictions) == 4 and (out / "adapter_model.safetensors").exists()
+
+
+def test_processor_options_reach_the_samples_and_are_saved_with_the_run(images, tmp_path):
+    """--processor_kwargs: SmolVLM without image splitting gives fewer image tokens; the option is saved
+    with the processor (what merge, serve and chat load); a misspelt name is refused."""
+    path = resolve_model_path("tiny:smolvlm")
+    lengths = {}
+    for split in (True, False):
+        options = ModelArguments(processor_kwargs={"do_image_splitting": split})
+        _, processor = load_model_and_processor(AutoModelForImageTextToText, path, options)
+        record = {"image": images["blue"], "conversations": CONVERSATION}
+        samples, _ = tokenize_conversations([record], chat_encoder(processor), None)
+        lengths[split] = len(samples[0]["input_ids"])
+        processor.save_pretrained(tmp_path / str(split))
+        assert load_processor(tmp_path / str(split), "smolvlm").image_processor.do_image_splitting is split
+    assert lengths[False] < lengths[True], lengths
+    with pytest.raises(ValueError, match="'do_image_spliting': not an option of .* 'do_image_splitting'"):
+        load_model_and_processor(AutoModelForImageTextToText, path,
+                                 ModelArguments(processor_kwargs='{"do_image_spliting": false}'))

@@ -3,6 +3,7 @@ names, TrainingArguments' too), flags on the command line win."""
 
 import argparse
 import difflib
+import json
 import re
 import sys
 from dataclasses import dataclass, field
@@ -47,10 +48,23 @@ class ModelArguments:
     trust_remote_code: bool = arg(
         False, "Allow running modelling code shipped with the checkpoint. Only for sources you trust.")
     revision: str | None = arg(None, "Branch, tag or commit of the checkpoint on the Hub.")
+    processor_kwargs: dict | str | None = arg(
+        None, "Options of the checkpoint's processor, saved with the run for merge, serve and chat: a YAML "
+        "mapping, or JSON on the command line. E.g. Qwen2.5-VL's image token count, a token per 28 x 28 "
+        "pixels: '{\"max_pixels\": 401408}' (at most 512 tokens); SmolVLM's tile size: "
+        "'{\"size\": {\"longest_edge\": 768}}'.")
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("load_in_4bit and load_in_8bit are both set: choose one of them.")
+        if isinstance(self.processor_kwargs, str):
+            try:
+                self.processor_kwargs = json.loads(self.processor_kwargs)
+            except ValueError as e:
+                raise ValueError(f"--processor_kwargs is not valid JSON: {e}.") from None
+        if self.processor_kwargs is not None and not isinstance(self.processor_kwargs, dict):
+            raise ValueError(f"--processor_kwargs must be a mapping of option names to values, got "
+                             f"{self.processor_kwargs!r}.")
 
 
 @dataclass

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
+import inspect
 from pathlib import Path
 
 import torch
@@ -102,8 +104,24 @@ def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *
 
         kwargs["quantization_config"] = quantization_config(model_args, skip_quantization)
         kwargs["device_map"] = quantized_device_map()
+    options = model_args.processor_kwargs or {}
     with loading(path):
         model = model_cls.from_pretrained(path, **kwargs)
         processor = load_processor(path, model.config.model_type, revision=model_args.revision,
-                                   trust_remote_code=model_args.trust_remote_code)
+                                   trust_remote_code=model_args.trust_remote_code, **options)
+    check_processor_options(processor, options)
     return model, processor
+
+
+def check_processor_options(processor, options: dict) -> None:
+    """Refuse a --processor_kwargs name that neither the processor nor its image processor takes: both
+    ignore unknown names silently (a misspelt max_pixels would train on full-size images)."""
+    valid = getattr(getattr(processor, "image_processor", None), "valid_kwargs", None)
+    known = {*getattr(valid, "__optional_keys__", ()), *getattr(valid, "__required_keys__", ()),
+             *inspect.signature(type(processor).__init__).parameters} - {"self", "args", "kwargs"}
+    for name in options:
+        if name not in known and not hasattr(processor, name):
+            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise ValueError(f"--processor_kwargs {name!r}: not an option of {type(processor).__name__} or "
+                             f"its image processor.{hint} They take: {', '.join(sorted(known))}.")

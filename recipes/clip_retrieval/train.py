@@ -220,7 +220,7 @@ def main(argv=None):
         recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=args.data.lang, model=model_path,
         loss=loss,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
-        image_root=args.data.image_root,
+        image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         zero_shot_file=args.retrieval.zero_shot_file,
         zero_shot_labels=zero_shot.labels if zero_shot else None,
     ), test=test_dataset, after_training=after_training, early_stopping=args.early_stopping)

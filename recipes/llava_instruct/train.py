@@ -150,7 +150,7 @@ def main(argv=None):
         recipe=Path(__file__).resolve().parent.name, task=task, stage=args.instruct.stage,
         lang=args.data.lang, short_answer_words=args.instruct.short_answer_words, model=model_path,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
-        image_root=args.data.image_root,
+        image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         length_budget=reports,
     ), test=test_items, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)

@@ -133,7 +133,7 @@ def main(argv=None):
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="vqa", lang=args.data.lang, model=model_path,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
-        image_root=args.data.image_root,
+        image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         length_budget=reports,
     ), test=test_items, results=results, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)

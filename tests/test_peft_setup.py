@@ -353,3 +353,21 @@ def test_lora_and_freezing_saves_every_trained_module(tmp_path):
     with pytest.raises(ValueError, match="peft_method none"):
         apply_lora_and_freezing(Blip2ForConditionalGeneration.from_pretrained(path), PeftArguments(),
                                 FreezeArguments(freeze_language_model=False))
+
+
+def test_dora_learns_magnitudes_and_merges_and_rslora_scales_by_the_root_of_the_rank():
+    torch.manual_seed(0)
+    model = apply_peft(tiny_llava(), PeftArguments(lora_r=4, lora_alpha=8, use_dora=True))
+    magnitudes = [n for n, p in model.named_parameters() if "lora_magnitude_vector" in n and p.requires_grad]
+    assert magnitudes and len(magnitudes) == len(lora_module_names(model))
+    with torch.no_grad():  # a trained adapter: B is zero at initialisation
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_magnitude_vector" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    adapted = model(input_ids=ids).logits
+    torch.testing.assert_close(model.merge_and_unload()(input_ids=ids).logits, adapted, atol=1e-5, rtol=1e-4)
+    rs = apply_peft(tiny_llava(), PeftArguments(lora_r=4, lora_alpha=8, use_rslora=True))
+    layer = next(m for m in rs.modules() if hasattr(m, "lora_A"))
+    assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)

@@ -128,6 +128,10 @@ class PeftArguments:
         "layer of a generative model's language model, the attention projections of an encoder).")
     modules_to_save: list[str] | None = arg(
         None, "Modules trained in full and saved next to the adapter, e.g. multi_modal_projector.")
+    use_dora: bool = arg(False, "DoRA: a learned magnitude per output feature beside the low-rank direction "
+                         "update (Liu et al., 2024); merges like LoRA.")
+    use_rslora: bool = arg(False, "Scale by lora_alpha / sqrt(lora_r) instead of lora_alpha / lora_r "
+                           "(rank-stabilized LoRA, Kalajdzievski, 2023): for large ranks.")
 
     def __post_init__(self):
         # A regex flag arrives as a one-element list (nargs="+"); peft reads a regex from a plain string.

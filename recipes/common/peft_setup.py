@@ -195,7 +195,8 @@ def apply_peft(model: torch.nn.Module, peft_args: PeftArguments,
     check_targets(model, peft_args.modules_to_save, what="modules_to_save")
     return get_peft_model(model, LoraConfig(
         r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
-        target_modules=targets, modules_to_save=peft_args.modules_to_save, bias="none"))
+        target_modules=targets, modules_to_save=peft_args.modules_to_save, bias="none",
+        use_dora=peft_args.use_dora, use_rslora=peft_args.use_rslora))
 
 
 # --------------------------------------------------------------------------------------------------- freezing

@@ -292,20 +292,35 @@ def test_the_recipes_train_and_evaluate_other_families(recipe_env, recipe, task,
     assert len(predictions) == 4 and (out / "adapter_model.safetensors").exists()
 
 
-def test_processor_options_reach_the_samples_and_are_saved_with_the_run(images, tmp_path):
-    """--processor_kwargs: SmolVLM without image splitting gives fewer image tokens; the option is saved
-    with the processor (what merge, serve and chat load); a misspelt name is refused."""
-    path = resolve_model_path("tiny:smolvlm")
-    lengths = {}
-    for split in (True, False):
-        options = ModelArguments(processor_kwargs={"do_image_splitting": split})
-        _, processor = load_model_and_processor(AutoModelForImageTextToText, path, options)
-        record = {"image": images["blue"], "conversations": CONVERSATION}
+# (family, options that shrink its image tokens, the image processor attribute they set)
+SMALLER_IMAGES = [("smolvlm", {"do_image_splitting": False}, "do_image_splitting"),
+                  ("qwen2_5_vl", {"size": {"shortest_edge": 1024, "longest_edge": 112 * 112}}, "size")]
+
+
+@pytest.mark.parametrize("name,options,attribute", SMALLER_IMAGES)
+def test_processor_options_reach_the_samples_and_are_saved_with_the_run(name, options, attribute, images,
+                                                                        tmp_path):
+    """--processor_kwargs: fewer image tokens for a 448 px image (SmolVLM without tiles, Qwen2.5-VL at most
+    16 of its 28 px tokens); saved with the processor (what merge, serve and chat load); a misspelt name is
+    refused."""
+    try:
+        path = resolve_model_path(f"tiny:{name}")
+    except (RuntimeError, ImportError) as e:
+        pytest.skip(f"SKIPPED LOUDLY: tiny:{name} cannot be built here: {str(e).strip()[:200]}")
+    big = tmp_path / "big.png"
+    Image.new("RGB", (448, 448), "red").save(big)
+    record = {"image": str(big), "conversations": CONVERSATION}
+    lengths = []
+    for kwargs in (None, options):
+        _, processor = load_model_and_processor(AutoModelForImageTextToText, path,
+                                                ModelArguments(processor_kwargs=kwargs))
         samples, _ = tokenize_conversations([record], chat_encoder(processor), None)
-        lengths[split] = len(samples[0]["input_ids"])
-        processor.save_pretrained(tmp_path / str(split))
-        assert load_processor(tmp_path / str(split), "smolvlm").image_processor.do_image_splitting is split
-    assert lengths[False] < lengths[True], lengths
-    with pytest.raises(ValueError, match="'do_image_spliting': not an option of .* 'do_image_splitting'"):
-        load_model_and_processor(AutoModelForImageTextToText, path,
-                                 ModelArguments(processor_kwargs='{"do_image_spliting": false}'))
+        lengths.append(len(samples[0]["input_ids"]))
+    processor.save_pretrained(tmp_path / "run")
+    saved = getattr(load_processor(tmp_path / "run", name).image_processor, attribute)
+    assert saved == getattr(processor.image_processor, attribute) != getattr(
+        load_processor(path, name).image_processor, attribute)
+    assert lengths[1] < lengths[0], lengths
+    typo = {f"{next(iter(options))}s": 1}
+    with pytest.raises(ValueError, match=f"{next(iter(typo))!r}: not an option of .* Did you mean"):
+        load_model_and_processor(AutoModelForImageTextToText, path, ModelArguments(processor_kwargs=typo))

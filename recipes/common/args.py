@@ -51,8 +51,8 @@ class ModelArguments:
     processor_kwargs: dict | str | None = arg(
         None, "Options of the checkpoint's processor, saved with the run for merge, serve and chat: a YAML "
         "mapping, or JSON on the command line. E.g. Qwen2.5-VL's image token count, a token per 28 x 28 "
-        "pixels: '{\"max_pixels\": 401408}' (at most 512 tokens); SmolVLM's tile size: "
-        "'{\"size\": {\"longest_edge\": 768}}'.")
+        "pixels: '{\"size\": {\"shortest_edge\": 3136, \"longest_edge\": 401408}}' (4 to 512 tokens); "
+        "SmolVLM's tile size: '{\"size\": {\"longest_edge\": 768}}'.")
 
     def __post_init__(self):
         if self.load_in_4bit and self.load_in_8bit:

@@ -66,7 +66,7 @@ def main(argv=None):
                          "train. Use LoRA, or load the model unquantized (--load_in_4bit false).")
     if args.data.image_size:
         raise ValueError("--image_size: the model's processor sizes the images for its vision tower; set "
-                         "its options with --processor_kwargs instead (e.g. Qwen-VL's max_pixels).")
+                         "its options with --processor_kwargs instead (e.g. its size).")
     fall_back_to_cpu_optimizer(args.training)
 
     # Data: the embedded synthetic set unless files are given.

@@ -499,8 +499,9 @@ def encoded_once(encode: Callable[[], tuple[datasets.Dataset, ChatLengthReport]]
             atomic_write_text(tmp / "report.json", json.dumps(vars(report)))
             tmp.rename(folder)
         elif not (folder / "report.json").is_file():
-            raise ValueError(f"{folder}: the process that encodes the {split} data stopped (its error is "
-                             "above)")
+            raise ValueError(f"{folder}: not written by the process that encodes the {split} data: it "
+                             "stopped (its error is above), or --output_dir is not on storage every node "
+                             "shares (then pass --save_on_each_node true)")
         else:
             logger.info("reading the %s samples the main process encoded", split)
             samples = datasets.load_from_disk(str(folder), keep_in_memory=True)

@@ -8,7 +8,7 @@ import inspect
 from pathlib import Path
 
 import torch
-from transformers import AutoProcessor
+from transformers import AutoConfig, AutoProcessor
 
 from .args import ModelArguments
 
@@ -93,23 +93,19 @@ def load_processor(path: str | Path, model_type: str, **kwargs):
 def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *,
                              skip_quantization: list[str] | None = None):
     """`model_cls` and its processor from a local folder or Hub id, tiny and real models alike."""
-    kwargs = dict(
-        dtype=compute_dtype(model_args),
-        attn_implementation=model_args.attn_implementation,
-        trust_remote_code=model_args.trust_remote_code,
-        revision=model_args.revision,
-    )
+    source = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
+    kwargs = dict(source, dtype=compute_dtype(model_args), attn_implementation=model_args.attn_implementation)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         from .quantization import quantization_config, quantized_device_map  # read by quantized runs only
 
         kwargs["quantization_config"] = quantization_config(model_args, skip_quantization)
         kwargs["device_map"] = quantized_device_map()
     options = model_args.processor_kwargs or {}
-    with loading(path):
+    with loading(path):  # the processor first: a misspelt option stops the run before a large model loads
+        model_type = AutoConfig.from_pretrained(path, **source).model_type
+        processor = load_processor(path, model_type, **source, **options)
+        check_processor_options(processor, options)
         model = model_cls.from_pretrained(path, **kwargs)
-        processor = load_processor(path, model.config.model_type, revision=model_args.revision,
-                                   trust_remote_code=model_args.trust_remote_code, **options)
-    check_processor_options(processor, options)
     return model, processor
 
 

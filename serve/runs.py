@@ -270,8 +270,9 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
     for run in runs.values():
         run.lock = locks.setdefault(id(run.model), run.lock)
         # peft mixes adapters in one batch (generate(adapter_names=...)) only for LoRA layers; a trained full
-        # copy of another module (modules_to_save: a projector, a Q-Former) anywhere on the model rules it out
+        # copy of another module (modules_to_save: a projector, a Q-Former) or a DoRA adapter anywhere on the
+        # model rules it out
         if isinstance(run, GenerativeRun) and run.adapter is not None:
-            run.mixable = not any(c.modules_to_save for c in run.model.peft_config.values())
+            run.mixable = not any(c.modules_to_save or c.use_dora for c in run.model.peft_config.values())
     return runs
 

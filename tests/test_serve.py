@@ -76,14 +76,15 @@ def _second_adapter(run: Path, out: Path) -> Path:
     return out
 
 
-def _pure_lora(base: Path, out: Path, seed: int) -> Path:
+def _pure_lora(base: Path, out: Path, seed: int, use_dora: bool = False) -> Path:
     """An untrained LoRA adapter (random B) on the language model of `base`, nothing else: one that peft can
-    mix with others in a batch."""
+    mix with others in a batch (not a DoRA one)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = get_peft_model(AutoModelForImageTextToText.from_pretrained(base),
-                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)"))
+                           LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)",
+                                      use_dora=use_dora))
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -591,6 +592,32 @@ def test_lora_only_adapters_share_a_batch_and_each_answers_as_alone(server, load
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         served = list(pool.map(lambda p: server.chat(p[0].id, p[1], "What?"), plan))
     assert served == alone
+
+
+def test_dora_adapters_on_one_base_take_batches_of_their_own(trained, tmp_path):
+    """peft refuses mixed-adapter batches when an adapter is DoRA: such runs are never batched together."""
+    import asyncio
+
+    from serve.batching import Job, generate_batch
+    from serve.runs import load_runs
+
+    runs, files = trained
+    base = Path(runs["lora_a"]).parent.parent / "llava-base-2"
+    loaded = load_runs([_pure_lora(base, tmp_path / name, seed, use_dora=True)
+                        for name, seed in (("dora_a", 1), ("dora_b", 2))])
+    a, b = loaded["dora_a"], loaded["dora_b"]
+    assert a.model is b.model and not a.mixable and not b.mixable
+    assert a.batch_group(True) != b.batch_group(True)
+    image = Path(files["instruct"][1]).parent / _eval_rows(files, "instruct")[0]["image"]
+    loop = asyncio.new_event_loop()
+    try:
+        item = {"key": 0, "image": str(image),
+                "conversations": [{"from": "human", "value": "<image>\nWhat?"}]}
+        answers = [generate_batch([Job(run, item, None, 8, None, None, loop, loop.create_future())])[0].text
+                   for run in (a, b)]
+    finally:
+        loop.close()
+    assert answers[0] != answers[1]  # each with its own adapter
 
 
 def test_stream_sends_the_same_answer_as_server_sent_events(server, trained):

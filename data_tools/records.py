@@ -213,10 +213,14 @@ def tasks_of_line(raw: bytes) -> list[str]:
     return fits
 
 
-def other_task_hint(raw: bytes, line: int, task: str) -> str:
+def other_task_hint(raw: bytes, line: int, task: str, flags: dict[str, str] | None = None) -> str:
     """" Line N is a valid record for task X, not T." when line `line` (`raw`) fits another task's schema
-    and not `task`'s (records of another task were given), else "" (e.g. a bad image, not a wrong task)."""
+    and not `task`'s (records of another task were given), else "" (e.g. a bad image, not a wrong task);
+    `flags`: the option that reads each other task's records, named in the hint."""
     fits = tasks_of_line(raw)
     if not fits or task in fits:
         return ""
-    return f" Line {line} is a valid record for task {fits[0]}, not {task}."
+    flags = flags or {}
+    other = next((t for t in fits if t in flags), fits[0])
+    reads = f" Pass {flags[other]} to read {other} records." if other in flags else ""
+    return f" Line {line} is a valid record for task {other}, not {task}.{reads}"

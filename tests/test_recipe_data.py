@@ -55,6 +55,10 @@ def test_a_file_of_another_task_says_which_task_its_rows_fit(tmp_path):
         load_records(path, "instruct")
     with pytest.raises(DataError, match=f"has no valid rows. {hint}"):
         load_records(path, "instruct", skip_bad_rows=True)
+    # A recipe that reads both names its option (llava_instruct's --data_task), for the task the rows fit.
+    flags = {"caption": "--data_task caption", "instruct": "--data_task instruct"}
+    with pytest.raises(BadRowsError, match=f"{hint} Pass --data_task caption to read caption records."):
+        load_records(path, "instruct", task_flags=flags)
     # Once any row fits the task, the bad ones are only bad rows.
     with pytest.raises(BadRowsError) as error:
         load_records(_write(tmp_path, [conversation, caption]), "instruct")

@@ -41,10 +41,12 @@ def load_records(
     rejects_path: str | os.PathLike | None = None,
     check_images: str = "header",
     max_rows: int | None = None,
+    task_flags: dict[str, str] | None = None,
 ) -> datasets.Dataset:
     """A JSONL file of `task` records as a Dataset with absolute image paths (relative to `image_root`,
     default the file's folder). A bad row is an error naming file, line and field, or with `skip_bad_rows`
-    a counted reject written to `rejects_path`; `info.description` says how many."""
+    a counted reject written to `rejects_path`; `info.description` says how many. `task_flags`: the
+    recipe's option that reads each other task's records, named when a file holds those."""
     rows, errors = [], []
     for index, (line, row, raw) in enumerate(check_rows(path, task, image_root=image_root,
                                                         check_images=check_images, progress=False)):
@@ -56,7 +58,7 @@ def load_records(
             rows.append({c: row.get(c) for c in COLUMNS[task]})
             if max_rows is not None and len(rows) >= max_rows:
                 break
-    hint = other_task_hint(errors[0][1], errors[0][0].line, task) if errors and not rows else ""
+    hint = other_task_hint(errors[0][1], errors[0][0].line, task, task_flags) if errors and not rows else ""
     if errors and not skip_bad_rows:
         shown = "\n".join(f"  {e}" for e, _ in errors[:10])
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""

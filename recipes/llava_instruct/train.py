@@ -92,7 +92,7 @@ def main(argv=None):
     seed = args.training.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
     train_records, eval_records, test_records = load_data(
         args.data, task, lambda: embedded_dataset(task, n=1000, lang=args.data.lang, seed=seed),
-        args.training.output_dir)
+        args.training.output_dir, task_flags={t: f"--data_task {t}" for t in ("caption", "instruct")})
 
     # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")

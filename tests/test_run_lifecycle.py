@@ -30,6 +30,7 @@ class FakeTrainer:
                                     load_best_model_at_end=load_best, metric_for_best_model=metric,
                                     eval_strategy="epoch")
         self.trained = False
+        self.is_fsdp_enabled = self.is_deepspeed_enabled = False
         self.model = torch.nn.Linear(1, 1)  # something to train
         self.state = SimpleNamespace(global_step=0, best_global_step=None, best_model_checkpoint=None)
         self.generation = SimpleNamespace(records=datasets.Dataset.from_dict({"key": list(keys)}))
@@ -139,3 +140,12 @@ def test_bench_refuses_a_json_file_in_no_folder_before_it_runs(tmp_path, capsys)
         harness.main(["blip2_lora_caption", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup",
                       "1", "--mode", "device", "--no-baseline", "--json", str(target)])
     assert exit_.value.code == 2 and f"--json {target}: no folder {target.parent}" in capsys.readouterr().err
+
+
+def test_fsdp_and_deepspeed_runs_stop_before_anything_when_they_would_score_held_out_data(tmp_path):
+    for sharded in ("is_fsdp_enabled", "is_deepspeed_enabled"):
+        trainer = FakeTrainer(tmp_path / sharded)
+        setattr(trainer, sharded, True)
+        with pytest.raises(ValueError, match="held-out scoring does not run under FSDP or DeepSpeed yet"):
+            train_and_evaluate(trainer, {"recipe": "test"})
+        assert not trainer.trained and not (tmp_path / sharded / "run.json").exists()

@@ -236,6 +236,9 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error after "before"
         raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
                          "flags) or add LoRA (--peft_method lora).")
+    if trainer.evaluates_heldout() and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ValueError("held-out scoring does not run under FSDP or DeepSpeed yet: the Trainer keeps the "
+                         "model on the CPU until training starts. Use the single_gpu or ddp config.")
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if early_stopping is not None and early_stopping.early_stopping_patience:
         if args.eval_strategy == "no" or args.metric_for_best_model is None:

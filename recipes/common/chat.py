@@ -42,7 +42,6 @@ import datasets
 import torch
 from datasets.fingerprint import generate_random_fingerprint
 
-from data_tools.files import atomic_write_text
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 
@@ -496,8 +495,8 @@ def encoded_once(encode: Callable[[], tuple[datasets.Dataset, ChatLengthReport]]
             tmp = folder.with_name(f"{folder.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             samples.save_to_disk(str(tmp))
-            atomic_write_text(tmp / "report.json", json.dumps(vars(report)))
-            tmp.rename(folder)
+            (tmp / "report.json").write_text(json.dumps(vars(report)))
+            tmp.rename(folder)  # the folder appears whole
         elif not (folder / "report.json").is_file():
             raise ValueError(f"{folder}: not written by the process that encodes the {split} data: it "
                              "stopped (its error is above), or --output_dir is not on storage every node "

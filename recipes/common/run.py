@@ -236,7 +236,8 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error after "before"
         raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
                          "flags) or add LoRA (--peft_method lora).")
-    if trainer.evaluates_heldout() and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+    evaluates = trainer.evaluates_heldout()
+    if evaluates and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
         raise ValueError("held-out scoring does not run under FSDP or DeepSpeed yet: the Trainer keeps the "
                          "model on the CPU until training starts. Use the single_gpu or ddp config.")
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -270,7 +271,6 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
             else:
                 target[when] = trainer.heldout_metrics("eval", name=f"{prefix}{name}", data=data)
 
-    evaluates = trainer.evaluates_heldout()
     if evaluates:
         score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])

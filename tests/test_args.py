@@ -254,3 +254,17 @@ def test_recipe_argv_adds_the_default_config_and_use_cpu_without_a_gpu(monkeypat
         "--config", "mine.yaml", "--use_cpu"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert recipe_argv([], "r/config.yaml") == ["--config", "r/config.yaml"]
+
+
+def test_processor_kwargs_from_json_on_the_command_line_or_a_yaml_mapping(tmp_path):
+    size = {"size": {"shortest_edge": 3136, "longest_edge": 401408}}
+    (cli,) = parse_args([ModelArguments], ["--processor_kwargs", '{"size": {"shortest_edge": 3136, '
+                                           '"longest_edge": 401408}}'])
+    config = write_yaml(tmp_path, "processor_kwargs:\n  size:\n    shortest_edge: 3136\n"
+                                  "    longest_edge: 401408\n")
+    (yaml_,) = parse_args([ModelArguments], ["--config", config])
+    assert cli.processor_kwargs == yaml_.processor_kwargs == size
+    with pytest.raises(ValueError, match="--processor_kwargs is not valid JSON"):
+        parse_args([ModelArguments], ["--processor_kwargs", "{size: 3}"])
+    with pytest.raises(ValueError, match=r"--processor_kwargs must be a mapping .*, got \[1\]"):
+        parse_args([ModelArguments], ["--processor_kwargs", "[1]"])

@@ -3,6 +3,7 @@ processes."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,22 +101,39 @@ def _parses(path) -> bool:
         return False
 
 
-def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env):
-    d, e = env
-    common = [*_data(d), "--max_steps", "30", *FAST, "--save_strategy", "steps", "--save_steps", "10",
-              "--dataloader_num_workers", "0"]
-    r = _run([*common, "--output_dir", str(d / "whole")], e)
-    assert r.returncode == 0, r.stderr[-3000:]
+KILLED = ["--max_steps", "30", *FAST, "--save_strategy", "steps", "--save_steps", "10"]
 
-    out = d / "killed"
-    p = subprocess.Popen([sys.executable, str(TRAIN), *common, "--output_dir", str(out)], env=e,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+def _wait_for_checkpoint_10(p: subprocess.Popen, out: Path) -> None:
+    # Until checkpoint-10 is complete (trainer_state.json, its last file, parses): the 20 steps left and the
+    # final evaluation keep the run from finishing first even on a fast machine.
     deadline = time.time() + 300
-    # Killed as soon as checkpoint-10 is complete (trainer_state.json, its last file, parses): the 20 steps
-    # left and the final evaluation keep the run from finishing first even on a fast machine.
     while (not _parses(out / "checkpoint-10" / "trainer_state.json") and p.poll() is None
            and time.time() < deadline):
         time.sleep(0.02)
+
+
+def _loss_tail(out: Path) -> list[float]:
+    state = json.loads((out / "checkpoint-30" / "trainer_state.json").read_text())
+    return [h["loss"] for h in state["log_history"] if "loss" in h][-5:]
+
+
+@pytest.fixture(scope="module")
+def whole(env):
+    """An uninterrupted 30-step run that saves every 10 steps: what killed and stopped runs must end as."""
+    d, e = env
+    r = _run([*_data(d), *KILLED, "--output_dir", str(d / "whole"), "--dataloader_num_workers", "0"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d / "whole"
+
+
+def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env, whole):
+    d, e = env
+    common = [*_data(d), *KILLED, "--dataloader_num_workers", "0"]
+    out = d / "killed"
+    p = subprocess.Popen([sys.executable, str(TRAIN), *common, "--output_dir", str(out)], env=e,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    _wait_for_checkpoint_10(p, out)
     os.killpg(p.pid, signal.SIGKILL)
     p.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
@@ -125,12 +143,36 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env):
     r = _run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"], e)
     assert r.returncode == 0, r.stderr[-3000:]
 
-    whole = json.loads((d / "whole" / "metrics.json").read_text())["after"]
     resumed = json.loads((out / "metrics.json").read_text())["after"]
-    assert resumed == pytest.approx(whole, abs=1e-6)
-    loss = lambda run: [h["loss"] for h in json.loads(  # noqa: E731
-        (d / run / "checkpoint-30" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
-    assert loss("killed")[-5:] == pytest.approx(loss("whole")[-5:], rel=1e-4)
+    assert resumed == pytest.approx(json.loads((whole / "metrics.json").read_text())["after"], abs=1e-6)
+    assert _loss_tail(out) == pytest.approx(_loss_tail(whole), rel=1e-4)
+
+
+def test_sigterm_with_jit_checkpoint_saves_the_step_under_way_and_the_resumed_run_ends_the_same(env, whole):
+    """--enable_jit_checkpoint: SIGTERM to the run and its DataLoader workers, as a scheduler sends it,
+    saves the step under way and stops with exit code 143, nothing scored; resuming ends the run as if
+    it had never stopped."""
+    d, e = env
+    common = [*_data(d), *KILLED, "--dataloader_num_workers", "2", "--enable_jit_checkpoint"]
+    out = d / "stopped"
+    p = subprocess.Popen([sys.executable, str(TRAIN), *common, "--output_dir", str(out)], env=e,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_checkpoint_10(p, out)
+    os.killpg(p.pid, signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143 and "Traceback" not in err, err[-3000:]
+    step = int(re.search(r"SIGTERM: training stopped at step (\d+) of 30 and saved (\S+)\. Run the same "
+                         r"command with --resume_from_checkpoint last", err)[1])
+    assert 10 <= step < 30 and err.count("SIGTERM: training stopped") == 1
+    assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
+    assert not (out / "metrics.json").exists() and not (out / "predictions" / "final.jsonl").exists()
+
+    r = _run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 30
+    resumed = json.loads((out / "metrics.json").read_text())["after"]
+    assert resumed == pytest.approx(json.loads((whole / "metrics.json").read_text())["after"], abs=1e-6)
+    assert _loss_tail(out) == pytest.approx(_loss_tail(whole), rel=1e-4)
 
 
 def test_bad_inputs_are_clear_errors(env):
@@ -238,6 +280,27 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     assert two["after"] == pytest.approx(one["after"], abs=1e-6)
     predictions = [read_jsonl(d / run / "predictions" / "final.jsonl") for run in ("one", "two")]
     assert len(predictions[0]) == 7 and sorted(predictions[1], key=str) == sorted(predictions[0], key=str)
+
+
+def test_sigterm_stops_two_processes_at_the_same_step(env):
+    """Under 2 processes, the one that gets SIGTERM first does not stop alone: both save the same step."""
+    d, e = env
+    out = d / "two-stopped"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), "--main_process_port", "29553", str(TRAIN),
+           *_data(d), *KILLED, "--per_device_train_batch_size", "4", "--dataloader_num_workers", "1",
+           "--enable_jit_checkpoint", "--output_dir", str(out)]
+    p = subprocess.Popen(cmd, env=e, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    _wait_for_checkpoint_10(p, out)
+    os.killpg(p.pid, signal.SIGTERM)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 143, err[-3000:]
+    steps = re.findall(r"SIGTERM: training stopped at step (\d+) of 30", err)
+    assert len(steps) == 2 and steps[0] == steps[1] and 10 <= int(steps[0]) < 30, err[-3000:]
+    saved = out / f"checkpoint-{steps[0]}"
+    assert (saved / "rng_state_0.pth").exists() and (saved / "rng_state_1.pth").exists()
+    assert _parses(saved / "trainer_state.json") and not (out / "metrics.json").exists()
 
 
 def test_cached_vision_features_train_exactly_as_the_live_tower(env):

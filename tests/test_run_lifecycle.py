@@ -149,3 +149,17 @@ def test_fsdp_and_deepspeed_runs_stop_before_anything_when_they_would_score_held
         with pytest.raises(ValueError, match="held-out scoring does not run under FSDP or DeepSpeed yet"):
             train_and_evaluate(trainer, {"recipe": "test"})
         assert not trainer.trained and not (tmp_path / sharded / "run.json").exists()
+
+
+def test_a_stopped_run_and_ctrl_c_end_with_their_exit_codes_and_one_line(capsys):
+    from recipes.common.run import Stopped, run_main
+
+    for raised, code, line in ((Stopped("SIGTERM: training stopped at step 3 of 9"), 143,
+                                "SIGTERM: training stopped at step 3 of 9\n"),
+                               (KeyboardInterrupt(), 130, "interrupted (Ctrl-C)\n")):
+        def main():
+            raise raised
+
+        with pytest.raises(SystemExit) as exit:
+            run_main(main)
+        assert exit.value.code == code and capsys.readouterr().err == line

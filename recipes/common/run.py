@@ -16,13 +16,16 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Callable
 
 import datasets
+import torch
 import transformers
-from transformers import EarlyStoppingCallback, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+from transformers.trainer_jit_checkpoint import JITCheckpointCallback
 
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
@@ -209,6 +212,40 @@ def _same_keys(predictions: Path, trainer, data) -> bool:
     return {str(r["key"]) for r in read_jsonl(predictions)} == {str(k) for k in records["key"]}
 
 
+class Stopped(Exception):
+    """Training stopped on a signal, its checkpoint saved: the run is to be resumed, not scored."""
+
+
+class StopOnSignal(TrainerCallback):
+    """--enable_jit_checkpoint: on SIGTERM (a scheduler's preemption or time limit), save a checkpoint at the
+    end of the step under way and stop training. The processes of a run agree at each step end on whether
+    any of them got the signal, so that all save the same step: transformers' JITCheckpointCallback, which
+    this replaces, decides in each process alone, and one that stops first leaves the others waiting in the
+    next step's all-reduce."""
+
+    def __init__(self):
+        self.received, self.stopped_at, self.group = False, None, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGTERM, self.receive)
+        if args.world_size > 1:  # the flag goes over gloo, on the CPU: no GPU sync per step
+            self.group = torch.distributed.new_group(backend="gloo")
+
+    def receive(self, signum, frame):
+        self.received = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        flag = torch.tensor([int(self.received)])
+        if self.group is not None:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
+        if flag.item():
+            control.should_save = control.should_training_stop = True
+            self.stopped_at = state.global_step
+
+    def on_train_end(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def check_best_metric(args, scores: dict) -> None:
     """--metric_for_best_model must be a metric the evaluations log (the Trainer's loss or one of `scores`,
     the eval data's "before"): else Trainer stops with a KeyError at the first evaluation, after training."""
@@ -252,6 +289,11 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
             saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback", {}).get("attributes", {})
             stopper.early_stopping_patience_counter = saved.get("early_stopping_patience_counter", 0)
         trainer.add_callback(stopper)
+    stop = StopOnSignal() if getattr(args, "enable_jit_checkpoint", False) else None
+    if stop is not None:
+        trainer.remove_callback(JITCheckpointCallback)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # its handler, set when the Trainer was built
+        trainer.add_callback(stop)
     results = dict(results or {})
     # Absolute, so that `make eval` finds the data files and images from any folder.
     metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
@@ -275,6 +317,10 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
     trainer.train(resume_from_checkpoint=resume)
+    if stop is not None and stop.stopped_at is not None and stop.stopped_at < trainer.state.max_steps:
+        raise Stopped(f"SIGTERM: training stopped at step {stop.stopped_at} of {trainer.state.max_steps} and "
+                      f"saved {Path(args.output_dir) / f'checkpoint-{stop.stopped_at}'}. Run the same "
+                      "command with --resume_from_checkpoint last to go on.")
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation
     if evaluates:
@@ -307,11 +353,18 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
 def run_main(main: Callable[[], object]) -> None:
     """A script's entry point: `main()`, then the process group's end. A bad data file, option or path
     (`DataError`, `ValueError`, `FileNotFoundError`, `FileExistsError`) ends the run with its message and
-    exit code 2, no traceback (VLM_RECIPES_DEBUG=1 shows it)."""
+    exit code 2, no traceback (VLM_RECIPES_DEBUG=1 shows it); a run stopped by SIGTERM (`Stopped`) with
+    exit code 143, as the signal would, and Ctrl-C with 130."""
     from accelerate import PartialState
 
     try:
         main()
+    except Stopped as e:
+        print(e, file=sys.stderr)
+        sys.exit(143)
+    except KeyboardInterrupt:
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        sys.exit(130)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("VLM_RECIPES_DEBUG"):
             raise

@@ -9,8 +9,10 @@ and `loss_on_label_positions` (recipes/common/losses.py). `heldout_metrics` is w
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 from dataclasses import dataclass
 from typing import Callable
 
@@ -55,6 +57,22 @@ def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_
     return kwargs
 
 
+def workers_ignore_sigterm(worker_id: int, init: Callable | None = None) -> None:
+    """A DataLoader worker's start (`worker_init_fn`, then `init`): a scheduler's SIGTERM reaches every
+    process, and a worker that died of it would end the run with an error before the main process saves
+    its checkpoint (`--enable_jit_checkpoint`). The main process ends its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if init is not None:
+        init(worker_id)
+
+
+def _quiet_workers(loader):
+    base = getattr(loader, "base_dataloader", loader)  # accelerate's wrapper reads the DataLoader it holds
+    if getattr(base.worker_init_fn, "func", None) is not workers_ignore_sigterm:  # not a cached loader
+        base.worker_init_fn = functools.partial(workers_ignore_sigterm, init=base.worker_init_fn)
+    return loader
+
+
 @dataclass
 class GenerationEval:
     """What generation-based evaluation needs: the eval `records` (each with a "key"), a `collator` of
@@ -84,6 +102,12 @@ class RecipeTrainer(Trainer):
         if (not self.model_accepts_loss_kwargs and self.compute_loss_func is None
                 and getattr(self.model, "get_output_embeddings", lambda: None)() is not None):
             self.compute_loss_func = causal_lm_loss
+
+    def get_train_dataloader(self):
+        return _quiet_workers(super().get_train_dataloader())
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        return _quiet_workers(super().get_eval_dataloader(eval_dataset))
 
     # --- loss ------------------------------------------------------------------------------------------
     def label_position_inputs(self, inputs: dict) -> dict:
@@ -150,7 +174,8 @@ class RecipeTrainer(Trainer):
         model.eval()
         indices, own = rank_share(len(records), self.args.world_size, self.args.process_index)
         loader = DataLoader(records.select(indices), batch_size=self.args.per_device_eval_batch_size,
-                            collate_fn=self.generation.collator, num_workers=self.args.dataloader_num_workers)
+                            collate_fn=self.generation.collator, num_workers=self.args.dataloader_num_workers,
+                            worker_init_fn=workers_ignore_sigterm)
         tok = self.generation.tokenizer
         kwargs = generate_kwargs(self.generation.args, tok.pad_token_id, stop_token_ids(model, tok))
         out = []

@@ -93,6 +93,18 @@ def test_a_references_file_that_is_not_there_is_an_error_naming_the_run(captions
                                        "'data/captions.jsonl' does not exist")
 
 
+def test_a_run_that_has_not_finished_is_named_so(tmp_path):
+    (tmp_path / "run.json").write_text("{}")
+    with pytest.raises(Exception) as error:
+        report_run(tmp_path)
+    assert str(error.value) == (f"{tmp_path / 'metrics.json'}: the run has not finished: no metrics.json yet "
+                                "(a stopped or killed run goes on with --resume_from_checkpoint last) "
+                                "[unreadable_file]")
+    (tmp_path / "run.json").unlink()
+    with pytest.raises(Exception, match="not a recipe run folder: cannot read metrics.json"):
+        report_run(tmp_path)
+
+
 def test_vqa_run_uses_official_accuracy(tmp_path):
     path = make_synthetic("vqa", 4, tmp_path / "data", seed=2, progress=False)
     rows = read_jsonl(path)

@@ -231,6 +231,7 @@ def test_resume_last_is_the_newest_complete_checkpoint(tmp_path):
     assert resume_checkpoint("last", tmp_path) == str(tmp_path / "checkpoint-20")
     assert resume_checkpoint(True, tmp_path) == str(tmp_path / "checkpoint-20")
     assert resume_checkpoint("true", tmp_path) == str(tmp_path / "checkpoint-20")
+    assert resume_checkpoint("auto", tmp_path) == str(tmp_path / "checkpoint-20")
     assert resume_checkpoint(None, tmp_path) is None and resume_checkpoint("false", tmp_path) is None
     assert resume_checkpoint(str(tmp_path / "checkpoint-10"), "elsewhere") == str(tmp_path / "checkpoint-10")
 
@@ -242,6 +243,9 @@ def test_resume_last_is_the_newest_complete_checkpoint(tmp_path):
         resume_checkpoint("last", tmp_path)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint-N folder"):
         resume_checkpoint("last", tmp_path / "never_ran")
+    # 'auto': a job's first start, or one whose only checkpoints were cut while saving, starts afresh
+    assert resume_checkpoint("auto", tmp_path) is None
+    assert resume_checkpoint("auto", tmp_path / "never_ran") is None
 
 
 def test_recipe_argv_adds_the_default_config_and_use_cpu_without_a_gpu(monkeypatch):

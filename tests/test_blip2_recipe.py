@@ -150,10 +150,11 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env, whole):
 
 def test_sigterm_with_jit_checkpoint_saves_the_step_under_way_and_the_resumed_run_ends_the_same(env, whole):
     """--enable_jit_checkpoint: SIGTERM to the run and its DataLoader workers, as a scheduler sends it,
-    saves the step under way and stops with exit code 143, nothing scored; resuming ends the run as if
-    it had never stopped."""
+    saves the step under way and stops with exit code 143, nothing scored; the same command (a job
+    script's: --resume_from_checkpoint auto) then goes on, and ends the run as if it had never stopped."""
     d, e = env
-    common = [*_data(d), *KILLED, "--dataloader_num_workers", "2", "--enable_jit_checkpoint"]
+    common = [*_data(d), *KILLED, "--dataloader_num_workers", "2", "--enable_jit_checkpoint",
+              "--resume_from_checkpoint", "auto"]
     out = d / "stopped"
     p = subprocess.Popen([sys.executable, str(TRAIN), *common, "--output_dir", str(out)], env=e,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -162,13 +163,13 @@ def test_sigterm_with_jit_checkpoint_saves_the_step_under_way_and_the_resumed_ru
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 143 and "Traceback" not in err, err[-3000:]
     step = int(re.search(r"SIGTERM: training stopped at step (\d+) of 30 and saved (\S+)\. Run the same "
-                         r"command with --resume_from_checkpoint last", err)[1])
-    assert 10 <= step < 30 and err.count("SIGTERM: training stopped") == 1
+                         r"command with --resume_from_checkpoint last \(or auto\)", err)[1])
+    assert 10 <= step < 30 and err.count("SIGTERM: training stopped") == 1 and "resuming from" not in err
     assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
     assert not (out / "metrics.json").exists() and not (out / "predictions" / "final.jsonl").exists()
 
-    r = _run([*common, "--output_dir", str(out), "--resume_from_checkpoint", "last"], e)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = _run([*common, "--output_dir", str(out)], e)
+    assert r.returncode == 0 and f"resuming from {out / f'checkpoint-{step}'}\n" in r.stderr, r.stderr[-3000:]
     assert json.loads((out / "metrics.json").read_text())["global_step"] == 30
     resumed = json.loads((out / "metrics.json").read_text())["after"]
     assert resumed == pytest.approx(json.loads((whole / "metrics.json").read_text())["after"], abs=1e-6)

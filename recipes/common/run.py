@@ -179,10 +179,11 @@ def _is_complete(folder: Path) -> bool:
 
 def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str | None:
     """The checkpoint folder `--resume_from_checkpoint` names, or None. 'last' (or 'true') is the newest
-    *complete* checkpoint-N in output_dir: a run killed while saving leaves one without trainer_state.json."""
+    *complete* checkpoint-N in output_dir: a run killed while saving leaves one without trainer_state.json.
+    'auto' is 'last', or None (start afresh) where there is none: one command for a job's every start."""
     if value in NO_RESUME:
         return None
-    if value in (True, "last", "true", "True"):
+    if value in (True, "last", "true", "True", "auto"):
         root = Path(output_dir)
         found = sorted(
             (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
@@ -193,6 +194,8 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
                 return str(folder)
             logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving it)",
                            folder)
+        if value == "auto":
+            return None
         raise FileNotFoundError(
             f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {root}"
             + (f" ({len(found)} incomplete)" if found else "")
@@ -278,6 +281,8 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         raise ValueError("held-out scoring does not run under FSDP or DeepSpeed yet: the Trainer keeps the "
                          "model on the CPU until training starts. Use the single_gpu or ddp config.")
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if resume:
+        logger.info("resuming from %s", resume)
     if early_stopping is not None and early_stopping.early_stopping_patience:
         if args.eval_strategy == "no" or args.metric_for_best_model is None:
             raise ValueError("--early_stopping_patience needs evaluations during training (--eval_strategy) "
@@ -320,7 +325,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if stop is not None and stop.stopped_at is not None and stop.stopped_at < trainer.state.max_steps:
         raise Stopped(f"SIGTERM: training stopped at step {stop.stopped_at} of {trainer.state.max_steps} and "
                       f"saved {Path(args.output_dir) / f'checkpoint-{stop.stopped_at}'}. Run the same "
-                      "command with --resume_from_checkpoint last to go on.")
+                      "command with --resume_from_checkpoint last (or auto) to go on.")
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation
     if evaluates:

@@ -284,7 +284,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
 
 
 def test_sigterm_stops_two_processes_at_the_same_step(env):
-    """Under 2 processes, the one that gets SIGTERM first does not stop alone: both save the same step."""
+    """Under 2 processes, the one that gets SIGTERM first does not stop alone: both save the same step (the
+    checkpoint holds both processes' RNG states), and the message is printed once."""
     d, e = env
     out = d / "two-stopped"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
@@ -298,7 +299,7 @@ def test_sigterm_stops_two_processes_at_the_same_step(env):
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 143, err[-3000:]
     steps = re.findall(r"SIGTERM: training stopped at step (\d+) of 30", err)
-    assert len(steps) == 2 and steps[0] == steps[1] and 10 <= int(steps[0]) < 30, err[-3000:]
+    assert len(steps) == 1 and 10 <= int(steps[0]) < 30, err[-3000:]
     saved = out / f"checkpoint-{steps[0]}"
     assert (saved / "rng_state_0.pth").exists() and (saved / "rng_state_1.pth").exists()
     assert _parses(saved / "trainer_state.json") and not (out / "metrics.json").exists()

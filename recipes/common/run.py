@@ -365,7 +365,8 @@ def run_main(main: Callable[[], object]) -> None:
     try:
         main()
     except Stopped as e:
-        print(e, file=sys.stderr)
+        if PartialState().is_local_main_process:  # every process stopped at the same step
+            print(e, file=sys.stderr)
         sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)

@@ -20,6 +20,12 @@ def arg(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def did_you_mean(name: str, choices, cutoff: float = 0.6) -> str:
+    """' Did you mean 'a' or 'b'?' for the up to 3 of `choices` closest to a misspelt `name`, else ''."""
+    close = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=cutoff)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def check_at_least(args, minimum: int, *names: str) -> None:
     """Raise ValueError for a count option below `minimum` (None: not set), which would run silently on
     less than asked (e.g. --max_train_samples 0 reads one row)."""
@@ -280,8 +286,7 @@ def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action], null
     lines = _yaml_key_lines(path, text)
     for key in values:
         if key not in actions:
-            close = difflib.get_close_matches(str(key), sorted(actions), n=3, cutoff=0.6)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(str(key), actions)
             raise ValueError(
                 f"{path}:{lines.get(key, '?')}: unknown key {key!r}.{hint} Keys must be argument names "
                 f"(see --help); fix or remove the line."

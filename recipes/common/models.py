@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from .args import ModelArguments
+from .args import ModelArguments, did_you_mean
 
 
 def compute_dtype(model_args: ModelArguments) -> torch.dtype:
@@ -117,7 +116,6 @@ def check_processor_options(processor, options: dict) -> None:
              *inspect.signature(type(processor).__init__).parameters} - {"self", "args", "kwargs"}
     for name in options:
         if name not in known and not hasattr(processor, name):
-            close = difflib.get_close_matches(name, sorted(known), n=3, cutoff=0.6)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(name, known)
             raise ValueError(f"--processor_kwargs {name!r}: not an option of {type(processor).__name__} or "
                              f"its image processor.{hint} They take: {', '.join(sorted(known))}.")

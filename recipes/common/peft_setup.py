@@ -4,7 +4,6 @@ CLIP: the text tower) and "other" (CLIP's logit_scale). A train.py calls `apply_
 logs `count_parameters`; RecipeTrainer(learning_rates=...) builds its optimizer from `param_groups`.
 """
 
-import difflib
 import re
 from dataclasses import dataclass
 
@@ -12,7 +11,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers.pytorch_utils import Conv1D
 
-from .args import FreezeArguments, LearningRateArguments, PeftArguments
+from .args import FreezeArguments, LearningRateArguments, PeftArguments, did_you_mean
 
 COMPONENTS = ("vision", "bridge", "language")
 
@@ -176,8 +175,7 @@ def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modu
     for target in targets:
         # peft's rule for a list entry: the full name equals it or ends with "." + it.
         if not any(name == target or name.endswith("." + target) for name in module_names):
-            close = difflib.get_close_matches(target, linear_leaves, n=3, cutoff=0.5)
-            hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            hint = did_you_mean(target, linear_leaves, cutoff=0.5)
             raise ValueError(f"{what}: {target!r} matches no module.{hint} Linear layer names in this model: "
                              f"{linear_leaves}.")
 

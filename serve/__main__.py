@@ -87,8 +87,8 @@ def main(argv=None) -> int:
                            max_messages=args.max_messages)
     try:
         runs = load_runs(args.runs)
-    except (RunLoadError, FileNotFoundError, ValueError, OSError) as e:
-        print(f"python -m serve: {e}", file=sys.stderr)
+    except (RunLoadError, FileNotFoundError, ValueError, OSError, ImportError) as e:
+        print(f"python -m serve: {' '.join(str(e).split())}", file=sys.stderr)  # transformers' run over lines
         return 2
     for rid, run in runs.items():
         logging.getLogger("serve").info("serving %s (%s) from %s", rid, run.task, run.path)

@@ -2,6 +2,8 @@
 traceback, and write nothing: merge/export, chat, and two recipe options (train.py's data errors are in the
 recipes' own tests)."""
 
+import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -57,3 +59,26 @@ def test_a_checkpoint_folder_without_weights_is_one_line(tmp_path):
     error = _error_line("recipes/llava_instruct/chat.py --model {tmp}/ckpt --prompt hi", tmp_path)
     assert f"could not load '{tmp_path}/ckpt': " in error and "model.safetensors" in error, error
     assert "Hub id" not in error  # a local folder: no hint about network access
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None,
+                    reason="torchvision is installed here")
+def test_a_model_whose_processor_needs_a_missing_package_is_one_line(tmp_path):
+    """A Qwen2.5-VL checkpoint (transformers' own ImportError) and a tiny Qwen3-VL (the builder's), where
+    torchvision, which their video processors need, is not installed."""
+    from transformers import Qwen2_5_VLConfig
+
+    Qwen2_5_VLConfig().save_pretrained(tmp_path / "qwen")
+    (tmp_path / "qwen" / "processor_config.json").write_text(json.dumps({
+        "processor_class": "Qwen2_5_VLProcessor",
+        "image_processor": {"image_processor_type": "Qwen2VLImageProcessor"},
+        "video_processor": {"video_processor_type": "Qwen2VLVideoProcessor"}}))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"},
+                                                                    {"from": "gpt", "value": "hello"}]}))
+    train = ("recipes/llava_instruct/train.py --output_dir {tmp}/out --train_file {tmp}/t.jsonl "
+             "--model_name_or_path")
+    error = _error_line(f"{train} {{tmp}}/qwen", tmp_path)
+    assert error.startswith(f"error: could not load '{tmp_path}/qwen': Qwen2VLVideoProcessor requires the "
+                            "Torchvision library"), error
+    error = _error_line(f"{train} tiny:qwen3_vl", tmp_path)
+    assert error.startswith("error: tiny:qwen3_vl needs torchvision"), error

@@ -60,7 +60,7 @@ def resolve_model_path(path: str) -> str:
 def loading(*paths: str):
     """Around the loading of checkpoints `paths`: a local-looking path that does not exist (else it would go
     to the Hub as a repo id: "name" or "org/name"), or one that fails to load, is a one-line
-    FileNotFoundError."""
+    FileNotFoundError; a package its classes need and that is missing, a one-line ImportError."""
     for path in paths:
         looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
         if looks_local and not Path(path).expanduser().exists():
@@ -70,6 +70,9 @@ def loading(*paths: str):
         yield
     except FileNotFoundError:
         raise
+    except ImportError as e:  # a package its classes need: torchvision for Qwen-VL's video processor, ...
+        detail = " ".join(str(e).split())  # transformers' message runs over several lines
+        raise ImportError(f"could not load {' or '.join(map(repr, paths))}: {detail}") from e
     except OSError as e:
         detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
         hub = ("" if all(Path(p).expanduser().exists() for p in paths) else

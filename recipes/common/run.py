@@ -357,9 +357,10 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
 
 def run_main(main: Callable[[], object]) -> None:
     """A script's entry point: `main()`, then the process group's end. A bad data file, option or path
-    (`DataError`, `ValueError`, `FileNotFoundError`, `FileExistsError`) ends the run with its message and
-    exit code 2, no traceback (VLM_RECIPES_DEBUG=1 shows it); a run stopped by SIGTERM (`Stopped`) with
-    exit code 143, as the signal would, and Ctrl-C with 130."""
+    (`DataError`, `ValueError`, `FileNotFoundError`, `FileExistsError`) or a missing package that an option
+    or a model needs (`ImportError`: bitsandbytes, torchvision) ends the run with its message and exit code
+    2, no traceback (VLM_RECIPES_DEBUG=1 shows it); a run stopped by SIGTERM (`Stopped`) with exit code
+    143, as the signal would, and Ctrl-C with 130."""
     from accelerate import PartialState
 
     try:
@@ -371,7 +372,7 @@ def run_main(main: Callable[[], object]) -> None:
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)
         sys.exit(130)
-    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+    except (DataError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         if os.environ.get("VLM_RECIPES_DEBUG"):
             raise
         print(f"error: {e}\n(VLM_RECIPES_DEBUG=1 shows where it was raised)", file=sys.stderr)

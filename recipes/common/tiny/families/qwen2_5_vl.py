@@ -33,9 +33,9 @@ def require_torchvision(model_type: str) -> None:
     import importlib.util
 
     if importlib.util.find_spec("torchvision") is None:
-        raise RuntimeError(f"tiny:{model_type} needs torchvision: the {model_type} processor of transformers "
-                           "holds a video processor, which needs it; install torchvision built for your "
-                           "torch")
+        raise ImportError(f"tiny:{model_type} needs torchvision: the {model_type} processor of transformers "
+                          "holds a video processor, which needs it; install torchvision built for your "
+                          "torch")
 
 
 def chatml_template(image: str, video: str, default_system: str | None = None) -> str:

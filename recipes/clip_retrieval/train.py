@@ -24,7 +24,7 @@ and metrics.json (held-out retrieval and zero-shot metrics before and after fine
 """
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +37,7 @@ from recipes.clip_retrieval.merge import load_dual_encoder, wise_ft
 from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head, default_loss,
                                             set_training_mode)
 from recipes.common.args import (DataArguments, EarlyStoppingArguments, FreezeArguments,
-                                 LearningRateArguments, ModelArguments, PeftArguments, check_at_least,
+                                 LearningRateArguments, ModelArguments, PeftArguments, arg, check_at_least,
                                  parse_recipe_args)
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import count_parameters
@@ -52,55 +52,31 @@ class RetrievalArguments:
     """What this recipe adds: the loss, which tower LoRA adapts, hard negatives, zero-shot evaluation,
     WiSE-FT."""
 
-    loss: str | None = field(
-        default=None,
-        metadata={"help": "softmax (CLIP's InfoNCE) or sigmoid (SigLIP's); None = the one the checkpoint was "
-                          "trained with (sigmoid for SigLIP and SigLIP 2, softmax otherwise)."},
-    )
+    loss: str | None = arg(
+        None, "softmax (CLIP's InfoNCE) or sigmoid (SigLIP's); None = the one the checkpoint was trained "
+        "with (sigmoid for SigLIP and SigLIP 2, softmax otherwise).")
 
-    lora_towers: Literal["both", "vision", "text"] = field(
-        default="both", metadata={"help": "With --peft_method lora: LoRA on the attention projections of "
-                                          "these towers."}
-    )
-    unfreeze_last_n_text_layers: int = field(
-        default=0,
-        metadata={"help": "With a frozen text tower, still train its last N layers (and its final norm and "
-                          "projection)."},
-    )
-    hard_negatives: bool = field(
-        default=False, metadata={"help": "Add one of each image's neg_captions (drawn per epoch) as an extra "
-                                         "negative text."}
-    )
-    embedded_images: int = field(default=5000,
-                                 metadata={"help": "Images in the embedded synthetic data set (split "
-                                                   "80/10/10)."})
-    embedded_without_size: bool = field(
-        default=True, metadata={"help": "Embedded default: captions without their size words (the held-out "
-                                        "attribute)."}
-    )
-    zero_shot_file: str | None = field(
-        default=None,
-        metadata={"help": 'Zero-shot classification JSONL, rows {"image": ..., "label": ...}; None = the '
-                          'embedded '
-                  "one when training on the embedded default, else no zero-shot evaluation."},
-    )
-    zero_shot_attribute: Literal["size", "color", "shape", "none"] = field(
-        default="size", metadata={"help": "Embedded zero-shot set: the attribute of one-object images to "
-                                          "classify ('none': off)."}
-    )
-    zero_shot_templates: list[str] = field(
-        default_factory=lambda: ["a photo of a {label} shape."],
-        metadata={"help": "Prompt templates; each class is the mean embedding of its prompts (CLIP's prompt "
-                          "ensembling)."},
-    )
-    zero_shot_labels: list[str] | None = field(
-        default=None, metadata={"help": "Class names and order; None = the labels in the file."}
-    )
-    wise_ft_alpha: list[float] | None = field(
-        default=None,
-        metadata={"help": "After training, write and evaluate wise_ft-<alpha>/: (1 - alpha) * base + alpha * "
-                  "fine-tuned weights."},
-    )
+    lora_towers: Literal["both", "vision", "text"] = arg(
+        "both", "With --peft_method lora: LoRA on the attention projections of these towers.")
+    unfreeze_last_n_text_layers: int = arg(
+        0, "With a frozen text tower, still train its last N layers (and its final norm and projection).")
+    hard_negatives: bool = arg(
+        False, "Add one of each image's neg_captions (drawn per epoch) as an extra negative text.")
+    embedded_images: int = arg(5000, "Images in the embedded synthetic data set (split 80/10/10).")
+    embedded_without_size: bool = arg(
+        True, "Embedded default: captions without their size words (the held-out attribute).")
+    zero_shot_file: str | None = arg(
+        None, 'Zero-shot classification JSONL, rows {"image": ..., "label": ...}; None = the embedded one '
+        "when training on the embedded default, else no zero-shot evaluation.")
+    zero_shot_attribute: Literal["size", "color", "shape", "none"] = arg(
+        "size", "Embedded zero-shot set: the attribute of one-object images to classify ('none': off).")
+    zero_shot_templates: list[str] = arg(
+        ["a photo of a {label} shape."], "Prompt templates; each class is the mean embedding of its "
+        "prompts (CLIP's prompt ensembling).")
+    zero_shot_labels: list[str] | None = arg(None, "Class names and order; None = the labels in the file.")
+    wise_ft_alpha: list[float] | None = arg(
+        None, "After training, write and evaluate wise_ft-<alpha>/: (1 - alpha) * base + alpha * "
+        "fine-tuned weights.")
 
     def __post_init__(self):
         if self.loss not in (None, "softmax", "sigmoid"):

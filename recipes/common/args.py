@@ -16,7 +16,9 @@ from transformers import HfArgumentParser
 
 
 def arg(default, help: str):
-    """A dataclass field with its --help text."""
+    """A dataclass field with its --help text; a list default is copied for each instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 

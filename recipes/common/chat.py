@@ -34,7 +34,7 @@ import difflib
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -45,7 +45,7 @@ from datasets.fingerprint import generate_random_fingerprint
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 
-from .args import check_at_least
+from .args import arg, check_at_least
 from .lengths import IGNORE_INDEX
 from .trainer import GenerationEval
 
@@ -519,23 +519,18 @@ def _images(items: list[dict]) -> list[list]:
 class ChatBatchArguments:
     """How the chat recipes make and batch their training samples."""
 
-    preprocessing_num_workers: int | None = field(
-        default=None,
-        metadata={"help": "Processes that encode the conversations before training: each image is opened "
-                          "then to count its tokens, the slow part on a large data set (a progress bar shows "
-                          "it). None = the main process alone."},
-    )
+    preprocessing_num_workers: int | None = arg(
+        None, "Processes that encode the conversations before training: each image is opened then to count "
+        "its tokens, the slow part on a large data set (a progress bar shows it). None = the main process "
+        "alone.")
 
-    padding_free: bool = field(
-        default=False,
-        metadata={"help": "Put each micro-batch's samples end to end in one row, no padding, position_ids "
-                          "restarting at each sample (the same loss). Meant for --attn_implementation "
-                          "flash_attention_2 (variable-length kernels attend within each sample); with sdpa "
-                          "or eager the row gets a block-diagonal mask, and the attention over it is as "
-                          "dense as over one sequence that long. For families whose inputs are input_ids "
-                          "and pixel_values alone (LLaVA-style, InternVL); not for M-RoPE (Qwen) or "
-                          "per-token image inputs (Gemma 3, Mllama, SmolVLM)."},
-    )
+    padding_free: bool = arg(
+        False, "Put each micro-batch's samples end to end in one row, no padding, position_ids restarting "
+        "at each sample (the same loss). Meant for --attn_implementation flash_attention_2 "
+        "(variable-length kernels attend within each sample); with sdpa or eager the row gets a "
+        "block-diagonal mask, and the attention over it is as dense as over one sequence that long. For "
+        "families whose inputs are input_ids and pixel_values alone (LLaVA-style, InternVL); not for "
+        "M-RoPE (Qwen) or per-token image inputs (Gemma 3, Mllama, SmolVLM).")
 
     def __post_init__(self):
         check_at_least(self, 1, "preprocessing_num_workers")

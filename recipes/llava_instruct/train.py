@@ -25,14 +25,14 @@ Merge an adapter into a full checkpoint with merge.py; talk to a run with chat.p
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
-from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
+from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, ChatCollator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
@@ -53,24 +53,16 @@ STAGE1_SEED_OFFSET = 1
 class InstructArguments:
     """Which LLaVA-1.5 training stage runs, and how its evaluation scores answers."""
 
-    stage: Literal["pretrain", "finetune"] = field(
-        default="finetune",
-        metadata={"help": "'pretrain': stage 1, the projector alone on caption data; 'finetune': stage 2, "
-                          "the projector with LoRA (or all of the LM with --peft_method none) on instruction "
-                          "data."},
-    )
-    data_task: Literal["instruct", "caption"] | None = field(
-        default=None,
-        metadata={"help": "Schema of --train_file/--eval_file: 'caption' records become single-turn "
-                          "conversations; None = caption for --stage pretrain, instruct for finetune."},
-    )
-    short_answer_words: int = field(
-        default=SHORT_ANSWER_WORDS,
-        metadata={"help": "Eval answers of at most this many words are scored with VQA accuracy, longer ones "
-                          "with CIDEr."},
-    )
-    projector_lr: float | None = field(default=None,
-                                       metadata={"help": "Learning rate of the projector (= bridge_lr)."})
+    stage: Literal["pretrain", "finetune"] = arg(
+        "finetune", "'pretrain': stage 1, the projector alone on caption data; 'finetune': stage 2, the "
+        "projector with LoRA (or all of the LM with --peft_method none) on instruction data.")
+    data_task: Literal["instruct", "caption"] | None = arg(
+        None, "Schema of --train_file/--eval_file: 'caption' records become single-turn conversations; "
+        "None = caption for --stage pretrain, instruct for finetune.")
+    short_answer_words: int = arg(
+        SHORT_ANSWER_WORDS, "Eval answers of at most this many words are scored with VQA accuracy, longer "
+        "ones with CIDEr.")
+    projector_lr: float | None = arg(None, "Learning rate of the projector (= bridge_lr).")
 
 
 def main(argv=None):

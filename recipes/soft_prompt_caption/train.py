@@ -19,13 +19,13 @@ full checkpoint.
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from transformers import AutoImageProcessor, AutoTokenizer, TrainingArguments
 
-from recipes.common.args import (GENERATIVE_ARGUMENTS, FeatureCacheArguments, check_at_least,
+from recipes.common.args import (GENERATIVE_ARGUMENTS, FeatureCacheArguments, arg, check_at_least,
                                  parse_recipe_args)
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
                                      caption_samples, caption_scores, load_caption_data)
@@ -45,31 +45,20 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 class SoftPromptArguments:
     """The frozen parts of the captioner and the shape of what trains between them."""
 
-    vision_model: str | None = field(
-        default=None,
-        metadata={"help": "CLIP checkpoint (Hub id or folder; a full CLIP or a vision-only one) whose vision "
-                          "encoder is used frozen, e.g. openai/clip-vit-base-patch32; None = the embedded "
-                          "pre-trained tiny one."},
-    )
-    language_model: str | None = field(
-        default=None, metadata={"help": "Causal LM used frozen, e.g. gpt2; None = the embedded pre-trained "
-                                        "tiny GPT-2."}
-    )
-    prompt_length: int = field(default=10,
-                               metadata={"help": "Soft prompt vectors; 0 = projection only (the ablation)."})
-    prompt_init_text: str | None = field(
-        default=None,
-        metadata={"help": "Start the soft prompt at the LM's embeddings of this text (repeated to "
-                          "prompt_length); None = N(0, 0.02)."},
-    )
-    projection: Literal["linear", "mlp"] = field(
-        default="linear", metadata={"help": "Vision projection: one linear layer, or linear-GELU-linear."}
-    )
-    vision_features: Literal["pooled", "patches"] = field(
-        default="pooled",
-        metadata={"help": "'pooled': one vector per image (CLIP's pooled CLS); 'patches': one per patch (49 "
-                          "for B/32)."},
-    )
+    vision_model: str | None = arg(
+        None, "CLIP checkpoint (Hub id or folder; a full CLIP or a vision-only one) whose vision encoder "
+        "is used frozen, e.g. openai/clip-vit-base-patch32; None = the embedded pre-trained tiny one.")
+    language_model: str | None = arg(
+        None, "Causal LM used frozen, e.g. gpt2; None = the embedded pre-trained tiny GPT-2.")
+    prompt_length: int = arg(10, "Soft prompt vectors; 0 = projection only (the ablation).")
+    prompt_init_text: str | None = arg(
+        None, "Start the soft prompt at the LM's embeddings of this text (repeated to prompt_length); None "
+        "= N(0, 0.02).")
+    projection: Literal["linear", "mlp"] = arg(
+        "linear", "Vision projection: one linear layer, or linear-GELU-linear.")
+    vision_features: Literal["pooled", "patches"] = arg(
+        "pooled", "'pooled': one vector per image (CLIP's pooled CLS); 'patches': one per patch (49 for "
+        "B/32).")
 
     def __post_init__(self):
         check_at_least(self, 0, "prompt_length")

@@ -183,9 +183,9 @@ def test_regex_target_becomes_a_string(tmp_path):
 def test_numbers_optionals_and_choices():
     model, data, gen = parse_args(
         [ModelArguments, DataArguments, GenerationEvalArguments],
-        ["--dtype", "bfloat16", "--image_size", "224", "--temperature", "0.7", "--max_train_samples", "10"],
+        ["--dtype", "bfloat16", "--max_length", "224", "--temperature", "0.7", "--max_train_samples", "10"],
     )
-    assert (model.dtype == "bfloat16" and data.image_size == 224 and gen.temperature == 0.7
+    assert (model.dtype == "bfloat16" and data.max_length == 224 and gen.temperature == 0.7
             and data.max_train_samples == 10)
     with pytest.raises(SystemExit):
         parse_args([ModelArguments], ["--dtype", "float64"])
@@ -198,7 +198,7 @@ def test_unknown_command_line_flag_is_an_error():
 
 @pytest.mark.parametrize("flag, value, minimum", [
     ("--max_train_samples", "0", 1), ("--max_eval_samples", "-1", 1), ("--max_length", "0", 1),
-    ("--image_size", "0", 1), ("--eval_max_samples", "0", 1), ("--num_beams", "0", 1),
+    ("--eval_max_samples", "0", 1), ("--num_beams", "0", 1),
     ("--max_new_tokens", "0", 1), ("--unfreeze_last_n_vision_layers", "-1", 0),
 ])
 def test_a_count_below_its_minimum_is_an_error(flag, value, minimum):

@@ -210,6 +210,13 @@ def test_bad_inputs_are_clear_errors(env):
     assert "error: no train sample fits: length budget: " in r.stderr and "raise --max_length" in r.stderr
     assert not (d / "w" / "predictions").exists()
 
+    # Another image size: BLIP-2 would add the first of its 64 px position embeddings to a 32 px image.
+    r = _run([*_data(d), "--output_dir", str(d / "v"), *FAST, "--processor_kwargs",
+              '{"size": {"height": 32, "width": 32}}'], e)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ("error: --processor_kwargs size {'height': 32, 'width': 32}: BLIP-2's vision tower has position "
+            "embeddings for 64 x 64 px images only" in r.stderr), r.stderr[-3000:]
+
 
 def test_a_cut_off_image_is_found_before_the_first_step_and_the_headline_is_on_the_test_split(env):
     """A truncated image: an error naming file:line before training, or with --skip_bad_rows a counted reject

@@ -46,8 +46,10 @@ def main(argv=None):
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:blip2-opt-pretrained")
     model, processor = load_model_and_processor(Blip2ForConditionalGeneration, model_path, args.model)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
-    if args.data.image_size:
-        image_processor.size = {"height": args.data.image_size, "width": args.data.image_size}
+    side = model.config.vision_config.image_size  # BLIP-2 adds these position embeddings to any image size
+    if dict(image_processor.size) != {"height": side, "width": side}:
+        raise ValueError(f"--processor_kwargs size {dict(image_processor.size)}: BLIP-2's vision tower has "
+                         f"position embeddings for {side} x {side} px images only; leave the size out.")
     image_token_id, n_query = model.config.image_token_id, model.config.num_query_tokens
 
     # LoRA on the language model; a trained Q-Former (and any trained vision layers) is saved with the

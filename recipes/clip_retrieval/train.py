@@ -127,10 +127,6 @@ def main(argv=None):
     if max_length > positions:
         raise ValueError(f"--max_length {max_length}: the text tower has {positions} positions; "
                          f"set --max_length {positions} or less.")
-    trained_size = getattr(model.config.vision_config, "image_size", None)  # NaFlex: none, any size
-    if args.data.image_size and args.data.image_size != trained_size:
-        raise ValueError(f"--image_size {args.data.image_size}: the vision tower's position embeddings are "
-                         f"for {trained_size} px images; leave --image_size out.")
     loss = args.retrieval.loss or default_loss(model)
     if loss == "sigmoid" and add_sigmoid_head(model):
         logger.info("sigmoid loss on a checkpoint without a logit bias: a fresh head, t' = log 10, b = -10")

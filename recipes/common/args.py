@@ -99,8 +99,6 @@ class DataArguments:
         "cut, a conversation is cut after its last whole exchange that fits (CLIP: the text is cut before "
         "its eos); a sample with no room left is dropped. The logged length report counts both. None (in "
         "YAML: null) = no budget; CLIP: the text tower's length.")
-    image_size: int | None = arg(
-        None, "Resize images to this many pixels per side; None = the processor's size.")
     skip_bad_rows: bool = arg(
         False, "Drop invalid rows and rows whose image fails --check_images, counted, each written with "
         "its reason to <output_dir>/rejects/, instead of stopping.")
@@ -115,7 +113,7 @@ class DataArguments:
         "made in it.")
 
     def __post_init__(self):
-        check_at_least(self, 1, "max_length", "image_size", "max_train_samples", "max_eval_samples")
+        check_at_least(self, 1, "max_length", "max_train_samples", "max_eval_samples")
 
 
 _REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")

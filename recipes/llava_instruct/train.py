@@ -75,9 +75,6 @@ def main(argv=None):
             raise ValueError(f"--projector_lr {args.instruct.projector_lr} and --bridge_lr "
                              f"{args.learning_rate.bridge_lr} name the same learning rate; give one of them.")
         args.learning_rate.bridge_lr = args.instruct.projector_lr
-    if args.data.image_size:
-        raise ValueError("--image_size: the model's processor sizes the images for its vision tower; set "
-                         "its options with --processor_kwargs instead (e.g. its size).")
     task = args.instruct.data_task or ("caption" if args.instruct.stage == "pretrain" else "instruct")
 
     # Data: the embedded synthetic set unless files are given. Stage 1's images are scenes of another seed.

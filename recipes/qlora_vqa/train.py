@@ -64,9 +64,6 @@ def main(argv=None):
     if quantized and args.peft.peft_method == "none":
         raise ValueError("--peft_method none with --load_in_4bit/--load_in_8bit: quantized weights cannot "
                          "train. Use LoRA, or load the model unquantized (--load_in_4bit false).")
-    if args.data.image_size:
-        raise ValueError("--image_size: the model's processor sizes the images for its vision tower; set "
-                         "its options with --processor_kwargs instead (e.g. its size).")
     fall_back_to_cpu_optimizer(args.training)
 
     # Data: the embedded synthetic set unless files are given.

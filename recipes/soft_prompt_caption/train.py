@@ -75,10 +75,9 @@ def main(argv=None):
     if args.model.load_in_4bit or args.model.load_in_8bit:
         raise ValueError("--load_in_4bit / --load_in_8bit are not supported by soft_prompt_caption: its "
                          "frozen parts are loaded in --dtype (bfloat16 on a GPU by default).")
-    if args.data.image_size or args.model.processor_kwargs:
-        raise ValueError("--image_size / --processor_kwargs are not used by soft_prompt_caption: images are "
-                         "resized to what the CLIP vision encoder was trained on (its image processor's "
-                         "size).")
+    if args.model.processor_kwargs:
+        raise ValueError("--processor_kwargs is not used by soft_prompt_caption: images are resized to what "
+                         "the CLIP vision encoder was trained on (its image processor's size).")
 
     # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
     train_records, eval_records, test_records = load_caption_data(args.data, args.training)

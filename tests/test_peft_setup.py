@@ -18,6 +18,7 @@ from transformers import (
 from recipes.common.args import FreezeArguments, LearningRateArguments, PeftArguments
 from recipes.common.peft_setup import (
     apply_freezing,
+    apply_lora_and_freezing,
     apply_peft,
     count_parameters,
     default_lora_targets,
@@ -262,6 +263,25 @@ def test_counts_per_component_sum_to_total(build):
     assert "language" in str(counts) and f"{counts.total:,}" in str(counts)
 
 
+def test_lora_with_a_trained_bridge_counts_the_model_as_it_computes_and_says_what_stays(caplog):
+    """Under LoRA the Q-Former trains as a peft copy, counted once; the query tokens, a bare parameter peft
+    cannot save, stay frozen, with a warning."""
+    model = tiny_blip2()
+    base = sum(p.numel() for p in model.parameters())
+    peft_args, freeze_args = PeftArguments(), FreezeArguments(freeze_bridge=False)
+    with caplog.at_level("WARNING"):
+        model = apply_lora_and_freezing(model, peft_args, freeze_args)
+    assert peft_args.modules_to_save == ["language_projection", "qformer"]
+    assert "query_tokens stays as loaded" in caplog.text
+    lora = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    copies = {n.replace(".modules_to_save.default.", "."): p.numel() for n, p in model.named_parameters()
+              if ".modules_to_save.default." in n}
+    counts = count_parameters(model)
+    assert counts.total == base + lora
+    assert counts.trainable == lora + sum(copies.values())
+    assert not model.get_base_model().query_tokens.requires_grad
+
+
 def test_counts_exact_for_blip2_without_lora():
     model = tiny_blip2()
     apply_freezing(model, FreezeArguments(freeze_vision_tower=True, freeze_bridge=True,
@@ -329,7 +349,6 @@ def test_lora_and_freezing_saves_every_trained_module(tmp_path):
     from peft import PeftModel
     from transformers import Blip2ForConditionalGeneration
 
-    from recipes.common.peft_setup import apply_lora_and_freezing
     from recipes.common.tiny.models import tiny_model_path
 
     path = tiny_model_path("blip2-opt")

@@ -4,6 +4,7 @@ CLIP: the text tower) and "other" (CLIP's logit_scale). A train.py calls `apply_
 logs `count_parameters`; RecipeTrainer(learning_rates=...) builds its optimizer from `param_groups`.
 """
 
+import logging
 import re
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ BRIDGE_INSIDE_VISION = {"qwen2_vl": ("merger",), "qwen2_5_vl": ("merger",),
 TOWER_HEADS = {"visual_projection": "vision", "text_projection": "language"}
 
 PEFT_PREFIX = "base_model.model."
+logger = logging.getLogger(__name__)
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
@@ -325,10 +327,13 @@ class ParameterCounts:
 
 
 def count_parameters(model: torch.nn.Module) -> ParameterCounts:
-    """Trainable / total parameters per component; tied weights count once."""
+    """Trainable / total parameters per component of the model as it computes: tied weights count once, and
+    a module peft trains a copy of (`modules_to_save`) counts as its copy alone."""
     parts = find_components(model)
     rows = {c: [0, 0] for c in (*COMPONENTS, "other")}
     for name, param in model.named_parameters():
+        if ".original_module." in name:  # peft keeps it beside the trained copy, which the model runs
+            continue
         row = rows[parts.of(name)]
         row[1] += _numel(param)
         if param.requires_grad:
@@ -345,7 +350,11 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
 
     def copies(prefixes):
         out = []
-        for p in (p for p in prefixes if p in modules):
+        for p in prefixes:
+            if p not in modules:  # a parameter of the base model itself, which peft cannot save
+                logger.warning("%s stays as loaded: under LoRA only modules train beside the adapter, and it "
+                               "is a parameter (--peft_method none trains it)", p)
+                continue
             container = isinstance(modules[p], (torch.nn.ModuleList, torch.nn.ModuleDict))
             out += [f"{p}.{child}" for child, _ in modules[p].named_children()] if container else [p]
         return out

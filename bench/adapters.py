@@ -244,8 +244,6 @@ class Blip2LoraCaption(Adapter):
             model = on_device(Blip2ForConditionalGeneration, real_configs.blip2_opt_2_7b(), m, device, dtype)
             processor = AutoProcessor.from_pretrained(resolve_model_path("tiny:blip2-opt"))
             resize_image_processor(processor.image_processor, self.image_size(size))
-        if a.DataArguments.image_size:  # train.py: --image_size resizes the processor's output
-            resize_image_processor(processor.image_processor, a.DataArguments.image_size)
         return model, processor
 
     def build(self, a, size, device):

@@ -390,3 +390,36 @@ def test_dora_learns_magnitudes_and_merges_and_rslora_scales_by_the_root_of_the_
     rs = apply_peft(tiny_llava(), PeftArguments(lora_r=4, lora_alpha=8, use_rslora=True))
     layer = next(m for m in rs.modules() if hasattr(m, "lora_A"))
     assert layer.scaling["default"] == pytest.approx(8 / 4 ** 0.5)
+
+
+def test_the_optimizer_is_the_trainers_own_without_per_component_rates(tmp_path):
+    """No --vision_lr / --bridge_lr / --lm_lr: RecipeTrainer's optimizer is exactly transformers.Trainer's.
+    With one: its groups, in the optimizer class and arguments the Trainer would use (here its
+    `optimizer_cls_and_kwargs`); one that makes its own groups is refused."""
+    from transformers import Trainer, TrainingArguments
+
+    from recipes.common.trainer import RecipeTrainer
+
+    model = apply_peft(tiny_llava(), PeftArguments(modules_to_save=["multi_modal_projector"]))
+    args = TrainingArguments(str(tmp_path), learning_rate=1e-4, weight_decay=0.1, use_cpu=True, report_to=[])
+
+    def groups(optimizer):
+        return [([id(p) for p in g["params"]], g["lr"], g["weight_decay"]) for g in optimizer.param_groups]
+
+    ours = RecipeTrainer(model=model, args=args, learning_rates=LearningRateArguments()).create_optimizer()
+    theirs = Trainer(model=model, args=args).create_optimizer()
+    assert type(ours) is type(theirs) and groups(ours) == groups(theirs) and ours.defaults == theirs.defaults
+
+    sgd = (torch.optim.SGD, {"lr": 1e-4, "momentum": 0.9})
+    optimizer = RecipeTrainer(model=model, args=args, learning_rates=LearningRateArguments(bridge_lr=3e-3),
+                              optimizer_cls_and_kwargs=sgd).create_optimizer()
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == [1e-4, 3e-3]
+
+    def factory():  # what transformers calls an optimizer factory (Muon, Dion): it groups the model itself
+        return lambda model, **kwargs: torch.optim.SGD(model.parameters(), **kwargs)
+
+    trainer = RecipeTrainer(model=model, args=args, learning_rates=LearningRateArguments(bridge_lr=3e-3),
+                            optimizer_cls_and_kwargs=(factory, {"lr": 1e-4}))
+    with pytest.raises(ValueError, match="makes its own parameter groups, so it cannot take --vision_lr"):
+        trainer.create_optimizer()

@@ -2,8 +2,8 @@
 
 Its options, each off unless given: `generation` (after the loss evaluation, generate on the eval records,
 score the texts, log them as `eval_<metric>` so that `metric_for_best_model: CIDEr` works, and write
-`predictions/step-<N>.jsonl`), `learning_rates` (one optimizer group per component, each at its own rate)
-and `loss_on_label_positions` (recipes/common/losses.py). `heldout_metrics` is what the run loop
+`predictions/step-<N>.jsonl`), `learning_rates` (where --vision_lr / --bridge_lr / --lm_lr set one, an
+optimizer group per component at its own rate) and `loss_on_label_positions` (recipes/common/losses.py). `heldout_metrics` is what the run loop
 (recipes/common/run.py) scores before and after training.
 """
 
@@ -22,6 +22,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import Trainer
+from transformers.trainer_optimizer import is_optimizer_factory
 
 from data_tools.files import atomic_write_text
 from data_tools.jsonl import write_jsonl
@@ -126,15 +127,24 @@ class RecipeTrainer(Trainer):
 
     # --- optimizer -------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
-        # Only the parameter groups are ours: the optimizer class and its arguments stay --optim's.
-        if self.optimizer is None and self.learning_rates is not None:
-            groups = param_groups(self.model, self.learning_rates, self.args.learning_rate,
-                                  self.args.weight_decay, set(self.get_decay_parameter_names(self.model)))
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            optimizer_kwargs.pop("lr", None)  # each group carries its own
+        # With --vision_lr / --bridge_lr / --lm_lr, a parameter group per component at its rate; the optimizer
+        # class and its arguments stay --optim's. Without them, the Trainer's own set-up.
+        rates = self.learning_rates
+        if self.optimizer is None and rates is not None and any(
+                lr is not None for lr in (rates.vision_lr, rates.bridge_lr, rates.lm_lr)):
+            opt_model = self.model if model is None else model
+            optimizer_cls, kwargs = (self.optimizer_cls_and_kwargs
+                                     or self.get_optimizer_cls_and_kwargs(self.args, opt_model))
+            if is_optimizer_factory(optimizer_cls) or {"params", "model", "optimizer_dict"} & set(kwargs):
+                raise ValueError(f"--optim {self.args.optim} makes its own parameter groups, so it cannot "
+                                 "take --vision_lr / --bridge_lr / --lm_lr: leave those out, or use another "
+                                 "--optim.")
+            groups = param_groups(opt_model, rates, self.args.learning_rate, self.args.weight_decay,
+                                  set(self.get_decay_parameter_names(opt_model)))
+            kwargs = {k: v for k, v in kwargs.items() if k != "lr"}  # each group has its own
             self.optimizer = optimizer_cls([{k: v for k, v in g.items() if k != "name"} for g in groups],
-                                           **optimizer_kwargs)
-        return super().create_optimizer()
+                                           **kwargs)
+        return super().create_optimizer(model)
 
     # --- evaluation ------------------------------------------------------------------------------------
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,

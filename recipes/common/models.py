@@ -13,7 +13,8 @@ from .args import ModelArguments, did_you_mean
 
 
 def compute_dtype(model_args: ModelArguments) -> torch.dtype:
-    """The dtype to load in: what was asked, else bf16 on a GPU that has it, else float32."""
+    """The dtype to load in: what was asked, else bf16 on a GPU that has it (fp16 on one that has not), else
+    float32 (the CPU)."""
     if model_args.dtype != "auto":
         return getattr(torch, model_args.dtype)
     if torch.cuda.is_available():

@@ -206,7 +206,8 @@ class GenerationEvalArguments:
     temperature: float | None = arg(None, "Sampling temperature; None = the model's default.")
     top_p: float | None = arg(None, "Nucleus sampling threshold; None = the model's default.")
     eval_max_samples: int | None = arg(
-        None, "Generate for at most this many evaluation samples (generation is slow).")
+        None, "Generate for at most this many records of the eval and of the test data (generation is slow); "
+        "the loss evaluation still takes every eval sample. --max_eval_samples cuts the files for both.")
     shuffled_image_check: bool = arg(
         False, "After training, evaluate again with each eval image swapped for another one: a model that "
         "looks at the image scores lower; one that answers from the text alone scores the same.")

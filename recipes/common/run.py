@@ -40,8 +40,9 @@ NO_RESUME = (None, False, "", "false", "False")  # --resume_from_checkpoint valu
 
 
 def setup_run(training_args, model_args=None) -> None:
-    """Logging, the seed, the output folder's check (`check_output_dir`) and (given `model_args`) the check
-    that the load dtype has its autocast."""
+    """Logging, the seed, and the checks that can fail before anything loads: a recipe folder copied by hand
+    (`check_recipe_code`), the output folder (`check_output_dir`) and, given `model_args`, the load dtype's
+    autocast."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -131,7 +132,8 @@ def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: st
 
 
 def first(records, n: int | None):
-    """The first `n` records (all for None or 0; None stays None): --eval_max_samples."""
+    """The first `n` records (all for None or 0; None stays None): --eval_max_samples, and
+    --max_eval_samples where a record is a row."""
     return records.select(range(min(n, len(records)))) if records is not None and n else records
 
 

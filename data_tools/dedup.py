@@ -41,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .clean import check_outputs
 from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, WRONG_TYPE, DataError
 from .files import replaced_together
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
@@ -59,10 +60,22 @@ def normalize_text(text: str) -> str:
     return " ".join(text.lower().split()).strip(_END_PUNCTUATION)
 
 
+def _image_entry(record: dict) -> tuple[str, str] | None:
+    """(field, path) of the record's image under its canonical name or any accepted alias, a list of one
+    image (`"images": ["a.jpg"]`) included; None when it has none."""
+    for key in IMAGE_ALIASES:
+        value = record.get(key)
+        if isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if isinstance(value, str):
+            return key, value
+    return None
+
+
 def image_field(record: dict) -> str | None:
-    """The record's image path under its canonical name or any accepted alias; None when it has none."""
-    key = next((k for k in IMAGE_ALIASES if isinstance(record.get(k), str)), None)
-    return None if key is None else record[key]
+    """The record's image path (`_image_entry`); None when it has none."""
+    entry = _image_entry(record)
+    return None if entry is None else entry[1]
 
 
 def _clean_first(e: DataError) -> DataError:
@@ -248,16 +261,18 @@ def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_
     """Rewrite the record's image path, relative to src_root, to be relative to dst_root (where it is
     written)."""
     src_root, dst_root = Path(src_root).resolve(), Path(dst_root).resolve()
-    key = next((k for k in IMAGE_ALIASES if isinstance(record.get(k), str)), None)
-    if src_root == dst_root or key is None:
+    entry = _image_entry(record)
+    if src_root == dst_root or entry is None:
         return record
-    absolute = resolve_image_path(record[key], src_root, allow_outside_root=allow_outside_root)
+    key, image = entry
+    absolute = resolve_image_path(image, src_root, allow_outside_root=allow_outside_root)
     relative = os.path.relpath(absolute, dst_root)
     if relative.split(os.sep)[0] == ".." and not allow_outside_root:
-        e = _outside_output(record[key], src_root, dst_root)
+        e = _outside_output(image, src_root, dst_root)
         e.field = key
         raise e
-    return {**record, key: Path(relative).as_posix()}
+    rebased = Path(relative).as_posix()
+    return {**record, key: rebased if isinstance(record[key], str) else [rebased]}
 
 
 def _image_root(path: Path, image_root) -> Path:
@@ -404,6 +419,7 @@ def dedup_file(
     Image paths are relative to `image_root`. Given, the output keeps them as they are (relative to the same
     root); by default (None: the input's folder) they are rewritten relative to `out`'s folder.
     """
+    check_outputs({"the output": out, "the report": report_path})  # before any hashing
     path, out = Path(path), Path(out)
     hasher = hasher or ImageHasher(cache=default_cache(path), progress=progress)
     rebase = image_root is None

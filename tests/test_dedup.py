@@ -286,6 +286,17 @@ def test_cli_summary_and_rebased_paths(images, capsys):
     assert "outside the output folder" in capsys.readouterr().err
 
 
+def test_cli_refuses_one_file_for_output_and_report_and_a_folder_before_any_work(images, capsys):
+    write_lines(images / "in.jsonl", CAPTION_ROWS)
+    same = str(images / "same.jsonl")
+    assert dedup.main(["--task", "caption", str(images / "in.jsonl"), "--out", same, "--report", same]) == 2
+    assert "the output and the report name the same file" in capsys.readouterr().err
+    assert not (images / "same.jsonl").exists()
+    assert dedup.main(["--task", "caption", str(images / "in.jsonl"), "--out", str(images / "o.jsonl"),
+                       "--report", str(images / "img")]) == 2
+    assert "the report is a folder" in capsys.readouterr().err and not (images / "o.jsonl").exists()
+
+
 def test_cli_bad_image_fails_naming_line(images, capsys):
     write_lines(images / "in.jsonl",
                 [{"image": "img/a.png", "caption": "x"}, {"image": "img/missing.png", "caption": "y"}])

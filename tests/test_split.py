@@ -156,3 +156,29 @@ def test_check_leakage_finds_exact_and_near(tmp_path, capsys):
     write_lines(tmp_path / "test.jsonl",
                 [{"image": "img/red.png", "caption": "x"}, {"image": "img/red.png", "caption": "z"}])
     assert main_check_leakage([str(tmp_path / "val.jsonl"), str(tmp_path / "test.jsonl")]) == 0
+
+
+def test_a_list_of_one_image_groups_and_rebases_like_the_image_field_without_task(tmp_path, capsys):
+    """`"images": ["a.png"]` (an accepted alias) names the same image as `"image": "a.png"`: split without
+    --task keeps both rows of each image in one split, check-leakage sees it, paths are rewritten as lists."""
+    (tmp_path / "data" / "img").mkdir(parents=True)
+    rows = []
+    for k in range(20):
+        natural_image(300 + k).save(tmp_path / "data" / "img" / f"{k}.png")
+        rows += [{"images": [f"img/{k}.png"], "caption": "a"}, {"image": f"img/{k}.png", "caption": "b"}]
+    write_lines(tmp_path / "data" / "all.jsonl", rows)
+    out = tmp_path
+    assert main_split([str(tmp_path / "data" / "all.jsonl"), "--out-dir", str(out), "--ratios", "0.5,0.5",
+                       "--names", "train,test", "--seed", "0"]) == 0
+    splits = {name: read(out / f"{name}.jsonl") for name in ("train", "test")}
+    image_of = lambda r: r["image"] if "image" in r else r["images"][0]  # noqa: E731
+    assert all(isinstance(r.get("images", []), list) for rows in splits.values() for r in rows)
+    seen = {name: {image_of(r) for r in rows} for name, rows in splits.items()}
+    assert seen["train"] and seen["test"] and not seen["train"] & seen["test"]
+    assert all(p.startswith("data/img/") for names in seen.values() for p in names)  # rebased to out/
+    assert sum(len(rows) for rows in splits.values()) == 40
+    # A row of a train image moved into the test file is found by check-leakage.
+    moved = next(r for r in splits["train"] if "images" in r)
+    write_lines(out / "test.jsonl", [*splits["test"], moved])
+    capsys.readouterr()
+    assert main_check_leakage([str(out / "train.jsonl"), str(out / "test.jsonl")]) == 1

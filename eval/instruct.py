@@ -50,8 +50,15 @@ def eval_items(records, short_answer_words: int = SHORT_ANSWER_WORDS, lang: str 
         for t, turn in enumerate(turns):
             if turn["from"] != "gpt" or t == 0 or turns[t - 1]["from"] != "human":
                 continue
+            # The images of later turns' <image>s are not shown yet (the others lead the first user turn).
+            later = sum(u["value"].count("<image>") for u in turns[t:])
+            image, images = record.get("image"), record.get("images")
+            if later and images is not None:
+                images = images[: len(images) - later]
+            elif later:
+                image = None
             items.append({
-                "key": f"{row}:{t}", "image": record.get("image"), "images": record.get("images"),
+                "key": f"{row}:{t}", "image": image, "images": images,
                 "conversations": turns[:t],
                 "question": turns[t - 1]["value"].replace("<image>", "").strip(),
                 "references": [turn["value"]], "short": is_short([turn["value"]], short_answer_words, lang),

@@ -37,6 +37,20 @@ def test_items_are_assistant_turns_with_their_history():
     assert is_short(["红色的圆形"], 5, lang="zh") and not is_short(["红色的圆形"], 4, lang="zh")  # characters
 
 
+def test_an_item_shows_the_images_of_its_history_only():
+    """Images that later turns' <image>s place are not in an earlier answer's prompt; images no <image>
+    places lead the first user turn, so every item has them."""
+    turns = [{"from": "human", "value": "<image>\nWhat shape?"}, {"from": "gpt", "value": "A circle."},
+             {"from": "human", "value": "And here? <image>"}, {"from": "gpt", "value": "A square."}]
+    records = [{"images": ["lead.png", "a.png", "b.png"], "conversations": turns},
+               {"image": "late.png", "conversations": [{"from": "human", "value": "Hi."},
+                                                       {"from": "gpt", "value": "Hello."}, *turns[2:]]}]
+    items = eval_items(records)
+    assert {it["key"]: it["images"] for it in items[:2]} == {"0:1": ["lead.png", "a.png"],
+                                                          "0:3": ["lead.png", "a.png", "b.png"]}
+    assert {it["key"]: it["image"] for it in items[2:]} == {"1:1": None, "1:3": "late.png"}
+
+
 def test_short_answers_by_vqa_accuracy_descriptions_by_cider():
     items = eval_items(RECORDS, short_answer_words=3)
     scores = instruct_scores(PREDICTIONS, items, per_sample=True)

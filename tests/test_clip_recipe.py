@@ -262,3 +262,14 @@ def test_the_base_of_an_unfinished_runs_checkpoint_is_read_from_the_run(tmp_path
     assert base_of(tmp_path / "run" / "checkpoint-4") == base_of(tmp_path / "run") == "/models/clip"
     with pytest.raises(FileNotFoundError, match="pass --base"):
         base_of(tmp_path)
+
+
+def test_bf16_weights_with_a_trained_float32_layer_embed_under_autocast(env):
+    """--dtype bfloat16 --bf16 with frozen towers and their last layers trained: the trained float32 layers
+    meet the frozen bf16 ones when the evaluation embeds, which runs under the training's autocast."""
+    d, e, data, _ = env
+    r = _run([*data, *FAST, "--max_steps", "1", "--per_device_train_batch_size", "8", "--dtype", "bfloat16",
+              "--bf16", "--peft_method", "none", "--freeze_vision_tower", "true",
+              "--unfreeze_last_n_vision_layers", "1", "--output_dir", str(d / "bf16")], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert set(json.loads((d / "bf16" / "metrics.json").read_text())["after"]) >= METRICS

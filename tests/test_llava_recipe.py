@@ -266,3 +266,14 @@ def test_trainer_gives_the_projector_its_learning_rate_and_batches_by_modality(t
     assert lrs == {(3e-3, 0.1), (3e-3, 0.0), (1e-5, 0.1), (1e-5, 0.0), (1e-4, 0.1)}
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, ModalityLengthGroupedSampler) and sampler.batch_size == 2
+
+
+def test_bf16_weights_with_bf16_autocast_generate_before_and_after(env):
+    """--dtype bfloat16 --bf16: the float32 projector copy meets the bf16 vision tower when the eval
+    generates, which runs under the training's autocast (`generate` goes around accelerate's)."""
+    d, e = env
+    r = _run([*_data(d), "--output_dir", str(d / "bf16"), *FAST, "--max_steps", "1", "--dtype", "bfloat16",
+              "--bf16", "--eval_max_samples", "3"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    metrics = json.loads((d / "bf16" / "metrics.json").read_text())
+    assert metrics["before"] and metrics["after"]

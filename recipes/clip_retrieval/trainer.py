@@ -357,21 +357,24 @@ class ContrastiveTrainer(RecipeTrainer):
         model.eval()
         metrics, arrays = {}, {}
         data = dataset if dataset is not None else self.retrieval_dataset
-        if data is not None:
-            text_ids, text_to_image = data.texts()
-            arrays = {"image_embeds": self._embed_shared(model, "images", data.images),
-                      "text_embeds": self._embed_shared(model, "texts", text_ids),
-                      "text_to_image": np.asarray(text_to_image), "image_keys": np.asarray(data.images),
-                      "texts": np.asarray([t for caps in data.caption_texts for t in caps])}
-            metrics.update(recall_at_k(arrays["text_embeds"] @ arrays["image_embeds"].T,
-                                       arrays["text_to_image"]))
-        if self.zero_shot is not None:
-            zs = self.zero_shot
-            images = self._embed_shared(model, "images", zs.images)
-            prompts = [embed_texts(model, self.data_collator, p, len(p), self.args.device)
-                       for p in zs.prompt_ids]
-            classes = class_embeddings(prompts)
-            metrics["zero_shot_accuracy"] = zero_shot_accuracy(images, classes, zs.targets)
+        # Under the autocast training uses (none without --bf16/--fp16), where trained float32 layers meet
+        # frozen half-precision ones: get_*_features goes around the one accelerate puts on forward.
+        with self.accelerator.autocast():
+            if data is not None:
+                text_ids, text_to_image = data.texts()
+                arrays = {"image_embeds": self._embed_shared(model, "images", data.images),
+                          "text_embeds": self._embed_shared(model, "texts", text_ids),
+                          "text_to_image": np.asarray(text_to_image), "image_keys": np.asarray(data.images),
+                          "texts": np.asarray([t for caps in data.caption_texts for t in caps])}
+                metrics.update(recall_at_k(arrays["text_embeds"] @ arrays["image_embeds"].T,
+                                           arrays["text_to_image"]))
+            if self.zero_shot is not None:
+                zs = self.zero_shot
+                images = self._embed_shared(model, "images", zs.images)
+                prompts = [embed_texts(model, self.data_collator, p, len(p), self.args.device)
+                           for p in zs.prompt_ids]
+                classes = class_embeddings(prompts)
+                metrics["zero_shot_accuracy"] = zero_shot_accuracy(images, classes, zs.targets)
         model.train(was_training)
         metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in metrics.items()}
         if self.is_world_process_zero():

@@ -3,8 +3,8 @@
 Its options, each off unless given: `generation` (after the loss evaluation, generate on the eval records,
 score the texts, log them as `eval_<metric>` so that `metric_for_best_model: CIDEr` works, and write
 `predictions/step-<N>.jsonl`), `learning_rates` (where --vision_lr / --bridge_lr / --lm_lr set one, an
-optimizer group per component at its own rate) and `loss_on_label_positions` (recipes/common/losses.py). `heldout_metrics` is what the run loop
-(recipes/common/run.py) scores before and after training.
+optimizer group per component at its own rate) and `loss_on_label_positions` (recipes/common/losses.py).
+`heldout_metrics` is what the run loop (recipes/common/run.py) scores before and after training.
 """
 
 from __future__ import annotations
@@ -189,14 +189,17 @@ class RecipeTrainer(Trainer):
         tok = self.generation.tokenizer
         kwargs = generate_kwargs(self.generation.args, tok.pad_token_id, stop_token_ids(model, tok))
         out = []
-        for batch in tqdm(loader, desc="generating", disable=not self.is_local_process_zero()):
-            keys = batch.pop("keys")
-            batch = {k: v.to(self.args.device) for k, v in batch.items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            generated = model.generate(**batch, **kwargs)
-            new_tokens = generated[:, batch["input_ids"].shape[1]:]  # generate returns prompt + continuation
-            out += list(zip(keys, tok.batch_decode(new_tokens, skip_special_tokens=True)))
+        # Under the autocast training uses (none without --bf16/--fp16), where the trained float32 parts meet
+        # the frozen half-precision ones: `generate` goes around the one accelerate puts on forward.
+        with self.accelerator.autocast():
+            for batch in tqdm(loader, desc="generating", disable=not self.is_local_process_zero()):
+                keys = batch.pop("keys")
+                batch = {k: v.to(self.args.device) for k, v in batch.items()}
+                if "pixel_values" in batch:
+                    batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+                generated = model.generate(**batch, **kwargs)
+                new_tokens = generated[:, batch["input_ids"].shape[1]:]  # generate: prompt + continuation
+                out += list(zip(keys, tok.batch_decode(new_tokens, skip_special_tokens=True)))
         model.train(was_training)
         out = out[:own]
         if self.args.world_size > 1:

@@ -14,18 +14,11 @@ from recipes.common.trainer import RecipeTrainer
 class VqaTrainer(RecipeTrainer):
     """RecipeTrainer for short answers on a quantized base.
 
-    - generation runs under the mixed-precision autocast that training uses: the trainable float32
-      projector is fed bf16 vision features, and `generate` bypasses the autocast accelerate puts
-      around the wrapped model's forward;
     - every evaluation also writes `predictions/<name>.results.json` in the official VQA results
       format ([{"question_id", "answer"}]) and `<name>.vqa.json` (accuracy overall, per answer type
       and per question type);
     - every save writes the base's quantization config next to the adapter, for merge.py.
     """
-
-    def generate_predictions(self, records) -> dict:
-        with self.accelerator.autocast():
-            return super().generate_predictions(records)
 
     def write_predictions(self, predictions: dict, scores: dict, name: str, records=None) -> None:
         super().write_predictions(predictions, scores, name, records)

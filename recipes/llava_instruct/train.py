@@ -70,6 +70,10 @@ def main(argv=None):
     args = parse_recipe_args(argv, DEFAULT_CONFIG, (*GENERATIVE_ARGUMENTS, InstructArguments,
                                                      ChatBatchArguments, TrainingArguments))
     setup_run(args.training, args.model)
+    if args.model.load_in_4bit or args.model.load_in_8bit:
+        raise ValueError("--load_in_4bit / --load_in_8bit are not supported by llava_instruct (its merge and "
+                         "chat put the adapter on the unquantized base); recipes/qlora_vqa trains LoRA on a "
+                         "4-bit base, for VQA data.")
     if args.instruct.projector_lr is not None:
         if args.learning_rate.bridge_lr not in (None, args.instruct.projector_lr):
             raise ValueError(f"--projector_lr {args.instruct.projector_lr} and --bridge_lr "

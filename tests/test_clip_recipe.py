@@ -273,3 +273,22 @@ def test_bf16_weights_with_a_trained_float32_layer_embed_under_autocast(env):
               "--unfreeze_last_n_vision_layers", "1", "--output_dir", str(d / "bf16")], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(json.loads((d / "bf16" / "metrics.json").read_text())["after"]) >= METRICS
+
+
+def test_clip_with_the_sigmoid_loss_trains_on_two_processes_as_on_one(env):
+    """CLIP's fresh sigmoid bias is read by the loss alone, outside forward: DDP must not look for unused
+    parameters (it marked the bias ready twice and stopped the first step)."""
+    d, e, data, _ = env
+    args = [*data, *FAST, "--loss", "sigmoid", "--max_steps", "2", "--save_strategy", "no"]
+    r = _run([*args, "--per_device_train_batch_size", "8", "--output_dir", str(d / "sig1")], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(ROOT / "accelerate_configs" / "multi_cpu.yaml"),
+           "--main_process_port", "29563", str(RECIPE / "train.py"), *args,
+           "--per_device_train_batch_size", "4", "--output_dir", str(d / "sig2")]
+    r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(d / "sig2") == pytest.approx(_losses(d / "sig1"), abs=1e-5)
+    one, two = load_file(d / "sig1" / "model.safetensors"), load_file(d / "sig2" / "model.safetensors")
+    assert one["logit_bias"].item() != -10.0
+    torch.testing.assert_close(two["logit_bias"], one["logit_bias"], atol=2e-5, rtol=1e-4)

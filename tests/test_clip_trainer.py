@@ -161,3 +161,12 @@ def test_lora_refuses_to_unfreeze_base_layers_it_would_not_save():
     with pytest.raises(ValueError, match="--unfreeze_last_n_vision_layers: would train base weights, "
                                          "which a LoRA adapter does not save"):
         set_training_mode(_tiny_clip(), PeftArguments(), FreezeArguments(unfreeze_last_n_vision_layers=1))
+
+
+def test_lora_towers_with_explicit_targets_is_refused_not_ignored():
+    """--lora_towers picks the default targets: with --lora_target_modules it would be silently ignored."""
+    peft = PeftArguments(lora_target_modules=["q_proj", "v_proj"])
+    with pytest.raises(ValueError, match="--lora_towers vision with --lora_target_modules"):
+        set_training_mode(_tiny_clip(), peft, FreezeArguments(), "vision")
+    model = set_training_mode(_tiny_clip(), peft, FreezeArguments(), "both")
+    assert {n.split(".")[2] for n in _trainable(model)} == {"vision_model", "text_model"}

@@ -130,6 +130,10 @@ def main(argv=None):
     loss = args.retrieval.loss or default_loss(model)
     if loss == "sigmoid" and add_sigmoid_head(model):
         logger.info("sigmoid loss on a checkpoint without a logit bias: a fresh head, t' = log 10, b = -10")
+        if args.training.ddp_find_unused_parameters is None:
+            # Only the loss reads the new bias, after forward: DDP's search for unused parameters would
+            # mark it ready before its gradient comes, and stop the step.
+            args.training.ddp_find_unused_parameters = False
     logger.info("loss: %s", loss)
     model = set_training_mode(model, args.peft, args.freeze, args.retrieval.lora_towers,
                               args.retrieval.unfreeze_last_n_text_layers)

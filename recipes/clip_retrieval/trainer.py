@@ -251,9 +251,13 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both",
             raise ValueError(f"{', '.join(unfreeze)}: would train base weights, which a LoRA adapter does "
                              "not save; unfreeze layers with --peft_method none.")
         towers = {"both": ("vision", "language"), "vision": ("vision",), "text": ("language",)}[lora_towers]
-        logger.info("LoRA on the %s tower(s); every base weight stays frozen (the freeze_* flags apply to "
-                    "--peft_method none)",
-                    lora_towers)
+        if peft_args.lora_target_modules is not None and lora_towers != "both":
+            raise ValueError(f"--lora_towers {lora_towers} with --lora_target_modules: the towers pick the "
+                             "default targets only; name the tower's modules in --lora_target_modules (e.g. "
+                             "a regex starting with vision_model), or leave them out.")
+        where = "--lora_target_modules" if peft_args.lora_target_modules else f"the {lora_towers} tower(s)"
+        logger.info("LoRA on %s; every base weight stays frozen (the freeze_* flags apply to --peft_method "
+                    "none)", where)
         if peft_args.lora_target_modules is None:
             # The encoder layers' attention only: SigLIP's attention-pooling head is an nn.MultiheadAttention,
             # which reads its out_proj weight directly, past any LoRA wrapper.

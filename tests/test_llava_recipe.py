@@ -277,3 +277,36 @@ def test_bf16_weights_with_bf16_autocast_generate_before_and_after(env):
     assert r.returncode == 0, r.stderr[-3000:]
     metrics = json.loads((d / "bf16" / "metrics.json").read_text())
     assert metrics["before"] and metrics["after"]
+
+
+@pytest.mark.matrix
+def test_two_processes_resumed_in_a_later_epoch_train_its_batches(env):
+    """2 processes, modality-grouped batches, a checkpoint in the middle of the second epoch: the resumed
+    run trains the batches the uninterrupted one did (the sampler's epoch reaches it through accelerate's
+    skip_first_batches wrapper), to the same losses and adapter."""
+    d, e = env
+    out = d / "resume2"
+    config = str(ROOT / "accelerate_configs" / "multi_cpu.yaml")
+    common = [*_data(d), *FAST, "--max_steps", "9", "--lora_dropout", "0", "--eval_max_samples", "2",
+              "--shuffled_image_check", "false", "--per_device_train_batch_size", "4",
+              "--save_strategy", "steps", "--save_steps", "8"]
+
+    def launch(output_dir, *extra):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
+               "--main_process_port", "29583", str(TRAIN), *common, "--output_dir", str(output_dir), *extra]
+        r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return json.loads((output_dir / "trainer_state.json").read_text())
+
+    whole = launch(out / "whole")
+    state = json.loads((out / "whole" / "checkpoint-8" / "trainer_state.json").read_text())
+    assert 1 < state["epoch"] < 2  # step 8 lies inside the second epoch
+    shutil.copytree(out / "whole" / "checkpoint-8", out / "resumed" / "checkpoint-8")
+    resumed = launch(out / "resumed", "--resume_from_checkpoint", "last")
+    losses = [[h["loss"] for h in state["log_history"] if "loss" in h] for state in (whole, resumed)]
+    assert losses[1][-1] == pytest.approx(losses[0][-1], rel=1e-5)
+    from safetensors.torch import load_file
+
+    ref, got = (load_file(out / run / "adapter_model.safetensors") for run in ("whole", "resumed"))
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4)

@@ -293,3 +293,20 @@ def test_bases_in_local_folders_are_recorded_by_absolute_path_for_export_from_an
     (d / "rel" / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError, match="moved/vision' does not exist.*export.py --vision_model"):
         modeling.SoftPromptCaptioner.from_trained(d / "rel")
+
+
+def test_bf16_bases_train_an_unfrozen_tower_in_float32_and_a_null_budget_is_the_lm_length(env):
+    """--dtype bfloat16: the vision tower, unfrozen, trains (and is saved) in float32 while the frozen LM
+    stays bf16; `max_length: null` in a config is no budget but the LM's positions, not a crash."""
+    d, e = env
+    config = (RECIPE / "config.yaml").read_text().replace("\nmax_length: 128 ", "\nmax_length: null ")
+    assert "max_length: null" in config
+    (d / "null.yaml").write_text(config)
+    r = _run(TRAIN, [*_data(d), *FAST, "--config", str(d / "null.yaml"), "--max_steps", "1", "--dtype",
+                     "bfloat16", "--bf16",
+                     "--freeze_vision_tower", "false", "--eval_max_samples", "2", "--output_dir",
+                     str(d / "bf16")], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = load_file(d / "bf16" / "trained.safetensors")
+    vision = {k: v.dtype for k, v in trained.items() if k.startswith("vision_model.")}
+    assert vision and set(vision.values()) == {torch.float32}

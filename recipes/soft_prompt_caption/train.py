@@ -30,7 +30,7 @@ from recipes.common.args import (GENERATIVE_ARGUMENTS, FeatureCacheArguments, ar
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
                                      caption_samples, caption_scores, load_caption_data)
 from recipes.common.models import compute_dtype, loading, resolve_model_path
-from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters
+from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters, trainable_in_float32
 from recipes.common.run import run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
 from recipes.soft_prompt_caption.collator import tokenize_captions
@@ -101,20 +101,22 @@ def main(argv=None):
         model.init_soft_prompt_from_text(tokenizer, args.soft_prompt.prompt_init_text)
     config = model.config
     n_positions = getattr(config.text_config, "max_position_embeddings", None)
-    if n_positions and args.data.max_length > n_positions:
-        raise ValueError(f"--max_length {args.data.max_length} is more than the language model's "
-                         f"{n_positions} positions.")
+    max_length = args.data.max_length or n_positions  # null (no budget): the LM's positions still bound it
+    if n_positions and max_length > n_positions:
+        raise ValueError(f"--max_length {max_length} is more than the language model's {n_positions} "
+                         "positions.")
 
     # Optional LoRA on the LM; then only the soft prompt and projection (+ LoRA) train.
     model = apply_peft(model, args.peft)
     apply_freezing(model, args.freeze)
+    trainable_in_float32(model)  # an unfrozen part of a bf16 base would lose every update below 2^-8
     logger.info("parameters:\n%s", count_parameters(model))
     logger.info("%s (soft prompt %d + image %d = %d prefix positions)", trained_sizes(model),
                 config.prompt_length, config.num_vision_tokens, config.prefix_length)
 
     # Samples: one per reference caption, text only; the length budget counts the prefix.
     tokenize = functools.partial(tokenize_captions, tokenizer=tokenizer, prefix_length=config.prefix_length,
-                                 prompt=args.data.prompt, max_length=args.data.max_length,
+                                 prompt=args.data.prompt, max_length=max_length,
                                  lang=args.data.lang)
     train_dataset, eval_dataset, eval_records, test_records = caption_samples(
         tokenize, train_records, eval_records, test_records, args.generation_eval.eval_max_samples)

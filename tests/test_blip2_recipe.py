@@ -101,7 +101,9 @@ def _parses(path) -> bool:
         return False
 
 
-KILLED = ["--max_steps", "30", *FAST, "--save_strategy", "steps", "--save_steps", "10"]
+# An evaluation at the epoch's end (step 25): a stopped run must not run one at the step it stops at.
+KILLED = ["--max_steps", "30", *FAST, "--save_strategy", "steps", "--save_steps", "10",
+          "--eval_strategy", "epoch"]
 
 
 def _wait_for_checkpoint_10(p: subprocess.Popen, out: Path) -> None:
@@ -150,8 +152,9 @@ def test_killed_and_resumed_run_ends_like_an_uninterrupted_one(env, whole):
 
 def test_sigterm_with_jit_checkpoint_saves_the_step_under_way_and_the_resumed_run_ends_the_same(env, whole):
     """--enable_jit_checkpoint: SIGTERM to the run and its DataLoader workers, as a scheduler sends it,
-    saves the step under way and stops with exit code 143, nothing scored; the same command (a job
-    script's: --resume_from_checkpoint auto) then goes on, and ends the run as if it had never stopped."""
+    saves the step under way and stops with exit code 143, nothing scored (not even the evaluation an epoch
+    end would run); the same command (a job script's: --resume_from_checkpoint auto) then goes on, and ends
+    the run as if it had never stopped."""
     d, e = env
     common = [*_data(d), *KILLED, "--dataloader_num_workers", "2", "--enable_jit_checkpoint",
               "--resume_from_checkpoint", "auto"]
@@ -167,6 +170,7 @@ def test_sigterm_with_jit_checkpoint_saves_the_step_under_way_and_the_resumed_ru
     assert 10 <= step < 30 and err.count("SIGTERM: training stopped") == 1 and "resuming from" not in err
     assert json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["global_step"] == step
     assert not (out / "metrics.json").exists() and not (out / "predictions" / "final.jsonl").exists()
+    assert not (out / "predictions" / f"step-{step}.jsonl").exists() or step == 25  # an epoch is 25 steps
 
     r = _run([*common, "--output_dir", str(out)], e)
     assert r.returncode == 0 and f"resuming from {out / f'checkpoint-{step}'}\n" in r.stderr, r.stderr[-3000:]

@@ -155,7 +155,7 @@ def test_a_stopped_run_and_ctrl_c_end_with_their_exit_codes_and_one_line(capsys)
     from recipes.common.run import Stopped, run_main
 
     for raised, code, line in ((Stopped("SIGTERM: training stopped at step 3 of 9"), 143,
-                                "SIGTERM: training stopped at step 3 of 9\n"),
+                                "\nSIGTERM: training stopped at step 3 of 9\n"),
                                (KeyboardInterrupt(), 130, "interrupted (Ctrl-C)\n")):
         def main():
             raise raised

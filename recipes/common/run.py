@@ -247,6 +247,15 @@ class StopOnSignal(TrainerCallback):
             control.should_save = control.should_training_stop = True
             self.stopped_at = state.global_step
 
+    def on_save(self, args, state, control, **kwargs):
+        # Leave the Trainer right after the save: its epoch end would evaluate the stopped step (and might
+        # pick it as the best checkpoint), then prune checkpoints for save_total_limit.
+        if self.stopped_at is not None and state.global_step < state.max_steps:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            raise Stopped(f"SIGTERM: training stopped at step {state.global_step} of {state.max_steps} and "
+                          f"saved {Path(args.output_dir) / f'checkpoint-{state.global_step}'}. Run the same "
+                          "command with --resume_from_checkpoint last (or auto) to go on.")
+
     def on_train_end(self, args, state, control, **kwargs):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -323,11 +332,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if evaluates:
         score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
-    trainer.train(resume_from_checkpoint=resume)
-    if stop is not None and stop.stopped_at is not None and stop.stopped_at < trainer.state.max_steps:
-        raise Stopped(f"SIGTERM: training stopped at step {stop.stopped_at} of {trainer.state.max_steps} and "
-                      f"saved {Path(args.output_dir) / f'checkpoint-{stop.stopped_at}'}. Run the same "
-                      "command with --resume_from_checkpoint last (or auto) to go on.")
+    trainer.train(resume_from_checkpoint=resume)  # raises Stopped when a SIGTERM stopped it (StopOnSignal)
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation
     if evaluates:
@@ -369,7 +374,7 @@ def run_main(main: Callable[[], object]) -> None:
         main()
     except Stopped as e:
         if PartialState().is_local_main_process:  # every process stopped at the same step
-            print(e, file=sys.stderr)
+            print(f"\n{e}", file=sys.stderr)  # on a line of its own: the progress bar's is left open
         sys.exit(143)
     except KeyboardInterrupt:
         print("interrupted (Ctrl-C)", file=sys.stderr)

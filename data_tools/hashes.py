@@ -513,8 +513,8 @@ def group_images(
     `hashing.image_groups` defines them; the result is by position in `index`.
 
     In fast mode, images with equal file bytes are identical without decoding; pixel hashes are computed
-    (by `hasher`) for the images whose fast hashes are near another's (at `threshold`, or at the default
-    threshold when near duplicates are off), since only those can have another file's pixels.
+    (by `hasher`) for the images whose fast hashes are near another's (at `threshold` or the default
+    threshold, whichever is larger), since only those can have another file's pixels.
     """
     index = np.arange(len(table)) if index is None else np.asarray(index, np.int64)
     n = len(index)
@@ -526,7 +526,10 @@ def group_images(
     else:
         by_bytes = first_index(table.file_sha256[index])
         reps = np.flatnonzero(by_bytes == np.arange(n))
-        radius = threshold if threshold is not None and threshold >= 0 else DEFAULT_NEAR_THRESHOLD
+        near_on = threshold is not None and threshold >= 0
+        # A JPEG and a PNG of its pixels can be ~2 bits apart in fast hashes: look for identical pixels at
+        # the default radius at least, then keep as near pairs only those within the user's threshold.
+        radius = max(threshold, DEFAULT_NEAR_THRESHOLD) if near_on else DEFAULT_NEAR_THRESHOLD
         cand = _near(table, index, reps, radius)
         need = np.unique(np.concatenate(cand[:2]))
         if len(need):
@@ -543,7 +546,7 @@ def group_images(
             rep_cand[:, None], table.pixel_sha256[index[by_bytes]], table.file_sha256[index]
         )
         content = first_index(keys)
-        near = cand if threshold is not None and threshold >= 0 else None
+        near = tuple(a[cand[2] <= threshold] for a in cand) if near_on else None
     if near is None:
         near = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.uint8))
     else:

@@ -237,6 +237,9 @@ def caption_metrics(predictions: dict, references: dict, lang: str = "en", metri
     result, per_key = {}, {k: {} for k in keys}
     with _quiet_pycocoevalcap():
         gts, res = _tokenize(predictions, references, keys, lang)
+        # Scorers get positions as keys: SPICE lists its per-sample scores in sorted(keys) order, the others
+        # in dict order, and only 0..n-1 sorts as it stands (never mixing int and str, and JSON-safe).
+        gts, res = ({i: d[k] for i, k in enumerate(keys)} for d in (gts, res))
         for name in metrics:
             scorer = _scorer(name)
             score, scores = scorer.compute_score(gts, res)
@@ -248,7 +251,7 @@ def caption_metrics(predictions: dict, references: dict, lang: str = "en", metri
                 score, scores = [score], [scores]
             for metric, corpus_value, sample_values in zip(names, score, scores):
                 result[metric] = float(corpus_value)
-                for k, v in zip(gts.keys(), sample_values):
+                for k, v in zip(keys, sample_values):
                     # SPICE gives a dict of sub-scores per sample; its headline is the "All" F-score.
                     per_key[k][metric] = float(v["All"]["f"]) if isinstance(v, dict) else float(v)
     if per_sample:

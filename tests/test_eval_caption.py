@@ -115,6 +115,33 @@ def test_spice_skipped_with_one_stderr_line(monkeypatch, capsys):
     assert "SPICE" not in out and "Bleu_1" in out
 
 
+class _SortedLikeSpice:
+    """Stands in for pycocoevalcap's Spice (its CoreNLP jars are not installed here) with the output shape
+    of pycocoevalcap/spice/spice.py: per-sample sub-score dicts in sorted(gts.keys()) order. Each sample's
+    "All" F-score is its prediction's word count, so a score filed under another key shows."""
+
+    def compute_score(self, gts, res):
+        scores = [{"All": {"f": float(len(res[k][0].split()))}} for k in sorted(gts.keys())]
+        return sum(s["All"]["f"] for s in scores) / len(scores), scores
+
+
+def test_spice_per_sample_scores_land_on_their_keys(monkeypatch):
+    monkeypatch.setattr(caption, "spice_available", lambda: (True, ""))
+    real_scorer = caption._scorer
+    monkeypatch.setattr(caption, "_scorer",
+                        lambda name: _SortedLikeSpice() if name == "SPICE" else real_scorer(name))
+    predictions = {"b": "a dog", "c": "a red bus stops", "a": "three sleeping cats"}
+    references = {k: ["a cat"] for k in predictions}
+    out = caption_metrics(predictions, references, metrics=["SPICE"], per_sample=True)
+    assert out == {"SPICE": 3.0,
+                   "per_sample": {"b": {"SPICE": 2.0}, "c": {"SPICE": 4.0}, "a": {"SPICE": 3.0}}}
+    # Keys that do not sort together (int and str) are scored too.
+    predictions = {10: "a dog", "x": "a red bus stops", 2: "one cat sleeps"}
+    out = caption_metrics(predictions, {k: ["a cat"] for k in predictions}, metrics=["SPICE"],
+                          per_sample=True)
+    assert out["per_sample"] == {10: {"SPICE": 2.0}, "x": {"SPICE": 4.0}, 2: {"SPICE": 3.0}}
+
+
 def test_spice_available_reports_missing_corenlp():
     ok, why = caption.spice_available()
     if ok:

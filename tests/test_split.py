@@ -9,7 +9,9 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
+from data_tools.hashing import hamming, hash_image_fast
 from data_tools.split import assign_groups, find_leaks, main_check_leakage, main_split, split_records
 from tests.test_dedup import make_images, natural_image, read, write_lines
 
@@ -156,6 +158,49 @@ def test_check_leakage_finds_exact_and_near(tmp_path, capsys):
     write_lines(tmp_path / "test.jsonl",
                 [{"image": "img/red.png", "caption": "x"}, {"image": "img/red.png", "caption": "z"}])
     assert main_check_leakage([str(tmp_path / "val.jsonl"), str(tmp_path / "test.jsonl")]) == 0
+
+
+def test_identical_pictures_are_one_image_at_any_near_threshold(tmp_path, capsys):
+    """A JPEG and a PNG of its decoded pixels are one image, though their fast hashes (the JPEG's reduced
+    decode) are 2 bits apart: split and check-leakage find them at --near-threshold 0 and 1 too."""
+    make_images(tmp_path / "img")  # a.png and a_near.jpg: 2 bits apart, not the same pixels
+    assert hamming(hash_image_fast(tmp_path / "img/a.png").phash,
+                   hash_image_fast(tmp_path / "img/a_near.jpg").phash) == 2
+    seeds = [504, 509, 513, 516, 518, 524]
+    for s in seeds:
+        natural_image(s, 240).save(tmp_path / f"img/{s}.jpg", quality=90)
+        with Image.open(tmp_path / f"img/{s}.jpg") as im:
+            im.convert("RGB").save(tmp_path / f"img/{s}.png")
+        fast = [hash_image_fast(tmp_path / f"img/{s}.{ext}").phash for ext in ("jpg", "png")]
+        assert hamming(*fast) == 2  # what the test is about: beyond a threshold of 0 or 1
+    write_lines(tmp_path / "train.jsonl", [{"image": f"img/{s}.jpg", "caption": "x"} for s in seeds]
+                + [{"image": "img/a.png", "caption": "x"}])
+    write_lines(tmp_path / "test.jsonl", [{"image": f"img/{s}.png", "caption": "x"} for s in seeds]
+                + [{"image": "img/a_near.jpg", "caption": "x"}])
+    files = [tmp_path / "train.jsonl", tmp_path / "test.jsonl"]
+    expected = [(f"img/{s}.jpg", f"img/{s}.png", True) for s in seeds]
+    for threshold in (0, 1):
+        leaks = find_leaks(files, near_threshold=threshold, progress=False)
+        assert [(e["image_a"], e["image_b"], e["exact"]) for e in leaks] == expected
+    leaks = find_leaks(files, near_threshold=2, progress=False)
+    assert [(e["image_a"], e["image_b"], e["exact"]) for e in leaks] == [
+        *expected, ("img/a.png", "img/a_near.jpg", False)]
+    capsys.readouterr()
+    assert main_check_leakage([str(f) for f in files] + ["--near-threshold", "0"]) == 1
+    assert "LEAKAGE: 6 image pairs in two files (6 identical, 0 near duplicates)" in capsys.readouterr().out
+
+    rows = [{"image": f"img/{s}.{ext}", "caption": ext} for s in seeds for ext in ("jpg", "png")]
+    write_lines(tmp_path / "all.jsonl", rows)
+    assert main_split([str(tmp_path / "all.jsonl"), "--out-dir", str(tmp_path), "--ratios", "0.5,0.5",
+                       "--names", "train,test", "--seed", "0", "--near-threshold", "0"]) == 0
+    splits = {name: read(tmp_path / f"{name}.jsonl") for name in ("train", "test")}
+    split_of = defaultdict(set)
+    for name, rows in splits.items():
+        for r in rows:
+            split_of[Path(r["image"]).stem].add(name)
+    assert sorted(split_of) == [str(s) for s in seeds] and all(len(v) == 1 for v in split_of.values())
+    assert main_check_leakage([str(tmp_path / "train.jsonl"), str(tmp_path / "test.jsonl"),
+                               "--near-threshold", "0"]) == 0
 
 
 def test_a_list_of_one_image_groups_and_rebases_like_the_image_field_without_task(tmp_path, capsys):

@@ -11,6 +11,8 @@ import argparse
 import logging
 import sys
 
+from data_tools.images import MAX_PIXELS
+
 from .app import ServeOptions
 
 
@@ -36,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-messages", type=int, default=d.max_messages,
                    help="most messages in one chat completion (400 above)")
     p.add_argument("--max-image-pixels", type=int, default=d.max_image_pixels,
-                   help="largest image, width x height, checked before decoding (413 above)")
+                   help=f"largest image, width x height, checked before decoding (413 above); at most "
+                        f"{MAX_PIXELS:,}")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (refused by default: the server would fetch what "
                         "clients name)")
@@ -53,6 +56,9 @@ def option_error(args: argparse.Namespace) -> str | None:
     for name, value in at_least_1.items():
         if value < 1:
             return f"{name} must be at least 1, not {value}"
+    if args.max_image_pixels > MAX_PIXELS:  # the collators open each image again, with this limit
+        return (f"--max-image-pixels must be at most {MAX_PIXELS:,} (the limit the recipes' collators open "
+                f"images with), not {args.max_image_pixels:,}")
     if args.port > 65535:
         return f"--port must be at most 65535, not {args.port}"
     if args.default_max_tokens > args.max_tokens_limit:

@@ -34,7 +34,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
@@ -45,6 +45,11 @@ from .images import ClientError, image_bytes, save_checked_image
 
 logger = logging.getLogger("serve")
 STATIC = Path(__file__).resolve().parent / "static"
+SERVER_ERROR = {"error": {"message": "internal server error", "type": "server_error", "param": None,
+                          "code": None}}
+# Below this a temperature samples what greedy decoding picks, or overflows logits / temperature into nan
+# probabilities (1e-45): such a request is decoded greedily, as vLLM does below the same threshold.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -117,6 +122,11 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
 
+    @field_validator("temperature")
+    @classmethod
+    def _tiny_is_greedy(cls, value: float | None) -> float | None:
+        return 0.0 if value is not None and value < GREEDY_BELOW else value
+
 
 # OpenAI fields this server cannot honour, each with the test of a value that leaves the answer unchanged
 # (clients often send the defaults); any other value is refused rather than silently ignored.
@@ -185,13 +195,24 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             response = await call_next(request)
         except Exception:  # a server fault: logged with its traceback, answered in the same error shape
             logger.exception("error serving %s %s", request.method, request.url.path)
-            response = JSONResponse({"error": {"message": "internal server error", "type": "server_error",
-                                               "param": None, "code": None}}, status_code=500)
+            response = JSONResponse(SERVER_ERROR, status_code=500)
         route = request.scope.get("route")
         name = getattr(route, "path", "unmatched")
-        metrics.requests.labels(name, str(response.status_code)).inc()
         metrics.latency.labels(name).observe(time.perf_counter() - start)
+        if response.headers.get("content-type", "").startswith("text/event-stream"):
+            # counted when it ends: a server error during a stream is a 500, though its headers said 200
+            response.body_iterator = counted(response.body_iterator, request, name, response.status_code)
+        else:
+            metrics.requests.labels(name, str(response.status_code)).inc()
         return response
+
+    async def counted(body, request: Request, route: str, status: int):
+        try:
+            async for chunk in body:
+                yield chunk
+        finally:
+            failed = getattr(request.state, "stream_failed", False)
+            metrics.requests.labels(route, "500" if failed else str(status)).inc()
 
     @app.exception_handler(ClientError)
     async def client_error(request, e: ClientError):
@@ -227,6 +248,9 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError) as e:
             raise ClientError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+        except RecursionError:  # json.loads on "[" * 100000
+            raise ClientError(400, "the body is not valid JSON: nested too deeply",
+                              code="invalid_json") from None
         try:
             return schema.model_validate(data)
         except ValidationError as e:
@@ -445,6 +469,11 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                     done = await result(watch=False)
                 except ClientError as e:
                     yield f"data: {json.dumps(e.body())}\n\n"
+                    return
+                except Exception:  # a server fault (in generation): logged, and told to the client
+                    logger.exception("error generating the stream of %s", cid)
+                    request.state.stream_failed = True  # for /metrics (see count)
+                    yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
                     return
             finally:  # also when the client leaves: the response cancels this generator
                 if not job.future.done():

@@ -124,15 +124,17 @@ class _RowStreamer(BaseStreamer):
 
 
 class _RowStops(StoppingCriteria):
-    """Ends the rows whose answer reached one of its job's stop strings, and those of jobs whose clients left
-    or timed out; generate() returns once every row ended."""
+    """Ends the rows whose answer reached its job's max_tokens or one of its stop strings, and those of jobs
+    whose clients left or timed out; generate() returns once every row ended."""
 
     def __init__(self, jobs: list[Job], tokenizer, stop_ids: set[int]):
         self.jobs, self.tokenizer, self.stop_ids = jobs, tokenizer, stop_ids
         self.steps = 0  # one call per new token: the sequences may or may not hold the prompt (soft prompt)
 
     def _stopped(self, job: Job, tokens: list[int]) -> bool:
-        if job.cancelled:
+        # `tokens` are the row's new tokens: an answer is cut at max_tokens anyway (generate_batch), so the
+        # row need not go on to the batch's longest
+        if job.cancelled or len(tokens) >= job.max_tokens:
             return True
         if not job.stop:
             return False

@@ -43,11 +43,12 @@ from recipes.common.chat import (
     to_messages,
 )
 from recipes.common.merge import is_adapter_run, load_run
-from recipes.common.models import load_processor
+from recipes.common.models import load_processor, resolve_model_path
 from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
 
 SOFT_PROMPT_WEIGHTS = "trained.safetensors"
+RETRIEVAL_TYPES = ("clip", "siglip", "siglip2")  # dual encoders: served as an embed.py index, not as a run
 
 
 class RunLoadError(ValueError):
@@ -173,6 +174,18 @@ def _config(path: Path) -> dict:
     return json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
 
 
+def _base_config(path: Path) -> dict:
+    """The config of adapter run `path`'s base; {} where it cannot be read (the loader then says why)."""
+    from peft import PeftConfig
+    from transformers import PretrainedConfig
+
+    try:
+        base = resolve_model_path(PeftConfig.from_pretrained(path).base_model_name_or_path)
+        return PretrainedConfig.get_config_dict(base)[0]
+    except (OSError, ValueError):
+        return {}
+
+
 def _load_search(path: Path, rid: str) -> SearchRun:
     from recipes.clip_retrieval.embed import load
 
@@ -239,13 +252,21 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
             runs[rid] = _load_search(path, rid)
         elif (path / SOFT_PROMPT_WEIGHTS).is_file() or config.get("model_type") == "soft_prompt_captioner":
             runs[rid] = _load_soft_prompt(path, rid)
+        elif config.get("model_type") in RETRIEVAL_TYPES or (  # a LoRA run: its base's config says
+                is_adapter_run(path) and _base_config(path).get("model_type") in RETRIEVAL_TYPES):
+            raise RunLoadError(f"{path}: a retrieval run; serve an index of it instead: python "
+                               f"recipes/clip_retrieval/embed.py --model {path} --file IMAGES.jsonl "
+                               "--out INDEX, then python -m serve INDEX")
         elif is_adapter_run(path):
             # a QLoRA run's base is quantized as in training; it is shared only with runs quantized alike
             quantization = path / QUANTIZATION_FILE
             base = (str(Path(PeftConfig.from_pretrained(path).base_model_name_or_path).resolve()),
                     quantization.read_text() if quantization.is_file() else None)
             if base in shared:
-                model, adapter = shared[base], rid
+                # a name of our own, not the run id: a run named "default" would replace the first run's
+                # adapter, and peft refuses a name with a dot (outputs/v1.2)
+                model = shared[base]
+                adapter = f"adapter_{len(model.peft_config)}"
                 model.load_adapter(path, adapter_name=adapter)
                 model.eval()
                 processor = load_processor(path, model.config.model_type)
@@ -254,10 +275,6 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
                 (model, processor), adapter = load(path, AutoModelForImageTextToText), "default"
                 shared[base] = model
             runs[rid] = _image_text_run(path, rid, model, processor, adapter)
-        elif config.get("model_type") in ("clip", "siglip", "siglip2"):
-            raise RunLoadError(f"{path}: a retrieval run; serve an index of it instead: python "
-                               f"recipes/clip_retrieval/embed.py --model {path} --file IMAGES.jsonl "
-                               "--out INDEX, then python -m serve INDEX")
         elif config:
             model, processor = load_run(path, AutoModelForImageTextToText)
             runs[rid] = _image_text_run(path, rid, model, processor, None)

@@ -539,7 +539,7 @@ def test_adapters_share_one_base_and_each_answers_as_its_own_run(server, loaded,
     from recipes.common.merge import load_run
 
     assert loaded["llava_instruct"].model is loaded["llava_second"].model
-    assert set(loaded["llava_second"].model.peft_config) == {"default", "llava_second"}
+    assert set(loaded["llava_second"].model.peft_config) == {"default", loaded["llava_second"].adapter}
     runs, files = trained
     image = Path(files["instruct"][1]).parent / _eval_rows(files, "instruct")[0]["image"]
     question = "What is in the image?"
@@ -759,6 +759,7 @@ BAD = [  # (what, body or raw bytes, status, error code)
          + base64.b64encode(_tiny_png()).decode()}}, {"type": "text", "text": "shape " * 600}]}]},
      400, "context_length_exceeded"),
     ("search on a chat run", {"model": "llava_instruct", "query": "x"}, 400, "wrong_model_type"),
+    ("deeply nested JSON", b"[" * 100_000, 400, "invalid_json"),  # json.loads: RecursionError
     ("huge body", b"{" + b" " * 3_000_000 + b"}", 413, "body_too_large"),
 ]
 
@@ -1011,6 +1012,8 @@ def test_a_client_that_leaves_is_no_server_error_and_its_request_is_not_generate
     ("--timeout", "0", "--timeout must be a number of more than 0, not 0"),
     ("--timeout", "nan", "--timeout must be a number of more than 0, not nan"),
     ("--max-messages", "0", "--max-messages must be at least 1, not 0"),
+    ("--max-image-pixels", "50000001", ("--max-image-pixels must be at most 50,000,000 (the limit the "
+                                        "recipes' collators open images with), not 50,000,001")),
 ])
 def test_an_option_out_of_range_is_one_line_and_exit_2_before_loading(tmp_path, capsys, option, value, says):
     from serve.__main__ import main
@@ -1167,3 +1170,118 @@ def test_rows_of_abandoned_jobs_and_of_reached_stop_strings_end(loaded):
         assert ended[0] and not ended[2]
         assert ended[1] == ("red" in tok.decode(rows[1][:step]))
     assert ended == [True, True, False]
+
+
+def test_a_row_ends_at_its_own_max_tokens_and_the_answers_stay_as_alone(loaded, trained):
+    """A row that reached its max_tokens ends (the batch is not held up by it), and each answer is still the
+    one its request gets alone."""
+    import asyncio
+
+    from serve.batching import Job, _RowStops, generate_batch
+
+    run = loaded["llava_instruct"]
+    tok = run.tokenizer
+    short, long = (Job(run, {}, None, n, None, None, None, None) for n in (2, 8))
+    stops = _RowStops([short, long], tok, {tok.eos_token_id})
+    row = tok("a red circle on a blue square", add_special_tokens=False)["input_ids"][:4]
+    prompt = [tok.eos_token_id] * 5
+    assert [stops(torch.tensor([prompt + row[:step]] * 2), None).tolist() for step in range(1, 5)] == [
+        [False, False], [True, False], [True, False], [True, False]]
+
+    _, files = trained
+    image = Path(files["instruct"][1]).parent / _eval_rows(files, "instruct")[0]["image"]
+    item = {"key": 0, "image": str(image),
+            "conversations": [{"from": "human", "value": "<image>\nWhat is in the image?"}]}
+    loop = asyncio.new_event_loop()
+    try:
+        def job(max_tokens: int) -> Job:
+            return Job(run, dict(item), None, max_tokens, None, None, loop, loop.create_future())
+
+        together = generate_batch([job(1), job(8)])
+        alone = [generate_batch([job(1)])[0], generate_batch([job(8)])[0]]
+    finally:
+        loop.close()
+    assert together == alone and [c.completion_tokens for c in together] == [1, 8]
+
+
+def test_a_tiny_temperature_decodes_greedily(server, trained):
+    """A temperature so small that logits / temperature overflow (1e-45) is greedy, not a 500."""
+    _, files = trained
+    image = Path(files["instruct"][1]).parent / _eval_rows(files, "instruct")[0]["image"]
+    greedy = server.chat("llava_instruct", image, "What is in the image?")
+    for options in ({"temperature": 1e-45}, {"temperature": 1e-45, "seed": 1}, {"temperature": 1e-6}):
+        assert server.chat("llava_instruct", image, "What is in the image?", **options) == greedy, options
+
+
+def test_a_server_error_during_a_stream_ends_it_with_an_error_event_counted_as_a_500(loaded, monkeypatch,
+                                                                                     caplog):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from serve import batching
+    from serve.app import create_app
+
+    def broken(jobs):
+        raise RuntimeError("generation broke")
+
+    monkeypatch.setattr(batching, "generate_batch", broken)
+    server = Server(create_app(loaded))
+    try:
+        events = _stream_events(server, _text_chat("llava_instruct", 1))
+        counts = {s.labels["status"]: s.value
+                  for f in text_string_to_metric_families(server.request("/metrics")[1]) for s in f.samples
+                  if s.name == "serve_requests_total" and s.labels["route"] == "/v1/chat/completions"}
+    finally:
+        server.stop()
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert events[-1] == {"error": {"message": "internal server error", "type": "server_error", "param": None,
+                                    "code": None}}
+    assert counts == {"500": 1.0}
+    assert [r.exc_info[1].args for r in caplog.records if r.name == "serve" and r.exc_info] == [
+        ("generation broke",)]
+
+
+def test_runs_named_default_or_with_a_dot_keep_their_own_adapters(loaded, trained, tmp_path):
+    """The run id is not the peft adapter's name: a second run whose folder is named `default` (the first
+    adapter's name) or holds a dot (which peft refuses in a name) loads and answers with its own adapter."""
+    import asyncio
+
+    from serve.batching import Job, generate_batch
+    from serve.runs import load_runs
+
+    runs, files = trained
+    named = [shutil.copytree(runs["llava_second"], tmp_path / name) for name in ("default", "v1.2")]
+    mine = load_runs([runs["llava_instruct"], *named])
+    assert mine["llava_instruct"].model is mine["default"].model is mine["v1.2"].model
+    assert len({run.adapter for run in mine.values()}) == 3
+    image = Path(files["instruct"][1]).parent / _eval_rows(files, "instruct")[0]["image"]
+    item = {"key": 0, "image": str(image),
+            "conversations": [{"from": "human", "value": "<image>\nWhat is in the image?"}]}
+    loop = asyncio.new_event_loop()
+    try:
+        def answer(run) -> str:
+            job = Job(run, dict(item), None, 8, None, None, loop, loop.create_future())
+            return generate_batch([job])[0].text
+
+        got = {rid: answer(run) for rid, run in mine.items()}
+        first, second = answer(loaded["llava_instruct"]), answer(loaded["llava_second"])
+    finally:
+        loop.close()
+    assert first != second
+    assert got == {"llava_instruct": first, "default": second, "v1.2": second}
+
+
+def test_a_clip_lora_run_folder_is_refused_with_the_embed_command(loaded, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModel
+
+    from serve.runs import RunLoadError, load_runs
+
+    base = loaded["clip_index"].model.name_or_path
+    get_peft_model(AutoModel.from_pretrained(base), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+                   ).save_pretrained(tmp_path / "clip_lora")
+    with pytest.raises(RunLoadError) as refused:
+        load_runs([tmp_path / "clip_lora"])
+    assert str(refused.value) == (
+        f"{tmp_path / 'clip_lora'}: a retrieval run; serve an index of it instead: python "
+        f"recipes/clip_retrieval/embed.py --model {tmp_path / 'clip_lora'} --file IMAGES.jsonl --out INDEX, "
+        "then python -m serve INDEX")

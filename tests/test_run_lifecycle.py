@@ -10,12 +10,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import numpy as np
 import pytest
 import torch
 
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
 from eval.report import report_run, table_lines
+from recipes.common.args import GenerationEvalArguments
 from recipes.common.run import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,7 +35,8 @@ class FakeTrainer:
         self.is_fsdp_enabled = self.is_deepspeed_enabled = False
         self.model = torch.nn.Linear(1, 1)  # something to train
         self.state = SimpleNamespace(global_step=0, best_global_step=None, best_model_checkpoint=None)
-        self.generation = SimpleNamespace(records=datasets.Dataset.from_dict({"key": list(keys)}))
+        self.generation = SimpleNamespace(records=datasets.Dataset.from_dict({"key": list(keys)}),
+                                          args=GenerationEvalArguments())
 
     def is_world_process_zero(self):
         return True
@@ -110,6 +113,31 @@ def test_a_run_resumed_with_other_eval_samples_scores_before_again_on_them(tmp_p
         (run / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
         results = train_and_evaluate(FakeTrainer(run, resume="last", keys=keys), {"recipe": "r"})
         assert results["before"] == {"eval_CIDEr": before}
+
+
+def test_a_resumed_retrieval_run_reuses_before_only_for_the_same_images(tmp_path):
+    for images, before in ((["a.png", "b.png"], 0.1), (["a.png", "b.png", "c.png"], 0.5)):
+        run = tmp_path / str(len(images))
+        (run / "checkpoint-4").mkdir(parents=True)
+        (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        (run / "predictions").mkdir()
+        np.savez(run / "predictions" / "before.npz", image_keys=np.asarray(["a.png", "b.png"]))
+        (run / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
+        trainer = FakeTrainer(run, resume="last")
+        trainer.generation, trainer.retrieval_dataset = None, SimpleNamespace(images=images)
+        assert train_and_evaluate(trainer, {"recipe": "r"})["before"] == {"eval_CIDEr": before}
+
+
+def test_a_run_resumed_with_other_decoding_is_refused(tmp_path):
+    """"before" is reused on resume: it must have been decoded as "after" will be."""
+    train_and_evaluate(FakeTrainer(tmp_path), {"recipe": "r"})
+    assert json.loads((tmp_path / "run.json").read_text())["decoding"]["max_new_tokens"] == 20
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    trainer = FakeTrainer(tmp_path, resume="last")
+    trainer.generation.args = GenerationEvalArguments(max_new_tokens=30)
+    with pytest.raises(ValueError, match="was started with other settings .*'max_new_tokens': 30"):
+        train_and_evaluate(trainer, {"recipe": "r"})
 
 
 def test_a_metric_for_best_model_the_evaluations_do_not_log_is_an_error_before_training(tmp_path):

@@ -82,6 +82,7 @@ def main(argv=None):
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang, model=model_path,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
+        prompt=args.data.prompt,
     ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import datasets
+import numpy as np
 import torch
 import transformers
 from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
@@ -37,6 +38,7 @@ from .models import check_mixed_precision
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 NO_RESUME = (None, False, "", "false", "False")  # --resume_from_checkpoint values that start afresh
+DECODING = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p")  # recorded in run.json
 
 
 def setup_run(training_args, model_args=None) -> None:
@@ -209,9 +211,14 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
 
 
 def _same_keys(predictions: Path, trainer, data) -> bool:
-    """Whether saved predictions are of `data` (None: the eval records): a run resumed with another
+    """Whether saved predictions are of `data` (None: the eval data): a run resumed with another
     --eval_max_samples or --max_eval_samples scores "before" again, on what "after" will score."""
-    if not predictions.is_file():  # retrieval runs save embeddings: their set is the whole eval file
+    embeddings = predictions.with_suffix(".npz")
+    if embeddings.is_file():  # a retrieval run's: the images it embedded
+        data = data if data is not None else trainer.retrieval_dataset
+        with np.load(embeddings) as saved:
+            return data is not None and saved["image_keys"].tolist() == list(data.images)
+    if not predictions.is_file():  # zero-shot figures alone: their set is the whole zero-shot file
         return True
     records = data if data is not None else trainer.generation.records
     return {str(r["key"]) for r in read_jsonl(predictions)} == {str(k) for k in records["key"]}
@@ -311,6 +318,9 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # its handler, set when the Trainer was built
         trainer.add_callback(stop)
     results = dict(results or {})
+    if trainer.generation is not None:  # a resumed run reuses "before": it must decode as this one does
+        decoding = trainer.generation.args
+        metadata = {**metadata, "decoding": {k: getattr(decoding, k) for k in DECODING}}
     # Absolute, so that `make eval` finds the data files and images from any folder.
     metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
                 for k, v in metadata.items()}

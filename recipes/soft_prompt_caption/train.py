@@ -143,7 +143,7 @@ def main(argv=None):
         model=f"{vision_path} + {language_path}", vision_model=vision_path, language_model=language_path,
         prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
-        image_root=args.data.image_root,
+        image_root=args.data.image_root, prompt=args.data.prompt,
     ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)
     if trainer.is_world_process_zero():

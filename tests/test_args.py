@@ -82,7 +82,9 @@ def test_yaml_choice_is_checked(tmp_path):
 
 @pytest.mark.parametrize("line, expected", [
     ("learning_rate: abc", "learning_rate: 'abc' is not a valid value: expected float."),
-    ("lora_r: 8.5", "lora_r: 8.5 is not a valid value: expected int."),
+    ("lora_r: 8.5", "lora_r: '8.5' is not a valid value: expected int."),
+    ("lora_r: [8, 16]", "lora_r: expected one value, got ['8', '16']."),
+    ("lora_alpha: {a: 1}", "lora_alpha: expected one value, got {'a': 1}."),
     ("freeze_bridge: maybe", "freeze_bridge: 'maybe' is not a valid value: Truthy value expected"),
     ("freeze_vision_tower: maybe",  # a bool whose default is true: its --no_ flag shares the name
      "freeze_vision_tower: 'maybe' is not a valid value: Truthy value expected"),
@@ -95,6 +97,16 @@ def test_a_yaml_value_of_the_wrong_type_names_the_file_line_and_key(tmp_path, li
         parse_args([ModelArguments, PeftArguments, FreezeArguments, TrainingArguments], ["--config", config])
     assert str(error.value).startswith(f"{config}:2: {expected}"), str(error.value)
     assert not str(error.value).endswith("..")
+
+
+def test_a_yaml_value_is_read_as_the_same_text_on_the_command_line(tmp_path):
+    """YAML 1.1 would read `no` as False, 1.10 as 1.1 and 012345 as an octal number; a flag reads text."""
+    config = write_yaml(tmp_path, "eval_strategy: no\nrevision: 1.10\nrun_name: 012345\nlearning_rate: 1e-4\n"
+                                  "report_to: [none]\nprocessor_kwargs: {size: {height: 32}}\nbf16: no\n")
+    model, training = parse_args([ModelArguments, TrainingArguments], ["--config", config, "--use_cpu"])
+    assert (training.eval_strategy, model.revision, training.run_name) == ("no", "1.10", "012345")
+    assert training.learning_rate == 1e-4 and training.report_to == [] and training.bf16 is False
+    assert model.processor_kwargs == {"size": {"height": 32}}
 
 
 @pytest.mark.parametrize("text, expected", [

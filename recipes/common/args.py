@@ -8,8 +8,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Literal, get_args, get_type_hints
+from types import SimpleNamespace, UnionType
+from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 from transformers import HfArgumentParser
@@ -234,32 +234,47 @@ GENERATIVE_ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, FreezeArgu
                         LossArguments, GenerationEvalArguments, EarlyStoppingArguments)
 
 
-def _yaml_key_lines(path: Path, text: str) -> dict[str, int]:
-    """The line of each top-level key; a key given twice is an error (YAML would keep the last silently)."""
+def _yaml_keys(path: Path, text: str) -> dict[str, tuple[int, yaml.Node]]:
+    """The line and value node of each top-level key; a key given twice is an error (YAML would keep the
+    last silently)."""
     node = yaml.compose(text)
-    lines = {}
-    for key, _ in node.value if isinstance(node, yaml.MappingNode) else []:
-        if key.value in lines:
+    keys = {}
+    for key, value in node.value if isinstance(node, yaml.MappingNode) else []:
+        if key.value in keys:
             raise ValueError(f"{path}:{key.start_mark.line + 1}: {key.value!r} is set twice (first on line "
-                             f"{lines[key.value]}); keep one of them.")
-        lines[key.value] = key.start_mark.line + 1
-    return lines
+                             f"{keys[key.value][0]}); keep one of them.")
+        keys[key.value] = key.start_mark.line + 1, value
+    return keys
 
 
-def _typed(action: argparse.Action, value, where: str, nullable: bool):
-    """`value` from YAML read as the flag reads the same text on the command line (argparse checks only
-    command-line values): converted by the flag's type, checked against its choices; a scalar for a list
-    flag is a list of one; null only where the field may be None."""
+def _flag_text(node: yaml.Node, parsed):
+    """A YAML value as the text its flag would get: a scalar's own text (YAML 1.1 reads `no` as False, 1.10
+    as 1.1 and 012 as octal 10), a plain null as None; a list item by item; a mapping as YAML reads it."""
+    if isinstance(node, yaml.ScalarNode):
+        return None if node.style is None and node.value in ("", "~", "null", "Null", "NULL") else node.value
+    if isinstance(node, yaml.SequenceNode):
+        return [_flag_text(item, value) for item, value in zip(node.value, parsed)]
+    return parsed
+
+
+def _typed(action: argparse.Action, value, where: str, nullable: bool, kinds: set):
+    """`value` (`_flag_text`) read as the flag reads the same text on the command line (argparse checks
+    only command-line values): converted by the flag's type, checked against its choices; a scalar for a
+    list flag is a list of one; null only where the field may be None, a list or mapping only where its
+    type (`kinds`: the field's types, e.g. {str, list}) takes one."""
     if value is None and not nullable:
         raise ValueError(f"{where}: null is not a value this field takes; give one, or remove the line.")
+    listed = action.nargs in ("+", "*")
+    for shape in (dict, list):
+        if isinstance(value, shape) and shape not in kinds and not (shape is list and listed):
+            raise ValueError(f"{where}: expected one value, got {value!r}.")
     if value is None or isinstance(value, dict) or action.type is None:
         return value
-    listed = action.nargs in ("+", "*")
     if isinstance(value, list) and not listed:
         return value  # a list for a field read from one string (report_to, fsdp): the field takes it as is
     items = value if isinstance(value, list) else [value]
     try:
-        items = [action.type(str(item)) for item in items]
+        items = [action.type(item) for item in items]
     except (TypeError, ValueError, argparse.ArgumentTypeError) as e:
         expected = str(e) if isinstance(e, argparse.ArgumentTypeError) else f"expected {action.type.__name__}"
         raise ValueError(f"{where}: {value!r} is not a valid value: {expected.rstrip('.')}.") from None
@@ -269,9 +284,10 @@ def _typed(action: argparse.Action, value, where: str, nullable: bool):
     return items if listed else items[0]
 
 
-def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action], nullable: set[str]) -> dict:
+def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action], hints: dict[str, object]) -> dict:
     """A YAML mapping of defaults, each key an argument name in `actions` and each value read as its flag
-    reads it (null only for the names in `nullable`); errors name the file, line and key."""
+    reads the same text (`hints`: each name's type hint, for null, lists and mappings); errors name the
+    file, line and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
@@ -285,16 +301,22 @@ def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action], null
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a mapping of 'field: value' lines at the top level, got "
                          f"{type(values).__name__}.")
-    lines = _yaml_key_lines(path, text)
+    keys = _yaml_keys(path, text)
     for key in values:
         if key not in actions:
             hint = did_you_mean(str(key), actions)
             raise ValueError(
-                f"{path}:{lines.get(key, '?')}: unknown key {key!r}.{hint} Keys must be argument names "
-                f"(see --help); fix or remove the line."
+                f"{path}:{keys[key][0] if key in keys else '?'}: unknown key {key!r}.{hint} Keys must be "
+                f"argument names (see --help); fix or remove the line."
             )
-    return {key: _typed(actions[key], value, f"{path}:{lines[key]}: {key}", key in nullable)
-            for key, value in values.items()}
+    out = {}
+    for key, parsed in values.items():
+        line, node = keys[key]
+        options = get_args(hints[key]) if get_origin(hints[key]) in (Union, UnionType) else (hints[key],)
+        kinds = {get_origin(option) or option for option in options}
+        out[key] = _typed(actions[key], _flag_text(node, parsed), f"{path}:{line}: {key}",
+                          type(None) in kinds, kinds)
+    return out
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
@@ -339,9 +361,8 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
         for action in parser._actions:
             if action.dest not in ("help", "config"):
                 actions.setdefault(action.dest, action)  # not a bool's --no_<name>, which comes second
-        nullable = {name for dc in dataclass_types for name, hint in get_type_hints(dc).items()
-                    if type(None) in get_args(hint)}
-        values = load_yaml_config(config_args.config, actions, nullable)
+        hints = {name: hint for dc in dataclass_types for name, hint in get_type_hints(dc).items()}
+        values = load_yaml_config(config_args.config, actions, hints)
         for key in values:
             actions[key].required = False
         parser.set_defaults(**values)

@@ -385,8 +385,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 raise ClientError(400, f"{req.model!r} is {what}: send an image_url part", param="messages",
                                   code="image_required")
             if run.task == "caption":
-                # the caption's prompt: the text of the last user message, if any
-                prompt = turns[-1]["value"].replace(IMAGE_TOKEN, "").strip() or None
+                # the caption's prompt: the text of the last user message, else the one the run trained with
+                prompt = turns[-1]["value"].replace(IMAGE_TOKEN, "").strip() or run.trained_prompt
                 item = {"key": 0, "image": image}
             else:
                 item = {"key": 0, "image": image, "conversations": turns}

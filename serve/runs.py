@@ -69,6 +69,7 @@ class GenerativeRun:
     encoder: ChatEncoder | None = None  # chat runs
     prefix_ids: tuple[int, ...] = ()  # captioners: image placeholder tokens before the prompt (BLIP-2)
     extra_positions: int = 0  # positions before the ids, as embeddings (the soft prompt and image vectors)
+    trained_prompt: str | None = None  # captioners: the --prompt the run trained with (run.json)
     mixable: bool = False  # its adapter can share a batch with other adapters on the model (see load_runs)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time on a shared model
 
@@ -199,6 +200,15 @@ def _load_search(path: Path, rid: str) -> SearchRun:
     return SearchRun(rid, path, clip, processor, collator, images, index["texts"], image_bank, text_bank)
 
 
+def _trained_prompt(path: Path) -> str | None:
+    """The caption --prompt a run trained with, from its run.json (a checkpoint-N's: its run folder's); None
+    for a merged or exported folder, which has none."""
+    for folder in (path, path.parent):
+        if (folder / "run.json").is_file():
+            return json.loads((folder / "run.json").read_text()).get("prompt")
+    return None
+
+
 def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -212,7 +222,8 @@ def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
     if tokenizer.pad_token is None:  # as training set it: GPT-2 has none
         tokenizer.pad_token = tokenizer.eos_token
     return GenerativeRun(rid, path, "caption", model.eval(), tokenizer,
-                         AutoImageProcessor.from_pretrained(path), extra_positions=model.config.prefix_length)
+                         AutoImageProcessor.from_pretrained(path), extra_positions=model.config.prefix_length,
+                         trained_prompt=_trained_prompt(path))
 
 
 def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None) -> GenerativeRun:
@@ -228,7 +239,8 @@ def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None)
         raise RunLoadError(f"{path}: {config.model_type} has neither a chat template nor BLIP-2's query "
                            "tokens; give its processor a chat template (chat_template.json)")
     prefix = (config.image_token_id,) * config.num_query_tokens  # as blip2_lora_caption/train.py
-    return GenerativeRun(rid, path, "caption", model, tokenizer, image_processor, adapter, prefix_ids=prefix)
+    return GenerativeRun(rid, path, "caption", model, tokenizer, image_processor, adapter, prefix_ids=prefix,
+                         trained_prompt=_trained_prompt(path))
 
 
 def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:

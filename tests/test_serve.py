@@ -125,7 +125,8 @@ def trained(tmp_path_factory):
                  "--eval_file", str(eval_file), "--output_dir", str(runs[name]), *FAST, *args],
                 env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-        procs = [train("blip2_lora_caption", "blip2_lora_caption", "caption"),
+        # a caption prompt: the server uses it for a request with no text, as the recipe's evaluation does
+        procs = [train("blip2_lora_caption", "blip2_lora_caption", "caption", "--prompt", "a photo of"),
                  train("llava_instruct", "llava_instruct", "instruct"),
                  train("soft_prompt_caption", "soft_prompt_caption", "caption", "--vision_model",
                        "tiny:clip-vision", "--language_model", "tiny:gpt2"),

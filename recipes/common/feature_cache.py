@@ -95,27 +95,31 @@ class VisionFeatureCache:
 
     @classmethod
     def build(cls, tower: torch.nn.Module, image_processor, images: list[str], root: str | Path, *,
-              batch_size: int = 64, encode=None, tag: str = "last_hidden_state") -> VisionFeatureCache:
+              batch_size: int = 64, encode=None, tag: str = "last_hidden_state",
+              autocast: torch.dtype | None = None) -> VisionFeatureCache:
         """Run `tower` over the distinct `images` (in eval mode, no gradients) into `root/<key>`, unless that
         is there.
 
         What is kept is `encode(pixel_values)` (default: the tower's last_hidden_state), which `tag` names.
-        The key covers the tower's config and weights, the processor, the images (path, size, mtime), dtype
-        and tag, so a second run on the same data reuses the features, and anything that changes them makes
-        new ones.
+        The key covers the tower's config and weights, the processor, the images (path, size, mtime), dtype,
+        tag and `autocast` (the mixed precision training runs the live tower under, which the features are
+        computed under too), so a second run on the same data reuses the features, and anything that
+        changes them makes new ones.
         """
         images = sorted(set(images))
         if not images:
             raise ValueError("no images to compute vision features of")
         param = next(tower.parameters())
         encode = encode or (lambda pixels: tower(pixel_values=pixels).last_hidden_state)
-        folder = Path(root) / cache_key(tower, image_processor, images, param.dtype, tag)
+        key_tag = tag if autocast is None else f"{tag} autocast {autocast}"
+        folder = Path(root) / cache_key(tower, image_processor, images, param.dtype, key_tag)
 
         def compute(tmp: Path) -> None:
             was_training = tower.training
             tower.eval()
             array = None
-            with torch.inference_mode():
+            amp = torch.autocast(param.device.type, dtype=autocast, enabled=autocast is not None)
+            with torch.inference_mode(), amp:
                 for start in range(0, len(images), batch_size):
                     chunk = images[start:start + batch_size]
                     pixels = image_processor([load_image(p) for p in chunk],
@@ -150,10 +154,12 @@ def cache_for_run(tower: torch.nn.Module, image_processor, images: list[str], ca
     are computed on the training device into --vision_feature_dir (default <output_dir>/vision_features), or
     found there. `encode` (encode=, tag=) as for VisionFeatureCache.build."""
     check_frozen(tower)
+    autocast = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
     return VisionFeatureCache.build(tower.to(training_args.device), image_processor, images,
                                     cache_args.vision_feature_dir
                                     or Path(training_args.output_dir) / "vision_features",
-                                    batch_size=training_args.per_device_eval_batch_size, **encode)
+                                    batch_size=training_args.per_device_eval_batch_size, autocast=autocast,
+                                    **encode)
 
 
 def serve_cached_features(tower: torch.nn.Module) -> None:

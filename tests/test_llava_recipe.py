@@ -266,6 +266,9 @@ def test_trainer_gives_the_projector_its_learning_rate_and_batches_by_modality(t
     assert lrs == {(3e-3, 0.1), (3e-3, 0.0), (1e-5, 0.1), (1e-5, 0.0), (1e-4, 0.1)}
     sampler = trainer._get_train_sampler()
     assert isinstance(sampler, ModalityLengthGroupedSampler) and sampler.batch_size == 2
+    assert sampler.seed == args.seed == 42
+    trainer.args.data_seed = 7  # --data_seed orders the data, as in the Trainer's own sampler
+    assert trainer._get_train_sampler().seed == 7
 
 
 def test_bf16_weights_with_bf16_autocast_generate_before_and_after(env):

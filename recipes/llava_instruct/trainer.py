@@ -21,7 +21,7 @@ class InstructTrainer(RecipeTrainer):
             # turn.
             self.modality_sampler = ModalityLengthGroupedSampler(
                 dataset[self.args.length_column_name], dataset["has_image"], self._train_batch_size,
-                seed=self.args.seed)
+                seed=self.args.seed if self.args.data_seed is None else self.args.data_seed)
             return self.modality_sampler
         return super()._get_train_sampler(train_dataset)
 

@@ -876,10 +876,17 @@ def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_
         assert shown and shown == server.chat("llava_instruct", image, "What is in the image?",
                                               max_tokens=max_tokens)
         browser.save_screenshot(str(tmp_path / "page-chat.png"))
+        # Two clicks: the second request cancels the first, whose answer would otherwise run into its own.
+        ask = browser.find_element(By.ID, "ask")
+        ask.click()
+        ask.click()
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+        assert browser.execute_script(ANSWER) == shown
 
         Select(browser.find_element(By.ID, "model")).select_by_value("clip_index")
         browser.find_element(By.ID, "query").send_keys("a red circle")
         browser.find_element(By.ID, "search-button").click()
+        browser.find_element(By.ID, "search-button").click()  # the second search replaces the first
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
         thumbs = browser.find_elements(By.CSS_SELECTOR, "#results img")
         assert len(thumbs) == 6

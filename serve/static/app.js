@@ -6,6 +6,15 @@
 const $ = (id) => document.getElementById(id);
 let models = [];
 let imageUrl = null; // the chosen file as a data: URL
+let pending = null; // the request under way
+
+// One request at a time: a new one (a second click, another image) cancels the one under way, whose
+// answer would otherwise run on into the new one's.
+function restart() {
+  if (pending) pending.abort();
+  pending = new AbortController();
+  return pending.signal;
+}
 
 function task() {
   const m = models.find((x) => x.id === $("model").value);
@@ -31,6 +40,10 @@ function showTask() {
 async function errorMessage(response) {
   try {
     const body = await response.json();
+    if (body.error && body.error.code === "body_too_large") {
+      // An image travels as base64, a third larger than its file.
+      return `the image is too large to send: ${body.error.message}`;
+    }
     return body.error ? body.error.message : `HTTP ${response.status}`;
   } catch (e) {
     return `HTTP ${response.status}`;
@@ -46,6 +59,7 @@ function unreachable(e) {
 }
 
 async function ask() {
+  const signal = restart();
   setError("");
   $("answer").textContent = "";
   const text = $("prompt").value.trim();
@@ -63,15 +77,15 @@ async function ask() {
   if (maxTokens) body.max_tokens = Number(maxTokens); // out of range: the server's message is shown
   setStatus("generating...");
   try {
-    await generate(body);
+    await generate(body, signal);
   } catch (e) {
-    unreachable(e);
+    if (e.name !== "AbortError") unreachable(e); // aborted: a newer request owns the page
   }
 }
 
-async function generate(body) {
+async function generate(body, signal) {
   const response = await fetch("/v1/chat/completions", {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
   });
   if (!response.ok) { refuse(await errorMessage(response)); return; }
   const reader = response.body.getReader();
@@ -99,21 +113,22 @@ async function generate(body) {
 }
 
 async function search() {
+  const signal = restart();
   setError("");
   $("results").textContent = "";
   const query = $("query").value.trim();
-  if (!query) { setError("Type a text to search for."); return; }
+  if (!query) { refuse("Type a text to search for."); return; }
   setStatus("searching...");
   let hits;
   try {
     const response = await fetch("/v1/search", {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ model: $("model").value, query, k: 8 }),
+      body: JSON.stringify({ model: $("model").value, query, k: 8 }), signal,
     });
     if (!response.ok) { refuse(await errorMessage(response)); return; }
     hits = (await response.json()).data;
   } catch (e) {
-    unreachable(e);
+    if (e.name !== "AbortError") unreachable(e);
     return;
   }
   for (const hit of hits) {

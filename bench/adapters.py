@@ -748,6 +748,10 @@ class ChatAdapter(Adapter):
                           modules_to_save=a.PeftArguments.modules_to_save or None)
 
     def samples(self, batch):
+        if "attention_mask" not in batch and "position_ids" in batch:
+            # one packed row (--padding_free): its position_ids restart at each sample; summed on the
+            # batch's device, without a host sync
+            return (batch["position_ids"] == 0).sum()
         return batch["input_ids"].shape[0]  # text-only samples have no pixel_values
 
     def flop_chains(self, model, batch):

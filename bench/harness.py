@@ -45,6 +45,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 from bench.adapters import ADAPTERS, CHAT_MODELS, Adapter, ChatAdapter
 from bench.data import synthetic_jpeg_records
 from bench.flops import peak_tflops, step_flops
+from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
 from recipes.common.data import load_records
 
@@ -280,10 +281,10 @@ def _measure(trainer, clock: StepClock, adapter: Adapter, who: str, mode: str, o
     set_seed(args.seed)
     trainer.train()
     if clock.seconds is None:
-        raise RuntimeError(f"{who} {mode}: the Trainer stopped after {trainer.state.global_step} of "
+        raise ValueError(f"{who} {mode}: the Trainer stopped after {trainer.state.global_step} of "
                            f"{opts.warmup + opts.steps} optimizer steps (too few samples?)")
     timed = [r for r in trainer.bench_steps if r.step >= opts.warmup]
-    samples = sum(r.samples for r in timed)
+    samples = int(sum(r.samples for r in timed))
     tokens = int(sum(r.tokens for r in timed))
     flops = sum(step_flops(trainer.model, adapter.flop_chains(trainer.model, r.light))["total"]
                 for r in timed)
@@ -316,6 +317,16 @@ def _unless_out_of_memory(who: str, mode: str, trainer: str, train) -> dict:
     except torch.OutOfMemoryError as e:
         return {"who": who, "mode": mode, "trainer": trainer,
                 "error": "out of memory: " + str(e).split("\n")[0]}
+
+
+def _unless_refused(who: str, mode: str, trainer: str, train) -> dict:
+    """`_unless_out_of_memory`, and a baseline that cannot run these options (its ValueError, written for the
+    user) is a row saying why, after the recipe's run, not a crash that loses it."""
+    try:
+        return _unless_out_of_memory(who, mode, trainer, train)
+    except ValueError as e:
+        _free("cuda" if torch.cuda.is_available() else "cpu")
+        return {"who": who, "mode": mode, "trainer": trainer, "error": str(e).splitlines()[0]}
 
 
 def _unless_failed(who: str, mode: str, trainer: str, train) -> dict:
@@ -444,11 +455,13 @@ def run(opts: Options) -> dict:
             _free(opts.device)
             if opts.baseline:
                 set_seed(p.a.TrainingArguments.seed)
-                base = adapter.baseline(p.a, opts.size, opts.device)
-                out["runs"].append(_unless_out_of_memory("baseline", mode, "Trainer", lambda: _run(
-                    adapter, "baseline", mode, opts, p.a, base, p.dataset, p.baseline_collator,
-                    p.baseline_batches, {})))
-                del base
+
+                def baseline():
+                    base = adapter.baseline(p.a, opts.size, opts.device)
+                    return _run(adapter, "baseline", mode, opts, p.a, base, p.dataset, p.baseline_collator,
+                                p.baseline_batches, {})
+
+                out["runs"].append(_unless_refused("baseline", mode, "Trainer", baseline))
                 _free(opts.device)
                 if adapter.sft_loaded_as and _trl_installed():
                     set_seed(p.a.TrainingArguments.seed)
@@ -482,7 +495,7 @@ def count_flops(opts: Options) -> dict:
     per_part = {}
     for batch in p.batches:
         for part, flops in step_flops(p.model, adapter.flop_chains(p.model, batch)).items():
-            per_part[part] = per_part.get(part, 0.0) + flops / adapter.samples(batch) / len(p.batches)
+            per_part[part] = per_part.get(part, 0.0) + flops / int(adapter.samples(batch)) / len(p.batches)
     return {"recipe": opts.recipe, "model": _model_name(adapter), "size": opts.size,
             "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
             "gflop_per_sample": {k: v / 1e9 for k, v in per_part.items()},
@@ -622,12 +635,11 @@ def main(argv: list[str] | None = None) -> int:
                    steps=ns.steps, warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
                    device_batches=ns.device_batches, distinct_images=ns.distinct_images,
                    peak_tflops=ns.peak_tflops, pad_text_to=ns.pad_text_to, recipe_argv=recipe_argv)
-    if ns.flops:
-        result = count_flops(opts)
-        print(json.dumps(result, indent=2))
-    else:
-        result = run(opts)
-        print(markdown(result))
+    try:
+        result = count_flops(opts) if ns.flops else run(opts)
+    except (ValueError, DataError) as e:  # options the recipe or the measurement refuses: one line
+        p.error(str(e).splitlines()[0])
+    print(json.dumps(result, indent=2) if ns.flops else markdown(result))
     if ns.json:
         atomic_write_text(ns.json, json.dumps(result, indent=2))
     return 0

@@ -446,6 +446,7 @@ def test_padding_free_label_position_recipe_batches_against_padded_baselines_and
                for s, n in zip(recipe_run["batch_shapes"], recipe_run["batch_tokens"]))
     assert all(s["input_ids"][0] == 4 for s in baseline_run["batch_shapes"])
     assert recipe_run["batch_tokens"] == baseline_run["batch_tokens"]  # no padding counted on either side
+    assert recipe_run["samples"] == baseline_run["samples"] > len(recipe_run["batch_shapes"])  # not 1 a row
     assert recipe_run["losses"][0] == pytest.approx(baseline_run["losses"][0], rel=1e-5)
     e2e = harness.run(_opts("llava_instruct", mode="e2e"))
     assert [(r["who"], "error" in r) for r in e2e["runs"]] == [("recipe", False), ("baseline", False),
@@ -461,3 +462,14 @@ def test_model_is_for_the_chat_recipes_only():
     assert harness.make_adapter(harness.Options("qlora_vqa")).chat.name == "llava"  # the default
     assert harness.make_adapter(harness.Options("llava_instruct", model="qwen2_5_vl")).tiny_argv[:2] == (
         "--model_name_or_path", "tiny:qwen2_5_vl")
+
+
+def test_a_baseline_that_cannot_run_the_options_is_a_row_saying_why_after_the_recipes_run(capsys):
+    result = harness.run(_opts("clip_retrieval", mode="device", recipe_argv=["--peft_method", "lora"]))
+    recipe_run, baseline_run = result["runs"]
+    assert "error" not in recipe_run and recipe_run["samples"] > 0
+    assert baseline_run["error"].startswith("the clip_retrieval baseline is a full fine-tune")
+    # An option the measurement refuses: one line, exit code 2, before any run.
+    with pytest.raises(SystemExit) as exit:
+        harness.main(["blip2_lora_caption", "--flops", "--", "--cache_vision_features", "true"])
+    assert exit.value.code == 2 and "Traceback" not in capsys.readouterr().err

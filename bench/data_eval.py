@@ -11,9 +11,11 @@ dedup: 10,000 synthetic shape images (hashing included), near-duplicate threshol
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import platform
 import random
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -64,8 +66,11 @@ def bench_dedup(n_images: int) -> list[tuple[str, float]]:
                                                       progress=False))
         t, _ = _timed(lambda: dedup_file(path, Path(d) / "dedup.jsonl", "caption",
                                          report_path=Path(d) / "report.jsonl", progress=False))
+    from data_tools.hashes import default_workers
+
     return [(f"synth, {n_images:,} caption images", t_synth),
-            (f"dedup, {n_images:,} images (pixel + perceptual hash, Hamming <= 4)", t)]
+            (f"dedup, {n_images:,} images (fast hashes in {default_workers()} processes, pixel SHA-256 of "
+             "near candidates, multi-index near search, Hamming <= 4)", t)]
 
 
 def main() -> None:
@@ -74,18 +79,23 @@ def main() -> None:
     p.add_argument("--dedup-images", type=int, default=10000)
     p.add_argument("--out", help="append the table to this Markdown file")
     args = p.parse_args()
+    start = time.perf_counter()
     rows = bench_caption(args.images) + bench_recall(args.images) + bench_dedup(args.dedup_images)
     import PIL
     import torch
 
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
     table = [
-        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
-        f"{platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}, torch "
-        f"{torch.__version__}",
+        f"{datetime.date.today()}, commit {commit}; machine: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores; Python {platform.python_version()}, numpy {np.__version__}, Pillow "
+        f"{PIL.__version__}, torch {torch.__version__}",
         "",
         "| step | seconds |",
         "|---|---:|",
         *[f"| {name} | {t:.1f} |" for name, t in rows],
+        "",
+        f"Whole command: {time.perf_counter() - start:.1f} s wall.",
     ]
     print("\n".join(table))
     if args.out:

@@ -69,8 +69,7 @@ def bench_dedup(n_images: int) -> list[tuple[str, float]]:
     from data_tools.hashes import default_workers
 
     return [(f"synth, {n_images:,} caption images", t_synth),
-            (f"dedup, {n_images:,} images (fast hashes in {default_workers()} processes, pixel SHA-256 of "
-             "near candidates, multi-index near search, Hamming <= 4)", t)]
+            (f"dedup, {n_images:,} images (fast hashes, {default_workers()} processes; Hamming <= 4)", t)]
 
 
 def main() -> None:
@@ -87,9 +86,11 @@ def main() -> None:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "unknown"
     table = [
-        f"{datetime.date.today()}, commit {commit}; machine: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores; Python {platform.python_version()}, numpy {np.__version__}, Pillow "
-        f"{PIL.__version__}, torch {torch.__version__}",
+        f"{datetime.date.today()}, commit {commit}",
+        "",
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; Python "
+        f"{platform.python_version()}, numpy {np.__version__}, Pillow {PIL.__version__}, torch "
+        f"{torch.__version__}",
         "",
         "| step | seconds |",
         "|---|---:|",

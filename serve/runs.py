@@ -201,8 +201,8 @@ def _load_search(path: Path, rid: str) -> SearchRun:
 
 
 def _trained_prompt(path: Path) -> str | None:
-    """The caption --prompt a run trained with, from its run.json (a checkpoint-N's: its run folder's); None
-    for a merged or exported folder, which has none."""
+    """The caption --prompt a run trained with, from its run.json (a checkpoint-N's: its run folder's; merge
+    and export copy it into their folder); None without one."""
     for folder in (path, path.parent):
         if (folder / "run.json").is_file():
             return json.loads((folder / "run.json").read_text()).get("prompt")

@@ -57,6 +57,7 @@ def test_train_saves_adapter_and_metrics_and_merge_equals_adapter_plus_base(env)
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not [p for p in d.iterdir() if p.name.startswith(".merged.")]  # its temp folder, renamed
+    assert (merged / "run.json").read_text() == (out / "run.json").read_text()  # how it trained (its prompt)
     # a folder that holds anything is never written into; a failed merge leaves no folder behind
     saved = sorted((p.name, p.stat().st_mtime_ns) for p in merged.iterdir())
     for run, target in ((out, merged), (d / "no-such-run", d / "merged2")):

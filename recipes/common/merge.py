@@ -10,6 +10,7 @@ outputs as base + adapter. A run trained without LoRA already is a full checkpoi
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -64,8 +65,9 @@ def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[
               dtype: str = "float32",
               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Path:
     """The command line of a recipe's merge/export script: --run, --out, --dtype (+ `add_arguments`'s), then
-    `merge(args)`, which writes to a temp folder renamed to --out when complete (--out must be new); prints
-    and returns the folder written."""
+    `merge(args)`, which writes to a temp folder renamed to --out when complete (--out must be new), with the
+    run's run.json (what it trained with, e.g. the caption prompt serve uses); prints and returns the folder
+    written."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the training output_dir (or a checkpoint-N folder in it)")
     p.add_argument("--out", required=True, help="a new folder for the full checkpoint")
@@ -77,5 +79,9 @@ def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[
     with atomic_folder(out) as tmp:  # beside `out`, renamed to it when complete
         args.out = str(tmp)
         merge(args)
+        record = next((f / "run.json" for f in (Path(args.run), Path(args.run).parent)
+                       if (f / "run.json").is_file()), None)  # a checkpoint-N's is its run folder's
+        if record is not None:
+            shutil.copyfile(record, tmp / "run.json")
     print(f"full checkpoint written to {out}")
     return out

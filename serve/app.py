@@ -472,7 +472,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                     return
                 except Exception:  # a server fault (in generation): logged, and told to the client
                     logger.exception("error generating the stream of %s", cid)
-                    request.state.stream_failed = True  # for /metrics (see count)
+                    request.state.stream_failed = True  # for /metrics (see counted)
                     yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
                     return
             finally:  # also when the client leaves: the response cancels this generator

@@ -60,7 +60,8 @@ def read_run_info(run: Path) -> dict:
     try:
         info = load_json(path)
     except DataError as e:
-        if not path.exists() and (run / "run.json").is_file():  # a recipe writes run.json when it starts
+        # a recipe writes run.json when it starts (merge and export copy it, without checkpoints)
+        if not path.exists() and (run / "run.json").is_file() and any(run.glob("checkpoint-*")):
             raise DataError(e.reason, "the run has not finished: no metrics.json yet (a stopped or "
                             "killed run goes on with --resume_from_checkpoint last)", path=path) from None
         raise DataError(e.reason, f"not a recipe run folder: cannot read metrics.json ({e.message})",

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -214,6 +215,15 @@ def test_bad_inputs_are_clear_errors(env):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "error: no train sample fits: length budget: " in r.stderr and "raise --max_length" in r.stderr
     assert not (d / "w" / "predictions").exists()
+
+    # A resume whose optimizer groups differ from the checkpoint's (per-component rates then, not now).
+    groups = [*_data(d), *FAST, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+              "--output_dir", str(d / "groups")]
+    assert _run([*groups, "--lm_lr", "0.001"], e).returncode == 0
+    shutil.rmtree(d / "groups" / "checkpoint-2")
+    r = _run([*groups, "--resume_from_checkpoint", "last"], e)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "the checkpoint's optimizer has a parameter group per model component" in r.stderr
 
     # Another image size: BLIP-2 would add the first of its 64 px position embeddings to a 32 px image.
     r = _run([*_data(d), "--output_dir", str(d / "v"), *FAST, "--processor_kwargs",

@@ -94,7 +94,10 @@ def test_a_references_file_that_is_not_there_is_an_error_naming_the_run(captions
 
 
 def test_a_run_that_has_not_finished_is_named_so(tmp_path):
-    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "run.json").write_text("{}")  # a merged folder holds its run's run.json, no checkpoint
+    with pytest.raises(Exception, match="not a recipe run folder: cannot read metrics.json"):
+        report_run(tmp_path)
+    (tmp_path / "checkpoint-10").mkdir()
     with pytest.raises(Exception) as error:
         report_run(tmp_path)
     assert str(error.value) == (f"{tmp_path / 'metrics.json'}: the run has not finished: no metrics.json yet "

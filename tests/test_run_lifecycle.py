@@ -140,6 +140,19 @@ def test_a_run_resumed_with_other_decoding_is_refused(tmp_path):
         train_and_evaluate(trainer, {"recipe": "r"})
 
 
+def test_a_run_started_by_an_earlier_version_resumes_and_scores_before_again(tmp_path):
+    """Its run.json lacks the decoding: the resume is not refused, but its "before" is not comparable."""
+    (tmp_path / "run.json").write_text('{"recipe": "r"}')
+    (tmp_path / "checkpoint-4").mkdir()
+    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (tmp_path / "predictions").mkdir()
+    write_jsonl(tmp_path / "predictions" / "before.jsonl", ({"key": k, "prediction": "x"} for k in "ab"))
+    (tmp_path / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
+    results = train_and_evaluate(FakeTrainer(tmp_path, resume="last"), {"recipe": "r"})
+    assert results["before"] == {"eval_CIDEr": 0.5}
+    assert "decoding" in json.loads((tmp_path / "run.json").read_text())
+
+
 def test_a_metric_for_best_model_the_evaluations_do_not_log_is_an_error_before_training(tmp_path):
     for metric in ("CIDEr", "eval_CIDEr", "loss"):
         train_and_evaluate(FakeTrainer(tmp_path / metric, metric=metric), {"recipe": "r"})

@@ -44,8 +44,8 @@ class ModelArguments:
     model_name_or_path: str | None = arg(
         None, "Hub id or local path of the checkpoint; None = the recipe's embedded tiny model.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = arg(
-        "auto", "dtype to load the weights in; 'auto' = bfloat16 on a GPU that has it (else float16), "
-        "float32 on the CPU.")
+        "auto", "dtype to load the weights in; 'auto' = bfloat16 where CUDA is available (float16 on a GPU "
+        "without bf16), else float32.")
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = arg(
         None, "Attention kernel; default: the model's own choice (sdpa where the architecture has it, "
         "e.g. not Gemma 2, which needs eager).")

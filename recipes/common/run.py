@@ -85,21 +85,26 @@ def check_output_dir(output_dir: str | Path, resume) -> None:
                               "it, or give another --output_dir (or delete that folder) to start afresh.")
 
 
-def check_same_run(output_dir: str | Path, resume: str | None, metadata: dict, write: bool = True) -> None:
+def check_same_run(output_dir: str | Path, resume: str | None, metadata: dict, write: bool = True) -> bool:
     """`<output_dir>/run.json` holds what a run started with (data files, model, ...); a resumed run must
-    have the same, else its checkpoint and the saved "before" scores belong to another experiment.
-    `write`: (re)write run.json (the main process)."""
+    have the same, else its checkpoint and the saved "before" scores belong to another experiment. Returns
+    whether the start recorded every setting (a run.json of an earlier version may lack some: the run goes
+    on, and "before" is scored again). `write`: (re)write run.json (the main process)."""
     path = Path(output_dir) / "run.json"
     metadata = json.loads(json.dumps(metadata))  # as it reads back (tuples are lists)
+    recorded = True
     if resume is not None and path.is_file():
         started = json.loads(path.read_text())
-        changed = [f"{k} {started.get(k)!r} -> {v!r}" for k, v in metadata.items() if started.get(k) != v]
+        recorded = all(k in started for k in metadata)
+        changed = [f"{k} {started[k]!r} -> {v!r}" for k, v in metadata.items()
+                   if k in started and started[k] != v]
         if changed:
             raise ValueError(f"--resume_from_checkpoint: {output_dir} was started with other settings ("
                              f"{'; '.join(changed)}). Resume with the same ones, or give another "
                              "--output_dir.")
     if write:
         atomic_write_text(path, json.dumps(metadata, indent=2))
+    return recorded
 
 
 def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: str | Path,
@@ -324,7 +329,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     # Absolute, so that `make eval` finds the data files and images from any folder.
     metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
                 for k, v in metadata.items()}
-    check_same_run(args.output_dir, resume, metadata, write=trainer.is_world_process_zero())
+    recorded = check_same_run(args.output_dir, resume, metadata, write=trainer.is_world_process_zero())
     folder = Path(args.output_dir) / "predictions"
     # (result key, predictions name prefix, data): the headline split first.
     splits = [("", "", test), ("val", "val-", None)] if test is not None else [("", "", None)]
@@ -333,7 +338,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         for key, prefix, data in splits:
             target = results.setdefault(key, {}) if key else results
             saved = folder / f"{prefix}{name}.metrics.json"
-            if (when == "before" and resume and saved.exists()
+            if (when == "before" and resume and recorded and saved.exists()
                     and _same_keys(folder / f"{prefix}{name}.jsonl", trainer, data)):
                 target[when] = json.loads(saved.read_text())  # scored when the run first started
             else:
@@ -342,7 +347,21 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if evaluates:
         score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
-    trainer.train(resume_from_checkpoint=resume)  # raises Stopped when a SIGTERM stopped it (StopOnSignal)
+    try:  # a SIGTERM stop raises Stopped from StopOnSignal.on_save, right after the step's save
+        trainer.train(resume_from_checkpoint=resume)
+    except ValueError as e:
+        if resume and "parameter group" in str(e):
+            raise ValueError(f"{e}: the checkpoint's optimizer has a parameter group per model component "
+                             "(a run with --vision_lr, --bridge_lr or --lm_lr, or of an earlier version, "
+                             "which always made them) or not; resume with the per-component rates it had "
+                             "(one set to --learning_rate makes such groups at the same rates), or without "
+                             "them.") from e
+        raise
+    if stop is not None and stop.stopped_at is not None and stop.stopped_at < trainer.state.max_steps:
+        # on_save did not run (save_strategy best, the step no new best): the step was not saved
+        raise Stopped(f"SIGTERM: training stopped at step {stop.stopped_at} of {trainer.state.max_steps}; "
+                      "its checkpoint was not saved (--save_strategy best). Run the same command with "
+                      "--resume_from_checkpoint last (or auto) to go on from the last one.")
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation
     if evaluates:

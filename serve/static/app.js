@@ -87,7 +87,11 @@ async function generate(body, signal) {
   const response = await fetch("/v1/chat/completions", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
   });
-  if (!response.ok) { refuse(await errorMessage(response)); return; }
+  if (!response.ok) {
+    const message = await errorMessage(response);
+    if (!signal.aborted) refuse(message); // else a newer request owns the page
+    return;
+  }
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -125,7 +129,11 @@ async function search() {
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ model: $("model").value, query, k: 8 }), signal,
     });
-    if (!response.ok) { refuse(await errorMessage(response)); return; }
+    if (!response.ok) {
+      const message = await errorMessage(response);
+      if (!signal.aborted) refuse(message);
+      return;
+    }
     hits = (await response.json()).data;
   } catch (e) {
     if (e.name !== "AbortError") unreachable(e);

@@ -42,7 +42,7 @@ from recipes.common.chat import (
     chat_encoder,
     to_messages,
 )
-from recipes.common.merge import is_adapter_run, load_run
+from recipes.common.merge import is_adapter_run, load_run, run_record
 from recipes.common.models import load_processor, resolve_model_path
 from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
@@ -203,10 +203,8 @@ def _load_search(path: Path, rid: str) -> SearchRun:
 def _trained_prompt(path: Path) -> str | None:
     """The caption --prompt a run trained with, from its run.json (a checkpoint-N's: its run folder's; merge
     and export copy it into their folder); None without one."""
-    for folder in (path, path.parent):
-        if (folder / "run.json").is_file():
-            return json.loads((folder / "run.json").read_text()).get("prompt")
-    return None
+    record = run_record(path)
+    return None if record is None else json.loads(record.read_text()).get("prompt")
 
 
 def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:

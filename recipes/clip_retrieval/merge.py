@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
-from recipes.common.merge import merge_cli
+from recipes.common.merge import merge_cli, run_record
 from recipes.common.models import loading, resolve_model_path
 from recipes.common.run import run_main
 
@@ -29,8 +29,8 @@ def base_of(run: str | Path) -> str:
     run = Path(run)
     if (run / "adapter_config.json").exists():
         return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
-    for saved in (run / "run.json", run.parent / "run.json", run / "metrics.json"):
-        if saved.exists():
+    for saved in (run_record(run), run / "metrics.json"):
+        if saved is not None and saved.exists():
             return json.loads(saved.read_text())["model"]
     raise FileNotFoundError(f"{run}: no adapter_config.json or run.json says which base it was trained from; "
                             "pass --base.")

@@ -22,6 +22,12 @@ from data_tools.files import atomic_folder
 from .models import load_processor, loading
 
 
+def run_record(run: str | Path) -> Path | None:
+    """The run.json a run wrote at its start (what it trained with): the folder's own, or a checkpoint-N's
+    run folder's; None without one."""
+    return next((f / "run.json" for f in (Path(run), Path(run).parent) if (f / "run.json").is_file()), None)
+
+
 def is_adapter_run(run: str | Path) -> bool:
     """Whether `run` holds a peft adapter (rather than a full checkpoint)."""
     return (Path(run) / "adapter_config.json").exists()
@@ -79,9 +85,7 @@ def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[
     with atomic_folder(out) as tmp:  # beside `out`, renamed to it when complete
         args.out = str(tmp)
         merge(args)
-        record = next((f / "run.json" for f in (Path(args.run), Path(args.run).parent)
-                       if (f / "run.json").is_file()), None)  # a checkpoint-N's is its run folder's
-        if record is not None:
+        if (record := run_record(args.run)) is not None:
             shutil.copyfile(record, tmp / "run.json")
     print(f"full checkpoint written to {out}")
     return out

@@ -42,7 +42,7 @@ from recipes.common.chat import (
     chat_encoder,
     to_messages,
 )
-from recipes.common.merge import is_adapter_run, load_run, run_record
+from recipes.common.merge import adapter_base, is_adapter_run, load_run, run_record
 from recipes.common.models import load_processor, resolve_model_path
 from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
@@ -177,12 +177,11 @@ def _config(path: Path) -> dict:
 
 def _base_config(path: Path) -> dict:
     """The config of adapter run `path`'s base; {} where it cannot be read (the loader then says why)."""
-    from peft import PeftConfig
     from transformers import PretrainedConfig
 
     try:
-        base = resolve_model_path(PeftConfig.from_pretrained(path).base_model_name_or_path)
-        return PretrainedConfig.get_config_dict(base)[0]
+        base, revision = adapter_base(path)
+        return PretrainedConfig.get_config_dict(resolve_model_path(base), revision=revision)[0]
     except (OSError, ValueError):
         return {}
 
@@ -243,11 +242,10 @@ def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None)
 
 def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
     """{id: run} for the RUN_DIRs; adapter runs on the same base share the base's weights."""
-    from peft import PeftConfig
     from transformers import AutoModelForImageTextToText
 
     runs: dict[str, GenerativeRun | SearchRun] = {}
-    shared: dict[tuple, object] = {}  # (base path, quantization) -> the PeftModel holding its adapters
+    shared: dict[tuple, object] = {}  # (base path, revision, quantization) -> the PeftModel with its adapters
     for p in paths:
         path = Path(p)
         if not path.is_dir():
@@ -270,7 +268,8 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
         elif is_adapter_run(path):
             # a QLoRA run's base is quantized as in training; it is shared only with runs quantized alike
             quantization = path / QUANTIZATION_FILE
-            base = (str(Path(PeftConfig.from_pretrained(path).base_model_name_or_path).resolve()),
+            base_path, revision = adapter_base(path)
+            base = (str(Path(base_path).resolve()), revision,
                     quantization.read_text() if quantization.is_file() else None)
             if base in shared:
                 # a name of our own, not the run id: a run named "default" would replace the first run's

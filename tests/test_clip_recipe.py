@@ -259,7 +259,7 @@ def test_the_base_of_an_unfinished_runs_checkpoint_is_read_from_the_run(tmp_path
 
     (tmp_path / "run" / "checkpoint-4").mkdir(parents=True)
     (tmp_path / "run" / "run.json").write_text(json.dumps({"model": "/models/clip"}))
-    assert base_of(tmp_path / "run" / "checkpoint-4") == base_of(tmp_path / "run") == "/models/clip"
+    assert base_of(tmp_path / "run" / "checkpoint-4") == base_of(tmp_path / "run") == ("/models/clip", None)
     with pytest.raises(FileNotFoundError, match="pass --base"):
         base_of(tmp_path)
 

@@ -54,7 +54,7 @@ def main(argv=None):
 
     # LoRA on the language model; a trained Q-Former (and any trained vision layers) is saved with the
     # adapter through modules_to_save.
-    model = apply_lora_and_freezing(model, args.peft, args.freeze)
+    model = apply_lora_and_freezing(model, args.peft, args.freeze, args.model.revision)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: one per reference caption; the length budget counts the query tokens.
@@ -80,6 +80,7 @@ def main(argv=None):
     )
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang, model=model_path,
+        revision=args.model.revision,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         prompt=args.data.prompt,

@@ -18,37 +18,40 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoProcessor, PreTrainedModel
 
-from recipes.common.merge import merge_cli, run_record
+from recipes.common.merge import adapter_base, is_adapter_run, merge_cli, run_record
 from recipes.common.models import loading, resolve_model_path
 from recipes.common.run import run_main
 
 
-def base_of(run: str | Path) -> str:
-    """The base checkpoint of a run folder (or of a checkpoint-N in it, the run unfinished): from the adapter
-    config, or the run.json a run writes at its start."""
+def base_of(run: str | Path) -> tuple[str, str | None]:
+    """(base checkpoint, its --revision) of a run folder (or of a checkpoint-N in it, the run unfinished):
+    from the adapter config, or the run.json a run writes at its start."""
     run = Path(run)
-    if (run / "adapter_config.json").exists():
-        return json.loads((run / "adapter_config.json").read_text())["base_model_name_or_path"]
+    if is_adapter_run(run):
+        return adapter_base(run)
     for saved in (run_record(run), run / "metrics.json"):
         if saved is not None and saved.exists():
-            return json.loads(saved.read_text())["model"]
+            record = json.loads(saved.read_text())
+            return record["model"], record.get("revision")
     raise FileNotFoundError(f"{run}: no adapter_config.json or run.json says which base it was trained from; "
                             "pass --base.")
 
 
-def load_dual_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A full dual encoder (`AutoModel`: CLIPModel, SiglipModel, Siglip2Model) from a checkpoint, a Hub id,
-    `tiny:<name>`, or a run folder with a LoRA adapter (merged)."""
+def load_dual_encoder(path: str | Path, dtype: torch.dtype = torch.float32,
+                      revision: str | None = None) -> PreTrainedModel:
+    """A full dual encoder (`AutoModel`: CLIPModel, SiglipModel, Siglip2Model) from a checkpoint, a Hub id
+    (at `revision`), `tiny:<name>`, or a run folder with a LoRA adapter (merged into its base)."""
     path = resolve_model_path(str(path))
-    if (Path(path) / "adapter_config.json").exists():
+    if is_adapter_run(path):
         from peft import PeftModel
 
-        base_path = resolve_model_path(base_of(path))
+        base_path, base_revision = base_of(path)
+        base_path = resolve_model_path(base_path)
         with loading(base_path):
-            base = AutoModel.from_pretrained(base_path, dtype=dtype)
+            base = AutoModel.from_pretrained(base_path, dtype=dtype, revision=base_revision)
         return PeftModel.from_pretrained(base, path).merge_and_unload()
     with loading(path):
-        return AutoModel.from_pretrained(path, dtype=dtype)
+        return AutoModel.from_pretrained(path, dtype=dtype, revision=revision)
 
 
 def wise_ft(base: PreTrainedModel, finetuned: PreTrainedModel, alpha: float) -> PreTrainedModel:
@@ -72,7 +75,8 @@ def export(run: str, out: str, alpha: float | None = None, base: str | None = No
     interpolation."""
     model = load_dual_encoder(run, getattr(torch, dtype))
     if alpha is not None:
-        model = wise_ft(load_dual_encoder(base or base_of(run), getattr(torch, dtype)), model, alpha)
+        base_path, revision = (base, None) if base else base_of(run)
+        model = wise_ft(load_dual_encoder(base_path, getattr(torch, dtype), revision), model, alpha)
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(run).save_pretrained(out)
     return Path(out)

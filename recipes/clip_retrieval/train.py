@@ -136,7 +136,7 @@ def main(argv=None):
             args.training.ddp_find_unused_parameters = False
     logger.info("loss: %s", loss)
     model = set_training_mode(model, args.peft, args.freeze, args.retrieval.lora_towers,
-                              args.retrieval.unfreeze_last_n_text_layers)
+                              args.retrieval.unfreeze_last_n_text_layers, args.model.revision)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Pairs: one caption per image per epoch (drawn by the sampler); every cut text is counted.
@@ -179,7 +179,7 @@ def main(argv=None):
             return
         trainer.accelerator.wait_for_everyone()  # the saved model is complete on every rank
         dtype = next(trainer.model.parameters()).dtype
-        base = load_dual_encoder(model_path, dtype)
+        base = load_dual_encoder(model_path, dtype, args.model.revision)
         finetuned = load_dual_encoder(args.training.output_dir, dtype)
         results["wise_ft"] = {}
         for alpha in args.retrieval.wise_ft_alpha:
@@ -194,7 +194,7 @@ def main(argv=None):
 
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=args.data.lang, model=model_path,
-        loss=loss,
+        revision=args.model.revision, loss=loss,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         zero_shot_file=args.retrieval.zero_shot_file,

@@ -238,9 +238,10 @@ def class_embeddings(prompt_embeds: list[np.ndarray]) -> np.ndarray:
 
 # --- what trains ---------------------------------------------------------------------------------------
 def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both",
-                      unfreeze_last_n_text_layers: int = 0):
-    """LoRA on the chosen towers (every base weight frozen, the temperature too), or (un)freezing of whole
-    towers and of their last N layers; returns the model."""
+                      unfreeze_last_n_text_layers: int = 0, revision: str | None = None):
+    """LoRA on the chosen towers (every base weight frozen, the temperature too; the base's `revision` goes
+    into the adapter config), or (un)freezing of whole towers and of their last N layers; returns the
+    model."""
     if peft_args.peft_method != "none":
         unfreeze = [f"--{k}" for k, n in (("unfreeze_last_n_vision_layers",
                                            freeze_args.unfreeze_last_n_vision_layers),
@@ -265,7 +266,7 @@ def set_training_mode(model, peft_args, freeze_args, lora_towers: str = "both",
                         "text": "text_model"}[lora_towers]
             peft_args = dataclasses.replace(peft_args, lora_target_modules=(
                 rf"(?:{prefixes})\.encoder\.layers\.\d+\.self_attn\.(?:q_proj|k_proj|v_proj|out_proj)"))
-        model = apply_peft(model, peft_args, components=towers)
+        model = apply_peft(model, peft_args, components=towers, revision=revision)
         trainable_in_float32(model)
         return model
     apply_freezing(model, freeze_args)

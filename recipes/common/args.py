@@ -56,7 +56,10 @@ class ModelArguments:
         True, "Also quantize the 4-bit quantization constants (saves ~0.4 bit per weight).")
     trust_remote_code: bool = arg(
         False, "Allow running modelling code shipped with the checkpoint. Only for sources you trust.")
-    revision: str | None = arg(None, "Branch, tag or commit of the checkpoint on the Hub.")
+    revision: str | None = arg(
+        None, "Branch, tag or commit of the checkpoint on the Hub (soft_prompt_caption: of both bases). "
+        "Recorded with the run (run.json, adapter_config.json): merge, export, WiSE-FT and serve load the "
+        "base at it.")
     processor_kwargs: dict | str | None = arg(
         None, "Options of the checkpoint's processor, saved with the run for merge, serve and chat: a YAML "
         "mapping, or JSON on the command line. E.g. Qwen2.5-VL's image token count, a token per 28 x 28 "

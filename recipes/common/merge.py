@@ -28,6 +28,12 @@ def run_record(run: str | Path) -> Path | None:
     return next((f / "run.json" for f in (Path(run), Path(run).parent) if (f / "run.json").is_file()), None)
 
 
+def adapter_base(run: str | Path) -> tuple[str, str | None]:
+    """(base checkpoint, revision it was loaded at) of LoRA run `run`, from its adapter_config.json."""
+    config = PeftConfig.from_pretrained(run)
+    return config.base_model_name_or_path, config.revision
+
+
 def is_adapter_run(run: str | Path) -> bool:
     """Whether `run` holds a peft adapter (rather than a full checkpoint)."""
     return (Path(run) / "adapter_config.json").exists()
@@ -41,9 +47,9 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
                                 "or a checkpoint-N in it")
     torch_dtype = getattr(torch, dtype)
     if is_adapter_run(run):
-        base_path = PeftConfig.from_pretrained(run).base_model_name_or_path
+        base_path, revision = adapter_base(run)
         with loading(base_path):
-            base = model_cls.from_pretrained(base_path, dtype=torch_dtype)
+            base = model_cls.from_pretrained(base_path, dtype=torch_dtype, revision=revision)
         model = PeftModel.from_pretrained(base, run)
     else:
         with loading(str(run)):

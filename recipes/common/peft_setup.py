@@ -182,10 +182,11 @@ def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modu
                              f"{linear_leaves}.")
 
 
-def apply_peft(model: torch.nn.Module, peft_args: PeftArguments,
-               components: tuple[str, ...] | None = None) -> torch.nn.Module:
+def apply_peft(model: torch.nn.Module, peft_args: PeftArguments, components: tuple[str, ...] | None = None,
+               revision: str | None = None) -> torch.nn.Module:
     """`model` with LoRA as `peft_args` says (unchanged for peft_method='none'); `components` picks where
-    the default targets go (e.g. ("vision",): CLIP's image tower only)."""
+    the default targets go (e.g. ("vision",): CLIP's image tower only). `revision`, the base's --revision, is
+    recorded in the adapter config: merge, export and serve load the base at it."""
     if peft_args.peft_method == "none":
         return model
     targets = peft_args.lora_target_modules
@@ -196,7 +197,7 @@ def apply_peft(model: torch.nn.Module, peft_args: PeftArguments,
     return get_peft_model(model, LoraConfig(
         r=peft_args.lora_r, lora_alpha=peft_args.lora_alpha, lora_dropout=peft_args.lora_dropout,
         target_modules=targets, modules_to_save=peft_args.modules_to_save, bias="none",
-        use_dora=peft_args.use_dora, use_rslora=peft_args.use_rslora))
+        use_dora=peft_args.use_dora, use_rslora=peft_args.use_rslora, revision=revision))
 
 
 # --------------------------------------------------------------------------------------------------- freezing
@@ -369,8 +370,8 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
     return names
 
 
-def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments,
-                            freeze_args: FreezeArguments) -> torch.nn.Module:
+def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments, freeze_args: FreezeArguments,
+                            revision: str | None = None) -> torch.nn.Module:
     """`apply_peft` then `apply_freezing`; under LoRA, what trains outside the adapter goes into
     `modules_to_save`, so that the adapter folder and a merge hold it. The arguments are updated to match."""
     if peft_args.peft_method != "none":
@@ -382,7 +383,7 @@ def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments,
         peft_args.modules_to_save = sorted(set(peft_args.modules_to_save or []) | set(extra))
         if freeze_args.freeze_bridge is False:
             freeze_args.freeze_bridge = None  # peft has made exactly those copies trainable
-    model = apply_peft(model, peft_args)
+    model = apply_peft(model, peft_args, revision=revision)
     apply_freezing(model, freeze_args)
     trainable_in_float32(model)
     return model

@@ -27,10 +27,11 @@ import os
 from pathlib import Path
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftModel
 from transformers import AutoConfig, BitsAndBytesConfig
 
 from .args import ModelArguments
+from .merge import adapter_base
 from .models import compute_dtype, load_processor, loading
 from .peft_setup import find_components, trainable_in_float32
 
@@ -177,9 +178,9 @@ def save_quantization_config(model: torch.nn.Module, folder: str | os.PathLike) 
 def _quantized_base(run: Path, model_cls):
     """The base of QLoRA run `run`, loaded as training loaded it."""
     kwargs = _load_kwargs(run)
-    path = PeftConfig.from_pretrained(run).base_model_name_or_path
+    path, revision = adapter_base(run)
     with loading(path):
-        return model_cls.from_pretrained(path, **kwargs)
+        return model_cls.from_pretrained(path, revision=revision, **kwargs)
 
 
 def _load_kwargs(run: Path) -> dict:

@@ -100,7 +100,7 @@ def main(argv=None):
         args.freeze.freeze_bridge, args.freeze.freeze_language_model = False, True
         logger.info("stage pretrain: only the projector trains (LoRA and the vision/LM freeze flags are "
                     "ignored)")
-    model = apply_lora_and_freezing(model, args.peft, args.freeze)
+    model = apply_lora_and_freezing(model, args.peft, args.freeze, args.model.revision)
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: conversations rendered with the processor's chat template; the budget counts image tokens.
@@ -142,6 +142,7 @@ def main(argv=None):
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task=task, stage=args.instruct.stage,
         lang=args.data.lang, short_answer_words=args.instruct.short_answer_words, model=model_path,
+        revision=args.model.revision,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         length_budget=reports,

@@ -84,7 +84,7 @@ def main(argv=None):
 
     # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are
     # saved with the adapter through modules_to_save. Then only what trains is cast to float32.
-    model = apply_lora_and_freezing(model, args.peft, args.freeze)
+    model = apply_lora_and_freezing(model, args.peft, args.freeze, args.model.revision)
     prepare_quantized_for_training(model)
     logger.info("parameters:\n%s", count_parameters(model))
     logger.info("weight bytes: %s", weight_bytes(model))
@@ -129,6 +129,7 @@ def main(argv=None):
             trainer.write_predictions(baseline, results["baseline"], "baseline", headline)
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="vqa", lang=args.data.lang, model=model_path,
+        revision=args.model.revision,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         length_budget=reports,

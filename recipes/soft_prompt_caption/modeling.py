@@ -62,6 +62,7 @@ class SoftPromptCaptionerConfig(PreTrainedConfig):
     # Where the frozen parts were loaded from: what `from_trained` loads them from again.
     vision_model_name_or_path: str | None = None
     language_model_name_or_path: str | None = None
+    base_revision: str | None = None  # the --revision both were loaded at
     initializer_range: float = 0.02  # std of the soft prompt and projection at initialisation (GPT-2's value)
     tie_word_embeddings: bool = False  # the LM ties its own embeddings; nothing is tied across the parts
 
@@ -140,7 +141,8 @@ class SoftPromptCaptioner(PreTrainedModel):
         vision = AutoModel._model_mapping[type(vision_config)].from_pretrained(vision_model, **kwargs)
         language = AutoModelForCausalLM.from_pretrained(language_model, **kwargs)
         return cls.from_models(vision, language, vision_model_name_or_path=str(vision_model),
-                               language_model_name_or_path=str(language_model), **options)
+                               language_model_name_or_path=str(language_model), base_revision=revision,
+                               **options)
 
     @classmethod
     def from_models(cls, vision: PreTrainedModel, language: PreTrainedModel,
@@ -180,7 +182,7 @@ class SoftPromptCaptioner(PreTrainedModel):
                  language_model or config.language_model_name_or_path)
         try:
             with loading(*bases):  # a base that moved: one line naming it, not a traceback
-                model = cls.from_parts(*bases, dtype=dtype, **options)
+                model = cls.from_parts(*bases, dtype=dtype, revision=config.base_revision, **options)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}. {run / 'config.json'} names the bases the run was trained on; if "
                                     "they moved, give where they are now (export.py --vision_model ... "

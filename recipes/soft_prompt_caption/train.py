@@ -141,6 +141,7 @@ def main(argv=None):
     results = train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang,
         model=f"{vision_path} + {language_path}", vision_model=vision_path, language_model=language_path,
+        revision=args.model.revision,
         prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, prompt=args.data.prompt,

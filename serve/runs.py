@@ -5,7 +5,7 @@ A folder is recognised by what it holds, so a training output_dir, a checkpoint-
 exported checkpoint all load:
 - `index.json` (written by recipes/clip_retrieval/embed.py): retrieval over that index, with the model it
   names (a clip_retrieval run, SigLIP included);
-- `trained.safetensors`, or a config of model_type `soft_prompt_captioner`: a soft_prompt_caption run
+- `trained.safetensors`, or a config of model_type `soft-prompt-captioner`: a soft_prompt_caption run
   (or its export.py folder);
 - otherwise an image-text-to-text model (a peft adapter on its base, or a full checkpoint) loaded through
   `AutoModelForImageTextToText`: a chat model when its processor has a chat template (llava_instruct,
@@ -46,8 +46,9 @@ from recipes.common.merge import adapter_base, is_adapter_run, load_run, run_rec
 from recipes.common.models import load_processor, resolve_model_path
 from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
+from recipes.soft_prompt_caption.modeling import MODEL_TYPE as SOFT_PROMPT_MODEL_TYPE
+from recipes.soft_prompt_caption.modeling import TRAINED_WEIGHTS as SOFT_PROMPT_WEIGHTS
 
-SOFT_PROMPT_WEIGHTS = "trained.safetensors"
 RETRIEVAL_TYPES = ("clip", "siglip", "siglip2")  # dual encoders: served as an embed.py index, not as a run
 
 
@@ -258,7 +259,7 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
         config = _config(path)
         if (path / "index.json").is_file():
             runs[rid] = _load_search(path, rid)
-        elif (path / SOFT_PROMPT_WEIGHTS).is_file() or config.get("model_type") == "soft_prompt_captioner":
+        elif (path / SOFT_PROMPT_WEIGHTS).is_file() or config.get("model_type") == SOFT_PROMPT_MODEL_TYPE:
             runs[rid] = _load_soft_prompt(path, rid)
         elif config.get("model_type") in RETRIEVAL_TYPES or (  # a LoRA run: its base's config says
                 is_adapter_run(path) and _base_config(path).get("model_type") in RETRIEVAL_TYPES):

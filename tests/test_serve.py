@@ -1293,3 +1293,27 @@ def test_a_clip_lora_run_folder_is_refused_with_the_embed_command(loaded, tmp_pa
         f"{tmp_path / 'clip_lora'}: a retrieval run; serve an index of it instead: python "
         f"recipes/clip_retrieval/embed.py --model {tmp_path / 'clip_lora'} --file IMAGES.jsonl --out INDEX, "
         "then python -m serve INDEX")
+
+
+def test_an_exported_soft_prompt_captioner_answers_as_its_run(loaded, trained, tmp_path):
+    """An export.py folder (a full checkpoint of model_type soft-prompt-captioner) serves as the run does."""
+    import asyncio
+
+    from recipes.soft_prompt_caption.export import export
+    from serve.batching import Job, generate_batch
+    from serve.runs import load_runs
+
+    runs, files = trained
+    exported = load_runs([export(runs["soft_prompt_caption"], tmp_path / "exported")])["exported"]
+    assert type(exported.model).__name__ == "SoftPromptCaptioner"
+    loop = asyncio.new_event_loop()
+    try:
+        def caption(run, image) -> str:
+            job = Job(run, {"key": 0, "image": str(image)}, None, 8, None, None, loop, loop.create_future())
+            return generate_batch([job])[0].text
+
+        for row in _eval_rows(files, "caption"):
+            image = Path(files["caption"][1]).parent / row["image"]
+            assert caption(exported, image) == caption(loaded["soft_prompt_caption"], image)
+    finally:
+        loop.close()

@@ -284,3 +284,22 @@ def test_processor_kwargs_from_json_on_the_command_line_or_a_yaml_mapping(tmp_pa
         parse_args([ModelArguments], ["--processor_kwargs", "{size: 3}"])
     with pytest.raises(ValueError, match=r"--processor_kwargs must be a mapping .*, got \[1\]"):
         parse_args([ModelArguments], ["--processor_kwargs", "[1]"])
+
+
+def test_none_on_the_command_line_takes_back_a_value_of_a_field_that_may_be_none(tmp_path):
+    from recipes.clip_retrieval.train import RetrievalArguments
+
+    config = write_yaml(tmp_path, "max_length: 64\nlora_target_modules: [k_proj]\nfreeze_bridge: true\n"
+                                  "wise_ft_alpha: [0.25, 0.5]\nprompt: a photo of\n")
+    types = [DataArguments, PeftArguments, FreezeArguments, RetrievalArguments]
+    data, peft, freeze, retrieval = parse_args(types, ["--config", config])
+    assert (data.max_length, peft.lora_target_modules, freeze.freeze_bridge, retrieval.wise_ft_alpha) == (
+        64, ["k_proj"], True, [0.25, 0.5])
+    data, peft, freeze, retrieval = parse_args(types, [
+        "--config", config, "--max_length", "none", "--lora_target_modules=null", "--freeze_bridge", "None",
+        "--wise_ft_alpha", "none", "--prompt", "none"])
+    assert (data.max_length, peft.lora_target_modules, freeze.freeze_bridge, retrieval.wise_ft_alpha) == (
+        None, None, None, None)
+    assert data.prompt == "none"  # text: a prompt may be the word itself
+    with pytest.raises(SystemExit):  # a field that may not be None still refuses the word
+        parse_args([PeftArguments], ["--lora_r", "none"])

@@ -101,7 +101,7 @@ class DataArguments:
     max_length: int | None = arg(
         128, "Length budget of a sample in tokens, image / query tokens included. Over it, a caption is "
         "cut, a conversation is cut after its last whole exchange that fits (CLIP: the text is cut before "
-        "its eos); a sample with no room left is dropped. The logged length report counts both. None (in "
+        "its eos); a sample with no room left is dropped. The logged length report counts both. none (in "
         "YAML: null) = no budget; CLIP: the text tower's length.")
     skip_bad_rows: bool = arg(
         False, "Drop invalid rows and rows whose image fails --check_images, counted, each written with "
@@ -315,11 +315,34 @@ def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action], hint
     out = {}
     for key, parsed in values.items():
         line, node = keys[key]
-        options = get_args(hints[key]) if get_origin(hints[key]) in (Union, UnionType) else (hints[key],)
-        kinds = {get_origin(option) or option for option in options}
+        kinds = {get_origin(option) or option for option in _options(hints[key])}
         out[key] = _typed(actions[key], _flag_text(node, parsed), f"{path}:{line}: {key}",
                           type(None) in kinds, kinds)
     return out
+
+
+def _options(hint) -> tuple:
+    """The types a field's hint allows: (int, NoneType) for `int | None`."""
+    return get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+
+
+def _command_line_nulls(argv: list[str], actions: dict[str, argparse.Action],
+                        hints: dict[str, object]) -> tuple[list[str], dict[str, None]]:
+    """`--name none` (or null) for a field that may be None and is not text (--max_length none,
+    --wise_ft_alpha none: a config.yaml value taken back) leaves `argv` and becomes a None default."""
+    nullable = {flag: name for name, action in actions.items() if type(None) in _options(hints[name])
+                and str not in _options(hints[name]) for flag in action.option_strings}
+    rest, nulls, i = [], {}, 0
+    while i < len(argv):
+        flag, eq, value = argv[i].partition("=")
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        if flag in nullable and value in ("none", "None", "null"):
+            nulls[nullable[flag]] = None
+            i += 1 if eq else 2
+        else:
+            rest.append(argv[i])
+            i += 1
+    return rest, nulls
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
@@ -359,16 +382,16 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
     parser.add_argument("--config", default=None,
                         help="YAML file of defaults for any of the arguments below.")
 
-    if config_args.config is not None:
-        actions = {}
-        for action in parser._actions:
-            if action.dest not in ("help", "config"):
-                actions.setdefault(action.dest, action)  # not a bool's --no_<name>, which comes second
-        hints = {name: hint for dc in dataclass_types for name, hint in get_type_hints(dc).items()}
-        values = load_yaml_config(config_args.config, actions, hints)
-        for key in values:
-            actions[key].required = False
-        parser.set_defaults(**values)
+    actions = {}
+    for action in parser._actions:
+        if action.dest not in ("help", "config"):
+            actions.setdefault(action.dest, action)  # not a bool's --no_<name>, which comes second
+    hints = {name: hint for dc in dataclass_types for name, hint in get_type_hints(dc).items()}
+    values = {} if config_args.config is None else load_yaml_config(config_args.config, actions, hints)
+    remaining, nulls = _command_line_nulls(remaining, actions, hints)
+    for key in {**values, **nulls}:
+        actions[key].required = False
+    parser.set_defaults(**{**values, **nulls})
 
     # look_for_args_file=False: a stray `<script>.args` file must not change the run.
     outputs = parser.parse_args_into_dataclasses(remaining, look_for_args_file=False)

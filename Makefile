@@ -45,8 +45,8 @@ ACCELERATE_CONFIG ?= accelerate_configs/$(if $(shell nvidia-smi -L 2>/dev/null),
 DEMO_RUN := $(OUT)/blip2_lora_caption
 demo: setup
 	rm -rf $(DEMO_RUN)  # a fresh demo: a run refuses a folder that holds an earlier run's checkpoints
-	$(PY) -m accelerate.commands.launch --config_file $(ACCELERATE_CONFIG) recipes/blip2_lora_caption/train.py \
-		--output_dir $(DEMO_RUN)
+	$(PY) -m accelerate.commands.launch --quiet --config_file $(ACCELERATE_CONFIG) \
+		recipes/blip2_lora_caption/train.py --output_dir $(DEMO_RUN)
 	$(PY) -m eval report $(DEMO_RUN)
 	$(PY) scripts/demo_summary.py $(DEMO_RUN)
 

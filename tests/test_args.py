@@ -303,3 +303,17 @@ def test_none_on_the_command_line_takes_back_a_value_of_a_field_that_may_be_none
     assert data.prompt == "none"  # text: a prompt may be the word itself
     with pytest.raises(SystemExit):  # a field that may not be None still refuses the word
         parse_args([PeftArguments], ["--lora_r", "none"])
+
+
+def test_a_config_of_ones_own_keeps_the_columns_the_collators_read(tmp_path):
+    from recipes.common.args import parse_recipe_args
+    from recipes.common.run import setup_run
+
+    empty = write_yaml(tmp_path, "")
+    args = parse_recipe_args(["--config", empty, "--output_dir", str(tmp_path / "run")], empty,
+                             (DataArguments, TrainingArguments))
+    assert args.training.remove_unused_columns is False  # the Trainer's default, True, drops image paths
+    args = parse_recipe_args(["--config", empty, "--output_dir", str(tmp_path / "run"),
+                              "--remove_unused_columns", "true"], empty, (DataArguments, TrainingArguments))
+    with pytest.raises(ValueError, match="--remove_unused_columns true: the Trainer would drop the columns"):
+        setup_run(args.training)

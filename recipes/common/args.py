@@ -364,12 +364,14 @@ def _attribute(cls) -> str:
 
 def parse_recipe_args(argv: list[str] | None, default_config: str | Path, types) -> SimpleNamespace:
     """A recipe's arguments, an attribute per dataclass: `args.model`, `args.learning_rate`, ..."""
-    parsed = parse_args(types, recipe_argv(argv, default_config))
+    # The collators read columns the model does not take (image paths), which the Trainer would drop.
+    parsed = parse_args(types, recipe_argv(argv, default_config), defaults={"remove_unused_columns": False})
     return SimpleNamespace(**{_attribute(cls): value for cls, value in zip(types, parsed)})
 
 
-def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
-    """One instance per dataclass type, in order, from `--config file.yaml` defaults and `argv`'s flags."""
+def parse_args(dataclass_types, argv: list[str] | None = None, defaults: dict | None = None) -> tuple:
+    """One instance per dataclass type, in order, from `defaults` (fields whose default differs from their
+    dataclass's), then `--config file.yaml`, then `argv`'s flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
     dataclass_types = list(dataclass_types)
 
@@ -391,7 +393,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None) -> tuple:
     remaining, nulls = _command_line_nulls(remaining, actions, hints)
     for key in {**values, **nulls}:
         actions[key].required = False
-    parser.set_defaults(**{**values, **nulls})
+    parser.set_defaults(**{**(defaults or {}), **values, **nulls})
 
     # look_for_args_file=False: a stray `<script>.args` file must not change the run.
     outputs = parser.parse_args_into_dataclasses(remaining, look_for_args_file=False)

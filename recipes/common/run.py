@@ -49,6 +49,9 @@ def setup_run(training_args, model_args=None) -> None:
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     check_recipe_code()
+    if training_args.remove_unused_columns:
+        raise ValueError("--remove_unused_columns true: the Trainer would drop the columns the recipe's "
+                         "collator reads (image paths, keys); leave it false.")
     check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
     if model_args is not None:
         check_mixed_precision(model_args, training_args)

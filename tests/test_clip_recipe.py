@@ -292,3 +292,21 @@ def test_clip_with_the_sigmoid_loss_trains_on_two_processes_as_on_one(env):
     one, two = load_file(d / "sig1" / "model.safetensors"), load_file(d / "sig2" / "model.safetensors")
     assert one["logit_bias"].item() != -10.0
     torch.testing.assert_close(two["logit_bias"], one["logit_bias"], atol=2e-5, rtol=1e-4)
+
+
+def test_a_run_resumed_at_its_last_step_is_scored_without_training_more(env):
+    """--max_steps 5 is not a whole number of epochs (2 steps each): resumed at checkpoint-5, the Trainer would
+    train a sixth step. The run loads it and scores it, as a requeued job's `auto` needs."""
+    d, e, _, whole = env
+    out = d / "resumed_at_end"
+    shutil.copytree(d / "whole" / "checkpoint-5", out / "checkpoint-5")
+    r = _run([*whole, "--per_device_train_batch_size", "8", "--output_dir", str(out),
+              "--resume_from_checkpoint", "auto"], e)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "checkpoint-5 is the run's last step (--max_steps 5): scoring it" in r.stderr
+    assert not (out / "checkpoint-6").exists()
+    metrics, ref = (json.loads((run / "metrics.json").read_text()) for run in (out, d / "whole"))
+    assert (metrics["global_step"], metrics["after_step"]) == (5, 5)
+    assert metrics["after"] == pytest.approx(ref["after"], abs=1e-6)
+    ref_weights, got = load_file(d / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert ref_weights.keys() == got.keys() and all(torch.equal(got[k], ref_weights[k]) for k in ref_weights)

@@ -25,7 +25,7 @@ import datasets
 import numpy as np
 import torch
 import transformers
-from transformers import EarlyStoppingCallback, TrainerCallback, set_seed
+from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState, set_seed
 from transformers.trainer_jit_checkpoint import JITCheckpointCallback
 
 from data_tools.errors import DataError
@@ -275,6 +275,19 @@ class StopOnSignal(TrainerCallback):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def load_finished(trainer, checkpoint: str) -> None:
+    """Load a checkpoint of the run's last step (--max_steps) as `train` would end it (its weights, or the
+    best checkpoint's with --load_best_model_at_end, and its state), without training: the Trainer, resumed
+    there, would train one step more where --max_steps is not a whole number of epochs. A requeued job's
+    `--resume_from_checkpoint auto` then scores the run it had finished training."""
+    logger.info("%s is the run's last step (--max_steps %d): scoring it, nothing left to train", checkpoint,
+                trainer.args.max_steps)
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    trainer._load_from_checkpoint(checkpoint)
+    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+        trainer._load_best_model()
+
+
 def check_best_metric(args, scores: dict) -> None:
     """--metric_for_best_model must be a metric the evaluations log (the Trainer's loss or one of `scores`,
     the eval data's "before"): else Trainer stops with a KeyError at the first evaluation, after training."""
@@ -350,8 +363,12 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if evaluates:
         score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
+    resumed_at = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
     try:  # a SIGTERM stop raises Stopped from StopOnSignal.on_save, right after the step's save
-        trainer.train(resume_from_checkpoint=resume)
+        if 0 < args.max_steps <= resumed_at:
+            load_finished(trainer, resume)
+        else:
+            trainer.train(resume_from_checkpoint=resume)
     except ValueError as e:
         if resume and "parameter group" in str(e):
             raise ValueError(f"{e}: the checkpoint's optimizer has a parameter group per model component "

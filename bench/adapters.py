@@ -25,6 +25,7 @@ from bench import real_configs
 from bench.flops import Part
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.args import (
+    RECIPE_DEFAULTS,
     DataArguments,
     FeatureCacheArguments,
     FreezeArguments,
@@ -124,7 +125,8 @@ class Adapter:
     def parse(self, argv: list[str]) -> SimpleNamespace:
         """The recipe's arguments from its config.yaml, then `argv` (later flags win), checked as train.py
         checks them."""
-        parsed = parse_args(self.arg_types, ["--config", str(self.train.DEFAULT_CONFIG), *argv])
+        parsed = parse_args(self.arg_types, ["--config", str(self.train.DEFAULT_CONFIG), *argv],
+                            defaults=RECIPE_DEFAULTS)
         a = SimpleNamespace(**{type(p).__name__: p for p in parsed})
         check_mixed_precision(a.ModelArguments, a.TrainingArguments)
         return a

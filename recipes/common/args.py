@@ -362,10 +362,14 @@ def _attribute(cls) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__.removesuffix("Arguments")).lower()
 
 
+# Where the recipes' defaults differ from TrainingArguments': the collators read columns the model does not
+# take (image paths), which the Trainer would drop.
+RECIPE_DEFAULTS = {"remove_unused_columns": False}
+
+
 def parse_recipe_args(argv: list[str] | None, default_config: str | Path, types) -> SimpleNamespace:
     """A recipe's arguments, an attribute per dataclass: `args.model`, `args.learning_rate`, ..."""
-    # The collators read columns the model does not take (image paths), which the Trainer would drop.
-    parsed = parse_args(types, recipe_argv(argv, default_config), defaults={"remove_unused_columns": False})
+    parsed = parse_args(types, recipe_argv(argv, default_config), defaults=RECIPE_DEFAULTS)
     return SimpleNamespace(**{_attribute(cls): value for cls, value in zip(types, parsed)})
 
 

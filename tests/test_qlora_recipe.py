@@ -203,3 +203,19 @@ def test_8bit_option_trains_lora_on_int8_weights(env, run):
     assert (1.7 * nf4["quantized"] < int8["quantized"] < 2.3 * nf4["quantized"]
             and int8["trainable"] == nf4["trainable"])
     assert set(json.loads((d / "int8" / "metrics.json").read_text())["after"]) == METRICS
+
+
+def test_chat_py_loads_a_qlora_run_on_its_base_quantized_as_in_training(run):
+    """chat.py answers as the run scored: its base 4-bit as in training, not the original weights."""
+    from transformers import AutoModelForImageTextToText
+
+    from recipes.common.quantization import load_quantized_run
+    from recipes.llava_instruct.chat import load
+
+    out, _ = run
+    model, _ = load(str(out))
+    ref, _ = load_quantized_run(out, AutoModelForImageTextToText)
+    ids = torch.tensor([[1, 5, 7, 9, 11]])
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.equal(got, want)

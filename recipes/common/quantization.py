@@ -31,7 +31,7 @@ from peft import PeftModel
 from transformers import AutoConfig, BitsAndBytesConfig
 
 from .args import ModelArguments
-from .merge import adapter_base
+from .merge import adapter_base, load_run
 from .models import compute_dtype, load_processor, loading
 from .peft_setup import find_components, trainable_in_float32
 
@@ -211,6 +211,14 @@ def load_quantized_run(run: str | os.PathLike, model_cls):
     # the weights training used, not bitsandbytes' CPU-inference rounding of them
     keep_4bit_training_layout(base)
     return PeftModel.from_pretrained(base, run).eval(), load_processor(run, base.config.model_type)
+
+
+def load_trained_run(run: str | os.PathLike, model_cls, dtype: str = "float32"):
+    """(model in eval mode, processor) of a run folder or checkpoint-N as it trained: a QLoRA run on its base
+    quantized as in training (`load_quantized_run`), any other as `merge.load_run` loads it."""
+    if (Path(run) / QUANTIZATION_FILE).is_file():
+        return load_quantized_run(run, model_cls)
+    return load_run(run, model_cls, dtype)
 
 
 def merge_quantized_run(run: str | os.PathLike, out: str | os.PathLike, model_cls,

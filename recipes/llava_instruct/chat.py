@@ -20,8 +20,8 @@ from transformers import AutoModelForImageTextToText
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.chat import ChatEncoder, chat_encoder, to_messages
-from recipes.common.merge import load_run
 from recipes.common.models import load_processor, loading, resolve_model_path
+from recipes.common.quantization import load_trained_run
 from recipes.common.run import run_main
 from recipes.common.trainer import stop_token_ids
 
@@ -29,8 +29,8 @@ from recipes.common.trainer import stop_token_ids
 def load(model: str, dtype: str = "float32"):
     """(model, processor) of a run folder or checkpoint, or of a Hub id / tiny:<name>."""
     path = resolve_model_path(model)
-    if Path(path).is_dir():
-        return load_run(path, AutoModelForImageTextToText, dtype)
+    if Path(path).is_dir():  # a QLoRA run's base quantized as in training, so that it answers as it scored
+        return load_trained_run(path, AutoModelForImageTextToText, dtype)
     with loading(path):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         return model, load_processor(path, model.config.model_type)

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CASES = {
     "merge, run missing": ("recipes/qlora_vqa/merge.py --run {tmp}/none --out {tmp}/out",
                            "none: no such folder"),
-    "merge, run not LoRA": ("recipes/blip2_lora_caption/merge.py --run {tmp} --out {tmp}/out",
-                            "has no adapter_config.json"),
+    "merge, not a run": ("recipes/blip2_lora_caption/merge.py --run {tmp} --out {tmp}/out",
+                         "no adapter_config.json or config.json"),
     "export, run missing": ("recipes/soft_prompt_caption/export.py --run {tmp}/none --out {tmp}/out",
                             "no trained.safetensors"),
     "clip export, run missing": ("recipes/clip_retrieval/merge.py --run {tmp}/none --out {tmp}/out",
@@ -84,3 +84,19 @@ def test_a_model_whose_processor_needs_a_missing_package_is_one_line(tmp_path):
                             "Torchvision library"), error
     error = _error_line(f"{train} tiny:qwen3_vl", tmp_path)
     assert error.startswith("error: tiny:qwen3_vl needs torchvision"), error
+
+
+def test_merging_an_unfinished_run_names_its_newest_checkpoint_and_a_full_one_says_so(tmp_path):
+    from transformers import LlavaForConditionalGeneration
+
+    from recipes.common.merge import merge_run
+
+    for step in (3, 12):
+        (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"holds no final model: the run did not finish\. Give one of "
+                                                r"its checkpoints, e\.g\. --run .*run/checkpoint-12,"):
+        merge_run(tmp_path / "run", tmp_path / "out", LlavaForConditionalGeneration)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="trained without LoRA and is already a full checkpoint"):
+        merge_run(tmp_path / "full", tmp_path / "out", LlavaForConditionalGeneration)

@@ -34,6 +34,16 @@ def adapter_base(run: str | Path) -> tuple[str, str | None]:
     return config.base_model_name_or_path, config.revision
 
 
+def no_model_message(run: Path) -> str:
+    """Why folder `run` holds no model: an unfinished run (its newest checkpoint named), or no run at all."""
+    steps = sorted(int(p.name.split("-")[1]) for p in Path(run).glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit())
+    if steps:
+        return (f"{run} holds no final model: the run did not finish. Give one of its checkpoints, e.g. --run "
+                f"{Path(run) / f'checkpoint-{steps[-1]}'}, or resume the run to finish it.")
+    return f"{run}: no adapter_config.json or config.json; give a training output_dir or a checkpoint-N in it"
+
+
 def is_adapter_run(run: str | Path) -> bool:
     """Whether `run` holds a peft adapter (rather than a full checkpoint)."""
     return (Path(run) / "adapter_config.json").exists()
@@ -43,8 +53,7 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
     """(model in eval mode, processor) of a run folder or checkpoint-N: base + adapter, or the saved model."""
     run = Path(run)
     if not (run / "config.json").exists() and not is_adapter_run(run):
-        raise FileNotFoundError(f"{run}: no adapter_config.json or config.json; give a training output_dir "
-                                "or a checkpoint-N in it")
+        raise FileNotFoundError(no_model_message(run))
     torch_dtype = getattr(torch, dtype)
     if is_adapter_run(run):
         base_path, revision = adapter_base(run)
@@ -64,6 +73,8 @@ def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32
     if not Path(run).is_dir():
         raise FileNotFoundError(f"{run}: no such folder; give a training output_dir or a checkpoint-N in it")
     if not is_adapter_run(run):
+        if not (Path(run) / "config.json").exists():
+            raise FileNotFoundError(no_model_message(run))
         raise ValueError(f"{run} has no adapter_config.json: it was trained without LoRA and is already a "
                          "full checkpoint")
     model, processor = load_run(run, model_cls, dtype)

@@ -324,3 +324,36 @@ def test_every_turn_order_validate_accepts_trains_and_one_opening_with_an_answer
 def test_an_answer_before_any_user_turn_is_a_clear_error_not_an_index_error(encoder):
     with pytest.raises(ValueError, match="an assistant turn before any user turn"):
         encoder.encode(to_messages([G, H, G]))
+
+
+def test_held_out_items_whose_prompt_leaves_no_room_within_the_budget_are_left_out(encoder, tmp_path, caplog):
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "r.png")
+    items = datasets.Dataset.from_list([
+        {"key": "short", "image": None, "conversations": [{"from": "human", "value": "what color ?"}]},
+        {"key": "first", "image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:2]},
+        {"key": "later", "image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:4]},
+    ])
+    lengths = {it["key"]: len(encoder.encode_prompt(to_messages(it["conversations"], n_images=int(
+        it["image"] is not None)), [RED[0]] if it["image"] else [])) for it in items}
+    assert lengths["short"] < lengths["first"] < lengths["later"]
+    assert encoder.fitting(items, None)["key"] == ["short", "first", "later"]
+    assert encoder.fitting(items, lengths["later"] + 1)["key"] == ["short", "first", "later"]
+    kept = encoder.fitting(items, lengths["later"])  # no room for an answer token
+    assert kept["key"] == ["short", "first"]
+    assert "1 of 3 eval items left out: their prompt is --max_length" in caplog.text
+    assert encoder.fitting(items, lengths["first"])["key"] == ["short"]
+
+
+def test_padding_free_is_refused_before_training_for_a_processor_whose_batches_cannot_be_packed(
+        module_cache, tmp_path):
+    from recipes.common.chat import chat_collator, chat_encoder
+    from recipes.common.models import load_processor, resolve_model_path
+
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "r.png")
+    gemma = chat_encoder(load_processor(resolve_model_path("tiny:gemma3"), "gemma3"))
+    records = datasets.Dataset.from_list([{"image": str(tmp_path / "r.png"), "conversations": [
+        {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": "red ."}]}])
+    ds, _ = tokenize_conversations(records, gemma, None)
+    assert chat_collator(gemma, ds, padding_free=False).padding_free is False
+    with pytest.raises(ValueError, match=r"--padding_free: this processor's batches also hold \['token_type"):
+        chat_collator(gemma, ds, padding_free=True)

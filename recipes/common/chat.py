@@ -293,6 +293,22 @@ class ChatEncoder:
         """The eval items this model can answer: all of them."""
         return items
 
+    def fitting(self, items: datasets.Dataset, max_length: int | None) -> datasets.Dataset:
+        """The eval items whose prompt (image tokens included) leaves room for an answer within `max_length`,
+        the budget the training samples were cut to: a longer one would be answered past what the model
+        trained on, or past its context. Says how many were left out."""
+        if max_length is None or len(items) == 0:
+            return items
+        collate, lengths = ChatPromptCollator(self), []
+        for start in range(0, len(items), 32):
+            batch = collate(items.select(range(start, min(start + 32, len(items)))).to_list())
+            lengths += batch["attention_mask"].sum(1).tolist()
+        kept = [i for i, n in enumerate(lengths) if n < max_length]
+        if len(kept) < len(items):
+            logger.warning("%d of %d eval items left out: their prompt is --max_length %d tokens or more",
+                           len(items) - len(kept), len(items), max_length)
+        return items.select(kept)
+
     def prompt_text(self, messages: list[dict]) -> str:
         """The text that asks the model to answer the last user turn, formatted exactly as in training."""
         return self._text(messages, add_generation_prompt=True)[0]
@@ -587,6 +603,15 @@ class ChatCollator:
         packed = {"input_ids": batch["input_ids"][keep][None], "labels": labels[keep][None],
                   "position_ids": torch.cat([torch.arange(n) for n in lengths])[None], "use_cache": False}
         return {**batch, **packed}
+
+
+def chat_collator(encoder: ChatEncoder, train_dataset, padding_free: bool) -> ChatCollator:
+    """The training collator; with `padding_free`, tried on the first sample, so that a processor whose
+    batches a packed row cannot carry is refused before anything is scored."""
+    collator = ChatCollator(encoder, padding_free)
+    if padding_free and len(train_dataset):
+        collator([train_dataset[0]])
+    return collator
 
 
 @dataclass

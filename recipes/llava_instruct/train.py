@@ -33,7 +33,7 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
-from recipes.common.chat import (ChatBatchArguments, ChatCollator, chat_encoder, chat_generation,
+from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
@@ -113,29 +113,32 @@ def main(argv=None):
         logger.info("%s %s", source, report)
         return dataset, report
 
+    # Held-out items: one per answer to generate; a prompt over the budget is left out, as in training.
+    def held_out_items(records):
+        items = generation_items(task, records, args.instruct.short_answer_words, args.data.lang)
+        return encoder.fitting(first(encoder.usable(items), args.generation_eval.eval_max_samples),
+                               args.data.max_length)
+
     train_dataset, train_report = samples(train_records, "train", args.data.train_file)
     eval_dataset = eval_items = None
     reports = {"train": vars(train_report)}
     if eval_records is not None:
         eval_dataset, eval_report = samples(eval_records, "eval", args.data.eval_file)
         reports["eval"] = vars(eval_report)
-        eval_items = first(encoder.usable(
-            generation_items(task, eval_records, args.instruct.short_answer_words, args.data.lang)),
-            args.generation_eval.eval_max_samples)
+        eval_items = held_out_items(eval_records)
         if args.training.metric_for_best_model == "VQA_accuracy" and not any(eval_items["short"]):
             # Stage 1 evaluates captions only: there are no short answers to pick the best checkpoint by.
             logger.warning("no eval answer is short enough for VQA accuracy: metric_for_best_model is CIDEr "
                            "instead")
             args.training.metric_for_best_model = "CIDEr"
 
-    test_items = None if test_records is None else first(encoder.usable(
-        generation_items(task, test_records, args.instruct.short_answer_words, args.data.lang)),
-        args.generation_eval.eval_max_samples)
+    test_items = None if test_records is None else held_out_items(test_records)
 
     scores = functools.partial(instruct_scores, lang=args.data.lang)
     trainer = InstructTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=ChatCollator(encoder, args.chat_batch.padding_free), processing_class=processor,
+        data_collator=chat_collator(encoder, train_dataset, args.chat_batch.padding_free),
+        processing_class=processor,
         generation=chat_generation(eval_items, encoder, scores, args.generation_eval),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )

@@ -26,7 +26,7 @@ from pathlib import Path
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
-from recipes.common.chat import (ChatBatchArguments, ChatCollator, chat_encoder, chat_generation,
+from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
@@ -98,6 +98,12 @@ def main(argv=None):
         source=args.data.train_file, num_proc=workers), "train", args.training)
     logger.info("train %s", train_report)
     reports = {"train": vars(train_report)}
+
+    # Held-out items: one per question; a prompt over the budget is left out, as in training.
+    def held_out_items(records):
+        items = first(vqa_items(records, args.vqa.answer_prompt), args.generation_eval.eval_max_samples)
+        return encoder.fitting(items, args.data.max_length)
+
     eval_dataset = eval_items = None
     if eval_records is not None:
         eval_dataset, eval_report = encoded_once(lambda: tokenize_conversations(
@@ -105,14 +111,13 @@ def main(argv=None):
             source=args.data.eval_file, num_proc=workers), "eval", args.training)
         logger.info("eval %s", eval_report)
         reports["eval"] = vars(eval_report)
-        eval_items = first(vqa_items(eval_records, args.vqa.answer_prompt),
-                           args.generation_eval.eval_max_samples)
-    test_items = None if test_records is None else first(vqa_items(test_records, args.vqa.answer_prompt),
-                                                         args.generation_eval.eval_max_samples)
+        eval_items = held_out_items(eval_records)
+    test_items = None if test_records is None else held_out_items(test_records)
 
     trainer = VqaTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
-        data_collator=ChatCollator(encoder, args.chat_batch.padding_free), processing_class=processor,
+        data_collator=chat_collator(encoder, train_dataset, args.chat_batch.padding_free),
+        processing_class=processor,
         generation=chat_generation(eval_items, encoder, vqa_scores, args.generation_eval),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )

@@ -57,6 +57,16 @@ def test_training_answer_is_the_most_frequent_first_on_ties():
     assert training_answer([" blue "]) == "blue"
 
 
+def test_training_answer_counts_answers_as_the_metric_normalises_them():
+    from eval.vqa import question_accuracy
+
+    answers = ["Red", "red", "Red.", "blue", "blue"]
+    assert training_answer(answers) == "Red"  # three as the metric reads them; "Red" written most
+    assert question_accuracy(training_answer(answers), answers) == max(
+        question_accuracy(a, answers) for a in answers)
+    assert training_answer(["two", "2", "2", "three", "three"]) == "2"
+
+
 def test_labels_cover_the_answer_and_eos_only(encoder):
     ds = vqa_conversations(datasets.Dataset.from_list(RECORDS), prompt="answer briefly .")
     assert ds[0]["conversations"] == [

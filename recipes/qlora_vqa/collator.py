@@ -15,7 +15,7 @@ import re
 import datasets
 
 from data_tools.records import IMAGE_TOKEN
-from eval.vqa import question_type_prior, vqa_accuracy
+from eval.vqa import normalize_answer, question_type_prior, vqa_accuracy
 
 # LLaVA-1.5's response-format prompt for VQAv2 and other short-answer data (Liu et al., 2023, "Improved
 # Baselines with Visual Instruction Tuning", section 3.2): a chat model asked without it answers in sentences.
@@ -23,10 +23,14 @@ SHORT_ANSWER_PROMPT = "Answer the question using a single word or phrase."
 
 
 def training_answer(answers: list[str]) -> str:
-    """The answer to learn: the most frequent of the human answers (VQA v2's `multiple_choice_answer`), first
-    on ties."""
+    """The answer to learn: the most frequent of the human answers once the VQA metric has normalised them
+    (the answer that scores highest), in its most frequent written form; first on ties. "Red", "red" and
+    "Red." count as one answer against two "blue"s."""
     answers = [a.strip() for a in answers]
-    return max(answers, key=answers.count)  # max() keeps the first of equal counts
+    normalized = [normalize_answer(a) for a in answers]
+    best = max(normalized, key=normalized.count)  # max() keeps the first of equal counts
+    forms = [a for a, n in zip(answers, normalized) if n == best]
+    return max(forms, key=forms.count)
 
 
 def question_turn(question: str, prompt: str | None) -> dict:

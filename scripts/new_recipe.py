@@ -58,10 +58,25 @@ def check_names(source_dir: Path, recipes_dir: Path, src: str, name: str) -> str
     return None
 
 
+COPY_NOTE = ("> Made with `make new-recipe` from a shipped recipe: what follows, its measured numbers and its\n"
+             "> `python -m bench` lines (bench measures the shipped recipes only) are that recipe's until you\n"
+             "> rewrite them for your task.\n")
+
+
+def readme_of_copy(text: str) -> str:
+    """The copied README with COPY_NOTE under its title and without its "When you copy it" section."""
+    title, _, rest = text.partition("\n")
+    rest = re.sub(r"^## When you copy it\n.*?(?=^## |\Z)", "", rest, flags=re.MULTILINE | re.DOTALL)
+    return f"{title}\n\n{COPY_NOTE}{rest}"
+
+
 def copy_recipe(src_dir: Path, dst_dir: Path, old: str, new: str) -> tuple[list[Path], dict[Path, int]]:
-    """Copy src_dir to dst_dir and replace `old` with `new` in file names and text files; returns (files,
-    renames)."""
+    """Copy src_dir to dst_dir and replace `old` with `new` in file names and text files (the README gets
+    `readme_of_copy`); returns (files, renames)."""
     shutil.copytree(src_dir, dst_dir, ignore=IGNORE)
+    if (dst_dir / "README.md").is_file():
+        readme = dst_dir / "README.md"
+        readme.write_text(readme_of_copy(readme.read_text(encoding="utf-8")), encoding="utf-8")
     files, renamed = [], {}
     for path in sorted(p for p in dst_dir.rglob("*") if p.is_file()):
         if old in path.name:

@@ -125,6 +125,14 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
             assert chat.main(argv) == 0
         answers.append(printed)
     assert answers[0] == answers[1] and len(answers[0]) == 1
+    with pytest.MonkeyPatch.context() as mp:  # the image placed by the prompt itself: the same question
+        printed = []
+        mp.setattr("builtins.print", lambda *a, **k: printed.append(" ".join(map(str, a))))
+        assert chat.main(["--model", str(out), "--image", image, "--prompt", "<image>\nDescribe the image.",
+                          "--max_new_tokens", "5"]) == 0
+    assert printed == answers[0]
+    with pytest.raises(ValueError, match="--prompt holds <image> but no --image is given"):
+        chat.main(["--model", str(out), "--prompt", "<image>\nDescribe the image."])
 
     # Interactive: messages from standard input until an empty line; the first answer is the --prompt one.
     with pytest.MonkeyPatch.context() as mp:

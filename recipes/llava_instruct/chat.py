@@ -63,13 +63,18 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
     image = load_image(args.image) if args.image else None  # a bad image: an error before the model loads
+    if image is None and IMAGE_TOKEN in (args.prompt or ""):
+        raise ValueError(f"--prompt holds {IMAGE_TOKEN} but no --image is given.")
+
+    def first_turn(message: str) -> str:  # the image leads the first message unless it places it itself
+        return message if image is None or IMAGE_TOKEN in message else f"{IMAGE_TOKEN}\n{message}"
+
     model, processor = load(args.model, args.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
     encoder = chat_encoder(processor)
-    first = f"{IMAGE_TOKEN}\n" if image is not None else ""
     if args.prompt is not None:
-        print(answer(model, processor, encoder, [{"from": "human", "value": first + args.prompt}], image,
+        print(answer(model, processor, encoder, [{"from": "human", "value": first_turn(args.prompt)}], image,
                      args.max_new_tokens))
         return 0
     turns = []
@@ -80,7 +85,7 @@ def main(argv=None) -> int:
             break
         if not message:
             break
-        turns.append({"from": "human", "value": (first if not turns else "") + message})
+        turns.append({"from": "human", "value": message if turns else first_turn(message)})
         reply = answer(model, processor, encoder, turns, image, args.max_new_tokens)
         if reply:
             turns.append({"from": "gpt", "value": reply})

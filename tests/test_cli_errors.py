@@ -28,6 +28,8 @@ CASES = {
     "clip, a negative layer count": ("recipes/clip_retrieval/train.py --output_dir {tmp}/out "
                                      "--unfreeze_last_n_text_layers -1",
                                      "unfreeze_last_n_text_layers must be >= 0, got -1."),
+    "llava, a negative word count": ("recipes/llava_instruct/train.py --output_dir {tmp}/out "
+                                    "--short_answer_words -1", "short_answer_words must be >= 0, got -1."),
     "llava, a quantized base": ("recipes/llava_instruct/train.py --output_dir {tmp}/out --load_in_4bit true",
                                 "--load_in_4bit / --load_in_8bit are not supported by llava_instruct"),
     "soft prompt, a negative length": ("recipes/soft_prompt_caption/train.py --output_dir {tmp}/out "

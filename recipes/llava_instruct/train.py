@@ -32,7 +32,7 @@ from typing import Literal
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
-from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
+from recipes.common.args import GENERATIVE_ARGUMENTS, arg, check_at_least, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
@@ -63,6 +63,9 @@ class InstructArguments:
         SHORT_ANSWER_WORDS, "Eval answers of at most this many words are scored with VQA accuracy, longer "
         "ones with CIDEr.")
     projector_lr: float | None = arg(None, "Learning rate of the projector (= bridge_lr).")
+
+    def __post_init__(self):
+        check_at_least(self, 0, "short_answer_words")
 
 
 def main(argv=None):

@@ -58,9 +58,9 @@ def check_names(source_dir: Path, recipes_dir: Path, src: str, name: str) -> str
     return None
 
 
-COPY_NOTE = ("> Made with `make new-recipe` from a shipped recipe: what follows, its measured numbers and its\n"
-             "> `python -m bench` lines (bench measures the shipped recipes only) are that recipe's until you\n"
-             "> rewrite them for your task.\n")
+COPY_NOTE = ("> Made with `make new-recipe` from a shipped recipe: what follows, its measured numbers and\n"
+             "> its `python -m bench` lines (bench measures the shipped recipes only) are that recipe's until\n"
+             "> you rewrite them for your task.\n")
 
 
 def readme_of_copy(text: str) -> str:

@@ -295,8 +295,8 @@ def test_clip_with_the_sigmoid_loss_trains_on_two_processes_as_on_one(env):
 
 
 def test_a_run_resumed_at_its_last_step_is_scored_without_training_more(env):
-    """--max_steps 5 is not a whole number of epochs (2 steps each): resumed at checkpoint-5, the Trainer would
-    train a sixth step. The run loads it and scores it, as a requeued job's `auto` needs."""
+    """--max_steps 5 is not a whole number of epochs (2 steps each): resumed at checkpoint-5, the Trainer
+    would train a sixth step. The run loads it and scores it, as a requeued job's `auto` needs."""
     d, e, _, whole = env
     out = d / "resumed_at_end"
     shutil.copytree(d / "whole" / "checkpoint-5", out / "checkpoint-5")

@@ -50,7 +50,7 @@ def test_copy_renames_every_mention_and_leaves_out_run_files(fake_root, tmp_path
         assert "blip2_lora_caption" not in path.read_text(), path
     assert yaml.safe_load((copy / "config.yaml").read_text())["output_dir"] == "outputs/my_task"
     readme = (copy / "README.md").read_text()
-    assert readme.startswith("# my_task:") and "\n> Made with `make new-recipe` from a shipped recipe" in readme
+    assert readme.startswith("# my_task:") and "\n> Made with `make new-recipe` from a shipped" in readme
     assert "## When you copy it" in (SOURCE / "README.md").read_text() and "When you copy it" not in readme
     assert readme.count("\n## ") == (SOURCE / "README.md").read_text().count("\n## ") - 1
     assert "recipes/my_task/train.py" in (copy / "train.py").read_text()

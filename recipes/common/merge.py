@@ -39,8 +39,8 @@ def no_model_message(run: Path) -> str:
     steps = sorted(int(p.name.split("-")[1]) for p in Path(run).glob("checkpoint-*")
                    if p.name.split("-")[1].isdigit())
     if steps:
-        return (f"{run} holds no final model: the run did not finish. Give one of its checkpoints, e.g. --run "
-                f"{Path(run) / f'checkpoint-{steps[-1]}'}, or resume the run to finish it.")
+        return (f"{run} holds no final model: the run did not finish. Give one of its checkpoints, e.g. "
+                f"--run {Path(run) / f'checkpoint-{steps[-1]}'}, or resume the run to finish it.")
     return f"{run}: no adapter_config.json or config.json; give a training output_dir or a checkpoint-N in it"
 
 

@@ -59,8 +59,8 @@ def check_names(source_dir: Path, recipes_dir: Path, src: str, name: str) -> str
 
 
 COPY_NOTE = ("> Made with `make new-recipe` from a shipped recipe: what follows, its measured numbers and\n"
-             "> its `python -m bench` lines (bench measures the shipped recipes only) are that recipe's until\n"
-             "> you rewrite them for your task.\n")
+             "> its `python -m bench` lines (bench measures the shipped recipes only) are that recipe's\n"
+             "> until you rewrite them for your task.\n")
 
 
 def readme_of_copy(text: str) -> str:

@@ -17,12 +17,12 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
 from .errors import BAD_VALUE, DUPLICATE_ID, MISSING_IMAGE, UNREADABLE_FILE, DataError
-from .files import replaced_together
+from .files import check_outputs, replaced_together
 from .images import MAX_PIXELS, MIN_SIDE, ImagePathResolver, check_image, load_image, relative_image_path
 from .jsonl import JsonlWriter, iter_rows
 from .records import TASKS, normalize_record, other_task_hint
@@ -161,6 +161,25 @@ def validate(path: str | os.PathLike, task: str, **kwargs) -> list[DataError]:
     return [row for _, row, _ in check_rows(path, task, **kwargs) if isinstance(row, DataError)]
 
 
+def missing_image_hint(reasons: Iterable[str], n_rows: int, path: str | os.PathLike,
+                       image_root: str | os.PathLike | None, flag: str) -> str:
+    """A sentence for the report of a file's bad rows when all of its `n_rows` checked rows, or more than
+    half and at least 2, miss their image (`reasons`: one reason code per bad row); else "".
+
+    Then the image root is the likely mistake, not the rows: `clean` or skipping bad rows would drop them
+    all. The sentence names the folder the paths were resolved against and the caller's option `flag`
+    that sets it (`--image-root` for the data tools, `--image_root` for the recipes)."""
+    n_missing = sum(reason == MISSING_IMAGE for reason in reasons)
+    most = n_missing >= 2 and 2 * n_missing > n_rows
+    if not n_missing or not (n_missing == n_rows or most):
+        return ""
+    root = Path(image_root if image_root is not None else Path(path).parent).resolve()
+    default = "" if image_root is not None else f" (by default the folder of {Path(path).name})"
+    return (f" {n_missing} of {n_rows} rows name an image file that does not exist. Image paths are resolved "
+            f"against the image root {root}{default}: if the images are in another folder, pass {flag} "
+            "with the folder they are relative to, instead of dropping the rows.")
+
+
 def output_prefix(in_path: str | os.PathLike, out_path: str | os.PathLike) -> str | None:
     """How image paths relative to the input's folder are rewritten for an output file in another folder:
     None (same folder: unchanged) or the prefix that leads from the output's folder to the input's.
@@ -179,22 +198,6 @@ def output_prefix(in_path: str | os.PathLike, out_path: str | os.PathLike) -> st
     return prefix
 
 
-def check_outputs(outputs: dict[str, str | os.PathLike | None]) -> None:
-    """Refuse output paths that are folders, or one file named twice (one output would overwrite the
-    other). `outputs` maps how the caller names each output (e.g. its option, `--out`) to its path."""
-    seen: dict[str, str] = {}
-    for name, p in outputs.items():
-        if p is None:
-            continue
-        if Path(p).is_dir():
-            raise DataError(BAD_VALUE, f"{name} is a folder; give a file name", path=p)
-        real = os.path.realpath(p)
-        if real in seen:
-            raise DataError(BAD_VALUE, f"{seen[real]} and {name} name the same file; one would overwrite "
-                            "the other", path=p)
-        seen[real] = name
-
-
 def clean(
     in_path: str | os.PathLike, task: str, out_path: str | os.PathLike, rejects_path: str | os.PathLike,
     *, image_root: str | os.PathLike | None = None, root: str | os.PathLike | None = None, **kwargs
@@ -206,7 +209,7 @@ def clean(
     so an output in another folder gets them rewritten (`output_prefix`), or a `DataError` when they
     cannot be. Both outputs are written atomically: readers see the old file or the whole new one.
     """
-    check_outputs({"the output": out_path, "the rejects file": rejects_path})
+    check_outputs({"the output": out_path, "the rejects file": rejects_path}, inputs=[in_path])
     given_root = image_root if image_root is not None else root
     prefix = output_prefix(in_path, out_path) if given_root is None else None
     report = CleanReport()
@@ -290,20 +293,24 @@ def main_validate(argv: list[str]) -> int:
     for f in args.files:
         # Read to the end first: a file that cannot be read is one error, with no row errors before it.
         # The row errors wait in a temp file: a wrong --image-root makes every one of millions of rows bad.
-        first, n_errors, n_valid = None, 0, 0
+        first, n_valid, reasons = None, 0, Counter()
         with tempfile.TemporaryFile("w+", encoding="utf-8", errors="backslashreplace") as errors:
             for _, row, raw in check_rows(f, args.task, **_kwargs(args)):
                 if isinstance(row, DataError):
                     first = first or (row, raw)
-                    n_errors += 1
+                    reasons[row.reason] += 1
                     errors.write(f"{row}\n")
                 else:
                     n_valid += 1
             errors.seek(0)
             shutil.copyfileobj(errors, sys.stderr)
+        n_errors = sum(reasons.values())
         n_bad += n_errors
         if first and not n_valid and (hint := other_task_hint(first[1], first[0].line, args.task)):
             print(f"{f}: no valid row.{hint}", file=sys.stderr)
+        hint = missing_image_hint(reasons.elements(), n_errors + n_valid, f, args.image_root, "--image-root")
+        if hint:
+            print(f"{f}:{hint}", file=sys.stderr)
     if n_bad:
         root = f" --image-root {args.image_root}" if args.image_root else ""
         print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task}{root} "
@@ -323,7 +330,7 @@ def main_clean(argv: list[str]) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--rejects", required=True)
     args = p.parse_args(argv)
-    check_outputs({"--out": args.out, "--rejects": args.rejects})
+    check_outputs({"--out": args.out, "--rejects": args.rejects}, inputs=[args.input])
     if args.image_root is None:
         try:
             output_prefix(args.input, args.out)
@@ -336,6 +343,10 @@ def main_clean(argv: list[str]) -> int:
     report = clean(args.input, args.task, args.out, args.rejects, **_kwargs(args))
     print(report.summary())
     print(f"kept {report.kept} -> {args.out}; rejected {report.rows - report.kept} -> {args.rejects}")
+    hint = missing_image_hint(report.rejected.elements(), report.rows, args.input, args.image_root,
+                              "--image-root")
+    if hint:
+        print(f"warning: {args.input}:{hint}", file=sys.stderr)
     if args.image_root:
         print(f"image paths in {args.out} are relative to {args.image_root}: give its readers "
               f"--image-root {args.image_root}")

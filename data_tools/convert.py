@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .clean import check_outputs, user_errors
+from .clean import user_errors
 from .errors import (
     BAD_VALUE,
     EMPTY_TEXT,
@@ -46,7 +46,7 @@ from .errors import (
     WRONG_TYPE,
     DataError,
 )
-from .files import replaced_together
+from .files import check_outputs, replaced_together
 from .images import relative_image_path
 from .jsonl import JsonlWriter, check_text, is_json_list, iter_json_list, iter_jsonl, load_json
 from .records import normalize_record
@@ -454,7 +454,8 @@ def convert(
     """Convert `inputs` and write the records to `out` and every reject to `rejects` (default
     OUT.rejects.jsonl), each atomically."""
     out = Path(out)
-    check_outputs({"the output": out, "the rejects file": rejects or default_rejects_path(out)})
+    check_outputs({"the output": out, "the rejects file": rejects or default_rejects_path(out)},
+                  inputs=inputs)
     conv = convert_records(fmt, inputs, out.parent, **kwargs)
     with replaced_together() as together:
         with JsonlWriter(out, together=together) as w:
@@ -520,7 +521,7 @@ def main(argv: list[str]) -> int:
             and set(args.split.split(",")) - set(KARPATHY_SPLITS)):
         p.error(f"--split: expected a comma-separated list of {', '.join(KARPATHY_SPLITS)}, or all")
     rejects = Path(args.rejects) if args.rejects else default_rejects_path(args.out)
-    check_outputs({"--out": args.out, "--rejects": rejects})
+    check_outputs({"--out": args.out, "--rejects": rejects}, inputs=args.inputs)
     if args.image_root is not None and not Path(args.image_root).is_dir():
         print(f"warning: --image-root {args.image_root} is not a folder (yet); its images cannot be found",
               file=sys.stderr)

@@ -9,16 +9,20 @@ What happens, by task:
   an earlier row is dropped ("exact_duplicate"). Text is the captions (and retrieval negatives), the question
   and the multiset of answers (vqa), or the conversation turns (instruct); a row without image (instruct)
   compares by text alone.
-- caption, retrieval: rows whose images are identical ("same_image") or near duplicates
+- caption, retrieval: rows whose images are identical ("same_image") or near duplicates of the kept image
   ("near_duplicate_image": pHash Hamming distance <= --near-threshold and matching coarse colours) become
   ONE record: the first row's, image included, with the captions of the later rows appended in order.
   A caption whose normalised text is already in the record is not appended again and is listed under
   "dropped_captions" in the report, so every caption of the input is either in the output or in the report.
   The first row's own captions and its other fields are kept as they are.
 - vqa, instruct: rows of near-duplicate images ask different things, so they are all kept; the report
-  lists them ("action": "kept") so that the groups can be inspected.
-Near duplicates chain (a~b, b~c makes one group); the reported "hamming" is the distance to the kept
-row's image, which a chain can make larger than the threshold.
+  lists them ("action": "kept", "grouped_with") so that the groups can be inspected.
+Which image a row joins: images are taken in the order of their first row; an image that no earlier kept
+image took is kept, and takes every later image near it that is not taken yet (identical images, the same
+pixels, always go together). So every merged row's image is within the threshold of its kept image, whose
+path and distance the report gives ("kept_image", "hamming" <= --near-threshold), and near duplicates do
+not chain: frames of a video, each near the next, are not all merged into the first. `split` does chain
+them (a~b and b~c put a, b and c in one split), which is the safe side against leakage.
 
 Image paths are relative to the image root, `--image-root` (default: the input's folder). With
 `--image-root` the output keeps them as they are; without it they are rewritten relative to --out's folder.
@@ -41,9 +45,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .clean import check_outputs
 from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, WRONG_TYPE, DataError
-from .files import replaced_together
+from .files import check_outputs, replaced_together
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
 from .images import ImagePathResolver, resolve_image_path
 from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
@@ -387,12 +390,18 @@ def group_rows(scan: ScannedRows, near_threshold: int | None, hasher: ImageHashe
     has = np.flatnonzero(scan.image >= 0)
     content = np.full(n, -1, np.int64)
     content[has] = grouping.content[scan.image[has]]
-    group = np.full(n, -1, np.int64)
+    return grouping, table, entry, content, first_rows(scan.image, grouping.group)
+
+
+def first_rows(image: np.ndarray, label: np.ndarray) -> np.ndarray:
+    """Per row, the first row whose image has the same `label` (an array per image); -1 for a row without
+    image (`image` -1)."""
+    has = np.flatnonzero(image >= 0)
+    group = np.full(len(image), -1, np.int64)
     if len(has):
-        image_group = grouping.group[scan.image[has]]
-        _, first, inverse = np.unique(image_group, return_index=True, return_inverse=True)
+        _, first, inverse = np.unique(label[image[has]], return_index=True, return_inverse=True)
         group[has] = has[first][inverse.ravel()]
-    return grouping, table, entry, content, group
+    return group
 
 
 def dedup_file(
@@ -419,18 +428,23 @@ def dedup_file(
     Image paths are relative to `image_root`. Given, the output keeps them as they are (relative to the same
     root); by default (None: the input's folder) they are rewritten relative to `out`'s folder.
     """
-    check_outputs({"the output": out, "the report": report_path})  # before any hashing
     path, out = Path(path), Path(out)
     hasher = hasher or ImageHasher(cache=default_cache(path), progress=progress)
+    check_outputs({"the output": out, "the report": report_path, "the hash cache": hasher.cache_path},
+                  inputs=[path, *hasher.hash_files_read])  # before any hashing
     rebase = image_root is None
     scan = scan_rows(path, task, digests=True, image_root=image_root, allow_outside_root=allow_outside_root,
                      out_folder=out.parent if rebase else None)
-    grouping, table, entry, content, group = group_rows(scan, near_threshold, hasher, path)
-    phash = table.phash[entry] if len(entry) else np.zeros(0, np.uint64)
+    grouping, _, _, content, _ = group_rows(scan, near_threshold, hasher, path)
+    # Not the connected components (`group`, which split uses): a chain of near duplicates (video frames)
+    # would merge images far apart. A row joins the kept image it is itself near.
+    centre, to_centre = grouping.centres()
     image = scan.image
+    group = first_rows(image, centre)
 
     def distance(i: int, k: int) -> int:
-        return 0 if content[i] == content[k] else hamming(int(phash[image[i]]), int(phash[image[k]]))
+        # k is i's twin (same content) or the first row of i's group, whose image is the centre.
+        return 0 if content[i] == content[k] else int(to_centre[image[i]])
 
     merger = _Merger(task, _twins(content, scan.digests), group, same=lambda i, k: content[i] == content[k],
                      distance=distance, lines=scan.lines)

@@ -3,7 +3,8 @@
 Readers see the old file or the new one, never a partial one; two writers of one path never mix their
 lines (the last rename wins whole); a killed writer leaves at most its own temp file, which the next
 `atomic_write` of that path does not reuse, and an exception removes it. `atomic_folder` does the same
-for a new folder (a merged checkpoint): it appears whole or not at all.
+for a new folder (a merged checkpoint): it appears whole or not at all. `check_outputs` refuses, before
+any work, output paths that would overwrite an input or each other.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Iterable, Iterator
+
+from .errors import BAD_VALUE, DataError
 
 _UMASK = os.umask(0o022)  # read once: os.umask can only be read by setting it
 os.umask(_UMASK)
@@ -88,3 +91,39 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """True when two paths name one file: the same path once symlinks and `..` are resolved, or (both
+    existing) the same file on disk, as a hard link is."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
+def check_outputs(outputs: dict[str, str | os.PathLike | None],
+                  inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Refuse output paths that are folders, one file named twice (one output would overwrite the other),
+    or the same file as one of `inputs` (an atomic rename would replace the input with the output: a
+    split written over its own input loses rows). `outputs` maps how the caller names each output (e.g.
+    its option, `--out`) to its path; None is no output. Call it before any work, so that nothing is
+    written."""
+    inputs = [p for p in inputs if p is not None]
+    seen: dict[str, str] = {}
+    for name, p in outputs.items():
+        if p is None:
+            continue
+        for source in inputs:
+            if same_file(p, source):
+                raise DataError(BAD_VALUE, f"{name} is the input {source} (the same file); writing it would "
+                                "replace the input: give another path (nothing was written)", path=p)
+        if Path(p).is_dir():
+            raise DataError(BAD_VALUE, f"{name} is a folder; give a file name", path=p)
+        real = os.path.realpath(p)
+        if real in seen:
+            raise DataError(BAD_VALUE, f"{seen[real]} and {name} name the same file; one would overwrite "
+                            "the other", path=p)
+        seen[real] = name

@@ -36,10 +36,11 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .files import atomic_write
+from .files import atomic_write, check_outputs
 from .hashing import (
     COLOUR_GRID,
     DEFAULT_NEAR_THRESHOLD,
+    centre_groups,
     colours_match_pairs,
     content_hash,
     group_ids,
@@ -256,17 +257,24 @@ def _relative(path: str, root: str) -> str:
     return path
 
 
-def load_hash_files(patterns: list[str], root: str | os.PathLike | None = None) -> HashTable:
-    """Merge hash files (glob patterns allowed) into one table; a later file's entry for a path wins.
-
-    `root`: the image root the stored relative paths are joined with (default: the root each file was
-    written with; see `HashTable.load`)."""
+def hash_file_names(patterns: list[str]) -> list[str]:
+    """The hash files that glob patterns (or plain names) name, in order; `DataError` for a pattern that
+    matches none."""
     files = []
     for pattern in patterns:
         found = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
         if not found:
             raise DataError(NOT_IN_HASHES, f"no hash file matches {pattern!r}", path=pattern)
         files += found
+    return files
+
+
+def load_hash_files(patterns: list[str], root: str | os.PathLike | None = None) -> HashTable:
+    """Merge hash files (glob patterns allowed) into one table; a later file's entry for a path wins.
+
+    `root`: the image root the stored relative paths are joined with (default: the root each file was
+    written with; see `HashTable.load`)."""
+    files = hash_file_names(patterns)
     tables = []
     for f in files:
         try:
@@ -350,6 +358,7 @@ class ImageHasher:
         self.cache_path = Path(cache) if cache is not None else None
         self.stats = {"hashed": 0, "cached": 0, "pixels_hashed": 0}
         self.given = hash_files
+        self.hash_files_read: list[str] = []  # the files of `hash_files`, inputs that no output may replace
         if hash_files is not None and len(hash_files):
             given_mode = MODES[int(hash_files.mode[0]) ^ 1]
             if given_mode != mode:
@@ -486,6 +495,16 @@ class Grouping:
     near_j: np.ndarray
     near_d: np.ndarray
 
+    def centres(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per image, the image it is merged with by `dedup` and the pHash Hamming distance to it (at most
+        the threshold; 0 for identical pixels): `hashing.centre_groups` over the contents in image order,
+        so that an earlier image is the centre. `group` joins chains of near pairs whose ends are far apart
+        (right for a split, against leakage); a centre's group holds only images near the centre."""
+        content = self.content
+        centre, distance = centre_groups(len(content), content[self.near_i], content[self.near_j],
+                                         self.near_d)
+        return centre[content], distance[content]
+
 
 def first_index(keys: np.ndarray) -> np.ndarray:
     """For each row of a 2-D uint8 array, the index of the first row equal to it."""
@@ -587,19 +606,25 @@ def add_hash_arguments(parser: argparse.ArgumentParser, *, consumer: bool = True
         )
 
 
-def hasher_from_args(args, jsonl, *, progress: bool = True) -> ImageHasher:
+def hasher_from_args(args, jsonl, *, progress: bool = True, inputs: list | None = None) -> ImageHasher:
     """An `ImageHasher` for the parsed options of `add_hash_arguments`; a hash file's relative paths are
-    joined with `--image-root` where the command has one and it is given."""
+    joined with `--image-root` where the command has one and it is given. `inputs`: the command's input
+    files (default: `jsonl`), which the cache must not be."""
     root = getattr(args, "image_root", None)
-    given = load_hash_files(args.hashes, root) if getattr(args, "hashes", None) else None
+    files = hash_file_names(args.hashes) if getattr(args, "hashes", None) else []
+    given = load_hash_files(files, root) if files else None
     cache = None if args.no_hash_cache or given is not None else (args.hash_cache or default_cache(jsonl))
-    return ImageHasher(
+    # Checked before the cache is read, and long before it would be written over the input.
+    check_outputs({"--hash-cache": cache}, inputs=inputs or [jsonl])
+    hasher = ImageHasher(
         "exact" if args.exact_hash else "fast",
         workers=args.workers,
         cache=cache,
         hash_files=given,
         progress=progress,
     )
+    hasher.hash_files_read = files
+    return hasher
 
 
 def _shard(text: str) -> tuple[int, int]:
@@ -650,6 +675,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.image_root or Path(args.inputs[0]).parent).resolve()
     i, n = args.shard
     try:
+        hasher = hasher_from_args(args, args.inputs[0], inputs=args.inputs)
+        check_outputs({"--out": args.out, "the hash cache": hasher.cache_path}, inputs=args.inputs)
         paths = {}
         for f in args.inputs:
             rows = iter_images(f, image_root=args.image_root, allow_outside_root=args.allow_outside_root)
@@ -657,7 +684,6 @@ def main(argv: list[str] | None = None) -> int:
                 if image is not None:
                     paths.setdefault(str(image), None)
         mine = [p for p in paths if shard_of(_relative(p, str(root)), n) == i]
-        hasher = hasher_from_args(args, args.inputs[0])
         table, rows = hasher.hash(mine)
         table = table.take(rows)
         table.save(args.out, root=root)

@@ -476,6 +476,31 @@ def group_ids(n: int, i, j) -> np.ndarray:
     return first[labels].astype(np.int64)
 
 
+def centre_groups(n: int, i, j, d) -> tuple[np.ndarray, np.ndarray]:
+    """Groups of n items joined by pairs (i[k], j[k]) at distance d[k], each group around a centre that every
+    member is paired with. Unlike `group_ids`, a chain (a~b, b~c, with a and c far apart) is not one group.
+
+    Greedy in item order: an item that no earlier centre took becomes a centre and takes every later item
+    paired with it that is still free (at the smallest distance of its pairs with it). Returns each item's
+    centre (itself for a centre, else a smaller index) and its distance to it (0 for a centre). The work
+    is a sort of the pairs and one pass over them: a group is never compared with itself pair by pair."""
+    i, j, d = np.asarray(i, np.int64), np.asarray(j, np.int64), np.asarray(d, np.int64)
+    lo, hi = np.minimum(i, j), np.maximum(i, j)
+    # By the earlier item, then the later one, then distance: an item's pairs with later items are met in
+    # a run, after every earlier item has been decided, and the closest of repeated pairs first.
+    order = np.lexsort((d, hi, lo))
+    taken: dict[int, tuple[int, int]] = {}  # later item -> (its centre, distance)
+    for a, b, dist in zip(lo[order].tolist(), hi[order].tolist(), d[order].tolist()):
+        # `a` untaken is a centre (any centre that could take it came before it); `b` untaken is still free.
+        if a != b and a not in taken and b not in taken:
+            taken[b] = (a, dist)
+    centre, distance = np.arange(n, dtype=np.int64), np.zeros(n, np.int64)
+    if taken:
+        items = np.fromiter(taken, np.int64, len(taken))
+        centre[items], distance[items] = np.asarray(list(taken.values()), np.int64).T
+    return centre, distance
+
+
 def union_find_groups(n: int, pairs: Iterable[tuple[int, int]]) -> list[int]:
     """Connected components of n items joined by pairs: returns each item's group id, the smallest
     index in its group."""

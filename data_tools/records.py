@@ -9,13 +9,13 @@ Canonical records (image paths relative to the image root, by default the JSONL 
     instruct:  {"image": ... or absent (or "images": [...], several, each placed by an `<image>` in the
                 turns, in order, or leading the first user turn),
                 "conversations": [{"from": "human"|"gpt"|"system", "value": "..."}, ...]}: the first
-                turn after any system turns is from "human"
+                turn after any system turns is from "human", and only "human" turns hold `<image>`
 Common aliases are accepted and rewritten: `image_path`/`file_name`/`filepath` for `image`, and a
 list of one image (`"images": ["a.jpg"]`, LLaMA-Factory / ms-swift); `caption`/`text` (one string)
 or `sentences` for `captions`; `answer` (one string) for `answers`; OpenAI-style `messages`
-([{"role", "content"}]) for `conversations`, and `instruction` (+ `input`) with `response` or `output`
-for a one-exchange conversation. Other keys are kept as they are. A caption, vqa or retrieval row with
-several images is refused (`multiple_images`).
+([{"role", "content"}]) for `conversations`, and `instruction` (+ `input`, absent when empty) with
+`response` or `output` for a one-exchange conversation. Other keys are kept as they are. A caption, vqa
+or retrieval row with several images is refused (`multiple_images`).
 """
 
 from __future__ import annotations
@@ -39,6 +39,13 @@ IMAGE_TOKEN = "<image>"
 IMAGE_ALIASES = ("image", "image_path", "file_name", "filepath", "img", "images")
 CAPTION_ALIASES = ("captions", "sentences", "caption", "text")
 ROLE_TO_FROM = {"user": "human", "human": "human", "assistant": "gpt", "gpt": "gpt", "system": "system"}
+
+
+def _image_outside_user_turn(speaker: str, field: str) -> DataError:
+    # An image is input: chat templates take image parts in user turns only (recipes.common.chat), so
+    # such a row would stop training; refused here, it is a counted reject of clean and --skip_bad_rows.
+    return DataError(BAD_VALUE, f"has '{IMAGE_TOKEN}' in a {speaker!r} turn; an image can only be placed "
+                     "in a user ('human') turn", field=field)
 
 
 def _pop_alias(record: dict, aliases: tuple[str, ...]) -> tuple[str | None, Any]:
@@ -89,14 +96,20 @@ def _instruction_turns(record: dict) -> list[dict]:
     """`{"instruction", "input"?, "response"|"output"}` (Alpaca style) -> one human turn and one gpt turn."""
     instruction = _text(record.pop("instruction"), "instruction")
     extra = record.pop("input", None)
-    if extra is not None and _text(extra, "input"):
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(WRONG_TYPE, f"expected a string, got {type(extra).__name__}", field="input")
+    # Alpaca data writes "input": "" for an instruction without input: the same as leaving it out.
+    if extra is not None and extra.strip():
         instruction = f"{instruction}\n{extra}"
     key, response = _pop_alias(record, ("response", "output"))
     if key is None:
         raise DataError(MISSING_FIELD, "is missing (or 'output')", field="response")
+    response = _text(response, key)
+    if IMAGE_TOKEN in response:
+        raise _image_outside_user_turn("gpt", key)
     if "image" in record and IMAGE_TOKEN not in instruction:
         instruction = f"{IMAGE_TOKEN}\n{instruction}"
-    return [{"from": "human", "value": instruction}, {"from": "gpt", "value": _text(response, key)}]
+    return [{"from": "human", "value": instruction}, {"from": "gpt", "value": response}]
 
 
 def _conversations(record: dict) -> None:
@@ -135,7 +148,10 @@ def _conversations(record: dict) -> None:
                 else:
                     raise DataError(WRONG_TYPE, f"unknown content part {part!r}", field=f"{where}.content")
             value = "\n".join(parts)
-        out.append({"from": ROLE_TO_FROM[role], "value": _text(value, f"{where}.value")})
+        value = _text(value, f"{where}.value")
+        if IMAGE_TOKEN in value and ROLE_TO_FROM[role] != "human":
+            raise _image_outside_user_turn(ROLE_TO_FROM[role], f"{where}.value")
+        out.append({"from": ROLE_TO_FROM[role], "value": value})
     speakers = [t["from"] for t in out if t["from"] != "system"]
     if not speakers:
         raise DataError(EMPTY_TEXT, "has no user or assistant turn", field=field)

@@ -4,12 +4,14 @@ for leakage.
     python -m data_tools split data/dedup.jsonl --out-dir data --ratios 0.8,0.1,0.1 --seed 0
     python -m data_tools check-leakage data/train.jsonl data/val.jsonl data/test.jsonl
 
-Split: rows are grouped by image, identical and near-duplicate images joining one group (the grouping of
-`dedup`). The groups, in order of first appearance, are shuffled with a generator seeded by --seed, then
-laid end to end and cut by ROW count at the ratios: a group goes to the split in which its middle row
-falls. Each split is thus within one group's size of its share of the rows, and the same input and seed
-always give byte-identical files. Rows keep their input order inside a split; a row without image is a
-group of its own.
+Split: rows are grouped by image, identical and near-duplicate images joining one group, and near
+duplicates chain: a~b and b~c put a, b and c in one group even when a and c are far apart (frames of a
+video), which is the safe side against leakage (`dedup` merges a row only into a kept image near it). The
+groups, in order of first appearance, are shuffled with a generator seeded by --seed, then laid end to end
+and cut by ROW count at the ratios: a group goes to the split in which its middle row falls. Each split is
+thus within one group's size of its share of the rows, and the same input and seed always give
+byte-identical files. Rows keep their input order inside a split; a row without image is a group of its
+own. An output that is the input (IN given as OUT_DIR/train.jsonl) is refused before any work.
 
 Image paths are relative to the image root, `--image-root` (default: each JSONL file's folder). With
 `--image-root` the splits keep them as they are; without it they are rewritten relative to --out-dir, which
@@ -29,7 +31,7 @@ import numpy as np
 
 from .dedup import group_rows, image_field, iter_images, rebase_image, scan_rows
 from .errors import DataError
-from .files import replaced_together
+from .files import check_outputs, replaced_together
 from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
 from .hashing import DEFAULT_NEAR_THRESHOLD
 from .jsonl import JsonlWriter
@@ -104,6 +106,9 @@ def split_file(
         raise ValueError(f"need {len(ratios)} distinct split names for ratios {ratios}, got {names}")
     path, out_dir = Path(path), Path(out_dir)
     hasher = hasher or ImageHasher(cache=default_cache(path), progress=progress)
+    # Before any work: IN given as out_dir/train.jsonl would be replaced by the train split.
+    outputs = {f"the {name!r} split": out_dir / f"{name}.jsonl" for name in names}
+    check_outputs({**outputs, "the hash cache": hasher.cache_path}, inputs=[path, *hasher.hash_files_read])
     rebase = image_root is None
     scan = scan_rows(path, task, image_root=image_root, allow_outside_root=allow_outside_root,
                      out_folder=out_dir if rebase else None)
@@ -144,6 +149,7 @@ def find_leaks(
     """
     paths = [Path(p) for p in paths]
     hasher = hasher or ImageHasher(cache=default_cache(paths[0]), progress=progress)
+    check_outputs({"the hash cache": hasher.cache_path}, inputs=[*paths, *hasher.hash_files_read])
     # first[(file index, image index)] = (line, image as written): one entry per image and file.
     first: dict[tuple[int, int], tuple[int, str]] = {}
     image_index: dict[str, int] = {}
@@ -279,7 +285,7 @@ def main_check_leakage(argv: list[str] | None = None) -> int:
         leaks = find_leaks(
             args.files, near_threshold=None if args.no_near else args.near_threshold,
             image_root=args.image_root, allow_outside_root=args.allow_outside_root,
-            hasher=hasher_from_args(args, args.files[0]),
+            hasher=hasher_from_args(args, args.files[0], inputs=args.files),
         )
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import datasets
 
-from data_tools.clean import check_rows
+from data_tools.clean import check_rows, missing_image_hint
 from data_tools.errors import DataError
 from data_tools.jsonl import write_jsonl
 from data_tools.records import other_task_hint
@@ -59,6 +59,9 @@ def load_records(
             if max_rows is not None and len(rows) >= max_rows:
                 break
     hint = other_task_hint(errors[0][1], errors[0][0].line, task, task_flags) if errors and not rows else ""
+    # Most images missing: a wrong image root, which dropping the rows would not fix.
+    hint += missing_image_hint((e.reason for e, _ in errors), len(errors) + len(rows), path, image_root,
+                               "--image_root")
     if errors and not skip_bad_rows:
         shown = "\n".join(f"  {e}" for e, _ in errors[:10])
         more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
@@ -75,7 +78,7 @@ def load_records(
         write_jsonl(rejects_path,
                     ({**e.to_dict(), "raw": raw.decode("utf-8", "backslashreplace")} for e, raw in errors))
         print(f"{path}: skipped {len(errors)} invalid row(s) of {len(errors) + len(rows)}; reasons in "
-              f"{rejects_path}")
+              f"{rejects_path}" + (f".{hint}" if hint else ""))
     if not rows:
         raise DataError("empty", f"has no valid rows.{hint}", path=path)
     if task == "vqa" and len({type(r["question_id"]) for r in rows}) > 1:

@@ -1,6 +1,7 @@
 """Score predictions from the command line.
 
     python -m eval caption --predictions preds.jsonl --references refs.jsonl [--lang zh] [--json]
+        [--image-root DIR]   # the references' image root, for a recipe run's own predictions file
     python -m eval caption --coco-annotations captions_val2014.json --coco-results results.json
     python -m eval vqa --predictions preds.jsonl --references refs.jsonl [--json]
     python -m eval vqa --vqa-annotations A.json --vqa-questions Q.json --vqa-results R.json
@@ -54,13 +55,29 @@ def run_caption(args, parser) -> dict:
             raise ValueError(f"--per-sample {args.per_sample} is one of the input files; it would be "
                              "overwritten")
     if _pair(args, parser, ("predictions", "references"), ("coco_annotations", "coco_results")) == "jsonl":
-        predictions = inputs.read_predictions(args.predictions)
+        if args.image_root and not os.path.isdir(args.image_root):
+            raise ValueError(f"--image-root {args.image_root}: not a folder")
+        root = args.image_root or os.path.dirname(os.path.abspath(args.references))
+        predictions = inputs.read_predictions(args.predictions, inputs.CAPTION_PREDICTION_KEYS)
         references = inputs.read_caption_references(args.references)
+        try:
+            predictions = inputs.match_resolved_images(predictions, references, root)
+        except DataError as e:
+            raise e.at(path=args.predictions) from None
         names = (args.predictions, args.references)
     else:
+        if args.image_root:
+            parser.error("--image-root goes with --predictions and --references")
         predictions, references = inputs.read_coco_captions(args.coco_annotations, args.coco_results)
-        names = (args.coco_results, args.coco_annotations)
-    inputs.check_same_keys(predictions, references, "image", *names)
+        names, root = (args.coco_results, args.coco_annotations), None
+    try:
+        inputs.check_same_keys(predictions, references, "image", *names)
+    except ValueError as e:
+        if root and any(isinstance(k, str) and os.path.isabs(k) for k in predictions if k not in references):
+            raise ValueError(f"{e} Absolute image paths (a recipe run's keys) match the references' images "
+                             f"resolved against --image-root, here {root}: give the run's image root "
+                             "(its --image_root; by default its eval or test file's folder).") from None
+        raise
     result = caption_metrics(predictions, references, lang=lang, metrics=args.metrics,
                              per_sample=bool(args.per_sample))
     if args.per_sample:
@@ -74,7 +91,7 @@ def run_caption(args, parser) -> dict:
 def run_vqa(args, parser) -> dict:
     if _pair(args, parser, ("predictions", "references"),
              ("vqa_annotations", "vqa_questions", "vqa_results")) == "jsonl":
-        predictions = inputs.read_predictions(args.predictions, inputs.VQA_KEYS, inputs.VQA_TEXTS)
+        predictions = inputs.read_predictions(args.predictions, inputs.VQA_PREDICTION_KEYS, inputs.VQA_TEXTS)
         references = inputs.read_vqa_references(args.references)
         names = (args.predictions, args.references)
     else:
@@ -118,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="task", required=True)
 
     cap = sub.add_parser("caption", help="BLEU, METEOR, ROUGE-L, CIDEr (, SPICE) via pycocoevalcap")
-    cap.add_argument("--predictions", help="JSONL: {image|image_id|id, prediction|caption}")
+    cap.add_argument("--predictions", help="JSONL: {image|image_id|id|key, prediction|caption}; a recipe "
+                     "run's predictions/*.jsonl as it is")
     cap.add_argument("--references", help="JSONL caption records: {image|image_id, captions: [...]}")
+    cap.add_argument("--image-root", help="the folder the references' image paths are relative to, as the "
+                     "recipes' --image_root (default: the references file's folder); predictions keyed by "
+                     "absolute paths (a recipe run's) are matched to the images resolved against it")
     cap.add_argument("--coco-annotations", help="official COCO captions JSON ({'annotations': [...]})")
     cap.add_argument("--coco-results", help="official COCO results JSON ([{image_id, caption}])")
     cap.add_argument("--lang", default="en",
@@ -129,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--per-sample", metavar="OUT.jsonl", help="write per-image scores (CIDEr, ...) here")
 
     vqa = sub.add_parser("vqa", help="official VQA v2 accuracy")
-    vqa.add_argument("--predictions", help="JSONL: {question_id, answer|prediction}")
+    vqa.add_argument("--predictions", help="JSONL: {question_id|key, answer|prediction}; a recipe run's "
+                     "predictions/*.jsonl as it is")
     vqa.add_argument("--references",
                      help="JSONL VQA records: {question_id, answers: [...10], answer_type?, question_type?}")
     vqa.add_argument("--vqa-annotations", help="official VQA v2 annotations JSON")

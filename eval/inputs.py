@@ -7,12 +7,17 @@ because silently keeping one of two predictions changes the score.
 from __future__ import annotations
 
 from data_tools.errors import BAD_VALUE, DUPLICATE_ID, MISSING_FIELD, WRONG_TYPE, DataError
+from data_tools.images import ImagePathResolver
 from data_tools.jsonl import iter_jsonl, load_json
 
 CAPTION_KEYS = ("image", "image_id", "id")
 CAPTION_TEXTS = ("prediction", "caption")
 VQA_KEYS = ("question_id",)
 VQA_TEXTS = ("answer", "prediction")
+# A recipe run's predictions/*.jsonl rows are {"key", "prediction"}: the key is the question id, or the image
+# path resolved to an absolute one (see match_resolved_images). References keep their own field names.
+CAPTION_PREDICTION_KEYS = (*CAPTION_KEYS, "key")
+VQA_PREDICTION_KEYS = (*VQA_KEYS, "key")
 
 
 def _first_field(row: dict, names: tuple, path, line: int) -> tuple[str, object]:
@@ -174,6 +179,29 @@ def read_vqa_official(annotations_path, questions_path, results_path) -> tuple[d
     return predictions, references
 
 
+def match_resolved_images(predictions: dict, references: dict, image_root) -> dict:
+    """`predictions` with each key that is no reference's key but is the image path a reference names,
+    resolved against `image_root` as the recipes resolve it (a run's predictions are keyed so), put under
+    that reference's key."""
+    if all(k in references for k in predictions):
+        return predictions
+    resolve = ImagePathResolver(image_root, allow_outside_root=True)  # matched, not read: any path will do
+    resolved = {}
+    for key in references:
+        try:
+            resolved.setdefault(str(resolve(key)), key)
+        except DataError:  # an image id, or an empty path: no run keys a prediction by its resolved path
+            continue
+    matched, given_as = {}, {}
+    for key, text in predictions.items():
+        own = key if key in references else resolved.get(key, key)
+        if own in matched:
+            raise DataError(BAD_VALUE, f"{given_as[own]!r} and {key!r} are predictions for the same image "
+                            f"{own!r}; keep one", field="key")
+        matched[own], given_as[own] = text, key
+    return matched
+
+
 def check_same_keys(predictions: dict, references: dict, what: str = "key",
                     predictions_name="predictions", references_name="references") -> None:
     """Raise `ValueError` naming the keys that have no reference and those that have no prediction."""
@@ -188,9 +216,19 @@ def check_same_keys(predictions: dict, references: dict, what: str = "key",
                         f"{predictions_name}: {_preview(no_prediction)}")
     if not references:
         problems.append(f"{references_name} is empty")
-    if problems:
-        raise ValueError("; ".join(problems) + ". Score the same set of items on both sides "
-                         "(keys must match exactly, 1 and '1' differ).")
+    if not problems:
+        return
+    if predictions and no_prediction and not no_reference:
+        # a subset scored as it is would be a score of other items than the references name
+        advice = (f"The predictions cover {len(predictions)} of the {len(references)} items, as a recipe run "
+                  "with --eval_max_samples writes them; partial predictions are not scored: predict every "
+                  "item, or give references that hold only the predicted ones (`python -m eval report RUN` "
+                  "scores a run's predictions on the items they cover and says how many).")
+    elif {str(k) for k in no_reference} & {str(k) for k in no_prediction}:
+        advice = "Keys must match exactly, and their types too: 1 and '1' differ."
+    else:
+        advice = "Score the same set of items on both sides (keys must match exactly, 1 and '1' differ)."
+    raise ValueError("; ".join(problems) + ". " + advice)
 
 
 def _preview(keys: list, limit: int = 10) -> str:

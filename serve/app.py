@@ -35,9 +35,12 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from data_tools.errors import MISSING_IMAGE, DataError
+from data_tools.images import check_image
 from data_tools.records import IMAGE_TOKEN
 
 from .batching import Batcher, Job
@@ -90,17 +93,49 @@ class ImageURL(BaseModel):
     url: str
 
 
+PART_TYPES = ("text", "image_url")
+
+
 class ContentPart(BaseModel):
+    """A part of a message's content. One model for every type, not a union of a model per type: pydantic
+    puts a union's branch into the path of an error inside it (`messages.0.content.1.image_url.image_url`),
+    and that path is the `param` a client is shown."""
+
     model_config = ConfigDict(extra="allow")
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: ImageURL | str | None = None
+    type: str
+    text: str | None = None  # required by a text part: checked where the parts are read, naming the part
+    image_url: ImageURL | None = None
+
+    @field_validator("type")
+    @classmethod
+    def _supported(cls, value: str) -> str:
+        if value not in PART_TYPES:
+            raise PydanticCustomError("unsupported_part", "content part type '{type}' is not supported; "
+                                      "this server takes " + " and ".join(f"'{t}'" for t in PART_TYPES),
+                                      {"type": value})
+        return value
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _bare_url(cls, value):
+        return {"url": value} if isinstance(value, str) else value  # some clients send the URL alone
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
+    content: list[ContentPart] | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_is_a_part(cls, value):
+        # A string is one text part. Not a `str | list` union: a bad part would then also be reported as
+        # "not a valid string", and that error, the union's first, is the one a client is shown.
+        if isinstance(value, str):
+            return [{"type": "text", "text": value}]
+        if value is not None and not isinstance(value, list):
+            raise PydanticCustomError("invalid_content", "must be a string or a list of content parts")
+        return value
 
 
 class StreamOptions(BaseModel):
@@ -220,8 +255,9 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request, e: StarletteHTTPException):
-        return JSONResponse(ClientError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404
-                                        else None).body(), status_code=e.status_code)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        return JSONResponse(ClientError(e.status_code, str(e.detail), code=code).body(),
+                            status_code=e.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def query_error(request, e: RequestValidationError):
@@ -295,26 +331,26 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         turns = []
         image = None
         for i, message in enumerate(req.messages):
-            parts = message.content if isinstance(message.content, list) else [
-                ContentPart(type="text", text=message.content or "")]
             texts = []
-            for j, part in enumerate(parts):
+            for j, part in enumerate(message.content or ()):
                 param = f"messages.{i}.content.{j}"
                 if part.type == "text":
                     if part.text is None:
-                        raise ClientError(400, f"{param}: a text part needs 'text'", param=param)
+                        raise ClientError(400, f"{param}.text: a text part needs a 'text' string",
+                                          param=f"{param}.text", code="invalid_value")
                     texts.append(part.text)
                     continue
                 if part.image_url is None:
-                    raise ClientError(400, f"{param}: an image_url part needs 'image_url'", param=param)
+                    raise ClientError(400, f"{param}.image_url: an image_url part needs an 'image_url' "
+                                      "object, {'url': ...}", param=f"{param}.image_url",
+                                      code="invalid_value")
                 if image is not None:
                     raise ClientError(400, f"{param}: one image per conversation, in a user message",
                                       param=param, code="too_many_images")
                 if message.role != "user":
                     raise ClientError(400, f"{param}: an image goes in a user message, not in one of role "
                                       f"{message.role!r}", param=param, code="image_not_in_user_message")
-                url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
-                image = await checked_image(url, f"{param}.image_url")
+                image = await checked_image(part.image_url.url, f"{param}.image_url")
                 saved.append(image)
                 texts.append(IMAGE_TOKEN)
             text = "\n".join(texts)
@@ -403,7 +439,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             limit = run.max_positions
             if limit is not None and positions + max_tokens > limit:
                 raise ClientError(400, f"the prompt takes {positions} positions and max_tokens asks for "
-                                  f"{max_tokens} more: over {req.model!r}'s context length of {limit}",
+                                  f"{max_tokens} more: over the context length of {req.model!r}, {limit}",
                                   param="messages", code="context_length_exceeded")
             job = Job(run, item, prompt, max_tokens, req.temperature, req.top_p, loop, loop.create_future(),
                       asyncio.Queue() if req.stream else None, seed=req.seed, stop=stops)
@@ -493,7 +529,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         run = find_run(req.model, "search")
         if (req.query is None) == (req.image is None):
             raise ClientError(400, "give one of 'query' (a text: finds images) or 'image' (a data: URL: "
-                              "finds captions)", param="query")
+                              "finds captions)", param="query", code="invalid_value")
         k = min(req.k, options.max_search_k)
         if req.query is not None:
             hits = await asyncio.to_thread(run.search_text, req.query, k)
@@ -512,8 +548,16 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     async def gallery(model: str, index: int):
         run = find_run(model, "search")
         if not 0 <= index < len(run.images):
-            raise ClientError(404, f"index {index} is not in {model!r}'s gallery of {len(run.images)} images",
-                              param="index", code="not_found")
-        return FileResponse(run.images[index])
+            raise ClientError(404, f"index {index} is not in the gallery of {model!r} ({len(run.images)} "
+                              "images)", param="index", code="not_found")
+        path = run.images[index]
+        try:  # the header only: the index's images were checked whole when embed.py read them
+            await asyncio.to_thread(check_image, path, min_side=1)
+        except DataError as e:  # moved, deleted or overwritten since the index was built: for the operator
+            logger.warning("gallery image %d of %r cannot be served: %s", index, model, e)
+            what = "is missing" if e.reason == MISSING_IMAGE else "is no longer a readable image"
+            raise ClientError(404, f"image {index} of the gallery of {model!r} {what} on the server; the "
+                              "index is out of date", param="index", code="gallery_image_missing") from None
+        return FileResponse(path)
 
     return app

@@ -47,7 +47,8 @@ def _remote_bytes(url: str, max_bytes: int, timeout: float, param: str) -> bytes
 def image_bytes(url: str, *, allow_remote: bool, max_bytes: int, timeout: float, param: str) -> bytes:
     """The bytes an `image_url` names: a base64 `data:` URL, or http(s) when `allow_remote`."""
     if not isinstance(url, str) or not url:
-        raise ClientError(400, "image_url.url must be a non-empty string", param=param)
+        raise ClientError(400, "image_url.url must be a non-empty string", param=param,
+                          code="invalid_image_url")
     if url.startswith("data:"):
         head, sep, payload = url.partition(",")
         if not sep or not head.endswith(";base64"):

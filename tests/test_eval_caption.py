@@ -222,3 +222,55 @@ def test_line_breaks_inside_captions_do_not_shift_images():
     clean = caption_metrics({1: "a dog runs", 2: "a red bus", 3: "two cats"}, references,
                             metrics=["CIDEr"], per_sample=True)
     assert broken == clean and clean["per_sample"][3]["CIDEr"] > 0
+
+
+def _run_files(tmp_path, image_root):
+    """references `test.jsonl` with image paths relative to `image_root`, and the predictions a recipe run
+    writes for it (predictions/final.jsonl: {"key": absolute image path, "prediction"})."""
+    preds, refs = _coco_inputs()
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({"image": f"img/{k}.jpg", "captions": v}) + "\n"
+                                                 for k, v in refs.items()))
+    (tmp_path / "final.jsonl").write_text("".join(
+        json.dumps({"key": str(image_root.resolve() / "img" / f"{k}.jpg"), "prediction": v}) + "\n"
+        for k, v in preds.items()))
+    return {f"img/{k}.jpg": v for k, v in preds.items()}, {f"img/{k}.jpg": v for k, v in refs.items()}
+
+
+def test_cli_scores_a_recipe_runs_predictions_keyed_by_absolute_image_paths(tmp_path):
+    preds, refs = _run_files(tmp_path, tmp_path)  # the images' root: the references file's folder
+    proc = _cli("caption", "--predictions", tmp_path / "final.jsonl", "--references", tmp_path / "test.jsonl",
+                "--metrics", "CIDEr", "--json", "--per-sample", tmp_path / "per.jsonl")
+    assert proc.returncode == 0, proc.stderr
+    lib = caption_metrics(preds, refs, metrics=["CIDEr"])
+    assert json.loads(proc.stdout) == {"CIDEr": pytest.approx(lib["CIDEr"], rel=1e-12)}
+    rows = [json.loads(line) for line in (tmp_path / "per.jsonl").read_text().splitlines()]
+    assert [r["key"] for r in rows] == list(refs)  # the references' own keys
+
+
+def test_cli_matches_absolute_paths_under_the_image_root_given(tmp_path):
+    (tmp_path / "images").mkdir()
+    preds, refs = _run_files(tmp_path, tmp_path / "images")  # a run with --image_root images
+    args = ("caption", "--predictions", tmp_path / "final.jsonl", "--references", tmp_path / "test.jsonl",
+            "--metrics", "CIDEr", "--json")
+    proc = _cli(*args)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.rstrip().endswith(
+        f"Absolute image paths (a recipe run's keys) match the references' images resolved against "
+        f"--image-root, here {tmp_path}: give the run's image root (its --image_root; by default its eval or "
+        "test file's folder).")
+    proc = _cli(*args, "--image-root", tmp_path / "images")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"CIDEr": pytest.approx(caption_metrics(preds, refs, metrics=["CIDEr"])
+                                                              ["CIDEr"], rel=1e-12)}
+
+
+def test_cli_refuses_a_partial_runs_predictions(tmp_path):
+    _run_files(tmp_path, tmp_path)
+    rows = (tmp_path / "final.jsonl").read_text().splitlines()
+    (tmp_path / "final.jsonl").write_text("\n".join(rows[:2]) + "\n")  # a run with --eval_max_samples 2
+    proc = _cli("caption", "--predictions", tmp_path / "final.jsonl", "--references", tmp_path / "test.jsonl",
+                "--metrics", "CIDEr")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert (f"have no prediction in {tmp_path / 'final.jsonl'}" in proc.stderr
+            and f"The predictions cover 2 of the {len(rows)} items" in proc.stderr
+            and "partial predictions are not scored" in proc.stderr)

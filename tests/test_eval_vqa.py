@@ -124,3 +124,44 @@ def test_official_results_with_non_string_answer_rejected(tmp_path):
                 "--vqa-questions", GOLDEN / "questions.json", "--vqa-results", tmp_path / "res.json")
     assert (proc.returncode == 1 and "field '[0].answer'" in proc.stderr
             and str(tmp_path / "res.json") in proc.stderr)
+
+
+def _run_predictions(path: Path, predictions: dict) -> Path:
+    """A qlora_vqa run's predictions/final.jsonl: {"key": question_id, "prediction"} rows."""
+    path.write_text("".join(json.dumps({"key": q, "prediction": a}) + "\n" for q, a in predictions.items()))
+    return path
+
+
+def test_cli_scores_a_recipe_runs_own_predictions_file(tmp_path):
+    predictions, references = _official_inputs()
+    _run_predictions(tmp_path / "final.jsonl", predictions)
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"question_id": q, "question": "?", **r}) + "\n"
+                                                for q, r in references.items()))
+    proc = _cli("--predictions", tmp_path / "final.jsonl", "--references", tmp_path / "val.jsonl", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == EXPECTED
+    # the references keep their own field: `key` there is no question id
+    (tmp_path / "keyed.jsonl").write_text('{"key": 1, "answers": ["yes"]}\n')
+    proc = _cli("--predictions", tmp_path / "final.jsonl", "--references", tmp_path / "keyed.jsonl")
+    assert proc.returncode == 1 and f"{tmp_path / 'keyed.jsonl'}:1: field 'question_id'" in proc.stderr
+
+
+def test_cli_refuses_partial_predictions_saying_what_they_cover(tmp_path):
+    # a run with --eval_max_samples 2 predicts the first 2 questions of 3
+    _run_predictions(tmp_path / "final.jsonl", {1: "yes", 2: "no"})
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps({"question_id": q, "answers": ["yes"] * 10}) + "\n"
+                                                for q in (1, 2, 3)))
+    proc = _cli("--predictions", tmp_path / "final.jsonl", "--references", tmp_path / "val.jsonl", "--json")
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == (
+        f"error: 1 question_id(s) in {tmp_path / 'val.jsonl'} have no prediction in "
+        f"{tmp_path / 'final.jsonl'}: 3. The predictions cover 2 of the 3 items, as a recipe run with "
+        "--eval_max_samples writes them; partial predictions are not scored: predict every item, or give "
+        "references that hold only the predicted ones (`python -m eval report RUN` scores a run's "
+        "predictions on the items they cover and says how many).\n")
+
+
+def test_ids_that_differ_only_in_type_are_named_as_such():
+    with pytest.raises(ValueError) as e:
+        vqa_accuracy({"1": "yes"}, {1: {"answers": ["yes"]}})
+    assert str(e.value).endswith(": 1. Keys must match exactly, and their types too: 1 and '1' differ.")

@@ -1317,3 +1317,165 @@ def test_an_exported_soft_prompt_captioner_answers_as_its_run(loaded, trained, t
             assert caption(exported, image) == caption(loaded["soft_prompt_caption"], image)
     finally:
         loop.close()
+
+
+# --- refusals that need no trained run: stand-ins for the runs, the real app and server ------------------
+def _stand_in_server(tmp_path, images=(), positions: int = 0, context: int | None = None) -> Server:
+    """A server over stand-ins: `chat` (its prompt takes `positions` of a context of `context`) and the
+    retrieval index `f30k_index` over `images`. Enough for the requests refused before any generation."""
+    from types import SimpleNamespace
+
+    from serve.app import create_app
+
+    chat = SimpleNamespace(task="chat", path=tmp_path, needs_image=False, max_positions=context,
+                           prompt_positions=lambda item, prompt: positions)
+    index = SimpleNamespace(task="retrieval", path=tmp_path, images=[str(p) for p in images])
+    return Server(create_app({"sp_lora": chat, "f30k_index": index}))
+
+
+def test_a_gallery_image_gone_from_disk_or_no_longer_an_image_is_a_404_naming_no_path(tmp_path):
+    from PIL import Image
+
+    images = [tmp_path / f"{i}.png" for i in range(3)]
+    for p in images:
+        Image.new("RGB", (16, 16), "red").save(p)
+    server = _stand_in_server(tmp_path, images)
+    try:
+        images[1].unlink()
+        images[2].write_bytes(b"%PDF-1.4 no longer an image")
+        with urllib.request.urlopen(server.url + "/v1/gallery?model=f30k_index&index=0") as r:
+            assert r.read() == images[0].read_bytes()
+
+        def error(index: int) -> tuple[int, dict]:
+            status, body = server.json(f"/v1/gallery?model=f30k_index&index={index}")
+            return status, body["error"]
+
+        assert error(1) == (404, {"message": "image 1 of the gallery of 'f30k_index' is missing on the "
+                                  "server; the index is out of date", "type": "invalid_request_error",
+                                  "param": "index", "code": "gallery_image_missing"})
+        assert error(2) == (404, {"message": "image 2 of the gallery of 'f30k_index' is no longer a readable "
+                                  "image on the server; the index is out of date",
+                                  "type": "invalid_request_error", "param": "index",
+                                  "code": "gallery_image_missing"})
+        assert error(7) == (404, {"message": "index 7 is not in the gallery of 'f30k_index' (3 images)",
+                                  "type": "invalid_request_error", "param": "index", "code": "not_found"})
+        assert server.json("/health")[0] == 200
+    finally:
+        server.stop()
+
+
+TEXT = {"type": "text", "text": "What is it?"}
+PNG_URL = "data:image/png;base64," + base64.b64encode(_tiny_png()).decode()
+PARTS = [  # (what, content, param, message after "<param>: ")
+    ("an unknown part type",
+     [TEXT, {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}],
+     "messages.0.content.1.type",
+     "content part type 'input_audio' is not supported; this server takes 'text' and 'image_url'"),
+    ("an image_url part without its url", [TEXT, {"type": "image_url", "image_url": {}}],
+     "messages.0.content.1.image_url.url", "Field required"),
+    ("an image_url part without image_url", [TEXT, {"type": "image_url"}],
+     "messages.0.content.1.image_url", "an image_url part needs an 'image_url' object, {'url': ...}"),
+    ("a text part without text", [{"type": "text"}], "messages.0.content.0.text",
+     "a text part needs a 'text' string"),
+    ("a part without a type", [{"text": "hi"}], "messages.0.content.0.type", "Field required"),
+    ("content neither a string nor a list", 5, "messages.0.content",
+     "must be a string or a list of content parts"),
+]
+
+
+@pytest.mark.parametrize("what,content,param,message", PARTS, ids=[p[0] for p in PARTS])
+def test_a_bad_content_part_is_named_with_what_is_wrong(tmp_path, what, content, param, message):
+    server = _stand_in_server(tmp_path)
+    try:
+        status, body = server.json("/v1/chat/completions",
+                                   {"model": "sp_lora", "messages": [{"role": "user", "content": content}]})
+    finally:
+        server.stop()
+    assert (status, body) == (400, {"error": {"message": f"{param}: {message}",
+                                              "type": "invalid_request_error", "param": param,
+                                              "code": "invalid_value"}})
+
+
+def test_search_with_neither_or_both_of_query_and_image_is_an_invalid_value(tmp_path):
+    server = _stand_in_server(tmp_path)
+    try:
+        for body in ({"model": "f30k_index"}, {"model": "f30k_index", "query": "a dog", "image": PNG_URL}):
+            status, answer = server.json("/v1/search", body)
+            error = answer["error"]
+            assert (status, error["code"], error["param"]) == (400, "invalid_value", "query")
+    finally:
+        server.stop()
+
+
+def test_context_length_message_quotes_the_run_once(tmp_path):
+    server = _stand_in_server(tmp_path, positions=100, context=64)
+    try:
+        status, body = server.json("/v1/chat/completions", {"model": "sp_lora", "max_tokens": 8,
+                                                            "messages": [{"role": "user", "content": "hi"}]})
+    finally:
+        server.stop()
+    assert (status, body["error"]["code"]) == (400, "context_length_exceeded")
+    assert body["error"]["message"] == ("the prompt takes 100 positions and max_tokens asks for 8 more: over "
+                                        "the context length of 'sp_lora', 64")
+
+
+# The reasons `data_tools.images.load_image` gives an uploaded image, which the server passes on as codes.
+UPLOAD_REASONS = {"unreadable_image", "empty_image_file", "truncated_image", "image_too_small",
+                  "image_too_large"}
+
+
+def test_the_readmes_error_table_lists_every_code_the_server_returns(tmp_path):
+    import io
+    import re
+
+    from PIL import Image
+
+    source = "".join((ROOT / "serve" / name).read_text() for name in ("app.py", "images.py"))
+    returned = set(re.findall(r'code="(\w+)"', source)) | set(re.findall(r'\d{3}: "(\w+)"', source))
+    assert {"not_found", "method_not_allowed", "gallery_image_missing"} <= returned  # the search worked
+    table = (ROOT / "serve" / "README.md").read_text().split("## Limits and errors")[1].split("\n\n")[2]
+    listed = dict((code, int(status)) for status, code in re.findall(r"\| (\d{3}) `(\w+)` \|", table))
+    assert set(listed) == returned | UPLOAD_REASONS
+    # the codes users met that the table lacked, as the server returns them
+    tiny = io.BytesIO()
+    Image.new("RGB", (4, 4), "red").save(tiny, format="PNG")
+    server = _stand_in_server(tmp_path)
+    try:
+        for url, code in (("data:image/png;base64," + base64.b64encode(tiny.getvalue()).decode(),
+                           "image_too_small"), ("data:image/png;base64,", "empty_image_file")):
+            status, body = server.json("/v1/chat/completions", {"model": "sp_lora", "messages": [
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+            assert (status, body["error"]["code"]) == (listed[code], code)
+        status, body = server.json("/v1/chat/completions")  # a GET
+        assert (status, body["error"]["code"]) == (listed["method_not_allowed"], "method_not_allowed")
+    finally:
+        server.stop()
+
+
+def test_web_page_shows_the_allowed_range_for_a_negative_max_tokens(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser = _browser(tmp_path)
+    server = _stand_in_server(tmp_path)
+    try:
+        browser.get(server.url + "/")
+        wait = WebDriverWait(browser, 60)
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+        Select(browser.find_element(By.ID, "model")).select_by_value("sp_lora")
+        browser.find_element(By.ID, "prompt").send_keys("What shape?")
+        shown = {}
+        for value in ("-3", "2.5"):
+            field = browser.find_element(By.ID, "max_tokens")
+            field.clear()
+            field.send_keys(value)
+            browser.execute_script("document.getElementById('status').textContent = ''")
+            browser.find_element(By.ID, "ask").click()
+            wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "refused"))
+            shown[value] = browser.find_element(By.ID, "error").text
+    finally:
+        browser.quit()
+        server.stop()
+    assert shown == {"-3": "max_tokens: Input should be greater than or equal to 1",  # the server's
+                     "2.5": "Max tokens must be a whole number (or empty: the server's default)."}

@@ -70,11 +70,13 @@ async function ask() {
   if (text) content.push({ type: "text", text });
   const body = { model: $("model").value, stream: true, messages: [{ role: "user", content }] };
   const maxTokens = $("max_tokens").value.trim();
-  if (maxTokens && !/^[0-9]+$/.test(maxTokens)) {
+  if (maxTokens && !/^-?[0-9]+$/.test(maxTokens)) {
     refuse("Max tokens must be a whole number (or empty: the server's default).");
     return;
   }
-  if (maxTokens) body.max_tokens = Number(maxTokens); // out of range: the server's message is shown
+  // Any whole number goes to the server, negative ones too: only the server knows its limit, and its
+  // message for a number out of range says the bound it crossed.
+  if (maxTokens) body.max_tokens = Number(maxTokens);
   setStatus("generating...");
   try {
     await generate(body, signal);

@@ -12,8 +12,8 @@ exported checkpoint all load:
   qlora_vqa and every family those recipes take), a captioner when it has none (BLIP-2).
 
 Adapter runs on the same base share one copy of the base: the first is loaded with the recipes' own
-`load_run` (`load_quantized_run` for a QLoRA run, whose base is quantized as in training), the others are
-added to it with peft's `load_adapter` and chosen per batch with `set_adapter`.
+`load_trained_run` (a QLoRA run's base quantized as in training), the others are added to it with peft's
+`load_adapter` and chosen per batch with `set_adapter`.
 
 Generation inputs are built by the recipes' own eval collators (`CaptionPromptCollator`,
 `ChatPromptCollator`) and decode options (`generate_kwargs`), so a greedy answer is the one the recipe's
@@ -44,7 +44,7 @@ from recipes.common.chat import (
 )
 from recipes.common.merge import adapter_base, is_adapter_run, load_run, run_record
 from recipes.common.models import load_processor, resolve_model_path
-from recipes.common.quantization import QUANTIZATION_FILE, load_quantized_run
+from recipes.common.quantization import QUANTIZATION_FILE, load_trained_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
 from recipes.soft_prompt_caption.modeling import MODEL_TYPE as SOFT_PROMPT_MODEL_TYPE
 from recipes.soft_prompt_caption.modeling import TRAINED_WEIGHTS as SOFT_PROMPT_WEIGHTS
@@ -280,9 +280,8 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
                 model.load_adapter(path, adapter_name=adapter)
                 model.eval()
                 processor = load_processor(path, model.config.model_type)
-            else:  # load_run and load_quantized_run name the adapter "default"
-                load = load_quantized_run if quantization.is_file() else load_run
-                (model, processor), adapter = load(path, AutoModelForImageTextToText), "default"
+            else:  # loaded as it trained (a QLoRA base quantized), its adapter named "default"
+                (model, processor), adapter = load_trained_run(path, AutoModelForImageTextToText), "default"
                 shared[base] = model
             runs[rid] = _image_text_run(path, rid, model, processor, adapter)
         elif config:

@@ -188,9 +188,11 @@ def match_resolved_images(predictions: dict, references: dict, image_root) -> di
     resolve = ImagePathResolver(image_root, allow_outside_root=True)  # matched, not read: any path will do
     resolved = {}
     for key in references:
+        if not isinstance(key, str):  # an image id (COCO's int ids): no run keys a prediction by its path
+            continue
         try:
             resolved.setdefault(str(resolve(key)), key)
-        except DataError:  # an image id, or an empty path: no run keys a prediction by its resolved path
+        except DataError:  # an empty path
             continue
     matched, given_as = {}, {}
     for key, text in predictions.items():

@@ -274,3 +274,12 @@ def test_cli_refuses_a_partial_runs_predictions(tmp_path):
     assert (f"have no prediction in {tmp_path / 'final.jsonl'}" in proc.stderr
             and f"The predictions cover 2 of the {len(rows)} items" in proc.stderr
             and "partial predictions are not scored" in proc.stderr)
+
+
+def test_cli_with_int_image_ids_that_do_not_match_is_one_line(tmp_path):
+    (tmp_path / "r.jsonl").write_text('{"image_id": 1, "captions": ["a cat"]}\n')
+    (tmp_path / "p.jsonl").write_text('{"image_id": 2, "caption": "a cat"}\n')
+    proc = _cli("caption", "--predictions", tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl",
+                "--metrics", "Bleu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "no reference" in proc.stderr

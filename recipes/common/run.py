@@ -275,16 +275,32 @@ class StopOnSignal(TrainerCallback):
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def at_max_steps(trainer, checkpoint: str | None) -> bool:
+    """Whether `checkpoint` is the run's last step (--max_steps), where the Trainer, resumed, would train one
+    step more (when --max_steps is not a whole number of epochs). Not under FSDP or DeepSpeed, whose model
+    only `train` prepares: they resume through it."""
+    max_steps = getattr(trainer.args, "max_steps", -1)
+    if not checkpoint or max_steps <= 0 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return False
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0) >= max_steps
+
+
 def load_finished(trainer, checkpoint: str) -> None:
-    """Load a checkpoint of the run's last step (--max_steps) as `train` would end it (its weights, or the
-    best checkpoint's with --load_best_model_at_end, and its state), without training: the Trainer, resumed
-    there, would train one step more where --max_steps is not a whole number of epochs. A requeued job's
+    """Load a checkpoint of the run's last step as `train` would end it, without training: its state, its
+    weights, or the best checkpoint's with --load_best_model_at_end. A requeued job's
     `--resume_from_checkpoint auto` then scores the run it had finished training."""
     logger.info("%s is the run's last step (--max_steps %d): scoring it, nothing left to train", checkpoint,
                 trainer.args.max_steps)
-    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    state = trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    # as `train` sets them: the saved ones are rank 0's
+    state.is_local_process_zero, state.is_world_process_zero = (trainer.is_local_process_zero(),
+                                                                trainer.is_world_process_zero())
     trainer._load_from_checkpoint(checkpoint)
-    if trainer.args.load_best_model_at_end and trainer.state.best_model_checkpoint:
+    if state.best_model_checkpoint is not None and not Path(state.best_model_checkpoint).is_dir():
+        logger.warning("the best checkpoint %s is gone: the last step's weights are scored",
+                       state.best_model_checkpoint)
+        state.best_model_checkpoint = None
+    if trainer.args.load_best_model_at_end and state.best_model_checkpoint:
         trainer._load_best_model()
 
 
@@ -363,9 +379,8 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if evaluates:
         score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
-    resumed_at = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"] if resume else 0
     try:  # a SIGTERM stop raises Stopped from StopOnSignal.on_save, right after the step's save
-        if 0 < args.max_steps <= resumed_at:
+        if at_max_steps(trainer, resume):
             load_finished(trainer, resume)
         else:
             trainer.train(resume_from_checkpoint=resume)

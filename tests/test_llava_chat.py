@@ -342,6 +342,10 @@ def test_held_out_items_whose_prompt_leaves_no_room_within_the_budget_are_left_o
     assert kept["key"] == ["short", "first"]
     assert "1 of 3 eval items left out: their prompt is --max_length" in caplog.text
     assert encoder.fitting(items, lengths["first"])["key"] == ["short"]
+    short = lengths["short"]
+    with pytest.raises(ValueError, match=rf"no eval item's prompt leaves room for an answer within "
+                                         rf"--max_length {short} \(the shortest is {short} tokens"):
+        encoder.fitting(items, short)
 
 
 def test_padding_free_is_refused_before_training_for_a_processor_whose_batches_cannot_be_packed(
@@ -355,5 +359,11 @@ def test_padding_free_is_refused_before_training_for_a_processor_whose_batches_c
         {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": "red ."}]}])
     ds, _ = tokenize_conversations(records, gemma, None)
     assert chat_collator(gemma, ds, padding_free=False).padding_free is False
+    llava = ChatEncoder(make_processor())  # its batches pack, with an image or without
+    mixed, _ = tokenize_conversations(datasets.Dataset.from_list([
+        {"image": None, "conversations": [{"from": "human", "value": "what color ?"},
+                                          {"from": "gpt", "value": "red ."}]},
+        {"image": str(tmp_path / "r.png"), "conversations": CONVERSATION[1:3]}]), llava, None)
+    assert chat_collator(llava, mixed, padding_free=True).padding_free is True
     with pytest.raises(ValueError, match=r"--padding_free: this processor's batches also hold \['token_type"):
         chat_collator(gemma, ds, padding_free=True)

@@ -41,6 +41,7 @@ from typing import Callable
 import datasets
 import torch
 from datasets.fingerprint import generate_random_fingerprint
+from tqdm import tqdm
 
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
@@ -300,10 +301,14 @@ class ChatEncoder:
         if max_length is None or len(items) == 0:
             return items
         collate, lengths = ChatPromptCollator(self), []
-        for start in range(0, len(items), 32):
+        for start in tqdm(range(0, len(items), 32), desc="eval prompt lengths", unit="batch of 32"):
             batch = collate(items.select(range(start, min(start + 32, len(items)))).to_list())
             lengths += batch["attention_mask"].sum(1).tolist()
         kept = [i for i, n in enumerate(lengths) if n < max_length]
+        if not kept:
+            raise ValueError(f"no eval item's prompt leaves room for an answer within --max_length "
+                             f"{max_length} (the shortest is {min(lengths)} tokens, images included); raise "
+                             "it.")
         if len(kept) < len(items):
             logger.warning("%d of %d eval items left out: their prompt is --max_length %d tokens or more",
                            len(items) - len(kept), len(items), max_length)
@@ -606,11 +611,15 @@ class ChatCollator:
 
 
 def chat_collator(encoder: ChatEncoder, train_dataset, padding_free: bool) -> ChatCollator:
-    """The training collator; with `padding_free`, tried on the first sample, so that a processor whose
-    batches a packed row cannot carry is refused before anything is scored."""
+    """The training collator; with `padding_free`, tried on the first sample with an image and the first
+    without, so that a processor whose batches a packed row cannot carry is refused before anything is
+    scored."""
     collator = ChatCollator(encoder, padding_free)
-    if padding_free and len(train_dataset):
-        collator([train_dataset[0]])
+    if padding_free:
+        has_image = train_dataset["has_image"]
+        for kind in (True, False):
+            if kind in has_image:
+                collator([train_dataset[has_image.index(kind)]])
     return collator
 
 

@@ -282,7 +282,8 @@ def at_max_steps(trainer, checkpoint: str | None) -> bool:
     max_steps = getattr(trainer.args, "max_steps", -1)
     if not checkpoint or max_steps <= 0 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         return False
-    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0) >= max_steps
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return state.get("global_step", 0) >= max_steps
 
 
 def load_finished(trainer, checkpoint: str) -> None:

@@ -66,6 +66,8 @@ COPY_NOTE = ("> Made with `make new-recipe` from a shipped recipe: what follows,
 def readme_of_copy(text: str) -> str:
     """The copied README with COPY_NOTE under its title and without its "When you copy it" section."""
     title, _, rest = text.partition("\n")
+    if COPY_NOTE in rest:  # a copy of a copy
+        return text
     rest = re.sub(r"^## When you copy it\n.*?(?=^## |\Z)", "", rest, flags=re.MULTILINE | re.DOTALL)
     return f"{title}\n\n{COPY_NOTE}{rest}"
 

@@ -1,6 +1,7 @@
 """scripts/new_recipe.py: the copy is renamed, bad requests are refused, and the copy trains from another
 repo root."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -53,6 +54,10 @@ def test_copy_renames_every_mention_and_leaves_out_run_files(fake_root, tmp_path
     assert readme.startswith("# my_task:") and "\n> Made with `make new-recipe` from a shipped" in readme
     assert "## When you copy it" in (SOURCE / "README.md").read_text() and "When you copy it" not in readme
     assert readme.count("\n## ") == (SOURCE / "README.md").read_text().count("\n## ") - 1
+    spec = importlib.util.spec_from_file_location("new_recipe", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.readme_of_copy(readme) == readme  # a copy of a copy gets no second note
     assert "recipes/my_task/train.py" in (copy / "train.py").read_text()
     assert "from recipes.my_task.collator import" in (copy / "train.py").read_text()  # its own modules
     # renamed files carry a count, the others none

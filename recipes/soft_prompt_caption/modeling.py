@@ -182,7 +182,9 @@ class SoftPromptCaptioner(PreTrainedModel):
                  language_model or config.language_model_name_or_path)
         try:
             with loading(*bases):  # a base that moved: one line naming it, not a traceback
-                model = cls.from_parts(*bases, dtype=dtype, revision=config.base_revision, **options)
+                # the recorded revision is of the recorded bases, not of ones given instead
+                revision = None if vision_model or language_model else config.base_revision
+                model = cls.from_parts(*bases, dtype=dtype, revision=revision, **options)
         except FileNotFoundError as e:
             raise FileNotFoundError(f"{e}. {run / 'config.json'} names the bases the run was trained on; if "
                                     "they moved, give where they are now (export.py --vision_model ... "

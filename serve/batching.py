@@ -216,25 +216,25 @@ class Batcher:
             self.waiting.extend(skipped)
             self._count(-len(batch))
             try:
-                self._run([job for job in batch if not job.cancelled])
-            finally:  # the jobs' image files, written by the request handlers, are done with
+                answers = self._run([job for job in batch if not job.cancelled])
+            finally:  # the jobs' image files, written by the request handlers: gone before any answer is
                 for job in batch:
                     if job.item.get("image"):
                         Path(job.item["image"]).unlink(missing_ok=True)
+            for job, result, error in answers:
+                job.loop.call_soon_threadsafe(_set, job, result, error)
 
-    def _run(self, jobs: list[Job]) -> None:
+    def _run(self, jobs: list[Job]) -> list[tuple]:
+        """(job, completion, None) for each job, or (job, None, error) for all when generation fails."""
         if not jobs:
-            return
+            return []
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(jobs))
         try:
             results = generate_batch(jobs)
         except Exception as e:  # noqa: BLE001 - handed to the waiting requests, which answer 500 and log it
-            for job in jobs:
-                job.loop.call_soon_threadsafe(_set, job, None, e)
-            return
-        for job, result in zip(jobs, results):
-            job.loop.call_soon_threadsafe(_set, job, result, None)
+            return [(job, None, e) for job in jobs]
+        return [(job, result, None) for job, result in zip(jobs, results)]
 
 
 def _set(job: Job, result, error) -> None:

@@ -95,6 +95,27 @@ def latest_runs(outputs: Path) -> list[Path]:
     return [newest[r][1] for r in sorted(newest)]
 
 
+def newer_unfinished(outputs: Path, runs: list[Path]) -> list[tuple[Path, Path]]:
+    """(run folder, the run of its recipe scored instead) for runs started after the scored one that have
+    checkpoints but no metrics.json yet: still training, or stopped before the end."""
+    scored = {}
+    for run in runs:
+        scored[json.loads((run / "metrics.json").read_text(encoding="utf-8")).get("recipe")] = run
+    found = []
+    for record in outputs.rglob("run.json"):
+        folder = record.parent
+        if (folder / "metrics.json").exists() or not any(folder.glob("checkpoint-*")):
+            continue  # finished, or a merged folder (it holds its run's run.json)
+        try:
+            recipe = json.loads(record.read_text(encoding="utf-8")).get("recipe")
+        except (OSError, ValueError):
+            continue
+        instead = scored.get(recipe)
+        if instead is not None and record.stat().st_mtime > (instead / "metrics.json").stat().st_mtime:
+            found.append((folder, instead))
+    return sorted(found)
+
+
 def scored_step(info: dict) -> int | str | None:
     """The training step of the weights "after" scores: "8 of 12" when the run loaded its best checkpoint."""
     step, trained = info.get("after_step", info.get("global_step")), info.get("global_step")
@@ -372,6 +393,9 @@ def main(argv=None) -> int:
         print(f"no recipe runs under {args.outputs}/ (folders with a metrics.json from a recipe's train.py); "
               "run one, e.g. `make demo`, or give RUN=path", file=sys.stderr)
         return 1
+    for folder, instead in [] if args.runs else newer_unfinished(Path(args.outputs), runs):
+        print(f"note: {folder} started after {instead} but has not finished (no metrics.json): {instead} is "
+              "scored; resume the newer run to score it", file=sys.stderr)
     rows = [report_run(run, args.gallery_size) for run in runs]
     if args.json:
         print(json.dumps(rows, indent=2, allow_nan=False))

@@ -12,7 +12,7 @@ import pytest
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
 from eval.caption import caption_metrics
-from eval.report import latest_runs, report_run
+from eval.report import latest_runs, newer_unfinished, report_run
 from eval.vqa import vqa_accuracy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,6 +142,17 @@ def test_latest_run_of_each_recipe_and_the_cli_table(captions, tmp_path):
     (new / "checkpoint-5").mkdir()
     (new / "checkpoint-5" / "metrics.json").write_text("{}")  # not a run
     assert latest_runs(outputs) == [new, other]
+    started = outputs / "a_started"  # a newer run of recipe_a, stopped before its end
+    (started / "checkpoint-3").mkdir(parents=True)
+    (started / "run.json").write_text(json.dumps({"recipe": "recipe_a"}))
+    merged = outputs / "a_merged"  # a merged folder holds its run's run.json, and no checkpoints
+    merged.mkdir()
+    (merged / "run.json").write_text(json.dumps({"recipe": "recipe_a"}))
+    assert latest_runs(outputs) == [new, other]
+    assert newer_unfinished(outputs, [new, other]) == [(started, new)]
+    os.utime(started / "run.json", (2, 2))  # started before the scored run ended: nothing to say
+    assert newer_unfinished(outputs, [new, other]) == []
+    os.utime(started / "run.json")
 
     env = dict(os.environ)
     r = subprocess.run([sys.executable, "-m", "eval", "report", "--outputs", str(outputs)], env=env,
@@ -151,6 +162,8 @@ def test_latest_run_of_each_recipe_and_the_cli_table(captions, tmp_path):
     assert [line.split(" | ")[0] for line in table] == ["| recipe_a", "| recipe_b"]
     assert str(new) in table[0] and str(old) not in r.stdout
     assert (new / "report.md").exists() and not (old / "report.md").exists()
+    assert (f"note: {started} started after {new} but has not finished (no metrics.json): {new} is scored"
+            in r.stderr)
 
     r = subprocess.run([sys.executable, "-m", "eval", "report", "--outputs", str(tmp_path / "empty")],
                        env=env, capture_output=True, text=True, cwd=ROOT)

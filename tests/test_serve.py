@@ -839,20 +839,30 @@ def _browser(tmp_path):
         pytest.fail(f"chromium is installed but did not start: {e.msg}")
 
 
+def _open_page(browser, url: str, model: str):
+    """The page at `url`, ready, with `model` chosen; returns a 60 s WebDriverWait on it."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
+    Select(browser.find_element(By.ID, "model")).select_by_value(model)
+    return wait
+
+
 def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_image(server, trained,
                                                                                       tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import Select
 
     _, files = trained
     image = Path(files["caption"][1]).parent / _eval_rows(files, "caption")[1]["image"]
     browser = _browser(tmp_path)
     try:
-        browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
-        Select(browser.find_element(By.ID, "model")).select_by_value("blip2_lora_caption")
+        wait = _open_page(browser, server.url, "blip2_lora_caption")
         max_tokens = int(browser.find_element(By.ID, "max_tokens").get_attribute("value"))
         browser.find_element(By.ID, "file").send_keys(str(image))  # a captioner captions on upload
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
@@ -1125,17 +1135,13 @@ def test_web_page_asks_a_chat_run_without_an_image_and_shows_bad_max_tokens_and_
                                                                                               tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     from serve.app import create_app
 
     browser = _browser(tmp_path)
     server = Server(create_app(loaded))
     try:
-        browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
-        Select(browser.find_element(By.ID, "model")).select_by_value("llava_instruct")
+        wait = _open_page(browser, server.url, "llava_instruct")
         browser.find_element(By.ID, "prompt").send_keys("What shape?")
 
         def ask(max_tokens: str, status: str) -> str:
@@ -1455,15 +1461,11 @@ def test_the_readmes_error_table_lists_every_code_the_server_returns(tmp_path):
 def test_web_page_shows_the_allowed_range_for_a_negative_max_tokens(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
-    from selenium.webdriver.support.ui import Select, WebDriverWait
 
     browser = _browser(tmp_path)
     server = _stand_in_server(tmp_path)
     try:
-        browser.get(server.url + "/")
-        wait = WebDriverWait(browser, 60)
-        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "ready"))
-        Select(browser.find_element(By.ID, "model")).select_by_value("sp_lora")
+        wait = _open_page(browser, server.url, "sp_lora")
         browser.find_element(By.ID, "prompt").send_keys("What shape?")
         shown = {}
         for value in ("-3", "2.5"):

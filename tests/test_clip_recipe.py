@@ -123,13 +123,20 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     assert eval_loss(out) == pytest.approx(eval_loss(d / "whole"), abs=1e-5)
 
 
-def test_resumed_run_ends_like_the_uninterrupted_one(env):
+def _resume_whole_run(env, step: int, out: Path, how: str):
+    """The whole run's command, resumed (`how`: last, auto) in `out` from a copy of its checkpoint-`step`."""
     d, e, _, whole = env
-    out = d / "resumed"
-    shutil.copytree(d / "whole" / "checkpoint-3", out / "checkpoint-3")
+    shutil.copytree(d / "whole" / f"checkpoint-{step}", out / f"checkpoint-{step}")
     r = _run([*whole, "--per_device_train_batch_size", "8", "--output_dir", str(out),
-              "--resume_from_checkpoint", "last"], e)
+              "--resume_from_checkpoint", how], e)
     assert r.returncode == 0, r.stderr[-4000:]
+    return r
+
+
+def test_resumed_run_ends_like_the_uninterrupted_one(env):
+    d = env[0]
+    out = d / "resumed"
+    _resume_whole_run(env, 3, out, "last")
     # Steps 4 and 5: the rest of epoch 1 (its first batch skipped) and the first of epoch 2, with their
     # captions.
     assert _losses(out)[-2:] == pytest.approx(_losses(d / "whole")[-2:], abs=1e-6)
@@ -297,12 +304,9 @@ def test_clip_with_the_sigmoid_loss_trains_on_two_processes_as_on_one(env):
 def test_a_run_resumed_at_its_last_step_is_scored_without_training_more(env):
     """--max_steps 5 is not a whole number of epochs (2 steps each): resumed at checkpoint-5, the Trainer
     would train a sixth step. The run loads it and scores it, as a requeued job's `auto` needs."""
-    d, e, _, whole = env
+    d = env[0]
     out = d / "resumed_at_end"
-    shutil.copytree(d / "whole" / "checkpoint-5", out / "checkpoint-5")
-    r = _run([*whole, "--per_device_train_batch_size", "8", "--output_dir", str(out),
-              "--resume_from_checkpoint", "auto"], e)
-    assert r.returncode == 0, r.stderr[-4000:]
+    r = _resume_whole_run(env, 5, out, "auto")
     assert "checkpoint-5 is the run's last step (--max_steps 5): scoring it" in r.stderr
     assert not (out / "checkpoint-6").exists()
     metrics, ref = (json.loads((run / "metrics.json").read_text()) for run in (out, d / "whole"))

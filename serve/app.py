@@ -34,7 +34,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -89,7 +89,10 @@ class Metrics:
 
 
 # --- request bodies (extra fields of OpenAI clients are accepted and ignored) ------------------------------
+# Strict: a value of the wrong JSON type ("5", 5.0 or "true" for 5 or true) is refused naming the field, not
+# converted; an int is still a number (temperature 1).
 class ImageURL(BaseModel):
+    model_config = ConfigDict(strict=True)
     url: str
 
 
@@ -101,7 +104,7 @@ class ContentPart(BaseModel):
     puts a union's branch into the path of an error inside it (`messages.0.content.1.image_url.image_url`),
     and that path is the `param` a client is shown."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None  # required by a text part: checked where the parts are read, naming the part
     image_url: ImageURL | None = None
@@ -122,7 +125,7 @@ class ContentPart(BaseModel):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: list[ContentPart] | None = None
 
@@ -139,20 +142,20 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str
     messages: list[Message] = Field(min_length=1)
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
-    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=0, lt=2**64)
-    n: StrictInt = Field(default=1, ge=1, le=1)
+    n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -182,7 +185,7 @@ UNSUPPORTED = {
 
 
 class SearchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str
     query: str | None = Field(default=None, min_length=1)
     image: str | None = None  # a data: URL

@@ -15,7 +15,9 @@ list of one image (`"images": ["a.jpg"]`, LLaMA-Factory / ms-swift); `caption`/`
 or `sentences` for `captions`; `answer` (one string) for `answers`; OpenAI-style `messages`
 ([{"role", "content"}]) for `conversations`, and `instruction` (+ `input`, absent when empty) with
 `response` or `output` for a one-exchange conversation. Other keys are kept as they are. A caption, vqa
-or retrieval row with several images is refused (`multiple_images`).
+or retrieval row with several images is refused (`multiple_images`). Two names of one field in a row
+(`image` and `images`, `captions` and `caption`, ...) must give the same value (`"a.jpg"` and `["a.jpg"]`
+do): different ones are refused (`bad_value`, naming both), as which one is meant cannot be told.
 """
 
 from __future__ import annotations
@@ -48,11 +50,29 @@ def _image_outside_user_turn(speaker: str, field: str) -> DataError:
                      "in a user ('human') turn", field=field)
 
 
-def _pop_alias(record: dict, aliases: tuple[str, ...]) -> tuple[str | None, Any]:
-    for key in aliases:
-        if key in record:
-            return key, record.pop(key)
-    return None, None
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _conflict(key: str, value: Any, other: str, other_value: Any) -> DataError:
+    # Two names for one field that say different things: which one is meant cannot be told.
+    return DataError(BAD_VALUE, f"differs from {other!r}, given too ({_short(value)} vs "
+                     f"{_short(other_value)}); keep one of them", field=key)
+
+
+def _pop_alias(record: dict, aliases: tuple[str, ...], convert) -> tuple[str | None, Any]:
+    """Pop every alias of one field; return the first given (not null) and its value made by
+    `convert(key, value)`. Another alias whose value differs raises `_conflict`; an equal one is dropped."""
+    given = [(key, record.pop(key)) for key in aliases if key in record]
+    given = [(key, value) for key, value in given if value is not None]
+    if not given:
+        return None, None
+    key, value = given[0][0], convert(*given[0])
+    for other, other_value in given[1:]:
+        if convert(other, other_value) != value:
+            raise _conflict(key, given[0][1], other, other_value)
+    return key, value
 
 
 def _text(value: Any, field: str) -> str:
@@ -76,8 +96,9 @@ def _text_list(value: Any, field: str, *, allow_single_string: bool) -> list[str
 
 
 def _image(record: dict, *, required: bool, several: bool = False) -> None:
-    key, value = _pop_alias(record, IMAGE_ALIASES)
-    if isinstance(value, list):  # LLaMA-Factory / ms-swift: "images": ["a.jpg", ...]
+    # LLaMA-Factory / ms-swift: "images": ["a.jpg", ...]; "image": "a.jpg" and "images": ["a.jpg"] agree.
+    key, value = _pop_alias(record, IMAGE_ALIASES, lambda _, v: v if isinstance(v, list) else [v])
+    if value is not None:
         if len(value) > 1 and not several:
             raise DataError(MULTIPLE_IMAGES, f"has {len(value)} images; a {'/'.join(TASKS[:3])} row has one "
                             "image (instruct rows may have several)", field=key)
@@ -101,10 +122,9 @@ def _instruction_turns(record: dict) -> list[dict]:
     # Alpaca data writes "input": "" for an instruction without input: the same as leaving it out.
     if extra is not None and extra.strip():
         instruction = f"{instruction}\n{extra}"
-    key, response = _pop_alias(record, ("response", "output"))
+    key, response = _pop_alias(record, ("response", "output"), lambda k, v: _text(v, k))
     if key is None:
         raise DataError(MISSING_FIELD, "is missing (or 'output')", field="response")
-    response = _text(response, key)
     if IMAGE_TOKEN in response:
         raise _image_outside_user_turn("gpt", key)
     if "image" in record and IMAGE_TOKEN not in instruction:
@@ -112,19 +132,8 @@ def _instruction_turns(record: dict) -> list[dict]:
     return [{"from": "human", "value": instruction}, {"from": "gpt", "value": response}]
 
 
-def _conversations(record: dict) -> None:
-    if "conversations" in record:
-        turns = record["conversations"]
-        field = "conversations"
-    elif "messages" in record:
-        turns = record.pop("messages")
-        field = "messages"
-    elif "instruction" in record:
-        turns = _instruction_turns(record)
-        field = "instruction"
-    else:
-        raise DataError(MISSING_FIELD, "is missing (or 'messages', or 'instruction' and 'response')",
-                        field="conversations")
+def _turns(turns: Any, field: str) -> list[dict]:
+    """A list of turns (ours, or OpenAI-style `role`/`content`) as `{"from", "value"}` turns."""
     if not isinstance(turns, list):
         raise DataError(WRONG_TYPE, f"expected a list of turns, got {type(turns).__name__}", field=field)
     out = []
@@ -152,6 +161,19 @@ def _conversations(record: dict) -> None:
         if IMAGE_TOKEN in value and ROLE_TO_FROM[role] != "human":
             raise _image_outside_user_turn(ROLE_TO_FROM[role], f"{where}.value")
         out.append({"from": ROLE_TO_FROM[role], "value": value})
+    return out
+
+
+def _conversations(record: dict) -> None:
+    if "conversations" in record or "messages" in record:
+        field, out = _pop_alias(record, ("conversations", "messages"), lambda k, v: _turns(v, k))
+        if field is None:
+            raise DataError(WRONG_TYPE, "expected a list of turns, got NoneType", field="conversations")
+    elif "instruction" in record:
+        field, out = "instruction", _turns(_instruction_turns(record), "instruction")
+    else:
+        raise DataError(MISSING_FIELD, "is missing (or 'messages', or 'instruction' and 'response')",
+                        field="conversations")
     speakers = [t["from"] for t in out if t["from"] != "system"]
     if not speakers:
         raise DataError(EMPTY_TEXT, "has no user or assistant turn", field=field)
@@ -180,11 +202,12 @@ def normalize_record(record: Any, task: str) -> dict:
     record = dict(record)
     _image(record, required=task != "instruct", several=task == "instruct")
     if task in ("caption", "retrieval"):
-        key, value = _pop_alias(record, CAPTION_ALIASES)
+        key, value = _pop_alias(record, CAPTION_ALIASES,
+                                lambda k, v: _text_list(v, k, allow_single_string=k in ("caption", "text")))
         if key is None:
             raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(CAPTION_ALIASES)})",
                             field="captions")
-        record["captions"] = _text_list(value, key, allow_single_string=key in ("caption", "text"))
+        record["captions"] = value
         if task == "retrieval" and record.get("neg_captions") == []:
             del record["neg_captions"]  # an empty list of the optional negatives: none, as if left out
         if task == "retrieval" and "neg_captions" in record:

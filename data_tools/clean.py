@@ -3,7 +3,7 @@
 Image paths in a record are relative to the image root: `image_root` / `--image-root`, by default the
 JSONL file's own folder. clean keeps the valid rows (canonical form) and writes every dropped row to
 the rejects file with its line number and reason, so that kept + rejected = input rows, always. Blank
-lines are not rows.
+lines are not rows; a file with none is an error (`empty_file`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
-from .errors import BAD_VALUE, DUPLICATE_ID, MISSING_IMAGE, UNREADABLE_FILE, DataError
+from .errors import BAD_VALUE, DUPLICATE_ID, EMPTY_FILE, MISSING_IMAGE, UNREADABLE_FILE, DataError
 from .files import check_outputs, replaced_together
 from .images import MAX_PIXELS, MIN_SIDE, ImagePathResolver, check_image, load_image, relative_image_path
 from .jsonl import JsonlWriter, iter_rows
@@ -155,10 +155,23 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
         yield line, record, raw, rel
 
 
+def no_rows_error(path: str | os.PathLike) -> DataError:
+    """The error for a file with no rows: an empty file is more likely a wrong path or a failed export
+    than a valid data set."""
+    return DataError(EMPTY_FILE, "has no rows (blank lines are not rows); is it the right file?", path=path)
+
+
 def validate(path: str | os.PathLike, task: str, **kwargs) -> list[DataError]:
     """Every problem in a JSONL file, one `DataError` per bad row (empty list: the file is valid).
-    Takes `check_rows`'s keyword arguments (`image_root`, ...)."""
-    return [row for _, row, _ in check_rows(path, task, **kwargs) if isinstance(row, DataError)]
+    Takes `check_rows`'s keyword arguments (`image_root`, ...). A file with no rows raises `DataError`."""
+    n_rows, errors = 0, []
+    for _, row, _ in check_rows(path, task, **kwargs):
+        n_rows += 1
+        if isinstance(row, DataError):
+            errors.append(row)
+    if not n_rows:
+        raise no_rows_error(path)
+    return errors
 
 
 def missing_image_hint(reasons: Iterable[str], n_rows: int, path: str | os.PathLike,
@@ -230,6 +243,8 @@ def clean(
                 else:
                     row["image"] = rebased[0]
             kept.write(row)
+        if not report.rows:
+            raise no_rows_error(in_path)  # before the outputs replace anything
     report.kept = kept.count
     assert report.kept + sum(report.rejected.values()) == report.rows
     return report
@@ -305,6 +320,8 @@ def main_validate(argv: list[str]) -> int:
             errors.seek(0)
             shutil.copyfileobj(errors, sys.stderr)
         n_errors = sum(reasons.values())
+        if not n_errors and not n_valid:
+            raise no_rows_error(f)
         n_bad += n_errors
         if first and not n_valid and (hint := other_task_hint(first[1], first[0].line, args.task)):
             print(f"{f}: no valid row.{hint}", file=sys.stderr)

@@ -20,8 +20,9 @@ PATH_OUTSIDE_ROOT = "path_outside_root"
 DUPLICATE_KEY = "duplicate_key"
 DUPLICATE_ID = "duplicate_id"
 MULTIPLE_IMAGES = "multiple_images"
-# Not a row's reason: the whole file cannot be read (missing, a folder, no permission).
+# Not a row's reason: the whole file cannot be read (missing, a folder, no permission), or has no rows.
 UNREADABLE_FILE = "unreadable_file"
+EMPTY_FILE = "empty_file"
 
 
 class DataError(ValueError):

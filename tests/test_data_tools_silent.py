@@ -97,3 +97,29 @@ def test_validate_names_the_line_and_both_fields(tmp_path, capsys):
     assert data_tools_main(["validate", "--task", "instruct", str(path)]) == 1
     err = capsys.readouterr().err
     assert f"{path}:2: field 'image':" in err and "'images'" in err and f"{path}:1:" not in err
+
+
+# --- a file with no rows ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["", "\n\n  \n"])
+def test_validate_and_clean_refuse_a_file_with_no_rows(tmp_path, capsys, text):
+    path = tmp_path / "empty.jsonl"
+    path.write_text(text, encoding="utf-8")
+    assert data_tools_main(["validate", "--task", "caption", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {path}: ") and "no rows" in err[0]
+    out = tmp_path / "out.jsonl"
+    assert data_tools_main(["clean", "--task", "caption", str(path), "--out", str(out),
+                            "--rejects", str(tmp_path / "rejects.jsonl")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: " in err[0] and "no rows" in err[0]
+    assert not out.exists()
+
+
+def test_validate_of_several_files_names_the_empty_one(tmp_path, capsys):
+    _images(tmp_path, "a.jpg")
+    good, empty = tmp_path / "good.jsonl", tmp_path / "empty.jsonl"
+    good.write_text(json.dumps({"image": "a.jpg", "captions": ["x"]}) + "\n", encoding="utf-8")
+    empty.write_text("", encoding="utf-8")
+    assert data_tools_main(["validate", "--task", "caption", str(good), str(empty)]) == 2
+    assert f"{empty}: " in capsys.readouterr().err

@@ -19,7 +19,8 @@ Images are not opened here; `clean` does that.
 Every input item that cannot be converted goes to the rejects file (default OUT.rejects.jsonl) with
 its reason, the input file and the JSON path of the item (e.g. `annotations[17]`); nothing is dropped
 silently. Caption, question and answer texts have their whitespace collapsed; conversations are kept
-as they are. Karpathy images outside `--split` are not rejects: they are counted as skipped.
+as they are. Karpathy images outside `--split` are not rejects: they are counted as skipped; an image
+whose split is not one of train, val, test, restval is a reject (`bad_value`).
 """
 
 from __future__ import annotations
@@ -342,6 +343,9 @@ def karpathy(path: Path, conv: Conversion, *, splits: set[str] | None) -> None:
         item = f"images[{i}]"
         try:
             split = _get(_object(img), "split", str)
+            if split not in KARPATHY_SPLITS:  # "TRAIN", "dev": no --split could keep them
+                raise DataError(BAD_VALUE, f"{split!r} is not one of {', '.join(KARPATHY_SPLITS)} (lower "
+                                "case, as Karpathy's files write them)", field="split")
             if splits is not None and split not in splits:
                 conv.skipped += 1
                 continue

@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from data_tools.__main__ import main as data_tools_main
+from data_tools.convert import convert_records
 from data_tools.errors import DataError
+from data_tools.jsonl import read_jsonl
 from data_tools.records import normalize_record
 
 TURNS = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A square."}]
@@ -123,3 +125,33 @@ def test_validate_of_several_files_names_the_empty_one(tmp_path, capsys):
     empty.write_text("", encoding="utf-8")
     assert data_tools_main(["validate", "--task", "caption", str(good), str(empty)]) == 2
     assert f"{empty}: " in capsys.readouterr().err
+
+
+# --- Karpathy split values -------------------------------------------------------------------------------
+
+def _karpathy(tmp_path: Path) -> Path:
+    path = tmp_path / "dataset_coco.json"
+    images = [{"filename": f"{i}.jpg", "split": split, "sentences": [{"raw": f"caption {i}"}]}
+              for i, split in enumerate(["train", "TRAIN", "restval", "dev", "test"])]
+    path.write_text(json.dumps({"images": images}), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("split", [None, "all", "train,restval"])
+def test_karpathy_unknown_split_values_are_rejects(tmp_path, split):
+    conv = convert_records("karpathy", [_karpathy(tmp_path)], tmp_path, split=split)
+    assert [(r["item"], r["reason"], r["field"]) for r in conv.rejects] == [
+        ("images[1]", "bad_value", "split"), ("images[3]", "bad_value", "split")]
+    assert "'TRAIN'" in conv.rejects[0]["message"] and "'dev'" in conv.rejects[1]["message"]
+    kept = [r["image"] for r in conv.records]
+    assert kept == (["0.jpg", "2.jpg"] if split == "train,restval" else ["0.jpg", "2.jpg", "4.jpg"])
+    assert conv.skipped == (1 if split == "train,restval" else 0)
+
+
+def test_karpathy_cli_counts_the_unknown_split_rejects(tmp_path, capsys):
+    out = tmp_path / "train.jsonl"
+    assert data_tools_main(["convert", "--from", "karpathy", str(_karpathy(tmp_path)), "--split", "train",
+                            "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "rejected 2" in printed and "skipped 2 images of other splits" in printed
+    assert [r["image"] for r in read_jsonl(out)] == ["0.jpg"]

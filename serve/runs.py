@@ -139,7 +139,8 @@ class SearchRun:
     model: object
     processor: object
     collator: object
-    images: list[str]
+    images: list[str]  # the files, for /v1/gallery
+    keys: list[str]  # what clients see of them: their paths under the image root
     texts: list[str]
     image_bank: np.ndarray
     text_bank: np.ndarray
@@ -152,7 +153,7 @@ class SearchRun:
 
         with self.lock, torch.inference_mode():
             q = encode_texts(self.model, self.processor, self.collator, [text])[0]
-        return [{"rank": r + 1, "score": s, "image": self.images[i], "index": i}
+        return [{"rank": r + 1, "score": s, "image": self.keys[i], "index": i}
                 for r, (i, s) in enumerate(top_k(q, self.image_bank, k))]
 
     def search_image(self, path: str, k: int) -> list[dict]:
@@ -195,9 +196,20 @@ def _load_search(path: Path, rid: str) -> SearchRun:
     image_bank, text_bank = np.load(path / "images.npy"), np.load(path / "texts.npy")
     if image_bank.shape[0] != len(index["images"]) or text_bank.shape[0] != len(index["texts"]):
         raise RunLoadError(f"{path}: images.npy/texts.npy do not match index.json's lists; re-run embed.py")
-    root = Path(index["file"]).parent
-    images = [str(p if Path(p).is_absolute() else root / p) for p in index["images"]]
-    return SearchRun(rid, path, clip, processor, collator, images, index["texts"], image_bank, text_bank)
+    # an index.json without image_root: its file's folder, the root embed.py defaults to
+    root = Path(index.get("image_root") or Path(index["file"]).parent)
+    images = [str(root / p) for p in index["images"]]  # root / an absolute path is that path
+    return SearchRun(rid, path, clip, processor, collator, images, [gallery_key(p, root) for p in images],
+                     index["texts"], image_bank, text_bank)
+
+
+def gallery_key(image: str, root: Path) -> str:
+    """How clients see gallery image `image`: its path under the image root, else (a symlinked folder that
+    leads elsewhere) its file name; never the server's own path."""
+    try:
+        return Path(image).relative_to(root).as_posix()
+    except ValueError:
+        return Path(image).name
 
 
 def _trained_prompt(path: Path) -> str | None:

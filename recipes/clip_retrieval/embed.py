@@ -6,7 +6,8 @@ outputs/clip_index
 --model: a run folder (full model or LoRA adapter), a wise_ft-* folder, a checkpoint, a Hub id or
 tiny:<name>. --file: retrieval or caption records (`{"image": ..., "captions": [...]}`). Writes to --out:
 images.npy and texts.npy (L2-normalised float32, one row per image / caption, so a dot product is the
-cosine similarity) and index.json (the model, the image paths, the captions and the image of each).
+cosine similarity) and index.json (the model, the image root and the image paths, the captions and the
+image of each).
 """
 
 import argparse
@@ -79,8 +80,10 @@ def main(argv=None) -> int:
             np.save(f, array)
     # A model folder as an absolute path: search.py and serve read the index from any working folder.
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    index = {"model": model, "file": str(Path(args.file).resolve()), "images": list(records["image"]),
-             "texts": texts, "text_to_image": text_to_image}
+    # The image root: serve names a gallery image to its clients by its path under it.
+    root = Path(args.image_root if args.image_root is not None else Path(args.file).parent).resolve()
+    index = {"model": model, "file": str(Path(args.file).resolve()), "image_root": str(root),
+             "images": list(records["image"]), "texts": texts, "text_to_image": text_to_image}
     atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     print(f"{len(records)} images and {len(texts)} captions embedded into {out}")
     return 0

@@ -6,7 +6,9 @@ image.
     python recipes/clip_retrieval/search.py --index outputs/clip_index --image photo.png --k 5 --json
 
 The query is embedded with the model that made the index (recorded in index.json; --model overrides),
-so query and index live in the same space. Scores are cosine similarities.
+so query and index live in the same space. Scores are cosine similarities. Images are shown by their paths
+on this machine, to open them: this is a local tool (`python -m serve` names them to its clients by their
+paths under the image root).
 """
 
 import argparse

@@ -144,6 +144,7 @@ class SearchRun:
     texts: list[str]
     image_bank: np.ndarray
     text_bank: np.ndarray
+    max_length: int | None = None  # a query's tokens: the index's captions were cut there
     task: str = "retrieval"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -152,7 +153,7 @@ class SearchRun:
         from recipes.clip_retrieval.search import top_k
 
         with self.lock, torch.inference_mode():
-            q = encode_texts(self.model, self.processor, self.collator, [text])[0]
+            q = encode_texts(self.model, self.processor, self.collator, [text], max_length=self.max_length)[0]
         return [{"rank": r + 1, "score": s, "image": self.keys[i], "index": i}
                 for r, (i, s) in enumerate(top_k(q, self.image_bank, k))]
 
@@ -200,7 +201,7 @@ def _load_search(path: Path, rid: str) -> SearchRun:
     root = Path(index.get("image_root") or Path(index["file"]).parent)
     images = [str(root / p) for p in index["images"]]  # root / an absolute path is that path
     return SearchRun(rid, path, clip, processor, collator, images, [gallery_key(p, root) for p in images],
-                     index["texts"], image_bank, text_bank)
+                     index["texts"], image_bank, text_bank, max_length=index.get("max_length"))
 
 
 def gallery_key(image: str, root: Path) -> str:

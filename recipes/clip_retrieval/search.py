@@ -6,9 +6,9 @@ image.
     python recipes/clip_retrieval/search.py --index outputs/clip_index --image photo.png --k 5 --json
 
 The query is embedded with the model that made the index (recorded in index.json; --model overrides),
-so query and index live in the same space. Scores are cosine similarities. Images are shown by their paths
-on this machine, to open them: this is a local tool (`python -m serve` names them to its clients by their
-paths under the image root).
+so query and index live in the same space, and cut at the index's text length as its captions were. Scores
+are cosine similarities. Images are shown by their paths on this machine, to open them: this is a local
+tool (`python -m serve` names them to its clients by their paths under the image root).
 """
 
 import argparse
@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     clip, processor, collator = load(args.model or index["model"], device)
     with torch.inference_mode():
         if args.query is not None:
-            q = encode_texts(clip, processor, collator, [args.query], device=device)[0]
+            q = encode_texts(clip, processor, collator, [args.query], device=device,
+                             max_length=index.get("max_length"))[0]
             bank, names, what = np.load(index_dir / "images.npy"), index["images"], "image"
         else:
             q = embed_images(clip, collator, [args.image], 1, device)[0]

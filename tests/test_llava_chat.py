@@ -336,12 +336,21 @@ def test_held_out_items_whose_prompt_leaves_no_room_within_the_budget_are_left_o
     lengths = {it["key"]: len(encoder.encode_prompt(to_messages(it["conversations"], n_images=int(
         it["image"] is not None)), [RED[0]] if it["image"] else [])) for it in items}
     assert lengths["short"] < lengths["first"] < lengths["later"]
-    assert encoder.fitting(items, None)["key"] == ["short", "first", "later"]
-    assert encoder.fitting(items, lengths["later"] + 1)["key"] == ["short", "first", "later"]
-    kept = encoder.fitting(items, lengths["later"])  # no room for an answer token
-    assert kept["key"] == ["short", "first"]
+    def keys(max_length, limit=None):
+        kept, left_out = encoder.fitting(items, max_length, limit)
+        return kept["key"], left_out
+
+    assert keys(None) == (["short", "first", "later"], 0)
+    assert keys(None, limit=2) == (["short", "first"], 0)
+    assert keys(lengths["later"] + 1) == (["short", "first", "later"], 0)
+    assert keys(lengths["later"]) == (["short", "first"], 1)  # no room for an answer token
     assert "1 of 3 eval items left out: their prompt is --max_length" in caplog.text
-    assert encoder.fitting(items, lengths["first"])["key"] == ["short"]
+    assert keys(lengths["first"]) == (["short"], 2)
+    # --eval_max_samples counts the items that fit: those before the last one kept are the ones left out
+    assert keys(lengths["first"], limit=1) == (["short"], 0)
+    items = items.select([1, 0, 2])  # first, short, later
+    assert keys(lengths["first"], limit=1) == (["short"], 1)
+    assert keys(lengths["later"], limit=2) == (["first", "short"], 0)
     short = lengths["short"]
     with pytest.raises(ValueError, match=rf"no eval item's prompt leaves room for an answer within "
                                          rf"--max_length {short} \(the shortest is {short} tokens"):

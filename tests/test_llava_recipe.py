@@ -74,6 +74,7 @@ def test_stage2_saves_projector_and_vision_layer_with_the_adapter_and_merge_equa
     shuffled = {row["key"] for row in read_jsonl(out / "predictions" / "final-shuffled-images.jsonl")}
     assert shuffled == {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
     assert metrics["task"] == "instruct" and metrics["length_budget"]["train"]["samples"] == 40
+    assert metrics["prompts_left_out"] == {"eval": 0}
     assert "length budget: 40 conversations, 0 cut" in r.stderr and "component" in r.stderr
     keys = {row["key"] for row in read_jsonl(out / "predictions" / "final.jsonl")}
     assert "6:1" in keys and len(keys) == metrics["after"]["eval_n_short"] + metrics["after"]["eval_n_long"]

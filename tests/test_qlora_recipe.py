@@ -74,6 +74,7 @@ def test_vqa_metrics_official_results_and_what_a_4bit_run_saves(env, run):
             and "length budget: 24 conversations, 0 cut" in r.stderr)
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["task"] == "vqa" and metrics["global_step"] == 4
+    assert metrics["prompts_left_out"] == {"eval": 0}
     assert set(metrics["baseline"]) == set(metrics["before"]) == set(metrics["after"]) == METRICS
     eval_rows, train_rows = read_jsonl(d / "synth" / "eval.jsonl"), read_jsonl(d / "synth" / "train.jsonl")
     refs = {r["question_id"]: r for r in eval_rows}

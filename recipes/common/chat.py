@@ -48,6 +48,7 @@ from data_tools.records import IMAGE_TOKEN
 
 from .args import arg, check_at_least
 from .lengths import IGNORE_INDEX
+from .run import first
 from .trainer import GenerationEval
 
 logger = logging.getLogger(__name__)
@@ -294,25 +295,32 @@ class ChatEncoder:
         """The eval items this model can answer: all of them."""
         return items
 
-    def fitting(self, items: datasets.Dataset, max_length: int | None) -> datasets.Dataset:
-        """The eval items whose prompt (image tokens included) leaves room for an answer within `max_length`,
-        the budget the training samples were cut to: a longer one would be answered past what the model
-        trained on, or past its context. Says how many were left out."""
+    def fitting(self, items: datasets.Dataset, max_length: int | None,
+                limit: int | None = None) -> tuple[datasets.Dataset, int]:
+        """The first `limit` (None: all) eval items whose prompt (image tokens included) leaves room for an
+        answer within `max_length`, the budget the training samples were cut to: a longer one would be
+        answered past what the model trained on, or past its context. Returns them and how many items
+        before the last one kept were left out (for metrics.json; logged too)."""
         if max_length is None or len(items) == 0:
-            return items
-        collate, lengths = ChatPromptCollator(self), []
+            return first(items, limit), 0
+        collate, want, kept, lengths = ChatPromptCollator(self), limit or len(items), [], []
         for start in tqdm(range(0, len(items), 32), desc="eval prompt lengths", unit="batch of 32"):
             batch = collate(items.select(range(start, min(start + 32, len(items)))).to_list())
             lengths += batch["attention_mask"].sum(1).tolist()
-        kept = [i for i, n in enumerate(lengths) if n < max_length]
+            kept += [i for i in range(start, len(lengths)) if lengths[i] < max_length]
+            if len(kept) >= want:
+                break
+        kept = kept[:want]
         if not kept:
             raise ValueError(f"no eval item's prompt leaves room for an answer within --max_length "
                              f"{max_length} (the shortest is {min(lengths)} tokens, images included); raise "
                              "it.")
-        if len(kept) < len(items):
+        examined = kept[-1] + 1 if len(kept) == want else len(items)
+        left_out = examined - len(kept)
+        if left_out:
             logger.warning("%d of %d eval items left out: their prompt is --max_length %d tokens or more",
-                           len(items) - len(kept), len(items), max_length)
-        return items.select(kept)
+                           left_out, examined, max_length)
+        return items.select(kept), left_out
 
     def prompt_text(self, messages: list[dict]) -> str:
         """The text that asks the model to answer the last user turn, formatted exactly as in training."""

@@ -38,7 +38,7 @@ from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
-from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
+from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 from recipes.llava_instruct.collator import caption_conversations, generation_items
 from recipes.llava_instruct.trainer import InstructTrainer
 
@@ -116,11 +116,15 @@ def main(argv=None):
         logger.info("%s %s", source, report)
         return dataset, report
 
-    # Held-out items: one per answer to generate; a prompt over the budget is left out, as in training.
-    def held_out_items(records):
+    # Held-out items: one per answer to generate; a prompt over the budget is left out, as in training,
+    # and counted in metrics.json (prompts_left_out).
+    left_out = {}
+
+    def held_out_items(records, split):
         items = generation_items(task, records, args.instruct.short_answer_words, args.data.lang)
-        return encoder.fitting(first(encoder.usable(items), args.generation_eval.eval_max_samples),
-                               args.data.max_length)
+        items, left_out[split] = encoder.fitting(encoder.usable(items), args.data.max_length,
+                                                 args.generation_eval.eval_max_samples)
+        return items
 
     train_dataset, train_report = samples(train_records, "train", args.data.train_file)
     eval_dataset = eval_items = None
@@ -128,14 +132,14 @@ def main(argv=None):
     if eval_records is not None:
         eval_dataset, eval_report = samples(eval_records, "eval", args.data.eval_file)
         reports["eval"] = vars(eval_report)
-        eval_items = held_out_items(eval_records)
+        eval_items = held_out_items(eval_records, "eval")
         if args.training.metric_for_best_model == "VQA_accuracy" and not any(eval_items["short"]):
             # Stage 1 evaluates captions only: there are no short answers to pick the best checkpoint by.
             logger.warning("no eval answer is short enough for VQA accuracy: metric_for_best_model is CIDEr "
                            "instead")
             args.training.metric_for_best_model = "CIDEr"
 
-    test_items = None if test_records is None else held_out_items(test_records)
+    test_items = None if test_records is None else held_out_items(test_records, "test")
 
     scores = functools.partial(instruct_scores, lang=args.data.lang)
     trainer = InstructTrainer(
@@ -151,7 +155,7 @@ def main(argv=None):
         revision=args.model.revision,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
-        length_budget=reports,
+        length_budget=reports, prompts_left_out=left_out,
     ), test=test_items, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)
 

@@ -37,7 +37,7 @@ from recipes.common.quantization import (
     unquantized_modules,
     weight_bytes,
 )
-from recipes.common.run import first, load_data, run_main, setup_run, train_and_evaluate
+from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 from recipes.qlora_vqa.collator import (SHORT_ANSWER_PROMPT, prior_predictions, vqa_conversations, vqa_items,
                                         vqa_scores)
 from recipes.qlora_vqa.trainer import VqaTrainer
@@ -99,10 +99,14 @@ def main(argv=None):
     logger.info("train %s", train_report)
     reports = {"train": vars(train_report)}
 
-    # Held-out items: one per question; a prompt over the budget is left out, as in training.
-    def held_out_items(records):
-        items = first(vqa_items(records, args.vqa.answer_prompt), args.generation_eval.eval_max_samples)
-        return encoder.fitting(items, args.data.max_length)
+    # Held-out items: one per question; a prompt over the budget is left out, as in training, and counted
+    # in metrics.json (prompts_left_out).
+    left_out = {}
+
+    def held_out_items(records, split):
+        items, left_out[split] = encoder.fitting(vqa_items(records, args.vqa.answer_prompt),
+                                                 args.data.max_length, args.generation_eval.eval_max_samples)
+        return items
 
     eval_dataset = eval_items = None
     if eval_records is not None:
@@ -111,8 +115,8 @@ def main(argv=None):
             source=args.data.eval_file, num_proc=workers), "eval", args.training)
         logger.info("eval %s", eval_report)
         reports["eval"] = vars(eval_report)
-        eval_items = held_out_items(eval_records)
-    test_items = None if test_records is None else held_out_items(test_records)
+        eval_items = held_out_items(eval_records, "eval")
+    test_items = None if test_records is None else held_out_items(test_records, "test")
 
     trainer = VqaTrainer(
         model=model, args=args.training, train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -137,7 +141,7 @@ def main(argv=None):
         revision=args.model.revision,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
-        length_budget=reports,
+        length_budget=reports, prompts_left_out=left_out,
     ), test=test_items, results=results, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)
 

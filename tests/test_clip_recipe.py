@@ -71,6 +71,9 @@ def test_run_writes_metrics_that_make_eval_reproduces_and_wise_ft_interpolates(e
     assert ((metrics["task"], metrics["global_step"], metrics["zero_shot_labels"])
             == ("retrieval", 5, ["large", "small"]))
     assert len(_losses(out)) == 5 and metrics["after"] != metrics["before"]
+    # config.yaml's max_length none: the text tower's length, recorded for embed.py and serve
+    base = json.loads((Path(metrics["model"]) / "config.json").read_text())
+    assert metrics["max_length"] == base["text_config"]["max_position_embeddings"]
     # The Trainer's evaluation at step 5 logs the loss and the same metrics (metric_for_best_model can use
     # them).
     logged = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"]

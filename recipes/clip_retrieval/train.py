@@ -194,7 +194,7 @@ def main(argv=None):
 
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=args.data.lang, model=model_path,
-        revision=args.model.revision, loss=loss,
+        revision=args.model.revision, loss=loss, max_length=max_length,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         zero_shot_file=args.retrieval.zero_shot_file,

@@ -296,6 +296,13 @@ def load_finished(trainer, checkpoint: str) -> None:
     # as `train` sets them: the saved ones are rank 0's
     state.is_local_process_zero, state.is_world_process_zero = (trainer.is_local_process_zero(),
                                                                 trainer.is_world_process_zero())
+    try:  # the run's own, where `train` ended: its log ends with the summary (train_loss, runtime)
+        ended = json.loads((Path(trainer.args.output_dir) / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        ended = {}
+    history, logged = ended.get("log_history", []), state.log_history
+    if ended.get("global_step") == state.global_step and history[:len(logged)] == logged:
+        state.log_history = history
     trainer._load_from_checkpoint(checkpoint)
     if state.best_model_checkpoint is not None and not Path(state.best_model_checkpoint).is_dir():
         logger.warning("the best checkpoint %s is gone: the last step's weights are scored",

@@ -1,0 +1,94 @@
+"""A requeued job under 2 gloo processes (accelerate_configs/multi_cpu.yaml), as a cluster runs it: the same
+command with --resume_from_checkpoint auto after the run finished and after its best checkpoint was deleted
+(tiny BLIP-2)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from data_tools.jsonl import read_jsonl, write_jsonl
+from data_tools.synth import make_synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "recipes" / "blip2_lora_caption" / "train.py"
+# 16 train images x 5 captions, 4 per process: 10 steps an epoch, so step 5 is mid-epoch.
+FAST = ["--model_name_or_path", "tiny:blip2-opt", "--report_to", "none", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "16", "--max_new_tokens", "8", "--logging_steps", "1",
+        "--lora_dropout", "0", "--learning_rate", "0.01", "--save_strategy", "steps",
+        "--resume_from_checkpoint", "auto"]
+BEST = ["--max_steps", "5", "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+        "--load_best_model_at_end", "true", "--metric_for_best_model", "CIDEr"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """16 train images, 4 eval images; a model cache of the module's own."""
+    d = tmp_path_factory.mktemp("resume2")
+    rows = read_jsonl(make_synthetic("caption", 20, d / "synth", seed=1, progress=False))
+    write_jsonl(d / "synth" / "train.jsonl", rows[:16])
+    write_jsonl(d / "synth" / "eval.jsonl", rows[16:])
+    # PYTHONPATH: this checkout's code in every process the launcher starts
+    e = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
+             OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return d, e
+
+
+def _cmd(port: int, args, processes: int = 2):
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+              str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), "--main_process_port", str(port)]
+    return [*(launch if processes == 2 else [sys.executable]), str(TRAIN), *map(str, args)]
+
+
+def _run(port: int, args, env, processes: int = 2):
+    return subprocess.run(_cmd(port, args, processes), env=env, capture_output=True, text=True, timeout=300)
+
+
+def _data(d, eval_file="synth/eval.jsonl"):
+    return ["--train_file", d / "synth" / "train.jsonl", "--eval_file", d / eval_file]
+
+
+def _state(run: Path) -> dict:
+    return json.loads((run / "trainer_state.json").read_text())
+
+
+def _losses(run: Path) -> list[float]:
+    return [h["loss"] for h in _state(run)["log_history"] if "loss" in h]
+
+
+def test_a_finished_run_resumed_with_auto_is_scored_without_training_on_both_processes(env):
+    """--max_steps 5 is mid-epoch and not a save step: resumed at checkpoint-5, both processes load it and
+    score it. With its best checkpoint deleted: a warning, and the last step's weights are scored."""
+    d, e = env
+    out = d / "best"
+    r = _run(29611, [*_data(d), *FAST, *BEST, "--output_dir", out], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    first, state = json.loads((out / "metrics.json").read_text()), _state(out)
+    assert (first["global_step"], first["after_step"], first["world_size"]) == (5, 2, 2)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-5"]
+
+    r = _run(29611, [*_data(d), *FAST, *BEST, "--output_dir", out], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("checkpoint-5 is the run's last step (--max_steps 5): scoring it") == 2
+    assert json.loads((out / "metrics.json").read_text()) == first and not (out / "checkpoint-6").exists()
+    assert _state(out) == state  # its log still ends with the summary `train` wrote (train_loss)
+    assert "train_loss" in state["log_history"][-1]
+
+    shutil.rmtree(out / "checkpoint-2")
+    shutil.copytree(out, d / "best-one")
+    for run, processes in ((out, 2), (d / "best-one", 1)):
+        r = _run(29611, [*_data(d), *FAST, *BEST, "--output_dir", run], e, processes)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        warning = f"the best checkpoint {out / 'checkpoint-2'} is gone: the last step's weights are scored"
+        assert r.stderr.count(warning) == processes
+        metrics = json.loads((run / "metrics.json").read_text())
+        assert (metrics["global_step"], metrics["after_step"]) == (5, 5)
+        assert _losses(run) == _losses(d / "best") and len(_losses(run)) == 5
+        saved, last = (load_file(p / "adapter_model.safetensors") for p in (run, run / "checkpoint-5"))
+        assert saved.keys() == last.keys() and all((saved[k] == last[k]).all() for k in saved)
+    assert metrics["after"] == json.loads((out / "metrics.json").read_text())["after"]

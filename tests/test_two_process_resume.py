@@ -1,12 +1,15 @@
 """A requeued job under 2 gloo processes (accelerate_configs/multi_cpu.yaml), as a cluster runs it: the same
-command with --resume_from_checkpoint auto after the run finished and after its best checkpoint was deleted
-(tiny BLIP-2)."""
+command with --resume_from_checkpoint auto after the run finished, after its best checkpoint was deleted,
+and after SIGTERM during training or during the held-out scoring before and after it (tiny BLIP-2)."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -28,21 +31,22 @@ BEST = ["--max_steps", "5", "--save_steps", "2", "--eval_strategy", "steps", "--
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    """16 train images, 4 eval images; a model cache of the module's own."""
+    """16 train images, 4 eval images, 100 slow-to-score eval images; a model cache of the module's own."""
     d = tmp_path_factory.mktemp("resume2")
     rows = read_jsonl(make_synthetic("caption", 20, d / "synth", seed=1, progress=False))
     write_jsonl(d / "synth" / "train.jsonl", rows[:16])
     write_jsonl(d / "synth" / "eval.jsonl", rows[16:])
+    make_synthetic("caption", 100, d / "big", seed=2, progress=False)
     # PYTHONPATH: this checkout's code in every process the launcher starts
     e = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
              OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return d, e
 
 
-def _cmd(port: int, args, processes: int = 2):
+def _cmd(port: int, args, processes: int = 2, script: Path = TRAIN):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
               str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), "--main_process_port", str(port)]
-    return [*(launch if processes == 2 else [sys.executable]), str(TRAIN), *map(str, args)]
+    return [*(launch if processes == 2 else [sys.executable]), str(script), *map(str, args)]
 
 
 def _run(port: int, args, env, processes: int = 2):
@@ -59,6 +63,23 @@ def _state(run: Path) -> dict:
 
 def _losses(run: Path) -> list[float]:
     return [h["loss"] for h in _state(run)["log_history"] if "loss" in h]
+
+
+def _sigterm_when(cmd, env, out: Path, pattern: str, count: int, delay: float):
+    """Start `cmd` in a session of its own; SIGTERM the whole group, as a scheduler does, `delay` s after
+    `pattern` is in its stderr `count` times. Returns (exit code, stderr)."""
+    log = out.parent / f"{out.name}.log"
+    with open(log, "w") as err:
+        p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + 240
+        while (p.poll() is None and time.time() < deadline
+               and len(re.findall(pattern, log.read_text())) < count):
+            time.sleep(0.02)
+        time.sleep(delay)
+        assert p.poll() is None, "the run ended before the signal: " + log.read_text()[-3000:]
+        os.killpg(p.pid, signal.SIGTERM)
+        p.wait(timeout=120)
+    return p.returncode, log.read_text()
 
 
 def test_a_finished_run_resumed_with_auto_is_scored_without_training_on_both_processes(env):
@@ -92,3 +113,53 @@ def test_a_finished_run_resumed_with_auto_is_scored_without_training_on_both_pro
         saved, last = (load_file(p / "adapter_model.safetensors") for p in (run, run / "checkpoint-5"))
         assert saved.keys() == last.keys() and all((saved[k] == last[k]).all() for k in saved)
     assert metrics["after"] == json.loads((out / "metrics.json").read_text())["after"]
+
+
+def test_sigterm_while_scoring_before_or_after_training_stops_at_once_and_the_resume_goes_on(env):
+    """--enable_jit_checkpoint: SIGTERM during the held-out scoring (generation, which saves nothing) ends
+    the run at once with one line and exit code 143; after "after", the resume scores without training."""
+    d, e = env
+    out = d / "scoring"
+    args = [*_data(d, "big/caption.jsonl"), *FAST, "--max_steps", "5", "--save_steps", "2",
+            "--eval_strategy", "no", "--load_best_model_at_end", "false", "--enable_jit_checkpoint",
+            "--per_device_eval_batch_size", "1", "--max_new_tokens", "20", "--output_dir", out]
+    code, err = _sigterm_when(_cmd(29613, args), e, out, r"generating: +0%", 1, 0.3)
+    assert code == 143 and "Traceback" not in err, err[-3000:]
+    assert err.count("\nSIGTERM while scoring the held-out data before training: nothing trained. Run the "
+                     "same command with --resume_from_checkpoint auto to go on.\n") == 1, err[-3000:]
+    assert not list(out.glob("checkpoint-*"))
+
+    code, err = _sigterm_when(_cmd(29613, args), e, out, r"generating: +0%", 2, 0.3)
+    assert code == 143 and "Traceback" not in err, err[-3000:]
+    assert err.count(f"\nSIGTERM while scoring the trained model: training ended at step 5 and is saved "
+                     f"({out / 'checkpoint-5'}), not scored (no metrics.json). Run the same command with "
+                     "--resume_from_checkpoint auto to score it without training.\n") == 1, err[-3000:]
+    assert not (out / "metrics.json").exists()
+
+    r = _run(29613, args, e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("checkpoint-5 is the run's last step (--max_steps 5): scoring it") == 2
+    assert json.loads((out / "metrics.json").read_text())["global_step"] == 5 and len(_losses(out)) == 5
+
+
+def test_sigterm_to_both_processes_mid_training_saves_one_step_and_the_resume_trains_as_one_run(env):
+    """Both processes stop at the same step; the resumed run's losses are the uninterrupted run's."""
+    d, e = env
+    args = [*_data(d), *FAST, "--max_steps", "30", "--save_steps", "10", "--eval_strategy", "no",
+            "--load_best_model_at_end", "false", "--enable_jit_checkpoint"]
+    r = _run(29615, [*args, "--output_dir", d / "whole"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    out = d / "stopped"
+    code, err = _sigterm_when(_cmd(29615, [*args, "--output_dir", out]), e, out, r"\b1\d/30 \[", 1, 0)
+    assert code == 143 and "Traceback" not in err, err[-3000:]
+    steps = re.findall(r"\nSIGTERM: training stopped at step (\d+) of 30 and saved \S+\. Run the same", err)
+    assert len(steps) == 1 and 10 <= int(steps[0]) < 30, err[-3000:]
+    saved = out / f"checkpoint-{steps[0]}"
+    assert (saved / "rng_state_0.pth").exists() and (saved / "rng_state_1.pth").exists()
+
+    r = _run(29615, [*args, "--output_dir", out], e)
+    assert r.returncode == 0 and f"resuming from {saved}" in r.stderr, r.stderr[-3000:]
+    assert len(_losses(out)) == 30 and _losses(out) == pytest.approx(_losses(d / "whole"), rel=1e-4)
+    assert (json.loads((out / "metrics.json").read_text())["after"]
+            == pytest.approx(json.loads((d / "whole" / "metrics.json").read_text())["after"], abs=1e-6))

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
@@ -241,10 +242,11 @@ class StopOnSignal(TrainerCallback):
     end of the step under way and stop training. The processes of a run agree at each step end on whether
     any of them got the signal, so that all save the same step: transformers' JITCheckpointCallback, which
     this replaces, decides in each process alone, and one that stops first leaves the others waiting in the
-    next step's all-reduce."""
+    next step's all-reduce. While the run scores held-out data (`scoring`: the message), SIGTERM stops it at
+    once: generation saves nothing, and can outlast a scheduler's grace period."""
 
     def __init__(self):
-        self.received, self.stopped_at, self.group = False, None, None
+        self.received, self.stopped_at, self.group, self.scoring = False, None, None, None
 
     def on_train_begin(self, args, state, control, **kwargs):
         signal.signal(signal.SIGTERM, self.receive)
@@ -253,6 +255,11 @@ class StopOnSignal(TrainerCallback):
 
     def receive(self, signum, frame):
         self.received = True
+        if self.scoring is not None:
+            # The launcher passes the scheduler's SIGTERM on: a second one must not end the process before
+            # the message is printed.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise Stopped(self.scoring)
 
     def on_step_end(self, args, state, control, **kwargs):
         flag = torch.tensor([int(self.received)])
@@ -270,9 +277,6 @@ class StopOnSignal(TrainerCallback):
             raise Stopped(f"SIGTERM: training stopped at step {state.global_step} of {state.max_steps} and "
                           f"saved {Path(args.output_dir) / f'checkpoint-{state.global_step}'}. Run the same "
                           "command with --resume_from_checkpoint last (or auto) to go on.")
-
-    def on_train_end(self, args, state, control, **kwargs):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def at_max_steps(trainer, checkpoint: str | None) -> bool:
@@ -324,6 +328,31 @@ def check_best_metric(args, scores: dict) -> None:
                          "(names are case-sensitive).")
 
 
+@contextlib.contextmanager
+def scoring(stop: StopOnSignal | None, message: str):
+    """Held-out scoring under --enable_jit_checkpoint: SIGTERM stops the run at once with `message`."""
+    if stop is not None:
+        stop.scoring = message
+    try:
+        yield
+    finally:
+        if stop is not None:
+            stop.scoring = None
+
+
+def finished_message(trainer) -> str:
+    """What a run stopped after training has, and how a resume scores it: the checkpoint of its last step
+    (`--resume_from_checkpoint auto` loads it without training), or none."""
+    step, output_dir = trainer.state.global_step, trainer.args.output_dir
+    last = resume_checkpoint("auto", output_dir)
+    if last and json.loads((Path(last) / "trainer_state.json").read_text()).get("global_step") == step:
+        return (f"training ended at step {step} and is saved ({last}), not scored (no metrics.json). Run the "
+                "same command with --resume_from_checkpoint auto to score it without training.")
+    return (f"training ended at step {step} and the model is saved in {output_dir}, not scored (no "
+            f"metrics.json); no checkpoint holds step {step} (--save_strategy {trainer.args.save_strategy}), "
+            "so a resume trains again from the last one.")
+
+
 def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | None = None,
                        shuffled_image_check: bool = False, early_stopping=None,
                        after_training: Callable[[dict], None] | None = None) -> dict:
@@ -360,7 +389,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     stop = StopOnSignal() if getattr(args, "enable_jit_checkpoint", False) else None
     if stop is not None:
         trainer.remove_callback(JITCheckpointCallback)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # its handler, set when the Trainer was built
+        signal.signal(signal.SIGTERM, stop.receive)  # for its handler, set when the Trainer was built
         trainer.add_callback(stop)
     results = dict(results or {})
     if trainer.generation is not None:  # a resumed run reuses "before": it must decode as this one does
@@ -385,7 +414,10 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
                 target[when] = trainer.heldout_metrics("eval", name=f"{prefix}{name}", data=data)
 
     if evaluates:
-        score("before", "before")
+        with scoring(stop, f"SIGTERM while scoring the held-out data before training: nothing trained"
+                           f"{f' since {resume}' if resume else ''}. Run the same command with "
+                           "--resume_from_checkpoint auto to go on."):
+            score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
     try:  # a SIGTERM stop raises Stopped from StopOnSignal.on_save, right after the step's save
         if at_max_steps(trainer, resume):
@@ -407,14 +439,20 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
                       "--resume_from_checkpoint last (or auto) to go on from the last one.")
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation
-    if evaluates:
-        score("after", "final")
-        if shuffled_image_check and trainer.generation is not None:
-            records = test if test is not None else trainer.generation.records
-            results["after_shuffled_images"] = trainer.heldout_metrics(
-                "eval", name="final-shuffled-images", data=shuffled_images(records))
-    if after_training is not None:
-        after_training(results)
+    done = stop is not None and finished_message(trainer)
+    if stop is not None and stop.received:  # in the last step, or while it loaded or saved: no scoring now
+        raise Stopped(f"SIGTERM after training, before its scoring: {done}")
+    with scoring(stop, f"SIGTERM while scoring the trained model: {done}"):
+        if evaluates:
+            score("after", "final")
+            if shuffled_image_check and trainer.generation is not None:
+                records = test if test is not None else trainer.generation.records
+                results["after_shuffled_images"] = trainer.heldout_metrics(
+                    "eval", name="final-shuffled-images", data=shuffled_images(records))
+        if after_training is not None:
+            after_training(results)
+    if stop is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     if trainer.is_world_process_zero():
         heldout = "test" if test is not None else "val"
         # "after" scores the best checkpoint's weights when --load_best_model_at_end loaded them.

@@ -345,6 +345,24 @@ def _command_line_nulls(argv: list[str], actions: dict[str, argparse.Action],
     return rest, nulls
 
 
+# TrainingArguments' deprecated names and the ones that replace them; it reads an old name only where the new
+# one is unset.
+RENAMED = {"gradient_checkpointing": "activation_checkpointing",
+           "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
+
+
+def _old_names_win(argv: list[str], values: dict, actions: dict[str, argparse.Action]) -> None:
+    """A deprecated name on the command line (--gradient_checkpointing false) takes its new name's value out
+    of the config file's `values` (activation_checkpointing: true), which TrainingArguments would keep
+    silently; both names on the command line are an error."""
+    given = {a.split("=", 1)[0].removeprefix("--") for a in argv if a.startswith("--")}
+    for old, new in RENAMED.items():
+        if old in given and new in given:
+            raise ValueError(f"--{old} is the deprecated name of --{new}: give one of them.")
+        if old in given and old in actions:
+            values.pop(new, None)
+
+
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
     """A recipe's command line with its config.yaml unless `--config` is given, and `--use_cpu` without a
     GPU (TrainingArguments sets up its device while parsing: else 2 CPU processes train two copies)."""
@@ -394,6 +412,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, defaults: dict | 
             actions.setdefault(action.dest, action)  # not a bool's --no_<name>, which comes second
     hints = {name: hint for dc in dataclass_types for name, hint in get_type_hints(dc).items()}
     values = {} if config_args.config is None else load_yaml_config(config_args.config, actions, hints)
+    _old_names_win(remaining, values, actions)
     remaining, nulls = _command_line_nulls(remaining, actions, hints)
     for key in {**values, **nulls}:
         actions[key].required = False

@@ -163,3 +163,42 @@ def test_sigterm_to_both_processes_mid_training_saves_one_step_and_the_resume_tr
     assert len(_losses(out)) == 30 and _losses(out) == pytest.approx(_losses(d / "whole"), rel=1e-4)
     assert (json.loads((out / "metrics.json").read_text())["after"]
             == pytest.approx(json.loads((d / "whole" / "metrics.json").read_text())["after"], abs=1e-6))
+
+
+RACE = '''
+import sys, time
+from pathlib import Path
+from accelerate import PartialState
+from recipes.common import run
+from tests.test_run_lifecycle import FakeTrainer
+
+state = PartialState(cpu=True)
+if state.process_index == 1:  # the slower process reads run.json after the main one could rewrite it
+    found = run.resume_checkpoint
+    run.resume_checkpoint = lambda *a: (time.sleep(1), found(*a))[1]
+trainer = FakeTrainer(Path(sys.argv[1]), resume="last")
+trainer.args.world_size = 2
+trainer.is_world_process_zero = lambda: state.process_index == 0
+print(f"rank {state.process_index} before", run.train_and_evaluate(trainer, {"recipe": "r"})["before"])
+state.destroy_process_group()
+'''
+
+
+def test_both_processes_decide_alike_whether_a_resumed_run_scores_before_again(env, tmp_path):
+    """A run.json of an earlier version (no decoding) makes the resume score "before" again: the main
+    process rewrites run.json, and a slower one must not read the new one and reuse "before" alone (it
+    would skip the generation the other waits in)."""
+    e = env[1]
+    out = tmp_path / "run"
+    (out / "checkpoint-4").mkdir(parents=True)
+    (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (out / "predictions").mkdir()
+    write_jsonl(out / "predictions" / "before.jsonl", ({"key": k, "prediction": "x"} for k in "ab"))
+    (out / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
+    (out / "run.json").write_text('{"recipe": "r"}')
+    (tmp_path / "race.py").write_text(RACE)
+    r = subprocess.run(_cmd(29617, [out], script=tmp_path / "race.py"), env=e, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(re.findall(r"rank \d before .*", r.stdout)) == [
+        "rank 0 before {'eval_CIDEr': 0.5}", "rank 1 before {'eval_CIDEr': 0.5}"], r.stdout

@@ -398,7 +398,11 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     # Absolute, so that `make eval` finds the data files and images from any folder.
     metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
                 for k, v in metadata.items()}
-    recorded = check_same_run(args.output_dir, resume, metadata, write=trainer.is_world_process_zero())
+    recorded = check_same_run(args.output_dir, resume, metadata, write=False)
+    if args.world_size > 1:  # all read run.json before it is rewritten: else they differ on scoring "before"
+        torch.distributed.barrier()
+    if trainer.is_world_process_zero():
+        check_same_run(args.output_dir, None, metadata)  # (re)write it
     folder = Path(args.output_dir) / "predictions"
     # (result key, predictions name prefix, data): the headline split first.
     splits = [("", "", test), ("val", "val-", None)] if test is not None else [("", "", None)]

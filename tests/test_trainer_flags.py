@@ -3,9 +3,11 @@
 from pathlib import Path
 
 import pytest
-from transformers import TrainingArguments
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 from recipes.common.args import parse_recipe_args
+from recipes.common.trainer import RecipeTrainer
 
 
 def _checkpointing_config(folder: Path) -> Path:
@@ -32,3 +34,39 @@ def test_gradient_checkpointing_and_its_new_name_together_are_refused(tmp_path):
         parse_recipe_args(["--gradient_checkpointing", "true", "--activation_checkpointing", "false",
                            "--output_dir", str(tmp_path)], _checkpointing_config(tmp_path),
                           (TrainingArguments,))
+
+
+class _VisionLanguageLM(LlamaForCausalLM):
+    """A causal LM under a name outside transformers' causal-LM table, as every VLM class is."""
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    return _VisionLanguageLM(config).eval()
+
+
+@pytest.mark.parametrize("on_label_positions", [False, True])
+def test_label_smoothing_scores_the_next_token(tmp_path, tiny_lm, on_label_positions):
+    ids = torch.randint(0, 50, (2, 7))
+    labels = ids.clone()
+    labels[:, :3] = -100  # the prompt
+    labels[1, 5:] = -100  # padding
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, use_cpu=True,
+                             report_to="none")
+    trainer = RecipeTrainer(model=tiny_lm, args=args, loss_on_label_positions=on_label_positions)
+    with torch.no_grad():
+        loss = trainer.compute_loss(tiny_lm, {"input_ids": ids, "labels": labels})
+        logits = tiny_lm(input_ids=ids).logits
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                 label_smoothing=0.1)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_clip_refuses_label_smoothing_which_its_contrastive_loss_would_ignore(tmp_path):
+    from recipes.clip_retrieval.train import main
+
+    with pytest.raises(ValueError, match="--label_smoothing_factor"):
+        main(["--label_smoothing_factor", "0.1", "--output_dir", str(tmp_path)])

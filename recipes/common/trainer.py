@@ -23,11 +23,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import Trainer
 from transformers.trainer_optimizer import is_optimizer_factory
+from transformers.trainer_pt_utils import LabelSmoother
 
 from data_tools.files import atomic_write_text
 from data_tools.jsonl import write_jsonl
 
 from .args import GenerationEvalArguments, LearningRateArguments
+from .lengths import IGNORE_INDEX
 from .losses import causal_lm_loss, label_positions_only
 from .peft_setup import param_groups
 
@@ -56,6 +58,22 @@ def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_
         kwargs.update({k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p))
                        if v is not None})
     return kwargs
+
+
+def smoothed_causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None,
+                            epsilon: float = 0.0) -> torch.Tensor:
+    """A `Trainer.compute_loss_func` for --label_smoothing_factor: the label-smoothed loss of each next token,
+    from full logits or logits kept at the label positions (`causal_lm_loss`'s cases). The Trainer's own
+    smoother shifts the labels only for the classes in its causal-LM table, which holds no VLM."""
+    logits = outputs.logits
+    if logits.dim() == 2:
+        targets = label_positions_only(labels)["shift_labels"]
+    else:
+        # a prefix the model puts before the labelled text (a soft prompt) has no labels
+        labels = torch.nn.functional.pad(labels, (logits.shape[1] - labels.shape[1], 0), value=IGNORE_INDEX)
+        logits, targets = logits[:, :-1], labels[:, 1:]
+    smoother = LabelSmoother(epsilon, IGNORE_INDEX)
+    return smoother((logits.float(),), targets, num_items_in_batch=num_items_in_batch)
 
 
 def workers_ignore_sigterm(worker_id: int, init: Callable | None = None) -> None:
@@ -100,9 +118,14 @@ class RecipeTrainer(Trainer):
         self.loss_on_label_positions = loss_on_label_positions
         # A generative model that does not take the Trainer's token count (Qwen-VL) returns each micro-batch's
         # mean loss, which accumulation and processes then average: the Trainer computes the loss instead.
-        if (not self.model_accepts_loss_kwargs and self.compute_loss_func is None
-                and getattr(self.model, "get_output_embeddings", lambda: None)() is not None):
+        generative = getattr(self.model, "get_output_embeddings", lambda: None)() is not None
+        if not self.model_accepts_loss_kwargs and self.compute_loss_func is None and generative:
             self.compute_loss_func = causal_lm_loss
+        # --label_smoothing_factor: the Trainer's smoother would score each position's own token, not the next
+        smoothed = self.label_smoother is not None and generative
+        if smoothed and self.compute_loss_func in (None, causal_lm_loss):
+            self.compute_loss_func = functools.partial(smoothed_causal_lm_loss,
+                                                       epsilon=self.args.label_smoothing_factor)
 
     def get_train_dataloader(self):
         return _quiet_workers(super().get_train_dataloader())

@@ -98,6 +98,9 @@ def main(argv=None):
     if args.data.prompt:
         raise ValueError("--prompt: CLIP encodes captions as they are, with no prompt; "
                          "zero-shot prompts are --zero_shot_templates.")
+    if args.training.label_smoothing_factor:
+        raise ValueError("--label_smoothing_factor: the contrastive loss (trainer.py) takes no label "
+                         "smoothing; leave it out.")
     setup_run(args.training, args.model)
 
     # Data: the embedded synthetic set (and its zero-shot set) unless files are given.

@@ -70,3 +70,22 @@ def test_clip_refuses_label_smoothing_which_its_contrastive_loss_would_ignore(tm
 
     with pytest.raises(ValueError, match="--label_smoothing_factor"):
         main(["--label_smoothing_factor", "0.1", "--output_dir", str(tmp_path)])
+
+
+def test_soft_prompt_evaluation_computes_the_loss(tmp_path):
+    # the forward's loss_on_label_positions option is not a label: taken for one, no eval batch "had labels"
+    from recipes.common.tiny.models import build_tiny
+    from recipes.soft_prompt_caption.modeling import SoftPromptCaptioner
+    from recipes.soft_prompt_caption.trainer import SoftPromptTrainer
+
+    torch.manual_seed(0)
+    model = SoftPromptCaptioner.from_parts(str(build_tiny("clip-vision", tmp_path / "vision")),
+                                           str(build_tiny("gpt2", tmp_path / "gpt2"))).eval()
+    ids = torch.randint(0, 100, (2, 5))
+    inputs = {"pixel_values": torch.randn(2, 3, 64, 64), "input_ids": ids,
+              "attention_mask": torch.ones_like(ids), "labels": ids}
+    trainer = SoftPromptTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "run"),
+                                                                    use_cpu=True, report_to="none"))
+    loss, _, _ = trainer.prediction_step(model, dict(inputs), prediction_loss_only=True)
+    with torch.no_grad():
+        assert loss is not None and loss.item() == pytest.approx(model(**inputs).loss.item())

@@ -24,6 +24,10 @@ class SoftPromptTrainer(RecipeTrainer):
     def __init__(self, *args, image_processor=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_processor = image_processor
+        # The Trainer takes every forward argument named *label* for a label, the loss_on_label_positions
+        # option too: an eval batch, which never holds that, would then get no loss (no eval_loss).
+        if self.args.label_names is None:
+            self.label_names = ["labels"]
 
     def label_position_inputs(self, inputs: dict) -> dict:
         # SoftPromptCaptioner.forward puts the prefix in front of the labels first, then keeps their

@@ -65,11 +65,13 @@ def test_label_smoothing_scores_the_next_token(tmp_path, tiny_lm, on_label_posit
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_clip_refuses_label_smoothing_which_its_contrastive_loss_would_ignore(tmp_path):
+@pytest.mark.parametrize("flag, value", [("--label_smoothing_factor", "0.1"),  # its loss would ignore it
+                                         ("--neftune_noise_alpha", "5")])  # a crash once training starts
+def test_clip_refuses_flags_of_generative_training(tmp_path, flag, value):
     from recipes.clip_retrieval.train import main
 
-    with pytest.raises(ValueError, match="--label_smoothing_factor"):
-        main(["--label_smoothing_factor", "0.1", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match=f"^{flag}: "):
+        main([flag, value, "--output_dir", str(tmp_path)])
 
 
 def test_soft_prompt_evaluation_computes_the_loss(tmp_path):

@@ -101,6 +101,9 @@ def main(argv=None):
     if args.training.label_smoothing_factor:
         raise ValueError("--label_smoothing_factor: the contrastive loss (trainer.py) takes no label "
                          "smoothing; leave it out.")
+    if args.training.neftune_noise_alpha is not None:
+        raise ValueError("--neftune_noise_alpha: NEFTune puts noise on a language model's token embeddings "
+                         "for instruction tuning; a dual encoder has none it applies to. Leave it out.")
     setup_run(args.training, args.model)
 
     # Data: the embedded synthetic set (and its zero-shot set) unless files are given.

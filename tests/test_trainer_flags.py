@@ -91,3 +91,12 @@ def test_soft_prompt_evaluation_computes_the_loss(tmp_path):
     loss, _, _ = trainer.prediction_step(model, dict(inputs), prediction_loss_only=True)
     with torch.no_grad():
         assert loss is not None and loss.item() == pytest.approx(model(**inputs).loss.item())
+
+
+def test_report_to_a_logger_that_is_not_installed_is_a_one_line_import_error(tmp_path, tiny_lm, monkeypatch):
+    from transformers.integrations import integration_utils
+
+    monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: False)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="tensorboard", use_cpu=True)
+    with pytest.raises(ImportError, match="^--report_to tensorboard: .*--report_to none"):
+        RecipeTrainer(model=tiny_lm, args=args)

@@ -93,10 +93,13 @@ def test_soft_prompt_evaluation_computes_the_loss(tmp_path):
         assert loss is not None and loss.item() == pytest.approx(model(**inputs).loss.item())
 
 
-def test_report_to_a_logger_that_is_not_installed_is_a_one_line_import_error(tmp_path, tiny_lm, monkeypatch):
+def test_report_to_a_logger_that_is_not_installed_is_a_one_line_import_error(tmp_path, monkeypatch):
     from transformers.integrations import integration_utils
 
+    from recipes.common.run import setup_run
+
     monkeypatch.setattr(integration_utils, "is_tensorboard_available", lambda: False)
-    args = TrainingArguments(output_dir=str(tmp_path), report_to="tensorboard", use_cpu=True)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="tensorboard", use_cpu=True,
+                             remove_unused_columns=False)
     with pytest.raises(ImportError, match="^--report_to tensorboard: .*--report_to none"):
-        RecipeTrainer(model=tiny_lm, args=args)
+        setup_run(args)  # before the model loads

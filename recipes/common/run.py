@@ -44,8 +44,8 @@ DECODING = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p") 
 
 def setup_run(training_args, model_args=None) -> None:
     """Logging, the seed, and the checks that can fail before anything loads: a recipe folder copied by hand
-    (`check_recipe_code`), the output folder (`check_output_dir`) and, given `model_args`, the load dtype's
-    autocast."""
+    (`check_recipe_code`), the output folder (`check_output_dir`), the --report_to loggers and, given
+    `model_args`, the load dtype's autocast."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -54,8 +54,21 @@ def setup_run(training_args, model_args=None) -> None:
         raise ValueError("--remove_unused_columns true: the Trainer would drop the columns the recipe's "
                          "collator reads (image paths, keys); leave it false.")
     check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
+    check_loggers(training_args)
     if model_args is not None:
         check_mixed_precision(model_args, training_args)
+
+
+def check_loggers(args) -> None:
+    """An ImportError for a --report_to logger whose package is not installed: the Trainer would raise a
+    RuntimeError when it is built, after the model has loaded."""
+    from transformers.integrations import integration_utils
+
+    for name in getattr(args, "report_to", None) or []:
+        available = getattr(integration_utils, f"is_{name}_available", None)
+        if available is not None and not available():
+            raise ImportError(f"--report_to {name}: its package is not installed; pip install {name}, or "
+                              "pass --report_to none.")
 
 
 def check_recipe_code() -> None:

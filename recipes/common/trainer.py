@@ -76,18 +76,6 @@ def smoothed_causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=No
     return smoother((logits.float(),), targets, num_items_in_batch=num_items_in_batch)
 
 
-def check_loggers(args) -> None:
-    """An ImportError (one line from the run loop) for a --report_to logger whose package is not installed,
-    where the Trainer would raise a RuntimeError from its callback."""
-    from transformers.integrations import integration_utils
-
-    for name in getattr(args, "report_to", None) or []:
-        available = getattr(integration_utils, f"is_{name}_available", None)
-        if available is not None and not available():
-            raise ImportError(f"--report_to {name}: its package is not installed; pip install {name}, or "
-                              "pass --report_to none.")
-
-
 def workers_ignore_sigterm(worker_id: int, init: Callable | None = None) -> None:
     """A DataLoader worker's start (`worker_init_fn`, then `init`): a scheduler's SIGTERM reaches every
     process, and a worker that died of it would end the run with an error before the main process saves
@@ -124,7 +112,6 @@ class RecipeTrainer(Trainer):
     def __init__(self, *args, generation: GenerationEval | None = None,
                  learning_rates: LearningRateArguments | None = None, loss_on_label_positions: bool = False,
                  **kwargs):
-        check_loggers(kwargs.get("args"))
         super().__init__(*args, **kwargs)
         self.generation = generation
         self.learning_rates = learning_rates

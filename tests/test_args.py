@@ -303,6 +303,10 @@ def test_none_on_the_command_line_takes_back_a_value_of_a_field_that_may_be_none
     assert data.prompt == "none"  # text: a prompt may be the word itself
     with pytest.raises(SystemExit):  # a field that may not be None still refuses the word
         parse_args([PeftArguments], ["--lora_r", "none"])
+    # Given twice, the last wins as argparse's rule has it; a value then none would keep the value: refused.
+    assert parse_args([DataArguments], ["--max_length", "none", "--max_length", "64"])[0].max_length == 64
+    with pytest.raises(ValueError, match="^--max_length is given a value and then none: give it once"):
+        parse_args([DataArguments], ["--max_length", "64", "--max_length", "none"])
 
 
 def test_a_config_of_ones_own_keeps_the_columns_the_collators_read(tmp_path):

@@ -332,14 +332,17 @@ def _command_line_nulls(argv: list[str], actions: dict[str, argparse.Action],
     --wise_ft_alpha none: a config.yaml value taken back) leaves `argv` and becomes a None default."""
     nullable = {flag: name for name, action in actions.items() if type(None) in _options(hints[name])
                 and str not in _options(hints[name]) for flag in action.option_strings}
-    rest, nulls, i = [], {}, 0
+    rest, nulls, valued, i = [], {}, set(), 0
     while i < len(argv):
         flag, eq, value = argv[i].partition("=")
         value = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
         if flag in nullable and value in ("none", "None", "null"):
+            if nullable[flag] in valued:  # argparse's last-wins would keep the value: refused, not kept
+                raise ValueError(f"{flag} is given a value and then {value}: give it once.")
             nulls[nullable[flag]] = None
             i += 1 if eq else 2
         else:
+            valued.update([nullable[flag]] if flag in nullable else [])
             rest.append(argv[i])
             i += 1
     return rest, nulls

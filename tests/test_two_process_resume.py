@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
 
+# 2 processes: with the family matrix, in `make test-families` (CI), to keep `make test` under 15 minutes
+pytestmark = pytest.mark.matrix
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "recipes" / "blip2_lora_caption" / "train.py"
 # 16 train images x 5 captions, 4 per process: 10 steps an epoch, so step 5 is mid-epoch.

@@ -20,6 +20,7 @@ from peft import PeftConfig, PeftModel
 from data_tools.files import atomic_folder
 
 from .models import load_processor, loading
+from .run import checkpoints
 
 
 def run_record(run: str | Path) -> Path | None:
@@ -36,11 +37,10 @@ def adapter_base(run: str | Path) -> tuple[str, str | None]:
 
 def no_model_message(run: Path) -> str:
     """Why folder `run` holds no model: an unfinished run (its newest checkpoint named), or no run at all."""
-    steps = sorted(int(p.name.split("-")[1]) for p in Path(run).glob("checkpoint-*")
-                   if p.name.split("-")[1].isdigit())
-    if steps:
+    found = checkpoints(run)
+    if found:
         return (f"{run} holds no final model: the run did not finish. Give one of its checkpoints, e.g. "
-                f"--run {Path(run) / f'checkpoint-{steps[-1]}'}, or resume the run to finish it.")
+                f"--run {found[-1]}, or resume the run to finish it.")
     return f"{run}: no adapter_config.json or config.json; give a training output_dir or a checkpoint-N in it"
 
 

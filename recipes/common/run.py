@@ -90,14 +90,24 @@ def check_recipe_code() -> None:
                        "`pip install -e .` in this one, or set PYTHONPATH to it", script, installed.parent)
 
 
+def checkpoints(output_dir: str | Path) -> list[Path]:
+    """The checkpoint-N folders in `output_dir`, oldest first."""
+    root = Path(output_dir)
+    found = [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
+             if (m := _CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def saved_step(checkpoint: str | Path) -> int:
+    """The step a (complete) checkpoint saved."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
+
+
 def check_output_dir(output_dir: str | Path, resume) -> None:
     """A run that does not resume refuses a folder holding an earlier run's checkpoint-N folders: its own
     would mix with them, and `--resume_from_checkpoint last` would later pick theirs."""
-    if resume not in NO_RESUME or not Path(output_dir).is_dir():
-        return
-    old = sorted((int(m.group(1)) for p in Path(output_dir).iterdir() if (m := _CHECKPOINT.match(p.name))))
-    if old:
-        raise FileExistsError(f"--output_dir {output_dir} holds an earlier run (checkpoint-{old[-1]}, "
+    if resume in NO_RESUME and (old := checkpoints(output_dir)):
+        raise FileExistsError(f"--output_dir {output_dir} holds an earlier run ({old[-1].name}, "
                               f"{len(old)} checkpoint(s)): pass --resume_from_checkpoint last to continue "
                               "it, or give another --output_dir (or delete that folder) to start afresh.")
 
@@ -210,12 +220,8 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
     if value in NO_RESUME:
         return None
     if value in (True, "last", "true", "True", "auto"):
-        root = Path(output_dir)
-        found = sorted(
-            (int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
-            if (m := _CHECKPOINT.match(p.name)) and p.is_dir()
-        )
-        for _, folder in reversed(found):
+        found = checkpoints(output_dir)
+        for folder in reversed(found):
             if _is_complete(folder):
                 return str(folder)
             logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving it)",
@@ -223,7 +229,7 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
         if value == "auto":
             return None
         raise FileNotFoundError(
-            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {root}"
+            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}"
             + (f" ({len(found)} incomplete)" if found else "")
             + "; leave the flag out to start afresh."
         )
@@ -299,8 +305,7 @@ def at_max_steps(trainer, checkpoint: str | None) -> bool:
     max_steps = getattr(trainer.args, "max_steps", -1)
     if not checkpoint or max_steps <= 0 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         return False
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    return state.get("global_step", 0) >= max_steps
+    return saved_step(checkpoint) >= max_steps
 
 
 def load_finished(trainer, checkpoint: str) -> None:
@@ -358,7 +363,7 @@ def finished_message(trainer) -> str:
     (`--resume_from_checkpoint auto` loads it without training), or none."""
     step, output_dir = trainer.state.global_step, trainer.args.output_dir
     last = resume_checkpoint("auto", output_dir)
-    if last and json.loads((Path(last) / "trainer_state.json").read_text()).get("global_step") == step:
+    if last and saved_step(last) == step:
         return (f"training ended at step {step} and is saved ({last}), not scored (no metrics.json). Run the "
                 "same command with --resume_from_checkpoint auto to score it without training.")
     return (f"training ended at step {step} and the model is saved in {output_dir}, not scored (no "

@@ -204,8 +204,19 @@ def test_numbers_optionals_and_choices():
 
 
 def test_unknown_command_line_flag_is_an_error():
-    with pytest.raises(ValueError, match="lora_rank"):
+    with pytest.raises(ValueError, match="^unknown flag --lora_rank. Did you mean '--lora_r'"):
         parse_args([PeftArguments], ["--lora_rank", "4"])
+    with pytest.raises(ValueError, match="^unknown flag --lora_rank. Did you mean '--lora_r'"):
+        parse_args([PeftArguments], ["--lora_rank=4"])
+
+
+@pytest.mark.parametrize("argv", [["--max_len", "64"], ["--max_len", "none"], ["--max_len=none"]])
+def test_an_abbreviated_flag_is_refused_naming_the_whole_one(argv):
+    # argparse would take --max_len for --max_length, past the checks that read flags by name (none, the
+    # deprecated names): so abbreviations are refused, each naming the flag it abbreviates.
+    with pytest.raises(ValueError, match="^unknown flag --max_len. Did you mean '--max_length'"):
+        parse_args([DataArguments], argv)
+    assert parse_args([DataArguments], ["--max-length", "none"])[0].max_length is None  # the dashed name
 
 
 @pytest.mark.parametrize("flag, value, minimum", [

@@ -20,6 +20,7 @@ def _checkpointing_config(folder: Path) -> Path:
     ([], True),
     (["--gradient_checkpointing", "false"], False),
     (["--gradient_checkpointing=false"], False),
+    (["--gradient-checkpointing", "false"], False),  # argparse's dashed spelling of the same flag
     (["--activation_checkpointing", "false"], False),
 ])
 def test_gradient_checkpointing_on_the_command_line_wins_over_the_config_file(tmp_path, flags, expected):

@@ -358,12 +358,25 @@ def _old_names_win(argv: list[str], values: dict, actions: dict[str, argparse.Ac
     """A deprecated name on the command line (--gradient_checkpointing false) takes its new name's value out
     of the config file's `values` (activation_checkpointing: true), which TrainingArguments would keep
     silently; both names on the command line are an error."""
-    given = {a.split("=", 1)[0].removeprefix("--") for a in argv if a.startswith("--")}
+    given = {a.split("=", 1)[0].removeprefix("--").replace("-", "_") for a in argv if a.startswith("--")}
     for old, new in RENAMED.items():
         if old in given and new in given:
             raise ValueError(f"--{old} is the deprecated name of --{new}: give one of them.")
         if old in given and old in actions:
             values.pop(new, None)
+
+
+def _check_flags(argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """Every --flag must name an argument in full: argparse would take an abbreviation (--max_len for
+    --max_length) past the checks here that read flags by name (none, deprecated names)."""
+    known = parser._option_string_actions
+    for token in argv:
+        if token == "--":
+            break
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--") and flag not in known:
+            names = [o for o in known if o.startswith("--") and "-" not in o[2:]]
+            raise ValueError(f"unknown flag {flag}.{did_you_mean(flag, names)} See --help.")
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
@@ -414,6 +427,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, defaults: dict | 
         if action.dest not in ("help", "config"):
             actions.setdefault(action.dest, action)  # not a bool's --no_<name>, which comes second
     hints = {name: hint for dc in dataclass_types for name, hint in get_type_hints(dc).items()}
+    _check_flags(remaining, parser)
     values = {} if config_args.config is None else load_yaml_config(config_args.config, actions, hints)
     _old_names_win(remaining, values, actions)
     remaining, nulls = _command_line_nulls(remaining, actions, hints)

@@ -69,7 +69,8 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
 
 
 def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32") -> Path:
-    """Merge the adapter of LoRA run `run` into its base; save model and processor to `out`."""
+    """Merge the adapter of LoRA run `run` into its base; save model and processor to `out`. A QLoRA run's
+    base is quantized as in training and dequantized first (`quantization.merge_quantized_run`)."""
     if not Path(run).is_dir():
         raise FileNotFoundError(f"{run}: no such folder; give a training output_dir or a checkpoint-N in it")
     if not is_adapter_run(run):
@@ -77,6 +78,10 @@ def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32
             raise FileNotFoundError(no_model_message(run))
         raise ValueError(f"{run} has no adapter_config.json: it was trained without LoRA and is already a "
                          "full checkpoint")
+    from .quantization import QUANTIZATION_FILE, merge_quantized_run  # it imports this module
+
+    if (Path(run) / QUANTIZATION_FILE).is_file():  # the deltas belong on the 4/8-bit weights they trained on
+        return merge_quantized_run(run, out, model_cls, dtype)
     model, processor = load_run(run, model_cls, dtype)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)

@@ -12,22 +12,16 @@ needed) and gives the outputs of the quantized base + adapter, up to the roundin
 unquantized base (--load_in_4bit false) has no quantization_config.json and is merged as it is.
 """
 
-from pathlib import Path
-
 from transformers import AutoModelForImageTextToText
 
 from recipes.common.merge import merge_cli, merge_run
-from recipes.common.quantization import QUANTIZATION_FILE, merge_quantized_run
 from recipes.common.run import run_main
 
 
-def merge(args) -> Path:
-    merge_fn = merge_quantized_run if (Path(args.run) / QUANTIZATION_FILE).exists() else merge_run
-    return merge_fn(args.run, args.out, AutoModelForImageTextToText, args.dtype)
-
-
 def main(argv=None):
-    return merge_cli(__doc__, merge, argv, dtype="bfloat16")
+    # merge_run quantizes the base as the run's quantization_config.json says
+    return merge_cli(__doc__, lambda a: merge_run(a.run, a.out, AutoModelForImageTextToText, a.dtype), argv,
+                     dtype="bfloat16")
 
 
 if __name__ == "__main__":

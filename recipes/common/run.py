@@ -383,44 +383,14 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     `after_training(results)` for a recipe's own figures.
     """
     args = trainer.args
-    if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error after "before"
-        raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
-                         "flags) or add LoRA (--peft_method lora).")
-    evaluates = trainer.evaluates_heldout()
-    if evaluates and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
-        raise ValueError("held-out scoring does not run under FSDP or DeepSpeed yet: the Trainer keeps the "
-                         "model on the CPU until training starts. Use the single_gpu or ddp config.")
+    check_trainable(trainer)
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume:
         logger.info("resuming from %s", resume)
-    if early_stopping is not None and early_stopping.early_stopping_patience:
-        if args.eval_strategy == "no" or args.metric_for_best_model is None:
-            raise ValueError("--early_stopping_patience needs evaluations during training (--eval_strategy) "
-                             "and the metric they compare (--metric_for_best_model).")
-        stopper = EarlyStoppingCallback(early_stopping.early_stopping_patience,
-                                        early_stopping.early_stopping_threshold)
-        if resume:  # the count of evaluations without progress goes on, at this run's patience
-            state = json.loads((Path(resume) / "trainer_state.json").read_text())
-            saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback", {}).get("attributes", {})
-            stopper.early_stopping_patience_counter = saved.get("early_stopping_patience_counter", 0)
-        trainer.add_callback(stopper)
-    stop = StopOnSignal() if getattr(args, "enable_jit_checkpoint", False) else None
-    if stop is not None:
-        trainer.remove_callback(JITCheckpointCallback)
-        signal.signal(signal.SIGTERM, stop.receive)  # for its handler, set when the Trainer was built
-        trainer.add_callback(stop)
+    add_early_stopping(trainer, early_stopping, resume)
+    stop = add_stop_on_signal(trainer)
+    metadata, recorded = record_run(trainer, metadata, resume)
     results = dict(results or {})
-    if trainer.generation is not None:  # a resumed run reuses "before": it must decode as this one does
-        decoding = trainer.generation.args
-        metadata = {**metadata, "decoding": {k: getattr(decoding, k) for k in DECODING}}
-    # Absolute, so that `make eval` finds the data files and images from any folder.
-    metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
-                for k, v in metadata.items()}
-    recorded = check_same_run(args.output_dir, resume, metadata, write=False)
-    if args.world_size > 1:  # all read run.json before it is rewritten: else they differ on scoring "before"
-        torch.distributed.barrier()
-    if trainer.is_world_process_zero():
-        check_same_run(args.output_dir, None, metadata)  # (re)write it
     folder = Path(args.output_dir) / "predictions"
     # (result key, predictions name prefix, data): the headline split first.
     splits = [("", "", test), ("val", "val-", None)] if test is not None else [("", "", None)]
@@ -435,13 +405,95 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
             else:
                 target[when] = trainer.heldout_metrics("eval", name=f"{prefix}{name}", data=data)
 
-    if evaluates:
+    if trainer.evaluates_heldout():
         with scoring(stop, f"SIGTERM while scoring the held-out data before training: nothing trained"
                            f"{f' since {resume}' if resume else ''}. Run the same command with "
                            "--resume_from_checkpoint auto to go on."):
             score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
-    try:  # a SIGTERM stop raises Stopped from StopOnSignal.on_save, right after the step's save
+    train_resumed(trainer, resume, stop)
+    trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
+    trainer.save_state()  # trainer_state.json: the log of every step and evaluation
+    done = stop is not None and finished_message(trainer)
+    if stop is not None and stop.received:  # in the last step, or while it loaded or saved: no scoring now
+        raise Stopped(f"SIGTERM after training, before its scoring: {done}")
+    with scoring(stop, f"SIGTERM while scoring the trained model: {done}"):
+        if trainer.evaluates_heldout():
+            score("after", "final")
+            if shuffled_image_check and trainer.generation is not None:
+                records = test if test is not None else trainer.generation.records
+                results["after_shuffled_images"] = trainer.heldout_metrics(
+                    "eval", name="final-shuffled-images", data=shuffled_images(records))
+        if after_training is not None:
+            after_training(results)
+    if stop is not None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    if trainer.is_world_process_zero():
+        write_metrics(trainer, results, metadata, heldout="test" if test is not None else "val")
+    return results
+
+
+def check_trainable(trainer) -> None:
+    """The checks that would otherwise fail only after the "before" scoring."""
+    if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error
+        raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
+                         "flags) or add LoRA (--peft_method lora).")
+    if trainer.evaluates_heldout() and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        raise ValueError("held-out scoring does not run under FSDP or DeepSpeed yet: the Trainer keeps the "
+                         "model on the CPU until training starts. Use the single_gpu or ddp config.")
+
+
+def add_early_stopping(trainer, early_stopping, resume: str | None) -> None:
+    """transformers' EarlyStoppingCallback at --early_stopping_patience (if set); a resumed run goes on
+    with the count of evaluations without progress its checkpoint saved."""
+    if early_stopping is None or not early_stopping.early_stopping_patience:
+        return
+    args = trainer.args
+    if args.eval_strategy == "no" or args.metric_for_best_model is None:
+        raise ValueError("--early_stopping_patience needs evaluations during training (--eval_strategy) "
+                         "and the metric they compare (--metric_for_best_model).")
+    stopper = EarlyStoppingCallback(early_stopping.early_stopping_patience,
+                                    early_stopping.early_stopping_threshold)
+    if resume:
+        state = json.loads((Path(resume) / "trainer_state.json").read_text())
+        saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback", {}).get("attributes", {})
+        stopper.early_stopping_patience_counter = saved.get("early_stopping_patience_counter", 0)
+    trainer.add_callback(stopper)
+
+
+def add_stop_on_signal(trainer) -> StopOnSignal | None:
+    """With --enable_jit_checkpoint, `StopOnSignal` in place of transformers' JITCheckpointCallback."""
+    if not getattr(trainer.args, "enable_jit_checkpoint", False):
+        return None
+    stop = StopOnSignal()
+    trainer.remove_callback(JITCheckpointCallback)
+    signal.signal(signal.SIGTERM, stop.receive)  # for its handler, set when the Trainer was built
+    trainer.add_callback(stop)
+    return stop
+
+
+def record_run(trainer, metadata: dict, resume: str | None) -> tuple[dict, bool]:
+    """`metadata` with the decode options and absolute paths, checked against run.json and written there
+    (`check_same_run`), and whether run.json recorded every setting."""
+    args = trainer.args
+    if trainer.generation is not None:  # a resumed run reuses "before": it must decode as this one does
+        decoding = trainer.generation.args
+        metadata = {**metadata, "decoding": {k: getattr(decoding, k) for k in DECODING}}
+    # Absolute, so that `make eval` finds the data files and images from any folder.
+    metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
+                for k, v in metadata.items()}
+    recorded = check_same_run(args.output_dir, resume, metadata, write=False)
+    if args.world_size > 1:  # all read run.json before it is rewritten: else they differ on scoring "before"
+        torch.distributed.barrier()
+    if trainer.is_world_process_zero():
+        check_same_run(args.output_dir, None, metadata)  # (re)write it
+    return metadata, recorded
+
+
+def train_resumed(trainer, resume: str | None, stop: StopOnSignal | None) -> None:
+    """`trainer.train`, resumed from `resume`; a checkpoint of the run's last step is loaded, not trained
+    on (`load_finished`). A SIGTERM stop raises `Stopped` (from StopOnSignal.on_save, after the save)."""
+    try:
         if at_max_steps(trainer, resume):
             load_finished(trainer, resume)
         else:
@@ -459,39 +511,24 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
         raise Stopped(f"SIGTERM: training stopped at step {stop.stopped_at} of {trainer.state.max_steps}; "
                       "its checkpoint was not saved (--save_strategy best). Run the same command with "
                       "--resume_from_checkpoint last (or auto) to go on from the last one.")
-    trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
-    trainer.save_state()  # trainer_state.json: the log of every step and evaluation
-    done = stop is not None and finished_message(trainer)
-    if stop is not None and stop.received:  # in the last step, or while it loaded or saved: no scoring now
-        raise Stopped(f"SIGTERM after training, before its scoring: {done}")
-    with scoring(stop, f"SIGTERM while scoring the trained model: {done}"):
-        if evaluates:
-            score("after", "final")
-            if shuffled_image_check and trainer.generation is not None:
-                records = test if test is not None else trainer.generation.records
-                results["after_shuffled_images"] = trainer.heldout_metrics(
-                    "eval", name="final-shuffled-images", data=shuffled_images(records))
-        if after_training is not None:
-            after_training(results)
-    if stop is not None:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    if trainer.is_world_process_zero():
-        heldout = "test" if test is not None else "val"
-        # "after" scores the best checkpoint's weights when --load_best_model_at_end loaded them.
-        state = trainer.state
-        best_loaded = args.load_best_model_at_end and state.best_model_checkpoint
-        after_step = state.best_global_step if best_loaded else state.global_step
-        results.update(metadata, heldout=heldout,
-                       heldout_file=metadata.get("test_file" if test is not None else "eval_file"),
-                       global_step=state.global_step, after_step=after_step, world_size=args.world_size)
-        atomic_write_text(Path(args.output_dir) / "metrics.json", json.dumps(results, indent=2))
-        for when in ("before", "after", "after_shuffled_images"):
-            if when in results:
-                logger.info("held-out %s (%s split%s): %s", when, results["heldout"],
-                            f", step {after_step} of {state.global_step}" if when != "before" else "",
-                            json.dumps(results[when]))
-        logger.info("outputs in %s", args.output_dir)
-    return results
+
+
+def write_metrics(trainer, results: dict, metadata: dict, heldout: str) -> None:
+    """metrics.json: `results`, `metadata` and which split and steps they score; logged too."""
+    args, state = trainer.args, trainer.state
+    # "after" scores the best checkpoint's weights when --load_best_model_at_end loaded them.
+    best_loaded = args.load_best_model_at_end and state.best_model_checkpoint
+    after_step = state.best_global_step if best_loaded else state.global_step
+    results.update(metadata, heldout=heldout,
+                   heldout_file=metadata.get("test_file" if heldout == "test" else "eval_file"),
+                   global_step=state.global_step, after_step=after_step, world_size=args.world_size)
+    atomic_write_text(Path(args.output_dir) / "metrics.json", json.dumps(results, indent=2))
+    for when in ("before", "after", "after_shuffled_images"):
+        if when in results:
+            logger.info("held-out %s (%s split%s): %s", when, heldout,
+                        f", step {after_step} of {state.global_step}" if when != "before" else "",
+                        json.dumps(results[when]))
+    logger.info("outputs in %s", args.output_dir)
 
 
 def run_main(main: Callable[[], object]) -> None:

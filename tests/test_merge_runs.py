@@ -1,5 +1,7 @@
 """Which weights the merge/export scripts ship: a QLoRA run merged by any recipe's merge.py goes onto the base
-it trained against."""
+it trained against; a run folder whose model is missing or older than its checkpoints is refused."""
+
+import json
 
 import pytest
 import torch
@@ -58,3 +60,53 @@ def test_merge_run_of_a_qlora_run_adds_the_adapter_to_the_dequantized_base(qlora
     got = _logits(merged, processor)
     # float32 rounding only (the adapter on the unquantized base: 0.48)
     assert (got - expected).abs().max().item() < 1e-4
+
+
+def _finished_run(folder, step: int, checkpoint_steps):
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    for n in checkpoint_steps:
+        (folder / f"checkpoint-{n}").mkdir()
+    return folder
+
+
+@pytest.mark.parametrize("script", ["llava_instruct.merge", "clip_retrieval.merge", "qlora_vqa.merge",
+                                    "blip2_lora_caption.merge", "soft_prompt_caption.export"])
+def test_a_run_resumed_past_its_final_model_and_stopped_is_refused(script, tmp_path):
+    """A run that finished at step 4 and was resumed with more steps, stopped at checkpoint-8: its folder's
+    model is step 4's, not the run's newest weights."""
+    import importlib
+
+    main = importlib.import_module(f"recipes.{script}").main
+    run = _finished_run(tmp_path / "run", 4, (2, 4, 6, 8))
+    message = (r"run: its model is step 4's, but the run was resumed and went on to checkpoint-8 without "
+               r"finishing\. Give --run .*run/checkpoint-8")
+    with pytest.raises(ValueError, match=message):
+        main(["--run", str(run), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script", ["clip_retrieval.merge", "soft_prompt_caption.export"])
+def test_an_unfinished_run_names_its_newest_checkpoint(script, tmp_path):
+    """Those two load the run folder themselves: a run with checkpoints and no model yet gets the same
+    message as merge_run's, not a loader's complaint about a config.json that is not there."""
+    import importlib
+
+    main = importlib.import_module(f"recipes.{script}").main
+    run = tmp_path / "run"
+    for n in (3, 12):
+        (run / f"checkpoint-{n}").mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"model": "tiny:clip"}))
+    with pytest.raises(FileNotFoundError, match=r"holds no final model: the run did not finish\. Give one of "
+                                                r"its checkpoints, e\.g\. --run .*run/checkpoint-12,"):
+        main(["--run", str(run), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finished_run_with_its_best_checkpoint_kept_is_merged(tmp_path):
+    """--load_best_model_at_end: the folder holds the best checkpoint's weights (older than the last
+    checkpoint), and the run's last step is its trainer_state.json's: nothing to refuse."""
+    from recipes.common.merge import check_final_model
+
+    check_final_model(_finished_run(tmp_path / "run", 6, (2, 6)))

@@ -20,7 +20,7 @@ from peft import PeftConfig, PeftModel
 from data_tools.files import atomic_folder
 
 from .models import load_processor, loading
-from .run import checkpoints
+from .run import checkpoints, saved_step
 
 
 def run_record(run: str | Path) -> Path | None:
@@ -42,6 +42,25 @@ def no_model_message(run: Path) -> str:
         return (f"{run} holds no final model: the run did not finish. Give one of its checkpoints, e.g. "
                 f"--run {found[-1]}, or resume the run to finish it.")
     return f"{run}: no adapter_config.json or config.json; give a training output_dir or a checkpoint-N in it"
+
+
+def check_final_model(run: str | Path) -> None:
+    """Refuse a run folder with checkpoints whose model is missing (the run did not finish) or older than its
+    newest checkpoint (the run finished, was resumed with more steps, and did not finish again): its folder
+    then holds the earlier end's model, not the run's."""
+    run = Path(run)
+    found = checkpoints(run)
+    if not found:
+        return  # a checkpoint-N, a full checkpoint, or a finished run that kept none
+    if not any((run / name).is_file() for name in ("adapter_config.json", "config.json")):
+        raise FileNotFoundError(no_model_message(run))
+    newest = int(found[-1].name.removeprefix("checkpoint-"))
+    # trainer_state.json is written with the model when training ends; its step is the last one trained,
+    # the best checkpoint's (--load_best_model_at_end) being older or the same
+    if (run / "trainer_state.json").is_file() and (step := saved_step(run)) < newest:
+        raise ValueError(f"{run}: its model is step {step}'s, but the run was resumed and went on to "
+                         f"{found[-1].name} without finishing. Give --run {found[-1]}, or resume the run to "
+                         "finish it.")
 
 
 def is_adapter_run(run: str | Path) -> bool:
@@ -103,6 +122,7 @@ def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[
     if add_arguments is not None:
         add_arguments(p)
     args = p.parse_args(argv)
+    check_final_model(args.run)
     out = Path(args.out)
     with atomic_folder(out) as tmp:  # beside `out`, renamed to it when complete
         args.out = str(tmp)

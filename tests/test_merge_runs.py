@@ -43,22 +43,21 @@ def _logits(model, processor):
     text = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}],
         add_generation_prompt=True)
-    image = Image.fromarray((torch.rand(64, 64, 3) * 255).byte().numpy())
+    image = Image.fromarray((torch.rand(64, 64, 3, generator=torch.Generator().manual_seed(1)) * 255).byte()
+                            .numpy())
     with torch.no_grad():
         return model(**processor(images=[image], text=[text], return_tensors="pt")).logits
 
 
 def test_merge_run_of_a_qlora_run_adds_the_adapter_to_the_dequantized_base(qlora_run, tmp_path):
     """llava_instruct/merge.py (merge_run) on a QLoRA run: the same model as qlora_vqa/merge.py writes."""
-    torch.manual_seed(1)
     adapted, processor = load_quantized_run(qlora_run, AutoModelForImageTextToText)
     expected = _logits(adapted, processor)
     merged = AutoModelForImageTextToText.from_pretrained(
         merge_run(qlora_run, tmp_path / "merged", AutoModelForImageTextToText)).eval()
     assert getattr(merged.config, "quantization_config", None) is None
-    torch.manual_seed(1)
     got = _logits(merged, processor)
-    # float32 rounding only (the adapter on the unquantized base: 0.48)
+    # float32 rounding only (the adapter on the unquantized base: 0.15)
     assert (got - expected).abs().max().item() < 1e-4
 
 

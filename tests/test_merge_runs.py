@@ -103,9 +103,24 @@ def test_an_unfinished_run_names_its_newest_checkpoint(script, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_finished_run_with_its_best_checkpoint_kept_is_merged(tmp_path):
-    """--load_best_model_at_end: the folder holds the best checkpoint's weights (older than the last
-    checkpoint), and the run's last step is its trainer_state.json's: nothing to refuse."""
-    from recipes.common.merge import check_final_model
+def test_the_merge_says_which_step_it_wrote_the_best_checkpoint_s_with_load_best_model_at_end(
+        qlora_run, tmp_path, capsys):
+    """A run that kept its best checkpoint (step 2 of 6) is merged, not refused, and says so; a checkpoint-N
+    is step N."""
+    import shutil
 
-    check_final_model(_finished_run(tmp_path / "run", 6, (2, 6)))
+    from recipes.qlora_vqa.merge import main
+
+    run = tmp_path / "run"
+    shutil.copytree(qlora_run, run)
+    shutil.copytree(qlora_run, run / "checkpoint-2")
+    (run / "checkpoint-6").mkdir()
+    (run / "trainer_state.json").write_text(json.dumps({"global_step": 6, "best_global_step": 2}))
+    (run / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    (run / "metrics.json").write_text(json.dumps({"after_step": 2, "global_step": 6}))
+    main(["--run", str(run), "--out", str(tmp_path / "best")])
+    main(["--run", str(run / "checkpoint-2"), "--out", str(tmp_path / "step2")])
+    assert capsys.readouterr().out.splitlines()[-2:] == [
+        f"full checkpoint written to {tmp_path / 'best'}: the run's weights at step 2 of 6 (the best "
+        "checkpoint)",
+        f"full checkpoint written to {tmp_path / 'step2'}: the run's weights at step 2"]

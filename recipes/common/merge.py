@@ -5,11 +5,16 @@ full copies of what trained besides it (`modules_to_save`: a projector, vision l
 processor; the base is named in the adapter config. Merging adds the LoRA deltas into the base
 weights and puts the trained copies in place of the base's, so the merged model gives the same
 outputs as base + adapter. A run trained without LoRA already is a full checkpoint.
+
+A run folder holds the weights training ended with: with --load_best_model_at_end (the recipes' default)
+the best checkpoint's, the ones its "after" numbers score (metrics.json's `after_step`); a checkpoint-N
+folder holds step N's. The merge/export scripts print which step they wrote.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -108,15 +113,30 @@ def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32
     return Path(out)
 
 
+def trained_step(run: str | Path) -> str | None:
+    """Which step's weights run folder (or checkpoint-N) `run` holds, in words; None where it does not say."""
+    run = Path(run)
+    if run.name.startswith("checkpoint-") and (run / "trainer_state.json").is_file():
+        return f"step {saved_step(run)}"
+    try:  # written when the run's scoring ends; a run stopped before has none
+        metrics = json.loads((run / "metrics.json").read_text())
+        after, last = int(metrics["after_step"]), int(metrics["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return f"step {after} of {last}" + (" (the best checkpoint)" if after != last else "")
+
+
 def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[str] | None = None, *,
               dtype: str = "float32",
               add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Path:
     """The command line of a recipe's merge/export script: --run, --out, --dtype (+ `add_arguments`'s), then
     `merge(args)`, which writes to a temp folder renamed to --out when complete (--out must be new), with the
-    run's run.json (what it trained with, e.g. the caption prompt serve uses); prints and returns the folder
-    written."""
+    run's run.json (what it trained with, e.g. the caption prompt serve uses); prints the folder written and
+    the step of its weights, and returns the folder."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the training output_dir (or a checkpoint-N folder in it)")
+    p.add_argument("--run", required=True,
+                   help="the training output_dir (the weights it ended with: the best checkpoint's with "
+                        "--load_best_model_at_end) or a checkpoint-N folder in it")
     p.add_argument("--out", required=True, help="a new folder for the full checkpoint")
     p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
     if add_arguments is not None:
@@ -129,5 +149,6 @@ def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[
         merge(args)
         if (record := run_record(args.run)) is not None:
             shutil.copyfile(record, tmp / "run.json")
-    print(f"full checkpoint written to {out}")
+    step = trained_step(args.run)
+    print(f"full checkpoint written to {out}" + (f": the run's weights at {step}" if step else ""))
     return out

@@ -1,0 +1,28 @@
+"""Examples in the docs that state a result or name a file: the result is what the code gives, the file is
+the one the documented run writes."""
+
+import ast
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_metrics_readme_example_gives_the_result_its_comment_states(tmp_path):
+    text = (REPO / "eval" / "metrics" / "README.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.DOTALL).group(1)
+    call = re.search(r"^(vqa\.compute\(.*\))\s+# (\{'overall': [0-9.]+)", block, re.MULTILINE)
+    assert call, "the example's vqa.compute line states no result"
+    stated = ast.literal_eval(call.group(2) + "}")["overall"]
+    script = block.replace(call.group(1), f"print({call.group(1)}['overall'])")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HOME=str(tmp_path / "hf"))
+    # from the repository root, as the README's relative path expects
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert float(proc.stdout.strip().splitlines()[-1]) == stated
+

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.test_readme_commands import commands, is_real_training, words
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -26,3 +28,16 @@ def test_metrics_readme_example_gives_the_result_its_comment_states(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert float(proc.stdout.strip().splitlines()[-1]) == stated
 
+
+def test_qlora_readme_scores_the_predictions_file_its_vqa_v2_run_writes():
+    readme = REPO / "recipes" / "qlora_vqa" / "README.md"
+    train = words(next(c for c in commands(readme) if is_real_training(c)))
+    eval_file = train[train.index("--eval_file") + 1]
+    text = " ".join(readme.read_text().split())
+    m = re.search(r"python -m eval vqa --predictions outputs/qlora_vqa/predictions/(\S+)\.jsonl "
+                  r"--references (\S+?)`", text)
+    assert m and m.group(2) == eval_file
+    # A run with an eval file and no test file writes its eval predictions as before/final; the val-*
+    # names are only for the eval file of a run that has a test file too (recipes/common/run.py).
+    assert "--test_file" not in train
+    assert m.group(1) == "final"

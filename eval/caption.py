@@ -1,8 +1,9 @@
 """Caption metrics through pycocoevalcap: BLEU-1..4, METEOR, ROUGE-L, CIDEr (CIDEr-D), SPICE where possible.
 
 English text goes through pycocoevalcap's PTBTokenizer and its scorers exactly as `COCOEvalCap` calls
-them, so the numbers equal pycocoevalcap's. One difference: every caption is put on one line first
-(pycocoevalcap replaces only "\n"; a "\r" or "\u2028" there silently shifts captions between images).
+them, so the numbers equal pycocoevalcap's. Two differences: every caption is put on one line first
+(pycocoevalcap replaces only "\n"; a "\r" or "\u2028" there silently shifts captions between images),
+and is NFC-normalised, so that an accent typed as a combining mark matches the precomposed letter.
 
 Unsegmented scripts (`lang` in `CHARACTER_LANGS`: Chinese, Japanese, Thai, ...) are scored on
 characters: the PTB tokenizer only splits on spaces and English punctuation, so a Chinese sentence
@@ -174,15 +175,16 @@ def _tokenize(predictions: dict, references: dict, keys: list, lang: str) -> tup
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     tokenizer = PTBTokenizer()
-    gts = tokenizer.tokenize({k: [{"caption": _one_line(c)} for c in references[k]] for k in keys})
-    res = tokenizer.tokenize({k: [{"caption": _one_line(predictions[k])}] for k in keys})
+    gts = tokenizer.tokenize({k: [{"caption": _clean(c)} for c in references[k]] for k in keys})
+    res = tokenizer.tokenize({k: [{"caption": _clean(predictions[k])}] for k in keys})
     return gts, res
 
 
-def _one_line(text: str) -> str:
+def _clean(text: str) -> str:
     # PTBTokenizer pairs its output lines with the captions in order; pycocoevalcap only replaces
     # "\n", so a "\r" or "\u2028" inside a caption would shift every later caption onto the wrong image.
-    return " ".join(text.splitlines())
+    # NFC: "e" + U+0301 and "é" are one text (canonically equivalent) and must be one word.
+    return " ".join(unicodedata.normalize("NFC", text).splitlines())
 
 
 def _scorer(name: str):

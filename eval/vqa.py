@@ -2,7 +2,9 @@
 
 The rules, as the official code applies them:
 
-- An answer is cleaned of newlines, tabs and surrounding spaces.
+- An answer is cleaned of newlines, tabs and surrounding spaces. (One addition: it is NFC-normalised
+  first, so that an accent typed as a combining mark matches the precomposed letter; text already in
+  NFC, ASCII included, is unchanged.)
 - Normalisation (punctuation, then lower case, number words to digits, articles dropped, common
   contractions restored) is applied to the ground-truth answers *and* the prediction only when the
   ground-truth answers of that question are not all identical. When all annotators agree, the
@@ -22,6 +24,7 @@ under the leave-one-out rule, so it is scored by exact match after normalising b
 from __future__ import annotations
 
 import re
+import unicodedata
 from decimal import ROUND_HALF_UP, Decimal
 
 from .inputs import check_same_keys
@@ -74,7 +77,8 @@ _MAX_PERIODS_REMOVED = 32
 
 
 def _clean_whitespace(text: str) -> str:
-    return text.replace("\n", " ").replace("\t", " ").strip()
+    # NFC: "e" + U+0301 and "é" are one text (canonically equivalent) and must compare equal.
+    return unicodedata.normalize("NFC", text).replace("\n", " ").replace("\t", " ").strip()
 
 
 def _strip_punctuation(text: str) -> str:

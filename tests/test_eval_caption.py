@@ -283,3 +283,17 @@ def test_cli_with_int_image_ids_that_do_not_match_is_one_line(tmp_path):
                 "--metrics", "Bleu")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "no reference" in proc.stderr
+
+
+def test_decomposed_accents_score_as_the_same_text():
+    # "café" typed as e + combining acute (NFD: macOS, some tokenizers' decoding) is the same text as the
+    # precomposed "é" (NFC); scored as it stands it would be a different word.
+    import unicodedata
+
+    references = {1: ["a café by the rosé stand"], 2: ["a blue square"]}
+    composed = caption_metrics({1: "a café by the rosé stand", 2: "a blue square"}, references,
+                               metrics=["Bleu", "CIDEr"], per_sample=True)
+    decomposed = caption_metrics({1: unicodedata.normalize("NFD", "a café by the rosé stand"),
+                                  2: "a blue square"}, references, metrics=["Bleu", "CIDEr"], per_sample=True)
+    assert decomposed == composed and composed["Bleu_4"] == pytest.approx(1.0)
+

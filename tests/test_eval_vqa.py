@@ -165,3 +165,13 @@ def test_ids_that_differ_only_in_type_are_named_as_such():
     with pytest.raises(ValueError) as e:
         vqa_accuracy({"1": "yes"}, {1: {"answers": ["yes"]}})
     assert str(e.value).endswith(": 1. Keys must match exactly, and their types too: 1 and '1' differ.")
+
+
+def test_decomposed_accents_match_the_composed_answer():
+    import unicodedata
+
+    nfd = unicodedata.normalize("NFD", "café")
+    assert nfd != "café"
+    assert question_accuracy(nfd, ["café"] * 10) == 1.0  # all annotators agree: compared raw
+    assert question_accuracy(nfd, ["café"] * 4 + ["coffee shop"] * 6) == 1.0
+    assert question_accuracy("café", [nfd] * 3 + ["bar"] * 7) == pytest.approx(0.9)

@@ -204,6 +204,27 @@ def _scorer(name: str):
     return Spice()
 
 
+def _scorer_failed(name: str, scorer, res: dict) -> ValueError:
+    """The error for a scorer whose Java process died (METEOR runs out of heap on a caption of some ten
+    thousand words). pycocoevalcap's METEOR keeps its lock then, and its `__del__` would wait for it for
+    ever: the lock is released and the process ended here."""
+    process, why = getattr(scorer, "meteor_p", None), "no message"
+    if process is not None:
+        with contextlib.suppress(OSError):
+            process.stdin.close()  # closed even when its flush fails, so __del__ does not flush again
+        process.kill()
+        process.wait()
+        lines = [line for line in process.stderr.read().decode(errors="replace").splitlines() if line.strip()]
+        why = next((line.strip() for line in lines if "Exception" in line or "Error" in line),
+                   lines[-1].strip() if lines else why)
+    lock = getattr(scorer, "lock", None)
+    if lock is not None and lock.locked():
+        lock.release()
+    longest = max((len(c.split()) for captions in res.values() for c in captions), default=0)
+    return ValueError(f"{name} failed: its Java process stopped ({why}); the longest prediction has "
+                      f"{longest} words. Shorten the predictions or score without {name}")
+
+
 def caption_metrics(predictions: dict, references: dict, lang: str = "en", metrics=None,
                     per_sample: bool = False) -> dict:
     """Corpus-level caption metrics under pycocoevalcap's names (`Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`,
@@ -244,7 +265,10 @@ def caption_metrics(predictions: dict, references: dict, lang: str = "en", metri
         gts, res = ({i: d[k] for i, k in enumerate(keys)} for d in (gts, res))
         for name in metrics:
             scorer = _scorer(name)
-            score, scores = scorer.compute_score(gts, res)
+            try:
+                score, scores = scorer.compute_score(gts, res)
+            except (OSError, ValueError) as e:  # a broken pipe, or an empty line read as a float
+                raise _scorer_failed(name, scorer, res) from e
             del scorer  # METEOR's Java process ends when its scorer is collected
             names = BLEU_KEYS if name == "Bleu" else (name,)
             if name == "Bleu":

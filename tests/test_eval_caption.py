@@ -297,3 +297,37 @@ def test_decomposed_accents_score_as_the_same_text():
                                   2: "a blue square"}, references, metrics=["Bleu", "CIDEr"], per_sample=True)
     assert decomposed == composed and composed["Bleu_4"] == pytest.approx(1.0)
 
+
+_DYING_METEOR = """
+import subprocess, sys, threading
+from pycocoevalcap.meteor.meteor import Meteor
+import eval.caption as caption
+
+class DyingMeteor(Meteor):  # METEOR's Java process as it ends on a very long caption: out of heap space
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.meteor_p = subprocess.Popen(
+            [sys.executable, "-c", "import sys; sys.stderr.write('Exception in thread main "
+             "java.lang.OutOfMemoryError: Java heap space\\\\n')"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.meteor_p.wait()
+
+caption._scorer = lambda name: DyingMeteor()
+from eval.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_meteor_process_that_dies_is_one_line_not_a_hang(tmp_path):
+    # pycocoevalcap's METEOR keeps its lock when its Java process dies (a caption of some ten thousand words
+    # runs it out of heap), and its __del__ then waits for that lock for ever.
+    (tmp_path / "p.jsonl").write_text('{"image": "a.jpg", "caption": "a dog"}\n')
+    (tmp_path / "r.jsonl").write_text('{"image": "a.jpg", "captions": ["a dog runs"]}\n')
+    proc = subprocess.run([sys.executable, "-c", _DYING_METEOR, "caption", "--predictions",
+                           tmp_path / "p.jsonl", "--references", tmp_path / "r.jsonl", "--metrics", "METEOR"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "error: METEOR failed: its Java process stopped (Exception in thread main "
+        "java.lang.OutOfMemoryError: Java heap space); the longest prediction has 2 words. Shorten the "
+        "predictions or score without METEOR"]

@@ -80,40 +80,45 @@ def read_run_info(run: Path) -> dict:
     return info
 
 
+def _recipe(record: Path) -> str | None:
+    """The recipe a run's metrics.json or run.json names; None for a file that is not a recipe's (another
+    tool's metrics.json under outputs/)."""
+    try:
+        info = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    recipe = info.get("recipe") if isinstance(info, dict) else None
+    return recipe if isinstance(recipe, str) else None
+
+
 def latest_runs(outputs: Path) -> list[Path]:
     """The newest run folder (by its metrics.json) of each recipe under `outputs`, sorted by recipe."""
     newest: dict[str, tuple[float, Path]] = {}
     for metrics in outputs.rglob("metrics.json"):
         if "predictions" in metrics.parts or metrics.parent.name.startswith("checkpoint-"):
             continue
-        try:
-            recipe = json.loads(metrics.read_text(encoding="utf-8")).get("recipe")
-        except (OSError, ValueError):
-            continue
+        recipe = _recipe(metrics)
         if recipe and (recipe not in newest or metrics.stat().st_mtime > newest[recipe][0]):
             newest[recipe] = (metrics.stat().st_mtime, metrics.parent)
     return [newest[r][1] for r in sorted(newest)]
 
 
-def newer_unfinished(outputs: Path, runs: list[Path]) -> list[tuple[Path, Path]]:
-    """(run folder, the run of its recipe scored instead) for runs started after the scored one that have
-    checkpoints but no metrics.json yet: still training, or stopped before the end."""
-    scored = {}
-    for run in runs:
-        scored[json.loads((run / "metrics.json").read_text(encoding="utf-8")).get("recipe")] = run
+def newer_unfinished(outputs: Path, runs: list[Path]) -> list[tuple[Path, Path | None]]:
+    """(run folder, the run of its recipe scored instead, or None if none is) for runs that have checkpoints
+    but no metrics.json yet (still training, or stopped before the end) and started after the scored one."""
+    scored = {_recipe(run / "metrics.json"): run for run in runs}
     found = []
     for record in outputs.rglob("run.json"):
         folder = record.parent
         if (folder / "metrics.json").exists() or not any(folder.glob("checkpoint-*")):
             continue  # finished, or a merged folder (it holds its run's run.json)
-        try:
-            recipe = json.loads(record.read_text(encoding="utf-8")).get("recipe")
-        except (OSError, ValueError):
+        recipe = _recipe(record)
+        if recipe is None:
             continue
         instead = scored.get(recipe)
-        if instead is not None and record.stat().st_mtime > (instead / "metrics.json").stat().st_mtime:
+        if instead is None or record.stat().st_mtime > (instead / "metrics.json").stat().st_mtime:
             found.append((folder, instead))
-    return sorted(found)
+    return sorted(found, key=lambda pair: pair[0])
 
 
 def scored_step(info: dict) -> int | str | None:
@@ -389,13 +394,17 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table")
     args = p.parse_args(argv)
     runs = [Path(r) for r in args.runs] or latest_runs(Path(args.outputs))
+    for folder, instead in [] if args.runs else newer_unfinished(Path(args.outputs), runs):
+        if instead is None:
+            print(f"note: {folder} has not finished (no metrics.json): not scored; resume it to score it",
+                  file=sys.stderr)
+        else:
+            print(f"note: {folder} started after {instead} but has not finished (no metrics.json): {instead} "
+                  "is scored; resume the newer run to score it", file=sys.stderr)
     if not runs:
         print(f"no recipe runs under {args.outputs}/ (folders with a metrics.json from a recipe's train.py); "
               "run one, e.g. `make demo`, or give RUN=path", file=sys.stderr)
         return 1
-    for folder, instead in [] if args.runs else newer_unfinished(Path(args.outputs), runs):
-        print(f"note: {folder} started after {instead} but has not finished (no metrics.json): {instead} is "
-              "scored; resume the newer run to score it", file=sys.stderr)
     rows = [report_run(run, args.gallery_size) for run in runs]
     if args.json:
         print(json.dumps(rows, indent=2, allow_nan=False))

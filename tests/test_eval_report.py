@@ -172,3 +172,26 @@ def test_latest_run_of_each_recipe_and_the_cli_table(captions, tmp_path):
     r = subprocess.run([sys.executable, "-m", "eval", "report", str(tmp_path / "notarun")], env=env,
                        capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and "metrics.json" in r.stderr
+
+
+def test_runs_not_finished_and_foreign_json_files_under_outputs(captions, tmp_path):
+    _, path, refs = captions
+    outputs = tmp_path / "outputs"
+    done = make_run(outputs / "a", "recipe_a", "caption", path, {k: refs[k][0] for k in refs})
+    training = outputs / "b"  # the only run of recipe_b, still training: named, not left out silently
+    (training / "checkpoint-2").mkdir(parents=True)
+    (training / "run.json").write_text(json.dumps({"recipe": "recipe_b"}))
+    for name, text in [("list", "[1, 2]"), ("odd", '{"recipe": ["x"]}')]:  # another tool's metrics.json
+        (outputs / name).mkdir()
+        (outputs / name / "metrics.json").write_text(text)
+    (outputs / "odd" / "run.json").write_text("[]")
+    (outputs / "odd" / "checkpoint-1").mkdir()
+    assert latest_runs(outputs) == [done]
+    assert newer_unfinished(outputs, [done]) == [(training, None)]
+    r = subprocess.run([sys.executable, "-m", "eval", "report", "--outputs", str(outputs)],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    assert (f"note: {training} has not finished (no metrics.json): not scored; resume it to score it"
+            in r.stderr)
+    assert "Traceback" not in r.stderr
+

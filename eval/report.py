@@ -127,6 +127,12 @@ def scored_step(info: dict) -> int | str | None:
     return step if step == trained else f"{step} of {trained}"
 
 
+def file_step(path: Path, info: dict) -> int | str | None:
+    """The training step of the weights `path` holds predictions of: N for `step-N`, else `scored_step`."""
+    match = re.fullmatch(r"step-(\d+)", path.stem)
+    return int(match.group(1)) if match else scored_step(info)
+
+
 def predictions_file(run: Path, name: str = "final", suffix: str = ".jsonl") -> Path | None:
     """`predictions/<name><suffix>`; for "final", the newest `step-N<suffix>` when there is no final file."""
     path = run / "predictions" / f"{name}{suffix}"
@@ -228,6 +234,7 @@ def report_retrieval_run(run: Path, info: dict, records: dict, gallery_size: int
     if "final" not in row:
         raise DataError("missing_field",
                         "no predictions/final.npz or predictions/step-N.npz: nothing to score", path=run)
+    row["step"] = file_step(Path(row["final_file"]), info)
     atomic_write_text(run / "report.md", render_markdown(row))
     atomic_write_text(run / "gallery.html", render_retrieval_gallery(row, data, ranks, gallery_size))
     return row
@@ -267,6 +274,7 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
     if "final" not in row:
         raise DataError("missing_field",
                         "no predictions/final.jsonl or predictions/step-N.jsonl: nothing to score", path=run)
+    row["step"] = file_step(Path(row["final_file"]), info)
     atomic_write_text(run / "report.md", render_markdown(row))
     atomic_write_text(run / "gallery.html",
                       render_gallery(row, final_predictions, per_sample, records, gallery_size))

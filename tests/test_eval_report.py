@@ -195,3 +195,12 @@ def test_runs_not_finished_and_foreign_json_files_under_outputs(captions, tmp_pa
             in r.stderr)
     assert "Traceback" not in r.stderr
 
+
+def test_a_step_file_scored_as_final_names_its_step(captions, tmp_path):
+    _, path, refs = captions
+    run = make_run(tmp_path / "run", "r", "caption", path, {k: refs[k][0] for k in refs})
+    (run / "predictions" / "final.jsonl").rename(run / "predictions" / "step-8.jsonl")
+    row = report_run(run)
+    assert row["step"] == 8 and row["final_file"] == str(run / "predictions" / "step-8.jsonl")
+    assert "step 8," in (run / "report.md").read_text()
+

@@ -36,7 +36,8 @@ def test_retrieval_run_is_rescored_from_its_embeddings(tmp_path):
     assert (row["final"]["text_to_image_R@1"] == pytest.approx(0.75)
             and row["final"]["text_to_image_mean_rank"] == pytest.approx(1.5))
     assert row["final"]["image_to_text_R@1"] == pytest.approx(1.0)
-    assert (row["n"], row["n_eval"], row["step"]) == (3, 3, 7) and row["final_file"].endswith("step-3.npz")
+    # The step is the scored file's (step-3), not the run's last (7).
+    assert (row["n"], row["n_eval"], row["step"]) == (3, 3, 3) and row["final_file"].endswith("step-3.npz")
     gallery = (run / "gallery.html").read_text()
     # 2 worst queries
     assert gallery.count("data:image/png;base64,") + gallery.count("data:image/jpeg;base64,") == 2 * 4

@@ -268,6 +268,8 @@ def report_run(run: Path, gallery_size: int = 100) -> dict:
             row[name], samples = score(task, predictions, records, lang)
         except DataError as e:
             raise e.at(path=path) from None
+        except ValueError as e:  # a scorer's own error (METEOR's Java process stopped, ...)
+            raise DataError("bad_value", str(e), path=path) from None
         row[f"{name}_file"], row["n"], row["n_eval"] = str(path), len(predictions), len(records)
         if name == "final":
             per_sample, final_predictions = samples, predictions

@@ -204,3 +204,19 @@ def test_a_step_file_scored_as_final_names_its_step(captions, tmp_path):
     assert row["step"] == 8 and row["final_file"] == str(run / "predictions" / "step-8.jsonl")
     assert "step 8," in (run / "report.md").read_text()
 
+
+def test_a_scorer_error_is_one_line(captions, tmp_path, monkeypatch, capsys):
+    from eval import report
+    from eval.__main__ import main
+
+    _, path, refs = captions
+    run = make_run(tmp_path / "run", "r", "caption", path, {k: refs[k][0] for k in refs})
+
+    def fails(*args, **kwargs):
+        raise ValueError("METEOR failed: its Java process stopped (out of heap)")
+
+    monkeypatch.setattr(report, "caption_metrics", fails)
+    assert main(["report", str(run)]) == 1
+    final = run / "predictions" / "final.jsonl"
+    assert capsys.readouterr().err == (f"error: {final}: METEOR failed: its Java process stopped (out of "
+                                       "heap) [bad_value]\n")

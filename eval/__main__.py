@@ -8,7 +8,8 @@
     python -m eval retrieval --scores sims.npy --text-image-index t2i.npy [--k 1 5 10] [--json]
     python -m eval report [RUN ...] [--outputs outputs]   # recipe runs: table, report.md, gallery.html
 
-With `--json`, stdout holds exactly one JSON object; progress and notes go to stderr.
+A --predictions or --references file is JSONL, or one JSON list of the same rows. With `--json`, stdout holds
+exactly one JSON object; progress and notes go to stderr.
 """
 
 from __future__ import annotations

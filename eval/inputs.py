@@ -1,4 +1,5 @@
-"""Reading predictions and references from JSONL and from the official COCO / VQA files.
+"""Reading predictions and references from JSONL (or one JSON list of rows) and from the official COCO / VQA
+files.
 
 Every bad row raises a `DataError` naming file, line and field; a duplicated key is an error too,
 because silently keeping one of two predictions changes the score.
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 from data_tools.errors import BAD_VALUE, DUPLICATE_ID, MISSING_FIELD, WRONG_TYPE, DataError
 from data_tools.images import ImagePathResolver
-from data_tools.jsonl import iter_jsonl, load_json
+from data_tools.jsonl import iter_rows, load_json
 
 CAPTION_KEYS = ("image", "image_id", "id")
 CAPTION_TEXTS = ("prediction", "caption")
@@ -36,16 +37,34 @@ def _check_key(key, field: str, path, line: int):
 
 
 def _rows(path):
-    for line, row, _ in iter_jsonl(path):
+    """The rows of a JSONL file, or of a file holding one JSON list of rows, as `data_tools` reads them."""
+    first = True
+    for line, row, _, item in iter_rows(path):
+        if first and (isinstance(row, DataError) or isinstance(row, dict) and "annotations" in row):
+            _refuse_official_file(path)
+        first = False
         if isinstance(row, DataError):
             raise row
         if not isinstance(row, dict):
-            raise DataError(WRONG_TYPE, "row must be a JSON object", path=path, line=line)
+            raise DataError(WRONG_TYPE, "row must be a JSON object", path=path, line=line, field=item)
         yield line, row
 
 
+def _refuse_official_file(path) -> None:
+    """An official COCO / VQA file (one JSON object holding an `annotations` list) is not rows: say which flag
+    takes it, rather than that its first line is not a row."""
+    try:
+        data = load_json(path)
+    except DataError:
+        return  # not one JSON object either: the row's own error says what is wrong
+    if isinstance(data, dict) and isinstance(data.get("annotations"), list):
+        raise DataError(WRONG_TYPE, "is an official annotations file (one JSON object with 'annotations'), "
+                        "not rows; give it as --coco-annotations (captions, with --coco-results) or "
+                        "--vqa-annotations (VQA, with --vqa-questions and --vqa-results)", path=path)
+
+
 def read_predictions(path, keys=CAPTION_KEYS, texts=CAPTION_TEXTS) -> dict:
-    """Read a predictions JSONL file into `{key: text}`; a repeated key is an error."""
+    """Read a predictions file (JSONL or a JSON list) into `{key: text}`; a repeated key is an error."""
     predictions, seen_at = {}, {}
     for line, row in _rows(path):
         key_field, key = _first_field(row, keys, path, line)

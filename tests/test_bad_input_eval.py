@@ -227,3 +227,38 @@ def test_cli_subprocess_has_no_traceback(tmp_path, caption_files):
         env=env,
     )
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_json_list_files_are_read_like_jsonl(tmp_path, caption_files, capsys):
+    # A JSON list of rows, as data_tools reads them (and as COCO results files are: [{image_id, caption}]).
+    preds, refs = caption_files
+    as_list = tmp_path / "preds.json"
+    as_list.write_text(json.dumps([json.loads(line) for line in preds.read_text().splitlines()], indent=2))
+    refs_list = tmp_path / "refs.json"
+    refs_list.write_text(json.dumps([json.loads(line) for line in refs.read_text().splitlines()]))
+    code = main(["caption", "--predictions", str(as_list), "--references", str(refs_list), *FAST, "--json"])
+    assert code == 0
+    assert main(["caption", "--predictions", str(preds), "--references", str(refs), *FAST, "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == out[1] and json.loads(out[0])["CIDEr"] > 0
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+def test_an_official_annotations_file_given_as_jsonl_names_the_flag_it_goes_with(tmp_path, capsys, indent):
+    coco = tmp_path / "captions_val.json"
+    coco.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.jpg"}],
+                                "annotations": [{"id": 5, "image_id": 1, "caption": "a dog"}]},
+                               indent=indent))
+    preds = _jsonl(tmp_path / "preds.jsonl", [{"image_id": 1, "prediction": "a dog"}])
+    code = main(["caption", "--predictions", str(preds), "--references", str(coco), *FAST])
+    _one_line(capsys, code, f"{coco}: is an official annotations file", "--coco-annotations")
+    _jsonl(tmp_path / "numbers.jsonl", ["5"])  # a first row that is not an object is named as such
+    code = main(["caption", "--predictions", str(preds), "--references", str(tmp_path / "numbers.jsonl"),
+                 *FAST])
+    _one_line(capsys, code, f"{tmp_path / 'numbers.jsonl'}:1: row must be a JSON object")
+    vqa = tmp_path / "vqa_val.json"
+    vqa.write_text(json.dumps({"annotations": [{"question_id": 1, "answers": [{"answer": "2"}]}]},
+                              indent=indent))
+    answers = _jsonl(tmp_path / "answers.jsonl", [{"question_id": 1, "answer": "2"}])
+    code = main(["vqa", "--predictions", str(answers), "--references", str(vqa)])
+    _one_line(capsys, code, f"{vqa}: is an official annotations file", "--vqa-annotations")

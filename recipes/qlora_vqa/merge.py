@@ -8,8 +8,11 @@ The base is quantized as in training (the run's quantization_config.json) and de
 LoRA deltas are added to the weights they were trained against, not to the original 16-bit ones.
 The merged folder loads with `AutoModelForImageTextToText.from_pretrained` (no bitsandbytes
 needed) and gives the outputs of the quantized base + adapter, up to the rounding of --dtype
-(recipes/common/quantization.py; tests/test_qlora_recipe.py checks it). A run trained on an
-unquantized base (--load_in_4bit false) has no quantization_config.json and is merged as it is.
+(recipes/common/quantization.py; tests/test_qlora_recipe.py checks it). An 8-bit run (--load_in_8bit)
+also rounds the activations to 8 bits in its forward (LLM.int8), which no full checkpoint does: its merge
+differs from it by that rounding, as much as its base differs from its own dequantized weights (1e-2 of the
+logits on the tiny LLaVA). A run trained on an unquantized base (--load_in_4bit false) has no
+quantization_config.json and is merged as it is.
 """
 
 from transformers import AutoModelForImageTextToText

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import yaml
+
 from tests.test_readme_commands import commands, is_real_training, words
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,3 +44,34 @@ def test_qlora_readme_scores_the_predictions_file_its_vqa_v2_run_writes():
     # names are only for the eval file of a run that has a test file too (recipes/common/run.py).
     assert "--test_file" not in train
     assert m.group(1) == "final"
+
+
+def _flags(w: list[str]) -> dict[str, list[str]]:
+    """--name value... of a command's words, by name."""
+    out, name = {}, None
+    for word in w:
+        if word.startswith("--"):
+            name = word[2:]
+            out[name] = []
+        elif name is not None:
+            out[name].append(word)
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["clip_retrieval", "llava_instruct", "soft_prompt_caption"])
+def test_commands_to_measure_a_variant_change_a_config_default(recipe):
+    """A "to measure them" command that only restates config.yaml would measure the documented run again."""
+    text = (REPO / "recipes" / recipe / "README.md").read_text()
+    block = re.search(r"to measure them:\n```bash\n(.*?)```", text, re.DOTALL).group(1)
+    config = yaml.safe_load((REPO / "recipes" / recipe / "config.yaml").read_text())
+    lines = block.replace("\\\n", " ").splitlines()
+    trains = [words(line) for line in lines if "train.py" in line]
+    assert trains
+    for w in trains:
+        w = w[w.index(next(x for x in w if x.endswith("train.py"))) + 1:]
+        changed = [name for name, values in _flags(w).items()
+                   if name not in ("output_dir", "report_to", "seed")
+                   and (any("$" in v for v in values) or name not in config
+                        or [str(v) for v in values] != [str(v) for v in (
+                            config[name] if isinstance(config[name], list) else [config[name]])])]
+        assert changed, f"{recipe}: {' '.join(w)} changes no default of config.yaml"

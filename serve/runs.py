@@ -42,7 +42,7 @@ from recipes.common.chat import (
     chat_encoder,
     to_messages,
 )
-from recipes.common.merge import adapter_base, is_adapter_run, load_run, run_record
+from recipes.common.merge import adapter_base, check_final_model, is_adapter_run, load_run, run_record
 from recipes.common.models import load_processor, resolve_model_path
 from recipes.common.quantization import QUANTIZATION_FILE, load_trained_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
@@ -265,6 +265,7 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
         if not path.is_dir():
             raise RunLoadError(f"{path}: no such folder; give a training output_dir, a checkpoint-N, a "
                                "merged checkpoint or an embed.py index folder")
+        check_final_model(path)  # a run resumed and stopped: its folder's model is not its newest weights
         rid = run_id(path)
         if rid in runs:
             raise RunLoadError(f"{path}: a second run named {rid!r}; serve runs whose folders have different "

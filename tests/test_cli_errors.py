@@ -96,7 +96,7 @@ def test_merging_an_unfinished_run_names_its_newest_checkpoint_and_a_full_one_sa
     for step in (3, 12):
         (tmp_path / "run" / f"checkpoint-{step}").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match=r"holds no final model: the run did not finish\. Give one of "
-                                                r"its checkpoints, e\.g\. --run .*run/checkpoint-12,"):
+                                                r"its checkpoints instead, e\.g\. .*run/checkpoint-12,"):
         merge_run(tmp_path / "run", tmp_path / "out", LlavaForConditionalGeneration)
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "config.json").write_text("{}")

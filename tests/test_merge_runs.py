@@ -80,7 +80,7 @@ def test_a_run_resumed_past_its_final_model_and_stopped_is_refused(script, tmp_p
     main = importlib.import_module(f"recipes.{script}").main
     run = _finished_run(tmp_path / "run", 4, (2, 4, 6, 8))
     message = (r"run: its model is step 4's, but the run was resumed and went on to checkpoint-8 without "
-               r"finishing\. Give --run .*run/checkpoint-8")
+               r"finishing\. Give .*run/checkpoint-8 instead")
     with pytest.raises(ValueError, match=message):
         main(["--run", str(run), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
@@ -98,7 +98,7 @@ def test_an_unfinished_run_names_its_newest_checkpoint(script, tmp_path):
         (run / f"checkpoint-{n}").mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"model": "tiny:clip"}))
     with pytest.raises(FileNotFoundError, match=r"holds no final model: the run did not finish\. Give one of "
-                                                r"its checkpoints, e\.g\. --run .*run/checkpoint-12,"):
+                                                r"its checkpoints instead, e\.g\. .*run/checkpoint-12,"):
         main(["--run", str(run), "--out", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
@@ -124,3 +124,30 @@ def test_the_merge_says_which_step_it_wrote_the_best_checkpoint_s_with_load_best
         f"full checkpoint written to {tmp_path / 'best'}: the run's weights at step 2 of 6 (the best "
         "checkpoint)",
         f"full checkpoint written to {tmp_path / 'step2'}: the run's weights at step 2"]
+
+
+def _serve(run):
+    from serve.runs import load_runs
+
+    load_runs([run])
+
+
+def _chat(run):
+    from recipes.llava_instruct.chat import load
+
+    load(str(run))
+
+
+def _embed(run):
+    from recipes.clip_retrieval.embed import load
+
+    load(str(run))
+
+
+@pytest.mark.parametrize("load", [_serve, _chat, _embed])
+def test_serve_chat_and_embed_refuse_a_run_resumed_past_its_final_model(load, tmp_path):
+    """They would load the folder's step-4 model as the run's, as merge would."""
+    run = _finished_run(tmp_path / "run", 4, (4, 8))
+    with pytest.raises(ValueError, match=r"its model is step 4's, but the run was resumed and went on to "
+                                         r"checkpoint-8 without finishing\. Give .*run/checkpoint-8 instead"):
+        load(run)

@@ -28,7 +28,7 @@ from recipes.clip_retrieval.collator import (TextLengthReport, collator_for, poo
 from recipes.clip_retrieval.merge import load_dual_encoder
 from recipes.clip_retrieval.trainer import embed_images, embed_texts
 from recipes.common.data import load_records
-from recipes.common.merge import run_record
+from recipes.common.merge import check_final_model, run_record
 from recipes.common.models import resolve_model_path
 from recipes.common.run import run_main
 
@@ -37,6 +37,7 @@ def load(model: str, device: str = "cpu"):
     """(dual encoder in eval mode on `device`, processor, collator) for a run folder, checkpoint, Hub id or
     tiny:<name>."""
     path = resolve_model_path(model)
+    check_final_model(path)
     clip = load_dual_encoder(path).to(device).eval()
     processor = AutoProcessor.from_pretrained(path)
     return clip, processor, collator_for(clip, processor.tokenizer, processor.image_processor)

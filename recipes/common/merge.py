@@ -44,8 +44,8 @@ def no_model_message(run: Path) -> str:
     """Why folder `run` holds no model: an unfinished run (its newest checkpoint named), or no run at all."""
     found = checkpoints(run)
     if found:
-        return (f"{run} holds no final model: the run did not finish. Give one of its checkpoints, e.g. "
-                f"--run {found[-1]}, or resume the run to finish it.")
+        return (f"{run} holds no final model: the run did not finish. Give one of its checkpoints instead, "
+                f"e.g. {found[-1]}, or resume the run to finish it.")
     return f"{run}: no adapter_config.json or config.json; give a training output_dir or a checkpoint-N in it"
 
 
@@ -64,8 +64,8 @@ def check_final_model(run: str | Path) -> None:
     # the best checkpoint's (--load_best_model_at_end) being older or the same
     if (run / "trainer_state.json").is_file() and (step := saved_step(run)) < newest:
         raise ValueError(f"{run}: its model is step {step}'s, but the run was resumed and went on to "
-                         f"{found[-1].name} without finishing. Give --run {found[-1]}, or resume the run to "
-                         "finish it.")
+                         f"{found[-1].name} without finishing. Give {found[-1]} instead, or resume the run "
+                         "to finish it.")
 
 
 def is_adapter_run(run: str | Path) -> bool:

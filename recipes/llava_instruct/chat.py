@@ -20,6 +20,7 @@ from transformers import AutoModelForImageTextToText
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.chat import ChatEncoder, chat_encoder, to_messages
+from recipes.common.merge import check_final_model
 from recipes.common.models import load_processor, loading, resolve_model_path
 from recipes.common.quantization import load_trained_run
 from recipes.common.run import run_main
@@ -29,6 +30,7 @@ from recipes.common.trainer import stop_token_ids
 def load(model: str, dtype: str = "float32"):
     """(model, processor) of a run folder or checkpoint, or of a Hub id / tiny:<name>."""
     path = resolve_model_path(model)
+    check_final_model(path)
     if Path(path).is_dir():  # a QLoRA run's base quantized as in training, so that it answers as it scored
         return load_trained_run(path, AutoModelForImageTextToText, dtype)
     with loading(path):

@@ -29,6 +29,19 @@ def test_load_records_refuses_bad_rows_with_a_pointer_to_clean(tmp_path):
     text = str(e.value)
     assert "2 invalid row(s)" in text and f"{path}:2:" in text and f"{path}:3: field 'captions'" in text
     assert "python -m data_tools clean --task caption" in text and "--skip_bad_rows" in text
+    assert not text.endswith("]")  # each row's reason is on its row, not repeated after the advice
+
+
+def test_one_bad_row_is_a_one_line_error_naming_its_line_and_field(tmp_path):
+    path = _write(tmp_path, [{"image": "a.png", "captions": ["ok"]},
+                             {"image": "a.png", "captions": []}])
+    with pytest.raises(BadRowsError) as e:
+        load_records(path, "caption")
+    text = str(e.value)
+    assert "\n" not in text and text.startswith(f"{path}:2: field 'captions': ")
+    assert text.endswith("[empty_text]; fix it, drop it with `python -m data_tools clean --task caption "
+                         f"{path} --out CLEAN --rejects REJECTS`, or pass --skip_bad_rows to skip and "
+                         "count it.")
 
 
 def test_load_records_skips_counts_and_writes_rejects(tmp_path):

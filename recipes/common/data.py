@@ -29,7 +29,10 @@ COLUMNS = {
 
 
 class BadRowsError(DataError):
-    """Raised when a data file has invalid rows and `skip_bad_rows` is off."""
+    """Raised when a data file has invalid rows and `skip_bad_rows` is off; the message names each row."""
+
+    def _format(self) -> str:
+        return self.message
 
 
 def load_records(
@@ -63,16 +66,17 @@ def load_records(
     hint += missing_image_hint((e.reason for e, _ in errors), len(errors) + len(rows), path, image_root,
                                "--image_root")
     if errors and not skip_bad_rows:
-        shown = "\n".join(f"  {e}" for e, _ in errors[:10])
-        more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
         root = f" --image-root {image_root}" if image_root is not None else ""
-        raise BadRowsError(
-            errors[0][0].reason,
-            f"{len(errors)} invalid row(s):\n{shown}{more}\n"
-            f"Fix them, drop them with `python -m data_tools clean --task {task}{root} {path} --out CLEAN "
-            f"--rejects REJECTS`, or pass --skip_bad_rows to skip and count them.{hint}",
-            path=path,
-        )
+        clean = f"`python -m data_tools clean --task {task}{root} {path} --out CLEAN --rejects REJECTS`"
+        if len(errors) == 1:
+            message = (f"{errors[0][0]}; fix it, drop it with {clean}, or pass --skip_bad_rows to skip and "
+                       "count it")
+        else:
+            shown = "\n".join(f"  {e}" for e, _ in errors[:10])
+            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+            message = (f"{path}: {len(errors)} invalid row(s):\n{shown}{more}\nFix them, drop them with "
+                       f"{clean}, or pass --skip_bad_rows to skip and count them")
+        raise BadRowsError(errors[0][0].reason, f"{message}.{hint}", path=path)
     if errors:
         rejects_path = Path(rejects_path or f"{path}.rejects.jsonl")
         write_jsonl(rejects_path,

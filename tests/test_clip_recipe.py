@@ -317,3 +317,16 @@ def test_a_run_resumed_at_its_last_step_is_scored_without_training_more(env):
     assert metrics["after"] == pytest.approx(ref["after"], abs=1e-6)
     ref_weights, got = load_file(d / "whole" / "model.safetensors"), load_file(out / "model.safetensors")
     assert ref_weights.keys() == got.keys() and all(torch.equal(got[k], ref_weights[k]) for k in ref_weights)
+
+
+def test_a_wise_ft_export_says_its_weights_are_blended_with_the_base(env, capsys):
+    from recipes.clip_retrieval.merge import main
+
+    d, _, _, _ = env
+    main(["--run", str(d / "whole"), "--out", str(d / "wise_export")])
+    plain = capsys.readouterr().out
+    main(["--run", str(d / "whole"), "--out", str(d / "wise_export_half"), "--wise_ft_alpha", "0.5"])
+    blended = capsys.readouterr().out
+    assert plain.strip().endswith("the run's weights at step 5 of 5")
+    assert blended.strip().endswith("the run's weights at step 5 of 5, blended with its base: "
+                                    "0.5 * fine-tuned + 0.5 * base (--wise_ft_alpha 0.5)")

@@ -89,8 +89,14 @@ def main(argv=None):
         p.add_argument("--base", default=None,
                        help="the base checkpoint (default: the one the run was trained from)")
 
+    def describe(a):
+        if (alpha := a.wise_ft_alpha) is None:
+            return ""
+        return (f", blended with its base: {alpha:g} * fine-tuned + {1 - alpha:g} * base "
+                f"(--wise_ft_alpha {alpha:g})")
+
     return merge_cli(__doc__, lambda a: export(a.run, a.out, a.wise_ft_alpha, a.base, a.dtype), argv,
-                     add_arguments=add_arguments)
+                     add_arguments=add_arguments, describe=describe)
 
 
 if __name__ == "__main__":

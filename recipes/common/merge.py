@@ -127,18 +127,19 @@ def trained_step(run: str | Path) -> str | None:
 
 
 def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[str] | None = None, *,
-              dtype: str = "float32",
-              add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> Path:
+              dtype: str = "float32", add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+              describe: Callable[[argparse.Namespace], str] | None = None) -> Path:
     """The command line of a recipe's merge/export script: --run, --out, --dtype (+ `add_arguments`'s), then
     `merge(args)`, which writes to a temp folder renamed to --out when complete (--out must be new), with the
     run's run.json (what it trained with, e.g. the caption prompt serve uses); prints the folder written and
-    the step of its weights, and returns the folder."""
+    the step of its weights (then `describe(args)`, e.g. a blend), and returns the folder."""
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True,
                    help="the training output_dir (the weights it ended with: the best checkpoint's with "
                         "--load_best_model_at_end) or a checkpoint-N folder in it")
     p.add_argument("--out", required=True, help="a new folder for the full checkpoint")
-    p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=dtype, choices=["float32", "bfloat16", "float16"],
+                   help=f"dtype of the written weights (default: {dtype})")
     if add_arguments is not None:
         add_arguments(p)
     args = p.parse_args(argv)
@@ -150,5 +151,6 @@ def merge_cli(doc: str, merge: Callable[[argparse.Namespace], Path], argv: list[
         if (record := run_record(args.run)) is not None:
             shutil.copyfile(record, tmp / "run.json")
     step = trained_step(args.run)
-    print(f"full checkpoint written to {out}" + (f": the run's weights at {step}" if step else ""))
+    print(f"full checkpoint written to {out}" + (f": the run's weights at {step}" if step else "")
+          + (describe(args) if describe is not None else ""))
     return out

@@ -154,6 +154,24 @@ def image_token_ids(processor) -> set[int]:
     return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
 
 
+def special_strings(tokenizer) -> tuple[str, ...]:
+    """The strings the tokenizer reads as one of its special tokens wherever they stand: bos, eos, pad, ...,
+    and the added tokens marked special (<end_of_turn>)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+    return tuple({*filter(None, tokenizer.all_special_tokens), *(t.content for t in added if t.special)})
+
+
+def check_plain_text(messages: list[dict], specials: tuple[str, ...]) -> None:
+    """Refuse a turn whose text holds a special string: tokenized, it is the control token, not the text
+    (in an answer, an end-of-turn token the model would learn to stop at)."""
+    for i, message in enumerate(messages):  # one message per turn (`to_messages`): i names the turn
+        text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
+        found = next((s for s in specials if s in text), None)
+        if found is not None:
+            raise ValueError(f"conversations[{i}]: holds {found!r}, which the tokenizer reads as its special "
+                             "token, not as text; remove or rewrite it in the data")
+
+
 class ChatEncoder:
     """Renders, tokenizes and labels conversations with `processor`'s chat template (see the module
     docstring)."""
@@ -167,10 +185,7 @@ class ChatEncoder:
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.image_ids = image_token_ids(processor)
         self.eos_token_id = self.tokenizer.eos_token_id
-        # Tokens that can end a turn: the special tokens, and the added ones marked special (<end_of_turn>).
-        added = getattr(self.tokenizer, "added_tokens_decoder", {}).values()
-        self.specials = tuple({*filter(None, self.tokenizer.all_special_tokens),
-                               *(t.content for t in added if t.special)})
+        self.specials = special_strings(self.tokenizer)  # also the tokens that can end a turn
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as the chat template writes it, with one image placeholder per image."""
@@ -259,6 +274,7 @@ class ChatEncoder:
         n_parts = sum(part["type"] == "image" for m in messages for part in m["content"])
         if n_parts != len(images):
             raise ValueError(f"{n_parts} image part(s) in the conversation for {len(images)} image(s)")
+        check_plain_text(messages, self.specials)
         full, spans, eos_added = self._text(messages, add_generation_prompt)
         enc = self.tokenizer(full, add_special_tokens=self.add_special_tokens(full),
                              return_offsets_mapping=True)
@@ -341,6 +357,7 @@ class PrefixSuffixEncoder(ChatEncoder):
     def __init__(self, processor):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.image_ids = image_token_ids(processor)
+        self.specials = special_strings(self.tokenizer)
 
     @staticmethod
     def _split(messages: list[dict]) -> tuple[str, str | None, int]:
@@ -375,6 +392,7 @@ class PrefixSuffixEncoder(ChatEncoder):
         prefix, suffix, n_images = self._split(messages)
         if not images:
             raise NeedsImageError(f"{type(self.processor).__name__} takes no text-only sample")
+        check_plain_text(messages, self.specials)
         if n_images != len(images):
             raise ValueError(f"{n_images} image part(s) in the conversation for {len(images)} image(s)")
         if suffix is None or add_generation_prompt:

@@ -19,8 +19,9 @@ A conversation record (`data_tools` instruct schema: LLaVA `conversations`, or O
    cross-attention has none in the text); the labels are carried over to its tokens by aligning them with
    the plain tokenization, and an answer token that cannot be carried over exactly is an error;
 3. `fit_conversation`: a conversation over `max_length` (image tokens counted) is cut after the last
-   whole assistant turn that fits, never inside an image's tokens; when not even the first exchange (with
-   its images) fits, it is dropped. `ChatLengthReport` counts every cut and drop.
+   whole assistant turn that fits, never inside an image's tokens; when that cut would leave out an image
+   (not even the first exchange with its images fits, or an image is placed in a turn after the cut), it
+   is dropped. `ChatLengthReport` counts every cut and drop.
 
 The collators give the processor the same (cut) text and images, so a batch holds exactly what the
 processor makes of them, with every extra input the family needs (image_grid_thw, pixel_attention_mask,
@@ -428,7 +429,7 @@ class ChatLengthReport:
     cut: int = 0  # conversations cut at a turn boundary
     turns_cut: int = 0  # assistant turns removed by those cuts
     tokens_cut: int = 0
-    dropped: int = 0  # not even the first answer (with the image tokens) fits
+    dropped: int = 0  # no cut after a whole answer keeps every image within the budget
     text_only_skipped: int = 0  # a model that takes no text-only sample (PaliGemma)
     eos_added: int = 0  # answers that got an eos the template does not write
 
@@ -436,8 +437,8 @@ class ChatLengthReport:
         return (
             f"length budget: {self.samples} conversations, {self.cut} cut at a turn boundary "
             f"({self.turns_cut} assistant turns, {self.tokens_cut} tokens removed), {self.dropped} dropped "
-            f"(first answer with its image tokens over budget); image tokens are never cut; {self.eos_added} "
-            "answers got the eos the template does not write"
+            f"(no cut after a whole answer that keeps every image fits); image tokens are never cut; "
+            f"{self.eos_added} answers got the eos the template does not write"
             + (f"; {self.text_only_skipped} text-only skipped (the model takes none)"
                if self.text_only_skipped else "")
         )

@@ -12,8 +12,9 @@
 #   bash bench/gpu_run.sh qwen-qlora   qlora_vqa at Qwen2.5-VL-7B-Instruct dims, LM in NF4
 # on the device machine with `carry: [".whl"]` (bench/gpu_wheels.sh makes .whl/ here). Each run writes
 # $OUT/<name>.json (the harness's JSON: device, versions, command, rows) and $OUT/<name>.log, and a line to
-# $OUT/summary.txt; a run that fails or outlasts its share is a line too, and the next one starts. Run the
-# groups by priority, one device call each. BENCH adds harness flags to every run:
+# $OUT/summary.txt; a run that fails or outlasts its share is a line too, and the next one starts. A run whose
+# JSON is already in $OUT is skipped (a line says so), so a group run again does only what is missing; logs
+# are appended to. Run the groups by priority, one device call each. BENCH adds harness flags to every run:
 # BENCH="--size tiny --device cpu --steps 1 --warmup 1" runs the whole script on the tiny models here (a smoke
 # run of the script, no figures).
 set -u
@@ -36,9 +37,14 @@ read -r -a extra <<< "${BENCH:-}"
 run() {
   local name=$1 limit=$2 recipe=$3
   shift 3
+  if [[ -e "$OUT/$name.json" ]]; then  # the harness never replaces a result: a group run again resumes
+    echo "$name: kept $OUT/$name.json from an earlier run (remove it to run it again)" \
+      | tee -a "$OUT/summary.txt"
+    return
+  fi
   local start=$SECONDS
   timeout --kill-after=10 "$limit" "$PY" -m bench "$recipe" "${extra[@]}" --json "$OUT/$name.json" "$@" \
-    > "$OUT/$name.log" 2>&1
+    >> "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name: rc=$rc in $((SECONDS - start)) s: $PY -m bench $recipe ${extra[*]} $*" \
     | tee -a "$OUT/summary.txt"

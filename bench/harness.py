@@ -37,12 +37,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from transformers import PrinterCallback, Trainer, TrainerCallback, set_seed
 
 from bench.adapters import ADAPTERS, CHAT_MODELS, Adapter, ChatAdapter
+from bench.cli import positive, result_path_error
 from bench.data import synthetic_jpeg_records
 from bench.flops import peak_tflops, step_flops
 from data_tools.errors import DataError
@@ -609,17 +609,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=["device", "e2e", "both"], default="both")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="optimizer steps before the clock starts")
-    p.add_argument("--batch-size", type=int, default=None,
+    p.add_argument("--batch-size", type=positive(), default=None,
                    help="per-device micro-batch (default: the benchmark shape; 4 at --size tiny)")
     p.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
                    help="also time plain transformers.Trainer + PEFT defaults on the same batches")
-    p.add_argument("--device-batches", type=int, default=2,
+    p.add_argument("--device-batches", type=positive(), default=2,
                    help="device mode: distinct premade batches, cycled")
-    p.add_argument("--distinct-images", type=int, default=2048,
+    p.add_argument("--distinct-images", type=positive(), default=2048,
                    help="e2e mode: synthetic images drawn, then repeated")
-    p.add_argument("--pad-text-to", type=int, default=None,
+    p.add_argument("--pad-text-to", type=positive(), default=None,
                    help="right-pad every batch's text to this many positions (CLIP's benchmark shape: 77)")
-    p.add_argument("--peak-tflops", type=float, default=None,
+    p.add_argument("--peak-tflops", type=positive(float), default=None,
                    help="the GPU's dense bf16 peak, for MFU (default: by its name)")
     p.add_argument("--flops", action="store_true",
                    help="only print the model FLOPs per sample of each part (the MFU numerator); trains "
@@ -629,8 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = p.parse_args(argv)
     if ns.recipe in ADAPTERS and (error := model_error(ns.recipe, ns.model)) is not None:
         p.error(error)  # exit 2, one line
-    if ns.json and not Path(ns.json).resolve().parent.is_dir():  # known now, not after minutes of runs
-        p.error(f"--json {ns.json}: no folder {Path(ns.json).resolve().parent}")
+    if (error := result_path_error("--json", ns.json)) is not None:  # known now, not after minutes of runs
+        p.error(error)
     opts = Options(recipe=ns.recipe, model=ns.model, device=ns.device, size=ns.size, mode=ns.mode,
                    steps=ns.steps, warmup=ns.warmup, batch_size=ns.batch_size, baseline=ns.baseline,
                    device_batches=ns.device_batches, distinct_images=ns.distinct_images,

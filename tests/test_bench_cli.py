@@ -1,0 +1,53 @@
+"""The bench commands' options: a bad value, a missing path or an earlier result file is a one-line error
+before any run; results are written whole, never over an earlier one."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bench import harness
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["soft_prompt_caption", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--mode",
+        "device", "--no-baseline"]
+
+
+def _one_line_error(capsys, *needles) -> str:
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert all(n in err for n in needles), err
+    return err
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--device-batches", "--distinct-images", "--pad-text-to",
+                                  "--peak-tflops"])
+def test_harness_refuses_a_size_of_zero_before_building_anything(flag, capsys):
+    # --batch-size 0 ran at batch 4, --distinct-images 0 with 1 image, --pad-text-to 0 unpadded
+    with pytest.raises(SystemExit) as exit_:
+        harness.main([*TINY, flag, "0"])
+    assert exit_.value.code == 2
+    _one_line_error(capsys, f"argument {flag}: must be above 0", "got 0")
+
+
+def test_harness_never_replaces_an_earlier_json(tmp_path, capsys):
+    earlier = tmp_path / "run.json"
+    earlier.write_text('{"earlier": 1}')
+    with pytest.raises(SystemExit) as exit_:
+        harness.main([*TINY, "--json", str(earlier)])
+    assert exit_.value.code == 2
+    _one_line_error(capsys, f"--json {earlier}: exists", "give another name")
+    assert json.loads(earlier.read_text()) == {"earlier": 1}
+
+
+def test_gpu_run_keeps_an_earlier_json_and_runs_the_rest(tmp_path):
+    (tmp_path / "clip.json").write_text('{"earlier": 1}')
+    env = {**os.environ, "OUT": str(tmp_path), "PY": "echo"}  # echo: the harness's command line, no run
+    subprocess.run(["bash", str(REPO / "bench" / "gpu_run.sh"), "core"], env=env, check=True,
+                   capture_output=True)
+    assert json.loads((tmp_path / "clip.json").read_text()) == {"earlier": 1}
+    summary = (tmp_path / "summary.txt").read_text().splitlines()
+    assert summary[0] == f"clip: kept {tmp_path}/clip.json from an earlier run (remove it to run it again)"
+    assert summary[1].startswith("blip2: rc=0 in ")
+    assert "-m bench blip2_lora_caption --json" in (tmp_path / "blip2.log").read_text()

@@ -32,10 +32,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bench.cli import positive, result_path_error
+from data_tools.files import atomic_write_text
+
 REPO = Path(__file__).resolve().parents[1]
 # The commit whose data_tools this bench compares against ("baseline"): hashing by full decode in one
 # process, all-pairs near-duplicate search, rows held in memory.
 BASELINE_COMMIT = "363a035ca9793e0547d8584c7a28fb08ef5ba0f0"
+PARTS = ("hash", "near", "e2e", "big", "check")
 
 
 def make_jpeg(path: Path, seed: int, w: int = 640, h: int = 480, quality: int = 90) -> None:
@@ -492,17 +496,23 @@ def hardware() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.data_tools", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=400, help="JPEGs for the hashing rates")
-    parser.add_argument("--near-sizes", default="10000,100000,1000000")
+    parser.add_argument("--images", type=positive(), default=400, help="JPEGs for the hashing rates")
+    parser.add_argument("--near-sizes", type=_sizes, default="10000,100000,1000000",
+                        help="comma-separated hash counts of the multi-index search")
     parser.add_argument("--e2e-images", type=int, default=10_000)
     parser.add_argument("--e2e-rows", type=int, default=100_000)
     parser.add_argument(
         "--big-rows", type=int, default=1_000_000, help="rows of the hash-file dedup + split (0: skip)"
     )
     parser.add_argument("--check-rows", type=int, default=500_000, help="rows of the validate part")
-    parser.add_argument("--parts", default="hash,near,e2e,big,check", help="comma-separated parts to run")
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated parts to run")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    unknown = [p for p in args.parts.split(",") if p not in PARTS]
+    if unknown:
+        parser.error(f"--parts: unknown part {unknown[0]!r}; the parts are {', '.join(PARTS)}")
+    if (error := result_path_error("--json", args.json)) is not None:  # known now, not after the run
+        parser.error(error)
     sys.path.insert(0, str(REPO))
     started = time.perf_counter()
     load_start = _load()
@@ -511,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
         d = Path(d)
         for name, fn in (
             ("hash", lambda: bench_hashing(args.images, _mk(d / "hash"))),
-            ("near", lambda: bench_near([int(x) for x in args.near_sizes.split(",")])),
+            ("near", lambda: bench_near(args.near_sizes)),
             (
                 "e2e",
                 lambda: bench_e2e(args.e2e_images, args.e2e_rows, _mk(d / "e2e")) if args.e2e_rows else [],
@@ -540,8 +550,13 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"\nWhole command: {time.perf_counter() - started:.0f} s wall.")
     print("\n".join(lines))
     if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": hardware(), "rows": rows}, indent=1))
+        atomic_write_text(args.json, json.dumps({"hardware": hardware(), "rows": rows}, indent=1))
     return 0
+
+
+def _sizes(text: str) -> list[int]:
+    """--near-sizes: hash counts, each above 0."""
+    return [positive()(x) for x in text.split(",")]
 
 
 def _version(module: str) -> str:

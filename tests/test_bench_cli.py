@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from bench import harness
+from bench import data_tools as bench_data_tools
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["soft_prompt_caption", "--size", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--mode",
@@ -39,6 +40,35 @@ def test_harness_never_replaces_an_earlier_json(tmp_path, capsys):
     assert exit_.value.code == 2
     _one_line_error(capsys, f"--json {earlier}: exists", "give another name")
     assert json.loads(earlier.read_text()) == {"earlier": 1}
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--parts", "hash,nerr"], "--parts: unknown part 'nerr'"),
+    (["--parts", "near", "--near-sizes", "10,x"], "argument --near-sizes: expected"),
+    (["--parts", "hash", "--images", "0"], "argument --images: must be above 0"),
+])
+def test_data_tools_bench_refuses_bad_options_in_one_line(argv, needle, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        bench_data_tools.main(argv)
+    assert exit_.value.code == 2
+    _one_line_error(capsys, needle)
+
+
+def test_data_tools_bench_checks_json_first_and_writes_it_whole(tmp_path, capsys):
+    target = tmp_path / "missing" / "rows.json"
+    with pytest.raises(SystemExit):
+        bench_data_tools.main(["--parts", "near", "--near-sizes", "100", "--json", str(target)])
+    _one_line_error(capsys, f"--json {target}: no folder")
+    earlier = tmp_path / "rows.json"
+    earlier.write_text("[]")
+    with pytest.raises(SystemExit):
+        bench_data_tools.main(["--parts", "near", "--near-sizes", "100", "--json", str(earlier)])
+    assert earlier.read_text() == "[]"
+    new = tmp_path / "new.json"
+    assert bench_data_tools.main(["--parts", "near", "--near-sizes", "100", "--json", str(new)]) == 0
+    rows = json.loads(new.read_text())["rows"]
+    assert rows[-1][0] == "multi-index (numpy), 100 hashes (10 pairs)"
+    assert sorted(os.listdir(tmp_path)) == ["new.json", "rows.json"]  # no temp file left
 
 
 def test_gpu_run_keeps_an_earlier_json_and_runs_the_rest(tmp_path):

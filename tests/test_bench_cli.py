@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import harness
+from bench import data_eval, harness
 from bench import data_tools as bench_data_tools
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,6 +69,27 @@ def test_data_tools_bench_checks_json_first_and_writes_it_whole(tmp_path, capsys
     rows = json.loads(new.read_text())["rows"]
     assert rows[-1][0] == "multi-index (numpy), 100 hashes (10 pairs)"
     assert sorted(os.listdir(tmp_path)) == ["new.json", "rows.json"]  # no temp file left
+
+
+def test_data_eval_labels_the_metrics_it_ran_and_appends_atomically(tmp_path, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as exit_:
+        data_eval.main(["--images", "0"])
+    assert exit_.value.code == 2
+    _one_line_error(capsys, "argument --images: must be above 0")
+    with pytest.raises(SystemExit):
+        data_eval.main(["--out", str(tmp_path / "missing" / "r.md")])
+    _one_line_error(capsys, "--out", "no folder")
+
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# earlier\n")
+    inode = out.stat().st_ino
+    data_eval.main(["--images", "3", "--dedup-images", "3", "--out", str(out)])
+    text = out.read_text()
+    assert text.startswith("# earlier\n") and "| synth, 3 caption images |" in text
+    assert out.stat().st_ino != inode  # a whole new file renamed over it, not an append in place
+    # SPICE runs only where its jars are: the label names what ran, not "all"
+    labels = [label for label, _ in data_eval.bench_caption(3)]
+    assert labels[1] == "caption metrics, 3 images x 5 refs: BLEU + METEOR + ROUGE-L + CIDEr"
 
 
 def test_gpu_run_keeps_an_earlier_json_and_runs_the_rest(tmp_path):

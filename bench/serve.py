@@ -35,6 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.cli import positive, result_path_error
+from data_tools.files import atomic_write_text
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -88,6 +91,7 @@ class Served:
             except OSError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()  # one that outlasted the deadline is not left running
                 raise RuntimeError(f"python -m serve {' '.join(runs)} did not start")
             time.sleep(0.5)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
@@ -192,16 +196,28 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", metavar="RUN_DIR",
                    help="a captioner run (default: a tiny one, trained first)")
-    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=96, help="timed requests per concurrency level")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--max-batch-size", type=int, default=32)
+    p.add_argument("--concurrency", type=positive(), nargs="+", default=[1, 8, 32])
+    p.add_argument("--requests", type=positive(), default=96, help="timed requests per concurrency level")
+    p.add_argument("--max-tokens", type=positive(), default=16)
+    p.add_argument("--max-batch-size", type=positive(), default=32)
     p.add_argument("--max-wait-ms", type=float, default=10.0)
     p.add_argument("--load-requests", type=int, default=1000, help="0: no load test")
-    p.add_argument("--load-concurrency", type=int, default=32)
+    p.add_argument("--load-concurrency", type=positive(), default=32)
     p.add_argument("--json", help="also write the results to this file")
     args = p.parse_args(argv)
+    for run in args.runs:  # known now, not after training and starting a server
+        if not Path(run).exists():
+            p.error(f"RUN_DIR {run}: no such folder; give a trained captioner's run folder")
+    if (error := result_path_error("--json", args.json)) is not None:
+        p.error(error)
+    try:
+        return _bench(args)
+    except RuntimeError as e:  # a server that did not start or answered an error: serve printed why above
+        print(f"python -m bench.serve: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 1
 
+
+def _bench(args) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         tmp = Path(tmp)
         runs = args.runs or [str(tiny_run(tmp))]
@@ -235,7 +251,7 @@ def main(argv=None) -> int:
             print(f"concurrency {r['concurrency']}: batching gives {ratio:.2f}x "
                   "the requests/s")
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=1))
+            atomic_write_text(args.json, json.dumps(results, indent=1))
         load = results.get("load")
         if load and (load["server_errors"] or load["good_answered"] != load["good"]):
             print("load test FAILED: a 5xx, or a good request without its answer", file=sys.stderr)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import data_eval, harness
+from bench import data_eval, harness, serve
 from bench import data_tools as bench_data_tools
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +90,25 @@ def test_data_eval_labels_the_metrics_it_ran_and_appends_atomically(tmp_path, ca
     # SPICE runs only where its jars are: the label names what ran, not "all"
     labels = [label for label, _ in data_eval.bench_caption(3)]
     assert labels[1] == "caption metrics, 3 images x 5 refs: BLEU + METEOR + ROUGE-L + CIDEr"
+
+
+def test_serve_bench_refuses_a_missing_run_folder_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        serve.main([str(tmp_path / "no-run")])
+    assert exit_.value.code == 2
+    _one_line_error(capsys, f"RUN_DIR {tmp_path / 'no-run'}: no such folder")
+    earlier = tmp_path / "serve.json"
+    earlier.write_text("{}")
+    with pytest.raises(SystemExit):
+        serve.main([str(tmp_path), "--json", str(earlier)])
+    _one_line_error(capsys, f"--json {earlier}: exists")
+
+
+def test_serve_bench_server_that_does_not_start_is_one_line(tmp_path, capsys):
+    empty = tmp_path / "not-a-run"
+    empty.mkdir()
+    assert serve.main([str(empty), "--load-requests", "0"]) == 1
+    _one_line_error(capsys, "python -m bench.serve:", "did not start")
 
 
 def test_gpu_run_keeps_an_earlier_json_and_runs_the_rest(tmp_path):

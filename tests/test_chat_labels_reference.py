@@ -13,9 +13,9 @@ from recipes.common.chat import ChatCollator, chat_encoder, to_messages, tokeniz
 from recipes.common.models import load_processor, resolve_model_path
 from recipes.qlora_vqa.collator import vqa_conversations
 
-END_OF_TURN = {"llava": "</s>", "gemma3": "<end_of_turn>", "qwen2_5_vl": "<|im_end|>", "qwen3_vl": "<|im_end|>",
-               "smolvlm": "<end_of_utterance>", "internvl": "<|im_end|>", "llava_onevision": "<|im_end|>",
-               "mllama": "<|eot_id|>"}
+END_OF_TURN = {"llava": "</s>", "gemma3": "<end_of_turn>", "qwen2_5_vl": "<|im_end|>",
+               "qwen3_vl": "<|im_end|>", "smolvlm": "<end_of_utterance>", "internvl": "<|im_end|>",
+               "llava_onevision": "<|im_end|>", "mllama": "<|eot_id|>"}
 
 
 def _h(text):
@@ -34,7 +34,8 @@ ROWS = {
     "image_in_a_later_turn": [_h("<image>\nfirst?"), _g("red."), _h("now this <image> one?"), _g("blue.")],
     "ends_with_the_user": [_h("<image>\nwhat?"), _g("a circle."), _h("and then?")],
     "unicode": [_h("<image>\n这是什么？ 🎉"), _g("一个红色的圆 🔴👍🏽 café naïve")],
-    "spaces_and_lines": [_h("<image>\nwhat?"), _g("  a circle. \n"), _h("list"), _g("1. red\n2. blue\n\nend")],
+    "spaces_and_lines": [_h("<image>\nwhat?"), _g("  a circle. \n"), _h("list"),
+                         _g("1. red\n2. blue\n\nend")],
 }
 
 
@@ -127,5 +128,5 @@ def test_the_vqa_samples_learn_the_training_answer_alone(family, images):
         {"image": images[1], "question": "what 🎉?", "answers": [" café "]}])
     samples, _ = tokenize_conversations(vqa_conversations(records), encoder, None)
     batch = ChatCollator(encoder)(list(samples))
-    for row, answer in enumerate(("Red", "café")):  # the first of the equally frequent forms
+    for row, answer in enumerate(("Red", "café")):  # "Red": the first of the equal forms
         _same(_learned(processor.tokenizer, batch, row), [answer + END_OF_TURN[name]])

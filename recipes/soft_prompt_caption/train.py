@@ -62,6 +62,9 @@ class SoftPromptArguments:
 
     def __post_init__(self):
         check_at_least(self, 0, "prompt_length")
+        if self.prompt_init_text and self.prompt_length == 0:
+            raise ValueError(f"prompt_init_text {self.prompt_init_text!r} needs a soft prompt to start, but "
+                             "prompt_length is 0: give prompt_length > 0, or leave prompt_init_text out.")
 
 
 def main(argv=None):
@@ -75,6 +78,11 @@ def main(argv=None):
     if args.model.load_in_4bit or args.model.load_in_8bit:
         raise ValueError("--load_in_4bit / --load_in_8bit are not supported by soft_prompt_caption: its "
                          "frozen parts are loaded in --dtype (bfloat16 on a GPU by default).")
+    if args.model.trust_remote_code:
+        # export.py and serve rebuild the model from the bases without it: a run they could not reload.
+        raise ValueError("--trust_remote_code is not supported by soft_prompt_caption: its bases load "
+                         "through the classes transformers ships (a CLIP-style vision encoder and a causal "
+                         "LM).")
     if args.model.processor_kwargs:
         raise ValueError("--processor_kwargs is not used by soft_prompt_caption: images are resized to what "
                          "the CLIP vision encoder was trained on (its image processor's size).")

@@ -639,6 +639,8 @@ def main(argv: list[str] | None = None) -> int:
         result = count_flops(opts) if ns.flops else run(opts)
     except (ValueError, DataError) as e:  # options the recipe or the measurement refuses: one line
         p.error(str(e).splitlines()[0])
+    except ImportError as e:  # a package this recipe or --model needs (torchvision for qwen2_5_vl)
+        p.error(f"a package is missing: {str(e).splitlines()[0]}")
     print(json.dumps(result, indent=2) if ns.flops else markdown(result))
     if ns.json:
         atomic_write_text(ns.json, json.dumps(result, indent=2))

@@ -121,3 +121,16 @@ def test_gpu_run_keeps_an_earlier_json_and_runs_the_rest(tmp_path):
     assert summary[0] == f"clip: kept {tmp_path}/clip.json from an earlier run (remove it to run it again)"
     assert summary[1].startswith("blip2: rc=0 in ")
     assert "-m bench blip2_lora_caption --json" in (tmp_path / "blip2.log").read_text()
+
+
+def test_harness_missing_package_is_one_line(monkeypatch, capsys):
+    def run(opts):
+        raise ImportError("could not load 'tiny:qwen2_5_vl': Qwen2VLVideoProcessor requires the Torchvision "
+                          "library but it was not found\nCheck out the installation page")
+
+    monkeypatch.setattr(harness, "run", run)
+    with pytest.raises(SystemExit) as exit_:
+        harness.main(TINY)
+    assert exit_.value.code == 2
+    _one_line_error(capsys, "python -m bench: error: a package is missing: could not load 'tiny:qwen2_5_vl'",
+                    "requires the Torchvision library but it was not found")

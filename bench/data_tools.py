@@ -117,13 +117,13 @@ def bench_hashing(n_images: int, folder: Path, rounds: int = 5) -> list[tuple[st
 
         methods["imagehash"] = lambda ps: [imagehash.phash(Image.open(p)) for p in ps]
     except ImportError:
-        labels["imagehash"] = "imagehash.phash: not installed"
+        pass  # its row says so below
     rates = _interleaved(methods, paths, rounds)
     base_wall, base_cpu = rates["base"]
     rows = []
     for name, label in labels.items():
-        if name not in rates:
-            rows.append((label, "", ""))
+        if name not in rates:  # a value, so that the row is not taken for a section's heading
+            rows.append((label, "-", "not installed"))
             continue
         wall, cpu = rates[name]
         if name.endswith("_all"):
@@ -238,6 +238,8 @@ def bench_near(sizes: list[int], threshold: int = 4) -> list[tuple[str, str, str
             tf = time.perf_counter() - t
             same = all(np.array_equal(a, b) for a, b in zip(found, other))
             rows.append((f"faiss IndexBinaryMultiHash, {n:,} hashes (same pairs: {same})", f"{tf:.2f}", ""))
+        else:
+            rows.append((f"faiss IndexBinaryMultiHash, {n:,} hashes", "-", "not installed (faiss-cpu)"))
     return rows
 
 

@@ -4,6 +4,7 @@ before any run; results are written whole, never over an earlier one."""
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,15 @@ def test_harness_missing_package_is_one_line(monkeypatch, capsys):
     assert exit_.value.code == 2
     _one_line_error(capsys, "python -m bench: error: a package is missing: could not load 'tiny:qwen2_5_vl'",
                     "requires the Torchvision library but it was not found")
+
+
+def test_data_tools_bench_rows_of_a_missing_package_say_so(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss raises ImportError
+    monkeypatch.setitem(sys.modules, "imagehash", None)
+    near = bench_data_tools.bench_near([100])
+    assert near[-1] == ("faiss IndexBinaryMultiHash, 100 hashes", "-", "not installed (faiss-cpu)")
+    hashing = bench_data_tools.bench_hashing(2, tmp_path, rounds=1)
+    assert ("imagehash.phash (full decode), 1 process", "-", "not installed") in hashing
+    # in the table, a plain row, not a bold section heading
+    assert bench_data_tools.main(["--parts", "near", "--near-sizes", "100"]) == 0
+    assert "| faiss IndexBinaryMultiHash, 100 hashes | - | not installed (faiss-cpu) |" in capsys.readouterr().out

@@ -146,4 +146,5 @@ def test_data_tools_bench_rows_of_a_missing_package_say_so(monkeypatch, tmp_path
     assert ("imagehash.phash (full decode), 1 process", "-", "not installed") in hashing
     # in the table, a plain row, not a bold section heading
     assert bench_data_tools.main(["--parts", "near", "--near-sizes", "100"]) == 0
-    assert "| faiss IndexBinaryMultiHash, 100 hashes | - | not installed (faiss-cpu) |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| faiss IndexBinaryMultiHash, 100 hashes | - | not installed (faiss-cpu) |" in out

@@ -68,7 +68,7 @@ def test_data_tools_bench_checks_json_first_and_writes_it_whole(tmp_path, capsys
     new = tmp_path / "new.json"
     assert bench_data_tools.main(["--parts", "near", "--near-sizes", "100", "--json", str(new)]) == 0
     rows = json.loads(new.read_text())["rows"]
-    assert rows[-1][0] == "multi-index (numpy), 100 hashes (10 pairs)"
+    assert "multi-index (numpy), 100 hashes (10 pairs)" in [r[0] for r in rows]
     assert sorted(os.listdir(tmp_path)) == ["new.json", "rows.json"]  # no temp file left
 
 

@@ -239,3 +239,26 @@ def test_activation_checkpointing_recomputes_the_layers_of_both_parts_with_the_s
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(recomputed, plain)
+
+
+def test_trained_weights_are_replaced_whole_or_not_at_all(bases, tmp_path, monkeypatch):
+    """A save stopped before its file is complete and on disk (a kill, a full disk) leaves the previous
+    trained.safetensors as it was and no temp file."""
+    from safetensors.torch import load_file
+
+    model = _model(bases)
+    save_trained(model, tmp_path)
+    before = load_file(tmp_path / "trained.safetensors")
+    with torch.no_grad():
+        model.soft_prompt.add_(1.0)
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("os.fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_trained(model, tmp_path)
+    monkeypatch.undo()
+    after = load_file(tmp_path / "trained.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before) and sorted(after) == sorted(before)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "trained.safetensors"]

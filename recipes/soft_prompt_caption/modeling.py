@@ -27,13 +27,14 @@ from typing import Literal
 
 import torch
 from huggingface_hub.dataclasses import strict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 from transformers import (CONFIG_MAPPING, AutoConfig, AutoModel, AutoModelForCausalLM, PreTrainedConfig,
                           PreTrainedModel)
 from transformers import initialization as init
 from transformers.configuration_utils import SubConfigSpec
 
+from data_tools.files import atomic_write
 from recipes.common.losses import label_positions_only
 from recipes.common.models import loading
 
@@ -327,7 +328,9 @@ def save_trained(model: nn.Module, folder: str | Path, state_dict: dict | None =
         raise KeyError(f"the state dict lacks trained parameters {missing[:5]}")
     # contiguous + clone: safetensors refuses views and tensors that share memory.
     tensors = {n: source[n].detach().to("cpu").contiguous().clone() for n in names}
-    save_file(tensors, str(folder / TRAINED_WEIGHTS), metadata={"format": "pt"})
+    # A kill or a full disk mid-save must leave the previous weights, not a truncated file resume would read.
+    with atomic_write(folder / TRAINED_WEIGHTS, "wb") as f:
+        f.write(save(tensors, metadata={"format": "pt"}))
     _base(model).config.save_pretrained(folder)
     if hasattr(model, "peft_config"):
         model.peft_config["default"].save_pretrained(folder)

@@ -28,6 +28,7 @@ same samples, through its own collator, PEFT set-up and loss (bench/RESULTS.md, 
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import importlib.metadata
 import json
@@ -439,6 +440,8 @@ def run(opts: Options) -> dict:
            "device": _device_name(opts.device), "batch_size": batch_size, "pad_text_to": opts.pad_text_to,
            "warmup_steps": opts.warmup,
            "command": " ".join(["python -m bench", *sys.argv[1:]]) if sys.argv else "",
+           # when it ran: a figure in RESULTS.md carries its date beside its command and device
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "versions": _versions(), "flop_convention": FLOP_CONVENTION,
            "tokens_counted": adapter.tokens_counted, "baseline_loaded_as": adapter.baseline_loaded_as,
            "sft_loaded_as": adapter.sft_loaded_as, "runs": [], "notes": []}
@@ -554,8 +557,8 @@ def markdown(result: dict) -> str:
     """The result as a Markdown table, one row per run, and the recipe / baseline ratios per mode."""
     steps = next((r["optimizer_steps"] for r in result["runs"] if "error" not in r), 0)
     model = f" on {result['model']}" if result["model"] else ""
-    lines = [f"{result['recipe']}{model} ({result['size']} dims) on {result['device']}, batch "
-             f"{result['batch_size']}, {steps} timed steps after {result['warmup_steps']} warm-up", "",
+    lines = [f"{result['recipe']}{model} ({result['size']} dims) on {result['device']}, {result['date']}, "
+             f"batch {result['batch_size']}, {steps} timed steps after {result['warmup_steps']} warm-up", "",
              "| mode | trainer | precision | trainable params | samples/s | tokens/s | MFU | peak alloc GiB "
              "| peak reserved GiB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["runs"]:

@@ -21,7 +21,7 @@ RUN_FIELDS = {"who", "mode", "trainer", "trainable_parameters", "parameters", "p
               "optimizer_steps", "seconds", "samples", "tokens", "samples_per_s", "tokens_per_s",
               "model_tflop_per_s", "mfu", "peak_allocated_gib", "peak_reserved_gib", "losses", "batch_tokens",
               "batch_shapes"}
-TOP_FIELDS = {"recipe", "model", "size", "pad_text_to", "device", "batch_size", "warmup_steps",
+TOP_FIELDS = {"recipe", "model", "size", "pad_text_to", "device", "date", "batch_size", "warmup_steps",
               "gradient_accumulation_steps",
               "command", "versions", "flop_convention", "tokens_counted", "baseline_loaded_as",
               "sft_loaded_as", "runs", "notes"}

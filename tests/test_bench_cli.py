@@ -1,6 +1,7 @@
 """The bench commands' options: a bad value, a missing path or an earlier result file is a one-line error
 before any run; results are written whole, never over an earlier one."""
 
+import datetime
 import json
 import os
 import subprocess
@@ -148,3 +149,14 @@ def test_data_tools_bench_rows_of_a_missing_package_say_so(monkeypatch, tmp_path
     assert bench_data_tools.main(["--parts", "near", "--near-sizes", "100"]) == 0
     out = capsys.readouterr().out
     assert "| faiss IndexBinaryMultiHash, 100 hashes | - | not installed (faiss-cpu) |" in out
+
+
+def test_harness_result_carries_its_date_in_the_json_and_the_table():
+    before = datetime.datetime.now(datetime.timezone.utc).replace(second=0, microsecond=0)
+    result = harness.run(harness.Options(recipe="soft_prompt_caption", device="cpu", size="tiny", steps=1,
+                                         warmup=1, mode="device", baseline=False))
+    when = datetime.datetime.strptime(result["date"], "%Y-%m-%d %H:%M UTC")
+    when = when.replace(tzinfo=datetime.timezone.utc)
+    assert before <= when <= datetime.datetime.now(datetime.timezone.utc)
+    assert harness.markdown(result).splitlines()[0].startswith(
+        f"soft_prompt_caption (tiny dims) on {result['device']}, {result['date']}, batch 4, 1 timed steps")

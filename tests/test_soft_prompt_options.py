@@ -19,3 +19,11 @@ def test_prompt_init_text_without_a_soft_prompt_is_refused(tmp_path):
 def test_trust_remote_code_is_refused(tmp_path):
     with pytest.raises(ValueError, match="--trust_remote_code is not supported by soft_prompt_caption"):
         train.main([*SHORT, "--output_dir", str(tmp_path), "--trust_remote_code", "true"])
+
+
+@pytest.mark.parametrize("flags", [["--lora_target_modules", "c_attn"], ["--use_dora", "true"],
+                                   ["--modules_to_save", "language_model.lm_head", "--use_rslora", "true"]])
+def test_lora_options_without_lora_are_refused(tmp_path, flags):
+    named = ", ".join(f for f in flags if f.startswith("--"))
+    with pytest.raises(ValueError, match=f"^{named} appl(y|ies) to LoRA, which is off"):
+        train.main([*SHORT, "--output_dir", str(tmp_path), *flags])

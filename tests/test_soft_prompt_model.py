@@ -262,3 +262,17 @@ def test_trained_weights_are_replaced_whole_or_not_at_all(bases, tmp_path, monke
     after = load_file(tmp_path / "trained.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before) and sorted(after) == sorted(before)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "trained.safetensors"]
+
+
+def test_patches_from_images_smaller_than_the_towers_config_are_refused(bases):
+    """A tower that takes any image size (DINOv2: config 518 px, its processor 224 px) gives fewer patches
+    than the length budget counted: refused, not read with its CLS token as a patch."""
+    from transformers import AutoModelForCausalLM, Dinov2Config, Dinov2Model
+
+    tower = Dinov2Model(Dinov2Config(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=64))
+    model = SoftPromptCaptioner.from_models(tower, AutoModelForCausalLM.from_pretrained(bases[1]),
+                                            vision_features="patches")
+    assert model.image_features(torch.randn(1, 3, 64, 64)).shape == (1, 64, 32)
+    with pytest.raises(ValueError, match=r"gave 17 vectors for 32 x 32 px images, fewer than the 64 patches"):
+        model.image_features(torch.randn(1, 3, 32, 32))

@@ -233,7 +233,15 @@ class SoftPromptCaptioner(PreTrainedModel):
         if self.config.vision_features == "pooled":
             return out.pooler_output.unsqueeze(1)
         # the patches; CLIP's CLS comes first
-        return out.last_hidden_state[:, -self.config.num_vision_tokens:]
+        hidden, n = out.last_hidden_state, self.config.num_vision_tokens
+        if hidden.shape[1] < n:  # a tower that takes any size: the length budget counted n
+            vision = self.config.vision_config
+            raise ValueError(
+                f"vision_features='patches': the vision encoder gave {hidden.shape[1]} vectors for "
+                f"{pixel_values.shape[-2]} x {pixel_values.shape[-1]} px images, fewer than the {n} patches "
+                f"of its config (image_size {vision.image_size} / patch_size {vision.patch_size}). Give the "
+                "image processor the config's image size, or use vision_features='pooled'.")
+        return hidden[:, -n:]
 
     def prefix_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[soft prompt, projected image] for each image: [batch, prefix_length, LM hidden size], in the LM's

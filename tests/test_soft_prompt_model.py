@@ -276,3 +276,24 @@ def test_patches_from_images_smaller_than_the_towers_config_are_refused(bases):
     assert model.image_features(torch.randn(1, 3, 64, 64)).shape == (1, 64, 32)
     with pytest.raises(ValueError, match=r"gave 17 vectors for 32 x 32 px images, fewer than the 64 patches"):
         model.image_features(torch.randn(1, 3, 32, 32))
+
+
+def test_a_frozen_soft_prompt_and_projection_are_saved_as_the_run_used_them(bases, tmp_path):
+    """--freeze_bridge true with LoRA: the bridge keeps its random start, which no base holds and a reload
+    cannot draw again: it is saved, and the rebuilt model is the run's."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(bases)
+    model.soft_prompt.requires_grad_(False)
+    model.projection.requires_grad_(False)
+    model = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"]))
+    save_trained(model, tmp_path)
+    torch.manual_seed(123)  # the rebuild's fresh parts would start elsewhere
+    rebuilt = SoftPromptCaptioner.from_trained(tmp_path).eval()
+    base = model.get_base_model()
+    assert torch.equal(rebuilt.soft_prompt, base.soft_prompt)
+    assert torch.equal(rebuilt.projection.weight, base.projection.weight)
+    ids = torch.tensor([[5, 6, 7]] * 2)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(pixel_values=_pixels(), input_ids=ids).logits,
+                                   model.eval()(pixel_values=_pixels(), input_ids=ids).logits)

@@ -312,6 +312,14 @@ def trained_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
+def saved_parameter_names(model: nn.Module) -> list[str]:
+    """What trained.safetensors holds: the parameters that train, and the soft prompt and projection even when
+    frozen (--freeze_bridge true): their random start is in no base, and a rebuild would draw another."""
+    bases = ("vision_model.", "language_model.")
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad or not name.removeprefix("base_model.model.").startswith(bases)]
+
+
 def _base(model: nn.Module) -> SoftPromptCaptioner:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not isinstance(base, SoftPromptCaptioner):
@@ -320,16 +328,17 @@ def _base(model: nn.Module) -> SoftPromptCaptioner:
 
 
 def save_trained(model: nn.Module, folder: str | Path, state_dict: dict | None = None) -> Path:
-    """Write what trains to `folder`: trained.safetensors, config.json (+ adapter_config.json with LoRA).
+    """Write what trains and the soft prompt and projection to `folder`: trained.safetensors, config.json (+
+    adapter_config.json with LoRA).
 
     `state_dict` is a full state dict gathered by the caller (FSDP, DeepSpeed); the trained entries are
     taken from it. Frozen weights are never written: they are the bases named in config.json.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    names = trained_parameter_names(model)
-    if not names:
+    if not trained_parameter_names(model):
         raise ValueError("nothing in the model is trainable: there is nothing to save.")
+    names = saved_parameter_names(model)
     source = state_dict if state_dict is not None else dict(model.named_parameters())
     missing = [n for n in names if n not in source]
     if missing:
@@ -346,17 +355,17 @@ def save_trained(model: nn.Module, folder: str | Path, state_dict: dict | None =
 
 
 def load_trained(model: nn.Module, folder: str | Path) -> None:
-    """Load trained.safetensors into `model` (built the same way); every trained parameter must be in it."""
+    """Load trained.safetensors into `model` (built the same way); every saved parameter must be in it."""
     path = Path(folder) / TRAINED_WEIGHTS
     tensors = load_file(str(path))
     params = dict(model.named_parameters())
     unknown = sorted(set(tensors) - set(params))
-    absent = sorted(set(trained_parameter_names(model)) - set(tensors))
+    absent = sorted(set(saved_parameter_names(model)) - set(tensors))
     if unknown or absent:
         lora = f" and {LORA_CONFIG}" if (path.parent / LORA_CONFIG).exists() else ""
         raise ValueError(f"{path} does not fit this model: {len(unknown)} unknown tensor(s) {unknown[:3]}, "
-                         f"{len(absent)} trained parameter(s) not in the file {absent[:3]}. Build the model "
-                         f"with the settings of the run (its config.json{lora}).")
+                         f"{len(absent)} parameter(s) of the model not in the file {absent[:3]}. Build the "
+                         f"model with the settings of the run (its config.json{lora}).")
     with torch.no_grad():
         for name, value in tensors.items():
             if params[name].shape != value.shape:

@@ -332,3 +332,25 @@ def test_a_config_of_ones_own_keeps_the_columns_the_collators_read(tmp_path):
                               "--remove_unused_columns", "true"], empty, (DataArguments, TrainingArguments))
     with pytest.raises(ValueError, match="--remove_unused_columns true: the Trainer would drop the columns"):
         setup_run(args.training)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--lora_target_modules", "q_proj"], "--lora_target_modules applies"),
+    (["--use_dora", "true", "--use_rslora", "true"], "--use_dora, --use_rslora apply"),
+    (["--modules_to_save", "lm_head"], "--modules_to_save applies"),
+])
+def test_lora_options_without_lora_are_refused(flags, named):
+    # peft_method none trains without peft: these would be ignored
+    with pytest.raises(ValueError, match=f"^{named} to LoRA, which is off"):
+        parse_args([PeftArguments], ["--peft_method", "none", *flags])
+    assert parse_args([PeftArguments], flags)[0].peft_method == "lora"
+
+
+def test_a_feature_folder_without_the_feature_cache_is_refused():
+    from recipes.common.args import FeatureCacheArguments
+
+    with pytest.raises(ValueError, match="^--vision_feature_dir is used by --cache_vision_features, which "
+                                         "is off"):
+        parse_args([FeatureCacheArguments], ["--vision_feature_dir", "/tmp/features"])
+    assert parse_args([FeatureCacheArguments], ["--vision_feature_dir", "/tmp/f", "--cache_vision_features",
+                                                "true"])[0].vision_feature_dir == "/tmp/f"

@@ -144,6 +144,11 @@ class PeftArguments:
                            "(rank-stabilized LoRA, Kalajdzievski, 2023): for large ranks.")
 
     def __post_init__(self):
+        names = ("lora_target_modules", "modules_to_save", "use_dora", "use_rslora")
+        lora_only = [f"--{name}" for name in names if getattr(self, name)]
+        if lora_only and self.peft_method == "none":
+            raise ValueError(f"{', '.join(lora_only)} appl{'ies' if len(lora_only) == 1 else 'y'} to LoRA, "
+                             "which is off (--peft_method none): add --peft_method lora, or leave them out.")
         # A regex flag arrives as a one-element list (nargs="+"); peft reads a regex from a plain string.
         targets = self.lora_target_modules
         if isinstance(targets, list) and len(targets) == 1 and (
@@ -197,6 +202,11 @@ class FeatureCacheArguments:
     vision_feature_dir: str | None = arg(
         None, "Where the cached features go (a subfolder per model, processor and image set, reused by "
         "later runs); None = <output_dir>/vision_features.")
+
+    def __post_init__(self):
+        if self.vision_feature_dir is not None and not self.cache_vision_features:
+            raise ValueError("--vision_feature_dir is used by --cache_vision_features, which is off: add "
+                             "--cache_vision_features true, or leave it out.")
 
 
 @dataclass

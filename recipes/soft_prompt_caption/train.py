@@ -83,12 +83,6 @@ def main(argv=None):
         raise ValueError("--trust_remote_code is not supported by soft_prompt_caption: its bases load "
                          "through the classes transformers ships (a CLIP-style vision encoder and a causal "
                          "LM).")
-    lora_only = [f"--{name}" for name in ("lora_target_modules", "modules_to_save", "use_dora", "use_rslora")
-                 if getattr(args.peft, name)]
-    if lora_only and args.peft.peft_method == "none":
-        raise ValueError(f"{', '.join(lora_only)} appl{'ies' if len(lora_only) == 1 else 'y'} to LoRA, which "
-                         f"is off (--peft_method none): add --peft_method lora, or leave "
-                         f"{'it' if len(lora_only) == 1 else 'them'} out.")
     if args.model.processor_kwargs:
         raise ValueError("--processor_kwargs is not used by soft_prompt_caption: images are resized to what "
                          "the CLIP vision encoder was trained on (its image processor's size).")

@@ -423,3 +423,17 @@ def test_the_optimizer_is_the_trainers_own_without_per_component_rates(tmp_path)
                             optimizer_cls_and_kwargs=(factory, {"lr": 1e-4}))
     with pytest.raises(ValueError, match="makes its own parameter groups, so it cannot take --vision_lr"):
         trainer.create_optimizer()
+
+
+def test_a_rate_for_a_part_that_does_not_train_is_refused(tmp_path):
+    from transformers import TrainingArguments
+
+    from recipes.common.trainer import RecipeTrainer
+
+    model = apply_peft(tiny_llava(), PeftArguments())  # LoRA on the LM; vision tower and projector frozen
+    args = TrainingArguments(str(tmp_path), use_cpu=True, report_to=[])
+    rates = LearningRateArguments(vision_lr=1e-5, bridge_lr=1e-3, lm_lr=1e-4)
+    with pytest.raises(ValueError, match=r"^--vision_lr, --bridge_lr: nothing trains in that part of the "
+                                         r"model .*\(--vision_lr none --bridge_lr none\)\.$"):
+        RecipeTrainer(model=model, args=args, learning_rates=rates)
+    RecipeTrainer(model=model, args=args, learning_rates=LearningRateArguments(lm_lr=1e-4))

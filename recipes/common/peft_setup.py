@@ -276,14 +276,28 @@ def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None
 
 # ------------------------------------------------------------------------------------- learning rates, counts
 
+RATE_FLAGS = {"vision": "vision_lr", "bridge": "bridge_lr", "language": "lm_lr"}
+
+
+def check_learning_rates(model: torch.nn.Module, learning_rates: LearningRateArguments) -> None:
+    """A ValueError for a per-component rate of a component with nothing trainable: it would be ignored."""
+    parts = find_components(model)
+    trained = {parts.of(name) for name, p in model.named_parameters() if p.requires_grad}
+    unused = [f"--{flag}" for c, flag in RATE_FLAGS.items()
+              if getattr(learning_rates, flag) is not None and c not in trained]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: nothing trains in that part of the model (frozen, no LoRA "
+                         f"there), so the rate would be ignored. Unfreeze it (the --freeze_* flags), or "
+                         f"leave the rate out ({' '.join(f'{flag} none' for flag in unused)}).")
+
+
 def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, base_lr: float,
                  weight_decay: float, decay: set[str]) -> list[dict]:
     """Optimizer parameter groups of the trainable parameters: one per (component, decay / no decay), each
     at its component's learning rate; `decay`: the names that get weight decay (the Trainer's rule).
     Each group has a "name" ("vision", "vision_no_decay", ...)."""
     parts = find_components(model)
-    lrs = {"vision": learning_rates.vision_lr, "bridge": learning_rates.bridge_lr,
-           "language": learning_rates.lm_lr, "other": None}
+    lrs = {c: getattr(learning_rates, flag) for c, flag in RATE_FLAGS.items()} | {"other": None}
     groups = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:

@@ -31,7 +31,7 @@ from data_tools.jsonl import write_jsonl
 from .args import GenerationEvalArguments, LearningRateArguments
 from .lengths import IGNORE_INDEX
 from .losses import causal_lm_loss, label_positions_only
-from .peft_setup import param_groups
+from .peft_setup import check_learning_rates, param_groups
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -115,6 +115,8 @@ class RecipeTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.generation = generation
         self.learning_rates = learning_rates
+        if learning_rates is not None:
+            check_learning_rates(self.model, learning_rates)
         self.loss_on_label_positions = loss_on_label_positions
         # A generative model that does not take the Trainer's token count (Qwen-VL) returns each micro-batch's
         # mean loss, which accumulation and processes then average: the Trainer computes the loss instead.

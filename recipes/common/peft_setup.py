@@ -279,16 +279,17 @@ def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None
 RATE_FLAGS = {"vision": "vision_lr", "bridge": "bridge_lr", "language": "lm_lr"}
 
 
-def check_learning_rates(model: torch.nn.Module, learning_rates: LearningRateArguments) -> None:
-    """A ValueError for a per-component rate of a component with nothing trainable: it would be ignored."""
+def check_learning_rates(model: torch.nn.Module, learning_rates: LearningRateArguments) -> list[str]:
+    """Warn of (and return) the per-component rates of components with nothing trainable, which go unused: a
+    warning, not an error, as a recipe's config.yaml may set the rate of a part a command then freezes."""
     parts = find_components(model)
     trained = {parts.of(name) for name, p in model.named_parameters() if p.requires_grad}
     unused = [f"--{flag}" for c, flag in RATE_FLAGS.items()
               if getattr(learning_rates, flag) is not None and c not in trained]
     if unused:
-        raise ValueError(f"{', '.join(unused)}: nothing trains in that part of the model (frozen, no LoRA "
-                         f"there), so the rate would be ignored. Unfreeze it (the --freeze_* flags), or "
-                         f"leave the rate out ({' '.join(f'{flag} none' for flag in unused)}).")
+        logger.warning("%s: nothing trains in that part of the model (frozen, no LoRA there), so the rate is "
+                       "unused; unfreeze it (the --freeze_* flags) to train it", ", ".join(unused))
+    return unused
 
 
 def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, base_lr: float,

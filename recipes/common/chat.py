@@ -49,6 +49,7 @@ from data_tools.records import IMAGE_TOKEN
 
 from .args import arg, check_at_least
 from .lengths import IGNORE_INDEX
+from .models import special_strings
 from .run import first
 from .trainer import GenerationEval
 
@@ -153,13 +154,6 @@ def image_token_ids(processor) -> set[int]:
     ids = {tokenizer.convert_tokens_to_ids(n) for n in names if isinstance(n, str)}
     ids |= {getattr(processor, "image_token_id", None)}
     return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
-
-
-def special_strings(tokenizer) -> tuple[str, ...]:
-    """The strings the tokenizer reads as one of its special tokens wherever they stand: bos, eos, pad, ...,
-    and the added tokens marked special (<end_of_turn>)."""
-    added = getattr(tokenizer, "added_tokens_decoder", {}).values()
-    return tuple({*filter(None, tokenizer.all_special_tokens), *(t.content for t in added if t.special)})
 
 
 def check_plain_text(messages: list[dict], specials: tuple[str, ...]) -> None:

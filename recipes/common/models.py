@@ -36,6 +36,13 @@ def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
                          "(accelerate_configs/single_gpu.yaml sets bf16), or --dtype float32.")
 
 
+def special_strings(tokenizer) -> tuple[str, ...]:
+    """The strings the tokenizer reads as one of its special tokens wherever they stand: bos, eos, pad, ...,
+    and the added tokens marked special (<end_of_turn>)."""
+    added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
+    return tuple(sorted({*filter(None, tokenizer.all_special_tokens), *added}))
+
+
 TINY_PREFIX = "tiny:"
 
 

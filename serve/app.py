@@ -203,6 +203,21 @@ def _validation_error(e: ValidationError) -> ClientError:
 ROLES = {"user": "human", "assistant": "gpt", "system": "system", "developer": "system"}
 
 
+def refuse_special_strings(text: str, run, model: str, param: str, in_message: bool = True) -> None:
+    """Refuse `text` holding a string the tokenizer of `run` reads as a special token: in a prompt it would
+    be the control token (a turn injected, the text ended), not text; training refuses such a row too. In a
+    message, `<image>` too: the conversation places an image part with it."""
+    if in_message and IMAGE_TOKEN in text and IMAGE_TOKEN not in run.specials:
+        raise ClientError(400, f"{param}: holds {IMAGE_TOKEN!r}, which stands for an image here, not for "
+                          "text; send the image as an image_url part", param=param,
+                          code="special_token_in_text")
+    found = next((s for s in run.specials if s in text), None)
+    if found is not None:
+        raise ClientError(400, f"{param}: holds {found!r}, which the tokenizer of {model!r} reads as its "
+                          "special token, not as text; remove or rewrite it", param=param,
+                          code="special_token_in_text")
+
+
 def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     """The app serving `runs` ({id: run} from serve.runs.load_runs)."""
     options = options or ServeOptions()
@@ -327,7 +342,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         return await asyncio.to_thread(save_checked_image, data, scratch, max_pixels=options.max_image_pixels,
                                        param=param)
 
-    async def conversation(req: ChatRequest, saved: list[str]) -> tuple[list[dict], str | None]:
+    async def conversation(req: ChatRequest, run, saved: list[str]) -> tuple[list[dict], str | None]:
         """OpenAI messages -> LLaVA turns (the image part as `<image>` where it stands) and the image file,
         which is also put in `saved` as soon as it is written (for the caller to remove if the request
         fails)."""
@@ -341,6 +356,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                     if part.text is None:
                         raise ClientError(400, f"{param}.text: a text part needs a 'text' string",
                                           param=f"{param}.text", code="invalid_value")
+                    refuse_special_strings(part.text, run, req.model, f"{param}.text")
                     texts.append(part.text)
                     continue
                 if part.image_url is None:
@@ -409,7 +425,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                               f"{options.max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
         saved = []
         try:
-            turns, image = await conversation(req, saved)
+            turns, image = await conversation(req, run, saved)
             if turns[-1]["from"] != "human":
                 raise ClientError(400, "the last message must be the user's, to be answered",
                                   param="messages", code="invalid_conversation")
@@ -533,6 +549,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         if (req.query is None) == (req.image is None):
             raise ClientError(400, "give one of 'query' (a text: finds images) or 'image' (a data: URL: "
                               "finds captions)", param="query", code="invalid_value")
+        if req.query is not None:
+            refuse_special_strings(req.query, run, req.model, "query", in_message=False)
         k = min(req.k, options.max_search_k)
         if req.query is not None:
             hits = await asyncio.to_thread(run.search_text, req.query, k)

@@ -43,7 +43,7 @@ from recipes.common.chat import (
     to_messages,
 )
 from recipes.common.merge import adapter_base, check_final_model, is_adapter_run, load_run, run_record
-from recipes.common.models import load_processor, resolve_model_path
+from recipes.common.models import load_processor, resolve_model_path, special_strings
 from recipes.common.quantization import QUANTIZATION_FILE, load_trained_run
 from recipes.common.trainer import generate_kwargs, stop_token_ids
 from recipes.soft_prompt_caption.modeling import MODEL_TYPE as SOFT_PROMPT_MODEL_TYPE
@@ -117,6 +117,11 @@ class GenerativeRun:
         ids = self.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
         return self.extra_positions + len(self.prefix_ids) + len(ids)
 
+    @functools.cached_property
+    def specials(self) -> tuple[str, ...]:
+        """The strings its tokenizer reads as special tokens: not to be taken as a request's text."""
+        return self.encoder.specials if self.encoder is not None else special_strings(self.tokenizer)
+
     @property
     def needs_image(self) -> bool:
         """A captioner, or a chat model that takes no text-only input (PaliGemma's prefix + suffix)."""
@@ -147,6 +152,11 @@ class SearchRun:
     max_length: int | None = None  # a query's tokens: the index's captions were cut there
     task: str = "retrieval"
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @functools.cached_property
+    def specials(self) -> tuple[str, ...]:
+        """The strings its tokenizer reads as special tokens: not to be taken as a query's text."""
+        return special_strings(self.processor.tokenizer)
 
     def search_text(self, text: str, k: int) -> list[dict]:
         from recipes.clip_retrieval.embed import encode_texts

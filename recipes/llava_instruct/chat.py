@@ -8,10 +8,13 @@ or Ctrl-D ends
 
 --model is a run folder (LoRA adapter + base, or a full checkpoint), a merged checkpoint, a Hub id or
 tiny:<name>. The prompt is built exactly as in training (recipes/common/chat.py: the processor's chat
-template); in the interactive mode earlier questions and answers stay in the conversation.
+template); in the interactive mode earlier questions and answers stay in the conversation. A message holding
+a string the tokenizer reads as a special token (`</s>`, `<|im_start|>`, `<end_of_turn>`, ...) is not asked,
+as training refuses such a row: the interactive mode says so and asks again.
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 import torch
@@ -36,6 +39,17 @@ def load(model: str, dtype: str = "float32"):
     with loading(path):
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
         return model, load_processor(path, model.config.model_type)
+
+
+def check_message(encoder: ChatEncoder, turns: list[dict], n_images: int) -> None:
+    """ValueError when the last turn of `turns` cannot be asked as written: an `<image>` with no image left
+    for it, or text holding a special string of the tokenizer (it would be the control token, not text)."""
+    last = to_messages(turns, n_images=n_images)[-1]
+    text = "".join(p["text"] for p in last["content"] if p["type"] == "text")  # as check_plain_text reads it
+    found = next((s for s in encoder.specials if s in text), None)
+    if found is not None:
+        raise ValueError(f"the message holds {found!r}, which the tokenizer reads as its special token, not "
+                         "as text; remove or rewrite it")
 
 
 @torch.no_grad()
@@ -75,9 +89,11 @@ def main(argv=None) -> int:
     if torch.cuda.is_available():
         model.to("cuda")
     encoder = chat_encoder(processor)
+    n_images = 0 if image is None else 1
     if args.prompt is not None:
-        print(answer(model, processor, encoder, [{"from": "human", "value": first_turn(args.prompt)}], image,
-                     args.max_new_tokens))
+        turns = [{"from": "human", "value": first_turn(args.prompt)}]
+        check_message(encoder, turns, n_images)
+        print(answer(model, processor, encoder, turns, image, args.max_new_tokens))
         return 0
     turns = []
     while True:
@@ -87,7 +103,13 @@ def main(argv=None) -> int:
             break
         if not message:
             break
-        turns.append({"from": "human", "value": message if turns else first_turn(message)})
+        turn = {"from": "human", "value": message if turns else first_turn(message)}
+        try:
+            check_message(encoder, turns + [turn], n_images)
+        except ValueError as e:  # the conversation so far stays: the user rewrites the message
+            print(f"not asked: {e}", file=sys.stderr, flush=True)
+            continue
+        turns.append(turn)
         reply = answer(model, processor, encoder, turns, image, args.max_new_tokens)
         if reply:
             turns.append({"from": "gpt", "value": reply})

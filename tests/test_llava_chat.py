@@ -119,20 +119,28 @@ def test_length_budget_cuts_at_a_turn_boundary_never_inside_the_image(encoder):
     enc = encoder.encode(to_messages(CONVERSATION[1:], n_images=1), RED)
     first_turn = enc.turn_ends[0]  # bos + USER : + image + question + ASSISTANT : + answer + eos
     report = ChatLengthReport()
-    assert fit_conversation(enc, len(enc.input_ids), report) [1:] == (enc.input_ids, enc.labels)
-    assert fit_conversation(enc, len(enc.input_ids) - 1, report) [1:] == (enc.input_ids[:first_turn],
-                                                                          enc.labels[:first_turn])
+    # (text, ids, labels, images kept: None = all)
+    assert fit_conversation(enc, len(enc.input_ids), report)[1:] == (enc.input_ids, enc.labels, None)
+    assert fit_conversation(enc, len(enc.input_ids) - 1, report)[1:] == (enc.input_ids[:first_turn],
+                                                                         enc.labels[:first_turn], None)
     assert fit_conversation(enc, first_turn - 1, report) is None  # the first answer would be cut: dropped
     assert fit_conversation(enc, 3, report) is None  # inside the image tokens: dropped, never cut there
     assert (report.samples, report.cut, report.turns_cut, report.dropped) == (4, 1, 1, 2)
     assert report.tokens_cut == len(enc.input_ids) - first_turn
-    # An image in a later turn: a cut before it would leave pixel values without image tokens,
-    # so none is made.
+    # An image in a later turn: the cut before it leaves the image out with that turn, which gives the
+    # text-only first exchange.
     late = [{"from": "human", "value": "what color ?"}, {"from": "gpt", "value": "red ."},
             {"from": "human", "value": "<image>\ndescribe the image ."},
             {"from": "gpt", "value": "a red circle ."}]
     enc = encoder.encode(to_messages(late, n_images=1), RED)
-    assert fit_conversation(enc, len(enc.input_ids) - 1, ChatLengthReport()) is None
+    first = encoder.encode(to_messages(late[:2]))
+    report = ChatLengthReport()
+    assert fit_conversation(enc, len(enc.input_ids) - 1, report) == (first.text, first.input_ids,
+                                                                     first.labels, 0)
+    assert first.input_ids == [BOS] + ids("USER : what color ? ASSISTANT : red .") + [EOS]
+    assert (report.cut, report.turns_cut, report.dropped) == (1, 1, 0)
+    assert report.tokens_cut == len(enc.input_ids) - len(first.input_ids)
+    assert fit_conversation(enc, len(first.input_ids) - 1, report) is None and report.dropped == 1
 
 
 def test_tokenize_conversations_reports_and_names_the_record(encoder, tmp_path):

@@ -19,9 +19,10 @@ A conversation record (`data_tools` instruct schema: LLaVA `conversations`, or O
    cross-attention has none in the text); the labels are carried over to its tokens by aligning them with
    the plain tokenization, and an answer token that cannot be carried over exactly is an error;
 3. `fit_conversation`: a conversation over `max_length` (image tokens counted) is cut after the last
-   whole assistant turn that fits, never inside an image's tokens; when that cut would leave out an image
-   (not even the first exchange with its images fits, or an image is placed in a turn after the cut), it
-   is dropped. `ChatLengthReport` counts every cut and drop.
+   whole assistant turn that fits, never inside an image's tokens. The cut keeps the images placed before
+   it and leaves out those placed after it (in a later user turn): the sample is then the cut conversation
+   encoded again with the kept images, as the processor expands them without the others. A conversation
+   whose first exchange does not fit is dropped. `ChatLengthReport` counts every cut and drop.
 
 The collators give the processor the same (cut) text and images, so a batch holds exactly what the
 processor makes of them, with every extra input the family needs (image_grid_thw, pixel_attention_mask,
@@ -102,7 +103,9 @@ class EncodedConversation:
 
     turn_ends[k]: the length of the sequence that ends with assistant turn k (its separator included), and
     turn_chars[k] the length of the text that ends there. image_end: the length up to the last image token
-    (0 without an image): a cut must keep it.
+    (0 without an image): a cut before it leaves images out. turn_images[k]: how many images are placed
+    before assistant turn k, the ones a cut after it keeps (None: a conversation that is never cut between
+    its images).
     """
 
     text: str
@@ -113,6 +116,7 @@ class EncodedConversation:
     image_end: int
     eos_added: int = 0
     suffix: str | None = None  # the answer, for processors that take it apart (PrefixSuffixEncoder)
+    turn_images: list[int] | None = None
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
@@ -299,8 +303,13 @@ class ChatEncoder:
         image_positions = [pos for pos, (m, t) in enumerate(zip(mapping, ids, strict=True))
                            if m < 0 or t in self.image_ids]
         image_end = image_positions[-1] + 1 if images and image_positions else 0
+        placed, turn_images = 0, []
+        for message in messages:  # one span per assistant message, in order
+            if message["role"] == "assistant":
+                turn_images.append(placed)
+            placed += sum(part["type"] == "image" for part in message["content"])
         return EncodedConversation(full, ids, labels, turn_ends, [end for _, _, end in spans], image_end,
-                                   eos_added)
+                                   eos_added, turn_images=turn_images)
 
     def usable(self, items: datasets.Dataset) -> datasets.Dataset:
         """The eval items this model can answer: all of them."""
@@ -423,39 +432,58 @@ class ChatLengthReport:
     cut: int = 0  # conversations cut at a turn boundary
     turns_cut: int = 0  # assistant turns removed by those cuts
     tokens_cut: int = 0
-    dropped: int = 0  # no cut after a whole answer keeps every image within the budget
+    dropped: int = 0  # not even the first answer fits
     text_only_skipped: int = 0  # a model that takes no text-only sample (PaliGemma)
     eos_added: int = 0  # answers that got an eos the template does not write
 
     def __str__(self) -> str:
         return (
             f"length budget: {self.samples} conversations, {self.cut} cut at a turn boundary "
-            f"({self.turns_cut} assistant turns, {self.tokens_cut} tokens removed), {self.dropped} dropped "
-            f"(no cut after a whole answer that keeps every image fits); image tokens are never cut; "
-            f"{self.eos_added} answers got the eos the template does not write"
+            f"({self.turns_cut} assistant turns, {self.tokens_cut} tokens removed; an image placed after "
+            f"the cut goes with it, image tokens are never cut), {self.dropped} dropped (not even the "
+            f"first answer fits); {self.eos_added} answers got the eos the template does not write"
             + (f"; {self.text_only_skipped} text-only skipped (the model takes none)"
                if self.text_only_skipped else "")
         )
 
 
-def fit_conversation(enc: EncodedConversation, max_length: int | None,
-                     report: ChatLengthReport) -> tuple[str, list[int], list[int]] | None:
-    """`(text, input_ids, labels)` within `max_length`, cut after the last whole assistant turn that fits;
-    None: dropped."""
+def fit_conversation(enc: EncodedConversation, max_length: int | None, report: ChatLengthReport,
+                     encode_cut: Callable[[int, int], EncodedConversation] | None = None,
+                     ) -> tuple[str, list[int], list[int], int | None] | None:
+    """`(text, input_ids, labels, n_images)` within `max_length`, cut after the last whole assistant turn
+    that fits; n_images: how many of the images (the first ones) the sample keeps, None: all. None: dropped,
+    not even the first answer fits.
+
+    A cut before an image's tokens leaves that image out. `encode_cut(k, n)` gives the conversation up to
+    assistant turn k encoded with its first n images: the processor may expand the kept images differently
+    without the others (LLaVA-OneVision tiles a sample's only image), so such a cut is made on it, cut again
+    if it is still too long. Without it, the cut is a slice of `enc`.
+    """
     report.samples += 1
     report.eos_added += enc.eos_added
-    n = len(enc.input_ids)
-    if max_length is None or n <= max_length:
-        return enc.text, enc.input_ids, enc.labels
-    k = bisect.bisect_right(enc.turn_ends, max_length) - 1  # the last turn that ends within the budget
-    if k < 0 or enc.turn_ends[k] < enc.image_end:
-        report.dropped += 1
-        return None
-    end = enc.turn_ends[k]
-    report.cut += 1
-    report.turns_cut += len(enc.turn_ends) - 1 - k
-    report.tokens_cut += n - end
-    return enc.text[: enc.turn_chars[k]], enc.input_ids[:end], enc.labels[:end]
+    n, turns = len(enc.input_ids), len(enc.turn_ends)
+    text, ids, labels, kept, kept_turns = enc.text, enc.input_ids, enc.labels, None, turns
+    while max_length is not None and len(ids) > max_length:
+        k = bisect.bisect_right(enc.turn_ends, max_length) - 1  # the last turn that ends within the budget
+        past = k >= 0 and enc.turn_ends[k] < enc.image_end  # images after the cut
+        # No progress: the template writes a kept image's tokens after the turn that places it.
+        if k < 0 or (past and (enc.turn_images is None or enc.turn_images[k] == kept)):
+            report.dropped += 1
+            return None
+        kept_turns = k + 1
+        if past:
+            kept = enc.turn_images[k]
+            if encode_cut is not None:
+                enc = encode_cut(k, kept)
+                text, ids, labels = enc.text, enc.input_ids, enc.labels
+                continue
+        end = enc.turn_ends[k]
+        text, ids, labels = enc.text[: enc.turn_chars[k]], enc.input_ids[:end], enc.labels[:end]
+    if len(ids) < n:  # within the budget now, so shorter: cut
+        report.cut += 1
+        report.turns_cut += turns - kept_turns
+        report.tokens_cut += n - len(ids)
+    return text, ids, labels, kept
 
 
 def record_images(record: dict) -> list[str]:
@@ -490,18 +518,22 @@ def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None
         paths = record_images(record)
         try:
             messages = to_messages(record["conversations"], n_images=len(paths))
-            enc = encoder.encode(messages, [load_image(p) for p in paths])
+            images = [load_image(p) for p in paths]
+            enc = encoder.encode(messages, images)
+            answers = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+            fitted = fit_conversation(enc, max_length, report, lambda k, n: encoder.encode(
+                messages[: answers[k] + 1], images[:n]))
         except NeedsImageError:
             report.text_only_skipped += 1
             return {**sample, "report": vars(report)}
         except ValueError as e:
             where = f"{source}:{record['line']}" if record.get("line") else f"{source}: record {i}"
             raise type(e)(f"{where}: {e}") from None
-        fitted = fit_conversation(enc, max_length, report)
         if fitted is not None:
-            text, ids, labels = fitted
-            sample = {"images": paths, "text": text, "input_ids": ids, "labels": labels, "length": len(ids),
-                      "has_image": bool(paths), "suffix": enc.suffix}
+            text, ids, labels, n_images = fitted
+            kept = paths if n_images is None else paths[:n_images]
+            sample = {"images": kept, "text": text, "input_ids": ids, "labels": labels, "length": len(ids),
+                      "has_image": bool(kept), "suffix": enc.suffix}
         return {**sample, "report": vars(report)}
 
     if isinstance(records, list):  # every row with every key: from_list keeps only the first row's keys

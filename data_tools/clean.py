@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import posixpath
+import shlex
 import shutil
 import sys
 import tempfile
@@ -25,7 +26,7 @@ from .errors import BAD_VALUE, DUPLICATE_ID, EMPTY_FILE, MISSING_IMAGE, UNREADAB
 from .files import check_outputs, replaced_together
 from .images import MAX_PIXELS, MIN_SIDE, ImagePathResolver, check_image, load_image, relative_image_path
 from .jsonl import JsonlWriter, iter_rows
-from .records import TASKS, normalize_record, other_task_hint
+from .records import TASKS, check_reserved, normalize_record, other_task_hint
 
 
 @dataclass
@@ -64,6 +65,7 @@ def check_rows(
     max_pixels: int = MAX_PIXELS,
     progress: bool = True,
     outside_root_flag: str | None = None,
+    reserved: tuple[str, ...] = (),
 ) -> Iterator[tuple[int, dict | DataError, bytes]]:
     """Yield `(line, canonical_record_or_error, raw_line)` for every row; records get `image` made absolute.
 
@@ -75,17 +77,18 @@ def check_rows(
     row's index, as the field `[i].<field>`: several rows can start on one line). Each distinct image is
     checked once, however many rows name it. For vqa, a
     row without a `question_id` gets `"<file name>:<line>"`, and a question id used twice (`1` and `"1"`
-    count as the same) is an error naming both lines. A missing or unreadable file raises `DataError`.
+    count as the same) is an error naming both lines. `reserved`: strings no text field may hold (a model's
+    special tokens, `records.check_reserved`). A missing or unreadable file raises `DataError`.
     """
     for line, row, raw, _ in _check_rows(
             path, task, image_root=image_root, root=root, allow_outside_root=allow_outside_root,
             check_images=check_images, min_side=min_side, max_pixels=max_pixels, progress=progress,
-            outside_root_flag=outside_root_flag):
+            outside_root_flag=outside_root_flag, reserved=reserved):
         yield line, row, raw
 
 
 def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=False, check_images=True,
-                min_side=MIN_SIDE, max_pixels=MAX_PIXELS, progress=True, outside_root_flag=None):
+                min_side=MIN_SIDE, max_pixels=MAX_PIXELS, progress=True, outside_root_flag=None, reserved=()):
     """`check_rows`, also yielding each record's image path relative to the image root (None if none; a list
     for a row with several images)."""
     path = Path(path)
@@ -108,6 +111,7 @@ def _check_rows(path, task, *, image_root=None, root=None, allow_outside_root=Fa
         rel = None
         try:
             record = normalize_record(row, task)
+            check_reserved(record, task, reserved)
             if task == "vqa":
                 if "question_id" not in record:
                     record["question_id"] = f"{path.name}:{line}" if item is None else f"{path.name}{item}"
@@ -265,6 +269,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-side", type=int, default=MIN_SIDE, help="reject images with a side below this (px)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="reject images above this many pixels (decompression-bomb guard)")
+    p.add_argument("--reserved", action="append", default=[], metavar="STR",
+                   help="reject rows whose text holds this string, e.g. a model's special token ('</s>'), "
+                        "which its tokenizer reads as a control token, not as text; repeat for several")
+
+
+def reserved_flags(strings) -> str:
+    """' --reserved S' for each string, quoted for a shell."""
+    return "".join(f" --reserved {shlex.quote(s)}" for s in strings)
 
 
 def _kwargs(args: argparse.Namespace) -> dict:
@@ -275,6 +287,7 @@ def _kwargs(args: argparse.Namespace) -> dict:
         min_side=args.min_side,
         max_pixels=args.max_pixels,
         outside_root_flag="--allow-outside-root",
+        reserved=tuple(args.reserved),
     )
 
 
@@ -330,6 +343,7 @@ def main_validate(argv: list[str]) -> int:
             print(f"{f}:{hint}", file=sys.stderr)
     if n_bad:
         root = f" --image-root {args.image_root}" if args.image_root else ""
+        root += reserved_flags(args.reserved)
         print(f"{n_bad} invalid row(s). Drop them with: python -m data_tools clean --task {args.task}{root} "
               "IN --out OUT --rejects REJECTS", file=sys.stderr)
         return 1

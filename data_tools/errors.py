@@ -20,6 +20,7 @@ PATH_OUTSIDE_ROOT = "path_outside_root"
 DUPLICATE_KEY = "duplicate_key"
 DUPLICATE_ID = "duplicate_id"
 MULTIPLE_IMAGES = "multiple_images"
+RESERVED_TEXT = "reserved_text"  # a model's special token (`</s>`, `<image>`) written in a text field
 # Not a row's reason: the whole file cannot be read (missing, a folder, no permission), or has no rows.
 UNREADABLE_FILE = "unreadable_file"
 EMPTY_FILE = "empty_file"

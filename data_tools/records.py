@@ -31,6 +31,7 @@ from .errors import (
     MISSING_FIELD,
     MULTIPLE_IMAGES,
     NOT_AN_OBJECT,
+    RESERVED_TEXT,
     WRONG_TYPE,
     DataError,
 )
@@ -234,6 +235,26 @@ def normalize_record(record: Any, task: str) -> dict:
     else:
         _conversations(record)
     return record
+
+
+def check_reserved(record: dict, task: str, reserved: tuple[str, ...]) -> None:
+    """Raise `DataError` for a text field of a canonical record that holds one of the `reserved` strings (a
+    model's special tokens): its tokenizer would read the control token there, not the text (a `</s>` in a
+    caption trains the model to stop). The `<image>` placeholders of user turns are not text."""
+    if not reserved:
+        return
+    if task == "instruct":
+        texts = [(f"conversations[{i}].value", t["value"].replace(IMAGE_TOKEN, "") if t["from"] == "human"
+                  else t["value"]) for i, t in enumerate(record["conversations"])]
+    else:
+        texts = [(f"{key}[{i}]", text) for key in ("captions", "neg_captions", "answers")
+                 for i, text in enumerate(record.get(key) or [])]
+        texts += [("question", record["question"])] if task == "vqa" else []
+    for field, text in texts:
+        found = next((s for s in reserved if s in text), None)
+        if found is not None:
+            raise DataError(RESERVED_TEXT, f"holds {found!r}, which the model's tokenizer reads as a special "
+                            "token, not as text; remove or rewrite it", field=field)
 
 
 def tasks_of_line(raw: bytes) -> list[str]:

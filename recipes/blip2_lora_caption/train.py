@@ -24,7 +24,7 @@ from recipes.blip2_lora_caption.trainer import CaptionTrainer
 from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
                                      caption_samples, caption_scores, load_caption_data)
-from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
@@ -39,13 +39,16 @@ def main(argv=None):
                              (*GENERATIVE_ARGUMENTS, FeatureCacheArguments, TrainingArguments))
     setup_run(args.training, args.model)
 
-    # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
-    train_records, eval_records, test_records = load_caption_data(args.data, args.training)
-
     # Model: by default the embedded tiny BLIP-2 (real classes, built and pre-trained offline on first use).
+    # Its processor first: the data's captions must not hold its tokenizer's special strings.
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:blip2-opt-pretrained")
-    model, processor = load_model_and_processor(Blip2ForConditionalGeneration, model_path, args.model)
+    processor = load_recipe_processor(model_path, args.model)
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
+
+    # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
+    train_records, eval_records, test_records = load_caption_data(args.data, args.training, tokenizer)
+
+    model = load_model(Blip2ForConditionalGeneration, model_path, args.model)
     side = model.config.vision_config.image_size  # BLIP-2 adds these position embeddings to any image size
     if dict(image_processor.size) != {"height": side, "width": side}:
         raise ValueError(f"--processor_kwargs size {dict(image_processor.size)}: BLIP-2's vision tower has "

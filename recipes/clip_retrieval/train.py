@@ -39,7 +39,7 @@ from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head
 from recipes.common.args import (DataArguments, EarlyStoppingArguments, FreezeArguments,
                                  LearningRateArguments, ModelArguments, PeftArguments, arg, check_at_least,
                                  parse_recipe_args)
-from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, special_strings
 from recipes.common.peft_setup import count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 
@@ -106,6 +106,12 @@ def main(argv=None):
                          "for instruction tuning; a dual encoder has none it applies to. Leave it out.")
     setup_run(args.training, args.model)
 
+    # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
+    # Its processor first: the data's captions must not hold its tokenizer's special strings.
+    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")
+    processor = load_recipe_processor(model_path, args.model)
+    tokenizer = processor.tokenizer
+
     # Data: the embedded synthetic set (and its zero-shot set) unless files are given.
     def embedded():
         splits = embedded_retrieval(args.data.lang, args.training.seed, args.retrieval.embedded_images,
@@ -118,16 +124,14 @@ def main(argv=None):
     # One record per image: a file with a row per caption would otherwise hold each image several times.
     train_records, eval_records, test_records = (
         records_by_image(r) if r is not None else None
-        for r in load_data(args.data, "retrieval", embedded, args.training.output_dir))
+        for r in load_data(args.data, "retrieval", embedded, args.training.output_dir,
+                           reserved=special_strings(tokenizer)))
 
-    # Model: by default the embedded tiny CLIP (real classes, built and pre-trained offline on first use).
-    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")
-    model, processor = load_model_and_processor(AutoModel, model_path, args.model)
+    model = load_model(AutoModel, model_path, args.model)
     if not all(hasattr(model, f) for f in ("get_image_features", "get_text_features", "logit_scale")):
         raise ValueError(f"{model_path}: {type(model).__name__} is not a dual encoder (no "
                          "get_image_features, get_text_features and logit_scale); give a CLIP, SigLIP or "
                          "SigLIP 2 checkpoint.")
-    tokenizer = processor.tokenizer
     positions = model.config.text_config.max_position_embeddings
     max_length = args.data.max_length or positions  # config.yaml: none, the text tower's length
     if max_length > positions:

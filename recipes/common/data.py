@@ -9,8 +9,8 @@ from pathlib import Path
 
 import datasets
 
-from data_tools.clean import check_rows, missing_image_hint
-from data_tools.errors import DataError
+from data_tools.clean import check_rows, missing_image_hint, reserved_flags
+from data_tools.errors import RESERVED_TEXT, DataError
 from data_tools.jsonl import write_jsonl
 from data_tools.records import other_task_hint
 from data_tools.split import split_file
@@ -45,13 +45,15 @@ def load_records(
     check_images: str = "header",
     max_rows: int | None = None,
     task_flags: dict[str, str] | None = None,
+    reserved: tuple[str, ...] = (),
 ) -> datasets.Dataset:
     """A JSONL file of `task` records as a Dataset with absolute image paths (relative to `image_root`,
     default the file's folder). A bad row is an error naming file, line and field, or with `skip_bad_rows`
     a counted reject written to `rejects_path`; `info.description` says how many. `task_flags`: the
-    recipe's option that reads each other task's records, named when a file holds those."""
+    recipe's option that reads each other task's records, named when a file holds those. `reserved`: the
+    model's special strings, which no text may hold (`data_tools.records.check_reserved`)."""
     rows, errors = [], []
-    for index, (line, row, raw) in enumerate(check_rows(path, task, image_root=image_root,
+    for index, (line, row, raw) in enumerate(check_rows(path, task, image_root=image_root, reserved=reserved,
                                                         check_images=check_images, progress=False)):
         if isinstance(row, DataError):
             errors.append((row, raw))
@@ -67,6 +69,9 @@ def load_records(
                                "--image_root")
     if errors and not skip_bad_rows:
         root = f" --image-root {image_root}" if image_root is not None else ""
+        # the special strings the rows hold, which `clean` is to drop too
+        root += reserved_flags([s for s in reserved if any(
+            e.reason == RESERVED_TEXT and f"holds {s!r}" in e.message for e, _ in errors)])
         clean = f"`python -m data_tools clean --task {task}{root} {path} --out CLEAN --rejects REJECTS`"
         if len(errors) == 1:
             message = (f"{errors[0][0]}; fix it, drop it with {clean}, or pass --skip_bad_rows to skip and "

@@ -100,23 +100,38 @@ def load_processor(path: str | Path, model_type: str, **kwargs):
     return AutoProcessor.from_pretrained(path, **kwargs)
 
 
-def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *,
-                             skip_quantization: list[str] | None = None):
-    """`model_cls` and its processor from a local folder or Hub id, tiny and real models alike."""
+def load_recipe_processor(path: str, model_args: ModelArguments):
+    """The checkpoint's processor with --processor_kwargs, each name checked: a recipe loads it before its
+    data, whose texts must not hold the tokenizer's special strings, and before a large model."""
     source = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
-    kwargs = dict(source, dtype=compute_dtype(model_args), attn_implementation=model_args.attn_implementation)
+    options = model_args.processor_kwargs or {}
+    with loading(path):
+        model_type = AutoConfig.from_pretrained(path, **source).model_type
+        processor = load_processor(path, model_type, **source, **options)
+    check_processor_options(processor, options)
+    return processor
+
+
+def load_model(model_cls, path: str, model_args: ModelArguments, *,
+               skip_quantization: list[str] | None = None):
+    """`model_cls` from a local folder or Hub id, tiny and real models alike, in --dtype (or 4/8-bit)."""
+    kwargs = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code,
+                  dtype=compute_dtype(model_args), attn_implementation=model_args.attn_implementation)
     if model_args.load_in_4bit or model_args.load_in_8bit:
         from .quantization import quantization_config, quantized_device_map  # read by quantized runs only
 
         kwargs["quantization_config"] = quantization_config(model_args, skip_quantization)
         kwargs["device_map"] = quantized_device_map()
-    options = model_args.processor_kwargs or {}
-    with loading(path):  # the processor first: a misspelt option stops the run before a large model loads
-        model_type = AutoConfig.from_pretrained(path, **source).model_type
-        processor = load_processor(path, model_type, **source, **options)
-        check_processor_options(processor, options)
-        model = model_cls.from_pretrained(path, **kwargs)
-    return model, processor
+    with loading(path):
+        return model_cls.from_pretrained(path, **kwargs)
+
+
+def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *,
+                             skip_quantization: list[str] | None = None):
+    """`load_model` and `load_recipe_processor` (first: a misspelt option stops before a large model
+    loads)."""
+    processor = load_recipe_processor(path, model_args)
+    return load_model(model_cls, path, model_args, skip_quantization=skip_quantization), processor
 
 
 def check_processor_options(processor, options: dict) -> None:

@@ -135,11 +135,11 @@ def check_same_run(output_dir: str | Path, resume: str | None, metadata: dict, w
 
 
 def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: str | Path,
-              task_flags: dict[str, str] | None = None):
+              task_flags: dict[str, str] | None = None, reserved: tuple[str, ...] = ()):
     """(train, validation or None, test or None) records of the data files, or of the embedded default
     (`embedded()` -> {"train", "val", "test": path}, whose files then go into `data_args` for metrics.json).
     Rows skipped with --skip_bad_rows go to `<output_dir>/rejects/<split>.rejects.jsonl`, not into the
-    user's data folder. `task_flags`: as for `load_records`."""
+    user's data folder. `task_flags`, `reserved` (the tokenizer's special strings): as for `load_records`."""
     if data_args.train_file is None and (data_args.eval_file or data_args.test_file):
         raise ValueError("--eval_file / --test_file without --train_file: give the training file too "
                          "(without any of the three the recipe runs on its embedded synthetic data set).")
@@ -158,7 +158,7 @@ def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: st
         rejects = Path(output_dir) / "rejects" / f"{split}.rejects.jsonl"
         return load_records(path, task, image_root=data_args.image_root, check_images=data_args.check_images,
                             skip_bad_rows=data_args.skip_bad_rows, rejects_path=rejects, max_rows=max_rows,
-                            task_flags=task_flags)
+                            task_flags=task_flags, reserved=reserved)
 
     return (load(data_args.train_file, "train", data_args.max_train_samples),
             first_records(load(data_args.eval_file, "eval"), data_args.max_eval_samples, task),

@@ -31,12 +31,13 @@ from typing import Literal
 
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
+from data_tools.records import IMAGE_TOKEN
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, check_at_least, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, special_strings
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 from recipes.llava_instruct.collator import caption_conversations, generation_items
@@ -84,16 +85,21 @@ def main(argv=None):
         args.learning_rate.bridge_lr = args.instruct.projector_lr
     task = args.instruct.data_task or ("caption" if args.instruct.stage == "pretrain" else "instruct")
 
+    # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
+    # Its processor first: the data's texts must not hold its tokenizer's special strings (nor `<image>`
+    # outside the user turns it places images in).
+    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
+    processor = load_recipe_processor(model_path, args.model)
+    encoder = chat_encoder(processor)
+
     # Data: the embedded synthetic set unless files are given. Stage 1's images are scenes of another seed.
     seed = args.training.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
     train_records, eval_records, test_records = load_data(
         args.data, task, lambda: embedded_dataset(task, n=1000, lang=args.data.lang, seed=seed),
-        args.training.output_dir, task_flags={t: f"--data_task {t}" for t in ("caption", "instruct")})
+        args.training.output_dir, task_flags={t: f"--data_task {t}" for t in ("caption", "instruct")},
+        reserved=(*special_strings(processor.tokenizer), IMAGE_TOKEN))
 
-    # Model: by default the embedded tiny LLaVA (real classes, built and pre-trained offline on first use).
-    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
-    model, processor = load_model_and_processor(AutoModelForImageTextToText, model_path, args.model)
-    encoder = chat_encoder(processor)
+    model = load_model(AutoModelForImageTextToText, model_path, args.model)
 
     # What trains. Stage 1: the projector alone. Stage 2: the projector with LoRA on the LM (or the whole
     # LM); a trained projector / trained vision layers are saved with the adapter through modules_to_save.

@@ -25,11 +25,12 @@ from pathlib import Path
 
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
+from data_tools.records import IMAGE_TOKEN
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model_and_processor, resolve_model_path
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, special_strings
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.quantization import (
     fall_back_to_cpu_optimizer,
@@ -66,20 +67,24 @@ def main(argv=None):
                          "train. Use LoRA, or load the model unquantized (--load_in_4bit false).")
     fall_back_to_cpu_optimizer(args.training)
 
+    # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny/pretrain.py).
+    # Its processor first: the data's texts must not hold its tokenizer's special strings (nor `<image>`,
+    # which places an image in a turn).
+    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
+    processor = load_recipe_processor(model_path, args.model)
+
     # Data: the embedded synthetic set unless files are given.
     def embedded():
         return embedded_dataset("vqa", n=1000, lang=args.data.lang, seed=args.training.seed)
 
-    train_records, eval_records, test_records = load_data(args.data, "vqa", embedded,
-                                                          args.training.output_dir)
+    train_records, eval_records, test_records = load_data(
+        args.data, "vqa", embedded, args.training.output_dir,
+        reserved=(*special_strings(processor.tokenizer), IMAGE_TOKEN))
 
-    # Model: by default the embedded tiny LLaVA, pre-trained by the project (recipes/common/tiny/pretrain.py).
-    # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml).
-    model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
+    # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml);
     # QLoRA quantizes the LM only: vision tower, projector and LM head stay in 16/32-bit.
-    model, processor = load_model_and_processor(
-        AutoModelForImageTextToText, model_path, args.model,
-        skip_quantization=unquantized_modules(AutoModelForImageTextToText, model_path, args.model))
+    skip = unquantized_modules(AutoModelForImageTextToText, model_path, args.model)
+    model = load_model(AutoModelForImageTextToText, model_path, args.model, skip_quantization=skip)
     encoder = chat_encoder(processor)
 
     # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are

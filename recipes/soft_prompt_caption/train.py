@@ -87,15 +87,17 @@ def main(argv=None):
         raise ValueError("--processor_kwargs is not used by soft_prompt_caption: images are resized to what "
                          "the CLIP vision encoder was trained on (its image processor's size).")
 
-    # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
-    train_records, eval_records, test_records = load_caption_data(args.data, args.training)
-
     # Model: the frozen parts from two checkpoints (by default the embedded tiny ones), fresh trained parts
-    # between.
+    # between. The tokenizer first: the data's captions must not hold its special strings.
     vision_path = resolve_model_path(args.soft_prompt.vision_model or "tiny:clip-vision-pretrained")
     language_path = resolve_model_path(args.soft_prompt.language_model or "tiny:gpt2-pretrained")
-    with loading(vision_path, language_path):
+    with loading(language_path):
         tokenizer = AutoTokenizer.from_pretrained(language_path, revision=args.model.revision)
+
+    # Data: the embedded synthetic set unless files are given. Eval: one record per image, all its captions.
+    train_records, eval_records, test_records = load_caption_data(args.data, args.training, tokenizer)
+
+    with loading(vision_path, language_path):
         image_processor = AutoImageProcessor.from_pretrained(vision_path, revision=args.model.revision)
         model = SoftPromptCaptioner.from_parts(
             vision_path, language_path, dtype=compute_dtype(args.model),

@@ -354,3 +354,30 @@ def test_a_feature_folder_without_the_feature_cache_is_refused():
         parse_args([FeatureCacheArguments], ["--vision_feature_dir", "/tmp/features"])
     assert parse_args([FeatureCacheArguments], ["--vision_feature_dir", "/tmp/f", "--cache_vision_features",
                                                 "true"])[0].vision_feature_dir == "/tmp/f"
+
+
+@pytest.mark.parametrize("recipe, flags, refused", [
+    ("blip2_lora_caption", ["--peft_method", "none", "--lora_alpha", "64"], "--lora_alpha applies"),
+    # clip_retrieval's config.yaml turns LoRA off: a rank alone would have trained every weight instead
+    ("clip_retrieval", ["--lora_r=8", "--lora_dropout", "0.1"], "--lora_r, --lora_dropout apply"),
+    ("clip_retrieval", ["--peft_method", "lora", "--lora_r", "8"], None),
+    ("blip2_lora_caption", ["--lora_r", "8"], None),
+])
+def test_lora_numbers_on_the_command_line_need_lora(recipe, flags, refused):
+    from pathlib import Path
+
+    from recipes.common.args import GENERATIVE_ARGUMENTS, parse_recipe_args
+
+    config = Path(__file__).resolve().parent.parent / "recipes" / recipe / "config.yaml"
+    types = (*GENERATIVE_ARGUMENTS, TrainingArguments)
+    if recipe == "clip_retrieval":
+        from recipes.clip_retrieval.train import RetrievalArguments
+
+        types = (*GENERATIVE_ARGUMENTS, RetrievalArguments, TrainingArguments)
+    argv = [*flags, "--output_dir", "/nonexistent/out"]
+    if refused is None:
+        args = parse_recipe_args(argv, config, types)
+        assert args.peft.lora_r == 8
+    else:
+        with pytest.raises(ValueError, match=f"^{refused} to LoRA, which is off"):
+            parse_recipe_args(argv, config, types)

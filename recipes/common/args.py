@@ -413,8 +413,16 @@ RECIPE_DEFAULTS = {"remove_unused_columns": False}
 
 def parse_recipe_args(argv: list[str] | None, default_config: str | Path, types) -> SimpleNamespace:
     """A recipe's arguments, an attribute per dataclass: `args.model`, `args.learning_rate`, ..."""
-    parsed = parse_args(types, recipe_argv(argv, default_config), defaults=RECIPE_DEFAULTS)
-    return SimpleNamespace(**{_attribute(cls): value for cls, value in zip(types, parsed)})
+    argv = recipe_argv(argv, default_config)
+    args = SimpleNamespace(**{_attribute(cls): value for cls, value in
+                              zip(types, parse_args(types, argv, defaults=RECIPE_DEFAULTS))})
+    # LoRA's numbers have defaults (and config.yaml values), so only the command line shows they were meant.
+    given = {a.split("=", 1)[0] for a in argv}
+    lora = [f for f in ("--lora_r", "--lora_alpha", "--lora_dropout") if f in given]
+    if lora and getattr(getattr(args, "peft", None), "peft_method", None) == "none":
+        raise ValueError(f"{', '.join(lora)} appl{'ies' if len(lora) == 1 else 'y'} to LoRA, which is off "
+                         "(--peft_method none): add --peft_method lora, or leave them out.")
+    return args
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, defaults: dict | None = None) -> tuple:

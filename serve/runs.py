@@ -42,9 +42,16 @@ from recipes.common.chat import (
     chat_encoder,
     to_messages,
 )
-from recipes.common.merge import adapter_base, check_final_model, is_adapter_run, load_run, run_record
+from recipes.common.merge import (
+    adapter_base,
+    check_final_model,
+    is_adapter_run,
+    load_run,
+    load_trained_run,
+    run_record,
+)
 from recipes.common.models import load_processor, resolve_model_path, special_strings
-from recipes.common.quantization import QUANTIZATION_FILE, load_trained_run
+from recipes.common.quantization import QUANTIZATION_FILE
 from recipes.common.trainer import generate_kwargs, stop_token_ids
 from recipes.soft_prompt_caption.modeling import MODEL_TYPE as SOFT_PROMPT_MODEL_TYPE
 from recipes.soft_prompt_caption.modeling import TRAINED_WEIGHTS as SOFT_PROMPT_WEIGHTS

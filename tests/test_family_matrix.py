@@ -62,7 +62,7 @@ def _run_answer(run, recipe: str, image) -> str:
     from data_tools.images import load_image
     from data_tools.records import IMAGE_TOKEN
     from recipes.common.chat import chat_encoder
-    from recipes.common.quantization import load_quantized_run
+    from recipes.common.merge import load_quantized_run
     from recipes.llava_instruct.chat import answer, load
 
     if recipe == "qlora_vqa":

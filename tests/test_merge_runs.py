@@ -9,11 +9,11 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from recipes.common.args import FreezeArguments, ModelArguments, PeftArguments
-from recipes.common.merge import merge_run
+from recipes.common.merge import load_quantized_run, merge_run
 from recipes.common.models import load_model_and_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing
-from recipes.common.quantization import (load_quantized_run, prepare_quantized_for_training,
-                                         save_quantization_config, unquantized_modules)
+from recipes.common.quantization import (prepare_quantized_for_training, save_quantization_config,
+                                         unquantized_modules)
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def test_export_equals_quantized_base_plus_adapter_and_merging_into_the_original
     from recipes.common.chat import ChatCollator, ChatEncoder, tokenize_conversations
     from recipes.common.data import load_records
     from recipes.common.merge import load_run
-    from recipes.common.quantization import load_quantized_run, merge_quantized_run
+    from recipes.common.merge import load_quantized_run, merge_quantized_run
     from recipes.qlora_vqa.collator import vqa_conversations
 
     d, e = env
@@ -210,7 +210,7 @@ def test_chat_py_loads_a_qlora_run_on_its_base_quantized_as_in_training(run):
     """chat.py answers as the run scored: its base 4-bit as in training, not the original weights."""
     from transformers import AutoModelForImageTextToText
 
-    from recipes.common.quantization import load_quantized_run
+    from recipes.common.merge import load_quantized_run
     from recipes.llava_instruct.chat import load
 
     out, _ = run

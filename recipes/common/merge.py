@@ -4,7 +4,8 @@ A LoRA run folder holds the adapter (`adapter_config.json`, `adapter_model.safet
 full copies of what trained besides it (`modules_to_save`: a projector, vision layers), plus the
 processor; the base is named in the adapter config. Merging adds the LoRA deltas into the base
 weights and puts the trained copies in place of the base's, so the merged model gives the same
-outputs as base + adapter. A run trained without LoRA already is a full checkpoint.
+outputs as base + adapter. A run trained without LoRA already is a full checkpoint. A QLoRA run's base is
+loaded quantized as in training (its quantization_config.json), and dequantized to merge.
 
 A run folder holds the weights training ended with: with --load_best_model_at_end (the recipes' default)
 the best checkpoint's, the ones its "after" numbers score (metrics.json's `after_step`); a checkpoint-N
@@ -21,10 +22,12 @@ from typing import Callable
 
 import torch
 from peft import PeftConfig, PeftModel
+from transformers import BitsAndBytesConfig
 
 from data_tools.files import atomic_folder
 
 from .models import load_processor, loading
+from .quantization import QUANTIZATION_FILE, keep_4bit_training_layout, quantized_device_map
 from .run import checkpoints, saved_step
 
 
@@ -94,7 +97,7 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
 
 def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32") -> Path:
     """Merge the adapter of LoRA run `run` into its base; save model and processor to `out`. A QLoRA run's
-    base is quantized as in training and dequantized first (`quantization.merge_quantized_run`)."""
+    base is quantized as in training and dequantized first (`merge_quantized_run`)."""
     if not Path(run).is_dir():
         raise FileNotFoundError(f"{run}: no such folder; give a training output_dir or a checkpoint-N in it")
     if not is_adapter_run(run):
@@ -102,14 +105,72 @@ def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32
             raise FileNotFoundError(no_model_message(run))
         raise ValueError(f"{run} has no adapter_config.json: it was trained without LoRA and is already a "
                          "full checkpoint")
-    from .quantization import QUANTIZATION_FILE, merge_quantized_run  # it imports this module
-
     if (Path(run) / QUANTIZATION_FILE).is_file():  # the deltas belong on the 4/8-bit weights they trained on
         return merge_quantized_run(run, out, model_cls, dtype)
     model, processor = load_run(run, model_cls, dtype)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     processor.save_pretrained(out)
+    return Path(out)
+
+
+def _quantized_base(run: Path, model_cls):
+    """The base of QLoRA run `run`, loaded as training loaded it."""
+    kwargs = _load_kwargs(run)
+    path, revision = adapter_base(run)
+    with loading(path):
+        return model_cls.from_pretrained(path, revision=revision, **kwargs)
+
+
+def _load_kwargs(run: Path) -> dict:
+    """from_pretrained keyword arguments that load the base of `run` as training loaded it."""
+    if not (run / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{run}: no adapter_config.json; give a training output_dir or a "
+                                "checkpoint-N in it")
+    path = run / QUANTIZATION_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: missing, so the base cannot be quantized as in training. Was the "
+                                "run trained on a 4/8-bit base? If not, merge it with "
+                                "recipes/common/merge.py's merge_run.")
+    saved = json.loads(path.read_text())
+    return dict(quantization_config=BitsAndBytesConfig.from_dict(saved["quantization_config"]),
+                dtype=getattr(torch, saved["dtype"]), device_map=quantized_device_map())
+
+
+def load_quantized_run(run: str | Path, model_cls):
+    """(base quantized as in training + adapter, in eval mode; processor) of a QLoRA run folder or
+    checkpoint-N."""
+    run = Path(run)
+    base = _quantized_base(run, model_cls)
+    # the weights training used, not bitsandbytes' CPU-inference rounding of them
+    keep_4bit_training_layout(base)
+    return PeftModel.from_pretrained(base, run).eval(), load_processor(run, base.config.model_type)
+
+
+def load_trained_run(run: str | Path, model_cls, dtype: str = "float32"):
+    """(model in eval mode, processor) of a run folder or checkpoint-N as it trained: a QLoRA run on its base
+    quantized as in training (`load_quantized_run`), any other as `load_run` loads it."""
+    if (Path(run) / QUANTIZATION_FILE).is_file():
+        return load_quantized_run(run, model_cls)
+    return load_run(run, model_cls, dtype)
+
+
+def merge_quantized_run(run: str | Path, out: str | Path, model_cls,
+                        dtype: str = "bfloat16") -> Path:
+    """Dequantize the base of QLoRA run `run`, merge the adapter into it, and save a `dtype` checkpoint to
+    `out`.
+
+    The base is quantized exactly as in training (the saved config and dtype), so the dequantized
+    weights the adapter is added to are the ones it was trained against.
+    """
+    run, torch_dtype = Path(run), getattr(torch, dtype)
+    base = _quantized_base(run, model_cls)
+    # Dequantized in the dtype the forward used, then cast: bf16 NF4 values cast to float32 stay what training
+    # saw.
+    base = base.dequantize(dtype=torch_dtype)
+    merged = PeftModel.from_pretrained(base, run).merge_and_unload().to(torch_dtype)
+    merged.save_pretrained(out)
+    load_processor(run, merged.config.model_type).save_pretrained(out)
     return Path(out)
 
 

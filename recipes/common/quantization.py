@@ -13,10 +13,11 @@ weights in NF4 with double quantization, trains LoRA adapters on every linear la
   compute dtype it was loaded in. Activation checkpointing is `TrainingArguments.activation_checkpointing`,
   non-reentrant by default in transformers 5, so no input-embedding gradient hook is needed either;
 - `fall_back_to_cpu_optimizer`: paged / 8-bit bitsandbytes optimizers need CUDA;
-- `save_quantization_config`, `load_quantized_run`, `merge_quantized_run`: the export. The adapter was
-  trained against the *dequantized* 4-bit weights, not the original ones, so merging dequantizes the
-  base exactly as the training forward did and adds the LoRA deltas to that; the merged model then
-  gives the outputs of base + adapter up to float rounding (and the rounding of the saved dtype).
+- `save_quantization_config`: how the base was loaded, saved with the adapter, for `merge.py`'s
+  `load_quantized_run` and `merge_quantized_run`: the adapter was trained against the *dequantized* 4-bit
+  weights, not the original ones, so merging dequantizes the base exactly as the training forward did and
+  adds the LoRA deltas to that; the merged model then gives the outputs of base + adapter up to float
+  rounding (and the rounding of the saved dtype).
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from peft import PeftModel
 from transformers import AutoConfig, BitsAndBytesConfig
 
 from .args import ModelArguments
-from .merge import adapter_base, load_run
-from .models import compute_dtype, load_processor, loading
+from .models import compute_dtype, loading
 from .peft_setup import find_components, trainable_in_float32
 
 logger = logging.getLogger(__name__)
@@ -175,66 +175,6 @@ def save_quantization_config(model: torch.nn.Module, folder: str | os.PathLike) 
     return path
 
 
-def _quantized_base(run: Path, model_cls):
-    """The base of QLoRA run `run`, loaded as training loaded it."""
-    kwargs = _load_kwargs(run)
-    path, revision = adapter_base(run)
-    with loading(path):
-        return model_cls.from_pretrained(path, revision=revision, **kwargs)
-
-
-def _load_kwargs(run: Path) -> dict:
-    """from_pretrained keyword arguments that load the base of `run` as training loaded it."""
-    if not (run / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{run}: no adapter_config.json; give a training output_dir or a "
-                                "checkpoint-N in it")
-    path = run / QUANTIZATION_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: missing, so the base cannot be quantized as in training. Was the "
-                                "run trained on a 4/8-bit base? If not, merge it with "
-                                "recipes/common/merge.py's merge_run.")
-    saved = json.loads(path.read_text())
-    return dict(quantization_config=BitsAndBytesConfig.from_dict(saved["quantization_config"]),
-                dtype=getattr(torch, saved["dtype"]), device_map=quantized_device_map())
-
-
 def quantized_device_map() -> dict:
     """The whole quantized model on this process's GPU (bitsandbytes quantizes while loading), or the CPU."""
     return {"": int(os.environ.get("LOCAL_RANK", 0))} if torch.cuda.is_available() else {"": "cpu"}
-
-
-def load_quantized_run(run: str | os.PathLike, model_cls):
-    """(base quantized as in training + adapter, in eval mode; processor) of a QLoRA run folder or
-    checkpoint-N."""
-    run = Path(run)
-    base = _quantized_base(run, model_cls)
-    # the weights training used, not bitsandbytes' CPU-inference rounding of them
-    keep_4bit_training_layout(base)
-    return PeftModel.from_pretrained(base, run).eval(), load_processor(run, base.config.model_type)
-
-
-def load_trained_run(run: str | os.PathLike, model_cls, dtype: str = "float32"):
-    """(model in eval mode, processor) of a run folder or checkpoint-N as it trained: a QLoRA run on its base
-    quantized as in training (`load_quantized_run`), any other as `merge.load_run` loads it."""
-    if (Path(run) / QUANTIZATION_FILE).is_file():
-        return load_quantized_run(run, model_cls)
-    return load_run(run, model_cls, dtype)
-
-
-def merge_quantized_run(run: str | os.PathLike, out: str | os.PathLike, model_cls,
-                        dtype: str = "bfloat16") -> Path:
-    """Dequantize the base of QLoRA run `run`, merge the adapter into it, and save a `dtype` checkpoint to
-    `out`.
-
-    The base is quantized exactly as in training (the saved config and dtype), so the dequantized
-    weights the adapter is added to are the ones it was trained against.
-    """
-    run, torch_dtype = Path(run), getattr(torch, dtype)
-    base = _quantized_base(run, model_cls)
-    # Dequantized in the dtype the forward used, then cast: bf16 NF4 values cast to float32 stay what training
-    # saw.
-    base = base.dequantize(dtype=torch_dtype)
-    merged = PeftModel.from_pretrained(base, run).merge_and_unload().to(torch_dtype)
-    merged.save_pretrained(out)
-    load_processor(run, merged.config.model_type).save_pretrained(out)
-    return Path(out)

@@ -23,9 +23,8 @@ from transformers import AutoModelForImageTextToText
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.chat import ChatEncoder, chat_encoder, to_messages
-from recipes.common.merge import check_final_model
+from recipes.common.merge import check_final_model, load_trained_run
 from recipes.common.models import load_processor, loading, resolve_model_path
-from recipes.common.quantization import load_trained_run
 from recipes.common.run import run_main
 from recipes.common.trainer import stop_token_ids
 

@@ -153,3 +153,19 @@ def test_the_processor_loads_with_its_options_checked(tmp_path):
     path = resolve_model_path("tiny:llava")
     with pytest.raises(ValueError, match="--processor_kwargs 'patch_sise'.*Did you mean 'patch_size'"):
         load_recipe_processor(path, ModelArguments(processor_kwargs={"patch_sise": 14}))
+
+
+def test_a_vqa_row_that_fails_when_tokenized_is_named_by_its_line(tmp_path):
+    # The safety net behind the check at load: the chat encoder refuses the text too, naming the row's line.
+    from recipes.common.chat import chat_encoder, tokenize_conversations
+    from recipes.common.data import load_records
+    from recipes.common.models import load_processor
+    from recipes.qlora_vqa.collator import vqa_conversations
+
+    rows = [{"image": "a.png", "question": f"what {i}?", "answers": ["red"]} for i in range(2)]
+    path = _file(tmp_path, [*rows, {"image": "a.png", "question": "what </s>?", "answers": ["red"]}])
+    path.write_text("\n" + path.read_text())  # a blank first line: the bad row is on line 4, record 2
+    encoder = chat_encoder(load_processor(resolve_model_path("tiny:llava"), "llava"))
+    records = load_records(path, "vqa")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:4: conversations\\[0\\]: holds '</s>'"):
+        tokenize_conversations(vqa_conversations(records), encoder, None, source=str(path))

@@ -41,10 +41,12 @@ def question_turn(question: str, prompt: str | None) -> dict:
 
 def vqa_conversations(records: datasets.Dataset,
                       prompt: str | None = SHORT_ANSWER_PROMPT) -> datasets.Dataset:
-    """VQA records -> one conversation per question, answered with its training answer."""
+    """VQA records -> one conversation per question, answered with its training answer (and the record's
+    line, for errors)."""
     return datasets.Dataset.from_list([
-        {"image": r["image"], "conversations": [question_turn(r["question"], prompt),
-                                                {"from": "gpt", "value": training_answer(r["answers"])}]}
+        {"image": r["image"], "line": r.get("line"),
+         "conversations": [question_turn(r["question"], prompt),
+                           {"from": "gpt", "value": training_answer(r["answers"])}]}
         for r in records
     ])  # fmt: skip
 

@@ -38,9 +38,10 @@ def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
 
 def special_strings(tokenizer) -> tuple[str, ...]:
     """The strings the tokenizer reads as one of its special tokens wherever they stand: bos, eos, pad, ...,
-    and the added tokens marked special (<end_of_turn>)."""
+    and the added tokens marked special (<end_of_turn>). One character is text, not a control token written
+    as markup: OpenCLIP-converted CLIP tokenizers name `!` their pad token (id 0, the vocabulary's `!`)."""
     added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
-    return tuple(sorted({*filter(None, tokenizer.all_special_tokens), *added}))
+    return tuple(sorted(s for s in {*filter(None, tokenizer.all_special_tokens), *added} if len(s) > 1))
 
 
 TINY_PREFIX = "tiny:"

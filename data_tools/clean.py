@@ -269,9 +269,16 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-side", type=int, default=MIN_SIDE, help="reject images with a side below this (px)")
     p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
                    help="reject images above this many pixels (decompression-bomb guard)")
-    p.add_argument("--reserved", action="append", default=[], metavar="STR",
+    p.add_argument("--reserved", action="append", default=[], metavar="STR", type=_reserved_string,
                    help="reject rows whose text holds this string, e.g. a model's special token ('</s>'), "
                         "which its tokenizer reads as a control token, not as text; repeat for several")
+
+
+def _reserved_string(value: str) -> str:
+    if not value:  # e.g. an unset shell variable: every row would be rejected
+        raise argparse.ArgumentTypeError("an empty string, which every text holds; give the string to refuse, "
+                                         "e.g. '</s>'")
+    return value
 
 
 def reserved_flags(strings) -> str:

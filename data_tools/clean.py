@@ -276,8 +276,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _reserved_string(value: str) -> str:
     if not value:  # e.g. an unset shell variable: every row would be rejected
-        raise argparse.ArgumentTypeError("an empty string, which every text holds; give the string to refuse, "
-                                         "e.g. '</s>'")
+        raise argparse.ArgumentTypeError("an empty string, which every text holds; give the string to "
+                                         "refuse, e.g. '</s>'")
     return value
 
 

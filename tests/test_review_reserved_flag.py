@@ -19,8 +19,8 @@ def test_an_empty_reserved_string_is_refused(tmp_path, command):
             "--reserved", "", str(data), *(outputs if command == "clean" else [])]
     out = subprocess.run(argv, capture_output=True, text=True)
     assert out.returncode == 2
-    assert out.stderr.splitlines()[-1].endswith(
-        "argument --reserved: an empty string, which every text holds; give the string to refuse, e.g. '</s>'")
+    assert out.stderr.splitlines()[-1].endswith("argument --reserved: an empty string, which every text "
+                                                "holds; give the string to refuse, e.g. '</s>'")
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "r.jsonl").exists()
 
 

@@ -11,6 +11,8 @@ captions and the image of each).
 
 Captions are cut at the --max_length the run trained and was evaluated with (its run.json or metrics.json),
 as training cut them; --max_length overrides it, and a model that is no run cuts at its text tower's length.
+A caption that holds one of the tokenizer's special strings (`<|endoftext|>`) is refused as in training, or
+skipped and counted with --skip_bad_rows.
 """
 
 import argparse
@@ -29,7 +31,7 @@ from recipes.clip_retrieval.merge import load_dual_encoder
 from recipes.clip_retrieval.trainer import embed_images, embed_texts
 from recipes.common.data import load_records
 from recipes.common.merge import check_final_model, run_record
-from recipes.common.models import resolve_model_path
+from recipes.common.models import resolve_model_path, special_strings
 from recipes.common.run import run_main
 
 
@@ -98,10 +100,12 @@ def main(argv=None) -> int:
                    help="skip invalid rows and images (written to OUT/rejects.jsonl) instead of stopping")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    clip, processor, collator = load(args.model, device)
+    # No caption may hold a special string of the tokenizer, as in training (the text pools at the first eos).
     records = records_by_image(load_records(args.file, "retrieval", image_root=args.image_root,
                                             skip_bad_rows=args.skip_bad_rows,
-                                            rejects_path=Path(args.out) / "rejects.jsonl"))
-    clip, processor, collator = load(args.model, device)
+                                            rejects_path=Path(args.out) / "rejects.jsonl",
+                                            reserved=special_strings(processor.tokenizer)))
     max_length = text_max_length(args.model, clip, args.max_length)
     texts = [t for caps in records["captions"] for t in caps]
     text_to_image = [i for i, caps in enumerate(records["captions"]) for _ in caps]

@@ -1,0 +1,40 @@
+"""clip_retrieval/embed.py refuses a caption that holds one of the text tower's special strings, as training
+and serve's search do: CLIP's text pools at its first `<|endoftext|>`, so the caption would be indexed as
+the words before it."""
+
+import json
+
+import pytest
+from PIL import Image
+
+from data_tools.errors import DataError
+from recipes.clip_retrieval.embed import main as embed
+
+
+def _gallery(tmp_path):
+    Image.new("RGB", (32, 32), "red").save(tmp_path / "a.png")
+    Image.new("RGB", (32, 32), "blue").save(tmp_path / "b.png")
+    rows = [{"image": "a.png", "captions": ["a red square"]},
+            {"image": "b.png", "captions": ["a blue <|endoftext|> circle"]}]
+    path = tmp_path / "gallery.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_a_caption_with_a_special_string_is_refused(tmp_path):
+    gallery = _gallery(tmp_path)
+    with pytest.raises(DataError) as e:
+        embed(["--model", "tiny:clip", "--file", str(gallery), "--out", str(tmp_path / "index")])
+    assert f"{gallery}:2: field 'captions[0]': holds '<|endoftext|>'" in str(e.value)
+    assert "--reserved '<|endoftext|>'" in str(e.value)
+    assert not (tmp_path / "index").exists()
+
+
+def test_with_skip_bad_rows_it_is_counted_and_left_out(tmp_path):
+    gallery = _gallery(tmp_path)
+    out = tmp_path / "index"
+    assert embed(["--model", "tiny:clip", "--file", str(gallery), "--out", str(out), "--skip_bad_rows"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["texts"] == ["a red square"]
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"], r["reason"]) for r in rejects] == [(2, "captions[0]", "reserved_text")]

@@ -45,7 +45,9 @@ import torch
 from datasets.fingerprint import generate_random_fingerprint
 from tqdm import tqdm
 
+from data_tools.errors import DataError
 from data_tools.images import load_image
+from data_tools.jsonl import write_jsonl
 from data_tools.records import IMAGE_TOKEN
 
 from .args import arg, check_at_least
@@ -435,6 +437,7 @@ class ChatLengthReport:
     dropped: int = 0  # not even the first answer fits
     text_only_skipped: int = 0  # a model that takes no text-only sample (PaliGemma)
     eos_added: int = 0  # answers that got an eos the template does not write
+    rejected: int = 0  # rows the processor could not encode, skipped with --skip_bad_rows
 
     def __str__(self) -> str:
         return (
@@ -444,6 +447,7 @@ class ChatLengthReport:
             f"first answer fits); {self.eos_added} answers got the eos the template does not write"
             + (f"; {self.text_only_skipped} text-only skipped (the model takes none)"
                if self.text_only_skipped else "")
+            + (f"; {self.rejected} rejected (the processor could not encode them)" if self.rejected else "")
         )
 
 
@@ -498,23 +502,30 @@ _IDS = datasets.Sequence(datasets.Value("int64"))
 SAMPLE_FEATURES = datasets.Features({
     "images": datasets.Sequence(datasets.Value("string")), "text": datasets.Value("string"),
     "input_ids": _IDS, "labels": _IDS, "length": datasets.Value("int64"), "has_image": datasets.Value("bool"),
-    "suffix": datasets.Value("string"),
+    "suffix": datasets.Value("string"), "reject": datasets.Value("string"),
     "report": {name: datasets.Value("int64") for name in ChatLengthReport.__dataclass_fields__},
 })
 
 
 def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None, source: str = "data",
-                           num_proc: int | None = None) -> tuple[datasets.Dataset, ChatLengthReport]:
+                           num_proc: int | None = None, skip_bad_rows: bool = False,
+                           rejects_path: str | Path | None = None,
+                           ) -> tuple[datasets.Dataset, ChatLengthReport]:
     """Instruct records -> training samples (images, text, input_ids, labels, length, has_image), and the
     length report. Each image is opened here, the slow part on a large data set: the processor's image token
     count depends on its size. `num_proc` processes share the work (None: this one).
+
+    A row that cannot be encoded (its image does not decode, the chat template or the processor refuses it)
+    is an error naming `source`:line; with `skip_bad_rows`, a reject counted in `report.rejected` and
+    written with its reason to `rejects_path` (default `<source>.tokenize.rejects.jsonl`), unless every row
+    fails: that is the template or processor, not the rows, and the first row's error is raised.
 
     `length` and `has_image` are what `ModalityLengthGroupedSampler` groups by.
     """
     def encode(record: dict, i: int) -> dict:
         report = ChatLengthReport()
         sample = {"images": [], "text": "", "input_ids": [], "labels": [], "length": 0, "has_image": False,
-                  "suffix": None}
+                  "suffix": None, "reject": None}
         paths = record_images(record)
         try:
             messages = to_messages(record["conversations"], n_images=len(paths))
@@ -527,13 +538,25 @@ def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None
             report.text_only_skipped += 1
             return {**sample, "report": vars(report)}
         except ValueError as e:
-            where = f"{source}:{record['line']}" if record.get("line") else f"{source}: record {i}"
-            raise type(e)(f"{where}: {e}") from None
+            line = record.get("line") or None
+            where = f"{source}:{line}" if line else f"{source}: record {i}"
+            error = ValueError if isinstance(e, DataError) else type(e)  # DataError takes a reason too
+            if not skip_bad_rows:
+                raise error(f"{where}: {e}; fix or drop the row, or pass --skip_bad_rows to skip and count "
+                            "it") from None
+            report.rejected += 1
+            # load_records' reject shape; raw: the record as encoded (a VQA row as its conversation)
+            raw = {k: record.get(k) for k in ("image", "images", "conversations") if record.get(k)}
+            reject = {"reason": e.reason if isinstance(e, DataError) else "tokenize_error",
+                      "message": str(e) if line else f"record {i}: {e}", "file": source, "line": line,
+                      "field": (e.field or "image") if isinstance(e, DataError) else "conversations",
+                      "raw": json.dumps(raw, ensure_ascii=False), "error": error.__name__}
+            return {**sample, "reject": json.dumps(reject, ensure_ascii=False), "report": vars(report)}
         if fitted is not None:
             text, ids, labels, n_images = fitted
             kept = paths if n_images is None else paths[:n_images]
             sample = {"images": kept, "text": text, "input_ids": ids, "labels": labels, "length": len(ids),
-                      "has_image": bool(kept), "suffix": enc.suffix}
+                      "has_image": bool(kept), "suffix": enc.suffix, "reject": None}
         return {**sample, "report": vars(report)}
 
     if isinstance(records, list):  # every row with every key: from_list keeps only the first row's keys
@@ -544,7 +567,22 @@ def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None
                           new_fingerprint=generate_random_fingerprint())  # in memory: nothing to cache
     report = ChatLengthReport(**{name: sum(r[name] for r in encoded["report"])
                                  for name in ChatLengthReport.__dataclass_fields__})
-    samples = encoded.select([i for i, n in enumerate(encoded["length"]) if n]).remove_columns("report")
+    rejects = [json.loads(r) for r in encoded["reject"] if r is not None]
+    if skip_bad_rows:
+        rejects_path = Path(rejects_path or f"{source}.tokenize.rejects.jsonl")
+        if rejects:
+            write_jsonl(rejects_path, ({k: v for k, v in r.items() if k != "error"} for r in rejects))
+            print(f"{source}: skipped {len(rejects)} row(s) of {len(encoded)} that the processor could not "
+                  f"encode; reasons in {rejects_path}")
+        else:
+            rejects_path.unlink(missing_ok=True)  # an earlier run's, in the same output_dir
+    if rejects and report.samples == 0:  # no row encoded: not about one row
+        first_reject = rejects[0]
+        where = f"{source}:{first_reject['line']}" if first_reject["line"] else source
+        error = ChatTemplateError if first_reject["error"] == ChatTemplateError.__name__ else ValueError
+        raise error(f"{where}: {first_reject['message']}")
+    samples = encoded.select([i for i, n in enumerate(encoded["length"]) if n]).remove_columns(
+        ["report", "reject"])
     if len(samples) == 0:
         raise ValueError(f"{source}: no conversation fits in max_length={max_length} ({report}); raise "
                          "--max_length")

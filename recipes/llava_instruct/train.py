@@ -113,12 +113,15 @@ def main(argv=None):
     logger.info("parameters:\n%s", count_parameters(model))
 
     # Samples: conversations rendered with the processor's chat template; the budget counts image tokens.
-    # Encoded by one process of a launch, which the others read.
+    # Encoded by one process of a launch, which the others read; it writes the rows it cannot encode
+    # (--skip_bad_rows) to rejects/<split>.tokenize.rejects.jsonl.
     def samples(records, split, source):
         conversations = caption_conversations(records, args.training.seed) if task == "caption" else records
         dataset, report = encoded_once(lambda: tokenize_conversations(
             conversations, encoder, args.data.max_length, source=source,
-            num_proc=args.chat_batch.preprocessing_num_workers), split, args.training)
+            num_proc=args.chat_batch.preprocessing_num_workers, skip_bad_rows=args.data.skip_bad_rows,
+            rejects_path=Path(args.training.output_dir) / "rejects" / f"{split}.tokenize.rejects.jsonl"),
+            split, args.training)
         logger.info("%s %s", source, report)
         return dataset, report
 

@@ -96,11 +96,16 @@ def main(argv=None):
 
     # Samples: one short-answer conversation per question, through the processor's chat template;
     # loss on the answer tokens only; the length budget counts the image tokens. Encoded by one process of a
-    # launch, which the others read.
-    workers = args.chat_batch.preprocessing_num_workers
-    train_dataset, train_report = encoded_once(lambda: tokenize_conversations(
-        vqa_conversations(train_records, args.vqa.answer_prompt), encoder, args.data.max_length,
-        source=args.data.train_file, num_proc=workers), "train", args.training)
+    # launch, which the others read; it writes the rows it cannot encode (--skip_bad_rows) to
+    # rejects/<split>.tokenize.rejects.jsonl.
+    def samples(records, split, source):
+        return encoded_once(lambda: tokenize_conversations(
+            vqa_conversations(records, args.vqa.answer_prompt), encoder, args.data.max_length, source=source,
+            num_proc=args.chat_batch.preprocessing_num_workers, skip_bad_rows=args.data.skip_bad_rows,
+            rejects_path=Path(args.training.output_dir) / "rejects" / f"{split}.tokenize.rejects.jsonl"),
+            split, args.training)
+
+    train_dataset, train_report = samples(train_records, "train", args.data.train_file)
     logger.info("train %s", train_report)
     reports = {"train": vars(train_report)}
 
@@ -115,9 +120,7 @@ def main(argv=None):
 
     eval_dataset = eval_items = None
     if eval_records is not None:
-        eval_dataset, eval_report = encoded_once(lambda: tokenize_conversations(
-            vqa_conversations(eval_records, args.vqa.answer_prompt), encoder, args.data.max_length,
-            source=args.data.eval_file, num_proc=workers), "eval", args.training)
+        eval_dataset, eval_report = samples(eval_records, "eval", args.data.eval_file)
         logger.info("eval %s", eval_report)
         reports["eval"] = vars(eval_report)
         eval_items = held_out_items(eval_records, "eval")

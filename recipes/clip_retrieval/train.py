@@ -110,10 +110,7 @@ def main(argv=None):
     # Its processor first: the data's captions must not hold its tokenizer's special strings.
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:clip-pretrained")
     processor = load_recipe_processor(model_path, args.model)
-    tokenizer = getattr(processor, "tokenizer", None)
-    if tokenizer is None:  # a vision tower's checkpoint: an image processor alone
-        raise ValueError(f"{model_path}: {type(processor).__name__} has no tokenizer: not a dual encoder; "
-                         "give a CLIP, SigLIP or SigLIP 2 checkpoint.")
+    tokenizer = processor.tokenizer
 
     # Data: the embedded synthetic set (and its zero-shot set) unless files are given.
     def embedded():

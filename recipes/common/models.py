@@ -109,6 +109,9 @@ def load_recipe_processor(path: str, model_args: ModelArguments):
     with loading(path):
         model_type = AutoConfig.from_pretrained(path, **source).model_type
         processor = load_processor(path, model_type, **source, **options)
+    if getattr(processor, "tokenizer", None) is None:  # a vision tower's checkpoint: an image processor alone
+        raise ValueError(f"{path}: {type(processor).__name__} has no tokenizer: the checkpoint has no text "
+                         "model for the recipe to train; give one of the kind its README names.")
     check_processor_options(processor, options)
     return processor
 

@@ -22,7 +22,9 @@ do): different ones are refused (`bad_value`, naming both), as which one is mean
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 from typing import Any
 
 from .errors import (
@@ -237,6 +239,19 @@ def normalize_record(record: Any, task: str) -> dict:
     return record
 
 
+@functools.lru_cache(maxsize=16)
+def _reserved_pattern(reserved: tuple[str, ...]) -> re.Pattern:
+    # One alternation, longest first: a tokenizer may have thousands (Gemma's <unusedN>), and the regex
+    # passes over a text that holds none of their first characters at once (a loop over them: 1,000x slower).
+    return re.compile("|".join(map(re.escape, sorted(reserved, key=len, reverse=True))))
+
+
+def find_reserved(text: str, reserved: tuple[str, ...]) -> str | None:
+    """The first of the `reserved` strings in `text` (the longest one where several start), or None."""
+    match = _reserved_pattern(tuple(reserved)).search(text) if reserved else None
+    return match.group(0) if match else None
+
+
 def check_reserved(record: dict, task: str, reserved: tuple[str, ...]) -> None:
     """Raise `DataError` for a text field of a canonical record that holds one of the `reserved` strings (a
     model's special tokens): its tokenizer would read the control token there, not the text (a `</s>` in a
@@ -251,7 +266,7 @@ def check_reserved(record: dict, task: str, reserved: tuple[str, ...]) -> None:
                  for i, text in enumerate(record.get(key) or [])]
         texts += [("question", record["question"])] if task == "vqa" else []
     for field, text in texts:
-        found = next((s for s in reserved if s in text), None)
+        found = find_reserved(text, reserved)
         if found is not None:
             raise DataError(RESERVED_TEXT, f"holds {found!r}, which the model's tokenizer reads as a special "
                             "token, not as text; remove or rewrite it", field=field)

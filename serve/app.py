@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect
 
 from data_tools.errors import MISSING_IMAGE, DataError
 from data_tools.images import check_image
-from data_tools.records import IMAGE_TOKEN
+from data_tools.records import IMAGE_TOKEN, find_reserved
 
 from .batching import Batcher, Job
 from .images import ClientError, image_bytes, save_checked_image
@@ -207,11 +207,11 @@ def refuse_special_strings(text: str, run, model: str, param: str, in_message: b
     """Refuse `text` holding a string the tokenizer of `run` reads as a special token: in a prompt it would
     be the control token (a turn injected, the text ended), not text; training refuses such a row too. In a
     message, `<image>` too: the conversation places an image part with it."""
-    if in_message and IMAGE_TOKEN in text and IMAGE_TOKEN not in run.specials:
+    if in_message and IMAGE_TOKEN in text and IMAGE_TOKEN not in run.reserved:
         raise ClientError(400, f"{param}: holds {IMAGE_TOKEN!r}, which stands for an image here, not for "
                           "text; send the image as an image_url part", param=param,
                           code="special_token_in_text")
-    found = next((s for s in run.specials if s in text), None)
+    found = find_reserved(text, run.reserved)
     if found is not None:
         raise ClientError(400, f"{param}: holds {found!r}, which the tokenizer of {model!r} reads as its "
                           "special token, not as text; remove or rewrite it", param=param,

@@ -48,7 +48,7 @@ from recipes.common.merge import (
     is_adapter_run,
     load_run,
     load_trained_run,
-    run_record,
+    trained_with,
 )
 from recipes.common.models import load_processor, resolve_model_path, special_strings
 from recipes.common.quantization import QUANTIZATION_FILE
@@ -125,9 +125,10 @@ class GenerativeRun:
         return self.extra_positions + len(self.prefix_ids) + len(ids)
 
     @functools.cached_property
-    def specials(self) -> tuple[str, ...]:
-        """The strings its tokenizer reads as special tokens: not to be taken as a request's text."""
-        return self.encoder.specials if self.encoder is not None else special_strings(self.tokenizer)
+    def reserved(self) -> tuple[str, ...]:
+        """The strings its tokenizer reads as special tokens (but the run's --special_text): not to be taken
+        as a request's text."""
+        return self.encoder.reserved if self.encoder is not None else special_strings(self.tokenizer)
 
     @property
     def needs_image(self) -> bool:
@@ -161,7 +162,7 @@ class SearchRun:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @functools.cached_property
-    def specials(self) -> tuple[str, ...]:
+    def reserved(self) -> tuple[str, ...]:
         """The strings its tokenizer reads as special tokens: not to be taken as a query's text."""
         return special_strings(self.processor.tokenizer)
 
@@ -230,13 +231,6 @@ def gallery_key(image: str, root: Path) -> str:
         return Path(image).name
 
 
-def _trained_prompt(path: Path) -> str | None:
-    """The caption --prompt a run trained with, from its run.json (a checkpoint-N's: its run folder's; merge
-    and export copy it into their folder); None without one."""
-    record = run_record(path)
-    return None if record is None else json.loads(record.read_text()).get("prompt")
-
-
 def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
     from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -251,13 +245,14 @@ def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
         tokenizer.pad_token = tokenizer.eos_token
     return GenerativeRun(rid, path, "caption", model.eval(), tokenizer,
                          AutoImageProcessor.from_pretrained(path), extra_positions=model.config.prefix_length,
-                         trained_prompt=_trained_prompt(path))
+                         trained_prompt=trained_with(path, "prompt"))
 
 
 def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None) -> GenerativeRun:
     tokenizer, image_processor = processor.tokenizer, processor.image_processor
     try:
-        encoder = chat_encoder(processor)  # its chat template, or its prefix + suffix (PaliGemma)
+        # its chat template, or its prefix + suffix (PaliGemma); texts may hold what training's could
+        encoder = chat_encoder(processor, trained_with(path, "special_text"))
     except ChatTemplateError:
         encoder = None
     if encoder is not None:
@@ -268,7 +263,7 @@ def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None)
                            "tokens; give its processor a chat template (chat_template.json)")
     prefix = (config.image_token_id,) * config.num_query_tokens  # as blip2_lora_caption/train.py
     return GenerativeRun(rid, path, "caption", model, tokenizer, image_processor, adapter, prefix_ids=prefix,
-                         trained_prompt=_trained_prompt(path))
+                         trained_prompt=trained_with(path, "prompt"))
 
 
 def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:

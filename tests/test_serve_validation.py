@@ -14,9 +14,9 @@ HI = [{"role": "user", "content": "hi"}]
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     path = tmp_path_factory.mktemp("runs")
-    chat = SimpleNamespace(task="chat", path=path, needs_image=False, specials=(), max_positions=None,
+    chat = SimpleNamespace(task="chat", path=path, needs_image=False, reserved=(), max_positions=None,
                            prompt_positions=lambda item, prompt: 0)
-    index = SimpleNamespace(task="retrieval", specials=(), path=path, images=[])
+    index = SimpleNamespace(task="retrieval", reserved=(), path=path, images=[])
     options = ServeOptions(max_tokens_limit=8, default_max_tokens=4)
     with TestClient(create_app({"chat": chat, "index": index}, options)) as c:
         yield c

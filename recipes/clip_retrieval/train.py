@@ -39,7 +39,7 @@ from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head
 from recipes.common.args import (DataArguments, EarlyStoppingArguments, FreezeArguments,
                                  LearningRateArguments, ModelArguments, PeftArguments, arg, check_at_least,
                                  parse_recipe_args)
-from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, special_strings
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, text_reserved
 from recipes.common.peft_setup import count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 
@@ -125,7 +125,7 @@ def main(argv=None):
     train_records, eval_records, test_records = (
         records_by_image(r) if r is not None else None
         for r in load_data(args.data, "retrieval", embedded, args.training.output_dir,
-                           reserved=special_strings(tokenizer)))
+                           reserved=text_reserved(tokenizer, args.data.special_text)))
 
     model = load_model(AutoModel, model_path, args.model)
     if not all(hasattr(model, f) for f in ("get_image_features", "get_text_features", "logit_scale")):

@@ -104,8 +104,9 @@ class DataArguments:
         "its eos); a sample with no room left is dropped. The logged length report counts both. none (in "
         "YAML: null) = no budget; CLIP: the text tower's length.")
     skip_bad_rows: bool = arg(
-        False, "Drop invalid rows and rows whose image fails --check_images, counted, each written with "
-        "its reason to <output_dir>/rejects/, instead of stopping.")
+        False, "Drop invalid rows and rows whose image fails --check_images (chat recipes: or that the "
+        "processor cannot encode), counted, each written with its reason to <output_dir>/rejects/, instead "
+        "of stopping.")
     max_train_samples: int | None = arg(None, "Read at most this many rows of the training file.")
     max_eval_samples: int | None = arg(
         None, "Use at most this many records of the eval and test files: rows, or for caption and retrieval "
@@ -115,6 +116,10 @@ class DataArguments:
     lang: str = arg(
         "en", "Language of the texts: zh, ja, th, ... are scored on characters; the embedded default is "
         "made in it.")
+    special_text: list[str] | None = arg(
+        None, "Special strings of the tokenizer that the texts hold on purpose, read as its control tokens, "
+        "e.g. Qwen2-VL's grounding tokens '<|object_ref_start|>' '<|object_ref_end|>' '<|box_start|>' "
+        "'<|box_end|>'. A text holding any other special string (</s>, <|im_start|>, ...) is a bad row.")
 
     def __post_init__(self):
         check_at_least(self, 1, "max_length", "max_train_samples", "max_eval_samples")

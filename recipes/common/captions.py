@@ -14,7 +14,7 @@ from eval.caption import caption_metrics
 
 from .data import embedded_dataset
 from .lengths import pad_batch
-from .models import special_strings
+from .models import text_reserved
 from .run import first, load_data
 
 logger = logging.getLogger(__name__)
@@ -30,13 +30,13 @@ def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
 
 def load_caption_data(data_args, training_args, tokenizer):
     """(train, validation, test) records from the data files or the embedded synthetic captions
-    (`run.load_data`; no caption may hold one of `tokenizer`'s special strings); validation and test (or
-    None) with one record per image and all its captions."""
+    (`run.load_data`; no caption may hold one of `tokenizer`'s special strings but --special_text);
+    validation and test (or None) with one record per image and all its captions."""
     def embedded():
         return embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed)
 
     train, *held_out = load_data(data_args, "caption", embedded, training_args.output_dir,
-                                 reserved=special_strings(tokenizer))
+                                 reserved=text_reserved(tokenizer, data_args.special_text))
     return train, *(caption_eval_records(r) if r is not None else None for r in held_out)
 
 

@@ -48,11 +48,11 @@ from tqdm import tqdm
 from data_tools.errors import DataError
 from data_tools.images import load_image
 from data_tools.jsonl import write_jsonl
-from data_tools.records import IMAGE_TOKEN
+from data_tools.records import IMAGE_TOKEN, find_reserved
 
 from .args import arg, check_at_least
 from .lengths import IGNORE_INDEX
-from .models import special_strings
+from .models import special_strings, text_reserved
 from .run import first
 from .trainer import GenerationEval
 
@@ -162,12 +162,12 @@ def image_token_ids(processor) -> set[int]:
     return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
 
 
-def check_plain_text(messages: list[dict], specials: tuple[str, ...]) -> None:
-    """Refuse a turn whose text holds a special string: tokenized, it is the control token, not the text
-    (in an answer, an end-of-turn token the model would learn to stop at)."""
+def check_plain_text(messages: list[dict], reserved: tuple[str, ...]) -> None:
+    """Refuse a turn whose text holds a `reserved` special string: tokenized, it is the control token, not the
+    text (in an answer, an end-of-turn token the model would learn to stop at)."""
     for i, message in enumerate(messages):  # one message per turn (`to_messages`): i names the turn
         text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
-        found = next((s for s in specials if s in text), None)
+        found = find_reserved(text, reserved)
         if found is not None:
             raise ValueError(f"conversations[{i}]: holds {found!r}, which the tokenizer reads as its special "
                              "token, not as text; remove or rewrite it in the data")
@@ -177,7 +177,7 @@ class ChatEncoder:
     """Renders, tokenizes and labels conversations with `processor`'s chat template (see the module
     docstring)."""
 
-    def __init__(self, processor):
+    def __init__(self, processor, special_text=None):
         if not getattr(processor, "chat_template", None):
             raise ChatTemplateError(
                 f"{type(processor).__name__} has no chat template: set processor.chat_template (a Jinja "
@@ -187,6 +187,7 @@ class ChatEncoder:
         self.image_ids = image_token_ids(processor)
         self.eos_token_id = self.tokenizer.eos_token_id
         self.specials = special_strings(self.tokenizer)  # also the tokens that can end a turn
+        self.reserved = text_reserved(self.tokenizer, special_text)  # what no text may hold (--special_text)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as the chat template writes it, with one image placeholder per image."""
@@ -275,7 +276,7 @@ class ChatEncoder:
         n_parts = sum(part["type"] == "image" for m in messages for part in m["content"])
         if n_parts != len(images):
             raise ValueError(f"{n_parts} image part(s) in the conversation for {len(images)} image(s)")
-        check_plain_text(messages, self.specials)
+        check_plain_text(messages, self.reserved)
         full, spans, eos_added = self._text(messages, add_generation_prompt)
         enc = self.tokenizer(full, add_special_tokens=self.add_special_tokens(full),
                              return_offsets_mapping=True)
@@ -360,10 +361,11 @@ class PrefixSuffixEncoder(ChatEncoder):
     answer (earlier answers are context), the suffix the last answer.
     """
 
-    def __init__(self, processor):
+    def __init__(self, processor, special_text=None):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.image_ids = image_token_ids(processor)
         self.specials = special_strings(self.tokenizer)
+        self.reserved = text_reserved(self.tokenizer, special_text)
 
     @staticmethod
     def _split(messages: list[dict]) -> tuple[str, str | None, int]:
@@ -398,7 +400,7 @@ class PrefixSuffixEncoder(ChatEncoder):
         prefix, suffix, n_images = self._split(messages)
         if not images:
             raise NeedsImageError(f"{type(self.processor).__name__} takes no text-only sample")
-        check_plain_text(messages, self.specials)
+        check_plain_text(messages, self.reserved)
         if n_images != len(images):
             raise ValueError(f"{n_images} image part(s) in the conversation for {len(images)} image(s)")
         if suffix is None or add_generation_prompt:
@@ -416,14 +418,15 @@ def _answer(message: dict) -> str:
     return "\n".join(p["text"] for p in message["content"] if p["type"] == "text")
 
 
-def chat_encoder(processor) -> ChatEncoder:
-    """The encoder for `processor`: its chat template, or its prefix + `suffix=` (PaliGemma)."""
+def chat_encoder(processor, special_text=None) -> ChatEncoder:
+    """The encoder for `processor`: its chat template, or its prefix + `suffix=` (PaliGemma). `special_text`:
+    the special strings texts may hold (--special_text)."""
     import inspect
 
     takes_suffix = "suffix" in inspect.signature(processor.__call__).parameters
     if getattr(processor, "chat_template", None) or not takes_suffix:
-        return ChatEncoder(processor)  # raises for a processor without a chat template
-    return PrefixSuffixEncoder(processor)
+        return ChatEncoder(processor, special_text)  # raises for a processor without a chat template
+    return PrefixSuffixEncoder(processor, special_text)
 
 
 @dataclass

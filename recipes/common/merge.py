@@ -37,6 +37,13 @@ def run_record(run: str | Path) -> Path | None:
     return next((f / "run.json" for f in (Path(run), Path(run).parent) if (f / "run.json").is_file()), None)
 
 
+def trained_with(run: str | Path, name: str):
+    """The value of option `name` (e.g. prompt, special_text) run `run` trained with, from its run.json
+    (`run_record`: merge and export copy it into their folder); None without one."""
+    record = run_record(run)
+    return None if record is None else json.loads(record.read_text()).get(name)
+
+
 def adapter_base(run: str | Path) -> tuple[str, str | None]:
     """(base checkpoint, revision it was loaded at) of LoRA run `run`, from its adapter_config.json."""
     config = PeftConfig.from_pretrained(run)

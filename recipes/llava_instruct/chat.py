@@ -21,9 +21,9 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from data_tools.images import load_image
-from data_tools.records import IMAGE_TOKEN
+from data_tools.records import IMAGE_TOKEN, find_reserved
 from recipes.common.chat import ChatEncoder, chat_encoder, to_messages
-from recipes.common.merge import check_final_model, load_trained_run
+from recipes.common.merge import check_final_model, load_trained_run, trained_with
 from recipes.common.models import load_processor, loading, resolve_model_path
 from recipes.common.run import run_main
 from recipes.common.trainer import stop_token_ids
@@ -45,7 +45,7 @@ def check_message(encoder: ChatEncoder, turns: list[dict], n_images: int) -> Non
     for it, or text holding a special string of the tokenizer (it would be the control token, not text)."""
     last = to_messages(turns, n_images=n_images)[-1]
     text = "".join(p["text"] for p in last["content"] if p["type"] == "text")  # as check_plain_text reads it
-    found = next((s for s in encoder.specials if s in text), None)
+    found = find_reserved(text, encoder.reserved)
     if found is not None:
         raise ValueError(f"the message holds {found!r}, which the tokenizer reads as its special token, not "
                          "as text; remove or rewrite it")
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     model, processor = load(args.model, args.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
-    encoder = chat_encoder(processor)
+    encoder = chat_encoder(processor, trained_with(resolve_model_path(args.model), "special_text"))
     n_images = 0 if image is None else 1
     if args.prompt is not None:
         turns = [{"from": "human", "value": first_turn(args.prompt)}]

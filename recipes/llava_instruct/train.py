@@ -37,7 +37,7 @@ from recipes.common.args import GENERATIVE_ARGUMENTS, arg, check_at_least, parse
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, special_strings
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, text_reserved
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 from recipes.llava_instruct.collator import caption_conversations, generation_items
@@ -90,14 +90,14 @@ def main(argv=None):
     # outside the user turns it places images in).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
     processor = load_recipe_processor(model_path, args.model)
-    encoder = chat_encoder(processor)
+    encoder = chat_encoder(processor, args.data.special_text)
 
     # Data: the embedded synthetic set unless files are given. Stage 1's images are scenes of another seed.
     seed = args.training.seed + (STAGE1_SEED_OFFSET if task == "caption" else 0)
     train_records, eval_records, test_records = load_data(
         args.data, task, lambda: embedded_dataset(task, n=1000, lang=args.data.lang, seed=seed),
         args.training.output_dir, task_flags={t: f"--data_task {t}" for t in ("caption", "instruct")},
-        reserved=(*special_strings(processor.tokenizer), IMAGE_TOKEN))
+        reserved=(*text_reserved(processor.tokenizer, args.data.special_text), IMAGE_TOKEN))
 
     model = load_model(AutoModelForImageTextToText, model_path, args.model)
 
@@ -164,6 +164,7 @@ def main(argv=None):
         revision=args.model.revision,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
+        special_text=args.data.special_text,
         length_budget=reports, prompts_left_out=left_out,
     ), test=test_items, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)

@@ -30,7 +30,7 @@ from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, special_strings
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, text_reserved
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.quantization import (
     fall_back_to_cpu_optimizer,
@@ -79,13 +79,13 @@ def main(argv=None):
 
     train_records, eval_records, test_records = load_data(
         args.data, "vqa", embedded, args.training.output_dir,
-        reserved=(*special_strings(processor.tokenizer), IMAGE_TOKEN))
+        reserved=(*text_reserved(processor.tokenizer, args.data.special_text), IMAGE_TOKEN))
 
     # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml);
     # QLoRA quantizes the LM only: vision tower, projector and LM head stay in 16/32-bit.
     skip = unquantized_modules(AutoModelForImageTextToText, model_path, args.model)
     model = load_model(AutoModelForImageTextToText, model_path, args.model, skip_quantization=skip)
-    encoder = chat_encoder(processor)
+    encoder = chat_encoder(processor, args.data.special_text)
 
     # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are
     # saved with the adapter through modules_to_save. Then only what trains is cast to float32.
@@ -149,6 +149,7 @@ def main(argv=None):
         revision=args.model.revision,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
+        special_text=args.data.special_text,
         length_budget=reports, prompts_left_out=left_out,
     ), test=test_items, results=results, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)

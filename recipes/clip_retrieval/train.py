@@ -207,7 +207,7 @@ def main(argv=None):
         revision=args.model.revision, loss=loss, max_length=max_length,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
-        zero_shot_file=args.retrieval.zero_shot_file,
+        special_text=args.data.special_text, zero_shot_file=args.retrieval.zero_shot_file,
         zero_shot_labels=zero_shot.labels if zero_shot else None,
     ), test=test_dataset, after_training=after_training, early_stopping=args.early_stopping)
 

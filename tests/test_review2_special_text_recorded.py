@@ -1,0 +1,24 @@
+"""clip_retrieval records --special_text in run.json, as the chat recipes do: a resume with other allowed
+strings (other rows kept) is refused by the run.json check, and the run says what its data could hold."""
+
+import json
+
+import pytest
+
+from recipes.common.run import check_same_run
+
+COMMON = ["--report_to", "none", "--max_steps", "1", "--eval_strategy", "no", "--save_strategy", "no",
+          "--load_best_model_at_end", "false", "--per_device_train_batch_size", "4", "--use_cpu", "true",
+          "--max_eval_samples", "8"]
+
+
+def test_clip_retrieval_records_special_text_and_a_resume_with_other_ones_is_refused(tmp_path):
+    from recipes.clip_retrieval.train import main
+
+    out = tmp_path / "out"
+    main(["--model_name_or_path", "tiny:clip", *COMMON, "--output_dir", str(out),
+          "--special_text", "<|endoftext|>"])
+    started = json.loads((out / "run.json").read_text())
+    assert started["special_text"] == ["<|endoftext|>"]
+    with pytest.raises(ValueError, match=r"special_text \['<\|endoftext\|>'\] -> None"):
+        check_same_run(out, str(out / "checkpoint-1"), {**started, "special_text": None}, write=False)

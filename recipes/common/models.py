@@ -44,16 +44,17 @@ def special_strings(tokenizer) -> tuple[str, ...]:
     return tuple(sorted(s for s in {*filter(None, tokenizer.all_special_tokens), *added} if len(s) > 1))
 
 
-
 def text_reserved(tokenizer, allowed=None) -> tuple[str, ...]:
     """The special strings no text may hold: the tokenizer's (`special_strings`) but the `allowed` ones
     (--special_text: what the data writes on purpose, e.g. grounding tokens), each of which must be one."""
     specials, allowed = special_strings(tokenizer), allowed or ()
     for name in allowed:
         if name not in specials:
+            shown = ", ".join(specials[:20]) + (f", ... ({len(specials)} in all)" * (len(specials) > 20))
             raise ValueError(f"--special_text {name!r} is not a special string of the tokenizer (a text "
-                             f"holding it reads as text anyway); its special strings: {', '.join(specials)}.")
+                             f"holding it reads as text anyway); its special strings: {shown}.")
     return tuple(s for s in specials if s not in allowed)
+
 
 TINY_PREFIX = "tiny:"
 

@@ -50,7 +50,7 @@ from recipes.common.merge import (
     load_trained_run,
     trained_with,
 )
-from recipes.common.models import load_processor, resolve_model_path, special_strings
+from recipes.common.models import load_processor, resolve_model_path, special_strings, text_reserved
 from recipes.common.quantization import QUANTIZATION_FILE
 from recipes.common.trainer import generate_kwargs, stop_token_ids
 from recipes.soft_prompt_caption.modeling import MODEL_TYPE as SOFT_PROMPT_MODEL_TYPE
@@ -128,7 +128,9 @@ class GenerativeRun:
     def reserved(self) -> tuple[str, ...]:
         """The strings its tokenizer reads as special tokens (but the run's --special_text): not to be taken
         as a request's text."""
-        return self.encoder.reserved if self.encoder is not None else special_strings(self.tokenizer)
+        if self.encoder is not None:
+            return self.encoder.reserved
+        return text_reserved(self.tokenizer, trained_with(self.path, "special_text"))
 
     @property
     def needs_image(self) -> bool:

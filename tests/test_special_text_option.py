@@ -72,16 +72,19 @@ def test_serve_takes_the_special_strings_its_run_trained_with(tmp_path):
     from serve.app import create_app
     from serve.runs import load_runs
 
-    for name in ("plain", "grounding"):
-        shutil.copytree(resolve_model_path("tiny:llava"), tmp_path / name)
-    (tmp_path / "grounding" / "run.json").write_text(json.dumps({"special_text": ["</s>"]}))
+    names = {"plain": "llava", "grounding": "llava", "captioner": "blip2-opt",
+             "captioner-allowing": "blip2-opt"}
+    for name, tiny in names.items():
+        shutil.copytree(resolve_model_path(f"tiny:{tiny}"), tmp_path / name)
+    for name in ("grounding", "captioner-allowing"):
+        (tmp_path / name / "run.json").write_text(json.dumps({"special_text": ["</s>"]}))
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), "red").save(buffer, format="PNG")
     image = {"type": "image_url",
              "image_url": {"url": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()}}
     message = {"role": "user", "content": [image, {"type": "text", "text": "what is </s> here?"}]}
-    with TestClient(create_app(load_runs([tmp_path / "plain", tmp_path / "grounding"]))) as client:
+    with TestClient(create_app(load_runs([tmp_path / name for name in names]))) as client:
         status = {name: client.post("/v1/chat/completions", json={"model": name, "max_tokens": 2,
                                                                   "messages": [message]}).status_code
-                  for name in ("plain", "grounding")}
-    assert status == {"plain": 400, "grounding": 200}
+                  for name in names}
+    assert status == {"plain": 400, "grounding": 200, "captioner": 400, "captioner-allowing": 200}

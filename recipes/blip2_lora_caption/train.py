@@ -86,7 +86,7 @@ def main(argv=None):
         revision=args.model.revision,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
-        prompt=args.data.prompt,
+        prompt=args.data.prompt, special_text=args.data.special_text,
     ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)
 

@@ -154,7 +154,7 @@ def main(argv=None):
         revision=args.model.revision,
         prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
-        image_root=args.data.image_root, prompt=args.data.prompt,
+        image_root=args.data.image_root, prompt=args.data.prompt, special_text=args.data.special_text,
     ), test=test_records, shuffled_image_check=args.generation_eval.shuffled_image_check,
        early_stopping=args.early_stopping)
     if trainer.is_world_process_zero():

@@ -1,6 +1,7 @@
-"""A held-out row whose image does not decode (its header reads, so the load check passes it) is a counted
-reject with --skip_bad_rows, as a training row is, and is not asked in generation: it stopped the run at the
-eval prompts. Without --skip_bad_rows it stops the run in one line naming its file:line."""
+"""A held-out row whose image does not decode (its header reads, so the header check would pass it) is a
+counted reject with --skip_bad_rows, as a training row is, and is not asked in generation: it stopped the run
+at the eval prompts. Without --skip_bad_rows it stops the run in one line naming its file:line. Held-out
+images are decoded when the data loads."""
 
 import json
 import os
@@ -52,7 +53,7 @@ def test_a_held_out_image_that_does_not_decode_is_a_counted_reject(data, tmp_pat
     r = _train(data, out, "--skip_bad_rows")
     assert r.returncode == 0, r.stderr[-3000:]
     for split in ("eval", "test"):
-        (reject,) = read_jsonl(out / "rejects" / f"{split}.decode.rejects.jsonl")
+        (reject,) = read_jsonl(out / "rejects" / f"{split}.rejects.jsonl")
         # truncated_image or unreadable_image, as the noise falls
         assert (reject["file"], reject["line"], reject["field"]) == (str(data / f"{split}.jsonl"), 3, "image")
         assert reject["reason"] in ("truncated_image", "unreadable_image")

@@ -96,8 +96,9 @@ class DataArguments:
         "coco/train2017; None = each JSONL file's own folder. Paths that leave it are refused.")
     check_images: Literal["header", "decode", "none"] = arg(
         "header", "Before the first step, check every image: 'header' (it exists, its header reads, its "
-        "size is within limits, it is not cut off; fast), 'decode' (decode each one; slow), 'none'. A bad "
-        "image is an error naming file:line, or a counted reject with --skip_bad_rows.")
+        "size is within limits, it is not cut off; fast), 'decode' (decode each one; slow), 'none'. The "
+        "eval and test images are decoded unless 'none' (scoring opens each). A bad image is an error naming "
+        "file:line, or a counted reject with --skip_bad_rows.")
     max_length: int | None = arg(
         128, "Length budget of a sample in tokens, image / query tokens included. Over it, a caption is "
         "cut, a conversation is cut after its last whole exchange that fits (CLIP: the text is cut before "

@@ -594,40 +594,6 @@ def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None
     return samples, report
 
 
-def decoded_records(records: datasets.Dataset, source: str, skip_bad_rows: bool = False,
-                    rejects_path: str | Path | None = None) -> datasets.Dataset:
-    """The held-out `records` whose images decode: generation opens them, after training. One that does not
-    (the load check reads headers only) is an error naming `source`:line; with `skip_bad_rows`, a reject
-    counted and written with its reason to `rejects_path` (default `<source>.decode.rejects.jsonl`), as
-    `tokenize_conversations` does for a training row."""
-    kept, rejects = [], []
-    for i, record in enumerate(tqdm(records, desc=f"decoding {source} images", unit="row")):
-        try:
-            for path in record_images(record):
-                load_image(path)
-        except DataError as e:
-            where = f"{source}:{record.get('line') or f' record {i}'}"
-            if not skip_bad_rows:
-                raise ValueError(f"{where}: {e}; fix or drop the row, or pass --skip_bad_rows to skip and "
-                                 "count it") from None
-            raw = {k: record.get(k) for k in ("image", "images") if record.get(k)}
-            rejects.append({"reason": e.reason, "message": str(e), "file": source, "line": record.get("line"),
-                            "field": e.field or "image", "raw": json.dumps(raw, ensure_ascii=False)})
-            continue
-        kept.append(i)
-    if skip_bad_rows:
-        rejects_path = Path(rejects_path or f"{source}.decode.rejects.jsonl")
-        if rejects:
-            write_jsonl(rejects_path, rejects)
-            print(f"{source}: skipped {len(rejects)} row(s) of {len(records)} whose image does not decode; "
-                  f"reasons in {rejects_path}")
-        else:
-            rejects_path.unlink(missing_ok=True)  # an earlier run's, in the same output_dir
-    if rejects and not kept:
-        raise ValueError(f"{source}: no row's image decodes (the first: {rejects[0]['message']})")
-    return records.select(kept) if rejects else records
-
-
 def encoded_once(encode: Callable[[], tuple[datasets.Dataset, ChatLengthReport]], split: str,
                  training_args) -> tuple[datasets.Dataset, ChatLengthReport]:
     """`encode()` once per launch, not once per process (each would open every image of the data set):

@@ -156,7 +156,10 @@ def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: st
         if not path:
             return None
         rejects = Path(output_dir) / "rejects" / f"{split}.rejects.jsonl"
-        return load_records(path, task, image_root=data_args.image_root, check_images=data_args.check_images,
+        # Held-out images are decoded, not only their headers read: scoring opens each, and one that does not
+        # decode would stop the run there, whatever --skip_bad_rows says. They are few next to training's.
+        check = data_args.check_images if split == "train" or data_args.check_images == "none" else "decode"
+        return load_records(path, task, image_root=data_args.image_root, check_images=check,
                             skip_bad_rows=data_args.skip_bad_rows, rejects_path=rejects, max_rows=max_rows,
                             task_flags=task_flags, reserved=reserved)
 

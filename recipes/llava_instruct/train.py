@@ -35,7 +35,7 @@ from data_tools.records import IMAGE_TOKEN
 from eval.instruct import SHORT_ANSWER_WORDS, instruct_scores
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, check_at_least, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
-                                 decoded_records, encoded_once, tokenize_conversations)
+                                 encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, text_reserved
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
@@ -98,13 +98,6 @@ def main(argv=None):
         args.data, task, lambda: embedded_dataset(task, n=1000, lang=args.data.lang, seed=seed),
         args.training.output_dir, task_flags={t: f"--data_task {t}" for t in ("caption", "instruct")},
         reserved=(*text_reserved(processor.tokenizer, args.data.special_text), IMAGE_TOKEN))
-
-    # The held-out images decode (the load check reads headers only): generation opens them after training.
-    eval_records, test_records = (
-        None if r is None else decoded_records(r, source, args.data.skip_bad_rows, Path(
-            args.training.output_dir) / "rejects" / f"{split}.decode.rejects.jsonl")
-        for r, source, split in ((eval_records, args.data.eval_file, "eval"),
-                                 (test_records, args.data.test_file, "test")))
 
     model = load_model(AutoModelForImageTextToText, model_path, args.model)
 

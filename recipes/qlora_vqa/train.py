@@ -28,7 +28,7 @@ from transformers import AutoModelForImageTextToText, TrainingArguments
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
-                                 decoded_records, encoded_once, tokenize_conversations)
+                                 encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
 from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, text_reserved
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
@@ -80,13 +80,6 @@ def main(argv=None):
     train_records, eval_records, test_records = load_data(
         args.data, "vqa", embedded, args.training.output_dir,
         reserved=(*text_reserved(processor.tokenizer, args.data.special_text), IMAGE_TOKEN))
-
-    # The held-out images decode (the load check reads headers only): generation opens them after training.
-    eval_records, test_records = (
-        None if r is None else decoded_records(r, source, args.data.skip_bad_rows, Path(
-            args.training.output_dir) / "rejects" / f"{split}.decode.rejects.jsonl")
-        for r, source, split in ((eval_records, args.data.eval_file, "eval"),
-                                 (test_records, args.data.test_file, "test")))
 
     # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml);
     # QLoRA quantizes the LM only: vision tower, projector and LM head stay in 16/32-bit.

@@ -70,3 +70,15 @@ def word_llava_processor(vocab: dict[str, int], chat_template: str):
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=chat_template)
+
+
+def undecodable_png(folder: Path) -> Path:
+    """`folder/corrupt.png`: a PNG whose header and end read (the header check passes it) but whose data does
+    not decode."""
+    from PIL import Image
+
+    Image.effect_noise((64, 64), 50).convert("RGB").save(folder / "noise.png")
+    corrupt = bytearray((folder / "noise.png").read_bytes())
+    corrupt[200:400] = bytes(b ^ 0x55 for b in corrupt[200:400])
+    (folder / "corrupt.png").write_bytes(bytes(corrupt))
+    return folder / "corrupt.png"

@@ -16,7 +16,7 @@ from data_tools.jsonl import read_jsonl, write_jsonl
 from recipes.common.chat import ChatTemplateError, chat_encoder, tokenize_conversations
 from recipes.common.data import load_records
 from recipes.common.models import load_processor, resolve_model_path
-from tests.conftest import run_script
+from tests.conftest import run_script, undecodable_png
 
 ROOT = Path(__file__).resolve().parent.parent
 ANSWERED = [{"from": "human", "value": "<image>\nwhat shape is it?"}, {"from": "gpt", "value": "a circle."}]
@@ -42,10 +42,7 @@ def data(tmp_path_factory):
     """A folder with a red image, and a PNG whose header and end read but whose data does not decode."""
     d = tmp_path_factory.mktemp("rejects")
     Image.new("RGB", (32, 32), "red").save(d / "red.png")
-    Image.effect_noise((64, 64), 50).convert("RGB").save(d / "noise.png")
-    corrupt = bytearray((d / "noise.png").read_bytes())
-    corrupt[200:400] = bytes(b ^ 0x55 for b in corrupt[200:400])
-    (d / "corrupt.png").write_bytes(bytes(corrupt))
+    undecodable_png(d)
     return d
 
 

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from data_tools.jsonl import read_jsonl, write_jsonl
-from tests.conftest import run_script
+from tests.conftest import run_script, undecodable_png
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,10 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("held_out")
     Image.new("RGB", (32, 32), "red").save(d / "red.png")
-    Image.effect_noise((64, 64), 50).convert("RGB").save(d / "noise.png")
-    corrupt = bytearray((d / "noise.png").read_bytes())
-    corrupt[200:400] = bytes(b ^ 0x55 for b in corrupt[200:400])
-    (d / "corrupt.png").write_bytes(bytes(corrupt))
+    undecodable_png(d)
     for split, bad in (("train", False), ("eval", True), ("test", True)):
         rows = [{"image": "red.png", "question_id": i, "question": "what shape?", "answers": ["circle"]}
                 for i in range(4)]

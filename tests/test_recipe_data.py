@@ -48,7 +48,7 @@ def test_load_records_skips_counts_and_writes_rejects(tmp_path):
     path = _write(tmp_path, [{"image": "a.png", "captions": ["ok"], "extra": 1}, "{broken",
                              {"image": "a.png", "text": "alias"}])
     ds = load_records(path, "caption", skip_bad_rows=True)
-    assert ds.column_names == ["image", "captions"]
+    assert ds.column_names == ["image", "captions", "line"]
     assert ds["captions"] == [["ok"], ["alias"]]
     assert ds["image"] == [str((tmp_path / "a.png").resolve())] * 2
     assert "2 rows, 1 skipped" in ds.info.description

@@ -169,3 +169,18 @@ def test_a_vqa_row_that_fails_when_tokenized_is_named_by_its_line(tmp_path):
     records = load_records(path, "vqa")
     with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:4: conversations\\[0\\]: holds '</s>'"):
         tokenize_conversations(vqa_conversations(records), encoder, None, source=str(path))
+
+
+def test_a_caption_row_that_fails_when_tokenized_as_a_conversation_is_named_by_its_line(tmp_path):
+    # llava_instruct's stage 1 makes caption records conversations: an error there names the file's line too.
+    from recipes.common.chat import chat_encoder, tokenize_conversations
+    from recipes.common.data import load_records
+    from recipes.common.models import load_processor
+    from recipes.llava_instruct.collator import caption_conversations
+
+    path = _file(tmp_path, [{"image": "a.png", "captions": ["a red square"]},
+                            {"image": "a.png", "captions": ["a red </s> square"]}])
+    encoder = chat_encoder(load_processor(resolve_model_path("tiny:llava"), "llava"))
+    records = load_records(path, "caption")
+    with pytest.raises(ValueError, match=f"^{re.escape(str(path))}:2: conversations\\[1\\]: holds '</s>'"):
+        tokenize_conversations(caption_conversations(records, seed=0), encoder, None, source=str(path))

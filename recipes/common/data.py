@@ -20,7 +20,7 @@ from .cache import build_once, cache_root
 
 # The columns each task's collator reads.
 COLUMNS = {
-    "caption": ("image", "captions"),
+    "caption": ("image", "captions", "line"),
     "vqa": ("image", "question_id", "question", "answers", "answer_type", "question_type", "line"),
     "retrieval": ("image", "captions", "neg_captions"),
     # row: its index in the file (eval keys); line: where it starts (errors found when it is tokenized)

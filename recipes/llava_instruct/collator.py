@@ -32,12 +32,14 @@ def _caption_turns(request: str, caption: str | None = None) -> list[dict]:
 
 
 def caption_conversations(records: datasets.Dataset, seed: int) -> datasets.Dataset:
-    """Caption records -> one single-turn conversation per reference caption, the request drawn per sample."""
+    """Caption records -> one single-turn conversation per reference caption, the request drawn per sample
+    (and the record's line, for errors)."""
     rows = []
     for i, record in enumerate(records):
         for j, caption in enumerate(record["captions"]):
             request = random.Random(f"{seed}:{i}:{j}").choice(BRIEF_REQUESTS)
-            rows.append({"image": record["image"], "conversations": _caption_turns(request, caption.strip())})
+            rows.append({"image": record["image"], "line": record.get("line"),
+                         "conversations": _caption_turns(request, caption.strip())})
     return datasets.Dataset.from_list(rows)
 
 

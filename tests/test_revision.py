@@ -137,6 +137,10 @@ def test_a_soft_prompt_run_rebuilds_its_bases_at_their_revision(hub, tmp_path):
     rebuilt = SoftPromptCaptioner.from_trained(tmp_path / "run")
     _assert_same(rebuilt.vision_model.state_dict(), hub["clip-vision"]["v1"])
     _assert_same(rebuilt.language_model.state_dict(), hub["gpt2"]["v1"])
-    # a base given instead of the recorded one is loaded as given: the recorded revision is not its own
-    moved = SoftPromptCaptioner.from_trained(tmp_path / "run", vision_model="acme/tiny-clip-vision")
+    # bases given instead of the recorded ones are loaded as given: the recorded revision is not theirs
+    moved = SoftPromptCaptioner.from_trained(tmp_path / "run", vision_model="acme/tiny-clip-vision",
+                                             language_model="acme/tiny-gpt2")
     _assert_same(moved.vision_model.state_dict(), hub["clip-vision"]["main"])
+    # one of them alone would load the other, recorded one at the default revision, not at v1: refused
+    with pytest.raises(ValueError, match="at revision 'v1': give both --vision_model and --language_model"):
+        SoftPromptCaptioner.from_trained(tmp_path / "run", vision_model="acme/tiny-clip-vision")

@@ -179,6 +179,10 @@ class SoftPromptCaptioner(PreTrainedModel):
         config = SoftPromptCaptionerConfig.from_pretrained(run)
         options = dict(prompt_length=config.prompt_length, projection=config.projection,
                        vision_features=config.vision_features)
+        if config.base_revision is not None and bool(vision_model) != bool(language_model):
+            # one revision loads both bases: the recorded one is of the recorded bases only
+            raise ValueError(f"{run} trained on bases at revision {config.base_revision!r}: give both "
+                             "--vision_model and --language_model (each where it is now), not one of them.")
         bases = (vision_model or config.vision_model_name_or_path,
                  language_model or config.language_model_name_or_path)
         try:

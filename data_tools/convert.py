@@ -190,15 +190,22 @@ def coco_captions(path: Path, conv: Conversion) -> None:
             conv.reject(e, file=path, item=f"images[{i}]", row=img)
             continue
         by_id[image_id], where[image_id] = record, (f"images[{i}]", img)
+    seen: dict[int | str, str] = {}  # annotation id -> its item; an annotation listed twice counts once
     for j, ann in enumerate(annotations):
         try:
             image_id = _id(_object(ann), "image_id")
+            ann_id = ann.get("id") if isinstance(ann.get("id"), (int, str)) else None
+            if ann_id in seen:
+                raise DataError(BAD_VALUE, f"duplicate annotation id {ann_id!r} (first at {seen[ann_id]})",
+                                field="id")
             if image_id not in by_id:
                 raise DataError(
                     BAD_VALUE, f"image id {image_id!r} is not in 'images' (or its entry was rejected)",
                     field="image_id"
                 )
             by_id[image_id]["captions"].append(_text(ann, "caption"))
+            if ann_id is not None:
+                seen[ann_id] = f"annotations[{j}]"
         except DataError as e:
             conv.reject(e, file=path, item=f"annotations[{j}]", row=ann)
     for image_id, record in by_id.items():

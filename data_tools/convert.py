@@ -334,8 +334,8 @@ def llava(path: Path, conv: Conversion) -> None:
                 if len(images) > 1:  # a multi-image conversation: each `<image>` in the turns, in order
                     record["images"] = [conv.image_path(_get({f"{key}[{i}]": v}, f"{key}[{i}]", str))
                                         for i, v in enumerate(images)]
-                elif images:
-                    record["image"] = images[0]
+                elif images:  # a null here is a missing image, not a text-only row
+                    record["image"] = _get({f"{key}[0]": images[0]}, f"{key}[0]", str)
             if record.get("image") is not None:
                 record["image"] = conv.image_path(_get(record, "image", str))
         except DataError as e:

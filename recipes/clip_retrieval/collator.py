@@ -127,6 +127,12 @@ class PairDataset(torch.utils.data.Dataset):
         negatives = (records["neg_captions"] if hard_negatives and "neg_captions" in records.column_names
                      else None)
         negatives = [n or [] for n in negatives] if negatives is not None else [[] for _ in self.images]
+        # A negative that is one of the image's own captions (rows merged per image) would push the image
+        # away from that caption whenever another one is drawn: dropped, and counted.
+        kept = [[t for t in n if caption_key(t) not in own]
+                for n, own in zip(negatives, map(set, self.caption_keys))]
+        self.negatives_dropped = sum(len(n) - len(k) for n, k in zip(negatives, kept))
+        negatives = kept
         self.negatives = [tokenize(n) if n else [] for n in negatives]
         self.negative_keys = [[caption_key(t) for t in n] for n in negatives]
         # The same file named by two rows is one image: neither may be the other's negative.

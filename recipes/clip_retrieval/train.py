@@ -156,8 +156,9 @@ def main(argv=None):
     logger.info("train %s", train_dataset.report)
     if args.retrieval.hard_negatives:
         with_negatives = sum(bool(n) for n in train_dataset.negatives)
-        logger.info("hard negatives: %d of %d train images have neg_captions", with_negatives,
-                    len(train_dataset))
+        logger.info("hard negatives: %d of %d train images have neg_captions (%d dropped: equal to a "
+                    "caption of their own image)", with_negatives, len(train_dataset),
+                    train_dataset.negatives_dropped)
     eval_dataset = test_dataset = zero_shot = None
     if eval_records is not None:
         eval_dataset = PairDataset(eval_records, tokenizer, max_length, **text)

@@ -210,6 +210,8 @@ def main(argv=None):
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         special_text=args.data.special_text, zero_shot_file=args.retrieval.zero_shot_file,
         zero_shot_labels=zero_shot.labels if zero_shot else None,
+        # Recorded so that a resume with other prompts is refused: its saved "before" used these.
+        zero_shot_templates=args.retrieval.zero_shot_templates if zero_shot else None,
     ), test=test_dataset, after_training=after_training, early_stopping=args.early_stopping)
 
 

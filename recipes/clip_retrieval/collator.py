@@ -52,10 +52,11 @@ class TextLengthReport:
     texts: int = 0
     truncated: int = 0
     tokens_cut: int = 0
+    how: str = "eos kept"  # how a text is cut: before its eos (CLIP), or by the tokenizer (SigLIP)
 
     def __str__(self) -> str:
         return (f"text length: {self.texts} texts, {self.truncated} cut to max_length ({self.tokens_cut} "
-                "tokens cut, eos kept)")
+                f"tokens cut, {self.how})")
 
 
 def tokenize_texts(texts: list[str], tokenizer, max_length: int,
@@ -64,6 +65,7 @@ def tokenize_texts(texts: list[str], tokenizer, max_length: int,
     (counted): before their eos when the tower pools at eos (CLIP), else as the tokenizer truncates."""
     report = report if report is not None else TextLengthReport()
     if not pooled_at_eos:
+        report.how = "as the tokenizer truncates"  # SigLIP 2's adds no eos to keep
         full = tokenizer(list(texts))["input_ids"]
         cut = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
         for a, b in zip(full, cut):

@@ -82,3 +82,17 @@ def undecodable_png(folder: Path) -> Path:
     corrupt[200:400] = bytes(b ^ 0x55 for b in corrupt[200:400])
     (folder / "corrupt.png").write_bytes(bytes(corrupt))
     return folder / "corrupt.png"
+
+
+def word_tokenizer(words: list[str]):
+    """A word-level tokenizer over `words` (<pad>, <unk>, <bos>, <eos> among them) that wraps a text in bos
+    ... eos, as CLIP's does."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    ends = [(name, words.index(name)) for name in ("<bos>", "<eos>")]
+    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>", special_tokens=ends)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
+                                   pad_token="<pad>", unk_token="<unk>")

@@ -4,8 +4,7 @@ embedded data."""
 import datasets
 import pytest
 from PIL import Image
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import CLIPImageProcessor, PreTrainedTokenizerFast
+from transformers import CLIPImageProcessor
 
 from data_tools.errors import DataError
 from data_tools.jsonl import read_jsonl, write_jsonl
@@ -19,6 +18,7 @@ from recipes.clip_retrieval.collator import (
     load_zero_shot,
     tokenize_texts,
 )
+from tests.conftest import word_tokenizer
 
 VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "red", "circle", "blue", "square", "small", "large",
          "shape", "photo", "of"]
@@ -27,12 +27,7 @@ PAD, BOS, EOS = 0, 2, 3
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                       special_tokens=[("<bos>", BOS), ("<eos>", EOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return word_tokenizer(VOCAB)
 
 
 def _records(tmp_path, rows):

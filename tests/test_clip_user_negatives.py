@@ -3,10 +3,9 @@
 
 import datasets
 import pytest
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import PreTrainedTokenizerFast
 
 from recipes.clip_retrieval.collator import PairDataset, caption_key, records_by_image
+from tests.conftest import word_tokenizer
 
 VOCAB = ["<pad>", "<unk>", "<bos>", "<eos>", "a", "red", "circle", "blue", "square", "green"]
 BOS, EOS = 2, 3
@@ -14,12 +13,7 @@ BOS, EOS = 2, 3
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A <eos>",
-                                                       special_tokens=[("<bos>", BOS), ("<eos>", EOS)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                   pad_token="<pad>", unk_token="<unk>")
+    return word_tokenizer(VOCAB)
 
 
 def test_a_negative_equal_to_another_caption_of_its_image_is_dropped_and_counted(tokenizer):

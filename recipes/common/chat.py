@@ -162,15 +162,21 @@ def image_token_ids(processor) -> set[int]:
     return {i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id}
 
 
+def reserved_in(messages: list[dict], reserved: tuple[str, ...]) -> tuple[int, str] | None:
+    """(message index, string) of the first message whose text holds a `reserved` special string, or None."""
+    for i, message in enumerate(messages):
+        found = find_reserved("".join(p["text"] for p in message["content"] if p["type"] == "text"), reserved)
+        if found is not None:
+            return i, found
+    return None
+
+
 def check_plain_text(messages: list[dict], reserved: tuple[str, ...]) -> None:
     """Refuse a turn whose text holds a `reserved` special string: tokenized, it is the control token, not the
     text (in an answer, an end-of-turn token the model would learn to stop at)."""
-    for i, message in enumerate(messages):  # one message per turn (`to_messages`): i names the turn
-        text = "".join(p["text"] for p in message["content"] if p["type"] == "text")
-        found = find_reserved(text, reserved)
-        if found is not None:
-            raise ValueError(f"conversations[{i}]: holds {found!r}, which the tokenizer reads as its special "
-                             "token, not as text; remove or rewrite it in the data")
+    if (hit := reserved_in(messages, reserved)) is not None:  # one message per turn: its index names it
+        raise ValueError(f"conversations[{hit[0]}]: holds {hit[1]!r}, which the tokenizer reads as its "
+                         "special token, not as text; remove or rewrite it in the data")
 
 
 class ChatEncoder:
@@ -364,7 +370,6 @@ class PrefixSuffixEncoder(ChatEncoder):
     def __init__(self, processor, special_text=None):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.image_ids = image_token_ids(processor)
-        self.specials = special_strings(self.tokenizer)
         self.reserved = text_reserved(self.tokenizer, special_text)
 
     @staticmethod

@@ -21,8 +21,8 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from data_tools.images import load_image
-from data_tools.records import IMAGE_TOKEN, find_reserved
-from recipes.common.chat import ChatEncoder, chat_encoder, to_messages
+from data_tools.records import IMAGE_TOKEN
+from recipes.common.chat import ChatEncoder, chat_encoder, reserved_in, to_messages
 from recipes.common.merge import check_final_model, load_trained_run, trained_with
 from recipes.common.models import load_processor, loading, resolve_model_path
 from recipes.common.run import run_main
@@ -43,11 +43,9 @@ def load(model: str, dtype: str = "float32"):
 def check_message(encoder: ChatEncoder, turns: list[dict], n_images: int) -> None:
     """ValueError when the last turn of `turns` cannot be asked as written: an `<image>` with no image left
     for it, or text holding a special string of the tokenizer (it would be the control token, not text)."""
-    last = to_messages(turns, n_images=n_images)[-1]
-    text = "".join(p["text"] for p in last["content"] if p["type"] == "text")  # as check_plain_text reads it
-    found = find_reserved(text, encoder.reserved)
-    if found is not None:
-        raise ValueError(f"the message holds {found!r}, which the tokenizer reads as its special token, not "
+    hit = reserved_in(to_messages(turns, n_images=n_images)[-1:], encoder.reserved)
+    if hit is not None:
+        raise ValueError(f"the message holds {hit[1]!r}, which the tokenizer reads as its special token, not "
                          "as text; remove or rewrite it")
 
 

@@ -37,7 +37,7 @@ from recipes.common.args import GENERATIVE_ARGUMENTS, arg, check_at_least, parse
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, text_reserved
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 from recipes.llava_instruct.collator import caption_conversations, generation_items
@@ -97,7 +97,7 @@ def main(argv=None):
     train_records, eval_records, test_records = load_data(
         args.data, task, lambda: embedded_dataset(task, n=1000, lang=args.data.lang, seed=seed),
         args.training.output_dir, task_flags={t: f"--data_task {t}" for t in ("caption", "instruct")},
-        reserved=(*text_reserved(processor.tokenizer, args.data.special_text), IMAGE_TOKEN))
+        reserved=(*encoder.reserved, IMAGE_TOKEN))
 
     model = load_model(AutoModelForImageTextToText, model_path, args.model)
 

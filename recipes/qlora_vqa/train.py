@@ -30,7 +30,7 @@ from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, text_reserved
+from recipes.common.models import load_model, load_recipe_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.quantization import (
     fall_back_to_cpu_optimizer,
@@ -72,6 +72,7 @@ def main(argv=None):
     # which places an image in a turn).
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
     processor = load_recipe_processor(model_path, args.model)
+    encoder = chat_encoder(processor, args.data.special_text)
 
     # Data: the embedded synthetic set unless files are given.
     def embedded():
@@ -79,13 +80,12 @@ def main(argv=None):
 
     train_records, eval_records, test_records = load_data(
         args.data, "vqa", embedded, args.training.output_dir,
-        reserved=(*text_reserved(processor.tokenizer, args.data.special_text), IMAGE_TOKEN))
+        reserved=(*encoder.reserved, IMAGE_TOKEN))
 
     # The LM's linear layers load in 4-bit NF4 (double quantization) with --load_in_4bit (config.yaml);
     # QLoRA quantizes the LM only: vision tower, projector and LM head stay in 16/32-bit.
     skip = unquantized_modules(AutoModelForImageTextToText, model_path, args.model)
     model = load_model(AutoModelForImageTextToText, model_path, args.model, skip_quantization=skip)
-    encoder = chat_encoder(processor, args.data.special_text)
 
     # LoRA on every linear layer of the LM (the default targets); a trained projector / vision layers are
     # saved with the adapter through modules_to_save. Then only what trains is cast to float32.

@@ -1,5 +1,5 @@
-"""The length budget of `[image tokens] + prompt + target` samples (the target is cut to fit; a sample
-whose image tokens and prompt leave no room is dropped; `LengthReport` counts both), and padding."""
+"""The length budget of `[image tokens] + prompt + target` samples, and padding. The target is cut to fit; a
+sample whose image tokens and prompt leave no room is dropped; `LengthReport` counts both."""
 
 from __future__ import annotations
 
@@ -19,28 +19,25 @@ class LengthReport:
     target_tokens_cut: int = 0
 
     def __str__(self) -> str:
-        return (
-            f"length budget: {self.samples} samples, {self.truncated} truncated on the text side "
-            f"({self.target_tokens_cut} target tokens cut), {self.dropped} dropped (prompt + image tokens "
-            "alone over budget)"
-        )
+        return (f"length budget: {self.samples} samples, {self.truncated} truncated on the text side "
+                f"({self.target_tokens_cut} target tokens cut), {self.dropped} dropped "
+                "(prompt + image tokens alone over budget)")
 
 
-def fit_to_budget(
-    n_image_tokens: int, prompt_ids: list[int], target_ids: list[int], max_length: int | None,
-    report: LengthReport
-) -> tuple[list[int], list[int]] | None:
+def fit_to_budget(n_image_tokens: int, prompt_ids: list[int], target_ids: list[int], max_length: int | None,
+                  report: LengthReport) -> tuple[list[int], list[int]] | None:
     """`(text_ids, labels)` of the text after the image tokens (labels: the target's only), or None when
     the sample is dropped."""
     report.samples += 1
-    budget = None if max_length is None else max_length - n_image_tokens - len(prompt_ids)
-    if budget is not None and budget < 1:
-        report.dropped += 1
-        return None
-    if budget is not None and len(target_ids) > budget:
-        report.truncated += 1
-        report.target_tokens_cut += len(target_ids) - budget
-        target_ids = target_ids[:budget]
+    if max_length is not None:
+        budget = max_length - n_image_tokens - len(prompt_ids)
+        if budget < 1:
+            report.dropped += 1
+            return None
+        if len(target_ids) > budget:
+            report.truncated += 1
+            report.target_tokens_cut += len(target_ids) - budget
+            target_ids = target_ids[:budget]
     return prompt_ids + target_ids, [IGNORE_INDEX] * len(prompt_ids) + list(target_ids)
 
 

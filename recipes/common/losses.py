@@ -1,11 +1,7 @@
-"""The causal-LM loss at the label positions only: the same loss for a fraction of the LM head's work.
-
-A sample learns only its answer tokens, yet a causal LM projects every position onto the vocabulary and
-keeps those logits, in float32 for the loss, until the backward pass. transformers 5 causal LMs take
-`logits_to_keep` (a boolean [batch, length] mask keeps each row's own positions) and pass `shift_labels` to
-their loss, so the loss runs on the rows whose next token is a label; every other row has target -100 and
-adds nothing to the sum or the count: the same loss and gradients (tests/test_losses.py).
-"""
+"""The causal-LM loss at the label positions only. A sample learns only its answer tokens, yet a causal LM
+projects every position onto the vocabulary and keeps those float32 logits until the backward pass;
+transformers 5 causal LMs take `logits_to_keep` and `shift_labels`, so the LM head runs on the label
+positions alone, for the same loss and gradients (tests/test_losses.py)."""
 
 from __future__ import annotations
 
@@ -24,9 +20,8 @@ def label_positions_only(labels: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-    """A `Trainer.compute_loss_func`: transformers' `ForCausalLMLoss` of the model's logits, full
-    ([batch, length, vocab]) or kept at the label positions ([positions, vocab]); the mean over labels, or
-    the sum / `num_items_in_batch` as the Trainer asks."""
+    """A `Trainer.compute_loss_func`: transformers' `ForCausalLMLoss` of full logits ([batch, length, vocab])
+    or of logits kept at the label positions ([positions, vocab])."""
     logits = outputs.logits
     if logits.dim() == 2:
         return ForCausalLMLoss(logits, None, logits.shape[-1], num_items_in_batch=num_items_in_batch,

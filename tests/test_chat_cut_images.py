@@ -71,7 +71,7 @@ def test_a_cut_keeps_the_images_placed_before_it_and_equals_the_record_written_w
         # within the whole conversation, so a slice of the whole one would not be what the processor gives.
         full = encoder.encode(to_messages(TURNS, 3), [Image.open(p) for p in paths])
         assert full.turn_ends[0] < refs[1]["length"]
-    with pytest.raises(ValueError, match=r"1 conversations, 0 cut .* 1 dropped \(not even the first answer"):
+    with pytest.raises(ValueError, match=r"1 conversations, 0 cut .* 1 dropped \(no cut after a whole"):
         tokenize_conversations([record], encoder, refs[1]["length"] - 1)
 
 

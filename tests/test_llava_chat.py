@@ -71,7 +71,7 @@ def test_exact_labels_on_a_multi_turn_conversation(encoder):
     assert enc.labels == ([M] * n_prompt1 + ids("a red circle .") + [EOS]
                           + [M] * n_prompt2 + ids("top left .") + [EOS])
     assert (enc.turn_ends == [n_prompt1 + 5, len(expected)] and enc.image_end == 6 + N_IMG
-            and enc.eos_added == 0)
+            and enc.eos_turns == ())
 
 
 def test_tokens_equal_what_the_processor_itself_gives(encoder, tmp_path):
@@ -109,10 +109,15 @@ def test_a_template_without_end_of_turn_gets_eos_after_each_answer():
                              + ids("top left .") + [EOS])
     assert enc.labels == ([M] * len(prompt1) + ids("a red circle .") + [EOS]
                           + [M] * 8 + ids("top left .") + [EOS])
-    assert enc.eos_added == 2
+    assert enc.eos_turns == (0, 1)
     # The generation prompt is the training sequence up to the answer, token for token.
     prompt = encoder.encode_prompt(to_messages(CONVERSATION[1:4], n_images=1), RED)
     assert prompt == enc.input_ids[: len(prompt)] and prompt[-2:] == ids("ASSISTANT :")
+    # The report counts the eos of the answers a sample keeps: a cut after the first answer keeps one.
+    report = ChatLengthReport()
+    fit_conversation(enc, len(enc.input_ids) - 1, report)
+    fit_conversation(enc, 3, report)  # dropped: none kept
+    assert (report.cut, report.dropped, report.eos_added) == (1, 1, 1)
 
 
 def test_length_budget_cuts_at_a_turn_boundary_never_inside_the_image(encoder):

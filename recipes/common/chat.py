@@ -116,7 +116,7 @@ class EncodedConversation:
     turn_ends: list[int]
     turn_chars: list[int]
     image_end: int
-    eos_added: int = 0
+    eos_turns: tuple[int, ...] = ()  # the assistant turns that got an eos the template does not write
     suffix: str | None = None  # the answer, for processors that take it apart (PrefixSuffixEncoder)
     turn_images: list[int] | None = None
 
@@ -244,15 +244,15 @@ class ChatEncoder:
             spans.append((len(before), len(upto.rstrip()), len(upto)))
         return spans
 
-    def _with_eos(self, full: str, spans: list) -> tuple[str, list, int]:
+    def _with_eos(self, full: str, spans: list) -> tuple[str, list, tuple[int, ...]]:
         """`full` with the eos written after every answer that ends in no special token (see the module
         docstring)."""
         eos = self.tokenizer.eos_token
         if eos is None:
-            return full, spans, 0
-        out, shift, added, pos = [], 0, 0, 0
+            return full, spans, ()
+        out, shift, added, pos = [], 0, [], 0
         new_spans = []
-        for a, b, end in spans:
+        for k, (a, b, end) in enumerate(spans):
             if full[a:b].endswith(self.specials):
                 new_spans.append((a + shift, b + shift, end + shift))
                 continue
@@ -260,12 +260,12 @@ class ChatEncoder:
             pos = b
             new_spans.append((a + shift, b + shift + len(eos), end + shift + len(eos)))
             shift += len(eos)
-            added += 1
-        return "".join(out) + full[pos:], new_spans, added
+            added.append(k)
+        return "".join(out) + full[pos:], new_spans, tuple(added)
 
-    def _text(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list, int]:
+    def _text(self, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list, tuple[int, ...]]:
         """The rendered text with the eos written where the template has none, the assistant spans in it,
-        and how many eos were written."""
+        and the answers that got one."""
         full = self.render(messages, add_generation_prompt=add_generation_prompt)
         spans = self._assistant_spans(messages, full)
         if add_generation_prompt:
@@ -283,7 +283,7 @@ class ChatEncoder:
         if n_parts != len(images):
             raise ValueError(f"{n_parts} image part(s) in the conversation for {len(images)} image(s)")
         check_plain_text(messages, self.reserved)
-        full, spans, eos_added = self._text(messages, add_generation_prompt)
+        full, spans, eos_turns = self._text(messages, add_generation_prompt)
         enc = self.tokenizer(full, add_special_tokens=self.add_special_tokens(full),
                              return_offsets_mapping=True)
         plain, offsets = enc["input_ids"], enc["offset_mapping"]
@@ -318,7 +318,7 @@ class ChatEncoder:
                 turn_images.append(placed)
             placed += sum(part["type"] == "image" for part in message["content"])
         return EncodedConversation(full, ids, labels, turn_ends, [end for _, _, end in spans], image_end,
-                                   eos_added, turn_images=turn_images)
+                                   eos_turns, turn_images=turn_images)
 
     def usable(self, items: datasets.Dataset) -> datasets.Dataset:
         """The eval items this model can answer: all of them."""
@@ -442,17 +442,17 @@ class ChatLengthReport:
     cut: int = 0  # conversations cut at a turn boundary
     turns_cut: int = 0  # assistant turns removed by those cuts
     tokens_cut: int = 0
-    dropped: int = 0  # not even the first answer fits
+    dropped: int = 0  # no cut after a whole answer fits
     text_only_skipped: int = 0  # a model that takes no text-only sample (PaliGemma)
-    eos_added: int = 0  # answers that got an eos the template does not write
+    eos_added: int = 0  # kept answers that got an eos the template does not write
     rejected: int = 0  # rows the processor could not encode, skipped with --skip_bad_rows
 
     def __str__(self) -> str:
         return (
             f"length budget: {self.samples} conversations, {self.cut} cut at a turn boundary "
             f"({self.turns_cut} assistant turns, {self.tokens_cut} tokens removed; an image placed after "
-            f"the cut goes with it, image tokens are never cut), {self.dropped} dropped (not even the "
-            f"first answer fits); {self.eos_added} answers got the eos the template does not write"
+            f"the cut goes with it, image tokens are never cut), {self.dropped} dropped (no cut after a "
+            f"whole answer fits); {self.eos_added} kept answers got the eos the template does not write"
             + (f"; {self.text_only_skipped} text-only skipped (the model takes none)"
                if self.text_only_skipped else "")
             + (f"; {self.rejected} rejected (the processor could not encode them)" if self.rejected else "")
@@ -464,7 +464,7 @@ def fit_conversation(enc: EncodedConversation, max_length: int | None, report: C
                      ) -> tuple[str, list[int], list[int], int | None] | None:
     """`(text, input_ids, labels, n_images)` within `max_length`, cut after the last whole assistant turn
     that fits; n_images: how many of the images (the first ones) the sample keeps, None: all. None: dropped,
-    not even the first answer fits.
+    no cut after a whole answer fits.
 
     A cut before an image's tokens leaves that image out. `encode_cut(k, n)` gives the conversation up to
     assistant turn k encoded with its first n images: the processor may expand the kept images differently
@@ -472,7 +472,7 @@ def fit_conversation(enc: EncodedConversation, max_length: int | None, report: C
     if it is still too long. Without it, the cut is a slice of `enc`.
     """
     report.samples += 1
-    report.eos_added += enc.eos_added
+    eos_turns = enc.eos_turns
     n, turns = len(enc.input_ids), len(enc.turn_ends)
     text, ids, labels, kept, kept_turns = enc.text, enc.input_ids, enc.labels, None, turns
     while max_length is not None and len(ids) > max_length:
@@ -491,6 +491,7 @@ def fit_conversation(enc: EncodedConversation, max_length: int | None, report: C
                 continue
         end = enc.turn_ends[k]
         text, ids, labels = enc.text[: enc.turn_chars[k]], enc.input_ids[:end], enc.labels[:end]
+    report.eos_added += sum(k < kept_turns for k in eos_turns)
     if len(ids) < n:  # within the budget now, so shorter: cut
         report.cut += 1
         report.turns_cut += turns - kept_turns

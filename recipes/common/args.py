@@ -1,5 +1,5 @@
-"""The recipes' argument dataclasses, and `parse_args`: `--config file.yaml` sets defaults (keys are field
-names, TrainingArguments' too), flags on the command line win."""
+"""The recipes' argument dataclasses and `parse_args`: `--config file.yaml` sets defaults (keys are field
+names, TrainingArguments' too), command-line flags win."""
 
 import argparse
 import difflib
@@ -23,14 +23,14 @@ def arg(default, help: str):
 
 
 def did_you_mean(name: str, choices, cutoff: float = 0.6) -> str:
-    """' Did you mean 'a' or 'b'?' for the up to 3 of `choices` closest to a misspelt `name`, else ''."""
+    """' Did you mean 'a' or 'b'?' for up to 3 `choices` close to a misspelt `name`, else ''."""
     close = difflib.get_close_matches(name, sorted(choices), n=3, cutoff=cutoff)
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def check_at_least(args, minimum: int, *names: str) -> None:
-    """Raise ValueError for a count option below `minimum` (None: not set), which would run silently on
-    less than asked (e.g. --max_train_samples 0 reads one row)."""
+    """Refuse a count option below `minimum` (None: unset): it would run on less than asked
+    (--max_train_samples 0 reads one row)."""
     for name in names:
         value = getattr(args, name)
         if value is not None and value < minimum:
@@ -129,6 +129,11 @@ class DataArguments:
 _REGEX_CHARS = re.compile(r"[.*+?^$()\[\]{}|\\]")
 
 
+def _lora_off(flags: list[str]) -> ValueError:
+    return ValueError(f"{', '.join(flags)} appl{'ies' if len(flags) == 1 else 'y'} to LoRA, which is off "
+                      "(--peft_method none): add --peft_method lora, or leave them out.")
+
+
 @dataclass
 class PeftArguments:
     """Parameter-efficient fine-tuning (LoRA) settings."""
@@ -153,8 +158,7 @@ class PeftArguments:
         names = ("lora_target_modules", "modules_to_save", "use_dora", "use_rslora")
         lora_only = [f"--{name}" for name in names if getattr(self, name)]
         if lora_only and self.peft_method == "none":
-            raise ValueError(f"{', '.join(lora_only)} appl{'ies' if len(lora_only) == 1 else 'y'} to LoRA, "
-                             "which is off (--peft_method none): add --peft_method lora, or leave them out.")
+            raise _lora_off(lora_only)
         # A regex flag arrives as a one-element list (nargs="+"); peft reads a regex from a plain string.
         targets = self.lora_target_modules
         if isinstance(targets, list) and len(targets) == 1 and (
@@ -254,8 +258,7 @@ GENERATIVE_ARGUMENTS = (ModelArguments, DataArguments, PeftArguments, FreezeArgu
 
 
 def _yaml_keys(path: Path, text: str) -> dict[str, tuple[int, yaml.Node]]:
-    """The line and value node of each top-level key; a key given twice is an error (YAML would keep the
-    last silently)."""
+    """The line and value node of each top-level key; a key given twice is refused (YAML keeps the last)."""
     node = yaml.compose(text)
     keys = {}
     for key, value in node.value if isinstance(node, yaml.MappingNode) else []:
@@ -267,8 +270,8 @@ def _yaml_keys(path: Path, text: str) -> dict[str, tuple[int, yaml.Node]]:
 
 
 def _flag_text(node: yaml.Node, parsed):
-    """A YAML value as the text its flag would get: a scalar's own text (YAML 1.1 reads `no` as False, 1.10
-    as 1.1 and 012 as octal 10), a plain null as None; a list item by item; a mapping as YAML reads it."""
+    """A YAML value as the text its flag would get (YAML 1.1 reads `no` as False, 1.10 as 1.1, 012 as 10);
+    a plain null is None, a list goes item by item, a mapping stays as YAML reads it."""
     if isinstance(node, yaml.ScalarNode):
         return None if node.style is None and node.value in ("", "~", "null", "Null", "NULL") else node.value
     if isinstance(node, yaml.SequenceNode):
@@ -276,12 +279,11 @@ def _flag_text(node: yaml.Node, parsed):
     return parsed
 
 
-def _typed(action: argparse.Action, value, where: str, nullable: bool, kinds: set):
-    """`value` (`_flag_text`) read as the flag reads the same text on the command line (argparse checks
-    only command-line values): converted by the flag's type, checked against its choices; a scalar for a
-    list flag is a list of one; null only where the field may be None, a list or mapping only where its
-    type (`kinds`: the field's types, e.g. {str, list}) takes one."""
-    if value is None and not nullable:
+def _typed(action: argparse.Action, value, where: str, hint):
+    """`value` (`_flag_text`) converted and checked as its flag would be on the command line (argparse
+    checks only those); null, a list or a mapping only where the field's type `hint` takes one."""
+    kinds = {get_origin(option) or option for option in _options(hint)}
+    if value is None and type(None) not in kinds:
         raise ValueError(f"{where}: null is not a value this field takes; give one, or remove the line.")
     listed = action.nargs in ("+", "*")
     for shape in (dict, list):
@@ -304,9 +306,8 @@ def _typed(action: argparse.Action, value, where: str, nullable: bool, kinds: se
 
 
 def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action], hints: dict[str, object]) -> dict:
-    """A YAML mapping of defaults, each key an argument name in `actions` and each value read as its flag
-    reads the same text (`hints`: each name's type hint, for null, lists and mappings); errors name the
-    file, line and key."""
+    """The defaults a YAML file sets, by argument name, each read as its flag would read it (`hints`: the
+    fields' type hints); errors name the file, line and key."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file.")
@@ -323,17 +324,13 @@ def load_yaml_config(path: str | Path, actions: dict[str, argparse.Action], hint
     keys = _yaml_keys(path, text)
     for key in values:
         if key not in actions:
-            hint = did_you_mean(str(key), actions)
-            raise ValueError(
-                f"{path}:{keys[key][0] if key in keys else '?'}: unknown key {key!r}.{hint} Keys must be "
-                f"argument names (see --help); fix or remove the line."
-            )
+            line = keys[key][0] if key in keys else "?"
+            raise ValueError(f"{path}:{line}: unknown key {key!r}.{did_you_mean(str(key), actions)} Keys "
+                             "must be argument names (see --help); fix or remove the line.")
     out = {}
     for key, parsed in values.items():
         line, node = keys[key]
-        kinds = {get_origin(option) or option for option in _options(hints[key])}
-        out[key] = _typed(actions[key], _flag_text(node, parsed), f"{path}:{line}: {key}",
-                          type(None) in kinds, kinds)
+        out[key] = _typed(actions[key], _flag_text(node, parsed), f"{path}:{line}: {key}", hints[key])
     return out
 
 
@@ -344,8 +341,8 @@ def _options(hint) -> tuple:
 
 def _command_line_nulls(argv: list[str], actions: dict[str, argparse.Action],
                         hints: dict[str, object]) -> tuple[list[str], dict[str, None]]:
-    """`--name none` (or null) for a field that may be None and is not text (--max_length none,
-    --wise_ft_alpha none: a config.yaml value taken back) leaves `argv` and becomes a None default."""
+    """Take `--name none` (or null) out of `argv` as a None default, for a field that may be None and is not
+    text: it takes back a config.yaml value (--max_length none)."""
     nullable = {flag: name for name, action in actions.items() if type(None) in _options(hints[name])
                 and str not in _options(hints[name]) for flag in action.option_strings}
     rest, nulls, valued, i = [], {}, set(), 0
@@ -358,22 +355,21 @@ def _command_line_nulls(argv: list[str], actions: dict[str, argparse.Action],
             nulls[nullable[flag]] = None
             i += 1 if eq else 2
         else:
-            valued.update([nullable[flag]] if flag in nullable else [])
+            if flag in nullable:
+                valued.add(nullable[flag])
             rest.append(argv[i])
             i += 1
     return rest, nulls
 
 
-# TrainingArguments' deprecated names and the ones that replace them; it reads an old name only where the new
-# one is unset.
+# TrainingArguments' deprecated names and their replacements; it reads an old name only if the new is unset.
 RENAMED = {"gradient_checkpointing": "activation_checkpointing",
            "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 
 
 def _old_names_win(argv: list[str], values: dict, actions: dict[str, argparse.Action]) -> None:
-    """A deprecated name on the command line (--gradient_checkpointing false) takes its new name's value out
-    of the config file's `values` (activation_checkpointing: true), which TrainingArguments would keep
-    silently; both names on the command line are an error."""
+    """A deprecated name on the command line drops its new name from the config file's `values`, which
+    TrainingArguments would silently keep; both names on the command line are refused."""
     given = {a.split("=", 1)[0].removeprefix("--").replace("-", "_") for a in argv if a.startswith("--")}
     for old, new in RENAMED.items():
         if old in given and new in given:
@@ -383,8 +379,8 @@ def _old_names_win(argv: list[str], values: dict, actions: dict[str, argparse.Ac
 
 
 def _check_flags(argv: list[str], parser: argparse.ArgumentParser) -> None:
-    """Every --flag must name an argument in full: argparse would take an abbreviation (--max_len for
-    --max_length) past the checks here that read flags by name (none, deprecated names)."""
+    """Refuse abbreviated flags (--max_len): argparse takes them, past the checks here that read flags by
+    name."""
     known = parser._option_string_actions
     for token in argv:
         if token == "--":
@@ -396,8 +392,8 @@ def _check_flags(argv: list[str], parser: argparse.ArgumentParser) -> None:
 
 
 def recipe_argv(argv: list[str] | None, default_config: str | Path) -> list[str]:
-    """A recipe's command line with its config.yaml unless `--config` is given, and `--use_cpu` without a
-    GPU (TrainingArguments sets up its device while parsing: else 2 CPU processes train two copies)."""
+    """`argv` with the recipe's config.yaml unless `--config` is given, and `--use_cpu` without a GPU
+    (TrainingArguments picks its device while parsing: else 2 CPU processes train two copies)."""
     import torch
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -412,8 +408,8 @@ def _attribute(cls) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__.removesuffix("Arguments")).lower()
 
 
-# Where the recipes' defaults differ from TrainingArguments': the collators read columns the model does not
-# take (image paths), which the Trainer would drop.
+# Recipe defaults that differ from TrainingArguments': the collators read columns (image paths) the Trainer
+# would drop.
 RECIPE_DEFAULTS = {"remove_unused_columns": False}
 
 
@@ -426,14 +422,13 @@ def parse_recipe_args(argv: list[str] | None, default_config: str | Path, types)
     given = {a.split("=", 1)[0] for a in argv}
     lora = [f for f in ("--lora_r", "--lora_alpha", "--lora_dropout") if f in given]
     if lora and getattr(getattr(args, "peft", None), "peft_method", None) == "none":
-        raise ValueError(f"{', '.join(lora)} appl{'ies' if len(lora) == 1 else 'y'} to LoRA, which is off "
-                         "(--peft_method none): add --peft_method lora, or leave them out.")
+        raise _lora_off(lora)
     return args
 
 
 def parse_args(dataclass_types, argv: list[str] | None = None, defaults: dict | None = None) -> tuple:
-    """One instance per dataclass type, in order, from `defaults` (fields whose default differs from their
-    dataclass's), then `--config file.yaml`, then `argv`'s flags."""
+    """One instance per dataclass type, in order: `defaults`, overridden by `--config file.yaml`, then by
+    `argv`'s flags."""
     argv = sys.argv[1:] if argv is None else list(argv)
     dataclass_types = list(dataclass_types)
 

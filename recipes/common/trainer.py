@@ -1,11 +1,5 @@
-"""`RecipeTrainer`: the one `transformers.Trainer` subclass every recipe's own Trainer builds on.
-
-Its options, each off unless given: `generation` (after the loss evaluation, generate on the eval records,
-score the texts, log them as `eval_<metric>` so that `metric_for_best_model: CIDEr` works, and write
-`predictions/step-<N>.jsonl`), `learning_rates` (where --vision_lr / --bridge_lr / --lm_lr set one, an
-optimizer group per component at its own rate) and `loss_on_label_positions` (recipes/common/losses.py).
-`heldout_metrics` is what the run loop (recipes/common/run.py) scores before and after training.
-"""
+"""`RecipeTrainer`: the `transformers.Trainer` subclass every recipe's own Trainer builds on, and the
+generation helpers it shares with serving and chat."""
 
 from __future__ import annotations
 
@@ -35,8 +29,7 @@ from .peft_setup import check_learning_rates, param_groups
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
-    """The tokenizer's eos and the model's generation_config eos (chat models often add their end-of-turn
-    token there, e.g. Gemma's <end_of_turn>): generation stops at any of them."""
+    """The tokenizer's eos and the generation_config's (often a chat model's end of turn, e.g. Gemma's)."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     configured = [configured] if isinstance(configured, int) else list(configured or [])
     return list(dict.fromkeys([i for i in [tokenizer.eos_token_id, *configured] if i is not None]))
@@ -44,8 +37,7 @@ def stop_token_ids(model, tokenizer) -> list[int]:
 
 def rank_share(n: int, world_size: int, rank: int) -> tuple[list[int], int]:
     """This rank's contiguous share of `n` items, padded with repeats to the same length on every rank, and
-    how many of them are its own: under FSDP or ZeRO-3 each forward pass gathers weights from every rank,
-    so every rank must run as many batches (transformers' `generate` keeps them in step within a call)."""
+    how many are its own: under FSDP or ZeRO-3 every forward gathers weights, so all ranks run as many."""
     own = np.array_split(np.arange(n), world_size)[rank].tolist()
     return own + [own[-1] if own else 0] * (-(-n // world_size) - len(own)), len(own)
 
@@ -62,9 +54,8 @@ def generate_kwargs(args: GenerationEvalArguments, pad_token_id: int, eos_token_
 
 def smoothed_causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=None,
                             epsilon: float = 0.0) -> torch.Tensor:
-    """A `Trainer.compute_loss_func` for --label_smoothing_factor: the label-smoothed loss of each next token,
-    from full logits or logits kept at the label positions (`causal_lm_loss`'s cases). The Trainer's own
-    smoother shifts the labels only for the classes in its causal-LM table, which holds no VLM."""
+    """A `Trainer.compute_loss_func` for --label_smoothing_factor (`causal_lm_loss`'s cases): the Trainer's
+    own smoother shifts the labels only for the classes in its causal-LM table, which holds no VLM."""
     logits = outputs.logits
     if logits.dim() == 2:
         targets = label_positions_only(labels)["shift_labels"]
@@ -77,9 +68,8 @@ def smoothed_causal_lm_loss(outputs, labels: torch.Tensor, num_items_in_batch=No
 
 
 def workers_ignore_sigterm(worker_id: int, init: Callable | None = None) -> None:
-    """A DataLoader worker's start (`worker_init_fn`, then `init`): a scheduler's SIGTERM reaches every
-    process, and a worker that died of it would end the run with an error before the main process saves
-    its checkpoint (`--enable_jit_checkpoint`). The main process ends its workers itself."""
+    """A DataLoader `worker_init_fn`: a scheduler's SIGTERM reaches every process, and a worker killed by it
+    would end the run before the main process saves its checkpoint (--enable_jit_checkpoint)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if init is not None:
         init(worker_id)
@@ -94,9 +84,8 @@ def _quiet_workers(loader):
 
 @dataclass
 class GenerationEval:
-    """What generation-based evaluation needs: the eval `records` (each with a "key"), a `collator` of
-    records -> `generate` inputs (left-padded prompts) and their "keys", `score(predictions {key: text},
-    records)` -> {metric: value}, the decode options `args` and the `tokenizer` that decodes."""
+    """Generation-based evaluation: the eval `records` (each with a "key"), a `collator` of records ->
+    `generate` inputs (left-padded) and their "keys", `score(predictions {key: text}, records)` -> metrics."""
 
     records: object
     collator: Callable
@@ -106,8 +95,9 @@ class GenerationEval:
 
 
 class RecipeTrainer(Trainer):
-    """A Trainer with generation-based evaluation (`generation`; None: the loss only), per-module learning
-    rates (`learning_rates`: --vision_lr / --bridge_lr / --lm_lr) and the label-position loss."""
+    """A Trainer with, each off unless given: generation-based evaluation (`generation`, logged as
+    `eval_<metric>` for metric_for_best_model), per-module learning rates (--vision_lr / --bridge_lr /
+    --lm_lr) and the loss on label positions only (recipes/common/losses.py)."""
 
     def __init__(self, *args, generation: GenerationEval | None = None,
                  learning_rates: LearningRateArguments | None = None, loss_on_label_positions: bool = False,
@@ -135,10 +125,9 @@ class RecipeTrainer(Trainer):
     def get_eval_dataloader(self, eval_dataset=None):
         return _quiet_workers(super().get_eval_dataloader(eval_dataset))
 
-    # --- loss ------------------------------------------------------------------------------------------
     def label_position_inputs(self, inputs: dict) -> dict:
-        """The model inputs that make its loss come from the label positions' logits alone; where the Trainer
-        computes the loss (`compute_loss_func`), the model only keeps those logits."""
+        """Inputs for a loss on the label positions' logits alone; where the Trainer computes the loss
+        (`compute_loss_func`), the model only keeps those logits."""
         kept = label_positions_only(inputs["labels"])
         if self.compute_loss_func is not None:
             return {**inputs, "logits_to_keep": kept["logits_to_keep"]}
@@ -150,10 +139,8 @@ class RecipeTrainer(Trainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
-    # --- optimizer -------------------------------------------------------------------------------------
     def create_optimizer(self, model=None):
-        # With --vision_lr / --bridge_lr / --lm_lr, a parameter group per component at its rate; the optimizer
-        # class and its arguments stay --optim's. Without them, the Trainer's own set-up.
+        # With --vision_lr / --bridge_lr / --lm_lr, a parameter group per component; the rest is --optim's.
         rates = self.learning_rates
         if self.optimizer is None and rates is not None and any(
                 lr is not None for lr in (rates.vision_lr, rates.bridge_lr, rates.lm_lr)):
@@ -171,7 +158,6 @@ class RecipeTrainer(Trainer):
                                            **kwargs)
         return super().create_optimizer(model)
 
-    # --- evaluation ------------------------------------------------------------------------------------
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix="eval"):
         # Hooked here, not in evaluate(): Trainer logs these metrics, passes them to callbacks (early
@@ -203,7 +189,7 @@ class RecipeTrainer(Trainer):
 
     @torch.no_grad()
     def generate_predictions(self, records) -> dict:
-        """Generate one text per record on every process's share; return {key: text} gathered on all ranks."""
+        """{key: generated text} of every record, each process generating its share."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
@@ -232,8 +218,7 @@ class RecipeTrainer(Trainer):
         return {k: text.strip() for k, text in out}
 
     def write_predictions(self, predictions: dict, scores: dict, name: str, records=None) -> None:
-        """`predictions/<name>.jsonl` ({"key", "prediction"} rows) and `<name>.metrics.json`; `records`
-        are what the predictions answer (for a subclass that writes more)."""
+        """`predictions/<name>.jsonl` and `<name>.metrics.json` (`records`: for a subclass's own)."""
         folder = os.path.join(self.args.output_dir, "predictions")
         os.makedirs(folder, exist_ok=True)
         write_jsonl(os.path.join(folder, f"{name}.jsonl"),

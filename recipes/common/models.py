@@ -1,4 +1,5 @@
-"""Model + processor loading: dtype, attention kernel, 4/8-bit, and a clear error for a missing checkpoint."""
+"""Model + processor loading: dtype, attention kernel, 4/8-bit, and one-line errors for a missing
+checkpoint, a missing package or a misspelt processor option."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ from transformers import AutoConfig, AutoProcessor
 
 from .args import ModelArguments, did_you_mean
 
+MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+TINY_PREFIX = "tiny:"
+# transformers 5.25's torchvision image processor of these families breaks on a batch whose first or last
+# sample has no image (a text-only row): they get the PIL one, as where torchvision is not installed.
+PIL_IMAGE_PROCESSORS = ("mllama",)
+
 
 def compute_dtype(model_args: ModelArguments) -> torch.dtype:
-    """The dtype to load in: what was asked, else bf16 on a GPU that has it (fp16 on one that has not), else
-    float32 (the CPU)."""
+    """--dtype, else bf16 on a GPU that has it (fp16 on one that has not), else float32 (the CPU)."""
     if model_args.dtype != "auto":
         return getattr(torch, model_args.dtype)
     if torch.cuda.is_available():
@@ -22,11 +28,8 @@ def compute_dtype(model_args: ModelArguments) -> torch.dtype:
     return torch.float32
 
 
-MIXED_PRECISION = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
 def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
-    """Refuse half-precision weights without the matching autocast, before anything is loaded: the float32
+    """Refuse half-precision weights without the matching autocast, before anything loads: the float32
     trained weights (`peft_setup.trainable_in_float32`) meet the frozen half-precision ones only under it."""
     dtype = compute_dtype(model_args)
     if dtype in MIXED_PRECISION and training_args.mixed_precision != MIXED_PRECISION[dtype]:
@@ -37,16 +40,16 @@ def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
 
 
 def special_strings(tokenizer) -> tuple[str, ...]:
-    """The strings the tokenizer reads as one of its special tokens wherever they stand: bos, eos, pad, ...,
-    and the added tokens marked special (<end_of_turn>). One character is text, not a control token written
-    as markup: OpenCLIP-converted CLIP tokenizers name `!` their pad token (id 0, the vocabulary's `!`)."""
+    """The strings the tokenizer reads as a special token wherever they stand (bos, eos, pad, added special
+    tokens such as <end_of_turn>). Not one character: OpenCLIP-converted CLIP tokenizers name `!` their
+    pad token, which would refuse every text with a `!`."""
     added = [t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special]
     return tuple(sorted(s for s in {*filter(None, tokenizer.all_special_tokens), *added} if len(s) > 1))
 
 
 def text_reserved(tokenizer, allowed=None) -> tuple[str, ...]:
-    """The special strings no text may hold: the tokenizer's (`special_strings`) but the `allowed` ones
-    (--special_text: what the data writes on purpose, e.g. grounding tokens), each of which must be one."""
+    """The special strings no text may hold, but the `allowed` ones (--special_text: what the data writes
+    on purpose, e.g. grounding tokens), each of which must be one."""
     specials, allowed = special_strings(tokenizer), allowed or ()
     for name in allowed:
         if name not in specials:
@@ -56,21 +59,19 @@ def text_reserved(tokenizer, allowed=None) -> tuple[str, ...]:
     return tuple(s for s in specials if s not in allowed)
 
 
-TINY_PREFIX = "tiny:"
-
-
 def resolve_model_path(path: str) -> str:
-    """The folder of `tiny:<name>` (e.g. `tiny:clip`: random weights; `tiny:clip-pretrained`), a tiny model
-    built on first use and loaded like any checkpoint; a local folder by its absolute path (what a run
-    records as its base, for merge and export from any folder); a Hub id unchanged."""
+    """The folder of `tiny:<name>` (`tiny:clip`: random weights; `tiny:clip-pretrained`), built on first use;
+    a local folder by its absolute path (a run records it as its base, for merge from any folder); a Hub id
+    unchanged."""
     if not path.startswith(TINY_PREFIX):
         return str(Path(path).resolve()) if Path(path).exists() else path
     from .tiny.models import BUILDERS, tiny_model_path
     from .tiny.pretrain import PRETRAINERS, pretrained_tiny_path
 
-    name = path[len(TINY_PREFIX):]
-    if name.endswith("-pretrained") and name[: -len("-pretrained")] in PRETRAINERS:
-        return str(pretrained_tiny_path(name[: -len("-pretrained")]))
+    name = path.removeprefix(TINY_PREFIX)
+    base = name.removesuffix("-pretrained")
+    if base != name and base in PRETRAINERS:
+        return str(pretrained_tiny_path(base))
     if name in BUILDERS:
         return str(tiny_model_path(name))
     known = sorted(BUILDERS) + [f"{n}-pretrained" for n in sorted(PRETRAINERS)]
@@ -79,10 +80,10 @@ def resolve_model_path(path: str) -> str:
 
 @contextlib.contextmanager
 def loading(*paths: str):
-    """Around the loading of checkpoints `paths`: a local-looking path that does not exist (else it would go
-    to the Hub as a repo id: "name" or "org/name"), or one that fails to load, is a one-line
+    """Around loading the checkpoints `paths`: a missing one, or one that fails to load, is a one-line
     FileNotFoundError; a package its classes need and that is missing, a one-line ImportError."""
     for path in paths:
+        # else it would go to the Hub as a repo id ("name" or "org/name")
         looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
         if looks_local and not Path(path).expanduser().exists():
             raise FileNotFoundError(f"model path {path!r} does not exist: give a checkpoint or run folder, "
@@ -101,11 +102,6 @@ def loading(*paths: str):
         raise FileNotFoundError(f"could not load {' or '.join(map(repr, paths))}: {detail}{hub}") from e
 
 
-# transformers 5.25's torchvision image processor of these families breaks on a batch whose first or last
-# sample has no image (a text-only row): they get the PIL one, as where torchvision is not installed.
-PIL_IMAGE_PROCESSORS = ("mllama",)
-
-
 def load_processor(path: str | Path, model_type: str, **kwargs):
     """`AutoProcessor.from_pretrained(path, **kwargs)`; the PIL image processor for PIL_IMAGE_PROCESSORS."""
     if model_type in PIL_IMAGE_PROCESSORS:
@@ -114,8 +110,8 @@ def load_processor(path: str | Path, model_type: str, **kwargs):
 
 
 def load_recipe_processor(path: str, model_args: ModelArguments):
-    """The checkpoint's processor with --processor_kwargs, each name checked: a recipe loads it before its
-    data, whose texts must not hold the tokenizer's special strings, and before a large model."""
+    """The checkpoint's processor with --processor_kwargs, each name checked; loaded before the data (whose
+    texts must not hold its special strings) and before a large model."""
     source = dict(revision=model_args.revision, trust_remote_code=model_args.trust_remote_code)
     options = model_args.processor_kwargs or {}
     with loading(path):
@@ -124,7 +120,16 @@ def load_recipe_processor(path: str, model_args: ModelArguments):
     if getattr(processor, "tokenizer", None) is None:  # a vision tower's checkpoint: an image processor alone
         raise ValueError(f"{path}: {type(processor).__name__} has no tokenizer: the checkpoint has no text "
                          "model for the recipe to train; give one of the kind its README names.")
-    check_processor_options(processor, options)
+    # The processor and its image processor ignore unknown names silently (a misspelt max_pixels would
+    # train on full-size images).
+    valid = getattr(getattr(processor, "image_processor", None), "valid_kwargs", None)
+    known = {*getattr(valid, "__optional_keys__", ()), *getattr(valid, "__required_keys__", ()),
+             *inspect.signature(type(processor).__init__).parameters} - {"self", "args", "kwargs"}
+    for name in options:
+        if name not in known and not hasattr(processor, name):
+            hint = did_you_mean(name, known)
+            raise ValueError(f"--processor_kwargs {name!r}: not an option of {type(processor).__name__} or "
+                             f"its image processor.{hint} They take: {', '.join(sorted(known))}.")
     return processor
 
 
@@ -144,20 +149,6 @@ def load_model(model_cls, path: str, model_args: ModelArguments, *,
 
 def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *,
                              skip_quantization: list[str] | None = None):
-    """`load_model` and `load_recipe_processor` (first: a misspelt option stops before a large model
-    loads)."""
+    """(model, processor); the processor first: a misspelt option stops before a large model loads."""
     processor = load_recipe_processor(path, model_args)
     return load_model(model_cls, path, model_args, skip_quantization=skip_quantization), processor
-
-
-def check_processor_options(processor, options: dict) -> None:
-    """Refuse a --processor_kwargs name that neither the processor nor its image processor takes: both
-    ignore unknown names silently (a misspelt max_pixels would train on full-size images)."""
-    valid = getattr(getattr(processor, "image_processor", None), "valid_kwargs", None)
-    known = {*getattr(valid, "__optional_keys__", ()), *getattr(valid, "__required_keys__", ()),
-             *inspect.signature(type(processor).__init__).parameters} - {"self", "args", "kwargs"}
-    for name in options:
-        if name not in known and not hasattr(processor, name):
-            hint = did_you_mean(name, known)
-            raise ValueError(f"--processor_kwargs {name!r}: not an option of {type(processor).__name__} or "
-                             f"its image processor.{hint} They take: {', '.join(sorted(known))}.")

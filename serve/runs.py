@@ -50,7 +50,7 @@ from recipes.common.merge import (
     load_trained_run,
     trained_with,
 )
-from recipes.common.models import load_processor, resolve_model_path, special_strings, text_reserved
+from recipes.common.models import load_processor, resolve_model_path, text_reserved
 from recipes.common.quantization import QUANTIZATION_FILE
 from recipes.common.trainer import generate_kwargs, stop_token_ids
 from recipes.soft_prompt_caption.modeling import MODEL_TYPE as SOFT_PROMPT_MODEL_TYPE
@@ -160,13 +160,15 @@ class SearchRun:
     image_bank: np.ndarray
     text_bank: np.ndarray
     max_length: int | None = None  # a query's tokens: the index's captions were cut there
+    special_text: list[str] | None = None  # the run's --special_text: the index's captions may hold them
     task: str = "retrieval"
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @functools.cached_property
     def reserved(self) -> tuple[str, ...]:
-        """The strings its tokenizer reads as special tokens: not to be taken as a query's text."""
-        return special_strings(self.processor.tokenizer)
+        """The strings its tokenizer reads as special tokens (but the run's --special_text): not to be taken
+        as a query's text."""
+        return text_reserved(self.processor.tokenizer, self.special_text)
 
     def search_text(self, text: str, k: int) -> list[dict]:
         from recipes.clip_retrieval.embed import encode_texts
@@ -221,7 +223,8 @@ def _load_search(path: Path, rid: str) -> SearchRun:
     root = Path(index.get("image_root") or Path(index["file"]).parent)
     images = [str(root / p) for p in index["images"]]  # root / an absolute path is that path
     return SearchRun(rid, path, clip, processor, collator, images, [gallery_key(p, root) for p in images],
-                     index["texts"], image_bank, text_bank, max_length=index.get("max_length"))
+                     index["texts"], image_bank, text_bank, max_length=index.get("max_length"),
+                     special_text=index.get("special_text"))
 
 
 def gallery_key(image: str, root: Path) -> str:

@@ -3,12 +3,20 @@ and serve's search do: CLIP's text pools at its first `<|endoftext|>`, so the ca
 the words before it."""
 
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from data_tools.errors import DataError
 from recipes.clip_retrieval.embed import main as embed
+from recipes.common.models import resolve_model_path
+from serve.runs import load_runs
+
+SEARCH = Path(__file__).resolve().parents[1] / "recipes" / "clip_retrieval" / "search.py"
 
 
 def _gallery(tmp_path):
@@ -38,3 +46,24 @@ def test_with_skip_bad_rows_it_is_counted_and_left_out(tmp_path):
     assert index["texts"] == ["a red square"]
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["field"], r["reason"]) for r in rejects] == [(2, "captions[0]", "reserved_text")]
+
+
+def test_the_special_text_a_run_trained_with_is_embedded_and_searched_for(tmp_path):
+    # A merged run's folder carries its run.json: --special_text '<|endoftext|>' let its captions hold it.
+    model = tmp_path / "merged"
+    shutil.copytree(resolve_model_path("tiny:clip"), model)
+    (model / "run.json").write_text(json.dumps({"special_text": ["<|endoftext|>"], "max_length": 16}))
+    out = tmp_path / "index"
+    assert embed(["--model", str(model), "--file", str(_gallery(tmp_path)), "--out", str(out)]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["texts"] == ["a red square", "a blue <|endoftext|> circle"]
+    assert index["special_text"] == ["<|endoftext|>"]
+    search = load_runs([out])["index"]
+    assert "<|endoftext|>" not in search.reserved and "<|startoftext|>" in search.reserved
+    # search.py takes the same strings as the index's captions: the run's special text, no other
+    search = [sys.executable, str(SEARCH), "--index", str(out), "--query"]
+    hits = subprocess.run([*search, "a blue <|endoftext|> circle", "--k", "1", "--json"], capture_output=True,
+                          text=True)
+    assert hits.returncode == 0 and json.loads(hits.stdout)[0]["rank"] == 1, hits.stderr
+    refused = subprocess.run([*search, "a <|startoftext|> circle"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "--query holds '<|startoftext|>'" in refused.stderr

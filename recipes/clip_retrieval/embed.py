@@ -6,13 +6,13 @@ outputs/clip_index
 --model: a run folder (full model or LoRA adapter), a wise_ft-* folder, a checkpoint, a Hub id or
 tiny:<name>. --file: retrieval or caption records (`{"image": ..., "captions": [...]}`). Writes to --out:
 images.npy and texts.npy (L2-normalised float32, one row per image / caption, so a dot product is the
-cosine similarity) and index.json (the model, the text length, the image root and the image paths, the
-captions and the image of each).
+cosine similarity) and index.json (the model, the text length, the run's --special_text, the image root and
+the image paths, the captions and the image of each).
 
 Captions are cut at the --max_length the run trained and was evaluated with (its run.json or metrics.json),
 as training cut them; --max_length overrides it, and a model that is no run cuts at its text tower's length.
 A caption that holds one of the tokenizer's special strings (`<|endoftext|>`) is refused as in training, or
-skipped and counted with --skip_bad_rows.
+skipped and counted with --skip_bad_rows; a run's --special_text (its run.json) is kept, as it trained.
 """
 
 import argparse
@@ -30,8 +30,8 @@ from recipes.clip_retrieval.collator import (TextLengthReport, collator_for, poo
 from recipes.clip_retrieval.merge import load_dual_encoder
 from recipes.clip_retrieval.trainer import embed_images, embed_texts
 from recipes.common.data import load_records
-from recipes.common.merge import check_final_model, run_record
-from recipes.common.models import resolve_model_path, special_strings
+from recipes.common.merge import check_final_model, run_record, trained_with
+from recipes.common.models import resolve_model_path, text_reserved
 from recipes.common.run import run_main
 
 
@@ -101,11 +101,13 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip, processor, collator = load(args.model, device)
-    # No caption may hold a special string of the tokenizer, as in training (the text pools at the first eos).
+    # No caption may hold a special string of the tokenizer but the run's --special_text, as in training
+    # (the text pools at the first eos).
+    special_text = trained_with(args.model, "special_text") if Path(args.model).is_dir() else None
     records = records_by_image(load_records(args.file, "retrieval", image_root=args.image_root,
                                             skip_bad_rows=args.skip_bad_rows,
                                             rejects_path=Path(args.out) / "rejects.jsonl",
-                                            reserved=special_strings(processor.tokenizer)))
+                                            reserved=text_reserved(processor.tokenizer, special_text)))
     max_length = text_max_length(args.model, clip, args.max_length)
     texts = [t for caps in records["captions"] for t in caps]
     text_to_image = [i for i, caps in enumerate(records["captions"]) for _ in caps]
@@ -124,8 +126,8 @@ def main(argv=None) -> int:
     # The image root: serve names a gallery image to its clients by its path under it.
     root = Path(args.image_root if args.image_root is not None else Path(args.file).parent).resolve()
     index = {"model": model, "max_length": max_length, "file": str(Path(args.file).resolve()),
-             "image_root": str(root), "images": list(records["image"]), "texts": texts,
-             "text_to_image": text_to_image}
+             "image_root": str(root), "special_text": special_text, "images": list(records["image"]),
+             "texts": texts, "text_to_image": text_to_image}
     atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
     print(f"{len(records)} images and {len(texts)} captions embedded into {out}")
     return 0

@@ -6,7 +6,8 @@ image.
     python recipes/clip_retrieval/search.py --index outputs/clip_index --image photo.png --k 5 --json
 
 The query is embedded with the model that made the index (recorded in index.json; --model overrides),
-so query and index live in the same space, and cut at the index's text length as its captions were. Scores
+so query and index live in the same space, and cut at the index's text length as its captions were; a query
+holding one of its tokenizer's special strings (but the run's --special_text) is refused. Scores
 are cosine similarities. Images are shown by their paths on this machine, to open them: this is a local
 tool (`python -m serve` names them to its clients by their paths under the image root).
 """
@@ -18,8 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_tools.records import find_reserved
 from recipes.clip_retrieval.embed import encode_texts, load
 from recipes.clip_retrieval.trainer import embed_images
+from recipes.common.models import text_reserved
 from recipes.common.run import run_main
 
 
@@ -48,6 +51,10 @@ def main(argv=None) -> int:
     index = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip, processor, collator = load(args.model or index["model"], device)
+    reserved = text_reserved(processor.tokenizer, index.get("special_text"))
+    if args.query is not None and (found := find_reserved(args.query, reserved)):
+        p.error(f"--query holds {found!r}, which the tokenizer reads as its special token, not as text "
+                "(the index's captions could not hold it); remove or rewrite it")
     with torch.inference_mode():
         if args.query is not None:
             q = encode_texts(clip, processor, collator, [args.query], device=device,

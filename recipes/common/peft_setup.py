@@ -1,8 +1,6 @@
-"""LoRA, freezing and per-module learning rates, by component, found from the model's structure
-(`find_components`): "vision" (the image encoder), "bridge" (what feeds it to the LM), "language" (the LM;
-CLIP: the text tower) and "other" (CLIP's logit_scale). A train.py calls `apply_lora_and_freezing` and
-logs `count_parameters`; RecipeTrainer(learning_rates=...) builds its optimizer from `param_groups`.
-"""
+"""LoRA, freezing and per-module learning rates by component, found from the model's structure: "vision"
+(the image encoder), "bridge" (what feeds it to the LM), "language" (the LM; CLIP: the text tower) and
+"other" (CLIP's logit_scale)."""
 
 import logging
 import re
@@ -30,10 +28,6 @@ def _base(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def _base_name(name: str) -> str:
-    return name.removeprefix(PEFT_PREFIX)
-
-
 def _has_prefix(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
 
@@ -49,7 +43,7 @@ class Components:
 
     def of(self, name: str) -> str:
         """'vision', 'bridge', 'language' or 'other' for a parameter or module name (peft's names too)."""
-        name = _base_name(name)
+        name = name.removeprefix(PEFT_PREFIX)
         for component in ("bridge", "vision", "language"):  # a bridge may sit inside the vision tower
             if any(_has_prefix(name, p) for p in getattr(self, component)):
                 return component
@@ -57,34 +51,33 @@ class Components:
 
 
 def find_components(model: torch.nn.Module) -> Components:
-    """The components of `model`: the submodule built from `config.vision_config` is the vision tower, the
-    one built from `config.text_config` (with the output embeddings) the LM, the rest the bridge
-    (generative models) or "other" (dual encoders, TOWER_HEADS aside)."""
+    """The submodule built from `config.vision_config` is the vision tower, the one built from
+    `config.text_config` (with the output embeddings) the LM, the rest the bridge (generative models) or
+    "other" (dual encoders, TOWER_HEADS aside)."""
     base = _base(model)
     config = getattr(base, "config", None)
     if config is None:
         raise ValueError(f"{type(base).__name__} has no transformers config: its components cannot be found.")
     sub = {"vision": getattr(config, "vision_config", None), "language": getattr(config, "text_config", None)}
     found = {"vision": [], "language": []}
-    for name, module in base.named_modules():
+    modules = dict(base.named_modules())
+    for name, module in modules.items():
         if not name or any(_has_prefix(name, p) for p in found["vision"] + found["language"]):
             continue
         for component, sub_config in sub.items():
             if sub_config is not None and getattr(module, "config", None) is sub_config:
                 found[component].append(name)
     if not found["vision"] or not found["language"]:
-        raise ValueError(
-            f"{type(base).__name__} (model_type={config.model_type!r}): no submodule built from its "
-            "config.vision_config and config.text_config, so its vision tower and language model cannot be "
-            "told apart. The recipes train vision-language models with both sub-configs."
-        )
+        raise ValueError(f"{type(base).__name__} (model_type={config.model_type!r}): no submodule built from "
+                         "its config.vision_config and config.text_config, so its vision tower and language "
+                         "model cannot be told apart. The recipes train vision-language models with both "
+                         "sub-configs.")
     output = getattr(base, "get_output_embeddings", lambda: None)()
-    output_name = next((n for n, m in base.named_modules() if output is not None and m is output), None)
+    output_name = next((n for n, m in modules.items() if output is not None and m is output), None)
     if output_name is not None and not any(_has_prefix(output_name, p) for p in found["language"]):
         found["language"].append(output_name)
     leaves = BRIDGE_INSIDE_VISION.get(config.model_type, ())
     inside = [f"{v}.{leaf}" for v in found["vision"] for leaf in leaves]
-    modules = dict(base.named_modules())
     bridge = [n for n in inside if n in modules]
     rest = _outside(base, found["vision"] + found["language"])
     if output_name is None:  # a dual encoder
@@ -115,13 +108,10 @@ def _outside(base: torch.nn.Module, taken: list[str]) -> list[str]:
     return out
 
 
-# ------------------------------------------------------------------------------------------------------- LoRA
-
-
 def default_lora_targets(model: torch.nn.Module, components: tuple[str, ...] | None = None) -> str:
-    """The default LoRA targets in `components` (default: a generative model's LM, both towers of a dual
-    encoder), as a regex peft fullmatches against module names: every linear layer of a generative LM but
-    its head; the linear layers of an encoder's attention modules."""
+    """A regex (peft fullmatches it) of the default LoRA targets in `components` (default: a generative
+    model's LM, both towers of a dual encoder): every linear layer of a generative LM but its head, the
+    linear layers of an encoder's attention modules."""
     base = _base(model)
     parts = find_components(base)
     generative = parts.output is not None
@@ -161,18 +151,17 @@ def _linear_leaf_names(model: torch.nn.Module) -> list[str]:
 
 
 def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modules") -> None:
-    """Raise ValueError unless every target name (or the regex) matches a module of `model`: peft raises
-    only when *no* target matches, so a typo next to a correct name would silently train less."""
+    """Refuse a target name (or regex) that matches no module: peft raises only when *no* target matches,
+    so a typo next to a correct name would silently train less."""
     if targets is None or targets == "all-linear":
         return
     module_names = [name for name, _ in model.named_modules() if name]
     linear_leaves = _linear_leaf_names(model)
     if isinstance(targets, str):
         if not any(re.fullmatch(targets, name) for name in module_names):
-            raise ValueError(
-                f"{what}: the regex {targets!r} matches no module name (it must match the full dotted name, "
-                f"e.g. '.*language_model.*\\.q_proj'). Linear layer names in this model: {linear_leaves}."
-            )
+            raise ValueError(f"{what}: the regex {targets!r} matches no module name (it must match the full "
+                             "dotted name, e.g. '.*language_model.*\\.q_proj'). Linear layer names in this "
+                             f"model: {linear_leaves}.")
         return
     for target in targets:
         # peft's rule for a list entry: the full name equals it or ends with "." + it.
@@ -184,9 +173,9 @@ def check_targets(model: torch.nn.Module, targets, what: str = "lora_target_modu
 
 def apply_peft(model: torch.nn.Module, peft_args: PeftArguments, components: tuple[str, ...] | None = None,
                revision: str | None = None) -> torch.nn.Module:
-    """`model` with LoRA as `peft_args` says (unchanged for peft_method='none'); `components` picks where
-    the default targets go (e.g. ("vision",): CLIP's image tower only). `revision`, the base's --revision, is
-    recorded in the adapter config: merge, export and serve load the base at it."""
+    """`model` with LoRA as `peft_args` says; `components` picks where the default targets go (("vision",):
+    CLIP's image tower only). `revision` goes into the adapter config: merge, export and serve load the base
+    at it."""
     if peft_args.peft_method == "none":
         return model
     targets = peft_args.lora_target_modules
@@ -200,13 +189,6 @@ def apply_peft(model: torch.nn.Module, peft_args: PeftArguments, components: tup
         use_dora=peft_args.use_dora, use_rslora=peft_args.use_rslora, revision=revision))
 
 
-# --------------------------------------------------------------------------------------------------- freezing
-
-
-def _is_adapter_param(name: str) -> bool:
-    return ".lora_" in name or ".modules_to_save." in name
-
-
 def _set_trainable(model: torch.nn.Module, names: set[str], trainable: bool) -> None:
     for name, param in model.named_parameters():
         if name not in names:
@@ -216,18 +198,17 @@ def _set_trainable(model: torch.nn.Module, names: set[str], trainable: bool) -> 
             if ".original_module." in name:
                 continue
             if not param.is_floating_point():
-                raise ValueError(
-                    f"Cannot train {name}: its weights are quantized ({param.dtype}). Load the model without "
-                    "load_in_4bit/load_in_8bit, or keep this part frozen and train it through LoRA."
-                )
+                raise ValueError(f"Cannot train {name}: its weights are quantized ({param.dtype}). Load the "
+                                 "model without load_in_4bit/load_in_8bit, or keep this part frozen and "
+                                 "train it through LoRA.")
             param.requires_grad_(True)
-        elif not _is_adapter_param(name):
+        elif ".lora_" not in name and ".modules_to_save." not in name:  # not an adapter weight
             param.requires_grad_(False)
 
 
 def vision_layer_names(model: torch.nn.Module) -> list[str]:
-    """Names of the vision tower's layers (its longest list of blocks) whose output the model uses, first to
-    last: with `vision_feature_layer` (-2 in LLaVA) the layers after it get no gradient and are left out."""
+    """The vision tower's layers (its longest list of blocks) whose output the model uses, first to last:
+    those after `vision_feature_layer` (-2 in LLaVA) get no gradient."""
     base = _base(model)
     parts = find_components(base)
     lists = [(name, m) for name, m in base.named_modules()
@@ -254,8 +235,8 @@ def last_vision_layers(model: torch.nn.Module, n: int) -> list[str]:
 
 
 def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None:
-    """Set requires_grad per component as `freeze_args` says (None: as it is); LoRA weights stay trainable.
-    Apply after `apply_peft`, which freezes every base weight."""
+    """Set requires_grad per component as `freeze_args` says (None: as it is). Apply after `apply_peft`,
+    which freezes every base weight."""
     parts = find_components(model)
     by_component = {c: set() for c in (*COMPONENTS, "other")}
     for name, _ in model.named_parameters():
@@ -270,18 +251,16 @@ def apply_freezing(model: torch.nn.Module, freeze_args: FreezeArguments) -> None
     if freeze_args.freeze_vision_tower and freeze_args.unfreeze_last_n_vision_layers > 0:
         last = last_vision_layers(model, freeze_args.unfreeze_last_n_vision_layers)
         names = {name for name in by_component["vision"]
-                 if any(_has_prefix(_base_name(name), layer) for layer in last)}
+                 if any(_has_prefix(name.removeprefix(PEFT_PREFIX), layer) for layer in last)}
         _set_trainable(model, names, trainable=True)
 
-
-# ------------------------------------------------------------------------------------- learning rates, counts
 
 RATE_FLAGS = {"vision": "vision_lr", "bridge": "bridge_lr", "language": "lm_lr"}
 
 
 def check_learning_rates(model: torch.nn.Module, learning_rates: LearningRateArguments) -> list[str]:
-    """Warn of (and return) the per-component rates of components with nothing trainable, which go unused: a
-    warning, not an error, as a recipe's config.yaml may set the rate of a part a command then freezes."""
+    """Warn of (and return) the per-component rates of parts where nothing trains. Not an error: a recipe's
+    config.yaml may set the rate of a part a command then freezes."""
     parts = find_components(model)
     trained = {parts.of(name) for name, p in model.named_parameters() if p.requires_grad}
     unused = [f"--{flag}" for c, flag in RATE_FLAGS.items()
@@ -294,9 +273,8 @@ def check_learning_rates(model: torch.nn.Module, learning_rates: LearningRateArg
 
 def param_groups(model: torch.nn.Module, learning_rates: LearningRateArguments, base_lr: float,
                  weight_decay: float, decay: set[str]) -> list[dict]:
-    """Optimizer parameter groups of the trainable parameters: one per (component, decay / no decay), each
-    at its component's learning rate; `decay`: the names that get weight decay (the Trainer's rule).
-    Each group has a "name" ("vision", "vision_no_decay", ...)."""
+    """Optimizer groups of the trainable parameters, one per component and decay / no decay ("vision",
+    "vision_no_decay", ...), at the component's rate; `decay`: the names that get weight decay."""
     parts = find_components(model)
     lrs = {c: getattr(learning_rates, flag) for c, flag in RATE_FLAGS.items()} | {"other": None}
     groups = {}
@@ -343,12 +321,12 @@ class ParameterCounts:
 
 
 def count_parameters(model: torch.nn.Module) -> ParameterCounts:
-    """Trainable / total parameters per component of the model as it computes: tied weights count once, and
-    a module peft trains a copy of (`modules_to_save`) counts as its copy alone."""
+    """Trainable / total parameters per component of the model as it computes: tied weights count once, a
+    `modules_to_save` module as its trained copy alone."""
     parts = find_components(model)
     rows = {c: [0, 0] for c in (*COMPONENTS, "other")}
     for name, param in model.named_parameters():
-        if ".original_module." in name:  # peft keeps it beside the trained copy, which the model runs
+        if ".original_module." in name:
             continue
         row = rows[parts.of(name)]
         row[1] += _numel(param)
@@ -358,9 +336,9 @@ def count_parameters(model: torch.nn.Module) -> ParameterCounts:
 
 
 def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments) -> list[str]:
-    """What `freeze_args` trains outside the LM, for LoRA's `modules_to_save`: peft saves only the adapter
-    and those copies, so a base weight merely unfrozen would be lost at save. Containers (Qwen3-VL's
-    deepstack mergers) go in as their items, which peft can copy."""
+    """What `freeze_args` trains outside the LM, for `modules_to_save`: peft saves only the adapter and
+    those, so a base weight merely unfrozen would be lost. Containers (Qwen3-VL's deepstack mergers) go in
+    as their items, which peft can copy."""
     parts = find_components(model)
     modules = dict(_base(model).named_modules())
 
@@ -388,7 +366,7 @@ def trained_modules_to_save(model: torch.nn.Module, freeze_args: FreezeArguments
 def apply_lora_and_freezing(model: torch.nn.Module, peft_args: PeftArguments, freeze_args: FreezeArguments,
                             revision: str | None = None) -> torch.nn.Module:
     """`apply_peft` then `apply_freezing`; under LoRA, what trains outside the adapter goes into
-    `modules_to_save`, so that the adapter folder and a merge hold it. The arguments are updated to match."""
+    `modules_to_save` so that the adapter and a merge hold it (the arguments are updated to match)."""
     if peft_args.peft_method != "none":
         if freeze_args.freeze_language_model is False:
             raise ValueError("freeze_language_model=false with LoRA: the language model trains through its "

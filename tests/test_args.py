@@ -360,6 +360,7 @@ def test_a_feature_folder_without_the_feature_cache_is_refused():
     ("blip2_lora_caption", ["--peft_method", "none", "--lora_alpha", "64"], "--lora_alpha applies"),
     # clip_retrieval's config.yaml turns LoRA off: a rank alone would have trained every weight instead
     ("clip_retrieval", ["--lora_r=8", "--lora_dropout", "0.1"], "--lora_r, --lora_dropout apply"),
+    ("clip_retrieval", ["--lora-alpha", "8"], "--lora_alpha applies"),  # the parser's dashed alias
     ("clip_retrieval", ["--peft_method", "lora", "--lora_r", "8"], None),
     ("blip2_lora_caption", ["--lora_r", "8"], None),
 ])

@@ -367,10 +367,15 @@ RENAMED = {"gradient_checkpointing": "activation_checkpointing",
            "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs"}
 
 
+def _given(argv: list[str]) -> set[str]:
+    """The field names `argv`'s flags set (`--lora-r`, the parser's dashed alias, is lora_r)."""
+    return {a.split("=", 1)[0].removeprefix("--").replace("-", "_") for a in argv if a.startswith("--")}
+
+
 def _old_names_win(argv: list[str], values: dict, actions: dict[str, argparse.Action]) -> None:
     """A deprecated name on the command line drops its new name from the config file's `values`, which
     TrainingArguments would silently keep; both names on the command line are refused."""
-    given = {a.split("=", 1)[0].removeprefix("--").replace("-", "_") for a in argv if a.startswith("--")}
+    given = _given(argv)
     for old, new in RENAMED.items():
         if old in given and new in given:
             raise ValueError(f"--{old} is the deprecated name of --{new}: give one of them.")
@@ -419,8 +424,8 @@ def parse_recipe_args(argv: list[str] | None, default_config: str | Path, types)
     args = SimpleNamespace(**{_attribute(cls): value for cls, value in
                               zip(types, parse_args(types, argv, defaults=RECIPE_DEFAULTS))})
     # LoRA's numbers have defaults (and config.yaml values), so only the command line shows they were meant.
-    given = {a.split("=", 1)[0] for a in argv}
-    lora = [f for f in ("--lora_r", "--lora_alpha", "--lora_dropout") if f in given]
+    given = _given(argv)
+    lora = [f"--{name}" for name in ("lora_r", "lora_alpha", "lora_dropout") if name in given]
     if lora and getattr(getattr(args, "peft", None), "peft_method", None) == "none":
         raise _lora_off(lora)
     return args

@@ -1,12 +1,10 @@
 """The run loop every train.py shares: set-up, data files, then before -> train -> after -> metrics.json.
 
-    setup_run(training_args, model_args)                 # logging, seed, dtype vs mixed-precision check
+    setup_run(training_args, model_args)
     train_records, eval_records, test_records = load_data(data_args, "caption", embedded, output_dir)
     ...                                                   # the recipe's own: model, samples, Trainer
     results = train_and_evaluate(trainer, {"recipe": ..., "task": "caption", ...})
-
-    if __name__ == "__main__":
-        run_main(main)                                    # a bad input ends the run with its message
+    # and run_main(main) as the script's entry point: a bad input ends the run with its message
 """
 
 from __future__ import annotations
@@ -43,9 +41,7 @@ DECODING = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p") 
 
 
 def setup_run(training_args, model_args=None) -> None:
-    """Logging, the seed, and the checks that can fail before anything loads: a recipe folder copied by hand
-    (`check_recipe_code`), the output folder (`check_output_dir`), the --report_to loggers and, given
-    `model_args`, the load dtype's autocast."""
+    """Logging, the seed, and the checks that can fail before anything loads."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
@@ -54,26 +50,21 @@ def setup_run(training_args, model_args=None) -> None:
         raise ValueError("--remove_unused_columns true: the Trainer would drop the columns the recipe's "
                          "collator reads (image paths, keys); leave it false.")
     check_output_dir(training_args.output_dir, training_args.resume_from_checkpoint)
-    check_loggers(training_args)
-    if model_args is not None:
-        check_mixed_precision(model_args, training_args)
-
-
-def check_loggers(args) -> None:
-    """An ImportError for a --report_to logger whose package is not installed: the Trainer would raise a
-    RuntimeError when it is built, after the model has loaded."""
+    # A missing logger package: the Trainer would raise a RuntimeError only once built, after the model loads.
     from transformers.integrations import integration_utils
 
-    for name in getattr(args, "report_to", None) or []:
+    for name in training_args.report_to or []:
         available = getattr(integration_utils, f"is_{name}_available", None)
         if available is not None and not available():
             raise ImportError(f"--report_to {name}: its package is not installed; pip install {name}, or "
                               "pass --report_to none.")
+    if model_args is not None:
+        check_mixed_precision(model_args, training_args)
 
 
 def check_recipe_code() -> None:
-    """A recipe's train.py runs the modules beside it: a folder copied by hand (cp -r) still imports the
-    original's (`recipes.<original>.collator`), and edits to the copy's own would change nothing."""
+    """A recipe folder copied by hand (cp -r) still imports the original's modules (`recipes.<original>.*`):
+    edits to the copy's own would change nothing."""
     script = Path(getattr(sys.modules["__main__"], "__file__", None) or ".").resolve()
     if script.name != "train.py" or script.parent.parent.name != "recipes":
         return
@@ -99,13 +90,12 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def saved_step(checkpoint: str | Path) -> int:
-    """The step a (complete) checkpoint saved."""
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
 
 
 def check_output_dir(output_dir: str | Path, resume) -> None:
-    """A run that does not resume refuses a folder holding an earlier run's checkpoint-N folders: its own
-    would mix with them, and `--resume_from_checkpoint last` would later pick theirs."""
+    """A fresh run refuses a folder holding an earlier run's checkpoint-N folders: its own would mix with
+    them, and `--resume_from_checkpoint last` would later pick theirs."""
     if resume in NO_RESUME and (old := checkpoints(output_dir)):
         raise FileExistsError(f"--output_dir {output_dir} holds an earlier run ({old[-1].name}, "
                               f"{len(old)} checkpoint(s)): pass --resume_from_checkpoint last to continue "
@@ -113,10 +103,9 @@ def check_output_dir(output_dir: str | Path, resume) -> None:
 
 
 def check_same_run(output_dir: str | Path, resume: str | None, metadata: dict, write: bool = True) -> bool:
-    """`<output_dir>/run.json` holds what a run started with (data files, model, ...); a resumed run must
-    have the same, else its checkpoint and the saved "before" scores belong to another experiment. Returns
-    whether the start recorded every setting (a run.json of an earlier version may lack some: the run goes
-    on, and "before" is scored again). `write`: (re)write run.json (the main process)."""
+    """`<output_dir>/run.json` holds what a run started with; a resumed run must have the same, else its
+    checkpoint and saved "before" scores belong to another experiment. Returns whether run.json recorded
+    every setting (an earlier version's may lack some: the run goes on and scores "before" again)."""
     path = Path(output_dir) / "run.json"
     metadata = json.loads(json.dumps(metadata))  # as it reads back (tuples are lists)
     recorded = True
@@ -137,9 +126,8 @@ def check_same_run(output_dir: str | Path, resume: str | None, metadata: dict, w
 def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: str | Path,
               task_flags: dict[str, str] | None = None, reserved: tuple[str, ...] = ()):
     """(train, validation or None, test or None) records of the data files, or of the embedded default
-    (`embedded()` -> {"train", "val", "test": path}, whose files then go into `data_args` for metrics.json).
-    Rows skipped with --skip_bad_rows go to `<output_dir>/rejects/<split>.rejects.jsonl`, not into the
-    user's data folder. `task_flags`, `reserved` (the tokenizer's special strings): as for `load_records`."""
+    (`embedded()` -> {"train", "val", "test": path}, then set in `data_args`). Rows skipped with
+    --skip_bad_rows go to `<output_dir>/rejects/`, not into the user's data folder."""
     if data_args.train_file is None and (data_args.eval_file or data_args.test_file):
         raise ValueError("--eval_file / --test_file without --train_file: give the training file too "
                          "(without any of the three the recipe runs on its embedded synthetic data set).")
@@ -169,15 +157,13 @@ def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: st
 
 
 def first(records, n: int | None):
-    """The first `n` records (all for None or 0; None stays None): --eval_max_samples, and
-    --max_eval_samples where a record is a row."""
+    """The first `n` records (all for None or 0; None stays None)."""
     return records.select(range(min(n, len(records)))) if records is not None and n else records
 
 
 def first_records(records, n: int | None, task: str):
-    """`first`, but for caption and retrieval, whose eval record is an image with all its captions, every
-    row of the first `n` images (a cut by rows would leave an image split over rows with part of its
-    references): --max_eval_samples."""
+    """`first`, but for caption and retrieval every row of the first `n` images: a cut by rows would leave
+    an image with part of its references."""
     if records is None or not n or task not in ("caption", "retrieval"):
         return first(records, n)
     kept, rows = set(), []
@@ -189,8 +175,8 @@ def first_records(records, n: int | None, task: str):
 
 
 def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
-    """The records with each image (each of `images` too) swapped for another eval image (rotated by one),
-    keys and references kept: the "does it look at the image?" check."""
+    """The records with each image (and each of `images`) swapped for another eval image, keys and references
+    kept: the "does it look at the image?" check."""
     several = "images" in records.column_names
     images = sorted({im for im in records["image"] if im is not None}
                     | {im for ims in (records["images"] if several else []) for im in ims or ()})
@@ -207,35 +193,26 @@ def shuffled_images(records: datasets.Dataset) -> datasets.Dataset:
     return records.map(swap)
 
 
-def _is_complete(folder: Path) -> bool:
-    """Trainer writes trainer_state.json last (after weights, optimizer, scheduler and RNG states)."""
-    try:
-        json.loads((folder / "trainer_state.json").read_text())
-        return True
-    except (OSError, ValueError):
-        return False
-
-
 def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str | None:
     """The checkpoint folder `--resume_from_checkpoint` names, or None. 'last' (or 'true') is the newest
-    *complete* checkpoint-N in output_dir: a run killed while saving leaves one without trainer_state.json.
-    'auto' is 'last', or None (start afresh) where there is none: one command for a job's every start."""
+    complete checkpoint-N (the Trainer writes trainer_state.json last); 'auto' is 'last', or None where
+    there is none: one command for a job's every start."""
     if value in NO_RESUME:
         return None
     if value in (True, "last", "true", "True", "auto"):
         found = checkpoints(output_dir)
         for folder in reversed(found):
-            if _is_complete(folder):
+            try:
+                json.loads((folder / "trainer_state.json").read_text())
                 return str(folder)
-            logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving it)",
-                           folder)
+            except (OSError, ValueError):
+                logger.warning("skipping %s: no readable trainer_state.json (the run stopped while saving "
+                               "it)", folder)
         if value == "auto":
             return None
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in {output_dir}"
-            + (f" ({len(found)} incomplete)" if found else "")
-            + "; leave the flag out to start afresh."
-        )
+        incomplete = f" ({len(found)} incomplete)" if found else ""
+        raise FileNotFoundError(f"--resume_from_checkpoint {value}: no complete checkpoint-N folder in "
+                                f"{output_dir}{incomplete}; leave the flag out to start afresh.")
     if not Path(value).is_dir():
         raise FileNotFoundError(f"--resume_from_checkpoint {value}: no such folder.")
     return str(value)
@@ -260,12 +237,10 @@ class Stopped(Exception):
 
 
 class StopOnSignal(TrainerCallback):
-    """--enable_jit_checkpoint: on SIGTERM (a scheduler's preemption or time limit), save a checkpoint at the
-    end of the step under way and stop training. The processes of a run agree at each step end on whether
-    any of them got the signal, so that all save the same step: transformers' JITCheckpointCallback, which
-    this replaces, decides in each process alone, and one that stops first leaves the others waiting in the
-    next step's all-reduce. While the run scores held-out data (`scoring`: the message), SIGTERM stops it at
-    once: generation saves nothing, and can outlast a scheduler's grace period."""
+    """--enable_jit_checkpoint: on SIGTERM, save a checkpoint at the end of the step under way and stop.
+    All processes agree at each step end on whether any got the signal, so all save the same step
+    (transformers' JITCheckpointCallback decides in each alone, leaving the others waiting in an
+    all-reduce). While held-out data is scored (`scoring`: the message), SIGTERM stops the run at once."""
 
     def __init__(self):
         self.received, self.stopped_at, self.group, self.scoring = False, None, None, None
@@ -301,20 +276,9 @@ class StopOnSignal(TrainerCallback):
                           "command with --resume_from_checkpoint last (or auto) to go on.")
 
 
-def at_max_steps(trainer, checkpoint: str | None) -> bool:
-    """Whether `checkpoint` is the run's last step (--max_steps), where the Trainer, resumed, would train one
-    step more (when --max_steps is not a whole number of epochs). Not under FSDP or DeepSpeed, whose model
-    only `train` prepares: they resume through it."""
-    max_steps = getattr(trainer.args, "max_steps", -1)
-    if not checkpoint or max_steps <= 0 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
-        return False
-    return saved_step(checkpoint) >= max_steps
-
-
 def load_finished(trainer, checkpoint: str) -> None:
-    """Load a checkpoint of the run's last step as `train` would end it, without training: its state, its
-    weights, or the best checkpoint's with --load_best_model_at_end. A requeued job's
-    `--resume_from_checkpoint auto` then scores the run it had finished training."""
+    """Load a checkpoint of the run's last step as `train` would end it, without training (the best
+    checkpoint's weights with --load_best_model_at_end), so that a requeued job scores a finished run."""
     logger.info("%s is the run's last step (--max_steps %d): scoring it, nothing left to train", checkpoint,
                 trainer.args.max_steps)
     state = trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
@@ -338,8 +302,8 @@ def load_finished(trainer, checkpoint: str) -> None:
 
 
 def check_best_metric(args, scores: dict) -> None:
-    """--metric_for_best_model must be a metric the evaluations log (the Trainer's loss or one of `scores`,
-    the eval data's "before"): else Trainer stops with a KeyError at the first evaluation, after training."""
+    """--metric_for_best_model must be the loss or one of `scores` (the eval data's "before"): else the
+    Trainer stops with a KeyError at its first evaluation."""
     metric = args.metric_for_best_model
     if metric is None or args.eval_strategy == "no":
         return
@@ -362,8 +326,7 @@ def scoring(stop: StopOnSignal | None, message: str):
 
 
 def finished_message(trainer) -> str:
-    """What a run stopped after training has, and how a resume scores it: the checkpoint of its last step
-    (`--resume_from_checkpoint auto` loads it without training), or none."""
+    """What a run stopped after training has saved, and how a resume scores it."""
     step, output_dir = trainer.state.global_step, trainer.args.output_dir
     last = resume_checkpoint("auto", output_dir)
     if last and saved_step(last) == step:
@@ -378,12 +341,10 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
                        shuffled_image_check: bool = False, early_stopping=None,
                        after_training: Callable[[dict], None] | None = None) -> dict:
     """Score the held-out data, train (resuming per --resume_from_checkpoint), save, score again, and write
-    metrics.json (read by `make eval`) with `metadata` and the recipe's own `results` (a baseline).
+    metrics.json with `metadata` and the recipe's own `results` (a baseline).
 
-    `test`, which nothing else sees, gives the headline "before" and "after"; the eval data (what picks
-    the checkpoint) is scored as "val". Without `test` the eval data is the headline. Options: the
-    shuffled-image check ("after_shuffled_images"), `early_stopping` (`args.EarlyStoppingArguments`),
-    `after_training(results)` for a recipe's own figures.
+    `test` gives the headline "before" and "after", the eval data (which picks the checkpoint) is scored as
+    "val"; without `test` the eval data is the headline. `after_training(results)`: a recipe's own figures.
     """
     args = trainer.args
     check_trainable(trainer)
@@ -437,7 +398,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
 
 
 def check_trainable(trainer) -> None:
-    """The checks that would otherwise fail only after the "before" scoring."""
+    """Checks that would otherwise fail only after the "before" scoring."""
     if not any(p.requires_grad for p in trainer.model.parameters()):  # else an optimizer error
         raise ValueError("nothing would train: every parameter is frozen. Unfreeze a part (the --freeze_* "
                          "flags) or add LoRA (--peft_method lora).")
@@ -447,8 +408,7 @@ def check_trainable(trainer) -> None:
 
 
 def add_early_stopping(trainer, early_stopping, resume: str | None) -> None:
-    """transformers' EarlyStoppingCallback at --early_stopping_patience (if set); a resumed run goes on
-    with the count of evaluations without progress its checkpoint saved."""
+    """transformers' EarlyStoppingCallback; a resumed run goes on with the count its checkpoint saved."""
     if early_stopping is None or not early_stopping.early_stopping_patience:
         return
     args = trainer.args
@@ -465,7 +425,7 @@ def add_early_stopping(trainer, early_stopping, resume: str | None) -> None:
 
 
 def add_stop_on_signal(trainer) -> StopOnSignal | None:
-    """With --enable_jit_checkpoint, `StopOnSignal` in place of transformers' JITCheckpointCallback."""
+    """With --enable_jit_checkpoint, `StopOnSignal` in place of JITCheckpointCallback."""
     if not getattr(trainer.args, "enable_jit_checkpoint", False):
         return None
     stop = StopOnSignal()
@@ -476,8 +436,7 @@ def add_stop_on_signal(trainer) -> StopOnSignal | None:
 
 
 def record_run(trainer, metadata: dict, resume: str | None) -> tuple[dict, bool]:
-    """`metadata` with the decode options and absolute paths, checked against run.json and written there
-    (`check_same_run`), and whether run.json recorded every setting."""
+    """`metadata` with the decode options and absolute paths, checked against run.json and written there."""
     args = trainer.args
     if trainer.generation is not None:  # a resumed run reuses "before": it must decode as this one does
         decoding = trainer.generation.args
@@ -494,10 +453,13 @@ def record_run(trainer, metadata: dict, resume: str | None) -> tuple[dict, bool]
 
 
 def train_resumed(trainer, resume: str | None, stop: StopOnSignal | None) -> None:
-    """`trainer.train`, resumed from `resume`; a checkpoint of the run's last step is loaded, not trained
-    on (`load_finished`). A SIGTERM stop raises `Stopped` (from StopOnSignal.on_save, after the save)."""
+    """`trainer.train` from `resume`; a checkpoint of the run's last step is loaded, not trained on: a resumed
+    Trainer would train one step more where --max_steps is not a whole number of epochs. FSDP and DeepSpeed
+    resume through `train`, the only one that prepares their model."""
+    max_steps = getattr(trainer.args, "max_steps", -1)
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     try:
-        if at_max_steps(trainer, resume):
+        if resume and max_steps > 0 and not sharded and saved_step(resume) >= max_steps:
             load_finished(trainer, resume)
         else:
             trainer.train(resume_from_checkpoint=resume)
@@ -535,11 +497,9 @@ def write_metrics(trainer, results: dict, metadata: dict, heldout: str) -> None:
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """A script's entry point: `main()`, then the process group's end. A bad data file, option or path
-    (`DataError`, `ValueError`, `FileNotFoundError`, `FileExistsError`) or a missing package that an option
-    or a model needs (`ImportError`: bitsandbytes, torchvision) ends the run with its message and exit code
-    2, no traceback (VLM_RECIPES_DEBUG=1 shows it); a run stopped by SIGTERM (`Stopped`) with exit code
-    143, as the signal would, and Ctrl-C with 130."""
+    """A script's entry point: `main()`, then the process group's end. A bad input or a missing package ends
+    the run with its message and exit code 2, no traceback (VLM_RECIPES_DEBUG=1 shows it); a SIGTERM stop
+    with 143, as the signal would, and Ctrl-C with 130."""
     from accelerate import PartialState
 
     try:

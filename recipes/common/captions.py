@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from .run import first, load_data
 
 logger = logging.getLogger(__name__)
 
-if TYPE_CHECKING:  # the cache is an option: its module is read only by runs that use it
+if TYPE_CHECKING:  # an option: its module is read only by runs that use it
     from .feature_cache import VisionFeatureCache
 
 
@@ -29,49 +30,13 @@ def pixel_values(image_processor, paths: list[str]) -> torch.Tensor:
 
 
 def load_caption_data(data_args, training_args, tokenizer):
-    """(train, validation, test) records from the data files or the embedded synthetic captions
-    (`run.load_data`; no caption may hold one of `tokenizer`'s special strings but --special_text);
-    validation and test (or None) with one record per image and all its captions."""
-    def embedded():
-        return embedded_dataset("caption", n=1000, lang=data_args.lang, seed=training_args.seed)
-
+    """(train, validation, test) records of the data files or the embedded synthetic captions
+    (`run.load_data`); validation and test (or None) with one record per image and all its captions."""
+    embedded = functools.partial(embedded_dataset, "caption", n=1000, lang=data_args.lang,
+                                 seed=training_args.seed)
     train, *held_out = load_data(data_args, "caption", embedded, training_args.output_dir,
                                  reserved=text_reserved(tokenizer, data_args.special_text))
     return train, *(caption_eval_records(r) if r is not None else None for r in held_out)
-
-
-def caption_samples(tokenize, train_records, eval_records, test_records, eval_max_samples: int | None = None):
-    """(train samples, eval samples, eval records, test records) from `tokenize(records)` -> (samples,
-    LengthReport), reports logged; at most `eval_max_samples` eval and test records generate."""
-    def samples(records, split: str):
-        out, report = tokenize(records)
-        logger.info("%s %s", split, report)
-        if len(out) == 0:
-            raise ValueError(f"no {split} sample fits: {report}; raise --max_length")
-        return out
-
-    test_records = first(test_records, eval_max_samples)
-    if eval_records is None:
-        return samples(train_records, "train"), None, None, test_records
-    return (samples(train_records, "train"), samples(eval_records, "eval"),
-            first(eval_records, eval_max_samples), test_records)
-
-
-def cached_vision_features(model, image_processor, samples, cache_args, training_args, *, serve: bool = False,
-                           **encode) -> VisionFeatureCache | None:
-    """--cache_vision_features: the frozen tower's features of the `samples`' images, computed once before
-    training (recipes/common/feature_cache.py), else None. `serve`: the tower then takes a cached feature
-    in place of pixels (BLIP-2); `encode` as for `feature_cache.cache_for_run`."""
-    if not cache_args.cache_vision_features:
-        return None
-    from .feature_cache import cache_for_run, serve_cached_features, vision_tower  # read only when caching
-
-    tower = vision_tower(model)
-    images = [image for ds in samples if ds is not None for image in ds["image"]]
-    cache = cache_for_run(tower, image_processor, images, cache_args, training_args, **encode)
-    if serve:
-        serve_cached_features(tower)
-    return cache
 
 
 def caption_eval_records(ds: datasets.Dataset) -> datasets.Dataset:
@@ -86,6 +51,37 @@ def caption_eval_records(ds: datasets.Dataset) -> datasets.Dataset:
     if len(merged) != len(ds):
         out.info.description = f"{ds.info.description}; {len(ds)} rows merged into {len(merged)} images"
     return out
+
+
+def caption_samples(tokenize, train_records, eval_records, test_records, eval_max_samples: int | None = None):
+    """(train samples, eval samples, eval records, test records); `tokenize(records)` -> (samples,
+    LengthReport), whose report is logged. At most `eval_max_samples` eval and test records generate."""
+    def samples(records, split: str):
+        out, report = tokenize(records)
+        logger.info("%s %s", split, report)
+        if len(out) == 0:
+            raise ValueError(f"no {split} sample fits: {report}; raise --max_length")
+        return out
+
+    train = samples(train_records, "train")
+    eval_samples = None if eval_records is None else samples(eval_records, "eval")
+    return train, eval_samples, first(eval_records, eval_max_samples), first(test_records, eval_max_samples)
+
+
+def cached_vision_features(model, image_processor, samples, cache_args, training_args, *, serve: bool = False,
+                           **encode) -> VisionFeatureCache | None:
+    """--cache_vision_features: the frozen tower's features of the `samples`' images, computed once before
+    training, else None. `serve`: the tower then takes a cached feature in place of pixels (BLIP-2)."""
+    if not cache_args.cache_vision_features:
+        return None
+    from .feature_cache import cache_for_run, serve_cached_features, vision_tower  # read only when caching
+
+    tower = vision_tower(model)
+    images = [image for ds in samples if ds is not None for image in ds["image"]]
+    cache = cache_for_run(tower, image_processor, images, cache_args, training_args, **encode)
+    if serve:
+        serve_cached_features(tower)
+    return cache
 
 
 @dataclass

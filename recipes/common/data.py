@@ -29,29 +29,22 @@ COLUMNS = {
 
 
 class BadRowsError(DataError):
-    """Raised when a data file has invalid rows and `skip_bad_rows` is off; the message names each row."""
+    """A data file's invalid rows with `skip_bad_rows` off; its message, which names each row, reads as is."""
 
     def _format(self) -> str:
         return self.message
 
 
-def load_records(
-    path: str | os.PathLike,
-    task: str,
-    *,
-    image_root: str | os.PathLike | None = None,
-    skip_bad_rows: bool = False,
-    rejects_path: str | os.PathLike | None = None,
-    check_images: str = "header",
-    max_rows: int | None = None,
-    task_flags: dict[str, str] | None = None,
-    reserved: tuple[str, ...] = (),
-) -> datasets.Dataset:
+def load_records(path: str | os.PathLike, task: str, *, image_root: str | os.PathLike | None = None,
+                 skip_bad_rows: bool = False, rejects_path: str | os.PathLike | None = None,
+                 check_images: str = "header", max_rows: int | None = None,
+                 task_flags: dict[str, str] | None = None,
+                 reserved: tuple[str, ...] = ()) -> datasets.Dataset:
     """A JSONL file of `task` records as a Dataset with absolute image paths (relative to `image_root`,
     default the file's folder). A bad row is an error naming file, line and field, or with `skip_bad_rows`
     a counted reject written to `rejects_path`; `info.description` says how many. `task_flags`: the
-    recipe's option that reads each other task's records, named when a file holds those. `reserved`: the
-    model's special strings, which no text may hold (`data_tools.records.check_reserved`)."""
+    recipe's option for each other task's records, named when a file holds those. `reserved`: the model's
+    special strings, which no text may hold."""
     rows, errors = [], []
     for index, (line, row, raw) in enumerate(check_rows(path, task, image_root=image_root, reserved=reserved,
                                                         check_images=check_images, progress=False)):
@@ -68,11 +61,11 @@ def load_records(
     hint += missing_image_hint((e.reason for e, _ in errors), len(errors) + len(rows), path, image_root,
                                "--image_root")
     if errors and not skip_bad_rows:
-        root = f" --image-root {image_root}" if image_root is not None else ""
+        flags = f" --image-root {image_root}" if image_root is not None else ""
         # the special strings the rows hold, which `clean` is to drop too
-        root += reserved_flags([s for s in reserved if any(
+        flags += reserved_flags([s for s in reserved if any(
             e.reason == RESERVED_TEXT and f"holds {s!r}" in e.message for e, _ in errors)])
-        clean = f"`python -m data_tools clean --task {task}{root} {path} --out CLEAN --rejects REJECTS`"
+        clean = f"`python -m data_tools clean --task {task}{flags} {path} --out CLEAN --rejects REJECTS`"
         if len(errors) == 1:
             message = (f"{errors[0][0]}; fix it, drop it with {clean}, or pass --skip_bad_rows to skip and "
                        "count it")

@@ -3,32 +3,19 @@ each built once, safely under concurrency."""
 
 from __future__ import annotations
 
-import contextlib
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
 def cache_root() -> Path:
     """`$VLM_RECIPES_CACHE`, or `~/.cache/vlm-recipes`."""
     return Path(os.environ.get("VLM_RECIPES_CACHE") or Path.home() / ".cache" / "vlm-recipes")
-
-
-@contextlib.contextmanager
-def _caller_rng_kept():
-    """Restore torch's CPU, Python's and NumPy's random states on exit."""
-    import random
-
-    import numpy as np
-
-    python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
-        yield
-    random.setstate(python_state)
-    np.random.set_state(numpy_state)
 
 
 def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
@@ -45,9 +32,13 @@ def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
         try:
-            # a run that builds its base first trains exactly like one that finds it built
-            with _caller_rng_kept():
+            # The caller's random states are kept: a run that builds its base first trains exactly like
+            # one that finds it built.
+            python_state, numpy_state = random.getstate(), np.random.get_state()
+            with torch.random.fork_rng(devices=[]):
                 build(tmp)
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
             if not (final / marker).exists():  # else a process that took no lock won: keep its build
                 if final.exists():  # a broken leftover (no marker)
                     shutil.rmtree(final)

@@ -12,15 +12,9 @@ import datasets
 from recipes.common.lengths import IGNORE_INDEX, LengthReport, fit_to_budget
 
 
-def tokenize_captions(
-    ds: datasets.Dataset,
-    tokenizer,
-    *,
-    image_token_id: int,
-    num_image_tokens: int,
-    prompt: str | None = None,
-    max_length: int | None = None,
-) -> tuple[datasets.Dataset, LengthReport]:
+def tokenize_captions(ds: datasets.Dataset, tokenizer, *, image_token_id: int, num_image_tokens: int,
+                      prompt: str | None = None,
+                      max_length: int | None = None) -> tuple[datasets.Dataset, LengthReport]:
     """Caption records -> one tokenized training sample per caption, with labels on the caption only."""
     prompt_ids = tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
     images, captions = [], []
@@ -36,11 +30,6 @@ def tokenize_captions(
         if fitted is None:
             continue
         text_ids, labels = fitted
-        rows.append(
-            {
-                "image": image,
-                "input_ids": [image_token_id] * num_image_tokens + text_ids,
-                "labels": [IGNORE_INDEX] * num_image_tokens + labels,
-            }
-        )
+        rows.append({"image": image, "input_ids": [image_token_id] * num_image_tokens + text_ids,
+                     "labels": [IGNORE_INDEX] * num_image_tokens + labels})
     return datasets.Dataset.from_list(rows), report

@@ -81,6 +81,7 @@ def main(argv=None):
             args.generation_eval, tokenizer),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
+    # Score before, train, save, score after: metrics.json; a resume must match what run.json records.
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang, model=model_path,
         revision=args.model.revision,

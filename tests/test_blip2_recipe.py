@@ -289,6 +289,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
            *common, "--per_device_train_batch_size", "4", "--output_dir", str(d / "two")]
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
+    assert r.stderr.count("parameters:\n") == 1  # the recipe's info is logged by the main process alone
     one, two = (json.loads((d / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert (one["world_size"], two["world_size"], one["global_step"], two["global_step"]) == (1, 2, 3, 3)
     assert (_losses(d / "two") == pytest.approx(_losses(d / "one"), abs=1e-5)

@@ -27,7 +27,8 @@ TRAIN = ROOT / "recipes" / "blip2_lora_caption" / "train.py"
 FAST = ["--model_name_or_path", "tiny:blip2-opt", "--report_to", "none", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "16", "--max_new_tokens", "8", "--logging_steps", "1",
         "--lora_dropout", "0", "--learning_rate", "0.01", "--save_strategy", "steps",
-        "--resume_from_checkpoint", "auto"]
+        "--resume_from_checkpoint", "auto",
+        "--log_level_replica", "info"]  # what each process does: rank 1's info is logged too
 BEST = ["--max_steps", "5", "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
         "--load_best_model_at_end", "true", "--metric_for_best_model", "CIDEr"]
 

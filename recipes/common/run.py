@@ -26,6 +26,7 @@ import torch
 import transformers
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState, set_seed
 from transformers.trainer_jit_checkpoint import JITCheckpointCallback
+from transformers.training_args import trainer_log_levels
 
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
@@ -42,7 +43,10 @@ DECODING = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p") 
 
 def setup_run(training_args, model_args=None) -> None:
     """Logging, the seed, and the checks that can fail before anything loads."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    # Info from one process per node, as the Trainer logs; the others at --log_level_replica (warning).
+    replica = trainer_log_levels[training_args.log_level_replica]
+    level = logging.INFO if training_args.should_log else replica if replica >= 0 else logging.WARNING
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     transformers.utils.logging.set_verbosity_warning()
     set_seed(training_args.seed)
     check_recipe_code()

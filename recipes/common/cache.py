@@ -3,6 +3,7 @@ each built once, safely under concurrency."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import shutil
@@ -21,8 +22,6 @@ def cache_root() -> Path:
 def build_once(final: Path, build, marker: str = "tiny_model.json") -> Path:
     """`final`, built by `build(tmp_folder)` unless `final/marker` exists: under a file lock (one rank of a
     launch builds, the others wait), in a private folder renamed into place, never seen half-written."""
-    import fcntl
-
     if (final / marker).exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -35,6 +35,11 @@ class BadRowsError(DataError):
         return self.message
 
 
+def launch_rank(local: bool = False) -> int:
+    """This process's rank in its launch (torchrun's RANK; LOCAL_RANK, on its node, with `local`); 0 alone."""
+    return int(os.environ.get("LOCAL_RANK" if local else "RANK", "0"))
+
+
 def load_records(path: str | os.PathLike, task: str, *, image_root: str | os.PathLike | None = None,
                  skip_bad_rows: bool = False, rejects_path: str | os.PathLike | None = None,
                  check_images: str = "header", max_rows: int | None = None,
@@ -75,7 +80,7 @@ def load_records(path: str | os.PathLike, task: str, *, image_root: str | os.Pat
             message = (f"{path}: {len(errors)} invalid row(s):\n{shown}{more}\nFix them, drop them with "
                        f"{clean}, or pass --skip_bad_rows to skip and count them")
         raise BadRowsError(errors[0][0].reason, f"{message}.{hint}", path=path)
-    if errors:
+    if errors and launch_rank() == 0:  # every process of a launch reads the file: one writes and says so
         rejects_path = Path(rejects_path or f"{path}.rejects.jsonl")
         write_jsonl(rejects_path,
                     ({**e.to_dict(), "raw": raw.decode("utf-8", "backslashreplace")} for e, raw in errors))

@@ -51,6 +51,7 @@ from data_tools.jsonl import write_jsonl
 from data_tools.records import IMAGE_TOKEN, find_reserved
 
 from .args import arg, check_at_least
+from .data import launch_rank
 from .lengths import IGNORE_INDEX
 from .models import special_strings, text_reserved
 from .run import first
@@ -333,7 +334,8 @@ class ChatEncoder:
         if max_length is None or len(items) == 0:
             return first(items, limit), 0
         collate, want, kept, lengths = ChatPromptCollator(self), limit or len(items), [], []
-        for start in tqdm(range(0, len(items), 32), desc="eval prompt lengths", unit="batch of 32"):
+        for start in tqdm(range(0, len(items), 32), desc="eval prompt lengths", unit="batch of 32",
+                          disable=launch_rank(local=True) != 0):  # each process's bar would be the same
             batch = collate(items.select(range(start, min(start + 32, len(items)))).to_list())
             lengths += batch["attention_mask"].sum(1).tolist()
             kept += [i for i in range(start, len(lengths)) if lengths[i] < max_length]

@@ -518,7 +518,9 @@ def run_main(main: Callable[[], object]) -> None:
     except (DataError, ValueError, FileNotFoundError, FileExistsError, ImportError) as e:
         if os.environ.get("VLM_RECIPES_DEBUG"):
             raise
-        print(f"error: {e}\n(VLM_RECIPES_DEBUG=1 shows where it was raised)", file=sys.stderr)
+        # One write: several processes failing at once would otherwise splice their lines together.
+        sys.stderr.write(f"error: {e}\n(VLM_RECIPES_DEBUG=1 shows where it was raised)\n")
+        sys.stderr.flush()
         sys.exit(2)
     finally:
         gc.collect()  # the run's DDP model holds the process group: free it first, so that the group ends now

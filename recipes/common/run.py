@@ -48,6 +48,8 @@ def setup_run(training_args, model_args=None) -> None:
     level = logging.INFO if training_args.should_log else replica if replica >= 0 else logging.WARNING
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=level)
     transformers.utils.logging.set_verbosity_warning()
+    if not training_args.should_log:  # a bar per process of what each does alike (a `map`) says nothing more
+        datasets.disable_progress_bars()
     set_seed(training_args.seed)
     check_recipe_code()
     if training_args.remove_unused_columns:

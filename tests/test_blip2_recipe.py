@@ -286,10 +286,13 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     assert r.returncode == 0, r.stderr[-4000:]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), "--main_process_port", "29547", str(TRAIN),
-           *common, "--per_device_train_batch_size", "4", "--output_dir", str(d / "two")]
+           *common, "--per_device_train_batch_size", "4", "--output_dir", str(d / "two"),
+           "--cache_vision_features", "true"]  # the same losses as the live tower
     r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert r.stderr.count("parameters:\n") == 1  # the recipe's info is logged by the main process alone
+    # The main process computes the features, its progress shown; the other reads them.
+    assert "vision features: 2 / 48 images" in r.stderr and r.stderr.count("vision features of 48") == 1
     one, two = (json.loads((d / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert (one["world_size"], two["world_size"], one["global_step"], two["global_step"]) == (1, 2, 3, 3)
     assert (_losses(d / "two") == pytest.approx(_losses(d / "one"), abs=1e-5)

@@ -152,14 +152,16 @@ def cache_for_run(tower: torch.nn.Module, image_processor, images: list[str], ca
                   **encode) -> VisionFeatureCache:
     """--cache_vision_features as a recipe runs it: a tower that trains is refused; the features of `images`
     are computed on the training device into --vision_feature_dir (default <output_dir>/vision_features), or
-    found there. `encode` (encode=, tag=) as for VisionFeatureCache.build."""
+    found there; by the main process first under several processes. `encode` (encode=, tag=) as for
+    VisionFeatureCache.build."""
     check_frozen(tower)
     autocast = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
-    return VisionFeatureCache.build(tower.to(training_args.device), image_processor, images,
-                                    cache_args.vision_feature_dir
-                                    or Path(training_args.output_dir) / "vision_features",
-                                    batch_size=training_args.per_device_eval_batch_size, autocast=autocast,
-                                    **encode)
+    folder = cache_args.vision_feature_dir or Path(training_args.output_dir) / "vision_features"
+    # The main process computes them, logging its progress; the others wait (up to --ddp_timeout), then read.
+    with training_args.main_process_first(local=training_args.save_on_each_node, desc="vision features"):
+        return VisionFeatureCache.build(tower.to(training_args.device), image_processor, images, folder,
+                                        batch_size=training_args.per_device_eval_batch_size,
+                                        autocast=autocast, **encode)
 
 
 def serve_cached_features(tower: torch.nn.Module) -> None:

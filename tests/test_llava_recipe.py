@@ -214,15 +214,20 @@ def test_stage2_can_train_the_whole_language_model_instead_of_lora(env):
 @pytest.mark.parametrize("model", ["tiny:llava", pytest.param("tiny:gemma3", marks=pytest.mark.matrix)])
 def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
     """2 CPU processes x 4 samples (image and text-only ones mixed) train as 1 process x 8: the same losses,
-    adapter and trained projector, and the same held-out metrics; one process encodes the data."""
+    adapter and trained projector, and the same held-out metrics; one process encodes the data, and the
+    launch prints and writes what one process does (a bad row skipped, progress bars), not once a process."""
     d, e = env
     out = d / model.replace(":", "_")
+    train, held_out = d / "synth" / "train_bad.jsonl", d / "synth" / "eval.jsonl"
+    rows = (d / "synth" / "train.jsonl").read_text()
+    train.write_text(rows + '{"image": "images/missing.png", "conversations": [{"from": "human", "value": '
+                     '"<image>\\nhi"}, {"from": "gpt", "value": "hi"}]}\n')
     # The random sampler: batches by modality are made per process; LoRA dropout would draw per process.
-    common = [*_data(d), *FAST, "--model_name_or_path", model, "--max_steps", "3", "--lora_dropout", "0",
-              "--train_sampling_strategy", "random", "--eval_max_samples", "4",
-              "--shuffled_image_check", "false"]
-    r = _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(out / "one")], e)
-    assert r.returncode == 0, r.stderr[-4000:]
+    common = ["--train_file", str(train), "--eval_file", str(held_out), *FAST, "--model_name_or_path", model,
+              "--max_steps", "3", "--lora_dropout", "0", "--train_sampling_strategy", "random",
+              "--eval_max_samples", "4", "--shuffled_image_check", "true", "--skip_bad_rows", "true"]
+    one = _run([*common, "--per_device_train_batch_size", "8", "--output_dir", str(out / "one")], e)
+    assert one.returncode == 0, one.stderr[-4000:]
     config = str(ROOT / "accelerate_configs" / "multi_cpu.yaml")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config,
            "--main_process_port", "29581", str(TRAIN), *common, "--per_device_train_batch_size", "4",
@@ -231,8 +236,15 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
     assert r.returncode == 0, r.stderr[-4000:]
     # Rank 0 alone encoded the data (opening every image; one progress bar a split, ending once); rank 1
     # read its samples, and they are removed.
-    for split in ("train", "eval"):
-        assert r.stderr.count(f"encoding {d / 'synth' / split}.jsonl: 100%") == 1, r.stderr[-4000:]
+    for path in (train, held_out):
+        assert r.stderr.count(f"encoding {path}: 100%") == 1, r.stderr[-4000:]
+    bad_line = rows.count("\n") + 1
+    skipped = f"{train}: skipped 1 invalid row(s) of {bad_line}"
+    for run, logs in (("one", one), ("two", r)):
+        assert [x["line"] for x in read_jsonl(out / run / "rejects" / "train.rejects.jsonl")] == [bad_line]
+        assert logs.stdout.count(skipped) == 1, logs.stdout[-2000:]
+    for bar in ("eval prompt lengths", "Map"):
+        assert 0 < r.stderr.count(bar) == one.stderr.count(bar), bar
     assert not list((out / "two").glob(".encoded-*"))
     one, two = (json.loads((out / run / "metrics.json").read_text()) for run in ("one", "two"))
     assert (one["world_size"], two["world_size"], one["global_step"], two["global_step"]) == (1, 2, 3, 3)

@@ -1,19 +1,12 @@
-"""What a launch of several processes prints and writes: once, as one process would, not once per process."""
+"""What a launch of several processes prints and writes: once, as one process would, not once per process
+(a whole 2-process run: tests/test_llava_recipe.py)."""
 
-import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
-
-ROOT = Path(__file__).resolve().parent.parent
-TRAIN = ROOT / "recipes" / "llava_instruct" / "train.py"
-BAD_ROW = '{"image": "images/missing.png", "conversations": [{"from": "human", "value": "<image>\\nhi"}, ' \
-          '{"from": "gpt", "value": "hi"}]}\n'
 
 
 def test_an_error_is_written_whole_in_one_write(monkeypatch):
@@ -59,35 +52,3 @@ def test_skipped_rows_are_written_and_reported_by_the_first_process_alone(tmp_pa
         assert rejects.exists() == written and (f"{path}: skipped 1 invalid row(s) of 4" in out) == written
     rejected = read_jsonl(tmp_path / "rejects-0.jsonl")
     assert [(r["line"], r["reason"]) for r in rejected] == [(4, "missing_image")]
-
-
-def test_two_processes_print_what_one_process_prints(tmp_path):
-    """llava_instruct under 2 processes, a bad row skipped: its message, the rejects file, the eval prompt
-    lengths' bars and the shuffled-image check's `map` bar come once, as in a 1-process run."""
-    rows = read_jsonl(make_synthetic("instruct", 14, tmp_path / "synth", seed=1, progress=False))
-    rows = [r for r in rows if "image" in r]
-    train, held_out = tmp_path / "synth" / "train.jsonl", tmp_path / "synth" / "eval.jsonl"
-    write_jsonl(train, rows[:-4])
-    with open(train, "a") as f:
-        f.write(BAD_ROW)
-    write_jsonl(held_out, rows[-4:])
-    env = dict(os.environ, VLM_RECIPES_CACHE=str(tmp_path / "cache"), TOKENIZERS_PARALLELISM="false",
-               OMP_NUM_THREADS="1")
-    args = ["--train_file", str(train), "--eval_file", str(held_out), "--skip_bad_rows", "true",
-            "--model_name_or_path", "tiny:llava", "--report_to", "none", "--max_steps", "1",
-            "--per_device_eval_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no",
-            "--load_best_model_at_end", "false", "--max_new_tokens", "4", "--shuffled_image_check", "true"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-              str(ROOT / "accelerate_configs" / "multi_cpu.yaml"), "--main_process_port", "29611"]
-    runs = {}
-    for n, prefix, batch in ((1, [sys.executable], "4"), (2, launch, "2")):
-        out = tmp_path / f"run{n}"
-        r = subprocess.run([*prefix, str(TRAIN), *args, "--per_device_train_batch_size", batch,
-                            "--output_dir", str(out)], env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-4000:]
-        assert [x["line"] for x in read_jsonl(out / "rejects" / "train.rejects.jsonl")] == [len(rows) - 3]
-        runs[n] = r
-    skipped = f"{train}: skipped 1 invalid row(s) of {len(rows) - 3}"
-    assert runs[1].stdout.count(skipped) == runs[2].stdout.count(skipped) == 1
-    for bar in ("eval prompt lengths", "Map"):
-        assert runs[1].stderr.count(bar) > 0 and runs[2].stderr.count(bar) == runs[1].stderr.count(bar), bar

@@ -18,13 +18,17 @@ from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
 from eval.report import report_run, table_lines
 from recipes.common.args import GenerationEvalArguments
+from recipes.clip_retrieval.trainer import ContrastiveTrainer
 from recipes.common.run import train_and_evaluate
+from recipes.common.trainer import RecipeTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeTrainer:
     """What train_and_evaluate asks of a Trainer: a run of 12 steps whose best checkpoint is step 8."""
+
+    scored_on = RecipeTrainer.scored_on  # the real check of saved predictions against the data to score
 
     def __init__(self, output_dir: Path, load_best: bool = True, resume: str | None = None, keys=("a", "b"),
                  metric: str | None = None):
@@ -125,6 +129,7 @@ def test_a_resumed_retrieval_run_reuses_before_only_for_the_same_images(tmp_path
         (run / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
         trainer = FakeTrainer(run, resume="last")
         trainer.generation, trainer.retrieval_dataset = None, SimpleNamespace(images=images)
+        trainer.scored_on = ContrastiveTrainer.scored_on.__get__(trainer)  # the retrieval trainer's check
         assert train_and_evaluate(trainer, {"recipe": "r"})["before"] == {"eval_CIDEr": before}
 
 

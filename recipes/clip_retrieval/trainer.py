@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -336,6 +337,15 @@ class ContrastiveTrainer(RecipeTrainer):
     def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
                         data=None) -> dict[str, float]:
         return self.retrieval_metrics(metric_key_prefix, name, dataset=data)
+
+    def scored_on(self, predictions: Path, data=None) -> bool:
+        """Whether saved scores are of `data` (default: the eval data): the images their embeddings hold."""
+        embeddings = predictions.with_suffix(".npz")
+        if not embeddings.is_file():  # zero-shot figures alone: their set is the whole zero-shot file
+            return True
+        data = data if data is not None else self.retrieval_dataset
+        with np.load(embeddings) as saved:
+            return data is not None and saved["image_keys"].tolist() == list(data.images)
 
     def _embed_shared(self, model, kind: str, items: list) -> np.ndarray:
         """Embed this rank's contiguous share of `items` (`rank_share`: every rank runs as many batches);

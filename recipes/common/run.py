@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable
 
 import datasets
-import numpy as np
 import torch
 import transformers
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState, set_seed
@@ -30,7 +29,6 @@ from transformers.training_args import trainer_log_levels
 
 from data_tools.errors import DataError
 from data_tools.files import atomic_write_text
-from data_tools.jsonl import read_jsonl
 
 from .data import load_records
 from .models import check_mixed_precision
@@ -224,20 +222,6 @@ def resume_checkpoint(value: str | bool | None, output_dir: str | Path) -> str |
     return str(value)
 
 
-def _same_keys(predictions: Path, trainer, data) -> bool:
-    """Whether saved predictions are of `data` (None: the eval data): a run resumed with another
-    --eval_max_samples or --max_eval_samples scores "before" again, on what "after" will score."""
-    embeddings = predictions.with_suffix(".npz")
-    if embeddings.is_file():  # a retrieval run's: the images it embedded
-        data = data if data is not None else trainer.retrieval_dataset
-        with np.load(embeddings) as saved:
-            return data is not None and saved["image_keys"].tolist() == list(data.images)
-    if not predictions.is_file():  # zero-shot figures alone: their set is the whole zero-shot file
-        return True
-    records = data if data is not None else trainer.generation.records
-    return {str(r["key"]) for r in read_jsonl(predictions)} == {str(k) for k in records["key"]}
-
-
 class Stopped(Exception):
     """Training stopped on a signal, its checkpoint saved: the run is to be resumed, not scored."""
 
@@ -370,7 +354,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
             target = results.setdefault(key, {}) if key else results
             saved = folder / f"{prefix}{name}.metrics.json"
             if (when == "before" and resume and recorded and saved.exists()
-                    and _same_keys(folder / f"{prefix}{name}.jsonl", trainer, data)):
+                    and trainer.scored_on(folder / f"{prefix}{name}.jsonl", data)):
                 target[when] = json.loads(saved.read_text())  # scored when the run first started
             else:
                 target[when] = trainer.heldout_metrics("eval", name=f"{prefix}{name}", data=data)

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,7 +21,7 @@ from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_pt_utils import LabelSmoother
 
 from data_tools.files import atomic_write_text
-from data_tools.jsonl import write_jsonl
+from data_tools.jsonl import read_jsonl, write_jsonl
 
 from .args import GenerationEvalArguments, LearningRateArguments
 from .lengths import IGNORE_INDEX
@@ -171,6 +172,14 @@ class RecipeTrainer(Trainer):
     def evaluates_heldout(self) -> bool:
         """Whether `heldout_metrics` has anything to score."""
         return self.generation is not None
+
+    def scored_on(self, predictions: Path, data=None) -> bool:
+        """Whether the predictions saved in `predictions` are of `data` (default: the eval records): a run
+        resumed with another --eval_max_samples or --max_eval_samples scores "before" again."""
+        if not predictions.is_file():
+            return True
+        records = data if data is not None else self.generation.records
+        return {str(r["key"]) for r in read_jsonl(predictions)} == {str(k) for k in records["key"]}
 
     def heldout_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
                         data=None) -> dict[str, float]:

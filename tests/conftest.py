@@ -12,6 +12,13 @@ from data_tools.synth import make_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Under pytest-xdist each worker has a core: torch's threads (one per core by default) in two workers and the
+# runs they start would share two cores, where OpenMP's spinning threads make a run several times slower.
+# Set here, before torch loads, so that the workers and every subprocess they start (the environment is
+# inherited) run one thread.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 @pytest.fixture(scope="module")
 def module_cache(tmp_path_factory):

@@ -122,7 +122,7 @@ def main(argv=None):
             num_proc=args.chat_batch.preprocessing_num_workers, skip_bad_rows=args.data.skip_bad_rows,
             rejects_path=Path(args.training.output_dir) / "rejects" / f"{split}.tokenize.rejects.jsonl"),
             split, args.training)
-        logger.info("%s %s", source, report)
+        logger.info("%s %s", split, report)
         return dataset, report
 
     # Held-out items: one per answer to generate; a prompt over the budget is left out, as in training,

@@ -31,7 +31,7 @@ test: setup
 FAMILIES_VENV ?= .venv-torchvision
 FAMILY_TESTS := tests/test_vlm_families.py tests/test_tiny_families_a.py tests/test_tiny_families_b.py \
 	tests/test_family_matrix.py tests/test_bench_qwen.py tests/test_chat_labels_reference.py \
-	tests/test_chat_cut_images.py \
+	tests/test_chat_cut_images.py tests/test_encode_workers.py \
 	tests/test_llava_recipe.py::test_two_processes_equal_one_process_with_the_same_global_batch \
 	tests/test_llava_recipe.py::test_two_processes_resumed_in_a_later_epoch_train_its_batches \
 	tests/test_two_process_resume.py

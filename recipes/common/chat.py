@@ -35,6 +35,7 @@ import bisect
 import difflib
 import json
 import logging
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -533,7 +534,13 @@ def tokenize_conversations(records, encoder: ChatEncoder, max_length: int | None
 
     `length` and `has_image` are what `ModalityLengthGroupedSampler` groups by.
     """
+    parent = os.getpid()
+
     def encode(record: dict, i: int) -> dict:
+        if os.getpid() != parent and torch.get_num_threads() != 1:
+            # A worker forked by `map`: torch's OpenMP threads do not survive a fork, and the first parallel
+            # op (a torchvision-backed image processor's resize) would wait for them forever.
+            torch.set_num_threads(1)
         report = ChatLengthReport()
         sample = {"images": [], "text": "", "input_ids": [], "labels": [], "length": 0, "has_image": False,
                   "suffix": None, "reject": None}

@@ -24,7 +24,7 @@ test: setup
 	$(PY) $(PYTEST) -m "not matrix" tests
 
 # Every image-text-to-text family: their tests, and each family through llava_instruct and qlora_vqa on 1 and
-# 2 processes with merge and chat (tests/test_family_matrix.py and the other tests marked `matrix`, ~12 min).
+# 2 processes with merge and chat (tests/test_family_matrix.py and the other tests marked `matrix`, ~10 min).
 # Four families' processors need torchvision, and PyPI's torchvision loads only beside PyPI's (CUDA) torch:
 # so a second environment, $(FAMILIES_VENV) (~6.5 GB), with torch 2.14.1 + torchvision 0.29.1, which run on
 # the CPU too.

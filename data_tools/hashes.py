@@ -51,7 +51,9 @@ from .hashing import (
 
 MODES = ("fast", "exact")
 FORMAT = "data_tools.image_hashes"
-VERSION = 2
+# 3: fast hashes of JPEGs whose sides are not multiples of the decode reduction changed (the picture's
+# true extent is resampled); a cache or hash file of version 2 is hashed again, never reused.
+VERSION = 3
 CACHE_NAME = ".data_tools_hashes.npz"
 NOT_IN_HASHES = "not_in_hashes"
 COLOUR_BYTES = COLOUR_GRID * COLOUR_GRID * 3
@@ -229,8 +231,11 @@ class HashTable:
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes().decode())
-                if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-                    raise ValueError(f"not a version-{VERSION} image hash file")
+                if meta.get("format") != FORMAT:
+                    raise ValueError("not an image hash file")
+                if meta.get("version") != VERSION:
+                    raise ValueError(f"hash format version {meta.get('version')}, this data_tools reads "
+                                     f"version {VERSION}: hash the images again")
                 n = int(meta["n"])
                 blob = z["paths"].tobytes().decode("utf-8", "surrogateescape")
                 stored = blob.split("\0") if n else []

@@ -120,8 +120,22 @@ def draft_scale(width: int, height: int, min_side: int = DRAFT_MIN_SIDE) -> int:
     return next((s for s in (8, 4, 2) if min(width, height) // s >= min_side), 1)
 
 
-def _load_draft(path: Path, data: bytes, min_side: int) -> tuple[Image.Image, int]:
-    """`load_image_draft` and the reduction it decoded at (1: in full)."""
+def _oriented_box(box: tuple, size: tuple[int, int], orientation: int) -> tuple:
+    """Where `ImageOps.exif_transpose` puts a box (x0, y0, x1, y1) of an image of `size` for an EXIF
+    orientation: a flip left-right, top-bottom, or both, then a swap of the axes (orientations 5-8)."""
+    (x0, y0, x1, y1), (w, h) = box, size
+    if orientation in (2, 3, 7, 8):
+        x0, x1 = w - x1, w - x0
+    if orientation in (3, 4, 6, 7):
+        y0, y1 = h - y1, h - y0
+    if orientation in (5, 6, 7, 8):
+        x0, y0, x1, y1 = y0, x0, y1, x1
+    return x0, y0, x1, y1
+
+
+def _load_draft(path: Path, data: bytes, min_side: int) -> tuple[Image.Image, tuple | None]:
+    """`load_image_draft`, and the box (x0, y0, x1, y1) of the picture in it where it was decoded reduced
+    (else None): a side that is not a multiple of the reduction ends in a pixel that is partly padding."""
     from PIL import ImageOps, UnidentifiedImageError
 
     from .errors import EMPTY_IMAGE_FILE, IMAGE_TOO_LARGE, IMAGE_TOO_SMALL
@@ -133,7 +147,7 @@ def _load_draft(path: Path, data: bytes, min_side: int) -> tuple[Image.Image, in
         im = Image.open(io.BytesIO(data))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise DataError(_decode_reason(e), f"not a readable image: {e}", path=path, field="image") from e
-    scale = 1
+    box = None
     with im:
         w, h = im.size
         if w * h > MAX_PIXELS:
@@ -145,9 +159,12 @@ def _load_draft(path: Path, data: bytes, min_side: int) -> tuple[Image.Image, in
         try:
             if im.format == "JPEG":
                 scale = draft_scale(w, h, min_side)
-                if scale > 1:
-                    im.draft(im.mode, (w // scale, h // scale))
+                # draft gives the picture's extent in the reduced image: (0, 0, w / scale, h / scale).
+                drafted = im.draft(im.mode, (w // scale, h // scale)) if scale > 1 else None
+                box = drafted[1] if drafted and im.size != (w, h) else None
             im.load()
+            if box is not None:
+                box = _oriented_box(box, im.size, im.getexif().get(0x0112, 1))
             rgb = _to_rgb(ImageOps.exif_transpose(im))
         except OSError as e:
             message = f"image cannot be decoded: {e}"
@@ -155,7 +172,7 @@ def _load_draft(path: Path, data: bytes, min_side: int) -> tuple[Image.Image, in
         except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
             message = f"image cannot be decoded: {e}"
             raise DataError(UNREADABLE_IMAGE, message, path=path, field="image") from e
-    return rgb, scale
+    return rgb, box
 
 
 def _read(path: Path) -> tuple[bytes, os.stat_result]:
@@ -205,9 +222,10 @@ def _plain_jpeg(data: bytes) -> bool:
     return False
 
 
-def _simplejpeg_reduced(data: bytes, min_side: int) -> np.ndarray | None:
+def _simplejpeg_reduced(data: bytes, min_side: int) -> tuple[np.ndarray, tuple] | None:
     """The RGB pixels `load_image_draft` gives, decoded by libjpeg-turbo through simplejpeg without Pillow's
-    per-image overhead; None where that is not sure to be the same (then `load_image_draft` decodes it).
+    per-image overhead, and the picture's box in them (as `_load_draft`); None where that is not sure to be
+    the same (then `load_image_draft` decodes it).
 
     Taken: a plain YCbCr or greyscale JPEG (`_plain_jpeg`) within the size limits that fast mode reduces
     (scale > 1), decoding without a libjpeg warning (`strict`). The same
@@ -228,19 +246,23 @@ def _simplejpeg_reduced(data: bytes, min_side: int) -> np.ndarray | None:
         return None
     try:
         # The smallest libjpeg scaling M/8 that keeps these sizes is 1/scale: what Pillow's draft asks for.
-        return simplejpeg.decode_jpeg(data, "rgb", min_height=-(-h // scale), min_width=-(-w // scale))
+        rgb = simplejpeg.decode_jpeg(data, "rgb", min_height=-(-h // scale), min_width=-(-w // scale))
     except ValueError:
         return None
+    return rgb, (0.0, 0.0, w / scale, h / scale)
 
 
 @functools.lru_cache(maxsize=4096)
-def _resample_matrix(n_in: int, n_out: int, kernel: str) -> np.ndarray:
-    """(n_out, n_in) weights of Pillow's resampling of one axis ("lanczos" or "box"), in float: the same
-    filter centres, windows and sample points as Pillow's resize, so that only its rounding differs."""
-    scale = n_in / n_out
+def _resample_matrix(n_in: int, n_out: int, kernel: str, lo: float = 0.0,
+                     hi: float | None = None) -> np.ndarray:
+    """(n_out, n_in) weights of Pillow's resampling of one axis ("lanczos" or "box") of the span [lo, hi)
+    (default: all n_in pixels; Pillow's resize box), in float: the same filter centres, windows and sample
+    points as Pillow's resize, so that only its rounding differs."""
+    hi = n_in if hi is None else hi
+    scale = (hi - lo) / n_out
     filter_scale = max(scale, 1.0)
     support = (3.0 if kernel == "lanczos" else 0.5) * filter_scale
-    centre = (np.arange(n_out) + 0.5) * scale
+    centre = lo + (np.arange(n_out) + 0.5) * scale
     j = np.arange(n_in, dtype=np.float64)
     x = (j[None, :] - centre[:, None] + 0.5) * (1.0 / filter_scale)
     if kernel == "lanczos":
@@ -254,12 +276,13 @@ def _resample_matrix(n_in: int, n_out: int, kernel: str) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4096)
-def _dct_matrix(n_in: int) -> np.ndarray:
-    """(8, n_in): the 32-point lowest-frequency orthonormal DCT-II rows after a Lanczos resize to 32."""
+def _dct_matrix(n_in: int, lo: float = 0.0, hi: float | None = None) -> np.ndarray:
+    """(8, n_in): the 32-point lowest-frequency orthonormal DCT-II rows after a Lanczos resize of [lo, hi)
+    to 32."""
     k = np.arange(32)
     dct = np.sqrt(2 / 32) * np.cos(np.pi * (2 * k[None, :] + 1) * np.arange(8)[:, None] / 64)
     dct[0] /= np.sqrt(2)
-    return dct @ _resample_matrix(n_in, 32, "lanczos")
+    return dct @ _resample_matrix(n_in, 32, "lanczos", lo, hi)
 
 
 def _bits_of(low: np.ndarray) -> int:
@@ -271,17 +294,21 @@ def _bits_of(low: np.ndarray) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
-def hashes_of_reduced(rgb: np.ndarray) -> tuple[int, bytes]:
+def hashes_of_reduced(rgb: np.ndarray, box: tuple | None = None) -> tuple[int, bytes]:
     """`phash_of` and `colours_of` of a small (reduced-decoded) RGB array, in floating point throughout.
 
     The same resize filters and DCT as a linear map from the pixels, without Pillow's rounding to 8 bits
     between steps: several times faster at these sizes, and within the fast mode's tested tolerance.
+    `box` (x0, y0, x1, y1), as Pillow's resize takes it: the picture's extent in `rgb` (default: all of it).
+    A 640x425 JPEG decoded at 1/8 is 80x54 pixels of which 53.125 rows are the picture; resampling all 54
+    would stretch it by 1.6% and move the colour cells by up to 75 levels.
     """
     h, w = rgb.shape[:2]
+    x0, y0, x1, y1 = (0.0, 0.0, float(w), float(h)) if box is None else (float(v) for v in box)
     pixels = rgb.astype(np.float64)
-    low = _dct_matrix(h) @ (pixels @ _LUMA) @ _dct_matrix(w).T
-    rows = _resample_matrix(h, COLOUR_GRID, "box") @ pixels.reshape(h, w * 3)
-    grid = _resample_matrix(w, COLOUR_GRID, "box") @ rows.reshape(COLOUR_GRID, w, 3)
+    low = _dct_matrix(h, y0, y1) @ (pixels @ _LUMA) @ _dct_matrix(w, x0, x1).T
+    rows = _resample_matrix(h, COLOUR_GRID, "box", y0, y1) @ pixels.reshape(h, w * 3)
+    grid = _resample_matrix(w, COLOUR_GRID, "box", x0, x1) @ rows.reshape(COLOUR_GRID, w, 3)
     colours = np.clip(np.floor(grid + 0.5), 0, 255).astype(np.uint8)
     return _bits_of(low), colours.tobytes()
 
@@ -297,17 +324,17 @@ def hash_image_fast(path: str | os.PathLike) -> FastHash:
     path = Path(path)
     try:
         data, st = _read(path)
-        rgb = _simplejpeg_reduced(data, DRAFT_MIN_SIDE)
-        if rgb is None:
-            image, scale = _load_draft(path, data, DRAFT_MIN_SIDE)
-            rgb = np.asarray(image) if scale > 1 else None
+        reduced = _simplejpeg_reduced(data, DRAFT_MIN_SIDE)
+        if reduced is None:
+            image, box = _load_draft(path, data, DRAFT_MIN_SIDE)
+            reduced = (np.asarray(image), box) if box is not None else None
     except DataError as e:
         e.message += f" ({CLEAN_FIRST})"
         raise e.at()
     digest = hashlib.sha256(data).digest()
-    if rgb is None:
+    if reduced is None:
         return FastHash(phash_of(image), colours_of(image), digest, st.st_size, st.st_mtime_ns)
-    return FastHash(*hashes_of_reduced(rgb), digest, st.st_size, st.st_mtime_ns)
+    return FastHash(*hashes_of_reduced(*reduced), digest, st.st_size, st.st_mtime_ns)
 
 
 def content_hash(path: str | os.PathLike) -> str:

@@ -38,7 +38,7 @@ CASES = [
         {"quality": q, "subsampling": sub, "progressive": prog},
     )
     for k, ((w, h), q, sub, prog) in enumerate(
-        zip(SIZES[10:], [75, 90, 95] * 4, [0, 1, 2] * 4, [False, False, True, False] * 3)
+        zip(SIZES[10:], [75, 90, 95] * 6, [0, 1, 2] * 6, [False, False, True, False] * 4)
     )
 ]
 
@@ -50,11 +50,14 @@ def test_simplejpeg_gives_pillow_draft_pixels(tmp_path, name, image, save):
         path = tmp_path / "x.jpg"
         path.write_bytes(data)
         expected = np.asarray(load_image_draft(path))
-        got = _simplejpeg_reduced(data, hashing.DRAFT_MIN_SIDE)
+        reduced = _simplejpeg_reduced(data, hashing.DRAFT_MIN_SIDE)
         if min(image.size) < 2 * hashing.DRAFT_MIN_SIDE:
-            assert got is None  # decoded in full, by Pillow
+            assert reduced is None  # decoded in full, by Pillow
             continue
-        assert got is not None and got.shape == expected.shape and got.dtype == np.uint8
+        got, box = reduced
+        assert got.shape == expected.shape and got.dtype == np.uint8
+        scale = hashing.draft_scale(*image.size)
+        assert box == (0, 0, image.width / scale, image.height / scale)
         np.testing.assert_array_equal(got, expected)
         # Without simplejpeg, Pillow decodes the same pixels: the same hashes either way.
         with_simplejpeg = hash_image_fast(path)

@@ -39,6 +39,8 @@ SIZES = (
     [(640, 480)] * 12
     + [(64, 64)] * 4
     + [(100, 75), (128, 128), (300, 200), (481, 333), (1024, 768), (1280, 720)]
+    # sides that are not multiples of the reduction: the decoded image's last row or column is partly padding
+    + [(640, 425), (640, 427), (500, 333), (427, 640)]
 )
 
 

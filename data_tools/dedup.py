@@ -53,6 +53,7 @@ from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index
                      hasher_from_args)
 from .jsonl import JsonlWriter, is_json_list, iter_jsonl
 from .records import IMAGE_ALIASES, TASKS, normalize_record
+from .records import _image as _normalize_image
 
 _END_PUNCTUATION = string.punctuation + string.whitespace
 
@@ -278,6 +279,21 @@ def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_
     return {**record, key: rebased if isinstance(record[key], str) else [rebased]}
 
 
+def _check_one_image(row: dict) -> None:
+    """Refuse a row with several images under any image alias (`"image": [a, b]` too), or with two aliases
+    naming different images: rows are grouped by their one image, and another would be free to leak into
+    another split. `DataError` naming the field."""
+    given = [k for k in IMAGE_ALIASES if k in row]
+    if len(given) == 1 and isinstance(row[given[0]], str):
+        return  # the common case, and nothing to check
+    probe = {k: row[k] for k in given}
+    _normalize_image(probe, required=False, several=True)  # aliases that differ: bad_value
+    if len(probe.get("images", [])) > 1:
+        key = next(k for k in given if isinstance(row[k], list) and len(row[k]) > 1)
+        raise DataError(MULTIPLE_IMAGES, f"has {len(row[key])} images; dedup, split and check-leakage group "
+                        "rows by their one image", field=key)
+
+
 def _image_root(path: Path, image_root) -> Path:
     """The folder a file's image paths are relative to: `image_root`, by default the file's own folder."""
     return Path(image_root if image_root is not None else path.parent).resolve()
@@ -305,13 +321,9 @@ def iter_images(path: str | os.PathLike, task: str | None = None, *,
                 row = normalize_record(row, task)
             except DataError as e:
                 raise _clean_first(e.at(path=path, line=line)) from None
-        if isinstance(row.get("images"), list) and len(row["images"]) > 1:
-            # Grouping by image would leave a row's other images free to leak into another split.
-            raise DataError(MULTIPLE_IMAGES, f"has {len(row['images'])} images; dedup, split and "
-                            "check-leakage group rows by their one image",
-                            field="images").at(path=path, line=line)
-        image = image_field(row) if resolve else None
         try:
+            _check_one_image(row)
+            image = image_field(row) if resolve else None
             resolved = None if image is None else resolver(image)
         except DataError as e:
             raise e.at(path=path, line=line) from None

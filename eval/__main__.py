@@ -71,6 +71,11 @@ def run_caption(args, parser) -> dict:
             parser.error("--image-root goes with --predictions and --references")
         predictions, references = inputs.read_coco_captions(args.coco_annotations, args.coco_results)
         names, root = (args.coco_results, args.coco_annotations), None
+        if predictions and len(predictions) < len(references) and all(k in references for k in predictions):
+            # pycocoevalcap scores the results' images: Karpathy's 5,000 test images of captions_val2014.json
+            print(f"scoring the {len(predictions)} images of {args.coco_results}, of the {len(references)} "
+                  f"annotated in {args.coco_annotations} (as pycocoevalcap does)", file=sys.stderr)
+            references = {k: references[k] for k in predictions}
     try:
         inputs.check_same_keys(predictions, references, "image", *names)
     except ValueError as e:

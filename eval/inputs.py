@@ -64,7 +64,8 @@ def _refuse_official_file(path) -> None:
 
 
 def read_predictions(path, keys=CAPTION_KEYS, texts=CAPTION_TEXTS) -> dict:
-    """Read a predictions file (JSONL or a JSON list) into `{key: text}`; a repeated key is an error."""
+    """Read a predictions file (JSONL or a JSON list) into `{key: text}`; a repeated key is an error (`1` and
+    `"1"` are one key, as the references' ids are: else one of the two answers would be scored unseen)."""
     predictions, seen_at = {}, {}
     for line, row in _rows(path):
         key_field, key = _first_field(row, keys, path, line)
@@ -73,10 +74,11 @@ def read_predictions(path, keys=CAPTION_KEYS, texts=CAPTION_TEXTS) -> dict:
         if not isinstance(text, str):
             raise DataError(WRONG_TYPE, f"must be a string, got {type(text).__name__}", path=path, line=line,
                             field=text_field)
-        if key in predictions:
-            raise DataError(BAD_VALUE, f"{key!r} already has a prediction at line {seen_at[key]}; keep one",
-                            path=path, line=line, field=key_field)
-        predictions[key], seen_at[key] = text, line
+        if str(key) in seen_at:
+            first_line, first = seen_at[str(key)]
+            raise DataError(BAD_VALUE, f"{key!r} already has a prediction at line {first_line} ({first!r}); "
+                            "keep one", path=path, line=line, field=key_field)
+        predictions[key], seen_at[str(key)] = text, (line, key)
     return predictions
 
 

@@ -69,9 +69,11 @@ ARTICLES = {"a", "an", "the"}
 PUNCTUATION = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
                "?", "!"]
 
-_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# ASCII digits only, as in the official code (Python 2, where \d without re.UNICODE is [0-9]): a full-width
+# "２.５" loses its period there.
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)", re.ASCII)
 # A period is dropped unless a digit follows it ("3.5" keeps its point, "dog." loses it).
-_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)")
+_PERIOD_NOT_BEFORE_DIGIT = re.compile(r"\.(?!\d)", re.ASCII)
 # The official code passes re.UNICODE (= 32) where re.sub takes `count`, so at most 32 periods go.
 _MAX_PERIODS_REMOVED = 32
 

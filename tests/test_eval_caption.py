@@ -177,6 +177,24 @@ def test_cli_coco_files_json(direct):
         assert value == pytest.approx(expected[name], rel=1e-12)
 
 
+def test_cli_coco_results_of_some_annotated_images_score_those_as_pycocoevalcap_does(direct, tmp_path):
+    expected, _ = direct
+    annotations = json.loads((GOLDEN / "coco_annotations.json").read_text())
+    annotations["annotations"] += [{"image_id": 990001, "id": 990001, "caption": "a cat on a mat"}]
+    (tmp_path / "ann.json").write_text(json.dumps(annotations))
+    proc = _cli("caption", "--coco-annotations", tmp_path / "ann.json", "--coco-results",
+                GOLDEN / "coco_results.json", "--metrics", "CIDEr", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["CIDEr"] == pytest.approx(expected["CIDEr"], rel=1e-12)
+    n = len(json.loads((GOLDEN / "coco_results.json").read_text()))
+    assert f"scoring the {n} images" in proc.stderr and f"of the {n + 1} annotated" in proc.stderr
+    results = json.loads((GOLDEN / "coco_results.json").read_text()) + [{"image_id": 5, "caption": "a"}]
+    (tmp_path / "res.json").write_text(json.dumps(results))  # an image that is not annotated: refused
+    proc = _cli("caption", "--coco-annotations", tmp_path / "ann.json",
+                "--coco-results", tmp_path / "res.json")
+    assert proc.returncode != 0 and "no reference" in proc.stderr
+
+
 def test_cli_jsonl_per_sample(tmp_path):
     preds, refs = _coco_inputs()
     (tmp_path / "p.jsonl").write_text("".join(json.dumps({"image": f"img/{k}.jpg", "prediction": v}) + "\n"

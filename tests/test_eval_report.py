@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from data_tools.errors import DataError
 from data_tools.jsonl import read_jsonl, write_jsonl
 from data_tools.synth import make_synthetic
 from eval.caption import caption_metrics
@@ -118,6 +119,16 @@ def test_vqa_run_uses_official_accuracy(tmp_path):
                                "question_type": r.get("question_type")} for r in rows}
     assert row["final"]["overall"] == vqa_accuracy(final, refs)["overall"]
     assert "Q:" in (run / "gallery.html").read_text()
+
+
+def test_vqa_predictions_for_1_and_the_string_1_are_refused_not_one_dropped(tmp_path):
+    path = make_synthetic("vqa", 2, tmp_path / "data", seed=2, progress=False)
+    qid = read_jsonl(path)[0]["question_id"]
+    run = make_run(tmp_path / "run", "qlora_vqa", "vqa", path, {})
+    write_jsonl(run / "predictions" / "final.jsonl",
+                [{"key": int(qid), "prediction": "2"}, {"key": str(qid), "prediction": "7"}])
+    with pytest.raises(DataError, match=r"final.jsonl:2.*already has a prediction at line 1"):
+        report_run(run)
 
 
 def test_the_before_column_names_the_main_metric_as_its_column_does():

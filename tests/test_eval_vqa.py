@@ -46,6 +46,13 @@ def test_normalize_answer(raw, expected):
     assert normalize_answer(raw) == expected
 
 
+def test_only_ascii_digits_keep_a_point_or_join_a_comma_as_in_the_official_python2_code():
+    # Python 2's \d is [0-9]: a full-width "２.５" loses its period, "１,０００" is not a number there.
+    assert normalize_answer("２.５") == "２５" and normalize_answer("１,０００") == "１ ０００"
+    refs = {1: {"answers": ["２.５"] * 2 + ["２５"] * 8}}
+    assert vqa_accuracy({1: "２.５"}, refs)["overall"] == 100.0
+
+
 def test_leave_one_out_average():
     answers = ["2"] * 5 + ["3"] * 3 + ["4"] * 2
     assert question_accuracy("3", answers) == pytest.approx((3 * 2 / 3 + 7 * 1) / 10)

@@ -48,7 +48,7 @@ import numpy as np
 from .errors import MULTIPLE_IMAGES, PATH_OUTSIDE_ROOT, WRONG_TYPE, DataError
 from .files import check_outputs, replaced_together
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
-from .images import ImagePathResolver, resolve_image_path
+from .images import ImagePathResolver, relative_image_path, resolve_image_path
 from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
                      hasher_from_args)
 from .jsonl import JsonlWriter, is_json_list, iter_jsonl
@@ -261,6 +261,19 @@ def _outside_output(image: str, src_root: Path, dst_root: Path) -> DataError:
     )
 
 
+def _rebase_path(image: str, src_root: Path, dst_root: Path, *,
+                 allow_outside_root: bool = False) -> tuple[str, bool]:
+    """An image path relative to src_root rewritten relative to dst_root (both resolved), and whether it
+    climbs out of dst_root. By the path's text, as `clean` does, not from where the image resolves: a
+    symlinked folder inside the root (`ln -s /mnt/coco data/coco`) may point anywhere, and readers follow
+    it from the path's text."""
+    norm = relative_image_path(image, allow_outside_root=allow_outside_root)
+    if os.path.isabs(norm):  # allowed outside the root: kept as it is
+        return norm, True
+    rebased = Path(os.path.relpath(os.path.join(src_root, norm), dst_root)).as_posix()
+    return rebased, rebased == ".." or rebased.startswith("../")
+
+
 def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_root: bool = False) -> dict:
     """Rewrite the record's image path, relative to src_root, to be relative to dst_root (where it is
     written)."""
@@ -269,13 +282,12 @@ def rebase_image(record: dict, src_root: Path, dst_root: Path, *, allow_outside_
     if src_root == dst_root or entry is None:
         return record
     key, image = entry
-    absolute = resolve_image_path(image, src_root, allow_outside_root=allow_outside_root)
-    relative = os.path.relpath(absolute, dst_root)
-    if relative.split(os.sep)[0] == ".." and not allow_outside_root:
+    resolve_image_path(image, src_root, allow_outside_root=allow_outside_root)  # a path readers accept
+    rebased, outside = _rebase_path(image, src_root, dst_root, allow_outside_root=allow_outside_root)
+    if outside and not allow_outside_root:
         e = _outside_output(image, src_root, dst_root)
         e.field = key
         raise e
-    rebased = Path(relative).as_posix()
     return {**record, key: rebased if isinstance(record[key], str) else [rebased]}
 
 
@@ -369,7 +381,7 @@ def scan_rows(
             k = index.setdefault(key, len(index))
             if k == len(first_line):
                 first_line.append(line)
-                if check_out and os.path.relpath(key, dst).split(os.sep)[0] == "..":
+                if check_out and _rebase_path(image_field(record), src, dst)[1]:
                     raise _outside_output(image_field(record), src, dst).at(path=path, line=line)
             image.append(k)
         if digests:

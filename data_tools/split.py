@@ -15,7 +15,7 @@ own. An output that is the input (IN given as OUT_DIR/train.jsonl) is refused be
 
 Image paths are relative to the image root, `--image-root` (default: each JSONL file's folder). With
 `--image-root` the splits keep them as they are; without it they are rewritten relative to --out-dir, which
-must then contain the images.
+must then hold them (rewritten by the paths' text, as `clean` does: symlinks inside are not followed).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import pytest
 
 from data_tools import dedup
 from data_tools.split import main_check_leakage, main_split
-from tests.test_dedup import natural_image, write_lines
+from tests.test_dedup import natural_image, read, write_lines
 
 TURNS = [{"from": "human", "value": "<image>what?"}, {"from": "gpt", "value": "a"}]
 
@@ -51,3 +51,53 @@ def test_aliases_naming_one_image_still_find_leakage(folder, capsys):
     files = [str(folder / "same.jsonl"), str(folder / "other.jsonl"), "--workers", "1", "--no-hash-cache"]
     assert main_check_leakage(files) == 1
     assert "(identical)" in capsys.readouterr().out
+
+
+@pytest.fixture
+def linked(tmp_path) -> Path:
+    """data/raw/all.jsonl naming coco/N.png, data/raw/coco a symlink to images elsewhere (a mount)."""
+    (tmp_path / "mnt/coco").mkdir(parents=True)
+    for k in range(6):
+        natural_image(500 + k).save(tmp_path / f"mnt/coco/{k}.png")
+    (tmp_path / "data/raw").mkdir(parents=True)
+    (tmp_path / "data/raw/coco").symlink_to(tmp_path / "mnt/coco")
+    write_lines(tmp_path / "data/raw/all.jsonl",
+                [{"image": f"coco/{k}.png", "captions": [f"cap {k}"]} for k in range(6)])
+    return tmp_path
+
+
+def test_symlinked_image_folder_rebased_by_path_text(linked, capsys):
+    from data_tools.clean import main_validate
+
+    data = linked / "data"
+    flags = ["--workers", "1", "--no-hash-cache"]
+    assert dedup.main(["--task", "caption", str(data / "raw/all.jsonl"), "--out", str(data / "d.jsonl")]
+                      + flags) == 0  # was: refused, the images being outside data/ once resolved
+    assert [r["image"] for r in read(data / "d.jsonl")] == [f"raw/coco/{k}.png" for k in range(6)]
+    assert main_split([str(data / "raw/all.jsonl"), "--out-dir", str(data), "--seed", "0"] + flags) == 0
+    split_images = sorted(r["image"] for name in ("train", "val", "test")
+                          for r in read(data / f"{name}.jsonl"))
+    assert split_images == [f"raw/coco/{k}.png" for k in range(6)]
+    # --allow-outside-root wrote ../mnt/coco/0.png, which readers refuse; now the same as without it.
+    assert dedup.main(["--task", "caption", str(data / "raw/all.jsonl"), "--out", str(data / "d2.jsonl"),
+                       "--allow-outside-root"] + flags) == 0
+    assert (data / "d2.jsonl").read_bytes() == (data / "d.jsonl").read_bytes()
+    for name in ("d", "train", "test"):
+        assert main_validate(["--task", "caption", str(data / f"{name}.jsonl")]) == 0, name
+    # An output folder that is not the input's or above it still cannot reach the paths.
+    (linked / "elsewhere").mkdir()
+    capsys.readouterr()
+    assert dedup.main(["--task", "caption", str(data / "raw/all.jsonl"), "--out",
+                       str(linked / "elsewhere/d.jsonl")] + flags) == 2
+    assert "all.jsonl:1: field 'image'" in capsys.readouterr().err
+
+
+def test_output_in_the_image_folder_still_gets_paths_inside_it(tmp_path):
+    (tmp_path / "img").mkdir()
+    for k in range(3):
+        natural_image(600 + k).save(tmp_path / f"img/{k}.png")
+    write_lines(tmp_path / "all.jsonl", [{"image": f"img/{k}.png", "captions": ["a"]} for k in range(3)])
+    out = tmp_path / "img/d.jsonl"  # a folder inside the root that holds every image
+    assert dedup.main(["--task", "caption", str(tmp_path / "all.jsonl"), "--out", str(out),
+                       "--workers", "1", "--no-hash-cache"]) == 0
+    assert [r["image"] for r in read(tmp_path / "img/d.jsonl")] == ["0.png", "1.png", "2.png"]

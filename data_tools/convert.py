@@ -50,7 +50,7 @@ from .errors import (
 from .files import check_outputs, replaced_together
 from .images import relative_image_path
 from .jsonl import JsonlWriter, check_text, is_json_list, iter_json_list, iter_jsonl, load_json
-from .records import normalize_record
+from .records import _pop_alias, normalize_record
 
 FORMATS = {"coco-captions": "caption", "vqav2": "vqa", "llava": "instruct", "karpathy": "caption",
            "image-text-json": "caption"}
@@ -379,26 +379,31 @@ IMAGE_KEYS = ("image_path", "image", "file_name", "filepath", "img")
 TEXT_KEYS = ("text", "caption", "captions")
 
 
+def _texts(key: str, value: Any) -> list[str]:
+    """The captions of an image-text-json row's text field: a string or a list of strings."""
+    if isinstance(value, list):
+        return [_clean_text(t, f"{key}[{i}]") for i, t in enumerate(value)]
+    return [_clean_text(value, key)]
+
+
 def image_text_json(paths: list[Path], conv: Conversion) -> None:
     """`[{"image_path", "text"}, ...]` (JSON list or JSONL) -> caption records; rows of one image merge."""
     merged: dict[str, tuple[dict, Path, str, Any]] = {}
     for path in paths:
         for item, row in _items(path, conv):
             try:
-                _object(row)
-                image_key = next((k for k in IMAGE_KEYS if row.get(k) is not None), None)
-                text_key = next((k for k in TEXT_KEYS if row.get(k) is not None), None)
+                # Every name of a field is read: two that differ (`caption` and `captions`, `image_path`
+                # and `image`) are a bad_value reject, as in normalize_record, not the first one silently.
+                fields = dict(_object(row))
+                image_key, image = _pop_alias(fields, IMAGE_KEYS,
+                                              lambda k, v: conv.image_path(_get({k: v}, k, str)))
                 if image_key is None:
                     raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(IMAGE_KEYS)})",
                                     field="image_path")
+                text_key, texts = _pop_alias(fields, TEXT_KEYS, _texts)
                 if text_key is None:
                     raise DataError(MISSING_FIELD, f"is missing (one of {', '.join(TEXT_KEYS)})",
                                     field="text")
-                image = conv.image_path(_get(row, image_key, str))
-                if isinstance(row[text_key], list):
-                    texts = [_clean_text(t, f"{text_key}[{i}]") for i, t in enumerate(row[text_key])]
-                else:
-                    texts = [_text(row, text_key)]
             except DataError as e:
                 conv.reject(e, file=path, item=item, row=row)
                 continue

@@ -145,6 +145,9 @@ def _turns(turns: Any, field: str) -> list[dict]:
         if not isinstance(turn, dict):
             raise DataError(WRONG_TYPE, f"expected an object, got {type(turn).__name__}", field=where)
         role = turn.get("from", turn.get("role"))
+        if not isinstance(role, str):  # a list or object would not even be a dict key
+            raise DataError(WRONG_TYPE, f"expected a role string, got {type(role).__name__}",
+                            field=f"{where}.{'from' if 'from' in turn else 'role'}")
         if role not in ROLE_TO_FROM:
             raise DataError(BAD_VALUE, f"role {role!r} is not one of {sorted(ROLE_TO_FROM)}",
                             field=f"{where}.from")
@@ -152,11 +155,15 @@ def _turns(turns: Any, field: str) -> list[dict]:
         # OpenAI content parts: [{"type": "text", "text": ...}, {"type": "image"}]
         if isinstance(value, list):
             parts = []
-            for part in value:
+            for j, part in enumerate(value):
                 if isinstance(part, dict) and part.get("type") == "image":
                     parts.append(IMAGE_TOKEN)
                 elif isinstance(part, dict) and part.get("type") == "text":
-                    parts.append(part.get("text", ""))
+                    text = part.get("text", "")
+                    if not isinstance(text, str):
+                        raise DataError(WRONG_TYPE, f"expected a string, got {type(text).__name__}",
+                                        field=f"{where}.content[{j}].text")
+                    parts.append(text)
                 else:
                     raise DataError(WRONG_TYPE, f"unknown content part {part!r}", field=f"{where}.content")
             value = "\n".join(parts)

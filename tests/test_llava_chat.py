@@ -1,6 +1,8 @@
 """recipes.common.chat: prompts from the chat template, exact assistant-only labels, image-aware length
 budget, collators, and the modality-grouped sampler (recipes.common.sampling)."""
 
+import json
+
 import datasets
 import pytest
 import torch
@@ -389,3 +391,43 @@ def test_padding_free_is_refused_before_training_for_a_processor_whose_batches_c
     assert chat_collator(llava, mixed, padding_free=True).padding_free is True
     with pytest.raises(ValueError, match=r"--padding_free: this processor's batches also hold \['token_type"):
         chat_collator(gemma, ds, padding_free=True)
+
+
+def metaspace_llava_processor(template):
+    """A LLaVA processor with a Llama tokenizer (Metaspace BPE: "▁"-prefixed word pieces, as llava-hf's), its
+    small vocabulary learnt here."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import CLIPImageProcessor, LlamaTokenizer, LlavaProcessor
+
+    corpus = ["USER: what is it? ASSISTANT: a red square. USER: where is it? ASSISTANT: top left."] * 20
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    bpe.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, show_progress=False,
+                                                        special_tokens=["<unk>", "<s>", "</s>"]))
+    model = json.loads(bpe.to_str())["model"]
+    tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=[tuple(m) for m in model["merges"]],
+                               extra_special_tokens={"image_token": "<image>"})
+    tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=template)
+
+
+def test_a_cut_conversation_is_the_processors_tokens_of_its_text_with_a_llama_tokenizer(tmp_path):
+    # The template writes " " after "</s>", which a Llama tokenizer joins to the next word ("▁USER:"): the cut
+    # must drop that token and leave the space out of the text, else the collator's tokens differ.
+    processor = metaspace_llava_processor(NO_EOS_TEMPLATE)
+    encoder = ChatEncoder(processor)
+    RED[0].save(tmp_path / "red.png")
+    record = {"image": str(tmp_path / "red.png"), "conversations": [
+        {"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "a red square."},
+        {"from": "human", "value": "where is it?"}, {"from": "gpt", "value": "top left."}]}
+    whole, _ = tokenize_conversations([record], encoder, None)
+    cut, report = tokenize_conversations([record], encoder, whole[0]["length"] - 1)
+    assert report.cut == 1 and cut[0]["text"].endswith("ASSISTANT: a red square.</s>")
+    assert cut[0]["input_ids"] == list(processor(text=[cut[0]["text"]], images=[RED])["input_ids"][0])
+    tokens = processor.tokenizer.convert_ids_to_tokens(cut[0]["input_ids"])
+    assert tokens[-3:] == ["▁square", ".", "</s>"] or tokens[-2:] == ["▁square.", "</s>"]
+    batch = ChatCollator(encoder)([cut[0]])
+    assert batch["input_ids"][0].tolist() == cut[0]["input_ids"]

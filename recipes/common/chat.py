@@ -305,12 +305,15 @@ class ChatEncoder:
             raise ChatTemplateError(
                 f"{type(self.processor).__name__} tokenizes an answer differently with the images expanded "
                 "than without: its labels cannot be placed exactly.")
-        # Cut after answer k: before the first token that starts at or after the end of its turn.
+        # Cut after answer k: before the first token that ends past its turn, and the text where that token
+        # starts. A Llama tokenizer joins the separator after "</s>" to the next word ("▁USER:"): the cut
+        # text must leave the space out, else the processor reads it as a token of its own.
         position = {m: pos for pos, m in enumerate(mapping) if m >= 0}
-        turn_ends = []
+        turn_ends, turn_chars = [], []
         for _, _, end in spans:
-            first_after = next((p for p, (s, _) in enumerate(offsets) if s >= end and p in position), None)
+            first_after = next((p for p, (_, e) in enumerate(offsets) if e > end and p in position), None)
             turn_ends.append(len(ids) if first_after is None else position[first_after])
+            turn_chars.append(end if first_after is None else min(end, offsets[first_after][0]))
         image_positions = [pos for pos, (m, t) in enumerate(zip(mapping, ids, strict=True))
                            if m < 0 or t in self.image_ids]
         image_end = image_positions[-1] + 1 if images and image_positions else 0
@@ -319,8 +322,8 @@ class ChatEncoder:
             if message["role"] == "assistant":
                 turn_images.append(placed)
             placed += sum(part["type"] == "image" for part in message["content"])
-        return EncodedConversation(full, ids, labels, turn_ends, [end for _, _, end in spans], image_end,
-                                   eos_turns, turn_images=turn_images)
+        return EncodedConversation(full, ids, labels, turn_ends, turn_chars, image_end, eos_turns,
+                                   turn_images=turn_images)
 
     def usable(self, items: datasets.Dataset) -> datasets.Dataset:
         """The eval items this model can answer: all of them."""

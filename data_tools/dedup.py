@@ -14,6 +14,8 @@ What happens, by task:
   ONE record: the first row's, image included, with the captions of the later rows appended in order.
   A caption whose normalised text is already in the record is not appended again and is listed under
   "dropped_captions" in the report, so every caption of the input is either in the output or in the report.
+  Retrieval: a text that one row gives as a caption and another as a negative stays a caption (that image
+  shows it); the negative is listed under "dropped_neg_captions" of the row that brought the conflict.
   The first row's own captions and its other fields are kept as they are.
 - vqa, instruct: rows of near-duplicate images ask different things, so they are all kept; the report
   lists them ("action": "kept", "grouped_with") so that the groups can be inspected.
@@ -175,15 +177,23 @@ class _Merger:
         reason = "same_image" if self.same(i, kept) else "near_duplicate_image"
         e = self._entry(i, image, kept, "merged", reason)
         e["dropped_captions"] = _append_new(target["captions"], record["captions"], target["seen"])
+        dropped = []
+        # A caption of this row that is a negative of the record: this image shows it, so the caption wins
+        # and the negative leaves the record (listed in the report); a text is never both.
+        clash = {normalize_text(c) for c in record["captions"]} & target["seen_neg"]
+        if clash:
+            dropped = [c for c in target["neg_captions"] if normalize_text(c) in clash]
+            target["neg_captions"] = [c for c in target["neg_captions"] if normalize_text(c) not in clash]
+            target["seen_neg"] -= clash
         if record.get("neg_captions"):
             # A negative that is a positive of the merged record would contradict it.
             if target["neg_captions"] is None:
                 target["neg_captions"] = []
             blocked = target["seen_neg"] | target["seen"]
-            dropped = _append_new(target["neg_captions"], record["neg_captions"], blocked)
+            dropped += _append_new(target["neg_captions"], record["neg_captions"], blocked)
             target["seen_neg"] |= {normalize_text(c) for c in target["neg_captions"]}
-            if dropped:
-                e["dropped_neg_captions"] = dropped
+        if dropped:
+            e["dropped_neg_captions"] = dropped
         return [e]
 
     def output(self, i: int, record: dict) -> dict | None:
@@ -193,8 +203,10 @@ class _Merger:
         if state is None:
             return record
         out = {**record, "captions": state["captions"]}
-        if state["neg_captions"] is not None:
+        if state["neg_captions"]:
             out["neg_captions"] = state["neg_captions"]
+        elif state["neg_captions"] is not None:  # every negative became a caption
+            out.pop("neg_captions", None)
         return out
 
 

@@ -174,6 +174,9 @@ class HashTable:
     arrays: dict[str, np.ndarray] = field(
         default_factory=lambda: {k: np.zeros((0, *s), t) for k, (t, s) in _ARRAYS.items()}
     )
+    # Loaded under another root than the file was saved with: the paths under the saved root, where a
+    # lookup that finds nothing under the new one looks next (`ImageHasher`); else None.
+    saved_paths: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -185,10 +188,9 @@ class HashTable:
 
     def take(self, index) -> HashTable:
         """The entries at `index`, in that order."""
-        index = np.asarray(index, np.int64)
-        return HashTable(
-            [self.paths[i] for i in index.tolist()], {k: v[index] for k, v in self.arrays.items()}
-        )
+        index = np.asarray(index, np.int64).tolist()
+        saved = None if self.saved_paths is None else [self.saved_paths[i] for i in index]
+        return HashTable([self.paths[i] for i in index], {k: v[index] for k, v in self.arrays.items()}, saved)
 
     @staticmethod
     def concat(tables: list[HashTable]) -> HashTable:
@@ -201,7 +203,10 @@ class HashTable:
             parts = [t.arrays[k] for t in tables]
             stored = all(isinstance(a, StoredRows) for a in parts)
             arrays[k] = StoredRows.join(parts) if stored else np.concatenate([np.asarray(a) for a in parts])
-        return HashTable([p for t in tables for p in t.paths], arrays)
+        saved = None
+        if any(t.saved_paths is not None for t in tables):
+            saved = [p for t in tables for p in (t.paths if t.saved_paths is None else t.saved_paths)]
+        return HashTable([p for t in tables for p in t.paths], arrays, saved)
 
     def save(self, path: str | os.PathLike, root: str | os.PathLike | None = None) -> None:
         """Write the table atomically: a unique temporary file in the same folder, fsync, then rename.
@@ -226,7 +231,7 @@ class HashTable:
         """Read a table written by `save`; raises ValueError naming what is wrong with the file.
 
         Stored relative paths are joined with `root` when given (the image root wherever the data now is),
-        else with the root they were saved under.
+        else with the root they were saved under; with both, `saved_paths` keeps the latter.
         """
         try:
             with np.load(path, allow_pickle=False) as z:
@@ -250,10 +255,14 @@ class HashTable:
                 )
         if len(stored) != n or not np.isin(arrays["mode"], (0, 1)).all():
             raise ValueError(f"{path}: {len(stored)} paths for {n} entries, or an unknown hash mode")
-        root = str(Path(root).resolve()) if root is not None else meta.get("root") or ""
-        return HashTable(
-            [p if os.path.isabs(p) or not root else os.path.join(root, p) for p in stored], arrays
-        )
+        saved_root = meta.get("root") or ""
+        root = str(Path(root).resolve()) if root is not None else saved_root
+
+        def under(base: str) -> list[str]:
+            return [p if os.path.isabs(p) or not base else os.path.join(base, p) for p in stored]
+
+        saved = under(saved_root) if saved_root and root != saved_root else None
+        return HashTable(under(root), arrays, saved)
 
 
 def _relative(path: str, root: str) -> str:
@@ -370,7 +379,7 @@ class ImageHasher:
                 self.mode, self.code = given_mode, int(hash_files.mode[0])
         self._cache = self._load_cache()
         self._dirty = False
-        self._index = None
+        self._index = self._saved_index = None
 
     def _load_cache(self) -> tuple[HashTable, dict]:
         table = HashTable()
@@ -440,6 +449,14 @@ class ImageHasher:
         rows = np.empty(len(paths), np.int64)
         for k, p in enumerate(paths):
             i = self._index.get(p)
+            if i is None and given.saved_paths is not None:
+                # Not under the image root, but where the hash file was made (the data has not moved, and
+                # this JSONL is in another folder than the hashed one).
+                if self._saved_index is None:
+                    self._saved_index = {q: j for j, q in enumerate(given.saved_paths)}
+                i = self._saved_index.get(p)
+                if i is not None:
+                    given.paths[i] = p  # where the image is, for the pixel hashes read from it
             if i is None:
                 raise DataError(
                     NOT_IN_HASHES,
@@ -613,9 +630,11 @@ def add_hash_arguments(parser: argparse.ArgumentParser, *, consumer: bool = True
 
 def hasher_from_args(args, jsonl, *, progress: bool = True, inputs: list | None = None) -> ImageHasher:
     """An `ImageHasher` for the parsed options of `add_hash_arguments`; a hash file's relative paths are
-    joined with `--image-root` where the command has one and it is given. `inputs`: the command's input
-    files (default: `jsonl`), which the cache must not be."""
-    root = getattr(args, "image_root", None)
+    joined with `--image-root` where the command has one and it is given, else with `jsonl`'s folder.
+    `inputs`: the command's input files (default: `jsonl`), which the cache must not be."""
+    # The stored relative paths are under the consumer's image root, by default the JSONL's folder (not
+    # the folder the hash file was made in, which may have moved since).
+    root = getattr(args, "image_root", None) or Path(jsonl).parent
     files = hash_file_names(args.hashes) if getattr(args, "hashes", None) else []
     given = load_hash_files(files, root) if files else None
     cache = None if args.no_hash_cache or given is not None else (args.hash_cache or default_cache(jsonl))

@@ -50,7 +50,8 @@ from .errors import (
 from .files import check_outputs, replaced_together
 from .images import relative_image_path
 from .jsonl import JsonlWriter, check_text, is_json_list, iter_json_list, iter_jsonl, load_json
-from .records import _pop_alias, normalize_record
+from .records import _image as _normalize_image
+from .records import IMAGE_ALIASES, _pop_alias, normalize_record
 
 FORMATS = {"coco-captions": "caption", "vqav2": "vqa", "llava": "instruct", "karpathy": "caption",
            "image-text-json": "caption"}
@@ -321,6 +322,15 @@ def vqav2(paths: list[Path], conv: Conversion, *, split: str | None, image_patte
             )
 
 
+def _image_path(conv: Conversion, image: str, field: str) -> str:
+    """`conv.image_path` of one image, an error naming the row's field (`image_path`, `images[1]`, ...)."""
+    try:
+        return conv.image_path(image)
+    except DataError as e:
+        e.field = field
+        raise e.at() from None
+
+
 def llava(path: Path, conv: Conversion) -> None:
     """LLaVA instruction data (JSON list or JSONL) -> instruct records; rows without an image stay
     text-only."""
@@ -329,15 +339,18 @@ def llava(path: Path, conv: Conversion) -> None:
             record = dict(_object(row))
             # LLaMA-Factory / ms-swift: {"messages" or "conversations": [...], "images": ["a.jpg"]}
             key = "images" if "image" not in record and "images" in record else "image"
-            if isinstance(record.get(key), list):
-                images = record.pop(key)
-                if len(images) > 1:  # a multi-image conversation: each `<image>` in the turns, in order
-                    record["images"] = [conv.image_path(_get({f"{key}[{i}]": v}, f"{key}[{i}]", str))
-                                        for i, v in enumerate(images)]
-                elif images:  # a null here is a missing image, not a text-only row
-                    record["image"] = _get({f"{key}[0]": images[0]}, f"{key}[0]", str)
-            if record.get("image") is not None:
-                record["image"] = conv.image_path(_get(record, "image", str))
+            if isinstance(record.get(key), list) and len(record[key]) == 1:
+                # a null here is a missing image, not a text-only row
+                record[key] = [_get({f"{key}[0]": record[key][0]}, f"{key}[0]", str)]
+            # Every image alias (image_path, img, a string under images, ...) resolved as normalize_record
+            # does (bad_value where two differ), so that the path check sees whichever names the image.
+            alias = next((k for k in IMAGE_ALIASES if record.get(k) is not None), "image")
+            _normalize_image(record, required=False, several=True)
+            if "images" in record:  # a multi-image conversation: each `<image>` in the turns, in order
+                record["images"] = [_image_path(conv, v, f"{alias}[{i}]")
+                                    for i, v in enumerate(record["images"])]
+            elif "image" in record:
+                record["image"] = _image_path(conv, record["image"], alias)
         except DataError as e:
             conv.reject(e, file=path, item=item, row=row)
             continue

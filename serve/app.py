@@ -8,6 +8,7 @@ means the server failed (it is logged with its traceback), never that a request 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -227,6 +228,9 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     # Counting a prompt renders the chat template: threads of its own, so that slow renders never hold up
     # image decoding, search or the shutdown, which use asyncio's default threads.
     prompt_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="serve-prompt")
+    # Remote image fetches wait on other servers: a few threads of their own, so that slow ones hold up
+    # nothing else.
+    fetch_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="serve-fetch")
 
     @asynccontextmanager
     async def lifespan(app):
@@ -235,6 +239,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         # Uvicorn stops taking connections and waits for the open requests before this runs.
         await asyncio.to_thread(batcher.stop)
         prompt_pool.shutdown(wait=False, cancel_futures=True)
+        fetch_pool.shutdown(wait=False, cancel_futures=True)
         shutil.rmtree(scratch, ignore_errors=True)
 
     app = FastAPI(title="vlm-recipes serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
@@ -335,14 +340,21 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                               code="wrong_model_type")
         return run
 
-    async def checked_image(url: str, param: str) -> str:
-        data = await asyncio.to_thread(image_bytes, url, allow_remote=options.allow_remote_images,
-                                       max_bytes=options.max_body_bytes, timeout=options.timeout_s,
-                                       param=param)
+    async def checked_image(url: str, param: str, deadline: float) -> str:
+        left = max(0.0, deadline - time.monotonic())
+        remote = isinstance(url, str) and url.startswith(("http://", "https://"))
+        fetch = functools.partial(image_bytes, url, allow_remote=options.allow_remote_images,
+                                  max_bytes=options.max_body_bytes, timeout=left, param=param)
+        try:
+            data = await asyncio.wait_for(
+                asyncio.get_running_loop().run_in_executor(fetch_pool if remote else None, fetch), left)
+        except TimeoutError:
+            raise timed_out() from None
         return await asyncio.to_thread(save_checked_image, data, scratch, max_pixels=options.max_image_pixels,
                                        param=param)
 
-    async def conversation(req: ChatRequest, run, saved: list[str]) -> tuple[list[dict], str | None]:
+    async def conversation(req: ChatRequest, run, saved: list[str],
+                           deadline: float) -> tuple[list[dict], str | None]:
         """OpenAI messages -> LLaVA turns (the image part as `<image>` where it stands) and the image file,
         which is also put in `saved` as soon as it is written (for the caller to remove if the request
         fails)."""
@@ -369,7 +381,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 if message.role != "user":
                     raise ClientError(400, f"{param}: an image goes in a user message, not in one of role "
                                       f"{message.role!r}", param=param, code="image_not_in_user_message")
-                image = await checked_image(part.image_url.url, f"{param}.image_url")
+                image = await checked_image(part.image_url.url, f"{param}.image_url", deadline)
                 saved.append(image)
                 texts.append(IMAGE_TOKEN)
             text = "\n".join(texts)
@@ -421,11 +433,12 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             raise ClientError(400, "stop: up to 4 strings, none empty", param="stop", code="invalid_value")
         max_tokens = req.max_completion_tokens or req.max_tokens or options.default_max_tokens
         if max_tokens > options.max_tokens_limit:
-            raise ClientError(400, f"max_tokens {max_tokens} is over this server's limit of "
-                              f"{options.max_tokens_limit}", param="max_tokens", code="max_tokens_too_large")
+            name = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+            raise ClientError(400, f"{name} {max_tokens} is over this server's limit of "
+                              f"{options.max_tokens_limit}", param=name, code="max_tokens_too_large")
         saved = []
         try:
-            turns, image = await conversation(req, run, saved)
+            turns, image = await conversation(req, run, saved, deadline)
             if turns[-1]["from"] != "human":
                 raise ClientError(400, "the last message must be the user's, to be answered",
                                   param="messages", code="invalid_conversation")
@@ -545,6 +558,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     @app.post("/v1/search")
     async def search(request: Request):
         req = await read_json(request, SearchRequest)
+        deadline = time.monotonic() + options.timeout_s
         run = find_run(req.model, "search")
         if (req.query is None) == (req.image is None):
             raise ClientError(400, "give one of 'query' (a text: finds images) or 'image' (a data: URL: "
@@ -558,7 +572,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 query = urllib.parse.urlencode({"model": req.model, "index": hit["index"]})
                 hit["url"] = f"/v1/gallery?{query}"
         else:
-            path = await checked_image(req.image, "image")
+            path = await checked_image(req.image, "image", deadline)
             try:
                 hits = await asyncio.to_thread(run.search_image, path, k)
             finally:

@@ -115,7 +115,8 @@ class _RowStreamer(BaseStreamer):
             if stopped:
                 self.done[row] = True
             text = text[:len(text) - _partial_stop(text, job.stop)].strip()
-            if text.startswith(self.sent[row]) and len(text) > len(self.sent[row]) and "\ufffd" not in text:
+            if (text.startswith(self.sent[row]) and len(text) > len(self.sent[row])
+                    and not text.endswith("\ufffd")):  # a character whose bytes are still coming
                 delta, self.sent[row] = text[len(self.sent[row]):], text
                 job.loop.call_soon_threadsafe(job.stream.put_nowait, delta)
 

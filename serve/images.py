@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
 import os
 import tempfile
+import time
 import urllib.request
 from pathlib import Path
 
@@ -32,10 +34,16 @@ class ClientError(Exception):
 
 
 def _remote_bytes(url: str, max_bytes: int, timeout: float, param: str) -> bytes:
+    """At most `max_bytes` + 1 bytes of the body, read within `timeout` seconds in all (a socket timeout
+    bounds each read only, not a server that trickles its bytes)."""
+    deadline, data = time.monotonic() + timeout, bytearray()
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            data = response.read(max_bytes + 1)
-    except (OSError, ValueError) as e:
+            while len(data) <= max_bytes and (chunk := response.read1(max_bytes + 1 - len(data))):
+                data += chunk
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"not all read within {timeout:g} s")
+    except (OSError, ValueError, http.client.HTTPException) as e:  # HTTPException: a malformed response
         raise ClientError(400, f"cannot fetch the image URL: {e}", param=param,
                           code="image_fetch_failed") from e
     if len(data) > max_bytes:

@@ -80,6 +80,9 @@ class GenerativeRun:
     trained_prompt: str | None = None  # captioners: the --prompt the run trained with (run.json)
     mixable: bool = False  # its adapter can share a batch with other adapters on the model (see load_runs)
     lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time on a shared model
+    # A fast tokenizer sets its padding on the object for each call: a batch padded in one thread while a
+    # prompt is counted in another could come out unpadded.
+    tokenizing: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def pad_token_id(self) -> int:
@@ -90,8 +93,11 @@ class GenerativeRun:
         """`generate` inputs (+ "keys") for items {"key", "image": path or None, "conversations"}, as the
         recipe's evaluation builds them; captioners take one `prompt` for the whole batch."""
         if self.task == "caption":
-            return CaptionPromptCollator(self.image_processor, self.tokenizer, prompt, self.prefix_ids)(items)
-        return ChatPromptCollator(self.encoder)(items)
+            collator = CaptionPromptCollator(self.image_processor, self.tokenizer, prompt, self.prefix_ids)
+        else:
+            collator = ChatPromptCollator(self.encoder)
+        with self.tokenizing:
+            return collator(items)
 
     def generate_kwargs(self, max_new_tokens: int, temperature: float | None, top_p: float | None) -> dict:
         """The recipes' decode options: greedy unless a temperature above 0 asks for sampling."""
@@ -120,8 +126,10 @@ class GenerativeRun:
         if self.encoder is not None:
             images = [] if item.get("image") is None else [load_image(item["image"])]
             messages = to_messages(item["conversations"], n_images=len(images))
-            return len(self.encoder.encode_prompt(messages, images))
-        ids = self.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
+            with self.tokenizing:
+                return len(self.encoder.encode_prompt(messages, images))
+        with self.tokenizing:
+            ids = self.tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
         return self.extra_positions + len(self.prefix_ids) + len(ids)
 
     @functools.cached_property

@@ -382,3 +382,26 @@ def test_lora_numbers_on_the_command_line_need_lora(recipe, flags, refused):
     else:
         with pytest.raises(ValueError, match=f"^{refused} to LoRA, which is off"):
             parse_recipe_args(argv, config, types)
+
+
+@pytest.mark.parametrize("recipe", ["blip2_lora_caption", "clip_retrieval", "llava_instruct", "qlora_vqa",
+                                    "soft_prompt_caption"])
+def test_a_loss_picked_as_the_best_models_metric_is_minimised(recipe, monkeypatch):
+    # The recipes' config.yaml names a metric to maximise and leaves greater_is_better to TrainingArguments,
+    # which reads it from the metric's name: set there, a --metric_for_best_model loss kept the worst model.
+    import importlib
+
+    train = importlib.import_module(f"recipes.{recipe}.train")
+
+    class Parsed(Exception):
+        pass
+
+    def parsed(training, *_):
+        raise Parsed(training)
+
+    monkeypatch.setattr(train, "setup_run", parsed)
+    for flags, metric, greater in (([], None, True), (["--metric_for_best_model", "loss"], "loss", False)):
+        with pytest.raises(Parsed) as e:
+            train.main(["--output_dir", "/nonexistent/out", *flags])
+        training = e.value.args[0]
+        assert metric in (None, training.metric_for_best_model) and training.greater_is_better is greater

@@ -139,6 +139,11 @@ def test_early_stopping_ends_training_when_the_metric_stops_improving(tokenizer,
     stopped = trainer("steps")
     train_and_evaluate(stopped, {"recipe": "test"}, early_stopping=stop)
     assert stopped.state.global_step == 2
+    # Resumed (a requeued job), the stopped run is scored again, not trained on to its next evaluation.
+    again = trainer("steps", resume="auto")
+    train_and_evaluate(again, {"recipe": "test"}, early_stopping=stop)
+    assert again.state.global_step == 2 and not (tmp_path / "steps" / "checkpoint-3").exists()
+    assert json.loads((tmp_path / "steps" / "metrics.json").read_text())["global_step"] == 2
     # Patience 2: evaluations 2 and 3 do not improve, so it stops at step 3; resumed from step 2 too.
     stop.early_stopping_patience = 2
     run = trainer("steps", "patience")

@@ -82,6 +82,20 @@ def test_metrics_json_and_make_eval_name_the_step_of_the_weights_scored_after(tm
         assert f", step {step}, task caption" in (run / "report.md").read_text()
 
 
+def test_after_step_is_the_loaded_checkpoints_when_the_best_evaluation_saved_none(tmp_path, caplog):
+    class BestUnsaved(FakeTrainer):  # the best evaluation at step 10 fell between saves (every 4 steps)
+        def train(self, resume_from_checkpoint=None):
+            super().train()
+            self.state.best_global_step = 10
+            self.args.save_steps = 4
+
+    run = tmp_path / "run"
+    train_and_evaluate(BestUnsaved(run), {"recipe": "blip2_lora_caption", "task": "caption"})
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert (metrics["after_step"], metrics["global_step"]) == (8, 12)
+    assert "the best evaluation, at step 10, has no checkpoint" in caplog.text
+
+
 def _train(script: Path, *args: str):
     # PYTHONPATH: this checkout's code, as the installed project would be
     env = dict(os.environ, PYTHONPATH=str(ROOT))

@@ -93,6 +93,11 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """N of a checkpoint-N folder."""
+    return int(_CHECKPOINT.match(Path(checkpoint).name).group(1))
+
+
 def saved_step(checkpoint: str | Path) -> int:
     return json.loads((Path(checkpoint) / "trainer_state.json").read_text()).get("global_step", 0)
 
@@ -269,8 +274,7 @@ class StopOnSignal(TrainerCallback):
 def load_finished(trainer, checkpoint: str) -> None:
     """Load a checkpoint of the run's last step as `train` would end it, without training (the best
     checkpoint's weights with --load_best_model_at_end), so that a requeued job scores a finished run."""
-    logger.info("%s is the run's last step (--max_steps %d): scoring it, nothing left to train", checkpoint,
-                trainer.args.max_steps)
+    logger.info("%s is the run's last step: scoring it, nothing left to train", checkpoint)
     state = trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
     # as `train` sets them: the saved ones are rank 0's
     state.is_local_process_zero, state.is_world_process_zero = (trainer.is_local_process_zero(),
@@ -341,7 +345,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     resume = resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if resume:
         logger.info("resuming from %s", resume)
-    add_early_stopping(trainer, early_stopping, resume)
+    early_stopped = add_early_stopping(trainer, early_stopping, resume)
     stop = add_stop_on_signal(trainer)
     metadata, recorded = record_run(trainer, metadata, resume)
     results = dict(results or {})
@@ -365,7 +369,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
                            "--resume_from_checkpoint auto to go on."):
             score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
-    train_resumed(trainer, resume, stop)
+    train_resumed(trainer, resume, stop, finished=early_stopped)
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation
     done = stop is not None and finished_message(trainer)
@@ -397,10 +401,11 @@ def check_trainable(trainer) -> None:
                          "model on the CPU until training starts. Use the single_gpu or ddp config.")
 
 
-def add_early_stopping(trainer, early_stopping, resume: str | None) -> None:
-    """transformers' EarlyStoppingCallback; a resumed run goes on with the count its checkpoint saved."""
+def add_early_stopping(trainer, early_stopping, resume: str | None) -> bool:
+    """transformers' EarlyStoppingCallback; a resumed run goes on with the count its checkpoint saved.
+    Returns whether that count had ended the run (at the patience: nothing left to train)."""
     if early_stopping is None or not early_stopping.early_stopping_patience:
-        return
+        return False
     args = trainer.args
     if args.eval_strategy == "no" or args.metric_for_best_model is None:
         raise ValueError("--early_stopping_patience needs evaluations during training (--eval_strategy) "
@@ -412,6 +417,7 @@ def add_early_stopping(trainer, early_stopping, resume: str | None) -> None:
         saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback", {}).get("attributes", {})
         stopper.early_stopping_patience_counter = saved.get("early_stopping_patience_counter", 0)
     trainer.add_callback(stopper)
+    return stopper.early_stopping_patience_counter >= stopper.early_stopping_patience
 
 
 def add_stop_on_signal(trainer) -> StopOnSignal | None:
@@ -442,14 +448,15 @@ def record_run(trainer, metadata: dict, resume: str | None) -> tuple[dict, bool]
     return metadata, recorded
 
 
-def train_resumed(trainer, resume: str | None, stop: StopOnSignal | None) -> None:
-    """`trainer.train` from `resume`; a checkpoint of the run's last step is loaded, not trained on: a resumed
-    Trainer would train one step more where --max_steps is not a whole number of epochs. FSDP and DeepSpeed
+def train_resumed(trainer, resume: str | None, stop: StopOnSignal | None, finished: bool = False) -> None:
+    """`trainer.train` from `resume`; a checkpoint of the run's last step (`finished`: early stopping ended
+    the run there) is loaded, not trained on: a resumed Trainer would train one step more where --max_steps
+    is not a whole number of epochs, and up to the next evaluation after an early stop. FSDP and DeepSpeed
     resume through `train`, the only one that prepares their model."""
     max_steps = getattr(trainer.args, "max_steps", -1)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     try:
-        if resume and max_steps > 0 and not sharded and saved_step(resume) >= max_steps:
+        if resume and not sharded and (finished or max_steps > 0 and saved_step(resume) >= max_steps):
             load_finished(trainer, resume)
         else:
             trainer.train(resume_from_checkpoint=resume)
@@ -473,7 +480,13 @@ def write_metrics(trainer, results: dict, metadata: dict, heldout: str) -> None:
     args, state = trainer.args, trainer.state
     # "after" scores the best checkpoint's weights when --load_best_model_at_end loaded them.
     best_loaded = args.load_best_model_at_end and state.best_model_checkpoint
-    after_step = state.best_global_step if best_loaded else state.global_step
+    # The checkpoint loaded, not `best_global_step`: a best evaluation at a step that saved nothing moves
+    # only the latter.
+    after_step = checkpoint_step(state.best_model_checkpoint) if best_loaded else state.global_step
+    if best_loaded and state.best_global_step != after_step:
+        logger.warning("the best evaluation, at step %d, has no checkpoint (--save_steps %s): the weights "
+                       "scored after training are the best saved one's, step %d. --save_strategy best saves "
+                       "every new best.", state.best_global_step, args.save_steps, after_step)
     results.update(metadata, heldout=heldout,
                    heldout_file=metadata.get("test_file" if heldout == "test" else "eval_file"),
                    global_step=state.global_step, after_step=after_step, world_size=args.world_size)

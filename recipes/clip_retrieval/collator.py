@@ -8,7 +8,8 @@ the tokenizer's padding side (`pad_to`), as their processors do. Every cut is co
 
 Each epoch, `EpochPairSampler` draws an order of the images and, for each image, one of its captions (and
 one of its hard negatives), all from (seed, epoch) alone, so a resumed run and a multi-process run see the
-same pairs as an uninterrupted single process.
+same pairs as an uninterrupted single process; with several processes, `GlobalBatchShares` cuts each global
+batch of that order into the processes' shares.
 
 The collator opens the images and pads the texts: the positives first (row i belongs to image i), then
 the hard negatives. Every text and image carries a key (hash of the normalised caption, index of the
@@ -114,7 +115,8 @@ class PairDataset(torch.utils.data.Dataset):
     """Image records with their captions (and hard negatives) tokenized; one item per image.
 
     `dataset[(i, j, k)]` is image i with caption j and hard negative k (-1: none), as `EpochPairSampler`
-    draws them; `dataset[i]` is image i with its first caption and no negative (evaluation).
+    draws them; `dataset[i]` is image i with its first caption and no negative (evaluation);
+    `dataset[(i, j, -1, False)]` is a stand-in (`GlobalBatchShares`), image key -1: no part of the loss.
     """
 
     def __init__(self, records, tokenizer, max_length: int, *, hard_negatives: bool = False,
@@ -145,10 +147,10 @@ class PairDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, item) -> dict:
-        i, j, k = (item, 0, -1) if isinstance(item, (int, np.integer)) else item
+        i, j, k, counted = (item, 0, -1, True) if isinstance(item, (int, np.integer)) else (*item, True)[:4]
         return {
             "image": self.images[i],
-            "image_key": self.image_keys[i],
+            "image_key": self.image_keys[i] if counted else -1,
             "input_ids": self.captions[i][j],
             "text_key": self.caption_keys[i][j],
             "neg_input_ids": self.negatives[i][k] if k >= 0 else None,
@@ -187,6 +189,39 @@ class EpochPairSampler(torch.utils.data.Sampler):
         negative = np.where(self.n_negatives > 0, rng.integers(0, np.maximum(self.n_negatives, 1)), -1)
         for i in order:
             yield int(i), int(caption[i]), int(negative[i])
+
+
+class GlobalBatchShares(torch.utils.data.Sampler):
+    """The pairs of `pairs` in global batches of `batch_size` x `world_size` (the last one shorter, or dropped
+    with `drop_last`), each cut into `world_size` shares in process order, as even as possible. accelerate
+    deals them out in turn (process p takes every share p), so the processes together train on exactly the
+    batches of one process holding the global batch, each pair once per epoch.
+
+    A share that would be empty (a last global batch with fewer pairs than processes) is a stand-in instead:
+    the batch's first pair without its negative, not counted (`PairDataset`), so that every process still
+    runs its forward and backward.
+    """
+
+    def __init__(self, pairs: EpochPairSampler, batch_size: int, world_size: int, drop_last: bool = False):
+        self.pairs, self.world_size, self.drop_last = pairs, world_size, drop_last
+        # Not kept as `batch_size`: accelerate's wrapper would hold back every share shorter than that.
+        self.global_size = batch_size * world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.pairs.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        n, size = len(self.pairs), self.global_size
+        return (n // size if self.drop_last else -(-n // size)) * self.world_size
+
+    def __iter__(self):
+        order, size = list(self.pairs), self.global_size
+        for start in range(0, len(order), size):
+            batch = order[start:start + size]
+            if len(batch) < size and self.drop_last:
+                return
+            for share in np.array_split(np.arange(len(batch)), self.world_size):
+                yield [batch[i] for i in share] or [(*batch[0][:2], -1, False)]
 
 
 # Text towers that pool at the last position and were trained on texts padded to their full length.

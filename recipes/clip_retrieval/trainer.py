@@ -40,12 +40,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from accelerate.data_loader import BatchSamplerShard
 from accelerate.utils import gather_object
 from tqdm import tqdm
 from transformers import TrainerCallback
 
 from data_tools.files import atomic_write, atomic_write_text
 from eval.retrieval import recall_at_k
+from recipes.clip_retrieval.collator import GlobalBatchShares
 from recipes.common.peft_setup import apply_freezing, apply_peft, trainable_in_float32
 from recipes.common.trainer import RecipeTrainer, rank_share
 
@@ -140,12 +142,14 @@ def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys, logit_b
     images = gather_with_local_grad(model_outputs.image_embeds)
     texts = gather_with_local_grad(model_outputs.text_embeds[:n])
     negatives = gather_with_local_grad(model_outputs.text_embeds[n:])
+    image_keys, pair_keys = gather_with_local_grad(image_keys), gather_with_local_grad(text_keys[:n])
+    # A stand-in pair (image key -1: a process with no share of a short last global batch) is left out.
+    counted = image_keys >= 0
+    images, texts, image_keys, pair_keys = (x[counted] for x in (images, texts, image_keys, pair_keys))
     if logit_bias is not None:
-        return sigmoid_loss(images, texts, logit_scale, logit_bias, gather_with_local_grad(image_keys),
-                            gather_with_local_grad(text_keys[:n]), negatives,
+        return sigmoid_loss(images, texts, logit_scale, logit_bias, image_keys, pair_keys, negatives,
                             gather_with_local_grad(text_keys[n:]))
-    return contrastive_loss(images, texts, logit_scale, gather_with_local_grad(image_keys),
-                            gather_with_local_grad(text_keys[:n]), negatives,
+    return contrastive_loss(images, texts, logit_scale, image_keys, pair_keys, negatives,
                             gather_with_local_grad(text_keys[n:]))
 
 
@@ -309,6 +313,7 @@ class ContrastiveTrainer(RecipeTrainer):
         self.loss = loss
         self.retrieval_dataset = retrieval_dataset
         self.zero_shot = zero_shot
+        self.pair_sampler = None  # the training data's EpochPairSampler, once the Trainer asks for it
         if loss == "softmax":
             self.add_callback(ClampLogitScale())
         # The loss needs no labels; without this, evaluation would run the model but skip eval_loss.
@@ -321,7 +326,27 @@ class ContrastiveTrainer(RecipeTrainer):
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        return dataset.epoch_sampler(seed)
+        self.pair_sampler = dataset.epoch_sampler(seed)
+        return self.pair_sampler
+
+    def get_train_dataloader(self):
+        loader = super().get_train_dataloader()
+        shard = loader.batch_sampler
+        if isinstance(shard, BatchSamplerShard) and not shard.split_batches:
+            # accelerate deals each process whole per-device batches in turn and fills a short last round with
+            # the epoch's first pairs (even_batches): pairs one process never sees, an image twice in a global
+            # batch. Instead it deals out each global batch's shares, of whatever size (batch_size None).
+            shard.batch_sampler = GlobalBatchShares(shard.batch_sampler.sampler, shard.batch_size,
+                                                    shard.num_processes, shard.drop_last)
+            shard.batch_size = None
+        return loader
+
+    def _run_epoch(self, model, epoch, *args, **kwargs):
+        # Resumed mid-epoch on several processes, the sampler sits one wrapper deeper (accelerate's
+        # skip_first_batches) than the Trainer's set_epoch reaches: it would draw epoch 0's order.
+        if self.pair_sampler is not None:
+            self.pair_sampler.set_epoch(epoch)
+        return super()._run_epoch(model, epoch, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         image_keys, text_keys = inputs.pop("image_keys"), inputs.pop("text_keys")

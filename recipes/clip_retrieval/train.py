@@ -101,6 +101,10 @@ def main(argv=None):
     if args.training.label_smoothing_factor:
         raise ValueError("--label_smoothing_factor: the contrastive loss (trainer.py) takes no label "
                          "smoothing; leave it out.")
+    if args.data.max_length is not None and args.data.max_length < 2:
+        # CLIP's tokenizer would cut every caption to its lone eos; embed.py refuses the recorded length too.
+        raise ValueError(f"--max_length {args.data.max_length}: a text needs at least 2 tokens (bos and "
+                         "eos); give 2 or more.")
     if args.training.neftune_noise_alpha is not None:
         raise ValueError("--neftune_noise_alpha: NEFTune puts noise on a language model's token embeddings "
                          "for instruction tuning; a dual encoder has none it applies to. Leave it out.")

@@ -271,10 +271,10 @@ class StopOnSignal(TrainerCallback):
                           "command with --resume_from_checkpoint last (or auto) to go on.")
 
 
-def load_finished(trainer, checkpoint: str) -> None:
+def load_finished(trainer, checkpoint: str, why: str) -> None:
     """Load a checkpoint of the run's last step as `train` would end it, without training (the best
     checkpoint's weights with --load_best_model_at_end), so that a requeued job scores a finished run."""
-    logger.info("%s is the run's last step: scoring it, nothing left to train", checkpoint)
+    logger.info("%s is the run's last step (%s): scoring it, nothing left to train", checkpoint, why)
     state = trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
     # as `train` sets them: the saved ones are rank 0's
     state.is_local_process_zero, state.is_world_process_zero = (trainer.is_local_process_zero(),
@@ -456,8 +456,10 @@ def train_resumed(trainer, resume: str | None, stop: StopOnSignal | None, finish
     max_steps = getattr(trainer.args, "max_steps", -1)
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     try:
-        if resume and not sharded and (finished or max_steps > 0 and saved_step(resume) >= max_steps):
-            load_finished(trainer, resume)
+        if resume and not sharded and finished:
+            load_finished(trainer, resume, "early stopping ended the run there")
+        elif resume and not sharded and max_steps > 0 and saved_step(resume) >= max_steps:
+            load_finished(trainer, resume, f"--max_steps {max_steps}")
         else:
             trainer.train(resume_from_checkpoint=resume)
     except ValueError as e:

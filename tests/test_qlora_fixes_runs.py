@@ -80,3 +80,10 @@ def test_a_rerun_without_quantization_into_a_4bit_runs_folder_loads_unquantized(
     name = "model.language_model.layers.0.self_attn.q_proj.weight"
     loaded = dict(model.get_base_model().named_parameters())[name.replace(".weight", ".base_layer.weight")]
     assert torch.equal(loaded, dict(base.named_parameters())[name])
+
+
+def test_float16_on_the_cpu_is_refused_before_the_model_loads(env):
+    d, e = env
+    r = _run([*_data(d), *FAST, "--output_dir", d / "fp16", "--dtype", "float16", "--fp16"], e)
+    assert _one_line_error(r) == ("error: --dtype float16 needs a CUDA GPU (on the CPU there is no fp16 "
+                                  "autocast): use --dtype float32, or --dtype bfloat16 with --bf16.")

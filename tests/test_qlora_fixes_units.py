@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
+from recipes.common.args import ModelArguments
+from recipes.common.models import check_mixed_precision, compute_dtype
 from recipes.common.quantization import QUANTIZATION_FILE, save_quantization_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,3 +33,31 @@ def test_an_unquantized_save_removes_the_quantization_config_an_earlier_run_left
     assert save_quantization_config(_model(), tmp_path) is None
     assert not (tmp_path / QUANTIZATION_FILE).exists()
     assert save_quantization_config(_model(), tmp_path) is None  # none there: nothing to remove
+
+
+def _training(mixed_precision: str, use_cpu: bool = False):
+    return SimpleNamespace(mixed_precision=mixed_precision, use_cpu=use_cpu)
+
+
+def test_float16_on_the_cpu_is_refused_before_anything_loads(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    half = ModelArguments(dtype="float16")
+    with pytest.raises(ValueError) as caught:
+        check_mixed_precision(half, _training("fp16"))
+    message = str(caught.value)
+    assert message == ("--dtype float16 needs a CUDA GPU (on the CPU there is no fp16 autocast): use "
+                       "--dtype float32, or --dtype bfloat16 with --bf16.")
+    with pytest.raises(ValueError, match="--dtype float16 needs a CUDA GPU"):
+        check_mixed_precision(half, _training("no"))
+    # what the message suggests passes; 'auto' is float32 on the CPU
+    check_mixed_precision(ModelArguments(dtype="float32"), _training("no"))
+    check_mixed_precision(ModelArguments(dtype="bfloat16"), _training("bf16"))
+    assert compute_dtype(ModelArguments(dtype="auto")) == torch.float32
+    check_mixed_precision(ModelArguments(dtype="auto"), _training("no"))
+
+
+def test_float16_with_fp16_autocast_on_a_gpu_passes_and_use_cpu_there_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    check_mixed_precision(ModelArguments(dtype="float16"), _training("fp16"))
+    with pytest.raises(ValueError, match="--dtype float16 needs a CUDA GPU"):
+        check_mixed_precision(ModelArguments(dtype="float16"), _training("fp16", use_cpu=True))

@@ -30,8 +30,12 @@ def compute_dtype(model_args: ModelArguments) -> torch.dtype:
 
 def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
     """Refuse half-precision weights without the matching autocast, before anything loads: the float32
-    trained weights (`peft_setup.trainable_in_float32`) meet the frozen half-precision ones only under it."""
+    trained weights (`peft_setup.trainable_in_float32`) meet the frozen half-precision ones only under it.
+    float16 needs CUDA: on the CPU accelerate turns fp16 autocast off, and the first forward would fail."""
     dtype = compute_dtype(model_args)
+    if dtype == torch.float16 and (getattr(training_args, "use_cpu", False) or not torch.cuda.is_available()):
+        raise ValueError("--dtype float16 needs a CUDA GPU (on the CPU there is no fp16 autocast): use "
+                         "--dtype float32, or --dtype bfloat16 with --bf16.")
     if dtype in MIXED_PRECISION and training_args.mixed_precision != MIXED_PRECISION[dtype]:
         raise ValueError(f"the model computes in {dtype} but mixed precision is "
                          f"{training_args.mixed_precision!r}: the float32 trained weights need "

@@ -241,6 +241,12 @@ def normalize_record(record: Any, task: str) -> dict:
             record["answers"] = [_text(record.pop("answer"), "answer")]
         else:
             raise DataError(MISSING_FIELD, "is missing (or 'answer')", field="answers")
+        for key in ("answer_type", "question_type"):
+            # Optional (null = absent, as eval.vqa reads it): scoring groups by them and names a metric
+            # after each answer type, which another type would stop mid-run.
+            value = record.get(key)
+            if value is not None and not isinstance(value, str):
+                raise DataError(WRONG_TYPE, f"expected a string, got {type(value).__name__}", field=key)
     else:
         _conversations(record)
     return record

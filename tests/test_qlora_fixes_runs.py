@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,27 @@ def test_float16_on_the_cpu_is_refused_before_the_model_loads(env):
     r = _run([*_data(d), *FAST, "--output_dir", d / "fp16", "--dtype", "float16", "--fp16"], e)
     assert _one_line_error(r) == ("error: --dtype float16 needs a CUDA GPU (on the CPU there is no fp16 "
                                   "autocast): use --dtype float32, or --dtype bfloat16 with --bf16.")
+
+
+def test_a_non_string_answer_type_is_reported_with_file_line_and_field_or_skipped(env):
+    d, e = env
+    rows = read_jsonl(d / "synth" / "eval.jsonl")
+    bad = d / "bad_types"
+    bad.mkdir()
+    shutil.copytree(d / "synth" / "images", bad / "images")
+    write_jsonl(bad / "eval.jsonl", [{**rows[0], "answer_type": 1}, {**rows[1], "question_type": ["x"]},
+                                     *rows[2:]])
+    data = ["--train_file", d / "synth" / "train.jsonl", "--eval_file", bad / "eval.jsonl"]
+    r = _run([*data, *FAST, "--output_dir", d / "types"], e)
+    assert _one_line_error(r) == f"error: {bad / 'eval.jsonl'}: 2 invalid row(s):"
+    assert (f"\n  {bad / 'eval.jsonl'}:1: field 'answer_type': expected a string, got int [wrong_type]\n"
+            f"  {bad / 'eval.jsonl'}:2: field 'question_type': expected a string, got list [wrong_type]\n"
+            in r.stderr)
+
+    r = _run([*data, *FAST, "--output_dir", d / "types_skipped", "--skip_bad_rows", "true"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rejects = read_jsonl(d / "types_skipped" / "rejects" / "eval.rejects.jsonl")
+    assert [(x["line"], x["reason"], x["field"]) for x in rejects] == [
+        (1, "wrong_type", "answer_type"), (2, "wrong_type", "question_type")]
+    scored = read_jsonl(d / "types_skipped" / "predictions" / "final.jsonl")
+    assert len(scored) == len(rows) - 2

@@ -11,6 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from data_tools.clean import main_clean, main_validate
+from data_tools.errors import DataError
+from data_tools.jsonl import read_jsonl
+from data_tools.records import normalize_record
 from recipes.common.args import ModelArguments
 from recipes.common.models import check_mixed_precision, compute_dtype
 from recipes.common.quantization import QUANTIZATION_FILE, save_quantization_config
@@ -61,3 +65,48 @@ def test_float16_with_fp16_autocast_on_a_gpu_passes_and_use_cpu_there_is_refused
     check_mixed_precision(ModelArguments(dtype="float16"), _training("fp16"))
     with pytest.raises(ValueError, match="--dtype float16 needs a CUDA GPU"):
         check_mixed_precision(ModelArguments(dtype="float16"), _training("fp16", use_cpu=True))
+
+
+GOOD = {"image": "a.jpg", "question_id": 1, "question": "what?", "answers": ["red"], "answer_type": "other",
+        "question_type": "what color is the"}
+BAD_TYPES = [  # (changes, field, type name)
+    ({"answer_type": 1}, "answer_type", "int"),
+    ({"answer_type": ["other"]}, "answer_type", "list"),
+    ({"question_type": ["x"]}, "question_type", "list"),
+    ({"question_type": {"a": 1}}, "question_type", "dict"),
+    ({"question_type": True}, "question_type", "bool"),
+]
+
+
+@pytest.mark.parametrize("changes,field,kind", BAD_TYPES, ids=[f"{f}-{k}" for _, f, k in BAD_TYPES])
+def test_answer_and_question_type_of_another_type_are_wrong_type_naming_the_field(changes, field, kind):
+    with pytest.raises(DataError) as caught:
+        normalize_record({**GOOD, **changes}, "vqa")
+    assert ((caught.value.reason, caught.value.field, caught.value.message)
+            == ("wrong_type", field, f"expected a string, got {kind}"))
+
+
+def test_absent_or_null_types_stay_as_they_are():
+    assert normalize_record(GOOD, "vqa") == GOOD
+    without = {k: v for k, v in GOOD.items() if k not in ("answer_type", "question_type")}
+    assert normalize_record(without, "vqa") == without
+    nulls = {**GOOD, "answer_type": None, "question_type": None}
+    assert normalize_record(nulls, "vqa") == nulls  # eval.vqa reads null as absent
+
+
+def test_validate_and_clean_count_them(tmp_path, capsys):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({**GOOD, **changes}) + "\n" for changes in
+                            [{}] + [c for c, _, _ in BAD_TYPES]), encoding="utf-8")
+    assert main_validate(["--task", "vqa", "--check-images", "none", str(rows)]) == 1
+    captured = capsys.readouterr()
+    err = captured.out + captured.err
+    assert "rows.jsonl:2: field 'answer_type': expected a string, got int [wrong_type]" in err
+    assert "rows.jsonl:4: field 'question_type': expected a string, got list [wrong_type]" in err
+    assert "Traceback" not in err
+    out, rejects = tmp_path / "clean.jsonl", tmp_path / "rejects.jsonl"
+    assert main_clean(["--task", "vqa", "--check-images", "none", str(rows), "--out", str(out),
+                       "--rejects", str(rejects)]) == 0
+    assert [r["answer_type"] for r in read_jsonl(out)] == ["other"]
+    assert [(r["line"], r["reason"], r["field"]) for r in read_jsonl(rejects)] == [
+        (k + 2, "wrong_type", field) for k, (_, field, _) in enumerate(BAD_TYPES)]

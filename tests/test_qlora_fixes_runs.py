@@ -83,6 +83,60 @@ def test_a_rerun_without_quantization_into_a_4bit_runs_folder_loads_unquantized(
     assert torch.equal(loaded, dict(base.named_parameters())[name])
 
 
+@pytest.fixture(scope="module")
+def checkpointed(env):
+    """A 4-bit run of 2 steps that saved checkpoint-1 and checkpoint-2, and its run.json."""
+    d, e = env
+    out = d / "resume"
+    r = _run([*_data(d), *FAST, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
+              "--output_dir", out], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def test_run_json_records_quantization_dtype_and_answer_prompt(checkpointed):
+    run = json.loads((checkpointed / "run.json").read_text())
+    assert {k: run[k] for k in ("dtype", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type",
+                                "bnb_4bit_use_double_quant", "answer_prompt")} == {
+        "dtype": "float32", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "answer_prompt": "Answer the question using a single word or phrase."}
+
+
+CHANGES = [  # (flags of the resume, what the refusal names)
+    (["--load_in_4bit", "false"], "load_in_4bit True -> False; bnb_4bit_quant_type 'nf4' -> None"),
+    (["--load_in_4bit", "false", "--load_in_8bit", "true"], "load_in_8bit False -> True"),
+    (["--bnb_4bit_quant_type", "fp4"], "bnb_4bit_quant_type 'nf4' -> 'fp4'"),
+    (["--bnb_4bit_use_double_quant", "false"], "bnb_4bit_use_double_quant True -> False"),
+    (["--dtype", "bfloat16", "--bf16"], "dtype 'float32' -> 'bfloat16'"),
+    (["--answer_prompt", "Answer briefly."],
+     "answer_prompt 'Answer the question using a single word or phrase.' -> 'Answer briefly.'"),
+    (["--answer_prompt", ""], "answer_prompt 'Answer the question using a single word or phrase.' -> None"),
+]
+
+
+@pytest.mark.parametrize("flags,named", CHANGES, ids=[" ".join(f) for f, _ in CHANGES])
+def test_a_resume_that_changes_quantization_dtype_or_answer_prompt_is_refused(env, checkpointed, flags,
+                                                                             named):
+    d, e = env
+    before = (checkpointed / "run.json").read_text()
+    r = _run([*_data(d), *FAST, "--max_steps", "2", "--output_dir", checkpointed,
+              "--resume_from_checkpoint", "last", *flags], e)
+    error = _one_line_error(r)
+    assert "--resume_from_checkpoint" in error and named in error, error
+    assert (checkpointed / "run.json").read_text() == before  # still what the run started with
+
+
+def test_a_resume_with_the_same_settings_goes_on(env, checkpointed, tmp_path):
+    d, e = env
+    copy = tmp_path / "resume"
+    shutil.copytree(checkpointed, copy)
+    r = _run([*_data(d), *FAST, "--max_steps", "2", "--output_dir", copy, "--resume_from_checkpoint", "last"],
+             e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((copy / "metrics.json").read_text())["global_step"] == 2
+
+
 def test_float16_on_the_cpu_is_refused_before_the_model_loads(env):
     d, e = env
     r = _run([*_data(d), *FAST, "--output_dir", d / "fp16", "--dtype", "float16", "--fp16"], e)

@@ -137,6 +137,24 @@ def test_a_resume_with_the_same_settings_goes_on(env, checkpointed, tmp_path):
     assert json.loads((copy / "metrics.json").read_text())["global_step"] == 2
 
 
+PROMPTS = [  # (prompt, what the error names)
+    ("Answer </s> now", "holds '</s>', which the tokenizer reads as its special token"),
+    ("Look at <image> and answer", "holds '<image>', which places an image"),
+]
+
+
+@pytest.mark.parametrize("prompt,named", PROMPTS, ids=[p for p, _ in PROMPTS])
+@pytest.mark.parametrize("skip", [False, True], ids=["", "skip_bad_rows"])
+def test_a_bad_answer_prompt_is_named_not_blamed_on_the_data(env, prompt, named, skip):
+    d, e = env
+    out = d / f"prompt-{len(prompt)}-{skip}"
+    r = _run([*_data(d), *FAST, "--output_dir", out, "--answer_prompt", prompt,
+              *(["--skip_bad_rows", "true"] if skip else [])], e)
+    error = _one_line_error(r)
+    assert error.startswith(f"error: --answer_prompt {prompt!r} {named}"), error
+    assert "train.jsonl" not in r.stderr and not (out / "rejects").exists()
+
+
 def test_float16_on_the_cpu_is_refused_before_the_model_loads(env):
     d, e = env
     r = _run([*_data(d), *FAST, "--output_dir", d / "fp16", "--dtype", "float16", "--fp16"], e)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from transformers import AutoModelForImageTextToText, TrainingArguments
 
-from data_tools.records import IMAGE_TOKEN
+from data_tools.records import IMAGE_TOKEN, find_reserved
 from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
@@ -56,6 +56,18 @@ class VqaArguments:
         "= none.")
 
 
+def check_answer_prompt(prompt: str | None, reserved: tuple[str, ...]) -> None:
+    """Refuse an --answer_prompt holding a special string or `<image>`: it goes into every question, and
+    encoding would blame the first data row for it."""
+    found = find_reserved(prompt or "", (*reserved, IMAGE_TOKEN))
+    if found == IMAGE_TOKEN:
+        raise ValueError(f"--answer_prompt {prompt!r} holds {IMAGE_TOKEN!r}, which places an image (each "
+                         "question has its one image already); remove it from the prompt.")
+    if found is not None:
+        raise ValueError(f"--answer_prompt {prompt!r} holds {found!r}, which the tokenizer reads as its "
+                         "special token, not as text; remove or rewrite it.")
+
+
 def main(argv=None):
     # config.yaml unless --config is given, then the command line; --use_cpu without a GPU.
     args = parse_recipe_args(argv, DEFAULT_CONFIG, (*GENERATIVE_ARGUMENTS, VqaArguments,
@@ -73,6 +85,7 @@ def main(argv=None):
     model_path = resolve_model_path(args.model.model_name_or_path or "tiny:llava-pretrained")
     processor = load_recipe_processor(model_path, args.model)
     encoder = chat_encoder(processor, args.data.special_text)
+    check_answer_prompt(args.vqa.answer_prompt, encoder.reserved)
 
     # Data: the embedded synthetic set unless files are given.
     def embedded():

@@ -18,6 +18,7 @@ from data_tools.records import normalize_record
 from recipes.common.args import ModelArguments
 from recipes.common.models import check_mixed_precision, compute_dtype
 from recipes.common.quantization import QUANTIZATION_FILE, save_quantization_config
+from recipes.qlora_vqa.collator import training_answer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -110,3 +111,12 @@ def test_validate_and_clean_count_them(tmp_path, capsys):
     assert [r["answer_type"] for r in read_jsonl(out)] == ["other"]
     assert [(r["line"], r["reason"], r["field"]) for r in read_jsonl(rejects)] == [
         (k + 2, "wrong_type", field) for k, (_, field, _) in enumerate(BAD_TYPES)]
+
+
+def test_readme_says_the_trained_answer_is_grouped_by_the_official_normalisation():
+    answers = ["blue"] * 4 + ["Red"] * 2 + ["red"] * 2 + ["red."] * 2
+    assert training_answer(answers) == "Red"  # "red" 6 times once normalised, against 4 "blue"s
+    text = " ".join((ROOT / "recipes" / "qlora_vqa" / "README.md").read_text().split())
+    assert ("the answer is the record's most frequent human answer after the official VQA normalisation "
+            "(which makes \"Red\", \"red\" and \"red.\" one answer), in its most frequent written form"
+            in text)

@@ -2,7 +2,7 @@
 
 A record ({"image", "question_id", "question", "answers": 10 or 1, "answer_type", "question_type"})
 becomes one single-turn conversation: the image and the question with LLaVA-1.5's short-answer
-prompt, answered by the record's training answer (its most frequent human answer). The chat
+prompt, answered by the record's training answer (`training_answer`). The chat
 template, the assistant-only labels (only the answer tokens and the eos are learned), the
 image-aware length budget and the collators are the shared ones of `recipes.common.chat`, so a real
 checkpoint's template is used as is.

@@ -39,7 +39,7 @@ test-families:
 	test -x $(FAMILIES_VENV)/bin/python || $(PYTHON) -m venv $(FAMILIES_VENV)
 	$(FAMILIES_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 	VENV=$(FAMILIES_VENV) PYTHON=$(PYTHON) CONSTRAINTS=$(CONSTRAINTS) bash scripts/setup_venv.sh
-	VLM_RECIPES_CACHE=$(abspath $(FAMILIES_VENV))/cache $(FAMILIES_VENV)/bin/python $(PYTEST) $(FAMILY_TESTS)
+	VLM_RECIPES_CACHE="$(abspath $(FAMILIES_VENV))/cache" $(FAMILIES_VENV)/bin/python $(PYTEST) $(FAMILY_TESTS)
 
 # The main job on the embedded default: synthetic captions + tiny BLIP-2 (built and pre-trained on first
 # use), LoRA fine-tuning, held-out metrics before and after, then the report of `make eval`.

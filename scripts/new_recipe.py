@@ -131,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="train the copy for 2 steps on the embedded default")
     p.add_argument("smoke_args", nargs="*", help="after --: more arguments for the smoke run's train.py")
     args = p.parse_args(argv)
+    # The folder's name, as the imports and paths to rename spell it: FROM=blip2_lora_caption/ (a shell's
+    # completion) or recipes/blip2_lora_caption would rename nothing.
+    args.src = Path(args.src).name
     recipes_dir = args.recipes_dir.resolve()
     source_dir = (args.source_dir or args.recipes_dir).resolve()
 

@@ -65,6 +65,15 @@ def test_copy_renames_every_mention_and_leaves_out_run_files(fake_root, tmp_path
     assert "recipes/my_task/collator.py" in r.stdout and "recipes/my_task/README.md" in r.stdout  # next steps
 
 
+@pytest.mark.parametrize("spelled", ["blip2_lora_caption/", "./blip2_lora_caption"])
+def test_from_spelled_as_a_path_copies_and_renames_that_recipe(fake_root, spelled):
+    name = "slash_task" if spelled.endswith("/") else "dot_task"
+    r = new_recipe(fake_root, "--from", spelled, "--name", name)
+    assert r.returncode == 0, r.stderr
+    train = (fake_root / "recipes" / name / "train.py").read_text()
+    assert "blip2_lora_caption" not in train and f"from recipes.{name}.collator import" in train
+
+
 @pytest.mark.parametrize(
     "src, name, message",
     [

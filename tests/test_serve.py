@@ -866,7 +866,7 @@ def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_
         max_tokens = int(browser.find_element(By.ID, "max_tokens").get_attribute("value"))
         browser.find_element(By.ID, "file").send_keys(str(image))  # a captioner captions on upload
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
-        shown = browser.execute_script(ANSWER)
+        shown = shown_caption = browser.execute_script(ANSWER)
         assert shown and shown == server.chat("blip2_lora_caption", image, None, max_tokens=max_tokens)
         browser.save_screenshot(str(tmp_path / "page-caption.png"))
 
@@ -876,6 +876,14 @@ def test_web_page_in_headless_chromium_shows_the_apis_answers_and_refuses_a_non_
         wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "refused"))
         assert browser.find_element(By.ID, "error").text.startswith("not an image the server takes")
         assert browser.execute_script(ANSWER) == ""
+        # Two files dropped at once, a large non-image then the image: the large one is read last, and the
+        # page must still caption the file chosen last.
+        browser.execute_script(
+            "useFile(new File([new Uint8Array(5e6)], 'big.bin'));"
+            "useFile(new File([Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0))], 'small.png',"
+            " {type: 'image/png'}));", base64.b64encode(image.read_bytes()).decode())
+        wait.until(ec.text_to_be_present_in_element((By.ID, "status"), "done"))
+        assert browser.execute_script(ANSWER) == shown_caption
 
         Select(browser.find_element(By.ID, "model")).select_by_value("llava_instruct")
         browser.find_element(By.ID, "file").send_keys(str(image))

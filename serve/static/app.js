@@ -154,10 +154,15 @@ async function search() {
   setStatus("done");
 }
 
+let latestReader = null;
+
 function useFile(file) {
   if (!file) return;
-  const reader = new FileReader();
+  // A large file chosen first can finish reading after a small one chosen next: only the last one counts.
+  if (latestReader) latestReader.abort();
+  const reader = latestReader = new FileReader();
   reader.onload = () => {
+    if (reader !== latestReader) return;
     imageUrl = reader.result;
     const preview = $("preview");
     preview.src = imageUrl;

@@ -82,9 +82,13 @@ def word_llava_processor(vocab: dict[str, int], chat_template: str):
 def undecodable_png(folder: Path) -> Path:
     """`folder/corrupt.png`: a PNG whose header and end read (the header check passes it) but whose data does
     not decode."""
+    import numpy as np
     from PIL import Image
 
-    Image.effect_noise((64, 64), 50).convert("RGB").save(folder / "noise.png")
+    # Seeded noise: PIL's effect_noise draws from C's rand(), whose state earlier tests move, and how the
+    # image fails to decode (truncated or unreadable) follows the bytes.
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "noise.png")
     corrupt = bytearray((folder / "noise.png").read_bytes())
     corrupt[200:400] = bytes(b ^ 0x55 for b in corrupt[200:400])
     (folder / "corrupt.png").write_bytes(bytes(corrupt))

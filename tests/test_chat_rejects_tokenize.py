@@ -82,6 +82,9 @@ def test_without_skip_bad_rows_the_row_stops_the_run_in_one_line(data):
     _one_line(str(e.value))
 
 
+UNDECODABLE = ("truncated_image", "unreadable_image")
+
+
 def test_an_image_that_does_not_decode_is_named_and_skipped_with_its_reason(data, tmp_path):
     path = _file(data, "corrupt.jsonl", [{"image": "corrupt.png", "conversations": ANSWERED}])
     records = load_records(path, "instruct")  # the header check passes it
@@ -93,8 +96,9 @@ def test_an_image_that_does_not_decode_is_named_and_skipped_with_its_reason(data
     samples, report = tokenize_conversations(records, _encoder("llava"), None, source=str(path),
                                              skip_bad_rows=True, rejects_path=rejects)
     assert len(samples) == 4 and report.rejected == 1
-    assert [(r["reason"], r["line"], r["field"]) for r in read_jsonl(rejects)] == [("truncated_image", 3,
-                                                                                   "image")]
+    (reject,) = read_jsonl(rejects)
+    # truncated_image or unreadable_image, as zlib meets the corrupted bytes
+    assert reject["reason"] in UNDECODABLE and (reject["line"], reject["field"]) == (3, "image")
 
 
 def test_a_conversation_the_chat_template_refuses_is_a_reject_and_all_refused_stops(data, tmp_path):
@@ -124,9 +128,9 @@ def _train(recipe, args, out):
 
 @pytest.mark.parametrize("recipe, model, bad, reason", [
     ("llava_instruct", "tiny:paligemma", {"images": ["red.png", "red.png"], "conversations": UNANSWERED},
-     "tokenize_error"),
+     ("tokenize_error",)),
     ("qlora_vqa", "tiny:llava", {"image": "corrupt.png", "question": "what shape?", "answers": ["circle"]},
-     "truncated_image"),
+     UNDECODABLE),
 ])
 def test_the_recipes_count_the_rejects_or_stop_in_one_line(data, tmp_path, recipe, model, bad, reason):
     good = ({"image": "red.png", "conversations": ANSWERED} if recipe == "llava_instruct"
@@ -147,7 +151,7 @@ def test_the_recipes_count_the_rejects_or_stop_in_one_line(data, tmp_path, recip
     r = _train(recipe, [*args, "--skip_bad_rows"], out)
     assert r.returncode == 0, r.stderr[-3000:]
     (reject,) = read_jsonl(out / "rejects" / "train.tokenize.rejects.jsonl")
-    assert (reject["file"], reject["line"], reject["reason"]) == (str(path), 3, reason)
+    assert (reject["file"], reject["line"]) == (str(path), 3) and reject["reason"] in reason
     budget = json.loads((out / "metrics.json").read_text())["length_budget"]["train"]
     assert (budget["samples"], budget["rejected"]) == (3, 1)
     assert "skipped 1 row(s) of 4 that the processor could not encode" in r.stdout

@@ -24,7 +24,7 @@ from recipes.blip2_lora_caption.trainer import CaptionTrainer
 from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
                                      caption_samples, caption_scores, load_caption_data)
-from recipes.common.models import load_model, load_recipe_processor, resolve_model_path
+from recipes.common.models import dtype_name, load_model, load_recipe_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
@@ -84,7 +84,7 @@ def main(argv=None):
     # Score before, train, save, score after: metrics.json; a resume must match what run.json records.
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang, model=model_path,
-        revision=args.model.revision,
+        revision=args.model.revision, dtype=dtype_name(args.model),
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         prompt=args.data.prompt, special_text=args.data.special_text,

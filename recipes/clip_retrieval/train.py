@@ -39,7 +39,8 @@ from recipes.clip_retrieval.trainer import (ContrastiveTrainer, add_sigmoid_head
 from recipes.common.args import (DataArguments, EarlyStoppingArguments, FreezeArguments,
                                  LearningRateArguments, ModelArguments, PeftArguments, arg, check_at_least,
                                  parse_recipe_args)
-from recipes.common.models import load_model, load_recipe_processor, resolve_model_path, text_reserved
+from recipes.common.models import (dtype_name, load_model, load_recipe_processor, resolve_model_path,
+                                   text_reserved)
 from recipes.common.peft_setup import count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 
@@ -209,7 +210,7 @@ def main(argv=None):
 
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="retrieval", lang=args.data.lang, model=model_path,
-        revision=args.model.revision, loss=loss, max_length=max_length,
+        revision=args.model.revision, dtype=dtype_name(args.model), loss=loss, max_length=max_length,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         special_text=args.data.special_text, zero_shot_file=args.retrieval.zero_shot_file,

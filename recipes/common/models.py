@@ -28,6 +28,11 @@ def compute_dtype(model_args: ModelArguments) -> torch.dtype:
     return torch.float32
 
 
+def dtype_name(model_args: ModelArguments) -> str:
+    """`compute_dtype` as run.json records it ("bfloat16"): a resume in another dtype is refused."""
+    return str(compute_dtype(model_args)).removeprefix("torch.")
+
+
 def check_mixed_precision(model_args: ModelArguments, training_args) -> None:
     """Refuse half-precision weights without the matching autocast, before anything loads: the float32
     trained weights (`peft_setup.trainable_in_float32`) meet the frozen half-precision ones only under it.

@@ -37,7 +37,7 @@ from recipes.common.args import GENERATIVE_ARGUMENTS, arg, check_at_least, parse
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import load_model, load_recipe_processor, resolve_model_path
+from recipes.common.models import dtype_name, load_model, load_recipe_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.run import load_data, run_main, setup_run, train_and_evaluate
 from recipes.llava_instruct.collator import caption_conversations, generation_items
@@ -161,7 +161,7 @@ def main(argv=None):
     return train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task=task, stage=args.instruct.stage,
         lang=args.data.lang, short_answer_words=args.instruct.short_answer_words, model=model_path,
-        revision=args.model.revision,
+        revision=args.model.revision, dtype=dtype_name(args.model),
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, processor_kwargs=args.model.processor_kwargs,
         special_text=args.data.special_text,

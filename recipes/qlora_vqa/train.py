@@ -30,7 +30,7 @@ from recipes.common.args import GENERATIVE_ARGUMENTS, arg, parse_recipe_args
 from recipes.common.chat import (ChatBatchArguments, chat_collator, chat_encoder, chat_generation,
                                  encoded_once, tokenize_conversations)
 from recipes.common.data import embedded_dataset
-from recipes.common.models import compute_dtype, load_model, load_recipe_processor, resolve_model_path
+from recipes.common.models import dtype_name, load_model, load_recipe_processor, resolve_model_path
 from recipes.common.peft_setup import apply_lora_and_freezing, count_parameters
 from recipes.common.quantization import (
     fall_back_to_cpu_optimizer,
@@ -165,7 +165,7 @@ def main(argv=None):
         special_text=args.data.special_text,
         # How the base computes and how questions are asked: a resume that changed them would train on a
         # checkpoint, and report "before" scores, of another setup.
-        dtype=str(compute_dtype(args.model)).removeprefix("torch."), load_in_4bit=args.model.load_in_4bit,
+        dtype=dtype_name(args.model), load_in_4bit=args.model.load_in_4bit,
         load_in_8bit=args.model.load_in_8bit,
         bnb_4bit_quant_type=args.model.bnb_4bit_quant_type if args.model.load_in_4bit else None,
         bnb_4bit_use_double_quant=args.model.bnb_4bit_use_double_quant if args.model.load_in_4bit else None,

@@ -29,7 +29,7 @@ from recipes.common.args import (GENERATIVE_ARGUMENTS, FeatureCacheArguments, ar
                                  parse_recipe_args)
 from recipes.common.captions import (CaptionCollator, CaptionPromptCollator, cached_vision_features,
                                      caption_samples, caption_scores, load_caption_data)
-from recipes.common.models import compute_dtype, loading, resolve_model_path
+from recipes.common.models import compute_dtype, dtype_name, loading, resolve_model_path
 from recipes.common.peft_setup import apply_freezing, apply_peft, count_parameters, trainable_in_float32
 from recipes.common.run import run_main, setup_run, train_and_evaluate
 from recipes.common.trainer import GenerationEval
@@ -151,7 +151,7 @@ def main(argv=None):
     results = train_and_evaluate(trainer, dict(
         recipe=Path(__file__).resolve().parent.name, task="caption", lang=args.data.lang,
         model=f"{vision_path} + {language_path}", vision_model=vision_path, language_model=language_path,
-        revision=args.model.revision,
+        revision=args.model.revision, dtype=dtype_name(args.model),
         prompt_length=config.prompt_length, trained_parameters=count_parameters(model).trainable,
         train_file=args.data.train_file, eval_file=args.data.eval_file, test_file=args.data.test_file,
         image_root=args.data.image_root, prompt=args.data.prompt, special_text=args.data.special_text,

@@ -1,7 +1,9 @@
 """recipes.common.feature_cache: stored features equal the tower's output, in its dtype; the tower serves them
 back."""
 
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,6 +58,30 @@ def test_the_same_inputs_reuse_the_folder_and_other_weights_make_a_new_one(setup
     second = VisionFeatureCache.build(tower, processor, paths, root)
     assert second.folder != first.folder and torch.equal(second.get(paths), _live(tower, processor, paths))
     assert not torch.equal(second.get(paths), first.get(paths))
+
+
+def test_another_processor_class_or_a_replaced_image_makes_a_new_folder(setup):
+    tower, processor, paths, root = setup
+    first = VisionFeatureCache.build(tower, processor, paths, root)
+
+    class OtherBackend(type(processor)):  # e.g. the torchvision and PIL backends: one dict, other pixels
+        def to_dict(self):
+            return processor.to_dict()
+
+    other = OtherBackend(size={"height": 32, "width": 32})
+    assert other.to_dict() == processor.to_dict()
+    assert VisionFeatureCache.build(tower, other, paths, root).folder != first.folder
+    # An image replaced by another of its size and modification time (an archive unpacked over the old one)
+    bmps = [str(Path(paths[0]).with_suffix(f".{i}.bmp")) for i in range(2)]
+    for path, colour in zip(bmps, ["red", "green"]):
+        Image.new("RGB", (40, 40), colour).save(path)
+    before = VisionFeatureCache.build(tower, processor, bmps, root)
+    stat = os.stat(bmps[0])
+    Image.new("RGB", (40, 40), "blue").save(bmps[0])
+    os.utime(bmps[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(bmps[0]).st_size == stat.st_size and os.stat(bmps[0]).st_mtime_ns == stat.st_mtime_ns
+    after = VisionFeatureCache.build(tower, processor, bmps, root)
+    assert after.folder != before.folder and torch.equal(after.get(bmps), _live(tower, processor, bmps))
 
 
 def test_a_serving_tower_passes_features_through_and_still_runs_on_pixels(setup):

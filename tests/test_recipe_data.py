@@ -53,6 +53,13 @@ def test_load_records_skips_counts_and_writes_rejects(tmp_path):
     assert ds["image"] == [str((tmp_path / "a.png").resolve())] * 2
     assert "2 rows, 1 skipped" in ds.info.description
     assert [(r["line"], r["reason"]) for r in read_jsonl(f"{path}.rejects.jsonl")] == [(2, "malformed_json")]
+    # A run's rejects file (in its output_dir) goes once a rerun there finds none: it would belie it.
+    rejects = tmp_path / "run" / "rejects" / "train.rejects.jsonl"
+    load_records(path, "caption", skip_bad_rows=True, rejects_path=rejects)
+    assert len(read_jsonl(rejects)) == 1
+    fixed = _write(tmp_path, [{"image": "a.png", "captions": ["ok"]}])
+    assert fixed == path and len(load_records(path, "caption", skip_bad_rows=True, rejects_path=rejects)) == 1
+    assert not rejects.exists()
 
 
 def test_a_file_of_another_task_says_which_task_its_rows_fit(tmp_path):

@@ -86,6 +86,8 @@ def load_records(path: str | os.PathLike, task: str, *, image_root: str | os.Pat
                     ({**e.to_dict(), "raw": raw.decode("utf-8", "backslashreplace")} for e, raw in errors))
         print(f"{path}: skipped {len(errors)} invalid row(s) of {len(errors) + len(rows)}; reasons in "
               f"{rejects_path}" + (f".{hint}" if hint else ""))
+    elif rejects_path is not None and launch_rank() == 0:  # an earlier run's, in the same output_dir
+        Path(rejects_path).unlink(missing_ok=True)
     if not rows:
         raise DataError("empty", f"has no valid rows.{hint}", path=path)
     if task == "vqa" and len({type(r["question_id"]) for r in rows}) > 1:

@@ -47,13 +47,15 @@ def cache_key(tower: torch.nn.Module, image_processor, images: list[str], dtype:
     dtype, and `tag` (which of the tower's outputs is kept)."""
     h = hashlib.sha256(tag.encode())
     h.update(json.dumps(tower.config.to_dict(), sort_keys=True, default=str).encode())
+    # The class too: the PIL and torchvision backends of a processor write one dict, not the same pixels.
+    h.update(f"{type(image_processor).__module__}.{type(image_processor).__qualname__}".encode())
     h.update(json.dumps(image_processor.to_dict(), sort_keys=True, default=str).encode())
     h.update(str(dtype).encode())
     with torch.no_grad():  # a fingerprint of the weights: their sums, in float64
         h.update(np.array([p.double().sum().item() for p in tower.parameters()]).tobytes())
-    for path in images:
+    for path in images:  # ctime too: a file replaced by one of its size and mtime (an archive unpacked)
         stat = os.stat(path)
-        h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\0{stat.st_ctime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -101,10 +103,10 @@ class VisionFeatureCache:
         is there.
 
         What is kept is `encode(pixel_values)` (default: the tower's last_hidden_state), which `tag` names.
-        The key covers the tower's config and weights, the processor, the images (path, size, mtime), dtype,
-        tag and `autocast` (the mixed precision training runs the live tower under, which the features are
-        computed under too), so a second run on the same data reuses the features, and anything that
-        changes them makes new ones.
+        The key covers the tower's config and weights, the processor (its class and settings), the images
+        (path, size, mtime, ctime), dtype, tag and `autocast` (the mixed precision training runs the live
+        tower under, which the features are computed under too), so a second run on the same data reuses the
+        features, and anything that changes them makes new ones.
         """
         images = sorted(set(images))
         if not images:

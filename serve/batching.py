@@ -272,7 +272,8 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
     longest = max(job.max_tokens for job in jobs)
     kwargs = run.generate_kwargs(longest, first.temperature, first.top_p)
     stops = set(kwargs["eos_token_id"])
-    with run.lock, seeded(first.seed if first.seeded else None, run.model.device):
+    autocast = torch.autocast(run.model.device.type, dtype=run.autocast, enabled=run.autocast is not None)
+    with run.lock, seeded(first.seed if first.seeded else None, run.model.device), autocast:
         model = run.model
         if run.mixable:  # each request with its own run's adapter
             kwargs["adapter_names"] = [job.run.adapter for job in jobs]

@@ -45,6 +45,7 @@ from recipes.common.chat import (
 from recipes.common.merge import (
     adapter_base,
     check_final_model,
+    evaluated_precision,
     is_adapter_run,
     load_run,
     load_trained_run,
@@ -79,6 +80,7 @@ class GenerativeRun:
     extra_positions: int = 0  # positions before the ids, as embeddings (the soft prompt and image vectors)
     trained_prompt: str | None = None  # captioners: the --prompt the run trained with (run.json)
     mixable: bool = False  # its adapter can share a batch with other adapters on the model (see load_runs)
+    autocast: torch.dtype | None = None  # a --bf16 / --fp16 run's evaluation generated under it
     lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time on a shared model
     # A fast tokenizer sets its padding on the object for each call: a batch padded in one thread while a
     # prompt is counted in another could come out unpadded.
@@ -113,7 +115,7 @@ class GenerativeRun:
         an image: an adapter on the vision tower needs one image per request of the batch)."""
         if not self.mixable:
             return ("run", self.id)
-        return ("model", id(self.model), self._inputs_signature, has_image)
+        return ("model", id(self.model), self._inputs_signature, self.autocast, has_image)
 
     @functools.cached_property
     def _inputs_signature(self) -> tuple:
@@ -258,7 +260,7 @@ def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
         tokenizer.pad_token = tokenizer.eos_token
     return GenerativeRun(rid, path, "caption", model.eval(), tokenizer,
                          AutoImageProcessor.from_pretrained(path), extra_positions=model.config.prefix_length,
-                         trained_prompt=trained_with(path, "prompt"))
+                         trained_prompt=trained_with(path, "prompt"), autocast=evaluated_precision(path)[1])
 
 
 def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None) -> GenerativeRun:
@@ -268,15 +270,17 @@ def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None)
         encoder = chat_encoder(processor, trained_with(path, "special_text"))
     except ChatTemplateError:
         encoder = None
+    autocast = evaluated_precision(path)[1]
     if encoder is not None:
-        return GenerativeRun(rid, path, "chat", model, tokenizer, image_processor, adapter, encoder=encoder)
+        return GenerativeRun(rid, path, "chat", model, tokenizer, image_processor, adapter, encoder=encoder,
+                             autocast=autocast)
     config = model.config
     if getattr(config, "num_query_tokens", None) is None or getattr(config, "image_token_id", None) is None:
         raise RunLoadError(f"{path}: {config.model_type} has neither a chat template nor BLIP-2's query "
                            "tokens; give its processor a chat template (chat_template.json)")
     prefix = (config.image_token_id,) * config.num_query_tokens  # as blip2_lora_caption/train.py
     return GenerativeRun(rid, path, "caption", model, tokenizer, image_processor, adapter, prefix_ids=prefix,
-                         trained_prompt=trained_with(path, "prompt"))
+                         trained_prompt=trained_with(path, "prompt"), autocast=autocast)
 
 
 def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
@@ -284,7 +288,8 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
     from transformers import AutoModelForImageTextToText
 
     runs: dict[str, GenerativeRun | SearchRun] = {}
-    shared: dict[tuple, object] = {}  # (base path, revision, quantization) -> the PeftModel with its adapters
+    # (base path, revision, quantization, dtype) -> the PeftModel with its adapters
+    shared: dict[tuple, object] = {}
     for p in paths:
         path = Path(p)
         if not path.is_dir():
@@ -309,8 +314,9 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
             # a QLoRA run's base is quantized as in training; it is shared only with runs quantized alike
             quantization = path / QUANTIZATION_FILE
             base_path, revision = adapter_base(path)
+            dtype = evaluated_precision(path)[0]  # as its evaluation ran: it answers as it scored
             base = (str(Path(base_path).resolve()), revision,
-                    quantization.read_text() if quantization.is_file() else None)
+                    quantization.read_text() if quantization.is_file() else None, dtype)
             if base in shared:
                 # a name of our own, not the run id: a run named "default" would replace the first run's
                 # adapter, and peft refuses a name with a dot (outputs/v1.2)
@@ -320,11 +326,12 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
                 model.eval()
                 processor = load_processor(path, model.config.model_type)
             else:  # loaded as it trained (a QLoRA base quantized), its adapter named "default"
-                (model, processor), adapter = load_trained_run(path, AutoModelForImageTextToText), "default"
+                (model, processor) = load_trained_run(path, AutoModelForImageTextToText, dtype)
+                adapter = "default"
                 shared[base] = model
             runs[rid] = _image_text_run(path, rid, model, processor, adapter)
         elif config:
-            model, processor = load_run(path, AutoModelForImageTextToText)
+            model, processor = load_run(path, AutoModelForImageTextToText, evaluated_precision(path)[0])
             runs[rid] = _image_text_run(path, rid, model, processor, None)
         else:
             raise RunLoadError(f"{path}: no adapter_config.json, config.json, trained.safetensors or "

@@ -100,15 +100,16 @@ def trained(tmp_path_factory):
     """{name: run folder}: blip2_lora_caption, soft_prompt_caption and llava_instruct trained for one step,
     llava_second (another adapter on llava_instruct's base), lora_a and lora_b (untrained LoRA-only adapters
     on that base, which peft can mix in one batch), clip_index (an embed.py index of tiny:clip),
-    gemma3_instruct (llava_instruct on Gemma 3: chat template, <end_of_turn>) and paligemma_vqa (qlora_vqa on
-    PaliGemma 2: prefix + suffix, no chat template, 4-bit base); and the data files."""
+    gemma3_instruct (llava_instruct on Gemma 3: chat template, <end_of_turn>), paligemma_vqa (qlora_vqa on
+    PaliGemma 2: prefix + suffix, no chat template, 4-bit base) and llava_bf16 (llava_instruct with --bf16);
+    and the data files."""
     d = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
     files = {"caption": _data(d / "data", "caption", 8, 4), "instruct": _data(d / "data", "instruct", 6, 3),
              "retrieval": _data(d / "data", "retrieval", 6, 0), "vqa": _data(d / "data", "vqa", 4, 2)}
     runs = {name: d / "runs" / name for name in ("blip2_lora_caption", "soft_prompt_caption",
                                                  "llava_instruct", "llava_second", "clip_index",
-                                                 "gemma3_instruct", "paligemma_vqa")}
+                                                 "gemma3_instruct", "paligemma_vqa", "llava_bf16")}
     with pytest.MonkeyPatch.context() as mp:  # tiny models built into the module's own cache
         mp.setenv("VLM_RECIPES_CACHE", env["VLM_RECIPES_CACHE"])
         bases = {"caption": _scaled_base("tiny:blip2-opt", d / "blip2-base"),
@@ -128,6 +129,7 @@ def trained(tmp_path_factory):
         # a caption prompt: the server uses it for a request with no text, as the recipe's evaluation does
         procs = [train("blip2_lora_caption", "blip2_lora_caption", "caption", "--prompt", "a photo of"),
                  train("llava_instruct", "llava_instruct", "instruct"),
+                 train("llava_bf16", "llava_instruct", "instruct", "--bf16", "true"),  # bf16 autocast
                  train("soft_prompt_caption", "soft_prompt_caption", "caption", "--vision_model",
                        "tiny:clip-vision", "--language_model", "tiny:gpt2"),
                  train("gemma3_instruct", "llava_instruct", "instruct", "--model_name_or_path",
@@ -250,8 +252,8 @@ def test_models_health_and_tasks(server):
     assert {m["id"]: m["task"] for m in body["data"]} == {
         "blip2_lora_caption": "caption", "soft_prompt_caption": "caption", "llava_instruct": "chat",
         "llava_second": "chat", "clip_index": "retrieval", "lora_a": "chat", "lora_b": "chat",
-        "gemma3_instruct": "chat", "paligemma_vqa": "chat"}
-    assert server.json("/health") == (200, {"status": "ok", "models": 9, "queue_depth": 0})
+        "gemma3_instruct": "chat", "paligemma_vqa": "chat", "llava_bf16": "chat"}
+    assert server.json("/health") == (200, {"status": "ok", "models": 10, "queue_depth": 0})
 
 
 def test_captions_equal_the_recipes_eval_predictions(server, trained):
@@ -290,28 +292,33 @@ def _openai_messages(item: dict) -> list[dict]:
     return messages
 
 
-def test_chat_answers_equal_the_eval_predictions_and_chat_py(server, trained):
+@pytest.mark.parametrize("name", ["llava_instruct", "llava_bf16"])  # bf16: generated under its autocast
+def test_chat_answers_equal_the_eval_predictions_and_chat_py(server, trained, name):
     from data_tools.images import load_image
     from recipes.common.chat import ChatEncoder
     from recipes.common.data import load_records
+    from recipes.common.merge import evaluated_precision
     from recipes.llava_instruct.chat import answer, load
     from recipes.llava_instruct.collator import generation_items
 
     runs, files = trained
-    predictions = _predictions(runs["llava_instruct"])
+    predictions = _predictions(runs[name])
     records = load_records(files["instruct"][1], "instruct")
-    items = list(generation_items("instruct", records, 8, "en"))[:4]
+    items = list(generation_items("instruct", records, 8, "en"))
     assert len({predictions[it["key"]] for it in items}) > 1
-    model, processor = load(str(runs["llava_instruct"]))
+    model, processor = load(str(runs[name]))
+    autocast = evaluated_precision(runs[name])[1]
+    assert autocast == (torch.bfloat16 if name == "llava_bf16" else None)
     encoder = ChatEncoder(processor)
     for it in items:
         messages = _openai_messages(it)
-        status, body = server.json("/v1/chat/completions",
-                                   {"model": "llava_instruct", "messages": messages, "max_tokens": 8})
+        status, body = server.json("/v1/chat/completions", {"model": name, "messages": messages,
+                                                            "max_tokens": 8})
         assert status == 200, body
         served = body["choices"][0]["message"]["content"]
         assert served == predictions[it["key"]]
-        assert served == answer(model, processor, encoder, it["conversations"], load_image(it["image"]), 8)
+        image = load_image(it["image"])
+        assert served == answer(model, processor, encoder, it["conversations"], image, 8, autocast)
 
 
 def _family_items(name: str, files) -> list[dict]:
@@ -539,8 +546,10 @@ def test_adapters_share_one_base_and_each_answers_as_its_own_run(server, loaded,
 
     from recipes.common.merge import load_run
 
-    assert loaded["llava_instruct"].model is loaded["llava_second"].model
-    assert set(loaded["llava_second"].model.peft_config) == {"default", loaded["llava_second"].adapter}
+    # llava_bf16 too: the same base in the same dtype; it generates under its own autocast
+    assert loaded["llava_instruct"].model is loaded["llava_second"].model is loaded["llava_bf16"].model
+    assert set(loaded["llava_second"].model.peft_config) == {"default", loaded["llava_second"].adapter,
+                                                             loaded["llava_bf16"].adapter}
     runs, files = trained
     image = Path(files["instruct"][1]).parent / _eval_rows(files, "instruct")[0]["image"]
     question = "What is in the image?"

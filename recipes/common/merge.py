@@ -44,6 +44,14 @@ def trained_with(run: str | Path, name: str):
     return None if record is None else json.loads(record.read_text()).get(name)
 
 
+def evaluated_precision(run: str | Path) -> tuple[str, torch.dtype | None]:
+    """(dtype, autocast dtype or None) that run `run` generated its evaluation in (run.json: its dtype and
+    --bf16 / --fp16): loaded and generating so, it answers as it scored. float32, no autocast, where run.json
+    does not say."""
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trained_with(run, "mixed_precision"))
+    return trained_with(run, "dtype") or "float32", autocast
+
+
 def adapter_base(run: str | Path) -> tuple[str, str | None]:
     """(base checkpoint, revision it was loaded at) of LoRA run `run`, from its adapter_config.json."""
     config = PeftConfig.from_pretrained(run)

@@ -437,6 +437,8 @@ def record_run(trainer, metadata: dict, resume: str | None) -> tuple[dict, bool]
     if trainer.generation is not None:  # a resumed run reuses "before": it must decode as this one does
         decoding = trainer.generation.args
         metadata = {**metadata, "decoding": {k: getattr(decoding, k) for k in DECODING}}
+    # The autocast evaluation generates under: chat and serve generate under it too, to answer as it scored.
+    metadata["mixed_precision"] = "bf16" if args.bf16 else "fp16" if args.fp16 else None
     # Absolute, so that `make eval` finds the data files and images from any folder.
     metadata = {k: str(Path(v).resolve()) if v and (k.endswith("_file") or k == "image_root") else v
                 for k, v in metadata.items()}

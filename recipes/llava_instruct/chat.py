@@ -23,20 +23,22 @@ from transformers import AutoModelForImageTextToText
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.chat import ChatEncoder, chat_encoder, reserved_in, to_messages
-from recipes.common.merge import check_final_model, load_trained_run, trained_with
+from recipes.common.merge import check_final_model, evaluated_precision, load_trained_run, trained_with
 from recipes.common.models import load_processor, loading, resolve_model_path
 from recipes.common.run import run_main
 from recipes.common.trainer import stop_token_ids
 
 
-def load(model: str, dtype: str = "float32"):
-    """(model, processor) of a run folder or checkpoint, or of a Hub id / tiny:<name>."""
+def load(model: str, dtype: str | None = None):
+    """(model, processor) of a run folder or checkpoint (in the dtype its evaluation ran in, unless `dtype`),
+    or of a Hub id / tiny:<name> (float32 unless `dtype`)."""
     path = resolve_model_path(model)
     check_final_model(path)
     if Path(path).is_dir():  # a QLoRA run's base quantized as in training, so that it answers as it scored
-        return load_trained_run(path, AutoModelForImageTextToText, dtype)
+        return load_trained_run(path, AutoModelForImageTextToText, dtype or evaluated_precision(path)[0])
     with loading(path):
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype or "float32"))
+        model.eval()
         return model, load_processor(path, model.config.model_type)
 
 
@@ -50,9 +52,10 @@ def check_message(encoder: ChatEncoder, turns: list[dict], n_images: int) -> Non
 
 
 @torch.no_grad()
-def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image,
-           max_new_tokens: int = 128) -> str:
-    """Greedy answer to the last human turn of `turns` (LLaVA conversation format) about `image` (or None)."""
+def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image, max_new_tokens: int = 128,
+           autocast: torch.dtype | None = None) -> str:
+    """Greedy answer to the last human turn of `turns` (LLaVA conversation format) about `image` (or None),
+    under `autocast` (a --bf16 / --fp16 run's evaluation ran under it: `evaluated_precision`)."""
     images = [] if image is None else [image]
     prompt = encoder.prompt_text(to_messages(turns, n_images=len(images)))
     inputs = encoder.process([prompt], [images], padding_side="left").to(model.device)
@@ -60,8 +63,9 @@ def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image,
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     tok = processor.tokenizer
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                         eos_token_id=stop_token_ids(model, tok))
+    with torch.autocast(model.device.type, dtype=autocast, enabled=autocast is not None):
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                             eos_token_id=stop_token_ids(model, tok))
     return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
@@ -73,7 +77,8 @@ def main(argv=None) -> int:
     p.add_argument("--prompt",
                    help="one message; without it, read messages from standard input until an empty line")
     p.add_argument("--max_new_tokens", type=int, default=128)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="default: a run's own (its run.json), else float32")
     args = p.parse_args(argv)
     image = load_image(args.image) if args.image else None  # a bad image: an error before the model loads
     if image is None and IMAGE_TOKEN in (args.prompt or ""):
@@ -85,12 +90,14 @@ def main(argv=None) -> int:
     model, processor = load(args.model, args.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
-    encoder = chat_encoder(processor, trained_with(resolve_model_path(args.model), "special_text"))
+    path = resolve_model_path(args.model)
+    encoder = chat_encoder(processor, trained_with(path, "special_text"))
+    autocast = evaluated_precision(path)[1] if Path(path).is_dir() else None
     n_images = 0 if image is None else 1
     if args.prompt is not None:
         turns = [{"from": "human", "value": first_turn(args.prompt)}]
         check_message(encoder, turns, n_images)
-        print(answer(model, processor, encoder, turns, image, args.max_new_tokens))
+        print(answer(model, processor, encoder, turns, image, args.max_new_tokens, autocast))
         return 0
     turns = []
     while True:
@@ -107,7 +114,7 @@ def main(argv=None) -> int:
             print(f"not asked: {e}", file=sys.stderr, flush=True)
             continue
         turns.append(turn)
-        reply = answer(model, processor, encoder, turns, image, args.max_new_tokens)
+        reply = answer(model, processor, encoder, turns, image, args.max_new_tokens, autocast)
         if reply:
             turns.append({"from": "gpt", "value": reply})
         else:  # an empty answer cannot be a turn of the conversation: forget the question

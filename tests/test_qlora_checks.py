@@ -1,4 +1,4 @@
-"""qlora_vqa fixes checked without a recipe run: an unquantized save removes a stale quantization_config.json;
+"""qlora_vqa checked without a recipe run: an unquantized save removes a stale quantization_config.json;
 float16 on the CPU is refused before anything loads; answer_type / question_type of another type than a
 string are counted rejects naming the field; the README says which answer trains."""
 

@@ -1,4 +1,4 @@
-"""qlora_vqa fixes checked on recipe runs (random tiny LLaVA, a few steps on the CPU): a rerun without
+"""qlora_vqa checked on recipe runs (random tiny LLaVA, a few steps on the CPU): a rerun without
 quantization into a 4-bit run's folder is loaded unquantized; a resume refuses changed quantization, dtype
 or --answer_prompt; a bad --answer_prompt, float16 on the CPU and a non-string answer_type are one-line
 errors naming the option or file:line:field."""
@@ -8,15 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from data_tools.jsonl import read_jsonl, write_jsonl
-from data_tools.synth import make_synthetic
+from tests.conftest import run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "recipes" / "qlora_vqa" / "train.py"
@@ -27,21 +25,10 @@ FAST = ["--model_name_or_path", "tiny:llava", "--report_to", "none", "--per_devi
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(recipe_env):
     """VQA on 6 synthetic images, 3 questions each: 4 images for training, 2 held out; a private model
     cache."""
-    d = tmp_path_factory.mktemp("qlora_fixes")
-    rows = read_jsonl(make_synthetic("vqa", 6, d / "synth", seed=1, progress=False))
-    write_jsonl(d / "synth" / "train.jsonl", [r for r in rows if r["image_id"] < 4])
-    write_jsonl(d / "synth" / "eval.jsonl", [r for r in rows if r["image_id"] >= 4])
-    e = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false",
-             OMP_NUM_THREADS="1")
-    return d, e
-
-
-def _run(args, env):
-    return subprocess.run([sys.executable, str(TRAIN), *map(str, args)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    return recipe_env("qlora_checks", "vqa", 6, 12, OMP_NUM_THREADS="1")
 
 
 def _data(d):
@@ -62,11 +49,11 @@ def test_a_rerun_without_quantization_into_a_4bit_runs_folder_loads_unquantized(
 
     d, e = env
     out = d / "rerun"
-    r = _run([*_data(d), *FAST, "--output_dir", out], e)
+    r = run_script(TRAIN, [*_data(d), *FAST, "--output_dir", out], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((out / "quantization_config.json").read_text())["quantization_config"]["load_in_4bit"]
     # no checkpoints (--save_strategy no): the same folder again, the base unquantized
-    r = _run([*_data(d), *FAST, "--output_dir", out, "--load_in_4bit", "false"], e)
+    r = run_script(TRAIN, [*_data(d), *FAST, "--output_dir", out, "--load_in_4bit", "false"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert not (out / "quantization_config.json").exists()
 
@@ -88,8 +75,8 @@ def checkpointed(env):
     """A 4-bit run of 2 steps that saved checkpoint-1 and checkpoint-2, and its run.json."""
     d, e = env
     out = d / "resume"
-    r = _run([*_data(d), *FAST, "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1",
-              "--output_dir", out], e)
+    r = run_script(TRAIN, [*_data(d), *FAST, "--max_steps", "2", "--save_strategy", "steps",
+                           "--save_steps", "1", "--output_dir", out], e)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -120,8 +107,8 @@ def test_a_resume_that_changes_quantization_dtype_or_answer_prompt_is_refused(en
                                                                              named):
     d, e = env
     before = (checkpointed / "run.json").read_text()
-    r = _run([*_data(d), *FAST, "--max_steps", "2", "--output_dir", checkpointed,
-              "--resume_from_checkpoint", "last", *flags], e)
+    r = run_script(TRAIN, [*_data(d), *FAST, "--max_steps", "2", "--output_dir", checkpointed,
+                           "--resume_from_checkpoint", "last", *flags], e)
     error = _one_line_error(r)
     assert "--resume_from_checkpoint" in error and named in error, error
     assert (checkpointed / "run.json").read_text() == before  # still what the run started with
@@ -131,8 +118,8 @@ def test_a_resume_with_the_same_settings_goes_on(env, checkpointed, tmp_path):
     d, e = env
     copy = tmp_path / "resume"
     shutil.copytree(checkpointed, copy)
-    r = _run([*_data(d), *FAST, "--max_steps", "2", "--output_dir", copy, "--resume_from_checkpoint", "last"],
-             e)
+    r = run_script(TRAIN, [*_data(d), *FAST, "--max_steps", "2", "--output_dir", copy,
+                           "--resume_from_checkpoint", "last"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((copy / "metrics.json").read_text())["global_step"] == 2
 
@@ -148,8 +135,8 @@ PROMPTS = [  # (prompt, what the error names)
 def test_a_bad_answer_prompt_is_named_not_blamed_on_the_data(env, prompt, named, skip):
     d, e = env
     out = d / f"prompt-{len(prompt)}-{skip}"
-    r = _run([*_data(d), *FAST, "--output_dir", out, "--answer_prompt", prompt,
-              *(["--skip_bad_rows", "true"] if skip else [])], e)
+    r = run_script(TRAIN, [*_data(d), *FAST, "--output_dir", out, "--answer_prompt", prompt,
+                           *(["--skip_bad_rows", "true"] if skip else [])], e)
     error = _one_line_error(r)
     assert error.startswith(f"error: --answer_prompt {prompt!r} {named}"), error
     assert "train.jsonl" not in r.stderr and not (out / "rejects").exists()
@@ -157,7 +144,7 @@ def test_a_bad_answer_prompt_is_named_not_blamed_on_the_data(env, prompt, named,
 
 def test_float16_on_the_cpu_is_refused_before_the_model_loads(env):
     d, e = env
-    r = _run([*_data(d), *FAST, "--output_dir", d / "fp16", "--dtype", "float16", "--fp16"], e)
+    r = run_script(TRAIN, [*_data(d), *FAST, "--output_dir", d / "fp16", "--dtype", "float16", "--fp16"], e)
     assert _one_line_error(r) == ("error: --dtype float16 needs a CUDA GPU (on the CPU there is no fp16 "
                                   "autocast): use --dtype float32, or --dtype bfloat16 with --bf16.")
 
@@ -171,13 +158,13 @@ def test_a_non_string_answer_type_is_reported_with_file_line_and_field_or_skippe
     write_jsonl(bad / "eval.jsonl", [{**rows[0], "answer_type": 1}, {**rows[1], "question_type": ["x"]},
                                      *rows[2:]])
     data = ["--train_file", d / "synth" / "train.jsonl", "--eval_file", bad / "eval.jsonl"]
-    r = _run([*data, *FAST, "--output_dir", d / "types"], e)
+    r = run_script(TRAIN, [*data, *FAST, "--output_dir", d / "types"], e)
     assert _one_line_error(r) == f"error: {bad / 'eval.jsonl'}: 2 invalid row(s):"
     assert (f"\n  {bad / 'eval.jsonl'}:1: field 'answer_type': expected a string, got int [wrong_type]\n"
             f"  {bad / 'eval.jsonl'}:2: field 'question_type': expected a string, got list [wrong_type]\n"
             in r.stderr)
 
-    r = _run([*data, *FAST, "--output_dir", d / "types_skipped", "--skip_bad_rows", "true"], e)
+    r = run_script(TRAIN, [*data, *FAST, "--output_dir", d / "types_skipped", "--skip_bad_rows", "true"], e)
     assert r.returncode == 0, r.stderr[-3000:]
     rejects = read_jsonl(d / "types_skipped" / "rejects" / "eval.rejects.jsonl")
     assert [(x["line"], x["reason"], x["field"]) for x in rejects] == [

@@ -72,6 +72,9 @@ def read_run_info(run: Path) -> dict:
         info["lang"] = normalize_lang(info.get("lang") or "en")
     except ValueError as e:
         raise DataError("bad_value", str(e), path=path, field="lang") from None
+    if "eval_file" in info and info["eval_file"] is None and info.get("global_step") is not None:
+        raise DataError("missing_field", "the run had no held-out data (trained without --eval_file): "
+                        "there is nothing to score", path=path, field="eval_file")
     for field in ("recipe", "task", "eval_file"):
         if not info.get(field):
             raise DataError("missing_field",
@@ -80,25 +83,33 @@ def read_run_info(run: Path) -> dict:
     return info
 
 
-def _recipe(record: Path) -> str | None:
-    """The recipe a run's metrics.json or run.json names; None for a file that is not a recipe's (another
-    tool's metrics.json under outputs/)."""
+def _record(record: Path) -> dict:
     try:
         info = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    recipe = info.get("recipe") if isinstance(info, dict) else None
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _recipe(record: Path) -> str | None:
+    """The recipe a run's metrics.json or run.json names; None for a file that is not a recipe's (another
+    tool's metrics.json under outputs/)."""
+    recipe = _record(record).get("recipe")
     return recipe if isinstance(recipe, str) else None
 
 
-def latest_runs(outputs: Path) -> list[Path]:
-    """The newest run folder (by its metrics.json) of each recipe under `outputs`, sorted by recipe."""
+def latest_runs(outputs: Path, unscored: list[Path] | None = None) -> list[Path]:
+    """The newest run folder (by its metrics.json) of each recipe under `outputs`, sorted by recipe; runs
+    trained without held-out data (nothing to score) are left out, and put in `unscored`."""
     newest: dict[str, tuple[float, Path]] = {}
     for metrics in outputs.rglob("metrics.json"):
         if "predictions" in metrics.parts or metrics.parent.name.startswith("checkpoint-"):
             continue
         recipe = _recipe(metrics)
-        if recipe and (recipe not in newest or metrics.stat().st_mtime > newest[recipe][0]):
+        if recipe and _record(metrics).get("eval_file", "") is None:
+            if unscored is not None:
+                unscored.append(metrics.parent)
+        elif recipe and (recipe not in newest or metrics.stat().st_mtime > newest[recipe][0]):
             newest[recipe] = (metrics.stat().st_mtime, metrics.parent)
     return [newest[r][1] for r in sorted(newest)]
 
@@ -316,8 +327,13 @@ def render_markdown(row: dict) -> str:
     for name, value in row["final"].items():
         if isinstance(value, (int, float)):
             lines.append(f"| {name} | {_fmt(row.get('before', {}).get(name))} | {_fmt(value)} |")
+        elif isinstance(value, dict):  # VQA accuracy per answer type and per question type
+            before = row.get("before", {}).get(name) or {}
+            lines += [f"| {name}: {key} | {_fmt(before.get(key))} | {_fmt(v)} |" for key, v in value.items()
+                      if isinstance(v, (int, float))]
+    per_sample = "VQA accuracy" if row["task"] == "vqa" else main
     shown = ("text query, its image and the top 3 retrieved, worst rank first" if row["task"] == "retrieval"
-             else f"image, prediction, references, per-sample {main}")
+             else f"image, prediction, references, per-sample {per_sample}")
     lines += ["",
               f"Predictions: `{row['final_file']}`"
               + (f", before: `{row['before_file']}`" if "before_file" in row else ""),
@@ -403,7 +419,11 @@ def main(argv=None) -> int:
     p.add_argument("--gallery-size", type=int, default=100, help="samples in gallery.html (default 100)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list instead of the table")
     args = p.parse_args(argv)
-    runs = [Path(r) for r in args.runs] or latest_runs(Path(args.outputs))
+    unscored = []
+    runs = [Path(r) for r in args.runs] or latest_runs(Path(args.outputs), unscored)
+    for folder in sorted(unscored):
+        print(f"note: {folder} trained without held-out data (no --eval_file): nothing to score",
+              file=sys.stderr)
     for folder, instead in [] if args.runs else newer_unfinished(Path(args.outputs), runs):
         if instead is None:
             print(f"note: {folder} has not finished (no metrics.json): not scored; resume it to score it",

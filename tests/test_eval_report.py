@@ -117,8 +117,25 @@ def test_vqa_run_uses_official_accuracy(tmp_path):
     row = report_run(run)
     refs = {r["question_id"]: {"answers": r["answers"], "answer_type": r.get("answer_type"),
                                "question_type": r.get("question_type")} for r in rows}
-    assert row["final"]["overall"] == vqa_accuracy(final, refs)["overall"]
+    expected = vqa_accuracy(final, refs)
+    assert row["final"]["overall"] == expected["overall"]
     assert "Q:" in (run / "gallery.html").read_text()
+    report = (run / "report.md").read_text()  # every metric: per answer type and question type too
+    for group in ("perAnswerType", "perQuestionType"):
+        assert expected[group] and all(f"| {group}: {k} | - | {v:.3f} |" in report
+                                       for k, v in expected[group].items())
+    assert "per-sample VQA accuracy" in report
+
+
+def test_a_run_trained_without_held_out_data_is_left_out_and_named(captions, tmp_path):
+    caption_run = make_run(tmp_path / "outputs" / "blip2", "blip2_lora_caption", "caption", captions[1], {})
+    untested = tmp_path / "outputs" / "vqa"
+    untested.mkdir(parents=True)
+    (untested / "metrics.json").write_text(json.dumps({"recipe": "qlora_vqa", "task": "vqa",
+                                                       "eval_file": None, "global_step": 2}))
+    assert latest_runs(tmp_path / "outputs") == [caption_run]
+    with pytest.raises(DataError, match="no held-out data .* nothing to score"):
+        report_run(untested)
 
 
 def test_vqa_predictions_for_1_and_the_string_1_are_refused_not_one_dropped(tmp_path):

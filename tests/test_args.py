@@ -405,3 +405,20 @@ def test_a_loss_picked_as_the_best_models_metric_is_minimised(recipe, monkeypatc
             train.main(["--output_dir", "/nonexistent/out", *flags])
         training = e.value.args[0]
         assert metric in (None, training.metric_for_best_model) and training.greater_is_better is greater
+
+
+def test_a_train_file_alone_needs_eval_strategy_no_which_turns_off_the_best_model(tmp_path):
+    from pathlib import Path
+
+    from recipes.common.args import GENERATIVE_ARGUMENTS, FeatureCacheArguments, parse_recipe_args
+
+    config = Path(__file__).resolve().parent.parent / "recipes" / "blip2_lora_caption" / "config.yaml"
+    types = (*GENERATIVE_ARGUMENTS, FeatureCacheArguments, TrainingArguments)
+    argv = ["--train_file", str(tmp_path / "train.jsonl"), "--output_dir", str(tmp_path / "run")]
+    with pytest.raises(ValueError, match=r"^--train_file without --eval_file: --eval_strategy epoch"):
+        parse_recipe_args(argv, config, types)
+    # config.yaml keeps the best evaluation's checkpoint: with no evaluations (and not set by a flag), off
+    args = parse_recipe_args([*argv, "--eval_strategy", "no"], config, types)
+    assert args.training.eval_strategy == "no" and args.training.load_best_model_at_end is False
+    with pytest.raises(ValueError, match="load_best_model_at_end requires the save and eval strategy"):
+        parse_recipe_args([*argv, "--eval_strategy=no", "--load_best_model_at_end", "true"], config, types)

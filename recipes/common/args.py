@@ -383,6 +383,17 @@ def _old_names_win(argv: list[str], values: dict, actions: dict[str, argparse.Ac
             values.pop(new, None)
 
 
+def _no_evaluations_no_best_model(argv: list[str], values: dict) -> None:
+    """`--eval_strategy no` on the command line drops the config file's load_best_model_at_end (there is no
+    best evaluation to keep, and TrainingArguments would refuse the pair) unless the command line sets it."""
+    for i, token in enumerate(argv):
+        flag, eq, value = token.partition("=")
+        value = value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+        if flag in ("--eval_strategy", "--eval-strategy") and value == "no" and (
+                "load_best_model_at_end" not in _given(argv)):
+            values.pop("load_best_model_at_end", None)
+
+
 def _check_flags(argv: list[str], parser: argparse.ArgumentParser) -> None:
     """Refuse abbreviated flags (--max_len): argparse takes them, past the checks here that read flags by
     name."""
@@ -428,6 +439,12 @@ def parse_recipe_args(argv: list[str] | None, default_config: str | Path, types)
     lora = [f"--{name}" for name in ("lora_r", "lora_alpha", "lora_dropout") if name in given]
     if lora and getattr(getattr(args, "peft", None), "peft_method", None) == "none":
         raise _lora_off(lora)
+    data, training = getattr(args, "data", None), getattr(args, "training", None)
+    if data is not None and training is not None and data.train_file and not data.eval_file and (
+            training.eval_strategy != "no"):  # else the Trainer refuses it, once the model has loaded
+        raise ValueError(f"--train_file without --eval_file: --eval_strategy {training.eval_strategy.value} "
+                         "evaluates during training; give an --eval_file (held-out data, which also picks "
+                         "the best checkpoint), or pass --eval_strategy no to train without evaluations.")
     return args
 
 
@@ -454,6 +471,7 @@ def parse_args(dataclass_types, argv: list[str] | None = None, defaults: dict | 
     _check_flags(remaining, parser)
     values = {} if config_args.config is None else load_yaml_config(config_args.config, actions, hints)
     _old_names_win(remaining, values, actions)
+    _no_evaluations_no_best_model(remaining, values)
     remaining, nulls = _command_line_nulls(remaining, actions, hints)
     for key in {**values, **nulls}:
         actions[key].required = False

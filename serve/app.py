@@ -457,6 +457,10 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 prompt = turns[-1]["value"].replace(IMAGE_TOKEN, "").strip() or run.trained_prompt
                 item = {"key": 0, "image": image}
             else:
+                question = turns[-1]["value"]
+                if run.answer_prompt and not question.rstrip().endswith(run.answer_prompt):
+                    # as the run trained and scored: after the question, on a line of its own
+                    turns[-1] = {**turns[-1], "value": f"{question}\n{run.answer_prompt}"}
                 item = {"key": 0, "image": image, "conversations": turns}
             loop = asyncio.get_running_loop()
             try:

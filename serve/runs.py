@@ -81,6 +81,7 @@ class GenerativeRun:
     trained_prompt: str | None = None  # captioners: the --prompt the run trained with (run.json)
     mixable: bool = False  # its adapter can share a batch with other adapters on the model (see load_runs)
     autocast: torch.dtype | None = None  # a --bf16 / --fp16 run's evaluation generated under it
+    answer_prompt: str | None = None  # qlora_vqa's --answer_prompt: added after a question, as it trained
     lock: threading.Lock = field(default_factory=threading.Lock)  # one batch at a time on a shared model
     # A fast tokenizer sets its padding on the object for each call: a batch padded in one thread while a
     # prompt is counted in another could come out unpadded.
@@ -273,7 +274,7 @@ def _image_text_run(path: Path, rid: str, model, processor, adapter: str | None)
     autocast = evaluated_precision(path)[1]
     if encoder is not None:
         return GenerativeRun(rid, path, "chat", model, tokenizer, image_processor, adapter, encoder=encoder,
-                             autocast=autocast)
+                             autocast=autocast, answer_prompt=trained_with(path, "answer_prompt"))
     config = model.config
     if getattr(config, "num_query_tokens", None) is None or getattr(config, "image_token_id", None) is None:
         raise RunLoadError(f"{path}: {config.model_type} has neither a chat template nor BLIP-2's query "

@@ -62,3 +62,20 @@ def test_ints_where_numbers_are_expected_and_json_booleans_are_taken(client):
         "model": "chat", "messages": HI, "temperature": 1, "top_p": 1, "seed": 3, "stream": False,
         "stream_options": {"include_usage": True}, "max_tokens": 9})
     assert (response.status_code, response.json()["error"]["code"]) == (400, "max_tokens_too_large")
+
+
+def test_a_vqa_runs_answer_prompt_follows_the_question_as_it_trained(tmp_path):
+    asked = []
+
+    def prompt_positions(item, prompt):  # records the conversation the model would be asked, then stops
+        asked.append(item["conversations"][-1]["value"])
+        raise ValueError("recorded")
+
+    vqa = SimpleNamespace(task="chat", path=tmp_path, needs_image=False, reserved=(), max_positions=None,
+                          prompt_positions=prompt_positions, answer_prompt="Answer with one word.")
+    with TestClient(create_app({"vqa": vqa}, ServeOptions())) as c:
+        for text in ("What color is it?", "What color is it?\nAnswer with one word."):
+            response = c.post("/v1/chat/completions", json={"model": "vqa", "messages": [
+                {"role": "user", "content": text}]})
+            assert response.status_code == 400 and "recorded" in response.json()["error"]["message"]
+    assert asked == ["What color is it?\nAnswer with one word."] * 2  # added once, not twice

@@ -567,6 +567,9 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
         if (req.query is None) == (req.image is None):
             raise ClientError(400, "give one of 'query' (a text: finds images) or 'image' (a data: URL: "
                               "finds captions)", param="query", code="invalid_value")
+        if req.query is not None and not req.query.strip():  # as training refuses an empty caption
+            raise ClientError(400, "query: a text to search for, not only spaces", param="query",
+                              code="invalid_value")
         if req.query is not None:
             refuse_special_strings(req.query, run, req.model, "query", in_message=False)
         k = min(req.k, options.max_search_k)

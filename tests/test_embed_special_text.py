@@ -67,3 +67,5 @@ def test_the_special_text_a_run_trained_with_is_embedded_and_searched_for(tmp_pa
     assert hits.returncode == 0 and json.loads(hits.stdout)[0]["rank"] == 1, hits.stderr
     refused = subprocess.run([*search, "a <|startoftext|> circle"], capture_output=True, text=True)
     assert refused.returncode == 2 and "--query holds '<|startoftext|>'" in refused.stderr
+    blank = subprocess.run([*search, "  "], capture_output=True, text=True)  # as an empty caption is refused
+    assert blank.returncode == 2 and "--query is empty" in blank.stderr

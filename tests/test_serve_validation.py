@@ -79,3 +79,10 @@ def test_a_vqa_runs_answer_prompt_follows_the_question_as_it_trained(tmp_path):
                 {"role": "user", "content": text}]})
             assert response.status_code == 400 and "recorded" in response.json()["error"]["message"]
     assert asked == ["What color is it?\nAnswer with one word."] * 2  # added once, not twice
+
+
+@pytest.mark.parametrize("query", ["", "   "])
+def test_an_empty_or_blank_search_query_is_an_invalid_value(client, query):
+    response = client.post("/v1/search", json={"model": "index", "query": query})
+    assert (response.status_code, response.json()["error"]["param"],
+            response.json()["error"]["code"]) == (400, "query", "invalid_value")

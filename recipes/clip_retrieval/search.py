@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     index_dir = Path(args.index)
     if not (index_dir / "index.json").exists():
         p.error(f"--index {index_dir}: no index.json there; write one with embed.py")
+    if args.query is not None and not args.query.strip():  # as training refuses an empty caption
+        p.error("--query is empty: give a text to search for")
     index = json.loads((index_dir / "index.json").read_text(encoding="utf-8"))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     clip, processor, collator = load(args.model or index["model"], device)

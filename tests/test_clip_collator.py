@@ -136,7 +136,9 @@ def test_zero_shot_file_errors_name_file_line_and_field(tokenizer, tmp_path):
     # A missing image when the file is read, not a traceback at the first evaluation; a template with a
     # field other than {label} likewise.
     write_jsonl(bad, [{"image": "x.png", "label": "small"}, {"image": "gone.png", "label": "large"}])
-    with pytest.raises(DataError, match=rf"{bad}:2: field 'image': 'gone.png': image file does not exist"):
+    with pytest.raises(DataError, match=rf"{bad}:2: field 'image': 'gone.png': image file does not "
+                                        rf"exist.* relative to the file's own folder, {tmp_path}, not to "
+                                        "--image_root"):
         load_zero_shot(bad, ["{label}"], tokenizer, 16)
     with pytest.raises(ValueError, match=r"template 'a \{label\} \{kind\}': \{label\} is its only field"):
         load_zero_shot(good, ["a {label} {kind}"], tokenizer, 16)

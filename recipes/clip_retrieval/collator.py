@@ -31,7 +31,7 @@ import datasets
 import numpy as np
 import torch
 
-from data_tools.errors import BAD_VALUE, MISSING_FIELD, WRONG_TYPE, DataError
+from data_tools.errors import BAD_VALUE, MISSING_FIELD, MISSING_IMAGE, WRONG_TYPE, DataError
 from data_tools.images import check_image, load_image, resolve_image_path
 from data_tools.jsonl import iter_jsonl, read_jsonl, write_jsonl
 from data_tools.synth import SIZES, WORDS, draw_scene, make_scene
@@ -395,7 +395,9 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
         try:
             check_image(images[-1])  # now, not when the first evaluation opens it
         except DataError as e:
-            raise DataError(e.reason, f"{row['image']!r}: {e.message}", path=path, line=line,
+            hint = (f" (its paths are relative to the file's own folder, {Path(path).parent}, not to "
+                    "--image_root)" if e.reason == MISSING_IMAGE else "")
+            raise DataError(e.reason, f"{row['image']!r}: {e.message}{hint}", path=path, line=line,
                             field="image") from None
         names.append((line, row["label"]))
     if not images:

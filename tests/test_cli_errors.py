@@ -80,7 +80,7 @@ def test_a_model_whose_processor_needs_a_missing_package_is_one_line(tmp_path):
     (tmp_path / "t.jsonl").write_text(json.dumps({"conversations": [{"from": "human", "value": "hi"},
                                                                     {"from": "gpt", "value": "hello"}]}))
     train = ("recipes/llava_instruct/train.py --output_dir {tmp}/out --train_file {tmp}/t.jsonl "
-             "--model_name_or_path")
+             "--eval_strategy no --model_name_or_path")
     error = _error_line(f"{train} {{tmp}}/qwen", tmp_path)
     assert error.startswith(f"error: could not load '{tmp_path}/qwen': Qwen2VLVideoProcessor requires the "
                             "Torchvision library"), error

@@ -270,7 +270,7 @@ def test_a_max_length_below_2_is_refused_before_loading():
     # 1 left CLIP's captions their eos alone (R@1 0), and embed.py refused the run's recorded length.
     with pytest.raises(ValueError, match=r"^--max_length 1: a text needs at least 2 tokens"):
         main(["--max_length", "1", "--model_name_or_path", "/nonexistent/model", "--train_file",
-              "/nonexistent/train.jsonl", "--output_dir", "/nonexistent/out"])
+              "/nonexistent/train.jsonl", "--eval_strategy", "no", "--output_dir", "/nonexistent/out"])
 
 
 def test_the_base_of_an_unfinished_runs_checkpoint_is_read_from_the_run(tmp_path):

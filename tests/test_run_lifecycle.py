@@ -34,7 +34,7 @@ class FakeTrainer:
                  metric: str | None = None):
         self.args = SimpleNamespace(output_dir=str(output_dir), resume_from_checkpoint=resume, world_size=1,
                                     load_best_model_at_end=load_best, metric_for_best_model=metric,
-                                    eval_strategy="epoch")
+                                    eval_strategy="epoch", bf16=False, fp16=False)
         self.trained = False
         self.is_fsdp_enabled = self.is_deepspeed_enabled = False
         self.model = torch.nn.Linear(1, 1)  # something to train
@@ -106,7 +106,8 @@ def _train(script: Path, *args: str):
 def test_a_recipe_folder_copied_by_hand_is_refused_before_it_runs_the_originals_code(tmp_path):
     copy = tmp_path / "recipes" / "my_task"
     shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", copy)
-    r = _train(copy / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl")
+    r = _train(copy / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl",
+               "--eval_strategy", "no")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert (f"error: {copy / 'train.py'} imports the modules of recipes/blip2_lora_caption, not its own"
             in r.stderr and "Rename recipes.blip2_lora_caption to recipes.my_task" in r.stderr)
@@ -115,7 +116,8 @@ def test_a_recipe_folder_copied_by_hand_is_refused_before_it_runs_the_originals_
     # a recipe of another copy of the project than the installed one: a warning, then the run goes on
     other = tmp_path / "clone" / "recipes" / "blip2_lora_caption"
     shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", other)
-    r = _train(other / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl")
+    r = _train(other / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl",
+               "--eval_strategy", "no")
     assert (f"{other / 'train.py'} runs the recipes package of {ROOT}, another copy of the project"
             in r.stderr and "error: missing.jsonl" in r.stderr), r.stderr[-3000:]
 

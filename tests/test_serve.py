@@ -1351,7 +1351,7 @@ def _stand_in_server(tmp_path, images=(), positions: int = 0, context: int | Non
     from serve.app import create_app
 
     chat = SimpleNamespace(task="chat", path=tmp_path, needs_image=False, reserved=(), max_positions=context,
-                           prompt_positions=lambda item, prompt: positions)
+                           prompt_positions=lambda item, prompt: positions, answer_prompt=None)
     index = SimpleNamespace(task="retrieval", reserved=(), path=tmp_path, images=[str(p) for p in images])
     return Server(create_app({"sp_lora": chat, "f30k_index": index}))
 

@@ -3,6 +3,7 @@ equality, chat), resume, stage 1 (projector only), and a 2-process run with text
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -236,8 +237,8 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env, model):
     assert r.returncode == 0, r.stderr[-4000:]
     # Rank 0 alone encoded the data (opening every image; one progress bar a split, ending once); rank 1
     # read its samples, and they are removed.
-    for path in (train, held_out):
-        assert r.stderr.count(f"encoding {path}: 100%") == 1, r.stderr[-4000:]
+    for path in (train, held_out):  # bars started (tqdm may draw the finished one twice, as timing falls)
+        assert len(re.findall(rf"encoding {re.escape(str(path))}: +0%", r.stderr)) == 1, r.stderr[-4000:]
     bad_line = rows.count("\n") + 1
     skipped = f"{train}: skipped 1 invalid row(s) of {bad_line}"
     for run, logs in (("one", one), ("two", r)):

@@ -90,15 +90,11 @@ def test_run_json_records_quantization_dtype_and_answer_prompt(checkpointed):
         "answer_prompt": "Answer the question using a single word or phrase."}
 
 
-CHANGES = [  # (flags of the resume, what the refusal names)
+CHANGES = [  # (flags of the resume, what the refusal names): quantization, dtype, the prompt
     (["--load_in_4bit", "false"], "load_in_4bit True -> False; bnb_4bit_quant_type 'nf4' -> None"),
-    (["--load_in_4bit", "false", "--load_in_8bit", "true"], "load_in_8bit False -> True"),
-    (["--bnb_4bit_quant_type", "fp4"], "bnb_4bit_quant_type 'nf4' -> 'fp4'"),
-    (["--bnb_4bit_use_double_quant", "false"], "bnb_4bit_use_double_quant True -> False"),
     (["--dtype", "bfloat16", "--bf16"], "dtype 'float32' -> 'bfloat16'"),
     (["--answer_prompt", "Answer briefly."],
      "answer_prompt 'Answer the question using a single word or phrase.' -> 'Answer briefly.'"),
-    (["--answer_prompt", ""], "answer_prompt 'Answer the question using a single word or phrase.' -> None"),
 ]
 
 

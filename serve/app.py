@@ -212,6 +212,11 @@ def refuse_special_strings(text: str, run, model: str, param: str, in_message: b
         raise ClientError(400, f"{param}: holds {IMAGE_TOKEN!r}, which stands for an image here, not for "
                           "text; send the image as an image_url part", param=param,
                           code="special_token_in_text")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # JSON's \ud800 escape: no character; the tokenizer cannot take it
+        raise ClientError(400, f"{param}: holds a lone UTF-16 surrogate ({text[e.start]!r}) at character "
+                          f"{e.start}, not text", param=param, code="invalid_value") from None
     found = find_reserved(text, run.reserved)
     if found is not None:
         raise ClientError(400, f"{param}: holds {found!r}, which the tokenizer of {model!r} reads as its "
@@ -269,8 +274,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             async for chunk in body:
                 yield chunk
         finally:
-            failed = getattr(request.state, "stream_failed", False)
-            metrics.requests.labels(route, "500" if failed else str(status)).inc()
+            # an error that ended the stream (a timeout, a server fault) is counted with its own status
+            metrics.requests.labels(route, str(getattr(request.state, "stream_status", status))).inc()
 
     @app.exception_handler(ClientError)
     async def client_error(request, e: ClientError):
@@ -414,6 +419,11 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
     async def page():
         return FileResponse(STATIC / "index.html")
 
+    def over_context(positions: int, max_tokens: int, limit: int, model: str, least: str = "") -> ClientError:
+        return ClientError(400, f"the prompt takes {least}{positions} positions and max_tokens asks for "
+                           f"{max_tokens} more: over the context length of {model!r}, {limit}",
+                           param="messages", code="context_length_exceeded")
+
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         req = await read_json(request, ChatRequest)
@@ -463,6 +473,10 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                     turns[-1] = {**turns[-1], "value": f"{question}\n{run.answer_prompt}"}
                 item = {"key": 0, "image": image, "conversations": turns}
             loop = asyncio.get_running_loop()
+            limit = run.max_positions
+            texts = [turn["value"] for turn in item.get("conversations", ())] or [prompt or ""]
+            if limit is not None and (least := run.least_positions(texts)) + max_tokens > limit:
+                raise over_context(least, max_tokens, limit, req.model, "at least ")
             try:
                 positions = await asyncio.wait_for(
                     loop.run_in_executor(prompt_pool, run.prompt_positions, item, prompt),
@@ -472,11 +486,8 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
             except (ValueError, IndexError, TypeError) as e:  # what the template or tokenizer cannot take
                 raise ClientError(400, f"messages: the model cannot render this conversation: {e}",
                                   param="messages", code="invalid_conversation") from None
-            limit = run.max_positions
             if limit is not None and positions + max_tokens > limit:
-                raise ClientError(400, f"the prompt takes {positions} positions and max_tokens asks for "
-                                  f"{max_tokens} more: over the context length of {req.model!r}, {limit}",
-                                  param="messages", code="context_length_exceeded")
+                raise over_context(positions, max_tokens, limit, req.model)
             job = Job(run, item, prompt, max_tokens, req.temperature, req.top_p, loop, loop.create_future(),
                       asyncio.Queue() if req.stream else None, seed=req.seed, stop=stops)
         except BaseException:
@@ -540,11 +551,12 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 try:
                     done = await result(watch=False)
                 except ClientError as e:
+                    request.state.stream_status = e.status  # for /metrics (see counted)
                     yield f"data: {json.dumps(e.body())}\n\n"
                     return
                 except Exception:  # a server fault (in generation): logged, and told to the client
                     logger.exception("error generating the stream of %s", cid)
-                    request.state.stream_failed = True  # for /metrics (see counted)
+                    request.state.stream_status = 500  # for /metrics (see counted)
                     yield f"data: {json.dumps(SERVER_ERROR)}\n\n"
                     return
             finally:  # also when the client leaves: the response cancels this generator
@@ -572,7 +584,10 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                               code="invalid_value")
         if req.query is not None:
             refuse_special_strings(req.query, run, req.model, "query", in_message=False)
-        k = min(req.k, options.max_search_k)
+        if req.k > options.max_search_k:
+            raise ClientError(400, f"k {req.k} is over this server's limit of {options.max_search_k}",
+                              param="k", code="invalid_value")
+        k = req.k
         if req.query is not None:
             hits = await asyncio.to_thread(run.search_text, req.query, k)
             for hit in hits:

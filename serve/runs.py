@@ -86,6 +86,18 @@ class GenerativeRun:
     # A fast tokenizer sets its padding on the object for each call: a batch padded in one thread while a
     # prompt is counted in another could come out unpadded.
     tokenizing: threading.Lock = field(default_factory=threading.Lock)
+    longest_token: int = field(init=False)  # see least_positions
+
+    def __post_init__(self):
+        # The most characters one token decodes to, +1 for a SentencePiece word's leading space the single
+        # token's decoding drops. Measured at load: the check it serves must not wait for a worker.
+        ids = [[i] for i in range(len(self.tokenizer))]
+        self.longest_token = 1 + max(map(len, self.tokenizer.batch_decode(ids)), default=0)
+
+    def least_positions(self, texts: list[str]) -> int:
+        """A lower bound of the positions `texts` take, counted without rendering or tokenizing them: a
+        conversation far over the context length is refused before its (costly) rendering."""
+        return sum(len(text.strip()) for text in texts) // self.longest_token
 
     @property
     def pad_token_id(self) -> int:

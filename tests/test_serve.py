@@ -12,6 +12,7 @@ import base64
 import concurrent.futures
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -972,6 +973,48 @@ def test_messages_over_the_limit_are_a_400_and_the_timeout_covers_counting_the_p
         server.stop()
 
 
+def test_a_conversation_far_over_the_context_is_refused_before_it_is_rendered(loaded, monkeypatch):
+    """Rendering a long conversation's template takes seconds (once per assistant message): a text that
+    cannot fit is refused without it, so that a few such requests cannot hold the prompt threads."""
+    from serve.app import ServeOptions, create_app
+    from serve.runs import GenerativeRun
+
+    run = loaded["llava_instruct"]
+    tokenizer, limit = run.tokenizer, run.max_positions
+    # The bound never passes the true count: independent texts, tokenized here.
+    rng = random.Random(0)
+    words = [w for w in tokenizer.get_vocab() if w.isalpha()]
+    for n in (1, 10, 200):
+        text = " ".join(rng.choice(words) for _ in range(n))
+        assert run.least_positions([text]) <= len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    rendered = []
+    monkeypatch.setattr(GenerativeRun, "prompt_positions", lambda *a: rendered.append(a) or 1)
+    server = Server(create_app(loaded, ServeOptions(timeout_s=600)))
+    try:
+        body = _text_chat("llava_instruct", 5)
+        body["messages"][0]["content"] = "word " * (limit * run.longest_token)
+        status, answer = server.json("/v1/chat/completions", body)
+        assert status == 400 and answer["error"]["code"] == "context_length_exceeded"
+        assert "takes at least " in answer["error"]["message"] and rendered == []
+        status, answer = server.json("/v1/chat/completions", _text_chat("llava_instruct", 5))
+        assert len(rendered) == 1  # a short one is counted
+    finally:
+        server.stop()
+
+
+def test_lone_surrogates_in_text_and_a_k_over_the_limit_are_invalid_values(server):
+    status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 1, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "a \ud800 b"}]}]))
+    assert (status, body["error"]["code"], body["error"]["param"]) == (
+        400, "invalid_value", "messages.0.content.0.text"), body
+    assert "surrogate" in body["error"]["message"]
+    status, body = server.json("/v1/search", {"model": "clip_index", "query": "x\udfff"})
+    assert (status, body["error"]["param"]) == (400, "query")
+    status, body = server.json("/v1/search", {"model": "clip_index", "query": "a red circle", "k": 101})
+    assert (status, body["error"]["code"], body["error"]["param"]) == (400, "invalid_value", "k")
+    assert server.json("/v1/search", {"model": "clip_index", "query": "a red circle", "k": 100})[0] == 200
+
+
 def _stream_events(server: Server, body: dict) -> list:
     status, text = server.request("/v1/chat/completions", {**body, "stream": True})
     assert status == 200
@@ -993,8 +1036,17 @@ def test_a_stream_ends_at_the_same_deadline_as_a_plain_request(loaded):
                 status, body = server.json("/v1/chat/completions", _text_chat("llava_instruct", 1))
                 assert status == 504 and body["error"]["code"] == "timeout"
             assert 1.4 < time.monotonic() - start < 2.4
+        assert _request_counts(server) == {"504": 2.0}  # the stream too, though its headers said 200
     finally:
         server.stop()
+
+
+def _request_counts(server: Server, route: str = "/v1/chat/completions") -> dict:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels["status"]: s.value
+            for f in text_string_to_metric_families(server.request("/metrics")[1]) for s in f.samples
+            if s.name == "serve_requests_total" and s.labels["route"] == route}
 
 
 def _leave_early(port: int, body: bytes, declared: int, wait: float) -> None:
@@ -1246,8 +1298,6 @@ def test_a_tiny_temperature_decodes_greedily(server, trained):
 
 def test_a_server_error_during_a_stream_ends_it_with_an_error_event_counted_as_a_500(loaded, monkeypatch,
                                                                                      caplog):
-    from prometheus_client.parser import text_string_to_metric_families
-
     from serve import batching
     from serve.app import create_app
 
@@ -1258,9 +1308,7 @@ def test_a_server_error_during_a_stream_ends_it_with_an_error_event_counted_as_a
     server = Server(create_app(loaded))
     try:
         events = _stream_events(server, _text_chat("llava_instruct", 1))
-        counts = {s.labels["status"]: s.value
-                  for f in text_string_to_metric_families(server.request("/metrics")[1]) for s in f.samples
-                  if s.name == "serve_requests_total" and s.labels["route"] == "/v1/chat/completions"}
+        counts = _request_counts(server)
     finally:
         server.stop()
     assert events[0]["choices"][0]["delta"]["role"] == "assistant"

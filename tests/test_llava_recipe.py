@@ -182,6 +182,45 @@ def test_stage1_trains_the_projector_alone_on_captions(env):
     assert _changed_parts(out, e) == {"multi_modal_projector"}
 
 
+def test_full_checkpoints_reload_as_the_best_model_and_on_a_resume(env):
+    """A full checkpoint (no adapter) is saved under the architecture's original weight names: the best
+    model loaded at the end and a resumed run's start are its weights, not the untouched base's."""
+    from safetensors.torch import load_file
+    from transformers import LlavaForConditionalGeneration
+
+    from recipes.common.trainer import load_full_weights
+
+    d, e = env
+    args = [*_data(d, "cap_"), *FAST, "--stage", "pretrain", "--max_steps", "4", "--save_strategy", "steps",
+            "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--max_eval_samples", "2",
+            "--load_best_model_at_end", "true", "--metric_for_best_model", "loss", "--greater_is_better",
+            "true", "--shuffled_image_check", "false", "--projector_lr", "0.01"]
+    out = d / "full_best"
+    r = _run([*args, "--output_dir", str(out)], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["after_step"] == 2  # the higher eval loss
+    final, best, last = (load_file(f / "model.safetensors") for f in (out, out / "checkpoint-2",
+                                                                       out / "checkpoint-4"))
+    assert any(k not in final for k in LlavaForConditionalGeneration(  # saved under other names
+        LlavaForConditionalGeneration.config_class.from_pretrained(out)).state_dict())
+    assert all(torch.equal(final[k], best[k]) for k in best)
+    assert not all(torch.equal(last[k], best[k]) for k in best)
+    # load_full_weights loads what from_pretrained reads.
+    model = LlavaForConditionalGeneration.from_pretrained(out / "checkpoint-2")
+    assert load_full_weights(model, out / "checkpoint-4")
+    reference = LlavaForConditionalGeneration.from_pretrained(out / "checkpoint-4").state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+    # Resumed from step 2, the run reaches step 4's weights.
+    resumed = d / "full_resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    shutil.copy(out / "run.json", resumed / "run.json")
+    r = _run([*args, "--output_dir", str(resumed), "--resume_from_checkpoint", "last"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = load_file(resumed / "checkpoint-4" / "model.safetensors")
+    assert all(torch.equal(again[k], last[k]) for k in last)
+
+
 def _changed_parts(run, e) -> set[str]:
     """Parts of the full checkpoint `run` (multi_modal_projector, language_model, vision_tower, lm_head) that
     differ from the tiny:llava base in the test's model cache."""

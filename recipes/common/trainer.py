@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 from dataclasses import dataclass
@@ -13,10 +14,12 @@ from typing import Callable
 
 import numpy as np
 import torch
+import safetensors.torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
+from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_pt_utils import LabelSmoother
 
@@ -27,6 +30,8 @@ from .args import GenerationEvalArguments, LearningRateArguments
 from .lengths import IGNORE_INDEX
 from .losses import causal_lm_loss, label_positions_only
 from .peft_setup import check_learning_rates, param_groups
+
+logger = logging.getLogger(__name__)
 
 
 def stop_token_ids(model, tokenizer) -> list[int]:
@@ -95,6 +100,36 @@ class GenerationEval:
     tokenizer: object
 
 
+def load_full_weights(model, folder: str | Path) -> bool:
+    """Load the full weights `save_pretrained` wrote in `folder` into `model`; False where there are none (an
+    adapter). They are saved under the architecture's original names (`language_model.model.*` for LLaVA),
+    which the Trainer's own reload looks up by the current ones: it would load nothing, with a warning."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+             if index.is_file() else [folder / "model.safetensors"])
+    if not isinstance(model, PreTrainedModel) or not files[0].is_file():
+        return False
+    # The saved name of each tensor, as save_pretrained renames it; a renaming keeps the tensor, so its
+    # memory says which of the model's own names it is (tied weights: one memory, several names).
+    current = model.state_dict()
+    names = {(t.data_ptr(), t.shape): k for k, t in reversed(current.items())}
+    saved_as = {k: names.get((t.data_ptr(), t.shape))
+                for k, t in revert_weight_conversion(model, current).items()}
+    state = {}
+    for file in files:
+        for key, tensor in safetensors.torch.load_file(file).items():
+            if saved_as.get(key) is None:  # unknown, or saved converted (split, merged), not renamed
+                raise ValueError(f"{file}: {key} is not a weight of {type(model).__name__} as it saves them, "
+                                 "under its own name: it cannot be loaded back into the model in training.")
+            state[saved_as[key]] = tensor
+    missing = {names[(t.data_ptr(), t.shape)] for t in current.values()} - set(state)
+    if missing:
+        raise ValueError(f"{folder}: no weights for {', '.join(sorted(missing)[:3])} ({len(missing)} in all)")
+    model.load_state_dict(state, strict=False)
+    return True
+
+
 class RecipeTrainer(Trainer):
     """A Trainer with, each off unless given: generation-based evaluation (`generation`, logged as
     `eval_<metric>` for metric_for_best_model), per-module learning rates (--vision_lr / --bridge_lr /
@@ -119,6 +154,21 @@ class RecipeTrainer(Trainer):
         if smoothed and self.compute_loss_func in (None, causal_lm_loss):
             self.compute_loss_func = functools.partial(smoothed_causal_lm_loss,
                                                        epsilon=self.args.label_smoothing_factor)
+
+    # Full weights (no adapter) reload under the names the model saved them with: see load_full_weights.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        target = self.accelerator.unwrap_model(model if model is not None else self.model)
+        sharded = self.is_fsdp_enabled or self.is_deepspeed_enabled
+        if sharded or not load_full_weights(target, resume_from_checkpoint):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        best = self.state.best_model_checkpoint
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not load_full_weights(self.model, best):
+            super()._load_best_model()
+        else:
+            logger.info("loaded the best model, %s (%s %s)", best, self.args.metric_for_best_model,
+                        self.state.best_metric)
 
     def get_train_dataloader(self):
         return _quiet_workers(super().get_train_dataloader())

@@ -112,6 +112,14 @@ def test_a_recipe_folder_copied_by_hand_is_refused_before_it_runs_the_originals_
     assert (f"error: {copy / 'train.py'} imports the modules of recipes/blip2_lora_caption, not its own"
             in r.stderr and "Rename recipes.blip2_lora_caption to recipes.my_task" in r.stderr)
     assert not (tmp_path / "out").exists()
+    # copied out of the project's recipes/ folder
+    elsewhere = tmp_path / "my_task"
+    shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", elsewhere)
+    r = _train(elsewhere / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl",
+               "--eval_strategy", "no")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (f"error: {elsewhere / 'train.py'} imports the modules of recipes/blip2_lora_caption, not its own"
+            in r.stderr and "Copy it into the project's recipes/ folder with `make new-recipe" in r.stderr)
 
     # a recipe of another copy of the project than the installed one: a warning, then the run goes on
     other = tmp_path / "clone" / "recipes" / "blip2_lora_caption"

@@ -70,15 +70,16 @@ def check_recipe_code() -> None:
     """A recipe folder copied by hand (cp -r) still imports the original's modules (`recipes.<original>.*`):
     edits to the copy's own would change nothing."""
     script = Path(getattr(sys.modules["__main__"], "__file__", None) or ".").resolve()
-    if script.name != "train.py" or script.parent.parent.name != "recipes":
+    if script.name != "train.py":
         return
     mine = script.parent.name
     others = sorted({n.split(".")[1] for n in sys.modules if n.startswith("recipes.")} - {"common", mine})
     if others:
+        fix = (f"Rename recipes.{others[0]} to recipes.{mine} in its .py files, or copy it"
+               if script.parent.parent.name == "recipes" else "Copy it into the project's recipes/ folder")
         raise ValueError(f"{script} imports the modules of recipes/{others[0]}, not its own: a recipe folder "
-                         "copied by hand still runs the original's code. Rename "
-                         f"recipes.{others[0]} to recipes.{mine} in its .py files, or copy it with "
-                         f"`make new-recipe FROM={others[0]} NAME=...`, which does that.")
+                         f"copied by hand still runs the original's code. {fix} with "
+                         f"`make new-recipe FROM={others[0]} NAME=...`, which renames its imports.")
     installed = Path(sys.modules["recipes"].__file__).parent.resolve()
     if installed != script.parent.parent:
         logger.warning("%s runs the recipes package of %s, another copy of the project (the installed one): "

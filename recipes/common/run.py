@@ -23,6 +23,7 @@ from typing import Callable
 import datasets
 import torch
 import transformers
+from peft import PeftType
 from transformers import EarlyStoppingCallback, TrainerCallback, TrainerState, set_seed
 from transformers.trainer_jit_checkpoint import JITCheckpointCallback
 from transformers.training_args import trainer_log_levels
@@ -36,6 +37,9 @@ from .models import check_mixed_precision
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 NO_RESUME = (None, False, "", "false", "False")  # --resume_from_checkpoint values that start afresh
+ADAPTER_SETTINGS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_dora",
+                    "use_rslora", "bias", "layers_to_transform", "rank_pattern", "alpha_pattern",
+                    "trainable_token_indices")
 DECODING = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p")  # recorded in run.json
 
 
@@ -122,8 +126,7 @@ def check_same_run(output_dir: str | Path, resume: str | None, metadata: dict, w
     if resume is not None and path.is_file():
         started = json.loads(path.read_text())
         recorded = all(k in started for k in metadata)
-        changed = [f"{k} {started[k]!r} -> {v!r}" for k, v in metadata.items()
-                   if k in started and started[k] != v]
+        changed = [c for k, v in metadata.items() if k in started for c in _changes(k, started[k], v)]
         if changed:
             raise ValueError(f"--resume_from_checkpoint: {output_dir} was started with other settings ("
                              f"{'; '.join(changed)}). Resume with the same ones, or give another "
@@ -131,6 +134,25 @@ def check_same_run(output_dir: str | Path, resume: str | None, metadata: dict, w
     if write:
         atomic_write_text(path, json.dumps(metadata, indent=2))
     return recorded
+
+
+def _changes(name: str, old, new) -> list[str]:
+    """What differs between two settings, by their innermost names (`adapter.default.r 16 -> 8`)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [change for k in sorted(old.keys() | new.keys())
+                for change in _changes(f"{name}.{k}", old.get(k), new.get(k))]
+    return [] if old == new else [f"{name} {old!r} -> {new!r}"]
+
+
+def adapter_settings(model) -> dict | None:
+    """The settings of `model`'s peft adapters that shape or place their weights: run.json records them, so
+    that a resume with others is refused rather than failing (or loading) partway."""
+    configs = getattr(model, "peft_config", None)
+    if not configs:
+        return None
+    plain = {set: sorted, PeftType: lambda v: v.value}
+    return {name: {k: plain.get(type(v), lambda x: x)(v) for k in ADAPTER_SETTINGS
+                   if (v := getattr(config, k, None)) is not None} for name, config in configs.items()}
 
 
 def load_data(data_args, task: str, embedded: Callable[[], dict], output_dir: str | Path,
@@ -438,6 +460,9 @@ def record_run(trainer, metadata: dict, resume: str | None) -> tuple[dict, bool]
     if trainer.generation is not None:  # a resumed run reuses "before": it must decode as this one does
         decoding = trainer.generation.args
         metadata = {**metadata, "decoding": {k: getattr(decoding, k) for k in DECODING}}
+    adapter = adapter_settings(trainer.model)
+    if adapter is not None:
+        metadata["adapter"] = adapter
     # The autocast evaluation generates under: chat and serve generate under it too, to answer as it scored.
     metadata["mixed_precision"] = "bf16" if args.bf16 else "fp16" if args.fp16 else None
     # Absolute, so that `make eval` finds the data files and images from any folder.

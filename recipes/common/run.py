@@ -37,8 +37,8 @@ from .models import check_mixed_precision
 logger = logging.getLogger(__name__)
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 NO_RESUME = (None, False, "", "false", "False")  # --resume_from_checkpoint values that start afresh
-ADAPTER_SETTINGS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save", "use_dora",
-                    "use_rslora", "bias", "layers_to_transform", "rank_pattern", "alpha_pattern",
+ADAPTER_SETTINGS = ("peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save",
+                    "use_dora", "use_rslora", "bias", "layers_to_transform", "rank_pattern", "alpha_pattern",
                     "trainable_token_indices")
 DECODING = ("num_beams", "max_new_tokens", "do_sample", "temperature", "top_p")  # recorded in run.json
 

@@ -110,8 +110,7 @@ class _RowStreamer(BaseStreamer):
                 self.done[row] = True
             # held back: trailing whitespace (the final text is stripped), a half-decoded character and
             # what may be the start of a stop string
-            text, stopped = cut_at_stop(self.tokenizer.decode(self.tokens[row], skip_special_tokens=True),
-                                        job.stop)
+            text, stopped = cut_at_stop(job.run.answer_text(self.tokens[row]), job.stop)
             if stopped:
                 self.done[row] = True
             text = text[:len(text) - _partial_stop(text, job.stop)].strip()
@@ -140,7 +139,7 @@ class _RowStops(StoppingCriteria):
         if not job.stop:
             return False
         end = next((i for i, t in enumerate(tokens) if t in self.stop_ids), len(tokens))
-        return cut_at_stop(self.tokenizer.decode(tokens[:end], skip_special_tokens=True), job.stop)[1]
+        return cut_at_stop(job.run.answer_text(tokens[:end]), job.stop)[1]
 
     def __call__(self, input_ids, scores, **kwargs):
         self.steps += 1
@@ -295,10 +294,10 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
         end = next((i for i, t in enumerate(tokens) if t in stops), None)
         if end is not None:
             tokens, finish = tokens[:end + 1], "stop"
-        text, stopped = cut_at_stop(tok.decode(tokens, skip_special_tokens=True), job.stop)
+        text, stopped = cut_at_stop(job.run.answer_text(tokens), job.stop)
         if stopped:  # the answer's tokens: up to the one that completed the stop string
             finish = "stop"
             tokens = tokens[:next(k for k in range(1, len(tokens) + 1) if cut_at_stop(
-                tok.decode(tokens[:k], skip_special_tokens=True), job.stop)[1])]
+                job.run.answer_text(tokens[:k]), job.stop)[1])]
         out.append(Completion(text.strip(), finish, int(n_prompt), len(tokens)))
     return out

@@ -51,7 +51,7 @@ from recipes.common.merge import (
     load_trained_run,
     trained_with,
 )
-from recipes.common.models import load_processor, resolve_model_path, text_reserved
+from recipes.common.models import answer_text, load_processor, resolve_model_path, text_reserved
 from recipes.common.quantization import QUANTIZATION_FILE
 from recipes.common.trainer import generate_kwargs, stop_token_ids
 from recipes.soft_prompt_caption.modeling import MODEL_TYPE as SOFT_PROMPT_MODEL_TYPE
@@ -93,6 +93,14 @@ class GenerativeRun:
         # token's decoding drops. Measured at load: the check it serves must not wait for a worker.
         ids = [[i] for i in range(len(self.tokenizer))]
         self.longest_token = 1 + max(map(len, self.tokenizer.batch_decode(ids)), default=0)
+
+    @functools.cached_property
+    def special_text(self) -> tuple[str, ...]:
+        """The run's --special_text: its answers keep them."""
+        return tuple(trained_with(self.path, "special_text") or ())
+
+    def answer_text(self, ids: list[int]) -> str:
+        return answer_text(self.tokenizer, ids, self.special_text)
 
     def least_positions(self, texts: list[str]) -> int:
         """A lower bound of the positions `texts` take, counted without rendering or tokenizing them: a

@@ -206,14 +206,26 @@ def test_8bit_option_trains_lora_on_int8_weights(env, run):
     assert set(json.loads((d / "int8" / "metrics.json").read_text())["after"]) == METRICS
 
 
-def test_chat_py_loads_a_qlora_run_on_its_base_quantized_as_in_training(run):
-    """chat.py answers as the run scored: its base 4-bit as in training, not the original weights."""
+def test_chat_py_loads_a_qlora_run_on_its_base_quantized_as_in_training(env, run, capsys, monkeypatch):
+    """chat.py answers as the run scored: its base 4-bit as in training, not the original weights, and its
+    --answer_prompt after the question."""
     from transformers import AutoModelForImageTextToText
 
     from recipes.common.merge import load_quantized_run
+    from recipes.llava_instruct import chat
     from recipes.llava_instruct.chat import load
 
+    d, _ = env
     out, _ = run
+    asked, answer = [], chat.answer
+    monkeypatch.setattr(chat, "answer", lambda *a, **kw: asked.append(a[3]) or answer(*a, **kw))
+    predicted = {r["key"]: r["prediction"] for r in read_jsonl(out / "predictions" / "final.jsonl")}
+    row = read_jsonl(d / "synth" / "eval.jsonl")[0]
+    chat.main(["--model", str(out), "--image", str(d / "synth" / row["image"]), "--prompt", row["question"],
+               "--max_new_tokens", "4"])
+    assert capsys.readouterr().out.strip() == predicted[row["question_id"]]
+    assert asked == [[{"from": "human", "value": f"<image>\n{row['question']}\nAnswer the question using a "
+                                                 "single word or phrase."}]]
     model, _ = load(str(out))
     ref, _ = load_quantized_run(out, AutoModelForImageTextToText)
     ids = torch.tensor([[1, 5, 7, 9, 11]])

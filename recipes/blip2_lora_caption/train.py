@@ -78,7 +78,7 @@ def main(argv=None):
         processing_class=processor,
         generation=None if eval_records is None else GenerationEval(
             eval_records, prompts, functools.partial(caption_scores, lang=args.data.lang),
-            args.generation_eval, tokenizer),
+            args.generation_eval, tokenizer, args.data.special_text or ()),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
     # Score before, train, save, score after: metrics.json; a resume must match what run.json records.

@@ -196,6 +196,7 @@ class ChatEncoder:
         self.eos_token_id = self.tokenizer.eos_token_id
         self.specials = special_strings(self.tokenizer)  # also the tokens that can end a turn
         self.reserved = text_reserved(self.tokenizer, special_text)  # what no text may hold (--special_text)
+        self.special_text = tuple(special_text or ())
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         """The conversation as the chat template writes it, with one image placeholder per image."""
@@ -377,6 +378,7 @@ class PrefixSuffixEncoder(ChatEncoder):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.image_ids = image_token_ids(processor)
         self.reserved = text_reserved(self.tokenizer, special_text)
+        self.special_text = tuple(special_text or ())
 
     @staticmethod
     def _split(messages: list[dict]) -> tuple[str, str | None, int]:
@@ -759,4 +761,5 @@ def chat_generation(items, encoder: ChatEncoder, score, eval_args) -> Generation
     chat template, the answers scored by `score(predictions, items)`."""
     if items is None:
         return None
-    return GenerationEval(items, ChatPromptCollator(encoder), score, eval_args, encoder.tokenizer)
+    return GenerationEval(items, ChatPromptCollator(encoder), score, eval_args, encoder.tokenizer,
+                          encoder.special_text)

@@ -68,6 +68,17 @@ def text_reserved(tokenizer, allowed=None) -> tuple[str, ...]:
     return tuple(s for s in specials if s not in allowed)
 
 
+def answer_text(tokenizer, ids, keep=None) -> str:
+    """The text of generated token `ids` without special tokens, but the `keep` ones (--special_text): an
+    answer that the data taught to hold them (Qwen-VL's <|box_start|>) is scored and served with them."""
+    if not keep:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    skipped = (special | set(tokenizer.all_special_ids)) - set(tokenizer.convert_tokens_to_ids(list(keep)))
+    ids = ids.tolist() if hasattr(ids, "tolist") else ids
+    return tokenizer.decode([i for i in ids if i not in skipped], skip_special_tokens=False)
+
+
 def resolve_model_path(path: str) -> str:
     """The folder of `tiny:<name>` (`tiny:clip`: random weights; `tiny:clip-pretrained`), built on first use;
     a local folder by its absolute path (a run records it as its base, for merge from any folder); a Hub id

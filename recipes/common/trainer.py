@@ -29,6 +29,7 @@ from data_tools.jsonl import read_jsonl, write_jsonl
 from .args import GenerationEvalArguments, LearningRateArguments
 from .lengths import IGNORE_INDEX
 from .losses import causal_lm_loss, label_positions_only
+from .models import answer_text
 from .peft_setup import check_learning_rates, param_groups
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class GenerationEval:
     score: Callable
     args: GenerationEvalArguments
     tokenizer: object
+    special_text: tuple[str, ...] = ()  # --special_text: kept in the answers (answer_text)
 
 
 def load_full_weights(model, folder: str | Path) -> bool:
@@ -269,7 +271,8 @@ class RecipeTrainer(Trainer):
                     batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
                 generated = model.generate(**batch, **kwargs)
                 new_tokens = generated[:, batch["input_ids"].shape[1]:]  # generate: prompt + continuation
-                out += list(zip(keys, tok.batch_decode(new_tokens, skip_special_tokens=True)))
+                out += [(key, answer_text(tok, ids, self.generation.special_text))
+                        for key, ids in zip(keys, new_tokens)]
         model.train(was_training)
         out = out[:own]
         if self.args.world_size > 1:

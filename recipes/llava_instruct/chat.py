@@ -8,7 +8,8 @@ or Ctrl-D ends
 
 --model is a run folder (LoRA adapter + base, or a full checkpoint), a merged checkpoint, a Hub id or
 tiny:<name>. The prompt is built exactly as in training (recipes/common/chat.py: the processor's chat
-template); in the interactive mode earlier questions and answers stay in the conversation. A message holding
+template, and a qlora_vqa run's --answer_prompt after each question); in the interactive mode earlier
+questions and answers stay in the conversation. A message holding
 a string the tokenizer reads as a special token (`</s>`, `<|im_start|>`, `<end_of_turn>`, ...) is not asked,
 as training refuses such a row: the interactive mode says so and asks again.
 """
@@ -24,7 +25,7 @@ from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
 from recipes.common.chat import ChatEncoder, chat_encoder, reserved_in, to_messages
 from recipes.common.merge import check_final_model, evaluated_precision, load_trained_run, trained_with
-from recipes.common.models import load_processor, loading, resolve_model_path
+from recipes.common.models import answer_text, load_processor, loading, resolve_model_path
 from recipes.common.run import run_main
 from recipes.common.trainer import stop_token_ids
 
@@ -66,7 +67,7 @@ def answer(model, processor, encoder: ChatEncoder, turns: list[dict], image, max
     with torch.autocast(model.device.type, dtype=autocast, enabled=autocast is not None):
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                              eos_token_id=stop_token_ids(model, tok))
-    return tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    return answer_text(tok, out[0, inputs["input_ids"].shape[1]:], encoder.special_text).strip()
 
 
 def main(argv=None) -> int:
@@ -84,13 +85,21 @@ def main(argv=None) -> int:
     if image is None and IMAGE_TOKEN in (args.prompt or ""):
         raise ValueError(f"--prompt holds {IMAGE_TOKEN} but no --image is given.")
 
-    def first_turn(message: str) -> str:  # the image leads the first message unless it places it itself
-        return message if image is None or IMAGE_TOKEN in message else f"{IMAGE_TOKEN}\n{message}"
-
     model, processor = load(args.model, args.dtype)
     if torch.cuda.is_available():
         model.to("cuda")
     path = resolve_model_path(args.model)
+    answer_prompt = trained_with(path, "answer_prompt") if Path(path).is_dir() else None
+
+    def asked(message: str) -> str:  # as the run trained and scored: its answer prompt on a line of its own
+        if answer_prompt and not message.rstrip().endswith(answer_prompt):
+            return f"{message}\n{answer_prompt}"
+        return message
+
+    def first_turn(message: str) -> str:  # the image leads the first message unless it places it itself
+        message = asked(message)
+        return message if image is None or IMAGE_TOKEN in message else f"{IMAGE_TOKEN}\n{message}"
+
     encoder = chat_encoder(processor, trained_with(path, "special_text"))
     autocast = evaluated_precision(path)[1] if Path(path).is_dir() else None
     n_images = 0 if image is None else 1
@@ -107,7 +116,7 @@ def main(argv=None) -> int:
             break
         if not message:
             break
-        turn = {"from": "human", "value": message if turns else first_turn(message)}
+        turn = {"from": "human", "value": asked(message) if turns else first_turn(message)}
         try:
             check_message(encoder, turns + [turn], n_images)
         except ValueError as e:  # the conversation so far stays: the user rewrites the message

@@ -144,7 +144,8 @@ def main(argv=None):
         processing_class=tokenizer, image_processor=image_processor,
         generation=None if eval_records is None else GenerationEval(
             eval_records, CaptionPromptCollator(image_processor, tokenizer, args.data.prompt),
-            functools.partial(caption_scores, lang=args.data.lang), args.generation_eval, tokenizer),
+            functools.partial(caption_scores, lang=args.data.lang), args.generation_eval, tokenizer,
+            args.data.special_text or ()),
         learning_rates=args.learning_rate, loss_on_label_positions=args.loss.loss_on_label_positions,
     )
 

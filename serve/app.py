@@ -249,6 +249,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
 
     app = FastAPI(title="vlm-recipes serve", lifespan=lifespan, docs_url="/docs", redoc_url=None)
     app.state.runs, app.state.options, app.state.metrics = runs, options, metrics
+    app.state.scratch = scratch  # the requests' image files, each deleted once answered
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.middleware("http")

@@ -36,18 +36,22 @@ def main(argv: list[str]) -> int:
             print(f"  {name:<14} {help_}", file=sys.stderr)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     module, function, _ = COMMANDS[argv[0]]
-    main_pid = os.getpid()
+    main_pid, finished = os.getpid(), []
 
     def interrupt(signum, frame):
         # SIGTERM (kill, a SLURM time limit) ends the run as Ctrl-C does: unfinished outputs' temp files
         # (as big as the outputs) are removed. A hashing worker just ends; the main process cleans up.
+        # Once the command has returned, its outputs are in place: the exit goes on.
         if os.getpid() != main_pid:
             os._exit(128 + signum)
-        raise KeyboardInterrupt
+        if not finished:
+            raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
-        return getattr(importlib.import_module(module), function)(argv[1:])
+        code = getattr(importlib.import_module(module), function)(argv[1:])
+        finished.append(True)
+        return code
     except (DataError, OSError) as e:  # bad user input: one line, not a traceback (bugs still raise)
         print(f"error: {e}", file=sys.stderr)
         return 2

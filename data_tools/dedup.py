@@ -52,7 +52,7 @@ from .files import check_outputs, replaced_together
 from .hashing import CLEAN_FIRST, DEFAULT_NEAR_THRESHOLD, ImageHash, hamming
 from .images import ImagePathResolver, relative_image_path, resolve_image_path
 from .hashes import (ImageHasher, add_hash_arguments, default_cache, first_index, group_images,
-                     hasher_from_args)
+                     hamming_threshold, hasher_from_args)
 from .jsonl import JsonlWriter, is_json_list, iter_jsonl
 from .records import IMAGE_ALIASES, TASKS, normalize_record
 from .records import _image as _normalize_image
@@ -520,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--out", required=True, help="output JSONL file")
     parser.add_argument("--report", help="JSONL file with one row per dropped, merged or grouped row")
-    parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD,
+    parser.add_argument("--near-threshold", type=hamming_threshold, default=DEFAULT_NEAR_THRESHOLD,
                         help="max pHash Hamming distance of near duplicates (default %(default)s)")
     parser.add_argument("--no-near", action="store_true",
                         help="only identical images count as the same image")

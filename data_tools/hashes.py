@@ -25,6 +25,7 @@ import itertools
 import json
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
 import zipfile
@@ -339,8 +340,36 @@ def _run(fn, jobs: list, workers: int, progress: bool, desc: str):
     if workers <= 1 or len(jobs) < MIN_PARALLEL:
         yield from (fn(j) for j in tqdm(jobs, **bar))
         return
-    with multiprocessing.get_context().Pool(min(workers, len(jobs))) as pool:
+    # Not `with Pool()`: its exit terminates the workers, with a SIGTERM that can be lost on one waiting for
+    # the task queue (then both wait forever); a finished pool is closed and joined instead.
+    pool = multiprocessing.get_context().Pool(min(workers, len(jobs)), initializer=default_signals)
+    try:
         yield from tqdm(pool.imap(fn, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers)))), **bar)
+    except BaseException:  # an error, Ctrl-C or SIGTERM, or the caller stopped reading
+        pool.terminate()
+        raise
+    else:
+        pool.close()
+    finally:
+        pool.join()
+
+
+def default_signals() -> None:
+    """In a worker: SIGTERM ends it at once (not through a Python handler that runs only between bytecodes,
+    which `Pool.terminate` relies on), and Ctrl-C is the main process's to handle."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def hamming_threshold(text: str) -> int:
+    """--near-threshold: a pHash Hamming distance, 0 to 64 bits."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"expected a whole number of bits from 0 to 64, got {text!r}")
+    return value
 
 
 def _raise(result: tuple) -> None:

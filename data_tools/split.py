@@ -32,7 +32,8 @@ import numpy as np
 from .dedup import group_rows, image_field, iter_images, rebase_image, scan_rows
 from .errors import DataError
 from .files import check_outputs, replaced_together
-from .hashes import ImageHasher, add_hash_arguments, default_cache, group_images, hasher_from_args
+from .hashes import (ImageHasher, add_hash_arguments, default_cache, group_images, hamming_threshold,
+                     hasher_from_args)
 from .hashing import DEFAULT_NEAR_THRESHOLD
 from .jsonl import JsonlWriter
 from .records import TASKS
@@ -209,14 +210,14 @@ def _ratios(text: str) -> list[float]:
     except ValueError:
         raise argparse.ArgumentTypeError("expected comma-separated numbers such as 0.8,0.1,0.1, "
                                          f"got {text!r}") from None
-    if not all(math.isfinite(r) and r >= 0 for r in ratios) or sum(ratios) <= 0:
+    if not all(math.isfinite(r) and r >= 0 for r in ratios) or not 0 < sum(ratios) < math.inf:
         raise argparse.ArgumentTypeError(f"ratios must be finite, non-negative, with a positive sum, "
                                          f"got {text!r}")
     return ratios
 
 
 def _near_arguments(parser: argparse.ArgumentParser, image_root_help: str) -> None:
-    parser.add_argument("--near-threshold", type=int, default=DEFAULT_NEAR_THRESHOLD,
+    parser.add_argument("--near-threshold", type=hamming_threshold, default=DEFAULT_NEAR_THRESHOLD,
                         help="max pHash Hamming distance of near duplicates (default %(default)s)")
     parser.add_argument("--no-near", action="store_true",
                         help="only identical images count as the same image")
@@ -246,6 +247,10 @@ def main_split(argv: list[str] | None = None) -> int:
         parser.error(f"--names is needed for {len(args.ratios)} ratios")
     if names is not None and len(names) != len(args.ratios):
         parser.error(f"--names has {len(names)} names for {len(args.ratios)} ratios")
+    for name in names or ():  # each is a file name in --out-dir
+        if not name or name in (".", "..") or "/" in name or "\\" in name:
+            parser.error(f"--names: {name!r} is not a file name (each split is written to "
+                         "--out-dir/<name>.jsonl)")
     try:
         counts = split_file(
             args.input, args.out_dir, args.ratios, seed=args.seed, names=names, task=args.task,

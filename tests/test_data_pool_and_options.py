@@ -1,0 +1,55 @@
+"""The hashing pool ends cleanly (its workers die on SIGTERM whatever handler the command installed, and a
+finished pool is closed, not terminated), and the dedup/split options that would write or mean something
+else than asked are refused."""
+
+import multiprocessing.pool
+import signal
+
+import pytest
+
+from data_tools import hashes
+from data_tools.__main__ import main as data_tools_main
+from data_tools.jsonl import write_jsonl
+
+
+def _worker_signals(job: int) -> tuple:
+    return (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
+            signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+
+
+def test_pool_workers_die_on_sigterm_and_a_finished_pool_is_closed(monkeypatch):
+    terminated = []
+    terminate = multiprocessing.pool.Pool.terminate
+    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate",
+                        lambda self: terminated.append(1) or terminate(self))
+    # as `python -m data_tools` installs it: a Python handler, which forked workers inherit
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        jobs = list(range(hashes.MIN_PARALLEL))
+        assert list(hashes._run(_worker_signals, jobs, 2, False, "x")) == [(True, True)] * len(jobs)
+        assert terminated == []
+        for _ in hashes._run(_worker_signals, jobs, 2, False, "x"):
+            break  # a caller that stops reading: the pool is terminated
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert terminated == [1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["dedup", "--task", "caption", "IN", "--out", "OUT", "--near-threshold", "-1"],
+     "--near-threshold: expected a whole number of bits from 0 to 64, got '-1'"),
+    (["split", "IN", "--out-dir", "D", "--seed", "0", "--near-threshold", "65"],
+     "--near-threshold: expected a whole number of bits from 0 to 64, got '65'"),
+    (["split", "IN", "--out-dir", "D", "--seed", "0", "--names", "a,../escape,c"],
+     "--names: '../escape' is not a file name"),
+    (["split", "IN", "--out-dir", "D", "--seed", "0", "--ratios", "1e308,1e308,1"],
+     "ratios must be finite, non-negative, with a positive sum"),
+])
+def test_options_that_would_mean_something_else_are_refused(argv, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "IN", [{"image": "a.png", "captions": ["x"]}])
+    with pytest.raises(SystemExit) as e:
+        data_tools_main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["IN"]
+    assert not (tmp_path.parent / "escape.jsonl").exists()

@@ -165,7 +165,8 @@ def test_a_run_resumed_with_other_decoding_is_refused(tmp_path):
     (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
     trainer = FakeTrainer(tmp_path, resume="last")
     trainer.generation.args = GenerationEvalArguments(max_new_tokens=30)
-    with pytest.raises(ValueError, match="was started with other settings .*'max_new_tokens': 30"):
+    changed = r"was started with other settings \(decoding.max_new_tokens 20 -> 30\)"
+    with pytest.raises(ValueError, match=changed):
         train_and_evaluate(trainer, {"recipe": "r"})
 
 

@@ -1400,7 +1400,8 @@ def _stand_in_server(tmp_path, images=(), positions: int = 0, context: int | Non
     from serve.app import create_app
 
     chat = SimpleNamespace(task="chat", path=tmp_path, needs_image=False, reserved=(), max_positions=context,
-                           prompt_positions=lambda item, prompt: positions, answer_prompt=None)
+                           prompt_positions=lambda item, prompt: positions, answer_prompt=None,
+                           least_positions=lambda texts: 0)
     index = SimpleNamespace(task="retrieval", reserved=(), path=tmp_path, images=[str(p) for p in images])
     return Server(create_app({"sp_lora": chat, "f30k_index": index}))
 

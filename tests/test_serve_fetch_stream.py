@@ -125,6 +125,8 @@ def test_a_stream_goes_on_after_a_byte_the_tokenizer_cannot_decode():
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from recipes.common.models import answer_text
+
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     bpe.train_from_iterator(["hello world how are you"] * 10, trainers.BpeTrainer(
@@ -134,7 +136,8 @@ def test_a_stream_goes_on_after_a_byte_the_tokenizer_cannot_decode():
     words = tokenizer(" hello world how are you", add_special_tokens=False)["input_ids"]
     sent = []
     loop = SimpleNamespace(call_soon_threadsafe=lambda put, delta: sent.append(delta))
-    job = SimpleNamespace(max_tokens=50, stop=(), stream=SimpleNamespace(put_nowait=None), loop=loop)
+    run = SimpleNamespace(answer_text=lambda ids: answer_text(tokenizer, ids))
+    job = SimpleNamespace(max_tokens=50, stop=(), stream=SimpleNamespace(put_nowait=None), loop=loop, run=run)
     streamer = _RowStreamer([job], tokenizer, set())
     streamer.put(torch.tensor([[1, 2]]))  # the prompt
     streamer.put(torch.tensor([lone]))

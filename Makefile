@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 OUT ?= outputs
 
-.PHONY: setup test test-families demo eval bench serve new-recipe clean-venv
+.PHONY: setup test test-slow test-families demo eval bench serve new-recipe clean-venv
 
 setup: $(STAMP)
 
@@ -21,7 +21,12 @@ $(STAMP): requirements.txt constraints.txt pyproject.toml scripts/setup_venv.sh
 TEST_WORKERS ?= 2
 PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup
-	$(PY) $(PYTEST) -m "not matrix" tests
+	$(PY) $(PYTEST) -m "not matrix and not slow" tests
+
+# The rest (CI runs it after `make test`, ~4 min): 2-process runs whose 1-process code `make test` covers,
+# the READMEs' real-data commands and their quoted figures.
+test-slow: setup
+	$(PY) $(PYTEST) -m "slow and not matrix" tests
 
 # Every image-text-to-text family: their tests, and each family through llava_instruct and qlora_vqa on 1 and
 # 2 processes with merge and chat (tests/test_family_matrix.py and the other tests marked `matrix`, ~10 min).

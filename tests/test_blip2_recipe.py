@@ -315,6 +315,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     assert len(predictions[0]) == 7 and sorted(predictions[1], key=str) == sorted(predictions[0], key=str)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_two_processes_at_the_same_step(env):
     """Under 2 processes, the one that gets SIGTERM first does not stop alone: both save the same step (the
     checkpoint holds both processes' RNG states), and the message is printed once."""

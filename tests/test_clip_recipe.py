@@ -294,6 +294,7 @@ def test_bf16_weights_with_a_trained_float32_layer_embed_under_autocast(env):
     assert set(json.loads((d / "bf16" / "metrics.json").read_text())["after"]) >= METRICS
 
 
+@pytest.mark.slow
 def test_clip_with_the_sigmoid_loss_trains_on_two_processes_as_on_one(env):
     """CLIP's fresh sigmoid bias is read by the loss alone, outside forward: DDP must not look for unused
     parameters (it marked the bias ready twice and stopped the first step)."""

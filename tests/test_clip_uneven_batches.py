@@ -96,6 +96,7 @@ def _same_weights(a: Path, b: Path):
         torch.testing.assert_close(got[k], ref[k], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_a_short_last_global_batch_is_split_not_filled_and_a_resume_keeps_the_epoch(env):
     """19 images, global batch 16: each epoch is 16 images, then 3 (2 on process 0, 1 on process 1). Filling
     the 3 up to 16 with the epoch's first images trained on pairs one process never sees. Checkpoint-3 is in
@@ -117,6 +118,7 @@ def test_a_short_last_global_batch_is_split_not_filled_and_a_resume_keeps_the_ep
     _same_weights(d / "one", d / "resumed")
 
 
+@pytest.mark.slow
 def test_a_last_global_batch_of_fewer_images_than_processes_trains_as_on_one_process(env):
     """19 images, global batch 18: the last has 1 image, and process 1 no share of it. The sigmoid loss (a
     single pair has a loss and a gradient) with 2 accumulation steps: each step is both global batches."""

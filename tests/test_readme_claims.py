@@ -26,6 +26,7 @@ CLAIM = re.compile(r"Short run \(tested\): .*?`([\w@]+)` (\d+\.\d+) -> (\d+\.\d+
                    r"at least \+(\d+(?:\.\d+)?)")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", sorted(RUNS))
 def test_a_short_run_from_the_shipped_base_moves_the_metric_as_the_readme_says(recipe, tmp_path):
     readme = (ROOT / "recipes" / recipe / "README.md").read_text()

@@ -333,6 +333,7 @@ def test_main_readme_data_tools(user):
     assert assert_images_resolve(data / "coco" / "train.jsonl", user / "coco" / "train2017") == 6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_readme_real_data(user, recipe):
     """A recipe README's real-data block: its data_tools lines, then its training line (CPU overrides)."""

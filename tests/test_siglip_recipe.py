@@ -123,6 +123,7 @@ def test_sigmoid_is_the_default_and_wise_ft_interpolates(env):
         torch.testing.assert_close(w, (base[k] + tuned[k]) / 2, atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(env):
     d, e, _, whole = env
     out = d / "ddp"

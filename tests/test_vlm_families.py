@@ -68,6 +68,23 @@ def family(request):
     return name, path, model, processor, chat_encoder(processor)
 
 
+def test_full_weights_saved_under_their_original_names_load_back_into_the_model(family, tmp_path):
+    """What a full-weight checkpoint holds (save_pretrained renames the keys of most families) loads back
+    into a model in training: its best checkpoint at the end, or a resume."""
+    from recipes.common.trainer import load_full_weights
+
+    _, path, model, _, _ = family
+    trained = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)
+    trained.save_pretrained(tmp_path)
+    fresh = AutoModelForImageTextToText.from_pretrained(path)
+    assert load_full_weights(fresh, tmp_path)
+    want = trained.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in fresh.state_dict().items())
+
+
 def _records(name, images, n=3):
     rows = [{"image": images["red"], "conversations": CONVERSATION},
             {"image": images["blue"], "conversations": CONVERSATION[:2]}]

@@ -83,6 +83,8 @@ def _text(value: Any, field: str) -> str:
         raise DataError(WRONG_TYPE, f"expected a string, got {type(value).__name__}", field=field)
     if not value.strip():
         raise DataError(EMPTY_TEXT, "is empty", field=field)
+    if "\x00" in value:  # no text holds one (a broken export), and arrays of text drop a trailing one
+        raise DataError(BAD_VALUE, "holds a NUL character (\\x00)", field=field)
     return value
 
 

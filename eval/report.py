@@ -38,7 +38,7 @@ from data_tools.jsonl import load_json
 from .caption import CHARACTER_LANGS, ENGLISH_ONLY, caption_metrics, normalize_lang
 from .inputs import read_predictions
 from .instruct import ROW, SHORT_ANSWER_WORDS, eval_items, instruct_scores
-from .retrieval import recall_at_k, text_to_image_ranks
+from .retrieval import recall_at_k, similarity, text_to_image_ranks
 from .vqa import vqa_accuracy
 
 CAPTION_METRICS = ["Bleu", "METEOR", "ROUGE_L", "CIDEr"]
@@ -226,7 +226,7 @@ def score_retrieval(path: Path, records: dict) -> tuple[dict, dict, dict]:
         if text not in records[keys[i]]["captions"]:
             raise DataError("bad_value", f"text {t} {text!r} is not a caption of {keys[i]} in the eval file",
                             path=path, field="texts")
-    scores = data["text_embeds"] @ data["image_embeds"].T
+    scores = similarity(data["text_embeds"], data["image_embeds"])
     ranks = text_to_image_ranks(scores, data["text_to_image"])
     return (recall_at_k(scores, data["text_to_image"]), dict(enumerate(ranks.tolist())),
             {**data, "scores": scores})

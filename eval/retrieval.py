@@ -29,6 +29,15 @@ def _to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
+def similarity(text_embeds, image_embeds) -> np.ndarray:
+    """`scores` of the embeddings: text x image dot products, where equal embeddings score exactly the same
+    (a matrix product may round a row differently at another position, and a tie counts against the
+    model: a caption shared by two images, embedded alike, must tie exactly with its copy)."""
+    texts, text_rows = np.unique(_to_numpy(text_embeds), axis=0, return_inverse=True)
+    images, image_rows = np.unique(_to_numpy(image_embeds), axis=0, return_inverse=True)
+    return (texts @ images.T)[np.ix_(text_rows.reshape(-1), image_rows.reshape(-1))]
+
+
 def _check(scores: np.ndarray, text_to_image: np.ndarray) -> None:
     if scores.ndim != 2:
         raise ValueError(f"scores must be a 2-D texts x images matrix, got shape {scores.shape}")

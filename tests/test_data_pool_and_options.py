@@ -53,3 +53,12 @@ def test_options_that_would_mean_something_else_are_refused(argv, message, tmp_p
     assert e.value.code == 2 and message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["IN"]
     assert not (tmp_path.parent / "escape.jsonl").exists()
+
+
+def test_a_nul_character_in_a_text_is_a_bad_value():
+    from data_tools.errors import DataError
+    from data_tools.records import normalize_record
+
+    with pytest.raises(DataError) as e:  # numpy's text arrays (saved captions) drop a trailing one
+        normalize_record({"image": "a.png", "captions": ["a red circle", "a blue square\x00"]}, "retrieval")
+    assert (e.value.reason, e.value.field) == ("bad_value", "captions[1]")

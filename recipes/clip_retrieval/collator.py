@@ -412,4 +412,12 @@ def load_zero_shot(path: str | os.PathLike, templates: list[str], tokenizer, max
     prompts = [tokenize_texts([t.format(label=label) for t in templates], tokenizer, max_length, report,
                               pooled_at_eos=pooled_at_eos)
                for label in labels]
+    logger.info("zero-shot %s", report)
+    # Classes whose prompts read the same (cut at max_length) embed the same: the accuracy would be noise.
+    same = {}
+    for label, ids in zip(labels, prompts):
+        if (other := same.setdefault(str(ids), label)) != label:
+            raise ValueError(f"zero-shot classes {other!r} and {label!r} have the same prompts once cut at "
+                             f"max_length {max_length} ({report}): raise --max_length, or shorten "
+                             "--zero_shot_templates.")
     return ZeroShotSet(images, [labels.index(label) for _, label in names], labels, prompts)

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor
 
-from data_tools.files import atomic_write, atomic_write_text
+from data_tools.files import atomic_write, replaced_together
 from recipes.clip_retrieval.collator import (TextLengthReport, collator_for, pools_at_eos, records_by_image,
                                              tokenize_texts)
 from recipes.clip_retrieval.merge import load_dual_encoder
@@ -118,9 +118,6 @@ def main(argv=None) -> int:
                                              progress=True),
                   "texts.npy": encode_texts(clip, processor, collator, texts, args.batch_size, device,
                                             progress=True, max_length=max_length)}
-    for name, array in arrays.items():
-        with atomic_write(out / name, "wb") as f:
-            np.save(f, array)
     # A model folder as an absolute path: search.py and serve read the index from any working folder.
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     # The image root: serve names a gallery image to its clients by its path under it.
@@ -128,7 +125,13 @@ def main(argv=None) -> int:
     index = {"model": model, "max_length": max_length, "file": str(Path(args.file).resolve()),
              "image_root": str(root), "special_text": special_text, "images": list(records["image"]),
              "texts": texts, "text_to_image": text_to_image}
-    atomic_write_text(out / "index.json", json.dumps(index, ensure_ascii=False, indent=1))
+    # The three files of an index replace an earlier one's together: a stop never leaves a mix of two.
+    with replaced_together() as together:
+        for name, array in arrays.items():
+            with atomic_write(out / name, "wb", together=together) as f:
+                np.save(f, array)
+        with atomic_write(out / "index.json", together=together) as f:
+            f.write(json.dumps(index, ensure_ascii=False, indent=1))
     print(f"{len(records)} images and {len(texts)} captions embedded into {out}")
     return 0
 

@@ -46,7 +46,7 @@ from tqdm import tqdm
 from transformers import TrainerCallback
 
 from data_tools.files import atomic_write, atomic_write_text
-from eval.retrieval import recall_at_k
+from eval.retrieval import recall_at_k, similarity
 from recipes.clip_retrieval.collator import GlobalBatchShares
 from recipes.common.peft_setup import apply_freezing, apply_peft, trainable_in_float32
 from recipes.common.trainer import RecipeTrainer, rank_share
@@ -218,15 +218,25 @@ def embedding_size(model) -> int:
     return getattr(config, "projection_dim", None) or config.text_config.projection_size
 
 
+def distinct(ids: list[list[int]]) -> tuple[list[list[int]], np.ndarray]:
+    """The distinct token-id lists of `ids`, in first-seen order, and the row of each of `ids` among them."""
+    rows = {}
+    inverse = np.asarray([rows.setdefault(tuple(x), len(rows)) for x in ids], dtype=np.int64)
+    return [list(x) for x in rows], inverse
+
+
 @torch.no_grad()
 def embed_texts(model, collator, ids: list[list[int]], batch_size: int, device,
                 progress: bool = False) -> np.ndarray:
-    """L2-normalised text embeddings (float32 numpy), one row per token-id list."""
+    """L2-normalised text embeddings (float32 numpy), one row per token-id list. A text is embedded once,
+    whatever its copies: a batch pads to its longest text, which moves an embedding by ~1e-7, and two copies
+    must tie exactly (the retrieval metrics count a tie against the model)."""
+    ids, inverse = distinct(ids)
     out = []
     for start in tqdm(range(0, len(ids), batch_size), desc="embedding texts", disable=not progress):
         batch = {k: v.to(device) for k, v in collator.texts(ids[start:start + batch_size]).items()}
         out.append(F.normalize(model.get_text_features(**batch).pooler_output.float(), dim=-1).cpu())
-    return torch.cat(out).numpy() if out else np.zeros((0, embedding_size(model)), np.float32)
+    return (torch.cat(out).numpy() if out else np.zeros((0, embedding_size(model)), np.float32))[inverse]
 
 
 def zero_shot_accuracy(image_embeds: np.ndarray, class_embeds: np.ndarray, targets) -> float:
@@ -375,13 +385,16 @@ class ContrastiveTrainer(RecipeTrainer):
     def _embed_shared(self, model, kind: str, items: list) -> np.ndarray:
         """Embed this rank's contiguous share of `items` (`rank_share`: every rank runs as many batches);
         every rank gets all embeddings, in order."""
+        inverse = None
+        if kind == "texts":  # each text once over all processes: copies must tie exactly (embed_texts)
+            items, inverse = distinct(items)
         share, own = rank_share(len(items), self.args.world_size, self.args.process_index)
         fn = embed_images if kind == "images" else embed_texts
         part = fn(model, self.data_collator, [items[i] for i in share], self.args.per_device_eval_batch_size,
                   self.args.device, progress=self.is_local_process_zero())[:own]
-        if self.args.world_size == 1:
-            return part
-        return np.concatenate(gather_object([part]))
+        if self.args.world_size > 1:
+            part = np.concatenate(gather_object([part]))
+        return part if inverse is None else part[inverse]
 
     def retrieval_metrics(self, metric_key_prefix: str = "eval", name: str | None = None,
                           model=None, dataset=None) -> dict[str, float]:
@@ -406,7 +419,7 @@ class ContrastiveTrainer(RecipeTrainer):
                           "text_embeds": self._embed_shared(model, "texts", text_ids),
                           "text_to_image": np.asarray(text_to_image), "image_keys": np.asarray(data.images),
                           "texts": np.asarray([t for caps in data.caption_texts for t in caps])}
-                metrics.update(recall_at_k(arrays["text_embeds"] @ arrays["image_embeds"].T,
+                metrics.update(recall_at_k(similarity(arrays["text_embeds"], arrays["image_embeds"]),
                                            arrays["text_to_image"]))
             if self.zero_shot is not None:
                 zs = self.zero_shot

@@ -272,8 +272,8 @@ def _load_soft_prompt(path: Path, rid: str) -> GenerativeRun:
 
     from recipes.soft_prompt_caption.modeling import SoftPromptCaptioner
 
-    if (path / SOFT_PROMPT_WEIGHTS).is_file():
-        model = SoftPromptCaptioner.from_trained(path)
+    if (path / SOFT_PROMPT_WEIGHTS).is_file():  # the frozen bases in the dtype its evaluation ran in
+        model = SoftPromptCaptioner.from_trained(path, dtype=getattr(torch, evaluated_precision(path)[0]))
     else:
         model = SoftPromptCaptioner.from_pretrained(path)
     tokenizer = AutoTokenizer.from_pretrained(path)

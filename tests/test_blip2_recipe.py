@@ -228,8 +228,13 @@ def test_bad_inputs_are_clear_errors(env):
     r = _run([*groups, "--lm_lr", "0.001", "--lora_r", "4", "--lora_alpha", "64", "--resume_from_checkpoint",
               "last"], e)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert "adapter.default.lora_alpha 32 -> 64; adapter.default.r 16 -> 4)" in r.stderr, r.stderr[-3000:]
+    assert ("adapter.default.lora_alpha 32 -> 64; adapter.default.r 16 -> 4; trainable_parameters "
+            in r.stderr), r.stderr[-3000:]
     assert json.loads((d / "groups" / "run.json").read_text())["adapter"]["default"]["r"] == 16
+    r = _run([*groups, "--lm_lr", "0.001", "--peft_method", "none", "--freeze_language_model", "false",
+              "--resume_from_checkpoint", "last"], e)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "adapter {'default': {" in r.stderr and "} -> None; trainable_parameters " in r.stderr
 
     # Another image size: BLIP-2 would add the first of its 64 px position embeddings to a 32 px image.
     r = _run([*_data(d), "--output_dir", str(d / "v"), *FAST, "--processor_kwargs",

@@ -63,6 +63,9 @@ def test_run_saves_only_trained_parts_and_the_export_equals_the_run(env):
     assert set(metrics["before"]) == set(metrics["after"])
     assert (metrics["recipe"], metrics["prompt_length"], metrics["trained_parameters"]) == (
         "soft_prompt_caption", 10, 9600)
+    # what a resume must match (the trained weights' shapes and meaning)
+    assert {k: metrics[k] for k in ("vision_features", "projection", "trainable_parameters")} == {
+        "vision_features": "pooled", "projection": "linear", "trainable_parameters": 9600}
     assert (SIZES in r.stderr
             and "train length budget: 200 samples, 0 truncated" in r.stderr)  # 40 images x 5 captions
     # Only what trains is on disk; the bases are named in config.json.

@@ -104,6 +104,17 @@ def test_a_finished_run_resumed_with_auto_is_scored_without_training_on_both_pro
     assert _state(out) == state  # its log still ends with the summary `train` wrote (train_loss)
     assert "train_loss" in state["log_history"][-1]
 
+    # The run's folder moved since: its trainer_state.json names the old path of its best checkpoint.
+    moved = d / "best-moved"
+    shutil.move(out, moved)
+    try:
+        (moved / "metrics.json").unlink()
+        r = _run(29611, [*_data(d), *FAST, *BEST, "--output_dir", moved], e, 1)
+        assert r.returncode == 0 and "is gone" not in r.stderr, r.stderr[-3000:]
+        assert json.loads((moved / "metrics.json").read_text())["after_step"] == 2
+    finally:
+        shutil.move(moved, out)
+
     shutil.rmtree(out / "checkpoint-2")
     shutil.copytree(out, d / "best-one")
     for run, processes in ((out, 2), (d / "best-one", 1)):

@@ -310,6 +310,10 @@ def load_finished(trainer, checkpoint: str, why: str) -> None:
     if ended.get("global_step") == state.global_step and history[:len(logged)] == logged:
         state.log_history = history
     trainer._load_from_checkpoint(checkpoint)
+    best = state.best_model_checkpoint
+    here = None if best is None else Path(trainer.args.output_dir) / Path(best).name
+    if here is not None and not Path(best).is_dir() and here.is_dir():
+        state.best_model_checkpoint = str(here)  # the run's folder moved since: its checkpoint is here
     if state.best_model_checkpoint is not None and not Path(state.best_model_checkpoint).is_dir():
         logger.warning("the best checkpoint %s is gone: the last step's weights are scored",
                        state.best_model_checkpoint)
@@ -460,9 +464,9 @@ def record_run(trainer, metadata: dict, resume: str | None) -> tuple[dict, bool]
     if trainer.generation is not None:  # a resumed run reuses "before": it must decode as this one does
         decoding = trainer.generation.args
         metadata = {**metadata, "decoding": {k: getattr(decoding, k) for k in DECODING}}
-    adapter = adapter_settings(trainer.model)
-    if adapter is not None:
-        metadata["adapter"] = adapter
+    # What trains: a resume with another adapter (or none), other freezing, loads its checkpoint wrongly.
+    metadata["adapter"] = adapter_settings(trainer.model)
+    metadata["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     # The autocast evaluation generates under: chat and serve generate under it too, to answer as it scored.
     metadata["mixed_precision"] = "bf16" if args.bf16 else "fp16" if args.fp16 else None
     # Absolute, so that `make eval` finds the data files and images from any folder.

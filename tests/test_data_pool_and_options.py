@@ -2,37 +2,47 @@
 finished pool is closed, not terminated), and the dedup/split options that would write or mean something
 else than asked are refused."""
 
-import multiprocessing.pool
-import signal
+import subprocess
+import sys
 
 import pytest
 
-from data_tools import hashes
 from data_tools.__main__ import main as data_tools_main
 from data_tools.jsonl import write_jsonl
 
 
-def _worker_signals(job: int) -> tuple:
+# Run in a process of its own: a pytest worker may hold other threads, under which forking is unsafe.
+POOL_CHECK = """
+import multiprocessing.pool, os, signal
+from data_tools import hashes
+
+def worker_signals(job):
     return (signal.getsignal(signal.SIGTERM) is signal.SIG_DFL,
             signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
 
+terminated, terminate = [], multiprocessing.pool.Pool.terminate
+multiprocessing.pool.Pool.terminate = lambda self: terminated.append(1) or terminate(self)
+main = os.getpid()
 
-def test_pool_workers_die_on_sigterm_and_a_finished_pool_is_closed(monkeypatch):
-    terminated = []
-    terminate = multiprocessing.pool.Pool.terminate
-    monkeypatch.setattr(multiprocessing.pool.Pool, "terminate",
-                        lambda self: terminated.append(1) or terminate(self))
-    # as `python -m data_tools` installs it: a Python handler, which forked workers inherit
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        jobs = list(range(hashes.MIN_PARALLEL))
-        assert list(hashes._run(_worker_signals, jobs, 2, False, "x")) == [(True, True)] * len(jobs)
-        assert terminated == []
-        for _ in hashes._run(_worker_signals, jobs, 2, False, "x"):
-            break  # a caller that stops reading: the pool is terminated
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert terminated == [1]
+def interrupt(signum, frame):  # as `python -m data_tools` installs it, and forked workers inherit it
+    if os.getpid() != main:
+        os._exit(128 + signum)
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, interrupt)
+jobs = list(range(hashes.MIN_PARALLEL))
+assert list(hashes._run(worker_signals, jobs, 2, False, "x")) == [(True, True)] * len(jobs)
+assert terminated == [], "a finished pool is closed and joined, not terminated"
+for _ in hashes._run(worker_signals, jobs, 2, False, "x"):
+    break  # a caller that stops reading: the pool is terminated
+assert terminated == [1]
+print("ok")
+"""
+
+
+def test_pool_workers_die_on_sigterm_and_a_finished_pool_is_closed():
+    r = subprocess.run([sys.executable, "-c", POOL_CHECK], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
 
 
 @pytest.mark.parametrize("argv, message", [

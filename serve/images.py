@@ -38,11 +38,16 @@ def _remote_bytes(url: str, max_bytes: int, timeout: float, param: str) -> bytes
     bounds each read only, not a server that trickles its bytes)."""
     deadline, data = time.monotonic() + timeout, bytearray()
     try:
+        if timeout <= 0:  # (a socket timeout of 0 is no timeout but a non-blocking socket)
+            raise TimeoutError
         with urllib.request.urlopen(url, timeout=timeout) as response:
             while len(data) <= max_bytes and (chunk := response.read1(max_bytes + 1 - len(data))):
                 data += chunk
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"not all read within {timeout:g} s")
+                    raise TimeoutError
+    except TimeoutError:  # `timeout` is what the request has left: its deadline, as if reached while waiting
+        raise ClientError(504, f"the image URL was not read within the {timeout:g} s the request had left",
+                          param=param, type_="timeout", code="timeout") from None
     except (OSError, ValueError, http.client.HTTPException) as e:  # HTTPException: a malformed response
         raise ClientError(400, f"cannot fetch the image URL: {e}", param=param,
                           code="image_fetch_failed") from e

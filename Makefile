@@ -23,7 +23,7 @@ PYTEST := -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 test: setup
 	$(PY) $(PYTEST) -m "not matrix and not slow" tests
 
-# The rest (CI runs it after `make test`, ~4 min): 2-process runs whose 1-process code `make test` covers,
+# The rest (CI runs it after `make test`, ~3 min): 2-process runs whose 1-process code `make test` covers,
 # the READMEs' real-data commands and their quoted figures.
 test-slow: setup
 	$(PY) $(PYTEST) -m "slow and not matrix" tests

@@ -104,28 +104,24 @@ def _train(script: Path, *args: str):
 
 
 def test_a_recipe_folder_copied_by_hand_is_refused_before_it_runs_the_originals_code(tmp_path):
-    copy = tmp_path / "recipes" / "my_task"
-    shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", copy)
-    r = _train(copy / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl",
-               "--eval_strategy", "no")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert (f"error: {copy / 'train.py'} imports the modules of recipes/blip2_lora_caption, not its own"
-            in r.stderr and "Rename recipes.blip2_lora_caption to recipes.my_task" in r.stderr)
-    assert not (tmp_path / "out").exists()
-    # copied out of the project's recipes/ folder
-    elsewhere = tmp_path / "my_task"
-    shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", elsewhere)
-    r = _train(elsewhere / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl",
-               "--eval_strategy", "no")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
-    assert (f"error: {elsewhere / 'train.py'} imports the modules of recipes/blip2_lora_caption, not its own"
-            in r.stderr and "Copy it into the project's recipes/ folder with `make new-recipe" in r.stderr)
+    def copied_to(folder: Path):
+        shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", folder)
+        return _train(folder / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file",
+                      "missing.jsonl", "--eval_strategy", "no")
+
+    # into recipes/, and out of it
+    for copy, fix in (
+            (tmp_path / "recipes" / "my_task", "Rename recipes.blip2_lora_caption to recipes.my_task"),
+            (tmp_path / "my_task", "Copy it into the project's recipes/ folder with `make new-recipe")):
+        r = copied_to(copy)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+        assert (f"error: {copy / 'train.py'} imports the modules of recipes/blip2_lora_caption, not its own"
+                in r.stderr and fix in r.stderr), r.stderr[-3000:]
+        assert not (tmp_path / "out").exists()
 
     # a recipe of another copy of the project than the installed one: a warning, then the run goes on
     other = tmp_path / "clone" / "recipes" / "blip2_lora_caption"
-    shutil.copytree(ROOT / "recipes" / "blip2_lora_caption", other)
-    r = _train(other / "train.py", "--output_dir", str(tmp_path / "out"), "--train_file", "missing.jsonl",
-               "--eval_strategy", "no")
+    r = copied_to(other)
     assert (f"{other / 'train.py'} runs the recipes package of {ROOT}, another copy of the project"
             in r.stderr and "error: missing.jsonl" in r.stderr), r.stderr[-3000:]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 import safetensors.torch
+import torch
 from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm import tqdm

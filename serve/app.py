@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect
 from data_tools.errors import MISSING_IMAGE, DataError
 from data_tools.images import check_image
 from data_tools.records import IMAGE_TOKEN, find_reserved
+from recipes.common.chat import with_answer_prompt
 
 from .batching import Batcher, Job
 from .images import ClientError, image_bytes, save_checked_image
@@ -468,10 +469,7 @@ def create_app(runs: dict, options: ServeOptions | None = None) -> FastAPI:
                 prompt = turns[-1]["value"].replace(IMAGE_TOKEN, "").strip() or run.trained_prompt
                 item = {"key": 0, "image": image}
             else:
-                question = turns[-1]["value"]
-                if run.answer_prompt and not question.rstrip().endswith(run.answer_prompt):
-                    # as the run trained and scored: after the question, on a line of its own
-                    turns[-1] = {**turns[-1], "value": f"{question}\n{run.answer_prompt}"}
+                turns[-1] = {**turns[-1], "value": with_answer_prompt(turns[-1]["value"], run.answer_prompt)}
                 item = {"key": 0, "image": image, "conversations": turns}
             loop = asyncio.get_running_loop()
             limit = run.max_positions

@@ -70,6 +70,14 @@ class ChatTemplateError(ValueError):
     """The processor's chat template cannot be used to find the assistant turns."""
 
 
+def with_answer_prompt(question: str, answer_prompt: str | None) -> str:
+    """A question as a qlora_vqa run trained on it and scored it: its --answer_prompt on a line of its own
+    after it (unless the question already ends with it), for chat.py and serve."""
+    if answer_prompt and not question.rstrip().endswith(answer_prompt):
+        return f"{question}\n{answer_prompt}"
+    return question
+
+
 def to_messages(conversations: list[dict], n_images: int = 0) -> list[dict]:
     """LLaVA turns ({"from", "value"}) -> chat messages with content parts ({"type": "text"|"image"}).
 

@@ -23,7 +23,7 @@ from transformers import AutoModelForImageTextToText
 
 from data_tools.images import load_image
 from data_tools.records import IMAGE_TOKEN
-from recipes.common.chat import ChatEncoder, chat_encoder, reserved_in, to_messages
+from recipes.common.chat import ChatEncoder, chat_encoder, reserved_in, to_messages, with_answer_prompt
 from recipes.common.merge import check_final_model, evaluated_precision, load_trained_run, trained_with
 from recipes.common.models import answer_text, load_processor, loading, resolve_model_path
 from recipes.common.run import run_main
@@ -91,10 +91,8 @@ def main(argv=None) -> int:
     path = resolve_model_path(args.model)
     answer_prompt = trained_with(path, "answer_prompt") if Path(path).is_dir() else None
 
-    def asked(message: str) -> str:  # as the run trained and scored: its answer prompt on a line of its own
-        if answer_prompt and not message.rstrip().endswith(answer_prompt):
-            return f"{message}\n{answer_prompt}"
-        return message
+    def asked(message: str) -> str:
+        return with_answer_prompt(message, answer_prompt)
 
     def first_turn(message: str) -> str:  # the image leads the first message unless it places it itself
         message = asked(message)

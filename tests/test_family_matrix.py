@@ -56,20 +56,24 @@ def _chat_cli(model, image, env) -> str:
 
 
 def _run_answer(run, recipe: str, image) -> str:
-    """The greedy answer of the trained run itself (not the merge), through chat.answer."""
+    """The greedy answer of the trained run itself (not the merge), through chat.answer, asked as the run
+    trained (a qlora_vqa run's --answer_prompt after the question)."""
     from transformers import AutoModelForImageTextToText
 
     from data_tools.images import load_image
     from data_tools.records import IMAGE_TOKEN
-    from recipes.common.chat import chat_encoder
-    from recipes.common.merge import load_quantized_run
+    from recipes.common.chat import chat_encoder, with_answer_prompt
+    from recipes.common.merge import load_quantized_run, trained_with
     from recipes.llava_instruct.chat import answer, load
 
     if recipe == "qlora_vqa":
         model, processor = load_quantized_run(run, AutoModelForImageTextToText)
     else:
         model, processor = load(str(run))
-    turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{QUESTION}"}]
+    question = with_answer_prompt(QUESTION, trained_with(run, "answer_prompt"))
+    if recipe == "qlora_vqa":  # the reference must ask what the merged folder's chat.py asks
+        assert question != QUESTION
+    turns = [{"from": "human", "value": f"{IMAGE_TOKEN}\n{question}"}]
     return answer(model, processor, chat_encoder(processor), turns, load_image(image), max_new_tokens=6)
 
 

@@ -236,6 +236,19 @@ def test_bad_inputs_are_clear_errors(env):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "adapter {'default': {" in r.stderr and "} -> None; trainable_parameters " in r.stderr
 
+    # --save_only_model checkpoints hold no optimizer state: going on from one is refused before anything is
+    # scored (it went on with a fresh optimizer and the schedule restarted); one at the run's end is scored.
+    only = [*groups[:-1], str(d / "only-model"), "--save_only_model", "true"]
+    assert _run(only, e).returncode == 0
+    r = _run([*only, "--max_steps", "3", "--resume_from_checkpoint", "last"], e)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert (f"error: --resume_from_checkpoint: {d / 'only-model' / 'checkpoint-2'} holds no optimizer and "
+            "learning-rate schedule state" in r.stderr), r.stderr[-3000:]
+    assert not (d / "only-model" / "checkpoint-3").exists()
+    r = _run([*only, "--resume_from_checkpoint", "last"], e)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "is the run's last step (--max_steps 2): scoring it" in r.stderr, r.stderr[-3000:]
+
     # Another image size: BLIP-2 would add the first of its 64 px position embeddings to a 32 px image.
     r = _run([*_data(d), "--output_dir", str(d / "v"), *FAST, "--processor_kwargs",
               '{"size": {"height": 32, "width": 32}}'], e)

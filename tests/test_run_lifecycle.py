@@ -126,12 +126,33 @@ def test_a_recipe_folder_copied_by_hand_is_refused_before_it_runs_the_originals_
             in r.stderr and "error: missing.jsonl" in r.stderr), r.stderr[-3000:]
 
 
+def _checkpoint(folder: Path) -> None:
+    """What a checkpoint to resume from holds for train_and_evaluate (the fake Trainer loads nothing)."""
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text("{}")
+    (folder / "scheduler.pt").write_bytes(b"")
+
+
+def test_a_checkpoint_without_optimizer_state_is_refused_before_anything_is_scored(tmp_path):
+    """--save_only_model checkpoints: the Trainer would resume with a fresh optimizer and the learning-rate
+    schedule restarted, silently. One that ends the run (its last step) is scored, needing neither."""
+    _checkpoint(tmp_path / "checkpoint-4")
+    (tmp_path / "checkpoint-4" / "scheduler.pt").unlink()
+    trainer = FakeTrainer(tmp_path, resume="last")
+    trainer.heldout_metrics = None  # nothing is scored
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-4 holds no optimizer and learning-rate schedule "
+                                                r"state \(scheduler.pt; --save_only_model saves none\)"):
+        train_and_evaluate(trainer, {"recipe": "r"})
+    assert not trainer.trained and not (tmp_path / "run.json").exists()
+    (tmp_path / "checkpoint-4" / "global_step4").mkdir()  # DeepSpeed keeps the optimizer state there
+    train_and_evaluate(FakeTrainer(tmp_path, resume="last"), {"recipe": "r"})
+
+
 def test_a_run_resumed_with_other_eval_samples_scores_before_again_on_them(tmp_path):
     """"before" is reused from the run's start only when it scored the records that "after" scores."""
     for keys, before in ((("a", "b"), 0.1), (("a", "b", "c"), 0.5), (("a",), 0.5)):
         run = tmp_path / "-".join(keys)
-        (run / "checkpoint-4").mkdir(parents=True)
-        (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        _checkpoint(run / "checkpoint-4")
         (run / "predictions").mkdir()
         write_jsonl(run / "predictions" / "before.jsonl", ({"key": k, "prediction": "x"} for k in "ab"))
         (run / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
@@ -142,8 +163,7 @@ def test_a_run_resumed_with_other_eval_samples_scores_before_again_on_them(tmp_p
 def test_a_resumed_retrieval_run_reuses_before_only_for_the_same_images(tmp_path):
     for images, before in ((["a.png", "b.png"], 0.1), (["a.png", "b.png", "c.png"], 0.5)):
         run = tmp_path / str(len(images))
-        (run / "checkpoint-4").mkdir(parents=True)
-        (run / "checkpoint-4" / "trainer_state.json").write_text("{}")
+        _checkpoint(run / "checkpoint-4")
         (run / "predictions").mkdir()
         np.savez(run / "predictions" / "before.npz", image_keys=np.asarray(["a.png", "b.png"]))
         (run / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')
@@ -157,8 +177,7 @@ def test_a_run_resumed_with_other_decoding_is_refused(tmp_path):
     """"before" is reused on resume: it must have been decoded as "after" will be."""
     train_and_evaluate(FakeTrainer(tmp_path), {"recipe": "r"})
     assert json.loads((tmp_path / "run.json").read_text())["decoding"]["max_new_tokens"] == 20
-    (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    _checkpoint(tmp_path / "checkpoint-4")
     trainer = FakeTrainer(tmp_path, resume="last")
     trainer.generation.args = GenerationEvalArguments(max_new_tokens=30)
     changed = r"was started with other settings \(decoding.max_new_tokens 20 -> 30\)"
@@ -169,8 +188,7 @@ def test_a_run_resumed_with_other_decoding_is_refused(tmp_path):
 def test_a_run_started_by_an_earlier_version_resumes_and_scores_before_again(tmp_path):
     """Its run.json lacks the decoding: the resume is not refused, but its "before" is not comparable."""
     (tmp_path / "run.json").write_text('{"recipe": "r"}')
-    (tmp_path / "checkpoint-4").mkdir()
-    (tmp_path / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    _checkpoint(tmp_path / "checkpoint-4")
     (tmp_path / "predictions").mkdir()
     write_jsonl(tmp_path / "predictions" / "before.jsonl", ({"key": k, "prediction": "x"} for k in "ab"))
     (tmp_path / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')

@@ -373,6 +373,9 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
     if resume:
         logger.info("resuming from %s", resume)
     early_stopped = add_early_stopping(trainer, early_stopping, resume)
+    finished = finished_at(trainer, resume, early_stopped) if resume else None
+    if resume and not finished:
+        check_resumable(resume)
     stop = add_stop_on_signal(trainer)
     metadata, recorded = record_run(trainer, metadata, resume)
     results = dict(results or {})
@@ -396,7 +399,7 @@ def train_and_evaluate(trainer, metadata: dict, *, test=None, results: dict | No
                            "--resume_from_checkpoint auto to go on."):
             score("before", "before")
         check_best_metric(args, results["val"]["before"] if test is not None else results["before"])
-    train_resumed(trainer, resume, stop, finished=early_stopped)
+    train_resumed(trainer, resume, stop, finished)
     trainer.save_model()  # what trained (adapter, trained modules, or the model) and the processor
     trainer.save_state()  # trainer_state.json: the log of every step and evaluation
     done = stop is not None and finished_message(trainer)
@@ -480,18 +483,36 @@ def record_run(trainer, metadata: dict, resume: str | None) -> tuple[dict, bool]
     return metadata, recorded
 
 
-def train_resumed(trainer, resume: str | None, stop: StopOnSignal | None, finished: bool = False) -> None:
-    """`trainer.train` from `resume`; a checkpoint of the run's last step (`finished`: early stopping ended
-    the run there) is loaded, not trained on: a resumed Trainer would train one step more where --max_steps
-    is not a whole number of epochs, and up to the next evaluation after an early stop. FSDP and DeepSpeed
-    resume through `train`, the only one that prepares their model."""
+def finished_at(trainer, resume: str, early_stopped: bool) -> str | None:
+    """Why checkpoint `resume` ends the run, with nothing left to train (`early_stopped`: early stopping's
+    count saved in it is at the patience), or None. FSDP and DeepSpeed runs always resume through `train`,
+    the only one that prepares their model."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return None
+    if early_stopped:
+        return "early stopping ended the run there"
     max_steps = getattr(trainer.args, "max_steps", -1)
-    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    return f"--max_steps {max_steps}" if max_steps > 0 and saved_step(resume) >= max_steps else None
+
+
+def check_resumable(checkpoint: str) -> None:
+    """A checkpoint trained on holds the optimizer and learning-rate schedule (scheduler.pt, or DeepSpeed's
+    global_step* folder): without them the Trainer would go on with a fresh optimizer and the schedule
+    restarted from its warm-up, with no word said."""
+    folder = Path(checkpoint)
+    if not (folder / "scheduler.pt").is_file() and not any(folder.glob("global_step*")):
+        raise FileNotFoundError(f"--resume_from_checkpoint: {checkpoint} holds no optimizer and learning-"
+                                "rate schedule state (scheduler.pt; --save_only_model saves none), so "
+                                "training cannot go on from it. Start afresh in another --output_dir.")
+
+
+def train_resumed(trainer, resume: str | None, stop: StopOnSignal | None, finished: str | None) -> None:
+    """`trainer.train` from `resume`; a checkpoint of the run's last step (`finished`: why it is, from
+    `finished_at`) is loaded, not trained on: a resumed Trainer would train one step more where --max_steps
+    is not a whole number of epochs, and up to the next evaluation after an early stop."""
     try:
-        if resume and not sharded and finished:
-            load_finished(trainer, resume, "early stopping ended the run there")
-        elif resume and not sharded and max_steps > 0 and saved_step(resume) >= max_steps:
-            load_finished(trainer, resume, f"--max_steps {max_steps}")
+        if resume and finished:
+            load_finished(trainer, resume, finished)
         else:
             trainer.train(resume_from_checkpoint=resume)
     except ValueError as e:

@@ -50,6 +50,7 @@ from recipes.common.merge import (
     load_run,
     load_trained_run,
     trained_with,
+    with_adapter,
 )
 from recipes.common.models import answer_text, load_processor, resolve_model_path, text_reserved
 from recipes.common.quantization import QUANTIZATION_FILE
@@ -343,8 +344,7 @@ def load_runs(paths: list[str | Path]) -> dict[str, GenerativeRun | SearchRun]:
                 # adapter, and peft refuses a name with a dot (outputs/v1.2)
                 model = shared[base]
                 adapter = f"adapter_{len(model.peft_config)}"
-                model.load_adapter(path, adapter_name=adapter)
-                model.eval()
+                with_adapter(model, path, adapter)
                 processor = load_processor(path, model.config.model_type)
             else:  # loaded as it trained (a QLoRA base quantized), its adapter named "default"
                 (model, processor) = load_trained_run(path, AutoModelForImageTextToText, dtype)

@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel, load_peft_weights, set_peft_model_state_dict
+from safetensors import safe_open
 from transformers import BitsAndBytesConfig
 
 from data_tools.files import atomic_folder
 
-from .models import load_processor, loading
+from .models import full_weight_files, load_processor, loading, saved_names
 from .quantization import QUANTIZATION_FILE, keep_4bit_training_layout, quantized_device_map
 from .run import checkpoints, saved_step
 
@@ -101,13 +102,49 @@ def load_run(run: str | Path, model_cls, dtype: str = "float32"):
         base_path, revision = adapter_base(run)
         with loading(base_path):
             base = model_cls.from_pretrained(base_path, dtype=torch_dtype, revision=revision)
-        model = PeftModel.from_pretrained(base, run)
+        model = with_adapter(base, run)
     else:
         with loading(str(run)):
             model = model_cls.from_pretrained(run, dtype=torch_dtype)
+        float32_as_saved(model, run)
     with loading(str(run)):
         processor = load_processor(run, model.config.model_type)
     return model.eval(), processor
+
+
+def with_adapter(model, run: str | Path, adapter_name: str = "default") -> PeftModel:
+    """`model` (a base, or a PeftModel to add it to) with the adapter of run `run`, in eval mode, in the
+    dtypes it trained in. All that trains is float32 (`peft_setup.trainable_in_float32`), but peft copies
+    the modules saved beside the adapter (modules_to_save: a projector) in the base's dtype: on a bf16 base,
+    rounded, and the run would answer otherwise than it scored."""
+    known = {id(p) for p in model.parameters()}
+    if isinstance(model, PeftModel):
+        model.load_adapter(str(run), adapter_name=adapter_name)
+    else:
+        model = PeftModel.from_pretrained(model, run, adapter_name=adapter_name)
+    added = [p for p in model.parameters() if id(p) not in known]
+    if any(p.dtype != torch.float32 for p in added):
+        for p in added:
+            p.data = p.data.float()
+        set_peft_model_state_dict(model, load_peft_weights(str(run)), adapter_name=adapter_name)
+    return model.eval()
+
+
+def float32_as_saved(model, run: str | Path) -> int:
+    """Put back in float32 what full-weight run `run` saved so (what trained, `trainable_in_float32`):
+    from_pretrained loads every tensor in one dtype, which rounds them in a bf16 run. Returns how many."""
+    names, cast = None, 0
+    for file in full_weight_files(run):
+        with safe_open(file, "pt") as f:
+            for key in f.keys():
+                if f.get_slice(key).get_dtype() != "F32":
+                    continue
+                names = names or saved_names(model)
+                param = names.get(key) and model.get_parameter(names[key])
+                if param is not None and param.dtype != torch.float32:
+                    param.data = f.get_tensor(key).to(param.device)
+                    cast += 1
+    return cast
 
 
 def merge_run(run: str | Path, out: str | Path, model_cls, dtype: str = "float32") -> Path:
@@ -159,7 +196,7 @@ def load_quantized_run(run: str | Path, model_cls):
     base = _quantized_base(run, model_cls)
     # the weights training used, not bitsandbytes' CPU-inference rounding of them
     keep_4bit_training_layout(base)
-    return PeftModel.from_pretrained(base, run).eval(), load_processor(run, base.config.model_type)
+    return with_adapter(base, run), load_processor(run, base.config.model_type)
 
 
 def load_trained_run(run: str | Path, model_cls, dtype: str = "float32"):

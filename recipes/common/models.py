@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoProcessor
+from transformers.core_model_loading import revert_weight_conversion
 
 from .args import ModelArguments, did_you_mean
 
@@ -172,3 +174,23 @@ def load_model_and_processor(model_cls, path: str, model_args: ModelArguments, *
     """(model, processor); the processor first: a misspelt option stops before a large model loads."""
     processor = load_recipe_processor(path, model_args)
     return load_model(model_cls, path, model_args, skip_quantization=skip_quantization), processor
+
+
+def full_weight_files(folder: str | Path) -> list[Path]:
+    """The safetensors files of the full checkpoint save_pretrained wrote in `folder`; none for an adapter."""
+    folder = Path(folder)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+
+
+def saved_names(model) -> dict[str, str | None]:
+    """{name save_pretrained writes a tensor of `model` under: its name in the model}. Full checkpoints are
+    saved under the architecture's original names (`language_model.model.*` for LLaVA); a renaming keeps the
+    tensor, so its memory says which of the model's own names it is (tied weights: one memory, several
+    names). None: saved converted (split, merged), not renamed."""
+    current = model.state_dict()
+    names = {(t.data_ptr(), t.shape): k for k, t in reversed(current.items())}
+    saved = revert_weight_conversion(model, current)
+    return {k: names.get((t.data_ptr(), t.shape)) for k, t in saved.items()}

@@ -19,7 +19,6 @@ from accelerate.utils import gather_object
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 from transformers import PreTrainedModel, Trainer
-from transformers.core_model_loading import revert_weight_conversion
 from transformers.trainer_optimizer import is_optimizer_factory
 from transformers.trainer_pt_utils import LabelSmoother
 
@@ -29,7 +28,7 @@ from data_tools.jsonl import read_jsonl, write_jsonl
 from .args import GenerationEvalArguments, LearningRateArguments
 from .lengths import IGNORE_INDEX
 from .losses import causal_lm_loss, label_positions_only
-from .models import answer_text
+from .models import answer_text, full_weight_files, saved_names
 from .peft_setup import check_learning_rates, param_groups
 
 logger = logging.getLogger(__name__)
@@ -104,28 +103,21 @@ class GenerationEval:
 
 def load_full_weights(model, folder: str | Path) -> bool:
     """Load the full weights `save_pretrained` wrote in `folder` into `model`; False where there are none (an
-    adapter). They are saved under the architecture's original names (`language_model.model.*` for LLaVA),
-    which the Trainer's own reload looks up by the current ones: it would load nothing, with a warning."""
-    folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    files = (sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
-             if index.is_file() else [folder / "model.safetensors"])
-    if not isinstance(model, PreTrainedModel) or not files[0].is_file():
+    adapter). They are saved under the architecture's original names (`saved_names`), which the Trainer's
+    own reload looks up by the current ones: it would load nothing, with a warning."""
+    files = full_weight_files(folder)
+    if not isinstance(model, PreTrainedModel) or not files:
         return False
-    # The saved name of each tensor, as save_pretrained renames it; a renaming keeps the tensor, so its
-    # memory says which of the model's own names it is (tied weights: one memory, several names).
-    current = model.state_dict()
-    names = {(t.data_ptr(), t.shape): k for k, t in reversed(current.items())}
-    saved_as = {k: names.get((t.data_ptr(), t.shape))
-                for k, t in revert_weight_conversion(model, current).items()}
-    state = {}
+    saved_as, state = saved_names(model), {}
     for file in files:
         for key, tensor in safetensors.torch.load_file(file).items():
             if saved_as.get(key) is None:  # unknown, or saved converted (split, merged), not renamed
                 raise ValueError(f"{file}: {key} is not a weight of {type(model).__name__} as it saves them, "
                                  "under its own name: it cannot be loaded back into the model in training.")
             state[saved_as[key]] = tensor
-    missing = {names[(t.data_ptr(), t.shape)] for t in current.values()} - set(state)
+    # every tensor of the model, one name each (tied weights: the name saved_names gives them)
+    tensors = {(t.data_ptr(), t.shape): k for k, t in reversed(model.state_dict().items())}
+    missing = set(tensors.values()) - set(state)
     if missing:
         raise ValueError(f"{folder}: no weights for {', '.join(sorted(missing)[:3])} ({len(missing)} in all)")
     model.load_state_dict(state, strict=False)

@@ -82,6 +82,20 @@ def test_labels_cover_the_answer_and_eos_only(encoder):
     assert (report.samples, report.dropped, report.cut) == (2, 0, 0)
 
 
+def test_the_answer_prompt_is_added_once_as_chat_and_serve_add_it():
+    """A question that already ends with the prompt (LLaVA-1.5's VQA data writes it in) is not asked with it
+    twice; spaces around the question go, in training and in chat.py and serve alike."""
+    from recipes.common.chat import with_answer_prompt
+
+    written = [{**RECORDS[0], "question": " what color is the circle ?\nanswer briefly . "},
+               {**RECORDS[0], "question": "what color is the circle ?  "}]
+    ds = vqa_conversations(datasets.Dataset.from_list(written), prompt="answer briefly .")
+    asked = "<image>\nwhat color is the circle ?\nanswer briefly ."
+    assert [c[0]["value"] for c in ds["conversations"]] == [asked] * 2
+    assert f"<image>\n{with_answer_prompt(written[1]['question'], 'answer briefly .')}" == asked
+    assert with_answer_prompt("why ?", None) == "why ?"
+
+
 def test_a_sample_longer_than_the_budget_is_dropped_and_counted(encoder):
     ds = vqa_conversations(datasets.Dataset.from_list(RECORDS), prompt=None)
     # the color question, the longer one

@@ -71,10 +71,10 @@ class ChatTemplateError(ValueError):
 
 
 def with_answer_prompt(question: str, answer_prompt: str | None) -> str:
-    """A question as a qlora_vqa run trained on it and scored it: its --answer_prompt on a line of its own
-    after it (unless the question already ends with it), for chat.py and serve."""
+    """A question as qlora_vqa trains, scores and (chat.py, serve) asks it: its --answer_prompt on a line of
+    its own after it, unless the question already ends with it (LLaVA-1.5's VQA data writes it in)."""
     if answer_prompt and not question.rstrip().endswith(answer_prompt):
-        return f"{question}\n{answer_prompt}"
+        return f"{question.strip()}\n{answer_prompt}"
     return question
 
 

@@ -16,6 +16,7 @@ import datasets
 
 from data_tools.records import IMAGE_TOKEN
 from eval.vqa import normalize_answer, question_type_prior, vqa_accuracy
+from recipes.common.chat import with_answer_prompt
 
 # LLaVA-1.5's response-format prompt for VQAv2 and other short-answer data (Liu et al., 2023, "Improved
 # Baselines with Visual Instruction Tuning", section 3.2): a chat model asked without it answers in sentences.
@@ -35,8 +36,7 @@ def training_answer(answers: list[str]) -> str:
 
 def question_turn(question: str, prompt: str | None) -> dict:
     """The user turn: the image, the question and the answer-format prompt (LLaVA-1.5's layout)."""
-    text = f"{IMAGE_TOKEN}\n{question.strip()}"
-    return {"from": "human", "value": f"{text}\n{prompt}" if prompt else text}
+    return {"from": "human", "value": f"{IMAGE_TOKEN}\n{with_answer_prompt(question.strip(), prompt)}"}
 
 
 def vqa_conversations(records: datasets.Dataset,

@@ -93,6 +93,8 @@ def test_collated_batch_holds_positives_then_negatives_with_their_keys(tokenizer
     keys = [caption_key(t) for t in ("a small red circle", "a blue square", "a red circle", "a blue circle",
                                      "a red square")]
     assert batch["text_keys"].tolist() == keys
+    # every caption of each image, drawn or not, padded to the data set's widest image (2 captions)
+    assert batch["caption_keys"].tolist() == [[keys[2], keys[0]], [keys[1], -1], [keys[2], -1]]
     assert caption_key("A  Red circle") == caption_key("a red circle") != caption_key("a red circles")
     # Without hard_negatives the records' negatives are not used, and an int index is the first caption.
     plain = PairDataset(records, tokenizer, max_length=16)

@@ -26,21 +26,27 @@ def _features(n, d=8, seed=0):
             F.normalize(torch.randn(n, d, generator=g), dim=-1))
 
 
-def _reference(images, texts, scale, image_keys, text_keys, negs=(), neg_keys=()):
-    """The loss written out term by term: -log softmax over the allowed candidates of each query."""
+def _reference(images, texts, scale, image_keys, text_keys, negs=(), neg_keys=(), captions=None):
+    """The loss written out term by term: -log softmax over the allowed candidates of each query. A text is
+    no negative of an image it describes: one of the image's `captions` (default: its own text), or a text of
+    the same image file."""
     n = len(images)
+    captions = captions or [{key} for key in text_keys]
 
     def term(query, candidates, target):
         logits = [scale * float(query @ c) for c in candidates]
         return -(logits[target] - math.log(sum(math.exp(x) for x in logits)))
 
+    def describes(text, image):
+        return image_keys[text] == image_keys[image] or text_keys[text] in captions[image]
+
     total = 0.0
     for k in range(n):
-        allowed = [l for l in range(n)
-                   if l == k or (image_keys[l] != image_keys[k] and text_keys[l] != text_keys[k])]
-        extra = [negs[m] for m in range(len(negs)) if neg_keys[m] != text_keys[k]]
-        total += term(images[k], [texts[l] for l in allowed] + extra, allowed.index(k))  # image -> texts
-        total += term(texts[k], [images[l] for l in allowed], allowed.index(k))  # text -> images
+        texts_of_k = [l for l in range(n) if l == k or not describes(l, k)]
+        extra = [negs[m] for m in range(len(negs)) if neg_keys[m] not in captions[k]]
+        total += term(images[k], [texts[l] for l in texts_of_k] + extra, texts_of_k.index(k))  # image->texts
+        images_of_k = [l for l in range(n) if l == k or not describes(k, l)]
+        total += term(texts[k], [images[l] for l in images_of_k], images_of_k.index(k))  # text -> images
     return total / (2 * n)
 
 
@@ -80,6 +86,26 @@ def test_hard_negatives_add_to_the_image_side_only_and_never_a_positive():
                           neg_keys.tolist())
     assert ours.item() == pytest.approx(expected, rel=1e-5)
     assert ours.item() > contrastive_loss(images, texts, scale, image_keys, text_keys).item()
+
+
+def test_a_caption_of_an_image_not_drawn_for_the_batch_is_not_its_negative():
+    """Image 1's other caption is item 0's text, and image 3's is the first hard negative: neither is pushed
+    away from it. Text 0 is still a negative of images 2 and 3 (one direction only)."""
+    images, texts = _features(4, seed=4)
+    negs, _ = _features(2, seed=5)
+    scale = torch.tensor(1.5)
+    image_keys, text_keys, neg_keys = torch.arange(4), torch.tensor([10, 11, 12, 13]), torch.tensor([20, 21])
+    captions = [{10}, {11, 10}, {12}, {13, 20, 14}]
+    padded = torch.tensor([sorted(c) + [-1] * (3 - len(c)) for c in captions])
+    ours = contrastive_loss(images, texts, scale, image_keys, text_keys, negs, neg_keys, caption_keys=padded)
+    expected = _reference(images, texts, math.exp(1.5), image_keys.tolist(), text_keys.tolist(), list(negs),
+                          neg_keys.tolist(), captions)
+    assert ours.item() == pytest.approx(expected, rel=1e-5)
+    drawn_only = contrastive_loss(images, texts, scale, image_keys, text_keys, negs, neg_keys)
+    assert ours.item() != pytest.approx(drawn_only.item(), rel=1e-3)
+    assert drawn_only.item() == pytest.approx(
+        _reference(images, texts, math.exp(1.5), image_keys.tolist(), text_keys.tolist(), list(negs),
+                   neg_keys.tolist()), rel=1e-5)
 
 
 def test_single_process_gather_is_the_identity_and_keeps_the_gradient():

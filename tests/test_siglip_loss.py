@@ -21,15 +21,17 @@ def _features(n, d=8, seed=0):
     )
 
 
-def _reference(images, texts, t, b, image_keys, text_keys, negs=(), neg_keys=()):
-    """The loss written out pair by pair: -log sigmoid(z * (t * cos + b)), summed, over the images."""
+def _reference(images, texts, t, b, image_keys, text_keys, negs=(), neg_keys=(), captions=None):
+    """The loss written out pair by pair: -log sigmoid(z * (t * cos + b)), summed, over the images. z = 1
+    where the text is one of the image's `captions` (default: its own text) or of the same image file."""
+    captions = captions or [{key} for key in text_keys]
     total = 0.0
     for i in range(len(images)):
         for j in range(len(texts)):
-            z = 1 if (i == j or image_keys[i] == image_keys[j] or text_keys[i] == text_keys[j]) else -1
+            z = 1 if (i == j or image_keys[i] == image_keys[j] or text_keys[j] in captions[i]) else -1
             total += -math.log(1 / (1 + math.exp(-z * (t * float(images[i] @ texts[j]) + b))))
         for m in range(len(negs)):
-            z = 1 if neg_keys[m] == text_keys[i] else -1
+            z = 1 if neg_keys[m] in captions[i] else -1
             total += -math.log(1 / (1 + math.exp(-z * (t * float(images[i] @ negs[m]) + b))))
     return total / len(images)
 
@@ -258,3 +260,20 @@ def test_siglip2_pretraining_learns_with_the_sigmoid_loss(tmp_path):
     model = AutoModel.from_pretrained(out)
     assert type(model).__name__ == "Siglip2Model" and model.logit_bias.item() != -10.0
     assert tiny_pretrain.STARTS_FROM["siglip2"] == {"base": "siglip2"}
+
+
+def test_a_caption_of_an_image_not_drawn_for_the_batch_is_a_match():
+    """Image 1's other caption is item 0's text, image 3's the first hard negative: z = +1 for those pairs
+    only (text 0 against image 2 stays -1)."""
+    images, texts = _features(4, seed=4)
+    negs, _ = _features(2, seed=5)
+    t, b = torch.tensor([1.2]), torch.tensor([-2.0])
+    image_keys, text_keys, neg_keys = torch.arange(4), torch.tensor([10, 11, 12, 13]), torch.tensor([20, 21])
+    captions = [{10}, {11, 10}, {12}, {13, 20, 14}]
+    padded = torch.tensor([sorted(c) + [-1] * (3 - len(c)) for c in captions])
+    ours = sigmoid_loss(images, texts, t, b, image_keys, text_keys, negs, neg_keys, caption_keys=padded)
+    expected = _reference(images, texts, math.exp(1.2), -2.0, image_keys.tolist(), text_keys.tolist(),
+                          list(negs), neg_keys.tolist(), captions)
+    assert ours.item() == pytest.approx(expected, rel=1e-5)
+    assert ours.item() != pytest.approx(
+        sigmoid_loss(images, texts, t, b, image_keys, text_keys, negs, neg_keys).item(), rel=1e-3)

@@ -13,7 +13,8 @@ batch of that order into the processes' shares.
 
 The collator opens the images and pads the texts: the positives first (row i belongs to image i), then
 the hard negatives. Every text and image carries a key (hash of the normalised caption, index of the
-image file) so that the loss can tell false negatives from true ones.
+image file), and each image the keys of all its captions, so that the loss can tell false negatives from
+true ones.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ class PairDataset(torch.utils.data.Dataset):
         self.captions = [tokenize(c) for c in records["captions"]]
         self.caption_texts = [list(c) for c in records["captions"]]
         self.caption_keys = [[caption_key(t) for t in c] for c in records["captions"]]
+        # The keys of all of an image's captions go with it, padded to one width for the whole data set (the
+        # processes' batches gather into one): a text equal to any of them describes it, drawn or not.
+        self.caption_width = max(map(len, self.caption_keys), default=0)
         negatives = (records["neg_captions"] if hard_negatives and "neg_captions" in records.column_names
                      else None)
         negatives = [n or [] for n in negatives] if negatives is not None else [[] for _ in self.images]
@@ -153,6 +157,7 @@ class PairDataset(torch.utils.data.Dataset):
             "image_key": self.image_keys[i] if counted else -1,
             "input_ids": self.captions[i][j],
             "text_key": self.caption_keys[i][j],
+            "caption_keys": self.caption_keys[i] + [-1] * (self.caption_width - len(self.caption_keys[i])),
             "neg_input_ids": self.negatives[i][k] if k >= 0 else None,
             "neg_key": self.negative_keys[i][k] if k >= 0 else None,
         }
@@ -278,6 +283,7 @@ class ContrastiveCollator:
             **texts,
             "image_keys": torch.tensor([f["image_key"] for f in features]),
             "text_keys": torch.tensor([f["text_key"] for f in features] + [f["neg_key"] for f in negatives]),
+            "caption_keys": torch.tensor([f["caption_keys"] for f in features]),
         }
 
 

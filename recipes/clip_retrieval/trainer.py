@@ -93,64 +93,81 @@ def gather_with_local_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def described(captions: torch.Tensor, text_keys: torch.Tensor) -> torch.Tensor:
+    """[images, texts]: whether each text is a caption of each image (`captions`: [images, width], the keys
+    of every caption of the image, padded with -1), drawn for this batch or not."""
+    match = torch.zeros((len(captions), len(text_keys)), dtype=torch.bool, device=text_keys.device)
+    for column in captions.T:  # memory of [images, texts], not of [images, width, texts]
+        match |= column[:, None] == text_keys[None, :]
+    return match
+
+
 def contrastive_loss(image_embeds, text_embeds, logit_scale, image_keys, text_keys, neg_embeds=None,
-                     neg_keys=None):
+                     neg_keys=None, caption_keys=None):
     """Symmetric InfoNCE of N (image, text) pairs (pair k in row k of both), embeddings L2-normalised.
 
-    Pairs k != l are not each other's negatives when their image keys or their text keys are equal.
-    `neg_embeds` (M texts) are extra negatives of every image, except of an image whose own caption
-    has the same key.
+    Image k and text l != k are not negatives of each other when the text describes the image: it is one of
+    the image's captions (`caption_keys`, [N, width]; None: its own text only), or its pair has the same
+    image file. `neg_embeds` (M texts) are extra negatives of every image that they do not describe.
     """
     n = image_embeds.shape[0]
+    captions = text_keys[:, None] if caption_keys is None else caption_keys
     scale = logit_scale.exp()
     logits = scale * image_embeds @ text_embeds.T  # [images, texts]
     eye = torch.eye(n, dtype=torch.bool, device=logits.device)
-    false_negative = (image_keys[:, None] == image_keys[None, :]) | (text_keys[:, None] == text_keys[None, :])
+    false_negative = (image_keys[:, None] == image_keys[None, :]) | described(captions, text_keys)
     logits = logits.masked_fill(false_negative & ~eye, float("-inf"))
     image_to_text = logits
     if neg_embeds is not None and neg_embeds.shape[0] > 0:
         neg_logits = scale * image_embeds @ neg_embeds.T
-        neg_logits = neg_logits.masked_fill(text_keys[:, None] == neg_keys[None, :], float("-inf"))
+        neg_logits = neg_logits.masked_fill(described(captions, neg_keys), float("-inf"))
         image_to_text = torch.cat([logits, neg_logits], dim=1)
     target = torch.arange(n, device=logits.device)
     return (F.cross_entropy(image_to_text, target) + F.cross_entropy(logits.T, target)) / 2
 
 
 def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_keys, text_keys, neg_embeds=None,
-                 neg_keys=None):
+                 neg_keys=None, caption_keys=None):
     """SigLIP's loss of N (image, text) pairs (pair k in row k of both), embeddings L2-normalised: every image
     against every text, -sum log sigmoid(z * (exp(logit_scale) * cos + logit_bias)) / N.
 
-    z = +1 for pair (i, j) when i == j or their image keys or their text keys are equal (the text describes
-    the image), else -1. `neg_embeds` (M texts) are extra texts, z = -1 against every image except one whose
-    own caption has the same key.
+    z = +1 for (image i, text j) when i == j or the text describes the image: it is one of the image's
+    captions (`caption_keys`, [N, width]; None: its own text only), or its pair has the same image file;
+    else -1. `neg_embeds` (M texts) are extra texts, z = -1 against every image that they do not describe.
     """
-    texts, match = text_embeds, ((image_keys[:, None] == image_keys[None, :])
-                                 | (text_keys[:, None] == text_keys[None, :]))
+    texts, captions = text_embeds, text_keys[:, None] if caption_keys is None else caption_keys
+    match = (image_keys[:, None] == image_keys[None, :]) | described(captions, text_keys)
     if neg_embeds is not None and neg_embeds.shape[0] > 0:
         texts = torch.cat([text_embeds, neg_embeds])
-        match = torch.cat([match, text_keys[:, None] == neg_keys[None, :]], dim=1)
+        match = torch.cat([match, described(captions, neg_keys)], dim=1)
     logits = logit_scale.exp() * image_embeds @ texts.T + logit_bias  # [images, texts]
     sign = match.to(logits.dtype) * 2 - 1
     return -F.logsigmoid(sign * logits).sum() / image_embeds.shape[0]
 
 
-def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys, logit_bias=None) -> torch.Tensor:
+def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys, logit_bias=None,
+                      caption_keys=None) -> torch.Tensor:
     """The contrastive loss of the global batch from this rank's model outputs (positives first, then
-    negatives): the sigmoid loss with a `logit_bias`, else the softmax loss."""
+    negatives): the sigmoid loss with a `logit_bias`, else the softmax loss. `caption_keys`: every caption
+    of each image (`described`)."""
     n = image_keys.shape[0]
     images = gather_with_local_grad(model_outputs.image_embeds)
     texts = gather_with_local_grad(model_outputs.text_embeds[:n])
     negatives = gather_with_local_grad(model_outputs.text_embeds[n:])
     image_keys, pair_keys = gather_with_local_grad(image_keys), gather_with_local_grad(text_keys[:n])
+    if caption_keys is not None:
+        caption_keys = gather_with_local_grad(caption_keys)
     # A stand-in pair (image key -1: a process with no share of a short last global batch) is left out.
     counted = image_keys >= 0
     images, texts, image_keys, pair_keys = (x[counted] for x in (images, texts, image_keys, pair_keys))
+    if caption_keys is not None:
+        caption_keys = caption_keys[counted]
+    negative_keys = gather_with_local_grad(text_keys[n:])
     if logit_bias is not None:
         return sigmoid_loss(images, texts, logit_scale, logit_bias, image_keys, pair_keys, negatives,
-                            gather_with_local_grad(text_keys[n:]))
-    return contrastive_loss(images, texts, logit_scale, image_keys, pair_keys, negatives,
-                            gather_with_local_grad(text_keys[n:]))
+                            negative_keys, caption_keys)
+    return contrastive_loss(images, texts, logit_scale, image_keys, pair_keys, negatives, negative_keys,
+                            caption_keys)
 
 
 class ClampLogitScale(TrainerCallback):
@@ -360,10 +377,12 @@ class ContrastiveTrainer(RecipeTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         image_keys, text_keys = inputs.pop("image_keys"), inputs.pop("text_keys")
+        caption_keys = inputs.pop("caption_keys")
         outputs = model(**inputs)
         encoder = _unwrapped(model)
         bias = encoder.logit_bias if self.loss == "sigmoid" else None
-        loss = global_batch_loss(outputs, encoder.logit_scale, image_keys, text_keys, logit_bias=bias)
+        loss = global_batch_loss(outputs, encoder.logit_scale, image_keys, text_keys, logit_bias=bias,
+                                 caption_keys=caption_keys)
         return (loss, {}) if return_outputs else loss
 
     def evaluates_heldout(self) -> bool:

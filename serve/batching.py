@@ -87,8 +87,8 @@ def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
 class _RowStreamer(BaseStreamer):
     """Hands each row's new token to its job's stream, as text deltas decoded so far."""
 
-    def __init__(self, jobs: list[Job], tokenizer, stop_ids: set[int]):
-        self.jobs, self.tokenizer, self.stops = jobs, tokenizer, stop_ids
+    def __init__(self, jobs: list[Job], stop_ids: set[int]):
+        self.jobs, self.stops = jobs, stop_ids
         self.tokens = [[] for _ in jobs]
         self.sent = ["" for _ in jobs]
         self.done = [job.stream is None for job in jobs]
@@ -127,8 +127,8 @@ class _RowStops(StoppingCriteria):
     """Ends the rows whose answer reached its job's max_tokens or one of its stop strings, and those of jobs
     whose clients left or timed out; generate() returns once every row ended."""
 
-    def __init__(self, jobs: list[Job], tokenizer, stop_ids: set[int]):
-        self.jobs, self.tokenizer, self.stop_ids = jobs, tokenizer, stop_ids
+    def __init__(self, jobs: list[Job], stop_ids: set[int]):
+        self.jobs, self.stop_ids = jobs, stop_ids
         self.steps = 0  # one call per new token: the sequences may or may not hold the prompt (soft prompt)
 
     def _stopped(self, job: Job, tokens: list[int]) -> bool:
@@ -265,7 +265,6 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
     """One `generate` call for jobs of one batch group and options; each answer cut at its own max_tokens
     and its first stop token."""
     run, first = jobs[0].run, jobs[0]
-    tok = run.tokenizer
     batch = run.collate([job.item for job in jobs], first.prompt)
     batch.pop("keys")
     longest = max(job.max_tokens for job in jobs)
@@ -282,8 +281,8 @@ def generate_batch(jobs: list[Job]) -> list[Completion]:
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         if any(job.stream is not None for job in jobs):
-            kwargs["streamer"] = _RowStreamer(jobs, tok, stops)
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_RowStops(jobs, tok, stops)])
+            kwargs["streamer"] = _RowStreamer(jobs, stops)
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_RowStops(jobs, stops)])
         generated = model.generate(**batch, **kwargs)
     new_tokens = generated[:, batch["input_ids"].shape[1]:].tolist()
     prompt_tokens = batch["attention_mask"].sum(dim=1).tolist()

@@ -1245,7 +1245,7 @@ def test_rows_of_abandoned_jobs_and_of_reached_stop_strings_end(loaded):
 
     gone, stopping, going = job(), job(stop=("red",)), job(stop=("blue",))
     gone.cancelled = True
-    stops = _RowStops([gone, stopping, going], tok, {tok.eos_token_id})
+    stops = _RowStops([gone, stopping, going], {tok.eos_token_id})
     rows = [tok("a red circle", add_special_tokens=False)["input_ids"]] * 3
     n = len(rows[0])
     prompt = [[tok.eos_token_id] * 5] * 3  # the sequences hold the prompt before the new tokens
@@ -1266,7 +1266,7 @@ def test_a_row_ends_at_its_own_max_tokens_and_the_answers_stay_as_alone(loaded, 
     run = loaded["llava_instruct"]
     tok = run.tokenizer
     short, long = (Job(run, {}, None, n, None, None, None, None) for n in (2, 8))
-    stops = _RowStops([short, long], tok, {tok.eos_token_id})
+    stops = _RowStops([short, long], {tok.eos_token_id})
     row = tok("a red circle on a blue square", add_special_tokens=False)["input_ids"][:4]
     prompt = [tok.eos_token_id] * 5
     assert [stops(torch.tensor([prompt + row[:step]] * 2), None).tolist() for step in range(1, 5)] == [

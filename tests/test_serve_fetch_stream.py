@@ -138,7 +138,7 @@ def test_a_stream_goes_on_after_a_byte_the_tokenizer_cannot_decode():
     loop = SimpleNamespace(call_soon_threadsafe=lambda put, delta: sent.append(delta))
     run = SimpleNamespace(answer_text=lambda ids: answer_text(tokenizer, ids))
     job = SimpleNamespace(max_tokens=50, stop=(), stream=SimpleNamespace(put_nowait=None), loop=loop, run=run)
-    streamer = _RowStreamer([job], tokenizer, set())
+    streamer = _RowStreamer([job], set())
     streamer.put(torch.tensor([[1, 2]]))  # the prompt
     streamer.put(torch.tensor([lone]))
     assert sent == []  # "\ufffd" at the end: the character's other bytes may still come

@@ -205,6 +205,23 @@ def test_llava_last_n_counts_from_the_feature_layer():
         apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=2))
 
 
+def test_mllama_last_vision_layers_are_its_global_encoders(module_cache):
+    """Mllama's vision tower runs a local encoder, then a global one of the same layers: the last layers are
+    the global encoder's, not the end of the longer local list."""
+    from transformers import AutoModelForImageTextToText
+
+    from recipes.common.models import resolve_model_path
+
+    model = AutoModelForImageTextToText.from_pretrained(resolve_model_path("tiny:mllama"))
+    vision = "model.vision_model."
+    assert vision_layer_names(model) == [f"{vision}transformer.layers.0", f"{vision}transformer.layers.1",
+                                         f"{vision}global_transformer.layers.0"]
+    apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=2, freeze_bridge=True,
+                                          freeze_language_model=True))
+    assert trainable(model) == (params_under(model, f"{vision}transformer.layers.1.")
+                                | params_under(model, f"{vision}global_transformer.layers.0."))
+
+
 def test_llava_unfrozen_vision_layer_gets_gradients():
     model = tiny_llava()
     apply_freezing(model, FreezeArguments(unfreeze_last_n_vision_layers=1, freeze_bridge=True,

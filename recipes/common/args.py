@@ -172,7 +172,8 @@ class FreezeArguments:
 
     freeze_vision_tower: bool = arg(True, "Freeze the vision encoder.")
     unfreeze_last_n_vision_layers: int = arg(
-        0, "With a frozen vision tower, still train its last N encoder layers (the last N it actually uses).")
+        0, "With a frozen vision tower, still train its last N encoder layers (the last N it actually uses, "
+        "in the order they run: Mllama's global encoder last).")
     freeze_bridge: bool | None = arg(
         None, "Freeze the vision-language bridge (BLIP-2 Q-Former + projection, LLaVA projector); None = "
         "leave it as it is (frozen under LoRA, trained without); recipes set it in config.yaml.")

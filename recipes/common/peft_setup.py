@@ -207,8 +207,9 @@ def _set_trainable(model: torch.nn.Module, names: set[str], trainable: bool) -> 
 
 
 def vision_layer_names(model: torch.nn.Module) -> list[str]:
-    """The vision tower's layers (its longest list of blocks) whose output the model uses, first to last:
-    those after `vision_feature_layer` (-2 in LLaVA) get no gradient."""
+    """The vision tower's layers whose output the model uses, in the order they run: its longest list of
+    blocks, after it the other lists of the same block (Mllama's global encoder runs after its local one;
+    Qwen3-VL's mergers are not blocks). Those after `vision_feature_layer` (-2 in LLaVA) get no gradient."""
     base = _base(model)
     parts = find_components(base)
     lists = [(name, m) for name, m in base.named_modules()
@@ -216,13 +217,15 @@ def vision_layer_names(model: torch.nn.Module) -> list[str]:
     if not lists:
         raise ValueError(f"{type(base).__name__}: no list of layers in its vision tower {parts.vision}.")
     prefix, layers = max(lists, key=lambda item: len(item[1]))
+    chained = [(name, m) for name, m in lists if type(m[0]) is type(layers[0])]  # in registration order
     n_used = len(layers)
     feature_layers = getattr(base.config, "vision_feature_layer", None)
-    if feature_layers is not None:
+    if feature_layers is not None and len(chained) == 1:
         feature_layers = [feature_layers] if isinstance(feature_layers, int) else list(feature_layers)
         # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k-1.
         n_used = max(k if k >= 0 else len(layers) + 1 + k for k in feature_layers)
-    return [f"{prefix}.{i}" for i in range(n_used)]
+        return [f"{prefix}.{i}" for i in range(n_used)]
+    return [f"{name}.{i}" for name, m in chained for i in range(len(m))]
 
 
 def last_vision_layers(model: torch.nn.Module, n: int) -> list[str]:

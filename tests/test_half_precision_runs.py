@@ -75,3 +75,8 @@ def test_a_full_weight_run_on_a_bf16_base_loads_what_trained_in_float32(base_pat
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32", "BF16"}
     loaded, _ = load_run(run, AutoModelForImageTextToText, "bfloat16")
     _assert_as_trained(loaded, trained)
+    # One saved in float32 throughout (merge.py --dtype float32) loads in the dtype asked for.
+    loaded.to(torch.float32).save_pretrained(tmp_path / "f32")
+    AutoProcessor.from_pretrained(base_path).save_pretrained(tmp_path / "f32")
+    as_asked, _ = load_run(tmp_path / "f32", AutoModelForImageTextToText, "bfloat16")
+    assert {p.dtype for p in as_asked.parameters()} == {torch.bfloat16}

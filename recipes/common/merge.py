@@ -131,16 +131,20 @@ def with_adapter(model, run: str | Path, adapter_name: str = "default") -> PeftM
 
 
 def float32_as_saved(model, run: str | Path) -> int:
-    """Put back in float32 what full-weight run `run` saved so (what trained, `trainable_in_float32`):
-    from_pretrained loads every tensor in one dtype, which rounds them in a bf16 run. Returns how many."""
-    names, cast = None, 0
-    for file in full_weight_files(run):
+    """A full-weight run on a half-precision base saves what trained in float32 (`trainable_in_float32`)
+    beside the half-precision rest; from_pretrained loads every tensor in one dtype, rounding them: put them
+    back in float32. A checkpoint saved in one dtype (merge.py's --dtype) loads as asked. Returns how many."""
+    files, dtypes = full_weight_files(run), {}
+    for file in files:
         with safe_open(file, "pt") as f:
-            for key in f.keys():
-                if f.get_slice(key).get_dtype() != "F32":
-                    continue
-                names = names or saved_names(model)
-                param = names.get(key) and model.get_parameter(names[key])
+            dtypes.update((key, f.get_slice(key).get_dtype()) for key in f.keys())
+    if not {"BF16", "F16"} & set(dtypes.values()):
+        return 0
+    names, params, cast = saved_names(model), dict(model.named_parameters()), 0
+    for file in files:
+        with safe_open(file, "pt") as f:
+            for key in (k for k in f.keys() if dtypes[k] == "F32"):
+                param = params.get(names.get(key))  # None for a buffer: loaded as from_pretrained loads it
                 if param is not None and param.dtype != torch.float32:
                     param.data = f.get_tensor(key).to(param.device)
                     cast += 1

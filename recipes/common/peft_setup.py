@@ -217,7 +217,10 @@ def vision_layer_names(model: torch.nn.Module) -> list[str]:
     if not lists:
         raise ValueError(f"{type(base).__name__}: no list of layers in its vision tower {parts.vision}.")
     prefix, layers = max(lists, key=lambda item: len(item[1]))
-    chained = [(name, m) for name, m in lists if type(m[0]) is type(layers[0])]  # in registration order
+    def block(layer):  # the layer's own class, also once peft wrapped it as a modules_to_save copy
+        return type(getattr(layer, "original_module", layer))
+
+    chained = [(name, m) for name, m in lists if block(m[0]) is block(layers[0])]  # in registration order
     n_used = len(layers)
     feature_layers = getattr(base.config, "vision_feature_layer", None)
     if feature_layers is not None and len(chained) == 1:

@@ -184,6 +184,7 @@ def test_both_processes_decide_alike_whether_a_resumed_run_scores_before_again(e
     out = tmp_path / "run"
     (out / "checkpoint-4").mkdir(parents=True)
     (out / "checkpoint-4" / "trainer_state.json").write_text("{}")
+    (out / "checkpoint-4" / "scheduler.pt").write_bytes(b"")  # one to go on from (nothing trains here)
     (out / "predictions").mkdir()
     write_jsonl(out / "predictions" / "before.jsonl", ({"key": k, "prediction": "x"} for k in "ab"))
     (out / "predictions" / "before.metrics.json").write_text('{"eval_CIDEr": 0.1}')

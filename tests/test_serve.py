@@ -102,15 +102,17 @@ def trained(tmp_path_factory):
     llava_second (another adapter on llava_instruct's base), lora_a and lora_b (untrained LoRA-only adapters
     on that base, which peft can mix in one batch), clip_index (an embed.py index of tiny:clip),
     gemma3_instruct (llava_instruct on Gemma 3: chat template, <end_of_turn>), paligemma_vqa (qlora_vqa on
-    PaliGemma 2: prefix + suffix, no chat template, 4-bit base) and llava_bf16 (llava_instruct with --bf16);
-    and the data files."""
+    PaliGemma 2: prefix + suffix, no chat template, 4-bit base), llava_bf16 (llava_instruct with --bf16) and
+    llava_bf16_base (and a bf16 base, the GPU default: LoRA and projector trained in float32); and the data
+    files."""
     d = tmp_path_factory.mktemp("serve")
     env = dict(os.environ, VLM_RECIPES_CACHE=str(d / "cache"), TOKENIZERS_PARALLELISM="false")
     files = {"caption": _data(d / "data", "caption", 8, 4), "instruct": _data(d / "data", "instruct", 6, 3),
              "retrieval": _data(d / "data", "retrieval", 6, 0), "vqa": _data(d / "data", "vqa", 4, 2)}
     runs = {name: d / "runs" / name for name in ("blip2_lora_caption", "soft_prompt_caption",
                                                  "llava_instruct", "llava_second", "clip_index",
-                                                 "gemma3_instruct", "paligemma_vqa", "llava_bf16")}
+                                                 "gemma3_instruct", "paligemma_vqa", "llava_bf16",
+                                                 "llava_bf16_base")}
     with pytest.MonkeyPatch.context() as mp:  # tiny models built into the module's own cache
         mp.setenv("VLM_RECIPES_CACHE", env["VLM_RECIPES_CACHE"])
         bases = {"caption": _scaled_base("tiny:blip2-opt", d / "blip2-base"),
@@ -131,6 +133,8 @@ def trained(tmp_path_factory):
         procs = [train("blip2_lora_caption", "blip2_lora_caption", "caption", "--prompt", "a photo of"),
                  train("llava_instruct", "llava_instruct", "instruct"),
                  train("llava_bf16", "llava_instruct", "instruct", "--bf16", "true"),  # bf16 autocast
+                 train("llava_bf16_base", "llava_instruct", "instruct", "--bf16", "true", "--dtype",
+                       "bfloat16"),
                  train("soft_prompt_caption", "soft_prompt_caption", "caption", "--vision_model",
                        "tiny:clip-vision", "--language_model", "tiny:gpt2"),
                  train("gemma3_instruct", "llava_instruct", "instruct", "--model_name_or_path",
@@ -253,8 +257,8 @@ def test_models_health_and_tasks(server):
     assert {m["id"]: m["task"] for m in body["data"]} == {
         "blip2_lora_caption": "caption", "soft_prompt_caption": "caption", "llava_instruct": "chat",
         "llava_second": "chat", "clip_index": "retrieval", "lora_a": "chat", "lora_b": "chat",
-        "gemma3_instruct": "chat", "paligemma_vqa": "chat", "llava_bf16": "chat"}
-    assert server.json("/health") == (200, {"status": "ok", "models": 10, "queue_depth": 0})
+        "gemma3_instruct": "chat", "paligemma_vqa": "chat", "llava_bf16": "chat", "llava_bf16_base": "chat"}
+    assert server.json("/health") == (200, {"status": "ok", "models": 11, "queue_depth": 0})
 
 
 def test_captions_equal_the_recipes_eval_predictions(server, trained):
@@ -293,7 +297,8 @@ def _openai_messages(item: dict) -> list[dict]:
     return messages
 
 
-@pytest.mark.parametrize("name", ["llava_instruct", "llava_bf16"])  # bf16: generated under its autocast
+# bf16: generated under its autocast; bf16 base: what trained in float32 (LoRA, projector) loaded in float32
+@pytest.mark.parametrize("name", ["llava_instruct", "llava_bf16", "llava_bf16_base"])
 def test_chat_answers_equal_the_eval_predictions_and_chat_py(server, trained, name):
     from data_tools.images import load_image
     from recipes.common.chat import ChatEncoder
@@ -309,7 +314,7 @@ def test_chat_answers_equal_the_eval_predictions_and_chat_py(server, trained, na
     assert len({predictions[it["key"]] for it in items}) > 1
     model, processor = load(str(runs[name]))
     autocast = evaluated_precision(runs[name])[1]
-    assert autocast == (torch.bfloat16 if name == "llava_bf16" else None)
+    assert autocast == (None if name == "llava_instruct" else torch.bfloat16)
     encoder = ChatEncoder(processor)
     for it in items:
         messages = _openai_messages(it)

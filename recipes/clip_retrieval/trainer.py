@@ -145,8 +145,8 @@ def sigmoid_loss(image_embeds, text_embeds, logit_scale, logit_bias, image_keys,
     return -F.logsigmoid(sign * logits).sum() / image_embeds.shape[0]
 
 
-def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys, logit_bias=None,
-                      caption_keys=None) -> torch.Tensor:
+def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys, caption_keys,
+                      logit_bias=None) -> torch.Tensor:
     """The contrastive loss of the global batch from this rank's model outputs (positives first, then
     negatives): the sigmoid loss with a `logit_bias`, else the softmax loss. `caption_keys`: every caption
     of each image (`described`)."""
@@ -155,13 +155,11 @@ def global_batch_loss(model_outputs, logit_scale, image_keys, text_keys, logit_b
     texts = gather_with_local_grad(model_outputs.text_embeds[:n])
     negatives = gather_with_local_grad(model_outputs.text_embeds[n:])
     image_keys, pair_keys = gather_with_local_grad(image_keys), gather_with_local_grad(text_keys[:n])
-    if caption_keys is not None:
-        caption_keys = gather_with_local_grad(caption_keys)
+    caption_keys = gather_with_local_grad(caption_keys)
     # A stand-in pair (image key -1: a process with no share of a short last global batch) is left out.
     counted = image_keys >= 0
-    images, texts, image_keys, pair_keys = (x[counted] for x in (images, texts, image_keys, pair_keys))
-    if caption_keys is not None:
-        caption_keys = caption_keys[counted]
+    images, texts, image_keys, pair_keys, caption_keys = (
+        x[counted] for x in (images, texts, image_keys, pair_keys, caption_keys))
     negative_keys = gather_with_local_grad(text_keys[n:])
     if logit_bias is not None:
         return sigmoid_loss(images, texts, logit_scale, logit_bias, image_keys, pair_keys, negatives,
@@ -381,8 +379,8 @@ class ContrastiveTrainer(RecipeTrainer):
         outputs = model(**inputs)
         encoder = _unwrapped(model)
         bias = encoder.logit_bias if self.loss == "sigmoid" else None
-        loss = global_batch_loss(outputs, encoder.logit_scale, image_keys, text_keys, logit_bias=bias,
-                                 caption_keys=caption_keys)
+        loss = global_batch_loss(outputs, encoder.logit_scale, image_keys, text_keys, caption_keys,
+                                 logit_bias=bias)
         return (loss, {}) if return_outputs else loss
 
     def evaluates_heldout(self) -> bool:

@@ -217,6 +217,7 @@ def vision_layer_names(model: torch.nn.Module) -> list[str]:
     if not lists:
         raise ValueError(f"{type(base).__name__}: no list of layers in its vision tower {parts.vision}.")
     prefix, layers = max(lists, key=lambda item: len(item[1]))
+
     def block(layer):  # the layer's own class, also once peft wrapped it as a modules_to_save copy
         return type(getattr(layer, "original_module", layer))
 

@@ -91,11 +91,8 @@ def main(argv=None) -> int:
     path = resolve_model_path(args.model)
     answer_prompt = trained_with(path, "answer_prompt") if Path(path).is_dir() else None
 
-    def asked(message: str) -> str:
-        return with_answer_prompt(message, answer_prompt)
-
     def first_turn(message: str) -> str:  # the image leads the first message unless it places it itself
-        message = asked(message)
+        message = with_answer_prompt(message, answer_prompt)
         return message if image is None or IMAGE_TOKEN in message else f"{IMAGE_TOKEN}\n{message}"
 
     encoder = chat_encoder(processor, trained_with(path, "special_text"))
@@ -114,7 +111,8 @@ def main(argv=None) -> int:
             break
         if not message:
             break
-        turn = {"from": "human", "value": asked(message) if turns else first_turn(message)}
+        value = with_answer_prompt(message, answer_prompt) if turns else first_turn(message)
+        turn = {"from": "human", "value": value}
         try:
             check_message(encoder, turns + [turn], n_images)
         except ValueError as e:  # the conversation so far stays: the user rewrites the message
